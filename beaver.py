@@ -708,7 +708,9 @@ class _Watcher:
                 result = probe()
                 if result is not None:
                     return result
-                if deadline.expired or self._stopping:
+                if self._stopping:
+                    raise ClosedError("the database was closed while waiting")
+                if deadline.expired:
                     return None
                 limit = cap() if callable(cap) else cap
                 self.wait(tick, deadline.remaining(limit))
