@@ -2458,7 +2458,7 @@ class CollectionManager(_Manager):
         limit = min(fuzziness, sum(len(word) >= n for n in FUZZY_MIN_LENGTH))
         if limit == 0:
             return [word]
-        if len(word) - 3 * limit >= 1:
+        if limit > 1 or len(word) > 4:
             candidates = self._trigram_candidates(word, limit)
         else:
             candidates = self._known(_neighbourhood(word) | {word})
@@ -2475,7 +2475,7 @@ class CollectionManager(_Manager):
             f"({_marks(len(grams))}) AND size BETWEEN ? AND ? GROUP BY term "
             f"HAVING count(*) >= ?",
             (self._name, *grams, len(word) - limit, len(word) + limit,
-             max(1, len(grams) - 3 * limit))).fetchall()
+             max(1, len(grams) - 4 * limit))).fetchall()
         return [row[0] for row in rows]
 
     def _known(self, terms) -> list:
