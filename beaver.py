@@ -395,7 +395,7 @@ _SCHEMA = [
     """CREATE INDEX IF NOT EXISTS beaver_locks_name ON beaver_locks (name, ticket)""",
     """CREATE TABLE IF NOT EXISTS beaver_collections (
         collection TEXT PRIMARY KEY, dim INTEGER, metric TEXT NOT NULL DEFAULT 'l2', options TEXT,
-        version INTEGER NOT NULL DEFAULT 0, epoch INTEGER NOT NULL DEFAULT 0)""",
+        version INTEGER NOT NULL DEFAULT 0, epoch INTEGER NOT NULL DEFAULT 0, cid INTEGER UNIQUE)""",
     """CREATE TABLE IF NOT EXISTS beaver_documents (
         id INTEGER PRIMARY KEY, collection TEXT NOT NULL, doc_id TEXT NOT NULL, body TEXT,
         UNIQUE (collection, doc_id))""",
@@ -403,10 +403,7 @@ _SCHEMA = [
         collection TEXT NOT NULL, doc_id TEXT NOT NULL, vector BLOB NOT NULL,
         PRIMARY KEY (collection, doc_id)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS beaver_terms (
-        collection TEXT NOT NULL, term TEXT NOT NULL, PRIMARY KEY (collection, term)) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS beaver_trigrams (
-        collection TEXT NOT NULL, gram TEXT NOT NULL, size INTEGER NOT NULL, term TEXT NOT NULL,
-        PRIMARY KEY (collection, gram, size, term)) WITHOUT ROWID""",
+        cid INTEGER NOT NULL, term TEXT NOT NULL, PRIMARY KEY (cid, term)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS beaver_edges (
         collection TEXT NOT NULL, source TEXT NOT NULL, label TEXT NOT NULL, target TEXT NOT NULL,
         metadata TEXT, PRIMARY KEY (collection, source, label, target)) WITHOUT ROWID""",
@@ -1845,7 +1842,10 @@ class Lock:
 # Collection: documents searchable by text, typo-tolerant text, vectors and relationships
 # ==========================================================================================
 
-_FTS_PATH_BITS = 20             # FTS rowid = (document rowid << 20) | number of the field path
+# FTS rowid = collection id (19 bits) | document rowid (32 bits) | field path number (12 bits),
+# so a collection's rows are one rowid range, which FTS5 filters without reading any row.
+_FTS_PATH_BITS = 12
+_FTS_DOC_BITS = 32
 _FTS_SCHEMA = [
     # One row per (document, field path); collection and path are UNINDEXED: never searchable.
     """CREATE VIRTUAL TABLE IF NOT EXISTS beaver_fts USING fts5(
@@ -2118,6 +2118,23 @@ def _marks(n) -> str:
     return ",".join("?" * n)
 
 
+def _ensure_grams(core) -> bool:
+    """The trigram index of known words (FTS5 ``trigram`` tokenizer, SQLite 3.34+)."""
+    ready = getattr(core, "_grams_ready", None)
+    if ready is None:
+        try:
+            core.execute("CREATE VIRTUAL TABLE IF NOT EXISTS beaver_grams USING fts5("
+                         "term, tokenize = 'trigram')")
+            ready = True
+        except BeaverError as e:
+            if "no such" not in str(e) and "parse error" not in str(e):
+                raise
+            logger.warning("this SQLite has no FTS5 trigram tokenizer: fuzziness 2 acts as 1")
+            ready = False
+        core._grams_ready = ready
+    return ready
+
+
 def _ensure_fts(core) -> bool:
     """Create the FTS5 tables once per database; False where SQLite lacks FTS5."""
     ready = getattr(core, "_fts_ready", None)
@@ -2152,7 +2169,7 @@ class CollectionManager(_Manager):
 
     def __init__(self, db, name, model=None, metric=None, **options):
         super().__init__(db, name, model)
-        self._fts = _ensure_fts(self._core)
+        self._fts = _ensure_fts(self._core) and _ensure_grams(self._core) is not None
         self._metric, self._options = self._register(metric, options)
         self._vocab = (None, set())         # (epoch, terms known to be in beaver_terms)
         self._batch = threading.local()     # terms added by this thread's open transaction
@@ -2165,10 +2182,11 @@ class CollectionManager(_Manager):
             raise ValueError(f"metric must be one of {VECTOR_METRICS}, not {metric!r}")
         text = _json_dumps(options) if options else None
         self._core.execute(
-            "INSERT INTO beaver_collections (collection, metric, options) VALUES (?, ?, ?) "
+            "INSERT INTO beaver_collections (collection, metric, options, cid) "
+            "SELECT ?, ?, ?, coalesce(max(cid), 0) + 1 FROM beaver_collections WHERE true "
             "ON CONFLICT (collection) DO NOTHING", (self._name, metric or "l2", text))
-        stored, stored_options = self._core.execute(
-            "SELECT metric, options FROM beaver_collections WHERE collection = ?",
+        stored, stored_options, self._cid = self._core.execute(
+            "SELECT metric, options, cid FROM beaver_collections WHERE collection = ?",
             (self._name,)).fetchone()
         if metric is not None and metric != stored:
             raise ValueError(f"collection {self._name!r} uses metric {stored!r}, not {metric!r}")
@@ -2193,23 +2211,62 @@ class CollectionManager(_Manager):
         ``fts=False`` skips the text index. ``fuzzy`` is accepted for compatibility: every
         text-indexed document is searchable with typos. Returns the document.
         """
+        prepared = self._prepare(document, fts)
+        with self._core.transaction():
+            self._store(prepared)
+        return document
+
+    def index_many(self, documents, fts=True, fuzzy=False) -> int:
+        """Index many documents in one transaction (much faster than one by one).
+
+            >>> docs.index_many(Document(id=str(i), body=text) for i, text in enumerate(texts))
+
+        Every document is validated before anything is written; returns how many.
+        """
+        prepared = [self._prepare(document, fts) for document in documents]
+        dims = {len(p[0].embedding) for p in prepared if p[3] is not None}
+        if len(dims) > 1:
+            raise ValidationError(f"embeddings of different dimensions {sorted(dims)}")
+        with self._core.transaction():
+            for item in prepared:
+                self._store(item)
+        return len(prepared)
+
+    def _prepare(self, document, fts):
+        """Validate and encode before the transaction: (document, body, texts, vector)."""
         if not isinstance(document, Document):
             raise TypeError(f"index() takes a Document, not {type(document).__name__}")
         body = None if document.body is None else self._codec.encode(document.body)
         texts = self._texts(document.body, fts) if self._fts else []
         vector = None if document.embedding is None else _pack_vector(document.embedding)
-        with self._core.transaction():
+        return document, body, texts, vector
+
+    def _store(self, prepared):
+        document, body, texts, vector = prepared
+        state = self._state()
+        dim = state["dim"]
+        if vector is not None and dim is not None and len(document.embedding) != dim:
+            raise ValidationError(f"embedding has {len(document.embedding)} dimensions; "
+                                  f"collection {self._name!r} holds {dim}")
+        rowid, existed = self._write_row(document.id, body)
+        self._write_text(rowid, texts, state, existed)
+        if vector is not None or existed:
+            self._write_vector(document.id, vector, dim)
+            state["dim"] = dim or (None if vector is None else len(vector) // 4)
+        self._wrote("index", id=document.id)
+
+    def _state(self) -> dict:
+        """``dim`` and ``epoch`` of this collection, read once per transaction of a thread."""
+        local = self._batch
+        token = getattr(self._core._local, "pending", None)
+        if getattr(local, "token", None) is not token:
             dim, epoch = self._core.execute(
                 "SELECT dim, epoch FROM beaver_collections WHERE collection = ?",
                 (self._name,)).fetchone()
-            if vector is not None and dim is not None and len(document.embedding) != dim:
-                raise ValidationError(f"embedding has {len(document.embedding)} dimensions; "
-                                      f"collection {self._name!r} holds {dim}")
-            rowid = self._write_row(document.id, body)
-            self._write_text(rowid, texts, epoch)
-            self._write_vector(document.id, vector, dim)
-            self._wrote("index", id=document.id)
-        return document
+            local.token, local.terms = token, set()
+            local.state = {"dim": dim, "epoch": epoch}
+            self._core.after_commit(lambda: setattr(local, "token", None))
+        return local.state
 
     def _texts(self, body, fts) -> list:
         if not fts or body is None:
@@ -2223,27 +2280,36 @@ class CollectionManager(_Manager):
             raise ValueError(f"a document may have at most {1 << _FTS_PATH_BITS} text fields")
         return [(p, t) for p, t in texts if t.strip()]
 
-    def _write_row(self, doc_id, body) -> int:
-        self._core.execute(
-            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?) "
-            "ON CONFLICT (collection, doc_id) DO UPDATE SET body = excluded.body",
-            (self._name, doc_id, body))
-        return self._core.execute(
+    def _write_row(self, doc_id, body):
+        """Insert or update the document row: ``(rowid, whether it existed)``."""
+        row = self._core.execute(
             "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
-            (self._name, doc_id)).fetchone()[0]
+            (self._name, doc_id)).fetchone()
+        if row is not None:
+            self._core.execute("UPDATE beaver_documents SET body = ? WHERE id = ?", (body, row[0]))
+            return row[0], True
+        return self._core.execute(
+            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?)",
+            (self._name, doc_id, body)).lastrowid, False
 
-    def _write_text(self, rowid, texts, epoch):
+    def _write_text(self, rowid, texts, state, existed=True):
         if not self._fts:
             return
-        base = rowid << _FTS_PATH_BITS
-        self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
-                           (base, base + (1 << _FTS_PATH_BITS)))
+        base = self._fts_rowid(rowid)
+        if existed:
+            self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                               (base, base + (1 << _FTS_PATH_BITS)))
         if not texts:
             return
         self._core.executemany(
             "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
             [(base + i, text, self._name, path) for i, (path, text) in enumerate(texts)])
-        self._add_terms(texts, epoch)
+        self._add_terms(texts, state["epoch"])
+
+    def _fts_rowid(self, rowid) -> int:
+        if rowid >= 1 << _FTS_DOC_BITS or self._cid >= 1 << (63 - _FTS_DOC_BITS - _FTS_PATH_BITS):
+            raise BeaverError("too many documents or collections for the text index")
+        return (self._cid << (_FTS_DOC_BITS + _FTS_PATH_BITS)) | (rowid << _FTS_PATH_BITS)
 
     def _write_vector(self, doc_id, vector, dim):
         if vector is None:
@@ -2348,9 +2414,14 @@ class CollectionManager(_Manager):
     def clear(self):
         """Remove every document, vector, text index entry and edge of this collection."""
         with self._core.transaction():
-            for table in ("beaver_documents", "beaver_vectors", "beaver_terms",
-                          "beaver_trigrams", "beaver_edges") + (("beaver_fts",) if self._fts else ()):
+            for table in ("beaver_documents", "beaver_vectors", "beaver_edges"):
                 self._core.execute(f"DELETE FROM {table} WHERE collection = ?", (self._name,))
+            if self._fts:
+                low = self._fts_rowid(0)
+                self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                                   (low, low + (1 << (_FTS_DOC_BITS + _FTS_PATH_BITS))))
+            self._core.execute("DELETE FROM beaver_terms WHERE cid = ?", (self._cid,))
+            self._batch.token, self._vocab = None, (None, set())
             self._core.execute("UPDATE beaver_collections SET version = version + 1, "
                                "epoch = epoch + 1 WHERE collection = ?", (self._name,))
             dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
@@ -2401,9 +2472,11 @@ class CollectionManager(_Manager):
 
     def _ranked(self, expr, paths, limit, checked=False) -> list:
         """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document."""
-        sql = ("SELECT rowid >> 20, -sum(rank) AS score FROM beaver_fts "
-               "WHERE beaver_fts MATCH ? AND collection = ?")
-        params = [expr, self._name]
+        low = self._fts_rowid(0)
+        sql = (f"SELECT (rowid >> {_FTS_PATH_BITS}) & {(1 << _FTS_DOC_BITS) - 1}, "
+               f"-sum(rank) AS score FROM beaver_fts "
+               f"WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ?")
+        params = [expr, low, low + (1 << (_FTS_DOC_BITS + _FTS_PATH_BITS))]
         if paths is not None:
             sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
             for p in paths:
@@ -2417,7 +2490,7 @@ class CollectionManager(_Manager):
             raise
 
     def _snippet(self, expr, rowid) -> str:
-        base = rowid << _FTS_PATH_BITS
+        base = self._fts_rowid(rowid)
         row = self._core.execute(
             "SELECT snippet(beaver_fts, 0, '[', ']', '...', 16) FROM beaver_fts "
             "WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ? ORDER BY rank LIMIT 1",
@@ -2458,9 +2531,10 @@ class CollectionManager(_Manager):
         limit = min(fuzziness, sum(len(word) >= n for n in FUZZY_MIN_LENGTH))
         if limit == 0:
             return [word]
-        if limit > 1 or len(word) > 4:
-            candidates = self._trigram_candidates(word, limit)
+        if limit > 1 and _ensure_grams(self._core):
+            candidates = self._known(self._trigram_candidates(word, limit))
         else:
+            limit = 1
             candidates = self._known(_neighbourhood(word) | {word})
         scored = [(_edit_distance(word, term, limit), term) for term in candidates]
         scored = [(d, term) for d, term in scored if d <= limit]
@@ -2468,58 +2542,62 @@ class CollectionManager(_Manager):
         scored.sort(key=lambda item: (item[0], -frequency.get(item[1], 0), item[1]))
         return [term for _, term in scored] or [word]
 
-    def _trigram_candidates(self, word, limit) -> list:
-        grams = sorted(_trigrams(word))
-        rows = self._core.execute(
-            f"SELECT term FROM beaver_trigrams WHERE collection = ? AND gram IN "
-            f"({_marks(len(grams))}) AND size BETWEEN ? AND ? GROUP BY term "
-            f"HAVING count(*) >= ?",
-            (self._name, *grams, len(word) - limit, len(word) + limit,
-             max(1, len(grams) - 4 * limit))).fetchall()
-        return [row[0] for row in rows]
+    def _trigram_candidates(self, word, limit) -> set:
+        """Known words (of any collection) sharing enough trigrams with ``word``."""
+        grams = _trigrams(word)
+        need = max(1, len(grams) - 4 * limit)
+        query = " OR ".join('"' + gram.replace('"', '""') + '"' for gram in sorted(grams))
+        found = set()
+        for (padded,) in self._core.execute(
+                "SELECT term FROM beaver_grams WHERE beaver_grams MATCH ?", (query,)):
+            term = padded[1:-1]
+            if abs(len(term) - len(word)) <= limit and len(_trigrams(term) & grams) >= need:
+                found.add(term)
+        return found
 
     def _known(self, terms) -> list:
         found = []
         for chunk in _chunks(terms):
             found += [row[0] for row in self._core.execute(
-                f"SELECT term FROM beaver_terms WHERE collection = ? AND term IN "
-                f"({_marks(len(chunk))})", (self._name, *chunk))]
+                f"SELECT term FROM beaver_terms WHERE cid = ? AND term IN "
+                f"({_marks(len(chunk))})", (self._cid, *chunk))]
         return found
 
     def _frequencies(self, terms) -> dict:
+        """How many text fields hold each term (any collection), for a few terms."""
         if len(terms) < 2:
             return {}
-        return dict(self._core.execute(
-            f"SELECT term, doc FROM beaver_fts_vocab WHERE term IN ({_marks(len(terms))})",
-            terms).fetchall())
+        found = {}
+        for term in terms[:FUZZY_ROUNDS * 4]:
+            row = self._core.execute("SELECT doc FROM beaver_fts_vocab WHERE term = ?",
+                                     (term,)).fetchone()
+            found[term] = row[0] if row else 0
+        return found
 
     def _add_terms(self, texts, epoch):
         """Record new terms (and their trigrams) in this collection's vocabulary."""
         known_epoch, known = self._vocab
         if known_epoch != epoch:
             known = {row[0] for row in self._core.execute(
-                "SELECT term FROM beaver_terms WHERE collection = ?", (self._name,))}
+                "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))}
             self._vocab = (epoch, known)
-        batch = self._batch_terms()
-        new = {term for _, text in texts for term in _terms(text)
-               if len(term) <= FUZZY_MAX_TERM} - known - batch
+        batch = self._batch.terms          # this transaction's new terms (see _state)
+        words = set()
+        for _, text in texts:
+            words.update(_terms(text))
+        new = words - known - batch
         if not new:
             return
+        new = {term for term in new if len(term) <= FUZZY_MAX_TERM}
         batch |= new
-        self._core.executemany("INSERT OR IGNORE INTO beaver_terms (collection, term) "
-                               "VALUES (?, ?)", [(self._name, term) for term in new])
-        self._core.executemany(
-            "INSERT OR IGNORE INTO beaver_trigrams (collection, gram, size, term) "
-            "VALUES (?, ?, ?, ?)",
-            [(self._name, gram, len(term), term) for term in new for gram in _trigrams(term)])
+        self._core.executemany("INSERT OR IGNORE INTO beaver_terms (cid, term) VALUES (?, ?)",
+                               [(self._cid, term) for term in sorted(new)])
+        if _ensure_grams(self._core):
+            self._core.executemany(
+                "INSERT INTO beaver_grams (term) VALUES (?)",
+                [(f"${term}$",) for term in new
+                 if len(term) >= FUZZY_MIN_LENGTH[1] - 2 and term.isalpha()])
         self._core.after_commit(lambda: known.update(new))
-
-    def _batch_terms(self) -> set:
-        """Terms written by the current transaction of this thread (not yet in ``_vocab``)."""
-        token = getattr(self._core._local, "pending", None)
-        if getattr(self._batch, "token", None) is not token:
-            self._batch.token, self._batch.terms = token, set()
-        return self._batch.terms
 
     # -- graph ------------------------------------------------------------------------------
 

@@ -382,3 +382,14 @@ def test_collection_visible_across_processes(tmp_path):
         assert [d.id for d, _ in coll.match("another")] == ["remote"]
         assert [d.id for d, _ in coll.search([0.5, 0.5])] == ["remote", "local"]
         assert [d.id for d, _ in coll.match("anotehr", fuzziness=1)] == ["remote"]
+
+
+def test_collection_index_many(docs):
+    assert docs.index_many(Document(id=f"d{i}", body=f"text number {i}", embedding=[i, 1.0])
+                           for i in range(30)) == 30
+    assert len(docs) == 30 and [d.id for d, _ in docs.match("text", top_k=50)].__len__() == 30
+    with pytest.raises(ValidationError):
+        docs.index_many([Document(id="x", embedding=[1.0]), Document(id="y", embedding=[1, 2])])
+    with pytest.raises(ValidationError):
+        docs.index_many([Document(id="x", embedding=[1.0, 2.0, 3.0])])
+    assert "x" not in docs and "y" not in docs
