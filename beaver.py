@@ -2647,7 +2647,10 @@ class CollectionManager(_Manager):
                 sql, params = sql + " AND label = ?", params + [label]
             found += [Edge(s, t, lab, None if m is None else json.loads(m))
                       for s, t, lab, m in self._core.execute(sql + " ORDER BY 1, 2, 3", params)]
-        return list(dict.fromkeys(found)) if direction == "both" else found
+        if direction == "both":
+            unique = {(e.source, e.label, e.target): e for e in found}
+            found = [unique[key] for key in sorted(unique)]
+        return found
 
     def neighbors(self, document, label=None, direction="outgoing") -> list:
         """The documents one edge away, in id order.
