@@ -1115,15 +1115,15 @@ class DictManager(_Manager, MutableMapping):
 
     def _live_rows(self):
         now = _now()
-        sql = (f"SELECT key, value FROM beaver_dicts WHERE name = ? AND key > ? AND {_LIVE} "
-               "ORDER BY key LIMIT ?")
-        cursor = ""
+        sql = ("SELECT key, value FROM beaver_dicts WHERE name = ? AND key %s ? AND "
+               f"{_LIVE} ORDER BY key LIMIT ?")
+        op, cursor = ">=", ""  # the first page includes the key '', which sorts first
         while True:
-            rows = self._core.execute(sql, (self._name, cursor, now, PAGE_SIZE)).fetchall()
+            rows = self._core.execute(sql % op, (self._name, cursor, now, PAGE_SIZE)).fetchall()
             yield from rows
             if len(rows) < PAGE_SIZE:
                 return
-            cursor = rows[-1][0]
+            op, cursor = ">", rows[-1][0]
 
     def pop(self, key, default=_MISSING):
         """Remove ``key`` and return its value (or ``default``; else ``KeyError``)."""
@@ -1635,9 +1635,14 @@ class BlobManager(_Manager):
         return True
 
     def __iter__(self):
-        sql = "SELECT key FROM beaver_blobs WHERE name = ? AND key > ? ORDER BY key LIMIT ?"
-        for (key,) in self._paged(sql, ""):
-            yield key
+        sql = "SELECT key FROM beaver_blobs WHERE name = ? AND key %s ? ORDER BY key LIMIT ?"
+        op, cursor = ">=", ""  # the first page includes the key '', which sorts first
+        while True:
+            rows = self._core.execute(sql % op, (self._name, cursor, PAGE_SIZE)).fetchall()
+            yield from (key for (key,) in rows)
+            if len(rows) < PAGE_SIZE:
+                return
+            op, cursor = ">", rows[-1][0]
 
     def keys(self) -> list:
         """A snapshot list of the keys, in key order."""
