@@ -2008,6 +2008,7 @@ def _register_aliases():
         for name in names:
             setattr(module, name, globals()[name])
         sys.modules[module.__name__] = module
+        globals().setdefault(sub, module)  # so ``import beaver.queues`` binds beaver.queues
 
 
 _register_aliases()
