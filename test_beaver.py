@@ -1,11 +1,42 @@
-"""Tests of beaver, in the order of beaver.py's sections."""
+"""Tests of beaver, in the order of beaver.py's sections.
+
+Conventions: file databases live under ``tmp_path``; multi-process tests use the spawn
+context with module-level workers and bound every wait by a deadline; nothing waits on a
+fixed sleep for synchronisation. TTL tests drive beaver's one clock (``beaver._now``)
+through the ``clock`` fixture, so they neither sleep nor depend on timing.
+"""
+import asyncio
+import contextlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+import typing
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import beaver
 from beaver import BeaverDB
+
+ROOT = Path(__file__).resolve().parent
+SPAWN = multiprocessing.get_context("spawn")
+MP_DEADLINE = 60.0          # seconds any multi-process test may take before it fails
+
+PROPERTY_SETTINGS = settings(max_examples=40, stateful_step_count=25, deadline=None,
+                             suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture
@@ -15,15 +46,673 @@ def db(tmp_path):
     database.close()
 
 
+class FakeClock:
+    """Stands in for ``beaver._now``: time only moves when a test says so."""
+
+    def __init__(self, start):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock(time.time())
+    monkeypatch.setattr(beaver, "_now", fake)
+    return fake
+
+
+def raw_rows(path, sql, params=()):
+    """Read a beaver file with plain sqlite3 (what any SQLite tool would see)."""
+    conn = sqlite3.connect(str(path))
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def join_all(processes, deadline):
+    """Join processes by an absolute monotonic deadline; kill stragglers and fail."""
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+    stragglers = [p for p in processes if p.is_alive()]
+    for p in stragglers:
+        p.kill()
+        p.join(5)
+    assert not stragglers, f"{len(stragglers)} worker process(es) missed the deadline"
+    assert [p.exitcode for p in processes] == [0] * len(processes)
+
+
+json_scalars = (st.none() | st.booleans() | st.integers(-2**63, 2**63)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6))
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                   max_size=3),
+    max_leaves=6)
+
+
+# ---- core ----
+
 def test_import_without_site_packages():
     code = "import sys; sys.path.insert(0, sys.argv[1]); import beaver; print(beaver.__version__)"
-    out = subprocess.run([sys.executable, "-S", "-c", code, str(__import__("pathlib").Path(beaver.__file__).parent)],
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(Path(beaver.__file__).parent)],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == beaver.__version__
 
 
-def test_dict_round_trip(db):
-    config = db.dict("app_config")
-    config["theme"] = "dark"
-    assert config["theme"] == "dark"
-    assert len(config) == 1
+def test_exception_hierarchy():
+    assert issubclass(beaver.ClosedError, beaver.BeaverError)
+    assert issubclass(beaver.SchemaError, beaver.BeaverError)
+    assert issubclass(beaver.QueueEmpty, beaver.BeaverError)
+    assert issubclass(beaver.QueueEmpty, IndexError)
+    assert issubclass(beaver.Timeout, TimeoutError)
+    assert issubclass(beaver.LockTimeout, TimeoutError)
+    assert issubclass(beaver.ValidationError, ValueError)
+    for name in beaver.__all__:
+        assert hasattr(beaver, name), name
+
+
+def test_file_is_plain_sqlite_with_wal(tmp_path):
+    path = tmp_path / "plain.db"
+    with BeaverDB(path) as db:
+        db.dict("config")["theme"] = "dark"
+    assert raw_rows(path, "PRAGMA journal_mode") == [("wal",)]
+    assert raw_rows(path, "SELECT name, key, value FROM beaver_dicts") == [
+        ("config", "theme", '"dark"')]
+    assert raw_rows(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_durability_option(tmp_path):
+    with BeaverDB(tmp_path / "full.db", durability="full") as db:
+        db.list("l").push(1)
+        assert db._core.conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with pytest.raises(ValueError):
+        BeaverDB(tmp_path / "bad.db", durability="sometimes")
+
+
+def test_not_a_database_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "junk.db"
+    content = b"this is not a database at all\n" * 200
+    path.write_bytes(content)
+    with pytest.raises(beaver.BeaverError, match="not a SQLite database"):
+        BeaverDB(path)
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.db"]
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(beaver.BeaverError, match="does not exist"):
+        BeaverDB(tmp_path / "no" / "such" / "dir" / "x.db")
+    assert not (tmp_path / "no").exists()
+
+
+def test_directory_as_path_is_a_clear_error(tmp_path):
+    with pytest.raises(beaver.BeaverError):
+        BeaverDB(tmp_path)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="needs a non-root POSIX user for a read-only folder")
+def test_read_only_directory_is_a_clear_error(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(beaver.BeaverError):
+            BeaverDB(folder / "x.db").dict("d")["a"] = 1
+    finally:
+        folder.chmod(0o700)
+
+
+def test_newer_schema_version_is_refused(tmp_path):
+    path = tmp_path / "future.db"
+    BeaverDB(path).close()
+    conn = sqlite3.connect(str(path))
+    conn.execute("UPDATE beaver_meta SET value = ? WHERE key = 'schema_version'",
+                 (str(beaver.SCHEMA_VERSION + 1),))
+    conn.commit()
+    conn.close()
+    with pytest.raises(beaver.SchemaError):
+        BeaverDB(path)
+    # and the stamp was not rewritten
+    assert raw_rows(path, "SELECT value FROM beaver_meta WHERE key = 'schema_version'") == [
+        (str(beaver.SCHEMA_VERSION + 1),)]
+
+
+def test_unreadable_schema_stamp_is_refused(tmp_path):
+    path = tmp_path / "garbled.db"
+    BeaverDB(path).close()
+    conn = sqlite3.connect(str(path))
+    conn.execute("UPDATE beaver_meta SET value = 'banana' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(beaver.SchemaError):
+        BeaverDB(path)
+
+
+def test_existing_sqlite_file_with_other_tables_is_usable(tmp_path):
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(str(path))
+    conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.execute("INSERT INTO users (name) VALUES ('ada')")
+    conn.commit()
+    conn.close()
+    with BeaverDB(path) as db:
+        db.dict("d")["k"] = 1
+    assert raw_rows(path, "SELECT name FROM users") == [("ada",)]
+    with BeaverDB(path) as db:
+        assert db.dict("d")["k"] == 1
+
+
+def _crash_writer(path, conn):
+    """Write forever; report each index over the pipe only after its commit."""
+    db = BeaverDB(path)
+    log, seen = db.list("log"), db.dict("seen")
+    i = 0
+    while True:
+        with db.transaction():
+            log.push(i)
+            seen[str(i)] = {"i": i, "pad": "x" * (i % 50)}
+        conn.send(i)
+        i += 1
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_sigkilled_writer_leaves_a_sound_database(tmp_path):
+    path = str(tmp_path / "crash.db")
+    BeaverDB(path).close()
+    receiver, sender = SPAWN.Pipe(duplex=False)
+    writer = SPAWN.Process(target=_crash_writer, args=(path, sender))
+    writer.start()
+    sender.close()
+    deadline = time.monotonic() + MP_DEADLINE
+    acked = []
+    try:
+        while len(acked) < 300:
+            assert receiver.poll(max(0.0, deadline - time.monotonic())), "writer stalled"
+            acked.append(receiver.recv())
+        os.kill(writer.pid, signal.SIGKILL)     # mid-stream: it is writing as fast as it can
+        writer.join(10)
+        while receiver.poll(1.0):               # acknowledgements sent before the kill
+            try:
+                acked.append(receiver.recv())
+            except EOFError:
+                break
+    finally:
+        if writer.is_alive():
+            writer.kill()
+            writer.join(5)
+    assert writer.exitcode == -signal.SIGKILL
+    assert raw_rows(path, "PRAGMA integrity_check") == [("ok",)]
+    with BeaverDB(path) as db:
+        log = list(db.list("log"))
+        seen = db.dict("seen")
+        assert log == list(range(len(log)))          # no gap, no torn transaction
+        assert set(log) >= set(acked)                # every acknowledged write is there
+        assert sorted(int(k) for k in seen) == log   # both halves of each transaction
+        assert all(seen[str(i)]["i"] == i for i in acked)
+        db.list("log").push("after the crash")       # and it is writable again
+
+
+# ---- codec / Model ----
+
+class Address(beaver.Model):
+    city: str
+    zip: str = ""
+
+
+class Person(beaver.Model):
+    name: str
+    age: int = 0
+    address: typing.Optional[Address] = None
+    tags: typing.List[str] = []
+    friends: typing.List["Friend"] = []
+
+
+class Friend(beaver.Model):
+    name: str
+    score: float = 0.0
+
+
+def test_model_fields_defaults_and_round_trip():
+    p = Person(name="Ada", address=Address(city="London"), friends=[Friend(name="Bob")])
+    assert p.age == 0 and p.tags == [] and p.address.city == "London"
+    data = p.model_dump()
+    assert data == {"name": "Ada", "age": 0, "address": {"city": "London", "zip": ""},
+                    "tags": [], "friends": [{"name": "Bob", "score": 0.0}]}
+    assert Person.model_validate(data) == p
+    assert Person.model_validate_json(p.model_dump_json()) == p
+    again = Person.model_validate_json(json.dumps(data))
+    assert isinstance(again.address, Address) and isinstance(again.friends[0], Friend)
+    assert Person.model_validate(p) is p
+    assert "Ada" in repr(p)
+
+
+def test_model_defaults_are_not_shared():
+    a, b = Person(name="a"), Person(name="b")
+    a.tags.append("x")
+    assert b.tags == []
+
+
+@pytest.mark.parametrize("data", [
+    {},                                   # missing field
+    {"name": 1},                          # wrong type
+    {"name": "x", "age": "3"},            # wrong type
+    {"name": "x", "age": True},           # bool is not an int here
+    {"name": "x", "nick": "y"},           # unknown field
+    {"name": "x", "address": {"zip": "1"}},  # nested model missing a field
+    {"name": "x", "friends": [{"score": 1.0}]},
+])
+def test_model_rejects_bad_data(data):
+    with pytest.raises(beaver.ValidationError):
+        Person.model_validate(data)
+    with pytest.raises(ValueError):
+        Person.model_validate(data)
+
+
+def test_model_validate_needs_a_dict():
+    with pytest.raises(ValueError):
+        Person.model_validate(["not", "a", "dict"])
+
+
+def test_json_values_round_trip_exactly(db):
+    values = [None, True, False, 0, -1, 2**62, 10**30, 1.5, -0.25, "", "text", "ünï🦫",
+              [], {}, [1, [2, [3]]], {"a": {"b": [None, True]}}]
+    d = db.dict("values")
+    for i, value in enumerate(values):
+        d[str(i)] = value
+    assert [d[str(i)] for i in range(len(values))] == values
+
+
+@pytest.mark.parametrize("bad", [object(), {1, 2}, b"bytes", {"k": object()}, {(1, 2): 3}])
+def test_non_json_values_raise_type_error_and_write_nothing(db, bad):
+    d, lst, q = db.dict("d"), db.list("l"), db.queue("q")
+    with pytest.raises(TypeError):
+        d["k"] = bad
+    with pytest.raises(TypeError):
+        lst.push(bad)
+    with pytest.raises(TypeError):
+        lst.extend([1, bad])
+    with pytest.raises(TypeError):
+        q.put(bad)
+    with pytest.raises(TypeError):
+        db.blobs("b").put("k", b"data", metadata=bad)
+    assert len(d) == len(lst) == len(q) == len(db.blobs("b")) == 0
+
+
+def test_circular_value_raises_type_error(db):
+    loop = []
+    loop.append(loop)
+    with pytest.raises(TypeError):
+        db.dict("d")["k"] = loop
+    assert "k" not in db.dict("d")
+
+
+def test_model_validated_on_write_everywhere(db):
+    people = db.dict("people", model=Person)
+    people["ada"] = Person(name="Ada", address=Address(city="London"))
+    people["bob"] = {"name": "Bob", "friends": [{"name": "Ada", "score": 2}]}
+    assert isinstance(people["ada"], Person) and people["ada"].address.city == "London"
+    assert isinstance(people["bob"].friends[0], Friend)
+    for bad in [Address(city="x"), {"name": 1}, {"nick": "x"}, "Ada", 5, None]:
+        with pytest.raises((TypeError, ValueError)):
+            people["bad"] = bad
+    assert "bad" not in people and len(people) == 2
+
+    lst = db.list("people", model=Person)
+    lst.push(Person(name="a"))
+    with pytest.raises((TypeError, ValueError)):
+        lst.push({"name": 3})
+    with pytest.raises((TypeError, ValueError)):
+        lst.extend([Person(name="b"), {"nope": 1}])
+    assert list(lst) == [Person(name="a")]
+
+    q = db.queue("people", model=Person)
+    q.put({"name": "q"})
+    with pytest.raises((TypeError, ValueError)):
+        q.put(Friend(name="f"))
+    assert len(q) == 1 and q.get(block=False).data == Person(name="q")
+
+    files = db.blobs("files", model=Address)
+    files.put("a", b"1", metadata=Address(city="Rome"))
+    with pytest.raises((TypeError, ValueError)):
+        files.put("b", b"2", metadata={"town": "x"})
+    assert files.get("a").metadata == Address(city="Rome") and "b" not in files
+
+
+def test_pydantic_models(db):
+    pydantic = pytest.importorskip("pydantic")
+
+    class Tag(pydantic.BaseModel):
+        label: str
+
+    class User(pydantic.BaseModel):
+        name: str
+        email: str
+        permissions: typing.List[str]
+        tags: typing.List[Tag] = []
+
+    users = db.dict("users", model=User)
+    users["alice"] = User(name="Alice", email="a@x", permissions=["read"],
+                          tags=[Tag(label="admin")])
+    users["bob"] = {"name": "Bob", "email": "b@x", "permissions": []}
+    got = users["alice"]
+    assert isinstance(got, User) and isinstance(got.tags[0], Tag)
+    assert got.tags[0].label == "admin" and users["bob"].permissions == []
+    for bad in [{"name": "x"}, Tag(label="x"), {"name": 1, "email": "e", "permissions": []}]:
+        with pytest.raises((TypeError, ValueError)):
+            users["bad"] = bad
+    assert sorted(users) == ["alice", "bob"]
+    tasks = db.queue("tasks", model=User)
+    tasks.put(users["bob"])
+    assert tasks.get(block=False).data == users["bob"]
+    assert db.list("users", model=User).append(got) is None
+    assert db.list("users", model=User)[0] == got
+
+
+# ---- dict ----
+
+def test_dict_mapping_basics(db):
+    d = db.dict("config")
+    assert len(d) == 0 and list(d) == [] and "theme" not in d
+    d["theme"] = "dark"
+    d.set("retries", 3)
+    d["user_ids"] = [101, 205]
+    assert d["theme"] == "dark" and d.get("retries") == 3
+    assert d.get("missing") is None and d.get("missing", "default") == "default"
+    assert "theme" in d and "missing" not in d and 123 not in d
+    assert len(d) == 3
+    assert list(d) == ["retries", "theme", "user_ids"]
+    assert d.keys() == ["retries", "theme", "user_ids"]
+    assert d.values() == [3, "dark", [101, 205]]
+    assert d.items() == [("retries", 3), ("theme", "dark"), ("user_ids", [101, 205])]
+    assert dict(d) == {"theme": "dark", "retries": 3, "user_ids": [101, 205]}
+    assert d == {"theme": "dark", "retries": 3, "user_ids": [101, 205]}
+    d["theme"] = "light"
+    assert d["theme"] == "light" and len(d) == 3
+    del d["retries"]
+    assert "retries" not in d and len(d) == 2
+    with pytest.raises(KeyError):
+        d["retries"]
+    with pytest.raises(KeyError):
+        del d["retries"]
+
+
+def test_dict_pop_setdefault_update_popitem(db):
+    d = db.dict("d")
+    d.update({"a": 1, "b": 2}, c=3)
+    d.update([("d", 4)])
+    assert dict(d) == {"a": 1, "b": 2, "c": 3, "d": 4}
+    assert d.pop("a") == 1 and "a" not in d
+    with pytest.raises(KeyError):
+        d.pop("a")
+    assert d.pop("a", "gone") == "gone"
+    assert d.pop("a", None) is None
+    assert d.setdefault("b", 99) == 2 and d["b"] == 2
+    assert d.setdefault("e", [5]) == [5] and d["e"] == [5]
+    assert d.setdefault("f") is None and "f" in d and d["f"] is None
+    assert d.popitem() == ("b", 2)          # the smallest key first
+    popped = [d.popitem() for _ in range(len(d))]
+    assert popped == [("c", 3), ("d", 4), ("e", [5]), ("f", None)]
+    with pytest.raises(KeyError):
+        d.popitem()
+
+
+def test_dict_update_is_atomic(db):
+    d = db.dict("d")
+    d["keep"] = 1
+    with pytest.raises(TypeError):
+        d.update({"a": 1, "b": object()})
+    with pytest.raises(TypeError):
+        d.update({"a": 1, 2: "int key"})
+    assert dict(d) == {"keep": 1}
+
+
+def test_dict_clear_and_namespaces(db):
+    a, b = db.dict("a"), db.dict("b")
+    a["k"], b["k"] = 1, 2
+    a.clear()
+    assert len(a) == 0 and b["k"] == 2
+    assert db.list("a") is not a          # other kinds with the same name are separate
+
+
+def test_dict_unusual_keys(db, monkeypatch):
+    d = db.dict("d")
+    keys = ["", " ", "a\x00b", "ключ", "🦫", "x" * 1000, "'; DROP TABLE beaver_dicts; --"]
+    for i, key in enumerate(keys):
+        d[key] = i
+    assert sorted(d) == sorted(keys) and len(d) == len(keys)
+    assert [d[k] for k in keys] == list(range(len(keys)))
+    monkeypatch.setattr(beaver, "PAGE_SIZE", 2)       # iteration pages through the keys
+    assert list(d) == sorted(keys)
+    assert d.items() == sorted((k, i) for i, k in enumerate(keys))
+
+
+@pytest.mark.parametrize("key", [1, 1.5, None, b"k", ("t",), True])
+def test_dict_non_str_keys_raise_type_error(db, key):
+    d = db.dict("d")
+    with pytest.raises(TypeError):
+        d[key] = 1
+    with pytest.raises(TypeError):
+        d.set(key, 1, ttl_seconds=5)
+    with pytest.raises(TypeError):
+        d[key]
+    with pytest.raises(TypeError):
+        d.get(key)
+    assert key not in d
+    assert len(d) == 0
+
+
+@pytest.mark.parametrize("ttl", [0, -1, -0.5, "10", True, False, float("nan"), [1]])
+def test_dict_bad_ttl_raises_and_writes_nothing(db, ttl):
+    d = db.dict("d")
+    d["k"] = "old"
+    with pytest.raises((TypeError, ValueError)):
+        d.set("k", "new", ttl_seconds=ttl)
+    with pytest.raises((TypeError, ValueError)):
+        d.set("other", "new", ttl_seconds=ttl)
+    assert dict(d) == {"k": "old"} and d.ttl("k") is None
+
+
+def test_dict_ttl_is_exact_everywhere(db, clock):
+    d = db.dict("cache")
+    d["forever"] = 0
+    d.set("short", 1, ttl_seconds=10)
+    d.set("long", 2, ttl_seconds=100)
+    clock.advance(9.999)
+    assert d["short"] == 1 and len(d) == 3
+    clock.advance(0.001)                  # exactly at expiry: gone
+    assert "short" not in d and d.get("short") is None and d.get("short", "x") == "x"
+    with pytest.raises(KeyError):
+        d["short"]
+    with pytest.raises(KeyError):
+        del d["short"]
+    with pytest.raises(KeyError):
+        d.pop("short")
+    with pytest.raises(KeyError):
+        d.ttl("short")
+    assert len(d) == 2
+    assert list(d) == ["forever", "long"] and d.keys() == ["forever", "long"]
+    assert d.items() == [("forever", 0), ("long", 2)] and d.values() == [0, 2]
+    assert dict(d) == {"forever": 0, "long": 2}
+    assert [item["key"] for item in d.dump()["items"]] == ["forever", "long"]
+    assert d.dump()["metadata"]["count"] == 2
+    assert d.setdefault("short", "fresh") == "fresh"   # an expired key is free again
+    assert d.ttl("short") is None
+    clock.advance(1000)
+    assert dict(d) == {"forever": 0, "short": "fresh"}
+
+
+def test_dict_ttl_method(db, clock):
+    d = db.dict("cache")
+    d.set("k", 1, ttl_seconds=60)
+    assert d.ttl("k") == pytest.approx(60)
+    clock.advance(15)
+    assert d.ttl("k") == pytest.approx(45)
+    d.set("k", 2, ttl_seconds=5.5)          # a new set replaces the expiry
+    assert d.ttl("k") == pytest.approx(5.5)
+    d["k"] = 3                              # plain assignment removes it
+    assert d.ttl("k") is None
+    clock.advance(10**6)
+    assert d["k"] == 3
+    with pytest.raises(KeyError):
+        d.ttl("missing")
+    d.set("td", 1, ttl_seconds=2)           # ints and floats; ttl() is never negative
+    clock.advance(1.5)
+    assert 0 <= d.ttl("td") <= 0.5
+
+
+def test_dict_ttl_with_the_real_clock(db):
+    d = db.dict("cache")
+    d.set("brief", "v", ttl_seconds=0.05)
+    d.set("hour", "v", ttl_seconds=3600)
+    time.sleep(0.1)                         # waits past the expiry, never races towards it
+    assert "brief" not in d and d.get("brief") is None and list(d) == ["hour"]
+
+
+def test_dict_purge_deletes_expired_rows_in_batches(tmp_path, clock, monkeypatch):
+    path = tmp_path / "purge.db"
+    monkeypatch.setattr(beaver, "PURGE_BATCH", 7)
+    with BeaverDB(path) as db:
+        d = db.dict("cache")
+        with db.transaction():
+            for i in range(20):
+                d.set(f"k{i:02}", i, ttl_seconds=1)
+        d["live"] = "v"
+        other = db.dict("other")
+        other.set("x", 1, ttl_seconds=1)
+        clock.advance(beaver.PURGE_INTERVAL + 2)
+        assert len(d) == 1
+        count = lambda: raw_rows(path, "SELECT count(*) FROM beaver_dicts")[0][0]  # noqa: E731
+        assert count() == 22                # expired rows linger until a purge
+        d["trigger"] = 1                    # a write after PURGE_INTERVAL purges one batch
+        assert count() == 22 + 1 - 7
+        for _ in range(5):
+            clock.advance(beaver.PURGE_INTERVAL + 0.1)
+            d["trigger"] = 1
+        assert count() == 2                 # "live" and "trigger"; every namespace purged
+        assert dict(d) == {"live": "v", "trigger": 1} and len(other) == 0
+
+
+def test_dict_dump_and_load_round_trip(db, clock, tmp_path):
+    d = db.dict("src")
+    d["a"] = {"nested": [1, 2]}
+    d["b"] = "text"
+    d.set("c", 3, ttl_seconds=50)
+    d.set("expired", 4, ttl_seconds=1)
+    clock.advance(2)
+    data = d.dump()
+    assert data["metadata"]["type"] == "dict" and data["metadata"]["name"] == "src"
+    assert data["metadata"]["count"] == 3
+    assert [i["key"] for i in data["items"]] == ["a", "b", "c"]
+    json.dumps(data)                                   # JSON-ready
+
+    copy = db.dict("copy")
+    copy.load(data)
+    assert dict(copy) == {"a": {"nested": [1, 2]}, "b": "text", "c": 3}
+    assert copy.ttl("c") == pytest.approx(48) and copy.ttl("a") is None   # expiry kept
+
+    target = tmp_path / "dump.json"
+    with open(target, "w") as fp:
+        assert d.dump(fp) is None
+    from_file = db.dict("from_file")
+    with open(target) as fp:
+        from_file.load(fp)
+    from_text = db.dict("from_text")
+    from_text.load(target.read_text())
+    assert dict(from_file) == dict(from_text) == dict(copy)
+    clock.advance(100)
+    assert "c" not in copy and "c" not in from_file
+
+    with pytest.raises(ValueError):
+        db.list("l").load(d.dump())                    # a dict dump is not a list
+    with pytest.raises(ValueError):
+        copy.load({"metadata": {"type": "dict"}})      # no items
+    with pytest.raises(ValueError):
+        copy.load("[1, 2]")
+
+
+def test_dict_model_dump_and_load(db):
+    people = db.dict("people", model=Person)
+    people["ada"] = Person(name="Ada", address=Address(city="London"))
+    data = people.dump()
+    assert data["items"][0]["value"]["address"] == {"city": "London", "zip": ""}
+    again = db.dict("again", model=Person)
+    again.load(data)
+    assert again["ada"] == people["ada"]
+
+
+class DictMachine(RuleBasedStateMachine):
+    """A DictManager against a plain dict, reopening the database now and then."""
+
+    keys = st.text(max_size=3)
+
+    def __init__(self):
+        super().__init__()
+        self.folder = tempfile.mkdtemp(prefix="beaver-dict-")
+        self.path = os.path.join(self.folder, "p.db")
+        self.db = BeaverDB(self.path)
+        self.d = self.db.dict("p")
+        self.oracle = {}
+
+    def teardown(self):
+        self.db.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    @rule(key=keys, value=json_values)
+    def set(self, key, value):
+        self.d[key] = value
+        self.oracle[key] = value
+
+    @rule(key=keys)
+    def delete(self, key):
+        if key in self.oracle:
+            del self.d[key]
+            del self.oracle[key]
+        else:
+            with pytest.raises(KeyError):
+                del self.d[key]
+
+    @rule(key=keys)
+    def pop(self, key):
+        assert self.d.pop(key, "absent") == self.oracle.pop(key, "absent")
+
+    @rule(key=keys, value=json_scalars)
+    def setdefault(self, key, value):
+        assert self.d.setdefault(key, value) == self.oracle.setdefault(key, value)
+
+    @rule(items=st.dictionaries(keys, json_scalars, max_size=4))
+    def update(self, items):
+        self.d.update(items)
+        self.oracle.update(items)
+
+    @precondition(lambda self: self.oracle)
+    @rule()
+    def popitem(self):
+        key = min(self.oracle)
+        assert self.d.popitem() == (key, self.oracle.pop(key))
+
+    @rule()
+    def clear(self):
+        self.d.clear()
+        self.oracle.clear()
+
+    @rule()
+    def reopen(self):
+        self.db.close()
+        self.db = BeaverDB(self.path)
+        self.d = self.db.dict("p")
+
+    @invariant()
+    def same(self):
+        assert len(self.d) == len(self.oracle)
+        assert self.d.items() == sorted(self.oracle.items(), key=lambda kv: kv[0])
+
+
+TestDictProperties = DictMachine.TestCase
+TestDictProperties.settings = PROPERTY_SETTINGS
