@@ -716,3 +716,333 @@ class DictMachine(RuleBasedStateMachine):
 
 TestDictProperties = DictMachine.TestCase
 TestDictProperties.settings = PROPERTY_SETTINGS
+
+
+# ---- list ----
+
+@pytest.fixture
+def ten(db):
+    lst = db.list("ten")
+    lst.extend(range(10))
+    return lst
+
+
+def test_list_push_prepend_and_indexing(db):
+    lst = db.list("tasks")
+    assert len(lst) == 0 and list(lst) == []
+    assert lst.push("b") is None
+    lst.append("c")
+    lst.prepend("a")
+    lst.prepend("z")
+    assert list(lst) == ["z", "a", "b", "c"] and len(lst) == 4
+    assert [lst[i] for i in range(4)] == ["z", "a", "b", "c"]
+    assert [lst[i] for i in range(-1, -5, -1)] == ["c", "b", "a", "z"]
+    for bad in (4, 100, -5, -100):
+        with pytest.raises(IndexError):
+            lst[bad]
+    lst[0] = "first"
+    lst[-1] = "last"
+    assert list(lst) == ["first", "a", "b", "last"]
+
+
+def test_list_slices_match_python(ten):
+    oracle = list(range(10))
+    bounds = [None, -15, -10, -3, -1, 0, 1, 4, 9, 10, 15]
+    for step in [None, 1, 2, 3, -1, -2, -4]:
+        for start in bounds:
+            for stop in bounds:
+                s = slice(start, stop, step)
+                assert ten[s] == oracle[s], s
+    with pytest.raises(ValueError):
+        ten[::0]
+
+
+@pytest.mark.parametrize("s, values", [
+    (slice(2, 5), ["a"]), (slice(2, 5), []), (slice(2, 2), ["x", "y"]),
+    (slice(None), ["only"]), (slice(None), []), (slice(8, None), ["a", "b", "c", "d"]),
+    (slice(-3, None), ["e"]), (slice(20, 30), ["end"]), (slice(-20, 1), ["front"]),
+    (slice(5, 2), ["between"]), (slice(None, None, 2), list("abcde")),
+    (slice(None, None, -1), list("abcdefghij")), (slice(8, 1, -3), list("xyz")),
+    (slice(1, 2, 5), ["single"]), (slice(0, 10, 1), range(3)),
+])
+def test_list_slice_assignment_matches_python(ten, s, values):
+    oracle = list(range(10))
+    oracle[s] = list(values)
+    ten[s] = values
+    assert list(ten) == oracle
+    assert [ten[i] for i in range(len(oracle))] == oracle   # positions stay dense
+
+
+def test_list_extended_slice_size_mismatch_changes_nothing(ten):
+    with pytest.raises(ValueError):
+        ten[::2] = [1, 2]
+    with pytest.raises(TypeError):
+        ten[1:3] = [object()]
+    with pytest.raises(TypeError):
+        ten[1:3] = 5                      # not iterable
+    assert list(ten) == list(range(10))
+
+
+@pytest.mark.parametrize("s", [
+    slice(2, 5), slice(None), slice(None, None, 2), slice(1, None, 3), slice(None, None, -1),
+    slice(8, 1, -2), slice(-3, None), slice(5, 2), slice(20, 30), slice(-20, 2), slice(0, 1),
+])
+def test_list_slice_deletion_matches_python(ten, s):
+    oracle = list(range(10))
+    del oracle[s]
+    del ten[s]
+    assert list(ten) == oracle and len(ten) == len(oracle)
+    assert [ten[i] for i in range(-len(oracle), len(oracle))] == oracle + oracle
+
+
+@pytest.mark.parametrize("index", list(range(-8, 9)) + [-100, 100])
+def test_list_insert_follows_python(ten, index):
+    oracle = list(range(10))[:6]
+    del ten[6:]
+    oracle.insert(index, "new")
+    ten.insert(index, "new")
+    assert list(ten) == oracle
+    assert [ten[i] for i in range(-len(oracle), len(oracle))] == oracle + oracle
+
+
+def test_list_insert_into_empty_and_many_at_one_spot(db):
+    lst, oracle = db.list("l"), []
+    lst.insert(5, "a")
+    oracle.insert(5, "a")
+    lst.insert(-5, "b")
+    oracle.insert(-5, "b")
+    for i in range(120):            # ordering keys must never collapse
+        lst.insert(1, i)
+        oracle.insert(1, i)
+        lst.insert(len(oracle) // 2, -i)
+        oracle.insert(len(oracle) // 2, -i)
+    assert list(lst) == oracle
+    assert lst[37] == oracle[37] and lst[-38] == oracle[-38]
+
+
+def test_list_setitem_delitem(ten):
+    oracle = list(range(10))
+    for index, value in [(0, "a"), (-1, "b"), (5, {"x": 1}), (-10, None)]:
+        ten[index] = value
+        oracle[index] = value
+    assert list(ten) == oracle
+    for index in (0, -1, 3, -3, 2):
+        del ten[index]
+        del oracle[index]
+        assert list(ten) == oracle
+    for bad in (len(oracle), -len(oracle) - 1, 99):
+        with pytest.raises(IndexError):
+            ten[bad] = 1
+        with pytest.raises(IndexError):
+            del ten[bad]
+    assert list(ten) == oracle
+
+
+def test_list_pop_and_deque(ten):
+    assert ten.pop() == 9 and ten.deque() == 0 and ten.popleft() == 1
+    assert ten.pop(0) == 2 and ten.pop(-1) == 8 and ten.pop(2) == 5
+    assert list(ten) == [3, 4, 6, 7]
+    for bad in (4, -5, 100):
+        with pytest.raises(IndexError):
+            ten.pop(bad)
+    with pytest.raises(TypeError):
+        ten.pop("0")
+    assert list(ten) == [3, 4, 6, 7]
+    ten.clear()
+    assert ten.pop() is None and ten.deque() is None and len(ten) == 0
+    with pytest.raises(IndexError):
+        ten.pop(0)
+    with pytest.raises(IndexError):
+        ten.pop(-1)
+
+
+def test_list_extend_reverse_iteration(db):
+    lst = db.list("l")
+    lst.extend([1, 2])
+    lst.extend(x for x in [3, 4])
+    lst.extend([])
+    lst += [5]
+    assert list(lst) == [1, 2, 3, 4, 5]
+    lst.extend(lst)                     # extending by itself reads a snapshot
+    assert list(lst) == [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]
+    del lst[5:]
+    lst.prepend(0)
+    lst.reverse()
+    assert list(lst) == [5, 4, 3, 2, 1, 0] and list(reversed(lst)) == [0, 1, 2, 3, 4, 5]
+    assert lst[0] == 5 and lst[-1] == 0
+    assert 3 in lst and 9 not in lst and lst.index(3) == 2 and lst.count(3) == 1
+    lst.remove(3)
+    assert list(lst) == [5, 4, 2, 1, 0]
+    with pytest.raises(ValueError):
+        lst.remove(3)
+    db.list("empty").reverse()
+    assert list(db.list("empty")) == [] and list(reversed(db.list("empty"))) == []
+
+
+def test_list_iteration_pages(db, monkeypatch):
+    lst = db.list("l")
+    lst.extend(range(25))
+    for i in range(5):
+        lst.prepend(-1 - i)
+    monkeypatch.setattr(beaver, "PAGE_SIZE", 4)
+    assert list(lst) == list(range(-5, 25))
+    assert list(reversed(lst)) == list(range(24, -6, -1))
+
+
+@pytest.mark.parametrize("bad", ["0", 1.0, None, [0], {"a": 1}])
+def test_list_bad_indices(ten, bad):
+    with pytest.raises(TypeError):
+        ten[bad]
+    with pytest.raises(TypeError):
+        ten[bad] = 1
+    with pytest.raises(TypeError):
+        del ten[bad]
+    with pytest.raises(TypeError):
+        ten.insert(bad, 1)
+    assert list(ten) == list(range(10))
+
+
+def test_list_dump_and_load(ten, db):
+    data = ten.dump()
+    assert data["metadata"]["type"] == "list" and data["items"] == list(range(10))
+    copy = db.list("copy")
+    copy.load(data)
+    copy.load(json.dumps(data))         # load appends
+    assert list(copy) == list(range(10)) * 2
+    buffer = io.StringIO()
+    ten.dump(buffer)
+    buffer.seek(0)
+    assert json.load(buffer)["items"] == list(range(10))
+    with pytest.raises(ValueError):
+        db.dict("d").load(data)
+
+
+def test_list_models(db):
+    lst = db.list("people", model=Person)
+    lst.extend([Person(name="a"), {"name": "b"}])
+    lst.insert(1, Person(name="c", address=Address(city="x")))
+    assert [p.name for p in lst] == ["a", "c", "b"]
+    assert lst[1].address.city == "x" and lst[0:2][1] == lst[1]
+    assert lst.pop().name == "b"
+
+
+class ListMachine(RuleBasedStateMachine):
+    """A ListManager against a Python list, reopening the database now and then."""
+
+    indices = st.integers(-12, 12)
+    slices = st.builds(slice, st.none() | indices, st.none() | indices,
+                       st.none() | st.sampled_from([1, 2, 3, -1, -2]))
+
+    def __init__(self):
+        super().__init__()
+        self.folder = tempfile.mkdtemp(prefix="beaver-list-")
+        self.path = os.path.join(self.folder, "p.db")
+        self.db = BeaverDB(self.path)
+        self.lst = self.db.list("p")
+        self.oracle = []
+
+    def teardown(self):
+        self.db.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def both(self, action):
+        """Run ``action`` on the oracle and the manager: same result or same error type."""
+        try:
+            expected = action(self.oracle)
+        except (IndexError, ValueError) as e:
+            with pytest.raises(type(e)):
+                action(self.lst)
+            return
+        assert action(self.lst) == expected
+
+    @rule(value=json_values)
+    def push(self, value):
+        self.lst.push(value)
+        self.oracle.append(value)
+
+    @rule(value=json_scalars)
+    def prepend(self, value):
+        self.lst.prepend(value)
+        self.oracle.insert(0, value)
+
+    @rule(index=indices, value=json_scalars)
+    def insert(self, index, value):
+        self.both(lambda seq: seq.insert(index, value))
+
+    @rule(index=st.none() | indices)
+    def pop(self, index):
+        if index is None:
+            expected = self.oracle.pop() if self.oracle else None
+            assert self.lst.pop() == expected
+        else:
+            self.both(lambda seq: seq.pop(index))
+
+    @rule()
+    def deque(self):
+        expected = self.oracle.pop(0) if self.oracle else None
+        assert self.lst.deque() == expected
+
+    @rule(index=indices, value=json_scalars)
+    def setitem(self, index, value):
+        self.both(lambda seq: seq.__setitem__(index, value))
+
+    @rule(index=indices | slices)
+    def delitem(self, index):
+        self.both(lambda seq: seq.__delitem__(index))
+
+    @rule(s=slices, values=st.lists(json_scalars, max_size=4))
+    def set_slice(self, s, values):
+        self.both(lambda seq: seq.__setitem__(s, values))
+
+    @rule(index=indices | slices)
+    def getitem(self, index):
+        self.both(lambda seq: seq[index])
+
+    @rule(values=st.lists(json_scalars, max_size=4))
+    def extend(self, values):
+        self.lst.extend(values)
+        self.oracle.extend(values)
+
+    @rule()
+    def reverse(self):
+        self.lst.reverse()
+        self.oracle.reverse()
+
+    @rule()
+    def reopen(self):
+        self.db.close()
+        self.db = BeaverDB(self.path)
+        self.lst = self.db.list("p")
+
+    @invariant()
+    def same(self):
+        assert len(self.lst) == len(self.oracle)
+        assert list(self.lst) == self.oracle
+
+
+TestListProperties = ListMachine.TestCase
+TestListProperties.settings = PROPERTY_SETTINGS
+
+
+def _mp_push(path, worker, count, barrier):
+    db = BeaverDB(path)
+    lst = db.list("shared")
+    barrier.wait(MP_DEADLINE)
+    for i in range(count):
+        lst.push([worker, i])
+    db.close()
+
+
+def test_list_four_processes_pushing_lose_nothing(tmp_path):
+    path, count = str(tmp_path / "mp.db"), 150
+    BeaverDB(path).close()
+    barrier = SPAWN.Barrier(4)
+    workers = [SPAWN.Process(target=_mp_push, args=(path, w, count, barrier)) for w in range(4)]
+    for p in workers:
+        p.start()
+    join_all(workers, time.monotonic() + MP_DEADLINE)
+    with BeaverDB(path) as db:
+        items = list(db.list("shared"))
+    assert sorted(map(tuple, items)) == [(w, i) for w in range(4) for i in range(count)]
+    for w in range(4):                  # each process's pushes keep their order
+        assert [i for ww, i in items if ww == w] == list(range(count))
