@@ -1490,6 +1490,8 @@ class QueueManager(_Manager):
         """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
         if isinstance(priority, bool) or not isinstance(priority, (int, float)):
             raise TypeError(f"priority must be a number, not {priority!r}")
+        if priority != priority:
+            raise ValueError("priority must not be NaN")
         text = self._codec.encode(data)
         self._core.execute(
             "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)",
