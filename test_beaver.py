@@ -1270,3 +1270,102 @@ def test_queue_four_consumers_get_each_item_exactly_once(tmp_path):
     assert sorted(everything) == list(range(count))       # no loss, no duplicate
     for got in results:                                    # each consumer saw FIFO order
         assert got == sorted(got)
+
+
+# ---- blob ----
+
+def test_blob_put_get_delete(db):
+    files = db.blobs("uploads")
+    assert db.blob("uploads") is files           # both spellings, one store
+    files.put("a.txt", b"hello", metadata={"mimetype": "text/plain"})
+    blob = files.get("a.txt")
+    assert isinstance(blob, beaver.Blob)
+    assert blob == ("a.txt", b"hello", {"mimetype": "text/plain"})
+    assert (blob.key, blob.data, blob.metadata) == ("a.txt", b"hello", {"mimetype": "text/plain"})
+    assert isinstance(blob.data, bytes)
+    assert files.get("missing") is None
+    assert "a.txt" in files and "missing" not in files and 5 not in files
+    files.put("a.txt", b"replaced")              # overwrite, metadata dropped
+    assert files.get("a.txt") == ("a.txt", b"replaced", None)
+    files.delete("a.txt")
+    assert "a.txt" not in files and files.get("a.txt") is None
+    with pytest.raises(KeyError):
+        files.delete("a.txt")
+
+
+def test_blob_metadata_round_trips(db):
+    files = db.blobs("b")
+    for key, meta in [("empty", {}), ("none", None), ("list", [1, "x"]), ("str", "s"),
+                      ("zero", 0), ("false", False), ("nested", {"a": {"b": []}})]:
+        files.put(key, b"x", metadata=meta)
+        got = files.get(key).metadata
+        assert got == meta and type(got) is type(meta), key
+
+
+def test_blob_bytes_like_data(db):
+    files = db.blobs("b")
+    payload = bytes(range(256)) * 4
+    files.put("bytes", payload)
+    files.put("bytearray", bytearray(payload))
+    files.put("memoryview", memoryview(payload)[10:20])
+    files.put("empty", b"")
+    assert files.get("bytes").data == payload
+    assert files.get("bytearray").data == payload and type(files.get("bytearray").data) is bytes
+    assert files.get("memoryview").data == payload[10:20]
+    assert files.get("empty").data == b""
+
+
+@pytest.mark.parametrize("bad", ["text", 1, None, [1, 2], {"a": 1}, 1.5])
+def test_blob_non_bytes_data_raises_type_error(db, bad):
+    files = db.blobs("b")
+    files.put("k", b"old")
+    with pytest.raises(TypeError):
+        files.put("k", bad)
+    with pytest.raises(TypeError):
+        files.put("new", bad)
+    assert files.get("k").data == b"old" and len(files) == 1
+
+
+@pytest.mark.parametrize("key", [1, None, b"k", ("t",)])
+def test_blob_non_str_keys(db, key):
+    files = db.blobs("b")
+    with pytest.raises(TypeError):
+        files.put(key, b"x")
+    with pytest.raises(TypeError):
+        files.get(key)
+    with pytest.raises(TypeError):
+        files.delete(key)
+    assert key not in files and len(files) == 0
+
+
+def test_blob_mapping_protocol_len_and_iteration(db, monkeypatch):
+    files = db.blobs("b")
+    keys = ["b", "a", "", "emails/user123/attachment_01.txt", "ü", "c"]
+    for key in keys:
+        files[key] = key.encode()
+    assert len(files) == len(keys) and bool(db.blobs("empty"))
+    assert list(files) == sorted(keys) and files.keys() == sorted(keys)
+    monkeypatch.setattr(beaver, "PAGE_SIZE", 2)
+    assert list(files) == sorted(keys)
+    assert files["a"].data == b"a"
+    with pytest.raises(KeyError):
+        files["zzz"]
+    del files["a"]
+    with pytest.raises(KeyError):
+        del files["a"]
+    assert "a" not in files and len(files) == len(keys) - 1
+    files.clear()
+    assert len(files) == 0 and list(files) == []
+
+
+def test_blob_dump_and_load(db):
+    files = db.blobs("b")
+    files.put("bin", b"\x00\xff\x10binary", metadata={})
+    files.put("plain", b"text")
+    data = files.dump()
+    assert data["metadata"]["type"] == "blob" and data["metadata"]["count"] == 2
+    json.dumps(data)
+    copy = db.blobs("copy")
+    copy.load(json.loads(json.dumps(data)))
+    assert copy.get("bin") == ("bin", b"\x00\xff\x10binary", {})
+    assert copy.get("plain") == ("plain", b"text", None)
