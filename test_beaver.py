@@ -1369,3 +1369,438 @@ def test_blob_dump_and_load(db):
     copy.load(json.loads(json.dumps(data)))
     assert copy.get("bin") == ("bin", b"\x00\xff\x10binary", {})
     assert copy.get("plain") == ("plain", b"text", None)
+
+
+# ---- lock / acquire ----
+
+@pytest.mark.parametrize("kind", ["dict", "list", "queue", "blobs"])
+def test_manager_acquire_is_truthy_and_yields_the_manager(db, kind):
+    manager = getattr(db, kind)("m")
+    held = manager.acquire(timeout=5)
+    assert held and bool(held) is True
+    with held as inside:
+        assert inside is manager
+    with manager.acquire(timeout=5) as inside:      # the lock was released: free again
+        assert inside is manager
+    assert manager.acquire(timeout=5)
+    manager.release()
+    with manager as inside:
+        assert inside is manager
+    with getattr(db, kind)("m") as inside:
+        assert inside is manager
+
+
+def test_manager_acquire_excludes_other_holders(tmp_path):
+    path = tmp_path / "lock.db"
+    with BeaverDB(path) as one, BeaverDB(path) as two:
+        with one.dict("c") as d:
+            d["x"] = 1
+            with pytest.raises(TimeoutError):
+                two.dict("c").acquire(block=False)
+            with pytest.raises(beaver.LockTimeout):
+                two.dict("c").acquire(timeout=0.05)
+            assert two.dict("other").acquire(block=False)   # other structures are free
+            two.dict("other").release()
+            assert two.list("c").acquire(block=False)       # so are other kinds
+            two.list("c").release()
+        with two.dict("c").acquire(block=False) as d2:
+            assert d2["x"] == 1
+
+
+def test_manager_acquire_excludes_threads(db):
+    d = db.dict("counter")
+    d["n"] = 0
+
+    def bump():
+        for _ in range(25):
+            with db.dict("counter") as c:
+                c["n"] = c["n"] + 1
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(MP_DEADLINE)
+    assert not any(t.is_alive() for t in threads)
+    assert d["n"] == 100
+
+
+def test_manager_release_without_acquire(db):
+    with pytest.raises(beaver.BeaverError):
+        db.dict("d").release()
+
+
+def test_manager_acquire_releases_on_exception(db):
+    d = db.dict("d")
+    with pytest.raises(RuntimeError):
+        with d:
+            raise RuntimeError("boom")
+    with d.acquire(block=False):
+        pass
+
+
+def _mp_increment(path, count, barrier):
+    db = BeaverDB(path)
+    barrier.wait(MP_DEADLINE)
+    for _ in range(count):
+        with db.dict("c") as d:
+            d["n"] = d.get("n", 0) + 1
+    db.close()
+
+
+def test_dict_four_processes_incrementing_under_the_manager_lock(tmp_path):
+    path, count = str(tmp_path / "mp.db"), 40
+    BeaverDB(path).close()
+    barrier = SPAWN.Barrier(4)
+    workers = [SPAWN.Process(target=_mp_increment, args=(path, count, barrier))
+               for _ in range(4)]
+    for p in workers:
+        p.start()
+    join_all(workers, time.monotonic() + MP_DEADLINE)
+    with BeaverDB(path) as db:
+        assert db.dict("c")["n"] == 4 * count
+
+
+# ---- BeaverDB ----
+
+def test_managers_are_cached_per_kind_and_name(db):
+    assert db.dict("a") is db.dict("a")
+    assert db.list("a") is db.list("a") and db.queue("a") is db.queue("a")
+    assert db.blobs("a") is db.blob("a")
+    assert len({id(db.dict("a")), id(db.list("a")), id(db.queue("a")), id(db.blobs("a")),
+                id(db.dict("b"))}) == 5
+    assert db.dict("a").name == "a" and "a" in repr(db.dict("a"))
+
+
+def test_model_conflict_is_an_error(db):
+    people = db.dict("people", model=Person)
+    assert db.dict("people", model=Person) is people
+    assert db.dict("people") is people                  # no model given: the open one
+    with pytest.raises(ValueError):
+        db.dict("people", model=Address)
+    plain = db.list("plain")
+    with pytest.raises(ValueError):
+        db.list("plain", model=Person)
+    assert db.list("plain") is plain and plain.model is None
+
+
+@pytest.mark.parametrize("name", ["", None, 5, b"x"])
+def test_bad_structure_names(db, name):
+    for factory in (db.dict, db.list, db.queue, db.blobs):
+        with pytest.raises(TypeError):
+            factory(name)
+
+
+@pytest.mark.parametrize("name", [
+    "it's", 'say "hi"', "x'; DROP TABLE beaver_dicts; --", "a\" OR 1=1 --", "%", "_", "*",
+    "beaver_dicts", "name WITH spaces", "../../etc/passwd", "ünï🦫", "\x00",
+])
+def test_names_are_just_names(tmp_path, name):
+    path = tmp_path / "names.db"
+    with BeaverDB(path) as db:
+        db.dict("plain")["k"] = "plain"
+        d, lst, q, b = db.dict(name), db.list(name), db.queue(name), db.blobs(name)
+        d["k"] = name
+        lst.push(name)
+        q.put(name)
+        b.put("k", b"x", metadata=name)
+        with d:
+            pass
+        assert d["k"] == name and list(lst) == [name] and len(q) == 1 and b.get("k").metadata == name
+        assert db.dict("plain")["k"] == "plain" and len(db.dict("plain")) == 1
+        assert len(db.dict("other")) == 0 and len(db.list("other")) == 0
+        d.clear()
+        assert db.dict("plain")["k"] == "plain"
+    assert raw_rows(path, "PRAGMA integrity_check") == [("ok",)]
+    with BeaverDB(path) as db:
+        assert list(db.list(name)) == [name] and db.queue(name).get(block=False).data == name
+
+
+def test_transaction_is_atomic_across_managers(db):
+    d, lst, q, b = db.dict("d"), db.list("l"), db.queue("q"), db.blobs("b")
+    with db.transaction() as tx:
+        assert tx is db
+        d["a"] = 1
+        lst.push(1)
+        q.put(1)
+        b.put("k", b"1")
+    assert (d["a"], list(lst), len(q), b.get("k").data) == (1, [1], 1, b"1")
+    with pytest.raises(ZeroDivisionError):
+        with db.transaction():
+            d["a"] = 2
+            d["new"] = 2
+            lst.push(2)
+            lst[0] = "changed"
+            q.put(2)
+            q.get(block=False)
+            b.put("k", b"2")
+            b.put("k2", b"2")
+            1 / 0
+    assert dict(d) == {"a": 1} and list(lst) == [1] and len(q) == 1 and list(b) == ["k"]
+    assert b.get("k").data == b"1" and q.peek().data == 1
+
+
+def test_transaction_nested_savepoints(db):
+    d = db.dict("d")
+    with db.transaction():
+        d["outer"] = 1
+        with db.transaction():
+            d["inner_ok"] = 1
+        with pytest.raises(KeyError):
+            with db.transaction():
+                d["inner_bad"] = 1
+                with db.transaction():
+                    d["deeper"] = 1
+                raise KeyError("roll back this level only")
+        d["after"] = 1
+    assert sorted(d) == ["after", "inner_ok", "outer"]
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            d["x"] = 1
+            with db.transaction():
+                d["y"] = 1
+            raise RuntimeError
+    assert "x" not in d and "y" not in d
+
+
+def test_transaction_is_invisible_to_other_threads_until_commit(db):
+    d = db.dict("d")
+    seen = {}
+
+    def look(label):
+        seen[label] = db.dict("d").get("k")
+    with db.transaction():
+        d["k"] = "v"
+        t = threading.Thread(target=look, args=("during",))
+        t.start()
+        t.join(MP_DEADLINE)
+    look("after")
+    assert seen == {"during": None, "after": "v"}
+
+
+def test_transaction_rolls_back_on_keyboard_interrupt(db):
+    with pytest.raises(KeyboardInterrupt):
+        with db.transaction():
+            db.list("l").push(1)
+            raise KeyboardInterrupt
+    assert len(db.list("l")) == 0
+    db.list("l").push(2)                 # and the connection is usable afterwards
+    assert list(db.list("l")) == [2]
+
+
+def test_context_manager_closes(tmp_path):
+    with BeaverDB(tmp_path / "cm.db") as db:
+        db.dict("d")["a"] = 1
+        assert not db.closed
+    assert db.closed and "closed" in repr(db)
+
+
+def test_calls_after_close_raise_closed_error(tmp_path):
+    db = BeaverDB(tmp_path / "closed.db")
+    d, lst, q, b = db.dict("d"), db.list("l"), db.queue("q"), db.blobs("b")
+    d["a"] = 1
+    lst.push(1)
+    db.close()
+    db.close()                          # idempotent
+    calls = [
+        lambda: d["a"], lambda: d.__setitem__("a", 2), lambda: d.get("a"), lambda: len(d),
+        lambda: list(d), lambda: "a" in d, lambda: d.set("a", 1, ttl_seconds=5),
+        lambda: lst.push(2), lambda: lst[0], lambda: len(lst), lambda: lst.pop(),
+        lambda: q.put(1), lambda: q.get(block=False), lambda: q.get(timeout=1), lambda: len(q),
+        lambda: b.put("k", b"x"), lambda: b.get("k"), lambda: d.dump(), lambda: lst.clear(),
+        lambda: db.dict("d"), lambda: db.list("new"), lambda: db.queue("q"), lambda: db.blobs("b"),
+        lambda: db.lock("l"), lambda: d.acquire(timeout=1), lambda: db.transaction().__enter__(),
+    ]
+    for call in calls:
+        with pytest.raises(beaver.ClosedError):
+            call()
+
+
+def test_close_from_main_closes_every_threads_connection(tmp_path):
+    db = BeaverDB(tmp_path / "threads.db")
+    ready, release = threading.Barrier(5), threading.Event()
+    errors = []
+
+    def work(i):
+        db.list("l").push(i)
+        ready.wait(MP_DEADLINE)
+        release.wait(MP_DEADLINE)
+        try:
+            db.list("l").push(i)
+        except beaver.ClosedError:
+            errors.append(i)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    ready.wait(MP_DEADLINE)
+    connections = [conn for _, conn in db._core._conns]
+    assert len(connections) >= 5        # four workers and the main thread
+    db.close()
+    for conn in connections:
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+    release.set()
+    for t in threads:
+        t.join(MP_DEADLINE)
+    assert sorted(errors) == [0, 1, 2, 3]
+
+
+def test_close_wakes_a_blocked_get(tmp_path):
+    db = BeaverDB(tmp_path / "wake.db")
+    outcome = []
+    started = threading.Event()
+
+    def consume():
+        started.set()
+        try:
+            db.queue("q").get(timeout=MP_DEADLINE)
+        except beaver.BeaverError as e:
+            outcome.append(e)
+    t = threading.Thread(target=consume)
+    t.start()
+    started.wait(MP_DEADLINE)
+    deadline = time.monotonic() + MP_DEADLINE
+    while not db._core.watcher.users and time.monotonic() < deadline:
+        time.sleep(0.001)               # wait until the consumer is really waiting
+    db.close()
+    t.join(MP_DEADLINE)
+    assert not t.is_alive() and isinstance(outcome[0], beaver.ClosedError)
+
+
+def _mixed_work(db, worker, rounds, got):
+    d, lst, q, b = db.dict("d"), db.list("l"), db.queue("q"), db.blobs("b")
+    for i in range(rounds):
+        d[f"{worker}:{i}"] = i
+        lst.push([worker, i])
+        q.put([worker, i], priority=i % 3)
+        b.put(f"{worker}:{i}", bytes([worker, i]))
+        with db.transaction():
+            d["total"] = d.get("total", 0) + 1
+        got.append(tuple(q.get(timeout=MP_DEADLINE).data))
+        assert d[f"{worker}:{i}"] == i and f"{worker}:{i}" in b
+        len(lst), list(d)[:3], lst[-1]
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_threads_share_one_database(tmp_path, where):
+    db = BeaverDB(tmp_path / "threads.db" if where == "file" else ":memory:")
+    workers, rounds, got, errors = 8, 30, [], []
+
+    def run(w):
+        try:
+            _mixed_work(db, w, rounds, got)
+        except Exception as e:          # reported below, with the thread's error
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(MP_DEADLINE)
+    try:
+        assert not any(t.is_alive() for t in threads) and errors == []
+        expected = sorted((w, i) for w in range(workers) for i in range(rounds))
+        assert sorted(got) == expected                         # each item got exactly once
+        assert sorted(map(tuple, db.list("l"))) == expected
+        assert len(db.dict("d")) == workers * rounds + 1 and db.dict("d")["total"] == len(expected)
+        assert len(db.blobs("b")) == workers * rounds and len(db.queue("q")) == 0
+        connections = [conn for _, conn in db._core._conns]
+    finally:
+        db.close()
+    for conn in connections:
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+
+
+def test_memory_databases_are_private_and_vanish(tmp_path):
+    one, two = BeaverDB(":memory:"), BeaverDB(":memory:")
+    one.dict("d")["k"] = 1
+    assert "k" not in two.dict("d")
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(one.dict("d")["k"]))
+    t.start()
+    t.join(MP_DEADLINE)
+    assert seen == [1]
+    backing = one.path
+    one.close()
+    two.close()
+    assert not os.path.exists(backing)
+
+
+def test_on_and_off_deliver_events_after_commit(db):
+    config = db.dict("app_config")
+    received, arrived = [], threading.Event()
+
+    def callback(payload):
+        received.append((payload["event"], payload["key"]))
+        arrived.set()
+    set_handle = config.on("set", callback)
+    del_handle = config.on("del", callback)
+    config["theme"] = "dark"
+    assert arrived.wait(MP_DEADLINE)
+    arrived.clear()
+    del config["theme"]
+    assert arrived.wait(MP_DEADLINE)
+    set_handle.off()
+    del_handle.off()
+    set_handle.off()                    # idempotent
+    assert received == [("set", "theme"), ("del", "theme")]
+    with pytest.raises(TypeError):
+        config.on("set", "not callable")
+
+
+# ---- async ----
+
+def test_as_async_on_every_manager(db):
+    async def main():
+        adict = db.dict("d").as_async()
+        await adict.set("theme", "dark", ttl_seconds=60)
+        await adict.setitem("k", 1)
+        assert await adict.getitem("theme") == "dark" and await adict.get("nope", 0) == 0
+        assert await adict.len() == 2 and await adict.contains("k")
+        assert [k async for k in adict] == ["k", "theme"]
+        await adict.delitem("k")
+        assert await adict.items() == [("theme", "dark")]
+
+        alist = db.list("l").as_async()
+        await alist.push(1)
+        await alist.prepend(0)
+        await alist.extend([2, 3])
+        assert await alist.getitem(-1) == 3 and await alist.getitem(slice(1, 3)) == [1, 2]
+        assert await alist.pop() == 3 and await alist.deque() == 0 and await alist.len() == 2
+
+        aqueue = db.queue("q").as_async()
+        waiter = asyncio.ensure_future(aqueue.get(timeout=MP_DEADLINE))
+        await aqueue.put({"job": 1}, priority=2)
+        assert (await waiter).data == {"job": 1}
+        with pytest.raises(beaver.QueueEmpty):
+            await aqueue.get(block=False)
+
+        ablobs = db.blobs("b").as_async()
+        await ablobs.put("k", b"data", metadata={})
+        assert (await ablobs.get("k")).metadata == {} and await ablobs.contains("k")
+        await ablobs.delete("k")
+        assert await ablobs.len() == 0
+
+        async with db.dict("d").as_async() as locked:
+            assert locked.sync is db.dict("d")
+        dumped = await adict.dump()
+        assert dumped["metadata"]["count"] == 1
+        assert "Async" in repr(adict)
+    asyncio.run(main())
+
+
+# ---- aliases ----
+
+def test_alias_imports():
+    from beaver import BeaverDB as B, Blob, Model, QueueItem  # noqa: F401
+    from beaver.blobs import Blob as AliasBlob
+    from beaver.queues import QueueItem as AliasQueueItem
+    from beaver.manager import DictManager
+    assert AliasQueueItem is QueueItem and AliasBlob is Blob and DictManager is beaver.DictManager
+
+
+def test_alias_module_import_binds_the_attribute():
+    code = ("import beaver.queues, beaver.blobs; "
+            "assert beaver.queues.QueueItem is beaver.QueueItem; "
+            "assert beaver.blobs.Blob is beaver.Blob")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT),
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
