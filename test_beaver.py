@@ -1804,3 +1804,328 @@ def test_alias_module_import_binds_the_attribute():
             "assert beaver.blobs.Blob is beaver.Blob")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT),
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+# ---- seed examples of the spec (dict, list, queue, blob, models, acquire, dump) ----
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_seed_quickstart_dict_and_list(in_tmp, capsys):
+    from beaver import BeaverDB
+    db = BeaverDB("my_data.db")
+    config = db.dict("app_config")
+    config["theme"] = "dark"
+    config["user_id"] = 123
+    print(f"App theme is: {config['theme']}")
+    tasks = db.list("daily_tasks")
+    tasks.push({"id": "task-001", "desc": "Write project report"})
+    tasks.push({"id": "task-002", "desc": "Deploy new feature"})
+    print(f"First task is: {tasks[0]['desc']}")
+    db.close()
+    assert capsys.readouterr().out == ("App theme is: dark\n"
+                                       "First task is: Write project report\n")
+    assert (in_tmp / "my_data.db").exists()
+
+
+def test_seed_old_readme_quickstart_dict_and_list(in_tmp, capsys):
+    db = BeaverDB("data.db")
+    config = db.dict("app_config")
+    config["theme"] = "dark"
+    print(f"Theme set to: {config['theme']}")
+    tasks = db.list("daily_tasks")
+    tasks.push("Write the project report")
+    tasks.push("Deploy the new feature")
+    print(f"First task is: {tasks[0]}")
+    db.close()
+    assert capsys.readouterr().out == ("Theme set to: dark\n"
+                                       "First task is: Write the project report\n")
+
+
+def test_seed_dict_section(in_tmp, capsys):
+    db = BeaverDB("demo.db")
+    config = db.dict("app_config")
+    config["theme"] = "dark"
+    config["retries"] = 3
+    config.set("user_ids", [101, 205, 301])
+    print(f"Configuration dictionary has {len(config)} items.")
+    theme = config["theme"]
+    print(f"Retrieved theme: {theme}")
+    non_existent = config.get("non_existent_key", "default_value")
+    print(f"Result for non_existent_key: {non_existent}")
+    print("\nIterating over config items:")
+    for key, value in config.items():
+        print(f" - {key}: {value}")
+    del config["retries"]
+    print(f"\nAfter deleting 'retries', config has {len(config)} items.")
+    db.close()
+    out = capsys.readouterr().out
+    assert "Configuration dictionary has 3 items." in out
+    assert "Retrieved theme: dark" in out and "non_existent_key: default_value" in out
+    assert " - user_ids: [101, 205, 301]" in out and " - retries: 3" in out
+    assert "config has 2 items." in out
+
+
+def test_seed_ttl_cache(in_tmp, capsys, clock):
+    sleep = clock.advance               # the example's sleeps, without the waiting
+    calls = []
+
+    def expensive_api_call(prompt: str):
+        print(f"--- Making expensive API call for: '{prompt}' ---")
+        calls.append(prompt)
+        sleep(2)
+        return "Quito"
+
+    db = BeaverDB("demo.db")
+    api_cache = db.dict("api_cache")
+    prompt = "capital of Ecuador"
+    response = api_cache.get(prompt)
+    if response is None:
+        print("Cache miss.")
+        response = expensive_api_call(prompt)
+        api_cache.set(prompt, response, ttl_seconds=10)
+    print(f"Response: {response}")
+    sleep(5)
+    response = api_cache.get(prompt)
+    if response is None:
+        pass
+    else:
+        print("Cache hit!")
+    print(f"Response: {response}")
+    sleep(12)
+    response = api_cache.get(prompt)
+    if response is None:
+        print("Cache miss (key expired).")
+        response = expensive_api_call(prompt)
+        api_cache.set(prompt, response, ttl_seconds=10)
+    else:
+        print("Cache hit!")
+    print(f"Response: {response}")
+    db.close()
+    out = capsys.readouterr().out
+    assert out.count("Cache miss.") == 1 and out.count("Cache hit!") == 1
+    assert "Cache miss (key expired)." in out and calls == [prompt, prompt]
+
+
+def test_seed_old_readme_api_cache(in_tmp):
+    db = BeaverDB("data.db")
+    api_cache = db.dict("external_api_cache")
+    response = api_cache.get("weather_new_york")
+    if response is None:
+        response = {"city": "New York", "temp": 21}
+        api_cache.set("weather_new_york", response, ttl_seconds=3600)
+    assert api_cache.get("weather_new_york") == {"city": "New York", "temp": 21}
+    db.close()
+
+
+def test_seed_lists(in_tmp, capsys):
+    db = BeaverDB("demo.db")
+    tasks = db.list("project_tasks")
+    tasks.push({"id": "task-002", "desc": "Write documentation"})
+    tasks.push({"id": "task-003", "desc": "Deploy to production"})
+    tasks.prepend({"id": "task-001", "desc": "Design the feature"})
+    print("\nCurrent tasks in order:")
+    for task in tasks:
+        print(f"  - {task['id']}: {task['desc']}")
+    print(f"\nThe first task is: {tasks[0]}")
+    print(f"The last task is: {tasks[-1]}")
+    print(f"A slice of the first two tasks: {tasks[0:2]}")
+    tasks[1] = {"id": "task-002", "desc": "Write and review documentation"}
+    print(f"Updated second task: {tasks[1]}")
+    del tasks[0]
+    print(f"List length after deletion: {len(tasks)}")
+    last_item = tasks.pop()
+    print(f"\nPopped the last task: {last_item}")
+    db.close()
+    out = capsys.readouterr().out
+    assert out.index("task-001") < out.index("task-002") < out.index("task-003")
+    assert "List length after deletion: 2" in out
+    assert "Popped the last task: {'id': 'task-003', 'desc': 'Deploy to production'}" in out
+    assert "Write and review documentation" in out
+
+
+def test_seed_old_readme_chat_history(in_tmp, capsys):
+    db = BeaverDB("data.db")
+    chat_history = db.list("conversation_with_user_123")
+    chat_history.push({"role": "user", "content": "Hello, Beaver!"})
+    chat_history.push({"role": "assistant", "content": "Hello! How can I help you today?"})
+    for message in chat_history:
+        print(f"{message['role']}: {message['content']}")
+    db.close()
+    assert capsys.readouterr().out == ("user: Hello, Beaver!\n"
+                                       "assistant: Hello! How can I help you today?\n")
+
+
+def test_seed_priority_queue(in_tmp, capsys):
+    db = BeaverDB("demo.db")
+    tasks = db.queue("agent_tasks")
+    tasks.put({"action": "summarize_news", "topic": "AI"}, priority=10)
+    tasks.put({"action": "respond_to_user", "user_id": "alice"}, priority=1)
+    tasks.put({"action": "run_backup", "target": "all"}, priority=20)
+    tasks.put({"action": "send_alert", "message": "CPU at 90%"}, priority=1)
+    item1 = tasks.get()
+    item2 = tasks.get()
+    item3 = tasks.get()
+    print(f"Agent's first task: {item1.data['action']}")
+    print(f"Agent's second task: {item2.data['action']}")
+    db.close()
+    assert item3.data["action"] == "summarize_news"
+    assert capsys.readouterr().out == ("Agent's first task: respond_to_user\n"
+                                       "Agent's second task: send_alert\n")
+
+
+def test_seed_old_readme_agent_tasks(in_tmp):
+    db = BeaverDB("data.db")
+    tasks = db.queue("agent_tasks")
+    tasks.put({"action": "summarize_news"}, priority=10)
+    tasks.put({"action": "respond_to_user"}, priority=1)
+    tasks.put({"action": "run_backup"}, priority=20)
+    next_task = tasks.get()
+    assert next_task.data["action"] == "respond_to_user"
+    db.close()
+
+
+def test_seed_blobs(in_tmp, capsys):
+    db = BeaverDB("demo.db")
+    attachments = db.blobs("user_uploads")
+    file_content = "This is the content of a virtual text file."
+    file_bytes = file_content.encode("utf-8")
+    file_key = "emails/user123/attachment_01.txt"
+    attachments.put(
+        key=file_key,
+        data=file_bytes,
+        metadata={"mimetype": "text/plain", "sender": "alice@example.com"}
+    )
+    blob = attachments.get(file_key)
+    if blob:
+        print(f"Retrieved Blob: {blob.key}")
+        print(f"Metadata: {blob.metadata}")
+        print(f"Data (decoded): '{blob.data.decode('utf-8')}'")
+    attachments.delete(file_key)
+    print(f"\nVerified deletion: {file_key not in attachments}")
+    db.close()
+    out = capsys.readouterr().out
+    assert f"Retrieved Blob: {file_key}" in out
+    assert "Metadata: {'mimetype': 'text/plain', 'sender': 'alice@example.com'}" in out
+    assert f"Data (decoded): '{file_content}'" in out and "Verified deletion: True" in out
+
+
+def test_seed_old_readme_avatar(in_tmp):
+    Path("avatar.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    db = BeaverDB("data.db")
+    attachments = db.blobs("user_uploads")
+    with open("avatar.png", "rb") as f:
+        avatar_bytes = f.read()
+    attachments.put(key="user_123_avatar.png", data=avatar_bytes,
+                    metadata={"mimetype": "image/png"})
+    avatar = attachments.get("user_123_avatar.png")
+    assert avatar.data == avatar_bytes and avatar.metadata == {"mimetype": "image/png"}
+    db.close()
+
+
+def test_seed_old_readme_user_profiles(in_tmp):
+    db = BeaverDB("data.db")
+    users = db.dict("user_profiles")
+    users["alice"] = {"hashed_password": "...", "email": "alice@example.com",
+                      "permissions": ["read", "write"]}
+    alice_profile = users.get("alice")
+    assert alice_profile["permissions"] == ["read", "write"]
+    db.close()
+
+
+def test_seed_pydantic_user(in_tmp, capsys):
+    pydantic = pytest.importorskip("pydantic")
+
+    class User(pydantic.BaseModel):
+        name: str
+        email: str
+        permissions: typing.List[str]
+
+    db = BeaverDB("user_data.db")
+    users = db.dict("user_profiles", model=User)
+    users["alice"] = User(name="Alice", email="alice@example.com",
+                          permissions=["read", "write"])
+    retrieved_user = users["alice"]
+    print(f"Retrieved: {retrieved_user.name}")
+    print(f"Permissions: {retrieved_user.permissions}")
+    db.close()
+    assert isinstance(retrieved_user, User)
+    assert capsys.readouterr().out == ("Retrieved: Alice\n"
+                                       "Permissions: ['read', 'write']\n")
+
+
+def test_seed_beaver_model_user(in_tmp, capsys):
+    from beaver import BeaverDB, Model
+
+    class User(Model):
+        name: str
+        email: str
+
+    db = BeaverDB("user_data.db")
+    users = db.dict("user_profiles", model=User)
+    users["alice"] = User(name="Alice", email="alice@example.com")
+    retrieved_user = users["alice"]
+    print(f"Retrieved: {retrieved_user.name}")
+    db.close()
+    assert isinstance(retrieved_user, User) and capsys.readouterr().out == "Retrieved: Alice\n"
+
+
+def _seed_acquire_batch():
+    """The spec's batch example, verbatim, as a function."""
+    db = BeaverDB("tasks.db")
+    tasks_to_process = []
+    try:
+        with db.queue('agent_tasks').acquire(timeout=5) as q:
+            for _ in range(10):
+                item = q.get(block=False)
+                tasks_to_process.append(item.data)
+    except (TimeoutError, IndexError):
+        print("Could not get 10 items.")
+        pass
+    print(f"Processing batch of {len(tasks_to_process)} items.")
+    db.close()
+    return tasks_to_process
+
+
+def test_seed_manager_acquire_batch(in_tmp, capsys):
+    assert _seed_acquire_batch() == []                    # empty queue: IndexError path
+    assert capsys.readouterr().out == ("Could not get 10 items.\n"
+                                       "Processing batch of 0 items.\n")
+    with BeaverDB("tasks.db") as db:
+        for i in range(12):
+            db.queue("agent_tasks").put(i)
+    assert _seed_acquire_batch() == list(range(10))
+    assert capsys.readouterr().out == "Processing batch of 10 items.\n"
+    with BeaverDB("tasks.db") as db:                      # lock held elsewhere: TimeoutError
+        with db.queue("agent_tasks").acquire(timeout=5):
+            with BeaverDB("tasks.db") as other, pytest.raises(TimeoutError):
+                other.queue("agent_tasks").acquire(timeout=0.05)
+        assert len(db.queue("agent_tasks")) == 2
+
+
+def test_seed_dump(in_tmp, capsys):
+    db = BeaverDB("my_app.db")
+    config = db.dict("app_config")
+    config["theme"] = "dark"
+    config["user_id"] = 456
+    with open("config_backup.json", "w") as f:
+        config.dump(f)
+    dump_data = config.dump()
+    print(dump_data['metadata'])
+    db.close()
+    saved = json.loads(Path("config_backup.json").read_text())
+    assert saved["items"] == dump_data["items"] == [
+        {"key": "theme", "value": "dark", "expires_at": None},
+        {"key": "user_id", "value": 456, "expires_at": None}]
+    assert "'type': 'dict'" in capsys.readouterr().out
+
+
+def test_seed_with_dict_as_config(in_tmp):
+    db = BeaverDB("demo.db")
+    with db.dict("config") as config:
+        config["theme"] = "dark"
+    assert db.dict("config")["theme"] == "dark"
+    db.close()
