@@ -2129,3 +2129,30 @@ def test_seed_with_dict_as_config(in_tmp):
         config["theme"] = "dark"
     assert db.dict("config")["theme"] == "dark"
     db.close()
+
+
+# ---- examples ----
+# Every script in examples/ runs to completion in a scratch folder. A script that cannot run
+# alone (one half of a publisher/subscriber pair, say) opts out with a line reading
+# "# beaver-example: needs-args" in its source.
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+SKIP_MARK = "# beaver-example: needs-args"
+
+
+def test_examples_exist():
+    names = {path.name for path in EXAMPLES}
+    assert {"kvstore.py", "cache.py", "list.py", "pqueue.py", "producer_consumer.py",
+            "blobs.py", "type_hints.py", "tour.py"} <= names
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=[path.name for path in EXAMPLES])
+def test_example_runs(script, tmp_path):
+    if SKIP_MARK in script.read_text(encoding="utf-8"):
+        pytest.skip("the example needs arguments or a partner process")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    result = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip(), "an example should show what it does"
