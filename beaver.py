@@ -203,8 +203,10 @@ class _ModelCodec:
         self.model = model
 
     def encode(self, value) -> str:
-        if not isinstance(value, self.model):
-            if not isinstance(value, dict):
+        if type(value) is not self.model:
+            if isinstance(value, self.model):
+                value = value.model_dump()  # a subclass: keep only what the model reads back
+            elif not isinstance(value, dict):
                 raise TypeError(f"expected a {self.model.__name__} (or a dict of its fields), "
                                 f"got {type(value).__name__}")
             value = self._validate(value)
