@@ -209,6 +209,34 @@ def test_existing_sqlite_file_with_other_tables_is_usable(tmp_path):
         assert db.dict("d")["k"] == 1
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_gets_its_own_connection(tmp_path):
+    db = BeaverDB(tmp_path / "fork.db")
+    lst = db.list("l")
+    lst.push("parent")
+    pid = os.fork()
+    if pid == 0:                        # the child: never returns into pytest
+        code = 1
+        try:
+            lst.push("child")
+            code = 0 if list(lst) == ["parent", "child"] else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + MP_DEADLINE
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
+    if not done:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    lst.push("parent again")            # the parent's connection is unharmed
+    assert list(lst) == ["parent", "child", "parent again"]
+    db.close()
+
+
 def _crash_writer(path, conn):
     """Write forever; report each index over the pipe only after its commit."""
     db = BeaverDB(path)
@@ -385,6 +413,38 @@ def test_model_validated_on_write_everywhere(db):
     assert files.get("a").metadata == Address(city="Rome") and "b" not in files
 
 
+def test_model_subclass_instances_are_stored_as_the_model(db):
+    class Admin(Address):
+        level: int = 1
+
+    class Labelled(Address):
+        def label(self):
+            return self.city.upper()
+
+    places = db.dict("places", model=Address)
+    places["labelled"] = Labelled(city="x")     # same fields: stored, read back as Address
+    assert type(places["labelled"]) is Address
+    with pytest.raises(ValueError):             # extra fields the model cannot read back
+        places["admin"] = Admin(city="Rome", level=3)
+    assert places.items() == [("labelled", Address(city="x"))]
+
+
+def test_model_dict_and_optional_fields(db):
+    class Registry(beaver.Model):
+        by_city: typing.Dict[str, Address] = {}
+        count: typing.Optional[int] = None
+
+    reg = db.dict("reg", model=Registry)
+    reg["r"] = {"by_city": {"rome": {"city": "Rome"}}}
+    got = reg["r"]
+    assert isinstance(got.by_city["rome"], Address) and got.count is None
+    with pytest.raises(ValueError):
+        reg["bad"] = {"by_city": {"rome": {"town": "Rome"}}}
+    with pytest.raises(ValueError):
+        reg["bad"] = {"count": "three"}
+    assert list(reg) == ["r"]
+
+
 def test_pydantic_models(db):
     pydantic = pytest.importorskip("pydantic")
 
@@ -411,8 +471,14 @@ def test_pydantic_models(db):
     tasks = db.queue("tasks", model=User)
     tasks.put(users["bob"])
     assert tasks.get(block=False).data == users["bob"]
-    assert db.list("users", model=User).append(got) is None
+    db.list("users", model=User).append(got)
     assert db.list("users", model=User)[0] == got
+
+    class Admin(User):
+        level: int = 1
+
+    users["root"] = Admin(name="Root", email="r@x", permissions=["all"], level=9)
+    assert type(users["root"]) is User and users["root"].name == "Root"   # stored as a User
 
 
 # ---- dict ----
@@ -1745,6 +1811,31 @@ def test_on_and_off_deliver_events_after_commit(db):
     assert received == [("set", "theme"), ("del", "theme")]
     with pytest.raises(TypeError):
         config.on("set", "not callable")
+
+
+def test_events_skip_rolled_back_writes(db):
+    d = db.dict("d")
+    got, done = [], threading.Event()
+
+    def callback(payload):
+        got.append(payload["key"])
+        if payload["key"] == "last":
+            done.set()
+    handle = d.on("set", callback)
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            d["rolled_back"] = 1
+            raise RuntimeError
+    with db.transaction():
+        d["committed"] = 1
+        with pytest.raises(RuntimeError):
+            with db.transaction():
+                d["savepoint_rolled_back"] = 1
+                raise RuntimeError
+    d["last"] = 1
+    assert done.wait(MP_DEADLINE)
+    handle.off()
+    assert got == ["committed", "last"]
 
 
 # ---- async ----
