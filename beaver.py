@@ -1138,6 +1138,16 @@ class DictManager(_Manager, MutableMapping):
             del self[key]
             return value
 
+    def popitem(self):
+        """Remove and return the pair with the smallest key; ``KeyError`` if empty."""
+        with self._core.transaction():
+            for key, text in self._live_rows():
+                self._core.execute("DELETE FROM beaver_dicts WHERE name = ? AND key = ?",
+                                   (self._name, key))
+                self._wrote("del", key=key)
+                return key, self._codec.decode(text)
+        raise KeyError("popitem(): dictionary is empty")
+
     def setdefault(self, key, default=None):
         """Return the value of ``key``, storing ``default`` first if it is missing."""
         with self._core.transaction():
@@ -1409,6 +1419,11 @@ class ListManager(_Manager, MutableSequence):
         return self._codec.decode(row[1])
 
     popleft = deque
+
+    def remove(self, value):
+        """Remove the first item equal to ``value`` (``ValueError`` if there is none)."""
+        with self._core.transaction():
+            del self[self.index(value)]
 
     def reverse(self):
         """Reverse the list in place, in one transaction."""
