@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import queue as _queue
+import select
 import sqlite3
 import sys
 import tempfile
@@ -53,6 +54,8 @@ logger = logging.getLogger("beaver")
 SCHEMA_VERSION = 1
 DEFAULT_TIMEOUT = 30.0          # seconds a connection waits for SQLite's write lock
 WATCH_INTERVAL = 0.001          # seconds between two PRAGMA data_version checks
+WATCH_HOT = 0.05                # after a file change, poll every WATCH_INTERVAL this long
+WATCH_IDLE_CHECK = 0.1          # with inotify, the longest sleep between two checks
 WATCH_LINGER = 2.0              # seconds the watcher keeps polling after its last user left
 PURGE_INTERVAL = 1.0            # seconds between two purges of expired dict keys
 PURGE_BATCH = 500               # expired rows deleted per purge
@@ -656,6 +659,58 @@ class _Core:
 # Change notification
 # ==========================================================================================
 
+class _FileNotify:
+    """Linux inotify on the database files, so an idle watcher sleeps instead of polling.
+
+    A commit by any process appends to the ``-wal`` file; the event wakes the watcher, which
+    then checks ``PRAGMA data_version`` (the truth) and polls every millisecond for a short
+    while. Elsewhere ``open`` returns None and the watcher polls every millisecond.
+    """
+
+    def __init__(self, fd):
+        self.fd = fd
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
+
+    @classmethod
+    def open(cls, paths):
+        if not sys.platform.startswith("linux") or os.environ.get("BEAVER_WATCH") == "poll":
+            return None
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd < 0:
+                return None
+            if any(libc.inotify_add_watch(fd, os.fsencode(p), 0x2) < 0 for p in paths):
+                os.close(fd)       # 0x2 = IN_MODIFY; a missing -wal file means: poll instead
+                return None
+        except (OSError, AttributeError, ImportError):
+            return None
+        return cls(fd)
+
+    def wait(self, timeout):
+        """Block until a watched file changes or ``timeout`` seconds pass."""
+        self._poller.poll(int(timeout * 1000))
+
+    def drain(self) -> bool:
+        """Consume pending events; True if there were any."""
+        got = False
+        while True:
+            try:
+                if not os.read(self.fd, 4096):
+                    return got
+                got = True
+            except BlockingIOError:
+                return got
+            except OSError:
+                return True
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 class _Watcher:
     """Wakes waiting threads when the database changes, whichever process wrote.
 
@@ -725,17 +780,32 @@ class _Watcher:
         try:
             conn = sqlite3.connect(self._core.path, timeout=self._core.timeout,
                                    isolation_level=None, check_same_thread=False)
+            cursor = conn.cursor()
+            version = lambda: cursor.execute("PRAGMA data_version").fetchone()[0]
+            last = version()
         except sqlite3.Error:
             logger.exception("beaver watcher could not open %s", self._core.path)
             return
-        idle_since = None
+        notify = _FileNotify.open([self._core.path + "-wal", self._core.path])
+        idle_since, hot_until = None, 0.0
         try:
-            last = conn.execute("PRAGMA data_version").fetchone()[0]
             while not self._stopping:
-                time.sleep(WATCH_INTERVAL)
-                version = conn.execute("PRAGMA data_version").fetchone()[0]
-                if version != last:
-                    last = version
+                if notify is None:
+                    time.sleep(WATCH_INTERVAL)
+                else:
+                    hot = time.monotonic() < hot_until
+                    notify.wait(WATCH_INTERVAL if hot else WATCH_IDLE_CHECK)
+                fresh = notify is not None and notify.drain()
+                if fresh:
+                    hot_until = time.monotonic() + WATCH_HOT
+                current = version()
+                for _ in range(3 if fresh and current == last else 0):
+                    time.sleep(WATCH_INTERVAL / 10)   # the WAL write precedes the commit mark
+                    current = version()
+                    if current != last:
+                        break
+                if current != last:
+                    last = current
                     self.wake()
                 if self.users:
                     idle_since = None
@@ -750,6 +820,8 @@ class _Watcher:
             if not self._stopping:
                 logger.exception("beaver watcher stopped")
         finally:
+            if notify is not None:
+                notify.close()
             conn.close()
 
     def stop(self):
