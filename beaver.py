@@ -2477,12 +2477,10 @@ class Lock:
         if not self._guard.acquire(timeout=-1 if left is None else left):
             raise LockTimeout(f"lock {self.name!r} is held by another thread of this object")
         try:
-            ticket = self._enqueue()
-            if block:
+            got = self._enqueue()
+            if got is None and block:
                 got = self._core.watcher.wait_for(self._claim, deadline.remaining(),
                                                   cap=self._next_check)
-            else:
-                got = self._claim()
             if got is None:
                 raise LockTimeout(f"could not acquire lock {self.name!r} within {timeout}s")
         except BaseException:
@@ -2493,39 +2491,65 @@ class Lock:
         return _Held(self, self)
 
     def _enqueue(self):
-        cursor = self._core.execute(
-            "INSERT INTO beaver_locks (name, owner, expires_at) VALUES (?, ?, ?)",
-            (self.name, self._owner, _now() + LOCK_WAITER_GRACE))
-        self._ticket = cursor.lastrowid
+        """Take a ticket and, if nobody is ahead, the lock."""
+        now = _now()
+        cursor = self._core.execute(       # uncontended: one statement takes the lock
+            "INSERT INTO beaver_locks (name, owner, expires_at, held) SELECT ?, ?, ?, 1 "
+            "WHERE NOT EXISTS (SELECT 1 FROM beaver_locks WHERE name = ? AND expires_at > ?)",
+            (self.name, self._owner, now + self.ttl, self.name, now))
+        if cursor.rowcount == 1:
+            self._ticket = cursor.lastrowid
+            return True
+        with self._core.transaction():
+            now = _now()
+            cursor = self._core.execute(
+                "INSERT INTO beaver_locks (name, owner, expires_at) VALUES (?, ?, ?)",
+                (self.name, self._owner, now + LOCK_WAITER_GRACE))
+            self._ticket = cursor.lastrowid
+            got = self._take(now)
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
-        return self._ticket
+        return got
+
+    def _take(self, now):
+        """Inside a transaction: hold the lock if this ticket heads the line of live rows."""
+        head = self._core.execute(
+            "SELECT ticket, expires_at FROM beaver_locks WHERE name = ? AND expires_at > ? "
+            "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
+        if head is None or head[0] != self._ticket:
+            self._head_expires = None if head is None else head[1]
+            return None
+        self._core.execute("DELETE FROM beaver_locks WHERE name = ? AND ticket < ?",
+                           (self.name, self._ticket))
+        self._core.execute("UPDATE beaver_locks SET held = 1, expires_at = ? WHERE ticket = ?",
+                           (now + self.ttl, self._ticket))
+        return True
 
     def _claim(self):
-        """One attempt: take the lock if this ticket is first in line (else heart-beat)."""
+        """One attempt while waiting: a read first, a write only when first in line."""
         now = _now()
         head = self._core.execute(
             "SELECT ticket, expires_at FROM beaver_locks WHERE name = ? AND expires_at > ? "
             "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
         if head is not None and head[0] == self._ticket:
             with self._core.transaction():
-                self._core.execute("DELETE FROM beaver_locks WHERE name = ? AND expires_at <= ?",
-                                   (self.name, now))
-                cursor = self._core.execute(
-                    "UPDATE beaver_locks SET held = 1, expires_at = ? WHERE ticket = ?",
-                    (now + self.ttl, self._ticket))
-            if cursor.rowcount == 1:
-                return True
-        self._head_expires = None if head is None else head[1]
+                if self._take(_now()):
+                    return True
+        else:
+            self._head_expires = None if head is None else head[1]
         if time.monotonic() >= self._beat_due or head is None:
-            self._heartbeat()
+            return self._heartbeat()
         return None
 
     def _heartbeat(self):
-        cursor = self._core.execute("UPDATE beaver_locks SET expires_at = ? WHERE ticket = ?",
-                                    (_now() + LOCK_WAITER_GRACE, self._ticket))
-        if cursor.rowcount == 0:  # our row was reaped while this process stalled
-            self._enqueue()
+        now = _now()
+        cursor = self._core.execute(
+            "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND expires_at > ?",
+            (now + LOCK_WAITER_GRACE, self._ticket, now))
+        if cursor.rowcount == 0:  # this process stalled past the grace time: queue again
+            self._core.execute("DELETE FROM beaver_locks WHERE ticket = ?", (self._ticket,))
+            return self._enqueue()
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
+        return None
 
     def _next_check(self):
         """Sleep no longer than the next heartbeat or the head's expiry."""
@@ -2548,9 +2572,11 @@ class Lock:
         ticket, self._ticket = self._ticket, None
         try:
             still_ours = self._core.execute(
-                "SELECT 1 FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
-                (ticket, _now())).fetchone() is not None
-            self._leave(ticket)
+                "DELETE FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
+                (ticket, _now())).rowcount == 1
+            if not still_ours:
+                self._leave(ticket)
+            self._core.changed()
         finally:
             self._guard.release()
         if not still_ours:
