@@ -889,9 +889,10 @@ class _Events:
     ``beaver_events``, inside the writer's transaction. Listeners register in
     ``beaver_listeners`` with a heartbeat, so a crashed process stops costing writers anything
     after LISTENER_TTL. Writers know the listened topics from a cache refreshed every
-    LISTENER_REFRESH seconds, so a listener added in another process sees writes from at most
-    that long after ``on()`` returned. The dispatcher reads other processes' rows and local
-    events, in order, and isolates each callback's errors (logged on the ``beaver`` logger).
+    LISTENER_REFRESH seconds, and ``on()`` for a new topic returns that much after registering,
+    so every write that starts after ``on()`` returns is delivered, whichever process made it.
+    The dispatcher reads other processes' rows and local events, in order, and isolates each
+    callback's errors (logged on the ``beaver`` logger).
     """
 
     def __init__(self, core):
@@ -947,7 +948,8 @@ class _Events:
             raise TypeError("event must be a non-empty str such as 'set' or '*'")
         handle = _EventHandle(self, topic, event, callback)
         with self._lock:
-            if topic not in self._handles:
+            new_topic = topic not in self._handles
+            if new_topic:
                 self._register(topic)
             self._handles[topic] = self._handles.get(topic, ()) + (handle,)
             if self._thread is None:
@@ -955,6 +957,8 @@ class _Events:
                                                 daemon=True)
                 self._thread.start()
         self._wakeup.set()
+        if new_topic:       # by now every writer's cache of listened topics includes it
+            time.sleep(LISTENER_REFRESH)
         return handle
 
     def _register(self, topic):
