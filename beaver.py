@@ -402,9 +402,8 @@ _SCHEMA = [
         data TEXT NOT NULL)""",
     """CREATE INDEX IF NOT EXISTS beaver_logs_time ON beaver_logs (name, timestamp)""",
     """CREATE TABLE IF NOT EXISTS beaver_channels (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, timestamp REAL NOT NULL,
+        seq INTEGER PRIMARY KEY, name TEXT NOT NULL, timestamp REAL NOT NULL,
         data TEXT NOT NULL)""",
-    """CREATE INDEX IF NOT EXISTS beaver_channels_name ON beaver_channels (name, seq)""",
     """CREATE TABLE IF NOT EXISTS beaver_events (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, name TEXT NOT NULL,
         origin TEXT NOT NULL, timestamp REAL NOT NULL, payload TEXT NOT NULL)""",
@@ -2204,7 +2203,8 @@ class ChannelManager(_Manager):
     Messages are rows numbered by a sequence, delivered in order, exactly once, in every
     thread and process. One poller thread per ``BeaverDB`` fans them out to its subscribers.
     Messages are kept ``retention`` seconds (default an hour) and at most ``max_messages``
-    per channel (default 100 000), pruned as new ones are published.
+    per channel (default 100 000), pruned as new ones are published (``None`` turns a limit
+    off). The newest message of a channel is never pruned.
     """
 
     _kind = "channel"
@@ -2214,6 +2214,9 @@ class ChannelManager(_Manager):
                  max_messages=CHANNEL_MAX_MESSAGES):
         super().__init__(db, name, model)
         self.retention = _seconds(retention, "retention")
+        if max_messages is not None and (isinstance(max_messages, bool) or
+                                         not isinstance(max_messages, int) or max_messages < 1):
+            raise ValueError(f"max_messages must be a positive int or None, not {max_messages!r}")
         self.max_messages = max_messages
         self._next_prune = 0.0
 
@@ -2233,16 +2236,31 @@ class ChannelManager(_Manager):
         """Drop messages beyond the retention limits (done by ``publish`` every second)."""
         core = self._core
         if self.retention is not None:
-            first = core.execute(
+            keep = core.execute(       # the first fresh message, or else the newest one
                 "SELECT seq FROM beaver_channels WHERE name = ? AND timestamp >= ? ORDER BY seq "
-                "LIMIT 1", (self._name, _now() - self.retention)).fetchone()
-            core.execute("DELETE FROM beaver_channels WHERE name = ? AND seq < ?",
-                         (self._name, first[0] if first else 1 << 62))
+                "LIMIT 1", (self._name, _now() - self.retention)).fetchone() or core.execute(
+                "SELECT max(seq) FROM beaver_channels WHERE name = ?", (self._name,)).fetchone()
+            if keep[0] is not None:
+                core.execute("DELETE FROM beaver_channels WHERE seq < ? AND name = ?",
+                             (keep[0], self._name))
         if self.max_messages is not None:
             core.execute(
                 "DELETE FROM beaver_channels WHERE name = ? AND seq <= (SELECT seq FROM "
                 "beaver_channels WHERE name = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
                 (self._name, self._name, int(self.max_messages)))
+
+    def clear(self):
+        """Remove every retained message (subscribers stay subscribed)."""
+        with self._core.transaction():
+            # The newest row of the table keeps the sequence from going back (seq is not
+            # AUTOINCREMENT, to keep publishing to one page write): it becomes a nameless
+            # marker instead of being deleted.
+            top = self._core.execute("SELECT max(seq) FROM beaver_channels").fetchone()[0]
+            self._core.execute("DELETE FROM beaver_channels WHERE (name = ? OR name = '') "
+                               "AND seq < ?", (self._name, top or 0))
+            self._core.execute("UPDATE beaver_channels SET name = '', data = 'null' "
+                               "WHERE seq = ? AND name = ?", (top, self._name))
+            self._wrote("clear")
 
     def subscribe(self) -> "Subscriber":
         """A new subscription, receiving every message published from now on.
@@ -2361,9 +2379,8 @@ class _Hub:
     def add(self, sub):
         name = sub.channel.name
         with self._lock:
-            sub.start = self._core.execute(
-                "SELECT coalesce(max(seq), 0) FROM beaver_channels WHERE name = ?",
-                (name,)).fetchone()[0]
+            sub.start = self._core.execute("SELECT coalesce(max(seq), 0) FROM beaver_channels"
+                                           ).fetchone()[0]
             if name not in self._subs:
                 self._last[name] = sub.start
             self._subs[name] = self._subs.get(name, ()) + (sub,)
@@ -2402,8 +2419,8 @@ class _Hub:
         for name, last in work:
             while True:
                 rows = self._core.execute(
-                    "SELECT seq, data FROM beaver_channels WHERE name = ? AND seq > ? "
-                    "ORDER BY seq LIMIT ?", (name, last, PAGE_SIZE)).fetchall()
+                    "SELECT seq, data FROM beaver_channels WHERE seq > ? AND name = ? "
+                    "ORDER BY seq LIMIT ?", (last, name, PAGE_SIZE)).fetchall()
                 if not rows:
                     break
                 with self._lock:      # read after the rows: a newer subscriber's start is past them

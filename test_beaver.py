@@ -745,3 +745,14 @@ def test_events_registry_rows_are_written_only_for_remote_listeners(tmp_path):
     c = BeaverDB(path)
     assert c._core.execute("SELECT count(*) FROM beaver_listeners").fetchone()[0] == 0
     c.close()
+
+
+def test_channel_clear_keeps_the_sequence_growing(db):
+    ch = db.channel("cleared")
+    with ch.subscribe() as sub:
+        ch.publish("a")
+        assert sub.get(timeout=_RT_DEADLINE) == "a"
+        ch.clear()
+        assert len(ch) == 0
+        ch.publish("b")                        # must not reuse the cleared row's number
+        assert sub.get(timeout=_RT_DEADLINE) == "b"
