@@ -862,6 +862,18 @@ class _Watcher:
 # Events
 # ==========================================================================================
 
+_live_realtime: "weakref.WeakSet" = weakref.WeakSet()      # _Events and _Hub objects
+
+
+def _reset_realtime_after_fork():
+    for owner in list(_live_realtime):
+        owner._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_realtime_after_fork)
+
+
 class _EventHandle:
     """Returned by ``manager.on(...)``; call ``off()`` to stop listening."""
 
@@ -895,6 +907,7 @@ class _Events:
     """
 
     def __init__(self, core):
+        _live_realtime.add(self)
         self._core = core
         self.origin = uuid.uuid4().hex
         self._handles: dict = {}
@@ -1050,6 +1063,10 @@ class _Events:
                 (now - EVENT_RETENTION,)).fetchone()
             self._core.execute("DELETE FROM beaver_events WHERE seq < ?",
                                (first[0] if first else 1 << 62,))
+
+    def _after_fork(self):
+        """A forked child starts with no listeners and an identity of its own."""
+        self.__init__(self._core)
 
     def stop(self):
         self._stopping = True
@@ -1789,6 +1806,12 @@ class QueueManager(_Manager):
             self._wrote("get", priority=item.priority, data=json.loads(row[3]), lease=lease)
         return item
 
+    def clear(self):
+        """Remove every item, leased ones included."""
+        with self._core.transaction():
+            self._core.execute("DELETE FROM beaver_queue_leases WHERE name = ?", (self._name,))
+            super().clear()
+
     def _reclaim(self, now):
         """Put items whose lease ran out back into the queue (inside a transaction)."""
         if self._core.execute("SELECT 1 FROM beaver_queue_leases WHERE name = ? AND until <= ?",
@@ -2370,6 +2393,7 @@ class _Hub:
     """The one channel poller of a ``BeaverDB``: reads new rows, fans them out in memory."""
 
     def __init__(self, db):
+        _live_realtime.add(self)
         self._core = db._core
         self._subs: dict = {}        # channel name -> tuple of Subscriber
         self._last: dict = {}        # channel name -> last seq read
@@ -2399,6 +2423,18 @@ class _Hub:
                 self._subs.pop(name, None)
                 self._last.pop(name, None)
         self._core.watcher.wake()
+
+    def stop(self):
+        """Close every subscription (on ``BeaverDB.close``): their ``listen()`` loops end."""
+        with self._lock:
+            subs = [s for group in self._subs.values() for s in group]
+        for sub in subs:
+            sub.close()
+
+    def _after_fork(self):
+        self._subs, self._last = {}, {}
+        self._lock = threading.Lock()
+        self._thread = None
 
     def _run(self):
         try:
@@ -2729,6 +2765,7 @@ class BeaverDB:
     def close(self):
         """Close every connection of every thread; later calls raise ``ClosedError``."""
         self._events.stop()
+        self._hub.stop()
         self._core.close()
 
     def __enter__(self):
@@ -2760,6 +2797,10 @@ class AsyncManager:
     def sync(self):
         """The synchronous manager behind this wrapper."""
         return self._sync
+
+    def on(self, event, callback):
+        """Same as the manager's ``on`` (not awaited): callbacks run on the event thread."""
+        return self._sync.on(event, callback)
 
     def __getattr__(self, attr):
         value = getattr(self._sync, attr)

@@ -756,3 +756,32 @@ def test_channel_clear_keeps_the_sequence_growing(db):
         assert len(ch) == 0
         ch.publish("b")                        # must not reuse the cleared row's number
         assert sub.get(timeout=_RT_DEADLINE) == "b"
+
+
+def test_close_ends_listen_and_async_on_is_plain(tmp_path):
+    database = BeaverDB(tmp_path / "close.db")
+    sub = database.channel("c").subscribe()
+    got = []
+    t = _rt_threading.Thread(target=lambda: got.extend(sub.listen()))
+    t.start()
+    _rt_until(lambda: database._hub._thread is not None)
+    handle = database.dict("d").as_async().on("set", lambda p: None)
+    handle.off()
+    database.close()
+    t.join(_RT_DEADLINE)
+    assert not t.is_alive() and got == []
+
+
+@pytest.mark.skipif(not hasattr(_rt_os, "fork"), reason="needs fork")
+def test_events_after_fork_reach_the_parent(tmp_path):
+    db = BeaverDB(tmp_path / "fork.db")
+    seen = []
+    d = db.dict("forked")
+    d.on("set", seen.append)
+    ctx = _rt_mp.get_context("fork")
+    p = ctx.Process(target=lambda: d.__setitem__("child", 1))
+    p.start()
+    p.join(_RT_DEADLINE)
+    _rt_until(lambda: seen, timeout=_RT_DEADLINE)
+    assert [x["key"] for x in seen] == ["child"]
+    db.close()
