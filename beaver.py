@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BeaverDB", "Model", "QueueItem", "Blob", "Lock",
     "DictManager", "ListManager", "QueueManager", "BlobManager", "AsyncManager",
+    "LeasedItem", "LogManager", "LogEntry", "LiveView", "ChannelManager", "Subscriber",
+    "AsyncChannelManager", "AsyncSubscriber", "AsyncLogManager", "AsyncLock",
     "BeaverError", "ClosedError", "SchemaError", "LockTimeout", "LockLost", "QueueEmpty",
     "Timeout", "DatabaseBusy", "ValidationError", "FeatureUnavailable",
     "Document", "CollectionManager", "rerank",
@@ -26,6 +28,7 @@ __all__ = [
 import array
 import asyncio
 import base64
+import collections
 import contextlib
 import datetime as _dt
 import functools
@@ -38,6 +41,7 @@ import operator
 import os
 import queue as _queue
 import re
+import select
 import sqlite3
 import sys
 import tempfile
@@ -60,10 +64,17 @@ logger = logging.getLogger("beaver")
 SCHEMA_VERSION = 1
 DEFAULT_TIMEOUT = 30.0          # seconds a connection waits for SQLite's write lock
 WATCH_INTERVAL = 0.001          # seconds between two PRAGMA data_version checks
+WATCH_HOT = 0.05                # after a file change, poll every WATCH_INTERVAL this long
+WATCH_IDLE_CHECK = 0.1          # with inotify, the longest sleep between two checks
 WATCH_LINGER = 2.0              # seconds the watcher keeps polling after its last user left
 PURGE_INTERVAL = 1.0            # seconds between two purges of expired dict keys
 PURGE_BATCH = 500               # expired rows deleted per purge
 PAGE_SIZE = 1000                # rows fetched per page when iterating
+LISTENER_TTL = 10.0             # a listener registration lives this long without a heartbeat
+LISTENER_REFRESH = 0.05         # seconds a writer trusts its cache of listened topics
+EVENT_RETENTION = 60.0          # seconds cross-process event rows are kept
+CHANNEL_RETENTION = 3600.0      # default seconds a channel message is kept
+CHANNEL_MAX_MESSAGES = 100_000  # default messages kept per channel
 LOCK_WAITER_GRACE = 3.0         # a waiter that stops heart-beating this long loses its place
 _SHIFT = 1 << 60                # list positions live far below this; see ListManager._shift
 
@@ -210,8 +221,10 @@ class _ModelCodec:
         self.model = model
 
     def encode(self, value) -> str:
-        if not isinstance(value, self.model):
-            if not isinstance(value, dict):
+        if type(value) is not self.model:
+            if isinstance(value, self.model):
+                value = value.model_dump()  # a subclass: keep only what the model reads back
+            elif not isinstance(value, dict):
                 raise TypeError(f"expected a {self.model.__name__} (or a dict of its fields), "
                                 f"got {type(value).__name__}")
             value = self._validate(value)
@@ -389,6 +402,23 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_blobs (
         name TEXT NOT NULL, key TEXT NOT NULL, data BLOB NOT NULL, metadata TEXT,
         PRIMARY KEY (name, key)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_queue_leases (
+        lease INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, priority NUMERIC NOT NULL,
+        timestamp REAL NOT NULL, data TEXT NOT NULL, until REAL NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS beaver_queue_leases_due ON beaver_queue_leases (name, until)""",
+    """CREATE TABLE IF NOT EXISTS beaver_logs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, timestamp REAL NOT NULL,
+        data TEXT NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS beaver_logs_time ON beaver_logs (name, timestamp)""",
+    """CREATE TABLE IF NOT EXISTS beaver_channels (
+        seq INTEGER PRIMARY KEY, name TEXT NOT NULL, timestamp REAL NOT NULL,
+        data TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS beaver_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, name TEXT NOT NULL,
+        origin TEXT NOT NULL, timestamp REAL NOT NULL, payload TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS beaver_listeners (
+        owner TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, expires_at REAL NOT NULL,
+        PRIMARY KEY (owner, kind, name)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS beaver_locks (
         ticket INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, owner TEXT NOT NULL,
         expires_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0)""",
@@ -679,6 +709,58 @@ class _Core:
 # Change notification
 # ==========================================================================================
 
+class _FileNotify:
+    """Linux inotify on the database files, so an idle watcher sleeps instead of polling.
+
+    A commit by any process appends to the ``-wal`` file; the event wakes the watcher, which
+    then checks ``PRAGMA data_version`` (the truth) and polls every millisecond for a short
+    while. Elsewhere ``open`` returns None and the watcher polls every millisecond.
+    """
+
+    def __init__(self, fd):
+        self.fd = fd
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
+
+    @classmethod
+    def open(cls, paths):
+        if not sys.platform.startswith("linux") or os.environ.get("BEAVER_WATCH") == "poll":
+            return None
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd < 0:
+                return None
+            if any(libc.inotify_add_watch(fd, os.fsencode(p), 0x2) < 0 for p in paths):
+                os.close(fd)       # 0x2 = IN_MODIFY; a missing -wal file means: poll instead
+                return None
+        except (OSError, AttributeError, ImportError):
+            return None
+        return cls(fd)
+
+    def wait(self, timeout):
+        """Block until a watched file changes or ``timeout`` seconds pass."""
+        self._poller.poll(int(timeout * 1000))
+
+    def drain(self) -> bool:
+        """Consume pending events; True if there were any."""
+        got = False
+        while True:
+            try:
+                if not os.read(self.fd, 4096):
+                    return got
+                got = True
+            except BlockingIOError:
+                return got
+            except OSError:
+                return True
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 class _Watcher:
     """Wakes waiting threads when the database changes, whichever process wrote.
 
@@ -748,17 +830,32 @@ class _Watcher:
         try:
             conn = sqlite3.connect(self._core.path, timeout=self._core.timeout,
                                    isolation_level=None, check_same_thread=False)
+            cursor = conn.cursor()
+            version = lambda: cursor.execute("PRAGMA data_version").fetchone()[0]
+            last = version()
         except sqlite3.Error:
             logger.exception("beaver watcher could not open %s", self._core.path)
             return
-        idle_since = None
+        notify = _FileNotify.open([self._core.path + "-wal", self._core.path])
+        idle_since, hot_until = None, 0.0
         try:
-            last = conn.execute("PRAGMA data_version").fetchone()[0]
             while not self._stopping:
-                time.sleep(WATCH_INTERVAL)
-                version = conn.execute("PRAGMA data_version").fetchone()[0]
-                if version != last:
-                    last = version
+                if notify is None:
+                    time.sleep(WATCH_INTERVAL)
+                else:
+                    hot = time.monotonic() < hot_until
+                    notify.wait(WATCH_INTERVAL if hot else WATCH_IDLE_CHECK)
+                fresh = notify is not None and notify.drain()
+                if fresh:
+                    hot_until = time.monotonic() + WATCH_HOT
+                current = version()
+                for _ in range(3 if fresh and current == last else 0):
+                    time.sleep(WATCH_INTERVAL / 10)   # the WAL write precedes the commit mark
+                    current = version()
+                    if current != last:
+                        break
+                if current != last:
+                    last = current
                     self.wake()
                 if self.users:
                     idle_since = None
@@ -773,6 +870,8 @@ class _Watcher:
             if not self._stopping:
                 logger.exception("beaver watcher stopped")
         finally:
+            if notify is not None:
+                notify.close()
             conn.close()
 
     def stop(self):
@@ -787,6 +886,18 @@ class _Watcher:
 # ==========================================================================================
 # Events
 # ==========================================================================================
+
+_live_realtime: "weakref.WeakSet" = weakref.WeakSet()      # _Events and _Hub objects
+
+
+def _reset_realtime_after_fork():
+    for owner in list(_live_realtime):
+        owner._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_realtime_after_fork)
+
 
 class _EventHandle:
     """Returned by ``manager.on(...)``; call ``off()`` to stop listening."""
@@ -807,16 +918,65 @@ class _EventHandle:
 
 
 class _Events:
-    """Callbacks per (kind, name), run after commit on one dispatcher thread, in order."""
+    """Callbacks per (kind, name), in every process, run after commit on one dispatcher thread.
 
-    def __init__(self):
+    A write whose topic is listened to in this ``BeaverDB`` is queued in memory after commit.
+    A write whose topic is listened to by another ``BeaverDB`` (any process) is also stored in
+    ``beaver_events``, inside the writer's transaction. Listeners register in
+    ``beaver_listeners`` with a heartbeat, so a crashed process stops costing writers anything
+    after LISTENER_TTL. Writers know the listened topics from a cache refreshed every
+    LISTENER_REFRESH seconds, and ``on()`` for a new topic returns that much after registering,
+    so every write that starts after ``on()`` returns is delivered, whichever process made it.
+    The dispatcher reads other processes' rows and local events, in order, and isolates each
+    callback's errors (logged on the ``beaver`` logger).
+    """
+
+    def __init__(self, core):
+        _live_realtime.add(self)
+        self._core = core
+        self.origin = uuid.uuid4().hex
         self._handles: dict = {}
+        self._since: dict = {}            # topic -> last event seq when it was first listened to
         self._lock = threading.Lock()
-        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._inbox: collections.deque = collections.deque()
         self._thread = None
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._remote = frozenset()
+        self._remote_due = 0.0
+        self._last_seq = 0
+        self._beat_due = 0.0
+
+    # -- writer side ---------------------------------------------------------------------
 
     def listening(self, topic) -> bool:
+        """True if a callback of this ``BeaverDB`` listens to ``topic``."""
         return topic in self._handles
+
+    def remote(self, topic) -> bool:
+        """True if another ``BeaverDB`` (any process) listens to ``topic`` (cached)."""
+        now = time.monotonic()
+        if now >= self._remote_due:
+            self._remote_due = now + LISTENER_REFRESH
+            rows = self._core.execute(
+                "SELECT DISTINCT kind, name FROM beaver_listeners WHERE owner != ? "
+                "AND expires_at > ?", (self.origin, _now())).fetchall()
+            self._remote = frozenset(map(tuple, rows))
+        return topic in self._remote
+
+    def record(self, topic, payload):
+        """Store ``payload`` for other processes (inside the caller's transaction)."""
+        self._core.execute(
+            "INSERT INTO beaver_events (kind, name, origin, timestamp, payload) "
+            "VALUES (?, ?, ?, ?, ?)", (topic[0], topic[1], self.origin, _now(),
+                                       _json_dumps(payload)))
+
+    def emit(self, topic, payload):
+        """Queue a local event (called after commit)."""
+        self._inbox.append((topic, payload))
+        self._core.watcher.wake()
+
+    # -- listener side --------------------------------------------------------------------
 
     def add(self, topic, event, callback) -> _EventHandle:
         if not callable(callback):
@@ -825,42 +985,120 @@ class _Events:
             raise TypeError("event must be a non-empty str such as 'set' or '*'")
         handle = _EventHandle(self, topic, event, callback)
         with self._lock:
+            new_topic = topic not in self._handles
+            if new_topic:
+                self._register(topic)
             self._handles[topic] = self._handles.get(topic, ()) + (handle,)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._dispatch, name="beaver-events",
                                                 daemon=True)
                 self._thread.start()
+        self._wakeup.set()
+        if new_topic:       # by now every writer's cache of listened topics includes it
+            time.sleep(LISTENER_REFRESH)
         return handle
+
+    def _register(self, topic):
+        with self._core.transaction():
+            self._core.execute(
+                "INSERT OR REPLACE INTO beaver_listeners (owner, kind, name, expires_at) "
+                "VALUES (?, ?, ?, ?)", (self.origin, topic[0], topic[1], _now() + LISTENER_TTL))
+            since = self._core.execute("SELECT coalesce(max(seq), 0) FROM beaver_events"
+                                       ).fetchone()[0]
+        self._since[topic] = since
+        if not self._handles:
+            self._last_seq = since
 
     def remove(self, handle):
         with self._lock:
             rest = tuple(h for h in self._handles.get(handle.topic, ()) if h is not handle)
             if rest:
                 self._handles[handle.topic] = rest
-            else:
-                self._handles.pop(handle.topic, None)
-
-    def emit(self, topic, payload):
-        handles = self._handles.get(topic)
-        if handles:
-            self._inbox.put((handles, payload))
+                return
+            self._handles.pop(handle.topic, None)
+            self._since.pop(handle.topic, None)
+        if not self._core.closed:
+            self._core.execute("DELETE FROM beaver_listeners WHERE owner = ? AND kind = ? "
+                               "AND name = ?", (self.origin, *handle.topic))
 
     def _dispatch(self):
-        while True:
-            item = self._inbox.get()
-            if item is None:
-                return
-            handles, payload = item
-            for handle in handles:
-                if handle.active and handle.event in ("*", payload["event"]):
-                    try:
-                        handle.callback(payload)
-                    except Exception:
-                        logger.exception("beaver event callback %r failed", handle.callback)
+        watcher = self._core.watcher
+        while not self._stopping:
+            try:
+                if not self._handles and not self._inbox:
+                    self._wakeup.wait(LISTENER_TTL / 3)
+                    self._wakeup.clear()
+                    continue
+                batch = watcher.wait_for(self._collect, None, cap=self._beat_wait)
+            except BeaverError:
+                if self._stopping or self._core.closed:
+                    return
+                logger.exception("beaver event dispatcher failed; retrying")
+                time.sleep(0.1)
+                continue
+            for topic, payload in batch:
+                self._deliver(topic, payload)
+
+    def _collect(self):
+        """The probe of the dispatcher: local events, then new rows of other processes."""
+        if time.monotonic() >= self._beat_due:
+            self._heartbeat()
+        batch = []
+        while self._inbox:
+            batch.append(self._inbox.popleft())
+        if self._handles:
+            batch.extend(self._fetch())
+        if batch or (not self._handles and not self._inbox):
+            return batch
+        return None
+
+    def _fetch(self):
+        rows = self._core.execute(
+            "SELECT seq, kind, name, payload FROM beaver_events WHERE seq > ? AND origin != ? "
+            "ORDER BY seq LIMIT ?", (self._last_seq, self.origin, PAGE_SIZE)).fetchall()
+        if rows:
+            self._last_seq = rows[-1][0]
+        since = self._since
+        return [((kind, name), json.loads(text)) for seq, kind, name, text in rows
+                if seq > since.get((kind, name), seq)]
+
+    def _deliver(self, topic, payload):
+        for handle in self._handles.get(topic, ()):
+            if handle.active and handle.event in ("*", payload.get("event")):
+                try:
+                    handle.callback(payload)
+                except Exception:
+                    logger.exception("beaver event callback %r failed", handle.callback)
+
+    def _beat_wait(self):
+        return max(0.0, self._beat_due - time.monotonic())
+
+    def _heartbeat(self):
+        """Keep our registrations alive; drop dead processes' ones and old event rows."""
+        self._beat_due = time.monotonic() + LISTENER_TTL / 3
+        now = _now()
+        topics = list(self._handles)
+        with self._core.transaction():
+            self._core.execute("DELETE FROM beaver_listeners WHERE expires_at <= ?", (now,))
+            self._core.executemany(
+                "INSERT OR REPLACE INTO beaver_listeners (owner, kind, name, expires_at) "
+                "VALUES (?, ?, ?, ?)", [(self.origin, k, n, now + LISTENER_TTL) for k, n in topics])
+            first = self._core.execute(
+                "SELECT seq FROM beaver_events WHERE timestamp >= ? ORDER BY seq LIMIT 1",
+                (now - EVENT_RETENTION,)).fetchone()
+            self._core.execute("DELETE FROM beaver_events WHERE seq < ?",
+                               (first[0] if first else 1 << 62,))
+
+    def _after_fork(self):
+        """A forked child starts with no listeners and an identity of its own."""
+        self.__init__(self._core)
 
     def stop(self):
-        if self._thread is not None:
-            self._inbox.put(None)
+        self._stopping = True
+        self._wakeup.set()
+        if self._handles and not self._core.closed:
+            with contextlib.suppress(BeaverError):
+                self._core.execute("DELETE FROM beaver_listeners WHERE owner = ?", (self.origin,))
 
 
 # ==========================================================================================
@@ -918,13 +1156,27 @@ class _Manager:
     # -- writes and events -------------------------------------------------------------
 
     def _wrote(self, event, **fields):
-        """After a write: wake waiters and, if anybody listens, emit ``event``."""
-        core = self._core
+        """After a write: wake waiters and, if anybody listens anywhere, emit ``event``.
+
+        Other processes' listeners get the event from ``beaver_events``, written here, inside
+        the caller's transaction (see ``_atomic``); this process's ones get it after commit.
+        """
+        core, events = self._core, self._db._events
         if core.watcher.users:
             core.after_commit(core.watcher.wake)
-        if self._db._events.listening(self._topic):
+        local, remote = events.listening(self._topic), events.remote(self._topic)
+        if local or remote:
             payload = {"event": event, "kind": self._kind, "name": self._name, **fields}
-            core.after_commit(lambda: self._db._events.emit(self._topic, payload))
+            if remote:
+                events.record(self._topic, payload)
+            if local:
+                core.after_commit(lambda: events.emit(self._topic, payload))
+
+    def _atomic(self):
+        """A transaction around a single-statement write if its event must be stored with it."""
+        if self._db._events.remote(self._topic):
+            return self._core.transaction()
+        return contextlib.nullcontext()
 
     def on(self, event, callback) -> _EventHandle:
         """Call ``callback(payload)`` after every ``event`` ('set', 'del', ... or '*').
@@ -1090,22 +1342,24 @@ class DictManager(_Manager, MutableMapping):
         key, ttl = _check_key(key), _check_ttl(ttl_seconds)
         text = self._codec.encode(value)
         expires_at = None if ttl is None else _now() + ttl
-        self._core.execute(
-            "INSERT INTO beaver_dicts (name, key, value, expires_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (name, key) DO UPDATE SET value = excluded.value, "
-            "expires_at = excluded.expires_at",
-            (self._name, key, text, expires_at))
-        self._wrote("set", key=key, value=_to_jsonable(value))
+        with self._atomic():
+            self._core.execute(
+                "INSERT INTO beaver_dicts (name, key, value, expires_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name, key) DO UPDATE SET value = excluded.value, "
+                "expires_at = excluded.expires_at",
+                (self._name, key, text, expires_at))
+            self._wrote("set", key=key, value=_to_jsonable(value))
         if self._core.purge_due():
             self._purge_expired()
 
     def __delitem__(self, key):
-        cursor = self._core.execute(
-            f"DELETE FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, _check_key(key), _now()))
-        if cursor.rowcount == 0:
-            raise KeyError(key)
-        self._wrote("del", key=key)
+        with self._atomic():
+            cursor = self._core.execute(
+                f"DELETE FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
+                (self._name, _check_key(key), _now()))
+            if cursor.rowcount == 0:
+                raise KeyError(key)
+            self._wrote("del", key=key)
 
     def __contains__(self, key):
         if not isinstance(key, str):
@@ -1138,15 +1392,15 @@ class DictManager(_Manager, MutableMapping):
 
     def _live_rows(self):
         now = _now()
-        sql = (f"SELECT key, value FROM beaver_dicts WHERE name = ? AND key > ? AND {_LIVE} "
-               "ORDER BY key LIMIT ?")
-        cursor = ""
+        sql = ("SELECT key, value FROM beaver_dicts WHERE name = ? AND key %s ? AND "
+               f"{_LIVE} ORDER BY key LIMIT ?")
+        op, cursor = ">=", ""  # the first page includes the key '', which sorts first
         while True:
-            rows = self._core.execute(sql, (self._name, cursor, now, PAGE_SIZE)).fetchall()
+            rows = self._core.execute(sql % op, (self._name, cursor, now, PAGE_SIZE)).fetchall()
             yield from rows
             if len(rows) < PAGE_SIZE:
                 return
-            cursor = rows[-1][0]
+            op, cursor = ">", rows[-1][0]
 
     def pop(self, key, default=_MISSING):
         """Remove ``key`` and return its value (or ``default``; else ``KeyError``)."""
@@ -1158,6 +1412,16 @@ class DictManager(_Manager, MutableMapping):
                 return default
             del self[key]
             return value
+
+    def popitem(self):
+        """Remove and return the pair with the smallest key; ``KeyError`` if empty."""
+        with self._core.transaction():
+            for key, text in self._live_rows():
+                self._core.execute("DELETE FROM beaver_dicts WHERE name = ? AND key = ?",
+                                   (self._name, key))
+                self._wrote("del", key=key)
+                return key, self._codec.decode(text)
+        raise KeyError("popitem(): dictionary is empty")
 
     def setdefault(self, key, default=None):
         """Return the value of ``key``, storing ``default`` first if it is missing."""
@@ -1322,20 +1586,22 @@ class ListManager(_Manager, MutableSequence):
     def push(self, value):
         """Append ``value`` at the end (``append`` is the same)."""
         text = self._codec.encode(value)
-        self._core.execute(
-            f"INSERT INTO beaver_lists (name, pos, value) "
-            f"VALUES (?, coalesce({self._MAX} + 1, 0), ?)", (self._name, self._name, text))
-        self._wrote("push", value=_to_jsonable(value))
+        with self._atomic():
+            self._core.execute(
+                f"INSERT INTO beaver_lists (name, pos, value) "
+                f"VALUES (?, coalesce({self._MAX} + 1, 0), ?)", (self._name, self._name, text))
+            self._wrote("push", value=_to_jsonable(value))
 
     append = push
 
     def prepend(self, value):
         """Insert ``value`` at the front."""
         text = self._codec.encode(value)
-        self._core.execute(
-            f"INSERT INTO beaver_lists (name, pos, value) "
-            f"VALUES (?, coalesce({self._MIN} - 1, 0), ?)", (self._name, self._name, text))
-        self._wrote("prepend", value=_to_jsonable(value))
+        with self._atomic():
+            self._core.execute(
+                f"INSERT INTO beaver_lists (name, pos, value) "
+                f"VALUES (?, coalesce({self._MIN} - 1, 0), ?)", (self._name, self._name, text))
+            self._wrote("prepend", value=_to_jsonable(value))
 
     def extend(self, values):
         """Append every item of ``values`` in one transaction."""
@@ -1431,6 +1697,11 @@ class ListManager(_Manager, MutableSequence):
 
     popleft = deque
 
+    def remove(self, value):
+        """Remove the first item equal to ``value`` (``ValueError`` if there is none)."""
+        with self._core.transaction():
+            del self[self.index(value)]
+
     def reverse(self):
         """Reverse the list in place, in one transaction."""
         with self._core.transaction():
@@ -1496,6 +1767,11 @@ class QueueItem(typing.NamedTuple):
     data: typing.Any
 
 
+class LeasedItem(QueueItem):
+    """A ``QueueItem`` from ``get(lease=...)``; pass it to ``ack()`` when done."""
+    lease_id = None
+
+
 class QueueManager(_Manager):
     """A persistent priority queue; every item is handed to exactly one ``get``.
 
@@ -1513,40 +1789,118 @@ class QueueManager(_Manager):
         """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
         if isinstance(priority, bool) or not isinstance(priority, (int, float)):
             raise TypeError(f"priority must be a number, not {priority!r}")
+        if priority != priority:
+            raise ValueError("priority must not be NaN")
         text = self._codec.encode(data)
-        self._core.execute(
-            "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)",
-            (self._name, priority, _now(), text))
-        self._wrote("put", priority=priority, data=_to_jsonable(data))
+        with self._atomic():
+            self._core.execute(
+                "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)",
+                (self._name, priority, _now(), text))
+            self._wrote("put", priority=priority, data=_to_jsonable(data))
 
-    def get(self, block=True, timeout=None) -> QueueItem:
+    def get(self, block=True, timeout=None, lease=None) -> QueueItem:
         """Remove and return the first item.
 
         With ``block=False`` an empty queue raises ``QueueEmpty`` (an ``IndexError``);
         otherwise it waits, up to ``timeout`` seconds if given, then raises ``TimeoutError``.
+
+        ``lease=seconds`` delivers at least once instead of exactly once: the item is hidden,
+        not deleted, and comes back to the queue (at the end of its priority) unless
+        ``ack(item)`` is called within ``lease`` seconds:
+
+            >>> item = jobs.get(lease=30)
+            >>> process(item.data)
+            >>> jobs.ack(item)
         """
         timeout = _seconds(timeout, "timeout")
+        lease = _seconds(lease, "lease")
+        if lease is not None and lease <= 0:
+            raise ValueError("lease must be positive")
+        take = functools.partial(self._take, lease)
         if not block:
-            item = self._take()
+            item = take()
             if item is None:
                 raise QueueEmpty(f"queue {self._name!r} is empty")
             return item
-        item = self._core.watcher.wait_for(self._take, timeout)
+        item = self._core.watcher.wait_for(take, timeout, cap=self._lease_due)
         if item is None:
             raise Timeout(f"no item arrived in queue {self._name!r} within {timeout}s")
         return item
 
-    def _take(self):
+    def _take(self, lease=None):
         with self._core.transaction():
+            now = _now()
+            self._reclaim(now)
             row = self._core.execute(
                 "SELECT seq, priority, timestamp, data FROM beaver_queues WHERE name = ? "
                 "ORDER BY priority, seq LIMIT 1", (self._name,)).fetchone()
             if row is None:
                 return None
             self._core.execute("DELETE FROM beaver_queues WHERE seq = ?", (row[0],))
-            item = QueueItem(row[1], row[2], self._codec.decode(row[3]))
-            self._wrote("get", priority=item.priority, data=json.loads(row[3]))
+            if lease is None:
+                item = QueueItem(row[1], row[2], self._codec.decode(row[3]))
+            else:
+                cursor = self._core.execute(
+                    "INSERT INTO beaver_queue_leases (name, priority, timestamp, data, until) "
+                    "VALUES (?, ?, ?, ?, ?)", (self._name, row[1], row[2], row[3], now + lease))
+                item = LeasedItem(row[1], row[2], self._codec.decode(row[3]))
+                item.lease_id = cursor.lastrowid
+            self._wrote("get", priority=item.priority, data=json.loads(row[3]), lease=lease)
         return item
+
+    def clear(self):
+        """Remove every item, leased ones included."""
+        with self._core.transaction():
+            self._core.execute("DELETE FROM beaver_queue_leases WHERE name = ?", (self._name,))
+            super().clear()
+
+    def _reclaim(self, now):
+        """Put items whose lease ran out back into the queue (inside a transaction)."""
+        if self._core.execute("SELECT 1 FROM beaver_queue_leases WHERE name = ? AND until <= ?",
+                              (self._name, now)).fetchone() is None:
+            return
+        self._core.execute(
+            "INSERT INTO beaver_queues (name, priority, timestamp, data) SELECT name, priority, "
+            "timestamp, data FROM beaver_queue_leases WHERE name = ? AND until <= ? "
+            "ORDER BY lease", (self._name, now))
+        self._core.execute("DELETE FROM beaver_queue_leases WHERE name = ? AND until <= ?",
+                           (self._name, now))
+
+    def _lease_due(self):
+        """Seconds until the next lease of this queue runs out (bounds a blocked ``get``)."""
+        row = self._core.execute("SELECT min(until) FROM beaver_queue_leases WHERE name = ?",
+                                 (self._name,)).fetchone()
+        return None if row[0] is None else max(0.0, row[0] - _now()) + 0.0005
+
+    def ack(self, item) -> bool:
+        """Finish an item taken with ``get(lease=...)``: it will not come back.
+
+        Returns False if its lease had already run out and the item went back to the queue
+        (so another worker may process it too).
+        """
+        lease_id = getattr(item, "lease_id", None)
+        if lease_id is None:
+            raise TypeError("ack() takes an item returned by get(lease=...)")
+        with self._atomic():
+            cursor = self._core.execute(
+                "DELETE FROM beaver_queue_leases WHERE lease = ? AND name = ?",
+                (lease_id, self._name))
+            if cursor.rowcount:
+                self._wrote("ack", priority=item.priority, data=_to_jsonable(item.data))
+        return cursor.rowcount == 1
+
+    def nack(self, item) -> bool:
+        """Give a leased item back to the queue now; False if its lease had already run out."""
+        lease_id = getattr(item, "lease_id", None)
+        if lease_id is None:
+            raise TypeError("nack() takes an item returned by get(lease=...)")
+        with self._core.transaction():
+            cursor = self._core.execute(
+                "UPDATE beaver_queue_leases SET until = 0 WHERE lease = ? AND name = ?",
+                (lease_id, self._name))
+            self._reclaim(_now())
+            self._wrote("nack", priority=item.priority, data=_to_jsonable(item.data))
+        return cursor.rowcount == 1
 
     def peek(self):
         """The item ``get`` would return next, without removing it; ``None`` if empty."""
@@ -1611,11 +1965,12 @@ class BlobManager(_Manager):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"blob data must be bytes-like, not {type(data).__name__}")
         meta = None if metadata is None else self._codec.encode(metadata)
-        self._core.execute(
-            "INSERT INTO beaver_blobs (name, key, data, metadata) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (name, key) DO UPDATE SET data = excluded.data, "
-            "metadata = excluded.metadata", (self._name, key, bytes(data), meta))
-        self._wrote("put", key=key, size=len(data), metadata=_to_jsonable(metadata))
+        with self._atomic():
+            self._core.execute(
+                "INSERT INTO beaver_blobs (name, key, data, metadata) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name, key) DO UPDATE SET data = excluded.data, "
+                "metadata = excluded.metadata", (self._name, key, bytes(data), meta))
+            self._wrote("put", key=key, size=len(data), metadata=_to_jsonable(metadata))
 
     def get(self, key):
         """The ``Blob`` stored under ``key``, or ``None``."""
@@ -1637,11 +1992,12 @@ class BlobManager(_Manager):
 
     def delete(self, key):
         """Remove the blob under ``key``; ``KeyError`` if there is none."""
-        cursor = self._core.execute("DELETE FROM beaver_blobs WHERE name = ? AND key = ?",
-                                    (self._name, _check_key(key)))
-        if cursor.rowcount == 0:
-            raise KeyError(key)
-        self._wrote("delete", key=key)
+        with self._atomic():
+            cursor = self._core.execute("DELETE FROM beaver_blobs WHERE name = ? AND key = ?",
+                                        (self._name, _check_key(key)))
+            if cursor.rowcount == 0:
+                raise KeyError(key)
+            self._wrote("delete", key=key)
 
     __delitem__ = delete
 
@@ -1658,9 +2014,14 @@ class BlobManager(_Manager):
         return True
 
     def __iter__(self):
-        sql = "SELECT key FROM beaver_blobs WHERE name = ? AND key > ? ORDER BY key LIMIT ?"
-        for (key,) in self._paged(sql, ""):
-            yield key
+        sql = "SELECT key FROM beaver_blobs WHERE name = ? AND key %s ? ORDER BY key LIMIT ?"
+        op, cursor = ">=", ""  # the first page includes the key '', which sorts first
+        while True:
+            rows = self._core.execute(sql % op, (self._name, cursor, PAGE_SIZE)).fetchall()
+            yield from (key for (key,) in rows)
+            if len(rows) < PAGE_SIZE:
+                return
+            op, cursor = ">", rows[-1][0]
 
     def keys(self) -> list:
         """A snapshot list of the keys, in key order."""
@@ -1676,6 +2037,487 @@ class BlobManager(_Manager):
     def _load_items(self, items):
         for item in items:
             self.put(item["key"], base64.b64decode(item["data"]), item.get("metadata"))
+
+
+# ==========================================================================================
+# Log
+# ==========================================================================================
+
+class LogEntry(typing.NamedTuple):
+    """One log record: when it happened (an aware UTC ``datetime``) and its data."""
+    timestamp: _dt.datetime
+    data: typing.Any
+
+
+def _epoch(value, what="timestamp") -> float:
+    """Seconds since the epoch from a ``datetime`` (naive = local time) or a number."""
+    if isinstance(value, _dt.datetime):
+        return value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a datetime or epoch seconds, not {value!r}")
+    return float(value)
+
+
+def _utc(seconds) -> _dt.datetime:
+    return _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
+
+
+class LogManager(_Manager):
+    """A time-indexed log of structured entries, with range queries and live aggregates.
+
+        >>> metrics = db.log("system_metrics")
+        >>> metrics.log({"cpu": 0.4})
+        >>> metrics.log({"cpu": 0.9}, timestamp=datetime.now(timezone.utc))
+        >>> [entry.data["cpu"] for entry in metrics.range(start=time.time() - 60)]
+        [0.4, 0.9]
+
+    Timestamps are ``datetime`` objects or epoch seconds; a naive ``datetime`` is taken as
+    local time (as ``datetime.timestamp()`` does). Entries come back as ``LogEntry`` with an
+    aware UTC timestamp, in time order (equal timestamps keep insertion order).
+    ``retention`` (seconds or a ``timedelta``) drops older entries as new ones are logged.
+    """
+
+    _kind = "log"
+    _table = "beaver_logs"
+
+    def __init__(self, db, name, model=None, retention=None):
+        super().__init__(db, name, model)
+        self.retention = _seconds(retention, "retention")
+        self._next_prune = 0.0
+
+    def log(self, data, timestamp=None):
+        """Append ``data`` at ``timestamp`` (default: now)."""
+        when = _now() if timestamp is None else _epoch(timestamp)
+        text = self._codec.encode(data)
+        with self._atomic():
+            self._core.execute("INSERT INTO beaver_logs (name, timestamp, data) VALUES (?, ?, ?)",
+                               (self._name, when, text))
+            self._wrote("log", timestamp=when, data=_to_jsonable(data))
+        if self.retention is not None and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PURGE_INTERVAL
+            self._core.execute("DELETE FROM beaver_logs WHERE name = ? AND timestamp < ?",
+                               (self._name, _now() - self.retention))
+
+    def range(self, start=None, end=None) -> list:
+        """Entries with ``start <= timestamp <= end`` (either bound may be None), oldest first.
+
+            >>> for when, data in logs.range(start=datetime(2025, 1, 1, tzinfo=timezone.utc)):
+            ...     print(when, data)
+        """
+        low = float("-inf") if start is None else _epoch(start, "start")
+        high = float("inf") if end is None else _epoch(end, "end")
+        rows = self._core.execute(
+            "SELECT timestamp, data FROM beaver_logs WHERE name = ? AND timestamp BETWEEN ? AND ? "
+            "ORDER BY timestamp, seq", (self._name, low, high)).fetchall()
+        decode = self._codec.decode
+        return [LogEntry(_utc(t), decode(d)) for t, d in rows]
+
+    def __iter__(self):
+        decode = self._codec.decode
+        sql = ("SELECT timestamp, seq, data FROM beaver_logs WHERE name = ? AND (timestamp, seq) "
+               "> (?, ?) ORDER BY timestamp, seq LIMIT ?")
+        low, seq = float("-inf"), 0
+        while True:
+            rows = self._core.execute(sql, (self._name, low, seq, PAGE_SIZE)).fetchall()
+            for t, _, d in rows:
+                yield LogEntry(_utc(t), decode(d))
+            if len(rows) < PAGE_SIZE:
+                return
+            low, seq = rows[-1][0], rows[-1][1]
+
+    def __len__(self):
+        return self._core.execute("SELECT count(*) FROM beaver_logs WHERE name = ?",
+                                  (self._name,)).fetchone()[0]
+
+    def __bool__(self):
+        return True
+
+    def live(self, window, period, aggregator=list) -> "LiveView":
+        """An iterator of ``aggregator(entries in the last window)``, now and every ``period``.
+
+            >>> view = logs.live(window=timedelta(seconds=5), period=timedelta(seconds=1),
+            ...                  aggregator=lambda rows: len(rows))
+            >>> with view:
+            ...     for count in view:
+            ...         print(count)
+
+        Each period reads only the rows logged since the last one (in any process). Close it
+        with ``close()`` or a ``with`` block; iteration then stops.
+        """
+        return LiveView(self, window, period, aggregator)
+
+    def _dump_items(self):
+        rows = self._core.execute("SELECT timestamp, data FROM beaver_logs WHERE name = ? "
+                                  "ORDER BY timestamp, seq", (self._name,)).fetchall()
+        return [{"timestamp": t, "data": json.loads(d)} for t, d in rows]
+
+    def _load_items(self, items):
+        self._core.executemany(
+            "INSERT INTO beaver_logs (name, timestamp, data) VALUES (?, ?, ?)",
+            [(self._name, _epoch(i.get("timestamp", _now())), self._codec.encode(i["data"]))
+             for i in items])
+        self._wrote("load", count=len(items))
+
+    def as_async(self) -> "AsyncLogManager":
+        """An awaitable twin; ``async for summary in alog.live(...)`` works."""
+        return AsyncLogManager(self)
+
+
+class LiveView:
+    """The iterator returned by ``LogManager.live``: a rolling window, updated incrementally."""
+
+    def __init__(self, log, window, period, aggregator):
+        self._log = log
+        self.window = _seconds(window, "window")
+        self.period = _seconds(period, "period")
+        if not self.period:
+            raise ValueError("period must be positive")
+        if not callable(aggregator):
+            raise TypeError("aggregator must be callable")
+        self._aggregator = aggregator
+        self._entries: collections.deque = collections.deque()   # (timestamp, seq, data)
+        self._last_seq = None
+        self._due = None
+        self._closed = threading.Event()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._closed.is_set():
+            raise StopIteration
+        if self._due is not None:
+            wait = self._due - time.monotonic()
+            if wait > 0 and self._closed.wait(wait):
+                raise StopIteration
+        return self._tick()
+
+    def _wait_time(self) -> float:
+        return 0.0 if self._due is None else max(0.0, self._due - time.monotonic())
+
+    def _tick(self):
+        """Read the new rows, drop the old ones, and aggregate the window."""
+        now = time.monotonic()
+        self._due = now + self.period if self._due is None else max(self._due + self.period, now)
+        if self._last_seq is None:
+            self._load()
+        else:
+            self._read_new()
+        cutoff = _now() - self.window
+        entries = self._entries
+        while entries and entries[0][0] < cutoff:
+            entries.popleft()
+        return self._aggregator([data for _, _, data in entries])
+
+    def _load(self):
+        core, log = self._log._core, self._log
+        self._last_seq = core.execute("SELECT coalesce(max(seq), 0) FROM beaver_logs"
+                                      ).fetchone()[0]
+        rows = core.execute(
+            "SELECT timestamp, seq, data FROM beaver_logs WHERE name = ? AND timestamp >= ? "
+            "AND seq <= ? ORDER BY timestamp, seq",
+            (log.name, _now() - self.window, self._last_seq)).fetchall()
+        decode = log._codec.decode
+        self._entries.extend((t, s, decode(d)) for t, s, d in rows)
+
+    def _read_new(self):
+        log = self._log
+        rows = log._core.execute(
+            "SELECT timestamp, seq, data FROM beaver_logs WHERE seq > ? AND +name = ? "
+            "ORDER BY seq", (self._last_seq, log.name)).fetchall()
+        if not rows:
+            return
+        self._last_seq = rows[-1][1]
+        decode, entries = log._codec.decode, self._entries
+        for t, s, d in rows:
+            entry = (t, s, decode(d))
+            if not entries or entries[-1][:2] <= entry[:2]:
+                entries.append(entry)
+            else:                   # logged with an older timestamp: keep the window sorted
+                ordered = sorted([*entries, entry], key=lambda e: e[:2])
+                self._entries = entries = collections.deque(ordered)
+
+    def close(self):
+        """Stop the view; a blocked iteration ends at once."""
+        self._closed.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<LiveView {self._log.name!r} window={self.window}s period={self.period}s>"
+
+
+# ==========================================================================================
+# Channel
+# ==========================================================================================
+
+class ChannelManager(_Manager):
+    """A pub/sub channel: every subscriber gets every message published after it subscribed.
+
+        >>> events = db.channel("system_events")
+        >>> with events.subscribe() as listener:
+        ...     events.publish({"event": "user_login", "user_id": "alice"})
+        ...     for message in listener.listen(timeout=5):
+        ...         print(message)
+        ...         break
+        {'event': 'user_login', 'user_id': 'alice'}
+
+    Messages are rows numbered by a sequence, delivered in order, exactly once, in every
+    thread and process. One poller thread per ``BeaverDB`` fans them out to its subscribers.
+    Messages are kept ``retention`` seconds (default an hour) and at most ``max_messages``
+    per channel (default 100 000), pruned as new ones are published (``None`` turns a limit
+    off). The newest message of a channel is never pruned.
+    """
+
+    _kind = "channel"
+    _table = "beaver_channels"
+
+    def __init__(self, db, name, model=None, retention=CHANNEL_RETENTION,
+                 max_messages=CHANNEL_MAX_MESSAGES):
+        super().__init__(db, name, model)
+        self.retention = _seconds(retention, "retention")
+        if max_messages is not None and (isinstance(max_messages, bool) or
+                                         not isinstance(max_messages, int) or max_messages < 1):
+            raise ValueError(f"max_messages must be a positive int or None, not {max_messages!r}")
+        self.max_messages = max_messages
+        self._next_prune = 0.0
+
+    def publish(self, payload):
+        """Send ``payload`` (any JSON value, or a model instance) to every subscriber."""
+        text = self._codec.encode(payload)
+        with self._atomic():
+            self._core.execute(
+                "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)",
+                (self._name, _now(), text))
+            self._wrote("publish", payload=_to_jsonable(payload))
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PURGE_INTERVAL
+            self.prune()
+
+    def prune(self):
+        """Drop messages beyond the retention limits (done by ``publish`` every second)."""
+        core = self._core
+        if self.retention is not None:
+            keep = core.execute(       # the first fresh message, or else the newest one
+                "SELECT seq FROM beaver_channels WHERE name = ? AND timestamp >= ? ORDER BY seq "
+                "LIMIT 1", (self._name, _now() - self.retention)).fetchone() or core.execute(
+                "SELECT max(seq) FROM beaver_channels WHERE name = ?", (self._name,)).fetchone()
+            if keep[0] is not None:
+                core.execute("DELETE FROM beaver_channels WHERE seq < ? AND name = ?",
+                             (keep[0], self._name))
+        if self.max_messages is not None:
+            core.execute(
+                "DELETE FROM beaver_channels WHERE name = ? AND seq <= (SELECT seq FROM "
+                "beaver_channels WHERE name = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (self._name, self._name, int(self.max_messages)))
+
+    def clear(self):
+        """Remove every retained message (subscribers stay subscribed)."""
+        with self._core.transaction():
+            # The newest row of the table keeps the sequence from going back (seq is not
+            # AUTOINCREMENT, to keep publishing to one page write): it becomes a nameless
+            # marker instead of being deleted.
+            top = self._core.execute("SELECT max(seq) FROM beaver_channels").fetchone()[0]
+            self._core.execute("DELETE FROM beaver_channels WHERE (name = ? OR name = '') "
+                               "AND seq < ?", (self._name, top or 0))
+            self._core.execute("UPDATE beaver_channels SET name = '', data = 'null' "
+                               "WHERE seq = ? AND name = ?", (top, self._name))
+            self._wrote("clear")
+
+    def subscribe(self) -> "Subscriber":
+        """A new subscription, receiving every message published from now on.
+
+            >>> with db.channel("chat").subscribe() as sub:
+            ...     for message in sub.listen():
+            ...         handle(message)
+        """
+        return Subscriber(self)
+
+    def __len__(self):
+        """Messages currently retained."""
+        return self._core.execute("SELECT count(*) FROM beaver_channels WHERE name = ?",
+                                  (self._name,)).fetchone()[0]
+
+    def __bool__(self):
+        return True
+
+    def history(self, limit=None) -> list:
+        """The retained messages, oldest first (the last ``limit`` ones if given)."""
+        rows = self._core.execute(
+            "SELECT data FROM (SELECT seq, data FROM beaver_channels WHERE name = ? "
+            "ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            (self._name, -1 if limit is None else int(limit))).fetchall()
+        return [self._codec.decode(r[0]) for r in rows]
+
+    def _dump_items(self):
+        rows = self._core.execute("SELECT timestamp, data FROM beaver_channels WHERE name = ? "
+                                  "ORDER BY seq", (self._name,)).fetchall()
+        return [{"timestamp": t, "payload": json.loads(d)} for t, d in rows]
+
+    def _load_items(self, items):
+        self._core.executemany(
+            "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)",
+            [(self._name, i.get("timestamp", _now()), self._codec.encode(i["payload"]))
+             for i in items])
+        self._wrote("load", count=len(items))
+
+    def as_async(self) -> "AsyncChannelManager":
+        """An awaitable twin; ``async for message in achannel.subscribe().listen()`` works."""
+        return AsyncChannelManager(self)
+
+
+_CLOSED = object()
+
+
+class Subscriber:
+    """One subscription to a channel; use it in a ``with`` block and iterate ``listen()``."""
+
+    def __init__(self, channel, sink=None):
+        self.channel = channel
+        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._sink = sink or self._inbox.put
+        self.start = 0
+        self.closed = False
+        channel._db._hub.add(self)
+
+    def _deliver(self, text):
+        self._sink(text)
+
+    def get(self, timeout=None):
+        """The next message; ``TimeoutError`` after ``timeout`` seconds without one."""
+        timeout = _seconds(timeout, "timeout")
+        try:
+            text = self._inbox.get(timeout=timeout)
+        except _queue.Empty:
+            raise Timeout(f"no message on channel {self.channel.name!r} within {timeout}s"
+                          ) from None
+        if text is _CLOSED:
+            self._inbox.put(_CLOSED)
+            raise ClosedError("the subscription is closed")
+        return self.channel._codec.decode(text)
+
+    def listen(self, timeout=None):
+        """Yield messages as they arrive, until ``close()``.
+
+        ``timeout`` bounds each wait: if no message arrives for that long, ``TimeoutError``
+        is raised (catch it to stop listening). Without it, the wait is unbounded.
+        """
+        while True:
+            try:
+                yield self.get(timeout)
+            except ClosedError:
+                return
+
+    def __iter__(self):
+        return self.listen()
+
+    def close(self):
+        """Stop receiving; a ``listen()`` in progress ends."""
+        if not self.closed:
+            self.closed = True
+            self.channel._db._hub.remove(self)
+            self._sink(_CLOSED)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<Subscriber {self.channel.name!r}{' closed' if self.closed else ''}>"
+
+
+class _Hub:
+    """The one channel poller of a ``BeaverDB``: reads new rows, fans them out in memory."""
+
+    def __init__(self, db):
+        _live_realtime.add(self)
+        self._core = db._core
+        self._subs: dict = {}        # channel name -> tuple of Subscriber
+        self._last: dict = {}        # channel name -> last seq read
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def add(self, sub):
+        name = sub.channel.name
+        with self._lock:
+            sub.start = self._core.execute("SELECT coalesce(max(seq), 0) FROM beaver_channels"
+                                           ).fetchone()[0]
+            if name not in self._subs:
+                self._last[name] = sub.start
+            self._subs[name] = self._subs.get(name, ()) + (sub,)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="beaver-channels",
+                                                daemon=True)
+                self._thread.start()
+
+    def remove(self, sub):
+        name = sub.channel.name
+        with self._lock:
+            rest = tuple(s for s in self._subs.get(name, ()) if s is not sub)
+            if rest:
+                self._subs[name] = rest
+            else:
+                self._subs.pop(name, None)
+                self._last.pop(name, None)
+        self._core.watcher.wake()
+
+    def stop(self):
+        """Close every subscription (on ``BeaverDB.close``): their ``listen()`` loops end."""
+        with self._lock:
+            subs = [s for group in self._subs.values() for s in group]
+        for sub in subs:
+            sub.close()
+
+    def _after_fork(self):
+        self._subs, self._last = {}, {}
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def _run(self):
+        try:
+            self._core.watcher.wait_for(self._poll)
+        except BeaverError:
+            if not self._core.closed:
+                logger.exception("beaver channel poller stopped")
+            with self._lock:
+                self._thread = None
+
+    def _poll(self):
+        """Deliver new rows of every subscribed channel; True once nobody subscribes."""
+        with self._lock:
+            if not self._subs:
+                self._thread = None
+                return True
+            work = list(self._last.items())
+        for name, last in work:
+            while True:
+                rows = self._core.execute(
+                    "SELECT seq, data FROM beaver_channels WHERE seq > ? AND name = ? "
+                    "ORDER BY seq LIMIT ?", (last, name, PAGE_SIZE)).fetchall()
+                if not rows:
+                    break
+                with self._lock:      # read after the rows: a newer subscriber's start is past them
+                    subs = self._subs.get(name, ())
+                    if name in self._last:
+                        self._last[name] = rows[-1][0]
+                for seq, text in rows:
+                    for sub in subs:
+                        if seq > sub.start:
+                            sub._deliver(text)
+                last = rows[-1][0]
+                if len(rows) < PAGE_SIZE:
+                    break
+        return None
 
 
 # ==========================================================================================
@@ -1739,12 +2581,10 @@ class Lock:
         if not self._guard.acquire(timeout=-1 if left is None else left):
             raise LockTimeout(f"lock {self.name!r} is held by another thread of this object")
         try:
-            ticket = self._enqueue()
-            if block:
+            got = self._enqueue()
+            if got is None and block:
                 got = self._core.watcher.wait_for(self._claim, deadline.remaining(),
                                                   cap=self._next_check)
-            else:
-                got = self._claim()
             if got is None:
                 raise LockTimeout(f"could not acquire lock {self.name!r} within {timeout}s")
         except BaseException:
@@ -1755,39 +2595,65 @@ class Lock:
         return _Held(self, self)
 
     def _enqueue(self):
-        cursor = self._core.execute(
-            "INSERT INTO beaver_locks (name, owner, expires_at) VALUES (?, ?, ?)",
-            (self.name, self._owner, _now() + LOCK_WAITER_GRACE))
-        self._ticket = cursor.lastrowid
+        """Take a ticket and, if nobody is ahead, the lock."""
+        now = _now()
+        cursor = self._core.execute(       # uncontended: one statement takes the lock
+            "INSERT INTO beaver_locks (name, owner, expires_at, held) SELECT ?, ?, ?, 1 "
+            "WHERE NOT EXISTS (SELECT 1 FROM beaver_locks WHERE name = ? AND expires_at > ?)",
+            (self.name, self._owner, now + self.ttl, self.name, now))
+        if cursor.rowcount == 1:
+            self._ticket = cursor.lastrowid
+            return True
+        with self._core.transaction():
+            now = _now()
+            cursor = self._core.execute(
+                "INSERT INTO beaver_locks (name, owner, expires_at) VALUES (?, ?, ?)",
+                (self.name, self._owner, now + LOCK_WAITER_GRACE))
+            self._ticket = cursor.lastrowid
+            got = self._take(now)
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
-        return self._ticket
+        return got
+
+    def _take(self, now):
+        """Inside a transaction: hold the lock if this ticket heads the line of live rows."""
+        head = self._core.execute(
+            "SELECT ticket, expires_at FROM beaver_locks WHERE name = ? AND expires_at > ? "
+            "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
+        if head is None or head[0] != self._ticket:
+            self._head_expires = None if head is None else head[1]
+            return None
+        self._core.execute("DELETE FROM beaver_locks WHERE name = ? AND ticket < ?",
+                           (self.name, self._ticket))
+        self._core.execute("UPDATE beaver_locks SET held = 1, expires_at = ? WHERE ticket = ?",
+                           (now + self.ttl, self._ticket))
+        return True
 
     def _claim(self):
-        """One attempt: take the lock if this ticket is first in line (else heart-beat)."""
+        """One attempt while waiting: a read first, a write only when first in line."""
         now = _now()
         head = self._core.execute(
             "SELECT ticket, expires_at FROM beaver_locks WHERE name = ? AND expires_at > ? "
             "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
         if head is not None and head[0] == self._ticket:
             with self._core.transaction():
-                self._core.execute("DELETE FROM beaver_locks WHERE name = ? AND expires_at <= ?",
-                                   (self.name, now))
-                cursor = self._core.execute(
-                    "UPDATE beaver_locks SET held = 1, expires_at = ? WHERE ticket = ?",
-                    (now + self.ttl, self._ticket))
-            if cursor.rowcount == 1:
-                return True
-        self._head_expires = None if head is None else head[1]
+                if self._take(_now()):
+                    return True
+        else:
+            self._head_expires = None if head is None else head[1]
         if time.monotonic() >= self._beat_due or head is None:
-            self._heartbeat()
+            return self._heartbeat()
         return None
 
     def _heartbeat(self):
-        cursor = self._core.execute("UPDATE beaver_locks SET expires_at = ? WHERE ticket = ?",
-                                    (_now() + LOCK_WAITER_GRACE, self._ticket))
-        if cursor.rowcount == 0:  # our row was reaped while this process stalled
-            self._enqueue()
+        now = _now()
+        cursor = self._core.execute(
+            "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND expires_at > ?",
+            (now + LOCK_WAITER_GRACE, self._ticket, now))
+        if cursor.rowcount == 0:  # this process stalled past the grace time: queue again
+            self._core.execute("DELETE FROM beaver_locks WHERE ticket = ?", (self._ticket,))
+            return self._enqueue()
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
+        return None
 
     def _next_check(self):
         """Sleep no longer than the next heartbeat or the head's expiry."""
@@ -1810,9 +2676,11 @@ class Lock:
         ticket, self._ticket = self._ticket, None
         try:
             still_ours = self._core.execute(
-                "SELECT 1 FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
-                (ticket, _now())).fetchone() is not None
-            self._leave(ticket)
+                "DELETE FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
+                (ticket, _now())).rowcount == 1
+            if not still_ours:
+                self._leave(ticket)
+            self._core.changed()
         finally:
             self._guard.release()
         if not still_ours:
@@ -1833,6 +2701,10 @@ class Lock:
 
     def __exit__(self, *exc):
         self.release()
+
+    def as_async(self) -> "AsyncLock":
+        """An awaitable twin: ``async with db.lock("job").as_async(): ...``."""
+        return AsyncLock(self)
 
     def __repr__(self):
         return f"<Lock {self.name!r} {'held' if self._ticket else 'free'}>"
@@ -2971,7 +3843,8 @@ class BeaverDB:
 
     def __init__(self, path, *, timeout=DEFAULT_TIMEOUT, durability="normal"):
         self._core = _Core(path, timeout=timeout, durability=durability)
-        self._events = _Events()
+        self._events = _Events(self._core)
+        self._hub = _Hub(self)
         self._managers: dict = {}
         self._managers_lock = threading.Lock()
 
@@ -3010,6 +3883,16 @@ class BeaverDB:
         return self._manager(BlobManager, name, model)
 
     blob = blobs
+
+    def log(self, name, model=None, retention=None) -> LogManager:
+        """The time-indexed log called ``name`` (``retention`` in seconds or a timedelta)."""
+        return self._manager(LogManager, name, model, retention=retention)
+
+    def channel(self, name, model=None, retention=CHANNEL_RETENTION,
+                max_messages=CHANNEL_MAX_MESSAGES) -> ChannelManager:
+        """The pub/sub channel called ``name`` (messages kept ``retention`` s, ``max_messages``)."""
+        return self._manager(ChannelManager, name, model, retention=retention,
+                             max_messages=max_messages)
 
     def lock(self, name, timeout=None, ttl=60.0, lock_ttl=None) -> Lock:
         """A new inter-process lock object on ``name`` (``lock_ttl`` is the 1.x spelling)."""
@@ -3054,6 +3937,7 @@ class BeaverDB:
     def close(self):
         """Close every connection of every thread; later calls raise ``ClosedError``."""
         self._events.stop()
+        self._hub.stop()
         for manager in list(self._managers.values()):
             getattr(manager, "_on_close", lambda: None)()
         self._core.close()
@@ -3087,6 +3971,10 @@ class AsyncManager:
     def sync(self):
         """The synchronous manager behind this wrapper."""
         return self._sync
+
+    def on(self, event, callback):
+        """Same as the manager's ``on`` (not awaited): callbacks run on the event thread."""
+        return self._sync.on(event, callback)
 
     def __getattr__(self, attr):
         value = getattr(self._sync, attr)
@@ -3133,15 +4021,160 @@ class AsyncManager:
         return f"<Async {self._sync!r}>"
 
 
+class AsyncChannelManager(AsyncManager):
+    """Awaitable twin of a channel.
+
+        >>> achannel = db.channel("chat").as_async()
+        >>> async with achannel.subscribe() as sub:
+        ...     await achannel.publish({"text": "hi"})
+        ...     async for message in sub.listen(timeout=5):
+        ...         break
+    """
+
+    def subscribe(self) -> "AsyncSubscriber":
+        """A subscription delivering into the running event loop (call it inside a coroutine)."""
+        return AsyncSubscriber(self._sync)
+
+
+class AsyncSubscriber:
+    """A channel subscription for asyncio: ``async for message in sub.listen()``."""
+
+    def __init__(self, channel):
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("subscribe() on an async channel needs a running event loop"
+                               ) from None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._sub = Subscriber(channel, sink=self._put)
+
+    def _put(self, text):
+        with contextlib.suppress(RuntimeError):      # the loop is already closed
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, text)
+
+    async def get(self, timeout=None):
+        """The next message; ``TimeoutError`` after ``timeout`` seconds without one."""
+        timeout = _seconds(timeout, "timeout")
+        try:
+            text = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise Timeout(f"no message on channel {self._sub.channel.name!r} within "
+                          f"{timeout}s") from None
+        if text is _CLOSED:
+            self._queue.put_nowait(_CLOSED)
+            raise ClosedError("the subscription is closed")
+        return self._sub.channel._codec.decode(text)
+
+    async def listen(self, timeout=None):
+        """Yield messages until ``close()``; ``TimeoutError`` after ``timeout`` s of silence."""
+        while True:
+            try:
+                message = await self.get(timeout)
+            except ClosedError:
+                return
+            yield message
+
+    def __aiter__(self):
+        return self.listen()
+
+    def close(self):
+        """Stop receiving; a ``listen()`` in progress ends."""
+        self._sub.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+
+
+class AsyncLogManager(AsyncManager):
+    """Awaitable twin of a log: ``async for summary in alog.live(window, period, agg)``."""
+
+    def live(self, window, period, aggregator=list) -> "AsyncLiveView":
+        """Like ``LogManager.live``, as an async iterator."""
+        return AsyncLiveView(self._sync.live(window, period, aggregator))
+
+
+class AsyncLiveView:
+    """Async iterator over a ``LiveView``: waits with ``asyncio.sleep``, reads in a thread."""
+
+    def __init__(self, view):
+        self.view = view
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        view = self.view
+        while not view.closed and view._wait_time() > 0:
+            await asyncio.sleep(min(view._wait_time(), 0.25))
+        if view.closed:
+            raise StopAsyncIteration
+        return await asyncio.to_thread(view._tick)
+
+    def close(self):
+        self.view.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+
+
+class AsyncLock:
+    """Awaitable twin of a ``Lock``: ``async with db.lock("job").as_async(): ...``."""
+
+    def __init__(self, lock):
+        self.sync = lock
+
+    async def acquire(self, timeout=None, block=True):
+        """Wait for the lock without blocking the event loop; ``TimeoutError`` on timeout."""
+        task = asyncio.ensure_future(asyncio.to_thread(self.sync.acquire, timeout, block))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:      # do not leak a lock the worker thread still gets
+            task.add_done_callback(lambda t: t.cancelled() or t.exception()
+                                   or self.sync.release())
+            raise
+        return self
+
+    async def release(self):
+        await asyncio.to_thread(self.sync.release)
+
+    async def renew(self, ttl=None):
+        await asyncio.to_thread(self.sync.renew, ttl)
+
+    @property
+    def token(self):
+        return self.sync.token
+
+    async def locked(self) -> bool:
+        return await asyncio.to_thread(lambda: self.sync.locked)
+
+    async def __aenter__(self):
+        return await self.acquire()
+
+    async def __aexit__(self, *exc):
+        await self.release()
+
+    def __repr__(self):
+        return f"<Async {self.sync!r}>"
+
+
 # ==========================================================================================
 # Alias modules: ``from beaver.queues import QueueItem`` and friends
 # ==========================================================================================
 
 _ALIASES = {
-    "manager": ["AsyncManager", "DictManager", "ListManager", "QueueManager", "BlobManager"],
+    "manager": ["AsyncManager", "DictManager", "ListManager", "QueueManager", "BlobManager",
+                "LogManager", "ChannelManager"],
     "dicts": ["DictManager"],
     "lists": ["ListManager"],
-    "queues": ["QueueItem", "QueueManager"],
+    "queues": ["QueueItem", "LeasedItem", "QueueManager"],
+    "logs": ["LogManager", "LogEntry", "LiveView"],
+    "channels": ["ChannelManager", "Subscriber"],
     "blobs": ["Blob", "BlobManager"],
     "locks": ["Lock", "LockTimeout"],
     "collections": ["Document", "CollectionManager", "Edge", "rerank"],
@@ -3154,6 +4187,7 @@ def _register_aliases():
         for name in names:
             setattr(module, name, globals()[name])
         sys.modules[module.__name__] = module
+        globals().setdefault(sub, module)  # so ``import beaver.queues`` binds beaver.queues
 
 
 _register_aliases()
