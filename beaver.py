@@ -2802,6 +2802,21 @@ def _edit_distance(a, b, limit) -> int:
     return previous[-1]
 
 
+def _slip(typed, word) -> bool:
+    """Whether ``typed`` is ``word`` with one letter dropped or two neighbours swapped.
+
+    Such slips are likelier than a substitution or an extra letter, which could each have
+    been any of many letters, so these candidates are tried first (then by frequency).
+    """
+    if len(word) == len(typed) + 1:
+        return any(word[:i] + word[i + 1:] == typed for i in range(len(word)))
+    if len(word) == len(typed):
+        diff = [i for i in range(len(word)) if word[i] != typed[i]]
+        return (len(diff) == 2 and diff[1] == diff[0] + 1
+                and word[diff[0]] == typed[diff[1]] and word[diff[1]] == typed[diff[0]])
+    return False
+
+
 def _neighbourhood(term) -> set:
     """Every string one edit away from ``term`` (over ASCII letters, digits and its own)."""
     letters = set(_ALPHABET) | set(term)
@@ -3244,8 +3259,10 @@ class CollectionManager(_Manager):
         at = 3 if column == "id" else 0
         found = {}
         for chunk in _chunks(keys):
-            rows = self._core.execute(self._SELECT + f"AND d.{column} IN ({_marks(len(chunk))})",
-                                      (self._name, *chunk))
+            sql = self._SELECT + f"AND d.{column} IN ({_marks(len(chunk))})"
+            if column == "id":      # rowid lookups, not a scan of the collection's index
+                sql = sql.replace("WHERE d.collection", "WHERE +d.collection")
+            rows = self._core.execute(sql, (self._name, *chunk))
             found.update((row[at], self._document(row)) for row in rows)
         return found
 
@@ -3411,7 +3428,8 @@ class CollectionManager(_Manager):
         scored = [(_edit_distance(word, term, limit), term) for term in candidates]
         scored = [(d, term) for d, term in scored if d <= limit]
         frequency = self._frequencies([term for _, term in scored])
-        scored.sort(key=lambda item: (item[0], -frequency.get(item[1], 0), item[1]))
+        scored.sort(key=lambda item: (item[0], not _slip(word, item[1]),
+                                      -frequency.get(item[1], 0), item[1]))
         return [term for _, term in scored] or [word]
 
     def _trigram_candidates(self, word, limit) -> set:
