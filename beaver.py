@@ -432,6 +432,9 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_vectors (
         collection TEXT NOT NULL, doc_id TEXT NOT NULL, vector BLOB NOT NULL,
         PRIMARY KEY (collection, doc_id)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_vector_log (
+        collection TEXT NOT NULL, version INTEGER NOT NULL, doc_id TEXT NOT NULL,
+        PRIMARY KEY (collection, version)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS beaver_terms (
         cid INTEGER NOT NULL, term TEXT NOT NULL, PRIMARY KEY (cid, term)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS beaver_edges (
@@ -2728,6 +2731,7 @@ FUZZY_MIN_LENGTH = (3, 7)       # a query term needs 3 letters to allow 1 typo, 
 FUZZY_MAX_TERM = 40             # longer terms are searchable but never typo-corrected
 FUZZY_ROUNDS = 6                # candidate terms tried one by one before the rest at once
 VECTOR_METRICS = ("l2", "cosine", "ip")
+VECTOR_LOG_KEEP = 10000         # vector changes remembered for other processes' caches
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _TERM = re.compile(r"[^\W_]+")
 _QUERY_TOKEN = re.compile(r'"[^"]*"?|[^\s"]+')
@@ -3202,19 +3206,27 @@ class CollectionManager(_Manager):
         if vector is None:
             if self._core.execute("DELETE FROM beaver_vectors WHERE collection = ? AND "
                                   "doc_id = ?", (self._name, doc_id)).rowcount:
-                self._vectors_changed(dim)
+                self._vectors_changed(dim, doc_id)
                 self._call_backend(dim, "on_delete", doc_id)
             return
         self._core.execute(
             "INSERT INTO beaver_vectors (collection, doc_id, vector) VALUES (?, ?, ?) "
             "ON CONFLICT (collection, doc_id) DO UPDATE SET vector = excluded.vector",
             (self._name, doc_id, vector))
-        self._vectors_changed(len(vector) // 4)
+        self._vectors_changed(len(vector) // 4, doc_id)
         self._call_backend(len(vector) // 4, "on_upsert", doc_id, vector)
 
-    def _vectors_changed(self, dim):
+    def _vectors_changed(self, dim, doc_id):
+        """Count a vector change in the collection's version and log it for other caches."""
         self._core.execute("UPDATE beaver_collections SET version = version + 1, "
                            "dim = coalesce(dim, ?) WHERE collection = ?", (dim, self._name))
+        version = self._core.execute("SELECT version FROM beaver_collections WHERE "
+                                     "collection = ?", (self._name,)).fetchone()[0]
+        self._core.execute("INSERT INTO beaver_vector_log (collection, version, doc_id) "
+                           "VALUES (?, ?, ?)", (self._name, version, doc_id))
+        if version % VECTOR_LOG_KEEP == 0:
+            self._core.execute("DELETE FROM beaver_vector_log WHERE collection = ? AND "
+                               "version <= ?", (self._name, version - VECTOR_LOG_KEEP))
 
     def drop(self, document):
         """Remove a document (given as a ``Document`` or an id), its vector and its edges.
@@ -3303,7 +3315,8 @@ class CollectionManager(_Manager):
     def clear(self):
         """Remove every document, vector, text index entry and edge of this collection."""
         with self._core.transaction():
-            for table in ("beaver_documents", "beaver_vectors", "beaver_edges"):
+            for table in ("beaver_documents", "beaver_vectors", "beaver_edges",
+                          "beaver_vector_log"):
                 self._core.execute(f"DELETE FROM {table} WHERE collection = ?", (self._name,))
             if self._fts:
                 low = self._fts_rowid(0)
@@ -3604,8 +3617,8 @@ class CollectionManager(_Manager):
         """
         query = _as_vector(vector)
         top_k = int(top_k)
-        dim, version = self._core.execute(
-            "SELECT dim, version FROM beaver_collections WHERE collection = ?",
+        dim, version, epoch = self._core.execute(
+            "SELECT dim, version, epoch FROM beaver_collections WHERE collection = ?",
             (self._name,)).fetchone()
         if dim is None or top_k <= 0:
             return []
@@ -3617,7 +3630,7 @@ class CollectionManager(_Manager):
         if backend is not None:
             hits = backend.search(query, top_k, allowed)
         else:
-            hits = self._exact(version).search(query, top_k, allowed)
+            hits = self._exact(version, epoch, dim).search(query, top_k, allowed)
         docs = self._documents("doc_id", [doc_id for doc_id, _ in hits])
         return [(docs[doc_id], float(d)) for doc_id, d in hits if doc_id in docs]
 
@@ -3638,13 +3651,28 @@ class CollectionManager(_Manager):
             params += [_json_path(path)] + [int(v) if isinstance(v, bool) else v for v in values]
         return {row[0] for row in self._core.execute(sql, params)}
 
-    def _exact(self, version) -> "_VectorCache":
+    def _exact(self, version, epoch, dim) -> "_VectorCache":
+        """The in-memory vectors, brought up to ``version`` (reloaded after a clear)."""
         cache = self._vectors
-        if cache is None or cache.version != version:
+        if cache is not None and cache.epoch == epoch and cache.version != version:
+            log = self._core.execute(
+                "SELECT version, doc_id FROM beaver_vector_log WHERE collection = ? AND "
+                "version > ? ORDER BY version", (self._name, cache.version)).fetchall()
+            if log and log[0][0] == cache.version + 1:
+                changed = {doc_id for _, doc_id in log}
+                fresh = dict.fromkeys(changed)
+                for chunk in _chunks(changed):
+                    fresh.update(self._core.execute(
+                        f"SELECT doc_id, vector FROM beaver_vectors WHERE collection = ? "
+                        f"AND doc_id IN ({_marks(len(chunk))})", (self._name, *chunk)))
+                cache.patch(log[-1][0], fresh)
+            else:
+                cache = None
+        if cache is None or cache.epoch != epoch:
             rows = self._core.execute(
                 "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
                 (self._name,)).fetchall()
-            cache = self._vectors = _VectorCache(version, self._metric, rows)
+            cache = self._vectors = _VectorCache(self._metric, epoch, version, rows, dim)
         return cache
 
     def _vector_backend(self, dim):
@@ -3730,10 +3758,14 @@ def _labels(labels):
 
 
 class _VectorCache:
-    """All vectors of a collection in memory, for exact search (numpy when available)."""
+    """All vectors of a collection in memory for exact search: numpy when it imports.
 
-    def __init__(self, version, metric, rows):
-        self.version, self.metric = version, metric
+    Kept current by replaying ``beaver_vector_log`` (doc ids whose vector changed, by
+    collection version), so a change costs one row update, not a reload of every vector.
+    """
+
+    def __init__(self, metric, epoch, version, rows, dim):
+        self.metric, self.epoch, self.version = metric, epoch, version
         self.ids = [row[0] for row in rows]
         self.position = {doc_id: i for i, doc_id in enumerate(self.ids)}
         try:
@@ -3741,61 +3773,112 @@ class _VectorCache:
         except ImportError:
             numpy = None
         self.np = numpy
-        if numpy is not None:
-            self._load_numpy(rows)
+        self.lock = threading.Lock()
+        if numpy is None:
+            self.rows = [self._prepare(row[1]) for row in rows]
+            return
+        matrix = numpy.frombuffer(b"".join(row[1] for row in rows), dtype="<f4")
+        matrix = matrix.reshape(len(rows), dim).astype(numpy.float32)
+        if metric == "cosine":
+            norms = numpy.linalg.norm(matrix, axis=1, keepdims=True)
+            matrix /= numpy.where(norms == 0, 1, norms)
+        self._buffer = matrix
+        self._squares = numpy.einsum("ij,ij->i", matrix, matrix)
+
+    def _prepare(self, blob):
+        vector = array.array("f", _unpack_vector(blob))
+        if self.metric == "cosine":
+            norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+            vector = array.array("f", [x / norm for x in vector])
+        return vector
+
+    def patch(self, version, fresh):
+        """Apply ``{doc_id: vector blob or None}`` (None: the vector is gone)."""
+        with self.lock:
+            for doc_id, blob in fresh.items():
+                at = self.position.get(doc_id)
+                if blob is None:
+                    if at is not None:
+                        self._remove(at)
+                elif at is None:
+                    self._append(doc_id, self._prepare(blob))
+                else:
+                    self._put(at, self._prepare(blob))
+            self.version = version
+
+    def _put(self, at, vector):
+        if self.np is None:
+            self.rows[at] = vector
         else:
-            self._load_python(rows)
+            self._buffer[at] = vector
+            self._squares[at] = self._buffer[at] @ self._buffer[at]
 
-    def _load_numpy(self, rows):
-        np = self.np
-        matrix = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4")
-        matrix = matrix.reshape(len(rows), -1) if rows else matrix.reshape(0, 0)
-        if self.metric == "cosine":
-            norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-            matrix = matrix / np.where(norms == 0, 1, norms)
-        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-        self.squares = np.einsum("ij,ij->i", self.matrix, self.matrix)
+    def _append(self, doc_id, vector):
+        n = len(self.ids)
+        if self.np is None:
+            self.rows.append(vector)
+        elif n == len(self._buffer):
+            np = self.np
+            grown = np.empty((max(16, 2 * n), len(vector)), dtype=np.float32)
+            grown[:n] = self._buffer[:n]
+            self._buffer = grown
+            self._squares = np.concatenate([self._squares[:n], np.empty(len(grown) - n,
+                                                                        dtype=np.float32)])
+        self.ids.append(doc_id)
+        self.position[doc_id] = n
+        if self.np is not None:
+            self._put(n, vector)
 
-    def _load_python(self, rows):
-        self.rows = [array.array("f", _unpack_vector(row[1])) for row in rows]
-        if self.metric == "cosine":
-            for i, row in enumerate(self.rows):
-                norm = math.sqrt(sum(x * x for x in row)) or 1.0
-                self.rows[i] = array.array("f", [x / norm for x in row])
+    def _remove(self, at):
+        """Delete row ``at`` by moving the last row into its place."""
+        last, gone = len(self.ids) - 1, self.ids[at]
+        if at != last:
+            moved = self.ids[last]
+            if self.np is None:
+                self.rows[at] = self.rows[last]
+            else:
+                self._buffer[at] = self._buffer[last]
+                self._squares[at] = self._squares[last]
+            self.ids[at] = moved
+            self.position[moved] = at
+        self.ids.pop()
+        if self.np is None:
+            self.rows.pop()
+        del self.position[gone]
 
     def search(self, query, top_k, allowed=None) -> list:
         """``[(doc_id, distance)]`` of the ``top_k`` closest vectors (among ``allowed``)."""
-        if allowed is None:
-            positions = None
-        else:
-            positions = sorted(self.position[i] for i in allowed if i in self.position)
-            if not positions:
-                return []
         if self.metric == "cosine":
             norm = math.sqrt(sum(x * x for x in query)) or 1.0
             query = [x / norm for x in query]
-        if self.np is not None:
-            return self._search_numpy(query, top_k, positions)
-        return self._search_python(query, top_k, positions)
+        with self.lock:
+            if allowed is None:
+                positions = None
+            else:
+                positions = sorted(self.position[i] for i in allowed if i in self.position)
+                if not positions:
+                    return []
+            if self.np is not None:
+                return self._search_numpy(query, top_k, positions)
+            return self._search_python(query, top_k, positions)
 
     def _search_numpy(self, query, top_k, positions):
         np = self.np
+        n = len(self.ids)
         q = np.asarray(query, dtype=np.float32)
-        matrix = self.matrix if positions is None else self.matrix[positions]
+        matrix, squares = self._buffer[:n], self._squares[:n]
+        if positions is not None:
+            matrix, squares = matrix[positions], squares[positions]
         if not len(matrix):
             return []
         dots = matrix @ q
-        if self.metric == "l2":
-            squares = self.squares if positions is None else self.squares[positions]
-            scores = squares - 2 * dots
-        else:
-            scores = -dots
+        scores = squares - 2 * dots if self.metric == "l2" else -dots
         k = min(top_k, len(scores))
         best = np.argpartition(scores, k - 1)[:k] if k < len(scores) else np.arange(k)
         best = best[np.argsort(scores[best], kind="stable")]
         rows = best if positions is None else np.asarray(positions)[best]
         if self.metric == "l2":
-            exact = np.sqrt(((self.matrix[rows] - q) ** 2).sum(axis=1))
+            exact = np.sqrt(((self._buffer[rows] - q) ** 2).sum(axis=1))
             order = np.argsort(exact, kind="stable")
             return [(self.ids[rows[i]], float(exact[i])) for i in order]
         shift = 1.0 if self.metric == "cosine" else 0.0
