@@ -3514,9 +3514,12 @@ class CollectionManager(_Manager):
             raise TypeError(f"an edge label is a non-empty str, not {label!r}")
         meta = None if metadata is None else _json_dumps(_to_jsonable(metadata))
         with self._core.transaction():
-            missing = {source, target} - set(self._documents("doc_id", {source, target}))
-            if missing:
-                raise KeyError(f"no document {sorted(missing)[0]!r} in {self._name!r}")
+            found = {row[0] for row in self._core.execute(
+                "SELECT doc_id FROM beaver_documents WHERE collection = ? AND doc_id IN (?, ?)",
+                (self._name, source, target))}
+            if len(found) < len({source, target}):
+                missing = sorted({source, target} - found)[0]
+                raise KeyError(f"no document {missing!r} in {self._name!r}")
             self._core.execute(
                 "INSERT INTO beaver_edges (collection, source, label, target, metadata) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection, source, label, target) "

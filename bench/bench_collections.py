@@ -110,6 +110,19 @@ def timed(fn, items):
     return times, results
 
 
+def paired(fn_a, fn_b, items):
+    """Time ``fn_a`` and ``fn_b`` on each item, alternating which goes first, so that load
+    from other processes on the machine falls on both alike."""
+    times_a, times_b, results_a, results_b = [], [], [], []
+    for n, item in enumerate(items):
+        order = [(fn_a, times_a, results_a), (fn_b, times_b, results_b)]
+        for fn, times, results in (order if n % 2 == 0 else order[::-1]):
+            t = time.perf_counter()
+            results.append(fn(item))
+            times.append((time.perf_counter() - t) * 1000)
+    return times_a, results_a, times_b, results_b
+
+
 def pct(times, q):
     ordered = sorted(times)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -201,8 +214,7 @@ def bench_text(rows, folder, n_queries, rng, report):
 
     for fn in (beaver_match, raw_match):        # warm both caches
         timed(fn, queries[:50])
-    bt, bres = timed(beaver_match, queries)
-    rt, rres = timed(raw_match, queries)
+    bt, bres, rt, rres = paired(beaver_match, raw_match, queries)
     overlap = statistics.mean(len(set(a) & set(b)) / max(1, len(b)) for a, b in zip(bres, rres)
                               if b)
     for label, q in (("p50", 0.5), ("p99", 0.99)):
@@ -274,10 +286,9 @@ def bench_graph(rows, folder, n_queries, rng, report):
         return [(i, json.loads(b)) for i, b in raw.execute(
             "SELECT d.id, d.body FROM e JOIN d ON d.id = e.t WHERE e.s = ? ORDER BY e.t", (s,))]
 
-    nt, nres = timed(lambda s: net.neighbors(s, label="depends"), starts)
-    rnt, _ = timed(raw_neighbors, starts)
-    wt, wres = timed(lambda s: net.walk(s, labels=["depends"], depth=3), starts)
-    rwt, rwres = timed(raw_walk, starts)
+    nt, _, rnt, _ = paired(lambda s: net.neighbors(s, label="depends"), raw_neighbors, starts)
+    wt, wres, rwt, rwres = paired(lambda s: net.walk(s, labels=["depends"], depth=3), raw_walk,
+                                  starts)
     assert [len(a) for a in wres] == [len(b) for b in rwres], "walk differs from the raw CTE"
     report.append((f"graph: {len(rows):,} nodes, {len(edges):,} Depends edges, build",
                    f"{build:.1f} s", "", "", ""))
@@ -325,8 +336,8 @@ def bench_vectors(rows, folder, n_queries, report):
             best = np.argpartition(scores, 9)[:10]
             return [ids[i] for i in best[np.argsort(scores[best])]]
 
-        bt, bres = timed(lambda q: [d.id for d, _ in coll.search(q, top_k=10)], queries)
-        nt, nres = timed(numpy_search, queries)
+        bt, bres, nt, nres = paired(lambda q: [d.id for d, _ in coll.search(q, top_k=10)],
+                                    numpy_search, queries)
         same = statistics.mean(len(set(a) & set(b)) / 10 for a, b in zip(bres, nres))
         report.append((f"vectors {metric}: index {len(ids):,} x {matrix.shape[1]}",
                        f"{rate:,.0f} docs/s (first search {load:.0f} ms)", "", "", ""))
