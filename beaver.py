@@ -2730,6 +2730,7 @@ _FTS_SCHEMA = [
 FUZZY_MIN_LENGTH = (3, 7)       # a query term needs 3 letters to allow 1 typo, 7 to allow 2
 FUZZY_MAX_TERM = 40             # longer terms are searchable but never typo-corrected
 FUZZY_ROUNDS = 6                # candidate terms tried one by one before the rest at once
+FUZZY_FREQUENCIES = 40          # candidates (best first) whose frequency orders them
 VECTOR_METRICS = ("l2", "cosine", "ip")
 VECTOR_LOG_KEEP = 10000         # vector changes remembered for other processes' caches
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -3439,11 +3440,10 @@ class CollectionManager(_Manager):
             limit = 1
             candidates = self._known(_neighbourhood(word) | {word})
         scored = [(_edit_distance(word, term, limit), term) for term in candidates]
-        scored = [(d, term) for d, term in scored if d <= limit]
-        frequency = self._frequencies([term for _, term in scored])
-        scored.sort(key=lambda item: (item[0], not _slip(word, item[1]),
-                                      -frequency.get(item[1], 0), item[1]))
-        return [term for _, term in scored] or [word]
+        scored = sorted((d, not _slip(word, term), term) for d, term in scored if d <= limit)
+        frequency = self._frequencies([term for _, _, term in scored])
+        scored.sort(key=lambda item: (item[0], item[1], -frequency.get(item[2], 0), item[2]))
+        return [term for _, _, term in scored] or [word]
 
     def _trigram_candidates(self, word, limit) -> set:
         """Known words (of any collection) sharing enough trigrams with ``word``."""
@@ -3471,7 +3471,7 @@ class CollectionManager(_Manager):
         if len(terms) < 2:
             return {}
         found = {}
-        for term in terms[:FUZZY_ROUNDS * 4]:
+        for term in terms[:FUZZY_FREQUENCIES]:
             row = self._core.execute("SELECT doc FROM beaver_fts_vocab WHERE term = ?",
                                      (term,)).fetchone()
             found[term] = row[0] if row else 0
