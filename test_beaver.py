@@ -3404,3 +3404,25 @@ def test_collection_vector_cache_follows_changes(tmp_path, monkeypatch, numpy_pr
             "SELECT version FROM beaver_collections WHERE collection = 'v'").fetchone()[0]
         writer.clear()
         assert reader.search([1, 0, 0, 0]) == []
+
+
+def test_collection_without_fts5(db, monkeypatch):
+    monkeypatch.setattr(db._core, "_fts_ready", False, raising=False)
+    plain = db.collection("plain")
+    plain.index(Document(id="a", body="still stored", embedding=[1.0]))
+    assert plain["a"].body == "still stored" and plain.search([1.0])[0][0].id == "a"
+    with pytest.raises(FeatureUnavailable):
+        plain.match("stored")
+
+
+def test_collection_alias_module_and_async(db):
+    import asyncio
+    from beaver.collections import CollectionManager, Document as AliasDocument
+    assert AliasDocument is Document and isinstance(db.collection("x"), CollectionManager)
+
+    async def run():
+        coll = db.collection("x").as_async()
+        await coll.index(Document(id="a", body="async text"))
+        return await coll.match("async")
+
+    assert [d.id for d, _ in asyncio.run(run())] == ["a"]
