@@ -2777,11 +2777,12 @@ def _unpack_vector(blob):
 
 def _terms(text) -> list:
     """Split text into index terms the way FTS5's unicode61 tokenizer does."""
-    text = text.lower()
-    if not text.isascii():
-        text = "".join(c for c in unicodedata.normalize("NFKD", text)
-                       if not unicodedata.combining(c))
-    return _TERM.findall(text)
+    terms = _TERM.findall(text.lower())
+    if text.isascii():
+        return terms
+    return [term if term.isascii() else "".join(
+        c for c in unicodedata.normalize("NFD", term) if not unicodedata.combining(c))
+            for term in terms]
 
 
 def _trigrams(term) -> set:
