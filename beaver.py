@@ -2176,8 +2176,8 @@ def _load_structure(db, line, lines, mode):
         manager.clear()
     batch = []
     for _ in range(count):
-        item = next(lines, None)
-        if item is None:
+        item = next(lines, _MISSING)
+        if item is _MISSING:
             raise ValueError(f"the dump ends inside {line['structure']} {line['name']!r}")
         batch.append(item)
         if len(batch) >= _LOAD_BATCH:
@@ -2314,6 +2314,8 @@ def _raise_remote(status, body):
         name, message = None, body.decode("utf-8", "replace")[:500]
     if status == 401:
         raise Unauthorized(message or "unauthorized", status)
+    if status == 404 and not body:   # the answer to a HEAD request has no body
+        raise KeyError("")
     cls = _REMOTE_ERRORS.get(name)
     if cls is None:
         raise RemoteError(f"HTTP {status}: {message}", status)

@@ -37,9 +37,9 @@ import secrets
 import sys
 import tempfile
 import threading
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -55,6 +55,11 @@ DEFAULT_MAX_WAIT = 25.0               # seconds one blocking request may wait on
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
 Seconds = Optional[float]
+_BOUND = 2 ** 62   # list positions beyond this are refused (SQLite integers are 64-bit)
+Index = Annotated[int, Path(ge=-_BOUND, le=_BOUND, description="a position; negative counts "
+                                                               "from the end")]
+QIndex = Annotated[int, Query(ge=-_BOUND, le=_BOUND)]
+OptIndex = Annotated[Optional[int], Query(ge=-_BOUND, le=_BOUND)]
 View = Literal["summary", "keys", "items", "dump"]
 _ANY_JSON = {"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}}
 _JSON_LIST = {"requestBody": {"required": True, "content": {
@@ -269,35 +274,32 @@ def _list_routes(ctx) -> APIRouter:
                                             "items": lambda m: list(m)})
 
     @router.get("/{name}/items/{index}", summary="Read the item at an index")
-    def get_item(name: str, index: int):
+    def get_item(name: str, index: Index):
         return _json(ctx.db.list(name)[index])
 
     @router.put("/{name}/items/{index}", status_code=204, summary="Replace the item at an index",
                 openapi_extra=_ANY_JSON)
-    def set_item(name: str, index: int, value: Any = Depends(ctx.value)):
+    def set_item(name: str, index: Index, value: Any = Depends(ctx.value)):
         ctx.db.list(name)[index] = value
         return Response(status_code=204)
 
     @router.delete("/{name}/items/{index}", status_code=204, summary="Delete the item at an index")
-    def delete_item(name: str, index: int):
+    def delete_item(name: str, index: Index):
         del ctx.db.list(name)[index]
         return Response(status_code=204)
 
     @router.get("/{name}/slice", summary="Read a slice")
-    def get_slice(name: str, start: Optional[int] = None, stop: Optional[int] = None,
-                  step: Optional[int] = None):
+    def get_slice(name: str, start: OptIndex = None, stop: OptIndex = None, step: OptIndex = None):
         return _json(ctx.db.list(name)[_slice(start, stop, step)])
 
     @router.put("/{name}/slice", status_code=204, summary="Assign a slice",
                 openapi_extra=_JSON_LIST)
-    def set_slice(name: str, start: Optional[int] = None, stop: Optional[int] = None,
-                  step: Optional[int] = None, values: list = Depends(ctx.json_list)):
+    def set_slice(name: str, start: OptIndex = None, stop: OptIndex = None, step: OptIndex = None, values: list = Depends(ctx.json_list)):
         ctx.db.list(name)[_slice(start, stop, step)] = values
         return Response(status_code=204)
 
     @router.delete("/{name}/slice", status_code=204, summary="Delete a slice")
-    def delete_slice(name: str, start: Optional[int] = None, stop: Optional[int] = None,
-                     step: Optional[int] = None):
+    def delete_slice(name: str, start: OptIndex = None, stop: OptIndex = None, step: OptIndex = None):
         del ctx.db.list(name)[_slice(start, stop, step)]
         return Response(status_code=204)
 
@@ -336,12 +338,12 @@ def _list_write_routes(router, ctx):
 
     @router.post("/{name}/insert", status_code=204, summary="Insert an item before an index",
                  openapi_extra=_ANY_JSON)
-    def insert(name: str, index: int, value: Any = Depends(ctx.value)):
+    def insert(name: str, index: QIndex, value: Any = Depends(ctx.value)):
         ctx.db.list(name).insert(index, value)
         return Response(status_code=204)
 
     @router.post("/{name}/pop", summary="Remove and return an item (default: the last)")
-    def pop(name: str, index: Optional[int] = None):
+    def pop(name: str, index: OptIndex = None):
         manager = ctx.db.list(name)
         with ctx.db.transaction():
             empty = index is None and len(manager) == 0
@@ -369,6 +371,10 @@ def _queue_item(item) -> dict:
             "data": beaver._to_jsonable(item.data)}
 
 
+def _number(value):
+    return int(value) if float(value).is_integer() else float(value)
+
+
 def _queue_routes(ctx) -> APIRouter:
     router = APIRouter(tags=["queues"])
     _structure_routes(router, ctx, "queue", {
@@ -377,8 +383,8 @@ def _queue_routes(ctx) -> APIRouter:
     @router.post("/{name}/put", status_code=204, summary="Add an item (lower priority first)",
                  openapi_extra=_ANY_JSON)
     def put(name: str, value: Any = Depends(ctx.value),
-            priority: float = Query(0, allow_inf_nan=False)):
-        ctx.db.queue(name).put(value, priority=int(priority) if priority.is_integer() else priority)
+            priority: float = Query(0.0, allow_inf_nan=False)):
+        ctx.db.queue(name).put(value, priority=_number(priority))
         return Response(status_code=204)
 
     @router.post("/{name}/get", summary="Take the first item, waiting up to `timeout` seconds",
@@ -541,7 +547,7 @@ def _database_routes(ctx) -> APIRouter:
 
     @router.post("/load", summary="Load a JSON-lines dump in one transaction",
                  openapi_extra={"requestBody": {"required": True, "content": {
-                     "application/x-ndjson": {"schema": {"type": "string"}}}}})
+                     "text/plain": {"schema": {"type": "string"}}}}})
     async def load(request: Request, mode: Literal["append", "replace"] = "append"):
         from starlette.concurrency import run_in_threadpool
         raw = await ctx.raw_body(request)
