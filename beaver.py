@@ -23,7 +23,6 @@ __all__ = [
     "BeaverClient", "RemoteError", "Unauthorized", "main",
 ]
 
-import asyncio
 import base64
 import contextlib
 import datetime as _dt
@@ -45,6 +44,21 @@ import weakref
 from collections.abc import MutableMapping, MutableSequence
 
 logger = logging.getLogger("beaver")
+
+
+class _LazyModule:
+    """A module imported on first use: ``asyncio`` alone costs more than the rest of beaver."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        module = __import__(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+asyncio = _LazyModule("asyncio")
 
 
 # ==========================================================================================
