@@ -2089,12 +2089,12 @@ class AsyncManager:
 DUMP_FORMAT = 1
 _LOAD_BATCH = 1000
 
-# kind -> (table with a ``name`` column, BeaverDB factory, WHERE clause for live rows)
+# kind -> (table, BeaverDB factory, WHERE clause for live rows, column holding the name)
 _STRUCTURES = {
-    "dict": ("beaver_dicts", "dict", f"WHERE {_LIVE}"),
-    "list": ("beaver_lists", "list", ""),
-    "queue": ("beaver_queues", "queue", ""),
-    "blob": ("beaver_blobs", "blobs", ""),
+    "dict": ("beaver_dicts", "dict", f"WHERE {_LIVE}", "name"),
+    "list": ("beaver_lists", "list", "", "name"),
+    "queue": ("beaver_queues", "queue", "", "name"),
+    "blob": ("beaver_blobs", "blobs", "", "name"),
 }
 
 
@@ -2121,10 +2121,10 @@ def _read_snapshot(core):
 
 def _structure_names(db, kind) -> list:
     """Names of the structures of ``kind`` that hold at least one (live) item."""
-    table, _, where = _STRUCTURES[kind]
+    table, _, where, column = _STRUCTURES[kind]
     params = (_now(),) if "?" in where else ()
-    rows = db._core.execute(
-        f"SELECT name, count(*) FROM {table} {where} GROUP BY name ORDER BY name", params)
+    rows = db._core.execute(f"SELECT {column}, count(*) FROM {table} {where} "
+                            f"GROUP BY {column} ORDER BY {column}", params)
     return [(name, size) for name, size in rows]
 
 
@@ -2158,17 +2158,27 @@ def _dump_database(db, fp, names=None, kinds=None) -> int:
     with _read_snapshot(db._core):
         write(_json_dumps({"beaver_dump": DUMP_FORMAT, "beaver_version": __version__,
                            "dumped_at": _dt.datetime.now(_dt.timezone.utc).isoformat()}) + "\n")
-        for kind, (_, factory, _) in _STRUCTURES.items():
+        for kind in _STRUCTURES:
             for name, _ in _structure_names(db, kind):
-                if not wanted(kind, name):
-                    continue
-                items = getattr(db, factory)(name)._dump_items()
-                write(_json_dumps({"structure": kind, "name": name, "count": len(items)}) + "\n")
-                for item in items:
-                    write(_json_dumps(item) + "\n")
-                count += 1
+                if wanted(kind, name):
+                    _dump_structure(db, kind, name, write)
+                    count += 1
         write(_json_dumps({"end": True, "structures": count}) + "\n")
     return count
+
+
+def _dump_structure(db, kind, name, write):
+    """A structure line, its items, and for a collection its edges after the documents."""
+    manager = getattr(db, _STRUCTURES[kind][1])(name)
+    items = manager._dump_items()
+    header = {"structure": kind, "name": name, "count": len(items)}
+    extra = []
+    if kind == "collection":
+        extra = [edge._asdict() for edge in manager._all_edges()]
+        header.update(metric=manager.metric, options=manager._options or None, edges=len(extra))
+    write(_json_dumps(header) + "\n")
+    for item in items + extra:
+        write(_json_dumps(item) + "\n")
 
 
 def _dump_lines(fp):
@@ -2209,20 +2219,33 @@ def _load_structure(db, line, lines, mode):
     count = line.get("count")
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"bad item count in {line!r:.80}")
-    manager = getattr(db, _STRUCTURES[line["structure"]][1])(line["name"])
+    kind, name = line["structure"], line["name"]
+    if kind == "collection":
+        manager = db.collection(name, metric=line.get("metric"), **(line.get("options") or {}))
+    else:
+        manager = getattr(db, _STRUCTURES[kind][1])(name)
     if mode == "replace":
         manager.clear()
+    for batch in _batches(lines, count, f"{kind} {name!r}"):
+        manager._load_items(batch)
+    for batch in _batches(lines, line.get("edges") or 0, f"the edges of {kind} {name!r}"):
+        for edge in batch:
+            manager.connect(edge["source"], edge["target"], edge["label"], edge.get("metadata"))
+
+
+def _batches(lines, count, what):
+    """The next ``count`` values of ``lines``, in lists of at most _LOAD_BATCH."""
     batch = []
     for _ in range(count):
         item = next(lines, _MISSING)
         if item is _MISSING:
-            raise ValueError(f"the dump ends inside {line['structure']} {line['name']!r}")
+            raise ValueError(f"the dump ends inside {what}")
         batch.append(item)
         if len(batch) >= _LOAD_BATCH:
-            manager._load_items(batch)
+            yield batch
             batch = []
     if batch:
-        manager._load_items(batch)
+        yield batch
 
 
 def _backup_database(db, path):
@@ -2330,6 +2353,28 @@ class _Http:
                     raise RemoteError(f"{method} {self.url}{path} failed: {e}") from None
                 conn, reused = self._connection(fresh=True)
         raise AssertionError("unreachable")
+
+    def stream(self, path, query=None):
+        """A dedicated connection reading ``path`` as a server-sent event stream."""
+        import http.client
+        from urllib.parse import urlencode
+        pairs = {k: _query_value(v) for k, v in (query or {}).items() if v is not None}
+        path = self.prefix + path + (f"?{urlencode(pairs)}" if pairs else "")
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request("GET", path, headers={**self.headers, "Accept": "text/event-stream"})
+            response = conn.getresponse()
+            if response.status >= 400:
+                _raise_remote(response.status, response.read())
+            conn.sock.settimeout(None)   # a quiet stream is not an error; close() ends it
+        except (ConnectionError, OSError) as e:
+            conn.close()
+            raise RemoteError(f"GET {self.url}{path} failed: {e}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn, response
 
     def close(self):
         for conn in self._all:
