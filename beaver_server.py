@@ -16,6 +16,11 @@ Routes (interactive documentation at ``/docs``), one group per structure kind::
                              extend|insert|pop|deque|reverse
     /queues/{name}/put|get|peek          get?timeout=... waits; 408 when nothing came
     /blobs/{name}/{key}      raw bytes; metadata as JSON in the Beaver-Metadata header
+    /logs/{name}/log|range|live          live: server-sent events
+    /channels/{name}/publish|history     subscribe: /channels/{name}/sse (server-sent
+                                         events) or /channels/{name}/ws (WebSocket)
+    /collections/{name}/index|documents/{id}|match|search|connect|disconnect|edges|
+                        neighbors|walk
     /locks/{name}/acquire|release|renew  a token identifies the hold
     /{kind}s/{name}          GET ?view=summary|keys|items|dump, POST (load a dump), DELETE
     /info  /dump  /load  /backup          the whole database
@@ -28,6 +33,7 @@ raises the same exception classes a local ``BeaverDB`` would.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import io
 import ipaddress
@@ -39,10 +45,13 @@ import tempfile
 import threading
 from typing import Annotated, Any, Literal, Optional
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import (APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response,
+                     WebSocket, WebSocketDisconnect)
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import beaver
@@ -437,7 +446,6 @@ def _blob_routes(ctx) -> APIRouter:
                 metadata = json.loads(metadata)
             except ValueError:
                 raise HTTPException(422, "Beaver-Metadata must be JSON") from None
-        from starlette.concurrency import run_in_threadpool
         await run_in_threadpool(ctx.db.blobs(name).put, key, data, metadata)
         return Response(status_code=204)
 
@@ -459,6 +467,306 @@ def _blob_routes(ctx) -> APIRouter:
         return Response(status_code=204)
 
     return router
+
+
+# ------------------------------------------------------------------------------------------
+# Logs
+# ------------------------------------------------------------------------------------------
+
+def _entry(entry) -> dict:
+    return {"timestamp": entry.timestamp.timestamp(), "data": beaver._to_jsonable(entry.data)}
+
+
+def _sse(events):
+    """A server-sent event response streaming ``events`` (strings)."""
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _log_routes(ctx) -> APIRouter:
+    router = APIRouter(tags=["logs"])
+    _structure_routes(router, ctx, "log", {"keys": lambda m: [], "items": lambda m: [
+        _entry(e) for e in m]})
+
+    @router.post("/{name}/log", status_code=204, summary="Append an entry (default: now)",
+                 openapi_extra=_ANY_JSON)
+    def log(name: str, value: Any = Depends(ctx.value),
+            timestamp: Optional[float] = Query(None, allow_inf_nan=False,
+                                               description="epoch seconds")):
+        ctx.db.log(name).log(value, timestamp=timestamp)
+        return Response(status_code=204)
+
+    @router.get("/{name}/range", summary="Entries between start and end (epoch s, inclusive)")
+    def range_(name: str, start: Optional[float] = Query(None, allow_inf_nan=False),
+               end: Optional[float] = Query(None, allow_inf_nan=False)):
+        return _json([_entry(e) for e in ctx.db.log(name).range(start, end)])
+
+    @router.get("/{name}/live", summary="Server-sent events: the values of the last `window` "
+                "seconds, now and every `period` seconds", response_class=StreamingResponse,
+                responses={200: {"content": {"text/event-stream": {}}}})
+    def live(name: str, window: float = Query(60.0, gt=0, allow_inf_nan=False),
+             period: float = Query(1.0, ge=0.01, allow_inf_nan=False)):
+        view = ctx.db.log(name).live(window=window, period=period, aggregator=list)
+
+        def events():
+            with view:
+                for values in view:
+                    yield f"data: {json.dumps(beaver._to_jsonable(values))}\n\n"
+        return _sse(events())
+
+    return router
+
+
+# ------------------------------------------------------------------------------------------
+# Channels
+# ------------------------------------------------------------------------------------------
+
+class _Subscription:
+    """A channel subscription whose raw JSON messages land in an asyncio queue."""
+
+    def __init__(self, channel):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.sub = beaver.Subscriber(channel, sink=self._put)
+
+    def _put(self, text):
+        with contextlib.suppress(RuntimeError):     # the loop has already shut down
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, text)
+
+    async def next(self, timeout):
+        """The next message text, None after ``timeout`` s of silence, or raises at close."""
+        try:
+            text = await asyncio.wait_for(self.queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+        if not isinstance(text, str):
+            raise EOFError
+        return text
+
+    def close(self):
+        self.sub.close()
+
+
+def _channel_routes(ctx) -> APIRouter:
+    router = APIRouter(tags=["channels"])
+    _structure_routes(router, ctx, "channel", {"keys": lambda m: [],
+                                               "items": lambda m: m.history()})
+
+    @router.post("/{name}/publish", status_code=204, summary="Publish a message",
+                 openapi_extra=_ANY_JSON)
+    def publish(name: str, value: Any = Depends(ctx.value)):
+        ctx.db.channel(name).publish(value)
+        return Response(status_code=204)
+
+    @router.get("/{name}/history", summary="The retained messages, oldest first")
+    def history(name: str, limit: Optional[int] = Query(None, ge=0, le=2 ** 62)):
+        return _json(ctx.db.channel(name).history(limit))
+
+    @router.get("/{name}/sse", summary="Server-sent events: every message published from now on",
+                response_class=StreamingResponse,
+                responses={200: {"content": {"text/event-stream": {}}}})
+    async def sse(name: str):
+        subscription = _Subscription(ctx.db.channel(name))
+
+        async def events():
+            try:
+                yield ": subscribed\n\n"
+                while True:
+                    text = await subscription.next(15.0)
+                    yield ": keep-alive\n\n" if text is None else f"data: {text}\n\n"
+            except EOFError:
+                return
+            finally:
+                subscription.close()
+        return _sse(events())
+
+    return router
+
+
+def _channel_websocket(app, ctx, token):
+    @app.websocket("/channels/{name}/ws")
+    async def websocket(websocket: WebSocket, name: str):
+        """Every message published from now on, one JSON text frame each; frames sent by
+        the client are published."""
+        if token and not _websocket_authorized(websocket, token):
+            await websocket.close(code=1008, reason="a valid bearer token is required")
+            return
+        try:
+            channel = ctx.db.channel(name)
+        except (TypeError, ValueError) as e:
+            await websocket.close(code=1008, reason=str(e)[:120])
+            return
+        subscription = _Subscription(channel)
+        await websocket.accept()
+        receiver = asyncio.ensure_future(_publish_frames(websocket, channel))
+        try:
+            while not receiver.done():
+                text = await subscription.next(1.0)
+                if text is not None:
+                    await websocket.send_text(text)
+        except (EOFError, WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            subscription.close()
+            receiver.cancel()
+
+
+async def _publish_frames(websocket, channel):
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        while True:
+            text = await websocket.receive_text()
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = text
+            await run_in_threadpool(channel.publish, value)
+
+
+def _websocket_authorized(websocket, token) -> bool:
+    given = websocket.headers.get("authorization", "")
+    given = given[7:] if given.lower().startswith("bearer ") else websocket.query_params.get(
+        "token", "")
+    return secrets.compare_digest(given.encode(), token.encode())
+
+
+# ------------------------------------------------------------------------------------------
+# Collections
+# ------------------------------------------------------------------------------------------
+
+Direction = Literal["outgoing", "incoming", "both"]
+
+
+class _DocumentIn(BaseModel):
+    id: Optional[str] = None
+    embedding: Optional[list[float]] = None
+    body: Any = None
+    fts: Any = True
+    fuzzy: bool = False
+
+
+class _MatchIn(BaseModel):
+    query: str
+    on: Optional[list[str]] = None
+    top_k: int = Field(10, ge=0, le=10_000)
+    fuzziness: int = Field(0, ge=0, le=2)
+    raw: bool = False
+    highlight: bool = False
+
+
+class _SearchIn(BaseModel):
+    vector: list[float]
+    top_k: int = Field(10, ge=0, le=10_000)
+    where: Optional[dict] = None
+
+
+class _EdgeIn(BaseModel):
+    source: str
+    target: str
+    label: Optional[str] = None
+    metadata: Any = None
+
+
+class _WalkIn(BaseModel):
+    source: str
+    labels: Optional[list[str]] = None
+    depth: int = Field(1, ge=0, le=100)
+    direction: Direction = "outgoing"
+
+
+class _CollectionIn(BaseModel):
+    metric: Optional[Literal["l2", "cosine", "ip"]] = None
+    options: dict = {}
+
+
+def _hits(hits) -> list:
+    return [{"document": hit[0].to_dict(), "score": hit[1],
+             **({"snippet": hit[2]} if len(hit) > 2 else {})} for hit in hits]
+
+
+def _collection_routes(ctx) -> APIRouter:
+    router = APIRouter(tags=["collections"])
+    _structure_routes(router, ctx, "collection", {
+        "keys": lambda m: [d.id for d in m], "items": lambda m: [d.to_dict() for d in m]})
+
+    @router.put("/{name}", status_code=204, summary="Create a collection with a metric/options")
+    def create(name: str, spec: _CollectionIn):
+        ctx.db.collection(name, metric=spec.metric, **spec.options)
+        return Response(status_code=204)
+
+    @router.post("/{name}/index", summary="Insert or replace a document")
+    def index(name: str, doc: _DocumentIn):
+        if not (isinstance(doc.fts, bool) or (isinstance(doc.fts, list) and
+                                              all(isinstance(p, str) for p in doc.fts))):
+            raise ValueError("fts is true, false or a list of field paths")
+        document = beaver.Document(id=doc.id, embedding=doc.embedding, body=doc.body)
+        ctx.db.collection(name).index(document, fts=doc.fts, fuzzy=doc.fuzzy)
+        return _json({"id": document.id})
+
+    @router.get("/{name}/documents/{doc_id:path}", summary="Read a document")
+    def get(name: str, doc_id: str):
+        return _json(ctx.db.collection(name)[doc_id].to_dict())
+
+    @router.head("/{name}/documents/{doc_id:path}", summary="Whether a document exists")
+    def head(name: str, doc_id: str):
+        ctx.db.collection(name)[doc_id]
+        return Response()
+
+    @router.delete("/{name}/documents/{doc_id:path}", status_code=204,
+                   summary="Drop a document and its edges")
+    def drop(name: str, doc_id: str):
+        ctx.db.collection(name).drop(doc_id)
+        return Response(status_code=204)
+
+    @router.post("/{name}/match", summary="Full-text search (fuzzy with fuzziness 1 or 2)")
+    def match(name: str, query: _MatchIn):
+        return _json(_hits(ctx.db.collection(name).match(
+            query.query, on=query.on, top_k=query.top_k, fuzziness=query.fuzziness,
+            raw=query.raw, highlight=query.highlight)))
+
+    @router.post("/{name}/search", summary="Nearest documents to a vector")
+    def search(name: str, query: _SearchIn):
+        return _json(_hits(ctx.db.collection(name).search(query.vector, query.top_k,
+                                                          query.where)))
+
+    _graph_routes(router, ctx)
+    return router
+
+
+def _graph_routes(router, ctx):
+    @router.post("/{name}/connect", status_code=204, summary="Add or update an edge")
+    def connect(name: str, edge: _EdgeIn):
+        if edge.label is None:
+            raise ValueError("an edge needs a label")
+        ctx.db.collection(name).connect(edge.source, edge.target, edge.label, edge.metadata)
+        return Response(status_code=204)
+
+    @router.post("/{name}/disconnect", status_code=204, summary="Remove edges")
+    def disconnect(name: str, edge: _EdgeIn):
+        ctx.db.collection(name).disconnect(edge.source, edge.target, edge.label)
+        return Response(status_code=204)
+
+    @router.get("/{name}/edges", summary="The edges of a document")
+    def edges(name: str, id: str, direction: Direction = "outgoing",
+              label: Optional[str] = None):
+        found = ctx.db.collection(name).edges(id, direction=direction, label=label)
+        return _json([beaver._to_jsonable(e._asdict()) for e in found])
+
+    @router.get("/{name}/neighbors", summary="The documents one edge away")
+    def neighbors(name: str, id: str, label: Optional[str] = None,
+                  direction: Direction = "outgoing"):
+        found = ctx.db.collection(name).neighbors(id, label=label, direction=direction)
+        return _json([d.to_dict() for d in found])
+
+    @router.post("/{name}/walk", summary="Documents up to `depth` edges away, breadth first")
+    def walk(name: str, walk: _WalkIn):
+        found = ctx.db.collection(name).walk(walk.source, labels=walk.labels, depth=walk.depth,
+                                             direction=walk.direction)
+        return _json([d.to_dict() for d in found])
+
+    @router.post("/{name}/compact", status_code=204, summary="Compact the vector index")
+    def compact(name: str):
+        ctx.db.collection(name).compact()
+        return Response(status_code=204)
 
 
 # ------------------------------------------------------------------------------------------
@@ -549,7 +857,6 @@ def _database_routes(ctx) -> APIRouter:
                  openapi_extra={"requestBody": {"required": True, "content": {
                      "text/plain": {"schema": {"type": "string"}}}}})
     async def load(request: Request, mode: Literal["append", "replace"] = "append"):
-        from starlette.concurrency import run_in_threadpool
         raw = await ctx.raw_body(request)
         count = await run_in_threadpool(ctx.db.load, io.BytesIO(raw), mode)
         return _json({"structures": count})
@@ -583,10 +890,14 @@ def _auth(token):
     return [Depends(check)]
 
 
-# Each modality contributes (prefix, router factory); later modalities append here.
+# Each modality contributes (BeaverDB factory, prefix, router factory): a modality this
+# beaver.py lacks is left out.
 ROUTERS = [
-    ("/dicts", _dict_routes), ("/lists", _list_routes), ("/queues", _queue_routes),
-    ("/blobs", _blob_routes), ("/locks", _lock_routes), ("", _database_routes),
+    ("dict", "/dicts", _dict_routes), ("list", "/lists", _list_routes),
+    ("queue", "/queues", _queue_routes), ("blobs", "/blobs", _blob_routes),
+    ("log", "/logs", _log_routes), ("channel", "/channels", _channel_routes),
+    ("collection", "/collections", _collection_routes), ("lock", "/locks", _lock_routes),
+    ("dump", "", _database_routes),
 ]
 ALIASES = {"/dicts": "/dict"}   # the spec's spelling, hidden from the schema
 
@@ -615,12 +926,16 @@ def create_app(database="beaver.db", token=None, *, max_body_bytes=DEFAULT_MAX_B
     ctx = _Context(db, int(max_body_bytes), float(max_wait))
     dependencies = _auth(token) if token else []
     _install_error_handlers(app)
-    for prefix, routes in ROUTERS:
+    for factory, prefix, routes in ROUTERS:
+        if not hasattr(BeaverDB, factory):
+            continue
         router = routes(ctx)
         app.include_router(router, prefix=prefix, dependencies=dependencies)
         if prefix in ALIASES:
             app.include_router(router, prefix=ALIASES[prefix], dependencies=dependencies,
                                include_in_schema=False)
+    if hasattr(BeaverDB, "channel"):
+        _channel_websocket(app, ctx, token)
     return app
 
 
