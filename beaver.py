@@ -27,7 +27,6 @@ __all__ = [
 ]
 
 import array
-import asyncio
 import base64
 import collections
 import contextlib
@@ -56,6 +55,19 @@ import weakref
 from collections.abc import MutableMapping, MutableSequence
 
 logger = logging.getLogger("beaver")
+
+
+class _LazyModule:
+    """A module imported on first attribute access (keeps ``import beaver`` fast)."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(__import__(self._name), attr)
+
+
+asyncio = _LazyModule("asyncio")   # only the async wrappers need it
 
 
 class _LazyModule:
