@@ -3090,7 +3090,9 @@ class CollectionManager(_Manager):
 
     def __init__(self, db, name, model=None, metric=None, **options):
         super().__init__(db, name, model)
-        self._fts = _ensure_fts(self._core) and _ensure_grams(self._core) is not None
+        self._fts = _ensure_fts(self._core)
+        if self._fts:
+            _ensure_grams(self._core)       # created outside any write transaction
         self._metric, self._options = self._register(metric, options)
         self._vocab = (None, set())         # (epoch, terms known to be in beaver_terms)
         self._batch = threading.local()     # terms added by this thread's open transaction
