@@ -3781,8 +3781,7 @@ class CollectionManager(_Manager):
                 self.connect(edge["source"], edge["target"], edge["label"], edge.get("metadata"))
 
     def _load_items(self, items):
-        for item in items:
-            self.index(Document.from_dict(item))
+        self.index_many(Document.from_dict(item) for item in items)
 
 
 def _labels(labels):
