@@ -713,6 +713,37 @@ def test_dict_model_dump_and_load(db):
     assert again["ada"] == people["ada"]
 
 
+def _mp_popitem(path, out_path, barrier):
+    db = BeaverDB(path)
+    d, got, spurious = db.dict("d"), [], 0
+    barrier.wait(MP_DEADLINE)
+    while True:
+        try:
+            got.append(d.popitem())
+        except KeyError:
+            if len(d) == 0:             # nothing is ever added: a KeyError before empty is wrong
+                break
+            spurious += 1
+    Path(out_path).write_text(json.dumps({"got": got, "spurious": spurious}))
+    db.close()
+
+
+def test_dict_popitem_from_four_processes_is_atomic(tmp_path):
+    path, count = str(tmp_path / "mp.db"), 160
+    with BeaverDB(path) as db:
+        db.dict("d").update({f"k{i:03}": i for i in range(count)})
+    barrier = SPAWN.Barrier(4)
+    outs = [str(tmp_path / f"out{w}.json") for w in range(4)]
+    workers = [SPAWN.Process(target=_mp_popitem, args=(path, out, barrier)) for out in outs]
+    for p in workers:
+        p.start()
+    join_all(workers, time.monotonic() + MP_DEADLINE)
+    results = [json.loads(Path(out).read_text()) for out in outs]
+    popped = sorted(tuple(pair) for r in results for pair in r["got"])
+    assert popped == [(f"k{i:03}", i) for i in range(count)]
+    assert sum(r["spurious"] for r in results) == 0
+
+
 class DictMachine(RuleBasedStateMachine):
     """A DictManager against a plain dict, reopening the database now and then."""
 
@@ -990,6 +1021,36 @@ def test_list_models(db):
     assert [p.name for p in lst] == ["a", "c", "b"]
     assert lst[1].address.city == "x" and lst[0:2][1] == lst[1]
     assert lst.pop().name == "b"
+
+
+def _mp_remove(path, worker, out_path, barrier):
+    db = BeaverDB(path)
+    lst, errors = db.list("l"), []
+    barrier.wait(MP_DEADLINE)
+    for value in range(worker, 120, 4):
+        try:
+            lst.remove(value)
+        except (ValueError, IndexError) as e:
+            errors.append(repr(e))
+    Path(out_path).write_text(json.dumps(errors))
+    db.close()
+
+
+def test_list_remove_from_four_processes_removes_the_right_items(tmp_path):
+    path = str(tmp_path / "mp.db")
+    with BeaverDB(path) as db:
+        db.list("l").extend(range(120))
+        db.list("l").push("keep")
+    barrier = SPAWN.Barrier(4)
+    outs = [str(tmp_path / f"out{w}.json") for w in range(4)]
+    workers = [SPAWN.Process(target=_mp_remove, args=(path, w, outs[w], barrier))
+               for w in range(4)]
+    for p in workers:
+        p.start()
+    join_all(workers, time.monotonic() + MP_DEADLINE)
+    assert [json.loads(Path(out).read_text()) for out in outs] == [[]] * 4
+    with BeaverDB(path) as db:
+        assert list(db.list("l")) == ["keep"]
 
 
 class ListMachine(RuleBasedStateMachine):
