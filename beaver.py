@@ -620,6 +620,11 @@ class _Core:
             raise SchemaError(f"{self.path!r} has beaver schema version {found}; this beaver "
                               f"({__version__}) reads version {SCHEMA_VERSION} only")
         with self.transaction() as conn:
+            if self._schema_version() is None and self.execute(
+                    "SELECT 1 FROM sqlite_master WHERE substr(name, 1, 7) = 'beaver_'"
+                    ).fetchone():
+                raise SchemaError(f"{self.path!r} has beaver tables but no schema stamp: a "
+                                  "layout (an older beaver?) this version does not know")
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute("INSERT OR IGNORE INTO beaver_meta VALUES ('schema_version', ?)",
