@@ -195,6 +195,37 @@ def test_unreadable_schema_stamp_is_refused(tmp_path):
         BeaverDB(path)
 
 
+def test_unknown_beaver_layout_is_refused(tmp_path):
+    path = tmp_path / "old.db"             # beaver-looking tables, no stamp: e.g. an older beaver
+    conn = sqlite3.connect(str(path))
+    conn.execute("CREATE TABLE beaver_dicts (dict_name TEXT, key TEXT, value TEXT)")
+    conn.execute("INSERT INTO beaver_dicts VALUES ('d', 'k', '1')")
+    conn.commit()
+    conn.close()
+    with pytest.raises(beaver.SchemaError):
+        BeaverDB(path)
+    assert raw_rows(path, "SELECT name FROM sqlite_master") == [("beaver_dicts",)]
+
+
+def test_concurrent_first_opens_agree_on_the_schema(tmp_path):
+    path, errors = tmp_path / "fresh.db", []
+
+    def open_and_write(i):
+        try:
+            with BeaverDB(path) as db:
+                db.list("l").push(i)
+        except Exception as e:
+            errors.append(e)
+    threads = [threading.Thread(target=open_and_write, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(MP_DEADLINE)
+    assert errors == []
+    with BeaverDB(path) as db:
+        assert sorted(db.list("l")) == list(range(6))
+
+
 def test_existing_sqlite_file_with_other_tables_is_usable(tmp_path):
     path = tmp_path / "app.db"
     conn = sqlite3.connect(str(path))
