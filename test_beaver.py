@@ -1618,6 +1618,49 @@ def test_dict_four_processes_incrementing_under_the_manager_lock(tmp_path):
         assert db.dict("c")["n"] == 4 * count
 
 
+def test_db_lock_excludes_other_connections(tmp_path):
+    path = tmp_path / "lock.db"
+    with BeaverDB(path) as one, BeaverDB(path) as two:
+        with one.lock("job", timeout=5) as held:
+            assert held is not None
+            with pytest.raises(TimeoutError):
+                with two.lock("job", timeout=0.05):
+                    pass
+        with two.lock("job", timeout=5):
+            pass
+
+
+def _seed_scraper():
+    """The spec's lock example, verbatim apart from the returned outcome."""
+    db = BeaverDB("scraper_state.db")
+    scrapers_state = db.dict("scraper_state")
+    outcome = "skipped"
+    last_refresh = scrapers_state.get("last_sitemap_refresh", 0)
+    if time.time() - last_refresh > 3600:
+        try:
+            with db.lock("refresh_sitemap", timeout=1):
+                print(f"PID {os.getpid()} is refreshing the sitemap...")
+                scrapers_state["sitemap"] = ["/page1", "/page2"]
+                scrapers_state["last_sitemap_refresh"] = time.time()
+                outcome = "refreshed"
+        except TimeoutError:
+            print(f"PID {os.getpid()} letting other process handle refresh.")
+            outcome = "timed out"
+    sitemap = scrapers_state.get("sitemap")
+    print(f"PID {os.getpid()} proceeding with sitemap: {sitemap}")
+    db.close()
+    return outcome
+
+
+def test_seed_lock_scraper(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with BeaverDB("scraper_state.db") as other:
+        with other.lock("refresh_sitemap", timeout=5):
+            assert _seed_scraper() == "timed out"     # somebody else is refreshing
+    assert _seed_scraper() == "refreshed"
+    assert _seed_scraper() == "skipped"               # refreshed less than an hour ago
+
+
 # ---- BeaverDB ----
 
 def test_managers_are_cached_per_kind_and_name(db):
