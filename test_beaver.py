@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent
 SPAWN = multiprocessing.get_context("spawn")
 MP_DEADLINE = 60.0          # seconds any multi-process test may take before it fails
 
-PROPERTY_SETTINGS = settings(max_examples=40, stateful_step_count=25, deadline=None,
+PROPERTY_SETTINGS = settings(max_examples=25, stateful_step_count=25, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -760,7 +760,7 @@ def _mp_popitem(path, out_path, barrier):
 
 
 def test_dict_popitem_from_four_processes_is_atomic(tmp_path):
-    path, count = str(tmp_path / "mp.db"), 160
+    path, count = str(tmp_path / "mp.db"), 100
     with BeaverDB(path) as db:
         db.dict("d").update({f"k{i:03}": i for i in range(count)})
     barrier = SPAWN.Barrier(4)
@@ -1192,7 +1192,7 @@ def _mp_push(path, worker, count, barrier):
 
 
 def test_list_four_processes_pushing_lose_nothing(tmp_path):
-    path, count = str(tmp_path / "mp.db"), 150
+    path, count = str(tmp_path / "mp.db"), 100
     BeaverDB(path).close()
     barrier = SPAWN.Barrier(4)
     workers = [SPAWN.Process(target=_mp_push, args=(path, w, count, barrier)) for w in range(4)]
@@ -1403,7 +1403,7 @@ def _mp_consume(path, worker, barrier, out_path):
 
 
 def test_queue_four_consumers_get_each_item_exactly_once(tmp_path):
-    path, count = str(tmp_path / "mp.db"), 400
+    path, count = str(tmp_path / "mp.db"), 240
     BeaverDB(path).close()
     barrier = SPAWN.Barrier(5)
     outs = [str(tmp_path / f"out{w}.json") for w in range(4)]
@@ -1606,7 +1606,7 @@ def _mp_increment(path, count, barrier):
 
 
 def test_dict_four_processes_incrementing_under_the_manager_lock(tmp_path):
-    path, count = str(tmp_path / "mp.db"), 40
+    path, count = str(tmp_path / "mp.db"), 25
     BeaverDB(path).close()
     barrier = SPAWN.Barrier(4)
     workers = [SPAWN.Process(target=_mp_increment, args=(path, count, barrier))
