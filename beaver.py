@@ -312,7 +312,7 @@ def _copy_default(value):
 def _dump(value):
     if isinstance(value, Model):
         return value.model_dump()
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         return [_dump(v) for v in value]
     if isinstance(value, dict):
         return {k: _dump(v) for k, v in value.items()}
@@ -338,6 +338,14 @@ def _coerce(annotation, value, where):
             except ValidationError as e:
                 errors.append(str(e))
         raise ValidationError("; ".join(errors) or f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValidationError(f"{where}: expected one of {args!r}, got {value!r}")
+        return value
+    if origin is tuple and args and args[-1] is not Ellipsis and isinstance(value, (list, tuple)):
+        if len(value) != len(args):
+            raise ValidationError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return [_coerce(a, v, where) for a, v in zip(args, value)]
     if isinstance(annotation, type) and issubclass(annotation, Model):
         if isinstance(value, dict):
             return annotation.model_validate(value)
