@@ -374,6 +374,24 @@ def test_model_rejects_bad_data(data):
         Person.model_validate(data)
 
 
+def test_model_literal_tuple_and_set_fields():
+    class Shape(beaver.Model):
+        kind: typing.Literal["circle", "square"] = "circle"
+        origin: typing.Tuple[int, str] = (0, "")
+        sizes: typing.Tuple[float, ...] = ()
+        tags: typing.Set[str] = set()
+
+    shape = Shape(kind="square", origin=(1, "a"), sizes=(1.5, 2), tags={"x"})
+    again = Shape.model_validate_json(shape.model_dump_json())
+    assert again.model_dump() == {"kind": "square", "origin": [1, "a"], "sizes": [1.5, 2],
+                                  "tags": ["x"]}
+    assert Shape().model_dump_json()                  # defaults serialize too
+    for bad in [{"kind": "triangle"}, {"origin": (1, 2)}, {"origin": [1]},
+                {"sizes": ["big"]}, {"tags": [1]}]:
+        with pytest.raises(beaver.ValidationError):
+            Shape.model_validate(bad)
+
+
 def test_model_validate_needs_a_dict():
     with pytest.raises(ValueError):
         Person.model_validate(["not", "a", "dict"])
