@@ -1272,7 +1272,7 @@ class ListManager(_Manager, MutableSequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self._get_slice(index)
-        if isinstance(index, int) and not isinstance(index, bool):
+        if isinstance(index, int) and not isinstance(index, bool) and abs(index) < _SHIFT:
             if index >= 0:
                 sql = f"SELECT value FROM beaver_lists WHERE name = ? AND pos = {self._MIN} + ?"
             else:
