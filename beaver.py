@@ -155,7 +155,8 @@ class _Deadline:
     __slots__ = ("end",)
 
     def __init__(self, timeout):
-        self.end = None if timeout is None else time.monotonic() + timeout
+        forever = timeout is None or timeout >= threading.TIMEOUT_MAX  # e.g. float("inf")
+        self.end = None if forever else time.monotonic() + timeout
 
     def remaining(self, cap=None):
         left = None if self.end is None else max(0.0, self.end - time.monotonic())
