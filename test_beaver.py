@@ -1048,6 +1048,20 @@ def test_list_bad_indices(ten, bad):
     assert list(ten) == list(range(10))
 
 
+@pytest.mark.parametrize("index", [2**63, -2**63, 10**30, -10**30, 2**60, 10, -11])
+def test_list_out_of_range_indices_raise_index_error(ten, index):
+    with pytest.raises(IndexError):
+        ten[index]
+    with pytest.raises(IndexError):
+        ten[index] = "x"
+    with pytest.raises(IndexError):
+        del ten[index]
+    with pytest.raises(IndexError):
+        ten.pop(index)
+    assert ten[index:] == list(range(10))[index:]
+    assert list(ten) == list(range(10))
+
+
 def test_list_dump_and_load(ten, db):
     data = ten.dump()
     assert data["metadata"]["type"] == "list" and data["items"] == list(range(10))
@@ -1311,6 +1325,17 @@ def test_queue_blocking_get_wakes_on_put_from_another_thread(db):
     consumer.start()
     q.put("hello")
     consumer.join(30)
+    assert not consumer.is_alive() and got == ["hello"]
+
+
+@pytest.mark.parametrize("timeout", [None, float("inf"), 1e300])
+def test_queue_get_with_unbounded_timeouts(db, timeout):
+    q = db.queue("q")
+    got = []
+    consumer = threading.Thread(target=lambda: got.append(q.get(timeout=timeout).data))
+    consumer.start()
+    q.put("hello")
+    consumer.join(MP_DEADLINE)
     assert not consumer.is_alive() and got == ["hello"]
 
 
