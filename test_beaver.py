@@ -6,10 +6,8 @@ fixed sleep for synchronisation. TTL tests drive beaver's one clock (``beaver._n
 through the ``clock`` fixture, so they neither sleep nor depend on timing.
 """
 import asyncio
-import contextlib
 import io
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -1749,7 +1747,8 @@ def test_names_are_just_names(tmp_path, name):
         b.put("k", b"x", metadata=name)
         with d:
             pass
-        assert d["k"] == name and list(lst) == [name] and len(q) == 1 and b.get("k").metadata == name
+        assert d["k"] == name and list(lst) == [name] and len(q) == 1
+        assert b.get("k").metadata == name
         assert db.dict("plain")["k"] == "plain" and len(db.dict("plain")) == 1
         assert len(db.dict("other")) == 0 and len(db.list("other")) == 0
         d.clear()
