@@ -792,7 +792,7 @@ def test_dict_popitem_from_four_processes_is_atomic(tmp_path):
 
 
 class DictMachine(RuleBasedStateMachine):
-    """A DictManager against a plain dict, reopening the database now and then."""
+    """A DictManager against a plain dict with expiry times, on a fake clock, reopening."""
 
     keys = st.text(max_size=3)
 
@@ -800,22 +800,38 @@ class DictMachine(RuleBasedStateMachine):
         super().__init__()
         self.folder = tempfile.mkdtemp(prefix="beaver-dict-")
         self.path = os.path.join(self.folder, "p.db")
+        self.clock = FakeClock(1_000_000.0)
+        self.real_now, beaver._now = beaver._now, self.clock
         self.db = BeaverDB(self.path)
         self.d = self.db.dict("p")
-        self.oracle = {}
+        self.oracle = {}                # key -> (value, expires_at or None)
 
     def teardown(self):
+        beaver._now = self.real_now
         self.db.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def live(self):
+        now = self.clock.now
+        return {k: v for k, (v, exp) in self.oracle.items() if exp is None or exp > now}
 
     @rule(key=keys, value=json_values)
     def set(self, key, value):
         self.d[key] = value
-        self.oracle[key] = value
+        self.oracle[key] = (value, None)
+
+    @rule(key=keys, value=json_scalars, ttl=st.sampled_from([1, 2.5, 10]))
+    def set_with_ttl(self, key, value, ttl):
+        self.d.set(key, value, ttl_seconds=ttl)
+        self.oracle[key] = (value, self.clock.now + ttl)
+
+    @rule(seconds=st.sampled_from([0.5, 1, 2.5, 4]))
+    def advance(self, seconds):
+        self.clock.advance(seconds)
 
     @rule(key=keys)
     def delete(self, key):
-        if key in self.oracle:
+        if key in self.live():
             del self.d[key]
             del self.oracle[key]
         else:
@@ -824,22 +840,32 @@ class DictMachine(RuleBasedStateMachine):
 
     @rule(key=keys)
     def pop(self, key):
-        assert self.d.pop(key, "absent") == self.oracle.pop(key, "absent")
+        expected = self.live().get(key, "absent")
+        self.oracle.pop(key, None)
+        assert self.d.pop(key, "absent") == expected
 
     @rule(key=keys, value=json_scalars)
     def setdefault(self, key, value):
-        assert self.d.setdefault(key, value) == self.oracle.setdefault(key, value)
+        live = self.live()
+        if key not in live:
+            self.oracle[key] = (value, None)
+        assert self.d.setdefault(key, value) == live.get(key, value)
 
     @rule(items=st.dictionaries(keys, json_scalars, max_size=4))
     def update(self, items):
         self.d.update(items)
-        self.oracle.update(items)
+        self.oracle.update({k: (v, None) for k, v in items.items()})
 
-    @precondition(lambda self: self.oracle)
     @rule()
     def popitem(self):
-        key = min(self.oracle)
-        assert self.d.popitem() == (key, self.oracle.pop(key))
+        live = self.live()
+        if not live:
+            with pytest.raises(KeyError):
+                self.d.popitem()
+            return
+        key = min(live)
+        del self.oracle[key]
+        assert self.d.popitem() == (key, live[key])
 
     @rule()
     def clear(self):
@@ -854,8 +880,16 @@ class DictMachine(RuleBasedStateMachine):
 
     @invariant()
     def same(self):
-        assert len(self.d) == len(self.oracle)
-        assert self.d.items() == sorted(self.oracle.items(), key=lambda kv: kv[0])
+        live = self.live()
+        assert len(self.d) == len(live)
+        assert self.d.items() == sorted(live.items(), key=lambda kv: kv[0])
+        assert [item["key"] for item in self.d.dump()["items"]] == sorted(live)
+        for key in list(live)[:3]:
+            assert key in self.d and self.d[key] == live[key]
+            expected_ttl = self.oracle[key][1]
+            ttl = self.d.ttl(key)
+            assert (ttl is None) if expected_ttl is None else ttl == pytest.approx(
+                expected_ttl - self.clock.now)
 
 
 TestDictProperties = DictMachine.TestCase
