@@ -2092,6 +2092,18 @@ def test_as_async_on_every_manager(db):
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("factory", ["dict", "list", "queue", "blobs", "blob", "log", "channel",
+                                     "collection"])
+def test_as_async_exists_on_every_manager(db, factory):
+    if not hasattr(db, factory):
+        pytest.skip(f"this beaver has no db.{factory}() yet")
+    manager = getattr(db, factory)("any")
+    twin = manager.as_async()
+    assert twin is not None and twin is not manager
+    if hasattr(manager, "__len__"):
+        assert asyncio.run(twin.len()) == len(manager)
+
+
 # ---- aliases ----
 
 def test_alias_imports():
