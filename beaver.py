@@ -501,7 +501,8 @@ class _Core:
         if durability not in ("normal", "full"):
             raise ValueError("durability must be 'normal' or 'full'")
         self.memory = str(path) == ":memory:"
-        self.path = _memory_path() if self.memory else os.fspath(path)
+        # absolute, so a later chdir cannot send new threads' connections to another file
+        self.path = _memory_path() if self.memory else os.path.abspath(os.fspath(path))
         self.timeout = float(timeout)
         self.synchronous = "OFF" if self.memory else durability.upper()
         self.closed = False
