@@ -1989,6 +1989,21 @@ def test_threads_share_one_database(tmp_path, where):
             conn.execute("SELECT 1")
 
 
+def test_relative_path_survives_chdir(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    with BeaverDB("app.db") as db:
+        db.dict("d")["k"] = "v"
+        monkeypatch.chdir(tmp_path / "b")
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(db.dict("d").get("k")))
+        t.start()
+        t.join(MP_DEADLINE)
+        assert seen == ["v"] and os.path.isabs(db.path)
+    assert list((tmp_path / "b").iterdir()) == []
+
+
 def test_memory_databases_are_private_and_vanish(tmp_path):
     one, two = BeaverDB(":memory:"), BeaverDB(":memory:")
     one.dict("d")["k"] = 1
