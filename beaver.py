@@ -201,7 +201,8 @@ class _Deadline:
     __slots__ = ("end",)
 
     def __init__(self, timeout):
-        self.end = None if timeout is None else time.monotonic() + timeout
+        forever = timeout is None or timeout >= threading.TIMEOUT_MAX  # e.g. float("inf")
+        self.end = None if forever else time.monotonic() + timeout
 
     def remaining(self, cap=None):
         left = None if self.end is None else max(0.0, self.end - time.monotonic())
@@ -358,7 +359,7 @@ def _copy_default(value):
 def _dump(value):
     if isinstance(value, Model):
         return value.model_dump()
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         return [_dump(v) for v in value]
     if isinstance(value, dict):
         return {k: _dump(v) for k, v in value.items()}
@@ -384,6 +385,14 @@ def _coerce(annotation, value, where):
             except ValidationError as e:
                 errors.append(str(e))
         raise ValidationError("; ".join(errors) or f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValidationError(f"{where}: expected one of {args!r}, got {value!r}")
+        return value
+    if origin is tuple and args and args[-1] is not Ellipsis and isinstance(value, (list, tuple)):
+        if len(value) != len(args):
+            raise ValidationError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return [_coerce(a, v, where) for a, v in zip(args, value)]
     if isinstance(annotation, type) and issubclass(annotation, Model):
         if isinstance(value, dict):
             return annotation.model_validate(value)
@@ -504,7 +513,8 @@ class _Core:
         if durability not in ("normal", "full"):
             raise ValueError("durability must be 'normal' or 'full'")
         self.memory = str(path) == ":memory:"
-        self.path = _memory_path() if self.memory else os.fspath(path)
+        # absolute, so a later chdir cannot send new threads' connections to another file
+        self.path = _memory_path() if self.memory else os.path.abspath(os.fspath(path))
         self.timeout = float(timeout)
         self.synchronous = "OFF" if self.memory else durability.upper()
         self.closed = False
@@ -702,6 +712,11 @@ class _Core:
             raise SchemaError(f"{self.path!r} has beaver schema version {found}; this beaver "
                               f"({__version__}) reads version {SCHEMA_VERSION} only")
         with self.transaction() as conn:
+            if self._schema_version() is None and self.execute(
+                    "SELECT 1 FROM sqlite_master WHERE substr(name, 1, 7) = 'beaver_'"
+                    ).fetchone():
+                raise SchemaError(f"{self.path!r} has beaver tables but no schema stamp: a "
+                                  "layout (an older beaver?) this version does not know")
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute("INSERT OR IGNORE INTO beaver_meta VALUES ('schema_version', ?)",
@@ -1565,7 +1580,7 @@ class ListManager(_Manager, MutableSequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self._get_slice(index)
-        if isinstance(index, int) and not isinstance(index, bool):
+        if isinstance(index, int) and not isinstance(index, bool) and abs(index) < _SHIFT:
             if index >= 0:
                 sql = f"SELECT value FROM beaver_lists WHERE name = ? AND pos = {self._MIN} + ?"
             else:

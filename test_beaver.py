@@ -6,10 +6,8 @@ fixed sleep for synchronisation. TTL tests drive beaver's one clock (``beaver._n
 through the ``clock`` fixture, so they neither sleep nor depend on timing.
 """
 import asyncio
-import contextlib
 import io
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -37,7 +35,7 @@ ROOT = Path(__file__).resolve().parent
 SPAWN = multiprocessing.get_context("spawn")
 MP_DEADLINE = 60.0          # seconds any multi-process test may take before it fails
 
-PROPERTY_SETTINGS = settings(max_examples=40, stateful_step_count=25, deadline=None,
+PROPERTY_SETTINGS = settings(max_examples=25, stateful_step_count=25, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -197,6 +195,37 @@ def test_unreadable_schema_stamp_is_refused(tmp_path):
         BeaverDB(path)
 
 
+def test_unknown_beaver_layout_is_refused(tmp_path):
+    path = tmp_path / "old.db"             # beaver-looking tables, no stamp: e.g. an older beaver
+    conn = sqlite3.connect(str(path))
+    conn.execute("CREATE TABLE beaver_dicts (dict_name TEXT, key TEXT, value TEXT)")
+    conn.execute("INSERT INTO beaver_dicts VALUES ('d', 'k', '1')")
+    conn.commit()
+    conn.close()
+    with pytest.raises(beaver.SchemaError):
+        BeaverDB(path)
+    assert raw_rows(path, "SELECT name FROM sqlite_master") == [("beaver_dicts",)]
+
+
+def test_concurrent_first_opens_agree_on_the_schema(tmp_path):
+    path, errors = tmp_path / "fresh.db", []
+
+    def open_and_write(i):
+        try:
+            with BeaverDB(path) as db:
+                db.list("l").push(i)
+        except Exception as e:
+            errors.append(e)
+    threads = [threading.Thread(target=open_and_write, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(MP_DEADLINE)
+    assert errors == []
+    with BeaverDB(path) as db:
+        assert sorted(db.list("l")) == list(range(6))
+
+
 def test_existing_sqlite_file_with_other_tables_is_usable(tmp_path):
     path = tmp_path / "app.db"
     conn = sqlite3.connect(str(path))
@@ -343,6 +372,24 @@ def test_model_rejects_bad_data(data):
         Person.model_validate(data)
     with pytest.raises(ValueError):
         Person.model_validate(data)
+
+
+def test_model_literal_tuple_and_set_fields():
+    class Shape(beaver.Model):
+        kind: typing.Literal["circle", "square"] = "circle"
+        origin: typing.Tuple[int, str] = (0, "")
+        sizes: typing.Tuple[float, ...] = ()
+        tags: typing.Set[str] = set()
+
+    shape = Shape(kind="square", origin=(1, "a"), sizes=(1.5, 2), tags={"x"})
+    again = Shape.model_validate_json(shape.model_dump_json())
+    assert again.model_dump() == {"kind": "square", "origin": [1, "a"], "sizes": [1.5, 2],
+                                  "tags": ["x"]}
+    assert Shape().model_dump_json()                  # defaults serialize too
+    for bad in [{"kind": "triangle"}, {"origin": (1, 2)}, {"origin": [1]},
+                {"sizes": ["big"]}, {"tags": [1]}]:
+        with pytest.raises(beaver.ValidationError):
+            Shape.model_validate(bad)
 
 
 def test_model_validate_needs_a_dict():
@@ -715,8 +762,39 @@ def test_dict_model_dump_and_load(db):
     assert again["ada"] == people["ada"]
 
 
+def _mp_popitem(path, out_path, barrier):
+    db = BeaverDB(path)
+    d, got, spurious = db.dict("d"), [], 0
+    barrier.wait(MP_DEADLINE)
+    while True:
+        try:
+            got.append(d.popitem())
+        except KeyError:
+            if len(d) == 0:             # nothing is ever added: a KeyError before empty is wrong
+                break
+            spurious += 1
+    Path(out_path).write_text(json.dumps({"got": got, "spurious": spurious}))
+    db.close()
+
+
+def test_dict_popitem_from_four_processes_is_atomic(tmp_path):
+    path, count = str(tmp_path / "mp.db"), 100
+    with BeaverDB(path) as db:
+        db.dict("d").update({f"k{i:03}": i for i in range(count)})
+    barrier = SPAWN.Barrier(4)
+    outs = [str(tmp_path / f"out{w}.json") for w in range(4)]
+    workers = [SPAWN.Process(target=_mp_popitem, args=(path, out, barrier)) for out in outs]
+    for p in workers:
+        p.start()
+    join_all(workers, time.monotonic() + MP_DEADLINE)
+    results = [json.loads(Path(out).read_text()) for out in outs]
+    popped = sorted(tuple(pair) for r in results for pair in r["got"])
+    assert popped == [(f"k{i:03}", i) for i in range(count)]
+    assert sum(r["spurious"] for r in results) == 0
+
+
 class DictMachine(RuleBasedStateMachine):
-    """A DictManager against a plain dict, reopening the database now and then."""
+    """A DictManager against a plain dict with expiry times, on a fake clock, reopening."""
 
     keys = st.text(max_size=3)
 
@@ -724,22 +802,38 @@ class DictMachine(RuleBasedStateMachine):
         super().__init__()
         self.folder = tempfile.mkdtemp(prefix="beaver-dict-")
         self.path = os.path.join(self.folder, "p.db")
+        self.clock = FakeClock(1_000_000.0)
+        self.real_now, beaver._now = beaver._now, self.clock
         self.db = BeaverDB(self.path)
         self.d = self.db.dict("p")
-        self.oracle = {}
+        self.oracle = {}                # key -> (value, expires_at or None)
 
     def teardown(self):
+        beaver._now = self.real_now
         self.db.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def live(self):
+        now = self.clock.now
+        return {k: v for k, (v, exp) in self.oracle.items() if exp is None or exp > now}
 
     @rule(key=keys, value=json_values)
     def set(self, key, value):
         self.d[key] = value
-        self.oracle[key] = value
+        self.oracle[key] = (value, None)
+
+    @rule(key=keys, value=json_scalars, ttl=st.sampled_from([1, 2.5, 10]))
+    def set_with_ttl(self, key, value, ttl):
+        self.d.set(key, value, ttl_seconds=ttl)
+        self.oracle[key] = (value, self.clock.now + ttl)
+
+    @rule(seconds=st.sampled_from([0.5, 1, 2.5, 4]))
+    def advance(self, seconds):
+        self.clock.advance(seconds)
 
     @rule(key=keys)
     def delete(self, key):
-        if key in self.oracle:
+        if key in self.live():
             del self.d[key]
             del self.oracle[key]
         else:
@@ -748,22 +842,32 @@ class DictMachine(RuleBasedStateMachine):
 
     @rule(key=keys)
     def pop(self, key):
-        assert self.d.pop(key, "absent") == self.oracle.pop(key, "absent")
+        expected = self.live().get(key, "absent")
+        self.oracle.pop(key, None)
+        assert self.d.pop(key, "absent") == expected
 
     @rule(key=keys, value=json_scalars)
     def setdefault(self, key, value):
-        assert self.d.setdefault(key, value) == self.oracle.setdefault(key, value)
+        live = self.live()
+        if key not in live:
+            self.oracle[key] = (value, None)
+        assert self.d.setdefault(key, value) == live.get(key, value)
 
     @rule(items=st.dictionaries(keys, json_scalars, max_size=4))
     def update(self, items):
         self.d.update(items)
-        self.oracle.update(items)
+        self.oracle.update({k: (v, None) for k, v in items.items()})
 
-    @precondition(lambda self: self.oracle)
     @rule()
     def popitem(self):
-        key = min(self.oracle)
-        assert self.d.popitem() == (key, self.oracle.pop(key))
+        live = self.live()
+        if not live:
+            with pytest.raises(KeyError):
+                self.d.popitem()
+            return
+        key = min(live)
+        del self.oracle[key]
+        assert self.d.popitem() == (key, live[key])
 
     @rule()
     def clear(self):
@@ -778,8 +882,16 @@ class DictMachine(RuleBasedStateMachine):
 
     @invariant()
     def same(self):
-        assert len(self.d) == len(self.oracle)
-        assert self.d.items() == sorted(self.oracle.items(), key=lambda kv: kv[0])
+        live = self.live()
+        assert len(self.d) == len(live)
+        assert self.d.items() == sorted(live.items(), key=lambda kv: kv[0])
+        assert [item["key"] for item in self.d.dump()["items"]] == sorted(live)
+        for key in list(live)[:3]:
+            assert key in self.d and self.d[key] == live[key]
+            expected_ttl = self.oracle[key][1]
+            ttl = self.d.ttl(key)
+            assert (ttl is None) if expected_ttl is None else ttl == pytest.approx(
+                expected_ttl - self.clock.now)
 
 
 TestDictProperties = DictMachine.TestCase
@@ -970,6 +1082,20 @@ def test_list_bad_indices(ten, bad):
     assert list(ten) == list(range(10))
 
 
+@pytest.mark.parametrize("index", [2**63, -2**63, 10**30, -10**30, 2**60, 10, -11])
+def test_list_out_of_range_indices_raise_index_error(ten, index):
+    with pytest.raises(IndexError):
+        ten[index]
+    with pytest.raises(IndexError):
+        ten[index] = "x"
+    with pytest.raises(IndexError):
+        del ten[index]
+    with pytest.raises(IndexError):
+        ten.pop(index)
+    assert ten[index:] == list(range(10))[index:]
+    assert list(ten) == list(range(10))
+
+
 def test_list_dump_and_load(ten, db):
     data = ten.dump()
     assert data["metadata"]["type"] == "list" and data["items"] == list(range(10))
@@ -992,6 +1118,36 @@ def test_list_models(db):
     assert [p.name for p in lst] == ["a", "c", "b"]
     assert lst[1].address.city == "x" and lst[0:2][1] == lst[1]
     assert lst.pop().name == "b"
+
+
+def _mp_remove(path, worker, out_path, barrier):
+    db = BeaverDB(path)
+    lst, errors = db.list("l"), []
+    barrier.wait(MP_DEADLINE)
+    for value in range(worker, 120, 4):
+        try:
+            lst.remove(value)
+        except (ValueError, IndexError) as e:
+            errors.append(repr(e))
+    Path(out_path).write_text(json.dumps(errors))
+    db.close()
+
+
+def test_list_remove_from_four_processes_removes_the_right_items(tmp_path):
+    path = str(tmp_path / "mp.db")
+    with BeaverDB(path) as db:
+        db.list("l").extend(range(120))
+        db.list("l").push("keep")
+    barrier = SPAWN.Barrier(4)
+    outs = [str(tmp_path / f"out{w}.json") for w in range(4)]
+    workers = [SPAWN.Process(target=_mp_remove, args=(path, w, outs[w], barrier))
+               for w in range(4)]
+    for p in workers:
+        p.start()
+    join_all(workers, time.monotonic() + MP_DEADLINE)
+    assert [json.loads(Path(out).read_text()) for out in outs] == [[]] * 4
+    with BeaverDB(path) as db:
+        assert list(db.list("l")) == ["keep"]
 
 
 class ListMachine(RuleBasedStateMachine):
@@ -1102,7 +1258,7 @@ def _mp_push(path, worker, count, barrier):
 
 
 def test_list_four_processes_pushing_lose_nothing(tmp_path):
-    path, count = str(tmp_path / "mp.db"), 150
+    path, count = str(tmp_path / "mp.db"), 100
     BeaverDB(path).close()
     barrier = SPAWN.Barrier(4)
     workers = [SPAWN.Process(target=_mp_push, args=(path, w, count, barrier)) for w in range(4)]
@@ -1203,6 +1359,17 @@ def test_queue_blocking_get_wakes_on_put_from_another_thread(db):
     consumer.start()
     q.put("hello")
     consumer.join(30)
+    assert not consumer.is_alive() and got == ["hello"]
+
+
+@pytest.mark.parametrize("timeout", [None, float("inf"), 1e300])
+def test_queue_get_with_unbounded_timeouts(db, timeout):
+    q = db.queue("q")
+    got = []
+    consumer = threading.Thread(target=lambda: got.append(q.get(timeout=timeout).data))
+    consumer.start()
+    q.put("hello")
+    consumer.join(MP_DEADLINE)
     assert not consumer.is_alive() and got == ["hello"]
 
 
@@ -1313,7 +1480,7 @@ def _mp_consume(path, worker, barrier, out_path):
 
 
 def test_queue_four_consumers_get_each_item_exactly_once(tmp_path):
-    path, count = str(tmp_path / "mp.db"), 400
+    path, count = str(tmp_path / "mp.db"), 240
     BeaverDB(path).close()
     barrier = SPAWN.Barrier(5)
     outs = [str(tmp_path / f"out{w}.json") for w in range(4)]
@@ -1516,7 +1683,7 @@ def _mp_increment(path, count, barrier):
 
 
 def test_dict_four_processes_incrementing_under_the_manager_lock(tmp_path):
-    path, count = str(tmp_path / "mp.db"), 40
+    path, count = str(tmp_path / "mp.db"), 25
     BeaverDB(path).close()
     barrier = SPAWN.Barrier(4)
     workers = [SPAWN.Process(target=_mp_increment, args=(path, count, barrier))
@@ -1526,6 +1693,49 @@ def test_dict_four_processes_incrementing_under_the_manager_lock(tmp_path):
     join_all(workers, time.monotonic() + MP_DEADLINE)
     with BeaverDB(path) as db:
         assert db.dict("c")["n"] == 4 * count
+
+
+def test_db_lock_excludes_other_connections(tmp_path):
+    path = tmp_path / "lock.db"
+    with BeaverDB(path) as one, BeaverDB(path) as two:
+        with one.lock("job", timeout=5) as held:
+            assert held is not None
+            with pytest.raises(TimeoutError):
+                with two.lock("job", timeout=0.05):
+                    pass
+        with two.lock("job", timeout=5):
+            pass
+
+
+def _seed_scraper():
+    """The spec's lock example, verbatim apart from the returned outcome."""
+    db = BeaverDB("scraper_state.db")
+    scrapers_state = db.dict("scraper_state")
+    outcome = "skipped"
+    last_refresh = scrapers_state.get("last_sitemap_refresh", 0)
+    if time.time() - last_refresh > 3600:
+        try:
+            with db.lock("refresh_sitemap", timeout=1):
+                print(f"PID {os.getpid()} is refreshing the sitemap...")
+                scrapers_state["sitemap"] = ["/page1", "/page2"]
+                scrapers_state["last_sitemap_refresh"] = time.time()
+                outcome = "refreshed"
+        except TimeoutError:
+            print(f"PID {os.getpid()} letting other process handle refresh.")
+            outcome = "timed out"
+    sitemap = scrapers_state.get("sitemap")
+    print(f"PID {os.getpid()} proceeding with sitemap: {sitemap}")
+    db.close()
+    return outcome
+
+
+def test_seed_lock_scraper(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with BeaverDB("scraper_state.db") as other:
+        with other.lock("refresh_sitemap", timeout=5):
+            assert _seed_scraper() == "timed out"     # somebody else is refreshing
+    assert _seed_scraper() == "refreshed"
+    assert _seed_scraper() == "skipped"               # refreshed less than an hour ago
 
 
 # ---- BeaverDB ----
@@ -1573,7 +1783,8 @@ def test_names_are_just_names(tmp_path, name):
         b.put("k", b"x", metadata=name)
         with d:
             pass
-        assert d["k"] == name and list(lst) == [name] and len(q) == 1 and b.get("k").metadata == name
+        assert d["k"] == name and list(lst) == [name] and len(q) == 1
+        assert b.get("k").metadata == name
         assert db.dict("plain")["k"] == "plain" and len(db.dict("plain")) == 1
         assert len(db.dict("other")) == 0 and len(db.list("other")) == 0
         d.clear()
@@ -1778,6 +1989,21 @@ def test_threads_share_one_database(tmp_path, where):
             conn.execute("SELECT 1")
 
 
+def test_relative_path_survives_chdir(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    with BeaverDB("app.db") as db:
+        db.dict("d")["k"] = "v"
+        monkeypatch.chdir(tmp_path / "b")
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(db.dict("d").get("k")))
+        t.start()
+        t.join(MP_DEADLINE)
+        assert seen == ["v"] and os.path.isabs(db.path)
+    assert list((tmp_path / "b").iterdir()) == []
+
+
 def test_memory_databases_are_private_and_vanish(tmp_path):
     one, two = BeaverDB(":memory:"), BeaverDB(":memory:")
     one.dict("d")["k"] = 1
@@ -1879,6 +2105,18 @@ def test_as_async_on_every_manager(db):
         assert dumped["metadata"]["count"] == 1
         assert "Async" in repr(adict)
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("factory", ["dict", "list", "queue", "blobs", "blob", "log", "channel",
+                                     "collection"])
+def test_as_async_exists_on_every_manager(db, factory):
+    if not hasattr(db, factory):
+        pytest.skip(f"this beaver has no db.{factory}() yet")
+    manager = getattr(db, factory)("any")
+    twin = manager.as_async()
+    assert twin is not None and twin is not manager
+    if hasattr(manager, "__len__"):
+        assert asyncio.run(twin.len()) == len(manager)
 
 
 # ---- aliases ----
