@@ -172,9 +172,20 @@ class _Deadline:
 # Codecs and Model
 # ==========================================================================================
 
+try:  # CPython's C encoder, called directly: json.dumps(value, ensure_ascii=False,
+    # separators=(",", ":")) without building a JSONEncoder and its Python frames per value
+    from json.encoder import c_make_encoder as _c_make_encoder, encode_basestring as _encode_str
+except ImportError:  # pragma: no cover - Pythons without the _json accelerator
+    _c_make_encoder = None
+_json_default = json.JSONEncoder().default
+
+
 def _json_dumps(value) -> str:
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        if _c_make_encoder is None:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        return "".join(_c_make_encoder({}, _json_default, _encode_str, None, ":", ",",
+                                       False, False, True)(value, 0))
     except (TypeError, ValueError) as e:
         raise TypeError(f"value is not JSON-serializable: {e}") from None
 
