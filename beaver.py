@@ -194,14 +194,14 @@ class _JsonCodec:
     """Plain JSON: what goes in as dicts, lists, str, numbers, bools and None comes back."""
 
     model = None
+    _plain = frozenset((dict, list, str, int, float, bool, type(None)))
 
     def encode(self, value) -> str:
-        if hasattr(value, "model_dump_json"):
+        if type(value) not in self._plain and hasattr(value, "model_dump_json"):
             return value.model_dump_json()
         return _json_dumps(value)
 
-    def decode(self, text):
-        return json.loads(text)
+    decode = staticmethod(json.loads)
 
 
 class _ModelCodec:
@@ -533,7 +533,11 @@ class _Core:
     def execute(self, sql, params=()):
         """Run one statement on this thread's connection (autocommit unless in a transaction)."""
         try:
-            return self.conn().execute(sql, params)
+            conn = self._local.conn
+        except AttributeError:
+            conn = self.conn()
+        try:
+            return conn.execute(sql, params)
         except sqlite3.Error as e:
             raise self._error(e) from e
 
