@@ -911,6 +911,13 @@ class _Manager:
 
     # -- writes and events -------------------------------------------------------------
 
+    def _listened(self) -> bool:
+        """False when ``_wrote`` would do nothing (nobody waits or listens here).
+
+        Hot paths test this first so that they skip building the event payload.
+        """
+        return bool(self._core.watcher.users) or self._db._events.listening(self._topic)
+
     def _wrote(self, event, **fields):
         """After a write: wake waiters and, if anybody listens, emit ``event``."""
         core = self._core
@@ -1058,45 +1065,50 @@ class DictManager(_Manager, MutableMapping):
     _kind = "dict"
     _table = "beaver_dicts"
 
+    _GET = f"SELECT value FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
+    _HAS = f"SELECT 1 FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
+    _SET = ("INSERT INTO beaver_dicts (name, key, value, expires_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name, key) DO UPDATE SET value = excluded.value, "
+            "expires_at = excluded.expires_at")
+    _DEL = f"DELETE FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
+
     def __getitem__(self, key):
-        row = self._core.execute(
-            f"SELECT value FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, _check_key(key), _now())).fetchone()
+        if type(key) is not str:
+            _check_key(key)
+        row = self._core.execute(self._GET, (self._name, key, _now())).fetchone()
         if row is None:
             raise KeyError(key)
         return self._codec.decode(row[0])
 
     def get(self, key, default=None):
         """The value of ``key``, or ``default`` if it is missing or expired."""
-        row = self._core.execute(
-            f"SELECT value FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, _check_key(key), _now())).fetchone()
+        if type(key) is not str:
+            _check_key(key)
+        row = self._core.execute(self._GET, (self._name, key, _now())).fetchone()
         return default if row is None else self._codec.decode(row[0])
-
-    def __setitem__(self, key, value):
-        self.set(key, value)
 
     def set(self, key, value, ttl_seconds=None):
         """Store ``value`` under ``key``; with ``ttl_seconds`` it expires that much later.
 
             >>> cache.set("weather", {"temp": 21}, ttl_seconds=600)
         """
-        key, ttl = _check_key(key), _check_ttl(ttl_seconds)
+        if type(key) is not str:
+            _check_key(key)
+        ttl = None if ttl_seconds is None else _check_ttl(ttl_seconds)
         text = self._codec.encode(value)
         expires_at = None if ttl is None else _now() + ttl
-        self._core.execute(
-            "INSERT INTO beaver_dicts (name, key, value, expires_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (name, key) DO UPDATE SET value = excluded.value, "
-            "expires_at = excluded.expires_at",
-            (self._name, key, text, expires_at))
-        self._wrote("set", key=key, value=_to_jsonable(value))
+        self._core.execute(self._SET, (self._name, key, text, expires_at))
+        if self._listened():
+            self._wrote("set", key=key, value=_to_jsonable(value))
         if self._core.purge_due():
             self._purge_expired()
 
+    __setitem__ = set
+
     def __delitem__(self, key):
-        cursor = self._core.execute(
-            f"DELETE FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, _check_key(key), _now()))
+        if type(key) is not str:
+            _check_key(key)
+        cursor = self._core.execute(self._DEL, (self._name, key, _now()))
         if cursor.rowcount == 0:
             raise KeyError(key)
         self._wrote("del", key=key)
@@ -1104,9 +1116,7 @@ class DictManager(_Manager, MutableMapping):
     def __contains__(self, key):
         if not isinstance(key, str):
             return False
-        return self._core.execute(
-            f"SELECT 1 FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, key, _now())).fetchone() is not None
+        return self._core.execute(self._HAS, (self._name, key, _now())).fetchone() is not None
 
     def __len__(self):
         return self._core.execute(
