@@ -178,16 +178,34 @@ try:  # CPython's C encoder, called directly: json.dumps(value, ensure_ascii=Fal
 except ImportError:  # pragma: no cover - Pythons without the _json accelerator
     _c_make_encoder = None
 _json_default = json.JSONEncoder().default
+_json_scan = json.JSONDecoder().scan_once
+if _c_make_encoder is not None:
+    # Without a markers dict (no cycle check) one encoder serves every call; a cycle ends in
+    # RecursionError, and the checking encoder then reports it as json.dumps would.
+    _json_encode = _c_make_encoder(None, _json_default, _encode_str, None, ":", ",",
+                                   False, False, True)
 
 
 def _json_dumps(value) -> str:
     try:
         if _c_make_encoder is None:
             return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-        return "".join(_c_make_encoder({}, _json_default, _encode_str, None, ":", ",",
-                                       False, False, True)(value, 0))
+        try:
+            return "".join(_json_encode(value, 0))
+        except RecursionError:
+            return "".join(_c_make_encoder({}, _json_default, _encode_str, None, ":", ",",
+                                           False, False, True)(value, 0))
     except (TypeError, ValueError) as e:
         raise TypeError(f"value is not JSON-serializable: {e}") from None
+
+
+def _json_loads(text):
+    """``json.loads(text)``, scanning compact JSON (what beaver writes) without its wrapper."""
+    try:
+        value, end = _json_scan(text, 0)
+    except (StopIteration, TypeError):
+        return json.loads(text)     # leading space, bytes, bad JSON: json.loads decides
+    return value if end == len(text) else json.loads(text)
 
 
 class _JsonCodec:
@@ -201,7 +219,7 @@ class _JsonCodec:
             return value.model_dump_json()
         return _json_dumps(value)
 
-    decode = staticmethod(json.loads)
+    decode = staticmethod(_json_loads)
 
 
 class _ModelCodec:
