@@ -419,6 +419,9 @@ _SCHEMA = [
     """CREATE INDEX IF NOT EXISTS beaver_locks_name ON beaver_locks (name, ticket)""",
 ]
 
+# DELETE ... RETURNING takes an item in one autocommit statement (3.35.5 fixed its early bugs)
+_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 5)
+
 _live_cores: "weakref.WeakSet[_Core]" = weakref.WeakSet()
 
 
@@ -1258,6 +1261,16 @@ class ListManager(_Manager, MutableSequence):
 
     _MIN = "(SELECT min(pos) FROM beaver_lists WHERE name = ?)"
     _MAX = "(SELECT max(pos) FROM beaver_lists WHERE name = ?)"
+    _AT = f"SELECT value FROM beaver_lists WHERE name = ? AND pos = {_MIN} + ?"
+    _AT_END = f"SELECT value FROM beaver_lists WHERE name = ? AND pos = {_MAX} + 1 + ?"
+    _PUSH = ("INSERT INTO beaver_lists (name, pos, value) "
+             f"VALUES (?, coalesce({_MAX} + 1, 0), ?)")
+    _PREPEND = ("INSERT INTO beaver_lists (name, pos, value) "
+                f"VALUES (?, coalesce({_MIN} - 1, 0), ?)")
+    _TAKE_LAST = ("DELETE FROM beaver_lists WHERE name = ?1 AND pos = "
+                  "(SELECT max(pos) FROM beaver_lists WHERE name = ?1) RETURNING value")
+    _TAKE_FIRST = ("DELETE FROM beaver_lists WHERE name = ?1 AND pos = "
+                   "(SELECT min(pos) FROM beaver_lists WHERE name = ?1) RETURNING value")
 
     # -- positions ------------------------------------------------------------------------
 
@@ -1287,6 +1300,8 @@ class ListManager(_Manager, MutableSequence):
 
         The rows first jump far beyond every live position, then land at their new place.
         """
+        if lo_pos > hi_pos:
+            return
         self._core.execute(
             "UPDATE beaver_lists SET pos = pos + ? WHERE name = ? AND pos BETWEEN ? AND ?",
             (_SHIFT + delta, self._name, lo_pos, hi_pos))
@@ -1302,12 +1317,8 @@ class ListManager(_Manager, MutableSequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self._get_slice(index)
-        if isinstance(index, int) and not isinstance(index, bool):
-            if index >= 0:
-                sql = f"SELECT value FROM beaver_lists WHERE name = ? AND pos = {self._MIN} + ?"
-            else:
-                sql = (f"SELECT value FROM beaver_lists WHERE name = ? "
-                       f"AND pos = {self._MAX} + 1 + ?")
+        if type(index) is int:
+            sql = self._AT if index >= 0 else self._AT_END
             row = self._core.execute(sql, (self._name, self._name, index)).fetchone()
             if row is None:
                 raise IndexError("list index out of range")
@@ -1354,20 +1365,18 @@ class ListManager(_Manager, MutableSequence):
     def push(self, value):
         """Append ``value`` at the end (``append`` is the same)."""
         text = self._codec.encode(value)
-        self._core.execute(
-            f"INSERT INTO beaver_lists (name, pos, value) "
-            f"VALUES (?, coalesce({self._MAX} + 1, 0), ?)", (self._name, self._name, text))
-        self._wrote("push", value=_to_jsonable(value))
+        self._core.execute(self._PUSH, (self._name, self._name, text))
+        if self._listened():
+            self._wrote("push", value=_to_jsonable(value))
 
     append = push
 
     def prepend(self, value):
         """Insert ``value`` at the front."""
         text = self._codec.encode(value)
-        self._core.execute(
-            f"INSERT INTO beaver_lists (name, pos, value) "
-            f"VALUES (?, coalesce({self._MIN} - 1, 0), ?)", (self._name, self._name, text))
-        self._wrote("prepend", value=_to_jsonable(value))
+        self._core.execute(self._PREPEND, (self._name, self._name, text))
+        if self._listened():
+            self._wrote("prepend", value=_to_jsonable(value))
 
     def extend(self, values):
         """Append every item of ``values`` in one transaction."""
@@ -1434,6 +1443,9 @@ class ListManager(_Manager, MutableSequence):
 
         On an empty list ``pop()`` returns ``None``; an explicit bad index raises IndexError.
         """
+        if index is None and _HAS_RETURNING and not self._listened():
+            value = self._take(self._TAKE_LAST)
+            return None if value is _MISSING else value
         with self._core.transaction():
             lo, length = self._bounds()
             if index is None:
@@ -1450,6 +1462,12 @@ class ListManager(_Manager, MutableSequence):
 
     def deque(self):
         """Remove and return the first item, or ``None`` if the list is empty."""
+        if _HAS_RETURNING:
+            value = self._take(self._TAKE_FIRST)
+            if value is _MISSING:
+                return None
+            self._wrote("deque")
+            return value
         with self._core.transaction():
             row = self._core.execute(
                 f"SELECT pos, value FROM beaver_lists WHERE name = ? AND pos = {self._MIN}",
@@ -1462,6 +1480,11 @@ class ListManager(_Manager, MutableSequence):
         return self._codec.decode(row[1])
 
     popleft = deque
+
+    def _take(self, sql):
+        """Delete and decode the end item ``sql`` picks, in one statement (or ``_MISSING``)."""
+        row = self._core.execute(sql, (self._name,)).fetchone()
+        return _MISSING if row is None else self._codec.decode(row[0])
 
     def remove(self, value):
         """Remove the first item equal to ``value`` (``ValueError`` if there is none)."""
