@@ -1569,6 +1569,10 @@ class QueueManager(_Manager):
     _kind = "queue"
     _table = "beaver_queues"
 
+    _PUT = "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)"
+    _TAKE = ("DELETE FROM beaver_queues WHERE seq = (SELECT seq FROM beaver_queues "
+             "WHERE name = ? ORDER BY priority, seq LIMIT 1) RETURNING priority, timestamp, data")
+
     def put(self, data, priority=0):
         """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
         if isinstance(priority, bool) or not isinstance(priority, (int, float)):
@@ -1576,10 +1580,9 @@ class QueueManager(_Manager):
         if priority != priority:
             raise ValueError("priority must not be NaN")
         text = self._codec.encode(data)
-        self._core.execute(
-            "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)",
-            (self._name, priority, _now(), text))
-        self._wrote("put", priority=priority, data=_to_jsonable(data))
+        self._core.execute(self._PUT, (self._name, priority, _now(), text))
+        if self._listened():
+            self._wrote("put", priority=priority, data=_to_jsonable(data))
 
     def get(self, block=True, timeout=None) -> QueueItem:
         """Remove and return the first item.
@@ -1599,15 +1602,27 @@ class QueueManager(_Manager):
         return item
 
     def _take(self):
-        with self._core.transaction():
-            row = self._core.execute(
-                "SELECT seq, priority, timestamp, data FROM beaver_queues WHERE name = ? "
-                "ORDER BY priority, seq LIMIT 1", (self._name,)).fetchone()
-            if row is None:
-                return None
-            self._core.execute("DELETE FROM beaver_queues WHERE seq = ?", (row[0],))
-            item = QueueItem(row[1], row[2], self._codec.decode(row[3]))
-            self._wrote("get", priority=item.priority, data=json.loads(row[3]))
+        if not _HAS_RETURNING:
+            with self._core.transaction():
+                row = self._core.execute(
+                    "SELECT seq, priority, timestamp, data FROM beaver_queues WHERE name = ? "
+                    "ORDER BY priority, seq LIMIT 1", (self._name,)).fetchone()
+                if row is None:
+                    return None
+                self._core.execute("DELETE FROM beaver_queues WHERE seq = ?", (row[0],))
+                return self._taken(row[1:])
+        if self._codec is _JSON:    # one autocommit statement: BEGIN IMMEDIATE is implied
+            row = self._core.execute(self._TAKE, (self._name,)).fetchone()
+            return None if row is None else self._taken(row)
+        with self._core.transaction():      # a model may refuse the row: then it stays
+            row = self._core.execute(self._TAKE, (self._name,)).fetchone()
+            return None if row is None else self._taken(row)
+
+    def _taken(self, row):
+        """The QueueItem of a deleted (priority, timestamp, data) row; tell who listens."""
+        item = QueueItem(row[0], row[1], self._codec.decode(row[2]))
+        if self._listened():
+            self._wrote("get", priority=item.priority, data=json.loads(row[2]))
         return item
 
     def peek(self):
