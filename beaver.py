@@ -18,20 +18,31 @@ __version__ = "0.1.0"
 __all__ = [
     "BeaverDB", "Model", "QueueItem", "Blob", "Lock",
     "DictManager", "ListManager", "QueueManager", "BlobManager", "AsyncManager",
+    "LeasedItem", "LogManager", "LogEntry", "LiveView", "ChannelManager", "Subscriber",
+    "AsyncChannelManager", "AsyncSubscriber", "AsyncLogManager", "AsyncLock",
     "BeaverError", "ClosedError", "SchemaError", "LockTimeout", "LockLost", "QueueEmpty",
     "Timeout", "DatabaseBusy", "ValidationError", "FeatureUnavailable",
+    "Document", "CollectionManager", "rerank",
+    "BeaverClient", "RemoteError", "Unauthorized", "main",
 ]
 
+import array
 import asyncio
 import base64
+import collections
 import contextlib
 import datetime as _dt
 import functools
+import heapq
 import io
 import json
 import logging
+import math
+import operator
 import os
 import queue as _queue
+import re
+import select
 import sqlite3
 import sys
 import tempfile
@@ -39,11 +50,27 @@ import threading
 import time
 import types
 import typing
+import unicodedata
 import uuid
 import weakref
 from collections.abc import MutableMapping, MutableSequence
 
 logger = logging.getLogger("beaver")
+
+
+class _LazyModule:
+    """A module imported on first use: ``asyncio`` alone costs more than the rest of beaver."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        module = __import__(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+asyncio = _LazyModule("asyncio")
 
 
 # ==========================================================================================
@@ -53,10 +80,17 @@ logger = logging.getLogger("beaver")
 SCHEMA_VERSION = 1
 DEFAULT_TIMEOUT = 30.0          # seconds a connection waits for SQLite's write lock
 WATCH_INTERVAL = 0.001          # seconds between two PRAGMA data_version checks
+WATCH_HOT = 0.05                # after a file change, poll every WATCH_INTERVAL this long
+WATCH_IDLE_CHECK = 0.1          # with inotify, the longest sleep between two checks
 WATCH_LINGER = 2.0              # seconds the watcher keeps polling after its last user left
 PURGE_INTERVAL = 1.0            # seconds between two purges of expired dict keys
 PURGE_BATCH = 500               # expired rows deleted per purge
 PAGE_SIZE = 1000                # rows fetched per page when iterating
+LISTENER_TTL = 10.0             # a listener registration lives this long without a heartbeat
+LISTENER_REFRESH = 0.05         # seconds a writer trusts its cache of listened topics
+EVENT_RETENTION = 60.0          # seconds cross-process event rows are kept
+CHANNEL_RETENTION = 3600.0      # default seconds a channel message is kept
+CHANNEL_MAX_MESSAGES = 100_000  # default messages kept per channel
 LOCK_WAITER_GRACE = 3.0         # a waiter that stops heart-beating this long loses its place
 _SHIFT = 1 << 60                # list positions live far below this; see ListManager._shift
 
@@ -413,10 +447,46 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_blobs (
         name TEXT NOT NULL, key TEXT NOT NULL, data BLOB NOT NULL, metadata TEXT,
         PRIMARY KEY (name, key)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_queue_leases (
+        lease INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, priority NUMERIC NOT NULL,
+        timestamp REAL NOT NULL, data TEXT NOT NULL, until REAL NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS beaver_queue_leases_due ON beaver_queue_leases (name, until)""",
+    """CREATE TABLE IF NOT EXISTS beaver_logs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, timestamp REAL NOT NULL,
+        data TEXT NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS beaver_logs_time ON beaver_logs (name, timestamp)""",
+    """CREATE TABLE IF NOT EXISTS beaver_channels (
+        seq INTEGER PRIMARY KEY, name TEXT NOT NULL, timestamp REAL NOT NULL,
+        data TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS beaver_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, name TEXT NOT NULL,
+        origin TEXT NOT NULL, timestamp REAL NOT NULL, payload TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS beaver_listeners (
+        owner TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, expires_at REAL NOT NULL,
+        PRIMARY KEY (owner, kind, name)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS beaver_locks (
         ticket INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, owner TEXT NOT NULL,
         expires_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0)""",
     """CREATE INDEX IF NOT EXISTS beaver_locks_name ON beaver_locks (name, ticket)""",
+    """CREATE TABLE IF NOT EXISTS beaver_collections (
+        collection TEXT PRIMARY KEY, dim INTEGER, metric TEXT NOT NULL DEFAULT 'l2', options TEXT,
+        version INTEGER NOT NULL DEFAULT 0, epoch INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS beaver_documents (
+        id INTEGER PRIMARY KEY, collection TEXT NOT NULL, doc_id TEXT NOT NULL, body TEXT,
+        UNIQUE (collection, doc_id))""",
+    """CREATE TABLE IF NOT EXISTS beaver_vectors (
+        collection TEXT NOT NULL, doc_id TEXT NOT NULL, vector BLOB NOT NULL,
+        PRIMARY KEY (collection, doc_id)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_terms (
+        collection TEXT NOT NULL, term TEXT NOT NULL, PRIMARY KEY (collection, term)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_trigrams (
+        collection TEXT NOT NULL, gram TEXT NOT NULL, size INTEGER NOT NULL, term TEXT NOT NULL,
+        PRIMARY KEY (collection, gram, size, term)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_edges (
+        collection TEXT NOT NULL, source TEXT NOT NULL, label TEXT NOT NULL, target TEXT NOT NULL,
+        metadata TEXT, PRIMARY KEY (collection, source, label, target)) WITHOUT ROWID""",
+    """CREATE INDEX IF NOT EXISTS beaver_edges_incoming
+        ON beaver_edges (collection, target, label, source)""",
 ]
 
 # DELETE ... RETURNING takes an item in one autocommit statement (3.35.5 fixed its early bugs)
@@ -694,6 +764,58 @@ class _Core:
 # Change notification
 # ==========================================================================================
 
+class _FileNotify:
+    """Linux inotify on the database files, so an idle watcher sleeps instead of polling.
+
+    A commit by any process appends to the ``-wal`` file; the event wakes the watcher, which
+    then checks ``PRAGMA data_version`` (the truth) and polls every millisecond for a short
+    while. Elsewhere ``open`` returns None and the watcher polls every millisecond.
+    """
+
+    def __init__(self, fd):
+        self.fd = fd
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
+
+    @classmethod
+    def open(cls, paths):
+        if not sys.platform.startswith("linux") or os.environ.get("BEAVER_WATCH") == "poll":
+            return None
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd < 0:
+                return None
+            if any(libc.inotify_add_watch(fd, os.fsencode(p), 0x2) < 0 for p in paths):
+                os.close(fd)       # 0x2 = IN_MODIFY; a missing -wal file means: poll instead
+                return None
+        except (OSError, AttributeError, ImportError):
+            return None
+        return cls(fd)
+
+    def wait(self, timeout):
+        """Block until a watched file changes or ``timeout`` seconds pass."""
+        self._poller.poll(int(timeout * 1000))
+
+    def drain(self) -> bool:
+        """Consume pending events; True if there were any."""
+        got = False
+        while True:
+            try:
+                if not os.read(self.fd, 4096):
+                    return got
+                got = True
+            except BlockingIOError:
+                return got
+            except OSError:
+                return True
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 class _Watcher:
     """Wakes waiting threads when the database changes, whichever process wrote.
 
@@ -763,17 +885,32 @@ class _Watcher:
         try:
             conn = sqlite3.connect(self._core.path, timeout=self._core.timeout,
                                    isolation_level=None, check_same_thread=False)
+            cursor = conn.cursor()
+            version = lambda: cursor.execute("PRAGMA data_version").fetchone()[0]
+            last = version()
         except sqlite3.Error:
             logger.exception("beaver watcher could not open %s", self._core.path)
             return
-        idle_since = None
+        notify = _FileNotify.open([self._core.path + "-wal", self._core.path])
+        idle_since, hot_until = None, 0.0
         try:
-            last = conn.execute("PRAGMA data_version").fetchone()[0]
             while not self._stopping:
-                time.sleep(WATCH_INTERVAL)
-                version = conn.execute("PRAGMA data_version").fetchone()[0]
-                if version != last:
-                    last = version
+                if notify is None:
+                    time.sleep(WATCH_INTERVAL)
+                else:
+                    hot = time.monotonic() < hot_until
+                    notify.wait(WATCH_INTERVAL if hot else WATCH_IDLE_CHECK)
+                fresh = notify is not None and notify.drain()
+                if fresh:
+                    hot_until = time.monotonic() + WATCH_HOT
+                current = version()
+                for _ in range(3 if fresh and current == last else 0):
+                    time.sleep(WATCH_INTERVAL / 10)   # the WAL write precedes the commit mark
+                    current = version()
+                    if current != last:
+                        break
+                if current != last:
+                    last = current
                     self.wake()
                 if self.users:
                     idle_since = None
@@ -788,6 +925,8 @@ class _Watcher:
             if not self._stopping:
                 logger.exception("beaver watcher stopped")
         finally:
+            if notify is not None:
+                notify.close()
             conn.close()
 
     def stop(self):
@@ -802,6 +941,18 @@ class _Watcher:
 # ==========================================================================================
 # Events
 # ==========================================================================================
+
+_live_realtime: "weakref.WeakSet" = weakref.WeakSet()      # _Events and _Hub objects
+
+
+def _reset_realtime_after_fork():
+    for owner in list(_live_realtime):
+        owner._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_realtime_after_fork)
+
 
 class _EventHandle:
     """Returned by ``manager.on(...)``; call ``off()`` to stop listening."""
@@ -822,16 +973,65 @@ class _EventHandle:
 
 
 class _Events:
-    """Callbacks per (kind, name), run after commit on one dispatcher thread, in order."""
+    """Callbacks per (kind, name), in every process, run after commit on one dispatcher thread.
 
-    def __init__(self):
+    A write whose topic is listened to in this ``BeaverDB`` is queued in memory after commit.
+    A write whose topic is listened to by another ``BeaverDB`` (any process) is also stored in
+    ``beaver_events``, inside the writer's transaction. Listeners register in
+    ``beaver_listeners`` with a heartbeat, so a crashed process stops costing writers anything
+    after LISTENER_TTL. Writers know the listened topics from a cache refreshed every
+    LISTENER_REFRESH seconds, and ``on()`` for a new topic returns that much after registering,
+    so every write that starts after ``on()`` returns is delivered, whichever process made it.
+    The dispatcher reads other processes' rows and local events, in order, and isolates each
+    callback's errors (logged on the ``beaver`` logger).
+    """
+
+    def __init__(self, core):
+        _live_realtime.add(self)
+        self._core = core
+        self.origin = uuid.uuid4().hex
         self._handles: dict = {}
+        self._since: dict = {}            # topic -> last event seq when it was first listened to
         self._lock = threading.Lock()
-        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._inbox: collections.deque = collections.deque()
         self._thread = None
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._remote = frozenset()
+        self._remote_due = 0.0
+        self._last_seq = 0
+        self._beat_due = 0.0
+
+    # -- writer side ---------------------------------------------------------------------
 
     def listening(self, topic) -> bool:
+        """True if a callback of this ``BeaverDB`` listens to ``topic``."""
         return topic in self._handles
+
+    def remote(self, topic) -> bool:
+        """True if another ``BeaverDB`` (any process) listens to ``topic`` (cached)."""
+        now = time.monotonic()
+        if now >= self._remote_due:
+            self._remote_due = now + LISTENER_REFRESH
+            rows = self._core.execute(
+                "SELECT DISTINCT kind, name FROM beaver_listeners WHERE owner != ? "
+                "AND expires_at > ?", (self.origin, _now())).fetchall()
+            self._remote = frozenset(map(tuple, rows))
+        return topic in self._remote
+
+    def record(self, topic, payload):
+        """Store ``payload`` for other processes (inside the caller's transaction)."""
+        self._core.execute(
+            "INSERT INTO beaver_events (kind, name, origin, timestamp, payload) "
+            "VALUES (?, ?, ?, ?, ?)", (topic[0], topic[1], self.origin, _now(),
+                                       _json_dumps(payload)))
+
+    def emit(self, topic, payload):
+        """Queue a local event (called after commit)."""
+        self._inbox.append((topic, payload))
+        self._core.watcher.wake()
+
+    # -- listener side --------------------------------------------------------------------
 
     def add(self, topic, event, callback) -> _EventHandle:
         if not callable(callback):
@@ -840,42 +1040,120 @@ class _Events:
             raise TypeError("event must be a non-empty str such as 'set' or '*'")
         handle = _EventHandle(self, topic, event, callback)
         with self._lock:
+            new_topic = topic not in self._handles
+            if new_topic:
+                self._register(topic)
             self._handles[topic] = self._handles.get(topic, ()) + (handle,)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._dispatch, name="beaver-events",
                                                 daemon=True)
                 self._thread.start()
+        self._wakeup.set()
+        if new_topic:       # by now every writer's cache of listened topics includes it
+            time.sleep(LISTENER_REFRESH)
         return handle
+
+    def _register(self, topic):
+        with self._core.transaction():
+            self._core.execute(
+                "INSERT OR REPLACE INTO beaver_listeners (owner, kind, name, expires_at) "
+                "VALUES (?, ?, ?, ?)", (self.origin, topic[0], topic[1], _now() + LISTENER_TTL))
+            since = self._core.execute("SELECT coalesce(max(seq), 0) FROM beaver_events"
+                                       ).fetchone()[0]
+        self._since[topic] = since
+        if not self._handles:
+            self._last_seq = since
 
     def remove(self, handle):
         with self._lock:
             rest = tuple(h for h in self._handles.get(handle.topic, ()) if h is not handle)
             if rest:
                 self._handles[handle.topic] = rest
-            else:
-                self._handles.pop(handle.topic, None)
-
-    def emit(self, topic, payload):
-        handles = self._handles.get(topic)
-        if handles:
-            self._inbox.put((handles, payload))
+                return
+            self._handles.pop(handle.topic, None)
+            self._since.pop(handle.topic, None)
+        if not self._core.closed:
+            self._core.execute("DELETE FROM beaver_listeners WHERE owner = ? AND kind = ? "
+                               "AND name = ?", (self.origin, *handle.topic))
 
     def _dispatch(self):
-        while True:
-            item = self._inbox.get()
-            if item is None:
-                return
-            handles, payload = item
-            for handle in handles:
-                if handle.active and handle.event in ("*", payload["event"]):
-                    try:
-                        handle.callback(payload)
-                    except Exception:
-                        logger.exception("beaver event callback %r failed", handle.callback)
+        watcher = self._core.watcher
+        while not self._stopping:
+            try:
+                if not self._handles and not self._inbox:
+                    self._wakeup.wait(LISTENER_TTL / 3)
+                    self._wakeup.clear()
+                    continue
+                batch = watcher.wait_for(self._collect, None, cap=self._beat_wait)
+            except BeaverError:
+                if self._stopping or self._core.closed:
+                    return
+                logger.exception("beaver event dispatcher failed; retrying")
+                time.sleep(0.1)
+                continue
+            for topic, payload in batch:
+                self._deliver(topic, payload)
+
+    def _collect(self):
+        """The probe of the dispatcher: local events, then new rows of other processes."""
+        if time.monotonic() >= self._beat_due:
+            self._heartbeat()
+        batch = []
+        while self._inbox:
+            batch.append(self._inbox.popleft())
+        if self._handles:
+            batch.extend(self._fetch())
+        if batch or (not self._handles and not self._inbox):
+            return batch
+        return None
+
+    def _fetch(self):
+        rows = self._core.execute(
+            "SELECT seq, kind, name, payload FROM beaver_events WHERE seq > ? AND origin != ? "
+            "ORDER BY seq LIMIT ?", (self._last_seq, self.origin, PAGE_SIZE)).fetchall()
+        if rows:
+            self._last_seq = rows[-1][0]
+        since = self._since
+        return [((kind, name), json.loads(text)) for seq, kind, name, text in rows
+                if seq > since.get((kind, name), seq)]
+
+    def _deliver(self, topic, payload):
+        for handle in self._handles.get(topic, ()):
+            if handle.active and handle.event in ("*", payload.get("event")):
+                try:
+                    handle.callback(payload)
+                except Exception:
+                    logger.exception("beaver event callback %r failed", handle.callback)
+
+    def _beat_wait(self):
+        return max(0.0, self._beat_due - time.monotonic())
+
+    def _heartbeat(self):
+        """Keep our registrations alive; drop dead processes' ones and old event rows."""
+        self._beat_due = time.monotonic() + LISTENER_TTL / 3
+        now = _now()
+        topics = list(self._handles)
+        with self._core.transaction():
+            self._core.execute("DELETE FROM beaver_listeners WHERE expires_at <= ?", (now,))
+            self._core.executemany(
+                "INSERT OR REPLACE INTO beaver_listeners (owner, kind, name, expires_at) "
+                "VALUES (?, ?, ?, ?)", [(self.origin, k, n, now + LISTENER_TTL) for k, n in topics])
+            first = self._core.execute(
+                "SELECT seq FROM beaver_events WHERE timestamp >= ? ORDER BY seq LIMIT 1",
+                (now - EVENT_RETENTION,)).fetchone()
+            self._core.execute("DELETE FROM beaver_events WHERE seq < ?",
+                               (first[0] if first else 1 << 62,))
+
+    def _after_fork(self):
+        """A forked child starts with no listeners and an identity of its own."""
+        self.__init__(self._core)
 
     def stop(self):
-        if self._thread is not None:
-            self._inbox.put(None)
+        self._stopping = True
+        self._wakeup.set()
+        if self._handles and not self._core.closed:
+            with contextlib.suppress(BeaverError):
+                self._core.execute("DELETE FROM beaver_listeners WHERE owner = ?", (self.origin,))
 
 
 # ==========================================================================================
@@ -933,20 +1211,37 @@ class _Manager:
     # -- writes and events -------------------------------------------------------------
 
     def _listened(self) -> bool:
-        """False when ``_wrote`` would do nothing (nobody waits or listens here).
+        """False when ``_wrote`` would do nothing and ``_atomic`` add nothing: nobody waits
+        in this process and nobody listens anywhere.
 
-        Hot paths test this first so that they skip building the event payload.
+        Hot paths test this first, then skip the event payload and take single statements.
         """
-        return bool(self._core.watcher.users) or self._db._events.listening(self._topic)
+        events = self._db._events
+        return (bool(self._core.watcher.users) or events.listening(self._topic)
+                or events.remote(self._topic))
 
     def _wrote(self, event, **fields):
-        """After a write: wake waiters and, if anybody listens, emit ``event``."""
-        core = self._core
+        """After a write: wake waiters and, if anybody listens anywhere, emit ``event``.
+
+        Other processes' listeners get the event from ``beaver_events``, written here, inside
+        the caller's transaction (see ``_atomic``); this process's ones get it after commit.
+        """
+        core, events = self._core, self._db._events
         if core.watcher.users:
             core.after_commit(core.watcher.wake)
-        if self._db._events.listening(self._topic):
+        local, remote = events.listening(self._topic), events.remote(self._topic)
+        if local or remote:
             payload = {"event": event, "kind": self._kind, "name": self._name, **fields}
-            core.after_commit(lambda: self._db._events.emit(self._topic, payload))
+            if remote:
+                events.record(self._topic, payload)
+            if local:
+                core.after_commit(lambda: events.emit(self._topic, payload))
+
+    def _atomic(self):
+        """A transaction around a single-statement write if its event must be stored with it."""
+        if self._db._events.remote(self._topic):
+            return self._core.transaction()
+        return contextlib.nullcontext()
 
     def on(self, event, callback) -> _EventHandle:
         """Call ``callback(payload)`` after every ``event`` ('set', 'del', ... or '*').
@@ -1118,9 +1413,12 @@ class DictManager(_Manager, MutableMapping):
         ttl = None if ttl_seconds is None else _check_ttl(ttl_seconds)
         text = self._codec.encode(value)
         expires_at = None if ttl is None else _now() + ttl
-        self._core.execute(self._SET, (self._name, key, text, expires_at))
         if self._listened():
-            self._wrote("set", key=key, value=_to_jsonable(value))
+            with self._atomic():
+                self._core.execute(self._SET, (self._name, key, text, expires_at))
+                self._wrote("set", key=key, value=_to_jsonable(value))
+        else:
+            self._core.execute(self._SET, (self._name, key, text, expires_at))
         if self._core.purge_due():
             self._purge_expired()
 
@@ -1129,10 +1427,11 @@ class DictManager(_Manager, MutableMapping):
     def __delitem__(self, key):
         if type(key) is not str:
             _check_key(key)
-        cursor = self._core.execute(self._DEL, (self._name, key, _now()))
-        if cursor.rowcount == 0:
-            raise KeyError(key)
-        self._wrote("del", key=key)
+        with self._atomic():
+            cursor = self._core.execute(self._DEL, (self._name, key, _now()))
+            if cursor.rowcount == 0:
+                raise KeyError(key)
+            self._wrote("del", key=key)
 
     def __contains__(self, key):
         if not isinstance(key, str):
@@ -1365,18 +1664,24 @@ class ListManager(_Manager, MutableSequence):
     def push(self, value):
         """Append ``value`` at the end (``append`` is the same)."""
         text = self._codec.encode(value)
-        self._core.execute(self._PUSH, (self._name, self._name, text))
         if self._listened():
-            self._wrote("push", value=_to_jsonable(value))
+            with self._atomic():
+                self._core.execute(self._PUSH, (self._name, self._name, text))
+                self._wrote("push", value=_to_jsonable(value))
+        else:
+            self._core.execute(self._PUSH, (self._name, self._name, text))
 
     append = push
 
     def prepend(self, value):
         """Insert ``value`` at the front."""
         text = self._codec.encode(value)
-        self._core.execute(self._PREPEND, (self._name, self._name, text))
         if self._listened():
-            self._wrote("prepend", value=_to_jsonable(value))
+            with self._atomic():
+                self._core.execute(self._PREPEND, (self._name, self._name, text))
+                self._wrote("prepend", value=_to_jsonable(value))
+        else:
+            self._core.execute(self._PREPEND, (self._name, self._name, text))
 
     def extend(self, values):
         """Append every item of ``values`` in one transaction."""
@@ -1462,12 +1767,9 @@ class ListManager(_Manager, MutableSequence):
 
     def deque(self):
         """Remove and return the first item, or ``None`` if the list is empty."""
-        if _HAS_RETURNING:
+        if _HAS_RETURNING and not self._listened():
             value = self._take(self._TAKE_FIRST)
-            if value is _MISSING:
-                return None
-            self._wrote("deque")
-            return value
+            return None if value is _MISSING else value
         with self._core.transaction():
             row = self._core.execute(
                 f"SELECT pos, value FROM beaver_lists WHERE name = ? AND pos = {self._MIN}",
@@ -1556,6 +1858,11 @@ class QueueItem(typing.NamedTuple):
     data: typing.Any
 
 
+class LeasedItem(QueueItem):
+    """A ``QueueItem`` from ``get(lease=...)``; pass it to ``ack()`` when done."""
+    lease_id = None
+
+
 class QueueManager(_Manager):
     """A persistent priority queue; every item is handed to exactly one ``get``.
 
@@ -1571,7 +1878,9 @@ class QueueManager(_Manager):
 
     _PUT = "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)"
     _TAKE = ("DELETE FROM beaver_queues WHERE seq = (SELECT seq FROM beaver_queues "
-             "WHERE name = ? ORDER BY priority, seq LIMIT 1) RETURNING priority, timestamp, data")
+             "WHERE name = ?1 ORDER BY priority, seq LIMIT 1) AND NOT EXISTS (SELECT 1 FROM "
+             "beaver_queue_leases WHERE name = ?1 AND until <= ?2) "
+             "RETURNING priority, timestamp, data")
 
     def put(self, data, priority=0):
         """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
@@ -1580,50 +1889,128 @@ class QueueManager(_Manager):
         if priority != priority:
             raise ValueError("priority must not be NaN")
         text = self._codec.encode(data)
-        self._core.execute(self._PUT, (self._name, priority, _now(), text))
         if self._listened():
-            self._wrote("put", priority=priority, data=_to_jsonable(data))
+            with self._atomic():
+                self._core.execute(self._PUT, (self._name, priority, _now(), text))
+                self._wrote("put", priority=priority, data=_to_jsonable(data))
+        else:
+            self._core.execute(self._PUT, (self._name, priority, _now(), text))
 
-    def get(self, block=True, timeout=None) -> QueueItem:
+    def get(self, block=True, timeout=None, lease=None) -> QueueItem:
         """Remove and return the first item.
 
         With ``block=False`` an empty queue raises ``QueueEmpty`` (an ``IndexError``);
         otherwise it waits, up to ``timeout`` seconds if given, then raises ``TimeoutError``.
+
+        ``lease=seconds`` delivers at least once instead of exactly once: the item is hidden,
+        not deleted, and comes back to the queue (at the end of its priority) unless
+        ``ack(item)`` is called within ``lease`` seconds:
+
+            >>> item = jobs.get(lease=30)
+            >>> process(item.data)
+            >>> jobs.ack(item)
         """
         timeout = _seconds(timeout, "timeout")
+        lease = _seconds(lease, "lease")
+        if lease is not None and lease <= 0:
+            raise ValueError("lease must be positive")
+        take = functools.partial(self._take, lease)
         if not block:
-            item = self._take()
+            item = take()
             if item is None:
                 raise QueueEmpty(f"queue {self._name!r} is empty")
             return item
-        item = self._core.watcher.wait_for(self._take, timeout)
+        item = self._core.watcher.wait_for(take, timeout, cap=self._lease_due)
         if item is None:
             raise Timeout(f"no item arrived in queue {self._name!r} within {timeout}s")
         return item
 
-    def _take(self):
-        if not _HAS_RETURNING:
-            with self._core.transaction():
-                row = self._core.execute(
-                    "SELECT seq, priority, timestamp, data FROM beaver_queues WHERE name = ? "
-                    "ORDER BY priority, seq LIMIT 1", (self._name,)).fetchone()
-                if row is None:
-                    return None
-                self._core.execute("DELETE FROM beaver_queues WHERE seq = ?", (row[0],))
-                return self._taken(row[1:])
-        if self._codec is _JSON:    # one autocommit statement: BEGIN IMMEDIATE is implied
-            row = self._core.execute(self._TAKE, (self._name,)).fetchone()
-            return None if row is None else self._taken(row)
-        with self._core.transaction():      # a model may refuse the row: then it stays
-            row = self._core.execute(self._TAKE, (self._name,)).fetchone()
-            return None if row is None else self._taken(row)
-
-    def _taken(self, row):
-        """The QueueItem of a deleted (priority, timestamp, data) row; tell who listens."""
-        item = QueueItem(row[0], row[1], self._codec.decode(row[2]))
-        if self._listened():
-            self._wrote("get", priority=item.priority, data=json.loads(row[2]))
+    def _take(self, lease=None):
+        if lease is None and _HAS_RETURNING and self._codec is _JSON and not self._listened():
+            item = self._take_fast()
+            if item is not _MISSING:
+                return item
+        with self._core.transaction():
+            now = _now()
+            self._reclaim(now)
+            row = self._core.execute(
+                "SELECT seq, priority, timestamp, data FROM beaver_queues WHERE name = ? "
+                "ORDER BY priority, seq LIMIT 1", (self._name,)).fetchone()
+            if row is None:
+                return None
+            self._core.execute("DELETE FROM beaver_queues WHERE seq = ?", (row[0],))
+            if lease is None:
+                item = QueueItem(row[1], row[2], self._codec.decode(row[3]))
+            else:
+                cursor = self._core.execute(
+                    "INSERT INTO beaver_queue_leases (name, priority, timestamp, data, until) "
+                    "VALUES (?, ?, ?, ?, ?)", (self._name, row[1], row[2], row[3], now + lease))
+                item = LeasedItem(row[1], row[2], self._codec.decode(row[3]))
+                item.lease_id = cursor.lastrowid
+            self._wrote("get", priority=item.priority, data=json.loads(row[3]), lease=lease)
         return item
+
+    def _take_fast(self):
+        """A plain ``get`` in one autocommit statement (it locks like BEGIN IMMEDIATE).
+
+        ``_MISSING`` if it took nothing: the queue is empty or a lease is due for reclaim.
+        """
+        row = self._core.execute(self._TAKE, (self._name, _now())).fetchone()
+        return _MISSING if row is None else QueueItem(row[0], row[1], self._codec.decode(row[2]))
+
+    def clear(self):
+        """Remove every item, leased ones included."""
+        with self._core.transaction():
+            self._core.execute("DELETE FROM beaver_queue_leases WHERE name = ?", (self._name,))
+            super().clear()
+
+    def _reclaim(self, now):
+        """Put items whose lease ran out back into the queue (inside a transaction)."""
+        if self._core.execute("SELECT 1 FROM beaver_queue_leases WHERE name = ? AND until <= ?",
+                              (self._name, now)).fetchone() is None:
+            return
+        self._core.execute(
+            "INSERT INTO beaver_queues (name, priority, timestamp, data) SELECT name, priority, "
+            "timestamp, data FROM beaver_queue_leases WHERE name = ? AND until <= ? "
+            "ORDER BY lease", (self._name, now))
+        self._core.execute("DELETE FROM beaver_queue_leases WHERE name = ? AND until <= ?",
+                           (self._name, now))
+
+    def _lease_due(self):
+        """Seconds until the next lease of this queue runs out (bounds a blocked ``get``)."""
+        row = self._core.execute("SELECT min(until) FROM beaver_queue_leases WHERE name = ?",
+                                 (self._name,)).fetchone()
+        return None if row[0] is None else max(0.0, row[0] - _now()) + 0.0005
+
+    def ack(self, item) -> bool:
+        """Finish an item taken with ``get(lease=...)``: it will not come back.
+
+        Returns False if its lease had already run out and the item went back to the queue
+        (so another worker may process it too).
+        """
+        lease_id = getattr(item, "lease_id", None)
+        if lease_id is None:
+            raise TypeError("ack() takes an item returned by get(lease=...)")
+        with self._atomic():
+            cursor = self._core.execute(
+                "DELETE FROM beaver_queue_leases WHERE lease = ? AND name = ?",
+                (lease_id, self._name))
+            if cursor.rowcount:
+                self._wrote("ack", priority=item.priority, data=_to_jsonable(item.data))
+        return cursor.rowcount == 1
+
+    def nack(self, item) -> bool:
+        """Give a leased item back to the queue now; False if its lease had already run out."""
+        lease_id = getattr(item, "lease_id", None)
+        if lease_id is None:
+            raise TypeError("nack() takes an item returned by get(lease=...)")
+        with self._core.transaction():
+            cursor = self._core.execute(
+                "UPDATE beaver_queue_leases SET until = 0 WHERE lease = ? AND name = ?",
+                (lease_id, self._name))
+            self._reclaim(_now())
+            self._wrote("nack", priority=item.priority, data=_to_jsonable(item.data))
+        return cursor.rowcount == 1
 
     def peek(self):
         """The item ``get`` would return next, without removing it; ``None`` if empty."""
@@ -1688,11 +2075,12 @@ class BlobManager(_Manager):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"blob data must be bytes-like, not {type(data).__name__}")
         meta = None if metadata is None else self._codec.encode(metadata)
-        self._core.execute(
-            "INSERT INTO beaver_blobs (name, key, data, metadata) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (name, key) DO UPDATE SET data = excluded.data, "
-            "metadata = excluded.metadata", (self._name, key, bytes(data), meta))
-        self._wrote("put", key=key, size=len(data), metadata=_to_jsonable(metadata))
+        with self._atomic():
+            self._core.execute(
+                "INSERT INTO beaver_blobs (name, key, data, metadata) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name, key) DO UPDATE SET data = excluded.data, "
+                "metadata = excluded.metadata", (self._name, key, bytes(data), meta))
+            self._wrote("put", key=key, size=len(data), metadata=_to_jsonable(metadata))
 
     def get(self, key):
         """The ``Blob`` stored under ``key``, or ``None``."""
@@ -1714,11 +2102,12 @@ class BlobManager(_Manager):
 
     def delete(self, key):
         """Remove the blob under ``key``; ``KeyError`` if there is none."""
-        cursor = self._core.execute("DELETE FROM beaver_blobs WHERE name = ? AND key = ?",
-                                    (self._name, _check_key(key)))
-        if cursor.rowcount == 0:
-            raise KeyError(key)
-        self._wrote("delete", key=key)
+        with self._atomic():
+            cursor = self._core.execute("DELETE FROM beaver_blobs WHERE name = ? AND key = ?",
+                                        (self._name, _check_key(key)))
+            if cursor.rowcount == 0:
+                raise KeyError(key)
+            self._wrote("delete", key=key)
 
     __delitem__ = delete
 
@@ -1758,6 +2147,487 @@ class BlobManager(_Manager):
     def _load_items(self, items):
         for item in items:
             self.put(item["key"], base64.b64decode(item["data"]), item.get("metadata"))
+
+
+# ==========================================================================================
+# Log
+# ==========================================================================================
+
+class LogEntry(typing.NamedTuple):
+    """One log record: when it happened (an aware UTC ``datetime``) and its data."""
+    timestamp: _dt.datetime
+    data: typing.Any
+
+
+def _epoch(value, what="timestamp") -> float:
+    """Seconds since the epoch from a ``datetime`` (naive = local time) or a number."""
+    if isinstance(value, _dt.datetime):
+        return value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a datetime or epoch seconds, not {value!r}")
+    return float(value)
+
+
+def _utc(seconds) -> _dt.datetime:
+    return _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
+
+
+class LogManager(_Manager):
+    """A time-indexed log of structured entries, with range queries and live aggregates.
+
+        >>> metrics = db.log("system_metrics")
+        >>> metrics.log({"cpu": 0.4})
+        >>> metrics.log({"cpu": 0.9}, timestamp=datetime.now(timezone.utc))
+        >>> [entry.data["cpu"] for entry in metrics.range(start=time.time() - 60)]
+        [0.4, 0.9]
+
+    Timestamps are ``datetime`` objects or epoch seconds; a naive ``datetime`` is taken as
+    local time (as ``datetime.timestamp()`` does). Entries come back as ``LogEntry`` with an
+    aware UTC timestamp, in time order (equal timestamps keep insertion order).
+    ``retention`` (seconds or a ``timedelta``) drops older entries as new ones are logged.
+    """
+
+    _kind = "log"
+    _table = "beaver_logs"
+
+    def __init__(self, db, name, model=None, retention=None):
+        super().__init__(db, name, model)
+        self.retention = _seconds(retention, "retention")
+        self._next_prune = 0.0
+
+    def log(self, data, timestamp=None):
+        """Append ``data`` at ``timestamp`` (default: now)."""
+        when = _now() if timestamp is None else _epoch(timestamp)
+        text = self._codec.encode(data)
+        with self._atomic():
+            self._core.execute("INSERT INTO beaver_logs (name, timestamp, data) VALUES (?, ?, ?)",
+                               (self._name, when, text))
+            self._wrote("log", timestamp=when, data=_to_jsonable(data))
+        if self.retention is not None and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PURGE_INTERVAL
+            self._core.execute("DELETE FROM beaver_logs WHERE name = ? AND timestamp < ?",
+                               (self._name, _now() - self.retention))
+
+    def range(self, start=None, end=None) -> list:
+        """Entries with ``start <= timestamp <= end`` (either bound may be None), oldest first.
+
+            >>> for when, data in logs.range(start=datetime(2025, 1, 1, tzinfo=timezone.utc)):
+            ...     print(when, data)
+        """
+        low = float("-inf") if start is None else _epoch(start, "start")
+        high = float("inf") if end is None else _epoch(end, "end")
+        rows = self._core.execute(
+            "SELECT timestamp, data FROM beaver_logs WHERE name = ? AND timestamp BETWEEN ? AND ? "
+            "ORDER BY timestamp, seq", (self._name, low, high)).fetchall()
+        decode = self._codec.decode
+        return [LogEntry(_utc(t), decode(d)) for t, d in rows]
+
+    def __iter__(self):
+        decode = self._codec.decode
+        sql = ("SELECT timestamp, seq, data FROM beaver_logs WHERE name = ? AND (timestamp, seq) "
+               "> (?, ?) ORDER BY timestamp, seq LIMIT ?")
+        low, seq = float("-inf"), 0
+        while True:
+            rows = self._core.execute(sql, (self._name, low, seq, PAGE_SIZE)).fetchall()
+            for t, _, d in rows:
+                yield LogEntry(_utc(t), decode(d))
+            if len(rows) < PAGE_SIZE:
+                return
+            low, seq = rows[-1][0], rows[-1][1]
+
+    def __len__(self):
+        return self._core.execute("SELECT count(*) FROM beaver_logs WHERE name = ?",
+                                  (self._name,)).fetchone()[0]
+
+    def __bool__(self):
+        return True
+
+    def live(self, window, period, aggregator=list) -> "LiveView":
+        """An iterator of ``aggregator(entries in the last window)``, now and every ``period``.
+
+            >>> view = logs.live(window=timedelta(seconds=5), period=timedelta(seconds=1),
+            ...                  aggregator=lambda rows: len(rows))
+            >>> with view:
+            ...     for count in view:
+            ...         print(count)
+
+        Each period reads only the rows logged since the last one (in any process). Close it
+        with ``close()`` or a ``with`` block; iteration then stops.
+        """
+        return LiveView(self, window, period, aggregator)
+
+    def _dump_items(self):
+        rows = self._core.execute("SELECT timestamp, data FROM beaver_logs WHERE name = ? "
+                                  "ORDER BY timestamp, seq", (self._name,)).fetchall()
+        return [{"timestamp": t, "data": json.loads(d)} for t, d in rows]
+
+    def _load_items(self, items):
+        self._core.executemany(
+            "INSERT INTO beaver_logs (name, timestamp, data) VALUES (?, ?, ?)",
+            [(self._name, _epoch(i.get("timestamp", _now())), self._codec.encode(i["data"]))
+             for i in items])
+        self._wrote("load", count=len(items))
+
+    def as_async(self) -> "AsyncLogManager":
+        """An awaitable twin; ``async for summary in alog.live(...)`` works."""
+        return AsyncLogManager(self)
+
+
+class LiveView:
+    """The iterator returned by ``LogManager.live``: a rolling window, updated incrementally."""
+
+    def __init__(self, log, window, period, aggregator):
+        self._log = log
+        self.window = _seconds(window, "window")
+        self.period = _seconds(period, "period")
+        if not self.period:
+            raise ValueError("period must be positive")
+        if not callable(aggregator):
+            raise TypeError("aggregator must be callable")
+        self._aggregator = aggregator
+        self._entries: collections.deque = collections.deque()   # (timestamp, seq, data)
+        self._last_seq = None
+        self._due = None
+        self._closed = threading.Event()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._closed.is_set():
+            raise StopIteration
+        if self._due is not None:
+            wait = self._due - time.monotonic()
+            if wait > 0 and self._closed.wait(wait):
+                raise StopIteration
+        return self._tick()
+
+    def _wait_time(self) -> float:
+        return 0.0 if self._due is None else max(0.0, self._due - time.monotonic())
+
+    def _tick(self):
+        """Read the new rows, drop the old ones, and aggregate the window."""
+        now = time.monotonic()
+        self._due = now + self.period if self._due is None else max(self._due + self.period, now)
+        if self._last_seq is None:
+            self._load()
+        else:
+            self._read_new()
+        cutoff = _now() - self.window
+        entries = self._entries
+        while entries and entries[0][0] < cutoff:
+            entries.popleft()
+        return self._aggregator([data for _, _, data in entries])
+
+    def _load(self):
+        core, log = self._log._core, self._log
+        self._last_seq = core.execute("SELECT coalesce(max(seq), 0) FROM beaver_logs"
+                                      ).fetchone()[0]
+        rows = core.execute(
+            "SELECT timestamp, seq, data FROM beaver_logs WHERE name = ? AND timestamp >= ? "
+            "AND seq <= ? ORDER BY timestamp, seq",
+            (log.name, _now() - self.window, self._last_seq)).fetchall()
+        decode = log._codec.decode
+        self._entries.extend((t, s, decode(d)) for t, s, d in rows)
+
+    def _read_new(self):
+        log = self._log
+        rows = log._core.execute(
+            "SELECT timestamp, seq, data FROM beaver_logs WHERE seq > ? AND +name = ? "
+            "ORDER BY seq", (self._last_seq, log.name)).fetchall()
+        if not rows:
+            return
+        self._last_seq = rows[-1][1]
+        decode, entries = log._codec.decode, self._entries
+        for t, s, d in rows:
+            entry = (t, s, decode(d))
+            if not entries or entries[-1][:2] <= entry[:2]:
+                entries.append(entry)
+            else:                   # logged with an older timestamp: keep the window sorted
+                ordered = sorted([*entries, entry], key=lambda e: e[:2])
+                self._entries = entries = collections.deque(ordered)
+
+    def close(self):
+        """Stop the view; a blocked iteration ends at once."""
+        self._closed.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<LiveView {self._log.name!r} window={self.window}s period={self.period}s>"
+
+
+# ==========================================================================================
+# Channel
+# ==========================================================================================
+
+class ChannelManager(_Manager):
+    """A pub/sub channel: every subscriber gets every message published after it subscribed.
+
+        >>> events = db.channel("system_events")
+        >>> with events.subscribe() as listener:
+        ...     events.publish({"event": "user_login", "user_id": "alice"})
+        ...     for message in listener.listen(timeout=5):
+        ...         print(message)
+        ...         break
+        {'event': 'user_login', 'user_id': 'alice'}
+
+    Messages are rows numbered by a sequence, delivered in order, exactly once, in every
+    thread and process. One poller thread per ``BeaverDB`` fans them out to its subscribers.
+    Messages are kept ``retention`` seconds (default an hour) and at most ``max_messages``
+    per channel (default 100 000), pruned as new ones are published (``None`` turns a limit
+    off). The newest message of a channel is never pruned.
+    """
+
+    _kind = "channel"
+    _table = "beaver_channels"
+
+    def __init__(self, db, name, model=None, retention=CHANNEL_RETENTION,
+                 max_messages=CHANNEL_MAX_MESSAGES):
+        super().__init__(db, name, model)
+        self.retention = _seconds(retention, "retention")
+        if max_messages is not None and (isinstance(max_messages, bool) or
+                                         not isinstance(max_messages, int) or max_messages < 1):
+            raise ValueError(f"max_messages must be a positive int or None, not {max_messages!r}")
+        self.max_messages = max_messages
+        self._next_prune = 0.0
+
+    def publish(self, payload):
+        """Send ``payload`` (any JSON value, or a model instance) to every subscriber."""
+        text = self._codec.encode(payload)
+        with self._atomic():
+            self._core.execute(
+                "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)",
+                (self._name, _now(), text))
+            self._wrote("publish", payload=_to_jsonable(payload))
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PURGE_INTERVAL
+            self.prune()
+
+    def prune(self):
+        """Drop messages beyond the retention limits (done by ``publish`` every second)."""
+        core = self._core
+        if self.retention is not None:
+            keep = core.execute(       # the first fresh message, or else the newest one
+                "SELECT seq FROM beaver_channels WHERE name = ? AND timestamp >= ? ORDER BY seq "
+                "LIMIT 1", (self._name, _now() - self.retention)).fetchone() or core.execute(
+                "SELECT max(seq) FROM beaver_channels WHERE name = ?", (self._name,)).fetchone()
+            if keep[0] is not None:
+                core.execute("DELETE FROM beaver_channels WHERE seq < ? AND name = ?",
+                             (keep[0], self._name))
+        if self.max_messages is not None:
+            core.execute(
+                "DELETE FROM beaver_channels WHERE name = ? AND seq <= (SELECT seq FROM "
+                "beaver_channels WHERE name = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (self._name, self._name, int(self.max_messages)))
+
+    def clear(self):
+        """Remove every retained message (subscribers stay subscribed)."""
+        with self._core.transaction():
+            # The newest row of the table keeps the sequence from going back (seq is not
+            # AUTOINCREMENT, to keep publishing to one page write): it becomes a nameless
+            # marker instead of being deleted.
+            top = self._core.execute("SELECT max(seq) FROM beaver_channels").fetchone()[0]
+            self._core.execute("DELETE FROM beaver_channels WHERE (name = ? OR name = '') "
+                               "AND seq < ?", (self._name, top or 0))
+            self._core.execute("UPDATE beaver_channels SET name = '', data = 'null' "
+                               "WHERE seq = ? AND name = ?", (top, self._name))
+            self._wrote("clear")
+
+    def subscribe(self) -> "Subscriber":
+        """A new subscription, receiving every message published from now on.
+
+            >>> with db.channel("chat").subscribe() as sub:
+            ...     for message in sub.listen():
+            ...         handle(message)
+        """
+        return Subscriber(self)
+
+    def __len__(self):
+        """Messages currently retained."""
+        return self._core.execute("SELECT count(*) FROM beaver_channels WHERE name = ?",
+                                  (self._name,)).fetchone()[0]
+
+    def __bool__(self):
+        return True
+
+    def history(self, limit=None) -> list:
+        """The retained messages, oldest first (the last ``limit`` ones if given)."""
+        rows = self._core.execute(
+            "SELECT data FROM (SELECT seq, data FROM beaver_channels WHERE name = ? "
+            "ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            (self._name, -1 if limit is None else int(limit))).fetchall()
+        return [self._codec.decode(r[0]) for r in rows]
+
+    def _dump_items(self):
+        rows = self._core.execute("SELECT timestamp, data FROM beaver_channels WHERE name = ? "
+                                  "ORDER BY seq", (self._name,)).fetchall()
+        return [{"timestamp": t, "payload": json.loads(d)} for t, d in rows]
+
+    def _load_items(self, items):
+        self._core.executemany(
+            "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)",
+            [(self._name, i.get("timestamp", _now()), self._codec.encode(i["payload"]))
+             for i in items])
+        self._wrote("load", count=len(items))
+
+    def as_async(self) -> "AsyncChannelManager":
+        """An awaitable twin; ``async for message in achannel.subscribe().listen()`` works."""
+        return AsyncChannelManager(self)
+
+
+_CLOSED = object()
+
+
+class Subscriber:
+    """One subscription to a channel; use it in a ``with`` block and iterate ``listen()``."""
+
+    def __init__(self, channel, sink=None):
+        self.channel = channel
+        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._sink = sink or self._inbox.put
+        self.start = 0
+        self.closed = False
+        channel._db._hub.add(self)
+
+    def _deliver(self, text):
+        self._sink(text)
+
+    def get(self, timeout=None):
+        """The next message; ``TimeoutError`` after ``timeout`` seconds without one."""
+        timeout = _seconds(timeout, "timeout")
+        try:
+            text = self._inbox.get(timeout=timeout)
+        except _queue.Empty:
+            raise Timeout(f"no message on channel {self.channel.name!r} within {timeout}s"
+                          ) from None
+        if text is _CLOSED:
+            self._inbox.put(_CLOSED)
+            raise ClosedError("the subscription is closed")
+        return self.channel._codec.decode(text)
+
+    def listen(self, timeout=None):
+        """Yield messages as they arrive, until ``close()``.
+
+        ``timeout`` bounds each wait: if no message arrives for that long, ``TimeoutError``
+        is raised (catch it to stop listening). Without it, the wait is unbounded.
+        """
+        while True:
+            try:
+                yield self.get(timeout)
+            except ClosedError:
+                return
+
+    def __iter__(self):
+        return self.listen()
+
+    def close(self):
+        """Stop receiving; a ``listen()`` in progress ends."""
+        if not self.closed:
+            self.closed = True
+            self.channel._db._hub.remove(self)
+            self._sink(_CLOSED)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<Subscriber {self.channel.name!r}{' closed' if self.closed else ''}>"
+
+
+class _Hub:
+    """The one channel poller of a ``BeaverDB``: reads new rows, fans them out in memory."""
+
+    def __init__(self, db):
+        _live_realtime.add(self)
+        self._core = db._core
+        self._subs: dict = {}        # channel name -> tuple of Subscriber
+        self._last: dict = {}        # channel name -> last seq read
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def add(self, sub):
+        name = sub.channel.name
+        with self._lock:
+            sub.start = self._core.execute("SELECT coalesce(max(seq), 0) FROM beaver_channels"
+                                           ).fetchone()[0]
+            if name not in self._subs:
+                self._last[name] = sub.start
+            self._subs[name] = self._subs.get(name, ()) + (sub,)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="beaver-channels",
+                                                daemon=True)
+                self._thread.start()
+
+    def remove(self, sub):
+        name = sub.channel.name
+        with self._lock:
+            rest = tuple(s for s in self._subs.get(name, ()) if s is not sub)
+            if rest:
+                self._subs[name] = rest
+            else:
+                self._subs.pop(name, None)
+                self._last.pop(name, None)
+        self._core.watcher.wake()
+
+    def stop(self):
+        """Close every subscription (on ``BeaverDB.close``): their ``listen()`` loops end."""
+        with self._lock:
+            subs = [s for group in self._subs.values() for s in group]
+        for sub in subs:
+            sub.close()
+
+    def _after_fork(self):
+        self._subs, self._last = {}, {}
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def _run(self):
+        try:
+            self._core.watcher.wait_for(self._poll)
+        except BeaverError:
+            if not self._core.closed:
+                logger.exception("beaver channel poller stopped")
+            with self._lock:
+                self._thread = None
+
+    def _poll(self):
+        """Deliver new rows of every subscribed channel; True once nobody subscribes."""
+        with self._lock:
+            if not self._subs:
+                self._thread = None
+                return True
+            work = list(self._last.items())
+        for name, last in work:
+            while True:
+                rows = self._core.execute(
+                    "SELECT seq, data FROM beaver_channels WHERE seq > ? AND name = ? "
+                    "ORDER BY seq LIMIT ?", (last, name, PAGE_SIZE)).fetchall()
+                if not rows:
+                    break
+                with self._lock:      # read after the rows: a newer subscriber's start is past them
+                    subs = self._subs.get(name, ())
+                    if name in self._last:
+                        self._last[name] = rows[-1][0]
+                for seq, text in rows:
+                    for sub in subs:
+                        if seq > sub.start:
+                            sub._deliver(text)
+                last = rows[-1][0]
+                if len(rows) < PAGE_SIZE:
+                    break
+        return None
 
 
 # ==========================================================================================
@@ -1821,12 +2691,10 @@ class Lock:
         if not self._guard.acquire(timeout=-1 if left is None else left):
             raise LockTimeout(f"lock {self.name!r} is held by another thread of this object")
         try:
-            ticket = self._enqueue()
-            if block:
+            got = self._enqueue()
+            if got is None and block:
                 got = self._core.watcher.wait_for(self._claim, deadline.remaining(),
                                                   cap=self._next_check)
-            else:
-                got = self._claim()
             if got is None:
                 raise LockTimeout(f"could not acquire lock {self.name!r} within {timeout}s")
         except BaseException:
@@ -1837,39 +2705,65 @@ class Lock:
         return _Held(self, self)
 
     def _enqueue(self):
-        cursor = self._core.execute(
-            "INSERT INTO beaver_locks (name, owner, expires_at) VALUES (?, ?, ?)",
-            (self.name, self._owner, _now() + LOCK_WAITER_GRACE))
-        self._ticket = cursor.lastrowid
+        """Take a ticket and, if nobody is ahead, the lock."""
+        now = _now()
+        cursor = self._core.execute(       # uncontended: one statement takes the lock
+            "INSERT INTO beaver_locks (name, owner, expires_at, held) SELECT ?, ?, ?, 1 "
+            "WHERE NOT EXISTS (SELECT 1 FROM beaver_locks WHERE name = ? AND expires_at > ?)",
+            (self.name, self._owner, now + self.ttl, self.name, now))
+        if cursor.rowcount == 1:
+            self._ticket = cursor.lastrowid
+            return True
+        with self._core.transaction():
+            now = _now()
+            cursor = self._core.execute(
+                "INSERT INTO beaver_locks (name, owner, expires_at) VALUES (?, ?, ?)",
+                (self.name, self._owner, now + LOCK_WAITER_GRACE))
+            self._ticket = cursor.lastrowid
+            got = self._take(now)
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
-        return self._ticket
+        return got
+
+    def _take(self, now):
+        """Inside a transaction: hold the lock if this ticket heads the line of live rows."""
+        head = self._core.execute(
+            "SELECT ticket, expires_at FROM beaver_locks WHERE name = ? AND expires_at > ? "
+            "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
+        if head is None or head[0] != self._ticket:
+            self._head_expires = None if head is None else head[1]
+            return None
+        self._core.execute("DELETE FROM beaver_locks WHERE name = ? AND ticket < ?",
+                           (self.name, self._ticket))
+        self._core.execute("UPDATE beaver_locks SET held = 1, expires_at = ? WHERE ticket = ?",
+                           (now + self.ttl, self._ticket))
+        return True
 
     def _claim(self):
-        """One attempt: take the lock if this ticket is first in line (else heart-beat)."""
+        """One attempt while waiting: a read first, a write only when first in line."""
         now = _now()
         head = self._core.execute(
             "SELECT ticket, expires_at FROM beaver_locks WHERE name = ? AND expires_at > ? "
             "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
         if head is not None and head[0] == self._ticket:
             with self._core.transaction():
-                self._core.execute("DELETE FROM beaver_locks WHERE name = ? AND expires_at <= ?",
-                                   (self.name, now))
-                cursor = self._core.execute(
-                    "UPDATE beaver_locks SET held = 1, expires_at = ? WHERE ticket = ?",
-                    (now + self.ttl, self._ticket))
-            if cursor.rowcount == 1:
-                return True
-        self._head_expires = None if head is None else head[1]
+                if self._take(_now()):
+                    return True
+        else:
+            self._head_expires = None if head is None else head[1]
         if time.monotonic() >= self._beat_due or head is None:
-            self._heartbeat()
+            return self._heartbeat()
         return None
 
     def _heartbeat(self):
-        cursor = self._core.execute("UPDATE beaver_locks SET expires_at = ? WHERE ticket = ?",
-                                    (_now() + LOCK_WAITER_GRACE, self._ticket))
-        if cursor.rowcount == 0:  # our row was reaped while this process stalled
-            self._enqueue()
+        now = _now()
+        cursor = self._core.execute(
+            "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND expires_at > ?",
+            (now + LOCK_WAITER_GRACE, self._ticket, now))
+        if cursor.rowcount == 0:  # this process stalled past the grace time: queue again
+            self._core.execute("DELETE FROM beaver_locks WHERE ticket = ?", (self._ticket,))
+            return self._enqueue()
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
+        return None
 
     def _next_check(self):
         """Sleep no longer than the next heartbeat or the head's expiry."""
@@ -1892,9 +2786,11 @@ class Lock:
         ticket, self._ticket = self._ticket, None
         try:
             still_ours = self._core.execute(
-                "SELECT 1 FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
-                (ticket, _now())).fetchone() is not None
-            self._leave(ticket)
+                "DELETE FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
+                (ticket, _now())).rowcount == 1
+            if not still_ours:
+                self._leave(ticket)
+            self._core.changed()
         finally:
             self._guard.release()
         if not still_ours:
@@ -1916,8 +2812,1039 @@ class Lock:
     def __exit__(self, *exc):
         self.release()
 
+    def as_async(self) -> "AsyncLock":
+        """An awaitable twin: ``async with db.lock("job").as_async(): ...``."""
+        return AsyncLock(self)
+
     def __repr__(self):
         return f"<Lock {self.name!r} {'held' if self._ticket else 'free'}>"
+
+
+# ==========================================================================================
+# Collection: documents searchable by text, typo-tolerant text, vectors and relationships
+# ==========================================================================================
+
+_FTS_PATH_BITS = 20             # FTS rowid = (document rowid << 20) | number of the field path
+_FTS_SCHEMA = [
+    # One row per (document, field path); collection and path are UNINDEXED: never searchable.
+    """CREATE VIRTUAL TABLE IF NOT EXISTS beaver_fts USING fts5(
+        text, collection UNINDEXED, path UNINDEXED, tokenize = 'unicode61 remove_diacritics 2')""",
+    """CREATE VIRTUAL TABLE IF NOT EXISTS beaver_fts_vocab USING fts5vocab(beaver_fts, 'row')""",
+]
+FUZZY_MIN_LENGTH = (3, 7)       # a query term needs 3 letters to allow 1 typo, 7 to allow 2
+FUZZY_MAX_TERM = 40             # longer terms are searchable but never typo-corrected
+FUZZY_ROUNDS = 6                # candidate terms tried one by one before the rest at once
+VECTOR_METRICS = ("l2", "cosine", "ip")
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+_TERM = re.compile(r"[^\W_]+")
+_QUERY_TOKEN = re.compile(r'"[^"]*"?|[^\s"]+')
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def _as_vector(value):
+    """An embedding (list, tuple, ``array``, numpy array) as a list of float32 values."""
+    if value is None:
+        return None
+    if hasattr(value, "tolist") and not isinstance(value, array.array):
+        value = value.tolist()
+    if isinstance(value, (str, bytes, dict)):
+        raise TypeError(f"an embedding is a sequence of numbers, not {type(value).__name__}")
+    try:
+        packed = array.array("f", value)
+    except (TypeError, OverflowError):
+        raise TypeError("an embedding is a flat sequence of finite numbers") from None
+    if not packed:
+        raise ValueError("an embedding needs at least one number")
+    if not all(map(math.isfinite, packed)):
+        raise ValueError("an embedding must not contain NaN or infinity")
+    return packed.tolist()
+
+
+def _pack_vector(values) -> bytes:
+    packed = array.array("f", values)
+    if _BIG_ENDIAN:
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _unpack_vector(blob):
+    if blob is None:
+        return None
+    packed = array.array("f")
+    packed.frombytes(blob)
+    if _BIG_ENDIAN:
+        packed.byteswap()
+    return packed.tolist()
+
+
+def _terms(text) -> list:
+    """Split text into index terms the way FTS5's unicode61 tokenizer does."""
+    text = text.lower()
+    if not text.isascii():
+        text = "".join(c for c in unicodedata.normalize("NFKD", text)
+                       if not unicodedata.combining(c))
+    return _TERM.findall(text)
+
+
+def _trigrams(term) -> set:
+    padded = f"${term}$"
+    return {padded[i:i + 3] for i in range(len(padded) - 2)}
+
+
+def _edit_distance(a, b, limit) -> int:
+    """Levenshtein distance where a swap of two neighbours counts as one edit (capped)."""
+    if abs(len(a) - len(b)) > limit:
+        return limit + 1
+    before, previous = None, list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, before[j - 2] + 1)
+            current[j] = cost
+        if min(current) > limit:
+            return limit + 1
+        before, previous = previous, current
+    return previous[-1]
+
+
+def _neighbourhood(term) -> set:
+    """Every string one edit away from ``term`` (over ASCII letters, digits and its own)."""
+    letters = set(_ALPHABET) | set(term)
+    splits = [(term[:i], term[i:]) for i in range(len(term) + 1)]
+    out = {a + b[1:] for a, b in splits if b}
+    out |= {a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1}
+    out |= {a + c + b[1:] for a, b in splits if b for c in letters}
+    out |= {a + c + b for a, b in splits for c in letters}
+    out.discard(term)
+    return out
+
+
+def _text_fields(value, path="", out=None) -> dict:
+    """``{dotted path: [strings]}`` of a JSON value (strings inside lists keep the path)."""
+    out = {} if out is None else out
+    if isinstance(value, str):
+        out.setdefault(path, []).append(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _text_fields(item, f"{path}.{key}" if path else str(key), out)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _text_fields(item, path, out)
+    return out
+
+
+def _check_paths(paths):
+    if paths is None:
+        return None
+    if isinstance(paths, str):
+        paths = [paths]
+    paths = list(paths)
+    if not all(isinstance(p, str) for p in paths):
+        raise TypeError("field paths are dotted str paths such as 'meta.title'")
+    return paths
+
+
+def _on_paths(path, paths) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in paths)
+
+
+def _json_path(path) -> str:
+    if not isinstance(path, str) or not path or '"' in path:
+        raise ValueError(f"bad field path {path!r}: use dotted names such as 'meta.year'")
+    return "$" + "".join(f'."{part}"' for part in path.split("."))
+
+
+# -- the query language ------------------------------------------------------------------
+
+class _Atom(typing.NamedTuple):
+    text: str           # a word or phrase, quoted when written to FTS5
+    prefix: bool
+
+
+def _parse_query(text):
+    """Plain user text as ``(groups, negatives)``: AND of OR-groups of atoms, minus negatives.
+
+    Understood: words, "quoted phrases", ``prefix*``, ``OR``, ``AND``, ``-word``, ``NOT word``.
+    Everything else is text, so no input can produce an FTS5 syntax error.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"a query is a str, not {type(text).__name__}")
+    groups, negatives = [], []
+    negate = join = False
+    for token in _QUERY_TOKEN.findall(text):
+        if token in ("OR", "AND", "NOT") and not token.startswith('"'):
+            join, negate = token == "OR", token == "NOT" or negate
+            continue
+        if token.startswith("-") and len(token) > 1:
+            negate, token = True, token.lstrip("-")
+        prefix = token.endswith("*") and not token.startswith('"')
+        atom = _Atom(token.strip('"*') if not token.startswith('"') else token.strip('"'), prefix)
+        if _TERM.search(atom.text):
+            if negate:
+                negatives.append(atom)
+            elif join and groups:
+                groups[-1].append(atom)
+            else:
+                groups.append([atom])
+        negate = join = False
+    return groups, negatives
+
+
+def _fts_atom(atom) -> str:
+    return '"' + atom.text.replace('"', '""') + '"' + ("*" if atom.prefix else "")
+
+
+def _fts_expression(groups, negatives) -> str:
+    expr = " AND ".join("(" + " OR ".join(map(_fts_atom, group)) + ")" for group in groups)
+    if negatives:
+        expr = f"({expr}) NOT ({' OR '.join(map(_fts_atom, negatives))})"
+    return expr
+
+
+# -- documents ---------------------------------------------------------------------------
+
+class Document:
+    """A document: an id, an optional embedding and a body (any JSON value or a model).
+
+        >>> doc = Document(id="sqlite-001", body="SQLite is an embedded database.")
+        >>> Document(id="a1", content="Hello", tags=["x"]).content     # fields -> dict body
+        'Hello'
+
+    ``id`` defaults to a new uuid string. ``embedding`` accepts lists, tuples, ``array`` and
+    numpy arrays; it is kept as float32 values (what the collection stores).
+    """
+
+    def __init__(self, id=None, embedding=None, body=None, **fields):
+        if fields:
+            if body is None:
+                body = fields
+            elif isinstance(body, dict):
+                body = {**body, **fields}
+            else:
+                raise TypeError("extra fields need a dict body (or no body)")
+        if id is None:
+            id = str(uuid.uuid4())
+        elif isinstance(id, int) and not isinstance(id, bool):
+            id = str(id)
+        elif not isinstance(id, str) or not id:
+            raise TypeError(f"a document id is a non-empty str, not {id!r}")
+        self.id = id
+        self.embedding = _as_vector(embedding)
+        self.body = body
+
+    def __getattr__(self, name):
+        body = self.__dict__.get("body")
+        if not name.startswith("__"):
+            if isinstance(body, dict) and name in body:
+                return body[name]
+            if hasattr(body, "model_dump") and hasattr(body, name):
+                return getattr(body, name)
+        raise AttributeError(f"Document has no attribute or body field {name!r}")
+
+    def to_dict(self) -> dict:
+        """``{"id", "embedding", "body"}`` as plain JSON values."""
+        return {"id": self.id, "embedding": self.embedding, "body": _to_jsonable(self.body)}
+
+    @classmethod
+    def from_dict(cls, data) -> "Document":
+        """The inverse of ``to_dict()``."""
+        return cls(id=data.get("id"), embedding=data.get("embedding"), body=data.get("body"))
+
+    def __eq__(self, other):
+        if not isinstance(other, Document):
+            return NotImplemented
+        return (self.id, self.embedding, self.body) == (other.id, other.embedding, other.body)
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __repr__(self):
+        parts = [f"id={self.id!r}"]
+        if self.embedding is not None:
+            head = ", ".join(f"{x:.4g}" for x in self.embedding[:3])
+            parts.append(f"embedding=[{head}{', ...' if len(self.embedding) > 3 else ''}]"
+                         f" ({len(self.embedding)} dims)")
+        body = repr(self.body)
+        parts.append("body=" + (body if len(body) <= 80 else body[:77] + "..."))
+        return f"Document({', '.join(parts)})"
+
+
+class Edge(typing.NamedTuple):
+    """A labelled, directed relationship between two documents of a collection."""
+    source: str
+    target: str
+    label: str
+    metadata: typing.Any = None
+
+
+def _doc_id(doc_or_id) -> str:
+    if isinstance(doc_or_id, Document):
+        return doc_or_id.id
+    if isinstance(doc_or_id, str) and doc_or_id:
+        return doc_or_id
+    raise TypeError(f"expected a Document or a document id, not {doc_or_id!r}")
+
+
+def _chunks(items, size=500):
+    items = list(items)
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _marks(n) -> str:
+    return ",".join("?" * n)
+
+
+def _ensure_fts(core) -> bool:
+    """Create the FTS5 tables once per database; False where SQLite lacks FTS5."""
+    ready = getattr(core, "_fts_ready", None)
+    if ready is None:
+        ready = True
+        try:
+            for statement in _FTS_SCHEMA:
+                core.execute(statement)
+        except BeaverError as e:
+            if "no such module" not in str(e):
+                raise
+            logger.warning("this SQLite has no FTS5: collections work without text search")
+            ready = False
+        core._fts_ready = ready
+    return ready
+
+
+class CollectionManager(_Manager):
+    """Documents searchable by full text, typo-tolerant text, vectors and relationships.
+
+        >>> articles = db.collection("articles")
+        >>> articles.index(Document(id="a1", body="SQLite is an embedded database"))
+        >>> [doc.id for doc, score in articles.match("datbase", fuzziness=1)]
+        ['a1']
+
+    ``match`` scores are relevance (higher is better); ``search`` scores are distances
+    (lower is better) under the collection's metric: ``l2`` (default), ``cosine`` or ``ip``.
+    """
+
+    _kind = "collection"
+    _table = "beaver_documents"
+
+    def __init__(self, db, name, model=None, metric=None, **options):
+        super().__init__(db, name, model)
+        self._fts = _ensure_fts(self._core)
+        self._metric, self._options = self._register(metric, options)
+        self._vocab = (None, set())         # (epoch, terms known to be in beaver_terms)
+        self._batch = threading.local()     # terms added by this thread's open transaction
+        self._vectors = None                # _VectorCache of the exact search
+        self._backend = None                # beaver_vector index, False when unavailable
+        self._backend_lock = threading.Lock()
+
+    def _register(self, metric, options):
+        if metric is not None and metric not in VECTOR_METRICS:
+            raise ValueError(f"metric must be one of {VECTOR_METRICS}, not {metric!r}")
+        text = _json_dumps(options) if options else None
+        self._core.execute(
+            "INSERT INTO beaver_collections (collection, metric, options) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection) DO NOTHING", (self._name, metric or "l2", text))
+        stored, stored_options = self._core.execute(
+            "SELECT metric, options FROM beaver_collections WHERE collection = ?",
+            (self._name,)).fetchone()
+        if metric is not None and metric != stored:
+            raise ValueError(f"collection {self._name!r} uses metric {stored!r}, not {metric!r}")
+        if options and json.loads(stored_options or "{}") != json.loads(text):
+            raise ValueError(f"collection {self._name!r} was created with options "
+                             f"{stored_options}, not {text}")
+        return stored, json.loads(stored_options or "{}")
+
+    @property
+    def metric(self) -> str:
+        """The vector distance of this collection: 'l2', 'cosine' or 'ip'."""
+        return self._metric
+
+    # -- documents -------------------------------------------------------------------------
+
+    def index(self, document, fts=True, fuzzy=False):
+        """Insert or replace ``document`` with its text index and vector, atomically.
+
+            >>> docs.index(Document(id="a1", body={"title": "Hi", "tags": ["x"]}))
+            >>> docs.index(doc, fts=["title"])        # index only these field paths
+
+        ``fts=False`` skips the text index. ``fuzzy`` is accepted for compatibility: every
+        text-indexed document is searchable with typos. Returns the document.
+        """
+        if not isinstance(document, Document):
+            raise TypeError(f"index() takes a Document, not {type(document).__name__}")
+        body = None if document.body is None else self._codec.encode(document.body)
+        texts = self._texts(document.body, fts) if self._fts else []
+        vector = None if document.embedding is None else _pack_vector(document.embedding)
+        with self._core.transaction():
+            dim, epoch = self._core.execute(
+                "SELECT dim, epoch FROM beaver_collections WHERE collection = ?",
+                (self._name,)).fetchone()
+            if vector is not None and dim is not None and len(document.embedding) != dim:
+                raise ValidationError(f"embedding has {len(document.embedding)} dimensions; "
+                                      f"collection {self._name!r} holds {dim}")
+            rowid = self._write_row(document.id, body)
+            self._write_text(rowid, texts, epoch)
+            self._write_vector(document.id, vector, dim)
+            self._wrote("index", id=document.id)
+        return document
+
+    def _texts(self, body, fts) -> list:
+        if not fts or body is None:
+            return []
+        fields = _text_fields(_to_jsonable(body))
+        if fts is not True:
+            paths = _check_paths(fts)
+            fields = {p: v for p, v in fields.items() if _on_paths(p, paths)}
+        texts = [(p, "\n".join(v)) for p, v in sorted(fields.items())]
+        if len(texts) >= 1 << _FTS_PATH_BITS:
+            raise ValueError(f"a document may have at most {1 << _FTS_PATH_BITS} text fields")
+        return [(p, t) for p, t in texts if t.strip()]
+
+    def _write_row(self, doc_id, body) -> int:
+        self._core.execute(
+            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection, doc_id) DO UPDATE SET body = excluded.body",
+            (self._name, doc_id, body))
+        return self._core.execute(
+            "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
+            (self._name, doc_id)).fetchone()[0]
+
+    def _write_text(self, rowid, texts, epoch):
+        if not self._fts:
+            return
+        base = rowid << _FTS_PATH_BITS
+        self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                           (base, base + (1 << _FTS_PATH_BITS)))
+        if not texts:
+            return
+        self._core.executemany(
+            "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
+            [(base + i, text, self._name, path) for i, (path, text) in enumerate(texts)])
+        self._add_terms(texts, epoch)
+
+    def _write_vector(self, doc_id, vector, dim):
+        if vector is None:
+            if self._core.execute("DELETE FROM beaver_vectors WHERE collection = ? AND "
+                                  "doc_id = ?", (self._name, doc_id)).rowcount:
+                self._vectors_changed(dim)
+                self._call_backend(dim, "on_delete", doc_id)
+            return
+        self._core.execute(
+            "INSERT INTO beaver_vectors (collection, doc_id, vector) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection, doc_id) DO UPDATE SET vector = excluded.vector",
+            (self._name, doc_id, vector))
+        self._vectors_changed(len(vector) // 4)
+        self._call_backend(len(vector) // 4, "on_upsert", doc_id, vector)
+
+    def _vectors_changed(self, dim):
+        self._core.execute("UPDATE beaver_collections SET version = version + 1, "
+                           "dim = coalesce(dim, ?) WHERE collection = ?", (dim, self._name))
+
+    def drop(self, document):
+        """Remove a document (given as a ``Document`` or an id), its vector and its edges.
+
+            >>> docs.drop("a1")
+
+        Raises ``KeyError`` if there is no such document.
+        """
+        doc_id = _doc_id(document)
+        with self._core.transaction():
+            row = self._core.execute(
+                "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
+                (self._name, doc_id)).fetchone()
+            if row is None:
+                raise KeyError(doc_id)
+            self._core.execute("DELETE FROM beaver_documents WHERE id = ?", (row[0],))
+            dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
+                                     (self._name,)).fetchone()[0]
+            self._write_text(row[0], [], None)
+            self._write_vector(doc_id, None, dim)
+            self._core.execute("DELETE FROM beaver_edges WHERE collection = ? AND source = ?",
+                               (self._name, doc_id))
+            self._core.execute("DELETE FROM beaver_edges WHERE collection = ? AND target = ?",
+                               (self._name, doc_id))
+            self._wrote("drop", id=doc_id)
+
+    __delitem__ = drop
+
+    _SELECT = ("SELECT d.doc_id, d.body, v.vector, d.id FROM beaver_documents d "
+               "LEFT JOIN beaver_vectors v ON v.collection = d.collection AND v.doc_id = d.doc_id "
+               "WHERE d.collection = ? ")
+
+    def _document(self, row) -> Document:
+        doc = Document.__new__(Document)
+        doc.id = row[0]
+        doc.body = None if row[1] is None else self._codec.decode(row[1])
+        doc.embedding = _unpack_vector(row[2])
+        return doc
+
+    def _documents(self, column, keys) -> dict:
+        """``{key: Document}`` of the documents whose ``column`` ('id' or 'doc_id') is in keys."""
+        at = 3 if column == "id" else 0
+        found = {}
+        for chunk in _chunks(keys):
+            rows = self._core.execute(self._SELECT + f"AND d.{column} IN ({_marks(len(chunk))})",
+                                      (self._name, *chunk))
+            found.update((row[at], self._document(row)) for row in rows)
+        return found
+
+    def get(self, doc_id, default=None):
+        """The document with this id, or ``default``.
+
+            >>> docs.get("a1").body
+        """
+        row = self._core.execute(self._SELECT + "AND d.doc_id = ?",
+                                 (self._name, _doc_id(doc_id))).fetchone()
+        return default if row is None else self._document(row)
+
+    def __getitem__(self, doc_id):
+        doc = self.get(doc_id)
+        if doc is None:
+            raise KeyError(doc_id)
+        return doc
+
+    def __contains__(self, document):
+        if not isinstance(document, (str, Document)):
+            return False
+        return self._core.execute(
+            "SELECT 1 FROM beaver_documents WHERE collection = ? AND doc_id = ?",
+            (self._name, _doc_id(document))).fetchone() is not None
+
+    def __len__(self):
+        return self._core.execute("SELECT count(*) FROM beaver_documents WHERE collection = ?",
+                                  (self._name,)).fetchone()[0]
+
+    def __bool__(self):
+        return True
+
+    def __iter__(self):
+        sql = self._SELECT + "AND d.doc_id > ? ORDER BY d.doc_id LIMIT ?"
+        for row in self._paged(sql, ""):
+            yield self._document(row)
+
+    def clear(self):
+        """Remove every document, vector, text index entry and edge of this collection."""
+        with self._core.transaction():
+            for table in ("beaver_documents", "beaver_vectors", "beaver_terms",
+                          "beaver_trigrams", "beaver_edges") + (("beaver_fts",) if self._fts else ()):
+                self._core.execute(f"DELETE FROM {table} WHERE collection = ?", (self._name,))
+            self._core.execute("UPDATE beaver_collections SET version = version + 1, "
+                               "epoch = epoch + 1 WHERE collection = ?", (self._name,))
+            dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
+                                     (self._name,)).fetchone()[0]
+            self._call_backend(dim, "on_clear")
+            self._wrote("clear")
+
+    # -- full-text search -------------------------------------------------------------------
+
+    def match(self, query, on=None, top_k=10, fuzziness=0, raw=False, highlight=False):
+        """Full-text search: ``[(Document, score)]``, best first (higher score is better).
+
+            >>> docs.match("embedded database")              # all words, any order
+            >>> docs.match('"embedded database" OR sqlite -mysql', on=["title"])
+            >>> docs.match("datbase", fuzziness=1)           # typo-tolerant
+
+        The query understands words, "phrases", ``prefix*``, ``OR``, ``-word``/``NOT word``;
+        anything else is searched as text and never raises. ``raw=True`` passes full FTS5
+        syntax through. ``on`` restricts the search to dotted field paths. ``fuzziness`` (1
+        or 2) also finds words that many edits away (3+ letters for one, 7+ for two),
+        ranked by edits, then relevance. ``highlight=True`` returns
+        ``(Document, score, snippet)`` triples with matches in ``[...]``.
+        """
+        if not self._fts:
+            raise FeatureUnavailable("this SQLite was built without FTS5: match() is unavailable")
+        paths, top_k = _check_paths(on), int(top_k)
+        if top_k <= 0:
+            return []
+        if raw:
+            if not isinstance(query, str):
+                raise TypeError("a query is a str")
+            hits = self._ranked(query, paths, top_k, checked=True)
+        else:
+            groups, negatives = _parse_query(query)
+            if not groups:
+                return []
+            if fuzziness:
+                hits = self._fuzzy(groups, negatives, paths, top_k, int(fuzziness))
+            else:
+                hits = self._ranked(_fts_expression(groups, negatives), paths, top_k)
+        docs = self._documents("id", [rowid for rowid, _ in hits])
+        results = [(docs[rowid], score) for rowid, score in hits if rowid in docs]
+        if highlight:
+            expr = query if raw else _fts_expression(groups, negatives)
+            return [(doc, score, self._snippet(expr, rowid))
+                    for (doc, score), (rowid, _) in zip(results, hits)]
+        return results
+
+    def _ranked(self, expr, paths, limit, checked=False) -> list:
+        """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document."""
+        sql = ("SELECT rowid >> 20, -sum(rank) AS score FROM beaver_fts "
+               "WHERE beaver_fts MATCH ? AND collection = ?")
+        params = [expr, self._name]
+        if paths is not None:
+            sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
+            for p in paths:
+                params += [p, len(p) + 1, p + "."]
+        sql += " GROUP BY 1 ORDER BY score DESC LIMIT ?"
+        try:
+            return self._core.execute(sql, (*params, limit)).fetchall()
+        except BeaverError as e:
+            if checked and isinstance(e.__cause__, sqlite3.OperationalError):
+                raise ValidationError(f"bad FTS5 query {expr!r}: {e.__cause__}") from None
+            raise
+
+    def _snippet(self, expr, rowid) -> str:
+        base = rowid << _FTS_PATH_BITS
+        row = self._core.execute(
+            "SELECT snippet(beaver_fts, 0, '[', ']', '...', 16) FROM beaver_fts "
+            "WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ? ORDER BY rank LIMIT 1",
+            (expr, base, base + (1 << _FTS_PATH_BITS))).fetchone()
+        return row[0] if row else ""
+
+    # -- fuzzy search -----------------------------------------------------------------------
+
+    def _fuzzy(self, groups, negatives, paths, top_k, fuzziness) -> list:
+        """Try the query as typed, then with each typo-corrected term in turn."""
+        if fuzziness not in (0, 1, 2):
+            raise ValueError("fuzziness is 0, 1 or 2")
+        hits = self._ranked(_fts_expression(groups, negatives), paths, top_k)
+        if len(hits) >= top_k:
+            return hits
+        options = [[self._spellings(atom, fuzziness) for atom in group] for group in groups]
+        found = {rowid: (0, score) for rowid, score in hits}
+        for turn in range(1, FUZZY_ROUNDS + 1):
+            rewritten = [[_Atom(term, False) for spellings in group for term in
+                          (spellings[:turn] if turn < FUZZY_ROUNDS else spellings)]
+                         for group in options]
+            if all(rewritten):
+                more = self._ranked(_fts_expression(rewritten, negatives), paths,
+                                    top_k + len(found))
+                for rowid, score in more:
+                    found.setdefault(rowid, (turn, score))
+            if len(found) >= top_k or not any(len(s) > turn for g in options for s in g):
+                break
+        best = sorted(found.items(), key=lambda item: (item[1][0], -item[1][1]))[:top_k]
+        return [(rowid, score) for rowid, (_, score) in best]
+
+    def _spellings(self, atom, fuzziness) -> list:
+        """The indexed terms within ``fuzziness`` edits of a one-word atom, best first."""
+        words = _terms(atom.text)
+        if atom.prefix or len(words) != 1 or len(words[0]) > FUZZY_MAX_TERM:
+            return [atom.text]
+        word = words[0]
+        limit = min(fuzziness, sum(len(word) >= n for n in FUZZY_MIN_LENGTH))
+        if limit == 0:
+            return [word]
+        if limit > 1 or len(word) > 4:
+            candidates = self._trigram_candidates(word, limit)
+        else:
+            candidates = self._known(_neighbourhood(word) | {word})
+        scored = [(_edit_distance(word, term, limit), term) for term in candidates]
+        scored = [(d, term) for d, term in scored if d <= limit]
+        frequency = self._frequencies([term for _, term in scored])
+        scored.sort(key=lambda item: (item[0], -frequency.get(item[1], 0), item[1]))
+        return [term for _, term in scored] or [word]
+
+    def _trigram_candidates(self, word, limit) -> list:
+        grams = sorted(_trigrams(word))
+        rows = self._core.execute(
+            f"SELECT term FROM beaver_trigrams WHERE collection = ? AND gram IN "
+            f"({_marks(len(grams))}) AND size BETWEEN ? AND ? GROUP BY term "
+            f"HAVING count(*) >= ?",
+            (self._name, *grams, len(word) - limit, len(word) + limit,
+             max(1, len(grams) - 4 * limit))).fetchall()
+        return [row[0] for row in rows]
+
+    def _known(self, terms) -> list:
+        found = []
+        for chunk in _chunks(terms):
+            found += [row[0] for row in self._core.execute(
+                f"SELECT term FROM beaver_terms WHERE collection = ? AND term IN "
+                f"({_marks(len(chunk))})", (self._name, *chunk))]
+        return found
+
+    def _frequencies(self, terms) -> dict:
+        if len(terms) < 2:
+            return {}
+        return dict(self._core.execute(
+            f"SELECT term, doc FROM beaver_fts_vocab WHERE term IN ({_marks(len(terms))})",
+            terms).fetchall())
+
+    def _add_terms(self, texts, epoch):
+        """Record new terms (and their trigrams) in this collection's vocabulary."""
+        known_epoch, known = self._vocab
+        if known_epoch != epoch:
+            known = {row[0] for row in self._core.execute(
+                "SELECT term FROM beaver_terms WHERE collection = ?", (self._name,))}
+            self._vocab = (epoch, known)
+        batch = self._batch_terms()
+        new = {term for _, text in texts for term in _terms(text)
+               if len(term) <= FUZZY_MAX_TERM} - known - batch
+        if not new:
+            return
+        batch |= new
+        self._core.executemany("INSERT OR IGNORE INTO beaver_terms (collection, term) "
+                               "VALUES (?, ?)", [(self._name, term) for term in new])
+        self._core.executemany(
+            "INSERT OR IGNORE INTO beaver_trigrams (collection, gram, size, term) "
+            "VALUES (?, ?, ?, ?)",
+            [(self._name, gram, len(term), term) for term in new for gram in _trigrams(term)])
+        self._core.after_commit(lambda: known.update(new))
+
+    def _batch_terms(self) -> set:
+        """Terms written by the current transaction of this thread (not yet in ``_vocab``)."""
+        token = getattr(self._core._local, "pending", None)
+        if getattr(self._batch, "token", None) is not token:
+            self._batch.token, self._batch.terms = token, set()
+        return self._batch.terms
+
+    # -- graph ------------------------------------------------------------------------------
+
+    def connect(self, source, target, label, metadata=None):
+        """Add (or update) the edge ``source -[label]-> target`` between two documents.
+
+            >>> net.connect(alice, bob, label="FOLLOWS", metadata={"since": 2020})
+        """
+        source, target = _doc_id(source), _doc_id(target)
+        if not isinstance(label, str) or not label:
+            raise TypeError(f"an edge label is a non-empty str, not {label!r}")
+        meta = None if metadata is None else _json_dumps(_to_jsonable(metadata))
+        with self._core.transaction():
+            missing = {source, target} - set(self._documents("doc_id", {source, target}))
+            if missing:
+                raise KeyError(f"no document {sorted(missing)[0]!r} in {self._name!r}")
+            self._core.execute(
+                "INSERT INTO beaver_edges (collection, source, label, target, metadata) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection, source, label, target) "
+                "DO UPDATE SET metadata = excluded.metadata",
+                (self._name, source, label, target, meta))
+            self._wrote("connect", source=source, target=target, label=label)
+
+    def disconnect(self, source, target, label=None):
+        """Remove the edges from ``source`` to ``target`` (only those with ``label`` if given)."""
+        source, target = _doc_id(source), _doc_id(target)
+        sql = "DELETE FROM beaver_edges WHERE collection = ? AND source = ? AND target = ?"
+        params = [self._name, source, target]
+        if label is not None:
+            sql, params = sql + " AND label = ?", params + [label]
+        with self._core.transaction():
+            if self._core.execute(sql, params).rowcount:
+                self._wrote("disconnect", source=source, target=target, label=label)
+
+    def edges(self, document, direction="outgoing", label=None) -> list:
+        """The ``Edge``s leaving ('outgoing'), entering ('incoming') or touching ('both') it."""
+        doc_id = _doc_id(document)
+        sides = {"outgoing": ["source"], "incoming": ["target"], "both": ["source", "target"]}
+        if direction not in sides:
+            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
+        found = []
+        for side in sides[direction]:
+            sql = (f"SELECT source, target, label, metadata FROM beaver_edges "
+                   f"WHERE collection = ? AND {side} = ?")
+            params = [self._name, doc_id]
+            if label is not None:
+                sql, params = sql + " AND label = ?", params + [label]
+            found += [Edge(s, t, lab, None if m is None else json.loads(m))
+                      for s, t, lab, m in self._core.execute(sql + " ORDER BY 1, 2, 3", params)]
+        return list(dict.fromkeys(found)) if direction == "both" else found
+
+    def neighbors(self, document, label=None, direction="outgoing") -> list:
+        """The documents one edge away, in id order.
+
+            >>> [doc.id for doc in net.neighbors(alice, label="FOLLOWS")]
+            ['bob', 'charlie']
+        """
+        ids = sorted(self._step([_doc_id(document)], _labels(label), direction))
+        docs = self._documents("doc_id", ids)
+        return [docs[i] for i in ids if i in docs]
+
+    def walk(self, source, labels=None, depth=1, direction="outgoing") -> list:
+        """Documents reachable in 1..``depth`` edges, breadth first (the source excluded).
+
+            >>> [doc.id for doc in net.walk(alice, labels=["FOLLOWS"], depth=2)]
+            ['bob', 'charlie', 'diana']
+
+        Each document appears once, at its shortest distance; cycles are harmless.
+        """
+        start = _doc_id(source)
+        labels = _labels(labels)
+        seen, frontier, order = {start}, [start], []
+        for _ in range(int(depth)):
+            reached = sorted(self._step(frontier, labels, direction) - seen)
+            if not reached:
+                break
+            seen.update(reached)
+            order += reached
+            frontier = reached
+        docs = self._documents("doc_id", order)
+        return [docs[i] for i in order if i in docs]
+
+    def _step(self, frontier, labels, direction) -> set:
+        """Ids one edge away from any id of ``frontier``."""
+        sides = {"outgoing": [("source", "target")], "incoming": [("target", "source")],
+                 "both": [("source", "target"), ("target", "source")]}
+        if direction not in sides:
+            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
+        reached = set()
+        for here, there in sides[direction]:
+            for chunk in _chunks(frontier):
+                sql = (f"SELECT {there} FROM beaver_edges WHERE collection = ? "
+                       f"AND {here} IN ({_marks(len(chunk))})")
+                params = [self._name, *chunk]
+                if labels is not None:
+                    sql += f" AND label IN ({_marks(len(labels))})"
+                    params += labels
+                reached.update(row[0] for row in self._core.execute(sql, params))
+        return reached
+
+    # -- vectors ----------------------------------------------------------------------------
+
+    def search(self, vector, top_k=10, where=None) -> list:
+        """Nearest documents to ``vector``: ``[(Document, distance)]``, closest first.
+
+            >>> docs.search([0.1, 0.9, 0.2], top_k=3)
+            >>> docs.search(query, where={"lang": "en", "meta.year": [2023, 2024]})
+
+        Exact unless the ``beaver_vector`` extra provides an index. ``where`` keeps documents
+        whose body fields (dotted paths) equal the value (or one of a list of values).
+        """
+        query = _as_vector(vector)
+        top_k = int(top_k)
+        dim, version = self._core.execute(
+            "SELECT dim, version FROM beaver_collections WHERE collection = ?",
+            (self._name,)).fetchone()
+        if dim is None or top_k <= 0:
+            return []
+        if len(query) != dim:
+            raise ValidationError(f"query has {len(query)} dimensions; collection "
+                                  f"{self._name!r} holds {dim}")
+        allowed = None if where is None else self._where(where)
+        backend = self._vector_backend(dim)
+        if backend is not None:
+            hits = backend.search(query, top_k, allowed)
+        else:
+            hits = self._exact(version).search(query, top_k, allowed)
+        docs = self._documents("doc_id", [doc_id for doc_id, _ in hits])
+        return [(docs[doc_id], float(d)) for doc_id, d in hits if doc_id in docs]
+
+    def _where(self, where) -> set:
+        if not isinstance(where, dict):
+            raise TypeError("where is a dict of {field path: value}")
+        sql, params = "SELECT doc_id FROM beaver_documents WHERE collection = ?", [self._name]
+        for path, value in where.items():
+            field = "json_extract(body, ?)"
+            if value is None:
+                sql += f" AND {field} IS NULL"
+                params.append(_json_path(path))
+                continue
+            values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+            if not all(isinstance(v, (str, int, float)) for v in values):
+                raise TypeError("where values are str, numbers, bools, None or lists of them")
+            sql += f" AND {field} IN ({_marks(len(values))})"
+            params += [_json_path(path)] + [int(v) if isinstance(v, bool) else v for v in values]
+        return {row[0] for row in self._core.execute(sql, params)}
+
+    def _exact(self, version) -> "_VectorCache":
+        cache = self._vectors
+        if cache is None or cache.version != version:
+            rows = self._core.execute(
+                "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
+                (self._name,)).fetchall()
+            cache = self._vectors = _VectorCache(version, self._metric, rows)
+        return cache
+
+    def _vector_backend(self, dim):
+        """The ``beaver_vector`` index of this collection, or None for the built-in search."""
+        if self._backend is None and dim is not None:
+            with self._backend_lock:
+                if self._backend is None:
+                    self._backend = self._open_backend(dim) or False
+        return self._backend or None
+
+    def _open_backend(self, dim):
+        if os.environ.get("BEAVER_VECTOR_BACKEND", "").lower() == "exact":
+            return None
+        try:
+            import beaver_vector
+            open_index = beaver_vector.open_index
+        except (ImportError, AttributeError):
+            return None
+        try:
+            return open_index(self._core, self._name, dim, self._metric, **self._options)
+        except FeatureUnavailable:
+            return None
+
+    def _call_backend(self, dim, method, *args):
+        backend = self._vector_backend(dim)
+        if backend is not None:
+            getattr(backend, method)(*args)
+
+    def compact(self):
+        """Fold pending changes of the vector index into its base (a no-op when exact)."""
+        backend = self._backend
+        if backend:
+            backend.compact()
+
+    def _on_close(self):
+        backend, self._backend = self._backend, None
+        if backend:
+            backend.close()
+
+    # -- dump and load ----------------------------------------------------------------------
+
+    def dump(self, fp=None):
+        """Export documents and edges: ``{"metadata", "items", "edges"}`` (or JSON to ``fp``).
+
+            >>> data = docs.dump()
+            >>> other.load(data)
+        """
+        with self._core.transaction():
+            data = super().dump()
+            data["edges"] = [edge._asdict() for edge in self._all_edges()]
+        data["metadata"]["metric"] = self._metric
+        if fp is None:
+            return data
+        json.dump(data, fp, ensure_ascii=False, indent=2)
+        return None
+
+    def _all_edges(self):
+        rows = self._core.execute(
+            "SELECT source, target, label, metadata FROM beaver_edges WHERE collection = ? "
+            "ORDER BY source, label, target", (self._name,))
+        return [Edge(s, t, lab, None if m is None else json.loads(m)) for s, t, lab, m in rows]
+
+    def _dump_items(self):
+        return [doc.to_dict() for doc in self]
+
+    def load(self, data_or_fp):
+        """Add the documents and edges of a ``dump()`` in one transaction (text re-indexed)."""
+        data = _read_dump(data_or_fp)
+        with self._core.transaction():
+            super().load(data)
+            for edge in data.get("edges") or []:
+                self.connect(edge["source"], edge["target"], edge["label"], edge.get("metadata"))
+
+    def _load_items(self, items):
+        for item in items:
+            self.index(Document.from_dict(item))
+
+
+def _labels(labels):
+    if labels is None:
+        return None
+    return [labels] if isinstance(labels, str) else list(labels)
+
+
+class _VectorCache:
+    """All vectors of a collection in memory, for exact search (numpy when available)."""
+
+    def __init__(self, version, metric, rows):
+        self.version, self.metric = version, metric
+        self.ids = [row[0] for row in rows]
+        self.position = {doc_id: i for i, doc_id in enumerate(self.ids)}
+        try:
+            import numpy
+        except ImportError:
+            numpy = None
+        self.np = numpy
+        if numpy is not None:
+            self._load_numpy(rows)
+        else:
+            self._load_python(rows)
+
+    def _load_numpy(self, rows):
+        np = self.np
+        matrix = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4")
+        matrix = matrix.reshape(len(rows), -1) if rows else matrix.reshape(0, 0)
+        if self.metric == "cosine":
+            norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+            matrix = matrix / np.where(norms == 0, 1, norms)
+        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        self.squares = np.einsum("ij,ij->i", self.matrix, self.matrix)
+
+    def _load_python(self, rows):
+        self.rows = [array.array("f", _unpack_vector(row[1])) for row in rows]
+        if self.metric == "cosine":
+            for i, row in enumerate(self.rows):
+                norm = math.sqrt(sum(x * x for x in row)) or 1.0
+                self.rows[i] = array.array("f", [x / norm for x in row])
+
+    def search(self, query, top_k, allowed=None) -> list:
+        """``[(doc_id, distance)]`` of the ``top_k`` closest vectors (among ``allowed``)."""
+        if allowed is None:
+            positions = None
+        else:
+            positions = sorted(self.position[i] for i in allowed if i in self.position)
+            if not positions:
+                return []
+        if self.metric == "cosine":
+            norm = math.sqrt(sum(x * x for x in query)) or 1.0
+            query = [x / norm for x in query]
+        if self.np is not None:
+            return self._search_numpy(query, top_k, positions)
+        return self._search_python(query, top_k, positions)
+
+    def _search_numpy(self, query, top_k, positions):
+        np = self.np
+        q = np.asarray(query, dtype=np.float32)
+        matrix = self.matrix if positions is None else self.matrix[positions]
+        if not len(matrix):
+            return []
+        dots = matrix @ q
+        if self.metric == "l2":
+            squares = self.squares if positions is None else self.squares[positions]
+            scores = squares - 2 * dots
+        else:
+            scores = -dots
+        k = min(top_k, len(scores))
+        best = np.argpartition(scores, k - 1)[:k] if k < len(scores) else np.arange(k)
+        best = best[np.argsort(scores[best], kind="stable")]
+        rows = best if positions is None else np.asarray(positions)[best]
+        if self.metric == "l2":
+            exact = np.sqrt(((self.matrix[rows] - q) ** 2).sum(axis=1))
+            order = np.argsort(exact, kind="stable")
+            return [(self.ids[rows[i]], float(exact[i])) for i in order]
+        shift = 1.0 if self.metric == "cosine" else 0.0
+        return [(self.ids[r], shift + float(scores[b])) for r, b in zip(rows, best)]
+
+    def _search_python(self, query, top_k, positions):
+        q = array.array("f", query)
+        candidates = range(len(self.rows)) if positions is None else positions
+        if self.metric == "l2":
+            scored = ((math.dist(self.rows[i], q), i) for i in candidates)
+        else:
+            shift = 1.0 if self.metric == "cosine" else 0.0
+            scored = ((shift - sum(map(operator.mul, self.rows[i], q)), i) for i in candidates)
+        return [(self.ids[i], d) for d, i in heapq.nsmallest(top_k, scored)]
+
+
+def rerank(*results, weights=None, k=60) -> list:
+    """Merge ranked result lists by reciprocal rank fusion; returns documents, best first.
+
+        >>> best = rerank(text_results, vector_results, weights=[0.6, 0.4])
+
+    Each list holds documents or ``(document, score)`` pairs, best first. A document's fused
+    score is the sum over lists of ``weight / (k + rank)``.
+    """
+    if len(results) == 1 and results[0] and all(isinstance(r, list) for r in results[0]):
+        results = tuple(results[0])
+    weights = [1.0] * len(results) if weights is None else list(weights)
+    if len(weights) != len(results):
+        raise ValueError(f"{len(weights)} weights for {len(results)} result lists")
+    scores, docs = {}, {}
+    for weight, result in zip(weights, results):
+        seen = set()
+        for rank, item in enumerate(result, 1):
+            doc = item[0] if isinstance(item, tuple) else item
+            key = doc.id if isinstance(doc, Document) else doc
+            if key in seen:
+                continue
+            seen.add(key)
+            docs.setdefault(key, doc)
+            scores[key] = scores.get(key, 0.0) + weight / (k + rank)
+    return [docs[key] for key in sorted(scores, key=lambda key: -scores[key])]
 
 
 # ==========================================================================================
@@ -1942,7 +3869,8 @@ class BeaverDB:
 
     def __init__(self, path, *, timeout=DEFAULT_TIMEOUT, durability="normal"):
         self._core = _Core(path, timeout=timeout, durability=durability)
-        self._events = _Events()
+        self._events = _Events(self._core)
+        self._hub = _Hub(self)
         self._managers: dict = {}
         self._managers_lock = threading.Lock()
 
@@ -1982,10 +3910,34 @@ class BeaverDB:
 
     blob = blobs
 
+    def log(self, name, model=None, retention=None) -> LogManager:
+        """The time-indexed log called ``name`` (``retention`` in seconds or a timedelta)."""
+        return self._manager(LogManager, name, model, retention=retention)
+
+    def channel(self, name, model=None, retention=CHANNEL_RETENTION,
+                max_messages=CHANNEL_MAX_MESSAGES) -> ChannelManager:
+        """The pub/sub channel called ``name`` (messages kept ``retention`` s, ``max_messages``)."""
+        return self._manager(ChannelManager, name, model, retention=retention,
+                             max_messages=max_messages)
+
     def lock(self, name, timeout=None, ttl=60.0, lock_ttl=None) -> Lock:
         """A new inter-process lock object on ``name`` (``lock_ttl`` is the 1.x spelling)."""
         self._check_open()
         return Lock(self, name, timeout=timeout, ttl=lock_ttl if lock_ttl is not None else ttl)
+
+    def collection(self, name, model=None, metric=None, **options) -> CollectionManager:
+        """The document collection called ``name``: full-text, fuzzy, vector and graph search.
+
+            >>> articles = db.collection("articles")
+            >>> images = db.collection("images", metric="cosine")
+
+        ``model`` types the document bodies; ``metric`` ('l2' by default, 'cosine', 'ip') and
+        extra options (e.g. ``index="hnsw"`` for ``beaver_vector``) are fixed at creation.
+        """
+        manager = self._manager(CollectionManager, name, model, metric=metric, **options)
+        if metric is not None and metric != manager.metric:
+            raise ValueError(f"collection {name!r} uses metric {manager.metric!r}, not {metric!r}")
+        return manager
 
     @contextlib.contextmanager
     def transaction(self):
@@ -2000,6 +3952,51 @@ class BeaverDB:
         with self._core.transaction():
             yield self
 
+    # -- the whole database --------------------------------------------------------------
+
+    def dump(self, fp, names=None) -> int:
+        """Write every structure (or those in ``names``) to the text file ``fp`` as JSON lines.
+
+            >>> with open("backup.jsonl", "w") as f:
+            ...     db.dump(f)
+            3
+
+        One consistent snapshot, streamed; returns the number of structures written. The
+        format is described in the "Dump, load, backup" section of this module.
+        """
+        return _dump_database(self, fp, names)
+
+    def load(self, fp, mode="append") -> int:
+        """Read a ``dump()`` back from ``fp``, in one transaction; returns the structure count.
+
+            >>> with open("backup.jsonl") as f:
+            ...     db.load(f, mode="replace")
+            3
+
+        ``mode="append"`` adds the items to what is there; ``"replace"`` first empties each
+        structure the dump holds (structures absent from the dump are left alone).
+        """
+        return _load_database(self, fp, mode)
+
+    def backup(self, path) -> str:
+        """Copy the database to ``path`` while other threads and processes keep writing.
+
+            >>> db.backup("nightly.db")
+            '/srv/nightly.db'
+
+        The copy is one consistent snapshot (SQLite's online backup API), written to a
+        temporary file and renamed into place. Returns the absolute path.
+        """
+        return _backup_database(self, path)
+
+    def info(self) -> dict:
+        """The file, its size, and every structure in it with its kind and size.
+
+            >>> db.info()["structures"]
+            [{'kind': 'dict', 'name': 'app_config', 'size': 2}]
+        """
+        return _database_info(self)
+
     def _check_open(self):
         if self._core.closed:
             raise ClosedError("the database is closed")
@@ -2011,6 +4008,9 @@ class BeaverDB:
     def close(self):
         """Close every connection of every thread; later calls raise ``ClosedError``."""
         self._events.stop()
+        self._hub.stop()
+        for manager in list(self._managers.values()):
+            getattr(manager, "_on_close", lambda: None)()
         self._core.close()
 
     def __enter__(self):
@@ -2042,6 +4042,10 @@ class AsyncManager:
     def sync(self):
         """The synchronous manager behind this wrapper."""
         return self._sync
+
+    def on(self, event, callback):
+        """Same as the manager's ``on`` (not awaited): callbacks run on the event thread."""
+        return self._sync.on(event, callback)
 
     def __getattr__(self, attr):
         value = getattr(self._sync, attr)
@@ -2088,17 +4092,1048 @@ class AsyncManager:
         return f"<Async {self._sync!r}>"
 
 
+class AsyncChannelManager(AsyncManager):
+    """Awaitable twin of a channel.
+
+        >>> achannel = db.channel("chat").as_async()
+        >>> async with achannel.subscribe() as sub:
+        ...     await achannel.publish({"text": "hi"})
+        ...     async for message in sub.listen(timeout=5):
+        ...         break
+    """
+
+    def subscribe(self) -> "AsyncSubscriber":
+        """A subscription delivering into the running event loop (call it inside a coroutine)."""
+        return AsyncSubscriber(self._sync)
+
+
+class AsyncSubscriber:
+    """A channel subscription for asyncio: ``async for message in sub.listen()``."""
+
+    def __init__(self, channel):
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("subscribe() on an async channel needs a running event loop"
+                               ) from None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._sub = Subscriber(channel, sink=self._put)
+
+    def _put(self, text):
+        with contextlib.suppress(RuntimeError):      # the loop is already closed
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, text)
+
+    async def get(self, timeout=None):
+        """The next message; ``TimeoutError`` after ``timeout`` seconds without one."""
+        timeout = _seconds(timeout, "timeout")
+        try:
+            text = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise Timeout(f"no message on channel {self._sub.channel.name!r} within "
+                          f"{timeout}s") from None
+        if text is _CLOSED:
+            self._queue.put_nowait(_CLOSED)
+            raise ClosedError("the subscription is closed")
+        return self._sub.channel._codec.decode(text)
+
+    async def listen(self, timeout=None):
+        """Yield messages until ``close()``; ``TimeoutError`` after ``timeout`` s of silence."""
+        while True:
+            try:
+                message = await self.get(timeout)
+            except ClosedError:
+                return
+            yield message
+
+    def __aiter__(self):
+        return self.listen()
+
+    def close(self):
+        """Stop receiving; a ``listen()`` in progress ends."""
+        self._sub.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+
+
+class AsyncLogManager(AsyncManager):
+    """Awaitable twin of a log: ``async for summary in alog.live(window, period, agg)``."""
+
+    def live(self, window, period, aggregator=list) -> "AsyncLiveView":
+        """Like ``LogManager.live``, as an async iterator."""
+        return AsyncLiveView(self._sync.live(window, period, aggregator))
+
+
+class AsyncLiveView:
+    """Async iterator over a ``LiveView``: waits with ``asyncio.sleep``, reads in a thread."""
+
+    def __init__(self, view):
+        self.view = view
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        view = self.view
+        while not view.closed and view._wait_time() > 0:
+            await asyncio.sleep(min(view._wait_time(), 0.25))
+        if view.closed:
+            raise StopAsyncIteration
+        return await asyncio.to_thread(view._tick)
+
+    def close(self):
+        self.view.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+
+
+class AsyncLock:
+    """Awaitable twin of a ``Lock``: ``async with db.lock("job").as_async(): ...``."""
+
+    def __init__(self, lock):
+        self.sync = lock
+
+    async def acquire(self, timeout=None, block=True):
+        """Wait for the lock without blocking the event loop; ``TimeoutError`` on timeout."""
+        task = asyncio.ensure_future(asyncio.to_thread(self.sync.acquire, timeout, block))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:      # do not leak a lock the worker thread still gets
+            task.add_done_callback(lambda t: t.cancelled() or t.exception()
+                                   or self.sync.release())
+            raise
+        return self
+
+    async def release(self):
+        await asyncio.to_thread(self.sync.release)
+
+    async def renew(self, ttl=None):
+        await asyncio.to_thread(self.sync.renew, ttl)
+
+    @property
+    def token(self):
+        return self.sync.token
+
+    async def locked(self) -> bool:
+        return await asyncio.to_thread(lambda: self.sync.locked)
+
+    async def __aenter__(self):
+        return await self.acquire()
+
+    async def __aexit__(self, *exc):
+        await self.release()
+
+    def __repr__(self):
+        return f"<Async {self.sync!r}>"
+
+
+# ==========================================================================================
+# Dump, load, backup: the whole database
+# ==========================================================================================
+#
+# ``db.dump(fp)`` writes JSON lines (UTF-8 text), streaming, one structure after another:
+#
+#     {"beaver_dump": 1, "beaver_version": "0.1.0", "dumped_at": "2026-01-01T00:00:00+00:00"}
+#     {"structure": "dict", "name": "app_config", "count": 2}
+#     {"key": "theme", "value": "dark", "expires_at": null}
+#     {"key": "user_id", "value": 123, "expires_at": null}
+#     {"structure": "list", "name": "daily_tasks", "count": 1}
+#     {"id": "task-001", "desc": "Write project report"}
+#     {"end": true, "structures": 2}
+#
+# A structure line is followed by exactly ``count`` item lines, each one item exactly as the
+# structure's own ``dump()`` writes it in its "items" list (dict keys keep ``expires_at``,
+# queue items their priority and timestamp, blobs are base64, models are plain JSON). The
+# final "end" line tells a complete dump from a truncated one.
+
+DUMP_FORMAT = 1
+_LOAD_BATCH = 1000
+
+# kind -> (table, BeaverDB factory, WHERE clause for live rows, column holding the name)
+_STRUCTURES = {
+    "dict": ("beaver_dicts", "dict", f"WHERE {_LIVE}", "name"),
+    "list": ("beaver_lists", "list", "", "name"),
+    "queue": ("beaver_queues", "queue", "", "name"),
+    "blob": ("beaver_blobs", "blobs", "", "name"),
+}
+
+
+@contextlib.contextmanager
+def _read_snapshot(core):
+    """Read everything inside one deferred transaction: a consistent snapshot (WAL).
+
+    Writers in other connections keep going; nested ``transaction()`` calls become savepoints.
+    """
+    if core.in_transaction:
+        yield
+        return
+    conn = core.conn()
+    local = core._local
+    core._run(conn, "BEGIN")
+    local.depth, local.pending = 1, []
+    try:
+        core.execute("SELECT count(*) FROM beaver_meta").fetchone()  # the snapshot starts here
+        yield
+    finally:
+        local.depth, local.pending = 0, []
+        core._rollback(conn)
+
+
+def _structure_names(db, kind) -> list:
+    """Names of the structures of ``kind`` that hold at least one (live) item."""
+    table, _, where, column = _STRUCTURES[kind]
+    params = (_now(),) if "?" in where else ()
+    rows = db._core.execute(f"SELECT {column}, count(*) FROM {table} {where} "
+                            f"GROUP BY {column} ORDER BY {column}", params)
+    return [(name, size) for name, size in rows]
+
+
+def _database_info(db) -> dict:
+    structures = []
+    for kind in _STRUCTURES:
+        structures += [{"kind": kind, "name": n, "size": s} for n, s in _structure_names(db, kind)]
+    rows = db._core.execute(
+        "SELECT name, count(*), max(held) FROM beaver_locks WHERE expires_at > ? "
+        "GROUP BY name ORDER BY name", (_now(),))
+    structures += [{"kind": "lock", "name": n, "size": s, "locked": bool(h)} for n, s, h in rows]
+    size = sum(os.path.getsize(db.path + s) for s in ("", "-wal") if os.path.exists(db.path + s))
+    return {"path": db.path, "bytes": size, "beaver_version": __version__,
+            "schema_version": SCHEMA_VERSION, "structures": structures}
+
+
+def _wanted(names, kinds):
+    """A filter on (kind, name): ``names`` may hold plain names or ``kind:name``."""
+    if not names and not kinds:
+        return lambda kind, name: True
+    names = set(names or ())
+    kinds = set(kinds or ())
+    return lambda kind, name: ((not kinds or kind in kinds) and
+                               (not names or name in names or f"{kind}:{name}" in names))
+
+
+def _dump_database(db, fp, names=None, kinds=None) -> int:
+    wanted = _wanted(names, kinds)
+    write = fp.write
+    count = 0
+    with _read_snapshot(db._core):
+        write(_json_dumps({"beaver_dump": DUMP_FORMAT, "beaver_version": __version__,
+                           "dumped_at": _dt.datetime.now(_dt.timezone.utc).isoformat()}) + "\n")
+        for kind in _STRUCTURES:
+            for name, _ in _structure_names(db, kind):
+                if wanted(kind, name):
+                    _dump_structure(db, kind, name, write)
+                    count += 1
+        write(_json_dumps({"end": True, "structures": count}) + "\n")
+    return count
+
+
+def _dump_structure(db, kind, name, write):
+    """A structure line, its items, and for a collection its edges after the documents."""
+    manager = getattr(db, _STRUCTURES[kind][1])(name)
+    items = manager._dump_items()
+    header = {"structure": kind, "name": name, "count": len(items)}
+    extra = []
+    if kind == "collection":
+        extra = [edge._asdict() for edge in manager._all_edges()]
+        header.update(metric=manager.metric, options=manager._options or None, edges=len(extra))
+    write(_json_dumps(header) + "\n")
+    for item in items + extra:
+        write(_json_dumps(item) + "\n")
+
+
+def _dump_lines(fp):
+    """The JSON values of a dump, one per non-empty line, with line numbers in errors."""
+    for number, line in enumerate(fp, 1):
+        if isinstance(line, bytes):
+            line = line.decode("utf-8")
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"line {number} of the dump is not JSON: {e}") from None
+
+
+def _load_database(db, fp, mode="append") -> int:
+    if mode not in ("append", "replace"):
+        raise ValueError("mode must be 'append' or 'replace'")
+    lines = _dump_lines(fp)
+    header = next(lines, None)
+    if not isinstance(header, dict) or "beaver_dump" not in header:
+        raise ValueError("not a beaver dump (its first line must be the beaver_dump header)")
+    if header["beaver_dump"] != DUMP_FORMAT:
+        raise ValueError(f"dump format {header['beaver_dump']!r} is not supported")
+    loaded = 0
+    with db._core.transaction():
+        for line in lines:
+            if isinstance(line, dict) and line.get("end") is True:
+                return loaded
+            _load_structure(db, line, lines, mode)
+            loaded += 1
+    raise ValueError("the dump is truncated (no end line); nothing was loaded")
+
+
+def _load_structure(db, line, lines, mode):
+    if not isinstance(line, dict) or line.get("structure") not in _STRUCTURES:
+        raise ValueError(f"expected a structure line in the dump, found {line!r:.80}")
+    count = line.get("count")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"bad item count in {line!r:.80}")
+    kind, name = line["structure"], line["name"]
+    if kind == "collection":
+        manager = db.collection(name, metric=line.get("metric"), **(line.get("options") or {}))
+    else:
+        manager = getattr(db, _STRUCTURES[kind][1])(name)
+    if mode == "replace":
+        manager.clear()
+    for batch in _batches(lines, count, f"{kind} {name!r}"):
+        manager._load_items(batch)
+    for batch in _batches(lines, line.get("edges") or 0, f"the edges of {kind} {name!r}"):
+        for edge in batch:
+            manager.connect(edge["source"], edge["target"], edge["label"], edge.get("metadata"))
+
+
+def _batches(lines, count, what):
+    """The next ``count`` values of ``lines``, in lists of at most _LOAD_BATCH."""
+    batch = []
+    for _ in range(count):
+        item = next(lines, _MISSING)
+        if item is _MISSING:
+            raise ValueError(f"the dump ends inside {what}")
+        batch.append(item)
+        if len(batch) >= _LOAD_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _backup_database(db, path):
+    target = os.path.abspath(os.fspath(path))
+    if target == os.path.abspath(db.path):
+        raise ValueError("cannot back a database up onto itself")
+    db._check_open()
+    fd, tmp = tempfile.mkstemp(prefix=".beaver-backup-", suffix=".db",
+                               dir=os.path.dirname(target))
+    os.close(fd)
+    try:
+        source = sqlite3.connect(db.path, timeout=db._core.timeout)
+        dest = sqlite3.connect(tmp)
+        try:
+            source.backup(dest)  # one step: a consistent snapshot, writers carry on (WAL)
+        finally:
+            dest.close()
+            source.close()
+        os.replace(tmp, target)
+    except sqlite3.Error as e:
+        raise BeaverError(f"backup to {target!r} failed: {e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    return target
+
+
+# ==========================================================================================
+# BeaverClient: the same API over HTTP, against ``python -m beaver_server``
+# ==========================================================================================
+
+class RemoteError(BeaverError):
+    """The server answered with an error this client has no better exception for."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+
+class Unauthorized(RemoteError, PermissionError):
+    """The server wants a (different) bearer token."""
+
+
+# The server names the exception in its JSON error body; the client raises the same class.
+_REMOTE_ERRORS = {cls.__name__: cls for cls in (
+    KeyError, IndexError, ValueError, TypeError, TimeoutError, BeaverError, ClosedError,
+    SchemaError, FeatureUnavailable, Timeout, DatabaseBusy, LockTimeout, LockLost, QueueEmpty,
+    ValidationError)}
+_CHUNK_WAIT = 25.0   # seconds a single blocking request may wait on the server
+_NO_BODY = object()
+
+
+def _quote(text) -> str:
+    from urllib.parse import quote
+    return quote(str(text), safe="")
+
+
+class _Http:
+    """One keep-alive HTTP(S) connection per thread to one server."""
+
+    def __init__(self, url, token=None, timeout=60.0):
+        from urllib.parse import urlsplit
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.url = url
+        self.https = parts.scheme == "https"
+        self.host, self.port = parts.hostname, parts.port
+        self.prefix = parts.path.rstrip("/")
+        self.timeout = timeout
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._local = threading.local()
+        self._all: list = []
+
+    def _connection(self, fresh=False):
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and not fresh:
+            return conn, True
+        import http.client
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=self.timeout)
+        self._local.conn = conn
+        self._all.append(conn)
+        return conn, False
+
+    def request(self, method, path, query=None, body=None, headers=None, wait=0.0):
+        """Send one request; return ``(status, headers, body bytes)``; retry a stale socket."""
+        if query:
+            from urllib.parse import urlencode
+            pairs = {k: _query_value(v) for k, v in query.items() if v is not None}
+            path = f"{path}?{urlencode(pairs)}" if pairs else path
+        all_headers = {**self.headers, **(headers or {})}
+        conn, reused = self._connection()
+        for attempt in (0, 1):
+            try:
+                conn.timeout = self.timeout + wait
+                if conn.sock is not None:
+                    conn.sock.settimeout(conn.timeout)
+                conn.request(method, self.prefix + path, body=body, headers=all_headers)
+                response = conn.getresponse()
+                return response.status, response.headers, response.read()
+            except (ConnectionError, OSError) as e:
+                conn.close()
+                if attempt or not reused or isinstance(e, TimeoutError):
+                    raise RemoteError(f"{method} {self.url}{path} failed: {e}") from None
+                conn, reused = self._connection(fresh=True)
+        raise AssertionError("unreachable")
+
+    def stream(self, path, query=None):
+        """A dedicated connection reading ``path`` as a server-sent event stream."""
+        import http.client
+        from urllib.parse import urlencode
+        pairs = {k: _query_value(v) for k, v in (query or {}).items() if v is not None}
+        path = self.prefix + path + (f"?{urlencode(pairs)}" if pairs else "")
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request("GET", path, headers={**self.headers, "Accept": "text/event-stream"})
+            response = conn.getresponse()
+            if response.status >= 400:
+                _raise_remote(response.status, response.read())
+            conn.sock.settimeout(None)   # a quiet stream is not an error; close() ends it
+        except (ConnectionError, OSError) as e:
+            conn.close()
+            raise RemoteError(f"GET {self.url}{path} failed: {e}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn, response
+
+    def close(self):
+        for conn in self._all:
+            conn.close()
+        self._all = []
+        self._local = threading.local()
+
+
+def _query_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _raise_remote(status, body):
+    try:
+        error = json.loads(body)
+        name, message = error.get("error"), error.get("message", "")
+    except (ValueError, AttributeError):
+        name, message = None, body.decode("utf-8", "replace")[:500]
+    if status == 401:
+        raise Unauthorized(message or "unauthorized", status)
+    if status == 404 and not body:   # the answer to a HEAD request has no body
+        raise KeyError("")
+    cls = _REMOTE_ERRORS.get(name)
+    if cls is None:
+        raise RemoteError(f"HTTP {status}: {message}", status)
+    raise cls(message)
+
+
+class _RemoteManager:
+    """Shared plumbing of the remote twins of the managers."""
+
+    _kind = ""
+    _route = ""
+
+    def __init__(self, client, name, model=None):
+        self._client = client
+        self._http = client._http
+        self._name = _check_name(name)
+        self._model = model
+        self._codec = _codec_for(model)
+        self._base = f"/{self._route}/{_quote(name)}"
+        self._lock = None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def model(self):
+        return self._model
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self._name!r} at {self._http.url}>"
+
+    def _send(self, method, suffix="", query=None, body=_NO_BODY, headers=None, wait=0.0):
+        """One request on this structure; the raw response body, or the server's exception."""
+        if body is not _NO_BODY and not isinstance(body, bytes):
+            body = body.encode("utf-8")
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        status, response_headers, data = self._http.request(
+            method, self._base + suffix, query, None if body is _NO_BODY else body,
+            headers, wait)
+        if status >= 400:
+            _raise_remote(status, data)
+        self._last_headers = response_headers
+        return data
+
+    def _call(self, method, suffix="", query=None, body=_NO_BODY, wait=0.0):
+        data = self._send(method, suffix, query, body, wait=wait)
+        return json.loads(data) if data else None
+
+    def _value(self, obj):
+        """A stored value as the caller's codec wants it (model instances when typed)."""
+        return obj if self._model is None else self._codec.decode(_json_dumps(obj))
+
+    def _summary(self, view=None):
+        return self._call("GET", "", {"view": view})
+
+    def __len__(self):
+        return self._summary()["size"]
+
+    def __bool__(self):
+        return True
+
+    def clear(self):
+        """Remove every item of this structure."""
+        self._call("DELETE")
+
+    def dump(self, fp=None):
+        """Export to a JSON-ready dict, or write it as JSON to the file object ``fp``."""
+        data = self._summary("dump")["dump"]
+        if fp is None:
+            return data
+        json.dump(data, fp, ensure_ascii=False, indent=2)
+        return None
+
+    def load(self, data_or_fp):
+        """Add the items of a ``dump()`` (a dict, JSON text or a file object)."""
+        self._call("POST", "", {"mode": "append"}, _json_dumps(_read_dump(data_or_fp)))
+
+    def acquire(self, timeout=None, block=True, ttl=60.0):
+        """Take this structure's inter-process lock (the one ``BeaverDB`` managers use)."""
+        if self._lock is None:
+            self._lock = RemoteLock(self._client, f"__beaver_{self._kind}__:{self._name}", ttl=ttl)
+        self._lock.acquire(timeout=timeout, block=block)
+        return _Held(self._lock, self)
+
+    def release(self):
+        """Release the lock taken by ``acquire()``."""
+        if self._lock is None:
+            raise LockLost(f"{self!r} is not locked")
+        self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def on(self, event, callback):
+        raise FeatureUnavailable("events are not available through BeaverClient")
+
+    def as_async(self) -> "AsyncManager":
+        """An awaitable twin whose calls run in worker threads."""
+        return AsyncManager(self)
+
+
+class RemoteDict(_RemoteManager, MutableMapping):
+    """``db.dict(name)`` over HTTP."""
+
+    _kind, _route = "dict", "dicts"
+
+    def __getitem__(self, key):
+        return self._codec.decode(self._send("GET", "/" + _quote(_check_key(key))))
+
+    def get(self, key, default=None):
+        """The value of ``key``, or ``default`` if it is missing or expired."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __setitem__(self, key, value):
+        self.set(key, value)
+
+    def set(self, key, value, ttl_seconds=None):
+        """Store ``value`` under ``key``; with ``ttl_seconds`` it expires that much later."""
+        self._send("PUT", "/" + _quote(_check_key(key)), {"ttl_seconds": _check_ttl(ttl_seconds)},
+                   self._codec.encode(value))
+
+    def __delitem__(self, key):
+        self._send("DELETE", "/" + _quote(_check_key(key)))
+
+    def pop(self, key, default=_MISSING):
+        """Remove ``key`` and return its value (or ``default``; else ``KeyError``)."""
+        try:
+            return self._codec.decode(self._send("DELETE", "/" + _quote(_check_key(key))))
+        except KeyError:
+            if default is _MISSING:
+                raise
+            return default
+
+    def __contains__(self, key):
+        if not isinstance(key, str):
+            return False
+        try:
+            self._send("HEAD", "/" + _quote(key))
+        except KeyError:
+            return False
+        return True
+
+    def setdefault(self, key, default=None):
+        """Return the value of ``key``, storing ``default`` first if it is missing."""
+        return self._codec.decode(self._send(
+            "PUT", "/" + _quote(_check_key(key)), {"if_absent": True}, self._codec.encode(default)))
+
+    def update(self, *args, **kwargs):
+        """Like ``dict.update``, in one transaction on the server."""
+        items = {k: json.loads(self._codec.encode(v)) for k, v in dict(*args, **kwargs).items()}
+        self._call("PATCH", "", body=_json_dumps(items))
+
+    def ttl(self, key):
+        """Seconds until ``key`` expires; ``None`` if it never does; ``KeyError`` if absent."""
+        self._send("HEAD", "/" + _quote(_check_key(key)))
+        ttl = self._last_headers.get("Beaver-TTL")
+        return None if ttl is None else float(ttl)
+
+    def __iter__(self):
+        return iter(self._summary("keys")["keys"])
+
+    def keys(self) -> list:
+        """A snapshot list of the live keys, in key order."""
+        return list(self)
+
+    def items(self) -> list:
+        """A snapshot list of live ``(key, value)`` pairs, in key order."""
+        return [(k, self._value(v)) for k, v in self._summary("items")["items"]]
+
+    def values(self) -> list:
+        """A snapshot list of the live values, in key order."""
+        return [v for _, v in self.items()]
+
+
+class RemoteList(_RemoteManager, MutableSequence):
+    """``db.list(name)`` over HTTP."""
+
+    _kind, _route = "list", "lists"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            query = {"start": index.start, "stop": index.stop, "step": index.step}
+            return [self._value(v) for v in self._call("GET", "/slice", query)]
+        return self._codec.decode(self._send("GET", f"/items/{_list_index(index)}"))
+
+    def __setitem__(self, index, value):
+        if isinstance(index, slice):
+            query = {"start": index.start, "stop": index.stop, "step": index.step}
+            body = "[" + ",".join(self._codec.encode(v) for v in value) + "]"
+            self._send("PUT", "/slice", query, body)
+            return
+        self._send("PUT", f"/items/{_list_index(index)}", body=self._codec.encode(value))
+
+    def __delitem__(self, index):
+        if isinstance(index, slice):
+            self._send("DELETE", "/slice", {"start": index.start, "stop": index.stop,
+                                            "step": index.step})
+            return
+        self._send("DELETE", f"/items/{_list_index(index)}")
+
+    def __len__(self):
+        return self._summary()["size"]
+
+    def __iter__(self):
+        return iter([self._value(v) for v in self._summary("items")["items"]])
+
+    def __reversed__(self):
+        return reversed(list(self))
+
+    def push(self, value):
+        """Append ``value`` at the end (``append`` is the same)."""
+        self._send("POST", "/push", body=self._codec.encode(value))
+
+    append = push
+
+    def prepend(self, value):
+        """Insert ``value`` at the front."""
+        self._send("POST", "/prepend", body=self._codec.encode(value))
+
+    def extend(self, values):
+        """Append every item of ``values`` in one transaction."""
+        self._send("POST", "/extend", body="[" + ",".join(map(self._codec.encode, values)) + "]")
+
+    def __iadd__(self, values):
+        self.extend(values)
+        return self
+
+    def insert(self, index, value):
+        """Insert ``value`` before ``index`` (Python semantics)."""
+        self._send("POST", "/insert", {"index": _list_index(index)}, self._codec.encode(value))
+
+    def pop(self, index=None):
+        """Remove and return the item at ``index`` (default: the last; ``None`` if empty)."""
+        query = None if index is None else {"index": _list_index(index)}
+        return self._optional(self._send("POST", "/pop", query))
+
+    def deque(self):
+        """Remove and return the first item, or ``None`` if the list is empty."""
+        return self._optional(self._send("POST", "/deque"))
+
+    popleft = deque
+
+    def _optional(self, data):
+        return None if self._last_headers.get("Beaver-Empty") else self._codec.decode(data)
+
+    def reverse(self):
+        """Reverse the list in place, in one transaction."""
+        self._send("POST", "/reverse")
+
+
+def _list_index(index) -> int:
+    if isinstance(index, bool) or not hasattr(index, "__index__"):
+        raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}")
+    return index.__index__()
+
+
+class RemoteQueue(_RemoteManager):
+    """``db.queue(name)`` over HTTP. A blocking ``get`` waits in chunks on the server."""
+
+    _kind, _route = "queue", "queues"
+
+    def put(self, data, priority=0):
+        """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
+        if isinstance(priority, bool) or not isinstance(priority, (int, float)):
+            raise TypeError(f"priority must be a number, not {priority!r}")
+        self._send("POST", "/put", {"priority": priority}, self._codec.encode(data))
+
+    def get(self, block=True, timeout=None) -> QueueItem:
+        """Remove and return the first item (``QueueEmpty``/``TimeoutError`` as locally)."""
+        deadline = _Deadline(_seconds(timeout, "timeout"))
+        while True:
+            wait = deadline.remaining(cap=_CHUNK_WAIT) if block else 0.0
+            try:
+                item = self._call("POST", "/get", {"block": block, "timeout": wait}, wait=wait)
+            except Timeout:
+                if deadline.expired:
+                    raise
+                continue
+            return self._item(item)
+
+    def _item(self, item):
+        return QueueItem(item["priority"], item["timestamp"], self._value(item["data"]))
+
+    def peek(self):
+        """The item ``get`` would return next, without removing it; ``None`` if empty."""
+        item = self._call("GET", "/peek")
+        return None if item is None else self._item(item)
+
+    def __iter__(self):
+        return iter([self._item(i) for i in self._summary("items")["items"]])
+
+
+class RemoteBlobs(_RemoteManager):
+    """``db.blobs(name)`` over HTTP: bytes travel raw, metadata in a header."""
+
+    _kind, _route = "blob", "blobs"
+
+    def put(self, key, data, metadata=None):
+        """Store the bytes ``data`` under ``key``."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"blob data must be bytes-like, not {type(data).__name__}")
+        headers = {"Content-Type": "application/octet-stream"}
+        if metadata is not None:
+            headers["Beaver-Metadata"] = json.dumps(json.loads(self._codec.encode(metadata)))
+        self._send("PUT", "/" + _quote(_check_key(key)), body=bytes(data), headers=headers)
+
+    def get(self, key):
+        """The ``Blob`` stored under ``key``, or ``None``."""
+        try:
+            data = self._send("GET", "/" + _quote(_check_key(key)))
+        except KeyError:
+            return None
+        meta = self._last_headers.get("Beaver-Metadata")
+        return Blob(key, data, None if meta is None else self._codec.decode(meta))
+
+    def __getitem__(self, key):
+        blob = self.get(key)
+        if blob is None:
+            raise KeyError(key)
+        return blob
+
+    def __setitem__(self, key, data):
+        self.put(key, data)
+
+    def delete(self, key):
+        """Remove the blob under ``key``; ``KeyError`` if there is none."""
+        self._send("DELETE", "/" + _quote(_check_key(key)))
+
+    __delitem__ = delete
+
+    def __contains__(self, key):
+        if not isinstance(key, str):
+            return False
+        try:
+            self._send("HEAD", "/" + _quote(key))
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self):
+        return iter(self._summary("keys")["keys"])
+
+    def keys(self) -> list:
+        """A snapshot list of the keys, in key order."""
+        return list(self)
+
+
+class RemoteLock:
+    """``db.lock(name)`` over HTTP: the server holds the lock on this object's behalf."""
+
+    def __init__(self, client, name, timeout=None, ttl=60.0):
+        self._http = client._http
+        self.name = _check_name(name)
+        self.timeout = _seconds(timeout, "timeout")
+        self.ttl = _seconds(ttl, "ttl")
+        if not self.ttl:
+            raise ValueError("ttl must be positive")
+        self._base = f"/locks/{_quote(name)}"
+        self._token = None
+        self._guard = threading.Lock()
+
+    def _call(self, suffix, query=None, method="POST", wait=0.0):
+        status, _, data = self._http.request(method, self._base + suffix, query, wait=wait)
+        if status >= 400:
+            _raise_remote(status, data)
+        return json.loads(data) if data else None
+
+    @property
+    def token(self):
+        """The fencing token of the current hold (``None`` when not held)."""
+        return self._token
+
+    @property
+    def held(self) -> bool:
+        """True while this object holds the lock (and its TTL has not run out)."""
+        return self._token is not None and self._call("", {"token": self._token}, "GET")["held"]
+
+    @property
+    def locked(self) -> bool:
+        """True while anybody holds the lock."""
+        return self._call("", method="GET")["locked"]
+
+    def acquire(self, timeout=None, block=True):
+        """Wait for the lock (up to ``timeout`` s) and take it; ``LockTimeout`` otherwise."""
+        timeout = self.timeout if timeout is None else _seconds(timeout, "timeout")
+        deadline = _Deadline(timeout if block else 0.0)
+        if not self._guard.acquire(timeout=-1 if timeout is None else timeout):
+            raise LockTimeout(f"lock {self.name!r} is held by another thread of this object")
+        try:
+            while True:
+                wait = deadline.remaining(cap=_CHUNK_WAIT)
+                try:
+                    held = self._call("/acquire", {"timeout": wait, "ttl": self.ttl}, wait=wait)
+                    break
+                except LockTimeout:
+                    if deadline.expired:
+                        raise
+        except BaseException:
+            self._guard.release()
+            raise
+        self._token = held["token"]
+        return _Held(self, self)
+
+    def release(self):
+        """Give the lock to the next waiter. ``LockLost`` if the TTL had already run out."""
+        if self._token is None:
+            raise LockLost(f"lock {self.name!r} is not held by this object")
+        token, self._token = self._token, None
+        try:
+            self._call("/release", {"token": token})
+        finally:
+            self._guard.release()
+
+    def renew(self, ttl=None):
+        """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now."""
+        if self._token is None:
+            raise LockLost(f"lock {self.name!r} is not held by this object")
+        ttl = self.ttl if ttl is None else _seconds(ttl, "ttl")
+        self._call("/renew", {"token": self._token, "ttl": ttl})
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __repr__(self):
+        return f"<RemoteLock {self.name!r} {'held' if self._token else 'free'}>"
+
+
+class BeaverClient:
+    """A ``BeaverDB`` look-alike that talks to a beaver server: change one line to go remote.
+
+        >>> db = BeaverClient("http://127.0.0.1:8000", token="s3cret")   # was BeaverDB("app.db")
+        >>> db.dict("app_config")["theme"] = "dark"
+        >>> db.queue("jobs").get(timeout=5).data
+
+    Each thread keeps one keep-alive connection. Errors are the same classes ``BeaverDB``
+    raises (``KeyError``, ``IndexError``, ``TimeoutError``, ``LockTimeout``...); transport
+    failures raise ``RemoteError``, a wrong token ``Unauthorized``. Not available remotely:
+    ``transaction()`` and ``.on()`` events.
+    """
+
+    def __init__(self, url, token=None, *, timeout=60.0):
+        self._http = _Http(url, token, timeout)
+        self._managers: dict = {}
+        self._managers_lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        return self._http.url
+
+    def _manager(self, cls, name, model=None):
+        if self._closed:
+            raise ClosedError("the client is closed")
+        key = (cls._kind, _check_name(name))
+        with self._managers_lock:
+            manager = self._managers.get(key)
+            if manager is None:
+                manager = self._managers[key] = cls(self, name, model)
+            elif model is not None and manager.model is not model:
+                raise ValueError(f"{cls._kind} {name!r} is already open with model "
+                                 f"{manager.model!r}, not {model!r}")
+            return manager
+
+    def dict(self, name, model=None) -> RemoteDict:
+        """The remote dict called ``name``."""
+        return self._manager(RemoteDict, name, model)
+
+    def list(self, name, model=None) -> RemoteList:
+        """The remote list called ``name``."""
+        return self._manager(RemoteList, name, model)
+
+    def queue(self, name, model=None) -> RemoteQueue:
+        """The remote priority queue called ``name``."""
+        return self._manager(RemoteQueue, name, model)
+
+    def blobs(self, name, model=None) -> RemoteBlobs:
+        """The remote blob store called ``name``."""
+        return self._manager(RemoteBlobs, name, model)
+
+    blob = blobs
+
+    def lock(self, name, timeout=None, ttl=60.0, lock_ttl=None) -> RemoteLock:
+        """A new remote inter-process lock object on ``name``."""
+        return RemoteLock(self, name, timeout=timeout, ttl=lock_ttl if lock_ttl is not None else ttl)
+
+    def _get(self, path, query=None) -> bytes:
+        status, _, data = self._http.request("GET", path, query)
+        if status >= 400:
+            _raise_remote(status, data)
+        return data
+
+    def info(self) -> dict:
+        """Every structure on the server: kind, name and size."""
+        return json.loads(self._get("/info"))
+
+    def dump(self, fp, names=None) -> int:
+        """Write the server's database (or the structures in ``names``) as JSON lines."""
+        data = self._get("/dump", {"names": ",".join(names) if names else None}).decode("utf-8")
+        fp.write(data)
+        return sum(1 for line in data.splitlines() if line.startswith('{"structure"'))
+
+    def load(self, fp, mode="append") -> int:
+        """Send a JSON-lines dump to the server, loaded there in one transaction."""
+        text = fp.read()
+        body = text.encode("utf-8") if isinstance(text, str) else text
+        status, _, data = self._http.request("POST", "/load", {"mode": mode}, body,
+                                             {"Content-Type": "application/x-ndjson"})
+        if status >= 400:
+            _raise_remote(status, data)
+        return json.loads(data)["structures"]
+
+    def backup(self, path) -> str:
+        """Download a consistent copy of the server's database file to ``path``."""
+        data = self._get("/backup")
+        target = os.path.abspath(os.fspath(path))
+        with open(target, "wb") as f:
+            f.write(data)
+        return target
+
+    def transaction(self):
+        raise FeatureUnavailable("transactions are not available through BeaverClient")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self):
+        """Close every connection this client opened."""
+        self._closed = True
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<BeaverClient {self._http.url!r}{' closed' if self._closed else ''}>"
+
+
 # ==========================================================================================
 # Alias modules: ``from beaver.queues import QueueItem`` and friends
 # ==========================================================================================
 
 _ALIASES = {
-    "manager": ["AsyncManager", "DictManager", "ListManager", "QueueManager", "BlobManager"],
+    "manager": ["AsyncManager", "DictManager", "ListManager", "QueueManager", "BlobManager",
+                "LogManager", "ChannelManager"],
     "dicts": ["DictManager"],
     "lists": ["ListManager"],
-    "queues": ["QueueItem", "QueueManager"],
+    "queues": ["QueueItem", "LeasedItem", "QueueManager"],
+    "logs": ["LogManager", "LogEntry", "LiveView"],
+    "channels": ["ChannelManager", "Subscriber"],
     "blobs": ["Blob", "BlobManager"],
     "locks": ["Lock", "LockTimeout"],
+    "collections": ["Document", "CollectionManager", "Edge", "rerank"],
 }
 
 
@@ -2112,3 +5147,393 @@ def _register_aliases():
 
 
 _register_aliases()
+# ==========================================================================================
+# CLI: beaver [--database PATH] <dict|list|queue|blob|lock|...> NAME <operation> [args]
+# ==========================================================================================
+#
+# Output is JSON (``"dark"``, lists, objects) so it pipes into ``jq``; a VALUE argument is
+# JSON when it parses as JSON, else the text itself; ``-`` reads standard input. Exit status:
+# 0 done, 1 not found or the operation failed, 2 usage error. Errors go to standard error.
+
+_NOTHING = object()     # a handler result that prints nothing
+
+
+class _Exit(int):
+    """A handler result that is the process exit status (``lock NAME run``)."""
+
+
+def _cli_value(text):
+    if text == "-":
+        text = sys.stdin.read()
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text[:-1] if text.endswith("\n") else text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _cli_text(text) -> str:
+    if text == "-":
+        return sys.stdin.read()
+    with open(text, encoding="utf-8") as f:
+        return f.read()
+
+
+def _cli_bytes(path) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _cli_json(value):
+    """Plain JSON for anything a handler returns (models, queue items, documents...)."""
+    if isinstance(value, QueueItem):
+        return {"priority": value.priority, "timestamp": value.timestamp,
+                "data": _cli_json(value.data)}
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_cli_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _cli_json(v) for k, v in value.items()}
+    return _to_jsonable(value)
+
+
+def _quiet(action):
+    def run(manager, args):
+        action(manager, args)
+        return _NOTHING
+    return run
+
+
+def _arg(*flags, **options):
+    return flags, options
+
+
+_KEY = _arg("key", help="the key")
+_VALUE = _arg("value", help="a JSON value, else taken as text; - reads standard input")
+_INDEX = _arg("index", type=int, help="a position (negative counts from the end)")
+_FILE = _arg("file", help="a file path; - reads standard input")
+_TIMEOUT = _arg("--timeout", type=float, default=None, help="seconds to wait (default: forever)")
+_NO_WAIT = _arg("--no-wait", "-n", action="store_true", help="fail at once instead of waiting")
+
+
+def _structure_ops(kind):
+    """Operations every structure has: len, clear, dump, load."""
+    return [
+        ("len", f"print the number of items of the {kind}", [], lambda m, a: len(m)),
+        ("clear", f"remove every item of the {kind}", [], _quiet(lambda m, a: m.clear())),
+        ("dump", f"print the {kind} as one JSON document", [], lambda m, a: m.dump()),
+        ("load", f"add the items of a JSON dump of a {kind}", [_FILE],
+         _quiet(lambda m, a: m.load(_cli_text(a.file)))),
+    ]
+
+
+def _queue_get(manager, args):
+    if args.no_wait:
+        return manager.get(block=False)
+    return manager.get(timeout=args.timeout)
+
+
+def _blob_get(manager, args):
+    data = manager[args.key].data
+    if args.output and args.output != "-":
+        with open(args.output, "wb") as f:
+            f.write(data)
+    else:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    return _NOTHING
+
+
+def _blob_info(manager, args):
+    blob = manager[args.key]
+    return {"key": blob.key, "size": len(blob.data), "metadata": blob.metadata}
+
+
+def _lock_status(db, args):
+    lock = db.lock(args.name)
+    return {"name": args.name, "locked": lock.locked}
+
+
+def _lock_run(db, args):
+    """Run a command while holding the lock; never run it when the lock was not acquired."""
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not command:
+        raise _UsageError("lock run needs a command to run")
+    lock = db.lock(args.name, ttl=args.ttl)
+    try:
+        lock.acquire(timeout=0.0 if args.no_wait else args.timeout, block=not args.no_wait)
+    except TimeoutError:
+        print(f"beaver: lock {args.name!r} was not acquired; not running {command[0]!r}",
+              file=sys.stderr)
+        return _Exit(1)
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew_until, args=(lock, stop), daemon=True)
+    renewer.start()
+    try:
+        return _Exit(_run_command(command))
+    finally:
+        stop.set()
+        renewer.join()
+        with contextlib.suppress(LockLost):
+            lock.release()
+
+
+def _renew_until(lock, stop):
+    while not stop.wait(lock.ttl / 3):
+        try:
+            lock.renew()
+        except BeaverError as e:
+            logger.warning("could not renew lock %r: %s", lock.name, e)
+
+
+def _run_command(command) -> int:
+    import subprocess
+    try:
+        process = subprocess.Popen(command)
+    except OSError as e:
+        print(f"beaver: cannot run {command[0]!r}: {e}", file=sys.stderr)
+        return 127 if isinstance(e, FileNotFoundError) else 126
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        return 130
+
+
+# kind -> (help, BeaverDB factory, [(operation, help, [arguments], handler(manager, args))])
+CLI_KINDS = {
+    "dict": ("a persistent dict of JSON values, with TTL", "dict", [
+        ("get", "print the value of KEY", [_KEY], lambda m, a: m[a.key]),
+        ("set", "store VALUE under KEY", [_KEY, _VALUE, _arg(
+            "--ttl", type=float, default=None, help="expire after this many seconds")],
+         _quiet(lambda m, a: m.set(a.key, _cli_value(a.value), ttl_seconds=a.ttl))),
+        ("delete", "delete KEY", [_KEY], _quiet(lambda m, a: m.__delitem__(a.key))),
+        ("pop", "delete KEY and print its value", [_KEY], lambda m, a: m.pop(a.key)),
+        ("has", "print whether KEY exists (exit status 1 if not)", [_KEY],
+         lambda m, a: True if a.key in m else _Exit(1)),
+        ("ttl", "print the seconds until KEY expires (null: never)", [_KEY],
+         lambda m, a: m.ttl(a.key)),
+        ("keys", "print the keys", [], lambda m, a: m.keys()),
+        ("items", "print every key and value as one JSON object", [],
+         lambda m, a: dict(m.items())),
+    ] + _structure_ops("dict")),
+    "list": ("a persistent list", "list", [
+        ("push", "append VALUE", [_VALUE], _quiet(lambda m, a: m.push(_cli_value(a.value)))),
+        ("prepend", "insert VALUE at the front", [_VALUE],
+         _quiet(lambda m, a: m.prepend(_cli_value(a.value)))),
+        ("insert", "insert VALUE before INDEX", [_INDEX, _VALUE],
+         _quiet(lambda m, a: m.insert(a.index, _cli_value(a.value)))),
+        ("get", "print the item at INDEX", [_INDEX], lambda m, a: m[a.index]),
+        ("set", "replace the item at INDEX", [_INDEX, _VALUE],
+         _quiet(lambda m, a: m.__setitem__(a.index, _cli_value(a.value)))),
+        ("delete", "delete the item at INDEX", [_INDEX],
+         _quiet(lambda m, a: m.__delitem__(a.index))),
+        ("pop", "remove and print the last item (or the one at INDEX)",
+         [_arg("index", type=int, nargs="?", default=None, help="a position")],
+         lambda m, a: m.pop(a.index)),
+        ("deque", "remove and print the first item", [], lambda m, a: m.deque()),
+        ("items", "print every item as one JSON list", [], lambda m, a: list(m)),
+    ] + _structure_ops("list")),
+    "queue": ("a persistent priority queue", "queue", [
+        ("put", "add VALUE (lower priority first)", [_VALUE, _arg(
+            "--priority", "-p", type=float, default=0, help="priority (default 0)")],
+         _quiet(lambda m, a: m.put(_cli_value(a.value), priority=_number(a.priority)))),
+        ("get", "take the first item and print it", [_TIMEOUT, _NO_WAIT], _queue_get),
+        ("peek", "print the first item without taking it", [], lambda m, a: m.peek()),
+        ("items", "print every item, in the order get would take them", [],
+         lambda m, a: list(m)),
+    ] + _structure_ops("queue")),
+    "blob": ("a store of binary objects with JSON metadata", "blobs", [
+        ("put", "store the bytes of FILE under KEY", [_KEY, _FILE, _arg(
+            "--metadata", "-m", default=None, help="JSON metadata")],
+         _quiet(lambda m, a: m.put(a.key, _cli_bytes(a.file),
+                                   None if a.metadata is None else _cli_value(a.metadata)))),
+        ("get", "write the bytes under KEY to standard output (or --output)", [_KEY, _arg(
+            "--output", "-o", default=None, help="write to this file")], _blob_get),
+        ("info", "print the size and metadata of KEY", [_KEY], _blob_info),
+        ("delete", "delete KEY", [_KEY], _quiet(lambda m, a: m.delete(a.key))),
+        ("keys", "print the keys", [], lambda m, a: m.keys()),
+    ] + _structure_ops("blob")),
+    "lock": ("an inter-process lock", None, [
+        ("run", "run a command while holding the lock; exit with its status", [
+            _TIMEOUT, _NO_WAIT,
+            _arg("--ttl", type=float, default=60.0, help="seconds a hold lasts unless renewed "
+                                                          "(renewed while the command runs)"),
+            _arg("argv", nargs="...", metavar="COMMAND", help="the command and its arguments")],
+         _lock_run),
+        ("status", "print whether the lock is held", [], _lock_status),
+    ]),
+}
+
+
+def _number(value):
+    return int(value) if float(value).is_integer() else value
+
+
+class _UsageError(Exception):
+    """Bad command-line usage found after parsing (exit status 2)."""
+
+
+def _cli_parser():
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="beaver", description="Inspect and change a beaver database from the shell. "
+        "Values are JSON (else text); output is JSON.",
+        epilog="examples:\n  beaver --database my_data.db dict app_config get theme\n"
+               "  beaver --database data.db lock my-cron-job run bash -c 'run_daily_report.sh'",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--database", "-d", default=None,
+                        help="database file (default: $BEAVER_DATABASE or beaver.db)")
+    parser.add_argument("--url", default=None,
+                        help="use a beaver server at this URL instead (default: $BEAVER_URL)")
+    parser.add_argument("--token", default=None, help="bearer token for --url ($BEAVER_TOKEN)")
+    parser.add_argument("--version", action="version", version=f"beaver {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for kind, (help_text, _, operations) in CLI_KINDS.items():
+        _cli_kind_parser(commands, kind, help_text, operations)
+    _cli_database_parsers(commands)
+    return parser
+
+
+def _cli_kind_parser(commands, kind, help_text, operations):
+    sub = commands.add_parser(kind, help=help_text, description=help_text)
+    sub.add_argument("name", help=f"the name of the {kind}")
+    ops = sub.add_subparsers(dest="operation", metavar="OPERATION", required=True)
+    for operation, op_help, arguments, handler in operations:
+        op = ops.add_parser(operation, help=op_help, description=op_help)
+        for flags, options in arguments:
+            op.add_argument(*flags, **options)
+        op.set_defaults(handler=handler, kind=kind)
+
+
+def _cli_database_parsers(commands):
+    info = commands.add_parser("info", help="print every structure: kind, name, size")
+    info.set_defaults(handler=lambda db, a: db.info())
+    dump = commands.add_parser("dump", help="print the database (or the named structures) "
+                                            "as JSON lines")
+    dump.add_argument("names", nargs="*", help="structure names (or kind:name); default all")
+    dump.set_defaults(handler=lambda db, a: _Exit(0 if db.dump(sys.stdout, a.names or None)
+                                                  is not None else 0))
+    load = commands.add_parser("load", help="load a JSON-lines dump in one transaction")
+    load.add_argument("file", help="the dump file; - reads standard input")
+    load.add_argument("--replace", action="store_true",
+                      help="empty each structure of the dump before loading it")
+    load.set_defaults(handler=_cli_load)
+    backup = commands.add_parser("backup", help="copy the database to PATH while it is in use")
+    backup.add_argument("path", help="the copy to write")
+    backup.set_defaults(handler=lambda db, a: db.backup(a.path))
+    commands.add_parser("serve", help="run the REST server (see beaver serve --help)",
+                        add_help=False)
+    commands.add_parser("client", help="run a command against the database (same as without "
+                                       "'client')", add_help=False)
+
+
+def _cli_load(db, args):
+    mode = "replace" if args.replace else "append"
+    if args.file == "-":
+        return {"structures": db.load(sys.stdin, mode)}
+    with open(args.file, encoding="utf-8") as f:
+        return {"structures": db.load(f, mode)}
+
+
+def _open_database(args):
+    url = args.url or os.environ.get("BEAVER_URL")
+    if url and not args.database:
+        return BeaverClient(url, token=args.token or os.environ.get("BEAVER_TOKEN"))
+    return BeaverDB(args.database or os.environ.get("BEAVER_DATABASE") or "beaver.db")
+
+
+def _cli_run(db, args):
+    if args.command not in CLI_KINDS:
+        return args.handler(db, args)
+    factory = CLI_KINDS[args.command][1]
+    if factory is None:
+        return args.handler(db, args)
+    return args.handler(getattr(db, factory)(args.name), args)
+
+
+def _cli_print(result):
+    if result is _NOTHING:
+        return 0
+    if isinstance(result, _Exit):
+        return int(result)
+    print(json.dumps(_cli_json(result), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _split_serve(argv):
+    """``[top-level options] serve [server options]``: the server's own argument list."""
+    rest, database, i = [], None, 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
+        if argv[i] in ("--database", "-d") and i + 1 < len(argv):
+            database = argv[i + 1]
+            i += 2
+            continue
+        i += 1 if "=" in argv[i] or argv[i] == "--version" else 2
+    if i >= len(argv) or argv[i] != "serve":
+        return None
+    rest = argv[i + 1:]
+    return (["--database", database] if database else []) + rest
+
+
+def _cli_serve(server_argv) -> int:
+    try:
+        import beaver_server
+    except ImportError as e:
+        print(f"beaver: the server needs the [server] extra (pip install 'beaver-db[server]'): "
+              f"{e}", file=sys.stderr)
+        return 1
+    try:
+        return beaver_server.main(server_argv, prog="beaver serve")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+
+
+def main(argv=None) -> int:
+    """The ``beaver`` command: ``beaver [--database PATH] <kind> NAME <operation> [args]``.
+
+        $ beaver --database my_data.db dict app_config get theme
+        "dark"
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "client" in argv[:4]:
+        argv.remove("client")
+    server_argv = _split_serve(argv)
+    if server_argv is not None:
+        return _cli_serve(server_argv)
+    try:
+        args = _cli_parser().parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        db = _open_database(args)
+    except (BeaverError, ValueError) as e:
+        print(f"beaver: {e}", file=sys.stderr)
+        return 1
+    try:
+        return _cli_print(_cli_run(db, args))
+    except _UsageError as e:
+        print(f"beaver: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"beaver: not found: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+    except (BeaverError, LookupError, ValueError, TypeError, OSError) as e:
+        print(f"beaver: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 import typing
+import uuid
 from pathlib import Path
 
 import pytest
@@ -2249,6 +2251,1872 @@ def test_example_runs(script, tmp_path):
     assert result.stdout.strip(), "an example should show what it does"
 
 
+# ---- realtime: shared helpers ----
+
+import asyncio as _rt_asyncio
+import multiprocessing as _rt_mp
+import os as _rt_os
+import signal as _rt_signal
+import threading as _rt_threading
+import time as _rt_time
+from datetime import datetime as _rt_datetime, timedelta as _rt_timedelta, timezone as _rt_tz
+
+_RT_SPAWN = _rt_mp.get_context("spawn")
+_RT_DEADLINE = 60.0
+
+
+def _rt_until(predicate, timeout=10.0):
+    """Wait (bounded) until predicate() is true; polls a condition, not a fixed sleep."""
+    end = _rt_time.monotonic() + timeout
+    while not predicate():
+        if _rt_time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        _rt_time.sleep(0.002)
+
+
+def _rt_join(procs):
+    for p in procs:
+        p.join(_RT_DEADLINE)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            raise AssertionError(f"process {p.name} did not finish in time")
+        assert p.exitcode == 0, f"process {p.name} exited with {p.exitcode}"
+
+
+def _rt_get(q, timeout=_RT_DEADLINE):
+    return q.get(timeout=timeout)
+
+
+# ---- realtime: workers (module level, for spawn) ----
+
+def _rt_channel_subscriber(path, count, ready, out):
+    db = BeaverDB(path)
+    with db.channel("stream").subscribe() as sub:
+        ready.put(_rt_os.getpid())
+        got = []
+        for message in sub.listen(timeout=_RT_DEADLINE):
+            got.append(message["i"])
+            if len(got) == count:
+                break
+    out.put(got)
+    db.close()
+
+
+def _rt_queue_producer(path, start, count):
+    db = BeaverDB(path)
+    q = db.queue("work")
+    for i in range(start, start + count):
+        q.put(i)
+    db.close()
+
+
+def _rt_queue_consumer(path, out):
+    db = BeaverDB(path)
+    q = db.queue("work")
+    got = []
+    while True:
+        item = q.get(timeout=_RT_DEADLINE)
+        if item.data is None:
+            break
+        got.append(item.data)
+    out.put(got)
+    db.close()
+
+
+def _rt_lock_waiter(path, index, order_name, ready):
+    db = BeaverDB(path)
+    lock = db.lock("fifo", timeout=_RT_DEADLINE)
+    ready.put(index)
+    with lock:
+        db.list(order_name).push(index)
+    db.close()
+
+
+def _rt_lock_enqueue_then_wait(path, index, queued):
+    """Take a ticket, report it, then wait for the lock: queue order = ticket order."""
+    db = BeaverDB(path)
+    lock = db.lock("fifo", timeout=_RT_DEADLINE)
+    original = lock._enqueue
+
+    def enqueue():
+        got = original()
+        queued.put((index, lock._ticket))
+        return got
+    lock._enqueue = enqueue
+    with lock:
+        db.list("order").push(index)
+    db.close()
+
+
+def _rt_lock_holder(path, ttl, holding):
+    db = BeaverDB(path)
+    lock = db.lock("crashy", ttl=ttl)
+    lock.acquire()
+    holding.put(lock.token)
+    _rt_time.sleep(_RT_DEADLINE)        # killed long before this ends
+
+
+def _rt_event_writer(path, start_flag):
+    db = BeaverDB(path)
+    config = db.dict("shared_config")
+    _rt_until(lambda: db._events.remote(("dict", "shared_config")), timeout=_RT_DEADLINE)
+    config["theme"] = "dark"
+    del config["theme"]
+    db.log("metrics").log({"value": 7})
+    db.close()
+
+
+def _rt_log_writer(path, count):
+    db = BeaverDB(path)
+    logs = db.log("metrics")
+    for i in range(count):
+        logs.log({"value": i})
+    db.close()
+
+
+def _rt_lease_taker(path, out):
+    db = BeaverDB(path)
+    item = db.queue("leased").get(timeout=_RT_DEADLINE, lease=0.5)
+    out.put(item.data)                  # then "crash": never ack
+    db.close()
+
+
+# ---- realtime: watcher ----
+
+def test_watcher_wakes_blocked_get_from_other_thread(db):
+    q = db.queue("wake")
+    got = []
+    t = _rt_threading.Thread(target=lambda: got.append(q.get(timeout=_RT_DEADLINE).data))
+    t.start()
+    _rt_until(lambda: db._core.watcher.users > 0)
+    q.put("x")
+    t.join(_RT_DEADLINE)
+    assert got == ["x"]
+
+
+def test_watcher_can_poll_without_inotify(tmp_path, monkeypatch):
+    monkeypatch.setenv("BEAVER_WATCH", "poll")
+    database = BeaverDB(tmp_path / "poll.db")
+    try:
+        q = database.queue("q")
+        t = _rt_threading.Thread(target=lambda: (_rt_time.sleep(0.05), q.put(1)))
+        t.start()
+        assert q.get(timeout=_RT_DEADLINE).data == 1
+        t.join()
+    finally:
+        database.close()
+
+
+# ---- realtime: queue leases and cross-process queue ----
+
+def test_queue_lease_ack_and_expiry(db):
+    q = db.queue("jobs")
+    q.put("a")
+    q.put("b")
+    first = q.get(lease=60)
+    assert first == beaver.QueueItem(first.priority, first.timestamp, "a")
+    assert isinstance(first, beaver.QueueItem) and len(first) == 3
+    assert q.ack(first) is True
+    assert q.ack(first) is False
+    second = q.get(lease=0.2)
+    assert second.data == "b" and len(q) == 0
+    again = q.get(timeout=_RT_DEADLINE)        # wakes when the lease runs out
+    assert again.data == "b"
+    assert q.ack(second) is False
+    with pytest.raises(TypeError):
+        q.ack(again)
+
+
+def test_queue_nack_returns_item_at_once(db):
+    q = db.queue("jobs")
+    q.put("a")
+    item = q.get(lease=60)
+    assert q.nack(item) is True
+    assert q.get(block=False).data == "a"
+
+
+def test_queue_plain_get_is_exactly_once_with_leases_around(db):
+    q = db.queue("jobs")
+    for i in range(10):
+        q.put(i)
+    leased = [q.get(lease=60) for _ in range(5)]
+    rest = [q.get(block=False).data for _ in range(5)]
+    assert sorted([i.data for i in leased] + rest) == list(range(10))
+    with pytest.raises(beaver.QueueEmpty):
+        q.get(block=False)
+
+
+def test_queue_lease_expiry_across_processes(tmp_path):
+    path = str(tmp_path / "lease.db")
+    db = BeaverDB(path)
+    q = db.queue("leased")
+    q.put({"job": 1})
+    out = _RT_SPAWN.Queue()
+    p = _RT_SPAWN.Process(target=_rt_lease_taker, args=(path, out))
+    p.start()
+    assert _rt_get(out) == {"job": 1}
+    _rt_join([p])
+    item = q.get(timeout=_RT_DEADLINE)         # comes back once the 0.5 s lease ends
+    assert item.data == {"job": 1}
+    db.close()
+
+
+def test_queue_three_producers_four_blocking_consumers_exactly_once(tmp_path):
+    path = str(tmp_path / "mpq.db")
+    db = BeaverDB(path)
+    out = _RT_SPAWN.Queue()
+    consumers = [_RT_SPAWN.Process(target=_rt_queue_consumer, args=(path, out)) for _ in range(4)]
+    for c in consumers:
+        c.start()
+    producers = [_RT_SPAWN.Process(target=_rt_queue_producer, args=(path, k * 300, 300))
+                 for k in range(3)]
+    for p in producers:
+        p.start()
+    _rt_join(producers)
+    q = db.queue("work")
+    for _ in consumers:
+        q.put(None, priority=10)               # one stop marker each, after all the work
+    results = [_rt_get(out) for _ in consumers]
+    _rt_join(consumers)
+    everything = sorted(x for r in results for x in r)
+    assert everything == list(range(900))
+    db.close()
+
+
+# ---- realtime: async queue ----
+
+def test_async_queue_get_waits(db):
+    aq = db.queue("aq").as_async()
+
+    async def main():
+        waiter = _rt_asyncio.ensure_future(aq.get(timeout=_RT_DEADLINE))
+        await _rt_asyncio.sleep(0.01)
+        await aq.put({"n": 1})
+        return (await waiter).data
+    assert _rt_asyncio.run(main()) == {"n": 1}
+
+
+# ---- log ----
+
+def test_log_seed_example_live_summary(db):
+    import statistics
+    logs = db.log("system_metrics")
+
+    def summarize(window):
+        if not window:
+            return {"mean": 0.0, "count": 0}
+        values = [log.get("value", 0) for log in window]
+        return {"mean": statistics.mean(values), "count": len(values)}
+
+    for v in (1, 2, 3):
+        logs.log({"value": v})
+    live_summary = logs.live(window=_rt_timedelta(seconds=5), period=_rt_timedelta(seconds=0.05),
+                             aggregator=summarize)
+    seen = []
+    for summary in live_summary:
+        seen.append(summary)
+        if len(seen) == 1:
+            logs.log({"value": 10})
+        if len(seen) == 3:
+            live_summary.close()
+    assert seen[0] == {"mean": 2, "count": 3}
+    assert seen[-1] == {"mean": 4, "count": 4}
+
+
+def test_log_range_is_inclusive_and_ordered(db):
+    logs = db.log("events")
+    base = 1_700_000_000.0
+    for i, offset in enumerate([5, 1, 3, 3, 9]):
+        logs.log({"i": i}, timestamp=base + offset)
+    entries = logs.range(base + 1, base + 5)
+    assert [e.data["i"] for e in entries] == [1, 2, 3, 0]     # equal timestamps keep order
+    assert entries[0].timestamp == _rt_datetime.fromtimestamp(base + 1, _rt_tz.utc)
+    assert [e.data["i"] for e in logs.range(start=base + 9)] == [4]
+    assert [e.data["i"] for e in logs.range(end=base + 1)] == [1]
+    assert [e.data["i"] for e in logs] == [1, 2, 3, 0, 4]
+    assert len(logs) == 5
+    when, data = entries[0]
+    assert data == {"i": 1}
+
+
+def test_log_datetimes_aware_and_naive_local(db):
+    logs = db.log("tz")
+    aware = _rt_datetime(2025, 1, 1, 12, 0, tzinfo=_rt_tz.utc)
+    logs.log("aware", timestamp=aware)
+    naive = _rt_datetime(2025, 1, 1, 12, 0)                   # local time
+    logs.log("naive", timestamp=naive)
+    assert logs.range(aware, aware)[0].data == "aware"
+    assert logs.range(naive, naive)[0].timestamp.timestamp() == naive.timestamp()
+    with pytest.raises(TypeError):
+        logs.log("x", timestamp="yesterday")
+
+
+def test_log_retention_dump_load(db):
+    logs = db.log("short", retention=60)
+    logs.log("old", timestamp=_rt_time.time() - 3600)
+    logs.log("new")
+    assert [e.data for e in logs] == ["new"]
+    dumped = logs.dump()
+    assert dumped["metadata"]["type"] == "log" and dumped["items"][0]["data"] == "new"
+    other = db.log("copy")
+    other.load(dumped)
+    assert [e.data for e in other] == ["new"]
+
+
+def test_log_live_is_incremental_and_drops_old_rows(db):
+    logs = db.log("inc")
+    logs.log(1, timestamp=_rt_time.time() - 0.3)
+    view = logs.live(window=0.5, period=0.01, aggregator=list)
+    assert next(view) == [1]
+    statements = []
+    db._core.conn().set_trace_callback(statements.append)
+    logs.log(2)
+    assert next(view) == [1, 2]
+    db._core.conn().set_trace_callback(None)
+    assert any("seq > " in s for s in statements)
+    assert not any("timestamp >= " in s for s in statements)  # no rescan of the window
+    _rt_until(lambda: next(view) == [2])
+    view.close()
+    assert list(view) == []
+
+
+def test_log_live_close_from_another_thread_stops_a_waiting_iteration(db):
+    view = db.log("idle").live(window=10, period=30, aggregator=len)
+    assert next(view) == 0
+    _rt_threading.Timer(0.05, view.close).start()
+    assert list(view) == []
+
+
+def test_log_live_sees_rows_from_another_process(tmp_path):
+    path = str(tmp_path / "live.db")
+    db = BeaverDB(path)
+    with db.log("metrics").live(window=60, period=0.02, aggregator=len) as view:
+        assert next(view) == 0
+        p = _RT_SPAWN.Process(target=_rt_log_writer, args=(path, 25))
+        p.start()
+        _rt_until(lambda: next(view) == 25, timeout=_RT_DEADLINE)
+        _rt_join([p])
+    db.close()
+
+
+def test_async_log_live(db):
+    logs = db.log("alive")
+    logs.log({"value": 1})
+
+    async def main():
+        seen = []
+        async with logs.as_async().live(window=10, period=0.02, aggregator=len) as view:
+            async for count in view:
+                seen.append(count)
+                if len(seen) == 1:
+                    logs.log({"value": 2})
+                if count == 2:
+                    break
+        return seen
+    seen = _rt_asyncio.run(main())
+    assert seen[0] == 1 and seen[-1] == 2
+
+
+# ---- channel ----
+
+def test_channel_seed_example(db):
+    def publish():
+        system_events = db.channel("system_events")
+        system_events.publish({"event": "user_login", "user_id": "alice"})
+
+    with db.channel("system_events").subscribe() as listener:
+        _rt_threading.Thread(target=publish).start()
+        for message in listener.listen():
+            assert message == {"event": "user_login", "user_id": "alice"}
+            break
+
+
+def test_channel_only_messages_after_subscribing_in_order(db):
+    ch = db.channel("c")
+    ch.publish("before")
+    with ch.subscribe() as a, ch.subscribe() as b:
+        for i in range(50):
+            ch.publish(i)
+        got_a = [a.get(timeout=_RT_DEADLINE) for _ in range(50)]
+        got_b = [b.get(timeout=_RT_DEADLINE) for _ in range(50)]
+    assert got_a == got_b == list(range(50))
+    assert len(ch) == 51
+
+
+def test_channel_listen_timeout_and_close(db):
+    ch = db.channel("quiet")
+    sub = ch.subscribe()
+    with pytest.raises(TimeoutError):
+        next(sub.listen(timeout=0.05))
+    _rt_threading.Timer(0.05, sub.close).start()
+    assert list(sub.listen()) == []
+    assert sub.closed
+
+
+def test_channel_one_poller_for_many_subscribers(db):
+    ch = db.channel("fan")
+    subs = [ch.subscribe() for _ in range(5)]
+    ch.publish("x")
+    assert [s.get(timeout=_RT_DEADLINE) for s in subs] == ["x"] * 5
+    pollers = [t for t in _rt_threading.enumerate() if t.name == "beaver-channels"]
+    assert len(pollers) == 1
+    for s in subs:
+        s.close()
+
+
+def test_channel_retention_clear_dump_load(db):
+    ch = db.channel("bounded", max_messages=10)
+    for i in range(25):
+        ch.publish(i)
+    ch.prune()
+    assert len(ch) == 10 and ch.history() == list(range(15, 25))
+    dumped = ch.dump()
+    assert dumped["metadata"]["count"] == 10
+    ch.clear()
+    assert len(ch) == 0
+    ch.load(dumped)
+    assert ch.history(limit=2) == [23, 24]
+    aged = db.channel("aged", retention=60)
+    aged.load({"items": [{"timestamp": _rt_time.time() - 3600, "payload": "old"}]})
+    aged.publish("new")
+    aged.prune()
+    assert aged.history() == ["new"]
+
+
+def test_channel_with_model(db):
+    class Msg(beaver.Model):
+        text: str
+
+    ch = db.channel("typed", model=Msg)
+    with ch.subscribe() as sub:
+        ch.publish(Msg(text="hi"))
+        assert sub.get(timeout=_RT_DEADLINE) == Msg(text="hi")
+    with pytest.raises((TypeError, ValueError)):
+        ch.publish(42)
+
+
+def test_channel_three_subscriber_processes_2000_messages(tmp_path):
+    path = str(tmp_path / "chan.db")
+    db = BeaverDB(path)
+    ready, out = _RT_SPAWN.Queue(), _RT_SPAWN.Queue()
+    subs = [_RT_SPAWN.Process(target=_rt_channel_subscriber, args=(path, 2000, ready, out))
+            for _ in range(3)]
+    for p in subs:
+        p.start()
+    for _ in subs:
+        _rt_get(ready)
+    ch = db.channel("stream")
+    for i in range(2000):
+        ch.publish({"i": i})
+    results = [_rt_get(out) for _ in subs]
+    _rt_join(subs)
+    for got in results:
+        assert got == list(range(2000))
+    db.close()
+
+
+def test_async_channel(db):
+    async def main():
+        ach = db.channel("achat").as_async()
+        async with ach.subscribe() as sub:
+            for i in range(3):
+                await ach.publish(i)
+            got = []
+            async for message in sub:
+                got.append(message)
+                if len(got) == 3:
+                    break
+            with pytest.raises(TimeoutError):
+                await sub.get(timeout=0.02)
+        return got
+    assert _rt_asyncio.run(main()) == [0, 1, 2]
+
+
+# ---- lock (realtime) ----
+
+def test_lock_seed_example_times_out_as_timeout_error(db):
+    holder = db.lock("refresh_sitemap")
+    holder.acquire()
+    with pytest.raises(TimeoutError):
+        with db.lock("refresh_sitemap", timeout=0.05):
+            pass
+    holder.release()
+    with db.lock("refresh_sitemap", timeout=1) as lock:
+        assert lock.locked
+
+
+def test_lock_acquire_is_truthy_context_manager_and_tokens_grow(db):
+    lock = db.lock("t")
+    held = lock.acquire(timeout=1)
+    assert held and lock.held and lock.locked
+    first = lock.token
+    lock.release()
+    assert not lock.locked and lock.token is None
+    with lock.acquire() as same:
+        assert same is lock and lock.token > first
+    assert not lock.acquire(block=False).__exit__(None, None, None)
+
+
+def test_lock_block_false_tries_once(db):
+    a, b = db.lock("once"), db.lock("once")
+    a.acquire()
+    with pytest.raises(beaver.LockTimeout):
+        b.acquire(block=False)
+    a.release()
+    assert b.acquire(block=False)
+    b.release()
+
+
+def test_lock_ttl_applies_to_holder_only_and_renew(db):
+    holder = db.lock("ttl", ttl=0.2)
+    holder.acquire()
+    holder.renew(60)
+    waiter = db.lock("ttl", lock_ttl=0.2)        # the 1.x keyword
+    assert waiter.ttl == 0.2
+    with pytest.raises(TimeoutError):
+        waiter.acquire(timeout=0.3)              # renewed: the holder keeps it
+    holder.renew(0.05)
+    assert waiter.acquire(timeout=_RT_DEADLINE)  # holder expired: the waiter gets it
+    with pytest.raises(beaver.LockLost):
+        holder.release()
+    waiter.release()
+
+
+def test_lock_distinct_objects_exclude_threads(db):
+    inside, overlaps = [0], []
+
+    def work():
+        lock = db.lock("threads", timeout=_RT_DEADLINE)
+        for _ in range(20):
+            with lock:
+                inside[0] += 1
+                overlaps.append(inside[0])
+                inside[0] -= 1
+    threads = [_rt_threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(_RT_DEADLINE)
+    assert len(overlaps) == 80 and set(overlaps) == {1}
+
+
+def test_lock_fifo_order_of_staggered_waiters_across_processes(tmp_path):
+    path = str(tmp_path / "fifo.db")
+    db = BeaverDB(path)
+    holder = db.lock("fifo")
+    holder.acquire()
+    queued = _RT_SPAWN.Queue()
+    procs = []
+    tickets = []
+    for i in range(4):                   # start one at a time: each waits behind the others
+        p = _RT_SPAWN.Process(target=_rt_lock_enqueue_then_wait, args=(path, i, queued))
+        p.start()
+        procs.append(p)
+        tickets.append(_rt_get(queued))
+    holder.release()
+    _rt_join(procs)
+    assert [t[1] for t in tickets] == sorted(t[1] for t in tickets)
+    assert db.list("order")[:] == [0, 1, 2, 3]
+    db.close()
+
+
+def test_lock_reclaimed_after_holder_is_sigkilled(tmp_path):
+    path = str(tmp_path / "kill.db")
+    db = BeaverDB(path)
+    holding = _RT_SPAWN.Queue()
+    p = _RT_SPAWN.Process(target=_rt_lock_holder, args=(path, 1.0, holding))
+    p.start()
+    dead_token = _rt_get(holding)
+    _rt_os.kill(p.pid, _rt_signal.SIGKILL)
+    p.join(_RT_DEADLINE)
+    lock = db.lock("crashy")
+    assert lock.acquire(timeout=_RT_DEADLINE)   # free at the holder's TTL
+    assert lock.token > dead_token
+    lock.release()
+    db.close()
+
+
+def test_manager_acquire_uses_the_same_lock(db):
+    q = db.queue("agent_tasks")
+    for i in range(3):
+        q.put(i)
+    with q.acquire(timeout=5) as locked_q:
+        assert locked_q is q
+        other = db.lock("__beaver_queue__:agent_tasks")
+        with pytest.raises(TimeoutError):
+            other.acquire(timeout=0.05)
+        assert [q.get(block=False).data for _ in range(3)] == [0, 1, 2]
+
+
+def test_async_lock(db):
+    async def main():
+        alock = db.lock("alock").as_async()
+        async with alock:
+            assert await alock.locked()
+            with pytest.raises(TimeoutError):
+                await db.lock("alock").as_async().acquire(timeout=0.05)
+        return await alock.locked()
+    assert _rt_asyncio.run(main()) is False
+
+
+# ---- events ----
+
+def test_events_seed_example(db):
+    config = db.dict("app_config")
+    config.clear()
+    received = []
+
+    def on_config_change(payload):
+        received.append((payload["event"], payload["key"]))
+
+    set_handle = config.on("set", on_config_change)
+    del_handle = config.on("del", on_config_change)
+    config["theme"] = "dark"
+    del config["theme"]
+    _rt_until(lambda: len(received) == 2)
+    set_handle.off()
+    del_handle.off()
+    config["theme"] = "light"
+    marker = []
+    config.on("set", lambda p: marker.append(p))
+    config["done"] = True
+    _rt_until(lambda: marker)
+    assert received == [("set", "theme"), ("del", "theme")]
+
+
+def test_events_every_manager_and_star(db):
+    seen = []
+    managers = [db.dict("d"), db.list("l"), db.queue("q"), db.blobs("b"), db.log("g"),
+                db.channel("c")]
+    for m in managers:
+        m.on("*", lambda p: seen.append((p["kind"], p["event"], p["name"])))
+    managers[0]["k"] = 1
+    managers[1].push(1)
+    managers[2].put(1)
+    managers[2].get()
+    managers[3].put("k", b"x")
+    managers[4].log({"v": 1})
+    managers[5].publish("hi")
+    _rt_until(lambda: len(seen) == 7)
+    assert seen == [("dict", "set", "d"), ("list", "push", "l"), ("queue", "put", "q"),
+                    ("queue", "get", "q"), ("blob", "put", "b"), ("log", "log", "g"),
+                    ("channel", "publish", "c")]
+
+
+def test_events_callback_errors_are_isolated_and_logged(db, caplog):
+    d = db.dict("boom")
+    good = []
+
+    def bad(payload):
+        raise RuntimeError("callback failure")
+    d.on("set", bad)
+    d.on("set", good.append)
+    d["a"] = 1
+    d["b"] = 2
+    _rt_until(lambda: len(good) == 2)
+    assert [p["key"] for p in good] == ["a", "b"]
+    assert "callback failure" in caplog.text
+
+
+def test_events_rolled_back_writes_emit_nothing(db):
+    d = db.dict("tx")
+    seen = []
+    d.on("set", seen.append)
+    with pytest.raises(ZeroDivisionError):
+        with db.transaction():
+            d["lost"] = 1
+            1 / 0
+    d["kept"] = 1
+    _rt_until(lambda: seen)
+    assert [p["key"] for p in seen] == ["kept"]
+
+
+def test_events_from_another_process_reach_a_callback_once(tmp_path):
+    path = str(tmp_path / "ev.db")
+    db = BeaverDB(path)
+    seen = []
+    db.dict("shared_config").on("*", lambda p: seen.append((p["event"], p["key"])))
+    db.log("metrics").on("log", lambda p: seen.append(("log", p["data"]["value"])))
+    p = _RT_SPAWN.Process(target=_rt_event_writer, args=(path, None))
+    p.start()
+    _rt_join([p])
+    _rt_until(lambda: len(seen) >= 3, timeout=_RT_DEADLINE)
+    db.dict("shared_config")["local"] = 1       # this process's own write: delivered once
+    _rt_until(lambda: len(seen) >= 4)
+    assert seen == [("set", "theme"), ("del", "theme"), ("log", 7), ("set", "local")]
+    db.close()
+
+
+def test_events_registry_rows_are_written_only_for_remote_listeners(tmp_path):
+    path = str(tmp_path / "reg.db")
+    a, b = BeaverDB(path), BeaverDB(path)
+    try:
+        seen = []
+        a.dict("x").on("set", seen.append)
+        b.dict("x")["k"] = 1                     # b sees a's registration (b's cache is fresh)
+        _rt_until(lambda: seen)
+        count = a._core.execute("SELECT count(*) FROM beaver_events").fetchone()[0]
+        assert count == 1
+        a.dict("x")["own"] = 1                   # nobody else listens: no row
+        _rt_until(lambda: len(seen) == 2)
+        assert a._core.execute("SELECT count(*) FROM beaver_events").fetchone()[0] == 1
+    finally:
+        a.close()
+        b.close()
+    c = BeaverDB(path)
+    assert c._core.execute("SELECT count(*) FROM beaver_listeners").fetchone()[0] == 0
+    c.close()
+
+
+def test_channel_clear_keeps_the_sequence_growing(db):
+    ch = db.channel("cleared")
+    with ch.subscribe() as sub:
+        ch.publish("a")
+        assert sub.get(timeout=_RT_DEADLINE) == "a"
+        ch.clear()
+        assert len(ch) == 0
+        ch.publish("b")                        # must not reuse the cleared row's number
+        assert sub.get(timeout=_RT_DEADLINE) == "b"
+
+
+def test_close_ends_listen_and_async_on_is_plain(tmp_path):
+    database = BeaverDB(tmp_path / "close.db")
+    sub = database.channel("c").subscribe()
+    got = []
+    t = _rt_threading.Thread(target=lambda: got.extend(sub.listen()))
+    t.start()
+    _rt_until(lambda: database._hub._thread is not None)
+    handle = database.dict("d").as_async().on("set", lambda p: None)
+    handle.off()
+    database.close()
+    t.join(_RT_DEADLINE)
+    assert not t.is_alive() and got == []
+
+
+@pytest.mark.skipif(not hasattr(_rt_os, "fork"), reason="needs fork")
+def test_events_after_fork_reach_the_parent(tmp_path):
+    db = BeaverDB(tmp_path / "fork.db")
+    seen = []
+    d = db.dict("forked")
+    d.on("set", seen.append)
+    ctx = _rt_mp.get_context("fork")
+    p = ctx.Process(target=lambda: d.__setitem__("child", 1))
+    p.start()
+    p.join(_RT_DEADLINE)
+    _rt_until(lambda: seen, timeout=_RT_DEADLINE)
+    assert [x["key"] for x in seen] == ["child"]
+    db.close()
+
+
+# ---- collections ----
+
+import json
+import multiprocessing
+import threading
+
+from beaver import Document, FeatureUnavailable, ValidationError, rerank
+
+
+@pytest.fixture
+def docs(db):
+    return db.collection("docs")
+
+
+def test_collection_quickstart_string_body(db):
+    articles = db.collection("articles")
+    doc = Document(id="sqlite-001",
+                   body="SQLite is a powerful embedded database ideal for local apps.")
+    articles.index(doc, fts=True, fuzzy=True)
+    top_doc, rank = articles.match(query="datbase", fuzziness=1)[0]
+    assert top_doc == doc and top_doc.body == doc.body and rank >= 0
+
+
+def test_collection_old_readme_quickstart(db):
+    articles = db.collection("articles")
+    articles.index(Document(id="sqlite-001",
+                            content="SQLite is a powerful embedded database ideal for local apps."))
+    top_doc, _ = articles.match(query="database")[0]
+    assert top_doc.content.startswith("SQLite is")
+    assert top_doc.to_dict() == {"id": "sqlite-001", "embedding": None,
+                                 "body": {"content": top_doc.content}}
+
+
+def test_collection_rag_example(db):
+    from beaver.collections import rerank as rerank_alias
+    assert rerank_alias is rerank
+    articles = db.collection("articles")
+    for doc in [
+        Document(id="py-fast", embedding=[0.1, 0.9, 0.2],
+                 body="Python is a great language for fast prototyping."),
+        Document(id="py-data", embedding=[0.8, 0.2, 0.9],
+                 body="The Python ecosystem is ideal for data science."),
+        Document(id="js-fast", embedding=[0.2, 0.8, 0.1],
+                 body="JavaScript engines are optimized for fast execution."),
+    ]:
+        articles.index(doc, fts=True)
+    vector_results = [doc for doc, _ in articles.search(vector=[0.15, 0.85, 0.15])]
+    text_results = [doc for doc, _ in articles.match(query="python")]
+    assert [d.id for d in vector_results][:2] in (["py-fast", "js-fast"], ["js-fast", "py-fast"])
+    assert {d.id for d in text_results} == {"py-fast", "py-data"}
+    best = rerank(text_results, vector_results)
+    assert best[0].id == "py-fast" and {d.id for d in best} == {"py-fast", "py-data", "js-fast"}
+    weighted = rerank(vector_results, text_results, weights=[0.6, 0.4])
+    assert weighted[0].id == "py-fast"
+
+
+def _social(db):
+    net = db.collection("social_network")
+    people = {name: Document(id=name, body={"name": name.title()})
+              for name in ("alice", "bob", "charlie", "diana")}
+    for doc in people.values():
+        net.index(doc)
+    for a, b in [("alice", "bob"), ("alice", "charlie"), ("bob", "diana"), ("charlie", "bob")]:
+        net.connect(people[a], people[b], label="FOLLOWS")
+    return net, people
+
+
+def test_collection_graph_example(db):
+    net, p = _social(db)
+    assert [d.id for d in net.neighbors(p["alice"], label="FOLLOWS")] == ["bob", "charlie"]
+    foaf = net.walk(source=p["alice"], labels=["FOLLOWS"], depth=2)
+    assert [d.id for d in foaf] == ["bob", "charlie", "diana"]
+    assert [d.id for d in net.neighbors("bob", direction="incoming")] == ["alice", "charlie"]
+    assert [d.id for d in net.neighbors("bob", direction="both")] == ["alice", "charlie", "diana"]
+    assert net.neighbors("alice", label="LIKES") == []
+    net.connect("diana", "alice", "LIKES", metadata={"since": 2020})
+    assert net.edges("diana") == [beaver.Edge("diana", "alice", "LIKES", {"since": 2020})]
+    net.disconnect("alice", "bob")
+    assert [d.id for d in net.neighbors("alice")] == ["charlie"]
+    with pytest.raises(KeyError):
+        net.connect("alice", "nobody", "FOLLOWS")
+
+
+def test_collection_walk_on_cycle(db):
+    ring = db.collection("ring")
+    n = 50
+    for i in range(n):
+        ring.index(Document(id=f"n{i}"))
+    for i in range(n):
+        ring.connect(f"n{i}", f"n{(i + 1) % n}", "next")
+        ring.connect(f"n{i}", f"n{(i + 7) % n}", "skip")
+    reached = ring.walk("n0", depth=1000)
+    assert len(reached) == n - 1 and "n0" not in {d.id for d in reached}
+    assert [d.id for d in ring.walk("n0", labels="next", depth=3)] == ["n1", "n2", "n3"]
+    assert {d.id for d in ring.walk("n0", direction="incoming", depth=1)} == {"n49", "n43"}
+
+
+def test_collection_drop_removes_edges(db):
+    net, _ = _social(db)
+    net.drop("bob")
+    assert "bob" not in net and len(net) == 3
+    assert net.edges("alice") == [beaver.Edge("alice", "charlie", "FOLLOWS", None)]
+    assert net.edges("charlie") == []
+    with pytest.raises(KeyError):
+        net.drop("bob")
+
+
+def test_collection_document_basics():
+    doc = Document(content="hi", tags=["a"])
+    assert len(doc.id) == 36 and doc.content == "hi" and doc.tags == ["a"]
+    assert Document(id="x", body={"a": 1}, b=2).body == {"a": 1, "b": 2}
+    assert Document(id="x", embedding=(1, 2)).embedding == [1.0, 2.0]
+    assert Document(id="x", embedding=[0.1]) == Document(id="x", embedding=[0.1])
+    assert "x" in repr(Document(id="x", body="text"))
+    with pytest.raises(AttributeError):
+        Document(id="x").missing
+    with pytest.raises(TypeError):
+        Document(id="x", body="text", extra=1)
+    with pytest.raises(ValueError):
+        Document(embedding=[float("nan")])
+    np = pytest.importorskip("numpy")
+    assert Document(id="x", embedding=np.array([1.5, 2.0])).embedding == [1.5, 2.0]
+
+
+def test_collection_mapping_protocol(docs):
+    docs.index(Document(id="b", body={"t": "beta"}))
+    docs.index(Document(id="a", body={"t": "alpha"}, embedding=[1.0, 0.0]))
+    assert len(docs) == 2 and "a" in docs and Document(id="b") in docs and "z" not in docs
+    assert [d.id for d in docs] == ["a", "b"]
+    assert docs["a"].embedding == [1.0, 0.0] and docs.get("z") is None
+    with pytest.raises(KeyError):
+        docs["z"]
+    docs.clear()
+    assert len(docs) == 0 and docs.match("alpha") == [] and docs.search([1.0, 0.0]) == []
+
+
+INJECTIONS = ['"', '""', "'", "-", "--", ":", "*", "(", ")", "()", "AND", "OR", "NOT", "NEAR",
+              "NEAR(a b)", '"sqlite-001"', "sqlite-001", "a AND", "OR b", "title:sqlite",
+              "col:", "^start", "a*b", "-sqlite", "NOT sqlite", "sqlite NOT", "{a b}:c",
+              "a + b", "[x]", '"unclosed phrase', "\\", "%_", "a OR OR b", "* sqlite", ""]
+
+
+def test_collection_fts_injection_never_raises(docs):
+    docs.index(Document(id="sqlite-001", body="SQLite is a powerful embedded database."))
+    docs.index(Document(id="pg", body="PostgreSQL is a database server. AND OR NOT NEAR"))
+    for query in INJECTIONS:
+        for fuzziness in (0, 1):
+            assert isinstance(docs.match(query, fuzziness=fuzziness), list), query
+    assert [d.id for d, _ in docs.match("database -server")] == ["sqlite-001"]
+    assert [d.id for d, _ in docs.match("database NOT server")] == ["sqlite-001"]
+    assert {d.id for d, _ in docs.match("sqlite OR postgresql")} == {"sqlite-001", "pg"}
+    assert [d.id for d, _ in docs.match('"embedded database"')] == ["sqlite-001"]
+    assert [d.id for d, _ in docs.match("embed*")] == ["sqlite-001"]
+    assert docs.match('"database embedded"') == []
+    assert [d.id for d, _ in docs.match("NEAR")] == ["pg"]
+    with pytest.raises(ValueError):
+        docs.match("(", raw=True)
+    assert [d.id for d, _ in docs.match("NEAR(sqlite database, 5)", raw=True)] == ["sqlite-001"]
+
+
+def test_collection_isolation_and_names_not_searchable(db):
+    first, second = db.collection("first"), db.collection("second")
+    first.index(Document(id="same", body={"title": "apple pie", "meta": {"tag": "fruit"}}))
+    second.index(Document(id="same", body={"title": "banana bread"}))
+    assert [d.body["title"] for d, _ in first.match("apple")] == ["apple pie"]
+    assert second.match("apple") == [] and first.match("banana") == []
+    for name in ("first", "second", "title", "meta", "tag", "meta.tag", "docs", "collection"):
+        assert first.match(name) == [] and second.match(name) == [], name
+    first.drop("same")
+    assert [d.id for d, _ in second.match("banana")] == ["same"]
+
+
+def test_collection_multi_field_dedup_and_on(docs):
+    docs.index(Document(id="a", body={"title": "python", "text": "python python",
+                                      "tags": ["python", "code"], "meta": {"lang": "python"}}))
+    docs.index(Document(id="b", body={"title": "rust", "text": "about python"}))
+    hits = docs.match("python")
+    assert [d.id for d, _ in hits] == ["a", "b"] and hits[0][1] > hits[1][1] > 0
+    assert [d.id for d, _ in docs.match("python", on=["title"])] == ["a"]
+    assert [d.id for d, _ in docs.match("python", on=["meta"])] == ["a"]
+    assert [d.id for d, _ in docs.match("code", on="tags")] == ["a"]
+    assert docs.match("code", on=["title", "text"]) == []
+    assert len(docs.match("python", top_k=1)) == 1
+    docs.index(Document(id="c", body={"title": "python", "secret": "hidden"}), fts=["title"])
+    assert docs.match("hidden") == []
+    assert {d.id for d, _ in docs.match("python", on="title")} == {"a", "c"}
+    doc, score, snippet = docs.match("rust", highlight=True)[0]
+    assert doc.id == "b" and "[rust]" in snippet
+
+
+def test_collection_upsert_replaces_text(docs):
+    docs.index(Document(id="a", body="old words"))
+    docs.index(Document(id="a", body="new words"))
+    assert docs.match("old") == [] and [d.id for d, _ in docs.match("new")] == ["a"]
+    assert len(docs) == 1
+
+
+@pytest.mark.parametrize("query,fuzziness,expected", [
+    ("datbase", 1, "database"), ("databse", 1, "database"), ("dtaabase", 1, "database"),
+    ("pyton", 1, "python"), ("cat", 1, "cat"), ("cta", 1, "cat"), ("ct", 1, None),
+    ("dgo", 1, "dog"), ("sqlit", 1, "sqlite"), ("datbsae", 2, "database"),
+    ("prgramming", 1, "programming"), ("progrmaming", 2, "programming"),
+    ("prgoramimng", 2, "programming"), ("databaes", 2, "database"), ("pyton", 2, "python"),
+])
+def test_collection_fuzzy(docs, query, fuzziness, expected):
+    texts = {"database": "an embedded database", "python": "python is a language",
+             "cat": "the cat sat", "dog": "a dog barked", "sqlite": "sqlite rocks",
+             "programming": "functional programming ideas", "other": "unrelated words here"}
+    for key, text in texts.items():
+        docs.index(Document(id=key, body=text))
+    hits = [d.id for d, _ in docs.match(query, fuzziness=fuzziness)]
+    if expected is None:
+        assert "cat" not in hits
+    else:
+        assert hits and hits[0] == expected, hits
+    assert docs.match(query) == [] or query == "cat"
+
+
+def test_collection_fuzzy_ranks_by_distance(docs):
+    docs.index(Document(id="exact", body="database"))
+    docs.index(Document(id="one", body="databse"))
+    docs.index(Document(id="two", body="dtabse"))
+    assert [d.id for d, _ in docs.match("database", fuzziness=2)] == ["exact", "one", "two"]
+    assert [d.id for d, _ in docs.match("database", fuzziness=1)] == ["exact", "one"]
+    assert [d.id for d, _ in docs.match("colour database", fuzziness=1)] == []
+
+
+def test_collection_vectors_metrics_and_where(db):
+    l2, cos, ip = (db.collection(n, metric=m) for n, m in
+                   (("l2", None), ("cos", "cosine"), ("ip", "ip")))
+    vectors = {"x": [1.0, 0.0], "y": [0.0, 2.0], "xy": [3.0, 3.0]}
+    for coll in (l2, cos, ip):
+        for key, vec in vectors.items():
+            coll.index(Document(id=key, embedding=vec, body={"k": key, "g": {"even": key != "y"}}))
+    got = l2.search([1.0, 0.0], top_k=3)
+    assert [d.id for d, _ in got] == ["x", "y", "xy"]
+    assert got[0][1] == pytest.approx(0.0) and got[1][1] == pytest.approx(5 ** 0.5)
+    got = cos.search([1.0, 1.0])
+    assert got[0][0].id == "xy" and got[0][1] == pytest.approx(0.0, abs=1e-6)
+    assert got[1][1] == pytest.approx(1 - 2 ** -0.5, abs=1e-6)
+    got = ip.search([1.0, 1.0])
+    assert [d.id for d, _ in got] == ["xy", "y", "x"] and got[0][1] == pytest.approx(-6.0)
+    assert [d.id for d, _ in l2.search([1.0, 0.0], where={"k": "y"})] == ["y"]
+    assert [d.id for d, _ in l2.search([1.0, 0.0], where={"g.even": True})] == ["x", "xy"]
+    assert [d.id for d, _ in l2.search([1.0, 0.0], where={"k": ["xy", "y"]})] == ["y", "xy"]
+    assert l2.search([1.0, 0.0], where={"k": "nope"}) == []
+    with pytest.raises(ValidationError):
+        l2.search([1.0, 0.0, 0.0])
+    with pytest.raises(ValidationError):
+        l2.index(Document(id="bad", embedding=[1.0, 2.0, 3.0]))
+    assert "bad" not in l2
+    with pytest.raises(ValueError):
+        db.collection("cos", metric="l2")
+
+
+def test_collection_vector_upsert_moves_and_reopen(tmp_path, monkeypatch):
+    monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")
+    path = tmp_path / "v.db"
+    with BeaverDB(path) as db:
+        docs = db.collection("v")
+        docs.index(Document(id="a", embedding=[0.0, 0.0]))
+        docs.index(Document(id="b", embedding=[10.0, 10.0]))
+        assert docs.search([0.0, 0.0], top_k=1)[0][0].id == "a"
+        docs.index(Document(id="a", embedding=[20.0, 20.0]))
+        assert [d.id for d, _ in docs.search([0.0, 0.0])] == ["b", "a"]
+        docs.index(Document(id="a", body="no vector now"))
+        assert [d.id for d, _ in docs.search([0.0, 0.0])] == ["b"]
+        docs.drop("b")
+        assert docs.search([0.0, 0.0]) == []
+        docs.index(Document(id="b", embedding=[1.0, 1.0], body="back again"))
+    with BeaverDB(path) as db:
+        docs = db.collection("v")
+        hits = docs.search([0.0, 0.0])
+        assert [(d.id, d.body) for d, _ in hits] == [("b", "back again")]
+        assert [d.id for d, _ in docs.match("again")] == ["b"]
+
+
+def test_collection_vectors_pure_python(docs, monkeypatch):
+    monkeypatch.setitem(sys.modules, "numpy", None)
+    for i in range(20):
+        docs.index(Document(id=f"d{i}", embedding=[float(i), 1.0]))
+    hits = docs.search([4.2, 1.0], top_k=3)
+    assert [d.id for d, _ in hits] == ["d4", "d5", "d3"]
+    assert hits[0][1] == pytest.approx(0.2, abs=1e-5)
+    assert docs._vectors.np is None
+
+
+def test_collection_dump_load_with_edges(db):
+    net, _ = _social(db)
+    net.index(Document(id="v", embedding=[1.0, 2.0], body={"text": "vector doc"}))
+    data = net.dump()
+    assert data["metadata"]["count"] == 5 and len(data["edges"]) == 4
+    copy = db.collection("copy")
+    copy.load(json.dumps(data))
+    assert [d.id for d in copy] == [d.id for d in net]
+    assert copy["v"].embedding == [1.0, 2.0]
+    assert [d.id for d in copy.walk("alice", depth=2)] == ["bob", "charlie", "diana"]
+    assert [d.id for d, _ in copy.match("vector")] == ["v"]
+
+
+def test_collection_events_and_model(db):
+    seen = []
+    done = threading.Event()
+    coll = db.collection("ev")
+    coll.on("*", lambda p: (seen.append(p["event"]), p["event"] == "drop" and done.set()))
+    coll.index(Document(id="a"))
+    coll.index(Document(id="b"))
+    coll.connect("a", "b", "x")
+    coll.drop("a")
+    assert done.wait(5)
+    assert seen == ["index", "index", "connect", "drop"]
+
+    class Article(beaver.Model):
+        title: str
+        views: int = 0
+
+    typed = db.collection("typed", model=Article)
+    typed.index(Document(id="t", body=Article(title="Typed search")))
+    doc, _ = typed.match("typed")[0]
+    assert isinstance(doc.body, Article) and doc.title == "Typed search"
+    with pytest.raises((TypeError, ValueError)):
+        typed.index(Document(id="u", body=["not", "an", "article"]))
+
+
+def test_collection_rerank_shapes():
+    a, b, c = Document(id="a"), Document(id="b"), Document(id="c")
+    assert rerank([a, b, c], [c, b]) == [b, c, a] or rerank([a, b, c], [c, b])[0] in (b, c)
+    assert [d.id for d in rerank([(a, 0.1), (b, 0.2)], [b])] == ["b", "a"]
+    assert rerank() == [] and rerank([]) == []
+    with pytest.raises(ValueError):
+        rerank([a], [b], weights=[1.0])
+
+
+def _collection_writer(path):
+    with BeaverDB(path) as db:
+        db.collection("shared").index(Document(id="remote", embedding=[0.5, 0.5],
+                                               body="written by another process"))
+
+
+def test_collection_visible_across_processes(tmp_path):
+    path = str(tmp_path / "x.db")
+    with BeaverDB(path) as db:
+        coll = db.collection("shared")
+        coll.index(Document(id="local", embedding=[9.0, 9.0], body="local text"))
+        assert [d.id for d, _ in coll.search([0.5, 0.5])] == ["local"]
+        proc = multiprocessing.get_context("spawn").Process(target=_collection_writer,
+                                                             args=(path,))
+        proc.start()
+        proc.join(60)
+        assert proc.exitcode == 0
+        assert [d.id for d, _ in coll.match("another")] == ["remote"]
+        assert [d.id for d, _ in coll.search([0.5, 0.5])] == ["remote", "local"]
+        assert [d.id for d, _ in coll.match("anotehr", fuzziness=1)] == ["remote"]
+
+
+# ---- dump/load/backup ----
+
+def _fill(db):
+    """One structure of every kind, with the awkward cases: TTL, models, bytes, priorities."""
+    config = db.dict("app_config")
+    config["theme"] = "dark"
+    config.set("session", {"user": 1}, ttl_seconds=3600)
+    tasks = db.list("daily_tasks")
+    tasks.extend([{"id": "task-001"}, "plain", 3, None])
+    jobs = db.queue("jobs")
+    jobs.put({"action": "backup"}, priority=20)
+    jobs.put({"action": "reply"}, priority=1)
+    db.blobs("files").put("a.bin", bytes(range(256)), metadata={"mimetype": "application/x"})
+    db.blobs("files").put("empty", b"")
+
+
+def _snapshot(db):
+    return {
+        "dict": sorted(db.dict("app_config").items()),
+        "ttl": db.dict("app_config").ttl("session"),
+        "list": list(db.list("daily_tasks")),
+        "queue": [(i.priority, i.timestamp, i.data) for i in db.queue("jobs")],
+        "blobs": [(k, db.blobs("files")[k].data, db.blobs("files")[k].metadata)
+                  for k in db.blobs("files").keys()],
+    }
+
+
+def test_dump_load_reproduces_every_structure(tmp_path, db):
+    _fill(db)
+    out = io.StringIO()
+    assert db.dump(out) == 4
+    lines = out.getvalue().splitlines()
+    assert json.loads(lines[0])["beaver_dump"] == 1 and json.loads(lines[-1])["end"] is True
+    with BeaverDB(tmp_path / "copy.db") as copy:
+        assert copy.load(io.StringIO(out.getvalue())) == 4
+        before, after = _snapshot(db), _snapshot(copy)
+        assert abs(before.pop("ttl") - after.pop("ttl")) < 5
+        assert before == after
+        assert copy.info()["structures"] == db.info()["structures"]
+
+
+def test_dump_skips_expired_and_selects_names(db):
+    db.dict("c").set("gone", 1, ttl_seconds=0.001)
+    db.dict("c")["kept"] = 2
+    db.list("l").push(1)
+    time.sleep(0.01)  # let the TTL pass (not synchronisation)
+    out = io.StringIO()
+    assert db.dump(out, names=["c"]) == 1
+    text = out.getvalue()
+    assert '"kept"' in text and '"gone"' not in text and '"list"' not in text
+    out = io.StringIO()
+    assert db.dump(out, names=["list:l"]) == 1
+
+
+def test_load_append_and_replace(db):
+    db.list("l").extend([1, 2])
+    out = io.StringIO()
+    db.dump(out)
+    db.load(io.StringIO(out.getvalue()))
+    assert list(db.list("l")) == [1, 2, 1, 2]
+    db.dict("other")["x"] = 1
+    db.load(io.StringIO(out.getvalue()), mode="replace")
+    assert list(db.list("l")) == [1, 2] and db.dict("other")["x"] == 1
+
+
+@pytest.mark.parametrize("text", ["", "nonsense\n", '{"beaver_dump": 99}\n',
+                                  '{"beaver_dump": 1}\n{"structure": "list", "name": "l", '
+                                  '"count": 2}\n1\n'])
+def test_load_rejects_bad_dumps_atomically(db, text):
+    with pytest.raises(ValueError):
+        db.load(io.StringIO(text))
+    assert len(db.list("l")) == 0
+    with pytest.raises(ValueError):
+        db.load(io.StringIO(""), mode="merge")
+
+
+def test_info_lists_structures_and_locks(db):
+    _fill(db)
+    with db.lock("cron"):
+        info = db.info()
+    kinds = {(s["kind"], s["name"]): s for s in info["structures"]}
+    assert kinds[("dict", "app_config")]["size"] == 2
+    assert kinds[("queue", "jobs")]["size"] == 2
+    assert kinds[("lock", "cron")]["locked"] is True
+    assert info["bytes"] > 0 and info["beaver_version"] == beaver.__version__
+
+
+def _write_forever(path, stop):
+    with BeaverDB(path) as writer:
+        log = writer.list("writes")
+        n = 0
+        while not stop.is_set():
+            with writer.transaction():
+                log.push(n)
+                writer.dict("counter")["n"] = n
+            n += 1
+
+
+def test_backup_during_concurrent_writes(tmp_path, db):
+    db.list("writes").push(-1)
+    stop = threading.Event()
+    writer = threading.Thread(target=_write_forever, args=(db.path, stop))
+    writer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(db.list("writes")) < 50 and time.monotonic() < deadline:
+            db._core.watcher.wait_for(lambda: len(db.list("writes")) >= 50 or None, 0.05)
+        copies = [db.backup(tmp_path / f"copy{i}.db") for i in range(3)]
+    finally:
+        stop.set()
+        writer.join()
+    for copy in copies:
+        conn = sqlite3.connect(copy)
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        conn.close()
+        with BeaverDB(copy) as restored:
+            items = list(restored.list("writes"))
+            assert items[0] == -1 and items[1:] == list(range(len(items) - 1))
+            assert restored.dict("counter").get("n", -1) == len(items) - 2
+    with pytest.raises(ValueError):
+        db.backup(db.path)
+
+
+# ---- client and server ----
+
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    """A real ``python -m beaver_server`` process on 127.0.0.1, killed at the end."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    path = tmp_path_factory.mktemp("server") / "served.db"
+    port = _free_port()
+    here = os.path.dirname(os.path.abspath(beaver.__file__))
+    env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "beaver_server", "--database", str(path), "--port", str(port),
+         "--max-wait", "2", "--log-level", "warning"], env=env, cwd=here)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                assert process.poll() is None, "the server process died"
+                assert time.monotonic() < deadline, "the server did not start in 30 s"
+                time.sleep(0.05)  # polling a port: nothing to wait on
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(params=["local", "remote"])
+def anydb(request, tmp_path):
+    """The same tests against ``BeaverDB`` and against ``BeaverClient`` over HTTP."""
+    if request.param == "local":
+        database = BeaverDB(tmp_path / "local.db")
+    else:
+        database = beaver.BeaverClient(request.getfixturevalue("server_url"))
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def uid():
+    return uuid.uuid4().hex[:8]
+
+
+def test_same_api_dict(anydb, uid):
+    config = anydb.dict(f"{uid}-config")
+    config["theme"] = "dark"
+    config.set("session", {"user": 1}, ttl_seconds=100)
+    config["odd/key with space"] = [1, "two"]
+    assert config["theme"] == "dark" and config.get("missing", 7) == 7
+    assert "theme" in config and "missing" not in config and 3 not in config
+    assert len(config) == 3 and sorted(config) == sorted(config.keys())
+    assert config["odd/key with space"] == [1, "two"]
+    assert 90 < config.ttl("session") <= 100 and config.ttl("theme") is None
+    with pytest.raises(KeyError):
+        config["missing"]
+    with pytest.raises(KeyError):
+        del config["missing"]
+    assert config.pop("theme") == "dark" and config.pop("theme", None) is None
+    assert config.setdefault("x", 1) == 1 and config.setdefault("x", 2) == 1
+    config.update({"a": 1}, b=2)
+    assert dict(config.items())["b"] == 2 and 2 in config.values()
+    config.clear()
+    assert len(config) == 0
+
+
+def test_same_api_dict_with_model(anydb, uid):
+    class User(beaver.Model):
+        name: str
+        id: int
+    users = anydb.dict(f"{uid}-users", model=User)
+    users["alice"] = User(name="Alice", id=1)
+    assert users["alice"] == User(name="Alice", id=1)
+    assert users.items() == [("alice", User(name="Alice", id=1))]
+    with pytest.raises((TypeError, ValueError)):
+        users["bob"] = "not a user"
+
+
+def test_same_api_list(anydb, uid):
+    tasks = anydb.list(f"{uid}-tasks")
+    tasks.push("b")
+    tasks.prepend("a")
+    tasks.extend(["c", "d"])
+    tasks.insert(-1, "x")
+    assert list(tasks) == ["a", "b", "c", "x", "d"] and len(tasks) == 5
+    assert tasks[0] == "a" and tasks[-1] == "d" and tasks[1:4] == ["b", "c", "x"]
+    assert tasks[::2] == ["a", "c", "d"]
+    tasks[3] = "X"
+    del tasks[3]
+    tasks[0:2] = ["A", "B", "B2"]
+    del tasks[::3]
+    assert list(tasks) == ["B", "B2", "d"]
+    with pytest.raises(IndexError):
+        tasks[10]
+    with pytest.raises(IndexError):
+        tasks.pop(10)
+    assert tasks.pop() == "d" and tasks.deque() == "B" and tasks.index("B2") == 0
+    tasks.reverse()
+    assert tasks.pop() == "B2" and tasks.pop() is None and tasks.deque() is None
+    tasks.push(None)
+    assert tasks.pop() is None and len(tasks) == 0
+
+
+def test_same_api_queue(anydb, uid):
+    jobs = anydb.queue(f"{uid}-jobs")
+    jobs.put({"action": "backup"}, priority=20)
+    jobs.put({"action": "reply"}, priority=1)
+    jobs.put({"action": "later"}, priority=20)
+    assert len(jobs) == 3 and jobs.peek().data == {"action": "reply"}
+    assert [i.data["action"] for i in jobs] == ["reply", "backup", "later"]
+    item = jobs.get()
+    assert isinstance(item, beaver.QueueItem) and item.priority == 1
+    assert jobs.get(timeout=1).data == {"action": "backup"}
+    assert jobs.get(block=False).data == {"action": "later"}
+    with pytest.raises(IndexError):
+        jobs.get(block=False)
+    with pytest.raises(TimeoutError):
+        jobs.get(timeout=0.05)
+    assert jobs.peek() is None
+
+
+def test_same_api_queue_blocking_get_wakes(anydb, uid):
+    jobs = anydb.queue(f"{uid}-wake")
+    got = []
+    taker = threading.Thread(target=lambda: got.append(jobs.get(timeout=20)))
+    taker.start()
+    jobs.put("hello")
+    taker.join(timeout=30)
+    assert [i.data for i in got] == ["hello"]
+
+
+def test_same_api_blobs(anydb, uid):
+    files = anydb.blobs(f"{uid}-files")
+    files.put("a.png", b"\x89PNG\x00", metadata={"mimetype": "image/png"})
+    files["plain"] = b""
+    assert files.get("a.png") == beaver.Blob("a.png", b"\x89PNG\x00", {"mimetype": "image/png"})
+    assert files["plain"].data == b"" and files["plain"].metadata is None
+    assert files.get("missing") is None and "a.png" in files and "missing" not in files
+    assert files.keys() == ["a.png", "plain"] and len(files) == 2
+    with pytest.raises(KeyError):
+        files["missing"]
+    files.delete("a.png")
+    with pytest.raises(KeyError):
+        files.delete("a.png")
+    with pytest.raises(TypeError):
+        files.put("x", "not bytes")
+
+
+def test_same_api_locks(anydb, uid):
+    lock = anydb.lock(f"{uid}-cron", ttl=30)
+    other = anydb.lock(f"{uid}-cron")
+    with lock.acquire(timeout=5):
+        first = lock.token
+        assert lock.locked and other.locked
+        with pytest.raises(TimeoutError):
+            other.acquire(block=False)
+        with pytest.raises(TimeoutError):
+            other.acquire(timeout=0.05)
+        lock.renew(10)
+    assert not lock.locked
+    with other:
+        assert other.token > first
+    with pytest.raises(beaver.LockLost):
+        lock.release()
+    with anydb.queue(f"{uid}-q").acquire(timeout=5) as q:
+        q.put(1)
+        assert len(q) == 1
+
+
+def test_same_api_structure_dump_load_and_async(anydb, uid):
+    import asyncio
+    config = anydb.dict(f"{uid}-c")
+    config["a"] = 1
+    data = config.dump()
+    assert data["metadata"]["count"] == 1
+    copy = anydb.dict(f"{uid}-copy")
+    copy.load(data)
+    assert copy["a"] == 1
+
+    async def run():
+        aconfig = copy.as_async()
+        await aconfig.set("b", 2)
+        return await aconfig.get("b")
+    assert asyncio.run(run()) == 2
+
+
+def test_same_api_whole_database(anydb, uid, tmp_path):
+    anydb.dict(f"{uid}-whole")["k"] = "v"
+    out = io.StringIO()
+    assert anydb.dump(out, names=[f"{uid}-whole"]) == 1
+    anydb.dict(f"{uid}-whole")["k"] = "changed"
+    anydb.load(io.StringIO(out.getvalue()), mode="replace")
+    assert anydb.dict(f"{uid}-whole")["k"] == "v"
+    assert any(s["name"] == f"{uid}-whole" for s in anydb.info()["structures"])
+    path = anydb.backup(tmp_path / "remote-copy.db")
+    with BeaverDB(path) as copy:
+        assert copy.dict(f"{uid}-whole")["k"] == "v"
+
+
+def test_client_threads_and_keep_alive(server_url, uid):
+    client = beaver.BeaverClient(server_url)
+    counter = client.list(f"{uid}-threads")
+
+    def work():
+        for i in range(20):
+            counter.push(i)
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(counter) == 80
+    assert len({id(c) for c in client._http._all}) == 5  # one connection per thread
+    client.close()
+
+
+def test_client_errors(server_url):
+    with pytest.raises(beaver.RemoteError):
+        beaver.BeaverClient("http://127.0.0.1:1").dict("x")["k"]
+    with pytest.raises(ValueError):
+        beaver.BeaverClient("ftp://example.com")
+    client = beaver.BeaverClient(server_url)
+    with pytest.raises(beaver.FeatureUnavailable):
+        client.transaction()
+    client.close()
+    with pytest.raises(beaver.ClosedError):
+        client.dict("x")
+
+
+@pytest.fixture
+def api(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    import beaver_server
+    database = BeaverDB(tmp_path / "api.db")
+    app = beaver_server.create_app(database, max_body_bytes=1000, max_wait=0.2)
+    with TestClient(app) as client:
+        client.db = database
+        yield client
+    database.close()
+
+
+def test_server_spec_curl_examples(api):
+    r = api.put("/dicts/app_config/api_key", content=b"your-secret-api-key",
+                headers={"Content-Type": "application/json"})
+    assert r.status_code == 204
+    assert api.get("/dicts/app_config/api_key").text == '"your-secret-api-key"'
+    api.client = None
+    api.db.dict("app_config")["theme"] = "dark"
+    assert api.get("/dict/app_config/theme").text == '"dark"'
+
+
+def test_server_dict_routes(api):
+    assert api.put("/dicts/c/k?ttl_seconds=60", json={"a": 1}).status_code == 204
+    assert 0 < float(api.head("/dicts/c/k").headers["Beaver-TTL"]) <= 60
+    assert api.head("/dicts/c/missing").status_code == 404
+    for key in ("keys", "count", "items", "a/b"):   # no route swallows these keys
+        assert api.put(f"/dicts/c/{key}", json=key).status_code == 204
+        assert api.get(f"/dicts/c/{key}").json() == key
+    assert api.get("/dicts/c").json() == {"name": "c", "size": 5}
+    assert api.get("/dicts/c?view=keys").json()["keys"] == ["a/b", "count", "items", "k", "keys"]
+    assert api.get("/dicts/c?view=items").json()["items"][0] == ["a/b", "a/b"]
+    assert api.get("/dicts/c?view=dump").json()["dump"]["metadata"]["count"] == 5
+    assert api.put("/dicts/c/new?if_absent=true", json=1).json() == 1
+    assert api.put("/dicts/c/new?if_absent=true", json=2).json() == 1
+    assert api.patch("/dicts/c", json={"p": 1, "q": 2}).status_code == 204
+    assert api.delete("/dicts/c/p").json() == 1
+    r = api.delete("/dicts/c/p")
+    assert r.status_code == 404 and r.json() == {"error": "KeyError", "message": "p"}
+    assert api.get("/dicts").json()[0]["name"] == "c"
+    assert api.post("/dicts/d", json={"items": [{"key": "z", "value": 1}]}).status_code == 204
+    assert api.delete("/dicts/d").status_code == 204 and api.get("/dicts/d").json()["size"] == 0
+
+
+def test_server_list_routes(api):
+    assert api.post("/lists/l/push", json="b").status_code == 204
+    api.post("/lists/l/prepend", json="a")
+    api.post("/lists/l/extend", json=["c", "d"])
+    api.post("/lists/l/insert?index=1", json="x")
+    assert api.get("/lists/l?view=items").json()["items"] == ["a", "x", "b", "c", "d"]
+    assert api.get("/lists/l/items/-1").json() == "d"
+    assert api.get("/lists/l/items/9").status_code == 404
+    assert api.put("/lists/l/items/1", json="X").status_code == 204
+    assert api.delete("/lists/l/items/1").status_code == 204
+    assert api.get("/lists/l/slice?start=1&stop=3").json() == ["b", "c"]
+    api.put("/lists/l/slice?start=0&stop=1", json=["A", "A2"])
+    api.delete("/lists/l/slice?step=2")
+    assert api.get("/lists/l/slice").json() == ["A2", "c"]
+    assert api.get("/lists/l/slice?step=0").status_code == 422
+    api.post("/lists/l/reverse")
+    assert api.post("/lists/l/pop").json() == "A2" and api.post("/lists/l/deque").json() == "c"
+    r = api.post("/lists/l/pop")
+    assert r.json() is None and r.headers["Beaver-Empty"] == "1"
+    assert api.post("/lists/l/pop?index=3").status_code == 404
+    assert api.get("/lists/l/items/abc").status_code == 422
+
+
+def test_server_queue_routes(api):
+    assert api.post("/queues/q/put?priority=5", json={"n": 1}).status_code == 204
+    api.post("/queues/q/put", json={"n": 2})
+    assert api.get("/queues/q/peek").json()["data"] == {"n": 2}
+    assert [i["data"]["n"] for i in api.get("/queues/q?view=items").json()["items"]] == [2, 1]
+    assert api.post("/queues/q/get").json()["data"] == {"n": 2}
+    assert api.post("/queues/q/get?timeout=1").json()["priority"] == 5
+    r = api.post("/queues/q/get?timeout=0.01")
+    assert r.status_code == 408 and r.json()["error"] == "Timeout"
+    assert api.post("/queues/q/get?block=false").status_code == 404
+    assert api.post("/queues/q/get").status_code == 408   # capped by max_wait
+    assert api.post("/queues/q/put?priority=nan", json=1).status_code == 422
+
+
+def test_server_blob_routes(api):
+    r = api.put("/blobs/files/dir/a.txt", content=b"hello",
+                headers={"Beaver-Metadata": '{"mimetype": "text/plain"}'})
+    assert r.status_code == 204
+    r = api.get("/blobs/files/dir/a.txt")
+    assert r.content == b"hello" and r.headers["content-type"].startswith("text/plain")
+    assert json.loads(r.headers["Beaver-Metadata"]) == {"mimetype": "text/plain"}
+    assert api.head("/blobs/files/dir/a.txt").status_code == 200
+    assert api.get("/blobs/files?view=keys").json()["keys"] == ["dir/a.txt"]
+    assert api.put("/blobs/files/big", content=b"x" * 1001).status_code == 413
+    assert api.put("/blobs/files/m", content=b"x",
+                   headers={"Beaver-Metadata": "{not json"}).status_code == 422
+    assert api.delete("/blobs/files/dir/a.txt").status_code == 204
+    assert api.get("/blobs/files/dir/a.txt").status_code == 404
+
+
+def test_server_lock_routes(api):
+    held = api.post("/locks/cron/acquire?ttl=30").json()
+    assert held["token"] and api.get("/locks/cron").json()["locked"] is True
+    assert api.get(f"/locks/cron?token={held['token']}").json()["held"] is True
+    r = api.post("/locks/cron/acquire?timeout=0.01")
+    assert r.status_code == 409 and r.json()["error"] == "LockTimeout"
+    assert api.post("/locks/cron/acquire?block=false").status_code == 409
+    assert api.post(f"/locks/cron/renew?token={held['token']}&ttl=5").status_code == 204
+    assert api.get("/locks").json()[0]["name"] == "cron"
+    assert api.post(f"/locks/cron/release?token={held['token']}").status_code == 204
+    r = api.post(f"/locks/cron/release?token={held['token']}")
+    assert r.status_code == 409 and r.json()["error"] == "LockLost"
+    assert api.post("/locks/other/renew?token=1").status_code == 409
+
+
+def test_server_database_routes(api):
+    api.db.dict("c")["k"] = "v"
+    assert api.get("/").json()["beaver"] == beaver.__version__
+    assert api.get("/info").json()["structures"] == [{"kind": "dict", "name": "c", "size": 1}]
+    dump = api.get("/dump").text
+    assert '"structure":"dict"' in dump
+    api.db.dict("c")["k"] = "changed"
+    assert api.post("/load?mode=replace", content=dump).json() == {"structures": 1}
+    assert api.db.dict("c")["k"] == "v"
+    assert api.post("/load", content=b"garbage").status_code == 422
+    assert api.get("/backup").content.startswith(b"SQLite format 3\x00")
+    assert api.get("/docs").status_code == 200
+    assert api.get("/no/such/route").json()["error"] == "NotFound"
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("put", "/dicts/c/k?ttl_seconds=-1", b"1"), ("put", "/dicts/c/k?ttl_seconds=inf", b"1"),
+    ("put", "/dicts/c/k", b""), ("put", "/dicts/c/k", b"\xff\xfe"),
+    ("patch", "/dicts/c", b"[1]"), ("post", "/lists/l/extend", b'{"a": 1}'),
+    ("post", "/lists/l/insert?index=x", b"1"), ("post", "/queues/q/get?timeout=-1", None),
+    ("post", "/locks/x/acquire?ttl=0", None), ("post", "/locks/x/release?token=abc", None),
+    ("post", "/dicts/c?mode=wipe", b"{}"), ("post", "/dicts/c", b'{"items": 3}'),
+    ("post", "/lists/l", b'{"metadata": {"type": "dict"}, "items": []}'),
+    ("get", "/dicts/c?view=nonsense", None), ("post", "/load", b'{"beaver_dump": 1}\n'),
+])
+def test_server_bad_input_is_4xx_json(api, method, path, body):
+    r = api.request(method.upper(), path, content=body)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert set(r.json()) >= {"error", "message"}
+
+
+def test_server_auth(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    import beaver_server
+    app = beaver_server.create_app(str(tmp_path / "auth.db"), token="s3cret")
+    with TestClient(app) as client:
+        r = client.get("/dicts/c/k")
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+        assert client.get("/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert client.put("/dicts/c/k", json=1, headers=ok).status_code == 204
+        assert client.get("/dicts/c/k", headers=ok).json() == 1
+        assert client.get("/openapi.json").status_code == 200
+
+
+def test_server_refuses_public_host_without_token(capsys):
+    pytest.importorskip("fastapi")
+    import beaver_server
+    assert beaver_server.main(["--host", "0.0.0.0", "--database", ":memory:"]) == 2
+    assert "token" in capsys.readouterr().err
+    assert beaver_server._is_loopback("::1") and beaver_server._is_loopback("localhost")
+    assert not beaver_server._is_loopback("10.0.0.1")
+
+
+def test_client_auth_against_real_server(tmp_path):
+    pytest.importorskip("uvicorn")
+    import uvicorn
+    import beaver_server
+    app = beaver_server.create_app(str(tmp_path / "a.db"), token="s3cret")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)  # polling uvicorn's started flag: nothing to wait on
+        with pytest.raises(PermissionError):
+            beaver.BeaverClient(f"http://127.0.0.1:{port}", token="wrong").dict("c")["k"] = 1
+        good = beaver.BeaverClient(f"http://127.0.0.1:{port}", token="s3cret")
+        good.dict("c")["k"] = 1
+        assert good.dict("c")["k"] == 1
+        good.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _fuzz_app():
+    pytest.importorskip("schemathesis")
+    import beaver_server
+    return beaver_server.create_app(BeaverDB(":memory:"), max_body_bytes=10_000, max_wait=0.01)
+
+
+@pytest.fixture
+def fuzz_schema():
+    import schemathesis
+    return schemathesis.openapi.from_asgi("/openapi.json", _fuzz_app())
+
+
+try:
+    import schemathesis as _schemathesis
+    _settings = settings
+except ImportError:  # pragma: no cover
+    _schemathesis = None
+
+if _schemathesis is not None:
+    _lazy_schema = _schemathesis.pytest.from_fixture("fuzz_schema")
+
+    @_lazy_schema.parametrize()
+    @_settings(max_examples=2, deadline=None, database=None,
+               suppress_health_check=list(HealthCheck))
+    def test_server_fuzz_never_500(case):
+        response = case.call()
+        assert response.status_code < 500, (case.method, case.path, response.text[:300])
+
+
+# ---- CLI ----
+
+def _cli(capsys, *argv):
+    code = beaver.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def dbfile(tmp_path):
+    return str(tmp_path / "cli.db")
+
+
+def test_cli_spec_dict_and_list(capsys, dbfile):
+    with BeaverDB(dbfile) as db:
+        db.dict("app_config")["theme"] = "dark"
+    assert _cli(capsys, "--database", dbfile, "dict", "app_config", "get", "theme") == \
+        (0, '"dark"\n', "")
+    assert _cli(capsys, "--database", dbfile, "dict", "app_config", "set", "user",
+                '{"name": "Alice", "id": 123}')[0] == 0
+    assert _cli(capsys, "--database", dbfile, "list", "daily_tasks", "push", "Review PRs")[0] == 0
+    assert _cli(capsys, "client", "--database", dbfile, "dict", "app_config", "get", "user")[1] \
+        == '{\n  "name": "Alice",\n  "id": 123\n}\n'
+    with BeaverDB(dbfile) as db:
+        assert db.dict("app_config")["user"] == {"name": "Alice", "id": 123}
+        assert list(db.list("daily_tasks")) == ["Review PRs"]
+
+
+def test_cli_dict_operations(capsys, dbfile, monkeypatch):
+    run = lambda *a: _cli(capsys, "-d", dbfile, "dict", "c", *a)  # noqa: E731
+    assert run("set", "n", "42") == (0, "", "")
+    assert run("set", "s", "--ttl", "100", "text with spaces")[0] == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"from": "stdin"}\n'))
+    assert run("set", "piped", "-")[0] == 0
+    assert json.loads(run("get", "piped")[1]) == {"from": "stdin"}
+    assert json.loads(run("get", "n")[1]) == 42
+    assert 0 < json.loads(run("ttl", "s")[1]) <= 100
+    assert json.loads(run("keys")[1]) == ["n", "piped", "s"]
+    assert json.loads(run("items")[1])["s"] == "text with spaces"
+    assert run("len")[1] == "3\n" and run("has", "n")[0] == 0 and run("has", "zz")[0] == 1
+    assert json.loads(run("pop", "n")[1]) == 42
+    code, out, err = run("get", "n")
+    assert code == 1 and out == "" and "not found" in err
+    assert run("delete", "s")[0] == 0 and run("delete", "s")[0] == 1
+    dump = run("dump")[1]
+    assert json.loads(dump)["metadata"]["count"] == 1
+    path = os.path.join(os.path.dirname(dbfile), "d.json")
+    with open(path, "w") as f:
+        f.write(dump)
+    assert run("clear")[0] == 0 and run("len")[1] == "0\n"
+    assert run("load", path)[0] == 0 and run("len")[1] == "1\n"
+
+
+def test_cli_list_queue_blob(capsys, dbfile, tmp_path):
+    run = lambda *a: _cli(capsys, "-d", dbfile, *a)  # noqa: E731
+    for args in (("push", "b"), ("prepend", "a"), ("insert", "1", "[1, 2]"), ("set", "0", "A")):
+        assert run("list", "l", *args)[0] == 0
+    assert json.loads(run("list", "l", "items")[1]) == ["A", [1, 2], "b"]
+    assert json.loads(run("list", "l", "get", "-1")[1]) == "b"
+    assert json.loads(run("list", "l", "pop")[1]) == "b"
+    assert json.loads(run("list", "l", "deque")[1]) == "A"
+    assert run("list", "l", "delete", "0")[0] == 0 and run("list", "l", "pop")[1] == "null\n"
+    assert run("list", "l", "get", "5")[0] == 1
+    assert run("queue", "q", "put", '{"job": 1}', "--priority", "5")[0] == 0
+    assert run("queue", "q", "put", "urgent", "-p", "1")[0] == 0
+    assert json.loads(run("queue", "q", "peek")[1])["data"] == "urgent"
+    assert [i["priority"] for i in json.loads(run("queue", "q", "items")[1])] == [1, 5]
+    assert json.loads(run("queue", "q", "get")[1])["data"] == "urgent"
+    assert json.loads(run("queue", "q", "get", "--timeout", "1")[1])["data"] == {"job": 1}
+    assert run("queue", "q", "get", "--no-wait")[0] == 1
+    assert run("queue", "q", "get", "--timeout", "0.01")[0] == 1
+    source = tmp_path / "in.bin"
+    source.write_bytes(b"\x00\x01binary")
+    assert run("blob", "b", "put", "k", str(source), "-m", '{"mimetype": "x/y"}')[0] == 0
+    assert json.loads(run("blob", "b", "info", "k")[1]) == \
+        {"key": "k", "size": 8, "metadata": {"mimetype": "x/y"}}
+    assert run("blob", "b", "get", "k", "-o", str(tmp_path / "out.bin"))[0] == 0
+    assert (tmp_path / "out.bin").read_bytes() == b"\x00\x01binary"
+    assert json.loads(run("blob", "b", "keys")[1]) == ["k"]
+    assert run("blob", "b", "delete", "k")[0] == 0 and run("blob", "b", "info", "k")[0] == 1
+
+
+def test_cli_lock_run(capsys, dbfile, tmp_path):
+    marker = tmp_path / "ran"
+    script = f"echo ran > {marker}; exit 3"
+    assert _cli(capsys, "--database", dbfile, "lock", "my-cron-job", "run",
+                "bash", "-c", script)[0] == 3
+    assert marker.exists()
+    marker.unlink()
+    assert _cli(capsys, "--database", dbfile, "lock", "my-cron-job", "run", "--timeout", "5",
+                "--", "bash", "-c", script)[0] == 3
+    assert marker.exists()
+    marker.unlink()
+    with BeaverDB(dbfile) as db, db.lock("my-cron-job"):
+        code, _, err = _cli(capsys, "--database", dbfile, "lock", "my-cron-job", "run",
+                            "--timeout", "0.05", "bash", "-c", script)
+        assert code == 1 and "not acquired" in err and not marker.exists()
+        assert _cli(capsys, "-d", dbfile, "lock", "my-cron-job", "run", "--no-wait", "true")[0] == 1
+        assert json.loads(_cli(capsys, "-d", dbfile, "lock", "my-cron-job", "status")[1])["locked"]
+    assert _cli(capsys, "-d", dbfile, "lock", "x", "run", "no-such-command-here")[0] == 127
+    assert _cli(capsys, "-d", dbfile, "lock", "x", "run")[0] == 2
+
+
+def test_cli_whole_database(capsys, dbfile, tmp_path, monkeypatch):
+    with BeaverDB(dbfile) as db:
+        _fill(db)
+    code, out, _ = _cli(capsys, "-d", dbfile, "info")
+    assert code == 0 and len(json.loads(out)["structures"]) == 4
+    code, dump, _ = _cli(capsys, "-d", dbfile, "dump")
+    assert code == 0 and dump.count('"structure"') == 4
+    assert _cli(capsys, "-d", dbfile, "dump", "app_config")[1].count('"structure"') == 1
+    copy = str(tmp_path / "copy.db")
+    monkeypatch.setattr("sys.stdin", io.StringIO(dump))
+    assert json.loads(_cli(capsys, "-d", copy, "load", "-")[1]) == {"structures": 4}
+    path = tmp_path / "dump.jsonl"
+    path.write_text(dump)
+    assert _cli(capsys, "-d", copy, "load", "--replace", str(path))[0] == 0
+    with BeaverDB(dbfile) as a, BeaverDB(copy) as b:
+        assert _snapshot(a)["list"] == _snapshot(b)["list"]
+    backup = str(tmp_path / "backup.db")
+    code, out, _ = _cli(capsys, "-d", dbfile, "backup", backup)
+    assert code == 0 and json.loads(out) == backup
+    with BeaverDB(backup) as restored:
+        assert restored.dict("app_config")["theme"] == "dark"
+
+
+def test_cli_usage_errors_and_help(capsys, dbfile):
+    assert _cli(capsys, "-d", dbfile)[0] == 2
+    assert _cli(capsys, "-d", dbfile, "nonsense")[0] == 2
+    code, _, err = _cli(capsys, "-d", dbfile, "dict", "c", "get")
+    assert code == 2 and "key" in err
+    assert _cli(capsys, "-d", dbfile, "list", "l", "get", "not-a-number")[0] == 2
+    for argv in (["--help"], ["dict", "--help"], ["dict", "c", "set", "--help"],
+                 ["lock", "x", "run", "--help"], ["dump", "--help"]):
+        code, out, _ = _cli(capsys, *argv)
+        assert code == 0 and "usage:" in out
+    assert _cli(capsys, "--version")[1].strip() == f"beaver {beaver.__version__}"
+
+
+def test_cli_against_server(capsys, server_url, uid):
+    assert _cli(capsys, "--url", server_url, "dict", f"{uid}-c", "set", "theme", "dark")[0] == 0
+    assert _cli(capsys, "--url", server_url, "dict", f"{uid}-c", "get", "theme")[1] == '"dark"\n'
+    assert _cli(capsys, "--url", server_url, "dict", f"{uid}-c", "get", "nope")[0] == 1
+
+
+def test_cli_serve_help_and_refusal(capsys):
+    pytest.importorskip("fastapi")
+    code, out, _ = _cli(capsys, "serve", "--help")
+    assert code == 0 and "beaver serve" in out and "--token" in out
+    code, _, err = _cli(capsys, "serve", "--database", ":memory:", "--host", "0.0.0.0")
+    assert code == 2 and "token" in err
+
+
+def test_cli_help_subprocess():
+    here = os.path.dirname(os.path.abspath(beaver.__file__))
+    env = {**os.environ, "PYTHONPATH": here}
+    out = subprocess.run([sys.executable, "-m", "beaver", "--help"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert out.returncode == 0 and "lock" in out.stdout and "collection" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "beaver", "dict"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert out.returncode == 2 and "usage:" in out.stderr
+
+
 # ---- hot paths: single-statement fast paths and their fallbacks ----
 # list pop/deque and queue get take an item with DELETE ... RETURNING where SQLite has it;
 # both paths must behave alike, events included.
@@ -2297,4 +4165,4 @@ def test_fast_paths_still_emit_events(tmp_path, monkeypatch, returning):
         assert received == [{"event": "push", "value": "a"}, {"event": "push", "value": "b"},
                             {"event": "pop", "index": 1}, {"event": "deque"},
                             {"event": "put", "priority": 3, "data": [1]},
-                            {"event": "get", "priority": 3, "data": [1]}]
+                            {"event": "get", "priority": 3, "data": [1], "lease": None}]
