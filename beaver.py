@@ -219,25 +219,54 @@ class _Deadline:
 # Codecs and Model
 # ==========================================================================================
 
+try:  # CPython's C encoder, called directly: json.dumps(value, ensure_ascii=False,
+    # separators=(",", ":")) without building a JSONEncoder and its Python frames per value
+    from json.encoder import c_make_encoder as _c_make_encoder, encode_basestring as _encode_str
+except ImportError:  # pragma: no cover - Pythons without the _json accelerator
+    _c_make_encoder = None
+_json_default = json.JSONEncoder().default
+_json_scan = json.JSONDecoder().scan_once
+if _c_make_encoder is not None:
+    # Without a markers dict (no cycle check) one encoder serves every call; a cycle ends in
+    # RecursionError, and the checking encoder then reports it as json.dumps would.
+    _json_encode = _c_make_encoder(None, _json_default, _encode_str, None, ":", ",",
+                                   False, False, True)
+
+
 def _json_dumps(value) -> str:
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        if _c_make_encoder is None:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        try:
+            return "".join(_json_encode(value, 0))
+        except RecursionError:
+            return "".join(_c_make_encoder({}, _json_default, _encode_str, None, ":", ",",
+                                           False, False, True)(value, 0))
     except (TypeError, ValueError) as e:
         raise TypeError(f"value is not JSON-serializable: {e}") from None
+
+
+def _json_loads(text):
+    """``json.loads(text)``, scanning compact JSON (what beaver writes) without its wrapper."""
+    try:
+        value, end = _json_scan(text, 0)
+    except (StopIteration, TypeError):
+        return json.loads(text)     # leading space, bytes, bad JSON: json.loads decides
+    return value if end == len(text) else json.loads(text)
 
 
 class _JsonCodec:
     """Plain JSON: what goes in as dicts, lists, str, numbers, bools and None comes back."""
 
     model = None
+    _plain = frozenset((dict, list, str, int, float, bool, type(None)))
 
     def encode(self, value) -> str:
-        if hasattr(value, "model_dump_json"):
+        if type(value) not in self._plain and hasattr(value, "model_dump_json"):
             return value.model_dump_json()
         return _json_dumps(value)
 
-    def decode(self, text):
-        return json.loads(text)
+    decode = staticmethod(_json_loads)
 
 
 class _ModelCodec:
@@ -481,6 +510,9 @@ _SCHEMA = [
         ON beaver_edges (collection, target, label, source)""",
 ]
 
+# DELETE ... RETURNING takes an item in one autocommit statement (3.35.5 fixed its early bugs)
+_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 5)
+
 _live_cores: "weakref.WeakSet[_Core]" = weakref.WeakSet()
 
 
@@ -614,7 +646,11 @@ class _Core:
     def execute(self, sql, params=()):
         """Run one statement on this thread's connection (autocommit unless in a transaction)."""
         try:
-            return self.conn().execute(sql, params)
+            conn = self._local.conn
+        except AttributeError:
+            conn = self.conn()
+        try:
+            return conn.execute(sql, params)
         except sqlite3.Error as e:
             raise self._error(e) from e
 
@@ -1201,6 +1237,16 @@ class _Manager:
 
     # -- writes and events -------------------------------------------------------------
 
+    def _listened(self) -> bool:
+        """False when ``_wrote`` would do nothing and ``_atomic`` add nothing: nobody waits
+        in this process and nobody listens anywhere.
+
+        Hot paths test this first, then skip the event payload and take single statements.
+        """
+        events = self._db._events
+        return (bool(self._core.watcher.users) or events.listening(self._topic)
+                or events.remote(self._topic))
+
     def _wrote(self, event, **fields):
         """After a write: wake waiters and, if anybody listens anywhere, emit ``event``.
 
@@ -1362,47 +1408,54 @@ class DictManager(_Manager, MutableMapping):
     _kind = "dict"
     _table = "beaver_dicts"
 
+    _GET = f"SELECT value FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
+    _HAS = f"SELECT 1 FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
+    _SET = ("INSERT INTO beaver_dicts (name, key, value, expires_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name, key) DO UPDATE SET value = excluded.value, "
+            "expires_at = excluded.expires_at")
+    _DEL = f"DELETE FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
+
     def __getitem__(self, key):
-        row = self._core.execute(
-            f"SELECT value FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, _check_key(key), _now())).fetchone()
+        if type(key) is not str:
+            _check_key(key)
+        row = self._core.execute(self._GET, (self._name, key, _now())).fetchone()
         if row is None:
             raise KeyError(key)
         return self._codec.decode(row[0])
 
     def get(self, key, default=None):
         """The value of ``key``, or ``default`` if it is missing or expired."""
-        row = self._core.execute(
-            f"SELECT value FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, _check_key(key), _now())).fetchone()
+        if type(key) is not str:
+            _check_key(key)
+        row = self._core.execute(self._GET, (self._name, key, _now())).fetchone()
         return default if row is None else self._codec.decode(row[0])
-
-    def __setitem__(self, key, value):
-        self.set(key, value)
 
     def set(self, key, value, ttl_seconds=None):
         """Store ``value`` under ``key``; with ``ttl_seconds`` it expires that much later.
 
             >>> cache.set("weather", {"temp": 21}, ttl_seconds=600)
         """
-        key, ttl = _check_key(key), _check_ttl(ttl_seconds)
+        if type(key) is not str:
+            _check_key(key)
+        ttl = None if ttl_seconds is None else _check_ttl(ttl_seconds)
         text = self._codec.encode(value)
         expires_at = None if ttl is None else _now() + ttl
-        with self._atomic():
-            self._core.execute(
-                "INSERT INTO beaver_dicts (name, key, value, expires_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (name, key) DO UPDATE SET value = excluded.value, "
-                "expires_at = excluded.expires_at",
-                (self._name, key, text, expires_at))
-            self._wrote("set", key=key, value=_to_jsonable(value))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._SET, (self._name, key, text, expires_at))
+                self._wrote("set", key=key, value=_to_jsonable(value))
+        else:
+            self._core.execute(self._SET, (self._name, key, text, expires_at))
         if self._core.purge_due():
             self._purge_expired()
 
+    __setitem__ = set
+
     def __delitem__(self, key):
+        if type(key) is not str:
+            _check_key(key)
         with self._atomic():
-            cursor = self._core.execute(
-                f"DELETE FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-                (self._name, _check_key(key), _now()))
+            cursor = self._core.execute(self._DEL, (self._name, key, _now()))
             if cursor.rowcount == 0:
                 raise KeyError(key)
             self._wrote("del", key=key)
@@ -1410,9 +1463,7 @@ class DictManager(_Manager, MutableMapping):
     def __contains__(self, key):
         if not isinstance(key, str):
             return False
-        return self._core.execute(
-            f"SELECT 1 FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, key, _now())).fetchone() is not None
+        return self._core.execute(self._HAS, (self._name, key, _now())).fetchone() is not None
 
     def __len__(self):
         return self._core.execute(
@@ -1536,6 +1587,16 @@ class ListManager(_Manager, MutableSequence):
 
     _MIN = "(SELECT min(pos) FROM beaver_lists WHERE name = ?)"
     _MAX = "(SELECT max(pos) FROM beaver_lists WHERE name = ?)"
+    _AT = f"SELECT value FROM beaver_lists WHERE name = ? AND pos = {_MIN} + ?"
+    _AT_END = f"SELECT value FROM beaver_lists WHERE name = ? AND pos = {_MAX} + 1 + ?"
+    _PUSH = ("INSERT INTO beaver_lists (name, pos, value) "
+             f"VALUES (?, coalesce({_MAX} + 1, 0), ?)")
+    _PREPEND = ("INSERT INTO beaver_lists (name, pos, value) "
+                f"VALUES (?, coalesce({_MIN} - 1, 0), ?)")
+    _TAKE_LAST = ("DELETE FROM beaver_lists WHERE name = ?1 AND pos = "
+                  "(SELECT max(pos) FROM beaver_lists WHERE name = ?1) RETURNING value")
+    _TAKE_FIRST = ("DELETE FROM beaver_lists WHERE name = ?1 AND pos = "
+                   "(SELECT min(pos) FROM beaver_lists WHERE name = ?1) RETURNING value")
 
     # -- positions ------------------------------------------------------------------------
 
@@ -1565,6 +1626,8 @@ class ListManager(_Manager, MutableSequence):
 
         The rows first jump far beyond every live position, then land at their new place.
         """
+        if lo_pos > hi_pos:
+            return
         self._core.execute(
             "UPDATE beaver_lists SET pos = pos + ? WHERE name = ? AND pos BETWEEN ? AND ?",
             (_SHIFT + delta, self._name, lo_pos, hi_pos))
@@ -1580,12 +1643,8 @@ class ListManager(_Manager, MutableSequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self._get_slice(index)
-        if isinstance(index, int) and not isinstance(index, bool) and abs(index) < _SHIFT:
-            if index >= 0:
-                sql = f"SELECT value FROM beaver_lists WHERE name = ? AND pos = {self._MIN} + ?"
-            else:
-                sql = (f"SELECT value FROM beaver_lists WHERE name = ? "
-                       f"AND pos = {self._MAX} + 1 + ?")
+        if type(index) is int and abs(index) < _SHIFT:
+            sql = self._AT if index >= 0 else self._AT_END
             row = self._core.execute(sql, (self._name, self._name, index)).fetchone()
             if row is None:
                 raise IndexError("list index out of range")
@@ -1632,22 +1691,24 @@ class ListManager(_Manager, MutableSequence):
     def push(self, value):
         """Append ``value`` at the end (``append`` is the same)."""
         text = self._codec.encode(value)
-        with self._atomic():
-            self._core.execute(
-                f"INSERT INTO beaver_lists (name, pos, value) "
-                f"VALUES (?, coalesce({self._MAX} + 1, 0), ?)", (self._name, self._name, text))
-            self._wrote("push", value=_to_jsonable(value))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._PUSH, (self._name, self._name, text))
+                self._wrote("push", value=_to_jsonable(value))
+        else:
+            self._core.execute(self._PUSH, (self._name, self._name, text))
 
     append = push
 
     def prepend(self, value):
         """Insert ``value`` at the front."""
         text = self._codec.encode(value)
-        with self._atomic():
-            self._core.execute(
-                f"INSERT INTO beaver_lists (name, pos, value) "
-                f"VALUES (?, coalesce({self._MIN} - 1, 0), ?)", (self._name, self._name, text))
-            self._wrote("prepend", value=_to_jsonable(value))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._PREPEND, (self._name, self._name, text))
+                self._wrote("prepend", value=_to_jsonable(value))
+        else:
+            self._core.execute(self._PREPEND, (self._name, self._name, text))
 
     def extend(self, values):
         """Append every item of ``values`` in one transaction."""
@@ -1714,6 +1775,9 @@ class ListManager(_Manager, MutableSequence):
 
         On an empty list ``pop()`` returns ``None``; an explicit bad index raises IndexError.
         """
+        if index is None and _HAS_RETURNING and not self._listened():
+            value = self._take(self._TAKE_LAST)
+            return None if value is _MISSING else value
         with self._core.transaction():
             lo, length = self._bounds()
             if index is None:
@@ -1730,6 +1794,9 @@ class ListManager(_Manager, MutableSequence):
 
     def deque(self):
         """Remove and return the first item, or ``None`` if the list is empty."""
+        if _HAS_RETURNING and not self._listened():
+            value = self._take(self._TAKE_FIRST)
+            return None if value is _MISSING else value
         with self._core.transaction():
             row = self._core.execute(
                 f"SELECT pos, value FROM beaver_lists WHERE name = ? AND pos = {self._MIN}",
@@ -1742,6 +1809,11 @@ class ListManager(_Manager, MutableSequence):
         return self._codec.decode(row[1])
 
     popleft = deque
+
+    def _take(self, sql):
+        """Delete and decode the end item ``sql`` picks, in one statement (or ``_MISSING``)."""
+        row = self._core.execute(sql, (self._name,)).fetchone()
+        return _MISSING if row is None else self._codec.decode(row[0])
 
     def remove(self, value):
         """Remove the first item equal to ``value`` (``ValueError`` if there is none)."""
@@ -1831,6 +1903,12 @@ class QueueManager(_Manager):
     _kind = "queue"
     _table = "beaver_queues"
 
+    _PUT = "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)"
+    _TAKE = ("DELETE FROM beaver_queues WHERE seq = (SELECT seq FROM beaver_queues "
+             "WHERE name = ?1 ORDER BY priority, seq LIMIT 1) AND NOT EXISTS (SELECT 1 FROM "
+             "beaver_queue_leases WHERE name = ?1 AND until <= ?2) "
+             "RETURNING priority, timestamp, data")
+
     def put(self, data, priority=0):
         """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
         if isinstance(priority, bool) or not isinstance(priority, (int, float)):
@@ -1838,11 +1916,12 @@ class QueueManager(_Manager):
         if priority != priority:
             raise ValueError("priority must not be NaN")
         text = self._codec.encode(data)
-        with self._atomic():
-            self._core.execute(
-                "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)",
-                (self._name, priority, _now(), text))
-            self._wrote("put", priority=priority, data=_to_jsonable(data))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._PUT, (self._name, priority, _now(), text))
+                self._wrote("put", priority=priority, data=_to_jsonable(data))
+        else:
+            self._core.execute(self._PUT, (self._name, priority, _now(), text))
 
     def get(self, block=True, timeout=None, lease=None) -> QueueItem:
         """Remove and return the first item.
@@ -1874,6 +1953,10 @@ class QueueManager(_Manager):
         return item
 
     def _take(self, lease=None):
+        if lease is None and _HAS_RETURNING and self._codec is _JSON and not self._listened():
+            item = self._take_fast()
+            if item is not _MISSING:
+                return item
         with self._core.transaction():
             now = _now()
             self._reclaim(now)
@@ -1893,6 +1976,14 @@ class QueueManager(_Manager):
                 item.lease_id = cursor.lastrowid
             self._wrote("get", priority=item.priority, data=json.loads(row[3]), lease=lease)
         return item
+
+    def _take_fast(self):
+        """A plain ``get`` in one autocommit statement (it locks like BEGIN IMMEDIATE).
+
+        ``_MISSING`` if it took nothing: the queue is empty or a lease is due for reclaim.
+        """
+        row = self._core.execute(self._TAKE, (self._name, _now())).fetchone()
+        return _MISSING if row is None else QueueItem(row[0], row[1], self._codec.decode(row[2]))
 
     def clear(self):
         """Remove every item, leased ones included."""

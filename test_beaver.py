@@ -4353,3 +4353,54 @@ def test_cli_help_subprocess():
     out = subprocess.run([sys.executable, "-m", "beaver", "dict"], capture_output=True,
                          text=True, env=env, timeout=60)
     assert out.returncode == 2 and "usage:" in out.stderr
+
+
+# ---- hot paths: single-statement fast paths and their fallbacks ----
+# list pop/deque and queue get take an item with DELETE ... RETURNING where SQLite has it;
+# both paths must behave alike, events included.
+
+@pytest.mark.parametrize("returning", [True, False])
+def test_list_ends_and_queue_get_with_and_without_returning(tmp_path, monkeypatch, returning):
+    if returning and not beaver._HAS_RETURNING:
+        pytest.skip("this SQLite has no usable RETURNING")
+    monkeypatch.setattr(beaver, "_HAS_RETURNING", returning)
+    with BeaverDB(tmp_path / "r.db") as db:
+        items = db.list("items")
+        items.extend([None, 0, "x", {"a": [1]}, None])     # stored nulls are items, not "empty"
+        assert (items.pop(), items.deque(), len(items)) == (None, None, 3)
+        assert (items.pop(), items.deque(), items.pop(), len(items)) == ({"a": [1]}, 0, "x", 0)
+        assert (items.pop(), items.deque()) == (None, None)
+        jobs = db.queue("jobs")
+        for i, priority in enumerate([2, 1, 2, 1]):
+            jobs.put({"i": i}, priority=priority)
+        got = [jobs.get(block=False) for _ in range(4)]
+        assert [(g.priority, g.data["i"]) for g in got] == [(1, 1), (1, 3), (2, 0), (2, 2)]
+        with pytest.raises(beaver.QueueEmpty):
+            jobs.get(block=False)
+
+
+@pytest.mark.parametrize("returning", [True, False])
+def test_fast_paths_still_emit_events(tmp_path, monkeypatch, returning):
+    if returning and not beaver._HAS_RETURNING:
+        pytest.skip("this SQLite has no usable RETURNING")
+    monkeypatch.setattr(beaver, "_HAS_RETURNING", returning)
+    with BeaverDB(tmp_path / "e.db") as db:
+        received, done = [], threading.Event()
+
+        def callback(payload):
+            received.append({k: v for k, v in payload.items() if k not in ("kind", "name")})
+            if payload["event"] == "get":
+                done.set()
+        items, jobs = db.list("items"), db.queue("jobs")
+        items.on("*", callback)
+        jobs.on("*", callback)
+        items.push("a")
+        items.push("b")
+        assert (items.pop(), items.deque()) == ("b", "a")
+        jobs.put([1], priority=3)
+        assert jobs.get(block=False).data == [1]
+        assert done.wait(MP_DEADLINE)
+        assert received == [{"event": "push", "value": "a"}, {"event": "push", "value": "b"},
+                            {"event": "pop", "index": 1}, {"event": "deque"},
+                            {"event": "put", "priority": 3, "data": [1]},
+                            {"event": "get", "priority": 3, "data": [1], "lease": None}]
