@@ -741,9 +741,11 @@ class _FileNotify:
 class _Watcher:
     """Wakes waiting threads when the database changes, whichever process wrote.
 
-    While anybody waits, one thread polls ``PRAGMA data_version`` on its own connection every
-    millisecond (a few microseconds each) and bumps ``tick`` when another connection has
-    committed. Writers of this process bump it directly. Waiters sleep on one condition.
+    While anybody waits, one thread checks ``PRAGMA data_version`` on its own connection and
+    bumps ``tick`` when another connection has committed. On Linux it sleeps on inotify events
+    of the ``-wal`` file (every commit appends to it) and then polls every millisecond for a
+    short while; elsewhere (or with ``BEAVER_WATCH=poll``) it polls every millisecond. Writers
+    of this process bump ``tick`` directly. Waiters sleep on one condition.
     """
 
     def __init__(self, core):
