@@ -1009,7 +1009,7 @@ class _Events:
                     self._wakeup.clear()
                     continue
                 batch = watcher.wait_for(self._collect, None, cap=self._beat_wait)
-            except BeaverError:
+            except Exception:
                 if self._stopping or self._core.closed:
                     return
                 logger.exception("beaver event dispatcher failed; retrying")
@@ -1162,6 +1162,11 @@ class _Manager:
 
             >>> handle = db.dict("config").on("set", lambda p: print(p["key"]))
             >>> handle.off()
+
+        Writes from any thread or process are delivered once each, after their commit, in
+        order, on this database's event thread. The payload has ``event``, ``kind``, ``name``
+        and the operation's fields (``key`` and ``value`` for dicts, ``data`` for queues and
+        logs, ``payload`` for channels...). A callback that raises is logged and skipped.
         """
         return self._db._events.add(self._topic, event, callback)
 
@@ -2465,7 +2470,7 @@ class _Hub:
     def _run(self):
         try:
             self._core.watcher.wait_for(self._poll)
-        except BeaverError:
+        except Exception:
             if not self._core.closed:
                 logger.exception("beaver channel poller stopped")
             with self._lock:
