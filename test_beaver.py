@@ -2564,8 +2564,8 @@ def test_log_retention_dump_load(db):
 
 def test_log_live_is_incremental_and_drops_old_rows(db):
     logs = db.log("inc")
-    logs.log(1, timestamp=_rt_time.time() - 0.3)
-    view = logs.live(window=0.5, period=0.01, aggregator=list)
+    logs.log(1, timestamp=_rt_time.time() - 1.0)
+    view = logs.live(window=2.0, period=0.01, aggregator=list)
     assert next(view) == [1]
     statements = []
     db._core.conn().set_trace_callback(statements.append)
