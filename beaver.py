@@ -414,7 +414,8 @@ _SCHEMA = [
         PRIMARY KEY (owner, kind, name)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS beaver_locks (
         ticket INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, owner TEXT NOT NULL,
-        expires_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0)""",
+        expires_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0,
+        ttl REAL NOT NULL DEFAULT 60)""",
     """CREATE INDEX IF NOT EXISTS beaver_locks_name ON beaver_locks (name, ticket)""",
 ]
 
@@ -2508,6 +2509,17 @@ class _Hub:
 # Lock
 # ==========================================================================================
 
+def _add_lock_ttl_column(core):
+    """Files made by the first 0.1 development builds lack ``beaver_locks.ttl``: add it."""
+    if getattr(core, "_lock_ttl_checked", False):
+        return
+    columns = {row[1] for row in core.execute("PRAGMA table_info(beaver_locks)")}
+    if "ttl" not in columns:
+        with contextlib.suppress(BeaverError):      # another process added it first
+            core.execute("ALTER TABLE beaver_locks ADD COLUMN ttl REAL NOT NULL DEFAULT 60")
+    core._lock_ttl_checked = True
+
+
 class Lock:
     """A fair (FIFO) inter-process lock with a time-to-live and a fencing token.
 
@@ -2516,7 +2528,8 @@ class Lock:
 
     Waiters queue by ticket and keep their place however long they wait; the ``ttl``
     bounds only how long a holder may keep the lock without ``renew()``, so a crashed
-    holder frees it at the latest ``ttl`` seconds after acquiring. ``token`` grows with
+    holder frees it at the latest ``ttl`` seconds after acquiring. A release hands the lock
+    straight to the first live waiter, which then takes it without writing. ``token`` grows with
     every acquisition and can fence writes by stale holders. One ``Lock`` object shared
     by several threads excludes them as ``threading.Lock`` would.
     """
@@ -2530,6 +2543,7 @@ class Lock:
             raise ValueError("ttl must be positive")
         self._guard = threading.Lock()
         self._owner = f"{os.getpid()}:{uuid.uuid4().hex}"
+        _add_lock_ttl_column(self._core)
         self._ticket = None
         self._beat_due = 0.0
         self._head_expires = None
@@ -2582,17 +2596,17 @@ class Lock:
         """Take a ticket and, if nobody is ahead, the lock."""
         now = _now()
         cursor = self._core.execute(       # uncontended: one statement takes the lock
-            "INSERT INTO beaver_locks (name, owner, expires_at, held) SELECT ?, ?, ?, 1 "
+            "INSERT INTO beaver_locks (name, owner, expires_at, held, ttl) SELECT ?, ?, ?, 1, ? "
             "WHERE NOT EXISTS (SELECT 1 FROM beaver_locks WHERE name = ? AND expires_at > ?)",
-            (self.name, self._owner, now + self.ttl, self.name, now))
+            (self.name, self._owner, now + self.ttl, self.ttl, self.name, now))
         if cursor.rowcount == 1:
             self._ticket = cursor.lastrowid
             return True
         with self._core.transaction():
             now = _now()
             cursor = self._core.execute(
-                "INSERT INTO beaver_locks (name, owner, expires_at) VALUES (?, ?, ?)",
-                (self.name, self._owner, now + LOCK_WAITER_GRACE))
+                "INSERT INTO beaver_locks (name, owner, expires_at, ttl) VALUES (?, ?, ?, ?)",
+                (self.name, self._owner, now + LOCK_WAITER_GRACE, self.ttl))
             self._ticket = cursor.lastrowid
             got = self._take(now)
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
@@ -2616,9 +2630,11 @@ class Lock:
         """One attempt while waiting: a read first, a write only when first in line."""
         now = _now()
         head = self._core.execute(
-            "SELECT ticket, expires_at FROM beaver_locks WHERE name = ? AND expires_at > ? "
+            "SELECT ticket, expires_at, held FROM beaver_locks WHERE name = ? AND expires_at > ? "
             "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
         if head is not None and head[0] == self._ticket:
+            if head[2]:                 # the previous holder handed it over on release
+                return True
             with self._core.transaction():
                 if self._take(_now()):
                     return True
@@ -2631,9 +2647,14 @@ class Lock:
     def _heartbeat(self):
         now = _now()
         cursor = self._core.execute(
-            "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND expires_at > ?",
-            (now + LOCK_WAITER_GRACE, self._ticket, now))
-        if cursor.rowcount == 0:  # this process stalled past the grace time: queue again
+            "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND expires_at > ? "
+            "AND held = 0", (now + LOCK_WAITER_GRACE, self._ticket, now))
+        if cursor.rowcount == 0:
+            row = self._core.execute("SELECT held, expires_at FROM beaver_locks WHERE ticket = ?",
+                                     (self._ticket,)).fetchone()
+            if row is not None and row[0] and row[1] > now:
+                return True             # handed over meanwhile
+            # this process stalled past the grace time: queue again
             self._core.execute("DELETE FROM beaver_locks WHERE ticket = ?", (self._ticket,))
             return self._enqueue()
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
@@ -2659,16 +2680,30 @@ class Lock:
             raise LockLost(f"lock {self.name!r} is not held by this object")
         ticket, self._ticket = self._ticket, None
         try:
-            still_ours = self._core.execute(
-                "DELETE FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
-                (ticket, _now())).rowcount == 1
-            if not still_ours:
-                self._leave(ticket)
+            waiting = self._core.execute(
+                "SELECT 1 FROM beaver_locks WHERE name = ? AND ticket > ? AND expires_at > ? "
+                "LIMIT 1", (self.name, ticket, _now())).fetchone()
+            with self._core.transaction() if waiting else contextlib.nullcontext():
+                still_ours = self._core.execute(
+                    "DELETE FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
+                    (ticket, _now())).rowcount == 1
+                if not still_ours:
+                    self._leave(ticket)
+                if waiting:
+                    self._hand_over()
             self._core.changed()
         finally:
             self._guard.release()
         if not still_ours:
             raise LockLost(f"lock {self.name!r} expired before release (ttl {self.ttl}s)")
+
+    def _hand_over(self):
+        """Make the first live waiter the holder, so it need not write to take the lock."""
+        now = _now()
+        self._core.execute(
+            "UPDATE beaver_locks SET held = 1, expires_at = ? + ttl WHERE held = 0 AND ticket = "
+            "(SELECT ticket FROM beaver_locks WHERE name = ? AND expires_at > ? ORDER BY ticket "
+            "LIMIT 1)", (now, self.name, now))
 
     def renew(self, ttl=None):
         """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now."""
