@@ -3005,3 +3005,41 @@ def test_events_after_fork_reach_the_parent(tmp_path):
     _rt_until(lambda: seen, timeout=_RT_DEADLINE)
     assert [x["key"] for x in seen] == ["child"]
     db.close()
+
+
+def test_lock_release_hands_over_to_the_first_live_waiter(db):
+    holder = db.lock("handoff")
+    holder.acquire()
+    first_token = holder.token
+    db._core.execute(                              # a waiter whose process died: no heartbeat
+        "INSERT INTO beaver_locks (name, owner, expires_at, ttl) VALUES ('handoff', 'dead', ?, 60)",
+        (_rt_time.time() - 1,))
+    waiter = db.lock("handoff", timeout=_RT_DEADLINE)
+    got = []
+    t = _rt_threading.Thread(target=lambda: got.append(waiter.acquire()))
+    t.start()
+    _rt_until(lambda: db._core.execute(
+        "SELECT count(*) FROM beaver_locks WHERE name = 'handoff' AND owner = ?",
+        (waiter._owner,)).fetchone()[0] == 1)
+    holder.release()
+    t.join(_RT_DEADLINE)
+    assert got and waiter.held and waiter.token > first_token
+    expires = db._core.execute("SELECT expires_at FROM beaver_locks WHERE ticket = ?",
+                               (waiter.token,)).fetchone()[0]
+    assert expires > _rt_time.time() + 30          # the waiter's own ttl, not the grace time
+    waiter.release()
+    assert not waiter.locked
+
+
+def test_lock_works_on_files_without_the_ttl_column(tmp_path):
+    path = tmp_path / "old.db"
+    database = BeaverDB(path)
+    database._core.execute("DROP TABLE beaver_locks")
+    database._core.execute(
+        "CREATE TABLE beaver_locks (ticket INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, "
+        "owner TEXT NOT NULL, expires_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0)")
+    database.close()
+    database = BeaverDB(path)
+    with database.lock("old", timeout=1) as lock:
+        assert lock.locked
+    database.close()
