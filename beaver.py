@@ -22,19 +22,25 @@ __all__ = [
     "AsyncChannelManager", "AsyncSubscriber", "AsyncLogManager", "AsyncLock",
     "BeaverError", "ClosedError", "SchemaError", "LockTimeout", "LockLost", "QueueEmpty",
     "Timeout", "DatabaseBusy", "ValidationError", "FeatureUnavailable",
+    "Document", "CollectionManager", "rerank",
 ]
 
+import array
 import asyncio
 import base64
 import collections
 import contextlib
 import datetime as _dt
 import functools
+import heapq
 import io
 import json
 import logging
+import math
+import operator
 import os
 import queue as _queue
+import re
 import select
 import sqlite3
 import sys
@@ -43,6 +49,7 @@ import threading
 import time
 import types
 import typing
+import unicodedata
 import uuid
 import weakref
 from collections.abc import MutableMapping, MutableSequence
@@ -417,6 +424,25 @@ _SCHEMA = [
         expires_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0,
         ttl REAL NOT NULL DEFAULT 60)""",
     """CREATE INDEX IF NOT EXISTS beaver_locks_name ON beaver_locks (name, ticket)""",
+    """CREATE TABLE IF NOT EXISTS beaver_collections (
+        collection TEXT PRIMARY KEY, dim INTEGER, metric TEXT NOT NULL DEFAULT 'l2', options TEXT,
+        version INTEGER NOT NULL DEFAULT 0, epoch INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS beaver_documents (
+        id INTEGER PRIMARY KEY, collection TEXT NOT NULL, doc_id TEXT NOT NULL, body TEXT,
+        UNIQUE (collection, doc_id))""",
+    """CREATE TABLE IF NOT EXISTS beaver_vectors (
+        collection TEXT NOT NULL, doc_id TEXT NOT NULL, vector BLOB NOT NULL,
+        PRIMARY KEY (collection, doc_id)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_terms (
+        collection TEXT NOT NULL, term TEXT NOT NULL, PRIMARY KEY (collection, term)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_trigrams (
+        collection TEXT NOT NULL, gram TEXT NOT NULL, size INTEGER NOT NULL, term TEXT NOT NULL,
+        PRIMARY KEY (collection, gram, size, term)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_edges (
+        collection TEXT NOT NULL, source TEXT NOT NULL, label TEXT NOT NULL, target TEXT NOT NULL,
+        metadata TEXT, PRIMARY KEY (collection, source, label, target)) WITHOUT ROWID""",
+    """CREATE INDEX IF NOT EXISTS beaver_edges_incoming
+        ON beaver_edges (collection, target, label, source)""",
 ]
 
 _live_cores: "weakref.WeakSet[_Core]" = weakref.WeakSet()
@@ -2730,6 +2756,1033 @@ class Lock:
 
 
 # ==========================================================================================
+# Collection: documents searchable by text, typo-tolerant text, vectors and relationships
+# ==========================================================================================
+
+_FTS_PATH_BITS = 20             # FTS rowid = (document rowid << 20) | number of the field path
+_FTS_SCHEMA = [
+    # One row per (document, field path); collection and path are UNINDEXED: never searchable.
+    """CREATE VIRTUAL TABLE IF NOT EXISTS beaver_fts USING fts5(
+        text, collection UNINDEXED, path UNINDEXED, tokenize = 'unicode61 remove_diacritics 2')""",
+    """CREATE VIRTUAL TABLE IF NOT EXISTS beaver_fts_vocab USING fts5vocab(beaver_fts, 'row')""",
+]
+FUZZY_MIN_LENGTH = (3, 7)       # a query term needs 3 letters to allow 1 typo, 7 to allow 2
+FUZZY_MAX_TERM = 40             # longer terms are searchable but never typo-corrected
+FUZZY_ROUNDS = 6                # candidate terms tried one by one before the rest at once
+VECTOR_METRICS = ("l2", "cosine", "ip")
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+_TERM = re.compile(r"[^\W_]+")
+_QUERY_TOKEN = re.compile(r'"[^"]*"?|[^\s"]+')
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def _as_vector(value):
+    """An embedding (list, tuple, ``array``, numpy array) as a list of float32 values."""
+    if value is None:
+        return None
+    if hasattr(value, "tolist") and not isinstance(value, array.array):
+        value = value.tolist()
+    if isinstance(value, (str, bytes, dict)):
+        raise TypeError(f"an embedding is a sequence of numbers, not {type(value).__name__}")
+    try:
+        packed = array.array("f", value)
+    except (TypeError, OverflowError):
+        raise TypeError("an embedding is a flat sequence of finite numbers") from None
+    if not packed:
+        raise ValueError("an embedding needs at least one number")
+    if not all(map(math.isfinite, packed)):
+        raise ValueError("an embedding must not contain NaN or infinity")
+    return packed.tolist()
+
+
+def _pack_vector(values) -> bytes:
+    packed = array.array("f", values)
+    if _BIG_ENDIAN:
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _unpack_vector(blob):
+    if blob is None:
+        return None
+    packed = array.array("f")
+    packed.frombytes(blob)
+    if _BIG_ENDIAN:
+        packed.byteswap()
+    return packed.tolist()
+
+
+def _terms(text) -> list:
+    """Split text into index terms the way FTS5's unicode61 tokenizer does."""
+    text = text.lower()
+    if not text.isascii():
+        text = "".join(c for c in unicodedata.normalize("NFKD", text)
+                       if not unicodedata.combining(c))
+    return _TERM.findall(text)
+
+
+def _trigrams(term) -> set:
+    padded = f"${term}$"
+    return {padded[i:i + 3] for i in range(len(padded) - 2)}
+
+
+def _edit_distance(a, b, limit) -> int:
+    """Levenshtein distance where a swap of two neighbours counts as one edit (capped)."""
+    if abs(len(a) - len(b)) > limit:
+        return limit + 1
+    before, previous = None, list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, before[j - 2] + 1)
+            current[j] = cost
+        if min(current) > limit:
+            return limit + 1
+        before, previous = previous, current
+    return previous[-1]
+
+
+def _neighbourhood(term) -> set:
+    """Every string one edit away from ``term`` (over ASCII letters, digits and its own)."""
+    letters = set(_ALPHABET) | set(term)
+    splits = [(term[:i], term[i:]) for i in range(len(term) + 1)]
+    out = {a + b[1:] for a, b in splits if b}
+    out |= {a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1}
+    out |= {a + c + b[1:] for a, b in splits if b for c in letters}
+    out |= {a + c + b for a, b in splits for c in letters}
+    out.discard(term)
+    return out
+
+
+def _text_fields(value, path="", out=None) -> dict:
+    """``{dotted path: [strings]}`` of a JSON value (strings inside lists keep the path)."""
+    out = {} if out is None else out
+    if isinstance(value, str):
+        out.setdefault(path, []).append(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _text_fields(item, f"{path}.{key}" if path else str(key), out)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _text_fields(item, path, out)
+    return out
+
+
+def _check_paths(paths):
+    if paths is None:
+        return None
+    if isinstance(paths, str):
+        paths = [paths]
+    paths = list(paths)
+    if not all(isinstance(p, str) for p in paths):
+        raise TypeError("field paths are dotted str paths such as 'meta.title'")
+    return paths
+
+
+def _on_paths(path, paths) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in paths)
+
+
+def _json_path(path) -> str:
+    if not isinstance(path, str) or not path or '"' in path:
+        raise ValueError(f"bad field path {path!r}: use dotted names such as 'meta.year'")
+    return "$" + "".join(f'."{part}"' for part in path.split("."))
+
+
+# -- the query language ------------------------------------------------------------------
+
+class _Atom(typing.NamedTuple):
+    text: str           # a word or phrase, quoted when written to FTS5
+    prefix: bool
+
+
+def _parse_query(text):
+    """Plain user text as ``(groups, negatives)``: AND of OR-groups of atoms, minus negatives.
+
+    Understood: words, "quoted phrases", ``prefix*``, ``OR``, ``AND``, ``-word``, ``NOT word``.
+    Everything else is text, so no input can produce an FTS5 syntax error.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"a query is a str, not {type(text).__name__}")
+    groups, negatives = [], []
+    negate = join = False
+    for token in _QUERY_TOKEN.findall(text):
+        if token in ("OR", "AND", "NOT") and not token.startswith('"'):
+            join, negate = token == "OR", token == "NOT" or negate
+            continue
+        if token.startswith("-") and len(token) > 1:
+            negate, token = True, token.lstrip("-")
+        prefix = token.endswith("*") and not token.startswith('"')
+        atom = _Atom(token.strip('"*') if not token.startswith('"') else token.strip('"'), prefix)
+        if _TERM.search(atom.text):
+            if negate:
+                negatives.append(atom)
+            elif join and groups:
+                groups[-1].append(atom)
+            else:
+                groups.append([atom])
+        negate = join = False
+    return groups, negatives
+
+
+def _fts_atom(atom) -> str:
+    return '"' + atom.text.replace('"', '""') + '"' + ("*" if atom.prefix else "")
+
+
+def _fts_expression(groups, negatives) -> str:
+    expr = " AND ".join("(" + " OR ".join(map(_fts_atom, group)) + ")" for group in groups)
+    if negatives:
+        expr = f"({expr}) NOT ({' OR '.join(map(_fts_atom, negatives))})"
+    return expr
+
+
+# -- documents ---------------------------------------------------------------------------
+
+class Document:
+    """A document: an id, an optional embedding and a body (any JSON value or a model).
+
+        >>> doc = Document(id="sqlite-001", body="SQLite is an embedded database.")
+        >>> Document(id="a1", content="Hello", tags=["x"]).content     # fields -> dict body
+        'Hello'
+
+    ``id`` defaults to a new uuid string. ``embedding`` accepts lists, tuples, ``array`` and
+    numpy arrays; it is kept as float32 values (what the collection stores).
+    """
+
+    def __init__(self, id=None, embedding=None, body=None, **fields):
+        if fields:
+            if body is None:
+                body = fields
+            elif isinstance(body, dict):
+                body = {**body, **fields}
+            else:
+                raise TypeError("extra fields need a dict body (or no body)")
+        if id is None:
+            id = str(uuid.uuid4())
+        elif isinstance(id, int) and not isinstance(id, bool):
+            id = str(id)
+        elif not isinstance(id, str) or not id:
+            raise TypeError(f"a document id is a non-empty str, not {id!r}")
+        self.id = id
+        self.embedding = _as_vector(embedding)
+        self.body = body
+
+    def __getattr__(self, name):
+        body = self.__dict__.get("body")
+        if not name.startswith("__"):
+            if isinstance(body, dict) and name in body:
+                return body[name]
+            if hasattr(body, "model_dump") and hasattr(body, name):
+                return getattr(body, name)
+        raise AttributeError(f"Document has no attribute or body field {name!r}")
+
+    def to_dict(self) -> dict:
+        """``{"id", "embedding", "body"}`` as plain JSON values."""
+        return {"id": self.id, "embedding": self.embedding, "body": _to_jsonable(self.body)}
+
+    @classmethod
+    def from_dict(cls, data) -> "Document":
+        """The inverse of ``to_dict()``."""
+        return cls(id=data.get("id"), embedding=data.get("embedding"), body=data.get("body"))
+
+    def __eq__(self, other):
+        if not isinstance(other, Document):
+            return NotImplemented
+        return (self.id, self.embedding, self.body) == (other.id, other.embedding, other.body)
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __repr__(self):
+        parts = [f"id={self.id!r}"]
+        if self.embedding is not None:
+            head = ", ".join(f"{x:.4g}" for x in self.embedding[:3])
+            parts.append(f"embedding=[{head}{', ...' if len(self.embedding) > 3 else ''}]"
+                         f" ({len(self.embedding)} dims)")
+        body = repr(self.body)
+        parts.append("body=" + (body if len(body) <= 80 else body[:77] + "..."))
+        return f"Document({', '.join(parts)})"
+
+
+class Edge(typing.NamedTuple):
+    """A labelled, directed relationship between two documents of a collection."""
+    source: str
+    target: str
+    label: str
+    metadata: typing.Any = None
+
+
+def _doc_id(doc_or_id) -> str:
+    if isinstance(doc_or_id, Document):
+        return doc_or_id.id
+    if isinstance(doc_or_id, str) and doc_or_id:
+        return doc_or_id
+    raise TypeError(f"expected a Document or a document id, not {doc_or_id!r}")
+
+
+def _chunks(items, size=500):
+    items = list(items)
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _marks(n) -> str:
+    return ",".join("?" * n)
+
+
+def _ensure_fts(core) -> bool:
+    """Create the FTS5 tables once per database; False where SQLite lacks FTS5."""
+    ready = getattr(core, "_fts_ready", None)
+    if ready is None:
+        ready = True
+        try:
+            for statement in _FTS_SCHEMA:
+                core.execute(statement)
+        except BeaverError as e:
+            if "no such module" not in str(e):
+                raise
+            logger.warning("this SQLite has no FTS5: collections work without text search")
+            ready = False
+        core._fts_ready = ready
+    return ready
+
+
+class CollectionManager(_Manager):
+    """Documents searchable by full text, typo-tolerant text, vectors and relationships.
+
+        >>> articles = db.collection("articles")
+        >>> articles.index(Document(id="a1", body="SQLite is an embedded database"))
+        >>> [doc.id for doc, score in articles.match("datbase", fuzziness=1)]
+        ['a1']
+
+    ``match`` scores are relevance (higher is better); ``search`` scores are distances
+    (lower is better) under the collection's metric: ``l2`` (default), ``cosine`` or ``ip``.
+    """
+
+    _kind = "collection"
+    _table = "beaver_documents"
+
+    def __init__(self, db, name, model=None, metric=None, **options):
+        super().__init__(db, name, model)
+        self._fts = _ensure_fts(self._core)
+        self._metric, self._options = self._register(metric, options)
+        self._vocab = (None, set())         # (epoch, terms known to be in beaver_terms)
+        self._batch = threading.local()     # terms added by this thread's open transaction
+        self._vectors = None                # _VectorCache of the exact search
+        self._backend = None                # beaver_vector index, False when unavailable
+        self._backend_lock = threading.Lock()
+
+    def _register(self, metric, options):
+        if metric is not None and metric not in VECTOR_METRICS:
+            raise ValueError(f"metric must be one of {VECTOR_METRICS}, not {metric!r}")
+        text = _json_dumps(options) if options else None
+        self._core.execute(
+            "INSERT INTO beaver_collections (collection, metric, options) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection) DO NOTHING", (self._name, metric or "l2", text))
+        stored, stored_options = self._core.execute(
+            "SELECT metric, options FROM beaver_collections WHERE collection = ?",
+            (self._name,)).fetchone()
+        if metric is not None and metric != stored:
+            raise ValueError(f"collection {self._name!r} uses metric {stored!r}, not {metric!r}")
+        if options and json.loads(stored_options or "{}") != json.loads(text):
+            raise ValueError(f"collection {self._name!r} was created with options "
+                             f"{stored_options}, not {text}")
+        return stored, json.loads(stored_options or "{}")
+
+    @property
+    def metric(self) -> str:
+        """The vector distance of this collection: 'l2', 'cosine' or 'ip'."""
+        return self._metric
+
+    # -- documents -------------------------------------------------------------------------
+
+    def index(self, document, fts=True, fuzzy=False):
+        """Insert or replace ``document`` with its text index and vector, atomically.
+
+            >>> docs.index(Document(id="a1", body={"title": "Hi", "tags": ["x"]}))
+            >>> docs.index(doc, fts=["title"])        # index only these field paths
+
+        ``fts=False`` skips the text index. ``fuzzy`` is accepted for compatibility: every
+        text-indexed document is searchable with typos. Returns the document.
+        """
+        if not isinstance(document, Document):
+            raise TypeError(f"index() takes a Document, not {type(document).__name__}")
+        body = None if document.body is None else self._codec.encode(document.body)
+        texts = self._texts(document.body, fts) if self._fts else []
+        vector = None if document.embedding is None else _pack_vector(document.embedding)
+        with self._core.transaction():
+            dim, epoch = self._core.execute(
+                "SELECT dim, epoch FROM beaver_collections WHERE collection = ?",
+                (self._name,)).fetchone()
+            if vector is not None and dim is not None and len(document.embedding) != dim:
+                raise ValidationError(f"embedding has {len(document.embedding)} dimensions; "
+                                      f"collection {self._name!r} holds {dim}")
+            rowid = self._write_row(document.id, body)
+            self._write_text(rowid, texts, epoch)
+            self._write_vector(document.id, vector, dim)
+            self._wrote("index", id=document.id)
+        return document
+
+    def _texts(self, body, fts) -> list:
+        if not fts or body is None:
+            return []
+        fields = _text_fields(_to_jsonable(body))
+        if fts is not True:
+            paths = _check_paths(fts)
+            fields = {p: v for p, v in fields.items() if _on_paths(p, paths)}
+        texts = [(p, "\n".join(v)) for p, v in sorted(fields.items())]
+        if len(texts) >= 1 << _FTS_PATH_BITS:
+            raise ValueError(f"a document may have at most {1 << _FTS_PATH_BITS} text fields")
+        return [(p, t) for p, t in texts if t.strip()]
+
+    def _write_row(self, doc_id, body) -> int:
+        self._core.execute(
+            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection, doc_id) DO UPDATE SET body = excluded.body",
+            (self._name, doc_id, body))
+        return self._core.execute(
+            "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
+            (self._name, doc_id)).fetchone()[0]
+
+    def _write_text(self, rowid, texts, epoch):
+        if not self._fts:
+            return
+        base = rowid << _FTS_PATH_BITS
+        self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                           (base, base + (1 << _FTS_PATH_BITS)))
+        if not texts:
+            return
+        self._core.executemany(
+            "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
+            [(base + i, text, self._name, path) for i, (path, text) in enumerate(texts)])
+        self._add_terms(texts, epoch)
+
+    def _write_vector(self, doc_id, vector, dim):
+        if vector is None:
+            if self._core.execute("DELETE FROM beaver_vectors WHERE collection = ? AND "
+                                  "doc_id = ?", (self._name, doc_id)).rowcount:
+                self._vectors_changed(dim)
+                self._call_backend(dim, "on_delete", doc_id)
+            return
+        self._core.execute(
+            "INSERT INTO beaver_vectors (collection, doc_id, vector) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection, doc_id) DO UPDATE SET vector = excluded.vector",
+            (self._name, doc_id, vector))
+        self._vectors_changed(len(vector) // 4)
+        self._call_backend(len(vector) // 4, "on_upsert", doc_id, vector)
+
+    def _vectors_changed(self, dim):
+        self._core.execute("UPDATE beaver_collections SET version = version + 1, "
+                           "dim = coalesce(dim, ?) WHERE collection = ?", (dim, self._name))
+
+    def drop(self, document):
+        """Remove a document (given as a ``Document`` or an id), its vector and its edges.
+
+            >>> docs.drop("a1")
+
+        Raises ``KeyError`` if there is no such document.
+        """
+        doc_id = _doc_id(document)
+        with self._core.transaction():
+            row = self._core.execute(
+                "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
+                (self._name, doc_id)).fetchone()
+            if row is None:
+                raise KeyError(doc_id)
+            self._core.execute("DELETE FROM beaver_documents WHERE id = ?", (row[0],))
+            dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
+                                     (self._name,)).fetchone()[0]
+            self._write_text(row[0], [], None)
+            self._write_vector(doc_id, None, dim)
+            self._core.execute("DELETE FROM beaver_edges WHERE collection = ? AND source = ?",
+                               (self._name, doc_id))
+            self._core.execute("DELETE FROM beaver_edges WHERE collection = ? AND target = ?",
+                               (self._name, doc_id))
+            self._wrote("drop", id=doc_id)
+
+    __delitem__ = drop
+
+    _SELECT = ("SELECT d.doc_id, d.body, v.vector, d.id FROM beaver_documents d "
+               "LEFT JOIN beaver_vectors v ON v.collection = d.collection AND v.doc_id = d.doc_id "
+               "WHERE d.collection = ? ")
+
+    def _document(self, row) -> Document:
+        doc = Document.__new__(Document)
+        doc.id = row[0]
+        doc.body = None if row[1] is None else self._codec.decode(row[1])
+        doc.embedding = _unpack_vector(row[2])
+        return doc
+
+    def _documents(self, column, keys) -> dict:
+        """``{key: Document}`` of the documents whose ``column`` ('id' or 'doc_id') is in keys."""
+        at = 3 if column == "id" else 0
+        found = {}
+        for chunk in _chunks(keys):
+            rows = self._core.execute(self._SELECT + f"AND d.{column} IN ({_marks(len(chunk))})",
+                                      (self._name, *chunk))
+            found.update((row[at], self._document(row)) for row in rows)
+        return found
+
+    def get(self, doc_id, default=None):
+        """The document with this id, or ``default``.
+
+            >>> docs.get("a1").body
+        """
+        row = self._core.execute(self._SELECT + "AND d.doc_id = ?",
+                                 (self._name, _doc_id(doc_id))).fetchone()
+        return default if row is None else self._document(row)
+
+    def __getitem__(self, doc_id):
+        doc = self.get(doc_id)
+        if doc is None:
+            raise KeyError(doc_id)
+        return doc
+
+    def __contains__(self, document):
+        if not isinstance(document, (str, Document)):
+            return False
+        return self._core.execute(
+            "SELECT 1 FROM beaver_documents WHERE collection = ? AND doc_id = ?",
+            (self._name, _doc_id(document))).fetchone() is not None
+
+    def __len__(self):
+        return self._core.execute("SELECT count(*) FROM beaver_documents WHERE collection = ?",
+                                  (self._name,)).fetchone()[0]
+
+    def __bool__(self):
+        return True
+
+    def __iter__(self):
+        sql = self._SELECT + "AND d.doc_id > ? ORDER BY d.doc_id LIMIT ?"
+        for row in self._paged(sql, ""):
+            yield self._document(row)
+
+    def clear(self):
+        """Remove every document, vector, text index entry and edge of this collection."""
+        with self._core.transaction():
+            for table in ("beaver_documents", "beaver_vectors", "beaver_terms",
+                          "beaver_trigrams", "beaver_edges") + (("beaver_fts",) if self._fts else ()):
+                self._core.execute(f"DELETE FROM {table} WHERE collection = ?", (self._name,))
+            self._core.execute("UPDATE beaver_collections SET version = version + 1, "
+                               "epoch = epoch + 1 WHERE collection = ?", (self._name,))
+            dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
+                                     (self._name,)).fetchone()[0]
+            self._call_backend(dim, "on_clear")
+            self._wrote("clear")
+
+    # -- full-text search -------------------------------------------------------------------
+
+    def match(self, query, on=None, top_k=10, fuzziness=0, raw=False, highlight=False):
+        """Full-text search: ``[(Document, score)]``, best first (higher score is better).
+
+            >>> docs.match("embedded database")              # all words, any order
+            >>> docs.match('"embedded database" OR sqlite -mysql', on=["title"])
+            >>> docs.match("datbase", fuzziness=1)           # typo-tolerant
+
+        The query understands words, "phrases", ``prefix*``, ``OR``, ``-word``/``NOT word``;
+        anything else is searched as text and never raises. ``raw=True`` passes full FTS5
+        syntax through. ``on`` restricts the search to dotted field paths. ``fuzziness`` (1
+        or 2) also finds words that many edits away (3+ letters for one, 7+ for two),
+        ranked by edits, then relevance. ``highlight=True`` returns
+        ``(Document, score, snippet)`` triples with matches in ``[...]``.
+        """
+        if not self._fts:
+            raise FeatureUnavailable("this SQLite was built without FTS5: match() is unavailable")
+        paths, top_k = _check_paths(on), int(top_k)
+        if top_k <= 0:
+            return []
+        if raw:
+            if not isinstance(query, str):
+                raise TypeError("a query is a str")
+            hits = self._ranked(query, paths, top_k, checked=True)
+        else:
+            groups, negatives = _parse_query(query)
+            if not groups:
+                return []
+            if fuzziness:
+                hits = self._fuzzy(groups, negatives, paths, top_k, int(fuzziness))
+            else:
+                hits = self._ranked(_fts_expression(groups, negatives), paths, top_k)
+        docs = self._documents("id", [rowid for rowid, _ in hits])
+        results = [(docs[rowid], score) for rowid, score in hits if rowid in docs]
+        if highlight:
+            expr = query if raw else _fts_expression(groups, negatives)
+            return [(doc, score, self._snippet(expr, rowid))
+                    for (doc, score), (rowid, _) in zip(results, hits)]
+        return results
+
+    def _ranked(self, expr, paths, limit, checked=False) -> list:
+        """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document."""
+        sql = ("SELECT rowid >> 20, -sum(rank) AS score FROM beaver_fts "
+               "WHERE beaver_fts MATCH ? AND collection = ?")
+        params = [expr, self._name]
+        if paths is not None:
+            sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
+            for p in paths:
+                params += [p, len(p) + 1, p + "."]
+        sql += " GROUP BY 1 ORDER BY score DESC LIMIT ?"
+        try:
+            return self._core.execute(sql, (*params, limit)).fetchall()
+        except BeaverError as e:
+            if checked and isinstance(e.__cause__, sqlite3.OperationalError):
+                raise ValidationError(f"bad FTS5 query {expr!r}: {e.__cause__}") from None
+            raise
+
+    def _snippet(self, expr, rowid) -> str:
+        base = rowid << _FTS_PATH_BITS
+        row = self._core.execute(
+            "SELECT snippet(beaver_fts, 0, '[', ']', '...', 16) FROM beaver_fts "
+            "WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ? ORDER BY rank LIMIT 1",
+            (expr, base, base + (1 << _FTS_PATH_BITS))).fetchone()
+        return row[0] if row else ""
+
+    # -- fuzzy search -----------------------------------------------------------------------
+
+    def _fuzzy(self, groups, negatives, paths, top_k, fuzziness) -> list:
+        """Try the query as typed, then with each typo-corrected term in turn."""
+        if fuzziness not in (0, 1, 2):
+            raise ValueError("fuzziness is 0, 1 or 2")
+        hits = self._ranked(_fts_expression(groups, negatives), paths, top_k)
+        if len(hits) >= top_k:
+            return hits
+        options = [[self._spellings(atom, fuzziness) for atom in group] for group in groups]
+        found = {rowid: (0, score) for rowid, score in hits}
+        for turn in range(1, FUZZY_ROUNDS + 1):
+            rewritten = [[_Atom(term, False) for spellings in group for term in
+                          (spellings[:turn] if turn < FUZZY_ROUNDS else spellings)]
+                         for group in options]
+            if all(rewritten):
+                more = self._ranked(_fts_expression(rewritten, negatives), paths,
+                                    top_k + len(found))
+                for rowid, score in more:
+                    found.setdefault(rowid, (turn, score))
+            if len(found) >= top_k or not any(len(s) > turn for g in options for s in g):
+                break
+        best = sorted(found.items(), key=lambda item: (item[1][0], -item[1][1]))[:top_k]
+        return [(rowid, score) for rowid, (_, score) in best]
+
+    def _spellings(self, atom, fuzziness) -> list:
+        """The indexed terms within ``fuzziness`` edits of a one-word atom, best first."""
+        words = _terms(atom.text)
+        if atom.prefix or len(words) != 1 or len(words[0]) > FUZZY_MAX_TERM:
+            return [atom.text]
+        word = words[0]
+        limit = min(fuzziness, sum(len(word) >= n for n in FUZZY_MIN_LENGTH))
+        if limit == 0:
+            return [word]
+        if limit > 1 or len(word) > 4:
+            candidates = self._trigram_candidates(word, limit)
+        else:
+            candidates = self._known(_neighbourhood(word) | {word})
+        scored = [(_edit_distance(word, term, limit), term) for term in candidates]
+        scored = [(d, term) for d, term in scored if d <= limit]
+        frequency = self._frequencies([term for _, term in scored])
+        scored.sort(key=lambda item: (item[0], -frequency.get(item[1], 0), item[1]))
+        return [term for _, term in scored] or [word]
+
+    def _trigram_candidates(self, word, limit) -> list:
+        grams = sorted(_trigrams(word))
+        rows = self._core.execute(
+            f"SELECT term FROM beaver_trigrams WHERE collection = ? AND gram IN "
+            f"({_marks(len(grams))}) AND size BETWEEN ? AND ? GROUP BY term "
+            f"HAVING count(*) >= ?",
+            (self._name, *grams, len(word) - limit, len(word) + limit,
+             max(1, len(grams) - 4 * limit))).fetchall()
+        return [row[0] for row in rows]
+
+    def _known(self, terms) -> list:
+        found = []
+        for chunk in _chunks(terms):
+            found += [row[0] for row in self._core.execute(
+                f"SELECT term FROM beaver_terms WHERE collection = ? AND term IN "
+                f"({_marks(len(chunk))})", (self._name, *chunk))]
+        return found
+
+    def _frequencies(self, terms) -> dict:
+        if len(terms) < 2:
+            return {}
+        return dict(self._core.execute(
+            f"SELECT term, doc FROM beaver_fts_vocab WHERE term IN ({_marks(len(terms))})",
+            terms).fetchall())
+
+    def _add_terms(self, texts, epoch):
+        """Record new terms (and their trigrams) in this collection's vocabulary."""
+        known_epoch, known = self._vocab
+        if known_epoch != epoch:
+            known = {row[0] for row in self._core.execute(
+                "SELECT term FROM beaver_terms WHERE collection = ?", (self._name,))}
+            self._vocab = (epoch, known)
+        batch = self._batch_terms()
+        new = {term for _, text in texts for term in _terms(text)
+               if len(term) <= FUZZY_MAX_TERM} - known - batch
+        if not new:
+            return
+        batch |= new
+        self._core.executemany("INSERT OR IGNORE INTO beaver_terms (collection, term) "
+                               "VALUES (?, ?)", [(self._name, term) for term in new])
+        self._core.executemany(
+            "INSERT OR IGNORE INTO beaver_trigrams (collection, gram, size, term) "
+            "VALUES (?, ?, ?, ?)",
+            [(self._name, gram, len(term), term) for term in new for gram in _trigrams(term)])
+        self._core.after_commit(lambda: known.update(new))
+
+    def _batch_terms(self) -> set:
+        """Terms written by the current transaction of this thread (not yet in ``_vocab``)."""
+        token = getattr(self._core._local, "pending", None)
+        if getattr(self._batch, "token", None) is not token:
+            self._batch.token, self._batch.terms = token, set()
+        return self._batch.terms
+
+    # -- graph ------------------------------------------------------------------------------
+
+    def connect(self, source, target, label, metadata=None):
+        """Add (or update) the edge ``source -[label]-> target`` between two documents.
+
+            >>> net.connect(alice, bob, label="FOLLOWS", metadata={"since": 2020})
+        """
+        source, target = _doc_id(source), _doc_id(target)
+        if not isinstance(label, str) or not label:
+            raise TypeError(f"an edge label is a non-empty str, not {label!r}")
+        meta = None if metadata is None else _json_dumps(_to_jsonable(metadata))
+        with self._core.transaction():
+            missing = {source, target} - set(self._documents("doc_id", {source, target}))
+            if missing:
+                raise KeyError(f"no document {sorted(missing)[0]!r} in {self._name!r}")
+            self._core.execute(
+                "INSERT INTO beaver_edges (collection, source, label, target, metadata) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection, source, label, target) "
+                "DO UPDATE SET metadata = excluded.metadata",
+                (self._name, source, label, target, meta))
+            self._wrote("connect", source=source, target=target, label=label)
+
+    def disconnect(self, source, target, label=None):
+        """Remove the edges from ``source`` to ``target`` (only those with ``label`` if given)."""
+        source, target = _doc_id(source), _doc_id(target)
+        sql = "DELETE FROM beaver_edges WHERE collection = ? AND source = ? AND target = ?"
+        params = [self._name, source, target]
+        if label is not None:
+            sql, params = sql + " AND label = ?", params + [label]
+        with self._core.transaction():
+            if self._core.execute(sql, params).rowcount:
+                self._wrote("disconnect", source=source, target=target, label=label)
+
+    def edges(self, document, direction="outgoing", label=None) -> list:
+        """The ``Edge``s leaving ('outgoing'), entering ('incoming') or touching ('both') it."""
+        doc_id = _doc_id(document)
+        sides = {"outgoing": ["source"], "incoming": ["target"], "both": ["source", "target"]}
+        if direction not in sides:
+            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
+        found = []
+        for side in sides[direction]:
+            sql = (f"SELECT source, target, label, metadata FROM beaver_edges "
+                   f"WHERE collection = ? AND {side} = ?")
+            params = [self._name, doc_id]
+            if label is not None:
+                sql, params = sql + " AND label = ?", params + [label]
+            found += [Edge(s, t, lab, None if m is None else json.loads(m))
+                      for s, t, lab, m in self._core.execute(sql + " ORDER BY 1, 2, 3", params)]
+        return list(dict.fromkeys(found)) if direction == "both" else found
+
+    def neighbors(self, document, label=None, direction="outgoing") -> list:
+        """The documents one edge away, in id order.
+
+            >>> [doc.id for doc in net.neighbors(alice, label="FOLLOWS")]
+            ['bob', 'charlie']
+        """
+        ids = sorted(self._step([_doc_id(document)], _labels(label), direction))
+        docs = self._documents("doc_id", ids)
+        return [docs[i] for i in ids if i in docs]
+
+    def walk(self, source, labels=None, depth=1, direction="outgoing") -> list:
+        """Documents reachable in 1..``depth`` edges, breadth first (the source excluded).
+
+            >>> [doc.id for doc in net.walk(alice, labels=["FOLLOWS"], depth=2)]
+            ['bob', 'charlie', 'diana']
+
+        Each document appears once, at its shortest distance; cycles are harmless.
+        """
+        start = _doc_id(source)
+        labels = _labels(labels)
+        seen, frontier, order = {start}, [start], []
+        for _ in range(int(depth)):
+            reached = sorted(self._step(frontier, labels, direction) - seen)
+            if not reached:
+                break
+            seen.update(reached)
+            order += reached
+            frontier = reached
+        docs = self._documents("doc_id", order)
+        return [docs[i] for i in order if i in docs]
+
+    def _step(self, frontier, labels, direction) -> set:
+        """Ids one edge away from any id of ``frontier``."""
+        sides = {"outgoing": [("source", "target")], "incoming": [("target", "source")],
+                 "both": [("source", "target"), ("target", "source")]}
+        if direction not in sides:
+            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
+        reached = set()
+        for here, there in sides[direction]:
+            for chunk in _chunks(frontier):
+                sql = (f"SELECT {there} FROM beaver_edges WHERE collection = ? "
+                       f"AND {here} IN ({_marks(len(chunk))})")
+                params = [self._name, *chunk]
+                if labels is not None:
+                    sql += f" AND label IN ({_marks(len(labels))})"
+                    params += labels
+                reached.update(row[0] for row in self._core.execute(sql, params))
+        return reached
+
+    # -- vectors ----------------------------------------------------------------------------
+
+    def search(self, vector, top_k=10, where=None) -> list:
+        """Nearest documents to ``vector``: ``[(Document, distance)]``, closest first.
+
+            >>> docs.search([0.1, 0.9, 0.2], top_k=3)
+            >>> docs.search(query, where={"lang": "en", "meta.year": [2023, 2024]})
+
+        Exact unless the ``beaver_vector`` extra provides an index. ``where`` keeps documents
+        whose body fields (dotted paths) equal the value (or one of a list of values).
+        """
+        query = _as_vector(vector)
+        top_k = int(top_k)
+        dim, version = self._core.execute(
+            "SELECT dim, version FROM beaver_collections WHERE collection = ?",
+            (self._name,)).fetchone()
+        if dim is None or top_k <= 0:
+            return []
+        if len(query) != dim:
+            raise ValidationError(f"query has {len(query)} dimensions; collection "
+                                  f"{self._name!r} holds {dim}")
+        allowed = None if where is None else self._where(where)
+        backend = self._vector_backend(dim)
+        if backend is not None:
+            hits = backend.search(query, top_k, allowed)
+        else:
+            hits = self._exact(version).search(query, top_k, allowed)
+        docs = self._documents("doc_id", [doc_id for doc_id, _ in hits])
+        return [(docs[doc_id], float(d)) for doc_id, d in hits if doc_id in docs]
+
+    def _where(self, where) -> set:
+        if not isinstance(where, dict):
+            raise TypeError("where is a dict of {field path: value}")
+        sql, params = "SELECT doc_id FROM beaver_documents WHERE collection = ?", [self._name]
+        for path, value in where.items():
+            field = "json_extract(body, ?)"
+            if value is None:
+                sql += f" AND {field} IS NULL"
+                params.append(_json_path(path))
+                continue
+            values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+            if not all(isinstance(v, (str, int, float)) for v in values):
+                raise TypeError("where values are str, numbers, bools, None or lists of them")
+            sql += f" AND {field} IN ({_marks(len(values))})"
+            params += [_json_path(path)] + [int(v) if isinstance(v, bool) else v for v in values]
+        return {row[0] for row in self._core.execute(sql, params)}
+
+    def _exact(self, version) -> "_VectorCache":
+        cache = self._vectors
+        if cache is None or cache.version != version:
+            rows = self._core.execute(
+                "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
+                (self._name,)).fetchall()
+            cache = self._vectors = _VectorCache(version, self._metric, rows)
+        return cache
+
+    def _vector_backend(self, dim):
+        """The ``beaver_vector`` index of this collection, or None for the built-in search."""
+        if self._backend is None and dim is not None:
+            with self._backend_lock:
+                if self._backend is None:
+                    self._backend = self._open_backend(dim) or False
+        return self._backend or None
+
+    def _open_backend(self, dim):
+        if os.environ.get("BEAVER_VECTOR_BACKEND", "").lower() == "exact":
+            return None
+        try:
+            import beaver_vector
+            open_index = beaver_vector.open_index
+        except (ImportError, AttributeError):
+            return None
+        try:
+            return open_index(self._core, self._name, dim, self._metric, **self._options)
+        except FeatureUnavailable:
+            return None
+
+    def _call_backend(self, dim, method, *args):
+        backend = self._vector_backend(dim)
+        if backend is not None:
+            getattr(backend, method)(*args)
+
+    def compact(self):
+        """Fold pending changes of the vector index into its base (a no-op when exact)."""
+        backend = self._backend
+        if backend:
+            backend.compact()
+
+    def _on_close(self):
+        backend, self._backend = self._backend, None
+        if backend:
+            backend.close()
+
+    # -- dump and load ----------------------------------------------------------------------
+
+    def dump(self, fp=None):
+        """Export documents and edges: ``{"metadata", "items", "edges"}`` (or JSON to ``fp``).
+
+            >>> data = docs.dump()
+            >>> other.load(data)
+        """
+        with self._core.transaction():
+            data = super().dump()
+            data["edges"] = [edge._asdict() for edge in self._all_edges()]
+        data["metadata"]["metric"] = self._metric
+        if fp is None:
+            return data
+        json.dump(data, fp, ensure_ascii=False, indent=2)
+        return None
+
+    def _all_edges(self):
+        rows = self._core.execute(
+            "SELECT source, target, label, metadata FROM beaver_edges WHERE collection = ? "
+            "ORDER BY source, label, target", (self._name,))
+        return [Edge(s, t, lab, None if m is None else json.loads(m)) for s, t, lab, m in rows]
+
+    def _dump_items(self):
+        return [doc.to_dict() for doc in self]
+
+    def load(self, data_or_fp):
+        """Add the documents and edges of a ``dump()`` in one transaction (text re-indexed)."""
+        data = _read_dump(data_or_fp)
+        with self._core.transaction():
+            super().load(data)
+            for edge in data.get("edges") or []:
+                self.connect(edge["source"], edge["target"], edge["label"], edge.get("metadata"))
+
+    def _load_items(self, items):
+        for item in items:
+            self.index(Document.from_dict(item))
+
+
+def _labels(labels):
+    if labels is None:
+        return None
+    return [labels] if isinstance(labels, str) else list(labels)
+
+
+class _VectorCache:
+    """All vectors of a collection in memory, for exact search (numpy when available)."""
+
+    def __init__(self, version, metric, rows):
+        self.version, self.metric = version, metric
+        self.ids = [row[0] for row in rows]
+        self.position = {doc_id: i for i, doc_id in enumerate(self.ids)}
+        try:
+            import numpy
+        except ImportError:
+            numpy = None
+        self.np = numpy
+        if numpy is not None:
+            self._load_numpy(rows)
+        else:
+            self._load_python(rows)
+
+    def _load_numpy(self, rows):
+        np = self.np
+        matrix = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4")
+        matrix = matrix.reshape(len(rows), -1) if rows else matrix.reshape(0, 0)
+        if self.metric == "cosine":
+            norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+            matrix = matrix / np.where(norms == 0, 1, norms)
+        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        self.squares = np.einsum("ij,ij->i", self.matrix, self.matrix)
+
+    def _load_python(self, rows):
+        self.rows = [array.array("f", _unpack_vector(row[1])) for row in rows]
+        if self.metric == "cosine":
+            for i, row in enumerate(self.rows):
+                norm = math.sqrt(sum(x * x for x in row)) or 1.0
+                self.rows[i] = array.array("f", [x / norm for x in row])
+
+    def search(self, query, top_k, allowed=None) -> list:
+        """``[(doc_id, distance)]`` of the ``top_k`` closest vectors (among ``allowed``)."""
+        if allowed is None:
+            positions = None
+        else:
+            positions = sorted(self.position[i] for i in allowed if i in self.position)
+            if not positions:
+                return []
+        if self.metric == "cosine":
+            norm = math.sqrt(sum(x * x for x in query)) or 1.0
+            query = [x / norm for x in query]
+        if self.np is not None:
+            return self._search_numpy(query, top_k, positions)
+        return self._search_python(query, top_k, positions)
+
+    def _search_numpy(self, query, top_k, positions):
+        np = self.np
+        q = np.asarray(query, dtype=np.float32)
+        matrix = self.matrix if positions is None else self.matrix[positions]
+        if not len(matrix):
+            return []
+        dots = matrix @ q
+        if self.metric == "l2":
+            squares = self.squares if positions is None else self.squares[positions]
+            scores = squares - 2 * dots
+        else:
+            scores = -dots
+        k = min(top_k, len(scores))
+        best = np.argpartition(scores, k - 1)[:k] if k < len(scores) else np.arange(k)
+        best = best[np.argsort(scores[best], kind="stable")]
+        rows = best if positions is None else np.asarray(positions)[best]
+        if self.metric == "l2":
+            exact = np.sqrt(((self.matrix[rows] - q) ** 2).sum(axis=1))
+            order = np.argsort(exact, kind="stable")
+            return [(self.ids[rows[i]], float(exact[i])) for i in order]
+        shift = 1.0 if self.metric == "cosine" else 0.0
+        return [(self.ids[r], shift + float(scores[b])) for r, b in zip(rows, best)]
+
+    def _search_python(self, query, top_k, positions):
+        q = array.array("f", query)
+        candidates = range(len(self.rows)) if positions is None else positions
+        if self.metric == "l2":
+            scored = ((math.dist(self.rows[i], q), i) for i in candidates)
+        else:
+            shift = 1.0 if self.metric == "cosine" else 0.0
+            scored = ((shift - sum(map(operator.mul, self.rows[i], q)), i) for i in candidates)
+        return [(self.ids[i], d) for d, i in heapq.nsmallest(top_k, scored)]
+
+
+def rerank(*results, weights=None, k=60) -> list:
+    """Merge ranked result lists by reciprocal rank fusion; returns documents, best first.
+
+        >>> best = rerank(text_results, vector_results, weights=[0.6, 0.4])
+
+    Each list holds documents or ``(document, score)`` pairs, best first. A document's fused
+    score is the sum over lists of ``weight / (k + rank)``.
+    """
+    if len(results) == 1 and results[0] and all(isinstance(r, list) for r in results[0]):
+        results = tuple(results[0])
+    weights = [1.0] * len(results) if weights is None else list(weights)
+    if len(weights) != len(results):
+        raise ValueError(f"{len(weights)} weights for {len(results)} result lists")
+    scores, docs = {}, {}
+    for weight, result in zip(weights, results):
+        seen = set()
+        for rank, item in enumerate(result, 1):
+            doc = item[0] if isinstance(item, tuple) else item
+            key = doc.id if isinstance(doc, Document) else doc
+            if key in seen:
+                continue
+            seen.add(key)
+            docs.setdefault(key, doc)
+            scores[key] = scores.get(key, 0.0) + weight / (k + rank)
+    return [docs[key] for key in sorted(scores, key=lambda key: -scores[key])]
+
+
+# ==========================================================================================
 # BeaverDB
 # ==========================================================================================
 
@@ -2807,6 +3860,20 @@ class BeaverDB:
         self._check_open()
         return Lock(self, name, timeout=timeout, ttl=lock_ttl if lock_ttl is not None else ttl)
 
+    def collection(self, name, model=None, metric=None, **options) -> CollectionManager:
+        """The document collection called ``name``: full-text, fuzzy, vector and graph search.
+
+            >>> articles = db.collection("articles")
+            >>> images = db.collection("images", metric="cosine")
+
+        ``model`` types the document bodies; ``metric`` ('l2' by default, 'cosine', 'ip') and
+        extra options (e.g. ``index="hnsw"`` for ``beaver_vector``) are fixed at creation.
+        """
+        manager = self._manager(CollectionManager, name, model, metric=metric, **options)
+        if metric is not None and metric != manager.metric:
+            raise ValueError(f"collection {name!r} uses metric {manager.metric!r}, not {metric!r}")
+        return manager
+
     @contextlib.contextmanager
     def transaction(self):
         """Group writes of any structures into one atomic transaction.
@@ -2832,6 +3899,8 @@ class BeaverDB:
         """Close every connection of every thread; later calls raise ``ClosedError``."""
         self._events.stop()
         self._hub.stop()
+        for manager in list(self._managers.values()):
+            getattr(manager, "_on_close", lambda: None)()
         self._core.close()
 
     def __enter__(self):
@@ -3069,6 +4138,7 @@ _ALIASES = {
     "channels": ["ChannelManager", "Subscriber"],
     "blobs": ["Blob", "BlobManager"],
     "locks": ["Lock", "LockTimeout"],
+    "collections": ["Document", "CollectionManager", "Edge", "rerank"],
 }
 
 
