@@ -1111,6 +1111,9 @@ class _Events:
 # Manager base
 # ==========================================================================================
 
+_NO_TRANSACTION = contextlib.nullcontext()
+
+
 class _Held:
     """What ``acquire()`` returns: truthy, and a context manager that releases on exit."""
 
@@ -1182,7 +1185,7 @@ class _Manager:
         """A transaction around a single-statement write if its event must be stored with it."""
         if self._db._events.remote(self._topic):
             return self._core.transaction()
-        return contextlib.nullcontext()
+        return _NO_TRANSACTION
 
     def on(self, event, callback) -> _EventHandle:
         """Call ``callback(payload)`` after every ``event`` ('set', 'del', ... or '*').
