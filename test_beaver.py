@@ -3398,3 +3398,27 @@ def test_collection_visible_across_processes(tmp_path):
         assert [d.id for d, _ in coll.match("another")] == ["remote"]
         assert [d.id for d, _ in coll.search([0.5, 0.5])] == ["remote", "local"]
         assert [d.id for d, _ in coll.match("anotehr", fuzziness=1)] == ["remote"]
+
+
+def test_lock_seed_example_scraper(tmp_path, monkeypatch, capsys):
+    import os
+    import time
+    monkeypatch.chdir(tmp_path)
+    db = BeaverDB("scraper_state.db")
+    scrapers_state = db.dict("scraper_state")
+
+    last_refresh = scrapers_state.get("last_sitemap_refresh", 0)
+    if time.time() - last_refresh > 3600:  # Only refresh once per hour
+        try:
+            with db.lock("refresh_sitemap", timeout=1):
+                print(f"PID {os.getpid()} is refreshing the sitemap...")
+                scrapers_state["sitemap"] = ["/page1", "/page2"]
+                scrapers_state["last_sitemap_refresh"] = time.time()
+        except TimeoutError:
+            print(f"PID {os.getpid()} letting other process handle refresh.")
+
+    sitemap = scrapers_state.get("sitemap")
+    print(f"PID {os.getpid()} proceeding with sitemap: {sitemap}")
+    db.close()
+    out = capsys.readouterr().out
+    assert "is refreshing the sitemap" in out and "['/page1', '/page2']" in out
