@@ -419,11 +419,12 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_listeners (
         owner TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, expires_at REAL NOT NULL,
         PRIMARY KEY (owner, kind, name)) WITHOUT ROWID""",
+    # No index on beaver_locks: it holds only held locks and their waiters, and one page per
+    # write keeps an uncontended acquire + release near two raw commits.
     """CREATE TABLE IF NOT EXISTS beaver_locks (
         ticket INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, owner TEXT NOT NULL,
         expires_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0,
         ttl REAL NOT NULL DEFAULT 60)""",
-    """CREATE INDEX IF NOT EXISTS beaver_locks_name ON beaver_locks (name, ticket)""",
     """CREATE TABLE IF NOT EXISTS beaver_collections (
         collection TEXT PRIMARY KEY, dim INTEGER, metric TEXT NOT NULL DEFAULT 'l2', options TEXT,
         version INTEGER NOT NULL DEFAULT 0, epoch INTEGER NOT NULL DEFAULT 0)""",
