@@ -1940,8 +1940,13 @@ class QueueManager(_Manager):
         return iter([QueueItem(p, t, decode(d)) for p, t, d in rows])
 
     def _dump_items(self):
+        """Queued items, then leased ones (a restored dump hands those out again)."""
+        leased = self._core.execute(
+            "SELECT priority, timestamp, data FROM beaver_queue_leases WHERE name = ? "
+            "ORDER BY lease", (self._name,)).fetchall()
         return [{"priority": item.priority, "timestamp": item.timestamp,
-                 "data": _to_jsonable(item.data)} for item in self]
+                 "data": _to_jsonable(item.data)} for item in self] + [
+                {"priority": p, "timestamp": t, "data": json.loads(d)} for p, t, d in leased]
 
     def _load_items(self, items):
         self._core.executemany(

@@ -3422,3 +3422,14 @@ def test_lock_seed_example_scraper(tmp_path, monkeypatch, capsys):
     db.close()
     out = capsys.readouterr().out
     assert "is refreshing the sitemap" in out and "['/page1', '/page2']" in out
+
+
+def test_queue_dump_keeps_leased_items(db):
+    q = db.queue("dumped")
+    q.put("queued")
+    q.put("leased")
+    q.get(lease=60)
+    q.get(lease=60)
+    assert [i["data"] for i in q.dump()["items"]] == ["queued", "leased"]
+    q.clear()
+    assert q.dump()["items"] == [] and len(q) == 0
