@@ -485,10 +485,12 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_listeners (
         owner TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, expires_at REAL NOT NULL,
         PRIMARY KEY (owner, kind, name)) WITHOUT ROWID""",
+    # No index on beaver_locks: it holds only held locks and their waiters, and one page per
+    # write keeps an uncontended acquire + release near two raw commits.
     """CREATE TABLE IF NOT EXISTS beaver_locks (
         ticket INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, owner TEXT NOT NULL,
-        expires_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0)""",
-    """CREATE INDEX IF NOT EXISTS beaver_locks_name ON beaver_locks (name, ticket)""",
+        expires_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0,
+        ttl REAL NOT NULL DEFAULT 60)""",
     """CREATE TABLE IF NOT EXISTS beaver_collections (
         collection TEXT PRIMARY KEY, dim INTEGER, metric TEXT NOT NULL DEFAULT 'l2', options TEXT,
         version INTEGER NOT NULL DEFAULT 0, epoch INTEGER NOT NULL DEFAULT 0)""",
@@ -846,9 +848,11 @@ class _FileNotify:
 class _Watcher:
     """Wakes waiting threads when the database changes, whichever process wrote.
 
-    While anybody waits, one thread polls ``PRAGMA data_version`` on its own connection every
-    millisecond (a few microseconds each) and bumps ``tick`` when another connection has
-    committed. Writers of this process bump it directly. Waiters sleep on one condition.
+    While anybody waits, one thread checks ``PRAGMA data_version`` on its own connection and
+    bumps ``tick`` when another connection has committed. On Linux it sleeps on inotify events
+    of the ``-wal`` file (every commit appends to it) and then polls every millisecond for a
+    short while; elsewhere (or with ``BEAVER_WATCH=poll``) it polls every millisecond. Writers
+    of this process bump ``tick`` directly. Waiters sleep on one condition.
     """
 
     def __init__(self, core):
@@ -1112,7 +1116,7 @@ class _Events:
                     self._wakeup.clear()
                     continue
                 batch = watcher.wait_for(self._collect, None, cap=self._beat_wait)
-            except BeaverError:
+            except Exception:
                 if self._stopping or self._core.closed:
                     return
                 logger.exception("beaver event dispatcher failed; retrying")
@@ -1186,6 +1190,9 @@ class _Events:
 # ==========================================================================================
 # Manager base
 # ==========================================================================================
+
+_NO_TRANSACTION = contextlib.nullcontext()
+
 
 class _Held:
     """What ``acquire()`` returns: truthy, and a context manager that releases on exit."""
@@ -1268,13 +1275,18 @@ class _Manager:
         """A transaction around a single-statement write if its event must be stored with it."""
         if self._db._events.remote(self._topic):
             return self._core.transaction()
-        return contextlib.nullcontext()
+        return _NO_TRANSACTION
 
     def on(self, event, callback) -> _EventHandle:
         """Call ``callback(payload)`` after every ``event`` ('set', 'del', ... or '*').
 
             >>> handle = db.dict("config").on("set", lambda p: print(p["key"]))
             >>> handle.off()
+
+        Writes from any thread or process are delivered once each, after their commit, in
+        order, on this database's event thread. The payload has ``event``, ``kind``, ``name``
+        and the operation's fields (``key`` and ``value`` for dicts, ``data`` for queues and
+        logs, ``payload`` for channels...). A callback that raises is logged and skipped.
         """
         return self._db._events.add(self._topic, event, callback)
 
@@ -2062,8 +2074,13 @@ class QueueManager(_Manager):
         return iter([QueueItem(p, t, decode(d)) for p, t, d in rows])
 
     def _dump_items(self):
+        """Queued items, then leased ones (a restored dump hands those out again)."""
+        leased = self._core.execute(
+            "SELECT priority, timestamp, data FROM beaver_queue_leases WHERE name = ? "
+            "ORDER BY lease", (self._name,)).fetchall()
         return [{"priority": item.priority, "timestamp": item.timestamp,
-                 "data": _to_jsonable(item.data)} for item in self]
+                 "data": _to_jsonable(item.data)} for item in self] + [
+                {"priority": p, "timestamp": t, "data": json.loads(d)} for p, t, d in leased]
 
     def _load_items(self, items):
         self._core.executemany(
@@ -2623,7 +2640,7 @@ class _Hub:
     def _run(self):
         try:
             self._core.watcher.wait_for(self._poll)
-        except BeaverError:
+        except Exception:
             if not self._core.closed:
                 logger.exception("beaver channel poller stopped")
             with self._lock:
@@ -2661,6 +2678,17 @@ class _Hub:
 # Lock
 # ==========================================================================================
 
+def _add_lock_ttl_column(core):
+    """Files made by the first 0.1 development builds lack ``beaver_locks.ttl``: add it."""
+    if getattr(core, "_lock_ttl_checked", False):
+        return
+    columns = {row[1] for row in core.execute("PRAGMA table_info(beaver_locks)")}
+    if "ttl" not in columns:
+        with contextlib.suppress(BeaverError):      # another process added it first
+            core.execute("ALTER TABLE beaver_locks ADD COLUMN ttl REAL NOT NULL DEFAULT 60")
+    core._lock_ttl_checked = True
+
+
 class Lock:
     """A fair (FIFO) inter-process lock with a time-to-live and a fencing token.
 
@@ -2669,7 +2697,8 @@ class Lock:
 
     Waiters queue by ticket and keep their place however long they wait; the ``ttl``
     bounds only how long a holder may keep the lock without ``renew()``, so a crashed
-    holder frees it at the latest ``ttl`` seconds after acquiring. ``token`` grows with
+    holder frees it at the latest ``ttl`` seconds after acquiring. A release hands the lock
+    straight to the first live waiter, which then takes it without writing. ``token`` grows with
     every acquisition and can fence writes by stale holders. One ``Lock`` object shared
     by several threads excludes them as ``threading.Lock`` would.
     """
@@ -2683,6 +2712,7 @@ class Lock:
             raise ValueError("ttl must be positive")
         self._guard = threading.Lock()
         self._owner = f"{os.getpid()}:{uuid.uuid4().hex}"
+        _add_lock_ttl_column(self._core)
         self._ticket = None
         self._beat_due = 0.0
         self._head_expires = None
@@ -2735,17 +2765,17 @@ class Lock:
         """Take a ticket and, if nobody is ahead, the lock."""
         now = _now()
         cursor = self._core.execute(       # uncontended: one statement takes the lock
-            "INSERT INTO beaver_locks (name, owner, expires_at, held) SELECT ?, ?, ?, 1 "
+            "INSERT INTO beaver_locks (name, owner, expires_at, held, ttl) SELECT ?, ?, ?, 1, ? "
             "WHERE NOT EXISTS (SELECT 1 FROM beaver_locks WHERE name = ? AND expires_at > ?)",
-            (self.name, self._owner, now + self.ttl, self.name, now))
+            (self.name, self._owner, now + self.ttl, self.ttl, self.name, now))
         if cursor.rowcount == 1:
             self._ticket = cursor.lastrowid
             return True
         with self._core.transaction():
             now = _now()
             cursor = self._core.execute(
-                "INSERT INTO beaver_locks (name, owner, expires_at) VALUES (?, ?, ?)",
-                (self.name, self._owner, now + LOCK_WAITER_GRACE))
+                "INSERT INTO beaver_locks (name, owner, expires_at, ttl) VALUES (?, ?, ?, ?)",
+                (self.name, self._owner, now + LOCK_WAITER_GRACE, self.ttl))
             self._ticket = cursor.lastrowid
             got = self._take(now)
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
@@ -2769,9 +2799,11 @@ class Lock:
         """One attempt while waiting: a read first, a write only when first in line."""
         now = _now()
         head = self._core.execute(
-            "SELECT ticket, expires_at FROM beaver_locks WHERE name = ? AND expires_at > ? "
+            "SELECT ticket, expires_at, held FROM beaver_locks WHERE name = ? AND expires_at > ? "
             "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
         if head is not None and head[0] == self._ticket:
+            if head[2]:                 # the previous holder handed it over on release
+                return True
             with self._core.transaction():
                 if self._take(_now()):
                     return True
@@ -2784,9 +2816,14 @@ class Lock:
     def _heartbeat(self):
         now = _now()
         cursor = self._core.execute(
-            "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND expires_at > ?",
-            (now + LOCK_WAITER_GRACE, self._ticket, now))
-        if cursor.rowcount == 0:  # this process stalled past the grace time: queue again
+            "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND expires_at > ? "
+            "AND held = 0", (now + LOCK_WAITER_GRACE, self._ticket, now))
+        if cursor.rowcount == 0:
+            row = self._core.execute("SELECT held, expires_at FROM beaver_locks WHERE ticket = ?",
+                                     (self._ticket,)).fetchone()
+            if row is not None and row[0] and row[1] > now:
+                return True             # handed over meanwhile
+            # this process stalled past the grace time: queue again
             self._core.execute("DELETE FROM beaver_locks WHERE ticket = ?", (self._ticket,))
             return self._enqueue()
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
@@ -2812,16 +2849,30 @@ class Lock:
             raise LockLost(f"lock {self.name!r} is not held by this object")
         ticket, self._ticket = self._ticket, None
         try:
-            still_ours = self._core.execute(
-                "DELETE FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
-                (ticket, _now())).rowcount == 1
-            if not still_ours:
-                self._leave(ticket)
+            waiting = self._core.execute(
+                "SELECT 1 FROM beaver_locks WHERE name = ? AND ticket > ? AND expires_at > ? "
+                "LIMIT 1", (self.name, ticket, _now())).fetchone()
+            with self._core.transaction() if waiting else contextlib.nullcontext():
+                still_ours = self._core.execute(
+                    "DELETE FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
+                    (ticket, _now())).rowcount == 1
+                if not still_ours:
+                    self._leave(ticket)
+                if waiting:
+                    self._hand_over()
             self._core.changed()
         finally:
             self._guard.release()
         if not still_ours:
             raise LockLost(f"lock {self.name!r} expired before release (ttl {self.ttl}s)")
+
+    def _hand_over(self):
+        """Make the first live waiter the holder, so it need not write to take the lock."""
+        now = _now()
+        self._core.execute(
+            "UPDATE beaver_locks SET held = 1, expires_at = ? + ttl WHERE held = 0 AND ticket = "
+            "(SELECT ticket FROM beaver_locks WHERE name = ? AND expires_at > ? ORDER BY ticket "
+            "LIMIT 1)", (now, self.name, now))
 
     def renew(self, ttl=None):
         """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now."""

@@ -2804,8 +2804,8 @@ def test_log_retention_dump_load(db):
 
 def test_log_live_is_incremental_and_drops_old_rows(db):
     logs = db.log("inc")
-    logs.log(1, timestamp=_rt_time.time() - 0.3)
-    view = logs.live(window=0.5, period=0.01, aggregator=list)
+    logs.log(1, timestamp=_rt_time.time() - 1.0)
+    view = logs.live(window=2.0, period=0.01, aggregator=list)
     assert next(view) == [1]
     statements = []
     db._core.conn().set_trace_callback(statements.append)
@@ -3245,6 +3245,44 @@ def test_events_after_fork_reach_the_parent(tmp_path):
     _rt_until(lambda: seen, timeout=_RT_DEADLINE)
     assert [x["key"] for x in seen] == ["child"]
     db.close()
+
+
+def test_lock_release_hands_over_to_the_first_live_waiter(db):
+    holder = db.lock("handoff")
+    holder.acquire()
+    first_token = holder.token
+    db._core.execute(                              # a waiter whose process died: no heartbeat
+        "INSERT INTO beaver_locks (name, owner, expires_at, ttl) VALUES ('handoff', 'dead', ?, 60)",
+        (_rt_time.time() - 1,))
+    waiter = db.lock("handoff", timeout=_RT_DEADLINE)
+    got = []
+    t = _rt_threading.Thread(target=lambda: got.append(waiter.acquire()))
+    t.start()
+    _rt_until(lambda: db._core.execute(
+        "SELECT count(*) FROM beaver_locks WHERE name = 'handoff' AND owner = ?",
+        (waiter._owner,)).fetchone()[0] == 1)
+    holder.release()
+    t.join(_RT_DEADLINE)
+    assert got and waiter.held and waiter.token > first_token
+    expires = db._core.execute("SELECT expires_at FROM beaver_locks WHERE ticket = ?",
+                               (waiter.token,)).fetchone()[0]
+    assert expires > _rt_time.time() + 30          # the waiter's own ttl, not the grace time
+    waiter.release()
+    assert not waiter.locked
+
+
+def test_lock_works_on_files_without_the_ttl_column(tmp_path):
+    path = tmp_path / "old.db"
+    database = BeaverDB(path)
+    database._core.execute("DROP TABLE beaver_locks")
+    database._core.execute(
+        "CREATE TABLE beaver_locks (ticket INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, "
+        "owner TEXT NOT NULL, expires_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0)")
+    database.close()
+    database = BeaverDB(path)
+    with database.lock("old", timeout=1) as lock:
+        assert lock.locked
+    database.close()
 
 
 # ---- collections ----
@@ -4404,3 +4442,38 @@ def test_fast_paths_still_emit_events(tmp_path, monkeypatch, returning):
                             {"event": "pop", "index": 1}, {"event": "deque"},
                             {"event": "put", "priority": 3, "data": [1]},
                             {"event": "get", "priority": 3, "data": [1], "lease": None}]
+
+
+def test_lock_seed_example_scraper(tmp_path, monkeypatch, capsys):
+    import os
+    import time
+    monkeypatch.chdir(tmp_path)
+    db = BeaverDB("scraper_state.db")
+    scrapers_state = db.dict("scraper_state")
+
+    last_refresh = scrapers_state.get("last_sitemap_refresh", 0)
+    if time.time() - last_refresh > 3600:  # Only refresh once per hour
+        try:
+            with db.lock("refresh_sitemap", timeout=1):
+                print(f"PID {os.getpid()} is refreshing the sitemap...")
+                scrapers_state["sitemap"] = ["/page1", "/page2"]
+                scrapers_state["last_sitemap_refresh"] = time.time()
+        except TimeoutError:
+            print(f"PID {os.getpid()} letting other process handle refresh.")
+
+    sitemap = scrapers_state.get("sitemap")
+    print(f"PID {os.getpid()} proceeding with sitemap: {sitemap}")
+    db.close()
+    out = capsys.readouterr().out
+    assert "is refreshing the sitemap" in out and "['/page1', '/page2']" in out
+
+
+def test_queue_dump_keeps_leased_items(db):
+    q = db.queue("dumped")
+    q.put("queued")
+    q.put("leased")
+    q.get(lease=60)
+    q.get(lease=60)
+    assert [i["data"] for i in q.dump()["items"]] == ["queued", "leased"]
+    q.clear()
+    assert q.dump()["items"] == [] and len(q) == 0
