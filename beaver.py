@@ -493,18 +493,18 @@ _SCHEMA = [
         ttl REAL NOT NULL DEFAULT 60)""",
     """CREATE TABLE IF NOT EXISTS beaver_collections (
         collection TEXT PRIMARY KEY, dim INTEGER, metric TEXT NOT NULL DEFAULT 'l2', options TEXT,
-        version INTEGER NOT NULL DEFAULT 0, epoch INTEGER NOT NULL DEFAULT 0)""",
+        version INTEGER NOT NULL DEFAULT 0, epoch INTEGER NOT NULL DEFAULT 0, cid INTEGER UNIQUE)""",
     """CREATE TABLE IF NOT EXISTS beaver_documents (
         id INTEGER PRIMARY KEY, collection TEXT NOT NULL, doc_id TEXT NOT NULL, body TEXT,
         UNIQUE (collection, doc_id))""",
     """CREATE TABLE IF NOT EXISTS beaver_vectors (
         collection TEXT NOT NULL, doc_id TEXT NOT NULL, vector BLOB NOT NULL,
         PRIMARY KEY (collection, doc_id)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_vector_log (
+        collection TEXT NOT NULL, version INTEGER NOT NULL, doc_id TEXT NOT NULL,
+        PRIMARY KEY (collection, version)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS beaver_terms (
-        collection TEXT NOT NULL, term TEXT NOT NULL, PRIMARY KEY (collection, term)) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS beaver_trigrams (
-        collection TEXT NOT NULL, gram TEXT NOT NULL, size INTEGER NOT NULL, term TEXT NOT NULL,
-        PRIMARY KEY (collection, gram, size, term)) WITHOUT ROWID""",
+        cid INTEGER NOT NULL, term TEXT NOT NULL, PRIMARY KEY (cid, term)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS beaver_edges (
         collection TEXT NOT NULL, source TEXT NOT NULL, label TEXT NOT NULL, target TEXT NOT NULL,
         metadata TEXT, PRIMARY KEY (collection, source, label, target)) WITHOUT ROWID""",
@@ -2902,7 +2902,10 @@ class Lock:
 # Collection: documents searchable by text, typo-tolerant text, vectors and relationships
 # ==========================================================================================
 
-_FTS_PATH_BITS = 20             # FTS rowid = (document rowid << 20) | number of the field path
+# FTS rowid = collection id (19 bits) | document rowid (32 bits) | field path number (12 bits),
+# so a collection's rows are one rowid range, which FTS5 filters without reading any row.
+_FTS_PATH_BITS = 12
+_FTS_DOC_BITS = 32
 _FTS_SCHEMA = [
     # One row per (document, field path); collection and path are UNINDEXED: never searchable.
     """CREATE VIRTUAL TABLE IF NOT EXISTS beaver_fts USING fts5(
@@ -2912,7 +2915,9 @@ _FTS_SCHEMA = [
 FUZZY_MIN_LENGTH = (3, 7)       # a query term needs 3 letters to allow 1 typo, 7 to allow 2
 FUZZY_MAX_TERM = 40             # longer terms are searchable but never typo-corrected
 FUZZY_ROUNDS = 6                # candidate terms tried one by one before the rest at once
+FUZZY_FREQUENCIES = 40          # candidates (best first) whose frequency orders them
 VECTOR_METRICS = ("l2", "cosine", "ip")
+VECTOR_LOG_KEEP = 10000         # vector changes remembered for other processes' caches
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _TERM = re.compile(r"[^\W_]+")
 _QUERY_TOKEN = re.compile(r'"[^"]*"?|[^\s"]+')
@@ -2957,11 +2962,12 @@ def _unpack_vector(blob):
 
 def _terms(text) -> list:
     """Split text into index terms the way FTS5's unicode61 tokenizer does."""
-    text = text.lower()
-    if not text.isascii():
-        text = "".join(c for c in unicodedata.normalize("NFKD", text)
-                       if not unicodedata.combining(c))
-    return _TERM.findall(text)
+    terms = _TERM.findall(text.lower())
+    if text.isascii():
+        return terms
+    return [term if term.isascii() else "".join(
+        c for c in unicodedata.normalize("NFD", term) if not unicodedata.combining(c))
+            for term in terms]
 
 
 def _trigrams(term) -> set:
@@ -2985,6 +2991,21 @@ def _edit_distance(a, b, limit) -> int:
             return limit + 1
         before, previous = previous, current
     return previous[-1]
+
+
+def _slip(typed, word) -> bool:
+    """Whether ``typed`` is ``word`` with one letter dropped or two neighbours swapped.
+
+    Such slips are likelier than a substitution or an extra letter, which could each have
+    been any of many letters, so these candidates are tried first (then by frequency).
+    """
+    if len(word) == len(typed) + 1:
+        return any(word[:i] + word[i + 1:] == typed for i in range(len(word)))
+    if len(word) == len(typed):
+        diff = [i for i in range(len(word)) if word[i] != typed[i]]
+        return (len(diff) == 2 and diff[1] == diff[0] + 1
+                and word[diff[0]] == typed[diff[1]] and word[diff[1]] == typed[diff[0]])
+    return False
 
 
 def _neighbourhood(term) -> set:
@@ -3175,6 +3196,23 @@ def _marks(n) -> str:
     return ",".join("?" * n)
 
 
+def _ensure_grams(core) -> bool:
+    """The trigram index of known words (FTS5 ``trigram`` tokenizer, SQLite 3.34+)."""
+    ready = getattr(core, "_grams_ready", None)
+    if ready is None:
+        try:
+            core.execute("CREATE VIRTUAL TABLE IF NOT EXISTS beaver_grams USING fts5("
+                         "term, tokenize = 'trigram')")
+            ready = True
+        except BeaverError as e:
+            if "no such" not in str(e) and "parse error" not in str(e):
+                raise
+            logger.warning("this SQLite has no FTS5 trigram tokenizer: fuzziness 2 acts as 1")
+            ready = False
+        core._grams_ready = ready
+    return ready
+
+
 def _ensure_fts(core) -> bool:
     """Create the FTS5 tables once per database; False where SQLite lacks FTS5."""
     ready = getattr(core, "_fts_ready", None)
@@ -3210,6 +3248,8 @@ class CollectionManager(_Manager):
     def __init__(self, db, name, model=None, metric=None, **options):
         super().__init__(db, name, model)
         self._fts = _ensure_fts(self._core)
+        if self._fts:
+            _ensure_grams(self._core)       # created outside any write transaction
         self._metric, self._options = self._register(metric, options)
         self._vocab = (None, set())         # (epoch, terms known to be in beaver_terms)
         self._batch = threading.local()     # terms added by this thread's open transaction
@@ -3222,10 +3262,11 @@ class CollectionManager(_Manager):
             raise ValueError(f"metric must be one of {VECTOR_METRICS}, not {metric!r}")
         text = _json_dumps(options) if options else None
         self._core.execute(
-            "INSERT INTO beaver_collections (collection, metric, options) VALUES (?, ?, ?) "
+            "INSERT INTO beaver_collections (collection, metric, options, cid) "
+            "SELECT ?, ?, ?, coalesce(max(cid), 0) + 1 FROM beaver_collections WHERE true "
             "ON CONFLICT (collection) DO NOTHING", (self._name, metric or "l2", text))
-        stored, stored_options = self._core.execute(
-            "SELECT metric, options FROM beaver_collections WHERE collection = ?",
+        stored, stored_options, self._cid = self._core.execute(
+            "SELECT metric, options, cid FROM beaver_collections WHERE collection = ?",
             (self._name,)).fetchone()
         if metric is not None and metric != stored:
             raise ValueError(f"collection {self._name!r} uses metric {stored!r}, not {metric!r}")
@@ -3250,23 +3291,62 @@ class CollectionManager(_Manager):
         ``fts=False`` skips the text index. ``fuzzy`` is accepted for compatibility: every
         text-indexed document is searchable with typos. Returns the document.
         """
+        prepared = self._prepare(document, fts)
+        with self._core.transaction():
+            self._store(prepared)
+        return document
+
+    def index_many(self, documents, fts=True, fuzzy=False) -> int:
+        """Index many documents in one transaction (much faster than one by one).
+
+            >>> docs.index_many(Document(id=str(i), body=text) for i, text in enumerate(texts))
+
+        Every document is validated before anything is written; returns how many.
+        """
+        prepared = [self._prepare(document, fts) for document in documents]
+        dims = {len(p[0].embedding) for p in prepared if p[3] is not None}
+        if len(dims) > 1:
+            raise ValidationError(f"embeddings of different dimensions {sorted(dims)}")
+        with self._core.transaction():
+            for item in prepared:
+                self._store(item)
+        return len(prepared)
+
+    def _prepare(self, document, fts):
+        """Validate and encode before the transaction: (document, body, texts, vector)."""
         if not isinstance(document, Document):
             raise TypeError(f"index() takes a Document, not {type(document).__name__}")
         body = None if document.body is None else self._codec.encode(document.body)
         texts = self._texts(document.body, fts) if self._fts else []
         vector = None if document.embedding is None else _pack_vector(document.embedding)
-        with self._core.transaction():
+        return document, body, texts, vector
+
+    def _store(self, prepared):
+        document, body, texts, vector = prepared
+        state = self._state()
+        dim = state["dim"]
+        if vector is not None and dim is not None and len(document.embedding) != dim:
+            raise ValidationError(f"embedding has {len(document.embedding)} dimensions; "
+                                  f"collection {self._name!r} holds {dim}")
+        rowid, existed = self._write_row(document.id, body)
+        self._write_text(rowid, texts, state, existed)
+        if vector is not None or existed:
+            self._write_vector(document.id, vector, dim)
+            state["dim"] = dim or (None if vector is None else len(vector) // 4)
+        self._wrote("index", id=document.id)
+
+    def _state(self) -> dict:
+        """``dim`` and ``epoch`` of this collection, read once per transaction of a thread."""
+        local = self._batch
+        token = getattr(self._core._local, "pending", None)
+        if getattr(local, "token", None) is not token:
             dim, epoch = self._core.execute(
                 "SELECT dim, epoch FROM beaver_collections WHERE collection = ?",
                 (self._name,)).fetchone()
-            if vector is not None and dim is not None and len(document.embedding) != dim:
-                raise ValidationError(f"embedding has {len(document.embedding)} dimensions; "
-                                      f"collection {self._name!r} holds {dim}")
-            rowid = self._write_row(document.id, body)
-            self._write_text(rowid, texts, epoch)
-            self._write_vector(document.id, vector, dim)
-            self._wrote("index", id=document.id)
-        return document
+            local.token, local.terms = token, set()
+            local.state = {"dim": dim, "epoch": epoch}
+            self._core.after_commit(lambda: setattr(local, "token", None))
+        return local.state
 
     def _texts(self, body, fts) -> list:
         if not fts or body is None:
@@ -3280,45 +3360,62 @@ class CollectionManager(_Manager):
             raise ValueError(f"a document may have at most {1 << _FTS_PATH_BITS} text fields")
         return [(p, t) for p, t in texts if t.strip()]
 
-    def _write_row(self, doc_id, body) -> int:
-        self._core.execute(
-            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?) "
-            "ON CONFLICT (collection, doc_id) DO UPDATE SET body = excluded.body",
-            (self._name, doc_id, body))
-        return self._core.execute(
+    def _write_row(self, doc_id, body):
+        """Insert or update the document row: ``(rowid, whether it existed)``."""
+        row = self._core.execute(
             "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
-            (self._name, doc_id)).fetchone()[0]
+            (self._name, doc_id)).fetchone()
+        if row is not None:
+            self._core.execute("UPDATE beaver_documents SET body = ? WHERE id = ?", (body, row[0]))
+            return row[0], True
+        return self._core.execute(
+            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?)",
+            (self._name, doc_id, body)).lastrowid, False
 
-    def _write_text(self, rowid, texts, epoch):
+    def _write_text(self, rowid, texts, state, existed=True):
         if not self._fts:
             return
-        base = rowid << _FTS_PATH_BITS
-        self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
-                           (base, base + (1 << _FTS_PATH_BITS)))
+        base = self._fts_rowid(rowid)
+        if existed:
+            self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                               (base, base + (1 << _FTS_PATH_BITS)))
         if not texts:
             return
         self._core.executemany(
             "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
             [(base + i, text, self._name, path) for i, (path, text) in enumerate(texts)])
-        self._add_terms(texts, epoch)
+        self._add_terms(texts, state["epoch"])
+
+    def _fts_rowid(self, rowid) -> int:
+        if rowid >= 1 << _FTS_DOC_BITS or self._cid >= 1 << (63 - _FTS_DOC_BITS - _FTS_PATH_BITS):
+            raise BeaverError("too many documents or collections for the text index")
+        return (self._cid << (_FTS_DOC_BITS + _FTS_PATH_BITS)) | (rowid << _FTS_PATH_BITS)
 
     def _write_vector(self, doc_id, vector, dim):
         if vector is None:
             if self._core.execute("DELETE FROM beaver_vectors WHERE collection = ? AND "
                                   "doc_id = ?", (self._name, doc_id)).rowcount:
-                self._vectors_changed(dim)
+                self._vectors_changed(dim, doc_id)
                 self._call_backend(dim, "on_delete", doc_id)
             return
         self._core.execute(
             "INSERT INTO beaver_vectors (collection, doc_id, vector) VALUES (?, ?, ?) "
             "ON CONFLICT (collection, doc_id) DO UPDATE SET vector = excluded.vector",
             (self._name, doc_id, vector))
-        self._vectors_changed(len(vector) // 4)
+        self._vectors_changed(len(vector) // 4, doc_id)
         self._call_backend(len(vector) // 4, "on_upsert", doc_id, vector)
 
-    def _vectors_changed(self, dim):
+    def _vectors_changed(self, dim, doc_id):
+        """Count a vector change in the collection's version and log it for other caches."""
         self._core.execute("UPDATE beaver_collections SET version = version + 1, "
                            "dim = coalesce(dim, ?) WHERE collection = ?", (dim, self._name))
+        version = self._core.execute("SELECT version FROM beaver_collections WHERE "
+                                     "collection = ?", (self._name,)).fetchone()[0]
+        self._core.execute("INSERT INTO beaver_vector_log (collection, version, doc_id) "
+                           "VALUES (?, ?, ?)", (self._name, version, doc_id))
+        if version % VECTOR_LOG_KEEP == 0:
+            self._core.execute("DELETE FROM beaver_vector_log WHERE collection = ? AND "
+                               "version <= ?", (self._name, version - VECTOR_LOG_KEEP))
 
     def drop(self, document):
         """Remove a document (given as a ``Document`` or an id), its vector and its edges.
@@ -3363,8 +3460,10 @@ class CollectionManager(_Manager):
         at = 3 if column == "id" else 0
         found = {}
         for chunk in _chunks(keys):
-            rows = self._core.execute(self._SELECT + f"AND d.{column} IN ({_marks(len(chunk))})",
-                                      (self._name, *chunk))
+            sql = self._SELECT + f"AND d.{column} IN ({_marks(len(chunk))})"
+            if column == "id":      # rowid lookups, not a scan of the collection's index
+                sql = sql.replace("WHERE d.collection", "WHERE +d.collection")
+            rows = self._core.execute(sql, (self._name, *chunk))
             found.update((row[at], self._document(row)) for row in rows)
         return found
 
@@ -3405,9 +3504,15 @@ class CollectionManager(_Manager):
     def clear(self):
         """Remove every document, vector, text index entry and edge of this collection."""
         with self._core.transaction():
-            for table in ("beaver_documents", "beaver_vectors", "beaver_terms",
-                          "beaver_trigrams", "beaver_edges") + (("beaver_fts",) if self._fts else ()):
+            for table in ("beaver_documents", "beaver_vectors", "beaver_edges",
+                          "beaver_vector_log"):
                 self._core.execute(f"DELETE FROM {table} WHERE collection = ?", (self._name,))
+            if self._fts:
+                low = self._fts_rowid(0)
+                self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                                   (low, low + (1 << (_FTS_DOC_BITS + _FTS_PATH_BITS))))
+            self._core.execute("DELETE FROM beaver_terms WHERE cid = ?", (self._cid,))
+            self._batch.token, self._vocab = None, (None, set())
             self._core.execute("UPDATE beaver_collections SET version = version + 1, "
                                "epoch = epoch + 1 WHERE collection = ?", (self._name,))
             dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
@@ -3458,9 +3563,11 @@ class CollectionManager(_Manager):
 
     def _ranked(self, expr, paths, limit, checked=False) -> list:
         """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document."""
-        sql = ("SELECT rowid >> 20, -sum(rank) AS score FROM beaver_fts "
-               "WHERE beaver_fts MATCH ? AND collection = ?")
-        params = [expr, self._name]
+        low = self._fts_rowid(0)
+        sql = (f"SELECT (rowid >> {_FTS_PATH_BITS}) & {(1 << _FTS_DOC_BITS) - 1}, "
+               f"-sum(rank) AS score FROM beaver_fts "
+               f"WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ?")
+        params = [expr, low, low + (1 << (_FTS_DOC_BITS + _FTS_PATH_BITS))]
         if paths is not None:
             sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
             for p in paths:
@@ -3474,7 +3581,7 @@ class CollectionManager(_Manager):
             raise
 
     def _snippet(self, expr, rowid) -> str:
-        base = rowid << _FTS_PATH_BITS
+        base = self._fts_rowid(rowid)
         row = self._core.execute(
             "SELECT snippet(beaver_fts, 0, '[', ']', '...', 16) FROM beaver_fts "
             "WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ? ORDER BY rank LIMIT 1",
@@ -3515,68 +3622,73 @@ class CollectionManager(_Manager):
         limit = min(fuzziness, sum(len(word) >= n for n in FUZZY_MIN_LENGTH))
         if limit == 0:
             return [word]
-        if limit > 1 or len(word) > 4:
-            candidates = self._trigram_candidates(word, limit)
+        if limit > 1 and _ensure_grams(self._core):
+            candidates = self._known(self._trigram_candidates(word, limit))
         else:
+            limit = 1
             candidates = self._known(_neighbourhood(word) | {word})
         scored = [(_edit_distance(word, term, limit), term) for term in candidates]
-        scored = [(d, term) for d, term in scored if d <= limit]
-        frequency = self._frequencies([term for _, term in scored])
-        scored.sort(key=lambda item: (item[0], -frequency.get(item[1], 0), item[1]))
-        return [term for _, term in scored] or [word]
+        scored = sorted((d, not _slip(word, term), term) for d, term in scored if d <= limit)
+        frequency = self._frequencies([term for _, _, term in scored])
+        scored.sort(key=lambda item: (item[0], item[1], -frequency.get(item[2], 0), item[2]))
+        return [term for _, _, term in scored] or [word]
 
-    def _trigram_candidates(self, word, limit) -> list:
-        grams = sorted(_trigrams(word))
-        rows = self._core.execute(
-            f"SELECT term FROM beaver_trigrams WHERE collection = ? AND gram IN "
-            f"({_marks(len(grams))}) AND size BETWEEN ? AND ? GROUP BY term "
-            f"HAVING count(*) >= ?",
-            (self._name, *grams, len(word) - limit, len(word) + limit,
-             max(1, len(grams) - 4 * limit))).fetchall()
-        return [row[0] for row in rows]
+    def _trigram_candidates(self, word, limit) -> set:
+        """Known words (of any collection) sharing enough trigrams with ``word``."""
+        grams = _trigrams(word)
+        need = max(1, len(grams) - 4 * limit)
+        query = " OR ".join('"' + gram.replace('"', '""') + '"' for gram in sorted(grams))
+        found = set()
+        for (padded,) in self._core.execute(
+                "SELECT term FROM beaver_grams WHERE beaver_grams MATCH ?", (query,)):
+            term = padded[1:-1]
+            if abs(len(term) - len(word)) <= limit and len(_trigrams(term) & grams) >= need:
+                found.add(term)
+        return found
 
     def _known(self, terms) -> list:
         found = []
         for chunk in _chunks(terms):
             found += [row[0] for row in self._core.execute(
-                f"SELECT term FROM beaver_terms WHERE collection = ? AND term IN "
-                f"({_marks(len(chunk))})", (self._name, *chunk))]
+                f"SELECT term FROM beaver_terms WHERE cid = ? AND term IN "
+                f"({_marks(len(chunk))})", (self._cid, *chunk))]
         return found
 
     def _frequencies(self, terms) -> dict:
+        """How many text fields hold each term (any collection), for a few terms."""
         if len(terms) < 2:
             return {}
-        return dict(self._core.execute(
-            f"SELECT term, doc FROM beaver_fts_vocab WHERE term IN ({_marks(len(terms))})",
-            terms).fetchall())
+        found = {}
+        for term in terms[:FUZZY_FREQUENCIES]:
+            row = self._core.execute("SELECT doc FROM beaver_fts_vocab WHERE term = ?",
+                                     (term,)).fetchone()
+            found[term] = row[0] if row else 0
+        return found
 
     def _add_terms(self, texts, epoch):
         """Record new terms (and their trigrams) in this collection's vocabulary."""
         known_epoch, known = self._vocab
         if known_epoch != epoch:
             known = {row[0] for row in self._core.execute(
-                "SELECT term FROM beaver_terms WHERE collection = ?", (self._name,))}
+                "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))}
             self._vocab = (epoch, known)
-        batch = self._batch_terms()
-        new = {term for _, text in texts for term in _terms(text)
-               if len(term) <= FUZZY_MAX_TERM} - known - batch
+        batch = self._batch.terms          # this transaction's new terms (see _state)
+        words = set()
+        for _, text in texts:
+            words.update(_terms(text))
+        new = words - known - batch
         if not new:
             return
+        new = {term for term in new if len(term) <= FUZZY_MAX_TERM}
         batch |= new
-        self._core.executemany("INSERT OR IGNORE INTO beaver_terms (collection, term) "
-                               "VALUES (?, ?)", [(self._name, term) for term in new])
-        self._core.executemany(
-            "INSERT OR IGNORE INTO beaver_trigrams (collection, gram, size, term) "
-            "VALUES (?, ?, ?, ?)",
-            [(self._name, gram, len(term), term) for term in new for gram in _trigrams(term)])
+        self._core.executemany("INSERT OR IGNORE INTO beaver_terms (cid, term) VALUES (?, ?)",
+                               [(self._cid, term) for term in sorted(new)])
+        if _ensure_grams(self._core):
+            self._core.executemany(
+                "INSERT INTO beaver_grams (term) VALUES (?)",
+                [(f"${term}$",) for term in new
+                 if len(term) >= FUZZY_MIN_LENGTH[1] - 2 and term.isalpha()])
         self._core.after_commit(lambda: known.update(new))
-
-    def _batch_terms(self) -> set:
-        """Terms written by the current transaction of this thread (not yet in ``_vocab``)."""
-        token = getattr(self._core._local, "pending", None)
-        if getattr(self._batch, "token", None) is not token:
-            self._batch.token, self._batch.terms = token, set()
-        return self._batch.terms
 
     # -- graph ------------------------------------------------------------------------------
 
@@ -3590,9 +3702,12 @@ class CollectionManager(_Manager):
             raise TypeError(f"an edge label is a non-empty str, not {label!r}")
         meta = None if metadata is None else _json_dumps(_to_jsonable(metadata))
         with self._core.transaction():
-            missing = {source, target} - set(self._documents("doc_id", {source, target}))
-            if missing:
-                raise KeyError(f"no document {sorted(missing)[0]!r} in {self._name!r}")
+            found = {row[0] for row in self._core.execute(
+                "SELECT doc_id FROM beaver_documents WHERE collection = ? AND doc_id IN (?, ?)",
+                (self._name, source, target))}
+            if len(found) < len({source, target}):
+                missing = sorted({source, target} - found)[0]
+                raise KeyError(f"no document {missing!r} in {self._name!r}")
             self._core.execute(
                 "INSERT INTO beaver_edges (collection, source, label, target, metadata) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection, source, label, target) "
@@ -3626,7 +3741,10 @@ class CollectionManager(_Manager):
                 sql, params = sql + " AND label = ?", params + [label]
             found += [Edge(s, t, lab, None if m is None else json.loads(m))
                       for s, t, lab, m in self._core.execute(sql + " ORDER BY 1, 2, 3", params)]
-        return list(dict.fromkeys(found)) if direction == "both" else found
+        if direction == "both":
+            unique = {(e.source, e.label, e.target): e for e in found}
+            found = [unique[key] for key in sorted(unique)]
+        return found
 
     def neighbors(self, document, label=None, direction="outgoing") -> list:
         """The documents one edge away, in id order.
@@ -3690,8 +3808,8 @@ class CollectionManager(_Manager):
         """
         query = _as_vector(vector)
         top_k = int(top_k)
-        dim, version = self._core.execute(
-            "SELECT dim, version FROM beaver_collections WHERE collection = ?",
+        dim, version, epoch = self._core.execute(
+            "SELECT dim, version, epoch FROM beaver_collections WHERE collection = ?",
             (self._name,)).fetchone()
         if dim is None or top_k <= 0:
             return []
@@ -3703,7 +3821,7 @@ class CollectionManager(_Manager):
         if backend is not None:
             hits = backend.search(query, top_k, allowed)
         else:
-            hits = self._exact(version).search(query, top_k, allowed)
+            hits = self._exact(version, epoch, dim).search(query, top_k, allowed)
         docs = self._documents("doc_id", [doc_id for doc_id, _ in hits])
         return [(docs[doc_id], float(d)) for doc_id, d in hits if doc_id in docs]
 
@@ -3724,13 +3842,28 @@ class CollectionManager(_Manager):
             params += [_json_path(path)] + [int(v) if isinstance(v, bool) else v for v in values]
         return {row[0] for row in self._core.execute(sql, params)}
 
-    def _exact(self, version) -> "_VectorCache":
+    def _exact(self, version, epoch, dim) -> "_VectorCache":
+        """The in-memory vectors, brought up to ``version`` (reloaded after a clear)."""
         cache = self._vectors
-        if cache is None or cache.version != version:
+        if cache is not None and cache.epoch == epoch and cache.version != version:
+            log = self._core.execute(
+                "SELECT version, doc_id FROM beaver_vector_log WHERE collection = ? AND "
+                "version > ? ORDER BY version", (self._name, cache.version)).fetchall()
+            if log and log[0][0] == cache.version + 1:
+                changed = {doc_id for _, doc_id in log}
+                fresh = dict.fromkeys(changed)
+                for chunk in _chunks(changed):
+                    fresh.update(self._core.execute(
+                        f"SELECT doc_id, vector FROM beaver_vectors WHERE collection = ? "
+                        f"AND doc_id IN ({_marks(len(chunk))})", (self._name, *chunk)))
+                cache.patch(log[-1][0], fresh)
+            else:
+                cache = None
+        if cache is None or cache.epoch != epoch:
             rows = self._core.execute(
                 "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
                 (self._name,)).fetchall()
-            cache = self._vectors = _VectorCache(version, self._metric, rows)
+            cache = self._vectors = _VectorCache(self._metric, epoch, version, rows, dim)
         return cache
 
     def _vector_backend(self, dim):
@@ -3816,10 +3949,14 @@ def _labels(labels):
 
 
 class _VectorCache:
-    """All vectors of a collection in memory, for exact search (numpy when available)."""
+    """All vectors of a collection in memory for exact search: numpy when it imports.
 
-    def __init__(self, version, metric, rows):
-        self.version, self.metric = version, metric
+    Kept current by replaying ``beaver_vector_log`` (doc ids whose vector changed, by
+    collection version), so a change costs one row update, not a reload of every vector.
+    """
+
+    def __init__(self, metric, epoch, version, rows, dim):
+        self.metric, self.epoch, self.version = metric, epoch, version
         self.ids = [row[0] for row in rows]
         self.position = {doc_id: i for i, doc_id in enumerate(self.ids)}
         try:
@@ -3827,61 +3964,112 @@ class _VectorCache:
         except ImportError:
             numpy = None
         self.np = numpy
-        if numpy is not None:
-            self._load_numpy(rows)
+        self.lock = threading.Lock()
+        if numpy is None:
+            self.rows = [self._prepare(row[1]) for row in rows]
+            return
+        matrix = numpy.frombuffer(b"".join(row[1] for row in rows), dtype="<f4")
+        matrix = matrix.reshape(len(rows), dim).astype(numpy.float32)
+        if metric == "cosine":
+            norms = numpy.linalg.norm(matrix, axis=1, keepdims=True)
+            matrix /= numpy.where(norms == 0, 1, norms)
+        self._buffer = matrix
+        self._squares = numpy.einsum("ij,ij->i", matrix, matrix)
+
+    def _prepare(self, blob):
+        vector = array.array("f", _unpack_vector(blob))
+        if self.metric == "cosine":
+            norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+            vector = array.array("f", [x / norm for x in vector])
+        return vector
+
+    def patch(self, version, fresh):
+        """Apply ``{doc_id: vector blob or None}`` (None: the vector is gone)."""
+        with self.lock:
+            for doc_id, blob in fresh.items():
+                at = self.position.get(doc_id)
+                if blob is None:
+                    if at is not None:
+                        self._remove(at)
+                elif at is None:
+                    self._append(doc_id, self._prepare(blob))
+                else:
+                    self._put(at, self._prepare(blob))
+            self.version = version
+
+    def _put(self, at, vector):
+        if self.np is None:
+            self.rows[at] = vector
         else:
-            self._load_python(rows)
+            self._buffer[at] = vector
+            self._squares[at] = self._buffer[at] @ self._buffer[at]
 
-    def _load_numpy(self, rows):
-        np = self.np
-        matrix = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4")
-        matrix = matrix.reshape(len(rows), -1) if rows else matrix.reshape(0, 0)
-        if self.metric == "cosine":
-            norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-            matrix = matrix / np.where(norms == 0, 1, norms)
-        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-        self.squares = np.einsum("ij,ij->i", self.matrix, self.matrix)
+    def _append(self, doc_id, vector):
+        n = len(self.ids)
+        if self.np is None:
+            self.rows.append(vector)
+        elif n == len(self._buffer):
+            np = self.np
+            grown = np.empty((max(16, 2 * n), len(vector)), dtype=np.float32)
+            grown[:n] = self._buffer[:n]
+            self._buffer = grown
+            self._squares = np.concatenate([self._squares[:n], np.empty(len(grown) - n,
+                                                                        dtype=np.float32)])
+        self.ids.append(doc_id)
+        self.position[doc_id] = n
+        if self.np is not None:
+            self._put(n, vector)
 
-    def _load_python(self, rows):
-        self.rows = [array.array("f", _unpack_vector(row[1])) for row in rows]
-        if self.metric == "cosine":
-            for i, row in enumerate(self.rows):
-                norm = math.sqrt(sum(x * x for x in row)) or 1.0
-                self.rows[i] = array.array("f", [x / norm for x in row])
+    def _remove(self, at):
+        """Delete row ``at`` by moving the last row into its place."""
+        last, gone = len(self.ids) - 1, self.ids[at]
+        if at != last:
+            moved = self.ids[last]
+            if self.np is None:
+                self.rows[at] = self.rows[last]
+            else:
+                self._buffer[at] = self._buffer[last]
+                self._squares[at] = self._squares[last]
+            self.ids[at] = moved
+            self.position[moved] = at
+        self.ids.pop()
+        if self.np is None:
+            self.rows.pop()
+        del self.position[gone]
 
     def search(self, query, top_k, allowed=None) -> list:
         """``[(doc_id, distance)]`` of the ``top_k`` closest vectors (among ``allowed``)."""
-        if allowed is None:
-            positions = None
-        else:
-            positions = sorted(self.position[i] for i in allowed if i in self.position)
-            if not positions:
-                return []
         if self.metric == "cosine":
             norm = math.sqrt(sum(x * x for x in query)) or 1.0
             query = [x / norm for x in query]
-        if self.np is not None:
-            return self._search_numpy(query, top_k, positions)
-        return self._search_python(query, top_k, positions)
+        with self.lock:
+            if allowed is None:
+                positions = None
+            else:
+                positions = sorted(self.position[i] for i in allowed if i in self.position)
+                if not positions:
+                    return []
+            if self.np is not None:
+                return self._search_numpy(query, top_k, positions)
+            return self._search_python(query, top_k, positions)
 
     def _search_numpy(self, query, top_k, positions):
         np = self.np
+        n = len(self.ids)
         q = np.asarray(query, dtype=np.float32)
-        matrix = self.matrix if positions is None else self.matrix[positions]
+        matrix, squares = self._buffer[:n], self._squares[:n]
+        if positions is not None:
+            matrix, squares = matrix[positions], squares[positions]
         if not len(matrix):
             return []
         dots = matrix @ q
-        if self.metric == "l2":
-            squares = self.squares if positions is None else self.squares[positions]
-            scores = squares - 2 * dots
-        else:
-            scores = -dots
+        scores = squares - 2 * dots if self.metric == "l2" else -dots
         k = min(top_k, len(scores))
         best = np.argpartition(scores, k - 1)[:k] if k < len(scores) else np.arange(k)
         best = best[np.argsort(scores[best], kind="stable")]
         rows = best if positions is None else np.asarray(positions)[best]
         if self.metric == "l2":
-            exact = np.sqrt(((self.matrix[rows] - q) ** 2).sum(axis=1))
+            exact = np.sqrt(((self._buffer[rows] - q) ** 2).sum(axis=1))
             order = np.argsort(exact, kind="stable")
             return [(self.ids[rows[i]], float(exact[i])) for i in order]
         shift = 1.0 if self.metric == "cosine" else 0.0

@@ -3640,6 +3640,72 @@ def test_collection_visible_across_processes(tmp_path):
         assert [d.id for d, _ in coll.match("anotehr", fuzziness=1)] == ["remote"]
 
 
+def test_collection_index_many(docs):
+    assert docs.index_many(Document(id=f"d{i}", body=f"text number {i}", embedding=[i, 1.0])
+                           for i in range(30)) == 30
+    assert len(docs) == 30 and [d.id for d, _ in docs.match("text", top_k=50)].__len__() == 30
+    with pytest.raises(ValidationError):
+        docs.index_many([Document(id="x", embedding=[1.0]), Document(id="y", embedding=[1, 2])])
+    with pytest.raises(ValidationError):
+        docs.index_many([Document(id="x", embedding=[1.0, 2.0, 3.0])])
+    assert "x" not in docs and "y" not in docs
+
+
+@pytest.mark.parametrize("numpy_present", [True, False])
+def test_collection_vector_cache_follows_changes(tmp_path, monkeypatch, numpy_present):
+    """A searcher's cached vectors track inserts, moves and drops made by another handle."""
+    import random
+    if not numpy_present:
+        monkeypatch.setitem(sys.modules, "numpy", None)
+    rng = random.Random(3)
+    path = tmp_path / "cache.db"
+    with BeaverDB(path) as reader_db, BeaverDB(path) as writer_db:
+        reader = reader_db.collection("v", metric="cosine")
+        writer = writer_db.collection("v", metric="cosine")
+        truth = {}
+        for step in range(120):
+            doc_id = f"d{rng.randrange(40)}"
+            if doc_id in truth and rng.random() < 0.3:
+                writer.drop(doc_id)
+                del truth[doc_id]
+            else:
+                truth[doc_id] = [rng.uniform(-1, 1) for _ in range(4)]
+                writer.index(Document(id=doc_id, embedding=truth[doc_id]))
+            if step % 7 == 0:
+                query = [rng.uniform(-1, 1) for _ in range(4)]
+                got = [d.id for d, _ in reader.search(query, top_k=100)]
+                assert sorted(got) == sorted(truth)
+                best = min(truth, key=lambda k: 1 - sum(a * b for a, b in zip(truth[k], query))
+                           / (sum(a * a for a in truth[k]) ** 0.5 * sum(b * b for b in query) ** 0.5))
+                assert got[0] == best
+        assert reader._vectors.version == reader_db._core.execute(
+            "SELECT version FROM beaver_collections WHERE collection = 'v'").fetchone()[0]
+        writer.clear()
+        assert reader.search([1, 0, 0, 0]) == []
+
+
+def test_collection_without_fts5(db, monkeypatch):
+    monkeypatch.setattr(db._core, "_fts_ready", False, raising=False)
+    plain = db.collection("plain")
+    plain.index(Document(id="a", body="still stored", embedding=[1.0]))
+    assert plain["a"].body == "still stored" and plain.search([1.0])[0][0].id == "a"
+    with pytest.raises(FeatureUnavailable):
+        plain.match("stored")
+
+
+def test_collection_alias_module_and_async(db):
+    import asyncio
+    from beaver.collections import CollectionManager, Document as AliasDocument
+    assert AliasDocument is Document and isinstance(db.collection("x"), CollectionManager)
+
+    async def run():
+        coll = db.collection("x").as_async()
+        await coll.index(Document(id="a", body="async text"))
+        return await coll.match("async")
+
+    assert [d.id for d, _ in asyncio.run(run())] == ["a"]
+
+
 # ---- dump/load/backup ----
 
 def _fill(db):
