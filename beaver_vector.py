@@ -271,13 +271,22 @@ class VectorIndex:
         self._thread = None
         self._closing = False
         self._epoch = 0
-        self._ensure_tables()
-        with self._lock:
-            self._load()
+        self._base = self._delta = None     # loaded on first use outside a transaction:
+        self._last_seq = 0                  # the collection may open us inside its own
+        if not core.in_transaction:
+            self._ready()
 
     def __repr__(self):
-        return (f"<VectorIndex {self.collection!r} dim={self.dim} metric={self.metric} "
-                f"kind={self._base.kind} count={len(self._base) + len(self._delta)}>")
+        return f"<VectorIndex {self.collection!r} dim={self.dim} metric={self.metric}>"
+
+    def _ready(self):
+        """Create the tables and load the state if not done yet (outside transactions)."""
+        self._check_pid()
+        if self._base is None:
+            with self._lock:
+                if self._base is None:
+                    self._ensure_tables()
+                    self._load()
 
     @property
     def ef_search(self) -> int:
@@ -398,8 +407,7 @@ class VectorIndex:
         Costs one INSERT; the vector reaches memory at the next search (in every process).
         """
         self._check_vector(vector)
-        self._core.execute("INSERT INTO beaver_ann_log (collection, doc_id, op) VALUES (?, ?, 'u')",
-                           (self.collection, doc_id))
+        self._log([(self.collection, doc_id, "u")])
 
     def on_upsert_many(self, items):
         """Batch form of ``on_upsert``: ``items`` is an iterable of ``(doc_id, vector_bytes)``.
@@ -409,19 +417,26 @@ class VectorIndex:
         rows = []
         for doc_id, vector in items:
             self._check_vector(vector)
-            rows.append((self.collection, doc_id))
-        self._core.executemany(
-            "INSERT INTO beaver_ann_log (collection, doc_id, op) VALUES (?, ?, 'u')", rows)
+            rows.append((self.collection, doc_id, "u"))
+        self._log(rows)
 
     def on_delete(self, doc_id: str):
         """Log that ``doc_id``'s vector was deleted (``index.on_delete("a")``)."""
-        self._core.execute("INSERT INTO beaver_ann_log (collection, doc_id, op) VALUES (?, ?, 'd')",
-                           (self.collection, doc_id))
+        self._log([(self.collection, doc_id, "d")])
 
     def on_clear(self):
         """Log that every vector of the collection was deleted (``index.on_clear()``)."""
-        self._core.execute("INSERT INTO beaver_ann_log (collection, doc_id, op) VALUES (?, '', 'c')",
-                           (self.collection,))
+        self._log([(self.collection, "", "c")])
+
+    def _log(self, rows):
+        sql = "INSERT INTO beaver_ann_log (collection, doc_id, op) VALUES (?, ?, ?)"
+        try:
+            self._core.executemany(sql, rows)
+        except beaver.BeaverError as e:
+            if "no such table" not in str(e):
+                raise
+            self._ensure_tables()   # created (or rolled back) with the caller's transaction
+            self._core.executemany(sql, rows)
 
     def _check_vector(self, vector):
         if len(vector) != 4 * self.dim:
@@ -503,7 +518,7 @@ class VectorIndex:
             return []
         if self._core.in_transaction:
             return self._search_in_transaction(q, top_k, allowed)
-        self._check_pid()
+        self._ready()
         with self._lock:
             self._catch_up()
             self._maybe_fold()
@@ -524,7 +539,12 @@ class VectorIndex:
     def _search_in_transaction(self, q, top_k, allowed):
         """Search state + this transaction's uncommitted log rows, without changing the state."""
         with self._lock:
-            rows, floor = self._read_log()
+            try:
+                rows, floor = self._read_log() if self._base is not None else ((), 1)
+            except beaver.BeaverError as e:
+                if "no such table" not in str(e):
+                    raise
+                rows, floor = (), 1
             if floor > self._last_seq:
                 return self._brute_force(q, top_k, allowed)
             cleared, final = self._net_changes(rows)
@@ -825,7 +845,7 @@ class VectorIndex:
         Waits for a background fold in progress first. Writers are blocked only for the
         short transactions that write each stored part.
         """
-        self._check_pid()
+        self._ready()
         thread = self._thread
         if thread is not None and thread.is_alive():
             thread.join()
@@ -836,6 +856,7 @@ class VectorIndex:
 
     def info(self) -> dict:
         """Sizes and kind, for monitoring (``index.info()["count"]``)."""
+        self._ready()
         with self._lock:
             base, delta = self._base, self._delta
             n = len(base.ids)
