@@ -74,10 +74,11 @@ DEFAULTS = {
     "background": True,       # fold in a background thread (else only in compact())
 }
 LEASE_SECONDS = 60.0
+GATHER_BELOW = 1024  # filters allowing fewer base rows are scored by numpy, not faiss
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_ann_log (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT, collection TEXT NOT NULL,
+        seq INTEGER PRIMARY KEY, collection TEXT NOT NULL,
         doc_id TEXT NOT NULL, op TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS beaver_ann_base (
         collection TEXT PRIMARY KEY, generation TEXT, kind TEXT, dim INTEGER, metric TEXT,
@@ -355,10 +356,9 @@ class VectorIndex:
             rows = self._core.execute(
                 "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
                 (self.collection,)).fetchall()
-            seq = self._core.execute(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'beaver_ann_log'").fetchone()
+            seq = self._core.execute("SELECT max(seq) FROM beaver_ann_log").fetchone()
         ids = [row[0] for row in rows]
-        base = self._flat_base(ids, self._matrix([row[1] for row in rows]), seq[0] if seq else 0)
+        base = self._flat_base(ids, self._matrix([row[1] for row in rows]), seq[0] or 0)
         return base
 
     def _flat_base(self, ids, matrix, built_seq):
@@ -571,37 +571,43 @@ class VectorIndex:
         base, delta = self._base, self._delta
         if allowed is not None:
             wanted = allowed.difference(exclude) if exclude else allowed
-            small = len(wanted) <= self.options["filter_exact_below"]
-            if small or (base.kind == "flat" and 2 * len(wanted) <= len(base)):
-                return self._exact_subset(q, wanted)
-            live = np.zeros(len(base.ids), bool)
-            live[[base.pos[d] for d in wanted if d in base.pos]] = True
-            selector = _bitmap_selector(live)
-            k = min(top_k, int(live.sum()))
-            ef = min(4096, int(self.ef_search * min(16.0, len(base) / max(1, k, live.sum()))))
-            dist, ids = self._search_base(base, q, k, selector[0], max(ef, self.ef_search))
-            if len(ids) < k:
-                return self._exact_subset(q, wanted)
-            keep = lambda d: d in wanted  # noqa: E731
-        else:
-            k = min(top_k + len(exclude), len(base))
-            dist, ids = self._search_base(base, q, k, base.selector(), self.ef_search)
-            keep = (lambda d: d not in exclude) if exclude else None
-        idx, dids = delta.rows()
-        dist = np.concatenate([dist, self._distances(delta.vecs[idx], q)])
-        ids = ids + dids
-        if keep is not None:
-            mask = np.fromiter((keep(d) for d in ids), bool, len(ids))
+            dist, ids = self._search_base_among(base, q, top_k, wanted)
+            small, large = (wanted, delta.pos) if len(wanted) < len(delta) else (delta.pos, wanted)
+            d_rows = [delta.pos[d] for d in small if d in large]
+            if d_rows:
+                dist = np.concatenate([dist, self._distances(delta.vecs[d_rows], q)])
+                ids = ids + [delta.ids[i] for i in d_rows]
+            return dist, ids
+        k = min(top_k + len(exclude), len(base))
+        dist, ids = self._search_base(base, q, k, base.selector(), self.ef_search)
+        if len(delta):
+            idx, dids = delta.rows()
+            dist = np.concatenate([dist, self._distances(delta.vecs[idx], q)])
+            ids = ids + dids
+        if exclude:
+            mask = np.fromiter((d not in exclude for d in ids), bool, len(ids))
             dist, ids = dist[mask], [d for d, m in zip(ids, mask) if m]
         return dist, ids
 
-    def _exact_subset(self, q, wanted):
-        base, delta = self._base, self._delta
-        b_rows = [base.pos[d] for d in wanted if d in base.pos]
-        d_rows = [delta.pos[d] for d in wanted if d in delta.pos]
-        matrix = np.concatenate([base.xb[b_rows], delta.vecs[d_rows]])
-        ids = [base.ids[i] for i in b_rows] + [delta.ids[i] for i in d_rows]
-        return self._distances(matrix, q), ids
+    def _search_base_among(self, base, q, k, wanted):
+        """Base search restricted to ``wanted`` ids: exact for small sets, else filtered."""
+        rows = np.fromiter((base.pos[d] for d in wanted if d in base.pos), np.int64)
+        k = min(k, len(rows))
+        if k == 0:
+            return np.empty(0, np.float32), []
+        if len(rows) <= GATHER_BELOW:
+            return self._distances(base.xb[rows], q), [base.ids[i] for i in rows]
+        mask = np.zeros(len(base.ids), bool)
+        mask[rows] = True
+        selector, _bits = _bitmap_selector(mask)
+        if base.kind == "hnsw" and len(rows) > self.options["filter_exact_below"]:
+            ef = int(self.ef_search * min(16.0, len(base) / len(rows)))
+            dist, ids = self._search_base(base, q, k, selector, min(4096, max(ef, self.ef_search)))
+            if len(ids) == k:
+                return dist, ids
+        flat = base.index if base.kind == "flat" else faiss.downcast_index(base.index.storage)
+        raw, labels = flat.search(q.reshape(1, -1), k, params=faiss.SearchParameters(sel=selector))
+        return self._to_distance(raw[0]), [base.ids[i] for i in labels[0] if i >= 0]
 
     def _search_base(self, base, q, k, selector, ef):
         """faiss search of the base: (distances, ids) without the -1 padding."""
@@ -616,15 +622,17 @@ class VectorIndex:
             params.sel = selector
         raw, labels = base.index.search(q.reshape(1, -1), k, params=params)
         raw, labels = raw[0], labels[0]
-        found = labels >= 0
-        raw, labels = raw[found], labels[found]
-        return self._to_distance(raw), [base.ids[i] for i in labels]
+        if labels[-1] < 0:
+            found = labels >= 0
+            raw, labels = raw[found], labels[found]
+        ids = base.ids
+        return self._to_distance(raw), [ids[i] for i in labels]
 
     def _distances(self, matrix, q):
         if self.metric == "l2":
             diff = matrix - q
             return self._to_distance(np.einsum("ij,ij->i", diff, diff))
-        return self._to_distance(matrix @ q)
+        return self._to_distance(np.einsum("ij,j->i", matrix, q))  # no BLAS threads
 
     def _to_distance(self, raw):
         raw = np.asarray(raw, dtype=np.float32)
@@ -825,13 +833,17 @@ class VectorIndex:
                                    "AND generation = ? AND part = ?", (self.collection, *row))
 
     def _trim_log(self, batch=5000):
-        """Delete this collection's log rows at or below the floor, a batch per transaction."""
+        """Delete this collection's log rows at or below the floor, a batch per transaction.
+
+        The newest row of the whole log is kept, so that ``seq`` (max + 1) is never reused.
+        """
         while not self._closing:
             with self._core.transaction():
                 cursor = self._core.execute(
                     "DELETE FROM beaver_ann_log WHERE seq IN (SELECT seq FROM beaver_ann_log "
                     "WHERE collection = ? AND seq <= (SELECT log_floor FROM beaver_ann_base "
-                    "WHERE collection = ?) LIMIT ?)", (self.collection, self.collection, batch))
+                    "WHERE collection = ?) AND seq < (SELECT max(seq) FROM beaver_ann_log) "
+                    "LIMIT ?)", (self.collection, self.collection, batch))
             if cursor.rowcount < batch:
                 return
 

@@ -130,7 +130,8 @@ def _same_answer(got, want, tol=1e-4):
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
-def test_vector_exact_equals_brute_force(db, faiss_ok, metric):
+def test_vector_exact_equals_brute_force(db, faiss_ok, metric, monkeypatch):
+    import beaver_vector
     np = _np()
     rng = np.random.default_rng(7)
     coll = _VecCollection(db, "v", 8, metric, fold_min=40, background=False)
@@ -148,6 +149,8 @@ def test_vector_exact_equals_brute_force(db, faiss_ok, metric):
             _same_answer(coll.search(q, 10), _brute(coll.stored(), q, metric, 10))
     allowed = {f"d{i}" for i in range(0, 200, 3)}
     q = rng.standard_normal(8)
+    _same_answer(coll.search(q, 5, allowed), _brute(coll.stored(), q, metric, 5, allowed))
+    monkeypatch.setattr(beaver_vector, "GATHER_BELOW", 0)    # the IDSelector path
     _same_answer(coll.search(q, 5, allowed), _brute(coll.stored(), q, metric, 5, allowed))
     assert coll.search(q, 1000) and len(coll.search(q, 1000)) == len(coll.stored())
 
