@@ -270,6 +270,7 @@ class VectorIndex:
         self._pid = os.getpid()
         self._owner = f"{os.getpid()}:{uuid.uuid4().hex}"
         self._thread = None
+        self._store_lock = threading.Lock()
         self._closing = False
         self._epoch = 0
         self._base = self._delta = None     # loaded on first use outside a transaction:
@@ -498,7 +499,9 @@ class VectorIndex:
     def _check_pid(self):
         if self._pid != os.getpid():  # forked: the parent's thread and lock are not ours
             self._pid = os.getpid()
+            self._owner = f"{os.getpid()}:{uuid.uuid4().hex}"
             self._lock = threading.RLock()
+            self._store_lock = threading.Lock()
             self._thread = None
 
     # -- search ----------------------------------------------------------------------------
@@ -580,6 +583,8 @@ class VectorIndex:
             return dist, ids
         k = min(top_k + len(exclude), len(base))
         dist, ids = self._search_base(base, q, k, base.selector(), self.ef_search)
+        if len(ids) < k:  # HNSW among many dead entries can come back short
+            dist, ids = self._search_base_among(base, q, k, base.pos)
         if len(delta):
             idx, dids = delta.rows()
             dist = np.concatenate([dist, self._distances(delta.vecs[idx], q)])
@@ -753,6 +758,14 @@ class VectorIndex:
         due = max(self.options["persist_min"], self.options["persist_fraction"] * len(base))
         if same and not force and base.built_seq - head[4] < due:
             return False
+        if not self._store_lock.acquire(blocking=force):
+            return False
+        try:
+            return self._store_under_lease(base)
+        finally:
+            self._store_lock.release()
+
+    def _store_under_lease(self, base) -> bool:
         if not self._claim_lease():
             return False
         try:
