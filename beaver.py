@@ -203,8 +203,10 @@ class _ModelCodec:
         self.model = model
 
     def encode(self, value) -> str:
-        if not isinstance(value, self.model):
-            if not isinstance(value, dict):
+        if type(value) is not self.model:
+            if isinstance(value, self.model):
+                value = value.model_dump()  # a subclass: keep only what the model reads back
+            elif not isinstance(value, dict):
                 raise TypeError(f"expected a {self.model.__name__} (or a dict of its fields), "
                                 f"got {type(value).__name__}")
             value = self._validate(value)
@@ -708,7 +710,9 @@ class _Watcher:
                 result = probe()
                 if result is not None:
                     return result
-                if deadline.expired or self._stopping:
+                if self._stopping:
+                    raise ClosedError("the database was closed while waiting")
+                if deadline.expired:
                     return None
                 limit = cap() if callable(cap) else cap
                 self.wait(tick, deadline.remaining(limit))
@@ -1113,15 +1117,15 @@ class DictManager(_Manager, MutableMapping):
 
     def _live_rows(self):
         now = _now()
-        sql = (f"SELECT key, value FROM beaver_dicts WHERE name = ? AND key > ? AND {_LIVE} "
-               "ORDER BY key LIMIT ?")
-        cursor = ""
+        sql = ("SELECT key, value FROM beaver_dicts WHERE name = ? AND key %s ? AND "
+               f"{_LIVE} ORDER BY key LIMIT ?")
+        op, cursor = ">=", ""  # the first page includes the key '', which sorts first
         while True:
-            rows = self._core.execute(sql, (self._name, cursor, now, PAGE_SIZE)).fetchall()
+            rows = self._core.execute(sql % op, (self._name, cursor, now, PAGE_SIZE)).fetchall()
             yield from rows
             if len(rows) < PAGE_SIZE:
                 return
-            cursor = rows[-1][0]
+            op, cursor = ">", rows[-1][0]
 
     def pop(self, key, default=_MISSING):
         """Remove ``key`` and return its value (or ``default``; else ``KeyError``)."""
@@ -1133,6 +1137,16 @@ class DictManager(_Manager, MutableMapping):
                 return default
             del self[key]
             return value
+
+    def popitem(self):
+        """Remove and return the pair with the smallest key; ``KeyError`` if empty."""
+        with self._core.transaction():
+            for key, text in self._live_rows():
+                self._core.execute("DELETE FROM beaver_dicts WHERE name = ? AND key = ?",
+                                   (self._name, key))
+                self._wrote("del", key=key)
+                return key, self._codec.decode(text)
+        raise KeyError("popitem(): dictionary is empty")
 
     def setdefault(self, key, default=None):
         """Return the value of ``key``, storing ``default`` first if it is missing."""
@@ -1406,6 +1420,11 @@ class ListManager(_Manager, MutableSequence):
 
     popleft = deque
 
+    def remove(self, value):
+        """Remove the first item equal to ``value`` (``ValueError`` if there is none)."""
+        with self._core.transaction():
+            del self[self.index(value)]
+
     def reverse(self):
         """Reverse the list in place, in one transaction."""
         with self._core.transaction():
@@ -1488,6 +1507,8 @@ class QueueManager(_Manager):
         """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
         if isinstance(priority, bool) or not isinstance(priority, (int, float)):
             raise TypeError(f"priority must be a number, not {priority!r}")
+        if priority != priority:
+            raise ValueError("priority must not be NaN")
         text = self._codec.encode(data)
         self._core.execute(
             "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)",
@@ -1633,9 +1654,14 @@ class BlobManager(_Manager):
         return True
 
     def __iter__(self):
-        sql = "SELECT key FROM beaver_blobs WHERE name = ? AND key > ? ORDER BY key LIMIT ?"
-        for (key,) in self._paged(sql, ""):
-            yield key
+        sql = "SELECT key FROM beaver_blobs WHERE name = ? AND key %s ? ORDER BY key LIMIT ?"
+        op, cursor = ">=", ""  # the first page includes the key '', which sorts first
+        while True:
+            rows = self._core.execute(sql % op, (self._name, cursor, PAGE_SIZE)).fetchall()
+            yield from (key for (key,) in rows)
+            if len(rows) < PAGE_SIZE:
+                return
+            op, cursor = ">", rows[-1][0]
 
     def keys(self) -> list:
         """A snapshot list of the keys, in key order."""
@@ -2001,6 +2027,7 @@ def _register_aliases():
         for name in names:
             setattr(module, name, globals()[name])
         sys.modules[module.__name__] = module
+        globals().setdefault(sub, module)  # so ``import beaver.queues`` binds beaver.queues
 
 
 _register_aliases()

@@ -1,11 +1,42 @@
-"""Tests of beaver, in the order of beaver.py's sections."""
+"""Tests of beaver, in the order of beaver.py's sections.
+
+Conventions: file databases live under ``tmp_path``; multi-process tests use the spawn
+context with module-level workers and bound every wait by a deadline; nothing waits on a
+fixed sleep for synchronisation. TTL tests drive beaver's one clock (``beaver._now``)
+through the ``clock`` fixture, so they neither sleep nor depend on timing.
+"""
+import asyncio
+import contextlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+import typing
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import beaver
 from beaver import BeaverDB
+
+ROOT = Path(__file__).resolve().parent
+SPAWN = multiprocessing.get_context("spawn")
+MP_DEADLINE = 60.0          # seconds any multi-process test may take before it fails
+
+PROPERTY_SETTINGS = settings(max_examples=40, stateful_step_count=25, deadline=None,
+                             suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture
@@ -15,27 +46,2188 @@ def db(tmp_path):
     database.close()
 
 
+class FakeClock:
+    """Stands in for ``beaver._now``: time only moves when a test says so."""
+
+    def __init__(self, start):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock(time.time())
+    monkeypatch.setattr(beaver, "_now", fake)
+    return fake
+
+
+def raw_rows(path, sql, params=()):
+    """Read a beaver file with plain sqlite3 (what any SQLite tool would see)."""
+    conn = sqlite3.connect(str(path))
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def join_all(processes, deadline):
+    """Join processes by an absolute monotonic deadline; kill stragglers and fail."""
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+    stragglers = [p for p in processes if p.is_alive()]
+    for p in stragglers:
+        p.kill()
+        p.join(5)
+    assert not stragglers, f"{len(stragglers)} worker process(es) missed the deadline"
+    assert [p.exitcode for p in processes] == [0] * len(processes)
+
+
+json_scalars = (st.none() | st.booleans() | st.integers(-2**63, 2**63)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6))
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                   max_size=3),
+    max_leaves=6)
+
+
+# ---- core ----
+
 def test_import_without_site_packages():
     code = "import sys; sys.path.insert(0, sys.argv[1]); import beaver; print(beaver.__version__)"
-    out = subprocess.run([sys.executable, "-S", "-c", code, str(__import__("pathlib").Path(beaver.__file__).parent)],
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(Path(beaver.__file__).parent)],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == beaver.__version__
 
 
-def test_dict_round_trip(db):
+def test_exception_hierarchy():
+    assert issubclass(beaver.ClosedError, beaver.BeaverError)
+    assert issubclass(beaver.SchemaError, beaver.BeaverError)
+    assert issubclass(beaver.QueueEmpty, beaver.BeaverError)
+    assert issubclass(beaver.QueueEmpty, IndexError)
+    assert issubclass(beaver.Timeout, TimeoutError)
+    assert issubclass(beaver.LockTimeout, TimeoutError)
+    assert issubclass(beaver.ValidationError, ValueError)
+    for name in beaver.__all__:
+        assert hasattr(beaver, name), name
+
+
+def test_file_is_plain_sqlite_with_wal(tmp_path):
+    path = tmp_path / "plain.db"
+    with BeaverDB(path) as db:
+        db.dict("config")["theme"] = "dark"
+    assert raw_rows(path, "PRAGMA journal_mode") == [("wal",)]
+    assert raw_rows(path, "SELECT name, key, value FROM beaver_dicts") == [
+        ("config", "theme", '"dark"')]
+    assert raw_rows(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_durability_option(tmp_path):
+    with BeaverDB(tmp_path / "full.db", durability="full") as db:
+        db.list("l").push(1)
+        assert db._core.conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with pytest.raises(ValueError):
+        BeaverDB(tmp_path / "bad.db", durability="sometimes")
+
+
+def test_not_a_database_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "junk.db"
+    content = b"this is not a database at all\n" * 200
+    path.write_bytes(content)
+    with pytest.raises(beaver.BeaverError, match="not a SQLite database"):
+        BeaverDB(path)
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.db"]
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(beaver.BeaverError, match="does not exist"):
+        BeaverDB(tmp_path / "no" / "such" / "dir" / "x.db")
+    assert not (tmp_path / "no").exists()
+
+
+def test_directory_as_path_is_a_clear_error(tmp_path):
+    with pytest.raises(beaver.BeaverError):
+        BeaverDB(tmp_path)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="needs a non-root POSIX user for a read-only folder")
+def test_read_only_directory_is_a_clear_error(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(beaver.BeaverError):
+            BeaverDB(folder / "x.db").dict("d")["a"] = 1
+    finally:
+        folder.chmod(0o700)
+
+
+def test_newer_schema_version_is_refused(tmp_path):
+    path = tmp_path / "future.db"
+    BeaverDB(path).close()
+    conn = sqlite3.connect(str(path))
+    conn.execute("UPDATE beaver_meta SET value = ? WHERE key = 'schema_version'",
+                 (str(beaver.SCHEMA_VERSION + 1),))
+    conn.commit()
+    conn.close()
+    with pytest.raises(beaver.SchemaError):
+        BeaverDB(path)
+    # and the stamp was not rewritten
+    assert raw_rows(path, "SELECT value FROM beaver_meta WHERE key = 'schema_version'") == [
+        (str(beaver.SCHEMA_VERSION + 1),)]
+
+
+def test_unreadable_schema_stamp_is_refused(tmp_path):
+    path = tmp_path / "garbled.db"
+    BeaverDB(path).close()
+    conn = sqlite3.connect(str(path))
+    conn.execute("UPDATE beaver_meta SET value = 'banana' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(beaver.SchemaError):
+        BeaverDB(path)
+
+
+def test_existing_sqlite_file_with_other_tables_is_usable(tmp_path):
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(str(path))
+    conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.execute("INSERT INTO users (name) VALUES ('ada')")
+    conn.commit()
+    conn.close()
+    with BeaverDB(path) as db:
+        db.dict("d")["k"] = 1
+    assert raw_rows(path, "SELECT name FROM users") == [("ada",)]
+    with BeaverDB(path) as db:
+        assert db.dict("d")["k"] == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_gets_its_own_connection(tmp_path):
+    db = BeaverDB(tmp_path / "fork.db")
+    lst = db.list("l")
+    lst.push("parent")
+    pid = os.fork()
+    if pid == 0:                        # the child: never returns into pytest
+        code = 1
+        try:
+            lst.push("child")
+            code = 0 if list(lst) == ["parent", "child"] else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + MP_DEADLINE
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
+    if not done:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    lst.push("parent again")            # the parent's connection is unharmed
+    assert list(lst) == ["parent", "child", "parent again"]
+    db.close()
+
+
+def _crash_writer(path, conn):
+    """Write forever; report each index over the pipe only after its commit."""
+    db = BeaverDB(path)
+    log, seen = db.list("log"), db.dict("seen")
+    i = 0
+    while True:
+        with db.transaction():
+            log.push(i)
+            seen[str(i)] = {"i": i, "pad": "x" * (i % 50)}
+        conn.send(i)
+        i += 1
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_sigkilled_writer_leaves_a_sound_database(tmp_path):
+    path = str(tmp_path / "crash.db")
+    BeaverDB(path).close()
+    receiver, sender = SPAWN.Pipe(duplex=False)
+    writer = SPAWN.Process(target=_crash_writer, args=(path, sender))
+    writer.start()
+    sender.close()
+    deadline = time.monotonic() + MP_DEADLINE
+    acked = []
+    try:
+        while len(acked) < 300:
+            assert receiver.poll(max(0.0, deadline - time.monotonic())), "writer stalled"
+            acked.append(receiver.recv())
+        os.kill(writer.pid, signal.SIGKILL)     # mid-stream: it is writing as fast as it can
+        writer.join(10)
+        while receiver.poll(1.0):               # acknowledgements sent before the kill
+            try:
+                acked.append(receiver.recv())
+            except EOFError:
+                break
+    finally:
+        if writer.is_alive():
+            writer.kill()
+            writer.join(5)
+    assert writer.exitcode == -signal.SIGKILL
+    assert raw_rows(path, "PRAGMA integrity_check") == [("ok",)]
+    with BeaverDB(path) as db:
+        log = list(db.list("log"))
+        seen = db.dict("seen")
+        assert log == list(range(len(log)))          # no gap, no torn transaction
+        assert set(log) >= set(acked)                # every acknowledged write is there
+        assert sorted(int(k) for k in seen) == log   # both halves of each transaction
+        assert all(seen[str(i)]["i"] == i for i in acked)
+        db.list("log").push("after the crash")       # and it is writable again
+
+
+# ---- codec / Model ----
+
+class Address(beaver.Model):
+    city: str
+    zip: str = ""
+
+
+class Person(beaver.Model):
+    name: str
+    age: int = 0
+    address: typing.Optional[Address] = None
+    tags: typing.List[str] = []
+    friends: typing.List["Friend"] = []
+
+
+class Friend(beaver.Model):
+    name: str
+    score: float = 0.0
+
+
+def test_model_fields_defaults_and_round_trip():
+    p = Person(name="Ada", address=Address(city="London"), friends=[Friend(name="Bob")])
+    assert p.age == 0 and p.tags == [] and p.address.city == "London"
+    data = p.model_dump()
+    assert data == {"name": "Ada", "age": 0, "address": {"city": "London", "zip": ""},
+                    "tags": [], "friends": [{"name": "Bob", "score": 0.0}]}
+    assert Person.model_validate(data) == p
+    assert Person.model_validate_json(p.model_dump_json()) == p
+    again = Person.model_validate_json(json.dumps(data))
+    assert isinstance(again.address, Address) and isinstance(again.friends[0], Friend)
+    assert Person.model_validate(p) is p
+    assert "Ada" in repr(p)
+
+
+def test_model_defaults_are_not_shared():
+    a, b = Person(name="a"), Person(name="b")
+    a.tags.append("x")
+    assert b.tags == []
+
+
+@pytest.mark.parametrize("data", [
+    {},                                   # missing field
+    {"name": 1},                          # wrong type
+    {"name": "x", "age": "3"},            # wrong type
+    {"name": "x", "age": True},           # bool is not an int here
+    {"name": "x", "nick": "y"},           # unknown field
+    {"name": "x", "address": {"zip": "1"}},  # nested model missing a field
+    {"name": "x", "friends": [{"score": 1.0}]},
+])
+def test_model_rejects_bad_data(data):
+    with pytest.raises(beaver.ValidationError):
+        Person.model_validate(data)
+    with pytest.raises(ValueError):
+        Person.model_validate(data)
+
+
+def test_model_validate_needs_a_dict():
+    with pytest.raises(ValueError):
+        Person.model_validate(["not", "a", "dict"])
+
+
+def test_json_values_round_trip_exactly(db):
+    values = [None, True, False, 0, -1, 2**62, 10**30, 1.5, -0.25, "", "text", "ünï🦫",
+              [], {}, [1, [2, [3]]], {"a": {"b": [None, True]}}]
+    d = db.dict("values")
+    for i, value in enumerate(values):
+        d[str(i)] = value
+    assert [d[str(i)] for i in range(len(values))] == values
+
+
+@pytest.mark.parametrize("bad", [object(), {1, 2}, b"bytes", {"k": object()}, {(1, 2): 3}])
+def test_non_json_values_raise_type_error_and_write_nothing(db, bad):
+    d, lst, q = db.dict("d"), db.list("l"), db.queue("q")
+    with pytest.raises(TypeError):
+        d["k"] = bad
+    with pytest.raises(TypeError):
+        lst.push(bad)
+    with pytest.raises(TypeError):
+        lst.extend([1, bad])
+    with pytest.raises(TypeError):
+        q.put(bad)
+    with pytest.raises(TypeError):
+        db.blobs("b").put("k", b"data", metadata=bad)
+    assert len(d) == len(lst) == len(q) == len(db.blobs("b")) == 0
+
+
+def test_circular_value_raises_type_error(db):
+    loop = []
+    loop.append(loop)
+    with pytest.raises(TypeError):
+        db.dict("d")["k"] = loop
+    assert "k" not in db.dict("d")
+
+
+def test_model_validated_on_write_everywhere(db):
+    people = db.dict("people", model=Person)
+    people["ada"] = Person(name="Ada", address=Address(city="London"))
+    people["bob"] = {"name": "Bob", "friends": [{"name": "Ada", "score": 2}]}
+    assert isinstance(people["ada"], Person) and people["ada"].address.city == "London"
+    assert isinstance(people["bob"].friends[0], Friend)
+    for bad in [Address(city="x"), {"name": 1}, {"nick": "x"}, "Ada", 5, None]:
+        with pytest.raises((TypeError, ValueError)):
+            people["bad"] = bad
+    assert "bad" not in people and len(people) == 2
+
+    lst = db.list("people", model=Person)
+    lst.push(Person(name="a"))
+    with pytest.raises((TypeError, ValueError)):
+        lst.push({"name": 3})
+    with pytest.raises((TypeError, ValueError)):
+        lst.extend([Person(name="b"), {"nope": 1}])
+    assert list(lst) == [Person(name="a")]
+
+    q = db.queue("people", model=Person)
+    q.put({"name": "q"})
+    with pytest.raises((TypeError, ValueError)):
+        q.put(Friend(name="f"))
+    assert len(q) == 1 and q.get(block=False).data == Person(name="q")
+
+    files = db.blobs("files", model=Address)
+    files.put("a", b"1", metadata=Address(city="Rome"))
+    with pytest.raises((TypeError, ValueError)):
+        files.put("b", b"2", metadata={"town": "x"})
+    assert files.get("a").metadata == Address(city="Rome") and "b" not in files
+
+
+def test_model_subclass_instances_are_stored_as_the_model(db):
+    class Admin(Address):
+        level: int = 1
+
+    class Labelled(Address):
+        def label(self):
+            return self.city.upper()
+
+    places = db.dict("places", model=Address)
+    places["labelled"] = Labelled(city="x")     # same fields: stored, read back as Address
+    assert type(places["labelled"]) is Address
+    with pytest.raises(ValueError):             # extra fields the model cannot read back
+        places["admin"] = Admin(city="Rome", level=3)
+    assert places.items() == [("labelled", Address(city="x"))]
+
+
+def test_model_dict_and_optional_fields(db):
+    class Registry(beaver.Model):
+        by_city: typing.Dict[str, Address] = {}
+        count: typing.Optional[int] = None
+
+    reg = db.dict("reg", model=Registry)
+    reg["r"] = {"by_city": {"rome": {"city": "Rome"}}}
+    got = reg["r"]
+    assert isinstance(got.by_city["rome"], Address) and got.count is None
+    with pytest.raises(ValueError):
+        reg["bad"] = {"by_city": {"rome": {"town": "Rome"}}}
+    with pytest.raises(ValueError):
+        reg["bad"] = {"count": "three"}
+    assert list(reg) == ["r"]
+
+
+def test_pydantic_models(db):
+    pydantic = pytest.importorskip("pydantic")
+
+    class Tag(pydantic.BaseModel):
+        label: str
+
+    class User(pydantic.BaseModel):
+        name: str
+        email: str
+        permissions: typing.List[str]
+        tags: typing.List[Tag] = []
+
+    users = db.dict("users", model=User)
+    users["alice"] = User(name="Alice", email="a@x", permissions=["read"],
+                          tags=[Tag(label="admin")])
+    users["bob"] = {"name": "Bob", "email": "b@x", "permissions": []}
+    got = users["alice"]
+    assert isinstance(got, User) and isinstance(got.tags[0], Tag)
+    assert got.tags[0].label == "admin" and users["bob"].permissions == []
+    for bad in [{"name": "x"}, Tag(label="x"), {"name": 1, "email": "e", "permissions": []}]:
+        with pytest.raises((TypeError, ValueError)):
+            users["bad"] = bad
+    assert sorted(users) == ["alice", "bob"]
+    tasks = db.queue("tasks", model=User)
+    tasks.put(users["bob"])
+    assert tasks.get(block=False).data == users["bob"]
+    db.list("users", model=User).append(got)
+    assert db.list("users", model=User)[0] == got
+
+    class Admin(User):
+        level: int = 1
+
+    users["root"] = Admin(name="Root", email="r@x", permissions=["all"], level=9)
+    assert type(users["root"]) is User and users["root"].name == "Root"   # stored as a User
+
+
+# ---- dict ----
+
+def test_dict_mapping_basics(db):
+    d = db.dict("config")
+    assert len(d) == 0 and list(d) == [] and "theme" not in d
+    d["theme"] = "dark"
+    d.set("retries", 3)
+    d["user_ids"] = [101, 205]
+    assert d["theme"] == "dark" and d.get("retries") == 3
+    assert d.get("missing") is None and d.get("missing", "default") == "default"
+    assert "theme" in d and "missing" not in d and 123 not in d
+    assert len(d) == 3
+    assert list(d) == ["retries", "theme", "user_ids"]
+    assert d.keys() == ["retries", "theme", "user_ids"]
+    assert d.values() == [3, "dark", [101, 205]]
+    assert d.items() == [("retries", 3), ("theme", "dark"), ("user_ids", [101, 205])]
+    assert dict(d) == {"theme": "dark", "retries": 3, "user_ids": [101, 205]}
+    assert d == {"theme": "dark", "retries": 3, "user_ids": [101, 205]}
+    d["theme"] = "light"
+    assert d["theme"] == "light" and len(d) == 3
+    del d["retries"]
+    assert "retries" not in d and len(d) == 2
+    with pytest.raises(KeyError):
+        d["retries"]
+    with pytest.raises(KeyError):
+        del d["retries"]
+
+
+def test_dict_pop_setdefault_update_popitem(db):
+    d = db.dict("d")
+    d.update({"a": 1, "b": 2}, c=3)
+    d.update([("d", 4)])
+    assert dict(d) == {"a": 1, "b": 2, "c": 3, "d": 4}
+    assert d.pop("a") == 1 and "a" not in d
+    with pytest.raises(KeyError):
+        d.pop("a")
+    assert d.pop("a", "gone") == "gone"
+    assert d.pop("a", None) is None
+    assert d.setdefault("b", 99) == 2 and d["b"] == 2
+    assert d.setdefault("e", [5]) == [5] and d["e"] == [5]
+    assert d.setdefault("f") is None and "f" in d and d["f"] is None
+    assert d.popitem() == ("b", 2)          # the smallest key first
+    popped = [d.popitem() for _ in range(len(d))]
+    assert popped == [("c", 3), ("d", 4), ("e", [5]), ("f", None)]
+    with pytest.raises(KeyError):
+        d.popitem()
+
+
+def test_dict_update_is_atomic(db):
+    d = db.dict("d")
+    d["keep"] = 1
+    with pytest.raises(TypeError):
+        d.update({"a": 1, "b": object()})
+    with pytest.raises(TypeError):
+        d.update({"a": 1, 2: "int key"})
+    assert dict(d) == {"keep": 1}
+
+
+def test_dict_clear_and_namespaces(db):
+    a, b = db.dict("a"), db.dict("b")
+    a["k"], b["k"] = 1, 2
+    a.clear()
+    assert len(a) == 0 and b["k"] == 2
+    assert db.list("a") is not a          # other kinds with the same name are separate
+
+
+def test_dict_unusual_keys(db, monkeypatch):
+    d = db.dict("d")
+    keys = ["", " ", "a\x00b", "ключ", "🦫", "x" * 1000, "'; DROP TABLE beaver_dicts; --"]
+    for i, key in enumerate(keys):
+        d[key] = i
+    assert sorted(d) == sorted(keys) and len(d) == len(keys)
+    assert [d[k] for k in keys] == list(range(len(keys)))
+    monkeypatch.setattr(beaver, "PAGE_SIZE", 2)       # iteration pages through the keys
+    assert list(d) == sorted(keys)
+    assert d.items() == sorted((k, i) for i, k in enumerate(keys))
+
+
+@pytest.mark.parametrize("key", [1, 1.5, None, b"k", ("t",), True])
+def test_dict_non_str_keys_raise_type_error(db, key):
+    d = db.dict("d")
+    with pytest.raises(TypeError):
+        d[key] = 1
+    with pytest.raises(TypeError):
+        d.set(key, 1, ttl_seconds=5)
+    with pytest.raises(TypeError):
+        d[key]
+    with pytest.raises(TypeError):
+        d.get(key)
+    assert key not in d
+    assert len(d) == 0
+
+
+@pytest.mark.parametrize("ttl", [0, -1, -0.5, "10", True, False, float("nan"), [1]])
+def test_dict_bad_ttl_raises_and_writes_nothing(db, ttl):
+    d = db.dict("d")
+    d["k"] = "old"
+    with pytest.raises((TypeError, ValueError)):
+        d.set("k", "new", ttl_seconds=ttl)
+    with pytest.raises((TypeError, ValueError)):
+        d.set("other", "new", ttl_seconds=ttl)
+    assert dict(d) == {"k": "old"} and d.ttl("k") is None
+
+
+def test_dict_ttl_is_exact_everywhere(db, clock):
+    d = db.dict("cache")
+    d["forever"] = 0
+    d.set("short", 1, ttl_seconds=10)
+    d.set("long", 2, ttl_seconds=100)
+    clock.advance(9.999)
+    assert d["short"] == 1 and len(d) == 3
+    clock.advance(0.001)                  # exactly at expiry: gone
+    assert "short" not in d and d.get("short") is None and d.get("short", "x") == "x"
+    with pytest.raises(KeyError):
+        d["short"]
+    with pytest.raises(KeyError):
+        del d["short"]
+    with pytest.raises(KeyError):
+        d.pop("short")
+    with pytest.raises(KeyError):
+        d.ttl("short")
+    assert len(d) == 2
+    assert list(d) == ["forever", "long"] and d.keys() == ["forever", "long"]
+    assert d.items() == [("forever", 0), ("long", 2)] and d.values() == [0, 2]
+    assert dict(d) == {"forever": 0, "long": 2}
+    assert [item["key"] for item in d.dump()["items"]] == ["forever", "long"]
+    assert d.dump()["metadata"]["count"] == 2
+    assert d.setdefault("short", "fresh") == "fresh"   # an expired key is free again
+    assert d.ttl("short") is None
+    clock.advance(1000)
+    assert dict(d) == {"forever": 0, "short": "fresh"}
+
+
+def test_dict_ttl_method(db, clock):
+    d = db.dict("cache")
+    d.set("k", 1, ttl_seconds=60)
+    assert d.ttl("k") == pytest.approx(60)
+    clock.advance(15)
+    assert d.ttl("k") == pytest.approx(45)
+    d.set("k", 2, ttl_seconds=5.5)          # a new set replaces the expiry
+    assert d.ttl("k") == pytest.approx(5.5)
+    d["k"] = 3                              # plain assignment removes it
+    assert d.ttl("k") is None
+    clock.advance(10**6)
+    assert d["k"] == 3
+    with pytest.raises(KeyError):
+        d.ttl("missing")
+    d.set("td", 1, ttl_seconds=2)           # ints and floats; ttl() is never negative
+    clock.advance(1.5)
+    assert 0 <= d.ttl("td") <= 0.5
+
+
+def test_dict_ttl_with_the_real_clock(db):
+    d = db.dict("cache")
+    d.set("brief", "v", ttl_seconds=0.05)
+    d.set("hour", "v", ttl_seconds=3600)
+    time.sleep(0.1)                         # waits past the expiry, never races towards it
+    assert "brief" not in d and d.get("brief") is None and list(d) == ["hour"]
+
+
+def test_dict_purge_deletes_expired_rows_in_batches(tmp_path, clock, monkeypatch):
+    path = tmp_path / "purge.db"
+    monkeypatch.setattr(beaver, "PURGE_BATCH", 7)
+    with BeaverDB(path) as db:
+        d = db.dict("cache")
+        with db.transaction():
+            for i in range(20):
+                d.set(f"k{i:02}", i, ttl_seconds=1)
+        d["live"] = "v"
+        other = db.dict("other")
+        other.set("x", 1, ttl_seconds=1)
+        clock.advance(beaver.PURGE_INTERVAL + 2)
+        assert len(d) == 1
+        count = lambda: raw_rows(path, "SELECT count(*) FROM beaver_dicts")[0][0]  # noqa: E731
+        assert count() == 22                # expired rows linger until a purge
+        d["trigger"] = 1                    # a write after PURGE_INTERVAL purges one batch
+        assert count() == 22 + 1 - 7
+        for _ in range(5):
+            clock.advance(beaver.PURGE_INTERVAL + 0.1)
+            d["trigger"] = 1
+        assert count() == 2                 # "live" and "trigger"; every namespace purged
+        assert dict(d) == {"live": "v", "trigger": 1} and len(other) == 0
+
+
+def test_dict_dump_and_load_round_trip(db, clock, tmp_path):
+    d = db.dict("src")
+    d["a"] = {"nested": [1, 2]}
+    d["b"] = "text"
+    d.set("c", 3, ttl_seconds=50)
+    d.set("expired", 4, ttl_seconds=1)
+    clock.advance(2)
+    data = d.dump()
+    assert data["metadata"]["type"] == "dict" and data["metadata"]["name"] == "src"
+    assert data["metadata"]["count"] == 3
+    assert [i["key"] for i in data["items"]] == ["a", "b", "c"]
+    json.dumps(data)                                   # JSON-ready
+
+    copy = db.dict("copy")
+    copy.load(data)
+    assert dict(copy) == {"a": {"nested": [1, 2]}, "b": "text", "c": 3}
+    assert copy.ttl("c") == pytest.approx(48) and copy.ttl("a") is None   # expiry kept
+
+    target = tmp_path / "dump.json"
+    with open(target, "w") as fp:
+        assert d.dump(fp) is None
+    from_file = db.dict("from_file")
+    with open(target) as fp:
+        from_file.load(fp)
+    from_text = db.dict("from_text")
+    from_text.load(target.read_text())
+    assert dict(from_file) == dict(from_text) == dict(copy)
+    clock.advance(100)
+    assert "c" not in copy and "c" not in from_file
+
+    with pytest.raises(ValueError):
+        db.list("l").load(d.dump())                    # a dict dump is not a list
+    with pytest.raises(ValueError):
+        copy.load({"metadata": {"type": "dict"}})      # no items
+    with pytest.raises(ValueError):
+        copy.load("[1, 2]")
+
+
+def test_dict_model_dump_and_load(db):
+    people = db.dict("people", model=Person)
+    people["ada"] = Person(name="Ada", address=Address(city="London"))
+    data = people.dump()
+    assert data["items"][0]["value"]["address"] == {"city": "London", "zip": ""}
+    again = db.dict("again", model=Person)
+    again.load(data)
+    assert again["ada"] == people["ada"]
+
+
+class DictMachine(RuleBasedStateMachine):
+    """A DictManager against a plain dict, reopening the database now and then."""
+
+    keys = st.text(max_size=3)
+
+    def __init__(self):
+        super().__init__()
+        self.folder = tempfile.mkdtemp(prefix="beaver-dict-")
+        self.path = os.path.join(self.folder, "p.db")
+        self.db = BeaverDB(self.path)
+        self.d = self.db.dict("p")
+        self.oracle = {}
+
+    def teardown(self):
+        self.db.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    @rule(key=keys, value=json_values)
+    def set(self, key, value):
+        self.d[key] = value
+        self.oracle[key] = value
+
+    @rule(key=keys)
+    def delete(self, key):
+        if key in self.oracle:
+            del self.d[key]
+            del self.oracle[key]
+        else:
+            with pytest.raises(KeyError):
+                del self.d[key]
+
+    @rule(key=keys)
+    def pop(self, key):
+        assert self.d.pop(key, "absent") == self.oracle.pop(key, "absent")
+
+    @rule(key=keys, value=json_scalars)
+    def setdefault(self, key, value):
+        assert self.d.setdefault(key, value) == self.oracle.setdefault(key, value)
+
+    @rule(items=st.dictionaries(keys, json_scalars, max_size=4))
+    def update(self, items):
+        self.d.update(items)
+        self.oracle.update(items)
+
+    @precondition(lambda self: self.oracle)
+    @rule()
+    def popitem(self):
+        key = min(self.oracle)
+        assert self.d.popitem() == (key, self.oracle.pop(key))
+
+    @rule()
+    def clear(self):
+        self.d.clear()
+        self.oracle.clear()
+
+    @rule()
+    def reopen(self):
+        self.db.close()
+        self.db = BeaverDB(self.path)
+        self.d = self.db.dict("p")
+
+    @invariant()
+    def same(self):
+        assert len(self.d) == len(self.oracle)
+        assert self.d.items() == sorted(self.oracle.items(), key=lambda kv: kv[0])
+
+
+TestDictProperties = DictMachine.TestCase
+TestDictProperties.settings = PROPERTY_SETTINGS
+
+
+# ---- list ----
+
+@pytest.fixture
+def ten(db):
+    lst = db.list("ten")
+    lst.extend(range(10))
+    return lst
+
+
+def test_list_push_prepend_and_indexing(db):
+    lst = db.list("tasks")
+    assert len(lst) == 0 and list(lst) == []
+    assert lst.push("b") is None
+    lst.append("c")
+    lst.prepend("a")
+    lst.prepend("z")
+    assert list(lst) == ["z", "a", "b", "c"] and len(lst) == 4
+    assert [lst[i] for i in range(4)] == ["z", "a", "b", "c"]
+    assert [lst[i] for i in range(-1, -5, -1)] == ["c", "b", "a", "z"]
+    for bad in (4, 100, -5, -100):
+        with pytest.raises(IndexError):
+            lst[bad]
+    lst[0] = "first"
+    lst[-1] = "last"
+    assert list(lst) == ["first", "a", "b", "last"]
+
+
+def test_list_slices_match_python(ten):
+    oracle = list(range(10))
+    bounds = [None, -15, -10, -3, -1, 0, 1, 4, 9, 10, 15]
+    for step in [None, 1, 2, 3, -1, -2, -4]:
+        for start in bounds:
+            for stop in bounds:
+                s = slice(start, stop, step)
+                assert ten[s] == oracle[s], s
+    with pytest.raises(ValueError):
+        ten[::0]
+
+
+@pytest.mark.parametrize("s, values", [
+    (slice(2, 5), ["a"]), (slice(2, 5), []), (slice(2, 2), ["x", "y"]),
+    (slice(None), ["only"]), (slice(None), []), (slice(8, None), ["a", "b", "c", "d"]),
+    (slice(-3, None), ["e"]), (slice(20, 30), ["end"]), (slice(-20, 1), ["front"]),
+    (slice(5, 2), ["between"]), (slice(None, None, 2), list("abcde")),
+    (slice(None, None, -1), list("abcdefghij")), (slice(8, 1, -3), list("xyz")),
+    (slice(1, 2, 5), ["single"]), (slice(0, 10, 1), range(3)),
+])
+def test_list_slice_assignment_matches_python(ten, s, values):
+    oracle = list(range(10))
+    oracle[s] = list(values)
+    ten[s] = values
+    assert list(ten) == oracle
+    assert [ten[i] for i in range(len(oracle))] == oracle   # positions stay dense
+
+
+def test_list_extended_slice_size_mismatch_changes_nothing(ten):
+    with pytest.raises(ValueError):
+        ten[::2] = [1, 2]
+    with pytest.raises(TypeError):
+        ten[1:3] = [object()]
+    with pytest.raises(TypeError):
+        ten[1:3] = 5                      # not iterable
+    assert list(ten) == list(range(10))
+
+
+@pytest.mark.parametrize("s", [
+    slice(2, 5), slice(None), slice(None, None, 2), slice(1, None, 3), slice(None, None, -1),
+    slice(8, 1, -2), slice(-3, None), slice(5, 2), slice(20, 30), slice(-20, 2), slice(0, 1),
+])
+def test_list_slice_deletion_matches_python(ten, s):
+    oracle = list(range(10))
+    del oracle[s]
+    del ten[s]
+    assert list(ten) == oracle and len(ten) == len(oracle)
+    assert [ten[i] for i in range(-len(oracle), len(oracle))] == oracle + oracle
+
+
+@pytest.mark.parametrize("index", list(range(-8, 9)) + [-100, 100])
+def test_list_insert_follows_python(ten, index):
+    oracle = list(range(10))[:6]
+    del ten[6:]
+    oracle.insert(index, "new")
+    ten.insert(index, "new")
+    assert list(ten) == oracle
+    assert [ten[i] for i in range(-len(oracle), len(oracle))] == oracle + oracle
+
+
+def test_list_insert_into_empty_and_many_at_one_spot(db):
+    lst, oracle = db.list("l"), []
+    lst.insert(5, "a")
+    oracle.insert(5, "a")
+    lst.insert(-5, "b")
+    oracle.insert(-5, "b")
+    for i in range(120):            # ordering keys must never collapse
+        lst.insert(1, i)
+        oracle.insert(1, i)
+        lst.insert(len(oracle) // 2, -i)
+        oracle.insert(len(oracle) // 2, -i)
+    assert list(lst) == oracle
+    assert lst[37] == oracle[37] and lst[-38] == oracle[-38]
+
+
+def test_list_setitem_delitem(ten):
+    oracle = list(range(10))
+    for index, value in [(0, "a"), (-1, "b"), (5, {"x": 1}), (-10, None)]:
+        ten[index] = value
+        oracle[index] = value
+    assert list(ten) == oracle
+    for index in (0, -1, 3, -3, 2):
+        del ten[index]
+        del oracle[index]
+        assert list(ten) == oracle
+    for bad in (len(oracle), -len(oracle) - 1, 99):
+        with pytest.raises(IndexError):
+            ten[bad] = 1
+        with pytest.raises(IndexError):
+            del ten[bad]
+    assert list(ten) == oracle
+
+
+def test_list_pop_and_deque(ten):
+    assert ten.pop() == 9 and ten.deque() == 0 and ten.popleft() == 1
+    assert ten.pop(0) == 2 and ten.pop(-1) == 8 and ten.pop(2) == 5
+    assert list(ten) == [3, 4, 6, 7]
+    for bad in (4, -5, 100):
+        with pytest.raises(IndexError):
+            ten.pop(bad)
+    with pytest.raises(TypeError):
+        ten.pop("0")
+    assert list(ten) == [3, 4, 6, 7]
+    ten.clear()
+    assert ten.pop() is None and ten.deque() is None and len(ten) == 0
+    with pytest.raises(IndexError):
+        ten.pop(0)
+    with pytest.raises(IndexError):
+        ten.pop(-1)
+
+
+def test_list_extend_reverse_iteration(db):
+    lst = db.list("l")
+    lst.extend([1, 2])
+    lst.extend(x for x in [3, 4])
+    lst.extend([])
+    lst += [5]
+    assert list(lst) == [1, 2, 3, 4, 5]
+    lst.extend(lst)                     # extending by itself reads a snapshot
+    assert list(lst) == [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]
+    del lst[5:]
+    lst.prepend(0)
+    lst.reverse()
+    assert list(lst) == [5, 4, 3, 2, 1, 0] and list(reversed(lst)) == [0, 1, 2, 3, 4, 5]
+    assert lst[0] == 5 and lst[-1] == 0
+    assert 3 in lst and 9 not in lst and lst.index(3) == 2 and lst.count(3) == 1
+    lst.remove(3)
+    assert list(lst) == [5, 4, 2, 1, 0]
+    with pytest.raises(ValueError):
+        lst.remove(3)
+    db.list("empty").reverse()
+    assert list(db.list("empty")) == [] and list(reversed(db.list("empty"))) == []
+
+
+def test_list_iteration_pages(db, monkeypatch):
+    lst = db.list("l")
+    lst.extend(range(25))
+    for i in range(5):
+        lst.prepend(-1 - i)
+    monkeypatch.setattr(beaver, "PAGE_SIZE", 4)
+    assert list(lst) == list(range(-5, 25))
+    assert list(reversed(lst)) == list(range(24, -6, -1))
+
+
+@pytest.mark.parametrize("bad", ["0", 1.0, None, [0], {"a": 1}])
+def test_list_bad_indices(ten, bad):
+    with pytest.raises(TypeError):
+        ten[bad]
+    with pytest.raises(TypeError):
+        ten[bad] = 1
+    with pytest.raises(TypeError):
+        del ten[bad]
+    with pytest.raises(TypeError):
+        ten.insert(bad, 1)
+    assert list(ten) == list(range(10))
+
+
+def test_list_dump_and_load(ten, db):
+    data = ten.dump()
+    assert data["metadata"]["type"] == "list" and data["items"] == list(range(10))
+    copy = db.list("copy")
+    copy.load(data)
+    copy.load(json.dumps(data))         # load appends
+    assert list(copy) == list(range(10)) * 2
+    buffer = io.StringIO()
+    ten.dump(buffer)
+    buffer.seek(0)
+    assert json.load(buffer)["items"] == list(range(10))
+    with pytest.raises(ValueError):
+        db.dict("d").load(data)
+
+
+def test_list_models(db):
+    lst = db.list("people", model=Person)
+    lst.extend([Person(name="a"), {"name": "b"}])
+    lst.insert(1, Person(name="c", address=Address(city="x")))
+    assert [p.name for p in lst] == ["a", "c", "b"]
+    assert lst[1].address.city == "x" and lst[0:2][1] == lst[1]
+    assert lst.pop().name == "b"
+
+
+class ListMachine(RuleBasedStateMachine):
+    """A ListManager against a Python list, reopening the database now and then."""
+
+    indices = st.integers(-12, 12)
+    slices = st.builds(slice, st.none() | indices, st.none() | indices,
+                       st.none() | st.sampled_from([1, 2, 3, -1, -2]))
+
+    def __init__(self):
+        super().__init__()
+        self.folder = tempfile.mkdtemp(prefix="beaver-list-")
+        self.path = os.path.join(self.folder, "p.db")
+        self.db = BeaverDB(self.path)
+        self.lst = self.db.list("p")
+        self.oracle = []
+
+    def teardown(self):
+        self.db.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def both(self, action):
+        """Run ``action`` on the oracle and the manager: same result or same error type."""
+        try:
+            expected = action(self.oracle)
+        except (IndexError, ValueError) as e:
+            with pytest.raises(type(e)):
+                action(self.lst)
+            return
+        assert action(self.lst) == expected
+
+    @rule(value=json_values)
+    def push(self, value):
+        self.lst.push(value)
+        self.oracle.append(value)
+
+    @rule(value=json_scalars)
+    def prepend(self, value):
+        self.lst.prepend(value)
+        self.oracle.insert(0, value)
+
+    @rule(index=indices, value=json_scalars)
+    def insert(self, index, value):
+        self.both(lambda seq: seq.insert(index, value))
+
+    @rule(index=st.none() | indices)
+    def pop(self, index):
+        if index is None:
+            expected = self.oracle.pop() if self.oracle else None
+            assert self.lst.pop() == expected
+        else:
+            self.both(lambda seq: seq.pop(index))
+
+    @rule()
+    def deque(self):
+        expected = self.oracle.pop(0) if self.oracle else None
+        assert self.lst.deque() == expected
+
+    @rule(index=indices, value=json_scalars)
+    def setitem(self, index, value):
+        self.both(lambda seq: seq.__setitem__(index, value))
+
+    @rule(index=indices | slices)
+    def delitem(self, index):
+        self.both(lambda seq: seq.__delitem__(index))
+
+    @rule(s=slices, values=st.lists(json_scalars, max_size=4))
+    def set_slice(self, s, values):
+        self.both(lambda seq: seq.__setitem__(s, values))
+
+    @rule(index=indices | slices)
+    def getitem(self, index):
+        self.both(lambda seq: seq[index])
+
+    @rule(values=st.lists(json_scalars, max_size=4))
+    def extend(self, values):
+        self.lst.extend(values)
+        self.oracle.extend(values)
+
+    @rule()
+    def reverse(self):
+        self.lst.reverse()
+        self.oracle.reverse()
+
+    @rule()
+    def reopen(self):
+        self.db.close()
+        self.db = BeaverDB(self.path)
+        self.lst = self.db.list("p")
+
+    @invariant()
+    def same(self):
+        assert len(self.lst) == len(self.oracle)
+        assert list(self.lst) == self.oracle
+
+
+TestListProperties = ListMachine.TestCase
+TestListProperties.settings = PROPERTY_SETTINGS
+
+
+def _mp_push(path, worker, count, barrier):
+    db = BeaverDB(path)
+    lst = db.list("shared")
+    barrier.wait(MP_DEADLINE)
+    for i in range(count):
+        lst.push([worker, i])
+    db.close()
+
+
+def test_list_four_processes_pushing_lose_nothing(tmp_path):
+    path, count = str(tmp_path / "mp.db"), 150
+    BeaverDB(path).close()
+    barrier = SPAWN.Barrier(4)
+    workers = [SPAWN.Process(target=_mp_push, args=(path, w, count, barrier)) for w in range(4)]
+    for p in workers:
+        p.start()
+    join_all(workers, time.monotonic() + MP_DEADLINE)
+    with BeaverDB(path) as db:
+        items = list(db.list("shared"))
+    assert sorted(map(tuple, items)) == [(w, i) for w in range(4) for i in range(count)]
+    for w in range(4):                  # each process's pushes keep their order
+        assert [i for ww, i in items if ww == w] == list(range(count))
+
+
+# ---- queue ----
+
+def test_queue_priority_then_fifo(db):
+    q = db.queue("tasks")
+    q.put({"action": "summarize"}, priority=10)
+    q.put({"action": "respond"}, priority=1)
+    q.put({"action": "backup"}, priority=20)
+    q.put({"action": "alert"}, priority=1)
+    q.put("urgent", priority=-5)
+    q.put("half", priority=1.5)
+    q.put("default")                    # priority 0
+    order = [q.get().data for _ in range(7)]
+    assert order == ["urgent", "default", {"action": "respond"}, {"action": "alert"}, "half",
+                     {"action": "summarize"}, {"action": "backup"}]
+    assert len(q) == 0
+
+
+def test_queue_fifo_within_priority_is_by_sequence(db, clock):
+    q = db.queue("q")
+    for i in range(50):                 # identical timestamps: order still holds
+        q.put(i, priority=i % 3)
+    got = [q.get(block=False).data for _ in range(50)]
+    assert got == sorted(range(50), key=lambda i: (i % 3, i))
+
+
+def test_queue_item_fields(db):
+    q = db.queue("q")
+    before = time.time()
+    q.put({"x": 1}, priority=3)
+    item = q.get(block=False)
+    assert isinstance(item, beaver.QueueItem) and isinstance(item, tuple)
+    assert item.priority == 3 and item.data == {"x": 1}
+    assert before - 1 <= item.timestamp <= time.time() + 1
+    priority, timestamp, data = item
+    assert (priority, data) == (3, {"x": 1})
+
+
+def test_queue_peek_len_and_iteration_do_not_consume(db):
+    q = db.queue("q")
+    assert q.peek() is None and len(q) == 0 and list(q) == [] and bool(q)
+    q.put("b", priority=2)
+    q.put("a", priority=1)
+    q.put("c", priority=2)
+    assert q.peek().data == "a" and q.peek().data == "a"
+    assert [i.data for i in q] == ["a", "b", "c"]
+    assert [i.data for i in q] == ["a", "b", "c"] and len(q) == 3
+    assert q.get().data == "a" and len(q) == 2 and q.peek().data == "b"
+
+
+def test_queue_empty_and_timeout(db):
+    q = db.queue("q")
+    with pytest.raises(beaver.QueueEmpty):
+        q.get(block=False)
+    with pytest.raises(IndexError):     # the spec's `except IndexError` works
+        q.get(block=False)
+    with pytest.raises(TimeoutError):
+        q.get(timeout=0.05)
+    with pytest.raises(TimeoutError):
+        q.get(timeout=0)
+    with pytest.raises(beaver.BeaverError):
+        q.get(timeout=0.01)
+
+
+@pytest.mark.parametrize("timeout", [-1, "1", True, [1]])
+def test_queue_bad_timeout(db, timeout):
+    q = db.queue("q")
+    q.put(1)
+    with pytest.raises((TypeError, ValueError)):
+        q.get(timeout=timeout)
+    assert len(q) == 1
+
+
+@pytest.mark.parametrize("priority", ["1", None, True, [1], float("nan")])
+def test_queue_bad_priority_writes_nothing(db, priority):
+    q = db.queue("q")
+    with pytest.raises((TypeError, ValueError)):
+        q.put("x", priority=priority)
+    assert len(q) == 0
+
+
+def test_queue_blocking_get_wakes_on_put_from_another_thread(db):
+    q = db.queue("q")
+    got = []
+    consumer = threading.Thread(target=lambda: got.append(q.get(timeout=30).data))
+    consumer.start()
+    q.put("hello")
+    consumer.join(30)
+    assert not consumer.is_alive() and got == ["hello"]
+
+
+def test_queue_blocking_get_wakes_on_put_from_another_connection(tmp_path):
+    path = tmp_path / "q.db"
+    with BeaverDB(path) as reader, BeaverDB(path) as writer:
+        got = []
+        consumer = threading.Thread(target=lambda: got.append(reader.queue("q").get(timeout=30)))
+        consumer.start()
+        writer.queue("q").put("across")
+        consumer.join(30)
+        assert not consumer.is_alive() and got[0].data == "across"
+
+
+def test_queue_namespaces_and_clear(db):
+    a, b = db.queue("a"), db.queue("b")
+    a.put(1)
+    b.put(2)
+    a.clear()
+    assert len(a) == 0 and b.get(block=False).data == 2
+
+
+def test_queue_dump_and_load(db):
+    q = db.queue("q")
+    q.put("low", priority=5)
+    q.put({"k": "high"}, priority=1)
+    data = q.dump()
+    assert data["metadata"]["type"] == "queue" and data["metadata"]["count"] == 2
+    assert [i["data"] for i in data["items"]] == [{"k": "high"}, "low"]
+    assert len(q) == 2                  # dump does not consume
+    copy = db.queue("copy")
+    copy.load(data)
+    assert [(i.priority, i.data) for i in copy] == [(1, {"k": "high"}), (5, "low")]
+    with pytest.raises(ValueError):
+        db.list("l").load(data)
+
+
+class QueueMachine(RuleBasedStateMachine):
+    """A QueueManager against a sorted list of (priority, sequence, data)."""
+
+    def __init__(self):
+        super().__init__()
+        self.folder = tempfile.mkdtemp(prefix="beaver-queue-")
+        self.path = os.path.join(self.folder, "p.db")
+        self.db = BeaverDB(self.path)
+        self.q = self.db.queue("p")
+        self.oracle = []
+        self.seq = 0
+
+    def teardown(self):
+        self.db.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    @rule(value=json_values, priority=st.integers(-2, 2) | st.sampled_from([0.5, -1.5]))
+    def put(self, value, priority):
+        self.q.put(value, priority=priority)
+        self.oracle.append((priority, self.seq, value))
+        self.oracle.sort(key=lambda t: t[:2])
+        self.seq += 1
+
+    @rule()
+    def get(self):
+        if not self.oracle:
+            with pytest.raises(beaver.QueueEmpty):
+                self.q.get(block=False)
+            return
+        priority, _, value = self.oracle.pop(0)
+        item = self.q.get(block=False)
+        assert (item.priority, item.data) == (priority, value)
+
+    @rule()
+    def peek(self):
+        item = self.q.peek()
+        if self.oracle:
+            assert (item.priority, item.data) == (self.oracle[0][0], self.oracle[0][2])
+        else:
+            assert item is None
+
+    @rule()
+    def reopen(self):
+        self.db.close()
+        self.db = BeaverDB(self.path)
+        self.q = self.db.queue("p")
+
+    @invariant()
+    def same(self):
+        assert len(self.q) == len(self.oracle)
+        assert [(i.priority, i.data) for i in self.q] == [(p, v) for p, _, v in self.oracle]
+
+
+TestQueueProperties = QueueMachine.TestCase
+TestQueueProperties.settings = PROPERTY_SETTINGS
+
+
+def _mp_consume(path, worker, barrier, out_path):
+    db = BeaverDB(path)
+    q = db.queue("jobs")
+    got = []
+    barrier.wait(MP_DEADLINE)
+    while True:
+        item = q.get(timeout=MP_DEADLINE)
+        if item.data == "stop":
+            break
+        got.append(item.data)
+    with open(out_path, "w") as fp:
+        json.dump(got, fp)
+    db.close()
+
+
+def test_queue_four_consumers_get_each_item_exactly_once(tmp_path):
+    path, count = str(tmp_path / "mp.db"), 400
+    BeaverDB(path).close()
+    barrier = SPAWN.Barrier(5)
+    outs = [str(tmp_path / f"out{w}.json") for w in range(4)]
+    workers = [SPAWN.Process(target=_mp_consume, args=(path, w, barrier, outs[w]))
+               for w in range(4)]
+    for p in workers:
+        p.start()
+    deadline = time.monotonic() + MP_DEADLINE
+    with BeaverDB(path) as db:
+        q = db.queue("jobs")
+        for i in range(count // 2):     # half before the consumers start, half while they run
+            q.put(i)
+        barrier.wait(MP_DEADLINE)
+        for i in range(count // 2, count):
+            q.put(i)
+        for _ in workers:               # after every job: a lower priority comes last
+            q.put("stop", priority=1)
+        join_all(workers, deadline)
+        assert len(q) == 0
+    results = [json.loads(Path(out).read_text()) for out in outs]
+    everything = [i for got in results for i in got]
+    assert sorted(everything) == list(range(count))       # no loss, no duplicate
+    for got in results:                                    # each consumer saw FIFO order
+        assert got == sorted(got)
+
+
+# ---- blob ----
+
+def test_blob_put_get_delete(db):
+    files = db.blobs("uploads")
+    assert db.blob("uploads") is files           # both spellings, one store
+    files.put("a.txt", b"hello", metadata={"mimetype": "text/plain"})
+    blob = files.get("a.txt")
+    assert isinstance(blob, beaver.Blob)
+    assert blob == ("a.txt", b"hello", {"mimetype": "text/plain"})
+    assert (blob.key, blob.data, blob.metadata) == ("a.txt", b"hello", {"mimetype": "text/plain"})
+    assert isinstance(blob.data, bytes)
+    assert files.get("missing") is None
+    assert "a.txt" in files and "missing" not in files and 5 not in files
+    files.put("a.txt", b"replaced")              # overwrite, metadata dropped
+    assert files.get("a.txt") == ("a.txt", b"replaced", None)
+    files.delete("a.txt")
+    assert "a.txt" not in files and files.get("a.txt") is None
+    with pytest.raises(KeyError):
+        files.delete("a.txt")
+
+
+def test_blob_metadata_round_trips(db):
+    files = db.blobs("b")
+    for key, meta in [("empty", {}), ("none", None), ("list", [1, "x"]), ("str", "s"),
+                      ("zero", 0), ("false", False), ("nested", {"a": {"b": []}})]:
+        files.put(key, b"x", metadata=meta)
+        got = files.get(key).metadata
+        assert got == meta and type(got) is type(meta), key
+
+
+def test_blob_bytes_like_data(db):
+    files = db.blobs("b")
+    payload = bytes(range(256)) * 4
+    files.put("bytes", payload)
+    files.put("bytearray", bytearray(payload))
+    files.put("memoryview", memoryview(payload)[10:20])
+    files.put("empty", b"")
+    assert files.get("bytes").data == payload
+    assert files.get("bytearray").data == payload and type(files.get("bytearray").data) is bytes
+    assert files.get("memoryview").data == payload[10:20]
+    assert files.get("empty").data == b""
+
+
+@pytest.mark.parametrize("bad", ["text", 1, None, [1, 2], {"a": 1}, 1.5])
+def test_blob_non_bytes_data_raises_type_error(db, bad):
+    files = db.blobs("b")
+    files.put("k", b"old")
+    with pytest.raises(TypeError):
+        files.put("k", bad)
+    with pytest.raises(TypeError):
+        files.put("new", bad)
+    assert files.get("k").data == b"old" and len(files) == 1
+
+
+@pytest.mark.parametrize("key", [1, None, b"k", ("t",)])
+def test_blob_non_str_keys(db, key):
+    files = db.blobs("b")
+    with pytest.raises(TypeError):
+        files.put(key, b"x")
+    with pytest.raises(TypeError):
+        files.get(key)
+    with pytest.raises(TypeError):
+        files.delete(key)
+    assert key not in files and len(files) == 0
+
+
+def test_blob_mapping_protocol_len_and_iteration(db, monkeypatch):
+    files = db.blobs("b")
+    keys = ["b", "a", "", "emails/user123/attachment_01.txt", "ü", "c"]
+    for key in keys:
+        files[key] = key.encode()
+    assert len(files) == len(keys) and bool(db.blobs("empty"))
+    assert list(files) == sorted(keys) and files.keys() == sorted(keys)
+    monkeypatch.setattr(beaver, "PAGE_SIZE", 2)
+    assert list(files) == sorted(keys)
+    assert files["a"].data == b"a"
+    with pytest.raises(KeyError):
+        files["zzz"]
+    del files["a"]
+    with pytest.raises(KeyError):
+        del files["a"]
+    assert "a" not in files and len(files) == len(keys) - 1
+    files.clear()
+    assert len(files) == 0 and list(files) == []
+
+
+def test_blob_dump_and_load(db):
+    files = db.blobs("b")
+    files.put("bin", b"\x00\xff\x10binary", metadata={})
+    files.put("plain", b"text")
+    data = files.dump()
+    assert data["metadata"]["type"] == "blob" and data["metadata"]["count"] == 2
+    json.dumps(data)
+    copy = db.blobs("copy")
+    copy.load(json.loads(json.dumps(data)))
+    assert copy.get("bin") == ("bin", b"\x00\xff\x10binary", {})
+    assert copy.get("plain") == ("plain", b"text", None)
+
+
+# ---- lock / acquire ----
+
+@pytest.mark.parametrize("kind", ["dict", "list", "queue", "blobs"])
+def test_manager_acquire_is_truthy_and_yields_the_manager(db, kind):
+    manager = getattr(db, kind)("m")
+    held = manager.acquire(timeout=5)
+    assert held and bool(held) is True
+    with held as inside:
+        assert inside is manager
+    with manager.acquire(timeout=5) as inside:      # the lock was released: free again
+        assert inside is manager
+    assert manager.acquire(timeout=5)
+    manager.release()
+    with manager as inside:
+        assert inside is manager
+    with getattr(db, kind)("m") as inside:
+        assert inside is manager
+
+
+def test_manager_acquire_excludes_other_holders(tmp_path):
+    path = tmp_path / "lock.db"
+    with BeaverDB(path) as one, BeaverDB(path) as two:
+        with one.dict("c") as d:
+            d["x"] = 1
+            with pytest.raises(TimeoutError):
+                two.dict("c").acquire(block=False)
+            with pytest.raises(beaver.LockTimeout):
+                two.dict("c").acquire(timeout=0.05)
+            assert two.dict("other").acquire(block=False)   # other structures are free
+            two.dict("other").release()
+            assert two.list("c").acquire(block=False)       # so are other kinds
+            two.list("c").release()
+        with two.dict("c").acquire(block=False) as d2:
+            assert d2["x"] == 1
+
+
+def test_manager_acquire_excludes_threads(db):
+    d = db.dict("counter")
+    d["n"] = 0
+
+    def bump():
+        for _ in range(25):
+            with db.dict("counter") as c:
+                c["n"] = c["n"] + 1
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(MP_DEADLINE)
+    assert not any(t.is_alive() for t in threads)
+    assert d["n"] == 100
+
+
+def test_manager_release_without_acquire(db):
+    with pytest.raises(beaver.BeaverError):
+        db.dict("d").release()
+
+
+def test_manager_acquire_releases_on_exception(db):
+    d = db.dict("d")
+    with pytest.raises(RuntimeError):
+        with d:
+            raise RuntimeError("boom")
+    with d.acquire(block=False):
+        pass
+
+
+def _mp_increment(path, count, barrier):
+    db = BeaverDB(path)
+    barrier.wait(MP_DEADLINE)
+    for _ in range(count):
+        with db.dict("c") as d:
+            d["n"] = d.get("n", 0) + 1
+    db.close()
+
+
+def test_dict_four_processes_incrementing_under_the_manager_lock(tmp_path):
+    path, count = str(tmp_path / "mp.db"), 40
+    BeaverDB(path).close()
+    barrier = SPAWN.Barrier(4)
+    workers = [SPAWN.Process(target=_mp_increment, args=(path, count, barrier))
+               for _ in range(4)]
+    for p in workers:
+        p.start()
+    join_all(workers, time.monotonic() + MP_DEADLINE)
+    with BeaverDB(path) as db:
+        assert db.dict("c")["n"] == 4 * count
+
+
+# ---- BeaverDB ----
+
+def test_managers_are_cached_per_kind_and_name(db):
+    assert db.dict("a") is db.dict("a")
+    assert db.list("a") is db.list("a") and db.queue("a") is db.queue("a")
+    assert db.blobs("a") is db.blob("a")
+    assert len({id(db.dict("a")), id(db.list("a")), id(db.queue("a")), id(db.blobs("a")),
+                id(db.dict("b"))}) == 5
+    assert db.dict("a").name == "a" and "a" in repr(db.dict("a"))
+
+
+def test_model_conflict_is_an_error(db):
+    people = db.dict("people", model=Person)
+    assert db.dict("people", model=Person) is people
+    assert db.dict("people") is people                  # no model given: the open one
+    with pytest.raises(ValueError):
+        db.dict("people", model=Address)
+    plain = db.list("plain")
+    with pytest.raises(ValueError):
+        db.list("plain", model=Person)
+    assert db.list("plain") is plain and plain.model is None
+
+
+@pytest.mark.parametrize("name", ["", None, 5, b"x"])
+def test_bad_structure_names(db, name):
+    for factory in (db.dict, db.list, db.queue, db.blobs):
+        with pytest.raises(TypeError):
+            factory(name)
+
+
+@pytest.mark.parametrize("name", [
+    "it's", 'say "hi"', "x'; DROP TABLE beaver_dicts; --", "a\" OR 1=1 --", "%", "_", "*",
+    "beaver_dicts", "name WITH spaces", "../../etc/passwd", "ünï🦫", "\x00",
+])
+def test_names_are_just_names(tmp_path, name):
+    path = tmp_path / "names.db"
+    with BeaverDB(path) as db:
+        db.dict("plain")["k"] = "plain"
+        d, lst, q, b = db.dict(name), db.list(name), db.queue(name), db.blobs(name)
+        d["k"] = name
+        lst.push(name)
+        q.put(name)
+        b.put("k", b"x", metadata=name)
+        with d:
+            pass
+        assert d["k"] == name and list(lst) == [name] and len(q) == 1 and b.get("k").metadata == name
+        assert db.dict("plain")["k"] == "plain" and len(db.dict("plain")) == 1
+        assert len(db.dict("other")) == 0 and len(db.list("other")) == 0
+        d.clear()
+        assert db.dict("plain")["k"] == "plain"
+    assert raw_rows(path, "PRAGMA integrity_check") == [("ok",)]
+    with BeaverDB(path) as db:
+        assert list(db.list(name)) == [name] and db.queue(name).get(block=False).data == name
+
+
+def test_transaction_is_atomic_across_managers(db):
+    d, lst, q, b = db.dict("d"), db.list("l"), db.queue("q"), db.blobs("b")
+    with db.transaction() as tx:
+        assert tx is db
+        d["a"] = 1
+        lst.push(1)
+        q.put(1)
+        b.put("k", b"1")
+    assert (d["a"], list(lst), len(q), b.get("k").data) == (1, [1], 1, b"1")
+    with pytest.raises(ZeroDivisionError):
+        with db.transaction():
+            d["a"] = 2
+            d["new"] = 2
+            lst.push(2)
+            lst[0] = "changed"
+            q.put(2)
+            q.get(block=False)
+            b.put("k", b"2")
+            b.put("k2", b"2")
+            1 / 0
+    assert dict(d) == {"a": 1} and list(lst) == [1] and len(q) == 1 and list(b) == ["k"]
+    assert b.get("k").data == b"1" and q.peek().data == 1
+
+
+def test_transaction_nested_savepoints(db):
+    d = db.dict("d")
+    with db.transaction():
+        d["outer"] = 1
+        with db.transaction():
+            d["inner_ok"] = 1
+        with pytest.raises(KeyError):
+            with db.transaction():
+                d["inner_bad"] = 1
+                with db.transaction():
+                    d["deeper"] = 1
+                raise KeyError("roll back this level only")
+        d["after"] = 1
+    assert sorted(d) == ["after", "inner_ok", "outer"]
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            d["x"] = 1
+            with db.transaction():
+                d["y"] = 1
+            raise RuntimeError
+    assert "x" not in d and "y" not in d
+
+
+def test_transaction_is_invisible_to_other_threads_until_commit(db):
+    d = db.dict("d")
+    seen = {}
+
+    def look(label):
+        seen[label] = db.dict("d").get("k")
+    with db.transaction():
+        d["k"] = "v"
+        t = threading.Thread(target=look, args=("during",))
+        t.start()
+        t.join(MP_DEADLINE)
+    look("after")
+    assert seen == {"during": None, "after": "v"}
+
+
+def test_transaction_rolls_back_on_keyboard_interrupt(db):
+    with pytest.raises(KeyboardInterrupt):
+        with db.transaction():
+            db.list("l").push(1)
+            raise KeyboardInterrupt
+    assert len(db.list("l")) == 0
+    db.list("l").push(2)                 # and the connection is usable afterwards
+    assert list(db.list("l")) == [2]
+
+
+def test_context_manager_closes(tmp_path):
+    with BeaverDB(tmp_path / "cm.db") as db:
+        db.dict("d")["a"] = 1
+        assert not db.closed
+    assert db.closed and "closed" in repr(db)
+
+
+def test_calls_after_close_raise_closed_error(tmp_path):
+    db = BeaverDB(tmp_path / "closed.db")
+    d, lst, q, b = db.dict("d"), db.list("l"), db.queue("q"), db.blobs("b")
+    d["a"] = 1
+    lst.push(1)
+    db.close()
+    db.close()                          # idempotent
+    calls = [
+        lambda: d["a"], lambda: d.__setitem__("a", 2), lambda: d.get("a"), lambda: len(d),
+        lambda: list(d), lambda: "a" in d, lambda: d.set("a", 1, ttl_seconds=5),
+        lambda: lst.push(2), lambda: lst[0], lambda: len(lst), lambda: lst.pop(),
+        lambda: q.put(1), lambda: q.get(block=False), lambda: q.get(timeout=1), lambda: len(q),
+        lambda: b.put("k", b"x"), lambda: b.get("k"), lambda: d.dump(), lambda: lst.clear(),
+        lambda: db.dict("d"), lambda: db.list("new"), lambda: db.queue("q"), lambda: db.blobs("b"),
+        lambda: db.lock("l"), lambda: d.acquire(timeout=1), lambda: db.transaction().__enter__(),
+    ]
+    for call in calls:
+        with pytest.raises(beaver.ClosedError):
+            call()
+
+
+def test_close_from_main_closes_every_threads_connection(tmp_path):
+    db = BeaverDB(tmp_path / "threads.db")
+    ready, release = threading.Barrier(5), threading.Event()
+    errors = []
+
+    def work(i):
+        db.list("l").push(i)
+        ready.wait(MP_DEADLINE)
+        release.wait(MP_DEADLINE)
+        try:
+            db.list("l").push(i)
+        except beaver.ClosedError:
+            errors.append(i)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    ready.wait(MP_DEADLINE)
+    connections = [conn for _, conn in db._core._conns]
+    assert len(connections) >= 5        # four workers and the main thread
+    db.close()
+    for conn in connections:
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+    release.set()
+    for t in threads:
+        t.join(MP_DEADLINE)
+    assert sorted(errors) == [0, 1, 2, 3]
+
+
+def test_close_wakes_a_blocked_get(tmp_path):
+    db = BeaverDB(tmp_path / "wake.db")
+    outcome = []
+    started = threading.Event()
+
+    def consume():
+        started.set()
+        try:
+            db.queue("q").get(timeout=MP_DEADLINE)
+        except beaver.BeaverError as e:
+            outcome.append(e)
+    t = threading.Thread(target=consume)
+    t.start()
+    started.wait(MP_DEADLINE)
+    deadline = time.monotonic() + MP_DEADLINE
+    while not db._core.watcher.users and time.monotonic() < deadline:
+        time.sleep(0.001)               # wait until the consumer is really waiting
+    db.close()
+    t.join(MP_DEADLINE)
+    assert not t.is_alive() and isinstance(outcome[0], beaver.ClosedError)
+
+
+def _mixed_work(db, worker, rounds, got):
+    d, lst, q, b = db.dict("d"), db.list("l"), db.queue("q"), db.blobs("b")
+    for i in range(rounds):
+        d[f"{worker}:{i}"] = i
+        lst.push([worker, i])
+        q.put([worker, i], priority=i % 3)
+        b.put(f"{worker}:{i}", bytes([worker, i]))
+        with db.transaction():
+            d["total"] = d.get("total", 0) + 1
+        got.append(tuple(q.get(timeout=MP_DEADLINE).data))
+        assert d[f"{worker}:{i}"] == i and f"{worker}:{i}" in b
+        len(lst), list(d)[:3], lst[-1]
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_threads_share_one_database(tmp_path, where):
+    db = BeaverDB(tmp_path / "threads.db" if where == "file" else ":memory:")
+    workers, rounds, got, errors = 8, 30, [], []
+
+    def run(w):
+        try:
+            _mixed_work(db, w, rounds, got)
+        except Exception as e:          # reported below, with the thread's error
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(MP_DEADLINE)
+    try:
+        assert not any(t.is_alive() for t in threads) and errors == []
+        expected = sorted((w, i) for w in range(workers) for i in range(rounds))
+        assert sorted(got) == expected                         # each item got exactly once
+        assert sorted(map(tuple, db.list("l"))) == expected
+        assert len(db.dict("d")) == workers * rounds + 1 and db.dict("d")["total"] == len(expected)
+        assert len(db.blobs("b")) == workers * rounds and len(db.queue("q")) == 0
+        connections = [conn for _, conn in db._core._conns]
+    finally:
+        db.close()
+    for conn in connections:
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+
+
+def test_memory_databases_are_private_and_vanish(tmp_path):
+    one, two = BeaverDB(":memory:"), BeaverDB(":memory:")
+    one.dict("d")["k"] = 1
+    assert "k" not in two.dict("d")
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(one.dict("d")["k"]))
+    t.start()
+    t.join(MP_DEADLINE)
+    assert seen == [1]
+    backing = one.path
+    one.close()
+    two.close()
+    assert not os.path.exists(backing)
+
+
+def test_on_and_off_deliver_events_after_commit(db):
+    config = db.dict("app_config")
+    received, arrived = [], threading.Event()
+
+    def callback(payload):
+        received.append((payload["event"], payload["key"]))
+        arrived.set()
+    set_handle = config.on("set", callback)
+    del_handle = config.on("del", callback)
+    config["theme"] = "dark"
+    assert arrived.wait(MP_DEADLINE)
+    arrived.clear()
+    del config["theme"]
+    assert arrived.wait(MP_DEADLINE)
+    set_handle.off()
+    del_handle.off()
+    set_handle.off()                    # idempotent
+    assert received == [("set", "theme"), ("del", "theme")]
+    with pytest.raises(TypeError):
+        config.on("set", "not callable")
+
+
+def test_events_skip_rolled_back_writes(db):
+    d = db.dict("d")
+    got, done = [], threading.Event()
+
+    def callback(payload):
+        got.append(payload["key"])
+        if payload["key"] == "last":
+            done.set()
+    handle = d.on("set", callback)
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            d["rolled_back"] = 1
+            raise RuntimeError
+    with db.transaction():
+        d["committed"] = 1
+        with pytest.raises(RuntimeError):
+            with db.transaction():
+                d["savepoint_rolled_back"] = 1
+                raise RuntimeError
+    d["last"] = 1
+    assert done.wait(MP_DEADLINE)
+    handle.off()
+    assert got == ["committed", "last"]
+
+
+# ---- async ----
+
+def test_as_async_on_every_manager(db):
+    async def main():
+        adict = db.dict("d").as_async()
+        await adict.set("theme", "dark", ttl_seconds=60)
+        await adict.setitem("k", 1)
+        assert await adict.getitem("theme") == "dark" and await adict.get("nope", 0) == 0
+        assert await adict.len() == 2 and await adict.contains("k")
+        assert [k async for k in adict] == ["k", "theme"]
+        await adict.delitem("k")
+        assert await adict.items() == [("theme", "dark")]
+
+        alist = db.list("l").as_async()
+        await alist.push(1)
+        await alist.prepend(0)
+        await alist.extend([2, 3])
+        assert await alist.getitem(-1) == 3 and await alist.getitem(slice(1, 3)) == [1, 2]
+        assert await alist.pop() == 3 and await alist.deque() == 0 and await alist.len() == 2
+
+        aqueue = db.queue("q").as_async()
+        waiter = asyncio.ensure_future(aqueue.get(timeout=MP_DEADLINE))
+        await aqueue.put({"job": 1}, priority=2)
+        assert (await waiter).data == {"job": 1}
+        with pytest.raises(beaver.QueueEmpty):
+            await aqueue.get(block=False)
+
+        ablobs = db.blobs("b").as_async()
+        await ablobs.put("k", b"data", metadata={})
+        assert (await ablobs.get("k")).metadata == {} and await ablobs.contains("k")
+        await ablobs.delete("k")
+        assert await ablobs.len() == 0
+
+        async with db.dict("d").as_async() as locked:
+            assert locked.sync is db.dict("d")
+        dumped = await adict.dump()
+        assert dumped["metadata"]["count"] == 1
+        assert "Async" in repr(adict)
+    asyncio.run(main())
+
+
+# ---- aliases ----
+
+def test_alias_imports():
+    from beaver import BeaverDB as B, Blob, Model, QueueItem  # noqa: F401
+    from beaver.blobs import Blob as AliasBlob
+    from beaver.queues import QueueItem as AliasQueueItem
+    from beaver.manager import DictManager
+    assert AliasQueueItem is QueueItem and AliasBlob is Blob and DictManager is beaver.DictManager
+
+
+def test_alias_module_import_binds_the_attribute():
+    code = ("import beaver.queues, beaver.blobs; "
+            "assert beaver.queues.QueueItem is beaver.QueueItem; "
+            "assert beaver.blobs.Blob is beaver.Blob")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(ROOT),
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+# ---- seed examples of the spec (dict, list, queue, blob, models, acquire, dump) ----
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_seed_quickstart_dict_and_list(in_tmp, capsys):
+    from beaver import BeaverDB
+    db = BeaverDB("my_data.db")
     config = db.dict("app_config")
     config["theme"] = "dark"
+    config["user_id"] = 123
+    print(f"App theme is: {config['theme']}")
+    tasks = db.list("daily_tasks")
+    tasks.push({"id": "task-001", "desc": "Write project report"})
+    tasks.push({"id": "task-002", "desc": "Deploy new feature"})
+    print(f"First task is: {tasks[0]['desc']}")
+    db.close()
+    assert capsys.readouterr().out == ("App theme is: dark\n"
+                                       "First task is: Write project report\n")
+    assert (in_tmp / "my_data.db").exists()
+
+
+def test_seed_old_readme_quickstart_dict_and_list(in_tmp, capsys):
+    db = BeaverDB("data.db")
+    config = db.dict("app_config")
+    config["theme"] = "dark"
+    print(f"Theme set to: {config['theme']}")
+    tasks = db.list("daily_tasks")
+    tasks.push("Write the project report")
+    tasks.push("Deploy the new feature")
+    print(f"First task is: {tasks[0]}")
+    db.close()
+    assert capsys.readouterr().out == ("Theme set to: dark\n"
+                                       "First task is: Write the project report\n")
+
+
+def test_seed_dict_section(in_tmp, capsys):
+    db = BeaverDB("demo.db")
+    config = db.dict("app_config")
+    config["theme"] = "dark"
+    config["retries"] = 3
+    config.set("user_ids", [101, 205, 301])
+    print(f"Configuration dictionary has {len(config)} items.")
+    theme = config["theme"]
+    print(f"Retrieved theme: {theme}")
+    non_existent = config.get("non_existent_key", "default_value")
+    print(f"Result for non_existent_key: {non_existent}")
+    print("\nIterating over config items:")
+    for key, value in config.items():
+        print(f" - {key}: {value}")
+    del config["retries"]
+    print(f"\nAfter deleting 'retries', config has {len(config)} items.")
+    db.close()
+    out = capsys.readouterr().out
+    assert "Configuration dictionary has 3 items." in out
+    assert "Retrieved theme: dark" in out and "non_existent_key: default_value" in out
+    assert " - user_ids: [101, 205, 301]" in out and " - retries: 3" in out
+    assert "config has 2 items." in out
+
+
+def test_seed_ttl_cache(in_tmp, capsys, clock):
+    sleep = clock.advance               # the example's sleeps, without the waiting
+    calls = []
+
+    def expensive_api_call(prompt: str):
+        print(f"--- Making expensive API call for: '{prompt}' ---")
+        calls.append(prompt)
+        sleep(2)
+        return "Quito"
+
+    db = BeaverDB("demo.db")
+    api_cache = db.dict("api_cache")
+    prompt = "capital of Ecuador"
+    response = api_cache.get(prompt)
+    if response is None:
+        print("Cache miss.")
+        response = expensive_api_call(prompt)
+        api_cache.set(prompt, response, ttl_seconds=10)
+    print(f"Response: {response}")
+    sleep(5)
+    response = api_cache.get(prompt)
+    if response is None:
+        pass
+    else:
+        print("Cache hit!")
+    print(f"Response: {response}")
+    sleep(12)
+    response = api_cache.get(prompt)
+    if response is None:
+        print("Cache miss (key expired).")
+        response = expensive_api_call(prompt)
+        api_cache.set(prompt, response, ttl_seconds=10)
+    else:
+        print("Cache hit!")
+    print(f"Response: {response}")
+    db.close()
+    out = capsys.readouterr().out
+    assert out.count("Cache miss.") == 1 and out.count("Cache hit!") == 1
+    assert "Cache miss (key expired)." in out and calls == [prompt, prompt]
+
+
+def test_seed_old_readme_api_cache(in_tmp):
+    db = BeaverDB("data.db")
+    api_cache = db.dict("external_api_cache")
+    response = api_cache.get("weather_new_york")
+    if response is None:
+        response = {"city": "New York", "temp": 21}
+        api_cache.set("weather_new_york", response, ttl_seconds=3600)
+    assert api_cache.get("weather_new_york") == {"city": "New York", "temp": 21}
+    db.close()
+
+
+def test_seed_lists(in_tmp, capsys):
+    db = BeaverDB("demo.db")
+    tasks = db.list("project_tasks")
+    tasks.push({"id": "task-002", "desc": "Write documentation"})
+    tasks.push({"id": "task-003", "desc": "Deploy to production"})
+    tasks.prepend({"id": "task-001", "desc": "Design the feature"})
+    print("\nCurrent tasks in order:")
+    for task in tasks:
+        print(f"  - {task['id']}: {task['desc']}")
+    print(f"\nThe first task is: {tasks[0]}")
+    print(f"The last task is: {tasks[-1]}")
+    print(f"A slice of the first two tasks: {tasks[0:2]}")
+    tasks[1] = {"id": "task-002", "desc": "Write and review documentation"}
+    print(f"Updated second task: {tasks[1]}")
+    del tasks[0]
+    print(f"List length after deletion: {len(tasks)}")
+    last_item = tasks.pop()
+    print(f"\nPopped the last task: {last_item}")
+    db.close()
+    out = capsys.readouterr().out
+    assert out.index("task-001") < out.index("task-002") < out.index("task-003")
+    assert "List length after deletion: 2" in out
+    assert "Popped the last task: {'id': 'task-003', 'desc': 'Deploy to production'}" in out
+    assert "Write and review documentation" in out
+
+
+def test_seed_old_readme_chat_history(in_tmp, capsys):
+    db = BeaverDB("data.db")
+    chat_history = db.list("conversation_with_user_123")
+    chat_history.push({"role": "user", "content": "Hello, Beaver!"})
+    chat_history.push({"role": "assistant", "content": "Hello! How can I help you today?"})
+    for message in chat_history:
+        print(f"{message['role']}: {message['content']}")
+    db.close()
+    assert capsys.readouterr().out == ("user: Hello, Beaver!\n"
+                                       "assistant: Hello! How can I help you today?\n")
+
+
+def test_seed_priority_queue(in_tmp, capsys):
+    db = BeaverDB("demo.db")
+    tasks = db.queue("agent_tasks")
+    tasks.put({"action": "summarize_news", "topic": "AI"}, priority=10)
+    tasks.put({"action": "respond_to_user", "user_id": "alice"}, priority=1)
+    tasks.put({"action": "run_backup", "target": "all"}, priority=20)
+    tasks.put({"action": "send_alert", "message": "CPU at 90%"}, priority=1)
+    item1 = tasks.get()
+    item2 = tasks.get()
+    item3 = tasks.get()
+    print(f"Agent's first task: {item1.data['action']}")
+    print(f"Agent's second task: {item2.data['action']}")
+    db.close()
+    assert item3.data["action"] == "summarize_news"
+    assert capsys.readouterr().out == ("Agent's first task: respond_to_user\n"
+                                       "Agent's second task: send_alert\n")
+
+
+def test_seed_old_readme_agent_tasks(in_tmp):
+    db = BeaverDB("data.db")
+    tasks = db.queue("agent_tasks")
+    tasks.put({"action": "summarize_news"}, priority=10)
+    tasks.put({"action": "respond_to_user"}, priority=1)
+    tasks.put({"action": "run_backup"}, priority=20)
+    next_task = tasks.get()
+    assert next_task.data["action"] == "respond_to_user"
+    db.close()
+
+
+def test_seed_blobs(in_tmp, capsys):
+    db = BeaverDB("demo.db")
+    attachments = db.blobs("user_uploads")
+    file_content = "This is the content of a virtual text file."
+    file_bytes = file_content.encode("utf-8")
+    file_key = "emails/user123/attachment_01.txt"
+    attachments.put(
+        key=file_key,
+        data=file_bytes,
+        metadata={"mimetype": "text/plain", "sender": "alice@example.com"}
+    )
+    blob = attachments.get(file_key)
+    if blob:
+        print(f"Retrieved Blob: {blob.key}")
+        print(f"Metadata: {blob.metadata}")
+        print(f"Data (decoded): '{blob.data.decode('utf-8')}'")
+    attachments.delete(file_key)
+    print(f"\nVerified deletion: {file_key not in attachments}")
+    db.close()
+    out = capsys.readouterr().out
+    assert f"Retrieved Blob: {file_key}" in out
+    assert "Metadata: {'mimetype': 'text/plain', 'sender': 'alice@example.com'}" in out
+    assert f"Data (decoded): '{file_content}'" in out and "Verified deletion: True" in out
+
+
+def test_seed_old_readme_avatar(in_tmp):
+    Path("avatar.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    db = BeaverDB("data.db")
+    attachments = db.blobs("user_uploads")
+    with open("avatar.png", "rb") as f:
+        avatar_bytes = f.read()
+    attachments.put(key="user_123_avatar.png", data=avatar_bytes,
+                    metadata={"mimetype": "image/png"})
+    avatar = attachments.get("user_123_avatar.png")
+    assert avatar.data == avatar_bytes and avatar.metadata == {"mimetype": "image/png"}
+    db.close()
+
+
+def test_seed_old_readme_user_profiles(in_tmp):
+    db = BeaverDB("data.db")
+    users = db.dict("user_profiles")
+    users["alice"] = {"hashed_password": "...", "email": "alice@example.com",
+                      "permissions": ["read", "write"]}
+    alice_profile = users.get("alice")
+    assert alice_profile["permissions"] == ["read", "write"]
+    db.close()
+
+
+def test_seed_pydantic_user(in_tmp, capsys):
+    pydantic = pytest.importorskip("pydantic")
+
+    class User(pydantic.BaseModel):
+        name: str
+        email: str
+        permissions: typing.List[str]
+
+    db = BeaverDB("user_data.db")
+    users = db.dict("user_profiles", model=User)
+    users["alice"] = User(name="Alice", email="alice@example.com",
+                          permissions=["read", "write"])
+    retrieved_user = users["alice"]
+    print(f"Retrieved: {retrieved_user.name}")
+    print(f"Permissions: {retrieved_user.permissions}")
+    db.close()
+    assert isinstance(retrieved_user, User)
+    assert capsys.readouterr().out == ("Retrieved: Alice\n"
+                                       "Permissions: ['read', 'write']\n")
+
+
+def test_seed_beaver_model_user(in_tmp, capsys):
+    from beaver import BeaverDB, Model
+
+    class User(Model):
+        name: str
+        email: str
+
+    db = BeaverDB("user_data.db")
+    users = db.dict("user_profiles", model=User)
+    users["alice"] = User(name="Alice", email="alice@example.com")
+    retrieved_user = users["alice"]
+    print(f"Retrieved: {retrieved_user.name}")
+    db.close()
+    assert isinstance(retrieved_user, User) and capsys.readouterr().out == "Retrieved: Alice\n"
+
+
+def _seed_acquire_batch():
+    """The spec's batch example, verbatim, as a function."""
+    db = BeaverDB("tasks.db")
+    tasks_to_process = []
+    try:
+        with db.queue('agent_tasks').acquire(timeout=5) as q:
+            for _ in range(10):
+                item = q.get(block=False)
+                tasks_to_process.append(item.data)
+    except (TimeoutError, IndexError):
+        print("Could not get 10 items.")
+        pass
+    print(f"Processing batch of {len(tasks_to_process)} items.")
+    db.close()
+    return tasks_to_process
+
+
+def test_seed_manager_acquire_batch(in_tmp, capsys):
+    assert _seed_acquire_batch() == []                    # empty queue: IndexError path
+    assert capsys.readouterr().out == ("Could not get 10 items.\n"
+                                       "Processing batch of 0 items.\n")
+    with BeaverDB("tasks.db") as db:
+        for i in range(12):
+            db.queue("agent_tasks").put(i)
+    assert _seed_acquire_batch() == list(range(10))
+    assert capsys.readouterr().out == "Processing batch of 10 items.\n"
+    with BeaverDB("tasks.db") as db:                      # lock held elsewhere: TimeoutError
+        with db.queue("agent_tasks").acquire(timeout=5):
+            with BeaverDB("tasks.db") as other, pytest.raises(TimeoutError):
+                other.queue("agent_tasks").acquire(timeout=0.05)
+        assert len(db.queue("agent_tasks")) == 2
+
+
+def test_seed_dump(in_tmp, capsys):
+    db = BeaverDB("my_app.db")
+    config = db.dict("app_config")
+    config["theme"] = "dark"
+    config["user_id"] = 456
+    with open("config_backup.json", "w") as f:
+        config.dump(f)
+    dump_data = config.dump()
+    print(dump_data['metadata'])
+    db.close()
+    saved = json.loads(Path("config_backup.json").read_text())
+    assert saved["items"] == dump_data["items"] == [
+        {"key": "theme", "value": "dark", "expires_at": None},
+        {"key": "user_id", "value": 456, "expires_at": None}]
+    assert "'type': 'dict'" in capsys.readouterr().out
+
+
+def test_seed_with_dict_as_config(in_tmp):
+    db = BeaverDB("demo.db")
+    with db.dict("config") as config:
+        config["theme"] = "dark"
+    assert db.dict("config")["theme"] == "dark"
+    db.close()
+
+
     assert config["theme"] == "dark"
     assert len(config) == 1
 
 
 # ---- vectors (beaver_vector: the faiss index) ----
 
-import os  # noqa: E402
-import signal  # noqa: E402
-import multiprocessing  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 _VEC_TABLES = [
     """CREATE TABLE IF NOT EXISTS beaver_vectors (collection TEXT, doc_id TEXT,
@@ -336,8 +2528,28 @@ def test_vector_crash_during_compaction_loses_nothing(tmp_path, faiss_ok):
         _same_answer(_VecCollection(db, "v", 16, "l2").search(q, 50), _brute(stored, q, "l2", 50))
 
 
-def test_vector_example_stress_runs():
-    example = Path(__file__).parent / "examples" / "stress_vectors.py"
-    out = subprocess.run([sys.executable, str(example)], capture_output=True, text=True,
-                         timeout=120, env=dict(os.environ, PYTHONPATH=str(example.parent.parent)))
-    assert out.returncode == 0, out.stderr
+# ---- examples ----
+# Every script in examples/ runs to completion in a scratch folder. A script that cannot run
+# alone (one half of a publisher/subscriber pair, say) opts out with a line reading
+# "# beaver-example: needs-args" in its source.
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+SKIP_MARK = "# beaver-example: needs-args"
+
+
+def test_examples_exist():
+    names = {path.name for path in EXAMPLES}
+    assert {"kvstore.py", "cache.py", "list.py", "pqueue.py", "producer_consumer.py",
+            "blobs.py", "type_hints.py", "tour.py"} <= names
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=[path.name for path in EXAMPLES])
+def test_example_runs(script, tmp_path):
+    if SKIP_MARK in script.read_text(encoding="utf-8"):
+        pytest.skip("the example needs arguments or a partner process")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    result = subprocess.run([sys.executable, str(script)], cwd=str(tmp_path), env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip(), "an example should show what it does"
