@@ -70,7 +70,7 @@ DEFAULTS = {
     "persist_fraction": 0.25,  # store a folded base when this fraction of it is new ...
     "persist_min": 1000,      # ... and at least this many log entries are newer than the stored one
     "part_bytes": 8 << 20,    # the stored base is split in parts of this size
-    "build_chunk": 2048,      # vectors added per step of an HNSW build
+    "build_chunk": 50000,     # vectors per step of an HNSW build (smaller steps: worse graph)
     "background": True,       # fold in a background thread (else only in compact())
 }
 LEASE_SECONDS = 60.0
@@ -314,25 +314,30 @@ class VectorIndex:
             "FROM beaver_ann_base WHERE collection = ?", (self.collection,)).fetchone()
 
     def _load(self):
-        """Load the stored base (or build a flat one from ``beaver_vectors``), then catch up."""
+        """Load the stored base (or build a flat one from ``beaver_vectors``), then catch up.
+
+        A stored base plus the log must account for every vector of the table; when they do
+        not (a process without this module wrote vectors), the index is rebuilt from the table.
+        """
         self._epoch += 1
         self._delta = _Delta(self.dim)
-        base = self._read_stored_base()
-        if base is None:
-            base = self._base_from_table()
-        self._base = base
-        self._last_seq = base.built_seq
-        self._catch_up()
-        stored = self._core.execute("SELECT count(*) FROM beaver_vectors WHERE collection = ?",
-                                    (self.collection,)).fetchone()[0]
-        if stored != len(self._base) + len(self._delta):
+        with self._read_snapshot():
+            base = self._read_stored_base()
+            self._base = base or self._base_from_table()
+            self._last_seq = self._base.built_seq
+            self._catch_up()
+            if base is None:
+                return
+            stored = self._core.execute("SELECT count(*) FROM beaver_vectors WHERE collection = ?",
+                                        (self.collection,)).fetchone()[0]
+            if stored == len(self._base) + len(self._delta):
+                return
             logger.warning("vector index of %r was out of step with its table (%d vs %d "
                            "vectors): rebuilt", self.collection,
                            len(self._base) + len(self._delta), stored)
             self._delta = _Delta(self.dim)
             self._base = self._base_from_table()
             self._last_seq = self._base.built_seq
-            self._catch_up()
 
     def _read_stored_base(self):
         with self._read_snapshot():
@@ -529,7 +534,10 @@ class VectorIndex:
         return _top(dist, ids, top_k)
 
     def _prepare(self, query):
-        q = np.asarray(query, dtype=np.float32).reshape(-1)
+        if isinstance(query, list):
+            q = np.fromiter(query, np.float32, len(query))
+        else:
+            q = np.asarray(query, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
             raise beaver.ValidationError(f"query has {q.shape[0]} dimensions, the collection "
                                          f"{self.collection!r} {self.dim}")
@@ -706,6 +714,8 @@ class VectorIndex:
             return False
         new = self._build(plan)
         with self._lock:
+            if self._closing:
+                raise _Stopped()
             if plan.epoch != self._epoch:
                 return True  # cleared or reloaded meanwhile: the new base is stale
             self._epoch += 1
@@ -894,11 +904,15 @@ class VectorIndex:
                     "last_seq": self._last_seq, "memory_bytes": memory}
 
     def close(self):
-        """Stop the background fold (``index.close()``); the stored base stays as it is."""
+        """Stop the background fold (``index.close()``); the stored base stays as it is.
+
+        Waits a little for the fold thread; one still inside a faiss build step gives up
+        (without writing anything) when the step ends.
+        """
         self._closing = True
         thread = self._thread
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
-            thread.join()
+            thread.join(timeout=2.0)
 
 
 def _alive(owner) -> bool:
