@@ -2222,10 +2222,6 @@ def test_seed_with_dict_as_config(in_tmp):
     db.close()
 
 
-    assert config["theme"] == "dark"
-    assert len(config) == 1
-
-
 # ---- examples ----
 # Every script in examples/ runs to completion in a scratch folder. A script that cannot run
 # alone (one half of a publisher/subscriber pair, say) opts out with a line reading
