@@ -3563,6 +3563,7 @@ def test_collection_vector_upsert_moves_and_reopen(tmp_path, monkeypatch):
 
 
 def test_collection_vectors_pure_python(docs, monkeypatch):
+    monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")  # beaver_vector may be imported already
     monkeypatch.setitem(sys.modules, "numpy", None)
     for i in range(20):
         docs.index(Document(id=f"d{i}", embedding=[float(i), 1.0]))
@@ -3704,6 +3705,309 @@ def test_collection_alias_module_and_async(db):
         return await coll.match("async")
 
     assert [d.id for d, _ in asyncio.run(run())] == ["a"]
+
+
+# ---- vectors (beaver_vector: the faiss index) ----
+# The collections run on beaver_vector whenever numpy and faiss import; these tests check it
+# against brute force, across reopen, processes and a crash mid-compaction.
+
+class _VecCollection:
+    """A collection with vectors, with helpers to reach its faiss index and its table."""
+
+    def __init__(self, db, name, metric="l2", **options):
+        self.db, self.name = db, name
+        self.coll = db.collection(name, metric=metric, **options)
+
+    @property
+    def index(self):
+        import beaver_vector
+        assert isinstance(self.coll._backend, beaver_vector.VectorIndex)
+        return self.coll._backend
+
+    def put(self, doc_id, vector):
+        self.coll.index(Document(id=doc_id, body={"g": doc_id},
+                                 embedding=[float(x) for x in vector]), fts=False)
+
+    def put_many(self, items):
+        with self.db.transaction():
+            for doc_id, vector in items:
+                self.put(doc_id, vector)
+
+    def delete(self, doc_id):
+        with contextlib.suppress(KeyError):
+            self.coll.drop(doc_id)
+
+    def search(self, vector, top_k=10, allowed=None):
+        where = None if allowed is None else {"g": sorted(allowed)}
+        hits = self.coll.search([float(x) for x in vector], top_k=top_k, where=where)
+        return [(doc.id, distance) for doc, distance in hits]
+
+    def stored(self) -> dict:
+        np = _np()
+        return {d: np.frombuffer(b, "<f4") for d, b in self.db._core.execute(
+            "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?", (self.name,))}
+
+
+def _np():
+    return pytest.importorskip("numpy")
+
+
+@pytest.fixture
+def faiss_ok(monkeypatch):
+    pytest.importorskip("numpy")
+    pytest.importorskip("faiss")
+    monkeypatch.delenv("BEAVER_VECTOR_BACKEND", raising=False)
+
+
+def _brute(stored, query, metric, top_k, allowed=None):
+    np = _np()
+    ids = [d for d in stored if allowed is None or d in allowed]
+    if not ids:
+        return []
+    matrix = np.array([stored[d] for d in ids], dtype=np.float64)
+    q = np.asarray(query, dtype=np.float64)
+    if metric == "l2":
+        dist = np.linalg.norm(matrix - q, axis=1)
+    elif metric == "ip":
+        dist = -(matrix @ q)
+    else:
+        norms = np.linalg.norm(matrix, axis=1) * np.linalg.norm(q)
+        dist = 1 - (matrix @ q) / np.where(norms == 0, 1, norms)
+    order = np.argsort(dist, kind="stable")[:top_k]
+    return [(ids[i], float(dist[i])) for i in order]
+
+
+def _same_answer(got, want, tol=1e-4):
+    """Equal up to float rounding and the order of (near-)ties."""
+    assert len(got) == len(want)
+    assert [d for _, d in got] == pytest.approx([d for _, d in want], abs=tol)
+    want_dist = dict(want)
+    cutoff = want[-1][1] if want else 0
+    for doc_id, dist in got:
+        assert doc_id in want_dist or dist >= cutoff - tol, (doc_id, dist)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
+def test_vector_exact_equals_brute_force(db, faiss_ok, metric, monkeypatch):
+    import beaver_vector
+    np = _np()
+    rng = np.random.default_rng(7)
+    coll = _VecCollection(db, "v", metric, fold_min=40, background=False)
+    coll.put_many((f"d{i}", rng.standard_normal(8)) for i in range(150))
+    for step in range(120):
+        doc_id = f"d{rng.integers(0, 200)}"
+        if step % 3 == 0:
+            coll.delete(doc_id)
+        else:
+            coll.put(doc_id, rng.standard_normal(8))
+        if step % 40 == 39:
+            coll.coll.compact()
+        if step % 7 == 0:
+            q = rng.standard_normal(8)
+            _same_answer(coll.search(q, 10), _brute(coll.stored(), q, metric, 10))
+    allowed = {f"d{i}" for i in range(0, 200, 3)}
+    q = rng.standard_normal(8)
+    _same_answer(coll.search(q, 5, allowed), _brute(coll.stored(), q, metric, 5, allowed))
+    monkeypatch.setattr(beaver_vector, "GATHER_BELOW", 0)    # the IDSelector path
+    _same_answer(coll.search(q, 5, allowed), _brute(coll.stored(), q, metric, 5, allowed))
+    faiss_answer = coll.search(q, 1000)
+    assert len(faiss_answer) == len(coll.stored())
+    monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")    # beaver.py's own exact search
+    with BeaverDB(db.path) as other:
+        builtin = _VecCollection(other, "v", metric, fold_min=40, background=False)
+        _same_answer(faiss_answer, builtin.search(q, 1000))
+        assert builtin.coll._backend is False
+
+
+def test_vector_persistence_across_reopen(tmp_path, faiss_ok):
+    np = _np()
+    rng = np.random.default_rng(1)
+    vectors = {f"d{i}": rng.standard_normal(6) for i in range(300)}
+    with BeaverDB(tmp_path / "v.db") as db:
+        coll = _VecCollection(db, "v", "cosine", background=False)
+        coll.put_many(list(vectors.items())[:200])
+        coll.coll.compact()                       # a stored base ...
+        for doc_id, v in list(vectors.items())[200:]:
+            coll.put(doc_id, v)                   # ... plus entries only in the log
+        coll.delete("d5")
+        coll.delete("d250")
+    with BeaverDB(tmp_path / "v.db") as db:
+        coll = _VecCollection(db, "v", "cosine", background=False)
+        q = rng.standard_normal(6)
+        _same_answer(coll.search(q, 300), _brute(coll.stored(), q, "cosine", 300))
+        assert coll.index.info()["count"] == 298
+        assert not {"d5", "d250"} & {d for d, _ in coll.search(q, 300)}
+        coll.put("d5", vectors["d5"])             # re-index after drop, then reopen
+    with BeaverDB(tmp_path / "v.db") as db:
+        coll = _VecCollection(db, "v", "cosine", background=False)
+        assert coll.search(vectors["d5"], 1)[0][0] == "d5"
+
+
+def test_vector_upsert_drop_clear(db, faiss_ok):
+    coll = _VecCollection(db, "v", "l2", fold_min=2, background=False)
+    coll.put("a", [1, 0, 0])
+    coll.put("b", [0, 1, 0])
+    coll.coll.compact()
+    coll.put("a", [0, 0, 5])                      # upsert: the old vector must disappear
+    assert coll.search([1, 0, 0], 1) == [("b", pytest.approx(2 ** 0.5))]
+    assert coll.search([0, 0, 5], 1) == [("a", pytest.approx(0))]
+    coll.delete("b")
+    coll.coll.compact()
+    assert [d for d, _ in coll.search([0, 1, 0], 5)] == ["a"]
+    coll.coll.index(Document(id="a", body="no vector any more"))
+    assert coll.search([0, 1, 0], 5) == []
+    coll.put("c", [1, 1, 1])
+    coll.coll.clear()
+    assert coll.search([0, 1, 0], 5) == []
+    coll.put("b", [0, 1, 0])
+    coll.coll.compact()
+    assert coll.search([0, 1, 0], 5) == [("b", pytest.approx(0))]
+    with BeaverDB(db.path) as other:
+        reopened = _VecCollection(other, "v", "l2", fold_min=2, background=False)
+        assert reopened.search([0, 1, 0], 5) == [("b", pytest.approx(0))]
+
+
+def test_vector_transaction_sees_own_writes_and_rollback(db, faiss_ok):
+    coll = _VecCollection(db, "v")
+    coll.put("a", [0, 0])
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            coll.put("b", [1, 1])
+            coll.delete("a")
+            assert [d for d, _ in coll.search([1, 1], 5)] == ["b"]
+            raise RuntimeError("roll back")
+    assert [d for d, _ in coll.search([1, 1], 5)] == ["a"]
+
+
+def test_vector_index_opened_inside_a_rolled_back_transaction(db, faiss_ok):
+    coll = _VecCollection(db, "v")
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            coll.put("a", [1, 2])                 # opens the index (and creates its tables)
+            raise RuntimeError("roll back")
+    coll.put("b", [3, 4])
+    assert coll.search([1, 2], 5) == [("b", pytest.approx(8 ** 0.5))]
+
+
+def test_vector_checks_dimension_metric_and_options(db, faiss_ok, monkeypatch):
+    import beaver_vector
+    coll = _VecCollection(db, "v")
+    coll.put("a", [1.0, 2.0, 3.0])
+    with pytest.raises(ValidationError):
+        coll.index.on_upsert("b", bytes(8))
+    with pytest.raises(ValueError):
+        coll.index.search([1.0], 1, None)
+    with pytest.raises(ValueError):
+        beaver_vector.open_index(db._core, "w", 3, "manhattan")
+    with pytest.raises(ValueError):
+        beaver_vector.open_index(db._core, "w", 3, "l2", ef_serach=5)
+    with pytest.raises(ValueError):
+        _VecCollection(db, "typo", ef_serach=5).put("a", [1.0])
+    monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")
+    with pytest.raises(FeatureUnavailable):
+        beaver_vector.open_index(db._core, "w", 3)
+
+
+def test_vector_hnsw_filters_and_rebuilds(db, faiss_ok):
+    np = _np()
+    rng = np.random.default_rng(3)
+    coll = _VecCollection(db, "v", "cosine", index="hnsw", fold_min=100, background=False,
+                          filter_exact_below=50, build_chunk=256)
+    coll.put_many((f"d{i}", rng.standard_normal(16)) for i in range(600))
+    coll.coll.compact()
+    assert coll.index.info()["kind"] == "hnsw"
+    for i in range(0, 600, 2):
+        coll.delete(f"d{i}")
+    q = rng.standard_normal(16)
+    assert all(int(d[1:]) % 2 for d, _ in coll.search(q, 20))
+    small = {f"d{i}" for i in range(1, 60, 2)}      # exact path
+    _same_answer(coll.search(q, 5, small), _brute(coll.stored(), q, "cosine", 5, small))
+    large = {f"d{i}" for i in range(1, 600, 4)}     # IDSelector path
+    got = coll.search(q, 10, large)
+    assert len(got) == 10 and {d for d, _ in got} <= large
+    coll.coll.compact()                             # half dead: rebuilt without them
+    assert coll.index.info()["dead"] == 0 and coll.index.info()["count"] == 300
+
+
+def _vec_writer(path, prefix, count, other, result):
+    with BeaverDB(path) as db:
+        coll = _VecCollection(db, "v", fold_min=50)
+        missing = 0
+        for i in range(count):
+            vector = [float(i), float(len(prefix)), 1.0, 0.5]
+            coll.put(f"{prefix}{i}", vector)
+            hit = coll.search(vector, 1)
+            if not hit or hit[0][1] > 1e-6:
+                missing += 1
+        deadline = time.monotonic() + MP_DEADLINE
+        seen = False
+        while time.monotonic() < deadline and not seen:   # the other's last write shows up
+            seen = any(d == f"{other}{count - 1}" for d, _ in coll.search([0, 0, 0, 0], 10 ** 6))
+        result.put((prefix, missing, seen))
+
+
+def test_vector_two_processes_insert_and_search(tmp_path, faiss_ok):
+    path = str(tmp_path / "v.db")
+    result = SPAWN.Queue()
+    workers = [SPAWN.Process(target=_vec_writer, args=(path, p, 150, o, result))
+               for p, o in (("a", "bb"), ("bb", "a"))]
+    for w in workers:
+        w.start()
+    answers = [result.get(timeout=MP_DEADLINE) for _ in workers]
+    for w in workers:
+        w.join(timeout=MP_DEADLINE)
+    assert sorted(answers) == [("a", 0, True), ("bb", 0, True)]
+    with BeaverDB(path) as db:
+        coll = _VecCollection(db, "v", fold_min=50)
+        q = [3.0, 1.0, 1.0, 0.5]
+        _same_answer(coll.search(q, 400), _brute(coll.stored(), q, "l2", 400))
+        assert coll.index.info()["count"] == 300
+
+
+def _vec_compactor(path):
+    import numpy as np
+    rng = np.random.default_rng(os.getpid())
+    with BeaverDB(path) as db:
+        coll = _VecCollection(db, "v", part_bytes=1024, background=False)
+        i = 0
+        while True:                              # killed from outside, mid-compaction
+            coll.put_many((f"d{i + j}", rng.standard_normal(16)) for j in range(200))
+            coll.delete(f"d{i // 2}")
+            i += 200
+            coll.coll.compact()
+
+
+def test_vector_crash_during_compaction_loses_nothing(tmp_path, faiss_ok):
+    path = str(tmp_path / "v.db")
+    child = SPAWN.Process(target=_vec_compactor, args=(path,))
+    child.start()
+    with BeaverDB(path) as db:
+        core = db._core
+
+        def mid_compaction():
+            try:
+                row = core.execute("SELECT count(DISTINCT generation), "
+                                   "(SELECT built_seq FROM beaver_ann_base) FROM beaver_ann_parts"
+                                   ).fetchone()
+            except beaver.BeaverError:           # tables not created yet
+                return None
+            return row[0] >= 2 and row[1] > 0 or None
+        found = core.watcher.wait_for(mid_compaction, timeout=MP_DEADLINE)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=MP_DEADLINE)
+        assert found, "never saw a compaction in progress"
+        assert core.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        coll = _VecCollection(db, "v", part_bytes=1024, background=False)
+        stored = coll.stored()
+        q = [0.5] * 16
+        _same_answer(coll.search(q, 50), _brute(stored, q, "l2", 50))
+        assert coll.index.info()["count"] == len(stored) > 0
+        coll.coll.compact()                      # the dead child's lease does not block it
+        parts = core.execute("SELECT count(DISTINCT generation) FROM beaver_ann_parts").fetchone()
+        assert parts[0] == 1
+    with BeaverDB(path) as db:
+        coll = _VecCollection(db, "v", part_bytes=1024, background=False)
+        _same_answer(coll.search(q, 50), _brute(stored, q, "l2", 50))
 
 
 # ---- dump/load/backup ----
