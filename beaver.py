@@ -3204,7 +3204,8 @@ CLI_KINDS = {
 
 
 def _number(value):
-    return int(value) if float(value).is_integer() else value
+    value = float(value)
+    return int(value) if value.is_integer() and abs(value) < 2 ** 53 else value
 
 
 class _UsageError(Exception):

@@ -205,6 +205,8 @@ def _structure_routes(router, ctx, factory, views):
     def describe(name: str, view: View = "summary"):
         manager = getattr(ctx.db, factory)(name)
         result = {"name": name, "size": len(manager)}
+        if isinstance(getattr(manager, "metric", None), str):
+            result["metric"] = manager.metric
         if view == "dump":
             result["dump"] = manager.dump()
         elif view != "summary":
@@ -381,7 +383,9 @@ def _queue_item(item) -> dict:
 
 
 def _number(value):
-    return int(value) if float(value).is_integer() else float(value)
+    """Whole numbers as int (as a local caller would pass them), within SQLite's range."""
+    value = float(value)
+    return int(value) if value.is_integer() and abs(value) < 2 ** 53 else value
 
 
 def _queue_routes(ctx) -> APIRouter:
