@@ -18,20 +18,30 @@ __version__ = "0.1.0"
 __all__ = [
     "BeaverDB", "Model", "QueueItem", "Blob", "Lock",
     "DictManager", "ListManager", "QueueManager", "BlobManager", "AsyncManager",
+    "LeasedItem", "LogManager", "LogEntry", "LiveView", "ChannelManager", "Subscriber",
+    "AsyncChannelManager", "AsyncSubscriber", "AsyncLogManager", "AsyncLock",
     "BeaverError", "ClosedError", "SchemaError", "LockTimeout", "LockLost", "QueueEmpty",
     "Timeout", "DatabaseBusy", "ValidationError", "FeatureUnavailable",
+    "Document", "CollectionManager", "rerank",
     "BeaverClient", "RemoteError", "Unauthorized", "main",
 ]
 
+import array
 import base64
+import collections
 import contextlib
 import datetime as _dt
 import functools
+import heapq
 import io
 import json
 import logging
+import math
+import operator
 import os
 import queue as _queue
+import re
+import select
 import sqlite3
 import sys
 import tempfile
@@ -39,11 +49,25 @@ import threading
 import time
 import types
 import typing
+import unicodedata
 import uuid
 import weakref
 from collections.abc import MutableMapping, MutableSequence
 
 logger = logging.getLogger("beaver")
+
+
+class _LazyModule:
+    """A module imported on first attribute access (keeps ``import beaver`` fast)."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(__import__(self._name), attr)
+
+
+asyncio = _LazyModule("asyncio")   # only the async wrappers need it
 
 
 class _LazyModule:
@@ -68,10 +92,17 @@ asyncio = _LazyModule("asyncio")
 SCHEMA_VERSION = 1
 DEFAULT_TIMEOUT = 30.0          # seconds a connection waits for SQLite's write lock
 WATCH_INTERVAL = 0.001          # seconds between two PRAGMA data_version checks
+WATCH_HOT = 0.05                # after a file change, poll every WATCH_INTERVAL this long
+WATCH_IDLE_CHECK = 0.1          # with inotify, the longest sleep between two checks
 WATCH_LINGER = 2.0              # seconds the watcher keeps polling after its last user left
 PURGE_INTERVAL = 1.0            # seconds between two purges of expired dict keys
 PURGE_BATCH = 500               # expired rows deleted per purge
 PAGE_SIZE = 1000                # rows fetched per page when iterating
+LISTENER_TTL = 10.0             # a listener registration lives this long without a heartbeat
+LISTENER_REFRESH = 0.05         # seconds a writer trusts its cache of listened topics
+EVENT_RETENTION = 60.0          # seconds cross-process event rows are kept
+CHANNEL_RETENTION = 3600.0      # default seconds a channel message is kept
+CHANNEL_MAX_MESSAGES = 100_000  # default messages kept per channel
 LOCK_WAITER_GRACE = 3.0         # a waiter that stops heart-beating this long loses its place
 _SHIFT = 1 << 60                # list positions live far below this; see ListManager._shift
 
@@ -399,10 +430,46 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_blobs (
         name TEXT NOT NULL, key TEXT NOT NULL, data BLOB NOT NULL, metadata TEXT,
         PRIMARY KEY (name, key)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_queue_leases (
+        lease INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, priority NUMERIC NOT NULL,
+        timestamp REAL NOT NULL, data TEXT NOT NULL, until REAL NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS beaver_queue_leases_due ON beaver_queue_leases (name, until)""",
+    """CREATE TABLE IF NOT EXISTS beaver_logs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, timestamp REAL NOT NULL,
+        data TEXT NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS beaver_logs_time ON beaver_logs (name, timestamp)""",
+    """CREATE TABLE IF NOT EXISTS beaver_channels (
+        seq INTEGER PRIMARY KEY, name TEXT NOT NULL, timestamp REAL NOT NULL,
+        data TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS beaver_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, name TEXT NOT NULL,
+        origin TEXT NOT NULL, timestamp REAL NOT NULL, payload TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS beaver_listeners (
+        owner TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, expires_at REAL NOT NULL,
+        PRIMARY KEY (owner, kind, name)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS beaver_locks (
         ticket INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, owner TEXT NOT NULL,
         expires_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0)""",
     """CREATE INDEX IF NOT EXISTS beaver_locks_name ON beaver_locks (name, ticket)""",
+    """CREATE TABLE IF NOT EXISTS beaver_collections (
+        collection TEXT PRIMARY KEY, dim INTEGER, metric TEXT NOT NULL DEFAULT 'l2', options TEXT,
+        version INTEGER NOT NULL DEFAULT 0, epoch INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS beaver_documents (
+        id INTEGER PRIMARY KEY, collection TEXT NOT NULL, doc_id TEXT NOT NULL, body TEXT,
+        UNIQUE (collection, doc_id))""",
+    """CREATE TABLE IF NOT EXISTS beaver_vectors (
+        collection TEXT NOT NULL, doc_id TEXT NOT NULL, vector BLOB NOT NULL,
+        PRIMARY KEY (collection, doc_id)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_terms (
+        collection TEXT NOT NULL, term TEXT NOT NULL, PRIMARY KEY (collection, term)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_trigrams (
+        collection TEXT NOT NULL, gram TEXT NOT NULL, size INTEGER NOT NULL, term TEXT NOT NULL,
+        PRIMARY KEY (collection, gram, size, term)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_edges (
+        collection TEXT NOT NULL, source TEXT NOT NULL, label TEXT NOT NULL, target TEXT NOT NULL,
+        metadata TEXT, PRIMARY KEY (collection, source, label, target)) WITHOUT ROWID""",
+    """CREATE INDEX IF NOT EXISTS beaver_edges_incoming
+        ON beaver_edges (collection, target, label, source)""",
 ]
 
 _live_cores: "weakref.WeakSet[_Core]" = weakref.WeakSet()
@@ -673,6 +740,58 @@ class _Core:
 # Change notification
 # ==========================================================================================
 
+class _FileNotify:
+    """Linux inotify on the database files, so an idle watcher sleeps instead of polling.
+
+    A commit by any process appends to the ``-wal`` file; the event wakes the watcher, which
+    then checks ``PRAGMA data_version`` (the truth) and polls every millisecond for a short
+    while. Elsewhere ``open`` returns None and the watcher polls every millisecond.
+    """
+
+    def __init__(self, fd):
+        self.fd = fd
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
+
+    @classmethod
+    def open(cls, paths):
+        if not sys.platform.startswith("linux") or os.environ.get("BEAVER_WATCH") == "poll":
+            return None
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd < 0:
+                return None
+            if any(libc.inotify_add_watch(fd, os.fsencode(p), 0x2) < 0 for p in paths):
+                os.close(fd)       # 0x2 = IN_MODIFY; a missing -wal file means: poll instead
+                return None
+        except (OSError, AttributeError, ImportError):
+            return None
+        return cls(fd)
+
+    def wait(self, timeout):
+        """Block until a watched file changes or ``timeout`` seconds pass."""
+        self._poller.poll(int(timeout * 1000))
+
+    def drain(self) -> bool:
+        """Consume pending events; True if there were any."""
+        got = False
+        while True:
+            try:
+                if not os.read(self.fd, 4096):
+                    return got
+                got = True
+            except BlockingIOError:
+                return got
+            except OSError:
+                return True
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 class _Watcher:
     """Wakes waiting threads when the database changes, whichever process wrote.
 
@@ -742,17 +861,32 @@ class _Watcher:
         try:
             conn = sqlite3.connect(self._core.path, timeout=self._core.timeout,
                                    isolation_level=None, check_same_thread=False)
+            cursor = conn.cursor()
+            version = lambda: cursor.execute("PRAGMA data_version").fetchone()[0]
+            last = version()
         except sqlite3.Error:
             logger.exception("beaver watcher could not open %s", self._core.path)
             return
-        idle_since = None
+        notify = _FileNotify.open([self._core.path + "-wal", self._core.path])
+        idle_since, hot_until = None, 0.0
         try:
-            last = conn.execute("PRAGMA data_version").fetchone()[0]
             while not self._stopping:
-                time.sleep(WATCH_INTERVAL)
-                version = conn.execute("PRAGMA data_version").fetchone()[0]
-                if version != last:
-                    last = version
+                if notify is None:
+                    time.sleep(WATCH_INTERVAL)
+                else:
+                    hot = time.monotonic() < hot_until
+                    notify.wait(WATCH_INTERVAL if hot else WATCH_IDLE_CHECK)
+                fresh = notify is not None and notify.drain()
+                if fresh:
+                    hot_until = time.monotonic() + WATCH_HOT
+                current = version()
+                for _ in range(3 if fresh and current == last else 0):
+                    time.sleep(WATCH_INTERVAL / 10)   # the WAL write precedes the commit mark
+                    current = version()
+                    if current != last:
+                        break
+                if current != last:
+                    last = current
                     self.wake()
                 if self.users:
                     idle_since = None
@@ -767,6 +901,8 @@ class _Watcher:
             if not self._stopping:
                 logger.exception("beaver watcher stopped")
         finally:
+            if notify is not None:
+                notify.close()
             conn.close()
 
     def stop(self):
@@ -781,6 +917,18 @@ class _Watcher:
 # ==========================================================================================
 # Events
 # ==========================================================================================
+
+_live_realtime: "weakref.WeakSet" = weakref.WeakSet()      # _Events and _Hub objects
+
+
+def _reset_realtime_after_fork():
+    for owner in list(_live_realtime):
+        owner._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_realtime_after_fork)
+
 
 class _EventHandle:
     """Returned by ``manager.on(...)``; call ``off()`` to stop listening."""
@@ -801,16 +949,65 @@ class _EventHandle:
 
 
 class _Events:
-    """Callbacks per (kind, name), run after commit on one dispatcher thread, in order."""
+    """Callbacks per (kind, name), in every process, run after commit on one dispatcher thread.
 
-    def __init__(self):
+    A write whose topic is listened to in this ``BeaverDB`` is queued in memory after commit.
+    A write whose topic is listened to by another ``BeaverDB`` (any process) is also stored in
+    ``beaver_events``, inside the writer's transaction. Listeners register in
+    ``beaver_listeners`` with a heartbeat, so a crashed process stops costing writers anything
+    after LISTENER_TTL. Writers know the listened topics from a cache refreshed every
+    LISTENER_REFRESH seconds, and ``on()`` for a new topic returns that much after registering,
+    so every write that starts after ``on()`` returns is delivered, whichever process made it.
+    The dispatcher reads other processes' rows and local events, in order, and isolates each
+    callback's errors (logged on the ``beaver`` logger).
+    """
+
+    def __init__(self, core):
+        _live_realtime.add(self)
+        self._core = core
+        self.origin = uuid.uuid4().hex
         self._handles: dict = {}
+        self._since: dict = {}            # topic -> last event seq when it was first listened to
         self._lock = threading.Lock()
-        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._inbox: collections.deque = collections.deque()
         self._thread = None
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._remote = frozenset()
+        self._remote_due = 0.0
+        self._last_seq = 0
+        self._beat_due = 0.0
+
+    # -- writer side ---------------------------------------------------------------------
 
     def listening(self, topic) -> bool:
+        """True if a callback of this ``BeaverDB`` listens to ``topic``."""
         return topic in self._handles
+
+    def remote(self, topic) -> bool:
+        """True if another ``BeaverDB`` (any process) listens to ``topic`` (cached)."""
+        now = time.monotonic()
+        if now >= self._remote_due:
+            self._remote_due = now + LISTENER_REFRESH
+            rows = self._core.execute(
+                "SELECT DISTINCT kind, name FROM beaver_listeners WHERE owner != ? "
+                "AND expires_at > ?", (self.origin, _now())).fetchall()
+            self._remote = frozenset(map(tuple, rows))
+        return topic in self._remote
+
+    def record(self, topic, payload):
+        """Store ``payload`` for other processes (inside the caller's transaction)."""
+        self._core.execute(
+            "INSERT INTO beaver_events (kind, name, origin, timestamp, payload) "
+            "VALUES (?, ?, ?, ?, ?)", (topic[0], topic[1], self.origin, _now(),
+                                       _json_dumps(payload)))
+
+    def emit(self, topic, payload):
+        """Queue a local event (called after commit)."""
+        self._inbox.append((topic, payload))
+        self._core.watcher.wake()
+
+    # -- listener side --------------------------------------------------------------------
 
     def add(self, topic, event, callback) -> _EventHandle:
         if not callable(callback):
@@ -819,42 +1016,120 @@ class _Events:
             raise TypeError("event must be a non-empty str such as 'set' or '*'")
         handle = _EventHandle(self, topic, event, callback)
         with self._lock:
+            new_topic = topic not in self._handles
+            if new_topic:
+                self._register(topic)
             self._handles[topic] = self._handles.get(topic, ()) + (handle,)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._dispatch, name="beaver-events",
                                                 daemon=True)
                 self._thread.start()
+        self._wakeup.set()
+        if new_topic:       # by now every writer's cache of listened topics includes it
+            time.sleep(LISTENER_REFRESH)
         return handle
+
+    def _register(self, topic):
+        with self._core.transaction():
+            self._core.execute(
+                "INSERT OR REPLACE INTO beaver_listeners (owner, kind, name, expires_at) "
+                "VALUES (?, ?, ?, ?)", (self.origin, topic[0], topic[1], _now() + LISTENER_TTL))
+            since = self._core.execute("SELECT coalesce(max(seq), 0) FROM beaver_events"
+                                       ).fetchone()[0]
+        self._since[topic] = since
+        if not self._handles:
+            self._last_seq = since
 
     def remove(self, handle):
         with self._lock:
             rest = tuple(h for h in self._handles.get(handle.topic, ()) if h is not handle)
             if rest:
                 self._handles[handle.topic] = rest
-            else:
-                self._handles.pop(handle.topic, None)
-
-    def emit(self, topic, payload):
-        handles = self._handles.get(topic)
-        if handles:
-            self._inbox.put((handles, payload))
+                return
+            self._handles.pop(handle.topic, None)
+            self._since.pop(handle.topic, None)
+        if not self._core.closed:
+            self._core.execute("DELETE FROM beaver_listeners WHERE owner = ? AND kind = ? "
+                               "AND name = ?", (self.origin, *handle.topic))
 
     def _dispatch(self):
-        while True:
-            item = self._inbox.get()
-            if item is None:
-                return
-            handles, payload = item
-            for handle in handles:
-                if handle.active and handle.event in ("*", payload["event"]):
-                    try:
-                        handle.callback(payload)
-                    except Exception:
-                        logger.exception("beaver event callback %r failed", handle.callback)
+        watcher = self._core.watcher
+        while not self._stopping:
+            try:
+                if not self._handles and not self._inbox:
+                    self._wakeup.wait(LISTENER_TTL / 3)
+                    self._wakeup.clear()
+                    continue
+                batch = watcher.wait_for(self._collect, None, cap=self._beat_wait)
+            except BeaverError:
+                if self._stopping or self._core.closed:
+                    return
+                logger.exception("beaver event dispatcher failed; retrying")
+                time.sleep(0.1)
+                continue
+            for topic, payload in batch:
+                self._deliver(topic, payload)
+
+    def _collect(self):
+        """The probe of the dispatcher: local events, then new rows of other processes."""
+        if time.monotonic() >= self._beat_due:
+            self._heartbeat()
+        batch = []
+        while self._inbox:
+            batch.append(self._inbox.popleft())
+        if self._handles:
+            batch.extend(self._fetch())
+        if batch or (not self._handles and not self._inbox):
+            return batch
+        return None
+
+    def _fetch(self):
+        rows = self._core.execute(
+            "SELECT seq, kind, name, payload FROM beaver_events WHERE seq > ? AND origin != ? "
+            "ORDER BY seq LIMIT ?", (self._last_seq, self.origin, PAGE_SIZE)).fetchall()
+        if rows:
+            self._last_seq = rows[-1][0]
+        since = self._since
+        return [((kind, name), json.loads(text)) for seq, kind, name, text in rows
+                if seq > since.get((kind, name), seq)]
+
+    def _deliver(self, topic, payload):
+        for handle in self._handles.get(topic, ()):
+            if handle.active and handle.event in ("*", payload.get("event")):
+                try:
+                    handle.callback(payload)
+                except Exception:
+                    logger.exception("beaver event callback %r failed", handle.callback)
+
+    def _beat_wait(self):
+        return max(0.0, self._beat_due - time.monotonic())
+
+    def _heartbeat(self):
+        """Keep our registrations alive; drop dead processes' ones and old event rows."""
+        self._beat_due = time.monotonic() + LISTENER_TTL / 3
+        now = _now()
+        topics = list(self._handles)
+        with self._core.transaction():
+            self._core.execute("DELETE FROM beaver_listeners WHERE expires_at <= ?", (now,))
+            self._core.executemany(
+                "INSERT OR REPLACE INTO beaver_listeners (owner, kind, name, expires_at) "
+                "VALUES (?, ?, ?, ?)", [(self.origin, k, n, now + LISTENER_TTL) for k, n in topics])
+            first = self._core.execute(
+                "SELECT seq FROM beaver_events WHERE timestamp >= ? ORDER BY seq LIMIT 1",
+                (now - EVENT_RETENTION,)).fetchone()
+            self._core.execute("DELETE FROM beaver_events WHERE seq < ?",
+                               (first[0] if first else 1 << 62,))
+
+    def _after_fork(self):
+        """A forked child starts with no listeners and an identity of its own."""
+        self.__init__(self._core)
 
     def stop(self):
-        if self._thread is not None:
-            self._inbox.put(None)
+        self._stopping = True
+        self._wakeup.set()
+        if self._handles and not self._core.closed:
+            with contextlib.suppress(BeaverError):
+                self._core.execute("DELETE FROM beaver_listeners WHERE owner = ?", (self.origin,))
 
 
 # ==========================================================================================
@@ -912,13 +1187,27 @@ class _Manager:
     # -- writes and events -------------------------------------------------------------
 
     def _wrote(self, event, **fields):
-        """After a write: wake waiters and, if anybody listens, emit ``event``."""
-        core = self._core
+        """After a write: wake waiters and, if anybody listens anywhere, emit ``event``.
+
+        Other processes' listeners get the event from ``beaver_events``, written here, inside
+        the caller's transaction (see ``_atomic``); this process's ones get it after commit.
+        """
+        core, events = self._core, self._db._events
         if core.watcher.users:
             core.after_commit(core.watcher.wake)
-        if self._db._events.listening(self._topic):
+        local, remote = events.listening(self._topic), events.remote(self._topic)
+        if local or remote:
             payload = {"event": event, "kind": self._kind, "name": self._name, **fields}
-            core.after_commit(lambda: self._db._events.emit(self._topic, payload))
+            if remote:
+                events.record(self._topic, payload)
+            if local:
+                core.after_commit(lambda: events.emit(self._topic, payload))
+
+    def _atomic(self):
+        """A transaction around a single-statement write if its event must be stored with it."""
+        if self._db._events.remote(self._topic):
+            return self._core.transaction()
+        return contextlib.nullcontext()
 
     def on(self, event, callback) -> _EventHandle:
         """Call ``callback(payload)`` after every ``event`` ('set', 'del', ... or '*').
@@ -1084,22 +1373,24 @@ class DictManager(_Manager, MutableMapping):
         key, ttl = _check_key(key), _check_ttl(ttl_seconds)
         text = self._codec.encode(value)
         expires_at = None if ttl is None else _now() + ttl
-        self._core.execute(
-            "INSERT INTO beaver_dicts (name, key, value, expires_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (name, key) DO UPDATE SET value = excluded.value, "
-            "expires_at = excluded.expires_at",
-            (self._name, key, text, expires_at))
-        self._wrote("set", key=key, value=_to_jsonable(value))
+        with self._atomic():
+            self._core.execute(
+                "INSERT INTO beaver_dicts (name, key, value, expires_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name, key) DO UPDATE SET value = excluded.value, "
+                "expires_at = excluded.expires_at",
+                (self._name, key, text, expires_at))
+            self._wrote("set", key=key, value=_to_jsonable(value))
         if self._core.purge_due():
             self._purge_expired()
 
     def __delitem__(self, key):
-        cursor = self._core.execute(
-            f"DELETE FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, _check_key(key), _now()))
-        if cursor.rowcount == 0:
-            raise KeyError(key)
-        self._wrote("del", key=key)
+        with self._atomic():
+            cursor = self._core.execute(
+                f"DELETE FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
+                (self._name, _check_key(key), _now()))
+            if cursor.rowcount == 0:
+                raise KeyError(key)
+            self._wrote("del", key=key)
 
     def __contains__(self, key):
         if not isinstance(key, str):
@@ -1326,20 +1617,22 @@ class ListManager(_Manager, MutableSequence):
     def push(self, value):
         """Append ``value`` at the end (``append`` is the same)."""
         text = self._codec.encode(value)
-        self._core.execute(
-            f"INSERT INTO beaver_lists (name, pos, value) "
-            f"VALUES (?, coalesce({self._MAX} + 1, 0), ?)", (self._name, self._name, text))
-        self._wrote("push", value=_to_jsonable(value))
+        with self._atomic():
+            self._core.execute(
+                f"INSERT INTO beaver_lists (name, pos, value) "
+                f"VALUES (?, coalesce({self._MAX} + 1, 0), ?)", (self._name, self._name, text))
+            self._wrote("push", value=_to_jsonable(value))
 
     append = push
 
     def prepend(self, value):
         """Insert ``value`` at the front."""
         text = self._codec.encode(value)
-        self._core.execute(
-            f"INSERT INTO beaver_lists (name, pos, value) "
-            f"VALUES (?, coalesce({self._MIN} - 1, 0), ?)", (self._name, self._name, text))
-        self._wrote("prepend", value=_to_jsonable(value))
+        with self._atomic():
+            self._core.execute(
+                f"INSERT INTO beaver_lists (name, pos, value) "
+                f"VALUES (?, coalesce({self._MIN} - 1, 0), ?)", (self._name, self._name, text))
+            self._wrote("prepend", value=_to_jsonable(value))
 
     def extend(self, values):
         """Append every item of ``values`` in one transaction."""
@@ -1505,6 +1798,11 @@ class QueueItem(typing.NamedTuple):
     data: typing.Any
 
 
+class LeasedItem(QueueItem):
+    """A ``QueueItem`` from ``get(lease=...)``; pass it to ``ack()`` when done."""
+    lease_id = None
+
+
 class QueueManager(_Manager):
     """A persistent priority queue; every item is handed to exactly one ``get``.
 
@@ -1525,39 +1823,115 @@ class QueueManager(_Manager):
         if priority != priority:
             raise ValueError("priority must not be NaN")
         text = self._codec.encode(data)
-        self._core.execute(
-            "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)",
-            (self._name, priority, _now(), text))
-        self._wrote("put", priority=priority, data=_to_jsonable(data))
+        with self._atomic():
+            self._core.execute(
+                "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)",
+                (self._name, priority, _now(), text))
+            self._wrote("put", priority=priority, data=_to_jsonable(data))
 
-    def get(self, block=True, timeout=None) -> QueueItem:
+    def get(self, block=True, timeout=None, lease=None) -> QueueItem:
         """Remove and return the first item.
 
         With ``block=False`` an empty queue raises ``QueueEmpty`` (an ``IndexError``);
         otherwise it waits, up to ``timeout`` seconds if given, then raises ``TimeoutError``.
+
+        ``lease=seconds`` delivers at least once instead of exactly once: the item is hidden,
+        not deleted, and comes back to the queue (at the end of its priority) unless
+        ``ack(item)`` is called within ``lease`` seconds:
+
+            >>> item = jobs.get(lease=30)
+            >>> process(item.data)
+            >>> jobs.ack(item)
         """
         timeout = _seconds(timeout, "timeout")
+        lease = _seconds(lease, "lease")
+        if lease is not None and lease <= 0:
+            raise ValueError("lease must be positive")
+        take = functools.partial(self._take, lease)
         if not block:
-            item = self._take()
+            item = take()
             if item is None:
                 raise QueueEmpty(f"queue {self._name!r} is empty")
             return item
-        item = self._core.watcher.wait_for(self._take, timeout)
+        item = self._core.watcher.wait_for(take, timeout, cap=self._lease_due)
         if item is None:
             raise Timeout(f"no item arrived in queue {self._name!r} within {timeout}s")
         return item
 
-    def _take(self):
+    def _take(self, lease=None):
         with self._core.transaction():
+            now = _now()
+            self._reclaim(now)
             row = self._core.execute(
                 "SELECT seq, priority, timestamp, data FROM beaver_queues WHERE name = ? "
                 "ORDER BY priority, seq LIMIT 1", (self._name,)).fetchone()
             if row is None:
                 return None
             self._core.execute("DELETE FROM beaver_queues WHERE seq = ?", (row[0],))
-            item = QueueItem(row[1], row[2], self._codec.decode(row[3]))
-            self._wrote("get", priority=item.priority, data=json.loads(row[3]))
+            if lease is None:
+                item = QueueItem(row[1], row[2], self._codec.decode(row[3]))
+            else:
+                cursor = self._core.execute(
+                    "INSERT INTO beaver_queue_leases (name, priority, timestamp, data, until) "
+                    "VALUES (?, ?, ?, ?, ?)", (self._name, row[1], row[2], row[3], now + lease))
+                item = LeasedItem(row[1], row[2], self._codec.decode(row[3]))
+                item.lease_id = cursor.lastrowid
+            self._wrote("get", priority=item.priority, data=json.loads(row[3]), lease=lease)
         return item
+
+    def clear(self):
+        """Remove every item, leased ones included."""
+        with self._core.transaction():
+            self._core.execute("DELETE FROM beaver_queue_leases WHERE name = ?", (self._name,))
+            super().clear()
+
+    def _reclaim(self, now):
+        """Put items whose lease ran out back into the queue (inside a transaction)."""
+        if self._core.execute("SELECT 1 FROM beaver_queue_leases WHERE name = ? AND until <= ?",
+                              (self._name, now)).fetchone() is None:
+            return
+        self._core.execute(
+            "INSERT INTO beaver_queues (name, priority, timestamp, data) SELECT name, priority, "
+            "timestamp, data FROM beaver_queue_leases WHERE name = ? AND until <= ? "
+            "ORDER BY lease", (self._name, now))
+        self._core.execute("DELETE FROM beaver_queue_leases WHERE name = ? AND until <= ?",
+                           (self._name, now))
+
+    def _lease_due(self):
+        """Seconds until the next lease of this queue runs out (bounds a blocked ``get``)."""
+        row = self._core.execute("SELECT min(until) FROM beaver_queue_leases WHERE name = ?",
+                                 (self._name,)).fetchone()
+        return None if row[0] is None else max(0.0, row[0] - _now()) + 0.0005
+
+    def ack(self, item) -> bool:
+        """Finish an item taken with ``get(lease=...)``: it will not come back.
+
+        Returns False if its lease had already run out and the item went back to the queue
+        (so another worker may process it too).
+        """
+        lease_id = getattr(item, "lease_id", None)
+        if lease_id is None:
+            raise TypeError("ack() takes an item returned by get(lease=...)")
+        with self._atomic():
+            cursor = self._core.execute(
+                "DELETE FROM beaver_queue_leases WHERE lease = ? AND name = ?",
+                (lease_id, self._name))
+            if cursor.rowcount:
+                self._wrote("ack", priority=item.priority, data=_to_jsonable(item.data))
+        return cursor.rowcount == 1
+
+    def nack(self, item) -> bool:
+        """Give a leased item back to the queue now; False if its lease had already run out."""
+        lease_id = getattr(item, "lease_id", None)
+        if lease_id is None:
+            raise TypeError("nack() takes an item returned by get(lease=...)")
+        with self._core.transaction():
+            cursor = self._core.execute(
+                "UPDATE beaver_queue_leases SET until = 0 WHERE lease = ? AND name = ?",
+                (lease_id, self._name))
+            self._reclaim(_now())
+            self._wrote("nack", priority=item.priority, data=_to_jsonable(item.data))
+        return cursor.rowcount == 1
 
     def peek(self):
         """The item ``get`` would return next, without removing it; ``None`` if empty."""
@@ -1622,11 +1996,12 @@ class BlobManager(_Manager):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"blob data must be bytes-like, not {type(data).__name__}")
         meta = None if metadata is None else self._codec.encode(metadata)
-        self._core.execute(
-            "INSERT INTO beaver_blobs (name, key, data, metadata) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (name, key) DO UPDATE SET data = excluded.data, "
-            "metadata = excluded.metadata", (self._name, key, bytes(data), meta))
-        self._wrote("put", key=key, size=len(data), metadata=_to_jsonable(metadata))
+        with self._atomic():
+            self._core.execute(
+                "INSERT INTO beaver_blobs (name, key, data, metadata) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name, key) DO UPDATE SET data = excluded.data, "
+                "metadata = excluded.metadata", (self._name, key, bytes(data), meta))
+            self._wrote("put", key=key, size=len(data), metadata=_to_jsonable(metadata))
 
     def get(self, key):
         """The ``Blob`` stored under ``key``, or ``None``."""
@@ -1648,11 +2023,12 @@ class BlobManager(_Manager):
 
     def delete(self, key):
         """Remove the blob under ``key``; ``KeyError`` if there is none."""
-        cursor = self._core.execute("DELETE FROM beaver_blobs WHERE name = ? AND key = ?",
-                                    (self._name, _check_key(key)))
-        if cursor.rowcount == 0:
-            raise KeyError(key)
-        self._wrote("delete", key=key)
+        with self._atomic():
+            cursor = self._core.execute("DELETE FROM beaver_blobs WHERE name = ? AND key = ?",
+                                        (self._name, _check_key(key)))
+            if cursor.rowcount == 0:
+                raise KeyError(key)
+            self._wrote("delete", key=key)
 
     __delitem__ = delete
 
@@ -1692,6 +2068,487 @@ class BlobManager(_Manager):
     def _load_items(self, items):
         for item in items:
             self.put(item["key"], base64.b64decode(item["data"]), item.get("metadata"))
+
+
+# ==========================================================================================
+# Log
+# ==========================================================================================
+
+class LogEntry(typing.NamedTuple):
+    """One log record: when it happened (an aware UTC ``datetime``) and its data."""
+    timestamp: _dt.datetime
+    data: typing.Any
+
+
+def _epoch(value, what="timestamp") -> float:
+    """Seconds since the epoch from a ``datetime`` (naive = local time) or a number."""
+    if isinstance(value, _dt.datetime):
+        return value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a datetime or epoch seconds, not {value!r}")
+    return float(value)
+
+
+def _utc(seconds) -> _dt.datetime:
+    return _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
+
+
+class LogManager(_Manager):
+    """A time-indexed log of structured entries, with range queries and live aggregates.
+
+        >>> metrics = db.log("system_metrics")
+        >>> metrics.log({"cpu": 0.4})
+        >>> metrics.log({"cpu": 0.9}, timestamp=datetime.now(timezone.utc))
+        >>> [entry.data["cpu"] for entry in metrics.range(start=time.time() - 60)]
+        [0.4, 0.9]
+
+    Timestamps are ``datetime`` objects or epoch seconds; a naive ``datetime`` is taken as
+    local time (as ``datetime.timestamp()`` does). Entries come back as ``LogEntry`` with an
+    aware UTC timestamp, in time order (equal timestamps keep insertion order).
+    ``retention`` (seconds or a ``timedelta``) drops older entries as new ones are logged.
+    """
+
+    _kind = "log"
+    _table = "beaver_logs"
+
+    def __init__(self, db, name, model=None, retention=None):
+        super().__init__(db, name, model)
+        self.retention = _seconds(retention, "retention")
+        self._next_prune = 0.0
+
+    def log(self, data, timestamp=None):
+        """Append ``data`` at ``timestamp`` (default: now)."""
+        when = _now() if timestamp is None else _epoch(timestamp)
+        text = self._codec.encode(data)
+        with self._atomic():
+            self._core.execute("INSERT INTO beaver_logs (name, timestamp, data) VALUES (?, ?, ?)",
+                               (self._name, when, text))
+            self._wrote("log", timestamp=when, data=_to_jsonable(data))
+        if self.retention is not None and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PURGE_INTERVAL
+            self._core.execute("DELETE FROM beaver_logs WHERE name = ? AND timestamp < ?",
+                               (self._name, _now() - self.retention))
+
+    def range(self, start=None, end=None) -> list:
+        """Entries with ``start <= timestamp <= end`` (either bound may be None), oldest first.
+
+            >>> for when, data in logs.range(start=datetime(2025, 1, 1, tzinfo=timezone.utc)):
+            ...     print(when, data)
+        """
+        low = float("-inf") if start is None else _epoch(start, "start")
+        high = float("inf") if end is None else _epoch(end, "end")
+        rows = self._core.execute(
+            "SELECT timestamp, data FROM beaver_logs WHERE name = ? AND timestamp BETWEEN ? AND ? "
+            "ORDER BY timestamp, seq", (self._name, low, high)).fetchall()
+        decode = self._codec.decode
+        return [LogEntry(_utc(t), decode(d)) for t, d in rows]
+
+    def __iter__(self):
+        decode = self._codec.decode
+        sql = ("SELECT timestamp, seq, data FROM beaver_logs WHERE name = ? AND (timestamp, seq) "
+               "> (?, ?) ORDER BY timestamp, seq LIMIT ?")
+        low, seq = float("-inf"), 0
+        while True:
+            rows = self._core.execute(sql, (self._name, low, seq, PAGE_SIZE)).fetchall()
+            for t, _, d in rows:
+                yield LogEntry(_utc(t), decode(d))
+            if len(rows) < PAGE_SIZE:
+                return
+            low, seq = rows[-1][0], rows[-1][1]
+
+    def __len__(self):
+        return self._core.execute("SELECT count(*) FROM beaver_logs WHERE name = ?",
+                                  (self._name,)).fetchone()[0]
+
+    def __bool__(self):
+        return True
+
+    def live(self, window, period, aggregator=list) -> "LiveView":
+        """An iterator of ``aggregator(entries in the last window)``, now and every ``period``.
+
+            >>> view = logs.live(window=timedelta(seconds=5), period=timedelta(seconds=1),
+            ...                  aggregator=lambda rows: len(rows))
+            >>> with view:
+            ...     for count in view:
+            ...         print(count)
+
+        Each period reads only the rows logged since the last one (in any process). Close it
+        with ``close()`` or a ``with`` block; iteration then stops.
+        """
+        return LiveView(self, window, period, aggregator)
+
+    def _dump_items(self):
+        rows = self._core.execute("SELECT timestamp, data FROM beaver_logs WHERE name = ? "
+                                  "ORDER BY timestamp, seq", (self._name,)).fetchall()
+        return [{"timestamp": t, "data": json.loads(d)} for t, d in rows]
+
+    def _load_items(self, items):
+        self._core.executemany(
+            "INSERT INTO beaver_logs (name, timestamp, data) VALUES (?, ?, ?)",
+            [(self._name, _epoch(i.get("timestamp", _now())), self._codec.encode(i["data"]))
+             for i in items])
+        self._wrote("load", count=len(items))
+
+    def as_async(self) -> "AsyncLogManager":
+        """An awaitable twin; ``async for summary in alog.live(...)`` works."""
+        return AsyncLogManager(self)
+
+
+class LiveView:
+    """The iterator returned by ``LogManager.live``: a rolling window, updated incrementally."""
+
+    def __init__(self, log, window, period, aggregator):
+        self._log = log
+        self.window = _seconds(window, "window")
+        self.period = _seconds(period, "period")
+        if not self.period:
+            raise ValueError("period must be positive")
+        if not callable(aggregator):
+            raise TypeError("aggregator must be callable")
+        self._aggregator = aggregator
+        self._entries: collections.deque = collections.deque()   # (timestamp, seq, data)
+        self._last_seq = None
+        self._due = None
+        self._closed = threading.Event()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._closed.is_set():
+            raise StopIteration
+        if self._due is not None:
+            wait = self._due - time.monotonic()
+            if wait > 0 and self._closed.wait(wait):
+                raise StopIteration
+        return self._tick()
+
+    def _wait_time(self) -> float:
+        return 0.0 if self._due is None else max(0.0, self._due - time.monotonic())
+
+    def _tick(self):
+        """Read the new rows, drop the old ones, and aggregate the window."""
+        now = time.monotonic()
+        self._due = now + self.period if self._due is None else max(self._due + self.period, now)
+        if self._last_seq is None:
+            self._load()
+        else:
+            self._read_new()
+        cutoff = _now() - self.window
+        entries = self._entries
+        while entries and entries[0][0] < cutoff:
+            entries.popleft()
+        return self._aggregator([data for _, _, data in entries])
+
+    def _load(self):
+        core, log = self._log._core, self._log
+        self._last_seq = core.execute("SELECT coalesce(max(seq), 0) FROM beaver_logs"
+                                      ).fetchone()[0]
+        rows = core.execute(
+            "SELECT timestamp, seq, data FROM beaver_logs WHERE name = ? AND timestamp >= ? "
+            "AND seq <= ? ORDER BY timestamp, seq",
+            (log.name, _now() - self.window, self._last_seq)).fetchall()
+        decode = log._codec.decode
+        self._entries.extend((t, s, decode(d)) for t, s, d in rows)
+
+    def _read_new(self):
+        log = self._log
+        rows = log._core.execute(
+            "SELECT timestamp, seq, data FROM beaver_logs WHERE seq > ? AND +name = ? "
+            "ORDER BY seq", (self._last_seq, log.name)).fetchall()
+        if not rows:
+            return
+        self._last_seq = rows[-1][1]
+        decode, entries = log._codec.decode, self._entries
+        for t, s, d in rows:
+            entry = (t, s, decode(d))
+            if not entries or entries[-1][:2] <= entry[:2]:
+                entries.append(entry)
+            else:                   # logged with an older timestamp: keep the window sorted
+                ordered = sorted([*entries, entry], key=lambda e: e[:2])
+                self._entries = entries = collections.deque(ordered)
+
+    def close(self):
+        """Stop the view; a blocked iteration ends at once."""
+        self._closed.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<LiveView {self._log.name!r} window={self.window}s period={self.period}s>"
+
+
+# ==========================================================================================
+# Channel
+# ==========================================================================================
+
+class ChannelManager(_Manager):
+    """A pub/sub channel: every subscriber gets every message published after it subscribed.
+
+        >>> events = db.channel("system_events")
+        >>> with events.subscribe() as listener:
+        ...     events.publish({"event": "user_login", "user_id": "alice"})
+        ...     for message in listener.listen(timeout=5):
+        ...         print(message)
+        ...         break
+        {'event': 'user_login', 'user_id': 'alice'}
+
+    Messages are rows numbered by a sequence, delivered in order, exactly once, in every
+    thread and process. One poller thread per ``BeaverDB`` fans them out to its subscribers.
+    Messages are kept ``retention`` seconds (default an hour) and at most ``max_messages``
+    per channel (default 100 000), pruned as new ones are published (``None`` turns a limit
+    off). The newest message of a channel is never pruned.
+    """
+
+    _kind = "channel"
+    _table = "beaver_channels"
+
+    def __init__(self, db, name, model=None, retention=CHANNEL_RETENTION,
+                 max_messages=CHANNEL_MAX_MESSAGES):
+        super().__init__(db, name, model)
+        self.retention = _seconds(retention, "retention")
+        if max_messages is not None and (isinstance(max_messages, bool) or
+                                         not isinstance(max_messages, int) or max_messages < 1):
+            raise ValueError(f"max_messages must be a positive int or None, not {max_messages!r}")
+        self.max_messages = max_messages
+        self._next_prune = 0.0
+
+    def publish(self, payload):
+        """Send ``payload`` (any JSON value, or a model instance) to every subscriber."""
+        text = self._codec.encode(payload)
+        with self._atomic():
+            self._core.execute(
+                "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)",
+                (self._name, _now(), text))
+            self._wrote("publish", payload=_to_jsonable(payload))
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PURGE_INTERVAL
+            self.prune()
+
+    def prune(self):
+        """Drop messages beyond the retention limits (done by ``publish`` every second)."""
+        core = self._core
+        if self.retention is not None:
+            keep = core.execute(       # the first fresh message, or else the newest one
+                "SELECT seq FROM beaver_channels WHERE name = ? AND timestamp >= ? ORDER BY seq "
+                "LIMIT 1", (self._name, _now() - self.retention)).fetchone() or core.execute(
+                "SELECT max(seq) FROM beaver_channels WHERE name = ?", (self._name,)).fetchone()
+            if keep[0] is not None:
+                core.execute("DELETE FROM beaver_channels WHERE seq < ? AND name = ?",
+                             (keep[0], self._name))
+        if self.max_messages is not None:
+            core.execute(
+                "DELETE FROM beaver_channels WHERE name = ? AND seq <= (SELECT seq FROM "
+                "beaver_channels WHERE name = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (self._name, self._name, int(self.max_messages)))
+
+    def clear(self):
+        """Remove every retained message (subscribers stay subscribed)."""
+        with self._core.transaction():
+            # The newest row of the table keeps the sequence from going back (seq is not
+            # AUTOINCREMENT, to keep publishing to one page write): it becomes a nameless
+            # marker instead of being deleted.
+            top = self._core.execute("SELECT max(seq) FROM beaver_channels").fetchone()[0]
+            self._core.execute("DELETE FROM beaver_channels WHERE (name = ? OR name = '') "
+                               "AND seq < ?", (self._name, top or 0))
+            self._core.execute("UPDATE beaver_channels SET name = '', data = 'null' "
+                               "WHERE seq = ? AND name = ?", (top, self._name))
+            self._wrote("clear")
+
+    def subscribe(self) -> "Subscriber":
+        """A new subscription, receiving every message published from now on.
+
+            >>> with db.channel("chat").subscribe() as sub:
+            ...     for message in sub.listen():
+            ...         handle(message)
+        """
+        return Subscriber(self)
+
+    def __len__(self):
+        """Messages currently retained."""
+        return self._core.execute("SELECT count(*) FROM beaver_channels WHERE name = ?",
+                                  (self._name,)).fetchone()[0]
+
+    def __bool__(self):
+        return True
+
+    def history(self, limit=None) -> list:
+        """The retained messages, oldest first (the last ``limit`` ones if given)."""
+        rows = self._core.execute(
+            "SELECT data FROM (SELECT seq, data FROM beaver_channels WHERE name = ? "
+            "ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+            (self._name, -1 if limit is None else int(limit))).fetchall()
+        return [self._codec.decode(r[0]) for r in rows]
+
+    def _dump_items(self):
+        rows = self._core.execute("SELECT timestamp, data FROM beaver_channels WHERE name = ? "
+                                  "ORDER BY seq", (self._name,)).fetchall()
+        return [{"timestamp": t, "payload": json.loads(d)} for t, d in rows]
+
+    def _load_items(self, items):
+        self._core.executemany(
+            "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)",
+            [(self._name, i.get("timestamp", _now()), self._codec.encode(i["payload"]))
+             for i in items])
+        self._wrote("load", count=len(items))
+
+    def as_async(self) -> "AsyncChannelManager":
+        """An awaitable twin; ``async for message in achannel.subscribe().listen()`` works."""
+        return AsyncChannelManager(self)
+
+
+_CLOSED = object()
+
+
+class Subscriber:
+    """One subscription to a channel; use it in a ``with`` block and iterate ``listen()``."""
+
+    def __init__(self, channel, sink=None):
+        self.channel = channel
+        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._sink = sink or self._inbox.put
+        self.start = 0
+        self.closed = False
+        channel._db._hub.add(self)
+
+    def _deliver(self, text):
+        self._sink(text)
+
+    def get(self, timeout=None):
+        """The next message; ``TimeoutError`` after ``timeout`` seconds without one."""
+        timeout = _seconds(timeout, "timeout")
+        try:
+            text = self._inbox.get(timeout=timeout)
+        except _queue.Empty:
+            raise Timeout(f"no message on channel {self.channel.name!r} within {timeout}s"
+                          ) from None
+        if text is _CLOSED:
+            self._inbox.put(_CLOSED)
+            raise ClosedError("the subscription is closed")
+        return self.channel._codec.decode(text)
+
+    def listen(self, timeout=None):
+        """Yield messages as they arrive, until ``close()``.
+
+        ``timeout`` bounds each wait: if no message arrives for that long, ``TimeoutError``
+        is raised (catch it to stop listening). Without it, the wait is unbounded.
+        """
+        while True:
+            try:
+                yield self.get(timeout)
+            except ClosedError:
+                return
+
+    def __iter__(self):
+        return self.listen()
+
+    def close(self):
+        """Stop receiving; a ``listen()`` in progress ends."""
+        if not self.closed:
+            self.closed = True
+            self.channel._db._hub.remove(self)
+            self._sink(_CLOSED)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<Subscriber {self.channel.name!r}{' closed' if self.closed else ''}>"
+
+
+class _Hub:
+    """The one channel poller of a ``BeaverDB``: reads new rows, fans them out in memory."""
+
+    def __init__(self, db):
+        _live_realtime.add(self)
+        self._core = db._core
+        self._subs: dict = {}        # channel name -> tuple of Subscriber
+        self._last: dict = {}        # channel name -> last seq read
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def add(self, sub):
+        name = sub.channel.name
+        with self._lock:
+            sub.start = self._core.execute("SELECT coalesce(max(seq), 0) FROM beaver_channels"
+                                           ).fetchone()[0]
+            if name not in self._subs:
+                self._last[name] = sub.start
+            self._subs[name] = self._subs.get(name, ()) + (sub,)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="beaver-channels",
+                                                daemon=True)
+                self._thread.start()
+
+    def remove(self, sub):
+        name = sub.channel.name
+        with self._lock:
+            rest = tuple(s for s in self._subs.get(name, ()) if s is not sub)
+            if rest:
+                self._subs[name] = rest
+            else:
+                self._subs.pop(name, None)
+                self._last.pop(name, None)
+        self._core.watcher.wake()
+
+    def stop(self):
+        """Close every subscription (on ``BeaverDB.close``): their ``listen()`` loops end."""
+        with self._lock:
+            subs = [s for group in self._subs.values() for s in group]
+        for sub in subs:
+            sub.close()
+
+    def _after_fork(self):
+        self._subs, self._last = {}, {}
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def _run(self):
+        try:
+            self._core.watcher.wait_for(self._poll)
+        except BeaverError:
+            if not self._core.closed:
+                logger.exception("beaver channel poller stopped")
+            with self._lock:
+                self._thread = None
+
+    def _poll(self):
+        """Deliver new rows of every subscribed channel; True once nobody subscribes."""
+        with self._lock:
+            if not self._subs:
+                self._thread = None
+                return True
+            work = list(self._last.items())
+        for name, last in work:
+            while True:
+                rows = self._core.execute(
+                    "SELECT seq, data FROM beaver_channels WHERE seq > ? AND name = ? "
+                    "ORDER BY seq LIMIT ?", (last, name, PAGE_SIZE)).fetchall()
+                if not rows:
+                    break
+                with self._lock:      # read after the rows: a newer subscriber's start is past them
+                    subs = self._subs.get(name, ())
+                    if name in self._last:
+                        self._last[name] = rows[-1][0]
+                for seq, text in rows:
+                    for sub in subs:
+                        if seq > sub.start:
+                            sub._deliver(text)
+                last = rows[-1][0]
+                if len(rows) < PAGE_SIZE:
+                    break
+        return None
 
 
 # ==========================================================================================
@@ -1755,12 +2612,10 @@ class Lock:
         if not self._guard.acquire(timeout=-1 if left is None else left):
             raise LockTimeout(f"lock {self.name!r} is held by another thread of this object")
         try:
-            ticket = self._enqueue()
-            if block:
+            got = self._enqueue()
+            if got is None and block:
                 got = self._core.watcher.wait_for(self._claim, deadline.remaining(),
                                                   cap=self._next_check)
-            else:
-                got = self._claim()
             if got is None:
                 raise LockTimeout(f"could not acquire lock {self.name!r} within {timeout}s")
         except BaseException:
@@ -1771,39 +2626,65 @@ class Lock:
         return _Held(self, self)
 
     def _enqueue(self):
-        cursor = self._core.execute(
-            "INSERT INTO beaver_locks (name, owner, expires_at) VALUES (?, ?, ?)",
-            (self.name, self._owner, _now() + LOCK_WAITER_GRACE))
-        self._ticket = cursor.lastrowid
+        """Take a ticket and, if nobody is ahead, the lock."""
+        now = _now()
+        cursor = self._core.execute(       # uncontended: one statement takes the lock
+            "INSERT INTO beaver_locks (name, owner, expires_at, held) SELECT ?, ?, ?, 1 "
+            "WHERE NOT EXISTS (SELECT 1 FROM beaver_locks WHERE name = ? AND expires_at > ?)",
+            (self.name, self._owner, now + self.ttl, self.name, now))
+        if cursor.rowcount == 1:
+            self._ticket = cursor.lastrowid
+            return True
+        with self._core.transaction():
+            now = _now()
+            cursor = self._core.execute(
+                "INSERT INTO beaver_locks (name, owner, expires_at) VALUES (?, ?, ?)",
+                (self.name, self._owner, now + LOCK_WAITER_GRACE))
+            self._ticket = cursor.lastrowid
+            got = self._take(now)
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
-        return self._ticket
+        return got
+
+    def _take(self, now):
+        """Inside a transaction: hold the lock if this ticket heads the line of live rows."""
+        head = self._core.execute(
+            "SELECT ticket, expires_at FROM beaver_locks WHERE name = ? AND expires_at > ? "
+            "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
+        if head is None or head[0] != self._ticket:
+            self._head_expires = None if head is None else head[1]
+            return None
+        self._core.execute("DELETE FROM beaver_locks WHERE name = ? AND ticket < ?",
+                           (self.name, self._ticket))
+        self._core.execute("UPDATE beaver_locks SET held = 1, expires_at = ? WHERE ticket = ?",
+                           (now + self.ttl, self._ticket))
+        return True
 
     def _claim(self):
-        """One attempt: take the lock if this ticket is first in line (else heart-beat)."""
+        """One attempt while waiting: a read first, a write only when first in line."""
         now = _now()
         head = self._core.execute(
             "SELECT ticket, expires_at FROM beaver_locks WHERE name = ? AND expires_at > ? "
             "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
         if head is not None and head[0] == self._ticket:
             with self._core.transaction():
-                self._core.execute("DELETE FROM beaver_locks WHERE name = ? AND expires_at <= ?",
-                                   (self.name, now))
-                cursor = self._core.execute(
-                    "UPDATE beaver_locks SET held = 1, expires_at = ? WHERE ticket = ?",
-                    (now + self.ttl, self._ticket))
-            if cursor.rowcount == 1:
-                return True
-        self._head_expires = None if head is None else head[1]
+                if self._take(_now()):
+                    return True
+        else:
+            self._head_expires = None if head is None else head[1]
         if time.monotonic() >= self._beat_due or head is None:
-            self._heartbeat()
+            return self._heartbeat()
         return None
 
     def _heartbeat(self):
-        cursor = self._core.execute("UPDATE beaver_locks SET expires_at = ? WHERE ticket = ?",
-                                    (_now() + LOCK_WAITER_GRACE, self._ticket))
-        if cursor.rowcount == 0:  # our row was reaped while this process stalled
-            self._enqueue()
+        now = _now()
+        cursor = self._core.execute(
+            "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND expires_at > ?",
+            (now + LOCK_WAITER_GRACE, self._ticket, now))
+        if cursor.rowcount == 0:  # this process stalled past the grace time: queue again
+            self._core.execute("DELETE FROM beaver_locks WHERE ticket = ?", (self._ticket,))
+            return self._enqueue()
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
+        return None
 
     def _next_check(self):
         """Sleep no longer than the next heartbeat or the head's expiry."""
@@ -1826,9 +2707,11 @@ class Lock:
         ticket, self._ticket = self._ticket, None
         try:
             still_ours = self._core.execute(
-                "SELECT 1 FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
-                (ticket, _now())).fetchone() is not None
-            self._leave(ticket)
+                "DELETE FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
+                (ticket, _now())).rowcount == 1
+            if not still_ours:
+                self._leave(ticket)
+            self._core.changed()
         finally:
             self._guard.release()
         if not still_ours:
@@ -1850,8 +2733,1039 @@ class Lock:
     def __exit__(self, *exc):
         self.release()
 
+    def as_async(self) -> "AsyncLock":
+        """An awaitable twin: ``async with db.lock("job").as_async(): ...``."""
+        return AsyncLock(self)
+
     def __repr__(self):
         return f"<Lock {self.name!r} {'held' if self._ticket else 'free'}>"
+
+
+# ==========================================================================================
+# Collection: documents searchable by text, typo-tolerant text, vectors and relationships
+# ==========================================================================================
+
+_FTS_PATH_BITS = 20             # FTS rowid = (document rowid << 20) | number of the field path
+_FTS_SCHEMA = [
+    # One row per (document, field path); collection and path are UNINDEXED: never searchable.
+    """CREATE VIRTUAL TABLE IF NOT EXISTS beaver_fts USING fts5(
+        text, collection UNINDEXED, path UNINDEXED, tokenize = 'unicode61 remove_diacritics 2')""",
+    """CREATE VIRTUAL TABLE IF NOT EXISTS beaver_fts_vocab USING fts5vocab(beaver_fts, 'row')""",
+]
+FUZZY_MIN_LENGTH = (3, 7)       # a query term needs 3 letters to allow 1 typo, 7 to allow 2
+FUZZY_MAX_TERM = 40             # longer terms are searchable but never typo-corrected
+FUZZY_ROUNDS = 6                # candidate terms tried one by one before the rest at once
+VECTOR_METRICS = ("l2", "cosine", "ip")
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+_TERM = re.compile(r"[^\W_]+")
+_QUERY_TOKEN = re.compile(r'"[^"]*"?|[^\s"]+')
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def _as_vector(value):
+    """An embedding (list, tuple, ``array``, numpy array) as a list of float32 values."""
+    if value is None:
+        return None
+    if hasattr(value, "tolist") and not isinstance(value, array.array):
+        value = value.tolist()
+    if isinstance(value, (str, bytes, dict)):
+        raise TypeError(f"an embedding is a sequence of numbers, not {type(value).__name__}")
+    try:
+        packed = array.array("f", value)
+    except (TypeError, OverflowError):
+        raise TypeError("an embedding is a flat sequence of finite numbers") from None
+    if not packed:
+        raise ValueError("an embedding needs at least one number")
+    if not all(map(math.isfinite, packed)):
+        raise ValueError("an embedding must not contain NaN or infinity")
+    return packed.tolist()
+
+
+def _pack_vector(values) -> bytes:
+    packed = array.array("f", values)
+    if _BIG_ENDIAN:
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def _unpack_vector(blob):
+    if blob is None:
+        return None
+    packed = array.array("f")
+    packed.frombytes(blob)
+    if _BIG_ENDIAN:
+        packed.byteswap()
+    return packed.tolist()
+
+
+def _terms(text) -> list:
+    """Split text into index terms the way FTS5's unicode61 tokenizer does."""
+    text = text.lower()
+    if not text.isascii():
+        text = "".join(c for c in unicodedata.normalize("NFKD", text)
+                       if not unicodedata.combining(c))
+    return _TERM.findall(text)
+
+
+def _trigrams(term) -> set:
+    padded = f"${term}$"
+    return {padded[i:i + 3] for i in range(len(padded) - 2)}
+
+
+def _edit_distance(a, b, limit) -> int:
+    """Levenshtein distance where a swap of two neighbours counts as one edit (capped)."""
+    if abs(len(a) - len(b)) > limit:
+        return limit + 1
+    before, previous = None, list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, before[j - 2] + 1)
+            current[j] = cost
+        if min(current) > limit:
+            return limit + 1
+        before, previous = previous, current
+    return previous[-1]
+
+
+def _neighbourhood(term) -> set:
+    """Every string one edit away from ``term`` (over ASCII letters, digits and its own)."""
+    letters = set(_ALPHABET) | set(term)
+    splits = [(term[:i], term[i:]) for i in range(len(term) + 1)]
+    out = {a + b[1:] for a, b in splits if b}
+    out |= {a + b[1] + b[0] + b[2:] for a, b in splits if len(b) > 1}
+    out |= {a + c + b[1:] for a, b in splits if b for c in letters}
+    out |= {a + c + b for a, b in splits for c in letters}
+    out.discard(term)
+    return out
+
+
+def _text_fields(value, path="", out=None) -> dict:
+    """``{dotted path: [strings]}`` of a JSON value (strings inside lists keep the path)."""
+    out = {} if out is None else out
+    if isinstance(value, str):
+        out.setdefault(path, []).append(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _text_fields(item, f"{path}.{key}" if path else str(key), out)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _text_fields(item, path, out)
+    return out
+
+
+def _check_paths(paths):
+    if paths is None:
+        return None
+    if isinstance(paths, str):
+        paths = [paths]
+    paths = list(paths)
+    if not all(isinstance(p, str) for p in paths):
+        raise TypeError("field paths are dotted str paths such as 'meta.title'")
+    return paths
+
+
+def _on_paths(path, paths) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in paths)
+
+
+def _json_path(path) -> str:
+    if not isinstance(path, str) or not path or '"' in path:
+        raise ValueError(f"bad field path {path!r}: use dotted names such as 'meta.year'")
+    return "$" + "".join(f'."{part}"' for part in path.split("."))
+
+
+# -- the query language ------------------------------------------------------------------
+
+class _Atom(typing.NamedTuple):
+    text: str           # a word or phrase, quoted when written to FTS5
+    prefix: bool
+
+
+def _parse_query(text):
+    """Plain user text as ``(groups, negatives)``: AND of OR-groups of atoms, minus negatives.
+
+    Understood: words, "quoted phrases", ``prefix*``, ``OR``, ``AND``, ``-word``, ``NOT word``.
+    Everything else is text, so no input can produce an FTS5 syntax error.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"a query is a str, not {type(text).__name__}")
+    groups, negatives = [], []
+    negate = join = False
+    for token in _QUERY_TOKEN.findall(text):
+        if token in ("OR", "AND", "NOT") and not token.startswith('"'):
+            join, negate = token == "OR", token == "NOT" or negate
+            continue
+        if token.startswith("-") and len(token) > 1:
+            negate, token = True, token.lstrip("-")
+        prefix = token.endswith("*") and not token.startswith('"')
+        atom = _Atom(token.strip('"*') if not token.startswith('"') else token.strip('"'), prefix)
+        if _TERM.search(atom.text):
+            if negate:
+                negatives.append(atom)
+            elif join and groups:
+                groups[-1].append(atom)
+            else:
+                groups.append([atom])
+        negate = join = False
+    return groups, negatives
+
+
+def _fts_atom(atom) -> str:
+    return '"' + atom.text.replace('"', '""') + '"' + ("*" if atom.prefix else "")
+
+
+def _fts_expression(groups, negatives) -> str:
+    expr = " AND ".join("(" + " OR ".join(map(_fts_atom, group)) + ")" for group in groups)
+    if negatives:
+        expr = f"({expr}) NOT ({' OR '.join(map(_fts_atom, negatives))})"
+    return expr
+
+
+# -- documents ---------------------------------------------------------------------------
+
+class Document:
+    """A document: an id, an optional embedding and a body (any JSON value or a model).
+
+        >>> doc = Document(id="sqlite-001", body="SQLite is an embedded database.")
+        >>> Document(id="a1", content="Hello", tags=["x"]).content     # fields -> dict body
+        'Hello'
+
+    ``id`` defaults to a new uuid string. ``embedding`` accepts lists, tuples, ``array`` and
+    numpy arrays; it is kept as float32 values (what the collection stores).
+    """
+
+    def __init__(self, id=None, embedding=None, body=None, **fields):
+        if fields:
+            if body is None:
+                body = fields
+            elif isinstance(body, dict):
+                body = {**body, **fields}
+            else:
+                raise TypeError("extra fields need a dict body (or no body)")
+        if id is None:
+            id = str(uuid.uuid4())
+        elif isinstance(id, int) and not isinstance(id, bool):
+            id = str(id)
+        elif not isinstance(id, str) or not id:
+            raise TypeError(f"a document id is a non-empty str, not {id!r}")
+        self.id = id
+        self.embedding = _as_vector(embedding)
+        self.body = body
+
+    def __getattr__(self, name):
+        body = self.__dict__.get("body")
+        if not name.startswith("__"):
+            if isinstance(body, dict) and name in body:
+                return body[name]
+            if hasattr(body, "model_dump") and hasattr(body, name):
+                return getattr(body, name)
+        raise AttributeError(f"Document has no attribute or body field {name!r}")
+
+    def to_dict(self) -> dict:
+        """``{"id", "embedding", "body"}`` as plain JSON values."""
+        return {"id": self.id, "embedding": self.embedding, "body": _to_jsonable(self.body)}
+
+    @classmethod
+    def from_dict(cls, data) -> "Document":
+        """The inverse of ``to_dict()``."""
+        return cls(id=data.get("id"), embedding=data.get("embedding"), body=data.get("body"))
+
+    def __eq__(self, other):
+        if not isinstance(other, Document):
+            return NotImplemented
+        return (self.id, self.embedding, self.body) == (other.id, other.embedding, other.body)
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __repr__(self):
+        parts = [f"id={self.id!r}"]
+        if self.embedding is not None:
+            head = ", ".join(f"{x:.4g}" for x in self.embedding[:3])
+            parts.append(f"embedding=[{head}{', ...' if len(self.embedding) > 3 else ''}]"
+                         f" ({len(self.embedding)} dims)")
+        body = repr(self.body)
+        parts.append("body=" + (body if len(body) <= 80 else body[:77] + "..."))
+        return f"Document({', '.join(parts)})"
+
+
+class Edge(typing.NamedTuple):
+    """A labelled, directed relationship between two documents of a collection."""
+    source: str
+    target: str
+    label: str
+    metadata: typing.Any = None
+
+
+def _doc_id(doc_or_id) -> str:
+    if isinstance(doc_or_id, Document):
+        return doc_or_id.id
+    if isinstance(doc_or_id, str) and doc_or_id:
+        return doc_or_id
+    raise TypeError(f"expected a Document or a document id, not {doc_or_id!r}")
+
+
+def _chunks(items, size=500):
+    items = list(items)
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _marks(n) -> str:
+    return ",".join("?" * n)
+
+
+def _ensure_fts(core) -> bool:
+    """Create the FTS5 tables once per database; False where SQLite lacks FTS5."""
+    ready = getattr(core, "_fts_ready", None)
+    if ready is None:
+        ready = True
+        try:
+            for statement in _FTS_SCHEMA:
+                core.execute(statement)
+        except BeaverError as e:
+            if "no such module" not in str(e):
+                raise
+            logger.warning("this SQLite has no FTS5: collections work without text search")
+            ready = False
+        core._fts_ready = ready
+    return ready
+
+
+class CollectionManager(_Manager):
+    """Documents searchable by full text, typo-tolerant text, vectors and relationships.
+
+        >>> articles = db.collection("articles")
+        >>> articles.index(Document(id="a1", body="SQLite is an embedded database"))
+        >>> [doc.id for doc, score in articles.match("datbase", fuzziness=1)]
+        ['a1']
+
+    ``match`` scores are relevance (higher is better); ``search`` scores are distances
+    (lower is better) under the collection's metric: ``l2`` (default), ``cosine`` or ``ip``.
+    """
+
+    _kind = "collection"
+    _table = "beaver_documents"
+
+    def __init__(self, db, name, model=None, metric=None, **options):
+        super().__init__(db, name, model)
+        self._fts = _ensure_fts(self._core)
+        self._metric, self._options = self._register(metric, options)
+        self._vocab = (None, set())         # (epoch, terms known to be in beaver_terms)
+        self._batch = threading.local()     # terms added by this thread's open transaction
+        self._vectors = None                # _VectorCache of the exact search
+        self._backend = None                # beaver_vector index, False when unavailable
+        self._backend_lock = threading.Lock()
+
+    def _register(self, metric, options):
+        if metric is not None and metric not in VECTOR_METRICS:
+            raise ValueError(f"metric must be one of {VECTOR_METRICS}, not {metric!r}")
+        text = _json_dumps(options) if options else None
+        self._core.execute(
+            "INSERT INTO beaver_collections (collection, metric, options) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection) DO NOTHING", (self._name, metric or "l2", text))
+        stored, stored_options = self._core.execute(
+            "SELECT metric, options FROM beaver_collections WHERE collection = ?",
+            (self._name,)).fetchone()
+        if metric is not None and metric != stored:
+            raise ValueError(f"collection {self._name!r} uses metric {stored!r}, not {metric!r}")
+        if options and json.loads(stored_options or "{}") != json.loads(text):
+            raise ValueError(f"collection {self._name!r} was created with options "
+                             f"{stored_options}, not {text}")
+        return stored, json.loads(stored_options or "{}")
+
+    @property
+    def metric(self) -> str:
+        """The vector distance of this collection: 'l2', 'cosine' or 'ip'."""
+        return self._metric
+
+    # -- documents -------------------------------------------------------------------------
+
+    def index(self, document, fts=True, fuzzy=False):
+        """Insert or replace ``document`` with its text index and vector, atomically.
+
+            >>> docs.index(Document(id="a1", body={"title": "Hi", "tags": ["x"]}))
+            >>> docs.index(doc, fts=["title"])        # index only these field paths
+
+        ``fts=False`` skips the text index. ``fuzzy`` is accepted for compatibility: every
+        text-indexed document is searchable with typos. Returns the document.
+        """
+        if not isinstance(document, Document):
+            raise TypeError(f"index() takes a Document, not {type(document).__name__}")
+        body = None if document.body is None else self._codec.encode(document.body)
+        texts = self._texts(document.body, fts) if self._fts else []
+        vector = None if document.embedding is None else _pack_vector(document.embedding)
+        with self._core.transaction():
+            dim, epoch = self._core.execute(
+                "SELECT dim, epoch FROM beaver_collections WHERE collection = ?",
+                (self._name,)).fetchone()
+            if vector is not None and dim is not None and len(document.embedding) != dim:
+                raise ValidationError(f"embedding has {len(document.embedding)} dimensions; "
+                                      f"collection {self._name!r} holds {dim}")
+            rowid = self._write_row(document.id, body)
+            self._write_text(rowid, texts, epoch)
+            self._write_vector(document.id, vector, dim)
+            self._wrote("index", id=document.id)
+        return document
+
+    def _texts(self, body, fts) -> list:
+        if not fts or body is None:
+            return []
+        fields = _text_fields(_to_jsonable(body))
+        if fts is not True:
+            paths = _check_paths(fts)
+            fields = {p: v for p, v in fields.items() if _on_paths(p, paths)}
+        texts = [(p, "\n".join(v)) for p, v in sorted(fields.items())]
+        if len(texts) >= 1 << _FTS_PATH_BITS:
+            raise ValueError(f"a document may have at most {1 << _FTS_PATH_BITS} text fields")
+        return [(p, t) for p, t in texts if t.strip()]
+
+    def _write_row(self, doc_id, body) -> int:
+        self._core.execute(
+            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection, doc_id) DO UPDATE SET body = excluded.body",
+            (self._name, doc_id, body))
+        return self._core.execute(
+            "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
+            (self._name, doc_id)).fetchone()[0]
+
+    def _write_text(self, rowid, texts, epoch):
+        if not self._fts:
+            return
+        base = rowid << _FTS_PATH_BITS
+        self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                           (base, base + (1 << _FTS_PATH_BITS)))
+        if not texts:
+            return
+        self._core.executemany(
+            "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
+            [(base + i, text, self._name, path) for i, (path, text) in enumerate(texts)])
+        self._add_terms(texts, epoch)
+
+    def _write_vector(self, doc_id, vector, dim):
+        if vector is None:
+            if self._core.execute("DELETE FROM beaver_vectors WHERE collection = ? AND "
+                                  "doc_id = ?", (self._name, doc_id)).rowcount:
+                self._vectors_changed(dim)
+                self._call_backend(dim, "on_delete", doc_id)
+            return
+        self._core.execute(
+            "INSERT INTO beaver_vectors (collection, doc_id, vector) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection, doc_id) DO UPDATE SET vector = excluded.vector",
+            (self._name, doc_id, vector))
+        self._vectors_changed(len(vector) // 4)
+        self._call_backend(len(vector) // 4, "on_upsert", doc_id, vector)
+
+    def _vectors_changed(self, dim):
+        self._core.execute("UPDATE beaver_collections SET version = version + 1, "
+                           "dim = coalesce(dim, ?) WHERE collection = ?", (dim, self._name))
+
+    def drop(self, document):
+        """Remove a document (given as a ``Document`` or an id), its vector and its edges.
+
+            >>> docs.drop("a1")
+
+        Raises ``KeyError`` if there is no such document.
+        """
+        doc_id = _doc_id(document)
+        with self._core.transaction():
+            row = self._core.execute(
+                "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
+                (self._name, doc_id)).fetchone()
+            if row is None:
+                raise KeyError(doc_id)
+            self._core.execute("DELETE FROM beaver_documents WHERE id = ?", (row[0],))
+            dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
+                                     (self._name,)).fetchone()[0]
+            self._write_text(row[0], [], None)
+            self._write_vector(doc_id, None, dim)
+            self._core.execute("DELETE FROM beaver_edges WHERE collection = ? AND source = ?",
+                               (self._name, doc_id))
+            self._core.execute("DELETE FROM beaver_edges WHERE collection = ? AND target = ?",
+                               (self._name, doc_id))
+            self._wrote("drop", id=doc_id)
+
+    __delitem__ = drop
+
+    _SELECT = ("SELECT d.doc_id, d.body, v.vector, d.id FROM beaver_documents d "
+               "LEFT JOIN beaver_vectors v ON v.collection = d.collection AND v.doc_id = d.doc_id "
+               "WHERE d.collection = ? ")
+
+    def _document(self, row) -> Document:
+        doc = Document.__new__(Document)
+        doc.id = row[0]
+        doc.body = None if row[1] is None else self._codec.decode(row[1])
+        doc.embedding = _unpack_vector(row[2])
+        return doc
+
+    def _documents(self, column, keys) -> dict:
+        """``{key: Document}`` of the documents whose ``column`` ('id' or 'doc_id') is in keys."""
+        at = 3 if column == "id" else 0
+        found = {}
+        for chunk in _chunks(keys):
+            rows = self._core.execute(self._SELECT + f"AND d.{column} IN ({_marks(len(chunk))})",
+                                      (self._name, *chunk))
+            found.update((row[at], self._document(row)) for row in rows)
+        return found
+
+    def get(self, doc_id, default=None):
+        """The document with this id, or ``default``.
+
+            >>> docs.get("a1").body
+        """
+        row = self._core.execute(self._SELECT + "AND d.doc_id = ?",
+                                 (self._name, _doc_id(doc_id))).fetchone()
+        return default if row is None else self._document(row)
+
+    def __getitem__(self, doc_id):
+        doc = self.get(doc_id)
+        if doc is None:
+            raise KeyError(doc_id)
+        return doc
+
+    def __contains__(self, document):
+        if not isinstance(document, (str, Document)):
+            return False
+        return self._core.execute(
+            "SELECT 1 FROM beaver_documents WHERE collection = ? AND doc_id = ?",
+            (self._name, _doc_id(document))).fetchone() is not None
+
+    def __len__(self):
+        return self._core.execute("SELECT count(*) FROM beaver_documents WHERE collection = ?",
+                                  (self._name,)).fetchone()[0]
+
+    def __bool__(self):
+        return True
+
+    def __iter__(self):
+        sql = self._SELECT + "AND d.doc_id > ? ORDER BY d.doc_id LIMIT ?"
+        for row in self._paged(sql, ""):
+            yield self._document(row)
+
+    def clear(self):
+        """Remove every document, vector, text index entry and edge of this collection."""
+        with self._core.transaction():
+            for table in ("beaver_documents", "beaver_vectors", "beaver_terms",
+                          "beaver_trigrams", "beaver_edges") + (("beaver_fts",) if self._fts else ()):
+                self._core.execute(f"DELETE FROM {table} WHERE collection = ?", (self._name,))
+            self._core.execute("UPDATE beaver_collections SET version = version + 1, "
+                               "epoch = epoch + 1 WHERE collection = ?", (self._name,))
+            dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
+                                     (self._name,)).fetchone()[0]
+            self._call_backend(dim, "on_clear")
+            self._wrote("clear")
+
+    # -- full-text search -------------------------------------------------------------------
+
+    def match(self, query, on=None, top_k=10, fuzziness=0, raw=False, highlight=False):
+        """Full-text search: ``[(Document, score)]``, best first (higher score is better).
+
+            >>> docs.match("embedded database")              # all words, any order
+            >>> docs.match('"embedded database" OR sqlite -mysql', on=["title"])
+            >>> docs.match("datbase", fuzziness=1)           # typo-tolerant
+
+        The query understands words, "phrases", ``prefix*``, ``OR``, ``-word``/``NOT word``;
+        anything else is searched as text and never raises. ``raw=True`` passes full FTS5
+        syntax through. ``on`` restricts the search to dotted field paths. ``fuzziness`` (1
+        or 2) also finds words that many edits away (3+ letters for one, 7+ for two),
+        ranked by edits, then relevance. ``highlight=True`` returns
+        ``(Document, score, snippet)`` triples with matches in ``[...]``.
+        """
+        if not self._fts:
+            raise FeatureUnavailable("this SQLite was built without FTS5: match() is unavailable")
+        paths, top_k = _check_paths(on), int(top_k)
+        if top_k <= 0:
+            return []
+        if raw:
+            if not isinstance(query, str):
+                raise TypeError("a query is a str")
+            hits = self._ranked(query, paths, top_k, checked=True)
+        else:
+            groups, negatives = _parse_query(query)
+            if not groups:
+                return []
+            if fuzziness:
+                hits = self._fuzzy(groups, negatives, paths, top_k, int(fuzziness))
+            else:
+                hits = self._ranked(_fts_expression(groups, negatives), paths, top_k)
+        docs = self._documents("id", [rowid for rowid, _ in hits])
+        results = [(docs[rowid], score) for rowid, score in hits if rowid in docs]
+        if highlight:
+            expr = query if raw else _fts_expression(groups, negatives)
+            return [(doc, score, self._snippet(expr, rowid))
+                    for (doc, score), (rowid, _) in zip(results, hits)]
+        return results
+
+    def _ranked(self, expr, paths, limit, checked=False) -> list:
+        """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document."""
+        sql = ("SELECT rowid >> 20, -sum(rank) AS score FROM beaver_fts "
+               "WHERE beaver_fts MATCH ? AND collection = ?")
+        params = [expr, self._name]
+        if paths is not None:
+            sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
+            for p in paths:
+                params += [p, len(p) + 1, p + "."]
+        sql += " GROUP BY 1 ORDER BY score DESC LIMIT ?"
+        try:
+            return self._core.execute(sql, (*params, limit)).fetchall()
+        except BeaverError as e:
+            if checked and isinstance(e.__cause__, sqlite3.OperationalError):
+                raise ValidationError(f"bad FTS5 query {expr!r}: {e.__cause__}") from None
+            raise
+
+    def _snippet(self, expr, rowid) -> str:
+        base = rowid << _FTS_PATH_BITS
+        row = self._core.execute(
+            "SELECT snippet(beaver_fts, 0, '[', ']', '...', 16) FROM beaver_fts "
+            "WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ? ORDER BY rank LIMIT 1",
+            (expr, base, base + (1 << _FTS_PATH_BITS))).fetchone()
+        return row[0] if row else ""
+
+    # -- fuzzy search -----------------------------------------------------------------------
+
+    def _fuzzy(self, groups, negatives, paths, top_k, fuzziness) -> list:
+        """Try the query as typed, then with each typo-corrected term in turn."""
+        if fuzziness not in (0, 1, 2):
+            raise ValueError("fuzziness is 0, 1 or 2")
+        hits = self._ranked(_fts_expression(groups, negatives), paths, top_k)
+        if len(hits) >= top_k:
+            return hits
+        options = [[self._spellings(atom, fuzziness) for atom in group] for group in groups]
+        found = {rowid: (0, score) for rowid, score in hits}
+        for turn in range(1, FUZZY_ROUNDS + 1):
+            rewritten = [[_Atom(term, False) for spellings in group for term in
+                          (spellings[:turn] if turn < FUZZY_ROUNDS else spellings)]
+                         for group in options]
+            if all(rewritten):
+                more = self._ranked(_fts_expression(rewritten, negatives), paths,
+                                    top_k + len(found))
+                for rowid, score in more:
+                    found.setdefault(rowid, (turn, score))
+            if len(found) >= top_k or not any(len(s) > turn for g in options for s in g):
+                break
+        best = sorted(found.items(), key=lambda item: (item[1][0], -item[1][1]))[:top_k]
+        return [(rowid, score) for rowid, (_, score) in best]
+
+    def _spellings(self, atom, fuzziness) -> list:
+        """The indexed terms within ``fuzziness`` edits of a one-word atom, best first."""
+        words = _terms(atom.text)
+        if atom.prefix or len(words) != 1 or len(words[0]) > FUZZY_MAX_TERM:
+            return [atom.text]
+        word = words[0]
+        limit = min(fuzziness, sum(len(word) >= n for n in FUZZY_MIN_LENGTH))
+        if limit == 0:
+            return [word]
+        if limit > 1 or len(word) > 4:
+            candidates = self._trigram_candidates(word, limit)
+        else:
+            candidates = self._known(_neighbourhood(word) | {word})
+        scored = [(_edit_distance(word, term, limit), term) for term in candidates]
+        scored = [(d, term) for d, term in scored if d <= limit]
+        frequency = self._frequencies([term for _, term in scored])
+        scored.sort(key=lambda item: (item[0], -frequency.get(item[1], 0), item[1]))
+        return [term for _, term in scored] or [word]
+
+    def _trigram_candidates(self, word, limit) -> list:
+        grams = sorted(_trigrams(word))
+        rows = self._core.execute(
+            f"SELECT term FROM beaver_trigrams WHERE collection = ? AND gram IN "
+            f"({_marks(len(grams))}) AND size BETWEEN ? AND ? GROUP BY term "
+            f"HAVING count(*) >= ?",
+            (self._name, *grams, len(word) - limit, len(word) + limit,
+             max(1, len(grams) - 4 * limit))).fetchall()
+        return [row[0] for row in rows]
+
+    def _known(self, terms) -> list:
+        found = []
+        for chunk in _chunks(terms):
+            found += [row[0] for row in self._core.execute(
+                f"SELECT term FROM beaver_terms WHERE collection = ? AND term IN "
+                f"({_marks(len(chunk))})", (self._name, *chunk))]
+        return found
+
+    def _frequencies(self, terms) -> dict:
+        if len(terms) < 2:
+            return {}
+        return dict(self._core.execute(
+            f"SELECT term, doc FROM beaver_fts_vocab WHERE term IN ({_marks(len(terms))})",
+            terms).fetchall())
+
+    def _add_terms(self, texts, epoch):
+        """Record new terms (and their trigrams) in this collection's vocabulary."""
+        known_epoch, known = self._vocab
+        if known_epoch != epoch:
+            known = {row[0] for row in self._core.execute(
+                "SELECT term FROM beaver_terms WHERE collection = ?", (self._name,))}
+            self._vocab = (epoch, known)
+        batch = self._batch_terms()
+        new = {term for _, text in texts for term in _terms(text)
+               if len(term) <= FUZZY_MAX_TERM} - known - batch
+        if not new:
+            return
+        batch |= new
+        self._core.executemany("INSERT OR IGNORE INTO beaver_terms (collection, term) "
+                               "VALUES (?, ?)", [(self._name, term) for term in new])
+        self._core.executemany(
+            "INSERT OR IGNORE INTO beaver_trigrams (collection, gram, size, term) "
+            "VALUES (?, ?, ?, ?)",
+            [(self._name, gram, len(term), term) for term in new for gram in _trigrams(term)])
+        self._core.after_commit(lambda: known.update(new))
+
+    def _batch_terms(self) -> set:
+        """Terms written by the current transaction of this thread (not yet in ``_vocab``)."""
+        token = getattr(self._core._local, "pending", None)
+        if getattr(self._batch, "token", None) is not token:
+            self._batch.token, self._batch.terms = token, set()
+        return self._batch.terms
+
+    # -- graph ------------------------------------------------------------------------------
+
+    def connect(self, source, target, label, metadata=None):
+        """Add (or update) the edge ``source -[label]-> target`` between two documents.
+
+            >>> net.connect(alice, bob, label="FOLLOWS", metadata={"since": 2020})
+        """
+        source, target = _doc_id(source), _doc_id(target)
+        if not isinstance(label, str) or not label:
+            raise TypeError(f"an edge label is a non-empty str, not {label!r}")
+        meta = None if metadata is None else _json_dumps(_to_jsonable(metadata))
+        with self._core.transaction():
+            missing = {source, target} - set(self._documents("doc_id", {source, target}))
+            if missing:
+                raise KeyError(f"no document {sorted(missing)[0]!r} in {self._name!r}")
+            self._core.execute(
+                "INSERT INTO beaver_edges (collection, source, label, target, metadata) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection, source, label, target) "
+                "DO UPDATE SET metadata = excluded.metadata",
+                (self._name, source, label, target, meta))
+            self._wrote("connect", source=source, target=target, label=label)
+
+    def disconnect(self, source, target, label=None):
+        """Remove the edges from ``source`` to ``target`` (only those with ``label`` if given)."""
+        source, target = _doc_id(source), _doc_id(target)
+        sql = "DELETE FROM beaver_edges WHERE collection = ? AND source = ? AND target = ?"
+        params = [self._name, source, target]
+        if label is not None:
+            sql, params = sql + " AND label = ?", params + [label]
+        with self._core.transaction():
+            if self._core.execute(sql, params).rowcount:
+                self._wrote("disconnect", source=source, target=target, label=label)
+
+    def edges(self, document, direction="outgoing", label=None) -> list:
+        """The ``Edge``s leaving ('outgoing'), entering ('incoming') or touching ('both') it."""
+        doc_id = _doc_id(document)
+        sides = {"outgoing": ["source"], "incoming": ["target"], "both": ["source", "target"]}
+        if direction not in sides:
+            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
+        found = []
+        for side in sides[direction]:
+            sql = (f"SELECT source, target, label, metadata FROM beaver_edges "
+                   f"WHERE collection = ? AND {side} = ?")
+            params = [self._name, doc_id]
+            if label is not None:
+                sql, params = sql + " AND label = ?", params + [label]
+            found += [Edge(s, t, lab, None if m is None else json.loads(m))
+                      for s, t, lab, m in self._core.execute(sql + " ORDER BY 1, 2, 3", params)]
+        return list(dict.fromkeys(found)) if direction == "both" else found
+
+    def neighbors(self, document, label=None, direction="outgoing") -> list:
+        """The documents one edge away, in id order.
+
+            >>> [doc.id for doc in net.neighbors(alice, label="FOLLOWS")]
+            ['bob', 'charlie']
+        """
+        ids = sorted(self._step([_doc_id(document)], _labels(label), direction))
+        docs = self._documents("doc_id", ids)
+        return [docs[i] for i in ids if i in docs]
+
+    def walk(self, source, labels=None, depth=1, direction="outgoing") -> list:
+        """Documents reachable in 1..``depth`` edges, breadth first (the source excluded).
+
+            >>> [doc.id for doc in net.walk(alice, labels=["FOLLOWS"], depth=2)]
+            ['bob', 'charlie', 'diana']
+
+        Each document appears once, at its shortest distance; cycles are harmless.
+        """
+        start = _doc_id(source)
+        labels = _labels(labels)
+        seen, frontier, order = {start}, [start], []
+        for _ in range(int(depth)):
+            reached = sorted(self._step(frontier, labels, direction) - seen)
+            if not reached:
+                break
+            seen.update(reached)
+            order += reached
+            frontier = reached
+        docs = self._documents("doc_id", order)
+        return [docs[i] for i in order if i in docs]
+
+    def _step(self, frontier, labels, direction) -> set:
+        """Ids one edge away from any id of ``frontier``."""
+        sides = {"outgoing": [("source", "target")], "incoming": [("target", "source")],
+                 "both": [("source", "target"), ("target", "source")]}
+        if direction not in sides:
+            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
+        reached = set()
+        for here, there in sides[direction]:
+            for chunk in _chunks(frontier):
+                sql = (f"SELECT {there} FROM beaver_edges WHERE collection = ? "
+                       f"AND {here} IN ({_marks(len(chunk))})")
+                params = [self._name, *chunk]
+                if labels is not None:
+                    sql += f" AND label IN ({_marks(len(labels))})"
+                    params += labels
+                reached.update(row[0] for row in self._core.execute(sql, params))
+        return reached
+
+    # -- vectors ----------------------------------------------------------------------------
+
+    def search(self, vector, top_k=10, where=None) -> list:
+        """Nearest documents to ``vector``: ``[(Document, distance)]``, closest first.
+
+            >>> docs.search([0.1, 0.9, 0.2], top_k=3)
+            >>> docs.search(query, where={"lang": "en", "meta.year": [2023, 2024]})
+
+        Exact unless the ``beaver_vector`` extra provides an index. ``where`` keeps documents
+        whose body fields (dotted paths) equal the value (or one of a list of values).
+        """
+        query = _as_vector(vector)
+        top_k = int(top_k)
+        dim, version = self._core.execute(
+            "SELECT dim, version FROM beaver_collections WHERE collection = ?",
+            (self._name,)).fetchone()
+        if dim is None or top_k <= 0:
+            return []
+        if len(query) != dim:
+            raise ValidationError(f"query has {len(query)} dimensions; collection "
+                                  f"{self._name!r} holds {dim}")
+        allowed = None if where is None else self._where(where)
+        backend = self._vector_backend(dim)
+        if backend is not None:
+            hits = backend.search(query, top_k, allowed)
+        else:
+            hits = self._exact(version).search(query, top_k, allowed)
+        docs = self._documents("doc_id", [doc_id for doc_id, _ in hits])
+        return [(docs[doc_id], float(d)) for doc_id, d in hits if doc_id in docs]
+
+    def _where(self, where) -> set:
+        if not isinstance(where, dict):
+            raise TypeError("where is a dict of {field path: value}")
+        sql, params = "SELECT doc_id FROM beaver_documents WHERE collection = ?", [self._name]
+        for path, value in where.items():
+            field = "json_extract(body, ?)"
+            if value is None:
+                sql += f" AND {field} IS NULL"
+                params.append(_json_path(path))
+                continue
+            values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+            if not all(isinstance(v, (str, int, float)) for v in values):
+                raise TypeError("where values are str, numbers, bools, None or lists of them")
+            sql += f" AND {field} IN ({_marks(len(values))})"
+            params += [_json_path(path)] + [int(v) if isinstance(v, bool) else v for v in values]
+        return {row[0] for row in self._core.execute(sql, params)}
+
+    def _exact(self, version) -> "_VectorCache":
+        cache = self._vectors
+        if cache is None or cache.version != version:
+            rows = self._core.execute(
+                "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
+                (self._name,)).fetchall()
+            cache = self._vectors = _VectorCache(version, self._metric, rows)
+        return cache
+
+    def _vector_backend(self, dim):
+        """The ``beaver_vector`` index of this collection, or None for the built-in search."""
+        if self._backend is None and dim is not None:
+            with self._backend_lock:
+                if self._backend is None:
+                    self._backend = self._open_backend(dim) or False
+        return self._backend or None
+
+    def _open_backend(self, dim):
+        if os.environ.get("BEAVER_VECTOR_BACKEND", "").lower() == "exact":
+            return None
+        try:
+            import beaver_vector
+            open_index = beaver_vector.open_index
+        except (ImportError, AttributeError):
+            return None
+        try:
+            return open_index(self._core, self._name, dim, self._metric, **self._options)
+        except FeatureUnavailable:
+            return None
+
+    def _call_backend(self, dim, method, *args):
+        backend = self._vector_backend(dim)
+        if backend is not None:
+            getattr(backend, method)(*args)
+
+    def compact(self):
+        """Fold pending changes of the vector index into its base (a no-op when exact)."""
+        backend = self._backend
+        if backend:
+            backend.compact()
+
+    def _on_close(self):
+        backend, self._backend = self._backend, None
+        if backend:
+            backend.close()
+
+    # -- dump and load ----------------------------------------------------------------------
+
+    def dump(self, fp=None):
+        """Export documents and edges: ``{"metadata", "items", "edges"}`` (or JSON to ``fp``).
+
+            >>> data = docs.dump()
+            >>> other.load(data)
+        """
+        with self._core.transaction():
+            data = super().dump()
+            data["edges"] = [edge._asdict() for edge in self._all_edges()]
+        data["metadata"]["metric"] = self._metric
+        if fp is None:
+            return data
+        json.dump(data, fp, ensure_ascii=False, indent=2)
+        return None
+
+    def _all_edges(self):
+        rows = self._core.execute(
+            "SELECT source, target, label, metadata FROM beaver_edges WHERE collection = ? "
+            "ORDER BY source, label, target", (self._name,))
+        return [Edge(s, t, lab, None if m is None else json.loads(m)) for s, t, lab, m in rows]
+
+    def _dump_items(self):
+        return [doc.to_dict() for doc in self]
+
+    def load(self, data_or_fp):
+        """Add the documents and edges of a ``dump()`` in one transaction (text re-indexed)."""
+        data = _read_dump(data_or_fp)
+        with self._core.transaction():
+            super().load(data)
+            for edge in data.get("edges") or []:
+                self.connect(edge["source"], edge["target"], edge["label"], edge.get("metadata"))
+
+    def _load_items(self, items):
+        for item in items:
+            self.index(Document.from_dict(item))
+
+
+def _labels(labels):
+    if labels is None:
+        return None
+    return [labels] if isinstance(labels, str) else list(labels)
+
+
+class _VectorCache:
+    """All vectors of a collection in memory, for exact search (numpy when available)."""
+
+    def __init__(self, version, metric, rows):
+        self.version, self.metric = version, metric
+        self.ids = [row[0] for row in rows]
+        self.position = {doc_id: i for i, doc_id in enumerate(self.ids)}
+        try:
+            import numpy
+        except ImportError:
+            numpy = None
+        self.np = numpy
+        if numpy is not None:
+            self._load_numpy(rows)
+        else:
+            self._load_python(rows)
+
+    def _load_numpy(self, rows):
+        np = self.np
+        matrix = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4")
+        matrix = matrix.reshape(len(rows), -1) if rows else matrix.reshape(0, 0)
+        if self.metric == "cosine":
+            norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+            matrix = matrix / np.where(norms == 0, 1, norms)
+        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        self.squares = np.einsum("ij,ij->i", self.matrix, self.matrix)
+
+    def _load_python(self, rows):
+        self.rows = [array.array("f", _unpack_vector(row[1])) for row in rows]
+        if self.metric == "cosine":
+            for i, row in enumerate(self.rows):
+                norm = math.sqrt(sum(x * x for x in row)) or 1.0
+                self.rows[i] = array.array("f", [x / norm for x in row])
+
+    def search(self, query, top_k, allowed=None) -> list:
+        """``[(doc_id, distance)]`` of the ``top_k`` closest vectors (among ``allowed``)."""
+        if allowed is None:
+            positions = None
+        else:
+            positions = sorted(self.position[i] for i in allowed if i in self.position)
+            if not positions:
+                return []
+        if self.metric == "cosine":
+            norm = math.sqrt(sum(x * x for x in query)) or 1.0
+            query = [x / norm for x in query]
+        if self.np is not None:
+            return self._search_numpy(query, top_k, positions)
+        return self._search_python(query, top_k, positions)
+
+    def _search_numpy(self, query, top_k, positions):
+        np = self.np
+        q = np.asarray(query, dtype=np.float32)
+        matrix = self.matrix if positions is None else self.matrix[positions]
+        if not len(matrix):
+            return []
+        dots = matrix @ q
+        if self.metric == "l2":
+            squares = self.squares if positions is None else self.squares[positions]
+            scores = squares - 2 * dots
+        else:
+            scores = -dots
+        k = min(top_k, len(scores))
+        best = np.argpartition(scores, k - 1)[:k] if k < len(scores) else np.arange(k)
+        best = best[np.argsort(scores[best], kind="stable")]
+        rows = best if positions is None else np.asarray(positions)[best]
+        if self.metric == "l2":
+            exact = np.sqrt(((self.matrix[rows] - q) ** 2).sum(axis=1))
+            order = np.argsort(exact, kind="stable")
+            return [(self.ids[rows[i]], float(exact[i])) for i in order]
+        shift = 1.0 if self.metric == "cosine" else 0.0
+        return [(self.ids[r], shift + float(scores[b])) for r, b in zip(rows, best)]
+
+    def _search_python(self, query, top_k, positions):
+        q = array.array("f", query)
+        candidates = range(len(self.rows)) if positions is None else positions
+        if self.metric == "l2":
+            scored = ((math.dist(self.rows[i], q), i) for i in candidates)
+        else:
+            shift = 1.0 if self.metric == "cosine" else 0.0
+            scored = ((shift - sum(map(operator.mul, self.rows[i], q)), i) for i in candidates)
+        return [(self.ids[i], d) for d, i in heapq.nsmallest(top_k, scored)]
+
+
+def rerank(*results, weights=None, k=60) -> list:
+    """Merge ranked result lists by reciprocal rank fusion; returns documents, best first.
+
+        >>> best = rerank(text_results, vector_results, weights=[0.6, 0.4])
+
+    Each list holds documents or ``(document, score)`` pairs, best first. A document's fused
+    score is the sum over lists of ``weight / (k + rank)``.
+    """
+    if len(results) == 1 and results[0] and all(isinstance(r, list) for r in results[0]):
+        results = tuple(results[0])
+    weights = [1.0] * len(results) if weights is None else list(weights)
+    if len(weights) != len(results):
+        raise ValueError(f"{len(weights)} weights for {len(results)} result lists")
+    scores, docs = {}, {}
+    for weight, result in zip(weights, results):
+        seen = set()
+        for rank, item in enumerate(result, 1):
+            doc = item[0] if isinstance(item, tuple) else item
+            key = doc.id if isinstance(doc, Document) else doc
+            if key in seen:
+                continue
+            seen.add(key)
+            docs.setdefault(key, doc)
+            scores[key] = scores.get(key, 0.0) + weight / (k + rank)
+    return [docs[key] for key in sorted(scores, key=lambda key: -scores[key])]
 
 
 # ==========================================================================================
@@ -1876,7 +3790,8 @@ class BeaverDB:
 
     def __init__(self, path, *, timeout=DEFAULT_TIMEOUT, durability="normal"):
         self._core = _Core(path, timeout=timeout, durability=durability)
-        self._events = _Events()
+        self._events = _Events(self._core)
+        self._hub = _Hub(self)
         self._managers: dict = {}
         self._managers_lock = threading.Lock()
 
@@ -1916,10 +3831,34 @@ class BeaverDB:
 
     blob = blobs
 
+    def log(self, name, model=None, retention=None) -> LogManager:
+        """The time-indexed log called ``name`` (``retention`` in seconds or a timedelta)."""
+        return self._manager(LogManager, name, model, retention=retention)
+
+    def channel(self, name, model=None, retention=CHANNEL_RETENTION,
+                max_messages=CHANNEL_MAX_MESSAGES) -> ChannelManager:
+        """The pub/sub channel called ``name`` (messages kept ``retention`` s, ``max_messages``)."""
+        return self._manager(ChannelManager, name, model, retention=retention,
+                             max_messages=max_messages)
+
     def lock(self, name, timeout=None, ttl=60.0, lock_ttl=None) -> Lock:
         """A new inter-process lock object on ``name`` (``lock_ttl`` is the 1.x spelling)."""
         self._check_open()
         return Lock(self, name, timeout=timeout, ttl=lock_ttl if lock_ttl is not None else ttl)
+
+    def collection(self, name, model=None, metric=None, **options) -> CollectionManager:
+        """The document collection called ``name``: full-text, fuzzy, vector and graph search.
+
+            >>> articles = db.collection("articles")
+            >>> images = db.collection("images", metric="cosine")
+
+        ``model`` types the document bodies; ``metric`` ('l2' by default, 'cosine', 'ip') and
+        extra options (e.g. ``index="hnsw"`` for ``beaver_vector``) are fixed at creation.
+        """
+        manager = self._manager(CollectionManager, name, model, metric=metric, **options)
+        if metric is not None and metric != manager.metric:
+            raise ValueError(f"collection {name!r} uses metric {manager.metric!r}, not {metric!r}")
+        return manager
 
     @contextlib.contextmanager
     def transaction(self):
@@ -1990,6 +3929,9 @@ class BeaverDB:
     def close(self):
         """Close every connection of every thread; later calls raise ``ClosedError``."""
         self._events.stop()
+        self._hub.stop()
+        for manager in list(self._managers.values()):
+            getattr(manager, "_on_close", lambda: None)()
         self._core.close()
 
     def __enter__(self):
@@ -2021,6 +3963,10 @@ class AsyncManager:
     def sync(self):
         """The synchronous manager behind this wrapper."""
         return self._sync
+
+    def on(self, event, callback):
+        """Same as the manager's ``on`` (not awaited): callbacks run on the event thread."""
+        return self._sync.on(event, callback)
 
     def __getattr__(self, attr):
         value = getattr(self._sync, attr)
@@ -2065,6 +4011,148 @@ class AsyncManager:
 
     def __repr__(self):
         return f"<Async {self._sync!r}>"
+
+
+class AsyncChannelManager(AsyncManager):
+    """Awaitable twin of a channel.
+
+        >>> achannel = db.channel("chat").as_async()
+        >>> async with achannel.subscribe() as sub:
+        ...     await achannel.publish({"text": "hi"})
+        ...     async for message in sub.listen(timeout=5):
+        ...         break
+    """
+
+    def subscribe(self) -> "AsyncSubscriber":
+        """A subscription delivering into the running event loop (call it inside a coroutine)."""
+        return AsyncSubscriber(self._sync)
+
+
+class AsyncSubscriber:
+    """A channel subscription for asyncio: ``async for message in sub.listen()``."""
+
+    def __init__(self, channel):
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("subscribe() on an async channel needs a running event loop"
+                               ) from None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._sub = Subscriber(channel, sink=self._put)
+
+    def _put(self, text):
+        with contextlib.suppress(RuntimeError):      # the loop is already closed
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, text)
+
+    async def get(self, timeout=None):
+        """The next message; ``TimeoutError`` after ``timeout`` seconds without one."""
+        timeout = _seconds(timeout, "timeout")
+        try:
+            text = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise Timeout(f"no message on channel {self._sub.channel.name!r} within "
+                          f"{timeout}s") from None
+        if text is _CLOSED:
+            self._queue.put_nowait(_CLOSED)
+            raise ClosedError("the subscription is closed")
+        return self._sub.channel._codec.decode(text)
+
+    async def listen(self, timeout=None):
+        """Yield messages until ``close()``; ``TimeoutError`` after ``timeout`` s of silence."""
+        while True:
+            try:
+                message = await self.get(timeout)
+            except ClosedError:
+                return
+            yield message
+
+    def __aiter__(self):
+        return self.listen()
+
+    def close(self):
+        """Stop receiving; a ``listen()`` in progress ends."""
+        self._sub.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+
+
+class AsyncLogManager(AsyncManager):
+    """Awaitable twin of a log: ``async for summary in alog.live(window, period, agg)``."""
+
+    def live(self, window, period, aggregator=list) -> "AsyncLiveView":
+        """Like ``LogManager.live``, as an async iterator."""
+        return AsyncLiveView(self._sync.live(window, period, aggregator))
+
+
+class AsyncLiveView:
+    """Async iterator over a ``LiveView``: waits with ``asyncio.sleep``, reads in a thread."""
+
+    def __init__(self, view):
+        self.view = view
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        view = self.view
+        while not view.closed and view._wait_time() > 0:
+            await asyncio.sleep(min(view._wait_time(), 0.25))
+        if view.closed:
+            raise StopAsyncIteration
+        return await asyncio.to_thread(view._tick)
+
+    def close(self):
+        self.view.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+
+
+class AsyncLock:
+    """Awaitable twin of a ``Lock``: ``async with db.lock("job").as_async(): ...``."""
+
+    def __init__(self, lock):
+        self.sync = lock
+
+    async def acquire(self, timeout=None, block=True):
+        """Wait for the lock without blocking the event loop; ``TimeoutError`` on timeout."""
+        task = asyncio.ensure_future(asyncio.to_thread(self.sync.acquire, timeout, block))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:      # do not leak a lock the worker thread still gets
+            task.add_done_callback(lambda t: t.cancelled() or t.exception()
+                                   or self.sync.release())
+            raise
+        return self
+
+    async def release(self):
+        await asyncio.to_thread(self.sync.release)
+
+    async def renew(self, ttl=None):
+        await asyncio.to_thread(self.sync.renew, ttl)
+
+    @property
+    def token(self):
+        return self.sync.token
+
+    async def locked(self) -> bool:
+        return await asyncio.to_thread(lambda: self.sync.locked)
+
+    async def __aenter__(self):
+        return await self.acquire()
+
+    async def __aexit__(self, *exc):
+        await self.release()
+
+    def __repr__(self):
+        return f"<Async {self.sync!r}>"
 
 
 # ==========================================================================================
@@ -2957,12 +5045,16 @@ class BeaverClient:
 # ==========================================================================================
 
 _ALIASES = {
-    "manager": ["AsyncManager", "DictManager", "ListManager", "QueueManager", "BlobManager"],
+    "manager": ["AsyncManager", "DictManager", "ListManager", "QueueManager", "BlobManager",
+                "LogManager", "ChannelManager"],
     "dicts": ["DictManager"],
     "lists": ["ListManager"],
-    "queues": ["QueueItem", "QueueManager"],
+    "queues": ["QueueItem", "LeasedItem", "QueueManager"],
+    "logs": ["LogManager", "LogEntry", "LiveView"],
+    "channels": ["ChannelManager", "Subscriber"],
     "blobs": ["Blob", "BlobManager"],
     "locks": ["Lock", "LockTimeout"],
+    "collections": ["Document", "CollectionManager", "Edge", "rerank"],
 }
 
 
