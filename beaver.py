@@ -4733,6 +4733,13 @@ class RemoteList(_RemoteManager, MutableSequence):
         self._send("POST", "/reverse")
 
 
+def _lease_id(item):
+    lease_id = getattr(item, "lease_id", None)
+    if lease_id is None:
+        raise TypeError("ack() and nack() take an item returned by get(lease=...)")
+    return lease_id
+
+
 def _list_index(index) -> int:
     if isinstance(index, bool) or not hasattr(index, "__index__"):
         raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}")
@@ -4750,13 +4757,18 @@ class RemoteQueue(_RemoteManager):
             raise TypeError(f"priority must be a number, not {priority!r}")
         self._send("POST", "/put", {"priority": priority}, self._codec.encode(data))
 
-    def get(self, block=True, timeout=None) -> QueueItem:
-        """Remove and return the first item (``QueueEmpty``/``TimeoutError`` as locally)."""
+    def get(self, block=True, timeout=None, lease=None) -> QueueItem:
+        """Remove and return the first item (``QueueEmpty``/``TimeoutError`` as locally).
+
+        With ``lease=seconds`` the item returns to the queue unless ``ack(item)`` is called
+        in time: the safe way to take work over a network that may drop a response.
+        """
         deadline = _Deadline(_seconds(timeout, "timeout"))
+        query = {"block": block, "lease": _seconds(lease, "lease")}
         while True:
             wait = deadline.remaining(cap=_CHUNK_WAIT) if block else 0.0
             try:
-                item = self._call("POST", "/get", {"block": block, "timeout": wait}, wait=wait)
+                item = self._call("POST", "/get", {**query, "timeout": wait}, wait=wait)
             except Timeout:
                 if deadline.expired:
                     raise
@@ -4764,7 +4776,19 @@ class RemoteQueue(_RemoteManager):
             return self._item(item)
 
     def _item(self, item):
-        return QueueItem(item["priority"], item["timestamp"], self._value(item["data"]))
+        if "lease_id" not in item:
+            return QueueItem(item["priority"], item["timestamp"], self._value(item["data"]))
+        leased = LeasedItem(item["priority"], item["timestamp"], self._value(item["data"]))
+        leased.lease_id = item["lease_id"]
+        return leased
+
+    def ack(self, item) -> bool:
+        """Finish an item taken with ``get(lease=...)``; False if its lease had run out."""
+        return self._call("POST", "/ack", {"lease_id": _lease_id(item)})
+
+    def nack(self, item) -> bool:
+        """Give a leased item back to the queue now; False if its lease had run out."""
+        return self._call("POST", "/nack", {"lease_id": _lease_id(item)})
 
     def peek(self):
         """The item ``get`` would return next, without removing it; ``None`` if empty."""
@@ -5229,7 +5253,8 @@ class BeaverClient:
 
     def lock(self, name, timeout=None, ttl=60.0, lock_ttl=None) -> RemoteLock:
         """A new remote inter-process lock object on ``name``."""
-        return RemoteLock(self, name, timeout=timeout, ttl=lock_ttl if lock_ttl is not None else ttl)
+        ttl = lock_ttl if lock_ttl is not None else ttl
+        return RemoteLock(self, name, timeout=timeout, ttl=ttl)
 
     def _get(self, path, query=None) -> bytes:
         status, _, data = self._http.request("GET", path, query)
@@ -5360,8 +5385,11 @@ def _cli_bytes(path) -> bytes:
 def _cli_json(value):
     """Plain JSON for anything a handler returns (models, queue items, documents...)."""
     if isinstance(value, QueueItem):
-        return {"priority": value.priority, "timestamp": value.timestamp,
+        item = {"priority": value.priority, "timestamp": value.timestamp,
                 "data": _cli_json(value.data)}
+        if getattr(value, "lease_id", None) is not None:
+            item["lease_id"] = value.lease_id
+        return item
     if hasattr(value, "to_dict"):
         return value.to_dict()
     if isinstance(value, (list, tuple)):
@@ -5403,8 +5431,14 @@ def _structure_ops(kind):
 
 def _queue_get(manager, args):
     if args.no_wait:
-        return manager.get(block=False)
-    return manager.get(timeout=args.timeout)
+        return manager.get(block=False, lease=args.lease)
+    return manager.get(timeout=args.timeout, lease=args.lease)
+
+
+def _leased_item(lease_id):
+    item = LeasedItem(0, 0.0, None)
+    item.lease_id = lease_id
+    return item
 
 
 def _blob_get(manager, args):
@@ -5573,7 +5607,15 @@ CLI_KINDS = {
         ("put", "add VALUE (lower priority first)", [_VALUE, _arg(
             "--priority", "-p", type=float, default=0, help="priority (default 0)")],
          _quiet(lambda m, a: m.put(_cli_value(a.value), priority=_number(a.priority)))),
-        ("get", "take the first item and print it", [_TIMEOUT, _NO_WAIT], _queue_get),
+        ("get", "take the first item and print it", [_TIMEOUT, _NO_WAIT, _arg(
+            "--lease", type=float, default=None,
+            help="seconds before the item returns unless acked (prints its lease_id)")],
+         _queue_get),
+        ("ack", "finish a leased item (exit status 1 if its lease had run out)",
+         [_arg("lease_id", type=int)],
+         lambda m, a: True if m.ack(_leased_item(a.lease_id)) else _Exit(1)),
+        ("nack", "give a leased item back to the queue now", [_arg("lease_id", type=int)],
+         lambda m, a: True if m.nack(_leased_item(a.lease_id)) else _Exit(1)),
         ("peek", "print the first item without taking it", [], lambda m, a: m.peek()),
         ("items", "print every item, in the order get would take them", [],
          lambda m, a: list(m)),
