@@ -70,21 +70,6 @@ class _LazyModule:
 asyncio = _LazyModule("asyncio")   # only the async wrappers need it
 
 
-class _LazyModule:
-    """A module imported on first use: ``asyncio`` alone costs more than the rest of beaver."""
-
-    def __init__(self, name):
-        self._name = name
-
-    def __getattr__(self, attr):
-        module = __import__(self._name)
-        globals()[self._name] = module
-        return getattr(module, attr)
-
-
-asyncio = _LazyModule("asyncio")
-
-
 # ==========================================================================================
 # Constants
 # ==========================================================================================
@@ -4528,6 +4513,9 @@ _STRUCTURES = {
     "list": ("beaver_lists", "list", "", "name"),
     "queue": ("beaver_queues", "queue", "", "name"),
     "blob": ("beaver_blobs", "blobs", "", "name"),
+    "log": ("beaver_logs", "log", "", "name"),
+    "channel": ("beaver_channels", "channel", "WHERE name != ''", "name"),
+    "collection": ("beaver_documents", "collection", "", "collection"),
 }
 
 
@@ -5090,6 +5078,13 @@ class RemoteList(_RemoteManager, MutableSequence):
         self._send("POST", "/reverse")
 
 
+def _lease_id(item):
+    lease_id = getattr(item, "lease_id", None)
+    if lease_id is None:
+        raise TypeError("ack() and nack() take an item returned by get(lease=...)")
+    return lease_id
+
+
 def _list_index(index) -> int:
     if isinstance(index, bool) or not hasattr(index, "__index__"):
         raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}")
@@ -5107,13 +5102,18 @@ class RemoteQueue(_RemoteManager):
             raise TypeError(f"priority must be a number, not {priority!r}")
         self._send("POST", "/put", {"priority": priority}, self._codec.encode(data))
 
-    def get(self, block=True, timeout=None) -> QueueItem:
-        """Remove and return the first item (``QueueEmpty``/``TimeoutError`` as locally)."""
+    def get(self, block=True, timeout=None, lease=None) -> QueueItem:
+        """Remove and return the first item (``QueueEmpty``/``TimeoutError`` as locally).
+
+        With ``lease=seconds`` the item returns to the queue unless ``ack(item)`` is called
+        in time: the safe way to take work over a network that may drop a response.
+        """
         deadline = _Deadline(_seconds(timeout, "timeout"))
+        query = {"block": block, "lease": _seconds(lease, "lease")}
         while True:
             wait = deadline.remaining(cap=_CHUNK_WAIT) if block else 0.0
             try:
-                item = self._call("POST", "/get", {"block": block, "timeout": wait}, wait=wait)
+                item = self._call("POST", "/get", {**query, "timeout": wait}, wait=wait)
             except Timeout:
                 if deadline.expired:
                     raise
@@ -5121,7 +5121,19 @@ class RemoteQueue(_RemoteManager):
             return self._item(item)
 
     def _item(self, item):
-        return QueueItem(item["priority"], item["timestamp"], self._value(item["data"]))
+        if "lease_id" not in item:
+            return QueueItem(item["priority"], item["timestamp"], self._value(item["data"]))
+        leased = LeasedItem(item["priority"], item["timestamp"], self._value(item["data"]))
+        leased.lease_id = item["lease_id"]
+        return leased
+
+    def ack(self, item) -> bool:
+        """Finish an item taken with ``get(lease=...)``; False if its lease had run out."""
+        return self._call("POST", "/ack", {"lease_id": _lease_id(item)})
+
+    def nack(self, item) -> bool:
+        """Give a leased item back to the queue now; False if its lease had run out."""
+        return self._call("POST", "/nack", {"lease_id": _lease_id(item)})
 
     def peek(self):
         """The item ``get`` would return next, without removing it; ``None`` if empty."""
@@ -5271,6 +5283,244 @@ class RemoteLock:
         return f"<RemoteLock {self.name!r} {'held' if self._token else 'free'}>"
 
 
+class RemoteLog(_RemoteManager):
+    """``db.log(name)`` over HTTP; ``live()`` follows a server-sent event stream."""
+
+    _kind, _route = "log", "logs"
+
+    def log(self, data, timestamp=None):
+        """Append ``data`` at ``timestamp`` (a datetime or epoch seconds; default now)."""
+        when = None if timestamp is None else _epoch(timestamp)
+        self._send("POST", "/log", {"timestamp": when}, self._codec.encode(data))
+
+    def _entries(self, rows):
+        return [LogEntry(_utc(row["timestamp"]), self._value(row["data"])) for row in rows]
+
+    def range(self, start=None, end=None) -> list:
+        """Entries with ``start <= timestamp <= end`` (either may be None), oldest first."""
+        query = {"start": None if start is None else _epoch(start, "start"),
+                 "end": None if end is None else _epoch(end, "end")}
+        return self._entries(self._call("GET", "/range", query))
+
+    def __iter__(self):
+        return iter(self.range())
+
+    def live(self, window, period, aggregator=list) -> "_RemoteStream":
+        """``aggregator(values in the last window)`` now and every ``period`` (an iterator)."""
+        if not callable(aggregator):
+            raise TypeError("aggregator must be callable")
+        query = {"window": _seconds(window, "window"), "period": _seconds(period, "period")}
+        decode = self._value
+        return _RemoteStream(self._http, self._base + "/live", query,
+                             lambda text: aggregator([decode(v) for v in json.loads(text)]))
+
+
+class _RemoteStream:
+    """A server-sent event stream read by a thread; iterate it, ``close()`` it when done."""
+
+    def __init__(self, http, path, query, decode):
+        self._decode = decode
+        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._closed = False
+        self._conn, response = http.stream(path, query)
+        self._reader = threading.Thread(target=self._read, args=(response,), daemon=True,
+                                        name="beaver-client-stream")
+        self._reader.start()
+
+    def _read(self, response):
+        data = []
+        try:
+            for raw in response:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if line.startswith("data:"):
+                    data.append(line[5:].lstrip(" "))
+                elif not line and data:
+                    self._inbox.put("\n".join(data))
+                    data = []
+        except (OSError, ValueError, AttributeError):
+            pass
+        self._inbox.put(_MISSING)
+
+    def get(self, timeout=None):
+        """The next event; ``TimeoutError`` after ``timeout`` seconds without one."""
+        try:
+            text = self._inbox.get(timeout=_seconds(timeout, "timeout"))
+        except _queue.Empty:
+            raise Timeout(f"nothing arrived within {timeout}s") from None
+        if text is _MISSING:
+            self._inbox.put(_MISSING)
+            if self._closed:
+                raise ClosedError("the stream is closed")
+            raise RemoteError("the server ended the stream")
+        return self._decode(text)
+
+    def listen(self, timeout=None):
+        """Yield events until ``close()`` (``TimeoutError`` after ``timeout`` s of silence)."""
+        while True:
+            try:
+                yield self.get(timeout)
+            except ClosedError:
+                return
+
+    def __iter__(self):
+        return self.listen()
+
+    def __next__(self):
+        try:
+            return self.get()
+        except ClosedError:
+            raise StopIteration from None
+
+    def close(self):
+        """Stop the stream; a ``listen()`` in progress ends."""
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._conn.sock and self._conn.sock.shutdown(2)
+            self._conn.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RemoteChannel(_RemoteManager):
+    """``db.channel(name)`` over HTTP; subscriptions are server-sent event streams."""
+
+    _kind, _route = "channel", "channels"
+
+    def publish(self, payload):
+        """Send ``payload`` to every subscriber."""
+        self._send("POST", "/publish", body=self._codec.encode(payload))
+
+    def subscribe(self) -> _RemoteStream:
+        """A subscription receiving every message published once this call has returned.
+
+            >>> with client.channel("chat").subscribe() as sub:
+            ...     for message in sub.listen(timeout=5):
+            ...         print(message)
+        """
+        return _RemoteStream(self._http, self._base + "/sse", None, self._codec.decode)
+
+    def history(self, limit=None) -> list:
+        """The retained messages, oldest first (the last ``limit`` ones if given)."""
+        return [self._value(m) for m in self._call("GET", "/history", {"limit": limit})]
+
+
+class RemoteCollection(_RemoteManager):
+    """``db.collection(name)`` over HTTP: documents, full-text, fuzzy, vector and graph search."""
+
+    _kind, _route = "collection", "collections"
+
+    def __init__(self, client, name, model=None, metric=None, **options):
+        super().__init__(client, name, model)
+        if metric is not None or options:
+            self._call("PUT", "", body=_json_dumps({"metric": metric, "options": options}))
+
+    @property
+    def metric(self) -> str:
+        """The vector distance of this collection: 'l2', 'cosine' or 'ip'."""
+        return self._summary()["metric"]
+
+    def _document(self, data) -> "Document":
+        doc = Document.from_dict({**data, "body": None})
+        doc.body = None if data.get("body") is None else self._value(data["body"])
+        return doc
+
+    def _doc_json(self, document) -> dict:
+        body = None if document.body is None else json.loads(self._codec.encode(document.body))
+        return {"id": document.id, "embedding": document.embedding, "body": body}
+
+    def index(self, document, fts=True, fuzzy=False):
+        """Insert or replace ``document`` (text index and vector included); returns it."""
+        if not isinstance(document, Document):
+            raise TypeError(f"index() takes a Document, not {type(document).__name__}")
+        self._call("POST", "/index", body=_json_dumps(
+            {**self._doc_json(document), "fts": fts, "fuzzy": fuzzy}))
+        return document
+
+    def get(self, doc_id, default=None):
+        """The document with ``doc_id``, or ``default``."""
+        try:
+            return self[doc_id]
+        except KeyError:
+            return default
+
+    def __getitem__(self, doc_id):
+        return self._document(self._call("GET", "/documents/" + _quote(_doc_id(doc_id))))
+
+    def __contains__(self, document):
+        try:
+            self._send("HEAD", "/documents/" + _quote(_doc_id(document)))
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def drop(self, document):
+        """Remove a document (a ``Document`` or an id), its vector and its edges."""
+        self._send("DELETE", "/documents/" + _quote(_doc_id(document)))
+
+    __delitem__ = drop
+
+    def __iter__(self):
+        return iter([self._document(d) for d in self._summary("items")["items"]])
+
+    def _hits(self, rows):
+        return [(self._document(r["document"]), r["score"], r["snippet"]) if "snippet" in r
+                else (self._document(r["document"]), r["score"]) for r in rows]
+
+    def match(self, query, on=None, top_k=10, fuzziness=0, raw=False, highlight=False):
+        """Full-text search: ``[(Document, score)]``, best first (as ``BeaverDB``)."""
+        return self._hits(self._call("POST", "/match", body=_json_dumps({
+            "query": query, "on": [on] if isinstance(on, str) else on, "top_k": top_k,
+            "fuzziness": fuzziness, "raw": raw, "highlight": highlight})))
+
+    def search(self, vector, top_k=10, where=None) -> list:
+        """Nearest documents to ``vector``: ``[(Document, distance)]``, closest first."""
+        return self._hits(self._call("POST", "/search", body=_json_dumps(
+            {"vector": _as_vector(vector), "top_k": top_k, "where": where})))
+
+    def connect(self, source, target, label, metadata=None):
+        """Add (or update) the edge ``source -[label]-> target``."""
+        self._call("POST", "/connect", body=_json_dumps({
+            "source": _doc_id(source), "target": _doc_id(target), "label": label,
+            "metadata": _to_jsonable(metadata)}))
+
+    def disconnect(self, source, target, label=None):
+        """Remove the edges from ``source`` to ``target`` (only ``label`` ones if given)."""
+        self._call("POST", "/disconnect", body=_json_dumps(
+            {"source": _doc_id(source), "target": _doc_id(target), "label": label}))
+
+    def edges(self, document, direction="outgoing", label=None) -> list:
+        """The ``Edge``s leaving, entering or touching ``document``."""
+        rows = self._call("GET", "/edges", {"id": _doc_id(document), "direction": direction,
+                                            "label": label})
+        return [Edge(**row) for row in rows]
+
+    def neighbors(self, document, label=None, direction="outgoing") -> list:
+        """The documents one edge away, in id order."""
+        rows = self._call("GET", "/neighbors", {"id": _doc_id(document), "label": label,
+                                                "direction": direction})
+        return [self._document(d) for d in rows]
+
+    def walk(self, source, labels=None, depth=1, direction="outgoing") -> list:
+        """Documents reachable in 1..``depth`` edges, breadth first (the source excluded)."""
+        rows = self._call("POST", "/walk", body=_json_dumps({
+            "source": _doc_id(source), "labels": [labels] if isinstance(labels, str) else labels,
+            "depth": depth, "direction": direction}))
+        return [self._document(d) for d in rows]
+
+    def compact(self):
+        """Fold pending changes of the server's vector index into its base."""
+        self._call("POST", "/compact")
+
+
 class BeaverClient:
     """A ``BeaverDB`` look-alike that talks to a beaver server: change one line to go remote.
 
@@ -5325,9 +5575,31 @@ class BeaverClient:
 
     blob = blobs
 
+    def log(self, name, model=None) -> RemoteLog:
+        """The remote time-indexed log called ``name``."""
+        return self._manager(RemoteLog, name, model)
+
+    def channel(self, name, model=None) -> RemoteChannel:
+        """The remote pub/sub channel called ``name``."""
+        return self._manager(RemoteChannel, name, model)
+
+    def collection(self, name, model=None, metric=None, **options) -> RemoteCollection:
+        """The remote document collection called ``name``."""
+        if self._closed:
+            raise ClosedError("the client is closed")
+        key = ("collection", _check_name(name))
+        with self._managers_lock:
+            manager = self._managers.get(key)
+        if manager is None or metric is not None or options:
+            manager = RemoteCollection(self, name, model, metric, **options)
+            with self._managers_lock:
+                manager = self._managers.setdefault(key, manager)
+        return manager
+
     def lock(self, name, timeout=None, ttl=60.0, lock_ttl=None) -> RemoteLock:
         """A new remote inter-process lock object on ``name``."""
-        return RemoteLock(self, name, timeout=timeout, ttl=lock_ttl if lock_ttl is not None else ttl)
+        ttl = lock_ttl if lock_ttl is not None else ttl
+        return RemoteLock(self, name, timeout=timeout, ttl=ttl)
 
     def _get(self, path, query=None) -> bytes:
         status, _, data = self._http.request("GET", path, query)
@@ -5458,8 +5730,11 @@ def _cli_bytes(path) -> bytes:
 def _cli_json(value):
     """Plain JSON for anything a handler returns (models, queue items, documents...)."""
     if isinstance(value, QueueItem):
-        return {"priority": value.priority, "timestamp": value.timestamp,
+        item = {"priority": value.priority, "timestamp": value.timestamp,
                 "data": _cli_json(value.data)}
+        if getattr(value, "lease_id", None) is not None:
+            item["lease_id"] = value.lease_id
+        return item
     if hasattr(value, "to_dict"):
         return value.to_dict()
     if isinstance(value, (list, tuple)):
@@ -5501,8 +5776,14 @@ def _structure_ops(kind):
 
 def _queue_get(manager, args):
     if args.no_wait:
-        return manager.get(block=False)
-    return manager.get(timeout=args.timeout)
+        return manager.get(block=False, lease=args.lease)
+    return manager.get(timeout=args.timeout, lease=args.lease)
+
+
+def _leased_item(lease_id):
+    item = LeasedItem(0, 0.0, None)
+    item.lease_id = lease_id
+    return item
 
 
 def _blob_get(manager, args):
@@ -5574,6 +5855,65 @@ def _run_command(command) -> int:
         return 130
 
 
+_DIRECTION = _arg("--direction", choices=["outgoing", "incoming", "both"], default="outgoing")
+
+
+def _cli_time(text):
+    """Epoch seconds or an ISO 8601 time (naive = local time) from the command line."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise _UsageError(f"not a time: {text!r} (use epoch seconds or ISO 8601)") from None
+
+
+def _cli_entries(entries):
+    return [{"timestamp": e.timestamp.isoformat(), "data": e.data} for e in entries]
+
+
+def _cli_document(args):
+    value = _cli_value(args.document)
+    if args.id is None and isinstance(value, dict) and "id" in value and \
+            set(value) <= {"id", "body", "embedding"}:
+        return Document.from_dict(value)
+    return Document(id=args.id, body=value)
+
+
+def _cli_hits(hits):
+    return [{"document": doc, "score": score} for doc, score, *_ in hits]
+
+
+def _cli_stream(items, count):
+    """Print each item as one JSON line; returns how many were printed."""
+    printed = 0
+    for item in items:
+        print(json.dumps(_cli_json(item), ensure_ascii=False), flush=True)
+        printed += 1
+        if count is not None and printed >= count:
+            break
+    return printed
+
+
+def _channel_listen(manager, args):
+    with manager.subscribe() as subscriber:
+        try:
+            printed = _cli_stream(subscriber.listen(timeout=args.timeout), args.count)
+        except TimeoutError:
+            return _Exit(0 if args.count is None else 1)
+    return _Exit(0 if args.count is None or printed >= args.count else 1)
+
+
+def _log_live(manager, args):
+    with manager.live(window=args.window, period=args.period) as view:
+        _cli_stream(view, args.count)
+    return _Exit(0)
+
+
 # kind -> (help, BeaverDB factory, [(operation, help, [arguments], handler(manager, args))])
 CLI_KINDS = {
     "dict": ("a persistent dict of JSON values, with TTL", "dict", [
@@ -5612,7 +5952,15 @@ CLI_KINDS = {
         ("put", "add VALUE (lower priority first)", [_VALUE, _arg(
             "--priority", "-p", type=float, default=0, help="priority (default 0)")],
          _quiet(lambda m, a: m.put(_cli_value(a.value), priority=_number(a.priority)))),
-        ("get", "take the first item and print it", [_TIMEOUT, _NO_WAIT], _queue_get),
+        ("get", "take the first item and print it", [_TIMEOUT, _NO_WAIT, _arg(
+            "--lease", type=float, default=None,
+            help="seconds before the item returns unless acked (prints its lease_id)")],
+         _queue_get),
+        ("ack", "finish a leased item (exit status 1 if its lease had run out)",
+         [_arg("lease_id", type=int)],
+         lambda m, a: True if m.ack(_leased_item(a.lease_id)) else _Exit(1)),
+        ("nack", "give a leased item back to the queue now", [_arg("lease_id", type=int)],
+         lambda m, a: True if m.nack(_leased_item(a.lease_id)) else _Exit(1)),
         ("peek", "print the first item without taking it", [], lambda m, a: m.peek()),
         ("items", "print every item, in the order get would take them", [],
          lambda m, a: list(m)),
@@ -5628,6 +5976,71 @@ CLI_KINDS = {
         ("delete", "delete KEY", [_KEY], _quiet(lambda m, a: m.delete(a.key))),
         ("keys", "print the keys", [], lambda m, a: m.keys()),
     ] + _structure_ops("blob")),
+    "log": ("a time-indexed log of JSON values", "log", [
+        ("write", "append VALUE (now, or at --timestamp)", [_VALUE, _arg(
+            "--timestamp", "-t", default=None, help="epoch seconds or an ISO 8601 time")],
+         _quiet(lambda m, a: m.log(_cli_value(a.value), timestamp=_cli_time(a.timestamp)))),
+        ("range", "print the entries between --start and --end (inclusive)", [
+            _arg("--start", default=None, help="epoch seconds or an ISO 8601 time"),
+            _arg("--end", default=None, help="epoch seconds or an ISO 8601 time")],
+         lambda m, a: _cli_entries(m.range(_cli_time(a.start), _cli_time(a.end)))),
+        ("live", "print the values of the last --window seconds every --period, as JSON lines",
+         [_arg("--window", type=float, default=60.0, help="seconds (default 60)"),
+          _arg("--period", type=float, default=1.0, help="seconds (default 1)"),
+          _arg("--count", type=int, default=None, help="stop after this many updates")],
+         _log_live),
+    ] + _structure_ops("log")),
+    "channel": ("a pub/sub channel", "channel", [
+        ("publish", "send VALUE to every subscriber", [_VALUE],
+         _quiet(lambda m, a: m.publish(_cli_value(a.value)))),
+        ("listen", "print messages published from now on, as JSON lines", [
+            _arg("--timeout", type=float, default=None,
+                 help="stop after this many seconds without a message"),
+            _arg("--count", type=int, default=None, help="stop after this many messages")],
+         _channel_listen),
+        ("history", "print the retained messages, oldest first", [
+            _arg("--limit", type=int, default=None, help="only the last LIMIT ones")],
+         lambda m, a: m.history(a.limit)),
+    ] + _structure_ops("channel")),
+    "collection": ("documents searchable by text, typos, vectors and relationships",
+                   "collection", [
+        ("index", "store a document: JSON {\"id\", \"body\", \"embedding\"} (or a body + --id)",
+         [_arg("document", help="the document as JSON; - reads standard input"),
+          _arg("--id", default=None, help="the id, when DOCUMENT is just the body"),
+          _arg("--no-fts", action="store_true", help="do not index the text")],
+         lambda m, a: m.index(_cli_document(a), fts=not a.no_fts).id),
+        ("get", "print the document ID", [_arg("id")], lambda m, a: m[a.id]),
+        ("drop", "delete the document ID and its edges", [_arg("id")],
+         _quiet(lambda m, a: m.drop(a.id))),
+        ("match", "full-text search (typo-tolerant with --fuzziness)", [
+            _arg("query"), _arg("--fuzziness", "-f", type=int, default=0),
+            _arg("--top-k", "-k", type=int, default=10),
+            _arg("--on", action="append", default=None, help="a field path (repeatable)")],
+         lambda m, a: _cli_hits(m.match(a.query, on=a.on, top_k=a.top_k,
+                                        fuzziness=a.fuzziness))),
+        ("search", "nearest documents to a vector (JSON list of numbers)", [
+            _arg("vector"), _arg("--top-k", "-k", type=int, default=10)],
+         lambda m, a: _cli_hits(m.search(_cli_value(a.vector), top_k=a.top_k))),
+        ("connect", "add the edge SOURCE -[LABEL]-> TARGET", [
+            _arg("source"), _arg("target"), _arg("label"),
+            _arg("--metadata", "-m", default=None, help="JSON metadata")],
+         _quiet(lambda m, a: m.connect(a.source, a.target, a.label, None if a.metadata is None
+                                       else _cli_value(a.metadata)))),
+        ("disconnect", "remove the edges SOURCE -> TARGET", [
+            _arg("source"), _arg("target"), _arg("--label", default=None)],
+         _quiet(lambda m, a: m.disconnect(a.source, a.target, a.label))),
+        ("edges", "print the edges of ID", [_arg("id"), _DIRECTION,
+                                            _arg("--label", default=None)],
+         lambda m, a: [e._asdict() for e in m.edges(a.id, a.direction, a.label)]),
+        ("neighbors", "print the documents one edge away from ID", [
+            _arg("id"), _arg("--label", default=None), _DIRECTION],
+         lambda m, a: m.neighbors(a.id, label=a.label, direction=a.direction)),
+        ("walk", "print the documents up to --depth edges away from ID", [
+            _arg("id"), _arg("--labels", action="append", default=None),
+            _arg("--depth", type=int, default=1), _DIRECTION],
+         lambda m, a: m.walk(a.id, labels=a.labels, depth=a.depth, direction=a.direction)),
+        ("ids", "print the ids of the documents", [], lambda m, a: [d.id for d in m]),
+    ] + _structure_ops("collection")),
     "lock": ("an inter-process lock", None, [
         ("run", "run a command while holding the lock; exit with its status", [
             _TIMEOUT, _NO_WAIT,
@@ -5641,7 +6054,8 @@ CLI_KINDS = {
 
 
 def _number(value):
-    return int(value) if float(value).is_integer() else value
+    value = float(value)
+    return int(value) if value.is_integer() and abs(value) < 2 ** 53 else value
 
 
 class _UsageError(Exception):
