@@ -70,21 +70,6 @@ class _LazyModule:
 asyncio = _LazyModule("asyncio")   # only the async wrappers need it
 
 
-class _LazyModule:
-    """A module imported on first use: ``asyncio`` alone costs more than the rest of beaver."""
-
-    def __init__(self, name):
-        self._name = name
-
-    def __getattr__(self, attr):
-        module = __import__(self._name)
-        globals()[self._name] = module
-        return getattr(module, attr)
-
-
-asyncio = _LazyModule("asyncio")
-
-
 # ==========================================================================================
 # Constants
 # ==========================================================================================
@@ -201,7 +186,8 @@ class _Deadline:
     __slots__ = ("end",)
 
     def __init__(self, timeout):
-        self.end = None if timeout is None else time.monotonic() + timeout
+        forever = timeout is None or timeout >= threading.TIMEOUT_MAX  # e.g. float("inf")
+        self.end = None if forever else time.monotonic() + timeout
 
     def remaining(self, cap=None):
         left = None if self.end is None else max(0.0, self.end - time.monotonic())
@@ -218,25 +204,54 @@ class _Deadline:
 # Codecs and Model
 # ==========================================================================================
 
+try:  # CPython's C encoder, called directly: json.dumps(value, ensure_ascii=False,
+    # separators=(",", ":")) without building a JSONEncoder and its Python frames per value
+    from json.encoder import c_make_encoder as _c_make_encoder, encode_basestring as _encode_str
+except ImportError:  # pragma: no cover - Pythons without the _json accelerator
+    _c_make_encoder = None
+_json_default = json.JSONEncoder().default
+_json_scan = json.JSONDecoder().scan_once
+if _c_make_encoder is not None:
+    # Without a markers dict (no cycle check) one encoder serves every call; a cycle ends in
+    # RecursionError, and the checking encoder then reports it as json.dumps would.
+    _json_encode = _c_make_encoder(None, _json_default, _encode_str, None, ":", ",",
+                                   False, False, True)
+
+
 def _json_dumps(value) -> str:
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        if _c_make_encoder is None:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        try:
+            return "".join(_json_encode(value, 0))
+        except RecursionError:
+            return "".join(_c_make_encoder({}, _json_default, _encode_str, None, ":", ",",
+                                           False, False, True)(value, 0))
     except (TypeError, ValueError) as e:
         raise TypeError(f"value is not JSON-serializable: {e}") from None
+
+
+def _json_loads(text):
+    """``json.loads(text)``, scanning compact JSON (what beaver writes) without its wrapper."""
+    try:
+        value, end = _json_scan(text, 0)
+    except (StopIteration, TypeError):
+        return json.loads(text)     # leading space, bytes, bad JSON: json.loads decides
+    return value if end == len(text) else json.loads(text)
 
 
 class _JsonCodec:
     """Plain JSON: what goes in as dicts, lists, str, numbers, bools and None comes back."""
 
     model = None
+    _plain = frozenset((dict, list, str, int, float, bool, type(None)))
 
     def encode(self, value) -> str:
-        if hasattr(value, "model_dump_json"):
+        if type(value) not in self._plain and hasattr(value, "model_dump_json"):
             return value.model_dump_json()
         return _json_dumps(value)
 
-    def decode(self, text):
-        return json.loads(text)
+    decode = staticmethod(_json_loads)
 
 
 class _ModelCodec:
@@ -358,7 +373,7 @@ def _copy_default(value):
 def _dump(value):
     if isinstance(value, Model):
         return value.model_dump()
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         return [_dump(v) for v in value]
     if isinstance(value, dict):
         return {k: _dump(v) for k, v in value.items()}
@@ -384,6 +399,14 @@ def _coerce(annotation, value, where):
             except ValidationError as e:
                 errors.append(str(e))
         raise ValidationError("; ".join(errors) or f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValidationError(f"{where}: expected one of {args!r}, got {value!r}")
+        return value
+    if origin is tuple and args and args[-1] is not Ellipsis and isinstance(value, (list, tuple)):
+        if len(value) != len(args):
+            raise ValidationError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return [_coerce(a, v, where) for a, v in zip(args, value)]
     if isinstance(annotation, type) and issubclass(annotation, Model):
         if isinstance(value, dict):
             return annotation.model_validate(value)
@@ -447,10 +470,12 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_listeners (
         owner TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, expires_at REAL NOT NULL,
         PRIMARY KEY (owner, kind, name)) WITHOUT ROWID""",
+    # No index on beaver_locks: it holds only held locks and their waiters, and one page per
+    # write keeps an uncontended acquire + release near two raw commits.
     """CREATE TABLE IF NOT EXISTS beaver_locks (
         ticket INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, owner TEXT NOT NULL,
-        expires_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0)""",
-    """CREATE INDEX IF NOT EXISTS beaver_locks_name ON beaver_locks (name, ticket)""",
+        expires_at REAL NOT NULL, held INTEGER NOT NULL DEFAULT 0,
+        ttl REAL NOT NULL DEFAULT 60)""",
     """CREATE TABLE IF NOT EXISTS beaver_collections (
         collection TEXT PRIMARY KEY, dim INTEGER, metric TEXT NOT NULL DEFAULT 'l2', options TEXT,
         version INTEGER NOT NULL DEFAULT 0, epoch INTEGER NOT NULL DEFAULT 0, cid INTEGER UNIQUE)""",
@@ -471,6 +496,9 @@ _SCHEMA = [
     """CREATE INDEX IF NOT EXISTS beaver_edges_incoming
         ON beaver_edges (collection, target, label, source)""",
 ]
+
+# DELETE ... RETURNING takes an item in one autocommit statement (3.35.5 fixed its early bugs)
+_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 5)
 
 _live_cores: "weakref.WeakSet[_Core]" = weakref.WeakSet()
 
@@ -504,7 +532,8 @@ class _Core:
         if durability not in ("normal", "full"):
             raise ValueError("durability must be 'normal' or 'full'")
         self.memory = str(path) == ":memory:"
-        self.path = _memory_path() if self.memory else os.fspath(path)
+        # absolute, so a later chdir cannot send new threads' connections to another file
+        self.path = _memory_path() if self.memory else os.path.abspath(os.fspath(path))
         self.timeout = float(timeout)
         self.synchronous = "OFF" if self.memory else durability.upper()
         self.closed = False
@@ -604,7 +633,11 @@ class _Core:
     def execute(self, sql, params=()):
         """Run one statement on this thread's connection (autocommit unless in a transaction)."""
         try:
-            return self.conn().execute(sql, params)
+            conn = self._local.conn
+        except AttributeError:
+            conn = self.conn()
+        try:
+            return conn.execute(sql, params)
         except sqlite3.Error as e:
             raise self._error(e) from e
 
@@ -702,6 +735,11 @@ class _Core:
             raise SchemaError(f"{self.path!r} has beaver schema version {found}; this beaver "
                               f"({__version__}) reads version {SCHEMA_VERSION} only")
         with self.transaction() as conn:
+            if self._schema_version() is None and self.execute(
+                    "SELECT 1 FROM sqlite_master WHERE substr(name, 1, 7) = 'beaver_'"
+                    ).fetchone():
+                raise SchemaError(f"{self.path!r} has beaver tables but no schema stamp: a "
+                                  "layout (an older beaver?) this version does not know")
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute("INSERT OR IGNORE INTO beaver_meta VALUES ('schema_version', ?)",
@@ -795,9 +833,11 @@ class _FileNotify:
 class _Watcher:
     """Wakes waiting threads when the database changes, whichever process wrote.
 
-    While anybody waits, one thread polls ``PRAGMA data_version`` on its own connection every
-    millisecond (a few microseconds each) and bumps ``tick`` when another connection has
-    committed. Writers of this process bump it directly. Waiters sleep on one condition.
+    While anybody waits, one thread checks ``PRAGMA data_version`` on its own connection and
+    bumps ``tick`` when another connection has committed. On Linux it sleeps on inotify events
+    of the ``-wal`` file (every commit appends to it) and then polls every millisecond for a
+    short while; elsewhere (or with ``BEAVER_WATCH=poll``) it polls every millisecond. Writers
+    of this process bump ``tick`` directly. Waiters sleep on one condition.
     """
 
     def __init__(self, core):
@@ -1061,7 +1101,7 @@ class _Events:
                     self._wakeup.clear()
                     continue
                 batch = watcher.wait_for(self._collect, None, cap=self._beat_wait)
-            except BeaverError:
+            except Exception:
                 if self._stopping or self._core.closed:
                     return
                 logger.exception("beaver event dispatcher failed; retrying")
@@ -1136,6 +1176,9 @@ class _Events:
 # Manager base
 # ==========================================================================================
 
+_NO_TRANSACTION = contextlib.nullcontext()
+
+
 class _Held:
     """What ``acquire()`` returns: truthy, and a context manager that releases on exit."""
 
@@ -1186,6 +1229,16 @@ class _Manager:
 
     # -- writes and events -------------------------------------------------------------
 
+    def _listened(self) -> bool:
+        """False when ``_wrote`` would do nothing and ``_atomic`` add nothing: nobody waits
+        in this process and nobody listens anywhere.
+
+        Hot paths test this first, then skip the event payload and take single statements.
+        """
+        events = self._db._events
+        return (bool(self._core.watcher.users) or events.listening(self._topic)
+                or events.remote(self._topic))
+
     def _wrote(self, event, **fields):
         """After a write: wake waiters and, if anybody listens anywhere, emit ``event``.
 
@@ -1207,13 +1260,18 @@ class _Manager:
         """A transaction around a single-statement write if its event must be stored with it."""
         if self._db._events.remote(self._topic):
             return self._core.transaction()
-        return contextlib.nullcontext()
+        return _NO_TRANSACTION
 
     def on(self, event, callback) -> _EventHandle:
         """Call ``callback(payload)`` after every ``event`` ('set', 'del', ... or '*').
 
             >>> handle = db.dict("config").on("set", lambda p: print(p["key"]))
             >>> handle.off()
+
+        Writes from any thread or process are delivered once each, after their commit, in
+        order, on this database's event thread. The payload has ``event``, ``kind``, ``name``
+        and the operation's fields (``key`` and ``value`` for dicts, ``data`` for queues and
+        logs, ``payload`` for channels...). A callback that raises is logged and skipped.
         """
         return self._db._events.add(self._topic, event, callback)
 
@@ -1347,47 +1405,54 @@ class DictManager(_Manager, MutableMapping):
     _kind = "dict"
     _table = "beaver_dicts"
 
+    _GET = f"SELECT value FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
+    _HAS = f"SELECT 1 FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
+    _SET = ("INSERT INTO beaver_dicts (name, key, value, expires_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name, key) DO UPDATE SET value = excluded.value, "
+            "expires_at = excluded.expires_at")
+    _DEL = f"DELETE FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
+
     def __getitem__(self, key):
-        row = self._core.execute(
-            f"SELECT value FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, _check_key(key), _now())).fetchone()
+        if type(key) is not str:
+            _check_key(key)
+        row = self._core.execute(self._GET, (self._name, key, _now())).fetchone()
         if row is None:
             raise KeyError(key)
         return self._codec.decode(row[0])
 
     def get(self, key, default=None):
         """The value of ``key``, or ``default`` if it is missing or expired."""
-        row = self._core.execute(
-            f"SELECT value FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, _check_key(key), _now())).fetchone()
+        if type(key) is not str:
+            _check_key(key)
+        row = self._core.execute(self._GET, (self._name, key, _now())).fetchone()
         return default if row is None else self._codec.decode(row[0])
-
-    def __setitem__(self, key, value):
-        self.set(key, value)
 
     def set(self, key, value, ttl_seconds=None):
         """Store ``value`` under ``key``; with ``ttl_seconds`` it expires that much later.
 
             >>> cache.set("weather", {"temp": 21}, ttl_seconds=600)
         """
-        key, ttl = _check_key(key), _check_ttl(ttl_seconds)
+        if type(key) is not str:
+            _check_key(key)
+        ttl = None if ttl_seconds is None else _check_ttl(ttl_seconds)
         text = self._codec.encode(value)
         expires_at = None if ttl is None else _now() + ttl
-        with self._atomic():
-            self._core.execute(
-                "INSERT INTO beaver_dicts (name, key, value, expires_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (name, key) DO UPDATE SET value = excluded.value, "
-                "expires_at = excluded.expires_at",
-                (self._name, key, text, expires_at))
-            self._wrote("set", key=key, value=_to_jsonable(value))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._SET, (self._name, key, text, expires_at))
+                self._wrote("set", key=key, value=_to_jsonable(value))
+        else:
+            self._core.execute(self._SET, (self._name, key, text, expires_at))
         if self._core.purge_due():
             self._purge_expired()
 
+    __setitem__ = set
+
     def __delitem__(self, key):
+        if type(key) is not str:
+            _check_key(key)
         with self._atomic():
-            cursor = self._core.execute(
-                f"DELETE FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-                (self._name, _check_key(key), _now()))
+            cursor = self._core.execute(self._DEL, (self._name, key, _now()))
             if cursor.rowcount == 0:
                 raise KeyError(key)
             self._wrote("del", key=key)
@@ -1395,9 +1460,7 @@ class DictManager(_Manager, MutableMapping):
     def __contains__(self, key):
         if not isinstance(key, str):
             return False
-        return self._core.execute(
-            f"SELECT 1 FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, key, _now())).fetchone() is not None
+        return self._core.execute(self._HAS, (self._name, key, _now())).fetchone() is not None
 
     def __len__(self):
         return self._core.execute(
@@ -1521,6 +1584,16 @@ class ListManager(_Manager, MutableSequence):
 
     _MIN = "(SELECT min(pos) FROM beaver_lists WHERE name = ?)"
     _MAX = "(SELECT max(pos) FROM beaver_lists WHERE name = ?)"
+    _AT = f"SELECT value FROM beaver_lists WHERE name = ? AND pos = {_MIN} + ?"
+    _AT_END = f"SELECT value FROM beaver_lists WHERE name = ? AND pos = {_MAX} + 1 + ?"
+    _PUSH = ("INSERT INTO beaver_lists (name, pos, value) "
+             f"VALUES (?, coalesce({_MAX} + 1, 0), ?)")
+    _PREPEND = ("INSERT INTO beaver_lists (name, pos, value) "
+                f"VALUES (?, coalesce({_MIN} - 1, 0), ?)")
+    _TAKE_LAST = ("DELETE FROM beaver_lists WHERE name = ?1 AND pos = "
+                  "(SELECT max(pos) FROM beaver_lists WHERE name = ?1) RETURNING value")
+    _TAKE_FIRST = ("DELETE FROM beaver_lists WHERE name = ?1 AND pos = "
+                   "(SELECT min(pos) FROM beaver_lists WHERE name = ?1) RETURNING value")
 
     # -- positions ------------------------------------------------------------------------
 
@@ -1550,6 +1623,8 @@ class ListManager(_Manager, MutableSequence):
 
         The rows first jump far beyond every live position, then land at their new place.
         """
+        if lo_pos > hi_pos:
+            return
         self._core.execute(
             "UPDATE beaver_lists SET pos = pos + ? WHERE name = ? AND pos BETWEEN ? AND ?",
             (_SHIFT + delta, self._name, lo_pos, hi_pos))
@@ -1565,12 +1640,8 @@ class ListManager(_Manager, MutableSequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self._get_slice(index)
-        if isinstance(index, int) and not isinstance(index, bool):
-            if index >= 0:
-                sql = f"SELECT value FROM beaver_lists WHERE name = ? AND pos = {self._MIN} + ?"
-            else:
-                sql = (f"SELECT value FROM beaver_lists WHERE name = ? "
-                       f"AND pos = {self._MAX} + 1 + ?")
+        if type(index) is int and abs(index) < _SHIFT:
+            sql = self._AT if index >= 0 else self._AT_END
             row = self._core.execute(sql, (self._name, self._name, index)).fetchone()
             if row is None:
                 raise IndexError("list index out of range")
@@ -1617,22 +1688,24 @@ class ListManager(_Manager, MutableSequence):
     def push(self, value):
         """Append ``value`` at the end (``append`` is the same)."""
         text = self._codec.encode(value)
-        with self._atomic():
-            self._core.execute(
-                f"INSERT INTO beaver_lists (name, pos, value) "
-                f"VALUES (?, coalesce({self._MAX} + 1, 0), ?)", (self._name, self._name, text))
-            self._wrote("push", value=_to_jsonable(value))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._PUSH, (self._name, self._name, text))
+                self._wrote("push", value=_to_jsonable(value))
+        else:
+            self._core.execute(self._PUSH, (self._name, self._name, text))
 
     append = push
 
     def prepend(self, value):
         """Insert ``value`` at the front."""
         text = self._codec.encode(value)
-        with self._atomic():
-            self._core.execute(
-                f"INSERT INTO beaver_lists (name, pos, value) "
-                f"VALUES (?, coalesce({self._MIN} - 1, 0), ?)", (self._name, self._name, text))
-            self._wrote("prepend", value=_to_jsonable(value))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._PREPEND, (self._name, self._name, text))
+                self._wrote("prepend", value=_to_jsonable(value))
+        else:
+            self._core.execute(self._PREPEND, (self._name, self._name, text))
 
     def extend(self, values):
         """Append every item of ``values`` in one transaction."""
@@ -1699,6 +1772,9 @@ class ListManager(_Manager, MutableSequence):
 
         On an empty list ``pop()`` returns ``None``; an explicit bad index raises IndexError.
         """
+        if index is None and _HAS_RETURNING and not self._listened():
+            value = self._take(self._TAKE_LAST)
+            return None if value is _MISSING else value
         with self._core.transaction():
             lo, length = self._bounds()
             if index is None:
@@ -1715,6 +1791,9 @@ class ListManager(_Manager, MutableSequence):
 
     def deque(self):
         """Remove and return the first item, or ``None`` if the list is empty."""
+        if _HAS_RETURNING and not self._listened():
+            value = self._take(self._TAKE_FIRST)
+            return None if value is _MISSING else value
         with self._core.transaction():
             row = self._core.execute(
                 f"SELECT pos, value FROM beaver_lists WHERE name = ? AND pos = {self._MIN}",
@@ -1727,6 +1806,11 @@ class ListManager(_Manager, MutableSequence):
         return self._codec.decode(row[1])
 
     popleft = deque
+
+    def _take(self, sql):
+        """Delete and decode the end item ``sql`` picks, in one statement (or ``_MISSING``)."""
+        row = self._core.execute(sql, (self._name,)).fetchone()
+        return _MISSING if row is None else self._codec.decode(row[0])
 
     def remove(self, value):
         """Remove the first item equal to ``value`` (``ValueError`` if there is none)."""
@@ -1816,6 +1900,12 @@ class QueueManager(_Manager):
     _kind = "queue"
     _table = "beaver_queues"
 
+    _PUT = "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)"
+    _TAKE = ("DELETE FROM beaver_queues WHERE seq = (SELECT seq FROM beaver_queues "
+             "WHERE name = ?1 ORDER BY priority, seq LIMIT 1) AND NOT EXISTS (SELECT 1 FROM "
+             "beaver_queue_leases WHERE name = ?1 AND until <= ?2) "
+             "RETURNING priority, timestamp, data")
+
     def put(self, data, priority=0):
         """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
         if isinstance(priority, bool) or not isinstance(priority, (int, float)):
@@ -1823,11 +1913,12 @@ class QueueManager(_Manager):
         if priority != priority:
             raise ValueError("priority must not be NaN")
         text = self._codec.encode(data)
-        with self._atomic():
-            self._core.execute(
-                "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)",
-                (self._name, priority, _now(), text))
-            self._wrote("put", priority=priority, data=_to_jsonable(data))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._PUT, (self._name, priority, _now(), text))
+                self._wrote("put", priority=priority, data=_to_jsonable(data))
+        else:
+            self._core.execute(self._PUT, (self._name, priority, _now(), text))
 
     def get(self, block=True, timeout=None, lease=None) -> QueueItem:
         """Remove and return the first item.
@@ -1859,6 +1950,10 @@ class QueueManager(_Manager):
         return item
 
     def _take(self, lease=None):
+        if lease is None and _HAS_RETURNING and self._codec is _JSON and not self._listened():
+            item = self._take_fast()
+            if item is not _MISSING:
+                return item
         with self._core.transaction():
             now = _now()
             self._reclaim(now)
@@ -1878,6 +1973,14 @@ class QueueManager(_Manager):
                 item.lease_id = cursor.lastrowid
             self._wrote("get", priority=item.priority, data=json.loads(row[3]), lease=lease)
         return item
+
+    def _take_fast(self):
+        """A plain ``get`` in one autocommit statement (it locks like BEGIN IMMEDIATE).
+
+        ``_MISSING`` if it took nothing: the queue is empty or a lease is due for reclaim.
+        """
+        row = self._core.execute(self._TAKE, (self._name, _now())).fetchone()
+        return _MISSING if row is None else QueueItem(row[0], row[1], self._codec.decode(row[2]))
 
     def clear(self):
         """Remove every item, leased ones included."""
@@ -1956,8 +2059,13 @@ class QueueManager(_Manager):
         return iter([QueueItem(p, t, decode(d)) for p, t, d in rows])
 
     def _dump_items(self):
+        """Queued items, then leased ones (a restored dump hands those out again)."""
+        leased = self._core.execute(
+            "SELECT priority, timestamp, data FROM beaver_queue_leases WHERE name = ? "
+            "ORDER BY lease", (self._name,)).fetchall()
         return [{"priority": item.priority, "timestamp": item.timestamp,
-                 "data": _to_jsonable(item.data)} for item in self]
+                 "data": _to_jsonable(item.data)} for item in self] + [
+                {"priority": p, "timestamp": t, "data": json.loads(d)} for p, t, d in leased]
 
     def _load_items(self, items):
         self._core.executemany(
@@ -2517,7 +2625,7 @@ class _Hub:
     def _run(self):
         try:
             self._core.watcher.wait_for(self._poll)
-        except BeaverError:
+        except Exception:
             if not self._core.closed:
                 logger.exception("beaver channel poller stopped")
             with self._lock:
@@ -2555,6 +2663,17 @@ class _Hub:
 # Lock
 # ==========================================================================================
 
+def _add_lock_ttl_column(core):
+    """Files made by the first 0.1 development builds lack ``beaver_locks.ttl``: add it."""
+    if getattr(core, "_lock_ttl_checked", False):
+        return
+    columns = {row[1] for row in core.execute("PRAGMA table_info(beaver_locks)")}
+    if "ttl" not in columns:
+        with contextlib.suppress(BeaverError):      # another process added it first
+            core.execute("ALTER TABLE beaver_locks ADD COLUMN ttl REAL NOT NULL DEFAULT 60")
+    core._lock_ttl_checked = True
+
+
 class Lock:
     """A fair (FIFO) inter-process lock with a time-to-live and a fencing token.
 
@@ -2563,7 +2682,8 @@ class Lock:
 
     Waiters queue by ticket and keep their place however long they wait; the ``ttl``
     bounds only how long a holder may keep the lock without ``renew()``, so a crashed
-    holder frees it at the latest ``ttl`` seconds after acquiring. ``token`` grows with
+    holder frees it at the latest ``ttl`` seconds after acquiring. A release hands the lock
+    straight to the first live waiter, which then takes it without writing. ``token`` grows with
     every acquisition and can fence writes by stale holders. One ``Lock`` object shared
     by several threads excludes them as ``threading.Lock`` would.
     """
@@ -2577,6 +2697,7 @@ class Lock:
             raise ValueError("ttl must be positive")
         self._guard = threading.Lock()
         self._owner = f"{os.getpid()}:{uuid.uuid4().hex}"
+        _add_lock_ttl_column(self._core)
         self._ticket = None
         self._beat_due = 0.0
         self._head_expires = None
@@ -2629,17 +2750,17 @@ class Lock:
         """Take a ticket and, if nobody is ahead, the lock."""
         now = _now()
         cursor = self._core.execute(       # uncontended: one statement takes the lock
-            "INSERT INTO beaver_locks (name, owner, expires_at, held) SELECT ?, ?, ?, 1 "
+            "INSERT INTO beaver_locks (name, owner, expires_at, held, ttl) SELECT ?, ?, ?, 1, ? "
             "WHERE NOT EXISTS (SELECT 1 FROM beaver_locks WHERE name = ? AND expires_at > ?)",
-            (self.name, self._owner, now + self.ttl, self.name, now))
+            (self.name, self._owner, now + self.ttl, self.ttl, self.name, now))
         if cursor.rowcount == 1:
             self._ticket = cursor.lastrowid
             return True
         with self._core.transaction():
             now = _now()
             cursor = self._core.execute(
-                "INSERT INTO beaver_locks (name, owner, expires_at) VALUES (?, ?, ?)",
-                (self.name, self._owner, now + LOCK_WAITER_GRACE))
+                "INSERT INTO beaver_locks (name, owner, expires_at, ttl) VALUES (?, ?, ?, ?)",
+                (self.name, self._owner, now + LOCK_WAITER_GRACE, self.ttl))
             self._ticket = cursor.lastrowid
             got = self._take(now)
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
@@ -2663,9 +2784,11 @@ class Lock:
         """One attempt while waiting: a read first, a write only when first in line."""
         now = _now()
         head = self._core.execute(
-            "SELECT ticket, expires_at FROM beaver_locks WHERE name = ? AND expires_at > ? "
+            "SELECT ticket, expires_at, held FROM beaver_locks WHERE name = ? AND expires_at > ? "
             "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
         if head is not None and head[0] == self._ticket:
+            if head[2]:                 # the previous holder handed it over on release
+                return True
             with self._core.transaction():
                 if self._take(_now()):
                     return True
@@ -2678,9 +2801,14 @@ class Lock:
     def _heartbeat(self):
         now = _now()
         cursor = self._core.execute(
-            "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND expires_at > ?",
-            (now + LOCK_WAITER_GRACE, self._ticket, now))
-        if cursor.rowcount == 0:  # this process stalled past the grace time: queue again
+            "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND expires_at > ? "
+            "AND held = 0", (now + LOCK_WAITER_GRACE, self._ticket, now))
+        if cursor.rowcount == 0:
+            row = self._core.execute("SELECT held, expires_at FROM beaver_locks WHERE ticket = ?",
+                                     (self._ticket,)).fetchone()
+            if row is not None and row[0] and row[1] > now:
+                return True             # handed over meanwhile
+            # this process stalled past the grace time: queue again
             self._core.execute("DELETE FROM beaver_locks WHERE ticket = ?", (self._ticket,))
             return self._enqueue()
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
@@ -2706,16 +2834,30 @@ class Lock:
             raise LockLost(f"lock {self.name!r} is not held by this object")
         ticket, self._ticket = self._ticket, None
         try:
-            still_ours = self._core.execute(
-                "DELETE FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
-                (ticket, _now())).rowcount == 1
-            if not still_ours:
-                self._leave(ticket)
+            waiting = self._core.execute(
+                "SELECT 1 FROM beaver_locks WHERE name = ? AND ticket > ? AND expires_at > ? "
+                "LIMIT 1", (self.name, ticket, _now())).fetchone()
+            with self._core.transaction() if waiting else contextlib.nullcontext():
+                still_ours = self._core.execute(
+                    "DELETE FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
+                    (ticket, _now())).rowcount == 1
+                if not still_ours:
+                    self._leave(ticket)
+                if waiting:
+                    self._hand_over()
             self._core.changed()
         finally:
             self._guard.release()
         if not still_ours:
             raise LockLost(f"lock {self.name!r} expired before release (ttl {self.ttl}s)")
+
+    def _hand_over(self):
+        """Make the first live waiter the holder, so it need not write to take the lock."""
+        now = _now()
+        self._core.execute(
+            "UPDATE beaver_locks SET held = 1, expires_at = ? + ttl WHERE held = 0 AND ticket = "
+            "(SELECT ticket FROM beaver_locks WHERE name = ? AND expires_at > ? ORDER BY ticket "
+            "LIMIT 1)", (now, self.name, now))
 
     def renew(self, ttl=None):
         """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now."""
@@ -4370,6 +4512,9 @@ _STRUCTURES = {
     "list": ("beaver_lists", "list", "", "name"),
     "queue": ("beaver_queues", "queue", "", "name"),
     "blob": ("beaver_blobs", "blobs", "", "name"),
+    "log": ("beaver_logs", "log", "", "name"),
+    "channel": ("beaver_channels", "channel", "WHERE name != ''", "name"),
+    "collection": ("beaver_documents", "collection", "", "collection"),
 }
 
 
@@ -4932,6 +5077,13 @@ class RemoteList(_RemoteManager, MutableSequence):
         self._send("POST", "/reverse")
 
 
+def _lease_id(item):
+    lease_id = getattr(item, "lease_id", None)
+    if lease_id is None:
+        raise TypeError("ack() and nack() take an item returned by get(lease=...)")
+    return lease_id
+
+
 def _list_index(index) -> int:
     if isinstance(index, bool) or not hasattr(index, "__index__"):
         raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}")
@@ -4949,13 +5101,18 @@ class RemoteQueue(_RemoteManager):
             raise TypeError(f"priority must be a number, not {priority!r}")
         self._send("POST", "/put", {"priority": priority}, self._codec.encode(data))
 
-    def get(self, block=True, timeout=None) -> QueueItem:
-        """Remove and return the first item (``QueueEmpty``/``TimeoutError`` as locally)."""
+    def get(self, block=True, timeout=None, lease=None) -> QueueItem:
+        """Remove and return the first item (``QueueEmpty``/``TimeoutError`` as locally).
+
+        With ``lease=seconds`` the item returns to the queue unless ``ack(item)`` is called
+        in time: the safe way to take work over a network that may drop a response.
+        """
         deadline = _Deadline(_seconds(timeout, "timeout"))
+        query = {"block": block, "lease": _seconds(lease, "lease")}
         while True:
             wait = deadline.remaining(cap=_CHUNK_WAIT) if block else 0.0
             try:
-                item = self._call("POST", "/get", {"block": block, "timeout": wait}, wait=wait)
+                item = self._call("POST", "/get", {**query, "timeout": wait}, wait=wait)
             except Timeout:
                 if deadline.expired:
                     raise
@@ -4963,7 +5120,19 @@ class RemoteQueue(_RemoteManager):
             return self._item(item)
 
     def _item(self, item):
-        return QueueItem(item["priority"], item["timestamp"], self._value(item["data"]))
+        if "lease_id" not in item:
+            return QueueItem(item["priority"], item["timestamp"], self._value(item["data"]))
+        leased = LeasedItem(item["priority"], item["timestamp"], self._value(item["data"]))
+        leased.lease_id = item["lease_id"]
+        return leased
+
+    def ack(self, item) -> bool:
+        """Finish an item taken with ``get(lease=...)``; False if its lease had run out."""
+        return self._call("POST", "/ack", {"lease_id": _lease_id(item)})
+
+    def nack(self, item) -> bool:
+        """Give a leased item back to the queue now; False if its lease had run out."""
+        return self._call("POST", "/nack", {"lease_id": _lease_id(item)})
 
     def peek(self):
         """The item ``get`` would return next, without removing it; ``None`` if empty."""
@@ -5113,6 +5282,244 @@ class RemoteLock:
         return f"<RemoteLock {self.name!r} {'held' if self._token else 'free'}>"
 
 
+class RemoteLog(_RemoteManager):
+    """``db.log(name)`` over HTTP; ``live()`` follows a server-sent event stream."""
+
+    _kind, _route = "log", "logs"
+
+    def log(self, data, timestamp=None):
+        """Append ``data`` at ``timestamp`` (a datetime or epoch seconds; default now)."""
+        when = None if timestamp is None else _epoch(timestamp)
+        self._send("POST", "/log", {"timestamp": when}, self._codec.encode(data))
+
+    def _entries(self, rows):
+        return [LogEntry(_utc(row["timestamp"]), self._value(row["data"])) for row in rows]
+
+    def range(self, start=None, end=None) -> list:
+        """Entries with ``start <= timestamp <= end`` (either may be None), oldest first."""
+        query = {"start": None if start is None else _epoch(start, "start"),
+                 "end": None if end is None else _epoch(end, "end")}
+        return self._entries(self._call("GET", "/range", query))
+
+    def __iter__(self):
+        return iter(self.range())
+
+    def live(self, window, period, aggregator=list) -> "_RemoteStream":
+        """``aggregator(values in the last window)`` now and every ``period`` (an iterator)."""
+        if not callable(aggregator):
+            raise TypeError("aggregator must be callable")
+        query = {"window": _seconds(window, "window"), "period": _seconds(period, "period")}
+        decode = self._value
+        return _RemoteStream(self._http, self._base + "/live", query,
+                             lambda text: aggregator([decode(v) for v in json.loads(text)]))
+
+
+class _RemoteStream:
+    """A server-sent event stream read by a thread; iterate it, ``close()`` it when done."""
+
+    def __init__(self, http, path, query, decode):
+        self._decode = decode
+        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._closed = False
+        self._conn, response = http.stream(path, query)
+        self._reader = threading.Thread(target=self._read, args=(response,), daemon=True,
+                                        name="beaver-client-stream")
+        self._reader.start()
+
+    def _read(self, response):
+        data = []
+        try:
+            for raw in response:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if line.startswith("data:"):
+                    data.append(line[5:].lstrip(" "))
+                elif not line and data:
+                    self._inbox.put("\n".join(data))
+                    data = []
+        except (OSError, ValueError, AttributeError):
+            pass
+        self._inbox.put(_MISSING)
+
+    def get(self, timeout=None):
+        """The next event; ``TimeoutError`` after ``timeout`` seconds without one."""
+        try:
+            text = self._inbox.get(timeout=_seconds(timeout, "timeout"))
+        except _queue.Empty:
+            raise Timeout(f"nothing arrived within {timeout}s") from None
+        if text is _MISSING:
+            self._inbox.put(_MISSING)
+            if self._closed:
+                raise ClosedError("the stream is closed")
+            raise RemoteError("the server ended the stream")
+        return self._decode(text)
+
+    def listen(self, timeout=None):
+        """Yield events until ``close()`` (``TimeoutError`` after ``timeout`` s of silence)."""
+        while True:
+            try:
+                yield self.get(timeout)
+            except ClosedError:
+                return
+
+    def __iter__(self):
+        return self.listen()
+
+    def __next__(self):
+        try:
+            return self.get()
+        except ClosedError:
+            raise StopIteration from None
+
+    def close(self):
+        """Stop the stream; a ``listen()`` in progress ends."""
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._conn.sock and self._conn.sock.shutdown(2)
+            self._conn.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RemoteChannel(_RemoteManager):
+    """``db.channel(name)`` over HTTP; subscriptions are server-sent event streams."""
+
+    _kind, _route = "channel", "channels"
+
+    def publish(self, payload):
+        """Send ``payload`` to every subscriber."""
+        self._send("POST", "/publish", body=self._codec.encode(payload))
+
+    def subscribe(self) -> _RemoteStream:
+        """A subscription receiving every message published once this call has returned.
+
+            >>> with client.channel("chat").subscribe() as sub:
+            ...     for message in sub.listen(timeout=5):
+            ...         print(message)
+        """
+        return _RemoteStream(self._http, self._base + "/sse", None, self._codec.decode)
+
+    def history(self, limit=None) -> list:
+        """The retained messages, oldest first (the last ``limit`` ones if given)."""
+        return [self._value(m) for m in self._call("GET", "/history", {"limit": limit})]
+
+
+class RemoteCollection(_RemoteManager):
+    """``db.collection(name)`` over HTTP: documents, full-text, fuzzy, vector and graph search."""
+
+    _kind, _route = "collection", "collections"
+
+    def __init__(self, client, name, model=None, metric=None, **options):
+        super().__init__(client, name, model)
+        if metric is not None or options:
+            self._call("PUT", "", body=_json_dumps({"metric": metric, "options": options}))
+
+    @property
+    def metric(self) -> str:
+        """The vector distance of this collection: 'l2', 'cosine' or 'ip'."""
+        return self._summary()["metric"]
+
+    def _document(self, data) -> "Document":
+        doc = Document.from_dict({**data, "body": None})
+        doc.body = None if data.get("body") is None else self._value(data["body"])
+        return doc
+
+    def _doc_json(self, document) -> dict:
+        body = None if document.body is None else json.loads(self._codec.encode(document.body))
+        return {"id": document.id, "embedding": document.embedding, "body": body}
+
+    def index(self, document, fts=True, fuzzy=False):
+        """Insert or replace ``document`` (text index and vector included); returns it."""
+        if not isinstance(document, Document):
+            raise TypeError(f"index() takes a Document, not {type(document).__name__}")
+        self._call("POST", "/index", body=_json_dumps(
+            {**self._doc_json(document), "fts": fts, "fuzzy": fuzzy}))
+        return document
+
+    def get(self, doc_id, default=None):
+        """The document with ``doc_id``, or ``default``."""
+        try:
+            return self[doc_id]
+        except KeyError:
+            return default
+
+    def __getitem__(self, doc_id):
+        return self._document(self._call("GET", "/documents/" + _quote(_doc_id(doc_id))))
+
+    def __contains__(self, document):
+        try:
+            self._send("HEAD", "/documents/" + _quote(_doc_id(document)))
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def drop(self, document):
+        """Remove a document (a ``Document`` or an id), its vector and its edges."""
+        self._send("DELETE", "/documents/" + _quote(_doc_id(document)))
+
+    __delitem__ = drop
+
+    def __iter__(self):
+        return iter([self._document(d) for d in self._summary("items")["items"]])
+
+    def _hits(self, rows):
+        return [(self._document(r["document"]), r["score"], r["snippet"]) if "snippet" in r
+                else (self._document(r["document"]), r["score"]) for r in rows]
+
+    def match(self, query, on=None, top_k=10, fuzziness=0, raw=False, highlight=False):
+        """Full-text search: ``[(Document, score)]``, best first (as ``BeaverDB``)."""
+        return self._hits(self._call("POST", "/match", body=_json_dumps({
+            "query": query, "on": [on] if isinstance(on, str) else on, "top_k": top_k,
+            "fuzziness": fuzziness, "raw": raw, "highlight": highlight})))
+
+    def search(self, vector, top_k=10, where=None) -> list:
+        """Nearest documents to ``vector``: ``[(Document, distance)]``, closest first."""
+        return self._hits(self._call("POST", "/search", body=_json_dumps(
+            {"vector": _as_vector(vector), "top_k": top_k, "where": where})))
+
+    def connect(self, source, target, label, metadata=None):
+        """Add (or update) the edge ``source -[label]-> target``."""
+        self._call("POST", "/connect", body=_json_dumps({
+            "source": _doc_id(source), "target": _doc_id(target), "label": label,
+            "metadata": _to_jsonable(metadata)}))
+
+    def disconnect(self, source, target, label=None):
+        """Remove the edges from ``source`` to ``target`` (only ``label`` ones if given)."""
+        self._call("POST", "/disconnect", body=_json_dumps(
+            {"source": _doc_id(source), "target": _doc_id(target), "label": label}))
+
+    def edges(self, document, direction="outgoing", label=None) -> list:
+        """The ``Edge``s leaving, entering or touching ``document``."""
+        rows = self._call("GET", "/edges", {"id": _doc_id(document), "direction": direction,
+                                            "label": label})
+        return [Edge(**row) for row in rows]
+
+    def neighbors(self, document, label=None, direction="outgoing") -> list:
+        """The documents one edge away, in id order."""
+        rows = self._call("GET", "/neighbors", {"id": _doc_id(document), "label": label,
+                                                "direction": direction})
+        return [self._document(d) for d in rows]
+
+    def walk(self, source, labels=None, depth=1, direction="outgoing") -> list:
+        """Documents reachable in 1..``depth`` edges, breadth first (the source excluded)."""
+        rows = self._call("POST", "/walk", body=_json_dumps({
+            "source": _doc_id(source), "labels": [labels] if isinstance(labels, str) else labels,
+            "depth": depth, "direction": direction}))
+        return [self._document(d) for d in rows]
+
+    def compact(self):
+        """Fold pending changes of the server's vector index into its base."""
+        self._call("POST", "/compact")
+
+
 class BeaverClient:
     """A ``BeaverDB`` look-alike that talks to a beaver server: change one line to go remote.
 
@@ -5167,9 +5574,31 @@ class BeaverClient:
 
     blob = blobs
 
+    def log(self, name, model=None) -> RemoteLog:
+        """The remote time-indexed log called ``name``."""
+        return self._manager(RemoteLog, name, model)
+
+    def channel(self, name, model=None) -> RemoteChannel:
+        """The remote pub/sub channel called ``name``."""
+        return self._manager(RemoteChannel, name, model)
+
+    def collection(self, name, model=None, metric=None, **options) -> RemoteCollection:
+        """The remote document collection called ``name``."""
+        if self._closed:
+            raise ClosedError("the client is closed")
+        key = ("collection", _check_name(name))
+        with self._managers_lock:
+            manager = self._managers.get(key)
+        if manager is None or metric is not None or options:
+            manager = RemoteCollection(self, name, model, metric, **options)
+            with self._managers_lock:
+                manager = self._managers.setdefault(key, manager)
+        return manager
+
     def lock(self, name, timeout=None, ttl=60.0, lock_ttl=None) -> RemoteLock:
         """A new remote inter-process lock object on ``name``."""
-        return RemoteLock(self, name, timeout=timeout, ttl=lock_ttl if lock_ttl is not None else ttl)
+        ttl = lock_ttl if lock_ttl is not None else ttl
+        return RemoteLock(self, name, timeout=timeout, ttl=ttl)
 
     def _get(self, path, query=None) -> bytes:
         status, _, data = self._http.request("GET", path, query)
@@ -5300,8 +5729,11 @@ def _cli_bytes(path) -> bytes:
 def _cli_json(value):
     """Plain JSON for anything a handler returns (models, queue items, documents...)."""
     if isinstance(value, QueueItem):
-        return {"priority": value.priority, "timestamp": value.timestamp,
+        item = {"priority": value.priority, "timestamp": value.timestamp,
                 "data": _cli_json(value.data)}
+        if getattr(value, "lease_id", None) is not None:
+            item["lease_id"] = value.lease_id
+        return item
     if hasattr(value, "to_dict"):
         return value.to_dict()
     if isinstance(value, (list, tuple)):
@@ -5343,8 +5775,14 @@ def _structure_ops(kind):
 
 def _queue_get(manager, args):
     if args.no_wait:
-        return manager.get(block=False)
-    return manager.get(timeout=args.timeout)
+        return manager.get(block=False, lease=args.lease)
+    return manager.get(timeout=args.timeout, lease=args.lease)
+
+
+def _leased_item(lease_id):
+    item = LeasedItem(0, 0.0, None)
+    item.lease_id = lease_id
+    return item
 
 
 def _blob_get(manager, args):
@@ -5416,6 +5854,65 @@ def _run_command(command) -> int:
         return 130
 
 
+_DIRECTION = _arg("--direction", choices=["outgoing", "incoming", "both"], default="outgoing")
+
+
+def _cli_time(text):
+    """Epoch seconds or an ISO 8601 time (naive = local time) from the command line."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise _UsageError(f"not a time: {text!r} (use epoch seconds or ISO 8601)") from None
+
+
+def _cli_entries(entries):
+    return [{"timestamp": e.timestamp.isoformat(), "data": e.data} for e in entries]
+
+
+def _cli_document(args):
+    value = _cli_value(args.document)
+    if args.id is None and isinstance(value, dict) and "id" in value and \
+            set(value) <= {"id", "body", "embedding"}:
+        return Document.from_dict(value)
+    return Document(id=args.id, body=value)
+
+
+def _cli_hits(hits):
+    return [{"document": doc, "score": score} for doc, score, *_ in hits]
+
+
+def _cli_stream(items, count):
+    """Print each item as one JSON line; returns how many were printed."""
+    printed = 0
+    for item in items:
+        print(json.dumps(_cli_json(item), ensure_ascii=False), flush=True)
+        printed += 1
+        if count is not None and printed >= count:
+            break
+    return printed
+
+
+def _channel_listen(manager, args):
+    with manager.subscribe() as subscriber:
+        try:
+            printed = _cli_stream(subscriber.listen(timeout=args.timeout), args.count)
+        except TimeoutError:
+            return _Exit(0 if args.count is None else 1)
+    return _Exit(0 if args.count is None or printed >= args.count else 1)
+
+
+def _log_live(manager, args):
+    with manager.live(window=args.window, period=args.period) as view:
+        _cli_stream(view, args.count)
+    return _Exit(0)
+
+
 # kind -> (help, BeaverDB factory, [(operation, help, [arguments], handler(manager, args))])
 CLI_KINDS = {
     "dict": ("a persistent dict of JSON values, with TTL", "dict", [
@@ -5454,7 +5951,15 @@ CLI_KINDS = {
         ("put", "add VALUE (lower priority first)", [_VALUE, _arg(
             "--priority", "-p", type=float, default=0, help="priority (default 0)")],
          _quiet(lambda m, a: m.put(_cli_value(a.value), priority=_number(a.priority)))),
-        ("get", "take the first item and print it", [_TIMEOUT, _NO_WAIT], _queue_get),
+        ("get", "take the first item and print it", [_TIMEOUT, _NO_WAIT, _arg(
+            "--lease", type=float, default=None,
+            help="seconds before the item returns unless acked (prints its lease_id)")],
+         _queue_get),
+        ("ack", "finish a leased item (exit status 1 if its lease had run out)",
+         [_arg("lease_id", type=int)],
+         lambda m, a: True if m.ack(_leased_item(a.lease_id)) else _Exit(1)),
+        ("nack", "give a leased item back to the queue now", [_arg("lease_id", type=int)],
+         lambda m, a: True if m.nack(_leased_item(a.lease_id)) else _Exit(1)),
         ("peek", "print the first item without taking it", [], lambda m, a: m.peek()),
         ("items", "print every item, in the order get would take them", [],
          lambda m, a: list(m)),
@@ -5470,6 +5975,71 @@ CLI_KINDS = {
         ("delete", "delete KEY", [_KEY], _quiet(lambda m, a: m.delete(a.key))),
         ("keys", "print the keys", [], lambda m, a: m.keys()),
     ] + _structure_ops("blob")),
+    "log": ("a time-indexed log of JSON values", "log", [
+        ("write", "append VALUE (now, or at --timestamp)", [_VALUE, _arg(
+            "--timestamp", "-t", default=None, help="epoch seconds or an ISO 8601 time")],
+         _quiet(lambda m, a: m.log(_cli_value(a.value), timestamp=_cli_time(a.timestamp)))),
+        ("range", "print the entries between --start and --end (inclusive)", [
+            _arg("--start", default=None, help="epoch seconds or an ISO 8601 time"),
+            _arg("--end", default=None, help="epoch seconds or an ISO 8601 time")],
+         lambda m, a: _cli_entries(m.range(_cli_time(a.start), _cli_time(a.end)))),
+        ("live", "print the values of the last --window seconds every --period, as JSON lines",
+         [_arg("--window", type=float, default=60.0, help="seconds (default 60)"),
+          _arg("--period", type=float, default=1.0, help="seconds (default 1)"),
+          _arg("--count", type=int, default=None, help="stop after this many updates")],
+         _log_live),
+    ] + _structure_ops("log")),
+    "channel": ("a pub/sub channel", "channel", [
+        ("publish", "send VALUE to every subscriber", [_VALUE],
+         _quiet(lambda m, a: m.publish(_cli_value(a.value)))),
+        ("listen", "print messages published from now on, as JSON lines", [
+            _arg("--timeout", type=float, default=None,
+                 help="stop after this many seconds without a message"),
+            _arg("--count", type=int, default=None, help="stop after this many messages")],
+         _channel_listen),
+        ("history", "print the retained messages, oldest first", [
+            _arg("--limit", type=int, default=None, help="only the last LIMIT ones")],
+         lambda m, a: m.history(a.limit)),
+    ] + _structure_ops("channel")),
+    "collection": ("documents searchable by text, typos, vectors and relationships",
+                   "collection", [
+        ("index", "store a document: JSON {\"id\", \"body\", \"embedding\"} (or a body + --id)",
+         [_arg("document", help="the document as JSON; - reads standard input"),
+          _arg("--id", default=None, help="the id, when DOCUMENT is just the body"),
+          _arg("--no-fts", action="store_true", help="do not index the text")],
+         lambda m, a: m.index(_cli_document(a), fts=not a.no_fts).id),
+        ("get", "print the document ID", [_arg("id")], lambda m, a: m[a.id]),
+        ("drop", "delete the document ID and its edges", [_arg("id")],
+         _quiet(lambda m, a: m.drop(a.id))),
+        ("match", "full-text search (typo-tolerant with --fuzziness)", [
+            _arg("query"), _arg("--fuzziness", "-f", type=int, default=0),
+            _arg("--top-k", "-k", type=int, default=10),
+            _arg("--on", action="append", default=None, help="a field path (repeatable)")],
+         lambda m, a: _cli_hits(m.match(a.query, on=a.on, top_k=a.top_k,
+                                        fuzziness=a.fuzziness))),
+        ("search", "nearest documents to a vector (JSON list of numbers)", [
+            _arg("vector"), _arg("--top-k", "-k", type=int, default=10)],
+         lambda m, a: _cli_hits(m.search(_cli_value(a.vector), top_k=a.top_k))),
+        ("connect", "add the edge SOURCE -[LABEL]-> TARGET", [
+            _arg("source"), _arg("target"), _arg("label"),
+            _arg("--metadata", "-m", default=None, help="JSON metadata")],
+         _quiet(lambda m, a: m.connect(a.source, a.target, a.label, None if a.metadata is None
+                                       else _cli_value(a.metadata)))),
+        ("disconnect", "remove the edges SOURCE -> TARGET", [
+            _arg("source"), _arg("target"), _arg("--label", default=None)],
+         _quiet(lambda m, a: m.disconnect(a.source, a.target, a.label))),
+        ("edges", "print the edges of ID", [_arg("id"), _DIRECTION,
+                                            _arg("--label", default=None)],
+         lambda m, a: [e._asdict() for e in m.edges(a.id, a.direction, a.label)]),
+        ("neighbors", "print the documents one edge away from ID", [
+            _arg("id"), _arg("--label", default=None), _DIRECTION],
+         lambda m, a: m.neighbors(a.id, label=a.label, direction=a.direction)),
+        ("walk", "print the documents up to --depth edges away from ID", [
+            _arg("id"), _arg("--labels", action="append", default=None),
+            _arg("--depth", type=int, default=1), _DIRECTION],
+         lambda m, a: m.walk(a.id, labels=a.labels, depth=a.depth, direction=a.direction)),
+        ("ids", "print the ids of the documents", [], lambda m, a: [d.id for d in m]),
+    ] + _structure_ops("collection")),
     "lock": ("an inter-process lock", None, [
         ("run", "run a command while holding the lock; exit with its status", [
             _TIMEOUT, _NO_WAIT,
@@ -5483,7 +6053,8 @@ CLI_KINDS = {
 
 
 def _number(value):
-    return int(value) if float(value).is_integer() else value
+    value = float(value)
+    return int(value) if value.is_integer() and abs(value) < 2 ** 53 else value
 
 
 class _UsageError(Exception):
