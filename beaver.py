@@ -3529,22 +3529,22 @@ class CollectionManager(_Manager):
         if raw:
             if not isinstance(query, str):
                 raise TypeError("a query is a str")
-            hits = self._ranked(query, paths, top_k, checked=True)
+            expr = query
+            hits = self._ranked(expr, paths, top_k, checked=True)
         else:
             groups, negatives = _parse_query(query)
             if not groups:
                 return []
+            expr = _fts_expression(groups, negatives)
             if fuzziness:
-                hits = self._fuzzy(groups, negatives, paths, top_k, int(fuzziness))
+                hits, expr = self._fuzzy(groups, negatives, paths, top_k, int(fuzziness))
             else:
-                hits = self._ranked(_fts_expression(groups, negatives), paths, top_k)
+                hits = self._ranked(expr, paths, top_k)
         docs = self._documents("id", [rowid for rowid, _ in hits])
-        results = [(docs[rowid], score) for rowid, score in hits if rowid in docs]
         if highlight:
-            expr = query if raw else _fts_expression(groups, negatives)
-            return [(doc, score, self._snippet(expr, rowid))
-                    for (doc, score), (rowid, _) in zip(results, hits)]
-        return results
+            return [(docs[rowid], score, self._snippet(expr, rowid))
+                    for rowid, score in hits if rowid in docs]
+        return [(docs[rowid], score) for rowid, score in hits if rowid in docs]
 
     def _ranked(self, expr, paths, limit, checked=False) -> list:
         """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document."""
@@ -3575,13 +3575,16 @@ class CollectionManager(_Manager):
 
     # -- fuzzy search -----------------------------------------------------------------------
 
-    def _fuzzy(self, groups, negatives, paths, top_k, fuzziness) -> list:
-        """Try the query as typed, then with each typo-corrected term in turn."""
+    def _fuzzy(self, groups, negatives, paths, top_k, fuzziness):
+        """Try the query as typed, then with each typo-corrected term in turn.
+
+        Returns the hits and an expression every hit matches (for snippets)."""
         if fuzziness not in (0, 1, 2):
             raise ValueError("fuzziness is 0, 1 or 2")
-        hits = self._ranked(_fts_expression(groups, negatives), paths, top_k)
+        expr = _fts_expression(groups, negatives)
+        hits = self._ranked(expr, paths, top_k)
         if len(hits) >= top_k:
-            return hits
+            return hits, expr
         options = [[self._spellings(atom, fuzziness) for atom in group] for group in groups]
         found = {rowid: (0, score) for rowid, score in hits}
         for turn in range(1, FUZZY_ROUNDS + 1):
@@ -3589,14 +3592,14 @@ class CollectionManager(_Manager):
                           (spellings[:turn] if turn < FUZZY_ROUNDS else spellings)]
                          for group in options]
             if all(rewritten):
-                more = self._ranked(_fts_expression(rewritten, negatives), paths,
-                                    top_k + len(found))
+                expr = _fts_expression([g + r for g, r in zip(groups, rewritten)], negatives)
+                more = self._ranked(expr, paths, top_k + len(found))
                 for rowid, score in more:
                     found.setdefault(rowid, (turn, score))
             if len(found) >= top_k or not any(len(s) > turn for g in options for s in g):
                 break
         best = sorted(found.items(), key=lambda item: (item[1][0], -item[1][1]))[:top_k]
-        return [(rowid, score) for rowid, (_, score) in best]
+        return [(rowid, score) for rowid, (_, score) in best], expr
 
     def _spellings(self, atom, fuzziness) -> list:
         """The indexed terms within ``fuzziness`` edits of a one-word atom, best first."""

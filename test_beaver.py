@@ -3473,6 +3473,8 @@ def test_collection_multi_field_dedup_and_on(docs):
     assert {d.id for d, _ in docs.match("python", on="title")} == {"a", "c"}
     doc, score, snippet = docs.match("rust", highlight=True)[0]
     assert doc.id == "b" and "[rust]" in snippet
+    doc, score, snippet = docs.match("rsut", highlight=True, fuzziness=1)[0]
+    assert doc.id == "b" and "[rust]" in snippet
 
 
 def test_collection_upsert_replaces_text(docs):
