@@ -3881,7 +3881,13 @@ class CollectionManager(_Manager):
             getattr(backend, method)(*args)
 
     def compact(self):
-        """Fold pending changes of the vector index into its base (a no-op when exact)."""
+        """Merge the text index into one segment and fold the vector index's pending changes.
+
+            >>> docs.compact()      # after a bulk load; searches keep working meanwhile
+        """
+        if self._fts:
+            with self._core.transaction():
+                self._core.execute("INSERT INTO beaver_fts (beaver_fts) VALUES ('optimize')")
         backend = self._backend
         if backend:
             backend.compact()

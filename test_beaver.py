@@ -3482,6 +3482,8 @@ def test_collection_upsert_replaces_text(docs):
     docs.index(Document(id="a", body="new words"))
     assert docs.match("old") == [] and [d.id for d, _ in docs.match("new")] == ["a"]
     assert len(docs) == 1
+    docs.compact()
+    assert [d.id for d, _ in docs.match("new")] == ["a"]
 
 
 @pytest.mark.parametrize("query,fuzziness,expected", [
