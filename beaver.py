@@ -3293,8 +3293,10 @@ class CollectionManager(_Manager):
         if len(dims) > 1:
             raise ValidationError(f"embeddings of different dimensions {sorted(dims)}")
         with self._core.transaction():
+            rows, words = [], set()         # text rows and words, written once at the end
             for item in prepared:
-                self._store(item)
+                self._store(item, (rows, words))
+            self._insert_text(rows, words)
         return len(prepared)
 
     def _prepare(self, document, fts):
@@ -3306,7 +3308,7 @@ class CollectionManager(_Manager):
         vector = None if document.embedding is None else _pack_vector(document.embedding)
         return document, body, texts, vector
 
-    def _store(self, prepared):
+    def _store(self, prepared, batch=None):
         document, body, texts, vector = prepared
         state = self._state()
         dim = state["dim"]
@@ -3314,7 +3316,7 @@ class CollectionManager(_Manager):
             raise ValidationError(f"embedding has {len(document.embedding)} dimensions; "
                                   f"collection {self._name!r} holds {dim}")
         rowid, existed = self._write_row(document.id, body)
-        self._write_text(rowid, texts, state, existed)
+        self._write_text(rowid, texts, existed, batch)
         if vector is not None or existed:
             self._write_vector(document.id, vector, dim)
             state["dim"] = dim or (None if vector is None else len(vector) // 4)
@@ -3357,19 +3359,27 @@ class CollectionManager(_Manager):
             "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?)",
             (self._name, doc_id, body)).lastrowid, False
 
-    def _write_text(self, rowid, texts, state, existed=True):
+    def _write_text(self, rowid, texts, existed=True, batch=None):
+        """Replace a document's text rows (or add them to ``batch``, written by the caller)."""
         if not self._fts:
             return
         base = self._fts_rowid(rowid)
         if existed:
             self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
                                (base, base + (1 << _FTS_PATH_BITS)))
-        if not texts:
-            return
-        self._core.executemany(
-            "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
-            [(base + i, text, self._name, path) for i, (path, text) in enumerate(texts)])
-        self._add_terms(texts, state["epoch"])
+        rows, words = ([], set()) if batch is None else batch
+        for i, (path, text) in enumerate(texts):
+            rows.append((base + i, text, self._name, path))
+            words.update(_terms(text))
+        if batch is None:
+            self._insert_text(rows, words)
+
+    def _insert_text(self, rows, words):
+        if rows:
+            self._core.executemany(
+                "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
+                rows)
+            self._add_terms(words, self._state()["epoch"])
 
     def _fts_rowid(self, rowid) -> int:
         if rowid >= 1 << _FTS_DOC_BITS or self._cid >= 1 << (63 - _FTS_DOC_BITS - _FTS_PATH_BITS):
@@ -3419,7 +3429,7 @@ class CollectionManager(_Manager):
             self._core.execute("DELETE FROM beaver_documents WHERE id = ?", (row[0],))
             dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
                                      (self._name,)).fetchone()[0]
-            self._write_text(row[0], [], None)
+            self._write_text(row[0], [])
             self._write_vector(doc_id, None, dim)
             self._core.execute("DELETE FROM beaver_edges WHERE collection = ? AND source = ?",
                                (self._name, doc_id))
@@ -3653,17 +3663,14 @@ class CollectionManager(_Manager):
             found[term] = row[0] if row else 0
         return found
 
-    def _add_terms(self, texts, epoch):
-        """Record new terms (and their trigrams) in this collection's vocabulary."""
+    def _add_terms(self, words, epoch):
+        """Record new words (and their trigrams) in this collection's vocabulary."""
         known_epoch, known = self._vocab
         if known_epoch != epoch:
             known = {row[0] for row in self._core.execute(
                 "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))}
             self._vocab = (epoch, known)
         batch = self._batch.terms          # this transaction's new terms (see _state)
-        words = set()
-        for _, text in texts:
-            words.update(_terms(text))
         new = words - known - batch
         if not new:
             return
