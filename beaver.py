@@ -4094,8 +4094,6 @@ def rerank(*results, weights=None, k=60) -> list:
     Each list holds documents or ``(document, score)`` pairs, best first. A document's fused
     score is the sum over lists of ``weight / (k + rank)``.
     """
-    if len(results) == 1 and results[0] and all(isinstance(r, list) for r in results[0]):
-        results = tuple(results[0])
     weights = [1.0] * len(results) if weights is None else list(weights)
     if len(weights) != len(results):
         raise ValueError(f"{len(weights)} weights for {len(results)} result lists")

@@ -3617,7 +3617,9 @@ def test_collection_events_and_model(db):
 
 def test_collection_rerank_shapes():
     a, b, c = Document(id="a"), Document(id="b"), Document(id="c")
-    assert rerank([a, b, c], [c, b]) == [b, c, a] or rerank([a, b, c], [c, b])[0] in (b, c)
+    assert [d.id for d in rerank([a, b, c], [c, b])] == ["c", "b", "a"]      # 1/63+1/61 > 2/62
+    assert [d.id for d in rerank([a, b, c], [c, b], weights=[1.0, 0.0])] == ["a", "b", "c"]
+    assert [d.id for d in rerank([a, a, b])] == ["a", "b"]
     assert [d.id for d in rerank([(a, 0.1), (b, 0.2)], [b])] == ["b", "a"]
     assert rerank() == [] and rerank([]) == []
     with pytest.raises(ValueError):
