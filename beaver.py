@@ -3527,14 +3527,14 @@ class CollectionManager(_Manager):
         The query understands words, "phrases", ``prefix*``, ``OR``, ``-word``/``NOT word``;
         anything else is searched as text and never raises. ``raw=True`` passes full FTS5
         syntax through. ``on`` restricts the search to dotted field paths. ``fuzziness`` (1
-        or 2) also finds words that many edits away (3+ letters for one, 7+ for two),
-        ranked by edits, then relevance. ``highlight=True`` returns
+        or 2) also finds words up to that many edits away (3+ letters for one, 7+ for
+        two), ranked by edits, then relevance. ``highlight=True`` returns
         ``(Document, score, snippet)`` triples with matches in ``[...]``.
         """
         if not self._fts:
             raise FeatureUnavailable("this SQLite was built without FTS5: match() is unavailable")
         paths, top_k = _check_paths(on), int(top_k)
-        if top_k <= 0:
+        if top_k <= 0 or paths == []:
             return []
         if raw:
             if not isinstance(query, str):

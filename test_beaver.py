@@ -3467,7 +3467,7 @@ def test_collection_multi_field_dedup_and_on(docs):
     assert [d.id for d, _ in docs.match("python", on=["title"])] == ["a"]
     assert [d.id for d, _ in docs.match("python", on=["meta"])] == ["a"]
     assert [d.id for d, _ in docs.match("code", on="tags")] == ["a"]
-    assert docs.match("code", on=["title", "text"]) == []
+    assert docs.match("code", on=["title", "text"]) == [] and docs.match("python", on=[]) == []
     assert len(docs.match("python", top_k=1)) == 1
     docs.index(Document(id="c", body={"title": "python", "secret": "hidden"}), fts=["title"])
     assert docs.match("hidden") == []
