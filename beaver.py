@@ -3811,7 +3811,7 @@ class CollectionManager(_Manager):
         if len(query) != dim:
             raise ValidationError(f"query has {len(query)} dimensions; collection "
                                   f"{self._name!r} holds {dim}")
-        allowed = None if where is None else self._where(where)
+        allowed = self._where(where) if where else None
         backend = self._vector_backend(dim)
         if backend is not None:
             hits = backend.search(query, top_k, allowed)
