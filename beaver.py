@@ -1936,6 +1936,10 @@ class QueueManager(_Manager):
             self._wrote("nack", priority=item.priority, data=_to_jsonable(item.data))
         return cursor.rowcount == 1
 
+    def as_async(self) -> "AsyncQueueManager":
+        """An awaitable twin whose ``get`` can be cancelled without losing an item."""
+        return AsyncQueueManager(self)
+
     def peek(self):
         """The item ``get`` would return next, without removing it; ``None`` if empty."""
         row = self._core.execute(
@@ -4014,6 +4018,53 @@ class AsyncManager:
 
     def __repr__(self):
         return f"<Async {self._sync!r}>"
+
+
+class AsyncQueueManager(AsyncManager):
+    """Awaitable twin of a queue.
+
+        >>> jobs = db.queue("jobs").as_async()
+        >>> item = await asyncio.wait_for(jobs.get(), 5)
+
+    Cancelling a waiting ``get`` (``wait_for`` timing out, say) stops its worker thread, and
+    an item taken at that very moment goes back to the queue, at the end of its priority.
+    """
+
+    async def get(self, block=True, timeout=None, lease=None) -> QueueItem:
+        """``QueueManager.get`` as a coroutine that may safely be cancelled."""
+        queue, stop = self._sync, threading.Event()
+
+        def wait():
+            if stop.is_set():
+                return None
+            if not block:
+                return queue.get(block=False, lease=lease)
+            item = queue._core.watcher.wait_for(lambda: stop.is_set() or queue._take(lease),
+                                                _seconds(timeout, "timeout"),
+                                                cap=queue._lease_due)
+            if item is None:
+                raise Timeout(f"no item arrived in queue {queue.name!r} within {timeout}s")
+            return item
+        future = asyncio.ensure_future(asyncio.to_thread(wait))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            stop.set()
+            queue._core.watcher.wake()
+            future.add_done_callback(self._give_back)
+            raise
+
+    def _give_back(self, future):
+        """Requeue what a cancelled ``get`` took (a plain thread: the loop may be closing)."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        item = future.result()
+        if isinstance(item, QueueItem):
+            if getattr(item, "lease_id", None) is not None:
+                target, args = self._sync.nack, (item,)
+            else:
+                target, args = self._sync.put, (item.data, item.priority)
+            threading.Thread(target=target, args=args, name="beaver-requeue").start()
 
 
 class AsyncChannelManager(AsyncManager):
