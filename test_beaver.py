@@ -2119,6 +2119,34 @@ def test_as_async_exists_on_every_manager(db, factory):
         assert asyncio.run(twin.len()) == len(manager)
 
 
+def test_async_queue_get_cancelled_loses_nothing_and_does_not_hang(db):
+    outcome = []
+
+    async def main():
+        jobs = db.queue("jobs").as_async()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(jobs.get(), 0.05)        # cancelled while waiting
+        await jobs.put("precious")
+        outcome.append((await jobs.get(timeout=MP_DEADLINE)).data)
+        for i in range(100):
+            await jobs.put(i)
+        got = []
+        while len(got) < 100:                               # cancellations racing with takes
+            try:
+                got.append((await asyncio.wait_for(jobs.get(), 0.001)).data)
+            except asyncio.TimeoutError:
+                pass
+        outcome.append(sorted(got))
+        with pytest.raises(asyncio.TimeoutError):           # the last one: nothing left
+            await asyncio.wait_for(jobs.get(), 0.05)
+    runner = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    runner.start()
+    runner.join(MP_DEADLINE)
+    assert not runner.is_alive(), "asyncio.run hung on a cancelled get's worker thread"
+    assert outcome == ["precious", list(range(100))]
+    assert len(db.queue("jobs")) == 0
+
+
 # ---- aliases ----
 
 def test_alias_imports():
