@@ -4333,7 +4333,13 @@ class AsyncManager:
         return await asyncio.to_thread(self._sync.__delitem__, key)
 
     async def __aenter__(self):
-        await asyncio.to_thread(self._sync.acquire)
+        future = asyncio.ensure_future(asyncio.to_thread(self._sync.acquire))
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:  # the wait goes on in its thread: release what it gets
+            future.add_done_callback(
+                lambda f: f.cancelled() or f.exception() or self._sync.release())
+            raise
         return self
 
     async def __aexit__(self, *exc):
