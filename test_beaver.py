@@ -2148,6 +2148,24 @@ def test_async_queue_get_cancelled_loses_nothing_and_does_not_hang(db):
     assert len(db.queue("jobs")) == 0
 
 
+def test_async_acquire_cancelled_does_not_leak_the_lock(tmp_path):
+    path = tmp_path / "lock.db"
+    with BeaverDB(path) as one, BeaverDB(path) as two:
+        held = two.dict("c").acquire(timeout=5)
+        outcome = []
+
+        async def main():
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(one.dict("c").as_async().__aenter__(), 0.05)
+            held.release()              # the abandoned wait gets the lock, and gives it back
+            outcome.append(bool(await asyncio.to_thread(two.dict("c").acquire, 10)))
+            two.dict("c").release()
+        runner = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+        runner.start()
+        runner.join(MP_DEADLINE)
+        assert not runner.is_alive() and outcome == [True]
+
+
 # ---- aliases ----
 
 def test_alias_imports():
