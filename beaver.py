@@ -27,13 +27,13 @@ __all__ = [
 ]
 
 import array
-import asyncio
 import base64
 import collections
 import contextlib
 import datetime as _dt
 import functools
 import heapq
+import importlib
 import io
 import json
 import logging
@@ -56,6 +56,21 @@ import weakref
 from collections.abc import MutableMapping, MutableSequence
 
 logger = logging.getLogger("beaver")
+
+
+class _LazyModule:
+    """A heavy module imported on first use; it then replaces this stand-in in globals()."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        module = importlib.import_module(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+asyncio = _LazyModule("asyncio")   # about 80% of ``import beaver``; only async wrappers need it
 
 
 class _LazyModule:
