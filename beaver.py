@@ -23,10 +23,10 @@ __all__ = [
     "BeaverError", "ClosedError", "SchemaError", "LockTimeout", "LockLost", "QueueEmpty",
     "Timeout", "DatabaseBusy", "ValidationError", "FeatureUnavailable",
     "Document", "CollectionManager", "rerank",
+    "BeaverClient", "RemoteError", "Unauthorized", "main",
 ]
 
 import array
-import asyncio
 import base64
 import collections
 import contextlib
@@ -55,6 +55,34 @@ import weakref
 from collections.abc import MutableMapping, MutableSequence
 
 logger = logging.getLogger("beaver")
+
+
+class _LazyModule:
+    """A module imported on first attribute access (keeps ``import beaver`` fast)."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(__import__(self._name), attr)
+
+
+asyncio = _LazyModule("asyncio")   # only the async wrappers need it
+
+
+class _LazyModule:
+    """A module imported on first use: ``asyncio`` alone costs more than the rest of beaver."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        module = __import__(self._name)
+        globals()[self._name] = module
+        return getattr(module, attr)
+
+
+asyncio = _LazyModule("asyncio")
 
 
 # ==========================================================================================
@@ -3896,6 +3924,51 @@ class BeaverDB:
         with self._core.transaction():
             yield self
 
+    # -- the whole database --------------------------------------------------------------
+
+    def dump(self, fp, names=None) -> int:
+        """Write every structure (or those in ``names``) to the text file ``fp`` as JSON lines.
+
+            >>> with open("backup.jsonl", "w") as f:
+            ...     db.dump(f)
+            3
+
+        One consistent snapshot, streamed; returns the number of structures written. The
+        format is described in the "Dump, load, backup" section of this module.
+        """
+        return _dump_database(self, fp, names)
+
+    def load(self, fp, mode="append") -> int:
+        """Read a ``dump()`` back from ``fp``, in one transaction; returns the structure count.
+
+            >>> with open("backup.jsonl") as f:
+            ...     db.load(f, mode="replace")
+            3
+
+        ``mode="append"`` adds the items to what is there; ``"replace"`` first empties each
+        structure the dump holds (structures absent from the dump are left alone).
+        """
+        return _load_database(self, fp, mode)
+
+    def backup(self, path) -> str:
+        """Copy the database to ``path`` while other threads and processes keep writing.
+
+            >>> db.backup("nightly.db")
+            '/srv/nightly.db'
+
+        The copy is one consistent snapshot (SQLite's online backup API), written to a
+        temporary file and renamed into place. Returns the absolute path.
+        """
+        return _backup_database(self, path)
+
+    def info(self) -> dict:
+        """The file, its size, and every structure in it with its kind and size.
+
+            >>> db.info()["structures"]
+            [{'kind': 'dict', 'name': 'app_config', 'size': 2}]
+        """
+        return _database_info(self)
+
     def _check_open(self):
         if self._core.closed:
             raise ClosedError("the database is closed")
@@ -4134,6 +4207,891 @@ class AsyncLock:
 
 
 # ==========================================================================================
+# Dump, load, backup: the whole database
+# ==========================================================================================
+#
+# ``db.dump(fp)`` writes JSON lines (UTF-8 text), streaming, one structure after another:
+#
+#     {"beaver_dump": 1, "beaver_version": "0.1.0", "dumped_at": "2026-01-01T00:00:00+00:00"}
+#     {"structure": "dict", "name": "app_config", "count": 2}
+#     {"key": "theme", "value": "dark", "expires_at": null}
+#     {"key": "user_id", "value": 123, "expires_at": null}
+#     {"structure": "list", "name": "daily_tasks", "count": 1}
+#     {"id": "task-001", "desc": "Write project report"}
+#     {"end": true, "structures": 2}
+#
+# A structure line is followed by exactly ``count`` item lines, each one item exactly as the
+# structure's own ``dump()`` writes it in its "items" list (dict keys keep ``expires_at``,
+# queue items their priority and timestamp, blobs are base64, models are plain JSON). The
+# final "end" line tells a complete dump from a truncated one.
+
+DUMP_FORMAT = 1
+_LOAD_BATCH = 1000
+
+# kind -> (table, BeaverDB factory, WHERE clause for live rows, column holding the name)
+_STRUCTURES = {
+    "dict": ("beaver_dicts", "dict", f"WHERE {_LIVE}", "name"),
+    "list": ("beaver_lists", "list", "", "name"),
+    "queue": ("beaver_queues", "queue", "", "name"),
+    "blob": ("beaver_blobs", "blobs", "", "name"),
+}
+
+
+@contextlib.contextmanager
+def _read_snapshot(core):
+    """Read everything inside one deferred transaction: a consistent snapshot (WAL).
+
+    Writers in other connections keep going; nested ``transaction()`` calls become savepoints.
+    """
+    if core.in_transaction:
+        yield
+        return
+    conn = core.conn()
+    local = core._local
+    core._run(conn, "BEGIN")
+    local.depth, local.pending = 1, []
+    try:
+        core.execute("SELECT count(*) FROM beaver_meta").fetchone()  # the snapshot starts here
+        yield
+    finally:
+        local.depth, local.pending = 0, []
+        core._rollback(conn)
+
+
+def _structure_names(db, kind) -> list:
+    """Names of the structures of ``kind`` that hold at least one (live) item."""
+    table, _, where, column = _STRUCTURES[kind]
+    params = (_now(),) if "?" in where else ()
+    rows = db._core.execute(f"SELECT {column}, count(*) FROM {table} {where} "
+                            f"GROUP BY {column} ORDER BY {column}", params)
+    return [(name, size) for name, size in rows]
+
+
+def _database_info(db) -> dict:
+    structures = []
+    for kind in _STRUCTURES:
+        structures += [{"kind": kind, "name": n, "size": s} for n, s in _structure_names(db, kind)]
+    rows = db._core.execute(
+        "SELECT name, count(*), max(held) FROM beaver_locks WHERE expires_at > ? "
+        "GROUP BY name ORDER BY name", (_now(),))
+    structures += [{"kind": "lock", "name": n, "size": s, "locked": bool(h)} for n, s, h in rows]
+    size = sum(os.path.getsize(db.path + s) for s in ("", "-wal") if os.path.exists(db.path + s))
+    return {"path": db.path, "bytes": size, "beaver_version": __version__,
+            "schema_version": SCHEMA_VERSION, "structures": structures}
+
+
+def _wanted(names, kinds):
+    """A filter on (kind, name): ``names`` may hold plain names or ``kind:name``."""
+    if not names and not kinds:
+        return lambda kind, name: True
+    names = set(names or ())
+    kinds = set(kinds or ())
+    return lambda kind, name: ((not kinds or kind in kinds) and
+                               (not names or name in names or f"{kind}:{name}" in names))
+
+
+def _dump_database(db, fp, names=None, kinds=None) -> int:
+    wanted = _wanted(names, kinds)
+    write = fp.write
+    count = 0
+    with _read_snapshot(db._core):
+        write(_json_dumps({"beaver_dump": DUMP_FORMAT, "beaver_version": __version__,
+                           "dumped_at": _dt.datetime.now(_dt.timezone.utc).isoformat()}) + "\n")
+        for kind in _STRUCTURES:
+            for name, _ in _structure_names(db, kind):
+                if wanted(kind, name):
+                    _dump_structure(db, kind, name, write)
+                    count += 1
+        write(_json_dumps({"end": True, "structures": count}) + "\n")
+    return count
+
+
+def _dump_structure(db, kind, name, write):
+    """A structure line, its items, and for a collection its edges after the documents."""
+    manager = getattr(db, _STRUCTURES[kind][1])(name)
+    items = manager._dump_items()
+    header = {"structure": kind, "name": name, "count": len(items)}
+    extra = []
+    if kind == "collection":
+        extra = [edge._asdict() for edge in manager._all_edges()]
+        header.update(metric=manager.metric, options=manager._options or None, edges=len(extra))
+    write(_json_dumps(header) + "\n")
+    for item in items + extra:
+        write(_json_dumps(item) + "\n")
+
+
+def _dump_lines(fp):
+    """The JSON values of a dump, one per non-empty line, with line numbers in errors."""
+    for number, line in enumerate(fp, 1):
+        if isinstance(line, bytes):
+            line = line.decode("utf-8")
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"line {number} of the dump is not JSON: {e}") from None
+
+
+def _load_database(db, fp, mode="append") -> int:
+    if mode not in ("append", "replace"):
+        raise ValueError("mode must be 'append' or 'replace'")
+    lines = _dump_lines(fp)
+    header = next(lines, None)
+    if not isinstance(header, dict) or "beaver_dump" not in header:
+        raise ValueError("not a beaver dump (its first line must be the beaver_dump header)")
+    if header["beaver_dump"] != DUMP_FORMAT:
+        raise ValueError(f"dump format {header['beaver_dump']!r} is not supported")
+    loaded = 0
+    with db._core.transaction():
+        for line in lines:
+            if isinstance(line, dict) and line.get("end") is True:
+                return loaded
+            _load_structure(db, line, lines, mode)
+            loaded += 1
+    raise ValueError("the dump is truncated (no end line); nothing was loaded")
+
+
+def _load_structure(db, line, lines, mode):
+    if not isinstance(line, dict) or line.get("structure") not in _STRUCTURES:
+        raise ValueError(f"expected a structure line in the dump, found {line!r:.80}")
+    count = line.get("count")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"bad item count in {line!r:.80}")
+    kind, name = line["structure"], line["name"]
+    if kind == "collection":
+        manager = db.collection(name, metric=line.get("metric"), **(line.get("options") or {}))
+    else:
+        manager = getattr(db, _STRUCTURES[kind][1])(name)
+    if mode == "replace":
+        manager.clear()
+    for batch in _batches(lines, count, f"{kind} {name!r}"):
+        manager._load_items(batch)
+    for batch in _batches(lines, line.get("edges") or 0, f"the edges of {kind} {name!r}"):
+        for edge in batch:
+            manager.connect(edge["source"], edge["target"], edge["label"], edge.get("metadata"))
+
+
+def _batches(lines, count, what):
+    """The next ``count`` values of ``lines``, in lists of at most _LOAD_BATCH."""
+    batch = []
+    for _ in range(count):
+        item = next(lines, _MISSING)
+        if item is _MISSING:
+            raise ValueError(f"the dump ends inside {what}")
+        batch.append(item)
+        if len(batch) >= _LOAD_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _backup_database(db, path):
+    target = os.path.abspath(os.fspath(path))
+    if target == os.path.abspath(db.path):
+        raise ValueError("cannot back a database up onto itself")
+    db._check_open()
+    fd, tmp = tempfile.mkstemp(prefix=".beaver-backup-", suffix=".db",
+                               dir=os.path.dirname(target))
+    os.close(fd)
+    try:
+        source = sqlite3.connect(db.path, timeout=db._core.timeout)
+        dest = sqlite3.connect(tmp)
+        try:
+            source.backup(dest)  # one step: a consistent snapshot, writers carry on (WAL)
+        finally:
+            dest.close()
+            source.close()
+        os.replace(tmp, target)
+    except sqlite3.Error as e:
+        raise BeaverError(f"backup to {target!r} failed: {e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    return target
+
+
+# ==========================================================================================
+# BeaverClient: the same API over HTTP, against ``python -m beaver_server``
+# ==========================================================================================
+
+class RemoteError(BeaverError):
+    """The server answered with an error this client has no better exception for."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+
+class Unauthorized(RemoteError, PermissionError):
+    """The server wants a (different) bearer token."""
+
+
+# The server names the exception in its JSON error body; the client raises the same class.
+_REMOTE_ERRORS = {cls.__name__: cls for cls in (
+    KeyError, IndexError, ValueError, TypeError, TimeoutError, BeaverError, ClosedError,
+    SchemaError, FeatureUnavailable, Timeout, DatabaseBusy, LockTimeout, LockLost, QueueEmpty,
+    ValidationError)}
+_CHUNK_WAIT = 25.0   # seconds a single blocking request may wait on the server
+_NO_BODY = object()
+
+
+def _quote(text) -> str:
+    from urllib.parse import quote
+    return quote(str(text), safe="")
+
+
+class _Http:
+    """One keep-alive HTTP(S) connection per thread to one server."""
+
+    def __init__(self, url, token=None, timeout=60.0):
+        from urllib.parse import urlsplit
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.url = url
+        self.https = parts.scheme == "https"
+        self.host, self.port = parts.hostname, parts.port
+        self.prefix = parts.path.rstrip("/")
+        self.timeout = timeout
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._local = threading.local()
+        self._all: list = []
+
+    def _connection(self, fresh=False):
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and not fresh:
+            return conn, True
+        import http.client
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=self.timeout)
+        self._local.conn = conn
+        self._all.append(conn)
+        return conn, False
+
+    def request(self, method, path, query=None, body=None, headers=None, wait=0.0):
+        """Send one request; return ``(status, headers, body bytes)``; retry a stale socket."""
+        if query:
+            from urllib.parse import urlencode
+            pairs = {k: _query_value(v) for k, v in query.items() if v is not None}
+            path = f"{path}?{urlencode(pairs)}" if pairs else path
+        all_headers = {**self.headers, **(headers or {})}
+        conn, reused = self._connection()
+        for attempt in (0, 1):
+            try:
+                conn.timeout = self.timeout + wait
+                if conn.sock is not None:
+                    conn.sock.settimeout(conn.timeout)
+                conn.request(method, self.prefix + path, body=body, headers=all_headers)
+                response = conn.getresponse()
+                return response.status, response.headers, response.read()
+            except (ConnectionError, OSError) as e:
+                conn.close()
+                if attempt or not reused or isinstance(e, TimeoutError):
+                    raise RemoteError(f"{method} {self.url}{path} failed: {e}") from None
+                conn, reused = self._connection(fresh=True)
+        raise AssertionError("unreachable")
+
+    def stream(self, path, query=None):
+        """A dedicated connection reading ``path`` as a server-sent event stream."""
+        import http.client
+        from urllib.parse import urlencode
+        pairs = {k: _query_value(v) for k, v in (query or {}).items() if v is not None}
+        path = self.prefix + path + (f"?{urlencode(pairs)}" if pairs else "")
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.request("GET", path, headers={**self.headers, "Accept": "text/event-stream"})
+            response = conn.getresponse()
+            if response.status >= 400:
+                _raise_remote(response.status, response.read())
+            conn.sock.settimeout(None)   # a quiet stream is not an error; close() ends it
+        except (ConnectionError, OSError) as e:
+            conn.close()
+            raise RemoteError(f"GET {self.url}{path} failed: {e}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn, response
+
+    def close(self):
+        for conn in self._all:
+            conn.close()
+        self._all = []
+        self._local = threading.local()
+
+
+def _query_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _raise_remote(status, body):
+    try:
+        error = json.loads(body)
+        name, message = error.get("error"), error.get("message", "")
+    except (ValueError, AttributeError):
+        name, message = None, body.decode("utf-8", "replace")[:500]
+    if status == 401:
+        raise Unauthorized(message or "unauthorized", status)
+    if status == 404 and not body:   # the answer to a HEAD request has no body
+        raise KeyError("")
+    cls = _REMOTE_ERRORS.get(name)
+    if cls is None:
+        raise RemoteError(f"HTTP {status}: {message}", status)
+    raise cls(message)
+
+
+class _RemoteManager:
+    """Shared plumbing of the remote twins of the managers."""
+
+    _kind = ""
+    _route = ""
+
+    def __init__(self, client, name, model=None):
+        self._client = client
+        self._http = client._http
+        self._name = _check_name(name)
+        self._model = model
+        self._codec = _codec_for(model)
+        self._base = f"/{self._route}/{_quote(name)}"
+        self._lock = None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def model(self):
+        return self._model
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self._name!r} at {self._http.url}>"
+
+    def _send(self, method, suffix="", query=None, body=_NO_BODY, headers=None, wait=0.0):
+        """One request on this structure; the raw response body, or the server's exception."""
+        if body is not _NO_BODY and not isinstance(body, bytes):
+            body = body.encode("utf-8")
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        status, response_headers, data = self._http.request(
+            method, self._base + suffix, query, None if body is _NO_BODY else body,
+            headers, wait)
+        if status >= 400:
+            _raise_remote(status, data)
+        self._last_headers = response_headers
+        return data
+
+    def _call(self, method, suffix="", query=None, body=_NO_BODY, wait=0.0):
+        data = self._send(method, suffix, query, body, wait=wait)
+        return json.loads(data) if data else None
+
+    def _value(self, obj):
+        """A stored value as the caller's codec wants it (model instances when typed)."""
+        return obj if self._model is None else self._codec.decode(_json_dumps(obj))
+
+    def _summary(self, view=None):
+        return self._call("GET", "", {"view": view})
+
+    def __len__(self):
+        return self._summary()["size"]
+
+    def __bool__(self):
+        return True
+
+    def clear(self):
+        """Remove every item of this structure."""
+        self._call("DELETE")
+
+    def dump(self, fp=None):
+        """Export to a JSON-ready dict, or write it as JSON to the file object ``fp``."""
+        data = self._summary("dump")["dump"]
+        if fp is None:
+            return data
+        json.dump(data, fp, ensure_ascii=False, indent=2)
+        return None
+
+    def load(self, data_or_fp):
+        """Add the items of a ``dump()`` (a dict, JSON text or a file object)."""
+        self._call("POST", "", {"mode": "append"}, _json_dumps(_read_dump(data_or_fp)))
+
+    def acquire(self, timeout=None, block=True, ttl=60.0):
+        """Take this structure's inter-process lock (the one ``BeaverDB`` managers use)."""
+        if self._lock is None:
+            self._lock = RemoteLock(self._client, f"__beaver_{self._kind}__:{self._name}", ttl=ttl)
+        self._lock.acquire(timeout=timeout, block=block)
+        return _Held(self._lock, self)
+
+    def release(self):
+        """Release the lock taken by ``acquire()``."""
+        if self._lock is None:
+            raise LockLost(f"{self!r} is not locked")
+        self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def on(self, event, callback):
+        raise FeatureUnavailable("events are not available through BeaverClient")
+
+    def as_async(self) -> "AsyncManager":
+        """An awaitable twin whose calls run in worker threads."""
+        return AsyncManager(self)
+
+
+class RemoteDict(_RemoteManager, MutableMapping):
+    """``db.dict(name)`` over HTTP."""
+
+    _kind, _route = "dict", "dicts"
+
+    def __getitem__(self, key):
+        return self._codec.decode(self._send("GET", "/" + _quote(_check_key(key))))
+
+    def get(self, key, default=None):
+        """The value of ``key``, or ``default`` if it is missing or expired."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __setitem__(self, key, value):
+        self.set(key, value)
+
+    def set(self, key, value, ttl_seconds=None):
+        """Store ``value`` under ``key``; with ``ttl_seconds`` it expires that much later."""
+        self._send("PUT", "/" + _quote(_check_key(key)), {"ttl_seconds": _check_ttl(ttl_seconds)},
+                   self._codec.encode(value))
+
+    def __delitem__(self, key):
+        self._send("DELETE", "/" + _quote(_check_key(key)))
+
+    def pop(self, key, default=_MISSING):
+        """Remove ``key`` and return its value (or ``default``; else ``KeyError``)."""
+        try:
+            return self._codec.decode(self._send("DELETE", "/" + _quote(_check_key(key))))
+        except KeyError:
+            if default is _MISSING:
+                raise
+            return default
+
+    def __contains__(self, key):
+        if not isinstance(key, str):
+            return False
+        try:
+            self._send("HEAD", "/" + _quote(key))
+        except KeyError:
+            return False
+        return True
+
+    def setdefault(self, key, default=None):
+        """Return the value of ``key``, storing ``default`` first if it is missing."""
+        return self._codec.decode(self._send(
+            "PUT", "/" + _quote(_check_key(key)), {"if_absent": True}, self._codec.encode(default)))
+
+    def update(self, *args, **kwargs):
+        """Like ``dict.update``, in one transaction on the server."""
+        items = {k: json.loads(self._codec.encode(v)) for k, v in dict(*args, **kwargs).items()}
+        self._call("PATCH", "", body=_json_dumps(items))
+
+    def ttl(self, key):
+        """Seconds until ``key`` expires; ``None`` if it never does; ``KeyError`` if absent."""
+        self._send("HEAD", "/" + _quote(_check_key(key)))
+        ttl = self._last_headers.get("Beaver-TTL")
+        return None if ttl is None else float(ttl)
+
+    def __iter__(self):
+        return iter(self._summary("keys")["keys"])
+
+    def keys(self) -> list:
+        """A snapshot list of the live keys, in key order."""
+        return list(self)
+
+    def items(self) -> list:
+        """A snapshot list of live ``(key, value)`` pairs, in key order."""
+        return [(k, self._value(v)) for k, v in self._summary("items")["items"]]
+
+    def values(self) -> list:
+        """A snapshot list of the live values, in key order."""
+        return [v for _, v in self.items()]
+
+
+class RemoteList(_RemoteManager, MutableSequence):
+    """``db.list(name)`` over HTTP."""
+
+    _kind, _route = "list", "lists"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            query = {"start": index.start, "stop": index.stop, "step": index.step}
+            return [self._value(v) for v in self._call("GET", "/slice", query)]
+        return self._codec.decode(self._send("GET", f"/items/{_list_index(index)}"))
+
+    def __setitem__(self, index, value):
+        if isinstance(index, slice):
+            query = {"start": index.start, "stop": index.stop, "step": index.step}
+            body = "[" + ",".join(self._codec.encode(v) for v in value) + "]"
+            self._send("PUT", "/slice", query, body)
+            return
+        self._send("PUT", f"/items/{_list_index(index)}", body=self._codec.encode(value))
+
+    def __delitem__(self, index):
+        if isinstance(index, slice):
+            self._send("DELETE", "/slice", {"start": index.start, "stop": index.stop,
+                                            "step": index.step})
+            return
+        self._send("DELETE", f"/items/{_list_index(index)}")
+
+    def __len__(self):
+        return self._summary()["size"]
+
+    def __iter__(self):
+        return iter([self._value(v) for v in self._summary("items")["items"]])
+
+    def __reversed__(self):
+        return reversed(list(self))
+
+    def push(self, value):
+        """Append ``value`` at the end (``append`` is the same)."""
+        self._send("POST", "/push", body=self._codec.encode(value))
+
+    append = push
+
+    def prepend(self, value):
+        """Insert ``value`` at the front."""
+        self._send("POST", "/prepend", body=self._codec.encode(value))
+
+    def extend(self, values):
+        """Append every item of ``values`` in one transaction."""
+        self._send("POST", "/extend", body="[" + ",".join(map(self._codec.encode, values)) + "]")
+
+    def __iadd__(self, values):
+        self.extend(values)
+        return self
+
+    def insert(self, index, value):
+        """Insert ``value`` before ``index`` (Python semantics)."""
+        self._send("POST", "/insert", {"index": _list_index(index)}, self._codec.encode(value))
+
+    def pop(self, index=None):
+        """Remove and return the item at ``index`` (default: the last; ``None`` if empty)."""
+        query = None if index is None else {"index": _list_index(index)}
+        return self._optional(self._send("POST", "/pop", query))
+
+    def deque(self):
+        """Remove and return the first item, or ``None`` if the list is empty."""
+        return self._optional(self._send("POST", "/deque"))
+
+    popleft = deque
+
+    def _optional(self, data):
+        return None if self._last_headers.get("Beaver-Empty") else self._codec.decode(data)
+
+    def reverse(self):
+        """Reverse the list in place, in one transaction."""
+        self._send("POST", "/reverse")
+
+
+def _list_index(index) -> int:
+    if isinstance(index, bool) or not hasattr(index, "__index__"):
+        raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}")
+    return index.__index__()
+
+
+class RemoteQueue(_RemoteManager):
+    """``db.queue(name)`` over HTTP. A blocking ``get`` waits in chunks on the server."""
+
+    _kind, _route = "queue", "queues"
+
+    def put(self, data, priority=0):
+        """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
+        if isinstance(priority, bool) or not isinstance(priority, (int, float)):
+            raise TypeError(f"priority must be a number, not {priority!r}")
+        self._send("POST", "/put", {"priority": priority}, self._codec.encode(data))
+
+    def get(self, block=True, timeout=None) -> QueueItem:
+        """Remove and return the first item (``QueueEmpty``/``TimeoutError`` as locally)."""
+        deadline = _Deadline(_seconds(timeout, "timeout"))
+        while True:
+            wait = deadline.remaining(cap=_CHUNK_WAIT) if block else 0.0
+            try:
+                item = self._call("POST", "/get", {"block": block, "timeout": wait}, wait=wait)
+            except Timeout:
+                if deadline.expired:
+                    raise
+                continue
+            return self._item(item)
+
+    def _item(self, item):
+        return QueueItem(item["priority"], item["timestamp"], self._value(item["data"]))
+
+    def peek(self):
+        """The item ``get`` would return next, without removing it; ``None`` if empty."""
+        item = self._call("GET", "/peek")
+        return None if item is None else self._item(item)
+
+    def __iter__(self):
+        return iter([self._item(i) for i in self._summary("items")["items"]])
+
+
+class RemoteBlobs(_RemoteManager):
+    """``db.blobs(name)`` over HTTP: bytes travel raw, metadata in a header."""
+
+    _kind, _route = "blob", "blobs"
+
+    def put(self, key, data, metadata=None):
+        """Store the bytes ``data`` under ``key``."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"blob data must be bytes-like, not {type(data).__name__}")
+        headers = {"Content-Type": "application/octet-stream"}
+        if metadata is not None:
+            headers["Beaver-Metadata"] = json.dumps(json.loads(self._codec.encode(metadata)))
+        self._send("PUT", "/" + _quote(_check_key(key)), body=bytes(data), headers=headers)
+
+    def get(self, key):
+        """The ``Blob`` stored under ``key``, or ``None``."""
+        try:
+            data = self._send("GET", "/" + _quote(_check_key(key)))
+        except KeyError:
+            return None
+        meta = self._last_headers.get("Beaver-Metadata")
+        return Blob(key, data, None if meta is None else self._codec.decode(meta))
+
+    def __getitem__(self, key):
+        blob = self.get(key)
+        if blob is None:
+            raise KeyError(key)
+        return blob
+
+    def __setitem__(self, key, data):
+        self.put(key, data)
+
+    def delete(self, key):
+        """Remove the blob under ``key``; ``KeyError`` if there is none."""
+        self._send("DELETE", "/" + _quote(_check_key(key)))
+
+    __delitem__ = delete
+
+    def __contains__(self, key):
+        if not isinstance(key, str):
+            return False
+        try:
+            self._send("HEAD", "/" + _quote(key))
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self):
+        return iter(self._summary("keys")["keys"])
+
+    def keys(self) -> list:
+        """A snapshot list of the keys, in key order."""
+        return list(self)
+
+
+class RemoteLock:
+    """``db.lock(name)`` over HTTP: the server holds the lock on this object's behalf."""
+
+    def __init__(self, client, name, timeout=None, ttl=60.0):
+        self._http = client._http
+        self.name = _check_name(name)
+        self.timeout = _seconds(timeout, "timeout")
+        self.ttl = _seconds(ttl, "ttl")
+        if not self.ttl:
+            raise ValueError("ttl must be positive")
+        self._base = f"/locks/{_quote(name)}"
+        self._token = None
+        self._guard = threading.Lock()
+
+    def _call(self, suffix, query=None, method="POST", wait=0.0):
+        status, _, data = self._http.request(method, self._base + suffix, query, wait=wait)
+        if status >= 400:
+            _raise_remote(status, data)
+        return json.loads(data) if data else None
+
+    @property
+    def token(self):
+        """The fencing token of the current hold (``None`` when not held)."""
+        return self._token
+
+    @property
+    def held(self) -> bool:
+        """True while this object holds the lock (and its TTL has not run out)."""
+        return self._token is not None and self._call("", {"token": self._token}, "GET")["held"]
+
+    @property
+    def locked(self) -> bool:
+        """True while anybody holds the lock."""
+        return self._call("", method="GET")["locked"]
+
+    def acquire(self, timeout=None, block=True):
+        """Wait for the lock (up to ``timeout`` s) and take it; ``LockTimeout`` otherwise."""
+        timeout = self.timeout if timeout is None else _seconds(timeout, "timeout")
+        deadline = _Deadline(timeout if block else 0.0)
+        if not self._guard.acquire(timeout=-1 if timeout is None else timeout):
+            raise LockTimeout(f"lock {self.name!r} is held by another thread of this object")
+        try:
+            while True:
+                wait = deadline.remaining(cap=_CHUNK_WAIT)
+                try:
+                    held = self._call("/acquire", {"timeout": wait, "ttl": self.ttl}, wait=wait)
+                    break
+                except LockTimeout:
+                    if deadline.expired:
+                        raise
+        except BaseException:
+            self._guard.release()
+            raise
+        self._token = held["token"]
+        return _Held(self, self)
+
+    def release(self):
+        """Give the lock to the next waiter. ``LockLost`` if the TTL had already run out."""
+        if self._token is None:
+            raise LockLost(f"lock {self.name!r} is not held by this object")
+        token, self._token = self._token, None
+        try:
+            self._call("/release", {"token": token})
+        finally:
+            self._guard.release()
+
+    def renew(self, ttl=None):
+        """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now."""
+        if self._token is None:
+            raise LockLost(f"lock {self.name!r} is not held by this object")
+        ttl = self.ttl if ttl is None else _seconds(ttl, "ttl")
+        self._call("/renew", {"token": self._token, "ttl": ttl})
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __repr__(self):
+        return f"<RemoteLock {self.name!r} {'held' if self._token else 'free'}>"
+
+
+class BeaverClient:
+    """A ``BeaverDB`` look-alike that talks to a beaver server: change one line to go remote.
+
+        >>> db = BeaverClient("http://127.0.0.1:8000", token="s3cret")   # was BeaverDB("app.db")
+        >>> db.dict("app_config")["theme"] = "dark"
+        >>> db.queue("jobs").get(timeout=5).data
+
+    Each thread keeps one keep-alive connection. Errors are the same classes ``BeaverDB``
+    raises (``KeyError``, ``IndexError``, ``TimeoutError``, ``LockTimeout``...); transport
+    failures raise ``RemoteError``, a wrong token ``Unauthorized``. Not available remotely:
+    ``transaction()`` and ``.on()`` events.
+    """
+
+    def __init__(self, url, token=None, *, timeout=60.0):
+        self._http = _Http(url, token, timeout)
+        self._managers: dict = {}
+        self._managers_lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        return self._http.url
+
+    def _manager(self, cls, name, model=None):
+        if self._closed:
+            raise ClosedError("the client is closed")
+        key = (cls._kind, _check_name(name))
+        with self._managers_lock:
+            manager = self._managers.get(key)
+            if manager is None:
+                manager = self._managers[key] = cls(self, name, model)
+            elif model is not None and manager.model is not model:
+                raise ValueError(f"{cls._kind} {name!r} is already open with model "
+                                 f"{manager.model!r}, not {model!r}")
+            return manager
+
+    def dict(self, name, model=None) -> RemoteDict:
+        """The remote dict called ``name``."""
+        return self._manager(RemoteDict, name, model)
+
+    def list(self, name, model=None) -> RemoteList:
+        """The remote list called ``name``."""
+        return self._manager(RemoteList, name, model)
+
+    def queue(self, name, model=None) -> RemoteQueue:
+        """The remote priority queue called ``name``."""
+        return self._manager(RemoteQueue, name, model)
+
+    def blobs(self, name, model=None) -> RemoteBlobs:
+        """The remote blob store called ``name``."""
+        return self._manager(RemoteBlobs, name, model)
+
+    blob = blobs
+
+    def lock(self, name, timeout=None, ttl=60.0, lock_ttl=None) -> RemoteLock:
+        """A new remote inter-process lock object on ``name``."""
+        return RemoteLock(self, name, timeout=timeout, ttl=lock_ttl if lock_ttl is not None else ttl)
+
+    def _get(self, path, query=None) -> bytes:
+        status, _, data = self._http.request("GET", path, query)
+        if status >= 400:
+            _raise_remote(status, data)
+        return data
+
+    def info(self) -> dict:
+        """Every structure on the server: kind, name and size."""
+        return json.loads(self._get("/info"))
+
+    def dump(self, fp, names=None) -> int:
+        """Write the server's database (or the structures in ``names``) as JSON lines."""
+        data = self._get("/dump", {"names": ",".join(names) if names else None}).decode("utf-8")
+        fp.write(data)
+        return sum(1 for line in data.splitlines() if line.startswith('{"structure"'))
+
+    def load(self, fp, mode="append") -> int:
+        """Send a JSON-lines dump to the server, loaded there in one transaction."""
+        text = fp.read()
+        body = text.encode("utf-8") if isinstance(text, str) else text
+        status, _, data = self._http.request("POST", "/load", {"mode": mode}, body,
+                                             {"Content-Type": "application/x-ndjson"})
+        if status >= 400:
+            _raise_remote(status, data)
+        return json.loads(data)["structures"]
+
+    def backup(self, path) -> str:
+        """Download a consistent copy of the server's database file to ``path``."""
+        data = self._get("/backup")
+        target = os.path.abspath(os.fspath(path))
+        with open(target, "wb") as f:
+            f.write(data)
+        return target
+
+    def transaction(self):
+        raise FeatureUnavailable("transactions are not available through BeaverClient")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self):
+        """Close every connection this client opened."""
+        self._closed = True
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<BeaverClient {self._http.url!r}{' closed' if self._closed else ''}>"
+
+
+# ==========================================================================================
 # Alias modules: ``from beaver.queues import QueueItem`` and friends
 # ==========================================================================================
 
@@ -4161,3 +5119,393 @@ def _register_aliases():
 
 
 _register_aliases()
+# ==========================================================================================
+# CLI: beaver [--database PATH] <dict|list|queue|blob|lock|...> NAME <operation> [args]
+# ==========================================================================================
+#
+# Output is JSON (``"dark"``, lists, objects) so it pipes into ``jq``; a VALUE argument is
+# JSON when it parses as JSON, else the text itself; ``-`` reads standard input. Exit status:
+# 0 done, 1 not found or the operation failed, 2 usage error. Errors go to standard error.
+
+_NOTHING = object()     # a handler result that prints nothing
+
+
+class _Exit(int):
+    """A handler result that is the process exit status (``lock NAME run``)."""
+
+
+def _cli_value(text):
+    if text == "-":
+        text = sys.stdin.read()
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text[:-1] if text.endswith("\n") else text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _cli_text(text) -> str:
+    if text == "-":
+        return sys.stdin.read()
+    with open(text, encoding="utf-8") as f:
+        return f.read()
+
+
+def _cli_bytes(path) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _cli_json(value):
+    """Plain JSON for anything a handler returns (models, queue items, documents...)."""
+    if isinstance(value, QueueItem):
+        return {"priority": value.priority, "timestamp": value.timestamp,
+                "data": _cli_json(value.data)}
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_cli_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _cli_json(v) for k, v in value.items()}
+    return _to_jsonable(value)
+
+
+def _quiet(action):
+    def run(manager, args):
+        action(manager, args)
+        return _NOTHING
+    return run
+
+
+def _arg(*flags, **options):
+    return flags, options
+
+
+_KEY = _arg("key", help="the key")
+_VALUE = _arg("value", help="a JSON value, else taken as text; - reads standard input")
+_INDEX = _arg("index", type=int, help="a position (negative counts from the end)")
+_FILE = _arg("file", help="a file path; - reads standard input")
+_TIMEOUT = _arg("--timeout", type=float, default=None, help="seconds to wait (default: forever)")
+_NO_WAIT = _arg("--no-wait", "-n", action="store_true", help="fail at once instead of waiting")
+
+
+def _structure_ops(kind):
+    """Operations every structure has: len, clear, dump, load."""
+    return [
+        ("len", f"print the number of items of the {kind}", [], lambda m, a: len(m)),
+        ("clear", f"remove every item of the {kind}", [], _quiet(lambda m, a: m.clear())),
+        ("dump", f"print the {kind} as one JSON document", [], lambda m, a: m.dump()),
+        ("load", f"add the items of a JSON dump of a {kind}", [_FILE],
+         _quiet(lambda m, a: m.load(_cli_text(a.file)))),
+    ]
+
+
+def _queue_get(manager, args):
+    if args.no_wait:
+        return manager.get(block=False)
+    return manager.get(timeout=args.timeout)
+
+
+def _blob_get(manager, args):
+    data = manager[args.key].data
+    if args.output and args.output != "-":
+        with open(args.output, "wb") as f:
+            f.write(data)
+    else:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    return _NOTHING
+
+
+def _blob_info(manager, args):
+    blob = manager[args.key]
+    return {"key": blob.key, "size": len(blob.data), "metadata": blob.metadata}
+
+
+def _lock_status(db, args):
+    lock = db.lock(args.name)
+    return {"name": args.name, "locked": lock.locked}
+
+
+def _lock_run(db, args):
+    """Run a command while holding the lock; never run it when the lock was not acquired."""
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not command:
+        raise _UsageError("lock run needs a command to run")
+    lock = db.lock(args.name, ttl=args.ttl)
+    try:
+        lock.acquire(timeout=0.0 if args.no_wait else args.timeout, block=not args.no_wait)
+    except TimeoutError:
+        print(f"beaver: lock {args.name!r} was not acquired; not running {command[0]!r}",
+              file=sys.stderr)
+        return _Exit(1)
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew_until, args=(lock, stop), daemon=True)
+    renewer.start()
+    try:
+        return _Exit(_run_command(command))
+    finally:
+        stop.set()
+        renewer.join()
+        with contextlib.suppress(LockLost):
+            lock.release()
+
+
+def _renew_until(lock, stop):
+    while not stop.wait(lock.ttl / 3):
+        try:
+            lock.renew()
+        except BeaverError as e:
+            logger.warning("could not renew lock %r: %s", lock.name, e)
+
+
+def _run_command(command) -> int:
+    import subprocess
+    try:
+        process = subprocess.Popen(command)
+    except OSError as e:
+        print(f"beaver: cannot run {command[0]!r}: {e}", file=sys.stderr)
+        return 127 if isinstance(e, FileNotFoundError) else 126
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait()
+        return 130
+
+
+# kind -> (help, BeaverDB factory, [(operation, help, [arguments], handler(manager, args))])
+CLI_KINDS = {
+    "dict": ("a persistent dict of JSON values, with TTL", "dict", [
+        ("get", "print the value of KEY", [_KEY], lambda m, a: m[a.key]),
+        ("set", "store VALUE under KEY", [_KEY, _VALUE, _arg(
+            "--ttl", type=float, default=None, help="expire after this many seconds")],
+         _quiet(lambda m, a: m.set(a.key, _cli_value(a.value), ttl_seconds=a.ttl))),
+        ("delete", "delete KEY", [_KEY], _quiet(lambda m, a: m.__delitem__(a.key))),
+        ("pop", "delete KEY and print its value", [_KEY], lambda m, a: m.pop(a.key)),
+        ("has", "print whether KEY exists (exit status 1 if not)", [_KEY],
+         lambda m, a: True if a.key in m else _Exit(1)),
+        ("ttl", "print the seconds until KEY expires (null: never)", [_KEY],
+         lambda m, a: m.ttl(a.key)),
+        ("keys", "print the keys", [], lambda m, a: m.keys()),
+        ("items", "print every key and value as one JSON object", [],
+         lambda m, a: dict(m.items())),
+    ] + _structure_ops("dict")),
+    "list": ("a persistent list", "list", [
+        ("push", "append VALUE", [_VALUE], _quiet(lambda m, a: m.push(_cli_value(a.value)))),
+        ("prepend", "insert VALUE at the front", [_VALUE],
+         _quiet(lambda m, a: m.prepend(_cli_value(a.value)))),
+        ("insert", "insert VALUE before INDEX", [_INDEX, _VALUE],
+         _quiet(lambda m, a: m.insert(a.index, _cli_value(a.value)))),
+        ("get", "print the item at INDEX", [_INDEX], lambda m, a: m[a.index]),
+        ("set", "replace the item at INDEX", [_INDEX, _VALUE],
+         _quiet(lambda m, a: m.__setitem__(a.index, _cli_value(a.value)))),
+        ("delete", "delete the item at INDEX", [_INDEX],
+         _quiet(lambda m, a: m.__delitem__(a.index))),
+        ("pop", "remove and print the last item (or the one at INDEX)",
+         [_arg("index", type=int, nargs="?", default=None, help="a position")],
+         lambda m, a: m.pop(a.index)),
+        ("deque", "remove and print the first item", [], lambda m, a: m.deque()),
+        ("items", "print every item as one JSON list", [], lambda m, a: list(m)),
+    ] + _structure_ops("list")),
+    "queue": ("a persistent priority queue", "queue", [
+        ("put", "add VALUE (lower priority first)", [_VALUE, _arg(
+            "--priority", "-p", type=float, default=0, help="priority (default 0)")],
+         _quiet(lambda m, a: m.put(_cli_value(a.value), priority=_number(a.priority)))),
+        ("get", "take the first item and print it", [_TIMEOUT, _NO_WAIT], _queue_get),
+        ("peek", "print the first item without taking it", [], lambda m, a: m.peek()),
+        ("items", "print every item, in the order get would take them", [],
+         lambda m, a: list(m)),
+    ] + _structure_ops("queue")),
+    "blob": ("a store of binary objects with JSON metadata", "blobs", [
+        ("put", "store the bytes of FILE under KEY", [_KEY, _FILE, _arg(
+            "--metadata", "-m", default=None, help="JSON metadata")],
+         _quiet(lambda m, a: m.put(a.key, _cli_bytes(a.file),
+                                   None if a.metadata is None else _cli_value(a.metadata)))),
+        ("get", "write the bytes under KEY to standard output (or --output)", [_KEY, _arg(
+            "--output", "-o", default=None, help="write to this file")], _blob_get),
+        ("info", "print the size and metadata of KEY", [_KEY], _blob_info),
+        ("delete", "delete KEY", [_KEY], _quiet(lambda m, a: m.delete(a.key))),
+        ("keys", "print the keys", [], lambda m, a: m.keys()),
+    ] + _structure_ops("blob")),
+    "lock": ("an inter-process lock", None, [
+        ("run", "run a command while holding the lock; exit with its status", [
+            _TIMEOUT, _NO_WAIT,
+            _arg("--ttl", type=float, default=60.0, help="seconds a hold lasts unless renewed "
+                                                          "(renewed while the command runs)"),
+            _arg("argv", nargs="...", metavar="COMMAND", help="the command and its arguments")],
+         _lock_run),
+        ("status", "print whether the lock is held", [], _lock_status),
+    ]),
+}
+
+
+def _number(value):
+    return int(value) if float(value).is_integer() else value
+
+
+class _UsageError(Exception):
+    """Bad command-line usage found after parsing (exit status 2)."""
+
+
+def _cli_parser():
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="beaver", description="Inspect and change a beaver database from the shell. "
+        "Values are JSON (else text); output is JSON.",
+        epilog="examples:\n  beaver --database my_data.db dict app_config get theme\n"
+               "  beaver --database data.db lock my-cron-job run bash -c 'run_daily_report.sh'",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--database", "-d", default=None,
+                        help="database file (default: $BEAVER_DATABASE or beaver.db)")
+    parser.add_argument("--url", default=None,
+                        help="use a beaver server at this URL instead (default: $BEAVER_URL)")
+    parser.add_argument("--token", default=None, help="bearer token for --url ($BEAVER_TOKEN)")
+    parser.add_argument("--version", action="version", version=f"beaver {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for kind, (help_text, _, operations) in CLI_KINDS.items():
+        _cli_kind_parser(commands, kind, help_text, operations)
+    _cli_database_parsers(commands)
+    return parser
+
+
+def _cli_kind_parser(commands, kind, help_text, operations):
+    sub = commands.add_parser(kind, help=help_text, description=help_text)
+    sub.add_argument("name", help=f"the name of the {kind}")
+    ops = sub.add_subparsers(dest="operation", metavar="OPERATION", required=True)
+    for operation, op_help, arguments, handler in operations:
+        op = ops.add_parser(operation, help=op_help, description=op_help)
+        for flags, options in arguments:
+            op.add_argument(*flags, **options)
+        op.set_defaults(handler=handler, kind=kind)
+
+
+def _cli_database_parsers(commands):
+    info = commands.add_parser("info", help="print every structure: kind, name, size")
+    info.set_defaults(handler=lambda db, a: db.info())
+    dump = commands.add_parser("dump", help="print the database (or the named structures) "
+                                            "as JSON lines")
+    dump.add_argument("names", nargs="*", help="structure names (or kind:name); default all")
+    dump.set_defaults(handler=lambda db, a: _Exit(0 if db.dump(sys.stdout, a.names or None)
+                                                  is not None else 0))
+    load = commands.add_parser("load", help="load a JSON-lines dump in one transaction")
+    load.add_argument("file", help="the dump file; - reads standard input")
+    load.add_argument("--replace", action="store_true",
+                      help="empty each structure of the dump before loading it")
+    load.set_defaults(handler=_cli_load)
+    backup = commands.add_parser("backup", help="copy the database to PATH while it is in use")
+    backup.add_argument("path", help="the copy to write")
+    backup.set_defaults(handler=lambda db, a: db.backup(a.path))
+    commands.add_parser("serve", help="run the REST server (see beaver serve --help)",
+                        add_help=False)
+    commands.add_parser("client", help="run a command against the database (same as without "
+                                       "'client')", add_help=False)
+
+
+def _cli_load(db, args):
+    mode = "replace" if args.replace else "append"
+    if args.file == "-":
+        return {"structures": db.load(sys.stdin, mode)}
+    with open(args.file, encoding="utf-8") as f:
+        return {"structures": db.load(f, mode)}
+
+
+def _open_database(args):
+    url = args.url or os.environ.get("BEAVER_URL")
+    if url and not args.database:
+        return BeaverClient(url, token=args.token or os.environ.get("BEAVER_TOKEN"))
+    return BeaverDB(args.database or os.environ.get("BEAVER_DATABASE") or "beaver.db")
+
+
+def _cli_run(db, args):
+    if args.command not in CLI_KINDS:
+        return args.handler(db, args)
+    factory = CLI_KINDS[args.command][1]
+    if factory is None:
+        return args.handler(db, args)
+    return args.handler(getattr(db, factory)(args.name), args)
+
+
+def _cli_print(result):
+    if result is _NOTHING:
+        return 0
+    if isinstance(result, _Exit):
+        return int(result)
+    print(json.dumps(_cli_json(result), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _split_serve(argv):
+    """``[top-level options] serve [server options]``: the server's own argument list."""
+    rest, database, i = [], None, 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
+        if argv[i] in ("--database", "-d") and i + 1 < len(argv):
+            database = argv[i + 1]
+            i += 2
+            continue
+        i += 1 if "=" in argv[i] or argv[i] == "--version" else 2
+    if i >= len(argv) or argv[i] != "serve":
+        return None
+    rest = argv[i + 1:]
+    return (["--database", database] if database else []) + rest
+
+
+def _cli_serve(server_argv) -> int:
+    try:
+        import beaver_server
+    except ImportError as e:
+        print(f"beaver: the server needs the [server] extra (pip install 'beaver-db[server]'): "
+              f"{e}", file=sys.stderr)
+        return 1
+    try:
+        return beaver_server.main(server_argv, prog="beaver serve")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+
+
+def main(argv=None) -> int:
+    """The ``beaver`` command: ``beaver [--database PATH] <kind> NAME <operation> [args]``.
+
+        $ beaver --database my_data.db dict app_config get theme
+        "dark"
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "client" in argv[:4]:
+        argv.remove("client")
+    server_argv = _split_serve(argv)
+    if server_argv is not None:
+        return _cli_serve(server_argv)
+    try:
+        args = _cli_parser().parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        db = _open_database(args)
+    except (BeaverError, ValueError) as e:
+        print(f"beaver: {e}", file=sys.stderr)
+        return 1
+    try:
+        return _cli_print(_cli_run(db, args))
+    except _UsageError as e:
+        print(f"beaver: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:
+        print(f"beaver: not found: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+    except (BeaverError, LookupError, ValueError, TypeError, OSError) as e:
+        print(f"beaver: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
