@@ -1950,6 +1950,8 @@ class QueueManager(_Manager):
         return item
 
     def _take(self, lease=None):
+        if not self._core.in_transaction and not self._takeable():
+            return None         # a waiter woken by some other write: no write lock for nothing
         if lease is None and _HAS_RETURNING and self._codec is _JSON and not self._listened():
             item = self._take_fast()
             if item is not _MISSING:
@@ -1987,6 +1989,13 @@ class QueueManager(_Manager):
         with self._core.transaction():
             self._core.execute("DELETE FROM beaver_queue_leases WHERE name = ?", (self._name,))
             super().clear()
+
+    def _takeable(self) -> bool:
+        """A read: is there an item, or an item whose lease ran out?"""
+        return self._core.execute(
+            "SELECT EXISTS (SELECT 1 FROM beaver_queues WHERE name = ?) OR EXISTS (SELECT 1 "
+            "FROM beaver_queue_leases WHERE name = ? AND until <= ?)",
+            (self._name, self._name, _now())).fetchone()[0] == 1
 
     def _reclaim(self, now):
         """Put items whose lease ran out back into the queue (inside a transaction)."""
