@@ -3306,8 +3306,10 @@ class CollectionManager(_Manager):
         if len(dims) > 1:
             raise ValidationError(f"embeddings of different dimensions {sorted(dims)}")
         with self._core.transaction():
+            rows, words = [], set()         # text rows and words, written once at the end
             for item in prepared:
-                self._store(item)
+                self._store(item, (rows, words))
+            self._insert_text(rows, words)
         return len(prepared)
 
     def _prepare(self, document, fts):
@@ -3319,7 +3321,7 @@ class CollectionManager(_Manager):
         vector = None if document.embedding is None else _pack_vector(document.embedding)
         return document, body, texts, vector
 
-    def _store(self, prepared):
+    def _store(self, prepared, batch=None):
         document, body, texts, vector = prepared
         state = self._state()
         dim = state["dim"]
@@ -3327,7 +3329,7 @@ class CollectionManager(_Manager):
             raise ValidationError(f"embedding has {len(document.embedding)} dimensions; "
                                   f"collection {self._name!r} holds {dim}")
         rowid, existed = self._write_row(document.id, body)
-        self._write_text(rowid, texts, state, existed)
+        self._write_text(rowid, texts, existed, batch)
         if vector is not None or existed:
             self._write_vector(document.id, vector, dim)
             state["dim"] = dim or (None if vector is None else len(vector) // 4)
@@ -3370,19 +3372,27 @@ class CollectionManager(_Manager):
             "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?)",
             (self._name, doc_id, body)).lastrowid, False
 
-    def _write_text(self, rowid, texts, state, existed=True):
+    def _write_text(self, rowid, texts, existed=True, batch=None):
+        """Replace a document's text rows (or add them to ``batch``, written by the caller)."""
         if not self._fts:
             return
         base = self._fts_rowid(rowid)
         if existed:
             self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
                                (base, base + (1 << _FTS_PATH_BITS)))
-        if not texts:
-            return
-        self._core.executemany(
-            "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
-            [(base + i, text, self._name, path) for i, (path, text) in enumerate(texts)])
-        self._add_terms(texts, state["epoch"])
+        rows, words = ([], set()) if batch is None else batch
+        for i, (path, text) in enumerate(texts):
+            rows.append((base + i, text, self._name, path))
+            words.update(_terms(text))
+        if batch is None:
+            self._insert_text(rows, words)
+
+    def _insert_text(self, rows, words):
+        if rows:
+            self._core.executemany(
+                "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
+                rows)
+            self._add_terms(words, self._state()["epoch"])
 
     def _fts_rowid(self, rowid) -> int:
         if rowid >= 1 << _FTS_DOC_BITS or self._cid >= 1 << (63 - _FTS_DOC_BITS - _FTS_PATH_BITS):
@@ -3432,7 +3442,7 @@ class CollectionManager(_Manager):
             self._core.execute("DELETE FROM beaver_documents WHERE id = ?", (row[0],))
             dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
                                      (self._name,)).fetchone()[0]
-            self._write_text(row[0], [], None)
+            self._write_text(row[0], [])
             self._write_vector(doc_id, None, dim)
             self._core.execute("DELETE FROM beaver_edges WHERE collection = ? AND source = ?",
                                (self._name, doc_id))
@@ -3530,34 +3540,34 @@ class CollectionManager(_Manager):
         The query understands words, "phrases", ``prefix*``, ``OR``, ``-word``/``NOT word``;
         anything else is searched as text and never raises. ``raw=True`` passes full FTS5
         syntax through. ``on`` restricts the search to dotted field paths. ``fuzziness`` (1
-        or 2) also finds words that many edits away (3+ letters for one, 7+ for two),
-        ranked by edits, then relevance. ``highlight=True`` returns
+        or 2) also finds words up to that many edits away (3+ letters for one, 7+ for
+        two), ranked by edits, then relevance. ``highlight=True`` returns
         ``(Document, score, snippet)`` triples with matches in ``[...]``.
         """
         if not self._fts:
             raise FeatureUnavailable("this SQLite was built without FTS5: match() is unavailable")
         paths, top_k = _check_paths(on), int(top_k)
-        if top_k <= 0:
+        if top_k <= 0 or paths == []:
             return []
         if raw:
             if not isinstance(query, str):
                 raise TypeError("a query is a str")
-            hits = self._ranked(query, paths, top_k, checked=True)
+            expr = query
+            hits = self._ranked(expr, paths, top_k, checked=True)
         else:
             groups, negatives = _parse_query(query)
             if not groups:
                 return []
+            expr = _fts_expression(groups, negatives)
             if fuzziness:
-                hits = self._fuzzy(groups, negatives, paths, top_k, int(fuzziness))
+                hits, expr = self._fuzzy(groups, negatives, paths, top_k, int(fuzziness))
             else:
-                hits = self._ranked(_fts_expression(groups, negatives), paths, top_k)
+                hits = self._ranked(expr, paths, top_k)
         docs = self._documents("id", [rowid for rowid, _ in hits])
-        results = [(docs[rowid], score) for rowid, score in hits if rowid in docs]
         if highlight:
-            expr = query if raw else _fts_expression(groups, negatives)
-            return [(doc, score, self._snippet(expr, rowid))
-                    for (doc, score), (rowid, _) in zip(results, hits)]
-        return results
+            return [(docs[rowid], score, self._snippet(expr, rowid))
+                    for rowid, score in hits if rowid in docs]
+        return [(docs[rowid], score) for rowid, score in hits if rowid in docs]
 
     def _ranked(self, expr, paths, limit, checked=False) -> list:
         """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document."""
@@ -3588,13 +3598,16 @@ class CollectionManager(_Manager):
 
     # -- fuzzy search -----------------------------------------------------------------------
 
-    def _fuzzy(self, groups, negatives, paths, top_k, fuzziness) -> list:
-        """Try the query as typed, then with each typo-corrected term in turn."""
+    def _fuzzy(self, groups, negatives, paths, top_k, fuzziness):
+        """Try the query as typed, then with each typo-corrected term in turn.
+
+        Returns the hits and an expression every hit matches (for snippets)."""
         if fuzziness not in (0, 1, 2):
             raise ValueError("fuzziness is 0, 1 or 2")
-        hits = self._ranked(_fts_expression(groups, negatives), paths, top_k)
+        expr = _fts_expression(groups, negatives)
+        hits = self._ranked(expr, paths, top_k)
         if len(hits) >= top_k:
-            return hits
+            return hits, expr
         options = [[self._spellings(atom, fuzziness) for atom in group] for group in groups]
         found = {rowid: (0, score) for rowid, score in hits}
         for turn in range(1, FUZZY_ROUNDS + 1):
@@ -3602,14 +3615,14 @@ class CollectionManager(_Manager):
                           (spellings[:turn] if turn < FUZZY_ROUNDS else spellings)]
                          for group in options]
             if all(rewritten):
-                more = self._ranked(_fts_expression(rewritten, negatives), paths,
-                                    top_k + len(found))
+                expr = _fts_expression([g + r for g, r in zip(groups, rewritten)], negatives)
+                more = self._ranked(expr, paths, top_k + len(found))
                 for rowid, score in more:
                     found.setdefault(rowid, (turn, score))
             if len(found) >= top_k or not any(len(s) > turn for g in options for s in g):
                 break
         best = sorted(found.items(), key=lambda item: (item[1][0], -item[1][1]))[:top_k]
-        return [(rowid, score) for rowid, (_, score) in best]
+        return [(rowid, score) for rowid, (_, score) in best], expr
 
     def _spellings(self, atom, fuzziness) -> list:
         """The indexed terms within ``fuzziness`` edits of a one-word atom, best first."""
@@ -3663,17 +3676,14 @@ class CollectionManager(_Manager):
             found[term] = row[0] if row else 0
         return found
 
-    def _add_terms(self, texts, epoch):
-        """Record new terms (and their trigrams) in this collection's vocabulary."""
+    def _add_terms(self, words, epoch):
+        """Record new words (and their trigrams) in this collection's vocabulary."""
         known_epoch, known = self._vocab
         if known_epoch != epoch:
             known = {row[0] for row in self._core.execute(
                 "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))}
             self._vocab = (epoch, known)
         batch = self._batch.terms          # this transaction's new terms (see _state)
-        words = set()
-        for _, text in texts:
-            words.update(_terms(text))
         new = words - known - batch
         if not new:
             return
@@ -3814,7 +3824,7 @@ class CollectionManager(_Manager):
         if len(query) != dim:
             raise ValidationError(f"query has {len(query)} dimensions; collection "
                                   f"{self._name!r} holds {dim}")
-        allowed = None if where is None else self._where(where)
+        allowed = self._where(where) if where else None
         backend = self._vector_backend(dim)
         if backend is not None:
             hits = backend.search(query, top_k, allowed)
@@ -3891,7 +3901,13 @@ class CollectionManager(_Manager):
             getattr(backend, method)(*args)
 
     def compact(self):
-        """Fold pending changes of the vector index into its base (a no-op when exact)."""
+        """Merge the text index into one segment and fold the vector index's pending changes.
+
+            >>> docs.compact()      # after a bulk load; searches keep working meanwhile
+        """
+        if self._fts:
+            with self._core.transaction():
+                self._core.execute("INSERT INTO beaver_fts (beaver_fts) VALUES ('optimize')")
         backend = self._backend
         if backend:
             backend.compact()
@@ -3936,8 +3952,7 @@ class CollectionManager(_Manager):
                 self.connect(edge["source"], edge["target"], edge["label"], edge.get("metadata"))
 
     def _load_items(self, items):
-        for item in items:
-            self.index(Document.from_dict(item))
+        self.index_many(Document.from_dict(item) for item in items)
 
 
 def _labels(labels):
@@ -4092,8 +4107,6 @@ def rerank(*results, weights=None, k=60) -> list:
     Each list holds documents or ``(document, score)`` pairs, best first. A document's fused
     score is the sum over lists of ``weight / (k + rank)``.
     """
-    if len(results) == 1 and results[0] and all(isinstance(r, list) for r in results[0]):
-        results = tuple(results[0])
     weights = [1.0] * len(results) if weights is None else list(weights)
     if len(weights) != len(results):
         raise ValueError(f"{len(weights)} weights for {len(results)} result lists")

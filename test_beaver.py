@@ -3513,12 +3513,14 @@ def test_collection_multi_field_dedup_and_on(docs):
     assert [d.id for d, _ in docs.match("python", on=["title"])] == ["a"]
     assert [d.id for d, _ in docs.match("python", on=["meta"])] == ["a"]
     assert [d.id for d, _ in docs.match("code", on="tags")] == ["a"]
-    assert docs.match("code", on=["title", "text"]) == []
+    assert docs.match("code", on=["title", "text"]) == [] and docs.match("python", on=[]) == []
     assert len(docs.match("python", top_k=1)) == 1
     docs.index(Document(id="c", body={"title": "python", "secret": "hidden"}), fts=["title"])
     assert docs.match("hidden") == []
     assert {d.id for d, _ in docs.match("python", on="title")} == {"a", "c"}
     doc, score, snippet = docs.match("rust", highlight=True)[0]
+    assert doc.id == "b" and "[rust]" in snippet
+    doc, score, snippet = docs.match("rsut", highlight=True, fuzziness=1)[0]
     assert doc.id == "b" and "[rust]" in snippet
 
 
@@ -3527,6 +3529,8 @@ def test_collection_upsert_replaces_text(docs):
     docs.index(Document(id="a", body="new words"))
     assert docs.match("old") == [] and [d.id for d, _ in docs.match("new")] == ["a"]
     assert len(docs) == 1
+    docs.compact()
+    assert [d.id for d, _ in docs.match("new")] == ["a"]
 
 
 @pytest.mark.parametrize("query,fuzziness,expected", [
@@ -3659,7 +3663,9 @@ def test_collection_events_and_model(db):
 
 def test_collection_rerank_shapes():
     a, b, c = Document(id="a"), Document(id="b"), Document(id="c")
-    assert rerank([a, b, c], [c, b]) == [b, c, a] or rerank([a, b, c], [c, b])[0] in (b, c)
+    assert [d.id for d in rerank([a, b, c], [c, b])] == ["c", "b", "a"]      # 1/63+1/61 > 2/62
+    assert [d.id for d in rerank([a, b, c], [c, b], weights=[1.0, 0.0])] == ["a", "b", "c"]
+    assert [d.id for d in rerank([a, a, b])] == ["a", "b"]
     assert [d.id for d in rerank([(a, 0.1), (b, 0.2)], [b])] == ["b", "a"]
     assert rerank() == [] and rerank([]) == []
     with pytest.raises(ValueError):
