@@ -90,10 +90,15 @@ _SCHEMA = [
         data BLOB NOT NULL, PRIMARY KEY (collection, generation, part)) WITHOUT ROWID""",
 ]
 
-_CATCH_UP = """SELECT l.seq, l.collection = ?1, l.doc_id, l.op, v.vector
-    FROM beaver_ann_log l LEFT JOIN beaver_vectors v
-      ON l.collection = ?1 AND v.collection = ?1 AND v.doc_id = l.doc_id
-    WHERE l.seq > ?2 ORDER BY l.seq"""
+# New log rows of this collection with their current vectors, plus the newest row of the
+# whole log (so that _last_seq moves past the other collections' rows too). Rows of other
+# collections in between are skipped inside SQLite, their vectors never read.
+_CATCH_UP = """SELECT seq, collection = ?1, doc_id, op,
+        CASE WHEN collection = ?1 AND op = 'u' THEN (SELECT vector FROM beaver_vectors
+             WHERE collection = ?1 AND doc_id = l.doc_id) END
+    FROM beaver_ann_log l
+    WHERE seq > ?2 AND (collection = ?1 OR seq = (SELECT max(seq) FROM beaver_ann_log))
+    ORDER BY seq"""
 
 
 def open_index(core, collection: str, dim: int, metric: str = "l2", **options) -> "VectorIndex":
@@ -323,7 +328,7 @@ class VectorIndex:
         self._delta = _Delta(self.dim)
         with self._read_snapshot():
             base = self._read_stored_base()
-            self._base = base or self._base_from_table()
+            self._base = base if base is not None else self._base_from_table()
             self._last_seq = self._base.built_seq
             self._catch_up()
             if base is None:
@@ -436,13 +441,15 @@ class VectorIndex:
 
     def _log(self, rows):
         sql = "INSERT INTO beaver_ann_log (collection, doc_id, op) VALUES (?, ?, ?)"
+        write = self._core.execute if len(rows) == 1 else self._core.executemany
+        args = rows[0] if len(rows) == 1 else rows
         try:
-            self._core.executemany(sql, rows)
+            write(sql, args)
         except beaver.BeaverError as e:
             if "no such table" not in str(e):
                 raise
             self._ensure_tables()   # created (or rolled back) with the caller's transaction
-            self._core.executemany(sql, rows)
+            write(sql, args)
 
     def _check_vector(self, vector):
         if len(vector) != 4 * self.dim:
