@@ -377,7 +377,9 @@ def main(argv=None):
     report = Report()
     report.note(f"beaver {beaver.__version__}, faiss {faiss.__version__}, numpy {np.__version__}, "
                 f"Python {platform.python_version()}, {os.cpu_count()} CPUs (shared), one thread; "
-                f"{len(X):,} vectors x {X.shape[1]}, {len(Q):,} queries.")
+                f"{len(X):,} vectors x {X.shape[1]}, {len(Q):,} queries; load average at start "
+                f"{os.getloadavg()[0]:.1f} (other jobs share the machine: compare ratios, and "
+                "raw and beaver calls alternate query by query so both see the same load).")
     timings = None
     if not os.path.exists(path):
         timings = build_database(path, X, ids)
@@ -412,6 +414,11 @@ def main(argv=None):
         loads += [[f"build: {k}", f"{v * 1e3:.0f}"] for k, v in timings.items()]
     report.table("Opening and building", ["what", "ms"], loads)
     targets(report, summary, rates, delays)
+    report.note(f"Load average at the end: {os.getloadavg()[0]:.1f}. \"index (ids)\" is "
+                "`VectorIndex.search` (catch-up from the log, faiss, merge with the delta); "
+                "\"collection (documents)\" adds beaver.py's `collection.search`: the query "
+                "list, the collection row, and fetching and decoding the 10 documents with "
+                "their embeddings.")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("# Vector benchmark (bench/bench_vector.py)\n" + "\n".join(report.lines) + "\n")
