@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -109,25 +110,32 @@ def open_index(core, collection: str, dim: int, metric: str = "l2", **options) -
     Raises ``beaver.FeatureUnavailable`` when numpy/faiss are missing (or when the
     environment variable ``BEAVER_VECTOR_BACKEND=exact`` asks for the built-in search).
     """
+    host = _host(core)
     if _IMPORT_ERROR is not None:
-        raise beaver.FeatureUnavailable(
-            f"vector index needs numpy and faiss-cpu (pip install beaver-db[vector]): {_IMPORT_ERROR}")
+        raise host.FeatureUnavailable(
+            "vector index needs numpy and faiss-cpu (pip install beaver-db[vector]): "
+            f"{_IMPORT_ERROR}")
     if os.environ.get("BEAVER_VECTOR_BACKEND", "").lower() == "exact":
-        raise beaver.FeatureUnavailable("BEAVER_VECTOR_BACKEND=exact selects the built-in search")
+        raise host.FeatureUnavailable("BEAVER_VECTOR_BACKEND=exact selects the built-in search")
     return VectorIndex(core, collection, dim, metric, **options)
 
 
-def _check_options(dim, metric, options) -> dict:
+def _host(core):
+    """The beaver module that made ``core``: ``__main__`` under ``python -m beaver``."""
+    return sys.modules.get(type(core).__module__, beaver)
+
+
+def _check_options(dim, metric, options, errors=beaver) -> dict:
     if not isinstance(dim, int) or dim <= 0:
-        raise beaver.ValidationError(f"vector dimension must be a positive int, not {dim!r}")
+        raise errors.ValidationError(f"vector dimension must be a positive int, not {dim!r}")
     if metric not in METRICS:
-        raise beaver.ValidationError(f"metric must be one of {METRICS}, not {metric!r}")
+        raise errors.ValidationError(f"metric must be one of {METRICS}, not {metric!r}")
     unknown = set(options) - set(DEFAULTS)
     if unknown:
-        raise beaver.ValidationError(f"unknown vector index options: {sorted(unknown)}")
+        raise errors.ValidationError(f"unknown vector index options: {sorted(unknown)}")
     merged = dict(DEFAULTS, **options)
     if merged["index"] not in KINDS:
-        raise beaver.ValidationError(f"index must be one of {KINDS}, not {merged['index']!r}")
+        raise errors.ValidationError(f"index must be one of {KINDS}, not {merged['index']!r}")
     return merged
 
 
@@ -266,7 +274,8 @@ class VectorIndex:
     """
 
     def __init__(self, core, collection, dim, metric="l2", **options):
-        self.options = _check_options(dim, metric, options)
+        self._errors = _host(core)
+        self.options = _check_options(dim, metric, options, self._errors)
         self._core = core
         self.collection = collection
         self.dim = dim
@@ -445,7 +454,7 @@ class VectorIndex:
         args = rows[0] if len(rows) == 1 else rows
         try:
             write(sql, args)
-        except beaver.BeaverError as e:
+        except self._errors.BeaverError as e:
             if "no such table" not in str(e):
                 raise
             self._ensure_tables()   # created (or rolled back) with the caller's transaction
@@ -453,7 +462,7 @@ class VectorIndex:
 
     def _check_vector(self, vector):
         if len(vector) != 4 * self.dim:
-            raise beaver.ValidationError(
+            raise self._errors.ValidationError(
                 f"vector of {len(vector) // 4} floats in collection {self.collection!r} "
                 f"of dimension {self.dim}")
 
@@ -487,7 +496,8 @@ class VectorIndex:
         """Apply every committed log row newer than ``_last_seq`` (lock held)."""
         rows, floor = self._read_log()
         if floor > self._last_seq:
-            logger.info("vector index of %r fell behind the trimmed log: reloading", self.collection)
+            logger.info("vector index of %r fell behind the trimmed log: reloading",
+                        self.collection)
             self._load()
             return
         if not rows:
@@ -546,8 +556,8 @@ class VectorIndex:
         else:
             q = np.asarray(query, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
-            raise beaver.ValidationError(f"query has {q.shape[0]} dimensions, the collection "
-                                         f"{self.collection!r} {self.dim}")
+            raise self._errors.ValidationError(
+                f"query has {q.shape[0]} dimensions, the collection {self.collection!r} {self.dim}")
         if self.metric == "cosine":
             norm = float(np.linalg.norm(q))
             if norm:
@@ -559,7 +569,7 @@ class VectorIndex:
         with self._lock:
             try:
                 rows, floor = self._read_log() if self._base is not None else ((), 1)
-            except beaver.BeaverError as e:
+            except self._errors.BeaverError as e:
                 if "no such table" not in str(e):
                     raise
                 rows, floor = (), 1
@@ -580,7 +590,8 @@ class VectorIndex:
     def _brute_force(self, q, top_k, allowed):
         rows = self._core.execute("SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
                                   (self.collection,)).fetchall()
-        rows = [r for r in rows if (allowed is None or r[0] in allowed) and len(r[1]) == 4 * self.dim]
+        rows = [r for r in rows
+                if (allowed is None or r[0] in allowed) and len(r[1]) == 4 * self.dim]
         dist = self._distances(self._matrix([r[1] for r in rows]), q)
         return _top(dist, [r[0] for r in rows], top_k)
 
@@ -681,7 +692,10 @@ class VectorIndex:
         if self._wanted_kind(base) != base.kind:
             return len(base) + len(self._delta) > 0
         limit = max(opts["fold_min"], opts["fold_fraction"] * n)
-        dead_limit = limit if base.kind == "flat" else max(opts["fold_min"], opts["rebuild_dead"] * n)
+        if base.kind == "hnsw":  # extending keeps the dead: only a rebuild removes them
+            dead_limit = max(opts["fold_min"], opts["rebuild_dead"] * n)
+        else:
+            dead_limit = limit
         return len(self._delta) >= limit or base.n_dead >= dead_limit
 
     def _maybe_fold(self):
@@ -698,7 +712,7 @@ class VectorIndex:
         try:
             while not self._closing and self._fold(persist=False):
                 pass
-        except (_Stopped, beaver.ClosedError):
+        except (_Stopped, self._errors.ClosedError):
             pass
         except Exception:  # a background thread must not die silently
             logger.exception("vector index compaction of %r failed", self.collection)

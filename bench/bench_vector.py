@@ -139,7 +139,8 @@ def insert_rates(X, n_single, n_batch):
             with db.transaction():
                 for i, v in enumerate(vecs):
                     docs.index(Document(id=f"b{i}", embedding=v), fts=False)
-            rates["collection.index, batched in db.transaction()"] = n_batch / (time.perf_counter() - t)
+            seconds = time.perf_counter() - t
+            rates["collection.index, batched in db.transaction()"] = n_batch / seconds
             t = time.perf_counter()
             docs.search(X[0].tolist(), top_k=10)
             rates["first search after the batch (catch-up), ms"] = (time.perf_counter() - t) * 1e3
@@ -237,9 +238,9 @@ def memory_per_vector(index, n):
 
 def file_bytes(path):
     with BeaverDB(path) as db:
-        rows = dict(db._core.execute(
-            "SELECT name, sum(pgsize) FROM dbstat GROUP BY name").fetchall()) if has_dbstat(db) else {}
-    return rows
+        if not has_dbstat(db):
+            return {}
+        return dict(db._core.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name"))
 
 
 def has_dbstat(db):
