@@ -808,9 +808,7 @@ class VectorIndex:
                 self._trim_log()
             return switched
         finally:
-            self._core.execute("UPDATE beaver_ann_base SET lease_owner = NULL, lease_until = 0 "
-                               "WHERE collection = ? AND lease_owner = ?",
-                               (self.collection, self._owner))
+            self._release_lease()
 
     def _claim_lease(self) -> bool:
         with self._core.transaction():
@@ -866,15 +864,37 @@ class VectorIndex:
         """Delete parts of other generations (replaced, or left by a crash), one per transaction."""
         while not self._closing:
             with self._core.transaction():
-                row = self._core.execute(
-                    "SELECT p.generation, p.part FROM beaver_ann_parts p JOIN beaver_ann_base b "
-                    "ON b.collection = p.collection WHERE p.collection = ? "
-                    "AND p.generation IS NOT b.generation LIMIT 1", (self.collection,)).fetchone()
+                row = self._orphan_part()
                 if row is None:
                     return
                 self._renew_lease()
                 self._core.execute("DELETE FROM beaver_ann_parts WHERE collection = ? "
                                    "AND generation = ? AND part = ?", (self.collection, *row))
+
+    def _orphan_part(self):
+        """(generation, part) of a part the stored base does not use, or None."""
+        return self._core.execute(
+            "SELECT p.generation, p.part FROM beaver_ann_parts p JOIN beaver_ann_base b "
+            "ON b.collection = p.collection WHERE p.collection = ? "
+            "AND p.generation IS NOT b.generation LIMIT 1", (self.collection,)).fetchone()
+
+    def _collect_garbage(self):
+        """Delete the parts a crashed store left behind (under the lease), if any."""
+        if self._orphan_part() is None:
+            return
+        with self._store_lock:
+            if not self._claim_lease():
+                return
+            try:
+                self._drop_orphan_parts()
+                self._trim_log()
+            finally:
+                self._release_lease()
+
+    def _release_lease(self):
+        self._core.execute("UPDATE beaver_ann_base SET lease_owner = NULL, lease_until = 0 "
+                           "WHERE collection = ? AND lease_owner = ?",
+                           (self.collection, self._owner))
 
     def _trim_log(self, batch=5000):
         """Delete this collection's log rows at or below the floor, a batch per transaction.
@@ -907,6 +927,7 @@ class VectorIndex:
             thread.join()
         try:
             self._fold(persist=True, force=True)
+            self._collect_garbage()
         except _Stopped:
             pass
 
