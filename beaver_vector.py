@@ -287,6 +287,7 @@ class VectorIndex:
         self._store_lock = threading.Lock()
         self._closing = False
         self._epoch = 0
+        self._loads = 0
         self._base = self._delta = None     # loaded on first use outside a transaction:
         self._last_seq = 0                  # the collection may open us inside its own
         if not core.in_transaction:
@@ -334,6 +335,7 @@ class VectorIndex:
         not (a process without this module wrote vectors), the index is rebuilt from the table.
         """
         self._epoch += 1
+        self._loads += 1
         self._delta = _Delta(self.dim)
         with self._read_snapshot():
             base = self._read_stored_base()
@@ -943,7 +945,7 @@ class VectorIndex:
             memory = n * self.dim * 4 + graph + delta.vecs.nbytes
             return {"kind": base.kind, "count": len(base) + len(delta), "base": len(base),
                     "delta": len(delta), "dead": base.n_dead, "built_seq": base.built_seq,
-                    "last_seq": self._last_seq, "memory_bytes": memory}
+                    "last_seq": self._last_seq, "loads": self._loads, "memory_bytes": memory}
 
     def close(self):
         """Stop the background fold (``index.close()``); the stored base stays as it is.
