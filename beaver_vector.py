@@ -64,8 +64,8 @@ DEFAULTS = {
     "m": 32,                  # HNSW graph degree
     "ef_construction": 200,   # HNSW build breadth
     "ef_search": 64,          # HNSW search breadth (raise for recall, lower for speed)
-    "fold_min": 1000,         # fold the delta into the base once it holds this many ...
-    "fold_fraction": 0.05,    # ... or this fraction of the base, whichever is larger
+    "fold_min": 1000,         # fold the delta into the base once it holds this many (HNSW) ...
+    "fold_fraction": 0.05,    # ... or this fraction of the base if larger (flat)
     "rebuild_dead": 0.2,      # rebuild (not extend) an HNSW base with this fraction dead
     "filter_exact_below": 20000,  # where= filters this small are searched exactly
     "persist_fraction": 0.25,  # store a folded base when this fraction of it is new ...
@@ -693,11 +693,13 @@ class VectorIndex:
         n = len(base.ids)
         if self._wanted_kind(base) != base.kind:
             return len(base) + len(self._delta) > 0
-        limit = max(opts["fold_min"], opts["fold_fraction"] * n)
-        if base.kind == "hnsw":  # extending keeps the dead: only a rebuild removes them
+        if base.kind == "hnsw":
+            # the exact delta search adds to every ANN search: keep the delta small; and
+            # extending keeps the dead entries, only a rebuild removes them
+            limit = opts["fold_min"]
             dead_limit = max(opts["fold_min"], opts["rebuild_dead"] * n)
         else:
-            dead_limit = limit
+            limit = dead_limit = max(opts["fold_min"], opts["fold_fraction"] * n)
         return len(self._delta) >= limit or base.n_dead >= dead_limit
 
     def _maybe_fold(self):
