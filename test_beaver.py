@@ -3983,6 +3983,29 @@ def test_vector_hnsw_filters_and_rebuilds(db, faiss_ok):
     assert coll.index.info()["dead"] == 0 and coll.index.info()["count"] == 300
 
 
+def test_vector_other_process_compaction_needs_no_reload(tmp_path, faiss_ok):
+    np = _np()
+    rng = np.random.default_rng(5)
+    options = {"background": False, "persist_min": 1}
+    with BeaverDB(tmp_path / "v.db") as one, BeaverDB(tmp_path / "v.db") as two:
+        writer, reader = _VecCollection(one, "v", **options), _VecCollection(two, "v", **options)
+        writer.put_many((f"d{i}", rng.standard_normal(4)) for i in range(100))
+        q = rng.standard_normal(4)
+        _same_answer(reader.search(q, 100), _brute(writer.stored(), q, "l2", 100))
+        loads = reader.index.info()["loads"]
+        writer.coll.compact()                    # stored, log trimmed up to the older base
+        writer.put_many((f"e{i}", rng.standard_normal(4)) for i in range(50))
+        writer.coll.compact()
+        _same_answer(reader.search(q, 200), _brute(writer.stored(), q, "l2", 200))
+        assert reader.index.info()["loads"] == loads     # caught up from the log alone
+        for round_ in range(2):                  # the reader sleeps through two compactions:
+            writer.put_many((f"f{round_}{i}", rng.standard_normal(4)) for i in range(50))
+            writer.delete(f"d{round_}")
+            writer.coll.compact()                # the log it would need is trimmed
+        _same_answer(reader.search(q, 300), _brute(writer.stored(), q, "l2", 300))
+        assert reader.index.info()["loads"] == loads + 1  # so it loaded the stored base
+
+
 def _vec_writer(path, prefix, count, other, result):
     with BeaverDB(path) as db:
         coll = _VecCollection(db, "v", fold_min=50)
