@@ -4509,6 +4509,10 @@ class _RemoteManager:
 
     def _send(self, method, suffix="", query=None, body=_NO_BODY, headers=None, wait=0.0):
         """One request on this structure; the raw response body, or the server's exception."""
+        return self._exchange(method, suffix, query, body, headers, wait)[1]
+
+    def _exchange(self, method, suffix="", query=None, body=_NO_BODY, headers=None, wait=0.0):
+        """Like ``_send``, returning ``(response headers, body)``."""
         if body is not _NO_BODY and not isinstance(body, bytes):
             body = body.encode("utf-8")
             headers = {"Content-Type": "application/json", **(headers or {})}
@@ -4517,8 +4521,7 @@ class _RemoteManager:
             headers, wait)
         if status >= 400:
             _raise_remote(status, data)
-        self._last_headers = response_headers
-        return data
+        return response_headers, data
 
     def _call(self, method, suffix="", query=None, body=_NO_BODY, wait=0.0):
         data = self._send(method, suffix, query, body, wait=wait)
@@ -4637,8 +4640,7 @@ class RemoteDict(_RemoteManager, MutableMapping):
 
     def ttl(self, key):
         """Seconds until ``key`` expires; ``None`` if it never does; ``KeyError`` if absent."""
-        self._send("HEAD", "/" + _quote(_check_key(key)))
-        ttl = self._last_headers.get("Beaver-TTL")
+        ttl = self._exchange("HEAD", "/" + _quote(_check_key(key)))[0].get("Beaver-TTL")
         return None if ttl is None else float(ttl)
 
     def __iter__(self):
@@ -4717,16 +4719,16 @@ class RemoteList(_RemoteManager, MutableSequence):
     def pop(self, index=None):
         """Remove and return the item at ``index`` (default: the last; ``None`` if empty)."""
         query = None if index is None else {"index": _list_index(index)}
-        return self._optional(self._send("POST", "/pop", query))
+        return self._optional(*self._exchange("POST", "/pop", query))
 
     def deque(self):
         """Remove and return the first item, or ``None`` if the list is empty."""
-        return self._optional(self._send("POST", "/deque"))
+        return self._optional(*self._exchange("POST", "/deque"))
 
     popleft = deque
 
-    def _optional(self, data):
-        return None if self._last_headers.get("Beaver-Empty") else self._codec.decode(data)
+    def _optional(self, headers, data):
+        return None if headers.get("Beaver-Empty") else self._codec.decode(data)
 
     def reverse(self):
         """Reverse the list in place, in one transaction."""
@@ -4816,10 +4818,10 @@ class RemoteBlobs(_RemoteManager):
     def get(self, key):
         """The ``Blob`` stored under ``key``, or ``None``."""
         try:
-            data = self._send("GET", "/" + _quote(_check_key(key)))
+            headers, data = self._exchange("GET", "/" + _quote(_check_key(key)))
         except KeyError:
             return None
-        meta = self._last_headers.get("Beaver-Metadata")
+        meta = headers.get("Beaver-Metadata")
         return Blob(key, data, None if meta is None else self._codec.decode(meta))
 
     def __getitem__(self, key):

@@ -13,6 +13,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import select
 import signal
 import socket
 import sqlite3
@@ -3919,7 +3920,8 @@ def test_client_auth_against_real_server(tmp_path):
     import beaver_server
     app = beaver_server.create_app(str(tmp_path / "a.db"), token="s3cret")
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                           timeout_keep_alive=0.2))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -3932,6 +3934,10 @@ def test_client_auth_against_real_server(tmp_path):
         good = beaver.BeaverClient(f"http://127.0.0.1:{port}", token="s3cret")
         good.dict("c")["k"] = 1
         assert good.dict("c")["k"] == 1
+        idle = good._http._local.conn.sock
+        assert select.select([idle], [], [], 20)[0]     # the server closed the idle socket
+        good.dict("c")["k"] = 2                         # sent again on a fresh connection
+        assert good.dict("c")["k"] == 2
         good.close()
     finally:
         server.should_exit = True
