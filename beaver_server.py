@@ -116,7 +116,8 @@ def _handle_exception(request, exc):
 
 
 def _handle_http(request, exc):
-    names = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge"}
+    names = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge",
+             422: "ValueError"}
     name = names.get(exc.status_code, "HTTPError")
     response = _error(exc.status_code, name, str(exc.detail))
     for key, value in (getattr(exc, "headers", None) or {}).items():
