@@ -3657,6 +3657,7 @@ def test_collection_index_many(docs):
 def test_collection_vector_cache_follows_changes(tmp_path, monkeypatch, numpy_present):
     """A searcher's cached vectors track inserts, moves and drops made by another handle."""
     import random
+    monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")   # the built-in cache is under test
     if not numpy_present:
         monkeypatch.setitem(sys.modules, "numpy", None)
     rng = random.Random(3)
