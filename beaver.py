@@ -6102,8 +6102,7 @@ def _cli_database_parsers(commands):
     dump = commands.add_parser("dump", help="print the database (or the named structures) "
                                             "as JSON lines")
     dump.add_argument("names", nargs="*", help="structure names (or kind:name); default all")
-    dump.set_defaults(handler=lambda db, a: _Exit(0 if db.dump(sys.stdout, a.names or None)
-                                                  is not None else 0))
+    dump.set_defaults(handler=_quiet(lambda db, a: db.dump(sys.stdout, a.names or None)))
     load = commands.add_parser("load", help="load a JSON-lines dump in one transaction")
     load.add_argument("file", help="the dump file; - reads standard input")
     load.add_argument("--replace", action="store_true",
