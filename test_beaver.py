@@ -6,6 +6,7 @@ fixed sleep for synchronisation. TTL tests drive beaver's one clock (``beaver._n
 through the ``clock`` fixture, so they neither sleep nor depend on timing.
 """
 import asyncio
+import contextlib
 import io
 import json
 import multiprocessing
