@@ -6064,7 +6064,8 @@ class _UsageError(Exception):
     """Bad command-line usage found after parsing (exit status 2)."""
 
 
-def _cli_parser():
+def _cli_parser(kind=None):
+    """The argument parser; only ``kind`` gets its operations (building them all is slow)."""
     import argparse
     parser = argparse.ArgumentParser(
         prog="beaver", description="Inspect and change a beaver database from the shell. "
@@ -6079,14 +6080,16 @@ def _cli_parser():
     parser.add_argument("--token", default=None, help="bearer token for --url ($BEAVER_TOKEN)")
     parser.add_argument("--version", action="version", version=f"beaver {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for kind, (help_text, _, operations) in CLI_KINDS.items():
-        _cli_kind_parser(commands, kind, help_text, operations)
+    for each, (help_text, _, operations) in CLI_KINDS.items():
+        _cli_kind_parser(commands, each, help_text, operations if each == kind else None)
     _cli_database_parsers(commands)
     return parser
 
 
 def _cli_kind_parser(commands, kind, help_text, operations):
     sub = commands.add_parser(kind, help=help_text, description=help_text)
+    if operations is None:      # not the kind on this command line: its name is enough
+        return
     sub.add_argument("name", help=f"the name of the {kind}")
     ops = sub.add_subparsers(dest="operation", metavar="OPERATION", required=True)
     for operation, op_help, arguments, handler in operations:
@@ -6150,19 +6153,22 @@ def _cli_print(result):
     return 0
 
 
-def _split_serve(argv):
-    """``[top-level options] serve [server options]``: the server's own argument list."""
-    rest, database, i = [], None, 0
+def _command_word(argv):
+    """(index of the command word after the top-level options, the --database value)."""
+    database, i = None, 0
     while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
         if argv[i] in ("--database", "-d") and i + 1 < len(argv):
             database = argv[i + 1]
-            i += 2
-            continue
         i += 1 if "=" in argv[i] or argv[i] == "--version" else 2
+    return i, database
+
+
+def _split_serve(argv):
+    """``[top-level options] serve [server options]``: the server's own argument list."""
+    i, database = _command_word(argv)
     if i >= len(argv) or argv[i] != "serve":
         return None
-    rest = argv[i + 1:]
-    return (["--database", database] if database else []) + rest
+    return (["--database", database] if database else []) + argv[i + 1:]
 
 
 def _cli_serve(server_argv) -> int:
@@ -6191,7 +6197,8 @@ def main(argv=None) -> int:
     if server_argv is not None:
         return _cli_serve(server_argv)
     try:
-        args = _cli_parser().parse_args(argv)
+        i, _ = _command_word(argv)
+        args = _cli_parser(argv[i] if i < len(argv) else None).parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     try:
