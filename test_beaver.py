@@ -4147,7 +4147,7 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    """A real ``python -m beaver_server`` process on 127.0.0.1, killed at the end."""
+    """A real ``beaver serve`` process (``python -m beaver_server``) on 127.0.0.1."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     path = tmp_path_factory.mktemp("server") / "served.db"
@@ -4155,7 +4155,7 @@ def server_url(tmp_path_factory):
     here = os.path.dirname(os.path.abspath(beaver.__file__))
     env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "beaver_server", "--database", str(path), "--port", str(port),
+        [sys.executable, "-m", "beaver", "--database", str(path), "serve", "--port", str(port),
          "--max-wait", "2", "--log-level", "warning"], env=env, cwd=here)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
