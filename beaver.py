@@ -5316,6 +5316,10 @@ class RemoteLog(_RemoteManager):
         return _RemoteStream(self._http, self._base + "/live", query,
                              lambda text: aggregator([decode(v) for v in json.loads(text)]))
 
+    def as_async(self) -> "_AsyncRemoteManager":
+        """An awaitable twin; ``async for summary in alog.live(...)`` works."""
+        return _AsyncRemoteManager(self)
+
 
 class _RemoteStream:
     """A server-sent event stream read by a thread; iterate it, ``close()`` it when done."""
@@ -5373,6 +5377,9 @@ class _RemoteStream:
         except ClosedError:
             raise StopIteration from None
 
+    def as_async(self) -> "_AsyncRemoteStream":
+        return _AsyncRemoteStream(self)
+
     def close(self):
         """Stop the stream; a ``listen()`` in progress ends."""
         if not self._closed:
@@ -5390,6 +5397,56 @@ class _RemoteStream:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _AsyncRemoteStream:
+    """The asyncio face of a remote stream: ``async for`` / ``await get()`` / ``async with``."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    async def get(self, timeout=None):
+        """The next event; ``TimeoutError`` after ``timeout`` seconds without one."""
+        return await asyncio.to_thread(self._stream.get, timeout)
+
+    async def listen(self, timeout=None):
+        """Yield events until ``close()`` (``TimeoutError`` after ``timeout`` s of silence)."""
+        while True:
+            try:
+                yield await self.get(timeout)
+            except ClosedError:
+                return
+
+    def __aiter__(self):
+        return self.listen()
+
+    async def __anext__(self):
+        try:
+            return await self.get()
+        except ClosedError:
+            raise StopAsyncIteration from None
+
+    def close(self):
+        """Stop the stream; a ``listen()`` in progress ends."""
+        self._stream.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+
+
+class _AsyncRemoteManager(AsyncManager):
+    """Awaitable twin of a remote channel or log: streams become async iterators."""
+
+    def subscribe(self) -> _AsyncRemoteStream:
+        """``async with achannel.subscribe() as sub: async for message in sub.listen(): ...``"""
+        return self._sync.subscribe().as_async()
+
+    def live(self, window, period, aggregator=list) -> _AsyncRemoteStream:
+        """``async for summary in alog.live(window, period, aggregator): ...``"""
+        return self._sync.live(window, period, aggregator).as_async()
 
 
 class RemoteChannel(_RemoteManager):
@@ -5413,6 +5470,10 @@ class RemoteChannel(_RemoteManager):
     def history(self, limit=None) -> list:
         """The retained messages, oldest first (the last ``limit`` ones if given)."""
         return [self._value(m) for m in self._call("GET", "/history", {"limit": limit})]
+
+    def as_async(self) -> _AsyncRemoteManager:
+        """An awaitable twin; ``async for message in achannel.subscribe().listen()`` works."""
+        return _AsyncRemoteManager(self)
 
 
 class RemoteCollection(_RemoteManager):

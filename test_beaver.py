@@ -4924,6 +4924,24 @@ def test_same_api_channel(anydb, uid):
             listener.get(timeout=0.05)
 
 
+def test_same_api_async_channel_and_live(anydb, uid):
+    import asyncio
+
+    async def run():
+        achannel = anydb.channel(f"{uid}-achat").as_async()
+        async with achannel.subscribe() as sub:
+            await achannel.publish({"text": "hi"})
+            async for message in sub.listen(timeout=20):
+                break
+        alog = anydb.log(f"{uid}-alog").as_async()
+        await alog.log(1)
+        async with alog.live(window=60, period=0.05, aggregator=sum) as view:
+            async for total in view:
+                break
+        return message, total
+    assert asyncio.run(run()) == ({"text": "hi"}, 1)
+
+
 def test_same_api_collection(anydb, uid):
     articles = anydb.collection(f"{uid}-articles")
     doc = beaver.Document(id="sqlite-001",
