@@ -4921,8 +4921,20 @@ class _RemoteManager:
     def __exit__(self, *exc):
         self.release()
 
-    def on(self, event, callback):
-        raise FeatureUnavailable("events are not available through BeaverClient")
+    def on(self, event, callback) -> "_RemoteEventHandle":
+        """Call ``callback(payload)`` after every ``event`` ('set', 'del', ... or '*').
+
+            >>> handle = client.dict("config").on("set", lambda p: print(p["key"]))
+            >>> handle.off()
+
+        The server streams the events of this structure (server-sent events); callbacks run
+        on one thread of this client, in order. Listening starts before ``on`` returns.
+        """
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        stream = _RemoteStream(self._http, f"/events/{self._kind}/{_quote(self._name)}",
+                               {"event": event}, json.loads)
+        return _RemoteEventHandle(stream, event, callback)
 
     def as_async(self) -> "AsyncManager":
         """An awaitable twin whose calls run in worker threads."""
@@ -5397,6 +5409,34 @@ class _RemoteStream:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _RemoteEventHandle:
+    """Returned by a remote manager's ``on(...)``; ``off()`` stops listening."""
+
+    def __init__(self, stream, event, callback):
+        self.event, self.callback = event, callback
+        self._stream = stream
+        self._thread = threading.Thread(target=self._dispatch, daemon=True,
+                                        name="beaver-client-events")
+        self._thread.start()
+
+    def _dispatch(self):
+        for payload in self._stream.listen():
+            try:
+                self.callback(payload)
+            except Exception:   # one failing callback must not stop the others
+                logger.exception("event callback %r failed", self.callback)
+
+    @property
+    def active(self) -> bool:
+        return not self._stream.closed
+
+    def off(self):
+        """Stop delivering events to this callback (idempotent)."""
+        self._stream.close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
 
 
 class _AsyncRemoteStream:

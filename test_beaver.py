@@ -4333,6 +4333,24 @@ def test_same_api_locks(anydb, uid):
         assert len(q) == 1
 
 
+def test_same_api_events(anydb, uid):
+    import queue as queue_module
+    config = anydb.dict(f"{uid}-watched")
+    seen = queue_module.SimpleQueue()
+    handle = config.on("set", seen.put)
+    everything = config.on("*", lambda p: p["event"] == "boom" or 1 / 0)   # raises: isolated
+    config["theme"] = "dark"
+    del config["theme"]
+    payload = seen.get(timeout=20)
+    assert (payload["event"], payload["key"], payload["value"]) == ("set", "theme", "dark")
+    assert payload["kind"] == "dict" and payload["name"] == f"{uid}-watched"
+    handle.off()
+    everything.off()
+    config["theme"] = "light"
+    with pytest.raises(queue_module.Empty):
+        seen.get(timeout=0.2)
+
+
 def test_same_api_structure_dump_load_and_async(anydb, uid):
     import asyncio
     config = anydb.dict(f"{uid}-c")
@@ -4613,7 +4631,7 @@ except ImportError:  # pragma: no cover
 if _schemathesis is not None:
     # streams (server-sent events) never end by themselves: they are tested on their own
     _lazy_schema = _schemathesis.pytest.from_fixture("fuzz_schema").exclude(
-        path_regex=r"/(sse|live)$")
+        path_regex=r"/(sse|live)$|^/events/")
 
     @_lazy_schema.parametrize()
     @_settings(max_examples=2, deadline=None, database=None,
