@@ -5633,8 +5633,9 @@ class BeaverClient:
 
     Each thread keeps one keep-alive connection. Errors are the same classes ``BeaverDB``
     raises (``KeyError``, ``IndexError``, ``TimeoutError``, ``LockTimeout``...); transport
-    failures raise ``RemoteError``, a wrong token ``Unauthorized``. Not available remotely:
-    ``transaction()`` and ``.on()`` events.
+    failures raise ``RemoteError``, a wrong token ``Unauthorized``. Events (``.on()``),
+    channel subscriptions and live views stream as server-sent events. Not available
+    remotely: ``transaction()``.
     """
 
     def __init__(self, url, token=None, *, timeout=60.0):
