@@ -195,7 +195,8 @@ def write_report(rows, rates, channels, starts, quick):
         "# Access benchmark", "",
         f"`python bench/bench_access.py{' --quick' if quick else ''}` on {platform.platform()}, "
         f"Python {platform.python_version()}, SQLite {beaver.sqlite3.sqlite_version}, "
-        f"{os.cpu_count()} cores (shared machine: figures are indicative).", "",
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end (a shared "
+        "machine: figures are indicative).", "",
         "## dict round trips, one at a time (best of 3 rounds)", "",
         "| operation | contender | ops/s | p50 | p99 | ratio to in-process |",
         "|---|---|---:|---:|---:|---:|",
