@@ -4740,6 +4740,7 @@ class _Http:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()
         self._all: list = []
+        self.streams = weakref.WeakSet()    # open _RemoteStreams, closed by close()
 
     def _connection(self, fresh=False):
         conn = getattr(self._local, "conn", None)
@@ -4798,6 +4799,9 @@ class _Http:
         return conn, response
 
     def close(self):
+        """Close every connection; open streams end as if closed."""
+        for stream in list(self.streams):
+            stream.close()
         for conn in self._all:
             conn.close()
         self._all = []
@@ -5341,6 +5345,7 @@ class _RemoteStream:
         self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
         self._closed = False
         self._conn, response = http.stream(path, query)
+        http.streams.add(self)
         self._reader = threading.Thread(target=self._read, args=(response,), daemon=True,
                                         name="beaver-client-stream")
         self._reader.start()

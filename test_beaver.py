@@ -4398,6 +4398,13 @@ def test_client_threads_and_keep_alive(server_url, uid):
     client.close()
 
 
+def test_client_close_ends_streams(server_url, uid):
+    client = beaver.BeaverClient(server_url)
+    subscription = client.channel(f"{uid}-closing").subscribe()
+    client.close()
+    assert list(subscription.listen(timeout=20)) == []
+
+
 def test_client_errors(server_url):
     with pytest.raises(beaver.RemoteError):
         beaver.BeaverClient("http://127.0.0.1:1").dict("x")["k"]
