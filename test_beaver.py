@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import select
 import signal
 import socket
 import sqlite3
@@ -4256,7 +4257,7 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    """A real ``python -m beaver_server`` process on 127.0.0.1, killed at the end."""
+    """A real ``beaver serve`` process (``python -m beaver_server``) on 127.0.0.1."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     path = tmp_path_factory.mktemp("server") / "served.db"
@@ -4264,7 +4265,7 @@ def server_url(tmp_path_factory):
     here = os.path.dirname(os.path.abspath(beaver.__file__))
     env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "beaver_server", "--database", str(path), "--port", str(port),
+        [sys.executable, "-m", "beaver", "--database", str(path), "serve", "--port", str(port),
          "--max-wait", "2", "--log-level", "warning"], env=env, cwd=here)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -4442,6 +4443,24 @@ def test_same_api_locks(anydb, uid):
         assert len(q) == 1
 
 
+def test_same_api_events(anydb, uid):
+    import queue as queue_module
+    config = anydb.dict(f"{uid}-watched")
+    seen = queue_module.SimpleQueue()
+    handle = config.on("set", seen.put)
+    everything = config.on("*", lambda p: p["event"] == "boom" or 1 / 0)   # raises: isolated
+    config["theme"] = "dark"
+    del config["theme"]
+    payload = seen.get(timeout=20)
+    assert (payload["event"], payload["key"], payload["value"]) == ("set", "theme", "dark")
+    assert payload["kind"] == "dict" and payload["name"] == f"{uid}-watched"
+    handle.off()
+    everything.off()
+    config["theme"] = "light"
+    with pytest.raises(queue_module.Empty):
+        seen.get(timeout=0.2)
+
+
 def test_same_api_structure_dump_load_and_async(anydb, uid):
     import asyncio
     config = anydb.dict(f"{uid}-c")
@@ -4487,6 +4506,13 @@ def test_client_threads_and_keep_alive(server_url, uid):
     assert len(counter) == 80
     assert len({id(c) for c in client._http._all}) == 5  # one connection per thread
     client.close()
+
+
+def test_client_close_ends_streams(server_url, uid):
+    client = beaver.BeaverClient(server_url)
+    subscription = client.channel(f"{uid}-closing").subscribe()
+    client.close()
+    assert list(subscription.listen(timeout=20)) == []
 
 
 def test_client_errors(server_url):
@@ -4677,7 +4703,8 @@ def test_client_auth_against_real_server(tmp_path):
     import beaver_server
     app = beaver_server.create_app(str(tmp_path / "a.db"), token="s3cret")
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                           timeout_keep_alive=0.2))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -4690,6 +4717,10 @@ def test_client_auth_against_real_server(tmp_path):
         good = beaver.BeaverClient(f"http://127.0.0.1:{port}", token="s3cret")
         good.dict("c")["k"] = 1
         assert good.dict("c")["k"] == 1
+        idle = good._http._local.conn.sock
+        assert select.select([idle], [], [], 20)[0]     # the server closed the idle socket
+        good.dict("c")["k"] = 2                         # sent again on a fresh connection
+        assert good.dict("c")["k"] == 2
         good.close()
     finally:
         server.should_exit = True
@@ -4717,7 +4748,7 @@ except ImportError:  # pragma: no cover
 if _schemathesis is not None:
     # streams (server-sent events) never end by themselves: they are tested on their own
     _lazy_schema = _schemathesis.pytest.from_fixture("fuzz_schema").exclude(
-        path_regex=r"/(sse|live)$")
+        path_regex=r"/(sse|live)$|^/events/")
 
     @_lazy_schema.parametrize()
     @_settings(max_examples=2, deadline=None, database=None,
@@ -4995,6 +5026,24 @@ def test_same_api_channel(anydb, uid):
     with events.subscribe() as listener:
         with pytest.raises(TimeoutError):
             listener.get(timeout=0.05)
+
+
+def test_same_api_async_channel_and_live(anydb, uid):
+    import asyncio
+
+    async def run():
+        achannel = anydb.channel(f"{uid}-achat").as_async()
+        async with achannel.subscribe() as sub:
+            await achannel.publish({"text": "hi"})
+            async for message in sub.listen(timeout=20):
+                break
+        alog = anydb.log(f"{uid}-alog").as_async()
+        await alog.log(1)
+        async with alog.live(window=60, period=0.05, aggregator=sum) as view:
+            async for total in view:
+                break
+        return message, total
+    assert asyncio.run(run()) == ({"text": "hi"}, 1)
 
 
 def test_same_api_collection(anydb, uid):
