@@ -1950,6 +1950,8 @@ class QueueManager(_Manager):
         return item
 
     def _take(self, lease=None):
+        if not self._core.in_transaction and not self._takeable():
+            return None         # a waiter woken by some other write: no write lock for nothing
         if lease is None and _HAS_RETURNING and self._codec is _JSON and not self._listened():
             item = self._take_fast()
             if item is not _MISSING:
@@ -1987,6 +1989,13 @@ class QueueManager(_Manager):
         with self._core.transaction():
             self._core.execute("DELETE FROM beaver_queue_leases WHERE name = ?", (self._name,))
             super().clear()
+
+    def _takeable(self) -> bool:
+        """A read: is there an item, or an item whose lease ran out?"""
+        return self._core.execute(
+            "SELECT EXISTS (SELECT 1 FROM beaver_queues WHERE name = ?) OR EXISTS (SELECT 1 "
+            "FROM beaver_queue_leases WHERE name = ? AND until <= ?)",
+            (self._name, self._name, _now())).fetchone()[0] == 1
 
     def _reclaim(self, now):
         """Put items whose lease ran out back into the queue (inside a transaction)."""
@@ -2035,6 +2044,10 @@ class QueueManager(_Manager):
             self._reclaim(_now())
             self._wrote("nack", priority=item.priority, data=_to_jsonable(item.data))
         return cursor.rowcount == 1
+
+    def as_async(self) -> "AsyncQueueManager":
+        """An awaitable twin whose ``get`` can be cancelled without losing an item."""
+        return AsyncQueueManager(self)
 
     def peek(self):
         """The item ``get`` would return next, without removing it; ``None`` if empty."""
@@ -4342,7 +4355,13 @@ class AsyncManager:
         return await asyncio.to_thread(self._sync.__delitem__, key)
 
     async def __aenter__(self):
-        await asyncio.to_thread(self._sync.acquire)
+        future = asyncio.ensure_future(asyncio.to_thread(self._sync.acquire))
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:  # the wait goes on in its thread: release what it gets
+            future.add_done_callback(
+                lambda f: f.cancelled() or f.exception() or self._sync.release())
+            raise
         return self
 
     async def __aexit__(self, *exc):
@@ -4354,6 +4373,53 @@ class AsyncManager:
 
     def __repr__(self):
         return f"<Async {self._sync!r}>"
+
+
+class AsyncQueueManager(AsyncManager):
+    """Awaitable twin of a queue.
+
+        >>> jobs = db.queue("jobs").as_async()
+        >>> item = await asyncio.wait_for(jobs.get(), 5)
+
+    Cancelling a waiting ``get`` (``wait_for`` timing out, say) stops its worker thread, and
+    an item taken at that very moment goes back to the queue, at the end of its priority.
+    """
+
+    async def get(self, block=True, timeout=None, lease=None) -> QueueItem:
+        """``QueueManager.get`` as a coroutine that may safely be cancelled."""
+        queue, stop = self._sync, threading.Event()
+
+        def wait():
+            if stop.is_set():
+                return None
+            if not block:
+                return queue.get(block=False, lease=lease)
+            item = queue._core.watcher.wait_for(lambda: stop.is_set() or queue._take(lease),
+                                                _seconds(timeout, "timeout"),
+                                                cap=queue._lease_due)
+            if item is None:
+                raise Timeout(f"no item arrived in queue {queue.name!r} within {timeout}s")
+            return item
+        future = asyncio.ensure_future(asyncio.to_thread(wait))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            stop.set()
+            queue._core.watcher.wake()
+            future.add_done_callback(self._give_back)
+            raise
+
+    def _give_back(self, future):
+        """Requeue what a cancelled ``get`` took (a plain thread: the loop may be closing)."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        item = future.result()
+        if isinstance(item, QueueItem):
+            if getattr(item, "lease_id", None) is not None:
+                target, args = self._sync.nack, (item,)
+            else:
+                target, args = self._sync.put, (item.data, item.priority)
+            threading.Thread(target=target, args=args, name="beaver-requeue").start()
 
 
 class AsyncChannelManager(AsyncManager):
@@ -4753,6 +4819,7 @@ class _Http:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()
         self._all: list = []
+        self.streams = weakref.WeakSet()    # open _RemoteStreams, closed by close()
 
     def _connection(self, fresh=False):
         conn = getattr(self._local, "conn", None)
@@ -4811,6 +4878,9 @@ class _Http:
         return conn, response
 
     def close(self):
+        """Close every connection; open streams end as if closed."""
+        for stream in list(self.streams):
+            stream.close()
         for conn in self._all:
             conn.close()
         self._all = []
@@ -4867,6 +4937,10 @@ class _RemoteManager:
 
     def _send(self, method, suffix="", query=None, body=_NO_BODY, headers=None, wait=0.0):
         """One request on this structure; the raw response body, or the server's exception."""
+        return self._exchange(method, suffix, query, body, headers, wait)[1]
+
+    def _exchange(self, method, suffix="", query=None, body=_NO_BODY, headers=None, wait=0.0):
+        """Like ``_send``, returning ``(response headers, body)``."""
         if body is not _NO_BODY and not isinstance(body, bytes):
             body = body.encode("utf-8")
             headers = {"Content-Type": "application/json", **(headers or {})}
@@ -4875,8 +4949,7 @@ class _RemoteManager:
             headers, wait)
         if status >= 400:
             _raise_remote(status, data)
-        self._last_headers = response_headers
-        return data
+        return response_headers, data
 
     def _call(self, method, suffix="", query=None, body=_NO_BODY, wait=0.0):
         data = self._send(method, suffix, query, body, wait=wait)
@@ -4931,8 +5004,20 @@ class _RemoteManager:
     def __exit__(self, *exc):
         self.release()
 
-    def on(self, event, callback):
-        raise FeatureUnavailable("events are not available through BeaverClient")
+    def on(self, event, callback) -> "_RemoteEventHandle":
+        """Call ``callback(payload)`` after every ``event`` ('set', 'del', ... or '*').
+
+            >>> handle = client.dict("config").on("set", lambda p: print(p["key"]))
+            >>> handle.off()
+
+        The server streams the events of this structure (server-sent events); callbacks run
+        on one thread of this client, in order. Listening starts before ``on`` returns.
+        """
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        stream = _RemoteStream(self._http, f"/events/{self._kind}/{_quote(self._name)}",
+                               {"event": event}, json.loads)
+        return _RemoteEventHandle(stream, event, callback)
 
     def as_async(self) -> "AsyncManager":
         """An awaitable twin whose calls run in worker threads."""
@@ -4995,8 +5080,7 @@ class RemoteDict(_RemoteManager, MutableMapping):
 
     def ttl(self, key):
         """Seconds until ``key`` expires; ``None`` if it never does; ``KeyError`` if absent."""
-        self._send("HEAD", "/" + _quote(_check_key(key)))
-        ttl = self._last_headers.get("Beaver-TTL")
+        ttl = self._exchange("HEAD", "/" + _quote(_check_key(key)))[0].get("Beaver-TTL")
         return None if ttl is None else float(ttl)
 
     def __iter__(self):
@@ -5075,16 +5159,16 @@ class RemoteList(_RemoteManager, MutableSequence):
     def pop(self, index=None):
         """Remove and return the item at ``index`` (default: the last; ``None`` if empty)."""
         query = None if index is None else {"index": _list_index(index)}
-        return self._optional(self._send("POST", "/pop", query))
+        return self._optional(*self._exchange("POST", "/pop", query))
 
     def deque(self):
         """Remove and return the first item, or ``None`` if the list is empty."""
-        return self._optional(self._send("POST", "/deque"))
+        return self._optional(*self._exchange("POST", "/deque"))
 
     popleft = deque
 
-    def _optional(self, data):
-        return None if self._last_headers.get("Beaver-Empty") else self._codec.decode(data)
+    def _optional(self, headers, data):
+        return None if headers.get("Beaver-Empty") else self._codec.decode(data)
 
     def reverse(self):
         """Reverse the list in place, in one transaction."""
@@ -5174,10 +5258,10 @@ class RemoteBlobs(_RemoteManager):
     def get(self, key):
         """The ``Blob`` stored under ``key``, or ``None``."""
         try:
-            data = self._send("GET", "/" + _quote(_check_key(key)))
+            headers, data = self._exchange("GET", "/" + _quote(_check_key(key)))
         except KeyError:
             return None
-        meta = self._last_headers.get("Beaver-Metadata")
+        meta = headers.get("Beaver-Metadata")
         return Blob(key, data, None if meta is None else self._codec.decode(meta))
 
     def __getitem__(self, key):
@@ -5327,6 +5411,10 @@ class RemoteLog(_RemoteManager):
         return _RemoteStream(self._http, self._base + "/live", query,
                              lambda text: aggregator([decode(v) for v in json.loads(text)]))
 
+    def as_async(self) -> "_AsyncRemoteManager":
+        """An awaitable twin; ``async for summary in alog.live(...)`` works."""
+        return _AsyncRemoteManager(self)
+
 
 class _RemoteStream:
     """A server-sent event stream read by a thread; iterate it, ``close()`` it when done."""
@@ -5336,6 +5424,7 @@ class _RemoteStream:
         self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
         self._closed = False
         self._conn, response = http.stream(path, query)
+        http.streams.add(self)
         self._reader = threading.Thread(target=self._read, args=(response,), daemon=True,
                                         name="beaver-client-stream")
         self._reader.start()
@@ -5384,6 +5473,9 @@ class _RemoteStream:
         except ClosedError:
             raise StopIteration from None
 
+    def as_async(self) -> "_AsyncRemoteStream":
+        return _AsyncRemoteStream(self)
+
     def close(self):
         """Stop the stream; a ``listen()`` in progress ends."""
         if not self._closed:
@@ -5401,6 +5493,84 @@ class _RemoteStream:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _RemoteEventHandle:
+    """Returned by a remote manager's ``on(...)``; ``off()`` stops listening."""
+
+    def __init__(self, stream, event, callback):
+        self.event, self.callback = event, callback
+        self._stream = stream
+        self._thread = threading.Thread(target=self._dispatch, daemon=True,
+                                        name="beaver-client-events")
+        self._thread.start()
+
+    def _dispatch(self):
+        for payload in self._stream.listen():
+            try:
+                self.callback(payload)
+            except Exception:   # one failing callback must not stop the others
+                logger.exception("event callback %r failed", self.callback)
+
+    @property
+    def active(self) -> bool:
+        return not self._stream.closed
+
+    def off(self):
+        """Stop delivering events to this callback (idempotent)."""
+        self._stream.close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+
+class _AsyncRemoteStream:
+    """The asyncio face of a remote stream: ``async for`` / ``await get()`` / ``async with``."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    async def get(self, timeout=None):
+        """The next event; ``TimeoutError`` after ``timeout`` seconds without one."""
+        return await asyncio.to_thread(self._stream.get, timeout)
+
+    async def listen(self, timeout=None):
+        """Yield events until ``close()`` (``TimeoutError`` after ``timeout`` s of silence)."""
+        while True:
+            try:
+                yield await self.get(timeout)
+            except ClosedError:
+                return
+
+    def __aiter__(self):
+        return self.listen()
+
+    async def __anext__(self):
+        try:
+            return await self.get()
+        except ClosedError:
+            raise StopAsyncIteration from None
+
+    def close(self):
+        """Stop the stream; a ``listen()`` in progress ends."""
+        self._stream.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+
+
+class _AsyncRemoteManager(AsyncManager):
+    """Awaitable twin of a remote channel or log: streams become async iterators."""
+
+    def subscribe(self) -> _AsyncRemoteStream:
+        """``async with achannel.subscribe() as sub: async for message in sub.listen(): ...``"""
+        return self._sync.subscribe().as_async()
+
+    def live(self, window, period, aggregator=list) -> _AsyncRemoteStream:
+        """``async for summary in alog.live(window, period, aggregator): ...``"""
+        return self._sync.live(window, period, aggregator).as_async()
 
 
 class RemoteChannel(_RemoteManager):
@@ -5424,6 +5594,10 @@ class RemoteChannel(_RemoteManager):
     def history(self, limit=None) -> list:
         """The retained messages, oldest first (the last ``limit`` ones if given)."""
         return [self._value(m) for m in self._call("GET", "/history", {"limit": limit})]
+
+    def as_async(self) -> _AsyncRemoteManager:
+        """An awaitable twin; ``async for message in achannel.subscribe().listen()`` works."""
+        return _AsyncRemoteManager(self)
 
 
 class RemoteCollection(_RemoteManager):
@@ -5543,8 +5717,9 @@ class BeaverClient:
 
     Each thread keeps one keep-alive connection. Errors are the same classes ``BeaverDB``
     raises (``KeyError``, ``IndexError``, ``TimeoutError``, ``LockTimeout``...); transport
-    failures raise ``RemoteError``, a wrong token ``Unauthorized``. Not available remotely:
-    ``transaction()`` and ``.on()`` events.
+    failures raise ``RemoteError``, a wrong token ``Unauthorized``. Events (``.on()``),
+    channel subscriptions and live views stream as server-sent events. Not available
+    remotely: ``transaction()``.
     """
 
     def __init__(self, url, token=None, *, timeout=60.0):
@@ -6075,7 +6250,8 @@ class _UsageError(Exception):
     """Bad command-line usage found after parsing (exit status 2)."""
 
 
-def _cli_parser():
+def _cli_parser(kind=None):
+    """The argument parser; only ``kind`` gets its operations (building them all is slow)."""
     import argparse
     parser = argparse.ArgumentParser(
         prog="beaver", description="Inspect and change a beaver database from the shell. "
@@ -6090,14 +6266,16 @@ def _cli_parser():
     parser.add_argument("--token", default=None, help="bearer token for --url ($BEAVER_TOKEN)")
     parser.add_argument("--version", action="version", version=f"beaver {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for kind, (help_text, _, operations) in CLI_KINDS.items():
-        _cli_kind_parser(commands, kind, help_text, operations)
+    for each, (help_text, _, operations) in CLI_KINDS.items():
+        _cli_kind_parser(commands, each, help_text, operations if each == kind else None)
     _cli_database_parsers(commands)
     return parser
 
 
 def _cli_kind_parser(commands, kind, help_text, operations):
     sub = commands.add_parser(kind, help=help_text, description=help_text)
+    if operations is None:      # not the kind on this command line: its name is enough
+        return
     sub.add_argument("name", help=f"the name of the {kind}")
     ops = sub.add_subparsers(dest="operation", metavar="OPERATION", required=True)
     for operation, op_help, arguments, handler in operations:
@@ -6113,8 +6291,7 @@ def _cli_database_parsers(commands):
     dump = commands.add_parser("dump", help="print the database (or the named structures) "
                                             "as JSON lines")
     dump.add_argument("names", nargs="*", help="structure names (or kind:name); default all")
-    dump.set_defaults(handler=lambda db, a: _Exit(0 if db.dump(sys.stdout, a.names or None)
-                                                  is not None else 0))
+    dump.set_defaults(handler=_quiet(lambda db, a: db.dump(sys.stdout, a.names or None)))
     load = commands.add_parser("load", help="load a JSON-lines dump in one transaction")
     load.add_argument("file", help="the dump file; - reads standard input")
     load.add_argument("--replace", action="store_true",
@@ -6162,19 +6339,22 @@ def _cli_print(result):
     return 0
 
 
-def _split_serve(argv):
-    """``[top-level options] serve [server options]``: the server's own argument list."""
-    rest, database, i = [], None, 0
+def _command_word(argv):
+    """(index of the command word after the top-level options, the --database value)."""
+    database, i = None, 0
     while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
         if argv[i] in ("--database", "-d") and i + 1 < len(argv):
             database = argv[i + 1]
-            i += 2
-            continue
         i += 1 if "=" in argv[i] or argv[i] == "--version" else 2
+    return i, database
+
+
+def _split_serve(argv):
+    """``[top-level options] serve [server options]``: the server's own argument list."""
+    i, database = _command_word(argv)
     if i >= len(argv) or argv[i] != "serve":
         return None
-    rest = argv[i + 1:]
-    return (["--database", database] if database else []) + rest
+    return (["--database", database] if database else []) + argv[i + 1:]
 
 
 def _cli_serve(server_argv) -> int:
@@ -6203,7 +6383,8 @@ def main(argv=None) -> int:
     if server_argv is not None:
         return _cli_serve(server_argv)
     try:
-        args = _cli_parser().parse_args(argv)
+        i, _ = _command_word(argv)
+        args = _cli_parser(argv[i] if i < len(argv) else None).parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     try:

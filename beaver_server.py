@@ -23,6 +23,7 @@ Routes (interactive documentation at ``/docs``), one group per structure kind::
     /collections/{name}/index|documents/{id}|match|search|connect|disconnect|edges|
                         neighbors|walk
     /locks/{name}/acquire|release|renew  a token identifies the hold
+    /events/{kind}/{name}?event=set      server-sent events: the changes of a structure
     /{kind}s/{name}          GET ?view=summary|keys|items|dump, POST (load a dump), DELETE
     /info  /dump  /load  /backup          the whole database
 
@@ -116,7 +117,8 @@ def _handle_exception(request, exc):
 
 
 def _handle_http(request, exc):
-    names = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge"}
+    names = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge",
+             422: "ValueError"}
     name = names.get(exc.status_code, "HTTPError")
     response = _error(exc.status_code, name, str(exc.detail))
     for key, value in (getattr(exc, "headers", None) or {}).items():
@@ -250,8 +252,9 @@ def _dict_routes(ctx) -> APIRouter:
         ctx.db.dict(name).update(items)
         return Response(status_code=204)
 
+    # A read never waits for writers (WAL), so the hottest route skips the threadpool hop.
     @router.get("/{name}/{key:path}", summary="Read a key")
-    def get_key(name: str, key: str):
+    async def get_key(name: str, key: str):
         return _json(ctx.db.dict(name)[key])
 
     @router.head("/{name}/{key:path}", summary="Whether a key exists (and its TTL)")
@@ -800,6 +803,46 @@ def _graph_routes(router, ctx):
 
 
 # ------------------------------------------------------------------------------------------
+# Events
+# ------------------------------------------------------------------------------------------
+
+def _event_routes(ctx) -> APIRouter:
+    router = APIRouter(tags=["events"])
+    kinds = {kind: factory for kind, (_, factory, *_) in beaver._STRUCTURES.items()}
+
+    @router.get("/{kind}/{name}", summary="Server-sent events: the changes of one structure",
+                response_class=StreamingResponse,
+                responses={200: {"content": {"text/event-stream": {}}}})
+    async def events(kind: str, name: str, event: str = "*"):
+        if kind not in kinds:
+            raise HTTPException(404, f"no structure kind {kind!r}; one of {sorted(kinds)}")
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        manager = getattr(ctx.db, kinds[kind])(name)
+
+        def deliver(payload):
+            text = json.dumps(payload, ensure_ascii=False, default=str)
+            with contextlib.suppress(RuntimeError):     # the loop has already shut down
+                loop.call_soon_threadsafe(queue.put_nowait, text)
+        handle = await run_in_threadpool(manager.on, event, deliver)
+
+        async def stream():
+            try:
+                yield ": listening\n\n"
+                while True:
+                    try:
+                        text = await asyncio.wait_for(queue.get(), 15.0)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                    yield f"data: {text}\n\n"
+            finally:
+                handle.off()
+        return _sse(stream())
+
+    return router
+
+
+# ------------------------------------------------------------------------------------------
 # Locks
 # ------------------------------------------------------------------------------------------
 
@@ -927,6 +970,7 @@ ROUTERS = [
     ("queue", "/queues", _queue_routes), ("blobs", "/blobs", _blob_routes),
     ("log", "/logs", _log_routes), ("channel", "/channels", _channel_routes),
     ("collection", "/collections", _collection_routes), ("lock", "/locks", _lock_routes),
+    ("transaction", "/events", _event_routes),
     ("dump", "", _database_routes),
 ]
 ALIASES = {"/dicts": "/dict"}   # the spec's spelling, hidden from the schema
