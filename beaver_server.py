@@ -42,6 +42,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import threading
@@ -50,9 +51,10 @@ from typing import Annotated, Any, Literal, Optional
 from fastapi import (APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response,
                      WebSocket, WebSocketDisconnect)
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -922,9 +924,10 @@ def _database_routes(ctx) -> APIRouter:
                 response_class=Response,
                 responses={200: {"content": {"application/x-ndjson": {}}}})
     def dump(names: Optional[str] = None):
-        out = io.StringIO()
-        ctx.db.dump(out, names=names.split(",") if names else None)
-        return Response(out.getvalue(), media_type="application/x-ndjson")
+        def write(path):
+            with open(path, "w", encoding="utf-8") as f:
+                return ctx.db.dump(f, names=names.split(",") if names else None)
+        return _file_response(write, "dump.jsonl", "application/x-ndjson")
 
     @router.post("/load", summary="Load a JSON-lines dump in one transaction",
                  openapi_extra={"requestBody": {"required": True, "content": {
@@ -938,14 +941,23 @@ def _database_routes(ctx) -> APIRouter:
                 response_class=Response,
                 responses={200: {"content": {"application/vnd.sqlite3": {}}}})
     def backup():
-        with tempfile.TemporaryDirectory() as folder:
-            path = ctx.db.backup(os.path.join(folder, "backup.db"))
-            with open(path, "rb") as f:
-                data = f.read()
-        return Response(data, media_type="application/vnd.sqlite3",
-                        headers={"Content-Disposition": 'attachment; filename="backup.db"'})
+        return _file_response(ctx.db.backup, "backup.db", "application/vnd.sqlite3")
 
     return router
+
+
+def _file_response(write, filename, media_type) -> FileResponse:
+    """Stream a file that ``write(path)`` makes in a temporary folder, removed afterwards."""
+    folder = tempfile.mkdtemp(prefix="beaver-server-")
+    path = os.path.join(folder, filename)
+    try:
+        result = write(path)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    headers = {"Beaver-Structures": str(result)} if isinstance(result, int) else None
+    return FileResponse(path, media_type=media_type, filename=filename, headers=headers,
+                        background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True))
 
 
 # ------------------------------------------------------------------------------------------
