@@ -5612,10 +5612,9 @@ class RemoteCollection(_RemoteManager):
 
     _kind, _route = "collection", "collections"
 
-    def __init__(self, client, name, model=None, metric=None, **options):
-        super().__init__(client, name, model)
-        if metric is not None or options:
-            self._call("PUT", "", body=_json_dumps({"metric": metric, "options": options}))
+    def _configure(self, metric, options):
+        """Create the collection with ``metric``/``options`` (ValueError if it differs)."""
+        self._call("PUT", "", body=_json_dumps({"metric": metric, "options": options}))
 
     @property
     def metric(self) -> str:
@@ -5779,16 +5778,10 @@ class BeaverClient:
         return self._manager(RemoteChannel, name, model)
 
     def collection(self, name, model=None, metric=None, **options) -> RemoteCollection:
-        """The remote document collection called ``name``."""
-        if self._closed:
-            raise ClosedError("the client is closed")
-        key = ("collection", _check_name(name))
-        with self._managers_lock:
-            manager = self._managers.get(key)
-        if manager is None or metric is not None or options:
-            manager = RemoteCollection(self, name, model, metric, **options)
-            with self._managers_lock:
-                manager = self._managers.setdefault(key, manager)
+        """The remote document collection called ``name`` (``metric`` fixed at creation)."""
+        manager = self._manager(RemoteCollection, name, model)
+        if metric is not None or options:
+            manager._configure(metric, options)
         return manager
 
     def lock(self, name, timeout=None, ttl=60.0, lock_ttl=None) -> RemoteLock:
