@@ -1912,6 +1912,8 @@ class QueueManager(_Manager):
             raise TypeError(f"priority must be a number, not {priority!r}")
         if priority != priority:
             raise ValueError("priority must not be NaN")
+        if isinstance(priority, int) and not -(1 << 63) <= priority < (1 << 63):
+            raise ValueError("an integer priority must fit in 64 bits")
         text = self._codec.encode(data)
         if self._listened():
             with self._atomic():

@@ -1346,7 +1346,7 @@ def test_queue_bad_timeout(db, timeout):
     assert len(q) == 1
 
 
-@pytest.mark.parametrize("priority", ["1", None, True, [1], float("nan")])
+@pytest.mark.parametrize("priority", ["1", None, True, [1], float("nan"), 2 ** 70, -(2 ** 64)])
 def test_queue_bad_priority_writes_nothing(db, priority):
     q = db.queue("q")
     with pytest.raises((TypeError, ValueError)):
