@@ -4126,6 +4126,31 @@ def rerank(*results, weights=None, k=60) -> list:
     return [docs[key] for key in sorted(scores, key=lambda key: -scores[key])]
 
 
+class _Managers:
+    """One manager per (kind, name) for a database or client; reopening with another model
+    is an error rather than a silent second codec."""
+
+    def __init__(self):
+        self._by_key: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, cls, name, model, make):
+        """The cached manager of ``cls`` called ``name``, made by ``make()`` the first time."""
+        key = (cls._kind, _check_name(name))
+        with self._lock:
+            manager = self._by_key.get(key)
+            if manager is None:
+                manager = self._by_key[key] = make()
+            elif model is not None and manager.model is not model:
+                raise ValueError(f"{cls._kind} {name!r} is already open with model "
+                                 f"{manager.model!r}, not {model!r}")
+            return manager
+
+    def all(self) -> list:
+        with self._lock:
+            return list(self._by_key.values())
+
+
 # ==========================================================================================
 # BeaverDB
 # ==========================================================================================
@@ -4150,26 +4175,16 @@ class BeaverDB:
         self._core = _Core(path, timeout=timeout, durability=durability)
         self._events = _Events(self._core)
         self._hub = _Hub(self)
-        self._managers: dict = {}
-        self._managers_lock = threading.Lock()
+        self._managers = _Managers()
 
     @property
     def path(self) -> str:
         return self._core.path
 
     def _manager(self, cls, name, model=None, **options):
-        key = (cls._kind, _check_name(name))
-        with self._managers_lock:
-            if self._core.closed:
-                raise ClosedError("the database is closed")
-            manager = self._managers.get(key)
-            if manager is None:
-                manager = cls(self, name, model=model, **options)
-                self._managers[key] = manager
-            elif model is not None and manager.model is not model:
-                raise ValueError(f"{cls._kind} {name!r} is already open with model "
-                                 f"{manager.model!r}, not {model!r}")
-            return manager
+        self._check_open()
+        return self._managers.get(cls, name, model,
+                                  lambda: cls(self, name, model=model, **options))
 
     def dict(self, name, model=None) -> DictManager:
         """The persistent dict called ``name`` (values validated by ``model`` if given)."""
@@ -4288,7 +4303,7 @@ class BeaverDB:
         """Close every connection of every thread; later calls raise ``ClosedError``."""
         self._events.stop()
         self._hub.stop()
-        for manager in list(self._managers.values()):
+        for manager in self._managers.all():
             getattr(manager, "_on_close", lambda: None)()
         self._core.close()
 
@@ -5732,8 +5747,7 @@ class BeaverClient:
 
     def __init__(self, url, token=None, *, timeout=60.0):
         self._http = _Http(url, token, timeout)
-        self._managers: dict = {}
-        self._managers_lock = threading.Lock()
+        self._managers = _Managers()
         self._closed = False
 
     @property
@@ -5743,15 +5757,7 @@ class BeaverClient:
     def _manager(self, cls, name, model=None):
         if self._closed:
             raise ClosedError("the client is closed")
-        key = (cls._kind, _check_name(name))
-        with self._managers_lock:
-            manager = self._managers.get(key)
-            if manager is None:
-                manager = self._managers[key] = cls(self, name, model)
-            elif model is not None and manager.model is not model:
-                raise ValueError(f"{cls._kind} {name!r} is already open with model "
-                                 f"{manager.model!r}, not {model!r}")
-            return manager
+        return self._managers.get(cls, name, model, lambda: cls(self, name, model))
 
     def dict(self, name, model=None) -> RemoteDict:
         """The remote dict called ``name``."""
