@@ -2601,6 +2601,11 @@ def test_spec_quickstart_script_then_cli(in_tmp, capsys):
         "(Score: 0.00)\n")
     assert _cli(capsys, "--database", "my_data.db", "dict", "app_config", "get", "theme") \
         == (0, '"dark"\n', "")
+    if shutil.which("beaver"):                  # the installed console script, once
+        run = subprocess.run(["beaver", "--database", "my_data.db", "dict", "app_config", "get",
+                              "theme"], env=_spec_env(), capture_output=True, text=True,
+                             timeout=60)
+        assert (run.returncode, run.stdout) == (0, '"dark"\n'), run.stderr
     code, out, err = _cli(capsys, "--database", "my_data.db", "collection", "articles", "match",
                           "datbase", "--fuzziness", "1")
     score = json.loads(out)[0]["score"]   # FTS5 relevance; the guide shows 0.0 (see report)
