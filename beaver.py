@@ -512,6 +512,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_cores_after_fork)
 
 
+@functools.lru_cache(maxsize=None)
+def _refs_at_rest() -> int:
+    """References an idle ``sqlite3.Connection`` holds on itself (its statement cache)."""
+    conn = sqlite3.connect(":memory:", check_same_thread=False, cached_statements=256)
+    try:
+        return sys.getrefcount(conn) - 2    # minus ``conn`` and getrefcount's argument
+    finally:
+        conn.close()
+
+
 def _memory_path() -> str:
     """A private file for ``":memory:"`` databases: RAM-backed where /dev/shm exists."""
     folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
@@ -540,6 +550,7 @@ class _Core:
         self._local = threading.local()
         self._conns: list = []
         self._conns_lock = threading.Lock()
+        self._busy: dict = {}         # thread -> connection close() found in use
         self._next_purge = 0.0
         self.watcher = _Watcher(self)
         _live_cores.add(self)
@@ -560,6 +571,7 @@ class _Core:
 
     def _open(self) -> sqlite3.Connection:
         if self.closed:
+            self._close_deferred()
             raise ClosedError("the database is closed")
         try:
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
@@ -606,6 +618,7 @@ class _Core:
         self._local = threading.local()
         self._conns = []
         self._conns_lock = threading.Lock()
+        self._busy = {}
         self.watcher = _Watcher(self)
 
     def close(self):
@@ -614,19 +627,36 @@ class _Core:
             return
         self.closed = True
         self.watcher.stop()
+        self._local = threading.local()     # from now on no thread can pick a connection up
         with self._conns_lock:
-            for _, conn in self._conns:
-                try:
-                    conn.close()
-                except sqlite3.Error:
-                    pass
-            self._conns = []
-        self._local = threading.local()
+            conns, self._conns = self._conns, []
+            at_rest = _refs_at_rest()
+            for thread, conn in conns:
+                # CPython crashes if a connection is closed under another thread's running
+                # statement: one referenced from elsewhere (a frame, a cursor) than here (the
+                # tuple, ``conn``, getrefcount's argument) is left to its thread to close.
+                idle = not thread.is_alive() or sys.getrefcount(conn) - 3 <= at_rest
+                if idle or thread is threading.current_thread():
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.close()
+                else:
+                    self._busy[thread] = conn
         _live_cores.discard(self)
         if self.memory:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(OSError):
                     os.remove(self.path + suffix)
+
+    def _close_deferred(self):
+        """Close the connections ``close()`` found busy whose thread is done with them: this
+        thread's (it is between calls now) and those of threads that have ended."""
+        me = threading.current_thread()
+        with self._conns_lock:
+            done = [t for t in self._busy if t is me or not t.is_alive()]
+            conns = [self._busy.pop(t) for t in done]
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     # -- statements and transactions ---------------------------------------------------
 
@@ -649,6 +679,7 @@ class _Core:
 
     def _error(self, e):
         if self.closed:
+            self._close_deferred()
             return ClosedError("the database is closed")
         if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
             return DatabaseBusy(f"the database stayed locked for over {self.timeout:g}s: {e}")
@@ -885,6 +916,7 @@ class _Watcher:
                 if result is not None:
                     return result
                 if self._stopping:
+                    self._core._close_deferred()
                     raise ClosedError("the database was closed while waiting")
                 if deadline.expired:
                     return None
@@ -4293,6 +4325,7 @@ class BeaverDB:
 
     def _check_open(self):
         if self._core.closed:
+            self._core._close_deferred()
             raise ClosedError("the database is closed")
 
     @property

@@ -1896,8 +1896,21 @@ def test_calls_after_close_raise_closed_error(tmp_path):
             call()
 
 
+def open_handles(path):
+    """How many file descriptors of this process point at ``path`` (Linux)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts handles in /proc")
 def test_close_from_main_closes_every_threads_connection(tmp_path):
-    db = BeaverDB(tmp_path / "threads.db")
+    path = tmp_path / "threads.db"
+    db = BeaverDB(path)
     ready, release = threading.Barrier(5), threading.Event()
     errors = []
 
@@ -1913,12 +1926,9 @@ def test_close_from_main_closes_every_threads_connection(tmp_path):
     for t in threads:
         t.start()
     ready.wait(MP_DEADLINE)
-    connections = [conn for _, conn in db._core._conns]
-    assert len(connections) >= 5        # four workers and the main thread
+    assert len(db._core._conns) >= 5 and open_handles(path) >= 5   # workers and main
     db.close()
-    for conn in connections:
-        with pytest.raises(sqlite3.ProgrammingError):
-            conn.execute("SELECT 1")
+    assert open_handles(path) == 0          # idle threads' connections are closed at once
     release.set()
     for t in threads:
         t.join(MP_DEADLINE)
@@ -1945,6 +1955,49 @@ def test_close_wakes_a_blocked_get(tmp_path):
     db.close()
     t.join(MP_DEADLINE)
     assert not t.is_alive() and isinstance(outcome[0], beaver.ClosedError)
+
+
+_CLOSE_WHILE_BUSY = """
+import os, sys, threading
+import beaver
+for trial in range(8):
+    db = beaver.BeaverDB(sys.argv[1] + str(trial) + ".db")
+    go, stop = threading.Event(), []
+    def work(i):
+        go.wait()
+        try:
+            while True:
+                db.list("l").push(i)
+                len(db.list("l"))
+        except beaver.ClosedError:
+            stop.append(i)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    go.set()
+    while len(db.list("l")) < 50 * (trial + 1):
+        pass
+    db.close()                         # while the other threads are mid-statement
+    for t in threads:
+        t.join(30)
+    assert sorted(stop) == [0, 1, 2, 3], stop
+    if os.path.isdir("/proc/self/fd"):     # and every connection got closed in the end
+        fds = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                fds.append(os.readlink("/proc/self/fd/" + fd))
+            except OSError:
+                pass
+        assert db.path not in fds, "a connection was left open"
+"""
+
+
+def test_close_while_other_threads_are_mid_statement(tmp_path):
+    """A connection busy in another thread is left to that thread (closing it crashes CPython)."""
+    result = subprocess.run([sys.executable, "-c", _CLOSE_WHILE_BUSY, str(tmp_path / "busy")],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def _mixed_work(db, worker, rounds, got):
