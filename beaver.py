@@ -83,6 +83,7 @@ WATCH_LINGER = 2.0              # seconds the watcher keeps polling after its la
 PURGE_INTERVAL = 1.0            # seconds between two purges of expired dict keys
 PURGE_BATCH = 500               # expired rows deleted per purge
 PAGE_SIZE = 1000                # rows fetched per page when iterating
+_INT64 = 1 << 63                # SQLite integers are signed 64-bit
 MMAP_SIZE = (256 << 20) if sys.maxsize > 2 ** 32 else 0   # bytes of the file read through mmap
 LISTENER_TTL = 10.0             # a listener registration lives this long without a heartbeat
 LISTENER_REFRESH = 0.05         # seconds a writer trusts its cache of listened topics
@@ -1914,6 +1915,8 @@ class QueueManager(_Manager):
             raise TypeError(f"priority must be a number, not {priority!r}")
         if priority != priority:
             raise ValueError("priority must not be NaN")
+        if type(priority) is not float and not -_INT64 <= priority < _INT64:
+            raise ValueError(f"priority {priority} does not fit SQLite's 64-bit integers")
         text = self._codec.encode(data)
         if self._listened():
             with self._atomic():

@@ -5063,3 +5063,13 @@ def test_dump_load_logs_channels_collections(tmp_path, db):
         assert restored.match("alpha")[0][0].id == "a"
         assert restored.search([1.0, 0.1], top_k=1)[0][0].id == "a"
         assert copy.info()["structures"] == db.info()["structures"]
+
+
+def test_queue_priority_beyond_sqlite_integers_is_a_value_error(db):
+    jobs = db.queue("jobs")
+    for priority in (1 << 63, -(1 << 63) - 1, 10 ** 30):
+        with pytest.raises(ValueError):
+            jobs.put("x", priority=priority)
+    jobs.put("big", priority=(1 << 63) - 1)
+    jobs.put("float", priority=1e30)
+    assert len(jobs) == 2 and jobs.get(block=False).data == "big"
