@@ -83,6 +83,7 @@ WATCH_LINGER = 2.0              # seconds the watcher keeps polling after its la
 PURGE_INTERVAL = 1.0            # seconds between two purges of expired dict keys
 PURGE_BATCH = 500               # expired rows deleted per purge
 PAGE_SIZE = 1000                # rows fetched per page when iterating
+MMAP_SIZE = (256 << 20) if sys.maxsize > 2 ** 32 else 0   # bytes of the file read through mmap
 LISTENER_TTL = 10.0             # a listener registration lives this long without a heartbeat
 LISTENER_REFRESH = 0.05         # seconds a writer trusts its cache of listened topics
 EVENT_RETENTION = 60.0          # seconds cross-process event rows are kept
@@ -580,6 +581,7 @@ class _Core:
             conn.execute("PRAGMA journal_mode = WAL").fetchone()
             conn.execute("PRAGMA synchronous = %s" % self.synchronous)
             conn.execute("PRAGMA foreign_keys = OFF")
+            conn.execute("PRAGMA mmap_size = %d" % MMAP_SIZE)
         except sqlite3.DatabaseError as e:
             raise self._open_error(e) from None
         with self._conns_lock:
