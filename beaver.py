@@ -70,21 +70,6 @@ class _LazyModule:
 asyncio = _LazyModule("asyncio")   # only the async wrappers need it
 
 
-class _LazyModule:
-    """A module imported on first use: ``asyncio`` alone costs more than the rest of beaver."""
-
-    def __init__(self, name):
-        self._name = name
-
-    def __getattr__(self, attr):
-        module = __import__(self._name)
-        globals()[self._name] = module
-        return getattr(module, attr)
-
-
-asyncio = _LazyModule("asyncio")
-
-
 # ==========================================================================================
 # Constants
 # ==========================================================================================
@@ -201,7 +186,8 @@ class _Deadline:
     __slots__ = ("end",)
 
     def __init__(self, timeout):
-        self.end = None if timeout is None else time.monotonic() + timeout
+        forever = timeout is None or timeout >= threading.TIMEOUT_MAX  # e.g. float("inf")
+        self.end = None if forever else time.monotonic() + timeout
 
     def remaining(self, cap=None):
         left = None if self.end is None else max(0.0, self.end - time.monotonic())
@@ -218,25 +204,54 @@ class _Deadline:
 # Codecs and Model
 # ==========================================================================================
 
+try:  # CPython's C encoder, called directly: json.dumps(value, ensure_ascii=False,
+    # separators=(",", ":")) without building a JSONEncoder and its Python frames per value
+    from json.encoder import c_make_encoder as _c_make_encoder, encode_basestring as _encode_str
+except ImportError:  # pragma: no cover - Pythons without the _json accelerator
+    _c_make_encoder = None
+_json_default = json.JSONEncoder().default
+_json_scan = json.JSONDecoder().scan_once
+if _c_make_encoder is not None:
+    # Without a markers dict (no cycle check) one encoder serves every call; a cycle ends in
+    # RecursionError, and the checking encoder then reports it as json.dumps would.
+    _json_encode = _c_make_encoder(None, _json_default, _encode_str, None, ":", ",",
+                                   False, False, True)
+
+
 def _json_dumps(value) -> str:
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        if _c_make_encoder is None:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        try:
+            return "".join(_json_encode(value, 0))
+        except RecursionError:
+            return "".join(_c_make_encoder({}, _json_default, _encode_str, None, ":", ",",
+                                           False, False, True)(value, 0))
     except (TypeError, ValueError) as e:
         raise TypeError(f"value is not JSON-serializable: {e}") from None
+
+
+def _json_loads(text):
+    """``json.loads(text)``, scanning compact JSON (what beaver writes) without its wrapper."""
+    try:
+        value, end = _json_scan(text, 0)
+    except (StopIteration, TypeError):
+        return json.loads(text)     # leading space, bytes, bad JSON: json.loads decides
+    return value if end == len(text) else json.loads(text)
 
 
 class _JsonCodec:
     """Plain JSON: what goes in as dicts, lists, str, numbers, bools and None comes back."""
 
     model = None
+    _plain = frozenset((dict, list, str, int, float, bool, type(None)))
 
     def encode(self, value) -> str:
-        if hasattr(value, "model_dump_json"):
+        if type(value) not in self._plain and hasattr(value, "model_dump_json"):
             return value.model_dump_json()
         return _json_dumps(value)
 
-    def decode(self, text):
-        return json.loads(text)
+    decode = staticmethod(_json_loads)
 
 
 class _ModelCodec:
@@ -358,7 +373,7 @@ def _copy_default(value):
 def _dump(value):
     if isinstance(value, Model):
         return value.model_dump()
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         return [_dump(v) for v in value]
     if isinstance(value, dict):
         return {k: _dump(v) for k, v in value.items()}
@@ -384,6 +399,14 @@ def _coerce(annotation, value, where):
             except ValidationError as e:
                 errors.append(str(e))
         raise ValidationError("; ".join(errors) or f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValidationError(f"{where}: expected one of {args!r}, got {value!r}")
+        return value
+    if origin is tuple and args and args[-1] is not Ellipsis and isinstance(value, (list, tuple)):
+        if len(value) != len(args):
+            raise ValidationError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return [_coerce(a, v, where) for a, v in zip(args, value)]
     if isinstance(annotation, type) and issubclass(annotation, Model):
         if isinstance(value, dict):
             return annotation.model_validate(value)
@@ -455,24 +478,27 @@ _SCHEMA = [
         ttl REAL NOT NULL DEFAULT 60)""",
     """CREATE TABLE IF NOT EXISTS beaver_collections (
         collection TEXT PRIMARY KEY, dim INTEGER, metric TEXT NOT NULL DEFAULT 'l2', options TEXT,
-        version INTEGER NOT NULL DEFAULT 0, epoch INTEGER NOT NULL DEFAULT 0)""",
+        version INTEGER NOT NULL DEFAULT 0, epoch INTEGER NOT NULL DEFAULT 0, cid INTEGER UNIQUE)""",
     """CREATE TABLE IF NOT EXISTS beaver_documents (
         id INTEGER PRIMARY KEY, collection TEXT NOT NULL, doc_id TEXT NOT NULL, body TEXT,
         UNIQUE (collection, doc_id))""",
     """CREATE TABLE IF NOT EXISTS beaver_vectors (
         collection TEXT NOT NULL, doc_id TEXT NOT NULL, vector BLOB NOT NULL,
         PRIMARY KEY (collection, doc_id)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS beaver_vector_log (
+        collection TEXT NOT NULL, version INTEGER NOT NULL, doc_id TEXT NOT NULL,
+        PRIMARY KEY (collection, version)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS beaver_terms (
-        collection TEXT NOT NULL, term TEXT NOT NULL, PRIMARY KEY (collection, term)) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS beaver_trigrams (
-        collection TEXT NOT NULL, gram TEXT NOT NULL, size INTEGER NOT NULL, term TEXT NOT NULL,
-        PRIMARY KEY (collection, gram, size, term)) WITHOUT ROWID""",
+        cid INTEGER NOT NULL, term TEXT NOT NULL, PRIMARY KEY (cid, term)) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS beaver_edges (
         collection TEXT NOT NULL, source TEXT NOT NULL, label TEXT NOT NULL, target TEXT NOT NULL,
         metadata TEXT, PRIMARY KEY (collection, source, label, target)) WITHOUT ROWID""",
     """CREATE INDEX IF NOT EXISTS beaver_edges_incoming
         ON beaver_edges (collection, target, label, source)""",
 ]
+
+# DELETE ... RETURNING takes an item in one autocommit statement (3.35.5 fixed its early bugs)
+_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 5)
 
 _live_cores: "weakref.WeakSet[_Core]" = weakref.WeakSet()
 
@@ -506,7 +532,8 @@ class _Core:
         if durability not in ("normal", "full"):
             raise ValueError("durability must be 'normal' or 'full'")
         self.memory = str(path) == ":memory:"
-        self.path = _memory_path() if self.memory else os.fspath(path)
+        # absolute, so a later chdir cannot send new threads' connections to another file
+        self.path = _memory_path() if self.memory else os.path.abspath(os.fspath(path))
         self.timeout = float(timeout)
         self.synchronous = "OFF" if self.memory else durability.upper()
         self.closed = False
@@ -606,7 +633,11 @@ class _Core:
     def execute(self, sql, params=()):
         """Run one statement on this thread's connection (autocommit unless in a transaction)."""
         try:
-            return self.conn().execute(sql, params)
+            conn = self._local.conn
+        except AttributeError:
+            conn = self.conn()
+        try:
+            return conn.execute(sql, params)
         except sqlite3.Error as e:
             raise self._error(e) from e
 
@@ -704,6 +735,11 @@ class _Core:
             raise SchemaError(f"{self.path!r} has beaver schema version {found}; this beaver "
                               f"({__version__}) reads version {SCHEMA_VERSION} only")
         with self.transaction() as conn:
+            if self._schema_version() is None and self.execute(
+                    "SELECT 1 FROM sqlite_master WHERE substr(name, 1, 7) = 'beaver_'"
+                    ).fetchone():
+                raise SchemaError(f"{self.path!r} has beaver tables but no schema stamp: a "
+                                  "layout (an older beaver?) this version does not know")
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute("INSERT OR IGNORE INTO beaver_meta VALUES ('schema_version', ?)",
@@ -1193,6 +1229,16 @@ class _Manager:
 
     # -- writes and events -------------------------------------------------------------
 
+    def _listened(self) -> bool:
+        """False when ``_wrote`` would do nothing and ``_atomic`` add nothing: nobody waits
+        in this process and nobody listens anywhere.
+
+        Hot paths test this first, then skip the event payload and take single statements.
+        """
+        events = self._db._events
+        return (bool(self._core.watcher.users) or events.listening(self._topic)
+                or events.remote(self._topic))
+
     def _wrote(self, event, **fields):
         """After a write: wake waiters and, if anybody listens anywhere, emit ``event``.
 
@@ -1359,47 +1405,54 @@ class DictManager(_Manager, MutableMapping):
     _kind = "dict"
     _table = "beaver_dicts"
 
+    _GET = f"SELECT value FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
+    _HAS = f"SELECT 1 FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
+    _SET = ("INSERT INTO beaver_dicts (name, key, value, expires_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name, key) DO UPDATE SET value = excluded.value, "
+            "expires_at = excluded.expires_at")
+    _DEL = f"DELETE FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
+
     def __getitem__(self, key):
-        row = self._core.execute(
-            f"SELECT value FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, _check_key(key), _now())).fetchone()
+        if type(key) is not str:
+            _check_key(key)
+        row = self._core.execute(self._GET, (self._name, key, _now())).fetchone()
         if row is None:
             raise KeyError(key)
         return self._codec.decode(row[0])
 
     def get(self, key, default=None):
         """The value of ``key``, or ``default`` if it is missing or expired."""
-        row = self._core.execute(
-            f"SELECT value FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, _check_key(key), _now())).fetchone()
+        if type(key) is not str:
+            _check_key(key)
+        row = self._core.execute(self._GET, (self._name, key, _now())).fetchone()
         return default if row is None else self._codec.decode(row[0])
-
-    def __setitem__(self, key, value):
-        self.set(key, value)
 
     def set(self, key, value, ttl_seconds=None):
         """Store ``value`` under ``key``; with ``ttl_seconds`` it expires that much later.
 
             >>> cache.set("weather", {"temp": 21}, ttl_seconds=600)
         """
-        key, ttl = _check_key(key), _check_ttl(ttl_seconds)
+        if type(key) is not str:
+            _check_key(key)
+        ttl = None if ttl_seconds is None else _check_ttl(ttl_seconds)
         text = self._codec.encode(value)
         expires_at = None if ttl is None else _now() + ttl
-        with self._atomic():
-            self._core.execute(
-                "INSERT INTO beaver_dicts (name, key, value, expires_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (name, key) DO UPDATE SET value = excluded.value, "
-                "expires_at = excluded.expires_at",
-                (self._name, key, text, expires_at))
-            self._wrote("set", key=key, value=_to_jsonable(value))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._SET, (self._name, key, text, expires_at))
+                self._wrote("set", key=key, value=_to_jsonable(value))
+        else:
+            self._core.execute(self._SET, (self._name, key, text, expires_at))
         if self._core.purge_due():
             self._purge_expired()
 
+    __setitem__ = set
+
     def __delitem__(self, key):
+        if type(key) is not str:
+            _check_key(key)
         with self._atomic():
-            cursor = self._core.execute(
-                f"DELETE FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-                (self._name, _check_key(key), _now()))
+            cursor = self._core.execute(self._DEL, (self._name, key, _now()))
             if cursor.rowcount == 0:
                 raise KeyError(key)
             self._wrote("del", key=key)
@@ -1407,9 +1460,7 @@ class DictManager(_Manager, MutableMapping):
     def __contains__(self, key):
         if not isinstance(key, str):
             return False
-        return self._core.execute(
-            f"SELECT 1 FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, key, _now())).fetchone() is not None
+        return self._core.execute(self._HAS, (self._name, key, _now())).fetchone() is not None
 
     def __len__(self):
         return self._core.execute(
@@ -1533,6 +1584,16 @@ class ListManager(_Manager, MutableSequence):
 
     _MIN = "(SELECT min(pos) FROM beaver_lists WHERE name = ?)"
     _MAX = "(SELECT max(pos) FROM beaver_lists WHERE name = ?)"
+    _AT = f"SELECT value FROM beaver_lists WHERE name = ? AND pos = {_MIN} + ?"
+    _AT_END = f"SELECT value FROM beaver_lists WHERE name = ? AND pos = {_MAX} + 1 + ?"
+    _PUSH = ("INSERT INTO beaver_lists (name, pos, value) "
+             f"VALUES (?, coalesce({_MAX} + 1, 0), ?)")
+    _PREPEND = ("INSERT INTO beaver_lists (name, pos, value) "
+                f"VALUES (?, coalesce({_MIN} - 1, 0), ?)")
+    _TAKE_LAST = ("DELETE FROM beaver_lists WHERE name = ?1 AND pos = "
+                  "(SELECT max(pos) FROM beaver_lists WHERE name = ?1) RETURNING value")
+    _TAKE_FIRST = ("DELETE FROM beaver_lists WHERE name = ?1 AND pos = "
+                   "(SELECT min(pos) FROM beaver_lists WHERE name = ?1) RETURNING value")
 
     # -- positions ------------------------------------------------------------------------
 
@@ -1562,6 +1623,8 @@ class ListManager(_Manager, MutableSequence):
 
         The rows first jump far beyond every live position, then land at their new place.
         """
+        if lo_pos > hi_pos:
+            return
         self._core.execute(
             "UPDATE beaver_lists SET pos = pos + ? WHERE name = ? AND pos BETWEEN ? AND ?",
             (_SHIFT + delta, self._name, lo_pos, hi_pos))
@@ -1577,12 +1640,8 @@ class ListManager(_Manager, MutableSequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self._get_slice(index)
-        if isinstance(index, int) and not isinstance(index, bool):
-            if index >= 0:
-                sql = f"SELECT value FROM beaver_lists WHERE name = ? AND pos = {self._MIN} + ?"
-            else:
-                sql = (f"SELECT value FROM beaver_lists WHERE name = ? "
-                       f"AND pos = {self._MAX} + 1 + ?")
+        if type(index) is int and abs(index) < _SHIFT:
+            sql = self._AT if index >= 0 else self._AT_END
             row = self._core.execute(sql, (self._name, self._name, index)).fetchone()
             if row is None:
                 raise IndexError("list index out of range")
@@ -1629,22 +1688,24 @@ class ListManager(_Manager, MutableSequence):
     def push(self, value):
         """Append ``value`` at the end (``append`` is the same)."""
         text = self._codec.encode(value)
-        with self._atomic():
-            self._core.execute(
-                f"INSERT INTO beaver_lists (name, pos, value) "
-                f"VALUES (?, coalesce({self._MAX} + 1, 0), ?)", (self._name, self._name, text))
-            self._wrote("push", value=_to_jsonable(value))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._PUSH, (self._name, self._name, text))
+                self._wrote("push", value=_to_jsonable(value))
+        else:
+            self._core.execute(self._PUSH, (self._name, self._name, text))
 
     append = push
 
     def prepend(self, value):
         """Insert ``value`` at the front."""
         text = self._codec.encode(value)
-        with self._atomic():
-            self._core.execute(
-                f"INSERT INTO beaver_lists (name, pos, value) "
-                f"VALUES (?, coalesce({self._MIN} - 1, 0), ?)", (self._name, self._name, text))
-            self._wrote("prepend", value=_to_jsonable(value))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._PREPEND, (self._name, self._name, text))
+                self._wrote("prepend", value=_to_jsonable(value))
+        else:
+            self._core.execute(self._PREPEND, (self._name, self._name, text))
 
     def extend(self, values):
         """Append every item of ``values`` in one transaction."""
@@ -1711,6 +1772,9 @@ class ListManager(_Manager, MutableSequence):
 
         On an empty list ``pop()`` returns ``None``; an explicit bad index raises IndexError.
         """
+        if index is None and _HAS_RETURNING and not self._listened():
+            value = self._take(self._TAKE_LAST)
+            return None if value is _MISSING else value
         with self._core.transaction():
             lo, length = self._bounds()
             if index is None:
@@ -1727,6 +1791,9 @@ class ListManager(_Manager, MutableSequence):
 
     def deque(self):
         """Remove and return the first item, or ``None`` if the list is empty."""
+        if _HAS_RETURNING and not self._listened():
+            value = self._take(self._TAKE_FIRST)
+            return None if value is _MISSING else value
         with self._core.transaction():
             row = self._core.execute(
                 f"SELECT pos, value FROM beaver_lists WHERE name = ? AND pos = {self._MIN}",
@@ -1739,6 +1806,11 @@ class ListManager(_Manager, MutableSequence):
         return self._codec.decode(row[1])
 
     popleft = deque
+
+    def _take(self, sql):
+        """Delete and decode the end item ``sql`` picks, in one statement (or ``_MISSING``)."""
+        row = self._core.execute(sql, (self._name,)).fetchone()
+        return _MISSING if row is None else self._codec.decode(row[0])
 
     def remove(self, value):
         """Remove the first item equal to ``value`` (``ValueError`` if there is none)."""
@@ -1828,6 +1900,12 @@ class QueueManager(_Manager):
     _kind = "queue"
     _table = "beaver_queues"
 
+    _PUT = "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)"
+    _TAKE = ("DELETE FROM beaver_queues WHERE seq = (SELECT seq FROM beaver_queues "
+             "WHERE name = ?1 ORDER BY priority, seq LIMIT 1) AND NOT EXISTS (SELECT 1 FROM "
+             "beaver_queue_leases WHERE name = ?1 AND until <= ?2) "
+             "RETURNING priority, timestamp, data")
+
     def put(self, data, priority=0):
         """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
         if isinstance(priority, bool) or not isinstance(priority, (int, float)):
@@ -1835,11 +1913,12 @@ class QueueManager(_Manager):
         if priority != priority:
             raise ValueError("priority must not be NaN")
         text = self._codec.encode(data)
-        with self._atomic():
-            self._core.execute(
-                "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)",
-                (self._name, priority, _now(), text))
-            self._wrote("put", priority=priority, data=_to_jsonable(data))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._PUT, (self._name, priority, _now(), text))
+                self._wrote("put", priority=priority, data=_to_jsonable(data))
+        else:
+            self._core.execute(self._PUT, (self._name, priority, _now(), text))
 
     def get(self, block=True, timeout=None, lease=None) -> QueueItem:
         """Remove and return the first item.
@@ -1871,6 +1950,10 @@ class QueueManager(_Manager):
         return item
 
     def _take(self, lease=None):
+        if lease is None and _HAS_RETURNING and self._codec is _JSON and not self._listened():
+            item = self._take_fast()
+            if item is not _MISSING:
+                return item
         if not self._core.in_transaction and not self._takeable():
             return None         # a waiter woken by some other write: no write lock for nothing
         with self._core.transaction():
@@ -1892,6 +1975,14 @@ class QueueManager(_Manager):
                 item.lease_id = cursor.lastrowid
             self._wrote("get", priority=item.priority, data=json.loads(row[3]), lease=lease)
         return item
+
+    def _take_fast(self):
+        """A plain ``get`` in one autocommit statement (it locks like BEGIN IMMEDIATE).
+
+        ``_MISSING`` if it took nothing: the queue is empty or a lease is due for reclaim.
+        """
+        row = self._core.execute(self._TAKE, (self._name, _now())).fetchone()
+        return _MISSING if row is None else QueueItem(row[0], row[1], self._codec.decode(row[2]))
 
     def clear(self):
         """Remove every item, leased ones included."""
@@ -2805,7 +2896,10 @@ class Lock:
 # Collection: documents searchable by text, typo-tolerant text, vectors and relationships
 # ==========================================================================================
 
-_FTS_PATH_BITS = 20             # FTS rowid = (document rowid << 20) | number of the field path
+# FTS rowid = collection id (19 bits) | document rowid (32 bits) | field path number (12 bits),
+# so a collection's rows are one rowid range, which FTS5 filters without reading any row.
+_FTS_PATH_BITS = 12
+_FTS_DOC_BITS = 32
 _FTS_SCHEMA = [
     # One row per (document, field path); collection and path are UNINDEXED: never searchable.
     """CREATE VIRTUAL TABLE IF NOT EXISTS beaver_fts USING fts5(
@@ -2815,7 +2909,9 @@ _FTS_SCHEMA = [
 FUZZY_MIN_LENGTH = (3, 7)       # a query term needs 3 letters to allow 1 typo, 7 to allow 2
 FUZZY_MAX_TERM = 40             # longer terms are searchable but never typo-corrected
 FUZZY_ROUNDS = 6                # candidate terms tried one by one before the rest at once
+FUZZY_FREQUENCIES = 40          # candidates (best first) whose frequency orders them
 VECTOR_METRICS = ("l2", "cosine", "ip")
+VECTOR_LOG_KEEP = 10000         # vector changes remembered for other processes' caches
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _TERM = re.compile(r"[^\W_]+")
 _QUERY_TOKEN = re.compile(r'"[^"]*"?|[^\s"]+')
@@ -2860,11 +2956,12 @@ def _unpack_vector(blob):
 
 def _terms(text) -> list:
     """Split text into index terms the way FTS5's unicode61 tokenizer does."""
-    text = text.lower()
-    if not text.isascii():
-        text = "".join(c for c in unicodedata.normalize("NFKD", text)
-                       if not unicodedata.combining(c))
-    return _TERM.findall(text)
+    terms = _TERM.findall(text.lower())
+    if text.isascii():
+        return terms
+    return [term if term.isascii() else "".join(
+        c for c in unicodedata.normalize("NFD", term) if not unicodedata.combining(c))
+            for term in terms]
 
 
 def _trigrams(term) -> set:
@@ -2888,6 +2985,21 @@ def _edit_distance(a, b, limit) -> int:
             return limit + 1
         before, previous = previous, current
     return previous[-1]
+
+
+def _slip(typed, word) -> bool:
+    """Whether ``typed`` is ``word`` with one letter dropped or two neighbours swapped.
+
+    Such slips are likelier than a substitution or an extra letter, which could each have
+    been any of many letters, so these candidates are tried first (then by frequency).
+    """
+    if len(word) == len(typed) + 1:
+        return any(word[:i] + word[i + 1:] == typed for i in range(len(word)))
+    if len(word) == len(typed):
+        diff = [i for i in range(len(word)) if word[i] != typed[i]]
+        return (len(diff) == 2 and diff[1] == diff[0] + 1
+                and word[diff[0]] == typed[diff[1]] and word[diff[1]] == typed[diff[0]])
+    return False
 
 
 def _neighbourhood(term) -> set:
@@ -3078,6 +3190,23 @@ def _marks(n) -> str:
     return ",".join("?" * n)
 
 
+def _ensure_grams(core) -> bool:
+    """The trigram index of known words (FTS5 ``trigram`` tokenizer, SQLite 3.34+)."""
+    ready = getattr(core, "_grams_ready", None)
+    if ready is None:
+        try:
+            core.execute("CREATE VIRTUAL TABLE IF NOT EXISTS beaver_grams USING fts5("
+                         "term, tokenize = 'trigram')")
+            ready = True
+        except BeaverError as e:
+            if "no such" not in str(e) and "parse error" not in str(e):
+                raise
+            logger.warning("this SQLite has no FTS5 trigram tokenizer: fuzziness 2 acts as 1")
+            ready = False
+        core._grams_ready = ready
+    return ready
+
+
 def _ensure_fts(core) -> bool:
     """Create the FTS5 tables once per database; False where SQLite lacks FTS5."""
     ready = getattr(core, "_fts_ready", None)
@@ -3113,6 +3242,8 @@ class CollectionManager(_Manager):
     def __init__(self, db, name, model=None, metric=None, **options):
         super().__init__(db, name, model)
         self._fts = _ensure_fts(self._core)
+        if self._fts:
+            _ensure_grams(self._core)       # created outside any write transaction
         self._metric, self._options = self._register(metric, options)
         self._vocab = (None, set())         # (epoch, terms known to be in beaver_terms)
         self._batch = threading.local()     # terms added by this thread's open transaction
@@ -3125,10 +3256,11 @@ class CollectionManager(_Manager):
             raise ValueError(f"metric must be one of {VECTOR_METRICS}, not {metric!r}")
         text = _json_dumps(options) if options else None
         self._core.execute(
-            "INSERT INTO beaver_collections (collection, metric, options) VALUES (?, ?, ?) "
+            "INSERT INTO beaver_collections (collection, metric, options, cid) "
+            "SELECT ?, ?, ?, coalesce(max(cid), 0) + 1 FROM beaver_collections WHERE true "
             "ON CONFLICT (collection) DO NOTHING", (self._name, metric or "l2", text))
-        stored, stored_options = self._core.execute(
-            "SELECT metric, options FROM beaver_collections WHERE collection = ?",
+        stored, stored_options, self._cid = self._core.execute(
+            "SELECT metric, options, cid FROM beaver_collections WHERE collection = ?",
             (self._name,)).fetchone()
         if metric is not None and metric != stored:
             raise ValueError(f"collection {self._name!r} uses metric {stored!r}, not {metric!r}")
@@ -3153,23 +3285,62 @@ class CollectionManager(_Manager):
         ``fts=False`` skips the text index. ``fuzzy`` is accepted for compatibility: every
         text-indexed document is searchable with typos. Returns the document.
         """
+        prepared = self._prepare(document, fts)
+        with self._core.transaction():
+            self._store(prepared)
+        return document
+
+    def index_many(self, documents, fts=True, fuzzy=False) -> int:
+        """Index many documents in one transaction (much faster than one by one).
+
+            >>> docs.index_many(Document(id=str(i), body=text) for i, text in enumerate(texts))
+
+        Every document is validated before anything is written; returns how many.
+        """
+        prepared = [self._prepare(document, fts) for document in documents]
+        dims = {len(p[0].embedding) for p in prepared if p[3] is not None}
+        if len(dims) > 1:
+            raise ValidationError(f"embeddings of different dimensions {sorted(dims)}")
+        with self._core.transaction():
+            for item in prepared:
+                self._store(item)
+        return len(prepared)
+
+    def _prepare(self, document, fts):
+        """Validate and encode before the transaction: (document, body, texts, vector)."""
         if not isinstance(document, Document):
             raise TypeError(f"index() takes a Document, not {type(document).__name__}")
         body = None if document.body is None else self._codec.encode(document.body)
         texts = self._texts(document.body, fts) if self._fts else []
         vector = None if document.embedding is None else _pack_vector(document.embedding)
-        with self._core.transaction():
+        return document, body, texts, vector
+
+    def _store(self, prepared):
+        document, body, texts, vector = prepared
+        state = self._state()
+        dim = state["dim"]
+        if vector is not None and dim is not None and len(document.embedding) != dim:
+            raise ValidationError(f"embedding has {len(document.embedding)} dimensions; "
+                                  f"collection {self._name!r} holds {dim}")
+        rowid, existed = self._write_row(document.id, body)
+        self._write_text(rowid, texts, state, existed)
+        if vector is not None or existed:
+            self._write_vector(document.id, vector, dim)
+            state["dim"] = dim or (None if vector is None else len(vector) // 4)
+        self._wrote("index", id=document.id)
+
+    def _state(self) -> dict:
+        """``dim`` and ``epoch`` of this collection, read once per transaction of a thread."""
+        local = self._batch
+        token = getattr(self._core._local, "pending", None)
+        if getattr(local, "token", None) is not token:
             dim, epoch = self._core.execute(
                 "SELECT dim, epoch FROM beaver_collections WHERE collection = ?",
                 (self._name,)).fetchone()
-            if vector is not None and dim is not None and len(document.embedding) != dim:
-                raise ValidationError(f"embedding has {len(document.embedding)} dimensions; "
-                                      f"collection {self._name!r} holds {dim}")
-            rowid = self._write_row(document.id, body)
-            self._write_text(rowid, texts, epoch)
-            self._write_vector(document.id, vector, dim)
-            self._wrote("index", id=document.id)
-        return document
+            local.token, local.terms = token, set()
+            local.state = {"dim": dim, "epoch": epoch}
+            self._core.after_commit(lambda: setattr(local, "token", None))
+        return local.state
 
     def _texts(self, body, fts) -> list:
         if not fts or body is None:
@@ -3183,45 +3354,62 @@ class CollectionManager(_Manager):
             raise ValueError(f"a document may have at most {1 << _FTS_PATH_BITS} text fields")
         return [(p, t) for p, t in texts if t.strip()]
 
-    def _write_row(self, doc_id, body) -> int:
-        self._core.execute(
-            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?) "
-            "ON CONFLICT (collection, doc_id) DO UPDATE SET body = excluded.body",
-            (self._name, doc_id, body))
-        return self._core.execute(
+    def _write_row(self, doc_id, body):
+        """Insert or update the document row: ``(rowid, whether it existed)``."""
+        row = self._core.execute(
             "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
-            (self._name, doc_id)).fetchone()[0]
+            (self._name, doc_id)).fetchone()
+        if row is not None:
+            self._core.execute("UPDATE beaver_documents SET body = ? WHERE id = ?", (body, row[0]))
+            return row[0], True
+        return self._core.execute(
+            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?)",
+            (self._name, doc_id, body)).lastrowid, False
 
-    def _write_text(self, rowid, texts, epoch):
+    def _write_text(self, rowid, texts, state, existed=True):
         if not self._fts:
             return
-        base = rowid << _FTS_PATH_BITS
-        self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
-                           (base, base + (1 << _FTS_PATH_BITS)))
+        base = self._fts_rowid(rowid)
+        if existed:
+            self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                               (base, base + (1 << _FTS_PATH_BITS)))
         if not texts:
             return
         self._core.executemany(
             "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
             [(base + i, text, self._name, path) for i, (path, text) in enumerate(texts)])
-        self._add_terms(texts, epoch)
+        self._add_terms(texts, state["epoch"])
+
+    def _fts_rowid(self, rowid) -> int:
+        if rowid >= 1 << _FTS_DOC_BITS or self._cid >= 1 << (63 - _FTS_DOC_BITS - _FTS_PATH_BITS):
+            raise BeaverError("too many documents or collections for the text index")
+        return (self._cid << (_FTS_DOC_BITS + _FTS_PATH_BITS)) | (rowid << _FTS_PATH_BITS)
 
     def _write_vector(self, doc_id, vector, dim):
         if vector is None:
             if self._core.execute("DELETE FROM beaver_vectors WHERE collection = ? AND "
                                   "doc_id = ?", (self._name, doc_id)).rowcount:
-                self._vectors_changed(dim)
+                self._vectors_changed(dim, doc_id)
                 self._call_backend(dim, "on_delete", doc_id)
             return
         self._core.execute(
             "INSERT INTO beaver_vectors (collection, doc_id, vector) VALUES (?, ?, ?) "
             "ON CONFLICT (collection, doc_id) DO UPDATE SET vector = excluded.vector",
             (self._name, doc_id, vector))
-        self._vectors_changed(len(vector) // 4)
+        self._vectors_changed(len(vector) // 4, doc_id)
         self._call_backend(len(vector) // 4, "on_upsert", doc_id, vector)
 
-    def _vectors_changed(self, dim):
+    def _vectors_changed(self, dim, doc_id):
+        """Count a vector change in the collection's version and log it for other caches."""
         self._core.execute("UPDATE beaver_collections SET version = version + 1, "
                            "dim = coalesce(dim, ?) WHERE collection = ?", (dim, self._name))
+        version = self._core.execute("SELECT version FROM beaver_collections WHERE "
+                                     "collection = ?", (self._name,)).fetchone()[0]
+        self._core.execute("INSERT INTO beaver_vector_log (collection, version, doc_id) "
+                           "VALUES (?, ?, ?)", (self._name, version, doc_id))
+        if version % VECTOR_LOG_KEEP == 0:
+            self._core.execute("DELETE FROM beaver_vector_log WHERE collection = ? AND "
+                               "version <= ?", (self._name, version - VECTOR_LOG_KEEP))
 
     def drop(self, document):
         """Remove a document (given as a ``Document`` or an id), its vector and its edges.
@@ -3266,8 +3454,10 @@ class CollectionManager(_Manager):
         at = 3 if column == "id" else 0
         found = {}
         for chunk in _chunks(keys):
-            rows = self._core.execute(self._SELECT + f"AND d.{column} IN ({_marks(len(chunk))})",
-                                      (self._name, *chunk))
+            sql = self._SELECT + f"AND d.{column} IN ({_marks(len(chunk))})"
+            if column == "id":      # rowid lookups, not a scan of the collection's index
+                sql = sql.replace("WHERE d.collection", "WHERE +d.collection")
+            rows = self._core.execute(sql, (self._name, *chunk))
             found.update((row[at], self._document(row)) for row in rows)
         return found
 
@@ -3308,9 +3498,15 @@ class CollectionManager(_Manager):
     def clear(self):
         """Remove every document, vector, text index entry and edge of this collection."""
         with self._core.transaction():
-            for table in ("beaver_documents", "beaver_vectors", "beaver_terms",
-                          "beaver_trigrams", "beaver_edges") + (("beaver_fts",) if self._fts else ()):
+            for table in ("beaver_documents", "beaver_vectors", "beaver_edges",
+                          "beaver_vector_log"):
                 self._core.execute(f"DELETE FROM {table} WHERE collection = ?", (self._name,))
+            if self._fts:
+                low = self._fts_rowid(0)
+                self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                                   (low, low + (1 << (_FTS_DOC_BITS + _FTS_PATH_BITS))))
+            self._core.execute("DELETE FROM beaver_terms WHERE cid = ?", (self._cid,))
+            self._batch.token, self._vocab = None, (None, set())
             self._core.execute("UPDATE beaver_collections SET version = version + 1, "
                                "epoch = epoch + 1 WHERE collection = ?", (self._name,))
             dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
@@ -3361,9 +3557,11 @@ class CollectionManager(_Manager):
 
     def _ranked(self, expr, paths, limit, checked=False) -> list:
         """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document."""
-        sql = ("SELECT rowid >> 20, -sum(rank) AS score FROM beaver_fts "
-               "WHERE beaver_fts MATCH ? AND collection = ?")
-        params = [expr, self._name]
+        low = self._fts_rowid(0)
+        sql = (f"SELECT (rowid >> {_FTS_PATH_BITS}) & {(1 << _FTS_DOC_BITS) - 1}, "
+               f"-sum(rank) AS score FROM beaver_fts "
+               f"WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ?")
+        params = [expr, low, low + (1 << (_FTS_DOC_BITS + _FTS_PATH_BITS))]
         if paths is not None:
             sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
             for p in paths:
@@ -3377,7 +3575,7 @@ class CollectionManager(_Manager):
             raise
 
     def _snippet(self, expr, rowid) -> str:
-        base = rowid << _FTS_PATH_BITS
+        base = self._fts_rowid(rowid)
         row = self._core.execute(
             "SELECT snippet(beaver_fts, 0, '[', ']', '...', 16) FROM beaver_fts "
             "WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ? ORDER BY rank LIMIT 1",
@@ -3418,68 +3616,73 @@ class CollectionManager(_Manager):
         limit = min(fuzziness, sum(len(word) >= n for n in FUZZY_MIN_LENGTH))
         if limit == 0:
             return [word]
-        if limit > 1 or len(word) > 4:
-            candidates = self._trigram_candidates(word, limit)
+        if limit > 1 and _ensure_grams(self._core):
+            candidates = self._known(self._trigram_candidates(word, limit))
         else:
+            limit = 1
             candidates = self._known(_neighbourhood(word) | {word})
         scored = [(_edit_distance(word, term, limit), term) for term in candidates]
-        scored = [(d, term) for d, term in scored if d <= limit]
-        frequency = self._frequencies([term for _, term in scored])
-        scored.sort(key=lambda item: (item[0], -frequency.get(item[1], 0), item[1]))
-        return [term for _, term in scored] or [word]
+        scored = sorted((d, not _slip(word, term), term) for d, term in scored if d <= limit)
+        frequency = self._frequencies([term for _, _, term in scored])
+        scored.sort(key=lambda item: (item[0], item[1], -frequency.get(item[2], 0), item[2]))
+        return [term for _, _, term in scored] or [word]
 
-    def _trigram_candidates(self, word, limit) -> list:
-        grams = sorted(_trigrams(word))
-        rows = self._core.execute(
-            f"SELECT term FROM beaver_trigrams WHERE collection = ? AND gram IN "
-            f"({_marks(len(grams))}) AND size BETWEEN ? AND ? GROUP BY term "
-            f"HAVING count(*) >= ?",
-            (self._name, *grams, len(word) - limit, len(word) + limit,
-             max(1, len(grams) - 4 * limit))).fetchall()
-        return [row[0] for row in rows]
+    def _trigram_candidates(self, word, limit) -> set:
+        """Known words (of any collection) sharing enough trigrams with ``word``."""
+        grams = _trigrams(word)
+        need = max(1, len(grams) - 4 * limit)
+        query = " OR ".join('"' + gram.replace('"', '""') + '"' for gram in sorted(grams))
+        found = set()
+        for (padded,) in self._core.execute(
+                "SELECT term FROM beaver_grams WHERE beaver_grams MATCH ?", (query,)):
+            term = padded[1:-1]
+            if abs(len(term) - len(word)) <= limit and len(_trigrams(term) & grams) >= need:
+                found.add(term)
+        return found
 
     def _known(self, terms) -> list:
         found = []
         for chunk in _chunks(terms):
             found += [row[0] for row in self._core.execute(
-                f"SELECT term FROM beaver_terms WHERE collection = ? AND term IN "
-                f"({_marks(len(chunk))})", (self._name, *chunk))]
+                f"SELECT term FROM beaver_terms WHERE cid = ? AND term IN "
+                f"({_marks(len(chunk))})", (self._cid, *chunk))]
         return found
 
     def _frequencies(self, terms) -> dict:
+        """How many text fields hold each term (any collection), for a few terms."""
         if len(terms) < 2:
             return {}
-        return dict(self._core.execute(
-            f"SELECT term, doc FROM beaver_fts_vocab WHERE term IN ({_marks(len(terms))})",
-            terms).fetchall())
+        found = {}
+        for term in terms[:FUZZY_FREQUENCIES]:
+            row = self._core.execute("SELECT doc FROM beaver_fts_vocab WHERE term = ?",
+                                     (term,)).fetchone()
+            found[term] = row[0] if row else 0
+        return found
 
     def _add_terms(self, texts, epoch):
         """Record new terms (and their trigrams) in this collection's vocabulary."""
         known_epoch, known = self._vocab
         if known_epoch != epoch:
             known = {row[0] for row in self._core.execute(
-                "SELECT term FROM beaver_terms WHERE collection = ?", (self._name,))}
+                "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))}
             self._vocab = (epoch, known)
-        batch = self._batch_terms()
-        new = {term for _, text in texts for term in _terms(text)
-               if len(term) <= FUZZY_MAX_TERM} - known - batch
+        batch = self._batch.terms          # this transaction's new terms (see _state)
+        words = set()
+        for _, text in texts:
+            words.update(_terms(text))
+        new = words - known - batch
         if not new:
             return
+        new = {term for term in new if len(term) <= FUZZY_MAX_TERM}
         batch |= new
-        self._core.executemany("INSERT OR IGNORE INTO beaver_terms (collection, term) "
-                               "VALUES (?, ?)", [(self._name, term) for term in new])
-        self._core.executemany(
-            "INSERT OR IGNORE INTO beaver_trigrams (collection, gram, size, term) "
-            "VALUES (?, ?, ?, ?)",
-            [(self._name, gram, len(term), term) for term in new for gram in _trigrams(term)])
+        self._core.executemany("INSERT OR IGNORE INTO beaver_terms (cid, term) VALUES (?, ?)",
+                               [(self._cid, term) for term in sorted(new)])
+        if _ensure_grams(self._core):
+            self._core.executemany(
+                "INSERT INTO beaver_grams (term) VALUES (?)",
+                [(f"${term}$",) for term in new
+                 if len(term) >= FUZZY_MIN_LENGTH[1] - 2 and term.isalpha()])
         self._core.after_commit(lambda: known.update(new))
-
-    def _batch_terms(self) -> set:
-        """Terms written by the current transaction of this thread (not yet in ``_vocab``)."""
-        token = getattr(self._core._local, "pending", None)
-        if getattr(self._batch, "token", None) is not token:
-            self._batch.token, self._batch.terms = token, set()
-        return self._batch.terms
 
     # -- graph ------------------------------------------------------------------------------
 
@@ -3493,9 +3696,12 @@ class CollectionManager(_Manager):
             raise TypeError(f"an edge label is a non-empty str, not {label!r}")
         meta = None if metadata is None else _json_dumps(_to_jsonable(metadata))
         with self._core.transaction():
-            missing = {source, target} - set(self._documents("doc_id", {source, target}))
-            if missing:
-                raise KeyError(f"no document {sorted(missing)[0]!r} in {self._name!r}")
+            found = {row[0] for row in self._core.execute(
+                "SELECT doc_id FROM beaver_documents WHERE collection = ? AND doc_id IN (?, ?)",
+                (self._name, source, target))}
+            if len(found) < len({source, target}):
+                missing = sorted({source, target} - found)[0]
+                raise KeyError(f"no document {missing!r} in {self._name!r}")
             self._core.execute(
                 "INSERT INTO beaver_edges (collection, source, label, target, metadata) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection, source, label, target) "
@@ -3529,7 +3735,10 @@ class CollectionManager(_Manager):
                 sql, params = sql + " AND label = ?", params + [label]
             found += [Edge(s, t, lab, None if m is None else json.loads(m))
                       for s, t, lab, m in self._core.execute(sql + " ORDER BY 1, 2, 3", params)]
-        return list(dict.fromkeys(found)) if direction == "both" else found
+        if direction == "both":
+            unique = {(e.source, e.label, e.target): e for e in found}
+            found = [unique[key] for key in sorted(unique)]
+        return found
 
     def neighbors(self, document, label=None, direction="outgoing") -> list:
         """The documents one edge away, in id order.
@@ -3593,8 +3802,8 @@ class CollectionManager(_Manager):
         """
         query = _as_vector(vector)
         top_k = int(top_k)
-        dim, version = self._core.execute(
-            "SELECT dim, version FROM beaver_collections WHERE collection = ?",
+        dim, version, epoch = self._core.execute(
+            "SELECT dim, version, epoch FROM beaver_collections WHERE collection = ?",
             (self._name,)).fetchone()
         if dim is None or top_k <= 0:
             return []
@@ -3606,7 +3815,7 @@ class CollectionManager(_Manager):
         if backend is not None:
             hits = backend.search(query, top_k, allowed)
         else:
-            hits = self._exact(version).search(query, top_k, allowed)
+            hits = self._exact(version, epoch, dim).search(query, top_k, allowed)
         docs = self._documents("doc_id", [doc_id for doc_id, _ in hits])
         return [(docs[doc_id], float(d)) for doc_id, d in hits if doc_id in docs]
 
@@ -3627,13 +3836,28 @@ class CollectionManager(_Manager):
             params += [_json_path(path)] + [int(v) if isinstance(v, bool) else v for v in values]
         return {row[0] for row in self._core.execute(sql, params)}
 
-    def _exact(self, version) -> "_VectorCache":
+    def _exact(self, version, epoch, dim) -> "_VectorCache":
+        """The in-memory vectors, brought up to ``version`` (reloaded after a clear)."""
         cache = self._vectors
-        if cache is None or cache.version != version:
+        if cache is not None and cache.epoch == epoch and cache.version != version:
+            log = self._core.execute(
+                "SELECT version, doc_id FROM beaver_vector_log WHERE collection = ? AND "
+                "version > ? ORDER BY version", (self._name, cache.version)).fetchall()
+            if log and log[0][0] == cache.version + 1:
+                changed = {doc_id for _, doc_id in log}
+                fresh = dict.fromkeys(changed)
+                for chunk in _chunks(changed):
+                    fresh.update(self._core.execute(
+                        f"SELECT doc_id, vector FROM beaver_vectors WHERE collection = ? "
+                        f"AND doc_id IN ({_marks(len(chunk))})", (self._name, *chunk)))
+                cache.patch(log[-1][0], fresh)
+            else:
+                cache = None
+        if cache is None or cache.epoch != epoch:
             rows = self._core.execute(
                 "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
                 (self._name,)).fetchall()
-            cache = self._vectors = _VectorCache(version, self._metric, rows)
+            cache = self._vectors = _VectorCache(self._metric, epoch, version, rows, dim)
         return cache
 
     def _vector_backend(self, dim):
@@ -3719,10 +3943,14 @@ def _labels(labels):
 
 
 class _VectorCache:
-    """All vectors of a collection in memory, for exact search (numpy when available)."""
+    """All vectors of a collection in memory for exact search: numpy when it imports.
 
-    def __init__(self, version, metric, rows):
-        self.version, self.metric = version, metric
+    Kept current by replaying ``beaver_vector_log`` (doc ids whose vector changed, by
+    collection version), so a change costs one row update, not a reload of every vector.
+    """
+
+    def __init__(self, metric, epoch, version, rows, dim):
+        self.metric, self.epoch, self.version = metric, epoch, version
         self.ids = [row[0] for row in rows]
         self.position = {doc_id: i for i, doc_id in enumerate(self.ids)}
         try:
@@ -3730,61 +3958,112 @@ class _VectorCache:
         except ImportError:
             numpy = None
         self.np = numpy
-        if numpy is not None:
-            self._load_numpy(rows)
+        self.lock = threading.Lock()
+        if numpy is None:
+            self.rows = [self._prepare(row[1]) for row in rows]
+            return
+        matrix = numpy.frombuffer(b"".join(row[1] for row in rows), dtype="<f4")
+        matrix = matrix.reshape(len(rows), dim).astype(numpy.float32)
+        if metric == "cosine":
+            norms = numpy.linalg.norm(matrix, axis=1, keepdims=True)
+            matrix /= numpy.where(norms == 0, 1, norms)
+        self._buffer = matrix
+        self._squares = numpy.einsum("ij,ij->i", matrix, matrix)
+
+    def _prepare(self, blob):
+        vector = array.array("f", _unpack_vector(blob))
+        if self.metric == "cosine":
+            norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+            vector = array.array("f", [x / norm for x in vector])
+        return vector
+
+    def patch(self, version, fresh):
+        """Apply ``{doc_id: vector blob or None}`` (None: the vector is gone)."""
+        with self.lock:
+            for doc_id, blob in fresh.items():
+                at = self.position.get(doc_id)
+                if blob is None:
+                    if at is not None:
+                        self._remove(at)
+                elif at is None:
+                    self._append(doc_id, self._prepare(blob))
+                else:
+                    self._put(at, self._prepare(blob))
+            self.version = version
+
+    def _put(self, at, vector):
+        if self.np is None:
+            self.rows[at] = vector
         else:
-            self._load_python(rows)
+            self._buffer[at] = vector
+            self._squares[at] = self._buffer[at] @ self._buffer[at]
 
-    def _load_numpy(self, rows):
-        np = self.np
-        matrix = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4")
-        matrix = matrix.reshape(len(rows), -1) if rows else matrix.reshape(0, 0)
-        if self.metric == "cosine":
-            norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-            matrix = matrix / np.where(norms == 0, 1, norms)
-        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-        self.squares = np.einsum("ij,ij->i", self.matrix, self.matrix)
+    def _append(self, doc_id, vector):
+        n = len(self.ids)
+        if self.np is None:
+            self.rows.append(vector)
+        elif n == len(self._buffer):
+            np = self.np
+            grown = np.empty((max(16, 2 * n), len(vector)), dtype=np.float32)
+            grown[:n] = self._buffer[:n]
+            self._buffer = grown
+            self._squares = np.concatenate([self._squares[:n], np.empty(len(grown) - n,
+                                                                        dtype=np.float32)])
+        self.ids.append(doc_id)
+        self.position[doc_id] = n
+        if self.np is not None:
+            self._put(n, vector)
 
-    def _load_python(self, rows):
-        self.rows = [array.array("f", _unpack_vector(row[1])) for row in rows]
-        if self.metric == "cosine":
-            for i, row in enumerate(self.rows):
-                norm = math.sqrt(sum(x * x for x in row)) or 1.0
-                self.rows[i] = array.array("f", [x / norm for x in row])
+    def _remove(self, at):
+        """Delete row ``at`` by moving the last row into its place."""
+        last, gone = len(self.ids) - 1, self.ids[at]
+        if at != last:
+            moved = self.ids[last]
+            if self.np is None:
+                self.rows[at] = self.rows[last]
+            else:
+                self._buffer[at] = self._buffer[last]
+                self._squares[at] = self._squares[last]
+            self.ids[at] = moved
+            self.position[moved] = at
+        self.ids.pop()
+        if self.np is None:
+            self.rows.pop()
+        del self.position[gone]
 
     def search(self, query, top_k, allowed=None) -> list:
         """``[(doc_id, distance)]`` of the ``top_k`` closest vectors (among ``allowed``)."""
-        if allowed is None:
-            positions = None
-        else:
-            positions = sorted(self.position[i] for i in allowed if i in self.position)
-            if not positions:
-                return []
         if self.metric == "cosine":
             norm = math.sqrt(sum(x * x for x in query)) or 1.0
             query = [x / norm for x in query]
-        if self.np is not None:
-            return self._search_numpy(query, top_k, positions)
-        return self._search_python(query, top_k, positions)
+        with self.lock:
+            if allowed is None:
+                positions = None
+            else:
+                positions = sorted(self.position[i] for i in allowed if i in self.position)
+                if not positions:
+                    return []
+            if self.np is not None:
+                return self._search_numpy(query, top_k, positions)
+            return self._search_python(query, top_k, positions)
 
     def _search_numpy(self, query, top_k, positions):
         np = self.np
+        n = len(self.ids)
         q = np.asarray(query, dtype=np.float32)
-        matrix = self.matrix if positions is None else self.matrix[positions]
+        matrix, squares = self._buffer[:n], self._squares[:n]
+        if positions is not None:
+            matrix, squares = matrix[positions], squares[positions]
         if not len(matrix):
             return []
         dots = matrix @ q
-        if self.metric == "l2":
-            squares = self.squares if positions is None else self.squares[positions]
-            scores = squares - 2 * dots
-        else:
-            scores = -dots
+        scores = squares - 2 * dots if self.metric == "l2" else -dots
         k = min(top_k, len(scores))
         best = np.argpartition(scores, k - 1)[:k] if k < len(scores) else np.arange(k)
         best = best[np.argsort(scores[best], kind="stable")]
         rows = best if positions is None else np.asarray(positions)[best]
         if self.metric == "l2":
-            exact = np.sqrt(((self.matrix[rows] - q) ** 2).sum(axis=1))
+            exact = np.sqrt(((self._buffer[rows] - q) ** 2).sum(axis=1))
             order = np.argsort(exact, kind="stable")
             return [(self.ids[rows[i]], float(exact[i])) for i in order]
         shift = 1.0 if self.metric == "cosine" else 0.0
@@ -4243,6 +4522,9 @@ _STRUCTURES = {
     "list": ("beaver_lists", "list", "", "name"),
     "queue": ("beaver_queues", "queue", "", "name"),
     "blob": ("beaver_blobs", "blobs", "", "name"),
+    "log": ("beaver_logs", "log", "", "name"),
+    "channel": ("beaver_channels", "channel", "WHERE name != ''", "name"),
+    "collection": ("beaver_documents", "collection", "", "collection"),
 }
 
 
@@ -4805,6 +5087,13 @@ class RemoteList(_RemoteManager, MutableSequence):
         self._send("POST", "/reverse")
 
 
+def _lease_id(item):
+    lease_id = getattr(item, "lease_id", None)
+    if lease_id is None:
+        raise TypeError("ack() and nack() take an item returned by get(lease=...)")
+    return lease_id
+
+
 def _list_index(index) -> int:
     if isinstance(index, bool) or not hasattr(index, "__index__"):
         raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}")
@@ -4822,13 +5111,18 @@ class RemoteQueue(_RemoteManager):
             raise TypeError(f"priority must be a number, not {priority!r}")
         self._send("POST", "/put", {"priority": priority}, self._codec.encode(data))
 
-    def get(self, block=True, timeout=None) -> QueueItem:
-        """Remove and return the first item (``QueueEmpty``/``TimeoutError`` as locally)."""
+    def get(self, block=True, timeout=None, lease=None) -> QueueItem:
+        """Remove and return the first item (``QueueEmpty``/``TimeoutError`` as locally).
+
+        With ``lease=seconds`` the item returns to the queue unless ``ack(item)`` is called
+        in time: the safe way to take work over a network that may drop a response.
+        """
         deadline = _Deadline(_seconds(timeout, "timeout"))
+        query = {"block": block, "lease": _seconds(lease, "lease")}
         while True:
             wait = deadline.remaining(cap=_CHUNK_WAIT) if block else 0.0
             try:
-                item = self._call("POST", "/get", {"block": block, "timeout": wait}, wait=wait)
+                item = self._call("POST", "/get", {**query, "timeout": wait}, wait=wait)
             except Timeout:
                 if deadline.expired:
                     raise
@@ -4836,7 +5130,19 @@ class RemoteQueue(_RemoteManager):
             return self._item(item)
 
     def _item(self, item):
-        return QueueItem(item["priority"], item["timestamp"], self._value(item["data"]))
+        if "lease_id" not in item:
+            return QueueItem(item["priority"], item["timestamp"], self._value(item["data"]))
+        leased = LeasedItem(item["priority"], item["timestamp"], self._value(item["data"]))
+        leased.lease_id = item["lease_id"]
+        return leased
+
+    def ack(self, item) -> bool:
+        """Finish an item taken with ``get(lease=...)``; False if its lease had run out."""
+        return self._call("POST", "/ack", {"lease_id": _lease_id(item)})
+
+    def nack(self, item) -> bool:
+        """Give a leased item back to the queue now; False if its lease had run out."""
+        return self._call("POST", "/nack", {"lease_id": _lease_id(item)})
 
     def peek(self):
         """The item ``get`` would return next, without removing it; ``None`` if empty."""
@@ -4986,6 +5292,244 @@ class RemoteLock:
         return f"<RemoteLock {self.name!r} {'held' if self._token else 'free'}>"
 
 
+class RemoteLog(_RemoteManager):
+    """``db.log(name)`` over HTTP; ``live()`` follows a server-sent event stream."""
+
+    _kind, _route = "log", "logs"
+
+    def log(self, data, timestamp=None):
+        """Append ``data`` at ``timestamp`` (a datetime or epoch seconds; default now)."""
+        when = None if timestamp is None else _epoch(timestamp)
+        self._send("POST", "/log", {"timestamp": when}, self._codec.encode(data))
+
+    def _entries(self, rows):
+        return [LogEntry(_utc(row["timestamp"]), self._value(row["data"])) for row in rows]
+
+    def range(self, start=None, end=None) -> list:
+        """Entries with ``start <= timestamp <= end`` (either may be None), oldest first."""
+        query = {"start": None if start is None else _epoch(start, "start"),
+                 "end": None if end is None else _epoch(end, "end")}
+        return self._entries(self._call("GET", "/range", query))
+
+    def __iter__(self):
+        return iter(self.range())
+
+    def live(self, window, period, aggregator=list) -> "_RemoteStream":
+        """``aggregator(values in the last window)`` now and every ``period`` (an iterator)."""
+        if not callable(aggregator):
+            raise TypeError("aggregator must be callable")
+        query = {"window": _seconds(window, "window"), "period": _seconds(period, "period")}
+        decode = self._value
+        return _RemoteStream(self._http, self._base + "/live", query,
+                             lambda text: aggregator([decode(v) for v in json.loads(text)]))
+
+
+class _RemoteStream:
+    """A server-sent event stream read by a thread; iterate it, ``close()`` it when done."""
+
+    def __init__(self, http, path, query, decode):
+        self._decode = decode
+        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._closed = False
+        self._conn, response = http.stream(path, query)
+        self._reader = threading.Thread(target=self._read, args=(response,), daemon=True,
+                                        name="beaver-client-stream")
+        self._reader.start()
+
+    def _read(self, response):
+        data = []
+        try:
+            for raw in response:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if line.startswith("data:"):
+                    data.append(line[5:].lstrip(" "))
+                elif not line and data:
+                    self._inbox.put("\n".join(data))
+                    data = []
+        except (OSError, ValueError, AttributeError):
+            pass
+        self._inbox.put(_MISSING)
+
+    def get(self, timeout=None):
+        """The next event; ``TimeoutError`` after ``timeout`` seconds without one."""
+        try:
+            text = self._inbox.get(timeout=_seconds(timeout, "timeout"))
+        except _queue.Empty:
+            raise Timeout(f"nothing arrived within {timeout}s") from None
+        if text is _MISSING:
+            self._inbox.put(_MISSING)
+            if self._closed:
+                raise ClosedError("the stream is closed")
+            raise RemoteError("the server ended the stream")
+        return self._decode(text)
+
+    def listen(self, timeout=None):
+        """Yield events until ``close()`` (``TimeoutError`` after ``timeout`` s of silence)."""
+        while True:
+            try:
+                yield self.get(timeout)
+            except ClosedError:
+                return
+
+    def __iter__(self):
+        return self.listen()
+
+    def __next__(self):
+        try:
+            return self.get()
+        except ClosedError:
+            raise StopIteration from None
+
+    def close(self):
+        """Stop the stream; a ``listen()`` in progress ends."""
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._conn.sock and self._conn.sock.shutdown(2)
+            self._conn.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RemoteChannel(_RemoteManager):
+    """``db.channel(name)`` over HTTP; subscriptions are server-sent event streams."""
+
+    _kind, _route = "channel", "channels"
+
+    def publish(self, payload):
+        """Send ``payload`` to every subscriber."""
+        self._send("POST", "/publish", body=self._codec.encode(payload))
+
+    def subscribe(self) -> _RemoteStream:
+        """A subscription receiving every message published once this call has returned.
+
+            >>> with client.channel("chat").subscribe() as sub:
+            ...     for message in sub.listen(timeout=5):
+            ...         print(message)
+        """
+        return _RemoteStream(self._http, self._base + "/sse", None, self._codec.decode)
+
+    def history(self, limit=None) -> list:
+        """The retained messages, oldest first (the last ``limit`` ones if given)."""
+        return [self._value(m) for m in self._call("GET", "/history", {"limit": limit})]
+
+
+class RemoteCollection(_RemoteManager):
+    """``db.collection(name)`` over HTTP: documents, full-text, fuzzy, vector and graph search."""
+
+    _kind, _route = "collection", "collections"
+
+    def __init__(self, client, name, model=None, metric=None, **options):
+        super().__init__(client, name, model)
+        if metric is not None or options:
+            self._call("PUT", "", body=_json_dumps({"metric": metric, "options": options}))
+
+    @property
+    def metric(self) -> str:
+        """The vector distance of this collection: 'l2', 'cosine' or 'ip'."""
+        return self._summary()["metric"]
+
+    def _document(self, data) -> "Document":
+        doc = Document.from_dict({**data, "body": None})
+        doc.body = None if data.get("body") is None else self._value(data["body"])
+        return doc
+
+    def _doc_json(self, document) -> dict:
+        body = None if document.body is None else json.loads(self._codec.encode(document.body))
+        return {"id": document.id, "embedding": document.embedding, "body": body}
+
+    def index(self, document, fts=True, fuzzy=False):
+        """Insert or replace ``document`` (text index and vector included); returns it."""
+        if not isinstance(document, Document):
+            raise TypeError(f"index() takes a Document, not {type(document).__name__}")
+        self._call("POST", "/index", body=_json_dumps(
+            {**self._doc_json(document), "fts": fts, "fuzzy": fuzzy}))
+        return document
+
+    def get(self, doc_id, default=None):
+        """The document with ``doc_id``, or ``default``."""
+        try:
+            return self[doc_id]
+        except KeyError:
+            return default
+
+    def __getitem__(self, doc_id):
+        return self._document(self._call("GET", "/documents/" + _quote(_doc_id(doc_id))))
+
+    def __contains__(self, document):
+        try:
+            self._send("HEAD", "/documents/" + _quote(_doc_id(document)))
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def drop(self, document):
+        """Remove a document (a ``Document`` or an id), its vector and its edges."""
+        self._send("DELETE", "/documents/" + _quote(_doc_id(document)))
+
+    __delitem__ = drop
+
+    def __iter__(self):
+        return iter([self._document(d) for d in self._summary("items")["items"]])
+
+    def _hits(self, rows):
+        return [(self._document(r["document"]), r["score"], r["snippet"]) if "snippet" in r
+                else (self._document(r["document"]), r["score"]) for r in rows]
+
+    def match(self, query, on=None, top_k=10, fuzziness=0, raw=False, highlight=False):
+        """Full-text search: ``[(Document, score)]``, best first (as ``BeaverDB``)."""
+        return self._hits(self._call("POST", "/match", body=_json_dumps({
+            "query": query, "on": [on] if isinstance(on, str) else on, "top_k": top_k,
+            "fuzziness": fuzziness, "raw": raw, "highlight": highlight})))
+
+    def search(self, vector, top_k=10, where=None) -> list:
+        """Nearest documents to ``vector``: ``[(Document, distance)]``, closest first."""
+        return self._hits(self._call("POST", "/search", body=_json_dumps(
+            {"vector": _as_vector(vector), "top_k": top_k, "where": where})))
+
+    def connect(self, source, target, label, metadata=None):
+        """Add (or update) the edge ``source -[label]-> target``."""
+        self._call("POST", "/connect", body=_json_dumps({
+            "source": _doc_id(source), "target": _doc_id(target), "label": label,
+            "metadata": _to_jsonable(metadata)}))
+
+    def disconnect(self, source, target, label=None):
+        """Remove the edges from ``source`` to ``target`` (only ``label`` ones if given)."""
+        self._call("POST", "/disconnect", body=_json_dumps(
+            {"source": _doc_id(source), "target": _doc_id(target), "label": label}))
+
+    def edges(self, document, direction="outgoing", label=None) -> list:
+        """The ``Edge``s leaving, entering or touching ``document``."""
+        rows = self._call("GET", "/edges", {"id": _doc_id(document), "direction": direction,
+                                            "label": label})
+        return [Edge(**row) for row in rows]
+
+    def neighbors(self, document, label=None, direction="outgoing") -> list:
+        """The documents one edge away, in id order."""
+        rows = self._call("GET", "/neighbors", {"id": _doc_id(document), "label": label,
+                                                "direction": direction})
+        return [self._document(d) for d in rows]
+
+    def walk(self, source, labels=None, depth=1, direction="outgoing") -> list:
+        """Documents reachable in 1..``depth`` edges, breadth first (the source excluded)."""
+        rows = self._call("POST", "/walk", body=_json_dumps({
+            "source": _doc_id(source), "labels": [labels] if isinstance(labels, str) else labels,
+            "depth": depth, "direction": direction}))
+        return [self._document(d) for d in rows]
+
+    def compact(self):
+        """Fold pending changes of the server's vector index into its base."""
+        self._call("POST", "/compact")
+
+
 class BeaverClient:
     """A ``BeaverDB`` look-alike that talks to a beaver server: change one line to go remote.
 
@@ -5040,9 +5584,31 @@ class BeaverClient:
 
     blob = blobs
 
+    def log(self, name, model=None) -> RemoteLog:
+        """The remote time-indexed log called ``name``."""
+        return self._manager(RemoteLog, name, model)
+
+    def channel(self, name, model=None) -> RemoteChannel:
+        """The remote pub/sub channel called ``name``."""
+        return self._manager(RemoteChannel, name, model)
+
+    def collection(self, name, model=None, metric=None, **options) -> RemoteCollection:
+        """The remote document collection called ``name``."""
+        if self._closed:
+            raise ClosedError("the client is closed")
+        key = ("collection", _check_name(name))
+        with self._managers_lock:
+            manager = self._managers.get(key)
+        if manager is None or metric is not None or options:
+            manager = RemoteCollection(self, name, model, metric, **options)
+            with self._managers_lock:
+                manager = self._managers.setdefault(key, manager)
+        return manager
+
     def lock(self, name, timeout=None, ttl=60.0, lock_ttl=None) -> RemoteLock:
         """A new remote inter-process lock object on ``name``."""
-        return RemoteLock(self, name, timeout=timeout, ttl=lock_ttl if lock_ttl is not None else ttl)
+        ttl = lock_ttl if lock_ttl is not None else ttl
+        return RemoteLock(self, name, timeout=timeout, ttl=ttl)
 
     def _get(self, path, query=None) -> bytes:
         status, _, data = self._http.request("GET", path, query)
@@ -5173,8 +5739,11 @@ def _cli_bytes(path) -> bytes:
 def _cli_json(value):
     """Plain JSON for anything a handler returns (models, queue items, documents...)."""
     if isinstance(value, QueueItem):
-        return {"priority": value.priority, "timestamp": value.timestamp,
+        item = {"priority": value.priority, "timestamp": value.timestamp,
                 "data": _cli_json(value.data)}
+        if getattr(value, "lease_id", None) is not None:
+            item["lease_id"] = value.lease_id
+        return item
     if hasattr(value, "to_dict"):
         return value.to_dict()
     if isinstance(value, (list, tuple)):
@@ -5216,8 +5785,14 @@ def _structure_ops(kind):
 
 def _queue_get(manager, args):
     if args.no_wait:
-        return manager.get(block=False)
-    return manager.get(timeout=args.timeout)
+        return manager.get(block=False, lease=args.lease)
+    return manager.get(timeout=args.timeout, lease=args.lease)
+
+
+def _leased_item(lease_id):
+    item = LeasedItem(0, 0.0, None)
+    item.lease_id = lease_id
+    return item
 
 
 def _blob_get(manager, args):
@@ -5289,6 +5864,65 @@ def _run_command(command) -> int:
         return 130
 
 
+_DIRECTION = _arg("--direction", choices=["outgoing", "incoming", "both"], default="outgoing")
+
+
+def _cli_time(text):
+    """Epoch seconds or an ISO 8601 time (naive = local time) from the command line."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise _UsageError(f"not a time: {text!r} (use epoch seconds or ISO 8601)") from None
+
+
+def _cli_entries(entries):
+    return [{"timestamp": e.timestamp.isoformat(), "data": e.data} for e in entries]
+
+
+def _cli_document(args):
+    value = _cli_value(args.document)
+    if args.id is None and isinstance(value, dict) and "id" in value and \
+            set(value) <= {"id", "body", "embedding"}:
+        return Document.from_dict(value)
+    return Document(id=args.id, body=value)
+
+
+def _cli_hits(hits):
+    return [{"document": doc, "score": score} for doc, score, *_ in hits]
+
+
+def _cli_stream(items, count):
+    """Print each item as one JSON line; returns how many were printed."""
+    printed = 0
+    for item in items:
+        print(json.dumps(_cli_json(item), ensure_ascii=False), flush=True)
+        printed += 1
+        if count is not None and printed >= count:
+            break
+    return printed
+
+
+def _channel_listen(manager, args):
+    with manager.subscribe() as subscriber:
+        try:
+            printed = _cli_stream(subscriber.listen(timeout=args.timeout), args.count)
+        except TimeoutError:
+            return _Exit(0 if args.count is None else 1)
+    return _Exit(0 if args.count is None or printed >= args.count else 1)
+
+
+def _log_live(manager, args):
+    with manager.live(window=args.window, period=args.period) as view:
+        _cli_stream(view, args.count)
+    return _Exit(0)
+
+
 # kind -> (help, BeaverDB factory, [(operation, help, [arguments], handler(manager, args))])
 CLI_KINDS = {
     "dict": ("a persistent dict of JSON values, with TTL", "dict", [
@@ -5327,7 +5961,15 @@ CLI_KINDS = {
         ("put", "add VALUE (lower priority first)", [_VALUE, _arg(
             "--priority", "-p", type=float, default=0, help="priority (default 0)")],
          _quiet(lambda m, a: m.put(_cli_value(a.value), priority=_number(a.priority)))),
-        ("get", "take the first item and print it", [_TIMEOUT, _NO_WAIT], _queue_get),
+        ("get", "take the first item and print it", [_TIMEOUT, _NO_WAIT, _arg(
+            "--lease", type=float, default=None,
+            help="seconds before the item returns unless acked (prints its lease_id)")],
+         _queue_get),
+        ("ack", "finish a leased item (exit status 1 if its lease had run out)",
+         [_arg("lease_id", type=int)],
+         lambda m, a: True if m.ack(_leased_item(a.lease_id)) else _Exit(1)),
+        ("nack", "give a leased item back to the queue now", [_arg("lease_id", type=int)],
+         lambda m, a: True if m.nack(_leased_item(a.lease_id)) else _Exit(1)),
         ("peek", "print the first item without taking it", [], lambda m, a: m.peek()),
         ("items", "print every item, in the order get would take them", [],
          lambda m, a: list(m)),
@@ -5343,6 +5985,71 @@ CLI_KINDS = {
         ("delete", "delete KEY", [_KEY], _quiet(lambda m, a: m.delete(a.key))),
         ("keys", "print the keys", [], lambda m, a: m.keys()),
     ] + _structure_ops("blob")),
+    "log": ("a time-indexed log of JSON values", "log", [
+        ("write", "append VALUE (now, or at --timestamp)", [_VALUE, _arg(
+            "--timestamp", "-t", default=None, help="epoch seconds or an ISO 8601 time")],
+         _quiet(lambda m, a: m.log(_cli_value(a.value), timestamp=_cli_time(a.timestamp)))),
+        ("range", "print the entries between --start and --end (inclusive)", [
+            _arg("--start", default=None, help="epoch seconds or an ISO 8601 time"),
+            _arg("--end", default=None, help="epoch seconds or an ISO 8601 time")],
+         lambda m, a: _cli_entries(m.range(_cli_time(a.start), _cli_time(a.end)))),
+        ("live", "print the values of the last --window seconds every --period, as JSON lines",
+         [_arg("--window", type=float, default=60.0, help="seconds (default 60)"),
+          _arg("--period", type=float, default=1.0, help="seconds (default 1)"),
+          _arg("--count", type=int, default=None, help="stop after this many updates")],
+         _log_live),
+    ] + _structure_ops("log")),
+    "channel": ("a pub/sub channel", "channel", [
+        ("publish", "send VALUE to every subscriber", [_VALUE],
+         _quiet(lambda m, a: m.publish(_cli_value(a.value)))),
+        ("listen", "print messages published from now on, as JSON lines", [
+            _arg("--timeout", type=float, default=None,
+                 help="stop after this many seconds without a message"),
+            _arg("--count", type=int, default=None, help="stop after this many messages")],
+         _channel_listen),
+        ("history", "print the retained messages, oldest first", [
+            _arg("--limit", type=int, default=None, help="only the last LIMIT ones")],
+         lambda m, a: m.history(a.limit)),
+    ] + _structure_ops("channel")),
+    "collection": ("documents searchable by text, typos, vectors and relationships",
+                   "collection", [
+        ("index", "store a document: JSON {\"id\", \"body\", \"embedding\"} (or a body + --id)",
+         [_arg("document", help="the document as JSON; - reads standard input"),
+          _arg("--id", default=None, help="the id, when DOCUMENT is just the body"),
+          _arg("--no-fts", action="store_true", help="do not index the text")],
+         lambda m, a: m.index(_cli_document(a), fts=not a.no_fts).id),
+        ("get", "print the document ID", [_arg("id")], lambda m, a: m[a.id]),
+        ("drop", "delete the document ID and its edges", [_arg("id")],
+         _quiet(lambda m, a: m.drop(a.id))),
+        ("match", "full-text search (typo-tolerant with --fuzziness)", [
+            _arg("query"), _arg("--fuzziness", "-f", type=int, default=0),
+            _arg("--top-k", "-k", type=int, default=10),
+            _arg("--on", action="append", default=None, help="a field path (repeatable)")],
+         lambda m, a: _cli_hits(m.match(a.query, on=a.on, top_k=a.top_k,
+                                        fuzziness=a.fuzziness))),
+        ("search", "nearest documents to a vector (JSON list of numbers)", [
+            _arg("vector"), _arg("--top-k", "-k", type=int, default=10)],
+         lambda m, a: _cli_hits(m.search(_cli_value(a.vector), top_k=a.top_k))),
+        ("connect", "add the edge SOURCE -[LABEL]-> TARGET", [
+            _arg("source"), _arg("target"), _arg("label"),
+            _arg("--metadata", "-m", default=None, help="JSON metadata")],
+         _quiet(lambda m, a: m.connect(a.source, a.target, a.label, None if a.metadata is None
+                                       else _cli_value(a.metadata)))),
+        ("disconnect", "remove the edges SOURCE -> TARGET", [
+            _arg("source"), _arg("target"), _arg("--label", default=None)],
+         _quiet(lambda m, a: m.disconnect(a.source, a.target, a.label))),
+        ("edges", "print the edges of ID", [_arg("id"), _DIRECTION,
+                                            _arg("--label", default=None)],
+         lambda m, a: [e._asdict() for e in m.edges(a.id, a.direction, a.label)]),
+        ("neighbors", "print the documents one edge away from ID", [
+            _arg("id"), _arg("--label", default=None), _DIRECTION],
+         lambda m, a: m.neighbors(a.id, label=a.label, direction=a.direction)),
+        ("walk", "print the documents up to --depth edges away from ID", [
+            _arg("id"), _arg("--labels", action="append", default=None),
+            _arg("--depth", type=int, default=1), _DIRECTION],
+         lambda m, a: m.walk(a.id, labels=a.labels, depth=a.depth, direction=a.direction)),
+        ("ids", "print the ids of the documents", [], lambda m, a: [d.id for d in m]),
+    ] + _structure_ops("collection")),
     "lock": ("an inter-process lock", None, [
         ("run", "run a command while holding the lock; exit with its status", [
             _TIMEOUT, _NO_WAIT,
@@ -5356,7 +6063,8 @@ CLI_KINDS = {
 
 
 def _number(value):
-    return int(value) if float(value).is_integer() else value
+    value = float(value)
+    return int(value) if value.is_integer() and abs(value) < 2 ** 53 else value
 
 
 class _UsageError(Exception):

@@ -14,7 +14,8 @@ Routes (interactive documentation at ``/docs``), one group per structure kind::
     /dict/{name}/{key}       the same (the spec's spelling)
     /lists/{name}/items/{i}  GET PUT DELETE;  /lists/{name}/slice;  POST .../push|prepend|
                              extend|insert|pop|deque|reverse
-    /queues/{name}/put|get|peek          get?timeout=... waits; 408 when nothing came
+    /queues/{name}/put|get|peek|ack|nack get?timeout=... waits, 408 when nothing came;
+                                         get?lease=... hands out an item to ack
     /blobs/{name}/{key}      raw bytes; metadata as JSON in the Beaver-Metadata header
     /logs/{name}/log|range|live          live: server-sent events
     /channels/{name}/publish|history     subscribe: /channels/{name}/sse (server-sent
@@ -205,6 +206,8 @@ def _structure_routes(router, ctx, factory, views):
     def describe(name: str, view: View = "summary"):
         manager = getattr(ctx.db, factory)(name)
         result = {"name": name, "size": len(manager)}
+        if isinstance(getattr(manager, "metric", None), str):
+            result["metric"] = manager.metric
         if view == "dump":
             result["dump"] = manager.dump()
         elif view != "summary":
@@ -298,17 +301,20 @@ def _list_routes(ctx) -> APIRouter:
         return Response(status_code=204)
 
     @router.get("/{name}/slice", summary="Read a slice")
-    def get_slice(name: str, start: OptIndex = None, stop: OptIndex = None, step: OptIndex = None):
+    def get_slice(name: str, start: OptIndex = None, stop: OptIndex = None,
+                  step: OptIndex = None):
         return _json(ctx.db.list(name)[_slice(start, stop, step)])
 
     @router.put("/{name}/slice", status_code=204, summary="Assign a slice",
                 openapi_extra=_JSON_LIST)
-    def set_slice(name: str, start: OptIndex = None, stop: OptIndex = None, step: OptIndex = None, values: list = Depends(ctx.json_list)):
+    def set_slice(name: str, start: OptIndex = None, stop: OptIndex = None,
+                  step: OptIndex = None, values: list = Depends(ctx.json_list)):
         ctx.db.list(name)[_slice(start, stop, step)] = values
         return Response(status_code=204)
 
     @router.delete("/{name}/slice", status_code=204, summary="Delete a slice")
-    def delete_slice(name: str, start: OptIndex = None, stop: OptIndex = None, step: OptIndex = None):
+    def delete_slice(name: str, start: OptIndex = None, stop: OptIndex = None,
+                     step: OptIndex = None):
         del ctx.db.list(name)[_slice(start, stop, step)]
         return Response(status_code=204)
 
@@ -376,12 +382,24 @@ def _list_write_routes(router, ctx):
 # ------------------------------------------------------------------------------------------
 
 def _queue_item(item) -> dict:
-    return {"priority": item.priority, "timestamp": item.timestamp,
-            "data": beaver._to_jsonable(item.data)}
+    result = {"priority": item.priority, "timestamp": item.timestamp,
+              "data": beaver._to_jsonable(item.data)}
+    if getattr(item, "lease_id", None) is not None:
+        result["lease_id"] = item.lease_id
+    return result
+
+
+def _leased(lease_id):
+    """The item ``ack``/``nack`` need: only its lease id matters to them."""
+    item = beaver.LeasedItem(0, 0.0, None)
+    item.lease_id = lease_id
+    return item
 
 
 def _number(value):
-    return int(value) if float(value).is_integer() else float(value)
+    """Whole numbers as int (as a local caller would pass them), within SQLite's range."""
+    value = float(value)
+    return int(value) if value.is_integer() and abs(value) < 2 ** 53 else value
 
 
 def _queue_routes(ctx) -> APIRouter:
@@ -399,9 +417,21 @@ def _queue_routes(ctx) -> APIRouter:
     @router.post("/{name}/get", summary="Take the first item, waiting up to `timeout` seconds",
                  responses={404: {"description": "empty (block=false)"},
                             408: {"description": "nothing arrived in time"}})
-    def get(name: str, block: bool = True, timeout: Seconds = _seconds("seconds to wait")):
-        item = ctx.db.queue(name).get(block=block, timeout=ctx.wait(timeout) if block else None)
+    def get(name: str, block: bool = True, timeout: Seconds = _seconds("seconds to wait"),
+            lease: Optional[float] = Query(None, gt=0, allow_inf_nan=False,
+                                           description="seconds before an un-acked item "
+                                                       "returns to the queue")):
+        item = ctx.db.queue(name).get(block=block, timeout=ctx.wait(timeout) if block else None,
+                                      lease=lease)
         return _json(_queue_item(item))
+
+    @router.post("/{name}/ack", summary="Finish a leased item (false if its lease ran out)")
+    def ack(name: str, lease_id: int = Query(ge=0, le=2 ** 62)):
+        return _json(ctx.db.queue(name).ack(_leased(lease_id)))
+
+    @router.post("/{name}/nack", summary="Give a leased item back to the queue now")
+    def nack(name: str, lease_id: int = Query(ge=0, le=2 ** 62)):
+        return _json(ctx.db.queue(name).nack(_leased(lease_id)))
 
     @router.get("/{name}/peek", summary="The next item, without taking it (null if empty)")
     def peek(name: str):
@@ -953,7 +983,8 @@ def _parser(prog=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog or "python -m beaver_server",
         description="Serve a beaver database over HTTP (OpenAPI docs at /docs).")
-    parser.add_argument("--database", "-d", default=env("BEAVER_DATABASE", env("DATABASE", "beaver.db")),
+    parser.add_argument("--database", "-d",
+                        default=env("BEAVER_DATABASE", env("DATABASE", "beaver.db")),
                         help="database file (default: $BEAVER_DATABASE, $DATABASE or beaver.db)")
     parser.add_argument("--host", default=env("BEAVER_HOST", "127.0.0.1"))
     parser.add_argument("--port", "-p", type=int, default=int(env("BEAVER_PORT", "8000")))

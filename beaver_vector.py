@@ -1,5 +1,938 @@
 """beaver_vector: the faiss hybrid vector index for beaver collections (the ``[vector]`` extra).
 
-Not implemented yet: until it is, collections use the exact search built into ``beaver.py``.
-This module deliberately defines nothing, so ``beaver`` never mistakes it for a working index.
+``beaver.py`` owns the vectors (table ``beaver_vectors``) and calls this module when numpy and
+faiss import; without them it falls back to its own exact search. The index is the design of
+the original README, made safe across processes:
+
+- a **base** faiss index (exact ``IndexFlat`` or approximate ``IndexHNSWFlat``), serialized in
+  parts into ``beaver_ann_parts`` of the same database file, described by one row of
+  ``beaver_ann_base`` (its generation, kind and ``built_seq``, the last log entry it holds);
+- a **delta** of fresh vectors, in memory, searched exactly beside the base;
+- a **log** ``beaver_ann_log(seq, collection, doc_id, op)`` written by ``on_upsert`` /
+  ``on_delete`` / ``on_clear`` inside the collection's own write transaction, so nothing
+  is lost in a crash. Every search first reads the log entries it has not seen yet
+  (new seqs only, with their vectors from ``beaver_vectors``): another process's writes are
+  visible at the next search, and the write path costs one small INSERT;
+- **compaction**: a background thread folds the delta into a new base (concatenation for
+  flat, incremental HNSW inserts, or a rebuild when many entries are dead), in bounded steps
+  outside any write transaction, then swaps it in under the in-process lock. One process at a
+  time (a lease on the ``beaver_ann_base`` row) writes the folded base back to the file, part
+  by part in short transactions, switching generations atomically; crashed halfway, the old
+  base and the log are still whole. Other processes never reload what they already have: they
+  keep catching up from the log, and load the stored base only when they open, or when they
+  fell so far behind that the log entries they need were trimmed.
+
+    >>> import beaver, beaver_vector
+    >>> db = beaver.BeaverDB(":memory:")
+    >>> docs = db.collection("docs")                     # doctest: +SKIP
+    >>> docs.index(beaver.Document(id="a", embedding=[1.0, 0.0]))  # doctest: +SKIP
+    >>> docs.search([1.0, 0.1], top_k=1)                # doctest: +SKIP
+
+Distances, lower is better: ``l2`` Euclidean (not squared), ``cosine`` 1 - cosine similarity,
+``ip`` minus the dot product.
 """
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+
+import beaver
+
+try:
+    import numpy as np
+    import faiss
+except ImportError as _e:  # pragma: no cover - exercised only without the extra
+    np = faiss = None
+    _IMPORT_ERROR = _e
+else:
+    _IMPORT_ERROR = None
+
+__all__ = ["open_index", "VectorIndex"]
+
+logger = logging.getLogger("beaver.vector")
+
+METRICS = ("l2", "cosine", "ip")
+KINDS = ("auto", "flat", "hnsw")
+DEFAULTS = {
+    "index": "auto",          # "flat" (exact), "hnsw" (approximate) or "auto"
+    "ann_threshold": 20000,   # "auto" switches from flat to HNSW at this many vectors
+    "m": 32,                  # HNSW graph degree
+    "ef_construction": 200,   # HNSW build breadth
+    "ef_search": 64,          # HNSW search breadth (raise for recall, lower for speed)
+    "fold_min": 1000,         # fold the delta into the base once it holds this many ...
+    "fold_fraction": 0.05,    # ... or this fraction of the base, whichever is larger
+    "rebuild_dead": 0.2,      # rebuild (not extend) an HNSW base with this fraction dead
+    "filter_exact_below": 20000,  # where= filters this small are searched exactly
+    "persist_fraction": 0.25,  # store a folded base when this fraction of it is new ...
+    "persist_min": 1000,      # ... and at least this many log entries are newer than the stored one
+    "part_bytes": 8 << 20,    # the stored base is split in parts of this size
+    "build_chunk": 50000,     # vectors per step of an HNSW build (smaller steps: worse graph)
+    "background": True,       # fold in a background thread (else only in compact())
+}
+LEASE_SECONDS = 60.0
+GATHER_BELOW = 1024  # filters allowing fewer base rows are scored by numpy, not faiss
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS beaver_ann_log (
+        seq INTEGER PRIMARY KEY, collection TEXT NOT NULL,
+        doc_id TEXT NOT NULL, op TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS beaver_ann_base (
+        collection TEXT PRIMARY KEY, generation TEXT, kind TEXT, dim INTEGER, metric TEXT,
+        built_seq INTEGER NOT NULL DEFAULT 0, log_floor INTEGER NOT NULL DEFAULT 0,
+        count INTEGER NOT NULL DEFAULT 0, parts INTEGER NOT NULL DEFAULT 0, ids TEXT,
+        lease_owner TEXT, lease_until REAL NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS beaver_ann_parts (
+        collection TEXT NOT NULL, generation TEXT NOT NULL, part INTEGER NOT NULL,
+        data BLOB NOT NULL, PRIMARY KEY (collection, generation, part)) WITHOUT ROWID""",
+]
+
+_CATCH_UP = """SELECT l.seq, l.collection = ?1, l.doc_id, l.op, v.vector
+    FROM beaver_ann_log l LEFT JOIN beaver_vectors v
+      ON l.collection = ?1 AND v.collection = ?1 AND v.doc_id = l.doc_id
+    WHERE l.seq > ?2 ORDER BY l.seq"""
+
+
+def open_index(core, collection: str, dim: int, metric: str = "l2", **options) -> "VectorIndex":
+    """Open (load or build) the faiss index of one collection; the collection calls this.
+
+        >>> index = open_index(db._core, "docs", 384, "cosine", index="hnsw")  # doctest: +SKIP
+
+    Raises ``beaver.FeatureUnavailable`` when numpy/faiss are missing (or when the
+    environment variable ``BEAVER_VECTOR_BACKEND=exact`` asks for the built-in search).
+    """
+    if _IMPORT_ERROR is not None:
+        raise beaver.FeatureUnavailable(
+            f"vector index needs numpy and faiss-cpu (pip install beaver-db[vector]): {_IMPORT_ERROR}")
+    if os.environ.get("BEAVER_VECTOR_BACKEND", "").lower() == "exact":
+        raise beaver.FeatureUnavailable("BEAVER_VECTOR_BACKEND=exact selects the built-in search")
+    return VectorIndex(core, collection, dim, metric, **options)
+
+
+def _check_options(dim, metric, options) -> dict:
+    if not isinstance(dim, int) or dim <= 0:
+        raise beaver.ValidationError(f"vector dimension must be a positive int, not {dim!r}")
+    if metric not in METRICS:
+        raise beaver.ValidationError(f"metric must be one of {METRICS}, not {metric!r}")
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise beaver.ValidationError(f"unknown vector index options: {sorted(unknown)}")
+    merged = dict(DEFAULTS, **options)
+    if merged["index"] not in KINDS:
+        raise beaver.ValidationError(f"index must be one of {KINDS}, not {merged['index']!r}")
+    return merged
+
+
+# ==========================================================================================
+# In-memory parts: the base (one faiss index) and the delta (fresh vectors, searched exactly)
+# ==========================================================================================
+
+def _faiss_metric(metric):
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def _stored_vectors(index, kind, n, dim):
+    """A zero-copy (n, dim) view of the vectors a flat or HNSW-flat index stores."""
+    if n == 0:
+        return np.empty((0, dim), np.float32)
+    flat = index if kind == "flat" else faiss.downcast_index(index.storage)
+    return faiss.rev_swig_ptr(flat.get_xb(), n * dim).reshape(n, dim)
+
+
+class _Base:
+    """A faiss index over labels 0..n-1 with their doc ids. Only the dead marks change."""
+
+    def __init__(self, kind, index, ids, built_seq, dim):
+        self.kind = kind
+        self.index = index
+        self.ids = ids
+        self.built_seq = built_seq
+        n = len(ids)
+        self.pos = {doc_id: i for i, doc_id in enumerate(ids) if doc_id is not None}
+        self.dead = np.fromiter((doc_id is None for doc_id in ids), bool, n)
+        self.n_dead = n - len(self.pos)
+        self.xb = _stored_vectors(index, kind, n, dim)
+        self._selector = None
+
+    @classmethod
+    def empty(cls, dim, metric, built_seq=0):
+        return cls("flat", faiss.IndexFlat(dim, _faiss_metric(metric)), [], built_seq, dim)
+
+    def __len__(self):
+        return len(self.pos)
+
+    def kill(self, doc_id) -> bool:
+        i = self.pos.pop(doc_id, None)
+        if i is None:
+            return False
+        self.dead[i] = True
+        self.n_dead += 1
+        self._selector = None
+        return True
+
+    def live_ids(self) -> list:
+        return [doc_id if not dead else None for doc_id, dead in zip(self.ids, self.dead)]
+
+    def selector(self):
+        """An IDSelector of the live labels (None when nothing is dead)."""
+        if self.n_dead == 0:
+            return None
+        if self._selector is None:
+            self._selector = _bitmap_selector(~self.dead)
+        return self._selector[0]
+
+
+def _bitmap_selector(mask):
+    bits = np.packbits(mask, bitorder="little")
+    return faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits)), bits
+
+
+class _Delta:
+    """Vectors written since the base was built: rows overwritten in place on upsert."""
+
+    def __init__(self, dim):
+        self.vecs = np.empty((64, dim), np.float32)
+        self.ids: list = []
+        self.live = np.zeros(64, bool)
+        self.pos: dict = {}
+
+    def __len__(self):
+        return len(self.pos)
+
+    def put_many(self, doc_ids, matrix):
+        for doc_id, vector in zip(doc_ids, matrix):
+            i = self.pos.get(doc_id)
+            if i is None:
+                i = len(self.ids)
+                if i == len(self.live):
+                    self._grow()
+                self.ids.append(doc_id)
+                self.pos[doc_id] = i
+            self.vecs[i] = vector
+            self.live[i] = True
+
+    def _grow(self):
+        size = 2 * len(self.live)
+        vecs = np.empty((size, self.vecs.shape[1]), np.float32)
+        vecs[:len(self.live)] = self.vecs
+        live = np.zeros(size, bool)
+        live[:len(self.live)] = self.live
+        self.vecs, self.live = vecs, live
+
+    def drop(self, doc_id) -> bool:
+        i = self.pos.pop(doc_id, None)
+        if i is not None:
+            self.live[i] = False
+        return i is not None
+
+    def rows(self):
+        """(indices, ids) of the live rows."""
+        idx = np.flatnonzero(self.live[:len(self.ids)])
+        return idx, [self.ids[i] for i in idx]
+
+
+class _Plan:
+    """What a fold starts from: taken under the lock, built from without it."""
+
+    def __init__(self, base, epoch, seq, kind, dvecs, dids, dead):
+        self.base, self.epoch, self.seq, self.kind = base, epoch, seq, kind
+        self.dvecs, self.dids, self.dead = dvecs, dids, dead
+
+
+class _Stopped(Exception):
+    """The index is closing: a background build gives up."""
+
+
+# ==========================================================================================
+# The index of one collection
+# ==========================================================================================
+
+class VectorIndex:
+    """The hybrid faiss index of one collection (see the module docstring).
+
+    The collection calls, inside the write transaction of the document:
+    ``on_upsert(doc_id, vector_bytes)`` after writing its ``beaver_vectors`` row (or
+    ``on_upsert_many([(doc_id, vector_bytes), ...])`` for a batch), ``on_delete(doc_id)``
+    after deleting it and ``on_clear()`` after deleting all of them; and, outside
+    transactions, ``search(query, top_k, allowed)``, ``compact()`` and ``close()``.
+    """
+
+    def __init__(self, core, collection, dim, metric="l2", **options):
+        self.options = _check_options(dim, metric, options)
+        self._core = core
+        self.collection = collection
+        self.dim = dim
+        self.metric = metric
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
+        self._owner = f"{os.getpid()}:{uuid.uuid4().hex}"
+        self._thread = None
+        self._store_lock = threading.Lock()
+        self._closing = False
+        self._epoch = 0
+        self._base = self._delta = None     # loaded on first use outside a transaction:
+        self._last_seq = 0                  # the collection may open us inside its own
+        if not core.in_transaction:
+            self._ready()
+
+    def __repr__(self):
+        return f"<VectorIndex {self.collection!r} dim={self.dim} metric={self.metric}>"
+
+    def _ready(self):
+        """Create the tables and load the state if not done yet (outside transactions)."""
+        self._check_pid()
+        if self._base is None:
+            with self._lock:
+                if self._base is None:
+                    self._ensure_tables()
+                    self._load()
+
+    @property
+    def ef_search(self) -> int:
+        """HNSW search breadth; set it to trade speed for recall (``index.ef_search = 128``)."""
+        return self.options["ef_search"]
+
+    @ef_search.setter
+    def ef_search(self, value):
+        self.options["ef_search"] = int(value)
+
+    # -- tables, loading ---------------------------------------------------------------
+
+    def _ensure_tables(self):
+        with self._core.transaction():
+            for statement in _SCHEMA:
+                self._core.execute(statement)
+            self._core.execute("INSERT OR IGNORE INTO beaver_ann_base (collection) VALUES (?)",
+                               (self.collection,))
+
+    def _header(self):
+        return self._core.execute(
+            "SELECT generation, kind, dim, metric, built_seq, log_floor, count, parts "
+            "FROM beaver_ann_base WHERE collection = ?", (self.collection,)).fetchone()
+
+    def _load(self):
+        """Load the stored base (or build a flat one from ``beaver_vectors``), then catch up.
+
+        A stored base plus the log must account for every vector of the table; when they do
+        not (a process without this module wrote vectors), the index is rebuilt from the table.
+        """
+        self._epoch += 1
+        self._delta = _Delta(self.dim)
+        with self._read_snapshot():
+            base = self._read_stored_base()
+            self._base = base or self._base_from_table()
+            self._last_seq = self._base.built_seq
+            self._catch_up()
+            if base is None:
+                return
+            stored = self._core.execute("SELECT count(*) FROM beaver_vectors WHERE collection = ?",
+                                        (self.collection,)).fetchone()[0]
+            if stored == len(self._base) + len(self._delta):
+                return
+            logger.warning("vector index of %r was out of step with its table (%d vs %d "
+                           "vectors): rebuilt", self.collection,
+                           len(self._base) + len(self._delta), stored)
+            self._delta = _Delta(self.dim)
+            self._base = self._base_from_table()
+            self._last_seq = self._base.built_seq
+
+    def _read_stored_base(self):
+        with self._read_snapshot():
+            head = self._header()
+            if head is None or head[1] is None or head[2] != self.dim or head[3] != self.metric:
+                return None
+            generation, kind, _, _, built_seq, _, count, parts = head
+            chunks = [row[0] for row in self._core.execute(
+                "SELECT data FROM beaver_ann_parts WHERE collection = ? AND generation = ? "
+                "ORDER BY part", (self.collection, generation))]
+            ids = json.loads(self._core.execute(
+                "SELECT ids FROM beaver_ann_base WHERE collection = ?",
+                (self.collection,)).fetchone()[0])
+        if len(chunks) != parts:
+            logger.warning("stored vector index of %r is incomplete: rebuilding", self.collection)
+            return None
+        index = faiss.deserialize_index(np.frombuffer(b"".join(chunks), np.uint8))
+        return _Base(kind, index, ids, built_seq, self.dim)
+
+    def _base_from_table(self):
+        with self._read_snapshot():
+            rows = self._core.execute(
+                "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
+                (self.collection,)).fetchall()
+            seq = self._core.execute("SELECT max(seq) FROM beaver_ann_log").fetchone()
+        ids = [row[0] for row in rows]
+        base = self._flat_base(ids, self._matrix([row[1] for row in rows]), seq[0] or 0)
+        return base
+
+    def _flat_base(self, ids, matrix, built_seq):
+        index = faiss.IndexFlat(self.dim, _faiss_metric(self.metric))
+        if len(ids):
+            index.add(matrix)
+        return _Base("flat", index, ids, built_seq, self.dim)
+
+    def _read_snapshot(self):
+        """A read transaction (one consistent snapshot), unless one is already open."""
+        core = self._core
+
+        class _Snapshot:
+            def __enter__(snap):
+                snap.own = not core.conn().in_transaction
+                if snap.own:
+                    core.execute("BEGIN")
+
+            def __exit__(snap, *exc):
+                if snap.own:
+                    core.execute("COMMIT")
+
+        return _Snapshot()
+
+    def _matrix(self, blobs):
+        """float32 (n, dim) from little-endian float32 blobs, normalised for cosine."""
+        if not blobs:
+            return np.empty((0, self.dim), np.float32)
+        matrix = np.frombuffer(b"".join(blobs), "<f4").astype(np.float32).reshape(-1, self.dim)
+        if self.metric == "cosine":
+            norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+            norms[norms == 0] = 1.0
+            matrix /= norms
+        return matrix
+
+    # -- write hooks (inside the collection's write transaction) -------------------------
+
+    def on_upsert(self, doc_id: str, vector: bytes):
+        """Log that ``doc_id`` now has the vector just written to ``beaver_vectors``.
+
+            >>> with core.transaction():                       # doctest: +SKIP
+            ...     core.execute("INSERT OR REPLACE INTO beaver_vectors VALUES (?, ?, ?)",
+            ...                  ("docs", "a", array("f", [1.0, 0.0]).tobytes()))
+            ...     index.on_upsert("a", array("f", [1.0, 0.0]).tobytes())
+
+        Costs one INSERT; the vector reaches memory at the next search (in every process).
+        """
+        self._check_vector(vector)
+        self._log([(self.collection, doc_id, "u")])
+
+    def on_upsert_many(self, items):
+        """Batch form of ``on_upsert``: ``items`` is an iterable of ``(doc_id, vector_bytes)``.
+
+            >>> index.on_upsert_many([("a", va), ("b", vb)])   # doctest: +SKIP
+        """
+        rows = []
+        for doc_id, vector in items:
+            self._check_vector(vector)
+            rows.append((self.collection, doc_id, "u"))
+        self._log(rows)
+
+    def on_delete(self, doc_id: str):
+        """Log that ``doc_id``'s vector was deleted (``index.on_delete("a")``)."""
+        self._log([(self.collection, doc_id, "d")])
+
+    def on_clear(self):
+        """Log that every vector of the collection was deleted (``index.on_clear()``)."""
+        self._log([(self.collection, "", "c")])
+
+    def _log(self, rows):
+        sql = "INSERT INTO beaver_ann_log (collection, doc_id, op) VALUES (?, ?, ?)"
+        try:
+            self._core.executemany(sql, rows)
+        except beaver.BeaverError as e:
+            if "no such table" not in str(e):
+                raise
+            self._ensure_tables()   # created (or rolled back) with the caller's transaction
+            self._core.executemany(sql, rows)
+
+    def _check_vector(self, vector):
+        if len(vector) != 4 * self.dim:
+            raise beaver.ValidationError(
+                f"vector of {len(vector) // 4} floats in collection {self.collection!r} "
+                f"of dimension {self.dim}")
+
+    # -- catching up with the log --------------------------------------------------------
+
+    def _read_log(self):
+        """New log rows (all collections, so ``_last_seq`` skips the others' too) and the floor.
+
+        The floor is read after the rows: it only grows, so if it is still at or below
+        ``_last_seq`` now, none of the rows just read had been trimmed.
+        """
+        rows = self._core.execute(_CATCH_UP, (self.collection, self._last_seq)).fetchall()
+        head = self._core.execute("SELECT log_floor FROM beaver_ann_base WHERE collection = ?",
+                                  (self.collection,)).fetchone()
+        return rows, (head[0] if head else 0)
+
+    @staticmethod
+    def _net_changes(rows):
+        """(cleared, {doc_id: vector bytes or None}) of log rows, in order."""
+        cleared, final = False, {}
+        for _, mine, doc_id, op, vector in rows:
+            if not mine:
+                continue
+            if op == "c":
+                cleared, final = True, {}
+            else:
+                final[doc_id] = vector if op == "u" else None
+        return cleared, final
+
+    def _catch_up(self):
+        """Apply every committed log row newer than ``_last_seq`` (lock held)."""
+        rows, floor = self._read_log()
+        if floor > self._last_seq:
+            logger.info("vector index of %r fell behind the trimmed log: reloading", self.collection)
+            self._load()
+            return
+        if not rows:
+            return
+        cleared, final = self._net_changes(rows)
+        self._last_seq = rows[-1][0]
+        if cleared:
+            self._epoch += 1
+            self._base = _Base.empty(self.dim, self.metric, self._last_seq)
+            self._delta = _Delta(self.dim)
+        puts = [(d, v) for d, v in final.items() if v is not None and len(v) == 4 * self.dim]
+        for doc_id in final:
+            self._base.kill(doc_id)
+        kept = {d for d, _ in puts}
+        for doc_id in final:
+            if doc_id not in kept:
+                self._delta.drop(doc_id)
+        if puts:
+            self._delta.put_many([d for d, _ in puts], self._matrix([v for _, v in puts]))
+
+    def _check_pid(self):
+        if self._pid != os.getpid():  # forked: the parent's thread and lock are not ours
+            self._pid = os.getpid()
+            self._owner = f"{os.getpid()}:{uuid.uuid4().hex}"
+            self._lock = threading.RLock()
+            self._store_lock = threading.Lock()
+            self._thread = None
+
+    # -- search ----------------------------------------------------------------------------
+
+    def search(self, query, top_k: int, allowed=None) -> list:
+        """The ``top_k`` nearest documents as ``[(doc_id, distance), ...]``, nearest first.
+
+            >>> index.search([0.1, 0.9], 10)                  # doctest: +SKIP
+            [('b', 0.04), ('a', 0.87)]
+
+        ``allowed`` (a set of doc ids, e.g. the result of a ``where=`` filter) restricts the
+        answer; small sets are searched exactly. Sees every write committed before the call,
+        in any process, and this thread's own uncommitted writes inside a transaction.
+        """
+        q = self._prepare(query)
+        if top_k <= 0 or (allowed is not None and not allowed):
+            return []
+        if self._core.in_transaction:
+            return self._search_in_transaction(q, top_k, allowed)
+        self._ready()
+        with self._lock:
+            self._catch_up()
+            self._maybe_fold()
+            dist, ids = self._search_state(q, top_k, allowed, ())
+        return _top(dist, ids, top_k)
+
+    def _prepare(self, query):
+        if isinstance(query, list):
+            q = np.fromiter(query, np.float32, len(query))
+        else:
+            q = np.asarray(query, dtype=np.float32).reshape(-1)
+        if q.shape[0] != self.dim:
+            raise beaver.ValidationError(f"query has {q.shape[0]} dimensions, the collection "
+                                         f"{self.collection!r} {self.dim}")
+        if self.metric == "cosine":
+            norm = float(np.linalg.norm(q))
+            if norm:
+                q = q / norm
+        return np.ascontiguousarray(q)
+
+    def _search_in_transaction(self, q, top_k, allowed):
+        """Search state + this transaction's uncommitted log rows, without changing the state."""
+        with self._lock:
+            try:
+                rows, floor = self._read_log() if self._base is not None else ((), 1)
+            except beaver.BeaverError as e:
+                if "no such table" not in str(e):
+                    raise
+                rows, floor = (), 1
+            if floor > self._last_seq:
+                return self._brute_force(q, top_k, allowed)
+            cleared, final = self._net_changes(rows)
+            if cleared:
+                dist, ids = np.empty(0, np.float32), []
+            else:
+                dist, ids = self._search_state(q, top_k, allowed, final.keys())
+        puts = [(d, v) for d, v in final.items() if v is not None and len(v) == 4 * self.dim
+                and (allowed is None or d in allowed)]
+        if puts:
+            extra = self._distances(self._matrix([v for _, v in puts]), q)
+            dist, ids = np.concatenate([dist, extra]), ids + [d for d, _ in puts]
+        return _top(dist, ids, top_k)
+
+    def _brute_force(self, q, top_k, allowed):
+        rows = self._core.execute("SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
+                                  (self.collection,)).fetchall()
+        rows = [r for r in rows if (allowed is None or r[0] in allowed) and len(r[1]) == 4 * self.dim]
+        dist = self._distances(self._matrix([r[1] for r in rows]), q)
+        return _top(dist, [r[0] for r in rows], top_k)
+
+    def _search_state(self, q, top_k, allowed, exclude):
+        """(distances, ids) of candidates from base and delta (lock held), maybe > top_k."""
+        base, delta = self._base, self._delta
+        if allowed is not None:
+            wanted = allowed.difference(exclude) if exclude else allowed
+            dist, ids = self._search_base_among(base, q, top_k, wanted)
+            small, large = (wanted, delta.pos) if len(wanted) < len(delta) else (delta.pos, wanted)
+            d_rows = [delta.pos[d] for d in small if d in large]
+            if d_rows:
+                dist = np.concatenate([dist, self._distances(delta.vecs[d_rows], q)])
+                ids = ids + [delta.ids[i] for i in d_rows]
+            return dist, ids
+        k = min(top_k + len(exclude), len(base))
+        dist, ids = self._search_base(base, q, k, base.selector(), self.ef_search)
+        if len(ids) < k:  # HNSW among many dead entries can come back short
+            dist, ids = self._search_base_among(base, q, k, base.pos)
+        if len(delta):
+            idx, dids = delta.rows()
+            dist = np.concatenate([dist, self._distances(delta.vecs[idx], q)])
+            ids = ids + dids
+        if exclude:
+            mask = np.fromiter((d not in exclude for d in ids), bool, len(ids))
+            dist, ids = dist[mask], [d for d, m in zip(ids, mask) if m]
+        return dist, ids
+
+    def _search_base_among(self, base, q, k, wanted):
+        """Base search restricted to ``wanted`` ids: exact for small sets, else filtered."""
+        rows = np.fromiter((base.pos[d] for d in wanted if d in base.pos), np.int64)
+        k = min(k, len(rows))
+        if k == 0:
+            return np.empty(0, np.float32), []
+        if len(rows) <= GATHER_BELOW:
+            return self._distances(base.xb[rows], q), [base.ids[i] for i in rows]
+        mask = np.zeros(len(base.ids), bool)
+        mask[rows] = True
+        selector, _bits = _bitmap_selector(mask)
+        if base.kind == "hnsw" and len(rows) > self.options["filter_exact_below"]:
+            ef = int(self.ef_search * min(16.0, len(base) / len(rows)))
+            dist, ids = self._search_base(base, q, k, selector, min(4096, max(ef, self.ef_search)))
+            if len(ids) == k:
+                return dist, ids
+        flat = base.index if base.kind == "flat" else faiss.downcast_index(base.index.storage)
+        raw, labels = flat.search(q.reshape(1, -1), k, params=faiss.SearchParameters(sel=selector))
+        return self._to_distance(raw[0]), [base.ids[i] for i in labels[0] if i >= 0]
+
+    def _search_base(self, base, q, k, selector, ef):
+        """faiss search of the base: (distances, ids) without the -1 padding."""
+        if k <= 0 or base.index.ntotal == 0:
+            return np.empty(0, np.float32), []
+        if base.kind == "hnsw":
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = max(ef, k)
+        else:
+            params = faiss.SearchParameters() if selector is not None else None
+        if selector is not None:
+            params.sel = selector
+        raw, labels = base.index.search(q.reshape(1, -1), k, params=params)
+        raw, labels = raw[0], labels[0]
+        if labels[-1] < 0:
+            found = labels >= 0
+            raw, labels = raw[found], labels[found]
+        ids = base.ids
+        return self._to_distance(raw), [ids[i] for i in labels]
+
+    def _distances(self, matrix, q):
+        if self.metric == "l2":
+            diff = matrix - q
+            return self._to_distance(np.einsum("ij,ij->i", diff, diff))
+        return self._to_distance(np.einsum("ij,j->i", matrix, q))  # no BLAS threads
+
+    def _to_distance(self, raw):
+        raw = np.asarray(raw, dtype=np.float32)
+        if self.metric == "l2":
+            return np.sqrt(np.maximum(raw, 0.0))
+        if self.metric == "ip":
+            return -raw
+        return 1.0 - raw
+
+
+    # -- folding the delta into the base (compaction in memory) ---------------------------
+
+    def _wanted_kind(self, base) -> str:
+        choice = self.options["index"]
+        if choice != "auto":
+            return choice
+        live = len(base) + len(self._delta)
+        threshold = self.options["ann_threshold"]
+        if base.kind == "hnsw":
+            return "hnsw" if live >= threshold // 2 else "flat"
+        return "hnsw" if live >= threshold else "flat"
+
+    def _fold_due(self) -> bool:
+        base, opts = self._base, self.options
+        n = len(base.ids)
+        if self._wanted_kind(base) != base.kind:
+            return len(base) + len(self._delta) > 0
+        limit = max(opts["fold_min"], opts["fold_fraction"] * n)
+        dead_limit = limit if base.kind == "flat" else max(opts["fold_min"], opts["rebuild_dead"] * n)
+        return len(self._delta) >= limit or base.n_dead >= dead_limit
+
+    def _maybe_fold(self):
+        """Start the background fold when it is due (lock held)."""
+        if not self.options["background"] or self._closing or not self._fold_due():
+            return
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._thread = threading.Thread(target=self._background, daemon=True,
+                                        name=f"beaver-vector-{self.collection}")
+        self._thread.start()
+
+    def _background(self):
+        try:
+            while not self._closing and self._fold(persist=False):
+                pass
+        except (_Stopped, beaver.ClosedError):
+            pass
+        except Exception:  # a background thread must not die silently
+            logger.exception("vector index compaction of %r failed", self.collection)
+
+    def _plan(self, force=False):
+        """Snapshot of what to fold, or None if nothing is due (lock held)."""
+        self._catch_up()
+        if not (force or self._fold_due()):
+            return None
+        base, delta = self._base, self._delta
+        idx, dids = delta.rows()
+        return _Plan(base, self._epoch, self._last_seq, self._wanted_kind(base),
+                     delta.vecs[idx].copy(), dids, base.dead.copy())
+
+    def _fold(self, persist=False, force=False) -> bool:
+        """One fold: plan (locked), build (unlocked, in steps), swap (locked), maybe store."""
+        with self._lock:
+            plan = self._plan(force)
+        if plan is None:
+            return False
+        new = self._build(plan)
+        with self._lock:
+            if self._closing:
+                raise _Stopped()
+            if plan.epoch != self._epoch:
+                return True  # cleared or reloaded meanwhile: the new base is stale
+            self._epoch += 1
+            self._base, self._delta, self._last_seq = new, _Delta(self.dim), plan.seq
+            self._catch_up()  # the writes that came in while building
+        self._store(new, force=persist)
+        return True
+
+    def _build(self, plan):
+        old, kind = plan.base, plan.kind
+        live = ~plan.dead
+        if kind == "flat":
+            matrix = np.concatenate([old.xb[live], plan.dvecs])
+            ids = [d for d, alive in zip(old.ids, live) if alive] + plan.dids
+            return self._flat_base(ids, matrix, plan.seq)
+        incremental = (old.kind == "hnsw" and len(old.ids)
+                       and plan.dead.sum() < self.options["rebuild_dead"] * len(old.ids))
+        if incremental:
+            index = faiss.clone_index(old.index)
+            ids = [d if alive else None for d, alive in zip(old.ids, live)] + plan.dids
+            self._add_in_steps(index, plan.dvecs)
+        else:
+            index = self._new_hnsw()
+            ids = [d for d, alive in zip(old.ids, live) if alive] + plan.dids
+            self._add_in_steps(index, old.xb[live])
+            self._add_in_steps(index, plan.dvecs)
+        return _Base("hnsw", index, ids, plan.seq, self.dim)
+
+    def _new_hnsw(self):
+        index = faiss.IndexHNSWFlat(self.dim, self.options["m"], _faiss_metric(self.metric))
+        index.hnsw.efConstruction = self.options["ef_construction"]
+        return index
+
+    def _add_in_steps(self, index, matrix):
+        step = self.options["build_chunk"]
+        index.hnsw.efConstruction = self.options["ef_construction"]
+        for start in range(0, len(matrix), step):
+            if self._closing:
+                raise _Stopped()
+            index.add(np.ascontiguousarray(matrix[start:start + step]))
+
+    # -- storing the base in the database file ----------------------------------------------
+
+    def _store(self, base, force=False):
+        """Write ``base`` as the stored base if it is due, under the lease, part by part."""
+        head = self._header()
+        if head is None or head[4] >= base.built_seq:
+            return False
+        same = head[1] == base.kind and head[2] == self.dim and head[3] == self.metric
+        due = max(self.options["persist_min"], self.options["persist_fraction"] * len(base))
+        if same and not force and base.built_seq - head[4] < due:
+            return False
+        if not self._store_lock.acquire(blocking=force):
+            return False
+        try:
+            return self._store_under_lease(base)
+        finally:
+            self._store_lock.release()
+
+    def _store_under_lease(self, base) -> bool:
+        if not self._claim_lease():
+            return False
+        try:
+            generation = uuid.uuid4().hex
+            parts = self._write_parts(generation, base)
+            switched = self._switch(generation, parts, base)
+            self._drop_orphan_parts()
+            if switched:
+                self._trim_log()
+            return switched
+        finally:
+            self._core.execute("UPDATE beaver_ann_base SET lease_owner = NULL, lease_until = 0 "
+                               "WHERE collection = ? AND lease_owner = ?",
+                               (self.collection, self._owner))
+
+    def _claim_lease(self) -> bool:
+        with self._core.transaction():
+            owner, until = self._core.execute(
+                "SELECT lease_owner, lease_until FROM beaver_ann_base WHERE collection = ?",
+                (self.collection,)).fetchone()
+            if owner not in (None, self._owner) and until > time.time() and _alive(owner):
+                return False
+            self._core.execute("UPDATE beaver_ann_base SET lease_owner = ?, lease_until = ? "
+                               "WHERE collection = ?",
+                               (self._owner, time.time() + LEASE_SECONDS, self.collection))
+        return True
+
+    def _renew_lease(self):
+        cursor = self._core.execute(
+            "UPDATE beaver_ann_base SET lease_until = ? WHERE collection = ? AND lease_owner = ?",
+            (time.time() + LEASE_SECONDS, self.collection, self._owner))
+        if cursor.rowcount != 1:
+            raise _Stopped()
+
+    def _write_parts(self, generation, base) -> int:
+        """One short transaction per part, so writers wait at most one part's write."""
+        data = faiss.serialize_index(base.index)
+        size = self.options["part_bytes"]
+        count = max(1, -(-len(data) // size))
+        for part in range(count):
+            if self._closing:
+                raise _Stopped()
+            with self._core.transaction():
+                self._renew_lease()
+                self._core.execute("INSERT INTO beaver_ann_parts VALUES (?, ?, ?, ?)",
+                                   (self.collection, generation, part,
+                                    data[part * size:(part + 1) * size].tobytes()))
+        return count
+
+    def _switch(self, generation, parts, base) -> bool:
+        """Make the written parts the stored base, atomically, if still newer and still ours."""
+        with self._core.transaction():
+            owner, built_seq = self._core.execute(
+                "SELECT lease_owner, built_seq FROM beaver_ann_base WHERE collection = ?",
+                (self.collection,)).fetchone()
+            if owner != self._owner or built_seq >= base.built_seq:
+                return False
+            self._core.execute(
+                "UPDATE beaver_ann_base SET generation = ?, kind = ?, dim = ?, metric = ?, "
+                "built_seq = ?, log_floor = max(log_floor, built_seq), count = ?, parts = ?, "
+                "ids = ? WHERE collection = ?",
+                (generation, base.kind, self.dim, self.metric, base.built_seq, len(base), parts,
+                 json.dumps(base.live_ids()), self.collection))
+        return True
+
+    def _drop_orphan_parts(self):
+        """Delete parts of other generations (replaced, or left by a crash), one per transaction."""
+        while not self._closing:
+            with self._core.transaction():
+                row = self._core.execute(
+                    "SELECT p.generation, p.part FROM beaver_ann_parts p JOIN beaver_ann_base b "
+                    "ON b.collection = p.collection WHERE p.collection = ? "
+                    "AND p.generation IS NOT b.generation LIMIT 1", (self.collection,)).fetchone()
+                if row is None:
+                    return
+                self._renew_lease()
+                self._core.execute("DELETE FROM beaver_ann_parts WHERE collection = ? "
+                                   "AND generation = ? AND part = ?", (self.collection, *row))
+
+    def _trim_log(self, batch=5000):
+        """Delete this collection's log rows at or below the floor, a batch per transaction.
+
+        The newest row of the whole log is kept, so that ``seq`` (max + 1) is never reused.
+        """
+        while not self._closing:
+            with self._core.transaction():
+                cursor = self._core.execute(
+                    "DELETE FROM beaver_ann_log WHERE seq IN (SELECT seq FROM beaver_ann_log "
+                    "WHERE collection = ? AND seq <= (SELECT log_floor FROM beaver_ann_base "
+                    "WHERE collection = ?) AND seq < (SELECT max(seq) FROM beaver_ann_log) "
+                    "LIMIT ?)", (self.collection, self.collection, batch))
+            if cursor.rowcount < batch:
+                return
+
+    # -- maintenance ---------------------------------------------------------------------------
+
+    def compact(self):
+        """Fold the delta into the base now and store the base in the database file.
+
+            >>> index.compact()                               # doctest: +SKIP
+
+        Waits for a background fold in progress first. Writers are blocked only for the
+        short transactions that write each stored part.
+        """
+        self._ready()
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            thread.join()
+        try:
+            self._fold(persist=True, force=True)
+        except _Stopped:
+            pass
+
+    def info(self) -> dict:
+        """Sizes and kind, for monitoring (``index.info()["count"]``)."""
+        self._ready()
+        with self._lock:
+            base, delta = self._base, self._delta
+            n = len(base.ids)
+            graph = 0
+            if base.kind == "hnsw" and n:
+                graph = base.index.hnsw.neighbors.size() * 4 + base.index.hnsw.offsets.size() * 8
+            memory = n * self.dim * 4 + graph + delta.vecs.nbytes
+            return {"kind": base.kind, "count": len(base) + len(delta), "base": len(base),
+                    "delta": len(delta), "dead": base.n_dead, "built_seq": base.built_seq,
+                    "last_seq": self._last_seq, "memory_bytes": memory}
+
+    def close(self):
+        """Stop the background fold (``index.close()``); the stored base stays as it is.
+
+        Waits a little for the fold thread; one still inside a faiss build step gives up
+        (without writing anything) when the step ends.
+        """
+        self._closing = True
+        thread = self._thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            thread.join(timeout=2.0)
+
+
+def _alive(owner) -> bool:
+    """False when the lease owner is a process of this machine that no longer exists."""
+    try:
+        os.kill(int(owner.split(":")[0]), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):
+        return True
+    return True
+
+def _top(dist, ids, top_k) -> list:
+    """The ``top_k`` smallest distances as ``[(doc_id, float), ...]``, ascending."""
+    n = len(ids)
+    if n == 0:
+        return []
+    if n > top_k:
+        part = np.argpartition(dist, top_k - 1)[:top_k]
+        order = part[np.argsort(dist[part], kind="stable")]
+    else:
+        order = np.argsort(dist, kind="stable")
+    return [(ids[i], float(dist[i])) for i in order]

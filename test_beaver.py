@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import io
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parent
 SPAWN = multiprocessing.get_context("spawn")
 MP_DEADLINE = 60.0          # seconds any multi-process test may take before it fails
 
-PROPERTY_SETTINGS = settings(max_examples=40, stateful_step_count=25, deadline=None,
+PROPERTY_SETTINGS = settings(max_examples=25, stateful_step_count=25, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -197,6 +196,37 @@ def test_unreadable_schema_stamp_is_refused(tmp_path):
         BeaverDB(path)
 
 
+def test_unknown_beaver_layout_is_refused(tmp_path):
+    path = tmp_path / "old.db"             # beaver-looking tables, no stamp: e.g. an older beaver
+    conn = sqlite3.connect(str(path))
+    conn.execute("CREATE TABLE beaver_dicts (dict_name TEXT, key TEXT, value TEXT)")
+    conn.execute("INSERT INTO beaver_dicts VALUES ('d', 'k', '1')")
+    conn.commit()
+    conn.close()
+    with pytest.raises(beaver.SchemaError):
+        BeaverDB(path)
+    assert raw_rows(path, "SELECT name FROM sqlite_master") == [("beaver_dicts",)]
+
+
+def test_concurrent_first_opens_agree_on_the_schema(tmp_path):
+    path, errors = tmp_path / "fresh.db", []
+
+    def open_and_write(i):
+        try:
+            with BeaverDB(path) as db:
+                db.list("l").push(i)
+        except Exception as e:
+            errors.append(e)
+    threads = [threading.Thread(target=open_and_write, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(MP_DEADLINE)
+    assert errors == []
+    with BeaverDB(path) as db:
+        assert sorted(db.list("l")) == list(range(6))
+
+
 def test_existing_sqlite_file_with_other_tables_is_usable(tmp_path):
     path = tmp_path / "app.db"
     conn = sqlite3.connect(str(path))
@@ -343,6 +373,24 @@ def test_model_rejects_bad_data(data):
         Person.model_validate(data)
     with pytest.raises(ValueError):
         Person.model_validate(data)
+
+
+def test_model_literal_tuple_and_set_fields():
+    class Shape(beaver.Model):
+        kind: typing.Literal["circle", "square"] = "circle"
+        origin: typing.Tuple[int, str] = (0, "")
+        sizes: typing.Tuple[float, ...] = ()
+        tags: typing.Set[str] = set()
+
+    shape = Shape(kind="square", origin=(1, "a"), sizes=(1.5, 2), tags={"x"})
+    again = Shape.model_validate_json(shape.model_dump_json())
+    assert again.model_dump() == {"kind": "square", "origin": [1, "a"], "sizes": [1.5, 2],
+                                  "tags": ["x"]}
+    assert Shape().model_dump_json()                  # defaults serialize too
+    for bad in [{"kind": "triangle"}, {"origin": (1, 2)}, {"origin": [1]},
+                {"sizes": ["big"]}, {"tags": [1]}]:
+        with pytest.raises(beaver.ValidationError):
+            Shape.model_validate(bad)
 
 
 def test_model_validate_needs_a_dict():
@@ -715,8 +763,39 @@ def test_dict_model_dump_and_load(db):
     assert again["ada"] == people["ada"]
 
 
+def _mp_popitem(path, out_path, barrier):
+    db = BeaverDB(path)
+    d, got, spurious = db.dict("d"), [], 0
+    barrier.wait(MP_DEADLINE)
+    while True:
+        try:
+            got.append(d.popitem())
+        except KeyError:
+            if len(d) == 0:             # nothing is ever added: a KeyError before empty is wrong
+                break
+            spurious += 1
+    Path(out_path).write_text(json.dumps({"got": got, "spurious": spurious}))
+    db.close()
+
+
+def test_dict_popitem_from_four_processes_is_atomic(tmp_path):
+    path, count = str(tmp_path / "mp.db"), 100
+    with BeaverDB(path) as db:
+        db.dict("d").update({f"k{i:03}": i for i in range(count)})
+    barrier = SPAWN.Barrier(4)
+    outs = [str(tmp_path / f"out{w}.json") for w in range(4)]
+    workers = [SPAWN.Process(target=_mp_popitem, args=(path, out, barrier)) for out in outs]
+    for p in workers:
+        p.start()
+    join_all(workers, time.monotonic() + MP_DEADLINE)
+    results = [json.loads(Path(out).read_text()) for out in outs]
+    popped = sorted(tuple(pair) for r in results for pair in r["got"])
+    assert popped == [(f"k{i:03}", i) for i in range(count)]
+    assert sum(r["spurious"] for r in results) == 0
+
+
 class DictMachine(RuleBasedStateMachine):
-    """A DictManager against a plain dict, reopening the database now and then."""
+    """A DictManager against a plain dict with expiry times, on a fake clock, reopening."""
 
     keys = st.text(max_size=3)
 
@@ -724,22 +803,38 @@ class DictMachine(RuleBasedStateMachine):
         super().__init__()
         self.folder = tempfile.mkdtemp(prefix="beaver-dict-")
         self.path = os.path.join(self.folder, "p.db")
+        self.clock = FakeClock(1_000_000.0)
+        self.real_now, beaver._now = beaver._now, self.clock
         self.db = BeaverDB(self.path)
         self.d = self.db.dict("p")
-        self.oracle = {}
+        self.oracle = {}                # key -> (value, expires_at or None)
 
     def teardown(self):
+        beaver._now = self.real_now
         self.db.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def live(self):
+        now = self.clock.now
+        return {k: v for k, (v, exp) in self.oracle.items() if exp is None or exp > now}
 
     @rule(key=keys, value=json_values)
     def set(self, key, value):
         self.d[key] = value
-        self.oracle[key] = value
+        self.oracle[key] = (value, None)
+
+    @rule(key=keys, value=json_scalars, ttl=st.sampled_from([1, 2.5, 10]))
+    def set_with_ttl(self, key, value, ttl):
+        self.d.set(key, value, ttl_seconds=ttl)
+        self.oracle[key] = (value, self.clock.now + ttl)
+
+    @rule(seconds=st.sampled_from([0.5, 1, 2.5, 4]))
+    def advance(self, seconds):
+        self.clock.advance(seconds)
 
     @rule(key=keys)
     def delete(self, key):
-        if key in self.oracle:
+        if key in self.live():
             del self.d[key]
             del self.oracle[key]
         else:
@@ -748,22 +843,32 @@ class DictMachine(RuleBasedStateMachine):
 
     @rule(key=keys)
     def pop(self, key):
-        assert self.d.pop(key, "absent") == self.oracle.pop(key, "absent")
+        expected = self.live().get(key, "absent")
+        self.oracle.pop(key, None)
+        assert self.d.pop(key, "absent") == expected
 
     @rule(key=keys, value=json_scalars)
     def setdefault(self, key, value):
-        assert self.d.setdefault(key, value) == self.oracle.setdefault(key, value)
+        live = self.live()
+        if key not in live:
+            self.oracle[key] = (value, None)
+        assert self.d.setdefault(key, value) == live.get(key, value)
 
     @rule(items=st.dictionaries(keys, json_scalars, max_size=4))
     def update(self, items):
         self.d.update(items)
-        self.oracle.update(items)
+        self.oracle.update({k: (v, None) for k, v in items.items()})
 
-    @precondition(lambda self: self.oracle)
     @rule()
     def popitem(self):
-        key = min(self.oracle)
-        assert self.d.popitem() == (key, self.oracle.pop(key))
+        live = self.live()
+        if not live:
+            with pytest.raises(KeyError):
+                self.d.popitem()
+            return
+        key = min(live)
+        del self.oracle[key]
+        assert self.d.popitem() == (key, live[key])
 
     @rule()
     def clear(self):
@@ -778,8 +883,16 @@ class DictMachine(RuleBasedStateMachine):
 
     @invariant()
     def same(self):
-        assert len(self.d) == len(self.oracle)
-        assert self.d.items() == sorted(self.oracle.items(), key=lambda kv: kv[0])
+        live = self.live()
+        assert len(self.d) == len(live)
+        assert self.d.items() == sorted(live.items(), key=lambda kv: kv[0])
+        assert [item["key"] for item in self.d.dump()["items"]] == sorted(live)
+        for key in list(live)[:3]:
+            assert key in self.d and self.d[key] == live[key]
+            expected_ttl = self.oracle[key][1]
+            ttl = self.d.ttl(key)
+            assert (ttl is None) if expected_ttl is None else ttl == pytest.approx(
+                expected_ttl - self.clock.now)
 
 
 TestDictProperties = DictMachine.TestCase
@@ -970,6 +1083,20 @@ def test_list_bad_indices(ten, bad):
     assert list(ten) == list(range(10))
 
 
+@pytest.mark.parametrize("index", [2**63, -2**63, 10**30, -10**30, 2**60, 10, -11])
+def test_list_out_of_range_indices_raise_index_error(ten, index):
+    with pytest.raises(IndexError):
+        ten[index]
+    with pytest.raises(IndexError):
+        ten[index] = "x"
+    with pytest.raises(IndexError):
+        del ten[index]
+    with pytest.raises(IndexError):
+        ten.pop(index)
+    assert ten[index:] == list(range(10))[index:]
+    assert list(ten) == list(range(10))
+
+
 def test_list_dump_and_load(ten, db):
     data = ten.dump()
     assert data["metadata"]["type"] == "list" and data["items"] == list(range(10))
@@ -992,6 +1119,36 @@ def test_list_models(db):
     assert [p.name for p in lst] == ["a", "c", "b"]
     assert lst[1].address.city == "x" and lst[0:2][1] == lst[1]
     assert lst.pop().name == "b"
+
+
+def _mp_remove(path, worker, out_path, barrier):
+    db = BeaverDB(path)
+    lst, errors = db.list("l"), []
+    barrier.wait(MP_DEADLINE)
+    for value in range(worker, 120, 4):
+        try:
+            lst.remove(value)
+        except (ValueError, IndexError) as e:
+            errors.append(repr(e))
+    Path(out_path).write_text(json.dumps(errors))
+    db.close()
+
+
+def test_list_remove_from_four_processes_removes_the_right_items(tmp_path):
+    path = str(tmp_path / "mp.db")
+    with BeaverDB(path) as db:
+        db.list("l").extend(range(120))
+        db.list("l").push("keep")
+    barrier = SPAWN.Barrier(4)
+    outs = [str(tmp_path / f"out{w}.json") for w in range(4)]
+    workers = [SPAWN.Process(target=_mp_remove, args=(path, w, outs[w], barrier))
+               for w in range(4)]
+    for p in workers:
+        p.start()
+    join_all(workers, time.monotonic() + MP_DEADLINE)
+    assert [json.loads(Path(out).read_text()) for out in outs] == [[]] * 4
+    with BeaverDB(path) as db:
+        assert list(db.list("l")) == ["keep"]
 
 
 class ListMachine(RuleBasedStateMachine):
@@ -1102,7 +1259,7 @@ def _mp_push(path, worker, count, barrier):
 
 
 def test_list_four_processes_pushing_lose_nothing(tmp_path):
-    path, count = str(tmp_path / "mp.db"), 150
+    path, count = str(tmp_path / "mp.db"), 100
     BeaverDB(path).close()
     barrier = SPAWN.Barrier(4)
     workers = [SPAWN.Process(target=_mp_push, args=(path, w, count, barrier)) for w in range(4)]
@@ -1203,6 +1360,17 @@ def test_queue_blocking_get_wakes_on_put_from_another_thread(db):
     consumer.start()
     q.put("hello")
     consumer.join(30)
+    assert not consumer.is_alive() and got == ["hello"]
+
+
+@pytest.mark.parametrize("timeout", [None, float("inf"), 1e300])
+def test_queue_get_with_unbounded_timeouts(db, timeout):
+    q = db.queue("q")
+    got = []
+    consumer = threading.Thread(target=lambda: got.append(q.get(timeout=timeout).data))
+    consumer.start()
+    q.put("hello")
+    consumer.join(MP_DEADLINE)
     assert not consumer.is_alive() and got == ["hello"]
 
 
@@ -1313,7 +1481,7 @@ def _mp_consume(path, worker, barrier, out_path):
 
 
 def test_queue_four_consumers_get_each_item_exactly_once(tmp_path):
-    path, count = str(tmp_path / "mp.db"), 400
+    path, count = str(tmp_path / "mp.db"), 240
     BeaverDB(path).close()
     barrier = SPAWN.Barrier(5)
     outs = [str(tmp_path / f"out{w}.json") for w in range(4)]
@@ -1516,7 +1684,7 @@ def _mp_increment(path, count, barrier):
 
 
 def test_dict_four_processes_incrementing_under_the_manager_lock(tmp_path):
-    path, count = str(tmp_path / "mp.db"), 40
+    path, count = str(tmp_path / "mp.db"), 25
     BeaverDB(path).close()
     barrier = SPAWN.Barrier(4)
     workers = [SPAWN.Process(target=_mp_increment, args=(path, count, barrier))
@@ -1526,6 +1694,49 @@ def test_dict_four_processes_incrementing_under_the_manager_lock(tmp_path):
     join_all(workers, time.monotonic() + MP_DEADLINE)
     with BeaverDB(path) as db:
         assert db.dict("c")["n"] == 4 * count
+
+
+def test_db_lock_excludes_other_connections(tmp_path):
+    path = tmp_path / "lock.db"
+    with BeaverDB(path) as one, BeaverDB(path) as two:
+        with one.lock("job", timeout=5) as held:
+            assert held is not None
+            with pytest.raises(TimeoutError):
+                with two.lock("job", timeout=0.05):
+                    pass
+        with two.lock("job", timeout=5):
+            pass
+
+
+def _seed_scraper():
+    """The spec's lock example, verbatim apart from the returned outcome."""
+    db = BeaverDB("scraper_state.db")
+    scrapers_state = db.dict("scraper_state")
+    outcome = "skipped"
+    last_refresh = scrapers_state.get("last_sitemap_refresh", 0)
+    if time.time() - last_refresh > 3600:
+        try:
+            with db.lock("refresh_sitemap", timeout=1):
+                print(f"PID {os.getpid()} is refreshing the sitemap...")
+                scrapers_state["sitemap"] = ["/page1", "/page2"]
+                scrapers_state["last_sitemap_refresh"] = time.time()
+                outcome = "refreshed"
+        except TimeoutError:
+            print(f"PID {os.getpid()} letting other process handle refresh.")
+            outcome = "timed out"
+    sitemap = scrapers_state.get("sitemap")
+    print(f"PID {os.getpid()} proceeding with sitemap: {sitemap}")
+    db.close()
+    return outcome
+
+
+def test_seed_lock_scraper(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with BeaverDB("scraper_state.db") as other:
+        with other.lock("refresh_sitemap", timeout=5):
+            assert _seed_scraper() == "timed out"     # somebody else is refreshing
+    assert _seed_scraper() == "refreshed"
+    assert _seed_scraper() == "skipped"               # refreshed less than an hour ago
 
 
 # ---- BeaverDB ----
@@ -1573,7 +1784,8 @@ def test_names_are_just_names(tmp_path, name):
         b.put("k", b"x", metadata=name)
         with d:
             pass
-        assert d["k"] == name and list(lst) == [name] and len(q) == 1 and b.get("k").metadata == name
+        assert d["k"] == name and list(lst) == [name] and len(q) == 1
+        assert b.get("k").metadata == name
         assert db.dict("plain")["k"] == "plain" and len(db.dict("plain")) == 1
         assert len(db.dict("other")) == 0 and len(db.list("other")) == 0
         d.clear()
@@ -1778,6 +1990,21 @@ def test_threads_share_one_database(tmp_path, where):
             conn.execute("SELECT 1")
 
 
+def test_relative_path_survives_chdir(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    with BeaverDB("app.db") as db:
+        db.dict("d")["k"] = "v"
+        monkeypatch.chdir(tmp_path / "b")
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(db.dict("d").get("k")))
+        t.start()
+        t.join(MP_DEADLINE)
+        assert seen == ["v"] and os.path.isabs(db.path)
+    assert list((tmp_path / "b").iterdir()) == []
+
+
 def test_memory_databases_are_private_and_vanish(tmp_path):
     one, two = BeaverDB(":memory:"), BeaverDB(":memory:")
     one.dict("d")["k"] = 1
@@ -1879,6 +2106,18 @@ def test_as_async_on_every_manager(db):
         assert dumped["metadata"]["count"] == 1
         assert "Async" in repr(adict)
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("factory", ["dict", "list", "queue", "blobs", "blob", "log", "channel",
+                                     "collection"])
+def test_as_async_exists_on_every_manager(db, factory):
+    if not hasattr(db, factory):
+        pytest.skip(f"this beaver has no db.{factory}() yet")
+    manager = getattr(db, factory)("any")
+    twin = manager.as_async()
+    assert twin is not None and twin is not manager
+    if hasattr(manager, "__len__"):
+        assert asyncio.run(twin.len()) == len(manager)
 
 
 # ---- aliases ----
@@ -3325,6 +3564,7 @@ def test_collection_vector_upsert_moves_and_reopen(tmp_path, monkeypatch):
 
 
 def test_collection_vectors_pure_python(docs, monkeypatch):
+    monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")  # beaver_vector may be imported already
     monkeypatch.setitem(sys.modules, "numpy", None)
     for i in range(20):
         docs.index(Document(id=f"d{i}", embedding=[float(i), 1.0]))
@@ -3402,39 +3642,374 @@ def test_collection_visible_across_processes(tmp_path):
         assert [d.id for d, _ in coll.match("anotehr", fuzziness=1)] == ["remote"]
 
 
-def test_lock_seed_example_scraper(tmp_path, monkeypatch, capsys):
-    import os
-    import time
-    monkeypatch.chdir(tmp_path)
-    db = BeaverDB("scraper_state.db")
-    scrapers_state = db.dict("scraper_state")
-
-    last_refresh = scrapers_state.get("last_sitemap_refresh", 0)
-    if time.time() - last_refresh > 3600:  # Only refresh once per hour
-        try:
-            with db.lock("refresh_sitemap", timeout=1):
-                print(f"PID {os.getpid()} is refreshing the sitemap...")
-                scrapers_state["sitemap"] = ["/page1", "/page2"]
-                scrapers_state["last_sitemap_refresh"] = time.time()
-        except TimeoutError:
-            print(f"PID {os.getpid()} letting other process handle refresh.")
-
-    sitemap = scrapers_state.get("sitemap")
-    print(f"PID {os.getpid()} proceeding with sitemap: {sitemap}")
-    db.close()
-    out = capsys.readouterr().out
-    assert "is refreshing the sitemap" in out and "['/page1', '/page2']" in out
+def test_collection_index_many(docs):
+    assert docs.index_many(Document(id=f"d{i}", body=f"text number {i}", embedding=[i, 1.0])
+                           for i in range(30)) == 30
+    assert len(docs) == 30 and [d.id for d, _ in docs.match("text", top_k=50)].__len__() == 30
+    with pytest.raises(ValidationError):
+        docs.index_many([Document(id="x", embedding=[1.0]), Document(id="y", embedding=[1, 2])])
+    with pytest.raises(ValidationError):
+        docs.index_many([Document(id="x", embedding=[1.0, 2.0, 3.0])])
+    assert "x" not in docs and "y" not in docs
 
 
-def test_queue_dump_keeps_leased_items(db):
-    q = db.queue("dumped")
-    q.put("queued")
-    q.put("leased")
-    q.get(lease=60)
-    q.get(lease=60)
-    assert [i["data"] for i in q.dump()["items"]] == ["queued", "leased"]
-    q.clear()
-    assert q.dump()["items"] == [] and len(q) == 0
+@pytest.mark.parametrize("numpy_present", [True, False])
+def test_collection_vector_cache_follows_changes(tmp_path, monkeypatch, numpy_present):
+    """A searcher's cached vectors track inserts, moves and drops made by another handle."""
+    import random
+    monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")   # the built-in cache is under test
+    if not numpy_present:
+        monkeypatch.setitem(sys.modules, "numpy", None)
+    rng = random.Random(3)
+    path = tmp_path / "cache.db"
+    with BeaverDB(path) as reader_db, BeaverDB(path) as writer_db:
+        reader = reader_db.collection("v", metric="cosine")
+        writer = writer_db.collection("v", metric="cosine")
+        truth = {}
+        for step in range(120):
+            doc_id = f"d{rng.randrange(40)}"
+            if doc_id in truth and rng.random() < 0.3:
+                writer.drop(doc_id)
+                del truth[doc_id]
+            else:
+                truth[doc_id] = [rng.uniform(-1, 1) for _ in range(4)]
+                writer.index(Document(id=doc_id, embedding=truth[doc_id]))
+            if step % 7 == 0:
+                query = [rng.uniform(-1, 1) for _ in range(4)]
+                got = [d.id for d, _ in reader.search(query, top_k=100)]
+                assert sorted(got) == sorted(truth)
+                best = min(truth, key=lambda k: 1 - sum(a * b for a, b in zip(truth[k], query))
+                           / (sum(a * a for a in truth[k]) ** 0.5 * sum(b * b for b in query) ** 0.5))
+                assert got[0] == best
+        assert reader._vectors.version == reader_db._core.execute(
+            "SELECT version FROM beaver_collections WHERE collection = 'v'").fetchone()[0]
+        writer.clear()
+        assert reader.search([1, 0, 0, 0]) == []
+
+
+def test_collection_without_fts5(db, monkeypatch):
+    monkeypatch.setattr(db._core, "_fts_ready", False, raising=False)
+    plain = db.collection("plain")
+    plain.index(Document(id="a", body="still stored", embedding=[1.0]))
+    assert plain["a"].body == "still stored" and plain.search([1.0])[0][0].id == "a"
+    with pytest.raises(FeatureUnavailable):
+        plain.match("stored")
+
+
+def test_collection_alias_module_and_async(db):
+    import asyncio
+    from beaver.collections import CollectionManager, Document as AliasDocument
+    assert AliasDocument is Document and isinstance(db.collection("x"), CollectionManager)
+
+    async def run():
+        coll = db.collection("x").as_async()
+        await coll.index(Document(id="a", body="async text"))
+        return await coll.match("async")
+
+    assert [d.id for d, _ in asyncio.run(run())] == ["a"]
+
+
+# ---- vectors (beaver_vector: the faiss index) ----
+# The collections run on beaver_vector whenever numpy and faiss import; these tests check it
+# against brute force, across reopen, processes and a crash mid-compaction.
+
+class _VecCollection:
+    """A collection with vectors, with helpers to reach its faiss index and its table."""
+
+    def __init__(self, db, name, metric="l2", **options):
+        self.db, self.name = db, name
+        self.coll = db.collection(name, metric=metric, **options)
+
+    @property
+    def index(self):
+        import beaver_vector
+        assert isinstance(self.coll._backend, beaver_vector.VectorIndex)
+        return self.coll._backend
+
+    def put(self, doc_id, vector):
+        self.coll.index(Document(id=doc_id, body={"g": doc_id},
+                                 embedding=[float(x) for x in vector]), fts=False)
+
+    def put_many(self, items):
+        with self.db.transaction():
+            for doc_id, vector in items:
+                self.put(doc_id, vector)
+
+    def delete(self, doc_id):
+        with contextlib.suppress(KeyError):
+            self.coll.drop(doc_id)
+
+    def search(self, vector, top_k=10, allowed=None):
+        where = None if allowed is None else {"g": sorted(allowed)}
+        hits = self.coll.search([float(x) for x in vector], top_k=top_k, where=where)
+        return [(doc.id, distance) for doc, distance in hits]
+
+    def stored(self) -> dict:
+        np = _np()
+        return {d: np.frombuffer(b, "<f4") for d, b in self.db._core.execute(
+            "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?", (self.name,))}
+
+
+def _np():
+    return pytest.importorskip("numpy")
+
+
+@pytest.fixture
+def faiss_ok(monkeypatch):
+    pytest.importorskip("numpy")
+    pytest.importorskip("faiss")
+    monkeypatch.delenv("BEAVER_VECTOR_BACKEND", raising=False)
+
+
+def _brute(stored, query, metric, top_k, allowed=None):
+    np = _np()
+    ids = [d for d in stored if allowed is None or d in allowed]
+    if not ids:
+        return []
+    matrix = np.array([stored[d] for d in ids], dtype=np.float64)
+    q = np.asarray(query, dtype=np.float64)
+    if metric == "l2":
+        dist = np.linalg.norm(matrix - q, axis=1)
+    elif metric == "ip":
+        dist = -(matrix @ q)
+    else:
+        norms = np.linalg.norm(matrix, axis=1) * np.linalg.norm(q)
+        dist = 1 - (matrix @ q) / np.where(norms == 0, 1, norms)
+    order = np.argsort(dist, kind="stable")[:top_k]
+    return [(ids[i], float(dist[i])) for i in order]
+
+
+def _same_answer(got, want, tol=1e-4):
+    """Equal up to float rounding and the order of (near-)ties."""
+    assert len(got) == len(want)
+    assert [d for _, d in got] == pytest.approx([d for _, d in want], abs=tol)
+    want_dist = dict(want)
+    cutoff = want[-1][1] if want else 0
+    for doc_id, dist in got:
+        assert doc_id in want_dist or dist >= cutoff - tol, (doc_id, dist)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine", "ip"])
+def test_vector_exact_equals_brute_force(db, faiss_ok, metric, monkeypatch):
+    import beaver_vector
+    np = _np()
+    rng = np.random.default_rng(7)
+    coll = _VecCollection(db, "v", metric, fold_min=40, background=False)
+    coll.put_many((f"d{i}", rng.standard_normal(8)) for i in range(150))
+    for step in range(120):
+        doc_id = f"d{rng.integers(0, 200)}"
+        if step % 3 == 0:
+            coll.delete(doc_id)
+        else:
+            coll.put(doc_id, rng.standard_normal(8))
+        if step % 40 == 39:
+            coll.coll.compact()
+        if step % 7 == 0:
+            q = rng.standard_normal(8)
+            _same_answer(coll.search(q, 10), _brute(coll.stored(), q, metric, 10))
+    allowed = {f"d{i}" for i in range(0, 200, 3)}
+    q = rng.standard_normal(8)
+    _same_answer(coll.search(q, 5, allowed), _brute(coll.stored(), q, metric, 5, allowed))
+    monkeypatch.setattr(beaver_vector, "GATHER_BELOW", 0)    # the IDSelector path
+    _same_answer(coll.search(q, 5, allowed), _brute(coll.stored(), q, metric, 5, allowed))
+    faiss_answer = coll.search(q, 1000)
+    assert len(faiss_answer) == len(coll.stored())
+    monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")    # beaver.py's own exact search
+    with BeaverDB(db.path) as other:
+        builtin = _VecCollection(other, "v", metric, fold_min=40, background=False)
+        _same_answer(faiss_answer, builtin.search(q, 1000))
+        assert builtin.coll._backend is False
+
+
+def test_vector_persistence_across_reopen(tmp_path, faiss_ok):
+    np = _np()
+    rng = np.random.default_rng(1)
+    vectors = {f"d{i}": rng.standard_normal(6) for i in range(300)}
+    with BeaverDB(tmp_path / "v.db") as db:
+        coll = _VecCollection(db, "v", "cosine", background=False)
+        coll.put_many(list(vectors.items())[:200])
+        coll.coll.compact()                       # a stored base ...
+        for doc_id, v in list(vectors.items())[200:]:
+            coll.put(doc_id, v)                   # ... plus entries only in the log
+        coll.delete("d5")
+        coll.delete("d250")
+    with BeaverDB(tmp_path / "v.db") as db:
+        coll = _VecCollection(db, "v", "cosine", background=False)
+        q = rng.standard_normal(6)
+        _same_answer(coll.search(q, 300), _brute(coll.stored(), q, "cosine", 300))
+        assert coll.index.info()["count"] == 298
+        assert not {"d5", "d250"} & {d for d, _ in coll.search(q, 300)}
+        coll.put("d5", vectors["d5"])             # re-index after drop, then reopen
+    with BeaverDB(tmp_path / "v.db") as db:
+        coll = _VecCollection(db, "v", "cosine", background=False)
+        assert coll.search(vectors["d5"], 1)[0][0] == "d5"
+
+
+def test_vector_upsert_drop_clear(db, faiss_ok):
+    coll = _VecCollection(db, "v", "l2", fold_min=2, background=False)
+    coll.put("a", [1, 0, 0])
+    coll.put("b", [0, 1, 0])
+    coll.coll.compact()
+    coll.put("a", [0, 0, 5])                      # upsert: the old vector must disappear
+    assert coll.search([1, 0, 0], 1) == [("b", pytest.approx(2 ** 0.5))]
+    assert coll.search([0, 0, 5], 1) == [("a", pytest.approx(0))]
+    coll.delete("b")
+    coll.coll.compact()
+    assert [d for d, _ in coll.search([0, 1, 0], 5)] == ["a"]
+    coll.coll.index(Document(id="a", body="no vector any more"))
+    assert coll.search([0, 1, 0], 5) == []
+    coll.put("c", [1, 1, 1])
+    coll.coll.clear()
+    assert coll.search([0, 1, 0], 5) == []
+    coll.put("b", [0, 1, 0])
+    coll.coll.compact()
+    assert coll.search([0, 1, 0], 5) == [("b", pytest.approx(0))]
+    with BeaverDB(db.path) as other:
+        reopened = _VecCollection(other, "v", "l2", fold_min=2, background=False)
+        assert reopened.search([0, 1, 0], 5) == [("b", pytest.approx(0))]
+
+
+def test_vector_transaction_sees_own_writes_and_rollback(db, faiss_ok):
+    coll = _VecCollection(db, "v")
+    coll.put("a", [0, 0])
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            coll.put("b", [1, 1])
+            coll.delete("a")
+            assert [d for d, _ in coll.search([1, 1], 5)] == ["b"]
+            raise RuntimeError("roll back")
+    assert [d for d, _ in coll.search([1, 1], 5)] == ["a"]
+
+
+def test_vector_index_opened_inside_a_rolled_back_transaction(db, faiss_ok):
+    coll = _VecCollection(db, "v")
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            coll.put("a", [1, 2])                 # opens the index (and creates its tables)
+            raise RuntimeError("roll back")
+    coll.put("b", [3, 4])
+    assert coll.search([1, 2], 5) == [("b", pytest.approx(8 ** 0.5))]
+
+
+def test_vector_checks_dimension_metric_and_options(db, faiss_ok, monkeypatch):
+    import beaver_vector
+    coll = _VecCollection(db, "v")
+    coll.put("a", [1.0, 2.0, 3.0])
+    with pytest.raises(ValidationError):
+        coll.index.on_upsert("b", bytes(8))
+    with pytest.raises(ValueError):
+        coll.index.search([1.0], 1, None)
+    with pytest.raises(ValueError):
+        beaver_vector.open_index(db._core, "w", 3, "manhattan")
+    with pytest.raises(ValueError):
+        beaver_vector.open_index(db._core, "w", 3, "l2", ef_serach=5)
+    with pytest.raises(ValueError):
+        _VecCollection(db, "typo", ef_serach=5).put("a", [1.0])
+    monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")
+    with pytest.raises(FeatureUnavailable):
+        beaver_vector.open_index(db._core, "w", 3)
+
+
+def test_vector_hnsw_filters_and_rebuilds(db, faiss_ok):
+    np = _np()
+    rng = np.random.default_rng(3)
+    coll = _VecCollection(db, "v", "cosine", index="hnsw", fold_min=100, background=False,
+                          filter_exact_below=50, build_chunk=256)
+    coll.put_many((f"d{i}", rng.standard_normal(16)) for i in range(600))
+    coll.coll.compact()
+    assert coll.index.info()["kind"] == "hnsw"
+    for i in range(0, 600, 2):
+        coll.delete(f"d{i}")
+    q = rng.standard_normal(16)
+    assert all(int(d[1:]) % 2 for d, _ in coll.search(q, 20))
+    small = {f"d{i}" for i in range(1, 60, 2)}      # exact path
+    _same_answer(coll.search(q, 5, small), _brute(coll.stored(), q, "cosine", 5, small))
+    large = {f"d{i}" for i in range(1, 600, 4)}     # IDSelector path
+    got = coll.search(q, 10, large)
+    assert len(got) == 10 and {d for d, _ in got} <= large
+    coll.coll.compact()                             # half dead: rebuilt without them
+    assert coll.index.info()["dead"] == 0 and coll.index.info()["count"] == 300
+
+
+def _vec_writer(path, prefix, count, other, result):
+    with BeaverDB(path) as db:
+        coll = _VecCollection(db, "v", fold_min=50)
+        missing = 0
+        for i in range(count):
+            vector = [float(i), float(len(prefix)), 1.0, 0.5]
+            coll.put(f"{prefix}{i}", vector)
+            hit = coll.search(vector, 1)
+            if not hit or hit[0][1] > 1e-6:
+                missing += 1
+        deadline = time.monotonic() + MP_DEADLINE
+        seen = False
+        while time.monotonic() < deadline and not seen:   # the other's last write shows up
+            seen = any(d == f"{other}{count - 1}" for d, _ in coll.search([0, 0, 0, 0], 10 ** 6))
+        result.put((prefix, missing, seen))
+
+
+def test_vector_two_processes_insert_and_search(tmp_path, faiss_ok):
+    path = str(tmp_path / "v.db")
+    result = SPAWN.Queue()
+    workers = [SPAWN.Process(target=_vec_writer, args=(path, p, 150, o, result))
+               for p, o in (("a", "bb"), ("bb", "a"))]
+    for w in workers:
+        w.start()
+    answers = [result.get(timeout=MP_DEADLINE) for _ in workers]
+    for w in workers:
+        w.join(timeout=MP_DEADLINE)
+    assert sorted(answers) == [("a", 0, True), ("bb", 0, True)]
+    with BeaverDB(path) as db:
+        coll = _VecCollection(db, "v", fold_min=50)
+        q = [3.0, 1.0, 1.0, 0.5]
+        _same_answer(coll.search(q, 400), _brute(coll.stored(), q, "l2", 400))
+        assert coll.index.info()["count"] == 300
+
+
+def _vec_compactor(path):
+    import numpy as np
+    rng = np.random.default_rng(os.getpid())
+    with BeaverDB(path) as db:
+        coll = _VecCollection(db, "v", part_bytes=1024, background=False)
+        i = 0
+        while True:                              # killed from outside, mid-compaction
+            coll.put_many((f"d{i + j}", rng.standard_normal(16)) for j in range(200))
+            coll.delete(f"d{i // 2}")
+            i += 200
+            coll.coll.compact()
+
+
+def test_vector_crash_during_compaction_loses_nothing(tmp_path, faiss_ok):
+    path = str(tmp_path / "v.db")
+    child = SPAWN.Process(target=_vec_compactor, args=(path,))
+    child.start()
+    with BeaverDB(path) as db:
+        core = db._core
+
+        def mid_compaction():
+            try:
+                row = core.execute("SELECT count(DISTINCT generation), "
+                                   "(SELECT built_seq FROM beaver_ann_base) FROM beaver_ann_parts"
+                                   ).fetchone()
+            except beaver.BeaverError:           # tables not created yet
+                return None
+            return row[0] >= 2 and row[1] > 0 or None
+        found = core.watcher.wait_for(mid_compaction, timeout=MP_DEADLINE)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=MP_DEADLINE)
+        assert found, "never saw a compaction in progress"
+        assert core.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        coll = _VecCollection(db, "v", part_bytes=1024, background=False)
+        stored = coll.stored()
+        q = [0.5] * 16
+        _same_answer(coll.search(q, 50), _brute(stored, q, "l2", 50))
+        assert coll.index.info()["count"] == len(stored) > 0
+        coll.coll.compact()                      # the dead child's lease does not block it
+        parts = core.execute("SELECT count(DISTINCT generation) FROM beaver_ann_parts").fetchone()
+        assert parts[0] == 1
+    with BeaverDB(path) as db:
+        coll = _VecCollection(db, "v", part_bytes=1024, background=False)
+        _same_answer(coll.search(q, 50), _brute(stored, q, "l2", 50))
 
 
 # ---- dump/load/backup ----
@@ -3479,10 +4054,9 @@ def test_dump_load_reproduces_every_structure(tmp_path, db):
 
 
 def test_dump_skips_expired_and_selects_names(db):
-    db.dict("c").set("gone", 1, ttl_seconds=0.001)
     db.dict("c")["kept"] = 2
+    db._core.execute("INSERT INTO beaver_dicts VALUES ('c', 'gone', '1', ?)", (time.time() - 1,))
     db.list("l").push(1)
-    time.sleep(0.01)  # let the TTL pass (not synchronisation)
     out = io.StringIO()
     assert db.dump(out, names=["c"]) == 1
     text = out.getvalue()
@@ -3696,6 +4270,20 @@ def test_same_api_queue(anydb, uid):
     assert jobs.peek() is None
 
 
+def test_same_api_queue_leases(anydb, uid):
+    jobs = anydb.queue(f"{uid}-leased")
+    jobs.put("a")
+    jobs.put("b")
+    first = jobs.get(lease=30)
+    assert first.data == "a" and first.lease_id is not None
+    assert jobs.ack(first) is True and jobs.ack(first) is False
+    second = jobs.get(lease=30)
+    assert jobs.nack(second) is True
+    assert jobs.get(block=False).data == "b"
+    with pytest.raises(TypeError):
+        jobs.ack(beaver.QueueItem(0, 0.0, "x"))
+
+
 def test_same_api_queue_blocking_get_wakes(anydb, uid):
     jobs = anydb.queue(f"{uid}-wake")
     got = []
@@ -3884,6 +4472,7 @@ def test_server_queue_routes(api):
     assert api.post("/queues/q/get?block=false").status_code == 404
     assert api.post("/queues/q/get").status_code == 408   # capped by max_wait
     assert api.post("/queues/q/put?priority=nan", json=1).status_code == 422
+    assert api.post("/queues/q/put?priority=1e308", json=1).status_code == 204   # no overflow
 
 
 def test_server_blob_routes(api):
@@ -4016,7 +4605,9 @@ except ImportError:  # pragma: no cover
     _schemathesis = None
 
 if _schemathesis is not None:
-    _lazy_schema = _schemathesis.pytest.from_fixture("fuzz_schema")
+    # streams (server-sent events) never end by themselves: they are tested on their own
+    _lazy_schema = _schemathesis.pytest.from_fixture("fuzz_schema").exclude(
+        path_regex=r"/(sse|live)$")
 
     @_lazy_schema.parametrize()
     @_settings(max_examples=2, deadline=None, database=None,
@@ -4095,6 +4686,13 @@ def test_cli_list_queue_blob(capsys, dbfile, tmp_path):
     assert [i["priority"] for i in json.loads(run("queue", "q", "items")[1])] == [1, 5]
     assert json.loads(run("queue", "q", "get")[1])["data"] == "urgent"
     assert json.loads(run("queue", "q", "get", "--timeout", "1")[1])["data"] == {"job": 1}
+    assert run("queue", "q", "put", "leased")[0] == 0
+    leased = json.loads(run("queue", "q", "get", "--lease", "30")[1])
+    assert leased["data"] == "leased"
+    assert run("queue", "q", "nack", str(leased["lease_id"]))[0] == 0
+    leased = json.loads(run("queue", "q", "get", "--lease", "30")[1])
+    assert run("queue", "q", "ack", str(leased["lease_id"]))[1] == "true\n"
+    assert run("queue", "q", "ack", str(leased["lease_id"]))[0] == 1
     assert run("queue", "q", "get", "--no-wait")[0] == 1
     assert run("queue", "q", "get", "--timeout", "0.01")[0] == 1
     source = tmp_path / "in.bin"
@@ -4188,3 +4786,280 @@ def test_cli_help_subprocess():
     out = subprocess.run([sys.executable, "-m", "beaver", "dict"], capture_output=True,
                          text=True, env=env, timeout=60)
     assert out.returncode == 2 and "usage:" in out.stderr
+
+
+# ---- hot paths: single-statement fast paths and their fallbacks ----
+# list pop/deque and queue get take an item with DELETE ... RETURNING where SQLite has it;
+# both paths must behave alike, events included.
+
+@pytest.mark.parametrize("returning", [True, False])
+def test_list_ends_and_queue_get_with_and_without_returning(tmp_path, monkeypatch, returning):
+    if returning and not beaver._HAS_RETURNING:
+        pytest.skip("this SQLite has no usable RETURNING")
+    monkeypatch.setattr(beaver, "_HAS_RETURNING", returning)
+    with BeaverDB(tmp_path / "r.db") as db:
+        items = db.list("items")
+        items.extend([None, 0, "x", {"a": [1]}, None])     # stored nulls are items, not "empty"
+        assert (items.pop(), items.deque(), len(items)) == (None, None, 3)
+        assert (items.pop(), items.deque(), items.pop(), len(items)) == ({"a": [1]}, 0, "x", 0)
+        assert (items.pop(), items.deque()) == (None, None)
+        jobs = db.queue("jobs")
+        for i, priority in enumerate([2, 1, 2, 1]):
+            jobs.put({"i": i}, priority=priority)
+        got = [jobs.get(block=False) for _ in range(4)]
+        assert [(g.priority, g.data["i"]) for g in got] == [(1, 1), (1, 3), (2, 0), (2, 2)]
+        with pytest.raises(beaver.QueueEmpty):
+            jobs.get(block=False)
+
+
+@pytest.mark.parametrize("returning", [True, False])
+def test_fast_paths_still_emit_events(tmp_path, monkeypatch, returning):
+    if returning and not beaver._HAS_RETURNING:
+        pytest.skip("this SQLite has no usable RETURNING")
+    monkeypatch.setattr(beaver, "_HAS_RETURNING", returning)
+    with BeaverDB(tmp_path / "e.db") as db:
+        received, done = [], threading.Event()
+
+        def callback(payload):
+            received.append({k: v for k, v in payload.items() if k not in ("kind", "name")})
+            if payload["event"] == "get":
+                done.set()
+        items, jobs = db.list("items"), db.queue("jobs")
+        items.on("*", callback)
+        jobs.on("*", callback)
+        items.push("a")
+        items.push("b")
+        assert (items.pop(), items.deque()) == ("b", "a")
+        jobs.put([1], priority=3)
+        assert jobs.get(block=False).data == [1]
+        assert done.wait(MP_DEADLINE)
+        assert received == [{"event": "push", "value": "a"}, {"event": "push", "value": "b"},
+                            {"event": "pop", "index": 1}, {"event": "deque"},
+                            {"event": "put", "priority": 3, "data": [1]},
+                            {"event": "get", "priority": 3, "data": [1], "lease": None}]
+
+
+def test_lock_seed_example_scraper(tmp_path, monkeypatch, capsys):
+    import os
+    import time
+    monkeypatch.chdir(tmp_path)
+    db = BeaverDB("scraper_state.db")
+    scrapers_state = db.dict("scraper_state")
+
+    last_refresh = scrapers_state.get("last_sitemap_refresh", 0)
+    if time.time() - last_refresh > 3600:  # Only refresh once per hour
+        try:
+            with db.lock("refresh_sitemap", timeout=1):
+                print(f"PID {os.getpid()} is refreshing the sitemap...")
+                scrapers_state["sitemap"] = ["/page1", "/page2"]
+                scrapers_state["last_sitemap_refresh"] = time.time()
+        except TimeoutError:
+            print(f"PID {os.getpid()} letting other process handle refresh.")
+
+    sitemap = scrapers_state.get("sitemap")
+    print(f"PID {os.getpid()} proceeding with sitemap: {sitemap}")
+    db.close()
+    out = capsys.readouterr().out
+    assert "is refreshing the sitemap" in out and "['/page1', '/page2']" in out
+
+
+def test_queue_dump_keeps_leased_items(db):
+    q = db.queue("dumped")
+    q.put("queued")
+    q.put("leased")
+    q.get(lease=60)
+    q.get(lease=60)
+    assert [i["data"] for i in q.dump()["items"]] == ["queued", "leased"]
+    q.clear()
+    assert q.dump()["items"] == [] and len(q) == 0
+
+
+# ---- client and server: logs, channels, collections ----
+
+def test_same_api_log(anydb, uid):
+    import datetime as dt
+    metrics = anydb.log(f"{uid}-metrics")
+    t0 = time.time()
+    metrics.log({"cpu": 0.1}, timestamp=t0 - 10)
+    metrics.log({"cpu": 0.2}, timestamp=dt.datetime.fromtimestamp(t0 - 5, dt.timezone.utc))
+    metrics.log({"cpu": 0.3})
+    assert len(metrics) == 3
+    entries = metrics.range(start=t0 - 6)
+    assert [e.data["cpu"] for e in entries] == [0.2, 0.3]
+    assert entries[0].timestamp.tzinfo is not None
+    assert abs(entries[0].timestamp.timestamp() - (t0 - 5)) < 1e-3
+    assert [e.data["cpu"] for e in metrics] == [0.1, 0.2, 0.3]
+    with metrics.live(window=60, period=0.05, aggregator=len) as view:
+        assert next(iter(view)) == 3
+        metrics.log({"cpu": 0.4})
+        deadline = time.monotonic() + 20
+        for count in view:
+            if count == 4 or time.monotonic() > deadline:
+                break
+    assert count == 4
+
+
+def test_same_api_channel(anydb, uid):
+    events = anydb.channel(f"{uid}-events")
+    events.publish("before")            # published before subscribing: not received
+    with events.subscribe() as listener:
+        events.publish({"event": "login", "user": "alice"})
+        events.publish([1, 2])
+        received = []
+        for message in listener.listen(timeout=20):
+            received.append(message)
+            if len(received) == 2:
+                break
+    assert received == [{"event": "login", "user": "alice"}, [1, 2]]
+    assert events.history() == ["before", {"event": "login", "user": "alice"}, [1, 2]]
+    assert events.history(limit=1) == [[1, 2]] and len(events) == 3
+    with events.subscribe() as listener:
+        with pytest.raises(TimeoutError):
+            listener.get(timeout=0.05)
+
+
+def test_same_api_collection(anydb, uid):
+    articles = anydb.collection(f"{uid}-articles")
+    doc = beaver.Document(id="sqlite-001",
+                          body="SQLite is a powerful embedded database ideal for local apps.")
+    assert articles.index(doc, fts=True, fuzzy=True) is doc
+    articles.index(beaver.Document(id="pg", embedding=[0.0, 1.0], body={"title": "PostgreSQL"}))
+    articles.index(beaver.Document(id="duck", embedding=[1.0, 0.0], content="DuckDB analytics"))
+    results = articles.match(query="datbase", fuzziness=1)
+    top_doc, rank = results[0]
+    assert top_doc.id == "sqlite-001" and top_doc.body == doc.body and isinstance(rank, float)
+    assert [d.id for d, _ in articles.match("analytics")] == ["duck"]
+    assert articles.match("PostgreSQL", on=["title"])[0][0].id == "pg"
+    assert [d.id for d, _ in articles.search([0.9, 0.1], top_k=1)] == ["duck"]
+    assert articles["duck"].content == "DuckDB analytics" and "pg" in articles
+    assert articles.get("missing") is None and "missing" not in articles and len(articles) == 3
+    articles.connect("sqlite-001", "pg", "RELATED", metadata={"w": 1})
+    articles.connect("pg", "duck", "RELATED")
+    assert [d.id for d in articles.neighbors("sqlite-001")] == ["pg"]
+    assert [d.id for d in articles.walk("sqlite-001", labels=["RELATED"], depth=2)] == ["pg", "duck"]
+    assert articles.edges("pg", direction="incoming") == [
+        beaver.Edge("sqlite-001", "pg", "RELATED", {"w": 1})]
+    data = articles.dump()
+    assert len(data["edges"]) == 2
+    articles.disconnect("pg", "duck")
+    articles.drop("duck")
+    with pytest.raises(KeyError):
+        articles.drop("duck")
+    with pytest.raises(KeyError):
+        articles["duck"]
+    assert sorted(d.id for d in articles) == ["pg", "sqlite-001"]
+    copy = anydb.collection(f"{uid}-copy", metric="cosine")
+    copy.load(data)
+    assert len(copy) == 3 and copy.metric == "cosine"
+    assert [d.id for d in copy.walk("sqlite-001", depth=2)] == ["pg", "duck"]
+
+
+def test_server_channel_sse_and_websocket(api):
+    with api.websocket_connect("/channels/c/ws") as ws:
+        api.post("/channels/c/publish", json={"y": 2})
+        assert json.loads(ws.receive_text()) == {"y": 2}
+        ws.send_text("plain text")
+        assert ws.receive_text() == '"plain text"'
+    assert api.db.channel("c").history() == [{"y": 2}, "plain text"]
+
+
+def test_server_log_and_collection_routes(api):
+    assert api.post("/logs/m/log?timestamp=100", json={"cpu": 1}).status_code == 204
+    assert api.get("/logs/m/range?start=50&end=150").json() == [{"timestamp": 100.0,
+                                                                  "data": {"cpu": 1}}]
+    assert api.get("/logs/m?view=items").json()["items"][0]["data"] == {"cpu": 1}
+    r = api.post("/collections/a/index", json={"id": "x/1", "body": {"t": "hello world"}})
+    assert r.json() == {"id": "x/1"}
+    assert api.get("/collections/a/documents/x/1").json()["body"] == {"t": "hello world"}
+    assert api.head("/collections/a/documents/nope").status_code == 404
+    hits = api.post("/collections/a/match", json={"query": "hello", "highlight": True}).json()
+    assert hits[0]["document"]["id"] == "x/1" and "[hello]" in hits[0]["snippet"]
+    assert api.post("/collections/a/match", json={"query": '"sqlite-001" AND ( -'}).status_code == 200
+    assert api.post("/collections/a/search", json={"vector": [1.0]}).json() == []
+    assert api.post("/collections/a/connect", json={"source": "x/1", "target": "nope",
+                                                    "label": "L"}).status_code == 404
+    assert api.post("/collections/a/index", json={"fts": 3}).status_code == 422
+    assert api.put("/collections/a", json={"metric": "cosine"}).status_code == 422
+    assert api.delete("/collections/a/documents/x/1").status_code == 204
+    assert api.get("/collections/a?view=keys").json()["keys"] == []
+
+
+def test_cli_spec_collection_match(capsys, dbfile):
+    with BeaverDB(dbfile) as db:
+        db.collection("articles").index(beaver.Document(
+            id="sqlite-001", body="SQLite is a powerful embedded database ideal for local apps."),
+            fts=True, fuzzy=True)
+    code, out, _ = _cli(capsys, "--database", dbfile, "collection", "articles", "match",
+                        "datbase", "--fuzziness", "1")
+    hits = json.loads(out)
+    assert code == 0 and len(hits) == 1 and set(hits[0]) == {"document", "score"}
+    assert hits[0]["document"] == {"id": "sqlite-001", "embedding": None, "body":
+                                   "SQLite is a powerful embedded database ideal for local apps."}
+    code, out, _ = _cli(capsys, "--database", dbfile, "collection", "my_documents", "dump")
+    assert code == 0 and json.loads(out)["metadata"]["type"] == "collection"
+
+
+def test_cli_collection_graph_log_channel(capsys, dbfile):
+    run = lambda *a: _cli(capsys, "-d", dbfile, *a)  # noqa: E731
+    assert run("collection", "c", "index", '{"id": "a", "body": "alpha"}')[1] == '"a"\n'
+    assert run("collection", "c", "index", '{"title": "beta"}', "--id", "b")[0] == 0
+    assert run("collection", "c", "connect", "a", "b", "NEXT", "-m", '{"w": 2}')[0] == 0
+    assert json.loads(run("collection", "c", "neighbors", "a")[1])[0]["id"] == "b"
+    assert json.loads(run("collection", "c", "walk", "b", "--direction", "incoming")[1])[0]["id"] == "a"
+    assert json.loads(run("collection", "c", "edges", "a")[1])[0]["metadata"] == {"w": 2}
+    assert json.loads(run("collection", "c", "get", "b")[1])["body"] == {"title": "beta"}
+    assert json.loads(run("collection", "c", "ids")[1]) == ["a", "b"]
+    assert json.loads(run("collection", "c", "search", "[1, 0]")[1]) == []
+    assert run("collection", "c", "drop", "b")[0] == 0 and run("collection", "c", "get", "b")[0] == 1
+    assert run("log", "m", "write", '{"cpu": 1}', "--timestamp", "2026-01-01T00:00:00Z")[0] == 0
+    assert run("log", "m", "write", "2", "-t", "1800000000")[0] == 0
+    entries = json.loads(run("log", "m", "range", "--end", "2026-06-01T00:00:00+00:00")[1])
+    assert entries == [{"timestamp": "2026-01-01T00:00:00+00:00", "data": {"cpu": 1}}]
+    assert run("log", "m", "range", "--start", "yesterday")[0] == 2
+    code, out, _ = run("log", "m", "live", "--window", "1e10", "--period", "0.01", "--count", "2")
+    assert code == 0 and out.splitlines() == ['[{"cpu": 1}, 2]'] * 2
+    assert run("channel", "ch", "publish", "hello")[0] == 0
+    assert json.loads(run("channel", "ch", "history")[1]) == ["hello"]
+    assert run("channel", "ch", "listen", "--timeout", "0.05", "--count", "1")[0] == 1
+
+
+def _publish_until(path, name, stop):
+    with BeaverDB(path) as db:
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < deadline:
+            db.channel(name).publish({"n": 1})
+            stop.wait(0.02)   # keep publishing until the listener has had one
+
+
+def test_cli_channel_listen_receives(capsys, dbfile):
+    stop = threading.Event()
+    publisher = threading.Thread(target=_publish_until, args=(dbfile, "ch", stop))
+    publisher.start()
+    try:
+        code, out, _ = _cli(capsys, "-d", dbfile, "channel", "ch", "listen", "--timeout", "20",
+                            "--count", "1")
+    finally:
+        stop.set()
+        publisher.join()
+    assert code == 0 and json.loads(out.splitlines()[0]) == {"n": 1}
+
+
+def test_dump_load_logs_channels_collections(tmp_path, db):
+    db.log("metrics").log({"cpu": 1}, timestamp=100.0)
+    db.channel("events").publish({"e": 1})
+    docs = db.collection("docs", metric="cosine")
+    docs.index(beaver.Document(id="a", embedding=[1.0, 0.0], body={"t": "alpha text"}))
+    docs.index(beaver.Document(id="b", embedding=[0.0, 1.0], body="beta"))
+    docs.connect("a", "b", "NEXT", metadata={"w": 1})
+    out = io.StringIO()
+    assert db.dump(out) == 3
+    with BeaverDB(tmp_path / "copy.db") as copy:
+        assert copy.load(io.StringIO(out.getvalue())) == 3
+        assert [(e.timestamp.timestamp(), e.data) for e in copy.log("metrics")] == [(100.0, {"cpu": 1})]
+        assert copy.channel("events").history() == [{"e": 1}]
+        restored = copy.collection("docs")
+        assert restored.metric == "cosine" and restored["a"] == docs["a"]
+        assert restored.edges("a") == docs.edges("a")
+        assert restored.match("alpha")[0][0].id == "a"
+        assert restored.search([1.0, 0.1], top_k=1)[0][0].id == "a"
+        assert copy.info()["structures"] == db.info()["structures"]

@@ -124,6 +124,18 @@ def tour_channel(db):
             break
 
 
+def tour_backup(db):
+    import io
+    folder = os.path.dirname(db.path)
+    copy_path = db.backup(os.path.join(folder, "tour-backup.db"))   # while others write
+    buffer = io.StringIO()
+    count = db.dump(buffer)                                       # every structure, as JSON lines
+    with BeaverDB(os.path.join(folder, "restored.db")) as restored:
+        restored.load(io.StringIO(buffer.getvalue()))
+        print(f"backup: {os.path.basename(copy_path)} | dump/load: {count} structures,",
+              len(restored.info()["structures"]), "restored")
+
+
 def main(path):
     with BeaverDB(path) as db:
         tour_dict(db)
@@ -135,7 +147,7 @@ def main(path):
         tour_events_and_async(db)
         tour_dump(db)
         for name, section in [("collection", tour_collection), ("log", tour_log),
-                              ("channel", tour_channel)]:
+                              ("channel", tour_channel), ("backup", tour_backup)]:
             if hasattr(BeaverDB, name):
                 section(db)
             else:
