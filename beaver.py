@@ -2427,6 +2427,7 @@ class ChannelManager(_Manager):
 
     _kind = "channel"
     _table = "beaver_channels"
+    _PUBLISH = "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)"
 
     def __init__(self, db, name, model=None, retention=CHANNEL_RETENTION,
                  max_messages=CHANNEL_MAX_MESSAGES):
@@ -2441,11 +2442,12 @@ class ChannelManager(_Manager):
     def publish(self, payload):
         """Send ``payload`` (any JSON value, or a model instance) to every subscriber."""
         text = self._codec.encode(payload)
-        with self._atomic():
-            self._core.execute(
-                "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)",
-                (self._name, _now(), text))
-            self._wrote("publish", payload=_to_jsonable(payload))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._PUBLISH, (self._name, _now(), text))
+                self._wrote("publish", payload=_to_jsonable(payload))
+        else:
+            self._core.execute(self._PUBLISH, (self._name, _now(), text))
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PURGE_INTERVAL
             self.prune()
