@@ -1912,6 +1912,8 @@ class QueueManager(_Manager):
             raise TypeError(f"priority must be a number, not {priority!r}")
         if priority != priority:
             raise ValueError("priority must not be NaN")
+        if isinstance(priority, int) and not -(1 << 63) <= priority < (1 << 63):
+            raise ValueError("an integer priority must fit in 64 bits")
         text = self._codec.encode(data)
         if self._listened():
             with self._atomic():
@@ -1950,12 +1952,12 @@ class QueueManager(_Manager):
         return item
 
     def _take(self, lease=None):
+        if not self._core.in_transaction and not self._takeable():
+            return None         # a waiter woken by some other write: no write lock for nothing
         if lease is None and _HAS_RETURNING and self._codec is _JSON and not self._listened():
             item = self._take_fast()
             if item is not _MISSING:
                 return item
-        if not self._core.in_transaction and not self._takeable():
-            return None         # a waiter woken by some other write: no write lock for nothing
         with self._core.transaction():
             now = _now()
             self._reclaim(now)
@@ -2044,6 +2046,10 @@ class QueueManager(_Manager):
             self._reclaim(_now())
             self._wrote("nack", priority=item.priority, data=_to_jsonable(item.data))
         return cursor.rowcount == 1
+
+    def as_async(self) -> "AsyncQueueManager":
+        """An awaitable twin whose ``get`` can be cancelled without losing an item."""
+        return AsyncQueueManager(self)
 
     def peek(self):
         """The item ``get`` would return next, without removing it; ``None`` if empty."""
@@ -3309,8 +3315,10 @@ class CollectionManager(_Manager):
         if len(dims) > 1:
             raise ValidationError(f"embeddings of different dimensions {sorted(dims)}")
         with self._core.transaction():
+            rows, words = [], set()         # text rows and words, written once at the end
             for item in prepared:
-                self._store(item)
+                self._store(item, (rows, words))
+            self._insert_text(rows, words)
         return len(prepared)
 
     def _prepare(self, document, fts):
@@ -3322,7 +3330,7 @@ class CollectionManager(_Manager):
         vector = None if document.embedding is None else _pack_vector(document.embedding)
         return document, body, texts, vector
 
-    def _store(self, prepared):
+    def _store(self, prepared, batch=None):
         document, body, texts, vector = prepared
         state = self._state()
         dim = state["dim"]
@@ -3330,7 +3338,7 @@ class CollectionManager(_Manager):
             raise ValidationError(f"embedding has {len(document.embedding)} dimensions; "
                                   f"collection {self._name!r} holds {dim}")
         rowid, existed = self._write_row(document.id, body)
-        self._write_text(rowid, texts, state, existed)
+        self._write_text(rowid, texts, existed, batch)
         if vector is not None or existed:
             self._write_vector(document.id, vector, dim)
             state["dim"] = dim or (None if vector is None else len(vector) // 4)
@@ -3373,19 +3381,27 @@ class CollectionManager(_Manager):
             "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?)",
             (self._name, doc_id, body)).lastrowid, False
 
-    def _write_text(self, rowid, texts, state, existed=True):
+    def _write_text(self, rowid, texts, existed=True, batch=None):
+        """Replace a document's text rows (or add them to ``batch``, written by the caller)."""
         if not self._fts:
             return
         base = self._fts_rowid(rowid)
         if existed:
             self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
                                (base, base + (1 << _FTS_PATH_BITS)))
-        if not texts:
-            return
-        self._core.executemany(
-            "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
-            [(base + i, text, self._name, path) for i, (path, text) in enumerate(texts)])
-        self._add_terms(texts, state["epoch"])
+        rows, words = ([], set()) if batch is None else batch
+        for i, (path, text) in enumerate(texts):
+            rows.append((base + i, text, self._name, path))
+            words.update(_terms(text))
+        if batch is None:
+            self._insert_text(rows, words)
+
+    def _insert_text(self, rows, words):
+        if rows:
+            self._core.executemany(
+                "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
+                rows)
+            self._add_terms(words, self._state()["epoch"])
 
     def _fts_rowid(self, rowid) -> int:
         if rowid >= 1 << _FTS_DOC_BITS or self._cid >= 1 << (63 - _FTS_DOC_BITS - _FTS_PATH_BITS):
@@ -3435,7 +3451,7 @@ class CollectionManager(_Manager):
             self._core.execute("DELETE FROM beaver_documents WHERE id = ?", (row[0],))
             dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
                                      (self._name,)).fetchone()[0]
-            self._write_text(row[0], [], None)
+            self._write_text(row[0], [])
             self._write_vector(doc_id, None, dim)
             self._core.execute("DELETE FROM beaver_edges WHERE collection = ? AND source = ?",
                                (self._name, doc_id))
@@ -3533,34 +3549,34 @@ class CollectionManager(_Manager):
         The query understands words, "phrases", ``prefix*``, ``OR``, ``-word``/``NOT word``;
         anything else is searched as text and never raises. ``raw=True`` passes full FTS5
         syntax through. ``on`` restricts the search to dotted field paths. ``fuzziness`` (1
-        or 2) also finds words that many edits away (3+ letters for one, 7+ for two),
-        ranked by edits, then relevance. ``highlight=True`` returns
+        or 2) also finds words up to that many edits away (3+ letters for one, 7+ for
+        two), ranked by edits, then relevance. ``highlight=True`` returns
         ``(Document, score, snippet)`` triples with matches in ``[...]``.
         """
         if not self._fts:
             raise FeatureUnavailable("this SQLite was built without FTS5: match() is unavailable")
         paths, top_k = _check_paths(on), int(top_k)
-        if top_k <= 0:
+        if top_k <= 0 or paths == []:
             return []
         if raw:
             if not isinstance(query, str):
                 raise TypeError("a query is a str")
-            hits = self._ranked(query, paths, top_k, checked=True)
+            expr = query
+            hits = self._ranked(expr, paths, top_k, checked=True)
         else:
             groups, negatives = _parse_query(query)
             if not groups:
                 return []
+            expr = _fts_expression(groups, negatives)
             if fuzziness:
-                hits = self._fuzzy(groups, negatives, paths, top_k, int(fuzziness))
+                hits, expr = self._fuzzy(groups, negatives, paths, top_k, int(fuzziness))
             else:
-                hits = self._ranked(_fts_expression(groups, negatives), paths, top_k)
+                hits = self._ranked(expr, paths, top_k)
         docs = self._documents("id", [rowid for rowid, _ in hits])
-        results = [(docs[rowid], score) for rowid, score in hits if rowid in docs]
         if highlight:
-            expr = query if raw else _fts_expression(groups, negatives)
-            return [(doc, score, self._snippet(expr, rowid))
-                    for (doc, score), (rowid, _) in zip(results, hits)]
-        return results
+            return [(docs[rowid], score, self._snippet(expr, rowid))
+                    for rowid, score in hits if rowid in docs]
+        return [(docs[rowid], score) for rowid, score in hits if rowid in docs]
 
     def _ranked(self, expr, paths, limit, checked=False) -> list:
         """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document."""
@@ -3591,13 +3607,16 @@ class CollectionManager(_Manager):
 
     # -- fuzzy search -----------------------------------------------------------------------
 
-    def _fuzzy(self, groups, negatives, paths, top_k, fuzziness) -> list:
-        """Try the query as typed, then with each typo-corrected term in turn."""
+    def _fuzzy(self, groups, negatives, paths, top_k, fuzziness):
+        """Try the query as typed, then with each typo-corrected term in turn.
+
+        Returns the hits and an expression every hit matches (for snippets)."""
         if fuzziness not in (0, 1, 2):
             raise ValueError("fuzziness is 0, 1 or 2")
-        hits = self._ranked(_fts_expression(groups, negatives), paths, top_k)
+        expr = _fts_expression(groups, negatives)
+        hits = self._ranked(expr, paths, top_k)
         if len(hits) >= top_k:
-            return hits
+            return hits, expr
         options = [[self._spellings(atom, fuzziness) for atom in group] for group in groups]
         found = {rowid: (0, score) for rowid, score in hits}
         for turn in range(1, FUZZY_ROUNDS + 1):
@@ -3605,14 +3624,14 @@ class CollectionManager(_Manager):
                           (spellings[:turn] if turn < FUZZY_ROUNDS else spellings)]
                          for group in options]
             if all(rewritten):
-                more = self._ranked(_fts_expression(rewritten, negatives), paths,
-                                    top_k + len(found))
+                expr = _fts_expression([g + r for g, r in zip(groups, rewritten)], negatives)
+                more = self._ranked(expr, paths, top_k + len(found))
                 for rowid, score in more:
                     found.setdefault(rowid, (turn, score))
             if len(found) >= top_k or not any(len(s) > turn for g in options for s in g):
                 break
         best = sorted(found.items(), key=lambda item: (item[1][0], -item[1][1]))[:top_k]
-        return [(rowid, score) for rowid, (_, score) in best]
+        return [(rowid, score) for rowid, (_, score) in best], expr
 
     def _spellings(self, atom, fuzziness) -> list:
         """The indexed terms within ``fuzziness`` edits of a one-word atom, best first."""
@@ -3666,17 +3685,14 @@ class CollectionManager(_Manager):
             found[term] = row[0] if row else 0
         return found
 
-    def _add_terms(self, texts, epoch):
-        """Record new terms (and their trigrams) in this collection's vocabulary."""
+    def _add_terms(self, words, epoch):
+        """Record new words (and their trigrams) in this collection's vocabulary."""
         known_epoch, known = self._vocab
         if known_epoch != epoch:
             known = {row[0] for row in self._core.execute(
                 "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))}
             self._vocab = (epoch, known)
         batch = self._batch.terms          # this transaction's new terms (see _state)
-        words = set()
-        for _, text in texts:
-            words.update(_terms(text))
         new = words - known - batch
         if not new:
             return
@@ -3817,7 +3833,7 @@ class CollectionManager(_Manager):
         if len(query) != dim:
             raise ValidationError(f"query has {len(query)} dimensions; collection "
                                   f"{self._name!r} holds {dim}")
-        allowed = None if where is None else self._where(where)
+        allowed = self._where(where) if where else None
         backend = self._vector_backend(dim)
         if backend is not None:
             hits = backend.search(query, top_k, allowed)
@@ -3894,7 +3910,13 @@ class CollectionManager(_Manager):
             getattr(backend, method)(*args)
 
     def compact(self):
-        """Fold pending changes of the vector index into its base (a no-op when exact)."""
+        """Merge the text index into one segment and fold the vector index's pending changes.
+
+            >>> docs.compact()      # after a bulk load; searches keep working meanwhile
+        """
+        if self._fts:
+            with self._core.transaction():
+                self._core.execute("INSERT INTO beaver_fts (beaver_fts) VALUES ('optimize')")
         backend = self._backend
         if backend:
             backend.compact()
@@ -3939,8 +3961,7 @@ class CollectionManager(_Manager):
                 self.connect(edge["source"], edge["target"], edge["label"], edge.get("metadata"))
 
     def _load_items(self, items):
-        for item in items:
-            self.index(Document.from_dict(item))
+        self.index_many(Document.from_dict(item) for item in items)
 
 
 def _labels(labels):
@@ -4095,8 +4116,6 @@ def rerank(*results, weights=None, k=60) -> list:
     Each list holds documents or ``(document, score)`` pairs, best first. A document's fused
     score is the sum over lists of ``weight / (k + rank)``.
     """
-    if len(results) == 1 and results[0] and all(isinstance(r, list) for r in results[0]):
-        results = tuple(results[0])
     weights = [1.0] * len(results) if weights is None else list(weights)
     if len(weights) != len(results):
         raise ValueError(f"{len(weights)} weights for {len(results)} result lists")
@@ -4112,6 +4131,31 @@ def rerank(*results, weights=None, k=60) -> list:
             docs.setdefault(key, doc)
             scores[key] = scores.get(key, 0.0) + weight / (k + rank)
     return [docs[key] for key in sorted(scores, key=lambda key: -scores[key])]
+
+
+class _Managers:
+    """One manager per (kind, name) for a database or client; reopening with another model
+    is an error rather than a silent second codec."""
+
+    def __init__(self):
+        self._by_key: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, cls, name, model, make):
+        """The cached manager of ``cls`` called ``name``, made by ``make()`` the first time."""
+        key = (cls._kind, _check_name(name))
+        with self._lock:
+            manager = self._by_key.get(key)
+            if manager is None:
+                manager = self._by_key[key] = make()
+            elif model is not None and manager.model is not model:
+                raise ValueError(f"{cls._kind} {name!r} is already open with model "
+                                 f"{manager.model!r}, not {model!r}")
+            return manager
+
+    def all(self) -> list:
+        with self._lock:
+            return list(self._by_key.values())
 
 
 # ==========================================================================================
@@ -4138,26 +4182,16 @@ class BeaverDB:
         self._core = _Core(path, timeout=timeout, durability=durability)
         self._events = _Events(self._core)
         self._hub = _Hub(self)
-        self._managers: dict = {}
-        self._managers_lock = threading.Lock()
+        self._managers = _Managers()
 
     @property
     def path(self) -> str:
         return self._core.path
 
     def _manager(self, cls, name, model=None, **options):
-        key = (cls._kind, _check_name(name))
-        with self._managers_lock:
-            if self._core.closed:
-                raise ClosedError("the database is closed")
-            manager = self._managers.get(key)
-            if manager is None:
-                manager = cls(self, name, model=model, **options)
-                self._managers[key] = manager
-            elif model is not None and manager.model is not model:
-                raise ValueError(f"{cls._kind} {name!r} is already open with model "
-                                 f"{manager.model!r}, not {model!r}")
-            return manager
+        self._check_open()
+        return self._managers.get(cls, name, model,
+                                  lambda: cls(self, name, model=model, **options))
 
     def dict(self, name, model=None) -> DictManager:
         """The persistent dict called ``name`` (values validated by ``model`` if given)."""
@@ -4276,7 +4310,7 @@ class BeaverDB:
         """Close every connection of every thread; later calls raise ``ClosedError``."""
         self._events.stop()
         self._hub.stop()
-        for manager in list(self._managers.values()):
+        for manager in self._managers.all():
             getattr(manager, "_on_close", lambda: None)()
         self._core.close()
 
@@ -4345,7 +4379,13 @@ class AsyncManager:
         return await asyncio.to_thread(self._sync.__delitem__, key)
 
     async def __aenter__(self):
-        await asyncio.to_thread(self._sync.acquire)
+        future = asyncio.ensure_future(asyncio.to_thread(self._sync.acquire))
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:  # the wait goes on in its thread: release what it gets
+            future.add_done_callback(
+                lambda f: f.cancelled() or f.exception() or self._sync.release())
+            raise
         return self
 
     async def __aexit__(self, *exc):
@@ -4357,6 +4397,53 @@ class AsyncManager:
 
     def __repr__(self):
         return f"<Async {self._sync!r}>"
+
+
+class AsyncQueueManager(AsyncManager):
+    """Awaitable twin of a queue.
+
+        >>> jobs = db.queue("jobs").as_async()
+        >>> item = await asyncio.wait_for(jobs.get(), 5)
+
+    Cancelling a waiting ``get`` (``wait_for`` timing out, say) stops its worker thread, and
+    an item taken at that very moment goes back to the queue, at the end of its priority.
+    """
+
+    async def get(self, block=True, timeout=None, lease=None) -> QueueItem:
+        """``QueueManager.get`` as a coroutine that may safely be cancelled."""
+        queue, stop = self._sync, threading.Event()
+
+        def wait():
+            if stop.is_set():
+                return None
+            if not block:
+                return queue.get(block=False, lease=lease)
+            item = queue._core.watcher.wait_for(lambda: stop.is_set() or queue._take(lease),
+                                                _seconds(timeout, "timeout"),
+                                                cap=queue._lease_due)
+            if item is None:
+                raise Timeout(f"no item arrived in queue {queue.name!r} within {timeout}s")
+            return item
+        future = asyncio.ensure_future(asyncio.to_thread(wait))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            stop.set()
+            queue._core.watcher.wake()
+            future.add_done_callback(self._give_back)
+            raise
+
+    def _give_back(self, future):
+        """Requeue what a cancelled ``get`` took (a plain thread: the loop may be closing)."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        item = future.result()
+        if isinstance(item, QueueItem):
+            if getattr(item, "lease_id", None) is not None:
+                target, args = self._sync.nack, (item,)
+            else:
+                target, args = self._sync.put, (item.data, item.priority)
+            threading.Thread(target=target, args=args, name="beaver-requeue").start()
 
 
 class AsyncChannelManager(AsyncManager):
@@ -4756,6 +4843,7 @@ class _Http:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()
         self._all: list = []
+        self.streams = weakref.WeakSet()    # open _RemoteStreams, closed by close()
 
     def _connection(self, fresh=False):
         conn = getattr(self._local, "conn", None)
@@ -4768,8 +4856,11 @@ class _Http:
         self._all.append(conn)
         return conn, False
 
-    def request(self, method, path, query=None, body=None, headers=None, wait=0.0):
-        """Send one request; return ``(status, headers, body bytes)``; retry a stale socket."""
+    def request(self, method, path, query=None, body=None, headers=None, wait=0.0, sink=None):
+        """Send one request; return ``(status, headers, body bytes)``; retry a stale socket.
+
+        With ``sink``, a successful response body is passed to it in chunks instead.
+        """
         if query:
             from urllib.parse import urlencode
             pairs = {k: _query_value(v) for k, v in query.items() if v is not None}
@@ -4783,7 +4874,11 @@ class _Http:
                     conn.sock.settimeout(conn.timeout)
                 conn.request(method, self.prefix + path, body=body, headers=all_headers)
                 response = conn.getresponse()
-                return response.status, response.headers, response.read()
+                if sink is None or response.status >= 400:
+                    return response.status, response.headers, response.read()
+                for chunk in iter(lambda: response.read(1 << 16), b""):
+                    sink(chunk)
+                return response.status, response.headers, b""
             except (ConnectionError, OSError) as e:
                 conn.close()
                 if attempt or not reused or isinstance(e, TimeoutError):
@@ -4814,6 +4909,9 @@ class _Http:
         return conn, response
 
     def close(self):
+        """Close every connection; open streams end as if closed."""
+        for stream in list(self.streams):
+            stream.close()
         for conn in self._all:
             conn.close()
         self._all = []
@@ -4870,6 +4968,10 @@ class _RemoteManager:
 
     def _send(self, method, suffix="", query=None, body=_NO_BODY, headers=None, wait=0.0):
         """One request on this structure; the raw response body, or the server's exception."""
+        return self._exchange(method, suffix, query, body, headers, wait)[1]
+
+    def _exchange(self, method, suffix="", query=None, body=_NO_BODY, headers=None, wait=0.0):
+        """Like ``_send``, returning ``(response headers, body)``."""
         if body is not _NO_BODY and not isinstance(body, bytes):
             body = body.encode("utf-8")
             headers = {"Content-Type": "application/json", **(headers or {})}
@@ -4878,8 +4980,7 @@ class _RemoteManager:
             headers, wait)
         if status >= 400:
             _raise_remote(status, data)
-        self._last_headers = response_headers
-        return data
+        return response_headers, data
 
     def _call(self, method, suffix="", query=None, body=_NO_BODY, wait=0.0):
         data = self._send(method, suffix, query, body, wait=wait)
@@ -4934,8 +5035,20 @@ class _RemoteManager:
     def __exit__(self, *exc):
         self.release()
 
-    def on(self, event, callback):
-        raise FeatureUnavailable("events are not available through BeaverClient")
+    def on(self, event, callback) -> "_RemoteEventHandle":
+        """Call ``callback(payload)`` after every ``event`` ('set', 'del', ... or '*').
+
+            >>> handle = client.dict("config").on("set", lambda p: print(p["key"]))
+            >>> handle.off()
+
+        The server streams the events of this structure (server-sent events); callbacks run
+        on one thread of this client, in order. Listening starts before ``on`` returns.
+        """
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        stream = _RemoteStream(self._http, f"/events/{self._kind}/{_quote(self._name)}",
+                               {"event": event}, json.loads)
+        return _RemoteEventHandle(stream, event, callback)
 
     def as_async(self) -> "AsyncManager":
         """An awaitable twin whose calls run in worker threads."""
@@ -4998,8 +5111,7 @@ class RemoteDict(_RemoteManager, MutableMapping):
 
     def ttl(self, key):
         """Seconds until ``key`` expires; ``None`` if it never does; ``KeyError`` if absent."""
-        self._send("HEAD", "/" + _quote(_check_key(key)))
-        ttl = self._last_headers.get("Beaver-TTL")
+        ttl = self._exchange("HEAD", "/" + _quote(_check_key(key)))[0].get("Beaver-TTL")
         return None if ttl is None else float(ttl)
 
     def __iter__(self):
@@ -5078,16 +5190,16 @@ class RemoteList(_RemoteManager, MutableSequence):
     def pop(self, index=None):
         """Remove and return the item at ``index`` (default: the last; ``None`` if empty)."""
         query = None if index is None else {"index": _list_index(index)}
-        return self._optional(self._send("POST", "/pop", query))
+        return self._optional(*self._exchange("POST", "/pop", query))
 
     def deque(self):
         """Remove and return the first item, or ``None`` if the list is empty."""
-        return self._optional(self._send("POST", "/deque"))
+        return self._optional(*self._exchange("POST", "/deque"))
 
     popleft = deque
 
-    def _optional(self, data):
-        return None if self._last_headers.get("Beaver-Empty") else self._codec.decode(data)
+    def _optional(self, headers, data):
+        return None if headers.get("Beaver-Empty") else self._codec.decode(data)
 
     def reverse(self):
         """Reverse the list in place, in one transaction."""
@@ -5177,10 +5289,10 @@ class RemoteBlobs(_RemoteManager):
     def get(self, key):
         """The ``Blob`` stored under ``key``, or ``None``."""
         try:
-            data = self._send("GET", "/" + _quote(_check_key(key)))
+            headers, data = self._exchange("GET", "/" + _quote(_check_key(key)))
         except KeyError:
             return None
-        meta = self._last_headers.get("Beaver-Metadata")
+        meta = headers.get("Beaver-Metadata")
         return Blob(key, data, None if meta is None else self._codec.decode(meta))
 
     def __getitem__(self, key):
@@ -5330,6 +5442,10 @@ class RemoteLog(_RemoteManager):
         return _RemoteStream(self._http, self._base + "/live", query,
                              lambda text: aggregator([decode(v) for v in json.loads(text)]))
 
+    def as_async(self) -> "_AsyncRemoteManager":
+        """An awaitable twin; ``async for summary in alog.live(...)`` works."""
+        return _AsyncRemoteManager(self)
+
 
 class _RemoteStream:
     """A server-sent event stream read by a thread; iterate it, ``close()`` it when done."""
@@ -5339,6 +5455,7 @@ class _RemoteStream:
         self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
         self._closed = False
         self._conn, response = http.stream(path, query)
+        http.streams.add(self)
         self._reader = threading.Thread(target=self._read, args=(response,), daemon=True,
                                         name="beaver-client-stream")
         self._reader.start()
@@ -5387,6 +5504,9 @@ class _RemoteStream:
         except ClosedError:
             raise StopIteration from None
 
+    def as_async(self) -> "_AsyncRemoteStream":
+        return _AsyncRemoteStream(self)
+
     def close(self):
         """Stop the stream; a ``listen()`` in progress ends."""
         if not self._closed:
@@ -5404,6 +5524,84 @@ class _RemoteStream:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _RemoteEventHandle:
+    """Returned by a remote manager's ``on(...)``; ``off()`` stops listening."""
+
+    def __init__(self, stream, event, callback):
+        self.event, self.callback = event, callback
+        self._stream = stream
+        self._thread = threading.Thread(target=self._dispatch, daemon=True,
+                                        name="beaver-client-events")
+        self._thread.start()
+
+    def _dispatch(self):
+        for payload in self._stream.listen():
+            try:
+                self.callback(payload)
+            except Exception:   # one failing callback must not stop the others
+                logger.exception("event callback %r failed", self.callback)
+
+    @property
+    def active(self) -> bool:
+        return not self._stream.closed
+
+    def off(self):
+        """Stop delivering events to this callback (idempotent)."""
+        self._stream.close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+
+class _AsyncRemoteStream:
+    """The asyncio face of a remote stream: ``async for`` / ``await get()`` / ``async with``."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    async def get(self, timeout=None):
+        """The next event; ``TimeoutError`` after ``timeout`` seconds without one."""
+        return await asyncio.to_thread(self._stream.get, timeout)
+
+    async def listen(self, timeout=None):
+        """Yield events until ``close()`` (``TimeoutError`` after ``timeout`` s of silence)."""
+        while True:
+            try:
+                yield await self.get(timeout)
+            except ClosedError:
+                return
+
+    def __aiter__(self):
+        return self.listen()
+
+    async def __anext__(self):
+        try:
+            return await self.get()
+        except ClosedError:
+            raise StopAsyncIteration from None
+
+    def close(self):
+        """Stop the stream; a ``listen()`` in progress ends."""
+        self._stream.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+
+
+class _AsyncRemoteManager(AsyncManager):
+    """Awaitable twin of a remote channel or log: streams become async iterators."""
+
+    def subscribe(self) -> _AsyncRemoteStream:
+        """``async with achannel.subscribe() as sub: async for message in sub.listen(): ...``"""
+        return self._sync.subscribe().as_async()
+
+    def live(self, window, period, aggregator=list) -> _AsyncRemoteStream:
+        """``async for summary in alog.live(window, period, aggregator): ...``"""
+        return self._sync.live(window, period, aggregator).as_async()
 
 
 class RemoteChannel(_RemoteManager):
@@ -5428,16 +5626,19 @@ class RemoteChannel(_RemoteManager):
         """The retained messages, oldest first (the last ``limit`` ones if given)."""
         return [self._value(m) for m in self._call("GET", "/history", {"limit": limit})]
 
+    def as_async(self) -> _AsyncRemoteManager:
+        """An awaitable twin; ``async for message in achannel.subscribe().listen()`` works."""
+        return _AsyncRemoteManager(self)
+
 
 class RemoteCollection(_RemoteManager):
     """``db.collection(name)`` over HTTP: documents, full-text, fuzzy, vector and graph search."""
 
     _kind, _route = "collection", "collections"
 
-    def __init__(self, client, name, model=None, metric=None, **options):
-        super().__init__(client, name, model)
-        if metric is not None or options:
-            self._call("PUT", "", body=_json_dumps({"metric": metric, "options": options}))
+    def _configure(self, metric, options):
+        """Create the collection with ``metric``/``options`` (ValueError if it differs)."""
+        self._call("PUT", "", body=_json_dumps({"metric": metric, "options": options}))
 
     @property
     def metric(self) -> str:
@@ -5546,14 +5747,14 @@ class BeaverClient:
 
     Each thread keeps one keep-alive connection. Errors are the same classes ``BeaverDB``
     raises (``KeyError``, ``IndexError``, ``TimeoutError``, ``LockTimeout``...); transport
-    failures raise ``RemoteError``, a wrong token ``Unauthorized``. Not available remotely:
-    ``transaction()`` and ``.on()`` events.
+    failures raise ``RemoteError``, a wrong token ``Unauthorized``. Events (``.on()``),
+    channel subscriptions and live views stream as server-sent events. Not available
+    remotely: ``transaction()``.
     """
 
     def __init__(self, url, token=None, *, timeout=60.0):
         self._http = _Http(url, token, timeout)
-        self._managers: dict = {}
-        self._managers_lock = threading.Lock()
+        self._managers = _Managers()
         self._closed = False
 
     @property
@@ -5563,15 +5764,7 @@ class BeaverClient:
     def _manager(self, cls, name, model=None):
         if self._closed:
             raise ClosedError("the client is closed")
-        key = (cls._kind, _check_name(name))
-        with self._managers_lock:
-            manager = self._managers.get(key)
-            if manager is None:
-                manager = self._managers[key] = cls(self, name, model)
-            elif model is not None and manager.model is not model:
-                raise ValueError(f"{cls._kind} {name!r} is already open with model "
-                                 f"{manager.model!r}, not {model!r}")
-            return manager
+        return self._managers.get(cls, name, model, lambda: cls(self, name, model))
 
     def dict(self, name, model=None) -> RemoteDict:
         """The remote dict called ``name``."""
@@ -5600,16 +5793,10 @@ class BeaverClient:
         return self._manager(RemoteChannel, name, model)
 
     def collection(self, name, model=None, metric=None, **options) -> RemoteCollection:
-        """The remote document collection called ``name``."""
-        if self._closed:
-            raise ClosedError("the client is closed")
-        key = ("collection", _check_name(name))
-        with self._managers_lock:
-            manager = self._managers.get(key)
-        if manager is None or metric is not None or options:
-            manager = RemoteCollection(self, name, model, metric, **options)
-            with self._managers_lock:
-                manager = self._managers.setdefault(key, manager)
+        """The remote document collection called ``name`` (``metric`` fixed at creation)."""
+        manager = self._manager(RemoteCollection, name, model)
+        if metric is not None or options:
+            manager._configure(metric, options)
         return manager
 
     def lock(self, name, timeout=None, ttl=60.0, lock_ttl=None) -> RemoteLock:
@@ -5617,11 +5804,12 @@ class BeaverClient:
         ttl = lock_ttl if lock_ttl is not None else ttl
         return RemoteLock(self, name, timeout=timeout, ttl=ttl)
 
-    def _get(self, path, query=None) -> bytes:
-        status, _, data = self._http.request("GET", path, query)
+    def _get(self, path, query=None, sink=None):
+        """The body of a GET (or, with ``sink``, its headers after streaming the body)."""
+        status, headers, data = self._http.request("GET", path, query, sink=sink)
         if status >= 400:
             _raise_remote(status, data)
-        return data
+        return data if sink is None else headers
 
     def info(self) -> dict:
         """Every structure on the server: kind, name and size."""
@@ -5629,9 +5817,12 @@ class BeaverClient:
 
     def dump(self, fp, names=None) -> int:
         """Write the server's database (or the structures in ``names``) as JSON lines."""
-        data = self._get("/dump", {"names": ",".join(names) if names else None}).decode("utf-8")
-        fp.write(data)
-        return sum(1 for line in data.splitlines() if line.startswith('{"structure"'))
+        import codecs
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        headers = self._get("/dump", {"names": ",".join(names) if names else None},
+                            sink=lambda chunk: fp.write(decoder.decode(chunk)))
+        fp.write(decoder.decode(b"", final=True))
+        return int(headers.get("Beaver-Structures", 0))
 
     def load(self, fp, mode="append") -> int:
         """Send a JSON-lines dump to the server, loaded there in one transaction."""
@@ -5645,10 +5836,15 @@ class BeaverClient:
 
     def backup(self, path) -> str:
         """Download a consistent copy of the server's database file to ``path``."""
-        data = self._get("/backup")
         target = os.path.abspath(os.fspath(path))
-        with open(target, "wb") as f:
-            f.write(data)
+        partial = target + ".part"
+        try:
+            with open(partial, "wb") as f:
+                self._get("/backup", sink=f.write)
+            os.replace(partial, target)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
         return target
 
     def transaction(self):
@@ -6078,7 +6274,8 @@ class _UsageError(Exception):
     """Bad command-line usage found after parsing (exit status 2)."""
 
 
-def _cli_parser():
+def _cli_parser(kind=None):
+    """The argument parser; only ``kind`` gets its operations (building them all is slow)."""
     import argparse
     parser = argparse.ArgumentParser(
         prog="beaver", description="Inspect and change a beaver database from the shell. "
@@ -6093,14 +6290,16 @@ def _cli_parser():
     parser.add_argument("--token", default=None, help="bearer token for --url ($BEAVER_TOKEN)")
     parser.add_argument("--version", action="version", version=f"beaver {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for kind, (help_text, _, operations) in CLI_KINDS.items():
-        _cli_kind_parser(commands, kind, help_text, operations)
+    for each, (help_text, _, operations) in CLI_KINDS.items():
+        _cli_kind_parser(commands, each, help_text, operations if each == kind else None)
     _cli_database_parsers(commands)
     return parser
 
 
 def _cli_kind_parser(commands, kind, help_text, operations):
     sub = commands.add_parser(kind, help=help_text, description=help_text)
+    if operations is None:      # not the kind on this command line: its name is enough
+        return
     sub.add_argument("name", help=f"the name of the {kind}")
     ops = sub.add_subparsers(dest="operation", metavar="OPERATION", required=True)
     for operation, op_help, arguments, handler in operations:
@@ -6116,8 +6315,7 @@ def _cli_database_parsers(commands):
     dump = commands.add_parser("dump", help="print the database (or the named structures) "
                                             "as JSON lines")
     dump.add_argument("names", nargs="*", help="structure names (or kind:name); default all")
-    dump.set_defaults(handler=lambda db, a: _Exit(0 if db.dump(sys.stdout, a.names or None)
-                                                  is not None else 0))
+    dump.set_defaults(handler=_quiet(lambda db, a: db.dump(sys.stdout, a.names or None)))
     load = commands.add_parser("load", help="load a JSON-lines dump in one transaction")
     load.add_argument("file", help="the dump file; - reads standard input")
     load.add_argument("--replace", action="store_true",
@@ -6165,19 +6363,22 @@ def _cli_print(result):
     return 0
 
 
-def _split_serve(argv):
-    """``[top-level options] serve [server options]``: the server's own argument list."""
-    rest, database, i = [], None, 0
+def _command_word(argv):
+    """(index of the command word after the top-level options, the --database value)."""
+    database, i = None, 0
     while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
         if argv[i] in ("--database", "-d") and i + 1 < len(argv):
             database = argv[i + 1]
-            i += 2
-            continue
         i += 1 if "=" in argv[i] or argv[i] == "--version" else 2
+    return i, database
+
+
+def _split_serve(argv):
+    """``[top-level options] serve [server options]``: the server's own argument list."""
+    i, database = _command_word(argv)
     if i >= len(argv) or argv[i] != "serve":
         return None
-    rest = argv[i + 1:]
-    return (["--database", database] if database else []) + rest
+    return (["--database", database] if database else []) + argv[i + 1:]
 
 
 def _cli_serve(server_argv) -> int:
@@ -6206,7 +6407,8 @@ def main(argv=None) -> int:
     if server_argv is not None:
         return _cli_serve(server_argv)
     try:
-        args = _cli_parser().parse_args(argv)
+        i, _ = _command_word(argv)
+        args = _cli_parser(argv[i] if i < len(argv) else None).parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 2
     try:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -63,8 +64,8 @@ DEFAULTS = {
     "m": 32,                  # HNSW graph degree
     "ef_construction": 200,   # HNSW build breadth
     "ef_search": 64,          # HNSW search breadth (raise for recall, lower for speed)
-    "fold_min": 1000,         # fold the delta into the base once it holds this many ...
-    "fold_fraction": 0.05,    # ... or this fraction of the base, whichever is larger
+    "fold_min": 1000,         # fold the delta into the base once it holds this many (HNSW) ...
+    "fold_fraction": 0.05,    # ... or this fraction of the base if larger (flat)
     "rebuild_dead": 0.2,      # rebuild (not extend) an HNSW base with this fraction dead
     "filter_exact_below": 20000,  # where= filters this small are searched exactly
     "persist_fraction": 0.25,  # store a folded base when this fraction of it is new ...
@@ -90,10 +91,15 @@ _SCHEMA = [
         data BLOB NOT NULL, PRIMARY KEY (collection, generation, part)) WITHOUT ROWID""",
 ]
 
-_CATCH_UP = """SELECT l.seq, l.collection = ?1, l.doc_id, l.op, v.vector
-    FROM beaver_ann_log l LEFT JOIN beaver_vectors v
-      ON l.collection = ?1 AND v.collection = ?1 AND v.doc_id = l.doc_id
-    WHERE l.seq > ?2 ORDER BY l.seq"""
+# New log rows of this collection with their current vectors, plus the newest row of the
+# whole log (so that _last_seq moves past the other collections' rows too). Rows of other
+# collections in between are skipped inside SQLite, their vectors never read.
+_CATCH_UP = """SELECT seq, collection = ?1, doc_id, op,
+        CASE WHEN collection = ?1 AND op = 'u' THEN (SELECT vector FROM beaver_vectors
+             WHERE collection = ?1 AND doc_id = l.doc_id) END
+    FROM beaver_ann_log l
+    WHERE seq > ?2 AND (collection = ?1 OR seq = (SELECT max(seq) FROM beaver_ann_log))
+    ORDER BY seq"""
 
 
 def open_index(core, collection: str, dim: int, metric: str = "l2", **options) -> "VectorIndex":
@@ -104,25 +110,32 @@ def open_index(core, collection: str, dim: int, metric: str = "l2", **options) -
     Raises ``beaver.FeatureUnavailable`` when numpy/faiss are missing (or when the
     environment variable ``BEAVER_VECTOR_BACKEND=exact`` asks for the built-in search).
     """
+    host = _host(core)
     if _IMPORT_ERROR is not None:
-        raise beaver.FeatureUnavailable(
-            f"vector index needs numpy and faiss-cpu (pip install beaver-db[vector]): {_IMPORT_ERROR}")
+        raise host.FeatureUnavailable(
+            "vector index needs numpy and faiss-cpu (pip install beaver-db[vector]): "
+            f"{_IMPORT_ERROR}")
     if os.environ.get("BEAVER_VECTOR_BACKEND", "").lower() == "exact":
-        raise beaver.FeatureUnavailable("BEAVER_VECTOR_BACKEND=exact selects the built-in search")
+        raise host.FeatureUnavailable("BEAVER_VECTOR_BACKEND=exact selects the built-in search")
     return VectorIndex(core, collection, dim, metric, **options)
 
 
-def _check_options(dim, metric, options) -> dict:
+def _host(core):
+    """The beaver module that made ``core``: ``__main__`` under ``python -m beaver``."""
+    return sys.modules.get(type(core).__module__, beaver)
+
+
+def _check_options(dim, metric, options, errors=beaver) -> dict:
     if not isinstance(dim, int) or dim <= 0:
-        raise beaver.ValidationError(f"vector dimension must be a positive int, not {dim!r}")
+        raise errors.ValidationError(f"vector dimension must be a positive int, not {dim!r}")
     if metric not in METRICS:
-        raise beaver.ValidationError(f"metric must be one of {METRICS}, not {metric!r}")
+        raise errors.ValidationError(f"metric must be one of {METRICS}, not {metric!r}")
     unknown = set(options) - set(DEFAULTS)
     if unknown:
-        raise beaver.ValidationError(f"unknown vector index options: {sorted(unknown)}")
+        raise errors.ValidationError(f"unknown vector index options: {sorted(unknown)}")
     merged = dict(DEFAULTS, **options)
     if merged["index"] not in KINDS:
-        raise beaver.ValidationError(f"index must be one of {KINDS}, not {merged['index']!r}")
+        raise errors.ValidationError(f"index must be one of {KINDS}, not {merged['index']!r}")
     return merged
 
 
@@ -261,7 +274,8 @@ class VectorIndex:
     """
 
     def __init__(self, core, collection, dim, metric="l2", **options):
-        self.options = _check_options(dim, metric, options)
+        self._errors = _host(core)
+        self.options = _check_options(dim, metric, options, self._errors)
         self._core = core
         self.collection = collection
         self.dim = dim
@@ -273,6 +287,7 @@ class VectorIndex:
         self._store_lock = threading.Lock()
         self._closing = False
         self._epoch = 0
+        self._loads = 0
         self._base = self._delta = None     # loaded on first use outside a transaction:
         self._last_seq = 0                  # the collection may open us inside its own
         if not core.in_transaction:
@@ -320,10 +335,11 @@ class VectorIndex:
         not (a process without this module wrote vectors), the index is rebuilt from the table.
         """
         self._epoch += 1
+        self._loads += 1
         self._delta = _Delta(self.dim)
         with self._read_snapshot():
             base = self._read_stored_base()
-            self._base = base or self._base_from_table()
+            self._base = base if base is not None else self._base_from_table()
             self._last_seq = self._base.built_seq
             self._catch_up()
             if base is None:
@@ -436,17 +452,19 @@ class VectorIndex:
 
     def _log(self, rows):
         sql = "INSERT INTO beaver_ann_log (collection, doc_id, op) VALUES (?, ?, ?)"
+        write = self._core.execute if len(rows) == 1 else self._core.executemany
+        args = rows[0] if len(rows) == 1 else rows
         try:
-            self._core.executemany(sql, rows)
-        except beaver.BeaverError as e:
+            write(sql, args)
+        except self._errors.BeaverError as e:
             if "no such table" not in str(e):
                 raise
             self._ensure_tables()   # created (or rolled back) with the caller's transaction
-            self._core.executemany(sql, rows)
+            write(sql, args)
 
     def _check_vector(self, vector):
         if len(vector) != 4 * self.dim:
-            raise beaver.ValidationError(
+            raise self._errors.ValidationError(
                 f"vector of {len(vector) // 4} floats in collection {self.collection!r} "
                 f"of dimension {self.dim}")
 
@@ -480,7 +498,8 @@ class VectorIndex:
         """Apply every committed log row newer than ``_last_seq`` (lock held)."""
         rows, floor = self._read_log()
         if floor > self._last_seq:
-            logger.info("vector index of %r fell behind the trimmed log: reloading", self.collection)
+            logger.info("vector index of %r fell behind the trimmed log: reloading",
+                        self.collection)
             self._load()
             return
         if not rows:
@@ -539,8 +558,8 @@ class VectorIndex:
         else:
             q = np.asarray(query, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
-            raise beaver.ValidationError(f"query has {q.shape[0]} dimensions, the collection "
-                                         f"{self.collection!r} {self.dim}")
+            raise self._errors.ValidationError(
+                f"query has {q.shape[0]} dimensions, the collection {self.collection!r} {self.dim}")
         if self.metric == "cosine":
             norm = float(np.linalg.norm(q))
             if norm:
@@ -552,7 +571,7 @@ class VectorIndex:
         with self._lock:
             try:
                 rows, floor = self._read_log() if self._base is not None else ((), 1)
-            except beaver.BeaverError as e:
+            except self._errors.BeaverError as e:
                 if "no such table" not in str(e):
                     raise
                 rows, floor = (), 1
@@ -573,7 +592,8 @@ class VectorIndex:
     def _brute_force(self, q, top_k, allowed):
         rows = self._core.execute("SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
                                   (self.collection,)).fetchall()
-        rows = [r for r in rows if (allowed is None or r[0] in allowed) and len(r[1]) == 4 * self.dim]
+        rows = [r for r in rows
+                if (allowed is None or r[0] in allowed) and len(r[1]) == 4 * self.dim]
         dist = self._distances(self._matrix([r[1] for r in rows]), q)
         return _top(dist, [r[0] for r in rows], top_k)
 
@@ -673,8 +693,13 @@ class VectorIndex:
         n = len(base.ids)
         if self._wanted_kind(base) != base.kind:
             return len(base) + len(self._delta) > 0
-        limit = max(opts["fold_min"], opts["fold_fraction"] * n)
-        dead_limit = limit if base.kind == "flat" else max(opts["fold_min"], opts["rebuild_dead"] * n)
+        if base.kind == "hnsw":
+            # the exact delta search adds to every ANN search: keep the delta small; and
+            # extending keeps the dead entries, only a rebuild removes them
+            limit = opts["fold_min"]
+            dead_limit = max(opts["fold_min"], opts["rebuild_dead"] * n)
+        else:
+            limit = dead_limit = max(opts["fold_min"], opts["fold_fraction"] * n)
         return len(self._delta) >= limit or base.n_dead >= dead_limit
 
     def _maybe_fold(self):
@@ -691,7 +716,7 @@ class VectorIndex:
         try:
             while not self._closing and self._fold(persist=False):
                 pass
-        except (_Stopped, beaver.ClosedError):
+        except (_Stopped, self._errors.ClosedError):
             pass
         except Exception:  # a background thread must not die silently
             logger.exception("vector index compaction of %r failed", self.collection)
@@ -787,9 +812,7 @@ class VectorIndex:
                 self._trim_log()
             return switched
         finally:
-            self._core.execute("UPDATE beaver_ann_base SET lease_owner = NULL, lease_until = 0 "
-                               "WHERE collection = ? AND lease_owner = ?",
-                               (self.collection, self._owner))
+            self._release_lease()
 
     def _claim_lease(self) -> bool:
         with self._core.transaction():
@@ -845,15 +868,37 @@ class VectorIndex:
         """Delete parts of other generations (replaced, or left by a crash), one per transaction."""
         while not self._closing:
             with self._core.transaction():
-                row = self._core.execute(
-                    "SELECT p.generation, p.part FROM beaver_ann_parts p JOIN beaver_ann_base b "
-                    "ON b.collection = p.collection WHERE p.collection = ? "
-                    "AND p.generation IS NOT b.generation LIMIT 1", (self.collection,)).fetchone()
+                row = self._orphan_part()
                 if row is None:
                     return
                 self._renew_lease()
                 self._core.execute("DELETE FROM beaver_ann_parts WHERE collection = ? "
                                    "AND generation = ? AND part = ?", (self.collection, *row))
+
+    def _orphan_part(self):
+        """(generation, part) of a part the stored base does not use, or None."""
+        return self._core.execute(
+            "SELECT p.generation, p.part FROM beaver_ann_parts p JOIN beaver_ann_base b "
+            "ON b.collection = p.collection WHERE p.collection = ? "
+            "AND p.generation IS NOT b.generation LIMIT 1", (self.collection,)).fetchone()
+
+    def _collect_garbage(self):
+        """Delete the parts a crashed store left behind (under the lease), if any."""
+        if self._orphan_part() is None:
+            return
+        with self._store_lock:
+            if not self._claim_lease():
+                return
+            try:
+                self._drop_orphan_parts()
+                self._trim_log()
+            finally:
+                self._release_lease()
+
+    def _release_lease(self):
+        self._core.execute("UPDATE beaver_ann_base SET lease_owner = NULL, lease_until = 0 "
+                           "WHERE collection = ? AND lease_owner = ?",
+                           (self.collection, self._owner))
 
     def _trim_log(self, batch=5000):
         """Delete this collection's log rows at or below the floor, a batch per transaction.
@@ -886,6 +931,7 @@ class VectorIndex:
             thread.join()
         try:
             self._fold(persist=True, force=True)
+            self._collect_garbage()
         except _Stopped:
             pass
 
@@ -901,7 +947,7 @@ class VectorIndex:
             memory = n * self.dim * 4 + graph + delta.vecs.nbytes
             return {"kind": base.kind, "count": len(base) + len(delta), "base": len(base),
                     "delta": len(delta), "dead": base.n_dead, "built_seq": base.built_seq,
-                    "last_seq": self._last_seq, "memory_bytes": memory}
+                    "last_seq": self._last_seq, "loads": self._loads, "memory_bytes": memory}
 
     def close(self):
         """Stop the background fold (``index.close()``); the stored base stays as it is.

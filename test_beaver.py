@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import select
 import signal
 import socket
 import sqlite3
@@ -1345,7 +1346,7 @@ def test_queue_bad_timeout(db, timeout):
     assert len(q) == 1
 
 
-@pytest.mark.parametrize("priority", ["1", None, True, [1], float("nan")])
+@pytest.mark.parametrize("priority", ["1", None, True, [1], float("nan"), 2 ** 70, -(2 ** 64)])
 def test_queue_bad_priority_writes_nothing(db, priority):
     q = db.queue("q")
     with pytest.raises((TypeError, ValueError)):
@@ -2118,6 +2119,52 @@ def test_as_async_exists_on_every_manager(db, factory):
     assert twin is not None and twin is not manager
     if hasattr(manager, "__len__"):
         assert asyncio.run(twin.len()) == len(manager)
+
+
+def test_async_queue_get_cancelled_loses_nothing_and_does_not_hang(db):
+    outcome = []
+
+    async def main():
+        jobs = db.queue("jobs").as_async()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(jobs.get(), 0.05)        # cancelled while waiting
+        await jobs.put("precious")
+        outcome.append((await jobs.get(timeout=MP_DEADLINE)).data)
+        for i in range(100):
+            await jobs.put(i)
+        got = []
+        while len(got) < 100:                               # cancellations racing with takes
+            try:
+                got.append((await asyncio.wait_for(jobs.get(), 0.001)).data)
+            except asyncio.TimeoutError:
+                pass
+        outcome.append(sorted(got))
+        with pytest.raises(asyncio.TimeoutError):           # the last one: nothing left
+            await asyncio.wait_for(jobs.get(), 0.05)
+    runner = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    runner.start()
+    runner.join(MP_DEADLINE)
+    assert not runner.is_alive(), "asyncio.run hung on a cancelled get's worker thread"
+    assert outcome == ["precious", list(range(100))]
+    assert len(db.queue("jobs")) == 0
+
+
+def test_async_acquire_cancelled_does_not_leak_the_lock(tmp_path):
+    path = tmp_path / "lock.db"
+    with BeaverDB(path) as one, BeaverDB(path) as two:
+        held = two.dict("c").acquire(timeout=5)
+        outcome = []
+
+        async def main():
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(one.dict("c").as_async().__aenter__(), 0.05)
+            held.release()              # the abandoned wait gets the lock, and gives it back
+            outcome.append(bool(await asyncio.to_thread(two.dict("c").acquire, 10)))
+            two.dict("c").release()
+        runner = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+        runner.start()
+        runner.join(MP_DEADLINE)
+        assert not runner.is_alive() and outcome == [True]
 
 
 # ---- aliases ----
@@ -3467,12 +3514,14 @@ def test_collection_multi_field_dedup_and_on(docs):
     assert [d.id for d, _ in docs.match("python", on=["title"])] == ["a"]
     assert [d.id for d, _ in docs.match("python", on=["meta"])] == ["a"]
     assert [d.id for d, _ in docs.match("code", on="tags")] == ["a"]
-    assert docs.match("code", on=["title", "text"]) == []
+    assert docs.match("code", on=["title", "text"]) == [] and docs.match("python", on=[]) == []
     assert len(docs.match("python", top_k=1)) == 1
     docs.index(Document(id="c", body={"title": "python", "secret": "hidden"}), fts=["title"])
     assert docs.match("hidden") == []
     assert {d.id for d, _ in docs.match("python", on="title")} == {"a", "c"}
     doc, score, snippet = docs.match("rust", highlight=True)[0]
+    assert doc.id == "b" and "[rust]" in snippet
+    doc, score, snippet = docs.match("rsut", highlight=True, fuzziness=1)[0]
     assert doc.id == "b" and "[rust]" in snippet
 
 
@@ -3481,6 +3530,8 @@ def test_collection_upsert_replaces_text(docs):
     docs.index(Document(id="a", body="new words"))
     assert docs.match("old") == [] and [d.id for d, _ in docs.match("new")] == ["a"]
     assert len(docs) == 1
+    docs.compact()
+    assert [d.id for d, _ in docs.match("new")] == ["a"]
 
 
 @pytest.mark.parametrize("query,fuzziness,expected", [
@@ -3613,7 +3664,9 @@ def test_collection_events_and_model(db):
 
 def test_collection_rerank_shapes():
     a, b, c = Document(id="a"), Document(id="b"), Document(id="c")
-    assert rerank([a, b, c], [c, b]) == [b, c, a] or rerank([a, b, c], [c, b])[0] in (b, c)
+    assert [d.id for d in rerank([a, b, c], [c, b])] == ["c", "b", "a"]      # 1/63+1/61 > 2/62
+    assert [d.id for d in rerank([a, b, c], [c, b], weights=[1.0, 0.0])] == ["a", "b", "c"]
+    assert [d.id for d in rerank([a, a, b])] == ["a", "b"]
     assert [d.id for d in rerank([(a, 0.1), (b, 0.2)], [b])] == ["b", "a"]
     assert rerank() == [] and rerank([]) == []
     with pytest.raises(ValueError):
@@ -3931,6 +3984,29 @@ def test_vector_hnsw_filters_and_rebuilds(db, faiss_ok):
     assert coll.index.info()["dead"] == 0 and coll.index.info()["count"] == 300
 
 
+def test_vector_other_process_compaction_needs_no_reload(tmp_path, faiss_ok):
+    np = _np()
+    rng = np.random.default_rng(5)
+    options = {"background": False, "persist_min": 1}
+    with BeaverDB(tmp_path / "v.db") as one, BeaverDB(tmp_path / "v.db") as two:
+        writer, reader = _VecCollection(one, "v", **options), _VecCollection(two, "v", **options)
+        writer.put_many((f"d{i}", rng.standard_normal(4)) for i in range(100))
+        q = rng.standard_normal(4)
+        _same_answer(reader.search(q, 100), _brute(writer.stored(), q, "l2", 100))
+        loads = reader.index.info()["loads"]
+        writer.coll.compact()                    # stored, log trimmed up to the older base
+        writer.put_many((f"e{i}", rng.standard_normal(4)) for i in range(50))
+        writer.coll.compact()
+        _same_answer(reader.search(q, 200), _brute(writer.stored(), q, "l2", 200))
+        assert reader.index.info()["loads"] == loads     # caught up from the log alone
+        for round_ in range(2):                  # the reader sleeps through two compactions:
+            writer.put_many((f"f{round_}{i}", rng.standard_normal(4)) for i in range(50))
+            writer.delete(f"d{round_}")
+            writer.coll.compact()                # the log it would need is trimmed
+        _same_answer(reader.search(q, 300), _brute(writer.stored(), q, "l2", 300))
+        assert reader.index.info()["loads"] == loads + 1  # so it loaded the stored base
+
+
 def _vec_writer(path, prefix, count, other, result):
     with BeaverDB(path) as db:
         coll = _VecCollection(db, "v", fold_min=50)
@@ -4010,6 +4086,41 @@ def test_vector_crash_during_compaction_loses_nothing(tmp_path, faiss_ok):
     with BeaverDB(path) as db:
         coll = _VecCollection(db, "v", part_bytes=1024, background=False)
         _same_answer(coll.search(q, 50), _brute(stored, q, "l2", 50))
+
+
+def test_lock_seed_example_scraper(tmp_path, monkeypatch, capsys):
+    import os
+    import time
+    monkeypatch.chdir(tmp_path)
+    db = BeaverDB("scraper_state.db")
+    scrapers_state = db.dict("scraper_state")
+
+    last_refresh = scrapers_state.get("last_sitemap_refresh", 0)
+    if time.time() - last_refresh > 3600:  # Only refresh once per hour
+        try:
+            with db.lock("refresh_sitemap", timeout=1):
+                print(f"PID {os.getpid()} is refreshing the sitemap...")
+                scrapers_state["sitemap"] = ["/page1", "/page2"]
+                scrapers_state["last_sitemap_refresh"] = time.time()
+        except TimeoutError:
+            print(f"PID {os.getpid()} letting other process handle refresh.")
+
+    sitemap = scrapers_state.get("sitemap")
+    print(f"PID {os.getpid()} proceeding with sitemap: {sitemap}")
+    db.close()
+    out = capsys.readouterr().out
+    assert "is refreshing the sitemap" in out and "['/page1', '/page2']" in out
+
+
+def test_queue_dump_keeps_leased_items(db):
+    q = db.queue("dumped")
+    q.put("queued")
+    q.put("leased")
+    q.get(lease=60)
+    q.get(lease=60)
+    assert [i["data"] for i in q.dump()["items"]] == ["queued", "leased"]
+    q.clear()
+    assert q.dump()["items"] == [] and len(q) == 0
 
 
 # ---- dump/load/backup ----
@@ -4146,7 +4257,7 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    """A real ``python -m beaver_server`` process on 127.0.0.1, killed at the end."""
+    """A real ``beaver serve`` process (``python -m beaver_server``) on 127.0.0.1."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     path = tmp_path_factory.mktemp("server") / "served.db"
@@ -4154,7 +4265,7 @@ def server_url(tmp_path_factory):
     here = os.path.dirname(os.path.abspath(beaver.__file__))
     env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "beaver_server", "--database", str(path), "--port", str(port),
+        [sys.executable, "-m", "beaver", "--database", str(path), "serve", "--port", str(port),
          "--max-wait", "2", "--log-level", "warning"], env=env, cwd=here)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -4332,6 +4443,24 @@ def test_same_api_locks(anydb, uid):
         assert len(q) == 1
 
 
+def test_same_api_events(anydb, uid):
+    import queue as queue_module
+    config = anydb.dict(f"{uid}-watched")
+    seen = queue_module.SimpleQueue()
+    handle = config.on("set", seen.put)
+    everything = config.on("*", lambda p: p["event"] == "boom" or 1 / 0)   # raises: isolated
+    config["theme"] = "dark"
+    del config["theme"]
+    payload = seen.get(timeout=20)
+    assert (payload["event"], payload["key"], payload["value"]) == ("set", "theme", "dark")
+    assert payload["kind"] == "dict" and payload["name"] == f"{uid}-watched"
+    handle.off()
+    everything.off()
+    config["theme"] = "light"
+    with pytest.raises(queue_module.Empty):
+        seen.get(timeout=0.2)
+
+
 def test_same_api_structure_dump_load_and_async(anydb, uid):
     import asyncio
     config = anydb.dict(f"{uid}-c")
@@ -4377,6 +4506,13 @@ def test_client_threads_and_keep_alive(server_url, uid):
     assert len(counter) == 80
     assert len({id(c) for c in client._http._all}) == 5  # one connection per thread
     client.close()
+
+
+def test_client_close_ends_streams(server_url, uid):
+    client = beaver.BeaverClient(server_url)
+    subscription = client.channel(f"{uid}-closing").subscribe()
+    client.close()
+    assert list(subscription.listen(timeout=20)) == []
 
 
 def test_client_errors(server_url):
@@ -4567,7 +4703,8 @@ def test_client_auth_against_real_server(tmp_path):
     import beaver_server
     app = beaver_server.create_app(str(tmp_path / "a.db"), token="s3cret")
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                           timeout_keep_alive=0.2))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -4580,6 +4717,10 @@ def test_client_auth_against_real_server(tmp_path):
         good = beaver.BeaverClient(f"http://127.0.0.1:{port}", token="s3cret")
         good.dict("c")["k"] = 1
         assert good.dict("c")["k"] == 1
+        idle = good._http._local.conn.sock
+        assert select.select([idle], [], [], 20)[0]     # the server closed the idle socket
+        good.dict("c")["k"] = 2                         # sent again on a fresh connection
+        assert good.dict("c")["k"] == 2
         good.close()
     finally:
         server.should_exit = True
@@ -4607,7 +4748,7 @@ except ImportError:  # pragma: no cover
 if _schemathesis is not None:
     # streams (server-sent events) never end by themselves: they are tested on their own
     _lazy_schema = _schemathesis.pytest.from_fixture("fuzz_schema").exclude(
-        path_regex=r"/(sse|live)$")
+        path_regex=r"/(sse|live)$|^/events/")
 
     @_lazy_schema.parametrize()
     @_settings(max_examples=2, deadline=None, database=None,
@@ -4782,7 +4923,9 @@ def test_cli_help_subprocess():
     env = {**os.environ, "PYTHONPATH": here}
     out = subprocess.run([sys.executable, "-m", "beaver", "--help"], capture_output=True,
                          text=True, env=env, timeout=60)
-    assert out.returncode == 0 and "lock" in out.stdout and "collection" not in out.stderr
+    assert out.returncode == 0 and out.stderr == ""
+    assert all(kind in out.stdout for kind in ("dict", "list", "queue", "blob", "log", "channel",
+                                               "lock", "collection", "serve", "backup"))
     out = subprocess.run([sys.executable, "-m", "beaver", "dict"], capture_output=True,
                          text=True, env=env, timeout=60)
     assert out.returncode == 2 and "usage:" in out.stderr
@@ -4839,39 +4982,8 @@ def test_fast_paths_still_emit_events(tmp_path, monkeypatch, returning):
                             {"event": "get", "priority": 3, "data": [1], "lease": None}]
 
 
-def test_lock_seed_example_scraper(tmp_path, monkeypatch, capsys):
-    import os
-    import time
-    monkeypatch.chdir(tmp_path)
-    db = BeaverDB("scraper_state.db")
-    scrapers_state = db.dict("scraper_state")
-
-    last_refresh = scrapers_state.get("last_sitemap_refresh", 0)
-    if time.time() - last_refresh > 3600:  # Only refresh once per hour
-        try:
-            with db.lock("refresh_sitemap", timeout=1):
-                print(f"PID {os.getpid()} is refreshing the sitemap...")
-                scrapers_state["sitemap"] = ["/page1", "/page2"]
-                scrapers_state["last_sitemap_refresh"] = time.time()
-        except TimeoutError:
-            print(f"PID {os.getpid()} letting other process handle refresh.")
-
-    sitemap = scrapers_state.get("sitemap")
-    print(f"PID {os.getpid()} proceeding with sitemap: {sitemap}")
-    db.close()
-    out = capsys.readouterr().out
-    assert "is refreshing the sitemap" in out and "['/page1', '/page2']" in out
 
 
-def test_queue_dump_keeps_leased_items(db):
-    q = db.queue("dumped")
-    q.put("queued")
-    q.put("leased")
-    q.get(lease=60)
-    q.get(lease=60)
-    assert [i["data"] for i in q.dump()["items"]] == ["queued", "leased"]
-    q.clear()
-    assert q.dump()["items"] == [] and len(q) == 0
 
 
 # ---- client and server: logs, channels, collections ----
@@ -4916,6 +5028,24 @@ def test_same_api_channel(anydb, uid):
     with events.subscribe() as listener:
         with pytest.raises(TimeoutError):
             listener.get(timeout=0.05)
+
+
+def test_same_api_async_channel_and_live(anydb, uid):
+    import asyncio
+
+    async def run():
+        achannel = anydb.channel(f"{uid}-achat").as_async()
+        async with achannel.subscribe() as sub:
+            await achannel.publish({"text": "hi"})
+            async for message in sub.listen(timeout=20):
+                break
+        alog = anydb.log(f"{uid}-alog").as_async()
+        await alog.log(1)
+        async with alog.live(window=60, period=0.05, aggregator=sum) as view:
+            async for total in view:
+                break
+        return message, total
+    assert asyncio.run(run()) == ({"text": "hi"}, 1)
 
 
 def test_same_api_collection(anydb, uid):
@@ -5063,3 +5193,5 @@ def test_dump_load_logs_channels_collections(tmp_path, db):
         assert restored.match("alpha")[0][0].id == "a"
         assert restored.search([1.0, 0.1], top_k=1)[0][0].id == "a"
         assert copy.info()["structures"] == db.info()["structures"]
+
+

@@ -21,7 +21,7 @@ def cached_answer(cache, prompt):
         answer = expensive_api_call(prompt)
         cache.set(prompt, answer, ttl_seconds=TTL)
     else:
-        print(f"cache hit (expires in {cache.ttl(prompt):.2f}s)")
+        print("cache hit")
     return answer
 
 
@@ -34,6 +34,9 @@ def main(path):
         time.sleep(TTL + 0.1)
         print("expired key visible?", prompt in cache, "| len:", len(cache))
         print("3:", cached_answer(cache, prompt))      # miss again after expiry
+
+        cache.set("exchange_rates", {"USD": 1.0}, ttl_seconds=3600)
+        print(f"exchange_rates expire in {cache.ttl('exchange_rates') / 60:.0f} minutes")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ def tour_dict(db):
     config = db.dict("app_config")
     config["theme"] = "dark"
     config.set("session", {"user": "alice"}, ttl_seconds=0.2)      # expires on its own
-    print("dict:", dict(config), "| session ttl:", round(config.ttl("session"), 1))
+    config.set("token", "abc123", ttl_seconds=3600)
+    print("dict:", sorted(config), "| token expires in", round(config.ttl("token") / 60), "min")
     time.sleep(0.25)
-    print("     after the ttl:", dict(config))
+    print("     after 0.25 s:", sorted(config))
 
 
 def tour_list(db):
