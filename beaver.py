@@ -2467,6 +2467,7 @@ class ChannelManager(_Manager):
 
     _kind = "channel"
     _table = "beaver_channels"
+    _PUBLISH = "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)"
 
     def __init__(self, db, name, model=None, retention=CHANNEL_RETENTION,
                  max_messages=CHANNEL_MAX_MESSAGES):
@@ -2481,11 +2482,12 @@ class ChannelManager(_Manager):
     def publish(self, payload):
         """Send ``payload`` (any JSON value, or a model instance) to every subscriber."""
         text = self._codec.encode(payload)
-        with self._atomic():
-            self._core.execute(
-                "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)",
-                (self._name, _now(), text))
-            self._wrote("publish", payload=_to_jsonable(payload))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._PUBLISH, (self._name, _now(), text))
+                self._wrote("publish", payload=_to_jsonable(payload))
+        else:
+            self._core.execute(self._PUBLISH, (self._name, _now(), text))
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PURGE_INTERVAL
             self.prune()
@@ -2760,14 +2762,14 @@ class Lock:
     def held(self) -> bool:
         """True while this object holds the lock (and its TTL has not run out)."""
         return self._ticket is not None and self._core.execute(
-            "SELECT 1 FROM beaver_locks WHERE ticket = ? AND held = 1 AND expires_at > ?",
+            "SELECT 1 FROM beaver_locks WHERE ticket = ? AND held > 0 AND expires_at > ?",
             (self._ticket, _now())).fetchone() is not None
 
     @property
     def locked(self) -> bool:
         """True while anybody holds the lock."""
         return self._core.execute(
-            "SELECT 1 FROM beaver_locks WHERE name = ? AND held = 1 AND expires_at > ?",
+            "SELECT 1 FROM beaver_locks WHERE name = ? AND held > 0 AND expires_at > ?",
             (self.name, _now())).fetchone() is not None
 
     def acquire(self, timeout=None, block=True):
@@ -2778,9 +2780,10 @@ class Lock:
         """
         timeout = self.timeout if timeout is None else _seconds(timeout, "timeout")
         deadline = _Deadline(0.0 if not block else timeout)
-        left = deadline.remaining()
-        if not self._guard.acquire(timeout=-1 if left is None else left):
-            raise LockTimeout(f"lock {self.name!r} is held by another thread of this object")
+        if not self._guard.acquire(False):
+            left = deadline.remaining()
+            if not self._guard.acquire(timeout=-1 if left is None else left):
+                raise LockTimeout(f"lock {self.name!r} is held by another thread of this object")
         try:
             got = self._enqueue()
             if got is None and block:
@@ -2812,6 +2815,9 @@ class Lock:
                 (self.name, self._owner, now + LOCK_WAITER_GRACE, self.ttl))
             self._ticket = cursor.lastrowid
             got = self._take(now)
+            if got is None:         # tell the holder that its release must hand over
+                self._core.execute("UPDATE beaver_locks SET held = 2 WHERE name = ? AND held = 1",
+                                   (self.name,))
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
         return got
 
@@ -2825,7 +2831,7 @@ class Lock:
             return None
         self._core.execute("DELETE FROM beaver_locks WHERE name = ? AND ticket < ?",
                            (self.name, self._ticket))
-        self._core.execute("UPDATE beaver_locks SET held = 1, expires_at = ? WHERE ticket = ?",
+        self._core.execute("UPDATE beaver_locks SET held = 2, expires_at = ? WHERE ticket = ?",
                            (now + self.ttl, self._ticket))
         return True
 
@@ -2883,16 +2889,17 @@ class Lock:
             raise LockLost(f"lock {self.name!r} is not held by this object")
         ticket, self._ticket = self._ticket, None
         try:
-            waiting = self._core.execute(
-                "SELECT 1 FROM beaver_locks WHERE name = ? AND ticket > ? AND expires_at > ? "
-                "LIMIT 1", (self.name, ticket, _now())).fetchone()
-            with self._core.transaction() if waiting else contextlib.nullcontext():
-                still_ours = self._core.execute(
-                    "DELETE FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
-                    (ticket, _now())).rowcount == 1
-                if not still_ours:
-                    self._leave(ticket)
-                if waiting:
+            # held = 1: nobody queued behind us (waiters set 2), so one statement suffices
+            still_ours = self._core.execute(
+                "DELETE FROM beaver_locks WHERE ticket = ? AND held = 1 AND expires_at > ?",
+                (ticket, _now())).rowcount == 1
+            if not still_ours:
+                with self._core.transaction():
+                    still_ours = self._core.execute(
+                        "DELETE FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
+                        (ticket, _now())).rowcount == 1
+                    if not still_ours:
+                        self._leave(ticket)
                     self._hand_over()
             self._core.changed()
         finally:
@@ -2904,7 +2911,7 @@ class Lock:
         """Make the first live waiter the holder, so it need not write to take the lock."""
         now = _now()
         self._core.execute(
-            "UPDATE beaver_locks SET held = 1, expires_at = ? + ttl WHERE held = 0 AND ticket = "
+            "UPDATE beaver_locks SET held = 2, expires_at = ? + ttl WHERE held = 0 AND ticket = "
             "(SELECT ticket FROM beaver_locks WHERE name = ? AND expires_at > ? ORDER BY ticket "
             "LIMIT 1)", (now, self.name, now))
 
@@ -2912,7 +2919,7 @@ class Lock:
         """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now."""
         ttl = self.ttl if ttl is None else _seconds(ttl, "ttl")
         cursor = None if self._ticket is None else self._core.execute(
-            "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND held = 1 "
+            "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND held > 0 "
             "AND expires_at > ?", (_now() + ttl, self._ticket, _now()))
         if cursor is None or cursor.rowcount == 0:
             raise LockLost(f"lock {self.name!r} is not held by this object")
