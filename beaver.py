@@ -1914,6 +1914,8 @@ class QueueManager(_Manager):
             raise TypeError(f"priority must be a number, not {priority!r}")
         if priority != priority:
             raise ValueError("priority must not be NaN")
+        if isinstance(priority, int) and not -(1 << 63) <= priority < (1 << 63):
+            raise ValueError("an integer priority must fit in 64 bits")
         text = self._codec.encode(data)
         if self._listened():
             with self._atomic():
@@ -4126,6 +4128,31 @@ def rerank(*results, weights=None, k=60) -> list:
     return [docs[key] for key in sorted(scores, key=lambda key: -scores[key])]
 
 
+class _Managers:
+    """One manager per (kind, name) for a database or client; reopening with another model
+    is an error rather than a silent second codec."""
+
+    def __init__(self):
+        self._by_key: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, cls, name, model, make):
+        """The cached manager of ``cls`` called ``name``, made by ``make()`` the first time."""
+        key = (cls._kind, _check_name(name))
+        with self._lock:
+            manager = self._by_key.get(key)
+            if manager is None:
+                manager = self._by_key[key] = make()
+            elif model is not None and manager.model is not model:
+                raise ValueError(f"{cls._kind} {name!r} is already open with model "
+                                 f"{manager.model!r}, not {model!r}")
+            return manager
+
+    def all(self) -> list:
+        with self._lock:
+            return list(self._by_key.values())
+
+
 # ==========================================================================================
 # BeaverDB
 # ==========================================================================================
@@ -4150,26 +4177,16 @@ class BeaverDB:
         self._core = _Core(path, timeout=timeout, durability=durability)
         self._events = _Events(self._core)
         self._hub = _Hub(self)
-        self._managers: dict = {}
-        self._managers_lock = threading.Lock()
+        self._managers = _Managers()
 
     @property
     def path(self) -> str:
         return self._core.path
 
     def _manager(self, cls, name, model=None, **options):
-        key = (cls._kind, _check_name(name))
-        with self._managers_lock:
-            if self._core.closed:
-                raise ClosedError("the database is closed")
-            manager = self._managers.get(key)
-            if manager is None:
-                manager = cls(self, name, model=model, **options)
-                self._managers[key] = manager
-            elif model is not None and manager.model is not model:
-                raise ValueError(f"{cls._kind} {name!r} is already open with model "
-                                 f"{manager.model!r}, not {model!r}")
-            return manager
+        self._check_open()
+        return self._managers.get(cls, name, model,
+                                  lambda: cls(self, name, model=model, **options))
 
     def dict(self, name, model=None) -> DictManager:
         """The persistent dict called ``name`` (values validated by ``model`` if given)."""
@@ -4288,7 +4305,7 @@ class BeaverDB:
         """Close every connection of every thread; later calls raise ``ClosedError``."""
         self._events.stop()
         self._hub.stop()
-        for manager in list(self._managers.values()):
+        for manager in self._managers.all():
             getattr(manager, "_on_close", lambda: None)()
         self._core.close()
 
@@ -4834,8 +4851,11 @@ class _Http:
         self._all.append(conn)
         return conn, False
 
-    def request(self, method, path, query=None, body=None, headers=None, wait=0.0):
-        """Send one request; return ``(status, headers, body bytes)``; retry a stale socket."""
+    def request(self, method, path, query=None, body=None, headers=None, wait=0.0, sink=None):
+        """Send one request; return ``(status, headers, body bytes)``; retry a stale socket.
+
+        With ``sink``, a successful response body is passed to it in chunks instead.
+        """
         if query:
             from urllib.parse import urlencode
             pairs = {k: _query_value(v) for k, v in query.items() if v is not None}
@@ -4849,7 +4869,11 @@ class _Http:
                     conn.sock.settimeout(conn.timeout)
                 conn.request(method, self.prefix + path, body=body, headers=all_headers)
                 response = conn.getresponse()
-                return response.status, response.headers, response.read()
+                if sink is None or response.status >= 400:
+                    return response.status, response.headers, response.read()
+                for chunk in iter(lambda: response.read(1 << 16), b""):
+                    sink(chunk)
+                return response.status, response.headers, b""
             except (ConnectionError, OSError) as e:
                 conn.close()
                 if attempt or not reused or isinstance(e, TimeoutError):
@@ -5607,10 +5631,9 @@ class RemoteCollection(_RemoteManager):
 
     _kind, _route = "collection", "collections"
 
-    def __init__(self, client, name, model=None, metric=None, **options):
-        super().__init__(client, name, model)
-        if metric is not None or options:
-            self._call("PUT", "", body=_json_dumps({"metric": metric, "options": options}))
+    def _configure(self, metric, options):
+        """Create the collection with ``metric``/``options`` (ValueError if it differs)."""
+        self._call("PUT", "", body=_json_dumps({"metric": metric, "options": options}))
 
     @property
     def metric(self) -> str:
@@ -5726,8 +5749,7 @@ class BeaverClient:
 
     def __init__(self, url, token=None, *, timeout=60.0):
         self._http = _Http(url, token, timeout)
-        self._managers: dict = {}
-        self._managers_lock = threading.Lock()
+        self._managers = _Managers()
         self._closed = False
 
     @property
@@ -5737,15 +5759,7 @@ class BeaverClient:
     def _manager(self, cls, name, model=None):
         if self._closed:
             raise ClosedError("the client is closed")
-        key = (cls._kind, _check_name(name))
-        with self._managers_lock:
-            manager = self._managers.get(key)
-            if manager is None:
-                manager = self._managers[key] = cls(self, name, model)
-            elif model is not None and manager.model is not model:
-                raise ValueError(f"{cls._kind} {name!r} is already open with model "
-                                 f"{manager.model!r}, not {model!r}")
-            return manager
+        return self._managers.get(cls, name, model, lambda: cls(self, name, model))
 
     def dict(self, name, model=None) -> RemoteDict:
         """The remote dict called ``name``."""
@@ -5774,16 +5788,10 @@ class BeaverClient:
         return self._manager(RemoteChannel, name, model)
 
     def collection(self, name, model=None, metric=None, **options) -> RemoteCollection:
-        """The remote document collection called ``name``."""
-        if self._closed:
-            raise ClosedError("the client is closed")
-        key = ("collection", _check_name(name))
-        with self._managers_lock:
-            manager = self._managers.get(key)
-        if manager is None or metric is not None or options:
-            manager = RemoteCollection(self, name, model, metric, **options)
-            with self._managers_lock:
-                manager = self._managers.setdefault(key, manager)
+        """The remote document collection called ``name`` (``metric`` fixed at creation)."""
+        manager = self._manager(RemoteCollection, name, model)
+        if metric is not None or options:
+            manager._configure(metric, options)
         return manager
 
     def lock(self, name, timeout=None, ttl=60.0, lock_ttl=None) -> RemoteLock:
@@ -5791,11 +5799,12 @@ class BeaverClient:
         ttl = lock_ttl if lock_ttl is not None else ttl
         return RemoteLock(self, name, timeout=timeout, ttl=ttl)
 
-    def _get(self, path, query=None) -> bytes:
-        status, _, data = self._http.request("GET", path, query)
+    def _get(self, path, query=None, sink=None):
+        """The body of a GET (or, with ``sink``, its headers after streaming the body)."""
+        status, headers, data = self._http.request("GET", path, query, sink=sink)
         if status >= 400:
             _raise_remote(status, data)
-        return data
+        return data if sink is None else headers
 
     def info(self) -> dict:
         """Every structure on the server: kind, name and size."""
@@ -5803,9 +5812,12 @@ class BeaverClient:
 
     def dump(self, fp, names=None) -> int:
         """Write the server's database (or the structures in ``names``) as JSON lines."""
-        data = self._get("/dump", {"names": ",".join(names) if names else None}).decode("utf-8")
-        fp.write(data)
-        return sum(1 for line in data.splitlines() if line.startswith('{"structure"'))
+        import codecs
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        headers = self._get("/dump", {"names": ",".join(names) if names else None},
+                            sink=lambda chunk: fp.write(decoder.decode(chunk)))
+        fp.write(decoder.decode(b"", final=True))
+        return int(headers.get("Beaver-Structures", 0))
 
     def load(self, fp, mode="append") -> int:
         """Send a JSON-lines dump to the server, loaded there in one transaction."""
@@ -5819,10 +5831,15 @@ class BeaverClient:
 
     def backup(self, path) -> str:
         """Download a consistent copy of the server's database file to ``path``."""
-        data = self._get("/backup")
         target = os.path.abspath(os.fspath(path))
-        with open(target, "wb") as f:
-            f.write(data)
+        partial = target + ".part"
+        try:
+            with open(partial, "wb") as f:
+                self._get("/backup", sink=f.write)
+            os.replace(partial, target)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
         return target
 
     def transaction(self):

@@ -42,6 +42,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import threading
@@ -50,9 +51,10 @@ from typing import Annotated, Any, Literal, Optional
 from fastapi import (APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response,
                      WebSocket, WebSocketDisconnect)
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -554,30 +556,41 @@ def _log_routes(ctx) -> APIRouter:
 # Channels
 # ------------------------------------------------------------------------------------------
 
-class _Subscription:
-    """A channel subscription whose raw JSON messages land in an asyncio queue."""
+class _Inbox:
+    """JSON texts handed over from any thread to the event loop that made the inbox."""
 
-    def __init__(self, channel):
+    def __init__(self):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.sub = beaver.Subscriber(channel, sink=self._put)
 
-    def _put(self, text):
+    def put(self, text):
         with contextlib.suppress(RuntimeError):     # the loop has already shut down
             self.loop.call_soon_threadsafe(self.queue.put_nowait, text)
 
     async def next(self, timeout):
-        """The next message text, None after ``timeout`` s of silence, or raises at close."""
+        """The next text; None after ``timeout`` s of silence; EOFError once the source ends."""
         try:
             text = await asyncio.wait_for(self.queue.get(), timeout)
         except asyncio.TimeoutError:
             return None
-        if not isinstance(text, str):
+        if not isinstance(text, str):     # a subscription's end-of-stream marker
             raise EOFError
         return text
 
-    def close(self):
-        self.sub.close()
+
+def _sse_from(inbox, stop, greeting):
+    """Server-sent events of every text of ``inbox``, with keep-alives; ``stop()`` at the end."""
+    async def events():
+        try:
+            yield f": {greeting}\n\n"
+            while True:
+                text = await inbox.next(15.0)
+                yield ": keep-alive\n\n" if text is None else f"data: {text}\n\n"
+        except EOFError:
+            return
+        finally:
+            stop()
+    return _sse(events())
 
 
 def _channel_routes(ctx) -> APIRouter:
@@ -599,19 +612,9 @@ def _channel_routes(ctx) -> APIRouter:
                 response_class=StreamingResponse,
                 responses={200: {"content": {"text/event-stream": {}}}})
     async def sse(name: str):
-        subscription = _Subscription(ctx.db.channel(name))
-
-        async def events():
-            try:
-                yield ": subscribed\n\n"
-                while True:
-                    text = await subscription.next(15.0)
-                    yield ": keep-alive\n\n" if text is None else f"data: {text}\n\n"
-            except EOFError:
-                return
-            finally:
-                subscription.close()
-        return _sse(events())
+        inbox = _Inbox()
+        subscriber = beaver.Subscriber(ctx.db.channel(name), sink=inbox.put)
+        return _sse_from(inbox, subscriber.close, "subscribed")
 
     return router
 
@@ -629,18 +632,19 @@ def _channel_websocket(app, ctx, token):
         except (TypeError, ValueError) as e:
             await websocket.close(code=1008, reason=str(e)[:120])
             return
-        subscription = _Subscription(channel)
+        inbox = _Inbox()
+        subscriber = beaver.Subscriber(channel, sink=inbox.put)
         await websocket.accept()
         receiver = asyncio.ensure_future(_publish_frames(websocket, channel))
         try:
             while not receiver.done():
-                text = await subscription.next(1.0)
+                text = await inbox.next(1.0)
                 if text is not None:
                     await websocket.send_text(text)
         except (EOFError, WebSocketDisconnect, RuntimeError):
             pass
         finally:
-            subscription.close()
+            subscriber.close()
             receiver.cancel()
 
 
@@ -816,28 +820,10 @@ def _event_routes(ctx) -> APIRouter:
     async def events(kind: str, name: str, event: str = "*"):
         if kind not in kinds:
             raise HTTPException(404, f"no structure kind {kind!r}; one of {sorted(kinds)}")
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        manager = getattr(ctx.db, kinds[kind])(name)
-
-        def deliver(payload):
-            text = json.dumps(payload, ensure_ascii=False, default=str)
-            with contextlib.suppress(RuntimeError):     # the loop has already shut down
-                loop.call_soon_threadsafe(queue.put_nowait, text)
-        handle = await run_in_threadpool(manager.on, event, deliver)
-
-        async def stream():
-            try:
-                yield ": listening\n\n"
-                while True:
-                    try:
-                        text = await asyncio.wait_for(queue.get(), 15.0)
-                    except asyncio.TimeoutError:
-                        yield ": keep-alive\n\n"
-                        continue
-                    yield f"data: {text}\n\n"
-            finally:
-                handle.off()
-        return _sse(stream())
+        inbox, manager = _Inbox(), getattr(ctx.db, kinds[kind])(name)
+        handle = await run_in_threadpool(manager.on, event, lambda payload: inbox.put(
+            json.dumps(payload, ensure_ascii=False, default=str)))
+        return _sse_from(inbox, handle.off, "listening")
 
     return router
 
@@ -922,9 +908,10 @@ def _database_routes(ctx) -> APIRouter:
                 response_class=Response,
                 responses={200: {"content": {"application/x-ndjson": {}}}})
     def dump(names: Optional[str] = None):
-        out = io.StringIO()
-        ctx.db.dump(out, names=names.split(",") if names else None)
-        return Response(out.getvalue(), media_type="application/x-ndjson")
+        def write(path):
+            with open(path, "w", encoding="utf-8") as f:
+                return ctx.db.dump(f, names=names.split(",") if names else None)
+        return _file_response(write, "dump.jsonl", "application/x-ndjson")
 
     @router.post("/load", summary="Load a JSON-lines dump in one transaction",
                  openapi_extra={"requestBody": {"required": True, "content": {
@@ -938,14 +925,23 @@ def _database_routes(ctx) -> APIRouter:
                 response_class=Response,
                 responses={200: {"content": {"application/vnd.sqlite3": {}}}})
     def backup():
-        with tempfile.TemporaryDirectory() as folder:
-            path = ctx.db.backup(os.path.join(folder, "backup.db"))
-            with open(path, "rb") as f:
-                data = f.read()
-        return Response(data, media_type="application/vnd.sqlite3",
-                        headers={"Content-Disposition": 'attachment; filename="backup.db"'})
+        return _file_response(ctx.db.backup, "backup.db", "application/vnd.sqlite3")
 
     return router
+
+
+def _file_response(write, filename, media_type) -> FileResponse:
+    """Stream a file that ``write(path)`` makes in a temporary folder, removed afterwards."""
+    folder = tempfile.mkdtemp(prefix="beaver-server-")
+    path = os.path.join(folder, filename)
+    try:
+        result = write(path)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    headers = {"Beaver-Structures": str(result)} if isinstance(result, int) else None
+    return FileResponse(path, media_type=media_type, filename=filename, headers=headers,
+                        background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True))
 
 
 # ------------------------------------------------------------------------------------------
