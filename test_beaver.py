@@ -4477,8 +4477,11 @@ def test_vector_upsert_drop_clear(db, faiss_ok):
     coll.coll.index(Document(id="a", body="no vector any more"))
     assert coll.search([0, 1, 0], 5) == []
     coll.put("c", [1, 1, 1])
+    coll.coll.compact()
     coll.coll.clear()
     assert coll.search([0, 1, 0], 5) == []
+    coll.coll.compact()                            # the emptied base replaces the stored one
+    assert db._core.execute("SELECT count FROM beaver_ann_base").fetchone() == (0,)
     coll.put("b", [0, 1, 0])
     coll.coll.compact()
     assert coll.search([0, 1, 0], 5) == [("b", pytest.approx(0))]
