@@ -1977,8 +1977,11 @@ class QueueManager(_Manager):
         if lease is not None and lease <= 0:
             raise ValueError("lease must be positive")
         take = functools.partial(self._take, lease)
-        if not block:
+        if not block or self._core.in_transaction:
             item = take()
+            if item is None and block:
+                raise BeaverError(f"queue {self._name!r} is empty, and waiting inside a "
+                                  "transaction would block every writer: use block=False")
             if item is None:
                 raise QueueEmpty(f"queue {self._name!r} is empty")
             return item

@@ -1354,6 +1354,16 @@ def test_queue_bad_priority_writes_nothing(db, priority):
     assert len(q) == 0
 
 
+def test_queue_blocking_get_inside_a_transaction_does_not_wait_forever(db):
+    q = db.queue("q")
+    with db.transaction():
+        with pytest.raises(beaver.BeaverError, match="inside a transaction"):
+            q.get()                       # nobody could put while we hold the write lock
+        q.put("x")
+        assert q.get().data == "x"        # an item already there is taken as usual
+    assert len(q) == 0
+
+
 def test_queue_blocking_get_wakes_on_put_from_another_thread(db):
     q = db.queue("q")
     got = []
