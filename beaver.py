@@ -483,9 +483,11 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_documents (
         id INTEGER PRIMARY KEY, collection TEXT NOT NULL, doc_id TEXT NOT NULL, body TEXT,
         UNIQUE (collection, doc_id))""",
+    # a rowid table: a 1.5 KB vector fits its leaf page (WITHOUT ROWID spills each to an
+    # overflow page: 6x slower key reads, 6x slower single inserts, twice the file size)
     """CREATE TABLE IF NOT EXISTS beaver_vectors (
         collection TEXT NOT NULL, doc_id TEXT NOT NULL, vector BLOB NOT NULL,
-        PRIMARY KEY (collection, doc_id)) WITHOUT ROWID""",
+        PRIMARY KEY (collection, doc_id))""",
     """CREATE TABLE IF NOT EXISTS beaver_vector_log (
         collection TEXT NOT NULL, version INTEGER NOT NULL, doc_id TEXT NOT NULL,
         PRIMARY KEY (collection, version)) WITHOUT ROWID""",
@@ -511,6 +513,16 @@ def _reset_cores_after_fork():
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_cores_after_fork)
+
+
+@functools.lru_cache(maxsize=None)
+def _refs_at_rest() -> int:
+    """References an idle ``sqlite3.Connection`` holds on itself (its statement cache)."""
+    conn = sqlite3.connect(":memory:", check_same_thread=False, cached_statements=256)
+    try:
+        return sys.getrefcount(conn) - 2    # minus ``conn`` and getrefcount's argument
+    finally:
+        conn.close()
 
 
 def _memory_path() -> str:
@@ -541,6 +553,7 @@ class _Core:
         self._local = threading.local()
         self._conns: list = []
         self._conns_lock = threading.Lock()
+        self._busy: dict = {}         # thread -> connection close() found in use
         self._next_purge = 0.0
         self.watcher = _Watcher(self)
         _live_cores.add(self)
@@ -561,6 +574,7 @@ class _Core:
 
     def _open(self) -> sqlite3.Connection:
         if self.closed:
+            self._close_deferred()
             raise ClosedError("the database is closed")
         try:
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
@@ -608,6 +622,7 @@ class _Core:
         self._local = threading.local()
         self._conns = []
         self._conns_lock = threading.Lock()
+        self._busy = {}
         self.watcher = _Watcher(self)
 
     def close(self):
@@ -616,19 +631,36 @@ class _Core:
             return
         self.closed = True
         self.watcher.stop()
+        self._local = threading.local()     # from now on no thread can pick a connection up
         with self._conns_lock:
-            for _, conn in self._conns:
-                try:
-                    conn.close()
-                except sqlite3.Error:
-                    pass
-            self._conns = []
-        self._local = threading.local()
+            conns, self._conns = self._conns, []
+            at_rest = _refs_at_rest()
+            for thread, conn in conns:
+                # CPython crashes if a connection is closed under another thread's running
+                # statement: one referenced from elsewhere (a frame, a cursor) than here (the
+                # tuple, ``conn``, getrefcount's argument) is left to its thread to close.
+                idle = not thread.is_alive() or sys.getrefcount(conn) - 3 <= at_rest
+                if idle or thread is threading.current_thread():
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.close()
+                else:
+                    self._busy[thread] = conn
         _live_cores.discard(self)
         if self.memory:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(OSError):
                     os.remove(self.path + suffix)
+
+    def _close_deferred(self):
+        """Close the connections ``close()`` found busy whose thread is done with them: this
+        thread's (it is between calls now) and those of threads that have ended."""
+        me = threading.current_thread()
+        with self._conns_lock:
+            done = [t for t in self._busy if t is me or not t.is_alive()]
+            conns = [self._busy.pop(t) for t in done]
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
 
     # -- statements and transactions ---------------------------------------------------
 
@@ -651,6 +683,7 @@ class _Core:
 
     def _error(self, e):
         if self.closed:
+            self._close_deferred()
             return ClosedError("the database is closed")
         if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
             return DatabaseBusy(f"the database stayed locked for over {self.timeout:g}s: {e}")
@@ -887,6 +920,7 @@ class _Watcher:
                 if result is not None:
                     return result
                 if self._stopping:
+                    self._core._close_deferred()
                     raise ClosedError("the database was closed while waiting")
                 if deadline.expired:
                     return None
@@ -2435,6 +2469,7 @@ class ChannelManager(_Manager):
 
     _kind = "channel"
     _table = "beaver_channels"
+    _PUBLISH = "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)"
 
     def __init__(self, db, name, model=None, retention=CHANNEL_RETENTION,
                  max_messages=CHANNEL_MAX_MESSAGES):
@@ -2449,11 +2484,12 @@ class ChannelManager(_Manager):
     def publish(self, payload):
         """Send ``payload`` (any JSON value, or a model instance) to every subscriber."""
         text = self._codec.encode(payload)
-        with self._atomic():
-            self._core.execute(
-                "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)",
-                (self._name, _now(), text))
-            self._wrote("publish", payload=_to_jsonable(payload))
+        if self._listened():
+            with self._atomic():
+                self._core.execute(self._PUBLISH, (self._name, _now(), text))
+                self._wrote("publish", payload=_to_jsonable(payload))
+        else:
+            self._core.execute(self._PUBLISH, (self._name, _now(), text))
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PURGE_INTERVAL
             self.prune()
@@ -2728,14 +2764,14 @@ class Lock:
     def held(self) -> bool:
         """True while this object holds the lock (and its TTL has not run out)."""
         return self._ticket is not None and self._core.execute(
-            "SELECT 1 FROM beaver_locks WHERE ticket = ? AND held = 1 AND expires_at > ?",
+            "SELECT 1 FROM beaver_locks WHERE ticket = ? AND held > 0 AND expires_at > ?",
             (self._ticket, _now())).fetchone() is not None
 
     @property
     def locked(self) -> bool:
         """True while anybody holds the lock."""
         return self._core.execute(
-            "SELECT 1 FROM beaver_locks WHERE name = ? AND held = 1 AND expires_at > ?",
+            "SELECT 1 FROM beaver_locks WHERE name = ? AND held > 0 AND expires_at > ?",
             (self.name, _now())).fetchone() is not None
 
     def acquire(self, timeout=None, block=True):
@@ -2746,9 +2782,10 @@ class Lock:
         """
         timeout = self.timeout if timeout is None else _seconds(timeout, "timeout")
         deadline = _Deadline(0.0 if not block else timeout)
-        left = deadline.remaining()
-        if not self._guard.acquire(timeout=-1 if left is None else left):
-            raise LockTimeout(f"lock {self.name!r} is held by another thread of this object")
+        if not self._guard.acquire(False):
+            left = deadline.remaining()
+            if not self._guard.acquire(timeout=-1 if left is None else left):
+                raise LockTimeout(f"lock {self.name!r} is held by another thread of this object")
         try:
             got = self._enqueue()
             if got is None and block:
@@ -2780,6 +2817,9 @@ class Lock:
                 (self.name, self._owner, now + LOCK_WAITER_GRACE, self.ttl))
             self._ticket = cursor.lastrowid
             got = self._take(now)
+            if got is None:         # tell the holder that its release must hand over
+                self._core.execute("UPDATE beaver_locks SET held = 2 WHERE name = ? AND held = 1",
+                                   (self.name,))
         self._beat_due = time.monotonic() + LOCK_WAITER_GRACE / 3
         return got
 
@@ -2793,7 +2833,7 @@ class Lock:
             return None
         self._core.execute("DELETE FROM beaver_locks WHERE name = ? AND ticket < ?",
                            (self.name, self._ticket))
-        self._core.execute("UPDATE beaver_locks SET held = 1, expires_at = ? WHERE ticket = ?",
+        self._core.execute("UPDATE beaver_locks SET held = 2, expires_at = ? WHERE ticket = ?",
                            (now + self.ttl, self._ticket))
         return True
 
@@ -2851,16 +2891,17 @@ class Lock:
             raise LockLost(f"lock {self.name!r} is not held by this object")
         ticket, self._ticket = self._ticket, None
         try:
-            waiting = self._core.execute(
-                "SELECT 1 FROM beaver_locks WHERE name = ? AND ticket > ? AND expires_at > ? "
-                "LIMIT 1", (self.name, ticket, _now())).fetchone()
-            with self._core.transaction() if waiting else contextlib.nullcontext():
-                still_ours = self._core.execute(
-                    "DELETE FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
-                    (ticket, _now())).rowcount == 1
-                if not still_ours:
-                    self._leave(ticket)
-                if waiting:
+            # held = 1: nobody queued behind us (waiters set 2), so one statement suffices
+            still_ours = self._core.execute(
+                "DELETE FROM beaver_locks WHERE ticket = ? AND held = 1 AND expires_at > ?",
+                (ticket, _now())).rowcount == 1
+            if not still_ours:
+                with self._core.transaction():
+                    still_ours = self._core.execute(
+                        "DELETE FROM beaver_locks WHERE ticket = ? AND expires_at > ?",
+                        (ticket, _now())).rowcount == 1
+                    if not still_ours:
+                        self._leave(ticket)
                     self._hand_over()
             self._core.changed()
         finally:
@@ -2872,7 +2913,7 @@ class Lock:
         """Make the first live waiter the holder, so it need not write to take the lock."""
         now = _now()
         self._core.execute(
-            "UPDATE beaver_locks SET held = 1, expires_at = ? + ttl WHERE held = 0 AND ticket = "
+            "UPDATE beaver_locks SET held = 2, expires_at = ? + ttl WHERE held = 0 AND ticket = "
             "(SELECT ticket FROM beaver_locks WHERE name = ? AND expires_at > ? ORDER BY ticket "
             "LIMIT 1)", (now, self.name, now))
 
@@ -2880,7 +2921,7 @@ class Lock:
         """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now."""
         ttl = self.ttl if ttl is None else _seconds(ttl, "ttl")
         cursor = None if self._ticket is None else self._core.execute(
-            "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND held = 1 "
+            "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND held > 0 "
             "AND expires_at > ?", (_now() + ttl, self._ticket, _now()))
         if cursor is None or cursor.rowcount == 0:
             raise LockLost(f"lock {self.name!r} is not held by this object")
@@ -4295,6 +4336,7 @@ class BeaverDB:
 
     def _check_open(self):
         if self._core.closed:
+            self._core._close_deferred()
             raise ClosedError("the database is closed")
 
     @property

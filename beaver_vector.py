@@ -288,6 +288,7 @@ class VectorIndex:
         self._closing = False
         self._epoch = 0
         self._loads = 0
+        self._cleared = False
         self._base = self._delta = None     # loaded on first use outside a transaction:
         self._last_seq = 0                  # the collection may open us inside its own
         if not core.in_transaction:
@@ -508,6 +509,7 @@ class VectorIndex:
         self._last_seq = rows[-1][0]
         if cleared:
             self._epoch += 1
+            self._cleared = True  # so that a fold stores the emptied base, freeing the old
             self._base = _Base.empty(self.dim, self.metric, self._last_seq)
             self._delta = _Delta(self.dim)
         puts = [(d, v) for d, v in final.items() if v is not None and len(v) == 4 * self.dim]
@@ -691,6 +693,8 @@ class VectorIndex:
     def _fold_due(self) -> bool:
         base, opts = self._base, self.options
         n = len(base.ids)
+        if self._cleared:
+            return True
         if self._wanted_kind(base) != base.kind:
             return len(base) + len(self._delta) > 0
         if base.kind == "hnsw":
@@ -744,6 +748,7 @@ class VectorIndex:
             if plan.epoch != self._epoch:
                 return True  # cleared or reloaded meanwhile: the new base is stale
             self._epoch += 1
+            self._cleared = False
             self._base, self._delta, self._last_seq = new, _Delta(self.dim), plan.seq
             self._catch_up()  # the writes that came in while building
         self._store(new, force=persist)
@@ -791,7 +796,8 @@ class VectorIndex:
             return False
         same = head[1] == base.kind and head[2] == self.dim and head[3] == self.metric
         due = max(self.options["persist_min"], self.options["persist_fraction"] * len(base))
-        if same and not force and base.built_seq - head[4] < due:
+        shrunk = len(base) < (1 - self.options["persist_fraction"]) * head[6]
+        if same and not force and not shrunk and base.built_seq - head[4] < due:
             return False
         if not self._store_lock.acquire(blocking=force):
             return False
