@@ -498,17 +498,21 @@ def _open_shared(who, path):
 
 
 def queue_floor_on(conn):
+    """The floor's dict and queue for the writer processes: the tables of queue_floor."""
     conn.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) "
                  "WITHOUT ROWID")
-    conn.execute("CREATE TABLE IF NOT EXISTS q (seq INTEGER PRIMARY KEY, data TEXT NOT NULL)")
-    get_sql = ("DELETE FROM q WHERE seq = (SELECT seq FROM q ORDER BY seq LIMIT 1) "
-               "RETURNING data")
+    conn.execute("CREATE TABLE IF NOT EXISTS q (seq INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                 "priority NUMERIC NOT NULL, timestamp REAL NOT NULL, data TEXT NOT NULL)")
+    conn.execute("CREATE INDEX IF NOT EXISTS q_order ON q (name, priority, seq)")
+    put_sql = "INSERT INTO q (name, priority, timestamp, data) VALUES (?, ?, ?, ?)"
+    get_sql = ("DELETE FROM q WHERE seq = (SELECT seq FROM q WHERE name = ?1 "
+               "ORDER BY priority, seq LIMIT 1) RETURNING data")
 
     def put(value):
-        conn.execute("INSERT INTO q (data) VALUES (?)", (json.dumps(value),))
+        conn.execute(put_sql, ("shared", 0, time.time(), json.dumps(value)))
 
     def get():
-        row = conn.execute(get_sql).fetchone()
+        row = conn.execute(get_sql, ("shared",)).fetchone()
         return None if row is None else json.loads(row[0])
 
     return put, get, conn.close
