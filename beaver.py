@@ -78,7 +78,7 @@ SCHEMA_VERSION = 1
 DEFAULT_TIMEOUT = 30.0          # seconds a connection waits for SQLite's write lock
 WATCH_INTERVAL = 0.001          # seconds between two PRAGMA data_version checks
 WATCH_HOT = 0.25                # after a file change, poll every WATCH_INTERVAL this long
-WATCH_IDLE_CHECK = 0.05         # with inotify, the longest sleep between two checks
+WATCH_IDLE_CHECK = 0.01         # with inotify, the longest sleep between two checks
 WATCH_LINGER = 2.0              # seconds the watcher keeps polling after its last user left
 PURGE_INTERVAL = 1.0            # seconds between two purges of expired dict keys
 PURGE_BATCH = 500               # expired rows deleted per purge
@@ -1976,22 +1976,23 @@ class QueueManager(_Manager):
         lease = _seconds(lease, "lease")
         if lease is not None and lease <= 0:
             raise ValueError("lease must be positive")
-        take = functools.partial(self._take, lease)
+        item = self._take(lease, woken=False)
         if not block or self._core.in_transaction:
-            item = take()
             if item is None and block:
                 raise BeaverError(f"queue {self._name!r} is empty, and waiting inside a "
                                   "transaction would block every writer: use block=False")
             if item is None:
                 raise QueueEmpty(f"queue {self._name!r} is empty")
             return item
-        item = self._core.watcher.wait_for(take, timeout, cap=self._lease_due)
+        if item is None:
+            take = functools.partial(self._take, lease)
+            item = self._core.watcher.wait_for(take, timeout, cap=self._lease_due)
         if item is None:
             raise Timeout(f"no item arrived in queue {self._name!r} within {timeout}s")
         return item
 
-    def _take(self, lease=None):
-        if not self._core.in_transaction and not self._takeable():
+    def _take(self, lease=None, woken=True):
+        if woken and not self._core.in_transaction and not self._takeable():
             return None         # a waiter woken by some other write: no write lock for nothing
         if lease is None and _HAS_RETURNING and self._codec is _JSON and not self._listened():
             item = self._take_fast()
