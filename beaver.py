@@ -934,16 +934,24 @@ class _Watcher:
             self._thread.start()
 
     def _poll(self):
+        notify = None
         try:
             conn = sqlite3.connect(self._core.path, timeout=self._core.timeout,
                                    isolation_level=None, check_same_thread=False)
             cursor = conn.cursor()
             version = lambda: cursor.execute("PRAGMA data_version").fetchone()[0]
+            version()           # opens the WAL, so the -wal file exists to be watched
+            # Watch first, then take the baseline, then wake every waiter: a commit before the
+            # baseline (which a waiter's first probe, run before this thread, may have missed)
+            # is covered by that wake; any later commit raises an event.
+            notify = _FileNotify.open([self._core.path + "-wal", self._core.path])
             last = version()
         except sqlite3.Error:
             logger.exception("beaver watcher could not open %s", self._core.path)
+            if notify is not None:
+                notify.close()
             return
-        notify = _FileNotify.open([self._core.path + "-wal", self._core.path])
+        self.wake()
         idle_since, hot_until = None, 0.0
         try:
             while not self._stopping:

@@ -2392,6 +2392,28 @@ def test_watcher_wakes_blocked_get_from_other_thread(db):
     assert got == ["x"]
 
 
+def test_watcher_start_wakes_a_waiter_that_probed_before_it(db, monkeypatch):
+    # a commit between a waiter's first probe and the watcher's baseline must still wake it
+    db._core.execute("CREATE TABLE rt_flag (v)")
+    other = sqlite3.connect(db._core.path, isolation_level=None)
+    probed, poll = threading.Event(), beaver._Watcher._poll
+    monkeypatch.setattr(beaver._Watcher, "_poll",
+                        lambda self: (probed.wait(_RT_DEADLINE), poll(self)))
+
+    def probe():
+        if not probed.is_set():
+            other.execute("INSERT INTO rt_flag VALUES (1)")   # before the watcher starts
+            probed.set()
+            return None
+        return db._core.watcher.tick       # woken (tick moved), not just timed out
+
+    assert db._core.watcher._thread is None and db._core.watcher.tick == 0
+    try:
+        assert db._core.watcher.wait_for(probe, timeout=5) >= 1
+    finally:
+        other.close()
+
+
 def test_watcher_can_poll_without_inotify(tmp_path, monkeypatch):
     monkeypatch.setenv("BEAVER_WATCH", "poll")
     database = BeaverDB(tmp_path / "poll.db")
