@@ -2997,6 +2997,11 @@ def _pack_vector(values) -> bytes:
     return packed.tobytes()
 
 
+class _Packed(bytes):
+    """A stored embedding (float32 bytes) that a ``Document`` decodes when it is read."""
+    __slots__ = ()
+
+
 def _unpack_vector(blob):
     if blob is None:
         return None
@@ -3177,8 +3182,20 @@ class Document:
         elif not isinstance(id, str) or not id:
             raise TypeError(f"a document id is a non-empty str, not {id!r}")
         self.id = id
-        self.embedding = _as_vector(embedding)
+        self._embedding = _as_vector(embedding)
         self.body = body
+
+    @property
+    def embedding(self):
+        """The embedding as a list of float32 values, or None."""
+        value = self._embedding
+        if type(value) is _Packed:      # read from the database: decoded on first access
+            value = self._embedding = _unpack_vector(value)
+        return value
+
+    @embedding.setter
+    def embedding(self, value):
+        self._embedding = value
 
     def __getattr__(self, name):
         body = self.__dict__.get("body")
@@ -3507,22 +3524,31 @@ class CollectionManager(_Manager):
 
     def _document(self, row) -> Document:
         doc = Document.__new__(Document)
-        doc.id = row[0]
-        doc.body = None if row[1] is None else self._codec.decode(row[1])
-        doc.embedding = _unpack_vector(row[2])
+        vector = row[2]
+        doc.__dict__.update(id=row[0], body=None if row[1] is None else self._codec.decode(row[1]),
+                            _embedding=None if vector is None else _Packed(vector))
         return doc
 
     def _documents(self, column, keys) -> dict:
         """``{key: Document}`` of the documents whose ``column`` ('id' or 'doc_id') is in keys."""
         at = 3 if column == "id" else 0
-        found = {}
-        for chunk in _chunks(keys):
-            sql = self._SELECT + f"AND d.{column} IN ({_marks(len(chunk))})"
-            if column == "id":      # rowid lookups, not a scan of the collection's index
-                sql = sql.replace("WHERE d.collection", "WHERE +d.collection")
-            rows = self._core.execute(sql, (self._name, *chunk))
-            found.update((row[at], self._document(row)) for row in rows)
+        keys = keys if isinstance(keys, list) else list(keys)
+        found, make = {}, self._document
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            rows = self._core.execute(self._select_in(column, len(chunk)),
+                                      (self._name, *chunk)).fetchall()
+            for row in rows:
+                found[row[at]] = make(row)
         return found
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def _select_in(column, n) -> str:
+        sql = CollectionManager._SELECT + f"AND d.{column} IN ({_marks(n)})"
+        if column == "id":      # rowid lookups, not a scan of the collection's index
+            sql = sql.replace("WHERE d.collection", "WHERE +d.collection")
+        return sql
 
     def get(self, doc_id, default=None):
         """The document with this id, or ``default``.

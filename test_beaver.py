@@ -3168,6 +3168,17 @@ def test_collection_document_basics():
     assert Document(id="x", embedding=np.array([1.5, 2.0])).embedding == [1.5, 2.0]
 
 
+def test_collection_fetched_embedding_decoded_on_read(docs):
+    import copy
+    import pickle
+    docs.index(Document(id="v", embedding=[0.5, 1.5], body={"n": 1}))
+    for got in (docs["v"], docs.search([0.5, 1.5], top_k=1)[0][0]):
+        assert pickle.loads(pickle.dumps(got)) == got == copy.copy(got)
+        assert got.embedding == [0.5, 1.5] and got.to_dict()["embedding"] == [0.5, 1.5]
+        got.embedding = [2.0]
+        assert got.embedding == [2.0] and got.n == 1
+
+
 def test_collection_mapping_protocol(docs):
     docs.index(Document(id="b", body={"t": "beta"}))
     docs.index(Document(id="a", body={"t": "alpha"}, embedding=[1.0, 0.0]))
