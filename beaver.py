@@ -2985,7 +2985,7 @@ def _as_vector(value):
         raise TypeError("an embedding is a flat sequence of finite numbers") from None
     if not packed:
         raise ValueError("an embedding needs at least one number")
-    if not all(map(math.isfinite, packed)):
+    if not math.isfinite(sum(packed)):   # float32 values cannot overflow a float sum
         raise ValueError("an embedding must not contain NaN or infinity")
     return packed.tolist()
 
