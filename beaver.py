@@ -3428,15 +3428,20 @@ class CollectionManager(_Manager):
 
     def _write_row(self, doc_id, body):
         """Insert or update the document row: ``(rowid, whether it existed)``."""
+        cursor = self._core.execute(
+            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection, doc_id) DO NOTHING", (self._name, doc_id, body))
+        if cursor.rowcount:
+            return cursor.lastrowid, False
+        if _HAS_RETURNING:
+            return self._core.execute(
+                "UPDATE beaver_documents SET body = ? WHERE collection = ? AND doc_id = ? "
+                "RETURNING id", (body, self._name, doc_id)).fetchall()[0][0], True
         row = self._core.execute(
             "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
             (self._name, doc_id)).fetchone()
-        if row is not None:
-            self._core.execute("UPDATE beaver_documents SET body = ? WHERE id = ?", (body, row[0]))
-            return row[0], True
-        return self._core.execute(
-            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?)",
-            (self._name, doc_id, body)).lastrowid, False
+        self._core.execute("UPDATE beaver_documents SET body = ? WHERE id = ?", (body, row[0]))
+        return row[0], True
 
     def _write_text(self, rowid, texts, existed=True, batch=None):
         """Replace a document's text rows (or add them to ``batch``, written by the caller)."""
@@ -3481,10 +3486,15 @@ class CollectionManager(_Manager):
 
     def _vectors_changed(self, dim, doc_id):
         """Count a vector change in the collection's version and log it for other caches."""
-        self._core.execute("UPDATE beaver_collections SET version = version + 1, "
-                           "dim = coalesce(dim, ?) WHERE collection = ?", (dim, self._name))
-        version = self._core.execute("SELECT version FROM beaver_collections WHERE "
-                                     "collection = ?", (self._name,)).fetchone()[0]
+        bump = ("UPDATE beaver_collections SET version = version + 1, dim = coalesce(dim, ?) "
+                "WHERE collection = ?")
+        if _HAS_RETURNING:
+            version = self._core.execute(bump + " RETURNING version",
+                                         (dim, self._name)).fetchall()[0][0]
+        else:
+            self._core.execute(bump, (dim, self._name))
+            version = self._core.execute("SELECT version FROM beaver_collections WHERE "
+                                         "collection = ?", (self._name,)).fetchone()[0]
         self._core.execute("INSERT INTO beaver_vector_log (collection, version, doc_id) "
                            "VALUES (?, ?, ?)", (self._name, version, doc_id))
         if version % VECTOR_LOG_KEEP == 0:
