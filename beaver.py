@@ -3901,9 +3901,13 @@ class CollectionManager(_Manager):
         """
         query = _as_vector(vector)
         top_k = int(top_k)
-        dim, version, epoch = self._core.execute(
-            "SELECT dim, version, epoch FROM beaver_collections WHERE collection = ?",
-            (self._name,)).fetchone()
+        backend = self._backend
+        if backend:     # opened at the first vector: the dimension never changes after it
+            dim = backend.dim
+        else:
+            dim, version, epoch = self._core.execute(
+                "SELECT dim, version, epoch FROM beaver_collections WHERE collection = ?",
+                (self._name,)).fetchone()
         if dim is None or top_k <= 0:
             return []
         if len(query) != dim:
