@@ -1236,8 +1236,50 @@ class _Held:
         self._lock.release()
 
 
-class _Manager:
+class _StructureLock:
+    """``acquire()`` / ``release()`` / ``with`` on a structure's own inter-process lock,
+    for local managers and their remote twins alike (``_new_lock`` makes the lock)."""
+
+    _lock = None
+    _creating = threading.Lock()      # making a structure's lock is rare: one guard for all
+
+    def _new_lock(self, name, ttl):
+        raise NotImplementedError
+
+    def acquire(self, timeout=None, block=True, ttl=60.0):
+        """Take this structure's inter-process lock; use the result in a ``with`` block.
+
+            >>> with db.queue("jobs").acquire(timeout=5) as q:
+            ...     batch = [q.get(block=False) for _ in range(len(q))]
+
+        The lock is advisory: it excludes other holders of the same structure's lock, in any
+        thread or process. Raises ``LockTimeout`` (a ``TimeoutError``) if not acquired.
+        """
+        with _StructureLock._creating:
+            if self._lock is None:
+                self._lock = self._new_lock(f"__beaver_{self._kind}__:{self._name}", ttl)
+        self._lock.acquire(timeout=timeout, block=block)
+        return _Held(self._lock, self)
+
+    def release(self):
+        """Release the lock taken by ``acquire()``."""
+        if self._lock is None:
+            raise LockLost(f"{self!r} is not locked")
+        self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class _Manager(_StructureLock):
     """Shared plumbing of every structure: codec, events, batch lock, dump/load, async."""
+
+    def _new_lock(self, name, ttl):
+        return Lock(self._db, name, ttl=ttl)
 
     _kind = ""      # "dict", "list", ...: the name in dumps, events and lock names
     _table = ""     # the table whose rows carry a ``name`` column for this structure
@@ -1249,8 +1291,6 @@ class _Manager:
         self._model = model
         self._codec = _codec_for(model)
         self._topic = (self._kind, self._name)
-        self._lock = None
-        self._lock_guard = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -1310,36 +1350,6 @@ class _Manager:
         logs, ``payload`` for channels...). A callback that raises is logged and skipped.
         """
         return self._db._events.add(self._topic, event, callback)
-
-    # -- batch lock ----------------------------------------------------------------------
-
-    def acquire(self, timeout=None, block=True, ttl=60.0):
-        """Take this structure's inter-process lock; use the result in a ``with`` block.
-
-            >>> with db.queue("jobs").acquire(timeout=5) as q:
-            ...     batch = [q.get(block=False) for _ in range(len(q))]
-
-        The lock is advisory: it excludes other holders of the same structure's lock, in any
-        thread or process. Raises ``LockTimeout`` (a ``TimeoutError``) if not acquired.
-        """
-        with self._lock_guard:
-            if self._lock is None:
-                self._lock = Lock(self._db, f"__beaver_{self._kind}__:{self._name}", ttl=ttl)
-        self._lock.acquire(timeout=timeout, block=block)
-        return _Held(self._lock, self)
-
-    def release(self):
-        """Release the lock taken by ``acquire()``."""
-        if self._lock is None:
-            raise LockLost(f"{self!r} is not locked")
-        self._lock.release()
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
 
     # -- whole-structure operations -------------------------------------------------------
 
@@ -5021,7 +5031,7 @@ def _raise_remote(status, body):
     raise cls(message)
 
 
-class _RemoteManager:
+class _RemoteManager(_StructureLock):
     """Shared plumbing of the remote twins of the managers."""
 
     _kind = ""
@@ -5034,7 +5044,6 @@ class _RemoteManager:
         self._model = model
         self._codec = _codec_for(model)
         self._base = f"/{self._route}/{_quote(name)}"
-        self._lock = None
 
     @property
     def name(self) -> str:
@@ -5096,25 +5105,8 @@ class _RemoteManager:
         """Add the items of a ``dump()`` (a dict, JSON text or a file object)."""
         self._call("POST", "", {"mode": "append"}, _json_dumps(_read_dump(data_or_fp)))
 
-    def acquire(self, timeout=None, block=True, ttl=60.0):
-        """Take this structure's inter-process lock (the one ``BeaverDB`` managers use)."""
-        if self._lock is None:
-            self._lock = RemoteLock(self._client, f"__beaver_{self._kind}__:{self._name}", ttl=ttl)
-        self._lock.acquire(timeout=timeout, block=block)
-        return _Held(self._lock, self)
-
-    def release(self):
-        """Release the lock taken by ``acquire()``."""
-        if self._lock is None:
-            raise LockLost(f"{self!r} is not locked")
-        self._lock.release()
-
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
+    def _new_lock(self, name, ttl):
+        return RemoteLock(self._client, name, ttl=ttl)
 
     def on(self, event, callback) -> "_RemoteEventHandle":
         """Call ``callback(payload)`` after every ``event`` ('set', 'del', ... or '*').
