@@ -3330,6 +3330,7 @@ class CollectionManager(_Manager):
         self._vectors = None                # _VectorCache of the exact search
         self._backend = None                # beaver_vector index, False when unavailable
         self._backend_lock = threading.Lock()
+        self._dim = None                    # the vector dimension, once committed
 
     def _register(self, metric, options):
         if metric is not None and metric not in VECTOR_METRICS:
@@ -3412,17 +3413,35 @@ class CollectionManager(_Manager):
         self._wrote("index", id=document.id)
 
     def _state(self) -> dict:
-        """``dim`` and ``epoch`` of this collection, read once per transaction of a thread."""
+        """``dim`` (and ``epoch``, see ``_epoch``) of this collection, once per transaction.
+
+        The dimension never changes once set: after a commit that knows it, later
+        transactions of this process skip the read.
+        """
         local = self._batch
         token = getattr(self._core._local, "pending", None)
         if getattr(local, "token", None) is not token:
-            dim, epoch = self._core.execute(
-                "SELECT dim, epoch FROM beaver_collections WHERE collection = ?",
-                (self._name,)).fetchone()
             local.token, local.terms = token, set()
-            local.state = {"dim": dim, "epoch": epoch}
-            self._core.after_commit(lambda: setattr(local, "token", None))
+            state = local.state = {"dim": self._dim}
+            if self._dim is None:
+                state["dim"], state["epoch"] = self._core.execute(
+                    "SELECT dim, epoch FROM beaver_collections WHERE collection = ?",
+                    (self._name,)).fetchone()
+
+            def committed():
+                local.token = None
+                self._dim = self._dim or state["dim"]
+            self._core.after_commit(committed)
         return local.state
+
+    def _epoch(self) -> int:
+        """The collection's epoch (bumped by ``clear``), read once per transaction."""
+        state = self._state()
+        if "epoch" not in state:
+            state["epoch"] = self._core.execute(
+                "SELECT epoch FROM beaver_collections WHERE collection = ?",
+                (self._name,)).fetchone()[0]
+        return state["epoch"]
 
     def _texts(self, body, fts) -> list:
         if not fts or body is None:
@@ -3473,7 +3492,7 @@ class CollectionManager(_Manager):
             self._core.executemany(
                 "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
                 rows)
-            self._add_terms(words, self._state()["epoch"])
+            self._add_terms(words, self._epoch())
 
     def _fts_rowid(self, rowid) -> int:
         if rowid >= 1 << _FTS_DOC_BITS or self._cid >= 1 << (63 - _FTS_DOC_BITS - _FTS_PATH_BITS):
@@ -3911,13 +3930,14 @@ class CollectionManager(_Manager):
         """
         query = _as_vector(vector)
         top_k = int(top_k)
-        backend = self._backend
-        if backend:     # opened at the first vector: the dimension never changes after it
-            dim = backend.dim
+        if self._backend and self._dim:     # the dimension never changes once committed
+            dim = self._dim
         else:
             dim, version, epoch = self._core.execute(
                 "SELECT dim, version, epoch FROM beaver_collections WHERE collection = ?",
                 (self._name,)).fetchone()
+            if dim is not None and not self._core.in_transaction:
+                self._dim = dim
         if dim is None or top_k <= 0:
             return []
         if len(query) != dim:
@@ -3975,8 +3995,12 @@ class CollectionManager(_Manager):
 
     def _vector_backend(self, dim):
         """The ``beaver_vector`` index of this collection, or None for the built-in search."""
-        if self._backend is None and dim is not None:
-            with self._backend_lock:
+        backend = self._backend
+        if dim is not None and (backend is None or (backend and backend.dim != dim)):
+            with self._backend_lock:    # a first vector rolled back may have opened it
+                if self._backend and self._backend.dim != dim:
+                    self._backend.close()
+                    self._backend = None
                 if self._backend is None:
                     self._backend = self._open_backend(dim) or False
         return self._backend or None

@@ -3179,6 +3179,19 @@ def test_collection_fetched_embedding_decoded_on_read(docs):
         assert got.embedding == [2.0] and got.n == 1
 
 
+def test_collection_dimension_not_kept_from_rolled_back_vector(db):
+    docs = db.collection("dims")
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            docs.index(Document(id="a", embedding=[1.0, 2.0, 3.0]))
+            raise RuntimeError("roll back")
+    docs.index(Document(id="b", embedding=[1.0, 2.0]))
+    docs.index(Document(id="c", embedding=[2.0, 1.0]))
+    with pytest.raises(ValueError):
+        docs.index(Document(id="d", embedding=[1.0, 2.0, 3.0]))
+    assert [d.id for d, _ in docs.search([1.0, 2.0], top_k=2)] == ["b", "c"]
+
+
 def test_collection_mapping_protocol(docs):
     docs.index(Document(id="b", body={"t": "beta"}))
     docs.index(Document(id="a", body={"t": "alpha"}, embedding=[1.0, 0.0]))
