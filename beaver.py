@@ -3003,7 +3003,7 @@ def _as_vector(value):
         raise TypeError("an embedding is a flat sequence of finite numbers") from None
     if not packed:
         raise ValueError("an embedding needs at least one number")
-    if not all(map(math.isfinite, packed)):
+    if not math.isfinite(sum(packed)):   # float32 values cannot overflow a float sum
         raise ValueError("an embedding must not contain NaN or infinity")
     return packed.tolist()
 
@@ -3013,6 +3013,11 @@ def _pack_vector(values) -> bytes:
     if _BIG_ENDIAN:
         packed.byteswap()
     return packed.tobytes()
+
+
+class _Packed(bytes):
+    """A stored embedding (float32 bytes) that a ``Document`` decodes when it is read."""
+    __slots__ = ()
 
 
 def _unpack_vector(blob):
@@ -3195,8 +3200,20 @@ class Document:
         elif not isinstance(id, str) or not id:
             raise TypeError(f"a document id is a non-empty str, not {id!r}")
         self.id = id
-        self.embedding = _as_vector(embedding)
+        self._embedding = _as_vector(embedding)
         self.body = body
+
+    @property
+    def embedding(self):
+        """The embedding as a list of float32 values, or None."""
+        value = self._embedding
+        if type(value) is _Packed:      # read from the database: decoded on first access
+            value = self._embedding = _unpack_vector(value)
+        return value
+
+    @embedding.setter
+    def embedding(self, value):
+        self._embedding = value
 
     def __getattr__(self, name):
         body = self.__dict__.get("body")
@@ -3321,6 +3338,7 @@ class CollectionManager(_Manager):
         self._vectors = None                # _VectorCache of the exact search
         self._backend = None                # beaver_vector index, False when unavailable
         self._backend_lock = threading.Lock()
+        self._dim = None                    # the vector dimension, once committed
 
     def _register(self, metric, options):
         if metric is not None and metric not in VECTOR_METRICS:
@@ -3403,17 +3421,35 @@ class CollectionManager(_Manager):
         self._wrote("index", id=document.id)
 
     def _state(self) -> dict:
-        """``dim`` and ``epoch`` of this collection, read once per transaction of a thread."""
+        """``dim`` (and ``epoch``, see ``_epoch``) of this collection, once per transaction.
+
+        The dimension never changes once set: after a commit that knows it, later
+        transactions of this process skip the read.
+        """
         local = self._batch
         token = getattr(self._core._local, "pending", None)
         if getattr(local, "token", None) is not token:
-            dim, epoch = self._core.execute(
-                "SELECT dim, epoch FROM beaver_collections WHERE collection = ?",
-                (self._name,)).fetchone()
             local.token, local.terms = token, set()
-            local.state = {"dim": dim, "epoch": epoch}
-            self._core.after_commit(lambda: setattr(local, "token", None))
+            state = local.state = {"dim": self._dim}
+            if self._dim is None:
+                state["dim"], state["epoch"] = self._core.execute(
+                    "SELECT dim, epoch FROM beaver_collections WHERE collection = ?",
+                    (self._name,)).fetchone()
+
+            def committed():
+                local.token = None
+                self._dim = self._dim or state["dim"]
+            self._core.after_commit(committed)
         return local.state
+
+    def _epoch(self) -> int:
+        """The collection's epoch (bumped by ``clear``), read once per transaction."""
+        state = self._state()
+        if "epoch" not in state:
+            state["epoch"] = self._core.execute(
+                "SELECT epoch FROM beaver_collections WHERE collection = ?",
+                (self._name,)).fetchone()[0]
+        return state["epoch"]
 
     def _texts(self, body, fts) -> list:
         if not fts or body is None:
@@ -3429,15 +3465,20 @@ class CollectionManager(_Manager):
 
     def _write_row(self, doc_id, body):
         """Insert or update the document row: ``(rowid, whether it existed)``."""
+        cursor = self._core.execute(
+            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection, doc_id) DO NOTHING", (self._name, doc_id, body))
+        if cursor.rowcount:
+            return cursor.lastrowid, False
+        if _HAS_RETURNING:
+            return self._core.execute(
+                "UPDATE beaver_documents SET body = ? WHERE collection = ? AND doc_id = ? "
+                "RETURNING id", (body, self._name, doc_id)).fetchall()[0][0], True
         row = self._core.execute(
             "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
             (self._name, doc_id)).fetchone()
-        if row is not None:
-            self._core.execute("UPDATE beaver_documents SET body = ? WHERE id = ?", (body, row[0]))
-            return row[0], True
-        return self._core.execute(
-            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?)",
-            (self._name, doc_id, body)).lastrowid, False
+        self._core.execute("UPDATE beaver_documents SET body = ? WHERE id = ?", (body, row[0]))
+        return row[0], True
 
     def _write_text(self, rowid, texts, existed=True, batch=None):
         """Replace a document's text rows (or add them to ``batch``, written by the caller)."""
@@ -3459,7 +3500,7 @@ class CollectionManager(_Manager):
             self._core.executemany(
                 "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
                 rows)
-            self._add_terms(words, self._state()["epoch"])
+            self._add_terms(words, self._epoch())
 
     def _fts_rowid(self, rowid) -> int:
         if rowid >= 1 << _FTS_DOC_BITS or self._cid >= 1 << (63 - _FTS_DOC_BITS - _FTS_PATH_BITS):
@@ -3482,10 +3523,15 @@ class CollectionManager(_Manager):
 
     def _vectors_changed(self, dim, doc_id):
         """Count a vector change in the collection's version and log it for other caches."""
-        self._core.execute("UPDATE beaver_collections SET version = version + 1, "
-                           "dim = coalesce(dim, ?) WHERE collection = ?", (dim, self._name))
-        version = self._core.execute("SELECT version FROM beaver_collections WHERE "
-                                     "collection = ?", (self._name,)).fetchone()[0]
+        bump = ("UPDATE beaver_collections SET version = version + 1, dim = coalesce(dim, ?) "
+                "WHERE collection = ?")
+        if _HAS_RETURNING:
+            version = self._core.execute(bump + " RETURNING version",
+                                         (dim, self._name)).fetchall()[0][0]
+        else:
+            self._core.execute(bump, (dim, self._name))
+            version = self._core.execute("SELECT version FROM beaver_collections WHERE "
+                                         "collection = ?", (self._name,)).fetchone()[0]
         self._core.execute("INSERT INTO beaver_vector_log (collection, version, doc_id) "
                            "VALUES (?, ?, ?)", (self._name, version, doc_id))
         if version % VECTOR_LOG_KEEP == 0:
@@ -3525,22 +3571,31 @@ class CollectionManager(_Manager):
 
     def _document(self, row) -> Document:
         doc = Document.__new__(Document)
-        doc.id = row[0]
-        doc.body = None if row[1] is None else self._codec.decode(row[1])
-        doc.embedding = _unpack_vector(row[2])
+        vector = row[2]
+        doc.__dict__.update(id=row[0], body=None if row[1] is None else self._codec.decode(row[1]),
+                            _embedding=None if vector is None else _Packed(vector))
         return doc
 
     def _documents(self, column, keys) -> dict:
         """``{key: Document}`` of the documents whose ``column`` ('id' or 'doc_id') is in keys."""
         at = 3 if column == "id" else 0
-        found = {}
-        for chunk in _chunks(keys):
-            sql = self._SELECT + f"AND d.{column} IN ({_marks(len(chunk))})"
-            if column == "id":      # rowid lookups, not a scan of the collection's index
-                sql = sql.replace("WHERE d.collection", "WHERE +d.collection")
-            rows = self._core.execute(sql, (self._name, *chunk))
-            found.update((row[at], self._document(row)) for row in rows)
+        keys = keys if isinstance(keys, list) else list(keys)
+        found, make = {}, self._document
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            rows = self._core.execute(self._select_in(column, len(chunk)),
+                                      (self._name, *chunk)).fetchall()
+            for row in rows:
+                found[row[at]] = make(row)
         return found
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def _select_in(column, n) -> str:
+        sql = CollectionManager._SELECT + f"AND d.{column} IN ({_marks(n)})"
+        if column == "id":      # rowid lookups, not a scan of the collection's index
+            sql = sql.replace("WHERE d.collection", "WHERE +d.collection")
+        return sql
 
     def get(self, doc_id, default=None):
         """The document with this id, or ``default``.
@@ -3883,9 +3938,14 @@ class CollectionManager(_Manager):
         """
         query = _as_vector(vector)
         top_k = int(top_k)
-        dim, version, epoch = self._core.execute(
-            "SELECT dim, version, epoch FROM beaver_collections WHERE collection = ?",
-            (self._name,)).fetchone()
+        if self._backend and self._dim:     # the dimension never changes once committed
+            dim = self._dim
+        else:
+            dim, version, epoch = self._core.execute(
+                "SELECT dim, version, epoch FROM beaver_collections WHERE collection = ?",
+                (self._name,)).fetchone()
+            if dim is not None and not self._core.in_transaction:
+                self._dim = dim
         if dim is None or top_k <= 0:
             return []
         if len(query) != dim:
@@ -3943,8 +4003,12 @@ class CollectionManager(_Manager):
 
     def _vector_backend(self, dim):
         """The ``beaver_vector`` index of this collection, or None for the built-in search."""
-        if self._backend is None and dim is not None:
-            with self._backend_lock:
+        backend = self._backend
+        if dim is not None and (backend is None or (backend and backend.dim != dim)):
+            with self._backend_lock:    # a first vector rolled back may have opened it
+                if self._backend and self._backend.dim != dim:
+                    self._backend.close()
+                    self._backend = None
                 if self._backend is None:
                     self._backend = self._open_backend(dim) or False
         return self._backend or None

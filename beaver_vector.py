@@ -291,6 +291,7 @@ class VectorIndex:
         self._cleared = False
         self._base = self._delta = None     # loaded on first use outside a transaction:
         self._last_seq = 0                  # the collection may open us inside its own
+        self._params = None                 # (ef, SearchParametersHNSW) of plain searches
         if not core.in_transaction:
             self._ready()
 
@@ -648,12 +649,13 @@ class VectorIndex:
         """faiss search of the base: (distances, ids) without the -1 padding."""
         if k <= 0 or base.index.ntotal == 0:
             return np.empty(0, np.float32), []
-        if base.kind == "hnsw":
-            params = faiss.SearchParametersHNSW()
-            params.efSearch = max(ef, k)
+        if selector is None:
+            params = self._plain_params(base.kind, max(ef, k))
         else:
-            params = faiss.SearchParameters() if selector is not None else None
-        if selector is not None:
+            hnsw = base.kind == "hnsw"
+            params = faiss.SearchParametersHNSW() if hnsw else faiss.SearchParameters()
+            if hnsw:
+                params.efSearch = max(ef, k)
             params.sel = selector
         raw, labels = base.index.search(q.reshape(1, -1), k, params=params)
         raw, labels = raw[0], labels[0]
@@ -662,6 +664,17 @@ class VectorIndex:
             raw, labels = raw[found], labels[found]
         ids = base.ids
         return self._to_distance(raw), [ids[i] for i in labels]
+
+    def _plain_params(self, kind, ef):
+        """Search parameters without a selector, kept between searches (lock held)."""
+        if kind != "hnsw":
+            return None
+        cached = self._params
+        if cached is None or cached[0] != ef:
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = ef
+            cached = self._params = (ef, params)
+        return cached[1]
 
     def _distances(self, matrix, q):
         if self.metric == "l2":

@@ -3190,6 +3190,30 @@ def test_collection_document_basics():
     assert Document(id="x", embedding=np.array([1.5, 2.0])).embedding == [1.5, 2.0]
 
 
+def test_collection_fetched_embedding_decoded_on_read(docs):
+    import copy
+    import pickle
+    docs.index(Document(id="v", embedding=[0.5, 1.5], body={"n": 1}))
+    for got in (docs["v"], docs.search([0.5, 1.5], top_k=1)[0][0]):
+        assert pickle.loads(pickle.dumps(got)) == got == copy.copy(got)
+        assert got.embedding == [0.5, 1.5] and got.to_dict()["embedding"] == [0.5, 1.5]
+        got.embedding = [2.0]
+        assert got.embedding == [2.0] and got.n == 1
+
+
+def test_collection_dimension_not_kept_from_rolled_back_vector(db):
+    docs = db.collection("dims")
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            docs.index(Document(id="a", embedding=[1.0, 2.0, 3.0]))
+            raise RuntimeError("roll back")
+    docs.index(Document(id="b", embedding=[1.0, 2.0]))
+    docs.index(Document(id="c", embedding=[2.0, 1.0]))
+    with pytest.raises(ValueError):
+        docs.index(Document(id="d", embedding=[1.0, 2.0, 3.0]))
+    assert [d.id for d, _ in docs.search([1.0, 2.0], top_k=2)] == ["b", "c"]
+
+
 def test_collection_mapping_protocol(docs):
     docs.index(Document(id="b", body={"t": "beta"}))
     docs.index(Document(id="a", body={"t": "alpha"}, embedding=[1.0, 0.0]))

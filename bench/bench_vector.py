@@ -431,9 +431,9 @@ def main(argv=None):
     targets(report, summary, rates, delays)
     report.note(f"Load average at the end: {os.getloadavg()[0]:.1f}. \"index (ids)\" is "
                 "`VectorIndex.search` (catch-up from the log, faiss, merge with the delta); "
-                "\"collection (documents)\" adds beaver.py's `collection.search`: the query "
-                "list, the collection row, and fetching and decoding the 10 documents with "
-                "their embeddings.")
+                "\"collection (documents)\" adds beaver.py's `collection.search`: checking "
+                "the query and fetching the 10 documents (body decoded, embedding kept as "
+                "bytes until `.embedding` is read: the benchmark reads only ids).")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("# Vector benchmark (bench/bench_vector.py)\n" + "\n".join(report.lines) + "\n")
