@@ -33,7 +33,6 @@ import contextlib
 import datetime as _dt
 import functools
 import heapq
-import io
 import json
 import logging
 import math
