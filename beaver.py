@@ -6030,7 +6030,7 @@ _UPSTREAM_TABLES = ("dicts", "lists", "priority_queues", "blobs", "logs", "pubsu
                     "collection_versions", "field_index", "field_index_manifest",
                     "lsh_config", "lsh_index")
 _UPSTREAM_1X_ONLY = {"beaver_priority_queues", "beaver_pubsub_log", "beaver_lock_waiters"}
-_UPSTREAM_INTERNAL_DICTS = {"__metadata__", "__security__", "__events__"}
+_UPSTREAM_INTERNAL_DICTS = {"__metadata__", "__security__", "__events__"}   # + __beaver_*__
 
 # kind -> (upstream table, name column, columns, order within a structure, row -> dump item)
 _UPSTREAM_KINDS = {
@@ -6152,7 +6152,8 @@ class _UpstreamFile:
         for name, rows in self._grouped("dicts", "key, value, expires_at", "dict_name", "key"):
             if name in encrypted:
                 self.skip("encrypted_dicts", name, sum(1 for _ in rows))
-            elif name not in _UPSTREAM_INTERNAL_DICTS:
+            elif name not in _UPSTREAM_INTERNAL_DICTS and not (
+                    name.startswith("__beaver_") and name.endswith("__")):
                 yield "dict", name, self._live_items(name, rows, now), ()
 
     def _live_items(self, name, rows, now):
