@@ -12,6 +12,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import select
 import signal
@@ -6032,3 +6033,143 @@ def test_example_runs(script, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip(), "an example should show what it does"
+
+
+# ---- packaging ----
+# What a package index and a user of the sdist see: the README's links, its table of the
+# environment variables, and the sdist built, installed in a fresh venv and used there.
+
+MODULES = ("beaver.py", "beaver_server.py", "beaver_vector.py")
+
+
+def _readme_prose():
+    """The README without code blocks and inline code (where brackets are not links)."""
+    text = re.sub(r"^```.*?^```", "", (ROOT / "README.md").read_text("utf-8"),
+                  flags=re.M | re.S)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def test_readme_links_work_on_a_package_index():
+    """Only absolute links, or anchors of the README's own headings (GitHub's and PyPI's
+    renderers derive the same ids): a path into the repository would be dead on PyPI."""
+    readme = (ROOT / "README.md").read_text("utf-8")
+    headings = {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+                for line in readme.splitlines() if line.startswith("#")}
+    prose = _readme_prose()
+    links = re.findall(r"\]\(([^)\s]*)", prose) + re.findall(r'(?:src|href)="([^"]*)"', prose)
+    assert links, "the README has links (its contents list)"
+    for link in links:
+        if link.startswith("#"):
+            assert link[1:] in headings, f"an anchor with no heading: {link}"
+        else:
+            assert link.startswith("https://"), f"a link that only works in the repository: {link}"
+
+
+def test_readme_documents_every_environment_variable():
+    read = set()
+    for module in MODULES:
+        source = (ROOT / module).read_text("utf-8")
+        read |= set(re.findall(r'(?:environ\.get|getenv|env)\(\s*"([A-Z][A-Z0-9_]*)"', source))
+        read |= set(re.findall(r'environ\[\s*"([A-Z][A-Z0-9_]*)"\s*\]', source))
+    section = (ROOT / "README.md").read_text("utf-8").split("## Environment variables")[1]
+    table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \|", section.split("\n## ")[0], re.M))
+    assert {"BEAVER_URL", "BEAVER_TOKEN", "BEAVER_WATCH", "BEAVER_VECTOR_BACKEND",
+            "BEAVER_INSECURE", "DATABASE"} <= read
+    assert read == table
+
+
+def _clean_env(**extra):
+    """The environment without this checkout on the path (PYTHONPATH), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    return {**env, "PYTHONNOUSERSITE": "1", "PIP_NO_INDEX": "1",
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1", **extra}
+
+
+def _run(*argv, **options):
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True,
+                            timeout=240, **options)
+    assert result.returncode == 0, f"{argv}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory):
+    """The sdist and the wheel made from it by ``python -m build``, from a copy of the tree."""
+    pytest.importorskip("build")
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip("building needs setuptools>=77 (the [test] extra)")
+    base = tmp_path_factory.mktemp("packaging")
+    source = base / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".hypothesis", ".pytest_cache", "__pycache__", "build", "dist", "*.egg-info",
+        "*.db-wal", "*.db-shm"))
+    _run(sys.executable, "-m", "build", "--no-isolation", "--outdir", base / "dist", source,
+         env=_clean_env())
+    (tarball,) = (base / "dist").glob("*.tar.gz")
+    (wheel,) = (base / "dist").glob("*.whl")
+    return base, tarball, wheel
+
+
+def test_sdist_carries_tests_examples_fixtures_and_license(sdist):
+    import tarfile
+    import zipfile
+    _, tarball, wheel = sdist
+    with tarfile.open(tarball) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+        metadata = tar.extractfile(f"{tarball.name[:-7]}/PKG-INFO").read().decode()
+    assert {"LICENSE", "README.md", "pyproject.toml", "MANIFEST.in", "test_beaver.py",
+            "beaver.py", "beaver_server.py", "beaver_vector.py", "examples/tour.py",
+            "fixtures/upstream-1.3.0.db", "fixtures/upstream-2.4.1.json",
+            "bench/bench_core.py", "scripts/check-image.sh",
+            "scripts/make_upstream_fixtures.py", "Dockerfile"} <= names
+    assert {path.name for path in EXAMPLES} <= {n[9:] for n in names if n.startswith("examples/")}
+    assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", "-wal", "-shm"))]
+    assert "License-Expression: MIT" in metadata and "Project-URL: " in metadata
+    with zipfile.ZipFile(wheel) as whl:
+        files = set(whl.namelist())
+    assert {"beaver.py", "beaver_server.py", "beaver_vector.py"} <= files
+    assert any(f.endswith(".dist-info/licenses/LICENSE") for f in files)
+    assert not [f for f in files if f.startswith(("test_", "fixtures/", "examples/"))]
+
+
+def test_sdist_installs_in_a_fresh_venv_and_works(sdist, tmp_path):
+    """``pip install --no-deps`` of the sdist into a venv that sees no site-packages of ours;
+    the build backend (setuptools) comes from the running environment, so no network."""
+    import setuptools
+    base, tarball, _ = sdist
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", venv)
+    python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+    backend = tmp_path / "backend"          # setuptools alone, for --no-build-isolation
+    backend.mkdir()
+    for name in ("setuptools", "pkg_resources", "_distutils_hack"):
+        found = Path(setuptools.__file__).parent.parent / name
+        if found.exists():
+            (backend / name).symlink_to(found)
+    _run(python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         tarball, env=_clean_env(PYTHONPATH=str(backend)))
+    smoke = ("import beaver, importlib.metadata as m, sys\n"
+             "assert beaver.__file__.startswith(sys.prefix), beaver.__file__\n"
+             "db = beaver.BeaverDB(sys.argv[1]); db.dict('d')['k'] = {'v': [1, 'ü']}; db.close()\n"
+             "db = beaver.BeaverDB(sys.argv[1]); print(db.dict('d')['k'], "
+             "m.metadata('beaver-db')['License-Expression'])")
+    out = _run(python, "-c", smoke, tmp_path / "smoke.db", env=_clean_env(), cwd=tmp_path)
+    assert out == "{'v': [1, 'ü']} MIT\n"
+    beaver_cli = python.parent / "beaver"
+    assert "import-upstream" in _run(beaver_cli, "--help", env=_clean_env(), cwd=tmp_path)
+    assert _run(beaver_cli, "-d", tmp_path / "smoke.db", "dict", "d", "get", "k",
+                env=_clean_env(), cwd=tmp_path) == '{\n  "v": [\n    1,\n    "ü"\n  ]\n}\n'
+
+
+def test_tests_run_from_the_unpacked_sdist(sdist, tmp_path):
+    import tarfile
+    _, tarball, _ = sdist
+    with tarfile.open(tarball) as tar:
+        tar.extractall(tmp_path, **({"filter": "data"} if hasattr(tarfile, "data_filter")
+                                    else {}))
+    (unpacked,) = tmp_path.iterdir()
+    out = _run(sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
+               "-k", "upstream_fixtures or import_upstream_copies or examples_exist or tour",
+               cwd=unpacked, env=_clean_env(PYTHONPATH=str(unpacked)))
+    assert re.search(r"\b5 passed", out), out      # the fixtures, both imports, the examples
