@@ -6091,13 +6091,19 @@ class _UpstreamFile:
                               if "beaver_meta" in self.tables else
                               f"{path!r} holds no beaver-db 1.x or 2.x tables")
         self.skipped: dict = {}
+        # 1.x searches by squared euclidean distance (the ranking of "l2"), 2.x by cosine
+        self.metric = "l2" if self.version == "1.x" else "cosine"
 
     def close(self):
         self.conn.close()
 
+    def name_of(self, base) -> str:
+        """The name of the upstream table ``base`` ('dicts'...) in this file's version."""
+        return f"beaver_{base}" if self.version == "1.x" else f"__beaver_{base}__"
+
     def table(self, base):
-        """The quoted name of the upstream table ``base`` ('dicts'...), or None if absent."""
-        name = f"beaver_{base}" if self.version == "1.x" else f"__beaver_{base}__"
+        """The quoted name of the upstream table ``base``, or None if the file lacks it."""
+        name = self.name_of(base)
         return f'"{name}"' if name in self.tables else None
 
     def rows(self, sql, params=()):
@@ -6113,10 +6119,11 @@ class _UpstreamFile:
         names[name] = names.get(name, 0) + count
 
     def unknown_tables(self) -> list:
-        known = {self.table(base) for base in _UPSTREAM_TABLES} - {None}
-        fts = (self.table("fts_index") or "").strip('"') + "_"
-        return [name for name in self.tables if f'"{name}"' not in known and
-                not name.startswith(("sqlite_", fts))]
+        """Tables that are not beaver-db's (nor SQLite's, nor its text index's shadows)."""
+        known = {self.name_of(base) for base in _UPSTREAM_TABLES}
+        shadows = self.name_of("fts_index") + "_"
+        return [name for name in self.tables
+                if name not in known and not name.startswith(("sqlite_", shadows))]
 
     def upstream_release(self):
         """The package version a 1.x file records (its ``__metadata__`` dict), else None."""
@@ -6132,6 +6139,10 @@ class _UpstreamFile:
         for kind in _UPSTREAM_KINDS:
             yield from self._simple(kind)
         yield from self._collections()
+        for base, column, what in (("sketches", "name", "sketches"),
+                                   ("lock_waiters", "lock_name", "locks")):
+            for name, rows in self._grouped(base, "1", column, "1"):
+                self.skip(what, name, sum(1 for _ in rows))
 
     def _grouped(self, base, columns, name_column, order):
         table = self.table(base)
@@ -6170,18 +6181,13 @@ class _UpstreamFile:
                 self.skip("event_messages", name, sum(1 for _ in rows))
             else:
                 yield kind, name, map(item, rows), ()
-        if kind == "queue":             # after the queues: what has no beaver counterpart
-            for base, what in (("sketches", "sketches"), ("lock_waiters", "locks")):
-                column = "name" if base == "sketches" else "lock_name"
-                for name, rows in self._grouped(base, "1", column, "1"):
-                    self.skip(what, name, sum(1 for _ in rows))
 
     def _collections(self):
-        parts = [(self.table(base), column) for base, column in (
-            ("collections", "collection"), ("documents", "collection"),
-            ("vectors", "collection"), ("edges", "collection"))]
-        union = " UNION ".join(f"SELECT {column} FROM {table}" for table, column in parts
-                               if table)
+        tables = [t for t in map(self.table, ("collections", "documents", "vectors", "edges"))
+                  if t]
+        if not tables:
+            return
+        union = " UNION ".join(f"SELECT collection FROM {table}" for table in tables)
         for (name,) in self.rows(f"SELECT * FROM ({union}) ORDER BY 1").fetchall():
             yield "collection", name, self._documents(name), self._edges(name)
 
@@ -6191,7 +6197,8 @@ class _UpstreamFile:
         for doc_id, vector, body, lost in self.rows(*self._document_query(name)):
             if lost is not None:
                 self.skip("vector_metadata", name)
-            paths = True if fts_paths is None else sorted(fts_paths.get(doc_id, ())) or False
+            paths = True if fts_paths is None else tuple(sorted(fts_paths.get(doc_id, ()))) \
+                or False
             yield {"id": doc_id, "embedding": _unpack_vector(vector),
                    "body": None if body is None else json.loads(body), "fts": paths}
         for doc_id in self._edge_ends_without_document(name):
@@ -6232,7 +6239,7 @@ class _UpstreamFile:
             return []
         have = " UNION ".join(f"SELECT item_id FROM {table} WHERE collection = ?1"
                               for table in (self.table("collections"), self.table("documents"),
-                                            self.table("vectors")) if table)
+                                            self.table("vectors")) if table) or "SELECT NULL"
         return [row[0] for row in self.rows(
             f"SELECT id FROM (SELECT source_item_id AS id FROM {edges} WHERE collection = ?1 "
             f"UNION SELECT target_item_id FROM {edges} WHERE collection = ?1) "
@@ -6247,37 +6254,40 @@ class _UpstreamFile:
                 for s, t, label, meta in self.rows(
                     f"SELECT source_item_id, target_item_id, label, metadata FROM {edges} "
                     "WHERE collection = ? ORDER BY source_item_id, label, target_item_id",
-                    (name,)).fetchall())
+                    (name,)))
 
 
-def _copy_structure(db, kind, name, items, edges) -> dict:
-    """Write (or, without ``db``, count) one structure's items; its counts."""
+def _copy_structure(db, kind, name, items, edges, metric):
+    """Write (or, without ``db``, only count) one structure: its item count."""
+    if kind == "collection":
+        manager = None if db is None else db.collection(name, metric=metric)
+        return _copy_collection(manager, items, edges, metric)
     manager = None if db is None else getattr(db, _STRUCTURES[kind][1])(name)
-    counts = {"documents": 0, "vectors": 0, "edges": 0} if kind == "collection" else {"items": 0}
+    count = 0
     for batch in _chunks(items, _LOAD_BATCH):
-        if kind == "collection":
-            counts["documents"] += len(batch)
-            counts["vectors"] += sum(item["embedding"] is not None for item in batch)
+        count += len(batch)
+        if manager is not None:
+            manager._load_items(batch)
+    return count
+
+
+def _copy_collection(manager, documents, edges, metric) -> dict:
+    """Index the documents (each as upstream indexed its text), then connect the edges."""
+    counts = {"documents": 0, "vectors": 0, "edges": 0, "metric": metric}
+    for batch in _chunks(documents, _LOAD_BATCH):
+        counts["documents"] += len(batch)
+        counts["vectors"] += sum(item["embedding"] is not None for item in batch)
+        by_fts: dict = {}
+        for item in batch:
+            by_fts.setdefault(item["fts"], []).append(Document.from_dict(item))
+        for fts, group in by_fts.items():
             if manager is not None:
-                _index_upstream_documents(manager, batch)
-        else:
-            counts["items"] += len(batch)
-            if manager is not None:
-                manager._load_items(batch)
+                manager.index_many(group, fts=fts)
     for edge in edges:
         counts["edges"] += 1
         if manager is not None:
             manager.connect(edge["source"], edge["target"], edge["label"], edge["metadata"])
-    return counts if kind == "collection" else counts["items"]
-
-
-def _index_upstream_documents(manager, batch):
-    """``index_many`` once per text-index setting of the batch (what upstream indexed)."""
-    by_fts: dict = {}
-    for item in batch:
-        by_fts.setdefault(json.dumps(item["fts"]), []).append(Document.from_dict(item))
-    for fts, documents in by_fts.items():
-        manager.index_many(documents, fts=json.loads(fts))
+    return counts
 
 
 def import_upstream(old, new, dry_run=False) -> dict:
@@ -6317,7 +6327,8 @@ def _copy_upstream(source, db) -> dict:
     structures: dict = {}
     for kind, name, items, edges in source.structures():
         try:
-            structures.setdefault(kind, {})[name] = _copy_structure(db, kind, name, items, edges)
+            structures.setdefault(kind, {})[name] = _copy_structure(
+                db, kind, name, items, edges, source.metric)
         except (ValueError, TypeError, KeyError) as e:
             raise SchemaError(f"cannot import {kind} {name!r} of {source.path!r}: "
                               f"{type(e).__name__}: {e}") from e

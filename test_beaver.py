@@ -4621,8 +4621,9 @@ def test_import_upstream_collections_documents_vectors_edges(upstream, tmp_path)
             width = len(expected["edges"][0]) if expected["edges"] else 4
             assert [e[:width] for e in edges] == expected["edges"]
             assert report["structures"]["collection"][name] == {
-                "documents": len(got), "edges": len(edges),
+                "documents": len(got), "edges": len(edges), "metric": coll.metric,
                 "vectors": sum(d["embedding"] is not None for d in got.values())}
+            assert coll.metric == ("l2" if want["version"][0] == "1" else "cosine")
         articles = db.collection("articles")
         assert [d.id for d, _ in articles.match("castor")] == ["beaver"]
         assert [d.id for d, _ in articles.match("castr", fuzziness=1)] == ["beaver"]
