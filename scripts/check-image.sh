@@ -83,6 +83,7 @@ done
 # -- 1. the stand-in base image -------------------------------------------------------------
 if [ "$FRESH" = 1 ] || ! podman image exists "$BASE"; then
     say "building $BASE with debootstrap (bookworm, minbase)"
+    podman rmi -f "$BASE" >/dev/null 2>&1 || true      # --fresh: no dangling old base left
     ROOT="$WORK/root"
     debootstrap --variant=minbase --include=python3,python3-venv bookworm "$ROOT" "$MIRROR" \
         > "$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log"; exit 1; }
