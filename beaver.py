@@ -594,6 +594,7 @@ class _Core:
         self._local.conn = conn
         self._local.depth = 0
         self._local.pending = []
+        self._local.undo = []
         return conn
 
     def _open_error(self, e) -> BeaverError:
@@ -699,23 +700,25 @@ class _Core:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; nested calls become savepoints.
 
         Callbacks registered with ``after_commit`` run once the outermost level commits,
-        and are dropped if it (or their savepoint) rolls back.
+        and are dropped if it (or their savepoint) rolls back; those registered with
+        ``on_rollback`` run if their level (or an outer one) rolls back.
         """
         conn = self.conn()
         local = self._local
         depth = local.depth
         if depth == 0:
             self._run(conn, "BEGIN IMMEDIATE")
-            local.pending = []
+            local.pending, local.undo = [], []
         else:
             self._run(conn, f"SAVEPOINT beaver_{depth}")
-        mark = len(local.pending)
+        mark, undo_mark = len(local.pending), len(local.undo)
         local.depth = depth + 1
         try:
             yield conn
         except BaseException:
             local.depth = depth
             del local.pending[mark:]
+            self._undo(undo_mark)       # before ROLLBACK: no other writer can commit meanwhile
             if depth == 0:
                 self._rollback(conn)
             else:
@@ -730,9 +733,10 @@ class _Core:
             self._run(conn, "COMMIT")
         except BaseException:
             local.pending = []
+            self._undo(0)
             self._rollback(conn)
             raise
-        pending, local.pending = local.pending, []
+        pending, local.pending, local.undo = local.pending, [], []
         for callback in pending:
             callback()
 
@@ -753,6 +757,26 @@ class _Core:
             self._local.pending.append(callback)
         else:
             callback()
+
+    def on_rollback(self, callback):
+        """Run ``callback`` if the current transaction level, or an outer one, rolls back.
+
+        For in-memory state derived from this transaction's writes: a released savepoint
+        hands its callbacks to the enclosing level; a commit drops them; outside a
+        transaction there is nothing to undo. They run newest first, before the rollback.
+        """
+        if getattr(self._local, "depth", 0) > 0:
+            self._local.undo.append(callback)
+
+    def _undo(self, mark):
+        """Run (newest first) and drop the rollback callbacks registered since ``mark``."""
+        local = self._local
+        callbacks, local.undo = local.undo[mark:], local.undo[:mark]
+        for callback in reversed(callbacks):
+            try:
+                callback()
+            except Exception:   # the rollback itself must still happen
+                logger.exception("a rollback callback failed")
 
     def changed(self):
         """Tell in-process waiters that this thread wrote something (after commit)."""
@@ -4756,12 +4780,13 @@ def _read_snapshot(core):
     conn = core.conn()
     local = core._local
     core._run(conn, "BEGIN")
-    local.depth, local.pending = 1, []
+    local.depth, local.pending, local.undo = 1, [], []
     try:
         core.execute("SELECT count(*) FROM beaver_meta").fetchone()  # the snapshot starts here
         yield
     finally:
         local.depth, local.pending = 0, []
+        core._undo(0)
         core._rollback(conn)
 
 
