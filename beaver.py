@@ -708,7 +708,7 @@ class _Core:
         depth = local.depth
         if depth == 0:
             self._run(conn, "BEGIN IMMEDIATE")
-            local.pending, local.undo = [], []
+            local.pending, local.undo, local.token = [], [], object()
         else:
             self._run(conn, f"SAVEPOINT beaver_{depth}")
         mark, undo_mark = len(local.pending), len(local.undo)
@@ -757,6 +757,12 @@ class _Core:
             self._local.pending.append(callback)
         else:
             callback()
+
+    def transaction_token(self):
+        """An object standing for this thread's current outermost transaction (None outside
+        one): per-transaction state is keyed by it."""
+        local = self._local
+        return local.token if getattr(local, "depth", 0) > 0 else None
 
     def on_rollback(self, callback):
         """Run ``callback`` if the current transaction level, or an outer one, rolls back.
@@ -3004,6 +3010,7 @@ FUZZY_MIN_LENGTH = (3, 7)       # a query term needs 3 letters to allow 1 typo, 
 FUZZY_MAX_TERM = 40             # longer terms are searchable but never typo-corrected
 FUZZY_ROUNDS = 6                # candidate terms tried one by one before the rest at once
 FUZZY_FREQUENCIES = 40          # candidates (best first) whose frequency orders them
+GRAMS_DELETE_MAX = 1000         # words leaving at once past which the trigram index is rebuilt
 VECTOR_METRICS = ("l2", "cosine", "ip")
 VECTOR_LOG_KEEP = 10000         # vector changes remembered for other processes' caches
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -3601,45 +3608,85 @@ class _Vocabulary:
     """The words of one collection (``beaver_terms``) and their trigrams (``beaver_grams``,
     shared by every collection: one row per collection and word), for typo-tolerant search.
 
-    Nothing is cached in memory: every write asks the database which words are new, so a
-    rollback (of a savepoint too) or another process can never leave a stale word list.
+    Words leave only with ``clear`` and ``forget`` (see ``_TextIndex.prune``), which bump the
+    collection's epoch. The words known to be stored are kept in memory for that epoch (read
+    once per transaction), so a write checks its words in a set. A transaction's own words
+    join that set when it commits; a rollback, of a savepoint too, takes back what it added.
     """
 
-    def __init__(self, core, cid):
-        self._core, self._cid = core, cid
+    def __init__(self, core, name, cid):
+        self._core, self._name, self._cid = core, name, cid
+        self._known = (None, set())         # (epoch, committed words) for every thread
+        self._local = threading.local()     # this thread's transaction: token, epoch, added
+
+    def _transaction(self):
+        """This thread's transaction state: the epoch (read once) and the words it added."""
+        local, token = self._local, self._core.transaction_token()
+        if token is None or getattr(local, "token", None) is not token:
+            local.token, local.added = token, set()
+            local.epoch = self._core.execute("SELECT epoch FROM beaver_collections WHERE "
+                                             "collection = ?", (self._name,)).fetchone()[0]
+        return local
 
     def add(self, words):
         """Record the new ones of ``words`` (inside the caller's write transaction)."""
-        words = [word for word in words if len(word) <= FUZZY_MAX_TERM]
-        new = sorted(set(words).difference(self.known(words)))
+        state = self._transaction()
+        epoch, known = self._known
+        if epoch != state.epoch:
+            known = {row[0] for row in self._core.execute(
+                "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))}
+            self._known = (state.epoch, known)      # it holds this transaction's words:
+            self._core.on_rollback(self._forget_known)
+        new = {word for word in words if len(word) <= FUZZY_MAX_TERM} - known - state.added
         if not new:
             return
-        grams = [(f"${term}$",) for term in new if _gram_worthy(term)]
+        grams = [(f"${term}$",) for term in sorted(new) if _gram_worthy(term)]
         usable = bool(grams) and _ensure_grams(self._core)   # before the new words go in
         self._core.executemany("INSERT OR IGNORE INTO beaver_terms (cid, term) VALUES (?, ?)",
-                               [(self._cid, term) for term in new])
+                               [(self._cid, term) for term in sorted(new)])
         if usable:
             self._core.executemany("INSERT INTO beaver_grams (term) VALUES (?)", grams)
         elif grams:
             self._mark_grams_stale()
+        state.added |= new
+        self._core.on_rollback(lambda: state.added.difference_update(new))
+        self._core.after_commit(lambda: known.update(new))
+
+    def _forget_known(self):
+        self._known = (None, set())
 
     def forget(self, words):
-        """Remove ``words`` (that no document of the collection holds any more)."""
-        gone = sorted(self.known(words))
+        """Remove ``words`` (no document of the collection holds them any more)."""
+        gone = self.present(words)
         self._core.executemany("DELETE FROM beaver_terms WHERE cid = ? AND term = ?",
                                [(self._cid, term) for term in gone])
         self._forget_grams(gone)
+        self._new_epoch()
 
     def clear(self):
-        terms = [row[0] for row in self._core.execute(
-            "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))]
+        self._forget_grams(self.all())
         self._core.execute("DELETE FROM beaver_terms WHERE cid = ?", (self._cid,))
-        self._forget_grams(terms)
+        self._new_epoch()
+
+    def all(self) -> list:
+        return [row[0] for row in self._core.execute(
+            "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))]
+
+    def _new_epoch(self):
+        """Words left: every process reloads its word set (this one at once)."""
+        self._core.execute("UPDATE beaver_collections SET epoch = epoch + 1 WHERE collection = ?",
+                           (self._name,))
+        state = self._transaction()
+        before = (state.epoch, state.added)
+        state.epoch, state.added = state.epoch + 1, set()
+        self._core.on_rollback(lambda: (setattr(state, "epoch", before[0]),
+                                        setattr(state, "added", before[1])))
 
     def _forget_grams(self, terms):
-        """Delete one trigram row (this collection's) of each of ``terms``."""
+        """Delete this collection's trigram row of each of ``terms``; for many, let the next
+        two-edit search rebuild the whole trigram index instead."""
         grams = [f"${term}$" for term in terms if _gram_worthy(term)]
-        if grams and _ensure_grams(self._core):
+        if grams and len(grams) <= GRAMS_DELETE_MAX and _ensure_grams(self._core):
             self._core.executemany(
                 "DELETE FROM beaver_grams WHERE rowid = (SELECT rowid FROM beaver_grams "
                 "WHERE beaver_grams MATCH ? AND term = ? LIMIT 1)",
@@ -3648,12 +3695,12 @@ class _Vocabulary:
             self._mark_grams_stale()
 
     def _mark_grams_stale(self):
-        """An SQLite without trigrams changed the words: a newer one must rebuild the index."""
+        """The trigram index misses words or keeps dead ones: the next use rebuilds it."""
         self._core.execute("INSERT OR IGNORE INTO beaver_meta (key, value) "
                            "VALUES ('grams_stale', '1')")
 
-    def known(self, terms) -> list:
-        """The ones of ``terms`` in the vocabulary."""
+    def present(self, terms) -> list:
+        """The ones of ``terms`` in the vocabulary (asking the database)."""
         found = []
         for chunk in _chunks(terms):
             found += [row[0] for row in self._core.execute(
@@ -3671,10 +3718,10 @@ class _Vocabulary:
         if limit == 0:
             return [word]
         if limit > 1 and _ensure_grams(self._core, recheck=True):
-            candidates = self.known(self._trigram_candidates(word, limit))
+            candidates = self.present(self._trigram_candidates(word, limit))
         else:
             limit = 1
-            candidates = self.known(_neighbourhood(word) | {word})
+            candidates = self.present(_neighbourhood(word) | {word})
         scored = [(_edit_distance(word, term, limit), term) for term in candidates]
         scored = sorted((d, not _slip(word, term), term) for d, term in scored if d <= limit)
         frequency = self._frequencies([term for _, _, term in scored])
@@ -3711,7 +3758,7 @@ class _TextIndex:
 
     One row per text field of a document; rowid = collection id | document rowid | field
     number (see ``_FTS_*_BITS``), so the collection is one rowid range. New words go to the
-    vocabulary; words no row holds any more leave it.
+    vocabulary; words no row holds any more leave it at the next ``prune`` (``compact()``).
     """
 
     def __init__(self, core, name, cid, words, enabled=True):
@@ -3738,14 +3785,12 @@ class _TextIndex:
         if not self.enabled:
             return
         base = self._rowid(doc_rowid)
+        if existed:
+            self._delete_rows(base)
         rows, words = self.batch() if batch is None else batch
-        added = set()
         for i, (path, text) in enumerate(texts):
             rows.append((base + i, text, self._name, path))
-            added.update(_terms(text))
-        if existed:
-            self._delete_rows(base, keep=added)
-        words |= added
+            words.update(_terms(text))
         if batch is None:
             self.flush((rows, words))
 
@@ -3762,16 +3807,27 @@ class _TextIndex:
         if self.enabled:
             self._delete_rows(self._rowid(doc_rowid))
 
-    def _delete_rows(self, base, keep=()):
-        span = (base, base + (1 << _FTS_PATH_BITS))
-        old = set()
+    def _delete_rows(self, base):
+        self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                           (base, base + (1 << _FTS_PATH_BITS)))
+
+    def prune(self):
+        """Forget the words no text row of the collection holds any more (those of dropped
+        or rewritten documents): the rows are read without the write lock, and the few
+        candidates checked again, and removed, in one short transaction."""
+        if not self.enabled:
+            return
+        held = set()
         for (text,) in self._core.execute(
-                "SELECT text FROM beaver_fts WHERE rowid >= ? AND rowid < ?", span):
-            old.update(_terms(text))
-        self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?", span)
-        gone = [word for word in old.difference(keep)
-                if len(word) <= FUZZY_MAX_TERM and not self._holds(word)]
-        self._words.forget(gone)
+                "SELECT text FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                (self._low, self._high)):
+            held.update(_terms(text))
+        candidates = [word for word in self._words.all() if word not in held]
+        if candidates:
+            with self._core.transaction():
+                gone = [word for word in candidates if not self._holds(word)]
+                if gone:
+                    self._words.forget(gone)
 
     def _holds(self, word) -> bool:
         """Whether a text row of this collection still holds ``word``."""
@@ -3932,8 +3988,9 @@ class _Graph:
 class _Vectors:
     """The embeddings of one collection and their search.
 
-    Rows in ``beaver_vectors``; the dimension, a version (one per change) and an epoch (one
-    per clear) in ``beaver_collections``; the changed ids by version in ``beaver_vector_log``.
+    Rows in ``beaver_vectors``; the dimension and a version (one per change, and one per
+    clear, which empties the log) in ``beaver_collections``; the changed ids by version in
+    ``beaver_vector_log``, which a copy replays only if it holds every version since its own.
     Searches go to the ``beaver_vector`` (faiss) index when it imports, else to an exact
     in-memory copy (``_VectorCache``) brought up to date from the log. What a transaction
     puts in memory is undone if it rolls back (``_Core.on_rollback``).
@@ -3986,8 +4043,8 @@ class _Vectors:
     def clear(self):
         for table in ("beaver_vectors", "beaver_vector_log"):
             self._core.execute(f"DELETE FROM {table} WHERE collection = ?", (self._name,))
-        self._core.execute("UPDATE beaver_collections SET version = version + 1, "
-                           "epoch = epoch + 1 WHERE collection = ?", (self._name,))
+        self._core.execute("UPDATE beaver_collections SET version = version + 1 "
+                           "WHERE collection = ?", (self._name,))
         self._call_backend(self.dimension(), "on_clear")
 
     def _changed(self, dim, doc_id):
@@ -4017,8 +4074,8 @@ class _Vectors:
         if self.backend and self._dim:      # the dimension never changes once committed
             dim = self._dim
         else:
-            dim, version, epoch = self._core.execute(
-                "SELECT dim, version, epoch FROM beaver_collections WHERE collection = ?",
+            dim, version = self._core.execute(
+                "SELECT dim, version FROM beaver_collections WHERE collection = ?",
                 (self._name,)).fetchone()
             if dim is not None and not self._core.in_transaction:
                 self._dim = dim
@@ -4030,20 +4087,19 @@ class _Vectors:
         backend = self._backend_for(dim)
         if backend is not None:
             return backend.search(query, top_k, allowed)
-        return self._exact(version, epoch, dim).search(query, top_k, allowed)
+        return self._exact(version, dim).search(query, top_k, allowed)
 
-    def _exact(self, version, epoch, dim) -> "_VectorCache":
+    def _exact(self, version, dim) -> "_VectorCache":
         """The in-memory vectors, brought up to ``version`` (reloaded after a clear)."""
         cache = self.cache
-        if cache is not None and cache.epoch == epoch and (cache.version != version or
-                                                           cache.stale):
+        if cache is not None and (cache.version != version or cache.stale):
             if not self._catch_up(cache, version):
                 cache = None
-        if cache is None or cache.epoch != epoch:
+        if cache is None:
             rows = self._core.execute(
                 "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
                 (self._name,)).fetchall()
-            previous, cache = self.cache, _VectorCache(self.metric, epoch, version, rows, dim)
+            previous, cache = self.cache, _VectorCache(self.metric, version, rows, dim)
             self.cache = cache
             if self._core.in_transaction:   # it holds this transaction's writes
                 self._core.on_rollback(lambda: self._restore(previous, cache))
@@ -4147,7 +4203,7 @@ class CollectionManager(_Manager):
         self._fts = _ensure_fts(self._core)
         metric, self._options, cid = self._register(metric, options)
         self._rows = _DocumentRows(self._core, self._name, self._codec)
-        self._words = _Vocabulary(self._core, cid)
+        self._words = _Vocabulary(self._core, self._name, cid)
         self._text = _TextIndex(self._core, self._name, cid, self._words, self._fts)
         self._graph = _Graph(self._core, self._name)
         self._vecs = _Vectors(self._core, self._name, metric, self._options)
@@ -4432,11 +4488,13 @@ class CollectionManager(_Manager):
         return [(docs[doc_id], float(d)) for doc_id, d in hits if doc_id in docs]
 
     def compact(self):
-        """Merge the text index into one segment and fold the vector index's pending changes.
+        """Merge the text index into one segment, drop the words no document holds any more
+        from the typo vocabulary, and fold the vector index's pending changes.
 
             >>> docs.compact()      # after a bulk load; searches keep working meanwhile
         """
         self._text.optimize()
+        self._text.prune()
         self._vecs.compact()
 
     def _on_close(self):
@@ -4491,8 +4549,8 @@ class _VectorCache:
     ``stale`` ids are fetched again at the next update (a rolled-back patch left them).
     """
 
-    def __init__(self, metric, epoch, version, rows, dim):
-        self.metric, self.epoch, self.version = metric, epoch, version
+    def __init__(self, metric, version, rows, dim):
+        self.metric, self.version = metric, version
         self.stale = set()
         self.ids = [row[0] for row in rows]
         self.position = {doc_id: i for i, doc_id in enumerate(self.ids)}
@@ -5159,7 +5217,7 @@ def _read_snapshot(core):
     conn = core.conn()
     local = core._local
     core._run(conn, "BEGIN")
-    local.depth, local.pending, local.undo = 1, [], []
+    local.depth, local.pending, local.undo, local.token = 1, [], [], object()
     try:
         core.execute("SELECT count(*) FROM beaver_meta").fetchone()  # the snapshot starts here
         yield

@@ -3626,18 +3626,29 @@ def test_collection_word_of_a_rolled_back_savepoint_reaches_the_vocabulary(db):
     assert _ids(docs.match("kangxrxo", fuzziness=2)) == ["d"]
 
 
-def test_collection_dropped_words_leave_the_vocabulary(db):
-    docs = db.collection("words")
-    docs.index(Document(id="a", body="zebra giraffe"))
-    docs.index(Document(id="b", body="zebra"))
-    docs.drop("a")
-    docs.index(Document(id="b", body="elephant"))                  # "zebra" is gone too
-    terms = {row[0] for row in db._core.execute("SELECT term FROM beaver_terms")}
-    assert terms == {"elephant"}
-    assert docs.match("giraffx", fuzziness=1) == [] and docs.match("zebrx", fuzziness=1) == []
-    docs.index(Document(id="c", body="zebra"))                     # back again
-    assert _ids(docs.match("zebrx", fuzziness=1)) == ["c"]
-    assert _ids(docs.match("elephnta", fuzziness=2)) == ["b"]
+def _terms_of(db):
+    return {row[0] for row in db._core.execute("SELECT term FROM beaver_terms")}
+
+
+def test_collection_compact_drops_the_words_of_dropped_documents(tmp_path):
+    path = tmp_path / "words.db"
+    with BeaverDB(path) as db, BeaverDB(path) as other:
+        docs, others = db.collection("words"), other.collection("words")
+        docs.index(Document(id="a", body="zebra giraffe"))
+        docs.index(Document(id="b", body="zebra"))
+        others.index(Document(id="o", body="okapi"))         # its word set is in memory now
+        docs.drop("a")
+        docs.index(Document(id="b", body="elephant"))        # "zebra" is gone too
+        others.drop("o")
+        docs.compact()
+        assert _terms_of(db) == {"elephant"}
+        assert docs.match("giraffx", fuzziness=1) == [] and docs.match("zebrx", fuzziness=1) == []
+        others.index(Document(id="c", body="zebra okapi"))   # knows they left: added again
+        assert _ids(docs.match("zebrx", fuzziness=1)) == ["c"]
+        assert _ids(docs.match("okapx", fuzziness=1)) == ["c"]
+        assert _ids(docs.match("elephnta", fuzziness=2)) == ["b"]
+        grams = db._core.execute("SELECT term FROM beaver_grams ORDER BY term").fetchall()
+        assert grams == [("$elephant$",), ("$okapi$",), ("$zebra$",)]
 
 
 def test_collection_clear_leaves_no_vector_index_rows(tmp_path, faiss_ok):
@@ -3962,7 +3973,9 @@ class CollectionTransactionMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.levels)
     @rule()
     def compact(self):
-        self.docs.compact()
+        self.docs.compact()                      # also drops the words no document holds
+        terms = {row[0] for row in self.db._core.execute("SELECT term FROM beaver_terms")}
+        assert terms == set().union(*(w for _, w, _ in self.model["docs"].values()))
 
     # -- reads ------------------------------------------------------------------------
 
@@ -4019,7 +4032,7 @@ class CollectionTransactionMachine(RuleBasedStateMachine):
             terms = {row[0] for row in fresh._core.execute(
                 "SELECT term FROM beaver_terms t JOIN beaver_collections c ON c.cid = t.cid "
                 "WHERE c.collection = 'c'")}
-            assert terms == set().union(*(w for _, w, _ in self.model["docs"].values()))
+            assert terms >= set().union(*(w for _, w, _ in self.model["docs"].values()))
             for word in self.WORDS[::3]:
                 self.check_match(docs, word, 2)
             if self.model["dim"]:
