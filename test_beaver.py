@@ -3850,23 +3850,55 @@ def test_collection_open_and_search_need_no_write_lock(tmp_path, backend):
         blocker.close()
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="root reads and writes whatever the permission bits say")
-def test_collection_search_a_read_only_file(tmp_path, backend):
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    path = folder / "ro.db"
-    with BeaverDB(path) as db:
-        db.collection("c").index(Document(id="a", body="readable text", embedding=[1.0, 0.0]))
-    os.chmod(path, 0o444)
-    os.chmod(folder, 0o555)
+def _unprivileged():
+    """(user, python) that runs a child without root's rights (root reads a 0444 file)."""
+    if not hasattr(os, "geteuid"):
+        pytest.skip("needs POSIX users")
+    if os.geteuid() != 0:
+        return None, sys.executable
+    for python in (sys.executable, "/usr/bin/python3"):
+        try:
+            if subprocess.run([python, "-c", "import sqlite3"], user="nobody",
+                              capture_output=True, timeout=MP_DEADLINE).returncode == 0:
+                return "nobody", python
+        except (OSError, subprocess.SubprocessError):
+            continue
+    pytest.skip("no Python that user nobody may run")
+
+
+READ_ONLY_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import beaver
+with beaver.BeaverDB(sys.argv[2]) as db:
+    docs = db.collection("c")
+    ids = lambda hits: [hit[0].id for hit in hits]
+    print(json.dumps([ids(docs.match("readable")), ids(docs.match("readabel", fuzziness=1)),
+                      ids(docs.search([1.0, 0.0])), len(docs), docs.metric]))
+"""
+
+
+def test_collection_search_a_read_only_file(monkeypatch):
+    """A 0444 database file (in a folder where SQLite may make its -wal and -shm files)
+    is searched by a process without the right to write it: beaver.py alone, copied."""
+    user, python = _unprivileged()
+    monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")
+    folder = tempfile.mkdtemp(prefix="beaver-read-only-")
     try:
-        done, found = threading.Event(), []
-        _read_collection(path, done, found)
-        assert found == [["a"], ["a"], ["a"], 1, "l2"]
+        os.chmod(folder, 0o777)
+        shutil.copy(ROOT / "beaver.py", folder)
+        path = os.path.join(folder, "ro.db")
+        with BeaverDB(path) as db:
+            db.collection("c", metric="ip").index(
+                Document(id="a", body="readable text", embedding=[1.0, 0.0]))
+        os.chmod(path, 0o444)
+        out = subprocess.run([python, "-c", READ_ONLY_CHILD, folder, path], user=user,
+                             capture_output=True, text=True, timeout=MP_DEADLINE,
+                             env={"BEAVER_VECTOR_BACKEND": "exact", "PATH": os.defpath})
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == [["a"], ["a"], ["a"], 1, "ip"]
     finally:
-        os.chmod(folder, 0o755)
-        os.chmod(path, 0o644)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class CollectionTransactionMachine(RuleBasedStateMachine):
