@@ -595,6 +595,7 @@ class _Core:
         self._local.conn = conn
         self._local.depth = 0
         self._local.pending = []
+        self._local.undo = []
         return conn
 
     def _open_error(self, e) -> BeaverError:
@@ -700,23 +701,25 @@ class _Core:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; nested calls become savepoints.
 
         Callbacks registered with ``after_commit`` run once the outermost level commits,
-        and are dropped if it (or their savepoint) rolls back.
+        and are dropped if it (or their savepoint) rolls back; those registered with
+        ``on_rollback`` run if their level (or an outer one) rolls back.
         """
         conn = self.conn()
         local = self._local
         depth = local.depth
         if depth == 0:
             self._run(conn, "BEGIN IMMEDIATE")
-            local.pending = []
+            local.pending, local.undo, local.token = [], [], object()
         else:
             self._run(conn, f"SAVEPOINT beaver_{depth}")
-        mark = len(local.pending)
+        mark, undo_mark = len(local.pending), len(local.undo)
         local.depth = depth + 1
         try:
             yield conn
         except BaseException:
             local.depth = depth
             del local.pending[mark:]
+            self._undo(undo_mark)       # before ROLLBACK: no other writer can commit meanwhile
             if depth == 0:
                 self._rollback(conn)
             else:
@@ -731,9 +734,10 @@ class _Core:
             self._run(conn, "COMMIT")
         except BaseException:
             local.pending = []
+            self._undo(0)
             self._rollback(conn)
             raise
-        pending, local.pending = local.pending, []
+        pending, local.pending, local.undo = local.pending, [], []
         for callback in pending:
             callback()
 
@@ -754,6 +758,32 @@ class _Core:
             self._local.pending.append(callback)
         else:
             callback()
+
+    def transaction_token(self):
+        """An object standing for this thread's current outermost transaction (None outside
+        one): per-transaction state is keyed by it."""
+        local = self._local
+        return local.token if getattr(local, "depth", 0) > 0 else None
+
+    def on_rollback(self, callback):
+        """Run ``callback`` if the current transaction level, or an outer one, rolls back.
+
+        For in-memory state derived from this transaction's writes: a released savepoint
+        hands its callbacks to the enclosing level; a commit drops them; outside a
+        transaction there is nothing to undo. They run newest first, before the rollback.
+        """
+        if getattr(self._local, "depth", 0) > 0:
+            self._local.undo.append(callback)
+
+    def _undo(self, mark):
+        """Run (newest first) and drop the rollback callbacks registered since ``mark``."""
+        local = self._local
+        callbacks, local.undo = local.undo[mark:], local.undo[:mark]
+        for callback in reversed(callbacks):
+            try:
+                callback()
+            except Exception:   # the rollback itself must still happen
+                logger.exception("a rollback callback failed")
 
     def changed(self):
         """Tell in-process waiters that this thread wrote something (after commit)."""
@@ -2981,12 +3011,90 @@ FUZZY_MIN_LENGTH = (3, 7)       # a query term needs 3 letters to allow 1 typo, 
 FUZZY_MAX_TERM = 40             # longer terms are searchable but never typo-corrected
 FUZZY_ROUNDS = 6                # candidate terms tried one by one before the rest at once
 FUZZY_FREQUENCIES = 40          # candidates (best first) whose frequency orders them
+GRAMS_DELETE_MAX = 1000         # words leaving at once past which the trigram index is rebuilt
 VECTOR_METRICS = ("l2", "cosine", "ip")
 VECTOR_LOG_KEEP = 10000         # vector changes remembered for other processes' caches
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _TERM = re.compile(r"[^\W_]+")
 _QUERY_TOKEN = re.compile(r'"[^"]*"?|[^\s"]+')
 _BIG_ENDIAN = sys.byteorder == "big"
+MATCH_MAX_LENGTH = 10000        # characters in a match() query (longer ones raise ValueError)
+MATCH_MAX_TERMS = 64            # distinct words and phrases of a match() query (raw: its words)
+_UNSEARCHABLE = re.compile("[\x00\ud800-\udfff]")    # NUL and lone surrogates: separators
+
+
+# -- collection options -------------------------------------------------------------------
+
+class _Option(typing.NamedTuple):
+    """One option of a collection's vector index: its type, default and allowed values."""
+    kind: type
+    default: typing.Any
+    low: typing.Any = None      # inclusive bounds of a number
+    high: typing.Any = None
+    choices: tuple = ()
+
+    def check(self, name, value):
+        if self.choices:
+            ok, wanted = value in self.choices, "one of " + ", ".join(map(repr, self.choices))
+        elif self.kind is bool:
+            ok, wanted = isinstance(value, bool), "True or False"
+        else:
+            number = (int, float) if self.kind is float else int
+            ok = (isinstance(value, number) and not isinstance(value, bool)
+                  and not (isinstance(value, float) and math.isnan(value))
+                  and self.low <= value <= self.high)
+            wanted = f"{'a number' if self.kind is float else 'an int'} from {self.low} to {self.high}"
+        if not ok:
+            raise ValidationError(f"collection option {name!r} must be {wanted}, not {value!r}")
+
+
+# The options of ``db.collection(name, **options)``, used by the ``beaver_vector`` index (the
+# built-in exact search ignores them). Checked before anything is stored.
+VECTOR_INDEX_OPTIONS = {
+    "index": _Option(str, "auto", choices=("auto", "flat", "hnsw")),  # flat: exact, hnsw: ANN
+    "ann_threshold": _Option(int, 20000, 1, 1 << 40),  # "auto" is HNSW from this many vectors
+    "m": _Option(int, 32, 2, 256),                       # HNSW graph degree
+    "ef_construction": _Option(int, 200, 1, 1 << 16),    # HNSW build breadth
+    "ef_search": _Option(int, 64, 1, 1 << 16),           # HNSW search breadth (recall vs speed)
+    "fold_min": _Option(int, 1000, 1, 1 << 40),      # fold the delta into the base at this size
+    "fold_fraction": _Option(float, 0.05, 0.0, 1.0),  # ... or at this fraction of a flat base
+    "rebuild_dead": _Option(float, 0.2, 0.0, 1.0),   # rebuild an HNSW base this fraction dead
+    "filter_exact_below": _Option(int, 20000, 0, 1 << 40),  # where= this small: exact search
+    "persist_fraction": _Option(float, 0.25, 0.0, 1.0),  # store a folded base this much new ...
+    "persist_min": _Option(int, 1000, 0, 1 << 40),    # ... and with at least this many changes
+    "part_bytes": _Option(int, 8 << 20, 1024, 1 << 29),  # the stored base is cut in such parts
+    "build_chunk": _Option(int, 50000, 1, 1 << 30),  # vectors per step of an HNSW build
+    "background": _Option(bool, True),               # fold in a thread (else only in compact())
+}
+
+
+def _check_vector_options(metric, options) -> dict:
+    """``options`` (and ``metric`` unless None) as ``VECTOR_INDEX_OPTIONS`` allows, or
+    ``ValidationError`` (a ``ValueError``) naming the first bad one and its allowed values."""
+    if metric is not None and (not isinstance(metric, str) or metric not in VECTOR_METRICS):
+        raise ValidationError(f"collection option 'metric' must be one of "
+                              f"{', '.join(map(repr, VECTOR_METRICS))}, not {metric!r}")
+    for name, value in options.items():
+        option = VECTOR_INDEX_OPTIONS.get(name)
+        if option is None:
+            raise ValidationError(f"unknown collection option {name!r}; the options are "
+                                  f"{', '.join(VECTOR_INDEX_OPTIONS)}")
+        option.check(name, value)
+    return options
+
+
+def _stored_options(name, text) -> dict:
+    """The stored options of collection ``name``; a value a file written before they were
+    checked holds out of range is dropped (its default applies), with a warning."""
+    good = {}
+    for key, value in json.loads(text or "{}").items():
+        try:
+            _check_vector_options(None, {key: value})
+        except ValidationError as e:
+            logger.warning("collection %r: ignoring a stored option (%s)", name, e)
+        else:
+            good[key] = value
+    return good
 
 
 def _as_vector(value):
@@ -3132,15 +3240,31 @@ class _Atom(typing.NamedTuple):
     prefix: bool
 
 
+def _query_text(query) -> str:
+    """A ``match()`` query checked (a str of at most ``MATCH_MAX_LENGTH`` characters), with
+    NUL and lone surrogates, which no word can hold, turned into spaces."""
+    if not isinstance(query, str):
+        raise TypeError(f"a query is a str, not {type(query).__name__}")
+    if len(query) > MATCH_MAX_LENGTH:
+        raise ValidationError(f"a query may have at most {MATCH_MAX_LENGTH:,} characters, "
+                              f"not {len(query):,}")
+    return _UNSEARCHABLE.sub(" ", query)
+
+
+def _check_term_count(count):
+    if count > MATCH_MAX_TERMS:
+        raise ValidationError(f"a query may have at most {MATCH_MAX_TERMS} distinct terms "
+                              "(words or phrases; every word of a raw query counts)")
+
+
 def _parse_query(text):
     """Plain user text as ``(groups, negatives)``: AND of OR-groups of atoms, minus negatives.
 
     Understood: words, "quoted phrases", ``prefix*``, ``OR``, ``AND``, ``-word``, ``NOT word``.
-    Everything else is text, so no input can produce an FTS5 syntax error.
+    Everything else is text, so no input can produce an FTS5 syntax error. A repeated atom
+    or group counts once; more than ``MATCH_MAX_TERMS`` distinct atoms raise ``ValueError``.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"a query is a str, not {type(text).__name__}")
-    groups, negatives = [], []
+    groups, negatives, distinct = [], [], set()
     negate = join = False
     for token in _QUERY_TOKEN.findall(text):
         if token in ("OR", "AND", "NOT") and not token.startswith('"'):
@@ -3151,6 +3275,8 @@ def _parse_query(text):
         prefix = token.endswith("*") and not token.startswith('"')
         atom = _Atom(token.strip('"*') if not token.startswith('"') else token.strip('"'), prefix)
         if _TERM.search(atom.text):
+            distinct.add(atom)
+            _check_term_count(len(distinct))
             if negate:
                 negatives.append(atom)
             elif join and groups:
@@ -3158,7 +3284,8 @@ def _parse_query(text):
             else:
                 groups.append([atom])
         negate = join = False
-    return groups, negatives
+    unique = dict.fromkeys(tuple(dict.fromkeys(group)) for group in groups)
+    return [list(group) for group in unique], list(dict.fromkeys(negatives))
 
 
 def _fts_atom(atom) -> str:
@@ -3281,30 +3408,13 @@ def _marks(n) -> str:
     return ",".join("?" * n)
 
 
-def _ensure_grams(core) -> bool:
-    """The trigram index of known words (FTS5 ``trigram`` tokenizer, SQLite 3.34+)."""
-    ready = getattr(core, "_grams_ready", None)
-    if ready is None:
-        try:
-            core.execute("CREATE VIRTUAL TABLE IF NOT EXISTS beaver_grams USING fts5("
-                         "term, tokenize = 'trigram')")
-            ready = True
-        except BeaverError as e:
-            if "no such" not in str(e) and "parse error" not in str(e):
-                raise
-            logger.warning("this SQLite has no FTS5 trigram tokenizer: fuzziness 2 acts as 1")
-            ready = False
-        core._grams_ready = ready
-    return ready
-
-
 def _ensure_fts(core) -> bool:
     """Create the FTS5 tables once per database; False where SQLite lacks FTS5."""
     ready = getattr(core, "_fts_ready", None)
     if ready is None:
         ready = True
         try:
-            for statement in _FTS_SCHEMA:
+            for statement in _FTS_SCHEMA:     # no write (nor lock) when they exist
                 core.execute(statement)
         except BeaverError as e:
             if "no such module" not in str(e):
@@ -3313,6 +3423,763 @@ def _ensure_fts(core) -> bool:
             ready = False
         core._fts_ready = ready
     return ready
+
+
+# -- the trigram index of known words, and files that move between SQLite versions ----------
+
+@functools.lru_cache(maxsize=None)
+def _has_trigram() -> bool:
+    """Whether this SQLite's FTS5 has the trigram tokenizer (3.34 and newer)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize = 'trigram')")
+        return True
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
+
+
+def _gram_worthy(term) -> bool:
+    """Whether ``term`` goes into the trigram index (only 2-typo searches use it)."""
+    return len(term) >= FUZZY_MIN_LENGTH[1] - 2 and term.isalpha()
+
+
+def _grams_complete(core) -> bool:
+    return bool(core.execute(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'beaver_grams') AND NOT "
+        "EXISTS (SELECT 1 FROM beaver_meta WHERE key = 'grams_stale')").fetchone()[0])
+
+
+def _ensure_grams(core, recheck=False) -> bool:
+    """Whether the trigram index of known words (``beaver_grams``) can be used.
+
+    It needs FTS5's trigram tokenizer (SQLite 3.34+). Where it is missing, words are still
+    added to the vocabulary, and the file is marked (``grams_stale`` in beaver_meta); a
+    newer SQLite that finds the table missing or marked rebuilds it from the vocabulary,
+    once, under the write lock. ``recheck`` looks at the file again (searches do: another
+    process may be on an older SQLite).
+    """
+    ready = getattr(core, "_grams_ready", None)
+    if ready is not None and not (ready and recheck):
+        return ready
+    if not _has_trigram():
+        logger.warning("this SQLite has no FTS5 trigram tokenizer (3.34+): fuzziness 2 acts as 1")
+        core._grams_ready = False
+        return False
+    if not _grams_complete(core):
+        try:
+            _rebuild_grams(core)
+        except BeaverError as e:     # a read-only file (for good), a busy one (for now)
+            logger.warning("the trigram index of %r could not be rebuilt: %s", core.path, e)
+            if not isinstance(e, DatabaseBusy):
+                core._grams_ready = False
+            return False
+        if core.in_transaction:      # the table may go with a rollback
+            core.on_rollback(lambda: setattr(core, "_grams_ready", None))
+    core._grams_ready = True
+    return True
+
+
+def _rebuild_grams(core):
+    with core.transaction():
+        if _grams_complete(core):    # another process rebuilt it meanwhile
+            return
+        core.execute("CREATE VIRTUAL TABLE IF NOT EXISTS beaver_grams USING fts5("
+                     "term, tokenize = 'trigram')")
+        core.execute("DELETE FROM beaver_grams")
+        grams = [(f"${term}$",) for (term,) in core.execute("SELECT term FROM beaver_terms")
+                 if _gram_worthy(term)]
+        core.executemany("INSERT INTO beaver_grams (term) VALUES (?)", grams)
+        core.execute("DELETE FROM beaver_meta WHERE key = 'grams_stale'")
+    logger.info("rebuilt the trigram index of %r (%d words)", core.path, len(grams))
+
+
+# -- the parts of a collection, each with its own tables and state ---------------------------
+
+class _DocumentRows:
+    """The rows of one collection in ``beaver_documents``: id, body, and the vector joined.
+
+    Each row also has an internal integer id (its rowid) that the text index uses. Filters
+    on bodies resolve here (``matching``), to the document ids vector search accepts.
+    """
+
+    _SELECT = ("SELECT d.doc_id, d.body, v.vector, d.id FROM beaver_documents d "
+               "LEFT JOIN beaver_vectors v ON v.collection = d.collection AND v.doc_id = d.doc_id "
+               "WHERE d.collection = ? ")
+
+    def __init__(self, core, name, codec):
+        self._core, self._name, self._codec = core, name, codec
+
+    def write(self, doc_id, body) -> tuple:
+        """Insert or update the document row: ``(rowid, whether it existed)``."""
+        cursor = self._core.execute(
+            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection, doc_id) DO NOTHING", (self._name, doc_id, body))
+        if cursor.rowcount:
+            return cursor.lastrowid, False
+        if _HAS_RETURNING:
+            return self._core.execute(
+                "UPDATE beaver_documents SET body = ? WHERE collection = ? AND doc_id = ? "
+                "RETURNING id", (body, self._name, doc_id)).fetchall()[0][0], True
+        rowid = self._rowid(doc_id)
+        self._core.execute("UPDATE beaver_documents SET body = ? WHERE id = ?", (body, rowid))
+        return rowid, True
+
+    def delete(self, doc_id):
+        """Delete the row: its rowid, or None if there was none."""
+        rowid = self._rowid(doc_id)
+        if rowid is not None:
+            self._core.execute("DELETE FROM beaver_documents WHERE id = ?", (rowid,))
+        return rowid
+
+    def _rowid(self, doc_id):
+        row = self._core.execute("SELECT id FROM beaver_documents WHERE collection = ? AND "
+                                 "doc_id = ?", (self._name, doc_id)).fetchone()
+        return None if row is None else row[0]
+
+    def clear(self):
+        self._core.execute("DELETE FROM beaver_documents WHERE collection = ?", (self._name,))
+
+    def document(self, row) -> Document:
+        doc = Document.__new__(Document)
+        vector = row[2]
+        doc.__dict__.update(id=row[0], body=None if row[1] is None else self._codec.decode(row[1]),
+                            _embedding=None if vector is None else _Packed(vector))
+        return doc
+
+    def get(self, doc_id):
+        row = self._core.execute(self._SELECT + "AND d.doc_id = ?", (self._name, doc_id)).fetchone()
+        return None if row is None else self.document(row)
+
+    def by(self, column, keys) -> dict:
+        """``{key: Document}`` of the documents whose ``column`` ('id' or 'doc_id') is in keys."""
+        at = 3 if column == "id" else 0
+        keys = keys if isinstance(keys, list) else list(keys)
+        found, make = {}, self.document
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            rows = self._core.execute(self._select_in(column, len(chunk)),
+                                      (self._name, *chunk)).fetchall()
+            for row in rows:
+                found[row[at]] = make(row)
+        return found
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def _select_in(column, n) -> str:
+        sql = _DocumentRows._SELECT + f"AND d.{column} IN ({_marks(n)})"
+        if column == "id":      # rowid lookups, not a scan of the collection's index
+            sql = sql.replace("WHERE d.collection", "WHERE +d.collection")
+        return sql
+
+    def present(self, doc_ids) -> set:
+        """Which of a few ``doc_ids`` have a row."""
+        doc_ids = list(doc_ids)
+        return {row[0] for row in self._core.execute(
+            f"SELECT doc_id FROM beaver_documents WHERE collection = ? AND doc_id IN "
+            f"({_marks(len(doc_ids))})", (self._name, *doc_ids))}
+
+    def count(self) -> int:
+        return self._core.execute("SELECT count(*) FROM beaver_documents WHERE collection = ?",
+                                  (self._name,)).fetchone()[0]
+
+    def rows(self, paged):
+        """Every row in id order, page by page (``paged`` is the manager's ``_paged``)."""
+        return paged(self._SELECT + "AND d.doc_id > ? ORDER BY d.doc_id LIMIT ?", "")
+
+    def matching(self, where) -> set:
+        """The ids of documents whose body fields (dotted paths) equal the values of
+        ``where`` (a value, or a list of values for any of them)."""
+        if not isinstance(where, dict):
+            raise TypeError("where is a dict of {field path: value}")
+        sql, params = "SELECT doc_id FROM beaver_documents WHERE collection = ?", [self._name]
+        for path, value in where.items():
+            field = "json_extract(body, ?)"
+            if value is None:
+                sql += f" AND {field} IS NULL"
+                params.append(_json_path(path))
+                continue
+            values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+            if not all(isinstance(v, (str, int, float)) for v in values):
+                raise TypeError("where values are str, numbers, bools, None or lists of them")
+            sql += f" AND {field} IN ({_marks(len(values))})"
+            params += [_json_path(path)] + [int(v) if isinstance(v, bool) else v for v in values]
+        return {row[0] for row in self._core.execute(sql, params)}
+
+
+class _Vocabulary:
+    """The words of one collection (``beaver_terms``) and their trigrams (``beaver_grams``,
+    shared by every collection: one row per collection and word), for typo-tolerant search.
+
+    Words leave only with ``clear`` and ``forget`` (see ``_TextIndex.prune``), which bump the
+    collection's epoch. The words known to be stored are kept in memory for that epoch (read
+    once per transaction), so a write checks its words in a set. A transaction's own words
+    join that set when it commits; a rollback, of a savepoint too, takes back what it added.
+    """
+
+    def __init__(self, core, name, cid):
+        self._core, self._name, self._cid = core, name, cid
+        self._known = (None, set())         # (epoch, committed words) for every thread
+        self._local = threading.local()     # this thread's transaction: token, epoch, added
+
+    def _transaction(self):
+        """This thread's transaction state: the epoch (read once) and the words it added."""
+        local, token = self._local, self._core.transaction_token()
+        if token is None or getattr(local, "token", None) is not token:
+            local.token, local.added = token, set()
+            local.epoch = self._core.execute("SELECT epoch FROM beaver_collections WHERE "
+                                             "collection = ?", (self._name,)).fetchone()[0]
+        return local
+
+    def add(self, words):
+        """Record the new ones of ``words`` (inside the caller's write transaction)."""
+        state = self._transaction()
+        epoch, known = self._known
+        if epoch != state.epoch:
+            known = {row[0] for row in self._core.execute(
+                "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))}
+            self._known = (state.epoch, known)      # it holds this transaction's words:
+            self._core.on_rollback(self._forget_known)
+        new = {word for word in words if len(word) <= FUZZY_MAX_TERM} - known - state.added
+        if not new:
+            return
+        grams = [(f"${term}$",) for term in sorted(new) if _gram_worthy(term)]
+        usable = bool(grams) and _ensure_grams(self._core)   # before the new words go in
+        self._core.executemany("INSERT OR IGNORE INTO beaver_terms (cid, term) VALUES (?, ?)",
+                               [(self._cid, term) for term in sorted(new)])
+        if usable:
+            self._core.executemany("INSERT INTO beaver_grams (term) VALUES (?)", grams)
+        elif grams:
+            self._mark_grams_stale()
+        state.added |= new
+        self._core.on_rollback(lambda: state.added.difference_update(new))
+        self._core.after_commit(lambda: known.update(new))
+
+    def _forget_known(self):
+        self._known = (None, set())
+
+    def forget(self, words):
+        """Remove ``words`` (no document of the collection holds them any more)."""
+        gone = self.present(words)
+        self._core.executemany("DELETE FROM beaver_terms WHERE cid = ? AND term = ?",
+                               [(self._cid, term) for term in gone])
+        self._forget_grams(gone)
+        self._new_epoch()
+
+    def clear(self):
+        self._forget_grams(self.all())
+        self._core.execute("DELETE FROM beaver_terms WHERE cid = ?", (self._cid,))
+        self._new_epoch()
+
+    def all(self) -> list:
+        return [row[0] for row in self._core.execute(
+            "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))]
+
+    def _new_epoch(self):
+        """Words left: every process reloads its word set (this one at once)."""
+        self._core.execute("UPDATE beaver_collections SET epoch = epoch + 1 WHERE collection = ?",
+                           (self._name,))
+        state = self._transaction()
+        before = (state.epoch, state.added)
+        state.epoch, state.added = state.epoch + 1, set()
+        self._core.on_rollback(lambda: (setattr(state, "epoch", before[0]),
+                                        setattr(state, "added", before[1])))
+
+    def _forget_grams(self, terms):
+        """Delete this collection's trigram row of each of ``terms``; for many, let the next
+        two-edit search rebuild the whole trigram index instead."""
+        grams = [f"${term}$" for term in terms if _gram_worthy(term)]
+        if grams and len(grams) <= GRAMS_DELETE_MAX and _ensure_grams(self._core):
+            self._core.executemany(
+                "DELETE FROM beaver_grams WHERE rowid = (SELECT rowid FROM beaver_grams "
+                "WHERE beaver_grams MATCH ? AND term = ? LIMIT 1)",
+                [(_fts_atom(_Atom(gram, False)), gram) for gram in grams])
+        elif grams:
+            self._mark_grams_stale()
+
+    def _mark_grams_stale(self):
+        """The trigram index misses words or keeps dead ones: the next use rebuilds it."""
+        self._core.execute("INSERT OR IGNORE INTO beaver_meta (key, value) "
+                           "VALUES ('grams_stale', '1')")
+
+    def present(self, terms) -> list:
+        """The ones of ``terms`` in the vocabulary (asking the database)."""
+        found = []
+        for chunk in _chunks(terms):
+            found += [row[0] for row in self._core.execute(
+                f"SELECT term FROM beaver_terms WHERE cid = ? AND term IN "
+                f"({_marks(len(chunk))})", (self._cid, *chunk))]
+        return found
+
+    def spellings(self, atom, fuzziness) -> list:
+        """The known words within ``fuzziness`` edits of a one-word atom, best first."""
+        words = _terms(atom.text)
+        if atom.prefix or len(words) != 1 or len(words[0]) > FUZZY_MAX_TERM:
+            return [atom.text]
+        word = words[0]
+        limit = min(fuzziness, sum(len(word) >= n for n in FUZZY_MIN_LENGTH))
+        if limit == 0:
+            return [word]
+        if limit > 1 and _ensure_grams(self._core, recheck=True):
+            candidates = self.present(self._trigram_candidates(word, limit))
+        else:
+            limit = 1
+            candidates = self.present(_neighbourhood(word) | {word})
+        scored = [(_edit_distance(word, term, limit), term) for term in candidates]
+        scored = sorted((d, not _slip(word, term), term) for d, term in scored if d <= limit)
+        frequency = self._frequencies([term for _, _, term in scored])
+        scored.sort(key=lambda item: (item[0], item[1], -frequency.get(item[2], 0), item[2]))
+        return [term for _, _, term in scored] or [word]
+
+    def _trigram_candidates(self, word, limit) -> set:
+        """Known words (of any collection) sharing enough trigrams with ``word``."""
+        grams = _trigrams(word)
+        need = max(1, len(grams) - 4 * limit)
+        query = " OR ".join('"' + gram.replace('"', '""') + '"' for gram in sorted(grams))
+        found = set()
+        for (padded,) in self._core.execute(
+                "SELECT term FROM beaver_grams WHERE beaver_grams MATCH ?", (query,)):
+            term = padded[1:-1]
+            if abs(len(term) - len(word)) <= limit and len(_trigrams(term) & grams) >= need:
+                found.add(term)
+        return found
+
+    def _frequencies(self, terms) -> dict:
+        """How many text fields hold each term (any collection), for a few terms."""
+        if len(terms) < 2:
+            return {}
+        found = {}
+        for term in terms[:FUZZY_FREQUENCIES]:
+            row = self._core.execute("SELECT doc FROM beaver_fts_vocab WHERE term = ?",
+                                     (term,)).fetchone()
+            found[term] = row[0] if row else 0
+        return found
+
+
+class _TextIndex:
+    """The full-text rows of one collection in ``beaver_fts`` (FTS5) and their ranking.
+
+    One row per text field of a document; rowid = collection id | document rowid | field
+    number (see ``_FTS_*_BITS``), so the collection is one rowid range. New words go to the
+    vocabulary; words no row holds any more leave it at the next ``prune`` (``compact()``).
+    """
+
+    def __init__(self, core, name, cid, words, enabled=True):
+        self._core, self._name, self._cid, self._words = core, name, cid, words
+        self.enabled = enabled
+        self._low = cid << (_FTS_DOC_BITS + _FTS_PATH_BITS)       # the collection's rowids
+        self._high = self._low + (1 << (_FTS_DOC_BITS + _FTS_PATH_BITS))
+
+    def _rowid(self, doc_rowid) -> int:
+        if doc_rowid >= 1 << _FTS_DOC_BITS or \
+                self._cid >= 1 << (63 - _FTS_DOC_BITS - _FTS_PATH_BITS):
+            raise BeaverError("too many documents or collections for the text index")
+        return (self._cid << (_FTS_DOC_BITS + _FTS_PATH_BITS)) | (doc_rowid << _FTS_PATH_BITS)
+
+    # -- writes ------------------------------------------------------------------------
+
+    @staticmethod
+    def batch():
+        """An empty batch for ``write``: (rows, words), written by ``flush``."""
+        return [], set()
+
+    def write(self, doc_rowid, texts, existed=True, batch=None):
+        """Replace a document's text rows (new rows wait in ``batch`` when given)."""
+        if not self.enabled:
+            return
+        base = self._rowid(doc_rowid)
+        if existed:
+            self._delete_rows(base)
+        rows, words = self.batch() if batch is None else batch
+        for i, (path, text) in enumerate(texts):
+            rows.append((base + i, text, self._name, path))
+            words.update(_terms(text))
+        if batch is None:
+            self.flush((rows, words))
+
+    def flush(self, batch):
+        rows, words = batch
+        if rows:
+            self._core.executemany(
+                "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
+                rows)
+            self._words.add(words)
+
+    def remove(self, doc_rowid):
+        """Delete a document's text rows."""
+        if self.enabled:
+            self._delete_rows(self._rowid(doc_rowid))
+
+    def _delete_rows(self, base):
+        self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                           (base, base + (1 << _FTS_PATH_BITS)))
+
+    def prune(self):
+        """Forget the words no text row of the collection holds any more (those of dropped
+        or rewritten documents): the rows are read without the write lock, and the few
+        candidates checked again, and removed, in one short transaction."""
+        if not self.enabled:
+            return
+        held = set()
+        for (text,) in self._core.execute(
+                "SELECT text FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                (self._low, self._high)):
+            held.update(_terms(text))
+        candidates = [word for word in self._words.all() if word not in held]
+        if candidates:
+            with self._core.transaction():
+                gone = [word for word in candidates if not self._holds(word)]
+                if gone:
+                    self._words.forget(gone)
+
+    def _holds(self, word) -> bool:
+        """Whether a text row of this collection still holds ``word``."""
+        return self._core.execute(
+            "SELECT 1 FROM beaver_fts WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ? "
+            "LIMIT 1", (_fts_atom(_Atom(word, False)), self._low, self._high)).fetchone() is not None
+
+    def clear(self):
+        if self.enabled:
+            self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                               (self._low, self._high))
+        self._words.clear()
+
+    def optimize(self):
+        if self.enabled:
+            with self._core.transaction():
+                self._core.execute("INSERT INTO beaver_fts (beaver_fts) VALUES ('optimize')")
+
+    # -- search ------------------------------------------------------------------------
+
+    def ranked(self, expr, paths, limit, checked=False) -> list:
+        """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document."""
+        sql = (f"SELECT (rowid >> {_FTS_PATH_BITS}) & {(1 << _FTS_DOC_BITS) - 1}, "
+               f"-sum(rank) AS score FROM beaver_fts "
+               f"WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ?")
+        params = [expr, self._low, self._high]
+        if paths is not None:
+            sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
+            for p in paths:
+                params += [p, len(p) + 1, p + "."]
+        sql += " GROUP BY 1 ORDER BY score DESC LIMIT ?"
+        try:
+            return self._core.execute(sql, (*params, limit)).fetchall()
+        except BeaverError as e:
+            if checked and isinstance(e.__cause__, sqlite3.OperationalError):
+                raise ValidationError(f"bad FTS5 query {expr!r}: {e.__cause__}") from None
+            raise
+
+    def snippet(self, expr, doc_rowid) -> str:
+        base = self._rowid(doc_rowid)
+        row = self._core.execute(
+            "SELECT snippet(beaver_fts, 0, '[', ']', '...', 16) FROM beaver_fts "
+            "WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ? ORDER BY rank LIMIT 1",
+            (expr, base, base + (1 << _FTS_PATH_BITS))).fetchone()
+        return row[0] if row else ""
+
+    def fuzzy(self, groups, negatives, paths, top_k, fuzziness):
+        """Try the query as typed, then with each typo-corrected term in turn.
+
+        Returns the hits and an expression every hit matches (for snippets)."""
+        if fuzziness not in (0, 1, 2):
+            raise ValueError("fuzziness is 0, 1 or 2")
+        expr = _fts_expression(groups, negatives)
+        hits = self.ranked(expr, paths, top_k)
+        if len(hits) >= top_k:
+            return hits, expr
+        options = [[self._words.spellings(atom, fuzziness) for atom in group] for group in groups]
+        found = {rowid: (0, score) for rowid, score in hits}
+        for turn in range(1, FUZZY_ROUNDS + 1):
+            rewritten = [[_Atom(term, False) for spellings in group for term in
+                          (spellings[:turn] if turn < FUZZY_ROUNDS else spellings)]
+                         for group in options]
+            if all(rewritten):
+                expr = _fts_expression([g + r for g, r in zip(groups, rewritten)], negatives)
+                more = self.ranked(expr, paths, top_k + len(found))
+                for rowid, score in more:
+                    found.setdefault(rowid, (turn, score))
+            if len(found) >= top_k or not any(len(s) > turn for g in options for s in g):
+                break
+        best = sorted(found.items(), key=lambda item: (item[1][0], -item[1][1]))[:top_k]
+        return [(rowid, score) for rowid, (_, score) in best], expr
+
+
+class _Graph:
+    """The labelled, directed edges between documents of one collection (``beaver_edges``)."""
+
+    _SIDES = {"outgoing": [("source", "target")], "incoming": [("target", "source")],
+              "both": [("source", "target"), ("target", "source")]}
+    _ENDS = {"outgoing": ["source"], "incoming": ["target"], "both": ["source", "target"]}
+
+    def __init__(self, core, name):
+        self._core, self._name = core, name
+
+    def connect(self, source, target, label, meta):
+        self._core.execute(
+            "INSERT INTO beaver_edges (collection, source, label, target, metadata) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection, source, label, target) "
+            "DO UPDATE SET metadata = excluded.metadata", (self._name, source, label, target, meta))
+
+    def disconnect(self, source, target, label=None) -> int:
+        sql = "DELETE FROM beaver_edges WHERE collection = ? AND source = ? AND target = ?"
+        params = [self._name, source, target]
+        if label is not None:
+            sql, params = sql + " AND label = ?", params + [label]
+        return self._core.execute(sql, params).rowcount
+
+    def forget(self, doc_id):
+        """Delete the edges that touch ``doc_id``."""
+        for side in ("source", "target"):
+            self._core.execute(f"DELETE FROM beaver_edges WHERE collection = ? AND {side} = ?",
+                               (self._name, doc_id))
+
+    def clear(self):
+        self._core.execute("DELETE FROM beaver_edges WHERE collection = ?", (self._name,))
+
+    def edges(self, doc_id, direction, label) -> list:
+        if direction not in self._SIDES:
+            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
+        found = []
+        for side in self._ENDS[direction]:
+            sql = (f"SELECT source, target, label, metadata FROM beaver_edges "
+                   f"WHERE collection = ? AND {side} = ?")
+            params = [self._name, doc_id]
+            if label is not None:
+                sql, params = sql + " AND label = ?", params + [label]
+            found += [Edge(s, t, lab, None if m is None else json.loads(m))
+                      for s, t, lab, m in self._core.execute(sql + " ORDER BY 1, 2, 3", params)]
+        if direction == "both":
+            unique = {(e.source, e.label, e.target): e for e in found}
+            found = [unique[key] for key in sorted(unique)]
+        return found
+
+    def all(self) -> list:
+        rows = self._core.execute(
+            "SELECT source, target, label, metadata FROM beaver_edges WHERE collection = ? "
+            "ORDER BY source, label, target", (self._name,))
+        return [Edge(s, t, lab, None if m is None else json.loads(m)) for s, t, lab, m in rows]
+
+    def walk(self, start, labels, depth, direction) -> list:
+        """Ids reachable in 1..``depth`` edges, breadth first, each at its shortest distance."""
+        seen, frontier, order = {start}, [start], []
+        for _ in range(int(depth)):
+            reached = sorted(self.step(frontier, labels, direction) - seen)
+            if not reached:
+                break
+            seen.update(reached)
+            order += reached
+            frontier = reached
+        return order
+
+    def step(self, frontier, labels, direction) -> set:
+        """Ids one edge away from any id of ``frontier``."""
+        if direction not in self._SIDES:
+            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
+        reached = set()
+        for here, there in self._SIDES[direction]:
+            for chunk in _chunks(frontier):
+                sql = (f"SELECT {there} FROM beaver_edges WHERE collection = ? "
+                       f"AND {here} IN ({_marks(len(chunk))})")
+                params = [self._name, *chunk]
+                if labels is not None:
+                    sql += f" AND label IN ({_marks(len(labels))})"
+                    params += labels
+                reached.update(row[0] for row in self._core.execute(sql, params))
+        return reached
+
+
+class _Vectors:
+    """The embeddings of one collection and their search.
+
+    Rows in ``beaver_vectors``; the dimension and a version (one per change, and one per
+    clear, which empties the log) in ``beaver_collections``; the changed ids by version in
+    ``beaver_vector_log``, which a copy replays only if it holds every version since its own.
+    Searches go to the ``beaver_vector`` (faiss) index when it imports, else to an exact
+    in-memory copy (``_VectorCache``) brought up to date from the log. What a transaction
+    puts in memory is undone if it rolls back (``_Core.on_rollback``).
+    """
+
+    def __init__(self, core, name, metric, options):
+        self._core, self._name, self.metric, self._options = core, name, metric, options
+        self._dim = None            # the dimension, once committed (it never changes then)
+        self.cache = None           # the _VectorCache of the exact search
+        self.backend = None         # the beaver_vector index, False when unavailable
+        self._backend_lock = threading.Lock()
+
+    def dimension(self):
+        """The dimension this connection sees: None before the first vector."""
+        if self._dim is not None:
+            return self._dim
+        dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
+                                 (self._name,)).fetchone()[0]
+        if dim is not None and not self._core.in_transaction:
+            self._dim = dim
+        return dim
+
+    def check(self, dims):
+        """Raise unless a vector of ``dims`` numbers fits the collection."""
+        dim = self.dimension()
+        if dim is not None and dims != dim:
+            raise ValidationError(f"embedding has {dims} dimensions; "
+                                  f"collection {self._name!r} holds {dim}")
+
+    def put(self, doc_id, vector):
+        """Insert or replace the vector (float32 bytes) of ``doc_id``."""
+        self._core.execute(
+            "INSERT INTO beaver_vectors (collection, doc_id, vector) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection, doc_id) DO UPDATE SET vector = excluded.vector",
+            (self._name, doc_id, vector))
+        dim = len(vector) // 4
+        self._changed(dim, doc_id)
+        self._call_backend(dim, "on_upsert", doc_id, vector)
+        if self._dim is None:
+            self._core.after_commit(lambda: setattr(self, "_dim", dim))
+
+    def remove(self, doc_id):
+        """Delete the vector of ``doc_id`` if it has one."""
+        if self._core.execute("DELETE FROM beaver_vectors WHERE collection = ? AND doc_id = ?",
+                              (self._name, doc_id)).rowcount:
+            dim = self.dimension()
+            self._changed(dim, doc_id)
+            self._call_backend(dim, "on_delete", doc_id)
+
+    def clear(self):
+        for table in ("beaver_vectors", "beaver_vector_log"):
+            self._core.execute(f"DELETE FROM {table} WHERE collection = ?", (self._name,))
+        self._core.execute("UPDATE beaver_collections SET version = version + 1 "
+                           "WHERE collection = ?", (self._name,))
+        self._call_backend(self.dimension(), "on_clear")
+
+    def _changed(self, dim, doc_id):
+        """Count a vector change in the collection's version and log it for other caches."""
+        bump = ("UPDATE beaver_collections SET version = version + 1, dim = coalesce(dim, ?) "
+                "WHERE collection = ?")
+        if _HAS_RETURNING:
+            version = self._core.execute(bump + " RETURNING version",
+                                         (dim, self._name)).fetchall()[0][0]
+        else:
+            self._core.execute(bump, (dim, self._name))
+            version = self._core.execute("SELECT version FROM beaver_collections WHERE "
+                                         "collection = ?", (self._name,)).fetchone()[0]
+        self._core.execute("INSERT INTO beaver_vector_log (collection, version, doc_id) "
+                           "VALUES (?, ?, ?)", (self._name, version, doc_id))
+        if version % VECTOR_LOG_KEEP == 0:
+            self._core.execute("DELETE FROM beaver_vector_log WHERE collection = ? AND "
+                               "version <= ?", (self._name, version - VECTOR_LOG_KEEP))
+
+    # -- search ------------------------------------------------------------------------
+
+    def search(self, query, top_k, allowed=None) -> list:
+        """``[(doc_id, distance)]`` of the ``top_k`` closest, closest first.
+
+        ``allowed`` (None for all) is a set of the doc ids a filter lets through.
+        """
+        if self.backend and self._dim:      # the dimension never changes once committed
+            dim = self._dim
+        else:
+            dim, version = self._core.execute(
+                "SELECT dim, version FROM beaver_collections WHERE collection = ?",
+                (self._name,)).fetchone()
+            if dim is not None and not self._core.in_transaction:
+                self._dim = dim
+        if dim is None or top_k <= 0:
+            return []
+        if len(query) != dim:
+            raise ValidationError(f"query has {len(query)} dimensions; collection "
+                                  f"{self._name!r} holds {dim}")
+        backend = self._backend_for(dim)
+        if backend is not None:
+            return backend.search(query, top_k, allowed)
+        return self._exact(version, dim).search(query, top_k, allowed)
+
+    def _exact(self, version, dim) -> "_VectorCache":
+        """The in-memory vectors, brought up to ``version`` (reloaded after a clear)."""
+        cache = self.cache
+        if cache is not None and (cache.version != version or cache.stale):
+            if not self._catch_up(cache, version):
+                cache = None
+        if cache is None:
+            rows = self._core.execute(
+                "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
+                (self._name,)).fetchall()
+            previous, cache = self.cache, _VectorCache(self.metric, version, rows, dim)
+            self.cache = cache
+            if self._core.in_transaction:   # it holds this transaction's writes
+                self._core.on_rollback(lambda: self._restore(previous, cache))
+        return cache
+
+    def _catch_up(self, cache, version) -> bool:
+        """Patch ``cache`` with the changes logged since its version; False if they are gone."""
+        log = self._core.execute(
+            "SELECT version, doc_id FROM beaver_vector_log WHERE collection = ? AND "
+            "version > ? ORDER BY version", (self._name, cache.version)).fetchall()
+        if (log and log[0][0] != cache.version + 1) or (not log and version != cache.version):
+            return False
+        changed = {doc_id for _, doc_id in log} | cache.stale
+        fresh = dict.fromkeys(changed)
+        for chunk in _chunks(changed):
+            fresh.update(self._core.execute(
+                f"SELECT doc_id, vector FROM beaver_vectors WHERE collection = ? "
+                f"AND doc_id IN ({_marks(len(chunk))})", (self._name, *chunk)))
+        before = cache.version
+        cache.patch(version, fresh)
+        if self._core.in_transaction:       # uncommitted vectors: refetch them if rolled back
+            self._core.on_rollback(lambda: cache.rewind(before, changed))
+        return True
+
+    def _restore(self, previous, loaded):
+        if self.cache is loaded:
+            self.cache = previous
+
+    def _backend_for(self, dim):
+        """The ``beaver_vector`` index of this collection, or None for the built-in search."""
+        if self.backend is None and dim is not None:
+            with self._backend_lock:
+                if self.backend is None:
+                    self.backend = self._open_backend(dim)
+                    if self._core.in_transaction:   # opened for a dimension it may undo
+                        self._core.on_rollback(self._forget_backend)
+        return self.backend or None
+
+    def _forget_backend(self):
+        backend, self.backend = self.backend, None
+        if backend:
+            backend.close()
+
+    def _open_backend(self, dim):
+        """The index, or False when the built-in search must do (not installed, or asked)."""
+        if os.environ.get("BEAVER_VECTOR_BACKEND", "").lower() == "exact":
+            return False
+        try:
+            import beaver_vector
+            open_index = beaver_vector.open_index
+        except (ImportError, AttributeError):
+            return False
+        try:
+            return open_index(self._core, self._name, dim, self.metric, **self._options)
+        except FeatureUnavailable:
+            return False
+        except BeaverError as e:    # making its tables: a read-only file, a busy one
+            if self._core.in_transaction:
+                raise
+            logger.warning("collection %r searches without its vector index: %s", self._name, e)
+            return None if isinstance(e, DatabaseBusy) else False
+
+    def _call_backend(self, dim, method, *args):
+        backend = self._backend_for(dim)
+        if backend is not None:
+            getattr(backend, method)(*args)
+
+    def compact(self):
+        backend = self.backend
+        if backend:
+            backend.compact()
+
+    def close(self):
+        backend, self.backend = self.backend, None
+        if backend:
+            backend.close()
 
 
 class CollectionManager(_Manager):
@@ -3325,6 +4192,10 @@ class CollectionManager(_Manager):
 
     ``match`` scores are relevance (higher is better); ``search`` scores are distances
     (lower is better) under the collection's metric: ``l2`` (default), ``cosine`` or ``ip``.
+
+    The work is shared by parts that each own their tables: the document rows, the text
+    index, the vocabulary, the graph and the vectors; this class holds transactions and
+    events.
     """
 
     _kind = "collection"
@@ -3332,39 +4203,55 @@ class CollectionManager(_Manager):
 
     def __init__(self, db, name, model=None, metric=None, **options):
         super().__init__(db, name, model)
+        _check_vector_options(metric, options)
         self._fts = _ensure_fts(self._core)
-        if self._fts:
-            _ensure_grams(self._core)       # created outside any write transaction
-        self._metric, self._options = self._register(metric, options)
-        self._vocab = (None, set())         # (epoch, terms known to be in beaver_terms)
-        self._batch = threading.local()     # terms added by this thread's open transaction
-        self._vectors = None                # _VectorCache of the exact search
-        self._backend = None                # beaver_vector index, False when unavailable
-        self._backend_lock = threading.Lock()
-        self._dim = None                    # the vector dimension, once committed
+        metric, self._options, cid = self._register(metric, options)
+        self._rows = _DocumentRows(self._core, self._name, self._codec)
+        self._words = _Vocabulary(self._core, self._name, cid)
+        self._text = _TextIndex(self._core, self._name, cid, self._words, self._fts)
+        self._graph = _Graph(self._core, self._name)
+        self._vecs = _Vectors(self._core, self._name, metric, self._options)
 
     def _register(self, metric, options):
-        if metric is not None and metric not in VECTOR_METRICS:
-            raise ValueError(f"metric must be one of {VECTOR_METRICS}, not {metric!r}")
-        text = _json_dumps(options) if options else None
-        self._core.execute(
-            "INSERT INTO beaver_collections (collection, metric, options, cid) "
-            "SELECT ?, ?, ?, coalesce(max(cid), 0) + 1 FROM beaver_collections WHERE true "
-            "ON CONFLICT (collection) DO NOTHING", (self._name, metric or "l2", text))
-        stored, stored_options, self._cid = self._core.execute(
-            "SELECT metric, options, cid FROM beaver_collections WHERE collection = ?",
-            (self._name,)).fetchone()
-        if metric is not None and metric != stored:
-            raise ValueError(f"collection {self._name!r} uses metric {stored!r}, not {metric!r}")
-        if options and json.loads(stored_options or "{}") != json.loads(text):
-            raise ValueError(f"collection {self._name!r} was created with options "
-                             f"{stored_options}, not {text}")
-        return stored, json.loads(stored_options or "{}")
+        """(metric, options, collection id) of the collection, created if new: only then
+        does opening it write (so a read-only file, or a busy one, opens without waiting)."""
+        sql = "SELECT metric, options, cid FROM beaver_collections WHERE collection = ?"
+        row = self._core.execute(sql, (self._name,)).fetchone()
+        if row is None:
+            self._core.execute(
+                "INSERT INTO beaver_collections (collection, metric, options, cid) "
+                "SELECT ?, ?, ?, coalesce(max(cid), 0) + 1 FROM beaver_collections WHERE true "
+                "ON CONFLICT (collection) DO NOTHING",
+                (self._name, metric or "l2", _json_dumps(options) if options else None))
+            row = self._core.execute(sql, (self._name,)).fetchone()
+        stored, stored_options, cid = row
+        return stored, _stored_options(self._name, stored_options), cid
+
+    def _agrees(self, metric, options):
+        """Raise ``ValueError`` if ``metric`` or ``options`` differ from the collection's."""
+        if metric is not None and metric != self.metric:
+            raise ValueError(f"collection {self._name!r} uses metric {self.metric!r}, "
+                             f"not {metric!r}")
+        for key, value in options.items():
+            have = self._options.get(key, VECTOR_INDEX_OPTIONS[key].default)
+            if have != value:
+                raise ValueError(f"collection {self._name!r} was created with {key}={have!r}, "
+                                 f"not {value!r}")
 
     @property
     def metric(self) -> str:
         """The vector distance of this collection: 'l2', 'cosine' or 'ip'."""
-        return self._metric
+        return self._vecs.metric
+
+    @property
+    def _backend(self):
+        """The ``beaver_vector`` index (None before the first vector, False when unused)."""
+        return self._vecs.backend
+
+    @property
+    def _vectors(self):
+        """The exact search's in-memory copy of the vectors (None until a search)."""
+        return self._vecs.cache
 
     # -- documents -------------------------------------------------------------------------
 
@@ -3387,18 +4274,21 @@ class CollectionManager(_Manager):
 
             >>> docs.index_many(Document(id=str(i), body=text) for i, text in enumerate(texts))
 
-        Every document is validated before anything is written; returns how many.
+        Every document is validated before anything is written; an id given twice is
+        stored once (the last one wins, as with one ``index()`` after another). Returns how
+        many documents were given.
         """
         prepared = [self._prepare(document, fts) for document in documents]
+        given, prepared = len(prepared), list({p[0].id: p for p in prepared}.values())
         dims = {len(p[0].embedding) for p in prepared if p[3] is not None}
         if len(dims) > 1:
             raise ValidationError(f"embeddings of different dimensions {sorted(dims)}")
         with self._core.transaction():
-            rows, words = [], set()         # text rows and words, written once at the end
+            batch = self._text.batch()      # text rows and words, written once at the end
             for item in prepared:
-                self._store(item, (rows, words))
-            self._insert_text(rows, words)
-        return len(prepared)
+                self._store(item, batch)
+            self._text.flush(batch)
+        return given
 
     def _prepare(self, document, fts):
         """Validate and encode before the transaction: (document, body, texts, vector)."""
@@ -3408,51 +4298,6 @@ class CollectionManager(_Manager):
         texts = self._texts(document.body, fts) if self._fts else []
         vector = None if document.embedding is None else _pack_vector(document.embedding)
         return document, body, texts, vector
-
-    def _store(self, prepared, batch=None):
-        document, body, texts, vector = prepared
-        state = self._state()
-        dim = state["dim"]
-        if vector is not None and dim is not None and len(document.embedding) != dim:
-            raise ValidationError(f"embedding has {len(document.embedding)} dimensions; "
-                                  f"collection {self._name!r} holds {dim}")
-        rowid, existed = self._write_row(document.id, body)
-        self._write_text(rowid, texts, existed, batch)
-        if vector is not None or existed:
-            self._write_vector(document.id, vector, dim)
-            state["dim"] = dim or (None if vector is None else len(vector) // 4)
-        self._wrote("index", id=document.id)
-
-    def _state(self) -> dict:
-        """``dim`` (and ``epoch``, see ``_epoch``) of this collection, once per transaction.
-
-        The dimension never changes once set: after a commit that knows it, later
-        transactions of this process skip the read.
-        """
-        local = self._batch
-        token = getattr(self._core._local, "pending", None)
-        if getattr(local, "token", None) is not token:
-            local.token, local.terms = token, set()
-            state = local.state = {"dim": self._dim}
-            if self._dim is None:
-                state["dim"], state["epoch"] = self._core.execute(
-                    "SELECT dim, epoch FROM beaver_collections WHERE collection = ?",
-                    (self._name,)).fetchone()
-
-            def committed():
-                local.token = None
-                self._dim = self._dim or state["dim"]
-            self._core.after_commit(committed)
-        return local.state
-
-    def _epoch(self) -> int:
-        """The collection's epoch (bumped by ``clear``), read once per transaction."""
-        state = self._state()
-        if "epoch" not in state:
-            state["epoch"] = self._core.execute(
-                "SELECT epoch FROM beaver_collections WHERE collection = ?",
-                (self._name,)).fetchone()[0]
-        return state["epoch"]
 
     def _texts(self, body, fts) -> list:
         if not fts or body is None:
@@ -3466,80 +4311,17 @@ class CollectionManager(_Manager):
             raise ValueError(f"a document may have at most {1 << _FTS_PATH_BITS} text fields")
         return [(p, t) for p, t in texts if t.strip()]
 
-    def _write_row(self, doc_id, body):
-        """Insert or update the document row: ``(rowid, whether it existed)``."""
-        cursor = self._core.execute(
-            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?) "
-            "ON CONFLICT (collection, doc_id) DO NOTHING", (self._name, doc_id, body))
-        if cursor.rowcount:
-            return cursor.lastrowid, False
-        if _HAS_RETURNING:
-            return self._core.execute(
-                "UPDATE beaver_documents SET body = ? WHERE collection = ? AND doc_id = ? "
-                "RETURNING id", (body, self._name, doc_id)).fetchall()[0][0], True
-        row = self._core.execute(
-            "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
-            (self._name, doc_id)).fetchone()
-        self._core.execute("UPDATE beaver_documents SET body = ? WHERE id = ?", (body, row[0]))
-        return row[0], True
-
-    def _write_text(self, rowid, texts, existed=True, batch=None):
-        """Replace a document's text rows (or add them to ``batch``, written by the caller)."""
-        if not self._fts:
-            return
-        base = self._fts_rowid(rowid)
-        if existed:
-            self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
-                               (base, base + (1 << _FTS_PATH_BITS)))
-        rows, words = ([], set()) if batch is None else batch
-        for i, (path, text) in enumerate(texts):
-            rows.append((base + i, text, self._name, path))
-            words.update(_terms(text))
-        if batch is None:
-            self._insert_text(rows, words)
-
-    def _insert_text(self, rows, words):
-        if rows:
-            self._core.executemany(
-                "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
-                rows)
-            self._add_terms(words, self._epoch())
-
-    def _fts_rowid(self, rowid) -> int:
-        if rowid >= 1 << _FTS_DOC_BITS or self._cid >= 1 << (63 - _FTS_DOC_BITS - _FTS_PATH_BITS):
-            raise BeaverError("too many documents or collections for the text index")
-        return (self._cid << (_FTS_DOC_BITS + _FTS_PATH_BITS)) | (rowid << _FTS_PATH_BITS)
-
-    def _write_vector(self, doc_id, vector, dim):
-        if vector is None:
-            if self._core.execute("DELETE FROM beaver_vectors WHERE collection = ? AND "
-                                  "doc_id = ?", (self._name, doc_id)).rowcount:
-                self._vectors_changed(dim, doc_id)
-                self._call_backend(dim, "on_delete", doc_id)
-            return
-        self._core.execute(
-            "INSERT INTO beaver_vectors (collection, doc_id, vector) VALUES (?, ?, ?) "
-            "ON CONFLICT (collection, doc_id) DO UPDATE SET vector = excluded.vector",
-            (self._name, doc_id, vector))
-        self._vectors_changed(len(vector) // 4, doc_id)
-        self._call_backend(len(vector) // 4, "on_upsert", doc_id, vector)
-
-    def _vectors_changed(self, dim, doc_id):
-        """Count a vector change in the collection's version and log it for other caches."""
-        bump = ("UPDATE beaver_collections SET version = version + 1, dim = coalesce(dim, ?) "
-                "WHERE collection = ?")
-        if _HAS_RETURNING:
-            version = self._core.execute(bump + " RETURNING version",
-                                         (dim, self._name)).fetchall()[0][0]
-        else:
-            self._core.execute(bump, (dim, self._name))
-            version = self._core.execute("SELECT version FROM beaver_collections WHERE "
-                                         "collection = ?", (self._name,)).fetchone()[0]
-        self._core.execute("INSERT INTO beaver_vector_log (collection, version, doc_id) "
-                           "VALUES (?, ?, ?)", (self._name, version, doc_id))
-        if version % VECTOR_LOG_KEEP == 0:
-            self._core.execute("DELETE FROM beaver_vector_log WHERE collection = ? AND "
-                               "version <= ?", (self._name, version - VECTOR_LOG_KEEP))
+    def _store(self, prepared, batch=None):
+        document, body, texts, vector = prepared
+        if vector is not None:
+            self._vecs.check(len(vector) // 4)
+        rowid, existed = self._rows.write(document.id, body)
+        self._text.write(rowid, texts, existed, batch)
+        if vector is not None:
+            self._vecs.put(document.id, vector)
+        elif existed:
+            self._vecs.remove(document.id)
+        self._wrote("index", id=document.id)
 
     def drop(self, document):
         """Remove a document (given as a ``Document`` or an id), its vector and its edges.
@@ -3550,64 +4332,23 @@ class CollectionManager(_Manager):
         """
         doc_id = _doc_id(document)
         with self._core.transaction():
-            row = self._core.execute(
-                "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
-                (self._name, doc_id)).fetchone()
-            if row is None:
+            rowid = self._rows.delete(doc_id)
+            if rowid is None:
                 raise KeyError(doc_id)
-            self._core.execute("DELETE FROM beaver_documents WHERE id = ?", (row[0],))
-            dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
-                                     (self._name,)).fetchone()[0]
-            self._write_text(row[0], [])
-            self._write_vector(doc_id, None, dim)
-            self._core.execute("DELETE FROM beaver_edges WHERE collection = ? AND source = ?",
-                               (self._name, doc_id))
-            self._core.execute("DELETE FROM beaver_edges WHERE collection = ? AND target = ?",
-                               (self._name, doc_id))
+            self._text.remove(rowid)
+            self._vecs.remove(doc_id)
+            self._graph.forget(doc_id)
             self._wrote("drop", id=doc_id)
 
     __delitem__ = drop
-
-    _SELECT = ("SELECT d.doc_id, d.body, v.vector, d.id FROM beaver_documents d "
-               "LEFT JOIN beaver_vectors v ON v.collection = d.collection AND v.doc_id = d.doc_id "
-               "WHERE d.collection = ? ")
-
-    def _document(self, row) -> Document:
-        doc = Document.__new__(Document)
-        vector = row[2]
-        doc.__dict__.update(id=row[0], body=None if row[1] is None else self._codec.decode(row[1]),
-                            _embedding=None if vector is None else _Packed(vector))
-        return doc
-
-    def _documents(self, column, keys) -> dict:
-        """``{key: Document}`` of the documents whose ``column`` ('id' or 'doc_id') is in keys."""
-        at = 3 if column == "id" else 0
-        keys = keys if isinstance(keys, list) else list(keys)
-        found, make = {}, self._document
-        for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            rows = self._core.execute(self._select_in(column, len(chunk)),
-                                      (self._name, *chunk)).fetchall()
-            for row in rows:
-                found[row[at]] = make(row)
-        return found
-
-    @staticmethod
-    @functools.lru_cache(maxsize=256)
-    def _select_in(column, n) -> str:
-        sql = CollectionManager._SELECT + f"AND d.{column} IN ({_marks(n)})"
-        if column == "id":      # rowid lookups, not a scan of the collection's index
-            sql = sql.replace("WHERE d.collection", "WHERE +d.collection")
-        return sql
 
     def get(self, doc_id, default=None):
         """The document with this id, or ``default``.
 
             >>> docs.get("a1").body
         """
-        row = self._core.execute(self._SELECT + "AND d.doc_id = ?",
-                                 (self._name, _doc_id(doc_id))).fetchone()
-        return default if row is None else self._document(row)
+        doc = self._rows.get(_doc_id(doc_id))
+        return default if doc is None else doc
 
     def __getitem__(self, doc_id):
         doc = self.get(doc_id)
@@ -3618,42 +4359,28 @@ class CollectionManager(_Manager):
     def __contains__(self, document):
         if not isinstance(document, (str, Document)):
             return False
-        return self._core.execute(
-            "SELECT 1 FROM beaver_documents WHERE collection = ? AND doc_id = ?",
-            (self._name, _doc_id(document))).fetchone() is not None
+        return bool(self._rows.present([_doc_id(document)]))
 
     def __len__(self):
-        return self._core.execute("SELECT count(*) FROM beaver_documents WHERE collection = ?",
-                                  (self._name,)).fetchone()[0]
+        return self._rows.count()
 
     def __bool__(self):
         return True
 
     def __iter__(self):
-        sql = self._SELECT + "AND d.doc_id > ? ORDER BY d.doc_id LIMIT ?"
-        for row in self._paged(sql, ""):
-            yield self._document(row)
+        for row in self._rows.rows(self._paged):
+            yield self._rows.document(row)
 
     def clear(self):
         """Remove every document, vector, text index entry and edge of this collection."""
         with self._core.transaction():
-            for table in ("beaver_documents", "beaver_vectors", "beaver_edges",
-                          "beaver_vector_log"):
-                self._core.execute(f"DELETE FROM {table} WHERE collection = ?", (self._name,))
-            if self._fts:
-                low = self._fts_rowid(0)
-                self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
-                                   (low, low + (1 << (_FTS_DOC_BITS + _FTS_PATH_BITS))))
-            self._core.execute("DELETE FROM beaver_terms WHERE cid = ?", (self._cid,))
-            self._batch.token, self._vocab = None, (None, set())
-            self._core.execute("UPDATE beaver_collections SET version = version + 1, "
-                               "epoch = epoch + 1 WHERE collection = ?", (self._name,))
-            dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
-                                     (self._name,)).fetchone()[0]
-            self._call_backend(dim, "on_clear")
+            self._rows.clear()
+            self._graph.clear()
+            self._text.clear()
+            self._vecs.clear()
             self._wrote("clear")
 
-    # -- full-text search -------------------------------------------------------------------
+    # -- full-text and fuzzy search ----------------------------------------------------------
 
     def match(self, query, on=None, top_k=10, fuzziness=0, raw=False, highlight=False):
         """Full-text search: ``[(Document, score)]``, best first (higher score is better).
@@ -3667,161 +4394,34 @@ class CollectionManager(_Manager):
         syntax through. ``on`` restricts the search to dotted field paths. ``fuzziness`` (1
         or 2) also finds words up to that many edits away (3+ letters for one, 7+ for
         two), ranked by edits, then relevance. ``highlight=True`` returns
-        ``(Document, score, snippet)`` triples with matches in ``[...]``.
+        ``(Document, score, snippet)`` triples with matches in ``[...]``. A query holds at
+        most ``MATCH_MAX_LENGTH`` characters and ``MATCH_MAX_TERMS`` distinct words or
+        phrases (``ValueError`` beyond); NUL and lone surrogates separate words.
         """
         if not self._fts:
             raise FeatureUnavailable("this SQLite was built without FTS5: match() is unavailable")
+        query = _query_text(query)
         paths, top_k = _check_paths(on), int(top_k)
-        if top_k <= 0 or paths == []:
-            return []
         if raw:
-            if not isinstance(query, str):
-                raise TypeError("a query is a str")
-            expr = query
-            hits = self._ranked(expr, paths, top_k, checked=True)
+            _check_term_count(len(_TERM.findall(query)))
+            searchable = bool(query.strip())
         else:
             groups, negatives = _parse_query(query)
-            if not groups:
-                return []
+            searchable = bool(groups)
+        if top_k <= 0 or paths == [] or not searchable:
+            return []
+        if raw:
+            expr, hits = query, self._text.ranked(query, paths, top_k, checked=True)
+        elif fuzziness:
+            hits, expr = self._text.fuzzy(groups, negatives, paths, top_k, int(fuzziness))
+        else:
             expr = _fts_expression(groups, negatives)
-            if fuzziness:
-                hits, expr = self._fuzzy(groups, negatives, paths, top_k, int(fuzziness))
-            else:
-                hits = self._ranked(expr, paths, top_k)
-        docs = self._documents("id", [rowid for rowid, _ in hits])
+            hits = self._text.ranked(expr, paths, top_k)
+        docs = self._rows.by("id", [rowid for rowid, _ in hits])
         if highlight:
-            return [(docs[rowid], score, self._snippet(expr, rowid))
+            return [(docs[rowid], score, self._text.snippet(expr, rowid))
                     for rowid, score in hits if rowid in docs]
         return [(docs[rowid], score) for rowid, score in hits if rowid in docs]
-
-    def _ranked(self, expr, paths, limit, checked=False) -> list:
-        """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document."""
-        low = self._fts_rowid(0)
-        sql = (f"SELECT (rowid >> {_FTS_PATH_BITS}) & {(1 << _FTS_DOC_BITS) - 1}, "
-               f"-sum(rank) AS score FROM beaver_fts "
-               f"WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ?")
-        params = [expr, low, low + (1 << (_FTS_DOC_BITS + _FTS_PATH_BITS))]
-        if paths is not None:
-            sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
-            for p in paths:
-                params += [p, len(p) + 1, p + "."]
-        sql += " GROUP BY 1 ORDER BY score DESC LIMIT ?"
-        try:
-            return self._core.execute(sql, (*params, limit)).fetchall()
-        except BeaverError as e:
-            if checked and isinstance(e.__cause__, sqlite3.OperationalError):
-                raise ValidationError(f"bad FTS5 query {expr!r}: {e.__cause__}") from None
-            raise
-
-    def _snippet(self, expr, rowid) -> str:
-        base = self._fts_rowid(rowid)
-        row = self._core.execute(
-            "SELECT snippet(beaver_fts, 0, '[', ']', '...', 16) FROM beaver_fts "
-            "WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ? ORDER BY rank LIMIT 1",
-            (expr, base, base + (1 << _FTS_PATH_BITS))).fetchone()
-        return row[0] if row else ""
-
-    # -- fuzzy search -----------------------------------------------------------------------
-
-    def _fuzzy(self, groups, negatives, paths, top_k, fuzziness):
-        """Try the query as typed, then with each typo-corrected term in turn.
-
-        Returns the hits and an expression every hit matches (for snippets)."""
-        if fuzziness not in (0, 1, 2):
-            raise ValueError("fuzziness is 0, 1 or 2")
-        expr = _fts_expression(groups, negatives)
-        hits = self._ranked(expr, paths, top_k)
-        if len(hits) >= top_k:
-            return hits, expr
-        options = [[self._spellings(atom, fuzziness) for atom in group] for group in groups]
-        found = {rowid: (0, score) for rowid, score in hits}
-        for turn in range(1, FUZZY_ROUNDS + 1):
-            rewritten = [[_Atom(term, False) for spellings in group for term in
-                          (spellings[:turn] if turn < FUZZY_ROUNDS else spellings)]
-                         for group in options]
-            if all(rewritten):
-                expr = _fts_expression([g + r for g, r in zip(groups, rewritten)], negatives)
-                more = self._ranked(expr, paths, top_k + len(found))
-                for rowid, score in more:
-                    found.setdefault(rowid, (turn, score))
-            if len(found) >= top_k or not any(len(s) > turn for g in options for s in g):
-                break
-        best = sorted(found.items(), key=lambda item: (item[1][0], -item[1][1]))[:top_k]
-        return [(rowid, score) for rowid, (_, score) in best], expr
-
-    def _spellings(self, atom, fuzziness) -> list:
-        """The indexed terms within ``fuzziness`` edits of a one-word atom, best first."""
-        words = _terms(atom.text)
-        if atom.prefix or len(words) != 1 or len(words[0]) > FUZZY_MAX_TERM:
-            return [atom.text]
-        word = words[0]
-        limit = min(fuzziness, sum(len(word) >= n for n in FUZZY_MIN_LENGTH))
-        if limit == 0:
-            return [word]
-        if limit > 1 and _ensure_grams(self._core):
-            candidates = self._known(self._trigram_candidates(word, limit))
-        else:
-            limit = 1
-            candidates = self._known(_neighbourhood(word) | {word})
-        scored = [(_edit_distance(word, term, limit), term) for term in candidates]
-        scored = sorted((d, not _slip(word, term), term) for d, term in scored if d <= limit)
-        frequency = self._frequencies([term for _, _, term in scored])
-        scored.sort(key=lambda item: (item[0], item[1], -frequency.get(item[2], 0), item[2]))
-        return [term for _, _, term in scored] or [word]
-
-    def _trigram_candidates(self, word, limit) -> set:
-        """Known words (of any collection) sharing enough trigrams with ``word``."""
-        grams = _trigrams(word)
-        need = max(1, len(grams) - 4 * limit)
-        query = " OR ".join('"' + gram.replace('"', '""') + '"' for gram in sorted(grams))
-        found = set()
-        for (padded,) in self._core.execute(
-                "SELECT term FROM beaver_grams WHERE beaver_grams MATCH ?", (query,)):
-            term = padded[1:-1]
-            if abs(len(term) - len(word)) <= limit and len(_trigrams(term) & grams) >= need:
-                found.add(term)
-        return found
-
-    def _known(self, terms) -> list:
-        found = []
-        for chunk in _chunks(terms):
-            found += [row[0] for row in self._core.execute(
-                f"SELECT term FROM beaver_terms WHERE cid = ? AND term IN "
-                f"({_marks(len(chunk))})", (self._cid, *chunk))]
-        return found
-
-    def _frequencies(self, terms) -> dict:
-        """How many text fields hold each term (any collection), for a few terms."""
-        if len(terms) < 2:
-            return {}
-        found = {}
-        for term in terms[:FUZZY_FREQUENCIES]:
-            row = self._core.execute("SELECT doc FROM beaver_fts_vocab WHERE term = ?",
-                                     (term,)).fetchone()
-            found[term] = row[0] if row else 0
-        return found
-
-    def _add_terms(self, words, epoch):
-        """Record new words (and their trigrams) in this collection's vocabulary."""
-        known_epoch, known = self._vocab
-        if known_epoch != epoch:
-            known = {row[0] for row in self._core.execute(
-                "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))}
-            self._vocab = (epoch, known)
-        batch = self._batch.terms          # this transaction's new terms (see _state)
-        new = words - known - batch
-        if not new:
-            return
-        new = {term for term in new if len(term) <= FUZZY_MAX_TERM}
-        batch |= new
-        self._core.executemany("INSERT OR IGNORE INTO beaver_terms (cid, term) VALUES (?, ?)",
-                               [(self._cid, term) for term in sorted(new)])
-        if _ensure_grams(self._core):
-            self._core.executemany(
-                "INSERT INTO beaver_grams (term) VALUES (?)",
-                [(f"${term}$",) for term in new
-                 if len(term) >= FUZZY_MIN_LENGTH[1] - 2 and term.isalpha()])
-        self._core.after_commit(lambda: known.update(new))
 
     # -- graph ------------------------------------------------------------------------------
 
@@ -3835,49 +4435,22 @@ class CollectionManager(_Manager):
             raise TypeError(f"an edge label is a non-empty str, not {label!r}")
         meta = None if metadata is None else _json_dumps(_to_jsonable(metadata))
         with self._core.transaction():
-            found = {row[0] for row in self._core.execute(
-                "SELECT doc_id FROM beaver_documents WHERE collection = ? AND doc_id IN (?, ?)",
-                (self._name, source, target))}
-            if len(found) < len({source, target}):
-                missing = sorted({source, target} - found)[0]
-                raise KeyError(f"no document {missing!r} in {self._name!r}")
-            self._core.execute(
-                "INSERT INTO beaver_edges (collection, source, label, target, metadata) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection, source, label, target) "
-                "DO UPDATE SET metadata = excluded.metadata",
-                (self._name, source, label, target, meta))
+            missing = sorted({source, target} - self._rows.present({source, target}))
+            if missing:
+                raise KeyError(f"no document {missing[0]!r} in {self._name!r}")
+            self._graph.connect(source, target, label, meta)
             self._wrote("connect", source=source, target=target, label=label)
 
     def disconnect(self, source, target, label=None):
         """Remove the edges from ``source`` to ``target`` (only those with ``label`` if given)."""
         source, target = _doc_id(source), _doc_id(target)
-        sql = "DELETE FROM beaver_edges WHERE collection = ? AND source = ? AND target = ?"
-        params = [self._name, source, target]
-        if label is not None:
-            sql, params = sql + " AND label = ?", params + [label]
         with self._core.transaction():
-            if self._core.execute(sql, params).rowcount:
+            if self._graph.disconnect(source, target, label):
                 self._wrote("disconnect", source=source, target=target, label=label)
 
     def edges(self, document, direction="outgoing", label=None) -> list:
         """The ``Edge``s leaving ('outgoing'), entering ('incoming') or touching ('both') it."""
-        doc_id = _doc_id(document)
-        sides = {"outgoing": ["source"], "incoming": ["target"], "both": ["source", "target"]}
-        if direction not in sides:
-            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
-        found = []
-        for side in sides[direction]:
-            sql = (f"SELECT source, target, label, metadata FROM beaver_edges "
-                   f"WHERE collection = ? AND {side} = ?")
-            params = [self._name, doc_id]
-            if label is not None:
-                sql, params = sql + " AND label = ?", params + [label]
-            found += [Edge(s, t, lab, None if m is None else json.loads(m))
-                      for s, t, lab, m in self._core.execute(sql + " ORDER BY 1, 2, 3", params)]
-        if direction == "both":
-            unique = {(e.source, e.label, e.target): e for e in found}
-            found = [unique[key] for key in sorted(unique)]
-        return found
+        return self._graph.edges(_doc_id(document), direction, label)
 
     def neighbors(self, document, label=None, direction="outgoing") -> list:
         """The documents one edge away, in id order.
@@ -3885,8 +4458,8 @@ class CollectionManager(_Manager):
             >>> [doc.id for doc in net.neighbors(alice, label="FOLLOWS")]
             ['bob', 'charlie']
         """
-        ids = sorted(self._step([_doc_id(document)], _labels(label), direction))
-        docs = self._documents("doc_id", ids)
+        ids = sorted(self._graph.step([_doc_id(document)], _labels(label), direction))
+        docs = self._rows.by("doc_id", ids)
         return [docs[i] for i in ids if i in docs]
 
     def walk(self, source, labels=None, depth=1, direction="outgoing") -> list:
@@ -3897,36 +4470,9 @@ class CollectionManager(_Manager):
 
         Each document appears once, at its shortest distance; cycles are harmless.
         """
-        start = _doc_id(source)
-        labels = _labels(labels)
-        seen, frontier, order = {start}, [start], []
-        for _ in range(int(depth)):
-            reached = sorted(self._step(frontier, labels, direction) - seen)
-            if not reached:
-                break
-            seen.update(reached)
-            order += reached
-            frontier = reached
-        docs = self._documents("doc_id", order)
+        order = self._graph.walk(_doc_id(source), _labels(labels), depth, direction)
+        docs = self._rows.by("doc_id", order)
         return [docs[i] for i in order if i in docs]
-
-    def _step(self, frontier, labels, direction) -> set:
-        """Ids one edge away from any id of ``frontier``."""
-        sides = {"outgoing": [("source", "target")], "incoming": [("target", "source")],
-                 "both": [("source", "target"), ("target", "source")]}
-        if direction not in sides:
-            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
-        reached = set()
-        for here, there in sides[direction]:
-            for chunk in _chunks(frontier):
-                sql = (f"SELECT {there} FROM beaver_edges WHERE collection = ? "
-                       f"AND {here} IN ({_marks(len(chunk))})")
-                params = [self._name, *chunk]
-                if labels is not None:
-                    sql += f" AND label IN ({_marks(len(labels))})"
-                    params += labels
-                reached.update(row[0] for row in self._core.execute(sql, params))
-        return reached
 
     # -- vectors ----------------------------------------------------------------------------
 
@@ -3940,116 +4486,23 @@ class CollectionManager(_Manager):
         whose body fields (dotted paths) equal the value (or one of a list of values).
         """
         query = _as_vector(vector)
-        top_k = int(top_k)
-        if self._backend and self._dim:     # the dimension never changes once committed
-            dim = self._dim
-        else:
-            dim, version, epoch = self._core.execute(
-                "SELECT dim, version, epoch FROM beaver_collections WHERE collection = ?",
-                (self._name,)).fetchone()
-            if dim is not None and not self._core.in_transaction:
-                self._dim = dim
-        if dim is None or top_k <= 0:
-            return []
-        if len(query) != dim:
-            raise ValidationError(f"query has {len(query)} dimensions; collection "
-                                  f"{self._name!r} holds {dim}")
-        allowed = self._where(where) if where else None
-        backend = self._vector_backend(dim)
-        if backend is not None:
-            hits = backend.search(query, top_k, allowed)
-        else:
-            hits = self._exact(version, epoch, dim).search(query, top_k, allowed)
-        docs = self._documents("doc_id", [doc_id for doc_id, _ in hits])
+        allowed = self._rows.matching(where) if where else None
+        hits = self._vecs.search(query, int(top_k), allowed)
+        docs = self._rows.by("doc_id", [doc_id for doc_id, _ in hits])
         return [(docs[doc_id], float(d)) for doc_id, d in hits if doc_id in docs]
 
-    def _where(self, where) -> set:
-        if not isinstance(where, dict):
-            raise TypeError("where is a dict of {field path: value}")
-        sql, params = "SELECT doc_id FROM beaver_documents WHERE collection = ?", [self._name]
-        for path, value in where.items():
-            field = "json_extract(body, ?)"
-            if value is None:
-                sql += f" AND {field} IS NULL"
-                params.append(_json_path(path))
-                continue
-            values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
-            if not all(isinstance(v, (str, int, float)) for v in values):
-                raise TypeError("where values are str, numbers, bools, None or lists of them")
-            sql += f" AND {field} IN ({_marks(len(values))})"
-            params += [_json_path(path)] + [int(v) if isinstance(v, bool) else v for v in values]
-        return {row[0] for row in self._core.execute(sql, params)}
-
-    def _exact(self, version, epoch, dim) -> "_VectorCache":
-        """The in-memory vectors, brought up to ``version`` (reloaded after a clear)."""
-        cache = self._vectors
-        if cache is not None and cache.epoch == epoch and cache.version != version:
-            log = self._core.execute(
-                "SELECT version, doc_id FROM beaver_vector_log WHERE collection = ? AND "
-                "version > ? ORDER BY version", (self._name, cache.version)).fetchall()
-            if log and log[0][0] == cache.version + 1:
-                changed = {doc_id for _, doc_id in log}
-                fresh = dict.fromkeys(changed)
-                for chunk in _chunks(changed):
-                    fresh.update(self._core.execute(
-                        f"SELECT doc_id, vector FROM beaver_vectors WHERE collection = ? "
-                        f"AND doc_id IN ({_marks(len(chunk))})", (self._name, *chunk)))
-                cache.patch(log[-1][0], fresh)
-            else:
-                cache = None
-        if cache is None or cache.epoch != epoch:
-            rows = self._core.execute(
-                "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
-                (self._name,)).fetchall()
-            cache = self._vectors = _VectorCache(self._metric, epoch, version, rows, dim)
-        return cache
-
-    def _vector_backend(self, dim):
-        """The ``beaver_vector`` index of this collection, or None for the built-in search."""
-        backend = self._backend
-        if dim is not None and (backend is None or (backend and backend.dim != dim)):
-            with self._backend_lock:    # a first vector rolled back may have opened it
-                if self._backend and self._backend.dim != dim:
-                    self._backend.close()
-                    self._backend = None
-                if self._backend is None:
-                    self._backend = self._open_backend(dim) or False
-        return self._backend or None
-
-    def _open_backend(self, dim):
-        if os.environ.get("BEAVER_VECTOR_BACKEND", "").lower() == "exact":
-            return None
-        try:
-            import beaver_vector
-            open_index = beaver_vector.open_index
-        except (ImportError, AttributeError):
-            return None
-        try:
-            return open_index(self._core, self._name, dim, self._metric, **self._options)
-        except FeatureUnavailable:
-            return None
-
-    def _call_backend(self, dim, method, *args):
-        backend = self._vector_backend(dim)
-        if backend is not None:
-            getattr(backend, method)(*args)
-
     def compact(self):
-        """Merge the text index into one segment and fold the vector index's pending changes.
+        """Merge the text index into one segment, drop the words no document holds any more
+        from the typo vocabulary, and fold the vector index's pending changes.
 
             >>> docs.compact()      # after a bulk load; searches keep working meanwhile
         """
-        if self._fts:
-            with self._core.transaction():
-                self._core.execute("INSERT INTO beaver_fts (beaver_fts) VALUES ('optimize')")
-        backend = self._backend
-        if backend:
-            backend.compact()
+        self._text.optimize()
+        self._text.prune()
+        self._vecs.compact()
 
     def _on_close(self):
-        backend, self._backend = self._backend, None
-        if backend:
-            backend.close()
+        self._vecs.close()
 
     # -- dump and load ----------------------------------------------------------------------
 
@@ -4062,17 +4515,14 @@ class CollectionManager(_Manager):
         with self._core.transaction():
             data = super().dump()
             data["edges"] = [edge._asdict() for edge in self._all_edges()]
-        data["metadata"]["metric"] = self._metric
+        data["metadata"]["metric"] = self.metric
         if fp is None:
             return data
         json.dump(data, fp, ensure_ascii=False, indent=2)
         return None
 
     def _all_edges(self):
-        rows = self._core.execute(
-            "SELECT source, target, label, metadata FROM beaver_edges WHERE collection = ? "
-            "ORDER BY source, label, target", (self._name,))
-        return [Edge(s, t, lab, None if m is None else json.loads(m)) for s, t, lab, m in rows]
+        return self._graph.all()
 
     def _dump_items(self):
         return [doc.to_dict() for doc in self]
@@ -4100,10 +4550,12 @@ class _VectorCache:
 
     Kept current by replaying ``beaver_vector_log`` (doc ids whose vector changed, by
     collection version), so a change costs one row update, not a reload of every vector.
+    ``stale`` ids are fetched again at the next update (a rolled-back patch left them).
     """
 
-    def __init__(self, metric, epoch, version, rows, dim):
-        self.metric, self.epoch, self.version = metric, epoch, version
+    def __init__(self, metric, version, rows, dim):
+        self.metric, self.version = metric, version
+        self.stale = set()
         self.ids = [row[0] for row in rows]
         self.position = {doc_id: i for i, doc_id in enumerate(self.ids)}
         try:
@@ -4143,6 +4595,13 @@ class _VectorCache:
                 else:
                     self._put(at, self._prepare(blob))
             self.version = version
+            self.stale = set()
+
+    def rewind(self, version, ids):
+        """Undo a patch that a rollback took back: back to ``version``, ``ids`` to refetch."""
+        with self.lock:
+            self.version = version
+            self.stale |= ids
 
     def _put(self, at, vector):
         if self.np is None:
@@ -4358,11 +4817,13 @@ class BeaverDB:
             >>> images = db.collection("images", metric="cosine")
 
         ``model`` types the document bodies; ``metric`` ('l2' by default, 'cosine', 'ip') and
-        extra options (e.g. ``index="hnsw"`` for ``beaver_vector``) are fixed at creation.
+        extra options (``VECTOR_INDEX_OPTIONS``, e.g. ``index="hnsw"`` for ``beaver_vector``)
+        are fixed at creation: checked first (``ValueError`` naming a bad one and its range),
+        and compared with the stored ones when the collection exists.
         """
+        _check_vector_options(metric, options)
         manager = self._manager(CollectionManager, name, model, metric=metric, **options)
-        if metric is not None and metric != manager.metric:
-            raise ValueError(f"collection {name!r} uses metric {manager.metric!r}, not {metric!r}")
+        manager._agrees(metric, options)
         return manager
 
     @contextlib.contextmanager
@@ -4760,12 +5221,13 @@ def _read_snapshot(core):
     conn = core.conn()
     local = core._local
     core._run(conn, "BEGIN")
-    local.depth, local.pending = 1, []
+    local.depth, local.pending, local.undo, local.token = 1, [], [], object()
     try:
         core.execute("SELECT count(*) FROM beaver_meta").fetchone()  # the snapshot starts here
         yield
     finally:
         local.depth, local.pending = 0, []
+        core._undo(0)
         core._rollback(conn)
 
 

@@ -8,6 +8,7 @@ through the ``clock`` fixture, so they neither sleep nor depend on timing.
 import asyncio
 import base64
 import contextlib
+import copy
 import io
 import json
 import multiprocessing
@@ -1855,6 +1856,27 @@ def test_transaction_nested_savepoints(db):
     assert "x" not in d and "y" not in d
 
 
+def test_transaction_on_rollback_follows_savepoints(db):
+    """Undo callbacks run when their level or an outer one rolls back, newest first, and
+    never after a commit; a released savepoint hands its callbacks to the parent."""
+    core, undone = db._core, []
+    core.on_rollback(lambda: undone.append("outside"))      # nothing to undo: dropped
+    with db.transaction():
+        core.on_rollback(lambda: undone.append("committed"))
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            core.on_rollback(lambda: undone.append("outer"))
+            with pytest.raises(KeyError):
+                with db.transaction():
+                    core.on_rollback(lambda: undone.append("inner"))
+                    raise KeyError("roll back the savepoint only")
+            assert undone == ["inner"]
+            with db.transaction():
+                core.on_rollback(lambda: undone.append("released"))
+            raise RuntimeError("roll back everything")
+    assert undone == ["inner", "released", "outer"]
+
+
 def test_transaction_is_invisible_to_other_threads_until_commit(db):
     d = db.dict("d")
     seen = {}
@@ -3465,6 +3487,17 @@ def test_collection_index_many(docs):
     assert "x" not in docs and "y" not in docs
 
 
+def test_collection_index_many_with_an_id_twice(docs):
+    assert docs.index_many([Document(id="x", body="alpha", embedding=[1.0, 0.0]),
+                            Document(id="y", body="gamma"),
+                            Document(id="x", body="beta", embedding=[0.0, 1.0])]) == 3
+    assert [d.id for d in docs] == ["x", "y"] and docs["x"].body == "beta"
+    assert docs.match("alpha") == [] and [d.id for d, _ in docs.match("beta")] == ["x"]
+    assert docs["x"].embedding == [0.0, 1.0]
+    assert {row[0] for row in docs._core.execute("SELECT term FROM beaver_terms")} == \
+        {"beta", "gamma"}
+
+
 @pytest.mark.parametrize("numpy_present", [True, False])
 def test_collection_vector_cache_follows_changes(tmp_path, monkeypatch, numpy_present):
     """A searcher's cached vectors track inserts, moves and drops made by another handle."""
@@ -3519,6 +3552,547 @@ def test_collection_alias_module_and_async(db):
         return await coll.match("async")
 
     assert [d.id for d, _ in asyncio.run(run())] == ["a"]
+
+
+# ---- collections: transactions, options, SQLite versions, hostile queries, read-only ----
+
+@pytest.fixture(params=["exact", "faiss"])
+def backend(request, monkeypatch):
+    """Run a test with beaver.py's own exact vector search and with beaver_vector (faiss)."""
+    if request.param == "exact":
+        monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")
+    else:
+        pytest.importorskip("numpy")
+        pytest.importorskip("faiss")
+        monkeypatch.delenv("BEAVER_VECTOR_BACKEND", raising=False)
+    return request.param
+
+
+def _ids(hits):
+    return [hit[0].id for hit in hits]
+
+
+def test_collection_search_rolled_back_leaves_no_cached_vectors(db, backend):
+    docs = db.collection("v")
+    docs.index(Document(id="a", embedding=[0.0, 0.0]))
+    assert _ids(docs.search([0.0, 0.0])) == ["a"]
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            docs.index(Document(id="b", embedding=[1.0, 1.0]))
+            assert _ids(docs.search([0.0, 0.0])) == ["a", "b"]     # the cache sees "b" ...
+            raise RuntimeError("roll back")
+    docs.index(Document(id="c", embedding=[2.0, 2.0]))              # reuses the version number
+    assert _ids(docs.search([0.0, 0.0])) == ["a", "c"]              # ... so "b" must be gone
+    with db.transaction():
+        with pytest.raises(RuntimeError):
+            with db.transaction():
+                docs.drop("a")
+                docs.index(Document(id="e", embedding=[0.5, 0.5]))
+                assert _ids(docs.search([0.0, 0.0])) == ["e", "c"]
+                raise RuntimeError("roll back the savepoint only")
+        docs.index(Document(id="d", embedding=[3.0, 3.0]))
+        docs.index(Document(id="f", embedding=[4.0, 4.0]))
+        assert _ids(docs.search([0.0, 0.0])) == ["a", "c", "d", "f"]
+    assert _ids(docs.search([0.0, 0.0])) == ["a", "c", "d", "f"]
+
+
+def test_collection_rolled_back_savepoint_forgets_its_dimension(db, backend):
+    docs = db.collection("dims")
+    with db.transaction():
+        with pytest.raises(RuntimeError):
+            with db.transaction():
+                docs.index(Document(id="a", embedding=[1.0, 2.0, 3.0]))
+                raise RuntimeError("roll back the savepoint only")
+        docs.index(Document(id="b", embedding=[1.0, 2.0, 3.0, 4.0]))     # not "holds 3"
+        assert _ids(docs.search([1.0, 2.0, 3.0, 4.0])) == ["b"]
+    assert _ids(docs.search([1.0, 2.0, 3.0, 4.0])) == ["b"]
+    with pytest.raises(ValidationError):
+        docs.index(Document(id="c", embedding=[1.0, 2.0, 3.0]))
+
+
+def test_collection_word_of_a_rolled_back_savepoint_reaches_the_vocabulary(db):
+    docs = db.collection("words")
+    with db.transaction():
+        with pytest.raises(RuntimeError):
+            with db.transaction():
+                docs.index(Document(id="a", body="zebra"))
+                raise RuntimeError("roll back the savepoint only")
+        docs.index(Document(id="b", body="zebra crossing"))
+    assert _ids(docs.match("zebrx", fuzziness=1)) == ["b"]
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            docs.index(Document(id="c", body="kangaroo"))
+            raise RuntimeError("roll back")
+    docs.index(Document(id="d", body="kangaroo"))
+    assert _ids(docs.match("kangarxo", fuzziness=1)) == ["d"]
+    assert _ids(docs.match("kangxrxo", fuzziness=2)) == ["d"]
+
+
+def _terms_of(db):
+    return {row[0] for row in db._core.execute("SELECT term FROM beaver_terms")}
+
+
+def test_collection_compact_drops_the_words_of_dropped_documents(tmp_path):
+    path = tmp_path / "words.db"
+    with BeaverDB(path) as db, BeaverDB(path) as other:
+        docs, others = db.collection("words"), other.collection("words")
+        docs.index(Document(id="a", body="zebra giraffe"))
+        docs.index(Document(id="b", body="zebra"))
+        others.index(Document(id="o", body="okapi"))         # its word set is in memory now
+        docs.drop("a")
+        docs.index(Document(id="b", body="elephant"))        # "zebra" is gone too
+        others.drop("o")
+        docs.compact()
+        assert _terms_of(db) == {"elephant"}
+        assert docs.match("giraffx", fuzziness=1) == [] and docs.match("zebrx", fuzziness=1) == []
+        others.index(Document(id="c", body="zebra okapi"))   # knows they left: added again
+        assert _ids(docs.match("zebrx", fuzziness=1)) == ["c"]
+        assert _ids(docs.match("okapx", fuzziness=1)) == ["c"]
+        assert _ids(docs.match("elephnta", fuzziness=2)) == ["b"]
+        grams = db._core.execute("SELECT term FROM beaver_grams ORDER BY term").fetchall()
+        assert grams == [("$elephant$",), ("$okapi$",), ("$zebra$",)]
+
+
+def test_collection_clear_leaves_no_vector_index_rows(tmp_path, faiss_ok):
+    with BeaverDB(tmp_path / "v.db") as db, BeaverDB(tmp_path / "v.db") as other:
+        docs = db.collection("v", background=False, persist_min=1)
+        docs.index_many(Document(id=f"d{i}", embedding=[float(i), 1.0]) for i in range(50))
+        docs.compact()                                   # a stored base in beaver_ann_parts
+        watcher = other.collection("v", background=False, persist_min=1)
+        assert len(watcher.search([0.0, 1.0], top_k=100)) == 50
+        docs.clear()
+        count = "SELECT count(*) FROM {} WHERE collection = 'v'"
+        assert db._core.execute(count.format("beaver_ann_parts")).fetchone() == (0,)
+        assert db._core.execute(count.format("beaver_ann_log")).fetchone() == (1,)  # the clear
+        assert watcher.search([0.0, 1.0]) == []          # another process's index follows
+        docs.index(Document(id="new", embedding=[0.0, 1.0]))
+        assert _ids(watcher.search([0.0, 1.0])) == ["new"]
+    with BeaverDB(tmp_path / "v.db") as db:
+        assert _ids(db.collection("v").search([0.0, 1.0])) == ["new"]
+
+
+BAD_OPTIONS = [
+    ({"index": "hnsw", "m": 0}, "'m'"), ({"m": -1}, "'m'"), ({"m": True}, "'m'"),
+    ({"m": 2.5}, "'m'"), ({"m": 10 ** 30}, "'m'"), ({"fold_min": 0, "fold_fraction": 0}, "fold_min"),
+    ({"build_chunk": 0}, "build_chunk"), ({"part_bytes": 0}, "part_bytes"),
+    ({"index": "ivf"}, "index"), ({"ef_serach": 5}, "ef_serach"),
+    ({"ef_search": float("nan")}, "ef_search"), ({"fold_fraction": float("inf")}, "fold_fraction"),
+    ({"rebuild_dead": -0.1}, "rebuild_dead"), ({"background": "yes"}, "background"),
+    ({"ann_threshold": "20000"}, "ann_threshold"), ({"metric": "manhattan"}, "metric"),
+    ({"metric": 2}, "metric"),
+]
+
+
+@pytest.mark.parametrize("options,named", BAD_OPTIONS)
+def test_collection_options_checked_before_anything_is_stored(db, options, named):
+    with pytest.raises(ValueError, match=named):
+        db.collection("c", **options)
+    assert db._core.execute("SELECT count(*) FROM beaver_collections").fetchone() == (0,)
+    dump = io.StringIO("\n".join(json.dumps(line) for line in [
+        {"beaver_dump": 1}, {"structure": "collection", "name": "c", "count": 0,
+                             "metric": options.pop("metric", None), "options": options},
+        {"end": True, "structures": 1}]))
+    with pytest.raises(ValueError, match=named):
+        db.load(dump)
+    assert db._core.execute("SELECT count(*) FROM beaver_collections").fetchone() == (0,)
+
+
+def test_collection_options_in_range_work(db, faiss_ok):
+    docs = db.collection("c", index="hnsw", m=2, ef_construction=1, ef_search=1, fold_min=1,
+                         fold_fraction=0, build_chunk=1, part_bytes=1024, background=False)
+    docs.index_many(Document(id=f"d{i}", embedding=[float(i), 1.0]) for i in range(20))
+    docs.compact()
+    assert _ids(docs.search([3.0, 1.0], top_k=1)) == ["d3"]
+    assert db.collection("c") is docs and db.collection("c", m=2, index="hnsw") is docs
+
+
+def test_collection_stored_bad_options_of_an_older_file_fall_back(tmp_path, faiss_ok):
+    """A file written before options were checked may hold m=0: beaver warns and uses the
+    default instead of letting faiss abort the process (checked in a child process)."""
+    path = tmp_path / "old.db"
+    with BeaverDB(path) as db:
+        db.collection("c")
+    conn = sqlite3.connect(path)
+    conn.execute("""UPDATE beaver_collections SET options = '{"index": "hnsw", "m": 0}'""")
+    conn.commit()
+    conn.close()
+    code = ("import sys, beaver; db = beaver.BeaverDB(sys.argv[1]); c = db.collection('c')\n"
+            "c.index_many(beaver.Document(id=str(i), embedding=[i, 1.0]) for i in range(30))\n"
+            "c.compact(); print(c.search([2.0, 1.0], top_k=1)[0][0].id); db.close()")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=MP_DEADLINE)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2"] and "'m'" in out.stderr
+
+
+def test_collection_options_are_documented():
+    readme = (ROOT / "README.md").read_text()
+    for name in ["metric", *beaver.VECTOR_INDEX_OPTIONS]:
+        assert f"| `{name}` |" in readme, name
+
+
+def test_server_refuses_bad_collection_options(api):
+    r = api.put("/collections/c", json={"metric": "l2", "options": {"index": "hnsw", "m": 0}})
+    assert r.status_code == 422 and "'m'" in r.text
+    lines = [{"beaver_dump": 1}, {"structure": "collection", "name": "c", "count": 0,
+                                  "options": {"index": "hnsw", "m": 0}},
+             {"end": True, "structures": 1}]
+    r = api.post("/load", content="\n".join(json.dumps(x) for x in lines).encode())
+    assert r.status_code == 422 and "'m'" in r.text
+    assert api.db._core.execute("SELECT count(*) FROM beaver_collections").fetchone() == (0,)
+
+
+def _old_sqlite(monkeypatch, db):
+    """Make ``db`` behave as on SQLite 3.31-3.33, which has FTS5 but no trigram tokenizer.
+
+    This machine's SQLite is newer, so the old library is simulated: beaver's feature
+    detection answers no, and an authorizer on this thread's connection refuses every
+    statement that touches the trigram table, as "no such tokenizer: trigram" would."""
+    monkeypatch.setattr(beaver, "_has_trigram", lambda: False, raising=False)
+
+    def authorize(action, arg1, arg2, *_):
+        names = (arg1 or "", arg2 or "")
+        return sqlite3.SQLITE_DENY if any(n.startswith("beaver_grams") for n in names) \
+            else sqlite3.SQLITE_OK
+    db._core.conn().set_authorizer(authorize)
+
+
+def test_collection_file_moves_from_a_newer_to_an_older_sqlite_and_back(tmp_path, monkeypatch):
+    path = tmp_path / "moves.db"
+    with BeaverDB(path) as db:                               # SQLite >= 3.34: grams are made
+        db.collection("c").index(Document(id="a", body="elephant"))
+    with BeaverDB(path) as db:
+        _old_sqlite(monkeypatch, db)
+        docs = db.collection("c")
+        docs.index(Document(id="b", body="crocodile"))       # indexes without the trigram table
+        assert _ids(docs.match("crocodlie", fuzziness=2)) == ["b"]   # 1 edit: still found
+        assert docs.match("crcodlie", fuzziness=2) == []     # 2 edits need trigrams
+    monkeypatch.undo()
+    with BeaverDB(path) as db:                               # newer again: rebuilt once
+        docs = db.collection("c")
+        assert _ids(docs.match("crcodlie", fuzziness=2)) == ["b"]
+        assert _ids(docs.match("elehpnat", fuzziness=2)) == ["a"]
+        grams = db._core.execute("SELECT term FROM beaver_grams ORDER BY term").fetchall()
+        assert grams == [("$crocodile$",), ("$elephant$",)]
+
+
+def test_collection_file_made_on_an_older_sqlite_gets_its_trigram_index(tmp_path, monkeypatch):
+    path = tmp_path / "old.db"
+    with BeaverDB(path) as db:
+        _old_sqlite(monkeypatch, db)
+        docs = db.collection("c")
+        docs.index_many([Document(id="a", body="elephant"), Document(id="b", body="giraffe")])
+        assert _ids(docs.match("elephnat", fuzziness=2)) == ["a"]
+    assert raw_rows(path, "SELECT name FROM sqlite_master WHERE name = 'beaver_grams'") == []
+    monkeypatch.undo()
+    with BeaverDB(path) as db:
+        docs = db.collection("c")
+        assert _ids(docs.match("elehpnat", fuzziness=2)) == ["a"]
+        assert _ids(docs.match("girfafe", fuzziness=2)) == ["b"]
+
+
+def test_collection_long_queries_are_bounded(docs):
+    docs.index(Document(id="a", body="alpha beta gamma"))
+    with pytest.raises(ValueError, match="characters"):
+        docs.match("a " * 100_000)
+    with pytest.raises(ValueError, match="characters"):
+        docs.match("a " * 100_000, raw=True)
+    many = " ".join(f"w{i}" for i in range(beaver.MATCH_MAX_TERMS + 1))
+    for fuzziness in (0, 1):
+        with pytest.raises(ValueError, match="terms"):
+            docs.match(many, fuzziness=fuzziness)
+    with pytest.raises(ValueError, match="terms"):
+        docs.match(many, raw=True)
+    assert _ids(docs.match("alpha " * 1600)) == ["a"]             # repeats count once
+    assert _ids(docs.match("alpha " * 800 + "-delta " * 600, fuzziness=1)) == ["a"]
+    fits = " ".join(["alpha"] + [f"w{i}" for i in range(beaver.MATCH_MAX_TERMS - 1)])
+    assert docs.match(fits) == [] and docs.match(fits.replace(" ", " OR "))
+
+
+@pytest.mark.parametrize("query,expected", [
+    ("alpha\x00beta", ["a"]), ("\x00alpha", ["a"]), ("alp\x00", []), ("\x00", []),
+    ("alpha\ud800", ["a"]), ("\udcffbeta", ["a"]), ("\ud800", []), ('"alpha\x00beta"', ["a"]),
+])
+def test_collection_nul_and_lone_surrogates_in_queries(docs, query, expected):
+    docs.index(Document(id="a", body="alpha beta"))
+    for fuzziness in (0, 1, 2):
+        assert _ids(docs.match(query, fuzziness=fuzziness)) == expected
+    assert _ids(docs.match(query, highlight=True)) == expected
+    assert _ids(docs.match(query.replace('"', ""), raw=True)) == expected
+
+
+def _read_collection(path, done, found):
+    """Open an existing collection and search it (run in a thread under a held write lock)."""
+    with BeaverDB(path, timeout=MP_DEADLINE) as db:
+        docs = db.collection("c")
+        found += [_ids(docs.match("readable")), _ids(docs.match("readabel", fuzziness=1)),
+                  _ids(docs.search([1.0, 0.0])), len(docs), docs.metric]
+    done.set()
+
+
+def test_collection_open_and_search_need_no_write_lock(tmp_path, backend):
+    path = tmp_path / "locked.db"
+    with BeaverDB(path) as db:
+        docs = db.collection("c", metric="cosine")
+        docs.index(Document(id="a", body="readable text", embedding=[1.0, 0.0]))
+        docs.search([1.0, 0.0])
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")                  # another process is writing
+    blocker.execute("INSERT INTO beaver_meta VALUES ('busy', 'yes')")
+    try:
+        done, found = threading.Event(), []
+        threading.Thread(target=_read_collection, args=(path, done, found), daemon=True).start()
+        assert done.wait(MP_DEADLINE / 2), "opening a collection waited for the write lock"
+        assert found == [["a"], ["a"], ["a"], 1, "cosine"]
+        with BeaverDB(path, timeout=0.2) as db:         # creating one does write
+            with pytest.raises(beaver.DatabaseBusy):
+                db.collection("new")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def _unprivileged():
+    """(user, python) that runs a child without root's rights (root reads a 0444 file)."""
+    if not hasattr(os, "geteuid"):
+        pytest.skip("needs POSIX users")
+    if os.geteuid() != 0:
+        return None, sys.executable
+    for python in (sys.executable, "/usr/bin/python3"):
+        try:
+            if subprocess.run([python, "-c", "import sqlite3"], user="nobody",
+                              capture_output=True, timeout=MP_DEADLINE).returncode == 0:
+                return "nobody", python
+        except (OSError, subprocess.SubprocessError):
+            continue
+    pytest.skip("no Python that user nobody may run")
+
+
+READ_ONLY_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import beaver
+with beaver.BeaverDB(sys.argv[2]) as db:
+    docs = db.collection("c")
+    ids = lambda hits: [hit[0].id for hit in hits]
+    print(json.dumps([ids(docs.match("readable")), ids(docs.match("readabel", fuzziness=1)),
+                      ids(docs.search([1.0, 0.0])), len(docs), docs.metric]))
+"""
+
+
+def test_collection_search_a_read_only_file(monkeypatch):
+    """A 0444 database file (in a folder where SQLite may make its -wal and -shm files)
+    is searched by a process without the right to write it: beaver.py alone, copied."""
+    user, python = _unprivileged()
+    monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")
+    folder = tempfile.mkdtemp(prefix="beaver-read-only-")
+    try:
+        os.chmod(folder, 0o777)
+        shutil.copy(ROOT / "beaver.py", folder)
+        path = os.path.join(folder, "ro.db")
+        with BeaverDB(path) as db:
+            db.collection("c", metric="ip").index(
+                Document(id="a", body="readable text", embedding=[1.0, 0.0]))
+        os.chmod(path, 0o444)
+        out = subprocess.run([python, "-c", READ_ONLY_CHILD, folder, path], user=user,
+                             capture_output=True, text=True, timeout=MP_DEADLINE,
+                             env={"BEAVER_VECTOR_BACKEND": "exact", "PATH": os.defpath})
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == [["a"], ["a"], ["a"], 1, "ip"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class CollectionTransactionMachine(RuleBasedStateMachine):
+    """Collections under nested transactions that randomly roll back.
+
+    Checked after every step against a pure-Python model (documents, words, vectors, edges,
+    the dimension), and at depth 0 against a fresh ``BeaverDB`` opened on the same file: every
+    in-memory cache (dimension, vocabulary, exact vectors, faiss delta) must follow rollbacks.
+    """
+    # words pairwise far apart, so that a typo of one can only be that one
+    WORDS = ["zebra", "mango", "kettle", "orbital", "lantern", "quartz", "violin"]
+    IDS = ["a", "b", "c", "d"]
+    backend = "exact"
+    options: dict = {}
+
+    def __init__(self):
+        super().__init__()
+        self.folder = tempfile.mkdtemp(prefix="beaver-machine-")
+        self.path = os.path.join(self.folder, "machine.db")
+        self.env = os.environ.get("BEAVER_VECTOR_BACKEND")
+        if self.backend == "exact":
+            os.environ["BEAVER_VECTOR_BACKEND"] = "exact"
+        else:
+            os.environ.pop("BEAVER_VECTOR_BACKEND", None)
+        self.db = BeaverDB(self.path)
+        self.docs = self.db.collection("c", **self.options)
+        self.levels, self.saved = [], []
+        self.model = {"docs": {}, "edges": set(), "dim": None}
+
+    def teardown(self):
+        while self.levels:
+            self.levels.pop().__exit__(RuntimeError, RuntimeError("teardown"), None)
+        self.db.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.env is None:
+            os.environ.pop("BEAVER_VECTOR_BACKEND", None)
+        else:
+            os.environ["BEAVER_VECTOR_BACKEND"] = self.env
+
+    # -- transactions -----------------------------------------------------------------
+
+    @precondition(lambda self: len(self.levels) < 3)
+    @rule()
+    def begin(self):
+        level = self.db.transaction()
+        level.__enter__()
+        self.levels.append(level)
+        self.saved.append(copy.deepcopy(self.model))
+
+    @precondition(lambda self: self.levels)
+    @rule()
+    def commit(self):
+        self.saved.pop()
+        self.levels.pop().__exit__(None, None, None)
+
+    @precondition(lambda self: self.levels)
+    @rule()
+    def roll_back(self):
+        self.model = self.saved.pop()
+        error = RuntimeError("roll back")
+        assert self.levels.pop().__exit__(RuntimeError, error, None) is False
+
+    # -- writes -----------------------------------------------------------------------
+
+    @rule(doc_id=st.sampled_from(IDS), words=st.lists(st.sampled_from(WORDS), max_size=3),
+          dim=st.sampled_from([None, 2, 3, 4]), data=st.data())
+    def index(self, doc_id, words, dim, data):
+        vector = None if dim is None else data.draw(
+            st.lists(st.integers(-3, 3), min_size=dim, max_size=dim))
+        document = Document(id=doc_id, body=" ".join(words), embedding=vector)
+        known = self.model["dim"]
+        if dim is not None and known is not None and dim != known:
+            with pytest.raises(ValidationError):
+                self.docs.index(document)
+            return
+        self.docs.index(document)
+        self.model["docs"][doc_id] = (document.body, set(words), vector)
+        self.model["dim"] = known or dim
+
+    @rule(doc_id=st.sampled_from(IDS))
+    def drop(self, doc_id):
+        if doc_id not in self.model["docs"]:
+            with pytest.raises(KeyError):
+                self.docs.drop(doc_id)
+            return
+        self.docs.drop(doc_id)
+        del self.model["docs"][doc_id]
+        self.model["edges"] = {e for e in self.model["edges"] if doc_id not in (e[0], e[2])}
+
+    @rule(source=st.sampled_from(IDS), to=st.sampled_from(IDS), label=st.sampled_from("xy"))
+    def connect(self, source, to, label):
+        if not {source, to} <= set(self.model["docs"]):
+            with pytest.raises(KeyError):
+                self.docs.connect(source, to, label)
+            return
+        self.docs.connect(source, to, label)
+        self.model["edges"].add((source, label, to))
+
+    @rule()
+    def clear(self):
+        self.docs.clear()
+        self.model["docs"], self.model["edges"] = {}, set()
+
+    @precondition(lambda self: not self.levels)
+    @rule()
+    def compact(self):
+        self.docs.compact()                      # also drops the words no document holds
+        terms = {row[0] for row in self.db._core.execute("SELECT term FROM beaver_terms")}
+        assert terms == set().union(*(w for _, w, _ in self.model["docs"].values()))
+
+    # -- reads ------------------------------------------------------------------------
+
+    @staticmethod
+    def _typo(word, edits):
+        """``word`` with ``edits`` letters replaced by 'x' (far from every other word)."""
+        for at in (1, 3)[:edits]:
+            word = word[:at] + "x" + word[at + 1:]
+        return word
+
+    @rule(word=st.sampled_from(WORDS), fuzziness=st.sampled_from([0, 1, 2]))
+    def match(self, word, fuzziness):
+        self.check_match(self.docs, word, fuzziness)
+
+    def check_match(self, docs, word, fuzziness):
+        edits = min(fuzziness, 2 if len(word) >= 7 else 1)
+        hits = docs.match(self._typo(word, edits), fuzziness=fuzziness, top_k=100)
+        expected = {i for i, (_, words, _) in self.model["docs"].items() if word in words}
+        assert {doc.id for doc, _ in hits} == expected and len(hits) == len(expected)
+
+    @rule(data=st.data())
+    def search(self, data):
+        dim = self.model["dim"] or 2
+        query = data.draw(st.lists(st.integers(-3, 3), min_size=dim, max_size=dim))
+        self.check_search(self.docs, query)
+
+    def check_search(self, docs, query):
+        hits = docs.search(query, top_k=100)
+        vectors = {i: v for i, (_, _, v) in self.model["docs"].items() if v is not None}
+        assert {doc.id for doc, _ in hits} == set(vectors)
+        for doc, distance in hits:
+            exact = sum((a - b) ** 2 for a, b in zip(vectors[doc.id], query)) ** 0.5
+            assert distance == pytest.approx(exact, abs=1e-4)
+
+    @invariant()
+    def documents_match_the_model(self):
+        self.check_documents(self.docs)
+
+    def check_documents(self, docs):
+        assert {doc.id: (doc.body, doc.embedding) for doc in docs} == {
+            i: (body, None if v is None else [float(x) for x in v])
+            for i, (body, _, v) in self.model["docs"].items()}
+
+    @precondition(lambda self: not self.levels)
+    @rule()
+    def reopen(self):
+        """A fresh database on the same file sees exactly what the model holds."""
+        with BeaverDB(self.path) as fresh:
+            docs = fresh.collection("c")
+            self.check_documents(docs)
+            edges = {(e.source, e.label, e.target) for i in self.model["docs"]
+                     for e in docs.edges(i)}
+            assert edges == self.model["edges"]
+            terms = {row[0] for row in fresh._core.execute(
+                "SELECT term FROM beaver_terms t JOIN beaver_collections c ON c.cid = t.cid "
+                "WHERE c.collection = 'c'")}
+            assert terms >= set().union(*(w for _, w, _ in self.model["docs"].values()))
+            for word in self.WORDS[::3]:
+                self.check_match(docs, word, 2)
+            if self.model["dim"]:
+                self.check_search(docs, [1] * self.model["dim"])
+                self.check_search(self.docs, [1] * self.model["dim"])
+
+
+class CollectionTransactionMachineFaiss(CollectionTransactionMachine):
+    backend = "faiss"
+    options = {"fold_min": 2, "background": False, "persist_min": 1}
+
+
+MACHINE_SETTINGS = settings(PROPERTY_SETTINGS, max_examples=40, stateful_step_count=40)
+TestCollectionTransactions = CollectionTransactionMachine.TestCase
+TestCollectionTransactions.settings = MACHINE_SETTINGS
+
+
+@pytest.fixture
+def _faiss_machine():
+    pytest.importorskip("numpy")
+    pytest.importorskip("faiss")
+
+
+@pytest.mark.usefixtures("_faiss_machine")
+class TestCollectionTransactionsFaiss(CollectionTransactionMachineFaiss.TestCase):
+    settings = MACHINE_SETTINGS
 
 
 # ---- vectors (beaver_vector: the faiss index) ----
