@@ -213,20 +213,21 @@ _json_default = json.JSONEncoder().default
 _json_scan = json.JSONDecoder().scan_once
 if _c_make_encoder is not None:
     # Without a markers dict (no cycle check) one encoder serves every call; a cycle ends in
-    # RecursionError, and the checking encoder then reports it as json.dumps would.
+    # RecursionError, and the checking encoder then reports it as json.dumps would. NaN and
+    # infinities are refused: they are not JSON, and SQLite's JSON functions reject the row.
     _json_encode = _c_make_encoder(None, _json_default, _encode_str, None, ":", ",",
-                                   False, False, True)
+                                   False, False, False)
 
 
 def _json_dumps(value) -> str:
     try:
         if _c_make_encoder is None:
-            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         try:
             return "".join(_json_encode(value, 0))
         except RecursionError:
             return "".join(_c_make_encoder({}, _json_default, _encode_str, None, ":", ",",
-                                           False, False, True)(value, 0))
+                                           False, False, False)(value, 0))
     except (TypeError, ValueError) as e:
         raise TypeError(f"value is not JSON-serializable: {e}") from None
 

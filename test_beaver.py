@@ -534,6 +534,17 @@ def test_pydantic_models(db):
 
 # ---- dict ----
 
+def test_nan_and_infinity_are_not_json_and_are_refused(db):
+    d = db.dict("numbers")
+    for bad in (float("nan"), float("inf"), {"x": [float("-inf")]}):
+        with pytest.raises(TypeError, match="JSON"):
+            d["k"] = bad
+        with pytest.raises(TypeError, match="JSON"):
+            db.log("l").log(bad)
+    assert len(d) == 0 and len(db.log("l")) == 0
+
+
+
 def test_dict_mapping_basics(db):
     d = db.dict("config")
     assert len(d) == 0 and list(d) == [] and "theme" not in d
