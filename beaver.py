@@ -1813,20 +1813,27 @@ class _FieldIndexes:
 
 
 class _Indexed:
-    """Field indexes for the structures whose rows hold JSON (mixed into their managers)."""
+    """Filters and field indexes for the structures whose rows hold JSON (a mixin of their
+    managers): ``_table`` has a ``_scope_column`` naming the structure, a ``_json_column``
+    holding each row's JSON, and ``_order`` columns giving the structure's own order."""
 
-    _json_column = ""   # the column holding each row's JSON
-    _order = ""         # the columns of the structure's own order, ending each field index
+    _scope_column = "name"
+    _json_column = ""
+    _order = ""
 
     @functools.cached_property
     def _fields(self) -> _FieldIndexes:
         return _FieldIndexes(self._core, self._kind, self._name, self._table,
-                             self._json_column, "name", self._order)
+                             self._json_column, self._scope_column, self._order)
 
-    def _filter(self, where, order_by=None) -> tuple:
-        """``(_Filter, ORDER BY terms, their paths)``, all checked before any SQL runs."""
-        query = _Filter(where, self._fields.json)
-        order, paths = _order_terms(order_by, self._fields.json)
+    def _filter(self, where, order_by=None, column=None) -> tuple:
+        """``(_Filter, ORDER BY terms, their paths)``, all checked before any SQL runs.
+
+        ``column`` is the JSON column as the query names it (default ``table.column``; a query
+        that aliases the table passes ``alias.column``: field indexes still match)."""
+        column = column or self._fields.json
+        query = _Filter(where, column)
+        order, paths = _order_terms(order_by, column)
         if where is not None or order_by is not None:
             _check_json1(self._core)
         return query, order, paths

@@ -1028,6 +1028,39 @@ def test_hostile_names_and_paths_cannot_change_the_query(db):
     assert db._core.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+@settings(max_examples=300, deadline=None)
+@given(text=st.text())
+def test_sql_text_is_one_literal_whatever_the_text(text):
+    conn = sqlite3.connect(":memory:")
+    try:
+        literal = beaver._sql_text(text)
+    except beaver.ValidationError:
+        assert "\x00" in text or any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+        return
+    try:
+        assert conn.execute(f"SELECT {literal}, 1").fetchall() == [(text, 1)]
+    finally:
+        conn.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.text(min_size=1, max_size=8))
+def test_any_addressable_key_reaches_its_value_and_nothing_else(key):
+    conn = sqlite3.connect(":memory:")
+    try:
+        path = beaver._field_path(f'"{key}"')
+    except beaver.ValidationError:
+        assert any(c in key for c in '"\\') or any(ord(c) < 32 for c in key) or \
+            any(0xD800 <= ord(c) <= 0xDFFF for c in key)
+        return
+    try:
+        doc = beaver._json_dumps({key: "hit", "other": "miss"})
+        assert conn.execute(f"SELECT json_extract(?, {path.sql})", (doc,)).fetchone() == ("hit",)
+        assert beaver._field_path(path.text) == path                 # canonical spelling
+    finally:
+        conn.close()
+
+
 def test_index_on_a_name_sql_cannot_hold_is_refused(db):
     with pytest.raises(beaver.ValidationError, match="NUL"):
         db.dict("a\x00b").create_index("x")
