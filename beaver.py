@@ -1796,6 +1796,7 @@ class _FieldIndexes:
 
     def drop(self, path) -> bool:
         path = _field_path(path)
+        self._only_this()               # a name SQL cannot hold has no index (and says why)
         with self._core.transaction():
             gone = self._core.execute(
                 "DELETE FROM beaver_indexes WHERE kind = ? AND name = ? AND path = ?",
