@@ -214,20 +214,21 @@ _json_default = json.JSONEncoder().default
 _json_scan = json.JSONDecoder().scan_once
 if _c_make_encoder is not None:
     # Without a markers dict (no cycle check) one encoder serves every call; a cycle ends in
-    # RecursionError, and the checking encoder then reports it as json.dumps would.
+    # RecursionError, and the checking encoder then reports it as json.dumps would. NaN and
+    # infinities are refused: they are not JSON, and SQLite's JSON functions reject the row.
     _json_encode = _c_make_encoder(None, _json_default, _encode_str, None, ":", ",",
-                                   False, False, True)
+                                   False, False, False)
 
 
 def _json_dumps(value) -> str:
     try:
         if _c_make_encoder is None:
-            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         try:
             return "".join(_json_encode(value, 0))
         except RecursionError:
             return "".join(_c_make_encoder({}, _json_default, _encode_str, None, ":", ",",
-                                           False, False, True)(value, 0))
+                                           False, False, False)(value, 0))
     except (TypeError, ValueError) as e:
         raise TypeError(f"value is not JSON-serializable: {e}") from None
 
@@ -498,6 +499,10 @@ _SCHEMA = [
         metadata TEXT, PRIMARY KEY (collection, source, label, target)) WITHOUT ROWID""",
     """CREATE INDEX IF NOT EXISTS beaver_edges_incoming
         ON beaver_edges (collection, target, label, source)""",
+    # the field indexes (see _FieldIndexes): one partial index each, named from these columns
+    """CREATE TABLE IF NOT EXISTS beaver_indexes (
+        kind TEXT NOT NULL, name TEXT NOT NULL, path TEXT NOT NULL,
+        PRIMARY KEY (kind, name, path)) WITHOUT ROWID""",
 ]
 
 # DELETE ... RETURNING takes an item in one autocommit statement (3.35.5 fixed its early bugs)
@@ -1469,6 +1474,433 @@ def _read_dump(data_or_fp) -> dict:
 
 
 # ==========================================================================================
+# Queries: filters, ordering, paging and field indexes
+# ==========================================================================================
+#
+# A filter is a plain JSON-able dict that _Filter compiles into one SQL condition over a
+# structure's JSON column; every value in it becomes a bound parameter. Two things do reach
+# SQL text, because SQLite matches an expression index and a partial index's WHERE by the
+# text of their expressions (a bound parameter does not match a literal without re-planning
+# the statement at every call): JSON paths, which first pass a strict grammar (_field_path),
+# and the structure's name in a field index's WHERE and in the queries meant to use it. Both
+# are written by one quoting function, _sql_text.
+
+FILTER_MAX_DEPTH = 16           # nesting of $and / $or / $not in one filter
+FILTER_MAX_CONDITIONS = 256     # conditions in one filter (SQLite's expressions nest 1000 deep)
+
+_KEY = r'([^.\[\]"\\\x00-\x1f$][^.\[\]"\\\x00-\x1f]*)|"([^"\\\x00-\x1f]*)"'
+_ITEM = r'\[(0|[1-9][0-9]{0,8})\]'
+_PATH_FIRST = re.compile(f"(?:{_KEY})|{_ITEM}")
+_PATH_NEXT = re.compile(rf"\.(?:{_KEY})|{_ITEM}")
+_BARE_KEY = re.compile(r'[^.\[\]"\\\x00-\x1f$][^.\[\]"\\\x00-\x1f]*\Z')
+
+# JSON types in the order results sort by; a missing field (SQL NULL) sorts before all of them
+_RANKS = {"null": 0, "false": 1, "true": 2, "integer": 3, "real": 3, "text": 4, "array": 5,
+          "object": 6}
+_NULL, _FALSE, _TRUE, _NUMBER, _STRING, _ARRAY = range(6)
+_RANK_SQL = ("CASE json_type({column}, {path}) "
+             + " ".join(f"WHEN '{name}' THEN {rank}" for name, rank in _RANKS.items()) + " END")
+_ORDERING = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+_ITEM_IS = {_NULL: "e.type = 'null'", _FALSE: "e.type = 'false'", _TRUE: "e.type = 'true'",
+            _NUMBER: "e.type IN ('integer', 'real') AND e.value = ?",
+            _STRING: "e.type = 'text' AND e.value = ?"}
+
+
+def _sql_text(text, what="text") -> str:
+    """``text`` as an SQL string literal: the one way beaver writes a string into SQL."""
+    if "\x00" in text:
+        raise ValidationError(f"{what} {text!r} holds a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(f"{what} {text!r} is not valid Unicode (a lone surrogate)") from None
+    return "'" + text.replace("'", "''") + "'"
+
+
+class _Path(typing.NamedTuple):
+    text: str       # the canonical spelling: author.name, tags[0], "v1.2".notes
+    sql: str        # the SQLite JSON path as an SQL literal: '$."author"."name"'
+
+
+def _field_path(path, where="a field path") -> _Path:
+    """Check ``path`` against the path grammar; its canonical and SQL spellings.
+
+    Keys are joined by dots (``author.name``), ``[N]`` is item N of an array (``tags[0]``),
+    and a key holding a dot, a bracket or a leading ``$`` is written in double quotes
+    (``"v1.2".notes``). Keys holding a double quote, a backslash or a control character
+    cannot be addressed.
+    """
+    if not isinstance(path, str):
+        raise ValidationError(f"{where}: a field path is a str, not {type(path).__name__}")
+    try:
+        return _parse_path(path)
+    except ValidationError as e:
+        raise ValidationError(f"{where}: {e}") from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_path(path) -> _Path:
+    parts, at, pattern = [], 0, _PATH_FIRST
+    while at < len(path) or not parts:
+        match = pattern.match(path, at)
+        if match is None:
+            raise ValidationError(
+                f"bad field path {path!r} at character {at} (keys joined by dots, [N] for an "
+                'array item, "double quotes" around a key with . [ ] or a leading $)')
+        bare, quoted, item = match.groups()
+        parts.append(int(item) if item is not None else bare if bare is not None else quoted)
+        at, pattern = match.end(), _PATH_NEXT
+    text, sql = "", "$"
+    for part in parts:
+        if isinstance(part, int):
+            text, sql = text + f"[{part}]", sql + f"[{part}]"
+        else:
+            key = part if _BARE_KEY.match(part) else f'"{part}"'
+            text, sql = text + ("." if text else "") + key, sql + f'."{part}"'
+    return _Path(text, _sql_text(sql, "the field path"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_terms(column, path) -> tuple:
+    """The SQL of a path's JSON type rank and value: the two expressions a field index holds."""
+    return _RANK_SQL.format(column=column, path=path.sql), f"json_extract({column}, {path.sql})"
+
+
+def _scalar(value, where) -> tuple:
+    """``(type rank, SQL value)`` of a filter operand, which must be a JSON scalar."""
+    if value is None:
+        return _NULL, None
+    if isinstance(value, bool):
+        return (_TRUE if value else _FALSE), None
+    if isinstance(value, int):      # beyond 64 bits SQLite reads JSON integers as floats
+        value = int(value)
+        return _NUMBER, value if -2 ** 63 <= value < 2 ** 63 else _big_float(value, where)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValidationError(f"{where}: {value!r} is not a JSON number")
+        return _NUMBER, float(value)
+    if isinstance(value, str):
+        _sql_text(value, f"{where}: the string")    # SQLite's JSON functions cut at a NUL
+        return _STRING, str(value)
+    raise ValidationError(f"{where}: expected a JSON scalar (str, number, bool or None), "
+                          f"not {type(value).__name__}")
+
+
+def _big_float(value, where) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValidationError(f"{where}: an integer of {value.bit_length()} bits is beyond "
+                              "the range of JSON numbers") from None
+
+
+class _Filter:
+    """A filter dict compiled to one SQL condition over the JSON column ``column``.
+
+        >>> f = _Filter({"year": {"$gte": 2020}, "tags": {"$contains": "work"}}, "t.value")
+        >>> f.params
+        [2020, 'work']
+
+    The whole filter is checked before any SQL runs: a malformed one raises ValidationError
+    (a ValueError) naming the bad part. ``sql`` is never NULL for any row (so ``NOT`` is
+    exact), ``params`` are its parameters in order, and ``indexable`` the canonical paths of
+    top-level conditions that a field index can serve.
+    """
+
+    def __init__(self, where, column):
+        self.column = column
+        self.params: list = []
+        self.indexable: set = set()
+        self._conditions = 0
+        self.sql = "1" if where is None else self._all(where, "where", 0, True)
+
+    def _all(self, where, at, depth, top) -> str:
+        """Every condition of a filter dict, joined by AND."""
+        if not isinstance(where, dict):
+            raise ValidationError(f"{at}: a filter is a dict of {{path: condition}}, "
+                                  f"not {type(where).__name__}")
+        if depth > FILTER_MAX_DEPTH:
+            raise ValidationError(f"{at}: the filter nests deeper than {FILTER_MAX_DEPTH} levels")
+        terms = []
+        for key, condition in where.items():
+            here = f"{at}[{key!r}]"
+            if key in ("$and", "$or"):
+                terms.append(self._logic(key, condition, here, depth, top))
+            elif key == "$not":
+                terms.append(f"NOT ({self._all(condition, here, depth + 1, False)})")
+            elif isinstance(key, str) and key.startswith("$"):
+                raise ValidationError(f"{here}: unknown operator (a field whose name starts "
+                                      f"with $ is written in double quotes: '\"{key}\"')")
+            else:
+                path = _field_path(key, here)
+                terms.append(self._field(path, condition, here, depth, top))
+        return " AND ".join(f"({term})" for term in terms) or "1"
+
+    def _logic(self, op, filters, at, depth, top) -> str:
+        if not isinstance(filters, (list, tuple)) or not filters:
+            raise ValidationError(f"{at}: {op} takes a non-empty list of filters")
+        terms = [self._all(f, f"{at}[{i}]", depth + 1, top and op == "$and")
+                 for i, f in enumerate(filters)]
+        return f" {op[1:].upper()} ".join(f"({term})" for term in terms)
+
+    def _field(self, path, condition, at, depth, top) -> str:
+        """The conditions on one path: an operator dict, a list ($in) or a value ($eq)."""
+        if isinstance(condition, dict):
+            if not condition or not all(isinstance(op, str) and op.startswith("$")
+                                        for op in condition):
+                raise ValidationError(f"{at}: a condition dict holds operators such as $eq or "
+                                      "$gt (whole objects are not compared)")
+            return " AND ".join(
+                f"({self._operator(path, op, operand, f'{at}[{op!r}]', depth, top)})"
+                for op, operand in condition.items())
+        if isinstance(condition, (list, tuple)):
+            return self._operator(path, "$in", condition, at, depth, top)
+        return self._operator(path, "$eq", condition, at, depth, top)
+
+    def _operator(self, path, op, operand, at, depth, top) -> str:
+        self._conditions += 1
+        if self._conditions > FILTER_MAX_CONDITIONS:
+            raise ValidationError(f"{at}: a filter holds at most {FILTER_MAX_CONDITIONS} "
+                                  "conditions")
+        rank, value = _json_terms(self.column, path)
+        if op == "$not":
+            if depth >= FILTER_MAX_DEPTH:
+                raise ValidationError(f"{at}: the filter nests deeper than {FILTER_MAX_DEPTH} "
+                                      "levels")
+            return f"NOT ({self._field(path, operand, at, depth + 1, False)})"
+        if op == "$exists":
+            if not isinstance(operand, bool):
+                raise ValidationError(f"{at}: $exists takes true or false, not {operand!r}")
+            return f"{rank} IS {'NOT ' if operand else ''}NULL"
+        if op in ("$in", "$nin"):
+            sql, kinds = self._any(rank, value, operand, at)
+            indexed = len(kinds) == 1
+        elif op == "$contains":
+            return self._contains(path, rank, _scalar(operand, at))
+        elif op in ("$eq", "$ne"):
+            sql, indexed = self._equal(rank, value, _scalar(operand, at)), True
+        elif op in _ORDERING:
+            sql, indexed = self._compare(rank, value, op, _scalar(operand, at), at), True
+        else:
+            raise ValidationError(f"{at}: unknown operator {op!r}")
+        if op in ("$ne", "$nin"):
+            return f"NOT ({sql})"
+        if top and indexed:
+            self.indexable.add(path.text)
+        return sql
+
+    def _equal(self, rank, value, typed) -> str:
+        kind, operand = typed
+        if kind < _NUMBER:          # null, false, true: the type says it all
+            return f"{rank} IS {kind}"
+        self.params.append(operand)
+        return f"{value} = ? AND {rank} IS {kind}"
+
+    def _compare(self, rank, value, op, typed, at) -> str:
+        kind, operand = typed
+        if kind not in (_NUMBER, _STRING):
+            raise ValidationError(f"{at}: {op} compares numbers or strings, not {operand!r}")
+        self.params.append(operand)
+        return f"{value} {_ORDERING[op]} ? AND {rank} IS {kind}"
+
+    def _any(self, rank, value, operands, at) -> tuple:
+        """``$in``: equal to one of the operands (a list; one JSON array parameter per type)."""
+        if not isinstance(operands, (list, tuple)):
+            raise ValidationError(f"{at}: expected a list of values, not "
+                                  f"{type(operands).__name__}")
+        typed = [_scalar(v, f"{at}[{i}]") for i, v in enumerate(operands)]
+        kinds = sorted({kind for kind, _ in typed})
+        terms = []
+        for kind in kinds:
+            if kind < _NUMBER:
+                terms.append(f"{rank} IS {kind}")
+            else:
+                self.params.append(_json_dumps([v for k, v in typed if k == kind]))
+                terms.append(f"{value} IN (SELECT value FROM json_each(?)) AND {rank} IS {kind}")
+        return " OR ".join(f"({term})" for term in terms) or "0", kinds
+
+    def _contains(self, path, rank, typed) -> str:
+        """``$contains``: the field is an array holding the operand."""
+        kind, operand = typed
+        if kind >= _NUMBER:
+            self.params.append(operand)
+        return (f"{rank} IS {_ARRAY} AND EXISTS (SELECT 1 FROM json_each({self.column}, "
+                f"{path.sql}) AS e WHERE {_ITEM_IS[kind]})")
+
+
+def _order_terms(order_by, column) -> tuple:
+    """``(ORDER BY terms, canonical paths)`` of ``order_by``: a path or a list of paths, each
+    ``"-path"`` for descending. Values sort by JSON type (missing, null, false, true, numbers,
+    strings, arrays, objects), then by value."""
+    if order_by is None:
+        return [], []
+    items = [order_by] if isinstance(order_by, str) else order_by
+    if not isinstance(items, (list, tuple)):
+        raise ValidationError(f"order_by is a path or a list of paths, not "
+                              f"{type(order_by).__name__}")
+    terms, paths = [], []
+    for item in items:
+        descending = isinstance(item, str) and item.startswith("-")
+        path = _field_path(item[1:] if descending else item, f"order_by {item!r}")
+        direction = " DESC" if descending else ""
+        terms += [term + direction for term in _json_terms(column, path)]
+        paths.append(path.text)
+    return terms, paths
+
+
+def _paging(limit, offset) -> list:
+    """The ``LIMIT ? OFFSET ?`` parameters (``limit=None``: no limit)."""
+    for value, what in ((limit, "limit"), (offset, "offset")):
+        if value is None and what == "limit":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{what} must be an int, not {value!r}")
+        if value < 0:
+            raise ValueError(f"{what} must not be negative, not {value!r}")
+    return [-1 if limit is None else min(limit, 2 ** 63 - 1), min(offset, 2 ** 63 - 1)]
+
+
+_JSON_CHECKED: list = []
+
+
+def _check_json1(core):
+    """FeatureUnavailable unless this SQLite has the JSON functions (built in since 3.38)."""
+    if not _JSON_CHECKED:
+        try:
+            core.execute("SELECT json_type('[]')").fetchone()
+        except BeaverError:
+            raise FeatureUnavailable("this SQLite lacks the JSON functions that filters and "
+                                     "field indexes need (built in since SQLite 3.38)") from None
+        _JSON_CHECKED.append(True)
+
+
+class _FieldIndexes:
+    """The field indexes of one structure, the scope of its queries and their plans.
+
+    A field index is a partial expression index on the structure's table: the JSON type rank
+    and the value of one path, then the columns of the structure's own order (so it serves
+    ``ORDER BY`` and keeps ties in order), over this structure's rows only. It is listed in
+    ``beaver_indexes`` and lives in the file: every process and every later open uses it.
+    """
+
+    def __init__(self, core, kind, name, table, column, scope, order):
+        self._core, self._kind, self._name = core, kind, name
+        self._table, self._column, self._scope, self._order = table, column, scope, order
+        self.json = f"{table}.{column}"     # the JSON column as queries name it
+
+    def scope(self, paths) -> tuple:
+        """``(SQL, parameters)`` of the condition selecting this structure's rows.
+
+        With a field index on one of ``paths`` it is the index's own ``+name = '<name>'``:
+        SQLite then cannot use the table's key instead (which its default estimates favour),
+        and the text matches the partial index at once (a bound name matches too, but only by
+        re-planning the statement at every call). Otherwise ``name = ?``.
+        """
+        if paths and not set(paths).isdisjoint(self.paths()):
+            return self._only_this(), []
+        return f"{self._scope} = ?", [self._name]
+
+    def _only_this(self) -> str:
+        return f"+{self._scope} = {_sql_text(self._name, 'a structure name')}"
+
+    def paths(self) -> list:
+        """The canonical paths of this structure's field indexes, sorted."""
+        rows = self._core.execute("SELECT path FROM beaver_indexes WHERE kind = ? AND name = ? "
+                                  "ORDER BY path", (self._kind, self._name)).fetchall()
+        return [path for path, in rows]
+
+    def _index_name(self, path) -> str:
+        digest = uuid.uuid5(uuid.NAMESPACE_OID, f"{self._kind}\x00{self._name}\x00{path}").hex
+        return f"beaver_fx_{digest}"
+
+    def create(self, path):
+        path = _field_path(path)
+        only_this = self._only_this()
+        _check_json1(self._core)
+        rank, value = _json_terms(self._column, path)
+        with self._core.transaction():
+            self._core.execute(
+                f"CREATE INDEX IF NOT EXISTS {self._index_name(path.text)} ON {self._table} "
+                f"({rank}, {value}, {self._order}) WHERE {only_this}")
+            self._core.execute("INSERT OR IGNORE INTO beaver_indexes (kind, name, path) "
+                               "VALUES (?, ?, ?)", (self._kind, self._name, path.text))
+
+    def drop(self, path) -> bool:
+        path = _field_path(path)
+        self._only_this()               # a name SQL cannot hold has no index (and says why)
+        with self._core.transaction():
+            gone = self._core.execute(
+                "DELETE FROM beaver_indexes WHERE kind = ? AND name = ? AND path = ?",
+                (self._kind, self._name, path.text)).rowcount
+            self._core.execute(f"DROP INDEX IF EXISTS {self._index_name(path.text)}")
+        return gone > 0
+
+    def explain(self, sql, params) -> dict:
+        """``{"index": the path of the field index used or None, "plan": [...]}``."""
+        plan = [row[3] for row in self._core.execute("EXPLAIN QUERY PLAN " + sql, params)]
+        names = {self._index_name(path): path for path in self.paths()}
+        used = [names[word] for line in plan for word in re.findall(r"\w+", line)
+                if word in names]
+        return {"index": used[0] if used else None, "plan": plan}
+
+
+class _Indexed:
+    """Filters and field indexes for the structures whose rows hold JSON (a mixin of their
+    managers): ``_table`` has a ``_scope_column`` naming the structure, a ``_json_column``
+    holding each row's JSON, and ``_order`` columns giving the structure's own order."""
+
+    _scope_column = "name"
+    _json_column = ""
+    _order = ""
+
+    @functools.cached_property
+    def _fields(self) -> _FieldIndexes:
+        return _FieldIndexes(self._core, self._kind, self._name, self._table,
+                             self._json_column, self._scope_column, self._order)
+
+    def _filter(self, where, order_by=None, column=None) -> tuple:
+        """``(_Filter, ORDER BY terms, their paths)``, all checked before any SQL runs.
+
+        ``column`` is the JSON column as the query names it (default ``table.column``; a query
+        that aliases the table passes ``alias.column``: field indexes still match)."""
+        column = column or self._fields.json
+        query = _Filter(where, column)
+        order, paths = _order_terms(order_by, column)
+        if where is not None or order_by is not None:
+            _check_json1(self._core)
+        return query, order, paths
+
+    def create_index(self, path):
+        """Index the field at ``path``: filters and ordering on it stop reading every row.
+
+            >>> users.create_index("age")
+            >>> users.explain(where={"age": {"$gte": 30}})["index"]
+            'age'
+
+        A partial index over this structure's rows, stored in the file: every process and
+        every later open use it. Creating an existing index does nothing; ``clear()`` keeps
+        the indexes. Each index costs some work on every write to this structure.
+        """
+        self._fields.create(path)
+
+    def drop_index(self, path) -> bool:
+        """Drop the field index on ``path``; False if there was none.
+
+            >>> users.drop_index("age")
+            True
+        """
+        return self._fields.drop(path)
+
+    def indexes(self) -> list:
+        """The paths of this structure's field indexes, canonically spelled and sorted.
+
+            >>> users.indexes()
+            ['age', 'author.name']
+        """
+        return self._fields.paths()
+
+
+# ==========================================================================================
 # Dict
 # ==========================================================================================
 
@@ -1476,7 +1908,7 @@ _MISSING = object()
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
 
-class DictManager(_Manager, MutableMapping):
+class DictManager(_Manager, _Indexed, MutableMapping):
     """A persistent ``dict`` of str keys, with optional expiry per key.
 
         >>> config = db.dict("app_config")
@@ -1488,6 +1920,8 @@ class DictManager(_Manager, MutableMapping):
 
     _kind = "dict"
     _table = "beaver_dicts"
+    _json_column = "value"
+    _order = "key"
 
     _GET = f"SELECT value FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
     _HAS = f"SELECT 1 FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
@@ -1567,6 +2001,37 @@ class DictManager(_Manager, MutableMapping):
         """A snapshot list of live ``(key, value)`` pairs, in key order."""
         decode = self._codec.decode
         return [(key, decode(text)) for key, text in self._live_rows()]
+
+    def find(self, where=None, order_by=None, limit=None, offset=0) -> list:
+        """Live ``(key, value)`` pairs whose value matches ``where``, in key order by default.
+
+            >>> users.find({"age": {"$gte": 30}, "tags": {"$contains": "admin"}},
+            ...            order_by=["-age", "name"], limit=10)
+            [('ada', {'name': 'Ada', 'age': 36, 'tags': ['admin']}), ...]
+
+        ``where`` is a filter (see "Queries and filters" in the README); ``order_by`` a field
+        path or a list of them, ``"-path"`` for descending, ties in key order. Values may be
+        JSON or models (paths then name the model's fields).
+        """
+        sql, params = self._find_query(where, order_by, limit, offset)
+        decode = self._codec.decode
+        return [(key, decode(text)) for key, text in self._core.execute(sql, params)]
+
+    def explain(self, where=None, order_by=None) -> dict:
+        """How SQLite would run ``find(where, order_by)``: the field index it uses, and its plan.
+
+            >>> users.create_index("age")
+            >>> users.explain(where={"age": 36})
+            {'index': 'age', 'plan': ['SEARCH beaver_dicts USING INDEX beaver_fx_... (...)']}
+        """
+        return self._fields.explain(*self._find_query(where, order_by, None, 0))
+
+    def _find_query(self, where, order_by, limit, offset) -> tuple:
+        query, order, sort_paths = self._filter(where, order_by)
+        scope, params = self._fields.scope([*query.indexable, *sort_paths[:1]])
+        sql = (f"SELECT key, value FROM beaver_dicts WHERE {scope} AND {_LIVE} AND ({query.sql}) "
+               f"ORDER BY {', '.join([*order, 'key'])} LIMIT ? OFFSET ?")
+        return sql, [*params, _now(), *query.params, *_paging(limit, offset)]
 
     def _live_rows(self):
         now = _now()
@@ -2304,7 +2769,7 @@ def _utc(seconds) -> _dt.datetime:
     return _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
 
 
-class LogManager(_Manager):
+class LogManager(_Manager, _Indexed):
     """A time-indexed log of structured entries, with range queries and live aggregates.
 
         >>> metrics = db.log("system_metrics")
@@ -2321,6 +2786,8 @@ class LogManager(_Manager):
 
     _kind = "log"
     _table = "beaver_logs"
+    _json_column = "data"
+    _order = "timestamp"    # then seq: the rowid ends every index of the table
 
     def __init__(self, db, name, model=None, retention=None):
         super().__init__(db, name, model)
@@ -2340,19 +2807,43 @@ class LogManager(_Manager):
             self._core.execute("DELETE FROM beaver_logs WHERE name = ? AND timestamp < ?",
                                (self._name, _now() - self.retention))
 
-    def range(self, start=None, end=None) -> list:
+    def range(self, start=None, end=None, where=None, order="asc", limit=None, offset=0) -> list:
         """Entries with ``start <= timestamp <= end`` (either bound may be None), oldest first.
 
             >>> for when, data in logs.range(start=datetime(2025, 1, 1, tzinfo=timezone.utc)):
             ...     print(when, data)
+            >>> logs.range(where={"level": "error"}, order="desc", limit=20)   # the last 20
+
+        ``where`` keeps the entries whose data matches a filter (see "Queries and filters" in
+        the README); ``order="desc"`` gives newest first; ``limit`` and ``offset`` page.
         """
-        low = float("-inf") if start is None else _epoch(start, "start")
-        high = float("inf") if end is None else _epoch(end, "end")
-        rows = self._core.execute(
-            "SELECT timestamp, data FROM beaver_logs WHERE name = ? AND timestamp BETWEEN ? AND ? "
-            "ORDER BY timestamp, seq", (self._name, low, high)).fetchall()
+        sql, params = self._range_query(start, end, where, order, limit, offset)
         decode = self._codec.decode
-        return [LogEntry(_utc(t), decode(d)) for t, d in rows]
+        return [LogEntry(_utc(t), decode(d)) for t, d in self._core.execute(sql, params)]
+
+    def explain(self, where=None, start=None, end=None, order="asc") -> dict:
+        """How SQLite would run ``range(start, end, where, order)``: the field index it uses
+        (or None) and its plan.
+
+            >>> logs.create_index("level")
+            >>> logs.explain(where={"level": "error"})["index"]
+            'level'
+        """
+        return self._fields.explain(*self._range_query(start, end, where, order, None, 0))
+
+    def _range_query(self, start, end, where, order, limit, offset) -> tuple:
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order is 'asc' or 'desc', not {order!r}")
+        query = self._filter(where)[0]
+        scope, params = self._fields.scope(query.indexable)
+        terms = [scope]
+        for bound, op, what in ((start, ">=", "start"), (end, "<=", "end")):
+            if bound is not None:
+                terms.append(f"timestamp {op} ?")
+                params.append(_epoch(bound, what))
+        sql = (f"SELECT timestamp, data FROM beaver_logs WHERE {' AND '.join(terms)} AND "
+               f"({query.sql}) ORDER BY timestamp {order}, seq {order} LIMIT ? OFFSET ?")
+        return sql, [*params, *query.params, *_paging(limit, offset)]
 
     def __iter__(self):
         decode = self._codec.decode
@@ -2374,19 +2865,20 @@ class LogManager(_Manager):
     def __bool__(self):
         return True
 
-    def live(self, window, period, aggregator=list) -> "LiveView":
+    def live(self, window, period, aggregator=list, where=None) -> "LiveView":
         """An iterator of ``aggregator(entries in the last window)``, now and every ``period``.
 
             >>> view = logs.live(window=timedelta(seconds=5), period=timedelta(seconds=1),
-            ...                  aggregator=lambda rows: len(rows))
+            ...                  aggregator=lambda rows: len(rows), where={"level": "error"})
             >>> with view:
             ...     for count in view:
             ...         print(count)
 
-        Each period reads only the rows logged since the last one (in any process). Close it
-        with ``close()`` or a ``with`` block; iteration then stops.
+        Each period reads only the rows logged since the last one (in any process). ``where``
+        keeps the entries matching a filter, as in ``range``. Close the view with ``close()``
+        or a ``with`` block; iteration then stops.
         """
-        return LiveView(self, window, period, aggregator)
+        return LiveView(self, window, period, aggregator, where)
 
     def _dump_items(self):
         rows = self._core.execute("SELECT timestamp, data FROM beaver_logs WHERE name = ? "
@@ -2408,8 +2900,9 @@ class LogManager(_Manager):
 class LiveView:
     """The iterator returned by ``LogManager.live``: a rolling window, updated incrementally."""
 
-    def __init__(self, log, window, period, aggregator):
+    def __init__(self, log, window, period, aggregator, where=None):
         self._log = log
+        self._where = log._filter(where)[0]
         self.window = _seconds(window, "window")
         self.period = _seconds(period, "period")
         if not self.period:
@@ -2455,23 +2948,28 @@ class LiveView:
         core, log = self._log._core, self._log
         self._last_seq = core.execute("SELECT coalesce(max(seq), 0) FROM beaver_logs"
                                       ).fetchone()[0]
+        where = self._where
         rows = core.execute(
             "SELECT timestamp, seq, data FROM beaver_logs WHERE name = ? AND timestamp >= ? "
-            "AND seq <= ? ORDER BY timestamp, seq",
-            (log.name, _now() - self.window, self._last_seq)).fetchall()
+            f"AND seq <= ? AND ({where.sql}) ORDER BY timestamp, seq",
+            (log.name, _now() - self.window, self._last_seq, *where.params)).fetchall()
         decode = log._codec.decode
         self._entries.extend((t, s, decode(d)) for t, s, d in rows)
 
     def _read_new(self):
-        log = self._log
+        log, where = self._log, self._where
+        # every new row comes back, to move past it; the ones the filter drops without data
         rows = log._core.execute(
-            "SELECT timestamp, seq, data FROM beaver_logs WHERE seq > ? AND +name = ? "
-            "ORDER BY seq", (self._last_seq, log.name)).fetchall()
+            f"SELECT timestamp, seq, CASE WHEN {where.sql} THEN data END FROM beaver_logs "
+            "WHERE seq > ? AND +name = ? ORDER BY seq",
+            (*where.params, self._last_seq, log.name)).fetchall()
         if not rows:
             return
         self._last_seq = rows[-1][1]
         decode, entries = log._codec.decode, self._entries
         for t, s, d in rows:
+            if d is None:
+                continue
             entry = (t, s, decode(d))
             if not entries or entries[-1][:2] <= entry[:2]:
                 entries.append(entry)
@@ -5103,9 +5601,9 @@ class AsyncSubscriber:
 class AsyncLogManager(AsyncManager):
     """Awaitable twin of a log: ``async for summary in alog.live(window, period, agg)``."""
 
-    def live(self, window, period, aggregator=list) -> "AsyncLiveView":
+    def live(self, window, period, aggregator=list, where=None) -> "AsyncLiveView":
         """Like ``LogManager.live``, as an async iterator."""
-        return AsyncLiveView(self._sync.live(window, period, aggregator))
+        return AsyncLiveView(self._sync.live(window, period, aggregator, where))
 
 
 class AsyncLiveView:

@@ -10,8 +10,10 @@ import base64
 import contextlib
 import copy
 import io
+import itertools
 import json
 import multiprocessing
+import operator
 import os
 import re
 import shutil
@@ -29,7 +31,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -533,6 +535,598 @@ def test_pydantic_models(db):
 
     users["root"] = Admin(name="Root", email="r@x", permissions=["all"], level=9)
     assert type(users["root"]) is User and users["root"].name == "Root"   # stored as a User
+
+
+# ---- queries: filters, ordering, paging and field indexes ----
+# An oracle of the filter language, written apart from beaver's compiler (it reads the filter
+# dict itself), and the property tests comparing dict.find / log.range(where=) with it.
+
+MISSING = object()
+PATH_PART = re.compile(r'\.?"([^"]*)"|\.?([^.\[\]"]+)|\[(\d+)\]')
+
+
+def oracle_path(path):
+    """The parts of a filter path: keys (str) and array positions (int)."""
+    parts = []
+    for quoted, bare, index in PATH_PART.findall(path):
+        parts.append(int(index) if index else quoted if quoted or not bare else bare)
+    return parts
+
+
+def oracle_get(doc, path):
+    for part in oracle_path(path):
+        if isinstance(part, int):
+            if not (isinstance(doc, list) and part < len(doc)):
+                return MISSING
+        elif not (isinstance(doc, dict) and part in doc):
+            return MISSING
+        doc = doc[part]
+    return doc
+
+
+def json_kind(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def as_number(value):
+    """SQLite reads JSON integers beyond 64 bits as floats."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        return float(value)
+    return value
+
+
+def json_equal(a, b):
+    if a is MISSING or json_kind(a) != json_kind(b) or json_kind(a) in ("array", "object"):
+        return False
+    return as_number(a) == as_number(b)
+
+
+ORACLE_ORDER = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
+
+
+def oracle_op(value, op, arg):
+    if op == "$eq":
+        return json_equal(value, arg)
+    if op == "$ne":
+        return not json_equal(value, arg)
+    if op == "$in":
+        return any(json_equal(value, a) for a in arg)
+    if op == "$nin":
+        return not any(json_equal(value, a) for a in arg)
+    if op == "$exists":
+        return (value is not MISSING) == arg
+    if op == "$contains":
+        return isinstance(value, list) and any(json_equal(item, arg) for item in value)
+    if op == "$not":
+        return not oracle_condition(value, arg)
+    return (value is not MISSING and json_kind(value) == json_kind(arg)
+            and ORACLE_ORDER[op](as_number(value), as_number(arg)))
+
+
+def oracle_condition(value, condition):
+    if isinstance(condition, dict):
+        return all(oracle_op(value, op, arg) for op, arg in condition.items())
+    if isinstance(condition, list):
+        return oracle_op(value, "$in", condition)
+    return oracle_op(value, "$eq", condition)
+
+
+def oracle_match(where, doc):
+    for key, condition in where.items():
+        if key == "$and":
+            ok = all(oracle_match(f, doc) for f in condition)
+        elif key == "$or":
+            ok = any(oracle_match(f, doc) for f in condition)
+        elif key == "$not":
+            ok = not oracle_match(condition, doc)
+        else:
+            ok = oracle_condition(oracle_get(doc, key), condition)
+        if not ok:
+            return False
+    return True
+
+
+def oracle_sort_key(value):
+    """Missing < null < false < true < numbers < strings < arrays < objects (as JSON text)."""
+    if value is MISSING:
+        return (-1, 0)
+    kind = json_kind(value)
+    if kind == "bool":
+        return (2 if value else 1, 0)
+    if kind in ("array", "object"):
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        return (5 if kind == "array" else 6, text)
+    return ({"null": 0, "number": 3, "string": 4}[kind], 0 if value is None else as_number(value))
+
+
+def oracle_sorted(pairs, order_by):
+    """``pairs`` (in key order) sorted by ``order_by`` stably, as Python sorts."""
+    for spec in reversed(order_by):
+        path, descending = (spec[1:], True) if spec.startswith("-") else (spec, False)
+        pairs = sorted(pairs, key=lambda kv: oracle_sort_key(oracle_get(kv[1], path)),
+                       reverse=descending)
+    return pairs
+
+
+def test_oracle_reads_paths_like_beaver():
+    assert oracle_path('n."$k".x[2]') == ["n", "$k", "x", 2]
+    assert oracle_path('"a.b"') == ["a.b"] and oracle_path('""') == [""]
+    assert oracle_get({"a": [{"b": 1}]}, "a[0].b") == 1
+    assert oracle_get({"a": {"0": 1}}, "a[0]") is MISSING
+
+
+Q_PATHS = ["a", "b", "é", '"a.b"', '"$k"', "n", "n.x", "n.y", "arr", "arr[0]", "arr[1].x", "[0]",
+           "missing"]
+def q_weighted(*weighted):
+    """One of the strategies, drawn with the given weights (one_of's choice is not even)."""
+    weights = [w for w, _ in weighted]
+    return st.integers(0, sum(weights) - 1).flatmap(
+        lambda n: next(s for s, top in zip([s for _, s in weighted], itertools.accumulate(weights))
+                       if n < top))
+
+
+q_common = st.sampled_from([None, True, False, 0, 1, 1.0, 2, "", "a", "1"])
+q_rare = (st.sampled_from([-0.0, 1e300, 2**53 + 1, 2**63, 2**63 - 1, -2**63, "ab", "true",
+                           "null", "[1]", "\U0001F600"])
+          | st.integers(-3, 3) | st.floats(-4, 4, allow_nan=False).map(lambda f: round(f, 1))
+          | st.text("ab\u00e9\U0001F600\n'\"", max_size=2))
+q_scalars = q_weighted((3, q_common), (1, q_rare))       # common values meet often
+q_leaves = q_weighted((3, q_scalars), (1, st.lists(q_scalars, max_size=3)))
+q_objects = st.fixed_dictionaries({}, optional={"x": q_leaves, "y": q_scalars})
+q_docs = q_weighted(
+    (8, st.fixed_dictionaries({}, optional={
+        "a": q_leaves, "b": q_leaves, "é": q_scalars, "a.b": q_scalars, "$k": q_scalars,
+        "n": q_objects | q_scalars, "arr": st.lists(q_scalars | q_objects, max_size=3)})),
+    (1, q_scalars), (1, st.lists(q_scalars, max_size=2)))
+q_orderable = st.one_of(st.integers(-3, 3), st.sampled_from([1.5, -0.0, 2**63, "", "a", "b",
+                                                              "é", "1"]), st.text("ab", max_size=2))
+q_operator = st.one_of(
+    st.tuples(st.sampled_from(["$eq", "$ne", "$contains"]), q_scalars),
+    st.tuples(st.sampled_from(["$gt", "$gte", "$lt", "$lte"]), q_orderable),
+    st.tuples(st.sampled_from(["$in", "$nin"]), st.lists(q_scalars, max_size=3)),
+    st.tuples(st.just("$exists"), st.booleans()))
+q_conditions = st.recursive(
+    q_scalars | st.lists(q_scalars, max_size=3)
+    | st.lists(q_operator, min_size=1, max_size=2).map(dict),
+    lambda inner: inner.map(lambda c: {"$not": c}), max_leaves=3)
+Q_LIKELY = ["a", "b", "é", '"a.b"', '"$k"', "n", "n.x", "arr[0]"]    # paths most documents hold
+q_paths = q_weighted((3, st.sampled_from(Q_LIKELY)), (1, st.sampled_from(Q_PATHS)))
+q_filters = st.recursive(
+    q_weighted((20, st.dictionaries(q_paths, q_conditions, min_size=1, max_size=2)),
+               (1, st.just({}))),
+    lambda inner: st.one_of(
+        st.lists(inner, min_size=1, max_size=3).map(lambda fs: {"$and": fs}),
+        st.lists(inner, min_size=1, max_size=3).map(lambda fs: {"$or": fs}),
+        inner.map(lambda f: {"$not": f}),
+        st.tuples(inner, inner).map(lambda two: {**two[0], **two[1]})),
+    max_leaves=6)
+q_order_by = st.lists(st.sampled_from(Q_PATHS).flatmap(lambda p: st.sampled_from([p, "-" + p])),
+                      max_size=2)
+QUERY_SETTINGS = settings(max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+
+
+def indexed_twins(db, kind):
+    """Two empty structures of ``kind``: one with a field index on every test path."""
+    make = getattr(db, kind)
+    plain, indexed = make("plain"), make("indexed")
+    for path in Q_PATHS:
+        indexed.create_index(path)
+    return plain, indexed
+
+
+def dict_twins(db, docs):
+    """``indexed_twins`` of dicts holding ``docs`` under keys k00, k01...; and those pairs."""
+    plain, indexed = indexed_twins(db, "dict")
+    pairs = [(f"k{i:02d}", doc) for i, doc in enumerate(docs)]
+    with db.transaction():
+        for key, doc in pairs:
+            plain[key] = indexed[key] = doc
+    return plain, indexed, pairs
+
+
+@QUERY_SETTINGS
+@given(docs=st.lists(q_docs, max_size=12), filters=st.lists(q_filters, min_size=1, max_size=5))
+def test_dict_find_matches_the_oracle_with_and_without_indexes(docs, filters):
+    with BeaverDB(":memory:") as db:
+        plain, indexed, pairs = dict_twins(db, docs)
+        for where in filters:
+            expected = [(k, d) for k, d in pairs if oracle_match(where, d)]
+            assert plain.find(where) == expected, where
+            assert indexed.find(where) == expected, where
+
+
+@QUERY_SETTINGS
+@given(docs=st.lists(q_docs, max_size=12), filters=st.lists(q_filters, min_size=1, max_size=5),
+       order=st.sampled_from(["asc", "desc"]))
+def test_log_range_where_matches_the_oracle_with_and_without_indexes(docs, filters, order):
+    with BeaverDB(":memory:") as db:
+        plain, indexed = indexed_twins(db, "log")
+        entries = [(1000 + (i * 7) % 5, i, doc) for i, doc in enumerate(docs)]  # equal times too
+        with db.transaction():
+            for when, _, doc in entries:
+                plain.log(doc, timestamp=when)
+                indexed.log(doc, timestamp=when)
+        entries.sort(key=lambda e: e[:2], reverse=order == "desc")
+        for where in filters:
+            expected = [(when, doc) for when, _, doc in entries if oracle_match(where, doc)]
+            for log in (plain, indexed):
+                got = [(e.timestamp.timestamp(), e.data) for e in log.range(where=where,
+                                                                            order=order)]
+                assert got == expected, where
+            low = [(t, d) for t, d in expected if t >= 1002]
+            assert [e.data for e in indexed.range(start=1002, where=where, order=order)] == \
+                [d for _, d in low]
+
+
+@QUERY_SETTINGS
+@given(docs=st.lists(q_docs, max_size=12), where=q_filters, order_by=q_order_by,
+       limit=st.none() | st.integers(0, 5), offset=st.integers(0, 4))
+def test_dict_find_order_and_paging_match_the_oracle(docs, where, order_by, limit, offset):
+    with BeaverDB(":memory:") as db:
+        plain, indexed, pairs = dict_twins(db, docs)
+        ordered = oracle_sorted([(k, d) for k, d in pairs if oracle_match(where, d)], order_by)
+        expected = ordered[offset:None if limit is None else offset + limit]
+        for d in (plain, indexed):
+            assert d.find(where, order_by=order_by, limit=limit, offset=offset) == expected
+
+
+def test_filter_null_and_missing_fields(db):
+    d = db.dict("nulls")
+    d.update(null={"x": None}, missing={}, zero={"x": 0}, false={"x": False}, text={"x": "null"})
+    keys = lambda where: [k for k, _ in d.find(where)]          # noqa: E731
+    assert keys({"x": None}) == ["null"]                          # explicit null only
+    assert keys({"x": {"$exists": False}}) == ["missing"]
+    assert keys({"x": {"$exists": True}}) == ["false", "null", "text", "zero"]
+    assert keys({"x": {"$ne": None}}) == ["false", "missing", "text", "zero"]   # missing too
+    assert keys({"x": {"$nin": [0, None]}}) == ["false", "missing", "text"]
+    assert keys({"$not": {"x": 0}}) == ["false", "missing", "null", "text"]
+    assert keys({"x": {"$not": {"$gt": -1}}}) == ["false", "missing", "null", "text"]
+    assert keys({"$or": [{"x": None}, {"x": {"$exists": False}}]}) == ["missing", "null"]
+
+
+def test_filter_comparisons_follow_json_types(db):
+    d = db.dict("types")
+    d.update(one={"v": 1}, one_f={"v": 1.0}, true={"v": True}, text={"v": "1"},
+             arr={"v": [1]}, arr_text={"v": "[1]"}, obj={"v": {"a": 1}}, big={"v": 2**63})
+    keys = lambda where: [k for k, _ in d.find(where)]          # noqa: E731
+    assert keys({"v": 1}) == keys({"v": 1.0}) == ["one", "one_f"]   # 1 == 1.0, never true or "1"
+    assert keys({"v": True}) == ["true"] and keys({"v": "1"}) == ["text"]
+    assert keys({"v": "[1]"}) == ["arr_text"]                     # not the array [1]
+    assert keys({"v": {"$gte": 1}}) == ["big", "one", "one_f"]    # numbers with numbers only
+    assert keys({"v": {"$gte": ""}}) == ["arr_text", "text"]      # strings with strings only
+    assert keys({"v": {"$contains": 1}}) == ["arr"] and keys({"v": {"$contains": True}}) == []
+    assert keys({"v": 2**63}) == ["big"] and keys({"v": [True, "1"]}) == ["text", "true"]
+
+
+def test_filter_paths_quoted_keys_items_and_unicode(db):
+    d = db.dict("paths")
+    d["a"] = {"v1.2": {"notes": "x"}, "$set": 1, "tags": ["p", "q"], "ключ": {"é": 2},
+              "it's": 3, "a b": 4, "": 5}
+    d["b"] = {"tags": ["q"], "v1": {"2": {"notes": "x"}}}
+    keys = lambda where: [k for k, _ in d.find(where)]          # noqa: E731
+    assert keys({'"v1.2".notes': "x"}) == ["a"]
+    assert keys({'"$set"': 1}) == ["a"]
+    assert keys({"tags[1]": "q"}) == ["a"] and keys({"tags[0]": "q"}) == ["b"]
+    assert keys({"ключ.é": 2}) == ["a"] and keys({"it's": 3}) == ["a"]
+    assert keys({"a b": 4}) == ["a"] and keys({'""': 5}) == ["a"]
+    assert keys({"v1.2.notes": "x"}) == ["b"]   # dots walk objects: v1 -> "2" -> notes
+    d.create_index('"v1.2".notes')
+    d.create_index("ключ.é")
+    assert d.indexes() == ['"v1.2".notes', "ключ.é"]
+    assert d.explain(where={'"v1.2".notes': "x"})["index"] == '"v1.2".notes'
+    assert keys({'"v1.2".notes': "x"}) == ["a"]
+
+
+@pytest.mark.parametrize("where, part", [
+    ({"x": {"$regex": "a"}}, "unknown operator '$regex'"),
+    ({"$nor": [{"x": 1}]}, "'$nor'"),
+    ({"x": {"$gt": None}}, "$gt compares numbers or strings"),
+    ({"x": {"$lt": [1]}}, "expected a JSON scalar"),
+    ({"x": {"$in": 1}}, "expected a list"),
+    ({"x": {"$in": [1, {"a": 1}]}}, "['x']['$in'][1]"),
+    ({"x": {"$exists": 1}}, "$exists takes true or false"),
+    ({"x": float("nan")}, "not a JSON number"),
+    ({"x": {"$gte": float("inf")}}, "not a JSON number"),
+    ({"x": 10**5000}, "an integer of 16610 bits is beyond the range of JSON numbers"),
+    ({"x": "a\x00b"}, "NUL"),
+    ({"x": "\ud800"}, "not valid Unicode"),
+    ({1: 2}, "a field path is a str"),
+    ({"": 1}, "bad field path ''"),
+    ({"a..b": 1}, "bad field path"),
+    ({"a[x]": 1}, "bad field path"),
+    ({'a"b': 1}, "bad field path"),
+    ({"a\\b": 1}, "bad field path"),
+    ({"a\nb": 1}, "bad field path"),
+    ({"a.\ud800": 1}, "not valid Unicode"),
+    ({"$or": []}, "$or takes a non-empty list"),
+    ({"$and": {"x": 1}}, "$and takes a non-empty list"),
+    ({"$not": [{"x": 1}]}, "a filter is a dict"),
+    ({"x": {}}, "a condition dict holds operators"),
+    ({"x": {"a": 1}}, "whole objects are not compared"),
+    ({"x": {"$eq": 1, "b": 2}}, "a condition dict holds operators"),
+    ([("x", 1)], "a filter is a dict"),
+    ({"x": {"$eq": b"1"}}, "not bytes"),
+])
+def test_malformed_filters_raise_before_any_sql(db, where, part):
+    d, log = db.dict("users"), db.log("events")
+    len(d)                                      # open this thread's connection first
+    statements = []
+    db._core.conn().set_trace_callback(statements.append)
+    try:
+        for call in (lambda: d.find(where), lambda: log.range(where=where),
+                     lambda: d.explain(where=where), lambda: log.live(1, 1, where=where)):
+            with pytest.raises(ValueError) as info:
+                call()
+            assert isinstance(info.value, beaver.ValidationError)
+            assert part in str(info.value)
+    finally:
+        db._core.conn().set_trace_callback(None)
+    assert statements == []
+
+
+def test_filter_limits_on_depth_and_size(db):
+    d = db.dict("limits")
+    where = {"x": 1}
+    for _ in range(beaver.FILTER_MAX_DEPTH):
+        where = {"$not": where}
+    d.find(where)                                                  # at the limit: fine
+    with pytest.raises(beaver.ValidationError, match="nests deeper"):
+        d.find({"$not": where})
+    wide = {"$and": [{"x": i} for i in range(beaver.FILTER_MAX_CONDITIONS)]}
+    assert d.find(wide) == []
+    with pytest.raises(beaver.ValidationError, match="at most"):
+        d.find({"$and": [{"x": i} for i in range(beaver.FILTER_MAX_CONDITIONS + 1)]})
+    d["k"] = {"x": 5}
+    assert d.find({"x": {"$in": list(range(100_000))}}) == [("k", {"x": 5})]   # one parameter
+
+
+@pytest.mark.parametrize("order_by, message", [
+    (5, "order_by is a path or a list"), (["a", 3], "a field path is a str"),
+    ("-", "bad field path"), ("a.", "bad field path")])
+def test_bad_order_by_raises(db, order_by, message):
+    with pytest.raises(beaver.ValidationError, match=re.escape(message)):
+        db.dict("d").find(order_by=order_by)
+
+
+@pytest.mark.parametrize("limit, offset, error", [
+    (-1, 0, ValueError), (1, -1, ValueError), (1.5, 0, TypeError), (True, 0, TypeError),
+    (None, None, TypeError), ("3", 0, TypeError)])
+def test_bad_paging_raises(db, limit, offset, error):
+    with pytest.raises(error):
+        db.dict("d").find(limit=limit, offset=offset)
+    with pytest.raises(error):
+        db.log("l").range(limit=limit, offset=offset)
+
+
+def test_dict_find_order_by_paths_with_ties_by_key(db):
+    d = db.dict("people")
+    d.update(c={"age": 30, "name": "Cy"}, a={"age": 30, "name": "Al"}, b={"age": 25},
+             d={"name": "Di"}, e={"age": None})
+    assert [k for k, _ in d.find(order_by="age")] == ["d", "e", "b", "a", "c"]
+    assert [k for k, _ in d.find(order_by="-age")] == ["a", "c", "b", "e", "d"]
+    assert [k for k, _ in d.find(order_by=["-age", "-name"])] == ["c", "a", "b", "e", "d"]
+    assert [k for k, _ in d.find(order_by="-age", limit=2, offset=1)] == ["c", "b"]
+    assert d.find(limit=0) == [] and [k for k, _ in d.find(offset=3)] == ["d", "e"]
+    d.create_index("age")
+    assert d.explain(order_by="age")["index"] == "age"
+    assert [k for k, _ in d.find(order_by="-age", limit=2, offset=1)] == ["c", "b"]
+
+
+def test_dict_find_sees_live_keys_only(db, clock):
+    d = db.dict("cache")
+    d.set("old", {"v": 1}, ttl_seconds=10)
+    d.set("new", {"v": 1}, ttl_seconds=100)
+    d["forever"] = {"v": 1}
+    d.create_index("v")
+    assert [k for k, _ in d.find({"v": 1})] == ["forever", "new", "old"]
+    clock.advance(50)
+    assert [k for k, _ in d.find({"v": 1})] == ["forever", "new"]
+    assert [k for k, _ in d.find(order_by="v")] == ["forever", "new"]
+
+
+def test_dict_find_with_models(db):
+    users = db.dict("users", model=Person)
+    users["ada"] = Person(name="Ada", age=36, tags=["admin"], address=Address(city="London"))
+    users["bob"] = Person(name="Bob", age=25, address=Address(city="Paris"))
+    users.create_index("address.city")
+    assert users.find({"address.city": "London"}) == [("ada", users["ada"])]
+    assert users.find({"tags": {"$contains": "admin"}, "age": {"$gt": 30}})[0][1].name == "Ada"
+    assert [u.name for _, u in users.find(order_by="-age")] == ["Ada", "Bob"]
+    assert users.explain(where={"address.city": "Paris"})["index"] == "address.city"
+
+
+def test_explain_shows_the_field_index_when_one_exists(db):
+    d, other = db.dict("users"), db.dict("others")
+    for i in range(200):
+        d[f"u{i}"] = other[f"u{i}"] = {"age": i % 50, "city": ["x", "y"][i % 2]}
+    where = {"age": {"$gte": 40}}
+    assert d.explain(where=where)["index"] is None
+    d.create_index("age")
+    plan = d.explain(where=where)
+    assert plan["index"] == "age" and any("USING INDEX beaver_fx_" in p for p in plan["plan"])
+    assert d.explain(where={"city": "x", "age": 3})["index"] == "age"
+    assert d.explain(where={"$and": [{"city": "x"}, {"age": [1, 2]}]})["index"] == "age"
+    assert d.explain(where={"city": "x"})["index"] is None          # no index on city
+    assert other.explain(where=where)["index"] is None               # the index is per structure
+    assert "PRIMARY KEY" in other.explain(where=where)["plan"][0]
+    assert d.find(where) == [(k, v) for k, v in d.items() if v["age"] >= 40]
+    assert d.drop_index("age") is True and d.drop_index("age") is False
+    assert d.explain(where=where)["index"] is None and d.indexes() == []
+
+
+def test_log_explain_and_range_with_an_index(db):
+    logs = db.log("requests")
+    for i in range(300):
+        logs.log({"status": [200, 404, 500][i % 3], "ms": i}, timestamp=1000 + i)
+    where = {"status": 500}
+    assert logs.explain(where=where)["index"] is None
+    logs.create_index("status")
+    assert logs.indexes() == ["status"]
+    assert logs.explain(where=where)["index"] == "status"
+    assert logs.explain(where=where, start=1100, end=1200, order="desc")["index"] == "status"
+    assert logs.explain(start=1100)["index"] is None                # time alone: the time index
+    last = logs.range(where=where, order="desc", limit=3)
+    assert [e.data["ms"] for e in last] == [299, 296, 293]
+    page = logs.range(start=1100, end=1200, where={"status": {"$in": [404, 500]}}, offset=2,
+                      limit=3)
+    assert [e.data["ms"] for e in page] == [103, 104, 106]
+    assert [e.data["ms"] for e in logs.range(end=1004)] == [0, 1, 2, 3, 4]   # old calls work
+
+
+def test_field_indexes_persist_and_are_shared(tmp_path):
+    path = tmp_path / "shared.db"
+    with BeaverDB(path) as first:
+        first.dict("users").create_index("age")
+        first.dict("users").create_index("age")                   # again: nothing happens
+        first.log("events").create_index("level")
+        with BeaverDB(path) as second:                             # another connection sees it
+            assert second.dict("users").indexes() == ["age"]
+            second.dict("users").drop_index("age")
+            assert first.dict("users").indexes() == []
+            second.dict("users").create_index("age")
+        users = first.dict("users")
+        users["a"] = {"age": 3}
+        users.clear()                                              # clear keeps the index
+        assert users.indexes() == ["age"]
+    with BeaverDB(path) as again:
+        assert again.dict("users").indexes() == ["age"]
+        assert again.log("events").indexes() == ["level"]
+        assert again.dict("events").indexes() == []                # per kind and name
+        assert again.dict("users").explain(where={"age": 3})["index"] == "age"
+
+
+HOSTILE_NAMES = ["x'); DROP TABLE beaver_dicts; --", 'q"uote', "new\nline", "100%", "..",
+                 "ünï/cødé 🦫", "' OR 1=1 --", "users"]
+
+
+def test_hostile_names_and_paths_cannot_change_the_query(db):
+    raw_tables = db._core.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    for name in HOSTILE_NAMES:
+        d = db.dict(name)
+        d["k"] = {"age": 1, "x'); DROP TABLE beaver_dicts; --": name}
+        d["j"] = {"age": 2}
+        d.create_index("age")
+        d.create_index("\"x'); DROP TABLE beaver_dicts; --\"")
+    for name in HOSTILE_NAMES:                  # each index covers its own structure only
+        d = db.dict(name)
+        assert d.find({"age": 1}) == [("k", d["k"])]
+        assert d.find({"x'); DROP TABLE beaver_dicts; --": name}) == [("k", d["k"])]
+        assert d.explain(where={"age": 1})["index"] == "age"
+        assert d.indexes() == ["age", "x'); DROP TABLE beaver_dicts; --"]   # canonical
+    raw_tables += 2 * len(HOSTILE_NAMES)        # two indexes each, nothing else
+    assert db._core.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == raw_tables
+    sqls = [row[0] for row in db._core.execute(
+        "SELECT sql FROM sqlite_master WHERE name LIKE 'beaver_fx_%'")]
+    assert sum("WHERE +name = 'x''); DROP TABLE beaver_dicts; --'" in s for s in sqls) == 2
+    assert db._core.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text())
+def test_sql_text_is_one_literal_whatever_the_text(text):
+    conn = sqlite3.connect(":memory:")
+    try:
+        literal = beaver._sql_text(text)
+    except beaver.ValidationError:
+        assert "\x00" in text or any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+        return
+    try:
+        assert conn.execute(f"SELECT {literal}, 1").fetchall() == [(text, 1)]
+    finally:
+        conn.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.text(min_size=1, max_size=8))
+def test_any_addressable_key_reaches_its_value_and_nothing_else(key):
+    conn = sqlite3.connect(":memory:")
+    try:
+        path = beaver._field_path(f'"{key}"')
+    except beaver.ValidationError:
+        assert any(c in key for c in '"\\') or any(ord(c) < 32 for c in key) or \
+            any(0xD800 <= ord(c) <= 0xDFFF for c in key)
+        return
+    try:
+        doc = beaver._json_dumps({key: "hit", "other": "miss"})
+        assert conn.execute(f"SELECT json_extract(?, {path.sql})", (doc,)).fetchone() == ("hit",)
+        assert beaver._field_path(path.text) == path                 # canonical spelling
+    finally:
+        conn.close()
+
+
+def test_index_on_a_name_sql_cannot_hold_is_refused(db):
+    for bad in ("a\x00b", "\ud800"):
+        for call in (lambda d: d.create_index("x"), lambda d: d.drop_index("x")):
+            with pytest.raises(beaver.ValidationError, match="NUL|not valid Unicode"):
+                call(db.dict(bad))
+    with pytest.raises(beaver.ValidationError, match="bad field path"):
+        db.dict("d").create_index("a..b")
+    with pytest.raises(beaver.ValidationError, match="a field path is a str"):
+        db.dict("d").drop_index(1)
+    assert db.dict("d").indexes() == []
+
+
+def test_log_live_where_keeps_matching_entries(db):
+    logs = db.log("app")
+    logs.log({"level": "error", "n": 1})
+    logs.log({"level": "info", "n": 2})
+    with logs.live(window=60, period=0.01, where={"level": "error"},
+                   aggregator=lambda rows: [r["n"] for r in rows]) as view:
+        views = iter(view)
+        assert next(views) == [1]
+        for n in range(3, 8):
+            logs.log({"level": "info" if n % 2 else "error", "n": n})
+        assert next(views) == [1, 4, 6]
+        logs.log({"level": "info", "n": 8})
+        assert next(views) == [1, 4, 6]
+        assert view._last_seq == db._core.execute("SELECT max(seq) FROM beaver_logs").fetchone()[0]
+
+
+def test_async_find_and_live_where(db):
+    d = db.dict("users")
+    d["a"] = {"age": 3}
+    logs = db.log("l")
+    logs.log({"ok": True})
+    logs.log({"ok": False})
+
+    async def main():
+        found = await d.as_async().find({"age": 3})
+        async with logs.as_async().live(60, 0.01, aggregator=len, where={"ok": True}) as view:
+            async for count in view:
+                return found, count
+    assert asyncio.run(main()) == ([("a", {"age": 3})], 1)
+
+
+def test_nan_and_infinity_are_not_json_and_are_refused(db):
+    d = db.dict("numbers")
+    for bad in (float("nan"), float("inf"), {"x": [float("-inf")]}):
+        with pytest.raises(TypeError, match="JSON"):
+            d["k"] = bad
+        with pytest.raises(TypeError, match="JSON"):
+            db.log("l").log(bad)
+    assert len(d) == 0 and len(db.log("l")) == 0
+
+
+def test_readme_queries_section_runs(in_tmp):
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Queries and filters\n")[1].split("\n## ")[0]
+    namespace = {}
+    for block in re.findall(r"```python\n(.*?)```", section, re.S):
+        exec(block, namespace)
+    assert [k for k, _ in namespace["work"]] == ["n1", "n3"]
+    assert [k for k, _ in namespace["newest"]] == ["n4", "n1"]
+    assert [k for k, _ in namespace["page"]] == ["n1", "n2"]
+    assert [e.data["status"] for e in namespace["errors"]] == [500, 500]
+    assert namespace["error_count"] == 2 and namespace["plan"]["index"] == "year"
 
 
 # ---- dict ----
@@ -3094,6 +3688,7 @@ def test_lock_works_on_files_without_the_ttl_column(tmp_path):
 
 import json
 import multiprocessing
+import operator
 import threading
 
 from beaver import Document, FeatureUnavailable, ValidationError, rerank
