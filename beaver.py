@@ -19,7 +19,8 @@ __all__ = [
     "BeaverDB", "Model", "QueueItem", "Blob", "Lock",
     "DictManager", "ListManager", "QueueManager", "BlobManager", "AsyncManager",
     "LeasedItem", "LogManager", "LogEntry", "LiveView", "ChannelManager", "Subscriber",
-    "AsyncChannelManager", "AsyncSubscriber", "AsyncLogManager", "AsyncLock",
+    "AsyncChannelManager", "AsyncSubscriber", "AsyncLogManager", "AsyncLock", "Stream",
+    "AsyncStream", "AsyncLiveView",
     "BeaverError", "ClosedError", "SchemaError", "LockTimeout", "LockLost", "QueueEmpty",
     "Timeout", "DatabaseBusy", "ValidationError", "FeatureUnavailable",
     "Document", "CollectionManager", "rerank",
@@ -864,6 +865,12 @@ class _FileNotify:
             os.close(self.fd)
 
 
+def _settle(futures):
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
+
+
 class _Watcher:
     """Wakes waiting threads when the database changes, whichever process wrote.
 
@@ -871,7 +878,8 @@ class _Watcher:
     bumps ``tick`` when another connection has committed. On Linux it sleeps on inotify events
     of the ``-wal`` file (every commit appends to it) and then polls every millisecond for a
     short while; elsewhere (or with ``BEAVER_WATCH=poll``) it polls every millisecond. Writers
-    of this process bump ``tick`` directly. Waiters sleep on one condition.
+    of this process bump ``tick`` directly. Threads sleep on one condition; coroutines
+    (``wait_for_async``) await a future that the same wake-up settles.
     """
 
     def __init__(self, core):
@@ -881,11 +889,18 @@ class _Watcher:
         self.users = 0
         self._thread = None
         self._stopping = False
+        self._futures: dict = {}      # event loop -> futures of coroutines awaiting a tick
 
     def wake(self):
         with self._cond:
             self.tick += 1
             self._cond.notify_all()
+            if not self._futures:
+                return
+            waiting, self._futures = self._futures, {}
+        for loop, futures in waiting.items():   # one hop per event loop, however many wait
+            with contextlib.suppress(RuntimeError):     # that loop has closed meanwhile
+                loop.call_soon_threadsafe(_settle, futures)
 
     @contextlib.contextmanager
     def watching(self):
@@ -925,6 +940,41 @@ class _Watcher:
                     return None
                 limit = cap() if callable(cap) else cap
                 self.wait(tick, deadline.remaining(limit))
+
+    async def wait_for_async(self, probe, timeout=None, cap=None, run=None, stop=None):
+        """``wait_for`` for asyncio: awaits changes instead of holding a thread while it waits.
+
+        ``run(probe)`` is awaited for each attempt (e.g. ``probe`` run in a thread pool, so
+        SQLite never runs on the event loop). ``stop`` (an ``asyncio.Future``) ends the wait
+        early: a probe in progress finishes first, and its result is returned.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = _Deadline(timeout)
+        with self.watching():
+            while True:
+                tick = self.tick
+                result = await run(probe)
+                if result is not None or (stop is not None and stop.done()):
+                    return result
+                if self._stopping:
+                    raise ClosedError("the database was closed while waiting")
+                if deadline.expired:
+                    return None
+                limit = cap() if callable(cap) else cap
+                await self._tick_after(loop, tick, deadline.remaining(limit), stop)
+
+    async def _tick_after(self, loop, tick, timeout, stop):
+        """Return once ``tick`` moved on, ``timeout`` seconds passed or ``stop`` is done."""
+        future = loop.create_future()
+        with self._cond:
+            if self.tick != tick or self._stopping:
+                return
+            self._futures.setdefault(loop, []).append(future)
+        waits = {future} if stop is None else {future, stop}
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            future.cancel()
 
     def _start(self):
         if self._thread is None or not self._thread.is_alive():
@@ -990,8 +1040,7 @@ class _Watcher:
 
     def stop(self):
         self._stopping = True
-        with self._cond:
-            self._cond.notify_all()
+        self.wake()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=1.0)
@@ -1435,6 +1484,92 @@ def _read_dump(data_or_fp) -> dict:
     if not isinstance(data, dict):
         raise ValueError("a dump is a JSON object with 'metadata' and 'items'")
     return data
+
+
+_CLOSED = object()      # what a push stream's inbox receives when the stream closes
+
+
+class Stream:
+    """Values that arrive over time: a channel subscription, a live view, a remote stream.
+
+        >>> with db.channel("chat").subscribe() as sub:
+        ...     for message in sub.listen(timeout=5):
+        ...         print(message)
+
+    ``get(timeout)`` returns the next value (``TimeoutError`` after ``timeout`` seconds
+    without one); iterating (or ``listen()``) yields values until ``close()``; a ``with``
+    block closes it; ``as_async()`` is its asyncio face. A push source hands raw values to
+    ``_deliver`` from any thread and ``_decode`` makes them what the caller sees; a pull
+    source (``LiveView``) computes each value when it is due instead (``_due``/``_produce``).
+    """
+
+    _what = "value"
+
+    def __init__(self):
+        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._sink = self._inbox.put
+        self.closed = False
+
+    def _deliver(self, raw):
+        self._sink(raw)
+
+    def _decode(self, raw):
+        return raw
+
+    def _stop(self):
+        """Detach from the source (``close()`` calls it once)."""
+
+    def _next(self, timeout):
+        try:
+            raw = self._inbox.get(timeout=timeout)
+        except _queue.Empty:
+            raise Timeout(f"no {self._what} arrived within {timeout}s") from None
+        if raw is _CLOSED:
+            self._inbox.put(_CLOSED)
+            raise ClosedError(f"the {type(self).__name__.lower()} is closed")
+        return raw
+
+    def get(self, timeout=None):
+        """The next value; ``TimeoutError`` after ``timeout`` seconds without one."""
+        return self._decode(self._next(_seconds(timeout, "timeout")))
+
+    def listen(self, timeout=None):
+        """Yield values as they arrive, until ``close()``.
+
+        ``timeout`` bounds each wait: if nothing arrives for that long, ``TimeoutError`` is
+        raised (catch it to stop listening). Without it, the wait is unbounded.
+        """
+        while True:
+            try:
+                yield self.get(timeout)
+            except ClosedError:
+                return
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return self.get()
+        except ClosedError:
+            raise StopIteration from None
+
+    def close(self):
+        """Stop the stream; a ``listen()`` or iteration in progress ends."""
+        if not self.closed:
+            self.closed = True
+            self._stop()
+            self._sink(_CLOSED)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def as_async(self) -> "AsyncStream":
+        """The asyncio face: ``async for value in stream.as_async(): ...``."""
+        return AsyncStream(self)
 
 
 # ==========================================================================================
@@ -2374,10 +2509,11 @@ class LogManager(_Manager):
         return AsyncLogManager(self)
 
 
-class LiveView:
-    """The iterator returned by ``LogManager.live``: a rolling window, updated incrementally."""
+class LiveView(Stream):
+    """The stream returned by ``LogManager.live``: a rolling window, updated incrementally."""
 
     def __init__(self, log, window, period, aggregator):
+        super().__init__()
         self._log = log
         self.window = _seconds(window, "window")
         self.period = _seconds(period, "period")
@@ -2388,28 +2524,30 @@ class LiveView:
         self._aggregator = aggregator
         self._entries: collections.deque = collections.deque()   # (timestamp, seq, data)
         self._last_seq = None
-        self._due = None
-        self._closed = threading.Event()
+        self._due_at = None
+        self._stopped = threading.Event()
 
-    def __iter__(self):
-        return self
+    def _next(self, timeout):
+        wait = self._due()
+        if timeout is not None and wait > timeout:
+            if not self._stopped.wait(timeout):
+                raise Timeout(f"no update of the live view within {timeout}s")
+        if self.closed or (wait > 0 and self._stopped.wait(wait)):
+            raise ClosedError("the live view is closed")
+        return self._produce()
 
-    def __next__(self):
-        if self._closed.is_set():
-            raise StopIteration
-        if self._due is not None:
-            wait = self._due - time.monotonic()
-            if wait > 0 and self._closed.wait(wait):
-                raise StopIteration
-        return self._tick()
+    def _stop(self):
+        self._stopped.set()
 
-    def _wait_time(self) -> float:
-        return 0.0 if self._due is None else max(0.0, self._due - time.monotonic())
+    def _due(self) -> float:
+        """Seconds until the next value is due."""
+        return 0.0 if self._due_at is None else max(0.0, self._due_at - time.monotonic())
 
-    def _tick(self):
+    def _produce(self):
         """Read the new rows, drop the old ones, and aggregate the window."""
         now = time.monotonic()
-        self._due = now + self.period if self._due is None else max(self._due + self.period, now)
+        self._due_at = now + self.period if self._due_at is None else max(
+            self._due_at + self.period, now)
         if self._last_seq is None:
             self._load()
         else:
@@ -2447,20 +2585,6 @@ class LiveView:
             else:                   # logged with an older timestamp: keep the window sorted
                 ordered = sorted([*entries, entry], key=lambda e: e[:2])
                 self._entries = entries = collections.deque(ordered)
-
-    def close(self):
-        """Stop the view; a blocked iteration ends at once."""
-        self._closed.set()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return f"<LiveView {self._log.name!r} window={self.window}s period={self.period}s>"
@@ -2587,63 +2711,26 @@ class ChannelManager(_Manager):
         return AsyncChannelManager(self)
 
 
-_CLOSED = object()
-
-
-class Subscriber:
+class Subscriber(Stream):
     """One subscription to a channel; use it in a ``with`` block and iterate ``listen()``."""
 
     def __init__(self, channel, sink=None):
+        super().__init__()
         self.channel = channel
-        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
-        self._sink = sink or self._inbox.put
+        if sink is not None:
+            self._sink = sink
         self.start = 0
-        self.closed = False
         channel._db._hub.add(self)
 
-    def _deliver(self, text):
-        self._sink(text)
+    @property
+    def _what(self):
+        return f"message on channel {self.channel.name!r}"
 
-    def get(self, timeout=None):
-        """The next message; ``TimeoutError`` after ``timeout`` seconds without one."""
-        timeout = _seconds(timeout, "timeout")
-        try:
-            text = self._inbox.get(timeout=timeout)
-        except _queue.Empty:
-            raise Timeout(f"no message on channel {self.channel.name!r} within {timeout}s"
-                          ) from None
-        if text is _CLOSED:
-            self._inbox.put(_CLOSED)
-            raise ClosedError("the subscription is closed")
+    def _decode(self, text):
         return self.channel._codec.decode(text)
 
-    def listen(self, timeout=None):
-        """Yield messages as they arrive, until ``close()``.
-
-        ``timeout`` bounds each wait: if no message arrives for that long, ``TimeoutError``
-        is raised (catch it to stop listening). Without it, the wait is unbounded.
-        """
-        while True:
-            try:
-                yield self.get(timeout)
-            except ClosedError:
-                return
-
-    def __iter__(self):
-        return self.listen()
-
-    def close(self):
-        """Stop receiving; a ``listen()`` in progress ends."""
-        if not self.closed:
-            self.closed = True
-            self.channel._db._hub.remove(self)
-            self._sink(_CLOSED)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    def _stop(self):
+        self.channel._db._hub.remove(self)
 
     def __repr__(self):
         return f"<Subscriber {self.channel.name!r}{' closed' if self.closed else ''}>"
@@ -4578,96 +4665,108 @@ class AsyncChannelManager(AsyncManager):
         ...         break
     """
 
-    def subscribe(self) -> "AsyncSubscriber":
+    def subscribe(self) -> "AsyncStream":
         """A subscription delivering into the running event loop (call it inside a coroutine)."""
-        return AsyncSubscriber(self._sync)
-
-
-class AsyncSubscriber:
-    """A channel subscription for asyncio: ``async for message in sub.listen()``."""
-
-    def __init__(self, channel):
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError("subscribe() on an async channel needs a running event loop"
-                               ) from None
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._sub = Subscriber(channel, sink=self._put)
-
-    def _put(self, text):
-        with contextlib.suppress(RuntimeError):      # the loop is already closed
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, text)
-
-    async def get(self, timeout=None):
-        """The next message; ``TimeoutError`` after ``timeout`` seconds without one."""
-        timeout = _seconds(timeout, "timeout")
-        try:
-            text = await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            raise Timeout(f"no message on channel {self._sub.channel.name!r} within "
-                          f"{timeout}s") from None
-        if text is _CLOSED:
-            self._queue.put_nowait(_CLOSED)
-            raise ClosedError("the subscription is closed")
-        return self._sub.channel._codec.decode(text)
-
-    async def listen(self, timeout=None):
-        """Yield messages until ``close()``; ``TimeoutError`` after ``timeout`` s of silence."""
-        while True:
-            try:
-                message = await self.get(timeout)
-            except ClosedError:
-                return
-            yield message
-
-    def __aiter__(self):
-        return self.listen()
-
-    def close(self):
-        """Stop receiving; a ``listen()`` in progress ends."""
-        self._sub.close()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        self.close()
+        return AsyncStream(Subscriber(self._sync))
 
 
 class AsyncLogManager(AsyncManager):
     """Awaitable twin of a log: ``async for summary in alog.live(window, period, agg)``."""
 
-    def live(self, window, period, aggregator=list) -> "AsyncLiveView":
+    def live(self, window, period, aggregator=list) -> "AsyncStream":
         """Like ``LogManager.live``, as an async iterator."""
-        return AsyncLiveView(self._sync.live(window, period, aggregator))
+        return AsyncStream(self._sync.live(window, period, aggregator))
 
 
-class AsyncLiveView:
-    """Async iterator over a ``LiveView``: waits with ``asyncio.sleep``, reads in a thread."""
+class AsyncStream:
+    """The asyncio face of a ``Stream``: ``await get()``, ``async for``, ``async with``.
 
-    def __init__(self, view):
-        self.view = view
+        >>> async with db.channel("chat").as_async().subscribe() as sub:
+        ...     async for message in sub.listen(timeout=5):
+        ...         print(message)
+
+    A push stream delivers straight into this event loop (no thread waits); a pull stream
+    (a live view) sleeps until its next value is due and computes it in a worker thread.
+    """
+
+    def __init__(self, stream):
+        self.sync = stream
+        self._pull = hasattr(stream, "_due")
+        if self._pull:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("an async stream needs a running event loop") from None
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(raw):
+            with contextlib.suppress(RuntimeError):      # the loop is already closed
+                loop.call_soon_threadsafe(queue.put_nowait, raw)
+        stream._sink = sink
+        with contextlib.suppress(_queue.Empty):          # what arrived before the switch
+            while True:
+                queue.put_nowait(stream._inbox.get_nowait())
+        self._queue = queue
+
+    async def get(self, timeout=None):
+        """The next value; ``TimeoutError`` after ``timeout`` seconds without one."""
+        timeout = _seconds(timeout, "timeout")
+        if self._pull:
+            return await self._produce(timeout)
+        try:
+            raw = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise Timeout(f"no {self.sync._what} arrived within {timeout}s") from None
+        if raw is _CLOSED:
+            self._queue.put_nowait(_CLOSED)
+            raise ClosedError("the stream is closed")
+        return self.sync._decode(raw)
+
+    async def _produce(self, timeout):
+        view, deadline = self.sync, _Deadline(timeout)
+        while not view.closed and view._due() > 0:
+            if deadline.expired:
+                raise Timeout(f"no update of the live view within {timeout}s")
+            await asyncio.sleep(deadline.remaining(min(view._due(), 0.25)))
+        if view.closed:
+            raise ClosedError("the live view is closed")
+        return await asyncio.to_thread(view._produce)
+
+    async def listen(self, timeout=None):
+        """Yield values until ``close()``; ``TimeoutError`` after ``timeout`` s of silence."""
+        while True:
+            try:
+                value = await self.get(timeout)
+            except ClosedError:
+                return
+            yield value
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
-        view = self.view
-        while not view.closed and view._wait_time() > 0:
-            await asyncio.sleep(min(view._wait_time(), 0.25))
-        if view.closed:
-            raise StopAsyncIteration
-        return await asyncio.to_thread(view._tick)
+        try:
+            return await self.get()
+        except ClosedError:
+            raise StopAsyncIteration from None
 
     def close(self):
-        self.view.close()
+        """Stop the stream; a ``listen()`` in progress ends."""
+        self.sync.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.sync.closed
 
     async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc):
         self.close()
+
+
+AsyncSubscriber = AsyncLiveView = AsyncStream    # the names of earlier versions
 
 
 class AsyncLock:
