@@ -5361,7 +5361,7 @@ _ENCODE = {
     "item": _wire_item,
     "dump": lambda m, v, n: _read_dump(v),
     "bytes": _wire_bytes,
-    "header": lambda m, v, n: None if v is None else _json_dumps(
+    "header": lambda m, v, n: None if v is None else json.dumps(   # ASCII, as headers are
         _json_loads(m._codec.encode(v))),
 }
 _TEXT_TYPES = frozenset(("str", "docid"))     # travel as they are; the rest travel as JSON
@@ -5387,7 +5387,7 @@ def _queue_item(item) -> dict:
 def _blob_reply(blob, manager):
     headers = {}
     if blob.metadata is not None:
-        headers["beaver-metadata"] = _json_dumps(_to_jsonable(blob.metadata))
+        headers["beaver-metadata"] = json.dumps(_to_jsonable(blob.metadata))   # ASCII
     meta = blob.metadata if isinstance(blob.metadata, dict) else {}
     for field in ("mimetype", "content_type", "content-type", "media_type"):
         media = meta.get(field)
@@ -5731,7 +5731,7 @@ def _request_of(manager, op, args):
             fields[param.name] = wire
         elif param.place == "header":
             if wire is not None:
-                headers += f"Beaver-Metadata: {json.dumps(json.loads(wire))}\r\n"
+                headers += f"Beaver-Metadata: {wire}\r\n"
         elif param.type in _RAW_BODY_TYPES:
             body = wire if isinstance(wire, bytes) else wire.encode("utf-8")
         else:

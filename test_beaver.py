@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -4015,37 +4015,54 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    """A real ``beaver serve`` process (``python -m beaver_server``) on 127.0.0.1."""
+def _start_server(path, *options, command=("-m", "beaver")):
+    """A real server process on 127.0.0.1 serving ``path``: (process, url)."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    path = tmp_path_factory.mktemp("server") / "served.db"
     port = _free_port()
     here = os.path.dirname(os.path.abspath(beaver.__file__))
     env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "beaver", "--database", str(path), "serve", "--port", str(port),
-         "--max-wait", "2", "--log-level", "warning"], env=env, cwd=here)
-    url = f"http://127.0.0.1:{port}"
+    argv = ([sys.executable, *command, "--database", str(path), "serve"] if command[-1] == "beaver"
+            else [sys.executable, *command, "--database", str(path)])
+    process = subprocess.Popen(argv + ["--port", str(port), "--log-level", "warning", *options],
+                               env=env, cwd=here)
     deadline = time.monotonic() + 30
-    try:
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                assert process.poll() is None, "the server process died"
-                assert time.monotonic() < deadline, "the server did not start in 30 s"
-                time.sleep(0.05)  # polling a port: nothing to wait on
-        yield url
-    finally:
-        process.terminate()
+    while True:
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            if process.poll() is not None:
+                raise AssertionError("the server process died")
+            if time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError("the server did not start in 30 s")
+            time.sleep(0.05)  # polling a port: nothing to wait on
+
+
+def _stop_server(process):
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A real ``beaver serve`` process on 127.0.0.1: (url, database path)."""
+    path = tmp_path_factory.mktemp("server") / "served.db"
+    process, url = _start_server(path, "--max-wait", "2")
+    try:
+        yield url, str(path)
+    finally:
+        _stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def server_url(served):
+    return served[0]
 
 
 @pytest.fixture(params=["local", "remote"])
@@ -4484,6 +4501,321 @@ def test_client_auth_against_real_server(tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# ---- the network face: exactly-once, names, parity, transactions, waits, security ----
+
+class _DroppingProxy:
+    """A TCP proxy that forwards requests and, when armed, drops the connection as soon as
+    the server starts answering: the server has done the work, the client never hears."""
+
+    def __init__(self, upstream_url):
+        self.upstream = ("127.0.0.1", int(upstream_url.rsplit(":", 1)[1]))
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.drops, self.dropped, self.forwarded = 0, 0, 0
+        self.on_drop = None
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, on_drop=None):
+        with self.lock:
+            self.drops, self.on_drop = 1, on_drop
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        upstream = socket.create_connection(self.upstream)
+        threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+        while True:
+            try:
+                data = upstream.recv(65536)
+            except OSError:
+                data = b""
+            with self.lock:
+                drop = bool(data) and self.drops > 0
+                if drop:
+                    self.drops, self.dropped = self.drops - 1, self.dropped + 1
+            if drop and self.on_drop is not None:
+                self.on_drop()
+            if not data or drop:
+                for sock in (client, upstream):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
+                return
+            with contextlib.suppress(OSError):
+                client.sendall(data)
+
+    def _pipe(self, source, target):
+        while True:
+            try:
+                data = source.recv(65536)
+                if not data:
+                    return
+                target.sendall(data)
+                self.forwarded += len(data)
+            except OSError:
+                return
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.fixture
+def lossy(served):
+    """(client through a dropping proxy, the proxy, a local BeaverDB on the served file)."""
+    proxy = _DroppingProxy(served[0])
+    client = beaver.BeaverClient(proxy.url)
+    local = BeaverDB(served[1])
+    yield client, proxy, local
+    client.close()
+    local.close()
+    proxy.close()
+
+
+def test_lost_response_list_push_and_queue_put_apply_once(lossy, uid):
+    client, proxy, local = lossy
+    proxy.arm()
+    client.list(f"{uid}-l").push("once")
+    proxy.arm()
+    client.queue(f"{uid}-q").put("once")
+    assert proxy.dropped == 2
+    assert list(local.list(f"{uid}-l")) == ["once"] and len(local.queue(f"{uid}-q")) == 1
+
+
+def test_lost_response_dict_set_and_index_are_not_applied_again(lossy, uid):
+    client, proxy, local = lossy
+    # between the lost answer and the retry, another writer changes the same data: a
+    # re-applied request would undo that change, a replayed one leaves it
+    proxy.arm(lambda: local.dict(f"{uid}-d").set("k", "other writer"))
+    client.dict(f"{uid}-d")["k"] = "client"
+    proxy.arm(lambda: local.collection(f"{uid}-c").drop("doc"))
+    assert client.collection(f"{uid}-c").index(beaver.Document(id="doc", body="x")).id == "doc"
+    assert proxy.dropped == 2
+    assert local.dict(f"{uid}-d")["k"] == "other writer"
+    assert "doc" not in local.collection(f"{uid}-c")
+
+
+@pytest.mark.parametrize("lease", [None, 30])
+def test_lost_response_queue_get_is_retried_to_the_same_item(lossy, uid, lease):
+    client, proxy, local = lossy
+    queue = local.queue(f"{uid}-q")
+    queue.put("first")
+    queue.put("second")
+    proxy.arm()
+    item = client.queue(f"{uid}-q").get(timeout=10, lease=lease)
+    assert proxy.dropped == 1 and item.data == "first"
+    assert [i.data for i in queue] == ["second"]
+    if lease:
+        assert client.queue(f"{uid}-q").ack(item) is True
+
+
+def test_lost_response_blocking_get_waits_then_answers_the_same_item(lossy, uid):
+    client, proxy, local = lossy
+    got = []
+    taker = threading.Thread(target=lambda: got.append(client.queue(f"{uid}-w").get(timeout=20)))
+    proxy.arm()
+    taker.start()
+    _rt_until(lambda: proxy.forwarded > 0)     # the get has reached the server
+    local.queue(f"{uid}-w").put("only")
+    local.queue(f"{uid}-w").put("spare")
+    taker.join(timeout=30)
+    assert [i.data for i in got] == ["only"] and proxy.dropped == 1
+    assert [i.data for i in local.queue(f"{uid}-w")] == ["spare"]
+
+
+def test_client_never_resends_a_write_without_a_key(lossy, uid):
+    client, proxy, local = lossy
+    proxy.arm()
+    with pytest.raises(beaver.RemoteError):     # no Idempotency-Key: not sent again
+        client._http.request("POST", f"/lists/{uid}-raw/push", b"1",
+                             "Content-Type: application/json\r\n")
+    assert list(local.list(f"{uid}-raw")) == [1]
+
+
+NAMES = st.one_of(st.sampled_from(["team/members", "a%2Fb", "%", "line\nbreak", "..", ".",
+                                   "x" * 5000, "é/ü", "😀", " lead", "tab\t", "?q=1", "#h"]),
+                  st.text(min_size=1, max_size=30))
+KEYS = st.one_of(st.sampled_from(["", "..", ".", "a/b", "/", "%2F", "\n", "x" * 6000]),
+                 st.text(max_size=30))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(name=NAMES, key=KEYS, value=st.integers())
+def test_remote_names_and_keys_match_the_local_oracle(served, name, key, value):
+    client = beaver.BeaverClient(served[0])
+    try:
+        with BeaverDB(served[1]) as local:
+            remote = client.dict(name)
+            remote[key] = value
+            assert local.dict(name)[key] == value and remote[key] == value
+            assert key in remote and remote.ttl(key) is None
+            assert sorted(remote) == sorted(local.dict(name))
+            client.list(name).push(key)
+            assert local.list(name)[-1] == key
+            client.blobs(name).put(key, b"\x00bytes", metadata={"k": key})
+            assert local.blobs(name)[key].metadata == {"k": key}
+            assert client.blobs(name)[key].data == b"\x00bytes"
+            del remote[key]
+            assert key not in local.dict(name)
+    finally:
+        client.close()
+
+
+def test_remote_clear_of_a_slashed_name_touches_only_that_name(anydb, uid):
+    anydb.dict(f"{uid}-team")["members"] = 1
+    anydb.dict(f"{uid}-team/members")["x"] = 2
+    anydb.dict(f"{uid}-team/members").clear()
+    assert anydb.dict(f"{uid}-team")["members"] == 1
+    assert len(anydb.dict(f"{uid}-team/members")) == 0
+
+
+def test_remote_misses_raise_what_local_raises(anydb, uid):
+    config = anydb.dict(f"{uid}-d")
+    with pytest.raises(KeyError) as missing:
+        config.ttl("missing")
+    assert missing.value.args == ("missing",)
+    config["new\nline"] = 1
+    assert config["new\nline"] == 1 and config.get("new\nline") == 1
+    with pytest.raises(TypeError):
+        config[3] = 1
+    assert 3 not in config
+    with pytest.raises(TypeError):
+        anydb.dict("")
+    with pytest.raises(IndexError):
+        anydb.list(f"{uid}-l")[0]
+    with pytest.raises(ValueError):
+        anydb.list(f"{uid}-l").remove("absent")
+    with pytest.raises(beaver.QueueEmpty):
+        anydb.queue(f"{uid}-q").get(block=False)
+
+
+def test_remote_has_what_was_missing(anydb, uid):
+    docs = anydb.collection(f"{uid}-docs")
+    assert docs.index_many([beaver.Document(id=str(i), body=f"text {i}") for i in range(3)]) == 3
+    assert len(docs) == 3
+    log = anydb.log(f"{uid}-log", retention=3600)
+    assert log.retention == 3600.0
+    log.log("ancient", timestamp=1.0)       # the first write prunes what the retention drops
+    log.log("fresh")
+    assert [e.data for e in log] == ["fresh"]
+    channel = anydb.channel(f"{uid}-ch", retention=None, max_messages=2)
+    assert (channel.retention, channel.max_messages) == (None, 2)
+    for n in range(5):
+        channel.publish(n)
+    channel.prune()
+    assert channel.history() == [3, 4]
+
+    async def locked():
+        async with anydb.lock(f"{uid}-lock").as_async() as held:
+            return held.token is not None
+    assert asyncio.run(locked())
+
+
+def test_remote_transaction_commits_all_or_nothing(anydb, uid):
+    accounts, ledger = anydb.dict(f"{uid}-accounts"), anydb.list(f"{uid}-ledger")
+    accounts["alice"] = 100
+    with anydb.transaction():
+        accounts["alice"] = 90
+        ledger.push({"from": "alice", "amount": 10})
+        with anydb.transaction():           # nested blocks join the outer one
+            accounts["bob"] = 10
+    assert accounts["alice"] == 90 and list(ledger) == [{"from": "alice", "amount": 10}]
+    assert accounts["bob"] == 10
+    with pytest.raises(RuntimeError):
+        with anydb.transaction():
+            accounts["alice"] = 0
+            ledger.push("never")
+            raise RuntimeError("abort")
+    assert accounts["alice"] == 90 and len(ledger) == 1
+    with pytest.raises(KeyError):           # a failing write rolls the whole block back
+        with anydb.transaction():
+            accounts["carol"] = 5
+            del accounts["nobody"]
+    assert "carol" not in accounts
+
+
+def test_remote_transaction_reads_and_results(server_url, uid):
+    client = beaver.BeaverClient(server_url)
+    try:
+        config = client.dict(f"{uid}-c")
+        config["k"] = "before"
+        with client.transaction():
+            config["k"] = "queued"
+            assert config["k"] == "before"      # reads go to the server at once
+            with pytest.raises(beaver.BeaverError):
+                client.list(f"{uid}-l").pop()   # needs its result: not in a transaction
+        assert config["k"] == "queued"
+    finally:
+        client.close()
+
+
+_LOCAL_ONLY = {
+    # BeaverDB: where the file is (the client has ``url`` instead)
+    ("BeaverDB", "path"),
+}
+
+
+def _public(cls):
+    return {name for name in dir(cls) if not name.startswith("_") or name in (
+        "__getitem__", "__setitem__", "__delitem__", "__contains__", "__len__", "__iter__",
+        "__reversed__", "__iadd__", "__bool__", "__enter__", "__exit__")}
+
+
+def test_parity_every_local_method_has_its_remote_twin(server_url):
+    import inspect
+    client = beaver.BeaverClient(server_url)
+    pairs = [(BeaverDB, beaver.BeaverClient), (beaver.Lock, beaver.RemoteLock)] + [
+        (beaver._local_classes()[kind], type(getattr(client, factory)("parity")))
+        for kind, factory in [("dict", "dict"), ("list", "list"), ("queue", "queue"),
+                              ("blob", "blobs"), ("log", "log"), ("channel", "channel"),
+                              ("collection", "collection")]]
+    missing, different = [], []
+    for local, remote in pairs:
+        for name in sorted(_public(local) - {n for c, n in _LOCAL_ONLY if c == local.__name__}):
+            if not hasattr(remote, name):
+                missing.append(f"{local.__name__}.{name}")
+                continue
+            mine, theirs = inspect.getattr_static(local, name), inspect.getattr_static(remote, name)
+            if isinstance(mine, property) != isinstance(theirs, property):
+                different.append(f"{local.__name__}.{name}: property or not")
+            elif callable(mine) and not isinstance(mine, property):
+                if inspect.signature(getattr(local, name)).parameters != inspect.signature(
+                        getattr(remote, name)).parameters:
+                    different.append(f"{local.__name__}.{name}: "
+                                     f"{inspect.signature(getattr(local, name))} != "
+                                     f"{inspect.signature(getattr(remote, name))}")
+    with BeaverDB(":memory:") as db:    # attributes set by the constructors
+        for make in ("log", "channel"):
+            for attribute in vars(getattr(db, make)("x")):
+                if not attribute.startswith("_") and not hasattr(getattr(client, make)("x"),
+                                                                 attribute):
+                    missing.append(f"{make}.{attribute}")
+        for attribute in vars(db.lock("x")):
+            if not attribute.startswith("_") and not hasattr(client.lock("x"), attribute):
+                missing.append(f"lock.{attribute}")
+    client.close()
+    assert missing == [] and different == []
+
+
+def test_remote_error_table_follows_the_exception_classes():
+    class BrandNewError(beaver.BeaverError):
+        pass
+    with pytest.raises(BrandNewError):
+        beaver._raise_remote(500, b'{"error": "BrandNewError", "message": "m"}')
+    with pytest.raises(KeyError):
+        beaver._raise_remote(404, b'{"error": "KeyError", "message": "k"}')
+    with pytest.raises(beaver.RemoteError):
+        beaver._raise_remote(500, b'{"error": "SystemExit", "message": "no"}')
 
 
 def _fuzz_app():
