@@ -6979,4 +6979,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # ``python -m beaver serve``: the server's ``import beaver`` must find this very module,
+    # not load a second copy with other classes (BeaverDB, BeaverError...).
+    sys.modules.setdefault("beaver", sys.modules[__name__])
     sys.exit(main())

@@ -518,7 +518,7 @@ class _Server:
 
     async def root(self, request, route, params):
         await request.reply(beaver._reply({"beaver": beaver.__version__, "docs": "/docs",
-                                           "pid": os.getpid()}))
+                                           "pid": os.getpid(), "waits": self.open_waits}))
 
     async def list_structures(self, request, route, params):
         kind = "dict" if params == {} and route.parts[0] == "dict" else \
@@ -1167,42 +1167,89 @@ def main(argv=None, prog=None) -> int:
 
 
 def _serve(settings) -> int:
-    import socket
-    import uvicorn
     with BeaverDB(settings["database"]):       # a bad path fails here, in one line
         pass
     os.environ["BEAVER_SERVER_SETTINGS"] = json.dumps(settings)
-    config = uvicorn.Config(
-        "beaver_server:_app_from_environment", factory=True, host=settings["host"],
-        port=settings["port"], workers=settings["workers"], log_level=settings["log_level"],
-        http=_Protocol, ws="auto",
-        h11_max_incomplete_event_size=MAX_TARGET + 64 * 1024)
+    sock = _bind(settings, listen=settings["workers"] == 1)
+    logging.getLogger("uvicorn.access").addFilter(_RedactTokens())
+    if settings["workers"] > 1:
+        return _supervise(settings, sock)
+    server = _uvicorn_server(settings)
+    _log_start(settings, sock)
+    server.run(sockets=[sock])
+    return 0 if server.started else 1
+
+
+def _bind(settings, listen=True):
+    """The listening socket (a clean error if the address is taken). Workers bind their own
+    with SO_REUSEPORT, so the kernel spreads connections between them."""
+    import socket
     family = socket.AF_INET6 if ":" in settings["host"] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if settings["workers"] > 1:
+        if not hasattr(socket, "SO_REUSEPORT"):
+            raise OSError("--workers needs SO_REUSEPORT, which this system lacks")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((settings["host"], settings["port"]))
+        if listen:
+            sock.listen(2048)
     except OSError as e:
         sock.close()
         raise OSError(f"cannot listen on {settings['host']}:{settings['port']}: "
                       f"{e.strerror or e}") from None
-    logging.getLogger("uvicorn.access").addFilter(_RedactTokens())
+    return sock
+
+
+def _uvicorn_server(settings):
+    import uvicorn
+    config = uvicorn.Config(
+        "beaver_server:_app_from_environment", factory=True, host=settings["host"],
+        port=settings["port"], log_level=settings["log_level"], http=_Protocol,
+        h11_max_incomplete_event_size=MAX_TARGET + 64 * 1024)
+    config.load()
+    return uvicorn.Server(config)
+
+
+def _log_start(settings, sock):
     host = f"[{settings['host']}]" if ":" in settings["host"] else settings["host"]
     logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to "
                                             "quit)", host, sock.getsockname()[1])
-    if settings["workers"] > 1:
-        import inspect
-        from uvicorn.supervisors import Multiprocess
-        if "target" in inspect.signature(Multiprocess).parameters:      # uvicorn < 0.30
-            Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
-        else:
-            Multiprocess(config, sockets=[sock]).run()
-    else:
-        config.load()
-        server = uvicorn.Server(config)
-        server.run(sockets=[sock])
-        if not server.started:
-            return 1
+
+
+def _worker(settings):
+    """One process of ``--workers N``: its own socket on the shared port."""
+    os.environ["BEAVER_SERVER_SETTINGS"] = json.dumps(settings)
+    server = _uvicorn_server(settings)
+    server.run(sockets=[_bind(settings)])
+
+
+def _supervise(settings, placeholder):
+    """Run ``--workers`` processes until a signal; one that dies is started again."""
+    import multiprocessing
+    import multiprocessing.connection
+    import signal
+    context = multiprocessing.get_context("spawn")
+    stopping = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    workers = []
+    _log_start(settings, placeholder)
+    try:
+        while not stopping:
+            workers = [w for w in workers if w.is_alive()]
+            while len(workers) < settings["workers"] and not stopping:
+                worker = context.Process(target=_worker, args=(settings,), daemon=True)
+                worker.start()
+                workers.append(worker)
+            multiprocessing.connection.wait([w.sentinel for w in workers], timeout=0.5)
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.join(10)
+        placeholder.close()
     return 0
 
 
@@ -1220,11 +1267,11 @@ else:
 
         _header_deadline = None
 
-        def _arm(self):
+        def _arm(self, idle=0.0):
             if self._header_deadline is not None:
                 self._header_deadline.cancel()
-            self._header_deadline = self.loop.call_later(
-                _header_timeout + self.timeout_keep_alive, self._too_slow)
+            self._header_deadline = self.loop.call_later(_header_timeout + idle,
+                                                         self._too_slow)
 
         def _too_slow(self):
             if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
@@ -1242,7 +1289,7 @@ else:
         def on_response_complete(self):
             super().on_response_complete()
             if not self.transport.is_closing():
-                self._arm()
+                self._arm(idle=self.timeout_keep_alive)
 
         def connection_lost(self, exc):
             if self._header_deadline is not None:

@@ -4818,6 +4818,334 @@ def test_remote_error_table_follows_the_exception_classes():
         beaver._raise_remote(500, b'{"error": "SystemExit", "message": "no"}')
 
 
+def _proc_usage(pid):
+    """(threads, open file descriptors) of a process."""
+    with open(f"/proc/{pid}/status") as f:
+        threads = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    return threads, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def _raw_requests(port, requests, hold=False):
+    """Send raw HTTP requests on one connection each; their answers (or, with ``hold``, the
+    open connections, answers unread)."""
+    async def one(request):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        if hold:
+            return reader, writer
+        answer = await reader.read(65536)
+        writer.close()
+        return answer
+    return await asyncio.gather(*(one(r) for r in requests))
+
+
+def _raw(method, target, port, body=b""):
+    return (f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Beaver: 1\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_server_holds_500_waiting_consumers_without_threads(tmp_path):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
+    process, url = _start_server(tmp_path / "waits.db", "--max-wait", "60",
+                                 command=("-m", "beaver_server"))
+    port = int(url.rsplit(":", 1)[1])
+    client = beaver.BeaverClient(url)
+    try:
+        client.dict("d")["k"] = "v"
+
+        async def scenario():
+            await _raw_requests(port, [_raw("GET", "/dicts/d/k", port)] * 100)   # warm up
+            baseline = _proc_usage(process.pid)
+            held = await _raw_requests(port, [_raw("POST", "/queues/jobs/get?timeout=60", port)]
+                                       * 500, hold=True)
+            deadline = time.monotonic() + 60
+            while json.loads(client._request("GET", "/"))["waits"] < 500:
+                assert time.monotonic() < deadline, "the consumers never all waited"
+                await asyncio.sleep(0.05)   # polling the server's count: nothing to wait on
+            during = _proc_usage(process.pid)
+            answer = await asyncio.wait_for(asyncio.to_thread(lambda: client.dict("d")["k"]),
+                                            30)
+            with BeaverDB(tmp_path / "waits.db") as local, local.transaction():
+                for n in range(500):
+                    local.queue("jobs").put(n)
+            bodies = await asyncio.wait_for(asyncio.gather(*(r.read() for r, _ in held)), 60)
+            for _, writer in held:
+                writer.close()
+            return baseline, during, answer, bodies
+        baseline, during, answer, bodies = asyncio.run(scenario())
+        assert answer == "v"
+        assert during[0] <= baseline[0] + 36, (baseline, during)    # the pool, not a thread each
+        got = sorted(json.loads(b.split(b"\r\n\r\n", 1)[1])["data"] for b in bodies)
+        assert got == list(range(500))                              # each item exactly once
+        deadline = time.monotonic() + 30
+        while True:         # their sockets closed; only new pool threads' SQLite files left
+            threads, fds = _proc_usage(process.pid)
+            if fds <= baseline[1] + 3 * (threads - baseline[0]) + 2:
+                break
+            assert time.monotonic() < deadline, (baseline, during, threads, fds)
+            time.sleep(0.05)  # polling /proc: nothing to wait on
+        assert threads <= during[0]
+    finally:
+        client.close()
+        _stop_server(process)
+
+
+def test_server_wait_ends_when_the_client_leaves(tmp_path):
+    process, url = _start_server(tmp_path / "leave.db", "--max-wait", "60",
+                                 command=("-m", "beaver_server"))
+    port = int(url.rsplit(":", 1)[1])
+    client = beaver.BeaverClient(url)
+    try:
+        async def leave():
+            held = await _raw_requests(port, [_raw("POST", "/queues/q/get?timeout=60", port)]
+                                       * 20, hold=True)
+            deadline = time.monotonic() + 30
+            while json.loads(client._request("GET", "/"))["waits"] < 20:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)   # polling the server's count: nothing to wait on
+            for _, writer in held:
+                writer.close()
+        asyncio.run(leave())
+        deadline = time.monotonic() + 30
+        while json.loads(client._request("GET", "/"))["waits"]:
+            assert time.monotonic() < deadline, "waits outlived their clients"
+            time.sleep(0.05)  # polling the server's count: nothing to wait on
+        with BeaverDB(tmp_path / "leave.db") as local:
+            local.queue("q").put("kept")        # nobody takes it: the waiters are gone
+            assert client.queue("q").get(timeout=10).data == "kept"
+    finally:
+        client.close()
+        _stop_server(process)
+
+
+def _worker_consumer(url, out, pids):
+    client = beaver.BeaverClient(url)
+    pid = json.loads(client._request("GET", "/"))["pid"]
+    pids.append(pid)
+    timeout = 60                # the first item may take a while: it comes once all wait
+    try:
+        while True:
+            try:
+                out.append((pid, client.queue("shared").get(timeout=timeout).data))
+            except TimeoutError:
+                return
+            timeout = 2
+    finally:
+        client.close()
+
+
+def test_two_workers_serve_one_queue_without_duplicates(tmp_path):
+    process, url = _start_server(tmp_path / "workers.db", "--workers", "2", "--max-wait", "5",
+                                 command=("-m", "beaver_server"))
+    try:
+        pids, out, threads = [], [], []
+        deadline = time.monotonic() + 60
+        while len(set(pids)) < 2 or len(threads) < 4:   # consumers on both workers
+            assert time.monotonic() < deadline and len(threads) < 40, f"workers {pids}"
+            thread = threading.Thread(target=_worker_consumer, args=(url, out, pids))
+            thread.start()
+            threads.append(thread)
+            _rt_until(lambda: len(pids) == len(threads))
+        with BeaverDB(tmp_path / "workers.db") as local, local.transaction():
+            for n in range(300):
+                local.queue("shared").put(n)
+        for thread in threads:
+            thread.join(timeout=90)
+        assert sorted(n for _, n in out) == list(range(300))        # none twice, none lost
+        assert len({pid for pid, _ in out}) == 2
+    finally:
+        _stop_server(process)
+
+
+# ---- security ----
+
+@pytest.fixture
+def guarded(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    import beaver_server
+    database = BeaverDB(tmp_path / "guarded.db")
+    app = beaver_server.create_app(database, max_body_bytes=10_000, max_streams=2,
+                                   cors_origins=["https://app.example"])
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        client.db, client.app = database, app
+        yield client
+    database.close()
+
+
+@pytest.mark.parametrize("path", ["/lists/l/push", "/queues/q/put", "/load?mode=replace"])
+def test_cross_site_form_posts_are_refused(guarded, path):
+    body = b'{"beaver_dump": 1}\n' if path.startswith("/load") else b'"x"'
+    r = guarded.post(path, content=body, headers={"Content-Type": "text/plain"})
+    assert r.status_code == 403 and r.json()["error"] == "Forbidden"
+    for headers in ({"Origin": "https://evil.example", "Content-Type": "application/json"},
+                    {"Sec-Fetch-Site": "cross-site", "Content-Type": "application/json"}):
+        assert guarded.post(path, content=body, headers=headers).status_code == 403
+    assert guarded.db.info()["structures"] == []
+    assert guarded.post("/lists/l/push", content=b'"ok"', headers={
+        "Content-Type": "text/plain", "X-Beaver": "1"}).status_code == 204
+    assert guarded.post("/lists/l/push", json="same", headers={
+        "Origin": "http://127.0.0.1:8000"}).status_code == 204
+
+
+def test_cors_only_for_the_given_origins(guarded):
+    ok = guarded.options("/lists/l/push", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert ok.headers["access-control-allow-origin"] == "https://app.example"
+    r = guarded.post("/lists/l/push", json=1, headers={"Origin": "https://app.example"})
+    assert r.status_code == 204 and r.headers["access-control-allow-origin"] == \
+        "https://app.example"
+    bad = guarded.options("/lists/l/push", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in bad.headers
+
+
+def test_loopback_server_refuses_foreign_host_names(served):
+    port = int(served[0].rsplit(":", 1)[1])
+
+    def status(host):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(f"GET /info HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                         .encode())
+            return int(sock.recv(4096).split()[1])
+    assert status("evil.example") == 403 and status(f"rebound.example:{port}") == 403
+    assert status(f"localhost:{port}") == 200 and status(f"127.0.0.1:{port}") == 200
+    assert status(f"[::1]:{port}") == 200
+
+
+@pytest.mark.parametrize("value,insecure", [("false", False), ("no", False), ("0", False),
+                                            ("off", False), ("true", True), ("YES", True),
+                                            ("1", True), ("on", True)])
+def test_insecure_environment_variable_is_a_strict_boolean(monkeypatch, value, insecure):
+    pytest.importorskip("fastapi")
+    import beaver_server
+    monkeypatch.setenv("BEAVER_INSECURE", value)
+    assert beaver_server._settings([], None)["insecure"] is insecure
+
+
+def test_unknown_boolean_in_the_environment_is_an_error(monkeypatch, capsys):
+    pytest.importorskip("fastapi")
+    import beaver_server
+    monkeypatch.setenv("BEAVER_INSECURE", "maybe")
+    assert beaver_server.main(["--host", "0.0.0.0"]) == 2
+    assert "BEAVER_INSECURE" in capsys.readouterr().err
+    monkeypatch.setenv("BEAVER_INSECURE", "false")
+    assert beaver_server.main(["--host", "0.0.0.0", "--database", ":memory:"]) == 2
+
+
+def test_body_limit_holds_on_every_route(guarded):
+    big = {"query": "a " * 6000}
+    assert guarded.post("/collections/c/match", json=big).status_code == 413
+    assert guarded.put("/dicts/d/k", json="x" * 20_000).status_code == 413
+
+    def chunks():           # no Content-Length: counted on the stream
+        for _ in range(20):
+            yield b"x" * 1000
+    assert guarded.put("/blobs/b/k", content=chunks()).status_code == 413
+    assert guarded.db.info()["structures"] == []
+
+
+def test_limits_on_query_text_top_k_period_target_and_streams(guarded):
+    r = guarded.post("/collections/c/match", json={"query": "a" * 5000})
+    assert r.status_code == 422 and "at most" in r.json()["message"]
+    assert guarded.post("/collections/c/match", json={"query": "a", "top_k": 10 ** 6}
+                        ).status_code == 422
+    assert guarded.get("/logs/l/live?period=0.001").status_code == 422
+    assert guarded.get("/dicts/d/" + "k" * 20_000).status_code == 414
+    server = guarded.app.beaver
+    with server.waiting(), server.waiting():
+        r = guarded.post("/queues/q/get?timeout=1")
+        assert r.status_code == 503 and r.json()["error"] == "TooManyStreams"
+
+
+def test_tokens_stay_out_of_the_access_log():
+    pytest.importorskip("fastapi")
+    import logging
+    import beaver_server
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s"',
+                               ("127.0.0.1", "GET", "/channels/c/ws?token=s3cret&x=1"), None)
+    beaver_server._RedactTokens().filter(record)
+    assert "s3cret" not in record.getMessage() and "x=1" in record.getMessage()
+
+
+def test_websocket_takes_the_token_from_a_header_or_subprotocol(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    import beaver_server
+    app = beaver_server.create_app(str(tmp_path / "ws.db"), token="s3cret")
+    with TestClient(app) as client:
+        with client.websocket_connect("/channels/c/ws", subprotocols=["beaver",
+                                                                      "bearer.s3cret"]) as ws:
+            ws.send_text('"hello"')
+            assert json.loads(ws.receive_text()) == "hello"
+        with pytest.raises(Exception):
+            with client.websocket_connect("/channels/c/ws") as ws:
+                ws.receive_text()
+
+
+def test_connections_that_never_finish_their_headers_are_closed(tmp_path):
+    process, url = _start_server(tmp_path / "loris.db", "--header-timeout", "0.5",
+                                 command=("-m", "beaver_server"))
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"GET /info HTTP/1.1\r\nHost: 127.0.0.1\r\n")      # never finished
+            assert sock.recv(1024) == b""           # closed by the server, not by our timeout
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as idle:
+            assert idle.recv(1024) == b""           # a connection that sends nothing at all
+    finally:
+        _stop_server(process)
+
+
+def _one_line_error(argv, **kwargs):
+    here = os.path.dirname(os.path.abspath(beaver.__file__))
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": here}, **kwargs)
+    return out.returncode, out.stderr.strip().splitlines()
+
+
+def test_server_start_up_problems_print_one_line(tmp_path):
+    pytest.importorskip("fastapi")
+    code, lines = _one_line_error(["-m", "beaver_server", "--database",
+                                   str(tmp_path / "missing" / "x.db")])
+    assert code == 1 and len(lines) == 1 and "does not exist" in lines[0]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, lines = _one_line_error(["-m", "beaver_server", "--database",
+                                       str(tmp_path / "x.db"), "--port",
+                                       str(taken.getsockname()[1])])
+    assert code == 1 and len(lines) == 1 and "cannot listen" in lines[0]
+    code, lines = _one_line_error(["-c", "import sys, runpy; sys.modules['fastapi'] = None; "
+                                   "sys.argv = ['beaver_server', '--database', 'x.db']; "
+                                   "runpy.run_module('beaver_server', run_name='__main__')"],
+                                  cwd=tmp_path)
+    assert code == 1 and len(lines) == 1 and "[server]" in lines[0]
+    out = subprocess.run([sys.executable, "-c", "import sys, runpy; sys.modules['fastapi'] = "
+                          "None; sys.argv = ['beaver_server', '--help']; "
+                          "runpy.run_module('beaver_server', run_name='__main__')"],
+                         capture_output=True, text=True, timeout=60, env={
+                             **os.environ, "PYTHONPATH": os.path.dirname(beaver.__file__)})
+    assert out.returncode == 0 and "--token" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_python_m_beaver_serve_imports_beaver_once():
+    pytest.importorskip("fastapi")
+    here = os.path.dirname(os.path.abspath(beaver.__file__))
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "beaver", "serve", "--help"],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": here})
+    assert out.returncode == 0
+    imported = [line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line]
+    assert "beaver_server" in imported and "beaver" not in imported
+
+
 def _fuzz_app():
     pytest.importorskip("schemathesis")
     import beaver_server
