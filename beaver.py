@@ -6446,9 +6446,11 @@ _register_aliases()
 # CLI: beaver [--database PATH] <dict|list|queue|blob|lock|...> NAME <operation> [args]
 # ==========================================================================================
 #
-# Output is JSON (``"dark"``, lists, objects) so it pipes into ``jq``; a VALUE argument is
-# JSON when it parses as JSON, else the text itself; ``-`` reads standard input. Exit status:
-# 0 done, 1 not found or the operation failed, 2 usage error. Errors go to standard error.
+# The operations of each kind derive from ``_API`` (names, arguments, help from docstrings);
+# the few irregular ones are written below. Output is JSON (``"dark"``, lists, objects) so it
+# pipes into ``jq`` (``--raw`` prints a string as it is); a VALUE argument is JSON when it
+# parses as JSON, else the text itself; ``-`` reads standard input. Exit status: 0 done, 1 not
+# found, a false answer or the operation failed, 2 usage error. Errors go to standard error.
 
 _NOTHING = object()     # a handler result that prints nothing
 
@@ -6487,11 +6489,7 @@ def _cli_bytes(path) -> bytes:
 def _cli_json(value):
     """Plain JSON for anything a handler returns (models, queue items, documents...)."""
     if isinstance(value, QueueItem):
-        item = {"priority": value.priority, "timestamp": value.timestamp,
-                "data": _cli_json(value.data)}
-        if getattr(value, "lease_id", None) is not None:
-            item["lease_id"] = value.lease_id
-        return item
+        return _queue_item(value)
     if hasattr(value, "to_dict"):
         return value.to_dict()
     if isinstance(value, (list, tuple)):
@@ -6499,6 +6497,157 @@ def _cli_json(value):
     if isinstance(value, dict):
         return {k: _cli_json(v) for k, v in value.items()}
     return _to_jsonable(value)
+
+
+def _cli_time(text):
+    """Epoch seconds or an ISO 8601 time (naive = local time) from the command line."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise _UsageError(f"not a time: {text!r} (use epoch seconds or ISO 8601)") from None
+
+
+def _leased_item(lease_id):
+    item = LeasedItem(0, 0.0, None)
+    item.lease_id = int(lease_id)
+    return item
+
+
+class _UsageError(Exception):
+    """Bad command-line usage found after parsing (exit status 2)."""
+
+
+# wire type -> how the command line gives that argument: (argparse options, converter)
+_CLI_TYPES = {
+    "str": ({}, None), "docid": ({}, None),
+    "value": ({"metavar": "VALUE"}, _cli_value), "json": ({}, _cli_value),
+    "seconds": ({"type": float}, None), "epoch": ({}, _cli_time),
+    "values": ({"metavar": "JSON_LIST"}, _cli_value), "vector": ({"metavar": "JSON_LIST"},
+                                                                 _cli_value),
+    "item": ({"metavar": "LEASE_ID", "type": int}, _leased_item),
+    "bytes": ({"metavar": "FILE"}, _cli_bytes), "header": ({"metavar": "JSON"}, _cli_value),
+    "dump": ({"metavar": "FILE"}, _cli_text), "mapping": ({"metavar": "JSON_OBJECT"},
+                                                          _cli_value),
+    "document": ({"metavar": "JSON"}, lambda t: Document.from_dict(_cli_value(t))),
+}
+# parameter -> its help, and its flags where they are not just --the-name
+_CLI_HELP = {
+    "key": "the key", "value": "a JSON value, else taken as text; - reads standard input",
+    "data": "a JSON value, else text; - reads standard input", "payload": "the message: "
+    "JSON, else text", "index": "a position (negative counts from the end)",
+    "ttl_seconds": "expire after this many seconds", "priority": "lower comes out first",
+    "timeout": "seconds to wait (default: forever)", "block": "fail at once instead of waiting",
+    "lease": "seconds before the item returns unless acked (prints its lease_id)",
+    "item": "the lease_id printed by get --lease", "metadata": "JSON metadata",
+    "timestamp": "epoch seconds or an ISO 8601 time", "start": "epoch seconds or ISO 8601",
+    "end": "epoch seconds or ISO 8601", "limit": "only the last LIMIT ones",
+    "document": "a document id", "doc_id": "a document id", "source": "a document id",
+    "target": "a document id", "label": "an edge label", "labels": "an edge label "
+    "(repeatable)", "direction": "which edges", "depth": "edges to follow at most",
+    "query": "the words to find", "on": "a field path (repeatable)", "top_k": "results at "
+    "most", "fuzziness": "typos allowed per word (0, 1 or 2)", "raw": "the query is FTS5 "
+    "syntax", "highlight": "add a snippet with the matches in [brackets]", "vector":
+    "a JSON list of numbers", "where": "JSON: only documents whose fields equal these",
+    "data_or_fp": "the dump file (JSON); - reads standard input", "values": "a JSON list",
+    "items": "a JSON object of keys and values", "fts": "index the text", "fuzzy":
+    "(accepted for compatibility)",
+}
+_CLI_FLAGS = {"ttl_seconds": ["--ttl"], "priority": ["--priority", "-p"],
+              "block": ["--no-wait", "-n"], "top_k": ["--top-k", "-k"],
+              "fuzziness": ["--fuzziness", "-f"], "metadata": ["--metadata", "-m"],
+              "timestamp": ["--timestamp", "-t"], "raw": ["--raw-query"]}
+_CLI_CHOICES = {"direction": ["outgoing", "incoming", "both"]}
+# (kind, local method) -> CLI name; None leaves it out (it has a better spelling here)
+_CLI_NAMES = {"__getitem__": "get", "__setitem__": "set", "__delitem__": "delete",
+              "__contains__": "has", "__len__": "len", "__iter__": "items", "log": "write"}
+_CLI_SKIP = {("dict", "__iter__"), ("dict", "get"), ("dict", "values"), ("blob", "__iter__"), ("blob", "__getitem__"),
+             ("blob", "get"), ("blob", "__setitem__"), ("collection", "get"),
+             ("collection", "index"), ("list", "_get_slice"), ("list", "_set_slice"),
+             ("list", "_del_slice"), ("list", "__setitem__"), ("list", "__getitem__"),
+             ("list", "__delitem__"), ("dict", "items")}
+_CLI_DOC = {"__getitem__": "print the value stored there", "__delitem__": "delete it",
+            "__contains__": "print whether it is there (exit status 1 if not)",
+            "__len__": "print the number of items", "__iter__": "print every item, in order"}
+# result -> how the CLI prints it
+_CLI_SHOW = {
+    "hits": lambda hits: [{"document": d, "score": s, **({"snippet": h[0]} if h else {})}
+                          for d, s, *h in hits],
+    "entries": lambda rows: [{"timestamp": e.timestamp.isoformat(), "data": e.data}
+                             for e in rows],
+    "edges": lambda edges: [e._asdict() for e in edges],
+    "pairs": dict,
+}
+
+
+def _cli_declared(kind):
+    """(name, help, [arguments], handler) of every declared operation of ``kind``."""
+    found = []
+    for method, op in _operations(kind).items():
+        if (kind, method) in _CLI_SKIP:
+            continue
+        name = _CLI_NAMES.get(method, method)
+        if name is None or name.startswith("_"):
+            continue
+        doc = _CLI_DOC.get(method) or (_local_function(op).__doc__ or "").strip().split(
+            "\n")[0].replace("``", "")
+        arguments = [_cli_argument(param) for param in _plan(op)[2]
+                     if param.type not in ("fallback", "local")]
+        found.append((name.replace("_", "-"), doc.rstrip("."), arguments, _cli_call(op),
+                      not op.writes))
+    return found
+
+
+def _cli_argument(param):
+    options, _ = _CLI_TYPES.get(param.type, ({}, None))
+    options = {**options, "help": _CLI_HELP.get(param.name, param.name.replace("_", " ")),
+               "dest": param.name}
+    if param.name in _CLI_CHOICES:
+        options["choices"] = _CLI_CHOICES[param.name]
+    if param.default is _MISSING:
+        options.pop("dest")
+        return (param.name,), options
+    if isinstance(param.default, bool):
+        options.pop("type", None)
+        options.pop("metavar", None)
+        options["action"] = "store_false" if param.default else "store_true"
+        flags = _CLI_FLAGS.get(param.name) or [
+            ("--no-" if param.default else "--") + param.name.replace("_", "-")]
+        return tuple(flags), {**options, "default": param.default}
+    if param.name in ("on", "labels"):
+        options["action"] = "append"
+    flags = _CLI_FLAGS.get(param.name) or ["--" + param.name.replace("_", "-")]
+    return tuple(flags), {**options, "default": param.default}
+
+
+def _cli_call(op):
+    """The handler running ``op`` on a manager with the parsed arguments."""
+    def run(manager, args):
+        kwargs = {}
+        for param in _plan(op)[2]:
+            if param.type in ("fallback", "local"):
+                continue
+            value = getattr(args, param.name)
+            convert = _CLI_TYPES.get(param.type, ({}, None))[1]
+            kwargs[param.name] = value if convert is None or value is None or isinstance(
+                value, bool) or (param.default is not _MISSING and value is param.default) \
+                else convert(value)
+        found = getattr(manager, op.method)         # a property gives its value at once
+        result = found(**kwargs) if callable(found) else found
+        if op.method == "__iter__":
+            result = list(result)
+        if not op.result:
+            return _NOTHING
+        if result is False:                        # has, ack, nack: a false answer fails
+            print("false")
+            return _Exit(1)
+        return _CLI_SHOW.get(op.result, lambda r: r)(result)
+    return run
 
 
 def _quiet(action):
@@ -6510,37 +6659,6 @@ def _quiet(action):
 
 def _arg(*flags, **options):
     return flags, options
-
-
-_KEY = _arg("key", help="the key")
-_VALUE = _arg("value", help="a JSON value, else taken as text; - reads standard input")
-_INDEX = _arg("index", type=int, help="a position (negative counts from the end)")
-_FILE = _arg("file", help="a file path; - reads standard input")
-_TIMEOUT = _arg("--timeout", type=float, default=None, help="seconds to wait (default: forever)")
-_NO_WAIT = _arg("--no-wait", "-n", action="store_true", help="fail at once instead of waiting")
-
-
-def _structure_ops(kind):
-    """Operations every structure has: len, clear, dump, load."""
-    return [
-        ("len", f"print the number of items of the {kind}", [], lambda m, a: len(m)),
-        ("clear", f"remove every item of the {kind}", [], _quiet(lambda m, a: m.clear())),
-        ("dump", f"print the {kind} as one JSON document", [], lambda m, a: m.dump()),
-        ("load", f"add the items of a JSON dump of a {kind}", [_FILE],
-         _quiet(lambda m, a: m.load(_cli_text(a.file)))),
-    ]
-
-
-def _queue_get(manager, args):
-    if args.no_wait:
-        return manager.get(block=False, lease=args.lease)
-    return manager.get(timeout=args.timeout, lease=args.lease)
-
-
-def _leased_item(lease_id):
-    item = LeasedItem(0, 0.0, None)
-    item.lease_id = lease_id
-    return item
 
 
 def _blob_get(manager, args):
@@ -6612,27 +6730,6 @@ def _run_command(command) -> int:
         return 130
 
 
-_DIRECTION = _arg("--direction", choices=["outgoing", "incoming", "both"], default="outgoing")
-
-
-def _cli_time(text):
-    """Epoch seconds or an ISO 8601 time (naive = local time) from the command line."""
-    if text is None:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise _UsageError(f"not a time: {text!r} (use epoch seconds or ISO 8601)") from None
-
-
-def _cli_entries(entries):
-    return [{"timestamp": e.timestamp.isoformat(), "data": e.data} for e in entries]
-
-
 def _cli_document(args):
     value = _cli_value(args.document)
     if args.id is None and isinstance(value, dict) and "id" in value and \
@@ -6641,8 +6738,19 @@ def _cli_document(args):
     return Document(id=args.id, body=value)
 
 
-def _cli_hits(hits):
-    return [{"document": doc, "score": score} for doc, score, *_ in hits]
+def _cli_index_many(manager, args):
+    """Index JSON-lines documents in batches of 1000 (one transaction each), with progress."""
+    total, batch = 0, []
+    with _Progress(sys.stdin if args.file == "-" else open(args.file, encoding="utf-8"),
+                   "documents read") as lines:
+        for line in lines:
+            if line.strip():
+                batch.append(Document.from_dict(json.loads(line)))
+            if len(batch) >= 1000:
+                total += manager.index_many(batch, fts=not args.no_fts)
+                batch = []
+        total += manager.index_many(batch, fts=not args.no_fts) if batch else 0
+    return {"indexed": total}
 
 
 def _cli_stream(items, count):
@@ -6671,152 +6779,85 @@ def _log_live(manager, args):
     return _Exit(0)
 
 
-# kind -> (help, BeaverDB factory, [(operation, help, [arguments], handler(manager, args))])
+_KEY = _arg("key", help="the key")
+_COUNT = _arg("--count", type=int, default=None, help="stop after this many (default: never)")
+_TIMEOUT = _arg("--timeout", type=float, default=None, help="seconds to wait (default: forever)")
+_NO_WAIT = _arg("--no-wait", "-n", action="store_true", help="fail at once instead of waiting")
+
+# kind -> (help, BeaverDB factory, the operations written by hand: (operation, help,
+# [arguments], handler(manager, args), reads)); the declared ones are added by _cli_operations
 CLI_KINDS = {
     "dict": ("a persistent dict of JSON values, with TTL", "dict", [
-        ("get", "print the value of KEY", [_KEY], lambda m, a: m[a.key]),
-        ("set", "store VALUE under KEY", [_KEY, _VALUE, _arg(
-            "--ttl", type=float, default=None, help="expire after this many seconds")],
-         _quiet(lambda m, a: m.set(a.key, _cli_value(a.value), ttl_seconds=a.ttl))),
-        ("delete", "delete KEY", [_KEY], _quiet(lambda m, a: m.__delitem__(a.key))),
-        ("pop", "delete KEY and print its value", [_KEY], lambda m, a: m.pop(a.key)),
-        ("has", "print whether KEY exists (exit status 1 if not)", [_KEY],
-         lambda m, a: True if a.key in m else _Exit(1)),
-        ("ttl", "print the seconds until KEY expires (null: never)", [_KEY],
-         lambda m, a: m.ttl(a.key)),
-        ("keys", "print the keys", [], lambda m, a: m.keys()),
         ("items", "print every key and value as one JSON object", [],
-         lambda m, a: dict(m.items())),
-    ] + _structure_ops("dict")),
+         lambda m, a: dict(m.items()), True),
+    ]),
     "list": ("a persistent list", "list", [
-        ("push", "append VALUE", [_VALUE], _quiet(lambda m, a: m.push(_cli_value(a.value)))),
-        ("prepend", "insert VALUE at the front", [_VALUE],
-         _quiet(lambda m, a: m.prepend(_cli_value(a.value)))),
-        ("insert", "insert VALUE before INDEX", [_INDEX, _VALUE],
-         _quiet(lambda m, a: m.insert(a.index, _cli_value(a.value)))),
-        ("get", "print the item at INDEX", [_INDEX], lambda m, a: m[a.index]),
-        ("set", "replace the item at INDEX", [_INDEX, _VALUE],
-         _quiet(lambda m, a: m.__setitem__(a.index, _cli_value(a.value)))),
-        ("delete", "delete the item at INDEX", [_INDEX],
-         _quiet(lambda m, a: m.__delitem__(a.index))),
-        ("pop", "remove and print the last item (or the one at INDEX)",
-         [_arg("index", type=int, nargs="?", default=None, help="a position")],
-         lambda m, a: m.pop(a.index)),
-        ("deque", "remove and print the first item", [], lambda m, a: m.deque()),
-        ("items", "print every item as one JSON list", [], lambda m, a: list(m)),
-    ] + _structure_ops("list")),
-    "queue": ("a persistent priority queue", "queue", [
-        ("put", "add VALUE (lower priority first)", [_VALUE, _arg(
-            "--priority", "-p", type=float, default=0, help="priority (default 0)")],
-         _quiet(lambda m, a: m.put(_cli_value(a.value), priority=_number(a.priority)))),
-        ("get", "take the first item and print it", [_TIMEOUT, _NO_WAIT, _arg(
-            "--lease", type=float, default=None,
-            help="seconds before the item returns unless acked (prints its lease_id)")],
-         _queue_get),
-        ("ack", "finish a leased item (exit status 1 if its lease had run out)",
-         [_arg("lease_id", type=int)],
-         lambda m, a: True if m.ack(_leased_item(a.lease_id)) else _Exit(1)),
-        ("nack", "give a leased item back to the queue now", [_arg("lease_id", type=int)],
-         lambda m, a: True if m.nack(_leased_item(a.lease_id)) else _Exit(1)),
-        ("peek", "print the first item without taking it", [], lambda m, a: m.peek()),
-        ("items", "print every item, in the order get would take them", [],
-         lambda m, a: list(m)),
-    ] + _structure_ops("queue")),
+        ("get", "print the item at INDEX", [_arg("index", type=int, help="a position")],
+         lambda m, a: m[a.index], True),
+        ("set", "replace the item at INDEX", [_arg("index", type=int, help="a position"),
+                                               _arg("value", help=_CLI_HELP["value"])],
+         _quiet(lambda m, a: m.__setitem__(a.index, _cli_value(a.value))), False),
+        ("delete", "delete the item at INDEX", [_arg("index", type=int, help="a position")],
+         _quiet(lambda m, a: m.__delitem__(a.index)), False),
+    ]),
+    "queue": ("a persistent priority queue", "queue", []),
     "blob": ("a store of binary objects with JSON metadata", "blobs", [
-        ("put", "store the bytes of FILE under KEY", [_KEY, _FILE, _arg(
-            "--metadata", "-m", default=None, help="JSON metadata")],
-         _quiet(lambda m, a: m.put(a.key, _cli_bytes(a.file),
-                                   None if a.metadata is None else _cli_value(a.metadata)))),
         ("get", "write the bytes under KEY to standard output (or --output)", [_KEY, _arg(
-            "--output", "-o", default=None, help="write to this file")], _blob_get),
-        ("info", "print the size and metadata of KEY", [_KEY], _blob_info),
-        ("delete", "delete KEY", [_KEY], _quiet(lambda m, a: m.delete(a.key))),
-        ("keys", "print the keys", [], lambda m, a: m.keys()),
-    ] + _structure_ops("blob")),
+            "--output", "-o", default=None, help="write to this file (default: stdout)")],
+         _blob_get, True),
+        ("info", "print the size and metadata of KEY", [_KEY], _blob_info, True),
+    ]),
     "log": ("a time-indexed log of JSON values", "log", [
-        ("write", "append VALUE (now, or at --timestamp)", [_VALUE, _arg(
-            "--timestamp", "-t", default=None, help="epoch seconds or an ISO 8601 time")],
-         _quiet(lambda m, a: m.log(_cli_value(a.value), timestamp=_cli_time(a.timestamp)))),
-        ("range", "print the entries between --start and --end (inclusive)", [
-            _arg("--start", default=None, help="epoch seconds or an ISO 8601 time"),
-            _arg("--end", default=None, help="epoch seconds or an ISO 8601 time")],
-         lambda m, a: _cli_entries(m.range(_cli_time(a.start), _cli_time(a.end)))),
         ("live", "print the values of the last --window seconds every --period, as JSON lines",
-         [_arg("--window", type=float, default=60.0, help="seconds (default 60)"),
-          _arg("--period", type=float, default=1.0, help="seconds (default 1)"),
-          _arg("--count", type=int, default=None, help="stop after this many updates")],
-         _log_live),
-    ] + _structure_ops("log")),
+         [_arg("--window", type=float, default=60.0, help="seconds of log in each update"),
+          _arg("--period", type=float, default=1.0, help="seconds between updates"), _COUNT],
+         _log_live, True),
+    ]),
     "channel": ("a pub/sub channel", "channel", [
-        ("publish", "send VALUE to every subscriber", [_VALUE],
-         _quiet(lambda m, a: m.publish(_cli_value(a.value)))),
         ("listen", "print messages published from now on, as JSON lines", [
             _arg("--timeout", type=float, default=None,
-                 help="stop after this many seconds without a message"),
-            _arg("--count", type=int, default=None, help="stop after this many messages")],
-         _channel_listen),
-        ("history", "print the retained messages, oldest first", [
-            _arg("--limit", type=int, default=None, help="only the last LIMIT ones")],
-         lambda m, a: m.history(a.limit)),
-    ] + _structure_ops("channel")),
+                 help="stop after this many seconds without a message (default: never)"),
+            _COUNT], _channel_listen, True),
+    ]),
     "collection": ("documents searchable by text, typos, vectors and relationships",
                    "collection", [
         ("index", "store a document: JSON {\"id\", \"body\", \"embedding\"} (or a body + --id)",
          [_arg("document", help="the document as JSON; - reads standard input"),
           _arg("--id", default=None, help="the id, when DOCUMENT is just the body"),
           _arg("--no-fts", action="store_true", help="do not index the text")],
-         lambda m, a: m.index(_cli_document(a), fts=not a.no_fts).id),
-        ("get", "print the document ID", [_arg("id")], lambda m, a: m[a.id]),
-        ("drop", "delete the document ID and its edges", [_arg("id")],
-         _quiet(lambda m, a: m.drop(a.id))),
-        ("match", "full-text search (typo-tolerant with --fuzziness)", [
-            _arg("query"), _arg("--fuzziness", "-f", type=int, default=0),
-            _arg("--top-k", "-k", type=int, default=10),
-            _arg("--on", action="append", default=None, help="a field path (repeatable)")],
-         lambda m, a: _cli_hits(m.match(a.query, on=a.on, top_k=a.top_k,
-                                        fuzziness=a.fuzziness))),
-        ("search", "nearest documents to a vector (JSON list of numbers)", [
-            _arg("vector"), _arg("--top-k", "-k", type=int, default=10)],
-         lambda m, a: _cli_hits(m.search(_cli_value(a.vector), top_k=a.top_k))),
-        ("connect", "add the edge SOURCE -[LABEL]-> TARGET", [
-            _arg("source"), _arg("target"), _arg("label"),
-            _arg("--metadata", "-m", default=None, help="JSON metadata")],
-         _quiet(lambda m, a: m.connect(a.source, a.target, a.label, None if a.metadata is None
-                                       else _cli_value(a.metadata)))),
-        ("disconnect", "remove the edges SOURCE -> TARGET", [
-            _arg("source"), _arg("target"), _arg("--label", default=None)],
-         _quiet(lambda m, a: m.disconnect(a.source, a.target, a.label))),
-        ("edges", "print the edges of ID", [_arg("id"), _DIRECTION,
-                                            _arg("--label", default=None)],
-         lambda m, a: [e._asdict() for e in m.edges(a.id, a.direction, a.label)]),
-        ("neighbors", "print the documents one edge away from ID", [
-            _arg("id"), _arg("--label", default=None), _DIRECTION],
-         lambda m, a: m.neighbors(a.id, label=a.label, direction=a.direction)),
-        ("walk", "print the documents up to --depth edges away from ID", [
-            _arg("id"), _arg("--labels", action="append", default=None),
-            _arg("--depth", type=int, default=1), _DIRECTION],
-         lambda m, a: m.walk(a.id, labels=a.labels, depth=a.depth, direction=a.direction)),
-        ("ids", "print the ids of the documents", [], lambda m, a: [d.id for d in m]),
-    ] + _structure_ops("collection")),
+         lambda m, a: m.index(_cli_document(a), fts=not a.no_fts).id, False),
+        ("index-many", "index the JSON-lines documents of FILE, 1000 per transaction", [
+            _arg("file", help="one JSON document per line; - reads standard input"),
+            _arg("--no-fts", action="store_true", help="do not index the text")],
+         _cli_index_many, False),
+        ("ids", "print the ids of the documents", [], lambda m, a: [d.id for d in m], True),
+    ]),
     "lock": ("an inter-process lock", None, [
         ("run", "run a command while holding the lock; exit with its status", [
             _TIMEOUT, _NO_WAIT,
             _arg("--ttl", type=float, default=60.0, help="seconds a hold lasts unless renewed "
                                                           "(renewed while the command runs)"),
             _arg("argv", nargs="...", metavar="COMMAND", help="the command and its arguments")],
-         _lock_run),
-        ("status", "print whether the lock is held", [], _lock_status),
+         _lock_run, False),
+        ("status", "print whether the lock is held", [], _lock_status, True),
     ]),
 }
 
 
-def _number(value):
-    value = float(value)
-    return int(value) if value.is_integer() and abs(value) < 2 ** 53 else value
+def _cli_operations(kind):
+    """Every operation of ``kind``: the hand-written ones, then the declared ones."""
+    hand = CLI_KINDS[kind][2]
+    names = {op[0] for op in hand}
+    return hand + [op for op in ([] if kind == "lock" else _cli_declared(kind))
+                   if op[0] not in names]
 
 
-class _UsageError(Exception):
-    """Bad command-line usage found after parsing (exit status 2)."""
+def _help_formatter():
+    import argparse
+
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """Descriptions as written, and every option's default."""
+    return Help
 
 
 def _cli_parser(kind=None):
@@ -6824,70 +6865,120 @@ def _cli_parser(kind=None):
     import argparse
     parser = argparse.ArgumentParser(
         prog="beaver", description="Inspect and change a beaver database from the shell. "
-        "Values are JSON (else text); output is JSON.",
+        "Values are JSON (else text); output is JSON.", formatter_class=_help_formatter(),
         epilog="examples:\n  beaver --database my_data.db dict app_config get theme\n"
-               "  beaver --database data.db lock my-cron-job run bash -c 'run_daily_report.sh'",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--database", "-d", default=None,
-                        help="database file (default: $BEAVER_DATABASE or beaver.db)")
-    parser.add_argument("--url", default=None,
+               "  beaver --database data.db lock my-cron-job run bash -c 'run_daily_report.sh'")
+    parser.add_argument("--database", "-d", default=argparse.SUPPRESS,
+                        help="database file (default: $BEAVER_DATABASE, else beaver.db)")
+    parser.add_argument("--url", default=argparse.SUPPRESS,
                         help="use a beaver server at this URL instead (default: $BEAVER_URL)")
-    parser.add_argument("--token", default=None, help="bearer token for --url ($BEAVER_TOKEN)")
+    parser.add_argument("--token", default=argparse.SUPPRESS,
+                        help="bearer token for --url (default: $BEAVER_TOKEN)")
+    parser.add_argument("--raw", action="store_true",
+                        help="print a string result as it is, without JSON quotes")
     parser.add_argument("--version", action="version", version=f"beaver {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for each, (help_text, _, operations) in CLI_KINDS.items():
-        _cli_kind_parser(commands, each, help_text, operations if each == kind else None)
+    for each, (help_text, _, _) in CLI_KINDS.items():
+        _cli_kind_parser(commands, each, help_text, each == kind)
     _cli_database_parsers(commands)
     return parser
 
 
-def _cli_kind_parser(commands, kind, help_text, operations):
-    sub = commands.add_parser(kind, help=help_text, description=help_text)
-    if operations is None:      # not the kind on this command line: its name is enough
+def _cli_kind_parser(commands, kind, help_text, full):
+    sub = commands.add_parser(kind, help=help_text, description=help_text,
+                              formatter_class=_help_formatter())
+    if not full:        # not the kind on this command line: its name is enough
         return
     sub.add_argument("name", help=f"the name of the {kind}")
     ops = sub.add_subparsers(dest="operation", metavar="OPERATION", required=True)
-    for operation, op_help, arguments, handler in operations:
-        op = ops.add_parser(operation, help=op_help, description=op_help)
+    for operation, op_help, arguments, handler, reads in _cli_operations(kind):
+        op = ops.add_parser(operation, help=op_help, description=op_help,
+                            formatter_class=_help_formatter())
         for flags, options in arguments:
             op.add_argument(*flags, **options)
-        op.set_defaults(handler=handler, kind=kind)
+        op.set_defaults(handler=handler, kind=kind, reads=reads)
 
 
 def _cli_database_parsers(commands):
-    info = commands.add_parser("info", help="print every structure: kind, name, size")
-    info.set_defaults(handler=lambda db, a: db.info())
-    dump = commands.add_parser("dump", help="print the database (or the named structures) "
-                                            "as JSON lines")
+    def add(name, help_text, handler, reads):
+        parser = commands.add_parser(name, help=help_text, description=help_text,
+                                     formatter_class=_help_formatter())
+        parser.set_defaults(handler=handler, reads=reads)
+        return parser
+    add("info", "print every structure: kind, name, size", lambda db, a: db.info(), True)
+    dump = add("dump", "print the database (or the named structures) as JSON lines",
+               _cli_dump, True)
     dump.add_argument("names", nargs="*", help="structure names (or kind:name); default all")
-    dump.set_defaults(handler=_quiet(lambda db, a: db.dump(sys.stdout, a.names or None)))
-    load = commands.add_parser("load", help="load a JSON-lines dump in one transaction")
+    load = add("load", "load a JSON-lines dump in one transaction", _cli_load, False)
     load.add_argument("file", help="the dump file; - reads standard input")
     load.add_argument("--replace", action="store_true",
                       help="empty each structure of the dump before loading it")
-    load.set_defaults(handler=_cli_load)
-    backup = commands.add_parser("backup", help="copy the database to PATH while it is in use")
+    backup = add("backup", "copy the database to PATH while it is in use",
+                 lambda db, a: db.backup(a.path), True)
     backup.add_argument("path", help="the copy to write")
-    backup.set_defaults(handler=lambda db, a: db.backup(a.path))
     commands.add_parser("serve", help="run the REST server (see beaver serve --help)",
                         add_help=False)
     commands.add_parser("client", help="run a command against the database (same as without "
                                        "'client')", add_help=False)
 
 
+class _Progress:
+    """A text file passed through, counting lines; the count shows on stderr if a terminal."""
+
+    def __init__(self, fp, what):
+        self.fp, self.what, self.lines = fp, what, 0
+        self.show = sys.stderr.isatty()
+        self.shown = 0.0
+
+    def _count(self, text):
+        self.lines += text.count("\n")
+        if self.show and time.monotonic() - self.shown > 0.2:
+            self.shown = time.monotonic()
+            print(f"\r{self.lines} {self.what}", end="", file=sys.stderr, flush=True)
+        return text
+
+    def write(self, text):
+        return self.fp.write(self._count(text))
+
+    def read(self, size=-1):
+        return self._count(self.fp.read(size))
+
+    def __iter__(self):
+        return (self._count(line) for line in self.fp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.show:
+            print(f"\r{self.lines} {self.what}", file=sys.stderr, flush=True)
+        if self.fp not in (sys.stdin, sys.stdout):
+            self.fp.close()
+
+
+def _cli_dump(db, args):
+    with _Progress(sys.stdout, "lines dumped") as out:
+        db.dump(out, args.names or None)
+    return _NOTHING
+
+
 def _cli_load(db, args):
     mode = "replace" if args.replace else "append"
-    if args.file == "-":
-        return {"structures": db.load(sys.stdin, mode)}
-    with open(args.file, encoding="utf-8") as f:
-        return {"structures": db.load(f, mode)}
+    source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+    with _Progress(source, "lines loaded") as lines:
+        return {"structures": db.load(lines, mode)}
 
 
 def _open_database(args):
-    url = args.url or os.environ.get("BEAVER_URL")
-    if url and not args.database:
-        return BeaverClient(url, token=args.token or os.environ.get("BEAVER_TOKEN"))
-    return BeaverDB(args.database or os.environ.get("BEAVER_DATABASE") or "beaver.db")
+    database = getattr(args, "database", None)
+    url = getattr(args, "url", None) or os.environ.get("BEAVER_URL")
+    if url and not database:
+        return BeaverClient(url, token=getattr(args, "token", None) or
+                            os.environ.get("BEAVER_TOKEN"))
+    path = database or os.environ.get("BEAVER_DATABASE") or "beaver.db"
+    if getattr(args, "reads", False) and path != ":memory:" and not os.path.exists(path):
+        raise BeaverError(f"no database at {path!r} (a read never creates one)")
+    return BeaverDB(path)
 
 
 def _cli_run(db, args):
@@ -6899,12 +6990,15 @@ def _cli_run(db, args):
     return args.handler(getattr(db, factory)(args.name), args)
 
 
-def _cli_print(result):
+def _cli_print(result, raw=False):
     if result is _NOTHING:
         return 0
     if isinstance(result, _Exit):
         return int(result)
-    print(json.dumps(_cli_json(result), indent=2, ensure_ascii=False))
+    if raw and isinstance(result, str):
+        print(result)
+    else:
+        print(json.dumps(_cli_json(result), indent=2, ensure_ascii=False))
     return 0
 
 
@@ -6914,7 +7008,7 @@ def _command_word(argv):
     while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
         if argv[i] in ("--database", "-d") and i + 1 < len(argv):
             database = argv[i + 1]
-        i += 1 if "=" in argv[i] or argv[i] == "--version" else 2
+        i += 1 if "=" in argv[i] or argv[i] in ("--version", "--raw") else 2
     return i, database
 
 
@@ -6962,7 +7056,7 @@ def main(argv=None) -> int:
         print(f"beaver: {e}", file=sys.stderr)
         return 1
     try:
-        return _cli_print(_cli_run(db, args))
+        return _cli_print(_cli_run(db, args), args.raw)
     except _UsageError as e:
         print(f"beaver: {e}", file=sys.stderr)
         return 2

@@ -1298,4 +1298,5 @@ else:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("beaver_server", sys.modules[__name__])   # one copy of this module
     sys.exit(main())

@@ -5329,6 +5329,68 @@ def test_cli_against_server(capsys, server_url, uid):
     assert _cli(capsys, "--url", server_url, "dict", f"{uid}-c", "get", "nope")[0] == 1
 
 
+def test_cli_reads_never_create_a_database(capsys, tmp_path):
+    typo = str(tmp_path / "typo.db")
+    for argv in (["info"], ["dict", "c", "get", "k"], ["dump"], ["queue", "q", "peek"],
+                 ["collection", "c", "match", "x"], ["lock", "x", "status"]):
+        code, out, err = _cli(capsys, "--database", typo, *argv)
+        assert code == 1 and out == "" and "no database" in err, argv
+    assert not os.path.exists(typo)
+    assert _cli(capsys, "--database", typo, "dict", "c", "set", "k", "v")[0] == 0   # a write may
+    assert _cli(capsys, "--database", typo, "dict", "c", "get", "k")[1] == '"v"\n'
+
+
+def test_cli_raw_and_has(capsys, dbfile):
+    assert _cli(capsys, "-d", dbfile, "dict", "c", "set", "k", "two words")[0] == 0
+    assert _cli(capsys, "-d", dbfile, "--raw", "dict", "c", "get", "k")[1] == "two words\n"
+    assert _cli(capsys, "-d", dbfile, "--raw", "dict", "c", "keys")[1] == '[\n  "k"\n]\n'
+    assert _cli(capsys, "-d", dbfile, "dict", "c", "has", "k") == (0, "true\n", "")
+    assert _cli(capsys, "-d", dbfile, "dict", "c", "has", "zz") == (1, "false\n", "")
+
+
+def _all_parsers(parser):
+    import argparse
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
+def test_cli_every_option_has_help_and_shows_its_default():
+    for kind in list(beaver.CLI_KINDS) + [None]:
+        for parser in _all_parsers(beaver._cli_parser(kind)):
+            text = parser.format_help()
+            for action in parser._actions:
+                if action.dest in ("help", "version") or not action.option_strings:
+                    continue
+                assert action.help, (parser.prog, action.option_strings)
+                entry = text.split("options:", 1)[1].split(action.option_strings[0], 1)[1]
+                assert "default" in entry.split("\n  -", 1)[0], (parser.prog,
+                                                                 action.option_strings)
+
+
+def test_cli_progress_only_on_a_terminal(capsys, dbfile, tmp_path, monkeypatch):
+    with BeaverDB(dbfile) as db:
+        db.list("l").extend(range(10))
+    assert _cli(capsys, "-d", dbfile, "dump")[2] == ""           # not a terminal: silent
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert beaver.main(["-d", dbfile, "dump"]) == 0
+    assert "lines dumped" in terminal.getvalue()
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": str(i), "body": f"text {i}"}) + "\n"
+                            for i in range(2500)))
+    assert beaver.main(["-d", dbfile, "collection", "c", "index-many", str(docs)]) == 0
+    assert "documents read" in terminal.getvalue()
+    with BeaverDB(dbfile) as db:
+        assert len(db.collection("c")) == 2500
+
+
 def test_cli_serve_help_and_refusal(capsys):
     pytest.importorskip("fastapi")
     code, out, _ = _cli(capsys, "serve", "--help")
