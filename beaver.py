@@ -5834,16 +5834,18 @@ def _derived(kind):
     under the local method's names (aliases such as ``append`` = ``push`` included)."""
     def decorate(cls):
         local_class = _local_classes()[kind]
+        names_of: dict = {}         # a local function -> every name it has in the class
+        for name in dir(local_class):
+            names_of.setdefault(id(_static_attr(local_class, name)), []).append(name)
         for name, op in _operations(kind).items():
             if name.startswith("_") and not name.startswith("__") or name in cls.__dict__:
                 continue
             made = _remote_method(op)
-            if isinstance(_static_attr(local_class, name), property):
+            local = _static_attr(local_class, name)
+            if isinstance(local, property):
                 made = property(made, doc=made.__doc__)
-            made_name = name
-            for alias in dir(local_class):
-                if alias not in cls.__dict__ and _static_attr(local_class, alias) is \
-                        _static_attr(local_class, made_name):
+            for alias in names_of.get(id(local), [name]):
+                if alias not in cls.__dict__:
                     setattr(cls, alias, made)
         cls.__abstractmethods__ = frozenset(
             n for n in getattr(cls, "__abstractmethods__", ())

@@ -47,6 +47,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -187,7 +188,8 @@ class _Request:
 
 def _text(raw: bytes) -> str:
     try:
-        return unquote(raw.decode("utf-8"), errors="strict")
+        text = raw.decode("utf-8")
+        return unquote(text, errors="strict") if "%" in text else text
     except UnicodeDecodeError:
         raise HTTPError(400, "ValueError", "the path is not UTF-8") from None
 
@@ -339,9 +341,10 @@ class _Server:
         self.allowed_hosts = {h.lower() for h in allowed_hosts}
         self.executor = concurrent.futures.ThreadPoolExecutor(limits["threads"],
                                                               "beaver-server")
-        self.routes: dict = {}
+        self.routes: dict = {}      # (verb, first segment, segment count or "*") -> routes
         for route in _declared_routes(self) + _hand_routes(self):
-            self.routes.setdefault((route.verb, len(route.parts) and route.parts[0]),
+            count = "*" if route.greedy else len(route.parts)
+            self.routes.setdefault((route.verb, route.parts[0] if route.parts else "", count),
                                    []).append(route)
         for routes in self.routes.values():      # ?view=ttl before the plain /{key}
             routes.sort(key=lambda r: -len(r.fixed))
@@ -386,15 +389,16 @@ class _Server:
         segments = [_text(s) for s in raw_path.split(b"/")[1:]]
         if segments == [""]:
             segments = []
-        first = segments[0] if segments else 0
+        first = segments[0] if segments else ""
         verbs = ("HEAD", "GET") if method == "HEAD" else (method,)
         for verb in verbs:
-            for route in self.routes.get((verb, first), ()):
-                params = route.match(segments, query)
-                if params is not None:
-                    return route, params
+            for count in (len(segments), "*"):
+                for route in self.routes.get((verb, first, count), ()):
+                    params = route.match(segments, query)
+                    if params is not None:
+                        return route, params
         if any(route.match(segments, query) is not None
-               for (verb, head), routes in self.routes.items()
+               for (verb, head, _), routes in self.routes.items()
                if head == first and verb not in verbs for route in routes):
             raise HTTPError(405, "MethodNotAllowed", f"{method} is not allowed here")
         raise HTTPError(404, "NotFound", "no such route")
@@ -921,6 +925,7 @@ def _chosen_subprotocol(scope):
     return "beaver" if "beaver" in (scope.get("subprotocols") or ()) else None
 
 
+@functools.lru_cache(maxsize=256)
 def _is_loopback(host) -> bool:
     if host in _LOOPBACK_NAMES:
         return True
@@ -1185,7 +1190,8 @@ def _bind(settings, listen=True):
     with SO_REUSEPORT, so the kernel spreads connections between them."""
     import socket
     family = socket.AF_INET6 if ":" in settings["host"] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio then sets TCP_NODELAY on every accepted connection
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if settings["workers"] > 1:
         if not hasattr(socket, "SO_REUSEPORT"):
@@ -1206,7 +1212,7 @@ def _uvicorn_server(settings):
     import uvicorn
     config = uvicorn.Config(
         "beaver_server:_app_from_environment", factory=True, host=settings["host"],
-        port=settings["port"], log_level=settings["log_level"], http=_Protocol,
+        port=settings["port"], log_level=settings["log_level"], http=_Protocol, loop="auto",
         h11_max_incomplete_event_size=MAX_TARGET + 64 * 1024)
     config.load()
     return uvicorn.Server(config)
@@ -1255,46 +1261,67 @@ def _supervise(settings, placeholder):
 
 _header_timeout = HEADER_TIMEOUT
 
+class _HeaderDeadline:
+    """Closes a connection whose request headers do not arrive within ``--header-timeout``
+    seconds (slow-loris clients; one that sends nothing at all too), on top of uvicorn's
+    HTTP protocols."""
+
+    _header_deadline = None
+
+    def _arm(self, idle=0.0):
+        self._head_arrived()
+        self._header_deadline = self.loop.call_later(_header_timeout + idle, self._too_slow)
+
+    def _too_slow(self):
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _head_arrived(self):
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm(idle=self.timeout_keep_alive)
+
+    def connection_lost(self, exc):
+        self._head_arrived()
+        super().connection_lost(exc)
+
+
+def _protocols():
+    """uvicorn's fastest HTTP protocol available, with the header deadline."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        import h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        class Protocol(_HeaderDeadline, H11Protocol):
+            def data_received(self, data):
+                super().data_received(data)
+                if self.conn.their_state is not h11.IDLE:
+                    self._head_arrived()
+        return Protocol
+
+    class Protocol(_HeaderDeadline, HttpToolsProtocol):
+        def on_headers_complete(self):
+            self._head_arrived()
+            super().on_headers_complete()
+    return Protocol
+
+
 try:
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    _Protocol = _protocols()
+    _Protocol.__qualname__ = _Protocol.__name__ = "_Protocol"    # picklable by name
 except ImportError:
-    H11Protocol = None
-else:
-    class _Protocol(H11Protocol):
-        """uvicorn's HTTP protocol, closing a connection whose request headers do not arrive
-        within ``--header-timeout`` seconds (slow-loris clients), idle ones included."""
-
-        _header_deadline = None
-
-        def _arm(self, idle=0.0):
-            if self._header_deadline is not None:
-                self._header_deadline.cancel()
-            self._header_deadline = self.loop.call_later(_header_timeout + idle,
-                                                         self._too_slow)
-
-        def _too_slow(self):
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self.transport.close()
-
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            self._arm()
-
-        def data_received(self, data):
-            super().data_received(data)
-            if self.conn.their_state is not h11.IDLE and self._header_deadline is not None:
-                self._header_deadline.cancel()
-
-        def on_response_complete(self):
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm(idle=self.timeout_keep_alive)
-
-        def connection_lost(self, exc):
-            if self._header_deadline is not None:
-                self._header_deadline.cancel()
-            super().connection_lost(exc)
+    _Protocol = None
 
 
 if __name__ == "__main__":
