@@ -5434,29 +5434,33 @@ def _take_blob(m, reply, args):
     return Blob(args["key"], data, None if meta is None else m._codec.decode(meta))
 
 
+def _answer_json(reply):
+    return _json_loads(reply[2].decode("utf-8"))
+
+
 # result -> client decoder(manager, reply (status, headers, body), arguments)
 _TAKE = {
     "": lambda m, r, a: None,
-    "value": lambda m, r, a: m._value(_json_loads(r[2])),
-    "json": lambda m, r, a: _json_loads(r[2]),
-    "count": lambda m, r, a: _json_loads(r[2]),
-    "values": lambda m, r, a: [m._value(v) for v in _json_loads(r[2])],
-    "pair": lambda m, r, a: tuple((lambda p: (p[0], m._value(p[1])))(_json_loads(r[2]))),
-    "pairs": lambda m, r, a: [(k, m._value(v)) for k, v in _json_loads(r[2])],
-    "pair_values": lambda m, r, a: [m._value(v) for _, v in _json_loads(r[2])],
-    "item": lambda m, r, a: m._item(_json_loads(r[2])),
-    "items": lambda m, r, a: [m._item(i) for i in _json_loads(r[2])],
+    "value": lambda m, r, a: m._value(_answer_json(r)),
+    "json": lambda m, r, a: _answer_json(r),
+    "count": lambda m, r, a: _answer_json(r),
+    "values": lambda m, r, a: [m._value(v) for v in _answer_json(r)],
+    "pair": lambda m, r, a: tuple((lambda p: (p[0], m._value(p[1])))(_answer_json(r))),
+    "pairs": lambda m, r, a: [(k, m._value(v)) for k, v in _answer_json(r)],
+    "pair_values": lambda m, r, a: [m._value(v) for _, v in _answer_json(r)],
+    "item": lambda m, r, a: m._item(_answer_json(r)),
+    "items": lambda m, r, a: [m._item(i) for i in _answer_json(r)],
     "entries": lambda m, r, a: [LogEntry(_utc(e["timestamp"]), m._value(e["data"]))
-                                for e in _json_loads(r[2])],
-    "document": lambda m, r, a: m._document(_json_loads(r[2])),
-    "documents": lambda m, r, a: [m._document(d) for d in _json_loads(r[2])],
+                                for e in _answer_json(r)],
+    "document": lambda m, r, a: m._document(_answer_json(r)),
+    "documents": lambda m, r, a: [m._document(d) for d in _answer_json(r)],
     "echo": lambda m, r, a: a["document"],
     "hits": lambda m, r, a: [(m._document(h["document"]), h["score"], h["snippet"])
                              if "snippet" in h else (m._document(h["document"]), h["score"])
-                             for h in _json_loads(r[2])],
-    "edges": lambda m, r, a: [Edge(**e) for e in _json_loads(r[2])],
-    "size": lambda m, r, a: _json_loads(r[2])["size"],
-    "dump": lambda m, r, a: _dump_to(_json_loads(r[2]), a.get("fp")),
+                             for h in _answer_json(r)],
+    "edges": lambda m, r, a: [Edge(**e) for e in _answer_json(r)],
+    "size": lambda m, r, a: _answer_json(r)["size"],
+    "dump": lambda m, r, a: _dump_to(_answer_json(r), a.get("fp")),
     "exists": lambda m, r, a: r[0] < 400,
     "blob": _take_blob,
 }
