@@ -6148,16 +6148,7 @@ class RemoteLock:
         ttl = self.ttl if ttl is None else _seconds(ttl, "ttl")
         self._post("renew", f"token={self._token}&ttl={ttl!r}")
 
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-    def as_async(self) -> "AsyncLock":
-        """An awaitable twin: ``async with client.lock("job").as_async(): ...``."""
-        return AsyncLock(self)
+    __enter__, __exit__, as_async = Lock.__enter__, Lock.__exit__, Lock.as_async
 
     def __repr__(self):
         return f"<RemoteLock {self.name!r} {'held' if self._token else 'free'}>"
