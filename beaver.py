@@ -6247,10 +6247,6 @@ class BeaverClient:
         if self._closed:
             raise ClosedError("the client is closed")
         if writes:
-            batch = getattr(self._local, "batch", None)
-            if batch is not None:
-                batch.append(_subrequest(verb, target, body, headers))
-                return b""
             headers += f"Idempotency-Key: {key or uuid.uuid4().hex}\r\n"
         status, answer, data = self._send(verb, target, body, headers, wait, sink)
         if status >= 400:
@@ -6270,7 +6266,7 @@ class BeaverClient:
             if known is None:
                 raise BeaverError(f"{op.kind}.{op.method}() answers with a result, so it cannot "
                                   "be queued in a remote transaction(): call it outside the block")
-            self._request(verb, target, body, headers, writes=True)
+            self._local.batch.append(_subrequest(verb, target, body, headers))
             return known(args)
         if op.wait and args.get("block", True):
             return self._wait(manager, op, args)
@@ -6335,7 +6331,7 @@ class BeaverClient:
         body = text.encode("utf-8") if isinstance(text, str) else text
         data = self._request("POST", f"/load?mode={quote(str(mode), safe='')}", body,
                              "Content-Type: application/x-ndjson\r\n", writes=True)
-        return json.loads(data)["structures"] if data else None
+        return json.loads(data)["structures"]
 
     def backup(self, path) -> str:
         """Download a consistent copy of the server's database file to ``path``."""

@@ -879,12 +879,18 @@ class _Server:
                 return await fallback(scope, _limited(receive, self.limits["body"]), tracked)
             await route.handler(request, route, params)
         except Exception as e:   # an answer for every failure, unless one has started
-            if started:
-                if not isinstance(e, (OSError, RuntimeError, HTTPError)):
-                    logger.exception("beaver server: failure while answering")
-                return
-            with contextlib.suppress(OSError, RuntimeError):
-                await request.reply(_error_reply(e))
+            await self.failed(request, e, started)
+        finally:
+            if request._gone is not None and not request._gone.done():
+                request._gone.cancel()          # stops its watch of the connection
+
+    async def failed(self, request, e, started):
+        if started:
+            if not isinstance(e, (OSError, RuntimeError, HTTPError)):
+                logger.error("beaver server: failure while answering", exc_info=e)
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            await request.reply(_error_reply(e))
 
 
 def _event_text(value) -> str:
