@@ -473,8 +473,9 @@ class _Server:
 
     def execute(self, op, name, options, kwargs, key=None):
         """Run one declared operation (in a worker thread); its answer."""
+        manager = self.manager(op.kind, name, options)     # before any transaction opens
+
         def call():
-            manager = self.manager(op.kind, name, options)
             result = beaver._local_function(op)(manager, **kwargs)
             reply = beaver._SERVE[op.result.rstrip("?")](result, manager)
             return reply if isinstance(reply, tuple) else beaver._reply(reply)
@@ -544,8 +545,6 @@ class _Server:
         calls = [await self.subcall(request, item) for item in items]
 
         def apply():
-            for op, name, options, kwargs in calls:     # opening a manager may write
-                self.manager(op.kind, name, options)
             with self.db.transaction():
                 for index, (op, name, options, kwargs) in enumerate(calls):
                     try:
@@ -554,6 +553,8 @@ class _Server:
                         e.beaver_index = index
                         raise
             return beaver._reply({"count": len(calls)})
+        await self.run(lambda: [self.manager(op.kind, name, options)    # opening may write
+                                for op, name, options, _ in calls])
         await request.reply(await self.run(self.keyed, request, apply))
 
     async def subcall(self, request, item):
