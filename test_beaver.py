@@ -4942,8 +4942,13 @@ def test_two_workers_serve_one_queue_without_duplicates(tmp_path):
     process, url = _start_server(tmp_path / "workers.db", "--workers", "2", "--max-wait", "5",
                                  command=("-m", "beaver_server"))
     try:
+        seen, deadline = set(), time.monotonic() + 60
+        while len(seen) < 2:                # both workers are up and listening
+            assert time.monotonic() < deadline, f"workers {seen}"
+            probe = beaver.BeaverClient(url)
+            seen.add(json.loads(probe._request("GET", "/"))["pid"])
+            probe.close()
         pids, out, threads = [], [], []
-        deadline = time.monotonic() + 60
         while len(set(pids)) < 2 or len(threads) < 4:   # consumers on both workers
             assert time.monotonic() < deadline and len(threads) < 40, f"workers {pids}"
             thread = threading.Thread(target=_worker_consumer, args=(url, out, pids))
