@@ -1220,7 +1220,8 @@ def _uvicorn_server(settings):
     config = uvicorn.Config(
         "beaver_server:_app_from_environment", factory=True, host=settings["host"],
         port=settings["port"], log_level=settings["log_level"], http=_Protocol, loop="auto",
-        h11_max_incomplete_event_size=MAX_TARGET + 64 * 1024)
+        h11_max_incomplete_event_size=MAX_TARGET + 64 * 1024,
+        timeout_graceful_shutdown=5)        # streams never end by themselves
     config.load()
     return uvicorn.Server(config)
 
