@@ -1132,13 +1132,16 @@ def _parser(prog=None) -> argparse.ArgumentParser:
     return parser
 
 
+def _env_list(name) -> list:
+    return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
+
+
 def _settings(argv, prog):
     args = _parser(prog).parse_args(argv)
-    env_list = lambda name: [v for v in os.environ.get(name, "").split(",") if v.strip()]  # noqa
     return {"database": args.database, "token": args.token, "host": args.host,
             "port": args.port, "workers": args.workers, "insecure": args.insecure,
-            "cors_origins": args.cors_origin or env_list("BEAVER_CORS_ORIGINS"),
-            "allowed_hosts": args.allow_host or env_list("BEAVER_ALLOW_HOSTS"),
+            "cors_origins": args.cors_origin or _env_list("BEAVER_CORS_ORIGINS"),
+            "allowed_hosts": args.allow_host or _env_list("BEAVER_ALLOW_HOSTS"),
             "max_body_bytes": args.max_body_size, "max_wait": args.max_wait,
             "max_streams": args.max_streams, "header_timeout": args.header_timeout,
             "log_level": args.log_level}

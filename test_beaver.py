@@ -6797,7 +6797,8 @@ def test_readme_documents_every_environment_variable():
     read = set()
     for module in MODULES:
         source = (ROOT / module).read_text("utf-8")
-        read |= set(re.findall(r'(?:environ\.get|getenv|env)\(\s*"([A-Z][A-Z0-9_]*)"', source))
+        read |= set(re.findall(r'(?:environ\.get|getenv|env|_env_\w+)\(\s*"([A-Z][A-Z0-9_]*)"',
+                               source))
         read |= set(re.findall(r'environ\[\s*"([A-Z][A-Z0-9_]*)"\s*\]', source))
     section = (ROOT / "README.md").read_text("utf-8").split("## Environment variables")[1]
     table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \|", section.split("\n## ")[0], re.M))
