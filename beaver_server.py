@@ -767,10 +767,17 @@ class _Server:
         lock = await self.run(self.db.lock, name, None, ttl)
         got = await self.run(lock._enqueue)
         gone = request.gone()
+
+        def claim():        # a repeat of this request may have the lock already
+            stored = None if key is None else beaver._remembered(self.db, key)
+            return stored if stored is not None else lock._claim()
         if not got and block is not False:
             with self.waiting():
                 got = await self.db._core.watcher.wait_for_async(
-                    lock._claim, wait, cap=lock._next_check, run=self.run, stop=gone)
+                    claim, wait, cap=lock._next_check, run=self.run, stop=gone)
+        if isinstance(got, tuple):
+            await self.run(lock._leave, lock._ticket)
+            return await request.reply(got)
         if not got or (gone.done() and key is None):
             await self.run(lock._leave, lock._ticket)
             raise beaver.LockTimeout(f"could not acquire lock {name!r} within {wait}s")

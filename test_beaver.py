@@ -4635,6 +4635,16 @@ def test_lost_response_blocking_get_waits_then_answers_the_same_item(lossy, uid)
     assert [i.data for i in local.queue(f"{uid}-w")] == ["spare"]
 
 
+def test_lost_response_lock_acquire_takes_one_hold(lossy, uid):
+    client, proxy, local = lossy
+    lock = client.lock(f"{uid}-lock", ttl=60)
+    proxy.arm()
+    lock.acquire(timeout=10)
+    assert proxy.dropped == 1 and local.lock(f"{uid}-lock").locked
+    lock.release()
+    assert not local.lock(f"{uid}-lock").locked     # no second hold left behind
+
+
 def test_client_never_resends_a_write_without_a_key(lossy, uid):
     client, proxy, local = lossy
     proxy.arm()
