@@ -123,7 +123,8 @@ class _Request:
     """One HTTP request: its parts, its body (read within the limit), its disconnection."""
 
     def __init__(self, scope, receive, send, limit):
-        self.scope, self.receive, self.send = scope, receive, send
+        self.scope, self.receive, self._send = scope, receive, send
+        self.started = False        # the answer has begun: an error can no longer replace it
         self.method = scope["method"]
         self.raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
         self.query_string = scope.get("query_string", b"")
@@ -173,6 +174,10 @@ class _Request:
             except UnicodeDecodeError:
                 raise HTTPError(400, "ValueError", "the query string is not UTF-8") from None
         return self._query
+
+    async def send(self, message):
+        self.started = True
+        await self._send(message)
 
     async def reply(self, reply):
         status, body, headers = reply
@@ -870,13 +875,6 @@ class _Server:
                 return
             return await self.websocket(scope, receive, send)
         request = _Request(scope, receive, send, self.limits["body"])
-        started = False
-
-        async def tracked(message):
-            nonlocal started
-            started = True
-            await send(message)
-        request.send = tracked
         try:
             self.check(scope, request.headers)
             try:
@@ -884,16 +882,17 @@ class _Server:
             except HTTPError as e:
                 if e.status != 404:
                     raise
-                return await fallback(scope, _limited(receive, self.limits["body"]), tracked)
+                return await fallback(scope, _limited(receive, self.limits["body"]),
+                                      request.send)
             await route.handler(request, route, params)
         except Exception as e:   # an answer for every failure, unless one has started
-            await self.failed(request, e, started)
+            await self.failed(request, e)
         finally:
             if request._gone is not None and not request._gone.done():
                 request._gone.cancel()          # stops its watch of the connection
 
-    async def failed(self, request, e, started):
-        if started:
+    async def failed(self, request, e):
+        if request.started:
             if not isinstance(e, (OSError, RuntimeError, HTTPError)):
                 logger.error("beaver server: failure while answering", exc_info=e)
             return
@@ -1045,12 +1044,13 @@ class _Front:
     """The ASGI entry: beaver's routes first, then FastAPI's (``/docs``, user routes)."""
 
     def __init__(self, server, app):
-        self.server, self.app = server, app
+        self.server = server
+        self.fastapi = functools.partial(FastAPI.__call__, app)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
-            return await FastAPI.__call__(self.app, scope, receive, send)
-        await self.server(scope, receive, send, lambda *a: FastAPI.__call__(self.app, *a))
+            return await self.fastapi(scope, receive, send)
+        await self.server(scope, receive, send, self.fastapi)
 
 
 if FastAPI is not None:
