@@ -1008,9 +1008,9 @@ def create_app(database="beaver.db", token=None, *, max_body_bytes=DEFAULT_MAX_B
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        server.executor.shutdown(wait=False)
         if owned:
-            db.close()
+            await server.run(db.close)      # close() joins threads: not on the event loop
+        server.executor.shutdown(wait=False)
 
     app = _App(title="beaver", version=beaver.__version__, lifespan=lifespan,
                docs_url=None, redoc_url=None, openapi_url="/openapi.json")
