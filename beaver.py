@@ -19,7 +19,8 @@ __all__ = [
     "BeaverDB", "Model", "QueueItem", "Blob", "Lock",
     "DictManager", "ListManager", "QueueManager", "BlobManager", "AsyncManager",
     "LeasedItem", "LogManager", "LogEntry", "LiveView", "ChannelManager", "Subscriber",
-    "AsyncChannelManager", "AsyncSubscriber", "AsyncLogManager", "AsyncLock",
+    "AsyncChannelManager", "AsyncSubscriber", "AsyncLogManager", "AsyncLock", "Stream",
+    "AsyncStream", "AsyncLiveView",
     "BeaverError", "ClosedError", "SchemaError", "LockTimeout", "LockLost", "QueueEmpty",
     "Timeout", "DatabaseBusy", "ValidationError", "FeatureUnavailable",
     "Document", "CollectionManager", "rerank",
@@ -503,6 +504,11 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_indexes (
         kind TEXT NOT NULL, name TEXT NOT NULL, path TEXT NOT NULL,
         PRIMARY KEY (kind, name, path)) WITHOUT ROWID""",
+    # the answers to recent keyed requests of the server (exactly-once over the wire)
+    """CREATE TABLE IF NOT EXISTS beaver_requests (
+        key TEXT PRIMARY KEY, created REAL NOT NULL, status INTEGER NOT NULL, body BLOB)
+        WITHOUT ROWID""",
+    """CREATE INDEX IF NOT EXISTS beaver_requests_age ON beaver_requests (created)""",
 ]
 
 # DELETE ... RETURNING takes an item in one autocommit statement (3.35.5 fixed its early bugs)
@@ -900,6 +906,12 @@ class _FileNotify:
             os.close(self.fd)
 
 
+def _settle(futures):
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
+
+
 class _Watcher:
     """Wakes waiting threads when the database changes, whichever process wrote.
 
@@ -907,7 +919,8 @@ class _Watcher:
     bumps ``tick`` when another connection has committed. On Linux it sleeps on inotify events
     of the ``-wal`` file (every commit appends to it) and then polls every millisecond for a
     short while; elsewhere (or with ``BEAVER_WATCH=poll``) it polls every millisecond. Writers
-    of this process bump ``tick`` directly. Waiters sleep on one condition.
+    of this process bump ``tick`` directly. Threads sleep on one condition; coroutines
+    (``wait_for_async``) await a future that the same wake-up settles.
     """
 
     def __init__(self, core):
@@ -917,11 +930,18 @@ class _Watcher:
         self.users = 0
         self._thread = None
         self._stopping = False
+        self._futures: dict = {}      # event loop -> futures of coroutines awaiting a tick
 
     def wake(self):
         with self._cond:
             self.tick += 1
             self._cond.notify_all()
+            if not self._futures:
+                return
+            waiting, self._futures = self._futures, {}
+        for loop, futures in waiting.items():   # one hop per event loop, however many wait
+            with contextlib.suppress(RuntimeError):     # that loop has closed meanwhile
+                loop.call_soon_threadsafe(_settle, futures)
 
     @contextlib.contextmanager
     def watching(self):
@@ -961,6 +981,41 @@ class _Watcher:
                     return None
                 limit = cap() if callable(cap) else cap
                 self.wait(tick, deadline.remaining(limit))
+
+    async def wait_for_async(self, probe, timeout=None, cap=None, run=None, stop=None):
+        """``wait_for`` for asyncio: awaits changes instead of holding a thread while it waits.
+
+        ``run(probe)`` is awaited for each attempt (e.g. ``probe`` run in a thread pool, so
+        SQLite never runs on the event loop). ``stop`` (an ``asyncio.Future``) ends the wait
+        early: a probe in progress finishes first, and its result is returned.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = _Deadline(timeout)
+        with self.watching():
+            while True:
+                tick = self.tick
+                result = await run(probe)
+                if result is not None or (stop is not None and stop.done()):
+                    return result
+                if self._stopping:
+                    raise ClosedError("the database was closed while waiting")
+                if deadline.expired:
+                    return None
+                limit = cap() if callable(cap) else cap
+                await self._tick_after(loop, tick, deadline.remaining(limit), stop)
+
+    async def _tick_after(self, loop, tick, timeout, stop):
+        """Return once ``tick`` moved on, ``timeout`` seconds passed or ``stop`` is done."""
+        future = loop.create_future()
+        with self._cond:
+            if self.tick != tick or self._stopping:
+                return
+            self._futures.setdefault(loop, []).append(future)
+        waits = {future} if stop is None else {future, stop}
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            future.cancel()
 
     def _start(self):
         if self._thread is None or not self._thread.is_alive():
@@ -1026,8 +1081,7 @@ class _Watcher:
 
     def stop(self):
         self._stopping = True
-        with self._cond:
-            self._cond.notify_all()
+        self.wake()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=1.0)
@@ -1471,6 +1525,92 @@ def _read_dump(data_or_fp) -> dict:
     if not isinstance(data, dict):
         raise ValueError("a dump is a JSON object with 'metadata' and 'items'")
     return data
+
+
+_CLOSED = object()      # what a push stream's inbox receives when the stream closes
+
+
+class Stream:
+    """Values that arrive over time: a channel subscription, a live view, a remote stream.
+
+        >>> with db.channel("chat").subscribe() as sub:
+        ...     for message in sub.listen(timeout=5):
+        ...         print(message)
+
+    ``get(timeout)`` returns the next value (``TimeoutError`` after ``timeout`` seconds
+    without one); iterating (or ``listen()``) yields values until ``close()``; a ``with``
+    block closes it; ``as_async()`` is its asyncio face. A push source hands raw values to
+    ``_deliver`` from any thread and ``_decode`` makes them what the caller sees; a pull
+    source (``LiveView``) computes each value when it is due instead (``_due``/``_produce``).
+    """
+
+    _what = "value"
+
+    def __init__(self):
+        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._sink = self._inbox.put
+        self.closed = False
+
+    def _deliver(self, raw):
+        self._sink(raw)
+
+    def _decode(self, raw):
+        return raw
+
+    def _stop(self):
+        """Detach from the source (``close()`` calls it once)."""
+
+    def _next(self, timeout):
+        try:
+            raw = self._inbox.get(timeout=timeout)
+        except _queue.Empty:
+            raise Timeout(f"no {self._what} arrived within {timeout}s") from None
+        if raw is _CLOSED:
+            self._inbox.put(_CLOSED)
+            raise ClosedError(f"the {type(self).__name__.lower()} is closed")
+        return raw
+
+    def get(self, timeout=None):
+        """The next value; ``TimeoutError`` after ``timeout`` seconds without one."""
+        return self._decode(self._next(_seconds(timeout, "timeout")))
+
+    def listen(self, timeout=None):
+        """Yield values as they arrive, until ``close()``.
+
+        ``timeout`` bounds each wait: if nothing arrives for that long, ``TimeoutError`` is
+        raised (catch it to stop listening). Without it, the wait is unbounded.
+        """
+        while True:
+            try:
+                yield self.get(timeout)
+            except ClosedError:
+                return
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return self.get()
+        except ClosedError:
+            raise StopIteration from None
+
+    def close(self):
+        """Stop the stream; a ``listen()`` or iteration in progress ends."""
+        if not self.closed:
+            self.closed = True
+            self._stop()
+            self._sink(_CLOSED)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def as_async(self) -> "AsyncStream":
+        """The asyncio face: ``async for value in stream.as_async(): ...``."""
+        return AsyncStream(self)
 
 
 # ==========================================================================================
@@ -2897,10 +3037,11 @@ class LogManager(_Manager, _Indexed):
         return AsyncLogManager(self)
 
 
-class LiveView:
-    """The iterator returned by ``LogManager.live``: a rolling window, updated incrementally."""
+class LiveView(Stream):
+    """The stream returned by ``LogManager.live``: a rolling window, updated incrementally."""
 
     def __init__(self, log, window, period, aggregator, where=None):
+        super().__init__()
         self._log = log
         self._where = log._filter(where)[0]
         self.window = _seconds(window, "window")
@@ -2912,28 +3053,30 @@ class LiveView:
         self._aggregator = aggregator
         self._entries: collections.deque = collections.deque()   # (timestamp, seq, data)
         self._last_seq = None
-        self._due = None
-        self._closed = threading.Event()
+        self._due_at = None
+        self._stopped = threading.Event()
 
-    def __iter__(self):
-        return self
+    def _next(self, timeout):
+        wait = self._due()
+        if timeout is not None and wait > timeout:
+            if not self._stopped.wait(timeout):
+                raise Timeout(f"no update of the live view within {timeout}s")
+        if self.closed or (wait > 0 and self._stopped.wait(wait)):
+            raise ClosedError("the live view is closed")
+        return self._produce()
 
-    def __next__(self):
-        if self._closed.is_set():
-            raise StopIteration
-        if self._due is not None:
-            wait = self._due - time.monotonic()
-            if wait > 0 and self._closed.wait(wait):
-                raise StopIteration
-        return self._tick()
+    def _stop(self):
+        self._stopped.set()
 
-    def _wait_time(self) -> float:
-        return 0.0 if self._due is None else max(0.0, self._due - time.monotonic())
+    def _due(self) -> float:
+        """Seconds until the next value is due."""
+        return 0.0 if self._due_at is None else max(0.0, self._due_at - time.monotonic())
 
-    def _tick(self):
+    def _produce(self):
         """Read the new rows, drop the old ones, and aggregate the window."""
         now = time.monotonic()
-        self._due = now + self.period if self._due is None else max(self._due + self.period, now)
+        self._due_at = now + self.period if self._due_at is None else max(
+            self._due_at + self.period, now)
         if self._last_seq is None:
             self._load()
         else:
@@ -2977,20 +3120,6 @@ class LiveView:
                 ordered = sorted([*entries, entry], key=lambda e: e[:2])
                 self._entries = entries = collections.deque(ordered)
 
-    def close(self):
-        """Stop the view; a blocked iteration ends at once."""
-        self._closed.set()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def __repr__(self):
         return f"<LiveView {self._log.name!r} window={self.window}s period={self.period}s>"
 
@@ -2998,6 +3127,13 @@ class LiveView:
 # ==========================================================================================
 # Channel
 # ==========================================================================================
+
+def _check_max_messages(max_messages):
+    if max_messages is not None and (isinstance(max_messages, bool) or
+                                     not isinstance(max_messages, int) or max_messages < 1):
+        raise ValueError(f"max_messages must be a positive int or None, not {max_messages!r}")
+    return max_messages
+
 
 class ChannelManager(_Manager):
     """A pub/sub channel: every subscriber gets every message published after it subscribed.
@@ -3025,10 +3161,7 @@ class ChannelManager(_Manager):
                  max_messages=CHANNEL_MAX_MESSAGES):
         super().__init__(db, name, model)
         self.retention = _seconds(retention, "retention")
-        if max_messages is not None and (isinstance(max_messages, bool) or
-                                         not isinstance(max_messages, int) or max_messages < 1):
-            raise ValueError(f"max_messages must be a positive int or None, not {max_messages!r}")
-        self.max_messages = max_messages
+        self.max_messages = _check_max_messages(max_messages)
         self._next_prune = 0.0
 
     def publish(self, payload):
@@ -3116,63 +3249,26 @@ class ChannelManager(_Manager):
         return AsyncChannelManager(self)
 
 
-_CLOSED = object()
-
-
-class Subscriber:
+class Subscriber(Stream):
     """One subscription to a channel; use it in a ``with`` block and iterate ``listen()``."""
 
     def __init__(self, channel, sink=None):
+        super().__init__()
         self.channel = channel
-        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
-        self._sink = sink or self._inbox.put
+        if sink is not None:
+            self._sink = sink
         self.start = 0
-        self.closed = False
         channel._db._hub.add(self)
 
-    def _deliver(self, text):
-        self._sink(text)
+    @property
+    def _what(self):
+        return f"message on channel {self.channel.name!r}"
 
-    def get(self, timeout=None):
-        """The next message; ``TimeoutError`` after ``timeout`` seconds without one."""
-        timeout = _seconds(timeout, "timeout")
-        try:
-            text = self._inbox.get(timeout=timeout)
-        except _queue.Empty:
-            raise Timeout(f"no message on channel {self.channel.name!r} within {timeout}s"
-                          ) from None
-        if text is _CLOSED:
-            self._inbox.put(_CLOSED)
-            raise ClosedError("the subscription is closed")
+    def _decode(self, text):
         return self.channel._codec.decode(text)
 
-    def listen(self, timeout=None):
-        """Yield messages as they arrive, until ``close()``.
-
-        ``timeout`` bounds each wait: if no message arrives for that long, ``TimeoutError``
-        is raised (catch it to stop listening). Without it, the wait is unbounded.
-        """
-        while True:
-            try:
-                yield self.get(timeout)
-            except ClosedError:
-                return
-
-    def __iter__(self):
-        return self.listen()
-
-    def close(self):
-        """Stop receiving; a ``listen()`` in progress ends."""
-        if not self.closed:
-            self.closed = True
-            self.channel._db._hub.remove(self)
-            self._sink(_CLOSED)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    def _stop(self):
+        self.channel._db._hub.remove(self)
 
     def __repr__(self):
         return f"<Subscriber {self.channel.name!r}{' closed' if self.closed else ''}>"
@@ -5541,96 +5637,108 @@ class AsyncChannelManager(AsyncManager):
         ...         break
     """
 
-    def subscribe(self) -> "AsyncSubscriber":
+    def subscribe(self) -> "AsyncStream":
         """A subscription delivering into the running event loop (call it inside a coroutine)."""
-        return AsyncSubscriber(self._sync)
-
-
-class AsyncSubscriber:
-    """A channel subscription for asyncio: ``async for message in sub.listen()``."""
-
-    def __init__(self, channel):
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError("subscribe() on an async channel needs a running event loop"
-                               ) from None
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._sub = Subscriber(channel, sink=self._put)
-
-    def _put(self, text):
-        with contextlib.suppress(RuntimeError):      # the loop is already closed
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, text)
-
-    async def get(self, timeout=None):
-        """The next message; ``TimeoutError`` after ``timeout`` seconds without one."""
-        timeout = _seconds(timeout, "timeout")
-        try:
-            text = await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            raise Timeout(f"no message on channel {self._sub.channel.name!r} within "
-                          f"{timeout}s") from None
-        if text is _CLOSED:
-            self._queue.put_nowait(_CLOSED)
-            raise ClosedError("the subscription is closed")
-        return self._sub.channel._codec.decode(text)
-
-    async def listen(self, timeout=None):
-        """Yield messages until ``close()``; ``TimeoutError`` after ``timeout`` s of silence."""
-        while True:
-            try:
-                message = await self.get(timeout)
-            except ClosedError:
-                return
-            yield message
-
-    def __aiter__(self):
-        return self.listen()
-
-    def close(self):
-        """Stop receiving; a ``listen()`` in progress ends."""
-        self._sub.close()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        self.close()
+        return AsyncStream(self._sync.subscribe())
 
 
 class AsyncLogManager(AsyncManager):
     """Awaitable twin of a log: ``async for summary in alog.live(window, period, agg)``."""
 
-    def live(self, window, period, aggregator=list, where=None) -> "AsyncLiveView":
+    def live(self, window, period, aggregator=list, where=None) -> "AsyncStream":
         """Like ``LogManager.live``, as an async iterator."""
-        return AsyncLiveView(self._sync.live(window, period, aggregator, where))
+        return AsyncStream(self._sync.live(window, period, aggregator, where))
 
 
-class AsyncLiveView:
-    """Async iterator over a ``LiveView``: waits with ``asyncio.sleep``, reads in a thread."""
+class AsyncStream:
+    """The asyncio face of a ``Stream``: ``await get()``, ``async for``, ``async with``.
 
-    def __init__(self, view):
-        self.view = view
+        >>> async with db.channel("chat").as_async().subscribe() as sub:
+        ...     async for message in sub.listen(timeout=5):
+        ...         print(message)
+
+    A push stream delivers straight into this event loop (no thread waits); a pull stream
+    (a live view) sleeps until its next value is due and computes it in a worker thread.
+    """
+
+    def __init__(self, stream):
+        self.sync = stream
+        self._pull = hasattr(stream, "_due")
+        if self._pull:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("an async stream needs a running event loop") from None
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(raw):
+            with contextlib.suppress(RuntimeError):      # the loop is already closed
+                loop.call_soon_threadsafe(queue.put_nowait, raw)
+        stream._sink = sink
+        with contextlib.suppress(_queue.Empty):          # what arrived before the switch
+            while True:
+                queue.put_nowait(stream._inbox.get_nowait())
+        self._queue = queue
+
+    async def get(self, timeout=None):
+        """The next value; ``TimeoutError`` after ``timeout`` seconds without one."""
+        timeout = _seconds(timeout, "timeout")
+        if self._pull:
+            return await self._produce(timeout)
+        try:
+            raw = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise Timeout(f"no {self.sync._what} arrived within {timeout}s") from None
+        if raw is _CLOSED:
+            self._queue.put_nowait(_CLOSED)
+            raise ClosedError("the stream is closed")
+        return self.sync._decode(raw)
+
+    async def _produce(self, timeout):
+        view, deadline = self.sync, _Deadline(timeout)
+        while not view.closed and view._due() > 0:
+            if deadline.expired:
+                raise Timeout(f"no update of the live view within {timeout}s")
+            await asyncio.sleep(deadline.remaining(min(view._due(), 0.25)))
+        if view.closed:
+            raise ClosedError("the live view is closed")
+        return await asyncio.to_thread(view._produce)
+
+    async def listen(self, timeout=None):
+        """Yield values until ``close()``; ``TimeoutError`` after ``timeout`` s of silence."""
+        while True:
+            try:
+                value = await self.get(timeout)
+            except ClosedError:
+                return
+            yield value
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
-        view = self.view
-        while not view.closed and view._wait_time() > 0:
-            await asyncio.sleep(min(view._wait_time(), 0.25))
-        if view.closed:
-            raise StopAsyncIteration
-        return await asyncio.to_thread(view._tick)
+        try:
+            return await self.get()
+        except ClosedError:
+            raise StopAsyncIteration from None
 
     def close(self):
-        self.view.close()
+        """Stop the stream; a ``listen()`` in progress ends."""
+        self.sync.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.sync.closed
 
     async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc):
         self.close()
+
+
+AsyncSubscriber = AsyncLiveView = AsyncStream    # the names of earlier versions
 
 
 class AsyncLock:
@@ -5884,6 +5992,475 @@ def _backup_database(db, path):
 
 
 # ==========================================================================================
+# The API declared once: BeaverClient, the server's routes and the CLI derive from it
+# ==========================================================================================
+#
+# Each operation of each structure is one ``_Op``: the local method it is, its HTTP verb
+# and path, how its result travels, whether it writes, and which parameter is a wait. The
+# parameters come from the local method's signature; where each travels (path, query, body)
+# follows from the path and ``body``, and how it is encoded from ``_WIRE_TYPES``. Adding an
+# operation is one local method plus one line here.
+
+class _Op(typing.NamedTuple):
+    kind: str       # "dict", "list", ..., or "db" for BeaverDB itself
+    method: str     # the local method (a name starting with "_" is an entry of _ADAPTERS)
+    verb: str       # the HTTP method
+    path: str       # after /{route}/{name}: "/{key}", "/push", "" (a "?view=..." part is fixed)
+    result: str     # how the answer travels: a key of _RESULTS ("" for nothing)
+    body: str       # "" (no body), a parameter whose value is the body, or "{}" (a JSON object)
+    writes: bool    # changes data: carries an Idempotency-Key, joins a remote transaction()
+    wait: str       # the parameter that is a wait in seconds (served without a thread)
+
+
+def _op(kind, method, route, result="", body="", writes=False, wait=""):
+    verb, _, path = route.partition(" ")
+    return _Op(kind, method, verb, path, result, body, writes, wait)
+
+
+# list slices and dict.update take shapes the wire cannot: these are the operations served
+def _get_slice(self, start=None, stop=None, step=None):
+    return self[slice(start, stop, step)]
+
+
+def _set_slice(self, values, start=None, stop=None, step=None):
+    self[slice(start, stop, step)] = values
+
+
+def _del_slice(self, start=None, stop=None, step=None):
+    del self[slice(start, stop, step)]
+
+
+def _update(self, items):
+    self.update(items)
+
+
+_ADAPTERS = {f.__name__: f for f in (_get_slice, _set_slice, _del_slice, _update)}
+
+_ROUTES = {"dict": "dicts", "list": "lists", "queue": "queues", "blob": "blobs", "log": "logs",
+           "channel": "channels", "collection": "collections", "db": ""}
+
+# How a parameter travels, by name ("kind.method.name" and "kind.name" override): see _ENCODE.
+_WIRE_TYPES = {
+    "key": "str", "label": "str", "direction": "str", "event": "str", "query": "str",
+    "path": "str", "order": "str",
+    "document": "docid", "doc_id": "docid", "source": "docid", "target": "docid",
+    "value": "value", "data": "value", "payload": "value", "values": "values",
+    "default": "fallback", "fp": "local", "data_or_fp": "dump", "items": "mapping",
+    "ttl_seconds": "seconds", "timeout": "seconds", "lease": "seconds", "ttl": "seconds",
+    "window": "seconds", "period": "seconds", "retention": "seconds",
+    "timestamp": "epoch", "log.start": "epoch", "log.end": "epoch",
+    "vector": "vector", "documents": "documents", "item": "item",
+    "collection.index.document": "document", "dict.setdefault.default": "value",
+    "blob.data": "bytes", "blob.metadata": "header",
+}
+
+_API = [
+    _op("dict", "__getitem__", "GET /{key}", "value"),
+    _op("dict", "get", "GET /{key}", "value"),
+    _op("dict", "set", "PUT /{key}", body="value", writes=True),
+    _op("dict", "pop", "DELETE /{key}", "value", writes=True),
+    _op("dict", "__delitem__", "DELETE /{key}", writes=True),
+    _op("dict", "__contains__", "HEAD /{key}", "exists"),
+    _op("dict", "ttl", "GET /{key}?view=ttl", "json"),
+    _op("dict", "setdefault", "PUT /{key}?if_absent=true", "value", body="default", writes=True),
+    _op("dict", "_update", "PATCH", body="items", writes=True),
+    _op("dict", "popitem", "POST ?do=popitem", "pair", writes=True),
+    _op("dict", "keys", "GET ?view=keys", "json"),
+    _op("dict", "__iter__", "GET ?view=keys", "json"),
+    _op("dict", "items", "GET ?view=items", "pairs"),
+    _op("dict", "values", "GET ?view=items", "pair_values"),
+    _op("dict", "find", "POST /find", "pairs", body="{}"),
+    _op("dict", "explain", "POST /explain", "json", body="{}"),
+
+    _op("list", "__getitem__", "GET /items/{index}", "value"),
+    _op("list", "__setitem__", "PUT /items/{index}", body="value", writes=True),
+    _op("list", "__delitem__", "DELETE /items/{index}", writes=True),
+    _op("list", "_get_slice", "GET /slice", "values"),
+    _op("list", "_set_slice", "PUT /slice", body="values", writes=True),
+    _op("list", "_del_slice", "DELETE /slice", writes=True),
+    _op("list", "__iter__", "GET ?view=items", "values"),
+    _op("list", "push", "POST /push", body="value", writes=True),
+    _op("list", "prepend", "POST /prepend", body="value", writes=True),
+    _op("list", "extend", "POST /extend", body="values", writes=True),
+    _op("list", "insert", "POST /insert", body="value", writes=True),
+    _op("list", "pop", "POST /pop", "value", writes=True),
+    _op("list", "deque", "POST /deque", "value", writes=True),
+    _op("list", "remove", "POST /remove", body="value", writes=True),
+    _op("list", "reverse", "POST /reverse", writes=True),
+
+    _op("queue", "put", "POST /put", body="data", writes=True),
+    _op("queue", "get", "POST /get", "item", writes=True, wait="timeout"),
+    _op("queue", "ack", "POST /ack", "json", body="item", writes=True),
+    _op("queue", "nack", "POST /nack", "json", body="item", writes=True),
+    _op("queue", "peek", "GET /peek", "item"),
+    _op("queue", "__iter__", "GET ?view=items", "items"),
+
+    _op("blob", "__getitem__", "GET /{key}", "blob"),
+    _op("blob", "get", "GET /{key}", "blob?"),
+    _op("blob", "put", "PUT /{key}", body="data", writes=True),
+    _op("blob", "__setitem__", "PUT /{key}", body="data", writes=True),
+    _op("blob", "delete", "DELETE /{key}", writes=True),
+    _op("blob", "__contains__", "HEAD /{key}", "exists"),
+    _op("blob", "keys", "GET ?view=keys", "json"),
+    _op("blob", "__iter__", "GET ?view=keys", "json"),
+
+    _op("log", "log", "POST /log", body="data", writes=True),
+    _op("log", "range", "GET /range", "entries"),
+    _op("log", "explain", "GET /explain", "json"),
+    _op("log", "__iter__", "GET ?view=items", "entries"),
+
+    _op("channel", "publish", "POST /publish", body="payload", writes=True),
+    _op("channel", "history", "GET /history", "values"),
+    _op("channel", "prune", "POST /prune", writes=True),
+
+    _op("collection", "index", "POST /index", "echo", body="{}", writes=True),
+    _op("collection", "index_many", "POST /index_many", "count", body="{}", writes=True),
+    _op("collection", "__getitem__", "GET /documents/{doc_id}", "document"),
+    _op("collection", "get", "GET /documents/{doc_id}", "document"),
+    _op("collection", "__contains__", "HEAD /documents/{document}", "exists"),
+    _op("collection", "drop", "DELETE /documents/{document}", writes=True),
+    _op("collection", "__iter__", "GET ?view=items", "documents"),
+    _op("collection", "metric", "GET ?view=metric", "json"),
+    _op("collection", "match", "POST /match", "hits", body="{}"),
+    _op("collection", "search", "POST /search", "hits", body="{}"),
+    _op("collection", "connect", "POST /connect", body="{}", writes=True),
+    _op("collection", "disconnect", "POST /disconnect", body="{}", writes=True),
+    _op("collection", "edges", "GET /edges", "edges"),
+    _op("collection", "neighbors", "GET /neighbors", "documents"),
+    _op("collection", "walk", "POST /walk", "documents", body="{}"),
+    _op("collection", "compact", "POST /compact", writes=True),
+
+    _op("db", "info", "GET /info", "json"),
+] + [op for kind in ("dict", "list", "queue", "blob", "log", "channel", "collection") for op in (
+    _op(kind, "__len__", "GET", "size"),
+    _op(kind, "clear", "DELETE", writes=True),
+    _op(kind, "dump", "GET ?view=dump", "dump"),
+    _op(kind, "load", "POST", body="data_or_fp", writes=True),
+)] + [op for kind in ("dict", "log") for op in (
+    _op(kind, "indexes", "GET /indexes", "json"),
+    _op(kind, "create_index", "PUT /indexes/{path}", writes=True),
+    _op(kind, "drop_index", "DELETE /indexes/{path}", "json", writes=True),
+)]
+
+# Constructor options a remote manager sends with each request (when not the default).
+_MANAGER_OPTIONS = {"log": {"retention": None},
+                    "channel": {"retention": CHANNEL_RETENTION,
+                                "max_messages": CHANNEL_MAX_MESSAGES}}
+
+
+def _local_classes() -> dict:
+    return {"dict": DictManager, "list": ListManager, "queue": QueueManager,
+            "blob": BlobManager, "log": LogManager, "channel": ChannelManager,
+            "collection": CollectionManager, "db": BeaverDB}
+
+
+def _local_function(op):
+    """The function an operation runs on the server (its signature is the operation's)."""
+    if op.method.startswith("_") and not op.method.startswith("__"):
+        return _ADAPTERS[op.method]
+    found = getattr(_local_classes()[op.kind], op.method)
+    return found.fget if isinstance(found, property) else found
+
+
+def _wire_type(op, name) -> str:
+    return (_WIRE_TYPES.get(f"{op.kind}.{op.method}.{name}")
+            or _WIRE_TYPES.get(f"{op.kind}.{name}") or _WIRE_TYPES.get(name, "json"))
+
+
+class _Param(typing.NamedTuple):
+    name: str
+    place: str      # "path", "query", "body" (the whole body), "field" (of a JSON object), "none"
+    type: str       # a key of _ENCODE
+    default: typing.Any
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(op):
+    """(path template parts, fixed query, [_Param]) of an operation, from its declaration."""
+    path, _, fixed = op.path.partition("?")
+    parts = [p for p in path.split("/") if p]
+    fixed_query = dict(pair.split("=") for pair in fixed.split("&") if pair)
+    function = _local_function(op)
+    code = function.__code__
+    names = code.co_varnames[1:code.co_argcount]
+    defaults = function.__defaults__ or ()
+    default_of = dict(zip(names[len(names) - len(defaults):], defaults))
+    params = []
+    for name in names:
+        kind = _wire_type(op, name)
+        if "{%s}" % name in parts:
+            place = "path"
+        elif kind in ("fallback", "header"):
+            place = "none" if kind == "fallback" else "header"
+        elif op.body == "{}":
+            place = "field"
+        else:
+            place = "body" if name == op.body else "query"
+        params.append(_Param(name, place, kind, default_of.get(name, _MISSING)))
+    return parts, fixed_query, params
+
+
+def _binder(function):
+    """``bind(args, kwargs) -> {name: value}`` as Python would bind them to ``function``."""
+    code = function.__code__
+    names = code.co_varnames[1:code.co_argcount]
+    defaults = function.__defaults__ or ()
+    default_of = dict(zip(names[len(names) - len(defaults):], defaults))
+    title = function.__name__
+
+    def bind(args, kwargs):
+        if len(args) > len(names):
+            raise TypeError(f"{title}() takes {len(names) + 1} positional arguments but "
+                            f"{len(args) + 1} were given")
+        bound = dict(zip(names, args))
+        for key, value in kwargs.items():
+            if key not in default_of and key not in names:
+                raise TypeError(f"{title}() got an unexpected keyword argument {key!r}")
+            if key in bound:
+                raise TypeError(f"{title}() got multiple values for argument {key!r}")
+            bound[key] = value
+        for name in names:
+            if name not in bound:
+                if name not in default_of:
+                    raise TypeError(f"{title}() missing required argument: {name!r}")
+                bound[name] = default_of[name]
+        return bound
+    return bind
+
+
+def _operations(kind) -> dict:
+    """{local method name: _Op} of one kind (the first declaration of a name wins)."""
+    found: dict = {}
+    for op in _API:
+        if op.kind == kind:
+            found.setdefault(op.method, op)
+    return found
+
+
+# -- request records: what makes a write exactly-once over the wire --------------------------
+
+REQUEST_RETENTION = 300.0       # seconds the server remembers the answer to a keyed request
+
+
+def _once(db, key, call):
+    """Run ``call()`` (returning ``(status, body bytes, headers)``) once for ``key``.
+
+    The key and the answer are stored in the transaction of the operation itself, so a
+    repeat (a client retrying after a lost response, on any worker) gets the first answer
+    and applies nothing again; a repeat that arrives while the first runs waits for it.
+    """
+    core = db._core
+    with core.transaction():
+        if not core.execute("INSERT OR IGNORE INTO beaver_requests (key, created, status, body) "
+                            "VALUES (?, ?, 0, NULL)", (key, _now())).rowcount:
+            status, body = core.execute("SELECT status, body FROM beaver_requests WHERE key = ?",
+                                        (key,)).fetchone()
+            return status, body or b"", None
+        status, body, headers = call()
+        core.execute("UPDATE beaver_requests SET status = ?, body = ? WHERE key = ?",
+                     (status, body or None, key))
+    now = _now()
+    if now >= getattr(core, "requests_purged", 0.0) + PURGE_INTERVAL:
+        core.requests_purged = now
+        core.execute("DELETE FROM beaver_requests WHERE created < ?", (now - REQUEST_RETENTION,))
+    return status, body, headers
+
+
+def _remembered(db, key):
+    """The stored answer to ``key`` (``(status, body, None)``), or None."""
+    row = db._core.execute("SELECT status, body FROM beaver_requests WHERE key = ? AND "
+                           "status > 0", (key,)).fetchone()
+    return None if row is None else (row[0], row[1] or b"", None)
+
+
+def _adopt_lock(db, name, token):
+    """The ``Lock`` of the hold ``token`` on ``name`` (taken by any process), to renew or
+    release it; ``LockLost`` if there is no such hold."""
+    lock = db.lock(name)
+    if isinstance(token, bool) or not isinstance(token, int) or db._core.execute(
+            "SELECT 1 FROM beaver_locks WHERE ticket = ? AND name = ?", (token, name)
+            ).fetchone() is None:
+        raise LockLost(f"lock {name!r} is not held with token {token!r}")
+    lock._ticket = token
+    lock._guard.acquire()
+    return lock
+
+
+# -- how parameters and results travel -------------------------------------------------------
+
+def _wire_str(manager, value, name):
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    return value
+
+
+def _wire_item(manager, item, name):
+    lease_id = getattr(item, "lease_id", None)
+    if lease_id is None:
+        raise TypeError("ack() and nack() take an item returned by get(lease=...)")
+    return {"lease_id": lease_id, "priority": item.priority, "timestamp": item.timestamp,
+            "data": _to_jsonable(item.data)}
+
+
+def _wire_document(manager, document, name):
+    if not isinstance(document, Document):
+        raise TypeError(f"index() takes a Document, not {type(document).__name__}")
+    body = None if document.body is None else _json_loads(manager._codec.encode(document.body))
+    return {"id": document.id, "embedding": document.embedding, "body": body}
+
+
+def _wire_bytes(manager, data, name):
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"blob data must be bytes-like, not {type(data).__name__}")
+    return bytes(data)
+
+
+# wire type -> client encoder(manager, value, parameter name): a str for the path and the
+# query, a JSON value for a field, the body text (or bytes) for the body
+_ENCODE = {
+    "str": _wire_str,
+    "docid": lambda m, v, n: _doc_id(v),
+    "json": lambda m, v, n: v,
+    "seconds": lambda m, v, n: _seconds(v, n),
+    "epoch": lambda m, v, n: None if v is None else _epoch(v, n),
+    "value": lambda m, v, n: m._codec.encode(v),
+    "values": lambda m, v, n: "[" + ",".join(map(m._codec.encode, v)) + "]",
+    "mapping": lambda m, v, n: {_check_key(k): _json_loads(m._codec.encode(x))
+                                for k, x in v.items()},
+    "vector": lambda m, v, n: _as_vector(v),
+    "document": _wire_document,
+    "documents": lambda m, v, n: [_wire_document(m, d, n) for d in v],
+    "item": _wire_item,
+    "dump": lambda m, v, n: _read_dump(v),
+    "bytes": _wire_bytes,
+    "header": lambda m, v, n: None if v is None else json.dumps(   # ASCII, as headers are
+        _json_loads(m._codec.encode(v))),
+}
+_TEXT_TYPES = frozenset(("str", "docid"))     # travel as they are; the rest travel as JSON
+_RAW_BODY_TYPES = frozenset(("value", "values", "bytes"))   # already the body's text or bytes
+
+
+def _reply(value, status=200, headers=None):
+    """A server answer: ``(status, body bytes, headers)``."""
+    return status, _json_dumps(value).encode("utf-8"), headers
+
+
+_NO_CONTENT = (204, b"", None)
+
+
+def _queue_item(item) -> dict:
+    result = {"priority": item.priority, "timestamp": item.timestamp,
+              "data": _to_jsonable(item.data)}
+    if getattr(item, "lease_id", None) is not None:
+        result["lease_id"] = item.lease_id
+    return result
+
+
+def _blob_reply(blob, manager):
+    headers = {}
+    if blob.metadata is not None:
+        headers["beaver-metadata"] = json.dumps(_to_jsonable(blob.metadata))   # ASCII
+    meta = blob.metadata if isinstance(blob.metadata, dict) else {}
+    for field in ("mimetype", "content_type", "content-type", "media_type"):
+        media = meta.get(field)
+        if isinstance(media, str) and "/" in media and media.isascii() and "\n" not in media:
+            headers["content-type"] = media
+            break
+    return 200, bytes(blob.data), headers
+
+
+def _hit(hit) -> dict:
+    return {"document": hit[0].to_dict(), "score": hit[1],
+            **({"snippet": hit[2]} if len(hit) > 2 else {})}
+
+
+# result -> server encoder(local result, manager): a JSON value or a ``_reply`` tuple
+_SERVE = {
+    "": lambda r, m: _NO_CONTENT,
+    "value": lambda r, m: _to_jsonable(r),
+    "json": lambda r, m: r,
+    "count": lambda r, m: r,
+    "values": lambda r, m: [_to_jsonable(v) for v in r],
+    "pair": lambda r, m: [r[0], _to_jsonable(r[1])],
+    "pairs": lambda r, m: [[k, _to_jsonable(v)] for k, v in r],
+    "pair_values": lambda r, m: [[k, _to_jsonable(v)] for k, v in r],
+    "item": lambda r, m: None if r is None else _queue_item(r),
+    "items": lambda r, m: [_queue_item(i) for i in r],
+    "entries": lambda r, m: [{"timestamp": e.timestamp.timestamp(),
+                              "data": _to_jsonable(e.data)} for e in r],
+    "document": lambda r, m: r.to_dict(),
+    "documents": lambda r, m: [d.to_dict() for d in r],
+    "echo": lambda r, m: {"id": r.id},
+    "hits": lambda r, m: [_hit(h) for h in r],
+    "edges": lambda r, m: [_to_jsonable(e._asdict()) for e in r],
+    "size": lambda r, m: {"name": m.name, "size": r},
+    "dump": lambda r, m: r,
+    "exists": lambda r, m: (200 if r else 404, b"", None),
+    "blob": _blob_reply,
+}
+
+
+def _take_blob(m, reply, args):
+    status, headers, data = reply
+    meta = headers.get("beaver-metadata")
+    return Blob(args["key"], data, None if meta is None else m._codec.decode(meta))
+
+
+def _answer_json(reply):
+    return _json_loads(reply[2].decode("utf-8"))
+
+
+# result -> client decoder(manager, reply (status, headers, body), arguments)
+_TAKE = {
+    "": lambda m, r, a: None,
+    "value": lambda m, r, a: m._value(_answer_json(r)),
+    "json": lambda m, r, a: _answer_json(r),
+    "count": lambda m, r, a: _answer_json(r),
+    "values": lambda m, r, a: [m._value(v) for v in _answer_json(r)],
+    "pair": lambda m, r, a: tuple((lambda p: (p[0], m._value(p[1])))(_answer_json(r))),
+    "pairs": lambda m, r, a: [(k, m._value(v)) for k, v in _answer_json(r)],
+    "pair_values": lambda m, r, a: [m._value(v) for _, v in _answer_json(r)],
+    "item": lambda m, r, a: m._item(_answer_json(r)),
+    "items": lambda m, r, a: [m._item(i) for i in _answer_json(r)],
+    "entries": lambda m, r, a: [LogEntry(_utc(e["timestamp"]), m._value(e["data"]))
+                                for e in _answer_json(r)],
+    "document": lambda m, r, a: m._document(_answer_json(r)),
+    "documents": lambda m, r, a: [m._document(d) for d in _answer_json(r)],
+    "echo": lambda m, r, a: a["document"],
+    "hits": lambda m, r, a: [(m._document(h["document"]), h["score"], h["snippet"])
+                             if "snippet" in h else (m._document(h["document"]), h["score"])
+                             for h in _answer_json(r)],
+    "edges": lambda m, r, a: [Edge(**e) for e in _answer_json(r)],
+    "size": lambda m, r, a: _answer_json(r)["size"],
+    "dump": lambda m, r, a: _dump_to(_answer_json(r), a.get("fp")),
+    "exists": lambda m, r, a: r[0] < 400,
+    "blob": _take_blob,
+}
+# results a remote transaction() can give before the server has answered
+_KNOWN_RESULTS = {"": lambda a: None, "echo": lambda a: a["document"],
+                  "count": lambda a: len(a["documents"])}
+
+
+def _dump_to(data, fp):
+    if fp is None:
+        return data
+    json.dump(data, fp, ensure_ascii=False, indent=2)
+    return None
+
+
+def _remote_errors() -> dict:
+    """Exception classes by name: every ``BeaverError`` and the builtins the API promises."""
+    found = {cls.__name__: cls for cls in (KeyError, IndexError, ValueError, TypeError,
+                                           TimeoutError, PermissionError, OverflowError)}
+    todo = [BeaverError]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+# ==========================================================================================
 # BeaverClient: the same API over HTTP, against ``python -m beaver_server``
 # ==========================================================================================
 
@@ -5899,22 +6476,103 @@ class Unauthorized(RemoteError, PermissionError):
     """The server wants a (different) bearer token."""
 
 
-# The server names the exception in its JSON error body; the client raises the same class.
-_REMOTE_ERRORS = {cls.__name__: cls for cls in (
-    KeyError, IndexError, ValueError, TypeError, TimeoutError, BeaverError, ClosedError,
-    SchemaError, FeatureUnavailable, Timeout, DatabaseBusy, LockTimeout, LockLost, QueueEmpty,
-    ValidationError)}
-_CHUNK_WAIT = 25.0   # seconds a single blocking request may wait on the server
-_NO_BODY = object()
+_CHUNK_WAIT = 25.0          # seconds one blocking request may wait on the server
+_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)   # between attempts of a request safe to repeat
+_RETRY_WINDOW = 120.0       # no retry this long after the first attempt (< REQUEST_RETENTION)
+_LONG_TARGET = 4000         # longer request targets travel in the body of POST /call
 
 
-def _quote(text) -> str:
+def _segment(text) -> str:
+    """One path segment: every character that could change the route is escaped."""
     from urllib.parse import quote
-    return quote(str(text), safe="")
+    quoted = quote(text, safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
+class _Dropped(OSError):
+    """The connection ended before a whole response arrived."""
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection: a request out, a response in."""
+
+    def __init__(self, http, timeout):
+        import socket
+        sock = socket.create_connection((http.host, http.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if http.https:
+            import ssl
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=http.host)
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+
+    def exchange(self, head, body, timeout, sink=None):
+        """Send one request; ``(status, headers, body)`` (the body goes to ``sink`` if given)."""
+        self.sock.settimeout(timeout)
+        self.sock.sendall(head + body if len(body) < 65536 else head)
+        if len(body) >= 65536:
+            self.sock.sendall(body)
+        status, headers = self.read_head()
+        if head.startswith(b"HEAD ") or status in (204, 304):
+            return status, headers, b""
+        if sink is None or status >= 300:
+            return status, headers, b"".join(self.body(headers))
+        for chunk in self.body(headers):
+            sink(chunk)
+        return status, headers, b""
+
+    def read_head(self):
+        line = self.reader.readline(65537)
+        if not line:
+            raise _Dropped("the server closed the connection")
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+            raise _Dropped(f"not an HTTP response: {line[:80]!r}")
+        headers = {}
+        while True:
+            line = self.reader.readline(65537)
+            if line in (b"\r\n", b"\n"):
+                return int(parts[1]), headers
+            if not line:
+                raise _Dropped("the connection ended inside the response headers")
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+
+    def body(self, headers):
+        """The response body in pieces (by Content-Length, chunked, or up to the end)."""
+        if "content-length" in headers:
+            left = int(headers["content-length"])
+            while left:
+                piece = self.reader.read(min(left, 1 << 16))
+                if not piece:
+                    raise _Dropped("the connection ended inside the response body")
+                left -= len(piece)
+                yield piece
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.reader.readline(1026).split(b";")[0].strip() or b"x", 16)
+                if not size:
+                    self.reader.readline(1026)
+                    return
+                piece = self.reader.read(size)
+                if len(piece) < size:
+                    raise _Dropped("the connection ended inside a chunk")
+                self.reader.readline(1026)
+                yield piece
+        else:
+            yield from iter(lambda: self.reader.read(1 << 16), b"")
+
+    def close(self):
+        import socket
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.reader.close()
+            self.sock.close()
 
 
 class _Http:
-    """One keep-alive HTTP(S) connection per thread to one server."""
+    """The transport: one keep-alive connection per thread, retries of safe requests."""
 
     def __init__(self, url, token=None, timeout=60.0):
         from urllib.parse import urlsplit
@@ -5923,94 +6581,91 @@ class _Http:
             raise ValueError(f"not an http(s) URL: {url!r}")
         self.url = url
         self.https = parts.scheme == "https"
-        self.host, self.port = parts.hostname, parts.port
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.https else 80)
         self.prefix = parts.path.rstrip("/")
         self.timeout = timeout
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.head = f"Host: {host}:{self.port}\r\nX-Beaver: 1\r\n" + (
+            f"Authorization: Bearer {token}\r\n" if token else "")
         self._local = threading.local()
         self._all: list = []
-        self.streams = weakref.WeakSet()    # open _RemoteStreams, closed by close()
+        self._all_lock = threading.Lock()
+        self.streams = weakref.WeakSet()    # open remote streams, closed by close()
 
-    def _connection(self, fresh=False):
+    def connection(self, timeout):
         conn = getattr(self._local, "conn", None)
-        if conn is not None and not fresh:
-            return conn, True
-        import http.client
-        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-        conn = cls(self.host, self.port, timeout=self.timeout)
-        self._local.conn = conn
-        self._all.append(conn)
-        return conn, False
-
-    def request(self, method, path, query=None, body=None, headers=None, wait=0.0, sink=None):
-        """Send one request; return ``(status, headers, body bytes)``; retry a stale socket.
-
-        With ``sink``, a successful response body is passed to it in chunks instead.
-        """
-        if query:
-            from urllib.parse import urlencode
-            pairs = {k: _query_value(v) for k, v in query.items() if v is not None}
-            path = f"{path}?{urlencode(pairs)}" if pairs else path
-        all_headers = {**self.headers, **(headers or {})}
-        conn, reused = self._connection()
-        for attempt in (0, 1):
+        if conn is None:
             try:
-                conn.timeout = self.timeout + wait
-                if conn.sock is not None:
-                    conn.sock.settimeout(conn.timeout)
-                conn.request(method, self.prefix + path, body=body, headers=all_headers)
-                response = conn.getresponse()
-                if sink is None or response.status >= 400:
-                    return response.status, response.headers, response.read()
-                for chunk in iter(lambda: response.read(1 << 16), b""):
-                    sink(chunk)
-                return response.status, response.headers, b""
-            except (ConnectionError, OSError) as e:
-                conn.close()
-                if attempt or not reused or isinstance(e, TimeoutError):
-                    raise RemoteError(f"{method} {self.url}{path} failed: {e}") from None
-                conn, reused = self._connection(fresh=True)
+                conn = _Connection(self, timeout)
+            except OSError as e:
+                raise _Dropped(f"cannot connect: {e}") from None
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    def drop(self, conn):
+        conn.close()
+        self._local.conn = None
+        with self._all_lock, contextlib.suppress(ValueError):
+            self._all.remove(conn)
+
+    def request(self, method, target, body=b"", headers="", wait=0.0, sink=None):
+        """``(status, headers, body)`` of one request; a safe one is retried on a new
+        connection when the old one breaks (reads, and writes with an Idempotency-Key)."""
+        head = (f"{method} {self.prefix}{target} HTTP/1.1\r\n{self.head}{headers}"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("utf-8")
+        safe = method in ("GET", "HEAD") or "Idempotency-Key" in headers
+        first = time.monotonic()
+        for delay in _RETRY_DELAYS + (None,):
+            conn = None
+            try:
+                conn = self.connection(self.timeout)
+                status, answer, data = conn.exchange(head, body, self.timeout + wait, sink)
+                if answer.get("connection", "").lower() == "close":
+                    self.drop(conn)
+                return status, answer, data
+            except OSError as e:
+                if conn is not None:
+                    self.drop(conn)
+                if not safe or delay is None or time.monotonic() - first > _RETRY_WINDOW:
+                    raise RemoteError(f"{method} {self.url}{target[:200]} failed: {e}") from None
+                time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def stream(self, path, query=None):
-        """A dedicated connection reading ``path`` as a server-sent event stream."""
-        import http.client
-        from urllib.parse import urlencode
-        pairs = {k: _query_value(v) for k, v in (query or {}).items() if v is not None}
-        path = self.prefix + path + (f"?{urlencode(pairs)}" if pairs else "")
-        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-        conn = cls(self.host, self.port, timeout=self.timeout)
+    def stream(self, target):
+        """A dedicated connection reading ``target`` as a server-sent event stream."""
+        conn = None
         try:
-            conn.request("GET", path, headers={**self.headers, "Accept": "text/event-stream"})
-            response = conn.getresponse()
-            if response.status >= 400:
-                _raise_remote(response.status, response.read())
-            conn.sock.settimeout(None)   # a quiet stream is not an error; close() ends it
-        except (ConnectionError, OSError) as e:
-            conn.close()
-            raise RemoteError(f"GET {self.url}{path} failed: {e}") from None
+            conn = _Connection(self, self.timeout)
+            conn.sock.sendall((f"GET {self.prefix}{target} HTTP/1.1\r\n{self.head}"
+                               "Accept: text/event-stream\r\n\r\n").encode("utf-8"))
+            status, headers = conn.read_head()
+            if status >= 400:
+                _raise_remote(status, b"".join(conn.body(headers)))
+            conn.sock.settimeout(None)      # a quiet stream is not an error; close() ends it
+        except OSError as e:
+            if conn is not None:
+                conn.close()
+            raise RemoteError(f"GET {self.url}{target[:200]} failed: {e}") from None
         except BaseException:
             conn.close()
             raise
-        return conn, response
+        return conn, conn.body(headers)
 
     def close(self):
         """Close every connection; open streams end as if closed."""
         for stream in list(self.streams):
             stream.close()
-        for conn in self._all:
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for conn in conns:
             conn.close()
-        self._all = []
         self._local = threading.local()
 
 
-def _query_value(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _raise_remote(status, body):
+def _raise_remote(status, body, key=None):
     try:
         error = json.loads(body)
         name, message = error.get("error"), error.get("message", "")
@@ -6018,27 +6673,78 @@ def _raise_remote(status, body):
         name, message = None, body.decode("utf-8", "replace")[:500]
     if status == 401:
         raise Unauthorized(message or "unauthorized", status)
-    if status == 404 and not body:   # the answer to a HEAD request has no body
-        raise KeyError("")
-    cls = _REMOTE_ERRORS.get(name)
-    if cls is None:
+    if status == 404 and not body and key is not None:   # the answer to HEAD has no body
+        raise KeyError(key)
+    cls = _remote_errors().get(name)
+    if cls is None or cls is RemoteError or cls is Unauthorized:
         raise RemoteError(f"HTTP {status}: {message}", status)
-    raise cls(message)
+    try:
+        error = cls(message)
+    except Exception:       # a class whose constructor wants more than a message
+        raise RemoteError(f"{name}: {message}", status) from None
+    raise error
+
+
+def _request_of(manager, op, args):
+    """``(verb, target, body bytes, headers text)`` of one call of ``op`` with ``args``."""
+    from urllib.parse import quote, urlencode
+    parts, fixed, params = _plan(op)
+    path, query, fields = {}, {**fixed, **manager._options}, {}
+    body, headers = b"", ""
+    for param in params:
+        value = args[param.name]
+        if param.place == "none" or (param.place in ("query", "field") and
+                                     param.default is value):
+            continue
+        wire = _ENCODE[param.type](manager, value, param.name)
+        if param.place in ("path", "query"):
+            text = wire if param.type in _TEXT_TYPES else _json_dumps(wire)
+            if param.place == "path":
+                path[param.name] = _segment(text)
+            else:
+                query[param.name] = text
+        elif param.place == "field":
+            fields[param.name] = wire
+        elif param.place == "header":
+            if wire is not None:
+                headers += f"Beaver-Metadata: {wire}\r\n"
+        elif param.type in _RAW_BODY_TYPES:
+            body = wire if isinstance(wire, bytes) else wire.encode("utf-8")
+        else:
+            body = _json_dumps(wire).encode("utf-8")
+    if op.body == "{}":
+        body = _json_dumps(fields).encode("utf-8")
+    if op.body:
+        kind = "application/octet-stream" if isinstance(args.get(op.body), (
+            bytes, bytearray, memoryview)) else "application/json"
+        headers += f"Content-Type: {kind}\r\n"
+    target = manager._base + "".join(
+        "/" + (path[p[1:-1]] if p.startswith("{") else p) for p in parts)
+    if query:
+        target += "?" + urlencode(query, quote_via=quote)
+    return op.verb, target or "/", body, headers
 
 
 class _RemoteManager(_StructureLock):
-    """Shared plumbing of the remote twins of the managers."""
+    """Shared plumbing of the remote twins of the managers (their operations are derived
+    from ``_API``; see ``_derived``)."""
 
     _kind = ""
-    _route = ""
 
-    def __init__(self, client, name, model=None):
+    def __init__(self, client, name, model=None, **options):
         self._client = client
-        self._http = client._http
         self._name = _check_name(name)
         self._model = model
         self._codec = _codec_for(model)
-        self._base = f"/{self._route}/{_quote(name)}"
+        self._base = f"/{_ROUTES[self._kind]}/{_segment(name)}"
+        self._options = {}
+        for option, default in _MANAGER_OPTIONS.get(self._kind, {}).items():
+            value = options.get(option, default)
+            value = _check_max_messages(value) if option == "max_messages" else _seconds(
+                value, option)
+            setattr(self, option, value)
+            if value != default:
+                self._options[option] = _json_dumps(value)
 
     @property
     def name(self) -> str:
@@ -6049,56 +6755,19 @@ class _RemoteManager(_StructureLock):
         return self._model
 
     def __repr__(self):
-        return f"<{type(self).__name__} {self._name!r} at {self._http.url}>"
-
-    def _send(self, method, suffix="", query=None, body=_NO_BODY, headers=None, wait=0.0):
-        """One request on this structure; the raw response body, or the server's exception."""
-        return self._exchange(method, suffix, query, body, headers, wait)[1]
-
-    def _exchange(self, method, suffix="", query=None, body=_NO_BODY, headers=None, wait=0.0):
-        """Like ``_send``, returning ``(response headers, body)``."""
-        if body is not _NO_BODY and not isinstance(body, bytes):
-            body = body.encode("utf-8")
-            headers = {"Content-Type": "application/json", **(headers or {})}
-        status, response_headers, data = self._http.request(
-            method, self._base + suffix, query, None if body is _NO_BODY else body,
-            headers, wait)
-        if status >= 400:
-            _raise_remote(status, data)
-        return response_headers, data
-
-    def _call(self, method, suffix="", query=None, body=_NO_BODY, wait=0.0):
-        data = self._send(method, suffix, query, body, wait=wait)
-        return json.loads(data) if data else None
-
-    def _value(self, obj):
-        """A stored value as the caller's codec wants it (model instances when typed)."""
-        return obj if self._model is None else self._codec.decode(_json_dumps(obj))
-
-    def _summary(self, view=None):
-        return self._call("GET", "", {"view": view})
-
-    def __len__(self):
-        return self._summary()["size"]
+        return f"<{type(self).__name__} {self._name!r} at {self._client.url}>"
 
     def __bool__(self):
         return True
 
-    def clear(self):
-        """Remove every item of this structure."""
-        self._call("DELETE")
+    def _call(self, method, *args, **kwargs):
+        """Call the declared operation ``method`` with Python arguments."""
+        op = _operations(self._kind)[method]
+        return self._client._invoke(self, op, _binder(_local_function(op))(args, kwargs))
 
-    def dump(self, fp=None):
-        """Export to a JSON-ready dict, or write it as JSON to the file object ``fp``."""
-        data = self._summary("dump")["dump"]
-        if fp is None:
-            return data
-        json.dump(data, fp, ensure_ascii=False, indent=2)
-        return None
-
-    def load(self, data_or_fp):
-        """Add the items of a ``dump()`` (a dict, JSON text or a file object)."""
-        self._call("POST", "", {"mode": "append"}, _json_dumps(_read_dump(data_or_fp)))
+    def _value(self, obj):
+        """A stored value as the caller's codec wants it (model instances when typed)."""
+        return obj if self._model is None or obj is None else self._model.model_validate(obj)
 
     def _new_lock(self, name, ttl):
         return RemoteLock(self._client, name, ttl=ttl)
@@ -6114,8 +6783,10 @@ class _RemoteManager(_StructureLock):
         """
         if not callable(callback):
             raise TypeError("callback must be callable")
-        stream = _RemoteStream(self._http, f"/events/{self._kind}/{_quote(self._name)}",
-                               {"event": event}, json.loads)
+        from urllib.parse import quote
+        stream = _RemoteStream(self._client._http, f"/events/{self._kind}/{_segment(self._name)}"
+                               f"?event={quote(_wire_str(self, event, 'event'), safe='')}",
+                               json.loads)
         return _RemoteEventHandle(stream, event, callback)
 
     def as_async(self) -> "AsyncManager":
@@ -6123,297 +6794,278 @@ class _RemoteManager(_StructureLock):
         return AsyncManager(self)
 
 
+def _remote_method(op):
+    """The client method of ``op``: the local method's name, docstring and signature."""
+    local = _local_function(op)
+    bind = _binder(local)
+
+    def method(self, *args, **kwargs):
+        return self._client._invoke(self, op, bind(args, kwargs))
+    functools.update_wrapper(method, local)      # __wrapped__: inspect.signature is local's
+    return method
+
+
+def _derived(kind):
+    """Class decorator: add every operation of ``kind`` the class does not write by hand,
+    under the local method's names (aliases such as ``append`` = ``push`` included)."""
+    def decorate(cls):
+        local_class = _local_classes()[kind]
+        names_of: dict = {}         # a local function -> every name it has in the class
+        for name in dir(local_class):
+            names_of.setdefault(id(_static_attr(local_class, name)), []).append(name)
+        for name, op in _operations(kind).items():
+            if name.startswith("_") and not name.startswith("__") or name in cls.__dict__:
+                continue
+            made = _remote_method(op)
+            local = _static_attr(local_class, name)
+            if isinstance(local, property):
+                made = property(made, doc=made.__doc__)
+            for alias in names_of.get(id(local), [name]):
+                if alias not in cls.__dict__:
+                    setattr(cls, alias, made)
+        cls.__abstractmethods__ = frozenset(
+            n for n in getattr(cls, "__abstractmethods__", ())
+            if getattr(getattr(cls, n, None), "__isabstractmethod__", False))
+        return cls
+    return decorate
+
+
+def _static_attr(cls, name):
+    """``cls.name`` as stored in the class (no descriptor call), or None."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return klass.__dict__[name]
+    return None
+
+
+@_derived("dict")
 class RemoteDict(_RemoteManager, MutableMapping):
     """``db.dict(name)`` over HTTP."""
 
-    _kind, _route = "dict", "dicts"
-
-    def __getitem__(self, key):
-        return self._codec.decode(self._send("GET", "/" + _quote(_check_key(key))))
-
-    def get(self, key, default=None):
-        """The value of ``key``, or ``default`` if it is missing or expired."""
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-    def __setitem__(self, key, value):
-        self.set(key, value)
-
-    def set(self, key, value, ttl_seconds=None):
-        """Store ``value`` under ``key``; with ``ttl_seconds`` it expires that much later."""
-        self._send("PUT", "/" + _quote(_check_key(key)), {"ttl_seconds": _check_ttl(ttl_seconds)},
-                   self._codec.encode(value))
-
-    def __delitem__(self, key):
-        self._send("DELETE", "/" + _quote(_check_key(key)))
-
-    def pop(self, key, default=_MISSING):
-        """Remove ``key`` and return its value (or ``default``; else ``KeyError``)."""
-        try:
-            return self._codec.decode(self._send("DELETE", "/" + _quote(_check_key(key))))
-        except KeyError:
-            if default is _MISSING:
-                raise
-            return default
-
-    def __contains__(self, key):
-        if not isinstance(key, str):
-            return False
-        try:
-            self._send("HEAD", "/" + _quote(key))
-        except KeyError:
-            return False
-        return True
-
-    def setdefault(self, key, default=None):
-        """Return the value of ``key``, storing ``default`` first if it is missing."""
-        return self._codec.decode(self._send(
-            "PUT", "/" + _quote(_check_key(key)), {"if_absent": True}, self._codec.encode(default)))
+    _kind = "dict"
 
     def update(self, *args, **kwargs):
         """Like ``dict.update``, in one transaction on the server."""
-        items = {k: json.loads(self._codec.encode(v)) for k, v in dict(*args, **kwargs).items()}
-        self._call("PATCH", "", body=_json_dumps(items))
-
-    def ttl(self, key):
-        """Seconds until ``key`` expires; ``None`` if it never does; ``KeyError`` if absent."""
-        ttl = self._exchange("HEAD", "/" + _quote(_check_key(key)))[0].get("Beaver-TTL")
-        return None if ttl is None else float(ttl)
-
-    def __iter__(self):
-        return iter(self._summary("keys")["keys"])
-
-    def keys(self) -> list:
-        """A snapshot list of the live keys, in key order."""
-        return list(self)
-
-    def items(self) -> list:
-        """A snapshot list of live ``(key, value)`` pairs, in key order."""
-        return [(k, self._value(v)) for k, v in self._summary("items")["items"]]
-
-    def values(self) -> list:
-        """A snapshot list of the live values, in key order."""
-        return [v for _, v in self.items()]
+        self._call("_update", dict(*args, **kwargs))
 
 
+@_derived("list")
 class RemoteList(_RemoteManager, MutableSequence):
     """``db.list(name)`` over HTTP."""
 
-    _kind, _route = "list", "lists"
+    _kind = "list"
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            query = {"start": index.start, "stop": index.stop, "step": index.step}
-            return [self._value(v) for v in self._call("GET", "/slice", query)]
-        return self._codec.decode(self._send("GET", f"/items/{_list_index(index)}"))
+            return self._call("_get_slice", index.start, index.stop, index.step)
+        return self._call("__getitem__", index)
 
     def __setitem__(self, index, value):
         if isinstance(index, slice):
-            query = {"start": index.start, "stop": index.stop, "step": index.step}
-            body = "[" + ",".join(self._codec.encode(v) for v in value) + "]"
-            self._send("PUT", "/slice", query, body)
-            return
-        self._send("PUT", f"/items/{_list_index(index)}", body=self._codec.encode(value))
+            return self._call("_set_slice", value, index.start, index.stop, index.step)
+        return self._call("__setitem__", index, value)
 
     def __delitem__(self, index):
         if isinstance(index, slice):
-            self._send("DELETE", "/slice", {"start": index.start, "stop": index.stop,
-                                            "step": index.step})
-            return
-        self._send("DELETE", f"/items/{_list_index(index)}")
-
-    def __len__(self):
-        return self._summary()["size"]
-
-    def __iter__(self):
-        return iter([self._value(v) for v in self._summary("items")["items"]])
+            return self._call("_del_slice", index.start, index.stop, index.step)
+        return self._call("__delitem__", index)
 
     def __reversed__(self):
         return reversed(list(self))
-
-    def push(self, value):
-        """Append ``value`` at the end (``append`` is the same)."""
-        self._send("POST", "/push", body=self._codec.encode(value))
-
-    append = push
-
-    def prepend(self, value):
-        """Insert ``value`` at the front."""
-        self._send("POST", "/prepend", body=self._codec.encode(value))
-
-    def extend(self, values):
-        """Append every item of ``values`` in one transaction."""
-        self._send("POST", "/extend", body="[" + ",".join(map(self._codec.encode, values)) + "]")
 
     def __iadd__(self, values):
         self.extend(values)
         return self
 
-    def insert(self, index, value):
-        """Insert ``value`` before ``index`` (Python semantics)."""
-        self._send("POST", "/insert", {"index": _list_index(index)}, self._codec.encode(value))
 
-    def pop(self, index=None):
-        """Remove and return the item at ``index`` (default: the last; ``None`` if empty)."""
-        query = None if index is None else {"index": _list_index(index)}
-        return self._optional(*self._exchange("POST", "/pop", query))
-
-    def deque(self):
-        """Remove and return the first item, or ``None`` if the list is empty."""
-        return self._optional(*self._exchange("POST", "/deque"))
-
-    popleft = deque
-
-    def _optional(self, headers, data):
-        return None if headers.get("Beaver-Empty") else self._codec.decode(data)
-
-    def reverse(self):
-        """Reverse the list in place, in one transaction."""
-        self._send("POST", "/reverse")
-
-
-def _lease_id(item):
-    lease_id = getattr(item, "lease_id", None)
-    if lease_id is None:
-        raise TypeError("ack() and nack() take an item returned by get(lease=...)")
-    return lease_id
-
-
-def _list_index(index) -> int:
-    if isinstance(index, bool) or not hasattr(index, "__index__"):
-        raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}")
-    return index.__index__()
-
-
+@_derived("queue")
 class RemoteQueue(_RemoteManager):
-    """``db.queue(name)`` over HTTP. A blocking ``get`` waits in chunks on the server."""
+    """``db.queue(name)`` over HTTP. A blocking ``get`` waits in chunks on the server; a
+    ``get`` whose response is lost is retried and answered with the same item."""
 
-    _kind, _route = "queue", "queues"
-
-    def put(self, data, priority=0):
-        """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
-        if isinstance(priority, bool) or not isinstance(priority, (int, float)):
-            raise TypeError(f"priority must be a number, not {priority!r}")
-        self._send("POST", "/put", {"priority": priority}, self._codec.encode(data))
-
-    def get(self, block=True, timeout=None, lease=None) -> QueueItem:
-        """Remove and return the first item (``QueueEmpty``/``TimeoutError`` as locally).
-
-        With ``lease=seconds`` the item returns to the queue unless ``ack(item)`` is called
-        in time: the safe way to take work over a network that may drop a response.
-        """
-        deadline = _Deadline(_seconds(timeout, "timeout"))
-        query = {"block": block, "lease": _seconds(lease, "lease")}
-        while True:
-            wait = deadline.remaining(cap=_CHUNK_WAIT) if block else 0.0
-            try:
-                item = self._call("POST", "/get", {**query, "timeout": wait}, wait=wait)
-            except Timeout:
-                if deadline.expired:
-                    raise
-                continue
-            return self._item(item)
+    _kind = "queue"
 
     def _item(self, item):
+        if item is None:
+            return None
         if "lease_id" not in item:
             return QueueItem(item["priority"], item["timestamp"], self._value(item["data"]))
         leased = LeasedItem(item["priority"], item["timestamp"], self._value(item["data"]))
         leased.lease_id = item["lease_id"]
         return leased
 
-    def ack(self, item) -> bool:
-        """Finish an item taken with ``get(lease=...)``; False if its lease had run out."""
-        return self._call("POST", "/ack", {"lease_id": _lease_id(item)})
-
-    def nack(self, item) -> bool:
-        """Give a leased item back to the queue now; False if its lease had run out."""
-        return self._call("POST", "/nack", {"lease_id": _lease_id(item)})
-
-    def peek(self):
-        """The item ``get`` would return next, without removing it; ``None`` if empty."""
-        item = self._call("GET", "/peek")
-        return None if item is None else self._item(item)
-
-    def __iter__(self):
-        return iter([self._item(i) for i in self._summary("items")["items"]])
+    def as_async(self) -> "AsyncManager":
+        """An awaitable twin whose ``get`` can be cancelled without losing an item."""
+        return _AsyncRemoteQueue(self)
 
 
+@_derived("blob")
 class RemoteBlobs(_RemoteManager):
     """``db.blobs(name)`` over HTTP: bytes travel raw, metadata in a header."""
 
-    _kind, _route = "blob", "blobs"
+    _kind = "blob"
 
-    def put(self, key, data, metadata=None):
-        """Store the bytes ``data`` under ``key``."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"blob data must be bytes-like, not {type(data).__name__}")
-        headers = {"Content-Type": "application/octet-stream"}
-        if metadata is not None:
-            headers["Beaver-Metadata"] = json.dumps(json.loads(self._codec.encode(metadata)))
-        self._send("PUT", "/" + _quote(_check_key(key)), body=bytes(data), headers=headers)
 
-    def get(self, key):
-        """The ``Blob`` stored under ``key``, or ``None``."""
+@_derived("log")
+class RemoteLog(_RemoteManager):
+    """``db.log(name)`` over HTTP; ``live()`` follows a server-sent event stream."""
+
+    _kind = "log"
+
+    def live(self, window, period, aggregator=list, where=None) -> "Stream":
+        """``aggregator(values in the last window)`` now and every ``period`` (a stream);
+        ``where`` keeps only the entries a filter matches (see "Queries and filters")."""
+        if not callable(aggregator):
+            raise TypeError("aggregator must be callable")
+        window, period = _seconds(window, "window"), _seconds(period, "period")
+        if not period:
+            raise ValueError("period must be positive")
+        _Filter(where, "data")      # a malformed filter raises here, before any request
+        query = f"window={window!r}&period={period!r}"
+        if where is not None:
+            query += "&where=" + _segment(_json_dumps(where))
+        decode = self._value
+        return _RemoteStream(self._client._http, f"{self._base}/live?{query}",
+                             lambda text: aggregator([decode(v) for v in json.loads(text)]))
+
+    def as_async(self) -> "AsyncLogManager":
+        """An awaitable twin; ``async for summary in alog.live(...)`` works."""
+        return AsyncLogManager(self)
+
+
+@_derived("channel")
+class RemoteChannel(_RemoteManager):
+    """``db.channel(name)`` over HTTP; subscriptions are server-sent event streams."""
+
+    _kind = "channel"
+
+    def subscribe(self) -> "Stream":
+        """A subscription receiving every message published once this call has returned.
+
+            >>> with client.channel("chat").subscribe() as sub:
+            ...     for message in sub.listen(timeout=5):
+            ...         print(message)
+        """
+        return _RemoteStream(self._client._http, self._base + "/sse", self._codec.decode)
+
+    def as_async(self) -> "AsyncChannelManager":
+        """An awaitable twin; ``async for message in achannel.subscribe().listen()`` works."""
+        return AsyncChannelManager(self)
+
+
+@_derived("collection")
+class RemoteCollection(_RemoteManager):
+    """``db.collection(name)`` over HTTP: documents, full-text, fuzzy, vector and graph search."""
+
+    _kind = "collection"
+
+    def _document(self, data) -> "Document":
+        doc = Document.from_dict({**data, "body": None})
+        doc.body = None if data.get("body") is None else self._value(data["body"])
+        return doc
+
+
+class _RemoteStream(Stream):
+    """A server-sent event stream read by a thread of this client."""
+
+    _what = "event"
+
+    def __init__(self, http, target, decode):
+        super().__init__()
+        self._decode_text = decode
+        self._conn, chunks = http.stream(target)
+        http.streams.add(self)
+        threading.Thread(target=self._read, args=(chunks,), daemon=True,
+                         name="beaver-client-stream").start()
+
+    def _read(self, chunks):
+        buffer, data = b"", []
         try:
-            headers, data = self._exchange("GET", "/" + _quote(_check_key(key)))
-        except KeyError:
-            return None
-        meta = headers.get("Beaver-Metadata")
-        return Blob(key, data, None if meta is None else self._codec.decode(meta))
+            for chunk in chunks:
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    line = line.rstrip(b"\r").decode("utf-8")
+                    if line.startswith("data:"):
+                        data.append(line[6:] if line.startswith("data: ") else line[5:])
+                    elif not line and data:
+                        self._deliver("\n".join(data))
+                        data = []
+        except (OSError, ValueError):
+            pass
+        if not self.closed:
+            self._deliver(RemoteError("the server ended the stream"))
 
-    def __getitem__(self, key):
-        blob = self.get(key)
-        if blob is None:
-            raise KeyError(key)
-        return blob
+    def _decode(self, raw):
+        if isinstance(raw, RemoteError):
+            self._deliver(raw)          # every later get() fails the same way
+            raise raw
+        return self._decode_text(raw)
 
-    def __setitem__(self, key, data):
-        self.put(key, data)
+    def _stop(self):
+        self._conn.close()
 
-    def delete(self, key):
-        """Remove the blob under ``key``; ``KeyError`` if there is none."""
-        self._send("DELETE", "/" + _quote(_check_key(key)))
 
-    __delitem__ = delete
+class _RemoteEventHandle:
+    """Returned by a remote manager's ``on(...)``; ``off()`` stops listening."""
 
-    def __contains__(self, key):
-        if not isinstance(key, str):
-            return False
+    def __init__(self, stream, event, callback):
+        self.event, self.callback = event, callback
+        self._stream = stream
+        self._thread = threading.Thread(target=self._dispatch, daemon=True,
+                                        name="beaver-client-events")
+        self._thread.start()
+
+    def _dispatch(self):
+        with contextlib.suppress(RemoteError):
+            for payload in self._stream.listen():
+                try:
+                    self.callback(payload)
+                except Exception:   # one failing callback must not stop the others
+                    logger.exception("event callback %r failed", self.callback)
+
+    @property
+    def active(self) -> bool:
+        return not self._stream.closed
+
+    def off(self):
+        """Stop delivering events to this callback (idempotent)."""
+        self._stream.close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+
+class _AsyncRemoteQueue(AsyncManager):
+    """Awaitable twin of a remote queue: a cancelled ``get`` gives back what it took."""
+
+    async def get(self, block=True, timeout=None, lease=None) -> QueueItem:
+        """``get`` as a coroutine that may safely be cancelled."""
+        future = asyncio.ensure_future(asyncio.to_thread(self._sync.get, block, timeout, lease))
         try:
-            self._send("HEAD", "/" + _quote(key))
-        except KeyError:
-            return False
-        return True
-
-    def __iter__(self):
-        return iter(self._summary("keys")["keys"])
-
-    def keys(self) -> list:
-        """A snapshot list of the keys, in key order."""
-        return list(self)
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(functools.partial(AsyncQueueManager._give_back, self))
+            raise
 
 
 class RemoteLock:
-    """``db.lock(name)`` over HTTP: the server holds the lock on this object's behalf."""
+    """``db.lock(name)`` over HTTP: the hold is the server's lock ticket (its ``token``), so
+    any worker of the server can renew or release it."""
 
     def __init__(self, client, name, timeout=None, ttl=60.0):
-        self._http = client._http
+        self._client = client
         self.name = _check_name(name)
         self.timeout = _seconds(timeout, "timeout")
         self.ttl = _seconds(ttl, "ttl")
         if not self.ttl:
             raise ValueError("ttl must be positive")
-        self._base = f"/locks/{_quote(name)}"
+        self._base = f"/locks/{_segment(name)}"
         self._token = None
         self._guard = threading.Lock()
 
-    def _call(self, suffix, query=None, method="POST", wait=0.0):
-        status, _, data = self._http.request(method, self._base + suffix, query, wait=wait)
-        if status >= 400:
-            _raise_remote(status, data)
-        return json.loads(data) if data else None
+    def _post(self, action, query, wait=0.0):
+        return self._client._request("POST", f"{self._base}/{action}?{query}", writes=True,
+                                     wait=wait)
 
     @property
     def token(self):
@@ -6423,12 +7075,13 @@ class RemoteLock:
     @property
     def held(self) -> bool:
         """True while this object holds the lock (and its TTL has not run out)."""
-        return self._token is not None and self._call("", {"token": self._token}, "GET")["held"]
+        return self._token is not None and json.loads(self._client._request(
+            "GET", f"{self._base}?token={self._token}"))["held"]
 
     @property
     def locked(self) -> bool:
         """True while anybody holds the lock."""
-        return self._call("", method="GET")["locked"]
+        return json.loads(self._client._request("GET", self._base))["locked"]
 
     def acquire(self, timeout=None, block=True):
         """Wait for the lock (up to ``timeout`` s) and take it; ``LockTimeout`` otherwise."""
@@ -6437,10 +7090,13 @@ class RemoteLock:
         if not self._guard.acquire(timeout=-1 if timeout is None else timeout):
             raise LockTimeout(f"lock {self.name!r} is held by another thread of this object")
         try:
+            key = uuid.uuid4().hex
             while True:
                 wait = deadline.remaining(cap=_CHUNK_WAIT)
                 try:
-                    held = self._call("/acquire", {"timeout": wait, "ttl": self.ttl}, wait=wait)
+                    held = json.loads(self._client._request(
+                        "POST", f"{self._base}/acquire?timeout={wait!r}&ttl={self.ttl!r}",
+                        writes=True, wait=wait, key=key))
                     break
                 except LockTimeout:
                     if deadline.expired:
@@ -6457,7 +7113,7 @@ class RemoteLock:
             raise LockLost(f"lock {self.name!r} is not held by this object")
         token, self._token = self._token, None
         try:
-            self._call("/release", {"token": token})
+            self._post("release", f"token={token}")
         finally:
             self._guard.release()
 
@@ -6466,344 +7122,12 @@ class RemoteLock:
         if self._token is None:
             raise LockLost(f"lock {self.name!r} is not held by this object")
         ttl = self.ttl if ttl is None else _seconds(ttl, "ttl")
-        self._call("/renew", {"token": self._token, "ttl": ttl})
+        self._post("renew", f"token={self._token}&ttl={ttl!r}")
 
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
+    __enter__, __exit__, as_async = Lock.__enter__, Lock.__exit__, Lock.as_async
 
     def __repr__(self):
         return f"<RemoteLock {self.name!r} {'held' if self._token else 'free'}>"
-
-
-class RemoteLog(_RemoteManager):
-    """``db.log(name)`` over HTTP; ``live()`` follows a server-sent event stream."""
-
-    _kind, _route = "log", "logs"
-
-    def log(self, data, timestamp=None):
-        """Append ``data`` at ``timestamp`` (a datetime or epoch seconds; default now)."""
-        when = None if timestamp is None else _epoch(timestamp)
-        self._send("POST", "/log", {"timestamp": when}, self._codec.encode(data))
-
-    def _entries(self, rows):
-        return [LogEntry(_utc(row["timestamp"]), self._value(row["data"])) for row in rows]
-
-    def range(self, start=None, end=None) -> list:
-        """Entries with ``start <= timestamp <= end`` (either may be None), oldest first."""
-        query = {"start": None if start is None else _epoch(start, "start"),
-                 "end": None if end is None else _epoch(end, "end")}
-        return self._entries(self._call("GET", "/range", query))
-
-    def __iter__(self):
-        return iter(self.range())
-
-    def live(self, window, period, aggregator=list) -> "_RemoteStream":
-        """``aggregator(values in the last window)`` now and every ``period`` (an iterator)."""
-        if not callable(aggregator):
-            raise TypeError("aggregator must be callable")
-        query = {"window": _seconds(window, "window"), "period": _seconds(period, "period")}
-        decode = self._value
-        return _RemoteStream(self._http, self._base + "/live", query,
-                             lambda text: aggregator([decode(v) for v in json.loads(text)]))
-
-    def as_async(self) -> "_AsyncRemoteManager":
-        """An awaitable twin; ``async for summary in alog.live(...)`` works."""
-        return _AsyncRemoteManager(self)
-
-
-class _RemoteStream:
-    """A server-sent event stream read by a thread; iterate it, ``close()`` it when done."""
-
-    def __init__(self, http, path, query, decode):
-        self._decode = decode
-        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
-        self._closed = False
-        self._conn, response = http.stream(path, query)
-        http.streams.add(self)
-        self._reader = threading.Thread(target=self._read, args=(response,), daemon=True,
-                                        name="beaver-client-stream")
-        self._reader.start()
-
-    def _read(self, response):
-        data = []
-        try:
-            for raw in response:
-                line = raw.decode("utf-8").rstrip("\r\n")
-                if line.startswith("data:"):
-                    data.append(line[5:].lstrip(" "))
-                elif not line and data:
-                    self._inbox.put("\n".join(data))
-                    data = []
-        except (OSError, ValueError, AttributeError):
-            pass
-        self._inbox.put(_MISSING)
-
-    def get(self, timeout=None):
-        """The next event; ``TimeoutError`` after ``timeout`` seconds without one."""
-        try:
-            text = self._inbox.get(timeout=_seconds(timeout, "timeout"))
-        except _queue.Empty:
-            raise Timeout(f"nothing arrived within {timeout}s") from None
-        if text is _MISSING:
-            self._inbox.put(_MISSING)
-            if self._closed:
-                raise ClosedError("the stream is closed")
-            raise RemoteError("the server ended the stream")
-        return self._decode(text)
-
-    def listen(self, timeout=None):
-        """Yield events until ``close()`` (``TimeoutError`` after ``timeout`` s of silence)."""
-        while True:
-            try:
-                yield self.get(timeout)
-            except ClosedError:
-                return
-
-    def __iter__(self):
-        return self.listen()
-
-    def __next__(self):
-        try:
-            return self.get()
-        except ClosedError:
-            raise StopIteration from None
-
-    def as_async(self) -> "_AsyncRemoteStream":
-        return _AsyncRemoteStream(self)
-
-    def close(self):
-        """Stop the stream; a ``listen()`` in progress ends."""
-        if not self._closed:
-            self._closed = True
-            with contextlib.suppress(OSError):
-                self._conn.sock and self._conn.sock.shutdown(2)
-            self._conn.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class _RemoteEventHandle:
-    """Returned by a remote manager's ``on(...)``; ``off()`` stops listening."""
-
-    def __init__(self, stream, event, callback):
-        self.event, self.callback = event, callback
-        self._stream = stream
-        self._thread = threading.Thread(target=self._dispatch, daemon=True,
-                                        name="beaver-client-events")
-        self._thread.start()
-
-    def _dispatch(self):
-        for payload in self._stream.listen():
-            try:
-                self.callback(payload)
-            except Exception:   # one failing callback must not stop the others
-                logger.exception("event callback %r failed", self.callback)
-
-    @property
-    def active(self) -> bool:
-        return not self._stream.closed
-
-    def off(self):
-        """Stop delivering events to this callback (idempotent)."""
-        self._stream.close()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=5)
-
-
-class _AsyncRemoteStream:
-    """The asyncio face of a remote stream: ``async for`` / ``await get()`` / ``async with``."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    async def get(self, timeout=None):
-        """The next event; ``TimeoutError`` after ``timeout`` seconds without one."""
-        return await asyncio.to_thread(self._stream.get, timeout)
-
-    async def listen(self, timeout=None):
-        """Yield events until ``close()`` (``TimeoutError`` after ``timeout`` s of silence)."""
-        while True:
-            try:
-                yield await self.get(timeout)
-            except ClosedError:
-                return
-
-    def __aiter__(self):
-        return self.listen()
-
-    async def __anext__(self):
-        try:
-            return await self.get()
-        except ClosedError:
-            raise StopAsyncIteration from None
-
-    def close(self):
-        """Stop the stream; a ``listen()`` in progress ends."""
-        self._stream.close()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        self.close()
-
-
-class _AsyncRemoteManager(AsyncManager):
-    """Awaitable twin of a remote channel or log: streams become async iterators."""
-
-    def subscribe(self) -> _AsyncRemoteStream:
-        """``async with achannel.subscribe() as sub: async for message in sub.listen(): ...``"""
-        return self._sync.subscribe().as_async()
-
-    def live(self, window, period, aggregator=list) -> _AsyncRemoteStream:
-        """``async for summary in alog.live(window, period, aggregator): ...``"""
-        return self._sync.live(window, period, aggregator).as_async()
-
-
-class RemoteChannel(_RemoteManager):
-    """``db.channel(name)`` over HTTP; subscriptions are server-sent event streams."""
-
-    _kind, _route = "channel", "channels"
-
-    def publish(self, payload):
-        """Send ``payload`` to every subscriber."""
-        self._send("POST", "/publish", body=self._codec.encode(payload))
-
-    def subscribe(self) -> _RemoteStream:
-        """A subscription receiving every message published once this call has returned.
-
-            >>> with client.channel("chat").subscribe() as sub:
-            ...     for message in sub.listen(timeout=5):
-            ...         print(message)
-        """
-        return _RemoteStream(self._http, self._base + "/sse", None, self._codec.decode)
-
-    def history(self, limit=None) -> list:
-        """The retained messages, oldest first (the last ``limit`` ones if given)."""
-        return [self._value(m) for m in self._call("GET", "/history", {"limit": limit})]
-
-    def as_async(self) -> _AsyncRemoteManager:
-        """An awaitable twin; ``async for message in achannel.subscribe().listen()`` works."""
-        return _AsyncRemoteManager(self)
-
-
-class RemoteCollection(_RemoteManager):
-    """``db.collection(name)`` over HTTP: documents, full-text, fuzzy, vector and graph search."""
-
-    _kind, _route = "collection", "collections"
-
-    def _configure(self, metric, options):
-        """Create the collection with ``metric``/``options`` (ValueError if it differs)."""
-        self._call("PUT", "", body=_json_dumps({"metric": metric, "options": options}))
-
-    @property
-    def metric(self) -> str:
-        """The vector distance of this collection: 'l2', 'cosine' or 'ip'."""
-        return self._summary()["metric"]
-
-    def _document(self, data) -> "Document":
-        doc = Document.from_dict({**data, "body": None})
-        doc.body = None if data.get("body") is None else self._value(data["body"])
-        return doc
-
-    def _doc_json(self, document) -> dict:
-        body = None if document.body is None else json.loads(self._codec.encode(document.body))
-        return {"id": document.id, "embedding": document.embedding, "body": body}
-
-    def index(self, document, fts=True, fuzzy=False):
-        """Insert or replace ``document`` (text index and vector included); returns it."""
-        if not isinstance(document, Document):
-            raise TypeError(f"index() takes a Document, not {type(document).__name__}")
-        self._call("POST", "/index", body=_json_dumps(
-            {**self._doc_json(document), "fts": fts, "fuzzy": fuzzy}))
-        return document
-
-    def get(self, doc_id, default=None):
-        """The document with ``doc_id``, or ``default``."""
-        try:
-            return self[doc_id]
-        except KeyError:
-            return default
-
-    def __getitem__(self, doc_id):
-        return self._document(self._call("GET", "/documents/" + _quote(_doc_id(doc_id))))
-
-    def __contains__(self, document):
-        try:
-            self._send("HEAD", "/documents/" + _quote(_doc_id(document)))
-        except (KeyError, TypeError):
-            return False
-        return True
-
-    def drop(self, document):
-        """Remove a document (a ``Document`` or an id), its vector and its edges."""
-        self._send("DELETE", "/documents/" + _quote(_doc_id(document)))
-
-    __delitem__ = drop
-
-    def __iter__(self):
-        return iter([self._document(d) for d in self._summary("items")["items"]])
-
-    def _hits(self, rows):
-        return [(self._document(r["document"]), r["score"], r["snippet"]) if "snippet" in r
-                else (self._document(r["document"]), r["score"]) for r in rows]
-
-    def match(self, query, on=None, top_k=10, fuzziness=0, raw=False, highlight=False):
-        """Full-text search: ``[(Document, score)]``, best first (as ``BeaverDB``)."""
-        return self._hits(self._call("POST", "/match", body=_json_dumps({
-            "query": query, "on": [on] if isinstance(on, str) else on, "top_k": top_k,
-            "fuzziness": fuzziness, "raw": raw, "highlight": highlight})))
-
-    def search(self, vector, top_k=10, where=None) -> list:
-        """Nearest documents to ``vector``: ``[(Document, distance)]``, closest first."""
-        return self._hits(self._call("POST", "/search", body=_json_dumps(
-            {"vector": _as_vector(vector), "top_k": top_k, "where": where})))
-
-    def connect(self, source, target, label, metadata=None):
-        """Add (or update) the edge ``source -[label]-> target``."""
-        self._call("POST", "/connect", body=_json_dumps({
-            "source": _doc_id(source), "target": _doc_id(target), "label": label,
-            "metadata": _to_jsonable(metadata)}))
-
-    def disconnect(self, source, target, label=None):
-        """Remove the edges from ``source`` to ``target`` (only ``label`` ones if given)."""
-        self._call("POST", "/disconnect", body=_json_dumps(
-            {"source": _doc_id(source), "target": _doc_id(target), "label": label}))
-
-    def edges(self, document, direction="outgoing", label=None) -> list:
-        """The ``Edge``s leaving, entering or touching ``document``."""
-        rows = self._call("GET", "/edges", {"id": _doc_id(document), "direction": direction,
-                                            "label": label})
-        return [Edge(**row) for row in rows]
-
-    def neighbors(self, document, label=None, direction="outgoing") -> list:
-        """The documents one edge away, in id order."""
-        rows = self._call("GET", "/neighbors", {"id": _doc_id(document), "label": label,
-                                                "direction": direction})
-        return [self._document(d) for d in rows]
-
-    def walk(self, source, labels=None, depth=1, direction="outgoing") -> list:
-        """Documents reachable in 1..``depth`` edges, breadth first (the source excluded)."""
-        rows = self._call("POST", "/walk", body=_json_dumps({
-            "source": _doc_id(source), "labels": [labels] if isinstance(labels, str) else labels,
-            "depth": depth, "direction": direction}))
-        return [self._document(d) for d in rows]
-
-    def compact(self):
-        """Fold pending changes of the server's vector index into its base."""
-        self._call("POST", "/compact")
 
 
 class BeaverClient:
@@ -6815,24 +7139,30 @@ class BeaverClient:
 
     Each thread keeps one keep-alive connection. Errors are the same classes ``BeaverDB``
     raises (``KeyError``, ``IndexError``, ``TimeoutError``, ``LockTimeout``...); transport
-    failures raise ``RemoteError``, a wrong token ``Unauthorized``. Events (``.on()``),
-    channel subscriptions and live views stream as server-sent events. Not available
-    remotely: ``transaction()``.
+    failures raise ``RemoteError``, a wrong token ``Unauthorized``. Every write carries an
+    idempotency key, so it is applied exactly once even when a response is lost and the
+    request is sent again. Events (``.on()``), channel subscriptions and live views stream
+    as server-sent events. ``transaction()`` queues writes and applies them at once.
     """
+
+    _base = ""
+    _options: dict = {}
+    _codec = _JSON
 
     def __init__(self, url, token=None, *, timeout=60.0):
         self._http = _Http(url, token, timeout)
         self._managers = _Managers()
         self._closed = False
+        self._local = threading.local()       # .batch: the writes of an open transaction()
 
     @property
     def url(self) -> str:
         return self._http.url
 
-    def _manager(self, cls, name, model=None):
+    def _manager(self, cls, name, model=None, **options):
         if self._closed:
             raise ClosedError("the client is closed")
-        return self._managers.get(cls, name, model, lambda: cls(self, name, model))
+        return self._managers.get(cls, name, model, lambda: cls(self, name, model, **options))
 
     def dict(self, name, model=None) -> RemoteDict:
         """The remote dict called ``name``."""
@@ -6852,54 +7182,131 @@ class BeaverClient:
 
     blob = blobs
 
-    def log(self, name, model=None) -> RemoteLog:
-        """The remote time-indexed log called ``name``."""
-        return self._manager(RemoteLog, name, model)
+    def log(self, name, model=None, retention=None) -> RemoteLog:
+        """The remote time-indexed log called ``name`` (``retention`` applies to its writes)."""
+        return self._manager(RemoteLog, name, model, retention=retention)
 
-    def channel(self, name, model=None) -> RemoteChannel:
-        """The remote pub/sub channel called ``name``."""
-        return self._manager(RemoteChannel, name, model)
+    def channel(self, name, model=None, retention=CHANNEL_RETENTION,
+                max_messages=CHANNEL_MAX_MESSAGES) -> RemoteChannel:
+        """The remote pub/sub channel called ``name`` (``retention``, ``max_messages`` apply
+        to its ``publish`` and ``prune``)."""
+        return self._manager(RemoteChannel, name, model, retention=retention,
+                             max_messages=max_messages)
 
     def collection(self, name, model=None, metric=None, **options) -> RemoteCollection:
         """The remote document collection called ``name`` (``metric`` fixed at creation)."""
         manager = self._manager(RemoteCollection, name, model)
         if metric is not None or options:
-            manager._configure(metric, options)
+            if metric is not None and metric not in VECTOR_METRICS:
+                raise ValueError(f"metric must be one of {VECTOR_METRICS}, not {metric!r}")
+            self._request("PUT", manager._base, _json_dumps(
+                {"metric": metric, "options": options}).encode("utf-8"), writes=True)
         return manager
 
     def lock(self, name, timeout=None, ttl=60.0, lock_ttl=None) -> RemoteLock:
         """A new remote inter-process lock object on ``name``."""
-        ttl = lock_ttl if lock_ttl is not None else ttl
-        return RemoteLock(self, name, timeout=timeout, ttl=ttl)
-
-    def _get(self, path, query=None, sink=None):
-        """The body of a GET (or, with ``sink``, its headers after streaming the body)."""
-        status, headers, data = self._http.request("GET", path, query, sink=sink)
-        if status >= 400:
-            _raise_remote(status, data)
-        return data if sink is None else headers
+        if self._closed:
+            raise ClosedError("the client is closed")
+        return RemoteLock(self, name, timeout=timeout, ttl=lock_ttl if lock_ttl is not None
+                          else ttl)
 
     def info(self) -> dict:
         """Every structure on the server: kind, name and size."""
-        return json.loads(self._get("/info"))
+        return json.loads(self._request("GET", "/info"))
+
+    # -- the wire ---------------------------------------------------------------------------
+
+    def _request(self, verb, target, body=b"", headers="", writes=False, wait=0.0, key=None,
+                 sink=None):
+        """The body of one answer (or the headers, when ``sink`` took the body); raises the
+        server's exception. A write carries an idempotency key (``key`` to reuse one)."""
+        if self._closed:
+            raise ClosedError("the client is closed")
+        if writes:
+            headers += f"Idempotency-Key: {key or uuid.uuid4().hex}\r\n"
+        status, answer, data = self._send(verb, target, body, headers, wait, sink)
+        if status >= 400:
+            _raise_remote(status, data)
+        return data if sink is None else answer
+
+    def _invoke(self, manager, op, args):
+        """Run the declared operation ``op`` of ``manager`` with bound ``args``."""
+        try:
+            verb, target, body, headers = _request_of(manager, op, args)
+        except (TypeError, ValueError):
+            if op.result == "exists":
+                return False
+            raise
+        if op.writes and getattr(self._local, "batch", None) is not None:
+            known = _KNOWN_RESULTS.get(op.result)
+            if known is None:
+                raise BeaverError(f"{op.kind}.{op.method}() answers with a result, so it cannot "
+                                  "be queued in a remote transaction(): call it outside the block")
+            self._local.batch.append(_subrequest(verb, target, body, headers))
+            return known(args)
+        if op.wait and args.get("block", True):
+            return self._wait(manager, op, args)
+        if op.writes:
+            headers += f"Idempotency-Key: {uuid.uuid4().hex}\r\n"
+        return self._answer(manager, op, args, verb, target, body, headers)
+
+    def _send(self, verb, target, body, headers, wait=0.0, sink=None):
+        if len(target) > _LONG_TARGET:      # too long for a request line: tunnel it
+            body = _json_dumps(_subrequest(verb, target, body, "")).encode("utf-8")
+            verb, target = "POST", "/call"
+            headers += "Content-Type: application/json\r\n"
+        return self._http.request(verb, target, body, headers, wait, sink)
+
+    def _answer(self, manager, op, args, verb, target, body, headers, wait=0.0):
+        status, answer, data = self._send(verb, target, body, headers, wait)
+        if status >= 400:
+            if status == 404 and op.result == "exists":
+                return False
+            try:
+                _raise_remote(status, data)
+            except KeyError:
+                fallback = next((p.name for p in _plan(op)[2] if p.type == "fallback"), None)
+                if fallback is not None and args[fallback] is not _MISSING:
+                    return args[fallback]
+                if op.result.endswith("?"):
+                    return None
+                raise
+        value = _TAKE[op.result.rstrip("?")](manager, (status, answer, data), args)
+        return iter(value) if op.method == "__iter__" else value
+
+    def _wait(self, manager, op, args):
+        """A blocking call in chunks of at most ``_CHUNK_WAIT`` s, with one idempotency key:
+        an answer lost on the way is answered again, never taken twice."""
+        deadline = _Deadline(_seconds(args[op.wait], op.wait))
+        key = f"Idempotency-Key: {uuid.uuid4().hex}\r\n"
+        while True:
+            wait = deadline.remaining(cap=_CHUNK_WAIT)
+            verb, target, body, headers = _request_of(manager, op, {**args, op.wait: wait})
+            try:
+                return self._answer(manager, op, args, verb, target, body, headers + key, wait)
+            except Timeout:
+                if deadline.expired:
+                    raise
+
+    # -- the whole database -------------------------------------------------------------------
 
     def dump(self, fp, names=None) -> int:
         """Write the server's database (or the structures in ``names``) as JSON lines."""
         import codecs
+        from urllib.parse import quote
         decoder = codecs.getincrementaldecoder("utf-8")()
-        headers = self._get("/dump", {"names": ",".join(names) if names else None},
-                            sink=lambda chunk: fp.write(decoder.decode(chunk)))
+        target = "/dump" + (f"?names={quote(','.join(names), safe='')}" if names else "")
+        headers = self._request("GET", target, sink=lambda chunk: fp.write(decoder.decode(chunk)))
         fp.write(decoder.decode(b"", final=True))
-        return int(headers.get("Beaver-Structures", 0))
+        return int(headers.get("beaver-structures", 0))
 
     def load(self, fp, mode="append") -> int:
         """Send a JSON-lines dump to the server, loaded there in one transaction."""
+        from urllib.parse import quote
         text = fp.read()
         body = text.encode("utf-8") if isinstance(text, str) else text
-        status, _, data = self._http.request("POST", "/load", {"mode": mode}, body,
-                                             {"Content-Type": "application/x-ndjson"})
-        if status >= 400:
-            _raise_remote(status, data)
+        data = self._request("POST", f"/load?mode={quote(str(mode), safe='')}", body,
+                             "Content-Type: application/x-ndjson\r\n", writes=True)
         return json.loads(data)["structures"]
 
     def backup(self, path) -> str:
@@ -6908,15 +7315,43 @@ class BeaverClient:
         partial = target + ".part"
         try:
             with open(partial, "wb") as f:
-                self._get("/backup", sink=f.write)
+                self._request("GET", "/backup", sink=f.write)
             os.replace(partial, target)
         finally:
             with contextlib.suppress(OSError):
                 os.remove(partial)
         return target
 
+    @contextlib.contextmanager
     def transaction(self):
-        raise FeatureUnavailable("transactions are not available through BeaverClient")
+        """Queue the writes of the block and apply them at its end, atomically, on the server.
+
+            >>> with client.transaction():
+            ...     client.dict("accounts")["alice"] = 90
+            ...     client.list("ledger").push({"from": "alice", "amount": 10})
+
+        Like Redis MULTI/EXEC: the writes are sent together when the block ends and applied
+        in one server transaction, all or nothing; an exception in the block sends nothing.
+        Reads inside the block go to the server at once and do not see the queued writes. A
+        write whose result is needed (``pop``, queue ``get``, ``ack``...) raises
+        ``BeaverError`` inside the block. Nested blocks join the outer one.
+        """
+        batch = getattr(self._local, "batch", None)
+        outer = batch is None
+        if outer:
+            batch = self._local.batch = []
+        mark = len(batch)
+        try:
+            yield self
+        except BaseException:
+            del batch[mark:]
+            raise
+        finally:
+            if outer:
+                self._local.batch = None
+        if outer and batch:
+            self._request("POST", "/transaction", _json_dumps(batch).encode("utf-8"),
+                          "Content-Type: application/json\r\n", writes=True)
 
     @property
     def closed(self) -> bool:
@@ -6935,6 +7370,17 @@ class BeaverClient:
 
     def __repr__(self):
         return f"<BeaverClient {self._http.url!r}{' closed' if self._closed else ''}>"
+
+
+def _subrequest(verb, target, body, headers) -> dict:
+    """One request as JSON, for a transaction or a long target (see the server's /call)."""
+    request = {"method": verb, "target": target}
+    if body:
+        request["body64"] = base64.b64encode(body).decode("ascii")
+    named = dict(line.split(": ", 1) for line in headers.split("\r\n") if line)
+    if named:
+        request["headers"] = named
+    return request
 
 
 # ==========================================================================================
@@ -7312,9 +7758,11 @@ def _import_into_new_file(source, new) -> dict:
 # CLI: beaver [--database PATH] <dict|list|queue|blob|lock|...> NAME <operation> [args]
 # ==========================================================================================
 #
-# Output is JSON (``"dark"``, lists, objects) so it pipes into ``jq``; a VALUE argument is
-# JSON when it parses as JSON, else the text itself; ``-`` reads standard input. Exit status:
-# 0 done, 1 not found or the operation failed, 2 usage error. Errors go to standard error.
+# The operations of each kind derive from ``_API`` (names, arguments, help from docstrings);
+# the few irregular ones are written below. Output is JSON (``"dark"``, lists, objects) so it
+# pipes into ``jq`` (``--raw`` prints a string as it is); a VALUE argument is JSON when it
+# parses as JSON, else the text itself; ``-`` reads standard input. Exit status: 0 done, 1 not
+# found, a false answer or the operation failed, 2 usage error. Errors go to standard error.
 
 _NOTHING = object()     # a handler result that prints nothing
 
@@ -7353,11 +7801,7 @@ def _cli_bytes(path) -> bytes:
 def _cli_json(value):
     """Plain JSON for anything a handler returns (models, queue items, documents...)."""
     if isinstance(value, QueueItem):
-        item = {"priority": value.priority, "timestamp": value.timestamp,
-                "data": _cli_json(value.data)}
-        if getattr(value, "lease_id", None) is not None:
-            item["lease_id"] = value.lease_id
-        return item
+        return _queue_item(value)
     if hasattr(value, "to_dict"):
         return value.to_dict()
     if isinstance(value, (list, tuple)):
@@ -7365,6 +7809,160 @@ def _cli_json(value):
     if isinstance(value, dict):
         return {k: _cli_json(v) for k, v in value.items()}
     return _to_jsonable(value)
+
+
+def _cli_time(text):
+    """Epoch seconds or an ISO 8601 time (naive = local time) from the command line."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise _UsageError(f"not a time: {text!r} (use epoch seconds or ISO 8601)") from None
+
+
+def _leased_item(lease_id):
+    item = LeasedItem(0, 0.0, None)
+    item.lease_id = int(lease_id)
+    return item
+
+
+class _UsageError(Exception):
+    """Bad command-line usage found after parsing (exit status 2)."""
+
+
+# wire type -> how the command line gives that argument: (argparse options, converter)
+_CLI_TYPES = {
+    "str": ({}, None), "docid": ({}, None),
+    "value": ({"metavar": "VALUE"}, _cli_value), "json": ({}, _cli_value),
+    "seconds": ({"type": float}, None), "epoch": ({}, _cli_time),
+    "values": ({"metavar": "JSON_LIST"}, _cli_value), "vector": ({"metavar": "JSON_LIST"},
+                                                                 _cli_value),
+    "item": ({"metavar": "LEASE_ID", "type": int}, _leased_item),
+    "bytes": ({"metavar": "FILE"}, _cli_bytes), "header": ({"metavar": "JSON"}, _cli_value),
+    "dump": ({"metavar": "FILE"}, _cli_text), "mapping": ({"metavar": "JSON_OBJECT"},
+                                                          _cli_value),
+    "document": ({"metavar": "JSON"}, lambda t: Document.from_dict(_cli_value(t))),
+}
+# parameter -> its help, and its flags where they are not just --the-name
+_CLI_HELP = {
+    "key": "the key", "value": "a JSON value, else taken as text; - reads standard input",
+    "data": "a JSON value, else text; - reads standard input", "payload": "the message: "
+    "JSON, else text", "index": "a position (negative counts from the end)",
+    "ttl_seconds": "expire after this many seconds", "priority": "lower comes out first",
+    "timeout": "seconds to wait (default: forever)", "block": "fail at once instead of waiting",
+    "lease": "seconds before the item returns unless acked (prints its lease_id)",
+    "item": "the lease_id printed by get --lease", "metadata": "JSON metadata",
+    "timestamp": "epoch seconds or an ISO 8601 time", "start": "epoch seconds or ISO 8601",
+    "end": "epoch seconds or ISO 8601", "limit": "at most this many results (channel "
+    "history: the newest ones)", "offset": "skip this many results first", "order": "asc "
+    "(oldest first) or desc", "order_by": "a field path to sort by; -path sorts descending",
+    "path": "a dotted field path, e.g. author.name",
+    "document": "a document id", "doc_id": "a document id", "source": "a document id",
+    "target": "a document id", "label": "an edge label", "labels": "an edge label "
+    "(repeatable)", "direction": "which edges", "depth": "edges to follow at most",
+    "query": "the words to find", "on": "a field path (repeatable)", "top_k": "results at "
+    "most", "fuzziness": "typos allowed per word (0, 1 or 2)", "raw": "the query is FTS5 "
+    "syntax", "highlight": "add a snippet with the matches in [brackets]", "vector":
+    "a JSON list of numbers", "where": "a JSON filter, e.g. '{\"year\": {\"$gte\": 2020}}'",
+    "data_or_fp": "the dump file (JSON); - reads standard input", "values": "a JSON list",
+    "items": "a JSON object of keys and values", "fts": "index the text", "fuzzy":
+    "(accepted for compatibility)",
+}
+_CLI_FLAGS = {"ttl_seconds": ["--ttl"], "priority": ["--priority", "-p"],
+              "block": ["--no-wait", "-n"], "top_k": ["--top-k", "-k"],
+              "fuzziness": ["--fuzziness", "-f"], "metadata": ["--metadata", "-m"],
+              "timestamp": ["--timestamp", "-t"], "raw": ["--raw-query"]}
+_CLI_CHOICES = {"direction": ["outgoing", "incoming", "both"]}
+# (kind, local method) -> CLI name; None leaves it out (it has a better spelling here)
+_CLI_NAMES = {"__getitem__": "get", "__setitem__": "set", "__delitem__": "delete",
+              "__contains__": "has", "__len__": "len", "__iter__": "items", "log": "write"}
+_CLI_SKIP = {("dict", "__iter__"), ("dict", "get"), ("dict", "values"), ("blob", "__iter__"), ("blob", "__getitem__"),
+             ("blob", "get"), ("blob", "__setitem__"), ("collection", "get"),
+             ("collection", "index"), ("list", "_get_slice"), ("list", "_set_slice"),
+             ("list", "_del_slice"), ("list", "__setitem__"), ("list", "__getitem__"),
+             ("list", "__delitem__"), ("dict", "items")}
+_CLI_DOC = {"__getitem__": "print the value stored there", "__delitem__": "delete it",
+            "__contains__": "print whether it is there (exit status 1 if not)",
+            "__len__": "print the number of items", "__iter__": "print every item, in order"}
+# result -> how the CLI prints it
+_CLI_SHOW = {
+    "hits": lambda hits: [{"document": d, "score": s, **({"snippet": h[0]} if h else {})}
+                          for d, s, *h in hits],
+    "entries": lambda rows: [{"timestamp": e.timestamp.isoformat(), "data": e.data}
+                             for e in rows],
+    "edges": lambda edges: [e._asdict() for e in edges],
+    "pairs": dict,
+}
+
+
+def _cli_declared(kind):
+    """(name, help, [arguments], handler) of every declared operation of ``kind``."""
+    found = []
+    for method, op in _operations(kind).items():
+        if (kind, method) in _CLI_SKIP:
+            continue
+        name = _CLI_NAMES.get(method, method)
+        if name is None or name.startswith("_"):
+            continue
+        doc = _CLI_DOC.get(method) or (_local_function(op).__doc__ or "").strip().split(
+            "\n")[0].replace("``", "")
+        arguments = [_cli_argument(param) for param in _plan(op)[2]
+                     if param.type not in ("fallback", "local")]
+        found.append((name.replace("_", "-"), doc.rstrip("."), arguments, _cli_call(op),
+                      not op.writes))
+    return found
+
+
+def _cli_argument(param):
+    options, _ = _CLI_TYPES.get(param.type, ({}, None))
+    options = {**options, "help": _CLI_HELP.get(param.name, param.name.replace("_", " ")),
+               "dest": param.name}
+    if param.name in _CLI_CHOICES:
+        options["choices"] = _CLI_CHOICES[param.name]
+    if param.default is _MISSING:
+        options.pop("dest")
+        return (param.name,), options
+    if isinstance(param.default, bool):
+        options.pop("type", None)
+        options.pop("metavar", None)
+        options["action"] = "store_false" if param.default else "store_true"
+        flags = _CLI_FLAGS.get(param.name) or [
+            ("--no-" if param.default else "--") + param.name.replace("_", "-")]
+        return tuple(flags), {**options, "default": param.default}
+    if param.name in ("on", "labels"):
+        options["action"] = "append"
+    flags = _CLI_FLAGS.get(param.name) or ["--" + param.name.replace("_", "-")]
+    return tuple(flags), {**options, "default": param.default}
+
+
+def _cli_call(op):
+    """The handler running ``op`` on a manager with the parsed arguments."""
+    def run(manager, args):
+        kwargs = {}
+        for param in _plan(op)[2]:
+            if param.type in ("fallback", "local"):
+                continue
+            value = getattr(args, param.name)
+            convert = _CLI_TYPES.get(param.type, ({}, None))[1]
+            kwargs[param.name] = value if convert is None or value is None or isinstance(
+                value, bool) or (param.default is not _MISSING and value is param.default) \
+                else convert(value)
+        found = getattr(manager, op.method)         # a property gives its value at once
+        result = found(**kwargs) if callable(found) else found
+        if op.method == "__iter__":
+            result = list(result)
+        if not op.result:
+            return _NOTHING
+        if result is False:                        # has, ack, nack: a false answer fails
+            print("false")
+            return _Exit(1)
+        return _CLI_SHOW.get(op.result, lambda r: r)(result)
+    return run
 
 
 def _quiet(action):
@@ -7376,37 +7974,6 @@ def _quiet(action):
 
 def _arg(*flags, **options):
     return flags, options
-
-
-_KEY = _arg("key", help="the key")
-_VALUE = _arg("value", help="a JSON value, else taken as text; - reads standard input")
-_INDEX = _arg("index", type=int, help="a position (negative counts from the end)")
-_FILE = _arg("file", help="a file path; - reads standard input")
-_TIMEOUT = _arg("--timeout", type=float, default=None, help="seconds to wait (default: forever)")
-_NO_WAIT = _arg("--no-wait", "-n", action="store_true", help="fail at once instead of waiting")
-
-
-def _structure_ops(kind):
-    """Operations every structure has: len, clear, dump, load."""
-    return [
-        ("len", f"print the number of items of the {kind}", [], lambda m, a: len(m)),
-        ("clear", f"remove every item of the {kind}", [], _quiet(lambda m, a: m.clear())),
-        ("dump", f"print the {kind} as one JSON document", [], lambda m, a: m.dump()),
-        ("load", f"add the items of a JSON dump of a {kind}", [_FILE],
-         _quiet(lambda m, a: m.load(_cli_text(a.file)))),
-    ]
-
-
-def _queue_get(manager, args):
-    if args.no_wait:
-        return manager.get(block=False, lease=args.lease)
-    return manager.get(timeout=args.timeout, lease=args.lease)
-
-
-def _leased_item(lease_id):
-    item = LeasedItem(0, 0.0, None)
-    item.lease_id = lease_id
-    return item
 
 
 def _blob_get(manager, args):
@@ -7478,27 +8045,6 @@ def _run_command(command) -> int:
         return 130
 
 
-_DIRECTION = _arg("--direction", choices=["outgoing", "incoming", "both"], default="outgoing")
-
-
-def _cli_time(text):
-    """Epoch seconds or an ISO 8601 time (naive = local time) from the command line."""
-    if text is None:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise _UsageError(f"not a time: {text!r} (use epoch seconds or ISO 8601)") from None
-
-
-def _cli_entries(entries):
-    return [{"timestamp": e.timestamp.isoformat(), "data": e.data} for e in entries]
-
-
 def _cli_document(args):
     value = _cli_value(args.document)
     if args.id is None and isinstance(value, dict) and "id" in value and \
@@ -7507,8 +8053,19 @@ def _cli_document(args):
     return Document(id=args.id, body=value)
 
 
-def _cli_hits(hits):
-    return [{"document": doc, "score": score} for doc, score, *_ in hits]
+def _cli_index_many(manager, args):
+    """Index JSON-lines documents in batches of 1000 (one transaction each), with progress."""
+    total, batch = 0, []
+    with _Progress(sys.stdin if args.file == "-" else open(args.file, encoding="utf-8"),
+                   "documents read") as lines:
+        for line in lines:
+            if line.strip():
+                batch.append(Document.from_dict(json.loads(line)))
+            if len(batch) >= 1000:
+                total += manager.index_many(batch, fts=not args.no_fts)
+                batch = []
+        total += manager.index_many(batch, fts=not args.no_fts) if batch else 0
+    return {"indexed": total}
 
 
 def _cli_stream(items, count):
@@ -7537,152 +8094,85 @@ def _log_live(manager, args):
     return _Exit(0)
 
 
-# kind -> (help, BeaverDB factory, [(operation, help, [arguments], handler(manager, args))])
+_KEY = _arg("key", help="the key")
+_COUNT = _arg("--count", type=int, default=None, help="stop after this many (default: never)")
+_TIMEOUT = _arg("--timeout", type=float, default=None, help="seconds to wait (default: forever)")
+_NO_WAIT = _arg("--no-wait", "-n", action="store_true", help="fail at once instead of waiting")
+
+# kind -> (help, BeaverDB factory, the operations written by hand: (operation, help,
+# [arguments], handler(manager, args), reads)); the declared ones are added by _cli_operations
 CLI_KINDS = {
     "dict": ("a persistent dict of JSON values, with TTL", "dict", [
-        ("get", "print the value of KEY", [_KEY], lambda m, a: m[a.key]),
-        ("set", "store VALUE under KEY", [_KEY, _VALUE, _arg(
-            "--ttl", type=float, default=None, help="expire after this many seconds")],
-         _quiet(lambda m, a: m.set(a.key, _cli_value(a.value), ttl_seconds=a.ttl))),
-        ("delete", "delete KEY", [_KEY], _quiet(lambda m, a: m.__delitem__(a.key))),
-        ("pop", "delete KEY and print its value", [_KEY], lambda m, a: m.pop(a.key)),
-        ("has", "print whether KEY exists (exit status 1 if not)", [_KEY],
-         lambda m, a: True if a.key in m else _Exit(1)),
-        ("ttl", "print the seconds until KEY expires (null: never)", [_KEY],
-         lambda m, a: m.ttl(a.key)),
-        ("keys", "print the keys", [], lambda m, a: m.keys()),
         ("items", "print every key and value as one JSON object", [],
-         lambda m, a: dict(m.items())),
-    ] + _structure_ops("dict")),
+         lambda m, a: dict(m.items()), True),
+    ]),
     "list": ("a persistent list", "list", [
-        ("push", "append VALUE", [_VALUE], _quiet(lambda m, a: m.push(_cli_value(a.value)))),
-        ("prepend", "insert VALUE at the front", [_VALUE],
-         _quiet(lambda m, a: m.prepend(_cli_value(a.value)))),
-        ("insert", "insert VALUE before INDEX", [_INDEX, _VALUE],
-         _quiet(lambda m, a: m.insert(a.index, _cli_value(a.value)))),
-        ("get", "print the item at INDEX", [_INDEX], lambda m, a: m[a.index]),
-        ("set", "replace the item at INDEX", [_INDEX, _VALUE],
-         _quiet(lambda m, a: m.__setitem__(a.index, _cli_value(a.value)))),
-        ("delete", "delete the item at INDEX", [_INDEX],
-         _quiet(lambda m, a: m.__delitem__(a.index))),
-        ("pop", "remove and print the last item (or the one at INDEX)",
-         [_arg("index", type=int, nargs="?", default=None, help="a position")],
-         lambda m, a: m.pop(a.index)),
-        ("deque", "remove and print the first item", [], lambda m, a: m.deque()),
-        ("items", "print every item as one JSON list", [], lambda m, a: list(m)),
-    ] + _structure_ops("list")),
-    "queue": ("a persistent priority queue", "queue", [
-        ("put", "add VALUE (lower priority first)", [_VALUE, _arg(
-            "--priority", "-p", type=float, default=0, help="priority (default 0)")],
-         _quiet(lambda m, a: m.put(_cli_value(a.value), priority=_number(a.priority)))),
-        ("get", "take the first item and print it", [_TIMEOUT, _NO_WAIT, _arg(
-            "--lease", type=float, default=None,
-            help="seconds before the item returns unless acked (prints its lease_id)")],
-         _queue_get),
-        ("ack", "finish a leased item (exit status 1 if its lease had run out)",
-         [_arg("lease_id", type=int)],
-         lambda m, a: True if m.ack(_leased_item(a.lease_id)) else _Exit(1)),
-        ("nack", "give a leased item back to the queue now", [_arg("lease_id", type=int)],
-         lambda m, a: True if m.nack(_leased_item(a.lease_id)) else _Exit(1)),
-        ("peek", "print the first item without taking it", [], lambda m, a: m.peek()),
-        ("items", "print every item, in the order get would take them", [],
-         lambda m, a: list(m)),
-    ] + _structure_ops("queue")),
+        ("get", "print the item at INDEX", [_arg("index", type=int, help="a position")],
+         lambda m, a: m[a.index], True),
+        ("set", "replace the item at INDEX", [_arg("index", type=int, help="a position"),
+                                               _arg("value", help=_CLI_HELP["value"])],
+         _quiet(lambda m, a: m.__setitem__(a.index, _cli_value(a.value))), False),
+        ("delete", "delete the item at INDEX", [_arg("index", type=int, help="a position")],
+         _quiet(lambda m, a: m.__delitem__(a.index)), False),
+    ]),
+    "queue": ("a persistent priority queue", "queue", []),
     "blob": ("a store of binary objects with JSON metadata", "blobs", [
-        ("put", "store the bytes of FILE under KEY", [_KEY, _FILE, _arg(
-            "--metadata", "-m", default=None, help="JSON metadata")],
-         _quiet(lambda m, a: m.put(a.key, _cli_bytes(a.file),
-                                   None if a.metadata is None else _cli_value(a.metadata)))),
         ("get", "write the bytes under KEY to standard output (or --output)", [_KEY, _arg(
-            "--output", "-o", default=None, help="write to this file")], _blob_get),
-        ("info", "print the size and metadata of KEY", [_KEY], _blob_info),
-        ("delete", "delete KEY", [_KEY], _quiet(lambda m, a: m.delete(a.key))),
-        ("keys", "print the keys", [], lambda m, a: m.keys()),
-    ] + _structure_ops("blob")),
+            "--output", "-o", default=None, help="write to this file (default: stdout)")],
+         _blob_get, True),
+        ("info", "print the size and metadata of KEY", [_KEY], _blob_info, True),
+    ]),
     "log": ("a time-indexed log of JSON values", "log", [
-        ("write", "append VALUE (now, or at --timestamp)", [_VALUE, _arg(
-            "--timestamp", "-t", default=None, help="epoch seconds or an ISO 8601 time")],
-         _quiet(lambda m, a: m.log(_cli_value(a.value), timestamp=_cli_time(a.timestamp)))),
-        ("range", "print the entries between --start and --end (inclusive)", [
-            _arg("--start", default=None, help="epoch seconds or an ISO 8601 time"),
-            _arg("--end", default=None, help="epoch seconds or an ISO 8601 time")],
-         lambda m, a: _cli_entries(m.range(_cli_time(a.start), _cli_time(a.end)))),
         ("live", "print the values of the last --window seconds every --period, as JSON lines",
-         [_arg("--window", type=float, default=60.0, help="seconds (default 60)"),
-          _arg("--period", type=float, default=1.0, help="seconds (default 1)"),
-          _arg("--count", type=int, default=None, help="stop after this many updates")],
-         _log_live),
-    ] + _structure_ops("log")),
+         [_arg("--window", type=float, default=60.0, help="seconds of log in each update"),
+          _arg("--period", type=float, default=1.0, help="seconds between updates"), _COUNT],
+         _log_live, True),
+    ]),
     "channel": ("a pub/sub channel", "channel", [
-        ("publish", "send VALUE to every subscriber", [_VALUE],
-         _quiet(lambda m, a: m.publish(_cli_value(a.value)))),
         ("listen", "print messages published from now on, as JSON lines", [
             _arg("--timeout", type=float, default=None,
-                 help="stop after this many seconds without a message"),
-            _arg("--count", type=int, default=None, help="stop after this many messages")],
-         _channel_listen),
-        ("history", "print the retained messages, oldest first", [
-            _arg("--limit", type=int, default=None, help="only the last LIMIT ones")],
-         lambda m, a: m.history(a.limit)),
-    ] + _structure_ops("channel")),
+                 help="stop after this many seconds without a message (default: never)"),
+            _COUNT], _channel_listen, True),
+    ]),
     "collection": ("documents searchable by text, typos, vectors and relationships",
                    "collection", [
         ("index", "store a document: JSON {\"id\", \"body\", \"embedding\"} (or a body + --id)",
          [_arg("document", help="the document as JSON; - reads standard input"),
           _arg("--id", default=None, help="the id, when DOCUMENT is just the body"),
           _arg("--no-fts", action="store_true", help="do not index the text")],
-         lambda m, a: m.index(_cli_document(a), fts=not a.no_fts).id),
-        ("get", "print the document ID", [_arg("id")], lambda m, a: m[a.id]),
-        ("drop", "delete the document ID and its edges", [_arg("id")],
-         _quiet(lambda m, a: m.drop(a.id))),
-        ("match", "full-text search (typo-tolerant with --fuzziness)", [
-            _arg("query"), _arg("--fuzziness", "-f", type=int, default=0),
-            _arg("--top-k", "-k", type=int, default=10),
-            _arg("--on", action="append", default=None, help="a field path (repeatable)")],
-         lambda m, a: _cli_hits(m.match(a.query, on=a.on, top_k=a.top_k,
-                                        fuzziness=a.fuzziness))),
-        ("search", "nearest documents to a vector (JSON list of numbers)", [
-            _arg("vector"), _arg("--top-k", "-k", type=int, default=10)],
-         lambda m, a: _cli_hits(m.search(_cli_value(a.vector), top_k=a.top_k))),
-        ("connect", "add the edge SOURCE -[LABEL]-> TARGET", [
-            _arg("source"), _arg("target"), _arg("label"),
-            _arg("--metadata", "-m", default=None, help="JSON metadata")],
-         _quiet(lambda m, a: m.connect(a.source, a.target, a.label, None if a.metadata is None
-                                       else _cli_value(a.metadata)))),
-        ("disconnect", "remove the edges SOURCE -> TARGET", [
-            _arg("source"), _arg("target"), _arg("--label", default=None)],
-         _quiet(lambda m, a: m.disconnect(a.source, a.target, a.label))),
-        ("edges", "print the edges of ID", [_arg("id"), _DIRECTION,
-                                            _arg("--label", default=None)],
-         lambda m, a: [e._asdict() for e in m.edges(a.id, a.direction, a.label)]),
-        ("neighbors", "print the documents one edge away from ID", [
-            _arg("id"), _arg("--label", default=None), _DIRECTION],
-         lambda m, a: m.neighbors(a.id, label=a.label, direction=a.direction)),
-        ("walk", "print the documents up to --depth edges away from ID", [
-            _arg("id"), _arg("--labels", action="append", default=None),
-            _arg("--depth", type=int, default=1), _DIRECTION],
-         lambda m, a: m.walk(a.id, labels=a.labels, depth=a.depth, direction=a.direction)),
-        ("ids", "print the ids of the documents", [], lambda m, a: [d.id for d in m]),
-    ] + _structure_ops("collection")),
+         lambda m, a: m.index(_cli_document(a), fts=not a.no_fts).id, False),
+        ("index-many", "index the JSON-lines documents of FILE, 1000 per transaction", [
+            _arg("file", help="one JSON document per line; - reads standard input"),
+            _arg("--no-fts", action="store_true", help="do not index the text")],
+         _cli_index_many, False),
+        ("ids", "print the ids of the documents", [], lambda m, a: [d.id for d in m], True),
+    ]),
     "lock": ("an inter-process lock", None, [
         ("run", "run a command while holding the lock; exit with its status", [
             _TIMEOUT, _NO_WAIT,
             _arg("--ttl", type=float, default=60.0, help="seconds a hold lasts unless renewed "
                                                           "(renewed while the command runs)"),
             _arg("argv", nargs="...", metavar="COMMAND", help="the command and its arguments")],
-         _lock_run),
-        ("status", "print whether the lock is held", [], _lock_status),
+         _lock_run, False),
+        ("status", "print whether the lock is held", [], _lock_status, True),
     ]),
 }
 
 
-def _number(value):
-    value = float(value)
-    return int(value) if value.is_integer() and abs(value) < 2 ** 53 else value
+def _cli_operations(kind):
+    """Every operation of ``kind``: the hand-written ones, then the declared ones."""
+    hand = CLI_KINDS[kind][2]
+    names = {op[0] for op in hand}
+    return hand + [op for op in ([] if kind == "lock" else _cli_declared(kind))
+                   if op[0] not in names]
 
 
-class _UsageError(Exception):
-    """Bad command-line usage found after parsing (exit status 2)."""
+def _help_formatter():
+    import argparse
+
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """Descriptions as written, and every option's default."""
+    return Help
 
 
 def _cli_parser(kind=None):
@@ -7690,51 +8180,57 @@ def _cli_parser(kind=None):
     import argparse
     parser = argparse.ArgumentParser(
         prog="beaver", description="Inspect and change a beaver database from the shell. "
-        "Values are JSON (else text); output is JSON.",
+        "Values are JSON (else text); output is JSON.", formatter_class=_help_formatter(),
         epilog="examples:\n  beaver --database my_data.db dict app_config get theme\n"
-               "  beaver --database data.db lock my-cron-job run bash -c 'run_daily_report.sh'",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--database", "-d", default=None,
-                        help="database file (default: $BEAVER_DATABASE or beaver.db)")
-    parser.add_argument("--url", default=None,
+               "  beaver --database data.db lock my-cron-job run bash -c 'run_daily_report.sh'")
+    parser.add_argument("--database", "-d", default=argparse.SUPPRESS,
+                        help="database file (default: $BEAVER_DATABASE, else beaver.db)")
+    parser.add_argument("--url", default=argparse.SUPPRESS,
                         help="use a beaver server at this URL instead (default: $BEAVER_URL)")
-    parser.add_argument("--token", default=None, help="bearer token for --url ($BEAVER_TOKEN)")
+    parser.add_argument("--token", default=argparse.SUPPRESS,
+                        help="bearer token for --url (default: $BEAVER_TOKEN)")
+    parser.add_argument("--raw", action="store_true",
+                        help="print a string result as it is, without JSON quotes")
     parser.add_argument("--version", action="version", version=f"beaver {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for each, (help_text, _, operations) in CLI_KINDS.items():
-        _cli_kind_parser(commands, each, help_text, operations if each == kind else None)
+    for each, (help_text, _, _) in CLI_KINDS.items():
+        _cli_kind_parser(commands, each, help_text, each == kind)
     _cli_database_parsers(commands)
     return parser
 
 
-def _cli_kind_parser(commands, kind, help_text, operations):
-    sub = commands.add_parser(kind, help=help_text, description=help_text)
-    if operations is None:      # not the kind on this command line: its name is enough
+def _cli_kind_parser(commands, kind, help_text, full):
+    sub = commands.add_parser(kind, help=help_text, description=help_text,
+                              formatter_class=_help_formatter())
+    if not full:        # not the kind on this command line: its name is enough
         return
     sub.add_argument("name", help=f"the name of the {kind}")
     ops = sub.add_subparsers(dest="operation", metavar="OPERATION", required=True)
-    for operation, op_help, arguments, handler in operations:
-        op = ops.add_parser(operation, help=op_help, description=op_help)
+    for operation, op_help, arguments, handler, reads in _cli_operations(kind):
+        op = ops.add_parser(operation, help=op_help, description=op_help,
+                            formatter_class=_help_formatter())
         for flags, options in arguments:
             op.add_argument(*flags, **options)
-        op.set_defaults(handler=handler, kind=kind)
+        op.set_defaults(handler=handler, kind=kind, reads=reads)
 
 
 def _cli_database_parsers(commands):
-    info = commands.add_parser("info", help="print every structure: kind, name, size")
-    info.set_defaults(handler=lambda db, a: db.info())
-    dump = commands.add_parser("dump", help="print the database (or the named structures) "
-                                            "as JSON lines")
+    def add(name, help_text, handler, reads):
+        parser = commands.add_parser(name, help=help_text, description=help_text,
+                                     formatter_class=_help_formatter())
+        parser.set_defaults(handler=handler, reads=reads)
+        return parser
+    add("info", "print every structure: kind, name, size", lambda db, a: db.info(), True)
+    dump = add("dump", "print the database (or the named structures) as JSON lines",
+               _cli_dump, True)
     dump.add_argument("names", nargs="*", help="structure names (or kind:name); default all")
-    dump.set_defaults(handler=_quiet(lambda db, a: db.dump(sys.stdout, a.names or None)))
-    load = commands.add_parser("load", help="load a JSON-lines dump in one transaction")
+    load = add("load", "load a JSON-lines dump in one transaction", _cli_load, False)
     load.add_argument("file", help="the dump file; - reads standard input")
     load.add_argument("--replace", action="store_true",
                       help="empty each structure of the dump before loading it")
-    load.set_defaults(handler=_cli_load)
-    backup = commands.add_parser("backup", help="copy the database to PATH while it is in use")
+    backup = add("backup", "copy the database to PATH while it is in use",
+                 lambda db, a: db.backup(a.path), True)
     backup.add_argument("path", help="the copy to write")
-    backup.set_defaults(handler=lambda db, a: db.backup(a.path))
     commands.add_parser("serve", help="run the REST server (see beaver serve --help)",
                         add_help=False)
     commands.add_parser("client", help="run a command against the database (same as without "
@@ -7743,19 +8239,63 @@ def _cli_database_parsers(commands):
                                                 "beaver file (see --help)", add_help=False)
 
 
+class _Progress:
+    """A text file passed through, counting lines; the count shows on stderr if a terminal."""
+
+    def __init__(self, fp, what):
+        self.fp, self.what, self.lines = fp, what, 0
+        self.show = sys.stderr.isatty()
+        self.shown = 0.0
+
+    def _count(self, text):
+        self.lines += text.count("\n")
+        if self.show and time.monotonic() - self.shown > 0.2:
+            self.shown = time.monotonic()
+            print(f"\r{self.lines} {self.what}", end="", file=sys.stderr, flush=True)
+        return text
+
+    def write(self, text):
+        return self.fp.write(self._count(text))
+
+    def read(self, size=-1):
+        return self._count(self.fp.read(size))
+
+    def __iter__(self):
+        return (self._count(line) for line in self.fp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.show:
+            print(f"\r{self.lines} {self.what}", file=sys.stderr, flush=True)
+        if self.fp not in (sys.stdin, sys.stdout):
+            self.fp.close()
+
+
+def _cli_dump(db, args):
+    with _Progress(sys.stdout, "lines dumped") as out:
+        db.dump(out, args.names or None)
+    return _NOTHING
+
+
 def _cli_load(db, args):
     mode = "replace" if args.replace else "append"
-    if args.file == "-":
-        return {"structures": db.load(sys.stdin, mode)}
-    with open(args.file, encoding="utf-8") as f:
-        return {"structures": db.load(f, mode)}
+    source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+    with _Progress(source, "lines loaded") as lines:
+        return {"structures": db.load(lines, mode)}
 
 
 def _open_database(args):
-    url = args.url or os.environ.get("BEAVER_URL")
-    if url and not args.database:
-        return BeaverClient(url, token=args.token or os.environ.get("BEAVER_TOKEN"))
-    return BeaverDB(args.database or os.environ.get("BEAVER_DATABASE") or "beaver.db")
+    database = getattr(args, "database", None)
+    url = getattr(args, "url", None) or os.environ.get("BEAVER_URL")
+    if url and not database:
+        return BeaverClient(url, token=getattr(args, "token", None) or
+                            os.environ.get("BEAVER_TOKEN"))
+    path = database or os.environ.get("BEAVER_DATABASE") or "beaver.db"
+    if getattr(args, "reads", False) and path != ":memory:" and not os.path.exists(path):
+        raise BeaverError(f"no database at {path!r} (a read never creates one)")
+    return BeaverDB(path)
 
 
 def _cli_run(db, args):
@@ -7767,12 +8307,15 @@ def _cli_run(db, args):
     return args.handler(getattr(db, factory)(args.name), args)
 
 
-def _cli_print(result):
+def _cli_print(result, raw=False):
     if result is _NOTHING:
         return 0
     if isinstance(result, _Exit):
         return int(result)
-    print(json.dumps(_cli_json(result), indent=2, ensure_ascii=False))
+    if raw and isinstance(result, str):
+        print(result)
+    else:
+        print(json.dumps(_cli_json(result), indent=2, ensure_ascii=False))
     return 0
 
 
@@ -7782,7 +8325,7 @@ def _command_word(argv):
     while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
         if argv[i] in ("--database", "-d") and i + 1 < len(argv):
             database = argv[i + 1]
-        i += 1 if "=" in argv[i] or argv[i] == "--version" else 2
+        i += 1 if "=" in argv[i] or argv[i] in ("--version", "--raw") else 2
     return i, database
 
 
@@ -7811,7 +8354,7 @@ def _cli_import_upstream(argv) -> int:
     """``beaver import-upstream OLD.db NEW.db [--dry-run]``: prints the JSON report."""
     import argparse
     parser = argparse.ArgumentParser(
-        prog="beaver import-upstream",
+        prog="beaver import-upstream", formatter_class=_help_formatter(),
         description="Copy every structure of a database written by the public beaver-db 1.x "
                     "or 2.x package into a new beaver file. OLD is only read; NEW must not "
                     "exist. Prints a JSON report: counts per structure, what was skipped, "
@@ -7858,7 +8401,7 @@ def main(argv=None) -> int:
         print(f"beaver: {e}", file=sys.stderr)
         return 1
     try:
-        return _cli_print(_cli_run(db, args))
+        return _cli_print(_cli_run(db, args), args.raw)
     except _UsageError as e:
         print(f"beaver: {e}", file=sys.stderr)
         return 2
@@ -7875,4 +8418,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # ``python -m beaver serve``: the server's ``import beaver`` must find this very module,
+    # not load a second copy with other classes (BeaverDB, BeaverError...).
+    sys.modules.setdefault("beaver", sys.modules[__name__])
     sys.exit(main())

@@ -5186,37 +5186,54 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    """A real ``beaver serve`` process (``python -m beaver_server``) on 127.0.0.1."""
+def _start_server(path, *options, command=("-m", "beaver")):
+    """A real server process on 127.0.0.1 serving ``path``: (process, url)."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
-    path = tmp_path_factory.mktemp("server") / "served.db"
     port = _free_port()
     here = os.path.dirname(os.path.abspath(beaver.__file__))
     env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "beaver", "--database", str(path), "serve", "--port", str(port),
-         "--max-wait", "2", "--log-level", "warning"], env=env, cwd=here)
-    url = f"http://127.0.0.1:{port}"
+    argv = ([sys.executable, *command, "--database", str(path), "serve"] if command[-1] == "beaver"
+            else [sys.executable, *command, "--database", str(path)])
+    process = subprocess.Popen(argv + ["--port", str(port), "--log-level", "warning", *options],
+                               env=env, cwd=here)
     deadline = time.monotonic() + 30
-    try:
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                assert process.poll() is None, "the server process died"
-                assert time.monotonic() < deadline, "the server did not start in 30 s"
-                time.sleep(0.05)  # polling a port: nothing to wait on
-        yield url
-    finally:
-        process.terminate()
+    while True:
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            if process.poll() is not None:
+                raise AssertionError("the server process died")
+            if time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError("the server did not start in 30 s")
+            time.sleep(0.05)  # polling a port: nothing to wait on
+
+
+def _stop_server(process):
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A real ``beaver serve`` process on 127.0.0.1: (url, database path)."""
+    path = tmp_path_factory.mktemp("server") / "served.db"
+    process, url = _start_server(path, "--max-wait", "2")
+    try:
+        yield url, str(path)
+    finally:
+        _stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def server_url(served):
+    return served[0]
 
 
 @pytest.fixture(params=["local", "remote"])
@@ -5233,6 +5250,35 @@ def anydb(request, tmp_path):
 @pytest.fixture
 def uid():
     return uuid.uuid4().hex[:8]
+
+
+def test_same_api_filters_indexes_and_explain(anydb, uid):
+    """Filters, field indexes and explain() work alike in-process and over HTTP."""
+    users = anydb.dict(f"users-{uid}")
+    users.update({"ada": {"year": 1815, "tags": ["math"]}, "alan": {"year": 1912, "tags": []},
+                  "grace": {"year": 1906, "tags": ["navy", "math"]}, "x/y\n": {"year": None}})
+    where = {"tags": {"$contains": "math"}, "year": {"$gte": 1800}}
+    assert users.find(where, order_by="-year") == [("grace", {"year": 1906, "tags": ["navy", "math"]}),
+                                                  ("ada", {"year": 1815, "tags": ["math"]})]
+    assert users.find({"year": None}) == [("x/y\n", {"year": None})]
+    assert users.find(order_by="year", limit=1, offset=1) == [("ada", {"year": 1815, "tags": ["math"]})]
+    assert users.explain({"year": 1906})["index"] is None
+    users.create_index("year")
+    assert users.indexes() == ["year"]
+    assert users.explain({"year": 1906})["index"] == "year"
+    assert [k for k, _ in users.find({"year": {"$gt": 1900}})] == ["alan", "grace"]
+    assert users.drop_index("year") is True and users.indexes() == []
+    with pytest.raises(ValueError):
+        users.find({"year": {"$bogus": 1}})
+
+    log = anydb.log(f"events-{uid}")
+    for i in range(6):
+        log.log({"n": i, "ok": i % 2 == 0}, timestamp=1_700_000_000 + i)
+    assert [e.data["n"] for e in log.range(where={"ok": True}, order="desc", limit=2)] == [4, 2]
+    log.create_index("ok")
+    assert log.explain(where={"ok": True})["index"] == "ok"
+    with log.live(window=10 ** 9, period=0.05, where={"ok": False}) as view:
+        assert [d["n"] for d in next(iter(view))] == [1, 3, 5]
 
 
 def test_same_api_dict(anydb, uid):
@@ -5452,8 +5498,6 @@ def test_client_errors(server_url):
     with pytest.raises(ValueError):
         beaver.BeaverClient("ftp://example.com")
     client = beaver.BeaverClient(server_url)
-    with pytest.raises(beaver.FeatureUnavailable):
-        client.transaction()
     client.close()
     with pytest.raises(beaver.ClosedError):
         client.dict("x")
@@ -5484,15 +5528,15 @@ def test_server_spec_curl_examples(api):
 
 def test_server_dict_routes(api):
     assert api.put("/dicts/c/k?ttl_seconds=60", json={"a": 1}).status_code == 204
-    assert 0 < float(api.head("/dicts/c/k").headers["Beaver-TTL"]) <= 60
+    assert 0 < api.get("/dicts/c/k?view=ttl").json() <= 60
     assert api.head("/dicts/c/missing").status_code == 404
     for key in ("keys", "count", "items", "a/b"):   # no route swallows these keys
         assert api.put(f"/dicts/c/{key}", json=key).status_code == 204
         assert api.get(f"/dicts/c/{key}").json() == key
     assert api.get("/dicts/c").json() == {"name": "c", "size": 5}
-    assert api.get("/dicts/c?view=keys").json()["keys"] == ["a/b", "count", "items", "k", "keys"]
-    assert api.get("/dicts/c?view=items").json()["items"][0] == ["a/b", "a/b"]
-    assert api.get("/dicts/c?view=dump").json()["dump"]["metadata"]["count"] == 5
+    assert api.get("/dicts/c?view=keys").json() == ["a/b", "count", "items", "k", "keys"]
+    assert api.get("/dicts/c?view=items").json()[0] == ["a/b", "a/b"]
+    assert api.get("/dicts/c?view=dump").json()["metadata"]["count"] == 5
     assert api.put("/dicts/c/new?if_absent=true", json=1).json() == 1
     assert api.put("/dicts/c/new?if_absent=true", json=2).json() == 1
     assert api.patch("/dicts/c", json={"p": 1, "q": 2}).status_code == 204
@@ -5509,7 +5553,7 @@ def test_server_list_routes(api):
     api.post("/lists/l/prepend", json="a")
     api.post("/lists/l/extend", json=["c", "d"])
     api.post("/lists/l/insert?index=1", json="x")
-    assert api.get("/lists/l?view=items").json()["items"] == ["a", "x", "b", "c", "d"]
+    assert api.get("/lists/l?view=items").json() == ["a", "x", "b", "c", "d"]
     assert api.get("/lists/l/items/-1").json() == "d"
     assert api.get("/lists/l/items/9").status_code == 404
     assert api.put("/lists/l/items/1", json="X").status_code == 204
@@ -5521,8 +5565,7 @@ def test_server_list_routes(api):
     assert api.get("/lists/l/slice?step=0").status_code == 422
     api.post("/lists/l/reverse")
     assert api.post("/lists/l/pop").json() == "A2" and api.post("/lists/l/deque").json() == "c"
-    r = api.post("/lists/l/pop")
-    assert r.json() is None and r.headers["Beaver-Empty"] == "1"
+    assert api.post("/lists/l/pop").json() is None
     assert api.post("/lists/l/pop?index=3").status_code == 404
     assert api.get("/lists/l/items/abc").status_code == 422
 
@@ -5531,7 +5574,7 @@ def test_server_queue_routes(api):
     assert api.post("/queues/q/put?priority=5", json={"n": 1}).status_code == 204
     api.post("/queues/q/put", json={"n": 2})
     assert api.get("/queues/q/peek").json()["data"] == {"n": 2}
-    assert [i["data"]["n"] for i in api.get("/queues/q?view=items").json()["items"]] == [2, 1]
+    assert [i["data"]["n"] for i in api.get("/queues/q?view=items").json()] == [2, 1]
     assert api.post("/queues/q/get").json()["data"] == {"n": 2}
     assert api.post("/queues/q/get?timeout=1").json()["priority"] == 5
     r = api.post("/queues/q/get?timeout=0.01")
@@ -5550,7 +5593,7 @@ def test_server_blob_routes(api):
     assert r.content == b"hello" and r.headers["content-type"].startswith("text/plain")
     assert json.loads(r.headers["Beaver-Metadata"]) == {"mimetype": "text/plain"}
     assert api.head("/blobs/files/dir/a.txt").status_code == 200
-    assert api.get("/blobs/files?view=keys").json()["keys"] == ["dir/a.txt"]
+    assert api.get("/blobs/files?view=keys").json() == ["dir/a.txt"]
     assert api.put("/blobs/files/big", content=b"x" * 1001).status_code == 413
     assert api.put("/blobs/files/m", content=b"x",
                    headers={"Beaver-Metadata": "{not json"}).status_code == 422
@@ -5616,7 +5659,9 @@ def test_server_auth(tmp_path):
         ok = {"Authorization": "Bearer s3cret"}
         assert client.put("/dicts/c/k", json=1, headers=ok).status_code == 204
         assert client.get("/dicts/c/k", headers=ok).json() == 1
-        assert client.get("/openapi.json").status_code == 200
+        assert client.get("/openapi.json").status_code == 401      # the docs follow the token
+        assert client.get("/openapi.json", headers=ok).json()["paths"]["/dicts/{name}/{key}"]
+        assert client.get("/docs", headers=ok).status_code == 200
 
 
 def test_server_refuses_public_host_without_token(capsys):
@@ -5656,6 +5701,664 @@ def test_client_auth_against_real_server(tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# ---- the network face: exactly-once, names, parity, transactions, waits, security ----
+
+class _DroppingProxy:
+    """A TCP proxy that forwards requests and, when armed, drops the connection as soon as
+    the server starts answering: the server has done the work, the client never hears."""
+
+    def __init__(self, upstream_url):
+        self.upstream = ("127.0.0.1", int(upstream_url.rsplit(":", 1)[1]))
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.drops, self.dropped, self.forwarded = 0, 0, 0
+        self.on_drop = None
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, on_drop=None):
+        with self.lock:
+            self.drops, self.on_drop = 1, on_drop
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        upstream = socket.create_connection(self.upstream)
+        threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+        while True:
+            try:
+                data = upstream.recv(65536)
+            except OSError:
+                data = b""
+            with self.lock:
+                drop = bool(data) and self.drops > 0
+                if drop:
+                    self.drops, self.dropped = self.drops - 1, self.dropped + 1
+            if drop and self.on_drop is not None:
+                self.on_drop()
+            if not data or drop:
+                for sock in (client, upstream):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
+                return
+            with contextlib.suppress(OSError):
+                client.sendall(data)
+
+    def _pipe(self, source, target):
+        while True:
+            try:
+                data = source.recv(65536)
+                if not data:
+                    return
+                target.sendall(data)
+                self.forwarded += len(data)
+            except OSError:
+                return
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.fixture
+def lossy(served):
+    """(client through a dropping proxy, the proxy, a local BeaverDB on the served file)."""
+    proxy = _DroppingProxy(served[0])
+    client = beaver.BeaverClient(proxy.url)
+    local = BeaverDB(served[1])
+    yield client, proxy, local
+    client.close()
+    local.close()
+    proxy.close()
+
+
+def test_lost_response_list_push_and_queue_put_apply_once(lossy, uid):
+    client, proxy, local = lossy
+    proxy.arm()
+    client.list(f"{uid}-l").push("once")
+    proxy.arm()
+    client.queue(f"{uid}-q").put("once")
+    assert proxy.dropped == 2
+    assert list(local.list(f"{uid}-l")) == ["once"] and len(local.queue(f"{uid}-q")) == 1
+
+
+def test_lost_response_dict_set_and_index_are_not_applied_again(lossy, uid):
+    client, proxy, local = lossy
+    # between the lost answer and the retry, another writer changes the same data: a
+    # re-applied request would undo that change, a replayed one leaves it
+    proxy.arm(lambda: local.dict(f"{uid}-d").set("k", "other writer"))
+    client.dict(f"{uid}-d")["k"] = "client"
+    proxy.arm(lambda: local.collection(f"{uid}-c").drop("doc"))
+    assert client.collection(f"{uid}-c").index(beaver.Document(id="doc", body="x")).id == "doc"
+    assert proxy.dropped == 2
+    assert local.dict(f"{uid}-d")["k"] == "other writer"
+    assert "doc" not in local.collection(f"{uid}-c")
+
+
+@pytest.mark.parametrize("lease", [None, 30])
+def test_lost_response_queue_get_is_retried_to_the_same_item(lossy, uid, lease):
+    client, proxy, local = lossy
+    queue = local.queue(f"{uid}-q")
+    queue.put("first")
+    queue.put("second")
+    proxy.arm()
+    item = client.queue(f"{uid}-q").get(timeout=10, lease=lease)
+    assert proxy.dropped == 1 and item.data == "first"
+    assert [i.data for i in queue] == ["second"]
+    if lease:
+        assert client.queue(f"{uid}-q").ack(item) is True
+
+
+def test_lost_response_blocking_get_waits_then_answers_the_same_item(lossy, uid):
+    client, proxy, local = lossy
+    got = []
+    taker = threading.Thread(target=lambda: got.append(client.queue(f"{uid}-w").get(timeout=20)))
+    proxy.arm()
+    taker.start()
+    _rt_until(lambda: proxy.forwarded > 0)     # the get has reached the server
+    local.queue(f"{uid}-w").put("only")
+    local.queue(f"{uid}-w").put("spare")
+    taker.join(timeout=30)
+    assert [i.data for i in got] == ["only"] and proxy.dropped == 1
+    assert [i.data for i in local.queue(f"{uid}-w")] == ["spare"]
+
+
+def test_lost_response_lock_acquire_takes_one_hold(lossy, uid):
+    client, proxy, local = lossy
+    lock = client.lock(f"{uid}-lock", ttl=60)
+    proxy.arm()
+    lock.acquire(timeout=10)
+    assert proxy.dropped == 1 and local.lock(f"{uid}-lock").locked
+    lock.release()
+    assert not local.lock(f"{uid}-lock").locked     # no second hold left behind
+
+
+def test_client_never_resends_a_write_without_a_key(lossy, uid):
+    client, proxy, local = lossy
+    proxy.arm()
+    with pytest.raises(beaver.RemoteError):     # no Idempotency-Key: not sent again
+        client._http.request("POST", f"/lists/{uid}-raw/push", b"1",
+                             "Content-Type: application/json\r\n")
+    assert list(local.list(f"{uid}-raw")) == [1]
+
+
+NAMES = st.one_of(st.sampled_from(["team/members", "a%2Fb", "%", "line\nbreak", "..", ".",
+                                   "x" * 5000, "é/ü", "😀", " lead", "tab\t", "?q=1", "#h"]),
+                  st.text(min_size=1, max_size=30))
+KEYS = st.one_of(st.sampled_from(["", "..", ".", "a/b", "/", "%2F", "\n", "x" * 6000]),
+                 st.text(max_size=30))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(name=NAMES, key=KEYS, value=st.integers())
+def test_remote_names_and_keys_match_the_local_oracle(served, name, key, value):
+    client = beaver.BeaverClient(served[0])
+    try:
+        with BeaverDB(served[1]) as local:
+            remote = client.dict(name)
+            remote[key] = value
+            assert local.dict(name)[key] == value and remote[key] == value
+            assert key in remote and remote.ttl(key) is None
+            assert sorted(remote) == sorted(local.dict(name))
+            client.list(name).push(key)
+            assert local.list(name)[-1] == key
+            client.blobs(name).put(key, b"\x00bytes", metadata={"k": key})
+            assert local.blobs(name)[key].metadata == {"k": key}
+            assert client.blobs(name)[key].data == b"\x00bytes"
+            del remote[key]
+            assert key not in local.dict(name)
+    finally:
+        client.close()
+
+
+def test_remote_clear_of_a_slashed_name_touches_only_that_name(anydb, uid):
+    anydb.dict(f"{uid}-team")["members"] = 1
+    anydb.dict(f"{uid}-team/members")["x"] = 2
+    anydb.dict(f"{uid}-team/members").clear()
+    assert anydb.dict(f"{uid}-team")["members"] == 1
+    assert len(anydb.dict(f"{uid}-team/members")) == 0
+
+
+def test_remote_misses_raise_what_local_raises(anydb, uid):
+    config = anydb.dict(f"{uid}-d")
+    with pytest.raises(KeyError) as missing:
+        config.ttl("missing")
+    assert missing.value.args == ("missing",)
+    config["new\nline"] = 1
+    assert config["new\nline"] == 1 and config.get("new\nline") == 1
+    with pytest.raises(TypeError):
+        config[3] = 1
+    assert 3 not in config
+    with pytest.raises(TypeError):
+        anydb.dict("")
+    with pytest.raises(IndexError):
+        anydb.list(f"{uid}-l")[0]
+    with pytest.raises(ValueError):
+        anydb.list(f"{uid}-l").remove("absent")
+    with pytest.raises(beaver.QueueEmpty):
+        anydb.queue(f"{uid}-q").get(block=False)
+
+
+def test_remote_has_what_was_missing(anydb, uid):
+    docs = anydb.collection(f"{uid}-docs")
+    assert docs.index_many([beaver.Document(id=str(i), body=f"text {i}") for i in range(3)]) == 3
+    assert len(docs) == 3
+    log = anydb.log(f"{uid}-log", retention=3600)
+    assert log.retention == 3600.0
+    log.log("ancient", timestamp=1.0)       # the first write prunes what the retention drops
+    log.log("fresh")
+    assert [e.data for e in log] == ["fresh"]
+    channel = anydb.channel(f"{uid}-ch", retention=None, max_messages=2)
+    assert (channel.retention, channel.max_messages) == (None, 2)
+    for n in range(5):
+        channel.publish(n)
+    channel.prune()
+    assert channel.history() == [3, 4]
+
+    async def locked():
+        async with anydb.lock(f"{uid}-lock").as_async() as held:
+            return held.token is not None
+    assert asyncio.run(locked())
+
+
+def test_remote_transaction_commits_all_or_nothing(anydb, uid):
+    accounts, ledger = anydb.dict(f"{uid}-accounts"), anydb.list(f"{uid}-ledger")
+    accounts["alice"] = 100
+    with anydb.transaction():
+        accounts["alice"] = 90
+        ledger.push({"from": "alice", "amount": 10})
+        with anydb.transaction():           # nested blocks join the outer one
+            accounts["bob"] = 10
+    assert accounts["alice"] == 90 and list(ledger) == [{"from": "alice", "amount": 10}]
+    assert accounts["bob"] == 10
+    with pytest.raises(RuntimeError):
+        with anydb.transaction():
+            accounts["alice"] = 0
+            ledger.push("never")
+            raise RuntimeError("abort")
+    assert accounts["alice"] == 90 and len(ledger) == 1
+    with pytest.raises(KeyError):           # a failing write rolls the whole block back
+        with anydb.transaction():
+            accounts["carol"] = 5
+            del accounts["nobody"]
+    assert "carol" not in accounts
+
+
+def test_remote_transaction_reads_and_results(server_url, uid):
+    client = beaver.BeaverClient(server_url)
+    try:
+        config = client.dict(f"{uid}-c")
+        config["k"] = "before"
+        with client.transaction():
+            config["k"] = "queued"
+            assert config["k"] == "before"      # reads go to the server at once
+            with pytest.raises(beaver.BeaverError):
+                client.list(f"{uid}-l").pop()   # needs its result: not in a transaction
+        assert config["k"] == "queued"
+    finally:
+        client.close()
+
+
+_LOCAL_ONLY = {
+    # BeaverDB: where the file is (the client has ``url`` instead)
+    ("BeaverDB", "path"),
+}
+
+
+def _public(cls):
+    return {name for name in dir(cls) if not name.startswith("_") or name in (
+        "__getitem__", "__setitem__", "__delitem__", "__contains__", "__len__", "__iter__",
+        "__reversed__", "__iadd__", "__bool__", "__enter__", "__exit__")}
+
+
+def test_parity_every_local_method_has_its_remote_twin(server_url):
+    import inspect
+    client = beaver.BeaverClient(server_url)
+    pairs = [(BeaverDB, beaver.BeaverClient), (beaver.Lock, beaver.RemoteLock)] + [
+        (beaver._local_classes()[kind], type(getattr(client, factory)("parity")))
+        for kind, factory in [("dict", "dict"), ("list", "list"), ("queue", "queue"),
+                              ("blob", "blobs"), ("log", "log"), ("channel", "channel"),
+                              ("collection", "collection")]]
+    missing, different = [], []
+    for local, remote in pairs:
+        for name in sorted(_public(local) - {n for c, n in _LOCAL_ONLY if c == local.__name__}):
+            if not hasattr(remote, name):
+                missing.append(f"{local.__name__}.{name}")
+                continue
+            mine, theirs = inspect.getattr_static(local, name), inspect.getattr_static(remote, name)
+            if isinstance(mine, property) != isinstance(theirs, property):
+                different.append(f"{local.__name__}.{name}: property or not")
+            elif callable(mine) and not isinstance(mine, property):
+                if inspect.signature(getattr(local, name)).parameters != inspect.signature(
+                        getattr(remote, name)).parameters:
+                    different.append(f"{local.__name__}.{name}: "
+                                     f"{inspect.signature(getattr(local, name))} != "
+                                     f"{inspect.signature(getattr(remote, name))}")
+    with BeaverDB(":memory:") as db:    # attributes set by the constructors
+        for make in ("log", "channel"):
+            for attribute in vars(getattr(db, make)("x")):
+                if not attribute.startswith("_") and not hasattr(getattr(client, make)("x"),
+                                                                 attribute):
+                    missing.append(f"{make}.{attribute}")
+        for attribute in vars(db.lock("x")):
+            if not attribute.startswith("_") and not hasattr(client.lock("x"), attribute):
+                missing.append(f"lock.{attribute}")
+    client.close()
+    assert missing == [] and different == []
+
+
+def test_remote_error_table_follows_the_exception_classes():
+    class BrandNewError(beaver.BeaverError):
+        pass
+    with pytest.raises(BrandNewError):
+        beaver._raise_remote(500, b'{"error": "BrandNewError", "message": "m"}')
+    with pytest.raises(KeyError):
+        beaver._raise_remote(404, b'{"error": "KeyError", "message": "k"}')
+    with pytest.raises(beaver.RemoteError):
+        beaver._raise_remote(500, b'{"error": "SystemExit", "message": "no"}')
+
+
+def _proc_usage(pid):
+    """(threads, open file descriptors) of a process."""
+    with open(f"/proc/{pid}/status") as f:
+        threads = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    return threads, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def _raw_requests(port, requests, hold=False):
+    """Send raw HTTP requests on one connection each; their answers (or, with ``hold``, the
+    open connections, answers unread)."""
+    async def one(request):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        if hold:
+            return reader, writer
+        answer = await reader.read(65536)
+        writer.close()
+        return answer
+    return await asyncio.gather(*(one(r) for r in requests))
+
+
+def _raw(method, target, port, body=b""):
+    return (f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Beaver: 1\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_server_holds_500_waiting_consumers_without_threads(tmp_path):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
+    process, url = _start_server(tmp_path / "waits.db", "--max-wait", "60",
+                                 command=("-m", "beaver_server"))
+    port = int(url.rsplit(":", 1)[1])
+    client = beaver.BeaverClient(url)
+    try:
+        client.dict("d")["k"] = "v"
+
+        async def scenario():
+            await _raw_requests(port, [_raw("GET", "/dicts/d/k", port)] * 100)   # warm up
+            baseline = _proc_usage(process.pid)
+            held = await _raw_requests(port, [_raw("POST", "/queues/jobs/get?timeout=60", port)]
+                                       * 500, hold=True)
+            deadline = time.monotonic() + 60
+            while json.loads(client._request("GET", "/"))["waits"] < 500:
+                assert time.monotonic() < deadline, "the consumers never all waited"
+                await asyncio.sleep(0.05)   # polling the server's count: nothing to wait on
+            during = _proc_usage(process.pid)
+            answer = await asyncio.wait_for(asyncio.to_thread(lambda: client.dict("d")["k"]),
+                                            30)
+            with BeaverDB(tmp_path / "waits.db") as local, local.transaction():
+                for n in range(500):
+                    local.queue("jobs").put(n)
+            bodies = await asyncio.wait_for(asyncio.gather(*(r.read() for r, _ in held)), 60)
+            for _, writer in held:
+                writer.close()
+            return baseline, during, answer, bodies
+        baseline, during, answer, bodies = asyncio.run(scenario())
+        assert answer == "v"
+        assert during[0] <= baseline[0] + 36, (baseline, during)    # the pool, not a thread each
+        got = sorted(json.loads(b.split(b"\r\n\r\n", 1)[1])["data"] for b in bodies)
+        assert got == list(range(500))                              # each item exactly once
+        deadline = time.monotonic() + 30
+        while True:         # their sockets closed; only new pool threads' SQLite files left
+            threads, fds = _proc_usage(process.pid)
+            if fds <= baseline[1] + 3 * (threads - baseline[0]) + 2:
+                break
+            assert time.monotonic() < deadline, (baseline, during, threads, fds)
+            time.sleep(0.05)  # polling /proc: nothing to wait on
+        assert threads <= during[0]
+    finally:
+        client.close()
+        _stop_server(process)
+
+
+def test_server_wait_ends_when_the_client_leaves(tmp_path):
+    process, url = _start_server(tmp_path / "leave.db", "--max-wait", "60",
+                                 command=("-m", "beaver_server"))
+    port = int(url.rsplit(":", 1)[1])
+    client = beaver.BeaverClient(url)
+    try:
+        async def leave():
+            held = await _raw_requests(port, [_raw("POST", "/queues/q/get?timeout=60", port)]
+                                       * 20, hold=True)
+            deadline = time.monotonic() + 30
+            while json.loads(client._request("GET", "/"))["waits"] < 20:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)   # polling the server's count: nothing to wait on
+            for _, writer in held:
+                writer.close()
+        asyncio.run(leave())
+        deadline = time.monotonic() + 30
+        while json.loads(client._request("GET", "/"))["waits"]:
+            assert time.monotonic() < deadline, "waits outlived their clients"
+            time.sleep(0.05)  # polling the server's count: nothing to wait on
+        with BeaverDB(tmp_path / "leave.db") as local:
+            local.queue("q").put("kept")        # nobody takes it: the waiters are gone
+            assert client.queue("q").get(timeout=10).data == "kept"
+    finally:
+        client.close()
+        _stop_server(process)
+
+
+def _worker_consumer(url, out, pids):
+    client = beaver.BeaverClient(url)
+    pid = json.loads(client._request("GET", "/"))["pid"]
+    pids.append(pid)
+    timeout = 60                # the first item may take a while: it comes once all wait
+    try:
+        while True:
+            try:
+                out.append((pid, client.queue("shared").get(timeout=timeout).data))
+            except TimeoutError:
+                return
+            timeout = 2
+    finally:
+        client.close()
+
+
+def test_two_workers_serve_one_queue_without_duplicates(tmp_path):
+    process, url = _start_server(tmp_path / "workers.db", "--workers", "2", "--max-wait", "5",
+                                 command=("-m", "beaver_server"))
+    try:
+        seen, deadline = set(), time.monotonic() + 60
+        while len(seen) < 2:                # both workers are up and listening
+            assert time.monotonic() < deadline, f"workers {seen}"
+            probe = beaver.BeaverClient(url)
+            seen.add(json.loads(probe._request("GET", "/"))["pid"])
+            probe.close()
+        pids, out, threads = [], [], []
+        while len(set(pids)) < 2 or len(threads) < 4:   # consumers on both workers
+            assert time.monotonic() < deadline and len(threads) < 40, f"workers {pids}"
+            thread = threading.Thread(target=_worker_consumer, args=(url, out, pids))
+            thread.start()
+            threads.append(thread)
+            _rt_until(lambda: len(pids) == len(threads))
+        with BeaverDB(tmp_path / "workers.db") as local, local.transaction():
+            for n in range(300):
+                local.queue("shared").put(n)
+        for thread in threads:
+            thread.join(timeout=90)
+        assert sorted(n for _, n in out) == list(range(300))        # none twice, none lost
+        assert len({pid for pid, _ in out}) == 2
+    finally:
+        _stop_server(process)
+
+
+# ---- security ----
+
+@pytest.fixture
+def guarded(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    import beaver_server
+    database = BeaverDB(tmp_path / "guarded.db")
+    app = beaver_server.create_app(database, max_body_bytes=10_000, max_streams=2,
+                                   cors_origins=["https://app.example"])
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        client.db, client.app = database, app
+        yield client
+    database.close()
+
+
+@pytest.mark.parametrize("path", ["/lists/l/push", "/queues/q/put", "/load?mode=replace"])
+def test_cross_site_form_posts_are_refused(guarded, path):
+    body = b'{"beaver_dump": 1}\n' if path.startswith("/load") else b'"x"'
+    r = guarded.post(path, content=body, headers={"Content-Type": "text/plain"})
+    assert r.status_code == 403 and r.json()["error"] == "Forbidden"
+    for headers in ({"Origin": "https://evil.example", "Content-Type": "application/json"},
+                    {"Sec-Fetch-Site": "cross-site", "Content-Type": "application/json"}):
+        assert guarded.post(path, content=body, headers=headers).status_code == 403
+    assert guarded.db.info()["structures"] == []
+    assert guarded.post("/lists/l/push", content=b'"ok"', headers={
+        "Content-Type": "text/plain", "X-Beaver": "1"}).status_code == 204
+    assert guarded.post("/lists/l/push", json="same", headers={
+        "Origin": "http://127.0.0.1:8000"}).status_code == 204
+
+
+def test_cors_only_for_the_given_origins(guarded):
+    ok = guarded.options("/lists/l/push", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert ok.headers["access-control-allow-origin"] == "https://app.example"
+    r = guarded.post("/lists/l/push", json=1, headers={"Origin": "https://app.example"})
+    assert r.status_code == 204 and r.headers["access-control-allow-origin"] == \
+        "https://app.example"
+    bad = guarded.options("/lists/l/push", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in bad.headers
+
+
+def test_loopback_server_refuses_foreign_host_names(served):
+    port = int(served[0].rsplit(":", 1)[1])
+
+    def status(host):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(f"GET /info HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                         .encode())
+            return int(sock.recv(4096).split()[1])
+    assert status("evil.example") == 403 and status(f"rebound.example:{port}") == 403
+    assert status(f"localhost:{port}") == 200 and status(f"127.0.0.1:{port}") == 200
+    assert status(f"[::1]:{port}") == 200
+
+
+@pytest.mark.parametrize("value,insecure", [("false", False), ("no", False), ("0", False),
+                                            ("off", False), ("true", True), ("YES", True),
+                                            ("1", True), ("on", True)])
+def test_insecure_environment_variable_is_a_strict_boolean(monkeypatch, value, insecure):
+    pytest.importorskip("fastapi")
+    import beaver_server
+    monkeypatch.setenv("BEAVER_INSECURE", value)
+    assert beaver_server._settings([], None)["insecure"] is insecure
+
+
+def test_unknown_boolean_in_the_environment_is_an_error(monkeypatch, capsys):
+    pytest.importorskip("fastapi")
+    import beaver_server
+    monkeypatch.setenv("BEAVER_INSECURE", "maybe")
+    assert beaver_server.main(["--host", "0.0.0.0"]) == 2
+    assert "BEAVER_INSECURE" in capsys.readouterr().err
+    monkeypatch.setenv("BEAVER_INSECURE", "false")
+    assert beaver_server.main(["--host", "0.0.0.0", "--database", ":memory:"]) == 2
+
+
+def test_body_limit_holds_on_every_route(guarded):
+    big = {"query": "a " * 6000}
+    assert guarded.post("/collections/c/match", json=big).status_code == 413
+    assert guarded.put("/dicts/d/k", json="x" * 20_000).status_code == 413
+
+    def chunks():           # no Content-Length: counted on the stream
+        for _ in range(20):
+            yield b"x" * 1000
+    assert guarded.put("/blobs/b/k", content=chunks()).status_code == 413
+    assert guarded.db.info()["structures"] == []
+
+
+def test_limits_on_query_text_top_k_period_target_and_streams(guarded):
+    r = guarded.post("/collections/c/match", json={"query": "a" * 5000})
+    assert r.status_code == 422 and "at most" in r.json()["message"]
+    assert guarded.post("/collections/c/match", json={"query": "a", "top_k": 10 ** 6}
+                        ).status_code == 422
+    assert guarded.get("/logs/l/live?period=0.001").status_code == 422
+    assert guarded.get("/dicts/d/" + "k" * 20_000).status_code == 414
+    server = guarded.app.beaver
+    with server.waiting(), server.waiting():
+        r = guarded.post("/queues/q/get?timeout=1")
+        assert r.status_code == 503 and r.json()["error"] == "TooManyStreams"
+
+
+def test_tokens_stay_out_of_the_access_log():
+    pytest.importorskip("fastapi")
+    import logging
+    import beaver_server
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s"',
+                               ("127.0.0.1", "GET", "/channels/c/ws?token=s3cret&x=1"), None)
+    beaver_server._RedactTokens().filter(record)
+    assert "s3cret" not in record.getMessage() and "x=1" in record.getMessage()
+
+
+def test_websocket_takes_the_token_from_a_header_or_subprotocol(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    import beaver_server
+    app = beaver_server.create_app(str(tmp_path / "ws.db"), token="s3cret")
+    with TestClient(app) as client:
+        with client.websocket_connect("/channels/c/ws", subprotocols=["beaver",
+                                                                      "bearer.s3cret"]) as ws:
+            ws.send_text('"hello"')
+            assert json.loads(ws.receive_text()) == "hello"
+        with pytest.raises(Exception):
+            with client.websocket_connect("/channels/c/ws") as ws:
+                ws.receive_text()
+
+
+def test_connections_that_never_finish_their_headers_are_closed(tmp_path):
+    process, url = _start_server(tmp_path / "loris.db", "--header-timeout", "0.5",
+                                 command=("-m", "beaver_server"))
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"GET /info HTTP/1.1\r\nHost: 127.0.0.1\r\n")      # never finished
+            assert sock.recv(1024) == b""           # closed by the server, not by our timeout
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as idle:
+            assert idle.recv(1024) == b""           # a connection that sends nothing at all
+    finally:
+        _stop_server(process)
+
+
+def _one_line_error(argv, **kwargs):
+    here = os.path.dirname(os.path.abspath(beaver.__file__))
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": here}, **kwargs)
+    return out.returncode, out.stderr.strip().splitlines()
+
+
+def test_server_start_up_problems_print_one_line(tmp_path):
+    pytest.importorskip("fastapi")
+    code, lines = _one_line_error(["-m", "beaver_server", "--database",
+                                   str(tmp_path / "missing" / "x.db")])
+    assert code == 1 and len(lines) == 1 and "does not exist" in lines[0]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, lines = _one_line_error(["-m", "beaver_server", "--database",
+                                       str(tmp_path / "x.db"), "--port",
+                                       str(taken.getsockname()[1])])
+    assert code == 1 and len(lines) == 1 and "cannot listen" in lines[0]
+    code, lines = _one_line_error(["-c", "import sys, runpy; sys.modules['fastapi'] = None; "
+                                   "sys.argv = ['beaver_server', '--database', 'x.db']; "
+                                   "runpy.run_module('beaver_server', run_name='__main__')"],
+                                  cwd=tmp_path)
+    assert code == 1 and len(lines) == 1 and "[server]" in lines[0]
+    out = subprocess.run([sys.executable, "-c", "import sys, runpy; sys.modules['fastapi'] = "
+                          "None; sys.argv = ['beaver_server', '--help']; "
+                          "runpy.run_module('beaver_server', run_name='__main__')"],
+                         capture_output=True, text=True, timeout=60, env={
+                             **os.environ, "PYTHONPATH": os.path.dirname(beaver.__file__)})
+    assert out.returncode == 0 and "--token" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_python_m_beaver_serve_imports_beaver_once():
+    pytest.importorskip("fastapi")
+    here = os.path.dirname(os.path.abspath(beaver.__file__))
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "beaver", "serve", "--help"],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": here})
+    assert out.returncode == 0
+    imported = [line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line]
+    assert "beaver_server" in imported and "beaver" not in imported
 
 
 def _fuzz_app():
@@ -6060,6 +6763,68 @@ def test_cli_against_server(capsys, server_url, uid):
     assert _cli(capsys, "--url", server_url, "dict", f"{uid}-c", "get", "nope")[0] == 1
 
 
+def test_cli_reads_never_create_a_database(capsys, tmp_path):
+    typo = str(tmp_path / "typo.db")
+    for argv in (["info"], ["dict", "c", "get", "k"], ["dump"], ["queue", "q", "peek"],
+                 ["collection", "c", "match", "x"], ["lock", "x", "status"]):
+        code, out, err = _cli(capsys, "--database", typo, *argv)
+        assert code == 1 and out == "" and "no database" in err, argv
+    assert not os.path.exists(typo)
+    assert _cli(capsys, "--database", typo, "dict", "c", "set", "k", "v")[0] == 0   # a write may
+    assert _cli(capsys, "--database", typo, "dict", "c", "get", "k")[1] == '"v"\n'
+
+
+def test_cli_raw_and_has(capsys, dbfile):
+    assert _cli(capsys, "-d", dbfile, "dict", "c", "set", "k", "two words")[0] == 0
+    assert _cli(capsys, "-d", dbfile, "--raw", "dict", "c", "get", "k")[1] == "two words\n"
+    assert _cli(capsys, "-d", dbfile, "--raw", "dict", "c", "keys")[1] == '[\n  "k"\n]\n'
+    assert _cli(capsys, "-d", dbfile, "dict", "c", "has", "k") == (0, "true\n", "")
+    assert _cli(capsys, "-d", dbfile, "dict", "c", "has", "zz") == (1, "false\n", "")
+
+
+def _all_parsers(parser):
+    import argparse
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
+def test_cli_every_option_has_help_and_shows_its_default():
+    for kind in list(beaver.CLI_KINDS) + [None]:
+        for parser in _all_parsers(beaver._cli_parser(kind)):
+            text = parser.format_help()
+            for action in parser._actions:
+                if action.dest in ("help", "version") or not action.option_strings:
+                    continue
+                assert action.help, (parser.prog, action.option_strings)
+                entry = text.split("options:", 1)[1].split(action.option_strings[0], 1)[1]
+                assert "default" in entry.split("\n  -", 1)[0], (parser.prog,
+                                                                 action.option_strings)
+
+
+def test_cli_progress_only_on_a_terminal(capsys, dbfile, tmp_path, monkeypatch):
+    with BeaverDB(dbfile) as db:
+        db.list("l").extend(range(10))
+    assert _cli(capsys, "-d", dbfile, "dump")[2] == ""           # not a terminal: silent
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert beaver.main(["-d", dbfile, "dump"]) == 0
+    assert "lines dumped" in terminal.getvalue()
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": str(i), "body": f"text {i}"}) + "\n"
+                            for i in range(2500)))
+    assert beaver.main(["-d", dbfile, "collection", "c", "index-many", str(docs)]) == 0
+    assert "documents read" in terminal.getvalue()
+    with BeaverDB(dbfile) as db:
+        assert len(db.collection("c")) == 2500
+
+
 def test_cli_serve_help_and_refusal(capsys):
     pytest.importorskip("fastapi")
     code, out, _ = _cli(capsys, "serve", "--help")
@@ -6243,8 +7008,9 @@ def test_server_log_and_collection_routes(api):
     assert api.post("/logs/m/log?timestamp=100", json={"cpu": 1}).status_code == 204
     assert api.get("/logs/m/range?start=50&end=150").json() == [{"timestamp": 100.0,
                                                                   "data": {"cpu": 1}}]
-    assert api.get("/logs/m?view=items").json()["items"][0]["data"] == {"cpu": 1}
-    r = api.post("/collections/a/index", json={"id": "x/1", "body": {"t": "hello world"}})
+    assert api.get("/logs/m?view=items").json()[0]["data"] == {"cpu": 1}
+    r = api.post("/collections/a/index", json={"document": {"id": "x/1",
+                                                            "body": {"t": "hello world"}}})
     assert r.json() == {"id": "x/1"}
     assert api.get("/collections/a/documents/x/1").json()["body"] == {"t": "hello world"}
     assert api.head("/collections/a/documents/nope").status_code == 404
@@ -6257,7 +7023,7 @@ def test_server_log_and_collection_routes(api):
     assert api.post("/collections/a/index", json={"fts": 3}).status_code == 422
     assert api.put("/collections/a", json={"metric": "cosine"}).status_code == 422
     assert api.delete("/collections/a/documents/x/1").status_code == 204
-    assert api.get("/collections/a?view=keys").json()["keys"] == []
+    assert api.get("/collections/a?view=items").json() == []
 
 
 def test_cli_spec_collection_match(capsys, dbfile):
@@ -7239,7 +8005,8 @@ def test_readme_documents_every_environment_variable():
     read = set()
     for module in MODULES:
         source = (ROOT / module).read_text("utf-8")
-        read |= set(re.findall(r'(?:environ\.get|getenv|env)\(\s*"([A-Z][A-Z0-9_]*)"', source))
+        read |= set(re.findall(r'(?:environ\.get|getenv|env|_env_\w+)\(\s*"([A-Z][A-Z0-9_]*)"',
+                               source))
         read |= set(re.findall(r'environ\[\s*"([A-Z][A-Z0-9_]*)"\s*\]', source))
     section = (ROOT / "README.md").read_text("utf-8").split("## Environment variables")[1]
     table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \|", section.split("\n## ")[0], re.M))
