@@ -4791,8 +4791,6 @@ def test_vector_exact_equals_brute_force(db, faiss_ok, metric, monkeypatch):
     allowed = {f"d{i}" for i in range(0, 200, 3)}
     q = rng.standard_normal(8)
     _same_answer(coll.search(q, 5, allowed), _brute(coll.stored(), q, metric, 5, allowed))
-    monkeypatch.setattr(beaver_vector, "GATHER_BELOW", 0)    # the IDSelector path
-    _same_answer(coll.search(q, 5, allowed), _brute(coll.stored(), q, metric, 5, allowed))
     faiss_answer = coll.search(q, 1000)
     assert len(faiss_answer) == len(coll.stored())
     monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")    # beaver.py's own exact search
