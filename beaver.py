@@ -4103,7 +4103,8 @@ class _DocumentRows:
     _COLUMNS = ("SELECT d.doc_id, d.body, v.vector, d.id FROM beaver_documents d "
                 "LEFT JOIN beaver_vectors v ON v.collection = d.collection AND v.doc_id = d.doc_id ")
     _SELECT = _COLUMNS + "WHERE d.collection = ? "
-    ALLOWED_KEEP = 16           # filters whose allowed ids are kept (per collection)
+    ALLOWED_KEEP = 8            # filters whose allowed ids are kept (a byte per rowid each)
+    ALLOWED_PATCH = 1000        # changes past which a kept answer is read again, not patched
 
     def __init__(self, core, name, codec):
         self._core, self._name, self._codec = core, name, codec
@@ -4192,31 +4193,52 @@ class _DocumentRows:
     def allowed(self, condition, params) -> "_Allowed":
         """The rowids of the documents matching ``condition`` (SQL on ``beaver_documents d``).
 
-        One statement: SQLite joins the ids into one string that numpy parses, and reads the
-        collection's version in the same snapshot. The answer is kept for that version (it
-        counts every change to the collection's documents), so a filter repeated while the
-        documents are unchanged costs one read of the version. Nothing is kept from inside a
-        transaction: its writes may yet be rolled back.
+        Kept for the collection's version (it counts every change to its documents), so a
+        filter repeated while the documents are unchanged costs one read of the version.
+        After changes, a kept answer is brought up to date from the change log by checking
+        the changed documents only (``ALLOWED_PATCH`` at most); else, or the first time, one
+        statement reads them all: SQLite joins the ids into one string that numpy parses.
+        Nothing is kept from inside a transaction: its writes may yet be rolled back.
         """
         key = (condition, tuple(params))
         with self._allowed_lock:
             kept = self._allowed.get(key)
             if kept is not None:
                 self._allowed.move_to_end(key)
-        if kept is not None and kept[0] == self._version():
+        version = self._version()
+        if kept is not None and kept[0] == version:
             return kept[1]
-        version, ids = self._core.execute(
-            "SELECT (SELECT version FROM beaver_collections WHERE collection = ?), "
-            f"group_concat(d.id) FROM beaver_documents d WHERE {condition}",
-            (self._name, *params)).fetchone()
-        allowed = _Allowed(ids)
+        found = None if kept is None else self._patched(kept, condition, params)
+        if found is None:
+            version, ids = self._core.execute(
+                "SELECT (SELECT version FROM beaver_collections WHERE collection = ?), "
+                f"group_concat(d.id) FROM beaver_documents d WHERE {condition}",
+                (self._name, *params)).fetchone()
+            found = version, _Allowed(ids)
         if not self._core.in_transaction:
             with self._allowed_lock:
-                self._allowed[key] = (version, allowed)
+                self._allowed[key] = found
                 self._allowed.move_to_end(key)
                 while len(self._allowed) > self.ALLOWED_KEEP:
                     self._allowed.popitem(last=False)
-        return allowed
+        return found[1]
+
+    def _patched(self, kept, condition, params):
+        """``kept`` (version, _Allowed) brought up to date: (version, new _Allowed), or None
+        when the log no longer holds every change since (trimmed, cleared) or too many."""
+        since, allowed = kept
+        log = self._core.execute(
+            "SELECT version, doc_id FROM beaver_vector_log WHERE collection = ? AND version > ? "
+            "ORDER BY version LIMIT ?", (self._name, since, self.ALLOWED_PATCH + 1)).fetchall()
+        if not log or log[0][0] != since + 1 or len(log) > self.ALLOWED_PATCH:
+            return None
+        rows = []       # (rowid, matches) of each changed document still there
+        for chunk in _chunks({doc_id for _, doc_id in log}):
+            rows += self._core.execute(
+                f"SELECT d.id, ({condition}) FROM beaver_documents d WHERE d.collection = ? "
+                f"AND d.doc_id IN ({_marks(len(chunk))})", (*params, self._name, *chunk))
+        return log[-1][0], allowed.patched([r for r, ok in rows if ok],
+                                           [r for r, ok in rows if not ok])
 
     def _version(self) -> int:
         return self._core.execute("SELECT version FROM beaver_collections WHERE collection = ?",
@@ -4235,10 +4257,11 @@ def _numpy():
 class _Allowed:
     """The documents a filter lets through, by rowid: what vector search takes.
 
-    With numpy, ``rowids`` is an int64 array and ``test`` checks many rowids at once against
-    a bitmap; without, ``rowids`` is a frozenset. Never changed once made: the collection
+    With numpy, a bool per rowid (``test`` checks many rowids at once); without, ``rowids``
+    is a frozenset. Never changed once made (``patched`` makes another): the collection
     hands the same object to every search with the same filter while its documents are
-    unchanged, so a vector index may keep what it derives from one (by identity).
+    unchanged, so a vector index may keep what it derives from one (by identity). The rowid
+    of a dropped document may stay in it: no vector has that rowid.
     """
 
     def __init__(self, ids):
@@ -4247,23 +4270,35 @@ class _Allowed:
         if np is None:
             self.rowids = frozenset(map(int, ids.split(","))) if ids else frozenset()
             return
-        self.rowids = np.fromstring(ids, np.int64, sep=",") if ids else np.empty(0, np.int64)
-        mask = np.zeros(int(self.rowids.max()) + 1 if len(self.rowids) else 0, bool)
-        mask[self.rowids] = True
-        self._bits, self._size = np.packbits(mask, bitorder="little"), len(mask)
+        rowids = np.fromstring(ids, np.int64, sep=",") if ids else np.empty(0, np.int64)
+        self._mask = np.zeros(int(rowids.max()) + 2 if len(rowids) else 1, bool)
+        self._mask[rowids] = True       # the last entry stays False: -1 and beyond land there
+        self._count = len(rowids)
 
     def __len__(self):
-        return len(self.rowids)
+        return len(self.rowids) if self.np is None else self._count
 
     def test(self, rowids):
-        """Which of ``rowids`` (int64 numpy values; negative for none) are allowed: bools."""
-        np = self.np
-        rowids = np.asarray(rowids, np.int64)
-        inside = (rowids >= 0) & (rowids < self._size)
-        found = np.zeros(len(rowids), bool)
-        r = rowids[inside]
-        found[inside] = (self._bits[r >> 3] >> (r & 7)) & 1
-        return found
+        """Which of ``rowids`` (int64 numpy values; -1 for none) are allowed: bools."""
+        rowids = self.np.asarray(rowids, self.np.int64)
+        return self._mask[rowids.clip(-1, len(self._mask) - 1)]
+
+    def patched(self, allow, deny) -> "_Allowed":
+        """Another ``_Allowed``: this one with the rowids ``allow`` in and ``deny`` out."""
+        new = _Allowed.__new__(_Allowed)
+        np = new.np = self.np
+        if np is None:
+            new.rowids = (self.rowids - set(deny)) | set(allow)
+            return new
+        allow, deny = np.array(allow, np.int64), np.array(deny, np.int64)
+        new._count = (self._count + len(allow) - int(self.test(allow).sum())
+                      - int(self.test(deny).sum()))
+        new._mask = np.zeros(max(len(self._mask), int(allow.max()) + 2 if len(allow) else 0),
+                             bool)
+        new._mask[:len(self._mask)] = self._mask
+        new._mask[allow] = True
+        new._mask[deny[deny < len(new._mask) - 1]] = False
+        return new
 
 
 class _Vocabulary:

@@ -62,11 +62,14 @@ METRICS = beaver.VECTOR_METRICS
 KINDS = beaver.VECTOR_INDEX_OPTIONS["index"].choices
 DEFAULTS = {name: option.default for name, option in beaver.VECTOR_INDEX_OPTIONS.items()}
 LEASE_SECONDS = 60.0
-# A filtered search is exact (numpy over the allowed rows) when that costs less than the
-# HNSW search the filter needs: EXACT_COST exact distances cost about one step of HNSW
-# breadth (measured on 384-dim MiniLM vectors: 0.14 us a row against 4.5 us a step).
-EXACT_COST = 32
-FILTER_EF_SCALE = 0.3   # a filter letting a fraction f through searches HNSW at ef * 0.3 / f
+# A filter letting a fraction f of an HNSW base through searches it with the breadth
+# ef_search * (1 + FILTER_EF_SCALE / f) / 2 (at least ef_search): faiss's filtered HNSW walks
+# the graph as without a filter and keeps what passes, so a narrow filter needs a wider walk
+# for the same recall (about 0.985 within the filter at every f on 384-dim MiniLM vectors).
+# The search is exact (numpy over the allowed rows) when that costs less: EXACT_COST exact
+# distances cost about one step of breadth (measured there: 0.22 us a row, 5 us a step).
+FILTER_EF_SCALE = 0.5
+EXACT_COST = 24
 CHUNK_ROWS = 2048       # rows gathered at once by the exact search (kept within the CPU cache)
 MEMO_FILTERS = 8        # filters whose allowed labels a base keeps
 
@@ -220,8 +223,7 @@ class _Among:
 
     def __init__(self, mask):
         self.labels = np.flatnonzero(mask)
-        self._bits = np.packbits(mask, bitorder="little")
-        self._size = len(mask)
+        self._mask = mask
         self._selector = None
 
     def __len__(self):
@@ -229,8 +231,8 @@ class _Among:
 
     def selector(self):
         if self._selector is None:
-            self._selector = faiss.IDSelectorBitmap(self._size, faiss.swig_ptr(self._bits))
-        return self._selector
+            self._selector = _bitmap_selector(self._mask)
+        return self._selector[0]
 
 
 def _bitmap_selector(mask):
@@ -706,18 +708,21 @@ class VectorIndex:
 
     def _search_base_among(self, base, q, k, among):
         """The base's ``k`` nearest among the labels a filter allows (``among``): by HNSW with
-        a selector and a breadth grown as the filter narrows (faiss's filtered HNSW explores
-        as without a filter, keeping only what passes: the breadth keeps the recall), unless
-        an exact search of the allowed rows costs less, or HNSW comes back short."""
-        if not len(among):
+        a selector and a breadth grown as the filter narrows (see ``FILTER_EF_SCALE``) unless
+        an exact search of the allowed rows costs less, or HNSW comes back short. A flat base
+        is searched exactly: row by row, or by faiss with a selector when most rows pass."""
+        n, k = len(among), min(k, len(among))
+        if n == 0:
             return np.empty(0, np.float32), []
         if base.kind == "hnsw":
-            scale = FILTER_EF_SCALE * len(base) / len(among)
-            ef = min(4096, max(self.ef_search, int(self.ef_search * scale)))
-            if len(among) > max(self.options["filter_exact_below"], EXACT_COST * ef):
-                dist, ids = self._search_base(base, q, min(k, len(among)), among.selector(), ef)
-                if len(ids) == min(k, len(among)):
+            wide = self.ef_search * (1 + FILTER_EF_SCALE * len(base) / n) / 2
+            ef = min(4096, max(self.ef_search, int(wide)))
+            if n > max(self.options["filter_exact_below"], EXACT_COST * ef):
+                dist, ids = self._search_base(base, q, k, among.selector(), ef)
+                if len(ids) == k:
                     return dist, ids
+        elif 4 * n > len(base):     # a scan beats gathering that many rows one by one
+            return self._search_base(base, q, k, among.selector(), 0)
         return self._exact_among(base, q, k, among.labels)
 
     def _exact_among(self, base, q, k, labels):

@@ -4872,6 +4872,53 @@ def test_collection_filtered_search_follows_every_change(db, backend):
     assert _ids(docs.search([0.0, 0.0], where=ok)) == ["back"]
 
 
+@pytest.mark.parametrize("backend_name", ["exact", "faiss"])
+@QUERY_SETTINGS
+@given(steps=st.lists(st.tuples(st.integers(0, 9), q_docs | st.none(), st.booleans()),
+                      max_size=20),
+       filters=st.lists(q_filters, min_size=1, max_size=3))
+def test_collection_kept_filters_follow_writes_like_the_oracle(backend_name, steps, filters):
+    """A filter's allowed ids are kept, then patched from the change log after each write:
+    searches after any sequence of writes (with and without vectors, drops) answer as the
+    oracle does."""
+    with vector_backend(backend_name), BeaverDB(":memory:") as db:
+        docs, state = db.collection("c"), {}
+        for n, body, with_vector in steps:
+            key = f"k{n}"
+            if body is None:
+                if state.pop(key, None) is not None:
+                    docs.drop(key)
+            else:
+                docs.index(Document(id=key, body=body,
+                                    embedding=[float(n), 1.0] if with_vector else None))
+                state[key] = (body, with_vector)
+            for where in filters:
+                expected = sorted(k for k, (b, v) in state.items() if v and oracle_match(where, b))
+                got = [d.id for d, _ in docs.search([-1.0, 1.0], top_k=20, where=where)]
+                assert got == expected, where
+
+
+def test_collection_kept_filter_is_patched_after_a_write(db):
+    docs = db.collection("v")
+    docs.index_many(Document(id=f"d{i}", body={"n": i}, embedding=[float(i), 0.0])
+                    for i in range(50))
+    where = {"n": {"$lt": 10}}
+    assert len(docs.search([0.0, 0.0], top_k=100, where=where)) == 10
+    docs.index(Document(id="d3", body={"n": 30}, embedding=[3.0, 0.0]))
+    docs.index(Document(id="new", body={"n": 1}))                       # no vector
+    statements = []
+    db._core.conn().set_trace_callback(statements.append)
+    try:
+        assert len(docs.search([0.0, 0.0], top_k=100, where=where)) == 9
+    finally:
+        db._core.conn().set_trace_callback(None)
+    assert not any("group_concat" in s for s in statements)             # patched, not read
+    assert sum("beaver_vector_log" in s for s in statements) == 1
+    docs.clear()                                                        # the log is emptied
+    docs.index(Document(id="x", body={"n": 1}, embedding=[1.0, 0.0]))
+    assert _ids(docs.search([0.0, 0.0], where=where)) == ["x"]
+
+
 def _flip_documents(path, name):
     with BeaverDB(path) as db:
         docs = db.collection(name)

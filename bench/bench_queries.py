@@ -1,14 +1,18 @@
-"""Queries benchmark: filters on logs and dicts, with and without field indexes, beside raw sqlite3.
+"""Queries benchmark: filters on logs, dicts and collections, with and without field indexes,
+beside raw sqlite3.
 
-    python bench/bench_queries.py                  # 1M log entries, 100k dict values
-    python bench/bench_queries.py --quick          # 100k / 20k, a smoke run
+    python bench/bench_queries.py                  # 1M log entries, 100k dict values, 100k docs
+    python bench/bench_queries.py --quick          # 100k / 20k / 20k, a smoke run
+    python bench/bench_queries.py --only collections
     python bench/bench_queries.py --clock wall     # elapsed time instead of this thread's CPU
 
-beaver's ``log.range(where=...)`` and ``dict.find(where=...)`` run on a file of their own; the
-floor is plain ``sqlite3`` on a second file holding the same rows in a table of their own (one
-structure, so no name column), queried with ``json_extract`` and an expression index on the
-same field, rows decoded with ``json.loads`` (beaver also turns log timestamps into aware
-datetimes and checks JSON types: a number never equals a string, ``true`` is not ``1``).
+beaver's ``log.range(where=...)``, ``dict.find(where=...)`` and ``collection.find(where=...)``
+run on a file of their own; the floor is plain ``sqlite3`` on a second file holding the same
+rows in a table of their own (one structure, so no name column), queried with
+``json_extract`` and an expression index on the same field, rows decoded with ``json.loads``
+(beaver also turns log timestamps into aware datetimes, returns documents with their
+embeddings joined, and checks JSON types: a number never equals a string, ``true`` is not
+``1``). Filtered vector search is in bench_vector.py.
 Latencies are medians over repeated calls, beaver and raw alternating. Results go to stdout
 and, for full-size runs, to bench/results/queries.md. No thresholds are asserted.
 """
@@ -211,21 +215,88 @@ def bench_dicts(folder, n, runs, report):
     raw.close()
 
 
+# -- collections --------------------------------------------------------------------------------
+
+def document_bodies(n, rng):
+    """Articles: 1,000 cities (a city holds ~0.1 % of the documents), years, scores, tags."""
+    for i in range(n):
+        yield f"doc-{i:07d}", {"title": f"Article {i}", "city": f"c{rng.randrange(1000)}",
+                               "year": rng.randrange(1990, 2026), "score": rng.random(),
+                               "tags": rng.sample(["a", "b", "c", "d", "e"], 2)}
+
+
+def bench_collections(folder, n, runs, report):
+    rng = random.Random(13)
+    items = list(document_bodies(n, rng))
+    db = beaver.BeaverDB(os.path.join(folder, "beaver.db"))
+    docs = db.collection("articles")
+    docs.index_many((beaver.Document(id=k, body=v) for k, v in items), fts=False)
+    raw = raw_database(os.path.join(folder, "raw.db"))
+    raw.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, doc_id TEXT NOT NULL UNIQUE, "
+                "body TEXT)")
+    with raw:
+        raw.execute("BEGIN")
+        raw.executemany("INSERT INTO docs (doc_id, body) VALUES (?, ?)",
+                        ((k, json.dumps(v, separators=(",", ":"))) for k, v in items))
+    city = {"city": "c42"}
+    expected = sum(1 for _, v in items if v["city"] == "c42")
+    raw_city = ("SELECT doc_id, body FROM docs WHERE json_extract(body, '$.city') = 'c42' "
+                "ORDER BY doc_id")
+
+    def decode(cursor):
+        return [(k, json.loads(v)) for k, v in cursor]
+
+    scans = max(5, runs // 10)
+    ours, theirs, got = paired(lambda: docs.find(city), lambda: decode(raw.execute(raw_city)),
+                               scans)
+    assert len(got) == expected
+    report.pair(f"collection.find(city), {expected} of {n:,} documents, no index (scan)",
+                ours, theirs)
+    start = time.perf_counter()
+    docs.create_index("city")
+    report.one("collection.create_index('city')",
+               f"{(time.perf_counter() - start) * 1000:.0f} ms")
+    raw.execute("CREATE INDEX docs_city ON docs (json_extract(body, '$.city'))")
+    assert docs.explain(where=city)["index"] == "city"
+    ours, theirs, got = paired(lambda: docs.find(city), lambda: decode(raw.execute(raw_city)),
+                               runs)
+    assert len(got) == expected
+    report.pair(f"collection.find(city), {expected} documents, indexed", ours, theirs,
+                "target <= 1.5x")
+    ours, theirs, got = paired(
+        lambda: docs.count(city),
+        lambda: raw.execute("SELECT count(*) FROM docs WHERE json_extract(body, '$.city') = "
+                            "'c42'").fetchone()[0], runs)
+    assert got == expected
+    report.pair(f"collection.count(city), indexed", ours, theirs)
+    db.close()
+    raw.close()
+
+
 def main(argv=None):
     global CLOCK
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--log-entries", type=int, default=1_000_000)
     parser.add_argument("--dict-values", type=int, default=100_000)
+    parser.add_argument("--documents", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=200, help="timed calls per indexed query")
-    parser.add_argument("--quick", action="store_true", help="100k entries, 20k values")
+    parser.add_argument("--quick", action="store_true",
+                        help="100k entries, 20k values, 20k documents")
+    parser.add_argument("--only", choices=["dicts", "logs", "collections"],
+                        help="run one part (results are then only printed)")
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     args = parser.parse_args(argv)
     if args.quick:
-        args.log_entries, args.dict_values, args.runs = 100_000, 20_000, 40
+        args.log_entries, args.dict_values, args.documents, args.runs = (100_000, 20_000,
+                                                                          20_000, 40)
     if args.clock == "wall":
         CLOCK = time.perf_counter
     report = Report()
-    for bench, size in ((bench_dicts, args.dict_values), (bench_logs, args.log_entries)):
+    parts = {"dicts": (bench_dicts, args.dict_values), "logs": (bench_logs, args.log_entries),
+             "collections": (bench_collections, args.documents)}
+    for name, (bench, size) in parts.items():
+        if args.only not in (None, name):
+            continue
         folder = tempfile.mkdtemp(prefix="beaver-bench-queries-")
         try:
             bench(folder, size, args.runs, report)
@@ -234,12 +305,13 @@ def main(argv=None):
     clock = "this thread's CPU time" if args.clock == "cpu" else "wall clock"
     text = report.markdown(
         f"Queries benchmark ({args.log_entries:,} log entries, {args.dict_values:,} dict "
-        f"values; SQLite {sqlite3.sqlite_version}, Python {sys.version.split()[0]})")
+        f"values, {args.documents:,} documents; SQLite {sqlite3.sqlite_version}, Python "
+        f"{sys.version.split()[0]})")
     text += (f"\nMedians of {args.runs} calls per indexed query ({clock}), beaver and raw "
              "alternating. `python bench/bench_queries.py"
              f"{' --clock wall' if args.clock == 'wall' else ''}`.\n")
     print(text)
-    if not args.quick:
+    if not args.quick and args.only is None:
         os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
         with open(os.path.join(HERE, "results", "queries.md"), "w") as fp:
             fp.write(text)
