@@ -3823,12 +3823,6 @@ def _on_paths(path, paths) -> bool:
     return any(path == p or path.startswith(p + ".") for p in paths)
 
 
-def _json_path(path) -> str:
-    if not isinstance(path, str) or not path or '"' in path:
-        raise ValueError(f"bad field path {path!r}: use dotted names such as 'meta.year'")
-    return "$" + "".join(f'."{part}"' for part in path.split("."))
-
-
 # -- the query language ------------------------------------------------------------------
 
 class _Atom(typing.NamedTuple):

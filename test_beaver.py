@@ -1127,6 +1127,9 @@ def test_readme_queries_section_runs(in_tmp):
     assert [k for k, _ in namespace["page"]] == ["n1", "n2"]
     assert [e.data["status"] for e in namespace["errors"]] == [500, 500]
     assert namespace["error_count"] == 2 and namespace["plan"]["index"] == "year"
+    assert [d.id for d in namespace["recent"]] == ["a1", "a3"] and namespace["english"] == 2
+    assert [d.id for d, _ in namespace["near"]] == ["a1", "a3"]
+    assert [d.id for d, _ in namespace["older"]] == ["a3"]
 
 
 # ---- dict ----
