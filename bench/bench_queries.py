@@ -63,6 +63,23 @@ def raw_database(path):
     return conn
 
 
+def decoded(cursor):
+    """The raw floor's rows with their JSON (the last column) decoded."""
+    return [(key, json.loads(text)) for key, text in cursor]
+
+
+def raw_table(folder, create, insert, rows):
+    """The floor's file: one table made by ``create``, filled with ``rows`` (each a tuple
+    whose last item is stored as JSON) in one transaction."""
+    raw = raw_database(os.path.join(folder, "raw.db"))
+    raw.execute(create)
+    with raw:
+        raw.execute("BEGIN")
+        raw.executemany(insert, ((*row[:-1], json.dumps(row[-1], separators=(",", ":")))
+                                 for row in rows))
+    return raw
+
+
 class Report:
     def __init__(self):
         self.rows = []
@@ -107,13 +124,9 @@ def bench_logs(folder, n, runs, report):
                 logs.log(data, timestamp=when)
     report.one(f"log: {n:,} entries logged, 10k per transaction",
                f"{n / (time.perf_counter() - start):,.0f} entries/s")
-    raw = raw_database(os.path.join(folder, "raw.db"))
-    raw.execute("CREATE TABLE logs (seq INTEGER PRIMARY KEY, timestamp REAL NOT NULL, "
-                "data TEXT NOT NULL)")
-    with raw:
-        raw.execute("BEGIN")
-        raw.executemany("INSERT INTO logs (timestamp, data) VALUES (?, ?)",
-                        ((t, json.dumps(d, separators=(",", ":"))) for t, d in rows))
+    raw = raw_table(folder, "CREATE TABLE logs (seq INTEGER PRIMARY KEY, timestamp REAL NOT "
+                    "NULL, data TEXT NOT NULL)",
+                    "INSERT INTO logs (timestamp, data) VALUES (?, ?)", rows)
     errors = sum(1 for _, d in rows if d["status"] == 500)
     where = {"status": 500}
     raw_sql = ("SELECT timestamp, data FROM logs WHERE json_extract(data, '$.status') = 500 "
@@ -122,12 +135,10 @@ def bench_logs(folder, n, runs, report):
     t_lo, t_hi = rows[n // 2][0], rows[n // 2 + n // 100][0]
     raw_window = raw_sql.replace("WHERE", "WHERE timestamp BETWEEN ? AND ? AND")
 
-    def decode(cursor):
-        return [(t, json.loads(d)) for t, d in cursor]
 
     scans = max(3, runs // 20)
     ours, theirs, got = paired(lambda: logs.range(where=where),
-                               lambda: decode(raw.execute(raw_sql)), scans)
+                               lambda: decoded(raw.execute(raw_sql)), scans)
     assert len(got) == errors
     report.pair(f"log.range(where=status 500), {errors:,} of {n:,}, no index (scan)",
                 ours, theirs)
@@ -140,14 +151,14 @@ def bench_logs(folder, n, runs, report):
                f"{time.perf_counter() - start:.2f} s")
     assert logs.explain(where=where)["index"] == "status"
     ours, theirs, got = paired(lambda: logs.range(where=where),
-                               lambda: decode(raw.execute(raw_sql)), runs)
+                               lambda: decoded(raw.execute(raw_sql)), runs)
     assert len(got) == errors
     report.pair(f"log.range(where=status 500), {errors:,} rows, indexed", ours, theirs)
     ours, theirs, got = paired(lambda: logs.range(where=where, order="desc", limit=10),
-                               lambda: decode(raw.execute(raw_last)), runs)
+                               lambda: decoded(raw.execute(raw_last)), runs)
     report.pair("the last 10 of them: order='desc', limit=10, indexed", ours, theirs)
     ours, theirs, got = paired(lambda: logs.range(t_lo, t_hi, where=where),
-                               lambda: decode(raw.execute(raw_window, (t_lo, t_hi))), runs)
+                               lambda: decoded(raw.execute(raw_window, (t_lo, t_hi))), runs)
     report.pair(f"in a 1 % time window ({len(got)} rows), indexed", ours, theirs)
     db.close()
     raw.close()
@@ -171,12 +182,8 @@ def bench_dicts(folder, n, runs, report):
     with db.transaction():
         for key, value in items:
             users[key] = value
-    raw = raw_database(os.path.join(folder, "raw.db"))
-    raw.execute("CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
-    with raw:
-        raw.execute("BEGIN")
-        raw.executemany("INSERT INTO kv VALUES (?, ?)",
-                        ((k, json.dumps(v, separators=(",", ":"))) for k, v in items))
+    raw = raw_table(folder, "CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) "
+                    "WITHOUT ROWID", "INSERT INTO kv VALUES (?, ?)", items)
     city = {"city": "c42"}
     top = {"score": {"$gte": 0.999}}
     expected = sum(1 for _, v in items if v["city"] == "c42")
@@ -185,11 +192,9 @@ def bench_dicts(folder, n, runs, report):
     raw_top = ("SELECT key, value FROM kv INDEXED BY kv_score "     # (it would sort by key
                "WHERE json_extract(value, '$.score') >= 0.999 ORDER BY key")  # with a scan)
 
-    def decode(cursor):
-        return [(k, json.loads(v)) for k, v in cursor]
 
     scans = max(5, runs // 10)
-    ours, theirs, got = paired(lambda: users.find(city), lambda: decode(raw.execute(raw_city)),
+    ours, theirs, got = paired(lambda: users.find(city), lambda: decoded(raw.execute(raw_city)),
                                scans)
     assert len(got) == expected
     report.pair(f"dict.find(city), {expected} of {n:,} values, no index (scan)", ours, theirs)
@@ -199,16 +204,16 @@ def bench_dicts(folder, n, runs, report):
         report.one(f"dict.create_index({path!r})", f"{(time.perf_counter() - start) * 1000:.0f} ms")
         raw.execute(f"CREATE INDEX kv_{path} ON kv (json_extract(value, '$.{path}'))")
     assert users.explain(where=city)["index"] == "city"
-    ours, theirs, got = paired(lambda: users.find(city), lambda: decode(raw.execute(raw_city)),
+    ours, theirs, got = paired(lambda: users.find(city), lambda: decoded(raw.execute(raw_city)),
                                runs)
     assert len(got) == expected
     report.pair(f"dict.find(city), {expected} rows, indexed", ours, theirs, "target <= 1.5x")
-    ours, theirs, got = paired(lambda: users.find(top), lambda: decode(raw.execute(raw_top)),
+    ours, theirs, got = paired(lambda: users.find(top), lambda: decoded(raw.execute(raw_top)),
                                runs)
     report.pair(f"dict.find(score >= 0.999), {len(got)} rows, indexed", ours, theirs)
     ours, theirs, got = paired(
         lambda: users.find(order_by="-score", limit=10),
-        lambda: decode(raw.execute("SELECT key, value FROM kv ORDER BY "
+        lambda: decoded(raw.execute("SELECT key, value FROM kv ORDER BY "
                                    "json_extract(value, '$.score') DESC LIMIT 10")), runs)
     report.pair("dict.find(order_by='-score', limit=10), indexed", ours, theirs)
     db.close()
@@ -217,37 +222,23 @@ def bench_dicts(folder, n, runs, report):
 
 # -- collections --------------------------------------------------------------------------------
 
-def document_bodies(n, rng):
-    """Articles: 1,000 cities (a city holds ~0.1 % of the documents), years, scores, tags."""
-    for i in range(n):
-        yield f"doc-{i:07d}", {"title": f"Article {i}", "city": f"c{rng.randrange(1000)}",
-                               "year": rng.randrange(1990, 2026), "score": rng.random(),
-                               "tags": rng.sample(["a", "b", "c", "d", "e"], 2)}
-
-
 def bench_collections(folder, n, runs, report):
+    """The profiles of bench_dicts as the bodies of documents (no text, no vectors)."""
     rng = random.Random(13)
-    items = list(document_bodies(n, rng))
+    items = list(dict_values(n, rng))
     db = beaver.BeaverDB(os.path.join(folder, "beaver.db"))
     docs = db.collection("articles")
     docs.index_many((beaver.Document(id=k, body=v) for k, v in items), fts=False)
-    raw = raw_database(os.path.join(folder, "raw.db"))
-    raw.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, doc_id TEXT NOT NULL UNIQUE, "
-                "body TEXT)")
-    with raw:
-        raw.execute("BEGIN")
-        raw.executemany("INSERT INTO docs (doc_id, body) VALUES (?, ?)",
-                        ((k, json.dumps(v, separators=(",", ":"))) for k, v in items))
+    raw = raw_table(folder, "CREATE TABLE docs (id INTEGER PRIMARY KEY, doc_id TEXT NOT NULL "
+                    "UNIQUE, body TEXT)", "INSERT INTO docs (doc_id, body) VALUES (?, ?)", items)
     city = {"city": "c42"}
     expected = sum(1 for _, v in items if v["city"] == "c42")
     raw_city = ("SELECT doc_id, body FROM docs WHERE json_extract(body, '$.city') = 'c42' "
                 "ORDER BY doc_id")
 
-    def decode(cursor):
-        return [(k, json.loads(v)) for k, v in cursor]
 
     scans = max(5, runs // 10)
-    ours, theirs, got = paired(lambda: docs.find(city), lambda: decode(raw.execute(raw_city)),
+    ours, theirs, got = paired(lambda: docs.find(city), lambda: decoded(raw.execute(raw_city)),
                                scans)
     assert len(got) == expected
     report.pair(f"collection.find(city), {expected} of {n:,} documents, no index (scan)",
@@ -258,7 +249,7 @@ def bench_collections(folder, n, runs, report):
                f"{(time.perf_counter() - start) * 1000:.0f} ms")
     raw.execute("CREATE INDEX docs_city ON docs (json_extract(body, '$.city'))")
     assert docs.explain(where=city)["index"] == "city"
-    ours, theirs, got = paired(lambda: docs.find(city), lambda: decode(raw.execute(raw_city)),
+    ours, theirs, got = paired(lambda: docs.find(city), lambda: decoded(raw.execute(raw_city)),
                                runs)
     assert len(got) == expected
     report.pair(f"collection.find(city), {expected} documents, indexed", ours, theirs,
