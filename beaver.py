@@ -4094,8 +4094,8 @@ class _DocumentRows:
     filters resolve to for vector search (``allowed``).
     """
 
-    _COLUMNS = ("SELECT d.doc_id, d.body, v.vector, d.id FROM beaver_documents d "
-                "LEFT JOIN beaver_vectors v ON v.collection = d.collection AND v.doc_id = d.doc_id ")
+    _COLUMNS = ("SELECT d.doc_id, d.body, v.vector, d.id FROM beaver_documents d LEFT JOIN "
+                "beaver_vectors v ON v.collection = d.collection AND v.doc_id = d.doc_id ")
     _SELECT = _COLUMNS + "WHERE d.collection = ? "
     ALLOWED_KEEP = 8            # filters whose allowed ids are kept (a byte per rowid each)
     ALLOWED_PATCH = 1000        # changes past which a kept answer is read again, not patched
