@@ -6540,7 +6540,8 @@ def _fill_for_the_dashboard(db):
     users = db.dict("users")
     users.update({f"user{i:03d}": {"name": f"U{i}", "age": 20 + i % 50} for i in range(120)})
     users.set("session", {"user": 7}, ttl_seconds=3600)
-    db.dict(HOSTILE)["<script>alert(2)</script>"] = "<b>bold</b>"
+    db.dict(HOSTILE).update({"<script>alert(2)</script>": "<b>bold</b>",
+                             "big": [2 ** 63 - 1, -(2 ** 60) - 1, 0.1]})
     db.dict("..")["dots"] = "reached through /call"
     db.list("tasks").extend([{"task": i} for i in range(75)])
     jobs = db.queue("jobs")
@@ -6639,7 +6640,7 @@ def test_dashboard_overview_shows_every_structure_and_hostile_names_as_text(brow
     rows = [row.text for row in _all(browser, "main tbody tr")]
     for line in ["dict users 121", "list tasks 75", "queue jobs 5", "blob files 1",
                  "log requests 300", "channel chat 1", "collection articles 3",
-                 f"dict {HOSTILE} 1", "dict .. 1"]:
+                 f"dict {HOSTILE} 2", "dict .. 1"]:
         assert line in rows, (line, rows)
     assert re.fullmatch(r"\d+(\.\d)? (KB|MB)", browser.find_element("id", "file-size").text)
     assert db.info()["path"] in main.text
@@ -6647,7 +6648,8 @@ def test_dashboard_overview_shows_every_structure_and_hostile_names_as_text(brow
     link = [a for a in _all(browser, "main a") if a.text == HOSTILE][0]
     link.click()
     _text_shown(browser, "<script>alert(2)</script>")
-    assert '"<b>bold</b>"' in browser.find_element("css selector", "main").text
+    shown = browser.find_element("css selector", "main").text
+    assert '"<b>bold</b>"' in shown and "[9223372036854775807,-1152921504606846977,0.1]" in shown
     assert not _all(browser, "img, main script, main b")
     _show(browser, url, "#/dict/..", "reached through /call")   # a name a URL cannot hold
     assert _console_errors(browser) == []

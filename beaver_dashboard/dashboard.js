@@ -43,10 +43,21 @@ function setProps(node, props) {
 function add(node, children) {
   for (const child of children.flat(Infinity)) {
     if (child !== null && child !== undefined && child !== false) {
-      node.append(child instanceof Node ? child : String(child));   // a string becomes text
+      const text = typeof child === "object" ? JSON.stringify(child) : String(child);
+      node.append(child instanceof Node ? child : text);   // a string becomes a text node
     }
   }
   return node;
+}
+
+// JSON.parse keeping integers beyond 2**53 exact: shown, and sent back, as they were written
+function parse(text) {
+  return JSON.parse(text, JSON.rawJSON ? exactIntegers : undefined);
+}
+
+function exactIntegers(key, value, context) {
+  return typeof value === "number" && !Number.isSafeInteger(value) && context &&
+    /^-?\d+$/.test(context.source) ? JSON.rawJSON(context.source) : value;
 }
 
 function hash(...parts) {
@@ -174,7 +185,7 @@ async function request(method, segments, {query, body, signal} = {}) {
 async function api(method, segments, options) {
   const response = await request(method, segments, options);
   const text = await response.text();
-  return text ? JSON.parse(text) : null;
+  return text ? parse(text) : null;
 }
 
 function page(kind, name, where) {     // the dashboard's own read routes
@@ -201,7 +212,7 @@ function stream(segments, query, onData, onState) {
         const data = buffer.slice(0, end).split("\n").filter((line) => line.startsWith("data:"))
           .map((line) => line.slice(5).trimStart()).join("\n");
         buffer = buffer.slice(end + 2);
-        if (data) onData(JSON.parse(data));
+        if (data) onData(parse(data));
       }
     }
     onState("ended");
@@ -234,29 +245,32 @@ function clearButton(kind, name, done) {
 // A table with Previous / Next: load(offset, limit) gives {items, more}.
 function pager(columns, load, row) {
   let offset = 0;
+  let latest = 0;         // a slow answer to an older click must not overwrite a newer one
   const body = el("tbody");
-  const where = el("span", {className: "muted"});
+  const range = el("span", {className: "muted"});
   const problem = el("div");
   const previous = el("button", {type: "button", onclick: () => go(offset - PAGE)}, "‹ Previous");
   const next = el("button", {type: "button", onclick: () => go(offset + PAGE)}, "Next ›");
   async function go(to) {
     offset = Math.max(0, to);
+    const mine = ++latest;
     try {
       const found = await load(offset, PAGE);
+      if (mine !== latest) return;
       body.replaceChildren(...(found.items.length ? found.items.map((item, i) => row(item, offset + i))
                                                   : [emptyRow(columns.length)]));
-      where.textContent = found.items.length ? `${offset + 1}–${offset + found.items.length}` : "";
+      range.textContent = found.items.length ? `${offset + 1}–${offset + found.items.length}` : "";
       previous.disabled = offset === 0;
       next.disabled = !found.more;
       problem.replaceChildren();
     } catch (error) {
-      problem.replaceChildren(notice(error));
+      if (mine === latest) problem.replaceChildren(notice(error));
     }
   }
   go(0);
   const node = el("div", {className: "paged"}, problem,
     el("table", {}, el("thead", {}, el("tr", {}, columns.map((c) => el("th", {}, c)))), body),
-    el("div", {className: "pager"}, previous, where, next));
+    el("div", {className: "pager"}, previous, range, next));
   return {node, go, reload: () => go(offset)};
 }
 
@@ -271,7 +285,7 @@ function filterBox(apply, example) {
     let where = null;
     if (text) {
       try {
-        where = JSON.parse(text);
+        where = parse(text);
       } catch (error) {
         problem.textContent = "not JSON: " + error.message;
         return;
@@ -361,12 +375,12 @@ function queuePage(name) {
     const found = await page("queue", name, () => null)(offset, limit);
     leases.replaceChildren(section(`Leased: ${found.leased_count}`, table(
       ["priority", "queued at", "data", "lease runs out in"],
-      found.leased.map((item) => el("tr", {}, el("td", {className: "number"}, item.priority),
+      found.leased.map((item) => el("tr", {}, el("td", {className: "number"}, compact(item.priority)),
         el("td", {}, when(item.timestamp)), valueCell(item.data),
         el("td", {className: "number"}, seconds(item.expires_in)))))));
     return found;
   }, (item, index) => el("tr", {}, el("td", {className: "number"}, index + 1),
-    el("td", {className: "number"}, item.priority), el("td", {}, when(item.timestamp)),
+    el("td", {className: "number"}, compact(item.priority)), el("td", {}, when(item.timestamp)),
     valueCell(item.data)));
   return el("div", {}, header("queue", name, clearButton("queue", name, () => items.go(0))),
     section("Waiting, in the order get() hands them out", items.node), leases);
@@ -426,10 +440,13 @@ function chart(found) {
 function logPage(name) {
   let where = null;
   const drawing = el("div");
+  let latest = 0;
   async function draw() {
+    const mine = ++latest;
     try {
       const found = await api("GET", ["ui", "api", "chart", name], {query: {buckets: 60,
         where: where === null ? null : JSON.stringify(where)}});
+      if (mine !== latest) return;
       const total = found.counts.reduce((a, b) => a + b, 0);
       drawing.replaceChildren(found.counts.length
         ? el("div", {}, el("p", {className: "muted"}, `${total} entries, ${found.counts.length} bars`),
@@ -473,7 +490,7 @@ function channelPage(name) {
   const publish = el("form", {className: "write publish", onsubmit: async (event) => {
     event.preventDefault();
     let message = input.value;
-    try { message = JSON.parse(message); } catch (notJson) { /* sent as a string */ }
+    try { message = parse(message); } catch (notJson) { /* sent as a string */ }
     try {
       await api("POST", ["channels", name, "publish"], {body: message});
       input.value = "";

@@ -12,7 +12,8 @@
 # python3-venv, a venv's bin first on PATH (so python and pip behave as in the python image),
 # and this host's CA bundle as PIP_CERT (package traffic may go through an intercepting
 # proxy). The checks: the image runs as a non-root user, the server starts with BEAVER_TOKEN
-# from the environment, a /dicts write and read with the token, 401 without it, /docs, and the
+# from the environment, a /dicts write and read with the token, 401 without it, /docs, the
+# dashboard's files at /ui, and the
 # image's own HEALTHCHECK command (passing, then failing with a wrong token). Exit status 0
 # when every check passed. Everything it started is stopped and removed on exit.
 set -euo pipefail
@@ -147,6 +148,10 @@ check "GET /dicts/check/greeting with a wrong token -> 401" \
     test "$(status -H 'Authorization: Bearer wrong' "$URL/dicts/check/greeting")" = 401
 check "GET /docs -> 200 (OpenAPI page)" \
     test "$(status "$URL/docs")" = 200 -a -n "$(grep -il swagger "$WORK/body")"
+check "GET /ui without a token -> 200 (the dashboard's page, no data)" \
+    test "$(status "$URL/ui")" = 200 -a -n "$(grep -l dashboard.js "$WORK/body")"
+check "GET /ui/dashboard.js -> 200 (shipped in the image)" \
+    test "$(status "$URL/ui/dashboard.js")" = 200
 
 # the image's own HEALTHCHECK command, run inside the image with its environment
 mapfile -t PROBE < <(python3 -c 'import json,sys; t=json.loads(sys.argv[1]); print("\n".join(t[1:]))' "$HEALTH")
