@@ -2766,6 +2766,23 @@ class QueueManager(_Manager):
         decode = self._codec.decode
         return iter([QueueItem(p, t, decode(d)) for p, t, d in rows])
 
+    def _browse(self, offset, limit) -> dict:
+        """A page for the dashboard: items in ``get`` order from ``offset``, and the leased
+        items (the ``limit`` whose leases run out first) with the seconds left on each."""
+        core, now = self._core, _now()
+        items = core.execute("SELECT priority, timestamp, data FROM beaver_queues WHERE name = ? "
+                             "ORDER BY priority, seq LIMIT ? OFFSET ?",
+                             (self._name, *_paging(limit, offset))).fetchall()
+        leased = core.execute("SELECT priority, timestamp, data, until FROM beaver_queue_leases "
+                              "WHERE name = ? ORDER BY until LIMIT ?", (self._name, limit))
+        count = core.execute("SELECT count(*) FROM beaver_queue_leases WHERE name = ?",
+                             (self._name,)).fetchone()[0]
+        return {"items": [{"priority": p, "timestamp": t, "data": json.loads(d)}
+                          for p, t, d in items],
+                "leased": [{"priority": p, "timestamp": t, "data": json.loads(d),
+                            "expires_in": max(0.0, u - now)} for p, t, d, u in leased],
+                "leased_count": count}
+
     def _dump_items(self):
         """Queued items, then leased ones (a restored dump hands those out again)."""
         leased = self._core.execute(
@@ -2873,6 +2890,14 @@ class BlobManager(_Manager):
     def keys(self) -> list:
         """A snapshot list of the keys, in key order."""
         return list(self)
+
+    def _browse(self, offset, limit) -> list:
+        """A page for the dashboard: ``{key, size, metadata}`` in key order (no data)."""
+        rows = self._core.execute(
+            "SELECT key, length(data), metadata FROM beaver_blobs WHERE name = ? ORDER BY key "
+            "LIMIT ? OFFSET ?", (self._name, *_paging(limit, offset)))
+        return [{"key": k, "size": n, "metadata": None if m is None else json.loads(m)}
+                for k, n, m in rows]
 
     def _dump_items(self):
         rows = self._core.execute(
@@ -3004,6 +3029,23 @@ class LogManager(_Manager, _Indexed):
 
     def __bool__(self):
         return True
+
+    def _counts(self, buckets, where=None) -> dict:
+        """Entry counts (those matching ``where``) in ``buckets`` equal spans from the first
+        entry to the last, for the dashboard's chart: ``{start, end, counts}``."""
+        first = self.range(where=where, limit=1)
+        if not first:
+            return {"start": None, "end": None, "counts": []}
+        start = first[0].timestamp.timestamp()
+        end = self.range(where=where, order="desc", limit=1)[0].timestamp.timestamp()
+        step = (end - start) / buckets or 1.0
+        sql, params = self._range_query(None, None, where, "asc", None, 0)
+        counts = [0] * buckets
+        for bucket, count in self._core.execute(
+                f"SELECT min(CAST((timestamp - ?) / ? AS INTEGER), ?), count(*) FROM ({sql}) "
+                "GROUP BY 1", (start, step, buckets - 1, *params)):
+            counts[bucket] += count
+        return {"start": start, "end": end, "counts": counts}
 
     def live(self, window, period, aggregator=list, where=None) -> "LiveView":
         """An iterator of ``aggregator(entries in the last window)``, now and every ``period``.
@@ -5094,6 +5136,16 @@ class CollectionManager(_Manager):
         self._text.optimize()
         self._text.prune()
         self._vecs.compact()
+
+    def _browse(self, offset, limit) -> list:
+        """A page for the dashboard: ``{id, body, dimensions}`` in id order (no vectors)."""
+        rows = self._core.execute(
+            "SELECT d.doc_id, d.body, length(v.vector) / 4 FROM beaver_documents d LEFT JOIN "
+            "beaver_vectors v ON v.collection = d.collection AND v.doc_id = d.doc_id "
+            "WHERE d.collection = ? ORDER BY d.doc_id LIMIT ? OFFSET ?",
+            (self._name, *_paging(limit, offset)))
+        return [{"id": i, "body": None if b is None else json.loads(b), "dimensions": n}
+                for i, b, n in rows]
 
     def _on_close(self):
         self._vecs.close()

@@ -6392,6 +6392,424 @@ if _schemathesis is not None:
         assert response.status_code < 500, (case.method, case.path, response.text[:300])
 
 
+# ---- dashboard: its routes (the browser drives it below) ----
+
+def test_root_sends_a_browser_to_the_dashboard_and_answers_clients_in_json(api):
+    assert api.get("/").json()["beaver"] == beaver.__version__
+    r = api.get("/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"},
+                follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui"
+
+
+def test_dashboard_files_are_served_with_a_strict_policy(api):
+    page = api.get("/ui")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "unsafe" not in policy and page.headers["x-frame-options"] == "DENY"
+    assert '<script src="/ui/dashboard.js">' in page.text and "<script>" not in page.text
+    assert api.get("/ui/").text == page.text
+    script = api.get("/ui/dashboard.js")
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert "innerHTML" not in script.text and "insertAdjacentHTML" not in script.text
+    assert api.get("/ui/dashboard.css").headers["x-content-type-options"] == "nosniff"
+    for missing in ("/ui/nope.js", "/ui/%2E%2E", "/ui/__init__.py"):
+        assert api.get(missing).status_code == 404
+    assert api.post("/ui", json={}).status_code == 405
+
+
+def test_with_a_token_only_the_dashboard_files_are_public(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    import beaver_server
+    app = beaver_server.create_app(str(tmp_path / "t.db"), token="s3cret")
+    browser = {"Accept": "text/html"}
+    with TestClient(app) as client:
+        assert client.get("/ui").status_code == 200
+        assert client.head("/ui/dashboard.js").status_code == 200
+        assert client.get("/", headers=browser, follow_redirects=False).status_code == 303
+        assert client.get("/").status_code == 401                 # the JSON answer: token
+        for path in ("/ui/api/page/dict/d", "/ui/api/chart/l", "/info", "/ui/%64ashboard.js",
+                     "/openapi.json"):
+            assert client.get(path, headers=browser).status_code == 401, path
+        assert client.post("/ui", headers=browser).status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert client.get("/ui/api/page/dict/d", headers=ok).json() == {"items": [],
+                                                                         "more": False}
+
+
+def test_dashboard_page_of_a_dict_has_ttls_filters_and_pages(api, clock):
+    users = api.db.dict("users")
+    for i in range(5):
+        users.set(f"u{i}", {"age": 20 + i}, ttl_seconds=100 if i == 1 else None)
+    r = api.get("/ui/api/page/dict/users", params={"limit": 2}).json()
+    assert r == {"items": [{"key": "u0", "value": {"age": 20}, "ttl": None},
+                           {"key": "u1", "value": {"age": 21}, "ttl": 100.0}], "more": True}
+    r = api.get("/ui/api/page/dict/users", params={"offset": 3, "limit": 2}).json()
+    assert [i["key"] for i in r["items"]] == ["u3", "u4"] and r["more"] is False
+    where = json.dumps({"age": {"$gte": 23}})
+    r = api.get("/ui/api/page/dict/users", params={"where": where}).json()
+    assert [i["key"] for i in r["items"]] == ["u3", "u4"]
+    bad = api.get("/ui/api/page/dict/users", params={"where": '{"age": {"$gt": null}}'})
+    assert bad.status_code == 422 and "$gt" in bad.json()["message"]
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "offset=-1", "limit=1.5",
+                                   "limit=true", "limit=x", "page=2"])
+def test_dashboard_page_refuses_bad_paging(api, query):
+    r = api.get(f"/ui/api/page/dict/d?{query}")
+    assert r.status_code == 422 and r.json()["error"] == "ValueError"
+
+
+def test_dashboard_pages_of_queues_blobs_and_collections(api):
+    jobs = api.db.queue("jobs")
+    for i in range(4):
+        jobs.put({"job": i}, priority=3 - i)
+    taken = jobs.get(lease=60)
+    r = api.get("/ui/api/page/queue/jobs", params={"limit": 2}).json()
+    assert [i["data"] for i in r["items"]] == [{"job": 2}, {"job": 1}] and r["more"] is True
+    assert r["leased_count"] == 1 and r["leased"][0]["data"] == taken.data
+    assert 0 < r["leased"][0]["expires_in"] <= 60
+    api.db.blobs("files").put("a/b.txt", b"hello", {"mimetype": "text/plain"})
+    assert api.get("/ui/api/page/blob/files").json() == {"items": [
+        {"key": "a/b.txt", "size": 5, "metadata": {"mimetype": "text/plain"}}], "more": False}
+    docs = api.db.collection("docs")
+    docs.index(beaver.Document(id="b", body={"t": "x"}, embedding=[1.0, 2.0]))
+    docs.index(beaver.Document(id="a", body="text"))
+    assert api.get("/ui/api/page/collection/docs").json()["items"] == [
+        {"id": "a", "body": "text", "dimensions": None},
+        {"id": "b", "body": {"t": "x"}, "dimensions": 2}]
+    assert api.get("/ui/api/page/list/l").status_code == 404          # lists have /slice
+    assert api.get("/ui/api/page/queue/jobs?where={}").status_code == 422
+
+
+def test_dashboard_chart_counts_a_logs_entries_over_time(api):
+    log = api.db.log("requests")
+    for i in range(10):
+        log.log({"status": 500 if i % 3 == 0 else 200}, timestamp=1000 + i)
+    r = api.get("/ui/api/chart/requests", params={"buckets": 3}).json()
+    assert r == {"start": 1000.0, "end": 1009.0, "counts": [3, 3, 4]}
+    where = json.dumps({"status": 500})
+    r = api.get("/ui/api/chart/requests", params={"buckets": 2, "where": where}).json()
+    assert r == {"start": 1000.0, "end": 1009.0, "counts": [2, 2]}
+    assert api.get("/ui/api/chart/empty").json() == {"start": None, "end": None, "counts": []}
+    assert api.get("/ui/api/chart/requests?buckets=0").status_code == 422
+    assert api.get("/ui/api/chart/requests?limit=3").status_code == 422
+
+
+# ---- dashboard: every page in a real browser (headless Chromium) ----
+#
+# Debian's chromium and chromium-driver, driven by selenium, against a real ``beaver serve``.
+# Every page is checked for its content and for errors in the browser's console; names, keys
+# and values are hostile HTML that must show as text.
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--window-size=1280,900")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium (skipped, saying why, where it or selenium is missing)."""
+    pytest.importorskip("selenium", reason="the dashboard test needs selenium (the [test] extra)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("the dashboard test needs Chromium and its driver: "
+                    "apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium')}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    chrome.downloads = tmp_path_factory.mktemp("downloads")
+    chrome.execute_cdp_cmd("Browser.setDownloadBehavior", {
+        "behavior": "allow", "downloadPath": str(chrome.downloads)})
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+def _fill_for_the_dashboard(db):
+    users = db.dict("users")
+    users.update({f"user{i:03d}": {"name": f"U{i}", "age": 20 + i % 50} for i in range(120)})
+    users.set("session", {"user": 7}, ttl_seconds=3600)
+    db.dict(HOSTILE).update({"<script>alert(2)</script>": "<b>bold</b>",
+                             "big": [2 ** 63 - 1, -(2 ** 60) - 1, 0.1]})
+    db.dict("..")["dots"] = "reached through /call"
+    db.list("tasks").extend([{"task": i} for i in range(75)])
+    jobs = db.queue("jobs")
+    for i in range(6):
+        jobs.put({"job": i}, priority=i % 3)
+    jobs.get(lease=600)
+    db.blobs("files").put(HOSTILE, b"hello", {"mimetype": "text/html", "note": HOSTILE})
+    log = db.log("requests")
+    start = time.time() - 3600
+    for i in range(300):
+        log.log({"status": 500 if i % 7 == 0 else 200, "i": i}, timestamp=start + i * 12)
+    db.channel("chat").publish({"hello": HOSTILE})
+    articles = db.collection("articles")
+    for doc_id, title, lang, vector in [
+            ("a1", "SQLite is an embedded database", "en", [1.0, 0.0, 0.0]),
+            ("a2", "PostgreSQL is a database server", "en", [0.9, 0.1, 0.0]),
+            ("a3", "Une base de données", "fr", [0.0, 1.0, 0.0])]:
+        articles.index(beaver.Document(id=doc_id, embedding=vector,
+                                       body={"title": title, "lang": lang}))
+    articles.connect("a1", "a2", "RELATED", {"why": HOSTILE})
+    articles.connect("a3", "a1", "TRANSLATES")
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    """A real ``beaver serve`` of a filled database: (url, the database, has find)."""
+    path = tmp_path_factory.mktemp("dashboard") / "shown.db"
+    with BeaverDB(path) as db:
+        _fill_for_the_dashboard(db)
+    process, url = _start_server(path)
+    db = BeaverDB(path)
+    try:
+        has_find = _http("POST", f"{url}/collections/articles/find", b'{"limit": 1}',
+                         {"Content-Type": "application/json"})[0] != 404
+        yield url, db, has_find
+    finally:
+        db.close()
+        _stop_server(process)
+
+
+def _until(browser, condition, what):
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(browser, 15, poll_frequency=0.05).until(
+        lambda _: condition(), message=f"waited 15 s for {what}")
+
+
+def _show(browser, url, route, expect):
+    """Open ``#route`` of the dashboard and wait until the page shows ``expect``."""
+    if browser.current_url.startswith(url + "/ui"):
+        browser.execute_script("location.hash = arguments[0]", route)
+    else:
+        browser.get(f"{url}/ui{route}")
+    return _text_shown(browser, expect)
+
+
+def _text_shown(browser, expect, selector="main"):
+    from selenium.webdriver.common.by import By
+    node = browser.find_element(By.CSS_SELECTOR, selector)
+    _until(browser, lambda: expect in node.text, f"{expect!r} in {selector}")
+    return node
+
+
+def _all(browser, selector):
+    from selenium.webdriver.common.by import By
+    return browser.find_elements(By.CSS_SELECTOR, selector)
+
+
+def _console_errors(browser, allowed=()):
+    """Errors the pages logged (script errors, CSP refusals, failed loads) beyond ``allowed``
+    (regular expressions of expected failed loads)."""
+    return [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"
+            and not any(re.search(a, entry["message"]) for a in allowed)]
+
+
+def _no_find_route(dashboard):
+    """The failed load of POST .../find, expected while the server has no collection find."""
+    return () if dashboard[2] else (r"/collections/[^ ]*/find - .* 404",)
+
+
+def _live(browser):
+    _until(browser, lambda: [s.text for s in _all(browser, ".state")] == ["live"],
+           "the live tail to connect")
+
+
+def _confirm(browser):
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+    WebDriverWait(browser, 10).until(expected_conditions.alert_is_present()).accept()
+
+
+def test_dashboard_overview_shows_every_structure_and_hostile_names_as_text(browser, dashboard):
+    url, db, _ = dashboard
+    browser.get(url + "/")                                  # a browser asking for / is sent on
+    _until(browser, lambda: browser.current_url.startswith(url + "/ui"), "the redirect")
+    main = _text_shown(browser, "collection")
+    rows = [row.text for row in _all(browser, "main tbody tr")]
+    for line in ["dict users 121", "list tasks 75", "queue jobs 5", "blob files 1",
+                 "log requests 300", "channel chat 1", "collection articles 3",
+                 f"dict {HOSTILE} 2", "dict .. 1"]:
+        assert line in rows, (line, rows)
+    assert re.fullmatch(r"\d+(\.\d)? (KB|MB)", browser.find_element("id", "file-size").text)
+    assert db.info()["path"] in main.text
+    assert not _all(browser, "img, main script, main b")     # the hostile names stayed text
+    link = [a for a in _all(browser, "main a") if a.text == HOSTILE][0]
+    link.click()
+    _text_shown(browser, "<script>alert(2)</script>")
+    shown = browser.find_element("css selector", "main").text
+    assert '"<b>bold</b>"' in shown and "[9223372036854775807,-1152921504606846977,0.1]" in shown
+    assert not _all(browser, "img, main script, main b")
+    _show(browser, url, "#/dict/..", "reached through /call")   # a name a URL cannot hold
+    assert _console_errors(browser) == []
+
+
+def test_dashboard_dict_pages_filters_and_shows_ttl_left(browser, dashboard):
+    url = dashboard[0]
+    main = _show(browser, url, "#/dict/users", "user000")
+    rows = _all(browser, "main tbody tr")
+    assert len(rows) == 50 and rows[0].text.startswith("session {\"user\":7} 60 min")
+    assert rows[1].text == 'user000 {"name":"U0","age":20} never'
+    _all(browser, ".pager button")[1].click()               # Next
+    _text_shown(browser, "51–100")
+    assert _all(browser, "main tbody tr")[0].text.startswith("user049")
+    search = browser.find_element("css selector", "form.filter input")
+    search.send_keys('{"age": {"$gte": 68}}\n')
+    _text_shown(browser, "1–4")
+    assert [r.text.split()[0] for r in _all(browser, "main tbody tr")] == [
+        "user048", "user049", "user098", "user099"]
+    search.clear()
+    search.send_keys('{"age": {"$gt": null}}\n')              # refused by the server: 422
+    assert "$gt compares numbers or strings" in _text_shown(browser, "ValidationError").text
+    search.clear()
+    search.send_keys("{not json\n")
+    _text_shown(browser, "not JSON")
+    assert "user" in main.text and _console_errors(browser, [r"/ui/api/page/dict/.* 422"]) == []
+
+
+def test_dashboard_list_queue_and_blob_pages(browser, dashboard):
+    url, db, _ = dashboard
+    _show(browser, url, "#/list/tasks", '{"task":49}')
+    assert len(_all(browser, "main tbody tr")) == 50
+    _all(browser, ".pager button")[1].click()
+    _text_shown(browser, "51–75")
+    assert _all(browser, "main tbody tr")[0].text == '50 {"task":50}'
+    assert not _all(browser, ".pager button")[1].is_enabled()
+
+    _show(browser, url, "#/queue/jobs", "Leased: 1")
+    waiting, leased = _all(browser, "main table")
+    assert [r.text.split(" ", 3)[1] for r in waiting.find_elements("css selector", "tbody tr")
+            ] == ["0", "1", "1", "2", "2"]                  # priority order, FIFO among equals
+    assert '{"job":3}' in waiting.text and '{"job":0}' in leased.text and " min" in leased.text
+
+    main = _show(browser, url, "#/blob/files", "5 B")
+    assert HOSTILE in main.text and '"note":"<img' in main.text and not _all(browser, "img")
+    browser.find_element("css selector", "button.download").click()
+    _until(browser, lambda: [p for p in browser.downloads.iterdir()
+                             if not p.name.endswith(".crdownload")], "the download")
+    (saved,) = [p for p in browser.downloads.iterdir()]
+    assert saved.read_bytes() == b"hello"                     # saved, never rendered as HTML
+    assert _console_errors(browser) == []
+
+
+def test_dashboard_log_page_charts_filters_and_tails(browser, dashboard):
+    url, db, _ = dashboard
+    main = _show(browser, url, "#/log/requests", "300 entries")
+    assert len(_all(browser, "svg.chart rect")) == 60
+    assert _all(browser, ".paged tbody tr")[0].text.endswith('{"status":200,"i":299}')
+    _live(browser)
+    db.log("requests").log({"tail": HOSTILE})
+    _text_shown(browser, '{"tail":"<img src=x onerror=alert(1)>"}', "table.live")
+    browser.find_element("css selector", "form.filter input").send_keys('{"status": 500}\n')
+    _text_shown(browser, "43 entries")
+    assert "1–43" in main.text and '"i":294' in main.text and '"i":299' not in main.text
+    assert _console_errors(browser) == []
+
+
+def test_dashboard_channel_page_tails_and_publishes(browser, dashboard):
+    url, db, _ = dashboard
+    _show(browser, url, "#/channel/chat", '{"hello":"<img')
+    _live(browser)
+    assert not browser.find_element("css selector", "form.publish").is_displayed()
+    db.channel("chat").publish({"from": "python"})
+    _text_shown(browser, '{"from":"python"}', "table.live")
+    browser.find_element("id", "editing").click()           # Allow changes: the form shows
+    try:
+        browser.find_element("css selector", "form.publish input").send_keys(
+            '{"from": "the browser"}\n')
+        _text_shown(browser, '{"from":"the browser"}', "table.live")
+    finally:
+        browser.find_element("id", "editing").click()
+    assert db.channel("chat").history()[-1] == {"from": "the browser"}
+    assert _console_errors(browser) == []
+
+
+def test_dashboard_collection_searches_filters_and_walks_the_graph(browser, dashboard):
+    url, db, has_find = dashboard
+    main = _show(browser, url, "#/collection/articles", "Une base de données")
+    browser.find_element("css selector", "form.search input").send_keys("datbase")
+    browser.find_element("css selector", "form.search select option[value='1']").click()
+    browser.find_element("css selector", "form.search button").click()
+    _text_shown(browser, "2 found")
+    hits = [r.text.split()[0] for r in _all(browser, "table.hits tbody tr")]
+    assert sorted(hits) == ["a1", "a2"] and "[" in main.text    # highlighted snippets
+    _until(browser, lambda: browser.execute_script(
+        "return document.querySelector('form.filter') !== null && "
+        "document.querySelector('form.filter').closest('[hidden]') === null") == has_find,
+        "the filter box to match the server's find route")
+    if has_find:
+        browser.find_element("css selector", "form.filter input").send_keys('{"lang": "fr"}\n')
+        _until(browser, lambda: [r.text.split()[0] for r in _all(browser, ".paged tbody tr")]
+               == ["a3"], "the filtered documents")
+    [a for a in _all(browser, "main a") if a.text == "a1"][0].click()
+    main = _text_shown(browser, "More like this")
+    _text_shown(browser, "0.1414")                           # a2, the nearest vector
+    assert "SQLite is an embedded database" in main.text and "3 dimensions" in main.text
+    graph = [r.text for r in _all(browser, "table.graph tbody tr")]
+    assert graph == ['→ RELATED a2 {"why":"<img src=x onerror=alert(1)>"}', "← TRANSLATES a3"]
+    assert not _all(browser, "img")
+    assert _console_errors(browser, _no_find_route(dashboard)) == []
+
+
+def test_dashboard_writes_only_behind_allow_changes_and_a_confirmation(browser, dashboard):
+    url, db, _ = dashboard
+    _show(browser, url, "#/dict/users", "user001")
+    delete = [b for b in _all(browser, "main tbody tr button")
+              if b.get_attribute("textContent") == "Delete"]
+    assert delete and not any(b.is_displayed() for b in delete)     # read-only by default
+    browser.find_element("id", "editing").click()
+    try:
+        row = [r for r in _all(browser, "main tbody tr") if r.text.startswith("user001")][0]
+        row.find_element("css selector", "button").click()
+        _confirm(browser)
+        _until(browser, lambda: "user001" not in db.dict("users"), "the key deleted")
+        _until(browser, lambda: "user001" not in browser.find_element("css selector",
+                                                                      "main").text, "the row")
+        _show(browser, url, "#/list/tasks", '{"task":0}')
+        browser.find_element("css selector", ".actions button").click()   # Clear
+        _confirm(browser)
+        _text_shown(browser, "nothing here")
+        assert len(db.list("tasks")) == 0
+    finally:
+        browser.find_element("id", "editing").click()
+    assert _console_errors(browser) == []
+
+
+def test_dashboard_asks_for_the_token_and_keeps_it_out_of_urls(browser, tmp_path):
+    path = tmp_path / "guarded.db"
+    with BeaverDB(path) as db:
+        db.channel("news").publish("first")
+    process, url = _start_server(path, "--token", "s3cret-token")
+    try:
+        browser.get(url + "/ui#/channel/news")
+        token = _text_shown(browser, "wants its token").find_element("css selector", "input")
+        token.send_keys("wrong\n")
+        _text_shown(browser, "That token was refused")
+        browser.find_element("css selector", "form.login input").send_keys("s3cret-token\n")
+        _text_shown(browser, '"first"')
+        _live(browser)                                      # the stream carries the token too
+        with BeaverDB(path) as db:
+            db.channel("news").publish("second")
+        _text_shown(browser, '"second"', "table.live")
+        urls = browser.execute_script("return performance.getEntries().map(e => e.name)")
+        assert urls and not [u for u in urls if "s3cret" in u]
+        assert _console_errors(browser, [r" 401 "]) == []
+    finally:
+        browser.get("about:blank")                          # closes the stream
+        _stop_server(process)
+
+
 # ---- import from upstream beaver-db ----
 #
 # fixtures/upstream-*.db were written by the public beaver-db package through its API
@@ -8059,13 +8477,16 @@ def test_sdist_carries_tests_examples_fixtures_and_license(sdist):
             "beaver.py", "beaver_server.py", "beaver_vector.py", "examples/tour.py",
             "fixtures/upstream-1.3.0.db", "fixtures/upstream-2.4.1.json",
             "bench/bench_core.py", "scripts/check-image.sh",
-            "scripts/make_upstream_fixtures.py", "Dockerfile"} <= names
+            "scripts/make_upstream_fixtures.py", "Dockerfile", "beaver_dashboard/index.html",
+            "beaver_dashboard/dashboard.js", "beaver_dashboard/dashboard.css"} <= names
+    assert not [n for n in names if n.startswith("docs/")]     # the README links its picture
     assert {path.name for path in EXAMPLES} <= {n[9:] for n in names if n.startswith("examples/")}
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", "-wal", "-shm"))]
     assert "License-Expression: MIT" in metadata and "Project-URL: " in metadata
     with zipfile.ZipFile(wheel) as whl:
         files = set(whl.namelist())
-    assert {"beaver.py", "beaver_server.py", "beaver_vector.py"} <= files
+    assert {"beaver.py", "beaver_server.py", "beaver_vector.py", "beaver_dashboard/index.html",
+            "beaver_dashboard/dashboard.js", "beaver_dashboard/dashboard.css"} <= files
     assert any(f.endswith(".dist-info/licenses/LICENSE") for f in files)
     assert not [f for f in files if f.startswith(("test_", "fixtures/", "examples/"))]
 
@@ -8090,7 +8511,9 @@ def test_sdist_installs_in_a_fresh_venv_and_works(sdist, tmp_path):
              "assert beaver.__file__.startswith(sys.prefix), beaver.__file__\n"
              "db = beaver.BeaverDB(sys.argv[1]); db.dict('d')['k'] = {'v': [1, 'ü']}; db.close()\n"
              "db = beaver.BeaverDB(sys.argv[1]); print(db.dict('d')['k'], "
-             "m.metadata('beaver-db')['License-Expression'])")
+             "m.metadata('beaver-db')['License-Expression'])\n"
+             "import beaver_server, os\n"       # its dashboard's files sit beside it
+             "assert os.path.isfile(os.path.join(beaver_server._DASHBOARD_DIR, 'dashboard.js'))")
     out = _run(python, "-c", smoke, tmp_path / "smoke.db", env=_clean_env(), cwd=tmp_path)
     assert out == "{'v': [1, 'ü']} MIT\n"
     beaver_cli = python.parent / "beaver"
