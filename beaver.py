@@ -21,7 +21,8 @@ __all__ = [
     "LeasedItem", "LogManager", "LogEntry", "LiveView", "ChannelManager", "Subscriber",
     "AsyncChannelManager", "AsyncSubscriber", "AsyncLogManager", "AsyncLock",
     "BeaverError", "ClosedError", "SchemaError", "LockTimeout", "LockLost", "QueueEmpty",
-    "Timeout", "DatabaseBusy", "ValidationError", "FeatureUnavailable",
+    "Timeout", "DatabaseBusy", "ValidationError", "FeatureUnavailable", "DiskFull",
+    "CorruptDatabase", "ForeignDatabase", "ReadOnlyDatabase",
     "Document", "CollectionManager", "rerank",
     "BeaverClient", "RemoteError", "Unauthorized", "main",
 ]
@@ -97,7 +98,15 @@ _SHIFT = 1 << 60                # list positions live far below this; see ListMa
 # ==========================================================================================
 
 class BeaverError(Exception):
-    """Root of every error beaver raises on its own account."""
+    """Root of every error beaver raises on its own account.
+
+    An error that comes from SQLite keeps the ``sqlite3`` exception as ``orig`` and its
+    (extended) result code as ``code`` (``code & 0xFF`` is the primary one: 5 busy, 11
+    corrupt, 13 full...); both are ``None`` otherwise.
+    """
+
+    orig = None
+    code = None
 
 
 class ClosedError(BeaverError):
@@ -106,6 +115,22 @@ class ClosedError(BeaverError):
 
 class SchemaError(BeaverError):
     """The file holds a beaver layout this version does not understand."""
+
+
+class ForeignDatabase(SchemaError):
+    """The file belongs to another program, e.g. the upstream ``beaver-db`` package."""
+
+
+class CorruptDatabase(BeaverError):
+    """The file is damaged or is not a SQLite database."""
+
+
+class DiskFull(BeaverError, OSError):
+    """The disk (or SQLite's ``max_page_count``) has no room for the write."""
+
+
+class ReadOnlyDatabase(BeaverError, PermissionError):
+    """A write to a file (or folder) this process may only read."""
 
 
 class FeatureUnavailable(BeaverError):
@@ -133,7 +158,7 @@ class QueueEmpty(BeaverError, IndexError):
 
 
 class ValidationError(BeaverError, ValueError):
-    """A value does not fit the model of its structure."""
+    """A value does not fit its structure: its model, or what SQLite can store."""
 
 
 # ==========================================================================================
@@ -224,20 +249,36 @@ def _json_dumps(value) -> str:
             return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         try:
             return "".join(_json_encode(value, 0))
-        except RecursionError:
+        except RecursionError:      # a cycle, or deep nesting: the checking encoder tells
             return "".join(_c_make_encoder({}, _json_default, _encode_str, None, ":", ",",
                                            False, False, True)(value, 0))
+    except RecursionError:
+        raise _too_deep() from None
     except (TypeError, ValueError) as e:
         raise TypeError(f"value is not JSON-serializable: {e}") from None
 
 
+def _too_deep() -> ValueError:
+    return ValueError("value is nested too deeply to store (lists and dicts inside each "
+                      f"other more than about {sys.getrecursionlimit()} levels)")
+
+
 def _json_loads(text):
-    """``json.loads(text)``, scanning compact JSON (what beaver writes) without its wrapper."""
+    """``json.loads(text)``, scanning compact JSON (what beaver writes) without its wrapper.
+
+    Stored text that is not JSON (or nests beyond the recursion limit) raises
+    ``CorruptDatabase``: beaver never writes such text.
+    """
     try:
         value, end = _json_scan(text, 0)
-    except (StopIteration, TypeError):
-        return json.loads(text)     # leading space, bytes, bad JSON: json.loads decides
-    return value if end == len(text) else json.loads(text)
+        if end == len(text):
+            return value
+    except (StopIteration, TypeError, RecursionError):
+        pass                    # leading space, bytes, bad JSON: json.loads decides
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise CorruptDatabase(f"a stored value is not JSON beaver can read: {e!r:.200}") from None
 
 
 class _JsonCodec:
@@ -248,7 +289,7 @@ class _JsonCodec:
 
     def encode(self, value) -> str:
         if type(value) not in self._plain and hasattr(value, "model_dump_json"):
-            return value.model_dump_json()
+            return _model_json(value)
         return _json_dumps(value)
 
     decode = staticmethod(_json_loads)
@@ -271,7 +312,7 @@ class _ModelCodec:
                 raise TypeError(f"expected a {self.model.__name__} (or a dict of its fields), "
                                 f"got {type(value).__name__}")
             value = self._validate(value)
-        return value.model_dump_json()
+        return _model_json(value)
 
     def decode(self, text):
         return self.model.model_validate_json(text)
@@ -279,11 +320,20 @@ class _ModelCodec:
     def _validate(self, data):
         try:
             return self.model.model_validate(data)
+        except RecursionError:
+            raise _too_deep() from None
         except (TypeError, ValueError) as e:
             raise ValidationError(f"invalid {self.model.__name__}: {e}") from None
 
 
 _JSON = _JsonCodec()
+
+
+def _model_json(instance) -> str:
+    try:
+        return instance.model_dump_json()
+    except RecursionError:
+        raise _too_deep() from None
 
 
 def _codec_for(model):
@@ -499,6 +549,31 @@ _SCHEMA = [
         ON beaver_edges (collection, target, label, source)""",
 ]
 
+_SCHEMA_NAMES = frozenset(statement.split("EXISTS")[1].split()[0] for statement in _SCHEMA)
+
+# Tables only the upstream ``beaver-db`` package makes: 2.x names them ``__beaver_*__``, and
+# 0.x-1.x used ``beaver_*`` names that this beaver never uses.
+_UPSTREAM_1X_TABLES = frozenset((
+    "beaver_pubsub_log", "beaver_collection_versions", "beaver_priority_queues",
+    "beaver_manager_versions", "beaver_lock_waiters", "beaver_trigrams", "beaver_fts_index",
+    "_beaver_kv_store"))
+
+
+def _upstream_version(conn):
+    """'2.x' or '1.x' (0.x included) if ``conn`` (a ``sqlite3.Connection``) holds a file of the
+    upstream ``beaver-db`` package, else None.
+
+        >>> _upstream_version(sqlite3.connect("old.db"))
+        '2.x'
+    """
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if any(name.startswith("__beaver_") for name in tables):
+        return "2.x"
+    if tables & _UPSTREAM_1X_TABLES:
+        return "1.x"
+    return None
+
+
 # DELETE ... RETURNING takes an item in one autocommit statement (3.35.5 fixed its early bugs)
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 5)
 
@@ -530,6 +605,102 @@ def _memory_path() -> str:
     fd, path = tempfile.mkstemp(prefix="beaver-memory-", suffix=".db", dir=folder)
     os.close(fd)
     return path
+
+
+# What a SQLite call may raise: its own errors, text that is not UTF-8 (stored text or, in a
+# corrupt file, SQLite's own message), a str with a lone surrogate or an int beyond 64 bits
+# in a parameter.
+_DB_ERRORS = (sqlite3.Error, UnicodeError, OverflowError)
+
+# Pythons before 3.11 give no result code: SQLite's wording of the codes beaver tells apart
+# (sqlite3_errstr) is how the code is recovered, here and nowhere else.
+_ERRSTR_CODES = (
+    ("database is locked", 5), ("database table is locked", 6),
+    ("attempt to write a readonly database", 8), ("database disk image is malformed", 11),
+    ("malformed database schema", 11), ("database or disk is full", 13),
+    ("unable to open database file", 14), ("string or blob too big", 18),
+    ("file is not a database", 26))
+
+
+def _result_code(error):
+    """The SQLite (extended) result code of a ``sqlite3.Error``, or None."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is None:
+        text = str(error)
+        code = next((c for wording, c in _ERRSTR_CODES if text.startswith(wording)), None)
+    return code
+
+
+def _sqlite_error(error, path, timeout) -> Exception:
+    """The beaver exception for ``error``, raised by a SQLite call on the file ``path``."""
+    if isinstance(error, UnicodeDecodeError):
+        new = CorruptDatabase(f"{path!r} holds text that is not UTF-8 (a damaged file?): {error}")
+    elif isinstance(error, UnicodeEncodeError):
+        return ValueError(f"cannot store {error.object[:60]!r}: it holds a lone surrogate "
+                          f"{error.object[error.start:error.end]!r}, which is not Unicode text")
+    elif isinstance(error, OverflowError):
+        return ValueError(f"cannot store an integer beyond 64 bits: {error}")
+    else:
+        code = _result_code(error)
+        primary = None if code is None else code & 0xFF
+        if primary in (5, 6):
+            new = DatabaseBusy(f"the database stayed locked for over {timeout:g}s: {error}")
+        elif primary == 13:
+            new = DiskFull(f"no room left to write {path!r}: {error}")
+        elif primary in (11, 26):
+            new = CorruptDatabase(f"{path!r} is damaged or not a SQLite database: {error}")
+        elif primary == 8:
+            new = ReadOnlyDatabase(f"{path!r} cannot be written here: {error}")
+        elif primary == 18:
+            new = ValidationError(f"a value is too big for SQLite: {error}")
+        else:
+            new = BeaverError(f"SQLite error: {error}")
+        new.code = code
+    new.orig = error
+    return new
+
+
+class _Rows:
+    """A cursor whose rows are fetched under beaver's error translation.
+
+    ``_Core.execute`` returns one for statements that yield rows (SELECT, ``RETURNING``):
+    SQLite reports many errors (a damaged page, a full disk at the commit of a
+    ``DELETE ... RETURNING``) while rows are fetched, not when the statement starts.
+    """
+
+    __slots__ = ("_core", "_cursor")
+
+    def __init__(self, core, cursor):
+        self._core, self._cursor = core, cursor
+
+    def fetchone(self):
+        try:
+            return self._cursor.fetchone()
+        except _DB_ERRORS as e:
+            raise self._core._error(e) from e
+
+    def fetchall(self) -> list:
+        try:
+            return self._cursor.fetchall()
+        except _DB_ERRORS as e:
+            raise self._core._error(e) from e
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._cursor)
+        except _DB_ERRORS as e:
+            raise self._core._error(e) from e
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    @property
+    def lastrowid(self):
+        return self._cursor.lastrowid
 
 
 class _Core:
@@ -583,8 +754,8 @@ class _Core:
             conn.execute("PRAGMA synchronous = %s" % self.synchronous)
             conn.execute("PRAGMA foreign_keys = OFF")
             conn.execute("PRAGMA mmap_size = %d" % MMAP_SIZE)
-        except sqlite3.DatabaseError as e:
-            raise self._open_error(e) from None
+        except _DB_ERRORS as e:
+            raise self._open_error(e) from e
         with self._conns_lock:
             if self.closed:
                 conn.close()
@@ -596,16 +767,21 @@ class _Core:
         self._local.pending = []
         return conn
 
-    def _open_error(self, e) -> BeaverError:
-        folder = os.path.dirname(os.path.abspath(self.path))
-        if "not a database" in str(e) or "malformed" in str(e):
-            return BeaverError(f"{self.path!r} is not a SQLite database (or it is corrupt): {e}")
-        if not os.path.isdir(folder):
-            return BeaverError(f"cannot open {self.path!r}: folder {folder!r} does not exist")
-        if not os.access(folder, os.W_OK):
-            return BeaverError(f"cannot open {self.path!r}: folder {folder!r} is not writable "
-                               "(beaver needs to create the WAL files beside the database)")
-        return BeaverError(f"cannot open {self.path!r}: {e}")
+    def _open_error(self, e) -> Exception:
+        error = _sqlite_error(e, self.path, self.timeout)
+        if type(error) is BeaverError:     # not one SQLite names: say what is wrong around it
+            folder = os.path.dirname(self.path)
+            if not os.path.isdir(folder):
+                hint = f"folder {folder!r} does not exist"
+            elif os.path.isdir(self.path):
+                hint = "it is a folder"
+            elif not os.access(folder, os.W_OK):
+                hint = (f"folder {folder!r} is not writable (beaver needs to create the WAL "
+                        "files beside the database)")
+            else:
+                hint = str(e)
+            error.args = (f"cannot open {self.path!r}: {hint}",)
+        return error
 
     def _forget_dead_threads(self):
         alive = []
@@ -664,31 +840,51 @@ class _Core:
     # -- statements and transactions ---------------------------------------------------
 
     def execute(self, sql, params=()):
-        """Run one statement on this thread's connection (autocommit unless in a transaction)."""
+        """Run one statement on this thread's connection (autocommit unless in a transaction).
+
+        Returns the cursor (``rowcount``, ``lastrowid``); for a statement that yields rows,
+        a ``_Rows`` whose fetches translate errors too. ``one`` and ``all`` read rows faster.
+        """
         try:
             conn = self._local.conn
         except AttributeError:
             conn = self.conn()
         try:
-            return conn.execute(sql, params)
-        except sqlite3.Error as e:
+            cursor = conn.execute(sql, params)
+        except _DB_ERRORS as e:
+            raise self._error(e) from e
+        return cursor if cursor.description is None else _Rows(self, cursor)
+
+    def one(self, sql, params=()):
+        """The first row of ``sql`` (or None), every step under the error translation."""
+        try:
+            conn = self._local.conn
+        except AttributeError:
+            conn = self.conn()
+        try:
+            return conn.execute(sql, params).fetchone()
+        except _DB_ERRORS as e:
+            raise self._error(e) from e
+
+    def all(self, sql, params=()) -> list:
+        """Every row of ``sql``, as a list."""
+        try:
+            return self.conn().execute(sql, params).fetchall()
+        except _DB_ERRORS as e:
             raise self._error(e) from e
 
     def executemany(self, sql, rows):
         try:
             return self.conn().executemany(sql, rows)
-        except sqlite3.Error as e:
+        except _DB_ERRORS as e:
             raise self._error(e) from e
 
-    def _error(self, e):
+    def _error(self, e) -> Exception:
+        """The exception to raise for ``e``, an error of a SQLite call on this file."""
         if self.closed:
             self._close_deferred()
             return ClosedError("the database is closed")
-        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
-            return DatabaseBusy(f"the database stayed locked for over {self.timeout:g}s: {e}")
-        if isinstance(e, sqlite3.ProgrammingError) and "closed" in str(e):
-            return ClosedError("the database is closed")
-        return BeaverError(f"SQLite error: {e}")
+        return _sqlite_error(e, self.path, self.timeout)
 
     @property
     def in_transaction(self) -> bool:
@@ -739,7 +935,7 @@ class _Core:
     def _run(self, conn, sql):
         try:
             conn.execute(sql)
-        except sqlite3.Error as e:
+        except _DB_ERRORS as e:
             raise self._error(e) from e
 
     def _rollback(self, conn):
@@ -762,16 +958,12 @@ class _Core:
     # -- schema ------------------------------------------------------------------------
 
     def _ensure_schema(self):
-        found = self._schema_version()
-        if found == SCHEMA_VERSION and self._tables_complete():
+        names = self._names()
+        if self._stamp(names) == SCHEMA_VERSION and _SCHEMA_NAMES <= names:
             return
-        if found is not None and found != SCHEMA_VERSION:
-            raise SchemaError(f"{self.path!r} has beaver schema version {found}; this beaver "
-                              f"({__version__}) reads version {SCHEMA_VERSION} only")
         with self.transaction() as conn:
-            if self._schema_version() is None and self.execute(
-                    "SELECT 1 FROM sqlite_master WHERE substr(name, 1, 7) = 'beaver_'"
-                    ).fetchone():
+            names = self._names()           # another process may have made them meanwhile
+            if self._stamp(names) is None and any(n.startswith("beaver_") for n in names):
                 raise SchemaError(f"{self.path!r} has beaver tables but no schema stamp: a "
                                   "layout (an older beaver?) this version does not know")
             for statement in _SCHEMA:
@@ -779,25 +971,30 @@ class _Core:
             conn.execute("INSERT OR IGNORE INTO beaver_meta VALUES ('schema_version', ?)",
                          (str(SCHEMA_VERSION),))
 
-    def _schema_version(self):
-        try:
-            row = self.execute("SELECT value FROM beaver_meta WHERE key = 'schema_version'"
-                               ).fetchone()
-        except BeaverError as e:
-            if "no such table" in str(e):
-                return None
-            raise
+    def _names(self) -> set:
+        """The names of the tables and indexes in the file; refuses upstream files."""
+        version = _upstream_version(self)
+        if version is not None:
+            raise ForeignDatabase(
+                f"{self.path!r} was made by the upstream beaver-db package ({version}), whose "
+                "layout this beaver does not open; copy it into a new file with: "
+                "beaver import-upstream OLD.db NEW.db")
+        return {row[0] for row in self.all("SELECT name FROM sqlite_master")}
+
+    def _stamp(self, names):
+        """The schema version stamped in the file (None if there is none); refuses others."""
+        row = None if "beaver_meta" not in names else self.one(
+            "SELECT value FROM beaver_meta WHERE key = 'schema_version'")
         if row is None:
             return None
         try:
-            return int(row[0])
+            found = int(row[0])
         except ValueError:
             raise SchemaError(f"{self.path!r} has an unreadable schema stamp {row[0]!r}") from None
-
-    def _tables_complete(self) -> bool:
-        wanted = {s.split("EXISTS")[1].split()[0] for s in _SCHEMA}
-        rows = self.execute("SELECT name FROM sqlite_master WHERE name LIKE 'beaver%'").fetchall()
-        return wanted <= {r[0] for r in rows}
+        if found != SCHEMA_VERSION:
+            raise SchemaError(f"{self.path!r} has beaver schema version {found}; this beaver "
+                              f"({__version__}) reads version {SCHEMA_VERSION} only")
+        return found
 
     def purge_due(self) -> bool:
         """True about once per PURGE_INTERVAL: time to delete a batch of expired keys."""
@@ -1072,9 +1269,9 @@ class _Events:
         now = time.monotonic()
         if now >= self._remote_due:
             self._remote_due = now + LISTENER_REFRESH
-            rows = self._core.execute(
+            rows = self._core.all(
                 "SELECT DISTINCT kind, name FROM beaver_listeners WHERE owner != ? "
-                "AND expires_at > ?", (self.origin, _now())).fetchall()
+                "AND expires_at > ?", (self.origin, _now()))
             self._remote = frozenset(map(tuple, rows))
         return topic in self._remote
 
@@ -1117,8 +1314,8 @@ class _Events:
             self._core.execute(
                 "INSERT OR REPLACE INTO beaver_listeners (owner, kind, name, expires_at) "
                 "VALUES (?, ?, ?, ?)", (self.origin, topic[0], topic[1], _now() + LISTENER_TTL))
-            since = self._core.execute("SELECT coalesce(max(seq), 0) FROM beaver_events"
-                                       ).fetchone()[0]
+            since = self._core.one("SELECT coalesce(max(seq), 0) FROM beaver_events"
+                                       )[0]
         self._since[topic] = since
         if not self._handles:
             self._last_seq = since
@@ -1167,13 +1364,13 @@ class _Events:
         return None
 
     def _fetch(self):
-        rows = self._core.execute(
+        rows = self._core.all(
             "SELECT seq, kind, name, payload FROM beaver_events WHERE seq > ? AND origin != ? "
-            "ORDER BY seq LIMIT ?", (self._last_seq, self.origin, PAGE_SIZE)).fetchall()
+            "ORDER BY seq LIMIT ?", (self._last_seq, self.origin, PAGE_SIZE))
         if rows:
             self._last_seq = rows[-1][0]
         since = self._since
-        return [((kind, name), json.loads(text)) for seq, kind, name, text in rows
+        return [((kind, name), _json_loads(text)) for seq, kind, name, text in rows
                 if seq > since.get((kind, name), seq)]
 
     def _deliver(self, topic, payload):
@@ -1197,9 +1394,9 @@ class _Events:
             self._core.executemany(
                 "INSERT OR REPLACE INTO beaver_listeners (owner, kind, name, expires_at) "
                 "VALUES (?, ?, ?, ?)", [(self.origin, k, n, now + LISTENER_TTL) for k, n in topics])
-            first = self._core.execute(
+            first = self._core.one(
                 "SELECT seq FROM beaver_events WHERE timestamp >= ? ORDER BY seq LIMIT 1",
-                (now - EVENT_RETENTION,)).fetchone()
+                (now - EVENT_RETENTION,))
             self._core.execute("DELETE FROM beaver_events WHERE seq < ?",
                                (first[0] if first else 1 << 62,))
 
@@ -1410,7 +1607,7 @@ class _Manager(_StructureLock):
         """Iterate rows of ``sql`` (taking name, cursor, limit) page by page, by cursor."""
         cursor = start
         while True:
-            rows = self._core.execute(sql, (self._name, cursor, PAGE_SIZE)).fetchall()
+            rows = self._core.all(sql, (self._name, cursor, PAGE_SIZE))
             yield from rows
             if len(rows) < PAGE_SIZE:
                 return
@@ -1468,7 +1665,7 @@ class DictManager(_Manager, MutableMapping):
     def __getitem__(self, key):
         if type(key) is not str:
             _check_key(key)
-        row = self._core.execute(self._GET, (self._name, key, _now())).fetchone()
+        row = self._core.one(self._GET, (self._name, key, _now()))
         if row is None:
             raise KeyError(key)
         return self._codec.decode(row[0])
@@ -1477,7 +1674,7 @@ class DictManager(_Manager, MutableMapping):
         """The value of ``key``, or ``default`` if it is missing or expired."""
         if type(key) is not str:
             _check_key(key)
-        row = self._core.execute(self._GET, (self._name, key, _now())).fetchone()
+        row = self._core.one(self._GET, (self._name, key, _now()))
         return default if row is None else self._codec.decode(row[0])
 
     def set(self, key, value, ttl_seconds=None):
@@ -1513,12 +1710,12 @@ class DictManager(_Manager, MutableMapping):
     def __contains__(self, key):
         if not isinstance(key, str):
             return False
-        return self._core.execute(self._HAS, (self._name, key, _now())).fetchone() is not None
+        return self._core.one(self._HAS, (self._name, key, _now())) is not None
 
     def __len__(self):
-        return self._core.execute(
+        return self._core.one(
             f"SELECT count(*) FROM beaver_dicts WHERE name = ? AND {_LIVE}",
-            (self._name, _now())).fetchone()[0]
+            (self._name, _now()))[0]
 
     def __iter__(self):
         for key, _ in self._live_rows():
@@ -1543,7 +1740,7 @@ class DictManager(_Manager, MutableMapping):
                f"{_LIVE} ORDER BY key LIMIT ?")
         op, cursor = ">=", ""  # the first page includes the key '', which sorts first
         while True:
-            rows = self._core.execute(sql % op, (self._name, cursor, now, PAGE_SIZE)).fetchall()
+            rows = self._core.all(sql % op, (self._name, cursor, now, PAGE_SIZE))
             yield from rows
             if len(rows) < PAGE_SIZE:
                 return
@@ -1587,9 +1784,9 @@ class DictManager(_Manager, MutableMapping):
 
     def ttl(self, key):
         """Seconds until ``key`` expires; ``None`` if it never does; ``KeyError`` if absent."""
-        row = self._core.execute(
+        row = self._core.one(
             f"SELECT expires_at FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, _check_key(key), _now())).fetchone()
+            (self._name, _check_key(key), _now()))
         if row is None:
             raise KeyError(key)
         return None if row[0] is None else max(0.0, row[0] - _now())
@@ -1600,10 +1797,10 @@ class DictManager(_Manager, MutableMapping):
             "WHERE expires_at <= ? LIMIT ?)", (_now(), PURGE_BATCH))
 
     def _dump_items(self):
-        rows = self._core.execute(
+        rows = self._core.all(
             f"SELECT key, value, expires_at FROM beaver_dicts WHERE name = ? AND {_LIVE} "
-            "ORDER BY key", (self._name, _now())).fetchall()
-        return [{"key": k, "value": json.loads(v), "expires_at": e} for k, v, e in rows]
+            "ORDER BY key", (self._name, _now()))
+        return [{"key": k, "value": _json_loads(v), "expires_at": e} for k, v, e in rows]
 
     def _load_items(self, items):
         now = _now()
@@ -1652,8 +1849,8 @@ class ListManager(_Manager, MutableSequence):
 
     def _bounds(self):
         """(first position, length) of the list."""
-        lo, hi = self._core.execute(f"SELECT {self._MIN}, {self._MAX}",
-                                    (self._name, self._name)).fetchone()
+        lo, hi = self._core.one(f"SELECT {self._MIN}, {self._MAX}",
+                                    (self._name, self._name))
         return (0, 0) if lo is None else (lo, hi - lo + 1)
 
     def _index(self, index, length, clamp=False) -> int:
@@ -1695,7 +1892,7 @@ class ListManager(_Manager, MutableSequence):
             return self._get_slice(index)
         if type(index) is int and abs(index) < _SHIFT:
             sql = self._AT if index >= 0 else self._AT_END
-            row = self._core.execute(sql, (self._name, self._name, index)).fetchone()
+            row = self._core.one(sql, (self._name, self._name, index))
             if row is None:
                 raise IndexError("list index out of range")
             return self._codec.decode(row[0])
@@ -1710,9 +1907,9 @@ class ListManager(_Manager, MutableSequence):
             if not indices:
                 return []
             first, last = min(indices), max(indices)
-            rows = self._core.execute(
+            rows = self._core.all(
                 "SELECT value FROM beaver_lists WHERE name = ? AND pos BETWEEN ? AND ? "
-                "ORDER BY pos", (self._name, lo + first, lo + last)).fetchall()
+                "ORDER BY pos", (self._name, lo + first, lo + last))
         decode = self._codec.decode
         return [decode(rows[i - first][0]) for i in indices]
 
@@ -1731,9 +1928,9 @@ class ListManager(_Manager, MutableSequence):
             yield decode(text)
 
     def _values_from(self, pos) -> list:
-        rows = self._core.execute(
+        rows = self._core.all(
             "SELECT value FROM beaver_lists WHERE name = ? AND pos >= ? ORDER BY pos",
-            (self._name, pos)).fetchall()
+            (self._name, pos))
         return [row[0] for row in rows]
 
     # -- writing --------------------------------------------------------------------------
@@ -1835,9 +2032,9 @@ class ListManager(_Manager, MutableSequence):
                     return None
                 index = length - 1
             index = self._index(index, length)
-            row = self._core.execute(
+            row = self._core.one(
                 "SELECT value FROM beaver_lists WHERE name = ? AND pos = ?",
-                (self._name, lo + index)).fetchone()
+                (self._name, lo + index))
             self._remove_at(lo, length, index)
             self._wrote("pop", index=index)
         return self._codec.decode(row[0])
@@ -1848,9 +2045,9 @@ class ListManager(_Manager, MutableSequence):
             value = self._take(self._TAKE_FIRST)
             return None if value is _MISSING else value
         with self._core.transaction():
-            row = self._core.execute(
+            row = self._core.one(
                 f"SELECT pos, value FROM beaver_lists WHERE name = ? AND pos = {self._MIN}",
-                (self._name, self._name)).fetchone()
+                (self._name, self._name))
             if row is None:
                 return None
             self._core.execute("DELETE FROM beaver_lists WHERE name = ? AND pos = ?",
@@ -1862,7 +2059,7 @@ class ListManager(_Manager, MutableSequence):
 
     def _take(self, sql):
         """Delete and decode the end item ``sql`` picks, in one statement (or ``_MISSING``)."""
-        row = self._core.execute(sql, (self._name,)).fetchone()
+        row = self._core.one(sql, (self._name,))
         return _MISSING if row is None else self._codec.decode(row[0])
 
     def remove(self, value):
@@ -1918,7 +2115,7 @@ class ListManager(_Manager, MutableSequence):
     def _dump_items(self):
         rows = self._core.execute(
             "SELECT value FROM beaver_lists WHERE name = ? ORDER BY pos", (self._name,))
-        return [json.loads(row[0]) for row in rows]
+        return [_json_loads(row[0]) for row in rows]
 
     def _load_items(self, items):
         self.extend(items)
@@ -2018,9 +2215,9 @@ class QueueManager(_Manager):
         with self._core.transaction():
             now = _now()
             self._reclaim(now)
-            row = self._core.execute(
+            row = self._core.one(
                 "SELECT seq, priority, timestamp, data FROM beaver_queues WHERE name = ? "
-                "ORDER BY priority, seq LIMIT 1", (self._name,)).fetchone()
+                "ORDER BY priority, seq LIMIT 1", (self._name,))
             if row is None:
                 return None
             self._core.execute("DELETE FROM beaver_queues WHERE seq = ?", (row[0],))
@@ -2032,7 +2229,7 @@ class QueueManager(_Manager):
                     "VALUES (?, ?, ?, ?, ?)", (self._name, row[1], row[2], row[3], now + lease))
                 item = LeasedItem(row[1], row[2], self._codec.decode(row[3]))
                 item.lease_id = cursor.lastrowid
-            self._wrote("get", priority=item.priority, data=json.loads(row[3]), lease=lease)
+            self._wrote("get", priority=item.priority, data=_json_loads(row[3]), lease=lease)
         return item
 
     def _take_fast(self):
@@ -2040,7 +2237,7 @@ class QueueManager(_Manager):
 
         ``_MISSING`` if it took nothing: the queue is empty or a lease is due for reclaim.
         """
-        row = self._core.execute(self._TAKE, (self._name, _now())).fetchone()
+        row = self._core.one(self._TAKE, (self._name, _now()))
         return _MISSING if row is None else QueueItem(row[0], row[1], self._codec.decode(row[2]))
 
     def clear(self):
@@ -2051,15 +2248,15 @@ class QueueManager(_Manager):
 
     def _takeable(self) -> bool:
         """A read: is there an item, or an item whose lease ran out?"""
-        return self._core.execute(
+        return self._core.one(
             "SELECT EXISTS (SELECT 1 FROM beaver_queues WHERE name = ?) OR EXISTS (SELECT 1 "
             "FROM beaver_queue_leases WHERE name = ? AND until <= ?)",
-            (self._name, self._name, _now())).fetchone()[0] == 1
+            (self._name, self._name, _now()))[0] == 1
 
     def _reclaim(self, now):
         """Put items whose lease ran out back into the queue (inside a transaction)."""
-        if self._core.execute("SELECT 1 FROM beaver_queue_leases WHERE name = ? AND until <= ?",
-                              (self._name, now)).fetchone() is None:
+        if self._core.one("SELECT 1 FROM beaver_queue_leases WHERE name = ? AND until <= ?",
+                              (self._name, now)) is None:
             return
         self._core.execute(
             "INSERT INTO beaver_queues (name, priority, timestamp, data) SELECT name, priority, "
@@ -2070,8 +2267,8 @@ class QueueManager(_Manager):
 
     def _lease_due(self):
         """Seconds until the next lease of this queue runs out (bounds a blocked ``get``)."""
-        row = self._core.execute("SELECT min(until) FROM beaver_queue_leases WHERE name = ?",
-                                 (self._name,)).fetchone()
+        row = self._core.one("SELECT min(until) FROM beaver_queue_leases WHERE name = ?",
+                                 (self._name,))
         return None if row[0] is None else max(0.0, row[0] - _now()) + 0.0005
 
     def ack(self, item) -> bool:
@@ -2110,34 +2307,34 @@ class QueueManager(_Manager):
 
     def peek(self):
         """The item ``get`` would return next, without removing it; ``None`` if empty."""
-        row = self._core.execute(
+        row = self._core.one(
             "SELECT priority, timestamp, data FROM beaver_queues WHERE name = ? "
-            "ORDER BY priority, seq LIMIT 1", (self._name,)).fetchone()
+            "ORDER BY priority, seq LIMIT 1", (self._name,))
         return None if row is None else QueueItem(row[0], row[1], self._codec.decode(row[2]))
 
     def __len__(self):
-        return self._core.execute("SELECT count(*) FROM beaver_queues WHERE name = ?",
-                                  (self._name,)).fetchone()[0]
+        return self._core.one("SELECT count(*) FROM beaver_queues WHERE name = ?",
+                                  (self._name,))[0]
 
     def __bool__(self):
         return True
 
     def __iter__(self):
         """The items in the order ``get`` would return them (nothing is removed)."""
-        rows = self._core.execute(
+        rows = self._core.all(
             "SELECT priority, timestamp, data FROM beaver_queues WHERE name = ? "
-            "ORDER BY priority, seq", (self._name,)).fetchall()
+            "ORDER BY priority, seq", (self._name,))
         decode = self._codec.decode
         return iter([QueueItem(p, t, decode(d)) for p, t, d in rows])
 
     def _dump_items(self):
         """Queued items, then leased ones (a restored dump hands those out again)."""
-        leased = self._core.execute(
+        leased = self._core.all(
             "SELECT priority, timestamp, data FROM beaver_queue_leases WHERE name = ? "
-            "ORDER BY lease", (self._name,)).fetchall()
+            "ORDER BY lease", (self._name,))
         return [{"priority": item.priority, "timestamp": item.timestamp,
                  "data": _to_jsonable(item.data)} for item in self] + [
-                {"priority": p, "timestamp": t, "data": json.loads(d)} for p, t, d in leased]
+                {"priority": p, "timestamp": t, "data": _json_loads(d)} for p, t, d in leased]
 
     def _load_items(self, items):
         self._core.executemany(
@@ -2185,9 +2382,9 @@ class BlobManager(_Manager):
 
     def get(self, key):
         """The ``Blob`` stored under ``key``, or ``None``."""
-        row = self._core.execute(
+        row = self._core.one(
             "SELECT data, metadata FROM beaver_blobs WHERE name = ? AND key = ?",
-            (self._name, _check_key(key))).fetchone()
+            (self._name, _check_key(key)))
         if row is None:
             return None
         return Blob(key, row[0], None if row[1] is None else self._codec.decode(row[1]))
@@ -2213,13 +2410,13 @@ class BlobManager(_Manager):
     __delitem__ = delete
 
     def __contains__(self, key):
-        return isinstance(key, str) and self._core.execute(
+        return isinstance(key, str) and self._core.one(
             "SELECT 1 FROM beaver_blobs WHERE name = ? AND key = ?",
-            (self._name, key)).fetchone() is not None
+            (self._name, key)) is not None
 
     def __len__(self):
-        return self._core.execute("SELECT count(*) FROM beaver_blobs WHERE name = ?",
-                                  (self._name,)).fetchone()[0]
+        return self._core.one("SELECT count(*) FROM beaver_blobs WHERE name = ?",
+                                  (self._name,))[0]
 
     def __bool__(self):
         return True
@@ -2228,7 +2425,7 @@ class BlobManager(_Manager):
         sql = "SELECT key FROM beaver_blobs WHERE name = ? AND key %s ? ORDER BY key LIMIT ?"
         op, cursor = ">=", ""  # the first page includes the key '', which sorts first
         while True:
-            rows = self._core.execute(sql % op, (self._name, cursor, PAGE_SIZE)).fetchall()
+            rows = self._core.all(sql % op, (self._name, cursor, PAGE_SIZE))
             yield from (key for (key,) in rows)
             if len(rows) < PAGE_SIZE:
                 return
@@ -2243,7 +2440,7 @@ class BlobManager(_Manager):
             "SELECT key, data, metadata FROM beaver_blobs WHERE name = ? ORDER BY key",
             (self._name,))
         return [{"key": k, "data": base64.b64encode(d).decode("ascii"),
-                 "metadata": None if m is None else json.loads(m)} for k, d, m in rows]
+                 "metadata": None if m is None else _json_loads(m)} for k, d, m in rows]
 
     def _load_items(self, items):
         for item in items:
@@ -2317,9 +2514,9 @@ class LogManager(_Manager):
         """
         low = float("-inf") if start is None else _epoch(start, "start")
         high = float("inf") if end is None else _epoch(end, "end")
-        rows = self._core.execute(
+        rows = self._core.all(
             "SELECT timestamp, data FROM beaver_logs WHERE name = ? AND timestamp BETWEEN ? AND ? "
-            "ORDER BY timestamp, seq", (self._name, low, high)).fetchall()
+            "ORDER BY timestamp, seq", (self._name, low, high))
         decode = self._codec.decode
         return [LogEntry(_utc(t), decode(d)) for t, d in rows]
 
@@ -2329,7 +2526,7 @@ class LogManager(_Manager):
                "> (?, ?) ORDER BY timestamp, seq LIMIT ?")
         low, seq = float("-inf"), 0
         while True:
-            rows = self._core.execute(sql, (self._name, low, seq, PAGE_SIZE)).fetchall()
+            rows = self._core.all(sql, (self._name, low, seq, PAGE_SIZE))
             for t, _, d in rows:
                 yield LogEntry(_utc(t), decode(d))
             if len(rows) < PAGE_SIZE:
@@ -2337,8 +2534,8 @@ class LogManager(_Manager):
             low, seq = rows[-1][0], rows[-1][1]
 
     def __len__(self):
-        return self._core.execute("SELECT count(*) FROM beaver_logs WHERE name = ?",
-                                  (self._name,)).fetchone()[0]
+        return self._core.one("SELECT count(*) FROM beaver_logs WHERE name = ?",
+                                  (self._name,))[0]
 
     def __bool__(self):
         return True
@@ -2358,9 +2555,9 @@ class LogManager(_Manager):
         return LiveView(self, window, period, aggregator)
 
     def _dump_items(self):
-        rows = self._core.execute("SELECT timestamp, data FROM beaver_logs WHERE name = ? "
-                                  "ORDER BY timestamp, seq", (self._name,)).fetchall()
-        return [{"timestamp": t, "data": json.loads(d)} for t, d in rows]
+        rows = self._core.all("SELECT timestamp, data FROM beaver_logs WHERE name = ? "
+                                  "ORDER BY timestamp, seq", (self._name,))
+        return [{"timestamp": t, "data": _json_loads(d)} for t, d in rows]
 
     def _load_items(self, items):
         self._core.executemany(
@@ -2422,20 +2619,20 @@ class LiveView:
 
     def _load(self):
         core, log = self._log._core, self._log
-        self._last_seq = core.execute("SELECT coalesce(max(seq), 0) FROM beaver_logs"
-                                      ).fetchone()[0]
-        rows = core.execute(
+        self._last_seq = core.one("SELECT coalesce(max(seq), 0) FROM beaver_logs"
+                                      )[0]
+        rows = core.all(
             "SELECT timestamp, seq, data FROM beaver_logs WHERE name = ? AND timestamp >= ? "
             "AND seq <= ? ORDER BY timestamp, seq",
-            (log.name, _now() - self.window, self._last_seq)).fetchall()
+            (log.name, _now() - self.window, self._last_seq))
         decode = log._codec.decode
         self._entries.extend((t, s, decode(d)) for t, s, d in rows)
 
     def _read_new(self):
         log = self._log
-        rows = log._core.execute(
+        rows = log._core.all(
             "SELECT timestamp, seq, data FROM beaver_logs WHERE seq > ? AND +name = ? "
-            "ORDER BY seq", (self._last_seq, log.name)).fetchall()
+            "ORDER BY seq", (self._last_seq, log.name))
         if not rows:
             return
         self._last_seq = rows[-1][1]
@@ -2519,10 +2716,10 @@ class ChannelManager(_Manager):
         """Drop messages beyond the retention limits (done by ``publish`` every second)."""
         core = self._core
         if self.retention is not None:
-            keep = core.execute(       # the first fresh message, or else the newest one
+            keep = core.one(       # the first fresh message, or else the newest one
                 "SELECT seq FROM beaver_channels WHERE name = ? AND timestamp >= ? ORDER BY seq "
-                "LIMIT 1", (self._name, _now() - self.retention)).fetchone() or core.execute(
-                "SELECT max(seq) FROM beaver_channels WHERE name = ?", (self._name,)).fetchone()
+                "LIMIT 1", (self._name, _now() - self.retention)) or core.one(
+                "SELECT max(seq) FROM beaver_channels WHERE name = ?", (self._name,))
             if keep[0] is not None:
                 core.execute("DELETE FROM beaver_channels WHERE seq < ? AND name = ?",
                              (keep[0], self._name))
@@ -2538,7 +2735,7 @@ class ChannelManager(_Manager):
             # The newest row of the table keeps the sequence from going back (seq is not
             # AUTOINCREMENT, to keep publishing to one page write): it becomes a nameless
             # marker instead of being deleted.
-            top = self._core.execute("SELECT max(seq) FROM beaver_channels").fetchone()[0]
+            top = self._core.one("SELECT max(seq) FROM beaver_channels")[0]
             self._core.execute("DELETE FROM beaver_channels WHERE (name = ? OR name = '') "
                                "AND seq < ?", (self._name, top or 0))
             self._core.execute("UPDATE beaver_channels SET name = '', data = 'null' "
@@ -2556,24 +2753,24 @@ class ChannelManager(_Manager):
 
     def __len__(self):
         """Messages currently retained."""
-        return self._core.execute("SELECT count(*) FROM beaver_channels WHERE name = ?",
-                                  (self._name,)).fetchone()[0]
+        return self._core.one("SELECT count(*) FROM beaver_channels WHERE name = ?",
+                                  (self._name,))[0]
 
     def __bool__(self):
         return True
 
     def history(self, limit=None) -> list:
         """The retained messages, oldest first (the last ``limit`` ones if given)."""
-        rows = self._core.execute(
+        rows = self._core.all(
             "SELECT data FROM (SELECT seq, data FROM beaver_channels WHERE name = ? "
             "ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-            (self._name, -1 if limit is None else int(limit))).fetchall()
+            (self._name, -1 if limit is None else int(limit)))
         return [self._codec.decode(r[0]) for r in rows]
 
     def _dump_items(self):
-        rows = self._core.execute("SELECT timestamp, data FROM beaver_channels WHERE name = ? "
-                                  "ORDER BY seq", (self._name,)).fetchall()
-        return [{"timestamp": t, "payload": json.loads(d)} for t, d in rows]
+        rows = self._core.all("SELECT timestamp, data FROM beaver_channels WHERE name = ? "
+                                  "ORDER BY seq", (self._name,))
+        return [{"timestamp": t, "payload": _json_loads(d)} for t, d in rows]
 
     def _load_items(self, items):
         self._core.executemany(
@@ -2663,8 +2860,8 @@ class _Hub:
     def add(self, sub):
         name = sub.channel.name
         with self._lock:
-            sub.start = self._core.execute("SELECT coalesce(max(seq), 0) FROM beaver_channels"
-                                           ).fetchone()[0]
+            sub.start = self._core.one("SELECT coalesce(max(seq), 0) FROM beaver_channels"
+                                           )[0]
             if name not in self._subs:
                 self._last[name] = sub.start
             self._subs[name] = self._subs.get(name, ()) + (sub,)
@@ -2714,9 +2911,9 @@ class _Hub:
             work = list(self._last.items())
         for name, last in work:
             while True:
-                rows = self._core.execute(
+                rows = self._core.all(
                     "SELECT seq, data FROM beaver_channels WHERE seq > ? AND name = ? "
-                    "ORDER BY seq LIMIT ?", (last, name, PAGE_SIZE)).fetchall()
+                    "ORDER BY seq LIMIT ?", (last, name, PAGE_SIZE))
                 if not rows:
                     break
                 with self._lock:      # read after the rows: a newer subscriber's start is past them
@@ -2784,16 +2981,16 @@ class Lock:
     @property
     def held(self) -> bool:
         """True while this object holds the lock (and its TTL has not run out)."""
-        return self._ticket is not None and self._core.execute(
+        return self._ticket is not None and self._core.one(
             "SELECT 1 FROM beaver_locks WHERE ticket = ? AND held > 0 AND expires_at > ?",
-            (self._ticket, _now())).fetchone() is not None
+            (self._ticket, _now())) is not None
 
     @property
     def locked(self) -> bool:
         """True while anybody holds the lock."""
-        return self._core.execute(
+        return self._core.one(
             "SELECT 1 FROM beaver_locks WHERE name = ? AND held > 0 AND expires_at > ?",
-            (self.name, _now())).fetchone() is not None
+            (self.name, _now())) is not None
 
     def acquire(self, timeout=None, block=True):
         """Wait for the lock (up to ``timeout`` s, default the lock's own) and take it.
@@ -2846,9 +3043,9 @@ class Lock:
 
     def _take(self, now):
         """Inside a transaction: hold the lock if this ticket heads the line of live rows."""
-        head = self._core.execute(
+        head = self._core.one(
             "SELECT ticket, expires_at FROM beaver_locks WHERE name = ? AND expires_at > ? "
-            "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
+            "ORDER BY ticket LIMIT 1", (self.name, now))
         if head is None or head[0] != self._ticket:
             self._head_expires = None if head is None else head[1]
             return None
@@ -2861,9 +3058,9 @@ class Lock:
     def _claim(self):
         """One attempt while waiting: a read first, a write only when first in line."""
         now = _now()
-        head = self._core.execute(
+        head = self._core.one(
             "SELECT ticket, expires_at, held FROM beaver_locks WHERE name = ? AND expires_at > ? "
-            "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
+            "ORDER BY ticket LIMIT 1", (self.name, now))
         if head is not None and head[0] == self._ticket:
             if head[2]:                 # the previous holder handed it over on release
                 return True
@@ -2882,8 +3079,8 @@ class Lock:
             "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND expires_at > ? "
             "AND held = 0", (now + LOCK_WAITER_GRACE, self._ticket, now))
         if cursor.rowcount == 0:
-            row = self._core.execute("SELECT held, expires_at FROM beaver_locks WHERE ticket = ?",
-                                     (self._ticket,)).fetchone()
+            row = self._core.one("SELECT held, expires_at FROM beaver_locks WHERE ticket = ?",
+                                     (self._ticket,))
             if row is not None and row[0] and row[1] > now:
                 return True             # handed over meanwhile
             # this process stalled past the grace time: queue again
@@ -4758,7 +4955,7 @@ def _read_snapshot(core):
     core._run(conn, "BEGIN")
     local.depth, local.pending = 1, []
     try:
-        core.execute("SELECT count(*) FROM beaver_meta").fetchone()  # the snapshot starts here
+        core.one("SELECT count(*) FROM beaver_meta")  # the snapshot starts here
         yield
     finally:
         local.depth, local.pending = 0, []

@@ -320,6 +320,180 @@ def test_sigkilled_writer_leaves_a_sound_database(tmp_path):
         db.list("log").push("after the crash")       # and it is writable again
 
 
+# ---- core: typed errors ----
+
+def test_error_tree_keeps_builtins_and_sqlite_details():
+    assert issubclass(beaver.DatabaseBusy, beaver.Timeout)
+    assert issubclass(beaver.DiskFull, beaver.BeaverError) and issubclass(beaver.DiskFull, OSError)
+    assert issubclass(beaver.CorruptDatabase, beaver.BeaverError)
+    assert issubclass(beaver.ForeignDatabase, beaver.SchemaError)
+    assert issubclass(beaver.ReadOnlyDatabase, PermissionError)
+    error = beaver.BeaverError("plain")
+    assert error.orig is None and error.code is None
+
+
+@pytest.mark.parametrize("code, cls", [
+    (5, beaver.DatabaseBusy), (6, beaver.DatabaseBusy), (517, beaver.DatabaseBusy),
+    (13, beaver.DiskFull), (11, beaver.CorruptDatabase), (26, beaver.CorruptDatabase),
+    (8, beaver.ReadOnlyDatabase), (1, beaver.BeaverError), (None, beaver.BeaverError)])
+def test_sqlite_errors_are_translated_by_result_code(code, cls):
+    error = sqlite3.OperationalError("whatever the text says")
+    if code is not None:
+        error.sqlite_errorcode = code
+    translated = beaver._sqlite_error(error, "/x.db", 1.0)
+    assert type(translated) is cls
+    assert translated.orig is error and translated.code == code
+
+
+@pytest.mark.parametrize("text, code", [
+    ("database is locked", 5), ("database or disk is full", 13),
+    ("database disk image is malformed", 11), ("file is not a database", 26),
+    ("attempt to write a readonly database", 8), ("no such table: x", None)])
+def test_result_code_without_sqlite_errorcode(text, code):
+    # Python 3.9/3.10 exceptions carry no code: it comes from SQLite's wording of the code
+    assert beaver._result_code(sqlite3.OperationalError(text)) == code
+
+
+def test_no_code_matches_sqlite_error_text():
+    source = (ROOT / "beaver.py").read_text()
+    core = source[source.index("# Core: connections"):source.index("# Collection: documents")]
+    core += source[source.index("class _Managers"):]
+    assert "in str(e)" not in core and "str(e))" not in core.replace("{e}", "")
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 4 MiB tmpfs (needs root): a disk that fills up."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.name != "posix" or os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+            capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount to make a small file system")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill_disk(folder):
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (65536, 4096, 256, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"x" * size)
+    finally:
+        os.close(fd)
+
+
+def test_disk_full_is_disk_full_on_every_write_path_and_loses_nothing(tiny_fs):
+    db = BeaverDB(tiny_fs / "full.db")
+    try:
+        q, items, d = db.queue("q"), db.list("l"), db.dict("d")
+        for i in range(30):
+            q.put(i)
+            items.push(i)
+        d["k"] = 1
+        fill_disk(tiny_fs)
+        calls = [lambda: q.put("x" * 2000), lambda: q.get(block=False), items.pop,
+                 items.deque, lambda: d.set("k", "v" * 5000), lambda: items.push("y" * 5000)]
+        failures = 0
+        for _ in range(40):         # the WAL may still have room for a few small writes
+            for call in calls:
+                try:
+                    call()
+                except beaver.DiskFull as e:
+                    failures += 1
+                    assert isinstance(e, OSError) and e.code & 0xFF == 13
+                    assert isinstance(e.orig, sqlite3.Error)
+        assert failures > 0
+        os.remove(tiny_fs / "filler")
+        assert len(q) + len(items) >= 0 and d["k"] in (1, "v" * 5000)
+    finally:
+        db.close()
+    assert raw_rows(tiny_fs / "full.db", "PRAGMA integrity_check") == [("ok",)]
+
+
+def _dict_file(path, n=3000):
+    with BeaverDB(path) as db:
+        with db.transaction():
+            for i in range(n):
+                db.dict("d")[f"k{i:05}"] = "v" * 50
+    return path.read_bytes()
+
+
+def test_zeroed_page_is_corrupt_database_not_a_raw_sqlite_error(tmp_path):
+    data = bytearray(_dict_file(tmp_path / "a.db"))
+    page = 4096
+    pages = len(data) // page
+    data[(pages - 3) * page:(pages - 2) * page] = bytes(page)   # a leaf of beaver_dicts
+    bad = tmp_path / "zero.db"
+    bad.write_bytes(bytes(data))
+    with BeaverDB(bad) as db:
+        with pytest.raises(beaver.CorruptDatabase) as info:
+            db.dict("d").items()
+        assert info.value.code & 0xFF == 11
+        with pytest.raises(beaver.CorruptDatabase):
+            list(db.dict("d"))
+
+
+def test_flipped_bytes_in_the_schema_are_corrupt_database(tmp_path):
+    data = bytearray(_dict_file(tmp_path / "a.db", n=10))
+    for at in [i for i in range(len(data)) if data[i:i + 16] == b"beaver_listeners"][:2]:
+        bad = bytearray(data)
+        bad[at + 3] = 0xFF
+        (tmp_path / "flip.db").write_bytes(bytes(bad))
+        with pytest.raises(beaver.CorruptDatabase):
+            BeaverDB(tmp_path / "flip.db")
+
+
+def _hold_exclusive(path, ready, done):
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+    conn.execute("BEGIN EXCLUSIVE")
+    conn.execute("CREATE TABLE IF NOT EXISTS other (x)")
+    ready.set()
+    done.wait(MP_DEADLINE)
+    conn.close()
+
+
+def test_exclusive_lock_held_by_another_process_at_open_is_database_busy(tmp_path):
+    path = str(tmp_path / "held.db")
+    ready, done = SPAWN.Event(), SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_exclusive, args=(path, ready, done))
+    holder.start()
+    try:
+        assert ready.wait(MP_DEADLINE)
+        with pytest.raises(beaver.DatabaseBusy) as info:
+            BeaverDB(path, timeout=0.2)
+        assert isinstance(info.value, TimeoutError) and info.value.code & 0xFF == 5
+    finally:
+        done.set()
+        holder.join(MP_DEADLINE)
+    assert not os.path.exists(path + "-wal") or BeaverDB(path).close() is None
+
+
+@pytest.mark.parametrize("depth", [5000])
+def test_deeply_nested_values_are_a_clear_error(db, depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    for write in (lambda: db.dict("d").set("k", value), lambda: db.list("l").push(value),
+                  lambda: db.queue("q").put(value), lambda: db.channel("c").publish(value)):
+        with pytest.raises((ValueError, TypeError), match="nested"):
+            write()
+    assert "k" not in db.dict("d") and len(db.list("l")) == 0 and len(db.queue("q")) == 0
+
+
+def test_deeply_nested_stored_text_reads_as_corrupt_not_recursion_error(db):
+    db.dict("d")["k"] = 1
+    deep = "[" * 100_000 + "]" * 100_000
+    db._core.execute("UPDATE beaver_dicts SET value = ?", (deep,))
+    with pytest.raises(beaver.CorruptDatabase):
+        db.dict("d")["k"]
+
+
 # ---- codec / Model ----
 
 class Address(beaver.Model):
