@@ -5136,7 +5136,7 @@ class Unauthorized(RemoteError, PermissionError):
 _REMOTE_ERRORS = {cls.__name__: cls for cls in (
     KeyError, IndexError, ValueError, TypeError, TimeoutError, BeaverError, ClosedError,
     SchemaError, FeatureUnavailable, Timeout, DatabaseBusy, LockTimeout, LockLost, QueueEmpty,
-    ValidationError)}
+    ValidationError, DiskFull, CorruptDatabase, ForeignDatabase, ReadOnlyDatabase)}
 _CHUNK_WAIT = 25.0   # seconds a single blocking request may wait on the server
 _NO_BODY = object()
 

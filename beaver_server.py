@@ -103,6 +103,7 @@ def _error(status, name, message, **extra) -> JSONResponse:
 # Most specific first: the first class an exception is an instance of decides the status.
 _STATUS = [
     (beaver.LockLost, 409), (beaver.LockTimeout, 409), (beaver.DatabaseBusy, 503),
+    (beaver.DiskFull, 507),
     (TimeoutError, 408), (KeyError, 404), (IndexError, 404), (ValueError, 422),
     (TypeError, 422), (beaver.ClosedError, 503), (beaver.FeatureUnavailable, 501),
 ]
@@ -119,7 +120,7 @@ def _handle_exception(request, exc):
 
 
 def _handle_http(request, exc):
-    names = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge",
+    names = {400: "ValueError", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge",
              422: "ValueError"}
     name = names.get(exc.status_code, "HTTPError")
     response = _error(exc.status_code, name, str(exc.detail))
@@ -180,6 +181,8 @@ class _Context:
             return json.loads(raw)
         except ValueError:
             pass
+        except RecursionError:
+            raise HTTPException(400, "the JSON body is nested too deeply") from None
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -479,7 +482,7 @@ def _blob_routes(ctx) -> APIRouter:
         if metadata is not None:
             try:
                 metadata = json.loads(metadata)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise HTTPException(422, "Beaver-Metadata must be JSON") from None
         await run_in_threadpool(ctx.db.blobs(name).put, key, data, metadata)
         return Response(status_code=204)

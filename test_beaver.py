@@ -4607,6 +4607,21 @@ def test_server_bad_input_is_4xx_json(api, method, path, body):
     assert set(r.json()) >= {"error", "message"}
 
 
+def test_server_deeply_nested_json_is_400_not_500(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    import beaver_server
+    with BeaverDB(tmp_path / "api.db") as database, TestClient(
+            beaver_server.create_app(database, max_body_bytes=100_000)) as api:
+        deep = "[" * 5000 + "]" * 5000
+        for path in ["/dicts/d/k", "/lists/l/push", "/queues/q/put", "/channels/c/publish"]:
+            r = getattr(api, "put" if path.startswith("/dicts") else "post")(
+                path, content=deep.encode(), headers={"content-type": "application/json"})
+            assert r.status_code == 400, (path, r.status_code, r.text[:200])
+            assert r.json()["error"] == "ValueError" and "nested" in r.json()["message"]
+        assert "k" not in database.dict("d") and len(database.list("l")) == 0
+
+
 def test_server_auth(tmp_path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
