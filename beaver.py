@@ -90,6 +90,7 @@ EVENT_RETENTION = 60.0          # seconds cross-process event rows are kept
 CHANNEL_RETENTION = 3600.0      # default seconds a channel message is kept
 CHANNEL_MAX_MESSAGES = 100_000  # default messages kept per channel
 LOCK_WAITER_GRACE = 3.0         # a waiter that stops heart-beating this long loses its place
+MAX_SECONDS = 1e10              # the longest TTL, lease, period or retention (about 317 years)
 _SHIFT = 1 << 60                # list positions live far below this; see ListManager._shift
 
 
@@ -170,39 +171,78 @@ def _now() -> float:
     return time.time()
 
 
+# Every number and name that comes from a user goes through these checks, before anything
+# is written: the right type (a bool is not a number), finite, in range, and errors that
+# name the argument.
+
+def _check_text(text, what) -> str:
+    """``text`` if SQLite can store it: a str without lone surrogates."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, not {type(text).__name__}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{what} {text!r:.60} holds a lone surrogate: it is not Unicode "
+                             "text SQLite can store") from None
+    return text
+
+
 def _check_name(name) -> str:
     if not isinstance(name, str) or not name:
-        raise TypeError(f"a structure name must be a non-empty str, not {name!r}")
-    return name
+        raise TypeError(f"a structure name must be a non-empty str, not {name!r:.60}")
+    return _check_text(name, "structure name")
 
 
 def _check_key(key) -> str:
-    if not isinstance(key, str):
-        raise TypeError(f"keys must be str, not {type(key).__name__}")
-    return key
+    return _check_text(key, "key")
 
 
-def _check_ttl(ttl_seconds):
-    if ttl_seconds is None:
-        return None
-    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)):
-        raise TypeError(f"ttl_seconds must be a number of seconds, not {ttl_seconds!r}")
-    if not ttl_seconds > 0:
-        raise ValueError(f"ttl_seconds must be positive, not {ttl_seconds!r}")
-    return float(ttl_seconds)
+def _check_number(value, what, low=None, high=None, integer=False):
+    """``value``: an int (or float unless ``integer``) that is not a bool, finite, in
+    [``low``, ``high``] where given."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        if integer and hasattr(value, "__index__") and not isinstance(value, bool):
+            value = operator.index(value)           # numpy integers and the like
+        else:
+            raise TypeError(f"{what} must be {'an int' if integer else 'a number'}, "
+                            f"not {value!r:.60}")
+    if value != value or value in (math.inf, -math.inf):
+        raise ValueError(f"{what} must be a finite number, not {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = [f">= {low:g}"] * (low is not None) + [f"<= {high:g}"] * (high is not None)
+        raise ValueError(f"{what} must be {' and '.join(bounds)}, not {value!r:.40}")
+    return value
 
 
-def _seconds(value, what: str):
-    """Accept seconds as a number or a ``timedelta``; ``None`` passes through."""
+def _seconds(value, what: str, positive=False, wait=False, high=MAX_SECONDS):
+    """Seconds from a number or a ``timedelta``; ``None`` passes through.
+
+    A duration is finite, >= 0 (> 0 if ``positive``) and at most ``high``. A wait
+    (``wait=True``) may also be ``inf`` or longer than the clock counts: no limit (None).
+    """
     if value is None:
         return None
     if isinstance(value, _dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be seconds or a timedelta, not {value!r}")
-    if value < 0:
-        raise ValueError(f"{what} must not be negative, not {value!r}")
+        value = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be seconds (a number or a timedelta), not {value!r:.60}")
+    if wait and value >= threading.TIMEOUT_MAX:
+        return None
+    _check_number(value, what)
+    if value < 0 or value > high or (positive and value == 0):
+        raise ValueError(f"{what} must be {'more than 0' if positive else '0 or more'} and at "
+                         f"most {high:g} seconds, not {value!r:.40}")
     return float(value)
+
+
+def _check_ttl(ttl_seconds):
+    return _seconds(ttl_seconds, "ttl_seconds", positive=True)
+
+
+def _count(value, what, low=0, high=1 << 62) -> int:
+    """A whole number of things (``top_k``, ``limit``, ``max_messages``...)."""
+    return _check_number(value, what, low, high, integer=True)
 
 
 class _Deadline:
@@ -576,6 +616,7 @@ def _upstream_version(conn):
 
 # DELETE ... RETURNING takes an item in one autocommit statement (3.35.5 fixed its early bugs)
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 5)
+_MAX_BUSY_TIMEOUT = (2 ** 31 - 1) / 1000     # SQLite counts its busy timeout in int milliseconds
 
 _live_cores: "weakref.WeakSet[_Core]" = weakref.WeakSet()
 
@@ -717,7 +758,9 @@ class _Core:
         self.memory = str(path) == ":memory:"
         # absolute, so a later chdir cannot send new threads' connections to another file
         self.path = _memory_path() if self.memory else os.path.abspath(os.fspath(path))
-        self.timeout = float(timeout)
+        self.timeout = _seconds(timeout, "timeout", high=_MAX_BUSY_TIMEOUT)
+        if self.timeout is None:
+            raise TypeError("timeout must be seconds (a number or a timedelta), not None")
         self.synchronous = "OFF" if self.memory else durability.upper()
         self.closed = False
         self._local = threading.local()
@@ -1459,6 +1502,7 @@ class _StructureLock:
         The lock is advisory: it excludes other holders of the same structure's lock, in any
         thread or process. Raises ``LockTimeout`` (a ``TimeoutError``) if not acquired.
         """
+        ttl = _seconds(ttl, "ttl", positive=True)
         with _StructureLock._creating:
             if self._lock is None:
                 self._lock = self._new_lock(f"__beaver_{self._kind}__:{self._name}", ttl)
@@ -2158,12 +2202,10 @@ class QueueManager(_Manager):
 
     def put(self, data, priority=0):
         """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
-        if isinstance(priority, bool) or not isinstance(priority, (int, float)):
-            raise TypeError(f"priority must be a number, not {priority!r}")
-        if priority != priority:
-            raise ValueError("priority must not be NaN")
-        if isinstance(priority, int) and not -(1 << 63) <= priority < (1 << 63):
-            raise ValueError("an integer priority must fit in 64 bits")
+        if type(priority) is not int or not -(1 << 63) <= priority < (1 << 63):
+            _check_number(priority, "priority")
+            if isinstance(priority, int):
+                raise ValueError(f"an int priority must fit in 64 bits, not {priority!r:.40}")
         text = self._codec.encode(data)
         if self._listened():
             with self._atomic():
@@ -2186,10 +2228,8 @@ class QueueManager(_Manager):
             >>> process(item.data)
             >>> jobs.ack(item)
         """
-        timeout = _seconds(timeout, "timeout")
-        lease = _seconds(lease, "lease")
-        if lease is not None and lease <= 0:
-            raise ValueError("lease must be positive")
+        timeout = _seconds(timeout, "timeout", wait=True)
+        lease = _seconds(lease, "lease", positive=True)
         item = self._take(lease, woken=False)
         if not block or self._core.in_transaction:
             if item is None and block:
@@ -2457,17 +2497,33 @@ class LogEntry(typing.NamedTuple):
     data: typing.Any
 
 
-def _epoch(value, what="timestamp") -> float:
-    """Seconds since the epoch from a ``datetime`` (naive = local time) or a number."""
+_EPOCH_RANGE = (-62135596800, 253402300799)    # 0001-01-01 to 9999-12-31T23:59:59 UTC
+_UTC_ENDS = (_dt.datetime.min.replace(tzinfo=_dt.timezone.utc),
+             _dt.datetime.max.replace(tzinfo=_dt.timezone.utc))
+
+
+def _epoch(value, what="timestamp", bound=False) -> float:
+    """Seconds since the epoch from a ``datetime`` (naive = local time) or a number, in the
+    years 1 to 9999 that ``datetime`` can show; a query's ``bound`` may lie beyond (even inf).
+    """
     if isinstance(value, _dt.datetime):
-        return value.timestamp()
+        try:
+            return value.timestamp()
+        except (OverflowError, OSError, ValueError) as e:
+            raise ValueError(f"{what} {value!r} has no epoch time here: {e}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a datetime or epoch seconds, not {value!r}")
-    return float(value)
+        raise TypeError(f"{what} must be a datetime or epoch seconds, not {value!r:.60}")
+    if bound and value == value:
+        return value if isinstance(value, float) else float(max(min(value, 1e300), -1e300))
+    return float(_check_number(value, what, *_EPOCH_RANGE))
 
 
 def _utc(seconds) -> _dt.datetime:
-    return _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
+    """The aware UTC ``datetime`` of stored epoch seconds (clamped to years 1 and 9999)."""
+    try:
+        return _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return _UTC_ENDS[seconds > 0]
 
 
 class LogManager(_Manager):
@@ -2490,7 +2546,7 @@ class LogManager(_Manager):
 
     def __init__(self, db, name, model=None, retention=None):
         super().__init__(db, name, model)
-        self.retention = _seconds(retention, "retention")
+        self.retention = _seconds(retention, "retention", positive=True)
         self._next_prune = 0.0
 
     def log(self, data, timestamp=None):
@@ -2512,8 +2568,8 @@ class LogManager(_Manager):
             >>> for when, data in logs.range(start=datetime(2025, 1, 1, tzinfo=timezone.utc)):
             ...     print(when, data)
         """
-        low = float("-inf") if start is None else _epoch(start, "start")
-        high = float("inf") if end is None else _epoch(end, "end")
+        low = -math.inf if start is None else _epoch(start, "start", bound=True)
+        high = math.inf if end is None else _epoch(end, "end", bound=True)
         rows = self._core.all(
             "SELECT timestamp, data FROM beaver_logs WHERE name = ? AND timestamp BETWEEN ? AND ? "
             "ORDER BY timestamp, seq", (self._name, low, high))
@@ -2577,9 +2633,9 @@ class LiveView:
     def __init__(self, log, window, period, aggregator):
         self._log = log
         self.window = _seconds(window, "window")
-        self.period = _seconds(period, "period")
-        if not self.period:
-            raise ValueError("period must be positive")
+        self.period = _seconds(period, "period", positive=True)
+        if self.window is None or self.period is None:
+            raise TypeError("live() needs a window and a period (seconds or timedeltas)")
         if not callable(aggregator):
             raise TypeError("aggregator must be callable")
         self._aggregator = aggregator
@@ -2692,11 +2748,9 @@ class ChannelManager(_Manager):
     def __init__(self, db, name, model=None, retention=CHANNEL_RETENTION,
                  max_messages=CHANNEL_MAX_MESSAGES):
         super().__init__(db, name, model)
-        self.retention = _seconds(retention, "retention")
-        if max_messages is not None and (isinstance(max_messages, bool) or
-                                         not isinstance(max_messages, int) or max_messages < 1):
-            raise ValueError(f"max_messages must be a positive int or None, not {max_messages!r}")
-        self.max_messages = max_messages
+        self.retention = _seconds(retention, "retention", positive=True)
+        self.max_messages = None if max_messages is None else _count(max_messages,
+                                                                     "max_messages", low=1)
         self._next_prune = 0.0
 
     def publish(self, payload):
@@ -2764,7 +2818,7 @@ class ChannelManager(_Manager):
         rows = self._core.all(
             "SELECT data FROM (SELECT seq, data FROM beaver_channels WHERE name = ? "
             "ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-            (self._name, -1 if limit is None else int(limit)))
+            (self._name, -1 if limit is None else _count(limit, "limit")))
         return [self._codec.decode(r[0]) for r in rows]
 
     def _dump_items(self):
@@ -2803,7 +2857,7 @@ class Subscriber:
 
     def get(self, timeout=None):
         """The next message; ``TimeoutError`` after ``timeout`` seconds without one."""
-        timeout = _seconds(timeout, "timeout")
+        timeout = _seconds(timeout, "timeout", wait=True)
         try:
             text = self._inbox.get(timeout=timeout)
         except _queue.Empty:
@@ -2962,10 +3016,10 @@ class Lock:
     def __init__(self, db, name, timeout=None, ttl=60.0):
         self._core = db._core
         self.name = _check_name(name)
-        self.timeout = _seconds(timeout, "timeout")
-        self.ttl = _seconds(ttl, "ttl")
-        if not self.ttl:
-            raise ValueError("ttl must be positive")
+        self.timeout = _seconds(timeout, "timeout", wait=True)
+        self.ttl = _seconds(ttl, "ttl", positive=True)
+        if self.ttl is None:
+            raise TypeError("a lock needs a ttl (seconds or a timedelta)")
         self._guard = threading.Lock()
         self._owner = f"{os.getpid()}:{uuid.uuid4().hex}"
         _add_lock_ttl_column(self._core)
@@ -2998,7 +3052,7 @@ class Lock:
         Returns a truthy object usable as a context manager; raises ``LockTimeout`` (a
         ``TimeoutError``) when the wait ends without the lock. ``block=False`` tries once.
         """
-        timeout = self.timeout if timeout is None else _seconds(timeout, "timeout")
+        timeout = self.timeout if timeout is None else _seconds(timeout, "timeout", wait=True)
         deadline = _Deadline(0.0 if not block else timeout)
         if not self._guard.acquire(False):
             left = deadline.remaining()
@@ -3137,7 +3191,7 @@ class Lock:
 
     def renew(self, ttl=None):
         """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now."""
-        ttl = self.ttl if ttl is None else _seconds(ttl, "ttl")
+        ttl = self.ttl if ttl is None else _seconds(ttl, "ttl", positive=True)
         cursor = None if self._ticket is None else self._core.execute(
             "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND held > 0 "
             "AND expires_at > ?", (_now() + ttl, self._ticket, _now()))
@@ -3864,7 +3918,8 @@ class CollectionManager(_Manager):
         """
         if not self._fts:
             raise FeatureUnavailable("this SQLite was built without FTS5: match() is unavailable")
-        paths, top_k = _check_paths(on), int(top_k)
+        top_k = _count(top_k, "top_k")
+        paths = _check_paths(on)
         if top_k <= 0 or paths == []:
             return []
         if raw:
@@ -4132,8 +4187,8 @@ class CollectionManager(_Manager):
         Exact unless the ``beaver_vector`` extra provides an index. ``where`` keeps documents
         whose body fields (dotted paths) equal the value (or one of a list of values).
         """
+        top_k = _count(top_k, "top_k")
         query = _as_vector(vector)
-        top_k = int(top_k)
         if self._backend and self._dim:     # the dimension never changes once committed
             dim = self._dim
         else:
@@ -5108,8 +5163,8 @@ def _backup_database(db, path):
             dest.close()
             source.close()
         os.replace(tmp, target)
-    except sqlite3.Error as e:
-        raise BeaverError(f"backup to {target!r} failed: {e}") from None
+    except _DB_ERRORS as e:
+        raise _sqlite_error(e, target, db._core.timeout) from e
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -5537,8 +5592,8 @@ class RemoteQueue(_RemoteManager):
         With ``lease=seconds`` the item returns to the queue unless ``ack(item)`` is called
         in time: the safe way to take work over a network that may drop a response.
         """
-        deadline = _Deadline(_seconds(timeout, "timeout"))
-        query = {"block": block, "lease": _seconds(lease, "lease")}
+        deadline = _Deadline(_seconds(timeout, "timeout", wait=True))
+        query = {"block": block, "lease": _seconds(lease, "lease", positive=True)}
         while True:
             wait = deadline.remaining(cap=_CHUNK_WAIT) if block else 0.0
             try:
@@ -5634,10 +5689,10 @@ class RemoteLock:
     def __init__(self, client, name, timeout=None, ttl=60.0):
         self._http = client._http
         self.name = _check_name(name)
-        self.timeout = _seconds(timeout, "timeout")
-        self.ttl = _seconds(ttl, "ttl")
-        if not self.ttl:
-            raise ValueError("ttl must be positive")
+        self.timeout = _seconds(timeout, "timeout", wait=True)
+        self.ttl = _seconds(ttl, "ttl", positive=True)
+        if self.ttl is None:
+            raise TypeError("a lock needs a ttl (seconds or a timedelta)")
         self._base = f"/locks/{_quote(name)}"
         self._token = None
         self._guard = threading.Lock()
@@ -5665,7 +5720,7 @@ class RemoteLock:
 
     def acquire(self, timeout=None, block=True):
         """Wait for the lock (up to ``timeout`` s) and take it; ``LockTimeout`` otherwise."""
-        timeout = self.timeout if timeout is None else _seconds(timeout, "timeout")
+        timeout = self.timeout if timeout is None else _seconds(timeout, "timeout", wait=True)
         deadline = _Deadline(timeout if block else 0.0)
         if not self._guard.acquire(timeout=-1 if timeout is None else timeout):
             raise LockTimeout(f"lock {self.name!r} is held by another thread of this object")
@@ -5698,7 +5753,7 @@ class RemoteLock:
         """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now."""
         if self._token is None:
             raise LockLost(f"lock {self.name!r} is not held by this object")
-        ttl = self.ttl if ttl is None else _seconds(ttl, "ttl")
+        ttl = self.ttl if ttl is None else _seconds(ttl, "ttl", positive=True)
         self._call("/renew", {"token": self._token, "ttl": ttl})
 
     def __enter__(self):
@@ -5738,7 +5793,8 @@ class RemoteLog(_RemoteManager):
         """``aggregator(values in the last window)`` now and every ``period`` (an iterator)."""
         if not callable(aggregator):
             raise TypeError("aggregator must be callable")
-        query = {"window": _seconds(window, "window"), "period": _seconds(period, "period")}
+        query = {"window": _seconds(window, "window"),
+                 "period": _seconds(period, "period", positive=True)}
         decode = self._value
         return _RemoteStream(self._http, self._base + "/live", query,
                              lambda text: aggregator([decode(v) for v in json.loads(text)]))
@@ -5778,7 +5834,7 @@ class _RemoteStream:
     def get(self, timeout=None):
         """The next event; ``TimeoutError`` after ``timeout`` seconds without one."""
         try:
-            text = self._inbox.get(timeout=_seconds(timeout, "timeout"))
+            text = self._inbox.get(timeout=_seconds(timeout, "timeout", wait=True))
         except _queue.Empty:
             raise Timeout(f"nothing arrived within {timeout}s") from None
         if text is _MISSING:

@@ -494,6 +494,120 @@ def test_deeply_nested_stored_text_reads_as_corrupt_not_recursion_error(db):
         db.dict("d")["k"]
 
 
+# ---- helpers: one validation of numbers and names from users ----
+
+NAN, INF = float("nan"), float("inf")
+
+# (what, call(db, value)): every number a user passes goes through the same checks
+NUMBER_ARGUMENTS = {
+    "dict ttl_seconds": lambda db, v: db.dict("d").set("k", 1, ttl_seconds=v),
+    "queue get timeout": lambda db, v: db.queue("q").get(timeout=v),
+    "queue get lease": lambda db, v: db.queue("q").get(lease=v),
+    "queue put priority": lambda db, v: db.queue("q").put(1, priority=v),
+    "lock ttl": lambda db, v: db.lock("l", ttl=v),
+    "lock timeout": lambda db, v: db.lock("l", timeout=v),
+    "lock acquire timeout": lambda db, v: db.lock("l").acquire(timeout=v),
+    "lock renew ttl": lambda db, v: _renew(db.lock("l"), v),
+    "structure acquire ttl": lambda db, v: db.list("s").acquire(ttl=v),
+    "structure acquire timeout": lambda db, v: db.list("s").acquire(timeout=v),
+    "log timestamp": lambda db, v: db.log("g").log(1, timestamp=v),
+    "log retention": lambda db, v: db.log("g2", retention=v),
+    "live window": lambda db, v: db.log("g").live(window=v, period=1),
+    "live period": lambda db, v: db.log("g").live(window=1, period=v),
+    "channel retention": lambda db, v: db.channel("c2", retention=v),
+    "channel max_messages": lambda db, v: db.channel("c3", max_messages=v),
+    "channel history limit": lambda db, v: db.channel("c").history(limit=v),
+    "subscriber get timeout": lambda db, v: db.channel("c").subscribe().get(timeout=v),
+    "collection match top_k": lambda db, v: db.collection("k").match("x", top_k=v),
+    "collection search top_k": lambda db, v: db.collection("k").search([1.0], top_k=v),
+}
+
+
+def _renew(lock, ttl):
+    with lock:
+        lock.renew(ttl)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("what", sorted(NUMBER_ARGUMENTS))
+@pytest.mark.parametrize("value, error", [
+    (NAN, ValueError), ("10", TypeError), (True, TypeError), (-1, ValueError),
+    (10 ** 400, ValueError), ([1], TypeError)], ids=["nan", "str", "bool", "-1", "huge", "list"])
+def test_bad_numbers_are_refused_up_front_with_a_clear_error(db, what, value, error):
+    if value == 10 ** 400 and "timeout" in what:
+        return          # a huge timeout is a wait without limit (see the next test)
+    if value == -1 and what in ("log timestamp", "queue put priority"):
+        return          # 1969-12-31T23:59:59 is a fine timestamp, -1 a fine priority
+    if value != value and what.endswith(("limit", "max_messages", "top_k")):
+        error = TypeError   # a count is an int: a float is the wrong type
+    db.queue("q").put("kept")
+    before = _state(db)
+    with pytest.raises(error) as info:
+        NUMBER_ARGUMENTS[what](db, value)
+    message = str(info.value)
+    assert what.split()[-1] in message, message         # the error names the argument
+    assert _state(db) == before
+
+
+def _state(db):
+    out = io.StringIO()
+    db.dump(out)
+    return [line for line in out.getvalue().splitlines() if '"dumped_at"' not in line]
+
+
+@pytest.mark.timeout(60)
+def test_unbounded_waits_take_inf_and_huge_numbers(db):
+    channel = db.channel("c")
+    with channel.subscribe() as sub:
+        channel.publish("hi")
+        assert sub.get(timeout=INF) == "hi"
+        channel.publish("again")
+        assert sub.get(timeout=10 ** 400) == "again"
+    db.queue("q").put(1)
+    assert db.queue("q").get(timeout=10 ** 400).data == 1
+    with db.lock("l", timeout=INF):
+        pass
+
+
+def test_infinite_and_far_timestamps_are_refused_and_old_rows_still_read(db):
+    log = db.log("g")
+    log.log("first", timestamp=1000)
+    for bad in (1e20, INF, -INF, 253402300800, -62135596801):
+        with pytest.raises(ValueError, match="timestamp"):
+            log.log("x", timestamp=bad)
+    assert [e.data for e in log] == ["first"]
+    # a row written by an older beaver with a timestamp beyond year 9999 still reads
+    db._core.execute("INSERT INTO beaver_logs (name, timestamp, data) VALUES ('g', 1e20, '2')")
+    db._core.execute("INSERT INTO beaver_logs (name, timestamp, data) VALUES ('g', -1e20, '0')")
+    assert [e.data for e in log.range()] == [0, "first", 2]
+    assert [e.data for e in log] == [0, "first", 2]
+    assert [e.data for e in log.range(start=2000)] == [2]
+    assert db.log("g").dump()["metadata"]["count"] == 3
+
+
+def test_database_timeout_is_checked(tmp_path):
+    for bad, error in [("10", TypeError), (True, TypeError), (NAN, ValueError),
+                       (-1, ValueError), (INF, ValueError), (10 ** 400, ValueError)]:
+        with pytest.raises(error, match="timeout"):
+            BeaverDB(tmp_path / "t.db", timeout=bad)
+    with BeaverDB(tmp_path / "t.db", timeout=0) as db:
+        db.dict("d")["k"] = 1
+
+
+@pytest.mark.parametrize("text", ["\ud800", "a\udfffb", "\udc80x"])
+def test_lone_surrogates_in_keys_and_names_are_value_errors(db, text):
+    calls = [lambda: db.dict(text), lambda: db.list(text), lambda: db.lock(text),
+             lambda: db.dict("d").set(text, 1), lambda: db.dict("d")[text],
+             lambda: db.dict("d").get(text), lambda: db.dict("d").pop(text),
+             lambda: db.blobs("b").put(text, b"x"), lambda: db.blobs("b").get(text),
+             lambda: db.dict("d").set("k", text), lambda: db.list("l").push(text),
+             lambda: db.queue("q").put({text: 1})]
+    for call in calls:
+        with pytest.raises(ValueError, match="surrogate"):
+            call()
+    assert _state(db) == _state(BeaverDB(":memory:"))
+
+
 # ---- codec / Model ----
 
 class Address(beaver.Model):
