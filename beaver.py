@@ -1462,6 +1462,16 @@ class _Events:
 _NO_TRANSACTION = contextlib.nullcontext()
 
 
+class _Default:
+    """The value of an option left out: a new manager takes the default, an open one stays."""
+
+    def __repr__(self):
+        return "<default>"
+
+
+_DEFAULT = _Default()
+
+
 class _Held:
     """What ``acquire()`` returns: truthy, and a context manager that releases on exit."""
 
@@ -1531,6 +1541,7 @@ class _Manager(_StructureLock):
 
     _kind = ""      # "dict", "list", ...: the name in dumps, events and lock names
     _table = ""     # the table whose rows carry a ``name`` column for this structure
+    _OPTIONS: dict = {}     # option -> (default, check): settings fixed when the manager opens
 
     def __init__(self, db, name, model=None):
         self._db = db
@@ -1550,6 +1561,23 @@ class _Manager(_StructureLock):
 
     def __repr__(self):
         return f"<{type(self).__name__} {self._name!r}>"
+
+    def _option(self, option, value):
+        """The checked value of ``option`` (its default if ``value`` was left out)."""
+        default, check = self._OPTIONS[option]
+        return default if value is _DEFAULT else check(value)
+
+    def _reopen(self, model, options):
+        """Check the arguments of another ``db.<kind>(name, ...)`` against this open manager:
+        what is left out (or ``model=None``) reuses it, what conflicts is an error."""
+        if model is not None and self._model is not model:
+            raise ValueError(f"{self._kind} {self._name!r} is already open with model "
+                             f"{self._model!r}, not {model!r}")
+        for option, value in options.items():
+            if value is not _DEFAULT and self._option(option, value) != getattr(self, option):
+                raise ValueError(f"{self._kind} {self._name!r} is already open with {option}="
+                                 f"{getattr(self, option)!r}, not {value!r} (leave {option} out "
+                                 "to use the open one)")
 
     # -- writes and events -------------------------------------------------------------
 
@@ -2544,9 +2572,11 @@ class LogManager(_Manager):
     _kind = "log"
     _table = "beaver_logs"
 
-    def __init__(self, db, name, model=None, retention=None):
+    _OPTIONS = {"retention": (None, lambda v: _seconds(v, "retention", positive=True))}
+
+    def __init__(self, db, name, model=None, retention=_DEFAULT):
         super().__init__(db, name, model)
-        self.retention = _seconds(retention, "retention", positive=True)
+        self.retention = self._option("retention", retention)
         self._next_prune = 0.0
 
     def log(self, data, timestamp=None):
@@ -2745,12 +2775,15 @@ class ChannelManager(_Manager):
     _table = "beaver_channels"
     _PUBLISH = "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)"
 
-    def __init__(self, db, name, model=None, retention=CHANNEL_RETENTION,
-                 max_messages=CHANNEL_MAX_MESSAGES):
+    _OPTIONS = {
+        "retention": (CHANNEL_RETENTION, lambda v: _seconds(v, "retention", positive=True)),
+        "max_messages": (CHANNEL_MAX_MESSAGES,
+                         lambda v: None if v is None else _count(v, "max_messages", low=1))}
+
+    def __init__(self, db, name, model=None, retention=_DEFAULT, max_messages=_DEFAULT):
         super().__init__(db, name, model)
-        self.retention = _seconds(retention, "retention", positive=True)
-        self.max_messages = None if max_messages is None else _count(max_messages,
-                                                                     "max_messages", low=1)
+        self.retention = self._option("retention", retention)
+        self.max_messages = self._option("max_messages", max_messages)
         self._next_prune = 0.0
 
     def publish(self, payload):
@@ -4507,23 +4540,26 @@ def rerank(*results, weights=None, k=60) -> list:
 
 
 class _Managers:
-    """One manager per (kind, name) for a database or client; reopening with another model
-    is an error rather than a silent second codec."""
+    """One manager per (kind, name) for a database or client.
+
+    Asking again for an open structure returns the same manager: options left out (and
+    ``model=None``) reuse its settings; a model or option that differs from them is a
+    ``ValueError`` rather than a silent second codec or a setting quietly ignored.
+    """
 
     def __init__(self):
         self._by_key: dict = {}
         self._lock = threading.Lock()
 
-    def get(self, cls, name, model, make):
+    def get(self, cls, name, model, make, options=None):
         """The cached manager of ``cls`` called ``name``, made by ``make()`` the first time."""
         key = (cls._kind, _check_name(name))
         with self._lock:
             manager = self._by_key.get(key)
             if manager is None:
                 manager = self._by_key[key] = make()
-            elif model is not None and manager.model is not model:
-                raise ValueError(f"{cls._kind} {name!r} is already open with model "
-                                 f"{manager.model!r}, not {model!r}")
+            else:
+                _Manager._reopen(manager, model, options or {})
             return manager
 
     def all(self) -> list:
@@ -4564,7 +4600,7 @@ class BeaverDB:
     def _manager(self, cls, name, model=None, **options):
         self._check_open()
         return self._managers.get(cls, name, model,
-                                  lambda: cls(self, name, model=model, **options))
+                                  lambda: cls(self, name, model=model, **options), options)
 
     def dict(self, name, model=None) -> DictManager:
         """The persistent dict called ``name`` (values validated by ``model`` if given)."""
@@ -4584,13 +4620,21 @@ class BeaverDB:
 
     blob = blobs
 
-    def log(self, name, model=None, retention=None) -> LogManager:
-        """The time-indexed log called ``name`` (``retention`` in seconds or a timedelta)."""
+    def log(self, name, model=None, retention=_DEFAULT) -> LogManager:
+        """The time-indexed log called ``name`` (``retention`` in seconds or a timedelta).
+
+        Settings hold for this ``BeaverDB``'s manager: leave them out to reuse the open one
+        (a different value is a ``ValueError``); a new manager defaults to no retention.
+        """
         return self._manager(LogManager, name, model, retention=retention)
 
-    def channel(self, name, model=None, retention=CHANNEL_RETENTION,
-                max_messages=CHANNEL_MAX_MESSAGES) -> ChannelManager:
-        """The pub/sub channel called ``name`` (messages kept ``retention`` s, ``max_messages``)."""
+    def channel(self, name, model=None, retention=_DEFAULT,
+                max_messages=_DEFAULT) -> ChannelManager:
+        """The pub/sub channel called ``name`` (messages kept ``retention`` s, ``max_messages``).
+
+        A new manager defaults to an hour and 100 000 messages; leave the settings out to
+        reuse the open one (a different value is a ``ValueError``).
+        """
         return self._manager(ChannelManager, name, model, retention=retention,
                              max_messages=max_messages)
 
@@ -4608,9 +4652,14 @@ class BeaverDB:
         ``model`` types the document bodies; ``metric`` ('l2' by default, 'cosine', 'ip') and
         extra options (e.g. ``index="hnsw"`` for ``beaver_vector``) are fixed at creation.
         """
-        manager = self._manager(CollectionManager, name, model, metric=metric, **options)
+        self._check_open()
+        manager = self._managers.get(CollectionManager, name, model, lambda: CollectionManager(
+            self, name, model=model, metric=metric, **options))
         if metric is not None and metric != manager.metric:
             raise ValueError(f"collection {name!r} uses metric {manager.metric!r}, not {metric!r}")
+        if options and options != manager._options:
+            raise ValueError(f"collection {name!r} is open with options {manager._options}, "
+                             f"not {options}")
         return manager
 
     @contextlib.contextmanager

@@ -2061,6 +2061,33 @@ def test_model_conflict_is_an_error(db):
     assert db.list("plain") is plain and plain.model is None
 
 
+def test_reopening_with_other_settings_is_an_error_and_omitting_them_reuses(db):
+    import datetime
+    chat = db.channel("chat", retention=60, max_messages=10)
+    assert db.channel("chat") is chat and chat.retention == 60 and chat.max_messages == 10
+    assert db.channel("chat", retention=datetime.timedelta(seconds=60)) is chat
+    with pytest.raises(ValueError, match=r"retention.*60.*120"):
+        db.channel("chat", retention=120)
+    with pytest.raises(ValueError, match="max_messages"):
+        db.channel("chat", max_messages=None)
+    assert chat.retention == 60 and chat.max_messages == 10
+    logs = db.log("logs", retention=5)
+    assert db.log("logs") is logs and logs.retention == 5
+    with pytest.raises(ValueError, match="retention"):
+        db.log("logs", retention=None)
+    with pytest.raises(ValueError, match="retention"):
+        db.log("logs", retention=6)
+    plain = db.log("plain")
+    assert plain.retention is None and db.log("plain", retention=None) is plain
+    assert db.channel("fresh").retention == beaver.CHANNEL_RETENTION
+    docs = db.collection("docs", metric="cosine")
+    assert db.collection("docs") is docs
+    with pytest.raises(ValueError, match="metric"):
+        db.collection("docs", metric="l2")
+    with pytest.raises(ValueError, match="options"):
+        db.collection("docs", index="flat")
+
+
 @pytest.mark.parametrize("name", ["", None, 5, b"x"])
 def test_bad_structure_names(db, name):
     for factory in (db.dict, db.list, db.queue, db.blobs):
