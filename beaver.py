@@ -1694,6 +1694,16 @@ class _Manager(_StructureLock):
         return AsyncManager(self)
 
 
+def _item_fields(item, *names, **optional):
+    """The fields ``names`` (required) and ``optional`` (with defaults) of a dump item."""
+    if not isinstance(item, dict):
+        raise ValueError(f"a dump item is a JSON object, not {item!r:.60}")
+    missing = [name for name in names if name not in item]
+    if missing:
+        raise ValueError(f"dump item {item!r:.60} lacks {', '.join(missing)}")
+    return [item[name] for name in names] + [item.get(k, v) for k, v in optional.items()]
+
+
 def _read_dump(data_or_fp) -> dict:
     if isinstance(data_or_fp, (str, bytes)):
         data = json.loads(data_or_fp)
@@ -1877,11 +1887,11 @@ class DictManager(_Manager, MutableMapping):
     def _load_items(self, items):
         now = _now()
         for item in items:
-            expires_at = item.get("expires_at")
-            if expires_at is not None and expires_at <= now:
+            key, value, expires_at = _item_fields(item, "key", "value", expires_at=None)
+            if expires_at is not None and _check_number(expires_at, "expires_at") <= now:
                 continue
-            ttl = None if expires_at is None else expires_at - now
-            self.set(item["key"], item["value"], ttl_seconds=ttl)
+            ttl = None if expires_at is None else min(expires_at - now, MAX_SECONDS)
+            self.set(key, value, ttl_seconds=ttl)
 
 
 # ==========================================================================================
@@ -2209,6 +2219,13 @@ class LeasedItem(QueueItem):
     lease_id = None
 
 
+def _check_priority(priority):
+    _check_number(priority, "priority")
+    if isinstance(priority, int) and not -(1 << 63) <= priority < (1 << 63):
+        raise ValueError(f"an int priority must fit in 64 bits, not {priority!r:.40}")
+    return priority
+
+
 class QueueManager(_Manager):
     """A persistent priority queue; every item is handed to exactly one ``get``.
 
@@ -2231,9 +2248,7 @@ class QueueManager(_Manager):
     def put(self, data, priority=0):
         """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
         if type(priority) is not int or not -(1 << 63) <= priority < (1 << 63):
-            _check_number(priority, "priority")
-            if isinstance(priority, int):
-                raise ValueError(f"an int priority must fit in 64 bits, not {priority!r:.40}")
+            _check_priority(priority)
         text = self._codec.encode(data)
         if self._listened():
             with self._atomic():
@@ -2405,10 +2420,15 @@ class QueueManager(_Manager):
                 {"priority": p, "timestamp": t, "data": _json_loads(d)} for p, t, d in leased]
 
     def _load_items(self, items):
+        rows = []
+        for item in items:
+            data, priority, when = _item_fields(item, "data", priority=0, timestamp=None)
+            rows.append((self._name, _check_priority(priority),
+                         _now() if when is None else _check_number(when, "timestamp"),
+                         self._codec.encode(data)))
         self._core.executemany(
             "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)",
-            [(self._name, i.get("priority", 0), i.get("timestamp", _now()),
-              self._codec.encode(i["data"])) for i in items])
+            rows)
         self._wrote("load", count=len(items))
 
 
@@ -2512,7 +2532,14 @@ class BlobManager(_Manager):
 
     def _load_items(self, items):
         for item in items:
-            self.put(item["key"], base64.b64decode(item["data"]), item.get("metadata"))
+            key, data, metadata = _item_fields(item, "key", "data", metadata=None)
+            if not isinstance(data, str):
+                raise ValueError(f"blob {key!r}: data must be base64 text, not {data!r:.40}")
+            try:
+                data = base64.b64decode(data, validate=True)
+            except ValueError as e:          # binascii.Error
+                raise ValueError(f"blob {key!r}: data is not base64 ({e})") from None
+            self.put(key, data, metadata)
 
 
 # ==========================================================================================
@@ -2646,10 +2673,13 @@ class LogManager(_Manager):
         return [{"timestamp": t, "data": _json_loads(d)} for t, d in rows]
 
     def _load_items(self, items):
+        rows = []
+        for item in items:
+            data, when = _item_fields(item, "data", timestamp=None)
+            rows.append((self._name, _now() if when is None else _epoch(when),
+                         self._codec.encode(data)))
         self._core.executemany(
-            "INSERT INTO beaver_logs (name, timestamp, data) VALUES (?, ?, ?)",
-            [(self._name, _epoch(i.get("timestamp", _now())), self._codec.encode(i["data"]))
-             for i in items])
+            "INSERT INTO beaver_logs (name, timestamp, data) VALUES (?, ?, ?)", rows)
         self._wrote("load", count=len(items))
 
     def as_async(self) -> "AsyncLogManager":
@@ -2860,10 +2890,13 @@ class ChannelManager(_Manager):
         return [{"timestamp": t, "payload": _json_loads(d)} for t, d in rows]
 
     def _load_items(self, items):
+        rows = []
+        for item in items:
+            payload, when = _item_fields(item, "payload", timestamp=None)
+            rows.append((self._name, _now() if when is None else _check_number(when, "timestamp"),
+                         self._codec.encode(payload)))
         self._core.executemany(
-            "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)",
-            [(self._name, i.get("timestamp", _now()), self._codec.encode(i["payload"]))
-             for i in items])
+            "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)", rows)
         self._wrote("load", count=len(items))
 
     def as_async(self) -> "AsyncChannelManager":

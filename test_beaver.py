@@ -608,6 +608,44 @@ def test_lone_surrogates_in_keys_and_names_are_value_errors(db, text):
     assert _state(db) == _state(BeaverDB(":memory:"))
 
 
+
+# ---- dump and load: bad items are refused, nothing is half loaded ----
+
+@pytest.mark.parametrize("kind, item", [
+    ("blob", {"key": "a", "data": "!!!!", "metadata": None}),             # loaded as b""
+    ("blob", {"key": "a", "data": "!!!not base64!!!", "metadata": None}),
+    ("blob", {"key": "a", "data": "aGVsbG8", "metadata": None}),        # bad padding
+    ("blob", {"key": "a", "data": 5}),
+    ("blob", {"data": "aGk="}),
+    ("dict", {"key": "k", "value": 1, "expires_at": "soon"}),
+    ("dict", {"key": "k", "value": 1, "expires_at": float("nan")}),
+    ("dict", {"value": 1}),
+    ("dict", ["k", 1]),
+    ("queue", {"priority": "high", "timestamp": 1.0, "data": 1}),
+    ("queue", {"priority": 1, "timestamp": "noon", "data": 1}),
+    ("queue", {"priority": 10 ** 30, "data": 1}),
+    ("queue", {"priority": 1}),
+    ("queue", 7),
+    ("log", {"timestamp": 1e20, "data": 1}),
+    ("log", {"timestamp": "yesterday", "data": 1}),
+    ("log", {"data": 1, "timestamp": [1]}),
+    ("log", {"timestamp": 1.0}),
+    ("channel", {"timestamp": "now", "payload": 1}),
+    ("channel", {"timestamp": 1.0}),
+])
+def test_load_refuses_bad_items_and_loads_nothing(db, kind, item):
+    manager = {"blob": db.blobs, "dict": db.dict, "queue": db.queue, "log": db.log,
+               "channel": db.channel}[kind]("s")
+    good = {"blob": {"key": "ok", "data": "aGk=", "metadata": None},
+            "dict": {"key": "ok", "value": 1, "expires_at": None},
+            "queue": {"priority": 0, "timestamp": 1.0, "data": "ok"},
+            "log": {"timestamp": 1.0, "data": "ok"},
+            "channel": {"timestamp": 1.0, "payload": "ok"}}[kind]
+    before = _state(db)
+    with pytest.raises((ValueError, TypeError)):
+        manager.load({"metadata": {"type": kind}, "items": [good, item]})
+    assert _state(db) == before
+
 # ---- codec / Model ----
 
 class Address(beaver.Model):
