@@ -5199,7 +5199,7 @@ def _load_structure(db, line, lines, mode):
     count = line.get("count")
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"bad item count in {line!r:.80}")
-    kind, name = line["structure"], line["name"]
+    kind, name = _item_fields(line, "structure", "name")
     if kind == "collection":
         manager = db.collection(name, metric=line.get("metric"), **(line.get("options") or {}))
     else:
@@ -5210,7 +5210,7 @@ def _load_structure(db, line, lines, mode):
         manager._load_items(batch)
     for batch in _batches(lines, line.get("edges") or 0, f"the edges of {kind} {name!r}"):
         for edge in batch:
-            manager.connect(edge["source"], edge["target"], edge["label"], edge.get("metadata"))
+            manager.connect(*_item_fields(edge, "source", "target", "label", metadata=None))
 
 
 def _batches(lines, count, what):
