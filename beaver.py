@@ -789,16 +789,22 @@ class _Core:
         if self.closed:
             self._close_deferred()
             raise ClosedError("the database is closed")
+        conn = None
         try:
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
                                    check_same_thread=False, cached_statements=256)
             conn.execute("PRAGMA busy_timeout = %d" % int(self.timeout * 1000))
+            self._refuse_upstream(conn)     # before anything (WAL mode first) changes the file
             conn.execute("PRAGMA journal_mode = WAL").fetchone()
             conn.execute("PRAGMA synchronous = %s" % self.synchronous)
             conn.execute("PRAGMA foreign_keys = OFF")
             conn.execute("PRAGMA mmap_size = %d" % MMAP_SIZE)
-        except _DB_ERRORS as e:
-            raise self._open_error(e) from e
+        except BaseException as e:
+            if conn is not None:
+                conn.close()
+            if isinstance(e, _DB_ERRORS):
+                raise self._open_error(e) from e
+            raise
         with self._conns_lock:
             if self.closed:
                 conn.close()
@@ -1015,14 +1021,16 @@ class _Core:
                          (str(SCHEMA_VERSION),))
 
     def _names(self) -> set:
-        """The names of the tables and indexes in the file; refuses upstream files."""
-        version = _upstream_version(self)
+        """The names of the tables and indexes in the file."""
+        return {row[0] for row in self.all("SELECT name FROM sqlite_master")}
+
+    def _refuse_upstream(self, conn):
+        version = _upstream_version(conn)
         if version is not None:
             raise ForeignDatabase(
                 f"{self.path!r} was made by the upstream beaver-db package ({version}), whose "
                 "layout this beaver does not open; copy it into a new file with: "
                 "beaver import-upstream OLD.db NEW.db")
-        return {row[0] for row in self.all("SELECT name FROM sqlite_master")}
 
     def _stamp(self, names):
         """The schema version stamped in the file (None if there is none); refuses others."""

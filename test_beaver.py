@@ -209,6 +209,46 @@ def test_unknown_beaver_layout_is_refused(tmp_path):
     assert raw_rows(path, "SELECT name FROM sqlite_master") == [("beaver_dicts",)]
 
 
+# Table names the upstream beaver-db package writes (seen in files it made): 2.x, 1.x, 0.5
+UPSTREAM_LAYOUTS = {
+    "2.x": ["__beaver_dicts__", "__beaver_lists__", "__beaver_manager_versions__"],
+    "1.x": ["beaver_dicts", "beaver_lists", "beaver_pubsub_log", "beaver_collection_versions",
+            "beaver_manager_versions"],
+    "0.x": ["_beaver_kv_store", "beaver_pubsub_log", "beaver_lists"],
+}
+
+
+@pytest.mark.parametrize("version", sorted(UPSTREAM_LAYOUTS))
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_upstream_files_are_refused_untouched(tmp_path, version, journal):
+    path = tmp_path / "upstream.db"
+    conn = sqlite3.connect(str(path))
+    conn.execute(f"PRAGMA journal_mode = {journal}")
+    for table in UPSTREAM_LAYOUTS[version]:
+        conn.execute(f"CREATE TABLE {table} (name TEXT, key TEXT, value TEXT)")
+        conn.execute(f"INSERT INTO {table} VALUES ('n', 'k', '1')")
+    conn.commit()
+    conn.close()
+    content = path.read_bytes()
+    with pytest.raises(beaver.ForeignDatabase, match="beaver import-upstream OLD.db NEW.db"):
+        BeaverDB(path)
+    assert path.read_bytes() == content
+    assert not any(name.startswith("beaver_") and name not in UPSTREAM_LAYOUTS[version]
+                   for (name,) in raw_rows(path, "SELECT name FROM sqlite_master"))
+    expected = "2.x" if version == "2.x" else "1.x"
+    conn = sqlite3.connect(str(path))
+    assert beaver._upstream_version(conn) == expected
+    conn.close()
+
+
+def test_upstream_version_of_other_files_is_none(tmp_path):
+    BeaverDB(tmp_path / "ours.db").close()
+    conn = sqlite3.connect(str(tmp_path / "ours.db"))
+    conn.execute("CREATE TABLE beaver_unrelated_but_ours_looking (x)")
+    assert beaver._upstream_version(conn) is None
+    assert beaver._upstream_version(sqlite3.connect(":memory:")) is None
+
+
 def test_concurrent_first_opens_agree_on_the_schema(tmp_path):
     path, errors = tmp_path / "fresh.db", []
 
