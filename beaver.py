@@ -75,6 +75,7 @@ asyncio = _LazyModule("asyncio")   # only the async wrappers need it
 # ==========================================================================================
 
 SCHEMA_VERSION = 1
+MIN_SQLITE = (3, 31, 0)         # RETURNING (3.35) and the trigram tokenizer (3.34) are optional
 DEFAULT_TIMEOUT = 30.0          # seconds a connection waits for SQLite's write lock
 WATCH_INTERVAL = 0.001          # seconds between two PRAGMA data_version checks
 WATCH_HOT = 0.25                # after a file change, poll every WATCH_INTERVAL this long
@@ -753,6 +754,10 @@ class _Core:
     """
 
     def __init__(self, path, timeout=DEFAULT_TIMEOUT, durability="normal"):
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise FeatureUnavailable(
+                f"beaver needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer; this Python's "
+                f"sqlite3 module uses SQLite {sqlite3.sqlite_version}")
         if durability not in ("normal", "full"):
             raise ValueError("durability must be 'normal' or 'full'")
         self.memory = str(path) == ":memory:"

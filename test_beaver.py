@@ -249,6 +249,14 @@ def test_upstream_version_of_other_files_is_none(tmp_path):
     assert beaver._upstream_version(sqlite3.connect(":memory:")) is None
 
 
+def test_sqlite_older_than_3_31_is_refused_with_the_version(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 30, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.30.1")
+    with pytest.raises(beaver.FeatureUnavailable, match=r"3\.31.*3\.30\.1"):
+        BeaverDB(tmp_path / "old.db")
+    assert not (tmp_path / "old.db").exists()
+
+
 def test_concurrent_first_opens_agree_on_the_schema(tmp_path):
     path, errors = tmp_path / "fresh.db", []
 
