@@ -772,6 +772,7 @@ class _Core:
         self._conns: list = []
         self._conns_lock = threading.Lock()
         self._busy: dict = {}         # thread -> connection close() found in use
+        self.held_locks: set = set()  # Lock objects holding their lock: close() releases them
         self._next_purge = 0.0
         self.watcher = _Watcher(self)
         _live_cores.add(self)
@@ -3143,13 +3144,23 @@ class Lock:
                 got = self._core.watcher.wait_for(self._claim, deadline.remaining(),
                                                   cap=self._next_check)
             if got is None:
-                raise LockTimeout(f"could not acquire lock {self.name!r} within {timeout}s")
+                raise LockTimeout(f"could not acquire lock {self.name!r} " + (
+                    f"within {timeout}s" if block else "at once (block=False)"))
         except BaseException:
-            self._leave(self._ticket)
-            self._ticket = None
-            self._guard.release()
+            self._drop()
             raise
+        self._core.held_locks.add(self)
         return _Held(self, self)
+
+    def _drop(self):
+        """Forget this object's ticket (its row too) and let its threads acquire again."""
+        ticket, self._ticket = self._ticket, None
+        self._core.held_locks.discard(self)
+        try:
+            self._leave(ticket)
+        finally:
+            if self._guard.locked():
+                self._guard.release()
 
     def _enqueue(self):
         """Take a ticket and, if nobody is ahead, the lock."""
@@ -3241,6 +3252,7 @@ class Lock:
         if self._ticket is None:
             raise LockLost(f"lock {self.name!r} is not held by this object")
         ticket, self._ticket = self._ticket, None
+        self._core.held_locks.discard(self)
         try:
             # held = 1: nobody queued behind us (waiters set 2), so one statement suffices
             still_ours = self._core.execute(
@@ -3271,11 +3283,14 @@ class Lock:
     def renew(self, ttl=None):
         """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now."""
         ttl = self.ttl if ttl is None else _seconds(ttl, "ttl", positive=True)
-        cursor = None if self._ticket is None else self._core.execute(
+        if self._ticket is None:
+            raise LockLost(f"lock {self.name!r} is not held by this object")
+        cursor = self._core.execute(
             "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND held > 0 "
             "AND expires_at > ?", (_now() + ttl, self._ticket, _now()))
-        if cursor is None or cursor.rowcount == 0:
-            raise LockLost(f"lock {self.name!r} is not held by this object")
+        if cursor.rowcount == 0:
+            self._drop()                # the hold ran out: this object is free to acquire
+            raise LockLost(f"lock {self.name!r} expired before renew (ttl {self.ttl}s)")
 
     def __enter__(self):
         self.acquire()
@@ -4776,11 +4791,15 @@ class BeaverDB:
         return self._core.closed
 
     def close(self):
-        """Close every connection of every thread; later calls raise ``ClosedError``."""
+        """Release the locks this database holds, close every connection of every thread;
+        later calls raise ``ClosedError``."""
         self._events.stop()
         self._hub.stop()
         for manager in self._managers.all():
             getattr(manager, "_on_close", lambda: None)()
+        for lock in list(self._core.held_locks):
+            with contextlib.suppress(BeaverError):     # LockLost: it had run out anyway
+                lock.release()
         self._core.close()
 
     def __enter__(self):
@@ -5849,7 +5868,12 @@ class RemoteLock:
         if self._token is None:
             raise LockLost(f"lock {self.name!r} is not held by this object")
         ttl = self.ttl if ttl is None else _seconds(ttl, "ttl", positive=True)
-        self._call("/renew", {"token": self._token, "ttl": ttl})
+        try:
+            self._call("/renew", {"token": self._token, "ttl": ttl})
+        except LockLost:
+            self._token = None          # the hold ran out: this object may acquire again
+            self._guard.release()
+            raise
 
     def __enter__(self):
         self.acquire()

@@ -3203,6 +3203,39 @@ def test_lock_ttl_applies_to_holder_only_and_renew(db):
     waiter.release()
 
 
+@pytest.mark.timeout(60)
+def test_lock_is_usable_again_after_lock_lost(db, clock):
+    lock = db.lock("job", ttl=10)
+    for lose in (lambda: lock.renew(), lambda: lock.release()):
+        lock.acquire(timeout=5)
+        clock.advance(11)                       # the hold ran out
+        with pytest.raises(beaver.LockLost):
+            lose()
+        assert lock.token is None and not lock.held
+        assert lock.acquire(timeout=5)          # not "held by another thread of this object"
+        assert lock.held
+        lock.release()
+    assert not lock.locked
+
+
+def test_close_releases_every_lock_the_database_holds(tmp_path):
+    path = tmp_path / "locks.db"
+    first = BeaverDB(path)
+    first.lock("job", ttl=600).acquire()
+    first.list("jobs").acquire(ttl=600)
+    forgotten = first.lock("gone", ttl=600)
+    forgotten.acquire()
+    del forgotten
+    with BeaverDB(path) as second:
+        assert second.lock("job").locked and second.lock("gone").locked
+        first.close()
+        assert second.lock("job").acquire(block=False)
+        assert second.lock("gone").acquire(block=False)
+        assert second.list("jobs").acquire(block=False)
+        assert raw_rows(path, "SELECT count(*) FROM beaver_locks WHERE owner LIKE ?",
+                        (f"{os.getpid()}:%",))[0][0] == 3    # the second database's holds
+
+
 def test_lock_distinct_objects_exclude_threads(db):
     inside, overlaps = [0], []
 
