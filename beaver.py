@@ -1267,6 +1267,30 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_realtime_after_fork)
 
 
+# The events each kind of structure emits; '*' listens to all of them.
+_EVENT_NAMES = {
+    "dict": ("set", "del", "clear"),
+    "list": ("push", "prepend", "extend", "insert", "set", "set_slice", "del", "del_slice",
+             "pop", "deque", "reverse", "clear"),
+    "queue": ("put", "get", "ack", "nack", "load", "clear"),
+    "blob": ("put", "delete", "clear"),
+    "log": ("log", "load", "clear"),
+    "channel": ("publish", "load", "clear"),
+    "collection": ("index", "drop", "connect", "disconnect", "clear"),
+}
+
+
+def _check_event(kind, event) -> str:
+    """``event`` if structures of ``kind`` emit it (or it is '*'); else ValueError."""
+    if not isinstance(event, str) or not event:
+        raise TypeError(f"event must be a non-empty str such as 'set' or '*', not {event!r:.60}")
+    valid = _EVENT_NAMES.get(kind, ())
+    if event != "*" and event not in valid:
+        raise ValueError(f"a {kind} emits no {event!r} event; valid events: '*', "
+                         + ", ".join(map(repr, valid)))
+    return event
+
+
 class _EventHandle:
     """Returned by ``manager.on(...)``; call ``off()`` to stop listening."""
 
@@ -1313,7 +1337,7 @@ class _Events:
         self._remote = frozenset()
         self._remote_due = 0.0
         self._last_seq = 0
-        self._beat_due = 0.0
+        self._halt = threading.Event()    # set by stop(): ends the heartbeat thread
 
     # -- writer side ---------------------------------------------------------------------
 
@@ -1361,6 +1385,8 @@ class _Events:
                 self._thread = threading.Thread(target=self._dispatch, name="beaver-events",
                                                 daemon=True)
                 self._thread.start()
+                threading.Thread(target=self._beats, name="beaver-events-heartbeat",
+                                 daemon=True).start()
         self._wakeup.set()
         if new_topic:       # by now every writer's cache of listened topics includes it
             time.sleep(LISTENER_REFRESH)
@@ -1397,7 +1423,7 @@ class _Events:
                     self._wakeup.wait(LISTENER_TTL / 3)
                     self._wakeup.clear()
                     continue
-                batch = watcher.wait_for(self._collect, None, cap=self._beat_wait)
+                batch = watcher.wait_for(self._collect, None)
             except Exception:
                 if self._stopping or self._core.closed:
                     return
@@ -1409,8 +1435,6 @@ class _Events:
 
     def _collect(self):
         """The probe of the dispatcher: local events, then new rows of other processes."""
-        if time.monotonic() >= self._beat_due:
-            self._heartbeat()
         batch = []
         while self._inbox:
             batch.append(self._inbox.popleft())
@@ -1438,12 +1462,21 @@ class _Events:
                 except Exception:
                     logger.exception("beaver event callback %r failed", handle.callback)
 
-    def _beat_wait(self):
-        return max(0.0, self._beat_due - time.monotonic())
+    def _beats(self):
+        """The heartbeat thread: registrations stay alive however long a callback runs."""
+        while not self._halt.is_set():
+            if self._handles:
+                try:
+                    self._heartbeat()
+                except Exception:
+                    if self._stopping or self._core.closed:
+                        return
+                    logger.exception("beaver event heartbeat failed; retrying")
+            self._halt.wait(LISTENER_TTL / 3)
 
     def _heartbeat(self):
-        """Keep our registrations alive; drop dead processes' ones and old event rows."""
-        self._beat_due = time.monotonic() + LISTENER_TTL / 3
+        """Keep our registrations alive; drop dead processes' ones and old event rows (never
+        rows this database has yet to read)."""
         now = _now()
         topics = list(self._handles)
         with self._core.transaction():
@@ -1455,7 +1488,7 @@ class _Events:
                 "SELECT seq FROM beaver_events WHERE timestamp >= ? ORDER BY seq LIMIT 1",
                 (now - EVENT_RETENTION,))
             self._core.execute("DELETE FROM beaver_events WHERE seq < ?",
-                               (first[0] if first else 1 << 62,))
+                               (min(first[0] if first else 1 << 62, self._last_seq + 1),))
 
     def _after_fork(self):
         """A forked child starts with no listeners and an identity of its own."""
@@ -1464,6 +1497,7 @@ class _Events:
     def stop(self):
         self._stopping = True
         self._wakeup.set()
+        self._halt.set()
         if self._handles and not self._core.closed:
             with contextlib.suppress(BeaverError):
                 self._core.execute("DELETE FROM beaver_listeners WHERE owner = ?", (self.origin,))
@@ -1639,7 +1673,7 @@ class _Manager(_StructureLock):
         and the operation's fields (``key`` and ``value`` for dicts, ``data`` for queues and
         logs, ``payload`` for channels...). A callback that raises is logged and skipped.
         """
-        return self._db._events.add(self._topic, event, callback)
+        return self._db._events.add(self._topic, _check_event(self._kind, event), callback)
 
     # -- whole-structure operations -------------------------------------------------------
 
@@ -5516,6 +5550,7 @@ class _RemoteManager(_StructureLock):
         """
         if not callable(callback):
             raise TypeError("callback must be callable")
+        _check_event(self._kind, event)
         stream = _RemoteStream(self._http, f"/events/{self._kind}/{_quote(self._name)}",
                                {"event": event}, json.loads)
         return _RemoteEventHandle(stream, event, callback)

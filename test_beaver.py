@@ -3401,6 +3401,65 @@ def test_events_from_another_process_reach_a_callback_once(tmp_path):
     db.close()
 
 
+def test_events_heartbeat_does_not_wait_for_a_slow_callback(tmp_path, monkeypatch):
+    monkeypatch.setattr(beaver, "LISTENER_TTL", 0.3)
+    path = str(tmp_path / "slow.db")
+    listener, writer = BeaverDB(path), BeaverDB(path)     # two origins, as two processes
+    try:
+        started, release, seen = threading.Event(), threading.Event(), []
+
+        def slow(payload):
+            seen.append(payload["key"])
+            started.set()
+            release.wait(_RT_DEADLINE)          # a callback that runs for many LISTENER_TTLs
+
+        listener.dict("d").on("set", slow)
+        writer.dict("d")["first"] = 1
+        assert started.wait(_RT_DEADLINE)
+        since = time.time()
+        expiry = lambda: listener._core.execute(     # noqa: E731
+            "SELECT max(expires_at) FROM beaver_listeners").fetchone()[0] or 0
+        _rt_until(lambda: expiry() > since + 2 * beaver.LISTENER_TTL, timeout=_RT_DEADLINE)
+        for key in ("a", "b", "c"):             # registration still alive: events are stored
+            writer.dict("d")[key] = 1
+        release.set()
+        _rt_until(lambda: len(seen) == 4, timeout=_RT_DEADLINE)
+        assert seen == ["first", "a", "b", "c"]
+    finally:
+        release.set()
+        writer.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("kind", ["dict", "list", "queue", "blobs", "log", "channel",
+                                  "collection"])
+def test_events_unknown_event_names_are_refused(db, kind):
+    manager = getattr(db, kind)("x")
+    with pytest.raises(ValueError, match="valid events") as info:
+        manager.on("sett", print)
+    assert "'*'" in str(info.value)
+    manager.on("*", print).off()
+    manager.on("clear", print).off()
+
+
+def test_events_every_emitted_name_is_declared():
+    import re
+    source = (ROOT / "beaver.py").read_text().split("\n")
+    emitted, cls = {}, None
+    for line in source:
+        found = re.match(r"class (\w+)", line)
+        cls = found.group(1) if found else cls
+        for event in re.findall(r'_wrote\("(\w+)"', line):
+            emitted.setdefault(cls, set()).add(event)
+    assert emitted
+    for name, events in emitted.items():
+        cls = getattr(beaver, name)
+        kinds = [c._kind for c in vars(beaver).values() if isinstance(c, type)
+                 and issubclass(c, cls) and c._kind] if name == "_Manager" else [cls._kind]
+        for kind in kinds:
+            assert events <= set(beaver._EVENT_NAMES[kind]), (kind, events)
+
+
 def test_events_registry_rows_are_written_only_for_remote_listeners(tmp_path):
     path = str(tmp_path / "reg.db")
     a, b = BeaverDB(path), BeaverDB(path)
