@@ -3690,6 +3690,15 @@ def _ensure_fts(core) -> bool:
     return ready
 
 
+def _vector_backend_wanted() -> str:
+    """``BEAVER_VECTOR_BACKEND``: '' (faiss when installed), 'exact' or 'faiss' (required)."""
+    wanted = os.environ.get("BEAVER_VECTOR_BACKEND", "").strip().lower()
+    if wanted not in ("", "exact", "faiss"):
+        raise ValueError(f"BEAVER_VECTOR_BACKEND={wanted!r}: use 'exact' (the built-in search), "
+                         "'faiss' (beaver_vector, required) or leave it unset (faiss if installed)")
+    return wanted
+
+
 class CollectionManager(_Manager):
     """Documents searchable by full text, typo-tolerant text, vectors and relationships.
 
@@ -4393,16 +4402,22 @@ class CollectionManager(_Manager):
         return self._backend or None
 
     def _open_backend(self, dim):
-        if os.environ.get("BEAVER_VECTOR_BACKEND", "").lower() == "exact":
+        wanted = _vector_backend_wanted()
+        if wanted == "exact":
             return None
         try:
             import beaver_vector
             open_index = beaver_vector.open_index
-        except (ImportError, AttributeError):
+        except (ImportError, AttributeError) as e:
+            if wanted == "faiss":
+                raise FeatureUnavailable("BEAVER_VECTOR_BACKEND=faiss, but beaver_vector (numpy "
+                                         f"and faiss-cpu) cannot be imported: {e}") from None
             return None
         try:
             return open_index(self._core, self._name, dim, self._metric, **self._options)
         except FeatureUnavailable:
+            if wanted == "faiss":
+                raise
             return None
 
     def _call_backend(self, dim, method, *args):

@@ -3864,6 +3864,23 @@ def test_collection_vector_upsert_moves_and_reopen(tmp_path, monkeypatch):
         assert [d.id for d, _ in docs.match("again")] == ["b"]
 
 
+def test_collection_vector_backend_setting_is_checked(tmp_path, monkeypatch):
+    from beaver import Document
+    with BeaverDB(tmp_path / "v.db") as db:
+        docs = db.collection("v")
+        monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "fais")
+        with pytest.raises(ValueError, match="BEAVER_VECTOR_BACKEND.*'exact'.*'faiss'"):
+            docs.index(Document(id="a", embedding=[0.0, 1.0]))
+        assert "a" not in docs
+        monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "faiss")
+        monkeypatch.setitem(sys.modules, "beaver_vector", None)     # not importable
+        with pytest.raises(beaver.FeatureUnavailable, match="faiss"):
+            docs.index(Document(id="a", embedding=[0.0, 1.0]))
+        monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "Exact")
+        docs.index(Document(id="a", embedding=[0.0, 1.0]))
+        assert docs.search([0.0, 1.0])[0][0].id == "a"
+
+
 def test_collection_vectors_pure_python(docs, monkeypatch):
     monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")  # beaver_vector may be imported already
     monkeypatch.setitem(sys.modules, "numpy", None)
