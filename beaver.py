@@ -81,8 +81,9 @@ WATCH_INTERVAL = 0.001          # seconds between two PRAGMA data_version checks
 WATCH_HOT = 0.25                # after a file change, poll every WATCH_INTERVAL this long
 WATCH_IDLE_CHECK = 0.05         # with inotify, the longest sleep between two checks
 WATCH_LINGER = 2.0              # seconds the watcher keeps polling after its last user left
-PURGE_INTERVAL = 1.0            # seconds between two purges of expired dict keys
-PURGE_BATCH = 500               # expired rows deleted per purge
+PURGE_INTERVAL = 1.0            # seconds between two idle purges of expired dict keys
+PURGE_BATCH = 1000              # expired rows deleted per statement of an idle purge
+PURGE_EVERY = 100               # expiring writes between two purges of 2 * PURGE_EVERY rows
 PAGE_SIZE = 1000                # rows fetched per page when iterating
 MMAP_SIZE = (256 << 20) if sys.maxsize > 2 ** 32 else 0   # bytes of the file read through mmap
 LISTENER_TTL = 10.0             # a listener registration lives this long without a heartbeat
@@ -641,12 +642,59 @@ def _refs_at_rest() -> int:
         conn.close()
 
 
+_MEMORY_PREFIX = "beaver-memory-"
+
+
 def _memory_path() -> str:
-    """A private file for ``":memory:"`` databases: RAM-backed where /dev/shm exists."""
+    """A private file for ``":memory:"`` databases: RAM-backed where /dev/shm exists.
+
+    Its name carries the process id: files of processes that died without ``close()`` are
+    removed when another memory database is made; at exit a process removes its own.
+    """
     folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    fd, path = tempfile.mkstemp(prefix="beaver-memory-", suffix=".db", dir=folder)
+    folder = folder or tempfile.gettempdir()
+    _sweep_memory_files(folder)
+    fd, path = tempfile.mkstemp(prefix=f"{_MEMORY_PREFIX}{os.getpid()}-", suffix=".db",
+                                dir=folder)
     os.close(fd)
+    _remove_at_exit()
     return path
+
+
+def _sweep_memory_files(folder):
+    """Remove the memory database files of processes that no longer run (POSIX)."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            pid = entry.name[len(_MEMORY_PREFIX):].split("-", 1)[0]
+            if entry.name.startswith(_MEMORY_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.remove(entry.path)
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True             # alive, owned by another user
+    return True
+
+
+def _remove_database_files(path):
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            os.remove(path + suffix)
+
+
+@functools.lru_cache(maxsize=None)
+def _remove_at_exit():
+    """Once per process: at exit, remove the files of this process's open memory databases."""
+    import atexit
+    atexit.register(lambda: [_remove_database_files(core.path) for core in list(_live_cores)
+                             if core.memory and core._pid == os.getpid()])
 
 
 # What a SQLite call may raise: its own errors, text that is not UTF-8 (stored text or, in a
@@ -773,11 +821,16 @@ class _Core:
         self._conns_lock = threading.Lock()
         self._busy: dict = {}         # thread -> connection close() found in use
         self.held_locks: set = set()  # Lock objects holding their lock: close() releases them
-        self._next_purge = 0.0
+        self.expiring = 0             # expiring dict rows written since the last purge
+        self.purger = None            # the thread that purges expired rows while idle
+        self._halt = threading.Event()
+        self._pid = os.getpid()
         self.watcher = _Watcher(self)
         _live_cores.add(self)
         try:
             self._ensure_schema()
+            if self.one("SELECT 1 FROM beaver_dicts WHERE expires_at IS NOT NULL LIMIT 1"):
+                self.start_purger()
         except BaseException:
             self.close()
             raise
@@ -853,6 +906,8 @@ class _Core:
         self._conns = []
         self._conns_lock = threading.Lock()
         self._busy = {}
+        self.purger = None
+        self._halt = threading.Event()
         self.watcher = _Watcher(self)
 
     def close(self):
@@ -860,6 +915,7 @@ class _Core:
         if self.closed:
             return
         self.closed = True
+        self._halt.set()
         self.watcher.stop()
         self._local = threading.local()     # from now on no thread can pick a connection up
         with self._conns_lock:
@@ -876,10 +932,8 @@ class _Core:
                 else:
                     self._busy[thread] = conn
         _live_cores.discard(self)
-        if self.memory:
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(OSError):
-                    os.remove(self.path + suffix)
+        if self.memory and os.getpid() == self._pid:    # not a forked child's copy
+            _remove_database_files(self.path)
 
     def _close_deferred(self):
         """Close the connections ``close()`` found busy whose thread is done with them: this
@@ -1053,13 +1107,43 @@ class _Core:
                               f"({__version__}) reads version {SCHEMA_VERSION} only")
         return found
 
-    def purge_due(self) -> bool:
-        """True about once per PURGE_INTERVAL: time to delete a batch of expired keys."""
+    # -- expired dict rows ---------------------------------------------------------------
+    #
+    # Dead rows stay a small fraction of live ones: every PURGE_EVERY expiring writes delete
+    # up to twice as many due rows (so writes purge faster than they expire), and while the
+    # database is open a thread purges whatever fell due, in batches, every PURGE_INTERVAL.
+
+    def purge_expired(self, limit) -> int:
+        """Delete up to ``limit`` expired rows of every dict; returns how many went."""
+        self.expiring = 0
+        if self.purger is None:
+            self.start_purger()
         now = _now()
-        if now < self._next_purge:
-            return False
-        self._next_purge = now + PURGE_INTERVAL
-        return True
+        if self.one("SELECT 1 FROM beaver_dicts WHERE expires_at <= ? LIMIT 1", (now,)) is None:
+            return 0                # a read: no write lock taken for nothing
+        return self.execute(
+            "DELETE FROM beaver_dicts WHERE (name, key) IN (SELECT name, key FROM beaver_dicts "
+            "WHERE expires_at <= ? LIMIT ?)", (now, limit)).rowcount
+
+    def start_purger(self):
+        with self._conns_lock:
+            if self.purger is None and not self.closed:
+                self.purger = threading.Thread(target=self._purge_while_open,
+                                               name="beaver-purge", daemon=True)
+                self.purger.start()
+
+    def _purge_while_open(self):
+        while not self._halt.wait(PURGE_INTERVAL):
+            try:
+                while self.purge_expired(PURGE_BATCH) >= PURGE_BATCH and not self._halt.is_set():
+                    pass
+            except ReadOnlyDatabase:
+                return
+            except BeaverError as e:
+                if self.closed:
+                    break
+                logger.warning("beaver could not purge expired dict keys: %s", e)
+        self._close_deferred()
 
 
 # ==========================================================================================
@@ -1823,8 +1907,11 @@ class DictManager(_Manager, MutableMapping):
                 self._wrote("set", key=key, value=_to_jsonable(value))
         else:
             self._core.execute(self._SET, (self._name, key, text, expires_at))
-        if self._core.purge_due():
-            self._purge_expired()
+        if expires_at is not None:
+            core = self._core
+            core.expiring += 1
+            if core.expiring >= PURGE_EVERY or core.purger is None:
+                core.purge_expired(2 * PURGE_EVERY)
 
     __setitem__ = set
 
@@ -1920,11 +2007,6 @@ class DictManager(_Manager, MutableMapping):
         if row is None:
             raise KeyError(key)
         return None if row[0] is None else max(0.0, row[0] - _now())
-
-    def _purge_expired(self):
-        self._core.execute(
-            "DELETE FROM beaver_dicts WHERE (name, key) IN (SELECT name, key FROM beaver_dicts "
-            "WHERE expires_at <= ? LIMIT ?)", (_now(), PURGE_BATCH))
 
     def _dump_items(self):
         rows = self._core.all(

@@ -1066,28 +1066,46 @@ def test_dict_ttl_with_the_real_clock(db):
     assert "brief" not in d and d.get("brief") is None and list(d) == ["hour"]
 
 
-def test_dict_purge_deletes_expired_rows_in_batches(tmp_path, clock, monkeypatch):
+def _stored_rows(path):
+    return raw_rows(path, "SELECT count(*) FROM beaver_dicts")[0][0]
+
+
+def test_dict_writes_purge_at_least_as_many_due_rows_as_they_expire(tmp_path, clock,
+                                                                     monkeypatch):
+    monkeypatch.setattr(beaver, "PURGE_INTERVAL", 3600.0)     # no idle purge in this test
     path = tmp_path / "purge.db"
-    monkeypatch.setattr(beaver, "PURGE_BATCH", 7)
+    with BeaverDB(path) as db:
+        d, other = db.dict("cache"), db.dict("other")
+        for round_ in range(5):
+            for i in range(1000):
+                (d if i % 2 else other).set(f"k{round_}-{i}", i, ttl_seconds=1)
+            clock.advance(2)            # this round's keys are now dead
+        for i in range(1000):
+            d.set(f"fresh-{i}", i, ttl_seconds=60)
+        assert len(d) == 1000
+        dead = _stored_rows(path) - 1000
+        assert dead <= 100, f"{dead} dead rows beside 1000 live ones"
+        assert len(other) == 0 and d.get("k0-1") is None
+
+
+def test_dict_expired_rows_are_purged_while_idle(tmp_path, clock, monkeypatch):
+    monkeypatch.setattr(beaver, "PURGE_INTERVAL", 0.02)
+    monkeypatch.setattr(beaver, "PURGE_BATCH", 50)
+    path = tmp_path / "idle.db"
     with BeaverDB(path) as db:
         d = db.dict("cache")
         with db.transaction():
-            for i in range(20):
-                d.set(f"k{i:02}", i, ttl_seconds=1)
-        d["live"] = "v"
-        other = db.dict("other")
-        other.set("x", 1, ttl_seconds=1)
-        clock.advance(beaver.PURGE_INTERVAL + 2)
-        assert len(d) == 1
-        count = lambda: raw_rows(path, "SELECT count(*) FROM beaver_dicts")[0][0]  # noqa: E731
-        assert count() == 22                # expired rows linger until a purge
-        d["trigger"] = 1                    # a write after PURGE_INTERVAL purges one batch
-        assert count() == 22 + 1 - 7
-        for _ in range(5):
-            clock.advance(beaver.PURGE_INTERVAL + 0.1)
-            d["trigger"] = 1
-        assert count() == 2                 # "live" and "trigger"; every namespace purged
-        assert dict(d) == {"live": "v", "trigger": 1} and len(other) == 0
+            for i in range(500):
+                d.set(f"k{i}", i, ttl_seconds=1)
+        d["keep"] = 1
+        clock.advance(2)
+        _rt_until(lambda: _stored_rows(path) == 1, timeout=MP_DEADLINE)   # no write needed
+    with BeaverDB(path) as db:          # rows left by an earlier run are purged too
+        db.dict("cache").set("short", 1, ttl_seconds=1)
+    clock.advance(2)
+    with BeaverDB(path) as db:
+        _rt_until(lambda: _stored_rows(path) == 1, timeout=MP_DEADLINE)
+        assert dict(db.dict("cache")) == {"keep": 1}
 
 
 def test_dict_dump_and_load_round_trip(db, clock, tmp_path):
@@ -2483,6 +2501,32 @@ def test_memory_databases_are_private_and_vanish(tmp_path):
     one.close()
     two.close()
     assert not os.path.exists(backing)
+
+
+_MEMORY_CHILD = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import beaver
+db = beaver.BeaverDB(":memory:")
+db.dict("d")["k"] = 1
+print(db.path, flush=True)
+if sys.argv[2] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_memory_database_files_never_outlive_their_process():
+    def child(how):
+        done = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(ROOT), how],
+                              capture_output=True, text=True, timeout=MP_DEADLINE)
+        return done.stdout.strip()
+    exited = child("exit")                      # no close(): removed at exit
+    assert exited and not os.path.exists(exited)
+    killed = child("kill")                      # no exit handler ran: its file stays...
+    assert os.path.exists(killed)
+    BeaverDB(":memory:").close()                # ... until the next memory database sweeps it
+    assert not any(os.path.exists(killed + suffix) for suffix in ("", "-wal", "-shm"))
 
 
 def test_on_and_off_deliver_events_after_commit(db):
