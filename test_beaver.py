@@ -694,6 +694,19 @@ def test_load_refuses_bad_items_and_loads_nothing(db, kind, item):
         manager.load({"metadata": {"type": kind}, "items": [good, item]})
     assert _state(db) == before
 
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+@pytest.mark.timeout(1800)
+def test_stress_random_sigkills_lose_and_duplicate_nothing(tmp_path, monkeypatch):
+    """bench/stress.py: a mixed workload of processes SIGKILLed at random, checked each round
+    (BEAVER_STRESS_ROUNDS=N for a longer run)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import stress
+    rounds = int(os.environ.get("BEAVER_STRESS_ROUNDS", "2"))
+    result = stress.run(str(tmp_path), rounds=rounds, workers=3, seconds=1.0,
+                        log=lambda line: None)
+    assert result["kills"] == 3 * rounds and result["queued"] > 0 and result["documents"] > 0
+
 # ---- codec / Model ----
 
 class Address(beaver.Model):
