@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -706,6 +706,265 @@ def test_stress_random_sigkills_lose_and_duplicate_nothing(tmp_path, monkeypatch
     result = stress.run(str(tmp_path), rounds=rounds, workers=3, seconds=1.0,
                         log=lambda line: None)
     assert result["kills"] == 3 * rounds and result["queued"] > 0 and result["documents"] > 0
+
+# ---- hostile-input fuzz of every public method ----
+
+class _Nested(list):
+    """A list nested ``depth`` deep, with a short repr (hypothesis prints failing inputs)."""
+
+    def __init__(self, depth):
+        value = []
+        for _ in range(depth - 1):
+            value = [value]
+        super().__init__([value] if depth else [])
+        self.depth = depth
+
+    def __repr__(self):
+        return f"<list nested {self.depth} deep>"
+
+
+_nested = _Nested
+
+
+CORNERS = [
+    NAN, INF, -INF, -0.0, 0, -1, 1.5, 10 ** 400, -(10 ** 400), 2 ** 63, -(2 ** 63) - 1,
+    True, False, None, "", "\x00", "a\x00b", "\ud800", "a\udfffb", "wo\ud800rd", "/", "..",
+    "%s", "\n", "*", '"', "NEAR(", "a OR", "-x", "'; DROP TABLE beaver_dicts; --", "k",
+    "x" * 300, b"bytes", b"", [], {}, (), [1.0, 2.0], [NAN, 1.0], {"a": [1, {"b": None}]},
+    _Nested(900), _Nested(5000), object()]
+
+HOSTILE = st.one_of(
+    st.sampled_from(CORNERS),
+    st.integers(), st.floats(), st.text(st.characters(blacklist_categories=()), max_size=12),
+    st.integers(0, 3000).map(_nested),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=3))
+
+# Half the arguments are ordinary, so that calls get past their first check more often.
+FUZZ_ARG = st.one_of(HOSTILE, st.text(st.characters(blacklist_categories=()), max_size=8),
+                     st.integers(0, 5), st.sampled_from([None, 0.5, 5.0, "k", "word", "x y"]))
+
+# What every public call may raise on bad input: beaver's errors and the builtins its
+# docstrings name. Waits get block=False or a short fixed timeout: nothing may hang.
+FUZZ_ALLOWED = (beaver.BeaverError, TypeError, ValueError, KeyError, IndexError, TimeoutError)
+
+
+def _fuzz_lock(db, a):
+    lock = db.lock("fuzz", timeout=a[0], ttl=a[1])
+    if lock.acquire(block=False, timeout=a[2]):
+        try:
+            lock.renew(a[3])
+        finally:
+            lock.release()
+
+
+def _fuzz_subscriber(db, a):
+    with db.channel("c").subscribe() as sub:
+        db.channel("c").publish(a[0])
+        return sub.get(timeout=5)
+
+
+def _fuzz_live(db, a):
+    with db.log("g").live(window=a[0], period=a[1], aggregator=len) as view:
+        return next(view)
+
+
+FUZZ_CALLS = {
+    "dict": [
+        lambda db, a: db.dict("d")[a[0]],
+        lambda db, a: db.dict("d").get(a[0], a[1]),
+        lambda db, a: db.dict("d").set(a[0], a[1], ttl_seconds=a[2]),
+        lambda db, a: db.dict("d").__setitem__(a[0], a[1]),
+        lambda db, a: db.dict("d").__delitem__(a[0]),
+        lambda db, a: a[0] in db.dict("d"),
+        lambda db, a: db.dict("d").pop(a[0], a[1]),
+        lambda db, a: db.dict("d").setdefault(a[0], a[1]),
+        lambda db, a: db.dict("d").update({a[0]: a[1]}),
+        lambda db, a: db.dict("d").update(a[0]),
+        lambda db, a: db.dict("d").ttl(a[0]),
+        lambda db, a: db.dict("d").items(),
+        lambda db, a: db.dict("d").set(_text(a[0]), a[1], ttl_seconds=_small(a[2]) or None),
+    ],
+    "list": [
+        lambda db, a: db.list("l")[a[0]],
+        lambda db, a: db.list("l").__setitem__(a[0], a[1]),
+        lambda db, a: db.list("l").__delitem__(a[0]),
+        lambda db, a: db.list("l").insert(a[0], a[1]),
+        lambda db, a: db.list("l").push(a[0]),
+        lambda db, a: db.list("l").prepend(a[0]),
+        lambda db, a: db.list("l").extend(a[0]),
+        lambda db, a: db.list("l").pop(a[0]),
+        lambda db, a: db.list("l").remove(a[0]),
+        lambda db, a: db.list("l").index(a[0]),
+        lambda db, a: db.list("l")[a[0]:a[1]:a[2]],
+        lambda db, a: db.list("l").__setitem__(slice(a[0], a[1]), [a[2]]),
+    ],
+    "queue": [
+        lambda db, a: db.queue("q").put(a[0], priority=a[1]),
+        lambda db, a: db.queue("q").get(block=False, timeout=a[0], lease=a[1]),
+        lambda db, a: db.queue("q").get(timeout=0.01, lease=a[1]),
+        lambda db, a: db.queue("q").ack(a[0]),
+        lambda db, a: db.queue("q").nack(a[0]),
+        lambda db, a: db.queue("q").peek(),
+    ],
+    "blob": [
+        lambda db, a: db.blobs("b").put(a[0], a[1], metadata=a[2]),
+        lambda db, a: db.blobs("b").get(a[0]),
+        lambda db, a: db.blobs("b")[a[0]],
+        lambda db, a: db.blobs("b").delete(a[0]),
+        lambda db, a: a[0] in db.blobs("b"),
+    ],
+    "log": [
+        lambda db, a: db.log("g").log(a[0], timestamp=a[1]),
+        lambda db, a: db.log("g").range(a[0], a[1]),
+        _fuzz_live,
+    ],
+    "channel": [
+        lambda db, a: db.channel("c").publish(a[0]),
+        lambda db, a: db.channel("c").history(a[0]),
+        _fuzz_subscriber,
+    ],
+    "lock": [_fuzz_lock, lambda db, a: db.list("l").acquire(block=False, timeout=a[0], ttl=a[1])],
+    "collection": [
+        lambda db, a: db.collection("k").index(Document(id=a[0], body=a[1])),
+        lambda db, a: db.collection("k").index(Document(id="v", embedding=a[0])),
+        lambda db, a: db.collection("k").get(a[0]),
+        lambda db, a: db.collection("k").drop(a[0]),
+        lambda db, a: db.collection("k").match(a[0], top_k=a[1]),
+        lambda db, a: db.collection("k").match("word", on=a[0], fuzziness=a[1]),
+        lambda db, a: db.collection("k").match(_text(a[0]), fuzziness=_small(a[1])),
+        lambda db, a: db.collection("k").index(Document(id=_text(a[0]), body=_text(a[1]))),
+        lambda db, a: db.collection("k").search(a[0], top_k=a[1], where=a[2]),
+        lambda db, a: db.collection("k").connect(a[0], a[1], a[2], metadata=a[3]),
+        lambda db, a: db.collection("k").walk(a[0], labels=a[1], depth=a[2]),
+        lambda db, a: db.collection("k").neighbors(a[0], label=a[1], direction=a[2]),
+    ],
+    "database": [
+        lambda db, a: db.dict(a[0], model=a[1]),
+        lambda db, a: db.log(a[0], retention=a[1]),
+        lambda db, a: db.channel(a[0], retention=a[1], max_messages=a[2]),
+        lambda db, a: db.collection(a[0], metric=a[1]),
+        lambda db, a: db.dict("d").on(a[0], print).off(),
+        lambda db, a: db.dump(io.StringIO(), names=a[0]),
+        lambda db, a: db.load(io.StringIO(_json_line(a[0])), mode=a[1]),
+    ],
+}
+
+
+def _text(value):
+    """``value`` if it is a str, else its repr: a call that gets past its type checks."""
+    return value if isinstance(value, str) else repr(value)
+
+
+def _small(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2 \
+        else 1
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", sorted(FUZZ_CALLS))
+def test_fuzz_every_call_with_every_corner_value(tmp_path, kind):
+    """The deterministic half of the fuzz: each corner value in each of the first two
+    argument positions of every call, the other arguments ordinary."""
+    with BeaverDB(tmp_path / "corners.db", timeout=5) as db:
+        _seed_fuzz_database(db)
+        fuzz = _Fuzz(db, kind)
+        for which, call in enumerate(FUZZ_CALLS[kind]):
+            for position in (0, 1):
+                for value in CORNERS:
+                    args = ["k", 1, None, None]
+                    args[position] = value
+                    fuzz.call(which, call, tuple(args))
+
+
+class _Fuzz:
+    """Calls one at a time; a call that raises must leave the dump of the database as it was
+    (the dump is taken after each call, so a failed call costs one dump, not two)."""
+
+    def __init__(self, db, kind):
+        self.db, self.kind, self.state = db, kind, _state(db)
+
+    def call(self, which, call, args):
+        try:
+            call(self.db, args)
+        except Exception as e:
+            if _known_collection_bug(self.kind, args, e):
+                self.state = _state(self.db)
+                return
+            where = f"call {which} of {self.kind} with {args!r:.120}"
+            assert isinstance(e, FUZZ_ALLOWED), f"{where} raised {type(e).__name__}: {e}"
+            assert not (type(e) is beaver.BeaverError and e.orig is not None), (
+                f"{where}: an SQLite error beaver did not expect: {e}")
+            assert _state(self.db) == self.state, f"{where} raised after a change"
+        else:
+            self.state = _state(self.db)
+
+
+def _known_collection_bug(kind, args, error):
+    """The inputs of the expected failures below (collection internals, fixed elsewhere)."""
+    if kind != "collection":
+        return False
+    if isinstance(error, OverflowError):            # match(fuzziness=inf)
+        return any(a in (INF, -INF) for a in args if isinstance(a, float))
+    return type(error) is beaver.BeaverError and any(
+        isinstance(a, str) and ("\x00" in a or _has_surrogate(a)) for a in args)
+
+
+def _has_surrogate(text):
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+@pytest.mark.xfail(strict=True, reason="collection internals (the collections work owns "
+                   "match()): a NUL or a lone surrogate inside a query word reaches FTS5 and "
+                   "raises a raw SQLite error ('unterminated string') instead of searching")
+@pytest.mark.parametrize("query", ["a\x00b", "wo\ud800rd"])
+def test_collection_match_with_nul_or_surrogate_inside_a_word(db, query):
+    from beaver import Document
+    docs = db.collection("k")
+    docs.index(Document(id="k", body={"text": "word"}))
+    assert docs.match(query) == [] and docs.match(query, fuzziness=1) == []
+
+
+@pytest.mark.xfail(strict=True, raises=OverflowError, reason="collection internals (the "
+                   "collections work owns match()): fuzziness is not checked at the entry of "
+                   "match(), and int(inf) raises OverflowError")
+def test_collection_match_with_infinite_fuzziness(db):
+    with pytest.raises(ValueError, match="fuzziness"):
+        db.collection("k").match("word", fuzziness=INF)
+
+
+def _json_line(value):
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        return "[]"
+
+
+def _seed_fuzz_database(db):
+    from beaver import Document
+    db.dict("d").update({"k": 1, "": 2})
+    db.list("l").extend([1, "k", None])
+    db.queue("q").put("k")
+    db.blobs("b").put("k", b"data")
+    db.log("g").log("k", timestamp=1000)
+    db.channel("c").publish("k")
+    db.collection("k").index(Document(id="k", body={"text": "word"}))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", sorted(FUZZ_CALLS))
+def test_fuzz_hostile_inputs_raise_clear_errors_and_change_nothing(tmp_path, kind):
+    with BeaverDB(tmp_path / "fuzz.db", timeout=5) as db:
+        _seed_fuzz_database(db)
+        calls, fuzz = FUZZ_CALLS[kind], _Fuzz(db, kind)
+
+        @settings(max_examples=int(os.environ.get("BEAVER_FUZZ_EXAMPLES", "25")),
+                  deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(st.integers(0, len(calls) - 1), st.tuples(FUZZ_ARG, FUZZ_ARG, FUZZ_ARG, FUZZ_ARG))
+        def hostile_call(which, args):
+            fuzz.call(which, calls[which], args)
+        hostile_call()
+
 
 # ---- codec / Model ----
 
