@@ -1895,6 +1895,10 @@ class DictManager(_Manager, MutableMapping):
         """Store ``value`` under ``key``; with ``ttl_seconds`` it expires that much later.
 
             >>> cache.set("weather", {"temp": 21}, ttl_seconds=600)
+
+        Before writing anything, raises ``TypeError`` (a key that is not a str, a value that
+        is not JSON) or ``ValueError`` (a ttl that is not a positive finite number, a lone
+        surrogate, a value nested too deeply).
         """
         if type(key) is not str:
             _check_key(key)
@@ -2376,7 +2380,12 @@ class QueueManager(_Manager):
              "RETURNING priority, timestamp, data")
 
     def put(self, data, priority=0):
-        """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
+        """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals.
+
+            >>> jobs.put({"action": "reply"}, priority=1)
+
+        ``priority`` is a finite int (64 bits) or float: else ``TypeError`` / ``ValueError``.
+        """
         if type(priority) is not int or not -(1 << 63) <= priority < (1 << 63):
             _check_priority(priority)
         text = self._codec.encode(data)
@@ -2391,7 +2400,9 @@ class QueueManager(_Manager):
         """Remove and return the first item.
 
         With ``block=False`` an empty queue raises ``QueueEmpty`` (an ``IndexError``);
-        otherwise it waits, up to ``timeout`` seconds if given, then raises ``TimeoutError``.
+        otherwise it waits, up to ``timeout`` seconds if given (``inf``: no limit), then raises
+        ``TimeoutError``. A ``timeout`` or ``lease`` that is not a number of seconds (a bool,
+        NaN, negative) raises ``TypeError`` / ``ValueError`` before anything is taken.
 
         ``lease=seconds`` delivers at least once instead of exactly once: the item is hidden,
         not deleted, and comes back to the queue (at the end of its priority) unless
@@ -2737,7 +2748,13 @@ class LogManager(_Manager):
         self._next_prune = 0.0
 
     def log(self, data, timestamp=None):
-        """Append ``data`` at ``timestamp`` (default: now)."""
+        """Append ``data`` at ``timestamp`` (default: now).
+
+            >>> metrics.log({"cpu": 0.4}, timestamp=datetime.now(timezone.utc))
+
+        ``timestamp`` is a ``datetime`` or epoch seconds within the years 1 to 9999
+        (``ValueError`` otherwise, ``TypeError`` for other types).
+        """
         when = _now() if timestamp is None else _epoch(timestamp)
         text = self._codec.encode(data)
         with self._atomic():
@@ -3397,7 +3414,12 @@ class Lock:
             "LIMIT 1)", (now, self.name, now))
 
     def renew(self, ttl=None):
-        """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now."""
+        """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now.
+
+            >>> lock.renew(300)
+
+        ``LockLost`` if the hold had already run out (the object may then acquire again).
+        """
         ttl = self.ttl if ttl is None else _seconds(ttl, "ttl", positive=True)
         if self._ticket is None:
             raise LockLost(f"lock {self.name!r} is not held by this object")
