@@ -300,6 +300,16 @@ def _json_dumps(value) -> str:
         raise TypeError(f"value is not JSON-serializable: {e}") from None
 
 
+def _parse_json(text):
+    """A JSON value a user handed in (a dump...): ``ValueError`` if it is not JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+    except ValueError as e:
+        raise ValueError(f"not JSON: {e}") from None
+
+
 def _too_deep() -> ValueError:
     return ValueError("value is nested too deeply to store (lists and dicts inside each "
                       f"other more than about {sys.getrecursionlimit()} levels)")
@@ -1838,9 +1848,9 @@ def _item_fields(item, *names, **optional):
 
 def _read_dump(data_or_fp) -> dict:
     if isinstance(data_or_fp, (str, bytes)):
-        data = json.loads(data_or_fp)
+        data = _parse_json(data_or_fp)
     elif hasattr(data_or_fp, "read"):
-        data = json.load(data_or_fp)
+        data = _parse_json(data_or_fp.read())
     else:
         data = data_or_fp
     if not isinstance(data, dict):
@@ -5354,9 +5364,9 @@ def _dump_lines(fp):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            yield _parse_json(line)
         except ValueError as e:
-            raise ValueError(f"line {number} of the dump is not JSON: {e}") from None
+            raise ValueError(f"line {number} of the dump: {e}") from None
 
 
 def _load_database(db, fp, mode="append") -> int:

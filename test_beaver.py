@@ -659,6 +659,15 @@ def test_lone_surrogates_in_keys_and_names_are_value_errors(db, text):
 
 # ---- dump and load: bad items are refused, nothing is half loaded ----
 
+def test_load_of_json_nested_too_deeply_is_a_value_error(db):
+    deep = "[" * 5000 + "]" * 5000
+    with pytest.raises(ValueError, match="nested too deeply"):
+        db.dict("d").load(deep)
+    header = json.dumps({"beaver_dump": 1}) + "\n"
+    with pytest.raises(ValueError, match="nested too deeply"):
+        db.load(io.StringIO(header + deep + "\n"))
+
+
 @pytest.mark.parametrize("kind, item", [
     ("blob", {"key": "a", "data": "!!!!", "metadata": None}),             # loaded as b""
     ("blob", {"key": "a", "data": "!!!not base64!!!", "metadata": None}),
