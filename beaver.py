@@ -818,12 +818,12 @@ class _Core:
                 f"sqlite3 module uses SQLite {sqlite3.sqlite_version}")
         if durability not in ("normal", "full"):
             raise ValueError("durability must be 'normal' or 'full'")
-        self.memory = str(path) == ":memory:"
-        # absolute, so a later chdir cannot send new threads' connections to another file
-        self.path = _memory_path() if self.memory else os.path.abspath(os.fspath(path))
         self.timeout = _seconds(timeout, "timeout", high=_MAX_BUSY_TIMEOUT)
         if self.timeout is None:
             raise TypeError("timeout must be seconds (a number or a timedelta), not None")
+        self.memory = str(path) == ":memory:"
+        # absolute, so a later chdir cannot send new threads' connections to another file
+        self.path = _memory_path() if self.memory else os.path.abspath(os.fspath(path))
         self.synchronous = "OFF" if self.memory else durability.upper()
         self.closed = False
         self._local = threading.local()
