@@ -24,7 +24,7 @@ __all__ = [
     "Timeout", "DatabaseBusy", "ValidationError", "FeatureUnavailable", "DiskFull",
     "CorruptDatabase", "ForeignDatabase", "ReadOnlyDatabase",
     "Document", "CollectionManager", "rerank",
-    "BeaverClient", "RemoteError", "Unauthorized", "main",
+    "BeaverClient", "RemoteError", "Unauthorized", "import_upstream", "main",
 ]
 
 import array
@@ -34,6 +34,7 @@ import contextlib
 import datetime as _dt
 import functools
 import heapq
+import itertools
 import json
 import logging
 import math
@@ -3761,9 +3762,12 @@ def _doc_id(doc_or_id) -> str:
 
 
 def _chunks(items, size=500):
-    items = list(items)
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+    """Lists of at most ``size`` items of any iterable, read as they are needed."""
+    items = iter(items)
+    chunk = list(itertools.islice(items, size))
+    while chunk:
+        yield chunk
+        chunk = list(itertools.islice(items, size))
 
 
 def _marks(n) -> str:
@@ -6538,6 +6542,338 @@ def _register_aliases():
 
 _register_aliases()
 # ==========================================================================================
+# Import from the public beaver-db package: import_upstream(OLD, NEW)
+# ==========================================================================================
+#
+# The public ``beaver-db`` package keeps the same kinds of structures in other tables, learned
+# from files it wrote (scripts/make_upstream_fixtures.py): 1.x names them ``beaver_NAME``,
+# 2.x ``__beaver_NAME__``, and every row carries its structure's name:
+#   dicts (dict_name, key, value JSON, expires_at epoch), lists (list_name, item_order: REAL
+#   in 1.x, text in 2.x, in order either way, item_value), priority_queues (queue_name,
+#   priority, timestamp, data), blobs (store_name, key, data, metadata), logs (log_name,
+#   timestamp, data), pubsub_log (channel_name, timestamp, message_payload), edges
+#   (collection, source_item_id, target_item_id, label, metadata). Documents: 1.x
+#   beaver_collections (collection, item_id, item_vector float32, metadata); 2.x
+#   __beaver_documents__ (collection, item_id, data) and __beaver_vectors__ (collection,
+#   item_id, vector, metadata): the documents, vectors and graph of one name become one
+#   beaver collection (a vector without a document becomes a document, its metadata the body).
+# Text and vector indexes are derived (beaver builds its own); locks and event notifications
+# are transient; sketches and encrypted dicts have no beaver counterpart: reported, not copied.
+
+_UPSTREAM_TABLES = ("dicts", "lists", "priority_queues", "blobs", "logs", "pubsub_log",
+                    "collections", "documents", "vectors", "edges", "sketches", "lock_waiters",
+                    "manager_versions", "fts_index", "trigrams", "vector_change_log",
+                    "collection_versions", "field_index", "field_index_manifest",
+                    "lsh_config", "lsh_index")
+_UPSTREAM_INTERNAL_DICTS = {"__metadata__", "__security__", "__events__"}   # + __beaver_*__
+
+# kind -> (upstream table, name column, columns, order within a structure, row -> dump item)
+_UPSTREAM_KINDS = {
+    "list": ("lists", "list_name", "item_value", "item_order",
+             lambda row: json.loads(row[0])),
+    "queue": ("priority_queues", "queue_name", "priority, timestamp, data",
+              "priority, timestamp, rowid",
+              lambda row: {"priority": row[0], "timestamp": row[1], "data": json.loads(row[2])}),
+    "blob": ("blobs", "store_name", "key, data, metadata", "key",
+             lambda row: {"key": row[0], "data": base64.b64encode(row[1]).decode("ascii"),
+                          "metadata": None if row[2] is None else json.loads(row[2])}),
+    "log": ("logs", "log_name", "timestamp, data", "timestamp",
+            lambda row: {"timestamp": row[0], "data": json.loads(row[1])}),
+    "channel": ("pubsub_log", "channel_name", "timestamp, message_payload", "timestamp",
+                lambda row: {"timestamp": row[0], "payload": json.loads(row[1])}),
+}
+
+
+def _is_event_channel(name) -> bool:
+    """The channels where beaver-db 1.x (``__beaver_events__``) and 2.x keep notifications."""
+    return name == "__beaver_events__" or (name.startswith("__events_") and name.endswith("__"))
+
+
+class _UpstreamFile:
+    """A beaver-db 1.x / 2.x file opened read-only; its structures as ``dump()`` items."""
+
+    def __init__(self, path):
+        self.path = path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such file: {path!r}")
+        from urllib.request import pathname2url
+        # No -wal file means nobody has it open: immutable=1 then reads it without creating
+        # the -wal and -shm files a read-only WAL connection would leave behind.
+        flags = "mode=ro" if os.path.exists(path + "-wal") else "mode=ro&immutable=1"
+        self.conn = sqlite3.connect(f"file:{pathname2url(os.path.abspath(path))}?{flags}",
+                                    uri=True, isolation_level=None)
+        try:
+            self.conn.execute("BEGIN")          # one snapshot for the whole read
+            self.version = _upstream_version(self.conn)
+            self.tables = [row[0] for row in self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        except sqlite3.DatabaseError as e:
+            self.conn.close()
+            raise SchemaError(f"{path!r} is not a SQLite database ({e})") from None
+        if self.version is None:
+            self.conn.close()
+            raise SchemaError(f"{path!r} is a beaver database already: open it with BeaverDB"
+                              if "beaver_meta" in self.tables else
+                              f"{path!r} holds no beaver-db 1.x or 2.x tables")
+        self.skipped: dict = {}
+        # 1.x searches by squared euclidean distance (the ranking of "l2"), 2.x by cosine
+        self.metric = "l2" if self.version == "1.x" else "cosine"
+
+    def close(self):
+        self.conn.close()
+
+    def name_of(self, base) -> str:
+        """The name of the upstream table ``base`` ('dicts'...) in this file's version."""
+        return f"beaver_{base}" if self.version == "1.x" else f"__beaver_{base}__"
+
+    def table(self, base):
+        """The quoted name of the upstream table ``base``, or None if the file lacks it."""
+        name = self.name_of(base)
+        return f'"{name}"' if name in self.tables else None
+
+    def rows(self, sql, params=()):
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.Error as e:
+            raise SchemaError(f"{self.path!r} is not laid out as beaver-db {self.version} "
+                              f"writes it: {e}") from None
+
+    def skip(self, what, name, count=1):
+        """Record ``count`` items of structure ``name`` that are not copied, under ``what``."""
+        names = self.skipped.setdefault(what, {})
+        names[name] = names.get(name, 0) + count
+
+    def unknown_tables(self) -> list:
+        """Tables that are not beaver-db's (nor SQLite's, nor its text index's shadows)."""
+        known = {self.name_of(base) for base in _UPSTREAM_TABLES}
+        shadows = self.name_of("fts_index") + "_"
+        return [name for name in self.tables
+                if name not in known and not name.startswith(("sqlite_", shadows))]
+
+    def upstream_release(self):
+        """The package version a 1.x file records (its ``__metadata__`` dict), else None."""
+        dicts = self.table("dicts")
+        row = dicts and self.rows(f"SELECT value FROM {dicts} WHERE dict_name = '__metadata__' "
+                                  "AND key = 'version'").fetchone()
+        return json.loads(row[0]) if row else None
+
+    # -- structures: (kind, name, items, edges) ------------------------------------------------
+
+    def structures(self):
+        yield from self._dicts()
+        for kind in _UPSTREAM_KINDS:
+            yield from self._simple(kind)
+        yield from self._collections()
+        for base, column, what in (("sketches", "name", "sketches"),
+                                   ("lock_waiters", "lock_name", "locks")):
+            for name, rows in self._grouped(base, "1", column, "1"):
+                self.skip(what, name, sum(1 for _ in rows))
+
+    def _grouped(self, base, columns, name_column, order):
+        table = self.table(base)
+        if table is None:
+            return iter(())
+        rows = self.rows(f"SELECT {name_column}, {columns} FROM {table} "
+                         f"ORDER BY {name_column}, {order}")
+        return ((name, (row[1:] for row in group))
+                for name, group in itertools.groupby(rows, operator.itemgetter(0)))
+
+    def _dicts(self):
+        encrypted = set()
+        dicts = self.table("dicts")
+        if dicts:
+            encrypted = {row[0] for row in self.rows(
+                f"SELECT key FROM {dicts} WHERE dict_name = '__security__'")}
+        now = _now()
+        for name, rows in self._grouped("dicts", "key, value, expires_at", "dict_name", "key"):
+            if name in encrypted:
+                self.skip("encrypted_dicts", name, sum(1 for _ in rows))
+            elif name not in _UPSTREAM_INTERNAL_DICTS and not (
+                    name.startswith("__beaver_") and name.endswith("__")):
+                yield "dict", name, self._live_items(name, rows, now), ()
+
+    def _live_items(self, name, rows, now):
+        for key, value, expires_at in rows:
+            if expires_at is not None and expires_at <= now:
+                self.skip("expired_keys", name)
+            else:
+                yield {"key": key, "value": json.loads(value), "expires_at": expires_at}
+
+    def _simple(self, kind):
+        base, name_column, columns, order, item = _UPSTREAM_KINDS[kind]
+        for name, rows in self._grouped(base, columns, name_column, order):
+            if kind == "channel" and _is_event_channel(name):
+                self.skip("event_messages", name, sum(1 for _ in rows))
+            else:
+                yield kind, name, map(item, rows), ()
+
+    def _collections(self):
+        tables = [t for t in map(self.table, ("collections", "documents", "vectors", "edges"))
+                  if t]
+        if not tables:
+            return
+        union = " UNION ".join(f"SELECT collection FROM {table}" for table in tables)
+        for (name,) in self.rows(f"SELECT * FROM ({union}) ORDER BY 1").fetchall():
+            yield "collection", name, self._documents(name), self._edges(name)
+
+    def _documents(self, name):
+        """Document dicts plus their ``fts`` setting; placeholders for bare edge ends last."""
+        fts_paths = self._fts_paths(name)
+        for doc_id, vector, body, lost in self.rows(*self._document_query(name)):
+            if lost is not None:
+                self.skip("vector_metadata", name)
+            paths = True if fts_paths is None else tuple(sorted(fts_paths.get(doc_id, ()))) \
+                or False
+            yield {"id": doc_id, "embedding": _unpack_vector(vector),
+                   "body": None if body is None else json.loads(body), "fts": paths}
+        for doc_id in self._edge_ends_without_document(name):
+            self.skip("placeholder_documents", name)
+            yield {"id": doc_id, "embedding": None, "body": None, "fts": False}
+
+    def _document_query(self, name):
+        """SQL (id, vector, body JSON, vector metadata with no place) and its parameters."""
+        if self.version == "1.x":
+            return (f"SELECT item_id, item_vector, metadata, NULL FROM "
+                    f"{self.table('collections')} WHERE collection = ?", (name,))
+        docs, vectors = self.table("documents"), self.table("vectors")
+        if vectors is None:
+            return f"SELECT item_id, NULL, data, NULL FROM {docs} WHERE collection = ?", (name,)
+        bare = f"SELECT item_id, vector, metadata, NULL FROM {vectors} v WHERE collection = ?"
+        if docs is None:
+            return bare, (name,)
+        return (f"SELECT d.item_id, v.vector, d.data, v.metadata FROM {docs} d LEFT JOIN "
+                f"{vectors} v ON v.collection = d.collection AND v.item_id = d.item_id "
+                f"WHERE d.collection = ? UNION ALL {bare} AND NOT EXISTS (SELECT 1 FROM "
+                f"{docs} d WHERE d.collection = v.collection AND d.item_id = v.item_id)",
+                (name, name))
+
+    def _fts_paths(self, name):
+        """{doc id: the field paths upstream indexed as text}; None without a text index."""
+        fts = self.table("fts_index")
+        if fts is None:
+            return None
+        paths: dict = {}
+        for doc_id, path in self.rows(
+                f"SELECT item_id, field_path FROM {fts} WHERE collection = ?", (name,)):
+            paths.setdefault(doc_id, set()).add(path)
+        return paths
+
+    def _edge_ends_without_document(self, name) -> list:
+        edges = self.table("edges")
+        if edges is None:
+            return []
+        have = " UNION ".join(f"SELECT item_id FROM {table} WHERE collection = ?1"
+                              for table in (self.table("collections"), self.table("documents"),
+                                            self.table("vectors")) if table) or "SELECT NULL"
+        return [row[0] for row in self.rows(
+            f"SELECT id FROM (SELECT source_item_id AS id FROM {edges} WHERE collection = ?1 "
+            f"UNION SELECT target_item_id FROM {edges} WHERE collection = ?1) "
+            f"WHERE id NOT IN ({have}) ORDER BY 1", (name,))]
+
+    def _edges(self, name):
+        edges = self.table("edges")
+        if edges is None:
+            return iter(())
+        return ({"source": s, "target": t, "label": label,
+                 "metadata": None if meta is None else json.loads(meta)}
+                for s, t, label, meta in self.rows(
+                    f"SELECT source_item_id, target_item_id, label, metadata FROM {edges} "
+                    "WHERE collection = ? ORDER BY source_item_id, label, target_item_id",
+                    (name,)))
+
+
+def _copy_structure(db, kind, name, items, edges, metric):
+    """Write (or, without ``db``, only count) one structure: its item count."""
+    if kind == "collection":
+        manager = None if db is None else db.collection(name, metric=metric)
+        return _copy_collection(manager, items, edges, metric)
+    manager = None if db is None else getattr(db, _STRUCTURES[kind][1])(name)
+    count = 0
+    for batch in _chunks(items, _LOAD_BATCH):
+        count += len(batch)
+        if manager is not None:
+            manager._load_items(batch)
+    return count
+
+
+def _copy_collection(manager, documents, edges, metric) -> dict:
+    """Index the documents (each as upstream indexed its text), then connect the edges."""
+    counts = {"documents": 0, "vectors": 0, "edges": 0, "metric": metric}
+    for batch in _chunks(documents, _LOAD_BATCH):
+        counts["documents"] += len(batch)
+        counts["vectors"] += sum(item["embedding"] is not None for item in batch)
+        by_fts: dict = {}
+        for item in batch:
+            by_fts.setdefault(item["fts"], []).append(Document.from_dict(item))
+        for fts, group in by_fts.items():
+            if manager is not None:
+                manager.index_many(group, fts=fts)
+    for edge in edges:
+        counts["edges"] += 1
+        if manager is not None:
+            manager.connect(edge["source"], edge["target"], edge["label"], edge["metadata"])
+    return counts
+
+
+def import_upstream(old, new, dry_run=False) -> dict:
+    """Copy a database of the public ``beaver-db`` 1.x or 2.x package into a new beaver file.
+
+        >>> report = beaver.import_upstream("old.db", "new.db")
+        >>> report["structures"]["dict"]
+        {'app_config': 4}
+
+    Every structure is copied: dicts (live keys, with their expiry), lists in order, queues
+    with priorities, blobs with metadata, logs with timestamps, collections with documents,
+    vectors and edges, channel history. ``old`` is opened read-only and never changed;
+    ``new`` must not exist (it is created, and removed again if the import fails: nothing is
+    half-written). ``dry_run=True`` reads everything and writes nothing. The report counts
+    what is copied per structure, what is ``skipped`` (expired keys, encrypted dicts,
+    sketches, locks, event notifications...) and the ``unknown_tables`` of the file.
+    """
+    old, new = os.fspath(old), os.fspath(new)
+    source = _UpstreamFile(old)
+    try:
+        if os.path.lexists(new):
+            raise FileExistsError(f"{new!r} exists: import-upstream writes a new file")
+        report = {"source": old, "target": new, "upstream": source.version,
+                  "upstream_release": source.upstream_release(), "dry_run": bool(dry_run)}
+        if dry_run:
+            structures = _copy_upstream(source, None)
+        else:
+            structures = _import_into_new_file(source, new)
+        report.update(structures=structures, skipped=source.skipped,
+                      unknown_tables=source.unknown_tables())
+        return report
+    finally:
+        source.close()
+
+
+def _copy_upstream(source, db) -> dict:
+    structures: dict = {}
+    for kind, name, items, edges in source.structures():
+        try:
+            structures.setdefault(kind, {})[name] = _copy_structure(
+                db, kind, name, items, edges, source.metric)
+        except (ValueError, TypeError, KeyError) as e:
+            raise SchemaError(f"cannot import {kind} {name!r} of {source.path!r}: "
+                              f"{type(e).__name__}: {e}") from e
+    return structures
+
+
+def _import_into_new_file(source, new) -> dict:
+    open(new, "x").close()                  # claims the name: never overwrites a file
+    try:
+        with BeaverDB(new) as db:
+            with db.transaction():
+                return _copy_upstream(source, db)
+    except BaseException:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                os.remove(new + suffix)
+        raise
+
+
+# ==========================================================================================
 # CLI: beaver [--database PATH] <dict|list|queue|blob|lock|...> NAME <operation> [args]
 # ==========================================================================================
 #
@@ -6968,6 +7304,8 @@ def _cli_database_parsers(commands):
                         add_help=False)
     commands.add_parser("client", help="run a command against the database (same as without "
                                        "'client')", add_help=False)
+    commands.add_parser("import-upstream", help="copy a beaver-db 1.x/2.x file into a new "
+                                                "beaver file (see --help)", add_help=False)
 
 
 def _cli_load(db, args):
@@ -7034,6 +7372,31 @@ def _cli_serve(server_argv) -> int:
         return e.code if isinstance(e.code, int) else 2
 
 
+def _cli_import_upstream(argv) -> int:
+    """``beaver import-upstream OLD.db NEW.db [--dry-run]``: prints the JSON report."""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="beaver import-upstream",
+        description="Copy every structure of a database written by the public beaver-db 1.x "
+                    "or 2.x package into a new beaver file. OLD is only read; NEW must not "
+                    "exist. Prints a JSON report: counts per structure, what was skipped, "
+                    "unknown tables.")
+    parser.add_argument("old", metavar="OLD.db", help="the beaver-db file (read-only)")
+    parser.add_argument("new", metavar="NEW.db", help="the beaver file to create")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="read everything and print the counts; write nothing")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        report = import_upstream(args.old, args.new, dry_run=args.dry_run)
+    except (BeaverError, OSError) as e:
+        print(f"beaver: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return _cli_print(report)
+
+
 def main(argv=None) -> int:
     """The ``beaver`` command: ``beaver [--database PATH] <kind> NAME <operation> [args]``.
 
@@ -7046,6 +7409,9 @@ def main(argv=None) -> int:
     server_argv = _split_serve(argv)
     if server_argv is not None:
         return _cli_serve(server_argv)
+    i, _ = _command_word(argv)
+    if argv[i:i + 1] == ["import-upstream"]:
+        return _cli_import_upstream(argv[i + 1:])
     try:
         i, _ = _command_word(argv)
         args = _cli_parser(argv[i] if i < len(argv) else None).parse_args(argv)

@@ -6,11 +6,13 @@ fixed sleep for synchronisation. TTL tests drive beaver's one clock (``beaver._n
 through the ``clock`` fixture, so they neither sleep nor depend on timing.
 """
 import asyncio
+import base64
 import contextlib
 import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import select
 import signal
@@ -5372,6 +5374,225 @@ if _schemathesis is not None:
         assert response.status_code < 500, (case.method, case.path, response.text[:300])
 
 
+# ---- import from upstream beaver-db ----
+#
+# fixtures/upstream-*.db were written by the public beaver-db package through its API
+# (scripts/make_upstream_fixtures.py); fixtures/upstream-*.json hold what that package's API
+# read back from each file.
+
+UPSTREAM = sorted((ROOT / "fixtures").glob("upstream-*.db"))
+UPSTREAM_SKIPPED = {   # what each fixture holds that an import must report and not copy
+    "1": {"expired_keys": {"app_config": 1}, "encrypted_dicts": {"vault": 1},
+          "sketches": {"visitors": 1}, "locks": {"nightly": 1},
+          "event_messages": {"__beaver_events__": 1}},
+    "2": {"expired_keys": {"app_config": 1}, "encrypted_dicts": {"vault": 1},
+          "sketches": {"visitors": 1}, "locks": {"nightly": 1},
+          "event_messages": {"__events_deployments__": 1}, "vector_metadata": {"articles": 1},
+          "placeholder_documents": {"people": 3}},
+}
+
+
+@pytest.fixture(params=UPSTREAM, ids=lambda path: path.stem)
+def upstream(request, tmp_path):
+    """(a copy of an upstream fixture in its own folder, what beaver-db read from it)."""
+    folder = tmp_path / "old"
+    folder.mkdir()
+    old = folder / request.param.name
+    shutil.copyfile(request.param, old)
+    return old, json.loads(request.param.with_suffix(".json").read_text("utf-8"))
+
+
+def _imported(upstream, tmp_path):
+    old, want = upstream
+    report = beaver.import_upstream(old, tmp_path / "new.db")
+    return BeaverDB(tmp_path / "new.db"), report, want
+
+
+def test_upstream_fixtures_cover_both_major_versions():
+    assert [p.name for p in UPSTREAM] == ["upstream-1.3.0.db", "upstream-2.4.1.db"]
+    for path in UPSTREAM:
+        assert path.stat().st_size < 300_000 and path.with_suffix(".json").exists()
+        assert not Path(str(path) + "-wal").exists()
+
+
+def test_upstream_version_tells_1x_2x_and_others_apart(upstream, tmp_path):
+    old, want = upstream
+    conn = sqlite3.connect(old)
+    try:
+        assert beaver._upstream_version(conn) == want["version"][0] + ".x"
+    finally:
+        conn.close()
+    BeaverDB(tmp_path / "own.db").close()
+    for path in (tmp_path / "own.db", tmp_path / "empty.db"):
+        conn = sqlite3.connect(path)
+        try:
+            assert beaver._upstream_version(conn) is None
+        finally:
+            conn.close()
+
+
+def test_import_upstream_copies_every_structure(upstream, tmp_path):
+    db, report, want = _imported(upstream, tmp_path)
+    with db:
+        for name, items in want["dicts"].items():
+            assert dict(db.dict(name).items()) == items
+        for name, items in want["lists"].items():
+            assert list(db.list(name)) == items                     # order kept
+        assert [[i.priority, i.data] for i in db.queue("jobs")] == want["queues"]["jobs"]
+        assert [db.queue("jobs").get(block=False).data for _ in range(3)] == [
+            "taken", {"job": "first"}, "second"]                    # priority, then FIFO
+        files = db.blobs("files")
+        for key, (data, metadata) in want["blobs"]["files"].items():
+            assert files.get(key) == (key, base64.b64decode(data), metadata)
+        assert [[e.timestamp.timestamp(), e.data] for e in db.log("metrics")] == \
+            want["logs"]["metrics"]                                 # timestamps kept
+        assert [m["payload"] for m in db.channel("chat").dump()["items"]] == \
+            want["channels"]["chat"]
+    assert report["structures"]["dict"] == {n: len(v) for n, v in want["dicts"].items()}
+    assert report["structures"]["list"] == {n: len(v) for n, v in want["lists"].items()}
+    assert report["structures"]["queue"] == {"jobs": 5}
+    assert report["structures"]["blob"] == {"files": 3}
+    assert report["structures"]["log"] == {"metrics": 5}
+    assert report["structures"]["channel"] == {"chat": 3}
+    assert report["skipped"] == UPSTREAM_SKIPPED[want["version"][0]]
+    assert report["unknown_tables"] == ["app_notes"]
+    assert report["upstream"] == want["version"][0] + ".x" and report["dry_run"] is False
+
+
+def test_import_upstream_collections_documents_vectors_edges(upstream, tmp_path):
+    db, report, want = _imported(upstream, tmp_path)
+    with db:
+        for name, expected in want["collections"].items():
+            coll = db.collection(name)
+            got = {d.id: {"body": d.body, "embedding": d.embedding} for d in coll}
+            placeholders = set(got) - set(expected["documents"])
+            assert {k: got[k] for k in expected["documents"]} == expected["documents"]
+            assert all(got[k] == {"body": None, "embedding": None} for k in placeholders)
+            assert len(placeholders) == report["skipped"].get(
+                "placeholder_documents", {}).get(name, 0)
+            edges = sorted([e["source"], e["target"], e["label"], e["metadata"]]
+                           for e in coll.dump()["edges"])
+            width = len(expected["edges"][0]) if expected["edges"] else 4
+            assert [e[:width] for e in edges] == expected["edges"]
+            assert report["structures"]["collection"][name] == {
+                "documents": len(got), "edges": len(edges), "metric": coll.metric,
+                "vectors": sum(d["embedding"] is not None for d in got.values())}
+            assert coll.metric == ("l2" if want["version"][0] == "1" else "cosine")
+        articles = db.collection("articles")
+        assert [d.id for d, _ in articles.match("castor")] == ["beaver"]
+        assert [d.id for d, _ in articles.match("castr", fuzziness=1)] == ["beaver"]
+        assert articles.match("searchable") == []                   # upstream fts=False
+        assert [d.id for d, _ in articles.match("server", on=["meta.kind"])] == ["postgres"]
+        assert articles.search([0.9, 0.1, 0.0, 0.5], top_k=1)[0][0].id == "beaver"
+        assert [d.id for d in articles.neighbors("sqlite", label="MENTIONS")] == ["beaver"]
+        assert [d.id for d in db.collection("people").walk("ana", depth=2)] == ["bo", "cy"]
+
+
+def test_import_upstream_keeps_expiry(upstream, tmp_path, clock):
+    old, want = upstream
+    (expires_at,) = raw_rows(old, "SELECT expires_at FROM {} WHERE key = 'session'".format(
+        "beaver_dicts" if want["version"][0] == "1" else "__beaver_dicts__"))[0]
+    db, report, _ = _imported(upstream, tmp_path)
+    with db:
+        config = db.dict("app_config")
+        assert "stale" not in config and config["session"] == {"user": "alice"}
+        assert abs(config.ttl("session") - (expires_at - clock.now)) < 1e-3
+        clock.advance(expires_at - clock.now + 1)
+        assert "session" not in config and len(config) == 3
+
+
+def test_import_upstream_never_changes_the_source(upstream, tmp_path):
+    old, _ = upstream
+    before = old.read_bytes()
+    beaver.import_upstream(old, tmp_path / "new.db")
+    beaver.import_upstream(old, tmp_path / "dry.db", dry_run=True)
+    assert old.read_bytes() == before
+    assert os.listdir(old.parent) == [old.name]                   # no -wal / -shm left beside it
+
+
+def test_import_upstream_reads_rows_still_in_the_wal(upstream, tmp_path):
+    old, want = upstream
+    writer = sqlite3.connect(old, isolation_level=None)          # an upstream app, still open
+    try:
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        table = "beaver_dicts" if want["version"][0] == "1" else "__beaver_dicts__"
+        writer.execute(f"INSERT INTO {table} VALUES ('late', 'k', '\"in the wal\"', NULL)")
+        assert os.path.getsize(str(old) + "-wal") > 0
+        report = beaver.import_upstream(old, tmp_path / "new.db")
+    finally:
+        writer.close()
+    assert report["structures"]["dict"]["late"] == 1
+    with BeaverDB(tmp_path / "new.db") as db:
+        assert db.dict("late")["k"] == "in the wal"
+
+
+def test_import_upstream_dry_run_counts_and_writes_nothing(upstream, tmp_path, capsys):
+    old, _ = upstream
+    dry = beaver.import_upstream(old, tmp_path / "new.db", dry_run=True)
+    assert not (tmp_path / "new.db").exists() and dry["dry_run"] is True
+    code, out, err = _cli(capsys, "import-upstream", str(old), str(tmp_path / "new.db"),
+                          "--dry-run")
+    assert (code, err) == (0, "") and json.loads(out) == dry
+    assert not (tmp_path / "new.db").exists()
+    real = beaver.import_upstream(old, tmp_path / "new.db")
+    assert {k: v for k, v in real.items() if k != "dry_run"} == \
+        {k: v for k, v in dry.items() if k != "dry_run"}
+
+
+def test_cli_import_upstream(upstream, tmp_path, capsys):
+    old, want = upstream
+    code, out, err = _cli(capsys, "import-upstream", str(old), str(tmp_path / "new.db"))
+    assert (code, err) == (0, "")
+    assert json.loads(out)["structures"]["list"]["tasks"] == len(want["lists"]["tasks"])
+    assert _cli(capsys, "-d", str(tmp_path / "new.db"), "list", "tasks", "len")[1] == \
+        f"{len(want['lists']['tasks'])}\n"
+    code, out, err = _cli(capsys, "import-upstream", str(old), str(tmp_path / "new.db"))
+    assert code == 1 and "FileExistsError" in err and "exists" in err
+    assert _cli(capsys, "import-upstream", "--help")[0] == 0
+    assert _cli(capsys, "import-upstream", str(old))[0] == 2
+    assert "import-upstream" in _cli(capsys, "--help")[1]
+
+
+def test_import_upstream_refuses_what_it_cannot_read(tmp_path, capsys):
+    (tmp_path / "text.db").write_text("not a database at all, just text " * 100)
+    sqlite3.connect(tmp_path / "plain.db").execute("CREATE TABLE t (x)").connection.close()
+    BeaverDB(tmp_path / "ours.db").close()
+    for name, message in [("text.db", "not a SQLite database"),
+                          ("plain.db", "holds no beaver-db 1.x or 2.x tables"),
+                          ("ours.db", "is a beaver database already")]:
+        with pytest.raises(beaver.SchemaError, match=message):
+            beaver.import_upstream(tmp_path / name, tmp_path / "new.db")
+        code, _, err = _cli(capsys, "import-upstream", str(tmp_path / name),
+                            str(tmp_path / "new.db"))
+        assert code == 1 and message in err
+    with pytest.raises(FileNotFoundError):
+        beaver.import_upstream(tmp_path / "missing.db", tmp_path / "new.db")
+    assert not (tmp_path / "new.db").exists()
+
+
+def test_import_upstream_never_overwrites_new(upstream, tmp_path):
+    old, _ = upstream
+    (tmp_path / "new.db").write_bytes(b"precious")
+    for dry_run in (False, True):
+        with pytest.raises(FileExistsError):
+            beaver.import_upstream(old, tmp_path / "new.db", dry_run=dry_run)
+    with pytest.raises(FileExistsError):
+        beaver.import_upstream(old, old)
+    assert (tmp_path / "new.db").read_bytes() == b"precious"
+
+
+def test_import_upstream_failure_leaves_no_new_file(upstream, tmp_path):
+    old, want = upstream
+    table = "beaver_lists" if want["version"][0] == "1" else "__beaver_lists__"
+    conn = sqlite3.connect(old)
+    conn.execute(f"UPDATE {table} SET item_value = '{{broken' WHERE item_value = '3'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(beaver.SchemaError, match="cannot import list 'tasks'"):
+        beaver.import_upstream(old, tmp_path / "new.db")
+    assert sorted(os.listdir(tmp_path)) == ["old"]
+
+
 # ---- CLI ----
 
 def _cli(capsys, *argv):
@@ -6667,3 +6888,143 @@ def test_example_runs(script, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip(), "an example should show what it does"
+
+
+# ---- packaging ----
+# What a package index and a user of the sdist see: the README's links, its table of the
+# environment variables, and the sdist built, installed in a fresh venv and used there.
+
+MODULES = ("beaver.py", "beaver_server.py", "beaver_vector.py")
+
+
+def _readme_prose():
+    """The README without code blocks and inline code (where brackets are not links)."""
+    text = re.sub(r"^```.*?^```", "", (ROOT / "README.md").read_text("utf-8"),
+                  flags=re.M | re.S)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def test_readme_links_work_on_a_package_index():
+    """Only absolute links, or anchors of the README's own headings (GitHub's and PyPI's
+    renderers derive the same ids): a path into the repository would be dead on PyPI."""
+    readme = (ROOT / "README.md").read_text("utf-8")
+    headings = {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+                for line in readme.splitlines() if line.startswith("#")}
+    prose = _readme_prose()
+    links = re.findall(r"\]\(([^)\s]*)", prose) + re.findall(r'(?:src|href)="([^"]*)"', prose)
+    assert links, "the README has links (its contents list)"
+    for link in links:
+        if link.startswith("#"):
+            assert link[1:] in headings, f"an anchor with no heading: {link}"
+        else:
+            assert link.startswith("https://"), f"a link that only works in the repository: {link}"
+
+
+def test_readme_documents_every_environment_variable():
+    read = set()
+    for module in MODULES:
+        source = (ROOT / module).read_text("utf-8")
+        read |= set(re.findall(r'(?:environ\.get|getenv|env)\(\s*"([A-Z][A-Z0-9_]*)"', source))
+        read |= set(re.findall(r'environ\[\s*"([A-Z][A-Z0-9_]*)"\s*\]', source))
+    section = (ROOT / "README.md").read_text("utf-8").split("## Environment variables")[1]
+    table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \|", section.split("\n## ")[0], re.M))
+    assert {"BEAVER_URL", "BEAVER_TOKEN", "BEAVER_WATCH", "BEAVER_VECTOR_BACKEND",
+            "BEAVER_INSECURE", "DATABASE"} <= read
+    assert read == table
+
+
+def _clean_env(**extra):
+    """The environment without this checkout on the path (PYTHONPATH), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    return {**env, "PYTHONNOUSERSITE": "1", "PIP_NO_INDEX": "1",
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1", **extra}
+
+
+def _run(*argv, **options):
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True,
+                            timeout=240, **options)
+    assert result.returncode == 0, f"{argv}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory):
+    """The sdist and the wheel made from it by ``python -m build``, from a copy of the tree."""
+    pytest.importorskip("build")
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip("building needs setuptools>=77 (the [test] extra)")
+    base = tmp_path_factory.mktemp("packaging")
+    source = base / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".hypothesis", ".pytest_cache", "__pycache__", "build", "dist", "*.egg-info",
+        "*.db-wal", "*.db-shm"))
+    _run(sys.executable, "-m", "build", "--no-isolation", "--outdir", base / "dist", source,
+         env=_clean_env())
+    (tarball,) = (base / "dist").glob("*.tar.gz")
+    (wheel,) = (base / "dist").glob("*.whl")
+    return base, tarball, wheel
+
+
+def test_sdist_carries_tests_examples_fixtures_and_license(sdist):
+    import tarfile
+    import zipfile
+    _, tarball, wheel = sdist
+    with tarfile.open(tarball) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+        metadata = tar.extractfile(f"{tarball.name[:-7]}/PKG-INFO").read().decode()
+    assert {"LICENSE", "README.md", "pyproject.toml", "MANIFEST.in", "test_beaver.py",
+            "beaver.py", "beaver_server.py", "beaver_vector.py", "examples/tour.py",
+            "fixtures/upstream-1.3.0.db", "fixtures/upstream-2.4.1.json",
+            "bench/bench_core.py", "scripts/check-image.sh",
+            "scripts/make_upstream_fixtures.py", "Dockerfile"} <= names
+    assert {path.name for path in EXAMPLES} <= {n[9:] for n in names if n.startswith("examples/")}
+    assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", "-wal", "-shm"))]
+    assert "License-Expression: MIT" in metadata and "Project-URL: " in metadata
+    with zipfile.ZipFile(wheel) as whl:
+        files = set(whl.namelist())
+    assert {"beaver.py", "beaver_server.py", "beaver_vector.py"} <= files
+    assert any(f.endswith(".dist-info/licenses/LICENSE") for f in files)
+    assert not [f for f in files if f.startswith(("test_", "fixtures/", "examples/"))]
+
+
+def test_sdist_installs_in_a_fresh_venv_and_works(sdist, tmp_path):
+    """``pip install --no-deps`` of the sdist into a venv that sees no site-packages of ours;
+    the build backend (setuptools) comes from the running environment, so no network."""
+    import setuptools
+    base, tarball, _ = sdist
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", venv)
+    python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+    backend = tmp_path / "backend"          # setuptools alone, for --no-build-isolation
+    backend.mkdir()
+    for name in ("setuptools", "pkg_resources", "_distutils_hack"):
+        found = Path(setuptools.__file__).parent.parent / name
+        if found.exists():
+            (backend / name).symlink_to(found)
+    _run(python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         tarball, env=_clean_env(PYTHONPATH=str(backend)))
+    smoke = ("import beaver, importlib.metadata as m, sys\n"
+             "assert beaver.__file__.startswith(sys.prefix), beaver.__file__\n"
+             "db = beaver.BeaverDB(sys.argv[1]); db.dict('d')['k'] = {'v': [1, 'ü']}; db.close()\n"
+             "db = beaver.BeaverDB(sys.argv[1]); print(db.dict('d')['k'], "
+             "m.metadata('beaver-db')['License-Expression'])")
+    out = _run(python, "-c", smoke, tmp_path / "smoke.db", env=_clean_env(), cwd=tmp_path)
+    assert out == "{'v': [1, 'ü']} MIT\n"
+    beaver_cli = python.parent / "beaver"
+    assert "import-upstream" in _run(beaver_cli, "--help", env=_clean_env(), cwd=tmp_path)
+    assert _run(beaver_cli, "-d", tmp_path / "smoke.db", "dict", "d", "get", "k",
+                env=_clean_env(), cwd=tmp_path) == '{\n  "v": [\n    1,\n    "ü"\n  ]\n}\n'
+
+
+def test_tests_run_from_the_unpacked_sdist(sdist, tmp_path):
+    import tarfile
+    _, tarball, _ = sdist
+    with tarfile.open(tarball) as tar:
+        tar.extractall(tmp_path, **({"filter": "data"} if hasattr(tarfile, "data_filter")
+                                    else {}))
+    (unpacked,) = tmp_path.iterdir()
+    out = _run(sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
+               "-k", "upstream_fixtures or import_upstream_copies or examples_exist or tour",
+               cwd=unpacked, env=_clean_env(PYTHONPATH=str(unpacked)))
+    assert re.search(r"\b5 passed", out), out      # the fixtures, both imports, the examples
