@@ -19,7 +19,8 @@ __all__ = [
     "BeaverDB", "Model", "QueueItem", "Blob", "Lock",
     "DictManager", "ListManager", "QueueManager", "BlobManager", "AsyncManager",
     "LeasedItem", "LogManager", "LogEntry", "LiveView", "ChannelManager", "Subscriber",
-    "AsyncChannelManager", "AsyncSubscriber", "AsyncLogManager", "AsyncLock",
+    "AsyncChannelManager", "AsyncSubscriber", "AsyncLogManager", "AsyncLock", "Stream",
+    "AsyncStream", "AsyncLiveView",
     "BeaverError", "ClosedError", "SchemaError", "LockTimeout", "LockLost", "QueueEmpty",
     "Timeout", "DatabaseBusy", "ValidationError", "FeatureUnavailable", "DiskFull",
     "CorruptDatabase", "ForeignDatabase", "ReadOnlyDatabase",
@@ -186,8 +187,8 @@ def _check_text(text, what) -> str:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise ValueError(f"{what} {text!r:.60} holds a lone surrogate: it is not Unicode "
-                             "text SQLite can store") from None
+            raise ValidationError(f"{what} {text!r:.60} holds a lone surrogate: it is not valid "
+                                  "Unicode text, which SQLite stores") from None
     return text
 
 
@@ -281,20 +282,21 @@ _json_default = json.JSONEncoder().default
 _json_scan = json.JSONDecoder().scan_once
 if _c_make_encoder is not None:
     # Without a markers dict (no cycle check) one encoder serves every call; a cycle ends in
-    # RecursionError, and the checking encoder then reports it as json.dumps would.
+    # RecursionError, and the checking encoder then reports it as json.dumps would. NaN and
+    # infinities are refused: they are not JSON, and SQLite's JSON functions reject the row.
     _json_encode = _c_make_encoder(None, _json_default, _encode_str, None, ":", ",",
-                                   False, False, True)
+                                   False, False, False)
 
 
 def _json_dumps(value) -> str:
     try:
         if _c_make_encoder is None:
-            return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         try:
             return "".join(_json_encode(value, 0))
         except RecursionError:      # a cycle, or deep nesting: the checking encoder tells
             return "".join(_c_make_encoder({}, _json_default, _encode_str, None, ":", ",",
-                                           False, False, True)(value, 0))
+                                           False, False, False)(value, 0))
     except RecursionError:
         raise _too_deep() from None
     except (TypeError, ValueError) as e:
@@ -600,6 +602,15 @@ _SCHEMA = [
         metadata TEXT, PRIMARY KEY (collection, source, label, target)) WITHOUT ROWID""",
     """CREATE INDEX IF NOT EXISTS beaver_edges_incoming
         ON beaver_edges (collection, target, label, source)""",
+    # the field indexes (see _FieldIndexes): one partial index each, named from these columns
+    """CREATE TABLE IF NOT EXISTS beaver_indexes (
+        kind TEXT NOT NULL, name TEXT NOT NULL, path TEXT NOT NULL,
+        PRIMARY KEY (kind, name, path)) WITHOUT ROWID""",
+    # the answers to recent keyed requests of the server (exactly-once over the wire)
+    """CREATE TABLE IF NOT EXISTS beaver_requests (
+        key TEXT PRIMARY KEY, created REAL NOT NULL, status INTEGER NOT NULL, body BLOB)
+        WITHOUT ROWID""",
+    """CREATE INDEX IF NOT EXISTS beaver_requests_age ON beaver_requests (created)""",
 ]
 
 _SCHEMA_NAMES = frozenset(statement.split("EXISTS")[1].split()[0] for statement in _SCHEMA)
@@ -737,8 +748,8 @@ def _sqlite_error(error, path, timeout) -> Exception:
     if isinstance(error, UnicodeDecodeError):
         new = CorruptDatabase(f"{path!r} holds text that is not UTF-8 (a damaged file?): {error}")
     elif isinstance(error, UnicodeEncodeError):
-        return ValueError(f"cannot store {error.object[:60]!r}: it holds a lone surrogate "
-                          f"{error.object[error.start:error.end]!r}, which is not Unicode text")
+        return ValidationError(f"cannot store {error.object[:60]!r}: it holds a lone surrogate "
+                               f"{error.object[error.start:error.end]!r} (not valid Unicode)")
     elif isinstance(error, OverflowError):
         return ValueError(f"cannot store an integer beyond 64 bits: {error}")
     else:
@@ -884,6 +895,7 @@ class _Core:
         self._local.conn = conn
         self._local.depth = 0
         self._local.pending = []
+        self._local.undo = []
         return conn
 
     def _open_error(self, e) -> Exception:
@@ -1015,23 +1027,25 @@ class _Core:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; nested calls become savepoints.
 
         Callbacks registered with ``after_commit`` run once the outermost level commits,
-        and are dropped if it (or their savepoint) rolls back.
+        and are dropped if it (or their savepoint) rolls back; those registered with
+        ``on_rollback`` run if their level (or an outer one) rolls back.
         """
         conn = self.conn()
         local = self._local
         depth = local.depth
         if depth == 0:
             self._run(conn, "BEGIN IMMEDIATE")
-            local.pending = []
+            local.pending, local.undo, local.token = [], [], object()
         else:
             self._run(conn, f"SAVEPOINT beaver_{depth}")
-        mark = len(local.pending)
+        mark, undo_mark = len(local.pending), len(local.undo)
         local.depth = depth + 1
         try:
             yield conn
         except BaseException:
             local.depth = depth
             del local.pending[mark:]
+            self._undo(undo_mark)       # before ROLLBACK: no other writer can commit meanwhile
             if depth == 0:
                 self._rollback(conn)
             else:
@@ -1046,9 +1060,10 @@ class _Core:
             self._run(conn, "COMMIT")
         except BaseException:
             local.pending = []
+            self._undo(0)
             self._rollback(conn)
             raise
-        pending, local.pending = local.pending, []
+        pending, local.pending, local.undo = local.pending, [], []
         for callback in pending:
             callback()
 
@@ -1069,6 +1084,32 @@ class _Core:
             self._local.pending.append(callback)
         else:
             callback()
+
+    def transaction_token(self):
+        """An object standing for this thread's current outermost transaction (None outside
+        one): per-transaction state is keyed by it."""
+        local = self._local
+        return local.token if getattr(local, "depth", 0) > 0 else None
+
+    def on_rollback(self, callback):
+        """Run ``callback`` if the current transaction level, or an outer one, rolls back.
+
+        For in-memory state derived from this transaction's writes: a released savepoint
+        hands its callbacks to the enclosing level; a commit drops them; outside a
+        transaction there is nothing to undo. They run newest first, before the rollback.
+        """
+        if getattr(self._local, "depth", 0) > 0:
+            self._local.undo.append(callback)
+
+    def _undo(self, mark):
+        """Run (newest first) and drop the rollback callbacks registered since ``mark``."""
+        local = self._local
+        callbacks, local.undo = local.undo[mark:], local.undo[:mark]
+        for callback in reversed(callbacks):
+            try:
+                callback()
+            except Exception:   # the rollback itself must still happen
+                logger.exception("a rollback callback failed")
 
     def changed(self):
         """Tell in-process waiters that this thread wrote something (after commit)."""
@@ -1213,6 +1254,12 @@ class _FileNotify:
             os.close(self.fd)
 
 
+def _settle(futures):
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
+
+
 class _Watcher:
     """Wakes waiting threads when the database changes, whichever process wrote.
 
@@ -1220,7 +1267,8 @@ class _Watcher:
     bumps ``tick`` when another connection has committed. On Linux it sleeps on inotify events
     of the ``-wal`` file (every commit appends to it) and then polls every millisecond for a
     short while; elsewhere (or with ``BEAVER_WATCH=poll``) it polls every millisecond. Writers
-    of this process bump ``tick`` directly. Waiters sleep on one condition.
+    of this process bump ``tick`` directly. Threads sleep on one condition; coroutines
+    (``wait_for_async``) await a future that the same wake-up settles.
     """
 
     def __init__(self, core):
@@ -1230,11 +1278,18 @@ class _Watcher:
         self.users = 0
         self._thread = None
         self._stopping = False
+        self._futures: dict = {}      # event loop -> futures of coroutines awaiting a tick
 
     def wake(self):
         with self._cond:
             self.tick += 1
             self._cond.notify_all()
+            if not self._futures:
+                return
+            waiting, self._futures = self._futures, {}
+        for loop, futures in waiting.items():   # one hop per event loop, however many wait
+            with contextlib.suppress(RuntimeError):     # that loop has closed meanwhile
+                loop.call_soon_threadsafe(_settle, futures)
 
     @contextlib.contextmanager
     def watching(self):
@@ -1274,6 +1329,41 @@ class _Watcher:
                     return None
                 limit = cap() if callable(cap) else cap
                 self.wait(tick, deadline.remaining(limit))
+
+    async def wait_for_async(self, probe, timeout=None, cap=None, run=None, stop=None):
+        """``wait_for`` for asyncio: awaits changes instead of holding a thread while it waits.
+
+        ``run(probe)`` is awaited for each attempt (e.g. ``probe`` run in a thread pool, so
+        SQLite never runs on the event loop). ``stop`` (an ``asyncio.Future``) ends the wait
+        early: a probe in progress finishes first, and its result is returned.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = _Deadline(timeout)
+        with self.watching():
+            while True:
+                tick = self.tick
+                result = await run(probe)
+                if result is not None or (stop is not None and stop.done()):
+                    return result
+                if self._stopping:
+                    raise ClosedError("the database was closed while waiting")
+                if deadline.expired:
+                    return None
+                limit = cap() if callable(cap) else cap
+                await self._tick_after(loop, tick, deadline.remaining(limit), stop)
+
+    async def _tick_after(self, loop, tick, timeout, stop):
+        """Return once ``tick`` moved on, ``timeout`` seconds passed or ``stop`` is done."""
+        future = loop.create_future()
+        with self._cond:
+            if self.tick != tick or self._stopping:
+                return
+            self._futures.setdefault(loop, []).append(future)
+        waits = {future} if stop is None else {future, stop}
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            future.cancel()
 
     def _start(self):
         if self._thread is None or not self._thread.is_alive():
@@ -1339,8 +1429,7 @@ class _Watcher:
 
     def stop(self):
         self._stopping = True
-        with self._cond:
-            self._cond.notify_all()
+        self.wake()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=1.0)
@@ -1717,7 +1806,9 @@ class _Manager(_StructureLock):
             raise ValueError(f"{self._kind} {self._name!r} is already open with model "
                              f"{self._model!r}, not {model!r}")
         for option, value in options.items():
-            if value is not _DEFAULT and self._option(option, value) != getattr(self, option):
+            if option not in self._OPTIONS or value is _DEFAULT:
+                continue            # collections compare theirs with the stored ones
+            if self._option(option, value) != getattr(self, option):
                 raise ValueError(f"{self._kind} {self._name!r} is already open with {option}="
                                  f"{getattr(self, option)!r}, not {value!r} (leave {option} out "
                                  "to use the open one)")
@@ -1859,6 +1950,519 @@ def _read_dump(data_or_fp) -> dict:
     return data
 
 
+_CLOSED = object()      # what a push stream's inbox receives when the stream closes
+
+
+class Stream:
+    """Values that arrive over time: a channel subscription, a live view, a remote stream.
+
+        >>> with db.channel("chat").subscribe() as sub:
+        ...     for message in sub.listen(timeout=5):
+        ...         print(message)
+
+    ``get(timeout)`` returns the next value (``TimeoutError`` after ``timeout`` seconds
+    without one); iterating (or ``listen()``) yields values until ``close()``; a ``with``
+    block closes it; ``as_async()`` is its asyncio face. A push source hands raw values to
+    ``_deliver`` from any thread and ``_decode`` makes them what the caller sees; a pull
+    source (``LiveView``) computes each value when it is due instead (``_due``/``_produce``).
+    """
+
+    _what = "value"
+
+    def __init__(self):
+        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
+        self._sink = self._inbox.put
+        self.closed = False
+
+    def _deliver(self, raw):
+        self._sink(raw)
+
+    def _decode(self, raw):
+        return raw
+
+    def _stop(self):
+        """Detach from the source (``close()`` calls it once)."""
+
+    def _next(self, timeout):
+        try:
+            raw = self._inbox.get(timeout=timeout)
+        except _queue.Empty:
+            raise Timeout(f"no {self._what} arrived within {timeout}s") from None
+        if raw is _CLOSED:
+            self._inbox.put(_CLOSED)
+            raise ClosedError(f"the {type(self).__name__.lower()} is closed")
+        return raw
+
+    def get(self, timeout=None):
+        """The next value; ``TimeoutError`` after ``timeout`` seconds without one."""
+        return self._decode(self._next(_seconds(timeout, "timeout", wait=True)))
+
+    def listen(self, timeout=None):
+        """Yield values as they arrive, until ``close()``.
+
+        ``timeout`` bounds each wait: if nothing arrives for that long, ``TimeoutError`` is
+        raised (catch it to stop listening). Without it, the wait is unbounded.
+        """
+        while True:
+            try:
+                yield self.get(timeout)
+            except ClosedError:
+                return
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return self.get()
+        except ClosedError:
+            raise StopIteration from None
+
+    def close(self):
+        """Stop the stream; a ``listen()`` or iteration in progress ends."""
+        if not self.closed:
+            self.closed = True
+            self._stop()
+            self._sink(_CLOSED)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def as_async(self) -> "AsyncStream":
+        """The asyncio face: ``async for value in stream.as_async(): ...``."""
+        return AsyncStream(self)
+
+
+# ==========================================================================================
+# Queries: filters, ordering, paging and field indexes
+# ==========================================================================================
+#
+# A filter is a plain JSON-able dict that _Filter compiles into one SQL condition over a
+# structure's JSON column; every value in it becomes a bound parameter. Two things do reach
+# SQL text, because SQLite matches an expression index and a partial index's WHERE by the
+# text of their expressions (a bound parameter does not match a literal without re-planning
+# the statement at every call): JSON paths, which first pass a strict grammar (_field_path),
+# and the structure's name in a field index's WHERE and in the queries meant to use it. Both
+# are written by one quoting function, _sql_text.
+
+FILTER_MAX_DEPTH = 16           # nesting of $and / $or / $not in one filter
+FILTER_MAX_CONDITIONS = 256     # conditions in one filter (SQLite's expressions nest 1000 deep)
+
+_KEY = r'([^.\[\]"\\\x00-\x1f$][^.\[\]"\\\x00-\x1f]*)|"([^"\\\x00-\x1f]*)"'
+_ITEM = r'\[(0|[1-9][0-9]{0,8})\]'
+_PATH_FIRST = re.compile(f"(?:{_KEY})|{_ITEM}")
+_PATH_NEXT = re.compile(rf"\.(?:{_KEY})|{_ITEM}")
+_BARE_KEY = re.compile(r'[^.\[\]"\\\x00-\x1f$][^.\[\]"\\\x00-\x1f]*\Z')
+
+# JSON types in the order results sort by; a missing field (SQL NULL) sorts before all of them
+_RANKS = {"null": 0, "false": 1, "true": 2, "integer": 3, "real": 3, "text": 4, "array": 5,
+          "object": 6}
+_NULL, _FALSE, _TRUE, _NUMBER, _STRING, _ARRAY = range(6)
+_RANK_SQL = ("CASE json_type({column}, {path}) "
+             + " ".join(f"WHEN '{name}' THEN {rank}" for name, rank in _RANKS.items()) + " END")
+_ORDERING = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+_ITEM_IS = {_NULL: "e.type = 'null'", _FALSE: "e.type = 'false'", _TRUE: "e.type = 'true'",
+            _NUMBER: "e.type IN ('integer', 'real') AND e.value = ?",
+            _STRING: "e.type = 'text' AND e.value = ?"}
+
+
+def _sql_text(text, what="text") -> str:
+    """``text`` as an SQL string literal: the one way beaver writes a string into SQL."""
+    if "\x00" in text:
+        raise ValidationError(f"{what} {text!r} holds a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(f"{what} {text!r} is not valid Unicode (a lone surrogate)") from None
+    return "'" + text.replace("'", "''") + "'"
+
+
+class _Path(typing.NamedTuple):
+    text: str       # the canonical spelling: author.name, tags[0], "v1.2".notes
+    sql: str        # the SQLite JSON path as an SQL literal: '$."author"."name"'
+
+
+def _field_path(path, where="a field path") -> _Path:
+    """Check ``path`` against the path grammar; its canonical and SQL spellings.
+
+    Keys are joined by dots (``author.name``), ``[N]`` is item N of an array (``tags[0]``),
+    and a key holding a dot, a bracket or a leading ``$`` is written in double quotes
+    (``"v1.2".notes``). Keys holding a double quote, a backslash or a control character
+    cannot be addressed.
+    """
+    if not isinstance(path, str):
+        raise ValidationError(f"{where}: a field path is a str, not {type(path).__name__}")
+    try:
+        return _parse_path(path)
+    except ValidationError as e:
+        raise ValidationError(f"{where}: {e}") from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_path(path) -> _Path:
+    parts, at, pattern = [], 0, _PATH_FIRST
+    while at < len(path) or not parts:
+        match = pattern.match(path, at)
+        if match is None:
+            raise ValidationError(
+                f"bad field path {path!r} at character {at} (keys joined by dots, [N] for an "
+                'array item, "double quotes" around a key with . [ ] or a leading $)')
+        bare, quoted, item = match.groups()
+        parts.append(int(item) if item is not None else bare if bare is not None else quoted)
+        at, pattern = match.end(), _PATH_NEXT
+    text, sql = "", "$"
+    for part in parts:
+        if isinstance(part, int):
+            text, sql = text + f"[{part}]", sql + f"[{part}]"
+        else:
+            key = part if _BARE_KEY.match(part) else f'"{part}"'
+            text, sql = text + ("." if text else "") + key, sql + f'."{part}"'
+    return _Path(text, _sql_text(sql, "the field path"))
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_terms(column, path) -> tuple:
+    """The SQL of a path's JSON type rank and value: the two expressions a field index holds."""
+    return _RANK_SQL.format(column=column, path=path.sql), f"json_extract({column}, {path.sql})"
+
+
+def _scalar(value, where) -> tuple:
+    """``(type rank, SQL value)`` of a filter operand, which must be a JSON scalar."""
+    if value is None:
+        return _NULL, None
+    if isinstance(value, bool):
+        return (_TRUE if value else _FALSE), None
+    if isinstance(value, int):      # beyond 64 bits SQLite reads JSON integers as floats
+        value = int(value)
+        return _NUMBER, value if -2 ** 63 <= value < 2 ** 63 else _big_float(value, where)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValidationError(f"{where}: {value!r} is not a JSON number")
+        return _NUMBER, float(value)
+    if isinstance(value, str):
+        _sql_text(value, f"{where}: the string")    # SQLite's JSON functions cut at a NUL
+        return _STRING, str(value)
+    raise ValidationError(f"{where}: expected a JSON scalar (str, number, bool or None), "
+                          f"not {type(value).__name__}")
+
+
+def _big_float(value, where) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValidationError(f"{where}: an integer of {value.bit_length()} bits is beyond "
+                              "the range of JSON numbers") from None
+
+
+class _Filter:
+    """A filter dict compiled to one SQL condition over the JSON column ``column``.
+
+        >>> f = _Filter({"year": {"$gte": 2020}, "tags": {"$contains": "work"}}, "t.value")
+        >>> f.params
+        [2020, 'work']
+
+    The whole filter is checked before any SQL runs: a malformed one raises ValidationError
+    (a ValueError) naming the bad part. ``sql`` is never NULL for any row (so ``NOT`` is
+    exact), ``params`` are its parameters in order, and ``indexable`` the canonical paths of
+    top-level conditions that a field index can serve.
+    """
+
+    def __init__(self, where, column):
+        self.column = column
+        self.params: list = []
+        self.indexable: set = set()
+        self._conditions = 0
+        self.sql = "1" if where is None else self._all(where, "where", 0, True)
+
+    def _all(self, where, at, depth, top) -> str:
+        """Every condition of a filter dict, joined by AND."""
+        if not isinstance(where, dict):
+            raise ValidationError(f"{at}: a filter is a dict of {{path: condition}}, "
+                                  f"not {type(where).__name__}")
+        if depth > FILTER_MAX_DEPTH:
+            raise ValidationError(f"{at}: the filter nests deeper than {FILTER_MAX_DEPTH} levels")
+        terms = []
+        for key, condition in where.items():
+            here = f"{at}[{key!r}]"
+            if key in ("$and", "$or"):
+                terms.append(self._logic(key, condition, here, depth, top))
+            elif key == "$not":
+                terms.append(f"NOT ({self._all(condition, here, depth + 1, False)})")
+            elif isinstance(key, str) and key.startswith("$"):
+                raise ValidationError(f"{here}: unknown operator (a field whose name starts "
+                                      f"with $ is written in double quotes: '\"{key}\"')")
+            else:
+                path = _field_path(key, here)
+                terms.append(self._field(path, condition, here, depth, top))
+        return " AND ".join(f"({term})" for term in terms) or "1"
+
+    def _logic(self, op, filters, at, depth, top) -> str:
+        if not isinstance(filters, (list, tuple)) or not filters:
+            raise ValidationError(f"{at}: {op} takes a non-empty list of filters")
+        terms = [self._all(f, f"{at}[{i}]", depth + 1, top and op == "$and")
+                 for i, f in enumerate(filters)]
+        return f" {op[1:].upper()} ".join(f"({term})" for term in terms)
+
+    def _field(self, path, condition, at, depth, top) -> str:
+        """The conditions on one path: an operator dict, a list ($in) or a value ($eq)."""
+        if isinstance(condition, dict):
+            if not condition or not all(isinstance(op, str) and op.startswith("$")
+                                        for op in condition):
+                raise ValidationError(f"{at}: a condition dict holds operators such as $eq or "
+                                      "$gt (whole objects are not compared)")
+            return " AND ".join(
+                f"({self._operator(path, op, operand, f'{at}[{op!r}]', depth, top)})"
+                for op, operand in condition.items())
+        if isinstance(condition, (list, tuple)):
+            return self._operator(path, "$in", condition, at, depth, top)
+        return self._operator(path, "$eq", condition, at, depth, top)
+
+    def _operator(self, path, op, operand, at, depth, top) -> str:
+        self._conditions += 1
+        if self._conditions > FILTER_MAX_CONDITIONS:
+            raise ValidationError(f"{at}: a filter holds at most {FILTER_MAX_CONDITIONS} "
+                                  "conditions")
+        rank, value = _json_terms(self.column, path)
+        if op == "$not":
+            if depth >= FILTER_MAX_DEPTH:
+                raise ValidationError(f"{at}: the filter nests deeper than {FILTER_MAX_DEPTH} "
+                                      "levels")
+            return f"NOT ({self._field(path, operand, at, depth + 1, False)})"
+        if op == "$exists":
+            if not isinstance(operand, bool):
+                raise ValidationError(f"{at}: $exists takes true or false, not {operand!r}")
+            return f"{rank} IS {'NOT ' if operand else ''}NULL"
+        if op in ("$in", "$nin"):
+            sql, kinds = self._any(rank, value, operand, at)
+            indexed = len(kinds) == 1
+        elif op == "$contains":
+            return self._contains(path, rank, _scalar(operand, at))
+        elif op in ("$eq", "$ne"):
+            sql, indexed = self._equal(rank, value, _scalar(operand, at)), True
+        elif op in _ORDERING:
+            sql, indexed = self._compare(rank, value, op, _scalar(operand, at), at), True
+        else:
+            raise ValidationError(f"{at}: unknown operator {op!r}")
+        if op in ("$ne", "$nin"):
+            return f"NOT ({sql})"
+        if top and indexed:
+            self.indexable.add(path.text)
+        return sql
+
+    def _equal(self, rank, value, typed) -> str:
+        kind, operand = typed
+        if kind < _NUMBER:          # null, false, true: the type says it all
+            return f"{rank} IS {kind}"
+        self.params.append(operand)
+        return f"{value} = ? AND {rank} IS {kind}"
+
+    def _compare(self, rank, value, op, typed, at) -> str:
+        kind, operand = typed
+        if kind not in (_NUMBER, _STRING):
+            raise ValidationError(f"{at}: {op} compares numbers or strings, not {operand!r}")
+        self.params.append(operand)
+        return f"{value} {_ORDERING[op]} ? AND {rank} IS {kind}"
+
+    def _any(self, rank, value, operands, at) -> tuple:
+        """``$in``: equal to one of the operands (a list; one JSON array parameter per type)."""
+        if not isinstance(operands, (list, tuple)):
+            raise ValidationError(f"{at}: expected a list of values, not "
+                                  f"{type(operands).__name__}")
+        typed = [_scalar(v, f"{at}[{i}]") for i, v in enumerate(operands)]
+        kinds = sorted({kind for kind, _ in typed})
+        terms = []
+        for kind in kinds:
+            if kind < _NUMBER:
+                terms.append(f"{rank} IS {kind}")
+            else:
+                self.params.append(_json_dumps([v for k, v in typed if k == kind]))
+                terms.append(f"{value} IN (SELECT value FROM json_each(?)) AND {rank} IS {kind}")
+        return " OR ".join(f"({term})" for term in terms) or "0", kinds
+
+    def _contains(self, path, rank, typed) -> str:
+        """``$contains``: the field is an array holding the operand."""
+        kind, operand = typed
+        if kind >= _NUMBER:
+            self.params.append(operand)
+        return (f"{rank} IS {_ARRAY} AND EXISTS (SELECT 1 FROM json_each({self.column}, "
+                f"{path.sql}) AS e WHERE {_ITEM_IS[kind]})")
+
+
+def _order_terms(order_by, column) -> tuple:
+    """``(ORDER BY terms, canonical paths)`` of ``order_by``: a path or a list of paths, each
+    ``"-path"`` for descending. Values sort by JSON type (missing, null, false, true, numbers,
+    strings, arrays, objects), then by value."""
+    if order_by is None:
+        return [], []
+    items = [order_by] if isinstance(order_by, str) else order_by
+    if not isinstance(items, (list, tuple)):
+        raise ValidationError(f"order_by is a path or a list of paths, not "
+                              f"{type(order_by).__name__}")
+    terms, paths = [], []
+    for item in items:
+        descending = isinstance(item, str) and item.startswith("-")
+        path = _field_path(item[1:] if descending else item, f"order_by {item!r}")
+        direction = " DESC" if descending else ""
+        terms += [term + direction for term in _json_terms(column, path)]
+        paths.append(path.text)
+    return terms, paths
+
+
+def _paging(limit, offset) -> list:
+    """The ``LIMIT ? OFFSET ?`` parameters (``limit=None``: no limit)."""
+    for value, what in ((limit, "limit"), (offset, "offset")):
+        if value is None and what == "limit":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{what} must be an int, not {value!r}")
+        if value < 0:
+            raise ValueError(f"{what} must not be negative, not {value!r}")
+    return [-1 if limit is None else min(limit, 2 ** 63 - 1), min(offset, 2 ** 63 - 1)]
+
+
+_JSON_CHECKED: list = []
+
+
+def _check_json1(core):
+    """FeatureUnavailable unless this SQLite has the JSON functions (built in since 3.38)."""
+    if not _JSON_CHECKED:
+        try:
+            core.execute("SELECT json_type('[]')").fetchone()
+        except BeaverError:
+            raise FeatureUnavailable("this SQLite lacks the JSON functions that filters and "
+                                     "field indexes need (built in since SQLite 3.38)") from None
+        _JSON_CHECKED.append(True)
+
+
+class _FieldIndexes:
+    """The field indexes of one structure, the scope of its queries and their plans.
+
+    A field index is a partial expression index on the structure's table: the JSON type rank
+    and the value of one path, then the columns of the structure's own order (so it serves
+    ``ORDER BY`` and keeps ties in order), over this structure's rows only. It is listed in
+    ``beaver_indexes`` and lives in the file: every process and every later open uses it.
+    """
+
+    def __init__(self, core, kind, name, table, column, scope, order):
+        self._core, self._kind, self._name = core, kind, name
+        self._table, self._column, self._scope, self._order = table, column, scope, order
+        self.json = f"{table}.{column}"     # the JSON column as queries name it
+
+    def scope(self, paths) -> tuple:
+        """``(SQL, parameters)`` of the condition selecting this structure's rows.
+
+        With a field index on one of ``paths`` it is the index's own ``+name = '<name>'``:
+        SQLite then cannot use the table's key instead (which its default estimates favour),
+        and the text matches the partial index at once (a bound name matches too, but only by
+        re-planning the statement at every call). Otherwise ``name = ?``.
+        """
+        if paths and not set(paths).isdisjoint(self.paths()):
+            return self._only_this(), []
+        return f"{self._scope} = ?", [self._name]
+
+    def _only_this(self) -> str:
+        return f"+{self._scope} = {_sql_text(self._name, 'a structure name')}"
+
+    def paths(self) -> list:
+        """The canonical paths of this structure's field indexes, sorted."""
+        rows = self._core.execute("SELECT path FROM beaver_indexes WHERE kind = ? AND name = ? "
+                                  "ORDER BY path", (self._kind, self._name)).fetchall()
+        return [path for path, in rows]
+
+    def _index_name(self, path) -> str:
+        digest = uuid.uuid5(uuid.NAMESPACE_OID, f"{self._kind}\x00{self._name}\x00{path}").hex
+        return f"beaver_fx_{digest}"
+
+    def create(self, path):
+        path = _field_path(path)
+        only_this = self._only_this()
+        _check_json1(self._core)
+        rank, value = _json_terms(self._column, path)
+        with self._core.transaction():
+            self._core.execute(
+                f"CREATE INDEX IF NOT EXISTS {self._index_name(path.text)} ON {self._table} "
+                f"({rank}, {value}, {self._order}) WHERE {only_this}")
+            self._core.execute("INSERT OR IGNORE INTO beaver_indexes (kind, name, path) "
+                               "VALUES (?, ?, ?)", (self._kind, self._name, path.text))
+
+    def drop(self, path) -> bool:
+        path = _field_path(path)
+        self._only_this()               # a name SQL cannot hold has no index (and says why)
+        with self._core.transaction():
+            gone = self._core.execute(
+                "DELETE FROM beaver_indexes WHERE kind = ? AND name = ? AND path = ?",
+                (self._kind, self._name, path.text)).rowcount
+            self._core.execute(f"DROP INDEX IF EXISTS {self._index_name(path.text)}")
+        return gone > 0
+
+    def explain(self, sql, params) -> dict:
+        """``{"index": the path of the field index used or None, "plan": [...]}``."""
+        plan = [row[3] for row in self._core.execute("EXPLAIN QUERY PLAN " + sql, params)]
+        names = {self._index_name(path): path for path in self.paths()}
+        used = [names[word] for line in plan for word in re.findall(r"\w+", line)
+                if word in names]
+        return {"index": used[0] if used else None, "plan": plan}
+
+
+class _Indexed:
+    """Filters and field indexes for the structures whose rows hold JSON (a mixin of their
+    managers): ``_table`` has a ``_scope_column`` naming the structure, a ``_json_column``
+    holding each row's JSON, and ``_order`` columns giving the structure's own order."""
+
+    _scope_column = "name"
+    _json_column = ""
+    _order = ""
+
+    @functools.cached_property
+    def _fields(self) -> _FieldIndexes:
+        return _FieldIndexes(self._core, self._kind, self._name, self._table,
+                             self._json_column, self._scope_column, self._order)
+
+    def _filter(self, where, order_by=None, column=None) -> tuple:
+        """``(_Filter, ORDER BY terms, their paths)``, all checked before any SQL runs.
+
+        ``column`` is the JSON column as the query names it (default ``table.column``; a query
+        that aliases the table passes ``alias.column``: field indexes still match)."""
+        column = column or self._fields.json
+        query = _Filter(where, column)
+        order, paths = _order_terms(order_by, column)
+        if where is not None or order_by is not None:
+            _check_json1(self._core)
+        return query, order, paths
+
+    def create_index(self, path):
+        """Index the field at ``path``: filters and ordering on it stop reading every row.
+
+            >>> users.create_index("age")
+            >>> users.explain(where={"age": {"$gte": 30}})["index"]
+            'age'
+
+        A partial index over this structure's rows, stored in the file: every process and
+        every later open use it. Creating an existing index does nothing; ``clear()`` keeps
+        the indexes. Each index costs some work on every write to this structure.
+        """
+        self._fields.create(path)
+
+    def drop_index(self, path) -> bool:
+        """Drop the field index on ``path``; False if there was none.
+
+            >>> users.drop_index("age")
+            True
+        """
+        return self._fields.drop(path)
+
+    def indexes(self) -> list:
+        """The paths of this structure's field indexes, canonically spelled and sorted.
+
+            >>> users.indexes()
+            ['age', 'author.name']
+        """
+        return self._fields.paths()
+
+
 # ==========================================================================================
 # Dict
 # ==========================================================================================
@@ -1867,7 +2471,7 @@ _MISSING = object()
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
 
-class DictManager(_Manager, MutableMapping):
+class DictManager(_Manager, _Indexed, MutableMapping):
     """A persistent ``dict`` of str keys, with optional expiry per key.
 
         >>> config = db.dict("app_config")
@@ -1879,6 +2483,8 @@ class DictManager(_Manager, MutableMapping):
 
     _kind = "dict"
     _table = "beaver_dicts"
+    _json_column = "value"
+    _order = "key"
 
     _GET = f"SELECT value FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
     _HAS = f"SELECT 1 FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
@@ -1965,6 +2571,37 @@ class DictManager(_Manager, MutableMapping):
         """A snapshot list of live ``(key, value)`` pairs, in key order."""
         decode = self._codec.decode
         return [(key, decode(text)) for key, text in self._live_rows()]
+
+    def find(self, where=None, order_by=None, limit=None, offset=0) -> list:
+        """Live ``(key, value)`` pairs whose value matches ``where``, in key order by default.
+
+            >>> users.find({"age": {"$gte": 30}, "tags": {"$contains": "admin"}},
+            ...            order_by=["-age", "name"], limit=10)
+            [('ada', {'name': 'Ada', 'age': 36, 'tags': ['admin']}), ...]
+
+        ``where`` is a filter (see "Queries and filters" in the README); ``order_by`` a field
+        path or a list of them, ``"-path"`` for descending, ties in key order. Values may be
+        JSON or models (paths then name the model's fields).
+        """
+        sql, params = self._find_query(where, order_by, limit, offset)
+        decode = self._codec.decode
+        return [(key, decode(text)) for key, text in self._core.execute(sql, params)]
+
+    def explain(self, where=None, order_by=None) -> dict:
+        """How SQLite would run ``find(where, order_by)``: the field index it uses, and its plan.
+
+            >>> users.create_index("age")
+            >>> users.explain(where={"age": 36})
+            {'index': 'age', 'plan': ['SEARCH beaver_dicts USING INDEX beaver_fx_... (...)']}
+        """
+        return self._fields.explain(*self._find_query(where, order_by, None, 0))
+
+    def _find_query(self, where, order_by, limit, offset) -> tuple:
+        query, order, sort_paths = self._filter(where, order_by)
+        scope, params = self._fields.scope([*query.indexable, *sort_paths[:1]])
+        sql = (f"SELECT key, value FROM beaver_dicts WHERE {scope} AND {_LIVE} AND ({query.sql}) "
+               f"ORDER BY {', '.join([*order, 'key'])} LIMIT ? OFFSET ?")
+        return sql, [*params, _now(), *query.params, *_paging(limit, offset)]
 
     def _live_rows(self):
         now = _now()
@@ -2733,7 +3370,7 @@ def _utc(seconds) -> _dt.datetime:
         return _UTC_ENDS[seconds > 0]
 
 
-class LogManager(_Manager):
+class LogManager(_Manager, _Indexed):
     """A time-indexed log of structured entries, with range queries and live aggregates.
 
         >>> metrics = db.log("system_metrics")
@@ -2750,6 +3387,8 @@ class LogManager(_Manager):
 
     _kind = "log"
     _table = "beaver_logs"
+    _json_column = "data"
+    _order = "timestamp"    # then seq: the rowid ends every index of the table
 
     _OPTIONS = {"retention": (None, lambda v: _seconds(v, "retention", positive=True))}
 
@@ -2777,19 +3416,43 @@ class LogManager(_Manager):
             self._core.execute("DELETE FROM beaver_logs WHERE name = ? AND timestamp < ?",
                                (self._name, _now() - self.retention))
 
-    def range(self, start=None, end=None) -> list:
+    def range(self, start=None, end=None, where=None, order="asc", limit=None, offset=0) -> list:
         """Entries with ``start <= timestamp <= end`` (either bound may be None), oldest first.
 
             >>> for when, data in logs.range(start=datetime(2025, 1, 1, tzinfo=timezone.utc)):
             ...     print(when, data)
+            >>> logs.range(where={"level": "error"}, order="desc", limit=20)   # the last 20
+
+        ``where`` keeps the entries whose data matches a filter (see "Queries and filters" in
+        the README); ``order="desc"`` gives newest first; ``limit`` and ``offset`` page.
         """
-        low = -math.inf if start is None else _epoch(start, "start", bound=True)
-        high = math.inf if end is None else _epoch(end, "end", bound=True)
-        rows = self._core.all(
-            "SELECT timestamp, data FROM beaver_logs WHERE name = ? AND timestamp BETWEEN ? AND ? "
-            "ORDER BY timestamp, seq", (self._name, low, high))
+        sql, params = self._range_query(start, end, where, order, limit, offset)
         decode = self._codec.decode
-        return [LogEntry(_utc(t), decode(d)) for t, d in rows]
+        return [LogEntry(_utc(t), decode(d)) for t, d in self._core.execute(sql, params)]
+
+    def explain(self, where=None, start=None, end=None, order="asc") -> dict:
+        """How SQLite would run ``range(start, end, where, order)``: the field index it uses
+        (or None) and its plan.
+
+            >>> logs.create_index("level")
+            >>> logs.explain(where={"level": "error"})["index"]
+            'level'
+        """
+        return self._fields.explain(*self._range_query(start, end, where, order, None, 0))
+
+    def _range_query(self, start, end, where, order, limit, offset) -> tuple:
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order is 'asc' or 'desc', not {order!r}")
+        query = self._filter(where)[0]
+        scope, params = self._fields.scope(query.indexable)
+        terms = [scope]
+        for bound, op, what in ((start, ">=", "start"), (end, "<=", "end")):
+            if bound is not None:
+                terms.append(f"timestamp {op} ?")
+                params.append(_epoch(bound, what))
+        sql = (f"SELECT timestamp, data FROM beaver_logs WHERE {' AND '.join(terms)} AND "
+               f"({query.sql}) ORDER BY timestamp {order}, seq {order} LIMIT ? OFFSET ?")
+        return sql, [*params, *query.params, *_paging(limit, offset)]
 
     def __iter__(self):
         decode = self._codec.decode
@@ -2811,19 +3474,20 @@ class LogManager(_Manager):
     def __bool__(self):
         return True
 
-    def live(self, window, period, aggregator=list) -> "LiveView":
+    def live(self, window, period, aggregator=list, where=None) -> "LiveView":
         """An iterator of ``aggregator(entries in the last window)``, now and every ``period``.
 
             >>> view = logs.live(window=timedelta(seconds=5), period=timedelta(seconds=1),
-            ...                  aggregator=lambda rows: len(rows))
+            ...                  aggregator=lambda rows: len(rows), where={"level": "error"})
             >>> with view:
             ...     for count in view:
             ...         print(count)
 
-        Each period reads only the rows logged since the last one (in any process). Close it
-        with ``close()`` or a ``with`` block; iteration then stops.
+        Each period reads only the rows logged since the last one (in any process). ``where``
+        keeps the entries matching a filter, as in ``range``. Close the view with ``close()``
+        or a ``with`` block; iteration then stops.
         """
-        return LiveView(self, window, period, aggregator)
+        return LiveView(self, window, period, aggregator, where)
 
     def _dump_items(self):
         rows = self._core.all("SELECT timestamp, data FROM beaver_logs WHERE name = ? "
@@ -2845,11 +3509,13 @@ class LogManager(_Manager):
         return AsyncLogManager(self)
 
 
-class LiveView:
-    """The iterator returned by ``LogManager.live``: a rolling window, updated incrementally."""
+class LiveView(Stream):
+    """The stream returned by ``LogManager.live``: a rolling window, updated incrementally."""
 
-    def __init__(self, log, window, period, aggregator):
+    def __init__(self, log, window, period, aggregator, where=None):
+        super().__init__()
         self._log = log
+        self._where = log._filter(where)[0]
         self.window = _seconds(window, "window")
         self.period = _seconds(period, "period", positive=True)
         if self.window is None or self.period is None:
@@ -2859,28 +3525,30 @@ class LiveView:
         self._aggregator = aggregator
         self._entries: collections.deque = collections.deque()   # (timestamp, seq, data)
         self._last_seq = None
-        self._due = None
-        self._closed = threading.Event()
+        self._due_at = None
+        self._stopped = threading.Event()
 
-    def __iter__(self):
-        return self
+    def _next(self, timeout):
+        wait = self._due()
+        if timeout is not None and wait > timeout:
+            if not self._stopped.wait(timeout):
+                raise Timeout(f"no update of the live view within {timeout}s")
+        if self.closed or (wait > 0 and self._stopped.wait(wait)):
+            raise ClosedError("the live view is closed")
+        return self._produce()
 
-    def __next__(self):
-        if self._closed.is_set():
-            raise StopIteration
-        if self._due is not None:
-            wait = self._due - time.monotonic()
-            if wait > 0 and self._closed.wait(wait):
-                raise StopIteration
-        return self._tick()
+    def _stop(self):
+        self._stopped.set()
 
-    def _wait_time(self) -> float:
-        return 0.0 if self._due is None else max(0.0, self._due - time.monotonic())
+    def _due(self) -> float:
+        """Seconds until the next value is due."""
+        return 0.0 if self._due_at is None else max(0.0, self._due_at - time.monotonic())
 
-    def _tick(self):
+    def _produce(self):
         """Read the new rows, drop the old ones, and aggregate the window."""
         now = time.monotonic()
-        self._due = now + self.period if self._due is None else max(self._due + self.period, now)
+        self._due_at = now + self.period if self._due_at is None else max(
+            self._due_at + self.period, now)
         if self._last_seq is None:
             self._load()
         else:
@@ -2893,45 +3561,36 @@ class LiveView:
 
     def _load(self):
         core, log = self._log._core, self._log
-        self._last_seq = core.one("SELECT coalesce(max(seq), 0) FROM beaver_logs"
-                                      )[0]
-        rows = core.all(
+        self._last_seq = core.execute("SELECT coalesce(max(seq), 0) FROM beaver_logs"
+                                      ).fetchone()[0]
+        where = self._where
+        rows = core.execute(
             "SELECT timestamp, seq, data FROM beaver_logs WHERE name = ? AND timestamp >= ? "
-            "AND seq <= ? ORDER BY timestamp, seq",
-            (log.name, _now() - self.window, self._last_seq))
+            f"AND seq <= ? AND ({where.sql}) ORDER BY timestamp, seq",
+            (log.name, _now() - self.window, self._last_seq, *where.params)).fetchall()
         decode = log._codec.decode
         self._entries.extend((t, s, decode(d)) for t, s, d in rows)
 
     def _read_new(self):
-        log = self._log
-        rows = log._core.all(
-            "SELECT timestamp, seq, data FROM beaver_logs WHERE seq > ? AND +name = ? "
-            "ORDER BY seq", (self._last_seq, log.name))
+        log, where = self._log, self._where
+        # every new row comes back, to move past it; the ones the filter drops without data
+        rows = log._core.execute(
+            f"SELECT timestamp, seq, CASE WHEN {where.sql} THEN data END FROM beaver_logs "
+            "WHERE seq > ? AND +name = ? ORDER BY seq",
+            (*where.params, self._last_seq, log.name)).fetchall()
         if not rows:
             return
         self._last_seq = rows[-1][1]
         decode, entries = log._codec.decode, self._entries
         for t, s, d in rows:
+            if d is None:
+                continue
             entry = (t, s, decode(d))
             if not entries or entries[-1][:2] <= entry[:2]:
                 entries.append(entry)
             else:                   # logged with an older timestamp: keep the window sorted
                 ordered = sorted([*entries, entry], key=lambda e: e[:2])
                 self._entries = entries = collections.deque(ordered)
-
-    def close(self):
-        """Stop the view; a blocked iteration ends at once."""
-        self._closed.set()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return f"<LiveView {self._log.name!r} window={self.window}s period={self.period}s>"
@@ -2940,6 +3599,10 @@ class LiveView:
 # ==========================================================================================
 # Channel
 # ==========================================================================================
+
+def _check_max_messages(max_messages):
+    return None if max_messages is None else _count(max_messages, "max_messages", low=1)
+
 
 class ChannelManager(_Manager):
     """A pub/sub channel: every subscriber gets every message published after it subscribed.
@@ -2965,8 +3628,7 @@ class ChannelManager(_Manager):
 
     _OPTIONS = {
         "retention": (CHANNEL_RETENTION, lambda v: _seconds(v, "retention", positive=True)),
-        "max_messages": (CHANNEL_MAX_MESSAGES,
-                         lambda v: None if v is None else _count(v, "max_messages", low=1))}
+        "max_messages": (CHANNEL_MAX_MESSAGES, _check_max_messages)}
 
     def __init__(self, db, name, model=None, retention=_DEFAULT, max_messages=_DEFAULT):
         super().__init__(db, name, model)
@@ -3062,63 +3724,26 @@ class ChannelManager(_Manager):
         return AsyncChannelManager(self)
 
 
-_CLOSED = object()
-
-
-class Subscriber:
+class Subscriber(Stream):
     """One subscription to a channel; use it in a ``with`` block and iterate ``listen()``."""
 
     def __init__(self, channel, sink=None):
+        super().__init__()
         self.channel = channel
-        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
-        self._sink = sink or self._inbox.put
+        if sink is not None:
+            self._sink = sink
         self.start = 0
-        self.closed = False
         channel._db._hub.add(self)
 
-    def _deliver(self, text):
-        self._sink(text)
+    @property
+    def _what(self):
+        return f"message on channel {self.channel.name!r}"
 
-    def get(self, timeout=None):
-        """The next message; ``TimeoutError`` after ``timeout`` seconds without one."""
-        timeout = _seconds(timeout, "timeout", wait=True)
-        try:
-            text = self._inbox.get(timeout=timeout)
-        except _queue.Empty:
-            raise Timeout(f"no message on channel {self.channel.name!r} within {timeout}s"
-                          ) from None
-        if text is _CLOSED:
-            self._inbox.put(_CLOSED)
-            raise ClosedError("the subscription is closed")
+    def _decode(self, text):
         return self.channel._codec.decode(text)
 
-    def listen(self, timeout=None):
-        """Yield messages as they arrive, until ``close()``.
-
-        ``timeout`` bounds each wait: if no message arrives for that long, ``TimeoutError``
-        is raised (catch it to stop listening). Without it, the wait is unbounded.
-        """
-        while True:
-            try:
-                yield self.get(timeout)
-            except ClosedError:
-                return
-
-    def __iter__(self):
-        return self.listen()
-
-    def close(self):
-        """Stop receiving; a ``listen()`` in progress ends."""
-        if not self.closed:
-            self.closed = True
-            self.channel._db._hub.remove(self)
-            self._sink(_CLOSED)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    def _stop(self):
+        self.channel._db._hub.remove(self)
 
     def __repr__(self):
         return f"<Subscriber {self.channel.name!r}{' closed' if self.closed else ''}>"
@@ -3474,12 +4099,90 @@ FUZZY_MIN_LENGTH = (3, 7)       # a query term needs 3 letters to allow 1 typo, 
 FUZZY_MAX_TERM = 40             # longer terms are searchable but never typo-corrected
 FUZZY_ROUNDS = 6                # candidate terms tried one by one before the rest at once
 FUZZY_FREQUENCIES = 40          # candidates (best first) whose frequency orders them
+GRAMS_DELETE_MAX = 1000         # words leaving at once past which the trigram index is rebuilt
 VECTOR_METRICS = ("l2", "cosine", "ip")
 VECTOR_LOG_KEEP = 10000         # vector changes remembered for other processes' caches
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _TERM = re.compile(r"[^\W_]+")
 _QUERY_TOKEN = re.compile(r'"[^"]*"?|[^\s"]+')
 _BIG_ENDIAN = sys.byteorder == "big"
+MATCH_MAX_LENGTH = 10000        # characters in a match() query (longer ones raise ValueError)
+MATCH_MAX_TERMS = 64            # distinct words and phrases of a match() query (raw: its words)
+_UNSEARCHABLE = re.compile("[\x00\ud800-\udfff]")    # NUL and lone surrogates: separators
+
+
+# -- collection options -------------------------------------------------------------------
+
+class _Option(typing.NamedTuple):
+    """One option of a collection's vector index: its type, default and allowed values."""
+    kind: type
+    default: typing.Any
+    low: typing.Any = None      # inclusive bounds of a number
+    high: typing.Any = None
+    choices: tuple = ()
+
+    def check(self, name, value):
+        if self.choices:
+            ok, wanted = value in self.choices, "one of " + ", ".join(map(repr, self.choices))
+        elif self.kind is bool:
+            ok, wanted = isinstance(value, bool), "True or False"
+        else:
+            number = (int, float) if self.kind is float else int
+            ok = (isinstance(value, number) and not isinstance(value, bool)
+                  and not (isinstance(value, float) and math.isnan(value))
+                  and self.low <= value <= self.high)
+            wanted = f"{'a number' if self.kind is float else 'an int'} from {self.low} to {self.high}"
+        if not ok:
+            raise ValidationError(f"collection option {name!r} must be {wanted}, not {value!r}")
+
+
+# The options of ``db.collection(name, **options)``, used by the ``beaver_vector`` index (the
+# built-in exact search ignores them). Checked before anything is stored.
+VECTOR_INDEX_OPTIONS = {
+    "index": _Option(str, "auto", choices=("auto", "flat", "hnsw")),  # flat: exact, hnsw: ANN
+    "ann_threshold": _Option(int, 20000, 1, 1 << 40),  # "auto" is HNSW from this many vectors
+    "m": _Option(int, 32, 2, 256),                       # HNSW graph degree
+    "ef_construction": _Option(int, 200, 1, 1 << 16),    # HNSW build breadth
+    "ef_search": _Option(int, 64, 1, 1 << 16),           # HNSW search breadth (recall vs speed)
+    "fold_min": _Option(int, 1000, 1, 1 << 40),      # fold the delta into the base at this size
+    "fold_fraction": _Option(float, 0.05, 0.0, 1.0),  # ... or at this fraction of a flat base
+    "rebuild_dead": _Option(float, 0.2, 0.0, 1.0),   # rebuild an HNSW base this fraction dead
+    "filter_exact_below": _Option(int, 20000, 0, 1 << 40),  # where= this small: exact search
+    "persist_fraction": _Option(float, 0.25, 0.0, 1.0),  # store a folded base this much new ...
+    "persist_min": _Option(int, 1000, 0, 1 << 40),    # ... and with at least this many changes
+    "part_bytes": _Option(int, 8 << 20, 1024, 1 << 29),  # the stored base is cut in such parts
+    "build_chunk": _Option(int, 50000, 1, 1 << 30),  # vectors per step of an HNSW build
+    "background": _Option(bool, True),               # fold in a thread (else only in compact())
+}
+
+
+def _check_vector_options(metric, options) -> dict:
+    """``options`` (and ``metric`` unless None) as ``VECTOR_INDEX_OPTIONS`` allows, or
+    ``ValidationError`` (a ``ValueError``) naming the first bad one and its allowed values."""
+    if metric is not None and (not isinstance(metric, str) or metric not in VECTOR_METRICS):
+        raise ValidationError(f"collection option 'metric' must be one of "
+                              f"{', '.join(map(repr, VECTOR_METRICS))}, not {metric!r}")
+    for name, value in options.items():
+        option = VECTOR_INDEX_OPTIONS.get(name)
+        if option is None:
+            raise ValidationError(f"unknown collection option {name!r}; the options are "
+                                  f"{', '.join(VECTOR_INDEX_OPTIONS)}")
+        option.check(name, value)
+    return options
+
+
+def _stored_options(name, text) -> dict:
+    """The stored options of collection ``name``; a value a file written before they were
+    checked holds out of range is dropped (its default applies), with a warning."""
+    good = {}
+    for key, value in json.loads(text or "{}").items():
+        try:
+            _check_vector_options(None, {key: value})
+        except ValidationError as e:
+            logger.warning("collection %r: ignoring a stored option (%s)", name, e)
+        else:
+            good[key] = value
+    return good
 
 
 def _as_vector(value):
@@ -3625,15 +4328,31 @@ class _Atom(typing.NamedTuple):
     prefix: bool
 
 
+def _query_text(query) -> str:
+    """A ``match()`` query checked (a str of at most ``MATCH_MAX_LENGTH`` characters), with
+    NUL and lone surrogates, which no word can hold, turned into spaces."""
+    if not isinstance(query, str):
+        raise TypeError(f"a query is a str, not {type(query).__name__}")
+    if len(query) > MATCH_MAX_LENGTH:
+        raise ValidationError(f"a query may have at most {MATCH_MAX_LENGTH:,} characters, "
+                              f"not {len(query):,}")
+    return _UNSEARCHABLE.sub(" ", query)
+
+
+def _check_term_count(count):
+    if count > MATCH_MAX_TERMS:
+        raise ValidationError(f"a query may have at most {MATCH_MAX_TERMS} distinct terms "
+                              "(words or phrases; every word of a raw query counts)")
+
+
 def _parse_query(text):
     """Plain user text as ``(groups, negatives)``: AND of OR-groups of atoms, minus negatives.
 
     Understood: words, "quoted phrases", ``prefix*``, ``OR``, ``AND``, ``-word``, ``NOT word``.
-    Everything else is text, so no input can produce an FTS5 syntax error.
+    Everything else is text, so no input can produce an FTS5 syntax error. A repeated atom
+    or group counts once; more than ``MATCH_MAX_TERMS`` distinct atoms raise ``ValueError``.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"a query is a str, not {type(text).__name__}")
-    groups, negatives = [], []
+    groups, negatives, distinct = [], [], set()
     negate = join = False
     for token in _QUERY_TOKEN.findall(text):
         if token in ("OR", "AND", "NOT") and not token.startswith('"'):
@@ -3644,6 +4363,8 @@ def _parse_query(text):
         prefix = token.endswith("*") and not token.startswith('"')
         atom = _Atom(token.strip('"*') if not token.startswith('"') else token.strip('"'), prefix)
         if _TERM.search(atom.text):
+            distinct.add(atom)
+            _check_term_count(len(distinct))
             if negate:
                 negatives.append(atom)
             elif join and groups:
@@ -3651,7 +4372,8 @@ def _parse_query(text):
             else:
                 groups.append([atom])
         negate = join = False
-    return groups, negatives
+    unique = dict.fromkeys(tuple(dict.fromkeys(group)) for group in groups)
+    return [list(group) for group in unique], list(dict.fromkeys(negatives))
 
 
 def _fts_atom(atom) -> str:
@@ -3774,30 +4496,13 @@ def _marks(n) -> str:
     return ",".join("?" * n)
 
 
-def _ensure_grams(core) -> bool:
-    """The trigram index of known words (FTS5 ``trigram`` tokenizer, SQLite 3.34+)."""
-    ready = getattr(core, "_grams_ready", None)
-    if ready is None:
-        try:
-            core.execute("CREATE VIRTUAL TABLE IF NOT EXISTS beaver_grams USING fts5("
-                         "term, tokenize = 'trigram')")
-            ready = True
-        except BeaverError as e:
-            if "no such" not in str(e) and "parse error" not in str(e):
-                raise
-            logger.warning("this SQLite has no FTS5 trigram tokenizer: fuzziness 2 acts as 1")
-            ready = False
-        core._grams_ready = ready
-    return ready
-
-
 def _ensure_fts(core) -> bool:
     """Create the FTS5 tables once per database; False where SQLite lacks FTS5."""
     ready = getattr(core, "_fts_ready", None)
     if ready is None:
         ready = True
         try:
-            for statement in _FTS_SCHEMA:
+            for statement in _FTS_SCHEMA:     # no write (nor lock) when they exist
                 core.execute(statement)
         except BeaverError as e:
             if "no such module" not in str(e):
@@ -3808,6 +4513,570 @@ def _ensure_fts(core) -> bool:
     return ready
 
 
+# -- the trigram index of known words, and files that move between SQLite versions ----------
+
+@functools.lru_cache(maxsize=None)
+def _has_trigram() -> bool:
+    """Whether this SQLite's FTS5 has the trigram tokenizer (3.34 and newer)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize = 'trigram')")
+        return True
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
+
+
+def _gram_worthy(term) -> bool:
+    """Whether ``term`` goes into the trigram index (only 2-typo searches use it)."""
+    return len(term) >= FUZZY_MIN_LENGTH[1] - 2 and term.isalpha()
+
+
+def _grams_complete(core) -> bool:
+    return bool(core.execute(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'beaver_grams') AND NOT "
+        "EXISTS (SELECT 1 FROM beaver_meta WHERE key = 'grams_stale')").fetchone()[0])
+
+
+def _ensure_grams(core, recheck=False) -> bool:
+    """Whether the trigram index of known words (``beaver_grams``) can be used.
+
+    It needs FTS5's trigram tokenizer (SQLite 3.34+). Where it is missing, words are still
+    added to the vocabulary, and the file is marked (``grams_stale`` in beaver_meta); a
+    newer SQLite that finds the table missing or marked rebuilds it from the vocabulary,
+    once, under the write lock. ``recheck`` looks at the file again (searches do: another
+    process may be on an older SQLite).
+    """
+    ready = getattr(core, "_grams_ready", None)
+    if ready is not None and not (ready and recheck):
+        return ready
+    if not _has_trigram():
+        logger.warning("this SQLite has no FTS5 trigram tokenizer (3.34+): fuzziness 2 acts as 1")
+        core._grams_ready = False
+        return False
+    if not _grams_complete(core):
+        try:
+            _rebuild_grams(core)
+        except BeaverError as e:     # a read-only file (for good), a busy one (for now)
+            logger.warning("the trigram index of %r could not be rebuilt: %s", core.path, e)
+            if not isinstance(e, DatabaseBusy):
+                core._grams_ready = False
+            return False
+        if core.in_transaction:      # the table may go with a rollback
+            core.on_rollback(lambda: setattr(core, "_grams_ready", None))
+    core._grams_ready = True
+    return True
+
+
+def _rebuild_grams(core):
+    with core.transaction():
+        if _grams_complete(core):    # another process rebuilt it meanwhile
+            return
+        core.execute("CREATE VIRTUAL TABLE IF NOT EXISTS beaver_grams USING fts5("
+                     "term, tokenize = 'trigram')")
+        core.execute("DELETE FROM beaver_grams")
+        grams = [(f"${term}$",) for (term,) in core.execute("SELECT term FROM beaver_terms")
+                 if _gram_worthy(term)]
+        core.executemany("INSERT INTO beaver_grams (term) VALUES (?)", grams)
+        core.execute("DELETE FROM beaver_meta WHERE key = 'grams_stale'")
+    logger.info("rebuilt the trigram index of %r (%d words)", core.path, len(grams))
+
+
+# -- the parts of a collection, each with its own tables and state ---------------------------
+
+class _DocumentRows:
+    """The rows of one collection in ``beaver_documents``: id, body, and the vector joined.
+
+    Each row also has an internal integer id (its rowid) that the text index uses. Filters
+    on bodies resolve here (``matching``), to the document ids vector search accepts.
+    """
+
+    _SELECT = ("SELECT d.doc_id, d.body, v.vector, d.id FROM beaver_documents d "
+               "LEFT JOIN beaver_vectors v ON v.collection = d.collection AND v.doc_id = d.doc_id "
+               "WHERE d.collection = ? ")
+
+    def __init__(self, core, name, codec):
+        self._core, self._name, self._codec = core, name, codec
+
+    def write(self, doc_id, body) -> tuple:
+        """Insert or update the document row: ``(rowid, whether it existed)``."""
+        cursor = self._core.execute(
+            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection, doc_id) DO NOTHING", (self._name, doc_id, body))
+        if cursor.rowcount:
+            return cursor.lastrowid, False
+        if _HAS_RETURNING:
+            return self._core.execute(
+                "UPDATE beaver_documents SET body = ? WHERE collection = ? AND doc_id = ? "
+                "RETURNING id", (body, self._name, doc_id)).fetchall()[0][0], True
+        rowid = self._rowid(doc_id)
+        self._core.execute("UPDATE beaver_documents SET body = ? WHERE id = ?", (body, rowid))
+        return rowid, True
+
+    def delete(self, doc_id):
+        """Delete the row: its rowid, or None if there was none."""
+        rowid = self._rowid(doc_id)
+        if rowid is not None:
+            self._core.execute("DELETE FROM beaver_documents WHERE id = ?", (rowid,))
+        return rowid
+
+    def _rowid(self, doc_id):
+        row = self._core.execute("SELECT id FROM beaver_documents WHERE collection = ? AND "
+                                 "doc_id = ?", (self._name, doc_id)).fetchone()
+        return None if row is None else row[0]
+
+    def clear(self):
+        self._core.execute("DELETE FROM beaver_documents WHERE collection = ?", (self._name,))
+
+    def document(self, row) -> Document:
+        doc = Document.__new__(Document)
+        vector = row[2]
+        doc.__dict__.update(id=row[0], body=None if row[1] is None else self._codec.decode(row[1]),
+                            _embedding=None if vector is None else _Packed(vector))
+        return doc
+
+    def get(self, doc_id):
+        row = self._core.execute(self._SELECT + "AND d.doc_id = ?", (self._name, doc_id)).fetchone()
+        return None if row is None else self.document(row)
+
+    def by(self, column, keys) -> dict:
+        """``{key: Document}`` of the documents whose ``column`` ('id' or 'doc_id') is in keys."""
+        at = 3 if column == "id" else 0
+        keys = keys if isinstance(keys, list) else list(keys)
+        found, make = {}, self.document
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            rows = self._core.execute(self._select_in(column, len(chunk)),
+                                      (self._name, *chunk)).fetchall()
+            for row in rows:
+                found[row[at]] = make(row)
+        return found
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def _select_in(column, n) -> str:
+        sql = _DocumentRows._SELECT + f"AND d.{column} IN ({_marks(n)})"
+        if column == "id":      # rowid lookups, not a scan of the collection's index
+            sql = sql.replace("WHERE d.collection", "WHERE +d.collection")
+        return sql
+
+    def present(self, doc_ids) -> set:
+        """Which of a few ``doc_ids`` have a row."""
+        doc_ids = list(doc_ids)
+        return {row[0] for row in self._core.execute(
+            f"SELECT doc_id FROM beaver_documents WHERE collection = ? AND doc_id IN "
+            f"({_marks(len(doc_ids))})", (self._name, *doc_ids))}
+
+    def count(self) -> int:
+        return self._core.execute("SELECT count(*) FROM beaver_documents WHERE collection = ?",
+                                  (self._name,)).fetchone()[0]
+
+    def rows(self, paged):
+        """Every row in id order, page by page (``paged`` is the manager's ``_paged``)."""
+        return paged(self._SELECT + "AND d.doc_id > ? ORDER BY d.doc_id LIMIT ?", "")
+
+    def matching(self, where) -> set:
+        """The ids of documents whose body fields (dotted paths) equal the values of
+        ``where`` (a value, or a list of values for any of them)."""
+        if not isinstance(where, dict):
+            raise TypeError("where is a dict of {field path: value}")
+        sql, params = "SELECT doc_id FROM beaver_documents WHERE collection = ?", [self._name]
+        for path, value in where.items():
+            field = "json_extract(body, ?)"
+            if value is None:
+                sql += f" AND {field} IS NULL"
+                params.append(_json_path(path))
+                continue
+            values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+            if not all(isinstance(v, (str, int, float)) for v in values):
+                raise TypeError("where values are str, numbers, bools, None or lists of them")
+            sql += f" AND {field} IN ({_marks(len(values))})"
+            params += [_json_path(path)] + [int(v) if isinstance(v, bool) else v for v in values]
+        return {row[0] for row in self._core.execute(sql, params)}
+
+
+class _Vocabulary:
+    """The words of one collection (``beaver_terms``) and their trigrams (``beaver_grams``,
+    shared by every collection: one row per collection and word), for typo-tolerant search.
+
+    Words leave only with ``clear`` and ``forget`` (see ``_TextIndex.prune``), which bump the
+    collection's epoch. The words known to be stored are kept in memory for that epoch (read
+    once per transaction), so a write checks its words in a set. A transaction's own words
+    join that set when it commits; a rollback, of a savepoint too, takes back what it added.
+    """
+
+    def __init__(self, core, name, cid):
+        self._core, self._name, self._cid = core, name, cid
+        self._known = (None, set())         # (epoch, committed words) for every thread
+        self._local = threading.local()     # this thread's transaction: token, epoch, added
+
+    def _transaction(self):
+        """This thread's transaction state: the epoch (read once) and the words it added."""
+        local, token = self._local, self._core.transaction_token()
+        if token is None or getattr(local, "token", None) is not token:
+            local.token, local.added = token, set()
+            local.epoch = self._core.execute("SELECT epoch FROM beaver_collections WHERE "
+                                             "collection = ?", (self._name,)).fetchone()[0]
+        return local
+
+    def add(self, words):
+        """Record the new ones of ``words`` (inside the caller's write transaction)."""
+        state = self._transaction()
+        epoch, known = self._known
+        if epoch != state.epoch:
+            known = {row[0] for row in self._core.execute(
+                "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))}
+            self._known = (state.epoch, known)      # it holds this transaction's words:
+            self._core.on_rollback(self._forget_known)
+        new = {word for word in words if len(word) <= FUZZY_MAX_TERM} - known - state.added
+        if not new:
+            return
+        grams = [(f"${term}$",) for term in sorted(new) if _gram_worthy(term)]
+        usable = bool(grams) and _ensure_grams(self._core)   # before the new words go in
+        self._core.executemany("INSERT OR IGNORE INTO beaver_terms (cid, term) VALUES (?, ?)",
+                               [(self._cid, term) for term in sorted(new)])
+        if usable:
+            self._core.executemany("INSERT INTO beaver_grams (term) VALUES (?)", grams)
+        elif grams:
+            self._mark_grams_stale()
+        state.added |= new
+        self._core.on_rollback(lambda: state.added.difference_update(new))
+        self._core.after_commit(lambda: known.update(new))
+
+    def _forget_known(self):
+        self._known = (None, set())
+
+    def forget(self, words):
+        """Remove ``words`` (no document of the collection holds them any more)."""
+        gone = self.present(words)
+        self._core.executemany("DELETE FROM beaver_terms WHERE cid = ? AND term = ?",
+                               [(self._cid, term) for term in gone])
+        self._forget_grams(gone)
+        self._new_epoch()
+
+    def clear(self):
+        self._forget_grams(self.all())
+        self._core.execute("DELETE FROM beaver_terms WHERE cid = ?", (self._cid,))
+        self._new_epoch()
+
+    def all(self) -> list:
+        return [row[0] for row in self._core.execute(
+            "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))]
+
+    def _new_epoch(self):
+        """Words left: every process reloads its word set (this one at once)."""
+        self._core.execute("UPDATE beaver_collections SET epoch = epoch + 1 WHERE collection = ?",
+                           (self._name,))
+        state = self._transaction()
+        before = (state.epoch, state.added)
+        state.epoch, state.added = state.epoch + 1, set()
+        self._core.on_rollback(lambda: (setattr(state, "epoch", before[0]),
+                                        setattr(state, "added", before[1])))
+
+    def _forget_grams(self, terms):
+        """Delete this collection's trigram row of each of ``terms``; for many, let the next
+        two-edit search rebuild the whole trigram index instead."""
+        grams = [f"${term}$" for term in terms if _gram_worthy(term)]
+        if grams and len(grams) <= GRAMS_DELETE_MAX and _ensure_grams(self._core):
+            self._core.executemany(
+                "DELETE FROM beaver_grams WHERE rowid = (SELECT rowid FROM beaver_grams "
+                "WHERE beaver_grams MATCH ? AND term = ? LIMIT 1)",
+                [(_fts_atom(_Atom(gram, False)), gram) for gram in grams])
+        elif grams:
+            self._mark_grams_stale()
+
+    def _mark_grams_stale(self):
+        """The trigram index misses words or keeps dead ones: the next use rebuilds it."""
+        self._core.execute("INSERT OR IGNORE INTO beaver_meta (key, value) "
+                           "VALUES ('grams_stale', '1')")
+
+    def present(self, terms) -> list:
+        """The ones of ``terms`` in the vocabulary (asking the database)."""
+        found = []
+        for chunk in _chunks(terms):
+            found += [row[0] for row in self._core.execute(
+                f"SELECT term FROM beaver_terms WHERE cid = ? AND term IN "
+                f"({_marks(len(chunk))})", (self._cid, *chunk))]
+        return found
+
+    def spellings(self, atom, fuzziness) -> list:
+        """The known words within ``fuzziness`` edits of a one-word atom, best first."""
+        words = _terms(atom.text)
+        if atom.prefix or len(words) != 1 or len(words[0]) > FUZZY_MAX_TERM:
+            return [atom.text]
+        word = words[0]
+        limit = min(fuzziness, sum(len(word) >= n for n in FUZZY_MIN_LENGTH))
+        if limit == 0:
+            return [word]
+        if limit > 1 and _ensure_grams(self._core, recheck=True):
+            candidates = self.present(self._trigram_candidates(word, limit))
+        else:
+            limit = 1
+            candidates = self.present(_neighbourhood(word) | {word})
+        scored = [(_edit_distance(word, term, limit), term) for term in candidates]
+        scored = sorted((d, not _slip(word, term), term) for d, term in scored if d <= limit)
+        frequency = self._frequencies([term for _, _, term in scored])
+        scored.sort(key=lambda item: (item[0], item[1], -frequency.get(item[2], 0), item[2]))
+        return [term for _, _, term in scored] or [word]
+
+    def _trigram_candidates(self, word, limit) -> set:
+        """Known words (of any collection) sharing enough trigrams with ``word``."""
+        grams = _trigrams(word)
+        need = max(1, len(grams) - 4 * limit)
+        query = " OR ".join('"' + gram.replace('"', '""') + '"' for gram in sorted(grams))
+        found = set()
+        for (padded,) in self._core.execute(
+                "SELECT term FROM beaver_grams WHERE beaver_grams MATCH ?", (query,)):
+            term = padded[1:-1]
+            if abs(len(term) - len(word)) <= limit and len(_trigrams(term) & grams) >= need:
+                found.add(term)
+        return found
+
+    def _frequencies(self, terms) -> dict:
+        """How many text fields hold each term (any collection), for a few terms."""
+        if len(terms) < 2:
+            return {}
+        found = {}
+        for term in terms[:FUZZY_FREQUENCIES]:
+            row = self._core.execute("SELECT doc FROM beaver_fts_vocab WHERE term = ?",
+                                     (term,)).fetchone()
+            found[term] = row[0] if row else 0
+        return found
+
+
+class _TextIndex:
+    """The full-text rows of one collection in ``beaver_fts`` (FTS5) and their ranking.
+
+    One row per text field of a document; rowid = collection id | document rowid | field
+    number (see ``_FTS_*_BITS``), so the collection is one rowid range. New words go to the
+    vocabulary; words no row holds any more leave it at the next ``prune`` (``compact()``).
+    """
+
+    def __init__(self, core, name, cid, words, enabled=True):
+        self._core, self._name, self._cid, self._words = core, name, cid, words
+        self.enabled = enabled
+        self._low = cid << (_FTS_DOC_BITS + _FTS_PATH_BITS)       # the collection's rowids
+        self._high = self._low + (1 << (_FTS_DOC_BITS + _FTS_PATH_BITS))
+
+    def _rowid(self, doc_rowid) -> int:
+        if doc_rowid >= 1 << _FTS_DOC_BITS or \
+                self._cid >= 1 << (63 - _FTS_DOC_BITS - _FTS_PATH_BITS):
+            raise BeaverError("too many documents or collections for the text index")
+        return (self._cid << (_FTS_DOC_BITS + _FTS_PATH_BITS)) | (doc_rowid << _FTS_PATH_BITS)
+
+    # -- writes ------------------------------------------------------------------------
+
+    @staticmethod
+    def batch():
+        """An empty batch for ``write``: (rows, words), written by ``flush``."""
+        return [], set()
+
+    def write(self, doc_rowid, texts, existed=True, batch=None):
+        """Replace a document's text rows (new rows wait in ``batch`` when given)."""
+        if not self.enabled:
+            return
+        base = self._rowid(doc_rowid)
+        if existed:
+            self._delete_rows(base)
+        rows, words = self.batch() if batch is None else batch
+        for i, (path, text) in enumerate(texts):
+            rows.append((base + i, text, self._name, path))
+            words.update(_terms(text))
+        if batch is None:
+            self.flush((rows, words))
+
+    def flush(self, batch):
+        rows, words = batch
+        if rows:
+            self._core.executemany(
+                "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
+                rows)
+            self._words.add(words)
+
+    def remove(self, doc_rowid):
+        """Delete a document's text rows."""
+        if self.enabled:
+            self._delete_rows(self._rowid(doc_rowid))
+
+    def _delete_rows(self, base):
+        self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                           (base, base + (1 << _FTS_PATH_BITS)))
+
+    def prune(self):
+        """Forget the words no text row of the collection holds any more (those of dropped
+        or rewritten documents): the rows are read without the write lock, and the few
+        candidates checked again, and removed, in one short transaction."""
+        if not self.enabled:
+            return
+        held = set()
+        for (text,) in self._core.execute(
+                "SELECT text FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                (self._low, self._high)):
+            held.update(_terms(text))
+        candidates = [word for word in self._words.all() if word not in held]
+        if candidates:
+            with self._core.transaction():
+                gone = [word for word in candidates if not self._holds(word)]
+                if gone:
+                    self._words.forget(gone)
+
+    def _holds(self, word) -> bool:
+        """Whether a text row of this collection still holds ``word``."""
+        return self._core.execute(
+            "SELECT 1 FROM beaver_fts WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ? "
+            "LIMIT 1", (_fts_atom(_Atom(word, False)), self._low, self._high)).fetchone() is not None
+
+    def clear(self):
+        if self.enabled:
+            self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
+                               (self._low, self._high))
+        self._words.clear()
+
+    def optimize(self):
+        if self.enabled:
+            with self._core.transaction():
+                self._core.execute("INSERT INTO beaver_fts (beaver_fts) VALUES ('optimize')")
+
+    # -- search ------------------------------------------------------------------------
+
+    def ranked(self, expr, paths, limit, checked=False) -> list:
+        """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document."""
+        sql = (f"SELECT (rowid >> {_FTS_PATH_BITS}) & {(1 << _FTS_DOC_BITS) - 1}, "
+               f"-sum(rank) AS score FROM beaver_fts "
+               f"WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ?")
+        params = [expr, self._low, self._high]
+        if paths is not None:
+            sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
+            for p in paths:
+                params += [p, len(p) + 1, p + "."]
+        sql += " GROUP BY 1 ORDER BY score DESC LIMIT ?"
+        try:
+            return self._core.execute(sql, (*params, limit)).fetchall()
+        except BeaverError as e:
+            if checked and isinstance(e.__cause__, sqlite3.OperationalError):
+                raise ValidationError(f"bad FTS5 query {expr!r}: {e.__cause__}") from None
+            raise
+
+    def snippet(self, expr, doc_rowid) -> str:
+        base = self._rowid(doc_rowid)
+        row = self._core.execute(
+            "SELECT snippet(beaver_fts, 0, '[', ']', '...', 16) FROM beaver_fts "
+            "WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ? ORDER BY rank LIMIT 1",
+            (expr, base, base + (1 << _FTS_PATH_BITS))).fetchone()
+        return row[0] if row else ""
+
+    def fuzzy(self, groups, negatives, paths, top_k, fuzziness):
+        """Try the query as typed, then with each typo-corrected term in turn.
+
+        Returns the hits and an expression every hit matches (for snippets)."""
+        if fuzziness not in (0, 1, 2):
+            raise ValueError("fuzziness is 0, 1 or 2")
+        expr = _fts_expression(groups, negatives)
+        hits = self.ranked(expr, paths, top_k)
+        if len(hits) >= top_k:
+            return hits, expr
+        options = [[self._words.spellings(atom, fuzziness) for atom in group] for group in groups]
+        found = {rowid: (0, score) for rowid, score in hits}
+        for turn in range(1, FUZZY_ROUNDS + 1):
+            rewritten = [[_Atom(term, False) for spellings in group for term in
+                          (spellings[:turn] if turn < FUZZY_ROUNDS else spellings)]
+                         for group in options]
+            if all(rewritten):
+                expr = _fts_expression([g + r for g, r in zip(groups, rewritten)], negatives)
+                more = self.ranked(expr, paths, top_k + len(found))
+                for rowid, score in more:
+                    found.setdefault(rowid, (turn, score))
+            if len(found) >= top_k or not any(len(s) > turn for g in options for s in g):
+                break
+        best = sorted(found.items(), key=lambda item: (item[1][0], -item[1][1]))[:top_k]
+        return [(rowid, score) for rowid, (_, score) in best], expr
+
+
+class _Graph:
+    """The labelled, directed edges between documents of one collection (``beaver_edges``)."""
+
+    _SIDES = {"outgoing": [("source", "target")], "incoming": [("target", "source")],
+              "both": [("source", "target"), ("target", "source")]}
+    _ENDS = {"outgoing": ["source"], "incoming": ["target"], "both": ["source", "target"]}
+
+    def __init__(self, core, name):
+        self._core, self._name = core, name
+
+    def connect(self, source, target, label, meta):
+        self._core.execute(
+            "INSERT INTO beaver_edges (collection, source, label, target, metadata) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection, source, label, target) "
+            "DO UPDATE SET metadata = excluded.metadata", (self._name, source, label, target, meta))
+
+    def disconnect(self, source, target, label=None) -> int:
+        sql = "DELETE FROM beaver_edges WHERE collection = ? AND source = ? AND target = ?"
+        params = [self._name, source, target]
+        if label is not None:
+            sql, params = sql + " AND label = ?", params + [label]
+        return self._core.execute(sql, params).rowcount
+
+    def forget(self, doc_id):
+        """Delete the edges that touch ``doc_id``."""
+        for side in ("source", "target"):
+            self._core.execute(f"DELETE FROM beaver_edges WHERE collection = ? AND {side} = ?",
+                               (self._name, doc_id))
+
+    def clear(self):
+        self._core.execute("DELETE FROM beaver_edges WHERE collection = ?", (self._name,))
+
+    def edges(self, doc_id, direction, label) -> list:
+        if direction not in self._SIDES:
+            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
+        found = []
+        for side in self._ENDS[direction]:
+            sql = (f"SELECT source, target, label, metadata FROM beaver_edges "
+                   f"WHERE collection = ? AND {side} = ?")
+            params = [self._name, doc_id]
+            if label is not None:
+                sql, params = sql + " AND label = ?", params + [label]
+            found += [Edge(s, t, lab, None if m is None else json.loads(m))
+                      for s, t, lab, m in self._core.execute(sql + " ORDER BY 1, 2, 3", params)]
+        if direction == "both":
+            unique = {(e.source, e.label, e.target): e for e in found}
+            found = [unique[key] for key in sorted(unique)]
+        return found
+
+    def all(self) -> list:
+        rows = self._core.execute(
+            "SELECT source, target, label, metadata FROM beaver_edges WHERE collection = ? "
+            "ORDER BY source, label, target", (self._name,))
+        return [Edge(s, t, lab, None if m is None else json.loads(m)) for s, t, lab, m in rows]
+
+    def walk(self, start, labels, depth, direction) -> list:
+        """Ids reachable in 1..``depth`` edges, breadth first, each at its shortest distance."""
+        seen, frontier, order = {start}, [start], []
+        for _ in range(int(depth)):
+            reached = sorted(self.step(frontier, labels, direction) - seen)
+            if not reached:
+                break
+            seen.update(reached)
+            order += reached
+            frontier = reached
+        return order
+
+    def step(self, frontier, labels, direction) -> set:
+        """Ids one edge away from any id of ``frontier``."""
+        if direction not in self._SIDES:
+            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
+        reached = set()
+        for here, there in self._SIDES[direction]:
+            for chunk in _chunks(frontier):
+                sql = (f"SELECT {there} FROM beaver_edges WHERE collection = ? "
+                       f"AND {here} IN ({_marks(len(chunk))})")
+                params = [self._name, *chunk]
+                if labels is not None:
+                    sql += f" AND label IN ({_marks(len(labels))})"
+                    params += labels
+                reached.update(row[0] for row in self._core.execute(sql, params))
+        return reached
+
+
 def _vector_backend_wanted() -> str:
     """``BEAVER_VECTOR_BACKEND``: '' (faiss when installed), 'exact' or 'faiss' (required)."""
     wanted = os.environ.get("BEAVER_VECTOR_BACKEND", "").strip().lower()
@@ -3815,6 +5084,205 @@ def _vector_backend_wanted() -> str:
         raise ValueError(f"BEAVER_VECTOR_BACKEND={wanted!r}: use 'exact' (the built-in search), "
                          "'faiss' (beaver_vector, required) or leave it unset (faiss if installed)")
     return wanted
+
+
+class _Vectors:
+    """The embeddings of one collection and their search.
+
+    Rows in ``beaver_vectors``; the dimension and a version (one per change, and one per
+    clear, which empties the log) in ``beaver_collections``; the changed ids by version in
+    ``beaver_vector_log``, which a copy replays only if it holds every version since its own.
+    Searches go to the ``beaver_vector`` (faiss) index when it imports, else to an exact
+    in-memory copy (``_VectorCache``) brought up to date from the log. What a transaction
+    puts in memory is undone if it rolls back (``_Core.on_rollback``).
+    """
+
+    def __init__(self, core, name, metric, options):
+        self._core, self._name, self.metric, self._options = core, name, metric, options
+        self._dim = None            # the dimension, once committed (it never changes then)
+        self.cache = None           # the _VectorCache of the exact search
+        self.backend = None         # the beaver_vector index, False when unavailable
+        self._backend_lock = threading.Lock()
+
+    def dimension(self):
+        """The dimension this connection sees: None before the first vector."""
+        if self._dim is not None:
+            return self._dim
+        dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
+                                 (self._name,)).fetchone()[0]
+        if dim is not None and not self._core.in_transaction:
+            self._dim = dim
+        return dim
+
+    def check(self, dims):
+        """Raise unless a vector of ``dims`` numbers fits the collection."""
+        dim = self.dimension()
+        if dim is not None and dims != dim:
+            raise ValidationError(f"embedding has {dims} dimensions; "
+                                  f"collection {self._name!r} holds {dim}")
+
+    def put(self, doc_id, vector):
+        """Insert or replace the vector (float32 bytes) of ``doc_id``."""
+        self._core.execute(
+            "INSERT INTO beaver_vectors (collection, doc_id, vector) VALUES (?, ?, ?) "
+            "ON CONFLICT (collection, doc_id) DO UPDATE SET vector = excluded.vector",
+            (self._name, doc_id, vector))
+        dim = len(vector) // 4
+        self._changed(dim, doc_id)
+        self._call_backend(dim, "on_upsert", doc_id, vector)
+        if self._dim is None:
+            self._core.after_commit(lambda: setattr(self, "_dim", dim))
+
+    def remove(self, doc_id):
+        """Delete the vector of ``doc_id`` if it has one."""
+        if self._core.execute("DELETE FROM beaver_vectors WHERE collection = ? AND doc_id = ?",
+                              (self._name, doc_id)).rowcount:
+            dim = self.dimension()
+            self._changed(dim, doc_id)
+            self._call_backend(dim, "on_delete", doc_id)
+
+    def clear(self):
+        for table in ("beaver_vectors", "beaver_vector_log"):
+            self._core.execute(f"DELETE FROM {table} WHERE collection = ?", (self._name,))
+        self._core.execute("UPDATE beaver_collections SET version = version + 1 "
+                           "WHERE collection = ?", (self._name,))
+        self._call_backend(self.dimension(), "on_clear")
+
+    def _changed(self, dim, doc_id):
+        """Count a vector change in the collection's version and log it for other caches."""
+        bump = ("UPDATE beaver_collections SET version = version + 1, dim = coalesce(dim, ?) "
+                "WHERE collection = ?")
+        if _HAS_RETURNING:
+            version = self._core.execute(bump + " RETURNING version",
+                                         (dim, self._name)).fetchall()[0][0]
+        else:
+            self._core.execute(bump, (dim, self._name))
+            version = self._core.execute("SELECT version FROM beaver_collections WHERE "
+                                         "collection = ?", (self._name,)).fetchone()[0]
+        self._core.execute("INSERT INTO beaver_vector_log (collection, version, doc_id) "
+                           "VALUES (?, ?, ?)", (self._name, version, doc_id))
+        if version % VECTOR_LOG_KEEP == 0:
+            self._core.execute("DELETE FROM beaver_vector_log WHERE collection = ? AND "
+                               "version <= ?", (self._name, version - VECTOR_LOG_KEEP))
+
+    # -- search ------------------------------------------------------------------------
+
+    def search(self, query, top_k, allowed=None) -> list:
+        """``[(doc_id, distance)]`` of the ``top_k`` closest, closest first.
+
+        ``allowed`` (None for all) is a set of the doc ids a filter lets through.
+        """
+        if self.backend and self._dim:      # the dimension never changes once committed
+            dim = self._dim
+        else:
+            dim, version = self._core.execute(
+                "SELECT dim, version FROM beaver_collections WHERE collection = ?",
+                (self._name,)).fetchone()
+            if dim is not None and not self._core.in_transaction:
+                self._dim = dim
+        if dim is None or top_k <= 0:
+            return []
+        if len(query) != dim:
+            raise ValidationError(f"query has {len(query)} dimensions; collection "
+                                  f"{self._name!r} holds {dim}")
+        backend = self._backend_for(dim)
+        if backend is not None:
+            return backend.search(query, top_k, allowed)
+        return self._exact(version, dim).search(query, top_k, allowed)
+
+    def _exact(self, version, dim) -> "_VectorCache":
+        """The in-memory vectors, brought up to ``version`` (reloaded after a clear)."""
+        cache = self.cache
+        if cache is not None and (cache.version != version or cache.stale):
+            if not self._catch_up(cache, version):
+                cache = None
+        if cache is None:
+            rows = self._core.execute(
+                "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
+                (self._name,)).fetchall()
+            previous, cache = self.cache, _VectorCache(self.metric, version, rows, dim)
+            self.cache = cache
+            if self._core.in_transaction:   # it holds this transaction's writes
+                self._core.on_rollback(lambda: self._restore(previous, cache))
+        return cache
+
+    def _catch_up(self, cache, version) -> bool:
+        """Patch ``cache`` with the changes logged since its version; False if they are gone."""
+        log = self._core.execute(
+            "SELECT version, doc_id FROM beaver_vector_log WHERE collection = ? AND "
+            "version > ? ORDER BY version", (self._name, cache.version)).fetchall()
+        if (log and log[0][0] != cache.version + 1) or (not log and version != cache.version):
+            return False
+        changed = {doc_id for _, doc_id in log} | cache.stale
+        fresh = dict.fromkeys(changed)
+        for chunk in _chunks(changed):
+            fresh.update(self._core.execute(
+                f"SELECT doc_id, vector FROM beaver_vectors WHERE collection = ? "
+                f"AND doc_id IN ({_marks(len(chunk))})", (self._name, *chunk)))
+        before = cache.version
+        cache.patch(version, fresh)
+        if self._core.in_transaction:       # uncommitted vectors: refetch them if rolled back
+            self._core.on_rollback(lambda: cache.rewind(before, changed))
+        return True
+
+    def _restore(self, previous, loaded):
+        if self.cache is loaded:
+            self.cache = previous
+
+    def _backend_for(self, dim):
+        """The ``beaver_vector`` index of this collection, or None for the built-in search."""
+        if self.backend is None and dim is not None:
+            with self._backend_lock:
+                if self.backend is None:
+                    self.backend = self._open_backend(dim)
+                    if self._core.in_transaction:   # opened for a dimension it may undo
+                        self._core.on_rollback(self._forget_backend)
+        return self.backend or None
+
+    def _forget_backend(self):
+        backend, self.backend = self.backend, None
+        if backend:
+            backend.close()
+
+    def _open_backend(self, dim):
+        """The index, or False when the built-in search must do (not installed, or asked)."""
+        wanted = _vector_backend_wanted()
+        if wanted == "exact":
+            return False
+        try:
+            import beaver_vector
+            open_index = beaver_vector.open_index
+        except (ImportError, AttributeError) as e:
+            if wanted == "faiss":
+                raise FeatureUnavailable("BEAVER_VECTOR_BACKEND=faiss, but beaver_vector (numpy "
+                                         f"and faiss-cpu) cannot be imported: {e}") from None
+            return False
+        try:
+            return open_index(self._core, self._name, dim, self.metric, **self._options)
+        except FeatureUnavailable:
+            if wanted == "faiss":
+                raise
+            return False
+        except BeaverError as e:    # making its tables: a read-only file, a busy one
+            if self._core.in_transaction:
+                raise
+            logger.warning("collection %r searches without its vector index: %s", self._name, e)
+            return None if isinstance(e, DatabaseBusy) else False
+
+    def _call_backend(self, dim, method, *args):
+        backend = self._backend_for(dim)
+        if backend is not None:
+            getattr(backend, method)(*args)
+
+    def compact(self):
+        backend = self.backend
+        if backend:
+            backend.compact()
+
+    def close(self):
+        backend, self.backend = self.backend, None
+        if backend:
+            backend.close()
 
 
 class CollectionManager(_Manager):
@@ -3827,6 +5295,10 @@ class CollectionManager(_Manager):
 
     ``match`` scores are relevance (higher is better); ``search`` scores are distances
     (lower is better) under the collection's metric: ``l2`` (default), ``cosine`` or ``ip``.
+
+    The work is shared by parts that each own their tables: the document rows, the text
+    index, the vocabulary, the graph and the vectors; this class holds transactions and
+    events.
     """
 
     _kind = "collection"
@@ -3834,39 +5306,55 @@ class CollectionManager(_Manager):
 
     def __init__(self, db, name, model=None, metric=None, **options):
         super().__init__(db, name, model)
+        _check_vector_options(metric, options)
         self._fts = _ensure_fts(self._core)
-        if self._fts:
-            _ensure_grams(self._core)       # created outside any write transaction
-        self._metric, self._options = self._register(metric, options)
-        self._vocab = (None, set())         # (epoch, terms known to be in beaver_terms)
-        self._batch = threading.local()     # terms added by this thread's open transaction
-        self._vectors = None                # _VectorCache of the exact search
-        self._backend = None                # beaver_vector index, False when unavailable
-        self._backend_lock = threading.Lock()
-        self._dim = None                    # the vector dimension, once committed
+        metric, self._options, cid = self._register(metric, options)
+        self._rows = _DocumentRows(self._core, self._name, self._codec)
+        self._words = _Vocabulary(self._core, self._name, cid)
+        self._text = _TextIndex(self._core, self._name, cid, self._words, self._fts)
+        self._graph = _Graph(self._core, self._name)
+        self._vecs = _Vectors(self._core, self._name, metric, self._options)
 
     def _register(self, metric, options):
-        if metric is not None and metric not in VECTOR_METRICS:
-            raise ValueError(f"metric must be one of {VECTOR_METRICS}, not {metric!r}")
-        text = _json_dumps(options) if options else None
-        self._core.execute(
-            "INSERT INTO beaver_collections (collection, metric, options, cid) "
-            "SELECT ?, ?, ?, coalesce(max(cid), 0) + 1 FROM beaver_collections WHERE true "
-            "ON CONFLICT (collection) DO NOTHING", (self._name, metric or "l2", text))
-        stored, stored_options, self._cid = self._core.execute(
-            "SELECT metric, options, cid FROM beaver_collections WHERE collection = ?",
-            (self._name,)).fetchone()
-        if metric is not None and metric != stored:
-            raise ValueError(f"collection {self._name!r} uses metric {stored!r}, not {metric!r}")
-        if options and json.loads(stored_options or "{}") != json.loads(text):
-            raise ValueError(f"collection {self._name!r} was created with options "
-                             f"{stored_options}, not {text}")
-        return stored, json.loads(stored_options or "{}")
+        """(metric, options, collection id) of the collection, created if new: only then
+        does opening it write (so a read-only file, or a busy one, opens without waiting)."""
+        sql = "SELECT metric, options, cid FROM beaver_collections WHERE collection = ?"
+        row = self._core.execute(sql, (self._name,)).fetchone()
+        if row is None:
+            self._core.execute(
+                "INSERT INTO beaver_collections (collection, metric, options, cid) "
+                "SELECT ?, ?, ?, coalesce(max(cid), 0) + 1 FROM beaver_collections WHERE true "
+                "ON CONFLICT (collection) DO NOTHING",
+                (self._name, metric or "l2", _json_dumps(options) if options else None))
+            row = self._core.execute(sql, (self._name,)).fetchone()
+        stored, stored_options, cid = row
+        return stored, _stored_options(self._name, stored_options), cid
+
+    def _agrees(self, metric, options):
+        """Raise ``ValueError`` if ``metric`` or ``options`` differ from the collection's."""
+        if metric is not None and metric != self.metric:
+            raise ValueError(f"collection {self._name!r} uses metric {self.metric!r}, "
+                             f"not {metric!r}")
+        for key, value in options.items():
+            have = self._options.get(key, VECTOR_INDEX_OPTIONS[key].default)
+            if have != value:
+                raise ValueError(f"collection {self._name!r} was created with {key}={have!r}, "
+                                 f"not {value!r}")
 
     @property
     def metric(self) -> str:
         """The vector distance of this collection: 'l2', 'cosine' or 'ip'."""
-        return self._metric
+        return self._vecs.metric
+
+    @property
+    def _backend(self):
+        """The ``beaver_vector`` index (None before the first vector, False when unused)."""
+        return self._vecs.backend
+
+    @property
+    def _vectors(self):
+        """The exact search's in-memory copy of the vectors (None until a search)."""
+        return self._vecs.cache
 
     # -- documents -------------------------------------------------------------------------
 
@@ -3889,18 +5377,21 @@ class CollectionManager(_Manager):
 
             >>> docs.index_many(Document(id=str(i), body=text) for i, text in enumerate(texts))
 
-        Every document is validated before anything is written; returns how many.
+        Every document is validated before anything is written; an id given twice is
+        stored once (the last one wins, as with one ``index()`` after another). Returns how
+        many documents were given.
         """
         prepared = [self._prepare(document, fts) for document in documents]
+        given, prepared = len(prepared), list({p[0].id: p for p in prepared}.values())
         dims = {len(p[0].embedding) for p in prepared if p[3] is not None}
         if len(dims) > 1:
             raise ValidationError(f"embeddings of different dimensions {sorted(dims)}")
         with self._core.transaction():
-            rows, words = [], set()         # text rows and words, written once at the end
+            batch = self._text.batch()      # text rows and words, written once at the end
             for item in prepared:
-                self._store(item, (rows, words))
-            self._insert_text(rows, words)
-        return len(prepared)
+                self._store(item, batch)
+            self._text.flush(batch)
+        return given
 
     def _prepare(self, document, fts):
         """Validate and encode before the transaction: (document, body, texts, vector)."""
@@ -3910,51 +5401,6 @@ class CollectionManager(_Manager):
         texts = self._texts(document.body, fts) if self._fts else []
         vector = None if document.embedding is None else _pack_vector(document.embedding)
         return document, body, texts, vector
-
-    def _store(self, prepared, batch=None):
-        document, body, texts, vector = prepared
-        state = self._state()
-        dim = state["dim"]
-        if vector is not None and dim is not None and len(document.embedding) != dim:
-            raise ValidationError(f"embedding has {len(document.embedding)} dimensions; "
-                                  f"collection {self._name!r} holds {dim}")
-        rowid, existed = self._write_row(document.id, body)
-        self._write_text(rowid, texts, existed, batch)
-        if vector is not None or existed:
-            self._write_vector(document.id, vector, dim)
-            state["dim"] = dim or (None if vector is None else len(vector) // 4)
-        self._wrote("index", id=document.id)
-
-    def _state(self) -> dict:
-        """``dim`` (and ``epoch``, see ``_epoch``) of this collection, once per transaction.
-
-        The dimension never changes once set: after a commit that knows it, later
-        transactions of this process skip the read.
-        """
-        local = self._batch
-        token = getattr(self._core._local, "pending", None)
-        if getattr(local, "token", None) is not token:
-            local.token, local.terms = token, set()
-            state = local.state = {"dim": self._dim}
-            if self._dim is None:
-                state["dim"], state["epoch"] = self._core.execute(
-                    "SELECT dim, epoch FROM beaver_collections WHERE collection = ?",
-                    (self._name,)).fetchone()
-
-            def committed():
-                local.token = None
-                self._dim = self._dim or state["dim"]
-            self._core.after_commit(committed)
-        return local.state
-
-    def _epoch(self) -> int:
-        """The collection's epoch (bumped by ``clear``), read once per transaction."""
-        state = self._state()
-        if "epoch" not in state:
-            state["epoch"] = self._core.execute(
-                "SELECT epoch FROM beaver_collections WHERE collection = ?",
-                (self._name,)).fetchone()[0]
-        return state["epoch"]
 
     def _texts(self, body, fts) -> list:
         if not fts or body is None:
@@ -3968,80 +5414,17 @@ class CollectionManager(_Manager):
             raise ValueError(f"a document may have at most {1 << _FTS_PATH_BITS} text fields")
         return [(p, t) for p, t in texts if t.strip()]
 
-    def _write_row(self, doc_id, body):
-        """Insert or update the document row: ``(rowid, whether it existed)``."""
-        cursor = self._core.execute(
-            "INSERT INTO beaver_documents (collection, doc_id, body) VALUES (?, ?, ?) "
-            "ON CONFLICT (collection, doc_id) DO NOTHING", (self._name, doc_id, body))
-        if cursor.rowcount:
-            return cursor.lastrowid, False
-        if _HAS_RETURNING:
-            return self._core.execute(
-                "UPDATE beaver_documents SET body = ? WHERE collection = ? AND doc_id = ? "
-                "RETURNING id", (body, self._name, doc_id)).fetchall()[0][0], True
-        row = self._core.execute(
-            "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
-            (self._name, doc_id)).fetchone()
-        self._core.execute("UPDATE beaver_documents SET body = ? WHERE id = ?", (body, row[0]))
-        return row[0], True
-
-    def _write_text(self, rowid, texts, existed=True, batch=None):
-        """Replace a document's text rows (or add them to ``batch``, written by the caller)."""
-        if not self._fts:
-            return
-        base = self._fts_rowid(rowid)
-        if existed:
-            self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
-                               (base, base + (1 << _FTS_PATH_BITS)))
-        rows, words = ([], set()) if batch is None else batch
-        for i, (path, text) in enumerate(texts):
-            rows.append((base + i, text, self._name, path))
-            words.update(_terms(text))
-        if batch is None:
-            self._insert_text(rows, words)
-
-    def _insert_text(self, rows, words):
-        if rows:
-            self._core.executemany(
-                "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
-                rows)
-            self._add_terms(words, self._epoch())
-
-    def _fts_rowid(self, rowid) -> int:
-        if rowid >= 1 << _FTS_DOC_BITS or self._cid >= 1 << (63 - _FTS_DOC_BITS - _FTS_PATH_BITS):
-            raise BeaverError("too many documents or collections for the text index")
-        return (self._cid << (_FTS_DOC_BITS + _FTS_PATH_BITS)) | (rowid << _FTS_PATH_BITS)
-
-    def _write_vector(self, doc_id, vector, dim):
-        if vector is None:
-            if self._core.execute("DELETE FROM beaver_vectors WHERE collection = ? AND "
-                                  "doc_id = ?", (self._name, doc_id)).rowcount:
-                self._vectors_changed(dim, doc_id)
-                self._call_backend(dim, "on_delete", doc_id)
-            return
-        self._core.execute(
-            "INSERT INTO beaver_vectors (collection, doc_id, vector) VALUES (?, ?, ?) "
-            "ON CONFLICT (collection, doc_id) DO UPDATE SET vector = excluded.vector",
-            (self._name, doc_id, vector))
-        self._vectors_changed(len(vector) // 4, doc_id)
-        self._call_backend(len(vector) // 4, "on_upsert", doc_id, vector)
-
-    def _vectors_changed(self, dim, doc_id):
-        """Count a vector change in the collection's version and log it for other caches."""
-        bump = ("UPDATE beaver_collections SET version = version + 1, dim = coalesce(dim, ?) "
-                "WHERE collection = ?")
-        if _HAS_RETURNING:
-            version = self._core.execute(bump + " RETURNING version",
-                                         (dim, self._name)).fetchall()[0][0]
-        else:
-            self._core.execute(bump, (dim, self._name))
-            version = self._core.execute("SELECT version FROM beaver_collections WHERE "
-                                         "collection = ?", (self._name,)).fetchone()[0]
-        self._core.execute("INSERT INTO beaver_vector_log (collection, version, doc_id) "
-                           "VALUES (?, ?, ?)", (self._name, version, doc_id))
-        if version % VECTOR_LOG_KEEP == 0:
-            self._core.execute("DELETE FROM beaver_vector_log WHERE collection = ? AND "
-                               "version <= ?", (self._name, version - VECTOR_LOG_KEEP))
+    def _store(self, prepared, batch=None):
+        document, body, texts, vector = prepared
+        if vector is not None:
+            self._vecs.check(len(vector) // 4)
+        rowid, existed = self._rows.write(document.id, body)
+        self._text.write(rowid, texts, existed, batch)
+        if vector is not None:
+            self._vecs.put(document.id, vector)
+        elif existed:
+            self._vecs.remove(document.id)
+        self._wrote("index", id=document.id)
 
     def drop(self, document):
         """Remove a document (given as a ``Document`` or an id), its vector and its edges.
@@ -4052,64 +5435,23 @@ class CollectionManager(_Manager):
         """
         doc_id = _doc_id(document)
         with self._core.transaction():
-            row = self._core.execute(
-                "SELECT id FROM beaver_documents WHERE collection = ? AND doc_id = ?",
-                (self._name, doc_id)).fetchone()
-            if row is None:
+            rowid = self._rows.delete(doc_id)
+            if rowid is None:
                 raise KeyError(doc_id)
-            self._core.execute("DELETE FROM beaver_documents WHERE id = ?", (row[0],))
-            dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
-                                     (self._name,)).fetchone()[0]
-            self._write_text(row[0], [])
-            self._write_vector(doc_id, None, dim)
-            self._core.execute("DELETE FROM beaver_edges WHERE collection = ? AND source = ?",
-                               (self._name, doc_id))
-            self._core.execute("DELETE FROM beaver_edges WHERE collection = ? AND target = ?",
-                               (self._name, doc_id))
+            self._text.remove(rowid)
+            self._vecs.remove(doc_id)
+            self._graph.forget(doc_id)
             self._wrote("drop", id=doc_id)
 
     __delitem__ = drop
-
-    _SELECT = ("SELECT d.doc_id, d.body, v.vector, d.id FROM beaver_documents d "
-               "LEFT JOIN beaver_vectors v ON v.collection = d.collection AND v.doc_id = d.doc_id "
-               "WHERE d.collection = ? ")
-
-    def _document(self, row) -> Document:
-        doc = Document.__new__(Document)
-        vector = row[2]
-        doc.__dict__.update(id=row[0], body=None if row[1] is None else self._codec.decode(row[1]),
-                            _embedding=None if vector is None else _Packed(vector))
-        return doc
-
-    def _documents(self, column, keys) -> dict:
-        """``{key: Document}`` of the documents whose ``column`` ('id' or 'doc_id') is in keys."""
-        at = 3 if column == "id" else 0
-        keys = keys if isinstance(keys, list) else list(keys)
-        found, make = {}, self._document
-        for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            rows = self._core.execute(self._select_in(column, len(chunk)),
-                                      (self._name, *chunk)).fetchall()
-            for row in rows:
-                found[row[at]] = make(row)
-        return found
-
-    @staticmethod
-    @functools.lru_cache(maxsize=256)
-    def _select_in(column, n) -> str:
-        sql = CollectionManager._SELECT + f"AND d.{column} IN ({_marks(n)})"
-        if column == "id":      # rowid lookups, not a scan of the collection's index
-            sql = sql.replace("WHERE d.collection", "WHERE +d.collection")
-        return sql
 
     def get(self, doc_id, default=None):
         """The document with this id, or ``default``.
 
             >>> docs.get("a1").body
         """
-        row = self._core.execute(self._SELECT + "AND d.doc_id = ?",
-                                 (self._name, _doc_id(doc_id))).fetchone()
-        return default if row is None else self._document(row)
+        doc = self._rows.get(_doc_id(doc_id))
+        return default if doc is None else doc
 
     def __getitem__(self, doc_id):
         doc = self.get(doc_id)
@@ -4120,42 +5462,28 @@ class CollectionManager(_Manager):
     def __contains__(self, document):
         if not isinstance(document, (str, Document)):
             return False
-        return self._core.execute(
-            "SELECT 1 FROM beaver_documents WHERE collection = ? AND doc_id = ?",
-            (self._name, _doc_id(document))).fetchone() is not None
+        return bool(self._rows.present([_doc_id(document)]))
 
     def __len__(self):
-        return self._core.execute("SELECT count(*) FROM beaver_documents WHERE collection = ?",
-                                  (self._name,)).fetchone()[0]
+        return self._rows.count()
 
     def __bool__(self):
         return True
 
     def __iter__(self):
-        sql = self._SELECT + "AND d.doc_id > ? ORDER BY d.doc_id LIMIT ?"
-        for row in self._paged(sql, ""):
-            yield self._document(row)
+        for row in self._rows.rows(self._paged):
+            yield self._rows.document(row)
 
     def clear(self):
         """Remove every document, vector, text index entry and edge of this collection."""
         with self._core.transaction():
-            for table in ("beaver_documents", "beaver_vectors", "beaver_edges",
-                          "beaver_vector_log"):
-                self._core.execute(f"DELETE FROM {table} WHERE collection = ?", (self._name,))
-            if self._fts:
-                low = self._fts_rowid(0)
-                self._core.execute("DELETE FROM beaver_fts WHERE rowid >= ? AND rowid < ?",
-                                   (low, low + (1 << (_FTS_DOC_BITS + _FTS_PATH_BITS))))
-            self._core.execute("DELETE FROM beaver_terms WHERE cid = ?", (self._cid,))
-            self._batch.token, self._vocab = None, (None, set())
-            self._core.execute("UPDATE beaver_collections SET version = version + 1, "
-                               "epoch = epoch + 1 WHERE collection = ?", (self._name,))
-            dim = self._core.execute("SELECT dim FROM beaver_collections WHERE collection = ?",
-                                     (self._name,)).fetchone()[0]
-            self._call_backend(dim, "on_clear")
+            self._rows.clear()
+            self._graph.clear()
+            self._text.clear()
+            self._vecs.clear()
             self._wrote("clear")
 
-    # -- full-text search -------------------------------------------------------------------
+    # -- full-text and fuzzy search ----------------------------------------------------------
 
     def match(self, query, on=None, top_k=10, fuzziness=0, raw=False, highlight=False):
         """Full-text search: ``[(Document, score)]``, best first (higher score is better).
@@ -4169,162 +5497,35 @@ class CollectionManager(_Manager):
         syntax through. ``on`` restricts the search to dotted field paths. ``fuzziness`` (1
         or 2) also finds words up to that many edits away (3+ letters for one, 7+ for
         two), ranked by edits, then relevance. ``highlight=True`` returns
-        ``(Document, score, snippet)`` triples with matches in ``[...]``.
+        ``(Document, score, snippet)`` triples with matches in ``[...]``. A query holds at
+        most ``MATCH_MAX_LENGTH`` characters and ``MATCH_MAX_TERMS`` distinct words or
+        phrases (``ValueError`` beyond); NUL and lone surrogates separate words.
         """
         if not self._fts:
             raise FeatureUnavailable("this SQLite was built without FTS5: match() is unavailable")
+        query = _query_text(query)
         top_k = _count(top_k, "top_k")
         paths = _check_paths(on)
-        if top_k <= 0 or paths == []:
-            return []
         if raw:
-            if not isinstance(query, str):
-                raise TypeError("a query is a str")
-            expr = query
-            hits = self._ranked(expr, paths, top_k, checked=True)
+            _check_term_count(len(_TERM.findall(query)))
+            searchable = bool(query.strip())
         else:
             groups, negatives = _parse_query(query)
-            if not groups:
-                return []
+            searchable = bool(groups)
+        if top_k <= 0 or paths == [] or not searchable:
+            return []
+        if raw:
+            expr, hits = query, self._text.ranked(query, paths, top_k, checked=True)
+        elif fuzziness:
+            hits, expr = self._text.fuzzy(groups, negatives, paths, top_k, int(fuzziness))
+        else:
             expr = _fts_expression(groups, negatives)
-            if fuzziness:
-                hits, expr = self._fuzzy(groups, negatives, paths, top_k, int(fuzziness))
-            else:
-                hits = self._ranked(expr, paths, top_k)
-        docs = self._documents("id", [rowid for rowid, _ in hits])
+            hits = self._text.ranked(expr, paths, top_k)
+        docs = self._rows.by("id", [rowid for rowid, _ in hits])
         if highlight:
-            return [(docs[rowid], score, self._snippet(expr, rowid))
+            return [(docs[rowid], score, self._text.snippet(expr, rowid))
                     for rowid, score in hits if rowid in docs]
         return [(docs[rowid], score) for rowid, score in hits if rowid in docs]
-
-    def _ranked(self, expr, paths, limit, checked=False) -> list:
-        """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document."""
-        low = self._fts_rowid(0)
-        sql = (f"SELECT (rowid >> {_FTS_PATH_BITS}) & {(1 << _FTS_DOC_BITS) - 1}, "
-               f"-sum(rank) AS score FROM beaver_fts "
-               f"WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ?")
-        params = [expr, low, low + (1 << (_FTS_DOC_BITS + _FTS_PATH_BITS))]
-        if paths is not None:
-            sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
-            for p in paths:
-                params += [p, len(p) + 1, p + "."]
-        sql += " GROUP BY 1 ORDER BY score DESC LIMIT ?"
-        try:
-            return self._core.execute(sql, (*params, limit)).fetchall()
-        except BeaverError as e:
-            if checked and isinstance(e.__cause__, sqlite3.OperationalError):
-                raise ValidationError(f"bad FTS5 query {expr!r}: {e.__cause__}") from None
-            raise
-
-    def _snippet(self, expr, rowid) -> str:
-        base = self._fts_rowid(rowid)
-        row = self._core.execute(
-            "SELECT snippet(beaver_fts, 0, '[', ']', '...', 16) FROM beaver_fts "
-            "WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ? ORDER BY rank LIMIT 1",
-            (expr, base, base + (1 << _FTS_PATH_BITS))).fetchone()
-        return row[0] if row else ""
-
-    # -- fuzzy search -----------------------------------------------------------------------
-
-    def _fuzzy(self, groups, negatives, paths, top_k, fuzziness):
-        """Try the query as typed, then with each typo-corrected term in turn.
-
-        Returns the hits and an expression every hit matches (for snippets)."""
-        if fuzziness not in (0, 1, 2):
-            raise ValueError("fuzziness is 0, 1 or 2")
-        expr = _fts_expression(groups, negatives)
-        hits = self._ranked(expr, paths, top_k)
-        if len(hits) >= top_k:
-            return hits, expr
-        options = [[self._spellings(atom, fuzziness) for atom in group] for group in groups]
-        found = {rowid: (0, score) for rowid, score in hits}
-        for turn in range(1, FUZZY_ROUNDS + 1):
-            rewritten = [[_Atom(term, False) for spellings in group for term in
-                          (spellings[:turn] if turn < FUZZY_ROUNDS else spellings)]
-                         for group in options]
-            if all(rewritten):
-                expr = _fts_expression([g + r for g, r in zip(groups, rewritten)], negatives)
-                more = self._ranked(expr, paths, top_k + len(found))
-                for rowid, score in more:
-                    found.setdefault(rowid, (turn, score))
-            if len(found) >= top_k or not any(len(s) > turn for g in options for s in g):
-                break
-        best = sorted(found.items(), key=lambda item: (item[1][0], -item[1][1]))[:top_k]
-        return [(rowid, score) for rowid, (_, score) in best], expr
-
-    def _spellings(self, atom, fuzziness) -> list:
-        """The indexed terms within ``fuzziness`` edits of a one-word atom, best first."""
-        words = _terms(atom.text)
-        if atom.prefix or len(words) != 1 or len(words[0]) > FUZZY_MAX_TERM:
-            return [atom.text]
-        word = words[0]
-        limit = min(fuzziness, sum(len(word) >= n for n in FUZZY_MIN_LENGTH))
-        if limit == 0:
-            return [word]
-        if limit > 1 and _ensure_grams(self._core):
-            candidates = self._known(self._trigram_candidates(word, limit))
-        else:
-            limit = 1
-            candidates = self._known(_neighbourhood(word) | {word})
-        scored = [(_edit_distance(word, term, limit), term) for term in candidates]
-        scored = sorted((d, not _slip(word, term), term) for d, term in scored if d <= limit)
-        frequency = self._frequencies([term for _, _, term in scored])
-        scored.sort(key=lambda item: (item[0], item[1], -frequency.get(item[2], 0), item[2]))
-        return [term for _, _, term in scored] or [word]
-
-    def _trigram_candidates(self, word, limit) -> set:
-        """Known words (of any collection) sharing enough trigrams with ``word``."""
-        grams = _trigrams(word)
-        need = max(1, len(grams) - 4 * limit)
-        query = " OR ".join('"' + gram.replace('"', '""') + '"' for gram in sorted(grams))
-        found = set()
-        for (padded,) in self._core.execute(
-                "SELECT term FROM beaver_grams WHERE beaver_grams MATCH ?", (query,)):
-            term = padded[1:-1]
-            if abs(len(term) - len(word)) <= limit and len(_trigrams(term) & grams) >= need:
-                found.add(term)
-        return found
-
-    def _known(self, terms) -> list:
-        found = []
-        for chunk in _chunks(terms):
-            found += [row[0] for row in self._core.execute(
-                f"SELECT term FROM beaver_terms WHERE cid = ? AND term IN "
-                f"({_marks(len(chunk))})", (self._cid, *chunk))]
-        return found
-
-    def _frequencies(self, terms) -> dict:
-        """How many text fields hold each term (any collection), for a few terms."""
-        if len(terms) < 2:
-            return {}
-        found = {}
-        for term in terms[:FUZZY_FREQUENCIES]:
-            row = self._core.execute("SELECT doc FROM beaver_fts_vocab WHERE term = ?",
-                                     (term,)).fetchone()
-            found[term] = row[0] if row else 0
-        return found
-
-    def _add_terms(self, words, epoch):
-        """Record new words (and their trigrams) in this collection's vocabulary."""
-        known_epoch, known = self._vocab
-        if known_epoch != epoch:
-            known = {row[0] for row in self._core.execute(
-                "SELECT term FROM beaver_terms WHERE cid = ?", (self._cid,))}
-            self._vocab = (epoch, known)
-        batch = self._batch.terms          # this transaction's new terms (see _state)
-        new = words - known - batch
-        if not new:
-            return
-        new = {term for term in new if len(term) <= FUZZY_MAX_TERM}
-        batch |= new
-        self._core.executemany("INSERT OR IGNORE INTO beaver_terms (cid, term) VALUES (?, ?)",
-                               [(self._cid, term) for term in sorted(new)])
-        if _ensure_grams(self._core):
-            self._core.executemany(
-                "INSERT INTO beaver_grams (term) VALUES (?)",
-                [(f"${term}$",) for term in new
-                 if len(term) >= FUZZY_MIN_LENGTH[1] - 2 and term.isalpha()])
-        self._core.after_commit(lambda: known.update(new))
 
     # -- graph ------------------------------------------------------------------------------
 
@@ -4338,49 +5539,22 @@ class CollectionManager(_Manager):
             raise TypeError(f"an edge label is a non-empty str, not {label!r}")
         meta = None if metadata is None else _json_dumps(_to_jsonable(metadata))
         with self._core.transaction():
-            found = {row[0] for row in self._core.execute(
-                "SELECT doc_id FROM beaver_documents WHERE collection = ? AND doc_id IN (?, ?)",
-                (self._name, source, target))}
-            if len(found) < len({source, target}):
-                missing = sorted({source, target} - found)[0]
-                raise KeyError(f"no document {missing!r} in {self._name!r}")
-            self._core.execute(
-                "INSERT INTO beaver_edges (collection, source, label, target, metadata) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (collection, source, label, target) "
-                "DO UPDATE SET metadata = excluded.metadata",
-                (self._name, source, label, target, meta))
+            missing = sorted({source, target} - self._rows.present({source, target}))
+            if missing:
+                raise KeyError(f"no document {missing[0]!r} in {self._name!r}")
+            self._graph.connect(source, target, label, meta)
             self._wrote("connect", source=source, target=target, label=label)
 
     def disconnect(self, source, target, label=None):
         """Remove the edges from ``source`` to ``target`` (only those with ``label`` if given)."""
         source, target = _doc_id(source), _doc_id(target)
-        sql = "DELETE FROM beaver_edges WHERE collection = ? AND source = ? AND target = ?"
-        params = [self._name, source, target]
-        if label is not None:
-            sql, params = sql + " AND label = ?", params + [label]
         with self._core.transaction():
-            if self._core.execute(sql, params).rowcount:
+            if self._graph.disconnect(source, target, label):
                 self._wrote("disconnect", source=source, target=target, label=label)
 
     def edges(self, document, direction="outgoing", label=None) -> list:
         """The ``Edge``s leaving ('outgoing'), entering ('incoming') or touching ('both') it."""
-        doc_id = _doc_id(document)
-        sides = {"outgoing": ["source"], "incoming": ["target"], "both": ["source", "target"]}
-        if direction not in sides:
-            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
-        found = []
-        for side in sides[direction]:
-            sql = (f"SELECT source, target, label, metadata FROM beaver_edges "
-                   f"WHERE collection = ? AND {side} = ?")
-            params = [self._name, doc_id]
-            if label is not None:
-                sql, params = sql + " AND label = ?", params + [label]
-            found += [Edge(s, t, lab, None if m is None else json.loads(m))
-                      for s, t, lab, m in self._core.execute(sql + " ORDER BY 1, 2, 3", params)]
-        if direction == "both":
-            unique = {(e.source, e.label, e.target): e for e in found}
-            found = [unique[key] for key in sorted(unique)]
-        return found
+        return self._graph.edges(_doc_id(document), direction, label)
 
     def neighbors(self, document, label=None, direction="outgoing") -> list:
         """The documents one edge away, in id order.
@@ -4388,8 +5562,8 @@ class CollectionManager(_Manager):
             >>> [doc.id for doc in net.neighbors(alice, label="FOLLOWS")]
             ['bob', 'charlie']
         """
-        ids = sorted(self._step([_doc_id(document)], _labels(label), direction))
-        docs = self._documents("doc_id", ids)
+        ids = sorted(self._graph.step([_doc_id(document)], _labels(label), direction))
+        docs = self._rows.by("doc_id", ids)
         return [docs[i] for i in ids if i in docs]
 
     def walk(self, source, labels=None, depth=1, direction="outgoing") -> list:
@@ -4400,36 +5574,9 @@ class CollectionManager(_Manager):
 
         Each document appears once, at its shortest distance; cycles are harmless.
         """
-        start = _doc_id(source)
-        labels = _labels(labels)
-        seen, frontier, order = {start}, [start], []
-        for _ in range(int(depth)):
-            reached = sorted(self._step(frontier, labels, direction) - seen)
-            if not reached:
-                break
-            seen.update(reached)
-            order += reached
-            frontier = reached
-        docs = self._documents("doc_id", order)
+        order = self._graph.walk(_doc_id(source), _labels(labels), depth, direction)
+        docs = self._rows.by("doc_id", order)
         return [docs[i] for i in order if i in docs]
-
-    def _step(self, frontier, labels, direction) -> set:
-        """Ids one edge away from any id of ``frontier``."""
-        sides = {"outgoing": [("source", "target")], "incoming": [("target", "source")],
-                 "both": [("source", "target"), ("target", "source")]}
-        if direction not in sides:
-            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
-        reached = set()
-        for here, there in sides[direction]:
-            for chunk in _chunks(frontier):
-                sql = (f"SELECT {there} FROM beaver_edges WHERE collection = ? "
-                       f"AND {here} IN ({_marks(len(chunk))})")
-                params = [self._name, *chunk]
-                if labels is not None:
-                    sql += f" AND label IN ({_marks(len(labels))})"
-                    params += labels
-                reached.update(row[0] for row in self._core.execute(sql, params))
-        return reached
 
     # -- vectors ----------------------------------------------------------------------------
 
@@ -4444,121 +5591,23 @@ class CollectionManager(_Manager):
         """
         top_k = _count(top_k, "top_k")
         query = _as_vector(vector)
-        if self._backend and self._dim:     # the dimension never changes once committed
-            dim = self._dim
-        else:
-            dim, version, epoch = self._core.execute(
-                "SELECT dim, version, epoch FROM beaver_collections WHERE collection = ?",
-                (self._name,)).fetchone()
-            if dim is not None and not self._core.in_transaction:
-                self._dim = dim
-        if dim is None or top_k <= 0:
-            return []
-        if len(query) != dim:
-            raise ValidationError(f"query has {len(query)} dimensions; collection "
-                                  f"{self._name!r} holds {dim}")
-        allowed = self._where(where) if where else None
-        backend = self._vector_backend(dim)
-        if backend is not None:
-            hits = backend.search(query, top_k, allowed)
-        else:
-            hits = self._exact(version, epoch, dim).search(query, top_k, allowed)
-        docs = self._documents("doc_id", [doc_id for doc_id, _ in hits])
+        allowed = self._rows.matching(where) if where else None
+        hits = self._vecs.search(query, int(top_k), allowed)
+        docs = self._rows.by("doc_id", [doc_id for doc_id, _ in hits])
         return [(docs[doc_id], float(d)) for doc_id, d in hits if doc_id in docs]
 
-    def _where(self, where) -> set:
-        if not isinstance(where, dict):
-            raise TypeError("where is a dict of {field path: value}")
-        sql, params = "SELECT doc_id FROM beaver_documents WHERE collection = ?", [self._name]
-        for path, value in where.items():
-            field = "json_extract(body, ?)"
-            if value is None:
-                sql += f" AND {field} IS NULL"
-                params.append(_json_path(path))
-                continue
-            values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
-            if not all(isinstance(v, (str, int, float)) for v in values):
-                raise TypeError("where values are str, numbers, bools, None or lists of them")
-            sql += f" AND {field} IN ({_marks(len(values))})"
-            params += [_json_path(path)] + [int(v) if isinstance(v, bool) else v for v in values]
-        return {row[0] for row in self._core.execute(sql, params)}
-
-    def _exact(self, version, epoch, dim) -> "_VectorCache":
-        """The in-memory vectors, brought up to ``version`` (reloaded after a clear)."""
-        cache = self._vectors
-        if cache is not None and cache.epoch == epoch and cache.version != version:
-            log = self._core.execute(
-                "SELECT version, doc_id FROM beaver_vector_log WHERE collection = ? AND "
-                "version > ? ORDER BY version", (self._name, cache.version)).fetchall()
-            if log and log[0][0] == cache.version + 1:
-                changed = {doc_id for _, doc_id in log}
-                fresh = dict.fromkeys(changed)
-                for chunk in _chunks(changed):
-                    fresh.update(self._core.execute(
-                        f"SELECT doc_id, vector FROM beaver_vectors WHERE collection = ? "
-                        f"AND doc_id IN ({_marks(len(chunk))})", (self._name, *chunk)))
-                cache.patch(log[-1][0], fresh)
-            else:
-                cache = None
-        if cache is None or cache.epoch != epoch:
-            rows = self._core.execute(
-                "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
-                (self._name,)).fetchall()
-            cache = self._vectors = _VectorCache(self._metric, epoch, version, rows, dim)
-        return cache
-
-    def _vector_backend(self, dim):
-        """The ``beaver_vector`` index of this collection, or None for the built-in search."""
-        backend = self._backend
-        if dim is not None and (backend is None or (backend and backend.dim != dim)):
-            with self._backend_lock:    # a first vector rolled back may have opened it
-                if self._backend and self._backend.dim != dim:
-                    self._backend.close()
-                    self._backend = None
-                if self._backend is None:
-                    self._backend = self._open_backend(dim) or False
-        return self._backend or None
-
-    def _open_backend(self, dim):
-        wanted = _vector_backend_wanted()
-        if wanted == "exact":
-            return None
-        try:
-            import beaver_vector
-            open_index = beaver_vector.open_index
-        except (ImportError, AttributeError) as e:
-            if wanted == "faiss":
-                raise FeatureUnavailable("BEAVER_VECTOR_BACKEND=faiss, but beaver_vector (numpy "
-                                         f"and faiss-cpu) cannot be imported: {e}") from None
-            return None
-        try:
-            return open_index(self._core, self._name, dim, self._metric, **self._options)
-        except FeatureUnavailable:
-            if wanted == "faiss":
-                raise
-            return None
-
-    def _call_backend(self, dim, method, *args):
-        backend = self._vector_backend(dim)
-        if backend is not None:
-            getattr(backend, method)(*args)
-
     def compact(self):
-        """Merge the text index into one segment and fold the vector index's pending changes.
+        """Merge the text index into one segment, drop the words no document holds any more
+        from the typo vocabulary, and fold the vector index's pending changes.
 
             >>> docs.compact()      # after a bulk load; searches keep working meanwhile
         """
-        if self._fts:
-            with self._core.transaction():
-                self._core.execute("INSERT INTO beaver_fts (beaver_fts) VALUES ('optimize')")
-        backend = self._backend
-        if backend:
-            backend.compact()
+        self._text.optimize()
+        self._text.prune()
+        self._vecs.compact()
 
     def _on_close(self):
-        backend, self._backend = self._backend, None
-        if backend:
-            backend.close()
+        self._vecs.close()
 
     # -- dump and load ----------------------------------------------------------------------
 
@@ -4571,17 +5620,14 @@ class CollectionManager(_Manager):
         with self._core.transaction():
             data = super().dump()
             data["edges"] = [edge._asdict() for edge in self._all_edges()]
-        data["metadata"]["metric"] = self._metric
+        data["metadata"]["metric"] = self.metric
         if fp is None:
             return data
         json.dump(data, fp, ensure_ascii=False, indent=2)
         return None
 
     def _all_edges(self):
-        rows = self._core.execute(
-            "SELECT source, target, label, metadata FROM beaver_edges WHERE collection = ? "
-            "ORDER BY source, label, target", (self._name,))
-        return [Edge(s, t, lab, None if m is None else json.loads(m)) for s, t, lab, m in rows]
+        return self._graph.all()
 
     def _dump_items(self):
         return [doc.to_dict() for doc in self]
@@ -4609,10 +5655,12 @@ class _VectorCache:
 
     Kept current by replaying ``beaver_vector_log`` (doc ids whose vector changed, by
     collection version), so a change costs one row update, not a reload of every vector.
+    ``stale`` ids are fetched again at the next update (a rolled-back patch left them).
     """
 
-    def __init__(self, metric, epoch, version, rows, dim):
-        self.metric, self.epoch, self.version = metric, epoch, version
+    def __init__(self, metric, version, rows, dim):
+        self.metric, self.version = metric, version
+        self.stale = set()
         self.ids = [row[0] for row in rows]
         self.position = {doc_id: i for i, doc_id in enumerate(self.ids)}
         try:
@@ -4652,6 +5700,13 @@ class _VectorCache:
                 else:
                     self._put(at, self._prepare(blob))
             self.version = version
+            self.stale = set()
+
+    def rewind(self, version, ids):
+        """Undo a patch that a rollback took back: back to ``version``, ``ids`` to refetch."""
+        with self.lock:
+            self.version = version
+            self.stale |= ids
 
     def _put(self, at, vector):
         if self.np is None:
@@ -4878,16 +5933,13 @@ class BeaverDB:
             >>> images = db.collection("images", metric="cosine")
 
         ``model`` types the document bodies; ``metric`` ('l2' by default, 'cosine', 'ip') and
-        extra options (e.g. ``index="hnsw"`` for ``beaver_vector``) are fixed at creation.
+        extra options (``VECTOR_INDEX_OPTIONS``, e.g. ``index="hnsw"`` for ``beaver_vector``)
+        are fixed at creation: checked first (``ValueError`` naming a bad one and its range),
+        and compared with the stored ones when the collection exists.
         """
-        self._check_open()
-        manager = self._managers.get(CollectionManager, name, model, lambda: CollectionManager(
-            self, name, model=model, metric=metric, **options))
-        if metric is not None and metric != manager.metric:
-            raise ValueError(f"collection {name!r} uses metric {manager.metric!r}, not {metric!r}")
-        if options and options != manager._options:
-            raise ValueError(f"collection {name!r} is open with options {manager._options}, "
-                             f"not {options}")
+        _check_vector_options(metric, options)
+        manager = self._manager(CollectionManager, name, model, metric=metric, **options)
+        manager._agrees(metric, options)
         return manager
 
     @contextlib.contextmanager
@@ -5111,96 +6163,108 @@ class AsyncChannelManager(AsyncManager):
         ...         break
     """
 
-    def subscribe(self) -> "AsyncSubscriber":
+    def subscribe(self) -> "AsyncStream":
         """A subscription delivering into the running event loop (call it inside a coroutine)."""
-        return AsyncSubscriber(self._sync)
-
-
-class AsyncSubscriber:
-    """A channel subscription for asyncio: ``async for message in sub.listen()``."""
-
-    def __init__(self, channel):
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError("subscribe() on an async channel needs a running event loop"
-                               ) from None
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._sub = Subscriber(channel, sink=self._put)
-
-    def _put(self, text):
-        with contextlib.suppress(RuntimeError):      # the loop is already closed
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, text)
-
-    async def get(self, timeout=None):
-        """The next message; ``TimeoutError`` after ``timeout`` seconds without one."""
-        timeout = _seconds(timeout, "timeout")
-        try:
-            text = await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            raise Timeout(f"no message on channel {self._sub.channel.name!r} within "
-                          f"{timeout}s") from None
-        if text is _CLOSED:
-            self._queue.put_nowait(_CLOSED)
-            raise ClosedError("the subscription is closed")
-        return self._sub.channel._codec.decode(text)
-
-    async def listen(self, timeout=None):
-        """Yield messages until ``close()``; ``TimeoutError`` after ``timeout`` s of silence."""
-        while True:
-            try:
-                message = await self.get(timeout)
-            except ClosedError:
-                return
-            yield message
-
-    def __aiter__(self):
-        return self.listen()
-
-    def close(self):
-        """Stop receiving; a ``listen()`` in progress ends."""
-        self._sub.close()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        self.close()
+        return AsyncStream(self._sync.subscribe())
 
 
 class AsyncLogManager(AsyncManager):
     """Awaitable twin of a log: ``async for summary in alog.live(window, period, agg)``."""
 
-    def live(self, window, period, aggregator=list) -> "AsyncLiveView":
+    def live(self, window, period, aggregator=list, where=None) -> "AsyncStream":
         """Like ``LogManager.live``, as an async iterator."""
-        return AsyncLiveView(self._sync.live(window, period, aggregator))
+        return AsyncStream(self._sync.live(window, period, aggregator, where))
 
 
-class AsyncLiveView:
-    """Async iterator over a ``LiveView``: waits with ``asyncio.sleep``, reads in a thread."""
+class AsyncStream:
+    """The asyncio face of a ``Stream``: ``await get()``, ``async for``, ``async with``.
 
-    def __init__(self, view):
-        self.view = view
+        >>> async with db.channel("chat").as_async().subscribe() as sub:
+        ...     async for message in sub.listen(timeout=5):
+        ...         print(message)
+
+    A push stream delivers straight into this event loop (no thread waits); a pull stream
+    (a live view) sleeps until its next value is due and computes it in a worker thread.
+    """
+
+    def __init__(self, stream):
+        self.sync = stream
+        self._pull = hasattr(stream, "_due")
+        if self._pull:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("an async stream needs a running event loop") from None
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(raw):
+            with contextlib.suppress(RuntimeError):      # the loop is already closed
+                loop.call_soon_threadsafe(queue.put_nowait, raw)
+        stream._sink = sink
+        with contextlib.suppress(_queue.Empty):          # what arrived before the switch
+            while True:
+                queue.put_nowait(stream._inbox.get_nowait())
+        self._queue = queue
+
+    async def get(self, timeout=None):
+        """The next value; ``TimeoutError`` after ``timeout`` seconds without one."""
+        timeout = _seconds(timeout, "timeout")
+        if self._pull:
+            return await self._produce(timeout)
+        try:
+            raw = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise Timeout(f"no {self.sync._what} arrived within {timeout}s") from None
+        if raw is _CLOSED:
+            self._queue.put_nowait(_CLOSED)
+            raise ClosedError("the stream is closed")
+        return self.sync._decode(raw)
+
+    async def _produce(self, timeout):
+        view, deadline = self.sync, _Deadline(timeout)
+        while not view.closed and view._due() > 0:
+            if deadline.expired:
+                raise Timeout(f"no update of the live view within {timeout}s")
+            await asyncio.sleep(deadline.remaining(min(view._due(), 0.25)))
+        if view.closed:
+            raise ClosedError("the live view is closed")
+        return await asyncio.to_thread(view._produce)
+
+    async def listen(self, timeout=None):
+        """Yield values until ``close()``; ``TimeoutError`` after ``timeout`` s of silence."""
+        while True:
+            try:
+                value = await self.get(timeout)
+            except ClosedError:
+                return
+            yield value
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
-        view = self.view
-        while not view.closed and view._wait_time() > 0:
-            await asyncio.sleep(min(view._wait_time(), 0.25))
-        if view.closed:
-            raise StopAsyncIteration
-        return await asyncio.to_thread(view._tick)
+        try:
+            return await self.get()
+        except ClosedError:
+            raise StopAsyncIteration from None
 
     def close(self):
-        self.view.close()
+        """Stop the stream; a ``listen()`` in progress ends."""
+        self.sync.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.sync.closed
 
     async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc):
         self.close()
+
+
+AsyncSubscriber = AsyncLiveView = AsyncStream    # the names of earlier versions
 
 
 class AsyncLock:
@@ -5289,12 +6353,13 @@ def _read_snapshot(core):
     conn = core.conn()
     local = core._local
     core._run(conn, "BEGIN")
-    local.depth, local.pending = 1, []
+    local.depth, local.pending, local.undo, local.token = 1, [], [], object()
     try:
         core.one("SELECT count(*) FROM beaver_meta")  # the snapshot starts here
         yield
     finally:
         local.depth, local.pending = 0, []
+        core._undo(0)
         core._rollback(conn)
 
 
@@ -5453,6 +6518,475 @@ def _backup_database(db, path):
 
 
 # ==========================================================================================
+# The API declared once: BeaverClient, the server's routes and the CLI derive from it
+# ==========================================================================================
+#
+# Each operation of each structure is one ``_Op``: the local method it is, its HTTP verb
+# and path, how its result travels, whether it writes, and which parameter is a wait. The
+# parameters come from the local method's signature; where each travels (path, query, body)
+# follows from the path and ``body``, and how it is encoded from ``_WIRE_TYPES``. Adding an
+# operation is one local method plus one line here.
+
+class _Op(typing.NamedTuple):
+    kind: str       # "dict", "list", ..., or "db" for BeaverDB itself
+    method: str     # the local method (a name starting with "_" is an entry of _ADAPTERS)
+    verb: str       # the HTTP method
+    path: str       # after /{route}/{name}: "/{key}", "/push", "" (a "?view=..." part is fixed)
+    result: str     # how the answer travels: a key of _RESULTS ("" for nothing)
+    body: str       # "" (no body), a parameter whose value is the body, or "{}" (a JSON object)
+    writes: bool    # changes data: carries an Idempotency-Key, joins a remote transaction()
+    wait: str       # the parameter that is a wait in seconds (served without a thread)
+
+
+def _op(kind, method, route, result="", body="", writes=False, wait=""):
+    verb, _, path = route.partition(" ")
+    return _Op(kind, method, verb, path, result, body, writes, wait)
+
+
+# list slices and dict.update take shapes the wire cannot: these are the operations served
+def _get_slice(self, start=None, stop=None, step=None):
+    return self[slice(start, stop, step)]
+
+
+def _set_slice(self, values, start=None, stop=None, step=None):
+    self[slice(start, stop, step)] = values
+
+
+def _del_slice(self, start=None, stop=None, step=None):
+    del self[slice(start, stop, step)]
+
+
+def _update(self, items):
+    self.update(items)
+
+
+_ADAPTERS = {f.__name__: f for f in (_get_slice, _set_slice, _del_slice, _update)}
+
+_ROUTES = {"dict": "dicts", "list": "lists", "queue": "queues", "blob": "blobs", "log": "logs",
+           "channel": "channels", "collection": "collections", "db": ""}
+
+# How a parameter travels, by name ("kind.method.name" and "kind.name" override): see _ENCODE.
+_WIRE_TYPES = {
+    "key": "str", "label": "str", "direction": "str", "event": "str", "query": "str",
+    "path": "str", "order": "str",
+    "document": "docid", "doc_id": "docid", "source": "docid", "target": "docid",
+    "value": "value", "data": "value", "payload": "value", "values": "values",
+    "default": "fallback", "fp": "local", "data_or_fp": "dump", "items": "mapping",
+    "ttl_seconds": "seconds", "timeout": "seconds", "lease": "seconds", "ttl": "seconds",
+    "window": "seconds", "period": "seconds", "retention": "seconds",
+    "timestamp": "epoch", "log.start": "epoch", "log.end": "epoch",
+    "vector": "vector", "documents": "documents", "item": "item",
+    "collection.index.document": "document", "dict.setdefault.default": "value",
+    "blob.data": "bytes", "blob.metadata": "header",
+}
+
+_API = [
+    _op("dict", "__getitem__", "GET /{key}", "value"),
+    _op("dict", "get", "GET /{key}", "value"),
+    _op("dict", "set", "PUT /{key}", body="value", writes=True),
+    _op("dict", "pop", "DELETE /{key}", "value", writes=True),
+    _op("dict", "__delitem__", "DELETE /{key}", writes=True),
+    _op("dict", "__contains__", "HEAD /{key}", "exists"),
+    _op("dict", "ttl", "GET /{key}?view=ttl", "json"),
+    _op("dict", "setdefault", "PUT /{key}?if_absent=true", "value", body="default", writes=True),
+    _op("dict", "_update", "PATCH", body="items", writes=True),
+    _op("dict", "popitem", "POST ?do=popitem", "pair", writes=True),
+    _op("dict", "keys", "GET ?view=keys", "json"),
+    _op("dict", "__iter__", "GET ?view=keys", "json"),
+    _op("dict", "items", "GET ?view=items", "pairs"),
+    _op("dict", "values", "GET ?view=items", "pair_values"),
+    _op("dict", "find", "POST /find", "pairs", body="{}"),
+    _op("dict", "explain", "POST /explain", "json", body="{}"),
+
+    _op("list", "__getitem__", "GET /items/{index}", "value"),
+    _op("list", "__setitem__", "PUT /items/{index}", body="value", writes=True),
+    _op("list", "__delitem__", "DELETE /items/{index}", writes=True),
+    _op("list", "_get_slice", "GET /slice", "values"),
+    _op("list", "_set_slice", "PUT /slice", body="values", writes=True),
+    _op("list", "_del_slice", "DELETE /slice", writes=True),
+    _op("list", "__iter__", "GET ?view=items", "values"),
+    _op("list", "push", "POST /push", body="value", writes=True),
+    _op("list", "prepend", "POST /prepend", body="value", writes=True),
+    _op("list", "extend", "POST /extend", body="values", writes=True),
+    _op("list", "insert", "POST /insert", body="value", writes=True),
+    _op("list", "pop", "POST /pop", "value", writes=True),
+    _op("list", "deque", "POST /deque", "value", writes=True),
+    _op("list", "remove", "POST /remove", body="value", writes=True),
+    _op("list", "reverse", "POST /reverse", writes=True),
+
+    _op("queue", "put", "POST /put", body="data", writes=True),
+    _op("queue", "get", "POST /get", "item", writes=True, wait="timeout"),
+    _op("queue", "ack", "POST /ack", "json", body="item", writes=True),
+    _op("queue", "nack", "POST /nack", "json", body="item", writes=True),
+    _op("queue", "peek", "GET /peek", "item"),
+    _op("queue", "__iter__", "GET ?view=items", "items"),
+
+    _op("blob", "__getitem__", "GET /{key}", "blob"),
+    _op("blob", "get", "GET /{key}", "blob?"),
+    _op("blob", "put", "PUT /{key}", body="data", writes=True),
+    _op("blob", "__setitem__", "PUT /{key}", body="data", writes=True),
+    _op("blob", "delete", "DELETE /{key}", writes=True),
+    _op("blob", "__contains__", "HEAD /{key}", "exists"),
+    _op("blob", "keys", "GET ?view=keys", "json"),
+    _op("blob", "__iter__", "GET ?view=keys", "json"),
+
+    _op("log", "log", "POST /log", body="data", writes=True),
+    _op("log", "range", "GET /range", "entries"),
+    _op("log", "explain", "GET /explain", "json"),
+    _op("log", "__iter__", "GET ?view=items", "entries"),
+
+    _op("channel", "publish", "POST /publish", body="payload", writes=True),
+    _op("channel", "history", "GET /history", "values"),
+    _op("channel", "prune", "POST /prune", writes=True),
+
+    _op("collection", "index", "POST /index", "echo", body="{}", writes=True),
+    _op("collection", "index_many", "POST /index_many", "count", body="{}", writes=True),
+    _op("collection", "__getitem__", "GET /documents/{doc_id}", "document"),
+    _op("collection", "get", "GET /documents/{doc_id}", "document"),
+    _op("collection", "__contains__", "HEAD /documents/{document}", "exists"),
+    _op("collection", "drop", "DELETE /documents/{document}", writes=True),
+    _op("collection", "__iter__", "GET ?view=items", "documents"),
+    _op("collection", "metric", "GET ?view=metric", "json"),
+    _op("collection", "match", "POST /match", "hits", body="{}"),
+    _op("collection", "search", "POST /search", "hits", body="{}"),
+    _op("collection", "connect", "POST /connect", body="{}", writes=True),
+    _op("collection", "disconnect", "POST /disconnect", body="{}", writes=True),
+    _op("collection", "edges", "GET /edges", "edges"),
+    _op("collection", "neighbors", "GET /neighbors", "documents"),
+    _op("collection", "walk", "POST /walk", "documents", body="{}"),
+    _op("collection", "compact", "POST /compact", writes=True),
+
+    _op("db", "info", "GET /info", "json"),
+] + [op for kind in ("dict", "list", "queue", "blob", "log", "channel", "collection") for op in (
+    _op(kind, "__len__", "GET", "size"),
+    _op(kind, "clear", "DELETE", writes=True),
+    _op(kind, "dump", "GET ?view=dump", "dump"),
+    _op(kind, "load", "POST", body="data_or_fp", writes=True),
+)] + [op for kind in ("dict", "log") for op in (
+    _op(kind, "indexes", "GET /indexes", "json"),
+    _op(kind, "create_index", "PUT /indexes/{path}", writes=True),
+    _op(kind, "drop_index", "DELETE /indexes/{path}", "json", writes=True),
+)]
+
+# Constructor options a remote manager sends with each request (when not the default).
+_MANAGER_OPTIONS = {"log": {"retention": None},
+                    "channel": {"retention": CHANNEL_RETENTION,
+                                "max_messages": CHANNEL_MAX_MESSAGES}}
+
+
+def _local_classes() -> dict:
+    return {"dict": DictManager, "list": ListManager, "queue": QueueManager,
+            "blob": BlobManager, "log": LogManager, "channel": ChannelManager,
+            "collection": CollectionManager, "db": BeaverDB}
+
+
+def _local_function(op):
+    """The function an operation runs on the server (its signature is the operation's)."""
+    if op.method.startswith("_") and not op.method.startswith("__"):
+        return _ADAPTERS[op.method]
+    found = getattr(_local_classes()[op.kind], op.method)
+    return found.fget if isinstance(found, property) else found
+
+
+def _wire_type(op, name) -> str:
+    return (_WIRE_TYPES.get(f"{op.kind}.{op.method}.{name}")
+            or _WIRE_TYPES.get(f"{op.kind}.{name}") or _WIRE_TYPES.get(name, "json"))
+
+
+class _Param(typing.NamedTuple):
+    name: str
+    place: str      # "path", "query", "body" (the whole body), "field" (of a JSON object), "none"
+    type: str       # a key of _ENCODE
+    default: typing.Any
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(op):
+    """(path template parts, fixed query, [_Param]) of an operation, from its declaration."""
+    path, _, fixed = op.path.partition("?")
+    parts = [p for p in path.split("/") if p]
+    fixed_query = dict(pair.split("=") for pair in fixed.split("&") if pair)
+    function = _local_function(op)
+    code = function.__code__
+    names = code.co_varnames[1:code.co_argcount]
+    defaults = function.__defaults__ or ()
+    default_of = dict(zip(names[len(names) - len(defaults):], defaults))
+    params = []
+    for name in names:
+        kind = _wire_type(op, name)
+        if "{%s}" % name in parts:
+            place = "path"
+        elif kind in ("fallback", "header"):
+            place = "none" if kind == "fallback" else "header"
+        elif op.body == "{}":
+            place = "field"
+        else:
+            place = "body" if name == op.body else "query"
+        params.append(_Param(name, place, kind, default_of.get(name, _MISSING)))
+    return parts, fixed_query, params
+
+
+def _binder(function):
+    """``bind(args, kwargs) -> {name: value}`` as Python would bind them to ``function``."""
+    code = function.__code__
+    names = code.co_varnames[1:code.co_argcount]
+    defaults = function.__defaults__ or ()
+    default_of = dict(zip(names[len(names) - len(defaults):], defaults))
+    title = function.__name__
+
+    def bind(args, kwargs):
+        if len(args) > len(names):
+            raise TypeError(f"{title}() takes {len(names) + 1} positional arguments but "
+                            f"{len(args) + 1} were given")
+        bound = dict(zip(names, args))
+        for key, value in kwargs.items():
+            if key not in default_of and key not in names:
+                raise TypeError(f"{title}() got an unexpected keyword argument {key!r}")
+            if key in bound:
+                raise TypeError(f"{title}() got multiple values for argument {key!r}")
+            bound[key] = value
+        for name in names:
+            if name not in bound:
+                if name not in default_of:
+                    raise TypeError(f"{title}() missing required argument: {name!r}")
+                bound[name] = default_of[name]
+        return bound
+    return bind
+
+
+def _operations(kind) -> dict:
+    """{local method name: _Op} of one kind (the first declaration of a name wins)."""
+    found: dict = {}
+    for op in _API:
+        if op.kind == kind:
+            found.setdefault(op.method, op)
+    return found
+
+
+# -- request records: what makes a write exactly-once over the wire --------------------------
+
+REQUEST_RETENTION = 300.0       # seconds the server remembers the answer to a keyed request
+
+
+def _once(db, key, call):
+    """Run ``call()`` (returning ``(status, body bytes, headers)``) once for ``key``.
+
+    The key and the answer are stored in the transaction of the operation itself, so a
+    repeat (a client retrying after a lost response, on any worker) gets the first answer
+    and applies nothing again; a repeat that arrives while the first runs waits for it.
+    """
+    core = db._core
+    with core.transaction():
+        if not core.execute("INSERT OR IGNORE INTO beaver_requests (key, created, status, body) "
+                            "VALUES (?, ?, 0, NULL)", (key, _now())).rowcount:
+            status, body = core.execute("SELECT status, body FROM beaver_requests WHERE key = ?",
+                                        (key,)).fetchone()
+            return status, body or b"", None
+        status, body, headers = call()
+        core.execute("UPDATE beaver_requests SET status = ?, body = ? WHERE key = ?",
+                     (status, body or None, key))
+    now = _now()
+    if now >= getattr(core, "requests_purged", 0.0) + PURGE_INTERVAL:
+        core.requests_purged = now
+        core.execute("DELETE FROM beaver_requests WHERE created < ?", (now - REQUEST_RETENTION,))
+    return status, body, headers
+
+
+def _remembered(db, key):
+    """The stored answer to ``key`` (``(status, body, None)``), or None."""
+    row = db._core.execute("SELECT status, body FROM beaver_requests WHERE key = ? AND "
+                           "status > 0", (key,)).fetchone()
+    return None if row is None else (row[0], row[1] or b"", None)
+
+
+def _adopt_lock(db, name, token):
+    """The ``Lock`` of the hold ``token`` on ``name`` (taken by any process), to renew or
+    release it; ``LockLost`` if there is no such hold."""
+    lock = db.lock(name)
+    if isinstance(token, bool) or not isinstance(token, int) or db._core.execute(
+            "SELECT 1 FROM beaver_locks WHERE ticket = ? AND name = ?", (token, name)
+            ).fetchone() is None:
+        raise LockLost(f"lock {name!r} is not held with token {token!r}")
+    lock._ticket = token
+    lock._guard.acquire()
+    return lock
+
+
+# -- how parameters and results travel -------------------------------------------------------
+
+def _wire_str(manager, value, name):
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    return value
+
+
+def _wire_item(manager, item, name):
+    lease_id = getattr(item, "lease_id", None)
+    if lease_id is None:
+        raise TypeError("ack() and nack() take an item returned by get(lease=...)")
+    return {"lease_id": lease_id, "priority": item.priority, "timestamp": item.timestamp,
+            "data": _to_jsonable(item.data)}
+
+
+def _wire_document(manager, document, name):
+    if not isinstance(document, Document):
+        raise TypeError(f"index() takes a Document, not {type(document).__name__}")
+    body = None if document.body is None else _json_loads(manager._codec.encode(document.body))
+    return {"id": document.id, "embedding": document.embedding, "body": body}
+
+
+def _wire_bytes(manager, data, name):
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"blob data must be bytes-like, not {type(data).__name__}")
+    return bytes(data)
+
+
+# wire type -> client encoder(manager, value, parameter name): a str for the path and the
+# query, a JSON value for a field, the body text (or bytes) for the body
+_ENCODE = {
+    "str": _wire_str,
+    "docid": lambda m, v, n: _doc_id(v),
+    "json": lambda m, v, n: v,
+    "seconds": lambda m, v, n: _seconds(v, n),
+    "epoch": lambda m, v, n: None if v is None else _epoch(v, n),
+    "value": lambda m, v, n: m._codec.encode(v),
+    "values": lambda m, v, n: "[" + ",".join(map(m._codec.encode, v)) + "]",
+    "mapping": lambda m, v, n: {_check_key(k): _json_loads(m._codec.encode(x))
+                                for k, x in v.items()},
+    "vector": lambda m, v, n: _as_vector(v),
+    "document": _wire_document,
+    "documents": lambda m, v, n: [_wire_document(m, d, n) for d in v],
+    "item": _wire_item,
+    "dump": lambda m, v, n: _read_dump(v),
+    "bytes": _wire_bytes,
+    "header": lambda m, v, n: None if v is None else json.dumps(   # ASCII, as headers are
+        _json_loads(m._codec.encode(v))),
+}
+_TEXT_TYPES = frozenset(("str", "docid"))     # travel as they are; the rest travel as JSON
+_RAW_BODY_TYPES = frozenset(("value", "values", "bytes"))   # already the body's text or bytes
+
+
+def _reply(value, status=200, headers=None):
+    """A server answer: ``(status, body bytes, headers)``."""
+    return status, _json_dumps(value).encode("utf-8"), headers
+
+
+_NO_CONTENT = (204, b"", None)
+
+
+def _queue_item(item) -> dict:
+    result = {"priority": item.priority, "timestamp": item.timestamp,
+              "data": _to_jsonable(item.data)}
+    if getattr(item, "lease_id", None) is not None:
+        result["lease_id"] = item.lease_id
+    return result
+
+
+def _blob_reply(blob, manager):
+    headers = {}
+    if blob.metadata is not None:
+        headers["beaver-metadata"] = json.dumps(_to_jsonable(blob.metadata))   # ASCII
+    meta = blob.metadata if isinstance(blob.metadata, dict) else {}
+    for field in ("mimetype", "content_type", "content-type", "media_type"):
+        media = meta.get(field)
+        if isinstance(media, str) and "/" in media and media.isascii() and "\n" not in media:
+            headers["content-type"] = media
+            break
+    return 200, bytes(blob.data), headers
+
+
+def _hit(hit) -> dict:
+    return {"document": hit[0].to_dict(), "score": hit[1],
+            **({"snippet": hit[2]} if len(hit) > 2 else {})}
+
+
+# result -> server encoder(local result, manager): a JSON value or a ``_reply`` tuple
+_SERVE = {
+    "": lambda r, m: _NO_CONTENT,
+    "value": lambda r, m: _to_jsonable(r),
+    "json": lambda r, m: r,
+    "count": lambda r, m: r,
+    "values": lambda r, m: [_to_jsonable(v) for v in r],
+    "pair": lambda r, m: [r[0], _to_jsonable(r[1])],
+    "pairs": lambda r, m: [[k, _to_jsonable(v)] for k, v in r],
+    "pair_values": lambda r, m: [[k, _to_jsonable(v)] for k, v in r],
+    "item": lambda r, m: None if r is None else _queue_item(r),
+    "items": lambda r, m: [_queue_item(i) for i in r],
+    "entries": lambda r, m: [{"timestamp": e.timestamp.timestamp(),
+                              "data": _to_jsonable(e.data)} for e in r],
+    "document": lambda r, m: r.to_dict(),
+    "documents": lambda r, m: [d.to_dict() for d in r],
+    "echo": lambda r, m: {"id": r.id},
+    "hits": lambda r, m: [_hit(h) for h in r],
+    "edges": lambda r, m: [_to_jsonable(e._asdict()) for e in r],
+    "size": lambda r, m: {"name": m.name, "size": r},
+    "dump": lambda r, m: r,
+    "exists": lambda r, m: (200 if r else 404, b"", None),
+    "blob": _blob_reply,
+}
+
+
+def _take_blob(m, reply, args):
+    status, headers, data = reply
+    meta = headers.get("beaver-metadata")
+    return Blob(args["key"], data, None if meta is None else m._codec.decode(meta))
+
+
+def _answer_json(reply):
+    return _json_loads(reply[2].decode("utf-8"))
+
+
+# result -> client decoder(manager, reply (status, headers, body), arguments)
+_TAKE = {
+    "": lambda m, r, a: None,
+    "value": lambda m, r, a: m._value(_answer_json(r)),
+    "json": lambda m, r, a: _answer_json(r),
+    "count": lambda m, r, a: _answer_json(r),
+    "values": lambda m, r, a: [m._value(v) for v in _answer_json(r)],
+    "pair": lambda m, r, a: tuple((lambda p: (p[0], m._value(p[1])))(_answer_json(r))),
+    "pairs": lambda m, r, a: [(k, m._value(v)) for k, v in _answer_json(r)],
+    "pair_values": lambda m, r, a: [m._value(v) for _, v in _answer_json(r)],
+    "item": lambda m, r, a: m._item(_answer_json(r)),
+    "items": lambda m, r, a: [m._item(i) for i in _answer_json(r)],
+    "entries": lambda m, r, a: [LogEntry(_utc(e["timestamp"]), m._value(e["data"]))
+                                for e in _answer_json(r)],
+    "document": lambda m, r, a: m._document(_answer_json(r)),
+    "documents": lambda m, r, a: [m._document(d) for d in _answer_json(r)],
+    "echo": lambda m, r, a: a["document"],
+    "hits": lambda m, r, a: [(m._document(h["document"]), h["score"], h["snippet"])
+                             if "snippet" in h else (m._document(h["document"]), h["score"])
+                             for h in _answer_json(r)],
+    "edges": lambda m, r, a: [Edge(**e) for e in _answer_json(r)],
+    "size": lambda m, r, a: _answer_json(r)["size"],
+    "dump": lambda m, r, a: _dump_to(_answer_json(r), a.get("fp")),
+    "exists": lambda m, r, a: r[0] < 400,
+    "blob": _take_blob,
+}
+# results a remote transaction() can give before the server has answered
+_KNOWN_RESULTS = {"": lambda a: None, "echo": lambda a: a["document"],
+                  "count": lambda a: len(a["documents"])}
+
+
+def _dump_to(data, fp):
+    if fp is None:
+        return data
+    json.dump(data, fp, ensure_ascii=False, indent=2)
+    return None
+
+
+def _remote_errors() -> dict:
+    """Exception classes by name: every ``BeaverError`` and the builtins the API promises."""
+    found = {cls.__name__: cls for cls in (KeyError, IndexError, ValueError, TypeError,
+                                           TimeoutError, PermissionError, OverflowError)}
+    todo = [BeaverError]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+# ==========================================================================================
 # BeaverClient: the same API over HTTP, against ``python -m beaver_server``
 # ==========================================================================================
 
@@ -5468,22 +7002,103 @@ class Unauthorized(RemoteError, PermissionError):
     """The server wants a (different) bearer token."""
 
 
-# The server names the exception in its JSON error body; the client raises the same class.
-_REMOTE_ERRORS = {cls.__name__: cls for cls in (
-    KeyError, IndexError, ValueError, TypeError, TimeoutError, BeaverError, ClosedError,
-    SchemaError, FeatureUnavailable, Timeout, DatabaseBusy, LockTimeout, LockLost, QueueEmpty,
-    ValidationError, DiskFull, CorruptDatabase, ForeignDatabase, ReadOnlyDatabase)}
-_CHUNK_WAIT = 25.0   # seconds a single blocking request may wait on the server
-_NO_BODY = object()
+_CHUNK_WAIT = 25.0          # seconds one blocking request may wait on the server
+_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)   # between attempts of a request safe to repeat
+_RETRY_WINDOW = 120.0       # no retry this long after the first attempt (< REQUEST_RETENTION)
+_LONG_TARGET = 4000         # longer request targets travel in the body of POST /call
 
 
-def _quote(text) -> str:
+def _segment(text) -> str:
+    """One path segment: every character that could change the route is escaped."""
     from urllib.parse import quote
-    return quote(str(text), safe="")
+    quoted = quote(text, safe="")
+    return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
+class _Dropped(OSError):
+    """The connection ended before a whole response arrived."""
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection: a request out, a response in."""
+
+    def __init__(self, http, timeout):
+        import socket
+        sock = socket.create_connection((http.host, http.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if http.https:
+            import ssl
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=http.host)
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+
+    def exchange(self, head, body, timeout, sink=None):
+        """Send one request; ``(status, headers, body)`` (the body goes to ``sink`` if given)."""
+        self.sock.settimeout(timeout)
+        self.sock.sendall(head + body if len(body) < 65536 else head)
+        if len(body) >= 65536:
+            self.sock.sendall(body)
+        status, headers = self.read_head()
+        if head.startswith(b"HEAD ") or status in (204, 304):
+            return status, headers, b""
+        if sink is None or status >= 300:
+            return status, headers, b"".join(self.body(headers))
+        for chunk in self.body(headers):
+            sink(chunk)
+        return status, headers, b""
+
+    def read_head(self):
+        line = self.reader.readline(65537)
+        if not line:
+            raise _Dropped("the server closed the connection")
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+            raise _Dropped(f"not an HTTP response: {line[:80]!r}")
+        headers = {}
+        while True:
+            line = self.reader.readline(65537)
+            if line in (b"\r\n", b"\n"):
+                return int(parts[1]), headers
+            if not line:
+                raise _Dropped("the connection ended inside the response headers")
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+
+    def body(self, headers):
+        """The response body in pieces (by Content-Length, chunked, or up to the end)."""
+        if "content-length" in headers:
+            left = int(headers["content-length"])
+            while left:
+                piece = self.reader.read(min(left, 1 << 16))
+                if not piece:
+                    raise _Dropped("the connection ended inside the response body")
+                left -= len(piece)
+                yield piece
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.reader.readline(1026).split(b";")[0].strip() or b"x", 16)
+                if not size:
+                    self.reader.readline(1026)
+                    return
+                piece = self.reader.read(size)
+                if len(piece) < size:
+                    raise _Dropped("the connection ended inside a chunk")
+                self.reader.readline(1026)
+                yield piece
+        else:
+            yield from iter(lambda: self.reader.read(1 << 16), b"")
+
+    def close(self):
+        import socket
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.reader.close()
+            self.sock.close()
 
 
 class _Http:
-    """One keep-alive HTTP(S) connection per thread to one server."""
+    """The transport: one keep-alive connection per thread, retries of safe requests."""
 
     def __init__(self, url, token=None, timeout=60.0):
         from urllib.parse import urlsplit
@@ -5492,94 +7107,91 @@ class _Http:
             raise ValueError(f"not an http(s) URL: {url!r}")
         self.url = url
         self.https = parts.scheme == "https"
-        self.host, self.port = parts.hostname, parts.port
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.https else 80)
         self.prefix = parts.path.rstrip("/")
         self.timeout = timeout
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.head = f"Host: {host}:{self.port}\r\nX-Beaver: 1\r\n" + (
+            f"Authorization: Bearer {token}\r\n" if token else "")
         self._local = threading.local()
         self._all: list = []
-        self.streams = weakref.WeakSet()    # open _RemoteStreams, closed by close()
+        self._all_lock = threading.Lock()
+        self.streams = weakref.WeakSet()    # open remote streams, closed by close()
 
-    def _connection(self, fresh=False):
+    def connection(self, timeout):
         conn = getattr(self._local, "conn", None)
-        if conn is not None and not fresh:
-            return conn, True
-        import http.client
-        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-        conn = cls(self.host, self.port, timeout=self.timeout)
-        self._local.conn = conn
-        self._all.append(conn)
-        return conn, False
-
-    def request(self, method, path, query=None, body=None, headers=None, wait=0.0, sink=None):
-        """Send one request; return ``(status, headers, body bytes)``; retry a stale socket.
-
-        With ``sink``, a successful response body is passed to it in chunks instead.
-        """
-        if query:
-            from urllib.parse import urlencode
-            pairs = {k: _query_value(v) for k, v in query.items() if v is not None}
-            path = f"{path}?{urlencode(pairs)}" if pairs else path
-        all_headers = {**self.headers, **(headers or {})}
-        conn, reused = self._connection()
-        for attempt in (0, 1):
+        if conn is None:
             try:
-                conn.timeout = self.timeout + wait
-                if conn.sock is not None:
-                    conn.sock.settimeout(conn.timeout)
-                conn.request(method, self.prefix + path, body=body, headers=all_headers)
-                response = conn.getresponse()
-                if sink is None or response.status >= 400:
-                    return response.status, response.headers, response.read()
-                for chunk in iter(lambda: response.read(1 << 16), b""):
-                    sink(chunk)
-                return response.status, response.headers, b""
-            except (ConnectionError, OSError) as e:
-                conn.close()
-                if attempt or not reused or isinstance(e, TimeoutError):
-                    raise RemoteError(f"{method} {self.url}{path} failed: {e}") from None
-                conn, reused = self._connection(fresh=True)
+                conn = _Connection(self, timeout)
+            except OSError as e:
+                raise _Dropped(f"cannot connect: {e}") from None
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    def drop(self, conn):
+        conn.close()
+        self._local.conn = None
+        with self._all_lock, contextlib.suppress(ValueError):
+            self._all.remove(conn)
+
+    def request(self, method, target, body=b"", headers="", wait=0.0, sink=None):
+        """``(status, headers, body)`` of one request; a safe one is retried on a new
+        connection when the old one breaks (reads, and writes with an Idempotency-Key)."""
+        head = (f"{method} {self.prefix}{target} HTTP/1.1\r\n{self.head}{headers}"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("utf-8")
+        safe = method in ("GET", "HEAD") or "Idempotency-Key" in headers
+        first = time.monotonic()
+        for delay in _RETRY_DELAYS + (None,):
+            conn = None
+            try:
+                conn = self.connection(self.timeout)
+                status, answer, data = conn.exchange(head, body, self.timeout + wait, sink)
+                if answer.get("connection", "").lower() == "close":
+                    self.drop(conn)
+                return status, answer, data
+            except OSError as e:
+                if conn is not None:
+                    self.drop(conn)
+                if not safe or delay is None or time.monotonic() - first > _RETRY_WINDOW:
+                    raise RemoteError(f"{method} {self.url}{target[:200]} failed: {e}") from None
+                time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def stream(self, path, query=None):
-        """A dedicated connection reading ``path`` as a server-sent event stream."""
-        import http.client
-        from urllib.parse import urlencode
-        pairs = {k: _query_value(v) for k, v in (query or {}).items() if v is not None}
-        path = self.prefix + path + (f"?{urlencode(pairs)}" if pairs else "")
-        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-        conn = cls(self.host, self.port, timeout=self.timeout)
+    def stream(self, target):
+        """A dedicated connection reading ``target`` as a server-sent event stream."""
+        conn = None
         try:
-            conn.request("GET", path, headers={**self.headers, "Accept": "text/event-stream"})
-            response = conn.getresponse()
-            if response.status >= 400:
-                _raise_remote(response.status, response.read())
-            conn.sock.settimeout(None)   # a quiet stream is not an error; close() ends it
-        except (ConnectionError, OSError) as e:
-            conn.close()
-            raise RemoteError(f"GET {self.url}{path} failed: {e}") from None
+            conn = _Connection(self, self.timeout)
+            conn.sock.sendall((f"GET {self.prefix}{target} HTTP/1.1\r\n{self.head}"
+                               "Accept: text/event-stream\r\n\r\n").encode("utf-8"))
+            status, headers = conn.read_head()
+            if status >= 400:
+                _raise_remote(status, b"".join(conn.body(headers)))
+            conn.sock.settimeout(None)      # a quiet stream is not an error; close() ends it
+        except OSError as e:
+            if conn is not None:
+                conn.close()
+            raise RemoteError(f"GET {self.url}{target[:200]} failed: {e}") from None
         except BaseException:
             conn.close()
             raise
-        return conn, response
+        return conn, conn.body(headers)
 
     def close(self):
         """Close every connection; open streams end as if closed."""
         for stream in list(self.streams):
             stream.close()
-        for conn in self._all:
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for conn in conns:
             conn.close()
-        self._all = []
         self._local = threading.local()
 
 
-def _query_value(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _raise_remote(status, body):
+def _raise_remote(status, body, key=None):
     try:
         error = json.loads(body)
         name, message = error.get("error"), error.get("message", "")
@@ -5587,27 +7199,78 @@ def _raise_remote(status, body):
         name, message = None, body.decode("utf-8", "replace")[:500]
     if status == 401:
         raise Unauthorized(message or "unauthorized", status)
-    if status == 404 and not body:   # the answer to a HEAD request has no body
-        raise KeyError("")
-    cls = _REMOTE_ERRORS.get(name)
-    if cls is None:
+    if status == 404 and not body and key is not None:   # the answer to HEAD has no body
+        raise KeyError(key)
+    cls = _remote_errors().get(name)
+    if cls is None or cls is RemoteError or cls is Unauthorized:
         raise RemoteError(f"HTTP {status}: {message}", status)
-    raise cls(message)
+    try:
+        error = cls(message)
+    except Exception:       # a class whose constructor wants more than a message
+        raise RemoteError(f"{name}: {message}", status) from None
+    raise error
+
+
+def _request_of(manager, op, args):
+    """``(verb, target, body bytes, headers text)`` of one call of ``op`` with ``args``."""
+    from urllib.parse import quote, urlencode
+    parts, fixed, params = _plan(op)
+    path, query, fields = {}, {**fixed, **manager._options}, {}
+    body, headers = b"", ""
+    for param in params:
+        value = args[param.name]
+        if param.place == "none" or (param.place in ("query", "field") and
+                                     param.default is value):
+            continue
+        wire = _ENCODE[param.type](manager, value, param.name)
+        if param.place in ("path", "query"):
+            text = wire if param.type in _TEXT_TYPES else _json_dumps(wire)
+            if param.place == "path":
+                path[param.name] = _segment(text)
+            else:
+                query[param.name] = text
+        elif param.place == "field":
+            fields[param.name] = wire
+        elif param.place == "header":
+            if wire is not None:
+                headers += f"Beaver-Metadata: {wire}\r\n"
+        elif param.type in _RAW_BODY_TYPES:
+            body = wire if isinstance(wire, bytes) else wire.encode("utf-8")
+        else:
+            body = _json_dumps(wire).encode("utf-8")
+    if op.body == "{}":
+        body = _json_dumps(fields).encode("utf-8")
+    if op.body:
+        kind = "application/octet-stream" if isinstance(args.get(op.body), (
+            bytes, bytearray, memoryview)) else "application/json"
+        headers += f"Content-Type: {kind}\r\n"
+    target = manager._base + "".join(
+        "/" + (path[p[1:-1]] if p.startswith("{") else p) for p in parts)
+    if query:
+        target += "?" + urlencode(query, quote_via=quote)
+    return op.verb, target or "/", body, headers
 
 
 class _RemoteManager(_StructureLock):
-    """Shared plumbing of the remote twins of the managers."""
+    """Shared plumbing of the remote twins of the managers (their operations are derived
+    from ``_API``; see ``_derived``)."""
 
     _kind = ""
-    _route = ""
 
-    def __init__(self, client, name, model=None):
+    def __init__(self, client, name, model=None, **options):
         self._client = client
-        self._http = client._http
         self._name = _check_name(name)
         self._model = model
         self._codec = _codec_for(model)
-        self._base = f"/{self._route}/{_quote(name)}"
+        self._base = f"/{_ROUTES[self._kind]}/{_segment(name)}"
+        self._options = {}
+        for option, default in _MANAGER_OPTIONS.get(self._kind, {}).items():
+            value = options.get(option, _DEFAULT)
+            value = default if value is _DEFAULT else _check_max_messages(value) if (
+                option == "max_messages") else _seconds(value, option, positive=True)
+            setattr(self, option, value)
+            if value != default:
+                self._options[option] = _json_dumps(value)
 
     @property
     def name(self) -> str:
@@ -5618,56 +7281,19 @@ class _RemoteManager(_StructureLock):
         return self._model
 
     def __repr__(self):
-        return f"<{type(self).__name__} {self._name!r} at {self._http.url}>"
-
-    def _send(self, method, suffix="", query=None, body=_NO_BODY, headers=None, wait=0.0):
-        """One request on this structure; the raw response body, or the server's exception."""
-        return self._exchange(method, suffix, query, body, headers, wait)[1]
-
-    def _exchange(self, method, suffix="", query=None, body=_NO_BODY, headers=None, wait=0.0):
-        """Like ``_send``, returning ``(response headers, body)``."""
-        if body is not _NO_BODY and not isinstance(body, bytes):
-            body = body.encode("utf-8")
-            headers = {"Content-Type": "application/json", **(headers or {})}
-        status, response_headers, data = self._http.request(
-            method, self._base + suffix, query, None if body is _NO_BODY else body,
-            headers, wait)
-        if status >= 400:
-            _raise_remote(status, data)
-        return response_headers, data
-
-    def _call(self, method, suffix="", query=None, body=_NO_BODY, wait=0.0):
-        data = self._send(method, suffix, query, body, wait=wait)
-        return json.loads(data) if data else None
-
-    def _value(self, obj):
-        """A stored value as the caller's codec wants it (model instances when typed)."""
-        return obj if self._model is None else self._codec.decode(_json_dumps(obj))
-
-    def _summary(self, view=None):
-        return self._call("GET", "", {"view": view})
-
-    def __len__(self):
-        return self._summary()["size"]
+        return f"<{type(self).__name__} {self._name!r} at {self._client.url}>"
 
     def __bool__(self):
         return True
 
-    def clear(self):
-        """Remove every item of this structure."""
-        self._call("DELETE")
+    def _call(self, method, *args, **kwargs):
+        """Call the declared operation ``method`` with Python arguments."""
+        op = _operations(self._kind)[method]
+        return self._client._invoke(self, op, _binder(_local_function(op))(args, kwargs))
 
-    def dump(self, fp=None):
-        """Export to a JSON-ready dict, or write it as JSON to the file object ``fp``."""
-        data = self._summary("dump")["dump"]
-        if fp is None:
-            return data
-        json.dump(data, fp, ensure_ascii=False, indent=2)
-        return None
-
-    def load(self, data_or_fp):
-        """Add the items of a ``dump()`` (a dict, JSON text or a file object)."""
-        self._call("POST", "", {"mode": "append"}, _json_dumps(_read_dump(data_or_fp)))
+    def _value(self, obj):
+        """A stored value as the caller's codec wants it (model instances when typed)."""
+        return obj if self._model is None or obj is None else self._model.model_validate(obj)
 
     def _new_lock(self, name, ttl):
         return RemoteLock(self._client, name, ttl=ttl)
@@ -5684,8 +7310,10 @@ class _RemoteManager(_StructureLock):
         if not callable(callback):
             raise TypeError("callback must be callable")
         _check_event(self._kind, event)
-        stream = _RemoteStream(self._http, f"/events/{self._kind}/{_quote(self._name)}",
-                               {"event": event}, json.loads)
+        from urllib.parse import quote
+        stream = _RemoteStream(self._client._http, f"/events/{self._kind}/{_segment(self._name)}"
+                               f"?event={quote(_wire_str(self, event, 'event'), safe='')}",
+                               json.loads)
         return _RemoteEventHandle(stream, event, callback)
 
     def as_async(self) -> "AsyncManager":
@@ -5693,297 +7321,278 @@ class _RemoteManager(_StructureLock):
         return AsyncManager(self)
 
 
+def _remote_method(op):
+    """The client method of ``op``: the local method's name, docstring and signature."""
+    local = _local_function(op)
+    bind = _binder(local)
+
+    def method(self, *args, **kwargs):
+        return self._client._invoke(self, op, bind(args, kwargs))
+    functools.update_wrapper(method, local)      # __wrapped__: inspect.signature is local's
+    return method
+
+
+def _derived(kind):
+    """Class decorator: add every operation of ``kind`` the class does not write by hand,
+    under the local method's names (aliases such as ``append`` = ``push`` included)."""
+    def decorate(cls):
+        local_class = _local_classes()[kind]
+        names_of: dict = {}         # a local function -> every name it has in the class
+        for name in dir(local_class):
+            names_of.setdefault(id(_static_attr(local_class, name)), []).append(name)
+        for name, op in _operations(kind).items():
+            if name.startswith("_") and not name.startswith("__") or name in cls.__dict__:
+                continue
+            made = _remote_method(op)
+            local = _static_attr(local_class, name)
+            if isinstance(local, property):
+                made = property(made, doc=made.__doc__)
+            for alias in names_of.get(id(local), [name]):
+                if alias not in cls.__dict__:
+                    setattr(cls, alias, made)
+        cls.__abstractmethods__ = frozenset(
+            n for n in getattr(cls, "__abstractmethods__", ())
+            if getattr(getattr(cls, n, None), "__isabstractmethod__", False))
+        return cls
+    return decorate
+
+
+def _static_attr(cls, name):
+    """``cls.name`` as stored in the class (no descriptor call), or None."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return klass.__dict__[name]
+    return None
+
+
+@_derived("dict")
 class RemoteDict(_RemoteManager, MutableMapping):
     """``db.dict(name)`` over HTTP."""
 
-    _kind, _route = "dict", "dicts"
-
-    def __getitem__(self, key):
-        return self._codec.decode(self._send("GET", "/" + _quote(_check_key(key))))
-
-    def get(self, key, default=None):
-        """The value of ``key``, or ``default`` if it is missing or expired."""
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-    def __setitem__(self, key, value):
-        self.set(key, value)
-
-    def set(self, key, value, ttl_seconds=None):
-        """Store ``value`` under ``key``; with ``ttl_seconds`` it expires that much later."""
-        self._send("PUT", "/" + _quote(_check_key(key)), {"ttl_seconds": _check_ttl(ttl_seconds)},
-                   self._codec.encode(value))
-
-    def __delitem__(self, key):
-        self._send("DELETE", "/" + _quote(_check_key(key)))
-
-    def pop(self, key, default=_MISSING):
-        """Remove ``key`` and return its value (or ``default``; else ``KeyError``)."""
-        try:
-            return self._codec.decode(self._send("DELETE", "/" + _quote(_check_key(key))))
-        except KeyError:
-            if default is _MISSING:
-                raise
-            return default
-
-    def __contains__(self, key):
-        if not isinstance(key, str):
-            return False
-        try:
-            self._send("HEAD", "/" + _quote(key))
-        except KeyError:
-            return False
-        return True
-
-    def setdefault(self, key, default=None):
-        """Return the value of ``key``, storing ``default`` first if it is missing."""
-        return self._codec.decode(self._send(
-            "PUT", "/" + _quote(_check_key(key)), {"if_absent": True}, self._codec.encode(default)))
+    _kind = "dict"
 
     def update(self, *args, **kwargs):
         """Like ``dict.update``, in one transaction on the server."""
-        items = {k: json.loads(self._codec.encode(v)) for k, v in dict(*args, **kwargs).items()}
-        self._call("PATCH", "", body=_json_dumps(items))
-
-    def ttl(self, key):
-        """Seconds until ``key`` expires; ``None`` if it never does; ``KeyError`` if absent."""
-        ttl = self._exchange("HEAD", "/" + _quote(_check_key(key)))[0].get("Beaver-TTL")
-        return None if ttl is None else float(ttl)
-
-    def __iter__(self):
-        return iter(self._summary("keys")["keys"])
-
-    def keys(self) -> list:
-        """A snapshot list of the live keys, in key order."""
-        return list(self)
-
-    def items(self) -> list:
-        """A snapshot list of live ``(key, value)`` pairs, in key order."""
-        return [(k, self._value(v)) for k, v in self._summary("items")["items"]]
-
-    def values(self) -> list:
-        """A snapshot list of the live values, in key order."""
-        return [v for _, v in self.items()]
+        self._call("_update", dict(*args, **kwargs))
 
 
+@_derived("list")
 class RemoteList(_RemoteManager, MutableSequence):
     """``db.list(name)`` over HTTP."""
 
-    _kind, _route = "list", "lists"
+    _kind = "list"
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            query = {"start": index.start, "stop": index.stop, "step": index.step}
-            return [self._value(v) for v in self._call("GET", "/slice", query)]
-        return self._codec.decode(self._send("GET", f"/items/{_list_index(index)}"))
+            return self._call("_get_slice", index.start, index.stop, index.step)
+        return self._call("__getitem__", index)
 
     def __setitem__(self, index, value):
         if isinstance(index, slice):
-            query = {"start": index.start, "stop": index.stop, "step": index.step}
-            body = "[" + ",".join(self._codec.encode(v) for v in value) + "]"
-            self._send("PUT", "/slice", query, body)
-            return
-        self._send("PUT", f"/items/{_list_index(index)}", body=self._codec.encode(value))
+            return self._call("_set_slice", value, index.start, index.stop, index.step)
+        return self._call("__setitem__", index, value)
 
     def __delitem__(self, index):
         if isinstance(index, slice):
-            self._send("DELETE", "/slice", {"start": index.start, "stop": index.stop,
-                                            "step": index.step})
-            return
-        self._send("DELETE", f"/items/{_list_index(index)}")
-
-    def __len__(self):
-        return self._summary()["size"]
-
-    def __iter__(self):
-        return iter([self._value(v) for v in self._summary("items")["items"]])
+            return self._call("_del_slice", index.start, index.stop, index.step)
+        return self._call("__delitem__", index)
 
     def __reversed__(self):
         return reversed(list(self))
-
-    def push(self, value):
-        """Append ``value`` at the end (``append`` is the same)."""
-        self._send("POST", "/push", body=self._codec.encode(value))
-
-    append = push
-
-    def prepend(self, value):
-        """Insert ``value`` at the front."""
-        self._send("POST", "/prepend", body=self._codec.encode(value))
-
-    def extend(self, values):
-        """Append every item of ``values`` in one transaction."""
-        self._send("POST", "/extend", body="[" + ",".join(map(self._codec.encode, values)) + "]")
 
     def __iadd__(self, values):
         self.extend(values)
         return self
 
-    def insert(self, index, value):
-        """Insert ``value`` before ``index`` (Python semantics)."""
-        self._send("POST", "/insert", {"index": _list_index(index)}, self._codec.encode(value))
 
-    def pop(self, index=None):
-        """Remove and return the item at ``index`` (default: the last; ``None`` if empty)."""
-        query = None if index is None else {"index": _list_index(index)}
-        return self._optional(*self._exchange("POST", "/pop", query))
-
-    def deque(self):
-        """Remove and return the first item, or ``None`` if the list is empty."""
-        return self._optional(*self._exchange("POST", "/deque"))
-
-    popleft = deque
-
-    def _optional(self, headers, data):
-        return None if headers.get("Beaver-Empty") else self._codec.decode(data)
-
-    def reverse(self):
-        """Reverse the list in place, in one transaction."""
-        self._send("POST", "/reverse")
-
-
-def _lease_id(item):
-    lease_id = getattr(item, "lease_id", None)
-    if lease_id is None:
-        raise TypeError("ack() and nack() take an item returned by get(lease=...)")
-    return lease_id
-
-
-def _list_index(index) -> int:
-    if isinstance(index, bool) or not hasattr(index, "__index__"):
-        raise TypeError(f"list indices must be integers or slices, not {type(index).__name__}")
-    return index.__index__()
-
-
+@_derived("queue")
 class RemoteQueue(_RemoteManager):
-    """``db.queue(name)`` over HTTP. A blocking ``get`` waits in chunks on the server."""
+    """``db.queue(name)`` over HTTP. A blocking ``get`` waits in chunks on the server; a
+    ``get`` whose response is lost is retried and answered with the same item."""
 
-    _kind, _route = "queue", "queues"
-
-    def put(self, data, priority=0):
-        """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
-        if isinstance(priority, bool) or not isinstance(priority, (int, float)):
-            raise TypeError(f"priority must be a number, not {priority!r}")
-        self._send("POST", "/put", {"priority": priority}, self._codec.encode(data))
-
-    def get(self, block=True, timeout=None, lease=None) -> QueueItem:
-        """Remove and return the first item (``QueueEmpty``/``TimeoutError`` as locally).
-
-        With ``lease=seconds`` the item returns to the queue unless ``ack(item)`` is called
-        in time: the safe way to take work over a network that may drop a response.
-        """
-        deadline = _Deadline(_seconds(timeout, "timeout", wait=True))
-        query = {"block": block, "lease": _seconds(lease, "lease", positive=True)}
-        while True:
-            wait = deadline.remaining(cap=_CHUNK_WAIT) if block else 0.0
-            try:
-                item = self._call("POST", "/get", {**query, "timeout": wait}, wait=wait)
-            except Timeout:
-                if deadline.expired:
-                    raise
-                continue
-            return self._item(item)
+    _kind = "queue"
 
     def _item(self, item):
+        if item is None:
+            return None
         if "lease_id" not in item:
             return QueueItem(item["priority"], item["timestamp"], self._value(item["data"]))
         leased = LeasedItem(item["priority"], item["timestamp"], self._value(item["data"]))
         leased.lease_id = item["lease_id"]
         return leased
 
-    def ack(self, item) -> bool:
-        """Finish an item taken with ``get(lease=...)``; False if its lease had run out."""
-        return self._call("POST", "/ack", {"lease_id": _lease_id(item)})
-
-    def nack(self, item) -> bool:
-        """Give a leased item back to the queue now; False if its lease had run out."""
-        return self._call("POST", "/nack", {"lease_id": _lease_id(item)})
-
-    def peek(self):
-        """The item ``get`` would return next, without removing it; ``None`` if empty."""
-        item = self._call("GET", "/peek")
-        return None if item is None else self._item(item)
-
-    def __iter__(self):
-        return iter([self._item(i) for i in self._summary("items")["items"]])
+    def as_async(self) -> "AsyncManager":
+        """An awaitable twin whose ``get`` can be cancelled without losing an item."""
+        return _AsyncRemoteQueue(self)
 
 
+@_derived("blob")
 class RemoteBlobs(_RemoteManager):
     """``db.blobs(name)`` over HTTP: bytes travel raw, metadata in a header."""
 
-    _kind, _route = "blob", "blobs"
+    _kind = "blob"
 
-    def put(self, key, data, metadata=None):
-        """Store the bytes ``data`` under ``key``."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"blob data must be bytes-like, not {type(data).__name__}")
-        headers = {"Content-Type": "application/octet-stream"}
-        if metadata is not None:
-            headers["Beaver-Metadata"] = json.dumps(json.loads(self._codec.encode(metadata)))
-        self._send("PUT", "/" + _quote(_check_key(key)), body=bytes(data), headers=headers)
 
-    def get(self, key):
-        """The ``Blob`` stored under ``key``, or ``None``."""
+@_derived("log")
+class RemoteLog(_RemoteManager):
+    """``db.log(name)`` over HTTP; ``live()`` follows a server-sent event stream."""
+
+    _kind = "log"
+
+    def live(self, window, period, aggregator=list, where=None) -> "Stream":
+        """``aggregator(values in the last window)`` now and every ``period`` (a stream);
+        ``where`` keeps only the entries a filter matches (see "Queries and filters")."""
+        if not callable(aggregator):
+            raise TypeError("aggregator must be callable")
+        window, period = _seconds(window, "window"), _seconds(period, "period")
+        if not period:
+            raise ValueError("period must be positive")
+        _Filter(where, "data")      # a malformed filter raises here, before any request
+        query = f"window={window!r}&period={period!r}"
+        if where is not None:
+            query += "&where=" + _segment(_json_dumps(where))
+        decode = self._value
+        return _RemoteStream(self._client._http, f"{self._base}/live?{query}",
+                             lambda text: aggregator([decode(v) for v in json.loads(text)]))
+
+    def as_async(self) -> "AsyncLogManager":
+        """An awaitable twin; ``async for summary in alog.live(...)`` works."""
+        return AsyncLogManager(self)
+
+
+@_derived("channel")
+class RemoteChannel(_RemoteManager):
+    """``db.channel(name)`` over HTTP; subscriptions are server-sent event streams."""
+
+    _kind = "channel"
+
+    def subscribe(self) -> "Stream":
+        """A subscription receiving every message published once this call has returned.
+
+            >>> with client.channel("chat").subscribe() as sub:
+            ...     for message in sub.listen(timeout=5):
+            ...         print(message)
+        """
+        return _RemoteStream(self._client._http, self._base + "/sse", self._codec.decode)
+
+    def as_async(self) -> "AsyncChannelManager":
+        """An awaitable twin; ``async for message in achannel.subscribe().listen()`` works."""
+        return AsyncChannelManager(self)
+
+
+@_derived("collection")
+class RemoteCollection(_RemoteManager):
+    """``db.collection(name)`` over HTTP: documents, full-text, fuzzy, vector and graph search."""
+
+    _kind = "collection"
+
+    def _document(self, data) -> "Document":
+        doc = Document.from_dict({**data, "body": None})
+        doc.body = None if data.get("body") is None else self._value(data["body"])
+        return doc
+
+
+class _RemoteStream(Stream):
+    """A server-sent event stream read by a thread of this client."""
+
+    _what = "event"
+
+    def __init__(self, http, target, decode):
+        super().__init__()
+        self._decode_text = decode
+        self._conn, chunks = http.stream(target)
+        http.streams.add(self)
+        threading.Thread(target=self._read, args=(chunks,), daemon=True,
+                         name="beaver-client-stream").start()
+
+    def _read(self, chunks):
+        buffer, data = b"", []
         try:
-            headers, data = self._exchange("GET", "/" + _quote(_check_key(key)))
-        except KeyError:
-            return None
-        meta = headers.get("Beaver-Metadata")
-        return Blob(key, data, None if meta is None else self._codec.decode(meta))
+            for chunk in chunks:
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    line = line.rstrip(b"\r").decode("utf-8")
+                    if line.startswith("data:"):
+                        data.append(line[6:] if line.startswith("data: ") else line[5:])
+                    elif not line and data:
+                        self._deliver("\n".join(data))
+                        data = []
+        except (OSError, ValueError):
+            pass
+        if not self.closed:
+            self._deliver(RemoteError("the server ended the stream"))
 
-    def __getitem__(self, key):
-        blob = self.get(key)
-        if blob is None:
-            raise KeyError(key)
-        return blob
+    def _decode(self, raw):
+        if isinstance(raw, RemoteError):
+            self._deliver(raw)          # every later get() fails the same way
+            raise raw
+        return self._decode_text(raw)
 
-    def __setitem__(self, key, data):
-        self.put(key, data)
+    def _stop(self):
+        self._conn.close()
 
-    def delete(self, key):
-        """Remove the blob under ``key``; ``KeyError`` if there is none."""
-        self._send("DELETE", "/" + _quote(_check_key(key)))
 
-    __delitem__ = delete
+class _RemoteEventHandle:
+    """Returned by a remote manager's ``on(...)``; ``off()`` stops listening."""
 
-    def __contains__(self, key):
-        if not isinstance(key, str):
-            return False
+    def __init__(self, stream, event, callback):
+        self.event, self.callback = event, callback
+        self._stream = stream
+        self._thread = threading.Thread(target=self._dispatch, daemon=True,
+                                        name="beaver-client-events")
+        self._thread.start()
+
+    def _dispatch(self):
+        with contextlib.suppress(RemoteError):
+            for payload in self._stream.listen():
+                try:
+                    self.callback(payload)
+                except Exception:   # one failing callback must not stop the others
+                    logger.exception("event callback %r failed", self.callback)
+
+    @property
+    def active(self) -> bool:
+        return not self._stream.closed
+
+    def off(self):
+        """Stop delivering events to this callback (idempotent)."""
+        self._stream.close()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+
+class _AsyncRemoteQueue(AsyncManager):
+    """Awaitable twin of a remote queue: a cancelled ``get`` gives back what it took."""
+
+    async def get(self, block=True, timeout=None, lease=None) -> QueueItem:
+        """``get`` as a coroutine that may safely be cancelled."""
+        future = asyncio.ensure_future(asyncio.to_thread(self._sync.get, block, timeout, lease))
         try:
-            self._send("HEAD", "/" + _quote(key))
-        except KeyError:
-            return False
-        return True
-
-    def __iter__(self):
-        return iter(self._summary("keys")["keys"])
-
-    def keys(self) -> list:
-        """A snapshot list of the keys, in key order."""
-        return list(self)
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(functools.partial(AsyncQueueManager._give_back, self))
+            raise
 
 
 class RemoteLock:
-    """``db.lock(name)`` over HTTP: the server holds the lock on this object's behalf."""
+    """``db.lock(name)`` over HTTP: the hold is the server's lock ticket (its ``token``), so
+    any worker of the server can renew or release it."""
 
     def __init__(self, client, name, timeout=None, ttl=60.0):
-        self._http = client._http
+        self._client = client
         self.name = _check_name(name)
         self.timeout = _seconds(timeout, "timeout", wait=True)
         self.ttl = _seconds(ttl, "ttl", positive=True)
         if self.ttl is None:
             raise TypeError("a lock needs a ttl (seconds or a timedelta)")
-        self._base = f"/locks/{_quote(name)}"
+        self._base = f"/locks/{_segment(name)}"
         self._token = None
         self._guard = threading.Lock()
 
-    def _call(self, suffix, query=None, method="POST", wait=0.0):
-        status, _, data = self._http.request(method, self._base + suffix, query, wait=wait)
-        if status >= 400:
-            _raise_remote(status, data)
-        return json.loads(data) if data else None
+    def _post(self, action, query, wait=0.0):
+        return self._client._request("POST", f"{self._base}/{action}?{query}", writes=True,
+                                     wait=wait)
 
     @property
     def token(self):
@@ -5993,12 +7602,13 @@ class RemoteLock:
     @property
     def held(self) -> bool:
         """True while this object holds the lock (and its TTL has not run out)."""
-        return self._token is not None and self._call("", {"token": self._token}, "GET")["held"]
+        return self._token is not None and json.loads(self._client._request(
+            "GET", f"{self._base}?token={self._token}"))["held"]
 
     @property
     def locked(self) -> bool:
         """True while anybody holds the lock."""
-        return self._call("", method="GET")["locked"]
+        return json.loads(self._client._request("GET", self._base))["locked"]
 
     def acquire(self, timeout=None, block=True):
         """Wait for the lock (up to ``timeout`` s) and take it; ``LockTimeout`` otherwise."""
@@ -6007,10 +7617,13 @@ class RemoteLock:
         if not self._guard.acquire(timeout=-1 if timeout is None else timeout):
             raise LockTimeout(f"lock {self.name!r} is held by another thread of this object")
         try:
+            key = uuid.uuid4().hex
             while True:
                 wait = deadline.remaining(cap=_CHUNK_WAIT)
                 try:
-                    held = self._call("/acquire", {"timeout": wait, "ttl": self.ttl}, wait=wait)
+                    held = json.loads(self._client._request(
+                        "POST", f"{self._base}/acquire?timeout={wait!r}&ttl={self.ttl!r}",
+                        writes=True, wait=wait, key=key))
                     break
                 except LockTimeout:
                     if deadline.expired:
@@ -6027,7 +7640,7 @@ class RemoteLock:
             raise LockLost(f"lock {self.name!r} is not held by this object")
         token, self._token = self._token, None
         try:
-            self._call("/release", {"token": token})
+            self._post("release", f"token={token}")
         finally:
             self._guard.release()
 
@@ -6037,349 +7650,16 @@ class RemoteLock:
             raise LockLost(f"lock {self.name!r} is not held by this object")
         ttl = self.ttl if ttl is None else _seconds(ttl, "ttl", positive=True)
         try:
-            self._call("/renew", {"token": self._token, "ttl": ttl})
+            self._post("renew", f"token={self._token}&ttl={ttl!r}")
         except LockLost:
             self._token = None          # the hold ran out: this object may acquire again
             self._guard.release()
             raise
 
-    def __enter__(self):
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
+    __enter__, __exit__, as_async = Lock.__enter__, Lock.__exit__, Lock.as_async
 
     def __repr__(self):
         return f"<RemoteLock {self.name!r} {'held' if self._token else 'free'}>"
-
-
-class RemoteLog(_RemoteManager):
-    """``db.log(name)`` over HTTP; ``live()`` follows a server-sent event stream."""
-
-    _kind, _route = "log", "logs"
-
-    def log(self, data, timestamp=None):
-        """Append ``data`` at ``timestamp`` (a datetime or epoch seconds; default now)."""
-        when = None if timestamp is None else _epoch(timestamp)
-        self._send("POST", "/log", {"timestamp": when}, self._codec.encode(data))
-
-    def _entries(self, rows):
-        return [LogEntry(_utc(row["timestamp"]), self._value(row["data"])) for row in rows]
-
-    def range(self, start=None, end=None) -> list:
-        """Entries with ``start <= timestamp <= end`` (either may be None), oldest first."""
-        query = {"start": None if start is None else _epoch(start, "start"),
-                 "end": None if end is None else _epoch(end, "end")}
-        return self._entries(self._call("GET", "/range", query))
-
-    def __iter__(self):
-        return iter(self.range())
-
-    def live(self, window, period, aggregator=list) -> "_RemoteStream":
-        """``aggregator(values in the last window)`` now and every ``period`` (an iterator)."""
-        if not callable(aggregator):
-            raise TypeError("aggregator must be callable")
-        query = {"window": _seconds(window, "window"),
-                 "period": _seconds(period, "period", positive=True)}
-        decode = self._value
-        return _RemoteStream(self._http, self._base + "/live", query,
-                             lambda text: aggregator([decode(v) for v in json.loads(text)]))
-
-    def as_async(self) -> "_AsyncRemoteManager":
-        """An awaitable twin; ``async for summary in alog.live(...)`` works."""
-        return _AsyncRemoteManager(self)
-
-
-class _RemoteStream:
-    """A server-sent event stream read by a thread; iterate it, ``close()`` it when done."""
-
-    def __init__(self, http, path, query, decode):
-        self._decode = decode
-        self._inbox: _queue.SimpleQueue = _queue.SimpleQueue()
-        self._closed = False
-        self._conn, response = http.stream(path, query)
-        http.streams.add(self)
-        self._reader = threading.Thread(target=self._read, args=(response,), daemon=True,
-                                        name="beaver-client-stream")
-        self._reader.start()
-
-    def _read(self, response):
-        data = []
-        try:
-            for raw in response:
-                line = raw.decode("utf-8").rstrip("\r\n")
-                if line.startswith("data:"):
-                    data.append(line[5:].lstrip(" "))
-                elif not line and data:
-                    self._inbox.put("\n".join(data))
-                    data = []
-        except (OSError, ValueError, AttributeError):
-            pass
-        self._inbox.put(_MISSING)
-
-    def get(self, timeout=None):
-        """The next event; ``TimeoutError`` after ``timeout`` seconds without one."""
-        try:
-            text = self._inbox.get(timeout=_seconds(timeout, "timeout", wait=True))
-        except _queue.Empty:
-            raise Timeout(f"nothing arrived within {timeout}s") from None
-        if text is _MISSING:
-            self._inbox.put(_MISSING)
-            if self._closed:
-                raise ClosedError("the stream is closed")
-            raise RemoteError("the server ended the stream")
-        return self._decode(text)
-
-    def listen(self, timeout=None):
-        """Yield events until ``close()`` (``TimeoutError`` after ``timeout`` s of silence)."""
-        while True:
-            try:
-                yield self.get(timeout)
-            except ClosedError:
-                return
-
-    def __iter__(self):
-        return self.listen()
-
-    def __next__(self):
-        try:
-            return self.get()
-        except ClosedError:
-            raise StopIteration from None
-
-    def as_async(self) -> "_AsyncRemoteStream":
-        return _AsyncRemoteStream(self)
-
-    def close(self):
-        """Stop the stream; a ``listen()`` in progress ends."""
-        if not self._closed:
-            self._closed = True
-            with contextlib.suppress(OSError):
-                self._conn.sock and self._conn.sock.shutdown(2)
-            self._conn.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class _RemoteEventHandle:
-    """Returned by a remote manager's ``on(...)``; ``off()`` stops listening."""
-
-    def __init__(self, stream, event, callback):
-        self.event, self.callback = event, callback
-        self._stream = stream
-        self._thread = threading.Thread(target=self._dispatch, daemon=True,
-                                        name="beaver-client-events")
-        self._thread.start()
-
-    def _dispatch(self):
-        for payload in self._stream.listen():
-            try:
-                self.callback(payload)
-            except Exception:   # one failing callback must not stop the others
-                logger.exception("event callback %r failed", self.callback)
-
-    @property
-    def active(self) -> bool:
-        return not self._stream.closed
-
-    def off(self):
-        """Stop delivering events to this callback (idempotent)."""
-        self._stream.close()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=5)
-
-
-class _AsyncRemoteStream:
-    """The asyncio face of a remote stream: ``async for`` / ``await get()`` / ``async with``."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    async def get(self, timeout=None):
-        """The next event; ``TimeoutError`` after ``timeout`` seconds without one."""
-        return await asyncio.to_thread(self._stream.get, timeout)
-
-    async def listen(self, timeout=None):
-        """Yield events until ``close()`` (``TimeoutError`` after ``timeout`` s of silence)."""
-        while True:
-            try:
-                yield await self.get(timeout)
-            except ClosedError:
-                return
-
-    def __aiter__(self):
-        return self.listen()
-
-    async def __anext__(self):
-        try:
-            return await self.get()
-        except ClosedError:
-            raise StopAsyncIteration from None
-
-    def close(self):
-        """Stop the stream; a ``listen()`` in progress ends."""
-        self._stream.close()
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        self.close()
-
-
-class _AsyncRemoteManager(AsyncManager):
-    """Awaitable twin of a remote channel or log: streams become async iterators."""
-
-    def subscribe(self) -> _AsyncRemoteStream:
-        """``async with achannel.subscribe() as sub: async for message in sub.listen(): ...``"""
-        return self._sync.subscribe().as_async()
-
-    def live(self, window, period, aggregator=list) -> _AsyncRemoteStream:
-        """``async for summary in alog.live(window, period, aggregator): ...``"""
-        return self._sync.live(window, period, aggregator).as_async()
-
-
-class RemoteChannel(_RemoteManager):
-    """``db.channel(name)`` over HTTP; subscriptions are server-sent event streams."""
-
-    _kind, _route = "channel", "channels"
-
-    def publish(self, payload):
-        """Send ``payload`` to every subscriber."""
-        self._send("POST", "/publish", body=self._codec.encode(payload))
-
-    def subscribe(self) -> _RemoteStream:
-        """A subscription receiving every message published once this call has returned.
-
-            >>> with client.channel("chat").subscribe() as sub:
-            ...     for message in sub.listen(timeout=5):
-            ...         print(message)
-        """
-        return _RemoteStream(self._http, self._base + "/sse", None, self._codec.decode)
-
-    def history(self, limit=None) -> list:
-        """The retained messages, oldest first (the last ``limit`` ones if given)."""
-        return [self._value(m) for m in self._call("GET", "/history", {"limit": limit})]
-
-    def as_async(self) -> _AsyncRemoteManager:
-        """An awaitable twin; ``async for message in achannel.subscribe().listen()`` works."""
-        return _AsyncRemoteManager(self)
-
-
-class RemoteCollection(_RemoteManager):
-    """``db.collection(name)`` over HTTP: documents, full-text, fuzzy, vector and graph search."""
-
-    _kind, _route = "collection", "collections"
-
-    def _configure(self, metric, options):
-        """Create the collection with ``metric``/``options`` (ValueError if it differs)."""
-        self._call("PUT", "", body=_json_dumps({"metric": metric, "options": options}))
-
-    @property
-    def metric(self) -> str:
-        """The vector distance of this collection: 'l2', 'cosine' or 'ip'."""
-        return self._summary()["metric"]
-
-    def _document(self, data) -> "Document":
-        doc = Document.from_dict({**data, "body": None})
-        doc.body = None if data.get("body") is None else self._value(data["body"])
-        return doc
-
-    def _doc_json(self, document) -> dict:
-        body = None if document.body is None else json.loads(self._codec.encode(document.body))
-        return {"id": document.id, "embedding": document.embedding, "body": body}
-
-    def index(self, document, fts=True, fuzzy=False):
-        """Insert or replace ``document`` (text index and vector included); returns it."""
-        if not isinstance(document, Document):
-            raise TypeError(f"index() takes a Document, not {type(document).__name__}")
-        self._call("POST", "/index", body=_json_dumps(
-            {**self._doc_json(document), "fts": fts, "fuzzy": fuzzy}))
-        return document
-
-    def get(self, doc_id, default=None):
-        """The document with ``doc_id``, or ``default``."""
-        try:
-            return self[doc_id]
-        except KeyError:
-            return default
-
-    def __getitem__(self, doc_id):
-        return self._document(self._call("GET", "/documents/" + _quote(_doc_id(doc_id))))
-
-    def __contains__(self, document):
-        try:
-            self._send("HEAD", "/documents/" + _quote(_doc_id(document)))
-        except (KeyError, TypeError):
-            return False
-        return True
-
-    def drop(self, document):
-        """Remove a document (a ``Document`` or an id), its vector and its edges."""
-        self._send("DELETE", "/documents/" + _quote(_doc_id(document)))
-
-    __delitem__ = drop
-
-    def __iter__(self):
-        return iter([self._document(d) for d in self._summary("items")["items"]])
-
-    def _hits(self, rows):
-        return [(self._document(r["document"]), r["score"], r["snippet"]) if "snippet" in r
-                else (self._document(r["document"]), r["score"]) for r in rows]
-
-    def match(self, query, on=None, top_k=10, fuzziness=0, raw=False, highlight=False):
-        """Full-text search: ``[(Document, score)]``, best first (as ``BeaverDB``)."""
-        return self._hits(self._call("POST", "/match", body=_json_dumps({
-            "query": query, "on": [on] if isinstance(on, str) else on, "top_k": top_k,
-            "fuzziness": fuzziness, "raw": raw, "highlight": highlight})))
-
-    def search(self, vector, top_k=10, where=None) -> list:
-        """Nearest documents to ``vector``: ``[(Document, distance)]``, closest first."""
-        return self._hits(self._call("POST", "/search", body=_json_dumps(
-            {"vector": _as_vector(vector), "top_k": top_k, "where": where})))
-
-    def connect(self, source, target, label, metadata=None):
-        """Add (or update) the edge ``source -[label]-> target``."""
-        self._call("POST", "/connect", body=_json_dumps({
-            "source": _doc_id(source), "target": _doc_id(target), "label": label,
-            "metadata": _to_jsonable(metadata)}))
-
-    def disconnect(self, source, target, label=None):
-        """Remove the edges from ``source`` to ``target`` (only ``label`` ones if given)."""
-        self._call("POST", "/disconnect", body=_json_dumps(
-            {"source": _doc_id(source), "target": _doc_id(target), "label": label}))
-
-    def edges(self, document, direction="outgoing", label=None) -> list:
-        """The ``Edge``s leaving, entering or touching ``document``."""
-        rows = self._call("GET", "/edges", {"id": _doc_id(document), "direction": direction,
-                                            "label": label})
-        return [Edge(**row) for row in rows]
-
-    def neighbors(self, document, label=None, direction="outgoing") -> list:
-        """The documents one edge away, in id order."""
-        rows = self._call("GET", "/neighbors", {"id": _doc_id(document), "label": label,
-                                                "direction": direction})
-        return [self._document(d) for d in rows]
-
-    def walk(self, source, labels=None, depth=1, direction="outgoing") -> list:
-        """Documents reachable in 1..``depth`` edges, breadth first (the source excluded)."""
-        rows = self._call("POST", "/walk", body=_json_dumps({
-            "source": _doc_id(source), "labels": [labels] if isinstance(labels, str) else labels,
-            "depth": depth, "direction": direction}))
-        return [self._document(d) for d in rows]
-
-    def compact(self):
-        """Fold pending changes of the server's vector index into its base."""
-        self._call("POST", "/compact")
 
 
 class BeaverClient:
@@ -6391,24 +7671,30 @@ class BeaverClient:
 
     Each thread keeps one keep-alive connection. Errors are the same classes ``BeaverDB``
     raises (``KeyError``, ``IndexError``, ``TimeoutError``, ``LockTimeout``...); transport
-    failures raise ``RemoteError``, a wrong token ``Unauthorized``. Events (``.on()``),
-    channel subscriptions and live views stream as server-sent events. Not available
-    remotely: ``transaction()``.
+    failures raise ``RemoteError``, a wrong token ``Unauthorized``. Every write carries an
+    idempotency key, so it is applied exactly once even when a response is lost and the
+    request is sent again. Events (``.on()``), channel subscriptions and live views stream
+    as server-sent events. ``transaction()`` queues writes and applies them at once.
     """
+
+    _base = ""
+    _options: dict = {}
+    _codec = _JSON
 
     def __init__(self, url, token=None, *, timeout=60.0):
         self._http = _Http(url, token, timeout)
         self._managers = _Managers()
         self._closed = False
+        self._local = threading.local()       # .batch: the writes of an open transaction()
 
     @property
     def url(self) -> str:
         return self._http.url
 
-    def _manager(self, cls, name, model=None):
+    def _manager(self, cls, name, model=None, **options):
         if self._closed:
             raise ClosedError("the client is closed")
-        return self._managers.get(cls, name, model, lambda: cls(self, name, model))
+        return self._managers.get(cls, name, model, lambda: cls(self, name, model, **options))
 
     def dict(self, name, model=None) -> RemoteDict:
         """The remote dict called ``name``."""
@@ -6428,54 +7714,131 @@ class BeaverClient:
 
     blob = blobs
 
-    def log(self, name, model=None) -> RemoteLog:
-        """The remote time-indexed log called ``name``."""
-        return self._manager(RemoteLog, name, model)
+    def log(self, name, model=None, retention=_DEFAULT) -> RemoteLog:
+        """The remote time-indexed log called ``name`` (``retention`` applies to its writes)."""
+        return self._manager(RemoteLog, name, model, retention=retention)
 
-    def channel(self, name, model=None) -> RemoteChannel:
-        """The remote pub/sub channel called ``name``."""
-        return self._manager(RemoteChannel, name, model)
+    def channel(self, name, model=None, retention=_DEFAULT,
+                max_messages=_DEFAULT) -> RemoteChannel:
+        """The remote pub/sub channel called ``name`` (``retention``, ``max_messages`` apply
+        to its ``publish`` and ``prune``)."""
+        return self._manager(RemoteChannel, name, model, retention=retention,
+                             max_messages=max_messages)
 
     def collection(self, name, model=None, metric=None, **options) -> RemoteCollection:
         """The remote document collection called ``name`` (``metric`` fixed at creation)."""
         manager = self._manager(RemoteCollection, name, model)
         if metric is not None or options:
-            manager._configure(metric, options)
+            if metric is not None and metric not in VECTOR_METRICS:
+                raise ValueError(f"metric must be one of {VECTOR_METRICS}, not {metric!r}")
+            self._request("PUT", manager._base, _json_dumps(
+                {"metric": metric, "options": options}).encode("utf-8"), writes=True)
         return manager
 
     def lock(self, name, timeout=None, ttl=60.0, lock_ttl=None) -> RemoteLock:
         """A new remote inter-process lock object on ``name``."""
-        ttl = lock_ttl if lock_ttl is not None else ttl
-        return RemoteLock(self, name, timeout=timeout, ttl=ttl)
-
-    def _get(self, path, query=None, sink=None):
-        """The body of a GET (or, with ``sink``, its headers after streaming the body)."""
-        status, headers, data = self._http.request("GET", path, query, sink=sink)
-        if status >= 400:
-            _raise_remote(status, data)
-        return data if sink is None else headers
+        if self._closed:
+            raise ClosedError("the client is closed")
+        return RemoteLock(self, name, timeout=timeout, ttl=lock_ttl if lock_ttl is not None
+                          else ttl)
 
     def info(self) -> dict:
         """Every structure on the server: kind, name and size."""
-        return json.loads(self._get("/info"))
+        return json.loads(self._request("GET", "/info"))
+
+    # -- the wire ---------------------------------------------------------------------------
+
+    def _request(self, verb, target, body=b"", headers="", writes=False, wait=0.0, key=None,
+                 sink=None):
+        """The body of one answer (or the headers, when ``sink`` took the body); raises the
+        server's exception. A write carries an idempotency key (``key`` to reuse one)."""
+        if self._closed:
+            raise ClosedError("the client is closed")
+        if writes:
+            headers += f"Idempotency-Key: {key or uuid.uuid4().hex}\r\n"
+        status, answer, data = self._send(verb, target, body, headers, wait, sink)
+        if status >= 400:
+            _raise_remote(status, data)
+        return data if sink is None else answer
+
+    def _invoke(self, manager, op, args):
+        """Run the declared operation ``op`` of ``manager`` with bound ``args``."""
+        try:
+            verb, target, body, headers = _request_of(manager, op, args)
+        except (TypeError, ValueError):
+            if op.result == "exists":
+                return False
+            raise
+        if op.writes and getattr(self._local, "batch", None) is not None:
+            known = _KNOWN_RESULTS.get(op.result)
+            if known is None:
+                raise BeaverError(f"{op.kind}.{op.method}() answers with a result, so it cannot "
+                                  "be queued in a remote transaction(): call it outside the block")
+            self._local.batch.append(_subrequest(verb, target, body, headers))
+            return known(args)
+        if op.wait and args.get("block", True):
+            return self._wait(manager, op, args)
+        if op.writes:
+            headers += f"Idempotency-Key: {uuid.uuid4().hex}\r\n"
+        return self._answer(manager, op, args, verb, target, body, headers)
+
+    def _send(self, verb, target, body, headers, wait=0.0, sink=None):
+        if len(target) > _LONG_TARGET:      # too long for a request line: tunnel it
+            body = _json_dumps(_subrequest(verb, target, body, "")).encode("utf-8")
+            verb, target = "POST", "/call"
+            headers += "Content-Type: application/json\r\n"
+        return self._http.request(verb, target, body, headers, wait, sink)
+
+    def _answer(self, manager, op, args, verb, target, body, headers, wait=0.0):
+        status, answer, data = self._send(verb, target, body, headers, wait)
+        if status >= 400:
+            if status == 404 and op.result == "exists":
+                return False
+            try:
+                _raise_remote(status, data)
+            except KeyError:
+                fallback = next((p.name for p in _plan(op)[2] if p.type == "fallback"), None)
+                if fallback is not None and args[fallback] is not _MISSING:
+                    return args[fallback]
+                if op.result.endswith("?"):
+                    return None
+                raise
+        value = _TAKE[op.result.rstrip("?")](manager, (status, answer, data), args)
+        return iter(value) if op.method == "__iter__" else value
+
+    def _wait(self, manager, op, args):
+        """A blocking call in chunks of at most ``_CHUNK_WAIT`` s, with one idempotency key:
+        an answer lost on the way is answered again, never taken twice."""
+        deadline = _Deadline(_seconds(args[op.wait], op.wait))
+        key = f"Idempotency-Key: {uuid.uuid4().hex}\r\n"
+        while True:
+            wait = deadline.remaining(cap=_CHUNK_WAIT)
+            verb, target, body, headers = _request_of(manager, op, {**args, op.wait: wait})
+            try:
+                return self._answer(manager, op, args, verb, target, body, headers + key, wait)
+            except Timeout:
+                if deadline.expired:
+                    raise
+
+    # -- the whole database -------------------------------------------------------------------
 
     def dump(self, fp, names=None) -> int:
         """Write the server's database (or the structures in ``names``) as JSON lines."""
         import codecs
+        from urllib.parse import quote
         decoder = codecs.getincrementaldecoder("utf-8")()
-        headers = self._get("/dump", {"names": ",".join(names) if names else None},
-                            sink=lambda chunk: fp.write(decoder.decode(chunk)))
+        target = "/dump" + (f"?names={quote(','.join(names), safe='')}" if names else "")
+        headers = self._request("GET", target, sink=lambda chunk: fp.write(decoder.decode(chunk)))
         fp.write(decoder.decode(b"", final=True))
-        return int(headers.get("Beaver-Structures", 0))
+        return int(headers.get("beaver-structures", 0))
 
     def load(self, fp, mode="append") -> int:
         """Send a JSON-lines dump to the server, loaded there in one transaction."""
+        from urllib.parse import quote
         text = fp.read()
         body = text.encode("utf-8") if isinstance(text, str) else text
-        status, _, data = self._http.request("POST", "/load", {"mode": mode}, body,
-                                             {"Content-Type": "application/x-ndjson"})
-        if status >= 400:
-            _raise_remote(status, data)
+        data = self._request("POST", f"/load?mode={quote(str(mode), safe='')}", body,
+                             "Content-Type: application/x-ndjson\r\n", writes=True)
         return json.loads(data)["structures"]
 
     def backup(self, path) -> str:
@@ -6484,15 +7847,43 @@ class BeaverClient:
         partial = target + ".part"
         try:
             with open(partial, "wb") as f:
-                self._get("/backup", sink=f.write)
+                self._request("GET", "/backup", sink=f.write)
             os.replace(partial, target)
         finally:
             with contextlib.suppress(OSError):
                 os.remove(partial)
         return target
 
+    @contextlib.contextmanager
     def transaction(self):
-        raise FeatureUnavailable("transactions are not available through BeaverClient")
+        """Queue the writes of the block and apply them at its end, atomically, on the server.
+
+            >>> with client.transaction():
+            ...     client.dict("accounts")["alice"] = 90
+            ...     client.list("ledger").push({"from": "alice", "amount": 10})
+
+        Like Redis MULTI/EXEC: the writes are sent together when the block ends and applied
+        in one server transaction, all or nothing; an exception in the block sends nothing.
+        Reads inside the block go to the server at once and do not see the queued writes. A
+        write whose result is needed (``pop``, queue ``get``, ``ack``...) raises
+        ``BeaverError`` inside the block. Nested blocks join the outer one.
+        """
+        batch = getattr(self._local, "batch", None)
+        outer = batch is None
+        if outer:
+            batch = self._local.batch = []
+        mark = len(batch)
+        try:
+            yield self
+        except BaseException:
+            del batch[mark:]
+            raise
+        finally:
+            if outer:
+                self._local.batch = None
+        if outer and batch:
+            self._request("POST", "/transaction", _json_dumps(batch).encode("utf-8"),
+                          "Content-Type: application/json\r\n", writes=True)
 
     @property
     def closed(self) -> bool:
@@ -6511,6 +7902,17 @@ class BeaverClient:
 
     def __repr__(self):
         return f"<BeaverClient {self._http.url!r}{' closed' if self._closed else ''}>"
+
+
+def _subrequest(verb, target, body, headers) -> dict:
+    """One request as JSON, for a transaction or a long target (see the server's /call)."""
+    request = {"method": verb, "target": target}
+    if body:
+        request["body64"] = base64.b64encode(body).decode("ascii")
+    named = dict(line.split(": ", 1) for line in headers.split("\r\n") if line)
+    if named:
+        request["headers"] = named
+    return request
 
 
 # ==========================================================================================
@@ -6877,9 +8279,11 @@ def _import_into_new_file(source, new) -> dict:
 # CLI: beaver [--database PATH] <dict|list|queue|blob|lock|...> NAME <operation> [args]
 # ==========================================================================================
 #
-# Output is JSON (``"dark"``, lists, objects) so it pipes into ``jq``; a VALUE argument is
-# JSON when it parses as JSON, else the text itself; ``-`` reads standard input. Exit status:
-# 0 done, 1 not found or the operation failed, 2 usage error. Errors go to standard error.
+# The operations of each kind derive from ``_API`` (names, arguments, help from docstrings);
+# the few irregular ones are written below. Output is JSON (``"dark"``, lists, objects) so it
+# pipes into ``jq`` (``--raw`` prints a string as it is); a VALUE argument is JSON when it
+# parses as JSON, else the text itself; ``-`` reads standard input. Exit status: 0 done, 1 not
+# found, a false answer or the operation failed, 2 usage error. Errors go to standard error.
 
 _NOTHING = object()     # a handler result that prints nothing
 
@@ -6918,11 +8322,7 @@ def _cli_bytes(path) -> bytes:
 def _cli_json(value):
     """Plain JSON for anything a handler returns (models, queue items, documents...)."""
     if isinstance(value, QueueItem):
-        item = {"priority": value.priority, "timestamp": value.timestamp,
-                "data": _cli_json(value.data)}
-        if getattr(value, "lease_id", None) is not None:
-            item["lease_id"] = value.lease_id
-        return item
+        return _queue_item(value)
     if hasattr(value, "to_dict"):
         return value.to_dict()
     if isinstance(value, (list, tuple)):
@@ -6930,6 +8330,160 @@ def _cli_json(value):
     if isinstance(value, dict):
         return {k: _cli_json(v) for k, v in value.items()}
     return _to_jsonable(value)
+
+
+def _cli_time(text):
+    """Epoch seconds or an ISO 8601 time (naive = local time) from the command line."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise _UsageError(f"not a time: {text!r} (use epoch seconds or ISO 8601)") from None
+
+
+def _leased_item(lease_id):
+    item = LeasedItem(0, 0.0, None)
+    item.lease_id = int(lease_id)
+    return item
+
+
+class _UsageError(Exception):
+    """Bad command-line usage found after parsing (exit status 2)."""
+
+
+# wire type -> how the command line gives that argument: (argparse options, converter)
+_CLI_TYPES = {
+    "str": ({}, None), "docid": ({}, None),
+    "value": ({"metavar": "VALUE"}, _cli_value), "json": ({}, _cli_value),
+    "seconds": ({"type": float}, None), "epoch": ({}, _cli_time),
+    "values": ({"metavar": "JSON_LIST"}, _cli_value), "vector": ({"metavar": "JSON_LIST"},
+                                                                 _cli_value),
+    "item": ({"metavar": "LEASE_ID", "type": int}, _leased_item),
+    "bytes": ({"metavar": "FILE"}, _cli_bytes), "header": ({"metavar": "JSON"}, _cli_value),
+    "dump": ({"metavar": "FILE"}, _cli_text), "mapping": ({"metavar": "JSON_OBJECT"},
+                                                          _cli_value),
+    "document": ({"metavar": "JSON"}, lambda t: Document.from_dict(_cli_value(t))),
+}
+# parameter -> its help, and its flags where they are not just --the-name
+_CLI_HELP = {
+    "key": "the key", "value": "a JSON value, else taken as text; - reads standard input",
+    "data": "a JSON value, else text; - reads standard input", "payload": "the message: "
+    "JSON, else text", "index": "a position (negative counts from the end)",
+    "ttl_seconds": "expire after this many seconds", "priority": "lower comes out first",
+    "timeout": "seconds to wait (default: forever)", "block": "fail at once instead of waiting",
+    "lease": "seconds before the item returns unless acked (prints its lease_id)",
+    "item": "the lease_id printed by get --lease", "metadata": "JSON metadata",
+    "timestamp": "epoch seconds or an ISO 8601 time", "start": "epoch seconds or ISO 8601",
+    "end": "epoch seconds or ISO 8601", "limit": "at most this many results (channel "
+    "history: the newest ones)", "offset": "skip this many results first", "order": "asc "
+    "(oldest first) or desc", "order_by": "a field path to sort by; -path sorts descending",
+    "path": "a dotted field path, e.g. author.name",
+    "document": "a document id", "doc_id": "a document id", "source": "a document id",
+    "target": "a document id", "label": "an edge label", "labels": "an edge label "
+    "(repeatable)", "direction": "which edges", "depth": "edges to follow at most",
+    "query": "the words to find", "on": "a field path (repeatable)", "top_k": "results at "
+    "most", "fuzziness": "typos allowed per word (0, 1 or 2)", "raw": "the query is FTS5 "
+    "syntax", "highlight": "add a snippet with the matches in [brackets]", "vector":
+    "a JSON list of numbers", "where": "a JSON filter, e.g. '{\"year\": {\"$gte\": 2020}}'",
+    "data_or_fp": "the dump file (JSON); - reads standard input", "values": "a JSON list",
+    "items": "a JSON object of keys and values", "fts": "index the text", "fuzzy":
+    "(accepted for compatibility)",
+}
+_CLI_FLAGS = {"ttl_seconds": ["--ttl"], "priority": ["--priority", "-p"],
+              "block": ["--no-wait", "-n"], "top_k": ["--top-k", "-k"],
+              "fuzziness": ["--fuzziness", "-f"], "metadata": ["--metadata", "-m"],
+              "timestamp": ["--timestamp", "-t"], "raw": ["--raw-query"]}
+_CLI_CHOICES = {"direction": ["outgoing", "incoming", "both"]}
+# (kind, local method) -> CLI name; None leaves it out (it has a better spelling here)
+_CLI_NAMES = {"__getitem__": "get", "__setitem__": "set", "__delitem__": "delete",
+              "__contains__": "has", "__len__": "len", "__iter__": "items", "log": "write"}
+_CLI_SKIP = {("dict", "__iter__"), ("dict", "get"), ("dict", "values"), ("blob", "__iter__"), ("blob", "__getitem__"),
+             ("blob", "get"), ("blob", "__setitem__"), ("collection", "get"),
+             ("collection", "index"), ("list", "_get_slice"), ("list", "_set_slice"),
+             ("list", "_del_slice"), ("list", "__setitem__"), ("list", "__getitem__"),
+             ("list", "__delitem__"), ("dict", "items")}
+_CLI_DOC = {"__getitem__": "print the value stored there", "__delitem__": "delete it",
+            "__contains__": "print whether it is there (exit status 1 if not)",
+            "__len__": "print the number of items", "__iter__": "print every item, in order"}
+# result -> how the CLI prints it
+_CLI_SHOW = {
+    "hits": lambda hits: [{"document": d, "score": s, **({"snippet": h[0]} if h else {})}
+                          for d, s, *h in hits],
+    "entries": lambda rows: [{"timestamp": e.timestamp.isoformat(), "data": e.data}
+                             for e in rows],
+    "edges": lambda edges: [e._asdict() for e in edges],
+    "pairs": dict,
+}
+
+
+def _cli_declared(kind):
+    """(name, help, [arguments], handler) of every declared operation of ``kind``."""
+    found = []
+    for method, op in _operations(kind).items():
+        if (kind, method) in _CLI_SKIP:
+            continue
+        name = _CLI_NAMES.get(method, method)
+        if name is None or name.startswith("_"):
+            continue
+        doc = _CLI_DOC.get(method) or (_local_function(op).__doc__ or "").strip().split(
+            "\n")[0].replace("``", "")
+        arguments = [_cli_argument(param) for param in _plan(op)[2]
+                     if param.type not in ("fallback", "local")]
+        found.append((name.replace("_", "-"), doc.rstrip("."), arguments, _cli_call(op),
+                      not op.writes))
+    return found
+
+
+def _cli_argument(param):
+    options, _ = _CLI_TYPES.get(param.type, ({}, None))
+    options = {**options, "help": _CLI_HELP.get(param.name, param.name.replace("_", " ")),
+               "dest": param.name}
+    if param.name in _CLI_CHOICES:
+        options["choices"] = _CLI_CHOICES[param.name]
+    if param.default is _MISSING:
+        options.pop("dest")
+        return (param.name,), options
+    if isinstance(param.default, bool):
+        options.pop("type", None)
+        options.pop("metavar", None)
+        options["action"] = "store_false" if param.default else "store_true"
+        flags = _CLI_FLAGS.get(param.name) or [
+            ("--no-" if param.default else "--") + param.name.replace("_", "-")]
+        return tuple(flags), {**options, "default": param.default}
+    if param.name in ("on", "labels"):
+        options["action"] = "append"
+    flags = _CLI_FLAGS.get(param.name) or ["--" + param.name.replace("_", "-")]
+    return tuple(flags), {**options, "default": param.default}
+
+
+def _cli_call(op):
+    """The handler running ``op`` on a manager with the parsed arguments."""
+    def run(manager, args):
+        kwargs = {}
+        for param in _plan(op)[2]:
+            if param.type in ("fallback", "local"):
+                continue
+            value = getattr(args, param.name)
+            convert = _CLI_TYPES.get(param.type, ({}, None))[1]
+            kwargs[param.name] = value if convert is None or value is None or isinstance(
+                value, bool) or (param.default is not _MISSING and value is param.default) \
+                else convert(value)
+        found = getattr(manager, op.method)         # a property gives its value at once
+        result = found(**kwargs) if callable(found) else found
+        if op.method == "__iter__":
+            result = list(result)
+        if not op.result:
+            return _NOTHING
+        if result is False:                        # has, ack, nack: a false answer fails
+            print("false")
+            return _Exit(1)
+        return _CLI_SHOW.get(op.result, lambda r: r)(result)
+    return run
 
 
 def _quiet(action):
@@ -6941,37 +8495,6 @@ def _quiet(action):
 
 def _arg(*flags, **options):
     return flags, options
-
-
-_KEY = _arg("key", help="the key")
-_VALUE = _arg("value", help="a JSON value, else taken as text; - reads standard input")
-_INDEX = _arg("index", type=int, help="a position (negative counts from the end)")
-_FILE = _arg("file", help="a file path; - reads standard input")
-_TIMEOUT = _arg("--timeout", type=float, default=None, help="seconds to wait (default: forever)")
-_NO_WAIT = _arg("--no-wait", "-n", action="store_true", help="fail at once instead of waiting")
-
-
-def _structure_ops(kind):
-    """Operations every structure has: len, clear, dump, load."""
-    return [
-        ("len", f"print the number of items of the {kind}", [], lambda m, a: len(m)),
-        ("clear", f"remove every item of the {kind}", [], _quiet(lambda m, a: m.clear())),
-        ("dump", f"print the {kind} as one JSON document", [], lambda m, a: m.dump()),
-        ("load", f"add the items of a JSON dump of a {kind}", [_FILE],
-         _quiet(lambda m, a: m.load(_cli_text(a.file)))),
-    ]
-
-
-def _queue_get(manager, args):
-    if args.no_wait:
-        return manager.get(block=False, lease=args.lease)
-    return manager.get(timeout=args.timeout, lease=args.lease)
-
-
-def _leased_item(lease_id):
-    item = LeasedItem(0, 0.0, None)
-    item.lease_id = lease_id
-    return item
 
 
 def _blob_get(manager, args):
@@ -7043,27 +8566,6 @@ def _run_command(command) -> int:
         return 130
 
 
-_DIRECTION = _arg("--direction", choices=["outgoing", "incoming", "both"], default="outgoing")
-
-
-def _cli_time(text):
-    """Epoch seconds or an ISO 8601 time (naive = local time) from the command line."""
-    if text is None:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return _dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise _UsageError(f"not a time: {text!r} (use epoch seconds or ISO 8601)") from None
-
-
-def _cli_entries(entries):
-    return [{"timestamp": e.timestamp.isoformat(), "data": e.data} for e in entries]
-
-
 def _cli_document(args):
     value = _cli_value(args.document)
     if args.id is None and isinstance(value, dict) and "id" in value and \
@@ -7072,8 +8574,19 @@ def _cli_document(args):
     return Document(id=args.id, body=value)
 
 
-def _cli_hits(hits):
-    return [{"document": doc, "score": score} for doc, score, *_ in hits]
+def _cli_index_many(manager, args):
+    """Index JSON-lines documents in batches of 1000 (one transaction each), with progress."""
+    total, batch = 0, []
+    with _Progress(sys.stdin if args.file == "-" else open(args.file, encoding="utf-8"),
+                   "documents read") as lines:
+        for line in lines:
+            if line.strip():
+                batch.append(Document.from_dict(json.loads(line)))
+            if len(batch) >= 1000:
+                total += manager.index_many(batch, fts=not args.no_fts)
+                batch = []
+        total += manager.index_many(batch, fts=not args.no_fts) if batch else 0
+    return {"indexed": total}
 
 
 def _cli_stream(items, count):
@@ -7102,152 +8615,85 @@ def _log_live(manager, args):
     return _Exit(0)
 
 
-# kind -> (help, BeaverDB factory, [(operation, help, [arguments], handler(manager, args))])
+_KEY = _arg("key", help="the key")
+_COUNT = _arg("--count", type=int, default=None, help="stop after this many (default: never)")
+_TIMEOUT = _arg("--timeout", type=float, default=None, help="seconds to wait (default: forever)")
+_NO_WAIT = _arg("--no-wait", "-n", action="store_true", help="fail at once instead of waiting")
+
+# kind -> (help, BeaverDB factory, the operations written by hand: (operation, help,
+# [arguments], handler(manager, args), reads)); the declared ones are added by _cli_operations
 CLI_KINDS = {
     "dict": ("a persistent dict of JSON values, with TTL", "dict", [
-        ("get", "print the value of KEY", [_KEY], lambda m, a: m[a.key]),
-        ("set", "store VALUE under KEY", [_KEY, _VALUE, _arg(
-            "--ttl", type=float, default=None, help="expire after this many seconds")],
-         _quiet(lambda m, a: m.set(a.key, _cli_value(a.value), ttl_seconds=a.ttl))),
-        ("delete", "delete KEY", [_KEY], _quiet(lambda m, a: m.__delitem__(a.key))),
-        ("pop", "delete KEY and print its value", [_KEY], lambda m, a: m.pop(a.key)),
-        ("has", "print whether KEY exists (exit status 1 if not)", [_KEY],
-         lambda m, a: True if a.key in m else _Exit(1)),
-        ("ttl", "print the seconds until KEY expires (null: never)", [_KEY],
-         lambda m, a: m.ttl(a.key)),
-        ("keys", "print the keys", [], lambda m, a: m.keys()),
         ("items", "print every key and value as one JSON object", [],
-         lambda m, a: dict(m.items())),
-    ] + _structure_ops("dict")),
+         lambda m, a: dict(m.items()), True),
+    ]),
     "list": ("a persistent list", "list", [
-        ("push", "append VALUE", [_VALUE], _quiet(lambda m, a: m.push(_cli_value(a.value)))),
-        ("prepend", "insert VALUE at the front", [_VALUE],
-         _quiet(lambda m, a: m.prepend(_cli_value(a.value)))),
-        ("insert", "insert VALUE before INDEX", [_INDEX, _VALUE],
-         _quiet(lambda m, a: m.insert(a.index, _cli_value(a.value)))),
-        ("get", "print the item at INDEX", [_INDEX], lambda m, a: m[a.index]),
-        ("set", "replace the item at INDEX", [_INDEX, _VALUE],
-         _quiet(lambda m, a: m.__setitem__(a.index, _cli_value(a.value)))),
-        ("delete", "delete the item at INDEX", [_INDEX],
-         _quiet(lambda m, a: m.__delitem__(a.index))),
-        ("pop", "remove and print the last item (or the one at INDEX)",
-         [_arg("index", type=int, nargs="?", default=None, help="a position")],
-         lambda m, a: m.pop(a.index)),
-        ("deque", "remove and print the first item", [], lambda m, a: m.deque()),
-        ("items", "print every item as one JSON list", [], lambda m, a: list(m)),
-    ] + _structure_ops("list")),
-    "queue": ("a persistent priority queue", "queue", [
-        ("put", "add VALUE (lower priority first)", [_VALUE, _arg(
-            "--priority", "-p", type=float, default=0, help="priority (default 0)")],
-         _quiet(lambda m, a: m.put(_cli_value(a.value), priority=_number(a.priority)))),
-        ("get", "take the first item and print it", [_TIMEOUT, _NO_WAIT, _arg(
-            "--lease", type=float, default=None,
-            help="seconds before the item returns unless acked (prints its lease_id)")],
-         _queue_get),
-        ("ack", "finish a leased item (exit status 1 if its lease had run out)",
-         [_arg("lease_id", type=int)],
-         lambda m, a: True if m.ack(_leased_item(a.lease_id)) else _Exit(1)),
-        ("nack", "give a leased item back to the queue now", [_arg("lease_id", type=int)],
-         lambda m, a: True if m.nack(_leased_item(a.lease_id)) else _Exit(1)),
-        ("peek", "print the first item without taking it", [], lambda m, a: m.peek()),
-        ("items", "print every item, in the order get would take them", [],
-         lambda m, a: list(m)),
-    ] + _structure_ops("queue")),
+        ("get", "print the item at INDEX", [_arg("index", type=int, help="a position")],
+         lambda m, a: m[a.index], True),
+        ("set", "replace the item at INDEX", [_arg("index", type=int, help="a position"),
+                                               _arg("value", help=_CLI_HELP["value"])],
+         _quiet(lambda m, a: m.__setitem__(a.index, _cli_value(a.value))), False),
+        ("delete", "delete the item at INDEX", [_arg("index", type=int, help="a position")],
+         _quiet(lambda m, a: m.__delitem__(a.index)), False),
+    ]),
+    "queue": ("a persistent priority queue", "queue", []),
     "blob": ("a store of binary objects with JSON metadata", "blobs", [
-        ("put", "store the bytes of FILE under KEY", [_KEY, _FILE, _arg(
-            "--metadata", "-m", default=None, help="JSON metadata")],
-         _quiet(lambda m, a: m.put(a.key, _cli_bytes(a.file),
-                                   None if a.metadata is None else _cli_value(a.metadata)))),
         ("get", "write the bytes under KEY to standard output (or --output)", [_KEY, _arg(
-            "--output", "-o", default=None, help="write to this file")], _blob_get),
-        ("info", "print the size and metadata of KEY", [_KEY], _blob_info),
-        ("delete", "delete KEY", [_KEY], _quiet(lambda m, a: m.delete(a.key))),
-        ("keys", "print the keys", [], lambda m, a: m.keys()),
-    ] + _structure_ops("blob")),
+            "--output", "-o", default=None, help="write to this file (default: stdout)")],
+         _blob_get, True),
+        ("info", "print the size and metadata of KEY", [_KEY], _blob_info, True),
+    ]),
     "log": ("a time-indexed log of JSON values", "log", [
-        ("write", "append VALUE (now, or at --timestamp)", [_VALUE, _arg(
-            "--timestamp", "-t", default=None, help="epoch seconds or an ISO 8601 time")],
-         _quiet(lambda m, a: m.log(_cli_value(a.value), timestamp=_cli_time(a.timestamp)))),
-        ("range", "print the entries between --start and --end (inclusive)", [
-            _arg("--start", default=None, help="epoch seconds or an ISO 8601 time"),
-            _arg("--end", default=None, help="epoch seconds or an ISO 8601 time")],
-         lambda m, a: _cli_entries(m.range(_cli_time(a.start), _cli_time(a.end)))),
         ("live", "print the values of the last --window seconds every --period, as JSON lines",
-         [_arg("--window", type=float, default=60.0, help="seconds (default 60)"),
-          _arg("--period", type=float, default=1.0, help="seconds (default 1)"),
-          _arg("--count", type=int, default=None, help="stop after this many updates")],
-         _log_live),
-    ] + _structure_ops("log")),
+         [_arg("--window", type=float, default=60.0, help="seconds of log in each update"),
+          _arg("--period", type=float, default=1.0, help="seconds between updates"), _COUNT],
+         _log_live, True),
+    ]),
     "channel": ("a pub/sub channel", "channel", [
-        ("publish", "send VALUE to every subscriber", [_VALUE],
-         _quiet(lambda m, a: m.publish(_cli_value(a.value)))),
         ("listen", "print messages published from now on, as JSON lines", [
             _arg("--timeout", type=float, default=None,
-                 help="stop after this many seconds without a message"),
-            _arg("--count", type=int, default=None, help="stop after this many messages")],
-         _channel_listen),
-        ("history", "print the retained messages, oldest first", [
-            _arg("--limit", type=int, default=None, help="only the last LIMIT ones")],
-         lambda m, a: m.history(a.limit)),
-    ] + _structure_ops("channel")),
+                 help="stop after this many seconds without a message (default: never)"),
+            _COUNT], _channel_listen, True),
+    ]),
     "collection": ("documents searchable by text, typos, vectors and relationships",
                    "collection", [
         ("index", "store a document: JSON {\"id\", \"body\", \"embedding\"} (or a body + --id)",
          [_arg("document", help="the document as JSON; - reads standard input"),
           _arg("--id", default=None, help="the id, when DOCUMENT is just the body"),
           _arg("--no-fts", action="store_true", help="do not index the text")],
-         lambda m, a: m.index(_cli_document(a), fts=not a.no_fts).id),
-        ("get", "print the document ID", [_arg("id")], lambda m, a: m[a.id]),
-        ("drop", "delete the document ID and its edges", [_arg("id")],
-         _quiet(lambda m, a: m.drop(a.id))),
-        ("match", "full-text search (typo-tolerant with --fuzziness)", [
-            _arg("query"), _arg("--fuzziness", "-f", type=int, default=0),
-            _arg("--top-k", "-k", type=int, default=10),
-            _arg("--on", action="append", default=None, help="a field path (repeatable)")],
-         lambda m, a: _cli_hits(m.match(a.query, on=a.on, top_k=a.top_k,
-                                        fuzziness=a.fuzziness))),
-        ("search", "nearest documents to a vector (JSON list of numbers)", [
-            _arg("vector"), _arg("--top-k", "-k", type=int, default=10)],
-         lambda m, a: _cli_hits(m.search(_cli_value(a.vector), top_k=a.top_k))),
-        ("connect", "add the edge SOURCE -[LABEL]-> TARGET", [
-            _arg("source"), _arg("target"), _arg("label"),
-            _arg("--metadata", "-m", default=None, help="JSON metadata")],
-         _quiet(lambda m, a: m.connect(a.source, a.target, a.label, None if a.metadata is None
-                                       else _cli_value(a.metadata)))),
-        ("disconnect", "remove the edges SOURCE -> TARGET", [
-            _arg("source"), _arg("target"), _arg("--label", default=None)],
-         _quiet(lambda m, a: m.disconnect(a.source, a.target, a.label))),
-        ("edges", "print the edges of ID", [_arg("id"), _DIRECTION,
-                                            _arg("--label", default=None)],
-         lambda m, a: [e._asdict() for e in m.edges(a.id, a.direction, a.label)]),
-        ("neighbors", "print the documents one edge away from ID", [
-            _arg("id"), _arg("--label", default=None), _DIRECTION],
-         lambda m, a: m.neighbors(a.id, label=a.label, direction=a.direction)),
-        ("walk", "print the documents up to --depth edges away from ID", [
-            _arg("id"), _arg("--labels", action="append", default=None),
-            _arg("--depth", type=int, default=1), _DIRECTION],
-         lambda m, a: m.walk(a.id, labels=a.labels, depth=a.depth, direction=a.direction)),
-        ("ids", "print the ids of the documents", [], lambda m, a: [d.id for d in m]),
-    ] + _structure_ops("collection")),
+         lambda m, a: m.index(_cli_document(a), fts=not a.no_fts).id, False),
+        ("index-many", "index the JSON-lines documents of FILE, 1000 per transaction", [
+            _arg("file", help="one JSON document per line; - reads standard input"),
+            _arg("--no-fts", action="store_true", help="do not index the text")],
+         _cli_index_many, False),
+        ("ids", "print the ids of the documents", [], lambda m, a: [d.id for d in m], True),
+    ]),
     "lock": ("an inter-process lock", None, [
         ("run", "run a command while holding the lock; exit with its status", [
             _TIMEOUT, _NO_WAIT,
             _arg("--ttl", type=float, default=60.0, help="seconds a hold lasts unless renewed "
                                                           "(renewed while the command runs)"),
             _arg("argv", nargs="...", metavar="COMMAND", help="the command and its arguments")],
-         _lock_run),
-        ("status", "print whether the lock is held", [], _lock_status),
+         _lock_run, False),
+        ("status", "print whether the lock is held", [], _lock_status, True),
     ]),
 }
 
 
-def _number(value):
-    value = float(value)
-    return int(value) if value.is_integer() and abs(value) < 2 ** 53 else value
+def _cli_operations(kind):
+    """Every operation of ``kind``: the hand-written ones, then the declared ones."""
+    hand = CLI_KINDS[kind][2]
+    names = {op[0] for op in hand}
+    return hand + [op for op in ([] if kind == "lock" else _cli_declared(kind))
+                   if op[0] not in names]
 
 
-class _UsageError(Exception):
-    """Bad command-line usage found after parsing (exit status 2)."""
+def _help_formatter():
+    import argparse
+
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """Descriptions as written, and every option's default."""
+    return Help
 
 
 def _cli_parser(kind=None):
@@ -7255,51 +8701,57 @@ def _cli_parser(kind=None):
     import argparse
     parser = argparse.ArgumentParser(
         prog="beaver", description="Inspect and change a beaver database from the shell. "
-        "Values are JSON (else text); output is JSON.",
+        "Values are JSON (else text); output is JSON.", formatter_class=_help_formatter(),
         epilog="examples:\n  beaver --database my_data.db dict app_config get theme\n"
-               "  beaver --database data.db lock my-cron-job run bash -c 'run_daily_report.sh'",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--database", "-d", default=None,
-                        help="database file (default: $BEAVER_DATABASE or beaver.db)")
-    parser.add_argument("--url", default=None,
+               "  beaver --database data.db lock my-cron-job run bash -c 'run_daily_report.sh'")
+    parser.add_argument("--database", "-d", default=argparse.SUPPRESS,
+                        help="database file (default: $BEAVER_DATABASE, else beaver.db)")
+    parser.add_argument("--url", default=argparse.SUPPRESS,
                         help="use a beaver server at this URL instead (default: $BEAVER_URL)")
-    parser.add_argument("--token", default=None, help="bearer token for --url ($BEAVER_TOKEN)")
+    parser.add_argument("--token", default=argparse.SUPPRESS,
+                        help="bearer token for --url (default: $BEAVER_TOKEN)")
+    parser.add_argument("--raw", action="store_true",
+                        help="print a string result as it is, without JSON quotes")
     parser.add_argument("--version", action="version", version=f"beaver {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for each, (help_text, _, operations) in CLI_KINDS.items():
-        _cli_kind_parser(commands, each, help_text, operations if each == kind else None)
+    for each, (help_text, _, _) in CLI_KINDS.items():
+        _cli_kind_parser(commands, each, help_text, each == kind)
     _cli_database_parsers(commands)
     return parser
 
 
-def _cli_kind_parser(commands, kind, help_text, operations):
-    sub = commands.add_parser(kind, help=help_text, description=help_text)
-    if operations is None:      # not the kind on this command line: its name is enough
+def _cli_kind_parser(commands, kind, help_text, full):
+    sub = commands.add_parser(kind, help=help_text, description=help_text,
+                              formatter_class=_help_formatter())
+    if not full:        # not the kind on this command line: its name is enough
         return
     sub.add_argument("name", help=f"the name of the {kind}")
     ops = sub.add_subparsers(dest="operation", metavar="OPERATION", required=True)
-    for operation, op_help, arguments, handler in operations:
-        op = ops.add_parser(operation, help=op_help, description=op_help)
+    for operation, op_help, arguments, handler, reads in _cli_operations(kind):
+        op = ops.add_parser(operation, help=op_help, description=op_help,
+                            formatter_class=_help_formatter())
         for flags, options in arguments:
             op.add_argument(*flags, **options)
-        op.set_defaults(handler=handler, kind=kind)
+        op.set_defaults(handler=handler, kind=kind, reads=reads)
 
 
 def _cli_database_parsers(commands):
-    info = commands.add_parser("info", help="print every structure: kind, name, size")
-    info.set_defaults(handler=lambda db, a: db.info())
-    dump = commands.add_parser("dump", help="print the database (or the named structures) "
-                                            "as JSON lines")
+    def add(name, help_text, handler, reads):
+        parser = commands.add_parser(name, help=help_text, description=help_text,
+                                     formatter_class=_help_formatter())
+        parser.set_defaults(handler=handler, reads=reads)
+        return parser
+    add("info", "print every structure: kind, name, size", lambda db, a: db.info(), True)
+    dump = add("dump", "print the database (or the named structures) as JSON lines",
+               _cli_dump, True)
     dump.add_argument("names", nargs="*", help="structure names (or kind:name); default all")
-    dump.set_defaults(handler=_quiet(lambda db, a: db.dump(sys.stdout, a.names or None)))
-    load = commands.add_parser("load", help="load a JSON-lines dump in one transaction")
+    load = add("load", "load a JSON-lines dump in one transaction", _cli_load, False)
     load.add_argument("file", help="the dump file; - reads standard input")
     load.add_argument("--replace", action="store_true",
                       help="empty each structure of the dump before loading it")
-    load.set_defaults(handler=_cli_load)
-    backup = commands.add_parser("backup", help="copy the database to PATH while it is in use")
+    backup = add("backup", "copy the database to PATH while it is in use",
+                 lambda db, a: db.backup(a.path), True)
     backup.add_argument("path", help="the copy to write")
-    backup.set_defaults(handler=lambda db, a: db.backup(a.path))
     commands.add_parser("serve", help="run the REST server (see beaver serve --help)",
                         add_help=False)
     commands.add_parser("client", help="run a command against the database (same as without "
@@ -7308,19 +8760,63 @@ def _cli_database_parsers(commands):
                                                 "beaver file (see --help)", add_help=False)
 
 
+class _Progress:
+    """A text file passed through, counting lines; the count shows on stderr if a terminal."""
+
+    def __init__(self, fp, what):
+        self.fp, self.what, self.lines = fp, what, 0
+        self.show = sys.stderr.isatty()
+        self.shown = 0.0
+
+    def _count(self, text):
+        self.lines += text.count("\n")
+        if self.show and time.monotonic() - self.shown > 0.2:
+            self.shown = time.monotonic()
+            print(f"\r{self.lines} {self.what}", end="", file=sys.stderr, flush=True)
+        return text
+
+    def write(self, text):
+        return self.fp.write(self._count(text))
+
+    def read(self, size=-1):
+        return self._count(self.fp.read(size))
+
+    def __iter__(self):
+        return (self._count(line) for line in self.fp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.show:
+            print(f"\r{self.lines} {self.what}", file=sys.stderr, flush=True)
+        if self.fp not in (sys.stdin, sys.stdout):
+            self.fp.close()
+
+
+def _cli_dump(db, args):
+    with _Progress(sys.stdout, "lines dumped") as out:
+        db.dump(out, args.names or None)
+    return _NOTHING
+
+
 def _cli_load(db, args):
     mode = "replace" if args.replace else "append"
-    if args.file == "-":
-        return {"structures": db.load(sys.stdin, mode)}
-    with open(args.file, encoding="utf-8") as f:
-        return {"structures": db.load(f, mode)}
+    source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+    with _Progress(source, "lines loaded") as lines:
+        return {"structures": db.load(lines, mode)}
 
 
 def _open_database(args):
-    url = args.url or os.environ.get("BEAVER_URL")
-    if url and not args.database:
-        return BeaverClient(url, token=args.token or os.environ.get("BEAVER_TOKEN"))
-    return BeaverDB(args.database or os.environ.get("BEAVER_DATABASE") or "beaver.db")
+    database = getattr(args, "database", None)
+    url = getattr(args, "url", None) or os.environ.get("BEAVER_URL")
+    if url and not database:
+        return BeaverClient(url, token=getattr(args, "token", None) or
+                            os.environ.get("BEAVER_TOKEN"))
+    path = database or os.environ.get("BEAVER_DATABASE") or "beaver.db"
+    if getattr(args, "reads", False) and path != ":memory:" and not os.path.exists(path):
+        raise BeaverError(f"no database at {path!r} (a read never creates one)")
+    return BeaverDB(path)
 
 
 def _cli_run(db, args):
@@ -7332,12 +8828,15 @@ def _cli_run(db, args):
     return args.handler(getattr(db, factory)(args.name), args)
 
 
-def _cli_print(result):
+def _cli_print(result, raw=False):
     if result is _NOTHING:
         return 0
     if isinstance(result, _Exit):
         return int(result)
-    print(json.dumps(_cli_json(result), indent=2, ensure_ascii=False))
+    if raw and isinstance(result, str):
+        print(result)
+    else:
+        print(json.dumps(_cli_json(result), indent=2, ensure_ascii=False))
     return 0
 
 
@@ -7347,7 +8846,7 @@ def _command_word(argv):
     while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
         if argv[i] in ("--database", "-d") and i + 1 < len(argv):
             database = argv[i + 1]
-        i += 1 if "=" in argv[i] or argv[i] == "--version" else 2
+        i += 1 if "=" in argv[i] or argv[i] in ("--version", "--raw") else 2
     return i, database
 
 
@@ -7376,7 +8875,7 @@ def _cli_import_upstream(argv) -> int:
     """``beaver import-upstream OLD.db NEW.db [--dry-run]``: prints the JSON report."""
     import argparse
     parser = argparse.ArgumentParser(
-        prog="beaver import-upstream",
+        prog="beaver import-upstream", formatter_class=_help_formatter(),
         description="Copy every structure of a database written by the public beaver-db 1.x "
                     "or 2.x package into a new beaver file. OLD is only read; NEW must not "
                     "exist. Prints a JSON report: counts per structure, what was skipped, "
@@ -7423,7 +8922,7 @@ def main(argv=None) -> int:
         print(f"beaver: {e}", file=sys.stderr)
         return 1
     try:
-        return _cli_print(_cli_run(db, args))
+        return _cli_print(_cli_run(db, args), args.raw)
     except _UsageError as e:
         print(f"beaver: {e}", file=sys.stderr)
         return 2
@@ -7440,4 +8939,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # ``python -m beaver serve``: the server's ``import beaver`` must find this very module,
+    # not load a second copy with other classes (BeaverDB, BeaverError...).
+    sys.modules.setdefault("beaver", sys.modules[__name__])
     sys.exit(main())

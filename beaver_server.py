@@ -1,62 +1,73 @@
 """beaver_server: a beaver database as a REST API (the ``[server]`` extra: fastapi + uvicorn).
 
     $ python -m beaver_server --database app.db --port 8000        # or: beaver serve ...
-    $ curl -X PUT localhost:8000/dicts/app_config/theme -d '"dark"'
+    $ curl -X PUT localhost:8000/dicts/app_config/theme -H "Content-Type: application/json" \\
+           -d '"dark"'
     $ curl localhost:8000/dicts/app_config/theme
     "dark"
 
     >>> from beaver_server import create_app
     >>> app = create_app("app.db", token="s3cret")     # any ASGI server can run it
 
-Routes (interactive documentation at ``/docs``), one group per structure kind::
+The routes are derived from ``beaver._API``, the one declaration of every operation that
+``BeaverClient`` and the CLI use too (interactive documentation at ``/docs``)::
 
     /dicts/{name}/{key}      GET PUT(?ttl_seconds) DELETE(returns the value) HEAD
     /dict/{name}/{key}       the same (the spec's spelling)
     /lists/{name}/items/{i}  GET PUT DELETE;  /lists/{name}/slice;  POST .../push|prepend|
-                             extend|insert|pop|deque|reverse
-    /queues/{name}/put|get|peek|ack|nack get?timeout=... waits, 408 when nothing came;
-                                         get?lease=... hands out an item to ack
+                             extend|insert|pop|deque|remove|reverse
+    /queues/{name}/put|get|peek|ack|nack get?timeout=... waits (no thread), 408 when nothing
+                                         came; get?lease=... hands out an item to ack
     /blobs/{name}/{key}      raw bytes; metadata as JSON in the Beaver-Metadata header
     /logs/{name}/log|range|live          live: server-sent events
-    /channels/{name}/publish|history     subscribe: /channels/{name}/sse (server-sent
+    /channels/{name}/publish|history|prune  subscribe: /channels/{name}/sse (server-sent
                                          events) or /channels/{name}/ws (WebSocket)
-    /collections/{name}/index|documents/{id}|match|search|connect|disconnect|edges|
-                        neighbors|walk
-    /locks/{name}/acquire|release|renew  a token identifies the hold
+    /collections/{name}/index|index_many|documents/{id}|match|search|connect|disconnect|
+                        edges|neighbors|walk|compact
+    /locks/{name}/acquire|release|renew  the token (the lock's ticket) identifies the hold
     /events/{kind}/{name}?event=set      server-sent events: the changes of a structure
-    /{kind}s/{name}          GET ?view=summary|keys|items|dump, POST (load a dump), DELETE
+    /{kind}s/{name}          GET ?view=keys|items|dump, POST (load a dump), DELETE (clear)
     /info  /dump  /load  /backup          the whole database
+    /transaction             POST a list of writes, applied in one transaction
+    /call                    POST one request whose target is too long for a request line
 
-Values travel as JSON; a request body that is not valid JSON is taken as a string (so
-``curl -d your-secret-api-key`` stores that string). Errors are JSON objects
-``{"error": "KeyError", "message": "..."}`` with a 4xx status; ``beaver.BeaverClient``
-raises the same exception classes a local ``BeaverDB`` would.
+Names and keys are single path segments (percent-encode ``/`` as ``%2F``); the route is
+read from the raw path, so every string works. Values travel as JSON; a request body that
+is not JSON is taken as a string. Errors are ``{"error": "KeyError", "message": "..."}``
+with a 4xx status; ``beaver.BeaverClient`` raises the same exception classes.
+
+Writes carrying an ``Idempotency-Key`` header are applied once: the key and the answer are
+stored in the operation's own transaction, and a repeat gets the first answer. Long waits
+(queue get, lock acquire, streams) await the database's wake-ups without holding a thread.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import concurrent.futures
 import contextlib
-import io
+import functools
 import ipaddress
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
 import sys
 import tempfile
-import threading
-from typing import Annotated, Any, Literal, Optional
+import time
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-from fastapi import (APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response,
-                     WebSocket, WebSocketDisconnect)
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
-from starlette.background import BackgroundTask
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
+try:
+    from fastapi import FastAPI
+    from fastapi.openapi.docs import get_swagger_ui_html
+except ImportError as _missing:      # the [server] extra is not installed
+    FastAPI = None
+    _MISSING_EXTRA = _missing
+else:
+    _MISSING_EXTRA = None
 
 import beaver
 from beaver import BeaverDB
@@ -65,953 +76,879 @@ __all__ = ["create_app", "main"]
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024   # bytes in one request (blobs included)
 DEFAULT_MAX_WAIT = 25.0               # seconds one blocking request may wait on the server
-_LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
-
-Seconds = Optional[float]
-_BOUND = 2 ** 62   # list positions beyond this are refused (SQLite integers are 64-bit)
-Index = Annotated[int, Path(ge=-_BOUND, le=_BOUND, description="a position; negative counts "
-                                                               "from the end")]
-QIndex = Annotated[int, Query(ge=-_BOUND, le=_BOUND)]
-OptIndex = Annotated[Optional[int], Query(ge=-_BOUND, le=_BOUND)]
-View = Literal["summary", "keys", "items", "dump"]
-_ANY_JSON = {"requestBody": {"required": True, "content": {"application/json": {"schema": {}}}}}
-_JSON_LIST = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"type": "array", "items": {}}}}}}
-_JSON_OBJECT = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"type": "object"}}}}}
-_BYTES = {"requestBody": {"required": True, "content": {
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
-
-
-def _seconds(what, default=None):
-    return Query(default, ge=0, allow_inf_nan=False, description=what)
-
-
-# ------------------------------------------------------------------------------------------
-# Responses and errors
-# ------------------------------------------------------------------------------------------
-
-def _json(value, status=200, headers=None) -> Response:
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return Response(text, status, headers, media_type="application/json")
-
-
-def _error(status, name, message, **extra) -> JSONResponse:
-    return JSONResponse({"error": name, "message": message, **extra}, status)
-
-
-# Most specific first: the first class an exception is an instance of decides the status.
-_STATUS = [
+DEFAULT_MAX_STREAMS = 2000            # open streams and long waits at once (per process)
+MAX_TARGET = 16 * 1024                # bytes of a request target (path and query)
+MAX_TEXT_QUERY = 4096                 # characters of a full-text query
+MAX_TOP_K = 10_000                    # results of one search
+MIN_PERIOD = 0.05                     # seconds between two updates of a live view
+HEADER_TIMEOUT = 10.0                 # seconds a client has to send a request's headers
+_LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
+_SIMPLE_TYPES = {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
+_STATUS = [   # most specific first: the first class an exception is an instance of decides
     (beaver.LockLost, 409), (beaver.LockTimeout, 409), (beaver.DatabaseBusy, 503),
     (beaver.DiskFull, 507),
-    (TimeoutError, 408), (KeyError, 404), (IndexError, 404), (ValueError, 422),
-    (TypeError, 422), (beaver.ClosedError, 503), (beaver.FeatureUnavailable, 501),
+    (TimeoutError, 408), (KeyError, 404), (IndexError, 404), (PermissionError, 403),
+    (ValueError, 422), (TypeError, 422), (OverflowError, 422), (beaver.ClosedError, 503),
+    (beaver.FeatureUnavailable, 501),
 ]
-
-
-def _handle_exception(request, exc):
-    for cls, status in _STATUS:
-        if isinstance(exc, cls):
-            break
-    else:
-        status = 500
-    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return _error(status, type(exc).__name__, str(message))
-
-
-def _handle_http(request, exc):
-    names = {400: "ValueError", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge",
-             422: "ValueError"}
-    name = names.get(exc.status_code, "HTTPError")
-    response = _error(exc.status_code, name, str(exc.detail))
-    for key, value in (getattr(exc, "headers", None) or {}).items():
-        response.headers[key] = value
-    return response
-
-
-def _handle_validation(request, exc):
-    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
-    where = ", ".join(".".join(map(str, e["loc"])) + ": " + e["msg"] for e in errors)
-    return _error(422, "ValidationError", f"invalid request: {where}", detail=errors)
-
-
-def _install_error_handlers(app):
-    for cls in (beaver.BeaverError, KeyError, IndexError, ValueError, TypeError, TimeoutError):
-        app.add_exception_handler(cls, _handle_exception)
-    app.add_exception_handler(StarletteHTTPException, _handle_http)
-    app.add_exception_handler(RequestValidationError, _handle_validation)
+logger = logging.getLogger("beaver.server")
 
 
 # ------------------------------------------------------------------------------------------
-# Shared state and request bodies
+# Requests, answers and errors
 # ------------------------------------------------------------------------------------------
 
-class _Context:
-    """What every route needs: the database, the limits, the holds of remote locks."""
+class HTTPError(Exception):
+    """An answer other than the operation's: ``status``, error ``name`` and ``message``."""
 
-    def __init__(self, db, max_body, max_wait):
-        self.db = db
-        self.max_body = max_body
-        self.max_wait = max_wait
-        self.locks: dict = {}
-        self.locks_guard = threading.Lock()
-
-    def wait(self, timeout):
-        """A client's timeout, capped so one request never ties a worker up for long."""
-        return self.max_wait if timeout is None else min(timeout, self.max_wait)
-
-    async def raw_body(self, request: Request) -> bytes:
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body:
-            raise HTTPException(413, f"the request body exceeds {self.max_body} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body:
-                raise HTTPException(413, f"the request body exceeds {self.max_body} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def value(self, request: Request) -> Any:
-        """The JSON value of the body; a body that is not JSON is taken as a string."""
-        raw = await self.raw_body(request)
-        if not raw:
-            raise HTTPException(422, "a request body (a JSON value) is required")
-        try:
-            return json.loads(raw)
-        except ValueError:
-            pass
-        except RecursionError:
-            raise HTTPException(400, "the JSON body is nested too deeply") from None
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise HTTPException(422, "the request body is neither JSON nor UTF-8 text") from None
-
-    async def json_list(self, request: Request) -> list:
-        value = await self.value(request)
-        if not isinstance(value, list):
-            raise HTTPException(422, "the request body must be a JSON array")
-        return value
-
-    async def json_object(self, request: Request) -> dict:
-        value = await self.value(request)
-        if not isinstance(value, dict):
-            raise HTTPException(422, "the request body must be a JSON object")
-        return value
+    def __init__(self, status, name, message, headers=None):
+        super().__init__(message)
+        self.status, self.name, self.headers = status, name, headers or {}
 
 
-def _structure_routes(router, ctx, factory, views):
-    """``/{kind}s`` and ``/{kind}s/{name}``: listing, summary views, load, clear."""
-    kind = factory if factory != "blobs" else "blob"
-
-    @router.get("", summary=f"List the {kind} structures")
-    def list_structures():
-        return _json([s for s in ctx.db.info()["structures"] if s["kind"] == kind])
-
-    @router.get("/{name}", summary=f"Size, keys, items or dump of a {kind}")
-    def describe(name: str, view: View = "summary"):
-        manager = getattr(ctx.db, factory)(name)
-        result = {"name": name, "size": len(manager)}
-        if isinstance(getattr(manager, "metric", None), str):
-            result["metric"] = manager.metric
-        if view == "dump":
-            result["dump"] = manager.dump()
-        elif view != "summary":
-            result[view] = views[view](manager)
-        return _json(result)
-
-    @router.post("/{name}", summary=f"Load a {kind} dump", openapi_extra=_JSON_OBJECT)
-    def load(name: str, mode: Literal["append", "replace"] = "append",
-             data: dict = Depends(ctx.json_object)):
-        manager = getattr(ctx.db, factory)(name)
-        with ctx.db.transaction():
-            if mode == "replace":
-                manager.clear()
-            manager.load(data)
-        return Response(status_code=204)
-
-    @router.delete("/{name}", status_code=204, summary=f"Remove every item of a {kind}")
-    def clear(name: str):
-        getattr(ctx.db, factory)(name).clear()
-        return Response(status_code=204)
+def _error_reply(exc):
+    if isinstance(exc, HTTPError):
+        return beaver._reply({"error": exc.name, "message": str(exc)}, exc.status, exc.headers)
+    status = next((code for cls, code in _STATUS if isinstance(exc, cls)), 500)
+    if status == 500 and not isinstance(exc, beaver.BeaverError):
+        logger.exception("beaver server: unexpected error", exc_info=exc)
+        return beaver._reply({"error": "InternalError", "message": "internal error"}, 500)
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    body = {"error": type(exc).__name__, "message": str(message)}
+    if hasattr(exc, "beaver_index"):
+        body["index"] = exc.beaver_index
+    return beaver._reply(body, status)
 
 
-# ------------------------------------------------------------------------------------------
-# Dicts
-# ------------------------------------------------------------------------------------------
+class _Request:
+    """One HTTP request: its parts, its body (read within the limit), its disconnection."""
 
-def _ttl_headers(manager, key):
-    ttl = manager.ttl(key)
-    return None if ttl is None else {"Beaver-TTL": repr(ttl)}
+    def __init__(self, scope, receive, send, limit):
+        self.scope, self.receive, self._send = scope, receive, send
+        self.started = False        # the answer has begun: an error can no longer replace it
+        self.method = scope["method"]
+        self.raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
+        self.query_string = scope.get("query_string", b"")
+        self.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        self.limit = limit
+        self._body = None
+        self._gone = None
+        self._query = None
 
+    async def body(self) -> bytes:
+        if self._body is None:
+            chunks, size = [], 0
+            while True:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    raise HTTPError(400, "Disconnected", "the client went away")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.limit:
+                    raise HTTPError(413, "TooLarge", f"the request body exceeds {self.limit} "
+                                                     "bytes", {"connection": "close"})
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    break
+            self._body = b"".join(chunks)
+        return self._body
 
-def _dict_routes(ctx) -> APIRouter:
-    router = APIRouter(tags=["dicts"])
-    _structure_routes(router, ctx, "dict", {
-        "keys": lambda m: m.keys(), "items": lambda m: [list(kv) for kv in m.items()]})
+    def gone(self) -> asyncio.Future:
+        """A future done once the client has disconnected (read after the body)."""
+        if self._gone is None:
+            future = self._gone = asyncio.get_running_loop().create_future()
 
-    @router.patch("/{name}", status_code=204, summary="Set many keys at once",
-                  openapi_extra=_JSON_OBJECT)
-    def update(name: str, items: dict = Depends(ctx.json_object)):
-        ctx.db.dict(name).update(items)
-        return Response(status_code=204)
+            async def watch():
+                await self.body()
+                while (await self.receive())["type"] != "http.disconnect":
+                    pass
+                future.done() or future.set_result(None)
+            task = asyncio.ensure_future(watch())
+            future.add_done_callback(lambda f: task.cancel())
+        return self._gone
 
-    # A read never waits for writers (WAL), so the hottest route skips the threadpool hop.
-    @router.get("/{name}/{key:path}", summary="Read a key")
-    async def get_key(name: str, key: str):
-        return _json(ctx.db.dict(name)[key])
+    def query(self) -> dict:
+        if self._query is None:
+            try:
+                self._query = dict(parse_qsl(self.query_string.decode("utf-8"),
+                                             keep_blank_values=True, errors="strict"))
+            except UnicodeDecodeError:
+                raise HTTPError(400, "ValueError", "the query string is not UTF-8") from None
+        return self._query
 
-    @router.head("/{name}/{key:path}", summary="Whether a key exists (and its TTL)")
-    def has_key(name: str, key: str):
-        return Response(headers=_ttl_headers(ctx.db.dict(name), key))
+    async def send(self, message):
+        self.started = True
+        await self._send(message)
 
-    @router.put("/{name}/{key:path}", summary="Write a key (optionally with a TTL)",
-                openapi_extra=_ANY_JSON)
-    def set_key(name: str, key: str, value: Any = Depends(ctx.value),
-                ttl_seconds: Optional[float] = Query(None, gt=0, allow_inf_nan=False),
-                if_absent: bool = False):
-        manager = ctx.db.dict(name)
-        if if_absent:
-            return _json(manager.setdefault(key, value))
-        manager.set(key, value, ttl_seconds=ttl_seconds)
-        return Response(status_code=204)
-
-    @router.delete("/{name}/{key:path}", summary="Delete a key, returning its value")
-    def delete_key(name: str, key: str):
-        return _json(ctx.db.dict(name).pop(key))
-
-    return router
-
-
-# ------------------------------------------------------------------------------------------
-# Lists
-# ------------------------------------------------------------------------------------------
-
-def _list_routes(ctx) -> APIRouter:
-    router = APIRouter(tags=["lists"])
-    _structure_routes(router, ctx, "list", {"keys": lambda m: list(range(len(m))),
-                                            "items": lambda m: list(m)})
-
-    @router.get("/{name}/items/{index}", summary="Read the item at an index")
-    def get_item(name: str, index: Index):
-        return _json(ctx.db.list(name)[index])
-
-    @router.put("/{name}/items/{index}", status_code=204, summary="Replace the item at an index",
-                openapi_extra=_ANY_JSON)
-    def set_item(name: str, index: Index, value: Any = Depends(ctx.value)):
-        ctx.db.list(name)[index] = value
-        return Response(status_code=204)
-
-    @router.delete("/{name}/items/{index}", status_code=204, summary="Delete the item at an index")
-    def delete_item(name: str, index: Index):
-        del ctx.db.list(name)[index]
-        return Response(status_code=204)
-
-    @router.get("/{name}/slice", summary="Read a slice")
-    def get_slice(name: str, start: OptIndex = None, stop: OptIndex = None,
-                  step: OptIndex = None):
-        return _json(ctx.db.list(name)[_slice(start, stop, step)])
-
-    @router.put("/{name}/slice", status_code=204, summary="Assign a slice",
-                openapi_extra=_JSON_LIST)
-    def set_slice(name: str, start: OptIndex = None, stop: OptIndex = None,
-                  step: OptIndex = None, values: list = Depends(ctx.json_list)):
-        ctx.db.list(name)[_slice(start, stop, step)] = values
-        return Response(status_code=204)
-
-    @router.delete("/{name}/slice", status_code=204, summary="Delete a slice")
-    def delete_slice(name: str, start: OptIndex = None, stop: OptIndex = None,
-                     step: OptIndex = None):
-        del ctx.db.list(name)[_slice(start, stop, step)]
-        return Response(status_code=204)
-
-    _list_write_routes(router, ctx)
-    return router
+    async def reply(self, reply):
+        status, body, headers = reply
+        head = [(b"content-length", str(len(body)).encode())]
+        if body and not (headers and "content-type" in headers):
+            head.append((b"content-type", b"application/json"))
+        for name, value in (headers or {}).items():
+            head.append((name.encode("latin-1"), str(value).encode("latin-1")))
+        await self.send({"type": "http.response.start", "status": status, "headers": head})
+        await self.send({"type": "http.response.body",
+                         "body": b"" if self.method == "HEAD" else body})
 
 
-def _slice(start, stop, step):
-    if step == 0:
-        raise ValueError("slice step cannot be zero")
-    return slice(start, stop, step)
+def _text(raw: bytes) -> str:
+    try:
+        text = raw.decode("utf-8")
+        return unquote(text, errors="strict") if "%" in text else text
+    except UnicodeDecodeError:
+        raise HTTPError(400, "ValueError", "the path is not UTF-8") from None
 
 
-def _popped(value, empty) -> Response:
-    return _json(value, headers={"Beaver-Empty": "1"} if empty else None)
+def _loads(text):
+    """``json.loads``; JSON nested beyond the recursion limit is a 400, not a crash."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise HTTPError(400, "ValueError", "the JSON is nested too deeply") from None
 
 
-def _list_write_routes(router, ctx):
-    @router.post("/{name}/push", status_code=204, summary="Append an item",
-                 openapi_extra=_ANY_JSON)
-    def push(name: str, value: Any = Depends(ctx.value)):
-        ctx.db.list(name).push(value)
-        return Response(status_code=204)
-
-    @router.post("/{name}/prepend", status_code=204, summary="Insert an item at the front",
-                 openapi_extra=_ANY_JSON)
-    def prepend(name: str, value: Any = Depends(ctx.value)):
-        ctx.db.list(name).prepend(value)
-        return Response(status_code=204)
-
-    @router.post("/{name}/extend", status_code=204, summary="Append many items",
-                 openapi_extra=_JSON_LIST)
-    def extend(name: str, values: list = Depends(ctx.json_list)):
-        ctx.db.list(name).extend(values)
-        return Response(status_code=204)
-
-    @router.post("/{name}/insert", status_code=204, summary="Insert an item before an index",
-                 openapi_extra=_ANY_JSON)
-    def insert(name: str, index: QIndex, value: Any = Depends(ctx.value)):
-        ctx.db.list(name).insert(index, value)
-        return Response(status_code=204)
-
-    @router.post("/{name}/pop", summary="Remove and return an item (default: the last)")
-    def pop(name: str, index: OptIndex = None):
-        manager = ctx.db.list(name)
-        with ctx.db.transaction():
-            empty = index is None and len(manager) == 0
-            return _popped(manager.pop(index), empty)
-
-    @router.post("/{name}/deque", summary="Remove and return the first item")
-    def deque(name: str):
-        manager = ctx.db.list(name)
-        with ctx.db.transaction():
-            empty = len(manager) == 0
-            return _popped(manager.deque(), empty)
-
-    @router.post("/{name}/reverse", status_code=204, summary="Reverse the list in place")
-    def reverse(name: str):
-        ctx.db.list(name).reverse()
-        return Response(status_code=204)
+def _json_param(text, name):
+    try:
+        return _loads(text)
+    except ValueError:
+        raise HTTPError(422, "ValueError", f"{name} must be a JSON value, not {text[:80]!r}"
+                        ) from None
 
 
-# ------------------------------------------------------------------------------------------
-# Queues
-# ------------------------------------------------------------------------------------------
+def _body_value(raw: bytes):
+    """A JSON body; a body that is not JSON is taken as a string (curl -d text works)."""
+    if not raw:
+        raise HTTPError(422, "ValueError", "a request body (a JSON value) is required")
+    try:
+        return _loads(raw)
+    except ValueError:
+        pass
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError(422, "ValueError", "the request body is neither JSON nor UTF-8 text"
+                        ) from None
 
-def _queue_item(item) -> dict:
-    result = {"priority": item.priority, "timestamp": item.timestamp,
-              "data": beaver._to_jsonable(item.data)}
-    if getattr(item, "lease_id", None) is not None:
-        result["lease_id"] = item.lease_id
-    return result
+
+def _body_json(raw: bytes, shape, what):
+    try:
+        value = _loads(raw)
+    except ValueError:
+        raise HTTPError(422, "ValueError", f"the request body must be {what}") from None
+    if not isinstance(value, shape):
+        raise HTTPError(422, "ValueError", f"the request body must be {what}")
+    return value
 
 
-def _leased(lease_id):
-    """The item ``ack``/``nack`` need: only its lease id matters to them."""
-    item = beaver.LeasedItem(0, 0.0, None)
-    item.lease_id = lease_id
+def _document(data):
+    if not isinstance(data, dict) or not set(data) <= {"id", "embedding", "body"}:
+        raise ValueError("a document is a JSON object with id, embedding and body")
+    return beaver.Document(id=data.get("id"), embedding=data.get("embedding"),
+                           body=data.get("body"))
+
+
+def _leased(data):
+    if not isinstance(data, dict) or not isinstance(data.get("lease_id"), int):
+        raise ValueError("a leased item is a JSON object with its lease_id")
+    item = beaver.LeasedItem(data.get("priority", 0), data.get("timestamp", 0.0),
+                             data.get("data"))
+    item.lease_id = data["lease_id"]
     return item
 
 
-def _number(value):
-    """Whole numbers as int (as a local caller would pass them), within SQLite's range."""
-    value = float(value)
-    return int(value) if value.is_integer() and abs(value) < 2 ** 53 else value
-
-
-def _queue_routes(ctx) -> APIRouter:
-    router = APIRouter(tags=["queues"])
-    _structure_routes(router, ctx, "queue", {
-        "keys": lambda m: list(range(len(m))), "items": lambda m: [_queue_item(i) for i in m]})
-
-    @router.post("/{name}/put", status_code=204, summary="Add an item (lower priority first)",
-                 openapi_extra=_ANY_JSON)
-    def put(name: str, value: Any = Depends(ctx.value),
-            priority: float = Query(0.0, allow_inf_nan=False)):
-        ctx.db.queue(name).put(value, priority=_number(priority))
-        return Response(status_code=204)
-
-    @router.post("/{name}/get", summary="Take the first item, waiting up to `timeout` seconds",
-                 responses={404: {"description": "empty (block=false)"},
-                            408: {"description": "nothing arrived in time"}})
-    def get(name: str, block: bool = True, timeout: Seconds = _seconds("seconds to wait"),
-            lease: Optional[float] = Query(None, gt=0, allow_inf_nan=False,
-                                           description="seconds before an un-acked item "
-                                                       "returns to the queue")):
-        item = ctx.db.queue(name).get(block=block, timeout=ctx.wait(timeout) if block else None,
-                                      lease=lease)
-        return _json(_queue_item(item))
-
-    @router.post("/{name}/ack", summary="Finish a leased item (false if its lease ran out)")
-    def ack(name: str, lease_id: int = Query(ge=0, le=2 ** 62)):
-        return _json(ctx.db.queue(name).ack(_leased(lease_id)))
-
-    @router.post("/{name}/nack", summary="Give a leased item back to the queue now")
-    def nack(name: str, lease_id: int = Query(ge=0, le=2 ** 62)):
-        return _json(ctx.db.queue(name).nack(_leased(lease_id)))
-
-    @router.get("/{name}/peek", summary="The next item, without taking it (null if empty)")
-    def peek(name: str):
-        item = ctx.db.queue(name).peek()
-        return _json(None if item is None else _queue_item(item))
-
-    return router
+# wire type -> server decoder of the decoded JSON (or text) value
+_DECODE = {"document": _document, "item": _leased,
+           "documents": lambda v: [_document(d) for d in v] if isinstance(v, list) else v}
 
 
 # ------------------------------------------------------------------------------------------
-# Blobs
+# Routes: the declared operations and the few written by hand
 # ------------------------------------------------------------------------------------------
 
-def _blob_headers(blob) -> dict:
-    headers = {"Content-Length": str(len(blob.data))}
-    if blob.metadata is not None:
-        headers["Beaver-Metadata"] = json.dumps(beaver._to_jsonable(blob.metadata))
-    return headers
+class _Route:
+    """One route: verb, path parts (``{param}`` or literal), fixed query, handler."""
 
+    def __init__(self, verb, parts, fixed, handler, op=None, greedy=False, summary=""):
+        self.verb, self.parts, self.fixed, self.handler = verb, parts, fixed, handler
+        self.op, self.greedy, self.summary = op, greedy, summary
 
-def _media_type(metadata) -> str:
-    if isinstance(metadata, dict):
-        for field in ("mimetype", "content_type", "content-type", "media_type"):
-            value = metadata.get(field)
-            if isinstance(value, str) and "/" in value and value.isascii():
-                return value
-    return "application/octet-stream"
-
-
-def _blob_routes(ctx) -> APIRouter:
-    router = APIRouter(tags=["blobs"])
-    _structure_routes(router, ctx, "blobs", {"keys": lambda m: m.keys(),
-                                             "items": lambda m: m.keys()})
-
-    @router.put("/{name}/{key:path}", status_code=204, openapi_extra=_BYTES,
-                summary="Upload bytes; JSON metadata in the Beaver-Metadata header")
-    async def put(request: Request, name: str, key: str):
-        data = await ctx.raw_body(request)
-        metadata = request.headers.get("beaver-metadata")
-        if metadata is not None:
-            try:
-                metadata = json.loads(metadata)
-            except (ValueError, RecursionError):
-                raise HTTPException(422, "Beaver-Metadata must be JSON") from None
-        await run_in_threadpool(ctx.db.blobs(name).put, key, data, metadata)
-        return Response(status_code=204)
-
-    @router.get("/{name}/{key:path}", summary="Download bytes",
-                response_class=Response, responses={200: {"content": {"*/*": {}}}})
-    def get(name: str, key: str):
-        blob = ctx.db.blobs(name)[key]
-        return Response(blob.data, headers=_blob_headers(blob),
-                        media_type=_media_type(blob.metadata))
-
-    @router.head("/{name}/{key:path}", summary="Whether a blob exists (and its metadata)")
-    def head(name: str, key: str):
-        blob = ctx.db.blobs(name)[key]
-        return Response(headers=_blob_headers(blob), media_type=_media_type(blob.metadata))
-
-    @router.delete("/{name}/{key:path}", status_code=204, summary="Delete a blob")
-    def delete(name: str, key: str):
-        ctx.db.blobs(name).delete(key)
-        return Response(status_code=204)
-
-    return router
-
-
-# ------------------------------------------------------------------------------------------
-# Logs
-# ------------------------------------------------------------------------------------------
-
-def _entry(entry) -> dict:
-    return {"timestamp": entry.timestamp.timestamp(), "data": beaver._to_jsonable(entry.data)}
-
-
-def _sse(events):
-    """A server-sent event response streaming ``events`` (strings)."""
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _log_routes(ctx) -> APIRouter:
-    router = APIRouter(tags=["logs"])
-    _structure_routes(router, ctx, "log", {"keys": lambda m: [], "items": lambda m: [
-        _entry(e) for e in m]})
-
-    @router.post("/{name}/log", status_code=204, summary="Append an entry (default: now)",
-                 openapi_extra=_ANY_JSON)
-    def log(name: str, value: Any = Depends(ctx.value),
-            timestamp: Optional[float] = Query(None, allow_inf_nan=False,
-                                               description="epoch seconds")):
-        ctx.db.log(name).log(value, timestamp=timestamp)
-        return Response(status_code=204)
-
-    @router.get("/{name}/range", summary="Entries between start and end (epoch s, inclusive)")
-    def range_(name: str, start: Optional[float] = Query(None, allow_inf_nan=False),
-               end: Optional[float] = Query(None, allow_inf_nan=False)):
-        return _json([_entry(e) for e in ctx.db.log(name).range(start, end)])
-
-    @router.get("/{name}/live", summary="Server-sent events: the values of the last `window` "
-                "seconds, now and every `period` seconds", response_class=StreamingResponse,
-                responses={200: {"content": {"text/event-stream": {}}}})
-    def live(name: str, window: float = Query(60.0, gt=0, allow_inf_nan=False),
-             period: float = Query(1.0, ge=0.01, allow_inf_nan=False)):
-        view = ctx.db.log(name).live(window=window, period=period, aggregator=list)
-
-        def events():
-            with view:
-                for values in view:
-                    yield f"data: {json.dumps(beaver._to_jsonable(values))}\n\n"
-        return _sse(events())
-
-    return router
-
-
-# ------------------------------------------------------------------------------------------
-# Channels
-# ------------------------------------------------------------------------------------------
-
-class _Inbox:
-    """JSON texts handed over from any thread to the event loop that made the inbox."""
-
-    def __init__(self):
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def put(self, text):
-        with contextlib.suppress(RuntimeError):     # the loop has already shut down
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, text)
-
-    async def next(self, timeout):
-        """The next text; None after ``timeout`` s of silence; EOFError once the source ends."""
-        try:
-            text = await asyncio.wait_for(self.queue.get(), timeout)
-        except asyncio.TimeoutError:
+    def match(self, segments, query):
+        parts = self.parts
+        if len(segments) != len(parts) and not (self.greedy and len(segments) > len(parts)):
             return None
-        if not isinstance(text, str):     # a subscription's end-of-stream marker
-            raise EOFError
-        return text
+        params = {}
+        for i, part in enumerate(parts):
+            if part[0] == "{":
+                if self.greedy and i == len(parts) - 1:
+                    params[part[1:-1]] = "/".join(segments[i:])
+                else:
+                    params[part[1:-1]] = segments[i]
+            elif part != segments[i]:
+                return None
+        for key, value in self.fixed.items():
+            if query.get(key, "summary" if key == "view" else None) != value:
+                return None
+        return params
 
 
-def _sse_from(inbox, stop, greeting):
-    """Server-sent events of every text of ``inbox``, with keep-alives; ``stop()`` at the end."""
-    async def events():
+def _route_prefixes(kind):
+    route = beaver._ROUTES[kind]
+    return [route, "dict"] if kind == "dict" else [route]
+
+
+def _declared_routes(server):
+    routes = []
+    for op in beaver._API:
+        parts, fixed, _ = beaver._plan(op)
+        for prefix in _route_prefixes(op.kind):
+            full = ([prefix, "{name}"] if prefix else []) + parts
+            if any(r.verb == op.verb and r.parts == full and r.fixed == fixed for r in routes):
+                continue        # a client-side variant (get beside __getitem__...)
+            fixed_view = dict(fixed)
+            if op.verb in ("GET", "HEAD") and not parts and prefix and "view" not in fixed:
+                fixed_view["view"] = "summary"
+            doc = (beaver._local_function(op).__doc__ or "").strip().split("\n")[0]
+            routes.append(_Route(op.verb, full, fixed_view, server.serve_op, op,
+                                 greedy=bool(parts) and parts[-1] in ("{key}", "{doc_id}",
+                                                                      "{document}"),
+                                 summary=doc or f"{op.kind} {op.method}"))
+    return routes
+
+
+def _hand_routes(server):
+    hand = [
+        ("GET", "", server.root, "Server and database identity"),
+        ("GET", "dump", server.dump, "The database (or ?names=a,b) as JSON lines"),
+        ("POST", "load", server.load, "Load a JSON-lines dump in one transaction"),
+        ("GET", "backup", server.backup, "A consistent copy of the database file"),
+        ("POST", "transaction", server.transaction, "Apply a list of writes atomically"),
+        ("POST", "call", server.call, "One request whose target is too long for a URL"),
+        ("PUT", "collections/{name}", server.configure, "Create a collection: metric, options"),
+        ("GET", "logs/{name}/live", server.live, "Server-sent events: a live view of a log"),
+        ("GET", "channels/{name}/sse", server.sse, "Server-sent events: channel messages"),
+        ("GET", "events/{kind}/{name}", server.events, "Server-sent events: changes"),
+        ("GET", "locks", server.list_locks, "The locks that are held or waited for"),
+        ("GET", "locks/{name}", server.lock_status, "Whether the lock is held (by ?token)"),
+        ("POST", "locks/{name}/acquire", server.acquire, "Wait for the lock; get a token"),
+        ("POST", "locks/{name}/release", server.release, "Release the hold ?token"),
+        ("POST", "locks/{name}/renew", server.renew, "Extend the hold ?token by ?ttl s"),
+    ]
+    for kind in ("dict", "list", "queue", "blob", "log", "channel", "collection"):
+        for prefix in _route_prefixes(kind):
+            hand.append(("GET", prefix, server.list_structures, f"List the {kind} structures"))
+    return [_Route(verb, [p for p in path.split("/") if p], {}, handler, summary=summary)
+            for verb, path, handler, summary in hand]
+
+
+# ------------------------------------------------------------------------------------------
+# The server
+# ------------------------------------------------------------------------------------------
+
+class _Server:
+    """Routing, security checks, limits and the handlers, on one ``BeaverDB``."""
+
+    def __init__(self, db, token, limits, cors_origins, allowed_hosts):
+        self.db, self.token = db, token
+        self.limits = limits
+        self.cors_origins = set(cors_origins)
+        self.allowed_hosts = {h.lower() for h in allowed_hosts}
+        self.executor = concurrent.futures.ThreadPoolExecutor(limits["threads"],
+                                                              "beaver-server")
+        self.routes: dict = {}      # (verb, first segment, segment count or "*") -> routes
+        for route in _declared_routes(self) + _hand_routes(self):
+            count = "*" if route.greedy else len(route.parts)
+            self.routes.setdefault((route.verb, route.parts[0] if route.parts else "", count),
+                                   []).append(route)
+        for routes in self.routes.values():      # ?view=ttl before the plain /{key}
+            routes.sort(key=lambda r: -len(r.fixed))
+        self.open_waits = 0
+        self.managers: dict = {}
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def run(self, function, *args):
+        """Run ``function`` (anything touching SQLite) in the thread pool."""
+        return asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """Count an open stream or long wait; 503 beyond the limit."""
+        if self.open_waits >= self.limits["streams"]:
+            raise HTTPError(503, "TooManyStreams", f"more than {self.limits['streams']} "
+                                                   "streams and waits are open")
+        self.open_waits += 1
         try:
-            yield f": {greeting}\n\n"
-            while True:
-                text = await inbox.next(15.0)
-                yield ": keep-alive\n\n" if text is None else f"data: {text}\n\n"
-        except EOFError:
-            return
+            yield
         finally:
-            stop()
-    return _sse(events())
+            self.open_waits -= 1
 
+    def manager(self, kind, name, options=None):
+        """The manager of ``kind`` called ``name`` (in a worker thread: opening may write)."""
+        db = self.db
+        if kind == "db":
+            return db
+        if not options:
+            return getattr(db, "blobs" if kind == "blob" else kind)(name)
+        key = (kind, name, tuple(sorted(options.items())))
+        manager = self.managers.get(key)
+        if manager is None:
+            if len(self.managers) > 1000:
+                self.managers.clear()
+            cls = beaver._local_classes()[kind]
+            manager = self.managers[key] = cls(db, name, **options)
+        return manager
 
-def _channel_routes(ctx) -> APIRouter:
-    router = APIRouter(tags=["channels"])
-    _structure_routes(router, ctx, "channel", {"keys": lambda m: [],
-                                               "items": lambda m: m.history()})
+    def route(self, method, raw_path, query):
+        segments = [_text(s) for s in raw_path.split(b"/")[1:]]
+        if segments == [""]:
+            segments = []
+        first = segments[0] if segments else ""
+        verbs = ("HEAD", "GET") if method == "HEAD" else (method,)
+        for verb in verbs:
+            for count in (len(segments), "*"):
+                for route in self.routes.get((verb, first, count), ()):
+                    params = route.match(segments, query)
+                    if params is not None:
+                        return route, params
+        if any(route.match(segments, query) is not None
+               for (verb, head, _), routes in self.routes.items()
+               if head == first and verb not in verbs for route in routes):
+            raise HTTPError(405, "MethodNotAllowed", f"{method} is not allowed here")
+        raise HTTPError(404, "NotFound", "no such route")
 
-    @router.post("/{name}/publish", status_code=204, summary="Publish a message",
-                 openapi_extra=_ANY_JSON)
-    def publish(name: str, value: Any = Depends(ctx.value)):
-        ctx.db.channel(name).publish(value)
-        return Response(status_code=204)
+    # -- declared operations ------------------------------------------------------------------
 
-    @router.get("/{name}/history", summary="The retained messages, oldest first")
-    def history(name: str, limit: Optional[int] = Query(None, ge=0, le=2 ** 62)):
-        return _json(ctx.db.channel(name).history(limit))
+    async def arguments(self, request, route, params, query):
+        """``(op, name, options, kwargs)`` of a request to a declared operation."""
+        op = route.op
+        name = params.get("name")
+        _, fixed, plan = beaver._plan(op)
+        known = set(fixed) | {"view"}
+        options = {}
+        for option in beaver._MANAGER_OPTIONS.get(op.kind, ()):
+            if option in query:
+                options[option] = _json_param(query[option], option)
+                known.add(option)
+        kwargs = {}
+        for param in plan:
+            if param.place in ("path", "query"):
+                text = params.get(param.name) if param.place == "path" else query.get(
+                    param.name)
+                if text is None:
+                    continue
+                known.add(param.name)
+                kwargs[param.name] = text if param.type in beaver._TEXT_TYPES else \
+                    _json_param(text, param.name)
+            elif param.place == "header" and "beaver-metadata" in request.headers:
+                kwargs[param.name] = _json_param(request.headers["beaver-metadata"],
+                                                 "Beaver-Metadata")
+        unknown = set(query) - known
+        if unknown:
+            raise HTTPError(422, "ValueError", f"unknown query parameters: {sorted(unknown)}")
+        if op.body:
+            await self.body_arguments(request, op, plan, kwargs)
+        for param in plan:
+            if param.name in kwargs and param.type in _DECODE:
+                kwargs[param.name] = _DECODE[param.type](kwargs[param.name])
+        self.check_limits(kwargs)
+        return op, name, options, kwargs
 
-    @router.get("/{name}/sse", summary="Server-sent events: every message published from now on",
-                response_class=StreamingResponse,
-                responses={200: {"content": {"text/event-stream": {}}}})
-    async def sse(name: str):
-        inbox = _Inbox()
-        subscriber = beaver.Subscriber(ctx.db.channel(name), sink=inbox.put)
-        return _sse_from(inbox, subscriber.close, "subscribed")
-
-    return router
-
-
-def _channel_websocket(app, ctx, token):
-    @app.websocket("/channels/{name}/ws")
-    async def websocket(websocket: WebSocket, name: str):
-        """Every message published from now on, one JSON text frame each; frames sent by
-        the client are published."""
-        if token and not _websocket_authorized(websocket, token):
-            await websocket.close(code=1008, reason="a valid bearer token is required")
+    async def body_arguments(self, request, op, plan, kwargs):
+        raw = await request.body()
+        if op.body == "{}":
+            fields = _body_json(raw, dict, "a JSON object")
+            names = {p.name for p in plan if p.place == "field"}
+            if set(fields) - names:
+                raise HTTPError(422, "ValueError", f"unknown fields: {sorted(set(fields) - names)}"
+                                f"; expected some of {sorted(names)}")
+            kwargs.update(fields)
             return
+        kind = next(p.type for p in plan if p.name == op.body)
+        if kind == "bytes":
+            kwargs[op.body] = raw
+        elif kind in ("value", "json"):
+            kwargs[op.body] = _body_value(raw)
+        elif kind in ("values", "documents"):
+            kwargs[op.body] = _body_json(raw, list, "a JSON array")
+        else:
+            kwargs[op.body] = _body_json(raw, dict, "a JSON object")
+
+    def check_limits(self, kwargs):
+        top_k, period = kwargs.get("top_k"), kwargs.get("period")
+        if isinstance(top_k, int) and top_k > self.limits["top_k"]:
+            raise ValueError(f"top_k is at most {self.limits['top_k']} on this server")
+        if isinstance(period, (int, float)) and period < self.limits["period"]:
+            raise ValueError(f"period is at least {self.limits['period']} s on this server")
+        query = kwargs.get("query")
+        if isinstance(query, str) and len(query) > self.limits["text"]:
+            raise ValueError(f"a text query is at most {self.limits['text']} characters on "
+                             "this server")
+
+    def execute(self, op, name, options, kwargs, key=None):
+        """Run one declared operation (in a worker thread); its answer."""
+        manager = self.manager(op.kind, name, options)     # before any transaction opens
+
+        def call():
+            result = beaver._local_function(op)(manager, **kwargs)
+            reply = beaver._SERVE[op.result.rstrip("?")](result, manager)
+            return reply if isinstance(reply, tuple) else beaver._reply(reply)
+        return call() if key is None else beaver._once(self.db, key, call)
+
+    async def serve_op(self, request, route, params):
+        op, name, options, kwargs = await self.arguments(request, route, params,
+                                                         request.query())
+        key = request.headers.get("idempotency-key") if op.writes else None
+        if op.wait and kwargs.get("block", True) is not False:
+            reply = await self.wait_for_item(request, op, name, options, kwargs, key)
+        else:
+            reply = await self.run(self.execute, op, name, options, kwargs, key)
+        await request.reply(reply)
+
+    async def wait_for_item(self, request, op, name, options, kwargs, key):
+        """A blocking queue get: attempts in the pool, waits on wake-ups, no thread held."""
+        timeout = beaver._seconds(kwargs.get(op.wait), op.wait)
+        wait = self.limits["wait"] if timeout is None else min(timeout, self.limits["wait"])
+        queue = await self.run(self.manager, op.kind, name, options)
+        attempt_args = {**kwargs, "block": False}
+
+        def attempt():
+            if key is not None:
+                stored = beaver._remembered(self.db, key)
+                if stored is not None:
+                    return stored
+            if queue._takeable():
+                with contextlib.suppress(beaver.QueueEmpty):
+                    return self.execute(op, name, options, attempt_args, key)
+            due[0] = queue._lease_due()     # a lease running out makes an item takeable
+            return None
+        due = [None]
+        gone = request.gone()
+        with self.waiting():
+            reply = await self.db._core.watcher.wait_for_async(
+                attempt, wait, cap=lambda: due[0], run=self.run, stop=gone)
+        if reply is None:
+            raise beaver.Timeout(f"no item arrived in queue {name!r} within {wait}s")
+        if gone.done() and key is None:     # nobody will read it: give it back
+            await self.run(_give_back, queue, reply)
+        return reply
+
+    # -- hand-written routes --------------------------------------------------------------------
+
+    async def root(self, request, route, params):
+        await request.reply(beaver._reply({"beaver": beaver.__version__, "docs": "/docs",
+                                           "pid": os.getpid(), "waits": self.open_waits}))
+
+    async def list_structures(self, request, route, params):
+        kind = "dict" if params == {} and route.parts[0] == "dict" else \
+            next(k for k, r in beaver._ROUTES.items() if r == route.parts[0])
+        info = await self.run(self.db.info)
+        await request.reply(beaver._reply([s for s in info["structures"] if s["kind"] == kind]))
+
+    async def configure(self, request, route, params):
+        spec = _body_json(await request.body(), dict, "a JSON object {metric, options}")
+        options = spec.get("options") or {}
+        if not isinstance(options, dict) or set(spec) - {"metric", "options"}:
+            raise ValueError("the body is {\"metric\": ..., \"options\": {...}}")
+        await self.run(lambda: self.db.collection(params["name"], metric=spec.get("metric"),
+                                                  **options))
+        await request.reply(beaver._NO_CONTENT)
+
+    async def transaction(self, request, route, params):
+        items = _body_json(await request.body(), list, "a JSON array of requests")
+        calls = [await self.subcall(request, item) for item in items]
+
+        def apply():
+            with self.db.transaction():
+                for index, (op, name, options, kwargs) in enumerate(calls):
+                    try:
+                        self.execute(op, name, options, kwargs)
+                    except Exception as e:
+                        e.beaver_index = index
+                        raise
+            return beaver._reply({"count": len(calls)})
+        await self.run(lambda: [self.manager(op.kind, name, options)    # opening may write
+                                for op, name, options, _ in calls])
+        await request.reply(await self.run(self.keyed, request, apply))
+
+    async def subcall(self, request, item):
+        inner = self.inner(request, item)
+        route, params = self.route(inner.method, inner.raw_path, inner.query())
+        if route.op is None or not route.op.writes:
+            raise HTTPError(422, "ValueError", f"{inner.method} {item.get('target')!r} is not "
+                                               "a write that a transaction can hold")
+        return await self.arguments(inner, route, params, inner.query())
+
+    def inner(self, request, item):
+        """The request carried in the body of ``request`` (a transaction item, /call)."""
+        if not isinstance(item, dict) or not isinstance(item.get("target"), str) or \
+                item.get("method") not in ("GET", "HEAD", "PUT", "POST", "PATCH", "DELETE"):
+            raise HTTPError(422, "ValueError", "a request is {method, target, body64?, headers?}")
+        path, _, query = item["target"].partition("?")
+        inner = _Request({**request.scope, "method": item["method"], "path": path,
+                          "raw_path": path.encode("latin-1", "strict"),
+                          "query_string": query.encode("latin-1"), "headers": [
+                              (k.lower().encode("latin-1"), str(v).encode("latin-1"))
+                              for k, v in {**request.headers, **(item.get("headers") or {})
+                                           }.items()]},
+                         request.receive, request.send, request.limit)
         try:
-            channel = ctx.db.channel(name)
-        except (TypeError, ValueError) as e:
-            await websocket.close(code=1008, reason=str(e)[:120])
-            return
-        inbox = _Inbox()
-        subscriber = beaver.Subscriber(channel, sink=inbox.put)
-        await websocket.accept()
-        receiver = asyncio.ensure_future(_publish_frames(websocket, channel))
-        try:
-            while not receiver.done():
-                text = await inbox.next(1.0)
-                if text is not None:
-                    await websocket.send_text(text)
-        except (EOFError, WebSocketDisconnect, RuntimeError):
-            pass
-        finally:
-            subscriber.close()
-            receiver.cancel()
+            inner._body = base64.b64decode(item.get("body64") or "", validate=True)
+        except ValueError:
+            raise HTTPError(422, "ValueError", "body64 is not base64") from None
+        return inner
 
+    async def call(self, request, route, params):
+        inner = self.inner(request, _body_json(await request.body(), dict, "a request"))
+        inner._gone = request._gone
+        inner_route, inner_params = self.route(inner.method, inner.raw_path, inner.query())
+        await inner_route.handler(inner, inner_route, inner_params)
 
-async def _publish_frames(websocket, channel):
-    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-        while True:
-            text = await websocket.receive_text()
-            try:
-                value = json.loads(text)
-            except ValueError:
-                value = text
-            await run_in_threadpool(channel.publish, value)
+    def keyed(self, request, call):
+        key = request.headers.get("idempotency-key")
+        return call() if key is None else beaver._once(self.db, key, call)
 
+    async def load(self, request, route, params):
+        raw = await request.body()
+        mode = request.query().get("mode", "append")
 
-def _websocket_authorized(websocket, token) -> bool:
-    given = websocket.headers.get("authorization", "")
-    given = given[7:] if given.lower().startswith("bearer ") else websocket.query_params.get(
-        "token", "")
-    return secrets.compare_digest(given.encode(), token.encode())
+        def load():
+            import io
+            return beaver._reply({"structures": self.db.load(io.BytesIO(raw), mode)})
+        await request.reply(await self.run(self.keyed, request, load))
 
+    async def dump(self, request, route, params):
+        names = request.query().get("names")
 
-# ------------------------------------------------------------------------------------------
-# Collections
-# ------------------------------------------------------------------------------------------
-
-Direction = Literal["outgoing", "incoming", "both"]
-
-
-class _DocumentIn(BaseModel):
-    id: Optional[str] = None
-    embedding: Optional[list[float]] = None
-    body: Any = None
-    fts: Any = True
-    fuzzy: bool = False
-
-
-class _MatchIn(BaseModel):
-    query: str
-    on: Optional[list[str]] = None
-    top_k: int = Field(10, ge=0, le=10_000)
-    fuzziness: int = Field(0, ge=0, le=2)
-    raw: bool = False
-    highlight: bool = False
-
-
-class _SearchIn(BaseModel):
-    vector: list[float]
-    top_k: int = Field(10, ge=0, le=10_000)
-    where: Optional[dict] = None
-
-
-class _EdgeIn(BaseModel):
-    source: str
-    target: str
-    label: Optional[str] = None
-    metadata: Any = None
-
-
-class _WalkIn(BaseModel):
-    source: str
-    labels: Optional[list[str]] = None
-    depth: int = Field(1, ge=0, le=100)
-    direction: Direction = "outgoing"
-
-
-class _CollectionIn(BaseModel):
-    metric: Optional[Literal["l2", "cosine", "ip"]] = None
-    options: dict = {}
-
-
-def _hits(hits) -> list:
-    return [{"document": hit[0].to_dict(), "score": hit[1],
-             **({"snippet": hit[2]} if len(hit) > 2 else {})} for hit in hits]
-
-
-def _collection_routes(ctx) -> APIRouter:
-    router = APIRouter(tags=["collections"])
-    _structure_routes(router, ctx, "collection", {
-        "keys": lambda m: [d.id for d in m], "items": lambda m: [d.to_dict() for d in m]})
-
-    @router.put("/{name}", status_code=204, summary="Create a collection with a metric/options")
-    def create(name: str, spec: _CollectionIn):
-        ctx.db.collection(name, metric=spec.metric, **spec.options)
-        return Response(status_code=204)
-
-    @router.post("/{name}/index", summary="Insert or replace a document")
-    def index(name: str, doc: _DocumentIn):
-        if not (isinstance(doc.fts, bool) or (isinstance(doc.fts, list) and
-                                              all(isinstance(p, str) for p in doc.fts))):
-            raise ValueError("fts is true, false or a list of field paths")
-        document = beaver.Document(id=doc.id, embedding=doc.embedding, body=doc.body)
-        ctx.db.collection(name).index(document, fts=doc.fts, fuzzy=doc.fuzzy)
-        return _json({"id": document.id})
-
-    @router.get("/{name}/documents/{doc_id:path}", summary="Read a document")
-    def get(name: str, doc_id: str):
-        return _json(ctx.db.collection(name)[doc_id].to_dict())
-
-    @router.head("/{name}/documents/{doc_id:path}", summary="Whether a document exists")
-    def head(name: str, doc_id: str):
-        ctx.db.collection(name)[doc_id]
-        return Response()
-
-    @router.delete("/{name}/documents/{doc_id:path}", status_code=204,
-                   summary="Drop a document and its edges")
-    def drop(name: str, doc_id: str):
-        ctx.db.collection(name).drop(doc_id)
-        return Response(status_code=204)
-
-    @router.post("/{name}/match", summary="Full-text search (fuzzy with fuzziness 1 or 2)")
-    def match(name: str, query: _MatchIn):
-        return _json(_hits(ctx.db.collection(name).match(
-            query.query, on=query.on, top_k=query.top_k, fuzziness=query.fuzziness,
-            raw=query.raw, highlight=query.highlight)))
-
-    @router.post("/{name}/search", summary="Nearest documents to a vector")
-    def search(name: str, query: _SearchIn):
-        return _json(_hits(ctx.db.collection(name).search(query.vector, query.top_k,
-                                                          query.where)))
-
-    _graph_routes(router, ctx)
-    return router
-
-
-def _graph_routes(router, ctx):
-    @router.post("/{name}/connect", status_code=204, summary="Add or update an edge")
-    def connect(name: str, edge: _EdgeIn):
-        if edge.label is None:
-            raise ValueError("an edge needs a label")
-        ctx.db.collection(name).connect(edge.source, edge.target, edge.label, edge.metadata)
-        return Response(status_code=204)
-
-    @router.post("/{name}/disconnect", status_code=204, summary="Remove edges")
-    def disconnect(name: str, edge: _EdgeIn):
-        ctx.db.collection(name).disconnect(edge.source, edge.target, edge.label)
-        return Response(status_code=204)
-
-    @router.get("/{name}/edges", summary="The edges of a document")
-    def edges(name: str, id: str, direction: Direction = "outgoing",
-              label: Optional[str] = None):
-        found = ctx.db.collection(name).edges(id, direction=direction, label=label)
-        return _json([beaver._to_jsonable(e._asdict()) for e in found])
-
-    @router.get("/{name}/neighbors", summary="The documents one edge away")
-    def neighbors(name: str, id: str, label: Optional[str] = None,
-                  direction: Direction = "outgoing"):
-        found = ctx.db.collection(name).neighbors(id, label=label, direction=direction)
-        return _json([d.to_dict() for d in found])
-
-    @router.post("/{name}/walk", summary="Documents up to `depth` edges away, breadth first")
-    def walk(name: str, walk: _WalkIn):
-        found = ctx.db.collection(name).walk(walk.source, labels=walk.labels, depth=walk.depth,
-                                             direction=walk.direction)
-        return _json([d.to_dict() for d in found])
-
-    @router.post("/{name}/compact", status_code=204, summary="Compact the vector index")
-    def compact(name: str):
-        ctx.db.collection(name).compact()
-        return Response(status_code=204)
-
-
-# ------------------------------------------------------------------------------------------
-# Events
-# ------------------------------------------------------------------------------------------
-
-def _event_routes(ctx) -> APIRouter:
-    router = APIRouter(tags=["events"])
-    kinds = {kind: factory for kind, (_, factory, *_) in beaver._STRUCTURES.items()}
-
-    @router.get("/{kind}/{name}", summary="Server-sent events: the changes of one structure",
-                response_class=StreamingResponse,
-                responses={200: {"content": {"text/event-stream": {}}}})
-    async def events(kind: str, name: str, event: str = "*"):
-        if kind not in kinds:
-            raise HTTPException(404, f"no structure kind {kind!r}; one of {sorted(kinds)}")
-        inbox, manager = _Inbox(), getattr(ctx.db, kinds[kind])(name)
-        handle = await run_in_threadpool(manager.on, event, lambda payload: inbox.put(
-            json.dumps(payload, ensure_ascii=False, default=str)))
-        return _sse_from(inbox, handle.off, "listening")
-
-    return router
-
-
-# ------------------------------------------------------------------------------------------
-# Locks
-# ------------------------------------------------------------------------------------------
-
-def _hold(ctx, name, token):
-    with ctx.locks_guard:
-        lock = ctx.locks.get(token)
-    if lock is None or lock.name != name:
-        raise beaver.LockLost(f"lock {name!r} is not held with token {token}")
-    return lock
-
-
-def _lock_routes(ctx) -> APIRouter:
-    router = APIRouter(tags=["locks"])
-
-    @router.get("", summary="List the locks that are held or waited for")
-    def list_locks():
-        return _json([s for s in ctx.db.info()["structures"] if s["kind"] == "lock"])
-
-    @router.get("/{name}", summary="Whether the lock is held (and by `token`)")
-    def status(name: str, token: Optional[int] = None):
-        lock = ctx.locks.get(token) if token is not None else None
-        held = lock is not None and lock.name == name and lock.held
-        return _json({"name": name, "locked": ctx.db.lock(name).locked, "held": held})
-
-    @router.post("/{name}/acquire", summary="Wait up to `timeout` s for the lock; get a token",
-                 responses={409: {"description": "not acquired in time"}})
-    def acquire(name: str, timeout: Seconds = _seconds("seconds to wait"), block: bool = True,
-                ttl: float = Query(60.0, gt=0, allow_inf_nan=False)):
-        lock = ctx.db.lock(name, ttl=ttl)
-        lock.acquire(timeout=ctx.wait(timeout), block=block)
-        with ctx.locks_guard:
-            ctx.locks[lock.token] = lock
-            if len(ctx.locks) > 1000:
-                _forget_expired_holds(ctx)
-        return _json({"name": name, "token": lock.token, "ttl": ttl})
-
-    @router.post("/{name}/release", status_code=204, summary="Release a hold")
-    def release(name: str, token: int):
-        lock = _hold(ctx, name, token)
-        with ctx.locks_guard:
-            ctx.locks.pop(token, None)
-        lock.release()
-        return Response(status_code=204)
-
-    @router.post("/{name}/renew", status_code=204, summary="Extend a hold by `ttl` s from now")
-    def renew(name: str, token: int, ttl: Optional[float] = Query(None, gt=0, allow_inf_nan=False)):
-        _hold(ctx, name, token).renew(ttl)
-        return Response(status_code=204)
-
-    return router
-
-
-def _forget_expired_holds(ctx):
-    for token, lock in list(ctx.locks.items()):
-        if not lock.held:
-            del ctx.locks[token]
-            with contextlib.suppress(beaver.LockLost):
-                lock.release()
-
-
-# ------------------------------------------------------------------------------------------
-# The whole database
-# ------------------------------------------------------------------------------------------
-
-def _database_routes(ctx) -> APIRouter:
-    router = APIRouter(tags=["database"])
-
-    @router.get("/", summary="Server and database identity")
-    def root():
-        return _json({"beaver": beaver.__version__, "docs": "/docs"})
-
-    @router.get("/info", summary="Every structure: kind, name, size")
-    def info():
-        return _json(ctx.db.info())
-
-    @router.get("/dump", summary="The database (or the named structures) as JSON lines",
-                response_class=Response,
-                responses={200: {"content": {"application/x-ndjson": {}}}})
-    def dump(names: Optional[str] = None):
         def write(path):
             with open(path, "w", encoding="utf-8") as f:
-                return ctx.db.dump(f, names=names.split(",") if names else None)
-        return _file_response(write, "dump.jsonl", "application/x-ndjson")
+                return self.db.dump(f, names=names.split(",") if names else None)
+        await self.send_file(request, write, "dump.jsonl", "application/x-ndjson")
 
-    @router.post("/load", summary="Load a JSON-lines dump in one transaction",
-                 openapi_extra={"requestBody": {"required": True, "content": {
-                     "text/plain": {"schema": {"type": "string"}}}}})
-    async def load(request: Request, mode: Literal["append", "replace"] = "append"):
-        raw = await ctx.raw_body(request)
-        count = await run_in_threadpool(ctx.db.load, io.BytesIO(raw), mode)
-        return _json({"structures": count})
+    async def backup(self, request, route, params):
+        await self.send_file(request, self.db.backup, "backup.db", "application/vnd.sqlite3")
 
-    @router.get("/backup", summary="A consistent copy of the database file",
-                response_class=Response,
-                responses={200: {"content": {"application/vnd.sqlite3": {}}}})
-    def backup():
-        return _file_response(ctx.db.backup, "backup.db", "application/vnd.sqlite3")
+    async def send_file(self, request, write, filename, media_type):
+        """Stream a file that ``write(path)`` makes in a temporary folder, removed afterwards."""
+        folder = tempfile.mkdtemp(prefix="beaver-server-")
+        try:
+            path = os.path.join(folder, filename)
+            result = await self.run(write, path)
+            headers = [(b"content-type", media_type.encode()),
+                       (b"content-length", str(os.path.getsize(path)).encode()),
+                       (b"content-disposition", f'attachment; filename="{filename}"'.encode())]
+            if isinstance(result, int):
+                headers.append((b"beaver-structures", str(result).encode()))
+            await request.send({"type": "http.response.start", "status": 200,
+                                "headers": headers})
+            with open(path, "rb") as f:
+                while True:
+                    chunk = await self.run(f.read, 1 << 20)
+                    await request.send({"type": "http.response.body", "body": chunk,
+                                        "more_body": bool(chunk)})
+                    if not chunk:
+                        break
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
-    return router
+    # -- streams ----------------------------------------------------------------------------
+
+    async def stream(self, request, astream, encode, greeting, stop):
+        """Serve ``astream`` as server-sent events until the client leaves; then ``stop()``."""
+        with self.waiting():
+            try:
+                await request.send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no")]})
+                await request.send({"type": "http.response.body", "more_body": True,
+                                    "body": f": {greeting}\n\n".encode()})
+                gone = request.gone()
+                while not gone.done():
+                    pending = asyncio.ensure_future(astream.get(timeout=15.0))
+                    await asyncio.wait({pending, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not pending.done():
+                        pending.cancel()
+                        break
+                    try:
+                        chunk = f"data: {encode(pending.result())}\n\n"
+                    except beaver.Timeout:
+                        chunk = ": keep-alive\n\n"
+                    except beaver.ClosedError:
+                        break
+                    await request.send({"type": "http.response.body", "more_body": True,
+                                        "body": chunk.encode("utf-8")})
+                with contextlib.suppress(OSError, RuntimeError):
+                    await request.send({"type": "http.response.body", "body": b""})
+            finally:
+                await self.run(stop)
+
+    async def sse(self, request, route, params):
+        channel = await self.run(self.db.channel, params["name"])
+        subscriber = await self.run(beaver.Subscriber, channel)
+        await self.stream(request, beaver.AsyncStream(subscriber), _event_text, "subscribed",
+                          subscriber.close)
+
+    async def live(self, request, route, params):
+        query = request.query()
+        window = _json_param(query.get("window", "60"), "window")
+        period = _json_param(query.get("period", "1"), "period")
+        self.check_limits({"period": period})
+        where = _json_param(query.get("where", "null"), "where")
+        log = await self.run(self.db.log, params["name"])
+        view = log.live(window, period, list, where)
+        await self.stream(request, beaver.AsyncStream(view), _event_text, "live", view.close)
+
+    async def events(self, request, route, params):
+        kind = params["kind"]
+        if kind not in beaver._ROUTES or kind == "db":
+            raise HTTPError(404, "NotFound", f"no structure kind {kind!r}")
+        event = request.query().get("event", "*")
+        manager = await self.run(self.manager, kind, params["name"])
+        stream = beaver.Stream()
+        astream = beaver.AsyncStream(stream)
+        handle = await self.run(manager.on, event, stream._deliver)
+        await self.stream(request, astream, _event_text, "listening", handle.off)
+
+    async def websocket(self, scope, receive, send):
+        """``/channels/{name}/ws``: every message published from now on, one JSON text frame
+        each; frames the client sends are published."""
+        from starlette.websockets import WebSocket, WebSocketDisconnect
+        segments = [_text(s) for s in (scope.get("raw_path") or b"").split(b"/")[1:]]
+        socket = WebSocket(scope, receive, send)
+        if len(segments) != 3 or segments[0] != "channels" or segments[2] != "ws":
+            await socket.close(code=1008, reason="no such route")
+            return
+        with self.waiting():
+            channel = await self.run(self.db.channel, segments[1])
+            subscriber = await self.run(beaver.Subscriber, channel)
+            astream = beaver.AsyncStream(subscriber)
+            await socket.accept(subprotocol=_chosen_subprotocol(scope))
+            receiver = asyncio.ensure_future(self.publish_frames(socket, channel))
+            try:
+                while not receiver.done():
+                    with contextlib.suppress(beaver.Timeout):
+                        await socket.send_text(_event_text(await astream.get(timeout=1.0)))
+            except (beaver.ClosedError, WebSocketDisconnect, RuntimeError, OSError):
+                pass
+            finally:
+                receiver.cancel()
+                await self.run(subscriber.close)
+
+    async def publish_frames(self, socket, channel):
+        from starlette.websockets import WebSocketDisconnect
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            while True:
+                text = await socket.receive_text()
+                try:
+                    value = json.loads(text)
+                except ValueError:
+                    value = text
+                await self.run(channel.publish, value)
+
+    # -- locks ------------------------------------------------------------------------------
+
+    async def list_locks(self, request, route, params):
+        info = await self.run(self.db.info)
+        await request.reply(beaver._reply([s for s in info["structures"]
+                                           if s["kind"] == "lock"]))
+
+    async def lock_status(self, request, route, params):
+        name, query = params["name"], request.query()
+        token = _json_param(query["token"], "token") if "token" in query else None
+
+        def status():
+            held = False
+            if token is not None:
+                with contextlib.suppress(beaver.LockLost):
+                    lock = beaver._adopt_lock(self.db, name, token)
+                    held = lock.held
+                    lock._guard.release()
+            return beaver._reply({"name": name, "locked": self.db.lock(name).locked,
+                                  "held": held})
+        await request.reply(await self.run(status))
+
+    async def acquire(self, request, route, params):
+        name, query = params["name"], request.query()
+        timeout = beaver._seconds(_json_param(query.get("timeout", "null"), "timeout"),
+                                  "timeout")
+        block = _json_param(query.get("block", "true"), "block")
+        ttl = _json_param(query.get("ttl", "60"), "ttl")
+        wait = self.limits["wait"] if timeout is None else min(timeout, self.limits["wait"])
+        key = request.headers.get("idempotency-key")
+        if key is not None:
+            stored = await self.run(beaver._remembered, self.db, key)
+            if stored is not None:
+                return await request.reply(stored)
+        lock = await self.run(self.db.lock, name, None, ttl)
+        got = await self.run(lock._enqueue)
+        gone = request.gone()
+
+        def claim():        # a repeat of this request may have the lock already
+            stored = None if key is None else beaver._remembered(self.db, key)
+            return stored if stored is not None else lock._claim()
+        if not got and block is not False:
+            with self.waiting():
+                got = await self.db._core.watcher.wait_for_async(
+                    claim, wait, cap=lock._next_check, run=self.run, stop=gone)
+        if isinstance(got, tuple):
+            await self.run(lock._leave, lock._ticket)
+            return await request.reply(got)
+        if not got or (gone.done() and key is None):
+            await self.run(lock._leave, lock._ticket)
+            raise beaver.LockTimeout(f"could not acquire lock {name!r} within {wait}s")
+        mine = beaver._reply({"name": name, "token": lock.token, "ttl": ttl})
+        reply = mine if key is None else await self.run(beaver._once, self.db, key,
+                                                         lambda: mine)
+        if reply[1] != mine[1]:         # a repeat of this request got the lock first
+            await self.run(lock._leave, lock._ticket)
+        await request.reply(reply)
+
+    async def release(self, request, route, params):
+        await self.with_hold(request, params, lambda lock, query: lock.release())
+
+    async def renew(self, request, route, params):
+        await self.with_hold(request, params, lambda lock, query: lock.renew(
+            _json_param(query["ttl"], "ttl") if "ttl" in query else None))
+
+    async def with_hold(self, request, params, action):
+        query = request.query()
+        token = _json_param(query.get("token", "null"), "token")
+
+        def act():
+            lock = beaver._adopt_lock(self.db, params["name"], token)
+            try:
+                action(lock, query)
+            finally:
+                if lock._guard.locked():
+                    lock._guard.release()
+            return beaver._NO_CONTENT
+        await request.reply(await self.run(self.keyed, request, act))
+
+    # -- the gate: every request passes here first --------------------------------------------
+
+    def check(self, scope, headers):
+        """Refuse what a browser on another site, a rebinding DNS name or a stranger sends."""
+        target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        if target > self.limits["target"]:
+            raise HTTPError(414, "TooLong", f"the request target exceeds {self.limits['target']}"
+                                            " bytes (send long names with POST /call)")
+        host = headers.get("host", "")
+        server = (scope.get("server") or ("",))[0]
+        if _is_loopback(server) and not self._loopback_host(host):
+            raise HTTPError(403, "Forbidden", f"host {host!r} is not a loopback name")
+        origin = headers.get("origin")
+        state_changing = scope.get("method", "GET") not in ("GET", "HEAD", "OPTIONS")
+        if origin is not None and not self._same_origin(origin, host):
+            raise HTTPError(403, "Forbidden", f"cross-site request from {origin!r} refused")
+        if state_changing or scope["type"] == "websocket":
+            site = headers.get("sec-fetch-site", "same-origin")
+            if site not in ("same-origin", "none") and (origin or "") not in self.cors_origins:
+                raise HTTPError(403, "Forbidden", "cross-site request refused")
+            media = headers.get("content-type", "").split(";")[0].strip().lower()
+            if media in _SIMPLE_TYPES and "x-beaver" not in headers:
+                raise HTTPError(403, "Forbidden", f"a {media} request needs the X-Beaver header "
+                                                  "(or a JSON content type)")
+        if self.token and not self._authorized(scope, headers):
+            raise HTTPError(401, "Unauthorized", "a valid bearer token is required",
+                            {"www-authenticate": "Bearer"})
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.limits["body"]:
+            raise HTTPError(413, "TooLarge", f"the request body exceeds {self.limits['body']} "
+                                             "bytes", {"connection": "close"})
+
+    def _loopback_host(self, host) -> bool:
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = name.strip("[]").lower()
+        return _is_loopback(name) or name in self.allowed_hosts
+
+    def _same_origin(self, origin, host) -> bool:
+        if origin in self.cors_origins or "*" in self.cors_origins:
+            return True
+        parts = urlsplit(origin)
+        return bool(parts.netloc) and parts.netloc.lower() == host.lower()
+
+    def _authorized(self, scope, headers) -> bool:
+        given = headers.get("authorization", "")
+        given = given[7:] if given[:7].lower() == "bearer " else ""
+        if not given and scope["type"] == "websocket":
+            given = _bearer_subprotocol(scope) or dict(parse_qsl(
+                (scope.get("query_string") or b"").decode("latin-1"))).get("token", "")
+        return secrets.compare_digest(given.encode(), self.token.encode())
+
+    async def __call__(self, scope, receive, send, fallback):
+        if scope["type"] == "websocket":
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            try:
+                self.check(scope, headers)
+            except HTTPError as e:
+                await send({"type": "websocket.close", "code": 1008, "reason": str(e)[:120]})
+                return
+            return await self.websocket(scope, receive, send)
+        request = _Request(scope, receive, send, self.limits["body"])
+        try:
+            self.check(scope, request.headers)
+            try:
+                route, params = self.route(request.method, request.raw_path, request.query())
+            except HTTPError as e:
+                if e.status != 404:
+                    raise
+                return await fallback(scope, _limited(receive, self.limits["body"]),
+                                      request.send)
+            await route.handler(request, route, params)
+        except Exception as e:   # an answer for every failure, unless one has started
+            await self.failed(request, e)
+        finally:
+            if request._gone is not None and not request._gone.done():
+                request._gone.cancel()          # stops its watch of the connection
+
+    async def failed(self, request, e):
+        if request.started:
+            if not isinstance(e, (OSError, RuntimeError, HTTPError)):
+                logger.error("beaver server: failure while answering", exc_info=e)
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            await request.reply(_error_reply(e))
 
 
-def _file_response(write, filename, media_type) -> FileResponse:
-    """Stream a file that ``write(path)`` makes in a temporary folder, removed afterwards."""
-    folder = tempfile.mkdtemp(prefix="beaver-server-")
-    path = os.path.join(folder, filename)
-    try:
-        result = write(path)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    headers = {"Beaver-Structures": str(result)} if isinstance(result, int) else None
-    return FileResponse(path, media_type=media_type, filename=filename, headers=headers,
-                        background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True))
+def _event_text(value) -> str:
+    return beaver._json_dumps(beaver._to_jsonable(value))
 
 
-# ------------------------------------------------------------------------------------------
-# The application
-# ------------------------------------------------------------------------------------------
-
-def _auth(token):
-    bearer = HTTPBearer(auto_error=False, description="the server's --token / BEAVER_TOKEN")
-
-    def check(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)):
-        given = "" if credentials is None else credentials.credentials
-        if not secrets.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(401, "a valid bearer token is required",
-                                headers={"WWW-Authenticate": "Bearer"})
-    return [Depends(check)]
+def _give_back(queue, reply):
+    """Requeue an item taken for a client that left before its answer (no key to retry)."""
+    item = json.loads(reply[1])
+    if "lease_id" in item:
+        queue.nack(_leased(item))
+    else:
+        queue.put(item["data"], priority=item["priority"])
 
 
-# Each modality contributes (BeaverDB factory, prefix, router factory): a modality this
-# beaver.py lacks is left out.
-ROUTERS = [
-    ("dict", "/dicts", _dict_routes), ("list", "/lists", _list_routes),
-    ("queue", "/queues", _queue_routes), ("blobs", "/blobs", _blob_routes),
-    ("log", "/logs", _log_routes), ("channel", "/channels", _channel_routes),
-    ("collection", "/collections", _collection_routes), ("lock", "/locks", _lock_routes),
-    ("transaction", "/events", _event_routes),
-    ("dump", "", _database_routes),
-]
-ALIASES = {"/dicts": "/dict"}   # the spec's spelling, hidden from the schema
+def _limited(receive, limit):
+    """``receive`` that refuses a body beyond ``limit`` bytes (for the routes of FastAPI)."""
+    seen = 0
+
+    async def receive_limited():
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise HTTPError(413, "TooLarge", f"the request body exceeds {limit} bytes")
+        return message
+    return receive_limited
 
 
-def create_app(database="beaver.db", token=None, *, max_body_bytes=DEFAULT_MAX_BODY,
-               max_wait=DEFAULT_MAX_WAIT) -> FastAPI:
-    """A FastAPI app serving ``database`` (a path or an open ``BeaverDB``).
-
-    ``token``: require ``Authorization: Bearer <token>`` on every route (not ``/docs``).
-    ``max_body_bytes``: the largest request body (blob uploads included), else 413.
-    ``max_wait``: the longest a blocking call (queue get, lock acquire) waits per request.
-    """
-    owned = not isinstance(database, BeaverDB)
-    db = BeaverDB(database) if owned else database
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        yield
-        if owned:
-            db.close()
-
-    app = FastAPI(title="beaver", version=beaver.__version__, lifespan=lifespan,
-                  description="A beaver database over HTTP: dicts, lists, queues, blobs, "
-                              "locks and more. Values are JSON.")
-    app.state.db = db
-    ctx = _Context(db, int(max_body_bytes), float(max_wait))
-    dependencies = _auth(token) if token else []
-    _install_error_handlers(app)
-    for factory, prefix, routes in ROUTERS:
-        if not hasattr(BeaverDB, factory):
-            continue
-        router = routes(ctx)
-        app.include_router(router, prefix=prefix, dependencies=dependencies)
-        if prefix in ALIASES:
-            app.include_router(router, prefix=ALIASES[prefix], dependencies=dependencies,
-                               include_in_schema=False)
-    if hasattr(BeaverDB, "channel"):
-        _channel_websocket(app, ctx, token)
-    return app
+def _bearer_subprotocol(scope):
+    for value in scope.get("subprotocols") or ():
+        if value.startswith("bearer."):
+            return value[7:]
+    return None
 
 
+def _chosen_subprotocol(scope):
+    return "beaver" if "beaver" in (scope.get("subprotocols") or ()) else None
+
+
+@functools.lru_cache(maxsize=256)
 def _is_loopback(host) -> bool:
     if host in _LOOPBACK_NAMES:
         return True
@@ -1021,42 +958,400 @@ def _is_loopback(host) -> bool:
         return False
 
 
+# ------------------------------------------------------------------------------------------
+# The application
+# ------------------------------------------------------------------------------------------
+
+def _openapi(server, app):
+    """The OpenAPI schema, derived from the routes (and so from ``beaver._API``)."""
+    paths: dict = {}
+    for routes in server.routes.values():
+        for route in routes:
+            path = "/" + "/".join(route.parts)
+            entry = paths.setdefault(path, {}).setdefault(route.verb.lower(), {
+                "summary": route.summary, "parameters": [], "responses": {
+                    "200": {"description": "OK"}, "4XX": {"description": "an error: "
+                                                          "{error, message}"}}})
+            names = {p["name"] for p in entry["parameters"]}
+            wanted = [(p[1:-1], "path") for p in route.parts if p.startswith("{")]
+            wanted += [(k, "query") for k in route.fixed]
+            if route.op is not None:
+                wanted += [(p.name, "query") for p in beaver._plan(route.op)[2]
+                           if p.place == "query"]
+                if route.op.body:
+                    entry["requestBody"] = {"content": {"application/json": {"schema": {}}}}
+            for name, place in wanted:
+                if name not in names:
+                    names.add(name)
+                    entry["parameters"].append({"name": name, "in": place,
+                                                "required": place == "path",
+                                                "schema": {"type": "string"}})
+    security = [{"bearer": []}] if server.token else []
+    return {"openapi": "3.1.0", "info": {"title": "beaver", "version": beaver.__version__,
+                                         "description": "A beaver database over HTTP."},
+            "paths": paths, "security": security,
+            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}}
+
+
+def create_app(database="beaver.db", token=None, *, max_body_bytes=DEFAULT_MAX_BODY,
+               max_wait=DEFAULT_MAX_WAIT, max_streams=DEFAULT_MAX_STREAMS, cors_origins=(),
+               allowed_hosts=(), threads=32):
+    """A FastAPI app serving ``database`` (a path or an open ``BeaverDB``).
+
+    ``token``: require ``Authorization: Bearer <token>`` on every route (``/docs`` too).
+    ``max_body_bytes``: the largest request body, on every route, else 413.
+    ``max_wait``: the longest a blocking call (queue get, lock acquire) waits per request.
+    ``max_streams``: open streams and long waits at once, else 503.
+    ``cors_origins``: web origins allowed to call the API from a browser (CORS).
+    ``allowed_hosts``: ``Host`` names accepted besides loopback ones on a loopback address.
+    """
+    if FastAPI is None:
+        raise ImportError("beaver_server needs the [server] extra: pip install "
+                          f"'beaver-db[server]' ({_MISSING_EXTRA})")
+    owned = not isinstance(database, BeaverDB)
+    db = BeaverDB(database) if owned else database
+    limits = {"body": int(max_body_bytes), "wait": float(max_wait), "streams": int(max_streams),
+              "target": MAX_TARGET, "text": MAX_TEXT_QUERY, "top_k": MAX_TOP_K,
+              "period": MIN_PERIOD, "threads": int(threads)}
+    server = _Server(db, token, limits, cors_origins, allowed_hosts)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        if owned:
+            await server.run(db.close)      # close() joins threads: not on the event loop
+        server.executor.shutdown(wait=False)
+
+    app = _App(title="beaver", version=beaver.__version__, lifespan=lifespan,
+               docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.state.db = db
+    app.beaver = server
+    app.openapi = lambda: _openapi(server, app)
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="beaver")
+    app.add_exception_handler(404, _not_found)
+    app.beaver_entry = _Front(server, app)
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+        app.beaver_entry = CORSMiddleware(
+            app.beaver_entry, allow_origins=list(cors_origins), allow_methods=["*"],
+            allow_headers=["authorization", "content-type", "x-beaver", "idempotency-key",
+                           "beaver-metadata"], expose_headers=["beaver-metadata",
+                                                               "beaver-structures"])
+    if token:
+        logging.getLogger("uvicorn.access").addFilter(_RedactTokens())
+    return app
+
+
+def _not_found(request, exc):
+    from fastapi.responses import JSONResponse
+    return JSONResponse({"error": "NotFound", "message": "no such route"}, 404)
+
+
+class _Front:
+    """The ASGI entry: beaver's routes first, then FastAPI's (``/docs``, user routes)."""
+
+    def __init__(self, server, app):
+        self.server = server
+        self.fastapi = functools.partial(FastAPI.__call__, app)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self.fastapi(scope, receive, send)
+        await self.server(scope, receive, send, self.fastapi)
+
+
+if FastAPI is not None:
+    class _App(FastAPI):
+        """FastAPI with beaver's raw ASGI routes in front of its own."""
+
+        async def __call__(self, scope, receive, send):
+            await self.beaver_entry(scope, receive, send)
+
+
+class _RedactTokens(logging.Filter):
+    """Keep ``?token=`` (WebSocket clients may send it) out of the access log."""
+
+    def filter(self, record):
+        if record.args:
+            record.args = tuple(re.sub(r"(token=)[^&\s]*", r"\1[redacted]", a)
+                                if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+# ------------------------------------------------------------------------------------------
+# Running it: python -m beaver_server / beaver serve
+# ------------------------------------------------------------------------------------------
+
+def _env_bool(name, default=False) -> bool:
+    """A boolean environment variable: 1/true/yes/on or 0/false/no/off (else an error)."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={os.environ[name]!r} is not a boolean (use 1/true/yes/on or "
+                     "0/false/no/off)")
+
+
+def _env_number(name, default, kind=int):
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a number") from None
+
+
 def _parser(prog=None) -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(
         prog=prog or "python -m beaver_server",
-        description="Serve a beaver database over HTTP (OpenAPI docs at /docs).")
-    parser.add_argument("--database", "-d",
-                        default=env("BEAVER_DATABASE", env("DATABASE", "beaver.db")),
-                        help="database file (default: $BEAVER_DATABASE, $DATABASE or beaver.db)")
-    parser.add_argument("--host", default=env("BEAVER_HOST", "127.0.0.1"))
-    parser.add_argument("--port", "-p", type=int, default=int(env("BEAVER_PORT", "8000")))
-    parser.add_argument("--token", default=env("BEAVER_TOKEN") or None,
-                        help="require this bearer token (default: $BEAVER_TOKEN)")
-    parser.add_argument("--insecure", action="store_true",
-                        default=env("BEAVER_INSECURE", "") not in ("", "0"),
-                        help="allow a non-loopback --host without a token")
-    parser.add_argument("--max-body-size", type=int, default=DEFAULT_MAX_BODY,
-                        help="largest request body in bytes (blob uploads)")
-    parser.add_argument("--max-wait", type=float, default=DEFAULT_MAX_WAIT,
-                        help="longest wait of one blocking request, in seconds")
-    parser.add_argument("--log-level", default="info")
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Serve a beaver database over HTTP (OpenAPI docs at /docs). Every option "
+                    "also reads the environment variable named in its help.")
+    add = parser.add_argument
+    add("--database", "-d", default=env("BEAVER_DATABASE", env("DATABASE", "beaver.db")),
+        help="database file ($BEAVER_DATABASE or $DATABASE)")
+    add("--host", default=env("BEAVER_HOST", "127.0.0.1"), help="address to listen on "
+        "($BEAVER_HOST); a non-loopback one needs --token or --insecure")
+    add("--port", "-p", type=int, default=_env_number("BEAVER_PORT", 8000),
+        help="port ($BEAVER_PORT)")
+    add("--token", default=env("BEAVER_TOKEN") or None,
+        help="require this bearer token on every route ($BEAVER_TOKEN)")
+    add("--insecure", action="store_true", default=_env_bool("BEAVER_INSECURE"),
+        help="allow a non-loopback --host without a token ($BEAVER_INSECURE)")
+    add("--workers", "-w", type=int, default=_env_number("BEAVER_WORKERS", 1),
+        help="server processes sharing the port ($BEAVER_WORKERS)")
+    add("--cors-origin", action="append", default=None, metavar="ORIGIN",
+        help="a web origin (https://app.example) allowed to call from a browser; repeatable "
+             "($BEAVER_CORS_ORIGINS, comma-separated)")
+    add("--allow-host", action="append", default=None, metavar="NAME",
+        help="a Host name accepted besides loopback names on a loopback address (behind a "
+             "proxy); repeatable ($BEAVER_ALLOW_HOSTS, comma-separated)")
+    add("--max-body-size", type=int, default=_env_number("BEAVER_MAX_BODY", DEFAULT_MAX_BODY),
+        help="largest request body in bytes, on every route ($BEAVER_MAX_BODY)")
+    add("--max-wait", type=float, default=_env_number("BEAVER_MAX_WAIT", DEFAULT_MAX_WAIT,
+                                                      float),
+        help="longest wait of one blocking request, in seconds ($BEAVER_MAX_WAIT)")
+    add("--max-streams", type=int, default=_env_number("BEAVER_MAX_STREAMS",
+                                                       DEFAULT_MAX_STREAMS),
+        help="open streams and long waits per process ($BEAVER_MAX_STREAMS)")
+    add("--header-timeout", type=float, default=HEADER_TIMEOUT,
+        help="seconds a connection may take to send a request's headers")
+    add("--log-level", default=env("BEAVER_LOG_LEVEL", "info"),
+        choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
     return parser
 
 
-def main(argv=None, prog=None) -> int:
-    """``python -m beaver_server [--database PATH] [--host H] [--port P] [--token T]``."""
+def _env_list(name) -> list:
+    return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
+
+
+def _settings(argv, prog):
     args = _parser(prog).parse_args(argv)
-    if not _is_loopback(args.host) and not args.token and not args.insecure:
-        print(f"beaver_server: refusing to listen on {args.host} without a token; set "
+    return {"database": args.database, "token": args.token, "host": args.host,
+            "port": args.port, "workers": args.workers, "insecure": args.insecure,
+            "cors_origins": args.cors_origin or _env_list("BEAVER_CORS_ORIGINS"),
+            "allowed_hosts": args.allow_host or _env_list("BEAVER_ALLOW_HOSTS"),
+            "max_body_bytes": args.max_body_size, "max_wait": args.max_wait,
+            "max_streams": args.max_streams, "header_timeout": args.header_timeout,
+            "log_level": args.log_level}
+
+
+_APP_KEYS = ("token", "max_body_bytes", "max_wait", "max_streams", "cors_origins",
+             "allowed_hosts")
+
+
+def _app_from_environment():
+    """The app of a server process, configured by ``main`` through the environment."""
+    global _header_timeout
+    settings = json.loads(os.environ["BEAVER_SERVER_SETTINGS"])
+    _header_timeout = settings["header_timeout"]
+    return create_app(settings["database"], **{k: settings[k] for k in _APP_KEYS})
+
+
+def main(argv=None, prog=None) -> int:
+    """``python -m beaver_server [--database PATH] [--host H] [--port P] [--token T] ...``."""
+    try:
+        settings = _settings(argv, prog)
+    except ValueError as e:
+        print(f"beaver_server: {e}", file=sys.stderr)
+        return 2
+    if not _is_loopback(settings["host"]) and not settings["token"] and not settings["insecure"]:
+        print(f"beaver_server: refusing to listen on {settings['host']} without a token; set "
               "--token / BEAVER_TOKEN, or pass --insecure", file=sys.stderr)
         return 2
+    if FastAPI is None:
+        print("beaver_server: the server needs the [server] extra: pip install "
+              f"'beaver-db[server]' ({_MISSING_EXTRA})", file=sys.stderr)
+        return 1
+    try:
+        return _serve(settings)
+    except (beaver.BeaverError, OSError, ImportError, ValueError) as e:
+        print(f"beaver_server: {e}", file=sys.stderr)
+        return 1
+
+
+def _serve(settings) -> int:
+    with BeaverDB(settings["database"]):       # a bad path fails here, in one line
+        pass
+    os.environ["BEAVER_SERVER_SETTINGS"] = json.dumps(settings)
+    sock = _bind(settings, listen=settings["workers"] == 1)
+    logging.getLogger("uvicorn.access").addFilter(_RedactTokens())
+    if settings["workers"] > 1:
+        return _supervise(settings, sock)
+    server = _uvicorn_server(settings)
+    _log_start(settings, sock)
+    server.run(sockets=[sock])
+    return 0 if server.started else 1
+
+
+def _bind(settings, listen=True):
+    """The listening socket (a clean error if the address is taken). Workers bind their own
+    with SO_REUSEPORT, so the kernel spreads connections between them."""
+    import socket
+    family = socket.AF_INET6 if ":" in settings["host"] else socket.AF_INET
+    # IPPROTO_TCP named: asyncio then sets TCP_NODELAY on every accepted connection
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if settings["workers"] > 1:
+        if not hasattr(socket, "SO_REUSEPORT"):
+            raise OSError("--workers needs SO_REUSEPORT, which this system lacks")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((settings["host"], settings["port"]))
+        if listen:
+            sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {settings['host']}:{settings['port']}: "
+                      f"{e.strerror or e}") from None
+    return sock
+
+
+def _uvicorn_server(settings):
     import uvicorn
-    app = create_app(args.database, args.token, max_body_bytes=args.max_body_size,
-                     max_wait=args.max_wait)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn.Config(
+        "beaver_server:_app_from_environment", factory=True, host=settings["host"],
+        port=settings["port"], log_level=settings["log_level"], http=_Protocol, loop="auto",
+        h11_max_incomplete_event_size=MAX_TARGET + 64 * 1024,
+        timeout_graceful_shutdown=5)        # streams never end by themselves
+    config.load()
+    return uvicorn.Server(config)
+
+
+def _log_start(settings, sock):
+    host = f"[{settings['host']}]" if ":" in settings["host"] else settings["host"]
+    logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to "
+                                            "quit)", host, sock.getsockname()[1])
+
+
+def _worker(settings):
+    """One process of ``--workers N``: its own socket on the shared port."""
+    os.environ["BEAVER_SERVER_SETTINGS"] = json.dumps(settings)
+    server = _uvicorn_server(settings)
+    server.run(sockets=[_bind(settings)])
+
+
+def _supervise(settings, placeholder):
+    """Run ``--workers`` processes until a signal; one that dies is started again."""
+    import multiprocessing
+    import multiprocessing.connection
+    import signal
+    context = multiprocessing.get_context("spawn")
+    stopping = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    workers = []
+    _log_start(settings, placeholder)
+    try:
+        while not stopping:
+            workers = [w for w in workers if w.is_alive()]
+            while len(workers) < settings["workers"] and not stopping:
+                worker = context.Process(target=_worker, args=(settings,), daemon=True)
+                worker.start()
+                workers.append(worker)
+            multiprocessing.connection.wait([w.sentinel for w in workers], timeout=0.5)
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.join(10)
+        placeholder.close()
     return 0
 
 
+_header_timeout = HEADER_TIMEOUT
+
+class _HeaderDeadline:
+    """Closes a connection whose request headers do not arrive within ``--header-timeout``
+    seconds (slow-loris clients; one that sends nothing at all too), on top of uvicorn's
+    HTTP protocols."""
+
+    _header_deadline = None
+
+    def _arm(self, idle=0.0):
+        self._head_arrived()
+        self._header_deadline = self.loop.call_later(_header_timeout + idle, self._too_slow)
+
+    def _too_slow(self):
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _head_arrived(self):
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm(idle=self.timeout_keep_alive)
+
+    def connection_lost(self, exc):
+        self._head_arrived()
+        super().connection_lost(exc)
+
+
+def _protocols():
+    """uvicorn's fastest HTTP protocol available, with the header deadline."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        import h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        class Protocol(_HeaderDeadline, H11Protocol):
+            def data_received(self, data):
+                super().data_received(data)
+                if self.conn.their_state is not h11.IDLE:
+                    self._head_arrived()
+        return Protocol
+
+    class Protocol(_HeaderDeadline, HttpToolsProtocol):
+        def on_headers_complete(self):
+            self._head_arrived()
+            super().on_headers_complete()
+    return Protocol
+
+
+try:
+    _Protocol = _protocols()
+    _Protocol.__qualname__ = _Protocol.__name__ = "_Protocol"    # picklable by name
+except ImportError:
+    _Protocol = None
+
+
 if __name__ == "__main__":
+    sys.modules.setdefault("beaver_server", sys.modules[__name__])   # one copy of this module
     sys.exit(main())

@@ -56,24 +56,11 @@ __all__ = ["open_index", "VectorIndex"]
 
 logger = logging.getLogger("beaver.vector")
 
-METRICS = ("l2", "cosine", "ip")
-KINDS = ("auto", "flat", "hnsw")
-DEFAULTS = {
-    "index": "auto",          # "flat" (exact), "hnsw" (approximate) or "auto"
-    "ann_threshold": 20000,   # "auto" switches from flat to HNSW at this many vectors
-    "m": 32,                  # HNSW graph degree
-    "ef_construction": 200,   # HNSW build breadth
-    "ef_search": 64,          # HNSW search breadth (raise for recall, lower for speed)
-    "fold_min": 1000,         # fold the delta into the base once it holds this many (HNSW) ...
-    "fold_fraction": 0.05,    # ... or this fraction of the base if larger (flat)
-    "rebuild_dead": 0.2,      # rebuild (not extend) an HNSW base with this fraction dead
-    "filter_exact_below": 20000,  # where= filters this small are searched exactly
-    "persist_fraction": 0.25,  # store a folded base when this fraction of it is new ...
-    "persist_min": 1000,      # ... and at least this many log entries are newer than the stored one
-    "part_bytes": 8 << 20,    # the stored base is split in parts of this size
-    "build_chunk": 50000,     # vectors per step of an HNSW build (smaller steps: worse graph)
-    "background": True,       # fold in a background thread (else only in compact())
-}
+METRICS = beaver.VECTOR_METRICS
+# The options (name, type, range, default) are declared once, in beaver.VECTOR_INDEX_OPTIONS,
+# so that beaver.py checks them before storing a collection, with or without this module.
+KINDS = beaver.VECTOR_INDEX_OPTIONS["index"].choices
+DEFAULTS = {name: option.default for name, option in beaver.VECTOR_INDEX_OPTIONS.items()}
 LEASE_SECONDS = 60.0
 GATHER_BELOW = 1024  # filters allowing fewer base rows are scored by numpy, not faiss
 
@@ -126,17 +113,14 @@ def _host(core):
 
 
 def _check_options(dim, metric, options, errors=beaver) -> dict:
-    if not isinstance(dim, int) or dim <= 0:
+    """The options merged with their defaults, checked as ``beaver.VECTOR_INDEX_OPTIONS`` says."""
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
         raise errors.ValidationError(f"vector dimension must be a positive int, not {dim!r}")
     if metric not in METRICS:
         raise errors.ValidationError(f"metric must be one of {METRICS}, not {metric!r}")
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise errors.ValidationError(f"unknown vector index options: {sorted(unknown)}")
-    merged = dict(DEFAULTS, **options)
-    if merged["index"] not in KINDS:
-        raise errors.ValidationError(f"index must be one of {KINDS}, not {merged['index']!r}")
-    return merged
+    errors._check_vector_options(metric, options)
+    return {name: options.get(name, option.default)
+            for name, option in errors.VECTOR_INDEX_OPTIONS.items()}
 
 
 # ==========================================================================================
@@ -314,16 +298,26 @@ class VectorIndex:
 
     @ef_search.setter
     def ef_search(self, value):
-        self.options["ef_search"] = int(value)
+        self._errors._check_vector_options(None, {"ef_search": value})
+        self.options["ef_search"] = value
 
     # -- tables, loading ---------------------------------------------------------------
 
     def _ensure_tables(self):
+        """Create the tables and this collection's row, unless there (no write, no lock)."""
+        if self._tables_ready():
+            return
         with self._core.transaction():
             for statement in _SCHEMA:
                 self._core.execute(statement)
             self._core.execute("INSERT OR IGNORE INTO beaver_ann_base (collection) VALUES (?)",
                                (self.collection,))
+
+    def _tables_ready(self) -> bool:
+        tables = self._core.execute(
+            "SELECT count(*) FROM sqlite_master WHERE name IN "
+            "('beaver_ann_log', 'beaver_ann_base', 'beaver_ann_parts')").fetchone()[0]
+        return tables == 3 and self._header() is not None
 
     def _header(self):
         return self._core.execute(
@@ -449,8 +443,23 @@ class VectorIndex:
         self._log([(self.collection, doc_id, "d")])
 
     def on_clear(self):
-        """Log that every vector of the collection was deleted (``index.on_clear()``)."""
+        """Log that every vector of the collection was deleted (``index.on_clear()``), and
+        delete what the index kept of them: its stored base and its older log rows.
+
+        The stored base becomes an empty one built at the clear's log row, and the log floor
+        moves just below that row: a process that had not seen every earlier row reloads
+        (an empty or small table), one that had sees the clear.
+        """
         self._log([(self.collection, "", "c")])
+        seq = self._core.execute("SELECT max(seq) FROM beaver_ann_log").fetchone()[0]
+        self._core.execute("DELETE FROM beaver_ann_log WHERE collection = ? AND seq < ?",
+                           (self.collection, seq))
+        self._core.execute("DELETE FROM beaver_ann_parts WHERE collection = ?",
+                           (self.collection,))
+        self._core.execute(
+            "UPDATE beaver_ann_base SET generation = NULL, kind = NULL, built_seq = ?, "
+            "log_floor = ?, count = 0, parts = 0, ids = NULL WHERE collection = ?",
+            (seq, seq - 1, self.collection))
 
     def _log(self, rows):
         sql = "INSERT INTO beaver_ann_log (collection, doc_id, op) VALUES (?, ?, ?)"

@@ -1,0 +1,209 @@
+"""Server benchmark: BeaverClient against ``beaver serve`` beside redis-py against redis-server.
+
+    python bench/bench_server.py            # full run (a few minutes)
+    python bench/bench_server.py --quick    # small sizes, a smoke run
+
+Measured side by side in one run, on one machine, both over TCP on 127.0.0.1:
+- dict get / set (Redis GET / SET), list push / pop (RPUSH / RPOP), queue put / get
+  (RPUSH / LPOP), blob put / get of 4 KB (SET / GET of bytes): ops/s from one client thread,
+  against one server worker;
+- dict get / set from 4 client threads against ``--workers 2`` (Redis: one server, 4 threads).
+
+Beaver's writes carry an idempotency key and are stored with it (exactly-once); Redis's are
+not. Redis is expected at 127.0.0.1:6379 (``redis-server``); ``pip install redis``. Results go
+to stdout and bench/results/server.md, with the ratios beaver / redis. No thresholds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import beaver  # noqa: E402  (the beaver.py of this checkout)
+
+VALUE = {"id": 7, "name": "user-7", "tags": ["a", "b"], "score": 3.5}
+BLOB = os.urandom(4096)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(path, workers=1):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "beaver_server", "--database", path, "--port", str(port),
+         "--workers", str(workers), "--log-level", "warning"],
+        env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT)
+    deadline = time.monotonic() + 30
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            client = beaver.BeaverClient(url)
+            client.info()
+            client.close()
+            return process, url
+        except beaver.RemoteError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the server did not start")
+            time.sleep(0.1)
+
+
+def rate(op, n, threads=1):
+    """Operations per second of ``op(thread, i)`` run ``n`` times in each of ``threads``."""
+    barrier = threading.Barrier(threads + 1)
+
+    def work(t):
+        barrier.wait()
+        for i in range(n):
+            op(t, i)
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for thread in pool:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in pool:
+        thread.join()
+    return n * threads / (time.perf_counter() - start)
+
+
+def beaver_ops(client):
+    d, lst, q, b = (client.dict("bench"), client.list("bench"), client.queue("bench"),
+                    client.blobs("bench"))
+    return {
+        "dict set": lambda t, i: d.set(f"k{t}-{i}", VALUE),
+        "dict get": lambda t, i: d.get(f"k{t}-{i}"),
+        "list push": lambda t, i: lst.push(VALUE),
+        "list pop": lambda t, i: lst.pop(),
+        "queue put": lambda t, i: q.put(VALUE),
+        "queue get": lambda t, i: q.get(block=False),
+        "blob put": lambda t, i: b.put(f"b{t}-{i}", BLOB),
+        "blob get": lambda t, i: b.get(f"b{t}-{i}"),
+    }
+
+
+def redis_ops(r):
+    import json
+    return {
+        "dict set": lambda t, i: r.set(f"bench:k{t}-{i}", json.dumps(VALUE)),
+        "dict get": lambda t, i: json.loads(r.get(f"bench:k{t}-{i}")),
+        "list push": lambda t, i: r.rpush("bench:list", json.dumps(VALUE)),
+        "list pop": lambda t, i: r.rpop("bench:list"),
+        "queue put": lambda t, i: r.rpush("bench:queue", json.dumps(VALUE)),
+        "queue get": lambda t, i: r.lpop("bench:queue"),
+        "blob put": lambda t, i: r.set(f"bench:b{t}-{i}", BLOB),
+        "blob get": lambda t, i: r.get(f"bench:b{t}-{i}"),
+    }
+
+
+def per_thread(make):
+    """An ``op(t, i)`` using one client per thread (made on first use in that thread)."""
+    local = threading.local()
+
+    def op(name):
+        def run(t, i):
+            ops = getattr(local, "ops", None)
+            if ops is None:
+                ops = local.ops = make()
+            ops[name](t, i)
+        return run
+    return op
+
+
+def measure(args, redis_module):
+    results = {}
+    folder = tempfile.mkdtemp(prefix="bench-server-")
+    r = redis_module.Redis(host="127.0.0.1", port=6379)
+    r.flushdb()
+    process, url = start_server(os.path.join(folder, "one.db"))
+    workers, wurl = start_server(os.path.join(folder, "two.db"), workers=2)
+    clients = []
+    try:
+        client = beaver.BeaverClient(url)
+        mine, theirs = beaver_ops(client), redis_ops(r)
+        for round_ in range(args.rounds):
+            for name in mine:           # interleaved: the same moment's noise for both
+                for who, ops in (("beaver", mine), ("redis", theirs)):
+                    ops_s = rate(ops[name], args.n)
+                    key = (name, 1, who)
+                    results[key] = max(results.get(key, 0.0), ops_s)
+            r.flushdb()
+
+        def make_client():
+            c = beaver.BeaverClient(wurl)
+            clients.append(c)
+            return beaver_ops(c)
+        pools = {"beaver": per_thread(make_client),
+                 "redis": per_thread(lambda: redis_ops(redis_module.Redis(port=6379)))}
+        for round_ in range(args.rounds):
+            for name in ("dict set", "dict get"):
+                for who in ("beaver", "redis"):
+                    ops_s = rate(pools[who](name), args.n // 2, threads=4)
+                    key = (name, 4, who)
+                    results[key] = max(results.get(key, 0.0), ops_s)
+        client.close()
+    finally:
+        for c in clients:
+            c.close()
+        for p in (process, workers):
+            p.terminate()
+            p.wait()
+    return results
+
+
+def report(results, args):
+    lines = [
+        "# Server benchmark: BeaverClient + beaver serve beside redis-py + redis-server",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, SQLite {beaver.sqlite3.sqlite_version}; "
+        f"{args.n} ops per round, best of {args.rounds} interleaved rounds, ops/s.",
+        "Beaver's writes carry an idempotency key stored with the write (exactly-once).",
+        "",
+        "| operation | client threads | server | beaver ops/s | redis ops/s | beaver / redis |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (name, threads, who), value in sorted(results.items()):
+        if who != "beaver":
+            continue
+        theirs = results[(name, threads, "redis")]
+        server = "1 worker" if threads == 1 else "--workers 2"
+        lines.append(f"| {name} | {threads} | {server} | {value:,.0f} | {theirs:,.0f} | "
+                     f"{value / theirs:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.quick:
+        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+        with open(os.path.join(HERE, "results", "server.md"), "w") as f:
+            f.write(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, no results file")
+    parser.add_argument("-n", type=int, default=None, help="operations per round")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (best is kept)")
+    args = parser.parse_args()
+    args.n = args.n or (300 if args.quick else 3000)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    try:
+        import redis
+    except ImportError:
+        raise SystemExit("pip install redis (and run redis-server on 127.0.0.1:6379)")
+    report(measure(args, redis), args)
+
+
+if __name__ == "__main__":
+    main()
