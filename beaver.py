@@ -4500,17 +4500,27 @@ def _ensure_fts(core) -> bool:
     """Create the FTS5 tables once per database; False where SQLite lacks FTS5."""
     ready = getattr(core, "_fts_ready", None)
     if ready is None:
-        ready = True
-        try:
+        ready = _has_fts5()
+        if ready:
             for statement in _FTS_SCHEMA:     # no write (nor lock) when they exist
                 core.execute(statement)
-        except BeaverError as e:
-            if "no such module" not in str(e):
-                raise
+        else:
             logger.warning("this SQLite has no FTS5: collections work without text search")
-            ready = False
         core._fts_ready = ready
     return ready
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fts5() -> bool:
+    """Whether this SQLite has FTS5 (a probe, not a reading of error messages)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE VIRTUAL TABLE t USING fts5(x)")
+        return True
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
 
 
 # -- the trigram index of known words, and files that move between SQLite versions ----------

@@ -4955,6 +4955,18 @@ def test_collection_vector_cache_follows_changes(tmp_path, monkeypatch, numpy_pr
         assert reader.search([1, 0, 0, 0]) == []
 
 
+def test_collection_fts5_is_probed_not_read_from_error_text(tmp_path, monkeypatch):
+    monkeypatch.setattr(beaver, "_has_fts5", lambda: False)
+    with BeaverDB(tmp_path / "nofts.db") as db:
+        docs = db.collection("docs")
+        docs.index(beaver.Document(id="a", body="text"))
+        assert "a" in docs
+        with pytest.raises(beaver.FeatureUnavailable):
+            docs.match("text")
+    assert not raw_rows(tmp_path / "nofts.db",
+                        "SELECT name FROM sqlite_master WHERE name = 'beaver_fts'")
+
+
 def test_collection_without_fts5(db, monkeypatch):
     monkeypatch.setattr(db._core, "_fts_ready", False, raising=False)
     plain = db.collection("plain")
