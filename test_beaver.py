@@ -881,7 +881,7 @@ def _small(value):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", sorted(FUZZ_CALLS))
-def test_fuzz_every_call_with_every_corner_value(tmp_path, kind):
+def test_fuzz_every_call_with_every_corner_value(tmp_path, clock, kind):
     """The deterministic half of the fuzz: each corner value in each of the first two
     argument positions of every call, the other arguments ordinary."""
     with BeaverDB(tmp_path / "corners.db", timeout=5) as db:
@@ -897,7 +897,8 @@ def test_fuzz_every_call_with_every_corner_value(tmp_path, kind):
 
 class _Fuzz:
     """Calls one at a time; a call that raises must leave the dump of the database as it was
-    (the dump is taken after each call, so a failed call costs one dump, not two)."""
+    (the dump is taken after each call, so a failed call costs one dump, not two). The tests
+    stop beaver's clock, so no TTL runs out between two dumps."""
 
     def __init__(self, db, kind):
         self.db, self.kind, self.state = db, kind, _state(db)
@@ -919,9 +920,23 @@ class _Fuzz:
 
 
 def _known_collection_bug(kind, args, error):
-    """The inputs of the expected failure below (collection internals, fixed elsewhere)."""
-    return kind == "collection" and isinstance(error, OverflowError) and any(
-        a in (INF, -INF) for a in args if isinstance(a, float))     # match(fuzziness=inf)
+    """The inputs of the expected failures below (collection internals, fixed elsewhere)."""
+    if kind != "collection":
+        return False
+    if isinstance(error, OverflowError):                            # match(fuzziness=inf)
+        return any(a in (INF, -INF) for a in args if isinstance(a, float))
+    return isinstance(getattr(error, "orig", None), (sqlite3.InterfaceError,
+                                                     sqlite3.ProgrammingError)) and any(
+        isinstance(a, (list, tuple)) and any(isinstance(x, (list, dict)) for x in a)
+        for a in args)                                  # walk(labels=[[...]]) and the like
+
+
+@pytest.mark.xfail(strict=True, reason="collection internals (the collections work owns "
+                   "walk()): labels are not checked, and a list or dict among them reaches "
+                   "sqlite3 ('Error binding parameter') instead of a TypeError")
+def test_collection_walk_with_labels_that_are_not_str(db):
+    with pytest.raises(TypeError, match="label"):
+        db.collection("k").walk("a", labels=[["x"]])
 
 
 @pytest.mark.parametrize("query", ["a\x00b", "wo\ud800rd"])
@@ -960,7 +975,7 @@ def _seed_fuzz_database(db):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", sorted(FUZZ_CALLS))
-def test_fuzz_hostile_inputs_raise_clear_errors_and_change_nothing(tmp_path, kind):
+def test_fuzz_hostile_inputs_raise_clear_errors_and_change_nothing(tmp_path, clock, kind):
     with BeaverDB(tmp_path / "fuzz.db", timeout=5) as db:
         _seed_fuzz_database(db)
         calls, fuzz = FUZZ_CALLS[kind], _Fuzz(db, kind)
