@@ -4510,12 +4510,17 @@ def _ensure_fts(core) -> bool:
     return ready
 
 
-@functools.lru_cache(maxsize=None)
 def _has_fts5() -> bool:
     """Whether this SQLite has FTS5 (a probe, not a reading of error messages)."""
+    return _sqlite_accepts("CREATE VIRTUAL TABLE t USING fts5(x)")
+
+
+@functools.lru_cache(maxsize=None)
+def _sqlite_accepts(statement) -> bool:
+    """Whether this SQLite library runs ``statement`` (on a throwaway in-memory database)."""
     conn = sqlite3.connect(":memory:")
     try:
-        conn.execute("CREATE VIRTUAL TABLE t USING fts5(x)")
+        conn.execute(statement)
         return True
     except sqlite3.Error:
         return False
@@ -4525,17 +4530,9 @@ def _has_fts5() -> bool:
 
 # -- the trigram index of known words, and files that move between SQLite versions ----------
 
-@functools.lru_cache(maxsize=None)
 def _has_trigram() -> bool:
     """Whether this SQLite's FTS5 has the trigram tokenizer (3.34 and newer)."""
-    conn = sqlite3.connect(":memory:")
-    try:
-        conn.execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize = 'trigram')")
-        return True
-    except sqlite3.Error:
-        return False
-    finally:
-        conn.close()
+    return _sqlite_accepts("CREATE VIRTUAL TABLE t USING fts5(x, tokenize = 'trigram')")
 
 
 def _gram_worthy(term) -> bool:
