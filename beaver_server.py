@@ -87,6 +87,7 @@ _LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 _SIMPLE_TYPES = {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
 _STATUS = [   # most specific first: the first class an exception is an instance of decides
     (beaver.LockLost, 409), (beaver.LockTimeout, 409), (beaver.DatabaseBusy, 503),
+    (beaver.DiskFull, 507),
     (TimeoutError, 408), (KeyError, 404), (IndexError, 404), (PermissionError, 403),
     (ValueError, 422), (TypeError, 422), (OverflowError, 422), (beaver.ClosedError, 503),
     (beaver.FeatureUnavailable, 501),
@@ -200,9 +201,17 @@ def _text(raw: bytes) -> str:
         raise HTTPError(400, "ValueError", "the path is not UTF-8") from None
 
 
-def _json_param(text, name):
+def _loads(text):
+    """``json.loads``; JSON nested beyond the recursion limit is a 400, not a crash."""
     try:
         return json.loads(text)
+    except RecursionError:
+        raise HTTPError(400, "ValueError", "the JSON is nested too deeply") from None
+
+
+def _json_param(text, name):
+    try:
+        return _loads(text)
     except ValueError:
         raise HTTPError(422, "ValueError", f"{name} must be a JSON value, not {text[:80]!r}"
                         ) from None
@@ -213,7 +222,7 @@ def _body_value(raw: bytes):
     if not raw:
         raise HTTPError(422, "ValueError", "a request body (a JSON value) is required")
     try:
-        return json.loads(raw)
+        return _loads(raw)
     except ValueError:
         pass
     try:
@@ -225,7 +234,7 @@ def _body_value(raw: bytes):
 
 def _body_json(raw: bytes, shape, what):
     try:
-        value = json.loads(raw)
+        value = _loads(raw)
     except ValueError:
         raise HTTPError(422, "ValueError", f"the request body must be {what}") from None
     if not isinstance(value, shape):
