@@ -14,6 +14,7 @@ FROM ${BASE}
 
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE beaver.py beaver_vector.py beaver_server.py ./
+COPY beaver_dashboard ./beaver_dashboard
 RUN pip install --no-cache-dir ".[server,vector]" && rm -rf /src
 
 RUN useradd --system --uid 10001 --user-group --home-dir /app --shell /usr/sbin/nologin beaver \

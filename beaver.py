@@ -22,7 +22,8 @@ __all__ = [
     "AsyncChannelManager", "AsyncSubscriber", "AsyncLogManager", "AsyncLock", "Stream",
     "AsyncStream", "AsyncLiveView",
     "BeaverError", "ClosedError", "SchemaError", "LockTimeout", "LockLost", "QueueEmpty",
-    "Timeout", "DatabaseBusy", "ValidationError", "FeatureUnavailable",
+    "Timeout", "DatabaseBusy", "ValidationError", "FeatureUnavailable", "DiskFull",
+    "CorruptDatabase", "ForeignDatabase", "ReadOnlyDatabase",
     "Document", "CollectionManager", "rerank",
     "BeaverClient", "RemoteError", "Unauthorized", "import_upstream", "main",
 ]
@@ -76,13 +77,15 @@ asyncio = _LazyModule("asyncio")   # only the async wrappers need it
 # ==========================================================================================
 
 SCHEMA_VERSION = 1
+MIN_SQLITE = (3, 31, 0)         # RETURNING (3.35) and the trigram tokenizer (3.34) are optional
 DEFAULT_TIMEOUT = 30.0          # seconds a connection waits for SQLite's write lock
 WATCH_INTERVAL = 0.001          # seconds between two PRAGMA data_version checks
 WATCH_HOT = 0.25                # after a file change, poll every WATCH_INTERVAL this long
 WATCH_IDLE_CHECK = 0.05         # with inotify, the longest sleep between two checks
 WATCH_LINGER = 2.0              # seconds the watcher keeps polling after its last user left
-PURGE_INTERVAL = 1.0            # seconds between two purges of expired dict keys
-PURGE_BATCH = 500               # expired rows deleted per purge
+PURGE_INTERVAL = 1.0            # seconds between two idle purges of expired dict keys
+PURGE_BATCH = 1000              # expired rows deleted per statement of an idle purge
+PURGE_EVERY = 100               # expiring writes between two purges of 2 * PURGE_EVERY rows
 PAGE_SIZE = 1000                # rows fetched per page when iterating
 MMAP_SIZE = (256 << 20) if sys.maxsize > 2 ** 32 else 0   # bytes of the file read through mmap
 LISTENER_TTL = 10.0             # a listener registration lives this long without a heartbeat
@@ -91,6 +94,7 @@ EVENT_RETENTION = 60.0          # seconds cross-process event rows are kept
 CHANNEL_RETENTION = 3600.0      # default seconds a channel message is kept
 CHANNEL_MAX_MESSAGES = 100_000  # default messages kept per channel
 LOCK_WAITER_GRACE = 3.0         # a waiter that stops heart-beating this long loses its place
+MAX_SECONDS = 1e10              # the longest TTL, lease, period or retention (about 317 years)
 _SHIFT = 1 << 60                # list positions live far below this; see ListManager._shift
 
 
@@ -99,7 +103,15 @@ _SHIFT = 1 << 60                # list positions live far below this; see ListMa
 # ==========================================================================================
 
 class BeaverError(Exception):
-    """Root of every error beaver raises on its own account."""
+    """Root of every error beaver raises on its own account.
+
+    An error that comes from SQLite keeps the ``sqlite3`` exception as ``orig`` and its
+    (extended) result code as ``code`` (``code & 0xFF`` is the primary one: 5 busy, 11
+    corrupt, 13 full...); both are ``None`` otherwise.
+    """
+
+    orig = None
+    code = None
 
 
 class ClosedError(BeaverError):
@@ -108,6 +120,22 @@ class ClosedError(BeaverError):
 
 class SchemaError(BeaverError):
     """The file holds a beaver layout this version does not understand."""
+
+
+class ForeignDatabase(SchemaError):
+    """The file belongs to another program, e.g. the upstream ``beaver-db`` package."""
+
+
+class CorruptDatabase(BeaverError):
+    """The file is damaged or is not a SQLite database."""
+
+
+class DiskFull(BeaverError, OSError):
+    """The disk (or SQLite's ``max_page_count``) has no room for the write."""
+
+
+class ReadOnlyDatabase(BeaverError, PermissionError):
+    """A write to a file (or folder) this process may only read."""
 
 
 class FeatureUnavailable(BeaverError):
@@ -135,7 +163,7 @@ class QueueEmpty(BeaverError, IndexError):
 
 
 class ValidationError(BeaverError, ValueError):
-    """A value does not fit the model of its structure."""
+    """A value does not fit its structure: its model, or what SQLite can store."""
 
 
 # ==========================================================================================
@@ -147,39 +175,78 @@ def _now() -> float:
     return time.time()
 
 
+# Every number and name that comes from a user goes through these checks, before anything
+# is written: the right type (a bool is not a number), finite, in range, and errors that
+# name the argument.
+
+def _check_text(text, what) -> str:
+    """``text`` if SQLite can store it: a str without lone surrogates."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, not {type(text).__name__}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError(f"{what} {text!r:.60} holds a lone surrogate: it is not valid "
+                                  "Unicode text, which SQLite stores") from None
+    return text
+
+
 def _check_name(name) -> str:
     if not isinstance(name, str) or not name:
-        raise TypeError(f"a structure name must be a non-empty str, not {name!r}")
-    return name
+        raise TypeError(f"a structure name must be a non-empty str, not {name!r:.60}")
+    return _check_text(name, "structure name")
 
 
 def _check_key(key) -> str:
-    if not isinstance(key, str):
-        raise TypeError(f"keys must be str, not {type(key).__name__}")
-    return key
+    return _check_text(key, "key")
 
 
-def _check_ttl(ttl_seconds):
-    if ttl_seconds is None:
-        return None
-    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)):
-        raise TypeError(f"ttl_seconds must be a number of seconds, not {ttl_seconds!r}")
-    if not ttl_seconds > 0:
-        raise ValueError(f"ttl_seconds must be positive, not {ttl_seconds!r}")
-    return float(ttl_seconds)
+def _check_number(value, what, low=None, high=None, integer=False):
+    """``value``: an int (or float unless ``integer``) that is not a bool, finite, in
+    [``low``, ``high``] where given."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        if integer and hasattr(value, "__index__") and not isinstance(value, bool):
+            value = operator.index(value)           # numpy integers and the like
+        else:
+            raise TypeError(f"{what} must be {'an int' if integer else 'a number'}, "
+                            f"not {value!r:.60}")
+    if value != value or value in (math.inf, -math.inf):
+        raise ValueError(f"{what} must be a finite number, not {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = [f">= {low:g}"] * (low is not None) + [f"<= {high:g}"] * (high is not None)
+        raise ValueError(f"{what} must be {' and '.join(bounds)}, not {value!r:.40}")
+    return value
 
 
-def _seconds(value, what: str):
-    """Accept seconds as a number or a ``timedelta``; ``None`` passes through."""
+def _seconds(value, what: str, positive=False, wait=False, high=MAX_SECONDS):
+    """Seconds from a number or a ``timedelta``; ``None`` passes through.
+
+    A duration is finite, >= 0 (> 0 if ``positive``) and at most ``high``. A wait
+    (``wait=True``) may also be ``inf`` or longer than the clock counts: no limit (None).
+    """
     if value is None:
         return None
     if isinstance(value, _dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be seconds or a timedelta, not {value!r}")
-    if value < 0:
-        raise ValueError(f"{what} must not be negative, not {value!r}")
+        value = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be seconds (a number or a timedelta), not {value!r:.60}")
+    if wait and value >= threading.TIMEOUT_MAX:
+        return None
+    _check_number(value, what)
+    if value < 0 or value > high or (positive and value == 0):
+        raise ValueError(f"{what} must be {'more than 0' if positive else '0 or more'} and at "
+                         f"most {high:g} seconds, not {value!r:.40}")
     return float(value)
+
+
+def _check_ttl(ttl_seconds):
+    return _seconds(ttl_seconds, "ttl_seconds", positive=True)
+
+
+def _count(value, what, low=0, high=1 << 62) -> int:
+    """A whole number of things (``top_k``, ``limit``, ``max_messages``...)."""
+    return _check_number(value, what, low, high, integer=True)
 
 
 class _Deadline:
@@ -227,20 +294,46 @@ def _json_dumps(value) -> str:
             return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         try:
             return "".join(_json_encode(value, 0))
-        except RecursionError:
+        except RecursionError:      # a cycle, or deep nesting: the checking encoder tells
             return "".join(_c_make_encoder({}, _json_default, _encode_str, None, ":", ",",
                                            False, False, False)(value, 0))
+    except RecursionError:
+        raise _too_deep() from None
     except (TypeError, ValueError) as e:
         raise TypeError(f"value is not JSON-serializable: {e}") from None
 
 
+def _parse_json(text):
+    """A JSON value a user handed in (a dump...): ``ValueError`` if it is not JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+    except ValueError as e:
+        raise ValueError(f"not JSON: {e}") from None
+
+
+def _too_deep() -> ValueError:
+    return ValueError("value is nested too deeply to store (lists and dicts inside each "
+                      f"other more than about {sys.getrecursionlimit()} levels)")
+
+
 def _json_loads(text):
-    """``json.loads(text)``, scanning compact JSON (what beaver writes) without its wrapper."""
+    """``json.loads(text)``, scanning compact JSON (what beaver writes) without its wrapper.
+
+    Stored text that is not JSON (or nests beyond the recursion limit) raises
+    ``CorruptDatabase``: beaver never writes such text.
+    """
     try:
         value, end = _json_scan(text, 0)
-    except (StopIteration, TypeError):
-        return json.loads(text)     # leading space, bytes, bad JSON: json.loads decides
-    return value if end == len(text) else json.loads(text)
+        if end == len(text):
+            return value
+    except (StopIteration, TypeError, RecursionError):
+        pass                    # leading space, bytes, bad JSON: json.loads decides
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise CorruptDatabase(f"a stored value is not JSON beaver can read: {e!r:.200}") from None
 
 
 class _JsonCodec:
@@ -251,7 +344,7 @@ class _JsonCodec:
 
     def encode(self, value) -> str:
         if type(value) not in self._plain and hasattr(value, "model_dump_json"):
-            return value.model_dump_json()
+            return _model_json(value)
         return _json_dumps(value)
 
     decode = staticmethod(_json_loads)
@@ -274,7 +367,7 @@ class _ModelCodec:
                 raise TypeError(f"expected a {self.model.__name__} (or a dict of its fields), "
                                 f"got {type(value).__name__}")
             value = self._validate(value)
-        return value.model_dump_json()
+        return _model_json(value)
 
     def decode(self, text):
         return self.model.model_validate_json(text)
@@ -282,11 +375,20 @@ class _ModelCodec:
     def _validate(self, data):
         try:
             return self.model.model_validate(data)
+        except RecursionError:
+            raise _too_deep() from None
         except (TypeError, ValueError) as e:
             raise ValidationError(f"invalid {self.model.__name__}: {e}") from None
 
 
 _JSON = _JsonCodec()
+
+
+def _model_json(instance) -> str:
+    try:
+        return instance.model_dump_json()
+    except RecursionError:
+        raise _too_deep() from None
 
 
 def _codec_for(model):
@@ -511,8 +613,34 @@ _SCHEMA = [
     """CREATE INDEX IF NOT EXISTS beaver_requests_age ON beaver_requests (created)""",
 ]
 
+_SCHEMA_NAMES = frozenset(statement.split("EXISTS")[1].split()[0] for statement in _SCHEMA)
+
+# Tables only the upstream ``beaver-db`` package makes: 2.x names them ``__beaver_*__``, and
+# 0.x-1.x used ``beaver_*`` names that this beaver never uses.
+_UPSTREAM_1X_TABLES = frozenset((
+    "beaver_pubsub_log", "beaver_collection_versions", "beaver_priority_queues",
+    "beaver_manager_versions", "beaver_lock_waiters", "beaver_trigrams", "beaver_fts_index",
+    "_beaver_kv_store"))
+
+
+def _upstream_version(conn):
+    """'2.x' or '1.x' (0.x included) if ``conn`` (a ``sqlite3.Connection``) holds a file of the
+    upstream ``beaver-db`` package, else None.
+
+        >>> _upstream_version(sqlite3.connect("old.db"))
+        '2.x'
+    """
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if any(name.startswith("__beaver_") for name in tables):
+        return "2.x"
+    if tables & _UPSTREAM_1X_TABLES:
+        return "1.x"
+    return None
+
+
 # DELETE ... RETURNING takes an item in one autocommit statement (3.35.5 fixed its early bugs)
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 5)
+_MAX_BUSY_TIMEOUT = (2 ** 31 - 1) / 1000     # SQLite counts its busy timeout in int milliseconds
 
 _live_cores: "weakref.WeakSet[_Core]" = weakref.WeakSet()
 
@@ -536,12 +664,155 @@ def _refs_at_rest() -> int:
         conn.close()
 
 
+_MEMORY_PREFIX = "beaver-memory-"
+
+
 def _memory_path() -> str:
-    """A private file for ``":memory:"`` databases: RAM-backed where /dev/shm exists."""
+    """A private file for ``":memory:"`` databases: RAM-backed where /dev/shm exists.
+
+    Its name carries the process id: files of processes that died without ``close()`` are
+    removed when another memory database is made; at exit a process removes its own.
+    """
     folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    fd, path = tempfile.mkstemp(prefix="beaver-memory-", suffix=".db", dir=folder)
+    folder = folder or tempfile.gettempdir()
+    _sweep_memory_files(folder)
+    fd, path = tempfile.mkstemp(prefix=f"{_MEMORY_PREFIX}{os.getpid()}-", suffix=".db",
+                                dir=folder)
     os.close(fd)
+    _remove_at_exit()
     return path
+
+
+def _sweep_memory_files(folder):
+    """Remove the memory database files of processes that no longer run (POSIX)."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            pid = entry.name[len(_MEMORY_PREFIX):].split("-", 1)[0]
+            if entry.name.startswith(_MEMORY_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.remove(entry.path)
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True             # alive, owned by another user
+    return True
+
+
+def _remove_database_files(path):
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            os.remove(path + suffix)
+
+
+@functools.lru_cache(maxsize=None)
+def _remove_at_exit():
+    """Once per process: at exit, remove the files of this process's open memory databases."""
+    import atexit
+    atexit.register(lambda: [_remove_database_files(core.path) for core in list(_live_cores)
+                             if core.memory and core._pid == os.getpid()])
+
+
+# What a SQLite call may raise: its own errors, text that is not UTF-8 (stored text or, in a
+# corrupt file, SQLite's own message), a str with a lone surrogate or an int beyond 64 bits
+# in a parameter.
+_DB_ERRORS = (sqlite3.Error, UnicodeError, OverflowError)
+
+# Pythons before 3.11 give no result code: SQLite's wording of the codes beaver tells apart
+# (sqlite3_errstr) is how the code is recovered, here and nowhere else.
+_ERRSTR_CODES = (
+    ("database is locked", 5), ("database table is locked", 6),
+    ("attempt to write a readonly database", 8), ("database disk image is malformed", 11),
+    ("malformed database schema", 11), ("database or disk is full", 13),
+    ("unable to open database file", 14), ("string or blob too big", 18),
+    ("file is not a database", 26))
+
+
+def _result_code(error):
+    """The SQLite (extended) result code of a ``sqlite3.Error``, or None."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is None:
+        text = str(error)
+        code = next((c for wording, c in _ERRSTR_CODES if text.startswith(wording)), None)
+    return code
+
+
+def _sqlite_error(error, path, timeout) -> Exception:
+    """The beaver exception for ``error``, raised by a SQLite call on the file ``path``."""
+    if isinstance(error, UnicodeDecodeError):
+        new = CorruptDatabase(f"{path!r} holds text that is not UTF-8 (a damaged file?): {error}")
+    elif isinstance(error, UnicodeEncodeError):
+        return ValidationError(f"cannot store {error.object[:60]!r}: it holds a lone surrogate "
+                               f"{error.object[error.start:error.end]!r} (not valid Unicode)")
+    elif isinstance(error, OverflowError):
+        return ValueError(f"cannot store an integer beyond 64 bits: {error}")
+    else:
+        code = _result_code(error)
+        primary = None if code is None else code & 0xFF
+        if primary in (5, 6):
+            new = DatabaseBusy(f"the database stayed locked for over {timeout:g}s: {error}")
+        elif primary == 13:
+            new = DiskFull(f"no room left to write {path!r}: {error}")
+        elif primary in (11, 26):
+            new = CorruptDatabase(f"{path!r} is damaged or not a SQLite database: {error}")
+        elif primary == 8:
+            new = ReadOnlyDatabase(f"{path!r} cannot be written here: {error}")
+        elif primary == 18:
+            new = ValidationError(f"a value is too big for SQLite: {error}")
+        else:
+            new = BeaverError(f"SQLite error: {error}")
+        new.code = code
+    new.orig = error
+    return new
+
+
+class _Rows:
+    """A cursor whose rows are fetched under beaver's error translation.
+
+    ``_Core.execute`` returns one for statements that yield rows (SELECT, ``RETURNING``):
+    SQLite reports many errors (a damaged page, a full disk at the commit of a
+    ``DELETE ... RETURNING``) while rows are fetched, not when the statement starts.
+    """
+
+    __slots__ = ("_core", "_cursor")
+
+    def __init__(self, core, cursor):
+        self._core, self._cursor = core, cursor
+
+    def fetchone(self):
+        try:
+            return self._cursor.fetchone()
+        except _DB_ERRORS as e:
+            raise self._core._error(e) from e
+
+    def fetchall(self) -> list:
+        try:
+            return self._cursor.fetchall()
+        except _DB_ERRORS as e:
+            raise self._core._error(e) from e
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._cursor)
+        except _DB_ERRORS as e:
+            raise self._core._error(e) from e
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    @property
+    def lastrowid(self):
+        return self._cursor.lastrowid
 
 
 class _Core:
@@ -553,23 +824,35 @@ class _Core:
     """
 
     def __init__(self, path, timeout=DEFAULT_TIMEOUT, durability="normal"):
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise FeatureUnavailable(
+                f"beaver needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer; this Python's "
+                f"sqlite3 module uses SQLite {sqlite3.sqlite_version}")
         if durability not in ("normal", "full"):
             raise ValueError("durability must be 'normal' or 'full'")
+        self.timeout = _seconds(timeout, "timeout", high=_MAX_BUSY_TIMEOUT)
+        if self.timeout is None:
+            raise TypeError("timeout must be seconds (a number or a timedelta), not None")
         self.memory = str(path) == ":memory:"
         # absolute, so a later chdir cannot send new threads' connections to another file
         self.path = _memory_path() if self.memory else os.path.abspath(os.fspath(path))
-        self.timeout = float(timeout)
         self.synchronous = "OFF" if self.memory else durability.upper()
         self.closed = False
         self._local = threading.local()
         self._conns: list = []
         self._conns_lock = threading.Lock()
         self._busy: dict = {}         # thread -> connection close() found in use
-        self._next_purge = 0.0
+        self.held_locks: set = set()  # Lock objects holding their lock: close() releases them
+        self.expiring = 0             # expiring dict rows written since the last purge
+        self.purger = None            # the thread that purges expired rows while idle
+        self._halt = threading.Event()
+        self._pid = os.getpid()
         self.watcher = _Watcher(self)
         _live_cores.add(self)
         try:
             self._ensure_schema()
+            if self.one("SELECT 1 FROM beaver_dicts WHERE expires_at IS NOT NULL LIMIT 1"):
+                self.start_purger()
         except BaseException:
             self.close()
             raise
@@ -587,16 +870,22 @@ class _Core:
         if self.closed:
             self._close_deferred()
             raise ClosedError("the database is closed")
+        conn = None
         try:
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
                                    check_same_thread=False, cached_statements=256)
             conn.execute("PRAGMA busy_timeout = %d" % int(self.timeout * 1000))
+            self._refuse_upstream(conn)     # before anything (WAL mode first) changes the file
             conn.execute("PRAGMA journal_mode = WAL").fetchone()
             conn.execute("PRAGMA synchronous = %s" % self.synchronous)
             conn.execute("PRAGMA foreign_keys = OFF")
             conn.execute("PRAGMA mmap_size = %d" % MMAP_SIZE)
-        except sqlite3.DatabaseError as e:
-            raise self._open_error(e) from None
+        except BaseException as e:
+            if conn is not None:
+                conn.close()
+            if isinstance(e, _DB_ERRORS):
+                raise self._open_error(e) from e
+            raise
         with self._conns_lock:
             if self.closed:
                 conn.close()
@@ -609,16 +898,21 @@ class _Core:
         self._local.undo = []
         return conn
 
-    def _open_error(self, e) -> BeaverError:
-        folder = os.path.dirname(os.path.abspath(self.path))
-        if "not a database" in str(e) or "malformed" in str(e):
-            return BeaverError(f"{self.path!r} is not a SQLite database (or it is corrupt): {e}")
-        if not os.path.isdir(folder):
-            return BeaverError(f"cannot open {self.path!r}: folder {folder!r} does not exist")
-        if not os.access(folder, os.W_OK):
-            return BeaverError(f"cannot open {self.path!r}: folder {folder!r} is not writable "
-                               "(beaver needs to create the WAL files beside the database)")
-        return BeaverError(f"cannot open {self.path!r}: {e}")
+    def _open_error(self, e) -> Exception:
+        error = _sqlite_error(e, self.path, self.timeout)
+        if type(error) is BeaverError:     # not one SQLite names: say what is wrong around it
+            folder = os.path.dirname(self.path)
+            if not os.path.isdir(folder):
+                hint = f"folder {folder!r} does not exist"
+            elif os.path.isdir(self.path):
+                hint = "it is a folder"
+            elif not os.access(folder, os.W_OK):
+                hint = (f"folder {folder!r} is not writable (beaver needs to create the WAL "
+                        "files beside the database)")
+            else:
+                hint = str(e)
+            error.args = (f"cannot open {self.path!r}: {hint}",)
+        return error
 
     def _forget_dead_threads(self):
         alive = []
@@ -635,6 +929,8 @@ class _Core:
         self._conns = []
         self._conns_lock = threading.Lock()
         self._busy = {}
+        self.purger = None
+        self._halt = threading.Event()
         self.watcher = _Watcher(self)
 
     def close(self):
@@ -642,6 +938,7 @@ class _Core:
         if self.closed:
             return
         self.closed = True
+        self._halt.set()
         self.watcher.stop()
         self._local = threading.local()     # from now on no thread can pick a connection up
         with self._conns_lock:
@@ -658,10 +955,8 @@ class _Core:
                 else:
                     self._busy[thread] = conn
         _live_cores.discard(self)
-        if self.memory:
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(OSError):
-                    os.remove(self.path + suffix)
+        if self.memory and os.getpid() == self._pid:    # not a forked child's copy
+            _remove_database_files(self.path)
 
     def _close_deferred(self):
         """Close the connections ``close()`` found busy whose thread is done with them: this
@@ -677,31 +972,51 @@ class _Core:
     # -- statements and transactions ---------------------------------------------------
 
     def execute(self, sql, params=()):
-        """Run one statement on this thread's connection (autocommit unless in a transaction)."""
+        """Run one statement on this thread's connection (autocommit unless in a transaction).
+
+        Returns the cursor (``rowcount``, ``lastrowid``); for a statement that yields rows,
+        a ``_Rows`` whose fetches translate errors too. ``one`` and ``all`` read rows faster.
+        """
         try:
             conn = self._local.conn
         except AttributeError:
             conn = self.conn()
         try:
-            return conn.execute(sql, params)
-        except sqlite3.Error as e:
+            cursor = conn.execute(sql, params)
+        except _DB_ERRORS as e:
+            raise self._error(e) from e
+        return cursor if cursor.description is None else _Rows(self, cursor)
+
+    def one(self, sql, params=()):
+        """The first row of ``sql`` (or None), every step under the error translation."""
+        try:
+            conn = self._local.conn
+        except AttributeError:
+            conn = self.conn()
+        try:
+            return conn.execute(sql, params).fetchone()
+        except _DB_ERRORS as e:
+            raise self._error(e) from e
+
+    def all(self, sql, params=()) -> list:
+        """Every row of ``sql``, as a list."""
+        try:
+            return self.conn().execute(sql, params).fetchall()
+        except _DB_ERRORS as e:
             raise self._error(e) from e
 
     def executemany(self, sql, rows):
         try:
             return self.conn().executemany(sql, rows)
-        except sqlite3.Error as e:
+        except _DB_ERRORS as e:
             raise self._error(e) from e
 
-    def _error(self, e):
+    def _error(self, e) -> Exception:
+        """The exception to raise for ``e``, an error of a SQLite call on this file."""
         if self.closed:
             self._close_deferred()
             return ClosedError("the database is closed")
-        if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
-            return DatabaseBusy(f"the database stayed locked for over {self.timeout:g}s: {e}")
-        if isinstance(e, sqlite3.ProgrammingError) and "closed" in str(e):
-            return ClosedError("the database is closed")
-        return BeaverError(f"SQLite error: {e}")
+        return _sqlite_error(e, self.path, self.timeout)
 
     @property
     def in_transaction(self) -> bool:
@@ -755,7 +1070,7 @@ class _Core:
     def _run(self, conn, sql):
         try:
             conn.execute(sql)
-        except sqlite3.Error as e:
+        except _DB_ERRORS as e:
             raise self._error(e) from e
 
     def _rollback(self, conn):
@@ -804,16 +1119,12 @@ class _Core:
     # -- schema ------------------------------------------------------------------------
 
     def _ensure_schema(self):
-        found = self._schema_version()
-        if found == SCHEMA_VERSION and self._tables_complete():
+        names = self._names()
+        if self._stamp(names) == SCHEMA_VERSION and _SCHEMA_NAMES <= names:
             return
-        if found is not None and found != SCHEMA_VERSION:
-            raise SchemaError(f"{self.path!r} has beaver schema version {found}; this beaver "
-                              f"({__version__}) reads version {SCHEMA_VERSION} only")
         with self.transaction() as conn:
-            if self._schema_version() is None and self.execute(
-                    "SELECT 1 FROM sqlite_master WHERE substr(name, 1, 7) = 'beaver_'"
-                    ).fetchone():
+            names = self._names()           # another process may have made them meanwhile
+            if self._stamp(names) is None and any(n.startswith("beaver_") for n in names):
                 raise SchemaError(f"{self.path!r} has beaver tables but no schema stamp: a "
                                   "layout (an older beaver?) this version does not know")
             for statement in _SCHEMA:
@@ -821,33 +1132,70 @@ class _Core:
             conn.execute("INSERT OR IGNORE INTO beaver_meta VALUES ('schema_version', ?)",
                          (str(SCHEMA_VERSION),))
 
-    def _schema_version(self):
-        try:
-            row = self.execute("SELECT value FROM beaver_meta WHERE key = 'schema_version'"
-                               ).fetchone()
-        except BeaverError as e:
-            if "no such table" in str(e):
-                return None
-            raise
+    def _names(self) -> set:
+        """The names of the tables and indexes in the file."""
+        return {row[0] for row in self.all("SELECT name FROM sqlite_master")}
+
+    def _refuse_upstream(self, conn):
+        version = _upstream_version(conn)
+        if version is not None:
+            raise ForeignDatabase(
+                f"{self.path!r} was made by the upstream beaver-db package ({version}), whose "
+                "layout this beaver does not open; copy it into a new file with: "
+                "beaver import-upstream OLD.db NEW.db")
+
+    def _stamp(self, names):
+        """The schema version stamped in the file (None if there is none); refuses others."""
+        row = None if "beaver_meta" not in names else self.one(
+            "SELECT value FROM beaver_meta WHERE key = 'schema_version'")
         if row is None:
             return None
         try:
-            return int(row[0])
+            found = int(row[0])
         except ValueError:
             raise SchemaError(f"{self.path!r} has an unreadable schema stamp {row[0]!r}") from None
+        if found != SCHEMA_VERSION:
+            raise SchemaError(f"{self.path!r} has beaver schema version {found}; this beaver "
+                              f"({__version__}) reads version {SCHEMA_VERSION} only")
+        return found
 
-    def _tables_complete(self) -> bool:
-        wanted = {s.split("EXISTS")[1].split()[0] for s in _SCHEMA}
-        rows = self.execute("SELECT name FROM sqlite_master WHERE name LIKE 'beaver%'").fetchall()
-        return wanted <= {r[0] for r in rows}
+    # -- expired dict rows ---------------------------------------------------------------
+    #
+    # Dead rows stay a small fraction of live ones: every PURGE_EVERY expiring writes delete
+    # up to twice as many due rows (so writes purge faster than they expire), and while the
+    # database is open a thread purges whatever fell due, in batches, every PURGE_INTERVAL.
 
-    def purge_due(self) -> bool:
-        """True about once per PURGE_INTERVAL: time to delete a batch of expired keys."""
+    def purge_expired(self, limit) -> int:
+        """Delete up to ``limit`` expired rows of every dict; returns how many went."""
+        self.expiring = 0
+        if self.purger is None:
+            self.start_purger()
         now = _now()
-        if now < self._next_purge:
-            return False
-        self._next_purge = now + PURGE_INTERVAL
-        return True
+        if self.one("SELECT 1 FROM beaver_dicts WHERE expires_at <= ? LIMIT 1", (now,)) is None:
+            return 0                # a read: no write lock taken for nothing
+        return self.execute(
+            "DELETE FROM beaver_dicts WHERE (name, key) IN (SELECT name, key FROM beaver_dicts "
+            "WHERE expires_at <= ? LIMIT ?)", (now, limit)).rowcount
+
+    def start_purger(self):
+        with self._conns_lock:
+            if self.purger is None and not self.closed:
+                self.purger = threading.Thread(target=self._purge_while_open,
+                                               name="beaver-purge", daemon=True)
+                self.purger.start()
+
+    def _purge_while_open(self):
+        while not self._halt.wait(PURGE_INTERVAL):
+            try:
+                while self.purge_expired(PURGE_BATCH) >= PURGE_BATCH and not self._halt.is_set():
+                    pass
+            except ReadOnlyDatabase:
+                return
+            except BeaverError as e:
+                if self.closed:
+                    break
+                logger.warning("beaver could not purge expired dict keys: %s", e)
+        self._close_deferred()
 
 
 # ==========================================================================================
@@ -1103,6 +1451,30 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_realtime_after_fork)
 
 
+# The events each kind of structure emits; '*' listens to all of them.
+_EVENT_NAMES = {
+    "dict": ("set", "del", "clear"),
+    "list": ("push", "prepend", "extend", "insert", "set", "set_slice", "del", "del_slice",
+             "pop", "deque", "reverse", "clear"),
+    "queue": ("put", "get", "ack", "nack", "load", "clear"),
+    "blob": ("put", "delete", "clear"),
+    "log": ("log", "load", "clear"),
+    "channel": ("publish", "load", "clear"),
+    "collection": ("index", "drop", "connect", "disconnect", "clear"),
+}
+
+
+def _check_event(kind, event) -> str:
+    """``event`` if structures of ``kind`` emit it (or it is '*'); else ValueError."""
+    if not isinstance(event, str) or not event:
+        raise TypeError(f"event must be a non-empty str such as 'set' or '*', not {event!r:.60}")
+    valid = _EVENT_NAMES.get(kind, ())
+    if event != "*" and event not in valid:
+        raise ValueError(f"a {kind} emits no {event!r} event; valid events: '*', "
+                         + ", ".join(map(repr, valid)))
+    return event
+
+
 class _EventHandle:
     """Returned by ``manager.on(...)``; call ``off()`` to stop listening."""
 
@@ -1149,7 +1521,7 @@ class _Events:
         self._remote = frozenset()
         self._remote_due = 0.0
         self._last_seq = 0
-        self._beat_due = 0.0
+        self._halt = threading.Event()    # set by stop(): ends the heartbeat thread
 
     # -- writer side ---------------------------------------------------------------------
 
@@ -1162,9 +1534,9 @@ class _Events:
         now = time.monotonic()
         if now >= self._remote_due:
             self._remote_due = now + LISTENER_REFRESH
-            rows = self._core.execute(
+            rows = self._core.all(
                 "SELECT DISTINCT kind, name FROM beaver_listeners WHERE owner != ? "
-                "AND expires_at > ?", (self.origin, _now())).fetchall()
+                "AND expires_at > ?", (self.origin, _now()))
             self._remote = frozenset(map(tuple, rows))
         return topic in self._remote
 
@@ -1197,6 +1569,8 @@ class _Events:
                 self._thread = threading.Thread(target=self._dispatch, name="beaver-events",
                                                 daemon=True)
                 self._thread.start()
+                threading.Thread(target=self._beats, name="beaver-events-heartbeat",
+                                 daemon=True).start()
         self._wakeup.set()
         if new_topic:       # by now every writer's cache of listened topics includes it
             time.sleep(LISTENER_REFRESH)
@@ -1207,8 +1581,8 @@ class _Events:
             self._core.execute(
                 "INSERT OR REPLACE INTO beaver_listeners (owner, kind, name, expires_at) "
                 "VALUES (?, ?, ?, ?)", (self.origin, topic[0], topic[1], _now() + LISTENER_TTL))
-            since = self._core.execute("SELECT coalesce(max(seq), 0) FROM beaver_events"
-                                       ).fetchone()[0]
+            since = self._core.one("SELECT coalesce(max(seq), 0) FROM beaver_events"
+                                       )[0]
         self._since[topic] = since
         if not self._handles:
             self._last_seq = since
@@ -1233,7 +1607,7 @@ class _Events:
                     self._wakeup.wait(LISTENER_TTL / 3)
                     self._wakeup.clear()
                     continue
-                batch = watcher.wait_for(self._collect, None, cap=self._beat_wait)
+                batch = watcher.wait_for(self._collect, None)
             except Exception:
                 if self._stopping or self._core.closed:
                     return
@@ -1245,8 +1619,6 @@ class _Events:
 
     def _collect(self):
         """The probe of the dispatcher: local events, then new rows of other processes."""
-        if time.monotonic() >= self._beat_due:
-            self._heartbeat()
         batch = []
         while self._inbox:
             batch.append(self._inbox.popleft())
@@ -1257,13 +1629,13 @@ class _Events:
         return None
 
     def _fetch(self):
-        rows = self._core.execute(
+        rows = self._core.all(
             "SELECT seq, kind, name, payload FROM beaver_events WHERE seq > ? AND origin != ? "
-            "ORDER BY seq LIMIT ?", (self._last_seq, self.origin, PAGE_SIZE)).fetchall()
+            "ORDER BY seq LIMIT ?", (self._last_seq, self.origin, PAGE_SIZE))
         if rows:
             self._last_seq = rows[-1][0]
         since = self._since
-        return [((kind, name), json.loads(text)) for seq, kind, name, text in rows
+        return [((kind, name), _json_loads(text)) for seq, kind, name, text in rows
                 if seq > since.get((kind, name), seq)]
 
     def _deliver(self, topic, payload):
@@ -1274,12 +1646,21 @@ class _Events:
                 except Exception:
                     logger.exception("beaver event callback %r failed", handle.callback)
 
-    def _beat_wait(self):
-        return max(0.0, self._beat_due - time.monotonic())
+    def _beats(self):
+        """The heartbeat thread: registrations stay alive however long a callback runs."""
+        while not self._halt.is_set():
+            if self._handles:
+                try:
+                    self._heartbeat()
+                except Exception:
+                    if self._stopping or self._core.closed:
+                        return
+                    logger.exception("beaver event heartbeat failed; retrying")
+            self._halt.wait(LISTENER_TTL / 3)
 
     def _heartbeat(self):
-        """Keep our registrations alive; drop dead processes' ones and old event rows."""
-        self._beat_due = time.monotonic() + LISTENER_TTL / 3
+        """Keep our registrations alive; drop dead processes' ones and old event rows (never
+        rows this database has yet to read)."""
         now = _now()
         topics = list(self._handles)
         with self._core.transaction():
@@ -1287,11 +1668,11 @@ class _Events:
             self._core.executemany(
                 "INSERT OR REPLACE INTO beaver_listeners (owner, kind, name, expires_at) "
                 "VALUES (?, ?, ?, ?)", [(self.origin, k, n, now + LISTENER_TTL) for k, n in topics])
-            first = self._core.execute(
+            first = self._core.one(
                 "SELECT seq FROM beaver_events WHERE timestamp >= ? ORDER BY seq LIMIT 1",
-                (now - EVENT_RETENTION,)).fetchone()
+                (now - EVENT_RETENTION,))
             self._core.execute("DELETE FROM beaver_events WHERE seq < ?",
-                               (first[0] if first else 1 << 62,))
+                               (min(first[0] if first else 1 << 62, self._last_seq + 1),))
 
     def _after_fork(self):
         """A forked child starts with no listeners and an identity of its own."""
@@ -1300,6 +1681,7 @@ class _Events:
     def stop(self):
         self._stopping = True
         self._wakeup.set()
+        self._halt.set()
         if self._handles and not self._core.closed:
             with contextlib.suppress(BeaverError):
                 self._core.execute("DELETE FROM beaver_listeners WHERE owner = ?", (self.origin,))
@@ -1310,6 +1692,16 @@ class _Events:
 # ==========================================================================================
 
 _NO_TRANSACTION = contextlib.nullcontext()
+
+
+class _Default:
+    """The value of an option left out: a new manager takes the default, an open one stays."""
+
+    def __repr__(self):
+        return "<default>"
+
+
+_DEFAULT = _Default()
 
 
 class _Held:
@@ -1352,6 +1744,7 @@ class _StructureLock:
         The lock is advisory: it excludes other holders of the same structure's lock, in any
         thread or process. Raises ``LockTimeout`` (a ``TimeoutError``) if not acquired.
         """
+        ttl = _seconds(ttl, "ttl", positive=True)
         with _StructureLock._creating:
             if self._lock is None:
                 self._lock = self._new_lock(f"__beaver_{self._kind}__:{self._name}", ttl)
@@ -1380,6 +1773,7 @@ class _Manager(_StructureLock):
 
     _kind = ""      # "dict", "list", ...: the name in dumps, events and lock names
     _table = ""     # the table whose rows carry a ``name`` column for this structure
+    _OPTIONS: dict = {}     # option -> (default, check): settings fixed when the manager opens
 
     def __init__(self, db, name, model=None):
         self._db = db
@@ -1399,6 +1793,25 @@ class _Manager(_StructureLock):
 
     def __repr__(self):
         return f"<{type(self).__name__} {self._name!r}>"
+
+    def _option(self, option, value):
+        """The checked value of ``option`` (its default if ``value`` was left out)."""
+        default, check = self._OPTIONS[option]
+        return default if value is _DEFAULT else check(value)
+
+    def _reopen(self, model, options):
+        """Check the arguments of another ``db.<kind>(name, ...)`` against this open manager:
+        what is left out (or ``model=None``) reuses it, what conflicts is an error."""
+        if model is not None and self._model is not model:
+            raise ValueError(f"{self._kind} {self._name!r} is already open with model "
+                             f"{self._model!r}, not {model!r}")
+        for option, value in options.items():
+            if option not in self._OPTIONS or value is _DEFAULT:
+                continue            # collections compare theirs with the stored ones
+            if self._option(option, value) != getattr(self, option):
+                raise ValueError(f"{self._kind} {self._name!r} is already open with {option}="
+                                 f"{getattr(self, option)!r}, not {value!r} (leave {option} out "
+                                 "to use the open one)")
 
     # -- writes and events -------------------------------------------------------------
 
@@ -1446,7 +1859,7 @@ class _Manager(_StructureLock):
         and the operation's fields (``key`` and ``value`` for dicts, ``data`` for queues and
         logs, ``payload`` for channels...). A callback that raises is logged and skipped.
         """
-        return self._db._events.add(self._topic, event, callback)
+        return self._db._events.add(self._topic, _check_event(self._kind, event), callback)
 
     # -- whole-structure operations -------------------------------------------------------
 
@@ -1500,7 +1913,7 @@ class _Manager(_StructureLock):
         """Iterate rows of ``sql`` (taking name, cursor, limit) page by page, by cursor."""
         cursor = start
         while True:
-            rows = self._core.execute(sql, (self._name, cursor, PAGE_SIZE)).fetchall()
+            rows = self._core.all(sql, (self._name, cursor, PAGE_SIZE))
             yield from rows
             if len(rows) < PAGE_SIZE:
                 return
@@ -1515,11 +1928,21 @@ class _Manager(_StructureLock):
         return AsyncManager(self)
 
 
+def _item_fields(item, *names, **optional):
+    """The fields ``names`` (required) and ``optional`` (with defaults) of a dump item."""
+    if not isinstance(item, dict):
+        raise ValueError(f"a dump item is a JSON object, not {item!r:.60}")
+    missing = [name for name in names if name not in item]
+    if missing:
+        raise ValueError(f"dump item {item!r:.60} lacks {', '.join(missing)}")
+    return [item[name] for name in names] + [item.get(k, v) for k, v in optional.items()]
+
+
 def _read_dump(data_or_fp) -> dict:
     if isinstance(data_or_fp, (str, bytes)):
-        data = json.loads(data_or_fp)
+        data = _parse_json(data_or_fp)
     elif hasattr(data_or_fp, "read"):
-        data = json.load(data_or_fp)
+        data = _parse_json(data_or_fp.read())
     else:
         data = data_or_fp
     if not isinstance(data, dict):
@@ -1572,7 +1995,7 @@ class Stream:
 
     def get(self, timeout=None):
         """The next value; ``TimeoutError`` after ``timeout`` seconds without one."""
-        return self._decode(self._next(_seconds(timeout, "timeout")))
+        return self._decode(self._next(_seconds(timeout, "timeout", wait=True)))
 
     def listen(self, timeout=None):
         """Yield values as they arrive, until ``close()``.
@@ -2075,7 +2498,7 @@ class DictManager(_Manager, _Indexed, MutableMapping):
     def __getitem__(self, key):
         if type(key) is not str:
             _check_key(key)
-        row = self._core.execute(self._GET, (self._name, key, _now())).fetchone()
+        row = self._core.one(self._GET, (self._name, key, _now()))
         if row is None:
             raise KeyError(key)
         return self._codec.decode(row[0])
@@ -2084,13 +2507,17 @@ class DictManager(_Manager, _Indexed, MutableMapping):
         """The value of ``key``, or ``default`` if it is missing or expired."""
         if type(key) is not str:
             _check_key(key)
-        row = self._core.execute(self._GET, (self._name, key, _now())).fetchone()
+        row = self._core.one(self._GET, (self._name, key, _now()))
         return default if row is None else self._codec.decode(row[0])
 
     def set(self, key, value, ttl_seconds=None):
         """Store ``value`` under ``key``; with ``ttl_seconds`` it expires that much later.
 
             >>> cache.set("weather", {"temp": 21}, ttl_seconds=600)
+
+        Before writing anything, raises ``TypeError`` (a key that is not a str, a value that
+        is not JSON) or ``ValueError`` (a ttl that is not a positive finite number, a lone
+        surrogate, a value nested too deeply).
         """
         if type(key) is not str:
             _check_key(key)
@@ -2103,8 +2530,11 @@ class DictManager(_Manager, _Indexed, MutableMapping):
                 self._wrote("set", key=key, value=_to_jsonable(value))
         else:
             self._core.execute(self._SET, (self._name, key, text, expires_at))
-        if self._core.purge_due():
-            self._purge_expired()
+        if expires_at is not None:
+            core = self._core
+            core.expiring += 1
+            if core.expiring >= PURGE_EVERY or core.purger is None:
+                core.purge_expired(2 * PURGE_EVERY)
 
     __setitem__ = set
 
@@ -2120,12 +2550,12 @@ class DictManager(_Manager, _Indexed, MutableMapping):
     def __contains__(self, key):
         if not isinstance(key, str):
             return False
-        return self._core.execute(self._HAS, (self._name, key, _now())).fetchone() is not None
+        return self._core.one(self._HAS, (self._name, key, _now())) is not None
 
     def __len__(self):
-        return self._core.execute(
+        return self._core.one(
             f"SELECT count(*) FROM beaver_dicts WHERE name = ? AND {_LIVE}",
-            (self._name, _now())).fetchone()[0]
+            (self._name, _now()))[0]
 
     def __iter__(self):
         for key, _ in self._live_rows():
@@ -2181,7 +2611,7 @@ class DictManager(_Manager, _Indexed, MutableMapping):
                f"{_LIVE} ORDER BY key LIMIT ?")
         op, cursor = ">=", ""  # the first page includes the key '', which sorts first
         while True:
-            rows = self._core.execute(sql % op, (self._name, cursor, now, PAGE_SIZE)).fetchall()
+            rows = self._core.all(sql % op, (self._name, cursor, now, PAGE_SIZE))
             yield from rows
             if len(rows) < PAGE_SIZE:
                 return
@@ -2225,32 +2655,27 @@ class DictManager(_Manager, _Indexed, MutableMapping):
 
     def ttl(self, key):
         """Seconds until ``key`` expires; ``None`` if it never does; ``KeyError`` if absent."""
-        row = self._core.execute(
+        row = self._core.one(
             f"SELECT expires_at FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}",
-            (self._name, _check_key(key), _now())).fetchone()
+            (self._name, _check_key(key), _now()))
         if row is None:
             raise KeyError(key)
         return None if row[0] is None else max(0.0, row[0] - _now())
 
-    def _purge_expired(self):
-        self._core.execute(
-            "DELETE FROM beaver_dicts WHERE (name, key) IN (SELECT name, key FROM beaver_dicts "
-            "WHERE expires_at <= ? LIMIT ?)", (_now(), PURGE_BATCH))
-
     def _dump_items(self):
-        rows = self._core.execute(
+        rows = self._core.all(
             f"SELECT key, value, expires_at FROM beaver_dicts WHERE name = ? AND {_LIVE} "
-            "ORDER BY key", (self._name, _now())).fetchall()
-        return [{"key": k, "value": json.loads(v), "expires_at": e} for k, v, e in rows]
+            "ORDER BY key", (self._name, _now()))
+        return [{"key": k, "value": _json_loads(v), "expires_at": e} for k, v, e in rows]
 
     def _load_items(self, items):
         now = _now()
         for item in items:
-            expires_at = item.get("expires_at")
-            if expires_at is not None and expires_at <= now:
+            key, value, expires_at = _item_fields(item, "key", "value", expires_at=None)
+            if expires_at is not None and _check_number(expires_at, "expires_at") <= now:
                 continue
-            ttl = None if expires_at is None else expires_at - now
-            self.set(item["key"], item["value"], ttl_seconds=ttl)
+            ttl = None if expires_at is None else min(expires_at - now, MAX_SECONDS)
+            self.set(key, value, ttl_seconds=ttl)
 
 
 # ==========================================================================================
@@ -2290,8 +2715,8 @@ class ListManager(_Manager, MutableSequence):
 
     def _bounds(self):
         """(first position, length) of the list."""
-        lo, hi = self._core.execute(f"SELECT {self._MIN}, {self._MAX}",
-                                    (self._name, self._name)).fetchone()
+        lo, hi = self._core.one(f"SELECT {self._MIN}, {self._MAX}",
+                                    (self._name, self._name))
         return (0, 0) if lo is None else (lo, hi - lo + 1)
 
     def _index(self, index, length, clamp=False) -> int:
@@ -2333,7 +2758,7 @@ class ListManager(_Manager, MutableSequence):
             return self._get_slice(index)
         if type(index) is int and abs(index) < _SHIFT:
             sql = self._AT if index >= 0 else self._AT_END
-            row = self._core.execute(sql, (self._name, self._name, index)).fetchone()
+            row = self._core.one(sql, (self._name, self._name, index))
             if row is None:
                 raise IndexError("list index out of range")
             return self._codec.decode(row[0])
@@ -2348,9 +2773,9 @@ class ListManager(_Manager, MutableSequence):
             if not indices:
                 return []
             first, last = min(indices), max(indices)
-            rows = self._core.execute(
+            rows = self._core.all(
                 "SELECT value FROM beaver_lists WHERE name = ? AND pos BETWEEN ? AND ? "
-                "ORDER BY pos", (self._name, lo + first, lo + last)).fetchall()
+                "ORDER BY pos", (self._name, lo + first, lo + last))
         decode = self._codec.decode
         return [decode(rows[i - first][0]) for i in indices]
 
@@ -2369,9 +2794,9 @@ class ListManager(_Manager, MutableSequence):
             yield decode(text)
 
     def _values_from(self, pos) -> list:
-        rows = self._core.execute(
+        rows = self._core.all(
             "SELECT value FROM beaver_lists WHERE name = ? AND pos >= ? ORDER BY pos",
-            (self._name, pos)).fetchall()
+            (self._name, pos))
         return [row[0] for row in rows]
 
     # -- writing --------------------------------------------------------------------------
@@ -2473,9 +2898,9 @@ class ListManager(_Manager, MutableSequence):
                     return None
                 index = length - 1
             index = self._index(index, length)
-            row = self._core.execute(
+            row = self._core.one(
                 "SELECT value FROM beaver_lists WHERE name = ? AND pos = ?",
-                (self._name, lo + index)).fetchone()
+                (self._name, lo + index))
             self._remove_at(lo, length, index)
             self._wrote("pop", index=index)
         return self._codec.decode(row[0])
@@ -2486,9 +2911,9 @@ class ListManager(_Manager, MutableSequence):
             value = self._take(self._TAKE_FIRST)
             return None if value is _MISSING else value
         with self._core.transaction():
-            row = self._core.execute(
+            row = self._core.one(
                 f"SELECT pos, value FROM beaver_lists WHERE name = ? AND pos = {self._MIN}",
-                (self._name, self._name)).fetchone()
+                (self._name, self._name))
             if row is None:
                 return None
             self._core.execute("DELETE FROM beaver_lists WHERE name = ? AND pos = ?",
@@ -2500,7 +2925,7 @@ class ListManager(_Manager, MutableSequence):
 
     def _take(self, sql):
         """Delete and decode the end item ``sql`` picks, in one statement (or ``_MISSING``)."""
-        row = self._core.execute(sql, (self._name,)).fetchone()
+        row = self._core.one(sql, (self._name,))
         return _MISSING if row is None else self._codec.decode(row[0])
 
     def remove(self, value):
@@ -2556,7 +2981,7 @@ class ListManager(_Manager, MutableSequence):
     def _dump_items(self):
         rows = self._core.execute(
             "SELECT value FROM beaver_lists WHERE name = ? ORDER BY pos", (self._name,))
-        return [json.loads(row[0]) for row in rows]
+        return [_json_loads(row[0]) for row in rows]
 
     def _load_items(self, items):
         self.extend(items)
@@ -2576,6 +3001,13 @@ class QueueItem(typing.NamedTuple):
 class LeasedItem(QueueItem):
     """A ``QueueItem`` from ``get(lease=...)``; pass it to ``ack()`` when done."""
     lease_id = None
+
+
+def _check_priority(priority):
+    _check_number(priority, "priority")
+    if isinstance(priority, int) and not -(1 << 63) <= priority < (1 << 63):
+        raise ValueError(f"an int priority must fit in 64 bits, not {priority!r:.40}")
+    return priority
 
 
 class QueueManager(_Manager):
@@ -2598,13 +3030,14 @@ class QueueManager(_Manager):
              "RETURNING priority, timestamp, data")
 
     def put(self, data, priority=0):
-        """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals."""
-        if isinstance(priority, bool) or not isinstance(priority, (int, float)):
-            raise TypeError(f"priority must be a number, not {priority!r}")
-        if priority != priority:
-            raise ValueError("priority must not be NaN")
-        if isinstance(priority, int) and not -(1 << 63) <= priority < (1 << 63):
-            raise ValueError("an integer priority must fit in 64 bits")
+        """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals.
+
+            >>> jobs.put({"action": "reply"}, priority=1)
+
+        ``priority`` is a finite int (64 bits) or float: else ``TypeError`` / ``ValueError``.
+        """
+        if type(priority) is not int or not -(1 << 63) <= priority < (1 << 63):
+            _check_priority(priority)
         text = self._codec.encode(data)
         if self._listened():
             with self._atomic():
@@ -2617,7 +3050,9 @@ class QueueManager(_Manager):
         """Remove and return the first item.
 
         With ``block=False`` an empty queue raises ``QueueEmpty`` (an ``IndexError``);
-        otherwise it waits, up to ``timeout`` seconds if given, then raises ``TimeoutError``.
+        otherwise it waits, up to ``timeout`` seconds if given (``inf``: no limit), then raises
+        ``TimeoutError``. A ``timeout`` or ``lease`` that is not a number of seconds (a bool,
+        NaN, negative) raises ``TypeError`` / ``ValueError`` before anything is taken.
 
         ``lease=seconds`` delivers at least once instead of exactly once: the item is hidden,
         not deleted, and comes back to the queue (at the end of its priority) unless
@@ -2627,10 +3062,8 @@ class QueueManager(_Manager):
             >>> process(item.data)
             >>> jobs.ack(item)
         """
-        timeout = _seconds(timeout, "timeout")
-        lease = _seconds(lease, "lease")
-        if lease is not None and lease <= 0:
-            raise ValueError("lease must be positive")
+        timeout = _seconds(timeout, "timeout", wait=True)
+        lease = _seconds(lease, "lease", positive=True)
         item = self._take(lease, woken=False)
         if not block or self._core.in_transaction:
             if item is None and block:
@@ -2656,9 +3089,9 @@ class QueueManager(_Manager):
         with self._core.transaction():
             now = _now()
             self._reclaim(now)
-            row = self._core.execute(
+            row = self._core.one(
                 "SELECT seq, priority, timestamp, data FROM beaver_queues WHERE name = ? "
-                "ORDER BY priority, seq LIMIT 1", (self._name,)).fetchone()
+                "ORDER BY priority, seq LIMIT 1", (self._name,))
             if row is None:
                 return None
             self._core.execute("DELETE FROM beaver_queues WHERE seq = ?", (row[0],))
@@ -2670,7 +3103,7 @@ class QueueManager(_Manager):
                     "VALUES (?, ?, ?, ?, ?)", (self._name, row[1], row[2], row[3], now + lease))
                 item = LeasedItem(row[1], row[2], self._codec.decode(row[3]))
                 item.lease_id = cursor.lastrowid
-            self._wrote("get", priority=item.priority, data=json.loads(row[3]), lease=lease)
+            self._wrote("get", priority=item.priority, data=_json_loads(row[3]), lease=lease)
         return item
 
     def _take_fast(self):
@@ -2678,7 +3111,7 @@ class QueueManager(_Manager):
 
         ``_MISSING`` if it took nothing: the queue is empty or a lease is due for reclaim.
         """
-        row = self._core.execute(self._TAKE, (self._name, _now())).fetchone()
+        row = self._core.one(self._TAKE, (self._name, _now()))
         return _MISSING if row is None else QueueItem(row[0], row[1], self._codec.decode(row[2]))
 
     def clear(self):
@@ -2689,15 +3122,15 @@ class QueueManager(_Manager):
 
     def _takeable(self) -> bool:
         """A read: is there an item, or an item whose lease ran out?"""
-        return self._core.execute(
+        return self._core.one(
             "SELECT EXISTS (SELECT 1 FROM beaver_queues WHERE name = ?) OR EXISTS (SELECT 1 "
             "FROM beaver_queue_leases WHERE name = ? AND until <= ?)",
-            (self._name, self._name, _now())).fetchone()[0] == 1
+            (self._name, self._name, _now()))[0] == 1
 
     def _reclaim(self, now):
         """Put items whose lease ran out back into the queue (inside a transaction)."""
-        if self._core.execute("SELECT 1 FROM beaver_queue_leases WHERE name = ? AND until <= ?",
-                              (self._name, now)).fetchone() is None:
+        if self._core.one("SELECT 1 FROM beaver_queue_leases WHERE name = ? AND until <= ?",
+                              (self._name, now)) is None:
             return
         self._core.execute(
             "INSERT INTO beaver_queues (name, priority, timestamp, data) SELECT name, priority, "
@@ -2708,8 +3141,8 @@ class QueueManager(_Manager):
 
     def _lease_due(self):
         """Seconds until the next lease of this queue runs out (bounds a blocked ``get``)."""
-        row = self._core.execute("SELECT min(until) FROM beaver_queue_leases WHERE name = ?",
-                                 (self._name,)).fetchone()
+        row = self._core.one("SELECT min(until) FROM beaver_queue_leases WHERE name = ?",
+                                 (self._name,))
         return None if row[0] is None else max(0.0, row[0] - _now()) + 0.0005
 
     def ack(self, item) -> bool:
@@ -2748,40 +3181,62 @@ class QueueManager(_Manager):
 
     def peek(self):
         """The item ``get`` would return next, without removing it; ``None`` if empty."""
-        row = self._core.execute(
+        row = self._core.one(
             "SELECT priority, timestamp, data FROM beaver_queues WHERE name = ? "
-            "ORDER BY priority, seq LIMIT 1", (self._name,)).fetchone()
+            "ORDER BY priority, seq LIMIT 1", (self._name,))
         return None if row is None else QueueItem(row[0], row[1], self._codec.decode(row[2]))
 
     def __len__(self):
-        return self._core.execute("SELECT count(*) FROM beaver_queues WHERE name = ?",
-                                  (self._name,)).fetchone()[0]
+        return self._core.one("SELECT count(*) FROM beaver_queues WHERE name = ?",
+                                  (self._name,))[0]
 
     def __bool__(self):
         return True
 
     def __iter__(self):
         """The items in the order ``get`` would return them (nothing is removed)."""
-        rows = self._core.execute(
+        rows = self._core.all(
             "SELECT priority, timestamp, data FROM beaver_queues WHERE name = ? "
-            "ORDER BY priority, seq", (self._name,)).fetchall()
+            "ORDER BY priority, seq", (self._name,))
         decode = self._codec.decode
         return iter([QueueItem(p, t, decode(d)) for p, t, d in rows])
 
+    def _browse(self, offset, limit) -> dict:
+        """A page for the dashboard: items in ``get`` order from ``offset``, and the leased
+        items (the ``limit`` whose leases run out first) with the seconds left on each."""
+        core, now = self._core, _now()
+        items = core.execute("SELECT priority, timestamp, data FROM beaver_queues WHERE name = ? "
+                             "ORDER BY priority, seq LIMIT ? OFFSET ?",
+                             (self._name, *_paging(limit, offset))).fetchall()
+        leased = core.execute("SELECT priority, timestamp, data, until FROM beaver_queue_leases "
+                              "WHERE name = ? ORDER BY until LIMIT ?", (self._name, limit))
+        count = core.execute("SELECT count(*) FROM beaver_queue_leases WHERE name = ?",
+                             (self._name,)).fetchone()[0]
+        return {"items": [{"priority": p, "timestamp": t, "data": json.loads(d)}
+                          for p, t, d in items],
+                "leased": [{"priority": p, "timestamp": t, "data": json.loads(d),
+                            "expires_in": max(0.0, u - now)} for p, t, d, u in leased],
+                "leased_count": count}
+
     def _dump_items(self):
         """Queued items, then leased ones (a restored dump hands those out again)."""
-        leased = self._core.execute(
+        leased = self._core.all(
             "SELECT priority, timestamp, data FROM beaver_queue_leases WHERE name = ? "
-            "ORDER BY lease", (self._name,)).fetchall()
+            "ORDER BY lease", (self._name,))
         return [{"priority": item.priority, "timestamp": item.timestamp,
                  "data": _to_jsonable(item.data)} for item in self] + [
-                {"priority": p, "timestamp": t, "data": json.loads(d)} for p, t, d in leased]
+                {"priority": p, "timestamp": t, "data": _json_loads(d)} for p, t, d in leased]
 
     def _load_items(self, items):
+        rows = []
+        for item in items:
+            data, priority, when = _item_fields(item, "data", priority=0, timestamp=None)
+            rows.append((self._name, _check_priority(priority),
+                         _now() if when is None else _check_number(when, "timestamp"),
+                         self._codec.encode(data)))
         self._core.executemany(
             "INSERT INTO beaver_queues (name, priority, timestamp, data) VALUES (?, ?, ?, ?)",
-            [(self._name, i.get("priority", 0), i.get("timestamp", _now()),
-              self._codec.encode(i["data"])) for i in items])
+            rows)
         self._wrote("load", count=len(items))
 
 
@@ -2823,9 +3278,9 @@ class BlobManager(_Manager):
 
     def get(self, key):
         """The ``Blob`` stored under ``key``, or ``None``."""
-        row = self._core.execute(
+        row = self._core.one(
             "SELECT data, metadata FROM beaver_blobs WHERE name = ? AND key = ?",
-            (self._name, _check_key(key))).fetchone()
+            (self._name, _check_key(key)))
         if row is None:
             return None
         return Blob(key, row[0], None if row[1] is None else self._codec.decode(row[1]))
@@ -2851,13 +3306,13 @@ class BlobManager(_Manager):
     __delitem__ = delete
 
     def __contains__(self, key):
-        return isinstance(key, str) and self._core.execute(
+        return isinstance(key, str) and self._core.one(
             "SELECT 1 FROM beaver_blobs WHERE name = ? AND key = ?",
-            (self._name, key)).fetchone() is not None
+            (self._name, key)) is not None
 
     def __len__(self):
-        return self._core.execute("SELECT count(*) FROM beaver_blobs WHERE name = ?",
-                                  (self._name,)).fetchone()[0]
+        return self._core.one("SELECT count(*) FROM beaver_blobs WHERE name = ?",
+                                  (self._name,))[0]
 
     def __bool__(self):
         return True
@@ -2866,7 +3321,7 @@ class BlobManager(_Manager):
         sql = "SELECT key FROM beaver_blobs WHERE name = ? AND key %s ? ORDER BY key LIMIT ?"
         op, cursor = ">=", ""  # the first page includes the key '', which sorts first
         while True:
-            rows = self._core.execute(sql % op, (self._name, cursor, PAGE_SIZE)).fetchall()
+            rows = self._core.all(sql % op, (self._name, cursor, PAGE_SIZE))
             yield from (key for (key,) in rows)
             if len(rows) < PAGE_SIZE:
                 return
@@ -2876,16 +3331,31 @@ class BlobManager(_Manager):
         """A snapshot list of the keys, in key order."""
         return list(self)
 
+    def _browse(self, offset, limit) -> list:
+        """A page for the dashboard: ``{key, size, metadata}`` in key order (no data)."""
+        rows = self._core.execute(
+            "SELECT key, length(data), metadata FROM beaver_blobs WHERE name = ? ORDER BY key "
+            "LIMIT ? OFFSET ?", (self._name, *_paging(limit, offset)))
+        return [{"key": k, "size": n, "metadata": None if m is None else json.loads(m)}
+                for k, n, m in rows]
+
     def _dump_items(self):
         rows = self._core.execute(
             "SELECT key, data, metadata FROM beaver_blobs WHERE name = ? ORDER BY key",
             (self._name,))
         return [{"key": k, "data": base64.b64encode(d).decode("ascii"),
-                 "metadata": None if m is None else json.loads(m)} for k, d, m in rows]
+                 "metadata": None if m is None else _json_loads(m)} for k, d, m in rows]
 
     def _load_items(self, items):
         for item in items:
-            self.put(item["key"], base64.b64decode(item["data"]), item.get("metadata"))
+            key, data, metadata = _item_fields(item, "key", "data", metadata=None)
+            if not isinstance(data, str):
+                raise ValueError(f"blob {key!r}: data must be base64 text, not {data!r:.40}")
+            try:
+                data = base64.b64decode(data, validate=True)
+            except ValueError as e:          # binascii.Error
+                raise ValueError(f"blob {key!r}: data is not base64 ({e})") from None
+            self.put(key, data, metadata)
 
 
 # ==========================================================================================
@@ -2898,17 +3368,33 @@ class LogEntry(typing.NamedTuple):
     data: typing.Any
 
 
-def _epoch(value, what="timestamp") -> float:
-    """Seconds since the epoch from a ``datetime`` (naive = local time) or a number."""
+_EPOCH_RANGE = (-62135596800, 253402300799)    # 0001-01-01 to 9999-12-31T23:59:59 UTC
+_UTC_ENDS = (_dt.datetime.min.replace(tzinfo=_dt.timezone.utc),
+             _dt.datetime.max.replace(tzinfo=_dt.timezone.utc))
+
+
+def _epoch(value, what="timestamp", bound=False) -> float:
+    """Seconds since the epoch from a ``datetime`` (naive = local time) or a number, in the
+    years 1 to 9999 that ``datetime`` can show; a query's ``bound`` may lie beyond (even inf).
+    """
     if isinstance(value, _dt.datetime):
-        return value.timestamp()
+        try:
+            return value.timestamp()
+        except (OverflowError, OSError, ValueError) as e:
+            raise ValueError(f"{what} {value!r} has no epoch time here: {e}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a datetime or epoch seconds, not {value!r}")
-    return float(value)
+        raise TypeError(f"{what} must be a datetime or epoch seconds, not {value!r:.60}")
+    if bound and value == value:
+        return value if isinstance(value, float) else float(max(min(value, 1e300), -1e300))
+    return float(_check_number(value, what, *_EPOCH_RANGE))
 
 
 def _utc(seconds) -> _dt.datetime:
-    return _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
+    """The aware UTC ``datetime`` of stored epoch seconds (clamped to years 1 and 9999)."""
+    try:
+        return _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return _UTC_ENDS[seconds > 0]
 
 
 class LogManager(_Manager, _Indexed):
@@ -2931,13 +3417,21 @@ class LogManager(_Manager, _Indexed):
     _json_column = "data"
     _order = "timestamp"    # then seq: the rowid ends every index of the table
 
-    def __init__(self, db, name, model=None, retention=None):
+    _OPTIONS = {"retention": (None, lambda v: _seconds(v, "retention", positive=True))}
+
+    def __init__(self, db, name, model=None, retention=_DEFAULT):
         super().__init__(db, name, model)
-        self.retention = _seconds(retention, "retention")
+        self.retention = self._option("retention", retention)
         self._next_prune = 0.0
 
     def log(self, data, timestamp=None):
-        """Append ``data`` at ``timestamp`` (default: now)."""
+        """Append ``data`` at ``timestamp`` (default: now).
+
+            >>> metrics.log({"cpu": 0.4}, timestamp=datetime.now(timezone.utc))
+
+        ``timestamp`` is a ``datetime`` or epoch seconds within the years 1 to 9999
+        (``ValueError`` otherwise, ``TypeError`` for other types).
+        """
         when = _now() if timestamp is None else _epoch(timestamp)
         text = self._codec.encode(data)
         with self._atomic():
@@ -2993,7 +3487,7 @@ class LogManager(_Manager, _Indexed):
                "> (?, ?) ORDER BY timestamp, seq LIMIT ?")
         low, seq = float("-inf"), 0
         while True:
-            rows = self._core.execute(sql, (self._name, low, seq, PAGE_SIZE)).fetchall()
+            rows = self._core.all(sql, (self._name, low, seq, PAGE_SIZE))
             for t, _, d in rows:
                 yield LogEntry(_utc(t), decode(d))
             if len(rows) < PAGE_SIZE:
@@ -3001,11 +3495,28 @@ class LogManager(_Manager, _Indexed):
             low, seq = rows[-1][0], rows[-1][1]
 
     def __len__(self):
-        return self._core.execute("SELECT count(*) FROM beaver_logs WHERE name = ?",
-                                  (self._name,)).fetchone()[0]
+        return self._core.one("SELECT count(*) FROM beaver_logs WHERE name = ?",
+                                  (self._name,))[0]
 
     def __bool__(self):
         return True
+
+    def _counts(self, buckets, where=None) -> dict:
+        """Entry counts (those matching ``where``) in ``buckets`` equal spans from the first
+        entry to the last, for the dashboard's chart: ``{start, end, counts}``."""
+        first = self.range(where=where, limit=1)
+        if not first:
+            return {"start": None, "end": None, "counts": []}
+        start = first[0].timestamp.timestamp()
+        end = self.range(where=where, order="desc", limit=1)[0].timestamp.timestamp()
+        step = (end - start) / buckets or 1.0
+        sql, params = self._range_query(None, None, where, "asc", None, 0)
+        counts = [0] * buckets
+        for bucket, count in self._core.execute(
+                f"SELECT min(CAST((timestamp - ?) / ? AS INTEGER), ?), count(*) FROM ({sql}) "
+                "GROUP BY 1", (start, step, buckets - 1, *params)):
+            counts[bucket] += count
+        return {"start": start, "end": end, "counts": counts}
 
     def live(self, window, period, aggregator=list, where=None) -> "LiveView":
         """An iterator of ``aggregator(entries in the last window)``, now and every ``period``.
@@ -3023,15 +3534,18 @@ class LogManager(_Manager, _Indexed):
         return LiveView(self, window, period, aggregator, where)
 
     def _dump_items(self):
-        rows = self._core.execute("SELECT timestamp, data FROM beaver_logs WHERE name = ? "
-                                  "ORDER BY timestamp, seq", (self._name,)).fetchall()
-        return [{"timestamp": t, "data": json.loads(d)} for t, d in rows]
+        rows = self._core.all("SELECT timestamp, data FROM beaver_logs WHERE name = ? "
+                                  "ORDER BY timestamp, seq", (self._name,))
+        return [{"timestamp": t, "data": _json_loads(d)} for t, d in rows]
 
     def _load_items(self, items):
+        rows = []
+        for item in items:
+            data, when = _item_fields(item, "data", timestamp=None)
+            rows.append((self._name, _now() if when is None else _epoch(when),
+                         self._codec.encode(data)))
         self._core.executemany(
-            "INSERT INTO beaver_logs (name, timestamp, data) VALUES (?, ?, ?)",
-            [(self._name, _epoch(i.get("timestamp", _now())), self._codec.encode(i["data"]))
-             for i in items])
+            "INSERT INTO beaver_logs (name, timestamp, data) VALUES (?, ?, ?)", rows)
         self._wrote("load", count=len(items))
 
     def as_async(self) -> "AsyncLogManager":
@@ -3047,9 +3561,9 @@ class LiveView(Stream):
         self._log = log
         self._where = log._filter(where)[0]
         self.window = _seconds(window, "window")
-        self.period = _seconds(period, "period")
-        if not self.period:
-            raise ValueError("period must be positive")
+        self.period = _seconds(period, "period", positive=True)
+        if self.window is None or self.period is None:
+            raise TypeError("live() needs a window and a period (seconds or timedeltas)")
         if not callable(aggregator):
             raise TypeError("aggregator must be callable")
         self._aggregator = aggregator
@@ -3131,10 +3645,7 @@ class LiveView(Stream):
 # ==========================================================================================
 
 def _check_max_messages(max_messages):
-    if max_messages is not None and (isinstance(max_messages, bool) or
-                                     not isinstance(max_messages, int) or max_messages < 1):
-        raise ValueError(f"max_messages must be a positive int or None, not {max_messages!r}")
-    return max_messages
+    return None if max_messages is None else _count(max_messages, "max_messages", low=1)
 
 
 class ChannelManager(_Manager):
@@ -3159,11 +3670,14 @@ class ChannelManager(_Manager):
     _table = "beaver_channels"
     _PUBLISH = "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)"
 
-    def __init__(self, db, name, model=None, retention=CHANNEL_RETENTION,
-                 max_messages=CHANNEL_MAX_MESSAGES):
+    _OPTIONS = {
+        "retention": (CHANNEL_RETENTION, lambda v: _seconds(v, "retention", positive=True)),
+        "max_messages": (CHANNEL_MAX_MESSAGES, _check_max_messages)}
+
+    def __init__(self, db, name, model=None, retention=_DEFAULT, max_messages=_DEFAULT):
         super().__init__(db, name, model)
-        self.retention = _seconds(retention, "retention")
-        self.max_messages = _check_max_messages(max_messages)
+        self.retention = self._option("retention", retention)
+        self.max_messages = self._option("max_messages", max_messages)
         self._next_prune = 0.0
 
     def publish(self, payload):
@@ -3183,10 +3697,10 @@ class ChannelManager(_Manager):
         """Drop messages beyond the retention limits (done by ``publish`` every second)."""
         core = self._core
         if self.retention is not None:
-            keep = core.execute(       # the first fresh message, or else the newest one
+            keep = core.one(       # the first fresh message, or else the newest one
                 "SELECT seq FROM beaver_channels WHERE name = ? AND timestamp >= ? ORDER BY seq "
-                "LIMIT 1", (self._name, _now() - self.retention)).fetchone() or core.execute(
-                "SELECT max(seq) FROM beaver_channels WHERE name = ?", (self._name,)).fetchone()
+                "LIMIT 1", (self._name, _now() - self.retention)) or core.one(
+                "SELECT max(seq) FROM beaver_channels WHERE name = ?", (self._name,))
             if keep[0] is not None:
                 core.execute("DELETE FROM beaver_channels WHERE seq < ? AND name = ?",
                              (keep[0], self._name))
@@ -3202,7 +3716,7 @@ class ChannelManager(_Manager):
             # The newest row of the table keeps the sequence from going back (seq is not
             # AUTOINCREMENT, to keep publishing to one page write): it becomes a nameless
             # marker instead of being deleted.
-            top = self._core.execute("SELECT max(seq) FROM beaver_channels").fetchone()[0]
+            top = self._core.one("SELECT max(seq) FROM beaver_channels")[0]
             self._core.execute("DELETE FROM beaver_channels WHERE (name = ? OR name = '') "
                                "AND seq < ?", (self._name, top or 0))
             self._core.execute("UPDATE beaver_channels SET name = '', data = 'null' "
@@ -3220,30 +3734,33 @@ class ChannelManager(_Manager):
 
     def __len__(self):
         """Messages currently retained."""
-        return self._core.execute("SELECT count(*) FROM beaver_channels WHERE name = ?",
-                                  (self._name,)).fetchone()[0]
+        return self._core.one("SELECT count(*) FROM beaver_channels WHERE name = ?",
+                                  (self._name,))[0]
 
     def __bool__(self):
         return True
 
     def history(self, limit=None) -> list:
         """The retained messages, oldest first (the last ``limit`` ones if given)."""
-        rows = self._core.execute(
+        rows = self._core.all(
             "SELECT data FROM (SELECT seq, data FROM beaver_channels WHERE name = ? "
             "ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-            (self._name, -1 if limit is None else int(limit))).fetchall()
+            (self._name, -1 if limit is None else _count(limit, "limit")))
         return [self._codec.decode(r[0]) for r in rows]
 
     def _dump_items(self):
-        rows = self._core.execute("SELECT timestamp, data FROM beaver_channels WHERE name = ? "
-                                  "ORDER BY seq", (self._name,)).fetchall()
-        return [{"timestamp": t, "payload": json.loads(d)} for t, d in rows]
+        rows = self._core.all("SELECT timestamp, data FROM beaver_channels WHERE name = ? "
+                                  "ORDER BY seq", (self._name,))
+        return [{"timestamp": t, "payload": _json_loads(d)} for t, d in rows]
 
     def _load_items(self, items):
+        rows = []
+        for item in items:
+            payload, when = _item_fields(item, "payload", timestamp=None)
+            rows.append((self._name, _now() if when is None else _check_number(when, "timestamp"),
+                         self._codec.encode(payload)))
         self._core.executemany(
-            "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)",
-            [(self._name, i.get("timestamp", _now()), self._codec.encode(i["payload"]))
-             for i in items])
+            "INSERT INTO beaver_channels (name, timestamp, data) VALUES (?, ?, ?)", rows)
         self._wrote("load", count=len(items))
 
     def as_async(self) -> "AsyncChannelManager":
@@ -3290,8 +3807,8 @@ class _Hub:
     def add(self, sub):
         name = sub.channel.name
         with self._lock:
-            sub.start = self._core.execute("SELECT coalesce(max(seq), 0) FROM beaver_channels"
-                                           ).fetchone()[0]
+            sub.start = self._core.one("SELECT coalesce(max(seq), 0) FROM beaver_channels"
+                                           )[0]
             if name not in self._subs:
                 self._last[name] = sub.start
             self._subs[name] = self._subs.get(name, ()) + (sub,)
@@ -3341,9 +3858,9 @@ class _Hub:
             work = list(self._last.items())
         for name, last in work:
             while True:
-                rows = self._core.execute(
+                rows = self._core.all(
                     "SELECT seq, data FROM beaver_channels WHERE seq > ? AND name = ? "
-                    "ORDER BY seq LIMIT ?", (last, name, PAGE_SIZE)).fetchall()
+                    "ORDER BY seq LIMIT ?", (last, name, PAGE_SIZE))
                 if not rows:
                     break
                 with self._lock:      # read after the rows: a newer subscriber's start is past them
@@ -3392,10 +3909,10 @@ class Lock:
     def __init__(self, db, name, timeout=None, ttl=60.0):
         self._core = db._core
         self.name = _check_name(name)
-        self.timeout = _seconds(timeout, "timeout")
-        self.ttl = _seconds(ttl, "ttl")
-        if not self.ttl:
-            raise ValueError("ttl must be positive")
+        self.timeout = _seconds(timeout, "timeout", wait=True)
+        self.ttl = _seconds(ttl, "ttl", positive=True)
+        if self.ttl is None:
+            raise TypeError("a lock needs a ttl (seconds or a timedelta)")
         self._guard = threading.Lock()
         self._owner = f"{os.getpid()}:{uuid.uuid4().hex}"
         _add_lock_ttl_column(self._core)
@@ -3411,16 +3928,16 @@ class Lock:
     @property
     def held(self) -> bool:
         """True while this object holds the lock (and its TTL has not run out)."""
-        return self._ticket is not None and self._core.execute(
+        return self._ticket is not None and self._core.one(
             "SELECT 1 FROM beaver_locks WHERE ticket = ? AND held > 0 AND expires_at > ?",
-            (self._ticket, _now())).fetchone() is not None
+            (self._ticket, _now())) is not None
 
     @property
     def locked(self) -> bool:
         """True while anybody holds the lock."""
-        return self._core.execute(
+        return self._core.one(
             "SELECT 1 FROM beaver_locks WHERE name = ? AND held > 0 AND expires_at > ?",
-            (self.name, _now())).fetchone() is not None
+            (self.name, _now())) is not None
 
     def acquire(self, timeout=None, block=True):
         """Wait for the lock (up to ``timeout`` s, default the lock's own) and take it.
@@ -3428,7 +3945,7 @@ class Lock:
         Returns a truthy object usable as a context manager; raises ``LockTimeout`` (a
         ``TimeoutError``) when the wait ends without the lock. ``block=False`` tries once.
         """
-        timeout = self.timeout if timeout is None else _seconds(timeout, "timeout")
+        timeout = self.timeout if timeout is None else _seconds(timeout, "timeout", wait=True)
         deadline = _Deadline(0.0 if not block else timeout)
         if not self._guard.acquire(False):
             left = deadline.remaining()
@@ -3440,13 +3957,23 @@ class Lock:
                 got = self._core.watcher.wait_for(self._claim, deadline.remaining(),
                                                   cap=self._next_check)
             if got is None:
-                raise LockTimeout(f"could not acquire lock {self.name!r} within {timeout}s")
+                raise LockTimeout(f"could not acquire lock {self.name!r} " + (
+                    f"within {timeout}s" if block else "at once (block=False)"))
         except BaseException:
-            self._leave(self._ticket)
-            self._ticket = None
-            self._guard.release()
+            self._drop()
             raise
+        self._core.held_locks.add(self)
         return _Held(self, self)
+
+    def _drop(self):
+        """Forget this object's ticket (its row too) and let its threads acquire again."""
+        ticket, self._ticket = self._ticket, None
+        self._core.held_locks.discard(self)
+        try:
+            self._leave(ticket)
+        finally:
+            if self._guard.locked():
+                self._guard.release()
 
     def _enqueue(self):
         """Take a ticket and, if nobody is ahead, the lock."""
@@ -3473,9 +4000,9 @@ class Lock:
 
     def _take(self, now):
         """Inside a transaction: hold the lock if this ticket heads the line of live rows."""
-        head = self._core.execute(
+        head = self._core.one(
             "SELECT ticket, expires_at FROM beaver_locks WHERE name = ? AND expires_at > ? "
-            "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
+            "ORDER BY ticket LIMIT 1", (self.name, now))
         if head is None or head[0] != self._ticket:
             self._head_expires = None if head is None else head[1]
             return None
@@ -3488,9 +4015,9 @@ class Lock:
     def _claim(self):
         """One attempt while waiting: a read first, a write only when first in line."""
         now = _now()
-        head = self._core.execute(
+        head = self._core.one(
             "SELECT ticket, expires_at, held FROM beaver_locks WHERE name = ? AND expires_at > ? "
-            "ORDER BY ticket LIMIT 1", (self.name, now)).fetchone()
+            "ORDER BY ticket LIMIT 1", (self.name, now))
         if head is not None and head[0] == self._ticket:
             if head[2]:                 # the previous holder handed it over on release
                 return True
@@ -3509,8 +4036,8 @@ class Lock:
             "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND expires_at > ? "
             "AND held = 0", (now + LOCK_WAITER_GRACE, self._ticket, now))
         if cursor.rowcount == 0:
-            row = self._core.execute("SELECT held, expires_at FROM beaver_locks WHERE ticket = ?",
-                                     (self._ticket,)).fetchone()
+            row = self._core.one("SELECT held, expires_at FROM beaver_locks WHERE ticket = ?",
+                                     (self._ticket,))
             if row is not None and row[0] and row[1] > now:
                 return True             # handed over meanwhile
             # this process stalled past the grace time: queue again
@@ -3538,6 +4065,7 @@ class Lock:
         if self._ticket is None:
             raise LockLost(f"lock {self.name!r} is not held by this object")
         ticket, self._ticket = self._ticket, None
+        self._core.held_locks.discard(self)
         try:
             # held = 1: nobody queued behind us (waiters set 2), so one statement suffices
             still_ours = self._core.execute(
@@ -3566,13 +4094,21 @@ class Lock:
             "LIMIT 1)", (now, self.name, now))
 
     def renew(self, ttl=None):
-        """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now."""
-        ttl = self.ttl if ttl is None else _seconds(ttl, "ttl")
-        cursor = None if self._ticket is None else self._core.execute(
+        """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now.
+
+            >>> lock.renew(300)
+
+        ``LockLost`` if the hold had already run out (the object may then acquire again).
+        """
+        ttl = self.ttl if ttl is None else _seconds(ttl, "ttl", positive=True)
+        if self._ticket is None:
+            raise LockLost(f"lock {self.name!r} is not held by this object")
+        cursor = self._core.execute(
             "UPDATE beaver_locks SET expires_at = ? WHERE ticket = ? AND held > 0 "
             "AND expires_at > ?", (_now() + ttl, self._ticket, _now()))
-        if cursor is None or cursor.rowcount == 0:
-            raise LockLost(f"lock {self.name!r} is not held by this object")
+        if cursor.rowcount == 0:
+            self._drop()                # the hold ran out: this object is free to acquire
+            raise LockLost(f"lock {self.name!r} expired before renew (ttl {self.ttl}s)")
 
     def __enter__(self):
         self.acquire()
@@ -4002,32 +4538,39 @@ def _ensure_fts(core) -> bool:
     """Create the FTS5 tables once per database; False where SQLite lacks FTS5."""
     ready = getattr(core, "_fts_ready", None)
     if ready is None:
-        ready = True
-        try:
+        ready = _has_fts5()
+        if ready:
             for statement in _FTS_SCHEMA:     # no write (nor lock) when they exist
                 core.execute(statement)
-        except BeaverError as e:
-            if "no such module" not in str(e):
-                raise
+        else:
             logger.warning("this SQLite has no FTS5: collections work without text search")
-            ready = False
         core._fts_ready = ready
     return ready
 
 
-# -- the trigram index of known words, and files that move between SQLite versions ----------
+def _has_fts5() -> bool:
+    """Whether this SQLite has FTS5 (a probe, not a reading of error messages)."""
+    return _sqlite_accepts("CREATE VIRTUAL TABLE t USING fts5(x)")
+
 
 @functools.lru_cache(maxsize=None)
-def _has_trigram() -> bool:
-    """Whether this SQLite's FTS5 has the trigram tokenizer (3.34 and newer)."""
+def _sqlite_accepts(statement) -> bool:
+    """Whether this SQLite library runs ``statement`` (on a throwaway in-memory database)."""
     conn = sqlite3.connect(":memory:")
     try:
-        conn.execute("CREATE VIRTUAL TABLE t USING fts5(x, tokenize = 'trigram')")
+        conn.execute(statement)
         return True
     except sqlite3.Error:
         return False
     finally:
         conn.close()
+
+
+# -- the trigram index of known words, and files that move between SQLite versions ----------
+
+def _has_trigram() -> bool:
+    """Whether this SQLite's FTS5 has the trigram tokenizer (3.34 and newer)."""
+    return _sqlite_accepts("CREATE VIRTUAL TABLE t USING fts5(x, tokenize = 'trigram')")
 
 
 def _gram_worthy(term) -> bool:
@@ -4682,6 +5225,15 @@ class _Graph:
         return reached
 
 
+def _vector_backend_wanted() -> str:
+    """``BEAVER_VECTOR_BACKEND``: '' (faiss when installed), 'exact' or 'faiss' (required)."""
+    wanted = os.environ.get("BEAVER_VECTOR_BACKEND", "").strip().lower()
+    if wanted not in ("", "exact", "faiss"):
+        raise ValueError(f"BEAVER_VECTOR_BACKEND={wanted!r}: use 'exact' (the built-in search), "
+                         "'faiss' (beaver_vector, required) or leave it unset (faiss if installed)")
+    return wanted
+
+
 class _Vectors:
     """The embeddings of one collection and their search.
 
@@ -4849,16 +5401,22 @@ class _Vectors:
 
     def _open_backend(self, dim):
         """The index, or False when the built-in search must do (not installed, or asked)."""
-        if os.environ.get("BEAVER_VECTOR_BACKEND", "").lower() == "exact":
+        wanted = _vector_backend_wanted()
+        if wanted == "exact":
             return False
         try:
             import beaver_vector
             open_index = beaver_vector.open_index
-        except (ImportError, AttributeError):
+        except (ImportError, AttributeError) as e:
+            if wanted == "faiss":
+                raise FeatureUnavailable("BEAVER_VECTOR_BACKEND=faiss, but beaver_vector (numpy "
+                                         f"and faiss-cpu) cannot be imported: {e}") from None
             return False
         try:
             return open_index(self._core, self._name, dim, self.metric, **self._options)
         except FeatureUnavailable:
+            if wanted == "faiss":
+                raise
             return False
         except BeaverError as e:    # making its tables: a read-only file, a busy one
             if self._core.in_transaction:
@@ -5177,7 +5735,7 @@ class CollectionManager(_Manager, _Indexed):
         if not self._fts:
             raise FeatureUnavailable("this SQLite was built without FTS5: match() is unavailable")
         query = _query_text(query)
-        paths, top_k, check = _check_paths(on), int(top_k), self._check(where)
+        top_k, paths, check = _count(top_k, "top_k"), _check_paths(on), self._check(where)
         within = self._within(check)
         if raw:
             _check_term_count(len(_TERM.findall(query)))
@@ -5264,8 +5822,9 @@ class CollectionManager(_Manager, _Indexed):
         (see "Queries and filters" in the README): the nearest documents among those it
         matches, each of which matches it.
         """
+        top_k = _count(top_k, "top_k")
         query, check = _as_vector(vector), self._check(where)
-        hits = self._vecs.search(query, int(top_k), self._allowed(check))
+        hits = self._vecs.search(query, top_k, self._allowed(check))
         docs = self._rows.by("doc_id", [doc_id for doc_id, _ in hits], check)
         return [(docs[doc_id], float(d)) for doc_id, d in hits if doc_id in docs]
 
@@ -5278,6 +5837,16 @@ class CollectionManager(_Manager, _Indexed):
         self._text.optimize()
         self._text.prune()
         self._vecs.compact()
+
+    def _browse(self, offset, limit) -> list:
+        """A page for the dashboard: ``{id, body, dimensions}`` in id order (no vectors)."""
+        rows = self._core.execute(
+            "SELECT d.doc_id, d.body, length(v.vector) / 4 FROM beaver_documents d LEFT JOIN "
+            "beaver_vectors v ON v.collection = d.collection AND v.doc_id = d.doc_id "
+            "WHERE d.collection = ? ORDER BY d.doc_id LIMIT ? OFFSET ?",
+            (self._name, *_paging(limit, offset)))
+        return [{"id": i, "body": None if b is None else json.loads(b), "dimensions": n}
+                for i, b, n in rows]
 
     def _on_close(self):
         self._vecs.close()
@@ -5504,23 +6073,26 @@ def rerank(*results, weights=None, k=60) -> list:
 
 
 class _Managers:
-    """One manager per (kind, name) for a database or client; reopening with another model
-    is an error rather than a silent second codec."""
+    """One manager per (kind, name) for a database or client.
+
+    Asking again for an open structure returns the same manager: options left out (and
+    ``model=None``) reuse its settings; a model or option that differs from them is a
+    ``ValueError`` rather than a silent second codec or a setting quietly ignored.
+    """
 
     def __init__(self):
         self._by_key: dict = {}
         self._lock = threading.Lock()
 
-    def get(self, cls, name, model, make):
+    def get(self, cls, name, model, make, options=None):
         """The cached manager of ``cls`` called ``name``, made by ``make()`` the first time."""
         key = (cls._kind, _check_name(name))
         with self._lock:
             manager = self._by_key.get(key)
             if manager is None:
                 manager = self._by_key[key] = make()
-            elif model is not None and manager.model is not model:
-                raise ValueError(f"{cls._kind} {name!r} is already open with model "
-                                 f"{manager.model!r}, not {model!r}")
+            else:
+                _Manager._reopen(manager, model, options or {})
             return manager
 
     def all(self) -> list:
@@ -5561,7 +6133,7 @@ class BeaverDB:
     def _manager(self, cls, name, model=None, **options):
         self._check_open()
         return self._managers.get(cls, name, model,
-                                  lambda: cls(self, name, model=model, **options))
+                                  lambda: cls(self, name, model=model, **options), options)
 
     def dict(self, name, model=None) -> DictManager:
         """The persistent dict called ``name`` (values validated by ``model`` if given)."""
@@ -5581,13 +6153,21 @@ class BeaverDB:
 
     blob = blobs
 
-    def log(self, name, model=None, retention=None) -> LogManager:
-        """The time-indexed log called ``name`` (``retention`` in seconds or a timedelta)."""
+    def log(self, name, model=None, retention=_DEFAULT) -> LogManager:
+        """The time-indexed log called ``name`` (``retention`` in seconds or a timedelta).
+
+        Settings hold for this ``BeaverDB``'s manager: leave them out to reuse the open one
+        (a different value is a ``ValueError``); a new manager defaults to no retention.
+        """
         return self._manager(LogManager, name, model, retention=retention)
 
-    def channel(self, name, model=None, retention=CHANNEL_RETENTION,
-                max_messages=CHANNEL_MAX_MESSAGES) -> ChannelManager:
-        """The pub/sub channel called ``name`` (messages kept ``retention`` s, ``max_messages``)."""
+    def channel(self, name, model=None, retention=_DEFAULT,
+                max_messages=_DEFAULT) -> ChannelManager:
+        """The pub/sub channel called ``name`` (messages kept ``retention`` s, ``max_messages``).
+
+        A new manager defaults to an hour and 100 000 messages; leave the settings out to
+        reuse the open one (a different value is a ``ValueError``).
+        """
         return self._manager(ChannelManager, name, model, retention=retention,
                              max_messages=max_messages)
 
@@ -5680,11 +6260,15 @@ class BeaverDB:
         return self._core.closed
 
     def close(self):
-        """Close every connection of every thread; later calls raise ``ClosedError``."""
+        """Release the locks this database holds, close every connection of every thread;
+        later calls raise ``ClosedError``."""
         self._events.stop()
         self._hub.stop()
         for manager in self._managers.all():
             getattr(manager, "_on_close", lambda: None)()
+        for lock in list(self._core.held_locks):
+            with contextlib.suppress(BeaverError):     # LockLost: it had run out anyway
+                lock.release()
         self._core.close()
 
     def __enter__(self):
@@ -6021,7 +6605,7 @@ def _read_snapshot(core):
     core._run(conn, "BEGIN")
     local.depth, local.pending, local.undo, local.token = 1, [], [], object()
     try:
-        core.execute("SELECT count(*) FROM beaver_meta").fetchone()  # the snapshot starts here
+        core.one("SELECT count(*) FROM beaver_meta")  # the snapshot starts here
         yield
     finally:
         local.depth, local.pending = 0, []
@@ -6099,9 +6683,9 @@ def _dump_lines(fp):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            yield _parse_json(line)
         except ValueError as e:
-            raise ValueError(f"line {number} of the dump is not JSON: {e}") from None
+            raise ValueError(f"line {number} of the dump: {e}") from None
 
 
 def _load_database(db, fp, mode="append") -> int:
@@ -6129,7 +6713,7 @@ def _load_structure(db, line, lines, mode):
     count = line.get("count")
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"bad item count in {line!r:.80}")
-    kind, name = line["structure"], line["name"]
+    kind, name = _item_fields(line, "structure", "name")
     if kind == "collection":
         manager = db.collection(name, metric=line.get("metric"), **(line.get("options") or {}))
     else:
@@ -6140,7 +6724,7 @@ def _load_structure(db, line, lines, mode):
         manager._load_items(batch)
     for batch in _batches(lines, line.get("edges") or 0, f"the edges of {kind} {name!r}"):
         for edge in batch:
-            manager.connect(edge["source"], edge["target"], edge["label"], edge.get("metadata"))
+            manager.connect(*_item_fields(edge, "source", "target", "label", metadata=None))
 
 
 def _batches(lines, count, what):
@@ -6175,8 +6759,8 @@ def _backup_database(db, path):
             dest.close()
             source.close()
         os.replace(tmp, target)
-    except sqlite3.Error as e:
-        raise BeaverError(f"backup to {target!r} failed: {e}") from None
+    except _DB_ERRORS as e:
+        raise _sqlite_error(e, target, db._core.timeout) from e
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -6934,9 +7518,9 @@ class _RemoteManager(_StructureLock):
         self._base = f"/{_ROUTES[self._kind]}/{_segment(name)}"
         self._options = {}
         for option, default in _MANAGER_OPTIONS.get(self._kind, {}).items():
-            value = options.get(option, default)
-            value = _check_max_messages(value) if option == "max_messages" else _seconds(
-                value, option)
+            value = options.get(option, _DEFAULT)
+            value = default if value is _DEFAULT else _check_max_messages(value) if (
+                option == "max_messages") else _seconds(value, option, positive=True)
             setattr(self, option, value)
             if value != default:
                 self._options[option] = _json_dumps(value)
@@ -6978,6 +7562,7 @@ class _RemoteManager(_StructureLock):
         """
         if not callable(callback):
             raise TypeError("callback must be callable")
+        _check_event(self._kind, event)
         from urllib.parse import quote
         stream = _RemoteStream(self._client._http, f"/events/{self._kind}/{_segment(self._name)}"
                                f"?event={quote(_wire_str(self, event, 'event'), safe='')}",
@@ -7250,10 +7835,10 @@ class RemoteLock:
     def __init__(self, client, name, timeout=None, ttl=60.0):
         self._client = client
         self.name = _check_name(name)
-        self.timeout = _seconds(timeout, "timeout")
-        self.ttl = _seconds(ttl, "ttl")
-        if not self.ttl:
-            raise ValueError("ttl must be positive")
+        self.timeout = _seconds(timeout, "timeout", wait=True)
+        self.ttl = _seconds(ttl, "ttl", positive=True)
+        if self.ttl is None:
+            raise TypeError("a lock needs a ttl (seconds or a timedelta)")
         self._base = f"/locks/{_segment(name)}"
         self._token = None
         self._guard = threading.Lock()
@@ -7280,7 +7865,7 @@ class RemoteLock:
 
     def acquire(self, timeout=None, block=True):
         """Wait for the lock (up to ``timeout`` s) and take it; ``LockTimeout`` otherwise."""
-        timeout = self.timeout if timeout is None else _seconds(timeout, "timeout")
+        timeout = self.timeout if timeout is None else _seconds(timeout, "timeout", wait=True)
         deadline = _Deadline(timeout if block else 0.0)
         if not self._guard.acquire(timeout=-1 if timeout is None else timeout):
             raise LockTimeout(f"lock {self.name!r} is held by another thread of this object")
@@ -7316,8 +7901,13 @@ class RemoteLock:
         """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now."""
         if self._token is None:
             raise LockLost(f"lock {self.name!r} is not held by this object")
-        ttl = self.ttl if ttl is None else _seconds(ttl, "ttl")
-        self._post("renew", f"token={self._token}&ttl={ttl!r}")
+        ttl = self.ttl if ttl is None else _seconds(ttl, "ttl", positive=True)
+        try:
+            self._post("renew", f"token={self._token}&ttl={ttl!r}")
+        except LockLost:
+            self._token = None          # the hold ran out: this object may acquire again
+            self._guard.release()
+            raise
 
     __enter__, __exit__, as_async = Lock.__enter__, Lock.__exit__, Lock.as_async
 
@@ -7377,12 +7967,12 @@ class BeaverClient:
 
     blob = blobs
 
-    def log(self, name, model=None, retention=None) -> RemoteLog:
+    def log(self, name, model=None, retention=_DEFAULT) -> RemoteLog:
         """The remote time-indexed log called ``name`` (``retention`` applies to its writes)."""
         return self._manager(RemoteLog, name, model, retention=retention)
 
-    def channel(self, name, model=None, retention=CHANNEL_RETENTION,
-                max_messages=CHANNEL_MAX_MESSAGES) -> RemoteChannel:
+    def channel(self, name, model=None, retention=_DEFAULT,
+                max_messages=_DEFAULT) -> RemoteChannel:
         """The remote pub/sub channel called ``name`` (``retention``, ``max_messages`` apply
         to its ``publish`` and ``prune``)."""
         return self._manager(RemoteChannel, name, model, retention=retention,
@@ -7630,7 +8220,6 @@ _UPSTREAM_TABLES = ("dicts", "lists", "priority_queues", "blobs", "logs", "pubsu
                     "manager_versions", "fts_index", "trigrams", "vector_change_log",
                     "collection_versions", "field_index", "field_index_manifest",
                     "lsh_config", "lsh_index")
-_UPSTREAM_1X_ONLY = {"beaver_priority_queues", "beaver_pubsub_log", "beaver_lock_waiters"}
 _UPSTREAM_INTERNAL_DICTS = {"__metadata__", "__security__", "__events__"}   # + __beaver_*__
 
 # kind -> (upstream table, name column, columns, order within a structure, row -> dump item)
@@ -7648,16 +8237,6 @@ _UPSTREAM_KINDS = {
     "channel": ("pubsub_log", "channel_name", "timestamp, message_payload", "timestamp",
                 lambda row: {"timestamp": row[0], "payload": json.loads(row[1])}),
 }
-
-
-def _upstream_version(conn):
-    """'1.x' or '2.x' for a database written by the public beaver-db package, else None."""
-    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if any(name.startswith("__beaver_") and name.endswith("__") for name in names):
-        return "2.x"
-    if "beaver_meta" not in names and names & _UPSTREAM_1X_ONLY:
-        return "1.x"
-    return None
 
 
 def _is_event_channel(name) -> bool:

@@ -30,6 +30,7 @@ The routes are derived from ``beaver._API``, the one declaration of every operat
     /info  /dump  /load  /backup          the whole database
     /transaction             POST a list of writes, applied in one transaction
     /call                    POST one request whose target is too long for a request line
+    /ui                      the web dashboard (a browser asking for / is sent there)
 
 Names and keys are single path segments (percent-encode ``/`` as ``%2F``); the route is
 read from the raw path, so every string works. Values travel as JSON; a request body that
@@ -86,6 +87,7 @@ _LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 _SIMPLE_TYPES = {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
 _STATUS = [   # most specific first: the first class an exception is an instance of decides
     (beaver.LockLost, 409), (beaver.LockTimeout, 409), (beaver.DatabaseBusy, 503),
+    (beaver.DiskFull, 507),
     (TimeoutError, 408), (KeyError, 404), (IndexError, 404), (PermissionError, 403),
     (ValueError, 422), (TypeError, 422), (OverflowError, 422), (beaver.ClosedError, 503),
     (beaver.FeatureUnavailable, 501),
@@ -199,9 +201,17 @@ def _text(raw: bytes) -> str:
         raise HTTPError(400, "ValueError", "the path is not UTF-8") from None
 
 
-def _json_param(text, name):
+def _loads(text):
+    """``json.loads``; JSON nested beyond the recursion limit is a 400, not a crash."""
     try:
         return json.loads(text)
+    except RecursionError:
+        raise HTTPError(400, "ValueError", "the JSON is nested too deeply") from None
+
+
+def _json_param(text, name):
+    try:
+        return _loads(text)
     except ValueError:
         raise HTTPError(422, "ValueError", f"{name} must be a JSON value, not {text[:80]!r}"
                         ) from None
@@ -212,7 +222,7 @@ def _body_value(raw: bytes):
     if not raw:
         raise HTTPError(422, "ValueError", "a request body (a JSON value) is required")
     try:
-        return json.loads(raw)
+        return _loads(raw)
     except ValueError:
         pass
     try:
@@ -224,7 +234,7 @@ def _body_value(raw: bytes):
 
 def _body_json(raw: bytes, shape, what):
     try:
-        value = json.loads(raw)
+        value = _loads(raw)
     except ValueError:
         raise HTTPError(422, "ValueError", f"the request body must be {what}") from None
     if not isinstance(value, shape):
@@ -328,6 +338,14 @@ def _hand_routes(server):
     for kind in ("dict", "list", "queue", "blob", "log", "channel", "collection"):
         for prefix in _route_prefixes(kind):
             hand.append(("GET", prefix, server.list_structures, f"List the {kind} structures"))
+    dashboard = _Dashboard(server)
+    hand += [
+        ("GET", "ui", dashboard.asset, "The web dashboard (no data: it asks for the token)"),
+        ("GET", "ui/{file}", dashboard.asset, "The dashboard's script and style"),
+        ("GET", "ui/api/page/{kind}/{name}", dashboard.page,
+         "Dashboard: a page of a dict (TTLs), queue (leases), blob store or collection"),
+        ("GET", "ui/api/chart/{name}", dashboard.chart, "Dashboard: a log's entry counts"),
+    ]
     return [_Route(verb, [p for p in path.split("/") if p], {}, handler, summary=summary)
             for verb, path, handler, summary in hand]
 
@@ -527,6 +545,8 @@ class _Server:
     # -- hand-written routes --------------------------------------------------------------------
 
     async def root(self, request, route, params):
+        if _wants_html(request.headers):
+            return await request.reply(_TO_DASHBOARD)
         await request.reply(beaver._reply({"beaver": beaver.__version__, "docs": "/docs",
                                            "pid": os.getpid(), "waits": self.open_waits}))
 
@@ -839,7 +859,7 @@ class _Server:
             if media in _SIMPLE_TYPES and "x-beaver" not in headers:
                 raise HTTPError(403, "Forbidden", f"a {media} request needs the X-Beaver header "
                                                   "(or a JSON content type)")
-        if self.token and not self._authorized(scope, headers):
+        if self.token and not self._authorized(scope, headers) and not _public(scope, headers):
             raise HTTPError(401, "Unauthorized", "a valid bearer token is required",
                             {"www-authenticate": "Bearer"})
         length = headers.get("content-length", "")
@@ -947,6 +967,137 @@ def _is_loopback(host) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+# ------------------------------------------------------------------------------------------
+# The dashboard: its static files at /ui, and the read routes its pages need
+# ------------------------------------------------------------------------------------------
+#
+# The files live in the beaver_dashboard folder next to this module (shipped as package data)
+# and hold no data, so a browser may load them without the token; the page then asks for the
+# token and sends it as a bearer header on every request, the streams included (read with
+# fetch(), never put in a URL). Everything else is read through the routes above, or through
+# the two below where the declared operations cannot page (TTLs, leases, blob sizes, document
+# pages without vectors, a log's counts over time).
+
+_DASHBOARD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "beaver_dashboard")
+_DASHBOARD_FILES = {"": "index.html", "index.html": "index.html",
+                    "dashboard.js": "dashboard.js", "dashboard.css": "dashboard.css"}
+_MEDIA = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+          ".css": "text/css; charset=utf-8"}
+_DASHBOARD_HEADERS = {   # no inline script, no framing, no third party: data stays text
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' data:; connect-src 'self'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "x-frame-options": "DENY", "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer", "cache-control": "no-cache"}
+_PUBLIC_PATHS = frozenset(b"/ui" + (b"/" + name.encode() if name else b"")
+                          for name in _DASHBOARD_FILES) | {b"/ui/"}
+_TO_DASHBOARD = (303, b'<a href="/ui">beaver dashboard</a>\n',
+                 {"location": "/ui", "content-type": "text/html; charset=utf-8"})
+MAX_PAGE = 1000                       # items of one dashboard page
+MAX_BUCKETS = 1000                    # bars of one chart
+
+
+def _wants_html(headers) -> bool:
+    """A browser navigating (it asks for HTML), not an API client."""
+    return "text/html" in headers.get("accept", "")
+
+
+def _public(scope, headers) -> bool:
+    """The dashboard's static files, and ``/`` for a browser (sent to them): no data."""
+    if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
+        return False
+    path = scope.get("raw_path") or scope["path"].encode("utf-8")
+    return path in _PUBLIC_PATHS or (path == b"/" and _wants_html(headers))
+
+
+@functools.lru_cache(maxsize=None)
+def _dashboard_file(name):
+    with open(os.path.join(_DASHBOARD_DIR, name), "rb") as f:
+        return f.read()
+
+
+def _int_param(query, name, default, low, high) -> int:
+    value = _json_param(query[name], name) if name in query else default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise HTTPError(422, "ValueError", f"{name} is an integer from {low} to {high}")
+    return value
+
+
+def _dict_page(manager, offset, limit, where):
+    pairs = manager.find(where, limit=limit, offset=offset)
+    return [{"key": key, "value": beaver._to_jsonable(value), "ttl": _ttl_left(manager, key)}
+            for key, value in pairs]
+
+
+def _ttl_left(manager, key):
+    try:
+        return manager.ttl(key)
+    except KeyError:            # expired since find() saw it
+        return 0.0
+
+
+def _queue_page(manager, offset, limit, where):
+    page = manager._browse(offset, limit)
+    return page.pop("items"), page
+
+
+_PAGES = {   # kind -> (manager, offset, limit, where) -> items, or (items, other fields)
+    "dict": _dict_page,
+    "queue": _queue_page,
+    "blob": lambda m, offset, limit, where: m._browse(offset, limit),
+    "collection": lambda m, offset, limit, where: m._browse(offset, limit),
+}
+
+
+class _Dashboard:
+    """The handlers of /ui: the static files and the two read routes of its pages."""
+
+    def __init__(self, server):
+        self.server = server
+
+    async def asset(self, request, route, params):
+        name = _DASHBOARD_FILES.get(params.get("file", ""))
+        if name is None:
+            raise HTTPError(404, "NotFound", "no such dashboard file")
+        body = await self.server.run(_dashboard_file, name)
+        headers = {**_DASHBOARD_HEADERS, "content-type": _MEDIA[os.path.splitext(name)[1]]}
+        await request.reply((200, body, headers))
+
+    async def page(self, request, route, params):
+        """``{"items": [...], "more": bool}`` from ``?offset`` (and for a dict ``?where``)."""
+        kind, query = params["kind"], request.query()
+        browse = _PAGES.get(kind)
+        if browse is None:
+            raise HTTPError(404, "NotFound", f"no dashboard page for {kind!r}")
+        unknown = set(query) - {"offset", "limit", "where"}
+        if unknown or ("where" in query and kind != "dict"):
+            raise HTTPError(422, "ValueError", f"unknown query parameters: "
+                                               f"{sorted(unknown or {'where'})}")
+        offset = _int_param(query, "offset", 0, 0, 2 ** 62)
+        limit = _int_param(query, "limit", 50, 1, MAX_PAGE)
+        where = _json_param(query["where"], "where") if "where" in query else None
+
+        def read():
+            manager = self.server.manager(kind, params["name"])
+            found = browse(manager, offset, limit + 1, where)
+            items, extra = found if isinstance(found, tuple) else (found, {})
+            return beaver._reply({**extra, "items": items[:limit], "more": len(items) > limit})
+        await request.reply(await self.server.run(read))
+
+    async def chart(self, request, route, params):
+        """``{"start", "end", "counts"}``: entries (matching ``?where``) per time bucket."""
+        query = request.query()
+        if set(query) - {"buckets", "where"}:
+            raise HTTPError(422, "ValueError", "the parameters are buckets and where")
+        buckets = _int_param(query, "buckets", 60, 1, MAX_BUCKETS)
+        where = _json_param(query["where"], "where") if "where" in query else None
+
+        def read():
+            return beaver._reply(self.server.manager("log", params["name"])._counts(buckets,
+                                                                                  where))
+        await request.reply(await self.server.run(read))
 
 
 # ------------------------------------------------------------------------------------------

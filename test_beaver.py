@@ -214,6 +214,54 @@ def test_unknown_beaver_layout_is_refused(tmp_path):
     assert raw_rows(path, "SELECT name FROM sqlite_master") == [("beaver_dicts",)]
 
 
+# Table names the upstream beaver-db package writes (seen in files it made): 2.x, 1.x, 0.5
+UPSTREAM_LAYOUTS = {
+    "2.x": ["__beaver_dicts__", "__beaver_lists__", "__beaver_manager_versions__"],
+    "1.x": ["beaver_dicts", "beaver_lists", "beaver_pubsub_log", "beaver_collection_versions",
+            "beaver_manager_versions"],
+    "0.x": ["_beaver_kv_store", "beaver_pubsub_log", "beaver_lists"],
+}
+
+
+@pytest.mark.parametrize("version", sorted(UPSTREAM_LAYOUTS))
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_upstream_files_are_refused_untouched(tmp_path, version, journal):
+    path = tmp_path / "upstream.db"
+    conn = sqlite3.connect(str(path))
+    conn.execute(f"PRAGMA journal_mode = {journal}")
+    for table in UPSTREAM_LAYOUTS[version]:
+        conn.execute(f"CREATE TABLE {table} (name TEXT, key TEXT, value TEXT)")
+        conn.execute(f"INSERT INTO {table} VALUES ('n', 'k', '1')")
+    conn.commit()
+    conn.close()
+    content = path.read_bytes()
+    with pytest.raises(beaver.ForeignDatabase, match="beaver import-upstream OLD.db NEW.db"):
+        BeaverDB(path)
+    assert path.read_bytes() == content
+    assert not any(name.startswith("beaver_") and name not in UPSTREAM_LAYOUTS[version]
+                   for (name,) in raw_rows(path, "SELECT name FROM sqlite_master"))
+    expected = "2.x" if version == "2.x" else "1.x"
+    conn = sqlite3.connect(str(path))
+    assert beaver._upstream_version(conn) == expected
+    conn.close()
+
+
+def test_upstream_version_of_other_files_is_none(tmp_path):
+    BeaverDB(tmp_path / "ours.db").close()
+    conn = sqlite3.connect(str(tmp_path / "ours.db"))
+    conn.execute("CREATE TABLE beaver_unrelated_but_ours_looking (x)")
+    assert beaver._upstream_version(conn) is None
+    assert beaver._upstream_version(sqlite3.connect(":memory:")) is None
+
+
+def test_sqlite_older_than_3_31_is_refused_with_the_version(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 30, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.30.1")
+    with pytest.raises(beaver.FeatureUnavailable, match=r"3\.31.*3\.30\.1"):
+        BeaverDB(tmp_path / "old.db")
+    assert not (tmp_path / "old.db").exists()
+
+
 def test_concurrent_first_opens_agree_on_the_schema(tmp_path):
     path, errors = tmp_path / "fresh.db", []
 
@@ -323,6 +371,621 @@ def test_sigkilled_writer_leaves_a_sound_database(tmp_path):
         assert sorted(int(k) for k in seen) == log   # both halves of each transaction
         assert all(seen[str(i)]["i"] == i for i in acked)
         db.list("log").push("after the crash")       # and it is writable again
+
+
+# ---- core: typed errors ----
+
+def test_error_tree_keeps_builtins_and_sqlite_details():
+    assert issubclass(beaver.DatabaseBusy, beaver.Timeout)
+    assert issubclass(beaver.DiskFull, beaver.BeaverError) and issubclass(beaver.DiskFull, OSError)
+    assert issubclass(beaver.CorruptDatabase, beaver.BeaverError)
+    assert issubclass(beaver.ForeignDatabase, beaver.SchemaError)
+    assert issubclass(beaver.ReadOnlyDatabase, PermissionError)
+    error = beaver.BeaverError("plain")
+    assert error.orig is None and error.code is None
+
+
+@pytest.mark.parametrize("code, cls", [
+    (5, beaver.DatabaseBusy), (6, beaver.DatabaseBusy), (517, beaver.DatabaseBusy),
+    (13, beaver.DiskFull), (11, beaver.CorruptDatabase), (26, beaver.CorruptDatabase),
+    (8, beaver.ReadOnlyDatabase), (1, beaver.BeaverError), (None, beaver.BeaverError)])
+def test_sqlite_errors_are_translated_by_result_code(code, cls):
+    error = sqlite3.OperationalError("whatever the text says")
+    if code is not None:
+        error.sqlite_errorcode = code
+    translated = beaver._sqlite_error(error, "/x.db", 1.0)
+    assert type(translated) is cls
+    assert translated.orig is error and translated.code == code
+
+
+@pytest.mark.parametrize("text, code", [
+    ("database is locked", 5), ("database or disk is full", 13),
+    ("database disk image is malformed", 11), ("file is not a database", 26),
+    ("attempt to write a readonly database", 8), ("no such table: x", None)])
+def test_result_code_without_sqlite_errorcode(text, code):
+    # Python 3.9/3.10 exceptions carry no code: it comes from SQLite's wording of the code
+    assert beaver._result_code(sqlite3.OperationalError(text)) == code
+
+
+def test_no_code_matches_sqlite_error_text():
+    import re
+    source = (ROOT / "beaver.py").read_text()
+    # the collection section is left to the collections work (see its _ensure_* helpers)
+    checked = source[:source.index("# Collection: documents")]
+    checked += source[source.index("class _Managers"):]
+    checked = checked.replace(checked[checked.index("_ERRSTR_CODES = ("):
+                                      checked.index("def _sqlite_error(")], "")
+    assert not re.search(r"in str\(\w+\)|str\(\w+\)\.(startswith|find)", checked)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 4 MiB tmpfs (needs root): a disk that fills up."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.name != "posix" or os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+            capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount to make a small file system")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill_disk(folder):
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (65536, 4096, 256, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"x" * size)
+    finally:
+        os.close(fd)
+
+
+def test_disk_full_is_disk_full_on_every_write_path_and_loses_nothing(tiny_fs):
+    db = BeaverDB(tiny_fs / "full.db")
+    try:
+        q, items, d = db.queue("q"), db.list("l"), db.dict("d")
+        for i in range(30):
+            q.put(i)
+            items.push(i)
+        d["k"] = 1
+        fill_disk(tiny_fs)
+        calls = [lambda: q.put("x" * 2000), lambda: q.get(block=False), items.pop,
+                 items.deque, lambda: d.set("k", "v" * 5000), lambda: items.push("y" * 5000)]
+        failures = 0
+        for _ in range(40):         # the WAL may still have room for a few small writes
+            for call in calls:
+                try:
+                    call()
+                except beaver.DiskFull as e:
+                    failures += 1
+                    assert isinstance(e, OSError) and e.code & 0xFF == 13
+                    assert isinstance(e.orig, sqlite3.Error)
+        assert failures > 0
+        os.remove(tiny_fs / "filler")
+        assert len(q) + len(items) >= 0 and d["k"] in (1, "v" * 5000)
+    finally:
+        db.close()
+    assert raw_rows(tiny_fs / "full.db", "PRAGMA integrity_check") == [("ok",)]
+
+
+def _dict_file(path, n=3000):
+    with BeaverDB(path) as db:
+        with db.transaction():
+            for i in range(n):
+                db.dict("d")[f"k{i:05}"] = "v" * 50
+    return path.read_bytes()
+
+
+def test_zeroed_page_is_corrupt_database_not_a_raw_sqlite_error(tmp_path):
+    data = bytearray(_dict_file(tmp_path / "a.db"))
+    page = 4096
+    pages = len(data) // page
+    data[(pages - 3) * page:(pages - 2) * page] = bytes(page)   # a leaf of beaver_dicts
+    bad = tmp_path / "zero.db"
+    bad.write_bytes(bytes(data))
+    with BeaverDB(bad) as db:
+        with pytest.raises(beaver.CorruptDatabase) as info:
+            db.dict("d").items()
+        assert info.value.code & 0xFF == 11
+        with pytest.raises(beaver.CorruptDatabase):
+            list(db.dict("d"))
+
+
+def test_flipped_bytes_in_the_schema_are_corrupt_database(tmp_path):
+    data = bytearray(_dict_file(tmp_path / "a.db", n=10))
+    for at in [i for i in range(len(data)) if data[i:i + 16] == b"beaver_listeners"][:2]:
+        bad = bytearray(data)
+        bad[at + 3] = 0xFF
+        (tmp_path / "flip.db").write_bytes(bytes(bad))
+        with pytest.raises(beaver.CorruptDatabase):
+            BeaverDB(tmp_path / "flip.db")
+
+
+def _hold_exclusive(path, ready, done):
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+    conn.execute("BEGIN EXCLUSIVE")
+    conn.execute("CREATE TABLE IF NOT EXISTS other (x)")
+    ready.set()
+    done.wait(MP_DEADLINE)
+    conn.close()
+
+
+def test_exclusive_lock_held_by_another_process_at_open_is_database_busy(tmp_path):
+    path = str(tmp_path / "held.db")
+    ready, done = SPAWN.Event(), SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_exclusive, args=(path, ready, done))
+    holder.start()
+    try:
+        assert ready.wait(MP_DEADLINE)
+        with pytest.raises(beaver.DatabaseBusy) as info:
+            BeaverDB(path, timeout=0.2)
+        assert isinstance(info.value, TimeoutError) and info.value.code & 0xFF == 5
+    finally:
+        done.set()
+        holder.join(MP_DEADLINE)
+    assert not os.path.exists(path + "-wal") or BeaverDB(path).close() is None
+
+
+@pytest.mark.parametrize("depth", [5000])
+def test_deeply_nested_values_are_a_clear_error(db, depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    for write in (lambda: db.dict("d").set("k", value), lambda: db.list("l").push(value),
+                  lambda: db.queue("q").put(value), lambda: db.channel("c").publish(value)):
+        with pytest.raises((ValueError, TypeError), match="nested"):
+            write()
+    assert "k" not in db.dict("d") and len(db.list("l")) == 0 and len(db.queue("q")) == 0
+
+
+def test_deeply_nested_stored_text_reads_as_corrupt_not_recursion_error(db):
+    db.dict("d")["k"] = 1
+    deep = "[" * 100_000 + "]" * 100_000
+    db._core.execute("UPDATE beaver_dicts SET value = ?", (deep,))
+    with pytest.raises(beaver.CorruptDatabase):
+        db.dict("d")["k"]
+
+
+# ---- helpers: one validation of numbers and names from users ----
+
+NAN, INF = float("nan"), float("inf")
+
+# (what, call(db, value)): every number a user passes goes through the same checks
+NUMBER_ARGUMENTS = {
+    "dict ttl_seconds": lambda db, v: db.dict("d").set("k", 1, ttl_seconds=v),
+    "queue get timeout": lambda db, v: db.queue("q").get(timeout=v),
+    "queue get lease": lambda db, v: db.queue("q").get(lease=v),
+    "queue put priority": lambda db, v: db.queue("q").put(1, priority=v),
+    "lock ttl": lambda db, v: db.lock("l", ttl=v),
+    "lock timeout": lambda db, v: db.lock("l", timeout=v),
+    "lock acquire timeout": lambda db, v: db.lock("l").acquire(timeout=v),
+    "lock renew ttl": lambda db, v: _renew(db.lock("l"), v),
+    "structure acquire ttl": lambda db, v: db.list("s").acquire(ttl=v),
+    "structure acquire timeout": lambda db, v: db.list("s").acquire(timeout=v),
+    "log timestamp": lambda db, v: db.log("g").log(1, timestamp=v),
+    "log retention": lambda db, v: db.log("g2", retention=v),
+    "live window": lambda db, v: db.log("g").live(window=v, period=1),
+    "live period": lambda db, v: db.log("g").live(window=1, period=v),
+    "channel retention": lambda db, v: db.channel("c2", retention=v),
+    "channel max_messages": lambda db, v: db.channel("c3", max_messages=v),
+    "channel history limit": lambda db, v: db.channel("c").history(limit=v),
+    "subscriber get timeout": lambda db, v: db.channel("c").subscribe().get(timeout=v),
+    "collection match top_k": lambda db, v: db.collection("k").match("x", top_k=v),
+    "collection search top_k": lambda db, v: db.collection("k").search([1.0], top_k=v),
+}
+
+
+def _renew(lock, ttl):
+    with lock:
+        lock.renew(ttl)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("what", sorted(NUMBER_ARGUMENTS))
+@pytest.mark.parametrize("value, error", [
+    (NAN, ValueError), ("10", TypeError), (True, TypeError), (-1, ValueError),
+    (10 ** 400, ValueError), ([1], TypeError)], ids=["nan", "str", "bool", "-1", "huge", "list"])
+def test_bad_numbers_are_refused_up_front_with_a_clear_error(db, what, value, error):
+    if value == 10 ** 400 and "timeout" in what:
+        return          # a huge timeout is a wait without limit (see the next test)
+    if value == -1 and what in ("log timestamp", "queue put priority"):
+        return          # 1969-12-31T23:59:59 is a fine timestamp, -1 a fine priority
+    if value != value and what.endswith(("limit", "max_messages", "top_k")):
+        error = TypeError   # a count is an int: a float is the wrong type
+    db.queue("q").put("kept")
+    before = _state(db)
+    with pytest.raises(error) as info:
+        NUMBER_ARGUMENTS[what](db, value)
+    message = str(info.value)
+    assert what.split()[-1] in message, message         # the error names the argument
+    assert _state(db) == before
+
+
+def _state(db):
+    out = io.StringIO()
+    db.dump(out)
+    return [line for line in out.getvalue().splitlines() if '"dumped_at"' not in line]
+
+
+@pytest.mark.timeout(60)
+def test_unbounded_waits_take_inf_and_huge_numbers(db):
+    channel = db.channel("c")
+    with channel.subscribe() as sub:
+        channel.publish("hi")
+        assert sub.get(timeout=INF) == "hi"
+        channel.publish("again")
+        assert sub.get(timeout=10 ** 400) == "again"
+    db.queue("q").put(1)
+    assert db.queue("q").get(timeout=10 ** 400).data == 1
+    with db.lock("l", timeout=INF):
+        pass
+
+
+def test_infinite_and_far_timestamps_are_refused_and_old_rows_still_read(db):
+    log = db.log("g")
+    log.log("first", timestamp=1000)
+    for bad in (1e20, INF, -INF, 253402300800, -62135596801):
+        with pytest.raises(ValueError, match="timestamp"):
+            log.log("x", timestamp=bad)
+    assert [e.data for e in log] == ["first"]
+    # a row written by an older beaver with a timestamp beyond year 9999 still reads
+    db._core.execute("INSERT INTO beaver_logs (name, timestamp, data) VALUES ('g', 1e20, '2')")
+    db._core.execute("INSERT INTO beaver_logs (name, timestamp, data) VALUES ('g', -1e20, '0')")
+    assert [e.data for e in log.range()] == [0, "first", 2]
+    assert [e.data for e in log] == [0, "first", 2]
+    assert [e.data for e in log.range(start=2000)] == [2]
+    assert db.log("g").dump()["metadata"]["count"] == 3
+
+
+def test_database_timeout_is_checked(tmp_path):
+    for bad, error in [("10", TypeError), (True, TypeError), (NAN, ValueError),
+                       (-1, ValueError), (INF, ValueError), (10 ** 400, ValueError)]:
+        with pytest.raises(error, match="timeout"):
+            BeaverDB(tmp_path / "t.db", timeout=bad)
+    with BeaverDB(tmp_path / "t.db", timeout=0) as db:
+        db.dict("d")["k"] = 1
+
+
+@pytest.mark.parametrize("text", ["\ud800", "a\udfffb", "\udc80x"])
+def test_lone_surrogates_in_keys_and_names_are_value_errors(db, text):
+    calls = [lambda: db.dict(text), lambda: db.list(text), lambda: db.lock(text),
+             lambda: db.dict("d").set(text, 1), lambda: db.dict("d")[text],
+             lambda: db.dict("d").get(text), lambda: db.dict("d").pop(text),
+             lambda: db.blobs("b").put(text, b"x"), lambda: db.blobs("b").get(text),
+             lambda: db.dict("d").set("k", text), lambda: db.list("l").push(text),
+             lambda: db.queue("q").put({text: 1})]
+    for call in calls:
+        with pytest.raises(ValueError, match="surrogate"):
+            call()
+    assert _state(db) == _state(BeaverDB(":memory:"))
+
+
+
+# ---- dump and load: bad items are refused, nothing is half loaded ----
+
+def test_load_of_json_nested_too_deeply_is_a_value_error(db):
+    deep = "[" * 5000 + "]" * 5000
+    with pytest.raises(ValueError, match="nested too deeply"):
+        db.dict("d").load(deep)
+    header = json.dumps({"beaver_dump": 1}) + "\n"
+    with pytest.raises(ValueError, match="nested too deeply"):
+        db.load(io.StringIO(header + deep + "\n"))
+
+
+@pytest.mark.parametrize("kind, item", [
+    ("blob", {"key": "a", "data": "!!!!", "metadata": None}),             # loaded as b""
+    ("blob", {"key": "a", "data": "!!!not base64!!!", "metadata": None}),
+    ("blob", {"key": "a", "data": "aGVsbG8", "metadata": None}),        # bad padding
+    ("blob", {"key": "a", "data": 5}),
+    ("blob", {"data": "aGk="}),
+    ("dict", {"key": "k", "value": 1, "expires_at": "soon"}),
+    ("dict", {"key": "k", "value": 1, "expires_at": float("nan")}),
+    ("dict", {"value": 1}),
+    ("dict", ["k", 1]),
+    ("queue", {"priority": "high", "timestamp": 1.0, "data": 1}),
+    ("queue", {"priority": 1, "timestamp": "noon", "data": 1}),
+    ("queue", {"priority": 10 ** 30, "data": 1}),
+    ("queue", {"priority": 1}),
+    ("queue", 7),
+    ("log", {"timestamp": 1e20, "data": 1}),
+    ("log", {"timestamp": "yesterday", "data": 1}),
+    ("log", {"data": 1, "timestamp": [1]}),
+    ("log", {"timestamp": 1.0}),
+    ("channel", {"timestamp": "now", "payload": 1}),
+    ("channel", {"timestamp": 1.0}),
+])
+def test_load_refuses_bad_items_and_loads_nothing(db, kind, item):
+    manager = {"blob": db.blobs, "dict": db.dict, "queue": db.queue, "log": db.log,
+               "channel": db.channel}[kind]("s")
+    good = {"blob": {"key": "ok", "data": "aGk=", "metadata": None},
+            "dict": {"key": "ok", "value": 1, "expires_at": None},
+            "queue": {"priority": 0, "timestamp": 1.0, "data": "ok"},
+            "log": {"timestamp": 1.0, "data": "ok"},
+            "channel": {"timestamp": 1.0, "payload": "ok"}}[kind]
+    before = _state(db)
+    with pytest.raises((ValueError, TypeError)):
+        manager.load({"metadata": {"type": kind}, "items": [good, item]})
+    assert _state(db) == before
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+@pytest.mark.timeout(1800)
+def test_stress_random_sigkills_lose_and_duplicate_nothing(tmp_path, monkeypatch):
+    """bench/stress.py: a mixed workload of processes SIGKILLed at random, checked each round
+    (BEAVER_STRESS_ROUNDS=N for a longer run)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import stress
+    rounds = int(os.environ.get("BEAVER_STRESS_ROUNDS", "2"))
+    result = stress.run(str(tmp_path), rounds=rounds, workers=3, seconds=1.0,
+                        log=lambda line: None)
+    assert result["kills"] == 3 * rounds and result["queued"] > 0 and result["documents"] > 0
+
+# ---- hostile-input fuzz of every public method ----
+
+class _Nested(list):
+    """A list nested ``depth`` deep, with a short repr (hypothesis prints failing inputs)."""
+
+    def __init__(self, depth):
+        value = []
+        for _ in range(depth - 1):
+            value = [value]
+        super().__init__([value] if depth else [])
+        self.depth = depth
+
+    def __repr__(self):
+        return f"<list nested {self.depth} deep>"
+
+
+_nested = _Nested
+
+
+CORNERS = [
+    NAN, INF, -INF, -0.0, 0, -1, 1.5, 10 ** 400, -(10 ** 400), 2 ** 63, -(2 ** 63) - 1,
+    True, False, None, "", "\x00", "a\x00b", "\ud800", "a\udfffb", "wo\ud800rd", "/", "..",
+    "%s", "\n", "*", '"', "NEAR(", "a OR", "-x", "'; DROP TABLE beaver_dicts; --", "k",
+    "x" * 300, b"bytes", b"", [], {}, (), [1.0, 2.0], [NAN, 1.0], {"a": [1, {"b": None}]},
+    _Nested(900), _Nested(5000), object()]
+
+HOSTILE = st.one_of(
+    st.sampled_from(CORNERS),
+    st.integers(), st.floats(), st.text(st.characters(blacklist_categories=()), max_size=12),
+    st.integers(0, 3000).map(_nested),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=3))
+
+# Half the arguments are ordinary, so that calls get past their first check more often.
+FUZZ_ARG = st.one_of(HOSTILE, st.text(st.characters(blacklist_categories=()), max_size=8),
+                     st.integers(0, 5), st.sampled_from([None, 0.5, 5.0, "k", "word", "x y"]))
+
+# What every public call may raise on bad input: beaver's errors and the builtins its
+# docstrings name. Waits get block=False or a short fixed timeout: nothing may hang.
+FUZZ_ALLOWED = (beaver.BeaverError, TypeError, ValueError, KeyError, IndexError, TimeoutError)
+
+
+def _fuzz_lock(db, a):
+    lock = db.lock("fuzz", timeout=a[0], ttl=a[1])
+    if lock.acquire(block=False, timeout=a[2]):
+        try:
+            lock.renew(a[3])
+        finally:
+            lock.release()
+
+
+def _fuzz_subscriber(db, a):
+    with db.channel("c").subscribe() as sub:
+        db.channel("c").publish(a[0])
+        return sub.get(timeout=5)
+
+
+def _fuzz_live(db, a):
+    with db.log("g").live(window=a[0], period=a[1], aggregator=len) as view:
+        return next(view)
+
+
+FUZZ_CALLS = {
+    "dict": [
+        lambda db, a: db.dict("d")[a[0]],
+        lambda db, a: db.dict("d").get(a[0], a[1]),
+        lambda db, a: db.dict("d").set(a[0], a[1], ttl_seconds=a[2]),
+        lambda db, a: db.dict("d").__setitem__(a[0], a[1]),
+        lambda db, a: db.dict("d").__delitem__(a[0]),
+        lambda db, a: a[0] in db.dict("d"),
+        lambda db, a: db.dict("d").pop(a[0], a[1]),
+        lambda db, a: db.dict("d").setdefault(a[0], a[1]),
+        lambda db, a: db.dict("d").update({a[0]: a[1]}),
+        lambda db, a: db.dict("d").update(a[0]),
+        lambda db, a: db.dict("d").ttl(a[0]),
+        lambda db, a: db.dict("d").items(),
+        lambda db, a: db.dict("d").set(_text(a[0]), a[1], ttl_seconds=_small(a[2]) or None),
+    ],
+    "list": [
+        lambda db, a: db.list("l")[a[0]],
+        lambda db, a: db.list("l").__setitem__(a[0], a[1]),
+        lambda db, a: db.list("l").__delitem__(a[0]),
+        lambda db, a: db.list("l").insert(a[0], a[1]),
+        lambda db, a: db.list("l").push(a[0]),
+        lambda db, a: db.list("l").prepend(a[0]),
+        lambda db, a: db.list("l").extend(a[0]),
+        lambda db, a: db.list("l").pop(a[0]),
+        lambda db, a: db.list("l").remove(a[0]),
+        lambda db, a: db.list("l").index(a[0]),
+        lambda db, a: db.list("l")[a[0]:a[1]:a[2]],
+        lambda db, a: db.list("l").__setitem__(slice(a[0], a[1]), [a[2]]),
+    ],
+    "queue": [
+        lambda db, a: db.queue("q").put(a[0], priority=a[1]),
+        lambda db, a: db.queue("q").get(block=False, timeout=a[0], lease=a[1]),
+        lambda db, a: db.queue("q").get(timeout=0.01, lease=a[1]),
+        lambda db, a: db.queue("q").ack(a[0]),
+        lambda db, a: db.queue("q").nack(a[0]),
+        lambda db, a: db.queue("q").peek(),
+    ],
+    "blob": [
+        lambda db, a: db.blobs("b").put(a[0], a[1], metadata=a[2]),
+        lambda db, a: db.blobs("b").get(a[0]),
+        lambda db, a: db.blobs("b")[a[0]],
+        lambda db, a: db.blobs("b").delete(a[0]),
+        lambda db, a: a[0] in db.blobs("b"),
+    ],
+    "log": [
+        lambda db, a: db.log("g").log(a[0], timestamp=a[1]),
+        lambda db, a: db.log("g").range(a[0], a[1]),
+        _fuzz_live,
+    ],
+    "channel": [
+        lambda db, a: db.channel("c").publish(a[0]),
+        lambda db, a: db.channel("c").history(a[0]),
+        _fuzz_subscriber,
+    ],
+    "lock": [_fuzz_lock, lambda db, a: db.list("l").acquire(block=False, timeout=a[0], ttl=a[1])],
+    "collection": [
+        lambda db, a: db.collection("k").index(Document(id=a[0], body=a[1])),
+        lambda db, a: db.collection("k").index(Document(id="v", embedding=a[0])),
+        lambda db, a: db.collection("k").get(a[0]),
+        lambda db, a: db.collection("k").drop(a[0]),
+        lambda db, a: db.collection("k").match(a[0], top_k=a[1]),
+        lambda db, a: db.collection("k").match("word", on=a[0], fuzziness=a[1]),
+        lambda db, a: db.collection("k").match(_text(a[0]), fuzziness=_small(a[1])),
+        lambda db, a: db.collection("k").index(Document(id=_text(a[0]), body=_text(a[1]))),
+        lambda db, a: db.collection("k").search(a[0], top_k=a[1], where=a[2]),
+        lambda db, a: db.collection("k").connect(a[0], a[1], a[2], metadata=a[3]),
+        lambda db, a: db.collection("k").walk(a[0], labels=a[1], depth=a[2]),
+        lambda db, a: db.collection("k").neighbors(a[0], label=a[1], direction=a[2]),
+    ],
+    "database": [
+        lambda db, a: db.dict(a[0], model=a[1]),
+        lambda db, a: db.log(a[0], retention=a[1]),
+        lambda db, a: db.channel(a[0], retention=a[1], max_messages=a[2]),
+        lambda db, a: db.collection(a[0], metric=a[1]),
+        lambda db, a: db.dict("d").on(a[0], print).off(),
+        lambda db, a: db.dump(io.StringIO(), names=a[0]),
+        lambda db, a: db.load(io.StringIO(_json_line(a[0])), mode=a[1]),
+    ],
+}
+
+
+def _text(value):
+    """``value`` if it is a str, else its repr: a call that gets past its type checks."""
+    return value if isinstance(value, str) else repr(value)
+
+
+def _small(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2 \
+        else 1
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", sorted(FUZZ_CALLS))
+def test_fuzz_every_call_with_every_corner_value(tmp_path, clock, kind):
+    """The deterministic half of the fuzz: each corner value in each of the first two
+    argument positions of every call, the other arguments ordinary."""
+    with BeaverDB(tmp_path / "corners.db", timeout=5) as db:
+        _seed_fuzz_database(db)
+        fuzz = _Fuzz(db, kind)
+        for which, call in enumerate(FUZZ_CALLS[kind]):
+            for position in (0, 1):
+                for value in CORNERS:
+                    args = ["k", 1, None, None]
+                    args[position] = value
+                    fuzz.call(which, call, tuple(args))
+
+
+class _Fuzz:
+    """Calls one at a time; a call that raises must leave the dump of the database as it was
+    (the dump is taken after each call, so a failed call costs one dump, not two). The tests
+    stop beaver's clock, so no TTL runs out between two dumps."""
+
+    def __init__(self, db, kind):
+        self.db, self.kind, self.state = db, kind, _state(db)
+
+    def call(self, which, call, args):
+        try:
+            call(self.db, args)
+        except Exception as e:
+            if _known_collection_bug(self.kind, args, e):
+                self.state = _state(self.db)
+                return
+            where = f"call {which} of {self.kind} with {args!r:.120}"
+            assert isinstance(e, FUZZ_ALLOWED), f"{where} raised {type(e).__name__}: {e}"
+            assert not (type(e) is beaver.BeaverError and e.orig is not None), (
+                f"{where}: an SQLite error beaver did not expect: {e}")
+            assert _state(self.db) == self.state, f"{where} raised after a change"
+        else:
+            self.state = _state(self.db)
+
+
+def _known_collection_bug(kind, args, error):
+    """The inputs of the expected failures below (collection internals, fixed elsewhere)."""
+    if kind != "collection":
+        return False
+    if isinstance(error, OverflowError):                            # match(fuzziness=inf)
+        return any(a in (INF, -INF) for a in args if isinstance(a, float))
+    return isinstance(getattr(error, "orig", None), (sqlite3.InterfaceError,
+                                                     sqlite3.ProgrammingError)) and any(
+        isinstance(a, (list, tuple)) and any(isinstance(x, (list, dict)) for x in a)
+        for a in args)                                  # walk(labels=[[...]]) and the like
+
+
+@pytest.mark.xfail(strict=True, reason="collection internals (the collections work owns "
+                   "walk()): labels are not checked, and a list or dict among them reaches "
+                   "sqlite3 ('Error binding parameter') instead of a TypeError")
+def test_collection_walk_with_labels_that_are_not_str(db):
+    with pytest.raises(TypeError, match="label"):
+        db.collection("k").walk("a", labels=[["x"]])
+
+
+@pytest.mark.parametrize("query", ["a\x00b", "wo\ud800rd"])
+def test_collection_match_with_nul_or_surrogate_inside_a_word(db, query):
+    from beaver import Document
+    docs = db.collection("k")
+    docs.index(Document(id="k", body={"text": "word"}))
+    assert docs.match(query) == [] and docs.match(query, fuzziness=1) == []
+
+
+@pytest.mark.xfail(strict=True, raises=OverflowError, reason="collection internals (the "
+                   "collections work owns match()): fuzziness is not checked at the entry of "
+                   "match(), and int(inf) raises OverflowError")
+def test_collection_match_with_infinite_fuzziness(db):
+    with pytest.raises(ValueError, match="fuzziness"):
+        db.collection("k").match("word", fuzziness=INF)
+
+
+def _json_line(value):
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        return "[]"
+
+
+def _seed_fuzz_database(db):
+    from beaver import Document
+    db.dict("d").update({"k": 1, "": 2})
+    db.list("l").extend([1, "k", None])
+    db.queue("q").put("k")
+    db.blobs("b").put("k", b"data")
+    db.log("g").log("k", timestamp=1000)
+    db.channel("c").publish("k")
+    db.collection("k").index(Document(id="k", body={"text": "word"}))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", sorted(FUZZ_CALLS))
+def test_fuzz_hostile_inputs_raise_clear_errors_and_change_nothing(tmp_path, clock, kind):
+    with BeaverDB(tmp_path / "fuzz.db", timeout=5) as db:
+        _seed_fuzz_database(db)
+        calls, fuzz = FUZZ_CALLS[kind], _Fuzz(db, kind)
+
+        @settings(max_examples=int(os.environ.get("BEAVER_FUZZ_EXAMPLES", "25")),
+                  deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(st.integers(0, len(calls) - 1), st.tuples(FUZZ_ARG, FUZZ_ARG, FUZZ_ARG, FUZZ_ARG))
+        def hostile_call(which, args):
+            fuzz.call(which, calls[which], args)
+        hostile_call()
 
 
 # ---- codec / Model ----
@@ -1292,28 +1955,46 @@ def test_dict_ttl_with_the_real_clock(db):
     assert "brief" not in d and d.get("brief") is None and list(d) == ["hour"]
 
 
-def test_dict_purge_deletes_expired_rows_in_batches(tmp_path, clock, monkeypatch):
+def _stored_rows(path):
+    return raw_rows(path, "SELECT count(*) FROM beaver_dicts")[0][0]
+
+
+def test_dict_writes_purge_at_least_as_many_due_rows_as_they_expire(tmp_path, clock,
+                                                                     monkeypatch):
+    monkeypatch.setattr(beaver, "PURGE_INTERVAL", 3600.0)     # no idle purge in this test
     path = tmp_path / "purge.db"
-    monkeypatch.setattr(beaver, "PURGE_BATCH", 7)
+    with BeaverDB(path) as db:
+        d, other = db.dict("cache"), db.dict("other")
+        for round_ in range(5):
+            for i in range(1000):
+                (d if i % 2 else other).set(f"k{round_}-{i}", i, ttl_seconds=1)
+            clock.advance(2)            # this round's keys are now dead
+        for i in range(1000):
+            d.set(f"fresh-{i}", i, ttl_seconds=60)
+        assert len(d) == 1000
+        dead = _stored_rows(path) - 1000
+        assert dead <= 100, f"{dead} dead rows beside 1000 live ones"
+        assert len(other) == 0 and d.get("k0-1") is None
+
+
+def test_dict_expired_rows_are_purged_while_idle(tmp_path, clock, monkeypatch):
+    monkeypatch.setattr(beaver, "PURGE_INTERVAL", 0.02)
+    monkeypatch.setattr(beaver, "PURGE_BATCH", 50)
+    path = tmp_path / "idle.db"
     with BeaverDB(path) as db:
         d = db.dict("cache")
         with db.transaction():
-            for i in range(20):
-                d.set(f"k{i:02}", i, ttl_seconds=1)
-        d["live"] = "v"
-        other = db.dict("other")
-        other.set("x", 1, ttl_seconds=1)
-        clock.advance(beaver.PURGE_INTERVAL + 2)
-        assert len(d) == 1
-        count = lambda: raw_rows(path, "SELECT count(*) FROM beaver_dicts")[0][0]  # noqa: E731
-        assert count() == 22                # expired rows linger until a purge
-        d["trigger"] = 1                    # a write after PURGE_INTERVAL purges one batch
-        assert count() == 22 + 1 - 7
-        for _ in range(5):
-            clock.advance(beaver.PURGE_INTERVAL + 0.1)
-            d["trigger"] = 1
-        assert count() == 2                 # "live" and "trigger"; every namespace purged
-        assert dict(d) == {"live": "v", "trigger": 1} and len(other) == 0
+            for i in range(500):
+                d.set(f"k{i}", i, ttl_seconds=1)
+        d["keep"] = 1
+        clock.advance(2)
+        _rt_until(lambda: _stored_rows(path) == 1, timeout=MP_DEADLINE)   # no write needed
+    with BeaverDB(path) as db:          # rows left by an earlier run are purged too
+        db.dict("cache").set("short", 1, ttl_seconds=1)
+    clock.advance(2)
+    with BeaverDB(path) as db:
+        _rt_until(lambda: _stored_rows(path) == 1, timeout=MP_DEADLINE)
+        assert dict(db.dict("cache")) == {"keep": 1}
 
 
 def test_dict_dump_and_load_round_trip(db, clock, tmp_path):
@@ -2373,6 +3054,33 @@ def test_model_conflict_is_an_error(db):
     assert db.list("plain") is plain and plain.model is None
 
 
+def test_reopening_with_other_settings_is_an_error_and_omitting_them_reuses(db):
+    import datetime
+    chat = db.channel("chat", retention=60, max_messages=10)
+    assert db.channel("chat") is chat and chat.retention == 60 and chat.max_messages == 10
+    assert db.channel("chat", retention=datetime.timedelta(seconds=60)) is chat
+    with pytest.raises(ValueError, match=r"retention.*60.*120"):
+        db.channel("chat", retention=120)
+    with pytest.raises(ValueError, match="max_messages"):
+        db.channel("chat", max_messages=None)
+    assert chat.retention == 60 and chat.max_messages == 10
+    logs = db.log("logs", retention=5)
+    assert db.log("logs") is logs and logs.retention == 5
+    with pytest.raises(ValueError, match="retention"):
+        db.log("logs", retention=None)
+    with pytest.raises(ValueError, match="retention"):
+        db.log("logs", retention=6)
+    plain = db.log("plain")
+    assert plain.retention is None and db.log("plain", retention=None) is plain
+    assert db.channel("fresh").retention == beaver.CHANNEL_RETENTION
+    docs = db.collection("docs", metric="cosine")
+    assert db.collection("docs") is docs
+    with pytest.raises(ValueError, match="metric"):
+        db.collection("docs", metric="l2")
+    with pytest.raises(ValueError, match="index"):
+        db.collection("docs", index="flat")
+
+
 @pytest.mark.parametrize("name", ["", None, 5, b"x"])
 def test_bad_structure_names(db, name):
     for factory in (db.dict, db.list, db.queue, db.blobs):
@@ -2703,6 +3411,32 @@ def test_memory_databases_are_private_and_vanish(tmp_path):
     one.close()
     two.close()
     assert not os.path.exists(backing)
+
+
+_MEMORY_CHILD = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import beaver
+db = beaver.BeaverDB(":memory:")
+db.dict("d")["k"] = 1
+print(db.path, flush=True)
+if sys.argv[2] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_memory_database_files_never_outlive_their_process():
+    def child(how):
+        done = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(ROOT), how],
+                              capture_output=True, text=True, timeout=MP_DEADLINE)
+        return done.stdout.strip()
+    exited = child("exit")                      # no close(): removed at exit
+    assert exited and not os.path.exists(exited)
+    killed = child("kill")                      # no exit handler ran: its file stays...
+    assert os.path.exists(killed)
+    BeaverDB(":memory:").close()                # ... until the next memory database sweeps it
+    assert not any(os.path.exists(killed + suffix) for suffix in ("", "-wal", "-shm"))
 
 
 def test_on_and_off_deliver_events_after_commit(db):
@@ -3423,6 +4157,39 @@ def test_lock_ttl_applies_to_holder_only_and_renew(db):
     waiter.release()
 
 
+@pytest.mark.timeout(60)
+def test_lock_is_usable_again_after_lock_lost(db, clock):
+    lock = db.lock("job", ttl=10)
+    for lose in (lambda: lock.renew(), lambda: lock.release()):
+        lock.acquire(timeout=5)
+        clock.advance(11)                       # the hold ran out
+        with pytest.raises(beaver.LockLost):
+            lose()
+        assert lock.token is None and not lock.held
+        assert lock.acquire(timeout=5)          # not "held by another thread of this object"
+        assert lock.held
+        lock.release()
+    assert not lock.locked
+
+
+def test_close_releases_every_lock_the_database_holds(tmp_path):
+    path = tmp_path / "locks.db"
+    first = BeaverDB(path)
+    first.lock("job", ttl=600).acquire()
+    first.list("jobs").acquire(ttl=600)
+    forgotten = first.lock("gone", ttl=600)
+    forgotten.acquire()
+    del forgotten
+    with BeaverDB(path) as second:
+        assert second.lock("job").locked and second.lock("gone").locked
+        first.close()
+        assert second.lock("job").acquire(block=False)
+        assert second.lock("gone").acquire(block=False)
+        assert second.list("jobs").acquire(block=False)
+        assert raw_rows(path, "SELECT count(*) FROM beaver_locks WHERE owner LIKE ?",
+                        (f"{os.getpid()}:%",))[0][0] == 3    # the second database's holds
+
+
 def test_lock_distinct_objects_exclude_threads(db):
     inside, overlaps = [0], []
 
@@ -3586,6 +4353,65 @@ def test_events_from_another_process_reach_a_callback_once(tmp_path):
     _rt_until(lambda: len(seen) >= 4)
     assert seen == [("set", "theme"), ("del", "theme"), ("log", 7), ("set", "local")]
     db.close()
+
+
+def test_events_heartbeat_does_not_wait_for_a_slow_callback(tmp_path, monkeypatch):
+    monkeypatch.setattr(beaver, "LISTENER_TTL", 0.3)
+    path = str(tmp_path / "slow.db")
+    listener, writer = BeaverDB(path), BeaverDB(path)     # two origins, as two processes
+    try:
+        started, release, seen = threading.Event(), threading.Event(), []
+
+        def slow(payload):
+            seen.append(payload["key"])
+            started.set()
+            release.wait(_RT_DEADLINE)          # a callback that runs for many LISTENER_TTLs
+
+        listener.dict("d").on("set", slow)
+        writer.dict("d")["first"] = 1
+        assert started.wait(_RT_DEADLINE)
+        since = time.time()
+        expiry = lambda: listener._core.execute(     # noqa: E731
+            "SELECT max(expires_at) FROM beaver_listeners").fetchone()[0] or 0
+        _rt_until(lambda: expiry() > since + 2 * beaver.LISTENER_TTL, timeout=_RT_DEADLINE)
+        for key in ("a", "b", "c"):             # registration still alive: events are stored
+            writer.dict("d")[key] = 1
+        release.set()
+        _rt_until(lambda: len(seen) == 4, timeout=_RT_DEADLINE)
+        assert seen == ["first", "a", "b", "c"]
+    finally:
+        release.set()
+        writer.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("kind", ["dict", "list", "queue", "blobs", "log", "channel",
+                                  "collection"])
+def test_events_unknown_event_names_are_refused(db, kind):
+    manager = getattr(db, kind)("x")
+    with pytest.raises(ValueError, match="valid events") as info:
+        manager.on("sett", print)
+    assert "'*'" in str(info.value)
+    manager.on("*", print).off()
+    manager.on("clear", print).off()
+
+
+def test_events_every_emitted_name_is_declared():
+    import re
+    source = (ROOT / "beaver.py").read_text().split("\n")
+    emitted, cls = {}, None
+    for line in source:
+        found = re.match(r"class (\w+)", line)
+        cls = found.group(1) if found else cls
+        for event in re.findall(r'_wrote\("(\w+)"', line):
+            emitted.setdefault(cls, set()).add(event)
+    assert emitted
+    for name, events in emitted.items():
+        cls = getattr(beaver, name)
+        kinds = [c._kind for c in vars(beaver).values() if isinstance(c, type)
+                 and issubclass(c, cls) and c._kind] if name == "_Manager" else [cls._kind]
+        for kind in kinds:
+            assert events <= set(beaver._EVENT_NAMES[kind]), (kind, events)
 
 
 def test_events_registry_rows_are_written_only_for_remote_listeners(tmp_path):
@@ -3993,6 +4819,23 @@ def test_collection_vector_upsert_moves_and_reopen(tmp_path, monkeypatch):
         assert [d.id for d, _ in docs.match("again")] == ["b"]
 
 
+def test_collection_vector_backend_setting_is_checked(tmp_path, monkeypatch):
+    from beaver import Document
+    with BeaverDB(tmp_path / "v.db") as db:
+        docs = db.collection("v")
+        monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "fais")
+        with pytest.raises(ValueError, match="BEAVER_VECTOR_BACKEND.*'exact'.*'faiss'"):
+            docs.index(Document(id="a", embedding=[0.0, 1.0]))
+        assert "a" not in docs
+        monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "faiss")
+        monkeypatch.setitem(sys.modules, "beaver_vector", None)     # not importable
+        with pytest.raises(beaver.FeatureUnavailable, match="faiss"):
+            docs.index(Document(id="a", embedding=[0.0, 1.0]))
+        monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "Exact")
+        docs.index(Document(id="a", embedding=[0.0, 1.0]))
+        assert docs.search([0.0, 1.0])[0][0].id == "a"
+
+
 def test_collection_vectors_pure_python(docs, monkeypatch):
     monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")  # beaver_vector may be imported already
     monkeypatch.setitem(sys.modules, "numpy", None)
@@ -4128,6 +4971,18 @@ def test_collection_vector_cache_follows_changes(tmp_path, monkeypatch, numpy_pr
             "SELECT version FROM beaver_collections WHERE collection = 'v'").fetchone()[0]
         writer.clear()
         assert reader.search([1, 0, 0, 0]) == []
+
+
+def test_collection_fts5_is_probed_not_read_from_error_text(tmp_path, monkeypatch):
+    monkeypatch.setattr(beaver, "_has_fts5", lambda: False)
+    with BeaverDB(tmp_path / "nofts.db") as db:
+        docs = db.collection("docs")
+        docs.index(beaver.Document(id="a", body="text"))
+        assert "a" in docs
+        with pytest.raises(beaver.FeatureUnavailable):
+            docs.match("text")
+    assert not raw_rows(tmp_path / "nofts.db",
+                        "SELECT name FROM sqlite_master WHERE name = 'beaver_fts'")
 
 
 def test_collection_without_fts5(db, monkeypatch):
@@ -4702,7 +5557,7 @@ def vector_backend(name):
         pytest.importorskip("numpy")
         pytest.importorskip("faiss")
     before = os.environ.get("BEAVER_VECTOR_BACKEND")
-    os.environ["BEAVER_VECTOR_BACKEND"] = "exact" if name == "exact" else ""
+    os.environ["BEAVER_VECTOR_BACKEND"] = name
     try:
         yield
     finally:
@@ -5980,6 +6835,21 @@ def test_server_bad_input_is_4xx_json(api, method, path, body):
     assert set(r.json()) >= {"error", "message"}
 
 
+def test_server_deeply_nested_json_is_400_not_500(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    import beaver_server
+    with BeaverDB(tmp_path / "api.db") as database, TestClient(
+            beaver_server.create_app(database, max_body_bytes=100_000)) as api:
+        deep = "[" * 5000 + "]" * 5000
+        for path in ["/dicts/d/k", "/lists/l/push", "/queues/q/put", "/channels/c/publish"]:
+            r = getattr(api, "put" if path.startswith("/dicts") else "post")(
+                path, content=deep.encode(), headers={"content-type": "application/json"})
+            assert r.status_code == 400, (path, r.status_code, r.text[:200])
+            assert r.json()["error"] == "ValueError" and "nested" in r.json()["message"]
+        assert "k" not in database.dict("d") and len(database.list("l")) == 0
+
+
 def test_server_auth(tmp_path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
@@ -6723,6 +7593,424 @@ if _schemathesis is not None:
     def test_server_fuzz_never_500(case):
         response = case.call()
         assert response.status_code < 500, (case.method, case.path, response.text[:300])
+
+
+# ---- dashboard: its routes (the browser drives it below) ----
+
+def test_root_sends_a_browser_to_the_dashboard_and_answers_clients_in_json(api):
+    assert api.get("/").json()["beaver"] == beaver.__version__
+    r = api.get("/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"},
+                follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/ui"
+
+
+def test_dashboard_files_are_served_with_a_strict_policy(api):
+    page = api.get("/ui")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "unsafe" not in policy and page.headers["x-frame-options"] == "DENY"
+    assert '<script src="/ui/dashboard.js">' in page.text and "<script>" not in page.text
+    assert api.get("/ui/").text == page.text
+    script = api.get("/ui/dashboard.js")
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert "innerHTML" not in script.text and "insertAdjacentHTML" not in script.text
+    assert api.get("/ui/dashboard.css").headers["x-content-type-options"] == "nosniff"
+    for missing in ("/ui/nope.js", "/ui/%2E%2E", "/ui/__init__.py"):
+        assert api.get(missing).status_code == 404
+    assert api.post("/ui", json={}).status_code == 405
+
+
+def test_with_a_token_only_the_dashboard_files_are_public(tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    import beaver_server
+    app = beaver_server.create_app(str(tmp_path / "t.db"), token="s3cret")
+    browser = {"Accept": "text/html"}
+    with TestClient(app) as client:
+        assert client.get("/ui").status_code == 200
+        assert client.head("/ui/dashboard.js").status_code == 200
+        assert client.get("/", headers=browser, follow_redirects=False).status_code == 303
+        assert client.get("/").status_code == 401                 # the JSON answer: token
+        for path in ("/ui/api/page/dict/d", "/ui/api/chart/l", "/info", "/ui/%64ashboard.js",
+                     "/openapi.json"):
+            assert client.get(path, headers=browser).status_code == 401, path
+        assert client.post("/ui", headers=browser).status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert client.get("/ui/api/page/dict/d", headers=ok).json() == {"items": [],
+                                                                         "more": False}
+
+
+def test_dashboard_page_of_a_dict_has_ttls_filters_and_pages(api, clock):
+    users = api.db.dict("users")
+    for i in range(5):
+        users.set(f"u{i}", {"age": 20 + i}, ttl_seconds=100 if i == 1 else None)
+    r = api.get("/ui/api/page/dict/users", params={"limit": 2}).json()
+    assert r == {"items": [{"key": "u0", "value": {"age": 20}, "ttl": None},
+                           {"key": "u1", "value": {"age": 21}, "ttl": 100.0}], "more": True}
+    r = api.get("/ui/api/page/dict/users", params={"offset": 3, "limit": 2}).json()
+    assert [i["key"] for i in r["items"]] == ["u3", "u4"] and r["more"] is False
+    where = json.dumps({"age": {"$gte": 23}})
+    r = api.get("/ui/api/page/dict/users", params={"where": where}).json()
+    assert [i["key"] for i in r["items"]] == ["u3", "u4"]
+    bad = api.get("/ui/api/page/dict/users", params={"where": '{"age": {"$gt": null}}'})
+    assert bad.status_code == 422 and "$gt" in bad.json()["message"]
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "offset=-1", "limit=1.5",
+                                   "limit=true", "limit=x", "page=2"])
+def test_dashboard_page_refuses_bad_paging(api, query):
+    r = api.get(f"/ui/api/page/dict/d?{query}")
+    assert r.status_code == 422 and r.json()["error"] == "ValueError"
+
+
+def test_dashboard_pages_of_queues_blobs_and_collections(api):
+    jobs = api.db.queue("jobs")
+    for i in range(4):
+        jobs.put({"job": i}, priority=3 - i)
+    taken = jobs.get(lease=60)
+    r = api.get("/ui/api/page/queue/jobs", params={"limit": 2}).json()
+    assert [i["data"] for i in r["items"]] == [{"job": 2}, {"job": 1}] and r["more"] is True
+    assert r["leased_count"] == 1 and r["leased"][0]["data"] == taken.data
+    assert 0 < r["leased"][0]["expires_in"] <= 60
+    api.db.blobs("files").put("a/b.txt", b"hello", {"mimetype": "text/plain"})
+    assert api.get("/ui/api/page/blob/files").json() == {"items": [
+        {"key": "a/b.txt", "size": 5, "metadata": {"mimetype": "text/plain"}}], "more": False}
+    docs = api.db.collection("docs")
+    docs.index(beaver.Document(id="b", body={"t": "x"}, embedding=[1.0, 2.0]))
+    docs.index(beaver.Document(id="a", body="text"))
+    assert api.get("/ui/api/page/collection/docs").json()["items"] == [
+        {"id": "a", "body": "text", "dimensions": None},
+        {"id": "b", "body": {"t": "x"}, "dimensions": 2}]
+    assert api.get("/ui/api/page/list/l").status_code == 404          # lists have /slice
+    assert api.get("/ui/api/page/queue/jobs?where={}").status_code == 422
+
+
+def test_dashboard_chart_counts_a_logs_entries_over_time(api):
+    log = api.db.log("requests")
+    for i in range(10):
+        log.log({"status": 500 if i % 3 == 0 else 200}, timestamp=1000 + i)
+    r = api.get("/ui/api/chart/requests", params={"buckets": 3}).json()
+    assert r == {"start": 1000.0, "end": 1009.0, "counts": [3, 3, 4]}
+    where = json.dumps({"status": 500})
+    r = api.get("/ui/api/chart/requests", params={"buckets": 2, "where": where}).json()
+    assert r == {"start": 1000.0, "end": 1009.0, "counts": [2, 2]}
+    assert api.get("/ui/api/chart/empty").json() == {"start": None, "end": None, "counts": []}
+    assert api.get("/ui/api/chart/requests?buckets=0").status_code == 422
+    assert api.get("/ui/api/chart/requests?limit=3").status_code == 422
+
+
+# ---- dashboard: every page in a real browser (headless Chromium) ----
+#
+# Debian's chromium and chromium-driver, driven by selenium, against a real ``beaver serve``.
+# Every page is checked for its content and for errors in the browser's console; names, keys
+# and values are hostile HTML that must show as text.
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--window-size=1280,900")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium (skipped, saying why, where it or selenium is missing)."""
+    pytest.importorskip("selenium", reason="the dashboard test needs selenium (the [test] extra)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not binary or not driver:
+        pytest.skip("the dashboard test needs Chromium and its driver: "
+                    "apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium')}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    chrome.downloads = tmp_path_factory.mktemp("downloads")
+    chrome.execute_cdp_cmd("Browser.setDownloadBehavior", {
+        "behavior": "allow", "downloadPath": str(chrome.downloads)})
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+def _fill_for_the_dashboard(db):
+    users = db.dict("users")
+    users.update({f"user{i:03d}": {"name": f"U{i}", "age": 20 + i % 50} for i in range(120)})
+    users.set("session", {"user": 7}, ttl_seconds=3600)
+    db.dict(HOSTILE).update({"<script>alert(2)</script>": "<b>bold</b>",
+                             "big": [2 ** 63 - 1, -(2 ** 60) - 1, 0.1]})
+    db.dict("..")["dots"] = "reached through /call"
+    db.list("tasks").extend([{"task": i} for i in range(75)])
+    jobs = db.queue("jobs")
+    for i in range(6):
+        jobs.put({"job": i}, priority=i % 3)
+    jobs.get(lease=600)
+    db.blobs("files").put(HOSTILE, b"hello", {"mimetype": "text/html", "note": HOSTILE})
+    log = db.log("requests")
+    start = time.time() - 3600
+    for i in range(300):
+        log.log({"status": 500 if i % 7 == 0 else 200, "i": i}, timestamp=start + i * 12)
+    db.channel("chat").publish({"hello": HOSTILE})
+    articles = db.collection("articles")
+    for doc_id, title, lang, vector in [
+            ("a1", "SQLite is an embedded database", "en", [1.0, 0.0, 0.0]),
+            ("a2", "PostgreSQL is a database server", "en", [0.9, 0.1, 0.0]),
+            ("a3", "Une base de données", "fr", [0.0, 1.0, 0.0])]:
+        articles.index(beaver.Document(id=doc_id, embedding=vector,
+                                       body={"title": title, "lang": lang}))
+    articles.connect("a1", "a2", "RELATED", {"why": HOSTILE})
+    articles.connect("a3", "a1", "TRANSLATES")
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    """A real ``beaver serve`` of a filled database: (url, the database, has find)."""
+    path = tmp_path_factory.mktemp("dashboard") / "shown.db"
+    with BeaverDB(path) as db:
+        _fill_for_the_dashboard(db)
+    process, url = _start_server(path)
+    db = BeaverDB(path)
+    try:
+        has_find = _http("POST", f"{url}/collections/articles/find", b'{"limit": 1}',
+                         {"Content-Type": "application/json"})[0] != 404
+        yield url, db, has_find
+    finally:
+        db.close()
+        _stop_server(process)
+
+
+def _until(browser, condition, what):
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(browser, 15, poll_frequency=0.05).until(
+        lambda _: condition(), message=f"waited 15 s for {what}")
+
+
+def _show(browser, url, route, expect):
+    """Open ``#route`` of the dashboard and wait until the page shows ``expect``."""
+    if browser.current_url.startswith(url + "/ui"):
+        browser.execute_script("location.hash = arguments[0]", route)
+    else:
+        browser.get(f"{url}/ui{route}")
+    return _text_shown(browser, expect)
+
+
+def _text_shown(browser, expect, selector="main"):
+    from selenium.webdriver.common.by import By
+    node = browser.find_element(By.CSS_SELECTOR, selector)
+    _until(browser, lambda: expect in node.text, f"{expect!r} in {selector}")
+    return node
+
+
+def _all(browser, selector):
+    from selenium.webdriver.common.by import By
+    return browser.find_elements(By.CSS_SELECTOR, selector)
+
+
+def _console_errors(browser, allowed=()):
+    """Errors the pages logged (script errors, CSP refusals, failed loads) beyond ``allowed``
+    (regular expressions of expected failed loads)."""
+    return [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"
+            and not any(re.search(a, entry["message"]) for a in allowed)]
+
+
+def _no_find_route(dashboard):
+    """The failed load of POST .../find, expected while the server has no collection find."""
+    return () if dashboard[2] else (r"/collections/[^ ]*/find - .* 404",)
+
+
+def _live(browser):
+    _until(browser, lambda: [s.text for s in _all(browser, ".state")] == ["live"],
+           "the live tail to connect")
+
+
+def _confirm(browser):
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+    WebDriverWait(browser, 10).until(expected_conditions.alert_is_present()).accept()
+
+
+def test_dashboard_overview_shows_every_structure_and_hostile_names_as_text(browser, dashboard):
+    url, db, _ = dashboard
+    browser.get(url + "/")                                  # a browser asking for / is sent on
+    _until(browser, lambda: browser.current_url.startswith(url + "/ui"), "the redirect")
+    main = _text_shown(browser, "collection")
+    rows = [row.text for row in _all(browser, "main tbody tr")]
+    for line in ["dict users 121", "list tasks 75", "queue jobs 5", "blob files 1",
+                 "log requests 300", "channel chat 1", "collection articles 3",
+                 f"dict {HOSTILE} 2", "dict .. 1"]:
+        assert line in rows, (line, rows)
+    assert re.fullmatch(r"\d+(\.\d)? (KB|MB)", browser.find_element("id", "file-size").text)
+    assert db.info()["path"] in main.text
+    assert not _all(browser, "img, main script, main b")     # the hostile names stayed text
+    link = [a for a in _all(browser, "main a") if a.text == HOSTILE][0]
+    link.click()
+    _text_shown(browser, "<script>alert(2)</script>")
+    shown = browser.find_element("css selector", "main").text
+    assert '"<b>bold</b>"' in shown and "[9223372036854775807,-1152921504606846977,0.1]" in shown
+    assert not _all(browser, "img, main script, main b")
+    _show(browser, url, "#/dict/..", "reached through /call")   # a name a URL cannot hold
+    assert _console_errors(browser) == []
+
+
+def test_dashboard_dict_pages_filters_and_shows_ttl_left(browser, dashboard):
+    url = dashboard[0]
+    main = _show(browser, url, "#/dict/users", "user000")
+    rows = _all(browser, "main tbody tr")
+    assert len(rows) == 50 and rows[0].text.startswith("session {\"user\":7} 60 min")
+    assert rows[1].text == 'user000 {"name":"U0","age":20} never'
+    _all(browser, ".pager button")[1].click()               # Next
+    _text_shown(browser, "51–100")
+    assert _all(browser, "main tbody tr")[0].text.startswith("user049")
+    search = browser.find_element("css selector", "form.filter input")
+    search.send_keys('{"age": {"$gte": 68}}\n')
+    _text_shown(browser, "1–4")
+    assert [r.text.split()[0] for r in _all(browser, "main tbody tr")] == [
+        "user048", "user049", "user098", "user099"]
+    search.clear()
+    search.send_keys('{"age": {"$gt": null}}\n')              # refused by the server: 422
+    assert "$gt compares numbers or strings" in _text_shown(browser, "ValidationError").text
+    search.clear()
+    search.send_keys("{not json\n")
+    _text_shown(browser, "not JSON")
+    assert "user" in main.text and _console_errors(browser, [r"/ui/api/page/dict/.* 422"]) == []
+
+
+def test_dashboard_list_queue_and_blob_pages(browser, dashboard):
+    url, db, _ = dashboard
+    _show(browser, url, "#/list/tasks", '{"task":49}')
+    assert len(_all(browser, "main tbody tr")) == 50
+    _all(browser, ".pager button")[1].click()
+    _text_shown(browser, "51–75")
+    assert _all(browser, "main tbody tr")[0].text == '50 {"task":50}'
+    assert not _all(browser, ".pager button")[1].is_enabled()
+
+    _show(browser, url, "#/queue/jobs", "Leased: 1")
+    waiting, leased = _all(browser, "main table")
+    assert [r.text.split(" ", 3)[1] for r in waiting.find_elements("css selector", "tbody tr")
+            ] == ["0", "1", "1", "2", "2"]                  # priority order, FIFO among equals
+    assert '{"job":3}' in waiting.text and '{"job":0}' in leased.text and " min" in leased.text
+
+    main = _show(browser, url, "#/blob/files", "5 B")
+    assert HOSTILE in main.text and '"note":"<img' in main.text and not _all(browser, "img")
+    browser.find_element("css selector", "button.download").click()
+    _until(browser, lambda: [p for p in browser.downloads.iterdir()
+                             if not p.name.endswith(".crdownload")], "the download")
+    (saved,) = [p for p in browser.downloads.iterdir()]
+    assert saved.read_bytes() == b"hello"                     # saved, never rendered as HTML
+    assert _console_errors(browser) == []
+
+
+def test_dashboard_log_page_charts_filters_and_tails(browser, dashboard):
+    url, db, _ = dashboard
+    main = _show(browser, url, "#/log/requests", "300 entries")
+    assert len(_all(browser, "svg.chart rect")) == 60
+    assert _all(browser, ".paged tbody tr")[0].text.endswith('{"status":200,"i":299}')
+    _live(browser)
+    db.log("requests").log({"tail": HOSTILE})
+    _text_shown(browser, '{"tail":"<img src=x onerror=alert(1)>"}', "table.live")
+    browser.find_element("css selector", "form.filter input").send_keys('{"status": 500}\n')
+    _text_shown(browser, "43 entries")
+    assert "1–43" in main.text and '"i":294' in main.text and '"i":299' not in main.text
+    assert _console_errors(browser) == []
+
+
+def test_dashboard_channel_page_tails_and_publishes(browser, dashboard):
+    url, db, _ = dashboard
+    _show(browser, url, "#/channel/chat", '{"hello":"<img')
+    _live(browser)
+    assert not browser.find_element("css selector", "form.publish").is_displayed()
+    db.channel("chat").publish({"from": "python"})
+    _text_shown(browser, '{"from":"python"}', "table.live")
+    browser.find_element("id", "editing").click()           # Allow changes: the form shows
+    try:
+        browser.find_element("css selector", "form.publish input").send_keys(
+            '{"from": "the browser"}\n')
+        _text_shown(browser, '{"from":"the browser"}', "table.live")
+    finally:
+        browser.find_element("id", "editing").click()
+    assert db.channel("chat").history()[-1] == {"from": "the browser"}
+    assert _console_errors(browser) == []
+
+
+def test_dashboard_collection_searches_filters_and_walks_the_graph(browser, dashboard):
+    url, db, has_find = dashboard
+    main = _show(browser, url, "#/collection/articles", "Une base de données")
+    browser.find_element("css selector", "form.search input").send_keys("datbase")
+    browser.find_element("css selector", "form.search select option[value='1']").click()
+    browser.find_element("css selector", "form.search button").click()
+    _text_shown(browser, "2 found")
+    hits = [r.text.split()[0] for r in _all(browser, "table.hits tbody tr")]
+    assert sorted(hits) == ["a1", "a2"] and "[" in main.text    # highlighted snippets
+    _until(browser, lambda: browser.execute_script(
+        "return document.querySelector('form.filter') !== null && "
+        "document.querySelector('form.filter').closest('[hidden]') === null") == has_find,
+        "the filter box to match the server's find route")
+    if has_find:
+        browser.find_element("css selector", "form.filter input").send_keys('{"lang": "fr"}\n')
+        _until(browser, lambda: [r.text.split()[0] for r in _all(browser, ".paged tbody tr")]
+               == ["a3"], "the filtered documents")
+    [a for a in _all(browser, "main a") if a.text == "a1"][0].click()
+    main = _text_shown(browser, "More like this")
+    _text_shown(browser, "0.1414")                           # a2, the nearest vector
+    assert "SQLite is an embedded database" in main.text and "3 dimensions" in main.text
+    graph = [r.text for r in _all(browser, "table.graph tbody tr")]
+    assert graph == ['→ RELATED a2 {"why":"<img src=x onerror=alert(1)>"}', "← TRANSLATES a3"]
+    assert not _all(browser, "img")
+    assert _console_errors(browser, _no_find_route(dashboard)) == []
+
+
+def test_dashboard_writes_only_behind_allow_changes_and_a_confirmation(browser, dashboard):
+    url, db, _ = dashboard
+    _show(browser, url, "#/dict/users", "user001")
+    delete = [b for b in _all(browser, "main tbody tr button")
+              if b.get_attribute("textContent") == "Delete"]
+    assert delete and not any(b.is_displayed() for b in delete)     # read-only by default
+    browser.find_element("id", "editing").click()
+    try:
+        row = [r for r in _all(browser, "main tbody tr") if r.text.startswith("user001")][0]
+        row.find_element("css selector", "button").click()
+        _confirm(browser)
+        _until(browser, lambda: "user001" not in db.dict("users"), "the key deleted")
+        _until(browser, lambda: "user001" not in browser.find_element("css selector",
+                                                                      "main").text, "the row")
+        _show(browser, url, "#/list/tasks", '{"task":0}')
+        browser.find_element("css selector", ".actions button").click()   # Clear
+        _confirm(browser)
+        _text_shown(browser, "nothing here")
+        assert len(db.list("tasks")) == 0
+    finally:
+        browser.find_element("id", "editing").click()
+    assert _console_errors(browser) == []
+
+
+def test_dashboard_asks_for_the_token_and_keeps_it_out_of_urls(browser, tmp_path):
+    path = tmp_path / "guarded.db"
+    with BeaverDB(path) as db:
+        db.channel("news").publish("first")
+    process, url = _start_server(path, "--token", "s3cret-token")
+    try:
+        browser.get(url + "/ui#/channel/news")
+        token = _text_shown(browser, "wants its token").find_element("css selector", "input")
+        token.send_keys("wrong\n")
+        _text_shown(browser, "That token was refused")
+        browser.find_element("css selector", "form.login input").send_keys("s3cret-token\n")
+        _text_shown(browser, '"first"')
+        _live(browser)                                      # the stream carries the token too
+        with BeaverDB(path) as db:
+            db.channel("news").publish("second")
+        _text_shown(browser, '"second"', "table.live")
+        urls = browser.execute_script("return performance.getEntries().map(e => e.name)")
+        assert urls and not [u for u in urls if "s3cret" in u]
+        assert _console_errors(browser, [r" 401 "]) == []
+    finally:
+        browser.get("about:blank")                          # closes the stream
+        _stop_server(process)
 
 
 # ---- import from upstream beaver-db ----
@@ -8462,13 +9750,16 @@ def test_sdist_carries_tests_examples_fixtures_and_license(sdist):
             "beaver.py", "beaver_server.py", "beaver_vector.py", "examples/tour.py",
             "fixtures/upstream-1.3.0.db", "fixtures/upstream-2.4.1.json",
             "bench/bench_core.py", "scripts/check-image.sh",
-            "scripts/make_upstream_fixtures.py", "Dockerfile"} <= names
+            "scripts/make_upstream_fixtures.py", "Dockerfile", "beaver_dashboard/index.html",
+            "beaver_dashboard/dashboard.js", "beaver_dashboard/dashboard.css"} <= names
+    assert not [n for n in names if n.startswith("docs/")]     # the README links its picture
     assert {path.name for path in EXAMPLES} <= {n[9:] for n in names if n.startswith("examples/")}
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", "-wal", "-shm"))]
     assert "License-Expression: MIT" in metadata and "Project-URL: " in metadata
     with zipfile.ZipFile(wheel) as whl:
         files = set(whl.namelist())
-    assert {"beaver.py", "beaver_server.py", "beaver_vector.py"} <= files
+    assert {"beaver.py", "beaver_server.py", "beaver_vector.py", "beaver_dashboard/index.html",
+            "beaver_dashboard/dashboard.js", "beaver_dashboard/dashboard.css"} <= files
     assert any(f.endswith(".dist-info/licenses/LICENSE") for f in files)
     assert not [f for f in files if f.startswith(("test_", "fixtures/", "examples/"))]
 
@@ -8493,7 +9784,9 @@ def test_sdist_installs_in_a_fresh_venv_and_works(sdist, tmp_path):
              "assert beaver.__file__.startswith(sys.prefix), beaver.__file__\n"
              "db = beaver.BeaverDB(sys.argv[1]); db.dict('d')['k'] = {'v': [1, 'ü']}; db.close()\n"
              "db = beaver.BeaverDB(sys.argv[1]); print(db.dict('d')['k'], "
-             "m.metadata('beaver-db')['License-Expression'])")
+             "m.metadata('beaver-db')['License-Expression'])\n"
+             "import beaver_server, os\n"       # its dashboard's files sit beside it
+             "assert os.path.isfile(os.path.join(beaver_server._DASHBOARD_DIR, 'dashboard.js'))")
     out = _run(python, "-c", smoke, tmp_path / "smoke.db", env=_clean_env(), cwd=tmp_path)
     assert out == "{'v': [1, 'ü']} MIT\n"
     beaver_cli = python.parent / "beaver"

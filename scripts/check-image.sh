@@ -12,9 +12,9 @@
 # python3-venv, a venv's bin first on PATH (so python and pip behave as in the python image),
 # and this host's CA bundle as PIP_CERT (package traffic may go through an intercepting
 # proxy). The checks: the image runs as a non-root user, the server starts with BEAVER_TOKEN
-# from the environment, a /dicts write and read with the token, 401 without it, /docs, and the
-# image's own HEALTHCHECK command (passing, then failing with a wrong token). Exit status 0
-# when every check passed. Everything it started is stopped and removed on exit.
+# from the environment, a /dicts write and read with the token, 401 without it, /docs, the
+# dashboard's files at /ui (without the token), and the image's own HEALTHCHECK command
+# (passing, then failing with a wrong token). Exit status 0 when every check passed. Everything it started is stopped and removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -122,7 +122,7 @@ RUNNER=$!
 
 URL="http://127.0.0.1:$PORT"
 for _ in $(seq 300); do     # up to 30 s
-    curl -fs -o /dev/null "$URL/docs" && break
+    curl -fs -o /dev/null -H "Authorization: Bearer $TOKEN" "$URL/docs" && break
     kill -0 "$RUNNER" 2>/dev/null || { cat "$WORK/server.log"; echo "the server exited" >&2; exit 1; }
     sleep 0.1
 done
@@ -145,8 +145,12 @@ check "GET /dicts/check/greeting without a token -> 401" \
     test "$(status "$URL/dicts/check/greeting")" = 401
 check "GET /dicts/check/greeting with a wrong token -> 401" \
     test "$(status -H 'Authorization: Bearer wrong' "$URL/dicts/check/greeting")" = 401
-check "GET /docs -> 200 (OpenAPI page)" \
-    test "$(status "$URL/docs")" = 200 -a -n "$(grep -il swagger "$WORK/body")"
+check "GET /docs with the token -> 200 (OpenAPI page)" \
+    test "$(status "${auth[@]}" "$URL/docs")" = 200 -a -n "$(grep -il swagger "$WORK/body")"
+check "GET /ui without a token -> 200 (the dashboard's page, no data)" \
+    test "$(status "$URL/ui")" = 200 -a -n "$(grep -l dashboard.js "$WORK/body")"
+check "GET /ui/dashboard.js -> 200 (shipped in the image)" \
+    test "$(status "$URL/ui/dashboard.js")" = 200
 
 # the image's own HEALTHCHECK command, run inside the image with its environment
 mapfile -t PROBE < <(python3 -c 'import json,sys; t=json.loads(sys.argv[1]); print("\n".join(t[1:]))' "$HEALTH")
