@@ -7786,8 +7786,11 @@ def dashboard(tmp_path_factory):
 
 
 def _until(browser, condition, what):
+    """Wait for ``condition()``; elements a re-render replaced meanwhile mean "not yet"."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
-    return WebDriverWait(browser, 15, poll_frequency=0.05).until(
+    return WebDriverWait(browser, 15, poll_frequency=0.05,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(
         lambda _: condition(), message=f"waited 15 s for {what}")
 
 
