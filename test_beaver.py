@@ -5002,9 +5002,13 @@ def test_collection_alias_module_and_async(db):
     async def run():
         coll = db.collection("x").as_async()
         await coll.index(Document(id="a", body="async text"))
-        return await coll.match("async")
+        await coll.index(Document(id="b", body={"n": 2}, embedding=[1.0]))
+        return (await coll.match("async"), await coll.find({"n": 2}), await coll.count({"n": 2}),
+                await coll.search([0.0], where={"n": {"$gt": 1}}))
 
-    assert [d.id for d, _ in asyncio.run(run())] == ["a"]
+    hits, found, count, near = asyncio.run(run())
+    assert [d.id for d, _ in hits] == ["a"] and [d.id for d in found] == ["b"] and count == 1
+    assert [d.id for d, _ in near] == ["b"]
 
 
 # ---- collections: transactions, options, SQLite versions, hostile queries, read-only ----
