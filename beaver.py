@@ -5118,8 +5118,6 @@ class _TextIndex:
         """Try the query as typed, then with each typo-corrected term in turn.
 
         Returns the hits and an expression every hit matches (for snippets)."""
-        if fuzziness not in (0, 1, 2):
-            raise ValueError("fuzziness is 0, 1 or 2")
         expr = _fts_expression(groups, negatives)
         hits = self.ranked(expr, paths, top_k, within=within)
         if len(hits) >= top_k:
@@ -5736,6 +5734,10 @@ class CollectionManager(_Manager, _Indexed):
             raise FeatureUnavailable("this SQLite was built without FTS5: match() is unavailable")
         query = _query_text(query)
         top_k, paths, check = _count(top_k, "top_k"), _check_paths(on), self._check(where)
+        fuzziness = _check_number(fuzziness, "fuzziness", 0, 2)
+        if fuzziness not in (0, 1, 2):
+            raise ValueError(f"fuzziness is 0, 1 or 2, not {fuzziness!r}")
+        fuzziness = int(fuzziness)
         within = self._within(check)
         if raw:
             _check_term_count(len(_TERM.findall(query)))
@@ -5748,7 +5750,7 @@ class CollectionManager(_Manager, _Indexed):
         if raw:
             expr, hits = query, self._text.ranked(query, paths, top_k, True, within)
         elif fuzziness:
-            hits, expr = self._text.fuzzy(groups, negatives, paths, top_k, int(fuzziness),
+            hits, expr = self._text.fuzzy(groups, negatives, paths, top_k, fuzziness,
                                           within)
         else:
             expr = _fts_expression(groups, negatives)
@@ -5887,9 +5889,12 @@ class CollectionManager(_Manager, _Indexed):
 
 
 def _labels(labels):
+    """None (every label), or a list of edge labels from one label or an iterable of them."""
     if labels is None:
         return None
-    return [labels] if isinstance(labels, str) else list(labels)
+    if isinstance(labels, str):
+        return [_check_text(labels, "label")]
+    return [_check_text(label, "label") for label in labels]
 
 
 class _VectorCache:

@@ -931,9 +931,6 @@ def _known_collection_bug(kind, args, error):
         for a in args)                                  # walk(labels=[[...]]) and the like
 
 
-@pytest.mark.xfail(strict=True, reason="collection internals (the collections work owns "
-                   "walk()): labels are not checked, and a list or dict among them reaches "
-                   "sqlite3 ('Error binding parameter') instead of a TypeError")
 def test_collection_walk_with_labels_that_are_not_str(db):
     with pytest.raises(TypeError, match="label"):
         db.collection("k").walk("a", labels=[["x"]])
@@ -947,9 +944,6 @@ def test_collection_match_with_nul_or_surrogate_inside_a_word(db, query):
     assert docs.match(query) == [] and docs.match(query, fuzziness=1) == []
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="collection internals (the "
-                   "collections work owns match()): fuzziness is not checked at the entry of "
-                   "match(), and int(inf) raises OverflowError")
 def test_collection_match_with_infinite_fuzziness(db):
     with pytest.raises(ValueError, match="fuzziness"):
         db.collection("k").match("word", fuzziness=INF)
