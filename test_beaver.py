@@ -5,10 +5,13 @@ context with module-level workers and bound every wait by a deadline; nothing wa
 fixed sleep for synchronisation. TTL tests drive beaver's one clock (``beaver._now``)
 through the ``clock`` fixture, so they neither sleep nor depend on timing.
 """
+import ast
 import asyncio
 import base64
 import contextlib
 import copy
+import doctest
+import inspect
 import io
 import itertools
 import json
@@ -24,6 +27,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import typing
@@ -1779,12 +1783,8 @@ def test_nan_and_infinity_are_not_json_and_are_refused(db):
     assert len(d) == 0 and len(db.log("l")) == 0
 
 
-def test_readme_queries_section_runs(in_tmp):
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("\n## Queries and filters\n")[1].split("\n## ")[0]
-    namespace = {}
-    for block in re.findall(r"```python\n(.*?)```", section, re.S):
-        exec(block, namespace)
+def test_readme_queries_section_shows_what_it_says(in_tmp):
+    namespace = _run_readme_section("Queries and filters")        # (docs that run, below)
     assert [k for k, _ in namespace["work"]] == ["n1", "n3"]
     assert [k for k, _ in namespace["newest"]] == ["n4", "n1"]
     assert [k for k, _ in namespace["page"]] == ["n1", "n2"]
@@ -9257,6 +9257,171 @@ def test_example_runs(script, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip(), "an example should show what it does"
+
+
+# ---- docs that run: docstring examples and the README's Python blocks ----
+# Every ``>>>`` example of the three modules runs under doctest, and every ```python block of
+# the README runs, so neither can go stale. Each docstring (each README section) runs in a
+# scratch folder with a fresh ``db``; the client's docstrings (``BeaverClient``, and its
+# managers, which carry the local managers' docstrings) and the README's client code run
+# against a real ``beaver serve --token s3cret``, emptied before each, at the address the docs
+# show (``DOCS_URL``). Top-level ``await`` works, as in ``python -m asyncio``. A README block
+# that cannot run says why in ``<!-- no-run: reason -->`` on the line before it, and is
+# compiled only; a docstring example that cannot run is marked ``# doctest: +SKIP``.
+
+DOCS_URL = "http://127.0.0.1:8000"
+DOCS_TOKEN = "s3cret"
+UPSTREAM_FIXTURE = ROOT / "fixtures" / "upstream-2.4.1.db"      # the docs' "old.db"
+
+
+@pytest.fixture(scope="module")
+def docs_server(tmp_path_factory):
+    """A ``beaver serve --token s3cret`` for the client's examples: its url."""
+    path = tmp_path_factory.mktemp("docs-server") / "served.db"
+    process, url = _start_server(path, "--token", DOCS_TOKEN, "--max-wait", "2")
+    try:
+        yield url
+    finally:
+        _stop_server(process)
+
+
+def _emptied_client(url):
+    """A client of the docs' server, every structure there cleared and its indexes dropped."""
+    client = beaver.BeaverClient(url, token=DOCS_TOKEN)
+    for structure in client.info()["structures"]:
+        manager = getattr(client, structure["kind"])(structure["name"])
+        manager.clear()
+        for path in manager.indexes() if hasattr(manager, "indexes") else ():
+            manager.drop_index(path)
+    return client
+
+
+def _close_databases(namespace):
+    for value in list(namespace.values()):
+        if isinstance(value, (BeaverDB, beaver.BeaverClient)):
+            value.close()
+
+
+def _run_top_level_await(code, namespace, loop):
+    """Run ``code`` compiled with top-level await allowed; a coroutine runs on ``loop``."""
+    result = eval(code, namespace)
+    return loop.run_until_complete(result) if inspect.iscoroutine(result) else result
+
+
+class _DocRunner(doctest.DocTestRunner):
+    """doctest with top-level ``await`` (one event loop per docstring)."""
+
+    def run(self, test, **options):
+        loop = asyncio.new_event_loop()
+        for i, example in enumerate(test.examples):
+            code = compile(example.source, test.name, "single", ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+            if code.co_flags & inspect.CO_COROUTINE:
+                test.globs[f"_awaited_{i}"] = code
+                example.source = f"_run_top_level_await(_awaited_{i}, globals(), _loop)\n"
+        test.globs.update(_run_top_level_await=_run_top_level_await, _loop=loop)
+        try:
+            return super().run(test, **options)
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+def _is_remote(test):
+    owner = test.name.split(".")[1] if test.name.count(".") else ""
+    return owner.startswith(("Remote", "_Remote", "BeaverClient"))
+
+
+@pytest.mark.parametrize("module_name, side", [("beaver", "local"), ("beaver", "remote"),
+                                               ("beaver_vector", "local"),
+                                               ("beaver_server", "local")])
+def test_docstring_examples_run(module_name, side, tmp_path, monkeypatch, request):
+    module = pytest.importorskip(module_name)
+    if module_name == "beaver_vector":          # its examples are the faiss index itself
+        monkeypatch.delenv("BEAVER_VECTOR_BACKEND", raising=False)
+    tests = [t for t in doctest.DocTestFinder().find(module)
+             if t.examples and _is_remote(t) == (side == "remote")]
+    assert tests, f"no docstring examples found in {module_name}"
+    url = request.getfixturevalue("docs_server") if side == "remote" else None
+    runner, report = _DocRunner(optionflags=doctest.ELLIPSIS), io.StringIO()
+    for number, test in enumerate(sorted(tests, key=lambda t: t.name)):
+        folder = tmp_path / str(number)
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        if "old.db" in test.docstring:
+            shutil.copy(UPSTREAM_FIXTURE, folder / "old.db")
+        if url is None:
+            test.globs = {**module.__dict__, "db": BeaverDB(":memory:")}
+        else:
+            client = _emptied_client(url)
+            test.globs = {**module.__dict__, "db": client, "client": client}
+            for example in test.examples:
+                example.source = example.source.replace(DOCS_URL, url)
+        try:
+            runner.run(test, out=report.write, clear_globs=False)
+        finally:
+            _close_databases(test.globs)
+            test.globs.clear()
+    assert runner.failures == 0, report.getvalue()
+
+
+def _readme_sections():
+    """The README's ```python blocks by ``## `` section, in order:
+    ``{heading: [(line number of the code, code, the no-run reason or None)]}``."""
+    lines = (ROOT / "README.md").read_text("utf-8").splitlines()
+    sections, heading, i = {}, "(top)", 0
+    while i < len(lines):
+        if lines[i].startswith("## "):
+            heading = lines[i][3:].strip()
+        fence = re.match(r"(\s*)```(\w*)\s*$", lines[i])
+        if fence:
+            end = lines.index(fence.group(1) + "```", i + 1)
+            if fence.group(2) == "python":
+                marker = re.match(r"\s*<!-- no-run: (.+?) -->\s*$", lines[i - 1])
+                code = textwrap.dedent("\n".join(lines[i + 1:end]))
+                sections.setdefault(heading, []).append((i + 2, code, marker and marker[1]))
+            i = end
+        i += 1
+    return sections
+
+
+README_SECTIONS = _readme_sections()
+
+
+def _run_readme_section(heading, server_url=None) -> dict:
+    """Run the section's blocks in the current folder, in one namespace that starts where
+    the README's first example leaves off (``BeaverDB`` imported, ``db`` open on "app.db"),
+    and return it. Blocks marked no-run are compiled only."""
+    namespace = {"__name__": "__readme__", "BeaverDB": BeaverDB, "db": BeaverDB("app.db")}
+    try:
+        for line, code, no_run in README_SECTIONS[heading]:
+            if server_url is not None:
+                code = code.replace(DOCS_URL, server_url)
+            compiled = compile("\n" * (line - 1) + code, str(ROOT / "README.md"), "exec",
+                               ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+            if no_run is None:
+                result = eval(compiled, namespace)
+                if inspect.iscoroutine(result):
+                    asyncio.run(result)
+    finally:
+        _close_databases(namespace)
+    return namespace
+
+
+def test_readme_has_python_blocks_and_says_why_any_does_not_run():
+    blocks = [block for section in README_SECTIONS.values() for block in section]
+    assert len(blocks) >= 20 and len(README_SECTIONS) >= 12
+    assert all(reason.strip() for _, _, reason in blocks if reason is not None)
+
+
+@pytest.mark.parametrize("heading", list(README_SECTIONS))
+def test_readme_section_runs(heading, in_tmp, request):
+    if "old.db" in "".join(code for _, code, _ in README_SECTIONS[heading]):
+        shutil.copy(UPSTREAM_FIXTURE, in_tmp / "old.db")
+    url = None
+    if any(DOCS_URL in code for _, code, _ in README_SECTIONS[heading]):
+        url = request.getfixturevalue("docs_server")
+        _emptied_client(url).close()
+    _run_readme_section(heading, url)
 
 
 # ---- packaging ----
