@@ -6940,8 +6940,8 @@ def _plan(op):
         kind = _wire_type(op, name)
         if "{%s}" % name in parts:
             place = "path"
-        elif kind in ("fallback", "header"):
-            place = "none" if kind == "fallback" else "header"
+        elif kind in ("fallback", "local", "header"):     # none: never sent (fp stays here)
+            place = "header" if kind == "header" else "none"
         elif op.body == "{}":
             place = "field"
         else:

@@ -6302,6 +6302,11 @@ def test_same_api_structure_dump_load_and_async(anydb, uid):
     copy = anydb.dict(f"{uid}-copy")
     copy.load(data)
     assert copy["a"] == 1
+    written = io.StringIO()                 # to a file object (the client's once raised)
+    assert config.dump(written) is None
+    assert json.loads(written.getvalue())["items"] == data["items"]
+    copy.load(io.StringIO(written.getvalue()))
+    assert copy.items() == [("a", 1)]
 
     async def run():
         aconfig = copy.as_async()
@@ -6392,6 +6397,8 @@ def test_server_dict_routes(api):
     assert api.get("/dicts/c?view=keys").json() == ["a/b", "count", "items", "k", "keys"]
     assert api.get("/dicts/c?view=items").json()[0] == ["a/b", "a/b"]
     assert api.get("/dicts/c?view=dump").json()["metadata"]["count"] == 5
+    r = api.get('/dicts/c?view=dump&fp="out"')       # the file object is the client's own
+    assert r.status_code == 422 and "fp" in r.json()["message"]
     assert api.put("/dicts/c/new?if_absent=true", json=1).json() == 1
     assert api.put("/dicts/c/new?if_absent=true", json=2).json() == 1
     assert api.patch("/dicts/c", json={"p": 1, "q": 2}).status_code == 204
