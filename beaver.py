@@ -8648,7 +8648,9 @@ _CLI_SKIP = {("dict", "__iter__"), ("dict", "get"), ("dict", "values"), ("blob",
              ("list", "__delitem__"), ("dict", "items")}
 _CLI_DOC = {"__getitem__": "print the value stored there", "__delitem__": "delete it",
             "__contains__": "print whether it is there (exit status 1 if not)",
-            "__len__": "print the number of items", "__iter__": "print every item, in order"}
+            "__len__": "print the number of items", "__iter__": "print every item, in order",
+            "dump": "print it as JSON (what load reads back)",
+            "load": "add the items of a dump FILE in one transaction"}
 # result -> how the CLI prints it
 _CLI_SHOW = {
     "hits": lambda hits: [{"document": d, "score": s, **({"snippet": h[0]} if h else {})}

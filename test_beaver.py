@@ -19,6 +19,7 @@ import multiprocessing
 import operator
 import os
 import re
+import shlex
 import shutil
 import select
 import signal
@@ -9394,11 +9395,12 @@ def _readme_sections():
 README_SECTIONS = _readme_sections()
 
 
-def _run_readme_section(heading, server_url=None) -> dict:
+def _run_readme_section(heading, server_url=None, db=None) -> dict:
     """Run the section's blocks in the current folder, in one namespace that starts where
-    the README's first example leaves off (``BeaverDB`` imported, ``db`` open on "app.db"),
-    and return it. Blocks marked no-run are compiled only."""
-    namespace = {"__name__": "__readme__", "BeaverDB": BeaverDB, "db": BeaverDB("app.db")}
+    the README's first example leaves off (``BeaverDB`` imported, ``db`` open on "app.db",
+    or the ``db`` given), and return it. Blocks marked no-run are compiled only."""
+    namespace = {"__name__": "__readme__", "BeaverDB": BeaverDB,
+                 "db": BeaverDB("app.db") if db is None else db}
     try:
         for line, code, no_run in README_SECTIONS[heading]:
             if server_url is not None:
@@ -9414,21 +9416,74 @@ def _run_readme_section(heading, server_url=None) -> dict:
     return namespace
 
 
+def _works_on_the_given_db(heading) -> bool:
+    """Whether the section's code uses the ``db`` it starts with (rather than its own)."""
+    code = "\n".join(code for _, code, _ in README_SECTIONS[heading])
+    return "db." in code and not re.search(r"\bdb = BeaverDB\(|\bas db:", code)
+
+
 def test_readme_has_python_blocks_and_says_why_any_does_not_run():
     blocks = [block for section in README_SECTIONS.values() for block in section]
     assert len(blocks) >= 20 and len(README_SECTIONS) >= 12
     assert all(reason.strip() for _, _, reason in blocks if reason is not None)
 
 
-@pytest.mark.parametrize("heading", list(README_SECTIONS))
-def test_readme_section_runs(heading, in_tmp, request):
-    if "old.db" in "".join(code for _, code, _ in README_SECTIONS[heading]):
+@pytest.mark.parametrize("heading, side", [(h, "local") for h in README_SECTIONS] + [
+    (h, "remote") for h in README_SECTIONS if _works_on_the_given_db(h)])
+def test_readme_section_runs(heading, side, in_tmp, request):
+    """Locally, and with ``db`` a ``BeaverClient`` ("change one line and the same code runs
+    against a server")."""
+    code = "".join(code for _, code, _ in README_SECTIONS[heading])
+    if "old.db" in code:
         shutil.copy(UPSTREAM_FIXTURE, in_tmp / "old.db")
-    url = None
-    if any(DOCS_URL in code for _, code, _ in README_SECTIONS[heading]):
+    url = db = None
+    if side == "remote" or DOCS_URL in code:
         url = request.getfixturevalue("docs_server")
-        _emptied_client(url).close()
-    _run_readme_section(heading, url)
+        client = _emptied_client(url)
+        if side == "remote":
+            db = client
+        else:
+            client.close()
+    _run_readme_section(heading, url, db)
+
+
+def _readme_command_lines():
+    """Every ``beaver ...`` line of the README's ```bash blocks, in order."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", (ROOT / "README.md").read_text("utf-8"),
+                        re.M | re.S)
+    return [line for block in blocks for line in block.splitlines() if line.startswith("beaver ")]
+
+
+def test_readme_command_lines_run(in_tmp, capsys, monkeypatch, docs_server):
+    """Each ``beaver`` line of the README runs, in order, in one scratch folder holding what
+    the lines name (docs.jsonl, run_daily_report.sh, old.db; the server's app_config theme),
+    and exits 0; a one-word comment (``# "dark"``) is the line's output."""
+    for name in ("BEAVER_URL", "BEAVER_TOKEN", "BEAVER_DATABASE"):
+        monkeypatch.delenv(name, raising=False)
+    (in_tmp / "docs.jsonl").write_text('{"id": "a1", "body": "an embedded database"}\n')
+    script = in_tmp / "run_daily_report.sh"
+    script.write_text("#!/bin/sh\necho report > report.txt\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{in_tmp}{os.pathsep}{os.environ['PATH']}")
+    shutil.copy(UPSTREAM_FIXTURE, in_tmp / "old.db")
+    with _emptied_client(docs_server) as client:
+        client.dict("app_config")["theme"] = "dark"
+    lines = _readme_command_lines()
+    assert len(lines) >= 12
+    for line in lines:
+        argv = shlex.split(line.replace("http://host:8000", docs_server), comments=True)[1:]
+        target = argv.pop() if argv[-2:-1] == [">"] else None
+        argv = argv[:-1] if target else argv
+        capsys.readouterr()
+        assert beaver.main(argv) == 0, line
+        out = capsys.readouterr().out
+        if target:
+            (in_tmp / target).write_text(out)
+        shown = re.search(r"\s#\s+(\S+)$", line)
+        if shown:
+            assert out.strip() == shown[1], line
+    assert (in_tmp / "report.txt").exists() and (in_tmp / "new.db").exists()
+    assert json.loads((in_tmp / "all.jsonl").read_text().splitlines()[0])
 
 
 # ---- packaging ----
