@@ -9372,10 +9372,10 @@ def test_docstring_examples_run(module_name, side, tmp_path, monkeypatch, reques
     assert runner.failures == 0, report.getvalue()
 
 
-def _readme_sections():
-    """The README's ```python blocks by ``## `` section, in order:
+def _readme_sections(text):
+    """The ```python blocks of a README by ``## `` section, in order:
     ``{heading: [(line number of the code, code, the no-run reason or None)]}``."""
-    lines = (ROOT / "README.md").read_text("utf-8").splitlines()
+    lines = text.splitlines()
     sections, heading, i = {}, "(top)", 0
     while i < len(lines):
         if lines[i].startswith("## "):
@@ -9392,7 +9392,7 @@ def _readme_sections():
     return sections
 
 
-README_SECTIONS = _readme_sections()
+README_SECTIONS = _readme_sections((ROOT / "README.md").read_text("utf-8"))
 
 
 def _run_readme_section(heading, server_url=None, db=None) -> dict:
@@ -9426,6 +9426,10 @@ def test_readme_has_python_blocks_and_says_why_any_does_not_run():
     blocks = [block for section in README_SECTIONS.values() for block in section]
     assert len(blocks) >= 20 and len(README_SECTIONS) >= 12
     assert all(reason.strip() for _, _, reason in blocks if reason is not None)
+    sample = ("## A\n```python\na = 1\n```\n```bash\n## not a heading\n```\n"
+              "<!-- no-run: waits forever -->\n  ```python\n  while True:\n      pass\n  ```\n")
+    assert _readme_sections(sample) == {"A": [(3, "a = 1", None),
+                                              (10, "while True:\n    pass", "waits forever")]}
 
 
 @pytest.mark.parametrize("heading, side", [(h, "local") for h in README_SECTIONS] + [
