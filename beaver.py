@@ -2375,20 +2375,22 @@ class _FieldIndexes:
         self._table, self._column, self._scope, self._order = table, column, scope, order
         self.json = f"{table}.{column}"     # the JSON column as queries name it
 
-    def scope(self, paths) -> tuple:
+    def scope(self, paths, alias="") -> tuple:
         """``(SQL, parameters)`` of the condition selecting this structure's rows.
 
         With a field index on one of ``paths`` it is the index's own ``+name = '<name>'``:
         SQLite then cannot use the table's key instead (which its default estimates favour),
         and the text matches the partial index at once (a bound name matches too, but only by
-        re-planning the statement at every call). Otherwise ``name = ?``.
+        re-planning the statement at every call). Otherwise ``name = ?``. A query that
+        aliases the table passes the ``alias`` (``+d.name = '<name>'`` matches the index too).
         """
+        column = f"{alias}.{self._scope}" if alias else self._scope
         if paths and not set(paths).isdisjoint(self.paths()):
-            return self._only_this(), []
-        return f"{self._scope} = ?", [self._name]
+            return self._only_this(column), []
+        return f"{column} = ?", [self._name]
 
-    def _only_this(self) -> str:
-        return f"+{self._scope} = {_sql_text(self._name, 'a structure name')}"
+    def _only_this(self, column=None) -> str:
+        return f"+{column or self._scope} = {_sql_text(self._name, 'a structure name')}"
 
     def paths(self) -> list:
         """The canonical paths of this structure's field indexes, sorted."""
@@ -4259,7 +4261,7 @@ VECTOR_INDEX_OPTIONS = {
     "fold_min": _Option(int, 1000, 1, 1 << 40),      # fold the delta into the base at this size
     "fold_fraction": _Option(float, 0.05, 0.0, 1.0),  # ... or at this fraction of a flat base
     "rebuild_dead": _Option(float, 0.2, 0.0, 1.0),   # rebuild an HNSW base this fraction dead
-    "filter_exact_below": _Option(int, 20000, 0, 1 << 40),  # where= this small: exact search
+    "filter_exact_below": _Option(int, 1000, 0, 1 << 40),  # where= this small: exact search
     "persist_fraction": _Option(float, 0.25, 0.0, 1.0),  # store a folded base this much new ...
     "persist_min": _Option(int, 1000, 0, 1 << 40),    # ... and with at least this many changes
     "part_bytes": _Option(int, 8 << 20, 1024, 1 << 29),  # the stored base is cut in such parts
@@ -4425,12 +4427,6 @@ def _check_paths(paths):
 
 def _on_paths(path, paths) -> bool:
     return any(path == p or path.startswith(p + ".") for p in paths)
-
-
-def _json_path(path) -> str:
-    if not isinstance(path, str) or not path or '"' in path:
-        raise ValueError(f"bad field path {path!r}: use dotted names such as 'meta.year'")
-    return "$" + "".join(f'."{part}"' for part in path.split("."))
 
 
 # -- the query language ------------------------------------------------------------------
@@ -4707,16 +4703,20 @@ def _rebuild_grams(core):
 class _DocumentRows:
     """The rows of one collection in ``beaver_documents``: id, body, and the vector joined.
 
-    Each row also has an internal integer id (its rowid) that the text index uses. Filters
-    on bodies resolve here (``matching``), to the document ids vector search accepts.
+    Each row also has an internal integer id (its rowid) that the text index uses, and that
+    filters resolve to for vector search (``allowed``).
     """
 
-    _SELECT = ("SELECT d.doc_id, d.body, v.vector, d.id FROM beaver_documents d "
-               "LEFT JOIN beaver_vectors v ON v.collection = d.collection AND v.doc_id = d.doc_id "
-               "WHERE d.collection = ? ")
+    _COLUMNS = ("SELECT d.doc_id, d.body, v.vector, d.id FROM beaver_documents d LEFT JOIN "
+                "beaver_vectors v ON v.collection = d.collection AND v.doc_id = d.doc_id ")
+    _SELECT = _COLUMNS + "WHERE d.collection = ? "
+    ALLOWED_KEEP = 8            # filters whose allowed ids are kept (a byte per rowid each)
+    ALLOWED_PATCH = 1000        # changes past which a kept answer is read again, not patched
 
     def __init__(self, core, name, codec):
         self._core, self._name, self._codec = core, name, codec
+        self._allowed = collections.OrderedDict()   # (SQL, params) -> (version, _Allowed)
+        self._allowed_lock = threading.Lock()
 
     def write(self, doc_id, body) -> tuple:
         """Insert or update the document row: ``(rowid, whether it existed)``."""
@@ -4759,15 +4759,17 @@ class _DocumentRows:
         row = self._core.execute(self._SELECT + "AND d.doc_id = ?", (self._name, doc_id)).fetchone()
         return None if row is None else self.document(row)
 
-    def by(self, column, keys) -> dict:
-        """``{key: Document}`` of the documents whose ``column`` ('id' or 'doc_id') is in keys."""
+    def by(self, column, keys, check=None) -> dict:
+        """``{key: Document}`` of the documents whose ``column`` ('id' or 'doc_id') is in keys
+        (and that match ``check``, a ``_Filter`` on ``d.body``, when given)."""
         at = 3 if column == "id" else 0
         keys = keys if isinstance(keys, list) else list(keys)
+        condition, extra = ("", []) if check is None else (f" AND ({check.sql})", check.params)
         found, make = {}, self.document
         for start in range(0, len(keys), 500):
             chunk = keys[start:start + 500]
-            rows = self._core.execute(self._select_in(column, len(chunk)),
-                                      (self._name, *chunk)).fetchall()
+            rows = self._core.execute(self._select_in(column, len(chunk)) + condition,
+                                      (self._name, *chunk, *extra)).fetchall()
             for row in rows:
                 found[row[at]] = make(row)
         return found
@@ -4795,24 +4797,115 @@ class _DocumentRows:
         """Every row in id order, page by page (``paged`` is the manager's ``_paged``)."""
         return paged(self._SELECT + "AND d.doc_id > ? ORDER BY d.doc_id LIMIT ?", "")
 
-    def matching(self, where) -> set:
-        """The ids of documents whose body fields (dotted paths) equal the values of
-        ``where`` (a value, or a list of values for any of them)."""
-        if not isinstance(where, dict):
-            raise TypeError("where is a dict of {field path: value}")
-        sql, params = "SELECT doc_id FROM beaver_documents WHERE collection = ?", [self._name]
-        for path, value in where.items():
-            field = "json_extract(body, ?)"
-            if value is None:
-                sql += f" AND {field} IS NULL"
-                params.append(_json_path(path))
-                continue
-            values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
-            if not all(isinstance(v, (str, int, float)) for v in values):
-                raise TypeError("where values are str, numbers, bools, None or lists of them")
-            sql += f" AND {field} IN ({_marks(len(values))})"
-            params += [_json_path(path)] + [int(v) if isinstance(v, bool) else v for v in values]
-        return {row[0] for row in self._core.execute(sql, params)}
+    def allowed(self, condition, params) -> "_Allowed":
+        """The rowids of the documents matching ``condition`` (SQL on ``beaver_documents d``).
+
+        Kept for the collection's version (it counts every change to its documents), so a
+        filter repeated while the documents are unchanged costs one read of the version.
+        After changes, a kept answer is brought up to date from the change log by checking
+        the changed documents only (``ALLOWED_PATCH`` at most); else, or the first time, one
+        statement reads them all: SQLite joins the ids into one string that numpy parses.
+        Nothing is kept from inside a transaction: its writes may yet be rolled back.
+        """
+        key = (condition, tuple(params))
+        with self._allowed_lock:
+            kept = self._allowed.get(key)
+            if kept is not None:
+                self._allowed.move_to_end(key)
+        version = self._version()
+        if kept is not None and kept[0] == version:
+            return kept[1]
+        found = None if kept is None else self._patched(kept, condition, params)
+        if found is None:
+            version, ids = self._core.execute(
+                "SELECT (SELECT version FROM beaver_collections WHERE collection = ?), "
+                f"group_concat(d.id) FROM beaver_documents d WHERE {condition}",
+                (self._name, *params)).fetchone()
+            found = version, _Allowed(ids)
+        if not self._core.in_transaction:
+            with self._allowed_lock:
+                self._allowed[key] = found
+                self._allowed.move_to_end(key)
+                while len(self._allowed) > self.ALLOWED_KEEP:
+                    self._allowed.popitem(last=False)
+        return found[1]
+
+    def _patched(self, kept, condition, params):
+        """``kept`` (version, _Allowed) brought up to date: (version, new _Allowed), or None
+        when the log no longer holds every change since (trimmed, cleared) or too many."""
+        since, allowed = kept
+        log = self._core.execute(
+            "SELECT version, doc_id FROM beaver_vector_log WHERE collection = ? AND version > ? "
+            "ORDER BY version LIMIT ?", (self._name, since, self.ALLOWED_PATCH + 1)).fetchall()
+        if not log or log[0][0] != since + 1 or len(log) > self.ALLOWED_PATCH:
+            return None
+        rows = []       # (rowid, matches) of each changed document still there
+        for chunk in _chunks({doc_id for _, doc_id in log}):
+            rows += self._core.execute(
+                f"SELECT d.id, ({condition}) FROM beaver_documents d WHERE d.collection = ? "
+                f"AND d.doc_id IN ({_marks(len(chunk))})", (*params, self._name, *chunk))
+        return log[-1][0], allowed.patched([r for r, ok in rows if ok],
+                                           [r for r, ok in rows if not ok])
+
+    def _version(self) -> int:
+        return self._core.execute("SELECT version FROM beaver_collections WHERE collection = ?",
+                                  (self._name,)).fetchone()[0]
+
+
+def _numpy():
+    """numpy, or None where it does not import (beaver.py works without it)."""
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
+class _Allowed:
+    """The documents a filter lets through, by rowid: what vector search takes.
+
+    With numpy, a bool per rowid (``test`` checks many rowids at once); without, ``rowids``
+    is a frozenset. Never changed once made (``patched`` makes another): the collection
+    hands the same object to every search with the same filter while its documents are
+    unchanged, so a vector index may keep what it derives from one (by identity). The rowid
+    of a dropped document may stay in it: no vector has that rowid.
+    """
+
+    def __init__(self, ids):
+        """``ids``: the rowids joined by commas (SQLite's ``group_concat``), or None."""
+        np = self.np = _numpy()
+        if np is None:
+            self.rowids = frozenset(map(int, ids.split(","))) if ids else frozenset()
+            return
+        rowids = np.fromstring(ids, np.int64, sep=",") if ids else np.empty(0, np.int64)
+        self._mask = np.zeros(int(rowids.max()) + 2 if len(rowids) else 1, bool)
+        self._mask[rowids] = True       # the last entry stays False: -1 and beyond land there
+        self._count = len(rowids)
+
+    def __len__(self):
+        return len(self.rowids) if self.np is None else self._count
+
+    def test(self, rowids):
+        """Which of ``rowids`` (int64 numpy values; -1 for none) are allowed: bools."""
+        rowids = self.np.asarray(rowids, self.np.int64)
+        return self._mask[rowids.clip(-1, len(self._mask) - 1)]
+
+    def patched(self, allow, deny) -> "_Allowed":
+        """Another ``_Allowed``: this one with the rowids ``allow`` in and ``deny`` out."""
+        new = _Allowed.__new__(_Allowed)
+        np = new.np = self.np
+        if np is None:
+            new.rowids = (self.rowids - set(deny)) | set(allow)
+            return new
+        allow, deny = np.array(allow, np.int64), np.array(deny, np.int64)
+        new._count = (self._count + len(allow) - int(self.test(allow).sum())
+                      - int(self.test(deny).sum()))
+        new._mask = np.zeros(max(len(self._mask), int(allow.max()) + 2 if len(allow) else 0),
+                             bool)
+        new._mask[:len(self._mask)] = self._mask
+        new._mask[allow] = True
+        new._mask[deny[deny < len(new._mask) - 1]] = False
+        return new
 
 
 class _Vocabulary:
@@ -5059,16 +5152,22 @@ class _TextIndex:
 
     # -- search ------------------------------------------------------------------------
 
-    def ranked(self, expr, paths, limit, checked=False) -> list:
-        """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document."""
-        sql = (f"SELECT (rowid >> {_FTS_PATH_BITS}) & {(1 << _FTS_DOC_BITS) - 1}, "
-               f"-sum(rank) AS score FROM beaver_fts "
+    DOCUMENT = f"((beaver_fts.rowid >> {_FTS_PATH_BITS}) & {(1 << _FTS_DOC_BITS) - 1})"
+
+    def ranked(self, expr, paths, limit, checked=False, within=None) -> list:
+        """``[(document rowid, relevance)]`` of one FTS5 expression, one entry per document
+        (only documents meeting ``within``, an ``(SQL, parameters)`` condition on
+        ``DOCUMENT``, when given: applied before the limit)."""
+        sql = (f"SELECT {self.DOCUMENT}, -sum(rank) AS score FROM beaver_fts "
                f"WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ?")
         params = [expr, self._low, self._high]
         if paths is not None:
             sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
             for p in paths:
                 params += [p, len(p) + 1, p + "."]
+        if within is not None:
+            sql += f" AND {within[0]}"
+            params += within[1]
         sql += " GROUP BY 1 ORDER BY score DESC LIMIT ?"
         try:
             return self._core.execute(sql, (*params, limit)).fetchall()
@@ -5085,14 +5184,14 @@ class _TextIndex:
             (expr, base, base + (1 << _FTS_PATH_BITS))).fetchone()
         return row[0] if row else ""
 
-    def fuzzy(self, groups, negatives, paths, top_k, fuzziness):
+    def fuzzy(self, groups, negatives, paths, top_k, fuzziness, within=None):
         """Try the query as typed, then with each typo-corrected term in turn.
 
         Returns the hits and an expression every hit matches (for snippets)."""
         if fuzziness not in (0, 1, 2):
             raise ValueError("fuzziness is 0, 1 or 2")
         expr = _fts_expression(groups, negatives)
-        hits = self.ranked(expr, paths, top_k)
+        hits = self.ranked(expr, paths, top_k, within=within)
         if len(hits) >= top_k:
             return hits, expr
         options = [[self._words.spellings(atom, fuzziness) for atom in group] for group in groups]
@@ -5103,7 +5202,7 @@ class _TextIndex:
                          for group in options]
             if all(rewritten):
                 expr = _fts_expression([g + r for g, r in zip(groups, rewritten)], negatives)
-                more = self.ranked(expr, paths, top_k + len(found))
+                more = self.ranked(expr, paths, top_k + len(found), within=within)
                 for rowid, score in more:
                     found.setdefault(rowid, (turn, score))
             if len(found) >= top_k or not any(len(s) > turn for g in options for s in g):
@@ -5208,13 +5307,18 @@ def _vector_backend_wanted() -> str:
 class _Vectors:
     """The embeddings of one collection and their search.
 
-    Rows in ``beaver_vectors``; the dimension and a version (one per change, and one per
-    clear, which empties the log) in ``beaver_collections``; the changed ids by version in
+    Rows in ``beaver_vectors``; the dimension and a version in ``beaver_collections`` (one
+    per change to a document, with or without a vector, so that filters can be kept for a
+    version too; and one per clear, which empties the log); the changed ids by version in
     ``beaver_vector_log``, which a copy replays only if it holds every version since its own.
     Searches go to the ``beaver_vector`` (faiss) index when it imports, else to an exact
     in-memory copy (``_VectorCache``) brought up to date from the log. What a transaction
     puts in memory is undone if it rolls back (``_Core.on_rollback``).
     """
+
+    _WITH_ROWIDS = ("SELECT v.doc_id, v.vector, coalesce(d.id, -1) FROM beaver_vectors v "
+                    "LEFT JOIN beaver_documents d ON d.collection = v.collection AND "
+                    "d.doc_id = v.doc_id WHERE v.collection = ?")
 
     def __init__(self, core, name, metric, options):
         self._core, self._name, self.metric, self._options = core, name, metric, options
@@ -5252,13 +5356,17 @@ class _Vectors:
         if self._dim is None:
             self._core.after_commit(lambda: setattr(self, "_dim", dim))
 
-    def remove(self, doc_id):
-        """Delete the vector of ``doc_id`` if it has one."""
-        if self._core.execute("DELETE FROM beaver_vectors WHERE collection = ? AND doc_id = ?",
-                              (self._name, doc_id)).rowcount:
+    def remove(self, doc_id, existed=True):
+        """Delete the vector of ``doc_id`` if it has one (it may not if the document did not
+        exist); count the document's change either way."""
+        if existed and self._core.execute(
+                "DELETE FROM beaver_vectors WHERE collection = ? AND doc_id = ?",
+                (self._name, doc_id)).rowcount:
             dim = self.dimension()
             self._changed(dim, doc_id)
             self._call_backend(dim, "on_delete", doc_id)
+        else:
+            self._changed(None, doc_id)
 
     def clear(self):
         for table in ("beaver_vectors", "beaver_vector_log"):
@@ -5289,7 +5397,7 @@ class _Vectors:
     def search(self, query, top_k, allowed=None) -> list:
         """``[(doc_id, distance)]`` of the ``top_k`` closest, closest first.
 
-        ``allowed`` (None for all) is a set of the doc ids a filter lets through.
+        ``allowed`` (None for all) is the ``_Allowed`` of a filter: the rowids it lets through.
         """
         if self.backend and self._dim:      # the dimension never changes once committed
             dim = self._dim
@@ -5316,9 +5424,7 @@ class _Vectors:
             if not self._catch_up(cache, version):
                 cache = None
         if cache is None:
-            rows = self._core.execute(
-                "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
-                (self._name,)).fetchall()
+            rows = self._core.execute(self._WITH_ROWIDS, (self._name,)).fetchall()
             previous, cache = self.cache, _VectorCache(self.metric, version, rows, dim)
             self.cache = cache
             if self._core.in_transaction:   # it holds this transaction's writes
@@ -5335,9 +5441,9 @@ class _Vectors:
         changed = {doc_id for _, doc_id in log} | cache.stale
         fresh = dict.fromkeys(changed)
         for chunk in _chunks(changed):
-            fresh.update(self._core.execute(
-                f"SELECT doc_id, vector FROM beaver_vectors WHERE collection = ? "
-                f"AND doc_id IN ({_marks(len(chunk))})", (self._name, *chunk)))
+            fresh.update((doc_id, (vector, rowid)) for doc_id, vector, rowid in self._core.execute(
+                self._WITH_ROWIDS + f" AND v.doc_id IN ({_marks(len(chunk))})",
+                (self._name, *chunk)))
         before = cache.version
         cache.patch(version, fresh)
         if self._core.in_transaction:       # uncommitted vectors: refetch them if rolled back
@@ -5404,7 +5510,7 @@ class _Vectors:
             backend.close()
 
 
-class CollectionManager(_Manager):
+class CollectionManager(_Manager, _Indexed):
     """Documents searchable by full text, typo-tolerant text, vectors and relationships.
 
         >>> articles = db.collection("articles")
@@ -5423,6 +5529,9 @@ class CollectionManager(_Manager):
 
     _kind = "collection"
     _table = "beaver_documents"
+    _scope_column = "collection"
+    _json_column = "body"
+    _order = "doc_id"
 
     def __init__(self, db, name, model=None, metric=None, **options):
         super().__init__(db, name, model)
@@ -5550,8 +5659,8 @@ class CollectionManager(_Manager):
         self._text.write(rowid, texts, existed, batch)
         if vector is not None:
             self._vecs.put(document.id, vector)
-        elif existed:
-            self._vecs.remove(document.id)
+        else:
+            self._vecs.remove(document.id, existed)
         self._wrote("index", id=document.id)
 
     def drop(self, document):
@@ -5609,6 +5718,86 @@ class CollectionManager(_Manager):
         for row in self._rows.rows(self._paged):
             yield self._rows.document(row)
 
+    # -- queries -----------------------------------------------------------------------------
+
+    def find(self, where=None, order_by=None, limit=None, offset=0) -> list:
+        """The documents whose body matches ``where``, in id order unless ``order_by`` says.
+
+            >>> notes = db.collection("notes")
+            >>> notes.index_many([Document(id="n1", body={"year": 2021, "tags": ["work"]}),
+            ...                   Document(id="n2", body={"year": 2024, "tags": ["work", "ai"]}),
+            ...                   Document(id="n3", body={"year": 2019, "tags": ["home"]})])
+            3
+            >>> notes.find({"year": {"$gte": 2020}, "tags": {"$contains": "work"}},
+            ...            order_by="-year", limit=10)
+            [Document(id='n2', body={'year': 2024, ...}), Document(id='n1', body={...})]
+
+        ``where`` is a filter on the body's fields (see "Queries and filters" in the README);
+        ``order_by`` a field path or a list of them, ``"-path"`` for descending, ties in id
+        order; ``limit`` and ``offset`` page. Model bodies are filtered by their fields; a
+        body that is not an object or array (a string) has no fields: each is missing.
+        """
+        sql, params = self._find_query(where, order_by, limit, offset)
+        return [self._rows.document(row) for row in self._core.execute(sql, params)]
+
+    def count(self, where=None) -> int:
+        """How many documents match ``where`` (all of them without a filter).
+
+            >>> notes = db.collection("notes")
+            >>> notes.index_many(Document(body={"tags": tags}) for tags in (["work"], ["home"],
+            ...                                                             ["work", "ai"]))
+            3
+            >>> notes.count({"tags": {"$contains": "work"}}), notes.count()
+            (2, 3)
+        """
+        query = self._filter(where)[0]
+        scope, params = self._fields.scope(query.indexable)
+        return self._core.execute(f"SELECT count(*) FROM beaver_documents WHERE {scope} AND "
+                                  f"({query.sql})", [*params, *query.params]).fetchone()[0]
+
+    def explain(self, where=None, order_by=None) -> dict:
+        """How SQLite would run ``find(where, order_by)``: the field index used, and its plan.
+
+            >>> notes = db.collection("notes")
+            >>> notes.create_index("year")
+            >>> notes.explain(where={"year": 2024})["index"]
+            'year'
+
+        ``match()`` and ``search()`` select the documents a filter allows the same way.
+        """
+        return self._fields.explain(*self._find_query(where, order_by, None, 0))
+
+    def _find_query(self, where, order_by, limit, offset) -> tuple:
+        query, order, sort_paths = self._filter(where, order_by, column="d.body")
+        scope, params = self._fields.scope([*query.indexable, *sort_paths[:1]], alias="d")
+        sql = (f"{_DocumentRows._COLUMNS}WHERE {scope} AND ({query.sql}) "
+               f"ORDER BY {', '.join([*order, 'd.doc_id'])} LIMIT ? OFFSET ?")
+        return sql, [*params, *query.params, *_paging(limit, offset)]
+
+    def _check(self, where):
+        """``where`` compiled on ``d.body`` (the whole filter checked before any SQL), or None.
+
+        Search results are fetched with it, so each document returned matches the filter
+        even if a writer changed it after the search chose it."""
+        return None if where is None else self._filter(where, column="d.body")[0]
+
+    @staticmethod
+    def _within(check):
+        """The condition ``_TextIndex.ranked`` puts on each matching row: ``check`` on the
+        row's document (a correlated EXISTS), so it costs in proportion to the text matches,
+        never to the size of the collection."""
+        if check is None:
+            return None
+        return (f"EXISTS (SELECT 1 FROM beaver_documents d WHERE d.id = {_TextIndex.DOCUMENT} "
+                f"AND ({check.sql}))", check.params)
+
+    def _allowed(self, check) -> "_Allowed":
+        """The rowids of the documents matching a filter (``check``; None for all)."""
+        if check is None:
+            return None
+        scope, params = self._fields.scope(check.indexable, alias="d")
+        return self._rows.allowed(f"{scope} AND ({check.sql})", [*params, *check.params])
+
     def clear(self):
         """Remove every document, vector, text index entry and edge of this collection."""
         with self._core.transaction():
@@ -5620,7 +5809,8 @@ class CollectionManager(_Manager):
 
     # -- full-text and fuzzy search ----------------------------------------------------------
 
-    def match(self, query, on=None, top_k=10, fuzziness=0, raw=False, highlight=False):
+    def match(self, query, on=None, top_k=10, fuzziness=0, raw=False, highlight=False,
+              where=None):
         """Full-text search: ``[(Document, score)]``, best first (higher score is better).
 
             >>> docs = db.collection("docs")
@@ -5643,13 +5833,15 @@ class CollectionManager(_Manager):
         two), ranked by edits, then relevance. ``highlight=True`` returns
         ``(Document, score, snippet)`` triples with matches in ``[...]``. A query holds at
         most ``MATCH_MAX_LENGTH`` characters and ``MATCH_MAX_TERMS`` distinct words or
-        phrases (``ValueError`` beyond); NUL and lone surrogates separate words.
+        phrases (``ValueError`` beyond); NUL and lone surrogates separate words. ``where`` is
+        a filter on the bodies (see "Queries and filters" in the README), applied before
+        ``top_k``: ``docs.match("database", where={"lang": "en"})``.
         """
         if not self._fts:
             raise FeatureUnavailable("this SQLite was built without FTS5: match() is unavailable")
         query = _query_text(query)
-        top_k = _count(top_k, "top_k")
-        paths = _check_paths(on)
+        top_k, paths, check = _count(top_k, "top_k"), _check_paths(on), self._check(where)
+        within = self._within(check)
         if raw:
             _check_term_count(len(_TERM.findall(query)))
             searchable = bool(query.strip())
@@ -5659,13 +5851,14 @@ class CollectionManager(_Manager):
         if top_k <= 0 or paths == [] or not searchable:
             return []
         if raw:
-            expr, hits = query, self._text.ranked(query, paths, top_k, checked=True)
+            expr, hits = query, self._text.ranked(query, paths, top_k, True, within)
         elif fuzziness:
-            hits, expr = self._text.fuzzy(groups, negatives, paths, top_k, int(fuzziness))
+            hits, expr = self._text.fuzzy(groups, negatives, paths, top_k, int(fuzziness),
+                                          within)
         else:
             expr = _fts_expression(groups, negatives)
-            hits = self._text.ranked(expr, paths, top_k)
-        docs = self._rows.by("id", [rowid for rowid, _ in hits])
+            hits = self._text.ranked(expr, paths, top_k, within=within)
+        docs = self._rows.by("id", [rowid for rowid, _ in hits], check)
         if highlight:
             return [(docs[rowid], score, self._text.snippet(expr, rowid))
                     for rowid, score in hits if rowid in docs]
@@ -5752,18 +5945,18 @@ class CollectionManager(_Manager):
             2
             >>> [(doc.id, round(distance, 2)) for doc, distance in docs.search([0.1, 0.8, 0.2])]
             [('a', 0.1), ('b', 1.01)]
-            >>> recent_english = {"lang": "en", "meta.year": [2023, 2024]}
+            >>> recent_english = {"lang": "en", "meta.year": {"$gte": 2023}}
             >>> [doc.id for doc, _ in docs.search([0.8, 0.1, 0.0], top_k=3, where=recent_english)]
             ['a']
 
-        Exact unless the ``beaver_vector`` extra provides an index. ``where`` keeps documents
-        whose body fields (dotted paths) equal the value (or one of a list of values).
+        Exact unless the ``beaver_vector`` extra provides an index. ``where`` is a filter
+        (see "Queries and filters" in the README): the nearest documents among those it
+        matches, each of which matches it.
         """
         top_k = _count(top_k, "top_k")
-        query = _as_vector(vector)
-        allowed = self._rows.matching(where) if where else None
-        hits = self._vecs.search(query, int(top_k), allowed)
-        docs = self._rows.by("doc_id", [doc_id for doc_id, _ in hits])
+        query, check = _as_vector(vector), self._check(where)
+        hits = self._vecs.search(query, top_k, self._allowed(check))
+        docs = self._rows.by("doc_id", [doc_id for doc_id, _ in hits], check)
         return [(docs[doc_id], float(d)) for doc_id, d in hits if doc_id in docs]
 
     def compact(self):
@@ -5844,18 +6037,16 @@ class _VectorCache:
     Kept current by replaying ``beaver_vector_log`` (doc ids whose vector changed, by
     collection version), so a change costs one row update, not a reload of every vector.
     ``stale`` ids are fetched again at the next update (a rolled-back patch left them).
+    Each row also holds its document's rowid, which filters (``_Allowed``) are made of.
     """
 
     def __init__(self, metric, version, rows, dim):
         self.metric, self.version = metric, version
         self.stale = set()
         self.ids = [row[0] for row in rows]
+        self.rowids = array.array("q", [row[2] for row in rows])
         self.position = {doc_id: i for i, doc_id in enumerate(self.ids)}
-        try:
-            import numpy
-        except ImportError:
-            numpy = None
-        self.np = numpy
+        self.np = numpy = _numpy()
         self.lock = threading.Lock()
         if numpy is None:
             self.rows = [self._prepare(row[1]) for row in rows]
@@ -5876,17 +6067,18 @@ class _VectorCache:
         return vector
 
     def patch(self, version, fresh):
-        """Apply ``{doc_id: vector blob or None}`` (None: the vector is gone)."""
+        """Apply ``{doc_id: (vector blob, rowid) or None}`` (None: the vector is gone)."""
         with self.lock:
-            for doc_id, blob in fresh.items():
+            for doc_id, found in fresh.items():
                 at = self.position.get(doc_id)
-                if blob is None:
+                if found is None:
                     if at is not None:
                         self._remove(at)
                 elif at is None:
-                    self._append(doc_id, self._prepare(blob))
+                    self._append(doc_id, self._prepare(found[0]), found[1])
                 else:
-                    self._put(at, self._prepare(blob))
+                    self._put(at, self._prepare(found[0]))
+                    self.rowids[at] = found[1]
             self.version = version
             self.stale = set()
 
@@ -5903,7 +6095,7 @@ class _VectorCache:
             self._buffer[at] = vector
             self._squares[at] = self._buffer[at] @ self._buffer[at]
 
-    def _append(self, doc_id, vector):
+    def _append(self, doc_id, vector, rowid):
         n = len(self.ids)
         if self.np is None:
             self.rows.append(vector)
@@ -5915,6 +6107,7 @@ class _VectorCache:
             self._squares = np.concatenate([self._squares[:n], np.empty(len(grown) - n,
                                                                         dtype=np.float32)])
         self.ids.append(doc_id)
+        self.rowids.append(rowid)
         self.position[doc_id] = n
         if self.np is not None:
             self._put(n, vector)
@@ -5930,8 +6123,10 @@ class _VectorCache:
                 self._buffer[at] = self._buffer[last]
                 self._squares[at] = self._squares[last]
             self.ids[at] = moved
+            self.rowids[at] = self.rowids[last]
             self.position[moved] = at
         self.ids.pop()
+        self.rowids.pop()
         if self.np is None:
             self.rows.pop()
         del self.position[gone]
@@ -5942,15 +6137,21 @@ class _VectorCache:
             norm = math.sqrt(sum(x * x for x in query)) or 1.0
             query = [x / norm for x in query]
         with self.lock:
-            if allowed is None:
-                positions = None
-            else:
-                positions = sorted(self.position[i] for i in allowed if i in self.position)
-                if not positions:
-                    return []
+            positions = None if allowed is None else self._among(allowed)
+            if positions is not None and not len(positions):
+                return []
             if self.np is not None:
                 return self._search_numpy(query, top_k, positions)
             return self._search_python(query, top_k, positions)
+
+    def _among(self, allowed):
+        """The positions of the rows whose document ``allowed`` lets through (lock held)."""
+        if self.np is None:
+            return [i for i, rowid in enumerate(self.rowids) if rowid in allowed.rowids]
+        rowids = self.np.frombuffer(self.rowids, self.np.int64) if self.rowids else ()
+        found = self.np.flatnonzero(allowed.test(rowids))
+        del rowids      # the view must go before the array can grow again
+        return found
 
     def _search_numpy(self, query, top_k, positions):
         np = self.np
@@ -6873,6 +7074,9 @@ _API = [
     _op("collection", "metric", "GET ?view=metric", "json"),
     _op("collection", "match", "POST /match", "hits", body="{}"),
     _op("collection", "search", "POST /search", "hits", body="{}"),
+    _op("collection", "find", "POST /find", "documents", body="{}"),
+    _op("collection", "count", "POST /count", "json", body="{}"),
+    _op("collection", "explain", "POST /explain", "json", body="{}"),
     _op("collection", "connect", "POST /connect", body="{}", writes=True),
     _op("collection", "disconnect", "POST /disconnect", body="{}", writes=True),
     _op("collection", "edges", "GET /edges", "edges"),
@@ -6886,7 +7090,7 @@ _API = [
     _op(kind, "clear", "DELETE", writes=True),
     _op(kind, "dump", "GET ?view=dump", "dump"),
     _op(kind, "load", "POST", body="data_or_fp", writes=True),
-)] + [op for kind in ("dict", "log") for op in (
+)] + [op for kind in ("dict", "log", "collection") for op in (
     _op(kind, "indexes", "GET /indexes", "json"),
     _op(kind, "create_index", "PUT /indexes/{path}", writes=True),
     _op(kind, "drop_index", "DELETE /indexes/{path}", "json", writes=True),

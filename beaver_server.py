@@ -22,8 +22,8 @@ The routes are derived from ``beaver._API``, the one declaration of every operat
     /logs/{name}/log|range|live          live: server-sent events
     /channels/{name}/publish|history|prune  subscribe: /channels/{name}/sse (server-sent
                                          events) or /channels/{name}/ws (WebSocket)
-    /collections/{name}/index|index_many|documents/{id}|match|search|connect|disconnect|
-                        edges|neighbors|walk|compact
+    /collections/{name}/index|index_many|documents/{id}|match|search|find|count|explain|
+                        connect|disconnect|edges|neighbors|walk|compact|indexes/{path}
     /locks/{name}/acquire|release|renew  the token (the lock's ticket) identifies the hold
     /events/{kind}/{name}?event=set      server-sent events: the changes of a structure
     /{kind}s/{name}          GET ?view=keys|items|dump, POST (load a dump), DELETE (clear)

@@ -65,7 +65,16 @@ METRICS = beaver.VECTOR_METRICS
 KINDS = beaver.VECTOR_INDEX_OPTIONS["index"].choices
 DEFAULTS = {name: option.default for name, option in beaver.VECTOR_INDEX_OPTIONS.items()}
 LEASE_SECONDS = 60.0
-GATHER_BELOW = 1024  # filters allowing fewer base rows are scored by numpy, not faiss
+# A filter letting a fraction f of an HNSW base through searches it with the breadth
+# ef_search * (1 + FILTER_EF_SCALE / f) / 2 (at least ef_search): faiss's filtered HNSW walks
+# the graph as without a filter and keeps what passes, so a narrow filter needs a wider walk
+# for the same recall (about 0.985 within the filter at every f on 384-dim MiniLM vectors).
+# The search is exact (numpy over the allowed rows) when that costs less: EXACT_COST exact
+# distances cost about one step of breadth (measured there: 0.22 us a row, 5 us a step).
+FILTER_EF_SCALE = 0.5
+EXACT_COST = 24
+CHUNK_ROWS = 2048       # rows gathered at once by the exact search (kept within the CPU cache)
+MEMO_FILTERS = 8        # filters whose allowed labels a base keeps
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_ann_log (
@@ -81,15 +90,22 @@ _SCHEMA = [
         data BLOB NOT NULL, PRIMARY KEY (collection, generation, part)) WITHOUT ROWID""",
 ]
 
-# New log rows of this collection with their current vectors, plus the newest row of the
-# whole log (so that _last_seq moves past the other collections' rows too). Rows of other
-# collections in between are skipped inside SQLite, their vectors never read.
+# New log rows of this collection with their current vectors and their documents' rowids
+# (what filters are made of), plus the newest row of the whole log (so that _last_seq moves
+# past the other collections' rows too). Rows of other collections in between are skipped
+# inside SQLite, their vectors never read.
 _CATCH_UP = """SELECT seq, collection = ?1, doc_id, op,
         CASE WHEN collection = ?1 AND op = 'u' THEN (SELECT vector FROM beaver_vectors
-             WHERE collection = ?1 AND doc_id = l.doc_id) END
+             WHERE collection = ?1 AND doc_id = l.doc_id) END,
+        CASE WHEN collection = ?1 AND op = 'u' THEN coalesce((SELECT id FROM beaver_documents
+             WHERE collection = ?1 AND doc_id = l.doc_id), -1) END
     FROM beaver_ann_log l
     WHERE seq > ?2 AND (collection = ?1 OR seq = (SELECT max(seq) FROM beaver_ann_log))
     ORDER BY seq"""
+# Every vector of a collection with its document's rowid (-1: a vector without a document)
+_WITH_ROWIDS = """SELECT v.doc_id, v.vector, coalesce(d.id, -1) FROM beaver_vectors v
+    LEFT JOIN beaver_documents d ON d.collection = v.collection AND d.doc_id = v.doc_id
+    WHERE v.collection = ?"""
 
 
 def open_index(core, collection: str, dim: int, metric: str = "l2", **options) -> "VectorIndex":
@@ -145,12 +161,17 @@ def _stored_vectors(index, kind, n, dim):
 
 
 class _Base:
-    """A faiss index over labels 0..n-1 with their doc ids. Only the dead marks change."""
+    """A faiss index over labels 0..n-1 with their doc ids and their documents' rowids.
 
-    def __init__(self, kind, index, ids, built_seq, dim):
+    Only the dead marks change. What a filter lets through (``among``) is kept for a few
+    filters, until a label dies.
+    """
+
+    def __init__(self, kind, index, ids, built_seq, dim, rowids):
         self.kind = kind
         self.index = index
         self.ids = ids
+        self.rowids = rowids        # int64, one per label: what filters (beaver._Allowed) hold
         self.built_seq = built_seq
         n = len(ids)
         self.pos = {doc_id: i for i, doc_id in enumerate(ids) if doc_id is not None}
@@ -158,10 +179,12 @@ class _Base:
         self.n_dead = n - len(self.pos)
         self.xb = _stored_vectors(index, kind, n, dim)
         self._selector = None
+        self._among: dict = {}      # id(allowed) -> (allowed, n_dead then, _Among)
 
     @classmethod
     def empty(cls, dim, metric, built_seq=0):
-        return cls("flat", faiss.IndexFlat(dim, _faiss_metric(metric)), [], built_seq, dim)
+        return cls("flat", faiss.IndexFlat(dim, _faiss_metric(metric)), [], built_seq, dim,
+                   np.empty(0, np.int64))
 
     def __len__(self):
         return len(self.pos)
@@ -186,6 +209,36 @@ class _Base:
             self._selector = _bitmap_selector(~self.dead)
         return self._selector[0]
 
+    def among(self, allowed) -> "_Among":
+        """The live labels whose documents ``allowed`` (a ``beaver._Allowed``) lets through.
+
+        Kept for the last ``MEMO_FILTERS`` filters: the collection hands the same object to
+        every search with one filter while its documents are unchanged."""
+        kept = self._among.get(id(allowed))
+        if kept is None or kept[0] is not allowed or kept[1] != self.n_dead:
+            found = _Among(allowed.test(self.rowids) & ~self.dead)
+            kept = self._among[id(allowed)] = (allowed, self.n_dead, found)
+            while len(self._among) > MEMO_FILTERS:
+                del self._among[next(iter(self._among))]
+        return kept[2]
+
+
+class _Among:
+    """The labels of a base that a filter lets through, and their faiss selector (made once)."""
+
+    def __init__(self, mask):
+        self.labels = np.flatnonzero(mask)
+        self._mask = mask
+        self._selector = None
+
+    def __len__(self):
+        return len(self.labels)
+
+    def selector(self):
+        if self._selector is None:
+            self._selector = _bitmap_selector(self._mask)
+        return self._selector[0]
+
 
 def _bitmap_selector(mask):
     bits = np.packbits(mask, bitorder="little")
@@ -197,6 +250,7 @@ class _Delta:
 
     def __init__(self, dim):
         self.vecs = np.empty((64, dim), np.float32)
+        self.rowids = np.full(64, -1, np.int64)
         self.ids: list = []
         self.live = np.zeros(64, bool)
         self.pos: dict = {}
@@ -204,8 +258,8 @@ class _Delta:
     def __len__(self):
         return len(self.pos)
 
-    def put_many(self, doc_ids, matrix):
-        for doc_id, vector in zip(doc_ids, matrix):
+    def put_many(self, doc_ids, matrix, rowids):
+        for doc_id, vector, rowid in zip(doc_ids, matrix, rowids):
             i = self.pos.get(doc_id)
             if i is None:
                 i = len(self.ids)
@@ -214,15 +268,18 @@ class _Delta:
                 self.ids.append(doc_id)
                 self.pos[doc_id] = i
             self.vecs[i] = vector
+            self.rowids[i] = rowid
             self.live[i] = True
 
     def _grow(self):
-        size = 2 * len(self.live)
+        n, size = len(self.live), 2 * len(self.live)
         vecs = np.empty((size, self.vecs.shape[1]), np.float32)
-        vecs[:len(self.live)] = self.vecs
+        vecs[:n] = self.vecs
+        rowids = np.full(size, -1, np.int64)
+        rowids[:n] = self.rowids
         live = np.zeros(size, bool)
-        live[:len(self.live)] = self.live
-        self.vecs, self.live = vecs, live
+        live[:n] = self.live
+        self.vecs, self.rowids, self.live = vecs, rowids, live
 
     def drop(self, doc_id) -> bool:
         i = self.pos.pop(doc_id, None)
@@ -239,9 +296,9 @@ class _Delta:
 class _Plan:
     """What a fold starts from: taken under the lock, built from without it."""
 
-    def __init__(self, base, epoch, seq, kind, dvecs, dids, dead):
+    def __init__(self, base, epoch, seq, kind, dvecs, dids, drowids, dead):
         self.base, self.epoch, self.seq, self.kind = base, epoch, seq, kind
-        self.dvecs, self.dids, self.dead = dvecs, dids, dead
+        self.dvecs, self.dids, self.drowids, self.dead = dvecs, dids, drowids, dead
 
 
 class _Stopped(Exception):
@@ -368,27 +425,34 @@ class VectorIndex:
             ids = json.loads(self._core.execute(
                 "SELECT ids FROM beaver_ann_base WHERE collection = ?",
                 (self.collection,)).fetchone()[0])
+            rowids = self._rowids_of(ids)
         if len(chunks) != parts:
             logger.warning("stored vector index of %r is incomplete: rebuilding", self.collection)
             return None
         index = faiss.deserialize_index(np.frombuffer(b"".join(chunks), np.uint8))
-        return _Base(kind, index, ids, built_seq, self.dim)
+        return _Base(kind, index, ids, built_seq, self.dim, rowids)
+
+    def _rowids_of(self, ids):
+        """The rowids of the documents ``ids`` (None: a dead label) as they are now: a label
+        whose document has changed since the base was built dies at the catch-up anyway."""
+        rowid_of = dict(self._core.execute(
+            "SELECT doc_id, id FROM beaver_documents WHERE collection = ?", (self.collection,)))
+        return np.fromiter((-1 if d is None else rowid_of.get(d, -1) for d in ids), np.int64,
+                           len(ids))
 
     def _base_from_table(self):
         with self._read_snapshot():
-            rows = self._core.execute(
-                "SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
-                (self.collection,)).fetchall()
+            rows = self._core.execute(_WITH_ROWIDS, (self.collection,)).fetchall()
             seq = self._core.execute("SELECT max(seq) FROM beaver_ann_log").fetchone()
         ids = [row[0] for row in rows]
-        base = self._flat_base(ids, self._matrix([row[1] for row in rows]), seq[0] or 0)
-        return base
+        rowids = np.fromiter((row[2] for row in rows), np.int64, len(rows))
+        return self._flat_base(ids, self._matrix([row[1] for row in rows]), seq[0] or 0, rowids)
 
-    def _flat_base(self, ids, matrix, built_seq):
+    def _flat_base(self, ids, matrix, built_seq, rowids):
         index = faiss.IndexFlat(self.dim, _faiss_metric(self.metric))
         if len(ids):
             index.add(matrix)
-        return _Base("flat", index, ids, built_seq, self.dim)
+        return _Base("flat", index, ids, built_seq, self.dim, rowids)
 
     def _read_snapshot(self):
         """A read transaction (one consistent snapshot), unless one is already open."""
@@ -512,16 +576,23 @@ class VectorIndex:
 
     @staticmethod
     def _net_changes(rows):
-        """(cleared, {doc_id: vector bytes or None}) of log rows, in order."""
+        """(cleared, {doc_id: (vector bytes, rowid) or None}) of log rows, in order."""
         cleared, final = False, {}
-        for _, mine, doc_id, op, vector in rows:
+        for _, mine, doc_id, op, vector, rowid in rows:
             if not mine:
                 continue
             if op == "c":
                 cleared, final = True, {}
             else:
-                final[doc_id] = vector if op == "u" else None
+                final[doc_id] = (vector, rowid) if op == "u" else None
         return cleared, final
+
+    def _puts(self, final):
+        """The vectors ``_net_changes`` found: (doc ids, rowids, their matrix)."""
+        puts = [(d, v) for d, v in final.items()
+                if v is not None and v[0] is not None and len(v[0]) == 4 * self.dim]
+        return ([d for d, _ in puts], np.fromiter((v[1] for _, v in puts), np.int64, len(puts)),
+                self._matrix([v[0] for _, v in puts]))
 
     def _catch_up(self):
         """Apply every committed log row newer than ``_last_seq`` (lock held)."""
@@ -540,15 +611,15 @@ class VectorIndex:
             self._cleared = True  # so that a fold stores the emptied base, freeing the old
             self._base = _Base.empty(self.dim, self.metric, self._last_seq)
             self._delta = _Delta(self.dim)
-        puts = [(d, v) for d, v in final.items() if v is not None and len(v) == 4 * self.dim]
+        doc_ids, rowids, matrix = self._puts(final)
         for doc_id in final:
             self._base.kill(doc_id)
-        kept = {d for d, _ in puts}
+        kept = set(doc_ids)
         for doc_id in final:
             if doc_id not in kept:
                 self._delta.drop(doc_id)
-        if puts:
-            self._delta.put_many([d for d, _ in puts], self._matrix([v for _, v in puts]))
+        if doc_ids:
+            self._delta.put_many(doc_ids, matrix, rowids)
 
     def _check_pid(self):
         if self._pid != os.getpid():  # forked: the parent's thread and lock are not ours
@@ -573,12 +644,14 @@ class VectorIndex:
             >>> [(doc_id, round(distance, 2)) for doc_id, distance in index.search([0.1, 0.9], 10)]
             [('b', 0.01), ('a', 0.89)]
 
-        ``allowed`` (a set of doc ids, e.g. the result of a ``where=`` filter) restricts the
-        answer; small sets are searched exactly. Sees every write committed before the call,
-        in any process, and this thread's own uncommitted writes inside a transaction.
+        ``allowed`` (a ``beaver._Allowed``: the rowids of the documents a ``where=`` filter
+        lets through) restricts the answer: searched exactly when that is cheaper than the
+        HNSW search the filter needs, else by HNSW with a faiss IDSelector and a breadth grown
+        as the filter narrows. Sees every write committed before the call, in any process, and
+        this thread's own uncommitted writes inside a transaction.
         """
         q = self._prepare(query)
-        if top_k <= 0 or (allowed is not None and not allowed):
+        if top_k <= 0 or (allowed is not None and not len(allowed)):
             return []
         if self._core.in_transaction:
             return self._search_in_transaction(q, top_k, allowed)
@@ -619,39 +692,38 @@ class VectorIndex:
                 dist, ids = np.empty(0, np.float32), []
             else:
                 dist, ids = self._search_state(q, top_k, allowed, final.keys())
-        puts = [(d, v) for d, v in final.items() if v is not None and len(v) == 4 * self.dim
-                and (allowed is None or d in allowed)]
-        if puts:
-            extra = self._distances(self._matrix([v for _, v in puts]), q)
-            dist, ids = np.concatenate([dist, extra]), ids + [d for d, _ in puts]
+        doc_ids, rowids, matrix = self._puts(final)
+        if allowed is not None and doc_ids:
+            keep = allowed.test(rowids)
+            doc_ids, matrix = [d for d, ok in zip(doc_ids, keep) if ok], matrix[keep]
+        if doc_ids:
+            dist, ids = np.concatenate([dist, self._distances(matrix, q)]), ids + doc_ids
         return _top(dist, ids, top_k)
 
     def _brute_force(self, q, top_k, allowed):
-        rows = self._core.execute("SELECT doc_id, vector FROM beaver_vectors WHERE collection = ?",
-                                  (self.collection,)).fetchall()
-        rows = [r for r in rows
-                if (allowed is None or r[0] in allowed) and len(r[1]) == 4 * self.dim]
+        rows = [r for r in self._core.execute(_WITH_ROWIDS, (self.collection,)).fetchall()
+                if len(r[1]) == 4 * self.dim]
+        if allowed is not None and rows:
+            keep = allowed.test(np.fromiter((r[2] for r in rows), np.int64, len(rows)))
+            rows = [r for r, ok in zip(rows, keep) if ok]
         dist = self._distances(self._matrix([r[1] for r in rows]), q)
         return _top(dist, [r[0] for r in rows], top_k)
 
     def _search_state(self, q, top_k, allowed, exclude):
         """(distances, ids) of candidates from base and delta (lock held), maybe > top_k."""
         base, delta = self._base, self._delta
-        if allowed is not None:
-            wanted = allowed.difference(exclude) if exclude else allowed
-            dist, ids = self._search_base_among(base, q, top_k, wanted)
-            small, large = (wanted, delta.pos) if len(wanted) < len(delta) else (delta.pos, wanted)
-            d_rows = [delta.pos[d] for d in small if d in large]
-            if d_rows:
-                dist = np.concatenate([dist, self._distances(delta.vecs[d_rows], q)])
-                ids = ids + [delta.ids[i] for i in d_rows]
-            return dist, ids
-        k = min(top_k + len(exclude), len(base))
-        dist, ids = self._search_base(base, q, k, base.selector(), self.ef_search)
-        if len(ids) < k:  # HNSW among many dead entries can come back short
-            dist, ids = self._search_base_among(base, q, k, base.pos)
-        if len(delta):
-            idx, dids = delta.rows()
+        k = top_k + len(exclude)
+        idx, dids = delta.rows()
+        if allowed is None:
+            dist, ids = self._search_base(base, q, min(k, len(base)), base.selector(),
+                                          self.ef_search)
+            if len(ids) < min(k, len(base)):  # HNSW among many dead entries can come back short
+                dist, ids = self._exact_among(base, q, k, np.flatnonzero(~base.dead))
+        else:
+            dist, ids = self._search_base_among(base, q, k, base.among(allowed))
+            keep = allowed.test(delta.rowids[idx])
+            idx, dids = idx[keep], [d for d, ok in zip(dids, keep) if ok]
+        if len(idx):
             dist = np.concatenate([dist, self._distances(delta.vecs[idx], q)])
             ids = ids + dids
         if exclude:
@@ -659,25 +731,34 @@ class VectorIndex:
             dist, ids = dist[mask], [d for d, m in zip(ids, mask) if m]
         return dist, ids
 
-    def _search_base_among(self, base, q, k, wanted):
-        """Base search restricted to ``wanted`` ids: exact for small sets, else filtered."""
-        rows = np.fromiter((base.pos[d] for d in wanted if d in base.pos), np.int64)
-        k = min(k, len(rows))
-        if k == 0:
+    def _search_base_among(self, base, q, k, among):
+        """The base's ``k`` nearest among the labels a filter allows (``among``): by HNSW with
+        a selector and a breadth grown as the filter narrows (see ``FILTER_EF_SCALE``) unless
+        an exact search of the allowed rows costs less, or HNSW comes back short. A flat base
+        is searched exactly: row by row, or by faiss with a selector when most rows pass."""
+        n, k = len(among), min(k, len(among))
+        if n == 0:
             return np.empty(0, np.float32), []
-        if len(rows) <= GATHER_BELOW:
-            return self._distances(base.xb[rows], q), [base.ids[i] for i in rows]
-        mask = np.zeros(len(base.ids), bool)
-        mask[rows] = True
-        selector, _bits = _bitmap_selector(mask)
-        if base.kind == "hnsw" and len(rows) > self.options["filter_exact_below"]:
-            ef = int(self.ef_search * min(16.0, len(base) / len(rows)))
-            dist, ids = self._search_base(base, q, k, selector, min(4096, max(ef, self.ef_search)))
-            if len(ids) == k:
-                return dist, ids
-        flat = base.index if base.kind == "flat" else faiss.downcast_index(base.index.storage)
-        raw, labels = flat.search(q.reshape(1, -1), k, params=faiss.SearchParameters(sel=selector))
-        return self._to_distance(raw[0]), [base.ids[i] for i in labels[0] if i >= 0]
+        if base.kind == "hnsw":
+            wide = self.ef_search * (1 + FILTER_EF_SCALE * len(base) / n) / 2
+            ef = min(4096, max(self.ef_search, int(wide)))
+            if n > max(self.options["filter_exact_below"], EXACT_COST * ef):
+                dist, ids = self._search_base(base, q, k, among.selector(), ef)
+                if len(ids) == k:
+                    return dist, ids
+        elif 4 * n > len(base):     # a scan beats gathering that many rows one by one
+            return self._search_base(base, q, k, among.selector(), 0)
+        return self._exact_among(base, q, k, among.labels)
+
+    def _exact_among(self, base, q, k, labels):
+        """The ``k`` nearest of the base's ``labels``, exactly: numpy, a chunk at a time."""
+        dist = np.concatenate([self._distances(base.xb[labels[at:at + CHUNK_ROWS]], q)
+                               for at in range(0, len(labels), CHUNK_ROWS)] or
+                              [np.empty(0, np.float32)])
+        if len(dist) > k:
+            best = np.argpartition(dist, k - 1)[:k]
+            dist, labels = dist[best], labels[best]
+        return dist, [base.ids[i] for i in labels]
 
     def _search_base(self, base, q, k, selector, ef):
         """faiss search of the base: (distances, ids) without the -1 padding."""
@@ -780,7 +861,7 @@ class VectorIndex:
         base, delta = self._base, self._delta
         idx, dids = delta.rows()
         return _Plan(base, self._epoch, self._last_seq, self._wanted_kind(base),
-                     delta.vecs[idx].copy(), dids, base.dead.copy())
+                     delta.vecs[idx].copy(), dids, delta.rowids[idx], base.dead.copy())
 
     def _fold(self, persist=False, force=False) -> bool:
         """One fold: plan (locked), build (unlocked, in steps), swap (locked), maybe store."""
@@ -804,22 +885,25 @@ class VectorIndex:
     def _build(self, plan):
         old, kind = plan.base, plan.kind
         live = ~plan.dead
+        live_rowids = np.concatenate([old.rowids[live], plan.drowids])
         if kind == "flat":
             matrix = np.concatenate([old.xb[live], plan.dvecs])
             ids = [d for d, alive in zip(old.ids, live) if alive] + plan.dids
-            return self._flat_base(ids, matrix, plan.seq)
+            return self._flat_base(ids, matrix, plan.seq, live_rowids)
         incremental = (old.kind == "hnsw" and len(old.ids)
                        and plan.dead.sum() < self.options["rebuild_dead"] * len(old.ids))
         if incremental:
             index = faiss.clone_index(old.index)
             ids = [d if alive else None for d, alive in zip(old.ids, live)] + plan.dids
+            rowids = np.concatenate([old.rowids, plan.drowids])
             self._add_in_steps(index, plan.dvecs)
         else:
             index = self._new_hnsw()
             ids = [d for d, alive in zip(old.ids, live) if alive] + plan.dids
+            rowids = live_rowids
             self._add_in_steps(index, old.xb[live])
             self._add_in_steps(index, plan.dvecs)
-        return _Base("hnsw", index, ids, plan.seq, self.dim)
+        return _Base("hnsw", index, ids, plan.seq, self.dim, rowids)
 
     def _new_hnsw(self):
         index = faiss.IndexHNSWFlat(self.dim, self.options["m"], _faiss_metric(self.metric))
@@ -998,7 +1082,7 @@ class VectorIndex:
             graph = 0
             if base.kind == "hnsw" and n:
                 graph = base.index.hnsw.neighbors.size() * 4 + base.index.hnsw.offsets.size() * 8
-            memory = n * self.dim * 4 + graph + delta.vecs.nbytes
+            memory = n * (self.dim * 4 + 8) + graph + delta.vecs.nbytes + delta.rowids.nbytes
             return {"kind": base.kind, "count": len(base) + len(delta), "base": len(base),
                     "delta": len(delta), "dead": base.n_dead, "built_seq": base.built_seq,
                     "last_seq": self._last_seq, "loads": self._loads, "memory_bytes": memory}

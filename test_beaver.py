@@ -1791,6 +1791,9 @@ def test_readme_queries_section_shows_what_it_says(in_tmp):
     assert [k for k, _ in namespace["page"]] == ["n1", "n2"]
     assert [e.data["status"] for e in namespace["errors"]] == [500, 500]
     assert namespace["error_count"] == 2 and namespace["plan"]["index"] == "year"
+    assert [d.id for d in namespace["recent"]] == ["a1", "a3"] and namespace["english"] == 2
+    assert [d.id for d, _ in namespace["near"]] == ["a1", "a3"]
+    assert [d.id for d, _ in namespace["older"]] == ["a3"]
 
 
 # ---- dict ----
@@ -5000,9 +5003,13 @@ def test_collection_alias_module_and_async(db):
     async def run():
         coll = db.collection("x").as_async()
         await coll.index(Document(id="a", body="async text"))
-        return await coll.match("async")
+        await coll.index(Document(id="b", body={"n": 2}, embedding=[1.0]))
+        return (await coll.match("async"), await coll.find({"n": 2}), await coll.count({"n": 2}),
+                await coll.search([0.0], where={"n": {"$gt": 1}}))
 
-    assert [d.id for d, _ in asyncio.run(run())] == ["a"]
+    hits, found, count, near = asyncio.run(run())
+    assert [d.id for d, _ in hits] == ["a"] and [d.id for d in found] == ["b"] and count == 1
+    assert [d.id for d, _ in near] == ["b"]
 
 
 # ---- collections: transactions, options, SQLite versions, hostile queries, read-only ----
@@ -5546,6 +5553,288 @@ class TestCollectionTransactionsFaiss(CollectionTransactionMachineFaiss.TestCase
     settings = MACHINE_SETTINGS
 
 
+# ---- collections: queries (find, count, explain, where= on match and search) ----
+
+@contextlib.contextmanager
+def vector_backend(name):
+    """``BEAVER_VECTOR_BACKEND`` set for a block (hypothesis tests cannot use monkeypatch)."""
+    if name == "faiss":
+        pytest.importorskip("numpy")
+        pytest.importorskip("faiss")
+    before = os.environ.get("BEAVER_VECTOR_BACKEND")
+    os.environ["BEAVER_VECTOR_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["BEAVER_VECTOR_BACKEND"]
+        else:
+            os.environ["BEAVER_VECTOR_BACKEND"] = before
+
+
+def collection_twins(db, bodies):
+    """``indexed_twins`` of collections holding ``bodies`` as documents k00, k01...: each
+    with the embedding [i, 1] (so the query [-1, 1] ranks them in order) and, for dict
+    bodies, the text "common words" to match; and the (id, body) pairs."""
+    plain, indexed = indexed_twins(db, "collection")
+    pairs = [(f"k{i:02d}", {**body, "t": "common words"} if isinstance(body, dict) else body)
+             for i, body in enumerate(bodies)]
+    for coll in (plain, indexed):
+        coll.index_many(Document(id=key, body=body, embedding=[float(i), 1.0])
+                        for i, (key, body) in enumerate(pairs))
+    return plain, indexed, pairs
+
+
+def scored(hits):
+    return sorted(((doc.id, score) for doc, score, *_ in hits), key=lambda h: (-h[1], h[0]))
+
+
+@pytest.mark.parametrize("backend_name", ["exact", "faiss"])
+@QUERY_SETTINGS
+@given(bodies=st.lists(q_docs, max_size=12), filters=st.lists(q_filters, min_size=1, max_size=4))
+def test_collection_queries_match_the_oracle(backend_name, bodies, filters):
+    """find, count, and where= on match (plain and fuzzy) and search, with and without field
+    indexes, on both vector backends, against the pure-Python evaluator of the filter."""
+    with vector_backend(backend_name), BeaverDB(":memory:") as db:
+        plain, indexed, pairs = collection_twins(db, bodies)
+        everything = {(q, f): scored(plain.match(q, top_k=50, fuzziness=f))
+                      for q, f in (("common", 0), ("comon", 1))}
+        for where in filters:
+            expected = [(k, body) for k, body in pairs if oracle_match(where, body)]
+            ids = {k for k, _ in expected}
+            for coll in (plain, indexed):
+                assert [(d.id, d.body) for d in coll.find(where)] == expected, where
+                assert coll.count(where) == len(expected)
+                assert [d.id for d, _ in coll.search([-1.0, 1.0], top_k=50, where=where)] == \
+                    [k for k, _ in expected]
+                for (query, fuzziness), hits in everything.items():
+                    got = scored(coll.match(query, top_k=50, fuzziness=fuzziness, where=where))
+                    assert got == [h for h in hits if h[0] in ids], (query, where)
+
+
+@QUERY_SETTINGS
+@given(bodies=st.lists(q_docs, max_size=12), where=q_filters, order_by=q_order_by,
+       limit=st.none() | st.integers(0, 5), offset=st.integers(0, 4))
+def test_collection_find_order_and_paging_match_the_oracle(bodies, where, order_by, limit,
+                                                            offset):
+    with vector_backend("exact"), BeaverDB(":memory:") as db:
+        plain, indexed, pairs = collection_twins(db, bodies)
+        ordered = oracle_sorted([(k, d) for k, d in pairs if oracle_match(where, d)], order_by)
+        expected = ordered[offset:None if limit is None else offset + limit]
+        for coll in (plain, indexed):
+            got = coll.find(where, order_by=order_by, limit=limit, offset=offset)
+            assert [(d.id, d.body) for d in got] == expected
+
+
+def test_collection_find_count_and_explain(db):
+    notes = db.collection("notes")
+    notes.index_many([
+        Document(id="n1", body={"year": 2024, "tags": ["work", "ai"], "author": {"name": "Ada"}}),
+        Document(id="n2", body={"year": 2019, "tags": ["home"], "author": {"name": "Bob"}}),
+        Document(id="n3", body={"year": 2022, "tags": ["work"]}, embedding=[1.0, 0.0]),
+        Document(id="n4", body={"year": "2023", "tags": ["work"]}),
+        Document(id="s", body="a string body has no fields"), Document(id="none")])
+    where = {"year": {"$gte": 2020}, "tags": {"$contains": "work"}}
+    assert [d.id for d in notes.find(where)] == ["n1", "n3"]
+    assert notes.find({"year": 2022})[0].embedding == [1.0, 0.0]       # documents whole
+    assert [d.id for d in notes.find(order_by="-year", limit=3)] == ["n4", "n1", "n3"]
+    assert [d.id for d in notes.find(offset=4)] == ["none", "s"]        # id order
+    assert notes.count() == len(notes) == 6 and notes.count(where) == 2
+    assert notes.count({"year": {"$exists": False}}) == 2               # "s" and "none"
+    assert [d.id for d in notes.find({"$not": {"year": {"$exists": True}}})] == ["none", "s"]
+    assert notes.find({"author.name": "Ada"})[0].id == "n1"
+    assert notes.explain(where)["index"] is None
+    notes.create_index("year")
+    assert notes.indexes() == ["year"]
+    plan = notes.explain(where)
+    assert plan["index"] == "year" and any("beaver_fx_" in line for line in plan["plan"])
+    assert notes.explain(order_by="year")["index"] == "year"
+    assert [d.id for d in notes.find(where)] == ["n1", "n3"]
+    notes.clear()
+    assert notes.indexes() == ["year"] and notes.find(where) == []
+    assert db.dict("notes").indexes() == []                             # per kind and name
+    assert notes.drop_index("year") is True and notes.indexes() == []
+
+
+def test_collection_filters_on_model_bodies(db):
+    people = db.collection("people", model=Person)
+    people.index(Document(id="ada", body=Person(name="Ada", age=36, tags=["admin"],
+                                                address=Address(city="London"))))
+    people.index(Document(id="bob", body=Person(name="Bob", age=25,
+                                                address=Address(city="Paris"))))
+    people.create_index("address.city")
+    found = people.find({"address.city": "London"})
+    assert [d.id for d in found] == ["ada"] and found[0].body.name == "Ada"
+    assert people.count({"tags": {"$contains": "admin"}, "age": {"$gt": 30}}) == 1
+    assert [d.id for d in people.find(order_by="-age")] == ["ada", "bob"]
+    assert people.explain(where={"address.city": "Paris"})["index"] == "address.city"
+    assert [d.id for d, _ in people.match("Bob", where={"age": 25})] == ["bob"]
+
+
+def test_collection_where_semantics_follow_json_types(db):
+    """The filter language replaces the old equality-only where= of search(): None is an
+    explicit null (not a missing field), True is not 1, 1 equals 1.0, dotted paths work."""
+    docs = db.collection("types")
+    bodies = {"null": {"x": None}, "missing": {}, "one": {"x": 1}, "float": {"x": 1.0},
+              "true": {"x": True}, "text": {"x": "1"}, "deep": {"g": {"even": True}}}
+    for i, (key, body) in enumerate(bodies.items()):
+        docs.index(Document(id=key, body=body, embedding=[float(i), 0.0]))
+    near = lambda where: sorted(d.id for d, _ in docs.search([0.0, 0.0], where=where))  # noqa
+    assert near({"x": None}) == ["null"]
+    assert near({"x": {"$exists": False}}) == ["deep", "missing"]
+    assert near({"x": True}) == ["true"] and near({"x": 1}) == ["float", "one"]
+    assert near({"x": ["1", None]}) == ["null", "text"]                 # a bare list: $in
+    assert near({"g.even": True}) == ["deep"]
+
+
+@pytest.mark.parametrize("where", [{"x": {"$regex": "a"}}, {"x": {"$gt": None}}, {"$or": []},
+                                   {"a..b": 1}, {"x": float("nan")}, [("x", 1)]])
+def test_collection_malformed_filters_raise_before_any_sql(db, where):
+    docs = db.collection("docs")
+    docs.index(Document(id="a", body={"x": "text"}, embedding=[1.0]))
+    statements = []
+    db._core.conn().set_trace_callback(statements.append)
+    try:
+        for call in (lambda: docs.find(where), lambda: docs.count(where),
+                     lambda: docs.explain(where), lambda: docs.match("text", where=where),
+                     lambda: docs.match("txt", fuzziness=1, where=where),
+                     lambda: docs.search([1.0], where=where)):
+            with pytest.raises(beaver.ValidationError):
+                call()
+    finally:
+        db._core.conn().set_trace_callback(None)
+    assert statements == []
+
+
+def test_collection_filtered_search_follows_every_change(db, backend):
+    """The allowed ids of a filter are kept for the collection's version: a change to any
+    document (a body, a drop, a clear, a document without a vector) is seen at once."""
+    docs = db.collection("v")
+    for i in range(6):
+        docs.index(Document(id=f"d{i}", body={"ok": i % 2 == 0}, embedding=[float(i), 0.0]))
+    ok = {"ok": True}
+    assert _ids(docs.search([0.0, 0.0], where=ok)) == ["d0", "d2", "d4"]
+    docs.index(Document(id="d0", body={"ok": False}, embedding=[0.0, 0.0]))   # same vector
+    assert _ids(docs.search([0.0, 0.0], where=ok)) == ["d2", "d4"]
+    docs.index(Document(id="d1", body={"ok": True}, embedding=[1.0, 0.0]))
+    docs.drop("d4")
+    docs.index(Document(id="t", body={"ok": True}))                          # no vector
+    assert _ids(docs.search([0.0, 0.0], where=ok)) == ["d1", "d2"]
+    assert _ids(docs.search([0.0, 0.0], where=ok)) == ["d1", "d2"]           # kept
+    with pytest.raises(RuntimeError):
+        with db.transaction():
+            docs.index(Document(id="d5", body={"ok": True}, embedding=[5.0, 0.0]))
+            docs.index(Document(id="d9", body={"ok": True}, embedding=[0.5, 0.0]))
+            assert _ids(docs.search([0.0, 0.0], where=ok)) == ["d9", "d1", "d2", "d5"]
+            raise RuntimeError("roll back")
+    docs.index(Document(id="d3", body={"ok": True}, embedding=[3.0, 0.0]))   # the same version
+    assert _ids(docs.search([0.0, 0.0], where=ok)) == ["d1", "d2", "d3"]
+    docs.clear()
+    assert docs.search([0.0, 0.0], where=ok) == []
+    docs.index(Document(id="back", body={"ok": True}, embedding=[1.0, 1.0]))
+    assert _ids(docs.search([0.0, 0.0], where=ok)) == ["back"]
+
+
+@pytest.mark.parametrize("backend_name", ["exact", "faiss"])
+@QUERY_SETTINGS
+@given(steps=st.lists(st.tuples(st.integers(0, 9), q_docs | st.none(), st.booleans()),
+                      max_size=20),
+       filters=st.lists(q_filters, min_size=1, max_size=3))
+def test_collection_kept_filters_follow_writes_like_the_oracle(backend_name, steps, filters):
+    """A filter's allowed ids are kept, then patched from the change log after each write:
+    searches after any sequence of writes (with and without vectors, drops) answer as the
+    oracle does."""
+    with vector_backend(backend_name), BeaverDB(":memory:") as db:
+        docs, state = db.collection("c"), {}
+        for n, body, with_vector in steps:
+            key = f"k{n}"
+            if body is None:
+                if state.pop(key, None) is not None:
+                    docs.drop(key)
+            else:
+                docs.index(Document(id=key, body=body,
+                                    embedding=[float(n), 1.0] if with_vector else None))
+                state[key] = (body, with_vector)
+            for where in filters:
+                expected = sorted(k for k, (b, v) in state.items() if v and oracle_match(where, b))
+                got = [d.id for d, _ in docs.search([-1.0, 1.0], top_k=20, where=where)]
+                assert got == expected, where
+
+
+def test_collection_kept_filter_is_patched_after_a_write(db):
+    docs = db.collection("v")
+    docs.index_many(Document(id=f"d{i}", body={"n": i}, embedding=[float(i), 0.0])
+                    for i in range(50))
+    where = {"n": {"$lt": 10}}
+    assert len(docs.search([0.0, 0.0], top_k=100, where=where)) == 10
+    docs.index(Document(id="d3", body={"n": 30}, embedding=[3.0, 0.0]))
+    docs.index(Document(id="new", body={"n": 1}))                       # no vector
+    statements = []
+    db._core.conn().set_trace_callback(statements.append)
+    try:
+        assert len(docs.search([0.0, 0.0], top_k=100, where=where)) == 9
+    finally:
+        db._core.conn().set_trace_callback(None)
+    assert not any("group_concat" in s for s in statements)             # patched, not read
+    assert sum("beaver_vector_log" in s for s in statements) == 1
+    docs.clear()                                                        # the log is emptied
+    docs.index(Document(id="x", body={"n": 1}, embedding=[1.0, 0.0]))
+    assert _ids(docs.search([0.0, 0.0], where=where)) == ["x"]
+
+
+def _flip_documents(path, name):
+    with BeaverDB(path) as db:
+        docs = db.collection(name)
+        with db.transaction():
+            for i in range(0, 40, 2):
+                docs.index(Document(id=f"d{i}", body={"ok": False}, embedding=[float(i), 0.0]))
+            docs.drop("d1")
+
+
+def test_collection_filtered_search_sees_other_processes(tmp_path, backend):
+    path = tmp_path / "shared.db"
+    with BeaverDB(path) as db:
+        docs = db.collection("v")
+        docs.index_many(Document(id=f"d{i}", body={"ok": True}, embedding=[float(i), 0.0])
+                        for i in range(40))
+        assert len(docs.search([0.0, 0.0], top_k=100, where={"ok": True})) == 40
+        child = multiprocessing.get_context("spawn").Process(target=_flip_documents,
+                                                             args=(str(path), "v"))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        assert _ids(docs.search([0.0, 0.0], top_k=100, where={"ok": True})) == \
+            [f"d{i}" for i in range(3, 40, 2)]
+
+
+def test_collection_filtered_search_without_numpy(docs, monkeypatch):
+    monkeypatch.setenv("BEAVER_VECTOR_BACKEND", "exact")
+    monkeypatch.setitem(sys.modules, "numpy", None)
+    for i in range(20):
+        docs.index(Document(id=f"d{i:02d}", body={"n": i}, embedding=[float(i), 1.0]))
+    hits = docs.search([4.2, 1.0], top_k=3, where={"n": {"$gte": 6}})
+    assert [d.id for d, _ in hits] == ["d06", "d07", "d08"]
+    assert docs.search([4.2, 1.0], where={"n": 99}) == []
+
+
+def test_collection_filtered_search_returns_only_matching_documents(db, backend, monkeypatch):
+    """A writer changing a document between the choice of the nearest ids and the fetch of
+    the documents: the fetch checks the filter again."""
+    docs = db.collection("race")
+    for i in range(5):
+        docs.index(Document(id=f"d{i}", body={"ok": True}, embedding=[float(i), 0.0]))
+    search = docs._vecs.search
+
+    def racing(query, top_k, allowed=None):
+        hits = search(query, top_k, allowed)
+        with BeaverDB(db.path) as other:
+            other.collection("race").index(Document(id="d0", body={"ok": False},
+                                                    embedding=[0.0, 0.0]))
+        return hits
+    monkeypatch.setattr(docs._vecs, "search", racing)
+    assert _ids(docs.search([0.0, 0.0], top_k=2, where={"ok": True})) == ["d1"]
+
+
 # ---- vectors (beaver_vector: the faiss index) ----
 # The collections run on beaver_vector whenever numpy and faiss import; these tests check it
 # against brute force, across reopen, processes and a crash mid-compaction.
@@ -5646,8 +5935,6 @@ def test_vector_exact_equals_brute_force(db, faiss_ok, metric, monkeypatch):
             _same_answer(coll.search(q, 10), _brute(coll.stored(), q, metric, 10))
     allowed = {f"d{i}" for i in range(0, 200, 3)}
     q = rng.standard_normal(8)
-    _same_answer(coll.search(q, 5, allowed), _brute(coll.stored(), q, metric, 5, allowed))
-    monkeypatch.setattr(beaver_vector, "GATHER_BELOW", 0)    # the IDSelector path
     _same_answer(coll.search(q, 5, allowed), _brute(coll.stored(), q, metric, 5, allowed))
     faiss_answer = coll.search(q, 1000)
     assert len(faiss_answer) == len(coll.stored())
@@ -5769,6 +6056,56 @@ def test_vector_hnsw_filters_and_rebuilds(db, faiss_ok):
     assert len(got) == 10 and {d for d, _ in got} <= large
     coll.coll.compact()                             # half dead: rebuilt without them
     assert coll.index.info()["dead"] == 0 and coll.index.info()["count"] == 300
+
+
+def test_vector_filters_by_exact_search_and_by_hnsw_agree_with_brute_force(db, faiss_ok,
+                                                                          monkeypatch):
+    """Filters on an HNSW base (and its delta): exact when that is cheaper, HNSW with a
+    selector when forced (EXACT_COST = 0), each returning allowed documents only."""
+    import beaver_vector
+    np = _np()
+    rng = np.random.default_rng(11)
+    coll = _VecCollection(db, "v", "l2", index="hnsw", fold_min=50, background=False,
+                          filter_exact_below=0)
+    coll.put_many((f"d{i}", rng.standard_normal(8)) for i in range(400))
+    coll.coll.compact()
+    coll.put_many((f"e{i}", rng.standard_normal(8)) for i in range(30))    # the delta
+    coll.delete("d3")                                                         # a dead label
+    filters = [{f"d{i}" for i in range(0, 400, 2)} | {"e1", "e2", "d3"},
+               {f"d{i}" for i in range(7)} | {f"e{i}" for i in range(0, 30, 3)},
+               {f"d{i}" for i in range(1, 400, 9)}]
+    for allowed in filters:
+        for cost in (beaver_vector.EXACT_COST, 0):
+            monkeypatch.setattr(beaver_vector, "EXACT_COST", cost)
+            for _ in range(5):
+                q = rng.standard_normal(8)
+                want = {d for d, _ in _brute(coll.stored(), q, "l2", 10, allowed)}
+                got = coll.search(q, 10, allowed)
+                assert {d for d, _ in got} <= allowed - {"d3"} and len(got) == 10
+                assert len({d for d, _ in got} & want) >= (10 if cost else 9)
+    assert coll.index.info()["kind"] == "hnsw" and coll.index.info()["delta"] == 30
+    among = coll.index._base._among
+    assert len(among) == len(filters) and all(kept[1] == 1 for kept in among.values())
+
+
+def test_vector_filtered_search_after_reopen_maps_stored_labels(tmp_path, faiss_ok):
+    """A stored base holds doc ids; their rowids are read again when it loads (documents
+    dropped and indexed again since then get new rowids)."""
+    np = _np()
+    rng = np.random.default_rng(2)
+    vectors = {f"d{i}": rng.standard_normal(4) for i in range(60)}
+    with BeaverDB(tmp_path / "v.db") as db:
+        coll = _VecCollection(db, "v", background=False)
+        coll.put_many(vectors.items())
+        coll.coll.compact()
+        coll.delete("d7")
+        coll.put("d7", vectors["d7"])                 # a new rowid, only in the log
+    with BeaverDB(tmp_path / "v.db") as db:
+        coll = _VecCollection(db, "v", background=False)
+        allowed = {"d7", "d8", "d30"}
+        q = vectors["d7"]
+        _same_answer(coll.search(q, 3, allowed), _brute(coll.stored(), q, "l2", 3, allowed))
+        assert coll.search(q, 60, {f"d{i}" for i in range(60)})[0][0] == "d7"
 
 
 def test_vector_other_process_compaction_needs_no_reload(tmp_path, faiss_ok):
@@ -7461,8 +7798,11 @@ def dashboard(tmp_path_factory):
 
 
 def _until(browser, condition, what):
+    """Wait for ``condition()``; elements a re-render replaced meanwhile mean "not yet"."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
-    return WebDriverWait(browser, 15, poll_frequency=0.05).until(
+    return WebDriverWait(browser, 15, poll_frequency=0.05,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(
         lambda _: condition(), message=f"waited 15 s for {what}")
 
 
@@ -8289,6 +8629,76 @@ def test_same_api_collection(anydb, uid):
     copy.load(data)
     assert len(copy) == 3 and copy.metric == "cosine"
     assert [d.id for d in copy.walk("sqlite-001", depth=2)] == ["pg", "duck"]
+
+
+def _query_notes(coll):
+    """The same collection queries for every face: (find, count, match, search, explain).
+    (Text scores depend on every text of the file, so matches are compared by their ids.)"""
+    work = {"tags": {"$contains": "work"}, "year": {"$gte": 2020}}
+    return ([(d.id, d.body) for d in coll.find(work, order_by="-year")],
+            [d.id for d in coll.find(order_by=["lang", "-year"], limit=2, offset=1)],
+            coll.count(work), coll.count({"lang": {"$exists": False}}),
+            sorted(d.id for d, _ in coll.match("notes", where={"lang": "en"})),
+            sorted(d.id for d, _ in coll.match("ntes", fuzziness=1, where={"year": [2019, 2022]})),
+
+            [(d.id, round(s, 4)) for d, s in coll.search([1.0, 0.0], top_k=2, where=work)],
+            coll.explain(where={"year": 2024})["index"])
+
+
+NOTES = [("n1", {"year": 2024, "tags": ["work", "ai"], "lang": "en", "t": "my notes"}, [1.0, 0.1]),
+         ("n2", {"year": 2019, "tags": ["home"], "lang": "fr", "t": "notes"}, [0.0, 1.0]),
+         ("n3", {"year": 2022, "tags": ["work"], "t": "old notes"}, [0.9, 0.0]),
+         ("n4", {"year": "2023", "tags": ["work"], "lang": "en", "t": "notes"}, [1.0, 0.0])]
+
+
+def test_same_api_collection_queries(anydb, uid):
+    """find, count, explain, indexes and where= on match and search, in-process and over
+    HTTP, give the same answers as in-process (BeaverDB on its own file)."""
+    notes = anydb.collection(f"{uid}-notes")
+    notes.index_many(Document(id=i, body=b, embedding=e) for i, b, e in NOTES)
+    with BeaverDB(":memory:") as local:
+        reference = local.collection("notes")
+        reference.index_many(Document(id=i, body=b, embedding=e) for i, b, e in NOTES)
+        reference.create_index("year")
+        expected = _query_notes(reference)
+    assert expected[:2] == ([("n1", NOTES[0][1]), ("n3", NOTES[2][1])], ["n4", "n1"])
+    assert expected[4:6] == (["n1", "n4"], ["n2", "n3"]) and expected[-1] == "year"
+    notes.create_index("year")
+    assert notes.indexes() == ["year"]
+    assert _query_notes(notes) == expected
+    assert notes.drop_index("year") is True and notes.explain(where={"year": 1})["index"] is None
+    with pytest.raises(ValueError, match=r"\$bogus"):
+        notes.find({"year": {"$bogus": 1}})
+    with pytest.raises(ValueError):
+        notes.search([1.0, 0.0], where={"$or": []})
+
+
+def test_cli_collection_queries(capsys, dbfile):
+    with BeaverDB(dbfile) as db:
+        notes = db.collection("notes")
+        notes.index_many(Document(id=i, body=b, embedding=e) for i, b, e in NOTES)
+        notes.create_index("year")
+        expected = _query_notes(notes)
+    for mode in ((), ("client",)):
+        run = lambda *a: json.loads(_cli(capsys, *mode, "-d", dbfile, "collection", "notes",
+                                         *a)[1])  # noqa: E731
+        work = json.dumps({"tags": {"$contains": "work"}, "year": {"$gte": 2020}})
+        got = ([(d["id"], d["body"]) for d in run("find", "--where", work, "--order-by=-year")],
+               [d["id"] for d in run("find", "--order-by", '["lang", "-year"]', "--limit", "2",
+                                     "--offset", "1")],
+               run("count", "--where", work), run("count", "--where", '{"lang": {"$exists": false}}'),
+               sorted(h["document"]["id"] for h in run("match", "notes", "--where",
+                                                       '{"lang": "en"}')),
+               sorted(h["document"]["id"] for h in run("match", "ntes", "-f", "1", "--where",
+                                                       '{"year": [2019, 2022]}')),
+               [(h["document"]["id"], round(h["score"], 4))
+                for h in run("search", "[1.0, 0.0]", "-k", "2", "--where", work)],
+               run("explain", "--where", '{"year": 2024}')["index"])
+        assert got == expected
+        assert run("indexes") == ["year"]
+        code, out, err = _cli(capsys, *mode, "-d", dbfile, "collection", "notes", "find",
+                              "--where", '{"year": {"$bogus": 1}}')
+        assert code == 1 and out == "" and "$bogus" in err
 
 
 def test_server_channel_sse_and_websocket(api):

@@ -1,9 +1,10 @@
-"""Filters, ordering, paging and field indexes on a dict of profiles and a log of requests."""
+"""Filters, ordering, paging and field indexes on a dict of profiles, a log of requests and a
+collection of notes (filtered text and vector search)."""
 import os
 import random
 import tempfile
 
-from beaver import BeaverDB, ValidationError
+from beaver import BeaverDB, Document, ValidationError
 
 
 def main(path):
@@ -34,6 +35,21 @@ def main(path):
         slow_errors = requests.range(where={"status": 500, "ms": {"$gt": 800}}, order="desc",
                                      limit=3)
         print("the last slow errors:", [(e.timestamp.isoformat(), e.data) for e in slow_errors])
+
+        notes = db.collection("notes")
+        notes.index_many(Document(id=f"note-{i:03d}", embedding=[rng.random(), rng.random()],
+                                  body={"user": f"u{i % 7}", "year": 2020 + i % 6,
+                                        "tags": rng.sample(["work", "home", "ai"], 2),
+                                        "text": rng.choice(["meeting notes", "grocery list",
+                                                            "paper notes"])})
+                         for i in range(300))
+        notes.create_index("user")
+        mine = {"user": "u3", "year": {"$gte": 2024}, "tags": {"$contains": "work"}}
+        print("u3's recent work notes:", notes.count(mine), "uses index",
+              notes.explain(where=mine)["index"])
+        print("  the nearest:", [(d.id, round(distance, 3)) for d, distance in
+                                 notes.search([0.5, 0.5], top_k=3, where=mine)])
+        print("  about meetings:", [d.id for d, _ in notes.match("meeting", where=mine)][:3])
         try:
             users.find({"age": {"$gt": "sixty", "$between": [1, 2]}})
         except ValidationError as e:
