@@ -627,7 +627,11 @@ def _upstream_version(conn):
     """'2.x' or '1.x' (0.x included) if ``conn`` (a ``sqlite3.Connection``) holds a file of the
     upstream ``beaver-db`` package, else None.
 
-        >>> _upstream_version(sqlite3.connect("old.db"))
+        >>> conn = sqlite3.connect(":memory:")
+        >>> _upstream_version(conn) is None
+        True
+        >>> _ = conn.execute("CREATE TABLE __beaver_dicts__ (name, key, value)")
+        >>> _upstream_version(conn)
         '2.x'
     """
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -1738,8 +1742,13 @@ class _StructureLock:
     def acquire(self, timeout=None, block=True, ttl=60.0):
         """Take this structure's inter-process lock; use the result in a ``with`` block.
 
-            >>> with db.queue("jobs").acquire(timeout=5) as q:
-            ...     batch = [q.get(block=False) for _ in range(len(q))]
+            >>> jobs = db.queue("jobs")
+            >>> for n in range(3):
+            ...     jobs.put(n)
+            >>> with jobs.acquire(timeout=5) as q:     # no other holder takes items meanwhile
+            ...     batch = [q.get(block=False).data for _ in range(len(q))]
+            >>> batch
+            [0, 1, 2]
 
         The lock is advisory: it excludes other holders of the same structure's lock, in any
         thread or process. Raises ``LockTimeout`` (a ``TimeoutError``) if not acquired.
@@ -1851,7 +1860,12 @@ class _Manager(_StructureLock):
     def on(self, event, callback) -> _EventHandle:
         """Call ``callback(payload)`` after every ``event`` ('set', 'del', ... or '*').
 
-            >>> handle = db.dict("config").on("set", lambda p: print(p["key"]))
+            >>> import queue
+            >>> keys = queue.Queue()
+            >>> handle = db.dict("config").on("set", lambda p: keys.put(p["key"]))
+            >>> db.dict("config")["theme"] = "dark"
+            >>> keys.get(timeout=5)                    # called on the event thread
+            'theme'
             >>> handle.off()
 
         Writes from any thread or process are delivered once each, after their commit, in
@@ -1872,9 +1886,10 @@ class _Manager(_StructureLock):
     def dump(self, fp=None):
         """Export to a JSON-ready dict, or write it as JSON to the file object ``fp``.
 
+            >>> db.dict("config").update(theme="dark", lang="en")
             >>> data = db.dict("config").dump()
-            >>> data["metadata"]["count"]
-            2
+            >>> data["metadata"]["count"], data["items"][0]
+            (2, {'key': 'lang', 'value': 'en', 'expires_at': None})
         """
         with self._core.transaction():
             items = self._dump_items()
@@ -1923,7 +1938,9 @@ class _Manager(_StructureLock):
         """An awaitable twin of this manager whose calls run in worker threads.
 
             >>> adict = db.dict("config").as_async()
-            >>> await adict.set("theme", "dark")
+            >>> await adict.set("theme", "dark")       # in async code (or python -m asyncio)
+            >>> await adict.get("theme")
+            'dark'
         """
         return AsyncManager(self)
 
@@ -1956,9 +1973,16 @@ _CLOSED = object()      # what a push stream's inbox receives when the stream cl
 class Stream:
     """Values that arrive over time: a channel subscription, a live view, a remote stream.
 
-        >>> with db.channel("chat").subscribe() as sub:
+        >>> chat = db.channel("chat")
+        >>> with chat.subscribe() as sub:
+        ...     chat.publish("hello")
+        ...     chat.publish("world")
+        ...     print(sub.get(timeout=5))
         ...     for message in sub.listen(timeout=5):
         ...         print(message)
+        ...         break
+        hello
+        world
 
     ``get(timeout)`` returns the next value (``TimeoutError`` after ``timeout`` seconds
     without one); iterating (or ``listen()``) yields values until ``close()``; a ``with``
@@ -2438,6 +2462,8 @@ class _Indexed:
     def create_index(self, path):
         """Index the field at ``path``: filters and ordering on it stop reading every row.
 
+            >>> users = db.dict("users")
+            >>> users.update(ada={"name": "Ada", "age": 36}, bob={"name": "Bob", "age": 25})
             >>> users.create_index("age")
             >>> users.explain(where={"age": {"$gte": 30}})["index"]
             'age'
@@ -2451,14 +2477,19 @@ class _Indexed:
     def drop_index(self, path) -> bool:
         """Drop the field index on ``path``; False if there was none.
 
-            >>> users.drop_index("age")
-            True
+            >>> users = db.dict("users")
+            >>> users.create_index("age")
+            >>> users.drop_index("age"), users.drop_index("age")
+            (True, False)
         """
         return self._fields.drop(path)
 
     def indexes(self) -> list:
         """The paths of this structure's field indexes, canonically spelled and sorted.
 
+            >>> users = db.dict("users")
+            >>> users.create_index("author.name")
+            >>> users.create_index("age")
             >>> users.indexes()
             ['age', 'author.name']
         """
@@ -2513,7 +2544,10 @@ class DictManager(_Manager, _Indexed, MutableMapping):
     def set(self, key, value, ttl_seconds=None):
         """Store ``value`` under ``key``; with ``ttl_seconds`` it expires that much later.
 
+            >>> cache = db.dict("cache")
             >>> cache.set("weather", {"temp": 21}, ttl_seconds=600)
+            >>> cache["weather"]                       # for ten minutes
+            {'temp': 21}
 
         Before writing anything, raises ``TypeError`` (a key that is not a str, a value that
         is not JSON) or ``ValueError`` (a ttl that is not a positive finite number, a lone
@@ -2577,9 +2611,13 @@ class DictManager(_Manager, _Indexed, MutableMapping):
     def find(self, where=None, order_by=None, limit=None, offset=0) -> list:
         """Live ``(key, value)`` pairs whose value matches ``where``, in key order by default.
 
+            >>> users = db.dict("users")
+            >>> users.update(ada={"name": "Ada", "age": 36, "tags": ["admin"]},
+            ...              bob={"name": "Bob", "age": 25, "tags": ["admin"]},
+            ...              eve={"name": "Eve", "age": 41, "tags": ["dev"]})
             >>> users.find({"age": {"$gte": 30}, "tags": {"$contains": "admin"}},
             ...            order_by=["-age", "name"], limit=10)
-            [('ada', {'name': 'Ada', 'age': 36, 'tags': ['admin']}), ...]
+            [('ada', {'name': 'Ada', 'age': 36, 'tags': ['admin']})]
 
         ``where`` is a filter (see "Queries and filters" in the README); ``order_by`` a field
         path or a list of them, ``"-path"`` for descending, ties in key order. Values may be
@@ -2592,9 +2630,10 @@ class DictManager(_Manager, _Indexed, MutableMapping):
     def explain(self, where=None, order_by=None) -> dict:
         """How SQLite would run ``find(where, order_by)``: the field index it uses, and its plan.
 
+            >>> users = db.dict("users")
             >>> users.create_index("age")
             >>> users.explain(where={"age": 36})
-            {'index': 'age', 'plan': ['SEARCH beaver_dicts USING INDEX beaver_fx_... (...)']}
+            {'index': 'age', 'plan': ['SEARCH ... USING INDEX beaver_fx_...']}
         """
         return self._fields.explain(*self._find_query(where, order_by, None, 0))
 
@@ -3032,6 +3071,7 @@ class QueueManager(_Manager):
     def put(self, data, priority=0):
         """Add ``data``; lower ``priority`` numbers come out first, FIFO among equals.
 
+            >>> jobs = db.queue("jobs")
             >>> jobs.put({"action": "reply"}, priority=1)
 
         ``priority`` is a finite int (64 bits) or float: else ``TypeError`` / ``ValueError``.
@@ -3058,9 +3098,13 @@ class QueueManager(_Manager):
         not deleted, and comes back to the queue (at the end of its priority) unless
         ``ack(item)`` is called within ``lease`` seconds:
 
+            >>> jobs = db.queue("jobs")
+            >>> jobs.put({"action": "reply"})
             >>> item = jobs.get(lease=30)
-            >>> process(item.data)
+            >>> item.data                              # do the work, then
+            {'action': 'reply'}
             >>> jobs.ack(item)
+            True
         """
         timeout = _seconds(timeout, "timeout", wait=True)
         lease = _seconds(lease, "lease", positive=True)
@@ -3400,10 +3444,12 @@ def _utc(seconds) -> _dt.datetime:
 class LogManager(_Manager, _Indexed):
     """A time-indexed log of structured entries, with range queries and live aggregates.
 
+        >>> from datetime import datetime, timedelta, timezone
         >>> metrics = db.log("system_metrics")
         >>> metrics.log({"cpu": 0.4})
         >>> metrics.log({"cpu": 0.9}, timestamp=datetime.now(timezone.utc))
-        >>> [entry.data["cpu"] for entry in metrics.range(start=time.time() - 60)]
+        >>> hour_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+        >>> [entry.data["cpu"] for entry in metrics.range(start=hour_ago)]
         [0.4, 0.9]
 
     Timestamps are ``datetime`` objects or epoch seconds; a naive ``datetime`` is taken as
@@ -3427,6 +3473,8 @@ class LogManager(_Manager, _Indexed):
     def log(self, data, timestamp=None):
         """Append ``data`` at ``timestamp`` (default: now).
 
+            >>> from datetime import datetime, timezone
+            >>> metrics = db.log("system_metrics")
             >>> metrics.log({"cpu": 0.4}, timestamp=datetime.now(timezone.utc))
 
         ``timestamp`` is a ``datetime`` or epoch seconds within the years 1 to 9999
@@ -3446,9 +3494,17 @@ class LogManager(_Manager, _Indexed):
     def range(self, start=None, end=None, where=None, order="asc", limit=None, offset=0) -> list:
         """Entries with ``start <= timestamp <= end`` (either bound may be None), oldest first.
 
+            >>> from datetime import datetime, timezone
+            >>> logs = db.log("app")
+            >>> logs.log({"level": "info"}, timestamp=datetime(2025, 1, 1, 9, tzinfo=timezone.utc))
+            >>> logs.log({"level": "error"}, timestamp=datetime(2025, 1, 2, 9, tzinfo=timezone.utc))
             >>> for when, data in logs.range(start=datetime(2025, 1, 1, tzinfo=timezone.utc)):
             ...     print(when, data)
-            >>> logs.range(where={"level": "error"}, order="desc", limit=20)   # the last 20
+            2025-01-01 09:00:00+00:00 {'level': 'info'}
+            2025-01-02 09:00:00+00:00 {'level': 'error'}
+            >>> last_20 = logs.range(where={"level": "error"}, order="desc", limit=20)
+            >>> [(entry.timestamp.day, entry.data) for entry in last_20]
+            [(2, {'level': 'error'})]
 
         ``where`` keeps the entries whose data matches a filter (see "Queries and filters" in
         the README); ``order="desc"`` gives newest first; ``limit`` and ``offset`` page.
@@ -3461,6 +3517,7 @@ class LogManager(_Manager, _Indexed):
         """How SQLite would run ``range(start, end, where, order)``: the field index it uses
         (or None) and its plan.
 
+            >>> logs = db.log("app")
             >>> logs.create_index("level")
             >>> logs.explain(where={"level": "error"})["index"]
             'level'
@@ -3521,11 +3578,16 @@ class LogManager(_Manager, _Indexed):
     def live(self, window, period, aggregator=list, where=None) -> "LiveView":
         """An iterator of ``aggregator(entries in the last window)``, now and every ``period``.
 
+            >>> from datetime import timedelta
+            >>> logs = db.log("app")
+            >>> logs.log({"level": "error"})
             >>> view = logs.live(window=timedelta(seconds=5), period=timedelta(seconds=1),
-            ...                  aggregator=lambda rows: len(rows), where={"level": "error"})
+            ...                  aggregator=len, where={"level": "error"})
             >>> with view:
-            ...     for count in view:
+            ...     for count in view:                 # at once, then every second
             ...         print(count)
+            ...         break
+            1
 
         Each period reads only the rows logged since the last one (in any process). ``where``
         keeps the entries matching a filter, as in ``range``. Close the view with ``close()``
@@ -3726,9 +3788,14 @@ class ChannelManager(_Manager):
     def subscribe(self) -> "Subscriber":
         """A new subscription, receiving every message published from now on.
 
-            >>> with db.channel("chat").subscribe() as sub:
-            ...     for message in sub.listen():
-            ...         handle(message)
+            >>> chat = db.channel("chat")
+            >>> sub = chat.subscribe()
+            >>> chat.publish("hello")
+            >>> with sub:                              # closes the subscription at the end
+            ...     for message in sub.listen():       # waits for each message
+            ...         print(message)
+            ...         break
+            hello
         """
         return Subscriber(self)
 
@@ -3895,8 +3962,9 @@ def _add_lock_ttl_column(core):
 class Lock:
     """A fair (FIFO) inter-process lock with a time-to-live and a fencing token.
 
-        >>> with db.lock("nightly-report", timeout=10):
-        ...     build_report()
+        >>> with db.lock("nightly-report", timeout=10) as lock:     # waits its turn, 10 s at most
+        ...     print("building the report; fencing token", lock.token)
+        building the report; fencing token 1
 
     Waiters queue by ticket and keep their place however long they wait; the ``ttl``
     bounds only how long a holder may keep the lock without ``renew()``, so a crashed
@@ -4096,7 +4164,9 @@ class Lock:
     def renew(self, ttl=None):
         """Extend the hold to ``ttl`` (default: the lock's ttl) seconds from now.
 
-            >>> lock.renew(300)
+            >>> lock = db.lock("nightly-report", ttl=60)
+            >>> with lock:
+            ...     lock.renew(300)                    # a long job: five more minutes
 
         ``LockLost`` if the hold had already run out (the object may then acquire again).
         """
@@ -5443,6 +5513,7 @@ class CollectionManager(_Manager, _Indexed):
 
         >>> articles = db.collection("articles")
         >>> articles.index(Document(id="a1", body="SQLite is an embedded database"))
+        Document(id='a1', body='SQLite is an embedded database')
         >>> [doc.id for doc, score in articles.match("datbase", fuzziness=1)]
         ['a1']
 
@@ -5517,8 +5588,13 @@ class CollectionManager(_Manager, _Indexed):
     def index(self, document, fts=True, fuzzy=False):
         """Insert or replace ``document`` with its text index and vector, atomically.
 
+            >>> docs = db.collection("docs")
             >>> docs.index(Document(id="a1", body={"title": "Hi", "tags": ["x"]}))
-            >>> docs.index(doc, fts=["title"])        # index only these field paths
+            Document(id='a1', body={'title': 'Hi', 'tags': ['x']})
+            >>> doc = Document(id="a2", body={"title": "Notes", "text": "not searched"})
+            >>> _ = docs.index(doc, fts=["title"])     # index only these field paths
+            >>> docs.match("notes")[0][0].id, docs.match("searched")
+            ('a2', [])
 
         ``fts=False`` skips the text index. ``fuzzy`` is accepted for compatibility: every
         text-indexed document is searchable with typos. Returns the document.
@@ -5531,7 +5607,10 @@ class CollectionManager(_Manager, _Indexed):
     def index_many(self, documents, fts=True, fuzzy=False) -> int:
         """Index many documents in one transaction (much faster than one by one).
 
+            >>> docs = db.collection("docs")
+            >>> texts = ["SQLite is small", "SQLite is fast"]
             >>> docs.index_many(Document(id=str(i), body=text) for i, text in enumerate(texts))
+            2
 
         Every document is validated before anything is written; an id given twice is
         stored once (the last one wins, as with one ``index()`` after another). Returns how
@@ -5585,7 +5664,11 @@ class CollectionManager(_Manager, _Indexed):
     def drop(self, document):
         """Remove a document (given as a ``Document`` or an id), its vector and its edges.
 
+            >>> docs = db.collection("docs")
+            >>> _ = docs.index(Document(id="a1", body="hello"))
             >>> docs.drop("a1")
+            >>> "a1" in docs
+            False
 
         Raises ``KeyError`` if there is no such document.
         """
@@ -5604,7 +5687,10 @@ class CollectionManager(_Manager, _Indexed):
     def get(self, doc_id, default=None):
         """The document with this id, or ``default``.
 
-            >>> docs.get("a1").body
+            >>> docs = db.collection("docs")
+            >>> _ = docs.index(Document(id="a1", body={"title": "Hi"}))
+            >>> docs.get("a1").body, docs.get("b2")
+            ({'title': 'Hi'}, None)
         """
         doc = self._rows.get(_doc_id(doc_id))
         return default if doc is None else doc
@@ -5635,9 +5721,14 @@ class CollectionManager(_Manager, _Indexed):
     def find(self, where=None, order_by=None, limit=None, offset=0) -> list:
         """The documents whose body matches ``where``, in id order unless ``order_by`` says.
 
+            >>> notes = db.collection("notes")
+            >>> notes.index_many([Document(id="n1", body={"year": 2021, "tags": ["work"]}),
+            ...                   Document(id="n2", body={"year": 2024, "tags": ["work", "ai"]}),
+            ...                   Document(id="n3", body={"year": 2019, "tags": ["home"]})])
+            3
             >>> notes.find({"year": {"$gte": 2020}, "tags": {"$contains": "work"}},
             ...            order_by="-year", limit=10)
-            [Document(id='n1', body={'year': 2024, ...}), ...]
+            [Document(id='n2', body={'year': 2024, ...}), Document(id='n1', body={...})]
 
         ``where`` is a filter on the body's fields (see "Queries and filters" in the README);
         ``order_by`` a field path or a list of them, ``"-path"`` for descending, ties in id
@@ -5650,8 +5741,12 @@ class CollectionManager(_Manager, _Indexed):
     def count(self, where=None) -> int:
         """How many documents match ``where`` (all of them without a filter).
 
-            >>> notes.count({"tags": {"$contains": "work"}})
-            2
+            >>> notes = db.collection("notes")
+            >>> notes.index_many(Document(body={"tags": tags}) for tags in (["work"], ["home"],
+            ...                                                             ["work", "ai"]))
+            3
+            >>> notes.count({"tags": {"$contains": "work"}}), notes.count()
+            (2, 3)
         """
         query = self._filter(where)[0]
         scope, params = self._fields.scope(query.indexable)
@@ -5661,6 +5756,7 @@ class CollectionManager(_Manager, _Indexed):
     def explain(self, where=None, order_by=None) -> dict:
         """How SQLite would run ``find(where, order_by)``: the field index used, and its plan.
 
+            >>> notes = db.collection("notes")
             >>> notes.create_index("year")
             >>> notes.explain(where={"year": 2024})["index"]
             'year'
@@ -5715,9 +5811,18 @@ class CollectionManager(_Manager, _Indexed):
               where=None):
         """Full-text search: ``[(Document, score)]``, best first (higher score is better).
 
-            >>> docs.match("embedded database")              # all words, any order
-            >>> docs.match('"embedded database" OR sqlite -mysql', on=["title"])
-            >>> docs.match("datbase", fuzziness=1)           # typo-tolerant
+            >>> docs = db.collection("docs")
+            >>> docs.index_many([
+            ...     Document(id="a1", body={"title": "SQLite", "text": "an embedded database"}),
+            ...     Document(id="a2", body={"title": "MySQL", "text": "a database server"})])
+            2
+            >>> [doc.id for doc, score in docs.match("embedded database")]  # all words, any order
+            ['a1']
+            >>> [doc.id for doc, score in docs.match('"database server" OR sqlite -mysql',
+            ...                                      on=["title"])]
+            ['a1']
+            >>> sorted(doc.id for doc, score in docs.match("datbase", fuzziness=1))  # typos
+            ['a1', 'a2']
 
         The query understands words, "phrases", ``prefix*``, ``OR``, ``-word``/``NOT word``;
         anything else is searched as text and never raises. ``raw=True`` passes full FTS5
@@ -5766,7 +5871,12 @@ class CollectionManager(_Manager, _Indexed):
     def connect(self, source, target, label, metadata=None):
         """Add (or update) the edge ``source -[label]-> target`` between two documents.
 
+            >>> net = db.collection("social")
+            >>> alice = net.index(Document(id="alice"))
+            >>> bob = net.index(Document(id="bob"))
             >>> net.connect(alice, bob, label="FOLLOWS", metadata={"since": 2020})
+            >>> net.edges(alice)
+            [Edge(source='alice', target='bob', label='FOLLOWS', metadata={'since': 2020})]
         """
         source, target = _doc_id(source), _doc_id(target)
         if not isinstance(label, str) or not label:
@@ -5793,7 +5903,13 @@ class CollectionManager(_Manager, _Indexed):
     def neighbors(self, document, label=None, direction="outgoing") -> list:
         """The documents one edge away, in id order.
 
-            >>> [doc.id for doc in net.neighbors(alice, label="FOLLOWS")]
+            >>> net = db.collection("social")
+            >>> net.index_many(Document(id=name) for name in ("alice", "bob", "charlie", "diana"))
+            4
+            >>> for source, target in [("alice", "bob"), ("alice", "charlie"),
+            ...                        ("charlie", "diana")]:
+            ...     net.connect(source, target, label="FOLLOWS")
+            >>> [doc.id for doc in net.neighbors("alice", label="FOLLOWS")]
             ['bob', 'charlie']
         """
         ids = sorted(self._graph.step([_doc_id(document)], _labels(label), direction))
@@ -5803,7 +5919,13 @@ class CollectionManager(_Manager, _Indexed):
     def walk(self, source, labels=None, depth=1, direction="outgoing") -> list:
         """Documents reachable in 1..``depth`` edges, breadth first (the source excluded).
 
-            >>> [doc.id for doc in net.walk(alice, labels=["FOLLOWS"], depth=2)]
+            >>> net = db.collection("social")
+            >>> net.index_many(Document(id=name) for name in ("alice", "bob", "charlie", "diana"))
+            4
+            >>> for source, target in [("alice", "bob"), ("alice", "charlie"),
+            ...                        ("charlie", "diana")]:
+            ...     net.connect(source, target, label="FOLLOWS")
+            >>> [doc.id for doc in net.walk("alice", labels=["FOLLOWS"], depth=2)]
             ['bob', 'charlie', 'diana']
 
         Each document appears once, at its shortest distance; cycles are harmless.
@@ -5817,8 +5939,17 @@ class CollectionManager(_Manager, _Indexed):
     def search(self, vector, top_k=10, where=None) -> list:
         """Nearest documents to ``vector``: ``[(Document, distance)]``, closest first.
 
-            >>> docs.search([0.1, 0.9, 0.2], top_k=3)
-            >>> docs.search(query, where={"lang": "en", "meta.year": {"$gte": 2023}})
+            >>> docs = db.collection("docs")
+            >>> english = {"lang": "en", "meta": {"year": 2024}}
+            >>> french = {"lang": "fr", "meta": {"year": 2023}}
+            >>> docs.index_many([Document(id="a", embedding=[0.1, 0.9, 0.2], body=english),
+            ...                  Document(id="b", embedding=[0.8, 0.1, 0.0], body=french)])
+            2
+            >>> [(doc.id, round(distance, 2)) for doc, distance in docs.search([0.1, 0.8, 0.2])]
+            [('a', 0.1), ('b', 1.01)]
+            >>> recent_english = {"lang": "en", "meta.year": {"$gte": 2023}}
+            >>> [doc.id for doc, _ in docs.search([0.8, 0.1, 0.0], top_k=3, where=recent_english)]
+            ['a']
 
         Exact unless the ``beaver_vector`` extra provides an index. ``where`` is a filter
         (see "Queries and filters" in the README): the nearest documents among those it
@@ -5834,6 +5965,9 @@ class CollectionManager(_Manager, _Indexed):
         """Merge the text index into one segment, drop the words no document holds any more
         from the typo vocabulary, and fold the vector index's pending changes.
 
+            >>> docs = db.collection("docs")
+            >>> docs.index_many(Document(body=f"note {i}") for i in range(100))
+            100
             >>> docs.compact()      # after a bulk load; searches keep working meanwhile
         """
         self._text.optimize()
@@ -5858,8 +5992,13 @@ class CollectionManager(_Manager, _Indexed):
     def dump(self, fp=None):
         """Export documents and edges: ``{"metadata", "items", "edges"}`` (or JSON to ``fp``).
 
+            >>> docs = db.collection("docs")
+            >>> _ = docs.index(Document(id="a1", body="hello"))
             >>> data = docs.dump()
+            >>> other = db.collection("copy")
             >>> other.load(data)
+            >>> other["a1"].body
+            'hello'
         """
         with self._core.transaction():
             data = super().dump()
@@ -6055,7 +6194,14 @@ class _VectorCache:
 def rerank(*results, weights=None, k=60) -> list:
     """Merge ranked result lists by reciprocal rank fusion; returns documents, best first.
 
-        >>> best = rerank(text_results, vector_results, weights=[0.6, 0.4])
+        >>> docs = db.collection("docs")
+        >>> docs.index_many([Document(id="a", embedding=[1.0, 0.0], body="embedded database"),
+        ...                  Document(id="b", embedding=[0.0, 1.0], body="database server")])
+        2
+        >>> text_results = docs.match("embedded")                 # a
+        >>> vector_results = docs.search([0.1, 0.9])              # b, then a
+        >>> [doc.id for doc in rerank(text_results, vector_results, weights=[0.6, 0.4])]
+        ['a', 'b']
 
     Each list holds documents or ``(document, score)`` pairs, best first. A document's fused
     score is the sum over lists of ``weight / (k + rank)``.
@@ -6186,6 +6332,8 @@ class BeaverDB:
 
             >>> articles = db.collection("articles")
             >>> images = db.collection("images", metric="cosine")
+            >>> articles.metric, images.metric
+            ('l2', 'cosine')
 
         ``model`` types the document bodies; ``metric`` ('l2' by default, 'cosine', 'ip') and
         extra options (``VECTOR_INDEX_OPTIONS``, e.g. ``index="hnsw"`` for ``beaver_vector``)
@@ -6204,6 +6352,8 @@ class BeaverDB:
             >>> with db.transaction():
             ...     db.dict("accounts")["alice"] = 90
             ...     db.list("ledger").push({"from": "alice", "amount": 10})
+            >>> db.dict("accounts")["alice"], db.list("ledger")[-1]
+            (90, {'from': 'alice', 'amount': 10})
 
         Nested blocks are savepoints; an exception rolls back its block and propagates.
         """
@@ -6215,9 +6365,11 @@ class BeaverDB:
     def dump(self, fp, names=None) -> int:
         """Write every structure (or those in ``names``) to the text file ``fp`` as JSON lines.
 
+            >>> db.dict("config")["theme"] = "dark"
+            >>> db.list("tasks").push("write report")
             >>> with open("backup.jsonl", "w") as f:
             ...     db.dump(f)
-            3
+            2
 
         One consistent snapshot, streamed; returns the number of structures written. The
         format is described in the "Dump, load, backup" section of this module.
@@ -6227,9 +6379,16 @@ class BeaverDB:
     def load(self, fp, mode="append") -> int:
         """Read a ``dump()`` back from ``fp``, in one transaction; returns the structure count.
 
+            >>> db.dict("config")["theme"] = "dark"
+            >>> with open("backup.jsonl", "w") as f:
+            ...     db.dump(f)
+            1
+            >>> db.dict("config")["theme"] = "light"
             >>> with open("backup.jsonl") as f:
             ...     db.load(f, mode="replace")
-            3
+            1
+            >>> db.dict("config")["theme"]
+            'dark'
 
         ``mode="append"`` adds the items to what is there; ``"replace"`` first empties each
         structure the dump holds (structures absent from the dump are left alone).
@@ -6240,7 +6399,7 @@ class BeaverDB:
         """Copy the database to ``path`` while other threads and processes keep writing.
 
             >>> db.backup("nightly.db")
-            '/srv/nightly.db'
+            '/.../nightly.db'
 
         The copy is one consistent snapshot (SQLite's online backup API), written to a
         temporary file and renamed into place. Returns the absolute path.
@@ -6250,6 +6409,7 @@ class BeaverDB:
     def info(self) -> dict:
         """The file, its size, and every structure in it with its kind and size.
 
+            >>> db.dict("app_config").update(theme="dark", lang="en")
             >>> db.info()["structures"]
             [{'kind': 'dict', 'name': 'app_config', 'size': 2}]
         """
@@ -6294,8 +6454,10 @@ class AsyncManager:
     """Awaitable twin of a manager: each method runs in a worker thread.
 
         >>> tasks = db.queue("tasks").as_async()
-        >>> await tasks.put({"job": 1})
+        >>> await tasks.put({"job": 1})                # in async code (or python -m asyncio)
         >>> item = await tasks.get(timeout=5)
+        >>> item.data
+        {'job': 1}
     """
 
     def __init__(self, manager):
@@ -6364,8 +6526,12 @@ class AsyncManager:
 class AsyncQueueManager(AsyncManager):
     """Awaitable twin of a queue.
 
+        >>> import asyncio
         >>> jobs = db.queue("jobs").as_async()
+        >>> await jobs.put("send the newsletter")
         >>> item = await asyncio.wait_for(jobs.get(), 5)
+        >>> item.data
+        'send the newsletter'
 
     Cancelling a waiting ``get`` (``wait_for`` timing out, say) stops its worker thread, and
     an item taken at that very moment goes back to the queue, at the end of its priority.
@@ -6415,7 +6581,9 @@ class AsyncChannelManager(AsyncManager):
         >>> async with achannel.subscribe() as sub:
         ...     await achannel.publish({"text": "hi"})
         ...     async for message in sub.listen(timeout=5):
+        ...         print(message)
         ...         break
+        {'text': 'hi'}
     """
 
     def subscribe(self) -> "AsyncStream":
@@ -6434,9 +6602,16 @@ class AsyncLogManager(AsyncManager):
 class AsyncStream:
     """The asyncio face of a ``Stream``: ``await get()``, ``async for``, ``async with``.
 
-        >>> async with db.channel("chat").as_async().subscribe() as sub:
+        >>> chat = db.channel("chat")
+        >>> async with chat.as_async().subscribe() as sub:
+        ...     chat.publish("hello")
+        ...     chat.publish("world")
+        ...     print(await sub.get(timeout=5))
         ...     async for message in sub.listen(timeout=5):
         ...         print(message)
+        ...         break
+        hello
+        world
 
     A push stream delivers straight into this event loop (no thread waits); a pull stream
     (a live view) sleeps until its next value is due and computes it in a worker thread.
@@ -6974,8 +7149,8 @@ def _plan(op):
         kind = _wire_type(op, name)
         if "{%s}" % name in parts:
             place = "path"
-        elif kind in ("fallback", "header"):
-            place = "none" if kind == "fallback" else "header"
+        elif kind in ("fallback", "local", "header"):     # none: never sent (fp stays here)
+            place = "header" if kind == "header" else "none"
         elif op.body == "{}":
             place = "field"
         else:
@@ -7559,7 +7734,12 @@ class _RemoteManager(_StructureLock):
     def on(self, event, callback) -> "_RemoteEventHandle":
         """Call ``callback(payload)`` after every ``event`` ('set', 'del', ... or '*').
 
-            >>> handle = client.dict("config").on("set", lambda p: print(p["key"]))
+            >>> import queue
+            >>> keys = queue.Queue()
+            >>> handle = client.dict("config").on("set", lambda p: keys.put(p["key"]))
+            >>> client.dict("config")["theme"] = "dark"
+            >>> keys.get(timeout=5)                    # called on a thread of the client
+            'theme'
             >>> handle.off()
 
         The server streams the events of this structure (server-sent events); callbacks run
@@ -7727,9 +7907,13 @@ class RemoteChannel(_RemoteManager):
     def subscribe(self) -> "Stream":
         """A subscription receiving every message published once this call has returned.
 
-            >>> with client.channel("chat").subscribe() as sub:
+            >>> chat = client.channel("chat")
+            >>> with chat.subscribe() as sub:
+            ...     chat.publish("hello")
             ...     for message in sub.listen(timeout=5):
             ...         print(message)
+            ...         break
+            hello
         """
         return _RemoteStream(self._client._http, self._base + "/sse", self._codec.decode)
 
@@ -7925,7 +8109,10 @@ class BeaverClient:
 
         >>> db = BeaverClient("http://127.0.0.1:8000", token="s3cret")   # was BeaverDB("app.db")
         >>> db.dict("app_config")["theme"] = "dark"
+        >>> db.queue("jobs").put({"to": "ada"})
         >>> db.queue("jobs").get(timeout=5).data
+        {'to': 'ada'}
+        >>> db.close()
 
     Each thread keeps one keep-alive connection. Errors are the same classes ``BeaverDB``
     raises (``KeyError``, ``IndexError``, ``TimeoutError``, ``LockTimeout``...); transport
@@ -8119,6 +8306,8 @@ class BeaverClient:
             >>> with client.transaction():
             ...     client.dict("accounts")["alice"] = 90
             ...     client.list("ledger").push({"from": "alice", "amount": 10})
+            >>> client.dict("accounts")["alice"], client.list("ledger")[-1]
+            (90, {'from': 'alice', 'amount': 10})
 
         Like Redis MULTI/EXEC: the writes are sent together when the block ends and applied
         in one server transaction, all or nothing; an exception in the block sends nothing.
@@ -8478,9 +8667,10 @@ def _copy_collection(manager, documents, edges, metric) -> dict:
 def import_upstream(old, new, dry_run=False) -> dict:
     """Copy a database of the public ``beaver-db`` 1.x or 2.x package into a new beaver file.
 
+        >>> import beaver
         >>> report = beaver.import_upstream("old.db", "new.db")
-        >>> report["structures"]["dict"]
-        {'app_config': 4}
+        >>> report["upstream"], report["structures"]["dict"]["app_config"]
+        ('2.x', 4)
 
     Every structure is copied: dicts (live keys, with their expiry), lists in order, queues
     with priorities, blobs with metadata, logs with timestamps, collections with documents,
@@ -8667,7 +8857,9 @@ _CLI_SKIP = {("dict", "__iter__"), ("dict", "get"), ("dict", "values"), ("blob",
              ("list", "__delitem__"), ("dict", "items")}
 _CLI_DOC = {"__getitem__": "print the value stored there", "__delitem__": "delete it",
             "__contains__": "print whether it is there (exit status 1 if not)",
-            "__len__": "print the number of items", "__iter__": "print every item, in order"}
+            "__len__": "print the number of items", "__iter__": "print every item, in order",
+            "dump": "print it as JSON (what load reads back)",
+            "load": "add the items of a dump FILE in one transaction"}
 # result -> how the CLI prints it
 _CLI_SHOW = {
     "hits": lambda hits: [{"document": d, "score": s, **({"snippet": h[0]} if h else {})}

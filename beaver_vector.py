@@ -22,11 +22,14 @@ the original README, made safe across processes:
   keep catching up from the log, and load the stored base only when they open, or when they
   fell so far behind that the log entries they need were trimmed.
 
-    >>> import beaver, beaver_vector
+    >>> import beaver
     >>> db = beaver.BeaverDB(":memory:")
-    >>> docs = db.collection("docs")                     # doctest: +SKIP
-    >>> docs.index(beaver.Document(id="a", embedding=[1.0, 0.0]))  # doctest: +SKIP
-    >>> docs.search([1.0, 0.1], top_k=1)                # doctest: +SKIP
+    >>> docs = db.collection("docs")                # its vectors go to this module's index
+    >>> docs.index(beaver.Document(id="a", embedding=[1.0, 0.0]))
+    Document(id='a', embedding=[1, 0] (2 dims), body=None)
+    >>> [(doc.id, round(distance, 2)) for doc, distance in docs.search([1.0, 0.1], top_k=1)]
+    [('a', 0.1)]
+    >>> db.close()
 
 Distances, lower is better: ``l2`` Euclidean (not squared), ``cosine`` 1 - cosine similarity,
 ``ip`` minus the dot product.
@@ -108,7 +111,9 @@ _WITH_ROWIDS = """SELECT v.doc_id, v.vector, coalesce(d.id, -1) FROM beaver_vect
 def open_index(core, collection: str, dim: int, metric: str = "l2", **options) -> "VectorIndex":
     """Open (load or build) the faiss index of one collection; the collection calls this.
 
-        >>> index = open_index(db._core, "docs", 384, "cosine", index="hnsw")  # doctest: +SKIP
+        >>> index = open_index(db._core, "docs", 384, "cosine", index="hnsw")
+        >>> index.search([0.5] * 384, 10)                  # nothing indexed yet
+        []
 
     Raises ``beaver.FeatureUnavailable`` when numpy/faiss are missing (or when the
     environment variable ``BEAVER_VECTOR_BACKEND=exact`` asks for the built-in search).
@@ -481,10 +486,15 @@ class VectorIndex:
     def on_upsert(self, doc_id: str, vector: bytes):
         """Log that ``doc_id`` now has the vector just written to ``beaver_vectors``.
 
-            >>> with core.transaction():                       # doctest: +SKIP
-            ...     core.execute("INSERT OR REPLACE INTO beaver_vectors VALUES (?, ?, ?)",
-            ...                  ("docs", "a", array("f", [1.0, 0.0]).tobytes()))
-            ...     index.on_upsert("a", array("f", [1.0, 0.0]).tobytes())
+            >>> from array import array
+            >>> core, index = db._core, open_index(db._core, "docs", 2)
+            >>> vector = array("f", [1.0, 0.0]).tobytes()
+            >>> with core.transaction():                      # the collection's write
+            ...     _ = core.execute("INSERT OR REPLACE INTO beaver_vectors VALUES (?, ?, ?)",
+            ...                      ("docs", "a", vector))
+            ...     index.on_upsert("a", vector)
+            >>> index.search([1.0, 0.0], 1)
+            [('a', 0.0)]
 
         Costs one INSERT; the vector reaches memory at the next search (in every process).
         """
@@ -494,7 +504,15 @@ class VectorIndex:
     def on_upsert_many(self, items):
         """Batch form of ``on_upsert``: ``items`` is an iterable of ``(doc_id, vector_bytes)``.
 
-            >>> index.on_upsert_many([("a", va), ("b", vb)])   # doctest: +SKIP
+            >>> from array import array
+            >>> core, index = db._core, open_index(db._core, "docs", 2)
+            >>> rows = [("a", array("f", [1.0, 0.0]).tobytes()),
+            ...         ("b", array("f", [0.0, 1.0]).tobytes())]
+            >>> with core.transaction():
+            ...     _ = core.executemany("INSERT INTO beaver_vectors VALUES ('docs', ?, ?)", rows)
+            ...     index.on_upsert_many(rows)
+            >>> sorted(doc_id for doc_id, distance in index.search([1.0, 1.0], 10))
+            ['a', 'b']
         """
         rows = []
         for doc_id, vector in items:
@@ -616,8 +634,15 @@ class VectorIndex:
     def search(self, query, top_k: int, allowed=None) -> list:
         """The ``top_k`` nearest documents as ``[(doc_id, distance), ...]``, nearest first.
 
-            >>> index.search([0.1, 0.9], 10)                  # doctest: +SKIP
-            [('b', 0.04), ('a', 0.87)]
+            >>> from array import array
+            >>> core, index = db._core, open_index(db._core, "docs", 2, "cosine")
+            >>> rows = [("a", array("f", [1.0, 0.0]).tobytes()),
+            ...         ("b", array("f", [0.0, 1.0]).tobytes())]
+            >>> with core.transaction():
+            ...     _ = core.executemany("INSERT INTO beaver_vectors VALUES ('docs', ?, ?)", rows)
+            ...     index.on_upsert_many(rows)
+            >>> [(doc_id, round(distance, 2)) for doc_id, distance in index.search([0.1, 0.9], 10)]
+            [('b', 0.01), ('a', 0.89)]
 
         ``allowed`` (a ``beaver._Allowed``: the rowids of the documents a ``where=`` filter
         lets through) restricts the answer: searched exactly when that is cheaper than the
@@ -1032,7 +1057,8 @@ class VectorIndex:
     def compact(self):
         """Fold the delta into the base now and store the base in the database file.
 
-            >>> index.compact()                               # doctest: +SKIP
+            >>> index = open_index(db._core, "docs", 2)
+            >>> index.compact()
 
         Waits for a background fold in progress first. Writers are blocked only for the
         short transactions that write each stored part.

@@ -5,10 +5,13 @@ context with module-level workers and bound every wait by a deadline; nothing wa
 fixed sleep for synchronisation. TTL tests drive beaver's one clock (``beaver._now``)
 through the ``clock`` fixture, so they neither sleep nor depend on timing.
 """
+import ast
 import asyncio
 import base64
 import contextlib
 import copy
+import doctest
+import inspect
 import io
 import itertools
 import json
@@ -16,6 +19,7 @@ import multiprocessing
 import operator
 import os
 import re
+import shlex
 import shutil
 import select
 import signal
@@ -24,6 +28,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import typing
@@ -1773,12 +1778,8 @@ def test_nan_and_infinity_are_not_json_and_are_refused(db):
     assert len(d) == 0 and len(db.log("l")) == 0
 
 
-def test_readme_queries_section_runs(in_tmp):
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("\n## Queries and filters\n")[1].split("\n## ")[0]
-    namespace = {}
-    for block in re.findall(r"```python\n(.*?)```", section, re.S):
-        exec(block, namespace)
+def test_readme_queries_section_shows_what_it_says(in_tmp):
+    namespace = _run_readme_section("Queries and filters")        # (docs that run, below)
     assert [k for k, _ in namespace["work"]] == ["n1", "n3"]
     assert [k for k, _ in namespace["newest"]] == ["n4", "n1"]
     assert [k for k, _ in namespace["page"]] == ["n1", "n2"]
@@ -6633,6 +6634,11 @@ def test_same_api_structure_dump_load_and_async(anydb, uid):
     copy = anydb.dict(f"{uid}-copy")
     copy.load(data)
     assert copy["a"] == 1
+    written = io.StringIO()                 # to a file object (the client's once raised)
+    assert config.dump(written) is None
+    assert json.loads(written.getvalue())["items"] == data["items"]
+    copy.load(io.StringIO(written.getvalue()))
+    assert copy.items() == [("a", 1)]
 
     async def run():
         aconfig = copy.as_async()
@@ -6723,6 +6729,8 @@ def test_server_dict_routes(api):
     assert api.get("/dicts/c?view=keys").json() == ["a/b", "count", "items", "k", "keys"]
     assert api.get("/dicts/c?view=items").json()[0] == ["a/b", "a/b"]
     assert api.get("/dicts/c?view=dump").json()["metadata"]["count"] == 5
+    r = api.get('/dicts/c?view=dump&fp="out"')       # the file object is the client's own
+    assert r.status_code == 422 and "fp" in r.json()["message"]
     assert api.put("/dicts/c/new?if_absent=true", json=1).json() == 1
     assert api.put("/dicts/c/new?if_absent=true", json=2).json() == 1
     assert api.patch("/dicts/c", json={"p": 1, "q": 2}).status_code == 204
@@ -9661,6 +9669,229 @@ def test_example_runs(script, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip(), "an example should show what it does"
+
+
+# ---- docs that run: docstring examples and the README's Python blocks ----
+# Every ``>>>`` example of the three modules runs under doctest, and every ```python block of
+# the README runs, so neither can go stale. Each docstring (each README section) runs in a
+# scratch folder with a fresh ``db``; the client's docstrings (``BeaverClient``, and its
+# managers, which carry the local managers' docstrings) and the README's client code run
+# against a real ``beaver serve --token s3cret``, emptied before each, at the address the docs
+# show (``DOCS_URL``). Top-level ``await`` works, as in ``python -m asyncio``. A README block
+# that cannot run says why in ``<!-- no-run: reason -->`` on the line before it, and is
+# compiled only; a docstring example that cannot run is marked ``# doctest: +SKIP``.
+
+DOCS_URL = "http://127.0.0.1:8000"
+DOCS_TOKEN = "s3cret"
+UPSTREAM_FIXTURE = ROOT / "fixtures" / "upstream-2.4.1.db"      # the docs' "old.db"
+
+
+@pytest.fixture(scope="module")
+def docs_server(tmp_path_factory):
+    """A ``beaver serve --token s3cret`` for the client's examples: its url."""
+    path = tmp_path_factory.mktemp("docs-server") / "served.db"
+    process, url = _start_server(path, "--token", DOCS_TOKEN, "--max-wait", "2")
+    try:
+        yield url
+    finally:
+        _stop_server(process)
+
+
+def _emptied_client(url):
+    """A client of the docs' server, every structure there cleared and its indexes dropped."""
+    client = beaver.BeaverClient(url, token=DOCS_TOKEN)
+    for structure in client.info()["structures"]:
+        manager = getattr(client, structure["kind"])(structure["name"])
+        manager.clear()
+        for path in manager.indexes() if hasattr(manager, "indexes") else ():
+            manager.drop_index(path)
+    return client
+
+
+def _close_databases(namespace):
+    for value in list(namespace.values()):
+        if isinstance(value, (BeaverDB, beaver.BeaverClient)):
+            value.close()
+
+
+def _run_top_level_await(code, namespace, loop):
+    """Run ``code`` compiled with top-level await allowed; a coroutine runs on ``loop``."""
+    result = eval(code, namespace)
+    return loop.run_until_complete(result) if inspect.iscoroutine(result) else result
+
+
+class _DocRunner(doctest.DocTestRunner):
+    """doctest with top-level ``await`` (one event loop per docstring)."""
+
+    def run(self, test, **options):
+        loop = asyncio.new_event_loop()
+        for i, example in enumerate(test.examples):
+            code = compile(example.source, test.name, "single", ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+            if code.co_flags & inspect.CO_COROUTINE:
+                test.globs[f"_awaited_{i}"] = code
+                example.source = f"_run_top_level_await(_awaited_{i}, globals(), _loop)\n"
+        test.globs.update(_run_top_level_await=_run_top_level_await, _loop=loop)
+        try:
+            return super().run(test, **options)
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+def _is_remote(test):
+    owner = test.name.split(".")[1] if test.name.count(".") else ""
+    return owner.startswith(("Remote", "_Remote", "BeaverClient"))
+
+
+@pytest.mark.parametrize("module_name, side", [("beaver", "local"), ("beaver", "remote"),
+                                               ("beaver_vector", "local"),
+                                               ("beaver_server", "local")])
+def test_docstring_examples_run(module_name, side, tmp_path, monkeypatch, request):
+    module = pytest.importorskip(module_name)
+    if module_name == "beaver_vector":          # its examples are the faiss index itself
+        monkeypatch.delenv("BEAVER_VECTOR_BACKEND", raising=False)
+    tests = [t for t in doctest.DocTestFinder().find(module)
+             if t.examples and _is_remote(t) == (side == "remote")]
+    assert tests, f"no docstring examples found in {module_name}"
+    url = request.getfixturevalue("docs_server") if side == "remote" else None
+    runner, report = _DocRunner(optionflags=doctest.ELLIPSIS), io.StringIO()
+    for number, test in enumerate(sorted(tests, key=lambda t: t.name)):
+        folder = tmp_path / str(number)
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        if "old.db" in test.docstring:
+            shutil.copy(UPSTREAM_FIXTURE, folder / "old.db")
+        if url is None:
+            test.globs = {**module.__dict__, "db": BeaverDB(":memory:")}
+        else:
+            client = _emptied_client(url)
+            test.globs = {**module.__dict__, "db": client, "client": client}
+            for example in test.examples:
+                example.source = example.source.replace(DOCS_URL, url)
+        try:
+            runner.run(test, out=report.write, clear_globs=False)
+        finally:
+            _close_databases(test.globs)
+            test.globs.clear()
+    assert runner.failures == 0, report.getvalue()
+
+
+def _readme_sections(text):
+    """The ```python blocks of a README by ``## `` section, in order:
+    ``{heading: [(line number of the code, code, the no-run reason or None)]}``."""
+    lines = text.splitlines()
+    sections, heading, i = {}, "(top)", 0
+    while i < len(lines):
+        if lines[i].startswith("## "):
+            heading = lines[i][3:].strip()
+        fence = re.match(r"(\s*)```(\w*)\s*$", lines[i])
+        if fence:
+            end = lines.index(fence.group(1) + "```", i + 1)
+            if fence.group(2) == "python":
+                marker = re.match(r"\s*<!-- no-run: (.+?) -->\s*$", lines[i - 1])
+                code = textwrap.dedent("\n".join(lines[i + 1:end]))
+                sections.setdefault(heading, []).append((i + 2, code, marker and marker[1]))
+            i = end
+        i += 1
+    return sections
+
+
+README_SECTIONS = _readme_sections((ROOT / "README.md").read_text("utf-8"))
+
+
+def _run_readme_section(heading, server_url=None, db=None) -> dict:
+    """Run the section's blocks in the current folder, in one namespace that starts where
+    the README's first example leaves off (``BeaverDB`` imported, ``db`` open on "app.db",
+    or the ``db`` given), and return it. Blocks marked no-run are compiled only."""
+    namespace = {"__name__": "__readme__", "BeaverDB": BeaverDB,
+                 "db": BeaverDB("app.db") if db is None else db}
+    try:
+        for line, code, no_run in README_SECTIONS[heading]:
+            if server_url is not None:
+                code = code.replace(DOCS_URL, server_url)
+            compiled = compile("\n" * (line - 1) + code, str(ROOT / "README.md"), "exec",
+                               ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+            if no_run is None:
+                result = eval(compiled, namespace)
+                if inspect.iscoroutine(result):
+                    asyncio.run(result)
+    finally:
+        _close_databases(namespace)
+    return namespace
+
+
+def _works_on_the_given_db(heading) -> bool:
+    """Whether the section's code uses the ``db`` it starts with (rather than its own)."""
+    code = "\n".join(code for _, code, _ in README_SECTIONS[heading])
+    return "db." in code and not re.search(r"\bdb = BeaverDB\(|\bas db:", code)
+
+
+def test_readme_has_python_blocks_and_says_why_any_does_not_run():
+    blocks = [block for section in README_SECTIONS.values() for block in section]
+    assert len(blocks) >= 20 and len(README_SECTIONS) >= 12
+    assert all(reason.strip() for _, _, reason in blocks if reason is not None)
+    sample = ("## A\n```python\na = 1\n```\n```bash\n## not a heading\n```\n"
+              "<!-- no-run: waits forever -->\n  ```python\n  while True:\n      pass\n  ```\n")
+    assert _readme_sections(sample) == {"A": [(3, "a = 1", None),
+                                              (10, "while True:\n    pass", "waits forever")]}
+
+
+@pytest.mark.parametrize("heading, side", [(h, "local") for h in README_SECTIONS] + [
+    (h, "remote") for h in README_SECTIONS if _works_on_the_given_db(h)])
+def test_readme_section_runs(heading, side, in_tmp, request):
+    """Locally, and with ``db`` a ``BeaverClient`` ("change one line and the same code runs
+    against a server")."""
+    code = "".join(code for _, code, _ in README_SECTIONS[heading])
+    if "old.db" in code:
+        shutil.copy(UPSTREAM_FIXTURE, in_tmp / "old.db")
+    url = db = None
+    if side == "remote" or DOCS_URL in code:
+        url = request.getfixturevalue("docs_server")
+        client = _emptied_client(url)
+        if side == "remote":
+            db = client
+        else:
+            client.close()
+    _run_readme_section(heading, url, db)
+
+
+def _readme_command_lines():
+    """Every ``beaver ...`` line of the README's ```bash blocks, in order."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", (ROOT / "README.md").read_text("utf-8"),
+                        re.M | re.S)
+    return [line for block in blocks for line in block.splitlines() if line.startswith("beaver ")]
+
+
+def test_readme_command_lines_run(in_tmp, capsys, monkeypatch, docs_server):
+    """Each ``beaver`` line of the README runs, in order, in one scratch folder holding what
+    the lines name (docs.jsonl, run_daily_report.sh, old.db; the server's app_config theme),
+    and exits 0; a one-word comment (``# "dark"``) is the line's output."""
+    for name in ("BEAVER_URL", "BEAVER_TOKEN", "BEAVER_DATABASE"):
+        monkeypatch.delenv(name, raising=False)
+    (in_tmp / "docs.jsonl").write_text('{"id": "a1", "body": "an embedded database"}\n')
+    script = in_tmp / "run_daily_report.sh"
+    script.write_text("#!/bin/sh\necho report > report.txt\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{in_tmp}{os.pathsep}{os.environ['PATH']}")
+    shutil.copy(UPSTREAM_FIXTURE, in_tmp / "old.db")
+    with _emptied_client(docs_server) as client:
+        client.dict("app_config")["theme"] = "dark"
+    lines = _readme_command_lines()
+    assert len(lines) >= 12
+    for line in lines:
+        argv = shlex.split(line.replace("http://host:8000", docs_server), comments=True)[1:]
+        target = argv.pop() if argv[-2:-1] == [">"] else None
+        argv = argv[:-1] if target else argv
+        capsys.readouterr()
+        assert beaver.main(argv) == 0, line
+        out = capsys.readouterr().out
+        if target:
+            (in_tmp / target).write_text(out)
+        shown = re.search(r"\s#\s+(\S+)$", line)
+        if shown:
+            assert out.strip() == shown[1], line
+    assert (in_tmp / "report.txt").exists() and (in_tmp / "new.db").exists()
+    assert json.loads((in_tmp / "all.jsonl").read_text().splitlines()[0])
 
 
 # ---- packaging ----
