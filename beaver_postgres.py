@@ -157,6 +157,8 @@ class _Statement:
         text = _OVERRIDES.get(text, text)
         text = _LOG_BUCKETS.sub("least(floor((timestamp - ?) / ?)::bigint, ?)", text)
         text = _UNARY_PLUS.sub("", text)
+        text = re.sub(r"\) GROUP BY 1$", ") AS sub GROUP BY 1", text)     # PostgreSQL 15 names
+        text = re.sub(r"LIMIT \?\) ORDER BY", "LIMIT ?) AS sub ORDER BY", text)  # subqueries
         text = re.sub(r"\bLIMIT \?", "LIMIT nullif(?, -1)", text)
         text = re.sub(r"\bIS NOT ([0-9]+)\b", r"IS DISTINCT FROM \1", text)
         text, self.new_key = self._insert_forms(text)
@@ -249,7 +251,7 @@ def _pg_error(error, url, timeout) -> Exception:
     if isinstance(error, UnicodeEncodeError):
         return ValidationError(f"cannot store {error.object[:60]!r}: it holds a lone surrogate "
                                "(not valid Unicode)")
-    if isinstance(error, ValueError) and "NUL" in str(error):
+    if "NUL (0x00)" in str(error):
         return ValidationError(f"PostgreSQL text cannot hold a NUL character: {error}")
     if isinstance(error, (psycopg.errors.NumericValueOutOfRange, OverflowError,
                           psycopg.DataError)):
@@ -305,39 +307,55 @@ def _pg_terms(column, path) -> tuple:
 
 
 def _pg_order_terms(column, path) -> tuple:
-    """The sort keys of a path: JSON type rank, then numbers by value, then text bytewise."""
+    """The sort keys of a path: JSON type rank (-1: missing, first as in SQLite), then numbers
+    by value, then text bytewise. Field indexes hold the same three expressions, and filters
+    compare them, so a filter or an order on an indexed path can use the index."""
     rank, x = _pg_terms(column, path)
-    return (rank, f"CASE WHEN jsonb_typeof({x}) = 'number' THEN ({x})::numeric END",
+    return (f"coalesce({rank}, -1)", f"CASE WHEN jsonb_typeof({x}) = 'number' THEN ({x})::numeric END",
             f"({x} #>> '{{}}') COLLATE \"C\"")
+
+
+def _exact_number(value):
+    """A number operand as NUMERIC compares it: whole floats exactly, others by their repr."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else decimal.Decimal(repr(value))
+    return value
 
 
 class PgFilter(beaver._Filter):
     """A beaver filter compiled to a PostgreSQL condition over JSON text (cast to jsonb).
 
-    Same grammar, checks and meaning as SQLite's ``_Filter``; no condition is ever NULL."""
+    Same grammar, checks and meaning as SQLite's ``_Filter``; no condition is ever NULL
+    (``rank = k AND ...`` is FALSE whenever the rank differs, whatever the rest is)."""
 
     TRUE, FALSE = "TRUE", "FALSE"
     _terms = staticmethod(_pg_terms)
 
-    def _is(self, x, kind, operand) -> str:
+    def _sort_terms(self, path):
+        return _pg_order_terms(self.column, path)
+
+    def _operator(self, path, op, operand, at, depth, top):
+        self._path = path           # the compare methods below need the path, not its terms
+        return super()._operator(path, op, operand, at, depth, top)
+
+    def _is(self, kind, operand, op="=") -> str:
+        rank, number, text = self._sort_terms(self._path)
         if kind < beaver._NUMBER:
-            return f"coalesce({x} = {_LITERALS[kind]}::jsonb, FALSE)"
-        self.params.append(beaver._json_dumps(operand))
-        return f"coalesce({x} = ?::jsonb, FALSE)"
+            return f"{rank} = {kind}"
+        if kind == beaver._NUMBER:
+            self.params.append(_exact_number(operand))
+            return f"{rank} = {kind} AND {number} {op} ?::numeric"
+        self.params.append(operand)
+        return f"{rank} = {kind} AND {text} {op} ?"
 
     def _equal(self, rank, value, typed) -> str:
-        return self._is(value, *typed)
+        return self._is(*typed)
 
     def _compare(self, rank, value, op, typed, at) -> str:
         kind, operand = typed
         if kind not in (beaver._NUMBER, beaver._STRING):
             raise ValidationError(f"{at}: {op} compares numbers or strings, not {operand!r}")
-        self.params.append(operand)
-        if kind == beaver._NUMBER:
-            term = f"CASE WHEN jsonb_typeof({value}) = 'number' THEN ({value})::numeric END"
-            return f"coalesce({term} {beaver._ORDERING[op]} ?::numeric, FALSE)"
-        term = f"CASE WHEN jsonb_typeof({value}) = 'string' THEN {value} #>> '{{}}' END"
-        return f"coalesce({term} COLLATE \"C\" {beaver._ORDERING[op]} ?, FALSE)"
+        return self._is(kind, operand, beaver._ORDERING[op])
 
     def _any(self, rank, value, operands, at) -> tuple:
         if not isinstance(operands, (list, tuple)):
@@ -345,13 +363,18 @@ class PgFilter(beaver._Filter):
                                   f"{type(operands).__name__}")
         typed = [beaver._scalar(v, f"{at}[{i}]") for i, v in enumerate(operands)]
         kinds = sorted({kind for kind, _ in typed})
+        rank, number, text = self._sort_terms(self._path)
         terms = []
         for kind in kinds:
+            values = [v for k, v in typed if k == kind]
             if kind < beaver._NUMBER:
-                terms.append(self._is(value, kind, None))
+                terms.append(f"{rank} = {kind}")
+            elif kind == beaver._NUMBER:
+                self.params.append([decimal.Decimal(_exact_number(v)) for v in values])
+                terms.append(f"{rank} = {kind} AND {number} = ANY(?::numeric[])")
             else:
-                self.params.append([beaver._json_dumps(v) for k, v in typed if k == kind])
-                terms.append(f"coalesce({value} = ANY(?::text[]::jsonb[]), FALSE)")
+                self.params.append(values)
+                terms.append(f"{rank} = {kind} AND {text} = ANY(?::text[])")
         return " OR ".join(f"({term})" for term in terms) or self.FALSE, kinds
 
     def _contains(self, path, rank, typed) -> str:
@@ -383,7 +406,11 @@ class PgFieldIndexes(beaver._FieldIndexes):
                                "ON CONFLICT DO NOTHING", (self._kind, self._name, path.text))
 
     def explain(self, sql, params) -> dict:
-        plan = [row[0] for row in self._core.execute("EXPLAIN " + sql, params)]
+        """The plan with sequential scans disfavoured: PostgreSQL scans a small table rather
+        than use an index; this shows the index a query would use as the table grows."""
+        with self._core.transaction():
+            self._core.execute("SET LOCAL enable_seqscan = off")
+            plan = [row[0] for row in self._core.execute("EXPLAIN " + sql, params)]
         names = {self._index_name(path): path for path in self.paths()}
         used = [names[word] for line in plan for word in re.findall(r"\w+", line)
                 if word in names]
