@@ -2915,7 +2915,15 @@ def _mp_consume(path, worker, barrier, out_path):
 
 
 def test_queue_four_consumers_get_each_item_exactly_once(tmp_path):
-    path, count = str(tmp_path / "mp.db"), 240
+    four_consumers_get_each_item_exactly_once(str(tmp_path / "mp.db"), tmp_path)
+
+
+def test_pg_queue_four_processes_over_tcp_get_each_item_exactly_once(pg_url, tmp_path):
+    four_consumers_get_each_item_exactly_once(pg_url, tmp_path)     # 127.0.0.1: TCP
+
+
+def four_consumers_get_each_item_exactly_once(path, tmp_path):
+    count = 240
     BeaverDB(path).close()
     barrier = SPAWN.Barrier(5)
     outs = [str(tmp_path / f"out{w}.json") for w in range(4)]
@@ -10185,3 +10193,102 @@ def test_tests_run_from_the_unpacked_sdist(sdist, tmp_path):
                "-k", "upstream_fixtures or import_upstream_copies or examples_exist or tour",
                cwd=unpacked, env=_clean_env(PYTHONPATH=str(unpacked)))
     assert re.search(r"\b5 passed", out), out      # the fixtures, both imports, the examples
+
+
+# ---- PostgreSQL: what is particular to that engine ----
+
+def test_pg_collections_are_refused_with_a_clear_error(pg_db):
+    with pytest.raises(beaver.FeatureUnavailable, match="collections are not available"):
+        pg_db.collection("docs")
+    with pytest.raises(beaver.FeatureUnavailable, match="pg_dump"):
+        pg_db.backup("copy.db")
+
+
+def test_pg_without_psycopg_is_a_feature_unavailable_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "beaver_postgres", None)      # import fails
+    with pytest.raises(beaver.FeatureUnavailable, match=r"beaver-db\[postgres\]"):
+        BeaverDB("postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_pg_nul_in_a_key_is_a_validation_error(pg_db):
+    d = pg_db.dict("d")
+    with pytest.raises(beaver.ValidationError, match="NUL"):
+        d["a\x00b"] = 1
+    d["ok"] = "a\x00b"               # inside a JSON value it is an escape: stored fine
+    assert d["ok"] == "a\x00b" and len(d) == 1
+
+
+def test_pg_field_index_serves_order_by(pg_db):
+    d = pg_db.dict("people")
+    d.update({f"k{i}": {"age": i % 50} for i in range(200)})
+    d.create_index("age")
+    assert d.explain(order_by="age")["index"] == "age"
+    assert [v["age"] for _, v in d.find(order_by="-age", limit=3)] == [49, 49, 49]
+
+
+def test_pg_schemas_are_separate_databases(postgres_url):
+    with pg_schema(postgres_url) as a, pg_schema(postgres_url) as b:
+        with BeaverDB(a) as one, BeaverDB(b) as two:
+            one.dict("d")["k"] = 1
+            assert "k" not in two.dict("d") and one.dict("d")["k"] == 1
+
+
+def test_pg_statements_with_sqlite_only_syntax_are_refused_not_run(pg_db):
+    with pytest.raises(beaver.FeatureUnavailable, match="no PostgreSQL form"):
+        pg_db._core.execute("SELECT name FROM sqlite_master")
+
+
+def test_pg_a_read_survives_a_dropped_connection(pg_db, postgres_url):
+    import psycopg
+    d = pg_db.dict("d")
+    d["k"] = 1
+    pid = pg_db._core.one("SELECT pg_backend_pid()")[0]
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert d["k"] == 1                # the read is retried once on a new connection
+    d["k"] = 2                        # and writes go on on it
+    assert d["k"] == 2
+
+
+def _pg_killed_mid_transaction(url, ready):
+    db = BeaverDB(url)
+    for i in range(10):
+        db.dict("acked")[str(i)] = i  # acknowledged: each committed before the call returned
+        db.queue("jobs").put(i)
+    with db.transaction():
+        db.dict("acked")["doomed"] = 1
+        db.queue("jobs").put("doomed")
+        ready.set()
+        time.sleep(MP_DEADLINE)       # SIGKILLed here, holding the writers' lock
+
+
+def test_pg_client_sigkilled_mid_transaction_loses_nothing_acknowledged(pg_url):
+    ready = SPAWN.Event()
+    child = SPAWN.Process(target=_pg_killed_mid_transaction, args=(pg_url, ready))
+    child.start()
+    try:
+        assert ready.wait(MP_DEADLINE), "the child never reached its transaction"
+    finally:
+        child.kill()
+        child.join(MP_DEADLINE)
+    with BeaverDB(pg_url, timeout=MP_DEADLINE) as db:
+        with db.transaction():        # the dead client's lock is gone with its connection
+            db.dict("after")["x"] = 1
+        assert dict(db.dict("acked").items()) == {str(i): i for i in range(10)}
+        assert [item.data for item in db.queue("jobs")] == list(range(10))
+
+
+def test_pg_blocking_get_wakes_on_a_put_from_another_process(pg_url):
+    with BeaverDB(pg_url) as db:
+        q = db.queue("wake")
+        child = SPAWN.Process(target=_pg_put_later, args=(pg_url,))
+        child.start()
+        try:
+            assert q.get(timeout=MP_DEADLINE).data == "hello"
+        finally:
+            child.join(MP_DEADLINE)
+
+
+def _pg_put_later(url):
+    with BeaverDB(url) as db:
+        db.queue("wake").put("hello")
