@@ -10292,3 +10292,33 @@ def test_pg_blocking_get_wakes_on_a_put_from_another_process(pg_url):
 def _pg_put_later(url):
     with BeaverDB(url) as db:
         db.queue("wake").put("hello")
+
+
+def test_pg_dump_of_sqlite_loads_into_postgres_and_back(pg_db, tmp_path):
+    with BeaverDB(tmp_path / "a.db") as lite:
+        lite.dict("d").update(a=1, b={"x": [1, 2]})
+        lite.list("l").extend([1, "two", None])
+        lite.queue("q").put("job", priority=2.5)
+        lite.blobs("b").put("k", b"\x00\xff", metadata={"m": 1})
+        lite.log("g").log({"v": 1}, timestamp=1000.0)
+        lite.channel("c").publish("hi")
+        first = io.StringIO()
+        assert lite.dump(first) == 6
+    first.seek(0)
+    assert pg_db.load(first) == 6
+    again = io.StringIO()
+    pg_db.dump(again)
+    lines = lambda text: [json.loads(line) for line in text.splitlines()[1:]]
+    assert lines(again.getvalue()) == lines(first.getvalue())
+    info = pg_db.info()
+    assert {(s["kind"], s["name"], s["size"]) for s in info["structures"]} == {
+        ("dict", "d", 2), ("list", "l", 3), ("queue", "q", 1), ("blob", "b", 1),
+        ("log", "g", 1), ("channel", "c", 1)}
+
+
+def test_pg_async_queue_get(pg_db):
+    async def run():
+        aq = pg_db.queue("q").as_async()
+        await aq.put("x")
+        return (await aq.get(timeout=MP_DEADLINE)).data
+    assert asyncio.run(run()) == "x"
