@@ -54,7 +54,10 @@ __all__ = ["PostgresCore", "ConnectionLost"]
 
 
 class ConnectionLost(BeaverError, ConnectionError):
-    """The connection to PostgreSQL broke during a write: whether it committed is unknown."""
+    """The connection to PostgreSQL broke (or could not be opened). ``written`` is True when
+    it broke during a write or a transaction: whether that committed is unknown."""
+
+    written = False
 
 
 # ==========================================================================================
@@ -275,6 +278,12 @@ def _pg_error(error, url, timeout) -> Exception:
 _DB_ERRORS = (psycopg.Error, UnicodeError, OverflowError, ValueError)
 
 
+def _is_broken(error, conn) -> bool:
+    """True if ``error`` left ``conn`` unusable (the server went away, the network broke)."""
+    return isinstance(error, _BROKEN) and (conn.closed or getattr(conn, "broken", False)
+                                           or conn.pgconn.status != psycopg.pq.ConnStatus.OK)
+
+
 def _safe_url(url) -> str:
     """``url`` without its password, for messages and ``db.path``."""
     return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
@@ -426,8 +435,32 @@ class _PgWatcher(beaver._Watcher):
 
     One listening connection per ``BeaverDB``, open while anybody waits (and a little
     after). If it breaks (a server restart), it reconnects and wakes every waiter, whose
-    probes then read the rows they wait for.
+    probes then read the rows they wait for. A waiter whose probe finds the server gone
+    (nothing written) keeps waiting and tries again every RETRY_EVERY seconds.
     """
+
+    RETRY_EVERY = 0.1
+
+    def wait_for(self, probe, timeout=None, cap=None):
+        lost = []
+
+        def patient():
+            try:
+                result = probe()
+            except ConnectionLost as e:
+                if e.written:
+                    raise
+                lost.append(e)
+                return None
+            lost.clear()
+            return result
+
+        def bound():
+            limit = cap() if callable(cap) else cap
+            if lost:
+                limit = self.RETRY_EVERY if limit is None else min(limit, self.RETRY_EVERY)
+            return limit
+        return super().wait_for(patient, timeout, bound)
 
     def _poll(self):
         idle_since, conn = None, None
@@ -627,12 +660,15 @@ class PostgresCore(beaver._Core):
                         return cursor.rowcount
                 return _Result(conn.execute(statement.sql, params), statement)
             except _DB_ERRORS as e:
-                broken = isinstance(e, _BROKEN) and conn.closed
+                broken = _is_broken(e, conn)
                 if broken:
                     self._forget(conn)
                 if broken and attempt == 0 and not statement.writes and not self.in_transaction:
                     continue            # a read on a connection that broke: once more
-                raise self._error(e) from e
+                error = self._error(e)
+                if broken:
+                    error.written = statement.writes or self.in_transaction
+                raise error from e
 
     def one(self, sql, params=()):
         return self.execute(sql, params).fetchone()
@@ -663,9 +699,12 @@ class PostgresCore(beaver._Core):
         try:
             conn.execute(sql)
         except _DB_ERRORS as e:
-            if isinstance(e, _BROKEN) and conn.closed:
+            broken = _is_broken(e, conn)
+            if broken:
                 self._forget(conn)
-            raise self._error(e) from e
+            error = self._error(e)
+            error.written = broken and sql != "BEGIN IMMEDIATE"
+            raise error from e
 
     def _rollback(self, conn):
         try:

@@ -128,8 +128,11 @@ def _throwaway_cluster(folder):
                        check=True, capture_output=True, timeout=120)
     except (subprocess.SubprocessError, OSError) as e:
         return f"could not start a throwaway PostgreSQL cluster: {e}"
-    stop = lambda: subprocess.run(run + [str(PG_BIN / "pg_ctl"), "-D", data, "-m", "immediate",
-                                         "stop"], capture_output=True, timeout=60)
+    ctl = lambda *args: subprocess.run(run + [str(PG_BIN / "pg_ctl"), "-D", data, *args],
+                                       capture_output=True, timeout=120)
+    stop = lambda: ctl("-m", "immediate", "stop")
+    stop.restart = lambda: ctl("-m", "immediate", "-w", "-l", os.path.join(folder, "log"),
+                               "restart")                          # as after a crash
     return f"postgresql://postgres@127.0.0.1:{port}/postgres", stop
 
 
@@ -10322,3 +10325,46 @@ def test_pg_async_queue_get(pg_db):
         await aq.put("x")
         return (await aq.get(timeout=MP_DEADLINE)).data
     assert asyncio.run(run()) == "x"
+
+
+@pytest.fixture
+def pg_cluster():
+    """A throwaway PostgreSQL cluster of this test's own: (url, stop), stop.restart()."""
+    if os.environ.get("BEAVER_TEST_POSTGRES") == "0":
+        pytest.skip("PostgreSQL tests are off (BEAVER_TEST_POSTGRES=0)")
+    pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg 3 (the postgres extra)")
+    folder = tempfile.mkdtemp(prefix="beaver-pg-")
+    started = _throwaway_cluster(folder)
+    if isinstance(started, str):
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(started)
+    try:
+        yield started
+    finally:
+        started[1]()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_pg_server_restart_clients_reconnect_and_carry_on(pg_cluster):
+    url, stop = pg_cluster
+    beaver_postgres = pytest.importorskip("beaver_postgres")
+    with BeaverDB(url) as db, BeaverDB(url) as other:
+        d, q = db.dict("d"), db.queue("q")
+        d["a"] = 1
+        other.dict("d")["b"] = 2                # ``other`` has a connection to lose too
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(q.get(timeout=MP_DEADLINE).data))
+        waiter.start()
+        deadline = time.monotonic() + MP_DEADLINE
+        while not db._core.watcher.users and time.monotonic() < deadline:
+            time.sleep(0.01)                    # until the waiter waits (a condition, polled)
+        assert stop.restart().returncode == 0
+        assert d["a"] == 1                      # a read is retried once on a new connection
+        with pytest.raises(beaver_postgres.ConnectionLost) as lost:   # a write is not retried
+            other._core.execute(beaver.DictManager._SET, ("d", "c", "3", None))
+        assert lost.value.written               # its outcome is unknown
+        other.dict("d")["c"] = 3                # the next call opens a new connection
+        q.put("after the restart")              # the waiter's listener reconnected
+        waiter.join(MP_DEADLINE)
+        assert got == ["after the restart"]
+        assert dict(d.items()) == {"a": 1, "b": 2, "c": 3}
