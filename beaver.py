@@ -9324,7 +9324,8 @@ def _open_database(args):
         return BeaverClient(url, token=getattr(args, "token", None) or
                             os.environ.get("BEAVER_TOKEN"))
     path = database or os.environ.get("BEAVER_DATABASE") or "beaver.db"
-    if getattr(args, "reads", False) and path != ":memory:" and not os.path.exists(path):
+    if getattr(args, "reads", False) and path != ":memory:" and not os.path.exists(path) \
+            and not path.startswith(_POSTGRES_SCHEMES):
         raise BeaverError(f"no database at {path!r} (a read never creates one)")
     return BeaverDB(path)
 

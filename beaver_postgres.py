@@ -139,6 +139,17 @@ _OVERRIDES = {
     "SELECT json_type('[]')": "SELECT 1",
 }
 
+# Reads of rows that lock-free statements may write: inside a transaction they lock the rows
+# they find (FOR UPDATE), so a read-modify-write (pop, popitem, setdefault of a present key)
+# and a concurrent set or delete of the same key happen one after the other, as on SQLite.
+_LOCK_ROWS_IN_TRANSACTION = {
+    beaver.DictManager._GET, beaver.DictManager._HAS,
+    "SELECT data, metadata FROM beaver_blobs WHERE name = ? AND key = ?",
+    "SELECT key, value FROM beaver_dicts WHERE name = ? AND key >= ? AND "
+    f"{beaver._LIVE} ORDER BY key LIMIT ?",
+}
+_CACHED_STATEMENTS = 4096       # distinct statements kept translated (filters make new ones)
+
 _PLACEHOLDER = re.compile(r"\?(\d*)")
 _UNARY_PLUS = re.compile(r"(?<=[\s(])\+(?=(?:\w+\.)?(?:name|collection) =)")
 _SQLITE_ONLY = re.compile(r"\bOR\s+(?:REPLACE|IGNORE)\b|\bsqlite_|\bPRAGMA\b|\bjson_\w+\(|"
@@ -153,7 +164,7 @@ _LOG_BUCKETS = re.compile(r"min\(CAST\(\(timestamp - \?\) / \? AS INTEGER\), \?\
 class _Statement:
     """One SQLite statement of beaver.py as PostgreSQL runs it."""
 
-    __slots__ = ("sql", "picks", "writes", "locked", "new_key")
+    __slots__ = ("sql", "picks", "writes", "locked", "new_key", "in_transaction")
 
     def __init__(self, text):
         original = text
@@ -171,6 +182,12 @@ class _Statement:
         verb = text.lstrip().split(None, 1)[0].upper()
         self.writes = verb in ("INSERT", "UPDATE", "DELETE")
         self.locked = self.writes and original not in _LOCK_FREE
+        self.in_transaction = self     # the form to run inside a transaction
+        if original in _LOCK_ROWS_IN_TRANSACTION:
+            self.in_transaction = _Statement.__new__(_Statement)
+            for slot in self.__slots__:
+                setattr(self.in_transaction, slot, getattr(self, slot))
+            self.in_transaction.sql = self.sql + " FOR UPDATE"
 
     @staticmethod
     def _insert_forms(text):
@@ -635,6 +652,8 @@ class PostgresCore(beaver._Core):
     def _statement(self, sql) -> _Statement:
         statement = self._statements.get(sql)
         if statement is None:
+            if len(self._statements) >= _CACHED_STATEMENTS:
+                self._statements.clear()
             statement = self._statements[sql] = _Statement(sql)
         return statement
 
@@ -642,7 +661,9 @@ class PostgresCore(beaver._Core):
         statement = self._statement(sql)
         if statement.picks is not None:
             params = [params[i] for i in statement.picks]
-        if statement.locked and not self.in_transaction:
+        if self.in_transaction:
+            return self._send(statement.in_transaction, params)
+        if statement.locked:
             with self.transaction():
                 return self._send(statement, params)
         return self._send(statement, params)

@@ -10368,3 +10368,36 @@ def test_pg_server_restart_clients_reconnect_and_carry_on(pg_cluster):
         waiter.join(MP_DEADLINE)
         assert got == ["after the restart"]
         assert dict(d.items()) == {"a": 1, "b": 2, "c": 3}
+
+
+def test_pg_two_servers_share_one_database(pg_url):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    import beaver_server
+    with BeaverDB(pg_url) as one, BeaverDB(pg_url) as two, \
+            TestClient(beaver_server.create_app(one)) as a, \
+            TestClient(beaver_server.create_app(two)) as b:
+        key = {"idempotency-key": uuid.uuid4().hex}
+        assert a.post("/queues/jobs/put", json={"n": 1}, headers=key).status_code == 204
+        assert a.post("/queues/jobs/put", json={"n": 1}, headers=key).status_code == 204
+        assert b.post("/queues/jobs/get").json()["data"] == {"n": 1}      # once only
+        assert b.post("/queues/jobs/get?block=false").status_code >= 400
+        a.put("/dicts/config/theme", json="dark")
+        assert b.get("/dicts/config/theme").json() == "dark"
+        assert b.get("/info").json()["structures"] == [
+            {"kind": "dict", "name": "config", "size": 1}]
+
+
+def test_pg_pop_and_a_concurrent_set_of_the_key_happen_one_after_the_other(pg_url):
+    with BeaverDB(pg_url) as db, BeaverDB(pg_url) as other:
+        d = db.dict("d")
+        d["k"] = "old"
+        done = threading.Event()
+        with db.transaction():
+            assert d.pop("k") == "old"      # the row stays locked until this commits
+            setter = threading.Thread(target=lambda: (other.dict("d").set("k", "new"),
+                                                      done.set()))
+            setter.start()
+            assert not done.wait(0.2)       # a window for the set: it cannot end before
+        setter.join(MP_DEADLINE)            # the commit, as the pop locked the key's row
+        assert d["k"] == "new"              # the set came after the pop: nothing lost
