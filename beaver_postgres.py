@@ -263,6 +263,8 @@ class _NumberLoader(psycopg.adapt.Loader):
         return int(value) if value == value.to_integral_value() else float(value)
 
 
+_RESULT, _ONE, _MANY = "result", "one", "many"     # what a statement's caller wants back
+
 _BROKEN = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
@@ -605,6 +607,7 @@ class PostgresCore(beaver._Core):
             self._conns.append((threading.current_thread(), conn))
         local = self._local
         local.conn, local.depth, local.pending, local.undo = conn, 0, [], []
+        local.cursor = conn.cursor()        # one per thread: results are read before the next
         return conn
 
     def _forget(self, conn):
@@ -612,7 +615,7 @@ class PostgresCore(beaver._Core):
         with self._conns_lock:
             self._conns = [(t, c) for t, c in self._conns if c is not conn]
         if getattr(self._local, "conn", None) is conn:
-            del self._local.conn
+            del self._local.conn, self._local.cursor
         with contextlib.suppress(Exception):
             conn.close()
 
@@ -636,7 +639,8 @@ class PostgresCore(beaver._Core):
         self.closed = True
         self._halt.set()
         self.watcher.stop()
-        self._local = threading.local()
+        # unlike SQLite's, the threads keep their locals: a thread inside a transaction ends it
+        # cleanly, its statements failing with ClosedError on the closed connection
         with self._conns_lock:
             conns, self._conns = self._conns, []
         for _, conn in conns:
@@ -658,29 +662,50 @@ class PostgresCore(beaver._Core):
         return statement
 
     def execute(self, sql, params=()):
-        statement = self._statement(sql)
+        return self._call(sql, params, _RESULT)
+
+    def one(self, sql, params=()):
+        return self._call(sql, params, _ONE)
+
+    def all(self, sql, params=()) -> list:
+        return self._call(sql, params, _RESULT).fetchall()
+
+    def executemany(self, sql, rows):
+        return self._call(sql, rows, _MANY)
+
+    def _call(self, sql, params, how):
+        """Run the PostgreSQL form of ``sql``; a write that needs the writers' lock outside a
+        transaction gets a transaction of its own."""
+        statement = self._statements.get(sql) or self._statement(sql)
         if statement.picks is not None:
-            params = [params[i] for i in statement.picks]
-        if self.in_transaction:
-            return self._send(statement.in_transaction, params)
+            picks = statement.picks
+            params = ([[row[i] for i in picks] for row in params] if how is _MANY
+                      else [params[i] for i in picks])
+        if getattr(self._local, "depth", 0):
+            return self._send(statement.in_transaction, params, how)
         if statement.locked:
             with self.transaction():
-                return self._send(statement, params)
-        return self._send(statement, params)
+                return self._send(statement, params, how)
+        return self._send(statement, params, how)
 
-    def _send(self, statement, params, many=False):
+    def _send(self, statement, params, how):
         for attempt in (0, 1):
+            local = self._local
             try:
-                conn = self._local.conn
+                cursor = local.cursor
             except AttributeError:
-                conn = self.conn()
+                self.conn()
+                cursor = local.cursor
             try:
-                if many:
-                    with conn.cursor() as cursor:
-                        cursor.executemany(statement.sql, params)
-                        return cursor.rowcount
-                return _Result(conn.execute(statement.sql, params), statement)
+                if how is _MANY:
+                    cursor.executemany(statement.sql, params)
+                    return cursor.rowcount
+                cursor.execute(statement.sql, params)
+                if how is _ONE:
+                    return None if cursor.description is None else cursor.fetchone()
+                return _Result(cursor, statement)
             except _DB_ERRORS as e:
+                conn = cursor.connection
                 broken = _is_broken(e, conn)
                 if broken:
                     self._forget(conn)
@@ -690,23 +715,6 @@ class PostgresCore(beaver._Core):
                 if broken:
                     error.written = statement.writes or self.in_transaction
                 raise error from e
-
-    def one(self, sql, params=()):
-        return self.execute(sql, params).fetchone()
-
-    def all(self, sql, params=()) -> list:
-        return self.execute(sql, params).fetchall()
-
-    def executemany(self, sql, rows):
-        statement = self._statement(sql)
-        if statement.picks is not None:
-            rows = [[row[i] for i in statement.picks] for row in rows]
-        else:
-            rows = list(rows)
-        if statement.locked and not self.in_transaction:
-            with self.transaction():
-                return self._send(statement, rows, many=True)
-        return self._send(statement, rows, many=True)
 
     def _error(self, e) -> Exception:
         if self.closed:
@@ -743,11 +751,9 @@ class PostgresCore(beaver._Core):
             if self._stamp(names) is None and any(n.startswith("beaver_") for n in names):
                 raise SchemaError(f"{self.path} has beaver tables but no schema stamp: a "
                                   "layout (an older beaver?) this version does not know")
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            for table in _NOTIFIED:
-                conn.execute(f"CREATE OR REPLACE TRIGGER {table}_notify AFTER INSERT OR UPDATE "
-                             f"OR DELETE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION "
-                             f"beaver_notify('{self.channel}')")
+            triggers = [f"CREATE OR REPLACE TRIGGER {table}_notify AFTER INSERT OR UPDATE OR "
+                        f"DELETE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION "
+                        f"beaver_notify('{self.channel}')" for table in _NOTIFIED]
+            conn.execute(";\n".join(_SCHEMA + triggers))       # one round trip
             conn.execute("INSERT INTO beaver_meta VALUES ('schema_version', %s) "
                          "ON CONFLICT DO NOTHING", (str(beaver.SCHEMA_VERSION),))

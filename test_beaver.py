@@ -56,6 +56,8 @@ def db(request, tmp_path):
     """A fresh database: a SQLite file, or (for tests run on both engines, see
     ``pytest_generate_tests``) a PostgreSQL schema of its own when the param says so."""
     if getattr(request, "param", "sqlite") == "postgres":
+        if _beyond_pg_variants(request):
+            pytest.skip(f"cases after the first {PG_VARIANTS} run on SQLite only")
         yield request.getfixturevalue("pg_db")
         return
     database = BeaverDB(tmp_path / "test.db")
@@ -94,6 +96,23 @@ def pytest_generate_tests(metafunc):
             name not in SQLITE_ONLY and "tmp_path" not in inspect.signature(
                 metafunc.function).parameters:
         metafunc.parametrize("db", ["sqlite", "postgres"], indirect=True)
+
+
+PG_VARIANTS = 2    # of a test with parameters of its own, the first cases run on both
+
+
+_pg_cases_run: dict = {}     # test function -> its cases run on PostgreSQL so far
+
+
+def _beyond_pg_variants(request) -> bool:
+    """True for the later cases of a test parametrised with many (most of which check
+    arguments before any SQL runs): those run on SQLite only, to keep the suite's time."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or len(callspec.params) < 2:
+        return False
+    name = request.node.originalname
+    _pg_cases_run[name] = _pg_cases_run.get(name, 0) + 1
+    return _pg_cases_run[name] > PG_VARIANTS
 
 
 def _pg_answers(url) -> bool:
@@ -165,8 +184,10 @@ def postgres_url(tmp_path_factory):
 
 
 def pg_schema_url(base, schema) -> str:
-    """``base`` working in ``schema`` (a libpq option: every connection's search_path)."""
-    return f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    """``base`` working in ``schema`` (libpq options: every connection's search_path; and
+    commits that do not wait for the disk, as nothing here outlives the test)."""
+    return (f"{base}{'&' if '?' in base else '?'}"
+            f"options=-csearch_path%3D{schema}%20-csynchronous_commit%3Doff")
 
 
 @contextlib.contextmanager
