@@ -475,7 +475,11 @@ class _PgWatcher(beaver._Watcher):
             return result
 
         def bound():
-            limit = cap() if callable(cap) else cap
+            try:
+                limit = cap() if callable(cap) else cap
+            except ConnectionLost as e:     # the bound is a read: nothing was written
+                lost.append(e)
+                limit = None
             if lost:
                 limit = self.RETRY_EVERY if limit is None else min(limit, self.RETRY_EVERY)
             return limit
