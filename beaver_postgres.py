@@ -460,7 +460,9 @@ class _PgWatcher(beaver._Watcher):
 
     RETRY_EVERY = 0.1
 
-    def wait_for(self, probe, timeout=None, cap=None):
+    def _patient(self, probe, cap) -> tuple:
+        """``probe`` and ``cap`` that take a server gone (nothing written) as "not yet", and
+        then bound the next sleep by RETRY_EVERY."""
         lost = []
 
         def patient():
@@ -483,7 +485,15 @@ class _PgWatcher(beaver._Watcher):
             if lost:
                 limit = self.RETRY_EVERY if limit is None else min(limit, self.RETRY_EVERY)
             return limit
+        return patient, bound
+
+    def wait_for(self, probe, timeout=None, cap=None):
+        patient, bound = self._patient(probe, cap)
         return super().wait_for(patient, timeout, bound)
+
+    async def wait_for_async(self, probe, timeout=None, cap=None, run=None, stop=None):
+        patient, bound = self._patient(probe, cap)
+        return await super().wait_for_async(patient, timeout, bound, run, stop)
 
     def _poll(self):
         idle_since, conn = None, None
