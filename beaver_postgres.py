@@ -161,6 +161,20 @@ _NEW_KEYS = {"beaver_locks": "ticket", "beaver_queue_leases": "lease"}
 _LOG_BUCKETS = re.compile(r"min\(CAST\(\(timestamp - \?\) / \? AS INTEGER\), \?\)")
 
 
+_LITERAL = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
+
+
+def _outside_literals(text, change) -> str:
+    """``text`` with ``change`` applied to what lies outside its string literals and quoted
+    identifiers (names and paths are written into some statements as literals)."""
+    out, at = [], 0
+    for match in _LITERAL.finditer(text):
+        out += [change(text[at:match.start()]), match.group()]
+        at = match.end()
+    out.append(change(text[at:]))
+    return "".join(out)
+
+
 class _Statement:
     """One SQLite statement of beaver.py as PostgreSQL runs it."""
 
@@ -168,17 +182,9 @@ class _Statement:
 
     def __init__(self, text):
         original = text
-        text = _OVERRIDES.get(text, text)
-        text = _LOG_BUCKETS.sub("least(floor((timestamp - ?) / ?)::bigint, ?)", text)
-        text = _UNARY_PLUS.sub("", text)
-        text = re.sub(r"\) GROUP BY 1$", ") AS sub GROUP BY 1", text)     # PostgreSQL 15 names
-        text = re.sub(r"LIMIT \?\) ORDER BY", "LIMIT ?) AS sub ORDER BY", text)  # subqueries
-        text = re.sub(r"\bLIMIT \?", "LIMIT nullif(?, -1)", text)
-        text = re.sub(r"\bIS NOT ([0-9]+)\b", r"IS DISTINCT FROM \1", text)
+        text = _outside_literals(_OVERRIDES.get(text, text), self._rewrite)
         text, self.new_key = self._insert_forms(text)
-        if _SQLITE_ONLY.search(text):
-            raise FeatureUnavailable(f"this statement has no PostgreSQL form yet: {text[:200]}")
-        self.picks, self.sql = self._placeholders(text.replace("%", "%%"))
+        self.picks, self.sql = self._placeholders(text)
         verb = text.lstrip().split(None, 1)[0].upper()
         self.writes = verb in ("INSERT", "UPDATE", "DELETE")
         self.locked = self.writes and original not in _LOCK_FREE
@@ -188,6 +194,18 @@ class _Statement:
             for slot in self.__slots__:
                 setattr(self.in_transaction, slot, getattr(self, slot))
             self.in_transaction.sql = self.sql + " FOR UPDATE"
+
+    @staticmethod
+    def _rewrite(code):
+        """The PostgreSQL spelling of a piece of SQL that holds no string literal."""
+        if _SQLITE_ONLY.search(code):
+            raise FeatureUnavailable(f"this statement has no PostgreSQL form yet: {code[:200]}")
+        code = _LOG_BUCKETS.sub("least(floor((timestamp - ?) / ?)::bigint, ?)", code)
+        code = _UNARY_PLUS.sub("", code)
+        code = re.sub(r"\) GROUP BY 1$", ") AS sub GROUP BY 1", code)     # PostgreSQL 15 names
+        code = re.sub(r"LIMIT \?\) ORDER BY", "LIMIT ?) AS sub ORDER BY", code)  # subqueries
+        code = re.sub(r"\bLIMIT \?", "LIMIT nullif(?, -1)", code)
+        return re.sub(r"\bIS NOT ([0-9]+)\b", r"IS DISTINCT FROM \1", code)
 
     @staticmethod
     def _insert_forms(text):
@@ -212,18 +230,19 @@ class _Statement:
 
     @staticmethod
     def _placeholders(text):
-        """``%s`` placeholders; ``picks`` maps them to SQLite's numbered ``?N`` (else None)."""
-        picks, numbered, count = [], False, 0
-        def place(match):
-            nonlocal numbered, count
-            if match.group(1):
-                numbered = True
-                picks.append(int(match.group(1)) - 1)
-            else:
-                picks.append(count)
-            count += 1
-            return "%s"
-        text = _PLACEHOLDER.sub(place, text)
+        """``%s`` placeholders (and ``%%`` for ``%``, in literals too, as psycopg reads them);
+        ``picks`` maps them to SQLite's numbered ``?N`` (None if there are none)."""
+        picks, numbered = [], False
+
+        def place(code):
+            nonlocal numbered
+            def one(match):
+                nonlocal numbered
+                numbered = numbered or bool(match.group(1))
+                picks.append(int(match.group(1)) - 1 if match.group(1) else len(picks))
+                return "%s"
+            return _PLACEHOLDER.sub(one, code)
+        text = _outside_literals(text.replace("%", "%%"), place)
         return (picks if numbered else None), text
 
 

@@ -10422,3 +10422,15 @@ def test_pg_pop_and_a_concurrent_set_of_the_key_happen_one_after_the_other(pg_ur
             assert not done.wait(0.2)       # a window for the set: it cannot end before
         setter.join(MP_DEADLINE)            # the commit, as the pop locked the key's row
         assert d["k"] == "new"              # the set came after the pop: nothing lost
+
+
+@pytest.mark.parametrize("name", ["what?", "100%", "it's", 'x LIMIT ?', "?1 OR 1=1", '"q"'])
+def test_pg_names_and_paths_with_sql_characters_stay_literals(pg_db, name):
+    d = pg_db.dict(name)
+    d.update(a={name: 1, "n": 1}, b={name: 2, "n": 2})
+    path = "n" if '"' in name else f'"{name}"'      # a key with " has no path: "n" then
+    d.create_index(path)                             # the name goes into SQL as a literal
+    assert d.find({path: 2}) == [("b", {name: 2, "n": 2})]
+    assert d.find({"n": {"$gte": 1}}, order_by=f"-{path}") == [
+        ("b", {name: 2, "n": 2}), ("a", {name: 1, "n": 1})]
+    assert pg_db.dict("other").find() == [] and len(d) == 2
