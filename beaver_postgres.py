@@ -182,8 +182,8 @@ class _Statement:
 
     def __init__(self, text):
         original = text
-        text = _outside_literals(_OVERRIDES.get(text, text), self._rewrite)
-        text, self.new_key = self._insert_forms(text)
+        text, self.new_key = self._insert_forms(_OVERRIDES.get(text, text))
+        text = _outside_literals(text, self._rewrite)
         self.picks, self.sql = self._placeholders(text)
         verb = text.lstrip().split(None, 1)[0].upper()
         self.writes = verb in ("INSERT", "UPDATE", "DELETE")
