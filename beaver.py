@@ -850,6 +850,11 @@ class _Core:
     def check_json(self):
         _check_json1(self)
 
+    def size(self) -> int:
+        """Bytes the database takes on disk (the file and its WAL)."""
+        return sum(os.path.getsize(self.path + s) for s in ("", "-wal")
+                   if os.path.exists(self.path + s))
+
     def __init__(self, path, timeout=DEFAULT_TIMEOUT, durability="normal"):
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise FeatureUnavailable(
@@ -6867,8 +6872,7 @@ def _database_info(db) -> dict:
         "SELECT name, count(*), max(held) FROM beaver_locks WHERE expires_at > ? "
         "GROUP BY name ORDER BY name", (_now(),))
     structures += [{"kind": "lock", "name": n, "size": s, "locked": bool(h)} for n, s, h in rows]
-    size = sum(os.path.getsize(db.path + s) for s in ("", "-wal") if os.path.exists(db.path + s))
-    return {"path": db.path, "bytes": size, "beaver_version": __version__,
+    return {"path": db.path, "bytes": db._core.size(), "beaver_version": __version__,
             "schema_version": SCHEMA_VERSION, "structures": structures}
 
 

@@ -620,6 +620,13 @@ class PostgresCore(beaver._Core):
     def check_json(self):
         pass
 
+    def size(self) -> int:
+        """Bytes beaver's tables take in this schema (with their indexes and TOAST)."""
+        return self.one(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema() "
+            "AND c.relkind = 'r' AND c.relname LIKE 'beaver%'")[0]
+
     # -- connections ------------------------------------------------------------------
 
     def _open(self):

@@ -10335,6 +10335,7 @@ def test_pg_dump_of_sqlite_loads_into_postgres_and_back(pg_db, tmp_path):
     lines = lambda text: [json.loads(line) for line in text.splitlines()[1:]]
     assert lines(again.getvalue()) == lines(first.getvalue())
     info = pg_db.info()
+    assert info["bytes"] > 0 and "secret" not in info["path"]
     assert {(s["kind"], s["name"], s["size"]) for s in info["structures"]} == {
         ("dict", "d", 2), ("list", "l", 3), ("queue", "q", 1), ("blob", "b", 1),
         ("log", "g", 1), ("channel", "c", 1)}
@@ -10434,3 +10435,12 @@ def test_pg_names_and_paths_with_sql_characters_stay_literals(pg_db, name):
     assert d.find({"n": {"$gte": 1}}, order_by=f"-{path}") == [
         ("b", {name: 2, "n": 2}), ("a", {name: 1, "n": 1})]
     assert pg_db.dict("other").find() == [] and len(d) == 2
+
+
+def test_pg_passwords_stay_out_of_paths_and_errors():
+    beaver_postgres = pytest.importorskip("beaver_postgres")
+    assert beaver_postgres._safe_url("postgresql://app:s3cret@db:5432/app") == \
+        "postgresql://app:***@db:5432/app"
+    with pytest.raises(beaver_postgres.ConnectionLost) as lost:
+        BeaverDB("postgres://app:s3cret@127.0.0.1:1/app", timeout=2)
+    assert "s3cret" not in str(lost.value) and not lost.value.written
