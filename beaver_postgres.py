@@ -107,9 +107,11 @@ _SCHEMA = [
         BEGIN PERFORM pg_notify(TG_ARGV[0], TG_TABLE_NAME); RETURN NULL; END $$""",
 ]
 
-# the tables whose changes wake waiters (queue get, channel delivery, events, lock hand-off)
-_NOTIFIED = ("beaver_queues", "beaver_queue_leases", "beaver_channels", "beaver_events",
-             "beaver_locks")
+# The changes that wake waiters: a new item (blocking get), a lease given back (nack), a
+# message or an event, a lock released or handed over. Takes, acks and the like notify nobody.
+_NOTIFIED = {"beaver_queues": "INSERT", "beaver_queue_leases": "UPDATE",
+             "beaver_channels": "INSERT", "beaver_events": "INSERT",
+             "beaver_locks": "UPDATE OR DELETE"}
 
 # Statements that are atomic on their own under concurrency: run without the writers' lock.
 _LOCK_FREE = {
@@ -791,9 +793,9 @@ class PostgresCore(beaver._Core):
             if self._stamp(names) is None and any(n.startswith("beaver_") for n in names):
                 raise SchemaError(f"{self.path} has beaver tables but no schema stamp: a "
                                   "layout (an older beaver?) this version does not know")
-            triggers = [f"CREATE OR REPLACE TRIGGER {table}_notify AFTER INSERT OR UPDATE OR "
-                        f"DELETE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION "
-                        f"beaver_notify('{self.channel}')" for table in _NOTIFIED]
+            triggers = [f"CREATE OR REPLACE TRIGGER {table}_notify AFTER {events} ON {table} "
+                        f"FOR EACH STATEMENT EXECUTE FUNCTION beaver_notify('{self.channel}')"
+                        for table, events in _NOTIFIED.items()]
             conn.execute(";\n".join(_SCHEMA + triggers))       # one round trip
             conn.execute("INSERT INTO beaver_meta VALUES ('schema_version', %s) "
                          "ON CONFLICT DO NOTHING", (str(beaver.SCHEMA_VERSION),))
