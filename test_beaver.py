@@ -10444,3 +10444,37 @@ def test_pg_passwords_stay_out_of_paths_and_errors():
     with pytest.raises(beaver_postgres.ConnectionLost) as lost:
         BeaverDB("postgres://app:s3cret@127.0.0.1:1/app", timeout=2)
     assert "s3cret" not in str(lost.value) and not lost.value.written
+
+
+def _pg_other_process(url, started):
+    with BeaverDB(url) as db:
+        started.set()
+        with db.lock("job", timeout=MP_DEADLINE) as lock:   # waits for the parent's release
+            db.channel("news").publish({"token": lock.token})
+            db.dict("config")["theme"] = "dark"
+
+
+def test_pg_lock_hand_off_channel_and_events_across_processes(pg_url):
+    with BeaverDB(pg_url) as db:
+        events, seen = [], threading.Event()
+        db.dict("config").on("set", lambda p: (events.append(p["value"]), seen.set()))
+        lock = db.lock("job")
+        lock.acquire()
+        first = lock.token
+        with db.channel("news").subscribe() as sub:
+            started = SPAWN.Event()
+            child = SPAWN.Process(target=_pg_other_process, args=(pg_url, started))
+            child.start()
+            try:
+                assert started.wait(MP_DEADLINE)
+                deadline = time.monotonic() + MP_DEADLINE
+                while not db._core.one("SELECT count(*) FROM beaver_locks WHERE name = ? AND "
+                                       "held = 0", ("job",))[0]:
+                    assert time.monotonic() < deadline, "the child never queued for the lock"
+                    time.sleep(0.01)                        # a condition, polled
+                lock.release()                              # handed to the waiting child
+                assert sub.get(timeout=MP_DEADLINE)["token"] > first    # fencing token grew
+                assert seen.wait(MP_DEADLINE) and events == ["dark"]
+            finally:
+                child.join(MP_DEADLINE)
+        assert child.exitcode == 0
