@@ -825,7 +825,35 @@ class _Core:
     Every thread gets its own ``sqlite3.Connection`` (autocommit mode). Writes that read
     first run inside ``transaction()``, which starts with ``BEGIN IMMEDIATE`` so that two
     writers never deadlock on a lock upgrade. Nested ``transaction()`` calls use savepoints.
+
+    It is the SQLite engine: what differs per engine is reached through the core (the SQL of
+    filters and field indexes, the snapshot, the wake-up watcher); ``beaver_postgres`` has
+    the PostgreSQL one. Managers hold no engine-specific code paths of their own.
     """
+
+    engine = "sqlite"
+    collections = True              # the engine stores collections (FTS, fuzzy, graph, vectors)
+    SNAPSHOT_BEGIN = "BEGIN"        # a read-only transaction that sees one snapshot
+
+    def compile_filter(self, where, column) -> "_Filter":
+        """The filter ``where`` compiled for this engine over the JSON column ``column``."""
+        return _Filter(where, column)
+
+    def order_terms(self, order_by, column) -> tuple:
+        """``(ORDER BY terms, canonical paths)`` of ``order_by`` for this engine."""
+        return _order_terms(order_by, column)
+
+    def field_indexes(self, *args) -> "_FieldIndexes":
+        """The field indexes of one structure (arguments of ``_FieldIndexes``)."""
+        return _FieldIndexes(self, *args)
+
+    def check_json(self):
+        _check_json1(self)
+
+    def size(self) -> int:
+        """Bytes the database takes on disk (the file and its WAL)."""
+        return sum(os.path.getsize(self.path + s) for s in ("", "-wal")
+                   if os.path.exists(self.path + s))
 
     def __init__(self, path, timeout=DEFAULT_TIMEOUT, durability="normal"):
         if sqlite3.sqlite_version_info < MIN_SQLITE:
@@ -851,7 +879,7 @@ class _Core:
         self.purger = None            # the thread that purges expired rows while idle
         self._halt = threading.Event()
         self._pid = os.getpid()
-        self.watcher = _Watcher(self)
+        self.watcher = self._new_watcher()
         _live_cores.add(self)
         try:
             self._ensure_schema()
@@ -935,7 +963,10 @@ class _Core:
         self._busy = {}
         self.purger = None
         self._halt = threading.Event()
-        self.watcher = _Watcher(self)
+        self.watcher = self._new_watcher()
+
+    def _new_watcher(self):
+        return _Watcher(self)
 
     def close(self):
         """Close every thread's connection and stop background threads."""
@@ -2107,6 +2138,7 @@ def _sql_text(text, what="text") -> str:
 class _Path(typing.NamedTuple):
     text: str       # the canonical spelling: author.name, tags[0], "v1.2".notes
     sql: str        # the SQLite JSON path as an SQL literal: '$."author"."name"'
+    parts: tuple = ()   # its keys (str) and array items (int), for other engines' spellings
 
 
 def _field_path(path, where="a field path") -> _Path:
@@ -2144,7 +2176,7 @@ def _parse_path(path) -> _Path:
         else:
             key = part if _BARE_KEY.match(part) else f'"{part}"'
             text, sql = text + ("." if text else "") + key, sql + f'."{part}"'
-    return _Path(text, _sql_text(sql, "the field path"))
+    return _Path(text, _sql_text(sql, "the field path"), tuple(parts))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -2194,12 +2226,15 @@ class _Filter:
     top-level conditions that a field index can serve.
     """
 
+    TRUE, FALSE = "1", "0"              # the engine's spellings of an always true/false condition
+    _terms = staticmethod(_json_terms)  # (rank, value) SQL of a path; another engine's own
+
     def __init__(self, where, column):
         self.column = column
         self.params: list = []
         self.indexable: set = set()
         self._conditions = 0
-        self.sql = "1" if where is None else self._all(where, "where", 0, True)
+        self.sql = self.TRUE if where is None else self._all(where, "where", 0, True)
 
     def _all(self, where, at, depth, top) -> str:
         """Every condition of a filter dict, joined by AND."""
@@ -2221,7 +2256,7 @@ class _Filter:
             else:
                 path = _field_path(key, here)
                 terms.append(self._field(path, condition, here, depth, top))
-        return " AND ".join(f"({term})" for term in terms) or "1"
+        return " AND ".join(f"({term})" for term in terms) or self.TRUE
 
     def _logic(self, op, filters, at, depth, top) -> str:
         if not isinstance(filters, (list, tuple)) or not filters:
@@ -2249,7 +2284,7 @@ class _Filter:
         if self._conditions > FILTER_MAX_CONDITIONS:
             raise ValidationError(f"{at}: a filter holds at most {FILTER_MAX_CONDITIONS} "
                                   "conditions")
-        rank, value = _json_terms(self.column, path)
+        rank, value = self._terms(self.column, path)
         if op == "$not":
             if depth >= FILTER_MAX_DEPTH:
                 raise ValidationError(f"{at}: the filter nests deeper than {FILTER_MAX_DEPTH} "
@@ -2304,7 +2339,7 @@ class _Filter:
             else:
                 self.params.append(_json_dumps([v for k, v in typed if k == kind]))
                 terms.append(f"{value} IN (SELECT value FROM json_each(?)) AND {rank} IS {kind}")
-        return " OR ".join(f"({term})" for term in terms) or "0", kinds
+        return " OR ".join(f"({term})" for term in terms) or self.FALSE, kinds
 
     def _contains(self, path, rank, typed) -> str:
         """``$contains``: the field is an array holding the operand."""
@@ -2315,7 +2350,7 @@ class _Filter:
                 f"{path.sql}) AS e WHERE {_ITEM_IS[kind]})")
 
 
-def _order_terms(order_by, column) -> tuple:
+def _order_terms(order_by, column, json_terms=_json_terms) -> tuple:
     """``(ORDER BY terms, canonical paths)`` of ``order_by``: a path or a list of paths, each
     ``"-path"`` for descending. Values sort by JSON type (missing, null, false, true, numbers,
     strings, arrays, objects), then by value."""
@@ -2330,7 +2365,7 @@ def _order_terms(order_by, column) -> tuple:
         descending = isinstance(item, str) and item.startswith("-")
         path = _field_path(item[1:] if descending else item, f"order_by {item!r}")
         direction = " DESC" if descending else ""
-        terms += [term + direction for term in _json_terms(column, path)]
+        terms += [term + direction for term in json_terms(column, path)]
         paths.append(path.text)
     return terms, paths
 
@@ -2444,8 +2479,8 @@ class _Indexed:
 
     @functools.cached_property
     def _fields(self) -> _FieldIndexes:
-        return _FieldIndexes(self._core, self._kind, self._name, self._table,
-                             self._json_column, self._scope_column, self._order)
+        return self._core.field_indexes(self._kind, self._name, self._table,
+                                        self._json_column, self._scope_column, self._order)
 
     def _filter(self, where, order_by=None, column=None) -> tuple:
         """``(_Filter, ORDER BY terms, their paths)``, all checked before any SQL runs.
@@ -2453,10 +2488,10 @@ class _Indexed:
         ``column`` is the JSON column as the query names it (default ``table.column``; a query
         that aliases the table passes ``alias.column``: field indexes still match)."""
         column = column or self._fields.json
-        query = _Filter(where, column)
-        order, paths = _order_terms(order_by, column)
+        query = self._core.compile_filter(where, column)
+        order, paths = self._core.order_terms(order_by, column)
         if where is not None or order_by is not None:
-            _check_json1(self._core)
+            self._core.check_json()
         return query, order, paths
 
     def create_index(self, path):
@@ -6255,6 +6290,23 @@ class _Managers:
 # BeaverDB
 # ==========================================================================================
 
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _open_core(path, timeout, durability):
+    """The engine behind a ``BeaverDB``: a SQLite file, or PostgreSQL for a postgres URL
+    (``beaver_postgres``, imported only then: this module stays standard-library only)."""
+    if isinstance(path, str) and path.startswith(_POSTGRES_SCHEMES):
+        try:
+            import beaver_postgres
+        except ImportError as e:
+            raise FeatureUnavailable(
+                f"opening a PostgreSQL URL needs beaver_postgres.py and psycopg 3: pip install "
+                f"'beaver-db[postgres]' ({e})") from None
+        return beaver_postgres.PostgresCore(path, timeout=timeout, durability=durability)
+    return _Core(path, timeout=timeout, durability=durability)
+
+
 class BeaverDB:
     """One database file and the entry point to every structure in it.
 
@@ -6264,7 +6316,8 @@ class BeaverDB:
 
     Share one ``BeaverDB`` between threads freely (each thread gets its own connection);
     other processes open the same path with their own ``BeaverDB``. ``":memory:"`` gives a
-    private database that lives until ``close()``.
+    private database that lives until ``close()``. A ``postgresql://`` (or ``postgres://``)
+    URL opens the same API on a PostgreSQL database (the ``postgres`` extra; see the README).
 
     ``timeout`` is how long a write waits for SQLite's lock; ``durability="full"`` syncs
     every commit to disk (the default, "normal", is crash-safe but may lose the last
@@ -6272,7 +6325,7 @@ class BeaverDB:
     """
 
     def __init__(self, path, *, timeout=DEFAULT_TIMEOUT, durability="normal"):
-        self._core = _Core(path, timeout=timeout, durability=durability)
+        self._core = _open_core(path, timeout, durability)
         self._events = _Events(self._core)
         self._hub = _Hub(self)
         self._managers = _Managers()
@@ -6340,6 +6393,10 @@ class BeaverDB:
         are fixed at creation: checked first (``ValueError`` naming a bad one and its range),
         and compared with the stored ones when the collection exists.
         """
+        if not self._core.collections:
+            raise FeatureUnavailable(f"collections are not available on {self._core.engine} "
+                                     "yet (dicts, lists, queues, blobs, logs, channels, events, "
+                                     "locks and transactions are)")
         _check_vector_options(metric, options)
         manager = self._manager(CollectionManager, name, model, metric=metric, **options)
         manager._agrees(metric, options)
@@ -6782,7 +6839,7 @@ def _read_snapshot(core):
         return
     conn = core.conn()
     local = core._local
-    core._run(conn, "BEGIN")
+    core._run(conn, core.SNAPSHOT_BEGIN)
     local.depth, local.pending, local.undo, local.token = 1, [], [], object()
     try:
         core.one("SELECT count(*) FROM beaver_meta")  # the snapshot starts here
@@ -6791,6 +6848,11 @@ def _read_snapshot(core):
         local.depth, local.pending = 0, []
         core._undo(0)
         core._rollback(conn)
+
+
+def _kinds(db) -> list:
+    """The kinds of structure the database's engine stores, in dump order."""
+    return [kind for kind in _STRUCTURES if kind != "collection" or db._core.collections]
 
 
 def _structure_names(db, kind) -> list:
@@ -6804,14 +6866,13 @@ def _structure_names(db, kind) -> list:
 
 def _database_info(db) -> dict:
     structures = []
-    for kind in _STRUCTURES:
+    for kind in _kinds(db):
         structures += [{"kind": kind, "name": n, "size": s} for n, s in _structure_names(db, kind)]
     rows = db._core.execute(
         "SELECT name, count(*), max(held) FROM beaver_locks WHERE expires_at > ? "
         "GROUP BY name ORDER BY name", (_now(),))
     structures += [{"kind": "lock", "name": n, "size": s, "locked": bool(h)} for n, s, h in rows]
-    size = sum(os.path.getsize(db.path + s) for s in ("", "-wal") if os.path.exists(db.path + s))
-    return {"path": db.path, "bytes": size, "beaver_version": __version__,
+    return {"path": db.path, "bytes": db._core.size(), "beaver_version": __version__,
             "schema_version": SCHEMA_VERSION, "structures": structures}
 
 
@@ -6832,7 +6893,7 @@ def _dump_database(db, fp, names=None, kinds=None) -> int:
     with _read_snapshot(db._core):
         write(_json_dumps({"beaver_dump": DUMP_FORMAT, "beaver_version": __version__,
                            "dumped_at": _dt.datetime.now(_dt.timezone.utc).isoformat()}) + "\n")
-        for kind in _STRUCTURES:
+        for kind in _kinds(db):
             for name, _ in _structure_names(db, kind):
                 if wanted(kind, name):
                     _dump_structure(db, kind, name, write)
@@ -6923,6 +6984,9 @@ def _batches(lines, count, what):
 
 
 def _backup_database(db, path):
+    if db._core.engine != "sqlite":
+        raise FeatureUnavailable(f"backup() copies a SQLite file; on {db._core.engine} use its "
+                                 "own tools (pg_dump) or db.dump()")
     target = os.path.abspath(os.fspath(path))
     if target == os.path.abspath(db.path):
         raise ValueError("cannot back a database up onto itself")
@@ -9264,7 +9328,8 @@ def _open_database(args):
         return BeaverClient(url, token=getattr(args, "token", None) or
                             os.environ.get("BEAVER_TOKEN"))
     path = database or os.environ.get("BEAVER_DATABASE") or "beaver.db"
-    if getattr(args, "reads", False) and path != ":memory:" and not os.path.exists(path):
+    if getattr(args, "reads", False) and path != ":memory:" and not os.path.exists(path) \
+            and not path.startswith(_POSTGRES_SCHEMES):
         raise BeaverError(f"no database at {path!r} (a read never creates one)")
     return BeaverDB(path)
 
