@@ -1597,9 +1597,7 @@ def _app_from_environment():
     global _header_timeout
     settings = json.loads(os.environ["BEAVER_SERVER_SETTINGS"])
     _header_timeout = settings["header_timeout"]
-    global _served_app
-    _served_app = create_app(settings["database"], **{k: settings[k] for k in _APP_KEYS})
-    return _served_app
+    return create_app(settings["database"], **{k: settings[k] for k in _APP_KEYS})
 
 
 def main(argv=None, prog=None) -> int:
@@ -1696,7 +1694,10 @@ class _Acceptor:
         self.server, self.sockets = server, sockets
         self.loop = asyncio.get_running_loop()
         self.tasks: set = set()
-        self.threads = _ConnectionThreads(_served_app.beaver, count, _header_timeout,
+        app = server.config.loaded_app
+        while not hasattr(app, "beaver"):      # inside uvicorn's middleware
+            app = app.app
+        self.threads = _ConnectionThreads(app.beaver, count, _header_timeout,
                                           server.config.timeout_keep_alive, self.handoff)
         for sock in sockets:
             sock.setblocking(False)
@@ -1790,7 +1791,6 @@ def _supervise(settings, placeholder):
 
 
 _header_timeout = HEADER_TIMEOUT
-_served_app = None          # the app of this server process (for the connection threads)
 
 class _HeaderDeadline:
     """Closes a connection whose request headers do not arrive within ``--header-timeout``
