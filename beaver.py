@@ -7209,15 +7209,13 @@ def _once(db, key, call):
     and applies nothing again; a repeat that arrives while the first runs waits for it.
     """
     core = db._core
-    with core.transaction():
-        if not core.execute("INSERT OR IGNORE INTO beaver_requests (key, created, status, body) "
-                            "VALUES (?, ?, 0, NULL)", (key, _now())).rowcount:
-            status, body = core.execute("SELECT status, body FROM beaver_requests WHERE key = ?",
-                                        (key,)).fetchone()
-            return status, body or b"", None
+    with core.transaction():        # BEGIN IMMEDIATE: a repeat waits here for the first
+        stored = core.one("SELECT status, body FROM beaver_requests WHERE key = ?", (key,))
+        if stored is not None:
+            return stored[0], stored[1] or b"", None
         status, body, headers = call()
-        core.execute("UPDATE beaver_requests SET status = ?, body = ? WHERE key = ?",
-                     (status, body or None, key))
+        core.execute("INSERT INTO beaver_requests (key, created, status, body) "
+                     "VALUES (?, ?, ?, ?)", (key, _now(), status, body or None))
     now = _now()
     if now >= getattr(core, "requests_purged", 0.0) + PURGE_INTERVAL:
         core.requests_purged = now
