@@ -1244,9 +1244,9 @@ class _RedactTokens(logging.Filter):
 THREAD_BODY = 64 * 1024         # larger request bodies are read by the event loop
 SEND_TIMEOUT = 30.0             # seconds to send an answer (plus one per MB of it)
 _PLAIN_METHODS = frozenset((b"GET", b"HEAD", b"PUT", b"POST", b"PATCH", b"DELETE"))
-_HEAD_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_HEAD_FIELDS = re.compile(   # after the request line: "name: value" lines, nothing else
+    rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*\Z")
 _HEAD_TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*\Z")       # visible ASCII, no '#'
-_HEAD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*\Z")
 _LEFT_TO_THE_LOOP = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
 _REASONS = {200: "OK", 204: "No Content", 303: "See Other", 400: "Bad Request",
             401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
@@ -1274,12 +1274,12 @@ def _plain_head(head: bytes):
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in _PLAIN_METHODS or \
             not _HEAD_TARGET.match(parts[1]):
         return None
+    if not _HEAD_FIELDS.match(head, len(lines[0])):
+        return None
     headers, length, close = [], None, False
     for line in lines[1:]:
-        name, colon, value = line.partition(b":")
+        name, _, value = line.partition(b":")
         value = value.strip(b" \t")
-        if not colon or not _HEAD_TOKEN.match(name) or not _HEAD_VALUE.match(value):
-            return None
         name = name.lower()
         if name in _LEFT_TO_THE_LOOP:
             return None
