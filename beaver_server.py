@@ -40,6 +40,8 @@ with a 4xx status; ``beaver.BeaverClient`` raises the same exception classes.
 Writes carrying an ``Idempotency-Key`` header are applied once: the key and the answer are
 stored in the operation's own transaction, and a repeat gets the first answer. Long waits
 (queue get, lock acquire, streams) await the database's wake-ups without holding a thread.
+Run by ``main``, keep-alive connections of plain operations are served by connection threads
+(``--connection-threads``, see "Connection threads" below) without an event-loop hop.
 """
 from __future__ import annotations
 
@@ -1247,7 +1249,8 @@ _PLAIN_METHODS = frozenset((b"GET", b"HEAD", b"PUT", b"POST", b"PATCH", b"DELETE
 _HEAD_FIELDS = re.compile(   # after the request line: "name: value" lines, nothing else
     rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*\Z")
 _HEAD_TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*\Z")       # visible ASCII, no '#'
-_LEFT_TO_THE_LOOP = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
+# chunked bodies, 100-continue, WebSockets; and browsers' requests (CORS answers them there)
+_LEFT_TO_THE_LOOP = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"origin"))
 _REASONS = {200: "OK", 204: "No Content", 303: "See Other", 400: "Bad Request",
             401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
@@ -1317,10 +1320,10 @@ class _ThreadConnection:
 
     def serve(self):
         """Serve requests until the client leaves; hand the connection over when needed."""
-        wait = self.threads.header_timeout
+        idle = None             # a new connection: its first head within the header timeout
         try:
             while True:
-                head = self.read_head(wait)
+                head = self.read_head(idle)
                 plain = _plain_head(head)
                 if plain is None or plain.length > THREAD_BODY:
                     raise _Handoff
@@ -1329,15 +1332,18 @@ class _ThreadConnection:
                 self.buffer = self.buffer[len(head) + 4 + plain.length:]
                 if close or plain.close:
                     return self.close()
-                wait = self.threads.header_timeout + self.threads.keep_alive
+                idle = self.threads.keep_alive       # as uvicorn closes an idle connection
         except _Handoff:
             self.threads.handoff(self.sock, self.buffer)
         except (_Closed, OSError):
             self.close()
 
-    def read_head(self, wait) -> bytes:
-        """The next request head (bytes before the blank line), within ``wait`` seconds."""
-        deadline = time.monotonic() + wait
+    def read_head(self, idle) -> bytes:
+        """The next request head (bytes before the blank line): its first byte within
+        ``idle`` seconds (if given), the whole head within the header timeout after that."""
+        if not self.buffer and idle is not None:
+            self.receive(time.monotonic() + idle)
+        deadline = time.monotonic() + self.threads.header_timeout
         while True:
             end = self.buffer.find(b"\r\n\r\n")
             if end >= 0:
