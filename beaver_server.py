@@ -176,6 +176,9 @@ class _Request:
 
     def query(self) -> dict:
         if self._query is None:
+            if not self.query_string:
+                self._query = {}
+                return self._query
             try:
                 self._query = dict(parse_qsl(self.query_string.decode("utf-8"),
                                              keep_blank_values=True, errors="strict"))
@@ -1250,7 +1253,9 @@ _HEAD_FIELDS = re.compile(   # after the request line: "name: value" lines, noth
     rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*\Z")
 _HEAD_TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*\Z")       # visible ASCII, no '#'
 # chunked bodies, 100-continue, WebSockets; and browsers' requests (CORS answers them there)
-_LEFT_TO_THE_LOOP = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"origin"))
+_LEFT_TO_THE_LOOP = frozenset(("transfer-encoding", "expect", "upgrade", "origin"))
+_SINGLE = frozenset(("content-length", "host", "authorization", "idempotency-key",
+                     "content-type", "connection"))
 _REASONS = {200: "OK", 204: "No Content", 303: "See Other", 400: "Bad Request",
             401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
@@ -1265,39 +1270,39 @@ class _Plain(typing.NamedTuple):
     method: str
     path: bytes
     query: bytes
-    headers: list
+    headers: dict
     length: int
     close: bool
 
 
 def _plain_head(head: bytes):
     """The ``_Plain`` of a request head, or None for anything else (left to uvicorn)."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
+    end = head.find(b"\r\n")
+    line = head if end < 0 else head[:end]
+    parts = line.split(b" ")
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in _PLAIN_METHODS or \
-            not _HEAD_TARGET.match(parts[1]):
+            not _HEAD_TARGET.match(parts[1]) or not _HEAD_FIELDS.match(head, len(line)):
         return None
-    if not _HEAD_FIELDS.match(head, len(lines[0])):
-        return None
-    headers, length, close = [], None, False
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        value = value.strip(b" \t")
+    headers, length, close = {}, None, False
+    for field in head[len(line) + 2:].decode("latin-1").split("\r\n") if end >= 0 else ():
+        name, _, value = field.partition(":")
         name = name.lower()
-        if name in _LEFT_TO_THE_LOOP:
+        if name in headers and name in _SINGLE:
+            return None         # two Content-Lengths (or Hosts...): left to uvicorn
+        headers[name] = value.strip(" \t")
+    if not headers.keys().isdisjoint(_LEFT_TO_THE_LOOP):
+        return None
+    if "content-length" in headers:
+        length = headers["content-length"]
+        if not length.isdigit() or len(length) > 18:
             return None
-        if name == b"content-length":
-            if length is not None or not value.isdigit() or len(value) > 18:
-                return None
-            length = int(value)
-        elif name == b"connection":
-            token = value.lower()
-            if token not in (b"keep-alive", b"close"):
-                return None
-            close = token == b"close"
-        headers.append((name, value))
+    if "connection" in headers:
+        token = headers["connection"].lower()
+        if token not in ("keep-alive", "close"):
+            return None
+        close = token == "close"
     path, _, query = parts[1].partition(b"?")
-    return _Plain(parts[0].decode("ascii"), path, query, headers, length or 0, close)
+    return _Plain(parts[0].decode("ascii"), path, query, headers, int(length or 0), close)
 
 
 class _Handoff(Exception):
@@ -1377,10 +1382,10 @@ class _ThreadConnection:
         server = self.server
         scope = {"type": "http", "http_version": "1.1", "scheme": "http",
                  "method": plain.method, "path": "", "raw_path": plain.path,
-                 "query_string": plain.query, "headers": plain.headers,
+                 "query_string": plain.query, "headers": [],
                  "server": self.local, "client": self.peer}
         request = _Request(scope, None, None, server.limits["body"])
-        request._body = body
+        request.headers, request._body = plain.headers, body
         try:
             server.check(scope, request.headers)
             try:
