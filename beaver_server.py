@@ -1504,8 +1504,9 @@ class _ConnectionThreads:
                 sock.shutdown(socket.SHUT_RDWR)
         for _ in threads:
             self.todo.put(None)
+        deadline = time.monotonic() + 5.0      # a thread inside a write finishes it first
         for thread in threads:
-            thread.join(5)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 # ------------------------------------------------------------------------------------------
