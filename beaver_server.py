@@ -1706,6 +1706,7 @@ class _Acceptor:
         self.server, self.sockets = server, sockets
         self.loop = asyncio.get_running_loop()
         self.tasks: set = set()
+        self.stopped = False
         app = server.config.loaded_app
         while not hasattr(app, "beaver"):      # inside uvicorn's middleware
             app = app.app
@@ -1722,12 +1723,18 @@ class _Acceptor:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:        # out of file descriptors...: the next round retries
+            except OSError as e:        # out of file descriptors...: pause, as asyncio does
                 logger.warning("beaver server: accept failed: %s", e)
+                self.loop.remove_reader(listener.fileno())
+                self.loop.call_later(1.0, self.resume, listener)
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if not self.threads.offer(conn):
                 self.adopt(conn, b"")
+
+    def resume(self, listener):
+        if not self.stopped:
+            self.loop.add_reader(listener.fileno(), self.accept, listener)
 
     def adopt(self, conn, pending):
         """uvicorn serves ``conn`` from now on, ``pending`` (bytes read already) first."""
@@ -1742,7 +1749,7 @@ class _Acceptor:
         async def connect():
             try:
                 await self.loop.connect_accepted_socket(protocol, conn)
-            except OSError:
+            except Exception:           # the client left already, or the loop is stopping
                 conn.close()
         task = self.loop.create_task(connect())
         self.tasks.add(task)
@@ -1756,6 +1763,7 @@ class _Acceptor:
             conn.close()
 
     async def stop(self):
+        self.stopped = True
         for sock in self.sockets:
             self.loop.remove_reader(sock.fileno())
         await asyncio.to_thread(self.threads.close)

@@ -7729,6 +7729,27 @@ def test_a_server_with_busy_connection_threads_stops_promptly(tmp_path):
         assert idle.recv(1024) == b""
 
 
+def test_connection_threads_serve_only_plain_heads():
+    pytest.importorskip("fastapi")
+    import beaver_server
+    plain = beaver_server._plain_head(b"PUT /dicts/d/k?ttl_seconds=5 HTTP/1.1\r\nHost: x\r\n"
+                                      b"Content-Length: 3\r\nConnection: close")
+    assert (plain.method, plain.path, plain.query, plain.length, plain.close) == \
+        ("PUT", b"/dicts/d/k", b"ttl_seconds=5", 3, True)
+    assert plain.headers == {"host": "x", "content-length": "3", "connection": "close"}
+    for head in (   # each is left to uvicorn (which refuses or serves it in its own way)
+            b"GET /a HTTP/1.0\r\nHost: x", b"GET http://x/a HTTP/1.1\r\nHost: x",
+            b"GET /a#frag HTTP/1.1\r\nHost: x", b"OPTIONS /a HTTP/1.1\r\nHost: x",
+            b"GET /a HTTP/1.1\r\nHost: x\r\n folded", b"GET /a HTTP/1.1\r\nBad Name: x",
+            b"GET /a HTTP/1.1\r\nHost: a\x00b", b"GET /\xc3\xa9 HTTP/1.1\r\nHost: x",
+            b"POST /a HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2",
+            b"POST /a HTTP/1.1\r\nContent-Length: -1", b"POST /a HTTP/1.1\r\nContent-Length: 1x",
+            b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked", b"POST /a HTTP/1.1\r\nExpect: "
+            b"100-continue", b"GET /a HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade",
+            b"GET /a HTTP/1.1\r\nOrigin: https://app.example", b"GET  /a HTTP/1.1"):
+        assert beaver_server._plain_head(head) is None, head
+
+
 def test_connection_threads_option_is_checked():
     pytest.importorskip("fastapi")
     code, lines = _one_line_error(["-m", "beaver_server", "--connection-threads", "-1"])
