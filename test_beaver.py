@@ -7279,11 +7279,13 @@ def _raw(method, target, port, body=b""):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_server_holds_500_waiting_consumers_without_threads(tmp_path):
+@pytest.mark.parametrize("connection_threads", ["16", "0"])
+def test_server_holds_500_waiting_consumers_without_threads(tmp_path, connection_threads):
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
     process, url = _start_server(tmp_path / "waits.db", "--max-wait", "60",
+                                 "--connection-threads", connection_threads,
                                  command=("-m", "beaver_server"))
     port = int(url.rsplit(":", 1)[1])
     client = beaver.BeaverClient(url)
@@ -7371,8 +7373,10 @@ def _worker_consumer(url, out, pids):
         client.close()
 
 
-def test_two_workers_serve_one_queue_without_duplicates(tmp_path):
+@pytest.mark.parametrize("connection_threads", ["16", "0"])
+def test_two_workers_serve_one_queue_without_duplicates(tmp_path, connection_threads):
     process, url = _start_server(tmp_path / "workers.db", "--workers", "2", "--max-wait", "5",
+                                 "--connection-threads", connection_threads,
                                  command=("-m", "beaver_server"))
     try:
         seen, deadline = set(), time.monotonic() + 60
