@@ -7273,15 +7273,13 @@ def _once(db, key, call):
     and applies nothing again; a repeat that arrives while the first runs waits for it.
     """
     core = db._core
-    with core.transaction():
-        if not core.execute("INSERT OR IGNORE INTO beaver_requests (key, created, status, body) "
-                            "VALUES (?, ?, 0, NULL)", (key, _now())).rowcount:
-            status, body = core.execute("SELECT status, body FROM beaver_requests WHERE key = ?",
-                                        (key,)).fetchone()
-            return status, body or b"", None
+    with core.transaction():        # BEGIN IMMEDIATE: a repeat waits here for the first
+        stored = core.one("SELECT status, body FROM beaver_requests WHERE key = ?", (key,))
+        if stored is not None:
+            return stored[0], stored[1] or b"", None
         status, body, headers = call()
-        core.execute("UPDATE beaver_requests SET status = ?, body = ? WHERE key = ?",
-                     (status, body or None, key))
+        core.execute("INSERT INTO beaver_requests (key, created, status, body) "
+                     "VALUES (?, ?, ?, ?)", (key, _now(), status, body or None))
     now = _now()
     if now >= getattr(core, "requests_purged", 0.0) + PURGE_INTERVAL:
         core.requests_purged = now
@@ -7505,11 +7503,21 @@ _RETRY_WINDOW = 120.0       # no retry this long after the first attempt (< REQU
 _LONG_TARGET = 4000         # longer request targets travel in the body of POST /call
 
 
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9_.~-]*\Z")
+
+
 def _segment(text) -> str:
     """One path segment: every character that could change the route is escaped."""
+    if _PLAIN_SEGMENT.match(text):
+        return text             # nothing to escape (and not "." or "..")
     from urllib.parse import quote
     quoted = quote(text, safe="")
     return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
+def _request_key() -> str:
+    """A fresh idempotency key (128 random bits)."""
+    return os.urandom(16).hex()
 
 
 class _Dropped(OSError):
@@ -7517,7 +7525,8 @@ class _Dropped(OSError):
 
 
 class _Connection:
-    """One keep-alive HTTP/1.1 connection: a request out, a response in."""
+    """One keep-alive HTTP/1.1 connection: a request out, a response in (read with one
+    ``recv`` when it fits, which it mostly does)."""
 
     def __init__(self, http, timeout):
         import socket
@@ -7527,70 +7536,117 @@ class _Connection:
             import ssl
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=http.host)
         self.sock = sock
-        self.reader = sock.makefile("rb")
+        self.timeout = timeout
+        self.buffer = bytearray()
 
     def exchange(self, head, body, timeout, sink=None):
         """Send one request; ``(status, headers, body)`` (the body goes to ``sink`` if given)."""
-        self.sock.settimeout(timeout)
+        if timeout != self.timeout:
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
         self.sock.sendall(head + body if len(body) < 65536 else head)
         if len(body) >= 65536:
             self.sock.sendall(body)
         status, headers = self.read_head()
         if head.startswith(b"HEAD ") or status in (204, 304):
             return status, headers, b""
+        length = headers.get("content-length", "")
+        if sink is None and length.isdigit() and int(length) <= 1 << 20:
+            return status, headers, self.take(int(length))
         if sink is None or status >= 300:
             return status, headers, b"".join(self.body(headers))
         for chunk in self.body(headers):
             sink(chunk)
         return status, headers, b""
 
-    def read_head(self):
-        line = self.reader.readline(65537)
-        if not line:
+    def fill(self):
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
             raise _Dropped("the server closed the connection")
-        parts = line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
-            raise _Dropped(f"not an HTTP response: {line[:80]!r}")
-        headers = {}
+        self.buffer += chunk
+
+    def take(self, size) -> bytes:
+        """The next ``size`` bytes."""
+        buffer = self.buffer
+        while len(buffer) < size:
+            self.fill()
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        return data
+
+    def readline(self, limit) -> bytes:
+        buffer = self.buffer
         while True:
-            line = self.reader.readline(65537)
-            if line in (b"\r\n", b"\n"):
-                return int(parts[1]), headers
-            if not line:
-                raise _Dropped("the connection ended inside the response headers")
-            name, _, value = line.decode("latin-1").partition(":")
+            end = buffer.find(b"\n")
+            if end >= 0:
+                return self.take(end + 1)
+            if len(buffer) > limit:
+                raise _Dropped("a response line is too long")
+            self.fill()
+
+    def read_head(self):
+        buffer = self.buffer
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(buffer) > 1 << 17:
+                raise _Dropped("the response head is too long")
+            try:
+                self.fill()
+            except _Dropped:
+                if buffer:
+                    raise _Dropped("the connection ended inside the response headers") from None
+                raise
+        lines = self.take(end + 4)[:end].decode("latin-1").split("\r\n")
+        parts = lines[0].split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise _Dropped(f"not an HTTP response: {lines[0][:80]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
+        return int(parts[1]), headers
 
     def body(self, headers):
         """The response body in pieces (by Content-Length, chunked, or up to the end)."""
         if "content-length" in headers:
             left = int(headers["content-length"])
             while left:
-                piece = self.reader.read(min(left, 1 << 16))
-                if not piece:
-                    raise _Dropped("the connection ended inside the response body")
+                if not self.buffer:
+                    try:
+                        self.fill()
+                    except _Dropped:
+                        raise _Dropped("the connection ended inside the response body") from None
+                piece = self.take(min(left, len(self.buffer)))
                 left -= len(piece)
                 yield piece
         elif headers.get("transfer-encoding", "").lower() == "chunked":
             while True:
-                size = int(self.reader.readline(1026).split(b";")[0].strip() or b"x", 16)
+                size = int(self.readline(1026).split(b";")[0].strip() or b"x", 16)
                 if not size:
-                    self.reader.readline(1026)
+                    self.readline(1026)
                     return
-                piece = self.reader.read(size)
-                if len(piece) < size:
-                    raise _Dropped("the connection ended inside a chunk")
-                self.reader.readline(1026)
+                try:
+                    piece = self.take(size)
+                except _Dropped:
+                    raise _Dropped("the connection ended inside a chunk") from None
+                self.readline(1026)
                 yield piece
         else:
-            yield from iter(lambda: self.reader.read(1 << 16), b"")
+            while True:
+                if self.buffer:
+                    yield self.take(len(self.buffer))
+                try:
+                    self.fill()
+                except _Dropped:
+                    return
 
     def close(self):
         import socket
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
-            self.reader.close()
             self.sock.close()
 
 
@@ -8264,7 +8320,7 @@ class BeaverClient:
         if self._closed:
             raise ClosedError("the client is closed")
         if writes:
-            headers += f"Idempotency-Key: {key or uuid.uuid4().hex}\r\n"
+            headers += f"Idempotency-Key: {key or _request_key()}\r\n"
         status, answer, data = self._send(verb, target, body, headers, wait, sink)
         if status >= 400:
             _raise_remote(status, data)
@@ -8288,7 +8344,7 @@ class BeaverClient:
         if op.wait and args.get("block", True):
             return self._wait(manager, op, args)
         if op.writes:
-            headers += f"Idempotency-Key: {uuid.uuid4().hex}\r\n"
+            headers += f"Idempotency-Key: {_request_key()}\r\n"
         return self._answer(manager, op, args, verb, target, body, headers)
 
     def _send(self, verb, target, body, headers, wait=0.0, sink=None):
@@ -8319,7 +8375,7 @@ class BeaverClient:
         """A blocking call in chunks of at most ``_CHUNK_WAIT`` s, with one idempotency key:
         an answer lost on the way is answered again, never taken twice."""
         deadline = _Deadline(_seconds(args[op.wait], op.wait))
-        key = f"Idempotency-Key: {uuid.uuid4().hex}\r\n"
+        key = f"Idempotency-Key: {_request_key()}\r\n"
         while True:
             wait = deadline.remaining(cap=_CHUNK_WAIT)
             verb, target, body, headers = _request_of(manager, op, {**args, op.wait: wait})

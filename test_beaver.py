@@ -7158,9 +7158,23 @@ class _DroppingProxy:
         self.listener.close()
 
 
-@pytest.fixture
-def lossy(served):
-    """(client through a dropping proxy, the proxy, a local BeaverDB on the served file)."""
+@pytest.fixture(scope="module")
+def served_on_the_loop(tmp_path_factory):
+    """A ``beaver serve`` process without connection threads: (url, database path)."""
+    path = tmp_path_factory.mktemp("server") / "loop.db"
+    process, url = _start_server(path, "--max-wait", "2", "--connection-threads", "0")
+    try:
+        yield url, str(path)
+    finally:
+        _stop_server(process)
+
+
+@pytest.fixture(params=["threads", "loop"])
+def lossy(request):
+    """(client through a dropping proxy, the proxy, a local BeaverDB on the served file), for
+    a server with connection threads and for one serving everything on its event loop."""
+    served = request.getfixturevalue("served" if request.param == "threads" else
+                                     "served_on_the_loop")
     proxy = _DroppingProxy(served[0])
     client = beaver.BeaverClient(proxy.url)
     local = BeaverDB(served[1])
@@ -7444,11 +7458,13 @@ def _raw(method, target, port, body=b""):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_server_holds_500_waiting_consumers_without_threads(tmp_path):
+@pytest.mark.parametrize("connection_threads", ["16", "0"])
+def test_server_holds_500_waiting_consumers_without_threads(tmp_path, connection_threads):
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
     process, url = _start_server(tmp_path / "waits.db", "--max-wait", "60",
+                                 "--connection-threads", connection_threads,
                                  command=("-m", "beaver_server"))
     port = int(url.rsplit(":", 1)[1])
     client = beaver.BeaverClient(url)
@@ -7536,8 +7552,10 @@ def _worker_consumer(url, out, pids):
         client.close()
 
 
-def test_two_workers_serve_one_queue_without_duplicates(tmp_path):
+@pytest.mark.parametrize("connection_threads", ["16", "0"])
+def test_two_workers_serve_one_queue_without_duplicates(tmp_path, connection_threads):
     process, url = _start_server(tmp_path / "workers.db", "--workers", "2", "--max-wait", "5",
+                                 "--connection-threads", connection_threads,
                                  command=("-m", "beaver_server"))
     try:
         seen, deadline = set(), time.monotonic() + 60
@@ -7703,6 +7721,222 @@ def test_connections_that_never_finish_their_headers_are_closed(tmp_path):
             assert idle.recv(1024) == b""           # a connection that sends nothing at all
     finally:
         _stop_server(process)
+
+
+# ---- connection threads: the thread path answers as the event loop does ----
+
+def _exchange(sock, request, read_body=True):
+    """Send ``request`` (bytes) on ``sock``; ``(status, headers, body)`` of the answer, or
+    None when the server closed the connection instead."""
+    sock.sendall(request)
+    return _read_answer(sock, read_body)
+
+
+def _read_answer(sock, read_body=True):
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):    # byte by byte: the next answer stays unread
+        chunk = sock.recv(1)
+        if not chunk:
+            return None
+        head += chunk
+    head, data = head[:-4], b""
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict((k.strip().lower(), v.strip()) for k, _, v in
+                   (line.partition(":") for line in lines[1:]))
+    length = int(headers.get("content-length", 0)) if read_body else 0
+    while len(data) < length:
+        chunk = sock.recv(length - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return int(lines[0].split()[1]), headers, data[:length]
+
+
+def _raw_req(method, target, body=b"", token="s3cret", host="127.0.0.1", extra=""):
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{auth}{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+
+
+@pytest.fixture(scope="module")
+def two_paths(tmp_path_factory):
+    """Two servers of one file with a token: with connection threads, and with none."""
+    path = tmp_path_factory.mktemp("paths") / "paths.db"
+    started = [_start_server(path, "--token", "s3cret", "--max-body-size", "1000",
+                             "--header-timeout", "1", "--cors-origin", "https://app.example",
+                             *extra, command=("-m", "beaver_server"))
+               for extra in (("--connection-threads", "2"), ("--connection-threads", "0"))]
+    yield [int(url.rsplit(":", 1)[1]) for _, url in started]
+    for process, _ in started:
+        _stop_server(process)
+
+
+_SAME_ANSWERS = [   # (request, whether the server closes the connection after it)
+    (_raw_req("PUT", "/dicts/d/k", b'"v"', extra="Content-Type: application/json\r\n"), False),
+    (_raw_req("GET", "/dicts/d/k"), False),
+    (_raw_req("HEAD", "/dicts/d/k"), False),
+    (_raw_req("GET", "/dicts/d/missing"), False),
+    (_raw_req("GET", "/dicts/d/k?nonsense=1"), False),
+    (_raw_req("GET", "/dicts/d%2Fk/k"), False),
+    (_raw_req("POST", "/lists/l/push", b'"x"', extra="Content-Type: application/json\r\n"
+                                                 "Idempotency-Key: same-key-1\r\n"), False),
+    (_raw_req("POST", "/lists/l/push", b'"x"', extra="Content-Type: application/json\r\n"
+                                                 "Idempotency-Key: same-key-1\r\n"), False),
+    (_raw_req("GET", "/lists/l"), False),
+    (_raw_req("GET", "/dicts/d/k", host="evil.example"), False),                # DNS rebinding
+    (_raw_req("POST", "/lists/l/push", b'"x"', extra="Content-Type: text/plain\r\n"), False),
+    (_raw_req("POST", "/lists/l/push", b'"x"', extra="Content-Type: application/json\r\n"
+                                                 "Origin: https://evil.example\r\n"), False),
+    (_raw_req("GET", "/dicts/d/k", extra="Origin: https://app.example\r\n"), False),  # CORS
+    (_raw_req("GET", "/dicts/d/k", token=None), False),
+    (_raw_req("GET", "/dicts/d/k", token="wrong"), False),
+    (_raw_req("GET", "/" + "x" * 20_000), False),                                # too long
+    (_raw_req("PUT", "/dicts/d/big", b'"' + b"x" * 2000 + b'"'), True),          # over the limit
+    (_raw_req("POST", "/queues/q/get?timeout=0.2"), False),                    # waits: the loop
+    (_raw_req("GET", "/info"), False),
+    (_raw_req("GET", "/openapi.json"), False),                                  # FastAPI's route
+    (b"PUT /dicts/d/chunked HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n"
+     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n\"c\"\r\n"
+     b"0\r\n\r\n", False),
+    (_raw_req("GET", "/dicts/d/chunked"), False),
+]
+
+
+def test_connection_threads_answer_as_the_event_loop_does(two_paths):
+    answers = []
+    for port in two_paths:
+        seen = []
+        for request, closes in _SAME_ANSWERS:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                status, headers, body = _exchange(sock, request)
+                if closes:
+                    assert sock.recv(1) == b""
+                else:                       # the connection still serves the next request
+                    assert _exchange(sock, _raw_req("GET", "/dicts/d/k"))[0] == 200
+            seen.append((status, headers.get("content-type"), body,
+                         headers.get("www-authenticate"), headers.get("content-length"),
+                         headers.get("access-control-allow-origin")))
+        answers.append(seen)
+    threaded, loop = answers
+    for request, a, b in zip(_SAME_ANSWERS, threaded, loop):
+        if b"openapi" not in request[0] and b"/info" not in request[0]:
+            assert a == b, request[0][:60]
+        else:
+            assert a[0] == b[0] == 200
+    assert [a[0] for a in threaded] == [204, 200, 200, 404, 422, 404, 204, 204, 200, 403, 403,
+                                        403, 200, 401, 401, 414, 413, 408, 200, 200, 204, 200]
+    assert threaded[12][-1] == "https://app.example"
+
+
+def test_a_connection_moves_to_the_event_loop_for_a_wait_and_keeps_serving(two_paths):
+    port = two_paths[0]
+    json_type = "Content-Type: application/json\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert _exchange(sock, _raw_req("PUT", "/dicts/m/k", b"1", extra=json_type))[0] == 204
+        sock.sendall(_raw_req("POST", "/queues/moving/get?timeout=20"))
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as other:
+            deadline = time.monotonic() + 30
+            while json.loads(_exchange(other, _raw_req("GET", "/"))[2])["waits"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)  # polling the server's count: nothing to wait on
+            assert _exchange(other, _raw_req("POST", "/queues/moving/put", b'"job"',
+                                     extra=json_type))[0] == 204
+        status, _, body = _read_answer(sock)
+        assert status == 200 and json.loads(body)["data"] == "job"
+        # pipelined: two requests in one write, two answers in order
+        sock.sendall(_raw_req("GET", "/dicts/m/k") + _raw_req("GET", "/dicts/m/missing"))
+        assert _read_answer(sock)[0] == 200 and _read_answer(sock)[0] == 404
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # on a thread
+        sock.sendall(_raw_req("GET", "/dicts/m/k") + _raw_req("GET", "/dicts/m/missing"))
+        assert _read_answer(sock)[0] == 200 and _read_answer(sock)[0] == 404
+
+
+def test_connection_threads_never_wait_on_a_client_forever(two_paths):
+    port = two_paths[0]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert _exchange(sock, _raw_req("PUT", "/dicts/d/k", b'"v"', extra="Content-Type: "
+                                        "application/json\r\n"))[0] == 204
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(_raw_req("PUT", "/dicts/d/slow", b'"12345"')[:-3])    # the body never ends
+        assert sock.recv(1024) == b""       # closed by the server (--header-timeout 1)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert _exchange(sock, _raw_req("GET", "/dicts/d/k"))[0] == 200
+        assert sock.recv(1024) == b""       # idle keep-alive: closed after its deadline
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert _exchange(sock, _raw_req("GET", "/dicts/d/k"))[0] == 200    # threads are free again
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_connection_threads_leak_no_threads_or_descriptors(tmp_path):
+    process, url = _start_server(tmp_path / "leak.db", "--connection-threads", "3",
+                                 command=("-m", "beaver_server"))
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        def burst(count):       # more connections at once than threads: some go to the loop
+            socks = [socket.create_connection(("127.0.0.1", port), timeout=30)
+                     for _ in range(count)]
+            for n, sock in enumerate(socks):
+                assert _exchange(sock, _raw("PUT", f"/dicts/leak/k{n}", port, b"1"))[0] == 204
+                assert sock.recv(1) == b""      # Connection: close: the server closed it
+                sock.close()
+        burst(1)                # the server is up, its event loop running
+        before = _open_sockets(process.pid)
+        burst(10)
+        _rt_until(lambda: _open_sockets(process.pid) <= before, timeout=30)
+        baseline = _proc_usage(process.pid)     # the pool's threads and SQLite files made
+        for _ in range(3):
+            burst(20)
+        _rt_until(lambda: _open_sockets(process.pid) <= before, timeout=30)
+        threads, fds = _proc_usage(process.pid)
+        # no thread more; the sockets all closed (above); other files: SQLite's, 2 or 3 per
+        # thread that ever opened the database (one ended thread's may linger until another
+        # thread opens a connection)
+        assert threads <= baseline[0] and fds <= baseline[1] + 3, (baseline, threads, fds)
+    finally:
+        _stop_server(process)
+
+
+def _open_sockets(pid) -> int:
+    return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+               for fd in os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_server_with_busy_connection_threads_stops_promptly(tmp_path):
+    process, url = _start_server(tmp_path / "stop.db", command=("-m", "beaver_server"))
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as idle:
+        assert _exchange(idle, _raw("GET", "/info", port).replace(b"Connection: close\r\n", b""))[0] \
+            == 200                          # a keep-alive connection held by a thread
+        process.terminate()
+        process.wait(timeout=20)           # uvicorn re-raises SIGTERM once it has stopped
+        assert idle.recv(1024) == b""
+
+
+def test_connection_threads_serve_only_plain_heads():
+    pytest.importorskip("fastapi")
+    import beaver_server
+    plain = beaver_server._plain_head(b"PUT /dicts/d/k?ttl_seconds=5 HTTP/1.1\r\nHost: x\r\n"
+                                      b"Content-Length: 3\r\nConnection: close")
+    assert (plain.method, plain.path, plain.query, plain.length, plain.close) == \
+        ("PUT", b"/dicts/d/k", b"ttl_seconds=5", 3, True)
+    assert plain.headers == {"host": "x", "content-length": "3", "connection": "close"}
+    for head in (   # each is left to uvicorn (which refuses or serves it in its own way)
+            b"GET /a HTTP/1.0\r\nHost: x", b"GET http://x/a HTTP/1.1\r\nHost: x",
+            b"GET /a#frag HTTP/1.1\r\nHost: x", b"OPTIONS /a HTTP/1.1\r\nHost: x",
+            b"GET /a HTTP/1.1\r\nHost: x\r\n folded", b"GET /a HTTP/1.1\r\nBad Name: x",
+            b"GET /a HTTP/1.1\r\nHost: a\x00b", b"GET /\xc3\xa9 HTTP/1.1\r\nHost: x",
+            b"POST /a HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2",
+            b"POST /a HTTP/1.1\r\nContent-Length: -1", b"POST /a HTTP/1.1\r\nContent-Length: 1x",
+            b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked", b"POST /a HTTP/1.1\r\nExpect: "
+            b"100-continue", b"GET /a HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade",
+            b"GET /a HTTP/1.1\r\nOrigin: https://app.example", b"GET  /a HTTP/1.1"):
+        assert beaver_server._plain_head(head) is None, head
+
+
+def test_connection_threads_option_is_checked():
+    pytest.importorskip("fastapi")
+    code, lines = _one_line_error(["-m", "beaver_server", "--connection-threads", "-1"])
+    assert code == 2 and len(lines) == 1 and "--connection-threads" in lines[0]
 
 
 def _one_line_error(argv, **kwargs):
