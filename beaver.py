@@ -4869,7 +4869,14 @@ class _Allowed:
     hands the same object to every search with the same filter while its documents are
     unchanged, so a vector index may keep what it derives from one (by identity). The rowid
     of a dropped document may stay in it: no vector has that rowid.
+
+    A patched one knows where it came from: ``parent()`` (a weak reference, None for one
+    read whole) and ``changed`` (the rowids that may differ from it), so what an index
+    derived from the parent can be brought forward by looking at those rowids only.
     """
+
+    parent = None
+    changed = ()
 
     def __init__(self, ids):
         """``ids``: the rowids joined by commas (SQLite's ``group_concat``), or None."""
@@ -4891,20 +4898,36 @@ class _Allowed:
         return self._mask[rowids.clip(-1, len(self._mask) - 1)]
 
     def patched(self, allow, deny) -> "_Allowed":
-        """Another ``_Allowed``: this one with the rowids ``allow`` in and ``deny`` out."""
+        """This one with the rowids ``allow`` in and ``deny`` out: itself when that changes
+        nothing (so what was derived from it stays valid), else another.
+
+            >>> before = _Allowed("1,2,3")
+            >>> before.patched([2], [7]) is before
+            True
+            >>> after = before.patched([5], [1])
+            >>> len(after), after.parent() is before, sorted(map(int, after.changed))
+            (3, True, [1, 5])
+        """
         new = _Allowed.__new__(_Allowed)
         np = new.np = self.np
         if np is None:
             new.rowids = (self.rowids - set(deny)) | set(allow)
+            if new.rowids == self.rowids:
+                return self
+            new.parent, new.changed = weakref.ref(self), (*allow, *deny)
             return new
         allow, deny = np.array(allow, np.int64), np.array(deny, np.int64)
-        new._count = (self._count + len(allow) - int(self.test(allow).sum())
-                      - int(self.test(deny).sum()))
+        allowed_before, denied_before = self.test(allow), self.test(deny)
+        if allowed_before.all() and not denied_before.any():
+            return self
+        new._count = (self._count + len(allow) - int(allowed_before.sum())
+                      - int(denied_before.sum()))
         new._mask = np.zeros(max(len(self._mask), int(allow.max()) + 2 if len(allow) else 0),
                              bool)
         new._mask[:len(self._mask)] = self._mask
         new._mask[allow] = True
         new._mask[deny[deny < len(new._mask) - 1]] = False
+        new.parent, new.changed = weakref.ref(self), np.concatenate([allow, deny])
         return new
 
 

@@ -75,6 +75,7 @@ FILTER_EF_SCALE = 0.5
 EXACT_COST = 24
 CHUNK_ROWS = 2048       # rows gathered at once by the exact search (kept within the CPU cache)
 MEMO_FILTERS = 8        # filters whose allowed labels a base keeps
+PATCH_LABELS = 256      # changed rowids past which a filter's labels are tested all again
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_ann_log (
@@ -179,7 +180,8 @@ class _Base:
         self.n_dead = n - len(self.pos)
         self.xb = _stored_vectors(index, kind, n, dim)
         self._selector = None
-        self._among: dict = {}      # id(allowed) -> (allowed, n_dead then, _Among)
+        self.killed: list = []      # labels killed since loaded, in order
+        self._among: dict = {}      # id(allowed) -> (allowed, len(killed) then, _Among)
 
     @classmethod
     def empty(cls, dim, metric, built_seq=0):
@@ -195,6 +197,7 @@ class _Base:
             return False
         self.dead[i] = True
         self.n_dead += 1
+        self.killed.append(i)
         self._selector = None
         return True
 
@@ -213,31 +216,68 @@ class _Base:
         """The live labels whose documents ``allowed`` (a ``beaver._Allowed``) lets through.
 
         Kept for the last ``MEMO_FILTERS`` filters: the collection hands the same object to
-        every search with one filter while its documents are unchanged."""
+        every search with one filter while its documents are unchanged. After a write it
+        hands a patched one, whose answer is brought forward from its parent's (the labels
+        of its changed rowids only), and labels killed since are taken out; only a filter
+        seen for the first time is tested against every label."""
         kept = self._among.get(id(allowed))
-        if kept is None or kept[0] is not allowed or kept[1] != self.n_dead:
-            found = _Among(allowed.test(self.rowids) & ~self.dead)
-            kept = self._among[id(allowed)] = (allowed, self.n_dead, found)
-            while len(self._among) > MEMO_FILTERS:
-                del self._among[next(iter(self._among))]
+        if kept is None or kept[0] is not allowed:
+            kept = self._from_parent(allowed)
+        if kept is None:
+            kept = (allowed, len(self.killed), _Among(allowed.test(self.rowids) & ~self.dead))
+        elif kept[1] != len(self.killed):
+            gone = np.array(self.killed[kept[1]:], np.int64)
+            kept = (allowed, len(self.killed), kept[2].set(gone, np.zeros(len(gone), bool)))
+        self._among.pop(id(allowed), None)
+        self._among[id(allowed)] = kept
+        while len(self._among) > MEMO_FILTERS:
+            del self._among[next(iter(self._among))]
         return kept[2]
+
+    def _from_parent(self, allowed):
+        """(allowed, kills then, _Among) from the kept answer of ``allowed``'s parent, or None."""
+        parent = allowed.parent() if allowed.parent is not None else None
+        kept = None if parent is None else self._among.get(id(parent))
+        if kept is None or kept[0] is not parent or len(allowed.changed) > PATCH_LABELS:
+            return None
+        labels = np.flatnonzero(np.isin(self.rowids, np.asarray(allowed.changed, np.int64)))
+        among = kept[2]
+        if len(labels):
+            among = among.set(labels, allowed.test(self.rowids[labels]) & ~self.dead[labels])
+        return allowed, kept[1], among
 
 
 class _Among:
-    """The labels of a base that a filter lets through, and their faiss selector (made once)."""
+    """The labels of a base that a filter lets through (a bool per label), their count, and
+    their sorted list and faiss selector (each made once, when first needed)."""
 
     def __init__(self, mask):
-        self.labels = np.flatnonzero(mask)
         self._mask = mask
-        self._selector = None
+        self._count = int(np.count_nonzero(mask))
+        self._labels = self._selector = None
 
     def __len__(self):
-        return len(self.labels)
+        return self._count
+
+    @property
+    def labels(self):
+        if self._labels is None:
+            self._labels = np.flatnonzero(self._mask)
+        return self._labels
 
     def selector(self):
         if self._selector is None:
             self._selector = _bitmap_selector(self._mask)
         return self._selector[0]
+
+    def set(self, labels, allowed) -> "_Among":
+        """Itself when ``labels`` already are as ``allowed`` says (bools), else a copy
+        changed there."""
+        if np.array_equal(self._mask[labels], allowed):
+            return self
+        mask = self._mask.copy()
+        mask[labels] = allowed
+        return _Among(mask)
 
 
 def _bitmap_selector(mask):

@@ -5776,6 +5776,75 @@ def test_collection_kept_filter_is_patched_after_a_write(db):
     assert _ids(docs.search([0.0, 0.0], where=where)) == ["x"]
 
 
+BASE_FILTERS = [{"n": {"$lt": 2}}, {"n": {"$in": [1, 3]}}, {"$not": {"n": 4}}, {"n": 9}]
+
+
+@QUERY_SETTINGS
+@given(steps=st.lists(st.tuples(st.sampled_from(["index", "no vector", "drop", "rolled back"]),
+                                st.integers(0, 29), st.integers(0, 4)), max_size=15),
+       where=st.sampled_from(BASE_FILTERS), top_k=st.sampled_from([3, 30]))
+def test_collection_filtered_search_on_a_built_base_follows_writes_like_the_oracle(steps, where,
+                                                                                 top_k):
+    """A filter kept over a stored (faiss) base, brought forward after each write (a new
+    body and vector, a body without a vector, a drop, a rolled back write): the answer is
+    the brute-force one, in order."""
+    with vector_backend("faiss"), BeaverDB(":memory:") as db:
+        docs = db.collection("c", background=False)
+        state = {f"d{i}": ({"n": i % 5}, float(i)) for i in range(30)}
+        docs.index_many(Document(id=k, body=b, embedding=[x, 1.0]) for k, (b, x) in state.items())
+        docs.compact()
+        q = [12.3141, 1.0]
+
+        def agrees():
+            want = sorted((abs(x - q[0]), k) for k, (b, x) in state.items()
+                          if x is not None and oracle_match(where, b))
+            assert _ids(docs.search(q, top_k=top_k, where=where)) == [k for _, k in want][:top_k]
+        agrees()
+        for op, i, n in steps:
+            key, body, x = f"d{i}", {"n": n}, i + n / 10
+            if op == "drop":
+                if state.pop(key, None) is not None:
+                    docs.drop(key)
+            elif op == "rolled back":
+                with pytest.raises(RuntimeError), db.transaction():
+                    docs.index(Document(id=key, body=body, embedding=[x, 1.0]))
+                    raise RuntimeError("roll back")
+            else:
+                x = x if op == "index" else None
+                docs.index(Document(id=key, body=body, embedding=None if x is None else [x, 1.0]))
+                state[key] = (body, x)
+            agrees()
+
+
+def test_collection_kept_filter_is_brought_forward_on_the_base(db, faiss_ok, monkeypatch):
+    """After the first search of a filter, writes never make the index test every label of
+    its base again: a write that changes nothing for the filter keeps the same allowed set
+    (and labels); one that does is applied to the labels of the changed rowids only."""
+    docs = db.collection("v", background=False)
+    docs.index_many(Document(id=f"d{i}", body={"n": i % 10}, embedding=[float(i), 1.0])
+                    for i in range(200))
+    docs.compact()
+    where, q = {"n": {"$lt": 5}}, [20.2, 1.0]
+    assert _ids(docs.search(q, top_k=3, where=where)) == ["d20", "d21", "d22"]
+    kept, base = docs._allowed(docs._check(where)), docs._backend._base
+    among = base.among(kept)
+    sizes, test = [], beaver._Allowed.test
+    monkeypatch.setattr(beaver._Allowed, "test",
+                        lambda self, rowids: sizes.append(len(rowids)) or test(self, rowids))
+    docs.index(Document(id="note", body={"n": 1}))                  # in, no vector
+    patched = docs._allowed(docs._check(where))
+    assert patched is not kept and patched.parent() is kept
+    assert _ids(docs.search(q, top_k=3, where=where)) == ["d20", "d21", "d22"]
+    assert base.among(patched) is among                             # no label changed
+    docs.index(Document(id="note", body={"n": 2}))                  # still in: nothing changes
+    assert docs._allowed(docs._check(where)) is patched
+    docs.drop("d21")                                                # a label dies
+    docs.index(Document(id="d20", body={"n": 9}, embedding=[20.0, 1.0]))     # leaves
+    docs.index(Document(id="d29", body={"n": 0}, embedding=[20.3, 1.0]))     # moves, joins
+    assert _ids(docs.search(q, top_k=3, where=where)) == ["d29", "d22", "d23"]
+    assert len(docs._backend._base.rowids) == 200 and 200 not in sizes
+
+
 def _flip_documents(path, name):
     with BeaverDB(path) as db:
         docs = db.collection(name)
