@@ -378,6 +378,7 @@ class VectorIndex:
         self._base = self._delta = None     # loaded on first use outside a transaction:
         self._last_seq = 0                  # the collection may open us inside its own
         self._params = None                 # (ef, SearchParametersHNSW) of plain searches
+        self._tables = None                 # see _has_tables
         if not core.in_transaction:
             self._ready()
 
@@ -407,13 +408,36 @@ class VectorIndex:
 
     def _ensure_tables(self):
         """Create the tables and this collection's row, unless there (no write, no lock)."""
-        if self._tables_ready():
+        if self._known_tables():
             return
-        with self._core.transaction():
-            for statement in _SCHEMA:
-                self._core.execute(statement)
-            self._core.execute("INSERT OR IGNORE INTO beaver_ann_base (collection) VALUES (?)",
-                               (self.collection,))
+        if not self._tables_ready():
+            with self._core.transaction():
+                for statement in _SCHEMA:
+                    self._core.execute(statement)
+                self._core.execute("INSERT OR IGNORE INTO beaver_ann_base (collection) "
+                                   "VALUES (?)", (self.collection,))
+        self._remember_tables()
+
+    def _known_tables(self) -> bool:
+        """Whether the tables are known to be there for this thread: committed (``_tables``
+        is True) or made by (or seen in) its transaction (its token)."""
+        known = self._tables
+        return known is True or (known is not None and known is self._core.transaction_token())
+
+    def _has_tables(self) -> bool:
+        """Whether this thread sees the tables (known to, else looked up in the schema)."""
+        return self._known_tables() or self._tables_ready()
+
+    def _remember_tables(self):
+        """Known from now on; inside a transaction, for it until it commits (a rollback,
+        of a savepoint too, may take the tables back with it)."""
+        token = self._core.transaction_token()
+        if token is None:
+            self._tables = True
+            return
+        self._tables = token
+        self._core.on_rollback(lambda: setattr(self, "_tables", None))
+        self._core.after_commit(lambda: setattr(self, "_tables", True))
 
     def _tables_ready(self) -> bool:
         tables = self._core.execute(
@@ -584,16 +608,12 @@ class VectorIndex:
             (seq, seq - 1, self.collection))
 
     def _log(self, rows):
+        self._ensure_tables()       # made (or rolled back) with the caller's transaction
         sql = "INSERT INTO beaver_ann_log (collection, doc_id, op) VALUES (?, ?, ?)"
-        write = self._core.execute if len(rows) == 1 else self._core.executemany
-        args = rows[0] if len(rows) == 1 else rows
-        try:
-            write(sql, args)
-        except self._errors.BeaverError as e:
-            if "no such table" not in str(e):
-                raise
-            self._ensure_tables()   # created (or rolled back) with the caller's transaction
-            write(sql, args)
+        if len(rows) == 1:
+            self._core.execute(sql, rows[0])
+        else:
+            self._core.executemany(sql, rows)
 
     def _check_vector(self, vector):
         if len(vector) != 4 * self.dim:
@@ -719,12 +739,8 @@ class VectorIndex:
     def _search_in_transaction(self, q, top_k, allowed):
         """Search state + this transaction's uncommitted log rows, without changing the state."""
         with self._lock:
-            try:
-                rows, floor = self._read_log() if self._base is not None else ((), 1)
-            except self._errors.BeaverError as e:
-                if "no such table" not in str(e):
-                    raise
-                rows, floor = (), 1
+            loaded = self._base is not None and self._has_tables()
+            rows, floor = self._read_log() if loaded else ((), 1)
             if floor > self._last_seq:
                 return self._brute_force(q, top_k, allowed)
             cleared, final = self._net_changes(rows)

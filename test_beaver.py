@@ -6081,6 +6081,43 @@ def test_vector_index_opened_inside_a_rolled_back_transaction(db, faiss_ok):
     assert coll.search([1, 2], 5) == [("b", pytest.approx(8 ** 0.5))]
 
 
+def test_vector_index_tables_made_again_after_a_savepoint_rolls_them_back(db, faiss_ok):
+    """The index knows its tables are there (committed, or made by this transaction) without
+    catching errors: a savepoint that made them and rolled back makes it look again."""
+    coll = _VecCollection(db, "v")
+    with db.transaction():
+        with pytest.raises(RuntimeError), db.transaction():
+            coll.put("a", [1, 2])                 # opens the index, makes its tables
+            raise RuntimeError("roll back the savepoint")
+        assert coll.search([1, 2], 5) == []       # inside the transaction: none yet
+        coll.put("b", [3, 4])                     # made again
+        assert [d for d, _ in coll.search([1, 2], 5)] == ["b"]
+    assert [d for d, _ in coll.search([1, 2], 5)] == ["b"]
+    statements = []
+    db._core.conn().set_trace_callback(statements.append)
+    try:
+        coll.put("c", [5, 6])
+        with db.transaction():
+            coll.put("d", [7, 8])
+            assert [d for d, _ in coll.search([7, 8], 1)] == ["d"]
+    finally:
+        db._core.conn().set_trace_callback(None)
+    assert not any("sqlite_master" in s for s in statements)      # known, not looked up
+
+
+def test_vector_search_in_a_transaction_after_the_tables_rolled_back(db, faiss_ok):
+    coll = _VecCollection(db, "v")
+    with pytest.raises(RuntimeError), db.transaction():
+        coll.put("a", [1, 2])
+        coll.index.info()                         # loads the index inside the transaction
+        raise RuntimeError("roll back")
+    with db.transaction():
+        assert coll.search([1, 2], 5) == []       # its tables are gone: nothing to read
+        coll.put("b", [3, 4])
+        assert [d for d, _ in coll.search([1, 2], 5)] == ["b"]
+    assert [d for d, _ in coll.search([1, 2], 5)] == ["b"]
+
+
 def test_vector_checks_dimension_metric_and_options(db, faiss_ok, monkeypatch):
     import beaver_vector
     coll = _VecCollection(db, "v")
