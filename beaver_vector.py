@@ -76,6 +76,13 @@ EXACT_COST = 24
 CHUNK_ROWS = 2048       # rows gathered at once by the exact search (kept within the CPU cache)
 MEMO_FILTERS = 8        # filters whose allowed labels a base keeps
 PATCH_LABELS = 256      # changed rowids past which a filter's labels are tested all again
+# A filter seen for the first time, on a base this large, is checked on SAMPLE_LABELS random
+# labels; if many pass, only the nearest candidates of an unfiltered search are checked:
+# POST_FILTER_MARGIN times as many as should hold top_k allowed ones, at most POST_FILTER_MAX.
+POST_FILTER_MIN = 4096
+SAMPLE_LABELS = 64
+POST_FILTER_MARGIN = 2.0
+POST_FILTER_MAX = 400
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_ann_log (
@@ -181,6 +188,8 @@ class _Base:
         self.xb = _stored_vectors(index, kind, n, dim)
         self._selector = None
         self.killed: list = []      # labels killed since loaded, in order
+        self._sample = None
+        self._sorted = None         # (rowids sorted, their labels), for _allowed_labels
         self._among: dict = {}      # id(allowed) -> (allowed, len(killed) then, _Among)
 
     @classmethod
@@ -212,6 +221,15 @@ class _Base:
             self._selector = _bitmap_selector(~self.dead)
         return self._selector[0]
 
+    def sample(self):
+        """The rowids of up to ``SAMPLE_LABELS`` labels drawn at random (the same ones while
+        the base lives): what the share of documents a filter lets through is guessed from."""
+        if self._sample is None:
+            n = len(self.ids)
+            picked = np.random.default_rng(n).choice(n, min(n, SAMPLE_LABELS), replace=False)
+            self._sample = self.rowids[np.sort(picked)]
+        return self._sample
+
     def among(self, allowed) -> "_Among":
         """The live labels whose documents ``allowed`` (a ``beaver._Allowed``) lets through.
 
@@ -224,7 +242,7 @@ class _Base:
         if kept is None or kept[0] is not allowed:
             kept = self._from_parent(allowed)
         if kept is None:
-            kept = (allowed, len(self.killed), _Among(allowed.test(self.rowids) & ~self.dead))
+            kept = (allowed, len(self.killed), _Among(self._allowed_labels(allowed) & ~self.dead))
         elif kept[1] != len(self.killed):
             gone = np.array(self.killed[kept[1]:], np.int64)
             kept = (allowed, len(self.killed), kept[2].set(gone, np.zeros(len(gone), bool)))
@@ -233,6 +251,26 @@ class _Base:
         while len(self._among) > MEMO_FILTERS:
             del self._among[next(iter(self._among))]
         return kept[2]
+
+    def _allowed_labels(self, allowed):
+        """A bool per label: whether ``allowed`` lets its rowid through. When it lists a few
+        rowids, they are looked up among the base's sorted rowids (made once); else every
+        label's rowid is tested."""
+        if allowed.listed is None:
+            return allowed.test(self.rowids)
+        if self._sorted is None:
+            order = np.argsort(self.rowids, kind="stable")
+            self._sorted = self.rowids[order], order
+        rowids, order = self._sorted
+        start = np.searchsorted(rowids, allowed.listed, "left")
+        count = np.searchsorted(rowids, allowed.listed, "right") - start
+        # a rowid may have several labels (a dead one, and the live one a fold appended)
+        total = int(count.sum())
+        ends = np.cumsum(count)
+        at = np.repeat(start - (ends - count), count) + np.arange(total)
+        mask = np.zeros(len(self.rowids), bool)
+        mask[order[at]] = True
+        return mask
 
     def _from_parent(self, allowed):
         """(allowed, kills then, _Among) from the kept answer of ``allowed``'s parent, or None."""
@@ -711,7 +749,14 @@ class VectorIndex:
         this thread's own uncommitted writes inside a transaction.
         """
         q = self._prepare(query)
-        if top_k <= 0 or (allowed is not None and not len(allowed)):
+        if top_k <= 0:
+            return []
+        if hasattr(allowed, "resolve"):     # a filter seen for the first time, not read yet
+            hits = None if self._core.in_transaction else self._post_filtered(q, top_k, allowed)
+            if hits is not None:
+                return hits
+            allowed = allowed.resolve()
+        if allowed is not None and not len(allowed):
             return []
         if self._core.in_transaction:
             return self._search_in_transaction(q, top_k, allowed)
@@ -721,6 +766,49 @@ class VectorIndex:
             self._maybe_fold()
             dist, ids = self._search_state(q, top_k, allowed, ())
         return _top(dist, ids, top_k)
+
+    def _post_filtered(self, q, top_k, pending):
+        """The ``top_k`` nearest documents that a filter not read yet (``pending``) lets
+        through, from the nearest candidates of an unfiltered search, checked by rowid; or
+        None when the filter is better read whole: a small base, few of a random sample of
+        labels passing (the candidates needed would be many), or too few candidates passing.
+
+        Exact on a flat base whenever it answers (an allowed vector nearer than the last one
+        returned is nearer than that candidate too, so it was a candidate); on HNSW, as good
+        as an unfiltered search as broad as the candidates."""
+        self._ready()
+        with self._lock:
+            self._catch_up()
+            self._maybe_fold()
+            if len(self._base) < POST_FILTER_MIN:
+                return None
+            sample = self._base.sample()
+        share = sum(pending.passing(sample)) / len(sample)
+        k = int(POST_FILTER_MARGIN * top_k / share) + 1 if share else POST_FILTER_MAX + 1
+        if k > POST_FILTER_MAX:
+            return None
+        with self._lock:
+            dist, ids, rowids = self._candidates(q, k)
+        order = np.argsort(dist, kind="stable")
+        first = min(len(order), int(1.25 * top_k / share) + 1)
+        kept = []       # nearest first: the first top_k that pass are the answer
+        for part in (order[:first], order[first:]):
+            ok = pending.passing(rowids[part])
+            kept += [i for i, keep in zip(part.tolist(), ok) if keep]
+            if len(kept) >= top_k:
+                return [(ids[i], float(dist[i])) for i in kept[:top_k]]
+        return None
+
+    def _candidates(self, q, k):
+        """(distances, ids, rowids) of the base's ``k`` nearest live vectors and of every live
+        vector of the delta (lock held)."""
+        base, delta = self._base, self._delta
+        dist, labels = self._nearest_labels(base, q, min(k, len(base)), base.selector(),
+                                            max(self.ef_search, k))
+        idx, dids = delta.rows()
+        return (np.concatenate([dist, self._distances(delta.vecs[idx], q)]),
+                [base.ids[i] for i in labels] + dids,
+                np.concatenate([base.rowids[labels], delta.rowids[idx]]))
 
     def _prepare(self, query):
         if isinstance(query, list):
@@ -818,8 +906,14 @@ class VectorIndex:
 
     def _search_base(self, base, q, k, selector, ef):
         """faiss search of the base: (distances, ids) without the -1 padding."""
+        dist, labels = self._nearest_labels(base, q, k, selector, ef)
+        ids = base.ids
+        return dist, [ids[i] for i in labels]
+
+    def _nearest_labels(self, base, q, k, selector, ef):
+        """faiss search of the base: (distances, labels) without the -1 padding."""
         if k <= 0 or base.index.ntotal == 0:
-            return np.empty(0, np.float32), []
+            return np.empty(0, np.float32), np.empty(0, np.int64)
         if selector is None:
             params = self._plain_params(base.kind, max(ef, k))
         else:
@@ -833,8 +927,7 @@ class VectorIndex:
         if labels[-1] < 0:
             found = labels >= 0
             raw, labels = raw[found], labels[found]
-        ids = base.ids
-        return self._to_distance(raw), [ids[i] for i in labels]
+        return self._to_distance(raw), labels
 
     def _plain_params(self, kind, ef):
         """Search parameters without a selector, kept between searches (lock held)."""

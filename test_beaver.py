@@ -5845,6 +5845,53 @@ def test_collection_kept_filter_is_brought_forward_on_the_base(db, faiss_ok, mon
     assert len(docs._backend._base.rowids) == 200 and 200 not in sizes
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_collection_first_search_of_a_broad_filter_checks_candidates_only(db, faiss_ok,
+                                                                         monkeypatch, kind):
+    """The first search with a filter letting many documents through checks the nearest
+    candidates of an unfiltered search, by rowid, without reading the filter whole; it is
+    read (and kept) at its second search, or at once when few pass a sample, or too few
+    candidates do. Every answer is the brute-force one (exact on both: few vectors)."""
+    import beaver_vector
+    monkeypatch.setattr(beaver_vector, "POST_FILTER_MIN", 0)
+    docs = db.collection("v", index=kind, background=False)
+    docs.index_many(Document(id=f"d{i:03d}", body={"n": i % 10, "i": i},
+                             embedding=[float(i), 1.0]) for i in range(300))
+    docs.compact()
+    docs.index(Document(id="new", body={"n": 0}, embedding=[140.45, 1.0]))   # the delta
+    docs.drop("d141")                                                         # a dead label
+    bodies = {d.id: (d.body, d.embedding[0]) for d in docs.find() if d.embedding}
+    post = []
+    checked = beaver_vector.VectorIndex._post_filtered
+    monkeypatch.setattr(beaver_vector.VectorIndex, "_post_filtered",
+                        lambda *a: post.append(checked(*a)) or post[-1])
+    statements = []
+    db._core.conn().set_trace_callback(statements.append)
+    for where, first_by_candidates in (
+            ({"n": {"$lt": 6}}, True), ({"n": {"$ne": 3}}, True),
+            ({"i": 42}, False), ({"n": {"$gt": 99}}, False),    # few pass the sample
+            ({"i": {"$lt": 100}}, False)):                      # none of the candidates
+        want = sorted((abs(x - 140.2), k) for k, (b, x) in bodies.items()
+                      if oracle_match(where, b))[:5]
+        reads = 0
+        for search in range(3):
+            post.clear(), statements.clear()
+            got = docs.search([140.2, 1.0], top_k=5, where=where)
+            assert _ids(got) == [k for _, k in want], (where, search)
+            by_candidates = bool(post) and post[0] is not None
+            assert by_candidates == (first_by_candidates and search == 0)
+            read = any("group_concat(d.id) FROM beaver_documents d WHERE" in s
+                       for s in statements)
+            assert not (read and by_candidates)
+            reads += read
+        assert reads == 1                           # then kept
+    db._core.conn().set_trace_callback(None)
+    with db.transaction():                          # inside one: read whole, own writes seen
+        docs.index(Document(id="mine", body={"n": 1}, embedding=[140.2, 1.0]))
+        assert _ids(docs.search([140.2, 1.0], top_k=1, where={"n": {"$lt": 7}})) == ["mine"]
+    assert post == []
+
+
 def _flip_documents(path, name):
     with BeaverDB(path) as db:
         docs = db.collection(name)
@@ -6186,6 +6233,29 @@ def test_vector_filters_by_exact_search_and_by_hnsw_agree_with_brute_force(db, f
     assert coll.index.info()["kind"] == "hnsw" and coll.index.info()["delta"] == 30
     among = coll.index._base._among
     assert len(among) == len(filters) and all(kept[1] == 1 for kept in among.values())
+
+
+def test_vector_few_allowed_are_looked_up_among_labels_sharing_a_rowid(db, faiss_ok):
+    """A filter letting a few documents through is mapped to labels by looking its rowids up
+    (not by testing every label); a document written again after the base was built has a
+    dead label and a live one with the same rowid once folded: the live one is found."""
+    np = _np()
+    rng = np.random.default_rng(8)
+    coll = _VecCollection(db, "v", "l2", index="hnsw", fold_min=10, background=False)
+    vectors = {f"d{i}": rng.standard_normal(4) for i in range(300)}
+    coll.put_many(vectors.items())
+    coll.coll.compact()
+    vectors["d5"] = vectors["d7"] + 0.01
+    coll.put("d5", vectors["d5"])
+    coll.coll.compact()                             # folded: d5's old label stays, dead
+    base = coll.index._base
+    rowid = base.rowids[base.pos["d5"]]
+    assert (base.rowids == rowid).sum() == 2
+    allowed = {"d5", "d7", "d250"}
+    _same_answer(coll.search(vectors["d7"], 3, allowed),
+                 _brute(coll.stored(), vectors["d7"], "l2", 3, allowed))
+    kept = coll.coll._allowed(coll.coll._check({"g": sorted(allowed)}))
+    assert kept.listed is not None and len(base.among(kept)) == 3
 
 
 def test_vector_filtered_search_after_reopen_maps_stored_labels(tmp_path, faiss_ok):
