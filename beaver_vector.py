@@ -788,8 +788,9 @@ class VectorIndex:
         if k > POST_FILTER_MAX:
             return None
         with self._lock:
-            dist, ids, rowids = self._candidates(q, k)
+            dist, ids, rowids, reach = self._candidates(q, k)
         order = np.argsort(dist, kind="stable")
+        order = order[dist[order] <= reach]     # not the delta's rows beyond the base's cut
         first = min(len(order), int(1.25 * top_k / share) + 1)
         kept = []       # nearest first: the first top_k that pass are the answer
         for part in (order[:first], order[first:]):
@@ -800,15 +801,17 @@ class VectorIndex:
         return None
 
     def _candidates(self, q, k):
-        """(distances, ids, rowids) of the base's ``k`` nearest live vectors and of every live
-        vector of the delta (lock held)."""
+        """(distances, ids, rowids, reach) of the base's ``k`` nearest live vectors and of every
+        live vector of the delta (lock held). Those within ``reach`` are the nearest of all:
+        it is the farthest of the base's, unless the base has no more."""
         base, delta = self._base, self._delta
         dist, labels = self._nearest_labels(base, q, min(k, len(base)), base.selector(),
                                             max(self.ef_search, k))
+        reach = dist.max() if len(dist) == k and k < len(base) else np.inf
         idx, dids = delta.rows()
         return (np.concatenate([dist, self._distances(delta.vecs[idx], q)]),
                 [base.ids[i] for i in labels] + dids,
-                np.concatenate([base.rowids[labels], delta.rowids[idx]]))
+                np.concatenate([base.rowids[labels], delta.rowids[idx]]), reach)
 
     def _prepare(self, query):
         if isinstance(query, list):

@@ -5892,6 +5892,58 @@ def test_collection_first_search_of_a_broad_filter_checks_candidates_only(db, fa
     assert post == []
 
 
+def test_collection_first_search_by_candidates_never_skips_nearer_base_rows(db, faiss_ok,
+                                                                          monkeypatch):
+    """The delta's vectors are all candidates, however far: one that passes the filter may
+    not stand in for nearer allowed rows of the base that were beyond its candidates."""
+    import beaver_vector
+    monkeypatch.setattr(beaver_vector, "POST_FILTER_MIN", 0)
+    docs = db.collection("v", index="flat", background=False)
+    docs.index_many(Document(id=f"d{i:03d}", body={"n": 9 if 100 <= i < 200 else 0},
+                             embedding=[float(i), 1.0]) for i in range(300))
+    docs.compact()
+    docs.index_many(Document(id=f"far{j}", body={"n": 0}, embedding=[1000.0 + j, 1.0])
+                    for j in range(5))
+    got = _ids(docs.search([150.3, 1.0], top_k=5, where={"n": 0}))
+    assert got == ["d200", "d201", "d099", "d202", "d098"]
+
+
+@QUERY_SETTINGS
+@given(blocks=st.lists(st.integers(0, 4), min_size=5, max_size=10),
+       delta=st.lists(st.tuples(st.floats(-10, 90), st.integers(0, 4)), min_size=1,
+                      max_size=8),
+       drops=st.sets(st.integers(0, 39), max_size=10), q=st.floats(-5, 85),
+       top_k=st.sampled_from([1, 2, 3, 10]), where=st.sampled_from(BASE_FILTERS))
+def test_collection_first_search_by_candidates_matches_the_oracle(blocks, delta, drops, q,
+                                                                  top_k, where):
+    """First searches of filters over a flat base with a delta and dead labels, answered
+    from candidates wherever the sample allows: exactly the brute-force answer. Neighbours
+    share their field (blocks of 8), as they often do: the nearest candidates may all fail."""
+    import beaver_vector
+    saved, beaver_vector.POST_FILTER_MIN = beaver_vector.POST_FILTER_MIN, 0
+    try:
+        with vector_backend("faiss"), BeaverDB(":memory:") as db:
+            docs = db.collection("c", index="flat", background=False)
+            state = {f"b{i}": ({"n": blocks[i // 8]}, float(i)) for i in range(8 * len(blocks))}
+            docs.index_many(Document(id=k, body=b, embedding=[x, 1.0])
+                            for k, (b, x) in state.items())
+            docs.compact()
+            for j, (x, n) in enumerate(delta):
+                state[f"e{j}"] = ({"n": n}, x + 0.001 * j + 0.0005)
+                docs.index(Document(id=f"e{j}", body={"n": n},
+                                    embedding=[state[f"e{j}"][1], 1.0]))
+            for i in drops:
+                docs.drop(f"b{i}")
+                state.pop(f"b{i}")
+            query = q + 0.000123
+            want = sorted((abs(x - query), k) for k, (b, x) in state.items()
+                          if oracle_match(where, b))[:top_k]
+            got = docs.search([query, 1.0], top_k=top_k, where=where)
+            assert _ids(got) == [k for _, k in want]
+    finally:
+        beaver_vector.POST_FILTER_MIN = saved
+
+
 def _flip_documents(path, name):
     with BeaverDB(path) as db:
         docs = db.collection(name)
