@@ -803,11 +803,11 @@ class VectorIndex:
     def _candidates(self, q, k):
         """(distances, ids, rowids, reach) of the base's ``k`` nearest live vectors and of every
         live vector of the delta (lock held). Those within ``reach`` are the nearest of all:
-        it is the farthest of the base's, unless the base has no more."""
+        it is the farthest of the base's, unless they are all of the base's."""
         base, delta = self._base, self._delta
         dist, labels = self._nearest_labels(base, q, min(k, len(base)), base.selector(),
                                             max(self.ef_search, k))
-        reach = dist.max() if len(dist) == k and k < len(base) else np.inf
+        reach = np.inf if len(dist) >= len(base) else dist.max() if len(dist) else -np.inf
         idx, dids = delta.rows()
         return (np.concatenate([dist, self._distances(delta.vecs[idx], q)]),
                 [base.ids[i] for i in labels] + dids,
