@@ -83,6 +83,7 @@ POST_FILTER_MIN = 4096
 SAMPLE_LABELS = 64
 POST_FILTER_MARGIN = 2.0
 POST_FILTER_MAX = 400
+FLAT_POST_FILTER = 0.25     # on a flat base, the share that must pass (a scan costs the same)
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_ann_log (
@@ -771,7 +772,9 @@ class VectorIndex:
         """The ``top_k`` nearest documents that a filter not read yet (``pending``) lets
         through, from the nearest candidates of an unfiltered search, checked by rowid; or
         None when the filter is better read whole: a small base, few of a random sample of
-        labels passing (the candidates needed would be many), or too few candidates passing.
+        labels passing (the candidates needed would be many; on a flat base, whose search
+        scans every row, fewer than ``FLAT_POST_FILTER``: the allowed rows alone cost less
+        to scan), or too few candidates passing.
 
         Exact on a flat base whenever it answers (an allowed vector nearer than the last one
         returned is nearer than that candidate too, so it was a candidate); on HNSW, as good
@@ -785,7 +788,7 @@ class VectorIndex:
             sample = self._base.sample()
         share = sum(pending.passing(sample)) / len(sample)
         k = int(POST_FILTER_MARGIN * top_k / share) + 1 if share else POST_FILTER_MAX + 1
-        if k > POST_FILTER_MAX:
+        if k > POST_FILTER_MAX or (self._base.kind == "flat" and share < FLAT_POST_FILTER):
             return None
         with self._lock:
             dist, ids, rowids, reach = self._candidates(q, k)
