@@ -1919,16 +1919,24 @@ class _Manager(_StructureLock):
             self._load_items(items)
 
     def _dump_items(self) -> list:
+        return list(self._export())
+
+    def _export(self):
+        """The items of this structure as ``dump()`` writes them, in dump order, read page by
+        page (memory stays bounded, whatever the size): what ``dump`` and ``copy_to`` read."""
         raise NotImplementedError
 
     def _load_items(self, items):
         raise NotImplementedError
 
     def _paged(self, sql, start, key_of=lambda row: row[0]):
-        """Iterate rows of ``sql`` (taking name, cursor, limit) page by page, by cursor."""
+        """Iterate rows of ``sql`` (taking name, cursor, limit) page by page, by cursor.
+
+        A tuple cursor fills one parameter per value (``(a, b) > (?, ?)``)."""
         cursor = start
         while True:
-            rows = self._core.all(sql, (self._name, cursor, PAGE_SIZE))
+            values = cursor if isinstance(cursor, tuple) else (cursor,)
+            rows = self._core.all(sql, (self._name, *values, PAGE_SIZE))
             yield from rows
             if len(rows) < PAGE_SIZE:
                 return
@@ -2592,7 +2600,7 @@ class DictManager(_Manager, _Indexed, MutableMapping):
             (self._name, _now()))[0]
 
     def __iter__(self):
-        for key, _ in self._live_rows():
+        for key, _, _ in self._live_rows():
             yield key
 
     def keys(self) -> list:
@@ -2606,7 +2614,7 @@ class DictManager(_Manager, _Indexed, MutableMapping):
     def items(self) -> list:
         """A snapshot list of live ``(key, value)`` pairs, in key order."""
         decode = self._codec.decode
-        return [(key, decode(text)) for key, text in self._live_rows()]
+        return [(key, decode(text)) for key, text, _ in self._live_rows()]
 
     def find(self, where=None, order_by=None, limit=None, offset=0) -> list:
         """Live ``(key, value)`` pairs whose value matches ``where``, in key order by default.
@@ -2645,8 +2653,9 @@ class DictManager(_Manager, _Indexed, MutableMapping):
         return sql, [*params, _now(), *query.params, *_paging(limit, offset)]
 
     def _live_rows(self):
+        """``(key, JSON text, expires_at)`` of the live keys, page by page, in key order."""
         now = _now()
-        sql = ("SELECT key, value FROM beaver_dicts WHERE name = ? AND key %s ? AND "
+        sql = ("SELECT key, value, expires_at FROM beaver_dicts WHERE name = ? AND key %s ? AND "
                f"{_LIVE} ORDER BY key LIMIT ?")
         op, cursor = ">=", ""  # the first page includes the key '', which sorts first
         while True:
@@ -2670,7 +2679,7 @@ class DictManager(_Manager, _Indexed, MutableMapping):
     def popitem(self):
         """Remove and return the pair with the smallest key; ``KeyError`` if empty."""
         with self._core.transaction():
-            for key, text in self._live_rows():
+            for key, text, _ in self._live_rows():
                 self._core.execute("DELETE FROM beaver_dicts WHERE name = ? AND key = ?",
                                    (self._name, key))
                 self._wrote("del", key=key)
@@ -2701,11 +2710,9 @@ class DictManager(_Manager, _Indexed, MutableMapping):
             raise KeyError(key)
         return None if row[0] is None else max(0.0, row[0] - _now())
 
-    def _dump_items(self):
-        rows = self._core.all(
-            f"SELECT key, value, expires_at FROM beaver_dicts WHERE name = ? AND {_LIVE} "
-            "ORDER BY key", (self._name, _now()))
-        return [{"key": k, "value": _json_loads(v), "expires_at": e} for k, v, e in rows]
+    def _export(self):
+        for key, text, expires_at in self._live_rows():
+            yield {"key": key, "value": _json_loads(text), "expires_at": expires_at}
 
     def _load_items(self, items):
         now = _now()
@@ -2820,10 +2827,14 @@ class ListManager(_Manager, MutableSequence):
 
     def __iter__(self):
         decode = self._codec.decode
+        for _, text in self._rows():
+            yield decode(text)
+
+    def _rows(self):
+        """``(pos, JSON text)`` in list order, page by page."""
         sql = ("SELECT pos, value FROM beaver_lists WHERE name = ? AND pos > ? "
                "ORDER BY pos LIMIT ?")
-        for _, text in self._paged(sql, -(1 << 62)):
-            yield decode(text)
+        return self._paged(sql, -(1 << 62))
 
     def __reversed__(self):
         decode = self._codec.decode
@@ -3017,10 +3028,9 @@ class ListManager(_Manager, MutableSequence):
             self._rewrite(lo + first, [t for i, t in enumerate(tail) if i not in doomed])
             self._wrote("del_slice")
 
-    def _dump_items(self):
-        rows = self._core.execute(
-            "SELECT value FROM beaver_lists WHERE name = ? ORDER BY pos", (self._name,))
-        return [_json_loads(row[0]) for row in rows]
+    def _export(self):
+        for _, text in self._rows():
+            yield _json_loads(text)
 
     def _load_items(self, items):
         self.extend(items)
@@ -3262,14 +3272,18 @@ class QueueManager(_Manager):
                             "expires_in": max(0.0, u - now)} for p, t, d, u in leased],
                 "leased_count": count}
 
-    def _dump_items(self):
-        """Queued items, then leased ones (a restored dump hands those out again)."""
-        leased = self._core.all(
-            "SELECT priority, timestamp, data FROM beaver_queue_leases WHERE name = ? "
-            "ORDER BY lease", (self._name,))
-        return [{"priority": item.priority, "timestamp": item.timestamp,
-                 "data": _to_jsonable(item.data)} for item in self] + [
-                {"priority": p, "timestamp": t, "data": _json_loads(d)} for p, t, d in leased]
+    def _export(self):
+        """Queued items in ``get`` order, then leased ones (a restored dump hands those out
+        again)."""
+        queued = self._paged(
+            "SELECT seq, priority, timestamp, data FROM beaver_queues WHERE name = ? AND "
+            "(priority, seq) > (?, ?) ORDER BY priority, seq LIMIT ?",
+            (float("-inf"), 0), key_of=lambda row: (row[1], row[0]))
+        leased = self._paged(
+            "SELECT lease, priority, timestamp, data FROM beaver_queue_leases WHERE name = ? "
+            "AND lease > ? ORDER BY lease LIMIT ?", 0)
+        for _, priority, timestamp, data in itertools.chain(queued, leased):
+            yield {"priority": priority, "timestamp": timestamp, "data": _json_loads(data)}
 
     def _load_items(self, items):
         rows = []
@@ -3383,12 +3397,13 @@ class BlobManager(_Manager):
         return [{"key": k, "size": n, "metadata": None if m is None else json.loads(m)}
                 for k, n, m in rows]
 
-    def _dump_items(self):
-        rows = self._core.execute(
-            "SELECT key, data, metadata FROM beaver_blobs WHERE name = ? ORDER BY key",
-            (self._name,))
-        return [{"key": k, "data": base64.b64encode(d).decode("ascii"),
-                 "metadata": None if m is None else _json_loads(m)} for k, d, m in rows]
+    def _export(self):
+        """Keys page by page, each blob read on its own (one blob in memory at a time)."""
+        for key in self:
+            row = self._core.one("SELECT data, metadata FROM beaver_blobs WHERE name = ? AND "
+                                 "key = ?", (self._name, key))
+            yield {"key": key, "data": base64.b64encode(row[0]).decode("ascii"),
+                   "metadata": None if row[1] is None else _json_loads(row[1])}
 
     def _load_items(self, items):
         for item in items:
@@ -3540,16 +3555,14 @@ class LogManager(_Manager, _Indexed):
 
     def __iter__(self):
         decode = self._codec.decode
+        for t, _, d in self._rows():
+            yield LogEntry(_utc(t), decode(d))
+
+    def _rows(self):
+        """``(timestamp, seq, JSON text)`` in time order, page by page."""
         sql = ("SELECT timestamp, seq, data FROM beaver_logs WHERE name = ? AND (timestamp, seq) "
                "> (?, ?) ORDER BY timestamp, seq LIMIT ?")
-        low, seq = float("-inf"), 0
-        while True:
-            rows = self._core.all(sql, (self._name, low, seq, PAGE_SIZE))
-            for t, _, d in rows:
-                yield LogEntry(_utc(t), decode(d))
-            if len(rows) < PAGE_SIZE:
-                return
-            low, seq = rows[-1][0], rows[-1][1]
+        return self._paged(sql, (float("-inf"), 0), key_of=lambda row: row[:2])
 
     def __len__(self):
         return self._core.one("SELECT count(*) FROM beaver_logs WHERE name = ?",
@@ -3595,10 +3608,9 @@ class LogManager(_Manager, _Indexed):
         """
         return LiveView(self, window, period, aggregator, where)
 
-    def _dump_items(self):
-        rows = self._core.all("SELECT timestamp, data FROM beaver_logs WHERE name = ? "
-                                  "ORDER BY timestamp, seq", (self._name,))
-        return [{"timestamp": t, "data": _json_loads(d)} for t, d in rows]
+    def _export(self):
+        for t, _, d in self._rows():
+            yield {"timestamp": t, "data": _json_loads(d)}
 
     def _load_items(self, items):
         rows = []
@@ -3815,10 +3827,10 @@ class ChannelManager(_Manager):
             (self._name, -1 if limit is None else _count(limit, "limit")))
         return [self._codec.decode(r[0]) for r in rows]
 
-    def _dump_items(self):
-        rows = self._core.all("SELECT timestamp, data FROM beaver_channels WHERE name = ? "
-                                  "ORDER BY seq", (self._name,))
-        return [{"timestamp": t, "payload": _json_loads(d)} for t, d in rows]
+    def _export(self):
+        for _, t, d in self._paged("SELECT seq, timestamp, data FROM beaver_channels WHERE "
+                                   "name = ? AND seq > ? ORDER BY seq LIMIT ?", 0):
+            yield {"timestamp": t, "payload": _json_loads(d)}
 
     def _load_items(self, items):
         rows = []
@@ -5258,12 +5270,6 @@ class _Graph:
             found = [unique[key] for key in sorted(unique)]
         return found
 
-    def all(self) -> list:
-        rows = self._core.execute(
-            "SELECT source, target, label, metadata FROM beaver_edges WHERE collection = ? "
-            "ORDER BY source, label, target", (self._name,))
-        return [Edge(s, t, lab, None if m is None else json.loads(m)) for s, t, lab, m in rows]
-
     def walk(self, start, labels, depth, direction) -> list:
         """Ids reachable in 1..``depth`` edges, breadth first, each at its shortest distance."""
         seen, frontier, order = {start}, [start], []
@@ -6002,18 +6008,23 @@ class CollectionManager(_Manager, _Indexed):
         """
         with self._core.transaction():
             data = super().dump()
-            data["edges"] = [edge._asdict() for edge in self._all_edges()]
+            data["edges"] = list(self._export_edges())
         data["metadata"]["metric"] = self.metric
         if fp is None:
             return data
         json.dump(data, fp, ensure_ascii=False, indent=2)
         return None
 
-    def _all_edges(self):
-        return self._graph.all()
+    def _export(self):
+        for doc in self:
+            yield doc.to_dict()
 
-    def _dump_items(self):
-        return [doc.to_dict() for doc in self]
+    def _export_edges(self):
+        """The edges as dump items (``Edge._asdict()``), page by page."""
+        sql = ("SELECT source, label, target, metadata FROM beaver_edges WHERE collection = ? "
+               "AND (source, label, target) > (?, ?, ?) ORDER BY source, label, target LIMIT ?")
+        for s, lab, t, m in self._paged(sql, ("", "", ""), key_of=lambda row: row[:3]):
+            yield Edge(s, t, lab, None if m is None else _json_loads(m))._asdict()
 
     def load(self, data_or_fp):
         """Add the documents and edges of a ``dump()`` in one transaction (text re-indexed)."""
@@ -6848,7 +6859,7 @@ def _dump_structure(db, kind, name, write):
     header = {"structure": kind, "name": name, "count": len(items)}
     extra = []
     if kind == "collection":
-        extra = [edge._asdict() for edge in manager._all_edges()]
+        extra = list(manager._export_edges())
         header.update(metric=manager.metric, options=manager._options or None, edges=len(extra))
     write(_json_dumps(header) + "\n")
     for item in items + extra:
