@@ -1926,6 +1926,8 @@ class _Manager(_StructureLock):
         page (memory stays bounded, whatever the size): what ``dump`` and ``copy_to`` read."""
         raise NotImplementedError
 
+    _export_batch = 1000    # exported items that ``copy_to`` loads at once
+
     def _load_items(self, items):
         raise NotImplementedError
 
@@ -3264,13 +3266,16 @@ class QueueManager(_Manager):
                              (self._name, *_paging(limit, offset))).fetchall()
         leased = core.execute("SELECT priority, timestamp, data, until FROM beaver_queue_leases "
                               "WHERE name = ? ORDER BY until LIMIT ?", (self._name, limit))
-        count = core.execute("SELECT count(*) FROM beaver_queue_leases WHERE name = ?",
-                             (self._name,)).fetchone()[0]
+        count = self._leased_count()
         return {"items": [{"priority": p, "timestamp": t, "data": json.loads(d)}
                           for p, t, d in items],
                 "leased": [{"priority": p, "timestamp": t, "data": json.loads(d),
                             "expires_in": max(0.0, u - now)} for p, t, d, u in leased],
                 "leased_count": count}
+
+    def _leased_count(self) -> int:
+        return self._core.one("SELECT count(*) FROM beaver_queue_leases WHERE name = ?",
+                              (self._name,))[0]
 
     def _export(self):
         """Queued items in ``get`` order, then leased ones (a restored dump hands those out
@@ -3396,6 +3401,8 @@ class BlobManager(_Manager):
             "LIMIT ? OFFSET ?", (self._name, *_paging(limit, offset)))
         return [{"key": k, "size": n, "metadata": None if m is None else json.loads(m)}
                 for k, n, m in rows]
+
+    _export_batch = 1       # each blob may be large: copy_to holds one at a time
 
     def _export(self):
         """Keys page by page, each blob read on its own (one blob in memory at a time)."""
@@ -5253,6 +5260,10 @@ class _Graph:
     def clear(self):
         self._core.execute("DELETE FROM beaver_edges WHERE collection = ?", (self._name,))
 
+    def count(self) -> int:
+        return self._core.one("SELECT count(*) FROM beaver_edges WHERE collection = ?",
+                              (self._name,))[0]
+
     def edges(self, doc_id, direction, label) -> list:
         if direction not in self._SIDES:
             raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
@@ -6406,6 +6417,35 @@ class BeaverDB:
         """
         return _load_database(self, fp, mode)
 
+    def copy_to(self, other, mode="new", progress=None) -> int:
+        """Copy every structure into ``other`` (a ``BeaverDB``, or a path or URL to open);
+        returns the number of structures copied.
+
+            >>> db.dict("config").set("session", "abc", ttl_seconds=3600)
+            >>> db.queue("jobs").put({"task": "resize"}, priority=1)
+            >>> with BeaverDB("moved.db") as other:
+            ...     db.copy_to(other, progress=lambda copied, total: print(f"{copied}/{total}"))
+            ...     other.dict("config")["session"], round(other.dict("config").ttl("session"))
+            0/2
+            2/2
+            2
+            ('abc', 3600)
+
+        Everything a ``dump()`` holds goes across: dict values with their expiry, lists,
+        queue items with priorities and timestamps (leased ones too), blobs with metadata,
+        log entries and retained channel messages with their timestamps, collections with
+        documents, vectors, edges, metric and options, and the field indexes. The source is
+        read as one snapshot, page by page (memory stays small whatever its size, while
+        others keep writing to it); the destination is written in one transaction: a copy
+        that fails (or whose ``progress`` raises) leaves it unchanged.
+
+        ``mode="new"`` refuses (``ValueError``, before writing) if a structure to copy already
+        has items in ``other``; ``"append"`` adds to them and ``"replace"`` empties them first,
+        as ``load`` does. ``progress(copied, total)`` is called as items (and edges) go
+        across, at most about ten times a second, and once at the end.
+        """
+        return _copy_database(self, other, mode, progress)
+
     def backup(self, path) -> str:
         """Copy the database to ``path`` while other threads and processes keep writing.
 
@@ -6861,6 +6901,8 @@ def _dump_structure(db, kind, name, write):
     if kind == "collection":
         extra = list(manager._export_edges())
         header.update(metric=manager.metric, options=manager._options or None, edges=len(extra))
+    if isinstance(manager, _Indexed) and manager.indexes():
+        header["indexes"] = manager.indexes()
     write(_json_dumps(header) + "\n")
     for item in items + extra:
         write(_json_dumps(item) + "\n")
@@ -6905,17 +6947,40 @@ def _load_structure(db, line, lines, mode):
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"bad item count in {line!r:.80}")
     kind, name = _item_fields(line, "structure", "name")
-    if kind == "collection":
-        manager = db.collection(name, metric=line.get("metric"), **(line.get("options") or {}))
-    else:
-        manager = getattr(db, _STRUCTURES[kind][1])(name)
+    manager = _structure(db, kind, name, line.get("metric"), line.get("options"))
     if mode == "replace":
         manager.clear()
     for batch in _batches(lines, count, f"{kind} {name!r}"):
         manager._load_items(batch)
     for batch in _batches(lines, line.get("edges") or 0, f"the edges of {kind} {name!r}"):
-        for edge in batch:
-            manager.connect(*_item_fields(edge, "source", "target", "label", metadata=None))
+        _connect_all(manager, batch)
+    _create_indexes(manager, line.get("indexes") or [])
+
+
+def _structure(db, kind, name, metric=None, options=None):
+    """The manager of the ``kind`` called ``name`` in ``db`` (a collection opened with the
+    ``metric`` and ``options`` it was dumped or copied with)."""
+    if kind == "collection":
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(f"collection {name!r}: options are a JSON object, not {options!r:.40}")
+        return db.collection(name, metric=metric, **(options or {}))
+    return getattr(db, _STRUCTURES[kind][1])(name)
+
+
+def _connect_all(collection, edges):
+    for edge in edges:
+        collection.connect(*_item_fields(edge, "source", "target", "label", metadata=None))
+
+
+def _create_indexes(manager, paths):
+    """The field indexes of a dumped or copied structure (dicts, logs, collections)."""
+    if not paths:
+        return
+    if not isinstance(manager, _Indexed) or not isinstance(paths, list):
+        raise ValueError(f"{manager._kind} {manager.name!r}: 'indexes' is a list of field paths "
+                         "of a dict, log or collection")
+    for path in paths:
+        manager.create_index(path)
 
 
 def _batches(lines, count, what):
@@ -6931,6 +6996,104 @@ def _batches(lines, count, what):
             batch = []
     if batch:
         yield batch
+
+
+COPY_MODES = ("new", "append", "replace")
+
+
+def _copy_database(source, target, mode="new", progress=None) -> int:
+    """``source.copy_to(target, mode, progress)``; ``target`` is a ``BeaverDB`` or a path / URL
+    opened (and closed) here."""
+    if mode not in COPY_MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, COPY_MODES))}, not {mode!r}")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress is a callable taking (copied, total), not {progress!r:.40}")
+    source._check_open()
+    if isinstance(target, (str, os.PathLike)):
+        if _same_place(source.path, os.fspath(target)):
+            raise ValueError("cannot copy a database onto itself")
+        with BeaverDB(target) as opened:
+            return _copy_into(source, opened, mode, progress)
+    if not isinstance(target, BeaverDB):
+        raise TypeError(f"copy_to needs a BeaverDB or a path, not {type(target).__name__} (a "
+                        "server's database copies with dump and load)")
+    target._check_open()
+    if target is source or _same_place(source.path, target.path):
+        raise ValueError("cannot copy a database onto itself")
+    return _copy_into(source, target, mode, progress)
+
+
+def _same_place(a, b) -> bool:
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
+
+
+def _copy_into(source, target, mode, progress) -> int:
+    """One snapshot of ``source`` read page by page into one transaction of ``target``."""
+    with _read_snapshot(source._core), target._core.transaction():
+        plan = [(kind, name) for kind in _STRUCTURES for name, _ in _structure_names(source, kind)]
+        if mode == "new":
+            _refuse_filled(target, plan)
+        managers = [getattr(source, _STRUCTURES[kind][1])(name) for kind, name in plan]
+        meter = _Meter(progress, sum(_copy_size(manager) for manager in managers))
+        for manager in managers:
+            _copy_structure_into(manager, target, mode, meter)
+        meter.report()
+    return len(plan)
+
+
+def _refuse_filled(target, plan):
+    held = {kind: {name for name, _ in _structure_names(target, kind)} for kind in _STRUCTURES}
+    filled = [f"{kind} {name!r}" for kind, name in plan if name in held[kind]]
+    if filled:
+        more = f" and {len(filled) - 3} more" if len(filled) > 3 else ""
+        raise ValueError(f"the destination already holds {', '.join(filled[:3])}{more}: copy "
+                         "with mode='append' (beaver copy --append) to add to them, or "
+                         "mode='replace' (--replace) to empty them first")
+
+
+def _copy_size(manager) -> int:
+    """The items (and edges) ``_copy_structure_into`` will count for ``manager``."""
+    size = len(manager)
+    if manager._kind == "queue":
+        size += manager._leased_count()
+    elif manager._kind == "collection":
+        size += manager._graph.count()
+    return size
+
+
+class _Meter:
+    """Counts copied items; calls ``progress(copied, total)`` at most ~10 times a second."""
+
+    def __init__(self, progress, total):
+        self.progress, self.total, self.copied, self.shown = progress, total, 0, 0.0
+        self.report()
+
+    def add(self, count):
+        self.copied += count
+        if self.progress is not None and time.monotonic() - self.shown >= 0.1:
+            self.report()
+
+    def report(self):
+        if self.progress is not None:
+            self.shown = time.monotonic()
+            self.progress(self.copied, max(self.total, self.copied))
+
+
+def _copy_structure_into(manager, target, mode, meter):
+    """Copy one structure: its items in batches, a collection's edges, its field indexes."""
+    options = (manager.metric, manager._options) if manager._kind == "collection" else ()
+    copy = _structure(target, manager._kind, manager.name, *options)
+    if mode == "replace":
+        copy.clear()
+    for batch in _chunks(manager._export(), manager._export_batch):
+        copy._load_items(batch)
+        meter.add(len(batch))
+    if manager._kind == "collection":
+        for batch in _chunks(manager._export_edges(), _LOAD_BATCH):
+            _connect_all(copy, batch)
+            meter.add(len(batch))
+    if isinstance(manager, _Indexed):
+        _create_indexes(copy, manager.indexes())
 
 
 def _backup_database(db, path):
@@ -9219,6 +9382,8 @@ def _cli_database_parsers(commands):
                                        "'client')", add_help=False)
     commands.add_parser("import-upstream", help="copy a beaver-db 1.x/2.x file into a new "
                                                 "beaver file (see --help)", add_help=False)
+    commands.add_parser("copy", help="copy every structure of SRC into DST, files or URLs "
+                                     "(see --help)", add_help=False)
 
 
 class _Progress:
@@ -9357,6 +9522,57 @@ def _cli_import_upstream(argv) -> int:
     return _cli_print(report)
 
 
+def _cli_copy(argv) -> int:
+    """``beaver copy SRC DST [--append | --replace]``: prints ``{"structures": N}``."""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="beaver copy", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Copy every structure of the database SRC into DST (see BeaverDB.copy_to): "
+                    "one snapshot of SRC, written to DST in one transaction. Each is a file "
+                    "(DST is created if missing) or a database URL. Progress shows on stderr "
+                    "when it is a terminal.")
+    parser.add_argument("source", metavar="SRC", help="the database to read")
+    parser.add_argument("target", metavar="DST", help="the database to write")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--append", action="store_const", const="append", dest="mode",
+                       default="new", help="add to structures DST already holds (default: "
+                                           "refuse to copy into them)")
+    modes.add_argument("--replace", action="store_const", const="replace", dest="mode",
+                       help="empty the structures DST already holds first")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        if "://" not in args.source and not os.path.exists(args.source):
+            raise BeaverError(f"no database at {args.source!r} (a read never creates one)")
+        with BeaverDB(args.source) as source, _CopyProgress() as progress:
+            count = source.copy_to(args.target, args.mode, progress)
+    except (BeaverError, ValueError, TypeError, OSError) as e:
+        print(f"beaver: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return _cli_print({"structures": count})
+
+
+class _CopyProgress:
+    """``copy_to``'s progress callback for the CLI: a count on stderr, if it is a terminal."""
+
+    def __init__(self):
+        self.show, self.line = sys.stderr.isatty(), ""
+
+    def __call__(self, copied, total):
+        if self.show:
+            self.line = f"\r{copied}/{total} items copied"
+            print(self.line, end="", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.line:
+            print(file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     """The ``beaver`` command: ``beaver [--database PATH] <kind> NAME <operation> [args]``.
 
@@ -9372,6 +9588,8 @@ def main(argv=None) -> int:
     i, _ = _command_word(argv)
     if argv[i:i + 1] == ["import-upstream"]:
         return _cli_import_upstream(argv[i + 1:])
+    if argv[i:i + 1] == ["copy"]:
+        return _cli_copy(argv[i + 1:])
     try:
         i, _ = _command_word(argv)
         args = _cli_parser(argv[i] if i < len(argv) else None).parse_args(argv)
