@@ -4631,6 +4631,7 @@ def _ensure_fts(core) -> bool:
         if ready:
             for statement in _FTS_SCHEMA:     # no write (nor lock) when they exist
                 core.execute(statement)
+            core.on_rollback(lambda: setattr(core, "_fts_ready", None))     # the tables may go
         else:
             logger.warning("this SQLite has no FTS5: collections work without text search")
         core._fts_ready = ready
@@ -5565,6 +5566,8 @@ class CollectionManager(_Manager, _Indexed):
         sql = "SELECT metric, options, cid FROM beaver_collections WHERE collection = ?"
         row = self._core.execute(sql, (self._name,)).fetchone()
         if row is None:
+            # registered inside a transaction that rolls back: the next open registers again
+            self._core.on_rollback(lambda: self._db._managers.forget(self))
             self._core.execute(
                 "INSERT INTO beaver_collections (collection, metric, options, cid) "
                 "SELECT ?, ?, ?, coalesce(max(cid), 0) + 1 FROM beaver_collections WHERE true "
@@ -6271,6 +6274,12 @@ class _Managers:
     def all(self) -> list:
         with self._lock:
             return list(self._by_key.values())
+
+    def forget(self, manager):
+        """Drop ``manager`` from the cache (the next request makes a new one)."""
+        with self._lock:
+            if self._by_key.get((manager._kind, manager.name)) is manager:
+                del self._by_key[(manager._kind, manager.name)]
 
 
 # ==========================================================================================
@@ -9538,7 +9547,8 @@ def _cli_copy(argv) -> int:
                        default="new", help="add to structures DST already holds (default: "
                                            "refuse to copy into them)")
     modes.add_argument("--replace", action="store_const", const="replace", dest="mode",
-                       help="empty the structures DST already holds first")
+                       help="empty the structures DST already holds first (default: "
+                            "refuse to copy into them)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
