@@ -6902,19 +6902,35 @@ def _dump_database(db, fp, names=None, kinds=None) -> int:
 
 
 def _dump_structure(db, kind, name, write):
-    """A structure line, its items, and for a collection its edges after the documents."""
+    """A structure line, its items, and for a collection its edges after the documents.
+
+    The items go to a spool first (memory up to ``_SPOOL_BYTES``, then a temporary file):
+    the structure line, written before them, holds their count."""
     manager = getattr(db, _STRUCTURES[kind][1])(name)
-    items = manager._dump_items()
-    header = {"structure": kind, "name": name, "count": len(items)}
-    extra = []
-    if kind == "collection":
-        extra = list(manager._export_edges())
-        header.update(metric=manager.metric, options=manager._options or None, edges=len(extra))
-    if isinstance(manager, _Indexed) and manager.indexes():
-        header["indexes"] = manager.indexes()
-    write(_json_dumps(header) + "\n")
-    for item in items + extra:
-        write(_json_dumps(item) + "\n")
+    header = {"structure": kind, "name": name}
+    with tempfile.SpooledTemporaryFile(_SPOOL_BYTES, "w+", encoding="utf-8") as spool:
+        header["count"] = _spool(manager._export(), spool)
+        if kind == "collection":
+            header.update(metric=manager.metric, options=manager._options or None,
+                          edges=_spool(manager._export_edges(), spool))
+        if isinstance(manager, _Indexed) and manager.indexes():
+            header["indexes"] = manager.indexes()
+        write(_json_dumps(header) + "\n")
+        spool.seek(0)
+        for chunk in iter(lambda: spool.read(1 << 16), ""):
+            write(chunk)
+
+
+_SPOOL_BYTES = 1 << 20
+
+
+def _spool(items, spool) -> int:
+    """Write ``items`` to ``spool`` as JSON lines; how many there were."""
+    count = 0
+    for item in items:
+        spool.write(_json_dumps(item) + "\n")
+        count += 1
+    return count
 
 
 def _dump_lines(fp):

@@ -6292,6 +6292,27 @@ def test_dump_load_reproduces_every_structure(tmp_path, db):
         assert copy.info()["structures"] == db.info()["structures"]
 
 
+def test_dump_holds_a_page_at_a_time(tmp_path, db):
+    import tracemalloc
+    megabyte = bytes(range(256)) * 4096
+    for i in range(24):
+        db.blobs("big").put(str(i), megabyte)
+    db.dict("many").update({f"{i:05}": "x" * 1000 for i in range(12_000)})
+    db.collection("docs").index_many(Document(id=str(i), body="text") for i in range(3))
+    db.collection("docs").connect("0", "1", "next")
+    with open(tmp_path / "dump.jsonl", "w") as out:
+        tracemalloc.start()
+        try:
+            assert db.dump(out) == 3
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 12 * len(megabyte)                   # 36 MB of data went out
+    with BeaverDB(tmp_path / "copy.db") as copy, open(tmp_path / "dump.jsonl") as dump:
+        assert copy.load(dump) == 3
+        _same_dump(_dump_lines_of(copy), _dump_lines_of(db))
+
+
 def test_dump_skips_expired_and_selects_names(db):
     db.dict("c")["kept"] = 2
     db._core.execute("INSERT INTO beaver_dicts VALUES ('c', 'gone', '1', ?)", (time.time() - 1,))
