@@ -1926,7 +1926,7 @@ class _Manager(_StructureLock):
         page (memory stays bounded, whatever the size): what ``dump`` and ``copy_to`` read."""
         raise NotImplementedError
 
-    _export_batch = 1000    # exported items that ``copy_to`` loads at once
+    _load_batch = 1000      # items that ``load`` and ``copy_to`` write at once
 
     def _load_items(self, items):
         raise NotImplementedError
@@ -3402,7 +3402,7 @@ class BlobManager(_Manager):
         return [{"key": k, "size": n, "metadata": None if m is None else json.loads(m)}
                 for k, n, m in rows]
 
-    _export_batch = 1       # each blob may be large: copy_to holds one at a time
+    _load_batch = 1         # each blob may be large: load and copy_to hold one at a time
 
     def _export(self):
         """Keys page by page, each blob read on its own (one blob in memory at a time)."""
@@ -6975,7 +6975,7 @@ def _load_structure(db, line, lines, mode):
     manager = _structure(db, kind, name, line.get("metric"), line.get("options"))
     if mode == "replace":
         manager.clear()
-    for batch in _batches(lines, count, f"{kind} {name!r}"):
+    for batch in _batches(lines, count, f"{kind} {name!r}", manager._load_batch):
         manager._load_items(batch)
     for batch in _batches(lines, line.get("edges") or 0, f"the edges of {kind} {name!r}"):
         _connect_all(manager, batch)
@@ -7008,15 +7008,15 @@ def _create_indexes(manager, paths):
         manager.create_index(path)
 
 
-def _batches(lines, count, what):
-    """The next ``count`` values of ``lines``, in lists of at most _LOAD_BATCH."""
+def _batches(lines, count, what, size=_LOAD_BATCH):
+    """The next ``count`` values of ``lines``, in lists of at most ``size``."""
     batch = []
     for _ in range(count):
         item = next(lines, _MISSING)
         if item is _MISSING:
             raise ValueError(f"the dump ends inside {what}")
         batch.append(item)
-        if len(batch) >= _LOAD_BATCH:
+        if len(batch) >= size:
             yield batch
             batch = []
     if batch:
@@ -7110,7 +7110,7 @@ def _copy_structure_into(manager, target, mode, meter):
     copy = _structure(target, manager._kind, manager.name, *options)
     if mode == "replace":
         copy.clear()
-    for batch in _chunks(manager._export(), manager._export_batch):
+    for batch in _chunks(manager._export(), manager._load_batch):
         copy._load_items(batch)
         meter.add(len(batch))
     if manager._kind == "collection":
