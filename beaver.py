@@ -7023,14 +7023,14 @@ def _batches(lines, count, what, size=_LOAD_BATCH):
         yield batch
 
 
-COPY_MODES = ("new", "append", "replace")
+_COPY_MODES = ("new", "append", "replace")
 
 
 def _copy_database(source, target, mode="new", progress=None) -> int:
     """``source.copy_to(target, mode, progress)``; ``target`` is a ``BeaverDB`` or a path / URL
     opened (and closed) here."""
-    if mode not in COPY_MODES:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, COPY_MODES))}, not {mode!r}")
+    if mode not in _COPY_MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, _COPY_MODES))}, not {mode!r}")
     if progress is not None and not callable(progress):
         raise TypeError(f"progress is a callable taking (copied, total), not {progress!r:.40}")
     source._check_open()
