@@ -6459,6 +6459,40 @@ def test_copy_to_holds_a_page_at_a_time(tmp_path, db):
         assert len(copy.blobs("big")) == 24 and len(copy.dict("many")) == 12_000
 
 
+def test_copy_to_reads_one_snapshot_while_others_write(tmp_path, db):
+    """A writer adds to a list and a dict in each transaction while the copy runs: the
+    copy holds as many of each (a snapshot), fewer than the source ends with."""
+    stop, committed = threading.Event(), threading.Semaphore(0)
+
+    def write():
+        i = 0
+        while not stop.is_set():
+            with db.transaction():
+                db.list("l").push(i)
+                db.dict("d")[str(i)] = i
+            committed.release()
+            i += 1
+    db.list("l").push(-1)
+    db.dict("d")["-1"] = -1
+    writer = threading.Thread(target=write)
+    writer.start()
+
+    def meanwhile(copied, total):
+        if copied == 0:                 # the snapshot is taken: let the writer commit more
+            for _ in range(20):
+                assert committed.acquire(timeout=30)
+    try:
+        with BeaverDB(tmp_path / "copy.db") as copy:
+            db.copy_to(copy, progress=meanwhile)
+            stop.set()
+            writer.join(30)
+            assert len(copy.list("l")) == len(copy.dict("d")) < len(db.list("l"))
+            assert list(copy.list("l")) == list(db.list("l"))[:len(copy.list("l"))]
+    finally:
+        stop.set()
+        writer.join(30)
+
+
 def test_copy_to_reports_progress(tmp_path, db):
     _fill_all_kinds(db)
     calls = []
