@@ -6493,6 +6493,16 @@ def test_copy_to_reads_one_snapshot_while_others_write(tmp_path, db):
         writer.join(30)
 
 
+def test_copy_to_with_models_on_either_side(tmp_path, db):
+    db.dict("people", model=Person)["ada"] = Person(name="Ada", address=Address(city="London"))
+    db.collection("staff", model=Person).index(Document(id="ada", body=Person(name="Ada")))
+    with BeaverDB(tmp_path / "copy.db") as copy:
+        people = copy.dict("people", model=Person)        # open typed before the copy
+        db.copy_to(copy)
+        assert people["ada"] == db.dict("people")["ada"]
+        assert copy.collection("staff")["ada"].body == Person(name="Ada").model_dump()
+
+
 def test_copy_to_reports_progress(tmp_path, db):
     _fill_all_kinds(db)
     calls = []
