@@ -6987,7 +6987,8 @@ def _structure(db, kind, name, metric=None, options=None):
     ``metric`` and ``options`` it was dumped or copied with)."""
     if kind == "collection":
         if options is not None and not isinstance(options, dict):
-            raise ValueError(f"collection {name!r}: options are a JSON object, not {options!r:.40}")
+            raise ValueError(f"collection {name!r}: options are a JSON object, "
+                             f"not {options!r:.40}")
         return db.collection(name, metric=metric, **(options or {}))
     return getattr(db, _STRUCTURES[kind][1])(name)
 

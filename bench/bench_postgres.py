@@ -342,7 +342,8 @@ def fmt(value, unit):
 def ratio(beaver_value, floor_value, higher_is_better):
     if beaver_value is None or not floor_value:
         return "—"
-    return f"{(beaver_value / floor_value if higher_is_better else floor_value / beaver_value):.2f}x"
+    speed = beaver_value / floor_value if higher_is_better else floor_value / beaver_value
+    return f"{speed:.2f}x"
 
 
 def table(rows, pg_missing):
@@ -413,7 +414,8 @@ def main(argv=None):
                     for i, label in enumerate(("p50", "p99"))]
     result_rows.append(("index the documents", "docs/s", *each(loaded), True, ""))
     result_rows += [(f"queue hand-off between two processes, {label}", "ms", *each(wake, i),
-                     False, "p50 <= 2 ms" if i == 0 else "") for i, label in enumerate(("p50", "p99"))]
+                     False, "p50 <= 2 ms" if i == 0 else "")
+                    for i, label in enumerate(("p50", "p99"))]
     with psycopg.connect(args.url) as conn:
         server = conn.info.server_version
     with_long = sum(1 for r in rows if "\n" in r["text"])
