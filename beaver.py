@@ -2602,7 +2602,7 @@ class DictManager(_Manager, _Indexed, MutableMapping):
             (self._name, _now()))[0]
 
     def __iter__(self):
-        for key, _, _ in self._live_rows():
+        for key, _ in self._live_rows():
             yield key
 
     def keys(self) -> list:
@@ -2616,7 +2616,7 @@ class DictManager(_Manager, _Indexed, MutableMapping):
     def items(self) -> list:
         """A snapshot list of live ``(key, value)`` pairs, in key order."""
         decode = self._codec.decode
-        return [(key, decode(text)) for key, text, _ in self._live_rows()]
+        return [(key, decode(text)) for key, text in self._live_rows()]
 
     def find(self, where=None, order_by=None, limit=None, offset=0) -> list:
         """Live ``(key, value)`` pairs whose value matches ``where``, in key order by default.
@@ -2654,10 +2654,10 @@ class DictManager(_Manager, _Indexed, MutableMapping):
                f"ORDER BY {', '.join([*order, 'key'])} LIMIT ? OFFSET ?")
         return sql, [*params, _now(), *query.params, *_paging(limit, offset)]
 
-    def _live_rows(self):
-        """``(key, JSON text, expires_at)`` of the live keys, page by page, in key order."""
+    def _live_rows(self, columns="key, value"):
+        """``columns`` of the live keys (key first), page by page, in key order."""
         now = _now()
-        sql = ("SELECT key, value, expires_at FROM beaver_dicts WHERE name = ? AND key %s ? AND "
+        sql = (f"SELECT {columns} FROM beaver_dicts WHERE name = ? AND key %s ? AND "
                f"{_LIVE} ORDER BY key LIMIT ?")
         op, cursor = ">=", ""  # the first page includes the key '', which sorts first
         while True:
@@ -2681,7 +2681,7 @@ class DictManager(_Manager, _Indexed, MutableMapping):
     def popitem(self):
         """Remove and return the pair with the smallest key; ``KeyError`` if empty."""
         with self._core.transaction():
-            for key, text, _ in self._live_rows():
+            for key, text in self._live_rows():
                 self._core.execute("DELETE FROM beaver_dicts WHERE name = ? AND key = ?",
                                    (self._name, key))
                 self._wrote("del", key=key)
@@ -2713,7 +2713,7 @@ class DictManager(_Manager, _Indexed, MutableMapping):
         return None if row[0] is None else max(0.0, row[0] - _now())
 
     def _export(self):
-        for key, text, expires_at in self._live_rows():
+        for key, text, expires_at in self._live_rows("key, value, expires_at"):
             yield {"key": key, "value": _json_loads(text), "expires_at": expires_at}
 
     def _load_items(self, items):
@@ -3407,10 +3407,11 @@ class BlobManager(_Manager):
     def _export(self):
         """Keys page by page, each blob read on its own (one blob in memory at a time)."""
         for key in self:
-            row = self._core.one("SELECT data, metadata FROM beaver_blobs WHERE name = ? AND "
-                                 "key = ?", (self._name, key))
-            yield {"key": key, "data": base64.b64encode(row[0]).decode("ascii"),
-                   "metadata": None if row[1] is None else _json_loads(row[1])}
+            row = self._core.one("SELECT key, data, metadata FROM beaver_blobs WHERE name = ? "
+                                 "AND key = ?", (self._name, key))
+            if row is not None:         # None: deleted meanwhile (outside a snapshot)
+                yield {"key": key, "data": base64.b64encode(row[1]).decode("ascii"),
+                       "metadata": None if row[2] is None else _json_loads(row[2])}
 
     def _load_items(self, items):
         for item in items:
