@@ -7064,7 +7064,7 @@ def _copy_into(source, target, mode, progress) -> int:
         meter = _Meter(progress, sum(_copy_size(manager) for manager in managers))
         for manager in managers:
             _copy_structure_into(manager, target, mode, meter)
-        meter.report()
+        meter.finish()
     return len(plan)
 
 
@@ -7104,6 +7104,11 @@ class _Meter:
         if self.progress is not None:
             self.shown = time.monotonic()
             self.progress(self.copied, max(self.total, self.copied))
+
+    def finish(self):
+        """The last call: copied == total (fewer if keys expired while the copy ran)."""
+        self.total = self.copied
+        self.report()
 
 
 def _copy_structure_into(manager, target, mode, meter):

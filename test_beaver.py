@@ -6503,7 +6503,7 @@ def test_copy_to_with_models_on_either_side(tmp_path, db):
         assert copy.collection("staff")["ada"].body == Person(name="Ada").model_dump()
 
 
-def test_copy_to_reports_progress(tmp_path, db):
+def test_copy_to_reports_progress(tmp_path, db, clock):
     _fill_all_kinds(db)
     calls = []
     with BeaverDB(tmp_path / "copy.db") as copy:
@@ -6532,7 +6532,7 @@ def test_copy_to_modes(tmp_path, db):
             db.copy_to(copy, mode="append", progress="stderr")
 
 
-def test_copy_to_is_all_or_nothing(tmp_path, db):
+def test_copy_to_is_all_or_nothing(tmp_path, db, clock):
     _fill_all_kinds(db)
 
     def interrupt(copied, total):
