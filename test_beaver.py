@@ -6462,7 +6462,7 @@ def test_copy_to_holds_a_page_at_a_time(tmp_path, db):
 def test_copy_to_reads_one_snapshot_while_others_write(tmp_path, db):
     """A writer adds to a list and a dict in each transaction while the copy runs: the
     copy holds as many of each (a snapshot), fewer than the source ends with."""
-    stop, committed = threading.Event(), threading.Semaphore(0)
+    stop, commits, changed = threading.Event(), [0], threading.Condition()
 
     def write():
         i = 0
@@ -6470,7 +6470,9 @@ def test_copy_to_reads_one_snapshot_while_others_write(tmp_path, db):
             with db.transaction():
                 db.list("l").push(i)
                 db.dict("d")[str(i)] = i
-            committed.release()
+            with changed:
+                commits[0] += 1
+                changed.notify_all()
             i += 1
     db.list("l").push(-1)
     db.dict("d")["-1"] = -1
@@ -6479,8 +6481,9 @@ def test_copy_to_reads_one_snapshot_while_others_write(tmp_path, db):
 
     def meanwhile(copied, total):
         if copied == 0:                 # the snapshot is taken: let the writer commit more
-            for _ in range(20):
-                assert committed.acquire(timeout=30)
+            with changed:
+                later = commits[0] + 20
+                assert changed.wait_for(lambda: commits[0] >= later, timeout=30)
     try:
         with BeaverDB(tmp_path / "copy.db") as copy:
             db.copy_to(copy, progress=meanwhile)
