@@ -13,7 +13,7 @@ ARG BASE=python:3.12-slim
 FROM ${BASE}
 
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE beaver.py beaver_vector.py beaver_server.py ./
+COPY pyproject.toml README.md LICENSE beaver.py beaver_vector.py beaver_server.py beaver_postgres.py ./
 COPY beaver_dashboard ./beaver_dashboard
 RUN pip install --no-cache-dir ".[server,vector]" && rm -rf /src
 

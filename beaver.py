@@ -825,7 +825,35 @@ class _Core:
     Every thread gets its own ``sqlite3.Connection`` (autocommit mode). Writes that read
     first run inside ``transaction()``, which starts with ``BEGIN IMMEDIATE`` so that two
     writers never deadlock on a lock upgrade. Nested ``transaction()`` calls use savepoints.
+
+    It is the SQLite engine: what differs per engine is reached through the core (the SQL of
+    filters and field indexes, the snapshot, the wake-up watcher); ``beaver_postgres`` has
+    the PostgreSQL one. Managers hold no engine-specific code paths of their own.
     """
+
+    engine = "sqlite"
+    collections = True              # the engine stores collections (FTS, fuzzy, graph, vectors)
+    SNAPSHOT_BEGIN = "BEGIN"        # a read-only transaction that sees one snapshot
+
+    def compile_filter(self, where, column) -> "_Filter":
+        """The filter ``where`` compiled for this engine over the JSON column ``column``."""
+        return _Filter(where, column)
+
+    def order_terms(self, order_by, column) -> tuple:
+        """``(ORDER BY terms, canonical paths)`` of ``order_by`` for this engine."""
+        return _order_terms(order_by, column)
+
+    def field_indexes(self, *args) -> "_FieldIndexes":
+        """The field indexes of one structure (arguments of ``_FieldIndexes``)."""
+        return _FieldIndexes(self, *args)
+
+    def check_json(self):
+        _check_json1(self)
+
+    def size(self) -> int:
+        """Bytes the database takes on disk (the file and its WAL)."""
+        return sum(os.path.getsize(self.path + s) for s in ("", "-wal")
+                   if os.path.exists(self.path + s))
 
     def __init__(self, path, timeout=DEFAULT_TIMEOUT, durability="normal"):
         if sqlite3.sqlite_version_info < MIN_SQLITE:
@@ -851,7 +879,7 @@ class _Core:
         self.purger = None            # the thread that purges expired rows while idle
         self._halt = threading.Event()
         self._pid = os.getpid()
-        self.watcher = _Watcher(self)
+        self.watcher = self._new_watcher()
         _live_cores.add(self)
         try:
             self._ensure_schema()
@@ -935,7 +963,10 @@ class _Core:
         self._busy = {}
         self.purger = None
         self._halt = threading.Event()
-        self.watcher = _Watcher(self)
+        self.watcher = self._new_watcher()
+
+    def _new_watcher(self):
+        return _Watcher(self)
 
     def close(self):
         """Close every thread's connection and stop background threads."""
@@ -2117,6 +2148,7 @@ def _sql_text(text, what="text") -> str:
 class _Path(typing.NamedTuple):
     text: str       # the canonical spelling: author.name, tags[0], "v1.2".notes
     sql: str        # the SQLite JSON path as an SQL literal: '$."author"."name"'
+    parts: tuple = ()   # its keys (str) and array items (int), for other engines' spellings
 
 
 def _field_path(path, where="a field path") -> _Path:
@@ -2154,7 +2186,7 @@ def _parse_path(path) -> _Path:
         else:
             key = part if _BARE_KEY.match(part) else f'"{part}"'
             text, sql = text + ("." if text else "") + key, sql + f'."{part}"'
-    return _Path(text, _sql_text(sql, "the field path"))
+    return _Path(text, _sql_text(sql, "the field path"), tuple(parts))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -2204,12 +2236,15 @@ class _Filter:
     top-level conditions that a field index can serve.
     """
 
+    TRUE, FALSE = "1", "0"              # the engine's spellings of an always true/false condition
+    _terms = staticmethod(_json_terms)  # (rank, value) SQL of a path; another engine's own
+
     def __init__(self, where, column):
         self.column = column
         self.params: list = []
         self.indexable: set = set()
         self._conditions = 0
-        self.sql = "1" if where is None else self._all(where, "where", 0, True)
+        self.sql = self.TRUE if where is None else self._all(where, "where", 0, True)
 
     def _all(self, where, at, depth, top) -> str:
         """Every condition of a filter dict, joined by AND."""
@@ -2231,7 +2266,7 @@ class _Filter:
             else:
                 path = _field_path(key, here)
                 terms.append(self._field(path, condition, here, depth, top))
-        return " AND ".join(f"({term})" for term in terms) or "1"
+        return " AND ".join(f"({term})" for term in terms) or self.TRUE
 
     def _logic(self, op, filters, at, depth, top) -> str:
         if not isinstance(filters, (list, tuple)) or not filters:
@@ -2259,7 +2294,7 @@ class _Filter:
         if self._conditions > FILTER_MAX_CONDITIONS:
             raise ValidationError(f"{at}: a filter holds at most {FILTER_MAX_CONDITIONS} "
                                   "conditions")
-        rank, value = _json_terms(self.column, path)
+        rank, value = self._terms(self.column, path)
         if op == "$not":
             if depth >= FILTER_MAX_DEPTH:
                 raise ValidationError(f"{at}: the filter nests deeper than {FILTER_MAX_DEPTH} "
@@ -2314,7 +2349,7 @@ class _Filter:
             else:
                 self.params.append(_json_dumps([v for k, v in typed if k == kind]))
                 terms.append(f"{value} IN (SELECT value FROM json_each(?)) AND {rank} IS {kind}")
-        return " OR ".join(f"({term})" for term in terms) or "0", kinds
+        return " OR ".join(f"({term})" for term in terms) or self.FALSE, kinds
 
     def _contains(self, path, rank, typed) -> str:
         """``$contains``: the field is an array holding the operand."""
@@ -2325,7 +2360,7 @@ class _Filter:
                 f"{path.sql}) AS e WHERE {_ITEM_IS[kind]})")
 
 
-def _order_terms(order_by, column) -> tuple:
+def _order_terms(order_by, column, json_terms=_json_terms) -> tuple:
     """``(ORDER BY terms, canonical paths)`` of ``order_by``: a path or a list of paths, each
     ``"-path"`` for descending. Values sort by JSON type (missing, null, false, true, numbers,
     strings, arrays, objects), then by value."""
@@ -2340,7 +2375,7 @@ def _order_terms(order_by, column) -> tuple:
         descending = isinstance(item, str) and item.startswith("-")
         path = _field_path(item[1:] if descending else item, f"order_by {item!r}")
         direction = " DESC" if descending else ""
-        terms += [term + direction for term in _json_terms(column, path)]
+        terms += [term + direction for term in json_terms(column, path)]
         paths.append(path.text)
     return terms, paths
 
@@ -2454,8 +2489,8 @@ class _Indexed:
 
     @functools.cached_property
     def _fields(self) -> _FieldIndexes:
-        return _FieldIndexes(self._core, self._kind, self._name, self._table,
-                             self._json_column, self._scope_column, self._order)
+        return self._core.field_indexes(self._kind, self._name, self._table,
+                                        self._json_column, self._scope_column, self._order)
 
     def _filter(self, where, order_by=None, column=None) -> tuple:
         """``(_Filter, ORDER BY terms, their paths)``, all checked before any SQL runs.
@@ -2463,10 +2498,10 @@ class _Indexed:
         ``column`` is the JSON column as the query names it (default ``table.column``; a query
         that aliases the table passes ``alias.column``: field indexes still match)."""
         column = column or self._fields.json
-        query = _Filter(where, column)
-        order, paths = _order_terms(order_by, column)
+        query = self._core.compile_filter(where, column)
+        order, paths = self._core.order_terms(order_by, column)
         if where is not None or order_by is not None:
-            _check_json1(self._core)
+            self._core.check_json()
         return query, order, paths
 
     def create_index(self, path):
@@ -6287,6 +6322,23 @@ class _Managers:
 # BeaverDB
 # ==========================================================================================
 
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _open_core(path, timeout, durability):
+    """The engine behind a ``BeaverDB``: a SQLite file, or PostgreSQL for a postgres URL
+    (``beaver_postgres``, imported only then: this module stays standard-library only)."""
+    if isinstance(path, str) and path.startswith(_POSTGRES_SCHEMES):
+        try:
+            import beaver_postgres
+        except ImportError as e:
+            raise FeatureUnavailable(
+                f"opening a PostgreSQL URL needs beaver_postgres.py and psycopg 3: pip install "
+                f"'beaver-db[postgres]' ({e})") from None
+        return beaver_postgres.PostgresCore(path, timeout=timeout, durability=durability)
+    return _Core(path, timeout=timeout, durability=durability)
+
+
 class BeaverDB:
     """One database file and the entry point to every structure in it.
 
@@ -6296,7 +6348,8 @@ class BeaverDB:
 
     Share one ``BeaverDB`` between threads freely (each thread gets its own connection);
     other processes open the same path with their own ``BeaverDB``. ``":memory:"`` gives a
-    private database that lives until ``close()``.
+    private database that lives until ``close()``. A ``postgresql://`` (or ``postgres://``)
+    URL opens the same API on a PostgreSQL database (the ``postgres`` extra; see the README).
 
     ``timeout`` is how long a write waits for SQLite's lock; ``durability="full"`` syncs
     every commit to disk (the default, "normal", is crash-safe but may lose the last
@@ -6304,7 +6357,7 @@ class BeaverDB:
     """
 
     def __init__(self, path, *, timeout=DEFAULT_TIMEOUT, durability="normal"):
-        self._core = _Core(path, timeout=timeout, durability=durability)
+        self._core = _open_core(path, timeout, durability)
         self._events = _Events(self._core)
         self._hub = _Hub(self)
         self._managers = _Managers()
@@ -6372,6 +6425,10 @@ class BeaverDB:
         are fixed at creation: checked first (``ValueError`` naming a bad one and its range),
         and compared with the stored ones when the collection exists.
         """
+        if not self._core.collections:
+            raise FeatureUnavailable(f"collections are not available on {self._core.engine} "
+                                     "yet (dicts, lists, queues, blobs, logs, channels, events, "
+                                     "locks and transactions are)")
         _check_vector_options(metric, options)
         manager = self._manager(CollectionManager, name, model, metric=metric, **options)
         manager._agrees(metric, options)
@@ -6843,7 +6900,7 @@ def _read_snapshot(core):
         return
     conn = core.conn()
     local = core._local
-    core._run(conn, "BEGIN")
+    core._run(conn, core.SNAPSHOT_BEGIN)
     local.depth, local.pending, local.undo, local.token = 1, [], [], object()
     try:
         core.one("SELECT count(*) FROM beaver_meta")  # the snapshot starts here
@@ -6852,6 +6909,11 @@ def _read_snapshot(core):
         local.depth, local.pending = 0, []
         core._undo(0)
         core._rollback(conn)
+
+
+def _kinds(db) -> list:
+    """The kinds of structure the database's engine stores, in dump order."""
+    return [kind for kind in _STRUCTURES if kind != "collection" or db._core.collections]
 
 
 def _structure_names(db, kind) -> list:
@@ -6865,14 +6927,13 @@ def _structure_names(db, kind) -> list:
 
 def _database_info(db) -> dict:
     structures = []
-    for kind in _STRUCTURES:
+    for kind in _kinds(db):
         structures += [{"kind": kind, "name": n, "size": s} for n, s in _structure_names(db, kind)]
     rows = db._core.execute(
         "SELECT name, count(*), max(held) FROM beaver_locks WHERE expires_at > ? "
         "GROUP BY name ORDER BY name", (_now(),))
     structures += [{"kind": "lock", "name": n, "size": s, "locked": bool(h)} for n, s, h in rows]
-    size = sum(os.path.getsize(db.path + s) for s in ("", "-wal") if os.path.exists(db.path + s))
-    return {"path": db.path, "bytes": size, "beaver_version": __version__,
+    return {"path": db.path, "bytes": db._core.size(), "beaver_version": __version__,
             "schema_version": SCHEMA_VERSION, "structures": structures}
 
 
@@ -6893,7 +6954,7 @@ def _dump_database(db, fp, names=None, kinds=None) -> int:
     with _read_snapshot(db._core):
         write(_json_dumps({"beaver_dump": DUMP_FORMAT, "beaver_version": __version__,
                            "dumped_at": _dt.datetime.now(_dt.timezone.utc).isoformat()}) + "\n")
-        for kind in _STRUCTURES:
+        for kind in _kinds(db):
             for name, _ in _structure_names(db, kind):
                 if wanted(kind, name):
                     _dump_structure(db, kind, name, write)
@@ -7057,7 +7118,7 @@ def _same_place(a, b) -> bool:
 def _copy_into(source, target, mode, progress) -> int:
     """One snapshot of ``source`` read page by page into one transaction of ``target``."""
     with _read_snapshot(source._core), target._core.transaction():
-        plan = [(kind, name) for kind in _STRUCTURES for name, _ in _structure_names(source, kind)]
+        plan = [(kind, name) for kind in _kinds(source) for name, _ in _structure_names(source, kind)]
         if mode == "new":
             _refuse_filled(target, plan)
         managers = [getattr(source, _STRUCTURES[kind][1])(name) for kind, name in plan]
@@ -7069,8 +7130,8 @@ def _copy_into(source, target, mode, progress) -> int:
 
 
 def _refuse_filled(target, plan):
-    held = {kind: {name for name, _ in _structure_names(target, kind)} for kind in _STRUCTURES}
-    filled = [f"{kind} {name!r}" for kind, name in plan if name in held[kind]]
+    held = {kind: {name for name, _ in _structure_names(target, kind)} for kind in _kinds(target)}
+    filled = [f"{kind} {name!r}" for kind, name in plan if name in held.get(kind, ())]
     if filled:
         more = f" and {len(filled) - 3} more" if len(filled) > 3 else ""
         raise ValueError(f"the destination already holds {', '.join(filled[:3])}{more}: copy "
@@ -7129,6 +7190,9 @@ def _copy_structure_into(manager, target, mode, meter):
 
 
 def _backup_database(db, path):
+    if db._core.engine != "sqlite":
+        raise FeatureUnavailable(f"backup() copies a SQLite file; on {db._core.engine} use its "
+                                 "own tools (pg_dump) or db.dump()")
     target = os.path.abspath(os.fspath(path))
     if target == os.path.abspath(db.path):
         raise ValueError("cannot back a database up onto itself")
@@ -7415,15 +7479,13 @@ def _once(db, key, call):
     and applies nothing again; a repeat that arrives while the first runs waits for it.
     """
     core = db._core
-    with core.transaction():
-        if not core.execute("INSERT OR IGNORE INTO beaver_requests (key, created, status, body) "
-                            "VALUES (?, ?, 0, NULL)", (key, _now())).rowcount:
-            status, body = core.execute("SELECT status, body FROM beaver_requests WHERE key = ?",
-                                        (key,)).fetchone()
-            return status, body or b"", None
+    with core.transaction():        # BEGIN IMMEDIATE: a repeat waits here for the first
+        stored = core.one("SELECT status, body FROM beaver_requests WHERE key = ?", (key,))
+        if stored is not None:
+            return stored[0], stored[1] or b"", None
         status, body, headers = call()
-        core.execute("UPDATE beaver_requests SET status = ?, body = ? WHERE key = ?",
-                     (status, body or None, key))
+        core.execute("INSERT INTO beaver_requests (key, created, status, body) "
+                     "VALUES (?, ?, ?, ?)", (key, _now(), status, body or None))
     now = _now()
     if now >= getattr(core, "requests_purged", 0.0) + PURGE_INTERVAL:
         core.requests_purged = now
@@ -7647,11 +7709,21 @@ _RETRY_WINDOW = 120.0       # no retry this long after the first attempt (< REQU
 _LONG_TARGET = 4000         # longer request targets travel in the body of POST /call
 
 
+_PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9_.~-]*\Z")
+
+
 def _segment(text) -> str:
     """One path segment: every character that could change the route is escaped."""
+    if _PLAIN_SEGMENT.match(text):
+        return text             # nothing to escape (and not "." or "..")
     from urllib.parse import quote
     quoted = quote(text, safe="")
     return quoted.replace(".", "%2E") if quoted in (".", "..") else quoted
+
+
+def _request_key() -> str:
+    """A fresh idempotency key (128 random bits)."""
+    return os.urandom(16).hex()
 
 
 class _Dropped(OSError):
@@ -7659,7 +7731,8 @@ class _Dropped(OSError):
 
 
 class _Connection:
-    """One keep-alive HTTP/1.1 connection: a request out, a response in."""
+    """One keep-alive HTTP/1.1 connection: a request out, a response in (read with one
+    ``recv`` when it fits, which it mostly does)."""
 
     def __init__(self, http, timeout):
         import socket
@@ -7669,70 +7742,117 @@ class _Connection:
             import ssl
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=http.host)
         self.sock = sock
-        self.reader = sock.makefile("rb")
+        self.timeout = timeout
+        self.buffer = bytearray()
 
     def exchange(self, head, body, timeout, sink=None):
         """Send one request; ``(status, headers, body)`` (the body goes to ``sink`` if given)."""
-        self.sock.settimeout(timeout)
+        if timeout != self.timeout:
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
         self.sock.sendall(head + body if len(body) < 65536 else head)
         if len(body) >= 65536:
             self.sock.sendall(body)
         status, headers = self.read_head()
         if head.startswith(b"HEAD ") or status in (204, 304):
             return status, headers, b""
+        length = headers.get("content-length", "")
+        if sink is None and length.isdigit() and int(length) <= 1 << 20:
+            return status, headers, self.take(int(length))
         if sink is None or status >= 300:
             return status, headers, b"".join(self.body(headers))
         for chunk in self.body(headers):
             sink(chunk)
         return status, headers, b""
 
-    def read_head(self):
-        line = self.reader.readline(65537)
-        if not line:
+    def fill(self):
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
             raise _Dropped("the server closed the connection")
-        parts = line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
-            raise _Dropped(f"not an HTTP response: {line[:80]!r}")
-        headers = {}
+        self.buffer += chunk
+
+    def take(self, size) -> bytes:
+        """The next ``size`` bytes."""
+        buffer = self.buffer
+        while len(buffer) < size:
+            self.fill()
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        return data
+
+    def readline(self, limit) -> bytes:
+        buffer = self.buffer
         while True:
-            line = self.reader.readline(65537)
-            if line in (b"\r\n", b"\n"):
-                return int(parts[1]), headers
-            if not line:
-                raise _Dropped("the connection ended inside the response headers")
-            name, _, value = line.decode("latin-1").partition(":")
+            end = buffer.find(b"\n")
+            if end >= 0:
+                return self.take(end + 1)
+            if len(buffer) > limit:
+                raise _Dropped("a response line is too long")
+            self.fill()
+
+    def read_head(self):
+        buffer = self.buffer
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(buffer) > 1 << 17:
+                raise _Dropped("the response head is too long")
+            try:
+                self.fill()
+            except _Dropped:
+                if buffer:
+                    raise _Dropped("the connection ended inside the response headers") from None
+                raise
+        lines = self.take(end + 4)[:end].decode("latin-1").split("\r\n")
+        parts = lines[0].split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise _Dropped(f"not an HTTP response: {lines[0][:80]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
+        return int(parts[1]), headers
 
     def body(self, headers):
         """The response body in pieces (by Content-Length, chunked, or up to the end)."""
         if "content-length" in headers:
             left = int(headers["content-length"])
             while left:
-                piece = self.reader.read(min(left, 1 << 16))
-                if not piece:
-                    raise _Dropped("the connection ended inside the response body")
+                if not self.buffer:
+                    try:
+                        self.fill()
+                    except _Dropped:
+                        raise _Dropped("the connection ended inside the response body") from None
+                piece = self.take(min(left, len(self.buffer)))
                 left -= len(piece)
                 yield piece
         elif headers.get("transfer-encoding", "").lower() == "chunked":
             while True:
-                size = int(self.reader.readline(1026).split(b";")[0].strip() or b"x", 16)
+                size = int(self.readline(1026).split(b";")[0].strip() or b"x", 16)
                 if not size:
-                    self.reader.readline(1026)
+                    self.readline(1026)
                     return
-                piece = self.reader.read(size)
-                if len(piece) < size:
-                    raise _Dropped("the connection ended inside a chunk")
-                self.reader.readline(1026)
+                try:
+                    piece = self.take(size)
+                except _Dropped:
+                    raise _Dropped("the connection ended inside a chunk") from None
+                self.readline(1026)
                 yield piece
         else:
-            yield from iter(lambda: self.reader.read(1 << 16), b"")
+            while True:
+                if self.buffer:
+                    yield self.take(len(self.buffer))
+                try:
+                    self.fill()
+                except _Dropped:
+                    return
 
     def close(self):
         import socket
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
-            self.reader.close()
             self.sock.close()
 
 
@@ -8406,7 +8526,7 @@ class BeaverClient:
         if self._closed:
             raise ClosedError("the client is closed")
         if writes:
-            headers += f"Idempotency-Key: {key or uuid.uuid4().hex}\r\n"
+            headers += f"Idempotency-Key: {key or _request_key()}\r\n"
         status, answer, data = self._send(verb, target, body, headers, wait, sink)
         if status >= 400:
             _raise_remote(status, data)
@@ -8430,7 +8550,7 @@ class BeaverClient:
         if op.wait and args.get("block", True):
             return self._wait(manager, op, args)
         if op.writes:
-            headers += f"Idempotency-Key: {uuid.uuid4().hex}\r\n"
+            headers += f"Idempotency-Key: {_request_key()}\r\n"
         return self._answer(manager, op, args, verb, target, body, headers)
 
     def _send(self, verb, target, body, headers, wait=0.0, sink=None):
@@ -8461,7 +8581,7 @@ class BeaverClient:
         """A blocking call in chunks of at most ``_CHUNK_WAIT`` s, with one idempotency key:
         an answer lost on the way is answered again, never taken twice."""
         deadline = _Deadline(_seconds(args[op.wait], op.wait))
-        key = f"Idempotency-Key: {uuid.uuid4().hex}\r\n"
+        key = f"Idempotency-Key: {_request_key()}\r\n"
         while True:
             wait = deadline.remaining(cap=_CHUNK_WAIT)
             verb, target, body, headers = _request_of(manager, op, {**args, op.wait: wait})
@@ -9472,7 +9592,8 @@ def _open_database(args):
         return BeaverClient(url, token=getattr(args, "token", None) or
                             os.environ.get("BEAVER_TOKEN"))
     path = database or os.environ.get("BEAVER_DATABASE") or "beaver.db"
-    if getattr(args, "reads", False) and path != ":memory:" and not os.path.exists(path):
+    if getattr(args, "reads", False) and path != ":memory:" and not os.path.exists(path) \
+            and not path.startswith(_POSTGRES_SCHEMES):
         raise BeaverError(f"no database at {path!r} (a read never creates one)")
     return BeaverDB(path)
 

@@ -40,6 +40,8 @@ with a 4xx status; ``beaver.BeaverClient`` raises the same exception classes.
 Writes carrying an ``Idempotency-Key`` header are applied once: the key and the answer are
 stored in the operation's own transaction, and a repeat gets the first answer. Long waits
 (queue get, lock acquire, streams) await the database's wake-ups without holding a thread.
+Run by ``main``, keep-alive connections of plain operations are served by connection threads
+(``--connection-threads``, see "Connection threads" below) without an event-loop hop.
 """
 from __future__ import annotations
 
@@ -53,12 +55,15 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import re
 import secrets
 import shutil
 import sys
 import tempfile
+import threading
 import time
+import typing
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 try:
@@ -82,6 +87,7 @@ MAX_TARGET = 16 * 1024                # bytes of a request target (path and quer
 MAX_TEXT_QUERY = 4096                 # characters of a full-text query
 MAX_TOP_K = 10_000                    # results of one search
 MIN_PERIOD = 0.05                     # seconds between two updates of a live view
+DEFAULT_CONNECTION_THREADS = 16      # per process: see "Connection threads"
 HEADER_TIMEOUT = 10.0                 # seconds a client has to send a request's headers
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 _SIMPLE_TYPES = {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
@@ -170,6 +176,9 @@ class _Request:
 
     def query(self) -> dict:
         if self._query is None:
+            if not self.query_string:
+                self._query = {}
+                return self._query
             try:
                 self._query = dict(parse_qsl(self.query_string.decode("utf-8"),
                                              keep_blank_values=True, errors="strict"))
@@ -1224,6 +1233,283 @@ class _RedactTokens(logging.Filter):
 
 
 # ------------------------------------------------------------------------------------------
+# Connection threads: keep-alive connections of plain operations served without the loop
+# ------------------------------------------------------------------------------------------
+#
+# ``--connection-threads N``: a new connection is given to one of N threads (when one is
+# free) that reads its requests with blocking socket calls and runs the declared operations
+# right there: no event-loop hop, no executor hop per request. Only plain HTTP/1.1 requests
+# with a small Content-Length body that route to a declared operation and do not wait are
+# served so; at the first request that is anything else (a wait, a stream, a WebSocket, a
+# hand-written route, a large or chunked body, a header it does not read), the connection
+# with the bytes read so far is handed to the event loop for good, where uvicorn serves it
+# and waits hold no thread. Every read has a deadline (the header timeout), every write too:
+# a thread never waits for a client forever.
+
+THREAD_BODY = 64 * 1024         # larger request bodies are read by the event loop
+SEND_TIMEOUT = 30.0             # seconds to send an answer (plus one per MB of it)
+_PLAIN_METHODS = frozenset((b"GET", b"HEAD", b"PUT", b"POST", b"PATCH", b"DELETE"))
+_HEAD_FIELDS = re.compile(   # after the request line: "name: value" lines, nothing else
+    rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*\Z")
+_HEAD_TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*\Z")       # visible ASCII, no '#'
+# chunked bodies, 100-continue, WebSockets; and browsers' requests (CORS answers them there)
+_LEFT_TO_THE_LOOP = frozenset(("transfer-encoding", "expect", "upgrade", "origin"))
+_SINGLE = frozenset(("content-length", "host", "authorization", "idempotency-key",
+                     "content-type", "connection"))
+_REASONS = {200: "OK", 204: "No Content", 303: "See Other", 400: "Bad Request",
+            401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+            413: "Content Too Large", 414: "URI Too Long", 422: "Unprocessable Content",
+            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+            507: "Insufficient Storage"}
+access_logger = logging.getLogger("uvicorn.access")
+
+
+class _Plain(typing.NamedTuple):
+    """A request head the threads serve: method, path, query, headers (lower-case names)."""
+    method: str
+    path: bytes
+    query: bytes
+    headers: dict
+    length: int
+    close: bool
+
+
+def _plain_head(head: bytes):
+    """The ``_Plain`` of a request head, or None for anything else (left to uvicorn)."""
+    end = head.find(b"\r\n")
+    line = head if end < 0 else head[:end]
+    parts = line.split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in _PLAIN_METHODS or \
+            not _HEAD_TARGET.match(parts[1]) or not _HEAD_FIELDS.match(head, len(line)):
+        return None
+    headers, length, close = {}, None, False
+    for field in head[len(line) + 2:].decode("latin-1").split("\r\n") if end >= 0 else ():
+        name, _, value = field.partition(":")
+        name = name.lower()
+        if name in headers and name in _SINGLE:
+            return None         # two Content-Lengths (or Hosts...): left to uvicorn
+        headers[name] = value.strip(" \t")
+    if not headers.keys().isdisjoint(_LEFT_TO_THE_LOOP):
+        return None
+    if "content-length" in headers:
+        length = headers["content-length"]
+        if not length.isdigit() or len(length) > 18:
+            return None
+    if "connection" in headers:
+        token = headers["connection"].lower()
+        if token not in ("keep-alive", "close"):
+            return None
+        close = token == "close"
+    path, _, query = parts[1].partition(b"?")
+    return _Plain(parts[0].decode("ascii"), path, query, headers, int(length or 0), close)
+
+
+class _Handoff(Exception):
+    """This request (and the rest of its connection) goes to the event loop."""
+
+
+class _Closed(Exception):
+    """The client left, or was too slow: the connection is closed."""
+
+
+class _ThreadConnection:
+    """One connection served by a connection thread: blocking reads and writes with
+    deadlines, the requests run in this thread."""
+
+    def __init__(self, threads, sock):
+        self.threads, self.server, self.sock = threads, threads.server, sock
+        self.buffer = b""
+        self.local = sock.getsockname()[:2]
+        self.peer = sock.getpeername()[:2]
+
+    def serve(self):
+        """Serve requests until the client leaves; hand the connection over when needed."""
+        idle = None             # a new connection: its first head within the header timeout
+        try:
+            while True:
+                head = self.read_head(idle)
+                plain = _plain_head(head)
+                if plain is None or plain.length > THREAD_BODY:
+                    raise _Handoff
+                body = self.read_exactly(plain.length)
+                status, close = self.answer(plain, body)
+                self.buffer = self.buffer[len(head) + 4 + plain.length:]
+                if close or plain.close:
+                    return self.close()
+                idle = self.threads.keep_alive       # as uvicorn closes an idle connection
+        except _Handoff:
+            self.threads.handoff(self.sock, self.buffer)
+        except (_Closed, OSError):
+            self.close()
+
+    def read_head(self, idle) -> bytes:
+        """The next request head (bytes before the blank line): its first byte within
+        ``idle`` seconds (if given), the whole head within the header timeout after that."""
+        if not self.buffer and idle is not None:
+            self.receive(time.monotonic() + idle)
+        deadline = time.monotonic() + self.threads.header_timeout
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                return self.buffer[:end]
+            if len(self.buffer) > MAX_TARGET + 64 * 1024:
+                raise _Handoff          # uvicorn refuses it, in its words
+            self.receive(deadline)
+
+    def read_exactly(self, length) -> bytes:
+        start = self.buffer.find(b"\r\n\r\n") + 4
+        deadline = time.monotonic() + self.threads.header_timeout
+        while len(self.buffer) < start + length:
+            self.receive(deadline)
+        return self.buffer[start:start + length]
+
+    def receive(self, deadline):
+        left = deadline - time.monotonic()
+        if left <= 0 or self.threads.closing:
+            raise _Closed
+        self.sock.settimeout(left)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            raise _Closed from None
+        if not chunk:
+            raise _Closed
+        self.buffer += chunk
+
+    def answer(self, plain, body):
+        """Run one request; ``(status, close)`` once its answer is sent."""
+        server = self.server
+        scope = {"type": "http", "http_version": "1.1", "scheme": "http",
+                 "method": plain.method, "path": "", "raw_path": plain.path,
+                 "query_string": plain.query, "headers": [],
+                 "server": self.local, "client": self.peer}
+        request = _Request(scope, None, None, server.limits["body"])
+        request.headers, request._body = plain.headers, body
+        try:
+            server.check(scope, request.headers)
+            try:
+                route, params = server.route(plain.method, plain.path, request.query())
+            except HTTPError as e:
+                if e.status == 404:
+                    raise _Handoff from None   # FastAPI's routes: /docs, /openapi.json
+                raise
+            if route.op is None:
+                raise _Handoff
+            op, name, options, kwargs = _run_now(server.arguments(request, route, params,
+                                                                  request.query()))
+            if op.wait and kwargs.get("block", True) is not False:
+                raise _Handoff
+            key = request.headers.get("idempotency-key") if op.writes else None
+            reply = server.execute(op, name, options, kwargs, key)
+        except _Handoff:
+            raise
+        except Exception as e:
+            reply = _error_reply(e)
+        return self.send_reply(plain, reply)
+
+    def send_reply(self, plain, reply):
+        status, body, headers = reply
+        close = bool(headers) and headers.get("connection") == "close"
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+                 f"content-length: {len(body)}\r\n"]
+        if body and not (headers and "content-type" in headers):
+            lines.append("content-type: application/json\r\n")
+        for name, value in (headers or {}).items():
+            lines.append(f"{name}: {value}\r\n")
+        head = "".join(lines).encode("latin-1") + b"\r\n"
+        data = head if plain.method == "HEAD" else head + body
+        self.sock.settimeout(SEND_TIMEOUT + len(data) / 1e6)
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise _Closed from None
+        if access_logger.isEnabledFor(logging.INFO):
+            target = plain.path + (b"?" + plain.query if plain.query else b"")
+            access_logger.info('%s - "%s %s HTTP/%s" %d', "%s:%d" % self.peer, plain.method,
+                               target.decode("latin-1"), "1.1", status)
+        return status, close
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def _run_now(coroutine):
+    """The result of a coroutine that never suspends (the body is read already)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("a coroutine of the thread path suspended")
+
+
+class _ConnectionThreads:
+    """Up to ``count`` threads, each serving one connection at a time (see above)."""
+
+    def __init__(self, server, count, header_timeout, keep_alive, handoff):
+        self.server, self.count = server, count
+        self.header_timeout, self.keep_alive = header_timeout, keep_alive
+        self.handoff = handoff          # (socket, bytes read) -> the event loop serves it
+        self.closing = False
+        self.idle = 0
+        self.threads: list = []
+        self.lock = threading.Lock()
+        self.todo = queue.SimpleQueue()
+        self.serving: set = set()
+
+    def offer(self, sock) -> bool:
+        """Give ``sock`` to a free thread (True), or say there is none (False)."""
+        with self.lock:
+            if self.closing:
+                return False
+            if self.idle:
+                self.idle -= 1
+            elif len(self.threads) < self.count:
+                thread = threading.Thread(target=self.work, daemon=True,
+                                          name=f"beaver-connection-{len(self.threads)}")
+                self.threads.append(thread)
+                thread.start()
+            else:
+                return False
+        self.todo.put(sock)
+        return True
+
+    def work(self):
+        while True:
+            sock = self.todo.get()
+            if sock is None:
+                return
+            with self.lock:
+                self.serving.add(sock)
+            try:
+                _ThreadConnection(self, sock).serve()
+            except Exception:       # a bug must not take a thread away for good
+                logger.exception("beaver server: connection thread failed")
+                with contextlib.suppress(OSError):
+                    sock.close()
+            with self.lock:
+                self.serving.discard(sock)
+                self.idle += 1
+
+    def close(self):
+        """Stop: open connections are shut down, the threads end."""
+        import socket
+        with self.lock:
+            self.closing = True
+            serving, threads = list(self.serving), list(self.threads)
+        for sock in serving:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for _ in threads:
+            self.todo.put(None)
+        deadline = time.monotonic() + 5.0      # a thread inside a write finishes it first
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+# ------------------------------------------------------------------------------------------
 # Running it: python -m beaver_server / beaver serve
 # ------------------------------------------------------------------------------------------
 
@@ -1284,6 +1570,11 @@ def _parser(prog=None) -> argparse.ArgumentParser:
     add("--max-streams", type=int, default=_env_number("BEAVER_MAX_STREAMS",
                                                        DEFAULT_MAX_STREAMS),
         help="open streams and long waits per process ($BEAVER_MAX_STREAMS)")
+    add("--connection-threads", type=int, default=_env_number(
+        "BEAVER_CONNECTION_THREADS", DEFAULT_CONNECTION_THREADS),
+        help="threads per process serving keep-alive connections of plain operations "
+             "directly (blocking I/O, no event-loop hop); waits and streams still hold none; "
+             "0 serves everything on the event loop ($BEAVER_CONNECTION_THREADS)")
     add("--header-timeout", type=float, default=HEADER_TIMEOUT,
         help="seconds a connection may take to send a request's headers")
     add("--log-level", default=env("BEAVER_LOG_LEVEL", "info"),
@@ -1297,12 +1588,15 @@ def _env_list(name) -> list:
 
 def _settings(argv, prog):
     args = _parser(prog).parse_args(argv)
+    if args.connection_threads < 0:
+        raise ValueError("--connection-threads is 0 or more")
     return {"database": args.database, "token": args.token, "host": args.host,
             "port": args.port, "workers": args.workers, "insecure": args.insecure,
             "cors_origins": args.cors_origin or _env_list("BEAVER_CORS_ORIGINS"),
             "allowed_hosts": args.allow_host or _env_list("BEAVER_ALLOW_HOSTS"),
             "max_body_bytes": args.max_body_size, "max_wait": args.max_wait,
             "max_streams": args.max_streams, "header_timeout": args.header_timeout,
+            "connection_threads": args.connection_threads,
             "log_level": args.log_level}
 
 
@@ -1385,7 +1679,94 @@ def _uvicorn_server(settings):
         h11_max_incomplete_event_size=MAX_TARGET + 64 * 1024,
         timeout_graceful_shutdown=5)        # streams never end by themselves
     config.load()
-    return uvicorn.Server(config)
+    count = settings.get("connection_threads", 0)
+
+    class Server(uvicorn.Server):
+        """uvicorn's server; with connection threads, beaver accepts the connections."""
+
+        acceptor = None
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets=[] if count and sockets else sockets)
+            if count and sockets and self.started:
+                self.acceptor = _Acceptor(self, sockets, count)
+
+        async def shutdown(self, sockets=None):
+            if self.acceptor is not None:
+                await self.acceptor.stop()
+            await super().shutdown(sockets)
+    return Server(config)
+
+
+class _Acceptor:
+    """Accepts the connections of ``sockets`` on the event loop: each goes to a connection
+    thread when one is free, else to uvicorn; a thread hands over what it does not serve."""
+
+    def __init__(self, server, sockets, count):
+        self.server, self.sockets = server, sockets
+        self.loop = asyncio.get_running_loop()
+        self.tasks: set = set()
+        self.stopped = False
+        app = server.config.loaded_app
+        while not hasattr(app, "beaver"):      # inside uvicorn's middleware
+            app = app.app
+        self.threads = _ConnectionThreads(app.beaver, count, _header_timeout,
+                                          server.config.timeout_keep_alive, self.handoff)
+        for sock in sockets:
+            sock.setblocking(False)
+            self.loop.add_reader(sock.fileno(), self.accept, sock)
+
+    def accept(self, listener):
+        import socket
+        for _ in range(64):
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:        # out of file descriptors...: pause, as asyncio does
+                logger.warning("beaver server: accept failed: %s", e)
+                self.loop.remove_reader(listener.fileno())
+                self.loop.call_later(1.0, self.resume, listener)
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not self.threads.offer(conn):
+                self.adopt(conn, b"")
+
+    def resume(self, listener):
+        if not self.stopped:
+            self.loop.add_reader(listener.fileno(), self.accept, listener)
+
+    def adopt(self, conn, pending):
+        """uvicorn serves ``conn`` from now on, ``pending`` (bytes read already) first."""
+        config, server = self.server.config, self.server
+
+        def protocol():
+            made = config.http_protocol_class(config=config, server_state=server.server_state,
+                                              app_state=server.lifespan.state, _loop=self.loop)
+            made._pending = pending
+            return made
+
+        async def connect():
+            try:
+                await self.loop.connect_accepted_socket(protocol, conn)
+            except Exception:           # the client left already, or the loop is stopping
+                conn.close()
+        task = self.loop.create_task(connect())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def handoff(self, conn, pending):
+        """From a connection thread: the event loop takes ``conn`` over."""
+        try:
+            self.loop.call_soon_threadsafe(self.adopt, conn, pending)
+        except RuntimeError:            # the loop is closed: the server is gone
+            conn.close()
+
+    async def stop(self):
+        self.stopped = True
+        for sock in self.sockets:
+            self.loop.remove_reader(sock.fileno())
+        await asyncio.to_thread(self.threads.close)
 
 
 def _log_start(settings, sock):
@@ -1451,9 +1832,14 @@ class _HeaderDeadline:
             self._header_deadline.cancel()
             self._header_deadline = None
 
+    _pending = b""      # bytes a connection thread read before handing the connection over
+
     def connection_made(self, transport):
         super().connection_made(transport)
         self._arm()
+        if self._pending:
+            pending, self._pending = self._pending, b""
+            self.data_received(pending)
 
     def on_response_complete(self):
         super().on_response_complete()

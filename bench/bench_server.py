@@ -61,6 +61,31 @@ def start_server(path, workers=1):
             time.sleep(0.1)
 
 
+def cpu_seconds(pids) -> float:
+    """CPU time (user + system) used so far by the processes ``pids`` and their children
+    (Linux /proc; 0.0 elsewhere)."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick + cpu_seconds(children)
+    return total
+
+
+def timed(op, n, threads, server_pids):
+    """``(ops/s, client CPU µs per op, server CPU µs per op)`` of ``rate(op, n, threads)``."""
+    client, server = time.process_time(), cpu_seconds(server_pids)
+    ops_s = rate(op, n, threads)
+    count = n * threads
+    return (ops_s, (time.process_time() - client) / count * 1e6,
+            (cpu_seconds(server_pids) - server) / count * 1e6)
+
+
 def rate(op, n, threads=1):
     """Operations per second of ``op(thread, i)`` run ``n`` times in each of ``threads``."""
     barrier = threading.Barrier(threads + 1)
@@ -133,12 +158,12 @@ def measure(args, redis_module):
     try:
         client = beaver.BeaverClient(url)
         mine, theirs = beaver_ops(client), redis_ops(r)
+        pids = {"beaver": [process.pid], "redis": [r.info("server")["process_id"]],
+                "beaver workers": [workers.pid]}
         for round_ in range(args.rounds):
             for name in mine:           # interleaved: the same moment's noise for both
                 for who, ops in (("beaver", mine), ("redis", theirs)):
-                    ops_s = rate(ops[name], args.n)
-                    key = (name, 1, who)
-                    results[key] = max(results.get(key, 0.0), ops_s)
+                    keep(results, (name, 1, who), timed(ops[name], args.n, 1, pids[who]))
             r.flushdb()
 
         def make_client():
@@ -150,9 +175,9 @@ def measure(args, redis_module):
         for round_ in range(args.rounds):
             for name in ("dict set", "dict get"):
                 for who in ("beaver", "redis"):
-                    ops_s = rate(pools[who](name), args.n // 2, threads=4)
-                    key = (name, 4, who)
-                    results[key] = max(results.get(key, 0.0), ops_s)
+                    server = pids["beaver workers" if who == "beaver" else who]
+                    keep(results, (name, 4, who), timed(pools[who](name), args.n // 2, 4,
+                                                        server))
         client.close()
     finally:
         for c in clients:
@@ -163,6 +188,12 @@ def measure(args, redis_module):
     return results
 
 
+def keep(results, key, measured):
+    """Keep the best round (by ops/s) with its CPU figures."""
+    if measured[0] > results.get(key, (0.0,))[0]:
+        results[key] = measured
+
+
 def report(results, args):
     lines = [
         "# Server benchmark: BeaverClient + beaver serve beside redis-py + redis-server",
@@ -171,17 +202,21 @@ def report(results, args):
         f"{platform.python_version()}, SQLite {beaver.sqlite3.sqlite_version}; "
         f"{args.n} ops per round, best of {args.rounds} interleaved rounds, ops/s.",
         "Beaver's writes carry an idempotency key stored with the write (exactly-once).",
+        "CPU per operation (µs, user + system, of the best round): the client process (all its",
+        "threads) and the server process(es), beaver / redis.",
         "",
-        "| operation | client threads | server | beaver ops/s | redis ops/s | beaver / redis |",
-        "|---|---|---|---|---|---|",
+        "| operation | client threads | server | beaver ops/s | redis ops/s | beaver / redis "
+        "| client CPU µs/op | server CPU µs/op |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for (name, threads, who), value in sorted(results.items()):
+    for (name, threads, who), (value, client, server) in sorted(results.items()):
         if who != "beaver":
             continue
-        theirs = results[(name, threads, "redis")]
-        server = "1 worker" if threads == 1 else "--workers 2"
-        lines.append(f"| {name} | {threads} | {server} | {value:,.0f} | {theirs:,.0f} | "
-                     f"{value / theirs:.2f}x |")
+        theirs, their_client, their_server = results[(name, threads, "redis")]
+        workers = "1 worker" if threads == 1 else "--workers 2"
+        lines.append(f"| {name} | {threads} | {workers} | {value:,.0f} | {theirs:,.0f} | "
+                     f"{value / theirs:.2f}x | {client:.0f} / {their_client:.0f} | "
+                     f"{server:.0f} / {their_server:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:

@@ -1,0 +1,801 @@
+"""beaver on PostgreSQL: the engine behind ``BeaverDB("postgresql://...")``.
+
+    >>> from beaver import BeaverDB
+    >>> db = BeaverDB("postgresql://postgres@127.0.0.1:5432/test")    # doctest: +SKIP
+    >>> db.dict("config")["theme"] = "dark"                           # doctest: +SKIP
+
+``beaver.py`` imports this module only when such a URL is opened; it needs psycopg 3 with its
+pool package (``pip install "beaver-db[postgres]"``). The managers of ``beaver.py`` run
+unchanged on top of ``PostgresCore``, which differs from the SQLite core only where the
+engines differ:
+
+- statements: the managers' SQLite text is rewritten once per distinct statement (and
+  cached): ``?`` placeholders, ``INSERT OR IGNORE/REPLACE``, ``RETURNING`` for new keys, and
+  a few statements PostgreSQL spells differently (``_OVERRIDES``). Unknown SQLite-only text
+  raises instead of running wrongly.
+- writers: SQLite lets one writer in at a time (``BEGIN IMMEDIATE``). Here every
+  ``transaction()`` takes one transaction-scoped advisory lock per database schema right after
+  ``BEGIN``, so read-modify-write code keeps its meaning (exactly-once queues, FIFO locks,
+  gap-free channel and log sequences). Single statements that are atomic by themselves (dict
+  set/delete, queue put, queue take with ``FOR UPDATE SKIP LOCKED``, blob put/delete) run
+  without it; any other write outside a transaction is wrapped in one.
+- wake-ups: triggers on the tables waiters care about ``NOTIFY`` the schema's channel (the
+  payload is the table name: bounded); one listening connection per ``BeaverDB`` wakes the
+  same ``_Watcher`` waiters as SQLite's data_version poller does.
+- filters: compiled to ``jsonb`` expressions (``PgFilter``), field indexes are expression
+  indexes over the structure's rows (``PgFieldIndexes``).
+- collections are not stored on PostgreSQL yet: ``db.collection()`` raises
+  ``FeatureUnavailable``.
+
+Connections: one per thread (autocommit, statements prepared after a few runs), like the
+SQLite core. A connection that breaks is dropped; the next call opens a new one. A read that
+fails because the connection broke outside a transaction is retried once on a new
+connection; a write is never retried (its outcome is unknown) and raises ``ConnectionLost``.
+"""
+from __future__ import annotations
+
+import contextlib
+import decimal
+import hashlib
+import re
+import threading
+import time
+
+import psycopg
+import psycopg.adapt
+import psycopg.errors
+import psycopg.sql
+
+import beaver
+from beaver import (BeaverError, ClosedError, DatabaseBusy, FeatureUnavailable, ReadOnlyDatabase,
+                    SchemaError, ValidationError, DiskFull)
+
+__all__ = ["PostgresCore", "ConnectionLost"]
+
+
+class ConnectionLost(BeaverError, ConnectionError):
+    """The connection to PostgreSQL broke (or could not be opened). ``written`` is True when
+    it broke during a write or a transaction: whether that committed is unknown."""
+
+    written = False
+
+
+# ==========================================================================================
+# Schema: the tables of beaver.py's _SCHEMA, in PostgreSQL's types (text sorts bytewise)
+# ==========================================================================================
+
+_T = 'TEXT COLLATE "C"'
+
+_SCHEMA = [
+    f"CREATE TABLE IF NOT EXISTS beaver_meta (key {_T} PRIMARY KEY, value TEXT NOT NULL)",
+    f"""CREATE TABLE IF NOT EXISTS beaver_dicts (name {_T} NOT NULL, key {_T} NOT NULL,
+        value TEXT NOT NULL, expires_at DOUBLE PRECISION, PRIMARY KEY (name, key))""",
+    """CREATE INDEX IF NOT EXISTS beaver_dicts_expiry ON beaver_dicts (expires_at)
+        WHERE expires_at IS NOT NULL""",
+    f"""CREATE TABLE IF NOT EXISTS beaver_lists (name {_T} NOT NULL, pos BIGINT NOT NULL,
+        value TEXT NOT NULL, PRIMARY KEY (name, pos))""",
+    f"""CREATE TABLE IF NOT EXISTS beaver_queues (seq BIGSERIAL PRIMARY KEY, name {_T} NOT NULL,
+        priority NUMERIC NOT NULL, timestamp DOUBLE PRECISION NOT NULL, data TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS beaver_queues_order ON beaver_queues (name, priority, seq)",
+    f"""CREATE TABLE IF NOT EXISTS beaver_blobs (name {_T} NOT NULL, key {_T} NOT NULL,
+        data BYTEA NOT NULL, metadata TEXT, PRIMARY KEY (name, key))""",
+    f"""CREATE TABLE IF NOT EXISTS beaver_queue_leases (lease BIGSERIAL PRIMARY KEY,
+        name {_T} NOT NULL, priority NUMERIC NOT NULL, timestamp DOUBLE PRECISION NOT NULL,
+        data TEXT NOT NULL, until DOUBLE PRECISION NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS beaver_queue_leases_due ON beaver_queue_leases (name, until)",
+    f"""CREATE TABLE IF NOT EXISTS beaver_logs (seq BIGSERIAL PRIMARY KEY, name {_T} NOT NULL,
+        timestamp DOUBLE PRECISION NOT NULL, data TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS beaver_logs_time ON beaver_logs (name, timestamp)",
+    f"""CREATE TABLE IF NOT EXISTS beaver_channels (seq BIGSERIAL PRIMARY KEY,
+        name {_T} NOT NULL, timestamp DOUBLE PRECISION NOT NULL, data TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS beaver_channels_name ON beaver_channels (name, seq)",
+    f"""CREATE TABLE IF NOT EXISTS beaver_events (seq BIGSERIAL PRIMARY KEY, kind {_T} NOT NULL,
+        name {_T} NOT NULL, origin {_T} NOT NULL, timestamp DOUBLE PRECISION NOT NULL,
+        payload TEXT NOT NULL)""",
+    f"""CREATE TABLE IF NOT EXISTS beaver_listeners (owner {_T} NOT NULL, kind {_T} NOT NULL,
+        name {_T} NOT NULL, expires_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (owner, kind, name))""",
+    f"""CREATE TABLE IF NOT EXISTS beaver_locks (ticket BIGSERIAL PRIMARY KEY,
+        name {_T} NOT NULL, owner {_T} NOT NULL, expires_at DOUBLE PRECISION NOT NULL,
+        held INTEGER NOT NULL DEFAULT 0, ttl DOUBLE PRECISION NOT NULL DEFAULT 60)""",
+    f"""CREATE TABLE IF NOT EXISTS beaver_indexes (kind {_T} NOT NULL, name {_T} NOT NULL,
+        path {_T} NOT NULL, PRIMARY KEY (kind, name, path))""",
+    f"""CREATE TABLE IF NOT EXISTS beaver_requests (key {_T} PRIMARY KEY,
+        created DOUBLE PRECISION NOT NULL, status INTEGER NOT NULL, body BYTEA)""",
+    "CREATE INDEX IF NOT EXISTS beaver_requests_age ON beaver_requests (created)",
+    """CREATE OR REPLACE FUNCTION beaver_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_notify(TG_ARGV[0], TG_TABLE_NAME); RETURN NULL; END $$""",
+]
+
+# The changes that wake waiters: a new item (blocking get), a lease given back (nack), a
+# message or an event, a lock released or handed over. Takes, acks and the like notify nobody.
+_NOTIFIED = {"beaver_queues": "INSERT", "beaver_queue_leases": "UPDATE",
+             "beaver_channels": "INSERT", "beaver_events": "INSERT",
+             "beaver_locks": "UPDATE OR DELETE"}
+
+# Statements that are atomic on their own under concurrency: run without the writers' lock.
+_LOCK_FREE = {
+    beaver.DictManager._SET, beaver.DictManager._DEL, beaver.QueueManager._PUT,
+    beaver.QueueManager._TAKE,
+    "INSERT INTO beaver_blobs (name, key, data, metadata) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (name, key) DO UPDATE SET data = excluded.data, metadata = excluded.metadata",
+    "DELETE FROM beaver_blobs WHERE name = ? AND key = ?",
+    "DELETE FROM beaver_dicts WHERE (name, key) IN (SELECT name, key FROM beaver_dicts "
+    "WHERE expires_at <= ? LIMIT ?)",
+}
+
+# SQLite statements of beaver.py that PostgreSQL spells otherwise (still with ? placeholders)
+_OVERRIDES = {
+    # a queue item is taken by one transaction only: rows locked by another are skipped
+    beaver.QueueManager._TAKE:
+        "DELETE FROM beaver_queues WHERE seq = (SELECT seq FROM beaver_queues WHERE name = ?1 "
+        "ORDER BY priority, seq LIMIT 1 FOR UPDATE SKIP LOCKED) AND NOT EXISTS (SELECT 1 FROM "
+        "beaver_queue_leases WHERE name = ?1 AND until <= ?2) RETURNING priority, timestamp, data",
+    "SELECT seq, priority, timestamp, data FROM beaver_queues WHERE name = ? "
+    "ORDER BY priority, seq LIMIT 1":
+        "SELECT seq, priority, timestamp, data FROM beaver_queues WHERE name = ? "
+        "ORDER BY priority, seq LIMIT 1 FOR UPDATE SKIP LOCKED",
+    "PRAGMA table_info(beaver_locks)":
+        "SELECT 0, column_name FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND table_name = 'beaver_locks'",
+    "SELECT json_type('[]')": "SELECT 1",
+}
+
+# Reads of rows that lock-free statements may write: inside a transaction they lock the rows
+# they find (FOR UPDATE), so a read-modify-write (pop, popitem, setdefault of a present key)
+# and a concurrent set or delete of the same key happen one after the other, as on SQLite.
+_LOCK_ROWS_IN_TRANSACTION = {
+    beaver.DictManager._GET, beaver.DictManager._HAS,
+    "SELECT data, metadata FROM beaver_blobs WHERE name = ? AND key = ?",
+    "SELECT key, value FROM beaver_dicts WHERE name = ? AND key >= ? AND "
+    f"{beaver._LIVE} ORDER BY key LIMIT ?",
+}
+_CACHED_STATEMENTS = 4096       # distinct statements kept translated (filters make new ones)
+
+_PLACEHOLDER = re.compile(r"\?(\d*)")
+_UNARY_PLUS = re.compile(r"(?<=[\s(])\+(?=(?:\w+\.)?(?:name|collection) =)")
+_SQLITE_ONLY = re.compile(r"\bOR\s+(?:REPLACE|IGNORE)\b|\bsqlite_|\bPRAGMA\b|\bjson_\w+\(|"
+                          r"\bWITHOUT ROWID\b|\bGLOB\b|\bAUTOINCREMENT\b", re.I)
+_CONFLICT_KEYS = {"beaver_listeners": "owner, kind, name", "beaver_meta": "key",
+                  "beaver_indexes": "kind, name, path", "beaver_dicts": "name, key",
+                  "beaver_requests": "key"}
+_NEW_KEYS = {"beaver_locks": "ticket", "beaver_queue_leases": "lease"}
+_LOG_BUCKETS = re.compile(r"min\(CAST\(\(timestamp - \?\) / \? AS INTEGER\), \?\)")
+
+
+_LITERAL = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
+
+
+def _outside_literals(text, change) -> str:
+    """``text`` with ``change`` applied to what lies outside its string literals and quoted
+    identifiers (names and paths are written into some statements as literals)."""
+    out, at = [], 0
+    for match in _LITERAL.finditer(text):
+        out += [change(text[at:match.start()]), match.group()]
+        at = match.end()
+    out.append(change(text[at:]))
+    return "".join(out)
+
+
+class _Statement:
+    """One SQLite statement of beaver.py as PostgreSQL runs it."""
+
+    __slots__ = ("sql", "picks", "writes", "locked", "new_key", "in_transaction")
+
+    def __init__(self, text):
+        original = text
+        text, self.new_key = self._insert_forms(_OVERRIDES.get(text, text))
+        text = _outside_literals(text, self._rewrite)
+        self.picks, self.sql = self._placeholders(text)
+        verb = text.lstrip().split(None, 1)[0].upper()
+        self.writes = verb in ("INSERT", "UPDATE", "DELETE")
+        self.locked = self.writes and original not in _LOCK_FREE
+        self.in_transaction = self     # the form to run inside a transaction
+        if original in _LOCK_ROWS_IN_TRANSACTION:
+            self.in_transaction = _Statement.__new__(_Statement)
+            for slot in self.__slots__:
+                setattr(self.in_transaction, slot, getattr(self, slot))
+            self.in_transaction.sql = self.sql + " FOR UPDATE"
+
+    @staticmethod
+    def _rewrite(code):
+        """The PostgreSQL spelling of a piece of SQL that holds no string literal."""
+        if _SQLITE_ONLY.search(code):
+            raise FeatureUnavailable(f"this statement has no PostgreSQL form yet: {code[:200]}")
+        code = _LOG_BUCKETS.sub("least(floor((timestamp - ?) / ?)::bigint, ?)", code)
+        code = _UNARY_PLUS.sub("", code)
+        code = re.sub(r"\) GROUP BY 1$", ") AS sub GROUP BY 1", code)     # PostgreSQL 15 names
+        code = re.sub(r"LIMIT \?\) ORDER BY", "LIMIT ?) AS sub ORDER BY", code)  # subqueries
+        code = re.sub(r"\bLIMIT \?", "LIMIT nullif(?, -1)", code)
+        return re.sub(r"\bIS NOT ([0-9]+)\b", r"IS DISTINCT FROM \1", code)
+
+    @staticmethod
+    def _insert_forms(text):
+        match = re.match(r"\s*INSERT OR (IGNORE|REPLACE) INTO (\w+)\s*(\(([^)]*)\))?", text, re.I)
+        new_key = None
+        if match:
+            verb, table, columns = match.group(1).upper(), match.group(2), match.group(4)
+            text = f"INSERT INTO {table} " + (f"({columns})" if columns else "") + \
+                text[match.end():]
+            if verb == "IGNORE":
+                text += " ON CONFLICT DO NOTHING"
+            else:
+                keys = _CONFLICT_KEYS[table]
+                rest = [c.strip() for c in columns.split(",") if c.strip() not in keys.split(", ")]
+                text += f" ON CONFLICT ({keys}) DO " + ("UPDATE SET " + ", ".join(
+                    f"{c} = excluded.{c}" for c in rest) if rest else "NOTHING")
+        match = re.match(r"\s*INSERT INTO (\w+)", text)
+        if match and match.group(1) in _NEW_KEYS and "RETURNING" not in text:
+            new_key = _NEW_KEYS[match.group(1)]
+            text += f" RETURNING {new_key}"
+        return text, new_key
+
+    @staticmethod
+    def _placeholders(text):
+        """``%s`` placeholders (and ``%%`` for ``%``, in literals too, as psycopg reads them);
+        ``picks`` maps them to SQLite's numbered ``?N`` (None if there are none)."""
+        picks, numbered = [], False
+
+        def place(code):
+            nonlocal numbered
+            def one(match):
+                nonlocal numbered
+                numbered = numbered or bool(match.group(1))
+                picks.append(int(match.group(1)) - 1 if match.group(1) else len(picks))
+                return "%s"
+            return _PLACEHOLDER.sub(one, code)
+        text = _outside_literals(text.replace("%", "%%"), place)
+        return (picks if numbered else None), text
+
+
+# ==========================================================================================
+# Results and errors
+# ==========================================================================================
+
+class _Result:
+    """What ``execute`` returns: the rows (if any), ``rowcount`` and ``lastrowid``."""
+
+    __slots__ = ("_rows", "rowcount", "lastrowid", "description")
+
+    def __init__(self, cursor, statement):
+        self.description = cursor.description
+        self.rowcount = cursor.rowcount
+        self._rows = iter(cursor.fetchall() if cursor.description is not None else ())
+        self.lastrowid = None
+        if statement.new_key is not None:
+            first = next(self._rows, None)
+            self.lastrowid = None if first is None else first[0]
+
+    def fetchone(self):
+        return next(self._rows, None)
+
+    def fetchall(self) -> list:
+        return list(self._rows)
+
+    def __iter__(self):
+        return self._rows
+
+
+class _NumberLoader(psycopg.adapt.Loader):
+    """NUMERIC as SQLite gives it back: an int when whole, else a float."""
+
+    def load(self, data):
+        value = decimal.Decimal(bytes(data).decode())
+        return int(value) if value == value.to_integral_value() else float(value)
+
+
+_RESULT, _ONE, _MANY = "result", "one", "many"     # what a statement's caller wants back
+
+_BROKEN = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+def _pg_error(error, url, timeout) -> Exception:
+    """The beaver exception for ``error``, raised by psycopg."""
+    if isinstance(error, UnicodeEncodeError):
+        return ValidationError(f"cannot store {error.object[:60]!r}: it holds a lone surrogate "
+                               "(not valid Unicode)")
+    if "NUL (0x00)" in str(error):
+        return ValidationError(f"PostgreSQL text cannot hold a NUL character: {error}")
+    if isinstance(error, (psycopg.errors.NumericValueOutOfRange, OverflowError,
+                          psycopg.DataError)):
+        return ValueError(f"PostgreSQL refused a value: {error}")
+    if isinstance(error, (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled,
+                          psycopg.errors.DeadlockDetected)):
+        new = DatabaseBusy(f"PostgreSQL stayed busy for over {timeout:g}s: {error}")
+    elif isinstance(error, psycopg.errors.DiskFull):
+        new = DiskFull(f"PostgreSQL has no room left: {error}")
+    elif isinstance(error, (psycopg.errors.ReadOnlySqlTransaction,
+                            psycopg.errors.InsufficientPrivilege)):
+        new = ReadOnlyDatabase(f"PostgreSQL refused the write: {error}")
+    elif isinstance(error, _BROKEN):
+        new = ConnectionLost(f"the connection to PostgreSQL broke: {error}")
+    else:
+        new = BeaverError(f"PostgreSQL error: {error}")
+    new.orig = error
+    return new
+
+
+_DB_ERRORS = (psycopg.Error, UnicodeError, OverflowError, ValueError)
+
+
+def _is_broken(error, conn) -> bool:
+    """True if ``error`` left ``conn`` unusable (the server went away, the network broke)."""
+    return isinstance(error, _BROKEN) and (conn.closed or getattr(conn, "broken", False)
+                                           or conn.pgconn.status != psycopg.pq.ConnStatus.OK)
+
+
+def _safe_url(url) -> str:
+    """``url`` without its password, for messages and ``db.path``."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def _libpq_url(url) -> str:
+    return "postgresql://" + url.split("://", 1)[1]
+
+
+# ==========================================================================================
+# Filters and field indexes in jsonb
+# ==========================================================================================
+
+_RANK = ("CASE jsonb_typeof({x}) WHEN 'null' THEN 0 WHEN 'boolean' THEN CASE WHEN {x} = "
+         "'true'::jsonb THEN 2 ELSE 1 END WHEN 'number' THEN 3 WHEN 'string' THEN 4 "
+         "WHEN 'array' THEN 5 WHEN 'object' THEN 6 END")
+_LITERALS = {beaver._NULL: "'null'", beaver._FALSE: "'false'", beaver._TRUE: "'true'"}
+
+
+def _jsonb(column, path) -> str:
+    """The jsonb value at ``path`` of the JSON text ``column`` (NULL where it is missing)."""
+    keys = ", ".join(beaver._sql_text(str(part), "the field path") for part in path.parts)
+    return f"(({column})::jsonb #> ARRAY[{keys}]::text[])"
+
+
+def _pg_terms(column, path) -> tuple:
+    """(type rank, value) of a path, as filters compare them."""
+    x = _jsonb(column, path)
+    return _RANK.format(x=x), x
+
+
+def _pg_order_terms(column, path) -> tuple:
+    """The sort keys of a path: JSON type rank (-1: missing, first as in SQLite), then numbers
+    by value, then text bytewise. Field indexes hold the same three expressions, and filters
+    compare them, so a filter or an order on an indexed path can use the index."""
+    rank, x = _pg_terms(column, path)
+    return (f"coalesce({rank}, -1)", f"CASE WHEN jsonb_typeof({x}) = 'number' THEN ({x})::numeric END",
+            f"({x} #>> '{{}}') COLLATE \"C\"")
+
+
+def _exact_number(value):
+    """A number operand as NUMERIC compares it: whole floats exactly, others by their repr."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else decimal.Decimal(repr(value))
+    return value
+
+
+class PgFilter(beaver._Filter):
+    """A beaver filter compiled to a PostgreSQL condition over JSON text (cast to jsonb).
+
+    Same grammar, checks and meaning as SQLite's ``_Filter``; no condition is ever NULL
+    (``rank = k AND ...`` is FALSE whenever the rank differs, whatever the rest is)."""
+
+    TRUE, FALSE = "TRUE", "FALSE"
+    _terms = staticmethod(_pg_terms)
+
+    def _sort_terms(self, path):
+        return _pg_order_terms(self.column, path)
+
+    def _operator(self, path, op, operand, at, depth, top):
+        self._path = path           # the compare methods below need the path, not its terms
+        return super()._operator(path, op, operand, at, depth, top)
+
+    def _is(self, kind, operand, op="=") -> str:
+        rank, number, text = self._sort_terms(self._path)
+        if kind < beaver._NUMBER:
+            return f"{rank} = {kind}"
+        if kind == beaver._NUMBER:
+            self.params.append(_exact_number(operand))
+            return f"{rank} = {kind} AND {number} {op} ?::numeric"
+        self.params.append(operand)
+        return f"{rank} = {kind} AND {text} {op} ?"
+
+    def _equal(self, rank, value, typed) -> str:
+        return self._is(*typed)
+
+    def _compare(self, rank, value, op, typed, at) -> str:
+        kind, operand = typed
+        if kind not in (beaver._NUMBER, beaver._STRING):
+            raise ValidationError(f"{at}: {op} compares numbers or strings, not {operand!r}")
+        return self._is(kind, operand, beaver._ORDERING[op])
+
+    def _any(self, rank, value, operands, at) -> tuple:
+        if not isinstance(operands, (list, tuple)):
+            raise ValidationError(f"{at}: expected a list of values, not "
+                                  f"{type(operands).__name__}")
+        typed = [beaver._scalar(v, f"{at}[{i}]") for i, v in enumerate(operands)]
+        kinds = sorted({kind for kind, _ in typed})
+        rank, number, text = self._sort_terms(self._path)
+        terms = []
+        for kind in kinds:
+            values = [v for k, v in typed if k == kind]
+            if kind < beaver._NUMBER:
+                terms.append(f"{rank} = {kind}")
+            elif kind == beaver._NUMBER:
+                self.params.append([decimal.Decimal(_exact_number(v)) for v in values])
+                terms.append(f"{rank} = {kind} AND {number} = ANY(?::numeric[])")
+            else:
+                self.params.append(values)
+                terms.append(f"{rank} = {kind} AND {text} = ANY(?::text[])")
+        return " OR ".join(f"({term})" for term in terms) or self.FALSE, kinds
+
+    def _contains(self, path, rank, typed) -> str:
+        kind, operand = typed
+        x = _jsonb(self.column, path)
+        if kind < beaver._NUMBER:
+            item = f"{_LITERALS[kind]}::jsonb"
+        else:
+            self.params.append(beaver._json_dumps(operand))
+            item = "?::jsonb"
+        return f"coalesce(jsonb_typeof({x}) = 'array' AND {x} @> jsonb_build_array({item}), FALSE)"
+
+
+class PgFieldIndexes(beaver._FieldIndexes):
+    """Field indexes as PostgreSQL expression indexes over one structure's rows."""
+
+    def _only_this(self, column=None) -> str:
+        return f"{column or self._scope} = {beaver._sql_text(self._name, 'a structure name')}"
+
+    def create(self, path):
+        path = beaver._field_path(path)
+        only_this = self._only_this()
+        terms = ", ".join(f"({term})" for term in _pg_order_terms(self._column, path))
+        with self._core.transaction():
+            self._core.execute(
+                f"CREATE INDEX IF NOT EXISTS {self._index_name(path.text)} ON {self._table} "
+                f"({terms}, {self._order}) WHERE {only_this}")
+            self._core.execute("INSERT INTO beaver_indexes (kind, name, path) VALUES (?, ?, ?) "
+                               "ON CONFLICT DO NOTHING", (self._kind, self._name, path.text))
+
+    def explain(self, sql, params) -> dict:
+        """The plan with sequential scans disfavoured: PostgreSQL scans a small table rather
+        than use an index; this shows the index a query would use as the table grows."""
+        with self._core.transaction():
+            self._core.execute("SET LOCAL enable_seqscan = off")
+            plan = [row[0] for row in self._core.execute("EXPLAIN " + sql, params)]
+        names = {self._index_name(path): path for path in self.paths()}
+        used = [names[word] for line in plan for word in re.findall(r"\w+", line)
+                if word in names]
+        return {"index": used[0] if used else None, "plan": plan}
+
+
+# ==========================================================================================
+# Wake-ups: LISTEN on the schema's channel
+# ==========================================================================================
+
+class _PgWatcher(beaver._Watcher):
+    """``_Watcher`` woken by NOTIFY instead of ``PRAGMA data_version``.
+
+    One listening connection per ``BeaverDB``, open while anybody waits (and a little
+    after). If it breaks (a server restart), it reconnects and wakes every waiter, whose
+    probes then read the rows they wait for. A waiter whose probe finds the server gone
+    (nothing written) keeps waiting and tries again every RETRY_EVERY seconds.
+    """
+
+    RETRY_EVERY = 0.1
+
+    def _patient(self, probe, cap) -> tuple:
+        """``probe`` and ``cap`` that take a server gone (nothing written) as "not yet", and
+        then bound the next sleep by RETRY_EVERY."""
+        lost = []
+
+        def patient():
+            try:
+                result = probe()
+            except ConnectionLost as e:
+                if e.written:
+                    raise
+                lost.append(e)
+                return None
+            lost.clear()
+            return result
+
+        def bound():
+            try:
+                limit = cap() if callable(cap) else cap
+            except ConnectionLost as e:     # the bound is a read: nothing was written
+                lost.append(e)
+                limit = None
+            if lost:
+                limit = self.RETRY_EVERY if limit is None else min(limit, self.RETRY_EVERY)
+            return limit
+        return patient, bound
+
+    def wait_for(self, probe, timeout=None, cap=None):
+        patient, bound = self._patient(probe, cap)
+        return super().wait_for(patient, timeout, bound)
+
+    async def wait_for_async(self, probe, timeout=None, cap=None, run=None, stop=None):
+        patient, bound = self._patient(probe, cap)
+        return await super().wait_for_async(patient, timeout, bound, run, stop)
+
+    def _poll(self):
+        idle_since, conn = None, None
+        try:
+            while not self._stopping:
+                if conn is None:
+                    conn = self._listen()
+                    if conn is None:
+                        time.sleep(0.1)
+                        continue
+                    self.wake()         # a commit before LISTEN: the probes look again
+                try:
+                    got = any(True for _ in conn.notifies(timeout=beaver.WATCH_IDLE_CHECK,
+                                                          stop_after=1))
+                except psycopg.Error:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                    conn = None
+                    continue
+                if got:
+                    self.wake()
+                if self.users:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > beaver.WATCH_LINGER:
+                    with self._cond:
+                        if not self.users:
+                            self._thread = None
+                            return
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+    def _listen(self):
+        core = self._core
+        try:
+            conn = psycopg.connect(core.url, autocommit=True, connect_timeout=5)
+            conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(core.channel)))
+            return conn
+        except psycopg.Error as e:
+            if not self._stopping:
+                beaver.logger.warning("beaver could not listen on %s: %s", core.path, e)
+            return None
+
+
+# ==========================================================================================
+# The core
+# ==========================================================================================
+
+_orphans: list = []     # connections a forked child inherited: never closed (nor collected) there
+
+
+class PostgresCore(beaver._Core):
+    """``beaver._Core`` on PostgreSQL: per-thread connections, the same transactions,
+    after-commit hooks, TTL purge and schema stamp; see the module docstring."""
+
+    engine = "postgresql"
+    collections = False
+    SNAPSHOT_BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
+    def __init__(self, url, timeout=beaver.DEFAULT_TIMEOUT, durability="normal"):
+        if durability not in ("normal", "full"):
+            raise ValueError("durability must be 'normal' or 'full'")
+        self.timeout = beaver._seconds(timeout, "timeout", high=beaver._MAX_BUSY_TIMEOUT)
+        if self.timeout is None:
+            raise TypeError("timeout must be seconds (a number or a timedelta), not None")
+        self.url, self.path, self.memory = _libpq_url(url), _safe_url(url), False
+        self.closed = False
+        self._local = threading.local()
+        self._conns: list = []
+        self._conns_lock = threading.Lock()
+        self._busy: dict = {}
+        self.held_locks: set = set()
+        self.expiring = 0
+        self.purger = None
+        self._halt = threading.Event()
+        self._pid = beaver.os.getpid()
+        self._statements: dict = {}
+        self.channel = self.lock_key = None
+        self.watcher = self._new_watcher()
+        beaver._live_cores.add(self)
+        try:
+            self._identify()
+            self._ensure_schema()
+            if self.one("SELECT 1 FROM beaver_dicts WHERE expires_at IS NOT NULL LIMIT 1"):
+                self.start_purger()
+        except BaseException:
+            self.close()
+            raise
+
+    def _new_watcher(self):
+        return _PgWatcher(self)
+
+    def compile_filter(self, where, column) -> PgFilter:
+        return PgFilter(where, column)
+
+    def order_terms(self, order_by, column) -> tuple:
+        return beaver._order_terms(order_by, column, _pg_order_terms)
+
+    def field_indexes(self, *args) -> PgFieldIndexes:
+        return PgFieldIndexes(self, *args)
+
+    def check_json(self):
+        pass
+
+    def size(self) -> int:
+        """Bytes beaver's tables take in this schema (with their indexes and TOAST)."""
+        return self.one(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema() "
+            "AND c.relkind = 'r' AND c.relname LIKE 'beaver%'")[0]
+
+    # -- connections ------------------------------------------------------------------
+
+    def _open(self):
+        if self.closed:
+            raise ClosedError("the database is closed")
+        try:
+            conn = psycopg.connect(self.url, autocommit=True,
+                                   connect_timeout=max(2, int(min(self.timeout, 60))))
+            conn.execute("SET lock_timeout = %d" % max(1, int(self.timeout * 1000)))
+        except psycopg.Error as e:
+            raise ConnectionLost(f"cannot connect to {self.path}: {e}") from None
+        conn.adapters.register_loader("numeric", _NumberLoader)
+        with self._conns_lock:
+            if self.closed:
+                conn.close()
+                raise ClosedError("the database is closed")
+            self._forget_dead_threads()
+            self._conns.append((threading.current_thread(), conn))
+        local = self._local
+        local.conn, local.depth, local.pending, local.undo = conn, 0, [], []
+        local.cursor = conn.cursor()        # one per thread: results are read before the next
+        return conn
+
+    def _forget(self, conn):
+        """Drop a broken connection: this thread opens a new one at its next call."""
+        with self._conns_lock:
+            self._conns = [(t, c) for t, c in self._conns if c is not conn]
+        if getattr(self._local, "conn", None) is conn:
+            del self._local.conn, self._local.cursor
+        with contextlib.suppress(Exception):
+            conn.close()
+
+    def _identify(self):
+        """The schema this URL works in: its advisory lock key and NOTIFY channel."""
+        database, schema = self.one("SELECT current_database(), current_schema()")
+        if schema is None:
+            raise SchemaError(f"{self.path}: no schema to work in (the search_path names "
+                              "none that exists)")
+        digest = hashlib.blake2b(f"{database}\x00{schema}".encode(), digest_size=8).digest()
+        self.lock_key = int.from_bytes(digest, "big", signed=True)
+        self.channel = f"beaver_{digest.hex()}"
+
+    def _after_fork(self):
+        _orphans.extend(conn for _, conn in self._conns)
+        super()._after_fork()
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self._halt.set()
+        self.watcher.stop()
+        # unlike SQLite's, the threads keep their locals: a thread inside a transaction ends it
+        # cleanly, its statements failing with ClosedError on the closed connection
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for _, conn in conns:
+            with contextlib.suppress(Exception):
+                conn.close()
+        beaver._live_cores.discard(self)
+
+    def _close_deferred(self):
+        pass
+
+    # -- statements --------------------------------------------------------------------
+
+    def _statement(self, sql) -> _Statement:
+        statement = self._statements.get(sql)
+        if statement is None:
+            if len(self._statements) >= _CACHED_STATEMENTS:
+                self._statements.clear()
+            statement = self._statements[sql] = _Statement(sql)
+        return statement
+
+    def execute(self, sql, params=()):
+        return self._call(sql, params, _RESULT)
+
+    def one(self, sql, params=()):
+        return self._call(sql, params, _ONE)
+
+    def all(self, sql, params=()) -> list:
+        return self._call(sql, params, _RESULT).fetchall()
+
+    def executemany(self, sql, rows):
+        return self._call(sql, rows, _MANY)
+
+    def _call(self, sql, params, how):
+        """Run the PostgreSQL form of ``sql``; a write that needs the writers' lock outside a
+        transaction gets a transaction of its own."""
+        statement = self._statements.get(sql) or self._statement(sql)
+        if statement.picks is not None:
+            picks = statement.picks
+            params = ([[row[i] for i in picks] for row in params] if how is _MANY
+                      else [params[i] for i in picks])
+        if getattr(self._local, "depth", 0):
+            return self._send(statement.in_transaction, params, how)
+        if statement.locked:
+            with self.transaction():
+                return self._send(statement, params, how)
+        return self._send(statement, params, how)
+
+    def _send(self, statement, params, how):
+        for attempt in (0, 1):
+            local = self._local
+            try:
+                cursor = local.cursor
+            except AttributeError:
+                self.conn()
+                cursor = local.cursor
+            try:
+                if how is _MANY:
+                    cursor.executemany(statement.sql, params)
+                    return cursor.rowcount
+                cursor.execute(statement.sql, params)
+                if how is _ONE:
+                    return None if cursor.description is None else cursor.fetchone()
+                return _Result(cursor, statement)
+            except _DB_ERRORS as e:
+                conn = cursor.connection
+                broken = _is_broken(e, conn)
+                if broken:
+                    self._forget(conn)
+                if broken and attempt == 0 and not statement.writes and not self.in_transaction:
+                    continue            # a read on a connection that broke: once more
+                error = self._error(e)
+                if broken:
+                    error.written = statement.writes or self.in_transaction
+                raise error from e
+
+    def _error(self, e) -> Exception:
+        if self.closed:
+            return ClosedError("the database is closed")
+        return _pg_error(e, self.path, self.timeout)
+
+    def _run(self, conn, sql):
+        """Transaction control: ``BEGIN IMMEDIATE`` is BEGIN plus the writers' lock."""
+        if sql == "BEGIN IMMEDIATE":
+            sql = f"BEGIN; SELECT pg_advisory_xact_lock({self.lock_key})"
+        try:
+            conn.execute(sql)
+        except _DB_ERRORS as e:
+            broken = _is_broken(e, conn)
+            if broken:
+                self._forget(conn)
+            error = self._error(e)
+            error.written = broken and sql != "BEGIN IMMEDIATE"
+            raise error from e
+
+    def _rollback(self, conn):
+        try:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.execute("ROLLBACK")
+        except psycopg.Error:
+            self._forget(conn)
+
+    # -- schema ------------------------------------------------------------------------
+
+    def _ensure_schema(self):
+        with self.transaction() as conn:
+            names = {row[0] for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
+            if self._stamp(names) is None and any(n.startswith("beaver_") for n in names):
+                raise SchemaError(f"{self.path} has beaver tables but no schema stamp: a "
+                                  "layout (an older beaver?) this version does not know")
+            triggers = [f"CREATE OR REPLACE TRIGGER {table}_notify AFTER {events} ON {table} "
+                        f"FOR EACH STATEMENT EXECUTE FUNCTION beaver_notify('{self.channel}')"
+                        for table, events in _NOTIFIED.items()]
+            conn.execute(";\n".join(_SCHEMA + triggers))       # one round trip
+            conn.execute("INSERT INTO beaver_meta VALUES ('schema_version', %s) "
+                         "ON CONFLICT DO NOTHING", (str(beaver.SCHEMA_VERSION),))
