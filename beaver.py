@@ -4768,10 +4768,12 @@ class _DocumentRows:
     _SELECT = _COLUMNS + "WHERE d.collection = ? "
     ALLOWED_KEEP = 8            # filters whose allowed ids are kept (a byte per rowid each)
     ALLOWED_PATCH = 1000        # changes past which a kept answer is read again, not patched
+    SEEN_KEEP = 64              # filters remembered as seen once (read in full when seen again)
 
     def __init__(self, core, name, codec):
         self._core, self._name, self._codec = core, name, codec
         self._allowed = collections.OrderedDict()   # (SQL, params) -> (version, _Allowed)
+        self._seen = collections.OrderedDict()      # (SQL, params) of filters seen, unread
         self._allowed_lock = threading.Lock()
 
     def write(self, doc_id, body) -> tuple:
@@ -4853,8 +4855,9 @@ class _DocumentRows:
         """Every row in id order, page by page (``paged`` is the manager's ``_paged``)."""
         return paged(self._SELECT + "AND d.doc_id > ? ORDER BY d.doc_id LIMIT ?", "")
 
-    def allowed(self, condition, params) -> "_Allowed":
-        """The rowids of the documents matching ``condition`` (SQL on ``beaver_documents d``).
+    def allowed(self, condition, params, lazy=False):
+        """The rowids of the documents matching ``condition`` (SQL on ``beaver_documents d``):
+        an ``_Allowed``; with ``lazy``, a ``_Pending`` the first time a filter is seen.
 
         Kept for the collection's version (it counts every change to its documents), so a
         filter repeated while the documents are unchanged costs one read of the version.
@@ -4868,6 +4871,11 @@ class _DocumentRows:
             kept = self._allowed.get(key)
             if kept is not None:
                 self._allowed.move_to_end(key)
+            elif lazy and key not in self._seen:
+                self._seen[key] = True
+                while len(self._seen) > self.SEEN_KEEP:
+                    self._seen.popitem(last=False)
+                return _Pending(self, condition, params)
         version = self._version()
         if kept is not None and kept[0] == version:
             return kept[1]
@@ -4903,6 +4911,17 @@ class _DocumentRows:
         return log[-1][0], allowed.patched([r for r, ok in rows if ok],
                                            [r for r, ok in rows if not ok])
 
+    def passing(self, condition, params, rowids) -> set:
+        """Which of ``rowids`` (a few) are documents matching ``condition``: looked up by
+        rowid (NOT INDEXED: a field index would scan every matching document instead)."""
+        found = set()
+        for chunk in _chunks(rowids):
+            ids = self._core.execute(
+                f"SELECT group_concat(d.id) FROM beaver_documents d NOT INDEXED WHERE d.id IN "
+                f"({_marks(len(chunk))}) AND {condition}", (*chunk, *params)).fetchone()[0]
+            found.update(map(int, ids.split(",")) if ids else ())
+        return found
+
     def _version(self) -> int:
         return self._core.execute("SELECT version FROM beaver_collections WHERE collection = ?",
                                   (self._name,)).fetchone()[0]
@@ -4925,7 +4944,15 @@ class _Allowed:
     hands the same object to every search with the same filter while its documents are
     unchanged, so a vector index may keep what it derives from one (by identity). The rowid
     of a dropped document may stay in it: no vector has that rowid.
+
+    A patched one knows where it came from: ``parent()`` (a weak reference, None for one
+    read whole) and ``changed`` (the rowids that may differ from it), so what an index
+    derived from the parent can be brought forward by looking at those rowids only.
     """
+
+    parent = None
+    changed = ()
+    listed = None       # the rowids as an array, when a few are allowed and it was read whole
 
     def __init__(self, ids):
         """``ids``: the rowids joined by commas (SQLite's ``group_concat``), or None."""
@@ -4937,6 +4964,8 @@ class _Allowed:
         self._mask = np.zeros(int(rowids.max()) + 2 if len(rowids) else 1, bool)
         self._mask[rowids] = True       # the last entry stays False: -1 and beyond land there
         self._count = len(rowids)
+        if 64 * len(rowids) < len(self._mask):      # a few: listed too, for quick lookups
+            self.listed = rowids
 
     def __len__(self):
         return len(self.rowids) if self.np is None else self._count
@@ -4947,21 +4976,64 @@ class _Allowed:
         return self._mask[rowids.clip(-1, len(self._mask) - 1)]
 
     def patched(self, allow, deny) -> "_Allowed":
-        """Another ``_Allowed``: this one with the rowids ``allow`` in and ``deny`` out."""
+        """This one with the rowids ``allow`` in and ``deny`` out: itself when that changes
+        nothing (so what was derived from it stays valid), else another.
+
+            >>> before = _Allowed("1,2,3")
+            >>> before.patched([2], [7]) is before
+            True
+            >>> after = before.patched([5], [1])
+            >>> len(after), after.parent() is before, sorted(map(int, after.changed))
+            (3, True, [1, 5])
+        """
         new = _Allowed.__new__(_Allowed)
         np = new.np = self.np
         if np is None:
             new.rowids = (self.rowids - set(deny)) | set(allow)
+            if new.rowids == self.rowids:
+                return self
+            new.parent, new.changed = weakref.ref(self), (*allow, *deny)
             return new
         allow, deny = np.array(allow, np.int64), np.array(deny, np.int64)
-        new._count = (self._count + len(allow) - int(self.test(allow).sum())
-                      - int(self.test(deny).sum()))
+        allowed_before, denied_before = self.test(allow), self.test(deny)
+        if allowed_before.all() and not denied_before.any():
+            return self
+        new._count = (self._count + len(allow) - int(allowed_before.sum())
+                      - int(denied_before.sum()))
         new._mask = np.zeros(max(len(self._mask), int(allow.max()) + 2 if len(allow) else 0),
                              bool)
         new._mask[:len(self._mask)] = self._mask
         new._mask[allow] = True
         new._mask[deny[deny < len(new._mask) - 1]] = False
+        new.parent, new.changed = weakref.ref(self), np.concatenate([allow, deny])
         return new
+
+
+class _Pending:
+    """A filter seen for the first time, not read yet: vector search may check only its
+    nearest candidates (``passing``: bools, one per rowid) when the filter lets many
+    documents through, or read it all (``resolve``: the ``_Allowed``, kept from then on).
+
+        >>> docs = db.collection("docs")
+        >>> docs.index_many(Document(id=f"d{i}", body={"n": i}) for i in range(4))
+        4
+        >>> pending = docs._allowed(docs._check({"n": {"$gte": 2}}), lazy=True)
+        >>> [bool(ok) for ok in pending.passing([docs._rows._rowid(f"d{i}") for i in range(4)])]
+        [False, False, True, True]
+        >>> len(pending.resolve())
+        2
+    """
+
+    def __init__(self, rows, condition, params):
+        self._rows, self._condition, self._params = rows, condition, params
+
+    def passing(self, rowids) -> list:
+        rowids = [int(r) for r in rowids]
+        found = self._rows.passing(self._condition, self._params, [r for r in rowids if r >= 0])
+        return [r in found for r in rowids]
+
+    def resolve(self) -> _Allowed:
+        return self._rows.allowed(self._condition, self._params)
 
 
 class _Vocabulary:
@@ -5449,7 +5521,8 @@ class _Vectors:
     def search(self, query, top_k, allowed=None) -> list:
         """``[(doc_id, distance)]`` of the ``top_k`` closest, closest first.
 
-        ``allowed`` (None for all) is the ``_Allowed`` of a filter: the rowids it lets through.
+        ``allowed`` (None for all) is the ``_Allowed`` of a filter: the rowids it lets through
+        (or a ``_Pending``, which the faiss index may check on its nearest candidates only).
         """
         if self.backend and self._dim:      # the dimension never changes once committed
             dim = self._dim
@@ -5467,6 +5540,8 @@ class _Vectors:
         backend = self._backend_for(dim)
         if backend is not None:
             return backend.search(query, top_k, allowed)
+        if isinstance(allowed, _Pending):
+            allowed = allowed.resolve()
         return self._exact(version, dim).search(query, top_k, allowed)
 
     def _exact(self, version, dim) -> "_VectorCache":
@@ -5845,12 +5920,13 @@ class CollectionManager(_Manager, _Indexed):
         return (f"EXISTS (SELECT 1 FROM beaver_documents d WHERE d.id = {_TextIndex.DOCUMENT} "
                 f"AND ({check.sql}))", check.params)
 
-    def _allowed(self, check) -> "_Allowed":
-        """The rowids of the documents matching a filter (``check``; None for all)."""
+    def _allowed(self, check, lazy=False):
+        """The rowids of the documents matching a filter (``check``; None for all): an
+        ``_Allowed``, or with ``lazy`` a ``_Pending`` the first time (see ``allowed``)."""
         if check is None:
             return None
         scope, params = self._fields.scope(check.indexable, alias="d")
-        return self._rows.allowed(f"{scope} AND ({check.sql})", [*params, *check.params])
+        return self._rows.allowed(f"{scope} AND ({check.sql})", [*params, *check.params], lazy)
 
     def clear(self):
         """Remove every document, vector, text index entry and edge of this collection."""
@@ -6013,7 +6089,7 @@ class CollectionManager(_Manager, _Indexed):
         """
         top_k = _count(top_k, "top_k")
         query, check = _as_vector(vector), self._check(where)
-        hits = self._vecs.search(query, top_k, self._allowed(check))
+        hits = self._vecs.search(query, top_k, self._allowed(check, lazy=True))
         docs = self._rows.by("doc_id", [doc_id for doc_id, _ in hits], check)
         return [(docs[doc_id], float(d)) for doc_id, d in hits if doc_id in docs]
 

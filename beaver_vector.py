@@ -75,6 +75,15 @@ FILTER_EF_SCALE = 0.5
 EXACT_COST = 24
 CHUNK_ROWS = 2048       # rows gathered at once by the exact search (kept within the CPU cache)
 MEMO_FILTERS = 8        # filters whose allowed labels a base keeps
+PATCH_LABELS = 256      # changed rowids past which a filter's labels are tested all again
+# A filter seen for the first time, on a base this large, is checked on SAMPLE_LABELS random
+# labels; if many pass, only the nearest candidates of an unfiltered search are checked:
+# POST_FILTER_MARGIN times as many as should hold top_k allowed ones, at most POST_FILTER_MAX.
+POST_FILTER_MIN = 4096
+SAMPLE_LABELS = 64
+POST_FILTER_MARGIN = 2.0
+POST_FILTER_MAX = 400
+FLAT_POST_FILTER = 0.25     # on a flat base, the share that must pass (a scan costs the same)
 
 _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_ann_log (
@@ -179,7 +188,10 @@ class _Base:
         self.n_dead = n - len(self.pos)
         self.xb = _stored_vectors(index, kind, n, dim)
         self._selector = None
-        self._among: dict = {}      # id(allowed) -> (allowed, n_dead then, _Among)
+        self.killed: list = []      # labels killed since loaded, in order
+        self._sample = None
+        self._sorted = None         # (rowids sorted, their labels), for _allowed_labels
+        self._among: dict = {}      # id(allowed) -> (allowed, len(killed) then, _Among)
 
     @classmethod
     def empty(cls, dim, metric, built_seq=0):
@@ -195,6 +207,7 @@ class _Base:
             return False
         self.dead[i] = True
         self.n_dead += 1
+        self.killed.append(i)
         self._selector = None
         return True
 
@@ -209,35 +222,101 @@ class _Base:
             self._selector = _bitmap_selector(~self.dead)
         return self._selector[0]
 
+    def sample(self):
+        """The rowids of up to ``SAMPLE_LABELS`` labels drawn at random (the same ones while
+        the base lives): what the share of documents a filter lets through is guessed from."""
+        if self._sample is None:
+            n = len(self.ids)
+            picked = np.random.default_rng(n).choice(n, min(n, SAMPLE_LABELS), replace=False)
+            self._sample = self.rowids[np.sort(picked)]
+        return self._sample
+
     def among(self, allowed) -> "_Among":
         """The live labels whose documents ``allowed`` (a ``beaver._Allowed``) lets through.
 
         Kept for the last ``MEMO_FILTERS`` filters: the collection hands the same object to
-        every search with one filter while its documents are unchanged."""
+        every search with one filter while its documents are unchanged. After a write it
+        hands a patched one, whose answer is brought forward from its parent's (the labels
+        of its changed rowids only), and labels killed since are taken out; only a filter
+        seen for the first time is tested against every label."""
         kept = self._among.get(id(allowed))
-        if kept is None or kept[0] is not allowed or kept[1] != self.n_dead:
-            found = _Among(allowed.test(self.rowids) & ~self.dead)
-            kept = self._among[id(allowed)] = (allowed, self.n_dead, found)
-            while len(self._among) > MEMO_FILTERS:
-                del self._among[next(iter(self._among))]
+        if kept is None or kept[0] is not allowed:
+            kept = self._from_parent(allowed)
+        if kept is None:
+            kept = (allowed, len(self.killed), _Among(self._allowed_labels(allowed) & ~self.dead))
+        elif kept[1] != len(self.killed):
+            gone = np.array(self.killed[kept[1]:], np.int64)
+            kept = (allowed, len(self.killed), kept[2].set(gone, np.zeros(len(gone), bool)))
+        self._among.pop(id(allowed), None)
+        self._among[id(allowed)] = kept
+        while len(self._among) > MEMO_FILTERS:
+            del self._among[next(iter(self._among))]
         return kept[2]
+
+    def _allowed_labels(self, allowed):
+        """A bool per label: whether ``allowed`` lets its rowid through. When it lists a few
+        rowids, they are looked up among the base's sorted rowids (made once); else every
+        label's rowid is tested."""
+        if allowed.listed is None:
+            return allowed.test(self.rowids)
+        if self._sorted is None:
+            order = np.argsort(self.rowids, kind="stable")
+            self._sorted = self.rowids[order], order
+        rowids, order = self._sorted
+        start = np.searchsorted(rowids, allowed.listed, "left")
+        count = np.searchsorted(rowids, allowed.listed, "right") - start
+        # a rowid may have several labels (a dead one, and the live one a fold appended)
+        total = int(count.sum())
+        ends = np.cumsum(count)
+        at = np.repeat(start - (ends - count), count) + np.arange(total)
+        mask = np.zeros(len(self.rowids), bool)
+        mask[order[at]] = True
+        return mask
+
+    def _from_parent(self, allowed):
+        """(allowed, kills then, _Among) from the kept answer of ``allowed``'s parent, or None."""
+        parent = allowed.parent() if allowed.parent is not None else None
+        kept = None if parent is None else self._among.get(id(parent))
+        if kept is None or kept[0] is not parent or len(allowed.changed) > PATCH_LABELS:
+            return None
+        labels = np.flatnonzero(np.isin(self.rowids, np.asarray(allowed.changed, np.int64)))
+        among = kept[2]
+        if len(labels):
+            among = among.set(labels, allowed.test(self.rowids[labels]) & ~self.dead[labels])
+        return allowed, kept[1], among
 
 
 class _Among:
-    """The labels of a base that a filter lets through, and their faiss selector (made once)."""
+    """The labels of a base that a filter lets through (a bool per label), their count, and
+    their sorted list and faiss selector (each made once, when first needed)."""
 
     def __init__(self, mask):
-        self.labels = np.flatnonzero(mask)
         self._mask = mask
-        self._selector = None
+        self._count = int(np.count_nonzero(mask))
+        self._labels = self._selector = None
 
     def __len__(self):
-        return len(self.labels)
+        return self._count
+
+    @property
+    def labels(self):
+        if self._labels is None:
+            self._labels = np.flatnonzero(self._mask)
+        return self._labels
 
     def selector(self):
         if self._selector is None:
             self._selector = _bitmap_selector(self._mask)
         return self._selector[0]
+
+    def set(self, labels, allowed) -> "_Among":
+        """Itself when ``labels`` already are as ``allowed`` says (bools), else a copy
+        changed there."""
+        if np.array_equal(self._mask[labels], allowed):
+            return self
+        mask = self._mask.copy()
+        mask[labels] = allowed
+        return _Among(mask)
 
 
 def _bitmap_selector(mask):
@@ -338,6 +417,7 @@ class VectorIndex:
         self._base = self._delta = None     # loaded on first use outside a transaction:
         self._last_seq = 0                  # the collection may open us inside its own
         self._params = None                 # (ef, SearchParametersHNSW) of plain searches
+        self._tables = None                 # see _has_tables
         if not core.in_transaction:
             self._ready()
 
@@ -367,13 +447,36 @@ class VectorIndex:
 
     def _ensure_tables(self):
         """Create the tables and this collection's row, unless there (no write, no lock)."""
-        if self._tables_ready():
+        if self._known_tables():
             return
-        with self._core.transaction():
-            for statement in _SCHEMA:
-                self._core.execute(statement)
-            self._core.execute("INSERT OR IGNORE INTO beaver_ann_base (collection) VALUES (?)",
-                               (self.collection,))
+        if not self._tables_ready():
+            with self._core.transaction():
+                for statement in _SCHEMA:
+                    self._core.execute(statement)
+                self._core.execute("INSERT OR IGNORE INTO beaver_ann_base (collection) "
+                                   "VALUES (?)", (self.collection,))
+        self._remember_tables()
+
+    def _known_tables(self) -> bool:
+        """Whether the tables are known to be there for this thread: committed (``_tables``
+        is True) or made by (or seen in) its transaction (its token)."""
+        known = self._tables
+        return known is True or (known is not None and known is self._core.transaction_token())
+
+    def _has_tables(self) -> bool:
+        """Whether this thread sees the tables (known to, else looked up in the schema)."""
+        return self._known_tables() or self._tables_ready()
+
+    def _remember_tables(self):
+        """Known from now on; inside a transaction, for it until it commits (a rollback,
+        of a savepoint too, may take the tables back with it)."""
+        token = self._core.transaction_token()
+        if token is None:
+            self._tables = True
+            return
+        self._tables = token
+        self._core.on_rollback(lambda: setattr(self, "_tables", None))
+        self._core.after_commit(lambda: setattr(self, "_tables", True))
 
     def _tables_ready(self) -> bool:
         tables = self._core.execute(
@@ -544,16 +647,12 @@ class VectorIndex:
             (seq, seq - 1, self.collection))
 
     def _log(self, rows):
+        self._ensure_tables()       # made (or rolled back) with the caller's transaction
         sql = "INSERT INTO beaver_ann_log (collection, doc_id, op) VALUES (?, ?, ?)"
-        write = self._core.execute if len(rows) == 1 else self._core.executemany
-        args = rows[0] if len(rows) == 1 else rows
-        try:
-            write(sql, args)
-        except self._errors.BeaverError as e:
-            if "no such table" not in str(e):
-                raise
-            self._ensure_tables()   # created (or rolled back) with the caller's transaction
-            write(sql, args)
+        if len(rows) == 1:
+            self._core.execute(sql, rows[0])
+        else:
+            self._core.executemany(sql, rows)
 
     def _check_vector(self, vector):
         if len(vector) != 4 * self.dim:
@@ -651,7 +750,14 @@ class VectorIndex:
         this thread's own uncommitted writes inside a transaction.
         """
         q = self._prepare(query)
-        if top_k <= 0 or (allowed is not None and not len(allowed)):
+        if top_k <= 0:
+            return []
+        if hasattr(allowed, "resolve"):     # a filter seen for the first time, not read yet
+            hits = None if self._core.in_transaction else self._post_filtered(q, top_k, allowed)
+            if hits is not None:
+                return hits
+            allowed = allowed.resolve()
+        if allowed is not None and not len(allowed):
             return []
         if self._core.in_transaction:
             return self._search_in_transaction(q, top_k, allowed)
@@ -661,6 +767,54 @@ class VectorIndex:
             self._maybe_fold()
             dist, ids = self._search_state(q, top_k, allowed, ())
         return _top(dist, ids, top_k)
+
+    def _post_filtered(self, q, top_k, pending):
+        """The ``top_k`` nearest documents that a filter not read yet (``pending``) lets
+        through, from the nearest candidates of an unfiltered search, checked by rowid; or
+        None when the filter is better read whole: a small base, few of a random sample of
+        labels passing (the candidates needed would be many; on a flat base, whose search
+        scans every row, fewer than ``FLAT_POST_FILTER``: the allowed rows alone cost less
+        to scan), or too few candidates passing.
+
+        Exact on a flat base whenever it answers (an allowed vector nearer than the last one
+        returned is nearer than that candidate too, so it was a candidate); on HNSW, as good
+        as an unfiltered search as broad as the candidates."""
+        self._ready()
+        with self._lock:
+            self._catch_up()
+            self._maybe_fold()
+            if len(self._base) < POST_FILTER_MIN:
+                return None
+            sample = self._base.sample()
+        share = sum(pending.passing(sample)) / len(sample)
+        k = int(POST_FILTER_MARGIN * top_k / share) + 1 if share else POST_FILTER_MAX + 1
+        if k > POST_FILTER_MAX or (self._base.kind == "flat" and share < FLAT_POST_FILTER):
+            return None
+        with self._lock:
+            dist, ids, rowids, reach = self._candidates(q, k)
+        order = np.argsort(dist, kind="stable")
+        order = order[dist[order] <= reach]     # not the delta's rows beyond the base's cut
+        first = min(len(order), int(1.25 * top_k / share) + 1)
+        kept = []       # nearest first: the first top_k that pass are the answer
+        for part in (order[:first], order[first:]):
+            ok = pending.passing(rowids[part])
+            kept += [i for i, keep in zip(part.tolist(), ok) if keep]
+            if len(kept) >= top_k:
+                return [(ids[i], float(dist[i])) for i in kept[:top_k]]
+        return None
+
+    def _candidates(self, q, k):
+        """(distances, ids, rowids, reach) of the base's ``k`` nearest live vectors and of every
+        live vector of the delta (lock held). Those within ``reach`` are the nearest of all:
+        it is the farthest of the base's, unless they are all of the base's."""
+        base, delta = self._base, self._delta
+        dist, labels = self._nearest_labels(base, q, min(k, len(base)), base.selector(),
+                                            max(self.ef_search, k))
+        reach = np.inf if len(dist) >= len(base) else dist.max() if len(dist) else -np.inf
+        idx, dids = delta.rows()
+        return (np.concatenate([dist, self._distances(delta.vecs[idx], q)]),
+                [base.ids[i] for i in labels] + dids,
+                np.concatenate([base.rowids[labels], delta.rowids[idx]]), reach)
 
     def _prepare(self, query):
         if isinstance(query, list):
@@ -679,12 +833,8 @@ class VectorIndex:
     def _search_in_transaction(self, q, top_k, allowed):
         """Search state + this transaction's uncommitted log rows, without changing the state."""
         with self._lock:
-            try:
-                rows, floor = self._read_log() if self._base is not None else ((), 1)
-            except self._errors.BeaverError as e:
-                if "no such table" not in str(e):
-                    raise
-                rows, floor = (), 1
+            loaded = self._base is not None and self._has_tables()
+            rows, floor = self._read_log() if loaded else ((), 1)
             if floor > self._last_seq:
                 return self._brute_force(q, top_k, allowed)
             cleared, final = self._net_changes(rows)
@@ -762,8 +912,14 @@ class VectorIndex:
 
     def _search_base(self, base, q, k, selector, ef):
         """faiss search of the base: (distances, ids) without the -1 padding."""
+        dist, labels = self._nearest_labels(base, q, k, selector, ef)
+        ids = base.ids
+        return dist, [ids[i] for i in labels]
+
+    def _nearest_labels(self, base, q, k, selector, ef):
+        """faiss search of the base: (distances, labels) without the -1 padding."""
         if k <= 0 or base.index.ntotal == 0:
-            return np.empty(0, np.float32), []
+            return np.empty(0, np.float32), np.empty(0, np.int64)
         if selector is None:
             params = self._plain_params(base.kind, max(ef, k))
         else:
@@ -777,8 +933,7 @@ class VectorIndex:
         if labels[-1] < 0:
             found = labels >= 0
             raw, labels = raw[found], labels[found]
-        ids = base.ids
-        return self._to_distance(raw), [ids[i] for i in labels]
+        return self._to_distance(raw), labels
 
     def _plain_params(self, kind, ef):
         """Search parameters without a selector, kept between searches (lock held)."""

@@ -5965,6 +5965,174 @@ def test_collection_kept_filter_is_patched_after_a_write(db):
     assert _ids(docs.search([0.0, 0.0], where=where)) == ["x"]
 
 
+BASE_FILTERS = [{"n": {"$lt": 2}}, {"n": {"$in": [1, 3]}}, {"$not": {"n": 4}}, {"n": 9}]
+
+
+@QUERY_SETTINGS
+@given(steps=st.lists(st.tuples(st.sampled_from(["index", "no vector", "drop", "rolled back"]),
+                                st.integers(0, 29), st.integers(0, 4)), max_size=15),
+       where=st.sampled_from(BASE_FILTERS), top_k=st.sampled_from([3, 30]))
+def test_collection_filtered_search_on_a_built_base_follows_writes_like_the_oracle(steps, where,
+                                                                                 top_k):
+    """A filter kept over a stored (faiss) base, brought forward after each write (a new
+    body and vector, a body without a vector, a drop, a rolled back write): the answer is
+    the brute-force one, in order."""
+    with vector_backend("faiss"), BeaverDB(":memory:") as db:
+        docs = db.collection("c", background=False)
+        state = {f"d{i}": ({"n": i % 5}, float(i)) for i in range(30)}
+        docs.index_many(Document(id=k, body=b, embedding=[x, 1.0]) for k, (b, x) in state.items())
+        docs.compact()
+        q = [12.3141, 1.0]
+
+        def agrees():
+            want = sorted((abs(x - q[0]), k) for k, (b, x) in state.items()
+                          if x is not None and oracle_match(where, b))
+            assert _ids(docs.search(q, top_k=top_k, where=where)) == [k for _, k in want][:top_k]
+        agrees()
+        for op, i, n in steps:
+            key, body, x = f"d{i}", {"n": n}, i + n / 10
+            if op == "drop":
+                if state.pop(key, None) is not None:
+                    docs.drop(key)
+            elif op == "rolled back":
+                with pytest.raises(RuntimeError), db.transaction():
+                    docs.index(Document(id=key, body=body, embedding=[x, 1.0]))
+                    raise RuntimeError("roll back")
+            else:
+                x = x if op == "index" else None
+                docs.index(Document(id=key, body=body, embedding=None if x is None else [x, 1.0]))
+                state[key] = (body, x)
+            agrees()
+
+
+def test_collection_kept_filter_is_brought_forward_on_the_base(db, faiss_ok, monkeypatch):
+    """After the first search of a filter, writes never make the index test every label of
+    its base again: a write that changes nothing for the filter keeps the same allowed set
+    (and labels); one that does is applied to the labels of the changed rowids only."""
+    docs = db.collection("v", background=False)
+    docs.index_many(Document(id=f"d{i}", body={"n": i % 10}, embedding=[float(i), 1.0])
+                    for i in range(200))
+    docs.compact()
+    where, q = {"n": {"$lt": 5}}, [20.2, 1.0]
+    assert _ids(docs.search(q, top_k=3, where=where)) == ["d20", "d21", "d22"]
+    kept, base = docs._allowed(docs._check(where)), docs._backend._base
+    among = base.among(kept)
+    sizes, test = [], beaver._Allowed.test
+    monkeypatch.setattr(beaver._Allowed, "test",
+                        lambda self, rowids: sizes.append(len(rowids)) or test(self, rowids))
+    docs.index(Document(id="note", body={"n": 1}))                  # in, no vector
+    patched = docs._allowed(docs._check(where))
+    assert patched is not kept and patched.parent() is kept
+    assert _ids(docs.search(q, top_k=3, where=where)) == ["d20", "d21", "d22"]
+    assert base.among(patched) is among                             # no label changed
+    docs.index(Document(id="note", body={"n": 2}))                  # still in: nothing changes
+    assert docs._allowed(docs._check(where)) is patched
+    docs.drop("d21")                                                # a label dies
+    docs.index(Document(id="d20", body={"n": 9}, embedding=[20.0, 1.0]))     # leaves
+    docs.index(Document(id="d29", body={"n": 0}, embedding=[20.3, 1.0]))     # moves, joins
+    assert _ids(docs.search(q, top_k=3, where=where)) == ["d29", "d22", "d23"]
+    assert len(docs._backend._base.rowids) == 200 and 200 not in sizes
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_collection_first_search_of_a_broad_filter_checks_candidates_only(db, faiss_ok,
+                                                                         monkeypatch, kind):
+    """The first search with a filter letting many documents through checks the nearest
+    candidates of an unfiltered search, by rowid, without reading the filter whole; it is
+    read (and kept) at its second search, or at once when few pass a sample, or too few
+    candidates do. Every answer is the brute-force one (exact on both: few vectors)."""
+    import beaver_vector
+    monkeypatch.setattr(beaver_vector, "POST_FILTER_MIN", 0)
+    docs = db.collection("v", index=kind, background=False)
+    docs.index_many(Document(id=f"d{i:03d}", body={"n": i % 10, "i": i},
+                             embedding=[float(i), 1.0]) for i in range(300))
+    docs.compact()
+    docs.index(Document(id="new", body={"n": 0}, embedding=[140.45, 1.0]))   # the delta
+    docs.drop("d141")                                                         # a dead label
+    bodies = {d.id: (d.body, d.embedding[0]) for d in docs.find() if d.embedding}
+    post = []
+    checked = beaver_vector.VectorIndex._post_filtered
+    monkeypatch.setattr(beaver_vector.VectorIndex, "_post_filtered",
+                        lambda *a: post.append(checked(*a)) or post[-1])
+    statements = []
+    db._core.conn().set_trace_callback(statements.append)
+    for where, first_by_candidates in (
+            ({"n": {"$lt": 6}}, True), ({"n": {"$ne": 3}}, True),
+            ({"i": 42}, False), ({"n": {"$gt": 99}}, False),    # few pass the sample
+            ({"i": {"$lt": 100}}, False)):                      # none of the candidates
+        want = sorted((abs(x - 140.2), k) for k, (b, x) in bodies.items()
+                      if oracle_match(where, b))[:5]
+        reads = 0
+        for search in range(3):
+            post.clear(), statements.clear()
+            got = docs.search([140.2, 1.0], top_k=5, where=where)
+            assert _ids(got) == [k for _, k in want], (where, search)
+            by_candidates = bool(post) and post[0] is not None
+            assert by_candidates == (first_by_candidates and search == 0)
+            read = any("group_concat(d.id) FROM beaver_documents d WHERE" in s
+                       for s in statements)
+            assert not (read and by_candidates)
+            reads += read
+        assert reads == 1                           # then kept
+    db._core.conn().set_trace_callback(None)
+    with db.transaction():                          # inside one: read whole, own writes seen
+        docs.index(Document(id="mine", body={"n": 1}, embedding=[140.2, 1.0]))
+        assert _ids(docs.search([140.2, 1.0], top_k=1, where={"n": {"$lt": 7}})) == ["mine"]
+    assert post == []
+
+
+def test_collection_first_search_by_candidates_never_skips_nearer_base_rows(db, faiss_ok,
+                                                                          monkeypatch):
+    """The delta's vectors are all candidates, however far: one that passes the filter may
+    not stand in for nearer allowed rows of the base that were beyond its candidates."""
+    import beaver_vector
+    monkeypatch.setattr(beaver_vector, "POST_FILTER_MIN", 0)
+    docs = db.collection("v", index="flat", background=False)
+    docs.index_many(Document(id=f"d{i:03d}", body={"n": 9 if 100 <= i < 200 else 0},
+                             embedding=[float(i), 1.0]) for i in range(300))
+    docs.compact()
+    docs.index_many(Document(id=f"far{j}", body={"n": 0}, embedding=[1000.0 + j, 1.0])
+                    for j in range(5))
+    got = _ids(docs.search([150.3, 1.0], top_k=5, where={"n": 0}))
+    assert got == ["d200", "d201", "d099", "d202", "d098"]
+
+
+@QUERY_SETTINGS
+@given(blocks=st.lists(st.integers(0, 4), min_size=5, max_size=10),
+       delta=st.lists(st.tuples(st.floats(-10, 90), st.integers(0, 4)), min_size=1,
+                      max_size=8),
+       drops=st.sets(st.integers(0, 39), max_size=10), q=st.floats(-5, 85),
+       top_k=st.sampled_from([1, 2, 3, 10]), where=st.sampled_from(BASE_FILTERS))
+def test_collection_first_search_by_candidates_matches_the_oracle(blocks, delta, drops, q,
+                                                                  top_k, where):
+    """First searches of filters over a flat base with a delta and dead labels, answered
+    from candidates wherever the sample allows: exactly the brute-force answer. Neighbours
+    share their field (blocks of 8), as they often do: the nearest candidates may all fail."""
+    import beaver_vector
+    saved, beaver_vector.POST_FILTER_MIN = beaver_vector.POST_FILTER_MIN, 0
+    try:
+        with vector_backend("faiss"), BeaverDB(":memory:") as db:
+            docs = db.collection("c", index="flat", background=False)
+            state = {f"b{i}": ({"n": blocks[i // 8]}, float(i)) for i in range(8 * len(blocks))}
+            docs.index_many(Document(id=k, body=b, embedding=[x, 1.0])
+                            for k, (b, x) in state.items())
+            docs.compact()
+            for j, (x, n) in enumerate(delta):
+                state[f"e{j}"] = ({"n": n}, x + 0.001 * j + 0.0005)
+                docs.index(Document(id=f"e{j}", body={"n": n},
+                                    embedding=[state[f"e{j}"][1], 1.0]))
+            for i in drops:
+                docs.drop(f"b{i}")
+                state.pop(f"b{i}")
+            query = q + 0.000123
+            want = sorted((abs(x - query), k) for k, (b, x) in state.items()
+                          if oracle_match(where, b))[:top_k]
+            got = docs.search([query, 1.0], top_k=top_k, where=where)
+            assert _ids(got) == [k for _, k in want]
+    finally:
+        beaver_vector.POST_FILTER_MIN = saved
+
+
 def _flip_documents(path, name):
     with BeaverDB(path) as db:
         docs = db.collection(name)
@@ -6201,6 +6369,43 @@ def test_vector_index_opened_inside_a_rolled_back_transaction(db, faiss_ok):
     assert coll.search([1, 2], 5) == [("b", pytest.approx(8 ** 0.5))]
 
 
+def test_vector_index_tables_made_again_after_a_savepoint_rolls_them_back(db, faiss_ok):
+    """The index knows its tables are there (committed, or made by this transaction) without
+    catching errors: a savepoint that made them and rolled back makes it look again."""
+    coll = _VecCollection(db, "v")
+    with db.transaction():
+        with pytest.raises(RuntimeError), db.transaction():
+            coll.put("a", [1, 2])                 # opens the index, makes its tables
+            raise RuntimeError("roll back the savepoint")
+        assert coll.search([1, 2], 5) == []       # inside the transaction: none yet
+        coll.put("b", [3, 4])                     # made again
+        assert [d for d, _ in coll.search([1, 2], 5)] == ["b"]
+    assert [d for d, _ in coll.search([1, 2], 5)] == ["b"]
+    statements = []
+    db._core.conn().set_trace_callback(statements.append)
+    try:
+        coll.put("c", [5, 6])
+        with db.transaction():
+            coll.put("d", [7, 8])
+            assert [d for d, _ in coll.search([7, 8], 1)] == ["d"]
+    finally:
+        db._core.conn().set_trace_callback(None)
+    assert not any("sqlite_master" in s for s in statements)      # known, not looked up
+
+
+def test_vector_search_in_a_transaction_after_the_tables_rolled_back(db, faiss_ok):
+    coll = _VecCollection(db, "v")
+    with pytest.raises(RuntimeError), db.transaction():
+        coll.put("a", [1, 2])
+        coll.index.info()                         # loads the index inside the transaction
+        raise RuntimeError("roll back")
+    with db.transaction():
+        assert coll.search([1, 2], 5) == []       # its tables are gone: nothing to read
+        coll.put("b", [3, 4])
+        assert [d for d, _ in coll.search([1, 2], 5)] == ["b"]
+    assert [d for d, _ in coll.search([1, 2], 5)] == ["b"]
+
+
 def test_vector_checks_dimension_metric_and_options(db, faiss_ok, monkeypatch):
     import beaver_vector
     coll = _VecCollection(db, "v")
@@ -6269,6 +6474,29 @@ def test_vector_filters_by_exact_search_and_by_hnsw_agree_with_brute_force(db, f
     assert coll.index.info()["kind"] == "hnsw" and coll.index.info()["delta"] == 30
     among = coll.index._base._among
     assert len(among) == len(filters) and all(kept[1] == 1 for kept in among.values())
+
+
+def test_vector_few_allowed_are_looked_up_among_labels_sharing_a_rowid(db, faiss_ok):
+    """A filter letting a few documents through is mapped to labels by looking its rowids up
+    (not by testing every label); a document written again after the base was built has a
+    dead label and a live one with the same rowid once folded: the live one is found."""
+    np = _np()
+    rng = np.random.default_rng(8)
+    coll = _VecCollection(db, "v", "l2", index="hnsw", fold_min=10, background=False)
+    vectors = {f"d{i}": rng.standard_normal(4) for i in range(300)}
+    coll.put_many(vectors.items())
+    coll.coll.compact()
+    vectors["d5"] = vectors["d7"] + 0.01
+    coll.put("d5", vectors["d5"])
+    coll.coll.compact()                             # folded: d5's old label stays, dead
+    base = coll.index._base
+    rowid = base.rowids[base.pos["d5"]]
+    assert (base.rowids == rowid).sum() == 2
+    allowed = {"d5", "d7", "d250"}
+    _same_answer(coll.search(vectors["d7"], 3, allowed),
+                 _brute(coll.stored(), vectors["d7"], "l2", 3, allowed))
+    kept = coll.coll._allowed(coll.coll._check({"g": sorted(allowed)}))
+    assert kept.listed is not None and len(base.among(kept)) == 3
 
 
 def test_vector_filtered_search_after_reopen_maps_stored_labels(tmp_path, faiss_ok):

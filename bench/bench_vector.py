@@ -16,8 +16,9 @@ title queries, unit norm; see its README). Everything runs on one thread
 - inserts per second, one transaction per vector and batched; the delay before a second
   process's search sees a new vector; memory and file bytes per vector;
 - filtered search: ``collection.search(where=...)`` on a body field ``n = row % 100`` with a
-  field index, at 1, 10 and 50 % allowed, first search of a filter and repeated, beside the
-  same search without a filter; recall@10 within the filter (exact top-10 among its rows).
+  field index, at 1, 10 and 50 % allowed, repeated, after writes and first search of a new
+  filter, beside the same search without a filter; recall@10 within the filter (exact
+  top-10 among its rows).
 
 Search latencies are the calling thread's CPU time by default (``--clock wall`` for elapsed
 time): faiss runs on that thread (one OpenMP thread) and the machine may be shared. Inserts,
@@ -30,6 +31,7 @@ Results go to stdout and to bench/results/vector.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -359,12 +361,16 @@ def bench_ann(report, db, X, Q, ids, row_of, kth, cache, tag):
     return docs, load, memory_per_vector(raw, len(X)), summary
 
 
-def bench_filters(report, docs_flat, docs_hnsw, X, Q, row_of):
+def bench_filters(report, docs_flat, docs_hnsw, X, Q, ids, row_of):
     """``collection.search(where=...)`` on the field n (a field index on it), each variant
     in a loop of its own beside the same search without a filter, called in turn on every
     query: "repeated" (nothing changed since the last search with that filter: its allowed
-    ids are kept), "after a write" (a document changed since: the kept ids are patched from
-    the change log) and "first search" of a filter (its ids read from SQLite)."""
+    ids are kept), "after a write" (a document without a vector, in the filter, written
+    again since: the kept ids are patched from the change log), "after a write moving a
+    document in or out" (a document of the base written again with its vector, its n
+    switching between 99 and 0: out of every filter, then in) and "first search of a new
+    filter" (each query's filter is new: the same one plus ``$ne`` a value no document
+    has, so nothing of it is kept)."""
     rows, summary = [], []
     for name, docs in (("hnsw ef=64", docs_hnsw), ("flat", docs_flat)):
         docs.create_index("n")
@@ -380,16 +386,24 @@ def bench_filters(report, docs_flat, docs_hnsw, X, Q, row_of):
             def write(q, docs=docs):
                 docs.index(beaver.Document(id="a note", body={"n": 0}))
 
-            def first(q, docs=docs, found=found):
-                docs._rows._allowed.clear()
-                return found(q)
+            def move(q, docs=docs, flip=itertools.cycle([99, 0])):
+                docs.index(beaver.Document(id=ids[0], body={"n": next(flip)},
+                                           embedding=X[0].tolist()))
+
+            def first(q, docs=docs, where=where, new=itertools.count(1)):
+                where = {"n": dict(where["n"], **{"$ne": -next(new)})}  # no document has it
+                return [row_of[d.id] for d, _ in docs.search(q.tolist(), top_k=10, where=where)]
 
             loops = [(("repeated", found),
                       ("repeated, index level (ids)", lambda q, allowed=allowed: [
                           row_of[d] for d, _ in index.search(q, 10, allowed)])),
-                     (("after a write", found),), (("first search of the filter", first),)]
+                     (("after a write", found),),
+                     (("after a write moving a document in or out", found),),
+                     (("first search of a new filter", first),)]
+            writes = {"after a write": [write],
+                      "after a write moving a document in or out": [move]}
             for loop in loops:
-                fns = [plain] + ([write] if loop[0][0] == "after a write" else [])
+                fns = [plain] + writes.get(loop[0][0], [])
                 lats, outs = interleaved(fns + [fn for _, fn in loop], Q)
                 floor = percentile(lats[0], 50)
                 for (what, _), lat, out in zip(loop, lats[len(fns):], outs[len(fns):]):
@@ -401,6 +415,7 @@ def bench_filters(report, docs_flat, docs_hnsw, X, Q, row_of):
                                  f"{recall:.4f}"])
                     summary.append((name, fraction, what, percentile(lat, 50), floor, recall))
         docs.drop("a note")
+        docs.index(beaver.Document(id=ids[0], body={"n": 0}, embedding=X[0].tolist()))
     report.table("Filtered search: `collection.search(where={\"n\": {\"$lt\": ...}})`, a field "
                  "index on n, documents returned",
                  ["who", "p50 ms", "p99 ms", "no filter, same loop: p50 ms", "p50 vs no filter",
@@ -444,7 +459,7 @@ def main(argv=None):
         docs_flat, load_flat, mem_flat = bench_exact(report, db, X, Q, ids, row_of, kth)
         docs_hnsw, load_hnsw, mem_hnsw, summary = bench_ann(report, db, X, Q, ids, row_of, kth,
                                                             args.cache, tag)
-        filters = bench_filters(report, docs_flat, docs_hnsw, X, Q, row_of)
+        filters = bench_filters(report, docs_flat, docs_hnsw, X, Q, ids, row_of)
         info_flat, info_hnsw = docs_flat._backend.info(), docs_hnsw._backend.info()
     rates = insert_rates(X, 2000 if args.quick else 5000, 10000 if args.quick else 30000)
     report.table("Inserts (384-dim vectors, fresh database)", ["what", "vectors/s (or ms)"],
