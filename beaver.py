@@ -1950,16 +1950,26 @@ class _Manager(_StructureLock):
             self._load_items(items)
 
     def _dump_items(self) -> list:
+        return list(self._export())
+
+    def _export(self):
+        """The items of this structure as ``dump()`` writes them, in dump order, read page by
+        page (memory stays bounded, whatever the size): what ``dump`` and ``copy_to`` read."""
         raise NotImplementedError
+
+    _load_batch = 1000      # items that ``load`` and ``copy_to`` write at once
 
     def _load_items(self, items):
         raise NotImplementedError
 
     def _paged(self, sql, start, key_of=lambda row: row[0]):
-        """Iterate rows of ``sql`` (taking name, cursor, limit) page by page, by cursor."""
+        """Iterate rows of ``sql`` (taking name, cursor, limit) page by page, by cursor.
+
+        A tuple cursor fills one parameter per value (``(a, b) > (?, ?)``)."""
         cursor = start
         while True:
-            rows = self._core.all(sql, (self._name, cursor, PAGE_SIZE))
+            values = cursor if isinstance(cursor, tuple) else (cursor,)
+            rows = self._core.all(sql, (self._name, *values, PAGE_SIZE))
             yield from rows
             if len(rows) < PAGE_SIZE:
                 return
@@ -2679,9 +2689,10 @@ class DictManager(_Manager, _Indexed, MutableMapping):
                f"ORDER BY {', '.join([*order, 'key'])} LIMIT ? OFFSET ?")
         return sql, [*params, _now(), *query.params, *_paging(limit, offset)]
 
-    def _live_rows(self):
+    def _live_rows(self, columns="key, value"):
+        """``columns`` of the live keys (key first), page by page, in key order."""
         now = _now()
-        sql = ("SELECT key, value FROM beaver_dicts WHERE name = ? AND key %s ? AND "
+        sql = (f"SELECT {columns} FROM beaver_dicts WHERE name = ? AND key %s ? AND "
                f"{_LIVE} ORDER BY key LIMIT ?")
         op, cursor = ">=", ""  # the first page includes the key '', which sorts first
         while True:
@@ -2736,11 +2747,9 @@ class DictManager(_Manager, _Indexed, MutableMapping):
             raise KeyError(key)
         return None if row[0] is None else max(0.0, row[0] - _now())
 
-    def _dump_items(self):
-        rows = self._core.all(
-            f"SELECT key, value, expires_at FROM beaver_dicts WHERE name = ? AND {_LIVE} "
-            "ORDER BY key", (self._name, _now()))
-        return [{"key": k, "value": _json_loads(v), "expires_at": e} for k, v, e in rows]
+    def _export(self):
+        for key, text, expires_at in self._live_rows("key, value, expires_at"):
+            yield {"key": key, "value": _json_loads(text), "expires_at": expires_at}
 
     def _load_items(self, items):
         now = _now()
@@ -2855,10 +2864,14 @@ class ListManager(_Manager, MutableSequence):
 
     def __iter__(self):
         decode = self._codec.decode
+        for _, text in self._rows():
+            yield decode(text)
+
+    def _rows(self):
+        """``(pos, JSON text)`` in list order, page by page."""
         sql = ("SELECT pos, value FROM beaver_lists WHERE name = ? AND pos > ? "
                "ORDER BY pos LIMIT ?")
-        for _, text in self._paged(sql, -(1 << 62)):
-            yield decode(text)
+        return self._paged(sql, -(1 << 62))
 
     def __reversed__(self):
         decode = self._codec.decode
@@ -3052,10 +3065,9 @@ class ListManager(_Manager, MutableSequence):
             self._rewrite(lo + first, [t for i, t in enumerate(tail) if i not in doomed])
             self._wrote("del_slice")
 
-    def _dump_items(self):
-        rows = self._core.execute(
-            "SELECT value FROM beaver_lists WHERE name = ? ORDER BY pos", (self._name,))
-        return [_json_loads(row[0]) for row in rows]
+    def _export(self):
+        for _, text in self._rows():
+            yield _json_loads(text)
 
     def _load_items(self, items):
         self.extend(items)
@@ -3289,22 +3301,29 @@ class QueueManager(_Manager):
                              (self._name, *_paging(limit, offset))).fetchall()
         leased = core.execute("SELECT priority, timestamp, data, until FROM beaver_queue_leases "
                               "WHERE name = ? ORDER BY until LIMIT ?", (self._name, limit))
-        count = core.execute("SELECT count(*) FROM beaver_queue_leases WHERE name = ?",
-                             (self._name,)).fetchone()[0]
+        count = self._leased_count()
         return {"items": [{"priority": p, "timestamp": t, "data": json.loads(d)}
                           for p, t, d in items],
                 "leased": [{"priority": p, "timestamp": t, "data": json.loads(d),
                             "expires_in": max(0.0, u - now)} for p, t, d, u in leased],
                 "leased_count": count}
 
-    def _dump_items(self):
-        """Queued items, then leased ones (a restored dump hands those out again)."""
-        leased = self._core.all(
-            "SELECT priority, timestamp, data FROM beaver_queue_leases WHERE name = ? "
-            "ORDER BY lease", (self._name,))
-        return [{"priority": item.priority, "timestamp": item.timestamp,
-                 "data": _to_jsonable(item.data)} for item in self] + [
-                {"priority": p, "timestamp": t, "data": _json_loads(d)} for p, t, d in leased]
+    def _leased_count(self) -> int:
+        return self._core.one("SELECT count(*) FROM beaver_queue_leases WHERE name = ?",
+                              (self._name,))[0]
+
+    def _export(self):
+        """Queued items in ``get`` order, then leased ones (a restored dump hands those out
+        again)."""
+        queued = self._paged(
+            "SELECT seq, priority, timestamp, data FROM beaver_queues WHERE name = ? AND "
+            "(priority, seq) > (?, ?) ORDER BY priority, seq LIMIT ?",
+            (float("-inf"), 0), key_of=lambda row: (row[1], row[0]))
+        leased = self._paged(
+            "SELECT lease, priority, timestamp, data FROM beaver_queue_leases WHERE name = ? "
+            "AND lease > ? ORDER BY lease LIMIT ?", 0)
+        for _, priority, timestamp, data in itertools.chain(queued, leased):
+            yield {"priority": priority, "timestamp": timestamp, "data": _json_loads(data)}
 
     def _load_items(self, items):
         rows = []
@@ -3418,12 +3437,16 @@ class BlobManager(_Manager):
         return [{"key": k, "size": n, "metadata": None if m is None else json.loads(m)}
                 for k, n, m in rows]
 
-    def _dump_items(self):
-        rows = self._core.execute(
-            "SELECT key, data, metadata FROM beaver_blobs WHERE name = ? ORDER BY key",
-            (self._name,))
-        return [{"key": k, "data": base64.b64encode(d).decode("ascii"),
-                 "metadata": None if m is None else _json_loads(m)} for k, d, m in rows]
+    _load_batch = 1         # each blob may be large: load and copy_to hold one at a time
+
+    def _export(self):
+        """Keys page by page, each blob read on its own (one blob in memory at a time)."""
+        for key in self:
+            row = self._core.one("SELECT key, data, metadata FROM beaver_blobs WHERE name = ? "
+                                 "AND key = ?", (self._name, key))
+            if row is not None:         # None: deleted meanwhile (outside a snapshot)
+                yield {"key": key, "data": base64.b64encode(row[1]).decode("ascii"),
+                       "metadata": None if row[2] is None else _json_loads(row[2])}
 
     def _load_items(self, items):
         for item in items:
@@ -3575,16 +3598,14 @@ class LogManager(_Manager, _Indexed):
 
     def __iter__(self):
         decode = self._codec.decode
+        for t, _, d in self._rows():
+            yield LogEntry(_utc(t), decode(d))
+
+    def _rows(self):
+        """``(timestamp, seq, JSON text)`` in time order, page by page."""
         sql = ("SELECT timestamp, seq, data FROM beaver_logs WHERE name = ? AND (timestamp, seq) "
                "> (?, ?) ORDER BY timestamp, seq LIMIT ?")
-        low, seq = float("-inf"), 0
-        while True:
-            rows = self._core.all(sql, (self._name, low, seq, PAGE_SIZE))
-            for t, _, d in rows:
-                yield LogEntry(_utc(t), decode(d))
-            if len(rows) < PAGE_SIZE:
-                return
-            low, seq = rows[-1][0], rows[-1][1]
+        return self._paged(sql, (float("-inf"), 0), key_of=lambda row: row[:2])
 
     def __len__(self):
         return self._core.one("SELECT count(*) FROM beaver_logs WHERE name = ?",
@@ -3630,10 +3651,9 @@ class LogManager(_Manager, _Indexed):
         """
         return LiveView(self, window, period, aggregator, where)
 
-    def _dump_items(self):
-        rows = self._core.all("SELECT timestamp, data FROM beaver_logs WHERE name = ? "
-                                  "ORDER BY timestamp, seq", (self._name,))
-        return [{"timestamp": t, "data": _json_loads(d)} for t, d in rows]
+    def _export(self):
+        for t, _, d in self._rows():
+            yield {"timestamp": t, "data": _json_loads(d)}
 
     def _load_items(self, items):
         rows = []
@@ -3850,10 +3870,10 @@ class ChannelManager(_Manager):
             (self._name, -1 if limit is None else _count(limit, "limit")))
         return [self._codec.decode(r[0]) for r in rows]
 
-    def _dump_items(self):
-        rows = self._core.all("SELECT timestamp, data FROM beaver_channels WHERE name = ? "
-                                  "ORDER BY seq", (self._name,))
-        return [{"timestamp": t, "payload": _json_loads(d)} for t, d in rows]
+    def _export(self):
+        for _, t, d in self._paged("SELECT seq, timestamp, data FROM beaver_channels WHERE "
+                                   "name = ? AND seq > ? ORDER BY seq LIMIT ?", 0):
+            yield {"timestamp": t, "payload": _json_loads(d)}
 
     def _load_items(self, items):
         rows = []
@@ -4647,6 +4667,7 @@ def _ensure_fts(core) -> bool:
         if ready:
             for statement in _FTS_SCHEMA:     # no write (nor lock) when they exist
                 core.execute(statement)
+            core.on_rollback(lambda: setattr(core, "_fts_ready", None))     # the tables may go
         else:
             logger.warning("this SQLite has no FTS5: collections work without text search")
         core._fts_ready = ready
@@ -5348,6 +5369,10 @@ class _Graph:
     def clear(self):
         self._core.execute("DELETE FROM beaver_edges WHERE collection = ?", (self._name,))
 
+    def count(self) -> int:
+        return self._core.one("SELECT count(*) FROM beaver_edges WHERE collection = ?",
+                              (self._name,))[0]
+
     def edges(self, doc_id, direction, label) -> list:
         if direction not in self._SIDES:
             raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
@@ -5364,12 +5389,6 @@ class _Graph:
             unique = {(e.source, e.label, e.target): e for e in found}
             found = [unique[key] for key in sorted(unique)]
         return found
-
-    def all(self) -> list:
-        rows = self._core.execute(
-            "SELECT source, target, label, metadata FROM beaver_edges WHERE collection = ? "
-            "ORDER BY source, label, target", (self._name,))
-        return [Edge(s, t, lab, None if m is None else json.loads(m)) for s, t, lab, m in rows]
 
     def walk(self, start, labels, depth, direction) -> list:
         """Ids reachable in 1..``depth`` edges, breadth first, each at its shortest distance."""
@@ -5658,6 +5677,8 @@ class CollectionManager(_Manager, _Indexed):
         sql = "SELECT metric, options, cid FROM beaver_collections WHERE collection = ?"
         row = self._core.execute(sql, (self._name,)).fetchone()
         if row is None:
+            # registered inside a transaction that rolls back: the next open registers again
+            self._core.on_rollback(lambda: self._db._managers.forget(self))
             self._core.execute(
                 "INSERT INTO beaver_collections (collection, metric, options, cid) "
                 "SELECT ?, ?, ?, coalesce(max(cid), 0) + 1 FROM beaver_collections WHERE true "
@@ -6113,18 +6134,23 @@ class CollectionManager(_Manager, _Indexed):
         """
         with self._core.transaction():
             data = super().dump()
-            data["edges"] = [edge._asdict() for edge in self._all_edges()]
+            data["edges"] = list(self._export_edges())
         data["metadata"]["metric"] = self.metric
         if fp is None:
             return data
         json.dump(data, fp, ensure_ascii=False, indent=2)
         return None
 
-    def _all_edges(self):
-        return self._graph.all()
+    def _export(self):
+        for doc in self:
+            yield doc.to_dict()
 
-    def _dump_items(self):
-        return [doc.to_dict() for doc in self]
+    def _export_edges(self):
+        """The edges as dump items (``Edge._asdict()``), page by page."""
+        sql = ("SELECT source, label, target, metadata FROM beaver_edges WHERE collection = ? "
+               "AND (source, label, target) > (?, ?, ?) ORDER BY source, label, target LIMIT ?")
+        for s, lab, t, m in self._paged(sql, ("", "", ""), key_of=lambda row: row[:3]):
+            yield Edge(s, t, lab, None if m is None else _json_loads(m))._asdict()
 
     def load(self, data_or_fp):
         """Add the documents and edges of a ``dump()`` in one transaction (text re-indexed)."""
@@ -6361,6 +6387,12 @@ class _Managers:
         with self._lock:
             return list(self._by_key.values())
 
+    def forget(self, manager):
+        """Drop ``manager`` from the cache (the next request makes a new one)."""
+        with self._lock:
+            if self._by_key.get((manager._kind, manager.name)) is manager:
+                del self._by_key[(manager._kind, manager.name)]
+
 
 # ==========================================================================================
 # BeaverDB
@@ -6527,6 +6559,35 @@ class BeaverDB:
         structure the dump holds (structures absent from the dump are left alone).
         """
         return _load_database(self, fp, mode)
+
+    def copy_to(self, other, mode="new", progress=None) -> int:
+        """Copy every structure into ``other`` (a ``BeaverDB``, or a path or URL to open);
+        returns the number of structures copied.
+
+            >>> db.dict("config").set("session", "abc", ttl_seconds=3600)
+            >>> db.queue("jobs").put({"task": "resize"}, priority=1)
+            >>> with BeaverDB("moved.db") as other:
+            ...     db.copy_to(other, progress=lambda copied, total: print(f"{copied}/{total}"))
+            ...     other.dict("config")["session"], round(other.dict("config").ttl("session"))
+            0/2
+            2/2
+            2
+            ('abc', 3600)
+
+        Everything a ``dump()`` holds goes across: dict values with their expiry, lists,
+        queue items with priorities and timestamps (leased ones too), blobs with metadata,
+        log entries and retained channel messages with their timestamps, collections with
+        documents, vectors, edges, metric and options, and the field indexes. The source is
+        read as one snapshot, page by page (memory stays small whatever its size, while
+        others keep writing to it); the destination is written in one transaction: a copy
+        that fails (or whose ``progress`` raises) leaves it unchanged.
+
+        ``mode="new"`` refuses (``ValueError``, before writing) if a structure to copy already
+        has items in ``other``; ``"append"`` adds to them and ``"replace"`` empties them first,
+        as ``load`` does. ``progress(copied, total)`` is called as items (and edges) go
+        across, at most about ten times a second, and once at the end.
+        """
+        return _copy_database(self, other, mode, progress)
 
     def backup(self, path) -> str:
         """Copy the database to ``path`` while other threads and processes keep writing.
@@ -6979,17 +7040,35 @@ def _dump_database(db, fp, names=None, kinds=None) -> int:
 
 
 def _dump_structure(db, kind, name, write):
-    """A structure line, its items, and for a collection its edges after the documents."""
+    """A structure line, its items, and for a collection its edges after the documents.
+
+    The items go to a spool first (memory up to ``_SPOOL_BYTES``, then a temporary file):
+    the structure line, written before them, holds their count."""
     manager = getattr(db, _STRUCTURES[kind][1])(name)
-    items = manager._dump_items()
-    header = {"structure": kind, "name": name, "count": len(items)}
-    extra = []
-    if kind == "collection":
-        extra = [edge._asdict() for edge in manager._all_edges()]
-        header.update(metric=manager.metric, options=manager._options or None, edges=len(extra))
-    write(_json_dumps(header) + "\n")
-    for item in items + extra:
-        write(_json_dumps(item) + "\n")
+    header = {"structure": kind, "name": name}
+    with tempfile.SpooledTemporaryFile(_SPOOL_BYTES, "w+", encoding="utf-8") as spool:
+        header["count"] = _spool(manager._export(), spool)
+        if kind == "collection":
+            header.update(metric=manager.metric, options=manager._options or None,
+                          edges=_spool(manager._export_edges(), spool))
+        if isinstance(manager, _Indexed) and manager.indexes():
+            header["indexes"] = manager.indexes()
+        write(_json_dumps(header) + "\n")
+        spool.seek(0)
+        for chunk in iter(lambda: spool.read(1 << 16), ""):
+            write(chunk)
+
+
+_SPOOL_BYTES = 1 << 20
+
+
+def _spool(items, spool) -> int:
+    """Write ``items`` to ``spool`` as JSON lines; how many there were."""
+    count = 0
+    for item in items:
+        spool.write(_json_dumps(item) + "\n")
+        count += 1
+    return count
 
 
 def _dump_lines(fp):
@@ -7031,32 +7110,159 @@ def _load_structure(db, line, lines, mode):
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"bad item count in {line!r:.80}")
     kind, name = _item_fields(line, "structure", "name")
-    if kind == "collection":
-        manager = db.collection(name, metric=line.get("metric"), **(line.get("options") or {}))
-    else:
-        manager = getattr(db, _STRUCTURES[kind][1])(name)
+    manager = _structure(db, kind, name, line.get("metric"), line.get("options"))
     if mode == "replace":
         manager.clear()
-    for batch in _batches(lines, count, f"{kind} {name!r}"):
+    for batch in _batches(lines, count, f"{kind} {name!r}", manager._load_batch):
         manager._load_items(batch)
     for batch in _batches(lines, line.get("edges") or 0, f"the edges of {kind} {name!r}"):
-        for edge in batch:
-            manager.connect(*_item_fields(edge, "source", "target", "label", metadata=None))
+        _connect_all(manager, batch)
+    _create_indexes(manager, line.get("indexes") or [])
 
 
-def _batches(lines, count, what):
-    """The next ``count`` values of ``lines``, in lists of at most _LOAD_BATCH."""
+def _structure(db, kind, name, metric=None, options=None):
+    """The manager of the ``kind`` called ``name`` in ``db`` (a collection opened with the
+    ``metric`` and ``options`` it was dumped or copied with)."""
+    if kind == "collection":
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(f"collection {name!r}: options are a JSON object, "
+                             f"not {options!r:.40}")
+        return db.collection(name, metric=metric, **(options or {}))
+    return getattr(db, _STRUCTURES[kind][1])(name)
+
+
+def _connect_all(collection, edges):
+    for edge in edges:
+        collection.connect(*_item_fields(edge, "source", "target", "label", metadata=None))
+
+
+def _create_indexes(manager, paths):
+    """The field indexes of a dumped or copied structure (dicts, logs, collections)."""
+    if not paths:
+        return
+    if not isinstance(manager, _Indexed) or not isinstance(paths, list):
+        raise ValueError(f"{manager._kind} {manager.name!r}: 'indexes' is a list of field paths "
+                         "of a dict, log or collection")
+    for path in paths:
+        manager.create_index(path)
+
+
+def _batches(lines, count, what, size=_LOAD_BATCH):
+    """The next ``count`` values of ``lines``, in lists of at most ``size``."""
     batch = []
     for _ in range(count):
         item = next(lines, _MISSING)
         if item is _MISSING:
             raise ValueError(f"the dump ends inside {what}")
         batch.append(item)
-        if len(batch) >= _LOAD_BATCH:
+        if len(batch) >= size:
             yield batch
             batch = []
     if batch:
         yield batch
+
+
+_COPY_MODES = ("new", "append", "replace")
+
+
+def _copy_database(source, target, mode="new", progress=None) -> int:
+    """``source.copy_to(target, mode, progress)``; ``target`` is a ``BeaverDB`` or a path / URL
+    opened (and closed) here."""
+    if mode not in _COPY_MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, _COPY_MODES))}, not {mode!r}")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress is a callable taking (copied, total), not {progress!r:.40}")
+    source._check_open()
+    if isinstance(target, (str, os.PathLike)):
+        if _same_place(source.path, os.fspath(target)):
+            raise ValueError("cannot copy a database onto itself")
+        with BeaverDB(target) as opened:
+            return _copy_into(source, opened, mode, progress)
+    if not isinstance(target, BeaverDB):
+        raise TypeError(f"copy_to needs a BeaverDB or a path, not {type(target).__name__} (a "
+                        "server's database copies with dump and load)")
+    target._check_open()
+    if target is source or _same_place(source.path, target.path):
+        raise ValueError("cannot copy a database onto itself")
+    return _copy_into(source, target, mode, progress)
+
+
+def _same_place(a, b) -> bool:
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
+
+
+def _copy_into(source, target, mode, progress) -> int:
+    """One snapshot of ``source`` read page by page into one transaction of ``target``."""
+    with _read_snapshot(source._core), target._core.transaction():
+        plan = [(kind, name) for kind in _kinds(source) for name, _ in _structure_names(source, kind)]
+        if mode == "new":
+            _refuse_filled(target, plan)
+        managers = [getattr(source, _STRUCTURES[kind][1])(name) for kind, name in plan]
+        meter = _Meter(progress, sum(_copy_size(manager) for manager in managers))
+        for manager in managers:
+            _copy_structure_into(manager, target, mode, meter)
+        meter.finish()
+    return len(plan)
+
+
+def _refuse_filled(target, plan):
+    held = {kind: {name for name, _ in _structure_names(target, kind)} for kind in _kinds(target)}
+    filled = [f"{kind} {name!r}" for kind, name in plan if name in held.get(kind, ())]
+    if filled:
+        more = f" and {len(filled) - 3} more" if len(filled) > 3 else ""
+        raise ValueError(f"the destination already holds {', '.join(filled[:3])}{more}: copy "
+                         "with mode='append' (beaver copy --append) to add to them, or "
+                         "mode='replace' (--replace) to empty them first")
+
+
+def _copy_size(manager) -> int:
+    """The items (and edges) ``_copy_structure_into`` will count for ``manager``."""
+    size = len(manager)
+    if manager._kind == "queue":
+        size += manager._leased_count()
+    elif manager._kind == "collection":
+        size += manager._graph.count()
+    return size
+
+
+class _Meter:
+    """Counts copied items; calls ``progress(copied, total)`` at most ~10 times a second."""
+
+    def __init__(self, progress, total):
+        self.progress, self.total, self.copied, self.shown = progress, total, 0, 0.0
+        self.report()
+
+    def add(self, count):
+        self.copied += count
+        if self.progress is not None and time.monotonic() - self.shown >= 0.1:
+            self.report()
+
+    def report(self):
+        if self.progress is not None:
+            self.shown = time.monotonic()
+            self.progress(self.copied, max(self.total, self.copied))
+
+    def finish(self):
+        """The last call: copied == total (fewer if keys expired while the copy ran)."""
+        self.total = self.copied
+        self.report()
+
+
+def _copy_structure_into(manager, target, mode, meter):
+    """Copy one structure: its items in batches, a collection's edges, its field indexes."""
+    options = (manager.metric, manager._options) if manager._kind == "collection" else ()
+    copy = _structure(target, manager._kind, manager.name, *options)
+    if mode == "replace":
+        copy.clear()
+    for batch in _chunks(manager._export(), manager._load_batch):
+        copy._load_items(batch)
+        meter.add(len(batch))
+    if manager._kind == "collection":
+        for batch in _chunks(manager._export_edges(), _LOAD_BATCH):
+            _connect_all(copy, batch)
+            meter.add(len(batch))
+    if isinstance(manager, _Indexed):
+        _create_indexes(copy, manager.indexes())
 
 
 def _backup_database(db, path):
@@ -9404,6 +9610,8 @@ def _cli_database_parsers(commands):
                                        "'client')", add_help=False)
     commands.add_parser("import-upstream", help="copy a beaver-db 1.x/2.x file into a new "
                                                 "beaver file (see --help)", add_help=False)
+    commands.add_parser("copy", help="copy every structure of SRC into DST, files or URLs "
+                                     "(see --help)", add_help=False)
 
 
 class _Progress:
@@ -9543,6 +9751,58 @@ def _cli_import_upstream(argv) -> int:
     return _cli_print(report)
 
 
+def _cli_copy(argv) -> int:
+    """``beaver copy SRC DST [--append | --replace]``: prints ``{"structures": N}``."""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="beaver copy", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Copy every structure of the database SRC into DST (see BeaverDB.copy_to): "
+                    "one snapshot of SRC, written to DST in one transaction. Each is a file "
+                    "(DST is created if missing) or a database URL. Progress shows on stderr "
+                    "when it is a terminal.")
+    parser.add_argument("source", metavar="SRC", help="the database to read")
+    parser.add_argument("target", metavar="DST", help="the database to write")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--append", action="store_const", const="append", dest="mode",
+                       default="new", help="add to structures DST already holds (default: "
+                                           "refuse to copy into them)")
+    modes.add_argument("--replace", action="store_const", const="replace", dest="mode",
+                       help="empty the structures DST already holds first (default: "
+                            "refuse to copy into them)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        if "://" not in args.source and not os.path.exists(args.source):
+            raise BeaverError(f"no database at {args.source!r} (a read never creates one)")
+        with BeaverDB(args.source) as source, _CopyProgress() as progress:
+            count = source.copy_to(args.target, args.mode, progress)
+    except (BeaverError, ValueError, TypeError, OSError) as e:
+        print(f"beaver: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return _cli_print({"structures": count})
+
+
+class _CopyProgress:
+    """``copy_to``'s progress callback for the CLI: a count on stderr, if it is a terminal."""
+
+    def __init__(self):
+        self.show, self.line = sys.stderr.isatty(), ""
+
+    def __call__(self, copied, total):
+        if self.show:
+            self.line = f"\r{copied}/{total} items copied"
+            print(self.line, end="", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.line:
+            print(file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     """The ``beaver`` command: ``beaver [--database PATH] <kind> NAME <operation> [args]``.
 
@@ -9558,6 +9818,8 @@ def main(argv=None) -> int:
     i, _ = _command_word(argv)
     if argv[i:i + 1] == ["import-upstream"]:
         return _cli_import_upstream(argv[i + 1:])
+    if argv[i:i + 1] == ["copy"]:
+        return _cli_copy(argv[i + 1:])
     try:
         i, _ = _command_word(argv)
         args = _cli_parser(argv[i] if i < len(argv) else None).parse_args(argv)

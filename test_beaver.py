@@ -4785,6 +4785,16 @@ def test_collection_walk_on_cycle(db):
     assert {d.id for d in ring.walk("n0", direction="incoming", depth=1)} == {"n49", "n43"}
 
 
+def test_collection_first_opened_in_a_rolled_back_transaction_opens_again(db):
+    with pytest.raises(ZeroDivisionError), db.transaction():
+        db.collection("born", metric="cosine").index(Document(id="a", embedding=[1.0, 0.0]))
+        1 / 0
+    born = db.collection("born")                       # registered anew, not a stale manager
+    born.index(Document(id="a", embedding=[1.0, 0.0], body="text"))    # its text tables too
+    assert born.metric == "l2" and [d.id for d, _ in born.search([1.0, 0.0])] == ["a"]
+    assert [d.id for d, _ in born.match("text")] == ["a"]
+
+
 def test_collection_drop_removes_edges(db):
     net, _ = _social(db)
     net.drop("bob")
@@ -6689,6 +6699,32 @@ def test_dump_load_reproduces_every_structure(tmp_path, db):
         assert copy.info()["structures"] == db.info()["structures"]
 
 
+def _peak_memory(call):
+    """(the result of ``call()``, the peak of Python's allocations meanwhile)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        return call(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_dump_and_load_hold_a_page_at_a_time(tmp_path, db):
+    megabyte = bytes(range(256)) * 4096
+    for i in range(24):
+        db.blobs("big").put(str(i), megabyte)
+    db.dict("many").update({f"{i:05}": "x" * 1000 for i in range(12_000)})
+    db.collection("docs").index_many(Document(id=str(i), body="text") for i in range(3))
+    db.collection("docs").connect("0", "1", "next")
+    with open(tmp_path / "dump.jsonl", "w") as out:
+        structures, peak = _peak_memory(lambda: db.dump(out))
+    assert structures == 3 and peak < 12 * len(megabyte)      # 36 MB went out
+    with BeaverDB(tmp_path / "copy.db") as copy, open(tmp_path / "dump.jsonl") as dump:
+        structures, peak = _peak_memory(lambda: copy.load(dump))
+        assert structures == 3 and peak < 12 * len(megabyte)
+        _same_dump(_dump_lines_of(copy), _dump_lines_of(db))
+
+
 def test_dump_skips_expired_and_selects_names(db):
     db.dict("c")["kept"] = 2
     db._core.execute("INSERT INTO beaver_dicts VALUES ('c', 'gone', '1', ?)", (time.time() - 1,))
@@ -6721,6 +6757,276 @@ def test_load_rejects_bad_dumps_atomically(db, text):
     assert len(db.list("l")) == 0
     with pytest.raises(ValueError):
         db.load(io.StringIO(""), mode="merge")
+
+
+# ---- copy_to: every structure into another database ----
+
+def _fill_all_kinds(db):
+    """Every kind with what a copy must keep: expiry, priorities, timestamps, metadata,
+    vectors, edges, metric, field indexes; and an expired key that must stay behind."""
+    _fill(db)
+    db.dict("app_config").set("gone", 1, ttl_seconds=1)
+    db.dict("app_config")[""] = "the empty key"
+    db.dict("app_config").create_index("user")
+    db.log("metrics").log({"cpu": 0.5}, timestamp=1_700_000_000.25)
+    db.log("metrics").log({"cpu": 0.7}, timestamp=1_700_000_000.25)    # a timestamp tie
+    db.log("metrics").create_index("cpu")
+    db.channel("news").publish({"headline": "hello"})
+    docs = db.collection("docs", metric="cosine")
+    docs.index_many([Document(id="a", body="embedded databases", embedding=[1.0, 0.0, 0.0]),
+                     Document(id="b", body={"title": "vectors"}, embedding=[0.0, 1.0, 0.5]),
+                     Document(id="c", body="no vector")])
+    docs.connect("a", "b", "LINKS", metadata={"weight": 2})
+    docs.connect("b", "c", "LINKS")
+    docs.create_index("title")
+
+
+def _dump_lines_of(db):
+    out = io.StringIO()
+    db.dump(out)
+    return [json.loads(line) for line in out.getvalue().splitlines()[1:]]
+
+
+def _same_dump(copied, source):
+    """The two dumps hold the same lines (an expiry equal up to float rounding)."""
+    assert len(copied) == len(source)
+    for mine, theirs in zip(copied, source):
+        if isinstance(theirs, dict) and theirs.get("expires_at") is not None:
+            assert mine["expires_at"] == pytest.approx(theirs["expires_at"])
+            mine, theirs = {**mine, "expires_at": 0}, {**theirs, "expires_at": 0}
+        assert mine == theirs
+
+
+def test_copy_to_reproduces_every_structure(tmp_path, db, clock):
+    _fill_all_kinds(db)
+    clock.advance(2)                                    # "gone" has expired
+    with BeaverDB(tmp_path / "copy.db") as copy:
+        assert db.copy_to(copy) == 7
+        _same_dump(_dump_lines_of(copy), _dump_lines_of(db))
+        assert "gone" not in copy.dict("app_config")
+        assert copy.dict("app_config").ttl("session") == pytest.approx(3598)
+        assert copy.dict("app_config").indexes() == ["user"]
+        assert copy.log("metrics").indexes() == ["cpu"]
+        docs = copy.collection("docs")
+        assert docs.metric == "cosine" and docs.indexes() == ["title"]
+        assert [doc.id for doc, _ in docs.search([0.0, 1.0, 0.4], top_k=1)] == ["b"]
+        assert [doc.id for doc, _ in docs.match("databses", fuzziness=1)] == ["a"]
+        assert [doc.id for doc in docs.walk("a", labels=["LINKS"], depth=2)] == ["b", "c"]
+        clock.advance(3600)
+        assert "session" not in copy.dict("app_config")        # the expiry went across
+
+
+def test_copy_to_a_path_opens_and_closes_it(tmp_path, db):
+    _fill(db)
+    assert db.copy_to(str(tmp_path / "new.db")) == 4
+    with BeaverDB(tmp_path / "new.db") as copy:
+        before, after = _snapshot(db), _snapshot(copy)
+        assert before.pop("ttl") == pytest.approx(after.pop("ttl"), abs=60)
+        assert before == after
+
+
+def test_copy_to_pages_through_large_structures(tmp_path, db, monkeypatch):
+    monkeypatch.setattr(beaver, "PAGE_SIZE", 3)        # many pages, ties across page ends
+    d, lst, q, lg, ch = (db.dict("d"), db.list("l"), db.queue("q"), db.log("lg"),
+                         db.channel("ch", max_messages=None))
+    d.update({f"k{i:02}": i for i in range(20)})
+    lst.extend(range(20))
+    for i in range(20):
+        q.put(i, priority=i % 2)
+        lg.log(i, timestamp=1_700_000_000 + i // 4)
+        ch.publish(i)
+        db.blobs("b").put(f"{i:02}", bytes([i]) * i)
+    docs = db.collection("docs")
+    docs.index_many(Document(id=f"d{i:02}", body=f"text {i}") for i in range(20))
+    for i in range(19):
+        docs.connect(f"d{i:02}", f"d{i + 1:02}", "next")
+    q.get(lease=60)                                    # a leased item is copied as queued
+    with BeaverDB(tmp_path / "copy.db") as copy:
+        db.copy_to(copy)
+        assert dict(copy.dict("d")) == dict(d) and list(copy.list("l")) == list(lst)
+        assert [i.data for i in q] == [*range(2, 20, 2), *range(1, 20, 2)]
+        assert [i.data for i in copy.queue("q")] == [*range(2, 20, 2), 0, *range(1, 20, 2)]
+        assert list(copy.log("lg")) == list(lg)
+        assert copy.channel("ch").history() == ch.history()
+        assert {k: copy.blobs("b")[k].data for k in copy.blobs("b")} == {
+            k: db.blobs("b")[k].data for k in db.blobs("b")}
+        assert list(copy.collection("docs")) == list(docs)
+        assert len(copy.collection("docs")._dump_items()) == 20
+        assert copy.collection("docs").dump()["edges"] == docs.dump()["edges"]
+
+
+def test_copy_to_holds_a_page_at_a_time(tmp_path, db):
+    megabyte = bytes(range(256)) * 4096
+    for i in range(24):
+        db.blobs("big").put(str(i), megabyte)
+    db.dict("many").update({f"{i:05}": "x" * 1000 for i in range(12_000)})
+    with BeaverDB(tmp_path / "copy.db") as copy:
+        structures, peak = _peak_memory(lambda: db.copy_to(copy))
+        assert structures == 2 and peak < 12 * len(megabyte)  # 36 MB went across
+        assert len(copy.blobs("big")) == 24 and len(copy.dict("many")) == 12_000
+
+
+def test_copy_to_reads_one_snapshot_while_others_write(tmp_path, db):
+    """A writer adds to a list and a dict in each transaction while the copy runs: the
+    copy holds as many of each (a snapshot), fewer than the source ends with."""
+    stop, commits, changed = threading.Event(), [0], threading.Condition()
+
+    def write():
+        i = 0
+        while not stop.is_set():
+            with db.transaction():
+                db.list("l").push(i)
+                db.dict("d")[str(i)] = i
+            with changed:
+                commits[0] += 1
+                changed.notify_all()
+            i += 1
+    db.list("l").push(-1)
+    db.dict("d")["-1"] = -1
+    writer = threading.Thread(target=write)
+    writer.start()
+
+    def meanwhile(copied, total):
+        if copied == 0:                 # the snapshot is taken: let the writer commit more
+            with changed:
+                later = commits[0] + 20
+                assert changed.wait_for(lambda: commits[0] >= later, timeout=30)
+    try:
+        with BeaverDB(tmp_path / "copy.db") as copy:
+            db.copy_to(copy, progress=meanwhile)
+            stop.set()
+            writer.join(30)
+            assert len(copy.list("l")) == len(copy.dict("d")) < len(db.list("l"))
+            assert list(copy.list("l")) == list(db.list("l"))[:len(copy.list("l"))]
+    finally:
+        stop.set()
+        writer.join(30)
+
+
+def test_copy_to_with_models_on_either_side(tmp_path, db):
+    db.dict("people", model=Person)["ada"] = Person(name="Ada", address=Address(city="London"))
+    db.collection("staff", model=Person).index(Document(id="ada", body=Person(name="Ada")))
+    with BeaverDB(tmp_path / "copy.db") as copy:
+        people = copy.dict("people", model=Person)        # open typed before the copy
+        db.copy_to(copy)
+        assert people["ada"] == db.dict("people")["ada"]
+        assert copy.collection("staff")["ada"].body == Person(name="Ada").model_dump()
+
+
+def test_copy_to_reports_progress(tmp_path, db, clock):
+    _fill_all_kinds(db)
+    calls = []
+    with BeaverDB(tmp_path / "copy.db") as copy:
+        db.copy_to(copy, progress=lambda copied, total: calls.append((copied, total)))
+    total = 4 + 4 + 2 + 2 + 2 + 1 + 3 + 2             # items of each kind, then the edges
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    assert all(a[0] <= b[0] and a[1] == total for a, b in zip(calls, calls[1:]))
+
+
+def test_copy_to_modes(tmp_path, db):
+    db.list("l").extend([1, 2])
+    db.dict("d")["a"] = 1
+    with BeaverDB(tmp_path / "copy.db") as copy:
+        copy.list("l").push(0)
+        copy.dict("other")["kept"] = True
+        with pytest.raises(ValueError, match="already holds list 'l'.*append.*replace"):
+            db.copy_to(copy)
+        assert "a" not in copy.dict("d") and list(copy.list("l")) == [0]     # nothing written
+        assert db.copy_to(copy, mode="append") == 2
+        assert list(copy.list("l")) == [0, 1, 2] and copy.dict("d")["a"] == 1
+        assert db.copy_to(copy, mode="replace") == 2
+        assert list(copy.list("l")) == [1, 2] and copy.dict("other")["kept"] is True
+        with pytest.raises(ValueError, match="mode"):
+            db.copy_to(copy, mode="merge")
+        with pytest.raises(TypeError, match="progress"):
+            db.copy_to(copy, mode="append", progress="stderr")
+
+
+def test_copy_to_is_all_or_nothing(tmp_path, db, clock):
+    _fill_all_kinds(db)
+
+    def interrupt(copied, total):
+        if copied == total:
+            raise KeyboardInterrupt
+    with BeaverDB(tmp_path / "copy.db") as copy:
+        copy.collection("docs", metric="l2")           # another metric: refused on the way
+        with pytest.raises(ValueError, match="metric"):
+            db.copy_to(copy)
+        assert copy.info()["structures"] == []
+    with BeaverDB(tmp_path / "other.db") as copy:
+        with pytest.raises(KeyboardInterrupt):
+            db.copy_to(copy, progress=interrupt)
+        assert copy.info()["structures"] == []
+        assert db.copy_to(copy) == 7                   # and it can be done again
+
+
+def test_copy_to_refuses_bad_destinations(tmp_path, db):
+    db.dict("d")["a"] = 1
+    for bad in (42, None, io.StringIO()):
+        with pytest.raises(TypeError, match="BeaverDB or a path"):
+            db.copy_to(bad)
+    with pytest.raises(ValueError, match="onto itself"):
+        db.copy_to(db)
+    with pytest.raises(ValueError, match="onto itself"):
+        db.copy_to(db.path)
+    with BeaverDB(db.path) as same, pytest.raises(ValueError, match="onto itself"):
+        db.copy_to(same)
+    closed = BeaverDB(tmp_path / "closed.db")
+    closed.close()
+    with pytest.raises(beaver.ClosedError):
+        db.copy_to(closed)
+    with BeaverDB(tmp_path / "x.db") as other:
+        other.close()
+        with pytest.raises(beaver.ClosedError):
+            other.copy_to(db)
+
+
+def test_pg_copy_to_between_engines(pg_db, tmp_path):
+    """SQLite -> PostgreSQL -> SQLite: every kind PostgreSQL stores comes back the same."""
+    with BeaverDB(tmp_path / "source.db") as source:
+        _fill(source)
+        source.log("metrics").log({"cpu": 0.5}, timestamp=1_700_000_000.25)
+        source.channel("news").publish("hello")
+        source.dict("app_config").create_index("user")
+        assert source.copy_to(pg_db) == 6
+        with BeaverDB(tmp_path / "back.db") as back:
+            assert pg_db.copy_to(back) == 6
+            _same_dump(_dump_lines_of(back), _dump_lines_of(source))
+            assert back.dict("app_config").indexes() == ["user"]
+        with pytest.raises(ValueError, match="already holds"):
+            source.copy_to(pg_db)
+        assert source.copy_to(pg_db, mode="replace") == 6
+        before = pg_db.info()["structures"]
+        source.collection("docs").index(Document(id="a", body="text"))
+        with pytest.raises(beaver.FeatureUnavailable):
+            source.copy_to(pg_db, mode="replace")      # no collections there: nothing written
+        assert pg_db.info()["structures"] == before
+
+
+def test_pg_cli_copy_to_a_url_and_back(capsys, pg_url, tmp_path):
+    source, back = str(tmp_path / "source.db"), str(tmp_path / "back.db")
+    with BeaverDB(source) as db:
+        _fill(db)
+    assert _cli(capsys, "copy", source, pg_url) == (0, '{\n  "structures": 4\n}\n', "")
+    assert _cli(capsys, "copy", pg_url, back)[0] == 0
+    with BeaverDB(source) as a, BeaverDB(back) as b:
+        _same_dump(_dump_lines_of(b), _dump_lines_of(a))
+    code, _, err = _cli(capsys, "copy", source, pg_url)
+    assert code == 1 and "already holds" in err
+
+
+def test_dump_and_load_keep_field_indexes(tmp_path, db):
+    db.dict("users")["ada"] = {"age": 36}
+    db.dict("users").create_index("age")
+    out = io.StringIO()
+    db.dump(out)
+    assert json.loads(out.getvalue().splitlines()[1])["indexes"] == ["age"]
+    with BeaverDB(tmp_path / "copy.db") as copy:
+        copy.load(io.StringIO(out.getvalue()))
+        assert copy.dict("users").indexes() == ["age"]
+    bad = out.getvalue().replace('"indexes":["age"]', '"indexes":"age"')
+    with BeaverDB(tmp_path / "bad.db") as copy, pytest.raises(ValueError, match="indexes"):
+        copy.load(io.StringIO(bad))
 
 
 def test_info_lists_structures_and_locks(db):
@@ -7602,6 +7908,8 @@ def test_remote_transaction_reads_and_results(server_url, uid):
 _LOCAL_ONLY = {
     # BeaverDB: where the file is (the client has ``url`` instead)
     ("BeaverDB", "path"),
+    # BeaverDB: between two databases open in one process (a server's copies with dump, load)
+    ("BeaverDB", "copy_to"),
 }
 
 
@@ -9013,6 +9321,39 @@ def test_cli_whole_database(capsys, dbfile, tmp_path, monkeypatch):
     assert code == 0 and json.loads(out) == backup
     with BeaverDB(backup) as restored:
         assert restored.dict("app_config")["theme"] == "dark"
+
+
+def test_cli_copy(capsys, dbfile, tmp_path, monkeypatch):
+    with BeaverDB(dbfile) as db:
+        _fill(db)
+    copy = str(tmp_path / "copy.db")
+    assert _cli(capsys, "copy", dbfile, copy) == (0, '{\n  "structures": 4\n}\n', "")
+    with BeaverDB(dbfile) as a, BeaverDB(copy) as b:
+        assert _dump_lines_of(a)[2:] == _dump_lines_of(b)[2:]    # all but the expiring key
+    code, out, err = _cli(capsys, "copy", dbfile, copy)
+    assert code == 1 and out == "" and "already holds" in err and "--append" in err
+    assert _cli(capsys, "copy", "--append", dbfile, copy)[0] == 0
+    assert _cli(capsys, "copy", dbfile, copy, "--replace")[0] == 0
+    with BeaverDB(copy) as b:
+        assert len(b.list("daily_tasks")) == 4
+    missing = str(tmp_path / "typo.db")
+    code, _, err = _cli(capsys, "copy", missing, copy)
+    assert code == 1 and "no database" in err and not os.path.exists(missing)
+    assert _cli(capsys, "copy", dbfile, dbfile)[0] == 1
+    assert _cli(capsys, "copy", dbfile)[0] == 2
+    assert _cli(capsys, "copy", "--append", "--replace", dbfile, copy)[0] == 2
+    code, out, _ = _cli(capsys, "copy", "--help")
+    assert code == 0 and "usage: beaver copy" in out
+    assert "copy every structure of SRC into DST" in _cli(capsys, "--help")[1]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert beaver.main(["copy", "--replace", dbfile, copy]) == 0
+    shown = terminal.getvalue()
+    assert shown.startswith("\r0/10 items copied") and shown.endswith("\r10/10 items copied\n")
 
 
 def test_cli_usage_errors_and_help(capsys, dbfile):
