@@ -5106,9 +5106,9 @@ class _Vocabulary:
 
     def _new_epoch(self):
         """Words left: every process reloads its word set (this one at once)."""
+        state = self._transaction()     # reads the epoch: before it moves
         self._core.execute("UPDATE beaver_collections SET epoch = epoch + 1 WHERE collection = ?",
                            (self._name,))
-        state = self._transaction()
         before = (state.epoch, state.added)
         state.epoch, state.added = state.epoch + 1, set()
         self._core.on_rollback(lambda: (setattr(state, "epoch", before[0]),

@@ -5273,6 +5273,24 @@ def _terms_of(db):
     return {row[0] for row in db._core.execute("SELECT term FROM beaver_terms")}
 
 
+def test_collection_words_come_back_after_a_clear_in_a_transaction(db):
+    """Found by the rollback state machine: a clear as the first call of a transaction read
+    the collection's epoch after moving it, so the word set it kept was one epoch ahead and
+    a later clear left it looking current: words indexed afterwards never reached the
+    vocabulary (typo search and the trigram index missed them)."""
+    docs = db.collection("words")
+    docs.index(Document(id="a", body="zebra"))
+    docs.clear()
+    with db.transaction():
+        docs.clear()
+        docs.index(Document(id="a", body="zebra"))
+    with db.transaction():
+        docs.clear()
+    docs.index(Document(id="a", body="zebra"))
+    assert _terms_of(db) == {"zebra"}
+    assert _ids(docs.match("zebrx", fuzziness=1)) == ["a"]
+
+
 def test_collection_compact_drops_the_words_of_dropped_documents(tmp_path):
     path = tmp_path / "words.db"
     with BeaverDB(path) as db, BeaverDB(path) as other:
