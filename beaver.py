@@ -2447,15 +2447,19 @@ class _FieldIndexes:
         digest = uuid.uuid5(uuid.NAMESPACE_OID, f"{self._kind}\x00{self._name}\x00{path}").hex
         return f"beaver_fx_{digest}"
 
+    def _key_terms(self, path) -> str:
+        """The indexed expressions of ``path``: its JSON type rank, then its value."""
+        _check_json1(self._core)
+        return ", ".join(_json_terms(self._column, path))
+
     def create(self, path):
         path = _field_path(path)
         only_this = self._only_this()
-        _check_json1(self._core)
-        rank, value = _json_terms(self._column, path)
+        terms = self._key_terms(path)
         with self._core.transaction():
             self._core.execute(
                 f"CREATE INDEX IF NOT EXISTS {self._index_name(path.text)} ON {self._table} "
-                f"({rank}, {value}, {self._order}) WHERE {only_this}")
+                f"({terms}, {self._order}) WHERE {only_this}")
             self._core.execute("INSERT OR IGNORE INTO beaver_indexes (kind, name, path) "
                                "VALUES (?, ?, ?)", (self._kind, self._name, path.text))
 

@@ -443,16 +443,8 @@ class PgFieldIndexes(beaver._FieldIndexes):
     def _only_this(self, column=None) -> str:
         return f"{column or self._scope} = {beaver._sql_text(self._name, 'a structure name')}"
 
-    def create(self, path):
-        path = beaver._field_path(path)
-        only_this = self._only_this()
-        terms = ", ".join(f"({term})" for term in _pg_order_terms(self._column, path))
-        with self._core.transaction():
-            self._core.execute(
-                f"CREATE INDEX IF NOT EXISTS {self._index_name(path.text)} ON {self._table} "
-                f"({terms}, {self._order}) WHERE {only_this}")
-            self._core.execute("INSERT INTO beaver_indexes (kind, name, path) VALUES (?, ?, ?) "
-                               "ON CONFLICT DO NOTHING", (self._kind, self._name, path.text))
+    def _key_terms(self, path) -> str:
+        return ", ".join(f"({term})" for term in _pg_order_terms(self._column, path))
 
     def explain(self, sql, params) -> dict:
         """The plan with sequential scans disfavoured: PostgreSQL scans a small table rather
