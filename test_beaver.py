@@ -87,7 +87,10 @@ SQLITE_ONLY = {
     # traces SQLite's statements; events of collections, which PostgreSQL does not store yet
     "test_log_live_is_incremental_and_drops_old_rows", "test_events_unknown_event_names_are_refused",
 }
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# Debian's PostgreSQL binaries, the newest major version installed (15 on bookworm)
+PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+             key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0,
+             default=Path("/usr/lib/postgresql/15/bin/initdb")).parent
 
 
 def pytest_generate_tests(metafunc):
