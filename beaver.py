@@ -860,15 +860,20 @@ class _Core:
             raise FeatureUnavailable(
                 f"beaver needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer; this Python's "
                 f"sqlite3 module uses SQLite {sqlite3.sqlite_version}")
+        self._settings(timeout, durability)
+        self.memory = str(path) == ":memory:"
+        # absolute, so a later chdir cannot send new threads' connections to another file
+        self.path = _memory_path() if self.memory else os.path.abspath(os.fspath(path))
+        self.synchronous = "OFF" if self.memory else durability.upper()
+        self._start()
+
+    def _settings(self, timeout, durability):
+        """Check the settings every engine takes and set up the state of no connection yet."""
         if durability not in ("normal", "full"):
             raise ValueError("durability must be 'normal' or 'full'")
         self.timeout = _seconds(timeout, "timeout", high=_MAX_BUSY_TIMEOUT)
         if self.timeout is None:
             raise TypeError("timeout must be seconds (a number or a timedelta), not None")
-        self.memory = str(path) == ":memory:"
-        # absolute, so a later chdir cannot send new threads' connections to another file
-        self.path = _memory_path() if self.memory else os.path.abspath(os.fspath(path))
-        self.synchronous = "OFF" if self.memory else durability.upper()
         self.closed = False
         self._local = threading.local()
         self._conns: list = []
@@ -879,6 +884,9 @@ class _Core:
         self.purger = None            # the thread that purges expired rows while idle
         self._halt = threading.Event()
         self._pid = os.getpid()
+
+    def _start(self):
+        """Watch for changes, make the schema, purge expired rows if any: the core is open."""
         self.watcher = self._new_watcher()
         _live_cores.add(self)
         try:

@@ -570,34 +570,11 @@ class PostgresCore(beaver._Core):
     SNAPSHOT_BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
     def __init__(self, url, timeout=beaver.DEFAULT_TIMEOUT, durability="normal"):
-        if durability not in ("normal", "full"):
-            raise ValueError("durability must be 'normal' or 'full'")
-        self.timeout = beaver._seconds(timeout, "timeout", high=beaver._MAX_BUSY_TIMEOUT)
-        if self.timeout is None:
-            raise TypeError("timeout must be seconds (a number or a timedelta), not None")
+        self._settings(timeout, durability)
         self.url, self.path, self.memory = _libpq_url(url), _safe_url(url), False
-        self.closed = False
-        self._local = threading.local()
-        self._conns: list = []
-        self._conns_lock = threading.Lock()
-        self._busy: dict = {}
-        self.held_locks: set = set()
-        self.expiring = 0
-        self.purger = None
-        self._halt = threading.Event()
-        self._pid = beaver.os.getpid()
         self._statements: dict = {}
         self.channel = self.lock_key = None
-        self.watcher = self._new_watcher()
-        beaver._live_cores.add(self)
-        try:
-            self._identify()
-            self._ensure_schema()
-            if self.one("SELECT 1 FROM beaver_dicts WHERE expires_at IS NOT NULL LIMIT 1"):
-                self.start_purger()
-        except BaseException:
-            self.close()
-            raise
+        self._start()
 
     def _new_watcher(self):
         return _PgWatcher(self)
@@ -779,6 +756,7 @@ class PostgresCore(beaver._Core):
     # -- schema ------------------------------------------------------------------------
 
     def _ensure_schema(self):
+        self._identify()
         with self.transaction() as conn:
             names = {row[0] for row in conn.execute(
                 "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
