@@ -3465,9 +3465,7 @@ def test_close_wakes_a_blocked_get(tmp_path):
     t = threading.Thread(target=consume)
     t.start()
     started.wait(MP_DEADLINE)
-    deadline = time.monotonic() + MP_DEADLINE
-    while not db._core.watcher.users and time.monotonic() < deadline:
-        time.sleep(0.001)               # wait until the consumer is really waiting
+    _rt_until(lambda: db._core.watcher.users, MP_DEADLINE)    # the consumer really waits
     db.close()
     t.join(MP_DEADLINE)
     assert not t.is_alive() and isinstance(outcome[0], beaver.ClosedError)
@@ -3951,7 +3949,8 @@ def test_watcher_can_poll_without_inotify(tmp_path, monkeypatch):
     database = BeaverDB(tmp_path / "poll.db")
     try:
         q = database.queue("q")
-        t = _rt_threading.Thread(target=lambda: (_rt_time.sleep(0.05), q.put(1)))
+        t = _rt_threading.Thread(target=lambda: (
+            _rt_until(lambda: database._core.watcher.users, _RT_DEADLINE), q.put(1)))
         t.start()
         assert q.get(timeout=_RT_DEADLINE).data == 1
         t.join()
