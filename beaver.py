@@ -834,6 +834,7 @@ class _Core:
     engine = "sqlite"
     collections = True              # the engine stores collections (FTS, fuzzy, graph, vectors)
     SNAPSHOT_BEGIN = "BEGIN"        # a read-only transaction that sees one snapshot
+    EMPTY_WRITES_LOCK = True        # a write that changes nothing still takes the write lock
 
     def compile_filter(self, where, column) -> "_Filter":
         """The filter ``where`` compiled for this engine over the JSON column ``column``."""
@@ -1869,9 +1870,13 @@ class _Manager(_StructureLock):
 
         Hot paths test this first, then skip the event payload and take single statements.
         """
+        return bool(self._core.watcher.users) or self._heard()
+
+    def _heard(self) -> bool:
+        """True if a callback listens to this structure's events, here or in another
+        process: writes that wake no waiter (a queue take) ask only this."""
         events = self._db._events
-        return (bool(self._core.watcher.users) or events.listening(self._topic)
-                or events.remote(self._topic))
+        return events.listening(self._topic) or events.remote(self._topic)
 
     def _wrote(self, event, **fields):
         """After a write: wake waiters and, if anybody listens anywhere, emit ``event``.
@@ -3183,9 +3188,18 @@ class QueueManager(_Manager):
         return item
 
     def _take(self, lease=None, woken=True):
-        if woken and not self._core.in_transaction and not self._takeable():
+        core = self._core
+        # a take wakes no waiter: only event listeners keep it off the one-statement path
+        fast = lease is None and _HAS_RETURNING and self._codec is _JSON and not self._heard()
+        look_first = woken and not core.in_transaction
+        if fast and not core.EMPTY_WRITES_LOCK and not core.in_transaction:
+            item = self._take_fast()        # as cheap as the probe below, when nothing is there
+            if item is not _MISSING:
+                return item
+            fast, look_first = False, True  # empty, or a lease is due: look before locking
+        if look_first and not self._takeable():
             return None         # a waiter woken by some other write: no write lock for nothing
-        if lease is None and _HAS_RETURNING and self._codec is _JSON and not self._listened():
+        if fast:
             item = self._take_fast()
             if item is not _MISSING:
                 return item

@@ -568,6 +568,7 @@ class PostgresCore(beaver._Core):
     engine = "postgresql"
     collections = False
     SNAPSHOT_BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+    EMPTY_WRITES_LOCK = False       # a take that finds nothing (SKIP LOCKED) locks nothing
 
     def __init__(self, url, timeout=beaver.DEFAULT_TIMEOUT, durability="normal"):
         self._settings(timeout, durability)
