@@ -124,6 +124,16 @@ _LOCK_FREE = {
     "WHERE expires_at <= ? LIMIT ?)",
 }
 
+# Writes that need the writers' lock but are one statement: outside a transaction they take
+# the lock themselves (its key is the first parameter), one round trip instead of three
+# (BEGIN and the lock, the write, COMMIT). The lock is held until the commit is visible, so
+# channel messages still become visible in the order of their sequence numbers.
+_LOCKING_ITSELF = {
+    beaver.ChannelManager._PUBLISH:
+        "WITH writers AS (SELECT pg_advisory_xact_lock(?::bigint)) "
+        "INSERT INTO beaver_channels (name, timestamp, data) SELECT ?, ?, ? FROM writers",
+}
+
 # SQLite statements of beaver.py that PostgreSQL spells otherwise (still with ? placeholders)
 _OVERRIDES = {
     # a queue item is taken by one transaction only: rows locked by another are skipped
@@ -180,22 +190,32 @@ def _outside_literals(text, change) -> str:
 class _Statement:
     """One SQLite statement of beaver.py as PostgreSQL runs it."""
 
-    __slots__ = ("sql", "picks", "writes", "locked", "new_key", "in_transaction")
+    __slots__ = ("sql", "picks", "writes", "locked", "locks_itself", "new_key",
+                 "in_transaction")
 
-    def __init__(self, text):
+    def __init__(self, text, plain=False):
         original = text
         text, self.new_key = self._insert_forms(_OVERRIDES.get(text, text))
         text = _outside_literals(text, self._rewrite)
         self.picks, self.sql = self._placeholders(text)
         verb = text.lstrip().split(None, 1)[0].upper()
-        self.writes = verb in ("INSERT", "UPDATE", "DELETE")
+        self.writes = verb in ("INSERT", "UPDATE", "DELETE") or original in _LOCKING_ITSELF
         self.locked = self.writes and original not in _LOCK_FREE
+        self.locks_itself = False
         self.in_transaction = self     # the form to run inside a transaction
         if original in _LOCK_ROWS_IN_TRANSACTION:
-            self.in_transaction = _Statement.__new__(_Statement)
-            for slot in self.__slots__:
-                setattr(self.in_transaction, slot, getattr(self, slot))
+            self.in_transaction = self._copy()
             self.in_transaction.sql = self.sql + " FOR UPDATE"
+        if original in _LOCKING_ITSELF and not plain:
+            self.in_transaction = _Statement(original, plain=True)   # the lock is held there
+            self.sql = _Statement(_LOCKING_ITSELF[original], plain=True).sql
+            self.locked, self.locks_itself = False, True
+
+    def _copy(self) -> "_Statement":
+        twin = _Statement.__new__(_Statement)
+        for slot in self.__slots__:
+            setattr(twin, slot, getattr(self, slot))
+        return twin
 
     @staticmethod
     def _rewrite(code):
@@ -695,7 +715,9 @@ class PostgresCore(beaver._Core):
                       else [params[i] for i in picks])
         if getattr(self._local, "depth", 0):
             return self._send(statement.in_transaction, params, how)
-        if statement.locked:
+        if statement.locks_itself:
+            params = (self.lock_key, *params)
+        elif statement.locked:
             with self.transaction():
                 return self._send(statement, params, how)
         return self._send(statement, params, how)

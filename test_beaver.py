@@ -11164,6 +11164,29 @@ def test_pg_dump_of_sqlite_loads_into_postgres_and_back(pg_db, tmp_path):
         ("log", "g", 1), ("channel", "c", 1)}
 
 
+def test_pg_concurrent_publishers_lose_no_message(pg_url):
+    # publishes of several connections at once: each message becomes visible in the order of
+    # its sequence number (the writers' lock, taken inside the one publishing statement)
+    dbs = [BeaverDB(pg_url) for _ in range(4)]
+    try:
+        with dbs[0].channel("c").subscribe() as sub:
+            def publish(k):
+                for i in range(100):
+                    dbs[k].channel("c").publish([k, i])
+            threads = [threading.Thread(target=publish, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            got = [sub.get(timeout=MP_DEADLINE) for _ in range(400)]
+            for t in threads:
+                t.join(MP_DEADLINE)
+        assert sorted(map(tuple, got)) == [(k, i) for k in range(4) for i in range(100)]
+        for k in range(4):
+            assert [i for j, i in got if j == k] == list(range(100))
+    finally:
+        for db in dbs:
+            db.close()
+
+
 def test_pg_async_queue_get(pg_db):
     async def run():
         aq = pg_db.queue("q").as_async()

@@ -96,6 +96,7 @@ class Floor:
         self.conn.execute("CREATE TABLE q (seq BIGSERIAL PRIMARY KEY, priority BIGINT NOT NULL, "
                           "ts DOUBLE PRECISION NOT NULL, data TEXT NOT NULL)")
         self.conn.execute("CREATE INDEX q_order ON q (priority, seq)")
+        self.conn.execute("CREATE TABLE chan (seq BIGSERIAL PRIMARY KEY, data TEXT NOT NULL)")
 
     def get(self, key):
         return json.loads(self.conn.execute(self.GET, (key,), prepare=True).fetchone()[0])
@@ -272,6 +273,62 @@ def floor_producer(url, n):
         now = time.time()
         conn.execute(send, (now, json.dumps({"t": now})), prepare=True)
     conn.close()
+
+
+def floor_subscriber(url, n, ready, out):
+    """The floor of a channel: on each NOTIFY, read the rows past the last one seen."""
+    import psycopg
+    conn = psycopg.connect(url, autocommit=True)
+    conn.execute("LISTEN bench_channel")
+    last = conn.execute("SELECT coalesce(max(seq), 0) FROM chan").fetchone()[0]
+    ready.put(1)
+    latencies, deadline = [], time.monotonic() + DEADLINE
+    while len(latencies) < n and time.monotonic() < deadline:
+        for _ in conn.notifies(timeout=1.0, stop_after=1):
+            pass
+        for seq, data in conn.execute(FLOOR_READ, (last,), prepare=True).fetchall():
+            latencies.append(time.time() - json.loads(data)["t"])
+            last = seq
+    out.put(latencies)
+    conn.close()
+
+
+FLOOR_READ = "SELECT seq, data FROM chan WHERE seq > %s ORDER BY seq"
+
+
+def floor_publisher(url, n):
+    import psycopg
+    conn = psycopg.connect(url, autocommit=True)
+    send = ("WITH message AS (INSERT INTO chan (data) VALUES (%s) RETURNING seq) "
+            "SELECT pg_notify('bench_channel', '') FROM message")
+    for _ in range(n):
+        time.sleep(random.uniform(0.0005, 0.005))
+        conn.execute(send, (json.dumps({"t": time.time()}),), prepare=True)
+    conn.close()
+
+
+def beaver_subscriber(where, n, ready, out):
+    db = beaver.BeaverDB(where)
+    latencies = []
+    with db.channel("wakeup").subscribe() as sub:
+        ready.put(1)
+        try:
+            while len(latencies) < n:
+                message = sub.get(timeout=DEADLINE)
+                latencies.append(time.time() - message["t"])
+        except TimeoutError:
+            pass
+    out.put(latencies)
+    db.close()
+
+
+def beaver_publisher(where, n):
+    db = beaver.BeaverDB(where)
+    channel = db.channel("wakeup")
+    for _ in range(n):
+        time.sleep(random.uniform(0.0005, 0.005))
+        channel.publish({"t": time.time()})
+    db.close()
 
 
 def beaver_consumer(where, n, ready, out):
