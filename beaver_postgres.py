@@ -34,6 +34,7 @@ connection; a write is never retried (its outcome is unknown) and raises ``Conne
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import decimal
 import hashlib
@@ -43,6 +44,7 @@ import time
 
 import psycopg
 import psycopg.adapt
+import psycopg.conninfo
 import psycopg.errors
 import psycopg.sql
 
@@ -565,13 +567,146 @@ class _PgWatcher(beaver._Watcher):
     def _listen(self):
         core = self._core
         try:
-            conn = psycopg.connect(core.url, autocommit=True, connect_timeout=5)
+            conn = psycopg.connect(core.url, autocommit=True, **core.connect_args)
             conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(core.channel)))
             return conn
         except psycopg.Error as e:
             if not self._stopping:
                 beaver.logger.warning("beaver could not listen on %s: %s", core.path, e)
             return None
+
+
+# ==========================================================================================
+# Connections: a small pool
+# ==========================================================================================
+
+POOL_SIZE = 10      # connections one BeaverDB opens at most (its listener aside)
+_IDLE = psycopg.pq.TransactionStatus.IDLE
+
+
+class _Pool:
+    """At most ``size`` connections, each with its one cursor (results are read before the
+    connection goes back). A statement borrows one and gives it back; a transaction pins one
+    to its thread until it ends. Idle ones are reused newest first; a thread that ended while
+    holding a pin loses it when the pool runs short. Waiting for a free one longer than
+    ``timeout`` raises ``DatabaseBusy``.
+
+        >>> pool = _Pool(opener=lambda: "a new cursor", size=1, timeout=0)
+        >>> pool.borrow(), pool.count
+        ('a new cursor', 1)
+        >>> pool.borrow()
+        Traceback (most recent call last):
+          ...
+        beaver.DatabaseBusy: all 1 connections to PostgreSQL stayed busy for 0s
+    """
+
+    def __init__(self, opener, size, timeout):
+        self._opener, self.size, self.timeout = opener, size, timeout
+        self._idle: collections.deque = collections.deque()    # cursors
+        self._all: list = []                                    # every open connection
+        self._opening = 0
+        self._pins: dict = {}                                   # thread -> its pinned cursor
+        self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
+        self._waiting = 0
+        self.closed = False
+
+    @property
+    def count(self) -> int:
+        """Connections open (or being opened)."""
+        return len(self._all) + self._opening
+
+    def borrow(self):
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self._borrow_slowly()
+
+    def _borrow_slowly(self):
+        deadline = beaver._Deadline(self.timeout)
+        with self._lock:
+            self._waiting += 1      # before looking at _idle: give_back then notifies
+            try:
+                while True:
+                    if self.closed:
+                        raise ClosedError("the database is closed")
+                    if self._idle:
+                        return self._idle.pop()
+                    if self.count < self.size:
+                        self._opening += 1
+                        break
+                    if self._reclaim_dead_pins():
+                        continue
+                    if deadline.expired:
+                        raise DatabaseBusy(f"all {self.size} connections to PostgreSQL stayed "
+                                           f"busy for {self.timeout:g}s")
+                    self._freed.wait(deadline.remaining())
+            finally:
+                self._waiting -= 1
+        return self._open_one()
+
+    def _open_one(self):
+        cursor = None
+        try:
+            cursor = self._opener()
+        finally:
+            with self._lock:
+                self._opening -= 1
+                if cursor is not None:
+                    self._all.append(getattr(cursor, "connection", cursor))
+                self._freed.notify()
+        return cursor
+
+    def give_back(self, cursor):
+        """Return a borrowed cursor; its connection is closed instead if it is not idle (it
+        broke, or a statement was interrupted)."""
+        conn = cursor.connection
+        if conn.pgconn.transaction_status != _IDLE:
+            self.discard(conn)
+            return
+        self._idle.append(cursor)
+        if self._waiting:
+            with self._lock:
+                self._freed.notify()
+
+    def discard(self, conn):
+        """Close ``conn`` and free its place."""
+        with self._lock:
+            if conn in self._all:
+                self._all.remove(conn)
+            self._freed.notify()
+        with contextlib.suppress(Exception):
+            conn.close()
+
+    def pin(self, thread):
+        cursor = self._pins[thread] = self.borrow()
+        return cursor
+
+    def unpin(self, thread):
+        cursor = self._pins.pop(thread, None)
+        if cursor is not None:
+            self.give_back(cursor)
+
+    def _reclaim_dead_pins(self) -> bool:
+        """Close the pinned connections of threads that ended (under the lock): True if any."""
+        dead = [t for t in list(self._pins) if not t.is_alive()]
+        for thread in dead:
+            conn = self._pins.pop(thread).connection
+            if conn in self._all:
+                self._all.remove(conn)
+            with contextlib.suppress(Exception):
+                conn.close()            # the server rolls back what it left open
+        return bool(dead)
+
+    def close(self) -> list:
+        """Stop lending; returns every connection (the caller closes them)."""
+        with self._lock:
+            self.closed = True
+            conns, self._all = self._all, []
+            self._idle.clear()
+            self._pins.clear()
+            self._freed.notify_all()
+        return conns
 
 
 # ==========================================================================================
@@ -595,6 +730,10 @@ class PostgresCore(beaver._Core):
         self.url, self.path, self.memory = _libpq_url(url), _safe_url(url), False
         self._statements: dict = {}
         self.channel = self.lock_key = None
+        self.connect_args = {"connect_timeout": max(2, int(min(self.timeout, 60)))}
+        if "application_name" not in psycopg.conninfo.conninfo_to_dict(self.url):
+            self.connect_args["application_name"] = "beaver"
+        self._pool = _Pool(self._open, POOL_SIZE, self.timeout)
         self._start()
 
     def _new_watcher(self):
@@ -621,35 +760,54 @@ class PostgresCore(beaver._Core):
 
     # -- connections ------------------------------------------------------------------
 
+    def conn(self):
+        """This thread's connection for a transaction: borrowed and pinned to the thread
+        until the transaction ends (``_rollback``, or the end of ``transaction()``)."""
+        local = self._local
+        cursor = getattr(local, "cursor", None)
+        if cursor is None:
+            if self.closed:
+                raise ClosedError("the database is closed")
+            if not hasattr(local, "depth"):
+                local.depth, local.pending, local.undo = 0, [], []
+            cursor = local.cursor = self._pool.pin(threading.current_thread())
+        return cursor.connection
+
+    def _unpin(self):
+        """Give this thread's pinned connection back once no transaction uses it."""
+        local = self._local
+        if getattr(local, "cursor", None) is not None and not getattr(local, "depth", 0):
+            del local.cursor
+            self._pool.unpin(threading.current_thread())
+
+    @contextlib.contextmanager
+    def transaction(self):
+        try:
+            with super().transaction() as conn:
+                yield conn
+        finally:
+            self._unpin()
+
     def _open(self):
+        """A new connection's cursor (the pool calls this when it has none idle)."""
         if self.closed:
             raise ClosedError("the database is closed")
         try:
-            conn = psycopg.connect(self.url, autocommit=True,
-                                   connect_timeout=max(2, int(min(self.timeout, 60))))
+            conn = psycopg.connect(self.url, autocommit=True, **self.connect_args)
             conn.execute("SET lock_timeout = %d" % max(1, int(self.timeout * 1000)))
         except psycopg.Error as e:
             raise ConnectionLost(f"cannot connect to {self.path}: {e}") from None
         conn.adapters.register_loader("numeric", _NumberLoader)
-        with self._conns_lock:
-            if self.closed:
-                conn.close()
-                raise ClosedError("the database is closed")
-            self._forget_dead_threads()
-            self._conns.append((threading.current_thread(), conn))
-        local = self._local
-        local.conn, local.depth, local.pending, local.undo = conn, 0, [], []
-        local.cursor = conn.cursor()        # one per thread: results are read before the next
-        return conn
+        return conn.cursor()
 
     def _forget(self, conn):
-        """Drop a broken connection: this thread opens a new one at its next call."""
-        with self._conns_lock:
-            self._conns = [(t, c) for t, c in self._conns if c is not conn]
-        if getattr(self._local, "conn", None) is conn:
-            del self._local.conn, self._local.cursor
-        with contextlib.suppress(Exception):
-            conn.close()
+        """Drop a broken connection: the next call borrows another (or opens a new one)."""
+        local = self._local
+        cursor = getattr(local, "cursor", None)
+        if cursor is not None and cursor.connection is conn:
+            del local.cursor
+            self._pool._pins.pop(threading.current_thread(), None)
+        self._pool.discard(conn)
 
     def _identify(self):
         """The schema this URL works in: its advisory lock key and NOTIFY channel."""
@@ -662,8 +820,9 @@ class PostgresCore(beaver._Core):
         self.channel = f"beaver_{digest.hex()}"
 
     def _after_fork(self):
-        _orphans.extend(conn for _, conn in self._conns)
+        _orphans.extend(self._pool._all)
         super()._after_fork()
+        self._pool = _Pool(self._open, self._pool.size, self.timeout)
 
     def close(self):
         if self.closed:
@@ -673,9 +832,7 @@ class PostgresCore(beaver._Core):
         self.watcher.stop()
         # unlike SQLite's, the threads keep their locals: a thread inside a transaction ends it
         # cleanly, its statements failing with ClosedError on the closed connection
-        with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for _, conn in conns:
+        for conn in self._pool.close():
             with contextlib.suppress(Exception):
                 conn.close()
         beaver._live_cores.discard(self)
@@ -723,32 +880,39 @@ class PostgresCore(beaver._Core):
         return self._send(statement, params, how)
 
     def _send(self, statement, params, how):
+        """Run on this thread's pinned connection, or on one borrowed for the statement."""
         for attempt in (0, 1):
-            local = self._local
+            cursor = getattr(self._local, "cursor", None)
+            lent = cursor is None
+            if lent:
+                cursor = self._pool.borrow()
             try:
-                cursor = local.cursor
-            except AttributeError:
-                self.conn()
-                cursor = local.cursor
-            try:
-                if how is _MANY:
-                    cursor.executemany(statement.sql, params)
-                    return cursor.rowcount
-                cursor.execute(statement.sql, params)
-                if how is _ONE:
-                    return None if cursor.description is None else cursor.fetchone()
-                return _Result(cursor, statement)
+                return self._on(cursor, statement, params, how)
             except _DB_ERRORS as e:
-                conn = cursor.connection
-                broken = _is_broken(e, conn)
-                if broken:
-                    self._forget(conn)
-                if broken and attempt == 0 and not statement.writes and not self.in_transaction:
-                    continue            # a read on a connection that broke: once more
-                error = self._error(e)
-                if broken:
-                    error.written = statement.writes or self.in_transaction
-                raise error from e
+                error = e
+            finally:
+                if lent:
+                    self._pool.give_back(cursor)    # closed instead if it broke
+            conn = cursor.connection
+            broken = _is_broken(error, conn)
+            if broken:
+                self._forget(conn)
+            if broken and attempt == 0 and not statement.writes and not self.in_transaction:
+                continue            # a read on a connection that broke: once more
+            new = self._error(error)
+            if broken:
+                new.written = statement.writes or self.in_transaction
+            raise new from error
+
+    @staticmethod
+    def _on(cursor, statement, params, how):
+        if how is _MANY:
+            cursor.executemany(statement.sql, params)
+            return cursor.rowcount
+        cursor.execute(statement.sql, params)
+        if how is _ONE:
+            return None if cursor.description is None else cursor.fetchone()
+        return _Result(cursor, statement)
 
     def _error(self, e) -> Exception:
         if self.closed:
@@ -771,10 +935,11 @@ class PostgresCore(beaver._Core):
 
     def _rollback(self, conn):
         try:
-            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            if conn.info.transaction_status != _IDLE:
                 conn.execute("ROLLBACK")
         except psycopg.Error:
             self._forget(conn)
+        self._unpin()
 
     # -- schema ------------------------------------------------------------------------
 

@@ -4176,10 +4176,12 @@ def test_channel_seed_example(db):
         system_events.publish({"event": "user_login", "user_id": "alice"})
 
     with db.channel("system_events").subscribe() as listener:
-        _rt_threading.Thread(target=publish).start()
+        publisher = _rt_threading.Thread(target=publish)
+        publisher.start()
         for message in listener.listen():
             assert message == {"event": "user_login", "user_id": "alice"}
             break
+    publisher.join(_RT_DEADLINE)        # it prunes after publishing: done before db closes
 
 
 def test_channel_only_messages_after_subscribing_in_order(db):
@@ -10747,7 +10749,8 @@ def _is_remote(test):
 
 @pytest.mark.parametrize("module_name, side", [("beaver", "local"), ("beaver", "remote"),
                                                ("beaver_vector", "local"),
-                                               ("beaver_server", "local")])
+                                               ("beaver_server", "local"),
+                                               ("beaver_postgres", "local")])
 def test_docstring_examples_run(module_name, side, tmp_path, monkeypatch, request):
     module = pytest.importorskip(module_name)
     if module_name == "beaver_vector":          # its examples are the faiss index itself
@@ -11185,6 +11188,75 @@ def test_pg_concurrent_publishers_lose_no_message(pg_url):
     finally:
         for db in dbs:
             db.close()
+
+
+def _pg_connections(base, application_name) -> int:
+    import psycopg
+    with psycopg.connect(base, autocommit=True) as admin:
+        return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                             (application_name,)).fetchone()[0]
+
+
+def test_pg_many_short_lived_threads_share_a_bounded_pool(pg_url, postgres_url):
+    beaver_postgres = pytest.importorskip("beaver_postgres")
+    name = f"beaver_test_{uuid.uuid4().hex[:12]}"
+    with BeaverDB(f"{pg_url}&application_name={name}") as db:
+        d = db.dict("d")
+
+        def work(i):
+            d[f"k{i}"] = i
+            assert d[f"k{i}"] == i
+        for batch in range(4):          # 4 x 30 threads, 30 at a time, each gone after its work
+            threads = [threading.Thread(target=work, args=(batch * 30 + k,)) for k in range(30)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(MP_DEADLINE)
+            assert 1 <= _pg_connections(postgres_url, name) <= beaver_postgres.POOL_SIZE
+        assert len(d) == 120
+    assert _pg_connections(postgres_url, name) == 0
+
+
+def test_pg_a_transaction_keeps_one_connection_while_other_threads_borrow(pg_db):
+    core = pg_db._core
+    backend = lambda: core.one("SELECT pg_backend_pid()")[0]
+    with pg_db.transaction():
+        mine = backend()
+        pg_db.dict("d")["a"] = 1
+        others = []
+        reader = threading.Thread(target=lambda: others.append(backend()))
+        reader.start()
+        reader.join(MP_DEADLINE)
+        assert backend() == mine and others and others[0] != mine
+    assert pg_db.dict("d")["a"] == 1
+
+
+def test_pg_pool_waits_for_a_free_connection_and_reclaims_a_dead_threads(pg_url, monkeypatch):
+    beaver_postgres = pytest.importorskip("beaver_postgres")
+    monkeypatch.setattr(beaver_postgres, "POOL_SIZE", 1)
+    with BeaverDB(pg_url, timeout=0.5) as db:
+        d = db.dict("d")
+        stray = threading.Thread(target=db._core.conn)     # pins the one connection, then ends
+        stray.start()
+        stray.join(MP_DEADLINE)
+        assert d.get("k") is None           # its connection was closed and a new one opened
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            with db.transaction():
+                d["k"] = 1
+                held.set()
+                release.wait(MP_DEADLINE)
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert held.wait(MP_DEADLINE)
+            with pytest.raises(beaver.DatabaseBusy, match="connections"):
+                d.get("k")                  # the only connection is the transaction's
+        finally:
+            release.set()
+            holder.join(MP_DEADLINE)
+        assert d["k"] == 1
 
 
 def test_pg_async_queue_get(pg_db):
