@@ -2741,13 +2741,35 @@ class DictManager(_Manager, _Indexed, MutableMapping):
         raise KeyError("popitem(): dictionary is empty")
 
     def setdefault(self, key, default=None):
-        """Return the value of ``key``, storing ``default`` first if it is missing."""
+        """Return the value of ``key``, storing ``default`` first if it is missing.
+
+            >>> counters = db.dict("counters")
+            >>> counters.setdefault("visits", 0), counters.setdefault("visits", 5)
+            (0, 0)
+
+        Of several callers at once (and a ``set`` meanwhile), each gets the value stored.
+        """
         with self._core.transaction():
             value = self.get(key, _MISSING)
-            if value is _MISSING:
-                self.set(key, default)
-                value = default
+            while value is _MISSING:
+                if self._add(key, default):
+                    return default
+                value = self.get(key, _MISSING)     # another connection stored it first
             return value
+
+    # stores a value unless a live one is there: a write between a read that found nothing
+    # and this one (a set outside the writers' lock, on PostgreSQL) is kept, not overwritten
+    _ADD = ("INSERT INTO beaver_dicts (name, key, value, expires_at) VALUES (?, ?, ?, NULL) "
+            "ON CONFLICT (name, key) DO UPDATE SET value = excluded.value, expires_at = NULL "
+            "WHERE beaver_dicts.expires_at <= ?")
+
+    def _add(self, key, value) -> bool:
+        """Store ``value`` under ``key`` if no live value is there; True if it did."""
+        text = self._codec.encode(value)
+        added = self._core.execute(self._ADD, (self._name, key, text, _now())).rowcount == 1
+        if added:
+            self._wrote("set", key=key, value=_to_jsonable(value))
+        return added
 
     def update(self, *args, **kwargs):
         """Like ``dict.update``, in one transaction."""

@@ -11259,6 +11259,64 @@ def test_pg_pool_waits_for_a_free_connection_and_reclaims_a_dead_threads(pg_url,
         assert d["k"] == 1
 
 
+def _pg_setdefaults(url, keys, ready, start, out):
+    with BeaverDB(url) as db:
+        d = db.dict("d")
+        ready.put(1)
+        start.wait(MP_DEADLINE)
+        out.put([d.setdefault(key, os.getpid()) for key in keys])
+
+
+def test_pg_setdefault_of_a_new_key_from_many_callers_gives_one_winner(pg_url):
+    keys = [f"k{i}" for i in range(100)]
+    dbs = [BeaverDB(pg_url) for _ in range(4)]
+    ready, start, out = SPAWN.Queue(), SPAWN.Event(), SPAWN.Queue()
+    children = [SPAWN.Process(target=_pg_setdefaults, args=(pg_url, keys, ready, start, out))
+                for _ in range(2)]
+    try:
+        results = []
+        barrier = threading.Barrier(len(dbs))
+
+        def race(k):
+            barrier.wait(MP_DEADLINE)
+            results.append([dbs[k].dict("d").setdefault(key, f"thread {k}") for key in keys])
+        threads = [threading.Thread(target=race, args=(k,)) for k in range(len(dbs))]
+        for child in children:
+            child.start()
+        for _ in children:
+            ready.get(timeout=MP_DEADLINE)
+        start.set()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(MP_DEADLINE)
+        results += [out.get(timeout=MP_DEADLINE) for _ in children]
+        stored = [dbs[0].dict("d")[key] for key in keys]
+        assert results == [stored] * (len(dbs) + len(children))
+    finally:
+        for child in children:
+            child.join(MP_DEADLINE)
+        for db in dbs:
+            db.close()
+
+
+def test_pg_setdefault_and_a_set_of_the_new_key_between_its_read_and_write(pg_url):
+    # setdefault reads no row (nothing to lock), a set of another connection stores the key,
+    # then setdefault must not overwrite it: it returns the value that is there
+    with BeaverDB(pg_url) as db, BeaverDB(pg_url) as other:
+        d, read = db.dict("d"), db.dict("d").get
+
+        def read_then_let_the_set_in(key, default=None):
+            value = read(key, default)
+            setter = threading.Thread(target=lambda: other.dict("d").set(key, "set"))
+            setter.start()
+            setter.join(MP_DEADLINE)
+            return value
+        d.get = read_then_let_the_set_in
+        assert d.setdefault("k", "default") == "set"
+        assert other.dict("d")["k"] == "set"
+
+
 def test_pg_async_queue_get(pg_db):
     async def run():
         aq = pg_db.queue("q").as_async()
