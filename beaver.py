@@ -3761,7 +3761,11 @@ class LiveView(Stream):
         if self._last_seq is None:
             self._load()
         else:
-            self._read_new()
+            try:
+                self._read_new()
+            except ConnectionError as e:    # the server is away (nothing was written): this
+                if getattr(e, "written", True):     # value is of the rows read so far, and
+                    raise                           # the next period reads what it missed
         cutoff = _now() - self.window
         entries = self._entries
         while entries and entries[0][0] < cutoff:

@@ -564,16 +564,23 @@ class _PgWatcher(beaver._Watcher):
                 with contextlib.suppress(Exception):
                     conn.close()
 
+    _away = False       # the last attempt to listen failed (it was logged)
+
     def _listen(self):
         core = self._core
         try:
             conn = psycopg.connect(core.url, autocommit=True, **core.connect_args)
             conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(core.channel)))
-            return conn
         except psycopg.Error as e:
-            if not self._stopping:
-                beaver.logger.warning("beaver could not listen on %s: %s", core.path, e)
+            if not self._stopping and not self._away:      # once per outage, not per retry
+                beaver.logger.warning("beaver could not listen on %s (retrying): %s",
+                                      core.path, e)
+            self._away = True
             return None
+        if self._away:
+            beaver.logger.warning("beaver listens on %s again", core.path)
+            self._away = False
+        return conn
 
 
 # ==========================================================================================
@@ -677,6 +684,16 @@ class _Pool:
             self._freed.notify()
         with contextlib.suppress(Exception):
             conn.close()
+
+    def discard_idle(self):
+        """Close every idle connection: after one broke (a server restart breaks them all),
+        the next borrower opens a new one instead of finding the next broken one."""
+        while True:
+            try:
+                cursor = self._idle.pop()
+            except IndexError:
+                return
+            self.discard(cursor.connection)
 
     def pin(self, thread):
         cursor = self._pins[thread] = self.borrow()
@@ -808,6 +825,7 @@ class PostgresCore(beaver._Core):
             del local.cursor
             self._pool._pins.pop(threading.current_thread(), None)
         self._pool.discard(conn)
+        self._pool.discard_idle()
 
     def _identify(self):
         """The schema this URL works in: its advisory lock key and NOTIFY channel."""

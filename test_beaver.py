@@ -11368,6 +11368,48 @@ def test_pg_server_restart_clients_reconnect_and_carry_on(pg_cluster):
         assert dict(d.items()) == {"a": 1, "b": 2, "c": 3}
 
 
+def test_pg_waiters_survive_a_server_restart(pg_cluster):
+    url, stop = pg_cluster
+    with BeaverDB(url) as db, BeaverDB(url) as other:
+        holder = other.lock("job")
+        holder.acquire()
+        sub = db.channel("news").subscribe()
+        view = db.log("hits").live(window=3600, period=0.05, aggregator=len)
+        got, errors = {}, []
+
+        def wait(what, run):
+            try:
+                got[what] = run()
+            except Exception as e:      # reported by the assertion below
+                errors.append((what, e))
+
+        def view_sees_the_hit():
+            while view.get(timeout=MP_DEADLINE) == 0:
+                pass
+            return "seen"
+        waiters = [threading.Thread(target=wait, args=args) for args in [
+            ("queue", lambda: db.queue("jobs").get(timeout=MP_DEADLINE).data),
+            ("lock", lambda: db.lock("job").acquire(timeout=MP_DEADLINE).release()),
+            ("message", lambda: sub.get(timeout=MP_DEADLINE)),
+            ("view", view_sees_the_hit)]]
+        for t in waiters:
+            t.start()
+        _rt_until(lambda: db._core.watcher.users >= 3 and other._core.one(
+            "SELECT count(*) FROM beaver_locks WHERE name = 'job'")[0] == 2, MP_DEADLINE)
+        assert stop.restart().returncode == 0
+        assert other.dict("d").get("k") is None     # a read: retried on a new connection
+        other.queue("jobs").put("job")
+        other.channel("news").publish("hello")
+        other.log("hits").log(1)
+        holder.release()
+        for t in waiters:
+            t.join(MP_DEADLINE)
+        view.close()
+        sub.close()
+        assert errors == []
+        assert got == {"queue": "job", "lock": None, "message": "hello", "view": "seen"}
+
+
 def test_pg_two_servers_share_one_database(pg_url):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
