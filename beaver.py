@@ -1870,7 +1870,9 @@ class _Manager(_StructureLock):
 
         Hot paths test this first, then skip the event payload and take single statements.
         """
-        return bool(self._core.watcher.users) or self._heard()
+        events = self._db._events      # as _heard, inline: this is on every write's path
+        return (bool(self._core.watcher.users) or events.listening(self._topic)
+                or events.remote(self._topic))
 
     def _heard(self) -> bool:
         """True if a callback listens to this structure's events, here or in another

@@ -18,19 +18,29 @@ engines differ:
   ``BEGIN``, so read-modify-write code keeps its meaning (exactly-once queues, FIFO locks,
   gap-free channel and log sequences). Single statements that are atomic by themselves (dict
   set/delete, queue put, queue take with ``FOR UPDATE SKIP LOCKED``, blob put/delete) run
-  without it; any other write outside a transaction is wrapped in one.
+  without it; a channel publish takes it inside its one statement (``_LOCKING_ITSELF``); any
+  other write outside a transaction is wrapped in one.
 - wake-ups: triggers on the tables waiters care about ``NOTIFY`` the schema's channel (the
   payload is the table name: bounded); one listening connection per ``BeaverDB`` wakes the
-  same ``_Watcher`` waiters as SQLite's data_version poller does.
+  same ``_Watcher`` waiters as SQLite's data_version poller does. A woken queue ``get``
+  takes with its one ``SKIP LOCKED`` statement (an empty take locks nothing, so it is the
+  probe too): one round trip from the wake-up to the item.
 - filters: compiled to ``jsonb`` expressions (``PgFilter``), field indexes are expression
   indexes over the structure's rows (``PgFieldIndexes``).
 - collections are not stored on PostgreSQL yet: ``db.collection()`` raises
   ``FeatureUnavailable``.
 
-Connections: one per thread (autocommit, statements prepared after a few runs), like the
-SQLite core. A connection that breaks is dropped; the next call opens a new one. A read that
-fails because the connection broke outside a transaction is retried once on a new
-connection; a write is never retried (its outcome is unknown) and raises ``ConnectionLost``.
+Connections: a pool of at most ``POOL_SIZE`` per ``BeaverDB`` (autocommit, statements
+prepared by psycopg after a few runs, ``application_name`` "beaver" unless the URL names
+one). A statement borrows a connection and gives it back with its rows read; a transaction
+pins one to its thread until it ends; a thread that ended holding one loses it when the pool
+runs short. A connection that breaks is closed with the idle ones (a server restart breaks
+them all); the next call opens a new one. A read that fails because the connection broke
+outside a transaction is retried once on a new connection; a write is never retried (its
+outcome is unknown) and raises ``ConnectionLost`` with ``written=True``. Waiters (queue
+``get``, lock ``acquire``, subscribers, events) take a lost server as "not yet" and retry
+every ``_PgWatcher.RETRY_EVERY`` seconds; a live view yields from the rows it has until the
+server is back.
 """
 from __future__ import annotations
 
