@@ -949,7 +949,8 @@ class PostgresCore(beaver._Core):
 
     def _run(self, conn, sql):
         """Transaction control: ``BEGIN IMMEDIATE`` is BEGIN plus the writers' lock."""
-        if sql == "BEGIN IMMEDIATE":
+        begin = sql == "BEGIN IMMEDIATE"
+        if begin:
             sql = f"BEGIN; SELECT pg_advisory_xact_lock({self.lock_key})"
         try:
             conn.execute(sql)
@@ -957,8 +958,11 @@ class PostgresCore(beaver._Core):
             broken = _is_broken(e, conn)
             if broken:
                 self._forget(conn)
+            elif begin:             # the lock timed out: end the transaction it began
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
             error = self._error(e)
-            error.written = broken and sql != "BEGIN IMMEDIATE"
+            error.written = broken and not begin        # nothing was written yet
             raise error from e
 
     def _rollback(self, conn):

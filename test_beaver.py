@@ -11100,6 +11100,26 @@ def test_pg_a_read_survives_a_dropped_connection(pg_db, postgres_url):
     assert d["k"] == 2
 
 
+def test_pg_a_transaction_that_could_not_begin_wrote_nothing(pg_db, pg_url, postgres_url):
+    import psycopg
+    beaver_postgres = pytest.importorskip("beaver_postgres")
+    pid = pg_db._core.one("SELECT pg_backend_pid()")[0]      # the idle connection, lent next
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(beaver_postgres.ConnectionLost) as lost:
+        with pg_db.transaction():
+            pass
+    assert not lost.value.written               # it broke at BEGIN
+    with BeaverDB(pg_url, timeout=0.5) as impatient:
+        mine = impatient._core.one("SELECT pg_backend_pid()")[0]
+        with pg_db.transaction():               # holds the writers' lock
+            with pytest.raises(beaver.DatabaseBusy):
+                with impatient.transaction():
+                    pass
+        with impatient.transaction():           # the same connection, its BEGIN rolled back
+            assert impatient._core.one("SELECT pg_backend_pid()")[0] == mine
+
+
 def _pg_killed_mid_transaction(url, ready):
     db = BeaverDB(url)
     for i in range(10):
