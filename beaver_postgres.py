@@ -709,9 +709,10 @@ class _Pool:
         cursor = self._pins[thread] = self.borrow()
         return cursor
 
-    def unpin(self, thread):
+    def unpin(self, thread, broken=False):
+        """End ``thread``'s pin: its cursor goes back (or, ``broken``, is just forgotten)."""
         cursor = self._pins.pop(thread, None)
-        if cursor is not None:
+        if cursor is not None and not broken:
             self.give_back(cursor)
 
     def _reclaim_dead_pins(self) -> bool:
@@ -833,7 +834,7 @@ class PostgresCore(beaver._Core):
         cursor = getattr(local, "cursor", None)
         if cursor is not None and cursor.connection is conn:
             del local.cursor
-            self._pool._pins.pop(threading.current_thread(), None)
+            self._pool.unpin(threading.current_thread(), broken=True)
         self._pool.discard(conn)
         self._pool.discard_idle()
 
