@@ -23,9 +23,9 @@ The beaver column opens ``BeaverDB(url)`` (with ``search_path`` set to a schema 
 the URL's ``options``, dropped at the end) and runs the same operations through the public
 API; until the PostgreSQL backend exists it prints "backend not available" instead. The
 SQLite column is beaver on a file in a temporary folder. Throughput figures are the best of
-``--repeat`` interleaved rounds; latencies are wall-clock percentiles (the work happens in
-the server process, so this thread's CPU time would miss it). Results go to stdout and to
-bench/results/postgres.md.
+``--repeat`` interleaved rounds (the wake-up samples are taken in as many turns); latencies
+are wall-clock percentiles (the work happens in the server process, so this thread's CPU
+time would miss it). Results go to stdout and to bench/results/postgres.md.
 """
 from __future__ import annotations
 
@@ -357,7 +357,7 @@ def beaver_producer(where, n):
 
 
 def hand_off(consumer, producer, where, n):
-    """(p50 ms, p99 ms) of ``n`` hand-offs from a producer process to a consumer process."""
+    """The latencies (s) of ``n`` hand-offs from a producer process to a consumer process."""
     ready, out = SPAWN.Queue(), SPAWN.Queue()
     receiving = SPAWN.Process(target=consumer, args=(where, n, ready, out))
     receiving.start()
@@ -369,7 +369,22 @@ def hand_off(consumer, producer, where, n):
         process.join(DEADLINE)
     if len(latencies) < n:
         raise RuntimeError(f"only {len(latencies)} of {n} hand-offs arrived")
-    return percentile(latencies, 0.5), percentile(latencies, 0.99)
+    return latencies
+
+
+def wake_ups(sides, n, rounds):
+    """{name: ((queue p50, p99), (channel p50, p99))} in ms, ``n`` samples each, taken in
+    ``rounds`` turns across the contenders so that the machine's load changes hit all alike."""
+    queue = {name: [] for name, _, _ in sides}
+    channel = {name: [] for name, _, _ in sides}
+    for turn in range(rounds):
+        size = n // rounds + (1 if turn < n % rounds else 0)
+        for name, where, (consumer, producer, subscriber, publisher) in sides:
+            queue[name] += hand_off(consumer, producer, where, size)
+            channel[name] += hand_off(subscriber, publisher, where, size)
+    p = lambda samples: (percentile(samples, 0.5), percentile(samples, 0.99))
+    return {name: p(samples) for name, samples in queue.items()}, \
+        {name: p(samples) for name, samples in channel.items()}
 
 
 # ------------------------------------------------------------------------------------------
@@ -429,7 +444,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=3, help="rounds (best kept)")
     parser.add_argument("--docs", type=int, default=50000, help="documents for the text search")
     parser.add_argument("--queries", type=int, default=300, help="text-search queries")
-    parser.add_argument("--samples", type=int, default=300, help="wake-up hand-offs")
+    parser.add_argument("--samples", type=int, default=600, help="wake-up hand-offs")
     parser.add_argument("--quick", action="store_true", help="a smoke run, nothing written")
     args = parser.parse_args(argv)
     if args.quick:
@@ -463,10 +478,7 @@ def main(argv=None):
                  (lite.name, lite.where, beaver_side)]
         if pg is not None:
             sides.append((pg.name, pg.where, beaver_side))
-        wake, heard = {}, {}
-        for name, where, (consumer, producer, subscriber, publisher) in sides:
-            wake[name] = hand_off(consumer, producer, where, args.samples)
-            heard[name] = hand_off(subscriber, publisher, where, args.samples)
+        wake, heard = wake_ups(sides, args.samples, args.repeat)
         print("wake-up done", flush=True)
     finally:
         for c in contenders:
@@ -507,7 +519,8 @@ def main(argv=None):
              f"{args.queries} queries of one or two words of a package summary, contenders "
              "alternating on each query; the floor ranks with `ts_rank` over a `simple` "
              "tsvector, beaver with its own scoring, so the top 10 may legitimately differ. "
-             f"Wake-up: {args.samples} items (then as many messages), the producer pausing "
+             f"Wake-up: {args.samples} items (then as many messages) in {args.repeat} turns "
+             "across the contenders, the producer pausing "
              "0.5-5 ms before each, the latency from the producer's clock before the write to "
              "the consumer's after the read (the floor: LISTEN and `pg_notify` with the INSERT, "
              "then the SKIP LOCKED DELETE; for the channel, the rows past the last one read). The server runs with `synchronous_commit=on` (its default): every "
