@@ -1353,19 +1353,24 @@ class _Watcher:
             if self.tick == tick and not self._stopping:
                 self._cond.wait(timeout)
 
-    def wait_for(self, probe, timeout=None, cap=None):
+    def wait_for(self, probe, timeout=None, cap=None, probed_at=None):
         """Call ``probe()`` until it returns something other than None, waking on changes.
 
         ``cap`` bounds each sleep (or is a callable returning that bound, for waits whose
         condition also depends on the clock). Returns None when ``timeout`` passes.
+        ``probed_at``: the caller has just probed in vain, having read ``tick`` before; the
+        wait then sleeps first (any change since that read wakes it at once).
         """
         deadline = _Deadline(timeout)
         with self.watching():
             while True:
-                tick = self.tick
-                result = probe()
-                if result is not None:
-                    return result
+                if probed_at is None:
+                    tick = self.tick
+                    result = probe()
+                    if result is not None:
+                        return result
+                else:
+                    tick, probed_at = probed_at, None
                 if self._stopping:
                     self._core._close_deferred()
                     raise ClosedError("the database was closed while waiting")
@@ -3196,7 +3201,9 @@ class QueueManager(_Manager):
         """
         timeout = _seconds(timeout, "timeout", wait=True)
         lease = _seconds(lease, "lease", positive=True)
-        item = self._take(lease, woken=False)
+        watcher, looked = self._core.watcher, []
+        tick = watcher.tick         # read before the first try: a change after it ends a wait
+        item = self._take(lease, woken=False, looked=looked)
         if not block or self._core.in_transaction:
             if item is None and block:
                 raise BeaverError(f"queue {self._name!r} is empty, and waiting inside a "
@@ -3205,13 +3212,16 @@ class QueueManager(_Manager):
                 raise QueueEmpty(f"queue {self._name!r} is empty")
             return item
         if item is None:
-            take = functools.partial(self._take, lease)
-            item = self._core.watcher.wait_for(take, timeout, cap=self._lease_due)
+            take = functools.partial(self._take, lease, looked=looked)
+            item = watcher.wait_for(take, timeout, cap=lambda: self._lease_due(looked),
+                                    probed_at=tick)
         if item is None:
             raise Timeout(f"no item arrived in queue {self._name!r} within {timeout}s")
         return item
 
-    def _take(self, lease=None, woken=True):
+    def _take(self, lease=None, woken=True, looked=None):
+        """The first item (None if there is none): ``woken`` looks with a read before taking
+        the writers' lock; ``looked`` is handed to ``_takeable``."""
         core = self._core
         # a take wakes no waiter: only event listeners keep it off the one-statement path
         fast = lease is None and _HAS_RETURNING and self._codec is _JSON and not self._heard()
@@ -3221,7 +3231,7 @@ class QueueManager(_Manager):
             if item is not _MISSING:
                 return item
             fast, look_first = False, True  # empty, or a lease is due: look before locking
-        if look_first and not self._takeable():
+        if look_first and not self._takeable(looked):
             return None         # a waiter woken by some other write: no write lock for nothing
         if fast:
             item = self._take_fast()
@@ -3261,12 +3271,17 @@ class QueueManager(_Manager):
             self._core.execute("DELETE FROM beaver_queue_leases WHERE name = ?", (self._name,))
             super().clear()
 
-    def _takeable(self) -> bool:
-        """A read: is there an item, or an item whose lease ran out?"""
-        return self._core.one(
-            "SELECT EXISTS (SELECT 1 FROM beaver_queues WHERE name = ?) OR EXISTS (SELECT 1 "
-            "FROM beaver_queue_leases WHERE name = ? AND until <= ?)",
-            (self._name, self._name, _now()))[0] == 1
+    def _takeable(self, looked=None) -> bool:
+        """A read: is there an item, or an item whose lease ran out? The same read finds when
+        the next lease runs out: appended to the list ``looked`` (for ``_lease_due``)."""
+        queued, until = self._core.one(
+            "SELECT EXISTS (SELECT 1 FROM beaver_queues WHERE name = ?), "
+            "(SELECT min(until) FROM beaver_queue_leases WHERE name = ?)",
+            (self._name, self._name))
+        now = _now()
+        if looked is not None:
+            looked.append(None if until is None else max(0.0, until - now) + 0.0005)
+        return bool(queued) or (until is not None and until <= now)
 
     def _reclaim(self, now):
         """Put items whose lease ran out back into the queue (inside a transaction)."""
@@ -3280,8 +3295,13 @@ class QueueManager(_Manager):
         self._core.execute("DELETE FROM beaver_queue_leases WHERE name = ? AND until <= ?",
                            (self._name, now))
 
-    def _lease_due(self):
-        """Seconds until the next lease of this queue runs out (bounds a blocked ``get``)."""
+    def _lease_due(self, looked=None):
+        """Seconds until the next lease of this queue runs out (bounds a blocked ``get``);
+        what ``_takeable`` found, if it just ``looked``, else a read."""
+        if looked:
+            due = looked[-1]
+            looked.clear()
+            return due
         row = self._core.one("SELECT min(until) FROM beaver_queue_leases WHERE name = ?",
                                  (self._name,))
         return None if row[0] is None else max(0.0, row[0] - _now()) + 0.0005

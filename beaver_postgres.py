@@ -532,9 +532,9 @@ class _PgWatcher(beaver._Watcher):
             return limit
         return patient, bound
 
-    def wait_for(self, probe, timeout=None, cap=None):
+    def wait_for(self, probe, timeout=None, cap=None, probed_at=None):
         patient, bound = self._patient(probe, cap)
-        return super().wait_for(patient, timeout, bound)
+        return super().wait_for(patient, timeout, bound, probed_at)
 
     async def wait_for_async(self, probe, timeout=None, cap=None, run=None, stop=None):
         patient, bound = self._patient(probe, cap)
