@@ -6983,7 +6983,7 @@ def test_copy_to_is_all_or_nothing(tmp_path, db, clock):
 def test_copy_to_refuses_bad_destinations(tmp_path, db):
     db.dict("d")["a"] = 1
     for bad in (42, None, io.StringIO()):
-        with pytest.raises(TypeError, match="BeaverDB or a path"):
+        with pytest.raises(TypeError, match="BeaverClient or a path"):
             db.copy_to(bad)
     with pytest.raises(ValueError, match="onto itself"):
         db.copy_to(db)
@@ -6999,6 +6999,50 @@ def test_copy_to_refuses_bad_destinations(tmp_path, db):
         other.close()
         with pytest.raises(beaver.ClosedError):
             other.copy_to(db)
+
+
+def test_copy_to_and_from_a_server(tmp_path, server_url, uid):
+    """copy_to with a BeaverClient at either end: through the dump, same modes and progress."""
+    local = BeaverDB(tmp_path / "local.db")
+    local.dict(f"d-{uid}").set("a", {"n": 1}, ttl_seconds=3600)
+    local.list(f"l-{uid}").extend([1, 2, 3])
+    local.queue(f"q-{uid}").put("job", priority=2)
+    local.blobs(f"b-{uid}").put("k", b"\x00bytes", metadata={"m": 1})
+    docs = local.collection(f"c-{uid}")
+    docs.index(Document(id="x", body="hello world", embedding=[1.0, 0.0]))
+    docs.index(Document(id="y", body="other", embedding=[0.0, 1.0]))
+    docs.connect("x", "y", label="next")
+    calls = []
+    client = beaver.BeaverClient(server_url)
+    try:
+        assert local.copy_to(client, progress=lambda c, t: calls.append((c, t))) == 5
+        assert calls[0] == (0, 9) and calls[-1] == (9, 9)
+        assert client.dict(f"d-{uid}")["a"] == {"n": 1} and client.dict(f"d-{uid}").ttl("a") > 3500
+        assert client.list(f"l-{uid}")[:] == [1, 2, 3]
+        assert client.collection(f"c-{uid}").search([1.0, 0.1], top_k=1)[0][0].id == "x"
+        assert [d.id for d in client.collection(f"c-{uid}").neighbors("x")] == ["y"]
+        with pytest.raises(ValueError, match="already holds"):
+            local.copy_to(client)
+        assert client.list(f"l-{uid}")[:] == [1, 2, 3]           # refused before writing
+        local.list(f"l-{uid}").append(4)
+        local.copy_to(client, mode="replace")
+        assert client.list(f"l-{uid}")[:] == [1, 2, 3, 4]
+        back = tmp_path / "back.db"
+        assert client.copy_to(back) >= 5
+        with BeaverDB(back) as copied:
+            assert copied.list(f"l-{uid}")[:] == [1, 2, 3, 4]
+            assert copied.blobs(f"b-{uid}").get("k").data == b"\x00bytes"
+            assert copied.queue(f"q-{uid}").get(block=False).data == "job"
+            assert copied.collection(f"c-{uid}").match("hello")[0][0].id == "x"
+        with pytest.raises(ValueError, match="onto itself"):
+            client.copy_to(client)
+        with beaver.BeaverClient(server_url) as same, pytest.raises(ValueError, match="onto"):
+            client.copy_to(same)
+        with pytest.raises(TypeError, match="BeaverClient or a path"):
+            client.copy_to(42)
+    finally:
+        client.close()
+        local.close()
 
 
 def test_pg_copy_to_between_engines(pg_db, tmp_path):
@@ -7928,8 +7972,6 @@ def test_remote_transaction_reads_and_results(server_url, uid):
 _LOCAL_ONLY = {
     # BeaverDB: where the file is (the client has ``url`` instead)
     ("BeaverDB", "path"),
-    # BeaverDB: between two databases open in one process (a server's copies with dump, load)
-    ("BeaverDB", "copy_to"),
 }
 
 
