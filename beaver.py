@@ -9856,7 +9856,8 @@ def _cli_copy(argv) -> int:
         prog="beaver copy", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Copy every structure of the database SRC into DST (see BeaverDB.copy_to): "
                     "one snapshot of SRC, written to DST in one transaction. Each is a file "
-                    "(DST is created if missing) or a database URL. Progress shows on stderr "
+                    "(DST is created if missing), a database URL, or a beaver server's "
+                    "http(s):// URL ($BEAVER_TOKEN is its token). Progress shows on stderr "
                     "when it is a terminal.")
     parser.add_argument("source", metavar="SRC", help="the database to read")
     parser.add_argument("target", metavar="DST", help="the database to write")
@@ -9874,12 +9875,20 @@ def _cli_copy(argv) -> int:
     try:
         if "://" not in args.source and not os.path.exists(args.source):
             raise BeaverError(f"no database at {args.source!r} (a read never creates one)")
-        with BeaverDB(args.source) as source, _CopyProgress() as progress:
-            count = source.copy_to(args.target, args.mode, progress)
+        with _open_end(args.source) as source, _open_end(args.target) as target, \
+                _CopyProgress() as progress:
+            count = source.copy_to(target, args.mode, progress)
     except (BeaverError, ValueError, TypeError, OSError) as e:
         print(f"beaver: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return _cli_print({"structures": count})
+
+
+def _open_end(text):
+    """One end of ``beaver copy``: a server's client for an http(s) URL, else a database."""
+    if text.startswith(("http://", "https://")):
+        return BeaverClient(text, token=os.environ.get("BEAVER_TOKEN"))
+    return BeaverDB(text)
 
 
 class _CopyProgress:

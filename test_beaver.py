@@ -7045,6 +7045,21 @@ def test_copy_to_and_from_a_server(tmp_path, server_url, uid):
         local.close()
 
 
+def test_cli_copy_from_and_to_a_server(capsys, tmp_path, server_url, uid):
+    source = str(tmp_path / "source.db")
+    with BeaverDB(source) as db:
+        db.list(f"cli-{uid}").extend(["a", "b"])
+    assert _cli(capsys, "copy", source, server_url)[0] == 0
+    with beaver.BeaverClient(server_url) as client:
+        assert client.list(f"cli-{uid}")[:] == ["a", "b"]
+    back = str(tmp_path / "back.db")
+    assert _cli(capsys, "copy", server_url, back)[0] == 0
+    with BeaverDB(back) as db:
+        assert db.list(f"cli-{uid}")[:] == ["a", "b"]
+    code, _, err = _cli(capsys, "copy", server_url, server_url)
+    assert code == 1 and "onto itself" in err
+
+
 def test_pg_copy_to_between_engines(pg_db, tmp_path):
     """SQLite -> PostgreSQL -> SQLite: every kind PostgreSQL stores comes back the same."""
     with BeaverDB(tmp_path / "source.db") as source:
@@ -9405,7 +9420,7 @@ def test_cli_copy(capsys, dbfile, tmp_path, monkeypatch):
     assert _cli(capsys, "copy", dbfile)[0] == 2
     assert _cli(capsys, "copy", "--append", "--replace", dbfile, copy)[0] == 2
     code, out, _ = _cli(capsys, "copy", "--help")
-    assert code == 0 and "usage: beaver copy" in out
+    assert code == 0 and "usage: beaver copy" in out and "http(s)://" in out
     assert "copy every structure of SRC into DST" in _cli(capsys, "--help")[1]
 
     class Terminal(io.StringIO):
