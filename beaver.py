@@ -1065,6 +1065,11 @@ class _Core:
     def in_transaction(self) -> bool:
         return getattr(self._local, "depth", 0) > 0
 
+    def _begin(self, conn, sql):
+        """Begin a transaction on ``conn`` with ``sql``; the connection it runs on."""
+        self._run(conn, sql)
+        return conn
+
     @contextlib.contextmanager
     def transaction(self):
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; nested calls become savepoints.
@@ -1077,7 +1082,7 @@ class _Core:
         local = self._local
         depth = local.depth
         if depth == 0:
-            self._run(conn, "BEGIN IMMEDIATE")
+            conn = self._begin(conn, "BEGIN IMMEDIATE")
             local.pending, local.undo, local.token = [], [], object()
         else:
             self._run(conn, f"SAVEPOINT beaver_{depth}")
@@ -6986,9 +6991,8 @@ def _read_snapshot(core):
     if core.in_transaction:
         yield
         return
-    conn = core.conn()
+    conn = core._begin(core.conn(), core.SNAPSHOT_BEGIN)
     local = core._local
-    core._run(conn, core.SNAPSHOT_BEGIN)
     local.depth, local.pending, local.undo, local.token = 1, [], [], object()
     try:
         core.one("SELECT count(*) FROM beaver_meta")  # the snapshot starts here

@@ -11272,6 +11272,79 @@ def test_pg_server_restart_clients_reconnect_and_carry_on(pg_cluster):
         assert dict(d.items()) == {"a": 1, "b": 2, "c": 3}
 
 
+@pytest.fixture
+def pg_standby(pg_cluster):
+    """A synchronous streaming standby of ``pg_cluster``: (URL naming both, promote, stop
+    the primary). Commits are acknowledged once the standby has them."""
+    url, stop_primary = pg_cluster
+    folder = tempfile.mkdtemp(prefix="beaver-pg-")
+    run = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if run:
+        shutil.chown(folder, "postgres")
+    data, port = os.path.join(folder, "data"), _free_port()
+    primary_port = url.rsplit(":", 1)[1].split("/")[0]
+    ctl = lambda *args: subprocess.run(run + [str(PG_BIN / "pg_ctl"), "-D", data, *args],
+                                       capture_output=True, timeout=120)
+    try:
+        subprocess.run(run + [str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p",
+                              primary_port, "-U", "postgres", "-D", data, "-R", "-X", "stream",
+                              "-c", "fast"], check=True, capture_output=True, timeout=120)
+        assert ctl("-w", "-l", os.path.join(folder, "log"), "-o",
+                   f"-k {folder} -p {port} -h 127.0.0.1", "start").returncode == 0
+        import psycopg
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            conn.execute("SELECT pg_reload_conf()")
+            deadline = time.monotonic() + MP_DEADLINE
+            while conn.execute("SELECT count(*) FROM pg_stat_replication WHERE sync_state = "
+                               "'sync'").fetchone()[0] == 0:
+                assert time.monotonic() < deadline, "the standby never became synchronous"
+                time.sleep(0.05)  # polling the primary's view: nothing to wait on
+        both = (f"postgresql://postgres@127.0.0.1:{primary_port},127.0.0.1:{port}/postgres"
+                "?target_session_attrs=read-write")
+        yield both, lambda: ctl("-w", "promote"), stop_primary
+    finally:
+        ctl("-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_pg_failover_to_a_standby_is_a_restart_for_clients(pg_standby):
+    """The primary dies, the synchronous standby is promoted: every acknowledged write is
+    there, a waiting consumer and new writes carry on (a URL naming both hosts)."""
+    url, promote, stop_primary = pg_standby
+    with BeaverDB(url) as db:
+        log, queue, acked, stop = db.list("acked"), db.queue("jobs"), [], threading.Event()
+        log.push(-1)
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(queue.get(timeout=MP_DEADLINE).data))
+        waiter.start()
+
+        def write():
+            for i in itertools.count():
+                if stop.is_set():
+                    return
+                with contextlib.suppress(beaver_postgres_lost()):
+                    log.push(i)
+                    acked.append(i)
+        writer = threading.Thread(target=write)
+        writer.start()
+        _rt_until(lambda: len(acked) >= 20)
+        assert stop_primary().returncode == 0
+        assert promote().returncode == 0
+        seen = len(acked)
+        _rt_until(lambda: len(acked) >= seen + 20)      # writes go on on the new primary
+        stop.set()
+        writer.join(MP_DEADLINE)
+        assert set(acked) <= set(log[:])                # nothing acknowledged was lost
+        queue.put("after the failover")
+        waiter.join(MP_DEADLINE)
+        assert got == ["after the failover"]
+
+
+def beaver_postgres_lost():
+    return pytest.importorskip("beaver_postgres").ConnectionLost
+
+
 def test_pg_two_servers_share_one_database(pg_url):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
