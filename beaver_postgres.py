@@ -948,10 +948,20 @@ class PostgresCore(beaver._Core):
             return ClosedError("the database is closed")
         return _pg_error(e, self.path, self.timeout)
 
+    def _begin(self, conn, sql):
+        """Begin on ``conn``; if it turns out broken (nothing ran yet), once more on a new one:
+        so a transaction, or a snapshot read, carries on after a restart or a failover."""
+        try:
+            self._run(conn, sql)
+        except ConnectionLost:
+            conn = self.conn()
+            self._run(conn, sql)
+        return conn
+
     def _run(self, conn, sql):
         """Transaction control: ``BEGIN IMMEDIATE`` is BEGIN plus the writers' lock."""
-        begin = sql == "BEGIN IMMEDIATE"
-        if begin:
+        begins = sql.startswith("BEGIN")
+        if sql == "BEGIN IMMEDIATE":
             sql = f"BEGIN; SELECT pg_advisory_xact_lock({self.lock_key})"
         try:
             conn.execute(sql)
@@ -959,11 +969,11 @@ class PostgresCore(beaver._Core):
             broken = _is_broken(e, conn)
             if broken:
                 self._forget(conn)
-            elif begin:             # the lock timed out: end the transaction it began
+            elif begins:            # the lock timed out: end the transaction it began
                 with contextlib.suppress(psycopg.Error):
                     conn.execute("ROLLBACK")
             error = self._error(e)
-            error.written = broken and not begin        # nothing was written yet
+            error.written = broken and not begins       # nothing was written yet
             raise error from e
 
     def _rollback(self, conn):
