@@ -36,8 +36,11 @@ one). A statement borrows a connection and gives it back with its rows read; a t
 pins one to its thread until it ends; a thread that ended holding one loses it when the pool
 runs short. A connection that breaks is closed with the idle ones (a server restart breaks
 them all); the next call opens a new one. A read that fails because the connection broke
-outside a transaction is retried once on a new connection; a write is never retried (its
-outcome is unknown) and raises ``ConnectionLost`` with ``written=True``. Waiters (queue
+outside a transaction is retried once on a new connection; a write is sent on no connection
+the server is seen to have closed (``_closed_by_server``), and one that breaks while it runs
+is never retried (its outcome is unknown): it raises ``ConnectionLost`` with
+``written=True``. Pins end when a transaction does; a raw ``BEGIN`` sent through
+``execute`` pins the connection it ran on until it is idle again. Waiters (queue
 ``get``, lock ``acquire``, subscribers, events) take a lost server as "not yet" and retry
 every ``_PgWatcher.RETRY_EVERY`` seconds; a live view yields from the rows it has until the
 server is back.
@@ -49,6 +52,7 @@ import contextlib
 import decimal
 import hashlib
 import re
+import select
 import threading
 import time
 
@@ -354,6 +358,20 @@ def _is_broken(error, conn) -> bool:
     """True if ``error`` left ``conn`` unusable (the server went away, the network broke)."""
     return isinstance(error, _BROKEN) and (conn.closed or getattr(conn, "broken", False)
                                            or conn.pgconn.status != psycopg.pq.ConnStatus.OK)
+
+
+def _closed_by_server(conn) -> bool:
+    """True if the server closed the idle ``conn`` (a restart, a failover, a terminated
+    backend): its socket reads the end. Checked before a write is sent on a lent connection,
+    so that a write nothing ran of goes to a new connection instead of failing unknown."""
+    try:
+        for _ in range(3):          # a notice, or the server's last error, then the end
+            if not select.select([conn.pgconn.socket], [], [], 0)[0]:
+                break               # nothing (more) to read: as alive as can be known
+            conn.pgconn.consume_input()
+    except (psycopg.Error, OSError, ValueError):
+        return True
+    return conn.pgconn.status != psycopg.pq.ConnStatus.OK
 
 
 def _safe_url(url) -> str:
@@ -705,8 +723,9 @@ class _Pool:
                 return
             self.discard(cursor.connection)
 
-    def pin(self, thread):
-        cursor = self._pins[thread] = self.borrow()
+    def pin(self, thread, cursor=None):
+        """Pin ``cursor`` (by default a newly borrowed one) to ``thread``."""
+        cursor = self._pins[thread] = cursor or self.borrow()
         return cursor
 
     def unpin(self, thread, broken=False):
@@ -915,13 +934,22 @@ class PostgresCore(beaver._Core):
             lent = cursor is None
             if lent:
                 cursor = self._pool.borrow()
+                if statement.writes and _closed_by_server(cursor.connection):
+                    self._forget(cursor.connection)     # and the idle ones: all gone too
+                    cursor = self._pool.borrow()
             try:
-                return self._on(cursor, statement, params, how)
+                result = self._on(cursor, statement, params, how)
             except _DB_ERRORS as e:
                 error = e
-            finally:
+            except BaseException:
                 if lent:
-                    self._pool.give_back(cursor)    # closed instead if it broke
+                    self._pool.give_back(cursor)    # closed instead if not idle
+                raise
+            else:
+                self._after_statement(cursor, lent)
+                return result
+            if lent:
+                self._pool.give_back(cursor)        # closed instead if it broke
             conn = cursor.connection
             broken = _is_broken(error, conn)
             if broken:
@@ -932,6 +960,17 @@ class PostgresCore(beaver._Core):
             if broken:
                 new.written = statement.writes or self.in_transaction
             raise new from error
+
+    def _after_statement(self, cursor, lent):
+        """Give a lent connection back, unless a statement began a transaction on it (a raw
+        ``BEGIN``): then it stays with this thread, and goes back once idle again."""
+        idle = cursor.connection.pgconn.transaction_status == _IDLE
+        if lent and idle:
+            self._pool.give_back(cursor)
+        elif lent:
+            self._local.cursor = self._pool.pin(threading.current_thread(), cursor)
+        elif idle and not getattr(self._local, "depth", 0):
+            self._unpin()           # pinned by conn() outside transaction(): done with it
 
     @staticmethod
     def _on(cursor, statement, params, how):
