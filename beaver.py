@@ -3206,7 +3206,7 @@ class QueueManager(_Manager):
         """
         timeout = _seconds(timeout, "timeout", wait=True)
         lease = _seconds(lease, "lease", positive=True)
-        watcher, looked = self._core.watcher, []
+        watcher, looked = self._core.watcher, [] if block else None
         tick = watcher.tick         # read before the first try: a change after it ends a wait
         item = self._take(lease, woken=False, looked=looked)
         if not block or self._core.in_transaction:
