@@ -850,6 +850,14 @@ class _Core:
     def check_json(self):
         _check_json1(self)
 
+    def text_search(self) -> bool:
+        """Make what collections' text search needs (once); False where it cannot work."""
+        return _ensure_fts(self)
+
+    def connection_in_transaction(self) -> bool:
+        """Whether this thread's connection is in a transaction (beaver's or a raw BEGIN)."""
+        return self.conn().in_transaction
+
     def size(self) -> int:
         """Bytes the database takes on disk (the file and its WAL)."""
         return sum(os.path.getsize(self.path + s) for s in ("", "-wal")
@@ -5085,7 +5093,7 @@ class _Vocabulary:
         if not new:
             return
         grams = [(f"${term}$",) for term in sorted(new) if _gram_worthy(term)]
-        usable = bool(grams) and _ensure_grams(self._core)   # before the new words go in
+        usable = bool(grams) and self._grams_writable()   # before the new words go in
         self._core.executemany("INSERT OR IGNORE INTO beaver_terms (cid, term) VALUES (?, ?)",
                                [(self._cid, term) for term in sorted(new)])
         if usable:
@@ -5095,6 +5103,14 @@ class _Vocabulary:
         state.added |= new
         self._core.on_rollback(lambda: state.added.difference_update(new))
         self._core.after_commit(lambda: known.update(new))
+
+    def _grams_writable(self) -> bool:
+        """Whether new words go into the trigram index now (else it is marked stale)."""
+        return _ensure_grams(self._core)
+
+    def _two_edits(self) -> bool:
+        """Whether words two edits away can be looked up (a search checks the file again)."""
+        return _ensure_grams(self._core, recheck=True)
 
     def _forget_known(self):
         self._known = (None, set())
@@ -5161,7 +5177,7 @@ class _Vocabulary:
         limit = min(fuzziness, sum(len(word) >= n for n in FUZZY_MIN_LENGTH))
         if limit == 0:
             return [word]
-        if limit > 1 and _ensure_grams(self._core, recheck=True):
+        if limit > 1 and self._two_edits():
             candidates = self.present(self._trigram_candidates(word, limit))
         else:
             limit = 1
@@ -5324,11 +5340,13 @@ class _TextIndex:
             (expr, base, base + (1 << _FTS_PATH_BITS))).fetchone()
         return row[0] if row else ""
 
+    expression = staticmethod(_fts_expression)     # parsed atoms as this index's query
+
     def fuzzy(self, groups, negatives, paths, top_k, fuzziness, within=None):
         """Try the query as typed, then with each typo-corrected term in turn.
 
         Returns the hits and an expression every hit matches (for snippets)."""
-        expr = _fts_expression(groups, negatives)
+        expr = self.expression(groups, negatives)
         hits = self.ranked(expr, paths, top_k, within=within)
         if len(hits) >= top_k:
             return hits, expr
@@ -5339,7 +5357,7 @@ class _TextIndex:
                           (spellings[:turn] if turn < FUZZY_ROUNDS else spellings)]
                          for group in options]
             if all(rewritten):
-                expr = _fts_expression([g + r for g, r in zip(groups, rewritten)], negatives)
+                expr = self.expression([g + r for g, r in zip(groups, rewritten)], negatives)
                 more = self.ranked(expr, paths, top_k + len(found), within=within)
                 for rowid, score in more:
                     found.setdefault(rowid, (turn, score))
@@ -5347,6 +5365,9 @@ class _TextIndex:
                 break
         best = sorted(found.items(), key=lambda item: (item[1][0], -item[1][1]))[:top_k]
         return [(rowid, score) for rowid, (_, score) in best], expr
+
+
+_Core.text_classes = (_Vocabulary, _TextIndex)
 
 
 class _Graph:
@@ -5675,11 +5696,12 @@ class CollectionManager(_Manager, _Indexed):
     def __init__(self, db, name, model=None, metric=None, **options):
         super().__init__(db, name, model)
         _check_vector_options(metric, options)
-        self._fts = _ensure_fts(self._core)
+        self._fts = self._core.text_search()
         metric, self._options, cid = self._register(metric, options)
         self._rows = _DocumentRows(self._core, self._name, self._codec)
-        self._words = _Vocabulary(self._core, self._name, cid)
-        self._text = _TextIndex(self._core, self._name, cid, self._words, self._fts)
+        vocabulary, text_index = self._core.text_classes     # the engine's text search
+        self._words = vocabulary(self._core, self._name, cid)
+        self._text = text_index(self._core, self._name, cid, self._words, self._fts)
         self._graph = _Graph(self._core, self._name)
         self._vecs = _Vectors(self._core, self._name, metric, self._options)
 
@@ -6002,7 +6024,7 @@ class CollectionManager(_Manager, _Indexed):
             hits, expr = self._text.fuzzy(groups, negatives, paths, top_k, fuzziness,
                                           within)
         else:
-            expr = _fts_expression(groups, negatives)
+            expr = self._text.expression(groups, negatives)
             hits = self._text.ranked(expr, paths, top_k, within=within)
         docs = self._rows.by("id", [rowid for rowid, _ in hits], check)
         if highlight:
@@ -6513,10 +6535,6 @@ class BeaverDB:
         are fixed at creation: checked first (``ValueError`` naming a bad one and its range),
         and compared with the stored ones when the collection exists.
         """
-        if not self._core.collections:
-            raise FeatureUnavailable(f"collections are not available on {self._core.engine} "
-                                     "yet (dicts, lists, queues, blobs, logs, channels, events, "
-                                     "locks and transactions are)")
         _check_vector_options(metric, options)
         manager = self._manager(CollectionManager, name, model, metric=metric, **options)
         manager._agrees(metric, options)
