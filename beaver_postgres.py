@@ -203,6 +203,7 @@ _CONFLICT_KEYS = {"beaver_listeners": "owner, kind, name", "beaver_meta": "key",
                   "beaver_indexes": "kind, name, path", "beaver_dicts": "name, key",
                   "beaver_requests": "key"}
 _NEW_KEYS = {"beaver_locks": "ticket", "beaver_queue_leases": "lease", "beaver_documents": "id"}
+_SCALAR_MAX = re.compile(r"\bmax\((\w+), (\w+)\)")    # SQLite's two-argument max()
 _LOG_BUCKETS = re.compile(r"min\(CAST\(\(timestamp - \?\) / \? AS INTEGER\), \?\)")
 
 
@@ -252,7 +253,9 @@ class _Statement:
         code = re.sub(r"\bLIMIT \?", "LIMIT nullif(?, -1)", code)
         code = code.replace("group_concat(d.id)", "string_agg(d.id::text, ',')")
         code = code.replace(" NOT INDEXED ", " ")
-        return re.sub(r"\bIS NOT ([0-9]+)\b", r"IS DISTINCT FROM \1", code)
+        code = _SCALAR_MAX.sub(r"greatest(\1, \2)", code)
+        return re.sub(r"\bIS NOT (?!NULL\b|DISTINCT\b|TRUE\b|FALSE\b)([\w.]+)",
+                      r"IS DISTINCT FROM \1", code)
 
     @staticmethod
     def _insert_forms(text):
@@ -416,6 +419,16 @@ def _exact_number(value):
     return value
 
 
+class _Array(list):
+    """An array parameter that can be part of a key (collections keep filters' answers by
+    their SQL and parameters); psycopg sends it as a list."""
+
+    __slots__ = ()
+
+    def __hash__(self):
+        return hash(tuple(self))
+
+
 class PgFilter(beaver._Filter):
     """A beaver filter compiled to a PostgreSQL condition over JSON text (cast to jsonb).
 
@@ -464,10 +477,10 @@ class PgFilter(beaver._Filter):
             if kind < beaver._NUMBER:
                 terms.append(f"{rank} = {kind}")
             elif kind == beaver._NUMBER:
-                self.params.append([decimal.Decimal(_exact_number(v)) for v in values])
+                self.params.append(_Array(decimal.Decimal(_exact_number(v)) for v in values))
                 terms.append(f"{rank} = {kind} AND {number} = ANY(?::numeric[])")
             else:
-                self.params.append(values)
+                self.params.append(_Array(values))
                 terms.append(f"{rank} = {kind} AND {text} = ANY(?::text[])")
         return " OR ".join(f"({term})" for term in terms) or self.FALSE, kinds
 
@@ -551,8 +564,8 @@ def _tsquery(groups, negatives) -> str:
     user's text only ever reaches it as quoted lexemes, so no input is tsquery syntax.
 
         >>> A = beaver._Atom
-        >>> _tsquery([[A("sql", True), A("embedded db", False)]], [A("it's", False)])
-        "(('sql':* | ('embedded' <-> 'db'))) & !('it''s')"
+        >>> _tsquery([[A("sql", True), A("embedded db", False)], [A("x", False)]], [A("no", False)])
+        "(('sql':* | ('embedded' <-> 'db')) & ('x')) & !('no')"
     """
     expr = " & ".join("(" + " | ".join(map(_tsquery_atom, group)) + ")" for group in groups)
     if negatives:
@@ -629,7 +642,9 @@ def _marked(text, expr, width=16) -> str:
     text ``expr`` matches, matched words in brackets.
 
         >>> _marked("SQLite is an embedded database", "'embed':* & 'database'")
-        '...an [embedded] [database]'
+        'SQLite is an [embedded] [database]'
+        >>> _marked(" ".join(map(str, range(40))), "'20'", width=5)
+        '...18 19 [20] 21 22...'
     """
     exact, prefixes = set(), []
     for lexeme, star in _QUERY_LEXEME.findall(expr):
