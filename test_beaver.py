@@ -11248,6 +11248,16 @@ def test_pg_two_servers_share_one_database(pg_url):
         assert b.get("/dicts/config/theme").json() == "dark"
         assert b.get("/info").json()["structures"] == [
             {"kind": "dict", "name": "config", "size": 1}]
+        document = {"id": "x/1", "body": {"t": "hello world", "n": 1}, "embedding": [1.0, 0.0]}
+        assert a.post("/collections/c/index", json={"document": document}).status_code == 200
+        hits = b.post("/collections/c/match", json={"query": "helo", "fuzziness": 1,
+                                                    "highlight": True}).json()
+        assert hits[0]["document"]["id"] == "x/1" and "[hello]" in hits[0]["snippet"]
+        hits = b.post("/collections/c/search", json={"vector": [1.0, 0.1],
+                                                     "where": {"n": 1}}).json()
+        assert [hit["document"]["id"] for hit in hits] == ["x/1"]
+        assert {"kind": "collection", "name": "c", "size": 1} in b.get("/info").json()[
+            "structures"]
 
 
 def test_pg_pop_and_a_concurrent_set_of_the_key_happen_one_after_the_other(pg_url):
@@ -11318,3 +11328,140 @@ def test_pg_lock_hand_off_channel_and_events_across_processes(pg_url):
             finally:
                 child.join(MP_DEADLINE)
         assert child.exitcode == 0
+
+
+# ---- collections on PostgreSQL ----
+
+def _pg_collection_reader(url, loaded, written, result):
+    """Another process, over TCP: search once (its vector index loads), wait for the other
+    process's writes, then search, filter and match again."""
+    with BeaverDB(url, timeout=MP_DEADLINE) as db:
+        docs = db.collection("shared")
+        before = _ids(docs.search([0.0, 0.0], top_k=2))
+        loaded.set()
+        written.wait(MP_DEADLINE)
+        result.put((before, _ids(docs.search([0.0, 0.0], top_k=2)),
+                    _ids(docs.search([0.0, 0.0], top_k=2, where={"team": "blue"})),
+                    _ids(docs.match("quick fox")), _ids(docs.match("quikc", fuzziness=1)),
+                    _ids(docs.match("elefantine", fuzziness=2)), len(docs)))
+
+
+def test_pg_collection_two_processes_over_tcp(pg_url):
+    with BeaverDB(pg_url) as db:
+        docs = db.collection("shared")
+        docs.index_many(Document(id=f"d{i}", embedding=[float(i), 0.0],
+                                 body={"text": f"note {i}", "team": ("blue", "red")[i % 2]})
+                        for i in range(10))
+        loaded, written, result = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+        reader = SPAWN.Process(target=_pg_collection_reader, args=(pg_url, loaded, written,
+                                                                   result))
+        reader.start()
+        try:
+            assert loaded.wait(MP_DEADLINE)
+            docs.index(Document(id="near", embedding=[0.1, 0.0],
+                                body={"text": "the quick brown fox", "team": "blue"}))
+            docs.drop("d0")
+            docs.index(Document(id="big", embedding=[50.0, 0.0],
+                                body={"text": "an elephantine task", "team": "red"}))
+            written.set()
+            answer = result.get(timeout=MP_DEADLINE)
+        finally:
+            reader.join(MP_DEADLINE)
+        assert answer == (["d0", "d1"], ["near", "d1"], ["near", "d2"], ["near"], ["near"],
+                          ["big"], 11)
+        assert reader.exitcode == 0
+
+
+HOSTILE_QUERIES = ["'", "''", "\\", "\\'", "it's", "back\\slash", "a & b", "a | b", "!bang",
+                   "colon:", ":*", "star*", "*", "(paren", "()", ")(", "<->", "a <-> b",
+                   "a:* & !b", "'a' & 'b'", "\x00", "back\x00slash", "x\\x00", "$$", "%_",
+                   "'; DROP TABLE beaver_documents; --", '"it\'s back\\slash"', "-it's",
+                   "NOT 'a'", "it's OR !bang", "& | ! : * ( ) < - >", "é:*", "word" * 2500]
+
+
+def test_pg_collection_hostile_query_text_finds_what_sqlite_finds(pg_db, tmp_path):
+    """Quotes, backslashes, tsquery's own operators, NUL and huge queries are text on
+    PostgreSQL as on SQLite: the same documents come back, and nothing raises."""
+    bodies = {"a": "it's a back\\slash & pipe | bang! colon: star* (paren) <-> 'quoted'",
+              "b": "plain words, a bang and a star", "c": {"t": "Élan façade naïve"}}
+    with BeaverDB(tmp_path / "lite.db") as lite:
+        engines = [lite.collection("h"), pg_db.collection("h")]
+        for docs in engines:
+            docs.index_many(Document(id=key, body=body) for key, body in bodies.items())
+        for query in HOSTILE_QUERIES:
+            for fuzziness in (0, 1, 2):
+                sqlite, postgres = (sorted(_ids(docs.match(query, fuzziness=fuzziness)))
+                                    for docs in engines)
+                assert sqlite == postgres, (query, fuzziness)
+        assert _ids(engines[1].match("back\\slash")) == ["a"]
+        assert _ids(engines[1].match("'quoted'")) == ["a"]
+        assert _ids(engines[1].match("elan facade")) == ["c"]
+        for docs in engines:
+            with pytest.raises(ValueError):
+                docs.match("x" * (beaver.MATCH_MAX_LENGTH + 1))
+    assert len(pg_db.collection("h")) == 3
+
+
+def test_pg_collection_no_leak_between_two_collections(db):
+    """Text, typo vocabulary, vectors, filters and edges stay inside their collection."""
+    a, b = db.collection("a"), db.collection("b")
+    a.index(Document(id="same", body={"w": "zebra crossing"}, embedding=[1.0, 0.0]))
+    b.index_many([Document(id="same", body={"w": "zebras database"}, embedding=[0.0, 1.0]),
+                  Document(id="other", body={"w": "programming"}, embedding=[1.0, 0.1])])
+    b.connect("same", "other", "L")
+    assert _ids(a.match("zebras", fuzziness=1)) == ["same"]
+    assert a.match("databse", fuzziness=1) == [] and a.match("progrmaming", fuzziness=2) == []
+    assert a.match("database") == [] and _ids(b.match("database")) == ["same"]
+    assert [d.body for d, _ in a.search([0.0, 1.0], top_k=5)] == [{"w": "zebra crossing"}]
+    assert _ids(a.search([1.0, 0.1], top_k=5, where={"w": "programming"})) == []
+    assert a.find({"w": "programming"}) == [] and a.count() == 1
+    assert a.neighbors("same") == [] and [d.id for d in b.neighbors("same")] == ["other"]
+    b.clear()
+    assert _ids(a.match("zebra")) == ["same"] and len(a.search([1.0, 0.0])) == 1
+
+
+def test_pg_collection_typo_search_needs_its_extensions(pg_db, postgres_url):
+    """Without pg_trgm and fuzzystrmatch, fuzziness=2 is a clear FeatureUnavailable (one
+    edit needs neither); the extensions live in public, so dropping a schema keeps them."""
+    docs = pg_db.collection("docs")
+    docs.index(Document(id="p", body="functional programming"))
+    assert _ids(docs.match("progrmaming", fuzziness=2)) == ["p"]
+    import psycopg
+    with psycopg.connect(postgres_url) as conn:
+        assert dict(conn.execute("SELECT e.extname, n.nspname FROM pg_extension e JOIN "
+                                 "pg_namespace n ON n.oid = e.extnamespace")).items() >= \
+            {"pg_trgm": "public", "fuzzystrmatch": "public"}.items()
+    pg_db._core.fuzzy_schema = None
+    with pytest.raises(beaver.FeatureUnavailable, match="pg_trgm"):
+        docs.match("progrmaming", fuzziness=2)
+    assert _ids(docs.match("programing", fuzziness=1)) == ["p"]
+
+
+def test_pg_collection_extensions_made_once_by_racing_openers(postgres_url):
+    """In a new database (no extensions yet), several openers at once make pg_trgm and
+    fuzzystrmatch once (CREATE EXTENSION IF NOT EXISTS alone can race), and all can use them."""
+    import psycopg
+    name = f"beaver_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    url = postgres_url.rsplit("/", 1)[0] + "/" + name
+    found, errors = [], []
+
+    def open_and_search(i):
+        try:
+            with BeaverDB(pg_schema_url(url, "public")) as db:
+                docs = db.collection(f"c{i}")
+                docs.index(Document(id="p", body="functional programming"))
+                found.append(_ids(docs.match("progrmaming", fuzziness=2)))
+        except Exception as e:      # reported below
+            errors.append(e)
+    try:
+        threads = [threading.Thread(target=open_and_search, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(MP_DEADLINE)
+        assert errors == [] and found == [["p"]] * 4
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
