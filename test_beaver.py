@@ -6333,10 +6333,18 @@ def test_vector_exact_equals_brute_force(db, faiss_ok, metric, monkeypatch):
 
 
 def test_vector_persistence_across_reopen(tmp_path, faiss_ok):
+    vector_persistence_across_reopen(tmp_path / "v.db")
+
+
+def test_pg_vector_persistence_across_reopen(pg_url, faiss_ok):
+    vector_persistence_across_reopen(pg_url)      # the base in beaver_ann_parts (BYTEA)
+
+
+def vector_persistence_across_reopen(path):
     np = _np()
     rng = np.random.default_rng(1)
     vectors = {f"d{i}": rng.standard_normal(6) for i in range(300)}
-    with BeaverDB(tmp_path / "v.db") as db:
+    with BeaverDB(path) as db:
         coll = _VecCollection(db, "v", "cosine", background=False)
         coll.put_many(list(vectors.items())[:200])
         coll.coll.compact()                       # a stored base ...
@@ -6344,14 +6352,14 @@ def test_vector_persistence_across_reopen(tmp_path, faiss_ok):
             coll.put(doc_id, v)                   # ... plus entries only in the log
         coll.delete("d5")
         coll.delete("d250")
-    with BeaverDB(tmp_path / "v.db") as db:
+    with BeaverDB(path) as db:
         coll = _VecCollection(db, "v", "cosine", background=False)
         q = rng.standard_normal(6)
         _same_answer(coll.search(q, 300), _brute(coll.stored(), q, "cosine", 300))
         assert coll.index.info()["count"] == 298
         assert not {"d5", "d250"} & {d for d, _ in coll.search(q, 300)}
         coll.put("d5", vectors["d5"])             # re-index after drop, then reopen
-    with BeaverDB(tmp_path / "v.db") as db:
+    with BeaverDB(path) as db:
         coll = _VecCollection(db, "v", "cosine", background=False)
         assert coll.search(vectors["d5"], 1)[0][0] == "d5"
 
@@ -6596,7 +6604,14 @@ def _vec_writer(path, prefix, count, other, result):
 
 
 def test_vector_two_processes_insert_and_search(tmp_path, faiss_ok):
-    path = str(tmp_path / "v.db")
+    vector_two_processes_insert_and_search(str(tmp_path / "v.db"))
+
+
+def test_pg_vector_two_processes_insert_and_search(pg_url, faiss_ok):
+    vector_two_processes_insert_and_search(pg_url)     # over TCP, log rows in commit order
+
+
+def vector_two_processes_insert_and_search(path):
     result = SPAWN.Queue()
     workers = [SPAWN.Process(target=_vec_writer, args=(path, p, 150, o, result))
                for p, o in (("a", "bb"), ("bb", "a"))]
