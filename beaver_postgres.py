@@ -128,7 +128,9 @@ _SCHEMA = [
     # the words are beaver's own tokens (_terms), with positions, so queries mean the same
     f"""CREATE TABLE IF NOT EXISTS beaver_fts (rowid BIGINT PRIMARY KEY, collection {_T} NOT NULL,
         path {_T} NOT NULL, text TEXT NOT NULL, words TSVECTOR NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS beaver_fts_words ON beaver_fts USING gin (words)",
+    # a short pending list: searches scan it whole (the default 4 MB costs ms per search)
+    """CREATE INDEX IF NOT EXISTS beaver_fts_words ON beaver_fts USING gin (words)
+        WITH (gin_pending_list_limit = 256)""",
     # the tables of beaver_vector's index (its _SCHEMA, in PostgreSQL's types)
     f"""CREATE TABLE IF NOT EXISTS beaver_ann_log (seq BIGSERIAL PRIMARY KEY,
         collection {_T} NOT NULL, doc_id {_T} NOT NULL, op TEXT NOT NULL)""",
@@ -224,7 +226,7 @@ def _outside_literals(text, change) -> str:
 class _Statement:
     """One SQLite statement of beaver.py as PostgreSQL runs it."""
 
-    __slots__ = ("sql", "picks", "writes", "locked", "new_key", "in_transaction")
+    __slots__ = ("sql", "picks", "writes", "locked", "new_key", "in_transaction", "prepare")
 
     def __init__(self, text):
         original = text
@@ -235,6 +237,9 @@ class _Statement:
         self.writes = verb in ("INSERT", "UPDATE", "DELETE")
         self.locked = self.writes and original not in _LOCK_FREE
         self.in_transaction = self     # the form to run inside a transaction
+        # psycopg prepares a statement run often (None); a text search is planned for each
+        # query instead: a generic plan cannot tell a rare word (the GIN index) from a common one
+        self.prepare = False if "tsquery" in text else None
         if original in _LOCK_ROWS_IN_TRANSACTION:
             self.in_transaction = _Statement.__new__(_Statement)
             for slot in self.__slots__:
@@ -578,7 +583,7 @@ _QUERY_LEXEME = re.compile(r"'((?:[^']|'')*)'(:\*)?")
 
 class PgTextIndex(beaver._TextIndex):
     """``_TextIndex`` on a table with a ``tsvector`` column and a GIN index: the same rows
-    (one per document and field path, the same rowids), ranked by ``ts_rank_cd`` (SQLite
+    (one per document and field path, the same rowids), ranked by ``ts_rank`` (SQLite
     ranks by bm25: scores differ, their order mostly agrees)."""
 
     expression = staticmethod(_tsquery)
@@ -598,12 +603,13 @@ class PgTextIndex(beaver._TextIndex):
             "LIMIT 1", (_lexeme(word), self._low, self._high)).fetchone() is not None
 
     def optimize(self):
-        pass            # a GIN index needs no merging (autovacuum cleans its pending list)
+        """Merge the GIN index's pending list (what FTS5's 'optimize' is to its segments)."""
+        self._core.execute("SELECT gin_clean_pending_list('beaver_fts_words'::regclass)")
 
     def ranked(self, expr, paths, limit, checked=False, within=None) -> list:
         """As on SQLite; ``checked`` (a raw query) is PostgreSQL's ``to_tsquery`` syntax."""
         query = "to_tsquery('simple', ?)" if checked else "?::tsquery"
-        sql = (f"SELECT {self.DOCUMENT}, sum(ts_rank_cd(words, q.q))::float8 AS score "
+        sql = (f"SELECT {self.DOCUMENT}, sum(ts_rank(words, q.q))::float8 AS score "
                f"FROM beaver_fts, (SELECT {query} AS q) AS q "
                f"WHERE words @@ q.q AND rowid >= ? AND rowid < ?")
         params = [expr, self._low, self._high]
@@ -632,7 +638,7 @@ class PgTextIndex(beaver._TextIndex):
         base = self._rowid(doc_rowid)
         row = self._core.execute(
             "SELECT text FROM beaver_fts, (SELECT ?::tsquery AS q) AS q WHERE words @@ q.q "
-            "AND rowid >= ? AND rowid < ? ORDER BY ts_rank_cd(words, q.q) DESC, rowid LIMIT 1",
+            "AND rowid >= ? AND rowid < ? ORDER BY ts_rank(words, q.q) DESC, rowid LIMIT 1",
             (expr, base, base + (1 << beaver._FTS_PATH_BITS))).fetchone()
         return "" if row is None else _marked(row[0], expr)
 
@@ -1020,7 +1026,7 @@ class PostgresCore(beaver._Core):
                 if how is _MANY:
                     cursor.executemany(statement.sql, params)
                     return cursor.rowcount
-                cursor.execute(statement.sql, params)
+                cursor.execute(statement.sql, params, prepare=statement.prepare)
                 if how is _ONE:
                     return None if cursor.description is None else cursor.fetchone()
                 return _Result(cursor, statement)
