@@ -24,8 +24,11 @@ engines differ:
   same ``_Watcher`` waiters as SQLite's data_version poller does.
 - filters: compiled to ``jsonb`` expressions (``PgFilter``), field indexes are expression
   indexes over the structure's rows (``PgFieldIndexes``).
-- collections are not stored on PostgreSQL yet: ``db.collection()`` raises
-  ``FeatureUnavailable``.
+- collections: the same tables and managers; the text index (``PgTextIndex``) stores beaver's
+  own tokens in a ``tsvector`` column (GIN), so parsed queries become ``tsquery`` parameters
+  that find what FTS5 finds; two-edit typo search (``PgVocabulary``) takes its candidates from
+  ``pg_trgm`` and ``fuzzystrmatch``, created once per database in ``public``; the faiss index
+  of ``beaver_vector`` keeps its tables here too.
 
 Connections: one per thread (autocommit, statements prepared after a few runs), like the
 SQLite core. A connection that breaks is dropped; the next call opens a new one. A read that
