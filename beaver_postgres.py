@@ -255,6 +255,10 @@ class _Statement:
         if _SQLITE_ONLY.search(code):
             raise FeatureUnavailable(f"this statement has no PostgreSQL form yet: {code[:200]}")
         code = _LOG_BUCKETS.sub("least(floor((timestamp - ?) / ?)::bigint, ?)", code)
+        # documents by id (_DocumentRows._select_in): by the primary key, the collection
+        # checked on each row, as SQLite's unary plus says (a planner with stale statistics
+        # would intersect the ids with the whole collection's index)
+        code = code.replace("+d.collection = ?", "d.collection || '' = ?")
         code = _UNARY_PLUS.sub("", code)
         code = re.sub(r"\) GROUP BY 1$", ") AS sub GROUP BY 1", code)     # PostgreSQL 15 names
         code = re.sub(r"LIMIT \?\) ORDER BY", "LIMIT ?) AS sub ORDER BY", code)  # subqueries
@@ -600,10 +604,14 @@ class PgTextIndex(beaver._TextIndex):
                 [(rowid, text, name, path, _tsvector(text)) for rowid, text, name, path in rows])
             self._words.add(words)
 
+    # the collection's rows, checked on the rows the GIN index finds (as a rowid range, a
+    # planner with stale statistics would intersect the index with the whole collection's)
+    _MINE = f"(beaver_fts.rowid >> {beaver._FTS_DOC_BITS + beaver._FTS_PATH_BITS}) = ?"
+
     def _holds(self, word) -> bool:
         return self._core.execute(
-            "SELECT 1 FROM beaver_fts WHERE words @@ ?::tsquery AND rowid >= ? AND rowid < ? "
-            "LIMIT 1", (_lexeme(word), self._low, self._high)).fetchone() is not None
+            f"SELECT 1 FROM beaver_fts WHERE words @@ ?::tsquery AND {self._MINE} LIMIT 1",
+            (_lexeme(word), self._cid)).fetchone() is not None
 
     def optimize(self):
         """Merge the GIN index's pending list (what FTS5's 'optimize' is to its segments)."""
@@ -614,8 +622,8 @@ class PgTextIndex(beaver._TextIndex):
         query = "to_tsquery('simple', ?)" if checked else "?::tsquery"
         sql = (f"SELECT {self.DOCUMENT}, sum(ts_rank(words, q.q))::float8 AS score "
                f"FROM beaver_fts, (SELECT {query} AS q) AS q "
-               f"WHERE words @@ q.q AND rowid >= ? AND rowid < ?")
-        params = [expr, self._low, self._high]
+               f"WHERE words @@ q.q AND {self._MINE}")
+        params = [expr, self._cid]
         if paths is not None:
             sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
             for p in paths:
