@@ -1073,6 +1073,11 @@ class _Core:
     def in_transaction(self) -> bool:
         return getattr(self._local, "depth", 0) > 0
 
+    def _begin(self, conn, sql):
+        """Begin a transaction on ``conn`` with ``sql``; the connection it runs on."""
+        self._run(conn, sql)
+        return conn
+
     @contextlib.contextmanager
     def transaction(self):
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; nested calls become savepoints.
@@ -1085,7 +1090,7 @@ class _Core:
         local = self._local
         depth = local.depth
         if depth == 0:
-            self._run(conn, "BEGIN IMMEDIATE")
+            conn = self._begin(conn, "BEGIN IMMEDIATE")
             local.pending, local.undo, local.token = [], [], object()
         else:
             self._run(conn, f"SAVEPOINT beaver_{depth}")
@@ -6591,8 +6596,8 @@ class BeaverDB:
         return _load_database(self, fp, mode)
 
     def copy_to(self, other, mode="new", progress=None) -> int:
-        """Copy every structure into ``other`` (a ``BeaverDB``, or a path or URL to open);
-        returns the number of structures copied.
+        """Copy every structure into ``other`` (a ``BeaverDB``, a path or URL to open, or a
+        ``BeaverClient``: a server's database); returns the number of structures copied.
 
             >>> db.dict("config").set("session", "abc", ttl_seconds=3600)
             >>> db.queue("jobs").put({"task": "resize"}, priority=1)
@@ -7004,9 +7009,8 @@ def _read_snapshot(core):
     if core.in_transaction:
         yield
         return
-    conn = core.conn()
+    conn = core._begin(core.conn(), core.SNAPSHOT_BEGIN)
     local = core._local
-    core._run(conn, core.SNAPSHOT_BEGIN)
     local.depth, local.pending, local.undo, local.token = 1, [], [], object()
     try:
         core.one("SELECT count(*) FROM beaver_meta")  # the snapshot starts here
@@ -7202,6 +7206,8 @@ def _copy_database(source, target, mode="new", progress=None) -> int:
         raise ValueError(f"mode must be one of {', '.join(map(repr, _COPY_MODES))}, not {mode!r}")
     if progress is not None and not callable(progress):
         raise TypeError(f"progress is a callable taking (copied, total), not {progress!r:.40}")
+    if isinstance(source, BeaverClient) or isinstance(target, BeaverClient):
+        return _copy_through_dump(source, target, mode, progress)
     source._check_open()
     if isinstance(target, (str, os.PathLike)):
         if _same_place(source.path, os.fspath(target)):
@@ -7209,12 +7215,82 @@ def _copy_database(source, target, mode="new", progress=None) -> int:
         with BeaverDB(target) as opened:
             return _copy_into(source, opened, mode, progress)
     if not isinstance(target, BeaverDB):
-        raise TypeError(f"copy_to needs a BeaverDB or a path, not {type(target).__name__} (a "
-                        "server's database copies with dump and load)")
+        raise TypeError(f"copy_to needs a BeaverDB, a BeaverClient or a path, not "
+                        f"{type(target).__name__}")
     target._check_open()
     if target is source or _same_place(source.path, target.path):
         raise ValueError("cannot copy a database onto itself")
     return _copy_into(source, target, mode, progress)
+
+
+def _copy_through_dump(source, target, mode, progress) -> int:
+    """``copy_to`` when a server is at either end: the source's dump, spooled (memory up to
+    ``_SPOOL_BYTES``, then a temporary file), loaded by the target in one transaction."""
+    if isinstance(target, (str, os.PathLike)):
+        with BeaverDB(target) as opened:
+            return _copy_through_dump(source, opened, mode, progress)
+    if not isinstance(target, (BeaverDB, BeaverClient)):
+        raise TypeError(f"copy_to needs a BeaverDB, a BeaverClient or a path, not "
+                        f"{type(target).__name__}")
+    if target is source or getattr(target, "url", None) == getattr(source, "url", False):
+        raise ValueError("cannot copy a database onto itself")
+    with tempfile.SpooledTemporaryFile(_SPOOL_BYTES, "w+", encoding="utf-8") as spool:
+        source.dump(spool)
+        spool.seek(0)
+        plan, framing = _dump_plan(spool)
+        if mode == "new":
+            _refuse_held(target, plan)
+        spool.seek(0)
+        meter = _Meter(progress, sum(size for _, _, size in plan))
+        target.load(_MeteredDump(spool, framing, meter), "append" if mode == "new" else mode)
+        meter.finish()
+    return len(plan)
+
+
+def _dump_plan(spool) -> tuple:
+    """The structures of a spooled dump, ``[(kind, name, items and edges)]``, and the numbers
+    of its lines that are not items (the header, structure lines, the end line)."""
+    plan, framing, number = [], {0}, 0
+    lines = _dump_lines(spool)
+    next(lines, None)
+    try:
+        for line in lines:
+            number += 1
+            framing.add(number)
+            if line.get("end") is True:
+                return plan, framing
+            size = line["count"] + (line.get("edges") or 0)
+            plan.append((line["structure"], line["name"], size))
+            for _ in range(size):
+                next(lines)
+            number += size
+    except (AttributeError, KeyError, TypeError, StopIteration):
+        pass
+    raise ValueError("the source's dump is malformed or truncated; nothing was copied")
+
+
+def _refuse_held(target, plan):
+    held = {(s["kind"], s["name"]) for s in target.info()["structures"]}
+    _refuse_filled_names([(kind, name) for kind, name, _ in plan if (kind, name) in held])
+
+
+class _MeteredDump:
+    """A spooled dump read by ``load``: line by line, counting its items and edges in
+    ``meter`` (or whole, by a client that sends it in one request, counted once sent)."""
+
+    def __init__(self, spool, framing, meter):
+        self._spool, self._framing, self._meter = spool, framing, meter
+
+    def __iter__(self):
+        number = 0
+        for line in self._spool:
+            if line.strip():
+                self._meter.add(number not in self._framing)
+                number += 1
+                yield line
+
+    def read(self):
+        return "".join(self)
 
 
 def _same_place(a, b) -> bool:
@@ -7237,7 +7313,11 @@ def _copy_into(source, target, mode, progress) -> int:
 
 def _refuse_filled(target, plan):
     held = {kind: {name for name, _ in _structure_names(target, kind)} for kind in _kinds(target)}
-    filled = [f"{kind} {name!r}" for kind, name in plan if name in held.get(kind, ())]
+    _refuse_filled_names([(kind, name) for kind, name in plan if name in held.get(kind, ())])
+
+
+def _refuse_filled_names(pairs):
+    filled = [f"{kind} {name!r}" for kind, name in pairs]
     if filled:
         more = f" and {len(filled) - 3} more" if len(filled) > 3 else ""
         raise ValueError(f"the destination already holds {', '.join(filled[:3])}{more}: copy "
@@ -8718,6 +8798,16 @@ class BeaverClient:
                              "Content-Type: application/x-ndjson\r\n", writes=True)
         return json.loads(data)["structures"]
 
+    def copy_to(self, other, mode="new", progress=None) -> int:
+        """Copy every structure of the server's database into ``other`` (a ``BeaverDB``, a
+        path or URL to open, or another ``BeaverClient``); returns how many were copied.
+
+        As ``BeaverDB.copy_to``: one snapshot of the source, one transaction in ``other``,
+        the same ``mode`` ("new", "append", "replace") and ``progress(copied, total)``. The
+        dump travels through a spool (memory up to 1 MB, then a temporary file).
+        """
+        return _copy_database(self, other, mode, progress)
+
     def backup(self, path) -> str:
         """Download a consistent copy of the server's database file to ``path``."""
         target = os.path.abspath(os.fspath(path))
@@ -9788,7 +9878,8 @@ def _cli_copy(argv) -> int:
         prog="beaver copy", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Copy every structure of the database SRC into DST (see BeaverDB.copy_to): "
                     "one snapshot of SRC, written to DST in one transaction. Each is a file "
-                    "(DST is created if missing) or a database URL. Progress shows on stderr "
+                    "(DST is created if missing), a database URL, or a beaver server's "
+                    "http(s):// URL ($BEAVER_TOKEN is its token). Progress shows on stderr "
                     "when it is a terminal.")
     parser.add_argument("source", metavar="SRC", help="the database to read")
     parser.add_argument("target", metavar="DST", help="the database to write")
@@ -9806,12 +9897,20 @@ def _cli_copy(argv) -> int:
     try:
         if "://" not in args.source and not os.path.exists(args.source):
             raise BeaverError(f"no database at {args.source!r} (a read never creates one)")
-        with BeaverDB(args.source) as source, _CopyProgress() as progress:
-            count = source.copy_to(args.target, args.mode, progress)
+        with _open_end(args.source) as source, _open_end(args.target) as target, \
+                _CopyProgress() as progress:
+            count = source.copy_to(target, args.mode, progress)
     except (BeaverError, ValueError, TypeError, OSError) as e:
         print(f"beaver: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return _cli_print({"structures": count})
+
+
+def _open_end(text):
+    """One end of ``beaver copy``: a server's client for an http(s) URL, else a database."""
+    if text.startswith(("http://", "https://")):
+        return BeaverClient(text, token=os.environ.get("BEAVER_TOKEN"))
+    return BeaverDB(text)
 
 
 class _CopyProgress:

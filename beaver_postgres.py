@@ -1058,8 +1058,19 @@ class PostgresCore(beaver._Core):
             return ClosedError("the database is closed")
         return _pg_error(e, self.path, self.timeout)
 
+    def _begin(self, conn, sql):
+        """Begin on ``conn``; if it turns out broken (nothing ran yet), once more on a new one:
+        so a transaction, or a snapshot read, carries on after a restart or a failover."""
+        try:
+            self._run(conn, sql)
+        except ConnectionLost:
+            conn = self.conn()
+            self._run(conn, sql)
+        return conn
+
     def _run(self, conn, sql):
         """Transaction control: ``BEGIN IMMEDIATE`` is BEGIN plus the writers' lock."""
+        begins = sql.startswith("BEGIN")
         if sql == "BEGIN IMMEDIATE":
             sql = f"BEGIN; SELECT pg_advisory_xact_lock({self.lock_key})"
         try:
@@ -1069,7 +1080,7 @@ class PostgresCore(beaver._Core):
             if broken:
                 self._forget(conn)
             error = self._error(e)
-            error.written = broken and sql != "BEGIN IMMEDIATE"
+            error.written = broken and not begins
             raise error from e
 
     def _rollback(self, conn):

@@ -7014,7 +7014,7 @@ def test_copy_to_is_all_or_nothing(tmp_path, db, clock):
 def test_copy_to_refuses_bad_destinations(tmp_path, db):
     db.dict("d")["a"] = 1
     for bad in (42, None, io.StringIO()):
-        with pytest.raises(TypeError, match="BeaverDB or a path"):
+        with pytest.raises(TypeError, match="BeaverClient or a path"):
             db.copy_to(bad)
     with pytest.raises(ValueError, match="onto itself"):
         db.copy_to(db)
@@ -7030,6 +7030,65 @@ def test_copy_to_refuses_bad_destinations(tmp_path, db):
         other.close()
         with pytest.raises(beaver.ClosedError):
             other.copy_to(db)
+
+
+def test_copy_to_and_from_a_server(tmp_path, server_url, uid):
+    """copy_to with a BeaverClient at either end: through the dump, same modes and progress."""
+    local = BeaverDB(tmp_path / "local.db")
+    local.dict(f"d-{uid}").set("a", {"n": 1}, ttl_seconds=3600)
+    local.list(f"l-{uid}").extend([1, 2, 3])
+    local.queue(f"q-{uid}").put("job", priority=2)
+    local.blobs(f"b-{uid}").put("k", b"\x00bytes", metadata={"m": 1})
+    docs = local.collection(f"c-{uid}")
+    docs.index(Document(id="x", body="hello world", embedding=[1.0, 0.0]))
+    docs.index(Document(id="y", body="other", embedding=[0.0, 1.0]))
+    docs.connect("x", "y", label="next")
+    calls = []
+    client = beaver.BeaverClient(server_url)
+    try:
+        assert local.copy_to(client, progress=lambda c, t: calls.append((c, t))) == 5
+        assert calls[0] == (0, 9) and calls[-1] == (9, 9)
+        assert client.dict(f"d-{uid}")["a"] == {"n": 1} and client.dict(f"d-{uid}").ttl("a") > 3500
+        assert client.list(f"l-{uid}")[:] == [1, 2, 3]
+        assert client.collection(f"c-{uid}").search([1.0, 0.1], top_k=1)[0][0].id == "x"
+        assert [d.id for d in client.collection(f"c-{uid}").neighbors("x")] == ["y"]
+        with pytest.raises(ValueError, match="already holds"):
+            local.copy_to(client)
+        assert client.list(f"l-{uid}")[:] == [1, 2, 3]           # refused before writing
+        local.list(f"l-{uid}").append(4)
+        local.copy_to(client, mode="replace")
+        assert client.list(f"l-{uid}")[:] == [1, 2, 3, 4]
+        back = tmp_path / "back.db"
+        assert client.copy_to(back) >= 5
+        with BeaverDB(back) as copied:
+            assert copied.list(f"l-{uid}")[:] == [1, 2, 3, 4]
+            assert copied.blobs(f"b-{uid}").get("k").data == b"\x00bytes"
+            assert copied.queue(f"q-{uid}").get(block=False).data == "job"
+            assert copied.collection(f"c-{uid}").match("hello")[0][0].id == "x"
+        with pytest.raises(ValueError, match="onto itself"):
+            client.copy_to(client)
+        with beaver.BeaverClient(server_url) as same, pytest.raises(ValueError, match="onto"):
+            client.copy_to(same)
+        with pytest.raises(TypeError, match="BeaverClient or a path"):
+            client.copy_to(42)
+    finally:
+        client.close()
+        local.close()
+
+
+def test_cli_copy_from_and_to_a_server(capsys, tmp_path, server_url, uid):
+    source = str(tmp_path / "source.db")
+    with BeaverDB(source) as db:
+        db.list(f"cli-{uid}").extend(["a", "b"])
+    assert _cli(capsys, "copy", source, server_url)[0] == 0
+    with beaver.BeaverClient(server_url) as client:
+        assert client.list(f"cli-{uid}")[:] == ["a", "b"]
+    back = str(tmp_path / "back.db")
+    assert _cli(capsys, "copy", server_url, back)[0] == 0
+    with BeaverDB(back) as db:
+        assert db.list(f"cli-{uid}")[:] == ["a", "b"]
+    code, _, err = _cli(capsys, "copy", server_url, server_url)
+    assert code == 1 and "onto itself" in err
 
 
 def test_pg_copy_to_between_engines(pg_db, tmp_path, clock):
@@ -7962,8 +8021,6 @@ def test_remote_transaction_reads_and_results(server_url, uid):
 _LOCAL_ONLY = {
     # BeaverDB: where the file is (the client has ``url`` instead)
     ("BeaverDB", "path"),
-    # BeaverDB: between two databases open in one process (a server's copies with dump, load)
-    ("BeaverDB", "copy_to"),
 }
 
 
@@ -9397,7 +9454,7 @@ def test_cli_copy(capsys, dbfile, tmp_path, monkeypatch):
     assert _cli(capsys, "copy", dbfile)[0] == 2
     assert _cli(capsys, "copy", "--append", "--replace", dbfile, copy)[0] == 2
     code, out, _ = _cli(capsys, "copy", "--help")
-    assert code == 0 and "usage: beaver copy" in out
+    assert code == 0 and "usage: beaver copy" in out and "http(s)://" in out
     assert "copy every structure of SRC into DST" in _cli(capsys, "--help")[1]
 
     class Terminal(io.StringIO):
@@ -11245,6 +11302,79 @@ def test_pg_server_restart_clients_reconnect_and_carry_on(pg_cluster):
         waiter.join(MP_DEADLINE)
         assert got == ["after the restart"]
         assert dict(d.items()) == {"a": 1, "b": 2, "c": 3}
+
+
+@pytest.fixture
+def pg_standby(pg_cluster):
+    """A synchronous streaming standby of ``pg_cluster``: (URL naming both, promote, stop
+    the primary). Commits are acknowledged once the standby has them."""
+    url, stop_primary = pg_cluster
+    folder = tempfile.mkdtemp(prefix="beaver-pg-")
+    run = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if run:
+        shutil.chown(folder, "postgres")
+    data, port = os.path.join(folder, "data"), _free_port()
+    primary_port = url.rsplit(":", 1)[1].split("/")[0]
+    ctl = lambda *args: subprocess.run(run + [str(PG_BIN / "pg_ctl"), "-D", data, *args],
+                                       capture_output=True, timeout=120)
+    try:
+        subprocess.run(run + [str(PG_BIN / "pg_basebackup"), "-h", "127.0.0.1", "-p",
+                              primary_port, "-U", "postgres", "-D", data, "-R", "-X", "stream",
+                              "-c", "fast"], check=True, capture_output=True, timeout=120)
+        assert ctl("-w", "-l", os.path.join(folder, "log"), "-o",
+                   f"-k {folder} -p {port} -h 127.0.0.1", "start").returncode == 0
+        import psycopg
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            conn.execute("SELECT pg_reload_conf()")
+            deadline = time.monotonic() + MP_DEADLINE
+            while conn.execute("SELECT count(*) FROM pg_stat_replication WHERE sync_state = "
+                               "'sync'").fetchone()[0] == 0:
+                assert time.monotonic() < deadline, "the standby never became synchronous"
+                time.sleep(0.05)  # polling the primary's view: nothing to wait on
+        both = (f"postgresql://postgres@127.0.0.1:{primary_port},127.0.0.1:{port}/postgres"
+                "?target_session_attrs=read-write")
+        yield both, lambda: ctl("-w", "promote"), stop_primary
+    finally:
+        ctl("-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_pg_failover_to_a_standby_is_a_restart_for_clients(pg_standby):
+    """The primary dies, the synchronous standby is promoted: every acknowledged write is
+    there, a waiting consumer and new writes carry on (a URL naming both hosts)."""
+    url, promote, stop_primary = pg_standby
+    with BeaverDB(url) as db:
+        log, queue, acked, stop = db.list("acked"), db.queue("jobs"), [], threading.Event()
+        log.push(-1)
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(queue.get(timeout=MP_DEADLINE).data))
+        waiter.start()
+
+        def write():
+            for i in itertools.count():
+                if stop.is_set():
+                    return
+                with contextlib.suppress(beaver_postgres_lost()):
+                    log.push(i)
+                    acked.append(i)
+        writer = threading.Thread(target=write)
+        writer.start()
+        _rt_until(lambda: len(acked) >= 20)
+        assert stop_primary().returncode == 0
+        assert promote().returncode == 0
+        seen = len(acked)
+        _rt_until(lambda: len(acked) >= seen + 20)      # writes go on on the new primary
+        stop.set()
+        writer.join(MP_DEADLINE)
+        assert set(acked) <= set(log[:])                # nothing acknowledged was lost
+        queue.put("after the failover")
+        waiter.join(MP_DEADLINE)
+        assert got == ["after the failover"]
+
+
+def beaver_postgres_lost():
+    return pytest.importorskip("beaver_postgres").ConnectionLost
 
 
 def test_pg_two_servers_share_one_database(pg_url):
