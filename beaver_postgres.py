@@ -601,7 +601,8 @@ class PgTextIndex(beaver._TextIndex):
             self._core.executemany(
                 "INSERT INTO beaver_fts (rowid, text, collection, path, words) "
                 "VALUES (?, ?, ?, ?, ?::tsvector)",
-                [(rowid, text, name, path, _tsvector(text)) for rowid, text, name, path in rows])
+                [(rowid, beaver._UNSEARCHABLE.sub(" ", text), name, path, _tsvector(text))
+                 for rowid, text, name, path in rows])     # text holds no NUL here
             self._words.add(words)
 
     # the collection's rows, checked on the rows the GIN index finds (as a rowid range, a

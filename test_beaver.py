@@ -11565,6 +11565,13 @@ def test_pg_collection_no_leak_between_two_collections(db):
     assert _ids(a.match("zebra")) == ["same"] and len(a.search([1.0, 0.0])) == 1
 
 
+def test_pg_collection_nul_inside_a_body_is_indexed_as_a_separator(db):
+    docs = db.collection("docs")
+    docs.index(Document(id="a", body={"t": "alpha\x00beta"}))
+    assert _ids(docs.match("beta")) == ["a"] and docs["a"].body == {"t": "alpha\x00beta"}
+    assert "[beta]" in docs.match("beta", highlight=True)[0][2]
+
+
 def test_pg_collection_typo_search_needs_its_extensions(pg_db, postgres_url):
     """Without pg_trgm and fuzzystrmatch, fuzziness=2 is a clear FeatureUnavailable (one
     edit needs neither); the extensions live in public, so dropping a schema keeps them."""
