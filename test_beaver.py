@@ -11617,3 +11617,30 @@ def test_pg_collection_extensions_made_once_by_racing_openers(postgres_url):
     finally:
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_pg_collection_typo_search_of_a_role_that_may_not_create_extensions(postgres_url):
+    """In a database without the extensions, a role that may not create them gets text search
+    and one-typo search, and a clear FeatureUnavailable for two typos."""
+    import psycopg
+    suffix = uuid.uuid4().hex[:12]
+    name, role = f"beaver_test_{suffix}", f"beaver_test_role_{suffix}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+    with psycopg.connect(postgres_url.rsplit("/", 1)[0] + "/" + name, autocommit=True) as conn:
+        conn.execute(f"REVOKE CREATE ON DATABASE {name} FROM PUBLIC")
+        conn.execute(f"CREATE SCHEMA app AUTHORIZATION {role}")
+    url = postgres_url.rsplit("/", 1)[0].replace("postgres@", f"{role}@", 1) + "/" + name
+    try:
+        with BeaverDB(pg_schema_url(url, "app")) as db:
+            docs = db.collection("docs")
+            docs.index(Document(id="p", body="functional programming"))
+            assert _ids(docs.match("programming")) == ["p"]
+            assert _ids(docs.match("programing", fuzziness=1)) == ["p"]
+            with pytest.raises(beaver.FeatureUnavailable, match="CREATE EXTENSION"):
+                docs.match("progrmaming", fuzziness=2)
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+            conn.execute(f"DROP ROLE {role}")
