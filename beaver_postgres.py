@@ -615,8 +615,13 @@ class PgTextIndex(beaver._TextIndex):
             (_lexeme(word), self._cid)).fetchone() is not None
 
     def optimize(self):
-        """Merge the GIN index's pending list (what FTS5's 'optimize' is to its segments)."""
-        self._core.execute("SELECT gin_clean_pending_list('beaver_fts_words'::regclass)")
+        """Merge the GIN index's pending list (what FTS5's 'optimize' is to its segments);
+        only the index's owner may (autovacuum merges it anyway)."""
+        try:
+            with self._core.transaction():      # a savepoint inside a caller's transaction
+                self._core.execute("SELECT gin_clean_pending_list('beaver_fts_words'::regclass)")
+        except ReadOnlyDatabase:
+            pass
 
     def ranked(self, expr, paths, limit, checked=False, within=None) -> list:
         """As on SQLite; ``checked`` (a raw query) is PostgreSQL's ``to_tsquery`` syntax."""
@@ -883,7 +888,8 @@ class PostgresCore(beaver._Core):
         created here once if missing (``fuzzy_schema`` is where they are, None without)."""
         if not self._text_ready:
             self.fuzzy_schema = self._fuzzy_extensions()
-            self._text_ready = True
+            # a failure inside a transaction (a read-only snapshot) is tried again after it
+            self._text_ready = self.fuzzy_schema is not None or not self.in_transaction
         return True
 
     def _fuzzy_extensions(self):
