@@ -5372,9 +5372,6 @@ class _TextIndex:
         return [(rowid, score) for rowid, (_, score) in best], expr
 
 
-_Core.text_classes = (_Vocabulary, _TextIndex)
-
-
 class _Graph:
     """The labelled, directed edges between documents of one collection (``beaver_edges``)."""
 
@@ -5539,6 +5536,13 @@ class _Vectors:
 
     def _changed(self, dim, doc_id):
         """Count a vector change in the collection's version and log it for other caches."""
+        version = self._bump(dim, doc_id)
+        if version % VECTOR_LOG_KEEP == 0:
+            self._core.execute("DELETE FROM beaver_vector_log WHERE collection = ? AND "
+                               "version <= ?", (self._name, version - VECTOR_LOG_KEEP))
+
+    def _bump(self, dim, doc_id) -> int:
+        """One more version, logged for ``doc_id``: the version."""
         bump = ("UPDATE beaver_collections SET version = version + 1, dim = coalesce(dim, ?) "
                 "WHERE collection = ?")
         if _HAS_RETURNING:
@@ -5550,9 +5554,7 @@ class _Vectors:
                                          "collection = ?", (self._name,)).fetchone()[0]
         self._core.execute("INSERT INTO beaver_vector_log (collection, version, doc_id) "
                            "VALUES (?, ?, ?)", (self._name, version, doc_id))
-        if version % VECTOR_LOG_KEEP == 0:
-            self._core.execute("DELETE FROM beaver_vector_log WHERE collection = ? AND "
-                               "version <= ?", (self._name, version - VECTOR_LOG_KEEP))
+        return version
 
     # -- search ------------------------------------------------------------------------
 
@@ -5675,6 +5677,10 @@ class _Vectors:
             backend.close()
 
 
+# the parts of a collection that differ per engine: the vocabulary, the text index, the vectors
+_Core.collection_parts = (_Vocabulary, _TextIndex, _Vectors)
+
+
 class CollectionManager(_Manager, _Indexed):
     """Documents searchable by full text, typo-tolerant text, vectors and relationships.
 
@@ -5704,11 +5710,11 @@ class CollectionManager(_Manager, _Indexed):
         self._fts = self._core.text_search()
         metric, self._options, cid = self._register(metric, options)
         self._rows = _DocumentRows(self._core, self._name, self._codec)
-        vocabulary, text_index = self._core.text_classes     # the engine's text search
+        vocabulary, text_index, vectors = self._core.collection_parts
         self._words = vocabulary(self._core, self._name, cid)
         self._text = text_index(self._core, self._name, cid, self._words, self._fts)
         self._graph = _Graph(self._core, self._name)
-        self._vecs = _Vectors(self._core, self._name, metric, self._options)
+        self._vecs = vectors(self._core, self._name, metric, self._options)
 
     def _register(self, metric, options):
         """(metric, options, collection id) of the collection, created if new: only then

@@ -237,7 +237,8 @@ class _Statement:
         text = _outside_literals(text, self._rewrite)
         self.picks, self.sql = self._placeholders(text)
         verb = text.lstrip().split(None, 1)[0].upper()
-        self.writes = verb in ("INSERT", "UPDATE", "DELETE")
+        self.writes = verb in ("INSERT", "UPDATE", "DELETE") or (
+            verb == "WITH" and re.search(r"\b(?:INSERT|UPDATE|DELETE)\b", text) is not None)
         self.locked = self.writes and original not in _LOCK_FREE
         self.in_transaction = self     # the form to run inside a transaction
         # psycopg prepares a statement run often (None); a text search is planned for each
@@ -738,6 +739,19 @@ class PgVocabulary(beaver._Vocabulary):
                 for term in terms[:beaver.FUZZY_FREQUENCIES]}
 
 
+class PgVectors(beaver._Vectors):
+    """``_Vectors`` whose version bump and its log row are one statement (one round trip
+    per indexed document fewer)."""
+
+    def _bump(self, dim, doc_id) -> int:
+        return self._core.one(
+            "WITH bumped AS (UPDATE beaver_collections SET version = version + 1, "
+            "dim = coalesce(dim, ?) WHERE collection = ? RETURNING version) "
+            "INSERT INTO beaver_vector_log (collection, version, doc_id) "
+            "SELECT ?, version, ? FROM bumped RETURNING version",
+            (dim, self._name, self._name, doc_id))[0]
+
+
 def _like_pattern(gram) -> str:
     """The LIKE pattern of the words whose padded form (``$word$``) holds ``gram``.
 
@@ -881,7 +895,7 @@ class PostgresCore(beaver._Core):
     def check_json(self):
         pass
 
-    text_classes = (PgVocabulary, PgTextIndex)
+    collection_parts = (PgVocabulary, PgTextIndex, PgVectors)
 
     def text_search(self) -> bool:
         """Text search always works; two-edit typo search needs pg_trgm and fuzzystrmatch:
