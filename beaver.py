@@ -5677,8 +5677,8 @@ class _Vectors:
             backend.close()
 
 
-# the parts of a collection that differ per engine: the vocabulary, the text index, the vectors
-_Core.collection_parts = (_Vocabulary, _TextIndex, _Vectors)
+# the parts of a collection that differ per engine: vocabulary, text index, vectors, graph
+_Core.collection_parts = (_Vocabulary, _TextIndex, _Vectors, _Graph)
 
 
 class CollectionManager(_Manager, _Indexed):
@@ -5710,10 +5710,10 @@ class CollectionManager(_Manager, _Indexed):
         self._fts = self._core.text_search()
         metric, self._options, cid = self._register(metric, options)
         self._rows = _DocumentRows(self._core, self._name, self._codec)
-        vocabulary, text_index, vectors = self._core.collection_parts
+        vocabulary, text_index, vectors, graph = self._core.collection_parts
         self._words = vocabulary(self._core, self._name, cid)
         self._text = text_index(self._core, self._name, cid, self._words, self._fts)
-        self._graph = _Graph(self._core, self._name)
+        self._graph = graph(self._core, self._name)
         self._vecs = vectors(self._core, self._name, metric, self._options)
 
     def _register(self, metric, options):
