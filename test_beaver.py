@@ -90,8 +90,6 @@ SQLITE_ONLY = {
     "test_collection_kept_filter_is_patched_after_a_write",
     "test_collection_first_search_of_a_broad_filter_checks_candidates_only",
     "test_vector_index_tables_made_again_after_a_savepoint_rolls_them_back",
-    # explain() of collections asserting SQLite's choice of index (the planner's, see above)
-    "test_collection_find_count_and_explain", "test_collection_filters_on_model_bodies",
     # a SQLite built without FTS5 (PostgreSQL's text search is always there)
     "test_collection_without_fts5",
 }
@@ -5865,8 +5863,9 @@ def test_collection_find_count_and_explain(db):
     assert notes.explain(where)["index"] is None
     notes.create_index("year")
     assert notes.indexes() == ["year"]
-    plan = notes.explain(where)
-    assert plan["index"] == "year" and any("beaver_fx_" in line for line in plan["plan"])
+    if db._core.engine == "sqlite":     # PostgreSQL's planner picks its own on six rows
+        plan = notes.explain(where)
+        assert plan["index"] == "year" and any("beaver_fx_" in line for line in plan["plan"])
     assert notes.explain(order_by="year")["index"] == "year"
     assert [d.id for d in notes.find(where)] == ["n1", "n3"]
     notes.clear()
@@ -5886,7 +5885,8 @@ def test_collection_filters_on_model_bodies(db):
     assert [d.id for d in found] == ["ada"] and found[0].body.name == "Ada"
     assert people.count({"tags": {"$contains": "admin"}, "age": {"$gt": 30}}) == 1
     assert [d.id for d in people.find(order_by="-age")] == ["ada", "bob"]
-    assert people.explain(where={"address.city": "Paris"})["index"] == "address.city"
+    if db._core.engine == "sqlite":     # PostgreSQL's planner picks its own on two rows
+        assert people.explain(where={"address.city": "Paris"})["index"] == "address.city"
     assert [d.id for d, _ in people.match("Bob", where={"age": 25})] == ["bob"]
 
 
