@@ -3374,6 +3374,55 @@ def test_transaction_is_invisible_to_other_threads_until_commit(db):
     assert seen == {"during": None, "after": "v"}
 
 
+def _hold_a_write(db, entered, release):
+    with db.transaction():
+        db.dict("d")["held"] = 1
+        entered.set()
+        release.wait(MP_DEADLINE)
+
+
+def test_threads_queue_for_the_write_transaction_and_get_in_once_it_commits(tmp_path):
+    db = BeaverDB(tmp_path / "gate.db", timeout=0.2)
+    entered, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_a_write, args=(db, entered, release))
+    holder.start()
+    try:
+        assert entered.wait(MP_DEADLINE)
+        with pytest.raises(beaver.DatabaseBusy):    # past the timeout: busy, as from SQLite
+            with db.transaction():
+                db.dict("d")["mine"] = 1
+        assert "mine" not in db.dict("d")
+    finally:
+        release.set()
+        holder.join(MP_DEADLINE)
+    writers = [threading.Thread(target=_write_in_a_transaction, args=(db, i)) for i in range(8)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(MP_DEADLINE)
+    assert sorted(db.dict("d").keys()) == ["held"] + sorted(f"w{i}" for i in range(8))
+    db.close()
+
+
+def _write_in_a_transaction(db, i):
+    with db.transaction():
+        db.dict("d")[f"w{i}"] = i
+        db.list("order").push(i)
+
+
+def test_a_failed_transaction_lets_the_next_writer_in(db):
+    for failure in (ValueError, KeyboardInterrupt):
+        with pytest.raises(failure):
+            with db.transaction():
+                db.list("l").push(1)
+                raise failure
+    done = []
+    thread = threading.Thread(target=lambda: done.append(_write_in_a_transaction(db, 1)))
+    thread.start()
+    thread.join(MP_DEADLINE)
+    assert done == [None] and list(db.list("order")) == [1] and len(db.list("l")) == 0
+
+
 def test_transaction_rolls_back_on_keyboard_interrupt(db):
     with pytest.raises(KeyboardInterrupt):
         with db.transaction():
