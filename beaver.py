@@ -606,11 +606,11 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_indexes (
         kind TEXT NOT NULL, name TEXT NOT NULL, path TEXT NOT NULL,
         PRIMARY KEY (kind, name, path)) WITHOUT ROWID""",
-    # the answers to recent keyed requests of the server (exactly-once over the wire)
+    # the answers to recent keyed requests of the server (exactly-once over the wire); one
+    # B-tree, no index on created: _prune_requests walks the key space a slice at a time
     """CREATE TABLE IF NOT EXISTS beaver_requests (
         key TEXT PRIMARY KEY, created REAL NOT NULL, status INTEGER NOT NULL, body BLOB)
         WITHOUT ROWID""",
-    """CREATE INDEX IF NOT EXISTS beaver_requests_age ON beaver_requests (created)""",
 ]
 
 _SCHEMA_NAMES = frozenset(statement.split("EXISTS")[1].split()[0] for statement in _SCHEMA)
@@ -1191,6 +1191,9 @@ class _Core:
     def _ensure_schema(self):
         names = self._names()
         if self._stamp(names) == SCHEMA_VERSION and _SCHEMA_NAMES <= names:
+            if "beaver_requests_age" in names:      # made by earlier versions: a write each
+                with self.transaction() as conn:     # keyed request paid for, now unused
+                    conn.execute("DROP INDEX IF EXISTS beaver_requests_age")
             return
         with self.transaction() as conn:
             names = self._names()           # another process may have made them meanwhile
@@ -7604,8 +7607,39 @@ def _once(db, key, call):
     now = _now()
     if now >= getattr(core, "requests_purged", 0.0) + PURGE_INTERVAL:
         core.requests_purged = now
-        core.execute("DELETE FROM beaver_requests WHERE created < ?", (now - REQUEST_RETENTION,))
+        _prune_requests(core, now)
     return status, body, headers
+
+
+REQUEST_SLICES = 256            # the prune walks the request keys in this many slices
+
+
+def _prune_requests(core, now):
+    """Forget the answers older than ``REQUEST_RETENTION`` in the next slice of the keys.
+
+    Slices are ranges of the keys' first two hex digits (the client's keys are random hex;
+    any other text falls in some slice too), so a record is kept at least the retention and
+    at most one walk of ``REQUEST_SLICES`` prunes longer. Each prune reads one slice, in key
+    order: no index on ``created``, which every keyed write would pay for.
+
+        >>> [_request_slice(i) for i in (0, 1, 255)]
+        [('', '01'), ('01', '02'), ('ff', None)]
+    """
+    index = getattr(core, "requests_slice", 0)
+    core.requests_slice = (index + 1) % REQUEST_SLICES
+    low, high = _request_slice(index)
+    if high is None:
+        core.execute("DELETE FROM beaver_requests WHERE key >= ? AND created < ?",
+                     (low, now - REQUEST_RETENTION))
+    else:
+        core.execute("DELETE FROM beaver_requests WHERE key >= ? AND key < ? AND created < ?",
+                     (low, high, now - REQUEST_RETENTION))
+
+
+def _request_slice(index):
+    """``(low, high)`` keys of slice ``index`` (``high`` None: no upper bound)."""
+    return ("" if index == 0 else f"{index:02x}",
+            f"{index + 1:02x}" if index + 1 < REQUEST_SLICES else None)
 
 
 def _remembered(db, key):

@@ -3423,6 +3423,51 @@ def test_a_failed_transaction_lets_the_next_writer_in(db):
     assert done == [None] and list(db.list("order")) == [1] and len(db.list("l")) == 0
 
 
+def test_transaction_records_of_keyed_requests_live_the_retention_then_go(db, monkeypatch):
+    clock = [1_000_000.0]
+    monkeypatch.setattr(beaver, "_now", lambda: clock[0])
+    runs = []
+
+    def answer(n):
+        runs.append(n)
+        return 200, f"answer {n}".encode(), None
+    old = [os.urandom(16).hex() for _ in range(40)] + ["not-hex", "ÿ-unicode", "", "~~"]
+    for n, key in enumerate(old):
+        assert beaver._once(db, key, lambda n=n: answer(n)) == (200, f"answer {n}".encode(),
+                                                                None)
+    tick = 0
+
+    def prune_once():               # a fresh keyed write, one PURGE_INTERVAL later
+        nonlocal tick
+        tick += 1
+        clock[0] += beaver.PURGE_INTERVAL
+        beaver._once(db, f"fresh-{tick}", lambda: (204, b"", None))
+    while clock[0] < 1_000_000.0 + beaver.REQUEST_RETENTION - 2 * beaver.PURGE_INTERVAL:
+        prune_once()
+    before = len(runs)
+    for n, key in enumerate(old):   # a retry within the retention: the first answer, not rerun
+        assert beaver._once(db, key, lambda: answer(-1))[:2] == (200, f"answer {n}".encode())
+    assert len(runs) == before
+    for _ in range(beaver.REQUEST_SLICES + 2):      # past it: one walk over the key slices
+        prune_once()
+    left = {row[0] for row in db._core.all("SELECT key FROM beaver_requests")}
+    assert not left & set(old)
+    assert {f"fresh-{t}" for t in range(tick - 100, tick + 1)} <= left   # young ones stay
+
+
+def test_a_file_from_before_loses_the_request_age_index_on_open(tmp_path):
+    path = tmp_path / "older.db"
+    BeaverDB(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE INDEX beaver_requests_age ON beaver_requests (created)")
+    raw.commit()
+    raw.close()
+    with BeaverDB(path) as db:
+        assert beaver._once(db, "k", lambda: (204, b"", None)) == (204, b"", None)
+    assert raw_rows(path, "SELECT name FROM sqlite_master WHERE name LIKE 'beaver_requests%'"
+                    ) == [("beaver_requests",)]
+
+
 def test_transaction_rolls_back_on_keyboard_interrupt(db):
     with pytest.raises(KeyboardInterrupt):
         with db.transaction():
