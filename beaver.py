@@ -7501,6 +7501,7 @@ def _local_classes() -> dict:
             "collection": CollectionManager, "db": BeaverDB}
 
 
+@functools.lru_cache(maxsize=None)
 def _local_function(op):
     """The function an operation runs on the server (its signature is the operation's)."""
     if op.method.startswith("_") and not op.method.startswith("__"):
