@@ -7856,6 +7856,7 @@ class Unauthorized(RemoteError, PermissionError):
 _CHUNK_WAIT = 25.0          # seconds one blocking request may wait on the server
 _RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)   # between attempts of a request safe to repeat
 _RETRY_WINDOW = 120.0       # no retry this long after the first attempt (< REQUEST_RETENTION)
+_ATTEMPTS = _RETRY_DELAYS + (None,)
 _LONG_TARGET = 4000         # longer request targets travel in the body of POST /call
 
 
@@ -7874,6 +7875,9 @@ def _segment(text) -> str:
 def _request_key() -> str:
     """A fresh idempotency key (128 random bits)."""
     return os.urandom(16).hex()
+
+
+_RESPONSE_FIELD = re.compile(r"\r\n[ \t]*([^:\r]*?)[ \t]*:([^\r]*)")   # a response header
 
 
 class _Dropped(OSError):
@@ -7954,14 +7958,13 @@ class _Connection:
                 if buffer:
                     raise _Dropped("the connection ended inside the response headers") from None
                 raise
-        lines = self.take(end + 4)[:end].decode("latin-1").split("\r\n")
-        parts = lines[0].split(None, 2)
+        head = self.take(end + 4)[:end].decode("latin-1")
+        first = head.split("\r\n", 1)[0]
+        parts = first.split(None, 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-            raise _Dropped(f"not an HTTP response: {lines[0][:80]!r}")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+            raise _Dropped(f"not an HTTP response: {first[:80]!r}")
+        headers = {name.lower(): value.strip()
+                   for name, value in _RESPONSE_FIELD.findall(head, len(first))}
         return int(parts[1]), headers
 
     def body(self, headers):
@@ -8053,7 +8056,7 @@ class _Http:
                 f"Content-Length: {len(body)}\r\n\r\n").encode("utf-8")
         safe = method in ("GET", "HEAD") or "Idempotency-Key" in headers
         first = time.monotonic()
-        for delay in _RETRY_DELAYS + (None,):
+        for delay in _ATTEMPTS:
             conn = None
             try:
                 conn = self.connection(self.timeout)
@@ -8122,9 +8125,9 @@ def _raise_remote(status, body, key=None):
 
 def _request_of(manager, op, args):
     """``(verb, target, body bytes, headers text)`` of one call of ``op`` with ``args``."""
-    from urllib.parse import quote, urlencode
     parts, fixed, params = _plan(op)
-    path, query, fields = {}, {**fixed, **manager._options}, {}
+    path, fields = {}, {}
+    query = {**fixed, **manager._options} if fixed or manager._options else {}
     body, headers = b"", ""
     for param in params:
         value = args[param.name]
@@ -8153,9 +8156,11 @@ def _request_of(manager, op, args):
         kind = "application/octet-stream" if isinstance(args.get(op.body), (
             bytes, bytearray, memoryview)) else "application/json"
         headers += f"Content-Type: {kind}\r\n"
-    target = manager._base + "".join(
-        "/" + (path[p[1:-1]] if p.startswith("{") else p) for p in parts)
+    target = manager._base
+    for part in parts:
+        target += "/" + (path[part[1:-1]] if part[0] == "{" else part)
     if query:
+        from urllib.parse import quote, urlencode
         target += "?" + urlencode(query, quote_via=quote)
     return op.verb, target or "/", body, headers
 
