@@ -1128,14 +1128,30 @@ class _Core:
         through the server, over a third of the time). Other processes still meet on SQLite's
         lock, so the gate is an order among this process's writers, never a rule of its own.
         """
-        if not gate.acquire(timeout=self.timeout):
-            raise DatabaseBusy(f"the database stayed locked for over {self.timeout:g}s: "
-                               "another thread of this process holds a write transaction")
+        left = None
+        if not gate.acquire(blocking=False):
+            started = time.monotonic()
+            if not gate.acquire(timeout=self.timeout):
+                raise DatabaseBusy(f"the database stayed locked for over {self.timeout:g}s: "
+                                   "another thread of this process holds a write transaction")
+            left = self.timeout - (time.monotonic() - started)
         try:
-            self._run(conn, "BEGIN IMMEDIATE")
+            if left is None or self.engine != "sqlite":
+                self._run(conn, "BEGIN IMMEDIATE")
+            else:
+                self._begin_within(conn, left)
         except BaseException:
             gate.release()
             raise
+
+    def _begin_within(self, conn, left):
+        """``BEGIN IMMEDIATE`` waiting at most ``left`` seconds on SQLite's lock: the timeout
+        counts the wait at the gate too."""
+        self._run(conn, "PRAGMA busy_timeout = %d" % max(0, int(left * 1000)))
+        try:
+            self._run(conn, "BEGIN IMMEDIATE")
+        finally:
+            self._run(conn, "PRAGMA busy_timeout = %d" % int(self.timeout * 1000))
 
     def _run(self, conn, sql):
         try:
