@@ -109,7 +109,7 @@ _SCHEMA = [
         path {_T} NOT NULL, PRIMARY KEY (kind, name, path))""",
     f"""CREATE TABLE IF NOT EXISTS beaver_requests (key {_T} PRIMARY KEY,
         created DOUBLE PRECISION NOT NULL, status INTEGER NOT NULL, body BYTEA)""",
-    "CREATE INDEX IF NOT EXISTS beaver_requests_age ON beaver_requests (created)",
+    "DROP INDEX IF EXISTS beaver_requests_age",     # made by earlier versions: pruned by key
     # collections: documents, vectors and their change log, words, edges (as on SQLite)
     f"""CREATE TABLE IF NOT EXISTS beaver_collections (collection {_T} PRIMARY KEY, dim INTEGER,
         metric TEXT NOT NULL DEFAULT 'l2', options TEXT, version BIGINT NOT NULL DEFAULT 0,

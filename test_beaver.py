@@ -3383,6 +3383,100 @@ def test_transaction_is_invisible_to_other_threads_until_commit(db):
     assert seen == {"during": None, "after": "v"}
 
 
+def _hold_a_write(db, entered, release):
+    with db.transaction():
+        db.dict("d")["held"] = 1
+        entered.set()
+        release.wait(MP_DEADLINE)
+
+
+def test_threads_queue_for_the_write_transaction_and_get_in_once_it_commits(tmp_path):
+    db = BeaverDB(tmp_path / "gate.db", timeout=0.2)
+    entered, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_a_write, args=(db, entered, release))
+    holder.start()
+    try:
+        assert entered.wait(MP_DEADLINE)
+        with pytest.raises(beaver.DatabaseBusy):    # past the timeout: busy, as from SQLite
+            with db.transaction():
+                db.dict("d")["mine"] = 1
+        assert "mine" not in db.dict("d")
+    finally:
+        release.set()
+        holder.join(MP_DEADLINE)
+    writers = [threading.Thread(target=_write_in_a_transaction, args=(db, i)) for i in range(8)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(MP_DEADLINE)
+    assert sorted(db.dict("d").keys()) == ["held"] + sorted(f"w{i}" for i in range(8))
+    db.close()
+
+
+def _write_in_a_transaction(db, i):
+    with db.transaction():
+        db.dict("d")[f"w{i}"] = i
+        db.list("order").push(i)
+
+
+def test_a_failed_transaction_lets_the_next_writer_in(db):
+    for failure in (ValueError, KeyboardInterrupt):
+        with pytest.raises(failure):
+            with db.transaction():
+                db.list("l").push(1)
+                raise failure
+    done = []
+    thread = threading.Thread(target=lambda: done.append(_write_in_a_transaction(db, 1)))
+    thread.start()
+    thread.join(MP_DEADLINE)
+    assert done == [None] and list(db.list("order")) == [1] and len(db.list("l")) == 0
+
+
+def test_transaction_records_of_keyed_requests_live_the_retention_then_go(db, monkeypatch):
+    clock = [1_000_000.0]
+    monkeypatch.setattr(beaver, "_now", lambda: clock[0])
+    runs = []
+
+    def answer(n):
+        runs.append(n)
+        return 200, f"answer {n}".encode(), None
+    old = [os.urandom(16).hex() for _ in range(40)] + ["not-hex", "ÿ-unicode", "", "~~"]
+    for n, key in enumerate(old):
+        assert beaver._once(db, key, lambda n=n: answer(n)) == (200, f"answer {n}".encode(),
+                                                                None)
+    tick = 0
+
+    def prune_once():               # a fresh keyed write, one PURGE_INTERVAL later
+        nonlocal tick
+        tick += 1
+        clock[0] += beaver.PURGE_INTERVAL
+        beaver._once(db, f"fresh-{tick}", lambda: (204, b"", None))
+    while clock[0] < 1_000_000.0 + beaver.REQUEST_RETENTION - 2 * beaver.PURGE_INTERVAL:
+        prune_once()
+    before = len(runs)
+    for n, key in enumerate(old):   # a retry within the retention: the first answer, not rerun
+        assert beaver._once(db, key, lambda: answer(-1))[:2] == (200, f"answer {n}".encode())
+    assert len(runs) == before
+    for _ in range(beaver.REQUEST_SLICES + 2):      # past it: one walk over the key slices
+        prune_once()
+    left = {row[0] for row in db._core.all("SELECT key FROM beaver_requests")}
+    assert not left & set(old)
+    assert {f"fresh-{t}" for t in range(tick - 100, tick + 1)} <= left   # young ones stay
+
+
+def test_a_file_from_before_loses_the_request_age_index_on_open(tmp_path):
+    path = tmp_path / "older.db"
+    BeaverDB(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE INDEX beaver_requests_age ON beaver_requests (created)")
+    raw.commit()
+    raw.close()
+    with BeaverDB(path) as db:
+        assert beaver._once(db, "k", lambda: (204, b"", None)) == (204, b"", None)
+    assert raw_rows(path, "SELECT name FROM sqlite_master WHERE name LIKE 'beaver_requests%'"
+                    ) == [("beaver_requests",)]
+
+
 def test_transaction_rolls_back_on_keyboard_interrupt(db):
     with pytest.raises(KeyboardInterrupt):
         with db.transaction():
