@@ -606,11 +606,11 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS beaver_indexes (
         kind TEXT NOT NULL, name TEXT NOT NULL, path TEXT NOT NULL,
         PRIMARY KEY (kind, name, path)) WITHOUT ROWID""",
-    # the answers to recent keyed requests of the server (exactly-once over the wire)
+    # the answers to recent keyed requests of the server (exactly-once over the wire); one
+    # B-tree, no index on created: _prune_requests walks the key space a slice at a time
     """CREATE TABLE IF NOT EXISTS beaver_requests (
         key TEXT PRIMARY KEY, created REAL NOT NULL, status INTEGER NOT NULL, body BLOB)
         WITHOUT ROWID""",
-    """CREATE INDEX IF NOT EXISTS beaver_requests_age ON beaver_requests (created)""",
 ]
 
 _SCHEMA_NAMES = frozenset(statement.split("EXISTS")[1].split()[0] for statement in _SCHEMA)
@@ -851,6 +851,14 @@ class _Core:
     def check_json(self):
         _check_json1(self)
 
+    def text_search(self) -> bool:
+        """Make what collections' text search needs (once); False where it cannot work."""
+        return _ensure_fts(self)
+
+    def connection_in_transaction(self) -> bool:
+        """Whether this thread's connection is in a transaction (beaver's or a raw BEGIN)."""
+        return self.conn().in_transaction
+
     def size(self) -> int:
         """Bytes the database takes on disk (the file and its WAL)."""
         return sum(os.path.getsize(self.path + s) for s in ("", "-wal")
@@ -885,6 +893,7 @@ class _Core:
         self.purger = None            # the thread that purges expired rows while idle
         self._halt = threading.Event()
         self._pid = os.getpid()
+        self._writers = threading.Lock()     # see _enter_write
 
     def _start(self):
         """Watch for changes, make the schema, purge expired rows if any: the core is open."""
@@ -970,6 +979,7 @@ class _Core:
         self._conns = []
         self._conns_lock = threading.Lock()
         self._busy = {}
+        self._writers = threading.Lock()
         self.purger = None
         self._halt = threading.Event()
         self.watcher = self._new_watcher()
@@ -1082,8 +1092,9 @@ class _Core:
         conn = self.conn()
         local = self._local
         depth = local.depth
+        gate = self._writers        # this one (a forked child gets a new one meanwhile)
         if depth == 0:
-            conn = self._begin(conn, "BEGIN IMMEDIATE")
+            conn = self._enter_write(conn, gate)
             local.pending, local.undo, local.token = [], [], object()
         else:
             self._run(conn, f"SAVEPOINT beaver_{depth}")
@@ -1094,12 +1105,16 @@ class _Core:
         except BaseException:
             local.depth = depth
             del local.pending[mark:]
-            self._undo(undo_mark)       # before ROLLBACK: no other writer can commit meanwhile
-            if depth == 0:
-                self._rollback(conn)
-            else:
-                self._run(conn, f"ROLLBACK TO beaver_{depth}")
-                self._run(conn, f"RELEASE beaver_{depth}")
+            try:
+                self._undo(undo_mark)   # before ROLLBACK: no other writer can commit meanwhile
+                if depth == 0:
+                    self._rollback(conn)
+                else:
+                    self._run(conn, f"ROLLBACK TO beaver_{depth}")
+                    self._run(conn, f"RELEASE beaver_{depth}")
+            finally:
+                if depth == 0:
+                    gate.release()
             raise
         local.depth = depth
         if depth > 0:
@@ -1112,9 +1127,45 @@ class _Core:
             self._undo(0)
             self._rollback(conn)
             raise
+        finally:
+            gate.release()
         pending, local.pending, local.undo = local.pending, [], []
         for callback in pending:
             callback()
+
+    def _enter_write(self, conn, gate):
+        """Take this process's writer gate, then ``BEGIN IMMEDIATE``; the connection it began on.
+
+        Threads of one process queue on a ``threading.Lock`` and are handed it the moment
+        the last writer commits; meeting on SQLite's lock instead, a loser sleeps 1, 2, 5...
+        ms in SQLite's busy handler however soon the lock is free (with four threads writing
+        through the server, over a third of the time). Other processes still meet on SQLite's
+        lock, so the gate is an order among this process's writers, never a rule of its own.
+        """
+        left = None
+        if not gate.acquire(blocking=False):
+            started = time.monotonic()
+            if not gate.acquire(timeout=self.timeout):
+                raise DatabaseBusy(f"the database stayed locked for over {self.timeout:g}s: "
+                                   "another thread of this process holds a write transaction")
+            left = self.timeout - (time.monotonic() - started)
+        try:
+            if left is None or self.engine != "sqlite":
+                return self._begin(conn, "BEGIN IMMEDIATE")
+            self._begin_within(conn, left)
+            return conn
+        except BaseException:
+            gate.release()
+            raise
+
+    def _begin_within(self, conn, left):
+        """``BEGIN IMMEDIATE`` waiting at most ``left`` seconds on SQLite's lock: the timeout
+        counts the wait at the gate too."""
+        self._run(conn, "PRAGMA busy_timeout = %d" % max(0, int(left * 1000)))
+        try:
+            self._run(conn, "BEGIN IMMEDIATE")
+        finally:
+            self._run(conn, "PRAGMA busy_timeout = %d" % int(self.timeout * 1000))
 
     def _run(self, conn, sql):
         try:
@@ -1170,6 +1221,9 @@ class _Core:
     def _ensure_schema(self):
         names = self._names()
         if self._stamp(names) == SCHEMA_VERSION and _SCHEMA_NAMES <= names:
+            if "beaver_requests_age" in names:      # made by earlier versions: a write each
+                with self.transaction() as conn:     # keyed request paid for, now unused
+                    conn.execute("DROP INDEX IF EXISTS beaver_requests_age")
             return
         with self.transaction() as conn:
             names = self._names()           # another process may have made them meanwhile
@@ -5152,7 +5206,7 @@ class _Vocabulary:
         if not new:
             return
         grams = [(f"${term}$",) for term in sorted(new) if _gram_worthy(term)]
-        usable = bool(grams) and _ensure_grams(self._core)   # before the new words go in
+        usable = bool(grams) and self._grams_writable()   # before the new words go in
         self._core.executemany("INSERT OR IGNORE INTO beaver_terms (cid, term) VALUES (?, ?)",
                                [(self._cid, term) for term in sorted(new)])
         if usable:
@@ -5162,6 +5216,14 @@ class _Vocabulary:
         state.added |= new
         self._core.on_rollback(lambda: state.added.difference_update(new))
         self._core.after_commit(lambda: known.update(new))
+
+    def _grams_writable(self) -> bool:
+        """Whether new words go into the trigram index now (else it is marked stale)."""
+        return _ensure_grams(self._core)
+
+    def _two_edits(self) -> bool:
+        """Whether words two edits away can be looked up (a search checks the file again)."""
+        return _ensure_grams(self._core, recheck=True)
 
     def _forget_known(self):
         self._known = (None, set())
@@ -5228,7 +5290,7 @@ class _Vocabulary:
         limit = min(fuzziness, sum(len(word) >= n for n in FUZZY_MIN_LENGTH))
         if limit == 0:
             return [word]
-        if limit > 1 and _ensure_grams(self._core, recheck=True):
+        if limit > 1 and self._two_edits():
             candidates = self.present(self._trigram_candidates(word, limit))
         else:
             limit = 1
@@ -5391,11 +5453,13 @@ class _TextIndex:
             (expr, base, base + (1 << _FTS_PATH_BITS))).fetchone()
         return row[0] if row else ""
 
+    expression = staticmethod(_fts_expression)     # parsed atoms as this index's query
+
     def fuzzy(self, groups, negatives, paths, top_k, fuzziness, within=None):
         """Try the query as typed, then with each typo-corrected term in turn.
 
         Returns the hits and an expression every hit matches (for snippets)."""
-        expr = _fts_expression(groups, negatives)
+        expr = self.expression(groups, negatives)
         hits = self.ranked(expr, paths, top_k, within=within)
         if len(hits) >= top_k:
             return hits, expr
@@ -5406,7 +5470,7 @@ class _TextIndex:
                           (spellings[:turn] if turn < FUZZY_ROUNDS else spellings)]
                          for group in options]
             if all(rewritten):
-                expr = _fts_expression([g + r for g, r in zip(groups, rewritten)], negatives)
+                expr = self.expression([g + r for g, r in zip(groups, rewritten)], negatives)
                 more = self.ranked(expr, paths, top_k + len(found), within=within)
                 for rowid, score in more:
                     found.setdefault(rowid, (turn, score))
@@ -5580,6 +5644,13 @@ class _Vectors:
 
     def _changed(self, dim, doc_id):
         """Count a vector change in the collection's version and log it for other caches."""
+        version = self._bump(dim, doc_id)
+        if version % VECTOR_LOG_KEEP == 0:
+            self._core.execute("DELETE FROM beaver_vector_log WHERE collection = ? AND "
+                               "version <= ?", (self._name, version - VECTOR_LOG_KEEP))
+
+    def _bump(self, dim, doc_id) -> int:
+        """One more version, logged for ``doc_id``: the version."""
         bump = ("UPDATE beaver_collections SET version = version + 1, dim = coalesce(dim, ?) "
                 "WHERE collection = ?")
         if _HAS_RETURNING:
@@ -5591,9 +5662,7 @@ class _Vectors:
                                          "collection = ?", (self._name,)).fetchone()[0]
         self._core.execute("INSERT INTO beaver_vector_log (collection, version, doc_id) "
                            "VALUES (?, ?, ?)", (self._name, version, doc_id))
-        if version % VECTOR_LOG_KEEP == 0:
-            self._core.execute("DELETE FROM beaver_vector_log WHERE collection = ? AND "
-                               "version <= ?", (self._name, version - VECTOR_LOG_KEEP))
+        return version
 
     # -- search ------------------------------------------------------------------------
 
@@ -5716,6 +5785,10 @@ class _Vectors:
             backend.close()
 
 
+# the parts of a collection that differ per engine: vocabulary, text index, vectors, graph
+_Core.collection_parts = (_Vocabulary, _TextIndex, _Vectors, _Graph)
+
+
 class CollectionManager(_Manager, _Indexed):
     """Documents searchable by full text, typo-tolerant text, vectors and relationships.
 
@@ -5742,13 +5815,14 @@ class CollectionManager(_Manager, _Indexed):
     def __init__(self, db, name, model=None, metric=None, **options):
         super().__init__(db, name, model)
         _check_vector_options(metric, options)
-        self._fts = _ensure_fts(self._core)
+        self._fts = self._core.text_search()
         metric, self._options, cid = self._register(metric, options)
         self._rows = _DocumentRows(self._core, self._name, self._codec)
-        self._words = _Vocabulary(self._core, self._name, cid)
-        self._text = _TextIndex(self._core, self._name, cid, self._words, self._fts)
-        self._graph = _Graph(self._core, self._name)
-        self._vecs = _Vectors(self._core, self._name, metric, self._options)
+        vocabulary, text_index, vectors, graph = self._core.collection_parts
+        self._words = vocabulary(self._core, self._name, cid)
+        self._text = text_index(self._core, self._name, cid, self._words, self._fts)
+        self._graph = graph(self._core, self._name)
+        self._vecs = vectors(self._core, self._name, metric, self._options)
 
     def _register(self, metric, options):
         """(metric, options, collection id) of the collection, created if new: only then
@@ -6069,7 +6143,7 @@ class CollectionManager(_Manager, _Indexed):
             hits, expr = self._text.fuzzy(groups, negatives, paths, top_k, fuzziness,
                                           within)
         else:
-            expr = _fts_expression(groups, negatives)
+            expr = self._text.expression(groups, negatives)
             hits = self._text.ranked(expr, paths, top_k, within=within)
         docs = self._rows.by("id", [rowid for rowid, _ in hits], check)
         if highlight:
@@ -6580,10 +6654,6 @@ class BeaverDB:
         are fixed at creation: checked first (``ValueError`` naming a bad one and its range),
         and compared with the stored ones when the collection exists.
         """
-        if not self._core.collections:
-            raise FeatureUnavailable(f"collections are not available on {self._core.engine} "
-                                     "yet (dicts, lists, queues, blobs, logs, channels, events, "
-                                     "locks and transactions are)")
         _check_vector_options(metric, options)
         manager = self._manager(CollectionManager, name, model, metric=metric, **options)
         manager._agrees(metric, options)
@@ -7613,6 +7683,7 @@ def _local_classes() -> dict:
             "collection": CollectionManager, "db": BeaverDB}
 
 
+@functools.lru_cache(maxsize=None)
 def _local_function(op):
     """The function an operation runs on the server (its signature is the operation's)."""
     if op.method.startswith("_") and not op.method.startswith("__"):
@@ -7719,8 +7790,39 @@ def _once(db, key, call):
     now = _now()
     if now >= getattr(core, "requests_purged", 0.0) + PURGE_INTERVAL:
         core.requests_purged = now
-        core.execute("DELETE FROM beaver_requests WHERE created < ?", (now - REQUEST_RETENTION,))
+        _prune_requests(core, now)
     return status, body, headers
+
+
+REQUEST_SLICES = 256            # the prune walks the request keys in this many slices
+
+
+def _prune_requests(core, now):
+    """Forget the answers older than ``REQUEST_RETENTION`` in the next slice of the keys.
+
+    Slices are ranges of the keys' first two hex digits (the client's keys are random hex;
+    any other text falls in some slice too), so a record is kept at least the retention and
+    at most one walk of ``REQUEST_SLICES`` prunes longer. Each prune reads one slice, in key
+    order: no index on ``created``, which every keyed write would pay for.
+
+        >>> [_request_slice(i) for i in (0, 1, 255)]
+        [('', '01'), ('01', '02'), ('ff', None)]
+    """
+    index = getattr(core, "requests_slice", 0)
+    core.requests_slice = (index + 1) % REQUEST_SLICES
+    low, high = _request_slice(index)
+    if high is None:
+        core.execute("DELETE FROM beaver_requests WHERE key >= ? AND created < ?",
+                     (low, now - REQUEST_RETENTION))
+    else:
+        core.execute("DELETE FROM beaver_requests WHERE key >= ? AND key < ? AND created < ?",
+                     (low, high, now - REQUEST_RETENTION))
+
+
+def _request_slice(index):
+    """``(low, high)`` keys of slice ``index`` (``high`` None: no upper bound)."""
+    return ("" if index == 0 else f"{index:02x}",
+            f"{index + 1:02x}" if index + 1 < REQUEST_SLICES else None)
 
 
 def _remembered(db, key):
@@ -7936,6 +8038,7 @@ class Unauthorized(RemoteError, PermissionError):
 _CHUNK_WAIT = 25.0          # seconds one blocking request may wait on the server
 _RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)   # between attempts of a request safe to repeat
 _RETRY_WINDOW = 120.0       # no retry this long after the first attempt (< REQUEST_RETENTION)
+_ATTEMPTS = _RETRY_DELAYS + (None,)
 _LONG_TARGET = 4000         # longer request targets travel in the body of POST /call
 
 
@@ -7954,6 +8057,9 @@ def _segment(text) -> str:
 def _request_key() -> str:
     """A fresh idempotency key (128 random bits)."""
     return os.urandom(16).hex()
+
+
+_RESPONSE_FIELD = re.compile(r"\r\n[ \t]*([^:\r]*?)[ \t]*:([^\r]*)")   # a response header
 
 
 class _Dropped(OSError):
@@ -8034,14 +8140,13 @@ class _Connection:
                 if buffer:
                     raise _Dropped("the connection ended inside the response headers") from None
                 raise
-        lines = self.take(end + 4)[:end].decode("latin-1").split("\r\n")
-        parts = lines[0].split(None, 2)
+        head = self.take(end + 4)[:end].decode("latin-1")
+        first = head.split("\r\n", 1)[0]
+        parts = first.split(None, 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-            raise _Dropped(f"not an HTTP response: {lines[0][:80]!r}")
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
+            raise _Dropped(f"not an HTTP response: {first[:80]!r}")
+        headers = {name.lower(): value.strip()
+                   for name, value in _RESPONSE_FIELD.findall(head, len(first))}
         return int(parts[1]), headers
 
     def body(self, headers):
@@ -8133,7 +8238,7 @@ class _Http:
                 f"Content-Length: {len(body)}\r\n\r\n").encode("utf-8")
         safe = method in ("GET", "HEAD") or "Idempotency-Key" in headers
         first = time.monotonic()
-        for delay in _RETRY_DELAYS + (None,):
+        for delay in _ATTEMPTS:
             conn = None
             try:
                 conn = self.connection(self.timeout)
@@ -8202,9 +8307,9 @@ def _raise_remote(status, body, key=None):
 
 def _request_of(manager, op, args):
     """``(verb, target, body bytes, headers text)`` of one call of ``op`` with ``args``."""
-    from urllib.parse import quote, urlencode
     parts, fixed, params = _plan(op)
-    path, query, fields = {}, {**fixed, **manager._options}, {}
+    path, fields = {}, {}
+    query = {**fixed, **manager._options} if fixed or manager._options else {}
     body, headers = b"", ""
     for param in params:
         value = args[param.name]
@@ -8233,9 +8338,11 @@ def _request_of(manager, op, args):
         kind = "application/octet-stream" if isinstance(args.get(op.body), (
             bytes, bytearray, memoryview)) else "application/json"
         headers += f"Content-Type: {kind}\r\n"
-    target = manager._base + "".join(
-        "/" + (path[p[1:-1]] if p.startswith("{") else p) for p in parts)
+    target = manager._base
+    for part in parts:
+        target += "/" + (path[part[1:-1]] if part[0] == "{" else part)
     if query:
+        from urllib.parse import quote, urlencode
         target += "?" + urlencode(query, quote_via=quote)
     return op.verb, target or "/", body, headers
 

@@ -27,8 +27,11 @@ engines differ:
   probe too): one round trip from the wake-up to the item.
 - filters: compiled to ``jsonb`` expressions (``PgFilter``), field indexes are expression
   indexes over the structure's rows (``PgFieldIndexes``).
-- collections are not stored on PostgreSQL yet: ``db.collection()`` raises
-  ``FeatureUnavailable``.
+- collections: the same tables and managers; the text index (``PgTextIndex``) stores beaver's
+  own tokens in a ``tsvector`` column (GIN), so parsed queries become ``tsquery`` parameters
+  that find what FTS5 finds; two-edit typo search (``PgVocabulary``) takes its candidates from
+  ``pg_trgm`` and ``fuzzystrmatch``, created once per database in ``public``; the faiss index
+  of ``beaver_vector`` keeps its tables here too.
 
 Connections: a pool of at most ``POOL_SIZE`` per ``BeaverDB`` (autocommit, statements
 prepared by psycopg after a few runs, ``application_name`` "beaver" unless the URL names
@@ -63,6 +66,10 @@ import psycopg.errors
 import psycopg.sql
 
 import beaver
+try:
+    import beaver_vector            # imports without numpy and faiss (it then stays unused)
+except ImportError:                 # pragma: no cover - a partial install
+    beaver_vector = None
 from beaver import (BeaverError, ClosedError, DatabaseBusy, FeatureUnavailable, ReadOnlyDatabase,
                     SchemaError, ValidationError, DiskFull)
 
@@ -118,7 +125,42 @@ _SCHEMA = [
         path {_T} NOT NULL, PRIMARY KEY (kind, name, path))""",
     f"""CREATE TABLE IF NOT EXISTS beaver_requests (key {_T} PRIMARY KEY,
         created DOUBLE PRECISION NOT NULL, status INTEGER NOT NULL, body BYTEA)""",
-    "CREATE INDEX IF NOT EXISTS beaver_requests_age ON beaver_requests (created)",
+    "DROP INDEX IF EXISTS beaver_requests_age",     # made by earlier versions: pruned by key
+    # collections: documents, vectors and their change log, words, edges (as on SQLite)
+    f"""CREATE TABLE IF NOT EXISTS beaver_collections (collection {_T} PRIMARY KEY, dim INTEGER,
+        metric TEXT NOT NULL DEFAULT 'l2', options TEXT, version BIGINT NOT NULL DEFAULT 0,
+        epoch BIGINT NOT NULL DEFAULT 0, cid INTEGER UNIQUE)""",
+    f"""CREATE TABLE IF NOT EXISTS beaver_documents (id BIGSERIAL PRIMARY KEY,
+        collection {_T} NOT NULL, doc_id {_T} NOT NULL, body TEXT, UNIQUE (collection, doc_id))""",
+    f"""CREATE TABLE IF NOT EXISTS beaver_vectors (collection {_T} NOT NULL, doc_id {_T} NOT NULL,
+        vector BYTEA NOT NULL, PRIMARY KEY (collection, doc_id))""",
+    f"""CREATE TABLE IF NOT EXISTS beaver_vector_log (collection {_T} NOT NULL,
+        version BIGINT NOT NULL, doc_id {_T} NOT NULL, PRIMARY KEY (collection, version))""",
+    f"""CREATE TABLE IF NOT EXISTS beaver_terms (cid INTEGER NOT NULL, term {_T} NOT NULL,
+        PRIMARY KEY (cid, term))""",
+    f"""CREATE TABLE IF NOT EXISTS beaver_edges (collection {_T} NOT NULL, source {_T} NOT NULL,
+        label {_T} NOT NULL, target {_T} NOT NULL, metadata TEXT,
+        PRIMARY KEY (collection, source, label, target))""",
+    """CREATE INDEX IF NOT EXISTS beaver_edges_incoming
+        ON beaver_edges (collection, target, label, source)""",
+    # the text index: one row per (document, field path), rowids as on SQLite (_TextIndex);
+    # the words are beaver's own tokens (_terms), with positions, so queries mean the same
+    f"""CREATE TABLE IF NOT EXISTS beaver_fts (rowid BIGINT PRIMARY KEY, collection {_T} NOT NULL,
+        path {_T} NOT NULL, text TEXT NOT NULL, words TSVECTOR NOT NULL)""",
+    # a short pending list: searches scan it whole (the default 4 MB costs ms per search)
+    """CREATE INDEX IF NOT EXISTS beaver_fts_words ON beaver_fts USING gin (words)
+        WITH (gin_pending_list_limit = 256)""",
+    # the tables of beaver_vector's index (its _SCHEMA, in PostgreSQL's types)
+    f"""CREATE TABLE IF NOT EXISTS beaver_ann_log (seq BIGSERIAL PRIMARY KEY,
+        collection {_T} NOT NULL, doc_id {_T} NOT NULL, op TEXT NOT NULL)""",
+    f"""CREATE TABLE IF NOT EXISTS beaver_ann_base (collection {_T} PRIMARY KEY, generation TEXT,
+        kind TEXT, dim INTEGER, metric TEXT, built_seq BIGINT NOT NULL DEFAULT 0,
+        log_floor BIGINT NOT NULL DEFAULT 0, count BIGINT NOT NULL DEFAULT 0,
+        parts INTEGER NOT NULL DEFAULT 0, ids TEXT, lease_owner TEXT,
+        lease_until DOUBLE PRECISION NOT NULL DEFAULT 0)""",
+    f"""CREATE TABLE IF NOT EXISTS beaver_ann_parts (collection {_T} NOT NULL,
+        generation TEXT NOT NULL, part INTEGER NOT NULL, data BYTEA NOT NULL,
+        PRIMARY KEY (collection, generation, part))""",
     """CREATE OR REPLACE FUNCTION beaver_notify() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN PERFORM pg_notify(TG_ARGV[0], TG_TABLE_NAME); RETURN NULL; END $$""",
 ]
@@ -166,6 +208,12 @@ _OVERRIDES = {
         "WHERE table_schema = current_schema() AND table_name = 'beaver_locks'",
     "SELECT json_type('[]')": "SELECT 1",
 }
+if beaver_vector is not None:     # its tables are in _SCHEMA above
+    _OVERRIDES.update(dict.fromkeys(beaver_vector._SCHEMA, "SELECT 1"))
+    _OVERRIDES["SELECT count(*) FROM sqlite_master WHERE name IN "
+               "('beaver_ann_log', 'beaver_ann_base', 'beaver_ann_parts')"] = (
+        "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename IN "
+        "('beaver_ann_log', 'beaver_ann_base', 'beaver_ann_parts')")
 
 # Reads of rows that lock-free statements may write: inside a transaction they lock the rows
 # they find (FOR UPDATE), so a read-modify-write (pop, popitem, setdefault of a present key)
@@ -185,7 +233,8 @@ _SQLITE_ONLY = re.compile(r"\bOR\s+(?:REPLACE|IGNORE)\b|\bsqlite_|\bPRAGMA\b|\bj
 _CONFLICT_KEYS = {"beaver_listeners": "owner, kind, name", "beaver_meta": "key",
                   "beaver_indexes": "kind, name, path", "beaver_dicts": "name, key",
                   "beaver_requests": "key"}
-_NEW_KEYS = {"beaver_locks": "ticket", "beaver_queue_leases": "lease"}
+_NEW_KEYS = {"beaver_locks": "ticket", "beaver_queue_leases": "lease", "beaver_documents": "id"}
+_SCALAR_MAX = re.compile(r"\bmax\((\w+), (\w+)\)")    # SQLite's two-argument max()
 _LOG_BUCKETS = re.compile(r"min\(CAST\(\(timestamp - \?\) / \? AS INTEGER\), \?\)")
 
 
@@ -207,7 +256,7 @@ class _Statement:
     """One SQLite statement of beaver.py as PostgreSQL runs it."""
 
     __slots__ = ("sql", "picks", "writes", "locked", "locks_itself", "new_key",
-                 "in_transaction")
+                 "in_transaction", "prepare")
 
     def __init__(self, text, plain=False):
         original = text
@@ -215,10 +264,14 @@ class _Statement:
         text = _outside_literals(text, self._rewrite)
         self.picks, self.sql = self._placeholders(text)
         verb = text.lstrip().split(None, 1)[0].upper()
-        self.writes = verb in ("INSERT", "UPDATE", "DELETE") or original in _LOCKING_ITSELF
+        self.writes = verb in ("INSERT", "UPDATE", "DELETE") or original in _LOCKING_ITSELF or (
+            verb == "WITH" and re.search(r"\b(?:INSERT|UPDATE|DELETE)\b", text) is not None)
         self.locked = self.writes and original not in _LOCK_FREE
         self.locks_itself = False
         self.in_transaction = self     # the form to run inside a transaction
+        # psycopg prepares a statement run often (None); a text search is planned for each
+        # query instead: a generic plan cannot tell a rare word (the GIN index) from a common one
+        self.prepare = False if "tsquery" in text else None
         if original in _LOCK_ROWS_IN_TRANSACTION:
             self.in_transaction = self._copy()
             self.in_transaction.sql = self.sql + " FOR UPDATE"
@@ -239,11 +292,19 @@ class _Statement:
         if _SQLITE_ONLY.search(code):
             raise FeatureUnavailable(f"this statement has no PostgreSQL form yet: {code[:200]}")
         code = _LOG_BUCKETS.sub("least(floor((timestamp - ?) / ?)::bigint, ?)", code)
+        # documents by id (_DocumentRows._select_in): by the primary key, the collection
+        # checked on each row, as SQLite's unary plus says (a planner with stale statistics
+        # would intersect the ids with the whole collection's index)
+        code = code.replace("+d.collection = ?", "d.collection || '' = ?")
         code = _UNARY_PLUS.sub("", code)
         code = re.sub(r"\) GROUP BY 1$", ") AS sub GROUP BY 1", code)     # PostgreSQL 15 names
         code = re.sub(r"LIMIT \?\) ORDER BY", "LIMIT ?) AS sub ORDER BY", code)  # subqueries
         code = re.sub(r"\bLIMIT \?", "LIMIT nullif(?, -1)", code)
-        return re.sub(r"\bIS NOT ([0-9]+)\b", r"IS DISTINCT FROM \1", code)
+        code = code.replace("group_concat(d.id)", "string_agg(d.id::text, ',')")
+        code = code.replace(" NOT INDEXED ", " ")
+        code = _SCALAR_MAX.sub(r"greatest(\1, \2)", code)
+        return re.sub(r"\bIS NOT (?!NULL\b|DISTINCT\b|TRUE\b|FALSE\b)([\w.]+)",
+                      r"IS DISTINCT FROM \1", code)
 
     @staticmethod
     def _insert_forms(text):
@@ -421,6 +482,16 @@ def _exact_number(value):
     return value
 
 
+class _Array(list):
+    """An array parameter that can be part of a key (collections keep filters' answers by
+    their SQL and parameters); psycopg sends it as a list."""
+
+    __slots__ = ()
+
+    def __hash__(self):
+        return hash(tuple(self))
+
+
 class PgFilter(beaver._Filter):
     """A beaver filter compiled to a PostgreSQL condition over JSON text (cast to jsonb).
 
@@ -469,10 +540,10 @@ class PgFilter(beaver._Filter):
             if kind < beaver._NUMBER:
                 terms.append(f"{rank} = {kind}")
             elif kind == beaver._NUMBER:
-                self.params.append([decimal.Decimal(_exact_number(v)) for v in values])
+                self.params.append(_Array(decimal.Decimal(_exact_number(v)) for v in values))
                 terms.append(f"{rank} = {kind} AND {number} = ANY(?::numeric[])")
             else:
-                self.params.append(values)
+                self.params.append(_Array(values))
                 terms.append(f"{rank} = {kind} AND {text} = ANY(?::text[])")
         return " OR ".join(f"({term})" for term in terms) or self.FALSE, kinds
 
@@ -506,6 +577,265 @@ class PgFieldIndexes(beaver._FieldIndexes):
         used = [names[word] for line in plan for word in re.findall(r"\w+", line)
                 if word in names]
         return {"index": used[0] if used else None, "plan": plan}
+
+
+# ==========================================================================================
+# Collections: text search over tsvector, typo search with pg_trgm and fuzzystrmatch
+# ==========================================================================================
+
+_LEXEME_MAX = 500       # characters of a word kept in the index (tsvector holds 2047 bytes)
+_POSITIONS_MAX = 256    # positions kept per word and field (as to_tsvector keeps)
+_EXTENSIONS = ("pg_trgm", "fuzzystrmatch")
+_EXTENSIONS_LOCK = 0x62656176_65727865     # advisory lock: one CREATE EXTENSION at a time
+
+
+def _lexeme(term) -> str:
+    """``term`` (one of beaver's tokens) quoted as a tsvector or tsquery lexeme.
+
+        >>> _lexeme("it's")
+        "'it''s'"
+    """
+    return "'" + term[:_LEXEME_MAX].replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _tsvector(text) -> str:
+    """The words of ``text`` as tsvector text: beaver's tokens (``_terms``, as FTS5's
+    unicode61 splits them) with their positions, so phrases and prefixes match as on SQLite.
+
+        >>> _tsvector("The cat saw the CAT")
+        "'the':1,4 'cat':2,5 'saw':3"
+    """
+    positions: dict = {}
+    for at, term in enumerate(beaver._terms(text), 1):
+        kept = positions.setdefault(term[:_LEXEME_MAX], [])
+        if len(kept) < _POSITIONS_MAX:
+            kept.append(min(at, 16383))
+    return " ".join(_lexeme(term) + ":" + ",".join(map(str, dict.fromkeys(at)))
+                    for term, at in positions.items())
+
+
+def _tsquery_atom(atom) -> str:
+    """One parsed atom (a word or phrase, maybe a prefix) as tsquery text."""
+    lexemes = [_lexeme(term) for term in beaver._terms(atom.text)]
+    if atom.prefix:
+        lexemes[-1] += ":*"
+    return lexemes[0] if len(lexemes) == 1 else "(" + " <-> ".join(lexemes) + ")"
+
+
+def _tsquery(groups, negatives) -> str:
+    """``_parse_query``'s groups and negatives as tsquery text, passed as a parameter: the
+    user's text only ever reaches it as quoted lexemes, so no input is tsquery syntax.
+
+        >>> A = beaver._Atom
+        >>> _tsquery([[A("sql", True), A("embedded db", False)], [A("x", False)]], [A("no", False)])
+        "(('sql':* | ('embedded' <-> 'db')) & ('x')) & !('no')"
+    """
+    expr = " & ".join("(" + " | ".join(map(_tsquery_atom, group)) + ")" for group in groups)
+    if negatives:
+        expr = f"({expr}) & !({' | '.join(map(_tsquery_atom, negatives))})"
+    return expr
+
+
+_QUERY_LEXEME = re.compile(r"'((?:[^']|'')*)'(:\*)?")
+
+
+class PgTextIndex(beaver._TextIndex):
+    """``_TextIndex`` on a table with a ``tsvector`` column and a GIN index: the same rows
+    (one per document and field path, the same rowids), ranked by ``ts_rank`` (SQLite
+    ranks by bm25: scores differ, their order mostly agrees)."""
+
+    expression = staticmethod(_tsquery)
+
+    def flush(self, batch):
+        rows, words = batch
+        if rows:
+            self._core.executemany(
+                "INSERT INTO beaver_fts (rowid, text, collection, path, words) "
+                "VALUES (?, ?, ?, ?, ?::tsvector)",
+                [(rowid, beaver._UNSEARCHABLE.sub(" ", text), name, path, _tsvector(text))
+                 for rowid, text, name, path in rows])     # text holds no NUL here
+            self._words.add(words)
+
+    # the collection's rows, checked on the rows the GIN index finds (as a rowid range, a
+    # planner with stale statistics would intersect the index with the whole collection's)
+    _MINE = f"(beaver_fts.rowid >> {beaver._FTS_DOC_BITS + beaver._FTS_PATH_BITS}) = ?"
+
+    def _holds(self, word) -> bool:
+        return self._core.execute(
+            f"SELECT 1 FROM beaver_fts WHERE words @@ ?::tsquery AND {self._MINE} LIMIT 1",
+            (_lexeme(word), self._cid)).fetchone() is not None
+
+    def optimize(self):
+        """Merge the GIN index's pending list (what FTS5's 'optimize' is to its segments);
+        only the index's owner may (autovacuum merges it anyway)."""
+        try:
+            with self._core.transaction():      # a savepoint inside a caller's transaction
+                self._core.execute("SELECT gin_clean_pending_list('beaver_fts_words'::regclass)")
+        except ReadOnlyDatabase:
+            pass
+
+    def ranked(self, expr, paths, limit, checked=False, within=None) -> list:
+        """As on SQLite; ``checked`` (a raw query) is PostgreSQL's ``to_tsquery`` syntax."""
+        query = "to_tsquery('simple', ?)" if checked else "?::tsquery"
+        sql = (f"SELECT {self.DOCUMENT}, sum(ts_rank(words, q.q))::float8 AS score "
+               f"FROM beaver_fts, (SELECT {query} AS q) AS q "
+               f"WHERE words @@ q.q AND {self._MINE}")
+        params = [expr, self._cid]
+        if paths is not None:
+            sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
+            for p in paths:
+                params += [p, len(p) + 1, p + "."]
+        if within is not None:
+            sql += f" AND {within[0]}"
+            params += within[1]
+        sql += " GROUP BY 1 ORDER BY score DESC, 1 LIMIT ?"
+        if not checked:
+            return self._core.execute(sql, (*params, limit)).fetchall()
+        try:
+            with self._core.transaction() if self._core.in_transaction else \
+                    contextlib.nullcontext():   # a savepoint: a bad query keeps the transaction
+                return self._core.execute(sql, (*params, limit)).fetchall()
+        except BeaverError as e:
+            if isinstance(getattr(e, "orig", None), psycopg.errors.SyntaxError):
+                raise ValidationError(f"bad tsquery {expr!r}: {e.orig}") from None
+            raise
+
+    def snippet(self, expr, doc_rowid) -> str:
+        """The best matching field of the document, its matched words in ``[...]``, cut to
+        16 words around the first match (as FTS5's ``snippet`` marks them)."""
+        base = self._rowid(doc_rowid)
+        row = self._core.execute(
+            "SELECT text FROM beaver_fts, (SELECT ?::tsquery AS q) AS q WHERE words @@ q.q "
+            "AND rowid >= ? AND rowid < ? ORDER BY ts_rank(words, q.q) DESC, rowid LIMIT 1",
+            (expr, base, base + (1 << beaver._FTS_PATH_BITS))).fetchone()
+        return "" if row is None else _marked(row[0], expr)
+
+
+def _marked(text, expr, width=16) -> str:
+    """``text`` cut to ``width`` words around the first word that a lexeme of the tsquery
+    text ``expr`` matches, matched words in brackets.
+
+        >>> _marked("SQLite is an embedded database", "'embed':* & 'database'")
+        'SQLite is an [embedded] [database]'
+        >>> _marked(" ".join(map(str, range(40))), "'20'", width=5)
+        '...18 19 [20] 21 22...'
+    """
+    exact, prefixes = set(), []
+    for lexeme, star in _QUERY_LEXEME.findall(expr):
+        lexeme = lexeme.replace("''", "'")
+        (prefixes.append(lexeme) if star else exact.add(lexeme))
+    tokens = list(beaver._TERM.finditer(text))
+
+    def hit(token):
+        term = (beaver._terms(token.group()) or [""])[0]
+        return term in exact or any(term.startswith(p) for p in prefixes)
+    hits = [i for i, token in enumerate(tokens) if hit(token)]
+    first = max(0, min(hits[0] - 2 if hits else 0, len(tokens) - width))
+    shown = tokens[first:first + width]
+    if not shown:
+        return text
+    out, at = [], shown[0].start()
+    for i, token in enumerate(shown, first):
+        out += [text[at:token.start()], f"[{token.group()}]" if i in hits else token.group()]
+        at = token.end()
+    end = len(text) if first + width >= len(tokens) else at
+    out.append(text[at:end])
+    return ("..." if first else text[:shown[0].start()]) + "".join(out) + \
+        ("..." if end < len(text) else "")
+
+
+class PgVocabulary(beaver._Vocabulary):
+    """``_Vocabulary`` whose two-edit candidates come from a trigram (``pg_trgm``) GIN index
+    on the words and ``fuzzystrmatch``'s ``levenshtein_less_equal``, then the same checks as
+    on SQLite (shared trigrams, edit distance with swaps), so the same words come back."""
+
+    def _grams_writable(self) -> bool:
+        return False            # the GIN index on beaver_terms follows the words itself
+
+    def _mark_grams_stale(self):
+        pass
+
+    def _forget_grams(self, terms):
+        pass
+
+    def _two_edits(self) -> bool:
+        if self._core.fuzzy_schema is None:
+            raise FeatureUnavailable(
+                f"fuzziness=2 on PostgreSQL needs the extensions {' and '.join(_EXTENSIONS)} "
+                f"(Debian's postgresql package has them), which {self._core.path} lacks or "
+                "beaver may not create: CREATE EXTENSION them, or use fuzziness=1")
+        return True
+
+    def _trigram_candidates(self, word, limit) -> set:
+        grams = beaver._trigrams(word)
+        need = max(1, len(grams) - 4 * limit)
+        patterns = sorted(_like_pattern(gram) for gram in grams)
+        schema = self._core.fuzzy_schema
+        rows = self._core.execute(
+            f"SELECT term FROM beaver_terms WHERE cid = ? AND length(term) BETWEEN ? AND ? "
+            f"AND ({' OR '.join(['term LIKE ?'] * len(patterns))}) "
+            f"AND {schema}.levenshtein_less_equal(term, ?, ?) <= ?",
+            (self._cid, len(word) - limit, len(word) + limit, *patterns, word, 2 * limit,
+             2 * limit))     # a swap is one edit here, two for levenshtein
+        return {term for (term,) in rows
+                if beaver._gram_worthy(term) and len(beaver._trigrams(term) & grams) >= need}
+
+    def _frequencies(self, terms) -> dict:
+        """How many text fields hold each term (any collection), for a few terms."""
+        if len(terms) < 2:
+            return {}
+        return {term: self._core.one("SELECT count(*) FROM beaver_fts WHERE words @@ ?::tsquery",
+                                     (_lexeme(term),))[0]
+                for term in terms[:beaver.FUZZY_FREQUENCIES]}
+
+
+class PgVectors(beaver._Vectors):
+    """``_Vectors`` whose version bump and its log row are one statement (one round trip
+    per indexed document fewer)."""
+
+    def _bump(self, dim, doc_id) -> int:
+        return self._core.one(
+            "WITH bumped AS (UPDATE beaver_collections SET version = version + 1, "
+            "dim = coalesce(dim, ?) WHERE collection = ? RETURNING version) "
+            "INSERT INTO beaver_vector_log (collection, version, doc_id) "
+            "SELECT ?, version, ? FROM bumped RETURNING version",
+            (dim, self._name, self._name, doc_id))[0]
+
+
+class PgGraph(beaver._Graph):
+    """``_Graph`` whose ``walk`` is one recursive query instead of one query per step."""
+
+    _NEXT = {"outgoing": [("source", "target")], "incoming": [("target", "source")],
+             "both": [("source", "target"), ("target", "source")]}
+
+    def walk(self, start, labels, depth, direction) -> list:
+        """As on SQLite: ids reachable in 1..``depth`` edges, each at its shortest distance,
+        by distance then id; a (document, distance) pair is expanded once, so cycles end."""
+        if direction not in self._NEXT:
+            raise ValueError("direction is 'outgoing', 'incoming' or 'both'")
+        only = "" if labels is None else " AND label = ANY(?::text[])"
+        steps = " UNION ALL ".join(
+            f"SELECT {there} FROM beaver_edges WHERE collection = ? AND {here} = w.id{only}"
+            for here, there in self._NEXT[direction])
+        params = [start]
+        for _ in self._NEXT[direction]:
+            params += [self._name] + ([] if labels is None else [_Array(labels)])
+        rows = self._core.execute(
+            "WITH RECURSIVE walk (id, depth) AS (SELECT ?::text COLLATE \"C\", 0 UNION "
+            f"SELECT n.id, w.depth + 1 FROM walk w CROSS JOIN LATERAL ({steps}) AS n (id) "
+            "WHERE w.depth < ?) SELECT id FROM walk WHERE id <> ? GROUP BY id "
+            "ORDER BY min(depth), id", (*params, max(0, int(depth)), start))
+        return [row[0] for row in rows]
+
+
+def _like_pattern(gram) -> str:
+    """The LIKE pattern of the words whose padded form (``$word$``) holds ``gram``.
+
+        >>> [_like_pattern(g) for g in ("$ca", "cat", "at$", "$a$")]
+        ['ca%', '%cat%', '%at', 'a']
+    """
+    escaped = gram.strip("$").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return ("" if gram.startswith("$") else "%") + escaped + ("" if gram.endswith("$") else "%")
 
 
 # ==========================================================================================
@@ -764,11 +1094,10 @@ _orphans: list = []     # connections a forked child inherited: never closed (no
 
 
 class PostgresCore(beaver._Core):
-    """``beaver._Core`` on PostgreSQL: per-thread connections, the same transactions,
+    """``beaver._Core`` on PostgreSQL: pooled connections, the same transactions,
     after-commit hooks, TTL purge and schema stamp; see the module docstring."""
 
     engine = "postgresql"
-    collections = False
     SNAPSHOT_BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
     EMPTY_WRITES_LOCK = False       # a take that finds nothing (SKIP LOCKED) locks nothing
 
@@ -781,6 +1110,7 @@ class PostgresCore(beaver._Core):
         if "application_name" not in psycopg.conninfo.conninfo_to_dict(self.url):
             self.connect_args["application_name"] = "beaver"
         self._pool = _Pool(self._open, POOL_SIZE, self.timeout)
+        self.fuzzy_schema, self._text_ready = None, False
         self._start()
 
     def _new_watcher(self):
@@ -797,6 +1127,52 @@ class PostgresCore(beaver._Core):
 
     def check_json(self):
         pass
+
+    collection_parts = (PgVocabulary, PgTextIndex, PgVectors, PgGraph)
+
+    def text_search(self) -> bool:
+        """Text search always works; two-edit typo search needs pg_trgm and fuzzystrmatch:
+        created here once if missing (``fuzzy_schema`` is where they are, None without)."""
+        if not self._text_ready:
+            self.fuzzy_schema = self._fuzzy_extensions()
+            # a failure inside a transaction (a read-only snapshot) is tried again after it
+            self._text_ready = self.fuzzy_schema is not None or not self.in_transaction
+        return True
+
+    def _fuzzy_extensions(self):
+        """The quoted schema of fuzzystrmatch once both extensions and the trigram index on
+        this schema's words are there (made if missing), or None (with a warning)."""
+        try:
+            schemas = self._extension_schemas()
+            if len(schemas) < len(_EXTENSIONS) or not self.one(
+                    "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() "
+                    "AND indexname = 'beaver_terms_trgm'")[0]:
+                with self.transaction():    # a savepoint inside a caller's transaction
+                    # one creator at a time in the whole database: IF NOT EXISTS can race
+                    self.execute(f"SELECT pg_advisory_xact_lock({_EXTENSIONS_LOCK})")
+                    for name in _EXTENSIONS:    # in public: a dropped schema keeps them
+                        if name not in schemas:
+                            self.execute(f"CREATE EXTENSION IF NOT EXISTS {name} SCHEMA public")
+                    schemas = self._extension_schemas()
+                    self.execute("CREATE INDEX IF NOT EXISTS beaver_terms_trgm ON beaver_terms "
+                                 f"USING gin (term {schemas['pg_trgm']}.gin_trgm_ops)")
+                    self.on_rollback(lambda: setattr(self, "_text_ready", False))
+        except BeaverError as e:
+            beaver.logger.warning("typo search with fuzziness=2 is unavailable on %s: %s",
+                                  self.path, e)
+            return None
+        return schemas["fuzzystrmatch"]
+
+    def _extension_schemas(self) -> dict:
+        return {name: psycopg.sql.Identifier(schema).as_string(None) for name, schema in self.all(
+            "SELECT e.extname, n.nspname FROM pg_extension e JOIN pg_namespace n "
+            "ON n.oid = e.extnamespace WHERE e.extname IN ('pg_trgm', 'fuzzystrmatch')")}
+
+    def connection_in_transaction(self) -> bool:
+        """Whether this thread holds a connection in a transaction (beaver's or a raw
+        ``BEGIN``); looking pins none."""
+        cursor = getattr(self._local, "cursor", None)
+        return cursor is not None and cursor.connection.pgconn.transaction_status != _IDLE
 
     def size(self) -> int:
         """Bytes beaver's tables take in this schema (with their indexes and TOAST)."""
@@ -977,7 +1353,7 @@ class PostgresCore(beaver._Core):
         if how is _MANY:
             cursor.executemany(statement.sql, params)
             return cursor.rowcount
-        cursor.execute(statement.sql, params)
+        cursor.execute(statement.sql, params, prepare=statement.prepare)
         if how is _ONE:
             return None if cursor.description is None else cursor.fetchone()
         return _Result(cursor, statement)

@@ -58,6 +58,7 @@ import os
 import queue
 import re
 import secrets
+import select
 import shutil
 import sys
 import tempfile
@@ -282,23 +283,31 @@ class _Route:
     def __init__(self, verb, parts, fixed, handler, op=None, greedy=False, summary=""):
         self.verb, self.parts, self.fixed, self.handler = verb, parts, fixed, handler
         self.op, self.greedy, self.summary = op, greedy, summary
+        self.literals = [(i, part) for i, part in enumerate(parts) if part[0] != "{"]
+        self.names = [(i, part[1:-1]) for i, part in enumerate(parts) if part[0] == "{"]
+        self.wants = [(key, value, "summary" if key == "view" else None)
+                      for key, value in fixed.items()]
+        if op is not None:      # what each request of the operation needs, worked out once
+            _, op_fixed, self.plan = beaver._plan(op)
+            self.known = frozenset(op_fixed) | {"view"}
+            self.options = tuple(beaver._MANAGER_OPTIONS.get(op.kind, ()))
+            self.decoded = tuple((p.name, _DECODE[p.type]) for p in self.plan
+                                 if p.type in _DECODE)
 
     def match(self, segments, query):
-        parts = self.parts
-        if len(segments) != len(parts) and not (self.greedy and len(segments) > len(parts)):
+        count = len(self.parts)
+        if len(segments) != count and not (self.greedy and len(segments) > count):
             return None
-        params = {}
-        for i, part in enumerate(parts):
-            if part[0] == "{":
-                if self.greedy and i == len(parts) - 1:
-                    params[part[1:-1]] = "/".join(segments[i:])
-                else:
-                    params[part[1:-1]] = segments[i]
-            elif part != segments[i]:
+        for i, part in self.literals:
+            if part != segments[i]:
                 return None
-        for key, value in self.fixed.items():
-            if query.get(key, "summary" if key == "view" else None) != value:
+        for key, value, default in self.wants:
+            if query.get(key, default) != value:
                 return None
+        params = {name: segments[i] for i, name in self.names}
+        if self.greedy and count:           # the last parameter takes the rest of the path
+            i, name = self.names[-1]
+            params[name] = "/".join(segments[i:])
         return params
 
 
@@ -439,41 +448,49 @@ class _Server:
 
     async def arguments(self, request, route, params, query):
         """``(op, name, options, kwargs)`` of a request to a declared operation."""
-        op = route.op
-        name = params.get("name")
-        _, fixed, plan = beaver._plan(op)
-        known = set(fixed) | {"view"}
-        options = {}
-        for option in beaver._MANAGER_OPTIONS.get(op.kind, ()):
+        raw = await request.body() if route.op.body else b""
+        return self.arguments_of(request.headers, route, params, query, raw)
+
+    def arguments_of(self, headers, route, params, query, raw):
+        """``arguments`` with the body ``raw`` read already."""
+        op, plan = route.op, route.plan
+        options, kwargs = {}, {}
+        for option in route.options:
             if option in query:
                 options[option] = _json_param(query[option], option)
-                known.add(option)
-        kwargs = {}
         for param in plan:
-            if param.place in ("path", "query"):
-                text = params.get(param.name) if param.place == "path" else query.get(
-                    param.name)
-                if text is None:
-                    continue
-                known.add(param.name)
+            if param.place == "path":
+                text = params.get(param.name)
+            elif param.place == "query":
+                text = query.get(param.name)
+            else:
+                if param.place == "header" and "beaver-metadata" in headers:
+                    kwargs[param.name] = _json_param(headers["beaver-metadata"],
+                                                     "Beaver-Metadata")
+                continue
+            if text is not None:
                 kwargs[param.name] = text if param.type in beaver._TEXT_TYPES else \
                     _json_param(text, param.name)
-            elif param.place == "header" and "beaver-metadata" in request.headers:
-                kwargs[param.name] = _json_param(request.headers["beaver-metadata"],
-                                                 "Beaver-Metadata")
-        unknown = set(query) - known
+        if query:
+            self.check_query(route, query, options)
+        if op.body:
+            self.body_arguments(raw, op, plan, kwargs)
+        for name, decode in route.decoded:
+            if name in kwargs:
+                kwargs[name] = decode(kwargs[name])
+        if kwargs:
+            self.check_limits(kwargs)
+        return op, params.get("name"), options, kwargs
+
+    @staticmethod
+    def check_query(route, query, options):
+        """Refuse query parameters the operation does not take."""
+        unknown = set(query) - route.known - options.keys() - {
+            p.name for p in route.plan if p.place in ("path", "query")}
         if unknown:
             raise HTTPError(422, "ValueError", f"unknown query parameters: {sorted(unknown)}")
-        if op.body:
-            await self.body_arguments(request, op, plan, kwargs)
-        for param in plan:
-            if param.name in kwargs and param.type in _DECODE:
-                kwargs[param.name] = _DECODE[param.type](kwargs[param.name])
-        self.check_limits(kwargs)
-        return op, name, options, kwargs
 
-    async def body_arguments(self, request, op, plan, kwargs):
-        raw = await request.body()
+    def body_arguments(self, raw, op, plan, kwargs):
         if op.body == "{}":
             fields = _body_json(raw, dict, "a JSON object")
             names = {p.name for p in plan if p.place == "field"}
@@ -1252,6 +1269,7 @@ _PLAIN_METHODS = frozenset((b"GET", b"HEAD", b"PUT", b"POST", b"PATCH", b"DELETE
 _HEAD_FIELDS = re.compile(   # after the request line: "name: value" lines, nothing else
     rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*\Z")
 _HEAD_TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*\Z")       # visible ASCII, no '#'
+_HEAD_FIELD = re.compile(r"\r\n([^:]+):([^\r]*)")    # one field, once _HEAD_FIELDS passed
 # chunked bodies, 100-continue, WebSockets; and browsers' requests (CORS answers them there)
 _LEFT_TO_THE_LOOP = frozenset(("transfer-encoding", "expect", "upgrade", "origin"))
 _SINGLE = frozenset(("content-length", "host", "authorization", "idempotency-key",
@@ -1284,8 +1302,7 @@ def _plain_head(head: bytes):
             not _HEAD_TARGET.match(parts[1]) or not _HEAD_FIELDS.match(head, len(line)):
         return None
     headers, length, close = {}, None, False
-    for field in head[len(line) + 2:].decode("latin-1").split("\r\n") if end >= 0 else ():
-        name, _, value = field.partition(":")
+    for name, value in _HEAD_FIELD.findall(head.decode("latin-1"), len(line)):
         name = name.lower()
         if name in headers and name in _SINGLE:
             return None         # two Content-Lengths (or Hosts...): left to uvicorn
@@ -1315,13 +1332,20 @@ class _Closed(Exception):
 
 class _ThreadConnection:
     """One connection served by a connection thread: blocking reads and writes with
-    deadlines, the requests run in this thread."""
+    deadlines, the requests run in this thread.
+
+    The socket stays non-blocking and the thread waits in ``poll``: a request costs one
+    ``poll``, one ``recv`` and one ``send`` (a socket timeout would add a poll before the
+    send and a mode switch before each call)."""
 
     def __init__(self, threads, sock):
         self.threads, self.server, self.sock = threads, threads.server, sock
         self.buffer = b""
         self.local = sock.getsockname()[:2]
         self.peer = sock.getpeername()[:2]
+        sock.setblocking(False)
+        self.readable = select.poll()
+        self.readable.register(sock, select.POLLIN)
 
     def serve(self):
         """Serve requests until the client leaves; hand the connection over when needed."""
@@ -1368,14 +1392,34 @@ class _ThreadConnection:
         left = deadline - time.monotonic()
         if left <= 0 or self.threads.closing:
             raise _Closed
-        self.sock.settimeout(left)
+        if not self.readable.poll(left * 1000.0):
+            raise _Closed           # nothing within the deadline
         try:
             chunk = self.sock.recv(65536)
-        except TimeoutError:
-            raise _Closed from None
+        except BlockingIOError:
+            return                  # woken for nothing: the caller asks again
         if not chunk:
             raise _Closed
         self.buffer += chunk
+
+    def send(self, data):
+        """Send ``data`` within ``SEND_TIMEOUT`` (plus a second per MB)."""
+        try:
+            sent = self.sock.send(data)     # an answer mostly fits the socket buffer at once
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        deadline = time.monotonic() + SEND_TIMEOUT + len(data) / 1e6
+        writable = select.poll()
+        writable.register(self.sock, select.POLLOUT)
+        view = memoryview(data)[sent:]
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0 or not writable.poll(left * 1000.0):
+                raise _Closed
+            with contextlib.suppress(BlockingIOError):
+                view = view[self.sock.send(view):]
 
     def answer(self, plain, body):
         """Run one request; ``(status, close)`` once its answer is sent."""
@@ -1396,8 +1440,8 @@ class _ThreadConnection:
                 raise
             if route.op is None:
                 raise _Handoff
-            op, name, options, kwargs = _run_now(server.arguments(request, route, params,
-                                                                  request.query()))
+            op, name, options, kwargs = server.arguments_of(plain.headers, route, params,
+                                                            request.query(), body)
             if op.wait and kwargs.get("block", True) is not False:
                 raise _Handoff
             key = request.headers.get("idempotency-key") if op.writes else None
@@ -1418,12 +1462,7 @@ class _ThreadConnection:
         for name, value in (headers or {}).items():
             lines.append(f"{name}: {value}\r\n")
         head = "".join(lines).encode("latin-1") + b"\r\n"
-        data = head if plain.method == "HEAD" else head + body
-        self.sock.settimeout(SEND_TIMEOUT + len(data) / 1e6)
-        try:
-            self.sock.sendall(data)
-        except TimeoutError:
-            raise _Closed from None
+        self.send(head if plain.method == "HEAD" else head + body)
         if access_logger.isEnabledFor(logging.INFO):
             target = plain.path + (b"?" + plain.query if plain.query else b"")
             access_logger.info('%s - "%s %s HTTP/%s" %d', "%s:%d" % self.peer, plain.method,
@@ -1433,16 +1472,6 @@ class _ThreadConnection:
     def close(self):
         with contextlib.suppress(OSError):
             self.sock.close()
-
-
-def _run_now(coroutine):
-    """The result of a coroutine that never suspends (the body is read already)."""
-    try:
-        coroutine.send(None)
-    except StopIteration as done:
-        return done.value
-    coroutine.close()
-    raise RuntimeError("a coroutine of the thread path suspended")
 
 
 class _ConnectionThreads:

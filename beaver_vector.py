@@ -138,8 +138,13 @@ def open_index(core, collection: str, dim: int, metric: str = "l2", **options) -
 
 
 def _host(core):
-    """The beaver module that made ``core``: ``__main__`` under ``python -m beaver``."""
-    return sys.modules.get(type(core).__module__, beaver)
+    """The beaver module that made ``core``: ``__main__`` under ``python -m beaver``; for
+    another engine's core (``beaver_postgres``), the module of the core it extends."""
+    for cls in type(core).__mro__:
+        module = sys.modules.get(cls.__module__)
+        if hasattr(module, "_check_vector_options"):
+            return module
+    return beaver
 
 
 def _check_options(dim, metric, options, errors=beaver) -> dict:
@@ -563,9 +568,9 @@ class VectorIndex:
 
         class _Snapshot:
             def __enter__(snap):
-                snap.own = not core.conn().in_transaction
+                snap.own = not core.connection_in_transaction()
                 if snap.own:
-                    core.execute("BEGIN")
+                    core.execute(core.SNAPSHOT_BEGIN)
 
             def __exit__(snap, *exc):
                 if snap.own:

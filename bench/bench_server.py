@@ -1,6 +1,7 @@
 """Server benchmark: BeaverClient against ``beaver serve`` beside redis-py against redis-server.
 
     python bench/bench_server.py            # full run (a few minutes)
+    python bench/bench_server.py --runs 3   # three full runs (fresh servers each), the spread
     python bench/bench_server.py --quick    # small sizes, a smoke run
 
 Measured side by side in one run, on one machine, both over TCP on 127.0.0.1:
@@ -194,29 +195,36 @@ def keep(results, key, measured):
         results[key] = measured
 
 
-def report(results, args):
+def report(runs, args):
+    """The table of the median run (by each row's ratio), with every run's ratio beside it."""
     lines = [
         "# Server benchmark: BeaverClient + beaver serve beside redis-py + redis-server",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, SQLite {beaver.sqlite3.sqlite_version}; "
-        f"{args.n} ops per round, best of {args.rounds} interleaved rounds, ops/s.",
+        f"{args.n} ops per round, best of {args.rounds} interleaved rounds, ops/s; "
+        f"{len(runs)} run(s), each with fresh servers.",
         "Beaver's writes carry an idempotency key stored with the write (exactly-once).",
         "CPU per operation (µs, user + system, of the best round): the client process (all its",
-        "threads) and the server process(es), beaver / redis.",
+        "threads) and the server process(es), beaver / redis. The row shown is the run with",
+        "the median ratio; the last column has every run's ratio.",
         "",
         "| operation | client threads | server | beaver ops/s | redis ops/s | beaver / redis "
-        "| client CPU µs/op | server CPU µs/op |",
-        "|---|---|---|---|---|---|---|---|",
+        "| client CPU µs/op | server CPU µs/op | every run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (name, threads, who), (value, client, server) in sorted(results.items()):
-        if who != "beaver":
-            continue
-        theirs, their_client, their_server = results[(name, threads, "redis")]
+    for key in sorted(k for k in runs[0] if k[2] == "beaver"):
+        name, threads, _ = key
+        ratios = sorted((r[key][0] / r[(name, threads, "redis")][0], i)
+                        for i, r in enumerate(runs))
+        median = runs[ratios[len(ratios) // 2][1]]
+        value, client, server = median[key]
+        theirs, their_client, their_server = median[(name, threads, "redis")]
         workers = "1 worker" if threads == 1 else "--workers 2"
+        every = ", ".join(f"{ratio:.2f}x" for ratio, _ in sorted(ratios, key=lambda r: r[1]))
         lines.append(f"| {name} | {threads} | {workers} | {value:,.0f} | {theirs:,.0f} | "
                      f"{value / theirs:.2f}x | {client:.0f} / {their_client:.0f} | "
-                     f"{server:.0f} / {their_server:.0f} |")
+                     f"{server:.0f} / {their_server:.0f} | {every} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
@@ -230,6 +238,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small sizes, no results file")
     parser.add_argument("-n", type=int, default=None, help="operations per round")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (best is kept)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="full runs, each with fresh servers (the median is shown)")
     args = parser.parse_args()
     args.n = args.n or (300 if args.quick else 3000)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -237,7 +247,7 @@ def main():
         import redis
     except ImportError:
         raise SystemExit("pip install redis (and run redis-server on 127.0.0.1:6379)")
-    report(measure(args, redis), args)
+    report([measure(args, redis) for _ in range(args.runs)], args)
 
 
 if __name__ == "__main__":
