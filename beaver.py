@@ -5326,6 +5326,19 @@ class _Vocabulary:
         return found
 
 
+def _narrowed(sql, params, paths, within) -> str:
+    """A text index query ``sql`` kept to the field ``paths`` and the ``within`` condition
+    (``(SQL, parameters)``), when given; their parameters are appended to ``params``."""
+    if paths is not None:
+        sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
+        for p in paths:
+            params += [p, len(p) + 1, p + "."]
+    if within is not None:
+        sql += f" AND {within[0]}"
+        params += within[1]
+    return sql
+
+
 class _TextIndex:
     """The full-text rows of one collection in ``beaver_fts`` (FTS5) and their ranking.
 
@@ -5430,13 +5443,7 @@ class _TextIndex:
         sql = (f"SELECT {self.DOCUMENT}, -sum(rank) AS score FROM beaver_fts "
                f"WHERE beaver_fts MATCH ? AND rowid >= ? AND rowid < ?")
         params = [expr, self._low, self._high]
-        if paths is not None:
-            sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
-            for p in paths:
-                params += [p, len(p) + 1, p + "."]
-        if within is not None:
-            sql += f" AND {within[0]}"
-            params += within[1]
+        sql = _narrowed(sql, params, paths, within)
         sql += " GROUP BY 1 ORDER BY score DESC LIMIT ?"
         try:
             return self._core.execute(sql, (*params, limit)).fetchall()

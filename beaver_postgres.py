@@ -681,13 +681,7 @@ class PgTextIndex(beaver._TextIndex):
                f"FROM beaver_fts, (SELECT {query} AS q) AS q "
                f"WHERE words @@ q.q AND {self._MINE}")
         params = [expr, self._cid]
-        if paths is not None:
-            sql += " AND (" + " OR ".join(["path = ? OR substr(path, 1, ?) = ?"] * len(paths)) + ")"
-            for p in paths:
-                params += [p, len(p) + 1, p + "."]
-        if within is not None:
-            sql += f" AND {within[0]}"
-            params += within[1]
+        sql = beaver._narrowed(sql, params, paths, within)
         sql += " GROUP BY 1 ORDER BY score DESC, 1 LIMIT ?"
         if not checked:
             return self._core.execute(sql, (*params, limit)).fetchall()
