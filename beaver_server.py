@@ -177,14 +177,7 @@ class _Request:
 
     def query(self) -> dict:
         if self._query is None:
-            if not self.query_string:
-                self._query = {}
-                return self._query
-            try:
-                self._query = dict(parse_qsl(self.query_string.decode("utf-8"),
-                                             keep_blank_values=True, errors="strict"))
-            except UnicodeDecodeError:
-                raise HTTPError(400, "ValueError", "the query string is not UTF-8") from None
+            self._query = _query_of(self.query_string)
         return self._query
 
     async def send(self, message):
@@ -201,6 +194,36 @@ class _Request:
         await self.send({"type": "http.response.start", "status": status, "headers": head})
         await self.send({"type": "http.response.body",
                          "body": b"" if self.method == "HEAD" else body})
+
+
+def _query_of(raw: bytes) -> dict:
+    """The parameters of a query string (the last of a repeated name wins).
+
+        >>> _query_of(b"view=ttl&block=false")
+        {'view': 'ttl', 'block': 'false'}
+    """
+    if not raw:
+        return {}
+    try:
+        return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict"))
+    except UnicodeDecodeError:
+        raise HTTPError(400, "ValueError", "the query string is not UTF-8") from None
+
+
+def _segments(raw_path: bytes) -> list:
+    """The decoded segments of a request path.
+
+        >>> _segments(b"/dicts/a%20b/k"), _segments(b"/")
+        (['dicts', 'a b', 'k'], [])
+    """
+    if b"%" in raw_path:
+        segments = [_text(s) for s in raw_path.split(b"/")[1:]]
+    else:
+        try:
+            segments = raw_path.decode("utf-8").split("/")[1:]
+        except UnicodeDecodeError:
+            raise HTTPError(400, "ValueError", "the path is not UTF-8") from None
+    return [] if segments == [""] else segments
 
 
 def _text(raw: bytes) -> str:
@@ -427,9 +450,7 @@ class _Server:
         return manager
 
     def route(self, method, raw_path, query):
-        segments = [_text(s) for s in raw_path.split(b"/")[1:]]
-        if segments == [""]:
-            segments = []
+        segments = _segments(raw_path)
         first = segments[0] if segments else ""
         verbs = ("HEAD", "GET") if method == "HEAD" else (method,)
         for verb in verbs:
@@ -523,6 +544,9 @@ class _Server:
     def execute(self, op, name, options, kwargs, key=None):
         """Run one declared operation (in a worker thread); its answer."""
         manager = self.manager(op.kind, name, options)     # before any transaction opens
+        stored = beaver._STORED_TEXT.get((op.kind, op.method))
+        if stored and key is None and getattr(manager, "_codec", None) is beaver._JSON:
+            return 200, getattr(manager, stored)(**kwargs).encode("utf-8"), None
 
         def call():
             result = beaver._local_function(op)(manager, **kwargs)
@@ -1423,28 +1447,24 @@ class _ThreadConnection:
 
     def answer(self, plain, body):
         """Run one request; ``(status, close)`` once its answer is sent."""
-        server = self.server
-        scope = {"type": "http", "http_version": "1.1", "scheme": "http",
-                 "method": plain.method, "path": "", "raw_path": plain.path,
-                 "query_string": plain.query, "headers": [],
-                 "server": self.local, "client": self.peer}
-        request = _Request(scope, None, None, server.limits["body"])
-        request.headers, request._body = plain.headers, body
+        server, headers = self.server, plain.headers
+        scope = {"type": "http", "method": plain.method, "raw_path": plain.path,
+                 "query_string": plain.query, "server": self.local, "client": self.peer}
         try:
-            server.check(scope, request.headers)
+            server.check(scope, headers)
+            query = _query_of(plain.query)
             try:
-                route, params = server.route(plain.method, plain.path, request.query())
+                route, params = server.route(plain.method, plain.path, query)
             except HTTPError as e:
                 if e.status == 404:
                     raise _Handoff from None   # FastAPI's routes: /docs, /openapi.json
                 raise
             if route.op is None:
                 raise _Handoff
-            op, name, options, kwargs = server.arguments_of(plain.headers, route, params,
-                                                            request.query(), body)
+            op, name, options, kwargs = server.arguments_of(headers, route, params, query, body)
             if op.wait and kwargs.get("block", True) is not False:
                 raise _Handoff
-            key = request.headers.get("idempotency-key") if op.writes else None
+            key = headers.get("idempotency-key") if op.writes else None
             reply = server.execute(op, name, options, kwargs, key)
         except _Handoff:
             raise

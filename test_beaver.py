@@ -7995,6 +7995,34 @@ def test_client_never_resends_a_write_without_a_key(lossy, uid):
     assert list(local.list(f"{uid}-raw")) == [1]
 
 
+def test_client_timeout_bounds_a_server_that_never_answers():
+    import socket as _socket
+    listener = _socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    stop = threading.Event()
+
+    def accept_and_stay_silent():
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                accepted.append(listener.accept()[0])
+    thread = threading.Thread(target=accept_and_stay_silent, daemon=True)
+    thread.start()
+    client = beaver.BeaverClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.2)
+    try:
+        with pytest.raises(beaver.RemoteError, match="timed out"):
+            client.dict("d")["k"]
+        client._http.connection(0.2).set_timeout(None)      # a stream's: no bound at all
+        assert client._http.connection(0.2).sock.gettimeout() is None
+    finally:
+        stop.set()
+        thread.join(_RT_DEADLINE)
+        client.close()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
 NAMES = st.one_of(st.sampled_from(["team/members", "a%2Fb", "%", "line\nbreak", "..", ".",
                                    "x" * 5000, "é/ü", "😀", " lead", "tab\t", "?q=1", "#h"]),
                   st.text(min_size=1, max_size=30))
