@@ -6489,6 +6489,11 @@ class _Managers:
                 _Manager._reopen(manager, model, options or {})
             return manager
 
+    def opened(self, kind, name):
+        """The open manager of ``kind`` called ``name``, or None: what ``get`` with no model
+        and no options returns for it (it passed the checks when it was made)."""
+        return self._by_key.get((kind, name))
+
     def all(self) -> list:
         with self._lock:
             return list(self._by_key.values())

@@ -462,7 +462,10 @@ class _Server:
         if kind == "db":
             return db
         if not options:
-            return getattr(db, "blobs" if kind == "blob" else kind)(name)
+            manager = db._managers.opened(kind, name)
+            if manager is None or db._core.closed:
+                return getattr(db, "blobs" if kind == "blob" else kind)(name)
+            return manager
         key = (kind, name, tuple(sorted(options.items())))
         manager = self.managers.get(key)
         if manager is None:
@@ -1498,13 +1501,18 @@ class _ThreadConnection:
     def send_reply(self, plain, reply):
         status, body, headers = reply
         close = bool(headers) and headers.get("connection") == "close"
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-                 f"content-length: {len(body)}\r\n"]
-        if body and not (headers and "content-type" in headers):
-            lines.append("content-type: application/json\r\n")
-        for name, value in (headers or {}).items():
-            lines.append(f"{name}: {value}\r\n")
-        head = "".join(lines).encode("latin-1") + b"\r\n"
+        if headers:
+            lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+                     f"content-length: {len(body)}\r\n"]
+            if body and "content-type" not in headers:
+                lines.append("content-type: application/json\r\n")
+            for name, value in headers.items():
+                lines.append(f"{name}: {value}\r\n")
+            head = "".join(lines).encode("latin-1") + b"\r\n"
+        else:                       # most answers: the status line and two fields at most
+            head = b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%s" % (
+                status, _REASONS.get(status, "Unknown").encode("latin-1"), len(body),
+                b"content-type: application/json\r\n\r\n" if body else b"\r\n")
         self.send(head if plain.method == "HEAD" else head + body)
         if access_logger.isEnabledFor(logging.INFO):
             target = plain.path + (b"?" + plain.query if plain.query else b"")
