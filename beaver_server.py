@@ -1351,12 +1351,11 @@ def _plain_head(head: bytes):
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in _PLAIN_METHODS or \
             not _HEAD_TARGET.match(parts[1]) or not _HEAD_FIELDS.match(head, len(line)):
         return None
-    headers, length, close = {}, None, False
-    for name, value in _HEAD_FIELD.findall(head.decode("latin-1"), len(line)):
-        name = name.lower()
-        if name in headers and name in _SINGLE:
-            return None         # two Content-Lengths (or Hosts...): left to uvicorn
-        headers[name] = value.strip(" \t")
+    length, close = None, False
+    fields = _HEAD_FIELD.findall(head.decode("latin-1"), len(line))
+    headers = {name.lower(): value.strip(" \t") for name, value in fields}
+    if len(headers) < len(fields) and _repeats_a_single(fields):
+        return None             # two Content-Lengths (or Hosts...): left to uvicorn
     if not headers.keys().isdisjoint(_LEFT_TO_THE_LOOP):
         return None
     if "content-length" in headers:
@@ -1370,6 +1369,12 @@ def _plain_head(head: bytes):
         close = token == "close"
     path, _, query = parts[1].partition(b"?")
     return _Plain(parts[0].decode("ascii"), path, query, headers, int(length or 0), close)
+
+
+def _repeats_a_single(fields) -> bool:
+    """Whether a field that may come once comes twice among ``fields`` (name, value)."""
+    names = [name.lower() for name, _ in fields]
+    return any(names.count(name) > 1 for name in _SINGLE)
 
 
 class _Handoff(Exception):
