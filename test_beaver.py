@@ -7995,6 +7995,27 @@ def test_client_never_resends_a_write_without_a_key(lossy, uid):
     assert list(local.list(f"{uid}-raw")) == [1]
 
 
+@pytest.mark.parametrize("which", ["served", "served_on_the_loop"])
+def test_remote_dict_get_answers_the_stored_text_and_still_flags_corrupt_text(which, uid,
+                                                                             request):
+    url, path = request.getfixturevalue(which)
+    client, local = beaver.BeaverClient(url), BeaverDB(path)
+    try:
+        value = {"b": [1, 2.5, None, "é\u2028"], "a": {"": True}}
+        client.dict(f"d-{uid}")["k"] = value
+        assert client.dict(f"d-{uid}")["k"] == value == local.dict(f"d-{uid}")["k"]
+        assert client.dict(f"d-{uid}").get("missing", 7) == 7
+        with pytest.raises(KeyError):
+            client.dict(f"d-{uid}")["missing"]
+        local._core.execute("UPDATE beaver_dicts SET value = ? WHERE name = ?",
+                            ("[" * 100_000 + "]" * 100_000, f"d-{uid}"))
+        with pytest.raises(beaver.CorruptDatabase):
+            client.dict(f"d-{uid}")["k"]
+    finally:
+        client.close()
+        local.close()
+
+
 def test_client_timeout_bounds_a_server_that_never_answers():
     import socket as _socket
     listener = _socket.create_server(("127.0.0.1", 0))
