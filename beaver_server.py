@@ -177,14 +177,7 @@ class _Request:
 
     def query(self) -> dict:
         if self._query is None:
-            if not self.query_string:
-                self._query = {}
-                return self._query
-            try:
-                self._query = dict(parse_qsl(self.query_string.decode("utf-8"),
-                                             keep_blank_values=True, errors="strict"))
-            except UnicodeDecodeError:
-                raise HTTPError(400, "ValueError", "the query string is not UTF-8") from None
+            self._query = _query_of(self.query_string)
         return self._query
 
     async def send(self, message):
@@ -203,6 +196,36 @@ class _Request:
                          "body": b"" if self.method == "HEAD" else body})
 
 
+def _query_of(raw: bytes) -> dict:
+    """The parameters of a query string (the last of a repeated name wins).
+
+        >>> _query_of(b"view=ttl&block=false")
+        {'view': 'ttl', 'block': 'false'}
+    """
+    if not raw:
+        return {}
+    try:
+        return dict(parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict"))
+    except UnicodeDecodeError:
+        raise HTTPError(400, "ValueError", "the query string is not UTF-8") from None
+
+
+def _segments(raw_path: bytes) -> list:
+    """The decoded segments of a request path.
+
+        >>> _segments(b"/dicts/a%20b/k"), _segments(b"/")
+        (['dicts', 'a b', 'k'], [])
+    """
+    if b"%" in raw_path:
+        segments = [_text(s) for s in raw_path.split(b"/")[1:]]
+    else:
+        try:
+            segments = raw_path.decode("utf-8").split("/")[1:]
+        except UnicodeDecodeError:
+            raise HTTPError(400, "ValueError", "the path is not UTF-8") from None
+    return [] if segments == [""] else segments
+
+
 def _text(raw: bytes) -> str:
     try:
         text = raw.decode("utf-8")
@@ -211,12 +234,35 @@ def _text(raw: bytes) -> str:
         raise HTTPError(400, "ValueError", "the path is not UTF-8") from None
 
 
+_SCAN_JSON = json.JSONDecoder().scan_once     # json.loads's own scanner, without its wrapper
+
+
 def _loads(text):
-    """``json.loads``; JSON nested beyond the recursion limit is a 400, not a crash."""
+    """``json.loads``; JSON nested beyond the recursion limit is a 400, not a crash.
+
+    UTF-8 JSON with nothing around it (what clients send) goes straight to the scanner;
+    anything else (whitespace, a BOM, UTF-16, an error to raise) through ``json.loads``.
+
+        >>> _loads(b'{"a":[1,NaN]}'), _loads(b' 2 '), _loads('"x"')
+        ({'a': [1, nan]}, 2, 'x')
+    """
     try:
+        raw = isinstance(text, bytes)
+        if text[:1] not in _JSON_AROUND and not (raw and b"\x00" in text[:4]):
+            try:
+                decoded = text.decode("utf-8") if raw else text
+                value, end = _SCAN_JSON(decoded, 0)
+                if end == len(decoded):
+                    return value
+            except (StopIteration, UnicodeDecodeError):
+                pass            # json.loads raises its own error below
         return json.loads(text)
     except RecursionError:
         raise HTTPError(400, "ValueError", "the JSON is nested too deeply") from None
+
+
+_JSON_AROUND = frozenset((b"", b" ", b"\t", b"\n", b"\r", b"\xef", "", " ", "\t", "\n",
+                          "\r", "\ufeff"))
 
 
 def _json_param(text, name):
@@ -416,7 +462,10 @@ class _Server:
         if kind == "db":
             return db
         if not options:
-            return getattr(db, "blobs" if kind == "blob" else kind)(name)
+            manager = db._managers.opened(kind, name)
+            if manager is None or db._core.closed:
+                return getattr(db, "blobs" if kind == "blob" else kind)(name)
+            return manager
         key = (kind, name, tuple(sorted(options.items())))
         manager = self.managers.get(key)
         if manager is None:
@@ -427,9 +476,7 @@ class _Server:
         return manager
 
     def route(self, method, raw_path, query):
-        segments = [_text(s) for s in raw_path.split(b"/")[1:]]
-        if segments == [""]:
-            segments = []
+        segments = _segments(raw_path)
         first = segments[0] if segments else ""
         verbs = ("HEAD", "GET") if method == "HEAD" else (method,)
         for verb in verbs:
@@ -523,6 +570,9 @@ class _Server:
     def execute(self, op, name, options, kwargs, key=None):
         """Run one declared operation (in a worker thread); its answer."""
         manager = self.manager(op.kind, name, options)     # before any transaction opens
+        stored = beaver._STORED_TEXT.get((op.kind, op.method))
+        if stored and key is None and getattr(manager, "_codec", None) is beaver._JSON:
+            return 200, getattr(manager, stored)(**kwargs).encode("utf-8"), None
 
         def call():
             result = beaver._local_function(op)(manager, **kwargs)
@@ -1301,12 +1351,11 @@ def _plain_head(head: bytes):
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in _PLAIN_METHODS or \
             not _HEAD_TARGET.match(parts[1]) or not _HEAD_FIELDS.match(head, len(line)):
         return None
-    headers, length, close = {}, None, False
-    for name, value in _HEAD_FIELD.findall(head.decode("latin-1"), len(line)):
-        name = name.lower()
-        if name in headers and name in _SINGLE:
-            return None         # two Content-Lengths (or Hosts...): left to uvicorn
-        headers[name] = value.strip(" \t")
+    length, close = None, False
+    fields = _HEAD_FIELD.findall(head.decode("latin-1"), len(line))
+    headers = {name.lower(): value.strip(" \t") for name, value in fields}
+    if len(headers) < len(fields) and _repeats_a_single(fields):
+        return None             # two Content-Lengths (or Hosts...): left to uvicorn
     if not headers.keys().isdisjoint(_LEFT_TO_THE_LOOP):
         return None
     if "content-length" in headers:
@@ -1320,6 +1369,12 @@ def _plain_head(head: bytes):
         close = token == "close"
     path, _, query = parts[1].partition(b"?")
     return _Plain(parts[0].decode("ascii"), path, query, headers, int(length or 0), close)
+
+
+def _repeats_a_single(fields) -> bool:
+    """Whether a field that may come once comes twice among ``fields`` (name, value)."""
+    names = [name.lower() for name, _ in fields]
+    return any(names.count(name) > 1 for name in _SINGLE)
 
 
 class _Handoff(Exception):
@@ -1423,28 +1478,24 @@ class _ThreadConnection:
 
     def answer(self, plain, body):
         """Run one request; ``(status, close)`` once its answer is sent."""
-        server = self.server
-        scope = {"type": "http", "http_version": "1.1", "scheme": "http",
-                 "method": plain.method, "path": "", "raw_path": plain.path,
-                 "query_string": plain.query, "headers": [],
-                 "server": self.local, "client": self.peer}
-        request = _Request(scope, None, None, server.limits["body"])
-        request.headers, request._body = plain.headers, body
+        server, headers = self.server, plain.headers
+        scope = {"type": "http", "method": plain.method, "raw_path": plain.path,
+                 "query_string": plain.query, "server": self.local, "client": self.peer}
         try:
-            server.check(scope, request.headers)
+            server.check(scope, headers)
+            query = _query_of(plain.query)
             try:
-                route, params = server.route(plain.method, plain.path, request.query())
+                route, params = server.route(plain.method, plain.path, query)
             except HTTPError as e:
                 if e.status == 404:
                     raise _Handoff from None   # FastAPI's routes: /docs, /openapi.json
                 raise
             if route.op is None:
                 raise _Handoff
-            op, name, options, kwargs = server.arguments_of(plain.headers, route, params,
-                                                            request.query(), body)
+            op, name, options, kwargs = server.arguments_of(headers, route, params, query, body)
             if op.wait and kwargs.get("block", True) is not False:
                 raise _Handoff
-            key = request.headers.get("idempotency-key") if op.writes else None
+            key = headers.get("idempotency-key") if op.writes else None
             reply = server.execute(op, name, options, kwargs, key)
         except _Handoff:
             raise
@@ -1455,13 +1506,18 @@ class _ThreadConnection:
     def send_reply(self, plain, reply):
         status, body, headers = reply
         close = bool(headers) and headers.get("connection") == "close"
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-                 f"content-length: {len(body)}\r\n"]
-        if body and not (headers and "content-type" in headers):
-            lines.append("content-type: application/json\r\n")
-        for name, value in (headers or {}).items():
-            lines.append(f"{name}: {value}\r\n")
-        head = "".join(lines).encode("latin-1") + b"\r\n"
+        if headers:
+            lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+                     f"content-length: {len(body)}\r\n"]
+            if body and "content-type" not in headers:
+                lines.append("content-type: application/json\r\n")
+            for name, value in headers.items():
+                lines.append(f"{name}: {value}\r\n")
+            head = "".join(lines).encode("latin-1") + b"\r\n"
+        else:                       # most answers: the status line and two fields at most
+            head = b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%s" % (
+                status, _REASONS.get(status, "Unknown").encode("latin-1"), len(body),
+                b"content-type: application/json\r\n\r\n" if body else b"\r\n")
         self.send(head if plain.method == "HEAD" else head + body)
         if access_logger.isEnabledFor(logging.INFO):
             target = plain.path + (b"?" + plain.query if plain.query else b"")

@@ -7997,6 +7997,55 @@ def test_client_never_resends_a_write_without_a_key(lossy, uid):
     assert list(local.list(f"{uid}-raw")) == [1]
 
 
+@pytest.mark.parametrize("which", ["served", "served_on_the_loop"])
+def test_remote_dict_get_answers_the_stored_text_and_still_flags_corrupt_text(which, uid,
+                                                                             request):
+    url, path = request.getfixturevalue(which)
+    client, local = beaver.BeaverClient(url), BeaverDB(path)
+    try:
+        value = {"b": [1, 2.5, None, "é\u2028"], "a": {"": True}}
+        client.dict(f"d-{uid}")["k"] = value
+        assert client.dict(f"d-{uid}")["k"] == value == local.dict(f"d-{uid}")["k"]
+        assert client.dict(f"d-{uid}").get("missing", 7) == 7
+        with pytest.raises(KeyError):
+            client.dict(f"d-{uid}")["missing"]
+        local._core.execute("UPDATE beaver_dicts SET value = ? WHERE name = ?",
+                            ("[" * 100_000 + "]" * 100_000, f"d-{uid}"))
+        with pytest.raises(beaver.CorruptDatabase):
+            client.dict(f"d-{uid}")["k"]
+    finally:
+        client.close()
+        local.close()
+
+
+def test_client_timeout_bounds_a_server_that_never_answers():
+    import socket as _socket
+    listener = _socket.create_server(("127.0.0.1", 0))
+    accepted = []
+    stop = threading.Event()
+
+    def accept_and_stay_silent():
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                accepted.append(listener.accept()[0])
+    thread = threading.Thread(target=accept_and_stay_silent, daemon=True)
+    thread.start()
+    client = beaver.BeaverClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=0.2)
+    try:
+        with pytest.raises(beaver.RemoteError, match="timed out"):
+            client.dict("d")["k"]
+        client._http.connection(0.2).set_timeout(None)      # a stream's: no bound at all
+        assert client._http.connection(0.2).sock.gettimeout() is None
+    finally:
+        stop.set()
+        thread.join(_RT_DEADLINE)
+        client.close()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
 NAMES = st.one_of(st.sampled_from(["team/members", "a%2Fb", "%", "line\nbreak", "..", ".",
                                    "x" * 5000, "é/ü", "😀", " lead", "tab\t", "?q=1", "#h"]),
                   st.text(min_size=1, max_size=30))
