@@ -7821,10 +7821,7 @@ def test_client_auth_against_real_server(tmp_path):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)  # polling uvicorn's started flag: nothing to wait on
+        _rt_until(lambda: server.started, 20)
         with pytest.raises(PermissionError):
             beaver.BeaverClient(f"http://127.0.0.1:{port}", token="wrong").dict("c")["k"] = 1
         good = beaver.BeaverClient(f"http://127.0.0.1:{port}", token="s3cret")
@@ -8322,10 +8319,7 @@ def test_server_wait_ends_when_the_client_leaves(tmp_path):
             for _, writer in held:
                 writer.close()
         asyncio.run(leave())
-        deadline = time.monotonic() + 30
-        while json.loads(client._request("GET", "/"))["waits"]:
-            assert time.monotonic() < deadline, "waits outlived their clients"
-            time.sleep(0.05)  # polling the server's count: nothing to wait on
+        _rt_until(lambda: not json.loads(client._request("GET", "/"))["waits"], 30)
         with BeaverDB(tmp_path / "leave.db") as local:
             local.queue("q").put("kept")        # nobody takes it: the waiters are gone
             assert client.queue("q").get(timeout=10).data == "kept"
@@ -8633,10 +8627,7 @@ def test_a_connection_moves_to_the_event_loop_for_a_wait_and_keeps_serving(two_p
         assert _exchange(sock, _raw_req("PUT", "/dicts/m/k", b"1", extra=json_type))[0] == 204
         sock.sendall(_raw_req("POST", "/queues/moving/get?timeout=20"))
         with socket.create_connection(("127.0.0.1", port), timeout=30) as other:
-            deadline = time.monotonic() + 30
-            while json.loads(_exchange(other, _raw_req("GET", "/"))[2])["waits"] < 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)  # polling the server's count: nothing to wait on
+            _rt_until(lambda: json.loads(_exchange(other, _raw_req("GET", "/"))[2])["waits"], 30)
             assert _exchange(other, _raw_req("POST", "/queues/moving/put", b'"job"',
                                      extra=json_type))[0] == 204
         status, _, body = _read_answer(sock)
@@ -11652,9 +11643,7 @@ def test_pg_server_restart_clients_reconnect_and_carry_on(pg_cluster):
         got = []
         waiter = threading.Thread(target=lambda: got.append(q.get(timeout=MP_DEADLINE).data))
         waiter.start()
-        deadline = time.monotonic() + MP_DEADLINE
-        while not db._core.watcher.users and time.monotonic() < deadline:
-            time.sleep(0.01)                    # until the waiter waits (a condition, polled)
+        _rt_until(lambda: db._core.watcher.users, MP_DEADLINE)     # until the waiter waits
         assert stop.restart().returncode == 0
         assert d["a"] == 1                      # a read is retried once on a new connection
         other.dict("d")["c"] = 3                # a write is sent on no connection found closed
@@ -11729,11 +11718,8 @@ def pg_standby(pg_cluster):
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
             conn.execute("SELECT pg_reload_conf()")
-            deadline = time.monotonic() + MP_DEADLINE
-            while conn.execute("SELECT count(*) FROM pg_stat_replication WHERE sync_state = "
-                               "'sync'").fetchone()[0] == 0:
-                assert time.monotonic() < deadline, "the standby never became synchronous"
-                time.sleep(0.05)  # polling the primary's view: nothing to wait on
+            _rt_until(lambda: conn.execute("SELECT count(*) FROM pg_stat_replication WHERE "
+                                           "sync_state = 'sync'").fetchone()[0], MP_DEADLINE)
         both = (f"postgresql://postgres@127.0.0.1:{primary_port},127.0.0.1:{port}/postgres"
                 "?target_session_attrs=read-write")
         yield both, lambda: ctl("-w", "promote"), stop_primary
@@ -11872,11 +11858,8 @@ def test_pg_lock_hand_off_channel_and_events_across_processes(pg_url):
             child.start()
             try:
                 assert started.wait(MP_DEADLINE)
-                deadline = time.monotonic() + MP_DEADLINE
-                while not db._core.one("SELECT count(*) FROM beaver_locks WHERE name = ? AND "
-                                       "held = 0", ("job",))[0]:
-                    assert time.monotonic() < deadline, "the child never queued for the lock"
-                    time.sleep(0.01)                        # a condition, polled
+                _rt_until(lambda: db._core.one("SELECT count(*) FROM beaver_locks WHERE "
+                                               "name = ? AND held = 0", ("job",))[0], MP_DEADLINE)
                 lock.release()                              # handed to the waiting child
                 assert sub.get(timeout=MP_DEADLINE)["token"] > first    # fencing token grew
                 assert seen.wait(MP_DEADLINE) and events == ["dark"]
