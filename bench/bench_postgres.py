@@ -30,6 +30,8 @@ time would miss it). Results go to stdout and to bench/results/postgres.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -308,51 +310,34 @@ def floor_publisher(url, n):
     conn.close()
 
 
-def beaver_subscriber(where, n, ready, out):
+def beaver_receiver(kind, where, n, ready, out):
+    """The latencies of ``n`` items taken from queue ``wakeup`` (``kind`` "queue") or
+    received from channel ``wakeup`` (a subscriber), each carrying its send time."""
     db = beaver.BeaverDB(where)
-    latencies = []
-    with db.channel("wakeup").subscribe() as sub:
+    with contextlib.ExitStack() as stack:
+        if kind == "queue":
+            queue = db.queue("wakeup")
+            receive = lambda: queue.get(timeout=DEADLINE).data
+        else:
+            subscriber = stack.enter_context(db.channel("wakeup").subscribe())
+            receive = lambda: subscriber.get(timeout=DEADLINE)
         ready.put(1)
-        try:
+        latencies = []
+        with contextlib.suppress(TimeoutError):
             while len(latencies) < n:
-                message = sub.get(timeout=DEADLINE)
-                latencies.append(time.time() - message["t"])
-        except TimeoutError:
-            pass
+                sent = receive()["t"]
+                latencies.append(time.time() - sent)
     out.put(latencies)
     db.close()
 
 
-def beaver_publisher(where, n):
+def beaver_sender(kind, where, n):
+    """``n`` queue puts (or channel publishes) of their send time, at random short gaps."""
     db = beaver.BeaverDB(where)
-    channel = db.channel("wakeup")
+    send = db.queue("wakeup").put if kind == "queue" else db.channel("wakeup").publish
     for _ in range(n):
         time.sleep(random.uniform(0.0005, 0.005))
-        channel.publish({"t": time.time()})
-    db.close()
-
-
-def beaver_consumer(where, n, ready, out):
-    db = beaver.BeaverDB(where)
-    q = db.queue("wakeup")
-    ready.put(1)
-    latencies = []
-    try:
-        while len(latencies) < n:
-            item = q.get(timeout=DEADLINE)
-            latencies.append(time.time() - item.data["t"])
-    except TimeoutError:
-        pass
-    out.put(latencies)
-    db.close()
-
-
-def beaver_producer(where, n):
-    db = beaver.BeaverDB(where)
-    q = db.queue("wakeup")
-    for _ in range(n):
-        time.sleep(random.uniform(0.0005, 0.005))
-        q.put({"t": time.time()})
+        send({"t": time.time()})
     db.close()
 
 
@@ -473,7 +458,8 @@ def main(argv=None):
                                       args.queries, missing)
         print("text search done", flush=True)
         floor_side = (floor_consumer, floor_producer, floor_subscriber, floor_publisher)
-        beaver_side = (beaver_consumer, beaver_producer, beaver_subscriber, beaver_publisher)
+        beaver_side = tuple(functools.partial(role, kind) for kind in ("queue", "channel")
+                            for role in (beaver_receiver, beaver_sender))
         sides = [(floor.name, floor_url, floor_side), (LAZY, lazy_url, floor_side),
                  (lite.name, lite.where, beaver_side)]
         if pg is not None:
