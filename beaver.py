@@ -7392,12 +7392,13 @@ def _dump_plan(spool) -> tuple:
     """The structures of a spooled dump, ``[(kind, name, items and edges)]``, and the numbers
     of its lines that are not items (the header, structure lines, the end line)."""
     plan, framing, number = [], {0}, 0
-    lines = _dump_lines(spool)
+    lines = (text for text in spool if text.strip())     # items are skipped, not parsed
     next(lines, None)
     try:
-        for line in lines:
+        for text in lines:
             number += 1
             framing.add(number)
+            line = _parse_json(text)
             if line.get("end") is True:
                 return plan, framing
             size = line["count"] + (line.get("edges") or 0)
@@ -7405,7 +7406,7 @@ def _dump_plan(spool) -> tuple:
             for _ in range(size):
                 next(lines)
             number += size
-    except (AttributeError, KeyError, TypeError, StopIteration):
+    except (AttributeError, KeyError, TypeError, ValueError, StopIteration):
         pass
     raise ValueError("the source's dump is malformed or truncated; nothing was copied")
 
