@@ -2655,7 +2655,7 @@ class DictManager(_Manager, _Indexed, MutableMapping):
     _DEL = f"DELETE FROM beaver_dicts WHERE name = ? AND key = ? AND {_LIVE}"
 
     def __getitem__(self, key):
-        if type(key) is not str:
+        if type(key) is not str:        # _stored's lines inlined: the hottest path of all
             _check_key(key)
         row = self._core.one(self._GET, (self._name, key, _now()))
         if row is None:

@@ -234,9 +234,6 @@ def _text(raw: bytes) -> str:
         raise HTTPError(400, "ValueError", "the path is not UTF-8") from None
 
 
-_SCAN_JSON = json.JSONDecoder().scan_once     # json.loads's own scanner, without its wrapper
-
-
 def _loads(text):
     """``json.loads``; JSON nested beyond the recursion limit is a 400, not a crash.
 
@@ -248,10 +245,10 @@ def _loads(text):
     """
     try:
         raw = isinstance(text, bytes)
-        if text[:1] not in _JSON_AROUND and not (raw and b"\x00" in text[:4]):
+        if not (raw and b"\x00" in text[:4]):           # UTF-16 and -32 go to json.loads
             try:
                 decoded = text.decode("utf-8") if raw else text
-                value, end = _SCAN_JSON(decoded, 0)
+                value, end = beaver._json_scan(decoded, 0)  # stops at whitespace or a BOM
                 if end == len(decoded):
                     return value
             except (StopIteration, UnicodeDecodeError):
@@ -259,10 +256,6 @@ def _loads(text):
         return json.loads(text)
     except RecursionError:
         raise HTTPError(400, "ValueError", "the JSON is nested too deeply") from None
-
-
-_JSON_AROUND = frozenset((b"", b" ", b"\t", b"\n", b"\r", b"\xef", "", " ", "\t", "\n",
-                          "\r", "\ufeff"))
 
 
 def _json_param(text, name):

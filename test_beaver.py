@@ -7178,6 +7178,24 @@ def test_copy_to_and_from_a_server(tmp_path, server_url, uid):
         local.close()
 
 
+def test_server_json_bodies_read_as_json_loads_reads_them():
+    """The server's fast JSON read gives json.loads's value, or its kind of error, for UTF-8
+    with and without whitespace or a BOM, UTF-16, and broken text."""
+    beaver_server = pytest.importorskip("beaver_server")
+    cases = [b'{"a":[1,NaN]}', b" 2 ", '"x"', b"2 ", b"\xef\xbb\xbf1", "\ufeff1", b"", "",
+             '"a" x', b'"\xff"', "[1,2]".encode("utf-16"), "[1]".encode("utf-16-le"),
+             b"\n[1]\n", b"[", b"nul", b'"\xc3\xa9"', b"1e400", b"-0"]
+
+    def outcome(read, text):
+        try:
+            return "value", read(text)
+        except ValueError as e:
+            return "error", type(e).__name__
+    for text in cases:
+        mine, theirs = outcome(beaver_server._loads, text), outcome(json.loads, text)
+        assert repr(mine) == repr(theirs), text
+
+
 def test_cli_copy_from_and_to_a_server(capsys, tmp_path, server_url, uid):
     source = str(tmp_path / "source.db")
     with BeaverDB(source) as db:
