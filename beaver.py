@@ -1150,22 +1150,22 @@ class _Core:
                                    "another thread of this process holds a write transaction")
             left = self.timeout - (time.monotonic() - started)
         try:
-            if left is None or self.engine != "sqlite":
+            if left is None:
                 return self._begin(conn, "BEGIN IMMEDIATE")
-            self._begin_within(conn, left)
-            return conn
+            return self._begin_within(conn, left)
         except BaseException:
             gate.release()
             raise
 
     def _begin_within(self, conn, left):
-        """``BEGIN IMMEDIATE`` waiting at most ``left`` seconds on SQLite's lock: the timeout
-        counts the wait at the gate too."""
+        """``BEGIN IMMEDIATE`` waiting at most ``left`` seconds on SQLite's lock (the timeout
+        counts the wait at the gate too); the connection it began on."""
         self._run(conn, "PRAGMA busy_timeout = %d" % max(0, int(left * 1000)))
         try:
             self._run(conn, "BEGIN IMMEDIATE")
         finally:
             self._run(conn, "PRAGMA busy_timeout = %d" % int(self.timeout * 1000))
+        return conn
 
     def _run(self, conn, sql):
         try:

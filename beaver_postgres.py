@@ -1367,6 +1367,10 @@ class PostgresCore(beaver._Core):
             self._run(conn, sql)
         return conn
 
+    def _begin_within(self, conn, left):
+        """After a wait at the writer gate: ``lock_timeout`` bounds the writers' lock."""
+        return self._begin(conn, "BEGIN IMMEDIATE")
+
     def _run(self, conn, sql):
         """Transaction control: ``BEGIN IMMEDIATE`` is BEGIN plus the writers' lock."""
         begins = sql.startswith("BEGIN")
