@@ -328,7 +328,8 @@ class _Route:
                       for key, value in fixed.items()]
         if op is not None:      # what each request of the operation needs, worked out once
             _, op_fixed, self.plan = beaver._plan(op)
-            self.known = frozenset(op_fixed) | {"view"}
+            self.known = frozenset(op_fixed) | {"view"} | {
+                p.name for p in self.plan if p.place in ("path", "query")}
             self.options = tuple(beaver._MANAGER_OPTIONS.get(op.kind, ()))
             self.decoded = tuple((p.name, _DECODE[p.type]) for p in self.plan
                                  if p.type in _DECODE)
@@ -525,8 +526,7 @@ class _Server:
     @staticmethod
     def check_query(route, query, options):
         """Refuse query parameters the operation does not take."""
-        unknown = set(query) - route.known - options.keys() - {
-            p.name for p in route.plan if p.place in ("path", "query")}
+        unknown = set(query) - route.known - options.keys()
         if unknown:
             raise HTTPError(422, "ValueError", f"unknown query parameters: {sorted(unknown)}")
 
