@@ -426,8 +426,10 @@ def _closed_by_server(conn) -> bool:
     backend): its socket reads the end. Checked before a write is sent on a lent connection,
     so that a write nothing ran of goes to a new connection instead of failing unknown."""
     try:
+        readable = select.poll()    # not select.select: it refuses descriptors past 1023
+        readable.register(conn.pgconn.socket, select.POLLIN)
         for _ in range(3):          # a notice, or the server's last error, then the end
-            if not select.select([conn.pgconn.socket], [], [], 0)[0]:
+            if not readable.poll(0):
                 break               # nothing (more) to read: as alive as can be known
             conn.pgconn.consume_input()
     except (psycopg.Error, OSError, ValueError):

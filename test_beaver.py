@@ -11367,6 +11367,30 @@ def test_pg_a_transaction_begins_on_a_new_connection_or_keeps_its_own(pg_db, pg_
             assert impatient._core.one("SELECT pg_backend_pid()")[0] == mine
 
 
+def test_pg_a_closed_connection_is_seen_past_descriptor_1023(pg_url):
+    """The look at an idle connection's socket works for any descriptor number (select()
+    refuses those past 1023: every write would then take its connection for closed)."""
+    import resource
+    beaver_postgres = pytest.importorskip("beaver_postgres")
+    import psycopg
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the file limit ({hard}) is too low to reach descriptor 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn, \
+                psycopg.connect(pg_url, autocommit=True) as killer:
+            assert conn.pgconn.socket > 1023
+            assert not beaver_postgres._closed_by_server(conn)
+            killer.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+            _rt_until(lambda: beaver_postgres._closed_by_server(conn))
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_pg_a_write_cut_off_midway_is_connection_lost_written(pg_db, postgres_url):
     import psycopg
     beaver_postgres = pytest.importorskip("beaver_postgres")
