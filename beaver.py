@@ -1089,14 +1089,14 @@ class _Core:
         and are dropped if it (or their savepoint) rolls back; those registered with
         ``on_rollback`` run if their level (or an outer one) rolls back.
         """
-        conn = self.conn()
-        local = self._local
-        depth = local.depth
+        depth = getattr(self._local, "depth", 0)
         gate = self._writers        # this one (a forked child gets a new one meanwhile)
         if depth == 0:
-            conn = self._enter_write(conn, gate)
+            conn = self._enter_write(gate)
+            local = self._local
             local.pending, local.undo, local.token = [], [], object()
         else:
+            conn, local = self.conn(), self._local
             self._run(conn, f"SAVEPOINT beaver_{depth}")
         mark, undo_mark = len(local.pending), len(local.undo)
         local.depth = depth + 1
@@ -1133,8 +1133,9 @@ class _Core:
         for callback in pending:
             callback()
 
-    def _enter_write(self, conn, gate):
-        """Take this process's writer gate, then ``BEGIN IMMEDIATE``; the connection it began on.
+    def _enter_write(self, gate):
+        """Take this process's writer gate, then this thread's connection (after the gate: a
+        pooled one is not held while waiting), then ``BEGIN IMMEDIATE``; the connection.
 
         Threads of one process queue on a ``threading.Lock`` and are handed it the moment
         the last writer commits; meeting on SQLite's lock instead, a loser sleeps 1, 2, 5...
@@ -1150,6 +1151,7 @@ class _Core:
                                    "another thread of this process holds a write transaction")
             left = self.timeout - (time.monotonic() - started)
         try:
+            conn = self.conn()
             if left is None:
                 return self._begin(conn, "BEGIN IMMEDIATE")
             return self._begin_within(conn, left)

@@ -11367,6 +11367,48 @@ def test_pg_a_transaction_begins_on_a_new_connection_or_keeps_its_own(pg_db, pg_
             assert impatient._core.one("SELECT pg_backend_pid()")[0] == mine
 
 
+def _waits_in(thread, function) -> bool:
+    """Whether ``thread`` is (somewhere) inside ``function`` now."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_pg_writers_queued_for_a_transaction_hold_no_connection(pg_url, monkeypatch):
+    """Threads waiting for the writers hold no pooled connection meanwhile: with a pool of
+    2, one transaction open and three more queued, a plain read still gets one."""
+    beaver_postgres = pytest.importorskip("beaver_postgres")
+    monkeypatch.setattr(beaver_postgres, "POOL_SIZE", 2)
+    with BeaverDB(pg_url, timeout=2) as db:
+        db.dict("d")["x"] = 1
+        inside, leave, done = threading.Event(), threading.Event(), []
+
+        def hold():
+            with db.transaction():
+                inside.set()
+                leave.wait(MP_DEADLINE)
+
+        def queue_up():
+            with db.transaction():
+                db.dict("d")["y"] = 2
+            done.append(1)
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert inside.wait(MP_DEADLINE)
+        queued = [threading.Thread(target=queue_up) for _ in range(3)]
+        for thread in queued:
+            thread.start()
+        _rt_until(lambda: all(_waits_in(thread, "_enter_write") for thread in queued))
+        assert db.dict("d")["x"] == 1           # DatabaseBusy if the queued held the pool
+        leave.set()
+        for thread in [holder, *queued]:
+            thread.join(MP_DEADLINE)
+        assert done == [1, 1, 1]
+
+
 def test_pg_a_closed_connection_is_seen_past_descriptor_1023(pg_url):
     """The look at an idle connection's socket works for any descriptor number (select()
     refuses those past 1023: every write would then take its connection for closed)."""
