@@ -1013,6 +1013,9 @@ class _Pool:
         finally:
             with self._lock:
                 self._opening -= 1
+                if cursor is not None and self.closed:      # closed while this one opened
+                    getattr(cursor, "connection", cursor).close()
+                    raise ClosedError("the database is closed")
                 if cursor is not None:
                     self._all.append(getattr(cursor, "connection", cursor))
                 self._freed.notify()
@@ -1152,12 +1155,16 @@ class PostgresCore(beaver._Core):
                     schemas = self._extension_schemas()
                     self.execute("CREATE INDEX IF NOT EXISTS beaver_terms_trgm ON beaver_terms "
                                  f"USING gin (term {schemas['pg_trgm']}.gin_trgm_ops)")
-                    self.on_rollback(lambda: setattr(self, "_text_ready", False))
+                    self.on_rollback(self._forget_extensions)
         except BeaverError as e:
             beaver.logger.warning("typo search with fuzziness=2 is unavailable on %s: %s",
                                   self.path, e)
             return None
         return schemas["fuzzystrmatch"]
+
+    def _forget_extensions(self):
+        """The extensions made by a transaction that rolled back are gone: look again."""
+        self.fuzzy_schema, self._text_ready = None, False
 
     def _extension_schemas(self) -> dict:
         return {name: psycopg.sql.Identifier(schema).as_string(None) for name, schema in self.all(

@@ -12097,6 +12097,27 @@ def test_pg_collection_extensions_made_once_by_racing_openers(postgres_url):
             conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
+def test_pg_collection_extensions_made_in_a_transaction_that_rolls_back(postgres_url):
+    """Typo search first used inside a transaction that rolls back (taking the extensions it
+    made with it) makes them again at its next use, instead of failing on them."""
+    import psycopg
+    name = f"beaver_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    url = postgres_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        with BeaverDB(pg_schema_url(url, "public")) as db:
+            docs = db.collection("c")
+            docs.index(Document(id="p", body="functional programming"))
+            with pytest.raises(ZeroDivisionError), db.transaction():
+                assert _ids(docs.match("progrmaming", fuzziness=2)) == ["p"]
+                1 / 0
+            assert _ids(docs.match("progrmaming", fuzziness=2)) == ["p"]
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
 def test_pg_collection_typo_search_of_a_role_that_may_not_create_extensions(postgres_url):
     """In a database without the extensions, a role that may not create them gets text search
     and one-typo search, and a clear FeatureUnavailable for two typos."""
