@@ -832,7 +832,6 @@ class _Core:
     """
 
     engine = "sqlite"
-    collections = True              # the engine stores collections (FTS, fuzzy, graph, vectors)
     SNAPSHOT_BEGIN = "BEGIN"        # a read-only transaction that sees one snapshot
     EMPTY_WRITES_LOCK = True        # a write that changes nothing still takes the write lock
 
@@ -7164,11 +7163,6 @@ def _read_snapshot(core):
         core._rollback(conn)
 
 
-def _kinds(db) -> list:
-    """The kinds of structure the database's engine stores, in dump order."""
-    return [kind for kind in _STRUCTURES if kind != "collection" or db._core.collections]
-
-
 def _structure_names(db, kind) -> list:
     """Names of the structures of ``kind`` that hold at least one (live) item."""
     table, _, where, column = _STRUCTURES[kind]
@@ -7180,7 +7174,7 @@ def _structure_names(db, kind) -> list:
 
 def _database_info(db) -> dict:
     structures = []
-    for kind in _kinds(db):
+    for kind in _STRUCTURES:
         structures += [{"kind": kind, "name": n, "size": s} for n, s in _structure_names(db, kind)]
     rows = db._core.execute(
         "SELECT name, count(*), max(held) FROM beaver_locks WHERE expires_at > ? "
@@ -7207,7 +7201,7 @@ def _dump_database(db, fp, names=None, kinds=None) -> int:
     with _read_snapshot(db._core):
         write(_json_dumps({"beaver_dump": DUMP_FORMAT, "beaver_version": __version__,
                            "dumped_at": _dt.datetime.now(_dt.timezone.utc).isoformat()}) + "\n")
-        for kind in _kinds(db):
+        for kind in _STRUCTURES:
             for name, _ in _structure_names(db, kind):
                 if wanted(kind, name):
                     _dump_structure(db, kind, name, write)
@@ -7444,7 +7438,7 @@ def _same_place(a, b) -> bool:
 def _copy_into(source, target, mode, progress) -> int:
     """One snapshot of ``source`` read page by page into one transaction of ``target``."""
     with _read_snapshot(source._core), target._core.transaction():
-        plan = [(kind, name) for kind in _kinds(source) for name, _ in _structure_names(source, kind)]
+        plan = [(kind, name) for kind in _STRUCTURES for name, _ in _structure_names(source, kind)]
         if mode == "new":
             _refuse_filled(target, plan)
         managers = [getattr(source, _STRUCTURES[kind][1])(name) for kind, name in plan]
@@ -7456,7 +7450,7 @@ def _copy_into(source, target, mode, progress) -> int:
 
 
 def _refuse_filled(target, plan):
-    held = {kind: {name for name, _ in _structure_names(target, kind)} for kind in _kinds(target)}
+    held = {kind: {name for name, _ in _structure_names(target, kind)} for kind in _STRUCTURES}
     _refuse_filled_names([(kind, name) for kind, name in plan if name in held.get(kind, ())])
 
 
