@@ -1377,8 +1377,11 @@ class PostgresCore(beaver._Core):
         return conn
 
     def _begin_within(self, conn, left):
-        """After a wait at the writer gate: ``lock_timeout`` bounds the writers' lock."""
-        return self._begin(conn, "BEGIN IMMEDIATE")
+        """After a wait at the writer gate: the writers' lock within the ``left`` seconds of
+        the timeout (one round trip; later statements get the whole ``lock_timeout`` back)."""
+        return self._begin(conn, f"BEGIN; SET LOCAL lock_timeout = {max(1, int(left * 1000))}; "
+                                 f"SELECT pg_advisory_xact_lock({self.lock_key}); "
+                                 f"SET LOCAL lock_timeout = {max(1, int(self.timeout * 1000))}")
 
     def _run(self, conn, sql):
         """Transaction control: ``BEGIN IMMEDIATE`` is BEGIN plus the writers' lock."""

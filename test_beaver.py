@@ -11409,6 +11409,45 @@ def test_pg_writers_queued_for_a_transaction_hold_no_connection(pg_url, monkeypa
         assert done == [1, 1, 1]
 
 
+def test_pg_a_write_queued_at_the_gate_waits_for_the_lock_only_what_is_left(pg_url):
+    """The database timeout bounds the whole wait of a write: the time it queued behind this
+    process's writers counts against its wait for the writers' lock held elsewhere (it used
+    to wait a full lock_timeout more, up to twice the timeout)."""
+    import psycopg
+    timeout, held_here = 1.5, 0.9
+    with BeaverDB(pg_url, timeout=timeout) as db, BeaverDB(pg_url, timeout=30) as elsewhere:
+        db.dict("d")["x"] = 1
+        main, inside, release = threading.current_thread(), threading.Event(), threading.Event()
+
+        def hold_here():
+            with db.transaction():
+                inside.set()
+                _rt_until(lambda: _waits_in(main, "_enter_write"))
+                time.sleep(held_here)       # the stimulus: this process's writer holds on
+
+        def hold_elsewhere():               # queued on the lock first, then holds it
+            with elsewhere.transaction():
+                release.wait(MP_DEADLINE)
+        here = threading.Thread(target=hold_here)
+        here.start()
+        assert inside.wait(MP_DEADLINE)
+        there = threading.Thread(target=hold_elsewhere)
+        there.start()
+        with psycopg.connect(pg_url, autocommit=True) as look:
+            _rt_until(lambda: look.execute("SELECT count(*) FROM pg_locks WHERE locktype = "
+                                           "'advisory' AND NOT granted").fetchone()[0] >= 1)
+        started = time.monotonic()
+        try:
+            with pytest.raises(beaver.DatabaseBusy), db.transaction():
+                db.dict("d")["y"] = 2
+            waited = time.monotonic() - started
+        finally:
+            release.set()
+            here.join(MP_DEADLINE)
+            there.join(MP_DEADLINE)
+        assert waited < timeout + 0.5, waited       # 0.9 s at the gate + 0.6 s on the lock
+
+
 def test_pg_a_closed_connection_is_seen_past_descriptor_1023(pg_url):
     """The look at an idle connection's socket works for any descriptor number (select()
     refuses those past 1023: every write would then take its connection for closed)."""
