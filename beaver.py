@@ -5195,6 +5195,8 @@ class _Vocabulary:
     join that set when it commits; a rollback, of a savepoint too, takes back what it added.
     """
 
+    GRAM_TABLE = True       # keeps beaver_grams itself (an engine may index the words alone)
+
     def __init__(self, core, name, cid):
         self._core, self._name, self._cid = core, name, cid
         self._known = (None, set())         # (epoch, committed words) for every thread
@@ -5221,7 +5223,8 @@ class _Vocabulary:
         new = {word for word in words if len(word) <= FUZZY_MAX_TERM} - known - state.added
         if not new:
             return
-        grams = [(f"${term}$",) for term in sorted(new) if _gram_worthy(term)]
+        grams = [(f"${term}$",) for term in sorted(new)
+                 if _gram_worthy(term)] if self.GRAM_TABLE else []
         usable = bool(grams) and self._grams_writable()   # before the new words go in
         self._core.executemany("INSERT OR IGNORE INTO beaver_terms (cid, term) VALUES (?, ?)",
                                [(self._cid, term) for term in sorted(new)])
@@ -5253,7 +5256,8 @@ class _Vocabulary:
         self._new_epoch()
 
     def clear(self):
-        self._forget_grams(self.all())
+        if self.GRAM_TABLE:
+            self._forget_grams(self.all())
         self._core.execute("DELETE FROM beaver_terms WHERE cid = ?", (self._cid,))
         self._new_epoch()
 
@@ -5274,7 +5278,7 @@ class _Vocabulary:
     def _forget_grams(self, terms):
         """Delete this collection's trigram row of each of ``terms``; for many, let the next
         two-edit search rebuild the whole trigram index instead."""
-        grams = [f"${term}$" for term in terms if _gram_worthy(term)]
+        grams = [f"${term}$" for term in terms if _gram_worthy(term)] if self.GRAM_TABLE else []
         if grams and len(grams) <= GRAMS_DELETE_MAX and _ensure_grams(self._core):
             self._core.executemany(
                 "DELETE FROM beaver_grams WHERE rowid = (SELECT rowid FROM beaver_grams "
@@ -5307,7 +5311,7 @@ class _Vocabulary:
         if limit == 0:
             return [word]
         if limit > 1 and self._two_edits():
-            candidates = self.present(self._trigram_candidates(word, limit))
+            candidates = self._trigram_candidates(word, limit)
         else:
             limit = 1
             candidates = self.present(_neighbourhood(word) | {word})
@@ -5317,8 +5321,9 @@ class _Vocabulary:
         scored.sort(key=lambda item: (item[0], item[1], -frequency.get(item[2], 0), item[2]))
         return [term for _, _, term in scored] or [word]
 
-    def _trigram_candidates(self, word, limit) -> set:
-        """Known words (of any collection) sharing enough trigrams with ``word``."""
+    def _trigram_candidates(self, word, limit) -> list:
+        """Words of this collection sharing enough trigrams with ``word`` (the trigram index
+        holds every collection's words: the ones found are checked against this one's)."""
         grams = _trigrams(word)
         need = max(1, len(grams) - 4 * limit)
         query = " OR ".join('"' + gram.replace('"', '""') + '"' for gram in sorted(grams))
@@ -5328,7 +5333,7 @@ class _Vocabulary:
             term = padded[1:-1]
             if abs(len(term) - len(word)) <= limit and len(_trigrams(term) & grams) >= need:
                 found.add(term)
-        return found
+        return self.present(found)
 
     def _frequencies(self, terms) -> dict:
         """How many text fields hold each term (any collection), for a few terms."""

@@ -745,14 +745,7 @@ class PgVocabulary(beaver._Vocabulary):
     on the words and ``fuzzystrmatch``'s ``levenshtein_less_equal``, then the same checks as
     on SQLite (shared trigrams, edit distance with swaps), so the same words come back."""
 
-    def _grams_writable(self) -> bool:
-        return False            # the GIN index on beaver_terms follows the words itself
-
-    def _mark_grams_stale(self):
-        pass
-
-    def _forget_grams(self, terms):
-        pass
+    GRAM_TABLE = False      # the GIN index on beaver_terms follows the words itself
 
     def _two_edits(self) -> bool:
         if self._core.fuzzy_schema is None:
@@ -762,7 +755,7 @@ class PgVocabulary(beaver._Vocabulary):
                 "beaver may not create: CREATE EXTENSION them, or use fuzziness=1")
         return True
 
-    def _trigram_candidates(self, word, limit) -> set:
+    def _trigram_candidates(self, word, limit) -> list:
         grams = beaver._trigrams(word)
         need = max(1, len(grams) - 4 * limit)
         patterns = sorted(_like_pattern(gram) for gram in grams)
@@ -773,8 +766,8 @@ class PgVocabulary(beaver._Vocabulary):
             f"AND {schema}.levenshtein_less_equal(term, ?, ?) <= ?",
             (self._cid, len(word) - limit, len(word) + limit, *patterns, word, 2 * limit,
              2 * limit))     # a swap is one edit here, two for levenshtein
-        return {term for (term,) in rows
-                if beaver._gram_worthy(term) and len(beaver._trigrams(term) & grams) >= need}
+        return [term for (term,) in rows
+                if beaver._gram_worthy(term) and len(beaver._trigrams(term) & grams) >= need]
 
     def _frequencies(self, terms) -> dict:
         """How many text fields hold each term (any collection), for a few terms."""
