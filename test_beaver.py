@@ -3438,6 +3438,80 @@ def test_a_failed_transaction_lets_the_next_writer_in(db):
     assert done == [None] and list(db.list("order")) == [1] and len(db.list("l")) == 0
 
 
+def _time_key(seconds, tail=None):
+    """A key in the client's format: 12 hex digits of milliseconds, 20 of anything."""
+    return f"{int(seconds * 1000):012x}{tail or os.urandom(10).hex()}"
+
+
+def test_request_keys_are_fixed_width_hex_that_increase_with_time(monkeypatch):
+    monkeypatch.setattr(beaver, "_last_request_key", [0, 0])
+    before = int(time.time() * 1000)
+    keys = [beaver._request_key() for _ in range(5000)]
+    after = int(time.time() * 1000)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", key) for key in keys)
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)    # strictly increasing
+    assert before <= int(keys[0][:12], 16) <= int(keys[-1][:12], 16) <= after + 1
+
+
+def test_request_keys_increase_in_one_millisecond_and_when_the_clock_steps_back(monkeypatch):
+    clock = FakeClock(1_800_000_000.0)
+    monkeypatch.setattr(beaver, "_now", clock)
+    monkeypatch.setattr(beaver, "_last_request_key", [0, 0])
+    keys = [beaver._request_key() for _ in range(100)]      # all in one millisecond
+    clock.advance(-3600.0)                                  # NTP steps the clock back an hour
+    keys += [beaver._request_key() for _ in range(100)]
+    clock.advance(7200.0)
+    keys += [beaver._request_key() for _ in range(100)]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert {key[:12] for key in keys[:200]} == {f"{1_800_000_000_000:012x}"}
+    assert keys[-1][:12] == f"{1_800_003_600_000:012x}"
+
+
+def test_request_keys_after_the_largest_random_part_move_to_the_next_millisecond(monkeypatch):
+    monkeypatch.setattr(beaver, "_now", lambda: 1_800_000_000.0)
+    monkeypatch.setattr(beaver, "_last_request_key", [1_800_000_000_000, (1 << 80) - 1])
+    key = beaver._request_key()
+    assert len(key) == 32 and key[:12] == f"{1_800_000_000_001:012x}"
+
+
+def _keys_of_a_process(count, out_path):
+    Path(out_path).write_text(json.dumps([beaver._request_key() for _ in range(count)]))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_request_keys_are_unique_across_threads_processes_and_a_fork(tmp_path, monkeypatch):
+    monkeypatch.setattr(beaver, "_now", lambda: 1_800_000_000.0)     # one millisecond for all
+    beaver._request_key()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:                        # the child: never returns into pytest
+        try:
+            os.write(write_end, json.dumps([beaver._request_key() for _ in range(200)]).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        child = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    parent = [beaver._request_key() for _ in range(200)]
+    assert len(child) == 200 and not set(child) & set(parent)
+    monkeypatch.undo()
+    threads_keys = [[] for _ in range(4)]
+    threads = [threading.Thread(target=lambda keys=keys: keys.extend(
+        beaver._request_key() for _ in range(5000))) for keys in threads_keys]
+    outs = [str(tmp_path / f"keys{w}.json") for w in range(2)]
+    workers = [SPAWN.Process(target=_keys_of_a_process, args=(5000, out)) for out in outs]
+    for worker in workers + threads:
+        worker.start()
+    for thread in threads:
+        thread.join(MP_DEADLINE)
+    join_all(workers, time.monotonic() + MP_DEADLINE)
+    every = [key for keys in threads_keys for key in keys]
+    every += [key for out in outs for key in json.loads(Path(out).read_text())]
+    assert len(every) == 30_000 and len(set(every)) == len(every)
+    assert all(keys == sorted(keys) for keys in threads_keys)
+
+
 def test_transaction_records_of_keyed_requests_live_the_retention_then_go(db, monkeypatch):
     clock = [1_000_000.0]
     monkeypatch.setattr(beaver, "_now", lambda: clock[0])
