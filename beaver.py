@@ -607,7 +607,7 @@ _SCHEMA = [
         kind TEXT NOT NULL, name TEXT NOT NULL, path TEXT NOT NULL,
         PRIMARY KEY (kind, name, path)) WITHOUT ROWID""",
     # the answers to recent keyed requests of the server (exactly-once over the wire); one
-    # B-tree, no index on created: _prune_requests walks the key space a slice at a time
+    # B-tree, no index on created: _RequestPruner forgets old ones in key order
     """CREATE TABLE IF NOT EXISTS beaver_requests (
         key TEXT PRIMARY KEY, created REAL NOT NULL, status INTEGER NOT NULL, body BLOB)
         WITHOUT ROWID""",
@@ -7799,6 +7799,9 @@ def _operations(kind) -> dict:
 # -- request records: what makes a write exactly-once over the wire --------------------------
 
 REQUEST_RETENTION = 300.0       # seconds the server remembers the answer to a keyed request
+REQUEST_CLOCK_SKEW = 60.0       # seconds a client's clock may run ahead, its keys still fresh
+PRUNE_EVERY = 512               # keyed writes between two prunes (or one PURGE_INTERVAL)
+PRUNE_BUDGET = 4 * PRUNE_EVERY  # records one step of a prune reads at most
 
 
 def _once(db, key, call):
@@ -7814,44 +7817,85 @@ def _once(db, key, call):
         if stored is not None:
             return stored[0], stored[1] or b"", None
         status, body, headers = call()
+        now = _now()
         core.execute("INSERT INTO beaver_requests (key, created, status, body) "
-                     "VALUES (?, ?, ?, ?)", (key, _now(), status, body or None))
-    now = _now()
-    if now >= getattr(core, "requests_purged", 0.0) + PURGE_INTERVAL:
-        core.requests_purged = now
-        _prune_requests(core, now)
+                     "VALUES (?, ?, ?, ?)", (key, now, status, body or None))
+        pruner = _request_pruner(core)
+        pruner.writes += 1
+        if pruner.writes >= PRUNE_EVERY or now >= pruner.pruned + PURGE_INTERVAL:
+            pruner.prune(core, now)
     return status, body, headers
 
 
-REQUEST_SLICES = 256            # the prune walks the request keys in this many slices
+def _request_pruner(core) -> _RequestPruner:
+    try:
+        return core.request_pruner
+    except AttributeError:
+        core.request_pruner = pruner = _RequestPruner()
+        return pruner
 
 
-def _prune_requests(core, now):
-    """Forget the answers older than ``REQUEST_RETENTION`` in the next slice of the keys.
+def _time_prefix(seconds) -> str:
+    """The first 12 characters of the client's keys made at ``seconds`` (``_request_key``)."""
+    return f"{max(0, int(seconds * 1000)):012x}"
 
-    Slices are ranges of the keys' first two hex digits (the client's keys are random hex;
-    any other text falls in some slice too), so a record is kept at least the retention and
-    at most one walk of ``REQUEST_SLICES`` prunes longer. Each prune reads one slice, in key
-    order: no index on ``created``, which every keyed write would pay for.
 
-        >>> [_request_slice(i) for i in (0, 1, 255)]
-        [('', '01'), ('01', '02'), ('ff', None)]
+class _RequestPruner:
+    """Forgets one core's answers older than ``REQUEST_RETENTION``, a bounded step at a time.
+
+    The client's keys start with the time they were made (``_request_key``), so the young
+    records of busy servers lie together in the key range of the last ``REQUEST_RETENTION``
+    (plus ``REQUEST_CLOCK_SKEW`` for clocks ahead): the *window*. Each prune, run inside a
+    keyed write's transaction, takes two steps in key order, each reading at most
+    ``PRUNE_BUDGET`` records and deleting those older than the retention:
+
+    - the *band*: the keys the window's old edge passed since the last prune, where the
+      client's records fall due, so it reads little else;
+    - the *walk*: one step of a walk over every key outside the window (other clients' keys:
+      any text, uuids, clocks far off), which never reads the window's young records.
+
+    So no young record ever goes (every delete checks ``created``), and an old one goes
+    within a walk over the keys outside the window, or when the window's edge passes it: at
+    most ``REQUEST_CLOCK_SKEW`` after the retention for a client's key (a clock further ahead
+    delays it by as much, up to one retention more). Prunes come every ``PRUNE_EVERY``
+    keyed writes, or on the first one after ``PURGE_INTERVAL``: a walk reads at least four
+    records per keyed write, so it keeps up with any rate.
     """
-    index = getattr(core, "requests_slice", 0)
-    core.requests_slice = (index + 1) % REQUEST_SLICES
-    low, high = _request_slice(index)
+
+    def __init__(self):
+        self.writes, self.pruned = 0, 0.0
+        self.band = None        # the window's old edge at the last prune
+        self.walk = ""          # where the walk goes on
+
+    def prune(self, core, now):
+        self.writes, self.pruned = 0, now
+        cutoff = now - REQUEST_RETENTION
+        edge, top = _time_prefix(cutoff), _time_prefix(now + REQUEST_CLOCK_SKEW)
+        band = edge if self.band is None else min(self.band, edge)
+        self.band = _sweep_requests(core, band, edge, cutoff) or edge
+        if self.walk < edge:
+            self.walk = _sweep_requests(core, self.walk, edge, cutoff) or top
+        else:
+            self.walk = _sweep_requests(core, max(self.walk, top), None, cutoff) or ""
+
+
+def _sweep_requests(core, low, high, cutoff):
+    """Delete the records older than ``cutoff`` among the first ``PRUNE_BUDGET`` keys from
+    ``low`` on (below ``high``, if not None); the key after them, None if there is none."""
     if high is None:
+        after = core.one("SELECT key FROM beaver_requests WHERE key >= ? "
+                         "ORDER BY key LIMIT 1 OFFSET ?", (low, PRUNE_BUDGET))
+    else:
+        after = core.one("SELECT key FROM beaver_requests WHERE key >= ? AND key < ? "
+                         "ORDER BY key LIMIT 1 OFFSET ?", (low, high, PRUNE_BUDGET))
+    end = high if after is None else after[0]
+    if end is None:
         core.execute("DELETE FROM beaver_requests WHERE key >= ? AND created < ?",
-                     (low, now - REQUEST_RETENTION))
+                     (low, cutoff))
     else:
         core.execute("DELETE FROM beaver_requests WHERE key >= ? AND key < ? AND created < ?",
-                     (low, high, now - REQUEST_RETENTION))
-
-
-def _request_slice(index):
-    """``(low, high)`` keys of slice ``index`` (``high`` None: no upper bound)."""
-    return ("" if index == 0 else f"{index:02x}",
-            f"{index + 1:02x}" if index + 1 < REQUEST_SLICES else None)
+                     (low, end, cutoff))
+    return None if after is None else after[0]
 
 
 def _remembered(db, key):

@@ -3512,36 +3512,79 @@ def test_request_keys_are_unique_across_threads_processes_and_a_fork(tmp_path, m
     assert all(keys == sorted(keys) for keys in threads_keys)
 
 
-def test_transaction_records_of_keyed_requests_live_the_retention_then_go(db, monkeypatch):
-    clock = [1_000_000.0]
-    monkeypatch.setattr(beaver, "_now", lambda: clock[0])
-    runs = []
+def _records(db) -> dict:
+    return dict(db._core.all("SELECT key, created FROM beaver_requests"))
 
-    def answer(n):
-        runs.append(n)
-        return 200, f"answer {n}".encode(), None
-    old = [os.urandom(16).hex() for _ in range(40)] + ["not-hex", "ÿ-unicode", "", "~~"]
-    for n, key in enumerate(old):
-        assert beaver._once(db, key, lambda n=n: answer(n)) == (200, f"answer {n}".encode(),
-                                                                None)
-    tick = 0
 
-    def prune_once():               # a fresh keyed write, one PURGE_INTERVAL later
-        nonlocal tick
-        tick += 1
-        clock[0] += beaver.PURGE_INTERVAL
-        beaver._once(db, f"fresh-{tick}", lambda: (204, b"", None))
-    while clock[0] < 1_000_000.0 + beaver.REQUEST_RETENTION - 2 * beaver.PURGE_INTERVAL:
-        prune_once()
+def _odd_request_keys(now):
+    """Keys not in the client's format, or in it from clocks far off: below, inside and
+    above the range of the client's fresh keys."""
+    uuids = [uuid.uuid4().hex for _ in range(30)]
+    return uuids + ["", "0", "00", "0" * 32, "f" * 32, "g", "zzz", "~~", "ÿ-unicode",
+                    "not hex", _time_key(now).upper(), _time_key(now) + "-more",
+                    _time_key(now)[:-1], _time_key(now - 86400), _time_key(now - 1000),
+                    _time_key(now + 86400), _time_key(now + 365 * 86400), _time_key(0),
+                    f"{(1 << 48) - 1:012x}" + "0" * 20]
+
+
+def test_transaction_records_of_any_key_live_the_retention_then_go(db, monkeypatch):
+    clock = FakeClock(1_800_000_000.0)
+    monkeypatch.setattr(beaver, "_now", clock)
+    monkeypatch.setattr(beaver, "PRUNE_BUDGET", 7)      # a walk of many steps
+    runs, written, late = [], {}, {}    # key -> when it was written, how late it may go
+
+    def write(key):
+        return beaver._once(db, key, lambda: (runs.append(key), (200, key.encode(), None))[1])
+    for batch in range(3):          # old, then younger, then youngest records of every kind
+        for key in _odd_request_keys(clock.now):
+            late[key] = 0.0
+        for ahead in (-2, 0, 0, 1, 30, 200):            # clocks a little off, a little more
+            late[_time_key(clock.now + ahead)] = ahead
+        for key in late.keys() - written.keys():
+            write(key)
+            written[key] = clock.now
+        clock.advance(100.0)
+    walk = (len(written) // beaver.PRUNE_BUDGET + 4) * beaver.PURGE_INTERVAL
+    end = max(written.values()) + beaver.REQUEST_RETENTION + max(late.values()) + walk
+    while clock.now < end:          # the traffic of one client, a write a second
+        clock.advance(beaver.PURGE_INTERVAL)
+        key = _time_key(clock.now)
+        write(key)
+        written[key], late[key] = clock.now, 0.0
+        left = set(_records(db))
+        young = {k for k, at in written.items() if at >= clock.now - beaver.REQUEST_RETENTION}
+        assert young <= left                            # nothing young ever goes
+        due = {k for k, at in written.items()
+               if at + beaver.REQUEST_RETENTION + max(late[k], walk) < clock.now}
+        assert not due & left                           # and the old go within the bound
     before = len(runs)
-    for n, key in enumerate(old):   # a retry within the retention: the first answer, not rerun
-        assert beaver._once(db, key, lambda: answer(-1))[:2] == (200, f"answer {n}".encode())
+    for key, at in written.items():         # a retry of a young one: the first answer
+        if at >= clock.now - beaver.REQUEST_RETENTION + 1:
+            assert write(key)[:2] == (200, key.encode())
     assert len(runs) == before
-    for _ in range(beaver.REQUEST_SLICES + 2):      # past it: one walk over the key slices
-        prune_once()
-    left = {row[0] for row in db._core.all("SELECT key FROM beaver_requests")}
-    assert not left & set(old)
-    assert {f"fresh-{t}" for t in range(tick - 100, tick + 1)} <= left   # young ones stay
+
+
+def test_transaction_one_prune_does_bounded_work_and_busy_writers_prune_more(db, monkeypatch):
+    clock = FakeClock(1_800_000_000.0)
+    monkeypatch.setattr(beaver, "_now", clock)
+    monkeypatch.setattr(beaver, "PRUNE_BUDGET", 20)
+    monkeypatch.setattr(beaver, "PRUNE_EVERY", 5)
+    old = [(uuid.uuid4().hex, clock.now - 1000, 204, None) for _ in range(100)]
+    old += [(_time_key(clock.now - 1000 + i / 10), clock.now - 1000, 204, None)
+            for i in range(100)]
+    with db.transaction():
+        db._core.executemany("INSERT INTO beaver_requests VALUES (?, ?, ?, ?)", old)
+    counts = []
+    for n in range(30):             # busy: all within one PURGE_INTERVAL
+        beaver._once(db, _time_key(clock.now), lambda: (204, b"", None))
+        counts.append(len(_records(db)) - n - 1)
+    steps = [a - b for a, b in zip([len(old)] + counts, counts)]
+    assert 0 < max(steps) <= 2 * (beaver.PRUNE_BUDGET + 1)     # bounded, and more than one
+    assert counts[-1] < len(old) - 2 * (beaver.PRUNE_BUDGET + 1)
+    for _ in range(20):
+        clock.advance(beaver.PURGE_INTERVAL)
+        beaver._once(db, _time_key(clock.now), lambda: (204, b"", None))
+    assert not set(_records(db)) & {row[0] for row in old}
 
 
 def test_a_file_from_before_loses_the_request_age_index_on_open(tmp_path):
