@@ -7828,6 +7828,7 @@ def _once(db, key, call):
 
 
 def _request_pruner(core) -> _RequestPruner:
+    """The pruner of ``core``'s request records (made on first use, under the write lock)."""
     try:
         return core.request_pruner
     except AttributeError:
@@ -7858,8 +7859,8 @@ class _RequestPruner:
     within a walk over the keys outside the window, or when the window's edge passes it: at
     most ``REQUEST_CLOCK_SKEW`` after the retention for a client's key (a clock further ahead
     delays it by as much, up to one retention more). Prunes come every ``PRUNE_EVERY``
-    keyed writes, or on the first one after ``PURGE_INTERVAL``: a walk reads at least four
-    records per keyed write, so it keeps up with any rate.
+    keyed writes, or on the first one after ``PURGE_INTERVAL``: under load the walk may read
+    four records per keyed write, so it keeps up with any rate of writes with other keys.
     """
 
     def __init__(self):
