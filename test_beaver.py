@@ -8742,8 +8742,8 @@ def test_connection_threads_serve_only_plain_heads():
 
 def test_connection_threads_option_is_checked():
     pytest.importorskip("fastapi")
-    code, lines = _one_line_error(["-m", "beaver_server", "--connection-threads", "-1"])
-    assert code == 2 and len(lines) == 1 and "--connection-threads" in lines[0]
+    code, lines = _one_line_error(["-m", "beaver_server", "--direct-connections", "-1"])
+    assert code == 2 and len(lines) == 1 and "--direct-connections" in lines[0]
 
 
 def _one_line_error(argv, **kwargs):
