@@ -8533,7 +8533,7 @@ def test_connections_that_never_finish_their_headers_are_closed(tmp_path):
         _stop_server(process)
 
 
-# ---- connection threads: the thread path answers as the event loop does ----
+# ---- the reactor: the direct path answers as the event loop does ----
 
 def _exchange(sock, request, read_body=True):
     """Send ``request`` (bytes) on ``sock``; ``(status, headers, body)`` of the answer, or
@@ -8738,6 +8738,274 @@ def test_connection_threads_serve_only_plain_heads():
             b"100-continue", b"GET /a HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade",
             b"GET /a HTTP/1.1\r\nOrigin: https://app.example", b"GET  /a HTTP/1.1"):
         assert beaver_server._plain_head(head) is None, head
+
+
+# ---- the reactor, in this process: order, many connections, group commit, deadlines ----
+
+@pytest.fixture
+def reactor(tmp_path):
+    """A reactor serving a database of this process with short deadlines: (reactor, port,
+    db); ``reactor.handed`` has the bytes of each connection handed to the event loop."""
+    pytest.importorskip("fastapi")
+    import beaver_server
+    db = BeaverDB(tmp_path / "reactor.db")
+    app = beaver_server.create_app(db)
+    listener = socket.create_server(("127.0.0.1", 0))
+    handed = []
+
+    def handoff(sock, pending):
+        handed.append(pending)
+        sock.close()
+    reactor = beaver_server._Reactor(app.beaver, [listener], handoff, limit=100,
+                                     header_timeout=0.5, keep_alive=0.5, send_timeout=0.5)
+    reactor.handed = handed
+    try:
+        yield reactor, listener.getsockname()[1], db
+    finally:
+        reactor.close()
+        listener.close()
+        app.beaver.executor.shutdown()
+        db.close()
+
+
+_JSON = "Content-Type: application/json\r\n"
+
+
+def _req(method, target, body=b"", extra=""):
+    return _raw_req(method, target, body, token=None, extra=_JSON + extra if body else extra)
+
+
+def _answers(sock, count):
+    return [_read_answer(sock) for _ in range(count)]
+
+
+def test_reactor_answers_pipelined_requests_in_order(reactor):
+    _, port, db = reactor
+    requests = [   # reads inline, writes in a batch, scans in the pool: answers in order
+        (_req("PUT", "/dicts/d/a", b"1"), 204, b""),
+        (_req("GET", "/dicts/d/a"), 200, b"1"),
+        (_req("POST", "/lists/l/push", b'"x"'), 204, b""),
+        (_req("POST", "/lists/l/push", b'"y"'), 204, b""),
+        (_req("GET", "/lists/l/slice"), 200, b'["x","y"]'),
+        (_req("GET", "/dicts/d?view=keys"), 200, b'["a"]'),
+        (_req("PUT", "/dicts/d/a", b"2"), 204, b""),
+        (_req("GET", "/dicts/d/a"), 200, b"2"),
+        (_req("POST", "/lists/l/pop"), 200, b'"y"'),
+        (_req("DELETE", "/dicts/d/a"), 200, b"2"),
+        (_req("GET", "/dicts/d/a"), 404, None),
+        (_req("GET", "/lists/l"), 200, b'{"name":"l","size":1}'),
+        (_req("HEAD", "/dicts/d/a"), 404, b""),
+    ]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"".join(r for r, _, _ in requests))
+        answers = _answers(sock, len(requests))
+        for (request, status, body), (got, _, data) in zip(requests, answers):
+            assert got == status and (body is None or data == body), request[:40]
+    assert list(db.list("l")) == ["x"] and "a" not in db.dict("d")
+
+
+def test_reactor_serves_many_connections_at_once(reactor):
+    _, port, db = reactor
+    clients, rounds, errors = 50, 200, []
+
+    def client(c):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                for i in range(rounds):
+                    if i % 4 == 0:
+                        assert _exchange(sock, _req("PUT", f"/dicts/d/{c}-{i}", b"%d" % i))[0] \
+                            == 204
+                    elif i % 4 == 1:
+                        assert _exchange(sock, _req("GET", f"/dicts/d/{c}-{i - 1}"))[2] == \
+                            b"%d" % (i - 1)
+                    elif i % 4 == 2:
+                        assert _exchange(sock, _req("POST", "/lists/l/push",
+                                                    b'"%d-%d"' % (c, i)))[0] == 204
+                    else:
+                        assert _exchange(sock, _req("POST", "/queues/q/put", b"%d" % i))[0] == 204
+        except Exception as e:          # reported below
+            errors.append(e)
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(MP_DEADLINE)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    quarter = clients * rounds // 4
+    assert len(db.dict("d")) == quarter and db.dict("d")["7-40"] == 40
+    assert sorted(db.list("l")) == sorted(f"{c}-{i}" for c in range(clients)
+                                          for i in range(2, rounds, 4))
+    assert len(db.queue("q")) == quarter
+
+
+def _hold_the_writer(db, port, first):
+    """Hold the write transaction while ``first`` (a write) reaches the reactor, which then
+    waits for it: the writes sent meanwhile are all ready in its next round. The release."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with db._core.transaction():
+            holding.set()
+            release.wait(MP_DEADLINE)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(MP_DEADLINE)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(first)
+    return sock, lambda: (release.set(), holder.join(MP_DEADLINE))
+
+
+def test_reactor_group_commit_rolls_back_only_the_failing_write(reactor, monkeypatch):
+    r, port, db = reactor
+    batches, local_function = [], beaver._local_function
+
+    def recorded(calls):
+        batches.append(len(calls))
+        return group_commit(calls)
+    group_commit, r.group_commit = r.group_commit, recorded
+
+    def writes_then_fails(op):
+        function = local_function(op)
+
+        def run(manager, **kwargs):
+            result = function(manager, **kwargs)
+            if manager.name == "broken":    # its write is done: the savepoint must undo it
+                raise RuntimeError("failed after writing")
+            return result
+        return run
+    monkeypatch.setattr(beaver, "_local_function", writes_then_fails)
+    seen = []
+    db.dict("d").on("set", lambda payload: seen.append(payload["key"]))
+    first, release = _hold_the_writer(db, port, _req("PUT", "/dicts/d/first", b"0"))
+    _rt_until(lambda: any(c.busy for c in r.connections.values()))
+    requests = [_req("PUT", "/dicts/d/a", b"1", "Idempotency-Key: key-a\r\n"),
+                _req("PUT", "/dicts/broken/b", b"2", "Idempotency-Key: key-b\r\n"),
+                _req("DELETE", "/dicts/d/missing"),
+                _req("PUT", "/dicts/broken/c", b"3"),
+                _req("POST", "/lists/l/push", b'"kept"')]
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in requests]
+    for sock, request in zip(socks, requests):
+        sock.sendall(request)
+    release()
+    try:
+        assert _read_answer(first)[0] == 204
+        statuses = [_read_answer(sock)[0] for sock in socks]
+    finally:
+        for sock in socks + [first]:
+            sock.close()
+    assert statuses == [204, 500, 404, 500, 204] and batches == [len(requests)]
+    assert dict(db.dict("d").items()) == {"first": 0, "a": 1} and list(db.list("l")) == ["kept"]
+    assert len(db.dict("broken")) == 0
+    assert beaver._remembered(db, "key-a") is not None and beaver._remembered(db, "key-b") is None
+    _rt_until(lambda: sorted(seen) == ["a", "first"])     # an event per committed write
+
+
+def test_reactor_commit_failure_fails_every_write_of_the_batch(reactor, monkeypatch):
+    r, port, db = reactor
+    core, run = db._core, db._core._run
+
+    def no_commit(conn, sql):
+        if sql == "COMMIT" and threading.current_thread() is r.thread:
+            raise beaver.DiskFull("the disk is full")
+        return run(conn, sql)
+    first, release = _hold_the_writer(db, port, _req("PUT", "/dicts/d/first", b"0"))
+    _rt_until(lambda: any(c.busy for c in r.connections.values()))
+    monkeypatch.setattr(core, "_run", no_commit)
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
+    for n, sock in enumerate(socks):
+        sock.sendall(_req("PUT", f"/dicts/d/k{n}", b"1", f"Idempotency-Key: batch-{n}\r\n"))
+    release()
+    try:
+        assert _read_answer(first)[0] == 204        # alone in its round: no batch
+        assert [_read_answer(sock)[0] for sock in socks] == [507] * 3
+    finally:
+        for sock in socks + [first]:
+            sock.close()
+    monkeypatch.setattr(core, "_run", run)
+    assert list(db.dict("d")) == ["first"] and beaver._remembered(db, "batch-0") is None
+
+
+def test_reactor_long_operations_run_in_the_pool_without_stalling_others(reactor):
+    r, port, _ = reactor
+    execute, entered, release = r.server.execute, threading.Event(), threading.Event()
+
+    def slow_info(op, *args):
+        if op.method == "info":
+            entered.set()
+            release.wait(MP_DEADLINE)
+        return execute(op, *args)
+    r.server.execute = slow_info
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as slow, \
+            socket.create_connection(("127.0.0.1", port), timeout=30) as other:
+        slow.sendall(_req("GET", "/info") + _req("PUT", "/dicts/d/after", b"1"))
+        assert entered.wait(MP_DEADLINE)
+        assert _exchange(other, _req("PUT", "/dicts/d/k", b"1"))[0] == 204
+        assert _exchange(other, _req("GET", "/dicts/d/k"))[2] == b"1"
+        assert _exchange(other, _req("GET", "/dicts/d/after"))[0] == 404  # waits its turn
+        release.set()
+        assert [a[0] for a in _answers(slow, 2)] == [200, 204]
+
+
+def _fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_reactor_closes_slow_silent_and_non_reading_clients_at_their_deadlines(reactor):
+    r, port, db = reactor
+    db.blobs("b").put("big", os.urandom(1 << 20))
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert _exchange(sock, _req("GET", "/dicts/d/x"))[0] == 404       # up and running
+    _rt_until(lambda: not r.connections)
+    baseline, threads = _fds(), threading.active_count()
+    silent = socket.create_connection(("127.0.0.1", port), timeout=30)
+    slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+    slow.sendall(_req("GET", "/dicts/d/x")[:20])                      # the head never ends
+    body = socket.create_connection(("127.0.0.1", port), timeout=30)
+    body.sendall(_req("PUT", "/dicts/d/x", b'"12345"')[:-3])          # the body never ends
+    idle = socket.create_connection(("127.0.0.1", port), timeout=30)
+    assert _exchange(idle, _req("GET", "/dicts/d/x"))[0] == 404      # then keep-alive idle
+    deaf = socket.create_connection(("127.0.0.1", port), timeout=30)
+    deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    deaf.sendall(_req("GET", "/blobs/b/big") * 8)                     # never reads a byte
+    half = socket.create_connection(("127.0.0.1", port), timeout=30)
+    half.sendall(_req("GET", "/dicts/d/x") + _req("GET", "/dicts/d/x")[:10])
+    half.shutdown(socket.SHUT_WR)                                     # sends nothing more
+    _rt_until(lambda: len(r.connections) >= 5)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as other:   # still served
+        assert _exchange(other, _req("GET", "/blobs/b/big"))[2] == db.blobs("b")["big"].data
+    assert _read_answer(half)[0] == 404 and half.recv(1) == b""      # answered, then closed
+    for sock in (silent, slow, body, idle):
+        assert sock.recv(1024) == b""           # closed by the server at its deadline
+    _rt_until(lambda: not r.connections, timeout=30)                  # the deaf one too
+    for sock in (silent, slow, body, idle, deaf, half):
+        sock.close()
+    assert _fds() == baseline and threading.active_count() == threads and r.handed == []
+
+
+def test_reactor_hands_what_it_does_not_serve_to_the_event_loop_in_order(reactor):
+    r, port, _ = reactor
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        wait = _req("POST", "/queues/q/get?timeout=5")
+        sock.sendall(_req("PUT", "/dicts/d/k", b"1") + wait + _req("GET", "/dicts/d/k"))
+        assert _read_answer(sock)[0] == 204 and sock.recv(1) == b""   # closed by the stub
+    assert r.handed == [wait + _req("GET", "/dicts/d/k")]
+
+
+def test_reactor_close_stops_its_thread_and_closes_connections(tmp_path):
+    pytest.importorskip("fastapi")
+    import beaver_server
+    with BeaverDB(tmp_path / "close.db") as db:
+        app = beaver_server.create_app(db)
+        listener = socket.create_server(("127.0.0.1", 0))
+        r = beaver_server._Reactor(app.beaver, [listener], lambda s, p: s.close(), limit=10,
+                                   header_timeout=5, keep_alive=5)
+        with socket.create_connection(listener.getsockname(), timeout=30) as sock:
+            assert _exchange(sock, _req("GET", "/dicts/d/k"))[0] == 404
+            r.close()
+            assert not r.thread.is_alive() and sock.recv(1) == b""
+        listener.close()
+        app.beaver.executor.shutdown()
 
 
 def test_connection_threads_option_is_checked():
