@@ -8992,6 +8992,33 @@ def test_reactor_hands_what_it_does_not_serve_to_the_event_loop_in_order(reactor
     assert r.handed == [wait + _req("GET", "/dicts/d/k")]
 
 
+def test_reactor_wait_for_another_process_lock_is_bounded_by_the_database_timeout(tmp_path):
+    pytest.importorskip("fastapi")
+    import sqlite3
+    import beaver_server
+    path = tmp_path / "locked.db"
+    with BeaverDB(path, timeout=0.3) as db:
+        app = beaver_server.create_app(db)
+        listener = socket.create_server(("127.0.0.1", 0))
+        r = beaver_server._Reactor(app.beaver, [listener], lambda s, p: s.close(), limit=10,
+                                   header_timeout=30, keep_alive=30)
+        other = sqlite3.connect(path, isolation_level=None)     # another process's writer
+        try:
+            with socket.create_connection(listener.getsockname(), timeout=30) as sock:
+                assert _exchange(sock, _req("PUT", "/dicts/d/k", b"1"))[0] == 204
+                other.execute("BEGIN IMMEDIATE")
+                status, _, body = _exchange(sock, _req("PUT", "/dicts/d/k", b"2"))
+                assert status == 503 and json.loads(body)["error"] == "DatabaseBusy"
+                other.execute("ROLLBACK")
+                assert _exchange(sock, _req("PUT", "/dicts/d/k", b"3"))[0] == 204
+            assert db.dict("d")["k"] == 3
+        finally:
+            other.close()
+            r.close()
+            listener.close()
+            app.beaver.executor.shutdown()
+
+
 def test_reactor_close_stops_its_thread_and_closes_connections(tmp_path):
     pytest.importorskip("fastapi")
     import beaver_server
