@@ -1638,7 +1638,8 @@ class _Reactor:
     def advance(self, conn, batch):
         """Serve ``conn``'s requests in order until one runs elsewhere (the pool, the batch)
         or is not all there yet; then settle what the connection waits for."""
-        while conn.open and not (conn.busy or conn.closing or conn.leaving or conn.blocked):
+        while conn.inbox and conn.open and not (conn.busy or conn.closing or conn.leaving or
+                                                conn.blocked):
             request = self.next_request(conn)
             if request is None:
                 break
@@ -1706,15 +1707,14 @@ class _Reactor:
         """Run ``call`` now (a read), join the batch (a write) or send it to the pool."""
         if not _runs_inline(call.op, call.kwargs):
             return self.offload(conn, plain, call)
+        if not call.op.writes:
+            return self.respond(conn, plain, self.attempt(call))
         try:    # opening a manager may write: never inside the batch's transaction
             self.server.manager(call.op.kind, call.name, call.options)
         except Exception as e:
             return self.respond(conn, plain, _error_reply(e))
-        if call.op.writes:
-            conn.busy = True
-            batch.append((conn, plain, call))
-        else:
-            self.respond(conn, plain, self.attempt(call))
+        conn.busy = True
+        batch.append((conn, plain, call))
 
     def attempt(self, call):
         """The answer to ``call``, an error answer if it fails."""
@@ -1795,8 +1795,11 @@ class _Reactor:
         """Send what the socket takes of ``conn``'s answers; once all are sent, close it,
         hand it over or wait for its next request, as it asked."""
         try:
-            with memoryview(conn.outbox) as view:
-                conn.sent += conn.sock.send(view[conn.sent:])
+            if conn.sent:
+                with memoryview(conn.outbox) as view:
+                    conn.sent += conn.sock.send(view[conn.sent:])
+            else:
+                conn.sent = conn.sock.send(conn.outbox)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:
