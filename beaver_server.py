@@ -1318,6 +1318,7 @@ SEND_TIMEOUT = 30.0             # seconds to send an answer (plus one per MB of 
 DEFAULT_DIRECT_CONNECTIONS = 1024      # per process: see "The reactor"
 _INBOX_LIMIT = MAX_TARGET + 64 * 1024 + DIRECT_BODY    # bytes read ahead of the served request
 _FOREVER = float("inf")
+_TURN_SHARE = 64                # pipelined requests of one connection served per turn
 _PLAIN_METHODS = frozenset((b"GET", b"HEAD", b"PUT", b"POST", b"PATCH", b"DELETE"))
 _HEAD_FIELDS = re.compile(   # after the request line: "name: value" lines, nothing else
     rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*\Z")
@@ -1637,9 +1638,12 @@ class _Reactor:
 
     def advance(self, conn, batch):
         """Serve ``conn``'s requests in order until one runs elsewhere (the pool, the batch)
-        or is not all there yet; then settle what the connection waits for."""
-        while conn.inbox and conn.open and not (conn.busy or conn.closing or conn.leaving or
-                                                conn.blocked):
+        or is not all there yet (or it had its share of this turn); then settle what the
+        connection waits for."""
+        for _ in range(_TURN_SHARE):
+            if not conn.inbox or not conn.open or conn.busy or conn.closing or conn.leaving or \
+                    conn.blocked:
+                break
             request = self.next_request(conn)
             if request is None:
                 break
@@ -1655,6 +1659,9 @@ class _Reactor:
                 continue
             del conn.inbox[:size]
             self.dispatch(conn, plain, call, batch)
+        else:
+            self.ready[conn] = None     # the rest after the other connections' turn
+            return self.settle(conn)
         if conn.open:
             if conn.eof and not (conn.busy or conn.leaving or conn.blocked):
                 conn.closing = True     # all it sent is served: nothing more will come
@@ -1828,7 +1835,7 @@ class _Reactor:
     def settle(self, conn):
         """After a request: the keep-alive deadline when nothing is pending; close or hand
         over a connection that asked for it; watch it for what it needs."""
-        if conn.outbox:
+        if conn.outbox or not conn.open:
             return                      # flush settles it once the answers are out
         if conn.closing:
             return self.drop(conn)

@@ -8795,13 +8795,15 @@ def test_reactor_answers_pipelined_requests_in_order(reactor):
         (_req("GET", "/dicts/d/a"), 404, None),
         (_req("GET", "/lists/l"), 200, b'{"name":"l","size":1}'),
         (_req("HEAD", "/dicts/d/a"), 404, b""),
-    ]
+    ] + [(_req("PUT", f"/dicts/d/{n}", b"%d" % n), 204, b"") if n % 3 else
+         (_req("GET", f"/dicts/d/{n - 2}"), 200 if n else 404, b"%d" % (n - 2) if n else None)
+         for n in range(200)] + [(_req("GET", "/dicts/d/1"), 200, b"1")] * 150   # > a turn's
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(b"".join(r for r, _, _ in requests))
         answers = _answers(sock, len(requests))
         for (request, status, body), (got, _, data) in zip(requests, answers):
             assert got == status and (body is None or data == body), request[:40]
-    assert list(db.list("l")) == ["x"] and "a" not in db.dict("d")
+    assert list(db.list("l")) == ["x"] and "a" not in db.dict("d") and len(db.dict("d")) == 133
 
 
 def test_reactor_serves_many_connections_at_once(reactor):
