@@ -7924,9 +7924,9 @@ class _DroppingProxy:
 
 @pytest.fixture(scope="module")
 def served_on_the_loop(tmp_path_factory):
-    """A ``beaver serve`` process without connection threads: (url, database path)."""
+    """A ``beaver serve`` process without the reactor: (url, database path)."""
     path = tmp_path_factory.mktemp("server") / "loop.db"
-    process, url = _start_server(path, "--max-wait", "2", "--connection-threads", "0")
+    process, url = _start_server(path, "--max-wait", "2", "--direct-connections", "0")
     try:
         yield url, str(path)
     finally:
@@ -7936,7 +7936,7 @@ def served_on_the_loop(tmp_path_factory):
 @pytest.fixture(params=["threads", "loop"])
 def lossy(request):
     """(client through a dropping proxy, the proxy, a local BeaverDB on the served file), for
-    a server with connection threads and for one serving everything on its event loop."""
+    a server with the reactor and for one serving everything on its event loop."""
     served = request.getfixturevalue("served" if request.param == "threads" else
                                      "served_on_the_loop")
     proxy = _DroppingProxy(served[0])
@@ -8277,7 +8277,7 @@ def test_server_holds_500_waiting_consumers_without_threads(tmp_path, connection
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
     process, url = _start_server(tmp_path / "waits.db", "--max-wait", "60",
-                                 "--connection-threads", connection_threads,
+                                 "--connection-threads", connection_threads,   # the former name
                                  command=("-m", "beaver_server"))
     port = int(url.rsplit(":", 1)[1])
     client = beaver.BeaverClient(url)
@@ -8362,10 +8362,10 @@ def _worker_consumer(url, out, pids):
         client.close()
 
 
-@pytest.mark.parametrize("connection_threads", ["16", "0"])
-def test_two_workers_serve_one_queue_without_duplicates(tmp_path, connection_threads):
+@pytest.mark.parametrize("direct_connections", ["1024", "0"])
+def test_two_workers_serve_one_queue_without_duplicates(tmp_path, direct_connections):
     process, url = _start_server(tmp_path / "workers.db", "--workers", "2", "--max-wait", "5",
-                                 "--connection-threads", connection_threads,
+                                 "--direct-connections", direct_connections,
                                  command=("-m", "beaver_server"))
     try:
         seen, deadline = set(), time.monotonic() + 60
@@ -8570,12 +8570,12 @@ def _raw_req(method, target, body=b"", token="s3cret", host="127.0.0.1", extra="
 
 @pytest.fixture(scope="module")
 def two_paths(tmp_path_factory):
-    """Two servers of one file with a token: with connection threads, and with none."""
+    """Two servers of one file with a token: with the reactor, and without."""
     path = tmp_path_factory.mktemp("paths") / "paths.db"
     started = [_start_server(path, "--token", "s3cret", "--max-body-size", "1000",
                              "--header-timeout", "1", "--cors-origin", "https://app.example",
                              *extra, command=("-m", "beaver_server"))
-               for extra in (("--connection-threads", "2"), ("--connection-threads", "0"))]
+               for extra in (("--direct-connections", "2"), ("--direct-connections", "0"))]
     yield [int(url.rsplit(":", 1)[1]) for _, url in started]
     for process, _ in started:
         _stop_server(process)
@@ -8675,7 +8675,7 @@ def test_connection_threads_never_wait_on_a_client_forever(two_paths):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_connection_threads_leak_no_threads_or_descriptors(tmp_path):
-    process, url = _start_server(tmp_path / "leak.db", "--connection-threads", "3",
+    process, url = _start_server(tmp_path / "leak.db", "--direct-connections", "3",
                                  command=("-m", "beaver_server"))
     port = int(url.rsplit(":", 1)[1])
     try:
