@@ -1750,15 +1750,29 @@ class _Reactor:
     # -- group commit ------------------------------------------------------------------------
 
     def commit(self, batch):
-        """Run the inline writes of one round, then send their answers."""
-        if len(batch) == 1:
-            replies = [self.attempt(batch[0][2])]
-        else:
-            replies = self.group_commit([call for _, _, call in batch])
-        for (conn, plain, _), reply in zip(batch, replies):
+        """Run the inline writes of one round, then send their answers. While a thread of
+        the pool holds the write transaction (a bulk write, a clear...), they run in the
+        pool: the reactor does not wait for it, and serves the reads meanwhile."""
+        calls = [call for _, _, call in batch]
+        gate = getattr(self.server.db._core, "_writers", None)
+        if gate is not None and gate.locked():
+            def finished(future):
+                for (conn, plain, _), reply in zip(batch, future.result()):
+                    self.finished.put((conn, plain, reply))
+                self.wake()
+            try:
+                return self.server.executor.submit(self.writes, calls).add_done_callback(
+                    finished)
+            except RuntimeError:        # the pool is shut down: the server is stopping
+                pass
+        for (conn, plain, _), reply in zip(batch, self.writes(calls)):
             if conn.open:
                 self.done(conn)
                 self.respond(conn, plain, reply)
+
+    def writes(self, calls) -> list:
+        """The answers to the inline writes ``calls``: one alone, several group-committed."""
+        return [self.attempt(calls[0])] if len(calls) == 1 else self.group_commit(calls)
 
     def group_commit(self, calls) -> list:
         """The answers to ``calls``, run in one transaction, each in a savepoint of its own

@@ -8840,21 +8840,21 @@ def test_reactor_serves_many_connections_at_once(reactor):
     assert len(db.queue("q")) == quarter
 
 
-def _hold_the_writer(db, port, first):
-    """Hold the write transaction while ``first`` (a write) reaches the reactor, which then
-    waits for it: the writes sent meanwhile are all ready in its next round. The release."""
-    holding, release = threading.Event(), threading.Event()
+def _busy(reactor) -> bool:
+    """Whether a request of the reactor runs (read from another thread: a copy of the list)."""
+    return any(conn.busy for conn in list(reactor.connections.values()))
 
-    def hold():
-        with db._core.transaction():
-            holding.set()
-            release.wait(MP_DEADLINE)
-    holder = threading.Thread(target=hold)
-    holder.start()
-    holding.wait(MP_DEADLINE)
+
+def _hold_the_writer(db, port, first):
+    """Hold SQLite's write lock (as another process would) while ``first`` (a write) reaches
+    the reactor, which waits for the lock: the writes sent meanwhile are all ready in its
+    next round. ``(the socket of first, the release)``."""
+    import sqlite3
+    other = sqlite3.connect(db.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.sendall(first)
-    return sock, lambda: (release.set(), holder.join(MP_DEADLINE))
+    return sock, lambda: (other.execute("ROLLBACK"), other.close())
 
 
 def test_reactor_group_commit_rolls_back_only_the_failing_write(reactor, monkeypatch):
@@ -8879,7 +8879,7 @@ def test_reactor_group_commit_rolls_back_only_the_failing_write(reactor, monkeyp
     seen = []
     db.dict("d").on("set", lambda payload: seen.append(payload["key"]))
     first, release = _hold_the_writer(db, port, _req("PUT", "/dicts/d/first", b"0"))
-    _rt_until(lambda: any(c.busy for c in r.connections.values()))
+    _rt_until(lambda: _busy(r))
     requests = [_req("PUT", "/dicts/d/a", b"1", "Idempotency-Key: key-a\r\n"),
                 _req("PUT", "/dicts/broken/b", b"2", "Idempotency-Key: key-b\r\n"),
                 _req("DELETE", "/dicts/d/missing"),
@@ -8911,7 +8911,7 @@ def test_reactor_commit_failure_fails_every_write_of_the_batch(reactor, monkeypa
             raise beaver.DiskFull("the disk is full")
         return run(conn, sql)
     first, release = _hold_the_writer(db, port, _req("PUT", "/dicts/d/first", b"0"))
-    _rt_until(lambda: any(c.busy for c in r.connections.values()))
+    _rt_until(lambda: _busy(r))
     monkeypatch.setattr(core, "_run", no_commit)
     socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
     for n, sock in enumerate(socks):
@@ -8925,6 +8925,27 @@ def test_reactor_commit_failure_fails_every_write_of_the_batch(reactor, monkeypa
             sock.close()
     monkeypatch.setattr(core, "_run", run)
     assert list(db.dict("d")) == ["first"] and beaver._remembered(db, "batch-0") is None
+
+
+def test_reactor_writes_wait_in_the_pool_while_a_pool_thread_holds_the_writer(reactor):
+    r, port, db = reactor
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():                         # as a long bulk write in the pool would
+        with db._core.transaction():
+            holding.set()
+            release.wait(MP_DEADLINE)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(MP_DEADLINE)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as writer, \
+            socket.create_connection(("127.0.0.1", port), timeout=30) as reader:
+        writer.sendall(_req("PUT", "/dicts/d/k", b"1") + _req("GET", "/dicts/d/k"))
+        _rt_until(lambda: _busy(r))
+        assert _exchange(reader, _req("GET", "/dicts/d/k"))[0] == 404   # not stalled
+        release.set()
+        holder.join(MP_DEADLINE)
+        assert [(a[0], a[2]) for a in _answers(writer, 2)] == [(204, b""), (200, b"1")]
 
 
 def test_reactor_long_operations_run_in_the_pool_without_stalling_others(reactor):
