@@ -1446,12 +1446,14 @@ class _Connection:
     """A connection of the reactor: its socket, buffers, state and deadline."""
 
     __slots__ = ("sock", "local", "peer", "inbox", "outbox", "sent", "deadline", "events",
-                 "open", "busy", "closing", "leaving", "eof", "idle", "body_wait", "blocked")
+                 "open", "busy", "closing", "leaving", "eof", "idle", "body_wait")
 
     def __init__(self, sock, deadline):
         self.sock = sock
         self.local, self.peer = sock.getsockname()[:2], sock.getpeername()[:2]
-        self.inbox, self.outbox, self.sent = bytearray(), bytearray(), 0
+        self.inbox = b""            # bytes received, not served yet
+        self.outbox = bytearray()   # answers waiting for room in the socket's send buffer
+        self.sent = 0               # bytes of outbox sent
         self.deadline = deadline
         self.events = 0             # what the selector watches for it
         self.open = True
@@ -1461,7 +1463,6 @@ class _Connection:
         self.eof = False            # the client will send nothing more
         self.idle = True            # between requests: the deadline is the keep-alive time
         self.body_wait = False      # the head is in, the body is not
-        self.blocked = False        # the socket's send buffer is full: waiting to write
 
 
 class _Reactor:
@@ -1571,7 +1572,7 @@ class _Reactor:
         reading = not (conn.eof or conn.closing or conn.leaving) and \
             len(conn.inbox) < _INBOX_LIMIT
         self.watch(conn, (selectors.EVENT_READ if reading else 0) |
-                   (selectors.EVENT_WRITE if conn.blocked else 0))
+                   (selectors.EVENT_WRITE if conn.outbox else 0))
 
     def receive(self, conn):
         try:
@@ -1587,7 +1588,7 @@ class _Reactor:
             if conn.idle:           # a request begins: its head within the header timeout
                 conn.idle = False
                 conn.deadline = time.monotonic() + self.header_timeout
-            conn.inbox += chunk
+            conn.inbox = conn.inbox + chunk if conn.inbox else chunk
             if len(conn.inbox) >= _INBOX_LIMIT:
                 self.interest(conn)
         self.ready[conn] = None
@@ -1642,7 +1643,7 @@ class _Reactor:
         connection waits for."""
         for _ in range(_TURN_SHARE):
             if not conn.inbox or not conn.open or conn.busy or conn.closing or conn.leaving or \
-                    conn.blocked:
+                    conn.outbox:
                 break
             request = self.next_request(conn)
             if request is None:
@@ -1654,16 +1655,16 @@ class _Reactor:
                 conn.leaving = True
                 break
             except Exception as e:
-                del conn.inbox[:size]
+                conn.inbox = conn.inbox[size:]
                 self.respond(conn, plain, _error_reply(e))
                 continue
-            del conn.inbox[:size]
+            conn.inbox = conn.inbox[size:]
             self.dispatch(conn, plain, call, batch)
         else:
             self.ready[conn] = None     # the rest after the other connections' turn
             return self.settle(conn)
         if conn.open:
-            if conn.eof and not (conn.busy or conn.leaving or conn.blocked):
+            if conn.eof and not (conn.busy or conn.leaving or conn.outbox):
                 conn.closing = True     # all it sent is served: nothing more will come
             self.settle(conn)
 
@@ -1676,7 +1677,7 @@ class _Reactor:
             if len(inbox) > MAX_TARGET + 64 * 1024:
                 conn.leaving = True     # uvicorn refuses it, in its words
             return None
-        plain = _plain_head(bytes(inbox[:end]))
+        plain = _plain_head(inbox[:end])
         if plain is None or plain.length > DIRECT_BODY:
             conn.leaving = True
             return None
@@ -1687,7 +1688,7 @@ class _Reactor:
                 conn.deadline = time.monotonic() + self.header_timeout
             return None
         conn.body_wait = False
-        return plain, bytes(inbox[end + 4:size]), size
+        return plain, inbox[end + 4:size], size
 
     def prepare(self, conn, plain, body) -> _Call:
         """The checked ``_Call`` of a request; ``_Handoff`` for one the event loop serves."""
@@ -1801,44 +1802,49 @@ class _Reactor:
     # -- answers -------------------------------------------------------------------------------
 
     def respond(self, conn, plain, reply):
-        """Queue the answer to ``plain`` on ``conn`` and send what the socket takes."""
-        conn.outbox += _answer_bytes(plain, reply)
+        """Send the answer to ``plain`` on ``conn`` (what the socket takes; the rest waits in
+        its output buffer, after the answers already waiting there)."""
+        data = _answer_bytes(plain, reply)
         if plain.close or (reply[2] and reply[2].get("connection") == "close"):
             conn.closing = True
         if access_logger.isEnabledFor(logging.INFO):
             target = plain.path + (b"?" + plain.query if plain.query else b"")
             access_logger.info('%s - "%s %s HTTP/%s" %d', "%s:%d" % conn.peer, plain.method,
                                target.decode("latin-1"), "1.1", reply[0])
-        if not conn.blocked:
-            self.flush(conn)
+        if conn.outbox:
+            conn.outbox += data
+            return
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return self.drop(conn)
+        if sent < len(data):            # the socket's buffer is full: wait for room
+            conn.outbox += memoryview(data)[sent:]
+            conn.deadline = time.monotonic() + self.send_timeout + len(conn.outbox) / 1e6
+            return self.interest(conn)
+        self.sent_all(conn)
 
     def flush(self, conn):
-        """Send what the socket takes of ``conn``'s answers; once all are sent, close it,
-        hand it over or wait for its next request, as it asked."""
+        """Send what the socket takes of ``conn``'s waiting answers (it has room now)."""
         try:
-            if conn.sent:
-                with memoryview(conn.outbox) as view:
-                    conn.sent += conn.sock.send(view[conn.sent:])
-            else:
-                conn.sent = conn.sock.send(conn.outbox)
+            with memoryview(conn.outbox) as view:
+                conn.sent += conn.sock.send(view[conn.sent:])
         except (BlockingIOError, InterruptedError):
-            pass
+            return
         except OSError:
             return self.drop(conn)
         if conn.sent < len(conn.outbox):
-            if not conn.blocked:
-                conn.blocked = True
-                left = len(conn.outbox) - conn.sent
-                conn.deadline = time.monotonic() + self.send_timeout + left / 1e6
-                self.interest(conn)
             return
-        conn.outbox.clear()
-        conn.sent = 0
-        if conn.blocked:
-            conn.blocked = False
-            conn.deadline = time.monotonic() + self.header_timeout
-            self.interest(conn)
-            self.ready[conn] = None     # read ahead while it was sending: serve it now
+        conn.outbox, conn.sent = bytearray(), 0
+        conn.deadline = time.monotonic() + self.header_timeout
+        self.ready[conn] = None         # read ahead while it was sending: serve it now
+        self.sent_all(conn)
+
+    def sent_all(self, conn):
+        """Once every answer is out: close ``conn``, hand it over or wait for its next
+        request, as it asked."""
         if conn.closing:
             self.drop(conn)
         elif conn.leaving and not conn.busy:
@@ -1865,7 +1871,7 @@ class _Reactor:
     def leave(self, conn):
         """Hand ``conn`` to the event loop with the bytes of its requests not served."""
         self.forget(conn)
-        self.handoff(conn.sock, bytes(conn.inbox))
+        self.handoff(conn.sock, conn.inbox)
 
     def drop(self, conn):
         """Close ``conn``."""
