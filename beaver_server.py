@@ -1461,7 +1461,7 @@ class _Connection:
         self.closing = False        # closed once its answers are sent (Connection: close)
         self.leaving = False        # handed to the event loop once its answers are sent
         self.eof = False            # the client will send nothing more
-        self.idle = True            # between requests: the deadline is the keep-alive time
+        self.idle = False           # between requests: the deadline is the keep-alive time
         self.body_wait = False      # the head is in, the body is not
 
 
