@@ -1337,34 +1337,26 @@ _REASONS = {200: "OK", 204: "No Content", 303: "See Other", 400: "Bad Request",
 access_logger = logging.getLogger("uvicorn.access")
 
 
-def _always(kwargs) -> bool:
-    return True
-
-
 def _at_an_end(kwargs) -> bool:
     """A list pop at the end (the middle shifts the items after it)."""
     return kwargs.get("index") in (None, -1)
 
 
-# (kind, method) -> whether a call runs on the reactor: a few statements on one key or an
-# end, whatever the size of the structure (the request body is at most DIRECT_BODY)
+# (kind, method) -> True when a call runs on the reactor (or a predicate of its arguments
+# saying so): a few statements on one key or an end, whatever the size of the structure (the
+# request body is at most DIRECT_BODY)
 _INLINE = {
-    **{("dict", m): _always for m in ("__getitem__", "get", "set", "pop", "__delitem__",
+    **{("dict", m): True for m in ("__getitem__", "get", "set", "pop", "__delitem__",
                                       "__contains__", "ttl", "setdefault")},
-    **{("list", m): _always for m in ("__getitem__", "__setitem__", "push", "prepend",
+    **{("list", m): True for m in ("__getitem__", "__setitem__", "push", "prepend",
                                       "deque")},
     ("list", "pop"): _at_an_end,
-    **{("queue", m): _always for m in ("put", "get", "ack", "nack", "peek")},
-    **{("blob", m): _always for m in ("__getitem__", "get", "put", "__setitem__", "delete",
+    **{("queue", m): True for m in ("put", "get", "ack", "nack", "peek")},
+    **{("blob", m): True for m in ("__getitem__", "get", "put", "__setitem__", "delete",
                                       "__contains__")},
-    ("log", "log"): _always, ("channel", "publish"): _always,
-    **{("collection", m): _always for m in ("__getitem__", "get", "__contains__")},
+    ("log", "log"): True, ("channel", "publish"): True,
+    **{("collection", m): True for m in ("__getitem__", "get", "__contains__")},
 }
-
-
-def _runs_inline(op, kwargs) -> bool:
-    rule = _INLINE.get((op.kind, op.method))
-    return rule is not None and rule(kwargs)
 
 
 class _Plain(typing.NamedTuple):
@@ -1520,7 +1512,8 @@ class _Reactor:
                     self.waker.recv(4096)
             else:
                 self.accept(target)
-        self.collect()
+        if not self.finished.empty():
+            self.collect()
         if self.ready:
             self.serve_ready()
         now = time.monotonic()
@@ -1571,8 +1564,10 @@ class _Reactor:
         its answers wait for room in the socket's buffer."""
         reading = not (conn.eof or conn.closing or conn.leaving) and \
             len(conn.inbox) < _INBOX_LIMIT
-        self.watch(conn, (selectors.EVENT_READ if reading else 0) |
-                   (selectors.EVENT_WRITE if conn.outbox else 0))
+        events = (selectors.EVENT_READ if reading else 0) | \
+            (selectors.EVENT_WRITE if conn.outbox else 0)
+        if events != conn.events:
+            self.watch(conn, events)
 
     def receive(self, conn):
         try:
@@ -1594,7 +1589,7 @@ class _Reactor:
         self.ready[conn] = None
 
     def collect(self):
-        """Take the answers the thread pool finished."""
+        """Take the answers the thread pool finished (or a batch it ran)."""
         while not self.finished.empty():       # this thread is the only taker
             conn, plain, reply = self.finished.get()
             if conn.open:
@@ -1713,10 +1708,15 @@ class _Reactor:
 
     def dispatch(self, conn, plain, call, batch):
         """Run ``call`` now (a read), join the batch (a write) or send it to the pool."""
-        if not _runs_inline(call.op, call.kwargs):
+        rule = _INLINE.get((call.op.kind, call.op.method))
+        if rule is not True and (rule is None or not rule(call.kwargs)):
             return self.offload(conn, plain, call)
         if not call.op.writes:
-            return self.respond(conn, plain, self.attempt(call))
+            try:
+                reply = self.server.execute(*call)
+            except Exception as e:
+                reply = _error_reply(e)
+            return self.respond(conn, plain, reply)
         try:    # opening a manager may write: never inside the batch's transaction
             self.server.manager(call.op.kind, call.name, call.options)
         except Exception as e:
@@ -1823,8 +1823,7 @@ class _Reactor:
         if sent < len(data):            # the socket's buffer is full: wait for room
             conn.outbox += memoryview(data)[sent:]
             conn.deadline = time.monotonic() + self.send_timeout + len(conn.outbox) / 1e6
-            return self.interest(conn)
-        self.sent_all(conn)
+            self.interest(conn)
 
     def flush(self, conn):
         """Send what the socket takes of ``conn``'s waiting answers (it has room now)."""
@@ -1839,24 +1838,13 @@ class _Reactor:
             return
         conn.outbox, conn.sent = bytearray(), 0
         conn.deadline = time.monotonic() + self.header_timeout
-        self.ready[conn] = None         # read ahead while it was sending: serve it now
-        self.sent_all(conn)
-
-    def sent_all(self, conn):
-        """Once every answer is out: close ``conn``, hand it over or wait for its next
-        request, as it asked."""
-        if conn.closing:
-            self.drop(conn)
-        elif conn.leaving and not conn.busy:
-            self.leave(conn)
-        else:
-            self.settle(conn)
+        self.ready[conn] = None         # its next requests (read ahead meanwhile), or settle
 
     def settle(self, conn):
         """After a request: the keep-alive deadline when nothing is pending; close or hand
         over a connection that asked for it; watch it for what it needs."""
         if conn.outbox or not conn.open:
-            return                      # flush settles it once the answers are out
+            return                      # settled once its answers are out (flush)
         if conn.closing:
             return self.drop(conn)
         if conn.leaving and not conn.busy:
