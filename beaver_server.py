@@ -1311,7 +1311,9 @@ class _RedactTokens(logging.Filter):
 # a savepoint each, the answers sent after COMMIT (group commit). Answers go out in request
 # order per connection, pipelined requests too. Every connection has one deadline at a time
 # (its request's head and body, the keep-alive time between requests, the sending of its
-# answers): a slow or silent client, or one that never reads, holds nothing.
+# answers): a slow or silent client, or one that never reads, holds nothing. While a pool
+# thread holds the write transaction, a round's writes wait for it in the pool, not here;
+# SQLite's lock held by another process is waited for here, at most the database timeout.
 
 DIRECT_BODY = 64 * 1024         # larger request bodies are read by the event loop
 SEND_TIMEOUT = 30.0             # seconds to send an answer (plus one per MB of it)
@@ -1347,13 +1349,12 @@ def _at_an_end(kwargs) -> bool:
 # request body is at most DIRECT_BODY)
 _INLINE = {
     **{("dict", m): True for m in ("__getitem__", "get", "set", "pop", "__delitem__",
-                                      "__contains__", "ttl", "setdefault")},
-    **{("list", m): True for m in ("__getitem__", "__setitem__", "push", "prepend",
-                                      "deque")},
+                                   "__contains__", "ttl", "setdefault")},
+    **{("list", m): True for m in ("__getitem__", "__setitem__", "push", "prepend", "deque")},
     ("list", "pop"): _at_an_end,
     **{("queue", m): True for m in ("put", "get", "ack", "nack", "peek")},
     **{("blob", m): True for m in ("__getitem__", "get", "put", "__setitem__", "delete",
-                                      "__contains__")},
+                                   "__contains__")},
     ("log", "log"): True, ("channel", "publish"): True,
     **{("collection", m): True for m in ("__getitem__", "get", "__contains__")},
 }
