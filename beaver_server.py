@@ -40,8 +40,9 @@ with a 4xx status; ``beaver.BeaverClient`` raises the same exception classes.
 Writes carrying an ``Idempotency-Key`` header are applied once: the key and the answer are
 stored in the operation's own transaction, and a repeat gets the first answer. Long waits
 (queue get, lock acquire, streams) await the database's wake-ups without holding a thread.
-Run by ``main``, keep-alive connections of plain operations are served by connection threads
-(``--connection-threads``, see "Connection threads" below) without an event-loop hop.
+Run by ``main``, each process serves the plain requests of its connections on one reactor
+thread (``--direct-connections``, see "The reactor" below) without an event-loop hop, and
+commits the writes that arrive together in one transaction.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ import os
 import queue
 import re
 import secrets
-import select
+import selectors
 import shutil
 import sys
 import tempfile
@@ -88,7 +89,6 @@ MAX_TARGET = 16 * 1024                # bytes of a request target (path and quer
 MAX_TEXT_QUERY = 4096                 # characters of a full-text query
 MAX_TOP_K = 10_000                    # results of one search
 MIN_PERIOD = 0.05                     # seconds between two updates of a live view
-DEFAULT_CONNECTION_THREADS = 16      # per process: see "Connection threads"
 HEADER_TIMEOUT = 10.0                 # seconds a client has to send a request's headers
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 _SIMPLE_TYPES = {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
@@ -1293,21 +1293,34 @@ class _RedactTokens(logging.Filter):
 
 
 # ------------------------------------------------------------------------------------------
-# Connection threads: keep-alive connections of plain operations served without the loop
+# The reactor: one thread per process serves the plain connections
 # ------------------------------------------------------------------------------------------
 #
-# ``--connection-threads N``: a new connection is given to one of N threads (when one is
-# free) that reads its requests with blocking socket calls and runs the declared operations
-# right there: no event-loop hop, no executor hop per request. Only plain HTTP/1.1 requests
-# with a small Content-Length body that route to a declared operation and do not wait are
-# served so; at the first request that is anything else (a wait, a stream, a WebSocket, a
-# hand-written route, a large or chunked body, a header it does not read), the connection
-# with the bytes read so far is handed to the event loop for good, where uvicorn serves it
-# and waits hold no thread. Every read has a deadline (the header timeout), every write too:
-# a thread never waits for a client forever.
+# Run by ``main``, a server process accepts its connections on one reactor thread, which waits
+# on all of them in one selector (epoll, kqueue) with non-blocking sockets, an input and an
+# output buffer per connection, and runs the hot declared operations right there: no event
+# loop hop, no thread hop, no GIL hand-off between threads per request. Only plain HTTP/1.1
+# requests with a small Content-Length body that route to a declared operation and do not
+# wait are served so; at the first request that is anything else (a wait, a stream, a
+# WebSocket, a hand-written route, a large or chunked body, a header it does not read), the
+# connection with the bytes read so far goes to the event loop for good, where uvicorn serves
+# it and waits hold no thread. The declared operations whose cost grows with the data (scans,
+# searches, bulk writes: everything not in ``_INLINE``) run in the server's thread pool, their
+# answers coming back to the reactor, so they never stall the other connections. The inline
+# writes one round finds ready (from several connections) commit together: one transaction,
+# a savepoint each, the answers sent after COMMIT (group commit). Answers go out in request
+# order per connection, pipelined requests too. Every connection has one deadline at a time
+# (its request's head and body, the keep-alive time between requests, the sending of its
+# answers): a slow or silent client, or one that never reads, holds nothing. While a pool
+# thread holds the write transaction, a round's writes wait for it in the pool, not here;
+# SQLite's lock held by another process is waited for here, at most the database timeout.
 
-THREAD_BODY = 64 * 1024         # larger request bodies are read by the event loop
+DIRECT_BODY = 64 * 1024         # larger request bodies are read by the event loop
 SEND_TIMEOUT = 30.0             # seconds to send an answer (plus one per MB of it)
+DEFAULT_DIRECT_CONNECTIONS = 1024      # per process: see "The reactor"
+_INBOX_LIMIT = MAX_TARGET + 64 * 1024 + DIRECT_BODY    # bytes read ahead of the served request
+_FOREVER = float("inf")
+_TURN_SHARE = 64                # pipelined requests of one connection served per turn
 _PLAIN_METHODS = frozenset((b"GET", b"HEAD", b"PUT", b"POST", b"PATCH", b"DELETE"))
 _HEAD_FIELDS = re.compile(   # after the request line: "name: value" lines, nothing else
     rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*\Z")
@@ -1326,8 +1339,29 @@ _REASONS = {200: "OK", 204: "No Content", 303: "See Other", 400: "Bad Request",
 access_logger = logging.getLogger("uvicorn.access")
 
 
+def _at_an_end(kwargs) -> bool:
+    """A list pop at the end (the middle shifts the items after it)."""
+    return kwargs.get("index") in (None, -1)
+
+
+# (kind, method) -> True when a call runs on the reactor (or a predicate of its arguments
+# saying so): a few statements on one key or an end, whatever the size of the structure (the
+# request body is at most DIRECT_BODY)
+_INLINE = {
+    **{("dict", m): True for m in ("__getitem__", "get", "set", "pop", "__delitem__",
+                                   "__contains__", "ttl", "setdefault")},
+    **{("list", m): True for m in ("__getitem__", "__setitem__", "push", "prepend", "deque")},
+    ("list", "pop"): _at_an_end,
+    **{("queue", m): True for m in ("put", "get", "ack", "nack", "peek")},
+    **{("blob", m): True for m in ("__getitem__", "get", "put", "__setitem__", "delete",
+                                   "__contains__")},
+    ("log", "log"): True, ("channel", "publish"): True,
+    **{("collection", m): True for m in ("__getitem__", "get", "__contains__")},
+}
+
+
 class _Plain(typing.NamedTuple):
-    """A request head the threads serve: method, path, query, headers (lower-case names)."""
+    """A request head the reactor serves: method, path, query, headers (lower-case names)."""
     method: str
     path: bytes
     query: bytes
@@ -1370,221 +1404,494 @@ def _repeats_a_single(fields) -> bool:
     return any(names.count(name) > 1 for name in _SINGLE)
 
 
+def _answer_bytes(plain, reply) -> bytes:
+    """The HTTP/1.1 answer ``reply`` (status, body, headers) to the request ``plain``."""
+    status, body, headers = reply
+    if headers:
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+                 f"content-length: {len(body)}\r\n"]
+        if body and "content-type" not in headers:
+            lines.append("content-type: application/json\r\n")
+        for name, value in headers.items():
+            lines.append(f"{name}: {value}\r\n")
+        head = "".join(lines).encode("latin-1") + b"\r\n"
+    else:                       # most answers: the status line and two fields at most
+        head = b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%s" % (
+            status, _REASONS.get(status, "Unknown").encode("latin-1"), len(body),
+            b"content-type: application/json\r\n\r\n" if body else b"\r\n")
+    return head if plain.method == "HEAD" else head + body
+
+
 class _Handoff(Exception):
     """This request (and the rest of its connection) goes to the event loop."""
 
 
-class _Closed(Exception):
-    """The client left, or was too slow: the connection is closed."""
+class _Call(typing.NamedTuple):
+    """A declared operation a request asks for, its arguments read and checked."""
+    op: typing.Any
+    name: str
+    options: dict
+    kwargs: dict
+    key: typing.Optional[str]       # the Idempotency-Key of a write
 
 
-class _ThreadConnection:
-    """One connection served by a connection thread: blocking reads and writes with
-    deadlines, the requests run in this thread.
+class _Connection:
+    """A connection of the reactor: its socket, buffers, state and deadline."""
 
-    The socket stays non-blocking and the thread waits in ``poll``: a request costs one
-    ``poll``, one ``recv`` and one ``send`` (a socket timeout would add a poll before the
-    send and a mode switch before each call)."""
+    __slots__ = ("sock", "local", "peer", "inbox", "outbox", "sent", "deadline", "events",
+                 "open", "busy", "closing", "leaving", "eof", "idle", "body_wait")
 
-    def __init__(self, threads, sock):
-        self.threads, self.server, self.sock = threads, threads.server, sock
-        self.buffer = b""
-        self.local = sock.getsockname()[:2]
-        self.peer = sock.getpeername()[:2]
-        sock.setblocking(False)
-        self.readable = select.poll()
-        self.readable.register(sock, select.POLLIN)
+    def __init__(self, sock, deadline):
+        self.sock = sock
+        self.local, self.peer = sock.getsockname()[:2], sock.getpeername()[:2]
+        self.inbox = b""            # bytes received, not served yet
+        self.outbox = bytearray()   # answers waiting for room in the socket's send buffer
+        self.sent = 0               # bytes of outbox sent
+        self.deadline = deadline
+        self.events = 0             # what the selector watches for it
+        self.open = True
+        self.busy = False           # a request runs (pool or batch): the next ones wait
+        self.closing = False        # closed once its answers are sent (Connection: close)
+        self.leaving = False        # handed to the event loop once its answers are sent
+        self.eof = False            # the client will send nothing more
+        self.idle = False           # between requests: the deadline is the keep-alive time
+        self.body_wait = False      # the head is in, the body is not
 
-    def serve(self):
-        """Serve requests until the client leaves; hand the connection over when needed."""
-        idle = None             # a new connection: its first head within the header timeout
+
+class _Reactor:
+    """One thread serving the plain connections of ``listeners`` (see above); ``handoff(sock,
+    pending)`` gives a connection to the event loop."""
+
+    def __init__(self, server, listeners, handoff, *, limit, header_timeout, keep_alive,
+                 send_timeout=SEND_TIMEOUT):
+        import socket
+        self.server, self.listeners, self.handoff, self.limit = server, listeners, handoff, limit
+        self.header_timeout, self.keep_alive = header_timeout, keep_alive
+        self.send_timeout = send_timeout
+        self.period = max(0.01, min(1.0, header_timeout / 4, keep_alive / 4))
+        self.selector = selectors.DefaultSelector()
+        self.connections: dict = {}         # socket -> _Connection
+        self.ready: dict = {}               # connections with requests to look at (ordered)
+        self.finished = queue.SimpleQueue()  # (connection, plain, reply) from the pool
+        self.paused: dict = {}              # listener -> when accepting resumes
+        self.waker, self.wake_up = socket.socketpair()
+        self.waker.setblocking(False)
+        self.wake_up.setblocking(False)
+        self.closing = False
+        self.next_sweep = time.monotonic() + self.period
+        for listener in listeners:
+            listener.setblocking(False)
+            self.selector.register(listener, selectors.EVENT_READ, listener)
+        self.selector.register(self.waker, selectors.EVENT_READ, self.waker)
+        self.thread = threading.Thread(target=self.run, name="beaver-reactor", daemon=True)
+        self.thread.start()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self):
         try:
-            while True:
-                head = self.read_head(idle)
-                plain = _plain_head(head)
-                if plain is None or plain.length > THREAD_BODY:
-                    raise _Handoff
-                body = self.read_exactly(plain.length)
-                status, close = self.answer(plain, body)
-                self.buffer = self.buffer[len(head) + 4 + plain.length:]
-                if close or plain.close:
-                    return self.close()
-                idle = self.threads.keep_alive       # as uvicorn closes an idle connection
-        except _Handoff:
-            self.threads.handoff(self.sock, self.buffer)
-        except (_Closed, OSError):
-            self.close()
+            while not self.closing:
+                try:
+                    self.turn()
+                except Exception:       # a bug must not stop the serving of every connection
+                    logger.exception("beaver server: the reactor failed a turn")
+        finally:
+            self.shut()
 
-    def read_head(self, idle) -> bytes:
-        """The next request head (bytes before the blank line): its first byte within
-        ``idle`` seconds (if given), the whole head within the header timeout after that."""
-        if not self.buffer and idle is not None:
-            self.receive(time.monotonic() + idle)
-        deadline = time.monotonic() + self.threads.header_timeout
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end >= 0:
-                return self.buffer[:end]
-            if len(self.buffer) > MAX_TARGET + 64 * 1024:
-                raise _Handoff          # uvicorn refuses it, in its words
-            self.receive(deadline)
+    def turn(self):
+        """Wait for sockets (or a deadline), read and write them, serve what arrived."""
+        timeout = 0.0 if self.ready else max(0.0, self.next_sweep - time.monotonic())
+        for key, mask in self.selector.select(timeout):
+            target = key.data
+            if type(target) is _Connection:
+                if mask & selectors.EVENT_WRITE:
+                    self.flush(target)
+                if mask & selectors.EVENT_READ and target.open:
+                    self.receive(target)
+            elif target is self.waker:
+                with contextlib.suppress(OSError):
+                    self.waker.recv(4096)
+            else:
+                self.accept(target)
+        if not self.finished.empty():
+            self.collect()
+        if self.ready:
+            self.serve_ready()
+        now = time.monotonic()
+        if now >= self.next_sweep:
+            self.sweep(now)
 
-    def read_exactly(self, length) -> bytes:
-        start = self.buffer.find(b"\r\n\r\n") + 4
-        deadline = time.monotonic() + self.threads.header_timeout
-        while len(self.buffer) < start + length:
-            self.receive(deadline)
-        return self.buffer[start:start + length]
+    def accept(self, listener):
+        import socket
+        now = time.monotonic()
+        for _ in range(64):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:        # out of file descriptors...: pause, as asyncio does
+                logger.warning("beaver server: accept failed: %s", e)
+                self.selector.unregister(listener)
+                self.paused[listener] = now + 1.0
+                self.next_sweep = min(self.next_sweep, now + 1.0)
+                return
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if len(self.connections) >= self.limit:
+                    self.handoff(sock, b"")
+                    continue
+                conn = _Connection(sock, now + self.header_timeout)
+            except OSError:             # gone already
+                sock.close()
+                continue
+            sock.setblocking(False)
+            self.connections[sock] = conn
+            self.watch(conn, selectors.EVENT_READ)
 
-    def receive(self, deadline):
-        left = deadline - time.monotonic()
-        if left <= 0 or self.threads.closing:
-            raise _Closed
-        if not self.readable.poll(left * 1000.0):
-            raise _Closed           # nothing within the deadline
-        try:
-            chunk = self.sock.recv(65536)
-        except BlockingIOError:
-            return                  # woken for nothing: the caller asks again
-        if not chunk:
-            raise _Closed
-        self.buffer += chunk
-
-    def send(self, data):
-        """Send ``data`` within ``SEND_TIMEOUT`` (plus a second per MB)."""
-        try:
-            sent = self.sock.send(data)     # an answer mostly fits the socket buffer at once
-        except BlockingIOError:
-            sent = 0
-        if sent == len(data):
+    def watch(self, conn, events):
+        """Have the selector watch ``conn`` for ``events`` (0: not at all)."""
+        if events == conn.events:
             return
-        deadline = time.monotonic() + SEND_TIMEOUT + len(data) / 1e6
-        writable = select.poll()
-        writable.register(self.sock, select.POLLOUT)
-        view = memoryview(data)[sent:]
-        while view:
-            left = deadline - time.monotonic()
-            if left <= 0 or not writable.poll(left * 1000.0):
-                raise _Closed
-            with contextlib.suppress(BlockingIOError):
-                view = view[self.sock.send(view):]
+        if not conn.events:
+            self.selector.register(conn.sock, events, conn)
+        elif not events:
+            self.selector.unregister(conn.sock)
+        else:
+            self.selector.modify(conn.sock, events, conn)
+        conn.events = events
 
-    def answer(self, plain, body):
-        """Run one request; ``(status, close)`` once its answer is sent."""
+    def interest(self, conn):
+        """Watch ``conn`` for what it needs: input while it may read ahead, output while
+        its answers wait for room in the socket's buffer."""
+        reading = not (conn.eof or conn.closing or conn.leaving) and \
+            len(conn.inbox) < _INBOX_LIMIT
+        events = (selectors.EVENT_READ if reading else 0) | \
+            (selectors.EVENT_WRITE if conn.outbox else 0)
+        if events != conn.events:
+            self.watch(conn, events)
+
+    def receive(self, conn):
+        try:
+            chunk = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self.drop(conn)
+        if not chunk:
+            conn.eof = True
+            self.interest(conn)
+        else:
+            if conn.idle:           # a request begins: its head within the header timeout
+                conn.idle = False
+                conn.deadline = time.monotonic() + self.header_timeout
+            conn.inbox = conn.inbox + chunk if conn.inbox else chunk
+            if len(conn.inbox) >= _INBOX_LIMIT:
+                self.interest(conn)
+        self.ready[conn] = None
+
+    def collect(self):
+        """Take the answers the thread pool finished (or a batch it ran)."""
+        while not self.finished.empty():       # this thread is the only taker
+            conn, plain, reply = self.finished.get()
+            if conn.open:
+                self.done(conn)
+                self.respond(conn, plain, reply)
+
+    def done(self, conn):
+        """``conn``'s running request has its answer: its next ones may go."""
+        conn.busy = False
+        conn.deadline = time.monotonic() + self.header_timeout
+        self.ready[conn] = None
+
+    def sweep(self, now):
+        """Close the connections past their deadline; resume paused accepting."""
+        soonest = now + self.period
+        for conn in list(self.connections.values()):
+            if conn.deadline <= now:
+                self.drop(conn)
+            elif conn.deadline < soonest:
+                soonest = conn.deadline
+        for listener, when in list(self.paused.items()):
+            if when <= now:
+                del self.paused[listener]
+                self.selector.register(listener, selectors.EVENT_READ, listener)
+        self.next_sweep = soonest
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def serve_ready(self):
+        """Serve the requests that arrived; the inline writes of this round commit together."""
+        ready, self.ready = self.ready, {}
+        batch = []
+        for conn in ready:
+            if conn.open:
+                try:
+                    self.advance(conn, batch)
+                except Exception:       # a bug: this connection goes, the others stay
+                    logger.exception("beaver server: a connection failed")
+                    self.drop(conn)
+        if batch:
+            self.commit(batch)
+
+    def advance(self, conn, batch):
+        """Serve ``conn``'s requests in order until one runs elsewhere (the pool, the batch)
+        or is not all there yet (or it had its share of this turn); then settle what the
+        connection waits for."""
+        for _ in range(_TURN_SHARE):
+            if not conn.inbox or not conn.open or conn.busy or conn.closing or conn.leaving or \
+                    conn.outbox:
+                break
+            request = self.next_request(conn)
+            if request is None:
+                break
+            plain, body, size = request
+            try:
+                call = self.prepare(conn, plain, body)
+            except _Handoff:
+                conn.leaving = True
+                break
+            except Exception as e:
+                conn.inbox = conn.inbox[size:]
+                self.respond(conn, plain, _error_reply(e))
+                continue
+            conn.inbox = conn.inbox[size:]
+            self.dispatch(conn, plain, call, batch)
+        else:
+            self.ready[conn] = None     # the rest after the other connections' turn
+            return self.settle(conn)
+        if conn.open:
+            if conn.eof and not (conn.busy or conn.leaving or conn.outbox):
+                conn.closing = True     # all it sent is served: nothing more will come
+            self.settle(conn)
+
+    def next_request(self, conn):
+        """``(plain, body, size)`` of the next request in ``conn``'s input, None while it is
+        not all there; ``conn.leaving`` set when it is not one for the reactor."""
+        inbox = conn.inbox
+        end = inbox.find(b"\r\n\r\n")
+        if end < 0:
+            if len(inbox) > MAX_TARGET + 64 * 1024:
+                conn.leaving = True     # uvicorn refuses it, in its words
+            return None
+        plain = _plain_head(inbox[:end])
+        if plain is None or plain.length > DIRECT_BODY:
+            conn.leaving = True
+            return None
+        size = end + 4 + plain.length
+        if len(inbox) < size:
+            if not conn.body_wait:      # the body within a header timeout of the head
+                conn.body_wait = True
+                conn.deadline = time.monotonic() + self.header_timeout
+            return None
+        conn.body_wait = False
+        return plain, inbox[end + 4:size], size
+
+    def prepare(self, conn, plain, body) -> _Call:
+        """The checked ``_Call`` of a request; ``_Handoff`` for one the event loop serves."""
         server, headers = self.server, plain.headers
         scope = {"type": "http", "method": plain.method, "raw_path": plain.path,
-                 "query_string": plain.query, "server": self.local, "client": self.peer}
+                 "query_string": plain.query, "server": conn.local, "client": conn.peer}
+        server.check(scope, headers)
+        query = _query_of(plain.query)
         try:
-            server.check(scope, headers)
-            query = _query_of(plain.query)
-            try:
-                route, params = server.route(plain.method, plain.path, query)
-            except HTTPError as e:
-                if e.status == 404:
-                    raise _Handoff from None   # FastAPI's routes: /docs, /openapi.json
-                raise
-            if route.op is None:
-                raise _Handoff
-            op, name, options, kwargs = server.arguments_of(headers, route, params, query, body)
-            if op.wait and kwargs.get("block", True) is not False:
-                raise _Handoff
-            key = headers.get("idempotency-key") if op.writes else None
-            reply = server.execute(op, name, options, kwargs, key)
-        except _Handoff:
+            route, params = server.route(plain.method, plain.path, query)
+        except HTTPError as e:
+            if e.status == 404:
+                raise _Handoff from None    # FastAPI's routes: /docs, /openapi.json
             raise
-        except Exception as e:
-            reply = _error_reply(e)
-        return self.send_reply(plain, reply)
+        if route.op is None:
+            raise _Handoff
+        op, name, options, kwargs = server.arguments_of(headers, route, params, query, body)
+        if op.wait and kwargs.get("block", True) is not False:
+            raise _Handoff
+        return _Call(op, name, options, kwargs,
+                     headers.get("idempotency-key") if op.writes else None)
 
-    def send_reply(self, plain, reply):
-        status, body, headers = reply
-        close = bool(headers) and headers.get("connection") == "close"
-        if headers:
-            lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-                     f"content-length: {len(body)}\r\n"]
-            if body and "content-type" not in headers:
-                lines.append("content-type: application/json\r\n")
-            for name, value in headers.items():
-                lines.append(f"{name}: {value}\r\n")
-            head = "".join(lines).encode("latin-1") + b"\r\n"
-        else:                       # most answers: the status line and two fields at most
-            head = b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\n%s" % (
-                status, _REASONS.get(status, "Unknown").encode("latin-1"), len(body),
-                b"content-type: application/json\r\n\r\n" if body else b"\r\n")
-        self.send(head if plain.method == "HEAD" else head + body)
+    def dispatch(self, conn, plain, call, batch):
+        """Run ``call`` now (a read), join the batch (a write) or send it to the pool."""
+        rule = _INLINE.get((call.op.kind, call.op.method))
+        if rule is not True and (rule is None or not rule(call.kwargs)):
+            return self.offload(conn, plain, call)
+        if not call.op.writes:
+            try:
+                reply = self.server.execute(*call)
+            except Exception as e:
+                reply = _error_reply(e)
+            return self.respond(conn, plain, reply)
+        try:    # opening a manager may write: never inside the batch's transaction
+            self.server.manager(call.op.kind, call.name, call.options)
+        except Exception as e:
+            return self.respond(conn, plain, _error_reply(e))
+        conn.busy = True
+        batch.append((conn, plain, call))
+
+    def attempt(self, call):
+        """The answer to ``call``, an error answer if it fails."""
+        try:
+            return self.server.execute(*call)
+        except Exception as e:
+            return _error_reply(e)
+
+    def offload(self, conn, plain, call):
+        """Run ``call`` in the server's thread pool; its answer comes back to this thread."""
+        def finished(future):
+            self.finished.put((conn, plain, future.result()))
+            self.wake()
+        conn.busy = True
+        try:
+            self.server.executor.submit(self.attempt, call).add_done_callback(finished)
+        except RuntimeError:            # the pool is shut down: the server is stopping
+            self.done(conn)
+            self.respond(conn, plain, _error_reply(beaver.ClosedError("the server is "
+                                                                      "stopping")))
+
+    def wake(self):
+        with contextlib.suppress(OSError):      # a full buffer: a wake-up is pending anyway
+            self.wake_up.send(b"\0")
+
+    # -- group commit ------------------------------------------------------------------------
+
+    def commit(self, batch):
+        """Run the inline writes of one round, then send their answers. While a thread of
+        the pool holds the write transaction (a bulk write, a clear...), they run in the
+        pool: the reactor does not wait for it, and serves the reads meanwhile."""
+        calls = [call for _, _, call in batch]
+        gate = getattr(self.server.db._core, "_writers", None)
+        if gate is not None and gate.locked():
+            def finished(future):
+                for (conn, plain, _), reply in zip(batch, future.result()):
+                    self.finished.put((conn, plain, reply))
+                self.wake()
+            try:
+                return self.server.executor.submit(self.writes, calls).add_done_callback(
+                    finished)
+            except RuntimeError:        # the pool is shut down: the server is stopping
+                pass
+        for (conn, plain, _), reply in zip(batch, self.writes(calls)):
+            if conn.open:
+                self.done(conn)
+                self.respond(conn, plain, reply)
+
+    def writes(self, calls) -> list:
+        """The answers to the inline writes ``calls``: one alone, several group-committed."""
+        return [self.attempt(calls[0])] if len(calls) == 1 else self.group_commit(calls)
+
+    def group_commit(self, calls) -> list:
+        """The answers to ``calls``, run in one transaction, each in a savepoint of its own
+        (a keyed one in ``_once``'s): a failing call rolls back alone and gets its own error;
+        if the COMMIT fails, every call gets that error."""
+        core, replies = self.server.db._core, []
+        try:
+            with core.transaction() as connection:
+                for call in calls:
+                    replies.append(self.in_savepoint(core, call))
+                    if not connection.in_transaction:   # SQLite rolled it all back
+                        raise beaver.BeaverError("the transaction was rolled back by SQLite")
+        except Exception as e:
+            return [_error_reply(e)] * len(calls)
+        return replies
+
+    def in_savepoint(self, core, call):
+        try:
+            if call.key is not None:        # _once opens the savepoint and stores the answer
+                return self.server.execute(*call)
+            with core.transaction():
+                return self.server.execute(*call)
+        except Exception as e:
+            return _error_reply(e)
+
+    # -- answers -------------------------------------------------------------------------------
+
+    def respond(self, conn, plain, reply):
+        """Send the answer to ``plain`` on ``conn`` (what the socket takes; the rest waits in
+        its output buffer, after the answers already waiting there)."""
+        data = _answer_bytes(plain, reply)
+        if plain.close or (reply[2] and reply[2].get("connection") == "close"):
+            conn.closing = True
         if access_logger.isEnabledFor(logging.INFO):
             target = plain.path + (b"?" + plain.query if plain.query else b"")
-            access_logger.info('%s - "%s %s HTTP/%s" %d', "%s:%d" % self.peer, plain.method,
-                               target.decode("latin-1"), "1.1", status)
-        return status, close
+            access_logger.info('%s - "%s %s HTTP/%s" %d', "%s:%d" % conn.peer, plain.method,
+                               target.decode("latin-1"), "1.1", reply[0])
+        if conn.outbox:
+            conn.outbox += data
+            return
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return self.drop(conn)
+        if sent < len(data):            # the socket's buffer is full: wait for room
+            conn.outbox += memoryview(data)[sent:]
+            conn.deadline = time.monotonic() + self.send_timeout + len(conn.outbox) / 1e6
+            self.interest(conn)
 
-    def close(self):
-        with contextlib.suppress(OSError):
-            self.sock.close()
+    def flush(self, conn):
+        """Send what the socket takes of ``conn``'s waiting answers (it has room now)."""
+        try:
+            with memoryview(conn.outbox) as view:
+                conn.sent += conn.sock.send(view[conn.sent:])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self.drop(conn)
+        if conn.sent < len(conn.outbox):
+            return
+        conn.outbox, conn.sent = bytearray(), 0
+        conn.deadline = time.monotonic() + self.header_timeout
+        self.ready[conn] = None         # its next requests (read ahead meanwhile), or settle
 
+    def settle(self, conn):
+        """After a request: the keep-alive deadline when nothing is pending; close or hand
+        over a connection that asked for it; watch it for what it needs."""
+        if conn.outbox or not conn.open:
+            return                      # settled once its answers are out (flush)
+        if conn.closing:
+            return self.drop(conn)
+        if conn.leaving and not conn.busy:
+            return self.leave(conn)
+        if conn.busy:
+            conn.deadline = _FOREVER    # the running request ends by itself
+        elif not conn.inbox and not conn.idle:
+            conn.idle = True
+            conn.deadline = time.monotonic() + self.keep_alive
+        self.interest(conn)
 
-class _ConnectionThreads:
-    """Up to ``count`` threads, each serving one connection at a time (see above)."""
+    def leave(self, conn):
+        """Hand ``conn`` to the event loop with the bytes of its requests not served."""
+        self.forget(conn)
+        self.handoff(conn.sock, conn.inbox)
 
-    def __init__(self, server, count, header_timeout, keep_alive, handoff):
-        self.server, self.count = server, count
-        self.header_timeout, self.keep_alive = header_timeout, keep_alive
-        self.handoff = handoff          # (socket, bytes read) -> the event loop serves it
-        self.closing = False
-        self.idle = 0
-        self.threads: list = []
-        self.lock = threading.Lock()
-        self.todo = queue.SimpleQueue()
-        self.serving: set = set()
-
-    def offer(self, sock) -> bool:
-        """Give ``sock`` to a free thread (True), or say there is none (False)."""
-        with self.lock:
-            if self.closing:
-                return False
-            if self.idle:
-                self.idle -= 1
-            elif len(self.threads) < self.count:
-                thread = threading.Thread(target=self.work, daemon=True,
-                                          name=f"beaver-connection-{len(self.threads)}")
-                self.threads.append(thread)
-                thread.start()
-            else:
-                return False
-        self.todo.put(sock)
-        return True
-
-    def work(self):
-        while True:
-            sock = self.todo.get()
-            if sock is None:
-                return
-            with self.lock:
-                self.serving.add(sock)
-            try:
-                _ThreadConnection(self, sock).serve()
-            except Exception:       # a bug must not take a thread away for good
-                logger.exception("beaver server: connection thread failed")
-                with contextlib.suppress(OSError):
-                    sock.close()
-            with self.lock:
-                self.serving.discard(sock)
-                self.idle += 1
-
-    def close(self):
-        """Stop: open connections are shut down, the threads end."""
-        import socket
-        with self.lock:
-            self.closing = True
-            serving, threads = list(self.serving), list(self.threads)
-        for sock in serving:
+    def drop(self, conn):
+        """Close ``conn``."""
+        if conn.open:
+            self.forget(conn)
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        for _ in threads:
-            self.todo.put(None)
-        deadline = time.monotonic() + 5.0      # a thread inside a write finishes it first
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+                conn.sock.close()
+
+    def forget(self, conn):
+        conn.open = False
+        self.watch(conn, 0)
+        self.connections.pop(conn.sock, None)
+        self.ready.pop(conn, None)
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def close(self):
+        """Stop: open connections are shut down, the thread ends (a running batch first)."""
+        self.closing = True
+        self.wake()
+        self.thread.join(5.0)
+
+    def shut(self):
+        import socket
+        for conn in list(self.connections.values()):
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            self.drop(conn)
+        self.selector.close()
+        self.waker.close()
+        self.wake_up.close()
 
 
 # ------------------------------------------------------------------------------------------
@@ -1648,11 +1955,13 @@ def _parser(prog=None) -> argparse.ArgumentParser:
     add("--max-streams", type=int, default=_env_number("BEAVER_MAX_STREAMS",
                                                        DEFAULT_MAX_STREAMS),
         help="open streams and long waits per process ($BEAVER_MAX_STREAMS)")
-    add("--connection-threads", type=int, default=_env_number(
-        "BEAVER_CONNECTION_THREADS", DEFAULT_CONNECTION_THREADS),
-        help="threads per process serving keep-alive connections of plain operations "
-             "directly (blocking I/O, no event-loop hop); waits and streams still hold none; "
-             "0 serves everything on the event loop ($BEAVER_CONNECTION_THREADS)")
+    add("--direct-connections", "--connection-threads", dest="direct_connections", type=int,
+        default=_env_number("BEAVER_DIRECT_CONNECTIONS", _env_number(
+            "BEAVER_CONNECTION_THREADS", DEFAULT_DIRECT_CONNECTIONS)),
+        help="connections per process served by its reactor thread (plain requests, no "
+             "event-loop hop); beyond them, new ones go to the event loop; 0 serves "
+             "everything on the event loop ($BEAVER_DIRECT_CONNECTIONS; "
+             "--connection-threads is its former name)")
     add("--header-timeout", type=float, default=HEADER_TIMEOUT,
         help="seconds a connection may take to send a request's headers")
     add("--log-level", default=env("BEAVER_LOG_LEVEL", "info"),
@@ -1666,15 +1975,15 @@ def _env_list(name) -> list:
 
 def _settings(argv, prog):
     args = _parser(prog).parse_args(argv)
-    if args.connection_threads < 0:
-        raise ValueError("--connection-threads is 0 or more")
+    if args.direct_connections < 0:
+        raise ValueError("--direct-connections is 0 or more")
     return {"database": args.database, "token": args.token, "host": args.host,
             "port": args.port, "workers": args.workers, "insecure": args.insecure,
             "cors_origins": args.cors_origin or _env_list("BEAVER_CORS_ORIGINS"),
             "allowed_hosts": args.allow_host or _env_list("BEAVER_ALLOW_HOSTS"),
             "max_body_bytes": args.max_body_size, "max_wait": args.max_wait,
             "max_streams": args.max_streams, "header_timeout": args.header_timeout,
-            "connection_threads": args.connection_threads,
+            "direct_connections": args.direct_connections,
             "log_level": args.log_level}
 
 
@@ -1757,62 +2066,39 @@ def _uvicorn_server(settings):
         h11_max_incomplete_event_size=MAX_TARGET + 64 * 1024,
         timeout_graceful_shutdown=5)        # streams never end by themselves
     config.load()
-    count = settings.get("connection_threads", 0)
+    limit = settings.get("direct_connections", 0)
 
     class Server(uvicorn.Server):
-        """uvicorn's server; with connection threads, beaver accepts the connections."""
+        """uvicorn's server; with a reactor, the reactor accepts the connections."""
 
-        acceptor = None
+        direct = None
 
         async def startup(self, sockets=None):
-            await super().startup(sockets=[] if count and sockets else sockets)
-            if count and sockets and self.started:
-                self.acceptor = _Acceptor(self, sockets, count)
+            await super().startup(sockets=[] if limit and sockets else sockets)
+            if limit and sockets and self.started:
+                self.direct = _Direct(self, sockets, limit)
 
         async def shutdown(self, sockets=None):
-            if self.acceptor is not None:
-                await self.acceptor.stop()
+            if self.direct is not None:
+                await self.direct.stop()
             await super().shutdown(sockets)
     return Server(config)
 
 
-class _Acceptor:
-    """Accepts the connections of ``sockets`` on the event loop: each goes to a connection
-    thread when one is free, else to uvicorn; a thread hands over what it does not serve."""
+class _Direct:
+    """This process's reactor and its way to the event loop: uvicorn adopts a connection
+    the reactor does not serve (or has no room for), with the bytes read from it so far."""
 
-    def __init__(self, server, sockets, count):
-        self.server, self.sockets = server, sockets
+    def __init__(self, server, sockets, limit):
+        self.server = server
         self.loop = asyncio.get_running_loop()
         self.tasks: set = set()
-        self.stopped = False
         app = server.config.loaded_app
         while not hasattr(app, "beaver"):      # inside uvicorn's middleware
             app = app.app
-        self.threads = _ConnectionThreads(app.beaver, count, _header_timeout,
-                                          server.config.timeout_keep_alive, self.handoff)
-        for sock in sockets:
-            sock.setblocking(False)
-            self.loop.add_reader(sock.fileno(), self.accept, sock)
-
-    def accept(self, listener):
-        import socket
-        for _ in range(64):
-            try:
-                conn, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:        # out of file descriptors...: pause, as asyncio does
-                logger.warning("beaver server: accept failed: %s", e)
-                self.loop.remove_reader(listener.fileno())
-                self.loop.call_later(1.0, self.resume, listener)
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if not self.threads.offer(conn):
-                self.adopt(conn, b"")
-
-    def resume(self, listener):
-        if not self.stopped:
-            self.loop.add_reader(listener.fileno(), self.accept, listener)
+        self.reactor = _Reactor(app.beaver, sockets, self.handoff, limit=limit,
+                                header_timeout=_header_timeout,
+                                keep_alive=server.config.timeout_keep_alive)
 
     def adopt(self, conn, pending):
         """uvicorn serves ``conn`` from now on, ``pending`` (bytes read already) first."""
@@ -1834,17 +2120,14 @@ class _Acceptor:
         task.add_done_callback(self.tasks.discard)
 
     def handoff(self, conn, pending):
-        """From a connection thread: the event loop takes ``conn`` over."""
+        """From the reactor: the event loop takes ``conn`` over."""
         try:
             self.loop.call_soon_threadsafe(self.adopt, conn, pending)
         except RuntimeError:            # the loop is closed: the server is gone
             conn.close()
 
     async def stop(self):
-        self.stopped = True
-        for sock in self.sockets:
-            self.loop.remove_reader(sock.fileno())
-        await asyncio.to_thread(self.threads.close)
+        await asyncio.to_thread(self.reactor.close)
 
 
 def _log_start(settings, sock):
@@ -1910,7 +2193,7 @@ class _HeaderDeadline:
             self._header_deadline.cancel()
             self._header_deadline = None
 
-    _pending = b""      # bytes a connection thread read before handing the connection over
+    _pending = b""      # bytes the reactor read before handing the connection over
 
     def connection_made(self, transport):
         super().connection_made(transport)

@@ -8041,9 +8041,9 @@ class _DroppingProxy:
 
 @pytest.fixture(scope="module")
 def served_on_the_loop(tmp_path_factory):
-    """A ``beaver serve`` process without connection threads: (url, database path)."""
+    """A ``beaver serve`` process without the reactor: (url, database path)."""
     path = tmp_path_factory.mktemp("server") / "loop.db"
-    process, url = _start_server(path, "--max-wait", "2", "--connection-threads", "0")
+    process, url = _start_server(path, "--max-wait", "2", "--direct-connections", "0")
     try:
         yield url, str(path)
     finally:
@@ -8053,7 +8053,7 @@ def served_on_the_loop(tmp_path_factory):
 @pytest.fixture(params=["threads", "loop"])
 def lossy(request):
     """(client through a dropping proxy, the proxy, a local BeaverDB on the served file), for
-    a server with connection threads and for one serving everything on its event loop."""
+    a server with the reactor and for one serving everything on its event loop."""
     served = request.getfixturevalue("served" if request.param == "threads" else
                                      "served_on_the_loop")
     proxy = _DroppingProxy(served[0])
@@ -8394,7 +8394,7 @@ def test_server_holds_500_waiting_consumers_without_threads(tmp_path, connection
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
     process, url = _start_server(tmp_path / "waits.db", "--max-wait", "60",
-                                 "--connection-threads", connection_threads,
+                                 "--connection-threads", connection_threads,   # the former name
                                  command=("-m", "beaver_server"))
     port = int(url.rsplit(":", 1)[1])
     client = beaver.BeaverClient(url)
@@ -8479,10 +8479,10 @@ def _worker_consumer(url, out, pids):
         client.close()
 
 
-@pytest.mark.parametrize("connection_threads", ["16", "0"])
-def test_two_workers_serve_one_queue_without_duplicates(tmp_path, connection_threads):
+@pytest.mark.parametrize("direct_connections", ["1024", "0"])
+def test_two_workers_serve_one_queue_without_duplicates(tmp_path, direct_connections):
     process, url = _start_server(tmp_path / "workers.db", "--workers", "2", "--max-wait", "5",
-                                 "--connection-threads", connection_threads,
+                                 "--direct-connections", direct_connections,
                                  command=("-m", "beaver_server"))
     try:
         seen, deadline = set(), time.monotonic() + 60
@@ -8650,7 +8650,7 @@ def test_connections_that_never_finish_their_headers_are_closed(tmp_path):
         _stop_server(process)
 
 
-# ---- connection threads: the thread path answers as the event loop does ----
+# ---- the reactor: the direct path answers as the event loop does ----
 
 def _exchange(sock, request, read_body=True):
     """Send ``request`` (bytes) on ``sock``; ``(status, headers, body)`` of the answer, or
@@ -8687,12 +8687,12 @@ def _raw_req(method, target, body=b"", token="s3cret", host="127.0.0.1", extra="
 
 @pytest.fixture(scope="module")
 def two_paths(tmp_path_factory):
-    """Two servers of one file with a token: with connection threads, and with none."""
+    """Two servers of one file with a token: with the reactor, and without."""
     path = tmp_path_factory.mktemp("paths") / "paths.db"
     started = [_start_server(path, "--token", "s3cret", "--max-body-size", "1000",
                              "--header-timeout", "1", "--cors-origin", "https://app.example",
                              *extra, command=("-m", "beaver_server"))
-               for extra in (("--connection-threads", "2"), ("--connection-threads", "0"))]
+               for extra in (("--direct-connections", "2"), ("--direct-connections", "0"))]
     yield [int(url.rsplit(":", 1)[1]) for _, url in started]
     for process, _ in started:
         _stop_server(process)
@@ -8792,7 +8792,7 @@ def test_connection_threads_never_wait_on_a_client_forever(two_paths):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_connection_threads_leak_no_threads_or_descriptors(tmp_path):
-    process, url = _start_server(tmp_path / "leak.db", "--connection-threads", "3",
+    process, url = _start_server(tmp_path / "leak.db", "--direct-connections", "3",
                                  command=("-m", "beaver_server"))
     port = int(url.rsplit(":", 1)[1])
     try:
@@ -8857,10 +8857,328 @@ def test_connection_threads_serve_only_plain_heads():
         assert beaver_server._plain_head(head) is None, head
 
 
+# ---- the reactor, in this process: order, many connections, group commit, deadlines ----
+
+@pytest.fixture
+def reactor(tmp_path):
+    """A reactor serving a database of this process with short deadlines: (reactor, port,
+    db); ``reactor.handed`` has the bytes of each connection handed to the event loop."""
+    pytest.importorskip("fastapi")
+    import beaver_server
+    db = BeaverDB(tmp_path / "reactor.db")
+    app = beaver_server.create_app(db)
+    listener = socket.create_server(("127.0.0.1", 0))
+    handed = []
+
+    def handoff(sock, pending):
+        handed.append(pending)
+        sock.close()
+    reactor = beaver_server._Reactor(app.beaver, [listener], handoff, limit=100,
+                                     header_timeout=0.5, keep_alive=0.5, send_timeout=0.5)
+    reactor.handed = handed
+    try:
+        yield reactor, listener.getsockname()[1], db
+    finally:
+        reactor.close()
+        listener.close()
+        app.beaver.executor.shutdown()
+        db.close()
+
+
+_JSON = "Content-Type: application/json\r\n"
+
+
+def _req(method, target, body=b"", extra=""):
+    return _raw_req(method, target, body, token=None, extra=_JSON + extra if body else extra)
+
+
+def _answers(sock, count):
+    return [_read_answer(sock) for _ in range(count)]
+
+
+def test_reactor_answers_pipelined_requests_in_order(reactor):
+    _, port, db = reactor
+    requests = [   # reads inline, writes in a batch, scans in the pool: answers in order
+        (_req("PUT", "/dicts/d/a", b"1"), 204, b""),
+        (_req("GET", "/dicts/d/a"), 200, b"1"),
+        (_req("POST", "/lists/l/push", b'"x"'), 204, b""),
+        (_req("POST", "/lists/l/push", b'"y"'), 204, b""),
+        (_req("GET", "/lists/l/slice"), 200, b'["x","y"]'),
+        (_req("GET", "/dicts/d?view=keys"), 200, b'["a"]'),
+        (_req("PUT", "/dicts/d/a", b"2"), 204, b""),
+        (_req("GET", "/dicts/d/a"), 200, b"2"),
+        (_req("POST", "/lists/l/pop"), 200, b'"y"'),
+        (_req("DELETE", "/dicts/d/a"), 200, b"2"),
+        (_req("GET", "/dicts/d/a"), 404, None),
+        (_req("GET", "/lists/l"), 200, b'{"name":"l","size":1}'),
+        (_req("HEAD", "/dicts/d/a"), 404, b""),
+    ] + [(_req("PUT", f"/dicts/d/{n}", b"%d" % n), 204, b"") if n % 3 else
+         (_req("GET", f"/dicts/d/{n - 2}"), 200 if n else 404, b"%d" % (n - 2) if n else None)
+         for n in range(200)] + [(_req("GET", "/dicts/d/1"), 200, b"1")] * 150   # > a turn's
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"".join(r for r, _, _ in requests))
+        answers = _answers(sock, len(requests))
+        for (request, status, body), (got, _, data) in zip(requests, answers):
+            assert got == status and (body is None or data == body), request[:40]
+    assert list(db.list("l")) == ["x"] and "a" not in db.dict("d") and len(db.dict("d")) == 133
+
+
+def test_reactor_serves_many_connections_at_once(reactor):
+    _, port, db = reactor
+    clients, rounds, errors = 50, 200, []
+
+    def client(c):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                for i in range(rounds):
+                    if i % 4 == 0:
+                        assert _exchange(sock, _req("PUT", f"/dicts/d/{c}-{i}", b"%d" % i))[0] \
+                            == 204
+                    elif i % 4 == 1:
+                        assert _exchange(sock, _req("GET", f"/dicts/d/{c}-{i - 1}"))[2] == \
+                            b"%d" % (i - 1)
+                    elif i % 4 == 2:
+                        assert _exchange(sock, _req("POST", "/lists/l/push",
+                                                    b'"%d-%d"' % (c, i)))[0] == 204
+                    else:
+                        assert _exchange(sock, _req("POST", "/queues/q/put", b"%d" % i))[0] == 204
+        except Exception as e:          # reported below
+            errors.append(e)
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(MP_DEADLINE)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    quarter = clients * rounds // 4
+    assert len(db.dict("d")) == quarter and db.dict("d")["7-40"] == 40
+    assert sorted(db.list("l")) == sorted(f"{c}-{i}" for c in range(clients)
+                                          for i in range(2, rounds, 4))
+    assert len(db.queue("q")) == quarter
+
+
+def _busy(reactor) -> bool:
+    """Whether a request of the reactor runs (read from another thread: a copy of the list)."""
+    return any(conn.busy for conn in list(reactor.connections.values()))
+
+
+def _hold_the_writer(db, port, first):
+    """Hold SQLite's write lock (as another process would) while ``first`` (a write) reaches
+    the reactor, which waits for the lock: the writes sent meanwhile are all ready in its
+    next round. ``(the socket of first, the release)``."""
+    import sqlite3
+    other = sqlite3.connect(db.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(first)
+    return sock, lambda: (other.execute("ROLLBACK"), other.close())
+
+
+def test_reactor_group_commit_rolls_back_only_the_failing_write(reactor, monkeypatch):
+    r, port, db = reactor
+    batches, local_function = [], beaver._local_function
+
+    def recorded(calls):
+        batches.append(len(calls))
+        return group_commit(calls)
+    group_commit, r.group_commit = r.group_commit, recorded
+
+    def writes_then_fails(op):
+        function = local_function(op)
+
+        def run(manager, **kwargs):
+            result = function(manager, **kwargs)
+            if manager.name == "broken":    # its write is done: the savepoint must undo it
+                raise RuntimeError("failed after writing")
+            return result
+        return run
+    monkeypatch.setattr(beaver, "_local_function", writes_then_fails)
+    seen = []
+    db.dict("d").on("set", lambda payload: seen.append(payload["key"]))
+    first, release = _hold_the_writer(db, port, _req("PUT", "/dicts/d/first", b"0"))
+    _rt_until(lambda: _busy(r))
+    requests = [_req("PUT", "/dicts/d/a", b"1", "Idempotency-Key: key-a\r\n"),
+                _req("PUT", "/dicts/broken/b", b"2", "Idempotency-Key: key-b\r\n"),
+                _req("DELETE", "/dicts/d/missing"),
+                _req("PUT", "/dicts/broken/c", b"3"),
+                _req("POST", "/lists/l/push", b'"kept"')]
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in requests]
+    for sock, request in zip(socks, requests):
+        sock.sendall(request)
+    release()
+    try:
+        assert _read_answer(first)[0] == 204
+        statuses = [_read_answer(sock)[0] for sock in socks]
+    finally:
+        for sock in socks + [first]:
+            sock.close()
+    assert statuses == [204, 500, 404, 500, 204] and batches == [len(requests)]
+    assert dict(db.dict("d").items()) == {"first": 0, "a": 1} and list(db.list("l")) == ["kept"]
+    assert len(db.dict("broken")) == 0
+    assert beaver._remembered(db, "key-a") is not None and beaver._remembered(db, "key-b") is None
+    _rt_until(lambda: sorted(seen) == ["a", "first"])     # an event per committed write
+
+
+def test_reactor_commit_failure_fails_every_write_of_the_batch(reactor, monkeypatch):
+    r, port, db = reactor
+    core, run = db._core, db._core._run
+
+    def no_commit(conn, sql):
+        if sql == "COMMIT" and threading.current_thread() is r.thread:
+            raise beaver.DiskFull("the disk is full")
+        return run(conn, sql)
+    first, release = _hold_the_writer(db, port, _req("PUT", "/dicts/d/first", b"0"))
+    _rt_until(lambda: _busy(r))
+    monkeypatch.setattr(core, "_run", no_commit)
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
+    for n, sock in enumerate(socks):
+        sock.sendall(_req("PUT", f"/dicts/d/k{n}", b"1", f"Idempotency-Key: batch-{n}\r\n"))
+    release()
+    try:
+        assert _read_answer(first)[0] == 204        # alone in its round: no batch
+        assert [_read_answer(sock)[0] for sock in socks] == [507] * 3
+    finally:
+        for sock in socks + [first]:
+            sock.close()
+    monkeypatch.setattr(core, "_run", run)
+    assert list(db.dict("d")) == ["first"] and beaver._remembered(db, "batch-0") is None
+
+
+def test_reactor_writes_wait_in_the_pool_while_a_pool_thread_holds_the_writer(reactor):
+    r, port, db = reactor
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():                         # as a long bulk write in the pool would
+        with db._core.transaction():
+            holding.set()
+            release.wait(MP_DEADLINE)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(MP_DEADLINE)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as writer, \
+            socket.create_connection(("127.0.0.1", port), timeout=30) as reader:
+        writer.sendall(_req("PUT", "/dicts/d/k", b"1") + _req("GET", "/dicts/d/k"))
+        _rt_until(lambda: _busy(r))
+        assert _exchange(reader, _req("GET", "/dicts/d/k"))[0] == 404   # not stalled
+        release.set()
+        holder.join(MP_DEADLINE)
+        assert [(a[0], a[2]) for a in _answers(writer, 2)] == [(204, b""), (200, b"1")]
+
+
+def test_reactor_long_operations_run_in_the_pool_without_stalling_others(reactor):
+    r, port, _ = reactor
+    execute, entered, release = r.server.execute, threading.Event(), threading.Event()
+
+    def slow_info(op, *args):
+        if op.method == "info":
+            entered.set()
+            release.wait(MP_DEADLINE)
+        return execute(op, *args)
+    r.server.execute = slow_info
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as slow, \
+            socket.create_connection(("127.0.0.1", port), timeout=30) as other:
+        slow.sendall(_req("GET", "/info") + _req("PUT", "/dicts/d/after", b"1"))
+        assert entered.wait(MP_DEADLINE)
+        assert _exchange(other, _req("PUT", "/dicts/d/k", b"1"))[0] == 204
+        assert _exchange(other, _req("GET", "/dicts/d/k"))[2] == b"1"
+        assert _exchange(other, _req("GET", "/dicts/d/after"))[0] == 404  # waits its turn
+        release.set()
+        assert [a[0] for a in _answers(slow, 2)] == [200, 204]
+
+
+def _fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_reactor_closes_slow_silent_and_non_reading_clients_at_their_deadlines(reactor):
+    r, port, db = reactor
+    db.blobs("b").put("big", os.urandom(1 << 20))
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert _exchange(sock, _req("GET", "/dicts/d/x"))[0] == 404       # up and running
+    _rt_until(lambda: not r.connections)
+    baseline, threads = _fds(), threading.active_count()
+    silent = socket.create_connection(("127.0.0.1", port), timeout=30)
+    slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+    slow.sendall(_req("GET", "/dicts/d/x")[:20])                      # the head never ends
+    body = socket.create_connection(("127.0.0.1", port), timeout=30)
+    body.sendall(_req("PUT", "/dicts/d/x", b'"12345"')[:-3])          # the body never ends
+    idle = socket.create_connection(("127.0.0.1", port), timeout=30)
+    assert _exchange(idle, _req("GET", "/dicts/d/x"))[0] == 404      # then keep-alive idle
+    deaf = socket.create_connection(("127.0.0.1", port), timeout=30)
+    deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    deaf.sendall(_req("GET", "/blobs/b/big") * 8)                     # never reads a byte
+    half = socket.create_connection(("127.0.0.1", port), timeout=30)
+    half.sendall(_req("GET", "/dicts/d/x") + _req("GET", "/dicts/d/x")[:10])
+    half.shutdown(socket.SHUT_WR)                                     # sends nothing more
+    _rt_until(lambda: len(r.connections) >= 5)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as other:   # still served
+        assert _exchange(other, _req("GET", "/blobs/b/big"))[2] == db.blobs("b")["big"].data
+    assert _read_answer(half)[0] == 404 and half.recv(1) == b""      # answered, then closed
+    for sock in (silent, slow, body, idle):
+        assert sock.recv(1024) == b""           # closed by the server at its deadline
+    _rt_until(lambda: not r.connections, timeout=30)                  # the deaf one too
+    for sock in (silent, slow, body, idle, deaf, half):
+        sock.close()
+    assert _fds() == baseline and threading.active_count() == threads and r.handed == []
+
+
+def test_reactor_hands_what_it_does_not_serve_to_the_event_loop_in_order(reactor):
+    r, port, _ = reactor
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        wait = _req("POST", "/queues/q/get?timeout=5")
+        sock.sendall(_req("PUT", "/dicts/d/k", b"1") + wait + _req("GET", "/dicts/d/k"))
+        assert _read_answer(sock)[0] == 204 and sock.recv(1) == b""   # closed by the stub
+    assert r.handed == [wait + _req("GET", "/dicts/d/k")]
+
+
+def test_reactor_wait_for_another_process_lock_is_bounded_by_the_database_timeout(tmp_path):
+    pytest.importorskip("fastapi")
+    import sqlite3
+    import beaver_server
+    path = tmp_path / "locked.db"
+    with BeaverDB(path, timeout=0.3) as db:
+        app = beaver_server.create_app(db)
+        listener = socket.create_server(("127.0.0.1", 0))
+        r = beaver_server._Reactor(app.beaver, [listener], lambda s, p: s.close(), limit=10,
+                                   header_timeout=30, keep_alive=30)
+        other = sqlite3.connect(path, isolation_level=None)     # another process's writer
+        try:
+            with socket.create_connection(listener.getsockname(), timeout=30) as sock:
+                assert _exchange(sock, _req("PUT", "/dicts/d/k", b"1"))[0] == 204
+                other.execute("BEGIN IMMEDIATE")
+                status, _, body = _exchange(sock, _req("PUT", "/dicts/d/k", b"2"))
+                assert status == 503 and json.loads(body)["error"] == "DatabaseBusy"
+                other.execute("ROLLBACK")
+                assert _exchange(sock, _req("PUT", "/dicts/d/k", b"3"))[0] == 204
+            assert db.dict("d")["k"] == 3
+        finally:
+            other.close()
+            r.close()
+            listener.close()
+            app.beaver.executor.shutdown()
+
+
+def test_reactor_close_stops_its_thread_and_closes_connections(tmp_path):
+    pytest.importorskip("fastapi")
+    import beaver_server
+    with BeaverDB(tmp_path / "close.db") as db:
+        app = beaver_server.create_app(db)
+        listener = socket.create_server(("127.0.0.1", 0))
+        r = beaver_server._Reactor(app.beaver, [listener], lambda s, p: s.close(), limit=10,
+                                   header_timeout=5, keep_alive=5)
+        with socket.create_connection(listener.getsockname(), timeout=30) as sock:
+            assert _exchange(sock, _req("GET", "/dicts/d/k"))[0] == 404
+            r.close()
+            assert not r.thread.is_alive() and sock.recv(1) == b""
+        listener.close()
+        app.beaver.executor.shutdown()
+
+
 def test_connection_threads_option_is_checked():
     pytest.importorskip("fastapi")
-    code, lines = _one_line_error(["-m", "beaver_server", "--connection-threads", "-1"])
-    assert code == 2 and len(lines) == 1 and "--connection-threads" in lines[0]
+    code, lines = _one_line_error(["-m", "beaver_server", "--direct-connections", "-1"])
+    assert code == 2 and len(lines) == 1 and "--direct-connections" in lines[0]
 
 
 def _one_line_error(argv, **kwargs):
