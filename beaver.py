@@ -56,6 +56,11 @@ import uuid
 import weakref
 from collections.abc import MutableMapping, MutableSequence
 
+try:
+    import fcntl
+except ImportError:     # not POSIX: the writers of several processes meet on SQLite's lock only
+    fcntl = None
+
 logger = logging.getLogger("beaver")
 
 
@@ -80,6 +85,9 @@ SCHEMA_VERSION = 1
 MIN_SQLITE = (3, 31, 0)         # RETURNING (3.35) and the trigram tokenizer (3.34) are optional
 DEFAULT_TIMEOUT = 30.0          # seconds a connection waits for SQLite's write lock
 WATCH_INTERVAL = 0.001          # seconds between two PRAGMA data_version checks
+GATE_FIRST_PAUSE = 20e-6        # a writer waiting at the processes' gate first sleeps this long,
+GATE_LONGEST_PAUSE = 0.001      # doubling up to this, between two tries
+GATE_PROBE_EVERY = 0.05         # and tries SQLite's own lock this often (see _Core._begin_in_turn)
 WATCH_HOT = 0.25                # after a file change, poll every WATCH_INTERVAL this long
 WATCH_IDLE_CHECK = 0.05         # with inotify, the longest sleep between two checks
 WATCH_LINGER = 2.0              # seconds the watcher keeps polling after its last user left
@@ -819,6 +827,135 @@ class _Rows:
         return self._cursor.lastrowid
 
 
+class _WalGate:
+    """The writers' gate between processes: an exclusive ``flock`` on the ``-wal`` file.
+
+    Processes that meet on SQLite's write lock wait in its busy handler, which sleeps 1, 2,
+    5, 10... ms however soon the lock is free, while a write holds it for well under a
+    millisecond. So a writer first takes this gate, polling it without blocking and sleeping
+    a little longer after each miss (``GATE_FIRST_PAUSE`` doubling up to
+    ``GATE_LONGEST_PAUSE``), and only then runs ``BEGIN IMMEDIATE``, which then seldom
+    finds SQLite's lock taken. The gate is an order among beaver's writers, never a rule:
+    SQLite's lock still decides who writes, and ``_Core._begin_in_turn`` tries that lock
+    directly when the gate stays taken (a holder stopped before its ``BEGIN``).
+
+    Why the ``-wal`` file: it exists as long as the database has an open connection,
+    SQLite takes no POSIX lock on it (its locks are on the database file and ``-shm``:
+    closing any descriptor of those would drop every lock the process holds on them,
+    SQLite's included, so beaver never opens them), and an ``flock`` belongs to one open
+    file description and dies with its process (a SIGKILLed holder blocks nobody). Each
+    process opens its own descriptor (a forked child too: one inherited would share the
+    parent's lock, and its unlock would release it). When every connection to the database
+    closes, SQLite deletes the ``-wal`` and the next one makes a new file: a descriptor of
+    the deleted file (no links left) is reopened. Before the ``-wal`` exists (a new
+    database), and where ``flock`` is missing or refused, there is no gate.
+
+    One writer per process at a time comes here (after ``_Core._writers``); ``close()`` can
+    come from any thread, so the descriptor's life is guarded by a lock.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None              # our descriptor of the -wal file, opened on first use
+        self.usable = fcntl is not None
+        self._held = False          # this process holds the lock
+        self._inside = False        # a writer is between take() and release()
+        self._closed = False
+        self._guard = threading.Lock()
+
+    def take(self, until=None) -> bool:
+        """Enter the gate: True once this process holds it or there is no gate to hold;
+        False if another holds it at once (``until`` None) or still at ``until`` (a
+        ``time.monotonic()`` time). Every ``take`` is followed by one ``release``."""
+        with self._guard:
+            self._inside = True
+            fd = None if self._closed or not self.usable else self._descriptor()
+        if fd is None:
+            return True
+        pause = GATE_FIRST_PAUSE
+        while True:
+            if self._try_lock(fd):
+                if os.fstat(fd).st_nlink:
+                    self._held = True
+                    return True
+                fd = self._reopen()         # the -wal was deleted (and maybe made anew)
+                if fd is None:
+                    return True
+                continue
+            if not self.usable or self._closed:
+                return True
+            now = time.monotonic()
+            if until is None or now >= until:
+                return False
+            time.sleep(min(pause, until - now))
+            pause = min(2 * pause, GATE_LONGEST_PAUSE)
+
+    def release(self):
+        """Leave the gate (unlock it if held); the descriptor closes here if close() came
+        while a writer was inside."""
+        with self._guard:
+            if self._held:
+                self._held = False
+                with contextlib.suppress(OSError):
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+            self._inside = False
+            if self._closed:
+                self._close_fd()
+
+    def close(self):
+        """No more writers: close the descriptor (now, or at the release of the one inside)."""
+        with self._guard:
+            self._closed = True
+            if not self._inside:
+                self._close_fd()
+
+    def after_fork(self):
+        """In a forked child: drop the parent's descriptor without unlocking it (closing our
+        copy leaves the parent's lock alone); the child opens its own when it writes."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+        self.fd, self._held, self._inside = None, False, False
+        self._guard = threading.Lock()
+
+    def _try_lock(self, fd) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:     # another open file description holds it
+            return False
+        except OSError:             # a file system without flock: no gate from now on
+            self.usable = False
+            return False
+
+    def _descriptor(self):
+        return self.fd if self.fd is not None else self._open()
+
+    def _open(self):
+        """Our descriptor of the -wal file, or None while there is none (never created here:
+        SQLite makes it, with the database's permissions)."""
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+        except OSError:             # unreadable: no gate, SQLite's lock alone
+            self.usable = False
+            return None
+        return self.fd
+
+    def _reopen(self):
+        with self._guard:
+            self._close_fd()
+            return None if self._closed else self._open()
+
+    def _close_fd(self):
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)       # drops our flock with it
+            self.fd = None
+
+
+
 class _Core:
     """Per-thread connections to one file, transactions, and after-commit hooks.
 
@@ -873,6 +1010,7 @@ class _Core:
         # absolute, so a later chdir cannot send new threads' connections to another file
         self.path = _memory_path() if self.memory else os.path.abspath(os.fspath(path))
         self.synchronous = "OFF" if self.memory else durability.upper()
+        self.wal_gate = _WalGate(self.path + "-wal")
         self._start()
 
     def _settings(self, timeout, durability):
@@ -893,6 +1031,7 @@ class _Core:
         self._halt = threading.Event()
         self._pid = os.getpid()
         self._writers = threading.Lock()     # see _enter_write
+        self.wal_gate = None                  # the processes' gate: SQLite files only
 
     def _start(self):
         """Watch for changes, make the schema, purge expired rows if any: the core is open."""
@@ -979,6 +1118,8 @@ class _Core:
         self._conns_lock = threading.Lock()
         self._busy = {}
         self._writers = threading.Lock()
+        if self.wal_gate is not None:
+            self.wal_gate.after_fork()
         self.purger = None
         self._halt = threading.Event()
         self.watcher = self._new_watcher()
@@ -1007,6 +1148,8 @@ class _Core:
                         conn.close()
                 else:
                     self._busy[thread] = conn
+        if self.wal_gate is not None:
+            self.wal_gate.close()
         _live_cores.discard(self)
         if self.memory and os.getpid() == self._pid:    # not a forked child's copy
             _remove_database_files(self.path)
@@ -1113,7 +1256,7 @@ class _Core:
                     self._run(conn, f"RELEASE beaver_{depth}")
             finally:
                 if depth == 0:
-                    gate.release()
+                    self._leave_write(gate)
             raise
         local.depth = depth
         if depth > 0:
@@ -1127,7 +1270,7 @@ class _Core:
             self._rollback(conn)
             raise
         finally:
-            gate.release()
+            self._leave_write(gate)
         pending, local.pending, local.undo = local.pending, [], []
         for callback in pending:
             callback()
@@ -1139,24 +1282,62 @@ class _Core:
         Threads of one process queue on a ``threading.Lock`` and are handed it the moment
         the last writer commits; meeting on SQLite's lock instead, a loser sleeps 1, 2, 5...
         ms in SQLite's busy handler however soon the lock is free (with four threads writing
-        through the server, over a third of the time). Other processes still meet on SQLite's
-        lock, so the gate is an order among this process's writers, never a rule of its own.
+        through the server, over a third of the time). On a SQLite file the one writer of
+        each process then meets other processes' at ``wal_gate`` (see ``_WalGate``). Neither
+        gate is a rule of its own: SQLite's lock is. The timeout counts every wait.
         """
-        left = None
+        left = deadline = None
         if not gate.acquire(blocking=False):
             started = time.monotonic()
             if not gate.acquire(timeout=self.timeout):
                 raise DatabaseBusy(f"the database stayed locked for over {self.timeout:g}s: "
                                    "another thread of this process holds a write transaction")
-            left = self.timeout - (time.monotonic() - started)
+            deadline = started + self.timeout
+            left = deadline - time.monotonic()
         try:
             conn = self.conn()
+            if self.wal_gate is not None:
+                return self._begin_in_turn(conn, deadline)
             if left is None:
                 return self._begin(conn, "BEGIN IMMEDIATE")
             return self._begin_within(conn, left)
         except BaseException:
             gate.release()
             raise
+
+    def _begin_in_turn(self, conn, deadline):
+        """``BEGIN IMMEDIATE`` on ``conn`` through the processes' gate, by ``deadline`` (a
+        ``time.monotonic()`` time; None: the whole timeout from now); the connection.
+
+        While another process holds the gate, this tries SQLite's lock itself every
+        ``GATE_PROBE_EVERY`` seconds and at the deadline: a holder that is not writing (one
+        stopped before its ``BEGIN``) delays others that long at most, and ``DatabaseBusy``
+        comes from SQLite's lock only.
+        """
+        wal_gate = self.wal_gate
+        try:
+            if wal_gate.take():
+                if deadline is None:
+                    return self._begin(conn, "BEGIN IMMEDIATE")
+                return self._begin_within(conn, deadline - time.monotonic())
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout
+            while not wal_gate.take(until=min(deadline, time.monotonic() + GATE_PROBE_EVERY)):
+                try:
+                    return self._begin_within(conn, 0)
+                except DatabaseBusy:
+                    if time.monotonic() >= deadline:
+                        raise
+            return self._begin_within(conn, deadline - time.monotonic())
+        except BaseException:
+            wal_gate.release()
+            raise
+
+    def _leave_write(self, gate):
+        """After ``COMMIT`` or ``ROLLBACK``: let the next writer in, another process's first."""
+        if self.wal_gate is not None:
+            self.wal_gate.release()
+        gate.release()
 
     def _begin_within(self, conn, left):
         """``BEGIN IMMEDIATE`` waiting at most ``left`` seconds on SQLite's lock (the timeout
