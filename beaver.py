@@ -88,6 +88,7 @@ WATCH_INTERVAL = 0.001          # seconds between two PRAGMA data_version checks
 GATE_FIRST_PAUSE = 20e-6        # a writer waiting at the processes' gate first sleeps this long,
 GATE_LONGEST_PAUSE = 0.001      # doubling up to this, between two tries
 GATE_PROBE_EVERY = 0.05         # and tries SQLite's own lock this often (see _Core._begin_in_turn)
+GATE_LINK_CHECK_EVERY = 64      # takes of the gate between two checks that the -wal is not deleted
 WATCH_HOT = 0.25                # after a file change, poll every WATCH_INTERVAL this long
 WATCH_IDLE_CHECK = 0.05         # with inotify, the longest sleep between two checks
 WATCH_LINGER = 2.0              # seconds the watcher keeps polling after its last user left
@@ -847,11 +848,14 @@ class _WalGate:
     process opens its own descriptor (a forked child too: one inherited would share the
     parent's lock, and its unlock would release it). When every connection to the database
     closes, SQLite deletes the ``-wal`` and the next one makes a new file: a descriptor of
-    the deleted file (no links left) is reopened. Before the ``-wal`` exists (a new
+    the deleted file (no links left, checked every ``GATE_LINK_CHECK_EVERY`` takes: a
+    ``fstat`` costs as much as the lock itself, and the file cannot go while this core
+    keeps a connection open, which it does from its start to its close) is reopened. Before the ``-wal`` exists (a new
     database), and where ``flock`` is missing or refused, there is no gate.
 
-    One writer per process at a time comes here (after ``_Core._writers``); ``close()`` can
-    come from any thread, so the descriptor's life is guarded by a lock.
+    One writer per process at a time comes here (after ``_Core._writers``); ``close()`` may
+    come from any thread meanwhile: it closes the descriptor only while no writer is inside
+    (each side writes its flag, then reads the other's), else the writer's ``release`` does.
     """
 
     def __init__(self, path):
@@ -861,53 +865,58 @@ class _WalGate:
         self._held = False          # this process holds the lock
         self._inside = False        # a writer is between take() and release()
         self._closed = False
-        self._guard = threading.Lock()
+        self._takes = 0
+        self._guard = threading.Lock()     # closes the descriptor once
 
     def take(self, until=None) -> bool:
         """Enter the gate: True once this process holds it or there is no gate to hold;
         False if another holds it at once (``until`` None) or still at ``until`` (a
         ``time.monotonic()`` time). Every ``take`` is followed by one ``release``."""
-        with self._guard:
-            self._inside = True
-            fd = None if self._closed or not self.usable else self._descriptor()
-        if fd is None:
+        self._inside = True
+        if self._closed or not self.usable:
             return True
+        fd = self.fd if self.fd is not None else self._open()
         pause = GATE_FIRST_PAUSE
-        while True:
-            if self._try_lock(fd):
-                if os.fstat(fd).st_nlink:
-                    self._held = True
-                    return True
-                fd = self._reopen()         # the -wal was deleted (and maybe made anew)
-                if fd is None:
-                    return True
+        while fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:     # another open file description holds it
+                now = time.monotonic()
+                if until is None or now >= until:
+                    return False
+                time.sleep(min(pause, until - now))
+                pause = min(2 * pause, GATE_LONGEST_PAUSE)
                 continue
-            if not self.usable or self._closed:
+            except OSError:             # a file system without flock: no gate from now on
+                self.usable = False
                 return True
-            now = time.monotonic()
-            if until is None or now >= until:
-                return False
-            time.sleep(min(pause, until - now))
-            pause = min(2 * pause, GATE_LONGEST_PAUSE)
+            self._held = True
+            self._takes += 1
+            if self._takes % GATE_LINK_CHECK_EVERY or os.fstat(fd).st_nlink:
+                return True
+            self._held = False          # the -wal was deleted (and maybe made anew)
+            self._close_fd()
+            fd = self._open()
+        return True
 
     def release(self):
-        """Leave the gate (unlock it if held); the descriptor closes here if close() came
-        while a writer was inside."""
-        with self._guard:
-            if self._held:
-                self._held = False
-                with contextlib.suppress(OSError):
-                    fcntl.flock(self.fd, fcntl.LOCK_UN)
-            self._inside = False
-            if self._closed:
-                self._close_fd()
+        """Leave the gate (unlock it if held); close the descriptor if close() came while a
+        writer was inside."""
+        if self._held:
+            self._held = False
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+        self._inside = False
+        if self._closed:
+            self._close_fd()
 
     def close(self):
         """No more writers: close the descriptor (now, or at the release of the one inside)."""
-        with self._guard:
-            self._closed = True
-            if not self._inside:
-                self._close_fd()
+        self._closed = True
+        if not self._inside:
+            self._close_fd()
 
     def after_fork(self):
         """In a forked child: drop the parent's descriptor without unlocking it (closing our
@@ -918,42 +927,29 @@ class _WalGate:
         self.fd, self._held, self._inside = None, False, False
         self._guard = threading.Lock()
 
-    def _try_lock(self, fd) -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:     # another open file description holds it
-            return False
-        except OSError:             # a file system without flock: no gate from now on
-            self.usable = False
-            return False
-
-    def _descriptor(self):
-        return self.fd if self.fd is not None else self._open()
-
     def _open(self):
         """Our descriptor of the -wal file, or None while there is none (never created here:
-        SQLite makes it, with the database's permissions)."""
+        SQLite makes it, with the database's permissions) or after close()."""
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             return None
         except OSError:             # unreadable: no gate, SQLite's lock alone
             self.usable = False
             return None
-        return self.fd
-
-    def _reopen(self):
         with self._guard:
-            self._close_fd()
-            return None if self._closed else self._open()
+            if self._closed:
+                os.close(fd)
+                return None
+            self.fd = fd
+        return fd
 
     def _close_fd(self):
-        if self.fd is not None:
+        with self._guard:
+            fd, self.fd = self.fd, None
+        if fd is not None:
             with contextlib.suppress(OSError):
-                os.close(self.fd)       # drops our flock with it
-            self.fd = None
-
+                os.close(fd)            # drops our flock with it
 
 
 class _Core:
