@@ -83,15 +83,15 @@ asyncio = _LazyModule("asyncio")   # only the async wrappers need it
 
 SCHEMA_VERSION = 1
 MIN_SQLITE = (3, 31, 0)         # RETURNING (3.35) and the trigram tokenizer (3.34) are optional
-DEFAULT_TIMEOUT = 30.0          # seconds a connection waits for SQLite's write lock
+DEFAULT_TIMEOUT = 30.0          # seconds a write waits for its turn (beaver's gates, SQLite's lock)
 WATCH_INTERVAL = 0.001          # seconds between two PRAGMA data_version checks
+WATCH_HOT = 0.25                # after a file change, poll every WATCH_INTERVAL this long
+WATCH_IDLE_CHECK = 0.05         # with inotify, the longest sleep between two checks
+WATCH_LINGER = 2.0              # seconds the watcher keeps polling after its last user left
 GATE_FIRST_PAUSE = 20e-6        # a writer waiting at the processes' gate first sleeps this long,
 GATE_LONGEST_PAUSE = 0.001      # doubling up to this, between two tries
 GATE_PROBE_EVERY = 0.05         # and tries SQLite's own lock this often (see _Core._begin_in_turn)
 GATE_LINK_CHECK_EVERY = 64      # takes of the gate between two checks that the -wal is not deleted
-WATCH_HOT = 0.25                # after a file change, poll every WATCH_INTERVAL this long
-WATCH_IDLE_CHECK = 0.05         # with inotify, the longest sleep between two checks
-WATCH_LINGER = 2.0              # seconds the watcher keeps polling after its last user left
 PURGE_INTERVAL = 1.0            # seconds between two idle purges of expired dict keys
 PURGE_BATCH = 1000              # expired rows deleted per statement of an idle purge
 PURGE_EVERY = 100               # expiring writes between two purges of 2 * PURGE_EVERY rows
@@ -848,10 +848,11 @@ class _WalGate:
     process opens its own descriptor (a forked child too: one inherited would share the
     parent's lock, and its unlock would release it). When every connection to the database
     closes, SQLite deletes the ``-wal`` and the next one makes a new file: a descriptor of
-    the deleted file (no links left, checked every ``GATE_LINK_CHECK_EVERY`` takes: a
-    ``fstat`` costs as much as the lock itself, and the file cannot go while this core
-    keeps a connection open, which it does from its start to its close) is reopened. Before the ``-wal`` exists (a new
-    database), and where ``flock`` is missing or refused, there is no gate.
+    the deleted file (no links left) is reopened; that is checked every
+    ``GATE_LINK_CHECK_EVERY`` takes only, as a ``fstat`` costs as much as the lock and the
+    file cannot go while this core keeps a connection open, which it does from its start to
+    its close. Before the ``-wal`` exists (a new database), and where ``flock`` is missing or
+    refused, there is no gate.
 
     One writer per process at a time comes here (after ``_Core._writers``); ``close()`` may
     come from any thread meanwhile: it closes the descriptor only while no writer is inside
@@ -884,6 +885,8 @@ class _WalGate:
                 now = time.monotonic()
                 if until is None or now >= until:
                     return False
+                if self._closed:
+                    return True
                 time.sleep(min(pause, until - now))
                 pause = min(2 * pause, GATE_LONGEST_PAUSE)
                 continue
