@@ -3419,25 +3419,6 @@ def test_threads_queue_for_the_write_transaction_and_get_in_once_it_commits(tmp_
     db.close()
 
 
-def _write_in_a_transaction(db, i):
-    with db.transaction():
-        db.dict("d")[f"w{i}"] = i
-        db.list("order").push(i)
-
-
-def test_a_failed_transaction_lets_the_next_writer_in(db):
-    for failure in (ValueError, KeyboardInterrupt):
-        with pytest.raises(failure):
-            with db.transaction():
-                db.list("l").push(1)
-                raise failure
-    done = []
-    thread = threading.Thread(target=lambda: done.append(_write_in_a_transaction(db, 1)))
-    thread.start()
-    thread.join(MP_DEADLINE)
-    assert done == [None] and list(db.list("order")) == [1] and len(db.list("l")) == 0
-
-
 # -- the writers' gate between processes (_WalGate) -------------------------------------------
 
 def _gate_writer(path, worker, count, barrier):
@@ -3717,6 +3698,25 @@ def test_a_memory_database_writes_through_its_gate_from_many_threads():
         writer.join(MP_DEADLINE)
     assert sorted(db.list("order")) == list(range(8))
     db.close()
+
+
+def _write_in_a_transaction(db, i):
+    with db.transaction():
+        db.dict("d")[f"w{i}"] = i
+        db.list("order").push(i)
+
+
+def test_a_failed_transaction_lets_the_next_writer_in(db):
+    for failure in (ValueError, KeyboardInterrupt):
+        with pytest.raises(failure):
+            with db.transaction():
+                db.list("l").push(1)
+                raise failure
+    done = []
+    thread = threading.Thread(target=lambda: done.append(_write_in_a_transaction(db, 1)))
+    thread.start()
+    thread.join(MP_DEADLINE)
+    assert done == [None] and list(db.list("order")) == [1] and len(db.list("l")) == 0
 
 
 def test_transaction_records_of_keyed_requests_live_the_retention_then_go(db, monkeypatch):
