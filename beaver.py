@@ -56,6 +56,11 @@ import uuid
 import weakref
 from collections.abc import MutableMapping, MutableSequence
 
+try:
+    import fcntl
+except ImportError:     # not POSIX: the writers of several processes meet on SQLite's lock only
+    fcntl = None
+
 logger = logging.getLogger("beaver")
 
 
@@ -78,11 +83,15 @@ asyncio = _LazyModule("asyncio")   # only the async wrappers need it
 
 SCHEMA_VERSION = 1
 MIN_SQLITE = (3, 31, 0)         # RETURNING (3.35) and the trigram tokenizer (3.34) are optional
-DEFAULT_TIMEOUT = 30.0          # seconds a connection waits for SQLite's write lock
+DEFAULT_TIMEOUT = 30.0          # seconds a write waits for its turn (beaver's gates, SQLite's lock)
 WATCH_INTERVAL = 0.001          # seconds between two PRAGMA data_version checks
 WATCH_HOT = 0.25                # after a file change, poll every WATCH_INTERVAL this long
 WATCH_IDLE_CHECK = 0.05         # with inotify, the longest sleep between two checks
 WATCH_LINGER = 2.0              # seconds the watcher keeps polling after its last user left
+GATE_FIRST_PAUSE = 20e-6        # a writer waiting at the processes' gate first sleeps this long,
+GATE_LONGEST_PAUSE = 0.001      # doubling up to this, between two tries
+GATE_PROBE_EVERY = 0.05         # and tries SQLite's own lock this often (see _Core._begin_in_turn)
+GATE_LINK_CHECK_EVERY = 64      # takes of the gate between two checks that the -wal is not deleted
 PURGE_INTERVAL = 1.0            # seconds between two idle purges of expired dict keys
 PURGE_BATCH = 1000              # expired rows deleted per statement of an idle purge
 PURGE_EVERY = 100               # expiring writes between two purges of 2 * PURGE_EVERY rows
@@ -819,6 +828,133 @@ class _Rows:
         return self._cursor.lastrowid
 
 
+class _WalGate:
+    """The writers' gate between processes: an exclusive ``flock`` on the ``-wal`` file.
+
+    Processes that meet on SQLite's write lock wait in its busy handler, which sleeps 1, 2,
+    5, 10... ms however soon the lock is free, while a write holds it for well under a
+    millisecond. So a writer first takes this gate, polling it without blocking and sleeping
+    a little longer after each miss (``GATE_FIRST_PAUSE`` doubling up to
+    ``GATE_LONGEST_PAUSE``), and only then runs ``BEGIN IMMEDIATE``, which then seldom
+    finds SQLite's lock taken. The gate is an order among beaver's writers, never a rule:
+    SQLite's lock still decides who writes, and ``_Core._begin_in_turn`` tries that lock
+    directly when the gate stays taken (a holder stopped before its ``BEGIN``).
+
+    Why the ``-wal`` file: it exists as long as the database has an open connection,
+    SQLite takes no POSIX lock on it (its locks are on the database file and ``-shm``:
+    closing any descriptor of those would drop every lock the process holds on them,
+    SQLite's included, so beaver never opens them), and an ``flock`` belongs to one open
+    file description and dies with its process (a SIGKILLed holder blocks nobody). Each
+    process opens its own descriptor (a forked child too: one inherited would share the
+    parent's lock, and its unlock would release it). When every connection to the database
+    closes, SQLite deletes the ``-wal`` and the next one makes a new file: a descriptor of
+    the deleted file (no links left) is reopened; that is checked every
+    ``GATE_LINK_CHECK_EVERY`` takes only, as a ``fstat`` costs as much as the lock and the
+    file cannot go while this core keeps a connection open, which it does from its start to
+    its close. Before the ``-wal`` exists (a new database), and where ``flock`` is missing or
+    refused, there is no gate.
+
+    One writer per process at a time comes here (after ``_Core._writers``); ``close()`` may
+    come from any thread meanwhile: it closes the descriptor only while no writer is inside
+    (each side writes its flag, then reads the other's), else the writer's ``release`` does.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None              # our descriptor of the -wal file, opened on first use
+        self.usable = fcntl is not None
+        self._held = False          # this process holds the lock
+        self._inside = False        # a writer is between take() and release()
+        self._closed = False
+        self._takes = 0
+        self._guard = threading.Lock()     # closes the descriptor once
+
+    def take(self, until=None) -> bool:
+        """Enter the gate: True once this process holds it or there is no gate to hold;
+        False if another holds it at once (``until`` None) or still at ``until`` (a
+        ``time.monotonic()`` time). Every ``take`` is followed by one ``release``."""
+        self._inside = True
+        if self._closed or not self.usable:
+            return True
+        fd = self.fd if self.fd is not None else self._open()
+        pause = GATE_FIRST_PAUSE
+        while fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:     # another open file description holds it
+                now = time.monotonic()
+                if until is None or now >= until:
+                    return False
+                if self._closed:
+                    return True
+                time.sleep(min(pause, until - now))
+                pause = min(2 * pause, GATE_LONGEST_PAUSE)
+                continue
+            except OSError:             # a file system without flock: no gate from now on
+                self.usable = False
+                return True
+            self._held = True
+            self._takes += 1
+            if self._takes % GATE_LINK_CHECK_EVERY or os.fstat(fd).st_nlink:
+                return True
+            self._held = False          # the -wal was deleted (and maybe made anew)
+            self._close_fd()
+            fd = self._open()
+        return True
+
+    def release(self):
+        """Leave the gate (unlock it if held); close the descriptor if close() came while a
+        writer was inside."""
+        if self._held:
+            self._held = False
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+        self._inside = False
+        if self._closed:
+            self._close_fd()
+
+    def close(self):
+        """No more writers: close the descriptor (now, or at the release of the one inside)."""
+        self._closed = True
+        if not self._inside:
+            self._close_fd()
+
+    def after_fork(self):
+        """In a forked child: drop the parent's descriptor without unlocking it (closing our
+        copy leaves the parent's lock alone); the child opens its own when it writes."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+        self.fd, self._held, self._inside = None, False, False
+        self._guard = threading.Lock()
+
+    def _open(self):
+        """Our descriptor of the -wal file, or None while there is none (never created here:
+        SQLite makes it, with the database's permissions) or after close()."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None
+        except OSError:             # unreadable: no gate, SQLite's lock alone
+            self.usable = False
+            return None
+        with self._guard:
+            if self._closed:
+                os.close(fd)
+                return None
+            self.fd = fd
+        return fd
+
+    def _close_fd(self):
+        with self._guard:
+            fd, self.fd = self.fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)            # drops our flock with it
+
+
 class _Core:
     """Per-thread connections to one file, transactions, and after-commit hooks.
 
@@ -873,6 +1009,7 @@ class _Core:
         # absolute, so a later chdir cannot send new threads' connections to another file
         self.path = _memory_path() if self.memory else os.path.abspath(os.fspath(path))
         self.synchronous = "OFF" if self.memory else durability.upper()
+        self.wal_gate = _WalGate(self.path + "-wal")
         self._start()
 
     def _settings(self, timeout, durability):
@@ -893,6 +1030,7 @@ class _Core:
         self._halt = threading.Event()
         self._pid = os.getpid()
         self._writers = threading.Lock()     # see _enter_write
+        self.wal_gate = None                  # the processes' gate: SQLite files only
 
     def _start(self):
         """Watch for changes, make the schema, purge expired rows if any: the core is open."""
@@ -979,6 +1117,8 @@ class _Core:
         self._conns_lock = threading.Lock()
         self._busy = {}
         self._writers = threading.Lock()
+        if self.wal_gate is not None:
+            self.wal_gate.after_fork()
         self.purger = None
         self._halt = threading.Event()
         self.watcher = self._new_watcher()
@@ -1007,6 +1147,8 @@ class _Core:
                         conn.close()
                 else:
                     self._busy[thread] = conn
+        if self.wal_gate is not None:
+            self.wal_gate.close()
         _live_cores.discard(self)
         if self.memory and os.getpid() == self._pid:    # not a forked child's copy
             _remove_database_files(self.path)
@@ -1113,7 +1255,7 @@ class _Core:
                     self._run(conn, f"RELEASE beaver_{depth}")
             finally:
                 if depth == 0:
-                    gate.release()
+                    self._leave_write(gate)
             raise
         local.depth = depth
         if depth > 0:
@@ -1127,7 +1269,7 @@ class _Core:
             self._rollback(conn)
             raise
         finally:
-            gate.release()
+            self._leave_write(gate)
         pending, local.pending, local.undo = local.pending, [], []
         for callback in pending:
             callback()
@@ -1139,24 +1281,62 @@ class _Core:
         Threads of one process queue on a ``threading.Lock`` and are handed it the moment
         the last writer commits; meeting on SQLite's lock instead, a loser sleeps 1, 2, 5...
         ms in SQLite's busy handler however soon the lock is free (with four threads writing
-        through the server, over a third of the time). Other processes still meet on SQLite's
-        lock, so the gate is an order among this process's writers, never a rule of its own.
+        through the server, over a third of the time). On a SQLite file the one writer of
+        each process then meets other processes' at ``wal_gate`` (see ``_WalGate``). Neither
+        gate is a rule of its own: SQLite's lock is. The timeout counts every wait.
         """
-        left = None
+        left = deadline = None
         if not gate.acquire(blocking=False):
             started = time.monotonic()
             if not gate.acquire(timeout=self.timeout):
                 raise DatabaseBusy(f"the database stayed locked for over {self.timeout:g}s: "
                                    "another thread of this process holds a write transaction")
-            left = self.timeout - (time.monotonic() - started)
+            deadline = started + self.timeout
+            left = deadline - time.monotonic()
         try:
             conn = self.conn()
+            if self.wal_gate is not None:
+                return self._begin_in_turn(conn, deadline)
             if left is None:
                 return self._begin(conn, "BEGIN IMMEDIATE")
             return self._begin_within(conn, left)
         except BaseException:
             gate.release()
             raise
+
+    def _begin_in_turn(self, conn, deadline):
+        """``BEGIN IMMEDIATE`` on ``conn`` through the processes' gate, by ``deadline`` (a
+        ``time.monotonic()`` time; None: the whole timeout from now); the connection.
+
+        While another process holds the gate, this tries SQLite's lock itself every
+        ``GATE_PROBE_EVERY`` seconds and at the deadline: a holder that is not writing (one
+        stopped before its ``BEGIN``) delays others that long at most, and ``DatabaseBusy``
+        comes from SQLite's lock only.
+        """
+        wal_gate = self.wal_gate
+        try:
+            if wal_gate.take():
+                if deadline is None:
+                    return self._begin(conn, "BEGIN IMMEDIATE")
+                return self._begin_within(conn, deadline - time.monotonic())
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout
+            while not wal_gate.take(until=min(deadline, time.monotonic() + GATE_PROBE_EVERY)):
+                try:
+                    return self._begin_within(conn, 0)
+                except DatabaseBusy:
+                    if time.monotonic() >= deadline:
+                        raise
+            return self._begin_within(conn, deadline - time.monotonic())
+        except BaseException:
+            wal_gate.release()
+            raise
+
+    def _leave_write(self, gate):
+        """After ``COMMIT`` or ``ROLLBACK``: let the next writer in, another process's first."""
+        if self.wal_gate is not None:
+            self.wal_gate.release()
+        gate.release()
 
     def _begin_within(self, conn, left):
         """``BEGIN IMMEDIATE`` waiting at most ``left`` seconds on SQLite's lock (the timeout

@@ -3419,6 +3419,287 @@ def test_threads_queue_for_the_write_transaction_and_get_in_once_it_commits(tmp_
     db.close()
 
 
+# -- the writers' gate between processes (_WalGate) -------------------------------------------
+
+def _gate_writer(path, worker, count, barrier):
+    """``count`` transactions, each a dict set and a list push, once every writer is ready."""
+    with BeaverDB(path) as db:
+        d, log = db.dict("d"), db.list("log")
+        barrier.wait(MP_DEADLINE)
+        for i in range(count):
+            with db.transaction():
+                d[f"{worker}-{i}"] = i
+                log.push([worker, i])
+
+
+def _hold_a_write_in_a_process(path, entered, release):
+    with BeaverDB(path) as db:
+        _hold_a_write(db, entered, release)
+
+
+def _wal_gate_is_free(path) -> bool:
+    """Whether no open file description holds the flock on ``path``'s -wal file."""
+    import fcntl
+    fd = os.open(path + "-wal", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)            # SQLite holds no POSIX lock on the -wal: nothing else drops
+
+
+def _wait_for(predicate, what):
+    deadline = time.monotonic() + MP_DEADLINE
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+needs_flock = pytest.mark.skipif(beaver.fcntl is None, reason="needs fcntl.flock")
+
+
+def test_two_processes_writing_transactions_lose_nothing(tmp_path):
+    path, count = str(tmp_path / "two.db"), 400
+    BeaverDB(path).close()
+    barrier = SPAWN.Barrier(2)
+    writers = [SPAWN.Process(target=_gate_writer, args=(path, w, count, barrier))
+               for w in range(2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(MP_DEADLINE)
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    with BeaverDB(path) as db:
+        assert len(db.dict("d")) == 2 * count
+        pushed = list(db.list("log"))
+        for worker in range(2):
+            assert [i for w, i in pushed if w == worker] == list(range(count))
+
+
+def test_a_write_of_another_process_makes_a_write_busy_within_the_timeout(tmp_path):
+    path = str(tmp_path / "held.db")
+    db = BeaverDB(path, timeout=0.3)
+    db.dict("d")["before"] = 1
+    entered, release = SPAWN.Event(), SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_a_write_in_a_process, args=(path, entered, release))
+    holder.start()
+    outcome = []
+
+    def write():
+        try:
+            with db.transaction():
+                db.dict("d")["mine"] = 1
+            outcome.append("written")
+        except beaver.DatabaseBusy as e:
+            outcome.append(e)
+    try:
+        assert entered.wait(MP_DEADLINE)
+        thread = threading.Thread(target=write)
+        thread.start()
+        thread.join(MP_DEADLINE)
+        assert not thread.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], beaver.DatabaseBusy)
+        assert isinstance(outcome[0], TimeoutError)
+    finally:
+        release.set()
+        holder.join(MP_DEADLINE)
+    assert holder.exitcode == 0
+    with db.transaction():                  # the holder is gone: the gate lets us in
+        db.dict("d")["mine"] = 2
+    assert dict(db.dict("d")) == {"before": 1, "held": 1, "mine": 2}
+    db.close()
+
+
+@needs_flock
+def test_a_gate_held_by_no_writer_delays_a_write_but_never_refuses_it(tmp_path):
+    import fcntl
+    path = str(tmp_path / "stuck.db")
+    db = BeaverDB(path, timeout=MP_DEADLINE)
+    db.dict("d")["k"] = 0
+    stuck = os.open(path + "-wal", os.O_RDONLY)     # a holder stopped before its BEGIN
+    fcntl.flock(stuck, fcntl.LOCK_EX)
+    try:
+        done = []
+        thread = threading.Thread(target=lambda: done.append(_write_in_a_transaction(db, 1)))
+        thread.start()
+        thread.join(MP_DEADLINE)
+        assert done == [None] and db.dict("d")["w1"] == 1   # SQLite's lock was free
+    finally:
+        os.close(stuck)
+    db.close()
+
+
+@needs_flock
+def test_the_gate_is_held_during_a_write_and_free_after_it(tmp_path):
+    path = str(tmp_path / "order.db")
+    with BeaverDB(path) as db:
+        db.dict("d")["k"] = 0                       # the -wal exists from here on
+        with db.transaction():
+            db.dict("d")["k"] = 1
+            assert not _wal_gate_is_free(path)
+        assert _wal_gate_is_free(path)
+        with pytest.raises(ValueError):
+            with db.transaction():
+                db.dict("d")["k"] = 2
+                raise ValueError
+        assert _wal_gate_is_free(path) and db.dict("d")["k"] == 1
+
+
+@needs_flock
+def test_the_gate_follows_a_wal_file_deleted_and_made_anew(tmp_path):
+    path = str(tmp_path / "anew.db")
+    db = BeaverDB(path)
+    db.dict("d")["k"] = 1
+    with db.transaction():
+        db.dict("d")["k"] = 2
+    old = os.fstat(db._core.wal_gate.fd).st_ino
+    other = BeaverDB(path)
+    other.dict("d")["seen"] = 1
+    # every connection to the file closes (the last one deletes the -wal), the core stays
+    for core in (db._core, other._core):
+        with core._conns_lock:
+            for _, conn in core._conns:
+                conn.close()
+            core._conns = []
+        core._local = threading.local()
+    other.close()
+    assert not os.path.exists(path + "-wal")
+    db.dict("d")["k"] = 3                           # a new connection makes a new -wal
+    for _ in range(beaver.GATE_LINK_CHECK_EVERY):   # the gate notices within so many writes
+        with db.transaction():
+            db.dict("d")["k"] = 4
+    with db.transaction():
+        assert not _wal_gate_is_free(path)          # held on the new file, not the old one
+    assert os.fstat(db._core.wal_gate.fd).st_ino == os.stat(path + "-wal").st_ino != old
+    assert dict(db.dict("d")) == {"k": 4, "seen": 1}
+    db.close()
+
+
+def _write_and_exit(lst, count):
+    code = 1
+    try:
+        for i in range(count):
+            lst.push(("child", i))
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _wait_child(pid) -> int:
+    deadline = time.monotonic() + MP_DEADLINE
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return -2
+        time.sleep(0.005)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_writes_while_the_parent_writes(tmp_path):
+    db = BeaverDB(tmp_path / "forked.db")
+    lst, count = db.list("l"), 300
+    lst.push(("parent", -1))                        # the parent's gate is open before fork
+    pid = os.fork()
+    if pid == 0:
+        _write_and_exit(lst, count)
+    for i in range(count):
+        lst.push(("parent", i))
+    assert _wait_child(pid) == 0
+    items = [tuple(item) for item in lst]
+    assert [i for who, i in items if who == "child"] == list(range(count))
+    assert [i for who, i in items if who == "parent"] == list(range(-1, count))
+    db.close()
+
+
+@needs_flock
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_inside_a_write_never_unlocks_the_parents_gate(tmp_path):
+    path = str(tmp_path / "inside.db")
+    db = BeaverDB(path, timeout=0.2)
+    db.dict("d")["k"] = 0
+    with db.transaction():
+        db.dict("d")["k"] = 1
+        pid = os.fork()
+        if pid == 0:                    # its own gate: it waits for the parent, then gives up
+            code = 1
+            try:
+                try:
+                    BeaverDB(path, timeout=0.2).dict("d").pop("k")
+                except beaver.DatabaseBusy:
+                    code = 0 if db._core.wal_gate.fd is None else 3
+            finally:
+                os._exit(code)
+        assert _wait_child(pid) == 0
+        assert not _wal_gate_is_free(path)          # still the parent's
+    assert _wal_gate_is_free(path) and db.dict("d")["k"] == 1
+    db.close()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_a_sigkilled_holder_of_the_gate_blocks_no_one(tmp_path):
+    path = str(tmp_path / "killed.db")
+    db = BeaverDB(path, timeout=MP_DEADLINE)
+    db.dict("d")["k"] = 0
+    entered, release = SPAWN.Event(), SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_a_write_in_a_process, args=(path, entered, release))
+    holder.start()
+    try:
+        assert entered.wait(MP_DEADLINE)
+        if beaver.fcntl is not None:
+            assert not _wal_gate_is_free(path)
+        os.kill(holder.pid, signal.SIGKILL)     # (release is never set: a killed sleeper
+        holder.join(MP_DEADLINE)                # on it would hang the Event's notify)
+    finally:
+        if holder.is_alive():
+            holder.kill()
+            holder.join(MP_DEADLINE)
+    done = []
+    thread = threading.Thread(target=lambda: done.append(_write_in_a_transaction(db, 1)))
+    thread.start()
+    thread.join(MP_DEADLINE)
+    assert done == [None]
+    assert dict(db.dict("d")) == {"k": 0, "w1": 1}  # the killed write never committed
+    db.close()
+
+
+def test_without_flock_processes_meet_on_sqlites_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(beaver, "fcntl", None)
+    path = str(tmp_path / "plain.db")
+    db = BeaverDB(path, timeout=0.3)
+    db.dict("d")["before"] = 1
+    entered, release = SPAWN.Event(), SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_a_write_in_a_process, args=(path, entered, release))
+    holder.start()
+    try:
+        assert entered.wait(MP_DEADLINE)
+        with pytest.raises(beaver.DatabaseBusy):
+            with db.transaction():
+                db.dict("d")["mine"] = 1
+    finally:
+        release.set()
+        holder.join(MP_DEADLINE)
+    _write_in_a_transaction(db, 2)
+    assert db._core.wal_gate.fd is None and db.dict("d")["w2"] == 2
+    db.close()
+
+
+def test_a_memory_database_writes_through_its_gate_from_many_threads():
+    db = BeaverDB(":memory:")
+    writers = [threading.Thread(target=_write_in_a_transaction, args=(db, i)) for i in range(8)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(MP_DEADLINE)
+    assert sorted(db.list("order")) == list(range(8))
+    db.close()
+
+
 def _write_in_a_transaction(db, i):
     with db.transaction():
         db.dict("d")[f"w{i}"] = i
