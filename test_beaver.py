@@ -3437,6 +3437,20 @@ def _hold_a_write_in_a_process(path, entered, release):
         _hold_a_write(db, entered, release)
 
 
+@contextlib.contextmanager
+def _a_write_held_in_another_process(path):
+    """A spawned process holds a write transaction on ``path`` while the block runs."""
+    entered, release = SPAWN.Event(), SPAWN.Event()
+    holder = SPAWN.Process(target=_hold_a_write_in_a_process, args=(path, entered, release))
+    holder.start()
+    try:
+        assert entered.wait(MP_DEADLINE)
+        yield holder
+    finally:
+        release.set()
+        holder.join(MP_DEADLINE)
+
+
 def _wal_gate_is_free(path) -> bool:
     """Whether no open file description holds the flock on ``path``'s -wal file."""
     import fcntl
@@ -3482,9 +3496,6 @@ def test_a_write_of_another_process_makes_a_write_busy_within_the_timeout(tmp_pa
     path = str(tmp_path / "held.db")
     db = BeaverDB(path, timeout=0.3)
     db.dict("d")["before"] = 1
-    entered, release = SPAWN.Event(), SPAWN.Event()
-    holder = SPAWN.Process(target=_hold_a_write_in_a_process, args=(path, entered, release))
-    holder.start()
     outcome = []
 
     def write():
@@ -3494,17 +3505,13 @@ def test_a_write_of_another_process_makes_a_write_busy_within_the_timeout(tmp_pa
             outcome.append("written")
         except beaver.DatabaseBusy as e:
             outcome.append(e)
-    try:
-        assert entered.wait(MP_DEADLINE)
+    with _a_write_held_in_another_process(path) as holder:
         thread = threading.Thread(target=write)
         thread.start()
         thread.join(MP_DEADLINE)
         assert not thread.is_alive()
         assert len(outcome) == 1 and isinstance(outcome[0], beaver.DatabaseBusy)
         assert isinstance(outcome[0], TimeoutError)
-    finally:
-        release.set()
-        holder.join(MP_DEADLINE)
     assert holder.exitcode == 0
     with db.transaction():                  # the holder is gone: the gate lets us in
         db.dict("d")["mine"] = 2
@@ -3673,17 +3680,9 @@ def test_without_flock_processes_meet_on_sqlites_lock(tmp_path, monkeypatch):
     path = str(tmp_path / "plain.db")
     db = BeaverDB(path, timeout=0.3)
     db.dict("d")["before"] = 1
-    entered, release = SPAWN.Event(), SPAWN.Event()
-    holder = SPAWN.Process(target=_hold_a_write_in_a_process, args=(path, entered, release))
-    holder.start()
-    try:
-        assert entered.wait(MP_DEADLINE)
-        with pytest.raises(beaver.DatabaseBusy):
-            with db.transaction():
-                db.dict("d")["mine"] = 1
-    finally:
-        release.set()
-        holder.join(MP_DEADLINE)
+    with _a_write_held_in_another_process(path), pytest.raises(beaver.DatabaseBusy):
+        with db.transaction():
+            db.dict("d")["mine"] = 1
     _write_in_a_transaction(db, 2)
     assert db._core.wal_gate.fd is None and db.dict("d")["w2"] == 2
     db.close()
@@ -4035,6 +4034,17 @@ def _mixed_work(db, worker, rounds, got):
         len(lst), list(d)[:3], lst[-1]
 
 
+def _run_in_threads(target, count) -> list:
+    """Run ``target(i)`` in ``count`` threads at once; the threads, joined (within the
+    deadline: any still alive is stuck)."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(MP_DEADLINE)
+    return threads
+
+
 @pytest.mark.parametrize("where", ["file", "memory"])
 def test_threads_share_one_database(tmp_path, where):
     db = BeaverDB(tmp_path / "threads.db" if where == "file" else ":memory:")
@@ -4045,11 +4055,7 @@ def test_threads_share_one_database(tmp_path, where):
             _mixed_work(db, w, rounds, got)
         except Exception as e:          # reported below, with the thread's error
             errors.append(e)
-    threads = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(MP_DEADLINE)
+    threads = _run_in_threads(run, workers)
     try:
         assert not any(t.is_alive() for t in threads) and errors == []
         expected = sorted((w, i) for w in range(workers) for i in range(rounds))
@@ -9225,11 +9231,7 @@ def test_reactor_serves_many_connections_at_once(reactor):
                         assert _exchange(sock, _req("POST", "/queues/q/put", b"%d" % i))[0] == 204
         except Exception as e:          # reported below
             errors.append(e)
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(MP_DEADLINE)
+    threads = _run_in_threads(client, clients)
     assert errors == [] and not any(t.is_alive() for t in threads)
     quarter = clients * rounds // 4
     assert len(db.dict("d")) == quarter and db.dict("d")["7-40"] == 40
