@@ -3464,13 +3464,6 @@ def _wal_gate_is_free(path) -> bool:
         os.close(fd)            # SQLite holds no POSIX lock on the -wal: nothing else drops
 
 
-def _wait_for(predicate, what):
-    deadline = time.monotonic() + MP_DEADLINE
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.005)
-
-
 needs_flock = pytest.mark.skipif(beaver.fcntl is None, reason="needs fcntl.flock")
 
 
