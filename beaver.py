@@ -862,6 +862,7 @@ class _WalGate:
     def __init__(self, path):
         self.path = path
         self.fd = None              # our descriptor of the -wal file, opened on first use
+        self._file = None           # its file object: closes it if the core is dropped unclosed
         self.usable = fcntl is not None
         self._held = False          # this process holds the lock
         self._inside = False        # a writer is between take() and release()
@@ -924,35 +925,37 @@ class _WalGate:
     def after_fork(self):
         """In a forked child: drop the parent's descriptor without unlocking it (closing our
         copy leaves the parent's lock alone); the child opens its own when it writes."""
-        if self.fd is not None:
+        if self._file is not None:
             with contextlib.suppress(OSError):
-                os.close(self.fd)
-        self.fd, self._held, self._inside = None, False, False
+                self._file.close()
+        self.fd, self._file, self._held, self._inside = None, None, False, False
         self._guard = threading.Lock()
 
     def _open(self):
         """Our descriptor of the -wal file, or None while there is none (never created here:
         SQLite makes it, with the database's permissions) or after close()."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            file = open(self.path, "rb", buffering=0)     # not inherited by exec'd children
         except FileNotFoundError:
             return None
-        except OSError:             # unreadable: no gate, SQLite's lock alone
+        except PermissionError:     # unreadable: no gate, SQLite's lock alone
             self.usable = False
+            return None
+        except OSError:             # out of descriptors for now: no gate this time
             return None
         with self._guard:
             if self._closed:
-                os.close(fd)
+                file.close()
                 return None
-            self.fd = fd
-        return fd
+            self._file, self.fd = file, file.fileno()
+        return self.fd
 
     def _close_fd(self):
         with self._guard:
-            fd, self.fd = self.fd, None
-        if fd is not None:
+            file, self._file, self.fd = self._file, None, None
+        if file is not None:
             with contextlib.suppress(OSError):
-                os.close(fd)            # drops our flock with it
+                file.close()            # drops our flock with it
 
 
 class _Core:

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import copy
 import doctest
+import gc
 import inspect
 import io
 import itertools
@@ -3666,6 +3667,23 @@ def test_a_sigkilled_holder_of_the_gate_blocks_no_one(tmp_path):
     assert done == [None]
     assert dict(db.dict("d")) == {"k": 0, "w1": 1}  # the killed write never committed
     db.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_a_database_dropped_without_close_leaves_no_descriptor_of_its_wal(tmp_path):
+    def wal_descriptors():
+        names = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return [name for name in names if "dropped" in name and "-wal" in name]
+    for i in range(5):
+        db = BeaverDB(str(tmp_path / f"dropped{i}.db"))
+        with db.transaction():              # through the gate: its descriptor is open
+            db.dict("d")["k"] = i
+        del db
+    gc.collect()
+    assert wal_descriptors() == []
 
 
 def test_without_flock_processes_meet_on_sqlites_lock(tmp_path, monkeypatch):
