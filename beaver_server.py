@@ -1782,10 +1782,10 @@ class _Reactor:
         if the COMMIT fails, every call gets that error."""
         core, replies = self.server.db._core, []
         try:
-            with core.transaction() as connection:
+            with core.transaction():
                 for call in calls:
                     replies.append(self.in_savepoint(core, call))
-                    if not connection.in_transaction:   # SQLite rolled it all back
+                    if not core.connection_in_transaction():    # the engine rolled it back
                         raise beaver.BeaverError("the transaction was rolled back by SQLite")
         except Exception as e:
             return [_error_reply(e)] * len(calls)

@@ -9161,9 +9161,19 @@ def test_connection_threads_serve_only_plain_heads():
 def reactor(tmp_path):
     """A reactor serving a database of this process with short deadlines: (reactor, port,
     db); ``reactor.handed`` has the bytes of each connection handed to the event loop."""
+    db = BeaverDB(tmp_path / "reactor.db")
+    try:
+        with _running_reactor(db) as (reactor, port):
+            yield reactor, port, db
+    finally:
+        db.close()
+
+
+@contextlib.contextmanager
+def _running_reactor(db):
+    """A reactor serving ``db`` with short deadlines: ``(reactor, port)``."""
     pytest.importorskip("fastapi")
     import beaver_server
-    db = BeaverDB(tmp_path / "reactor.db")
     app = beaver_server.create_app(db)
     listener = socket.create_server(("127.0.0.1", 0))
     handed = []
@@ -9175,12 +9185,11 @@ def reactor(tmp_path):
                                      header_timeout=0.5, keep_alive=0.5, send_timeout=0.5)
     reactor.handed = handed
     try:
-        yield reactor, listener.getsockname()[1], db
+        yield reactor, listener.getsockname()[1]
     finally:
         reactor.close()
         listener.close()
         app.beaver.executor.shutdown()
-        db.close()
 
 
 _JSON = "Content-Type: application/json\r\n"
@@ -9311,6 +9320,39 @@ def test_reactor_group_commit_rolls_back_only_the_failing_write(reactor, monkeyp
     assert len(db.dict("broken")) == 0
     assert beaver._remembered(db, "key-a") is not None and beaver._remembered(db, "key-b") is None
     _rt_until(lambda: sorted(seen) == ["a", "first"])     # an event per committed write
+
+
+def test_pg_reactor_group_commits_the_writes_of_a_round(pg_url):
+    """On PostgreSQL too, the keyed writes one round finds ready commit together."""
+    with BeaverDB(pg_url) as db, BeaverDB(pg_url) as elsewhere, _running_reactor(db) as (r, port):
+        batches, group_commit = [], r.group_commit
+        r.group_commit = lambda calls: (batches.append(len(calls)), group_commit(calls))[1]
+        inside, release = threading.Event(), threading.Event()
+
+        def hold():                         # the writers' lock, as another process holds it
+            with elsewhere.transaction():
+                inside.set()
+                release.wait(MP_DEADLINE)
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert inside.wait(MP_DEADLINE)
+        puts = [_req("PUT", f"/dicts/d/k{i}", b"%d" % i, f"Idempotency-Key: pg-{i}\r\n")
+                for i in range(4)]
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in puts]
+        try:
+            socks[0].sendall(puts[0])
+            _rt_until(lambda: _busy(r))     # waits for the lock: the next three queue up
+            for sock, request in zip(socks[1:], puts[1:]):
+                sock.sendall(request)
+            release.set()
+            statuses = [_read_answer(sock)[0] for sock in socks]
+        finally:
+            release.set()
+            holder.join(MP_DEADLINE)
+            for sock in socks:
+                sock.close()
+        assert statuses == [204] * 4 and max(batches) > 1
+        assert dict(db.dict("d").items()) == {f"k{i}": i for i in range(4)}
 
 
 def test_reactor_commit_failure_fails_every_write_of_the_batch(reactor, monkeypatch):
