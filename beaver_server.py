@@ -1645,6 +1645,7 @@ class _Reactor:
             if request is None:
                 break
             plain, body, size = request
+            conn.deadline = time.monotonic() + self.header_timeout  # the next one's, from now
             try:
                 call = self.prepare(conn, plain, body)
             except _Handoff:

@@ -9203,6 +9203,55 @@ def _answers(sock, count):
     return [_read_answer(sock) for _ in range(count)]
 
 
+def test_reactor_keeps_a_connection_that_pipelines_past_the_header_timeout(reactor):
+    """A client whose requests never stop coming (the input never empties) is served for
+    as long as it sends: each request's head is due a header timeout after the one before
+    was served, not after the first (0.5 s here)."""
+    _, port, db = reactor
+    db.dict("d")["k"] = 1
+    count, started = 15_000, time.monotonic()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=MP_DEADLINE)
+    request = _req("GET", "/dicts/d/k")
+    def send():
+        with contextlib.suppress(OSError):
+            for _ in range(count // 1000):
+                sock.sendall(request * 1000)
+    sender = threading.Thread(target=send)
+    sender.start()
+    received, answers = b"", 0
+    try:
+        while answers < count:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            received = received[-12:] + chunk     # a status line cut in two counts once
+            answers += received.count(b"HTTP/1.1 200 ")
+    except ConnectionResetError:
+        pass                                # counted below
+    finally:
+        sock.close()
+        sender.join(MP_DEADLINE)
+    assert answers == count, (answers, time.monotonic() - started)
+
+
+def test_reactor_closes_a_head_trickled_a_byte_at_a_time(reactor):
+    """Bytes that keep coming do not keep a head alive: it is due whole within the header
+    timeout (0.5 s), however often a byte arrives."""
+    _, port, _ = reactor
+    head = _req("GET", "/dicts/d/" + "k" * 100)[:-4]      # 20 s at a byte per 0.2 s
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        closed = select.poll()
+        closed.register(sock, select.POLLIN)
+        for byte in head:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            if closed.poll(200):                # the pace of the trickle, 0.2 s a byte
+                break
+        assert sock.recv(1024) == b""           # closed by the server before the head ended
+
+
 def test_reactor_answers_pipelined_requests_in_order(reactor):
     _, port, db = reactor
     requests = [   # reads inline, writes in a batch, scans in the pool: answers in order
