@@ -5408,7 +5408,7 @@ class _Vocabulary:
             return
         grams = [(f"${term}$",) for term in sorted(new)
                  if _gram_worthy(term)] if self.GRAM_TABLE else []
-        usable = bool(grams) and self._grams_writable()   # before the new words go in
+        usable = bool(grams) and _ensure_grams(self._core)    # before the new words go in
         self._core.executemany("INSERT OR IGNORE INTO beaver_terms (cid, term) VALUES (?, ?)",
                                [(self._cid, term) for term in sorted(new)])
         if usable:
@@ -5418,10 +5418,6 @@ class _Vocabulary:
         state.added |= new
         self._core.on_rollback(lambda: state.added.difference_update(new))
         self._core.after_commit(lambda: known.update(new))
-
-    def _grams_writable(self) -> bool:
-        """Whether new words go into the trigram index now (else it is marked stale)."""
-        return _ensure_grams(self._core)
 
     def _two_edits(self) -> bool:
         """Whether words two edits away can be looked up (a search checks the file again)."""
@@ -6796,9 +6792,9 @@ class BeaverDB:
     private database that lives until ``close()``. A ``postgresql://`` (or ``postgres://``)
     URL opens the same API on a PostgreSQL database (the ``postgres`` extra; see the README).
 
-    ``timeout`` is how long a write waits for SQLite's lock; ``durability="full"`` syncs
-    every commit to disk (the default, "normal", is crash-safe but may lose the last
-    commits on power loss).
+    ``timeout`` is how long a write waits for its turn (beaver's gates, SQLite's lock);
+    ``durability="full"`` syncs every commit to disk (the default, "normal", is crash-safe
+    but may lose the last commits on power loss).
     """
 
     def __init__(self, path, *, timeout=DEFAULT_TIMEOUT, durability="normal"):

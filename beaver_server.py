@@ -61,6 +61,7 @@ import re
 import secrets
 import selectors
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -1464,8 +1465,7 @@ class _Reactor:
 
     def __init__(self, server, listeners, handoff, *, limit, header_timeout, keep_alive,
                  send_timeout=SEND_TIMEOUT):
-        import socket
-        self.server, self.listeners, self.handoff, self.limit = server, listeners, handoff, limit
+        self.server, self.handoff, self.limit = server, handoff, limit
         self.header_timeout, self.keep_alive = header_timeout, keep_alive
         self.send_timeout = send_timeout
         self.period = max(0.01, min(1.0, header_timeout / 4, keep_alive / 4))
@@ -1522,7 +1522,6 @@ class _Reactor:
             self.sweep(now)
 
     def accept(self, listener):
-        import socket
         now = time.monotonic()
         for _ in range(64):
             try:
@@ -1885,7 +1884,6 @@ class _Reactor:
         self.thread.join(5.0)
 
     def shut(self):
-        import socket
         for conn in list(self.connections.values()):
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
@@ -2039,7 +2037,6 @@ def _serve(settings) -> int:
 def _bind(settings, listen=True):
     """The listening socket (a clean error if the address is taken). Workers bind their own
     with SO_REUSEPORT, so the kernel spreads connections between them."""
-    import socket
     family = socket.AF_INET6 if ":" in settings["host"] else socket.AF_INET
     # IPPROTO_TCP named: asyncio then sets TCP_NODELAY on every accepted connection
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)

@@ -9412,6 +9412,8 @@ def test_reactor_commit_failure_fails_every_write_of_the_batch(reactor, monkeypa
         if sql == "COMMIT" and threading.current_thread() is r.thread:
             raise beaver.DiskFull("the disk is full")
         return run(conn, sql)
+    batches, group_commit = [], r.group_commit
+    r.group_commit = lambda calls: (batches.append(len(calls)), group_commit(calls))[1]
     first, release = _hold_the_writer(db, port, _req("PUT", "/dicts/d/first", b"0"))
     _rt_until(lambda: _busy(r))
     monkeypatch.setattr(core, "_run", no_commit)
@@ -9426,6 +9428,7 @@ def test_reactor_commit_failure_fails_every_write_of_the_batch(reactor, monkeypa
         for sock in socks + [first]:
             sock.close()
     monkeypatch.setattr(core, "_run", run)
+    assert batches == [3]                           # the three failed together
     assert list(db.dict("d")) == ["first"] and beaver._remembered(db, "batch-0") is None
 
 
