@@ -1288,21 +1288,18 @@ class _Core:
         each process then meets other processes' at ``wal_gate`` (see ``_WalGate``). Neither
         gate is a rule of its own: SQLite's lock is. The timeout counts every wait.
         """
-        left = deadline = None
+        deadline = None
         if not gate.acquire(blocking=False):
             started = time.monotonic()
             if not gate.acquire(timeout=self.timeout):
                 raise DatabaseBusy(f"the database stayed locked for over {self.timeout:g}s: "
                                    "another thread of this process holds a write transaction")
             deadline = started + self.timeout
-            left = deadline - time.monotonic()
         try:
             conn = self.conn()
             if self.wal_gate is not None:
                 return self._begin_in_turn(conn, deadline)
-            if left is None:
-                return self._begin(conn, "BEGIN IMMEDIATE")
-            return self._begin_within(conn, left)
+            return self._begin_by(conn, deadline)
         except BaseException:
             gate.release()
             raise
@@ -1319,9 +1316,7 @@ class _Core:
         wal_gate = self.wal_gate
         try:
             if wal_gate.take():
-                if deadline is None:
-                    return self._begin(conn, "BEGIN IMMEDIATE")
-                return self._begin_within(conn, deadline - time.monotonic())
+                return self._begin_by(conn, deadline)
             if deadline is None:
                 deadline = time.monotonic() + self.timeout
             while not wal_gate.take(until=min(deadline, time.monotonic() + GATE_PROBE_EVERY)):
@@ -1330,10 +1325,17 @@ class _Core:
                 except DatabaseBusy:
                     if time.monotonic() >= deadline:
                         raise
-            return self._begin_within(conn, deadline - time.monotonic())
+            return self._begin_by(conn, deadline)
         except BaseException:
             wal_gate.release()
             raise
+
+    def _begin_by(self, conn, deadline):
+        """``BEGIN IMMEDIATE`` waiting on SQLite's lock until ``deadline`` (a
+        ``time.monotonic()`` time; None: the whole timeout); the connection."""
+        if deadline is None:
+            return self._begin(conn, "BEGIN IMMEDIATE")
+        return self._begin_within(conn, deadline - time.monotonic())
 
     def _leave_write(self, gate):
         """After ``COMMIT`` or ``ROLLBACK``: let the next writer in, another process's first."""
