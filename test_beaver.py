@@ -10850,6 +10850,7 @@ def _publish_until(path, name, stop):
 
 
 def test_cli_channel_listen_receives(capsys, dbfile):
+    BeaverDB(dbfile).close()    # the file exists first: a read command never makes one
     stop = threading.Event()
     publisher = threading.Thread(target=_publish_until, args=(dbfile, "ch", stop))
     publisher.start()
