@@ -1591,16 +1591,20 @@ class _Reactor:
     def collect(self):
         """Take the answers the thread pool finished (or a batch it ran)."""
         while not self.finished.empty():       # this thread is the only taker
-            conn, plain, reply = self.finished.get()
-            if conn.open:
-                self.done(conn)
-                self.respond(conn, plain, reply)
+            self.finish(*self.finished.get())
 
-    def done(self, conn):
-        """``conn``'s running request has its answer: its next ones may go."""
+    def finish(self, conn, plain, reply):
+        """``conn``'s running request has its answer: send it; then its next requests (read
+        ahead meanwhile) may go, or the connection settles."""
+        if not conn.open:
+            return
         conn.busy = False
         conn.deadline = time.monotonic() + self.header_timeout
-        self.ready[conn] = None
+        self.respond(conn, plain, reply)
+        if conn.inbox or conn.eof:
+            self.ready[conn] = None
+        else:                           # nothing to serve: no turn of its own needed
+            self.settle(conn)
 
     def sweep(self, now):
         """Close the connections past their deadline; resume paused accepting."""
@@ -1741,9 +1745,7 @@ class _Reactor:
         try:
             self.server.executor.submit(self.attempt, call).add_done_callback(finished)
         except RuntimeError:            # the pool is shut down: the server is stopping
-            self.done(conn)
-            self.respond(conn, plain, _error_reply(beaver.ClosedError("the server is "
-                                                                      "stopping")))
+            self.finish(conn, plain, _error_reply(beaver.ClosedError("the server is stopping")))
 
     def wake(self):
         with contextlib.suppress(OSError):      # a full buffer: a wake-up is pending anyway
@@ -1768,9 +1770,7 @@ class _Reactor:
             except RuntimeError:        # the pool is shut down: the server is stopping
                 pass
         for (conn, plain, _), reply in zip(batch, self.writes(calls)):
-            if conn.open:
-                self.done(conn)
-                self.respond(conn, plain, reply)
+            self.finish(conn, plain, reply)
 
     def writes(self, calls) -> list:
         """The answers to the inline writes ``calls``: one alone, several group-committed."""
