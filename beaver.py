@@ -958,6 +958,75 @@ class _WalGate:
                 file.close()            # drops our flock with it
 
 
+class _Transaction:
+    """One level of ``_Core.transaction()``: the outermost a write transaction, the inner ones
+    savepoints (a class, not a generator: it runs on every write)."""
+
+    __slots__ = ("core", "local", "depth", "gate", "conn", "mark", "undo_mark")
+
+    def __init__(self, core):
+        self.core = core
+
+    def __enter__(self):
+        core = self.core
+        local = core._local
+        depth = getattr(local, "depth", 0)
+        if depth == 0:
+            self.gate = gate = core._writers    # this one (a forked child gets a new one)
+            conn = core._enter_write(gate)
+            local = core._local
+            local.pending, local.undo, local.token = [], [], object()
+        else:
+            conn = core.conn()
+            local = core._local
+            core._run(conn, f"SAVEPOINT beaver_{depth}")
+        self.local, self.depth, self.conn = local, depth, conn
+        self.mark, self.undo_mark = len(local.pending), len(local.undo)
+        local.depth = depth + 1
+        return conn
+
+    def __exit__(self, kind, error, traceback):
+        if kind is not None:
+            self.roll_back()
+            return False
+        core, local, depth = self.core, self.local, self.depth
+        local.depth = depth
+        if depth > 0:
+            core._run(self.conn, f"RELEASE beaver_{depth}")
+            return False
+        try:
+            core._run(self.conn, "COMMIT")
+        except BaseException:
+            local.pending = []
+            core._undo(0)
+            core._rollback(self.conn)
+            raise
+        finally:
+            core._leave_write(self.gate)
+        pending, local.pending, local.undo = local.pending, [], []
+        for callback in pending:
+            callback()
+        return False
+
+    def roll_back(self):
+        """Undo this level: its callbacks dropped, its rollback callbacks run, then
+        ``ROLLBACK`` (the outermost level, which lets the next writer in) or ``ROLLBACK TO``
+        its savepoint."""
+        core, local, depth, conn = self.core, self.local, self.depth, self.conn
+        local.depth = depth
+        del local.pending[self.mark:]
+        try:
+            core._undo(self.undo_mark)  # before ROLLBACK: no other writer can commit meanwhile
+            if depth == 0:
+                core._rollback(conn)
+            else:
+                core._run(conn, f"ROLLBACK TO beaver_{depth}")
+                core._run(conn, f"RELEASE beaver_{depth}")
+        finally:
+            if depth == 0:
+                core._leave_write(self.gate)
+
+
 class _Core:
     """Per-thread connections to one file, transactions, and after-commit hooks.
 
@@ -1225,57 +1294,18 @@ class _Core:
         self._run(conn, sql)
         return conn
 
-    @contextlib.contextmanager
-    def transaction(self):
+    def transaction(self) -> "_Transaction":
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; nested calls become savepoints.
+
+            >>> core = db._core
+            >>> with core.transaction() as conn:
+            ...     _ = conn.execute("SELECT 1")
 
         Callbacks registered with ``after_commit`` run once the outermost level commits,
         and are dropped if it (or their savepoint) rolls back; those registered with
         ``on_rollback`` run if their level (or an outer one) rolls back.
         """
-        depth = getattr(self._local, "depth", 0)
-        gate = self._writers        # this one (a forked child gets a new one meanwhile)
-        if depth == 0:
-            conn = self._enter_write(gate)
-            local = self._local
-            local.pending, local.undo, local.token = [], [], object()
-        else:
-            conn, local = self.conn(), self._local
-            self._run(conn, f"SAVEPOINT beaver_{depth}")
-        mark, undo_mark = len(local.pending), len(local.undo)
-        local.depth = depth + 1
-        try:
-            yield conn
-        except BaseException:
-            local.depth = depth
-            del local.pending[mark:]
-            try:
-                self._undo(undo_mark)   # before ROLLBACK: no other writer can commit meanwhile
-                if depth == 0:
-                    self._rollback(conn)
-                else:
-                    self._run(conn, f"ROLLBACK TO beaver_{depth}")
-                    self._run(conn, f"RELEASE beaver_{depth}")
-            finally:
-                if depth == 0:
-                    self._leave_write(gate)
-            raise
-        local.depth = depth
-        if depth > 0:
-            self._run(conn, f"RELEASE beaver_{depth}")
-            return
-        try:
-            self._run(conn, "COMMIT")
-        except BaseException:
-            local.pending = []
-            self._undo(0)
-            self._rollback(conn)
-            raise
-        finally:
-            self._leave_write(gate)
-        pending, local.pending, local.undo = local.pending, [], []
-        for callback in pending:
-            callback()
+        return _Transaction(self)
 
     def _enter_write(self, gate):
         """Take this process's writer gate, then this thread's connection (after the gate: a
