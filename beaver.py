@@ -8015,22 +8015,37 @@ PRUNE_EVERY = 512               # keyed writes between two prunes (or one PURGE_
 PRUNE_BUDGET = 4 * PRUNE_EVERY  # records one step of a prune reads at most
 
 
-def _once(db, key, call):
+def _once(db, key, call, answer=None):
     """Run ``call()`` (returning ``(status, body bytes, headers)``) once for ``key``.
 
     The key and the answer are stored in the transaction of the operation itself, so a
     repeat (a client retrying after a lost response, on any worker) gets the first answer
     and applies nothing again; a repeat that arrives while the first runs waits for it.
+    With ``answer``, what ``call()`` answers whenever it does not raise (a 204), the record
+    goes in first and tells in the same statement whether the key is new.
+
+        >>> _once(db, "key-1", lambda: (200, b"1", None))
+        (200, b'1', None)
+        >>> _once(db, "key-1", lambda: (200, b"2", None))      # a repeat: the first answer
+        (200, b'1', None)
     """
     core = db._core
     with core.transaction():        # BEGIN IMMEDIATE: a repeat waits here for the first
-        stored = core.one("SELECT status, body FROM beaver_requests WHERE key = ?", (key,))
+        now = _now()
+        if answer is None:
+            stored = core.one("SELECT status, body FROM beaver_requests WHERE key = ?", (key,))
+        elif core.execute("INSERT INTO beaver_requests (key, created, status, body) VALUES "
+                          "(?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                          (key, now, answer[0], answer[1] or None)).rowcount:
+            stored = None
+        else:
+            stored = core.one("SELECT status, body FROM beaver_requests WHERE key = ?", (key,))
         if stored is not None:
             return stored[0], stored[1] or b"", None
         status, body, headers = call()
-        now = _now()
-        core.execute("INSERT INTO beaver_requests (key, created, status, body) "
-                     "VALUES (?, ?, ?, ?)", (key, now, status, body or None))
+        if answer is None:
+            core.execute("INSERT INTO beaver_requests (key, created, status, body) "
+                         "VALUES (?, ?, ?, ?)", (key, now, status, body or None))
         pruner = _request_pruner(core)
         pruner.writes += 1
         if pruner.writes >= PRUNE_EVERY or now >= pruner.pruned + PURGE_INTERVAL:

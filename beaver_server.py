@@ -572,7 +572,9 @@ class _Server:
             result = beaver._local_function(op)(manager, **kwargs)
             reply = beaver._SERVE[op.result.rstrip("?")](result, manager)
             return reply if isinstance(reply, tuple) else beaver._reply(reply)
-        return call() if key is None else beaver._once(self.db, key, call)
+        if key is None:
+            return call()
+        return beaver._once(self.db, key, call, beaver._NO_CONTENT if not op.result else None)
 
     async def serve_op(self, request, route, params):
         op, name, options, kwargs = await self.arguments(request, route, params,

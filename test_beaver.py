@@ -3878,6 +3878,26 @@ def test_transaction_one_prune_does_bounded_work_and_busy_writers_prune_more(db,
     assert not set(_records(db)) & {row[0] for row in old}
 
 
+@pytest.mark.parametrize("answer", [None, beaver._NO_CONTENT])
+def test_once_applies_a_call_once_per_key_and_a_failed_call_leaves_no_record(any_db, answer):
+    pushed = any_db.list("l")
+
+    def push():
+        pushed.push(len(pushed))
+        return beaver._NO_CONTENT
+
+    def fail():
+        pushed.push("never")
+        raise ValueError("refused")
+    assert beaver._once(any_db, "k1", push, answer) == beaver._NO_CONTENT
+    assert beaver._once(any_db, "k1", push, answer) == beaver._NO_CONTENT    # a repeat
+    with pytest.raises(ValueError):
+        beaver._once(any_db, "k2", fail, answer)
+    assert list(pushed) == [0] and list(_records(any_db)) == ["k1"]   # nothing of k2 stayed
+    assert beaver._once(any_db, "k2", push, answer) == beaver._NO_CONTENT    # tried again
+    assert list(pushed) == [0, 1] and sorted(_records(any_db)) == ["k1", "k2"]
+
+
 def test_a_file_from_before_loses_the_request_age_index_on_open(tmp_path):
     path = tmp_path / "older.db"
     BeaverDB(path).close()
