@@ -309,6 +309,7 @@ def _leased(data):
 
 
 # wire type -> server decoder of the decoded JSON (or text) value
+_LIMITED = frozenset(("top_k", "period", "query"))    # the arguments check_limits bounds
 _DECODE = {"document": _document, "item": _leased,
            "documents": lambda v: [_document(d) for d in v] if isinstance(v, list) else v}
 
@@ -334,6 +335,8 @@ class _Route:
             self.options = tuple(beaver._MANAGER_OPTIONS.get(op.kind, ()))
             self.decoded = tuple((p.name, _DECODE[p.type]) for p in self.plan
                                  if p.type in _DECODE)
+            self.body_type = next((p.type for p in self.plan if p.name == op.body), None)
+            self.limited = not _LIMITED.isdisjoint(p.name for p in self.plan)
 
     def match(self, segments, query):
         count = len(self.parts)
@@ -345,7 +348,9 @@ class _Route:
         for key, value, default in self.wants:
             if query.get(key, default) != value:
                 return None
-        params = {name: segments[i] for i, name in self.names}
+        params = {}
+        for i, name in self.names:
+            params[name] = segments[i]
         if self.greedy and count:           # the last parameter takes the rest of the path
             i, name = self.names[-1]
             params[name] = "/".join(segments[i:])
@@ -474,12 +479,16 @@ class _Server:
         segments = _segments(raw_path)
         first = segments[0] if segments else ""
         verbs = ("HEAD", "GET") if method == "HEAD" else (method,)
+        routes = self.routes
         for verb in verbs:
-            for count in (len(segments), "*"):
-                for route in self.routes.get((verb, first, count), ()):
-                    params = route.match(segments, query)
-                    if params is not None:
-                        return route, params
+            for route in routes.get((verb, first, len(segments)), ()):
+                params = route.match(segments, query)
+                if params is not None:
+                    return route, params
+            for route in routes.get((verb, first, "*"), ()):
+                params = route.match(segments, query)
+                if params is not None:
+                    return route, params
         if any(route.match(segments, query) is not None
                for (verb, head, _), routes in self.routes.items()
                if head == first and verb not in verbs for route in routes):
@@ -516,11 +525,11 @@ class _Server:
         if query:
             self.check_query(route, query, options)
         if op.body:
-            self.body_arguments(raw, op, plan, kwargs)
+            self.body_arguments(raw, route, kwargs)
         for name, decode in route.decoded:
             if name in kwargs:
                 kwargs[name] = decode(kwargs[name])
-        if kwargs:
+        if route.limited:
             self.check_limits(kwargs)
         return op, params.get("name"), options, kwargs
 
@@ -531,16 +540,17 @@ class _Server:
         if unknown:
             raise HTTPError(422, "ValueError", f"unknown query parameters: {sorted(unknown)}")
 
-    def body_arguments(self, raw, op, plan, kwargs):
+    def body_arguments(self, raw, route, kwargs):
+        op = route.op
         if op.body == "{}":
             fields = _body_json(raw, dict, "a JSON object")
-            names = {p.name for p in plan if p.place == "field"}
+            names = {p.name for p in route.plan if p.place == "field"}
             if set(fields) - names:
                 raise HTTPError(422, "ValueError", f"unknown fields: {sorted(set(fields) - names)}"
                                 f"; expected some of {sorted(names)}")
             kwargs.update(fields)
             return
-        kind = next(p.type for p in plan if p.name == op.body)
+        kind = route.body_type
         if kind == "bytes":
             kwargs[op.body] = raw
         elif kind in ("value", "json"):
@@ -1325,10 +1335,9 @@ _INBOX_LIMIT = MAX_TARGET + 64 * 1024 + DIRECT_BODY    # bytes read ahead of the
 _FOREVER = float("inf")
 _TURN_SHARE = 64                # pipelined requests of one connection served per turn
 _PLAIN_METHODS = frozenset((b"GET", b"HEAD", b"PUT", b"POST", b"PATCH", b"DELETE"))
-_HEAD_FIELDS = re.compile(   # after the request line: "name: value" lines, nothing else
-    rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*\Z")
 _HEAD_TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*\Z")       # visible ASCII, no '#'
-_HEAD_FIELD = re.compile(r"\r\n([^:]+):([^\r]*)")    # one field, once _HEAD_FIELDS passed
+_HEAD_FIELD = re.compile(   # a whole "name: value" line (of a head decoded as latin-1)
+    r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([\t\x20-\x7e\x80-\xff]*)(?=\r\n|\Z)")
 # chunked bodies, 100-continue, WebSockets; and browsers' requests (CORS answers them there)
 _LEFT_TO_THE_LOOP = frozenset(("transfer-encoding", "expect", "upgrade", "origin"))
 _SINGLE = frozenset(("content-length", "host", "authorization", "idempotency-key",
@@ -1379,10 +1388,13 @@ def _plain_head(head: bytes):
     line = head if end < 0 else head[:end]
     parts = line.split(b" ")
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in _PLAIN_METHODS or \
-            not _HEAD_TARGET.match(parts[1]) or not _HEAD_FIELDS.match(head, len(line)):
+            not _HEAD_TARGET.match(parts[1]):
         return None
+    text = head.decode("latin-1")
+    fields = _HEAD_FIELD.findall(text, len(line))
+    if len(fields) != text.count("\r\n"):
+        return None             # a line that is not a field
     length, close = None, False
-    fields = _HEAD_FIELD.findall(head.decode("latin-1"), len(line))
     headers = {name.lower(): value.strip(" \t") for name, value in fields}
     if len(headers) < len(fields) and _repeats_a_single(fields):
         return None             # two Content-Lengths (or Hosts...): left to uvicorn

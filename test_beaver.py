@@ -9171,7 +9171,10 @@ def test_connection_threads_serve_only_plain_heads():
             b"POST /a HTTP/1.1\r\nContent-Length: -1", b"POST /a HTTP/1.1\r\nContent-Length: 1x",
             b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked", b"POST /a HTTP/1.1\r\nExpect: "
             b"100-continue", b"GET /a HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade",
-            b"GET /a HTTP/1.1\r\nOrigin: https://app.example", b"GET  /a HTTP/1.1"):
+            b"GET /a HTTP/1.1\r\nOrigin: https://app.example", b"GET  /a HTTP/1.1",
+            b"GET /a HTTP/1.1\r\nHost: a\nb", b"GET /a HTTP/1.1\r\nHost: a\rb",
+            b"GET /a HTTP/1.1\r\nHost: x\r\nno colon", b"GET /a HTTP/1.1\r\nHost: a\x01b",
+            b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: 1\nX-B: 2", b"GET /a HTTP/1.1\r\n: x"):
         assert beaver_server._plain_head(head) is None, head
 
 
