@@ -8365,10 +8365,11 @@ _request_key_lock = threading.Lock()
 
 def _request_key() -> str:
     """A fresh idempotency key: 12 hex digits of milliseconds since the epoch, then 20 of an
-    80-bit random number, so the server files it at the growing end of its records.
+    80-bit number, so the server files it at the growing end of its records.
 
-    Each key of a process sorts after the one before: within one millisecond (or while the
-    clock is behind the last key's time) the random part counts up from the last key's.
+    The number starts at a random value in each process (a forked child's too) and counts up
+    by one with each key, so each key of a process sorts after the one before, within one
+    millisecond or while the clock is behind the last key's time (which it then keeps).
 
         >>> len(_request_key()), _request_key() < _request_key()
         (32, True)
@@ -8376,12 +8377,11 @@ def _request_key() -> str:
     milliseconds = int(_now() * 1000)
     with _request_key_lock:
         last, number = _last_request_key
-        if milliseconds > last:
-            number = int.from_bytes(os.urandom(10), "big")
-        elif number + 1 < 1 << 80:
-            milliseconds, number = last, number + 1
-        else:
-            milliseconds, number = last + 1, int.from_bytes(os.urandom(10), "big")
+        number = number + 1 if last else int.from_bytes(os.urandom(10), "big")
+        if number >> 80:            # past the largest number: on to the next millisecond
+            number, milliseconds = 0, max(milliseconds, last + 1)
+        elif milliseconds < last:
+            milliseconds = last
         _last_request_key[:] = milliseconds, number
     return f"{milliseconds:012x}{number:020x}"
 
