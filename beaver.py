@@ -9133,6 +9133,11 @@ class RemoteLock:
         return f"<RemoteLock {self.name!r} {'held' if self._token else 'free'}>"
 
 
+class _Batches(threading.local):
+    """Per thread, the writes of its open remote ``transaction()`` (None outside one)."""
+    batch = None
+
+
 class BeaverClient:
     """A ``BeaverDB`` look-alike that talks to a beaver server: change one line to go remote.
 
@@ -9159,7 +9164,7 @@ class BeaverClient:
         self._http = _Http(url, token, timeout)
         self._managers = _Managers()
         self._closed = False
-        self._local = threading.local()       # .batch: the writes of an open transaction()
+        self._local = _Batches()
 
     @property
     def url(self) -> str:
@@ -9243,7 +9248,7 @@ class BeaverClient:
             if op.result == "exists":
                 return False
             raise
-        if op.writes and getattr(self._local, "batch", None) is not None:
+        if op.writes and self._local.batch is not None:
             known = _KNOWN_RESULTS.get(op.result)
             if known is None:
                 raise BeaverError(f"{op.kind}.{op.method}() answers with a result, so it cannot "
@@ -9354,7 +9359,7 @@ class BeaverClient:
         write whose result is needed (``pop``, queue ``get``, ``ack``...) raises
         ``BeaverError`` inside the block. Nested blocks join the outer one.
         """
-        batch = getattr(self._local, "batch", None)
+        batch = self._local.batch
         outer = batch is None
         if outer:
             batch = self._local.batch = []
