@@ -105,6 +105,7 @@ CHANNEL_MAX_MESSAGES = 100_000  # default messages kept per channel
 LOCK_WAITER_GRACE = 3.0         # a waiter that stops heart-beating this long loses its place
 MAX_SECONDS = 1e10              # the longest TTL, lease, period or retention (about 317 years)
 _SHIFT = 1 << 60                # list positions live far below this; see ListManager._shift
+_HELD_IN_THIS_PROCESS = "another thread of this process holds a write transaction"
 
 
 # ==========================================================================================
@@ -157,6 +158,11 @@ class Timeout(BeaverError, TimeoutError):
 
 class DatabaseBusy(Timeout):
     """SQLite's write lock stayed taken for longer than the database timeout."""
+
+
+class _WritersBusy(DatabaseBusy):
+    """Internal: ``transaction(wait=False)`` found another writer in the write transaction
+    (a thread of this process, or another process at the writers' gate)."""
 
 
 class LockTimeout(Timeout):
@@ -958,6 +964,22 @@ class _WalGate:
                 file.close()            # drops our flock with it
 
 
+class _WriteTurn:
+    """The context manager ``_Core.write_turn()`` returns (one per core, its state in the
+    core's thread-locals: a generator-based one costs as much as the gates it takes)."""
+
+    __slots__ = ("core",)
+
+    def __init__(self, core):
+        self.core = core
+
+    def __enter__(self):
+        self.core._enter_turn()
+
+    def __exit__(self, *exc_info):
+        self.core._leave_turn()
+
+
 class _Core:
     """Per-thread connections to one file, transactions, and after-commit hooks.
 
@@ -1034,6 +1056,7 @@ class _Core:
         self._pid = os.getpid()
         self._writers = threading.Lock()     # see _enter_write
         self.wal_gate = None                  # the processes' gate: SQLite files only
+        self._turn = _WriteTurn(self)
 
     def _start(self):
         """Watch for changes, make the schema, purge expired rows if any: the core is open."""
@@ -1226,17 +1249,19 @@ class _Core:
         return conn
 
     @contextlib.contextmanager
-    def transaction(self):
+    def transaction(self, wait=True):
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; nested calls become savepoints.
 
         Callbacks registered with ``after_commit`` run once the outermost level commits,
         and are dropped if it (or their savepoint) rolls back; those registered with
-        ``on_rollback`` run if their level (or an outer one) rolls back.
+        ``on_rollback`` run if their level (or an outer one) rolls back. With ``wait``
+        False, an outermost level that would wait for another writer (see ``_enter_write``)
+        raises ``_WritersBusy`` at once instead.
         """
         depth = getattr(self._local, "depth", 0)
         gate = self._writers        # this one (a forked child gets a new one meanwhile)
         if depth == 0:
-            conn = self._enter_write(gate)
+            conn = self._enter_write(gate, wait)
             local = self._local
             local.pending, local.undo, local.token = [], [], object()
         else:
@@ -1277,7 +1302,7 @@ class _Core:
         for callback in pending:
             callback()
 
-    def _enter_write(self, gate):
+    def _enter_write(self, gate, wait=True):
         """Take this process's writer gate, then this thread's connection (after the gate: a
         pooled one is not held while waiting), then ``BEGIN IMMEDIATE``; the connection.
 
@@ -1286,22 +1311,84 @@ class _Core:
         ms in SQLite's busy handler however soon the lock is free (with four threads writing
         through the server, over a third of the time). On a SQLite file the one writer of
         each process then meets other processes' at ``wal_gate`` (see ``_WalGate``). Neither
-        gate is a rule of its own: SQLite's lock is. The timeout counts every wait.
+        gate is a rule of its own: SQLite's lock is. The timeout counts every wait. With
+        ``wait`` False, a gate taken raises ``_WritersBusy`` at once; in this thread's
+        ``write_turn`` the gates are its own already.
         """
         deadline = None
         if not gate.acquire(blocking=False):
+            if getattr(self._local, "turn", 0):
+                return self._begin_by(self.conn(), None)
+            if not wait:
+                raise _WritersBusy(_HELD_IN_THIS_PROCESS)
             started = time.monotonic()
             if not gate.acquire(timeout=self.timeout):
                 raise DatabaseBusy(f"the database stayed locked for over {self.timeout:g}s: "
-                                   "another thread of this process holds a write transaction")
+                                   f"{_HELD_IN_THIS_PROCESS}")
             deadline = started + self.timeout
         try:
             conn = self.conn()
+            if not wait:
+                return self._begin_unless_held(conn)
             if self.wal_gate is not None:
                 return self._begin_in_turn(conn, deadline)
             return self._begin_by(conn, deadline)
         except BaseException:
             gate.release()
+            raise
+
+    def write_turn(self):
+        """A context manager: the writers' gates (this process's; on a SQLite file, the
+        processes' too) for its block, taken at once, or ``_WritersBusy`` if another writer
+        holds one: the block's writes need not wait for another beaver writer. Cheaper than
+        ``transaction(wait=False)`` for single statements (no BEGIN, no COMMIT); a
+        transaction inside the block takes no gate (they are this thread's already). In a
+        transaction or a turn already, it takes nothing more."""
+        return self._turn
+
+    def _enter_turn(self):
+        local = self._local
+        levels = getattr(local, "turn", 0)
+        if not levels:
+            local.turn_gates = not getattr(local, "depth", 0)   # else the transaction's
+            if local.turn_gates:
+                self._take_gates_at_once()
+        local.turn = levels + 1
+
+    def _leave_turn(self):
+        local = self._local
+        local.turn -= 1
+        if not local.turn and local.turn_gates:
+            self._leave_write(self._writers)
+
+    def _take_gates_at_once(self):
+        """Take the writers' gates without waiting, or ``_WritersBusy`` (holding none)."""
+        gate = self._writers
+        if not gate.acquire(blocking=False):
+            raise _WritersBusy(_HELD_IN_THIS_PROCESS)
+        try:
+            self._wal_gate_at_once()
+        except BaseException:
+            gate.release()
+            raise
+
+    def _wal_gate_at_once(self):
+        """Take the processes' gate (if there is one) without waiting, or ``_WritersBusy``."""
+        wal_gate = self.wal_gate
+        if wal_gate is not None and not wal_gate.take():
+            wal_gate.release()
+            raise _WritersBusy("another process holds the writers' gate")
+
+    def _begin_unless_held(self, conn):
+        """``BEGIN IMMEDIATE`` on ``conn`` unless another process is at the writers' gate:
+        ``_WritersBusy`` then, at once; the connection. SQLite's lock itself (taken by a
+        writer that is not beaver's, as the gate was free) is waited for as usual."""
+        self._wal_gate_at_once()
+        try:
+            return self._begin_by(conn, None)
+        except BaseException:
+            if self.wal_gate is not None:
+                self.wal_gate.release()
             raise
 
     def _begin_in_turn(self, conn, deadline):
@@ -1338,7 +1425,10 @@ class _Core:
         return self._begin_within(conn, deadline - time.monotonic())
 
     def _leave_write(self, gate):
-        """After ``COMMIT`` or ``ROLLBACK``: let the next writer in, another process's first."""
+        """After ``COMMIT`` or ``ROLLBACK``: let the next writer in, another process's first
+        (once this thread's ``write_turn`` ends, if the transaction was in one)."""
+        if getattr(self._local, "turn", 0):
+            return
         if self.wal_gate is not None:
             self.wal_gate.release()
         gate.release()

@@ -1312,9 +1312,11 @@ class _RedactTokens(logging.Filter):
 # a savepoint each, the answers sent after COMMIT (group commit). Answers go out in request
 # order per connection, pipelined requests too. Every connection has one deadline at a time
 # (its request's head and body, the keep-alive time between requests, the sending of its
-# answers): a slow or silent client, or one that never reads, holds nothing. While a pool
-# thread holds the write transaction, a round's writes wait for it in the pool, not here;
-# SQLite's lock held by another process is waited for here, at most the database timeout.
+# answers): a slow or silent client, or one that never reads, holds nothing. A round's
+# writes take the writers' gates without waiting (``write_turn``, ``transaction(wait=False)``
+# of the core): while a pool thread or another beaver process writes, they wait for it in
+# the pool, not here; SQLite's lock held by a writer that is not beaver's is waited for
+# here, at most the database timeout.
 
 DIRECT_BODY = 64 * 1024         # larger request bodies are read by the event loop
 SEND_TIMEOUT = 30.0             # seconds to send an answer (plus one per MB of it)
@@ -1752,41 +1754,54 @@ class _Reactor:
     # -- group commit ------------------------------------------------------------------------
 
     def commit(self, batch):
-        """Run the inline writes of one round, then send their answers. While a thread of
-        the pool holds the write transaction (a bulk write, a clear...), they run in the
-        pool: the reactor does not wait for it, and serves the reads meanwhile."""
+        """Run the inline writes of one round, then send their answers. While another
+        writer holds the write transaction (a thread of the pool in a bulk write, a
+        clear...; another process), they run in the pool: the reactor does not wait for it,
+        and serves the reads meanwhile."""
         calls = [call for _, _, call in batch]
-        gate = getattr(self.server.db._core, "_writers", None)
-        if gate is not None and gate.locked():
-            def finished(future):
-                for (conn, plain, _), reply in zip(batch, future.result()):
-                    self.finished.put((conn, plain, reply))
-                self.wake()
+        try:
+            replies = self.writes(calls, wait=False)
+        except beaver._WritersBusy:
             try:
                 return self.server.executor.submit(self.writes, calls).add_done_callback(
-                    finished)
+                    functools.partial(self.committed_in_pool, batch))
             except RuntimeError:        # the pool is shut down: the server is stopping
-                pass
-        for (conn, plain, _), reply in zip(batch, self.writes(calls)):
+                replies = self.writes(calls)
+        for (conn, plain, _), reply in zip(batch, replies):
             if conn.open:
                 self.done(conn)
                 self.respond(conn, plain, reply)
 
-    def writes(self, calls) -> list:
-        """The answers to the inline writes ``calls``: one alone, several group-committed."""
-        return [self.attempt(calls[0])] if len(calls) == 1 else self.group_commit(calls)
+    def committed_in_pool(self, batch, future):
+        """Hand the answers to ``batch``, written in the pool, back to the reactor."""
+        for (conn, plain, _), reply in zip(batch, future.result()):
+            self.finished.put((conn, plain, reply))
+        self.wake()
 
-    def group_commit(self, calls) -> list:
+    def writes(self, calls, wait=True) -> list:
+        """The answers to the inline writes ``calls``: one alone, several group-committed;
+        with ``wait`` False, ``beaver._WritersBusy`` at once while another writer holds the
+        write transaction."""
+        if len(calls) > 1:
+            return self.group_commit(calls, wait)
+        if wait:
+            return [self.attempt(calls[0])]
+        with self.server.db._core.write_turn():
+            return [self.attempt(calls[0])]
+
+    def group_commit(self, calls, wait=True) -> list:
         """The answers to ``calls``, run in one transaction, each in a savepoint of its own
         (a keyed one in ``_once``'s): a failing call rolls back alone and gets its own error;
         if the COMMIT fails, every call gets that error."""
         core, replies = self.server.db._core, []
         try:
-            with core.transaction():
+            with core.transaction(wait):
                 for call in calls:
                     replies.append(self.in_savepoint(core, call))
                     if not core.connection_in_transaction():    # the engine rolled it back
                         raise beaver.BeaverError("the transaction was rolled back by SQLite")
+        except beaver._WritersBusy:
+            raise
         except Exception as e:
             return [_error_reply(e)] * len(calls)
         return replies

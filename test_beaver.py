@@ -3420,6 +3420,58 @@ def test_threads_queue_for_the_write_transaction_and_get_in_once_it_commits(tmp_
     db.close()
 
 
+
+def _refused_at_once(core) -> bool:
+    """Whether both ways in that must not wait, ``transaction(wait=False)`` and
+    ``write_turn()``, are refused with ``_WritersBusy`` (a waiting one would wait for the
+    holder, here for the test's deadline, then write)."""
+    refused = []
+    for enter in (lambda: core.transaction(wait=False), core.write_turn):
+        try:
+            with enter():
+                core.execute("SELECT 1")
+        except beaver._WritersBusy as e:
+            refused.append(isinstance(e, beaver.DatabaseBusy))
+    return refused == [True, True]
+
+
+def _refused_in_another_thread(core) -> bool:
+    refused = []
+    thread = threading.Thread(target=lambda: refused.append(_refused_at_once(core)))
+    thread.start()
+    thread.join(MP_DEADLINE)
+    return refused == [True]
+
+
+def test_a_transaction_that_must_not_wait_is_refused_while_another_thread_writes(tmp_path):
+    db = BeaverDB(tmp_path / "try.db", timeout=MP_DEADLINE)
+    entered, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_a_write, args=(db, entered, release))
+    holder.start()
+    try:
+        assert entered.wait(MP_DEADLINE)
+        assert _refused_at_once(db._core)
+    finally:
+        release.set()
+        holder.join(MP_DEADLINE)
+    core = db._core
+    with core.transaction(wait=False):      # free again: it begins, nested levels too
+        db.dict("d")["mine"] = 1
+        with core.transaction(wait=False), core.write_turn():
+            db.dict("d")["nested"] = 1
+        assert _refused_in_another_thread(core)
+    with core.write_turn():                 # the gates are this thread's: no other writer
+        db.dict("d")["turn"] = 1
+        assert _refused_in_another_thread(core)
+        with core.write_turn(), core.transaction():     # takes no gate again
+            db.dict("d")["turn-transaction"] = 1
+        assert _refused_in_another_thread(core)
+    assert dict(db.dict("d")) == {"held": 1, "mine": 1, "nested": 1, "turn": 1,
+                                  "turn-transaction": 1}
+    with core.write_turn(), core.transaction():      # and free again after the turn
+        db.dict("d")["after"] = 1
+    db.close()
+
 # -- the writers' gate between processes (_WalGate) -------------------------------------------
 
 def _gate_writer(path, worker, count, barrier):
@@ -3512,6 +3564,23 @@ def test_a_write_of_another_process_makes_a_write_busy_within_the_timeout(tmp_pa
     assert dict(db.dict("d")) == {"before": 1, "held": 1, "mine": 2}
     db.close()
 
+
+
+@needs_flock
+def test_a_transaction_that_must_not_wait_is_refused_while_another_process_writes(tmp_path):
+    path = str(tmp_path / "try.db")
+    with BeaverDB(path, timeout=MP_DEADLINE) as db:
+        db.dict("d")["before"] = 1              # the -wal (the gate) exists from here on
+        with _a_write_held_in_another_process(path):
+            assert _refused_at_once(db._core)
+            assert db.dict("d")["before"] == 1   # nothing left held: reads go on
+        with db._core.transaction(wait=False):
+            db.dict("d")["mine"] = 1
+        with db._core.write_turn():
+            assert not _wal_gate_is_free(path)
+            db.dict("d")["turn"] = 1
+        assert _wal_gate_is_free(path) and dict(db.dict("d")) == {"before": 1, "held": 1,
+                                                                    "mine": 1, "turn": 1}
 
 @needs_flock
 def test_a_gate_held_by_no_writer_delays_a_write_but_never_refuses_it(tmp_path):
@@ -9330,9 +9399,9 @@ def test_reactor_group_commit_rolls_back_only_the_failing_write(reactor, monkeyp
     r, port, db = reactor
     batches, local_function = [], beaver._local_function
 
-    def recorded(calls):
+    def recorded(calls, wait=True):
         batches.append(len(calls))
-        return group_commit(calls)
+        return group_commit(calls, wait)
     group_commit, r.group_commit = r.group_commit, recorded
 
     def writes_then_fails(op):
@@ -9371,11 +9440,11 @@ def test_reactor_group_commit_rolls_back_only_the_failing_write(reactor, monkeyp
     _rt_until(lambda: sorted(seen) == ["a", "first"])     # an event per committed write
 
 
-def test_pg_reactor_group_commits_the_writes_of_a_round(pg_url):
-    """On PostgreSQL too, the keyed writes one round finds ready commit together."""
+def test_pg_reactor_writes_wait_in_the_pool_while_another_session_writes(pg_url):
+    """On PostgreSQL, while another session holds the writers' lock, the reactor's writes
+    wait for it in the pool: another connection's read is answered meanwhile."""
     with BeaverDB(pg_url) as db, BeaverDB(pg_url) as elsewhere, _running_reactor(db) as (r, port):
-        batches, group_commit = [], r.group_commit
-        r.group_commit = lambda calls: (batches.append(len(calls)), group_commit(calls))[1]
+        db.dict("d")["k0"] = -1
         inside, release = threading.Event(), threading.Event()
 
         def hold():                         # the writers' lock, as another process holds it
@@ -9387,12 +9456,14 @@ def test_pg_reactor_group_commits_the_writes_of_a_round(pg_url):
         assert inside.wait(MP_DEADLINE)
         puts = [_req("PUT", f"/dicts/d/k{i}", b"%d" % i, f"Idempotency-Key: pg-{i}\r\n")
                 for i in range(4)]
-        socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in puts]
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=MP_DEADLINE)
+                 for _ in puts]
         try:
-            socks[0].sendall(puts[0])
-            _rt_until(lambda: _busy(r))     # waits for the lock: the next three queue up
-            for sock, request in zip(socks[1:], puts[1:]):
-                sock.sendall(request)
+            with socket.create_connection(("127.0.0.1", port), timeout=MP_DEADLINE) as reader:
+                for sock, request in zip(socks, puts):
+                    sock.sendall(request)
+                _rt_until(lambda: sum(conn.busy for conn in list(r.connections.values())) == 4)
+                assert _exchange(reader, _req("GET", "/dicts/d/k0"))[2] == b"-1"
             release.set()
             statuses = [_read_answer(sock)[0] for sock in socks]
         finally:
@@ -9400,7 +9471,7 @@ def test_pg_reactor_group_commits_the_writes_of_a_round(pg_url):
             holder.join(MP_DEADLINE)
             for sock in socks:
                 sock.close()
-        assert statuses == [204] * 4 and max(batches) > 1
+        assert statuses == [204] * 4
         assert dict(db.dict("d").items()) == {f"k{i}": i for i in range(4)}
 
 
@@ -9409,11 +9480,12 @@ def test_reactor_commit_failure_fails_every_write_of_the_batch(reactor, monkeypa
     core, run = db._core, db._core._run
 
     def no_commit(conn, sql):
-        if sql == "COMMIT" and threading.current_thread() is r.thread:
+        if sql == "COMMIT" and _waits_in(threading.current_thread(), "group_commit"):
             raise beaver.DiskFull("the disk is full")
         return run(conn, sql)
     batches, group_commit = [], r.group_commit
-    r.group_commit = lambda calls: (batches.append(len(calls)), group_commit(calls))[1]
+    r.group_commit = lambda calls, wait=True: (batches.append(len(calls)),
+                                               group_commit(calls, wait))[1]
     first, release = _hold_the_writer(db, port, _req("PUT", "/dicts/d/first", b"0"))
     _rt_until(lambda: _busy(r))
     monkeypatch.setattr(core, "_run", no_commit)
@@ -9451,6 +9523,65 @@ def test_reactor_writes_wait_in_the_pool_while_a_pool_thread_holds_the_writer(re
         release.set()
         holder.join(MP_DEADLINE)
         assert [(a[0], a[2]) for a in _answers(writer, 2)] == [(204, b""), (200, b"1")]
+
+
+class _TakenAsTheReactorLooks:
+    """A core's writers' lock that ``take()`` (a pool thread's writer) takes the first time
+    the reactor's thread looks at it: right after a look that found it free, or right
+    before a try to take it. The worst moment for the reactor."""
+
+    def __init__(self, lock, reactor_thread, take):
+        self.lock, self.reactor_thread, self.take = lock, reactor_thread, take
+        self.raced = False
+
+    def race(self):
+        if not self.raced and threading.current_thread() is self.reactor_thread:
+            self.raced = True
+            self.take()
+
+    def locked(self):
+        locked = self.lock.locked()
+        self.race()
+        return locked
+
+    def acquire(self, *args, **kwargs):
+        self.race()
+        return self.lock.acquire(*args, **kwargs)
+
+    def release(self):
+        self.lock.release()
+
+
+def test_reactor_never_waits_for_a_writer_that_comes_in_as_it_looks(reactor, monkeypatch):
+    """A pool thread takes the write transaction just as the reactor goes to write: the
+    reactor does not wait for it (the write waits in the pool); another connection's read
+    is answered while the writer holds on, the write right after it lets go."""
+    r, port, db = reactor
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():                         # as a bulk write or a clear in the pool would
+        with db._core.transaction():
+            holding.set()
+            release.wait(MP_DEADLINE)
+
+    def take():
+        held.append(r.server.executor.submit(hold))
+        assert holding.wait(MP_DEADLINE)
+    held = []
+    monkeypatch.setattr(db._core, "_writers",
+                        _TakenAsTheReactorLooks(db._core._writers, r.thread, take))
+    with socket.create_connection(("127.0.0.1", port), timeout=MP_DEADLINE) as writer, \
+            socket.create_connection(("127.0.0.1", port), timeout=MP_DEADLINE) as reader:
+        try:
+            writer.sendall(_req("PUT", "/dicts/d/k", b"1"))
+            assert holding.wait(MP_DEADLINE)
+            assert _exchange(reader, _req("GET", "/dicts/d/k"))[0] == 404    # not stalled
+            assert select.select([writer], [], [], 0)[0] == []    # the write waits its turn
+        finally:
+            release.set()
+        assert _read_answer(writer)[0] == 204
+        assert _exchange(reader, _req("GET", "/dicts/d/k"))[2] == b"1"
+    held[0].result(MP_DEADLINE)
 
 
 def test_reactor_long_operations_run_in_the_pool_without_stalling_others(reactor):
@@ -12231,6 +12362,29 @@ def test_pg_writers_queued_for_a_transaction_hold_no_connection(pg_url, monkeypa
         for thread in [holder, *queued]:
             thread.join(MP_DEADLINE)
         assert done == [1, 1, 1]
+
+
+def test_pg_a_transaction_that_must_not_wait_is_refused_while_another_writes(pg_url):
+    """On PostgreSQL, ``transaction(wait=False)`` is refused at once while a thread of this
+    process holds the writers, or another session the writers' lock; nothing stays held."""
+    with BeaverDB(pg_url, timeout=MP_DEADLINE) as db, \
+            BeaverDB(pg_url, timeout=MP_DEADLINE) as elsewhere:
+        for holder_db in (db, elsewhere):
+            entered, release = threading.Event(), threading.Event()
+            holder = threading.Thread(target=_hold_a_write, args=(holder_db, entered, release))
+            holder.start()
+            try:
+                assert entered.wait(MP_DEADLINE)
+                assert _refused_at_once(db._core)
+                assert not db._core.connection_in_transaction()
+            finally:
+                release.set()
+                holder.join(MP_DEADLINE)
+        with db._core.transaction(wait=False):
+            db.dict("d")["mine"] = 1
+            with db._core.transaction(wait=False):
+                db.dict("d")["nested"] = 1
+        assert dict(db.dict("d")) == {"held": 1, "mine": 1, "nested": 1}
 
 
 def test_pg_a_write_queued_at_the_gate_waits_for_the_lock_only_what_is_left(pg_url):
