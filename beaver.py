@@ -1278,7 +1278,7 @@ class _Core:
                 self._undo(undo_mark)   # before ROLLBACK: no other writer can commit meanwhile
                 if depth == 0:
                     self._rollback(conn)
-                else:
+                elif self.connection_in_transaction():  # else the engine rolled back it all
                     self._run(conn, f"ROLLBACK TO beaver_{depth}")
                     self._run(conn, f"RELEASE beaver_{depth}")
             finally:

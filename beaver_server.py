@@ -1792,7 +1792,8 @@ class _Reactor:
     def group_commit(self, calls, wait=True) -> list:
         """The answers to ``calls``, run in one transaction, each in a savepoint of its own
         (a keyed one in ``_once``'s): a failing call rolls back alone and gets its own error;
-        if the COMMIT fails, every call gets that error."""
+        if the COMMIT fails, or a call's error made the engine roll back the whole
+        transaction (SQLITE_FULL...), every call gets that error."""
         core, replies = self.server.db._core, []
         try:
             with core.transaction(wait):
@@ -1807,12 +1808,16 @@ class _Reactor:
         return replies
 
     def in_savepoint(self, core, call):
+        """The answer to ``call`` in a savepoint of the batch's transaction; its error raised
+        if the engine rolled back the whole transaction (every call of the batch gets it)."""
         try:
             if call.key is not None:        # _once opens the savepoint and stores the answer
                 return self.server.execute(*call)
             with core.transaction():
                 return self.server.execute(*call)
         except Exception as e:
+            if not core.connection_in_transaction():
+                raise
             return _error_reply(e)
 
     # -- answers -------------------------------------------------------------------------------

@@ -3354,6 +3354,26 @@ def test_transaction_nested_savepoints(db):
     assert "x" not in d and "y" not in d
 
 
+def test_a_savepoint_whose_transaction_the_engine_rolled_back_raises_the_error(db):
+    """SQLite rolls back the whole transaction on SQLITE_FULL: every level raises the
+    DiskFull that caused it (not "no such savepoint" from rolling back to a savepoint gone
+    with it), and nothing of the transaction is kept."""
+    d = db.dict("d")
+    d["before"] = 1
+    _cap_the_file(db._core.conn())
+    with pytest.raises(beaver.DiskFull):
+        with db.transaction():
+            d["a"] = 1
+            with db.transaction():
+                with db.transaction():
+                    d["big"] = "x" * 40_000
+    assert dict(d) == {"before": 1} and not db._core.connection_in_transaction()
+    db._core.conn().execute("PRAGMA max_page_count = 1073741823")
+    with db.transaction():
+        d["after"] = 1
+    assert dict(d) == {"before": 1, "after": 1}
+
+
 def test_transaction_on_rollback_follows_savepoints(db):
     """Undo callbacks run when their level or an outer one rolls back, newest first, and
     never after a commit; a released savepoint hands its callbacks to the parent."""
@@ -9502,6 +9522,44 @@ def test_reactor_commit_failure_fails_every_write_of_the_batch(reactor, monkeypa
     monkeypatch.setattr(core, "_run", run)
     assert batches == [3]                           # the three failed together
     assert list(db.dict("d")) == ["first"] and beaver._remembered(db, "batch-0") is None
+
+
+def _cap_the_file(conn, pages_more=2):
+    """Let ``conn`` grow the file ``pages_more`` pages at most (SQLite's ``max_page_count``):
+    a larger write fails with SQLITE_FULL, and SQLite rolls back the whole transaction."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + pages_more}")
+
+
+def test_reactor_batch_rolled_back_by_the_engine_answers_every_write_with_its_error(reactor):
+    """A write that fills the disk makes SQLite roll back the whole batch's transaction:
+    every write of the batch is answered with that error (507 DiskFull), not a generic 500."""
+    r, port, db = reactor
+    batches, group_commit = [], r.group_commit
+    r.group_commit = lambda calls, wait=True: (batches.append(len(calls)),
+                                               group_commit(calls, wait))[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert _exchange(sock, _req("GET", "/dicts/d/x"))[0] == 404   # the reactor's connection
+    _cap_the_file(next(conn for thread, conn in db._core._conns if thread is r.thread))
+    first, release = _hold_the_writer(db, port, _req("PUT", "/dicts/d/first", b"0"))
+    _rt_until(lambda: _busy(r))
+    requests = [_req("PUT", "/dicts/d/a", b"1"),
+                _req("PUT", "/dicts/d/big", b'"' + b"x" * 40_000 + b'"'),
+                _req("PUT", "/dicts/d/c", b"3", "Idempotency-Key: full-c\r\n")]
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in requests]
+    for sock, request in zip(socks, requests):
+        sock.sendall(request)
+    release()
+    try:
+        assert _read_answer(first)[0] == 204        # alone in its round: no batch
+        answers = [_read_answer(sock) for sock in socks]
+    finally:
+        for sock in socks + [first]:
+            sock.close()
+    assert batches == [3]
+    assert [(status, json.loads(body)["error"]) for status, _, body in answers] == \
+        [(507, "DiskFull")] * 3
+    assert list(db.dict("d")) == ["first"] and beaver._remembered(db, "full-c") is None
 
 
 def test_reactor_writes_wait_in_the_pool_while_a_pool_thread_holds_the_writer(reactor):
