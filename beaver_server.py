@@ -1301,22 +1301,22 @@ class _RedactTokens(logging.Filter):
 # on all of them in one selector (epoll, kqueue) with non-blocking sockets, an input and an
 # output buffer per connection, and runs the hot declared operations right there: no event
 # loop hop, no thread hop, no GIL hand-off between threads per request. Only plain HTTP/1.1
-# requests with a small Content-Length body that route to a declared operation and do not
-# wait are served so; at the first request that is anything else (a wait, a stream, a
-# WebSocket, a hand-written route, a large or chunked body, a header it does not read), the
-# connection with the bytes read so far goes to the event loop for good, where uvicorn serves
-# it and waits hold no thread. The declared operations whose cost grows with the data (scans,
-# searches, bulk writes: everything not in ``_INLINE``) run in the server's thread pool, their
-# answers coming back to the reactor, so they never stall the other connections. The inline
-# writes one round finds ready (from several connections) commit together: one transaction,
-# a savepoint each, the answers sent after COMMIT (group commit). Answers go out in request
-# order per connection, pipelined requests too. Every connection has one deadline at a time
-# (its request's head and body, the keep-alive time between requests, the sending of its
-# answers): a slow or silent client, or one that never reads, holds nothing. A round's
-# writes take the writers' gates without waiting (``write_turn``, ``transaction(wait=False)``
-# of the core): while a pool thread or another beaver process writes, they wait for it in
-# the pool, not here; SQLite's lock held by a writer that is not beaver's is waited for
-# here, at most the database timeout.
+# requests with a small Content-Length body that route to a declared operation and do not wait
+# are served so; at the first request that is anything else (a wait, a stream, a WebSocket, a
+# hand-written route, a large or chunked body, a header it does not read), the connection with
+# the bytes read so far goes to the event loop for good, where uvicorn serves it and waits
+# hold no thread. The declared operations whose cost grows with the data (scans, searches,
+# bulk writes: everything not in ``_INLINE``; on PostgreSQL, every one, each being a round
+# trip to the server) run in the server's thread pool, their answers coming back to the
+# reactor, so they never stall the other connections. The inline writes one round finds ready
+# (from several connections) commit together: one transaction, a savepoint each, the answers
+# sent after COMMIT (group commit). Answers go out in request order per connection, pipelined
+# requests too. Every connection has one deadline at a time (its request's head and body, the
+# keep-alive time between requests, the sending of its answers): a slow or silent client, or
+# one that never reads, holds nothing. A round's writes take the writers' gates without
+# waiting (``write_turn``, ``transaction(wait=False)`` of the core): while a pool thread or
+# another beaver process writes, they wait for it in the pool, not here; SQLite's lock held by
+# a writer that is not beaver's is waited for here, at most the database timeout.
 
 DIRECT_BODY = 64 * 1024         # larger request bodies are read by the event loop
 SEND_TIMEOUT = 30.0             # seconds to send an answer (plus one per MB of it)
@@ -1349,7 +1349,7 @@ def _at_an_end(kwargs) -> bool:
 
 # (kind, method) -> True when a call runs on the reactor (or a predicate of its arguments
 # saying so): a few statements on one key or an end, whatever the size of the structure (the
-# request body is at most DIRECT_BODY)
+# request body is at most DIRECT_BODY). On SQLite only: see _Reactor.inline
 _INLINE = {
     **{("dict", m): True for m in ("__getitem__", "get", "set", "pop", "__delitem__",
                                    "__contains__", "ttl", "setdefault")},
@@ -1470,6 +1470,9 @@ class _Reactor:
         self.server, self.handoff, self.limit = server, handoff, limit
         self.header_timeout, self.keep_alive = header_timeout, keep_alive
         self.send_timeout = send_timeout
+        # on SQLite an inline call costs microseconds; elsewhere (PostgreSQL) each is a round
+        # trip to the server: in the pool they run in parallel, here they would run in turn
+        self.inline = _INLINE if server.db._core.engine == "sqlite" else {}
         self.period = max(0.01, min(1.0, header_timeout / 4, keep_alive / 4))
         self.selector = selectors.DefaultSelector()
         self.connections: dict = {}         # socket -> _Connection
@@ -1711,7 +1714,7 @@ class _Reactor:
 
     def dispatch(self, conn, plain, call, batch):
         """Run ``call`` now (a read), join the batch (a write) or send it to the pool."""
-        rule = _INLINE.get((call.op.kind, call.op.method))
+        rule = self.inline.get((call.op.kind, call.op.method))
         if rule is not True and (rule is None or not rule(call.kwargs)):
             return self.offload(conn, plain, call)
         if not call.op.writes:

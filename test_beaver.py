@@ -9495,6 +9495,33 @@ def test_pg_reactor_writes_wait_in_the_pool_while_another_session_writes(pg_url)
         assert dict(db.dict("d").items()) == {f"k{i}": i for i in range(4)}
 
 
+def test_pg_reactor_runs_every_operation_in_the_pool(pg_url):
+    """On PostgreSQL each operation is a network round trip: run on the reactor, they would
+    run one at a time; all go to the pool, where a slow one holds up no other."""
+    with BeaverDB(pg_url) as db, _running_reactor(db) as (r, port):
+        db.dict("d")["k"] = 1
+        execute, entered, release = r.server.execute, threading.Event(), threading.Event()
+
+        def slow_for_one_key(op, name, options, kwargs, key=None):
+            if "slow" in kwargs.values():
+                entered.set()
+                release.wait(MP_DEADLINE)
+            return execute(op, name, options, kwargs, key)
+        r.server.execute = slow_for_one_key
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow, \
+                socket.create_connection(("127.0.0.1", port), timeout=30) as other:
+            slow.sendall(_req("GET", "/dicts/d/slow"))
+            assert entered.wait(MP_DEADLINE)
+            try:
+                assert _exchange(other, _req("GET", "/dicts/d/k"))[2] == b"1"
+                assert _exchange(other, _req("PUT", "/dicts/d/k", b"2"))[0] == 204
+                assert _exchange(other, _req("POST", "/queues/q/put", b'"job"'))[0] == 204
+            finally:
+                release.set()
+            assert _read_answer(slow)[0] == 404
+        assert db.dict("d")["k"] == 2 and len(db.queue("q")) == 1
+
+
 def test_reactor_commit_failure_fails_every_write_of_the_batch(reactor, monkeypatch):
     r, port, db = reactor
     core, run = db._core, db._core._run
