@@ -452,7 +452,8 @@ class _Server:
             self.open_waits -= 1
 
     def manager(self, kind, name, options=None):
-        """The manager of ``kind`` called ``name`` (in a worker thread: opening may write)."""
+        """The manager of ``kind`` called ``name`` (on the reactor's thread or a worker
+        thread, never the event loop's: opening may write)."""
         db = self.db
         if kind == "db":
             return db
@@ -562,7 +563,8 @@ class _Server:
                              "this server")
 
     def execute(self, op, name, options, kwargs, key=None):
-        """Run one declared operation (in a worker thread); its answer."""
+        """Run one declared operation (on the reactor's thread or a worker thread); its
+        answer."""
         manager = self.manager(op.kind, name, options)     # before any transaction opens
         stored = beaver._STORED_TEXT.get((op.kind, op.method))
         if stored and key is None and getattr(manager, "_codec", None) is beaver._JSON:
@@ -1982,10 +1984,11 @@ def _parser(prog=None) -> argparse.ArgumentParser:
             "BEAVER_CONNECTION_THREADS", DEFAULT_DIRECT_CONNECTIONS)),
         help="connections per process served by its reactor thread (plain requests, no "
              "event-loop hop); beyond them, new ones go to the event loop; 0 serves "
-             "everything on the event loop ($BEAVER_DIRECT_CONNECTIONS; "
-             "--connection-threads is its former name)")
+             "everything on the event loop ($BEAVER_DIRECT_CONNECTIONS; the former name "
+             "--connection-threads N now caps the reactor's connections at N)")
     add("--header-timeout", type=float, default=HEADER_TIMEOUT,
-        help="seconds a connection may take to send a request's headers")
+        help="seconds a connection may take to send a request's headers (and on the "
+             "reactor, its body too)")
     add("--log-level", default=env("BEAVER_LOG_LEVEL", "info"),
         choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
     return parser

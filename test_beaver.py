@@ -8775,13 +8775,13 @@ def _raw(method, target, port, body=b""):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("connection_threads", ["16", "0"])
-def test_server_holds_500_waiting_consumers_without_threads(tmp_path, connection_threads):
+@pytest.mark.parametrize("direct_connections", ["16", "0"])
+def test_server_holds_500_waiting_consumers_without_threads(tmp_path, direct_connections):
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
     process, url = _start_server(tmp_path / "waits.db", "--max-wait", "60",
-                                 "--connection-threads", connection_threads,   # the former name
+                                 "--connection-threads", direct_connections,   # the former name
                                  command=("-m", "beaver_server"))
     port = int(url.rsplit(":", 1)[1])
     client = beaver.BeaverClient(url)
@@ -9116,7 +9116,7 @@ _SAME_ANSWERS = [   # (request, whether the server closes the connection after i
 ]
 
 
-def test_connection_threads_answer_as_the_event_loop_does(two_paths):
+def test_reactor_answers_as_the_event_loop_does(two_paths):
     answers = []
     for port in two_paths:
         seen = []
@@ -9131,15 +9131,15 @@ def test_connection_threads_answer_as_the_event_loop_does(two_paths):
                          headers.get("www-authenticate"), headers.get("content-length"),
                          headers.get("access-control-allow-origin")))
         answers.append(seen)
-    threaded, loop = answers
-    for request, a, b in zip(_SAME_ANSWERS, threaded, loop):
+    direct, loop = answers
+    for request, a, b in zip(_SAME_ANSWERS, direct, loop):
         if b"openapi" not in request[0] and b"/info" not in request[0]:
             assert a == b, request[0][:60]
         else:
             assert a[0] == b[0] == 200
-    assert [a[0] for a in threaded] == [204, 200, 200, 404, 422, 404, 204, 204, 200, 403, 403,
-                                        403, 200, 401, 401, 414, 413, 408, 200, 200, 204, 200]
-    assert threaded[12][-1] == "https://app.example"
+    assert [a[0] for a in direct] == [204, 200, 200, 404, 422, 404, 204, 204, 200, 403, 403,
+                                      403, 200, 401, 401, 414, 413, 408, 200, 200, 204, 200]
+    assert direct[12][-1] == "https://app.example"
 
 
 def test_a_connection_moves_to_the_event_loop_for_a_wait_and_keeps_serving(two_paths):
@@ -9157,12 +9157,12 @@ def test_a_connection_moves_to_the_event_loop_for_a_wait_and_keeps_serving(two_p
         # pipelined: two requests in one write, two answers in order
         sock.sendall(_raw_req("GET", "/dicts/m/k") + _raw_req("GET", "/dicts/m/missing"))
         assert _read_answer(sock)[0] == 200 and _read_answer(sock)[0] == 404
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # on a thread
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # on the reactor
         sock.sendall(_raw_req("GET", "/dicts/m/k") + _raw_req("GET", "/dicts/m/missing"))
         assert _read_answer(sock)[0] == 200 and _read_answer(sock)[0] == 404
 
 
-def test_connection_threads_never_wait_on_a_client_forever(two_paths):
+def test_reactor_never_waits_on_a_client_forever(two_paths):
     port = two_paths[0]
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         assert _exchange(sock, _raw_req("PUT", "/dicts/d/k", b'"v"', extra="Content-Type: "
@@ -9178,12 +9178,12 @@ def test_connection_threads_never_wait_on_a_client_forever(two_paths):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_connection_threads_leak_no_threads_or_descriptors(tmp_path):
+def test_reactor_leaks_no_threads_or_descriptors(tmp_path):
     process, url = _start_server(tmp_path / "leak.db", "--direct-connections", "3",
                                  command=("-m", "beaver_server"))
     port = int(url.rsplit(":", 1)[1])
     try:
-        def burst(count):       # more connections at once than threads: some go to the loop
+        def burst(count):       # more connections than the reactor takes: some go to the loop
             socks = [socket.create_connection(("127.0.0.1", port), timeout=30)
                      for _ in range(count)]
             for n, sock in enumerate(socks):
@@ -9212,18 +9212,18 @@ def _open_sockets(pid) -> int:
                for fd in os.listdir(f"/proc/{pid}/fd"))
 
 
-def test_a_server_with_busy_connection_threads_stops_promptly(tmp_path):
+def test_a_server_with_open_direct_connections_stops_promptly(tmp_path):
     process, url = _start_server(tmp_path / "stop.db", command=("-m", "beaver_server"))
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as idle:
         assert _exchange(idle, _raw("GET", "/info", port).replace(b"Connection: close\r\n", b""))[0] \
-            == 200                          # a keep-alive connection held by a thread
+            == 200                          # a keep-alive connection held by the reactor
         process.terminate()
         process.wait(timeout=20)           # uvicorn re-raises SIGTERM once it has stopped
         assert idle.recv(1024) == b""
 
 
-def test_connection_threads_serve_only_plain_heads():
+def test_reactor_serves_only_plain_heads():
     pytest.importorskip("fastapi")
     import beaver_server
     plain = beaver_server._plain_head(b"PUT /dicts/d/k?ttl_seconds=5 HTTP/1.1\r\nHost: x\r\n"
@@ -9779,7 +9779,7 @@ def test_reactor_close_stops_its_thread_and_closes_connections(tmp_path):
         app.beaver.executor.shutdown()
 
 
-def test_connection_threads_option_is_checked():
+def test_direct_connections_option_is_checked():
     pytest.importorskip("fastapi")
     code, lines = _one_line_error(["-m", "beaver_server", "--direct-connections", "-1"])
     assert code == 2 and len(lines) == 1 and "--direct-connections" in lines[0]
