@@ -3463,18 +3463,24 @@ def _refused_in_another_thread(core) -> bool:
     return refused == [True]
 
 
-def test_a_transaction_that_must_not_wait_is_refused_while_another_thread_writes(tmp_path):
-    db = BeaverDB(tmp_path / "try.db", timeout=MP_DEADLINE)
+def _refused_while_a_thread_writes(core, writer_db) -> bool:
+    """Whether ``core`` refuses the ways in that must not wait while a thread holds a write
+    transaction of ``writer_db`` (let go after)."""
     entered, release = threading.Event(), threading.Event()
-    holder = threading.Thread(target=_hold_a_write, args=(db, entered, release))
+    holder = threading.Thread(target=_hold_a_write, args=(writer_db, entered, release))
     holder.start()
     try:
         assert entered.wait(MP_DEADLINE)
-        assert _refused_at_once(db._core)
+        return _refused_at_once(core)
     finally:
         release.set()
         holder.join(MP_DEADLINE)
+
+
+def test_a_transaction_that_must_not_wait_is_refused_while_another_thread_writes(tmp_path):
+    db = BeaverDB(tmp_path / "try.db", timeout=MP_DEADLINE)
     core = db._core
+    assert _refused_while_a_thread_writes(core, db)
     with core.transaction(wait=False):      # free again: it begins, nested levels too
         db.dict("d")["mine"] = 1
         with core.transaction(wait=False), core.write_turn():
@@ -12450,21 +12456,14 @@ def test_pg_writers_queued_for_a_transaction_hold_no_connection(pg_url, monkeypa
 
 
 def test_pg_a_transaction_that_must_not_wait_is_refused_while_another_writes(pg_url):
-    """On PostgreSQL, ``transaction(wait=False)`` is refused at once while a thread of this
-    process holds the writers, or another session the writers' lock; nothing stays held."""
+    """On PostgreSQL, ``transaction(wait=False)`` and ``write_turn()`` are refused at once
+    while a thread of this process holds the writers, or another session the writers' lock;
+    nothing stays held."""
     with BeaverDB(pg_url, timeout=MP_DEADLINE) as db, \
             BeaverDB(pg_url, timeout=MP_DEADLINE) as elsewhere:
-        for holder_db in (db, elsewhere):
-            entered, release = threading.Event(), threading.Event()
-            holder = threading.Thread(target=_hold_a_write, args=(holder_db, entered, release))
-            holder.start()
-            try:
-                assert entered.wait(MP_DEADLINE)
-                assert _refused_at_once(db._core)
-                assert not db._core.connection_in_transaction()
-            finally:
-                release.set()
-                holder.join(MP_DEADLINE)
+        for writer_db in (db, elsewhere):
+            assert _refused_while_a_thread_writes(db._core, writer_db)
+            assert not db._core.connection_in_transaction()
         with db._core.transaction(wait=False):
             db.dict("d")["mine"] = 1
             with db._core.transaction(wait=False):
