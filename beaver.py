@@ -161,8 +161,8 @@ class DatabaseBusy(Timeout):
 
 
 class _WritersBusy(DatabaseBusy):
-    """Internal: ``transaction(wait=False)`` found another writer in the write transaction
-    (a thread of this process, or another process at the writers' gate)."""
+    """Internal: ``transaction(wait=False)`` or ``write_turn()`` found another writer at the
+    writers' gates (a thread of this process, another process) and did not wait for it."""
 
 
 class LockTimeout(Timeout):
@@ -1324,7 +1324,7 @@ class _Core:
             started = time.monotonic()
             if not gate.acquire(timeout=self.timeout):
                 raise DatabaseBusy(f"the database stayed locked for over {self.timeout:g}s: "
-                                   f"{_HELD_IN_THIS_PROCESS}")
+                                   + _HELD_IN_THIS_PROCESS)
             deadline = started + self.timeout
         try:
             conn = self.conn()
