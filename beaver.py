@@ -105,6 +105,7 @@ CHANNEL_MAX_MESSAGES = 100_000  # default messages kept per channel
 LOCK_WAITER_GRACE = 3.0         # a waiter that stops heart-beating this long loses its place
 MAX_SECONDS = 1e10              # the longest TTL, lease, period or retention (about 317 years)
 _SHIFT = 1 << 60                # list positions live far below this; see ListManager._shift
+_HELD_IN_THIS_PROCESS = "another thread of this process holds a write transaction"
 
 
 # ==========================================================================================
@@ -157,6 +158,11 @@ class Timeout(BeaverError, TimeoutError):
 
 class DatabaseBusy(Timeout):
     """SQLite's write lock stayed taken for longer than the database timeout."""
+
+
+class _WritersBusy(DatabaseBusy):
+    """Internal: ``transaction(wait=False)`` found another writer at the writers' gates (a
+    thread of this process, another process) and did not wait for it."""
 
 
 class LockTimeout(Timeout):
@@ -962,10 +968,10 @@ class _Transaction:
     """One level of ``_Core.transaction()``: the outermost a write transaction, the inner ones
     savepoints (a class, not a generator: it runs on every write)."""
 
-    __slots__ = ("core", "local", "depth", "gate", "conn", "mark", "undo_mark")
+    __slots__ = ("core", "wait", "local", "depth", "gate", "conn", "mark", "undo_mark")
 
-    def __init__(self, core):
-        self.core = core
+    def __init__(self, core, wait=True):
+        self.core, self.wait = core, wait
 
     def __enter__(self):
         core = self.core
@@ -973,7 +979,7 @@ class _Transaction:
         depth = getattr(local, "depth", 0)
         if depth == 0:
             self.gate = gate = core._writers    # this one (a forked child gets a new one)
-            conn = core._enter_write(gate)
+            conn = core._enter_write(gate, self.wait)
             local = core._local
             local.pending, local.undo, local.token = [], [], object()
         else:
@@ -1011,7 +1017,7 @@ class _Transaction:
     def roll_back(self):
         """Undo this level: its callbacks dropped, its rollback callbacks run, then
         ``ROLLBACK`` (the outermost level, which lets the next writer in) or ``ROLLBACK TO``
-        its savepoint."""
+        its savepoint (unless the engine rolled back the whole transaction: SQLITE_FULL...)."""
         core, local, depth, conn = self.core, self.local, self.depth, self.conn
         local.depth = depth
         del local.pending[self.mark:]
@@ -1019,7 +1025,7 @@ class _Transaction:
             core._undo(self.undo_mark)  # before ROLLBACK: no other writer can commit meanwhile
             if depth == 0:
                 core._rollback(conn)
-            else:
+            elif core.connection_in_transaction():
                 core._run(conn, f"ROLLBACK TO beaver_{depth}")
                 core._run(conn, f"RELEASE beaver_{depth}")
         finally:
@@ -1294,7 +1300,7 @@ class _Core:
         self._run(conn, sql)
         return conn
 
-    def transaction(self) -> "_Transaction":
+    def transaction(self, wait=True) -> "_Transaction":
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; nested calls become savepoints.
 
             >>> core = db._core
@@ -1303,11 +1309,13 @@ class _Core:
 
         Callbacks registered with ``after_commit`` run once the outermost level commits,
         and are dropped if it (or their savepoint) rolls back; those registered with
-        ``on_rollback`` run if their level (or an outer one) rolls back.
+        ``on_rollback`` run if their level (or an outer one) rolls back. With ``wait``
+        False, an outermost level that would wait for another writer (see ``_enter_write``)
+        raises ``_WritersBusy`` at once instead.
         """
-        return _Transaction(self)
+        return _Transaction(self, wait)
 
-    def _enter_write(self, gate):
+    def _enter_write(self, gate, wait=True):
         """Take this process's writer gate, then this thread's connection (after the gate: a
         pooled one is not held while waiting), then ``BEGIN IMMEDIATE``; the connection.
 
@@ -1316,22 +1324,42 @@ class _Core:
         ms in SQLite's busy handler however soon the lock is free (with four threads writing
         through the server, over a third of the time). On a SQLite file the one writer of
         each process then meets other processes' at ``wal_gate`` (see ``_WalGate``). Neither
-        gate is a rule of its own: SQLite's lock is. The timeout counts every wait.
+        gate is a rule of its own: SQLite's lock is. The timeout counts every wait. With
+        ``wait`` False, a gate taken raises ``_WritersBusy`` at once.
         """
         deadline = None
         if not gate.acquire(blocking=False):
+            if not wait:
+                raise _WritersBusy(_HELD_IN_THIS_PROCESS)
             started = time.monotonic()
             if not gate.acquire(timeout=self.timeout):
                 raise DatabaseBusy(f"the database stayed locked for over {self.timeout:g}s: "
-                                   "another thread of this process holds a write transaction")
+                                   + _HELD_IN_THIS_PROCESS)
             deadline = started + self.timeout
         try:
             conn = self.conn()
+            if not wait:
+                return self._begin_unless_held(conn)
             if self.wal_gate is not None:
                 return self._begin_in_turn(conn, deadline)
             return self._begin_by(conn, deadline)
         except BaseException:
             gate.release()
+            raise
+
+    def _begin_unless_held(self, conn):
+        """``BEGIN IMMEDIATE`` on ``conn`` unless another process is at the writers' gate:
+        ``_WritersBusy`` then, at once; the connection. SQLite's lock itself (taken by a
+        writer that is not beaver's, as the gate was free) is waited for as usual."""
+        wal_gate = self.wal_gate
+        if wal_gate is not None and not wal_gate.take():
+            wal_gate.release()
+            raise _WritersBusy("another process holds the writers' gate")
+        try:
+            return self._begin_by(conn, None)
+        except BaseException:
+            if wal_gate is not None:
+                wal_gate.release()
             raise
 
     def _begin_in_turn(self, conn, deadline):
@@ -8015,14 +8043,15 @@ PRUNE_EVERY = 512               # keyed writes between two prunes (or one PURGE_
 PRUNE_BUDGET = 4 * PRUNE_EVERY  # records one step of a prune reads at most
 
 
-def _once(db, key, call, answer=None):
+def _once(db, key, call, answer=None, wait=True):
     """Run ``call()`` (returning ``(status, body bytes, headers)``) once for ``key``.
 
     The key and the answer are stored in the transaction of the operation itself, so a
     repeat (a client retrying after a lost response, on any worker) gets the first answer
     and applies nothing again; a repeat that arrives while the first runs waits for it.
     With ``answer``, what ``call()`` answers whenever it does not raise (a 204), the record
-    goes in first and tells in the same statement whether the key is new.
+    goes in first and tells in the same statement whether the key is new. With ``wait``
+    False, ``_WritersBusy`` at once while another writer holds the write transaction.
 
         >>> _once(db, "key-1", lambda: (200, b"1", None))
         (200, b'1', None)
@@ -8030,7 +8059,7 @@ def _once(db, key, call, answer=None):
         (200, b'1', None)
     """
     core = db._core
-    with core.transaction():        # BEGIN IMMEDIATE: a repeat waits here for the first
+    with core.transaction(wait):    # BEGIN IMMEDIATE: a repeat waits here for the first
         now = _now()
         if answer is None:
             stored = core.one("SELECT status, body FROM beaver_requests WHERE key = ?", (key,))

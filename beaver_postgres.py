@@ -1200,9 +1200,9 @@ class PostgresCore(beaver._Core):
             self._pool.unpin(threading.current_thread())
 
     @contextlib.contextmanager
-    def transaction(self):
+    def transaction(self, wait=True):
         try:
-            with super().transaction() as conn:
+            with super().transaction(wait) as conn:
                 yield conn
         finally:
             self._unpin()
@@ -1375,6 +1375,21 @@ class PostgresCore(beaver._Core):
         return self._begin(conn, f"BEGIN; SET LOCAL lock_timeout = {max(1, int(left * 1000))}; "
                                  f"SELECT pg_advisory_xact_lock({self.lock_key}); "
                                  f"SET LOCAL lock_timeout = {max(1, int(self.timeout * 1000))}")
+
+    def _begin_unless_held(self, conn):
+        """BEGIN and the writers' lock on ``conn`` if no other session holds the lock, else
+        ``_WritersBusy`` at once (the transaction ended); the connection."""
+        conn = self._begin(conn, "BEGIN")
+        try:
+            free = conn.execute("SELECT pg_try_advisory_xact_lock(%s)",
+                                (self.lock_key,)).fetchone()[0]
+        except _DB_ERRORS as e:
+            self._rollback(conn)
+            raise self._error(e) from e
+        if not free:
+            self._rollback(conn)
+            raise beaver._WritersBusy("another session holds the writers' lock")
+        return conn
 
     def _run(self, conn, sql):
         """Transaction control: ``BEGIN IMMEDIATE`` is BEGIN plus the writers' lock."""

@@ -457,7 +457,8 @@ class _Server:
             self.open_waits -= 1
 
     def manager(self, kind, name, options=None):
-        """The manager of ``kind`` called ``name`` (in a worker thread: opening may write)."""
+        """The manager of ``kind`` called ``name`` (on the reactor's thread or a worker
+        thread, never the event loop's: opening may write)."""
         db = self.db
         if kind == "db":
             return db
@@ -571,8 +572,9 @@ class _Server:
             raise ValueError(f"a text query is at most {self.limits['text']} characters on "
                              "this server")
 
-    def execute(self, op, name, options, kwargs, key=None):
-        """Run one declared operation (in a worker thread); its answer."""
+    def execute(self, op, name, options, kwargs, key=None, wait=True):
+        """Run one declared operation (on the reactor's thread or a worker thread); its
+        answer."""
         manager = self.manager(op.kind, name, options)     # before any transaction opens
         stored = beaver._STORED_TEXT.get((op.kind, op.method))
         if stored and key is None and getattr(manager, "_codec", None) is beaver._JSON:
@@ -582,9 +584,13 @@ class _Server:
             result = beaver._local_function(op)(manager, **kwargs)
             reply = beaver._SERVE[op.result.rstrip("?")](result, manager)
             return reply if isinstance(reply, tuple) else beaver._reply(reply)
-        if key is None:
+        if key is None and wait:
             return call()
-        return beaver._once(self.db, key, call, beaver._NO_CONTENT if not op.result else None)
+        if key is None:         # a write that must not wait for another writer
+            with self.db._core.transaction(wait=False):
+                return call()
+        return beaver._once(self.db, key, call, beaver._NO_CONTENT if not op.result else None,
+                            wait)
 
     async def serve_op(self, request, route, params):
         op, name, options, kwargs = await self.arguments(request, route, params,
@@ -1313,20 +1319,22 @@ class _RedactTokens(logging.Filter):
 # on all of them in one selector (epoll, kqueue) with non-blocking sockets, an input and an
 # output buffer per connection, and runs the hot declared operations right there: no event
 # loop hop, no thread hop, no GIL hand-off between threads per request. Only plain HTTP/1.1
-# requests with a small Content-Length body that route to a declared operation and do not
-# wait are served so; at the first request that is anything else (a wait, a stream, a
-# WebSocket, a hand-written route, a large or chunked body, a header it does not read), the
-# connection with the bytes read so far goes to the event loop for good, where uvicorn serves
-# it and waits hold no thread. The declared operations whose cost grows with the data (scans,
-# searches, bulk writes: everything not in ``_INLINE``) run in the server's thread pool, their
-# answers coming back to the reactor, so they never stall the other connections. The inline
-# writes one round finds ready (from several connections) commit together: one transaction,
-# a savepoint each, the answers sent after COMMIT (group commit). Answers go out in request
-# order per connection, pipelined requests too. Every connection has one deadline at a time
-# (its request's head and body, the keep-alive time between requests, the sending of its
-# answers): a slow or silent client, or one that never reads, holds nothing. While a pool
-# thread holds the write transaction, a round's writes wait for it in the pool, not here;
-# SQLite's lock held by another process is waited for here, at most the database timeout.
+# requests with a small Content-Length body that route to a declared operation and do not wait
+# are served so; at the first request that is anything else (a wait, a stream, a WebSocket, a
+# hand-written route, a large or chunked body, a header it does not read), the connection with
+# the bytes read so far goes to the event loop for good, where uvicorn serves it and waits
+# hold no thread. The declared operations whose cost grows with the data (scans, searches,
+# bulk writes: everything not in ``_INLINE``; on PostgreSQL, every one, each being a round
+# trip to the server) run in the server's thread pool, their answers coming back to the
+# reactor, so they never stall the other connections. The inline writes one round finds ready
+# (from several connections) commit together: one transaction, a savepoint each, the answers
+# sent after COMMIT (group commit). Answers go out in request order per connection, pipelined
+# requests too. Every connection has one deadline at a time (its request's head and body, the
+# keep-alive time between requests, the sending of its answers): a slow or silent client, or
+# one that never reads, holds nothing. A round's writes take the writers' gates without
+# waiting (``transaction(wait=False)`` of the core): while a pool thread or
+# another beaver process writes, they wait for it in the pool, not here; SQLite's lock held by
+# a writer that is not beaver's is waited for here, at most the database timeout.
 
 DIRECT_BODY = 64 * 1024         # larger request bodies are read by the event loop
 SEND_TIMEOUT = 30.0             # seconds to send an answer (plus one per MB of it)
@@ -1358,7 +1366,7 @@ def _at_an_end(kwargs) -> bool:
 
 # (kind, method) -> True when a call runs on the reactor (or a predicate of its arguments
 # saying so): a few statements on one key or an end, whatever the size of the structure (the
-# request body is at most DIRECT_BODY)
+# request body is at most DIRECT_BODY). On SQLite only: see _Reactor.inline
 _INLINE = {
     **{("dict", m): True for m in ("__getitem__", "get", "set", "pop", "__delitem__",
                                    "__contains__", "ttl", "setdefault")},
@@ -1482,6 +1490,9 @@ class _Reactor:
         self.server, self.handoff, self.limit = server, handoff, limit
         self.header_timeout, self.keep_alive = header_timeout, keep_alive
         self.send_timeout = send_timeout
+        # on SQLite an inline call costs microseconds; elsewhere (PostgreSQL) each is a round
+        # trip to the server: in the pool they run in parallel, here they would run in turn
+        self.inline = _INLINE if server.db._core.engine == "sqlite" else {}
         self.period = max(0.01, min(1.0, header_timeout / 4, keep_alive / 4))
         self.selector = selectors.DefaultSelector()
         self.connections: dict = {}         # socket -> _Connection
@@ -1727,7 +1738,7 @@ class _Reactor:
 
     def dispatch(self, conn, plain, call, batch):
         """Run ``call`` now (a read), join the batch (a write) or send it to the pool."""
-        rule = _INLINE.get((call.op.kind, call.op.method))
+        rule = self.inline.get((call.op.kind, call.op.method))
         if rule is not True and (rule is None or not rule(call.kwargs)):
             return self.offload(conn, plain, call)
         if not call.op.writes:
@@ -1743,11 +1754,14 @@ class _Reactor:
         conn.busy = True
         batch.append((conn, plain, call))
 
-    def attempt(self, call):
-        """The answer to ``call``, an error answer if it fails."""
+    def attempt(self, call, wait=True):
+        """The answer to ``call``, an error answer if it fails (a write with ``wait`` False:
+        ``beaver._WritersBusy`` while another writer holds the write transaction)."""
         try:
-            return self.server.execute(*call)
+            return self.server.execute(*call, wait=wait)
         except Exception as e:
+            if not wait and isinstance(e, beaver._WritersBusy):
+                raise
             return _error_reply(e)
 
     def offload(self, conn, plain, call):
@@ -1768,50 +1782,65 @@ class _Reactor:
     # -- group commit ------------------------------------------------------------------------
 
     def commit(self, batch):
-        """Run the inline writes of one round, then send their answers. While a thread of
-        the pool holds the write transaction (a bulk write, a clear...), they run in the
-        pool: the reactor does not wait for it, and serves the reads meanwhile."""
+        """Run the inline writes of one round, then send their answers. While another
+        writer holds the write transaction (a thread of the pool in a bulk write, a
+        clear...; another process), they run in the pool: the reactor does not wait for it,
+        and serves the reads meanwhile."""
         calls = [call for _, _, call in batch]
-        gate = getattr(self.server.db._core, "_writers", None)
-        if gate is not None and gate.locked():
-            def finished(future):
-                for (conn, plain, _), reply in zip(batch, future.result()):
-                    self.finished.put((conn, plain, reply))
-                self.wake()
+        try:
+            replies = self.writes(calls, wait=False)
+        except beaver._WritersBusy:
             try:
                 return self.server.executor.submit(self.writes, calls).add_done_callback(
-                    finished)
+                    functools.partial(self.committed_in_pool, batch))
             except RuntimeError:        # the pool is shut down: the server is stopping
-                pass
-        for (conn, plain, _), reply in zip(batch, self.writes(calls)):
+                replies = self.writes(calls)
+        for (conn, plain, _), reply in zip(batch, replies):
             self.finish(conn, plain, reply)
 
-    def writes(self, calls) -> list:
-        """The answers to the inline writes ``calls``: one alone, several group-committed."""
-        return [self.attempt(calls[0])] if len(calls) == 1 else self.group_commit(calls)
+    def committed_in_pool(self, batch, future):
+        """Hand the answers to ``batch``, written in the pool, back to the reactor."""
+        for (conn, plain, _), reply in zip(batch, future.result()):
+            self.finished.put((conn, plain, reply))
+        self.wake()
 
-    def group_commit(self, calls) -> list:
+    def writes(self, calls, wait=True) -> list:
+        """The answers to the inline writes ``calls``: one alone, several group-committed;
+        with ``wait`` False, ``beaver._WritersBusy`` at once while another writer holds the
+        write transaction."""
+        if len(calls) > 1:
+            return self.group_commit(calls, wait)
+        return [self.attempt(calls[0], wait)]
+
+    def group_commit(self, calls, wait=True) -> list:
         """The answers to ``calls``, run in one transaction, each in a savepoint of its own
         (a keyed one in ``_once``'s): a failing call rolls back alone and gets its own error;
-        if the COMMIT fails, every call gets that error."""
+        if the COMMIT fails, or a call's error made the engine roll back the whole
+        transaction (SQLITE_FULL...), every call gets that error."""
         core, replies = self.server.db._core, []
         try:
-            with core.transaction():
+            with core.transaction(wait):
                 for call in calls:
                     replies.append(self.in_savepoint(core, call))
                     if not core.connection_in_transaction():    # the engine rolled it back
                         raise beaver.BeaverError("the transaction was rolled back by SQLite")
+        except beaver._WritersBusy:
+            raise
         except Exception as e:
             return [_error_reply(e)] * len(calls)
         return replies
 
     def in_savepoint(self, core, call):
+        """The answer to ``call`` in a savepoint of the batch's transaction; its error raised
+        if the engine rolled back the whole transaction (every call of the batch gets it)."""
         try:
             if call.key is not None:        # _once opens the savepoint and stores the answer
                 return self.server.execute(*call)
             with core.transaction():
                 return self.server.execute(*call)
         except Exception as e:
+            if not core.connection_in_transaction():
+                raise
             return _error_reply(e)
 
     # -- answers -------------------------------------------------------------------------------
@@ -1973,10 +2002,11 @@ def _parser(prog=None) -> argparse.ArgumentParser:
             "BEAVER_CONNECTION_THREADS", DEFAULT_DIRECT_CONNECTIONS)),
         help="connections per process served by its reactor thread (plain requests, no "
              "event-loop hop); beyond them, new ones go to the event loop; 0 serves "
-             "everything on the event loop ($BEAVER_DIRECT_CONNECTIONS; "
-             "--connection-threads is its former name)")
+             "everything on the event loop ($BEAVER_DIRECT_CONNECTIONS; the former name "
+             "--connection-threads N now caps the reactor's connections at N)")
     add("--header-timeout", type=float, default=HEADER_TIMEOUT,
-        help="seconds a connection may take to send a request's headers")
+        help="seconds a connection may take to send a request's headers (and on the "
+             "reactor, its body too)")
     add("--log-level", default=env("BEAVER_LOG_LEVEL", "info"),
         choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level")
     return parser

@@ -3354,6 +3354,26 @@ def test_transaction_nested_savepoints(db):
     assert "x" not in d and "y" not in d
 
 
+def test_a_savepoint_whose_transaction_the_engine_rolled_back_raises_the_error(db):
+    """SQLite rolls back the whole transaction on SQLITE_FULL: every level raises the
+    DiskFull that caused it (not "no such savepoint" from rolling back to a savepoint gone
+    with it), and nothing of the transaction is kept."""
+    d = db.dict("d")
+    d["before"] = 1
+    _cap_the_file(db._core.conn())
+    with pytest.raises(beaver.DiskFull):
+        with db.transaction():
+            d["a"] = 1
+            with db.transaction():
+                with db.transaction():
+                    d["big"] = "x" * 40_000
+    assert dict(d) == {"before": 1} and not db._core.connection_in_transaction()
+    db._core.conn().execute("PRAGMA max_page_count = 1073741823")
+    with db.transaction():
+        d["after"] = 1
+    assert dict(d) == {"before": 1, "after": 1}
+
+
 def test_transaction_on_rollback_follows_savepoints(db):
     """Undo callbacks run when their level or an outer one rolls back, newest first, and
     never after a commit; a released savepoint hands its callbacks to the parent."""
@@ -3419,6 +3439,54 @@ def test_threads_queue_for_the_write_transaction_and_get_in_once_it_commits(tmp_
     assert sorted(db.dict("d").keys()) == ["held"] + sorted(f"w{i}" for i in range(8))
     db.close()
 
+
+
+def _refused_at_once(core) -> bool:
+    """Whether ``transaction(wait=False)`` is refused with ``_WritersBusy`` (a waiting one
+    would wait for the holder, here for the test's deadline, then write)."""
+    try:
+        with core.transaction(wait=False):
+            core.execute("SELECT 1")
+    except beaver._WritersBusy as e:
+        return isinstance(e, beaver.DatabaseBusy)
+    return False
+
+
+def _refused_in_another_thread(core) -> bool:
+    refused = []
+    thread = threading.Thread(target=lambda: refused.append(_refused_at_once(core)))
+    thread.start()
+    thread.join(MP_DEADLINE)
+    return refused == [True]
+
+
+def _refused_while_a_thread_writes(core, writer_db) -> bool:
+    """Whether ``core`` refuses the ways in that must not wait while a thread holds a write
+    transaction of ``writer_db`` (let go after)."""
+    entered, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_a_write, args=(writer_db, entered, release))
+    holder.start()
+    try:
+        assert entered.wait(MP_DEADLINE)
+        return _refused_at_once(core)
+    finally:
+        release.set()
+        holder.join(MP_DEADLINE)
+
+
+def test_a_transaction_that_must_not_wait_is_refused_while_another_thread_writes(tmp_path):
+    db = BeaverDB(tmp_path / "try.db", timeout=MP_DEADLINE)
+    core = db._core
+    assert _refused_while_a_thread_writes(core, db)
+    with core.transaction(wait=False):      # free again: it begins, nested levels too
+        db.dict("d")["mine"] = 1
+        with core.transaction(wait=False), core.transaction():
+            db.dict("d")["nested"] = 1
+        assert _refused_in_another_thread(core)
+    assert dict(db.dict("d")) == {"held": 1, "mine": 1, "nested": 1}
+    with core.transaction():                # and free again after it
+        db.dict("d")["after"] = 1
+    db.close()
 
 # -- the writers' gate between processes (_WalGate) -------------------------------------------
 
@@ -3512,6 +3580,21 @@ def test_a_write_of_another_process_makes_a_write_busy_within_the_timeout(tmp_pa
     assert dict(db.dict("d")) == {"before": 1, "held": 1, "mine": 2}
     db.close()
 
+
+
+@needs_flock
+def test_a_transaction_that_must_not_wait_is_refused_while_another_process_writes(tmp_path):
+    path = str(tmp_path / "try.db")
+    with BeaverDB(path, timeout=MP_DEADLINE) as db:
+        db.dict("d")["before"] = 1              # the -wal (the gate) exists from here on
+        with _a_write_held_in_another_process(path):
+            assert _refused_at_once(db._core)
+            assert db.dict("d")["before"] == 1   # nothing left held: reads go on
+        with db._core.transaction(wait=False):
+            assert not _wal_gate_is_free(path)
+            db.dict("d")["mine"] = 1
+        assert _wal_gate_is_free(path) and dict(db.dict("d")) == {"before": 1, "held": 1,
+                                                                    "mine": 1}
 
 @needs_flock
 def test_a_gate_held_by_no_writer_delays_a_write_but_never_refuses_it(tmp_path):
@@ -8706,13 +8789,13 @@ def _raw(method, target, port, body=b""):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("connection_threads", ["16", "0"])
-def test_server_holds_500_waiting_consumers_without_threads(tmp_path, connection_threads):
+@pytest.mark.parametrize("direct_connections", ["16", "0"])
+def test_server_holds_500_waiting_consumers_without_threads(tmp_path, direct_connections):
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
     process, url = _start_server(tmp_path / "waits.db", "--max-wait", "60",
-                                 "--connection-threads", connection_threads,   # the former name
+                                 "--connection-threads", direct_connections,   # the former name
                                  command=("-m", "beaver_server"))
     port = int(url.rsplit(":", 1)[1])
     client = beaver.BeaverClient(url)
@@ -9047,7 +9130,7 @@ _SAME_ANSWERS = [   # (request, whether the server closes the connection after i
 ]
 
 
-def test_connection_threads_answer_as_the_event_loop_does(two_paths):
+def test_reactor_answers_as_the_event_loop_does(two_paths):
     answers = []
     for port in two_paths:
         seen = []
@@ -9062,15 +9145,15 @@ def test_connection_threads_answer_as_the_event_loop_does(two_paths):
                          headers.get("www-authenticate"), headers.get("content-length"),
                          headers.get("access-control-allow-origin")))
         answers.append(seen)
-    threaded, loop = answers
-    for request, a, b in zip(_SAME_ANSWERS, threaded, loop):
+    direct, loop = answers
+    for request, a, b in zip(_SAME_ANSWERS, direct, loop):
         if b"openapi" not in request[0] and b"/info" not in request[0]:
             assert a == b, request[0][:60]
         else:
             assert a[0] == b[0] == 200
-    assert [a[0] for a in threaded] == [204, 200, 200, 404, 422, 404, 204, 204, 200, 403, 403,
-                                        403, 200, 401, 401, 414, 413, 408, 200, 200, 204, 200]
-    assert threaded[12][-1] == "https://app.example"
+    assert [a[0] for a in direct] == [204, 200, 200, 404, 422, 404, 204, 204, 200, 403, 403,
+                                      403, 200, 401, 401, 414, 413, 408, 200, 200, 204, 200]
+    assert direct[12][-1] == "https://app.example"
 
 
 def test_a_connection_moves_to_the_event_loop_for_a_wait_and_keeps_serving(two_paths):
@@ -9088,12 +9171,12 @@ def test_a_connection_moves_to_the_event_loop_for_a_wait_and_keeps_serving(two_p
         # pipelined: two requests in one write, two answers in order
         sock.sendall(_raw_req("GET", "/dicts/m/k") + _raw_req("GET", "/dicts/m/missing"))
         assert _read_answer(sock)[0] == 200 and _read_answer(sock)[0] == 404
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # on a thread
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # on the reactor
         sock.sendall(_raw_req("GET", "/dicts/m/k") + _raw_req("GET", "/dicts/m/missing"))
         assert _read_answer(sock)[0] == 200 and _read_answer(sock)[0] == 404
 
 
-def test_connection_threads_never_wait_on_a_client_forever(two_paths):
+def test_reactor_never_waits_on_a_client_forever(two_paths):
     port = two_paths[0]
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         assert _exchange(sock, _raw_req("PUT", "/dicts/d/k", b'"v"', extra="Content-Type: "
@@ -9109,12 +9192,12 @@ def test_connection_threads_never_wait_on_a_client_forever(two_paths):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_connection_threads_leak_no_threads_or_descriptors(tmp_path):
+def test_reactor_leaks_no_threads_or_descriptors(tmp_path):
     process, url = _start_server(tmp_path / "leak.db", "--direct-connections", "3",
                                  command=("-m", "beaver_server"))
     port = int(url.rsplit(":", 1)[1])
     try:
-        def burst(count):       # more connections at once than threads: some go to the loop
+        def burst(count):       # more connections than the reactor takes: some go to the loop
             socks = [socket.create_connection(("127.0.0.1", port), timeout=30)
                      for _ in range(count)]
             for n, sock in enumerate(socks):
@@ -9143,18 +9226,18 @@ def _open_sockets(pid) -> int:
                for fd in os.listdir(f"/proc/{pid}/fd"))
 
 
-def test_a_server_with_busy_connection_threads_stops_promptly(tmp_path):
+def test_a_server_with_open_direct_connections_stops_promptly(tmp_path):
     process, url = _start_server(tmp_path / "stop.db", command=("-m", "beaver_server"))
     port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as idle:
         assert _exchange(idle, _raw("GET", "/info", port).replace(b"Connection: close\r\n", b""))[0] \
-            == 200                          # a keep-alive connection held by a thread
+            == 200                          # a keep-alive connection held by the reactor
         process.terminate()
         process.wait(timeout=20)           # uvicorn re-raises SIGTERM once it has stopped
         assert idle.recv(1024) == b""
 
 
-def test_connection_threads_serve_only_plain_heads():
+def test_reactor_serves_only_plain_heads():
     pytest.importorskip("fastapi")
     import beaver_server
     plain = beaver_server._plain_head(b"PUT /dicts/d/k?ttl_seconds=5 HTTP/1.1\r\nHost: x\r\n"
@@ -9353,9 +9436,9 @@ def test_reactor_group_commit_rolls_back_only_the_failing_write(reactor, monkeyp
     r, port, db = reactor
     batches, local_function = [], beaver._local_function
 
-    def recorded(calls):
+    def recorded(calls, wait=True):
         batches.append(len(calls))
-        return group_commit(calls)
+        return group_commit(calls, wait)
     group_commit, r.group_commit = r.group_commit, recorded
 
     def writes_then_fails(op):
@@ -9394,11 +9477,11 @@ def test_reactor_group_commit_rolls_back_only_the_failing_write(reactor, monkeyp
     _rt_until(lambda: sorted(seen) == ["a", "first"])     # an event per committed write
 
 
-def test_pg_reactor_group_commits_the_writes_of_a_round(pg_url):
-    """On PostgreSQL too, the keyed writes one round finds ready commit together."""
+def test_pg_reactor_writes_wait_in_the_pool_while_another_session_writes(pg_url):
+    """On PostgreSQL, while another session holds the writers' lock, the reactor's writes
+    wait for it in the pool: another connection's read is answered meanwhile."""
     with BeaverDB(pg_url) as db, BeaverDB(pg_url) as elsewhere, _running_reactor(db) as (r, port):
-        batches, group_commit = [], r.group_commit
-        r.group_commit = lambda calls: (batches.append(len(calls)), group_commit(calls))[1]
+        db.dict("d")["k0"] = -1
         inside, release = threading.Event(), threading.Event()
 
         def hold():                         # the writers' lock, as another process holds it
@@ -9410,12 +9493,14 @@ def test_pg_reactor_group_commits_the_writes_of_a_round(pg_url):
         assert inside.wait(MP_DEADLINE)
         puts = [_req("PUT", f"/dicts/d/k{i}", b"%d" % i, f"Idempotency-Key: pg-{i}\r\n")
                 for i in range(4)]
-        socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in puts]
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=MP_DEADLINE)
+                 for _ in puts]
         try:
-            socks[0].sendall(puts[0])
-            _rt_until(lambda: _busy(r))     # waits for the lock: the next three queue up
-            for sock, request in zip(socks[1:], puts[1:]):
-                sock.sendall(request)
+            with socket.create_connection(("127.0.0.1", port), timeout=MP_DEADLINE) as reader:
+                for sock, request in zip(socks, puts):
+                    sock.sendall(request)
+                _rt_until(lambda: sum(conn.busy for conn in list(r.connections.values())) == 4)
+                assert _exchange(reader, _req("GET", "/dicts/d/k0"))[2] == b"-1"
             release.set()
             statuses = [_read_answer(sock)[0] for sock in socks]
         finally:
@@ -9423,8 +9508,35 @@ def test_pg_reactor_group_commits_the_writes_of_a_round(pg_url):
             holder.join(MP_DEADLINE)
             for sock in socks:
                 sock.close()
-        assert statuses == [204] * 4 and max(batches) > 1
+        assert statuses == [204] * 4
         assert dict(db.dict("d").items()) == {f"k{i}": i for i in range(4)}
+
+
+def test_pg_reactor_runs_every_operation_in_the_pool(pg_url):
+    """On PostgreSQL each operation is a network round trip: run on the reactor, they would
+    run one at a time; all go to the pool, where a slow one holds up no other."""
+    with BeaverDB(pg_url) as db, _running_reactor(db) as (r, port):
+        db.dict("d")["k"] = 1
+        execute, entered, release = r.server.execute, threading.Event(), threading.Event()
+
+        def slow_for_one_key(op, name, options, kwargs, *args, **more):
+            if "slow" in kwargs.values():
+                entered.set()
+                release.wait(MP_DEADLINE)
+            return execute(op, name, options, kwargs, *args, **more)
+        r.server.execute = slow_for_one_key
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as slow, \
+                socket.create_connection(("127.0.0.1", port), timeout=30) as other:
+            slow.sendall(_req("GET", "/dicts/d/slow"))
+            assert entered.wait(MP_DEADLINE)
+            try:
+                assert _exchange(other, _req("GET", "/dicts/d/k"))[2] == b"1"
+                assert _exchange(other, _req("PUT", "/dicts/d/k", b"2"))[0] == 204
+                assert _exchange(other, _req("POST", "/queues/q/put", b'"job"'))[0] == 204
+            finally:
+                release.set()
+            assert _read_answer(slow)[0] == 404
+        assert db.dict("d")["k"] == 2 and len(db.queue("q")) == 1
 
 
 def test_reactor_commit_failure_fails_every_write_of_the_batch(reactor, monkeypatch):
@@ -9432,11 +9544,12 @@ def test_reactor_commit_failure_fails_every_write_of_the_batch(reactor, monkeypa
     core, run = db._core, db._core._run
 
     def no_commit(conn, sql):
-        if sql == "COMMIT" and threading.current_thread() is r.thread:
+        if sql == "COMMIT" and _waits_in(threading.current_thread(), "group_commit"):
             raise beaver.DiskFull("the disk is full")
         return run(conn, sql)
     batches, group_commit = [], r.group_commit
-    r.group_commit = lambda calls: (batches.append(len(calls)), group_commit(calls))[1]
+    r.group_commit = lambda calls, wait=True: (batches.append(len(calls)),
+                                               group_commit(calls, wait))[1]
     first, release = _hold_the_writer(db, port, _req("PUT", "/dicts/d/first", b"0"))
     _rt_until(lambda: _busy(r))
     monkeypatch.setattr(core, "_run", no_commit)
@@ -9453,6 +9566,44 @@ def test_reactor_commit_failure_fails_every_write_of_the_batch(reactor, monkeypa
     monkeypatch.setattr(core, "_run", run)
     assert batches == [3]                           # the three failed together
     assert list(db.dict("d")) == ["first"] and beaver._remembered(db, "batch-0") is None
+
+
+def _cap_the_file(conn, pages_more=2):
+    """Let ``conn`` grow the file ``pages_more`` pages at most (SQLite's ``max_page_count``):
+    a larger write fails with SQLITE_FULL, and SQLite rolls back the whole transaction."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + pages_more}")
+
+
+def test_reactor_batch_rolled_back_by_the_engine_answers_every_write_with_its_error(reactor):
+    """A write that fills the disk makes SQLite roll back the whole batch's transaction:
+    every write of the batch is answered with that error (507 DiskFull), not a generic 500."""
+    r, port, db = reactor
+    batches, group_commit = [], r.group_commit
+    r.group_commit = lambda calls, wait=True: (batches.append(len(calls)),
+                                               group_commit(calls, wait))[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert _exchange(sock, _req("GET", "/dicts/d/x"))[0] == 404   # the reactor's connection
+    _cap_the_file(next(conn for thread, conn in db._core._conns if thread is r.thread))
+    first, release = _hold_the_writer(db, port, _req("PUT", "/dicts/d/first", b"0"))
+    _rt_until(lambda: _busy(r))
+    requests = [_req("PUT", "/dicts/d/a", b"1"),
+                _req("PUT", "/dicts/d/big", b'"' + b"x" * 40_000 + b'"'),
+                _req("PUT", "/dicts/d/c", b"3", "Idempotency-Key: full-c\r\n")]
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in requests]
+    for sock, request in zip(socks, requests):
+        sock.sendall(request)
+    release()
+    try:
+        assert _read_answer(first)[0] == 204        # alone in its round: no batch
+        answers = [_read_answer(sock) for sock in socks]
+    finally:
+        for sock in socks + [first]:
+            sock.close()
+    assert batches == [3]
+    assert [(status, json.loads(body)["error"]) for status, _, body in answers] == \
+        [(507, "DiskFull")] * 3
+    assert list(db.dict("d")) == ["first"] and beaver._remembered(db, "full-c") is None
 
 
 def test_reactor_writes_wait_in_the_pool_while_a_pool_thread_holds_the_writer(reactor):
@@ -9476,15 +9627,74 @@ def test_reactor_writes_wait_in_the_pool_while_a_pool_thread_holds_the_writer(re
         assert [(a[0], a[2]) for a in _answers(writer, 2)] == [(204, b""), (200, b"1")]
 
 
+class _TakenAsTheReactorLooks:
+    """A core's writers' lock that ``take()`` (a pool thread's writer) takes the first time
+    the reactor's thread looks at it: right after a look that found it free, or right
+    before a try to take it. The worst moment for the reactor."""
+
+    def __init__(self, lock, reactor_thread, take):
+        self.lock, self.reactor_thread, self.take = lock, reactor_thread, take
+        self.raced = False
+
+    def race(self):
+        if not self.raced and threading.current_thread() is self.reactor_thread:
+            self.raced = True
+            self.take()
+
+    def locked(self):
+        locked = self.lock.locked()
+        self.race()
+        return locked
+
+    def acquire(self, *args, **kwargs):
+        self.race()
+        return self.lock.acquire(*args, **kwargs)
+
+    def release(self):
+        self.lock.release()
+
+
+def test_reactor_never_waits_for_a_writer_that_comes_in_as_it_looks(reactor, monkeypatch):
+    """A pool thread takes the write transaction just as the reactor goes to write: the
+    reactor does not wait for it (the write waits in the pool); another connection's read
+    is answered while the writer holds on, the write right after it lets go."""
+    r, port, db = reactor
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():                         # as a bulk write or a clear in the pool would
+        with db._core.transaction():
+            holding.set()
+            release.wait(MP_DEADLINE)
+
+    def take():
+        held.append(r.server.executor.submit(hold))
+        assert holding.wait(MP_DEADLINE)
+    held = []
+    monkeypatch.setattr(db._core, "_writers",
+                        _TakenAsTheReactorLooks(db._core._writers, r.thread, take))
+    with socket.create_connection(("127.0.0.1", port), timeout=MP_DEADLINE) as writer, \
+            socket.create_connection(("127.0.0.1", port), timeout=MP_DEADLINE) as reader:
+        try:
+            writer.sendall(_req("PUT", "/dicts/d/k", b"1"))
+            assert holding.wait(MP_DEADLINE)
+            assert _exchange(reader, _req("GET", "/dicts/d/k"))[0] == 404    # not stalled
+            assert select.select([writer], [], [], 0)[0] == []    # the write waits its turn
+        finally:
+            release.set()
+        assert _read_answer(writer)[0] == 204
+        assert _exchange(reader, _req("GET", "/dicts/d/k"))[2] == b"1"
+    held[0].result(MP_DEADLINE)
+
+
 def test_reactor_long_operations_run_in_the_pool_without_stalling_others(reactor):
     r, port, _ = reactor
     execute, entered, release = r.server.execute, threading.Event(), threading.Event()
 
-    def slow_info(op, *args):
+    def slow_info(op, *args, **more):
         if op.method == "info":
             entered.set()
             release.wait(MP_DEADLINE)
-        return execute(op, *args)
+        return execute(op, *args, **more)
     r.server.execute = slow_info
     with socket.create_connection(("127.0.0.1", port), timeout=30) as slow, \
             socket.create_connection(("127.0.0.1", port), timeout=30) as other:
@@ -9586,7 +9796,7 @@ def test_reactor_close_stops_its_thread_and_closes_connections(tmp_path):
         app.beaver.executor.shutdown()
 
 
-def test_connection_threads_option_is_checked():
+def test_direct_connections_option_is_checked():
     pytest.importorskip("fastapi")
     code, lines = _one_line_error(["-m", "beaver_server", "--direct-connections", "-1"])
     assert code == 2 and len(lines) == 1 and "--direct-connections" in lines[0]
@@ -12254,6 +12464,21 @@ def test_pg_writers_queued_for_a_transaction_hold_no_connection(pg_url, monkeypa
         for thread in [holder, *queued]:
             thread.join(MP_DEADLINE)
         assert done == [1, 1, 1]
+
+
+def test_pg_a_transaction_that_must_not_wait_is_refused_while_another_writes(pg_url):
+    """On PostgreSQL, ``transaction(wait=False)`` is refused at once while a thread of this
+    process holds the writers, or another session the writers' lock; nothing stays held."""
+    with BeaverDB(pg_url, timeout=MP_DEADLINE) as db, \
+            BeaverDB(pg_url, timeout=MP_DEADLINE) as elsewhere:
+        for writer_db in (db, elsewhere):
+            assert _refused_while_a_thread_writes(db._core, writer_db)
+            assert not db._core.connection_in_transaction()
+        with db._core.transaction(wait=False):
+            db.dict("d")["mine"] = 1
+            with db._core.transaction(wait=False):
+                db.dict("d")["nested"] = 1
+        assert dict(db.dict("d")) == {"held": 1, "mine": 1, "nested": 1}
 
 
 def test_pg_a_write_queued_at_the_gate_waits_for_the_lock_only_what_is_left(pg_url):
