@@ -5577,17 +5577,23 @@ class _TextIndex:
             self._delete_rows(base)
         rows, words = self.batch() if batch is None else batch
         for i, (path, text) in enumerate(texts):
-            rows.append((base + i, text, self._name, path))
-            words.update(_terms(text))
+            terms = _terms(text)
+            rows.append(self._row(base + i, text, path, terms))
+            words.update(terms)
         if batch is None:
             self.flush((rows, words))
+
+    _INSERT = "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)"
+
+    def _row(self, rowid, text, path, terms) -> tuple:
+        """The ``_INSERT`` parameters of one field's row (``terms``: its words, split once
+        for the row and the vocabulary)."""
+        return rowid, text, self._name, path
 
     def flush(self, batch):
         rows, words = batch
         if rows:
-            self._core.executemany(
-                "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
-                rows)
+            self._core.executemany(self._INSERT, rows)
             self._words.add(words)
 
     def remove(self, doc_rowid):

@@ -600,15 +600,15 @@ def _lexeme(term) -> str:
     return "'" + term[:_LEXEME_MAX].replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def _tsvector(text) -> str:
-    """The words of ``text`` as tsvector text: beaver's tokens (``_terms``, as FTS5's
-    unicode61 splits them) with their positions, so phrases and prefixes match as on SQLite.
+def _tsvector(terms) -> str:
+    """A text's words (beaver's tokens: ``_terms``, as FTS5's unicode61 splits them) as
+    tsvector text, with their positions, so phrases and prefixes match as on SQLite.
 
-        >>> _tsvector("The cat saw the CAT")
+        >>> _tsvector(beaver._terms("The cat saw the CAT"))
         "'the':1,4 'cat':2,5 'saw':3"
     """
     positions: dict = {}
-    for at, term in enumerate(beaver._terms(text), 1):
+    for at, term in enumerate(terms, 1):
         kept = positions.setdefault(term[:_LEXEME_MAX], [])
         if len(kept) < _POSITIONS_MAX:
             kept.append(min(at, 16383))
@@ -648,15 +648,12 @@ class PgTextIndex(beaver._TextIndex):
 
     expression = staticmethod(_tsquery)
 
-    def flush(self, batch):
-        rows, words = batch
-        if rows:
-            self._core.executemany(
-                "INSERT INTO beaver_fts (rowid, text, collection, path, words) "
-                "VALUES (?, ?, ?, ?, ?::tsvector)",
-                [(rowid, beaver._UNSEARCHABLE.sub(" ", text), name, path, _tsvector(text))
-                 for rowid, text, name, path in rows])     # text holds no NUL here
-            self._words.add(words)
+    _INSERT = ("INSERT INTO beaver_fts (rowid, text, collection, path, words) "
+               "VALUES (?, ?, ?, ?, ?::tsvector)")
+
+    def _row(self, rowid, text, path, terms) -> tuple:
+        return (rowid, beaver._UNSEARCHABLE.sub(" ", text), self._name, path,  # no NUL here
+                _tsvector(terms))
 
     # the collection's rows, checked on the rows the GIN index finds (as a rowid range, a
     # planner with stale statistics would intersect the index with the whole collection's)

@@ -12874,6 +12874,18 @@ HOSTILE_QUERIES = ["'", "''", "\\", "\\'", "it's", "back\\slash", "a & b", "a | 
                    "NOT 'a'", "it's OR !bang", "& | ! : * ( ) < - >", "é:*", "word" * 2500]
 
 
+def test_pg_indexing_splits_each_text_field_into_words_once(pg_db, monkeypatch):
+    """The words of a field feed the vocabulary and the row's tsvector: split once."""
+    split = []
+    terms = beaver._terms
+    monkeypatch.setattr(beaver, "_terms", lambda text: split.append(text) or terms(text))
+    docs = pg_db.collection("c")
+    docs.index(Document(id="a", body={"title": "the cat", "text": "saw the cat"}))
+    assert sorted(split) == ["saw the cat", "the cat"]
+    monkeypatch.undo()
+    assert [hit[0].id for hit in docs.match("saw cat")] == ["a"]
+
+
 def test_pg_collection_hostile_query_text_finds_what_sqlite_finds(pg_db, tmp_path):
     """Quotes, backslashes, tsquery's own operators, NUL and huge queries are text on
     PostgreSQL as on SQLite: the same documents come back, and nothing raises."""
