@@ -1002,6 +1002,13 @@ class _Core:
         return sum(os.path.getsize(self.path + s) for s in ("", "-wal")
                    if os.path.exists(self.path + s))
 
+    def identity(self) -> str:
+        """What tells this database from any other, however it is named: the machine, and
+        the device and inode of the file (a link or another spelling of the path is it too)."""
+        import socket
+        stat = os.stat(self.path)
+        return f"sqlite:{socket.gethostname()}:{stat.st_dev}:{stat.st_ino}"
+
     def __init__(self, path, timeout=DEFAULT_TIMEOUT, durability="normal"):
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise FeatureUnavailable(
@@ -7547,9 +7554,29 @@ def _copy_database(source, target, mode="new", progress=None) -> int:
         raise TypeError(f"copy_to needs a BeaverDB, a BeaverClient or a path, not "
                         f"{type(target).__name__}")
     target._check_open()
-    if target is source or _same_place(source.path, target.path):
+    if _same_database(source, target):
         raise ValueError("cannot copy a database onto itself")
     return _copy_into(source, target, mode, progress)
+
+
+def _same_database(a, b) -> bool:
+    """Whether two ends of a copy (``BeaverDB`` or ``BeaverClient``) reach one database, by
+    the identity each reports (by URL for a server too old to report one)."""
+    if a is b:
+        return True
+    ids = _database_id(a), _database_id(b)
+    if None in ids:
+        return getattr(a, "url", None) == getattr(b, "url", False)
+    return ids[0] == ids[1]
+
+
+def _database_id(end):
+    """The identity of the database of ``end`` (a ``BeaverDB``, or a ``BeaverClient``: its
+    server's answer at ``/``, None if it gives none), hashed: it says nothing of paths."""
+    if isinstance(end, BeaverClient):
+        return json.loads(end._request("GET", "/")).get("database")
+    import hashlib
+    return hashlib.blake2b(end._core.identity().encode("utf-8"), digest_size=16).hexdigest()
 
 
 def _copy_through_dump(source, target, mode, progress) -> int:
@@ -7561,7 +7588,7 @@ def _copy_through_dump(source, target, mode, progress) -> int:
     if not isinstance(target, (BeaverDB, BeaverClient)):
         raise TypeError(f"copy_to needs a BeaverDB, a BeaverClient or a path, not "
                         f"{type(target).__name__}")
-    if target is source or getattr(target, "url", None) == getattr(source, "url", False):
+    if _same_database(source, target):
         raise ValueError("cannot copy a database onto itself")
     with tempfile.SpooledTemporaryFile(_SPOOL_BYTES, "w+", encoding="utf-8") as spool:
         source.dump(spool)

@@ -1174,6 +1174,14 @@ class PostgresCore(beaver._Core):
             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema() "
             "AND c.relkind = 'r' AND c.relname LIKE 'beaver%'")[0]
 
+    def identity(self) -> str:
+        """The server (its system identifier and start), the database and the schema: the
+        same for every URL that reaches them (another host name, port forward or user)."""
+        return "postgresql:" + ":".join(map(str, self.one(
+            "SELECT (SELECT system_identifier FROM pg_control_system()), "
+            "pg_postmaster_start_time(), (SELECT oid FROM pg_database WHERE datname = "
+            "current_database()), current_schema()")))
+
     # -- connections ------------------------------------------------------------------
 
     def conn(self):

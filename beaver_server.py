@@ -617,8 +617,10 @@ class _Server:
     async def root(self, request, route, params):
         if _wants_html(request.headers):
             return await request.reply(_TO_DASHBOARD)
+        database = await self.run(beaver._database_id, self.db)
         await request.reply(beaver._reply({"beaver": beaver.__version__, "docs": "/docs",
-                                           "pid": os.getpid(), "waits": self.open_waits}))
+                                           "pid": os.getpid(), "waits": self.open_waits,
+                                           "database": database}))
 
     async def list_structures(self, request, route, params):
         kind = "dict" if params == {} and route.parts[0] == "dict" else \

@@ -7602,6 +7602,26 @@ def test_copy_to_and_from_a_server(tmp_path, server_url, uid):
         local.close()
 
 
+def test_copy_to_refuses_the_database_of_its_own_server_by_any_name(served, tmp_path, uid):
+    """Whatever names the two ends (a path and a server serving it, localhost and
+    127.0.0.1), copying a database onto itself is refused; two other servers are not."""
+    url, path = served
+    with BeaverDB(path) as local, beaver.BeaverClient(url) as client, \
+            beaver.BeaverClient(url.replace("127.0.0.1", "localhost")) as alias:
+        local.list(f"l-{uid}").extend([1, 2])
+        for source, target in ((local, client), (client, local), (client, alias)):
+            with pytest.raises(ValueError, match="onto itself"):
+                source.copy_to(target, mode="append")
+        assert local.list(f"l-{uid}")[:] == [1, 2]
+        process, other_url = _start_server(tmp_path / "other.db")
+        try:
+            with beaver.BeaverClient(other_url) as other:
+                assert alias.copy_to(other) >= 1
+                assert other.list(f"l-{uid}")[:] == [1, 2]
+        finally:
+            _stop_server(process)
+
+
 def test_server_json_bodies_read_as_json_loads_reads_them():
     """The server's fast JSON read gives json.loads's value, or its kind of error, for UTF-8
     with and without whitespace or a BOM, UTF-16, and broken text."""
@@ -7657,6 +7677,19 @@ def test_pg_copy_to_between_engines(pg_db, tmp_path, clock):
             source.copy_to(pg_db)
         assert source.copy_to(pg_db, mode="replace") == 7
         _same_dump(_dump_lines_of(pg_db), _dump_lines_of(source))
+
+
+def test_pg_copy_to_refuses_its_own_schema_by_any_name(pg_db, pg_url, postgres_url):
+    """Two URLs of one schema (localhost and 127.0.0.1) are one database: a copy between
+    them is refused; another schema of the same server is another database."""
+    pg_db.list("l").extend([1, 2])
+    with BeaverDB(pg_url.replace("127.0.0.1", "localhost")) as alias:
+        with pytest.raises(ValueError, match="onto itself"):
+            pg_db.copy_to(alias, mode="append")
+    with pg_schema(postgres_url) as other_url, BeaverDB(other_url) as other:
+        assert pg_db.copy_to(other) == 1
+        assert other.list("l")[:] == [1, 2]
+    assert pg_db.list("l")[:] == [1, 2]
 
 
 def test_pg_cli_copy_to_a_url_and_back(capsys, pg_url, tmp_path):
