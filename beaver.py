@@ -7633,10 +7633,11 @@ def _refuse_held(target, plan):
 
 class _MeteredDump:
     """A spooled dump read by ``load``: line by line, counting its items and edges in
-    ``meter`` (or whole, by a client that sends it in one request, counted once sent)."""
+    ``meter`` (or in pieces, by a client that sends it, counted as they are read)."""
 
     def __init__(self, spool, framing, meter):
         self._spool, self._framing, self._meter = spool, framing, meter
+        self._lines = None
 
     def __iter__(self):
         number = 0
@@ -7646,8 +7647,17 @@ class _MeteredDump:
                 number += 1
                 yield line
 
-    def read(self):
-        return "".join(self)
+    def read(self, size=-1):
+        """The next whole lines, about ``size`` characters of them (all without a size)."""
+        if self._lines is None:
+            self._lines = iter(self)
+        pieces, got = [], 0
+        for line in self._lines:
+            pieces.append(line)
+            got += len(line)
+            if size is not None and 0 <= size <= got:
+                break
+        return "".join(pieces)
 
 
 def _same_place(a, b) -> bool:
@@ -8392,6 +8402,61 @@ class _Dropped(OSError):
     """The connection ended before a whole response arrived."""
 
 
+_PIECE = 1 << 16                # bytes of a file read (and sent) at a time
+
+
+class _FileBody:
+    """A request body read from a file in pieces: ``length`` bytes from ``start``, sent again
+    from ``start`` when a request is retried."""
+
+    def __init__(self, fp, start, length):
+        self.fp, self.start, self.length = fp, start, length
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        self.fp.seek(self.start)
+        left = self.length
+        while left > 0:
+            piece = self.fp.read(min(_PIECE, left))
+            if not piece:
+                raise ValueError("the file being sent got shorter")
+            left -= len(piece)
+            yield piece
+
+
+@contextlib.contextmanager
+def _upload(fp):
+    """What ``fp`` reads (bytes or text, sent as UTF-8) as a ``_FileBody``: a binary regular
+    file as it is, anything else through a spool (memory up to ``_SPOOL_BYTES``, then a
+    temporary file), so its length is known and nothing holds it whole."""
+    left = _bytes_left(fp)
+    if left is not None:
+        yield _FileBody(fp, fp.tell(), left)
+        return
+    with tempfile.SpooledTemporaryFile(_SPOOL_BYTES, "w+b") as spool:
+        while True:
+            piece = fp.read(_PIECE)
+            if not piece:
+                break
+            spool.write(piece.encode("utf-8") if isinstance(piece, str) else piece)
+        yield _FileBody(spool, 0, spool.tell())
+
+
+def _bytes_left(fp):
+    """Bytes from the position of a binary regular file to its end; None for anything else
+    (a text file, a pipe, a file-like object)."""
+    import stat as _stat
+    if "b" not in getattr(fp, "mode", ""):
+        return None
+    try:
+        stat = os.fstat(fp.fileno())
+        return stat.st_size - fp.tell() if _stat.S_ISREG(stat.st_mode) else None
+    except (OSError, ValueError, AttributeError):   # no descriptor, or not seekable
+        return None
+
+
 class _Connection:
     """One keep-alive HTTP/1.1 connection: a request out, a response in (read with one
     ``recv`` when it fits, which it mostly does)."""
@@ -8435,9 +8500,14 @@ class _Connection:
         if timeout != self.timeout:
             self.set_timeout(timeout)
         try:
-            self.sock.sendall(head + body if len(body) < 65536 else head)
-            if len(body) >= 65536:
-                self.sock.sendall(body)
+            if isinstance(body, _FileBody):
+                self.sock.sendall(head)
+                for piece in body:
+                    self.sock.sendall(piece)
+            else:
+                self.sock.sendall(head + body if len(body) < 65536 else head)
+                if len(body) >= 65536:
+                    self.sock.sendall(body)
         except BlockingIOError:     # the kernel's send timeout
             raise TimeoutError("timed out") from None
         status, headers = self.read_head()
@@ -9295,12 +9365,15 @@ class BeaverClient:
         return int(headers.get("beaver-structures", 0))
 
     def load(self, fp, mode="append") -> int:
-        """Send a JSON-lines dump to the server, loaded there in one transaction."""
+        """Send a JSON-lines dump to the server, loaded there in one transaction.
+
+        It is sent in pieces: a binary file as it is, anything else (a text file, a pipe)
+        through a spool (memory up to 1 MB, then a temporary file).
+        """
         from urllib.parse import quote
-        text = fp.read()
-        body = text.encode("utf-8") if isinstance(text, str) else text
-        data = self._request("POST", f"/load?mode={quote(str(mode), safe='')}", body,
-                             "Content-Type: application/x-ndjson\r\n", writes=True)
+        with _upload(fp) as body:
+            data = self._request("POST", f"/load?mode={quote(str(mode), safe='')}", body,
+                                 "Content-Type: application/x-ndjson\r\n", writes=True)
         return json.loads(data)["structures"]
 
     def copy_to(self, other, mode="new", progress=None) -> int:
