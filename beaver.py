@@ -972,7 +972,12 @@ class _Core:
 
     engine = "sqlite"
     SNAPSHOT_BEGIN = "BEGIN"        # a read-only transaction that sees one snapshot
-    EMPTY_WRITES_LOCK = True        # a write that changes nothing still takes the write lock
+    # On an engine where a take that finds nothing locks nothing, the statement a woken queue
+    # get sends alone: parameters (name, now, events origin); one row (priority, timestamp,
+    # data, queued, first lease end), data NULL when it took nothing because the queue is
+    # empty, a lease is due or another BeaverDB listens to the queue's events. Here (SQLite:
+    # an empty write still takes the write lock) None: a woken get looks first.
+    TAKE_OR_LOOK = None
 
     def compile_filter(self, where, column) -> "_Filter":
         """The filter ``where`` compiled for this engine over the JSON column ``column``."""
@@ -3491,13 +3496,18 @@ class QueueManager(_Manager):
         the writers' lock; ``looked`` is handed to ``_takeable``."""
         core = self._core
         # a take wakes no waiter: only event listeners keep it off the one-statement path
-        fast = lease is None and _HAS_RETURNING and self._codec is _JSON and not self._heard()
+        fast = lease is None and _HAS_RETURNING and self._codec is _JSON
         look_first = woken and not core.in_transaction
-        if fast and not core.EMPTY_WRITES_LOCK and not core.in_transaction:
-            item = self._take_fast()        # as cheap as the probe below, when nothing is there
-            if item is not _MISSING:
-                return item
-            fast, look_first = False, True  # empty, or a lease is due: look before locking
+        events = self._db._events
+        if fast and core.TAKE_OR_LOOK is not None and not core.in_transaction and \
+                not events.listening(self._topic):
+            row = core.one(core.TAKE_OR_LOOK, (self._name, _now(), events.origin))
+            if row[2] is not None:
+                return QueueItem(row[0], row[1], self._codec.decode(row[2]))
+            if not self._seen(row[3], row[4], looked):
+                return None
+            fast = look_first = False   # a lease is due, or a listener: under the write lock
+        fast = fast and not self._heard()
         if look_first and not self._takeable(looked):
             return None         # a waiter woken by some other write: no write lock for nothing
         if fast:
@@ -3545,6 +3555,13 @@ class QueueManager(_Manager):
             "SELECT EXISTS (SELECT 1 FROM beaver_queues WHERE name = ?), "
             "(SELECT min(until) FROM beaver_queue_leases WHERE name = ?)",
             (self._name, self._name))
+        return self._seen(queued, until, looked)
+
+    @staticmethod
+    def _seen(queued, until, looked) -> bool:
+        """Whether a look that found items ``queued`` and the first lease ending at ``until``
+        (None: no lease) leaves something to take; appends the wait for that lease to the
+        list ``looked`` (for ``_lease_due``)."""
         now = _now()
         if looked is not None:
             looked.append(None if until is None else max(0.0, until - now) + 0.0005)

@@ -12481,6 +12481,37 @@ def _pg_put_later(url):
         db.queue("wake").put("hello")
 
 
+def test_pg_a_woken_get_sends_one_statement_per_attempt(pg_url, monkeypatch):
+    """A blocked get on PostgreSQL, once woken, sends its take alone: the take tells whether
+    there was an item (and when a lease runs out), and checks for event listeners itself,
+    so neither a look nor a stale cache of listeners costs a round trip more."""
+    import beaver_postgres
+    sent, run = [], beaver_postgres.PostgresCore._on
+
+    def on(cursor, statement, params, how):
+        if threading.current_thread().name == "getter":
+            sent.append(statement.sql)
+        return run(cursor, statement, params, how)
+    monkeypatch.setattr(beaver_postgres.PostgresCore, "_on", staticmethod(on))
+    with BeaverDB(pg_url) as db, BeaverDB(pg_url) as other:
+        got = []
+        getter = threading.Thread(target=lambda: got.append(db.queue("q").get(timeout=MP_DEADLINE)),
+                                  name="getter")
+        getter.start()
+        _rt_until(lambda: _waits_in(getter, "wait"))
+        del sent[:]
+        db._events._remote_due = 0.0                    # its cache of listeners is stale
+        other.channel("c").publish("not for the queue")     # wakes it: nothing to take
+        _rt_until(lambda: sent and _waits_in(getter, "wait"))
+        assert sent and all("DELETE FROM beaver_queues" in sql for sql in sent), sent
+        del sent[:]
+        db._events._remote_due = 0.0
+        other.queue("q").put("job")
+        getter.join(MP_DEADLINE)
+        assert [item.data for item in got] == ["job"]
+        assert sent and all("DELETE FROM beaver_queues" in sql for sql in sent), sent
+
+
 def test_pg_dump_of_sqlite_loads_into_postgres_and_back(pg_db, tmp_path):
     with BeaverDB(tmp_path / "a.db") as lite:
         lite.dict("d").update(a=1, b={"x": [1, 2]})
