@@ -608,18 +608,20 @@ class _Server:
         wait = self.limits["wait"] if timeout is None else min(timeout, self.limits["wait"])
         queue = await self.run(self.manager, op.kind, name, options)
         attempt_args = {**kwargs, "block": False}
+        looked, woken, due = [], [False], [None]
 
         def attempt():
-            if key is not None:
-                stored = beaver._remembered(self.db, key)
-                if stored is not None:
-                    return stored
-            if queue._takeable():
-                with contextlib.suppress(beaver.QueueEmpty):
-                    return self.execute(op, name, options, attempt_args, key)
-            due[0] = queue._lease_due()     # a lease running out makes an item takeable
+            """A take (keyed: ``_once`` answers a retry with the stored reply, reading the
+            record under the write lock); once woken, a look before it. ``due``: the wait
+            for the next lease to run out (from the look, else a read)."""
+            if woken[0] and not queue._takeable(looked):
+                due[0] = queue._lease_due(looked)
+                return None
+            woken[0] = True
+            with contextlib.suppress(beaver.QueueEmpty):
+                return self.execute(op, name, options, attempt_args, key)
+            due[0] = queue._lease_due(looked)
             return None
-        due = [None]
         gone = request.gone()
         with self.waiting():
             reply = await self.db._core.watcher.wait_for_async(

@@ -8182,6 +8182,51 @@ def test_server_queue_routes(api):
     assert api.post("/queues/q/put?priority=1e308", json=1).status_code == 204   # no overflow
 
 
+def test_server_keyed_queue_wait_reads_once_per_wake_up(tmp_path, monkeypatch):
+    """A keyed blocking get through the server: its first attempt goes through the request
+    record (a retry answers the same item), each later wake-up costs one look while the
+    queue is empty, and the record is read again only by the take."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    import beaver_server
+    reads = []
+    for method in ("one", "execute"):
+        original = getattr(beaver._Core, method)
+
+        def spy(self, sql, params=(), original=original):
+            reads.append(sql)
+            return original(self, sql, params)
+        monkeypatch.setattr(beaver._Core, method, spy)
+    records = lambda: [sql for sql in reads if sql.startswith("SELECT status, body FROM "
+                                                               "beaver_requests WHERE key")]
+    looks = lambda: [sql for sql in reads if "SELECT EXISTS (SELECT 1 FROM beaver_queues" in sql]
+    with BeaverDB(tmp_path / "api.db") as database, TestClient(beaver_server.create_app(
+            database, max_wait=MP_DEADLINE)) as api:
+        key = {"Idempotency-Key": "wait-1"}
+        answers = []
+        getter = threading.Thread(target=lambda: answers.append(
+            api.post(f"/queues/q/get?timeout={MP_DEADLINE}", headers=key)))
+        getter.start()
+        _rt_until(lambda: records())                # the first attempt found nothing
+        _rt_until(lambda: any("beaver_queue_leases" in sql for sql in reads))   # its cap
+        mark = len(reads)
+        for i in range(3):                          # wake-ups with nothing to take
+            seen = len(looks())
+            database.dict("d")[str(i)] = i
+            _rt_until(lambda: len(looks()) > seen)
+        woken = [sql for sql in reads[mark:] if "beaver_queue" in sql or sql in records()]
+        assert woken == looks()[-len(woken):]       # each wake-up: one look, nothing else
+        assert len(records()) == 1
+        database.queue("q").put("job")
+        getter.join(MP_DEADLINE)
+        assert answers[0].status_code == 200 and answers[0].json()["data"] == "job"
+        assert len(records()) == 2                  # the take, under the write lock
+        database.queue("q").put("other")
+        again = api.post(f"/queues/q/get?timeout={MP_DEADLINE}", headers=key)
+        assert again.json() == answers[0].json()    # the same item, nothing taken
+        assert [item.data for item in database.queue("q")] == ["other"]
+
+
 def test_server_blob_routes(api):
     r = api.put("/blobs/files/dir/a.txt", content=b"hello",
                 headers={"Beaver-Metadata": '{"mimetype": "text/plain"}'})
