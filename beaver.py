@@ -7566,6 +7566,8 @@ def _copy_database(source, target, mode="new", progress=None) -> int:
         if _same_place(source.path, os.fspath(target)):
             raise ValueError("cannot copy a database onto itself")
         with BeaverDB(target) as opened:
+            if _same_database(source, opened):      # a link, or another URL of it
+                raise ValueError("cannot copy a database onto itself")
             return _copy_into(source, opened, mode, progress)
     if not isinstance(target, BeaverDB):
         raise TypeError(f"copy_to needs a BeaverDB, a BeaverClient or a path, not "

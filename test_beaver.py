@@ -7686,6 +7686,8 @@ def test_pg_copy_to_refuses_its_own_schema_by_any_name(pg_db, pg_url, postgres_u
     with BeaverDB(pg_url.replace("127.0.0.1", "localhost")) as alias:
         with pytest.raises(ValueError, match="onto itself"):
             pg_db.copy_to(alias, mode="append")
+    with pytest.raises(ValueError, match="onto itself"):
+        pg_db.copy_to(pg_url.replace("127.0.0.1", "localhost"), mode="append")
     with pg_schema(postgres_url) as other_url, BeaverDB(other_url) as other:
         assert pg_db.copy_to(other) == 1
         assert other.list("l")[:] == [1, 2]
