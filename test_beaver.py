@@ -8210,17 +8210,19 @@ def test_server_keyed_queue_wait_reads_once_per_wake_up(tmp_path, monkeypatch):
             api.post(f"/queues/q/get?timeout={MP_DEADLINE}", headers=key)))
         getter.start()
         _rt_until(lambda: records())                # the first attempt found nothing
-        _rt_until(lambda: any("beaver_queue_leases" in sql for sql in reads))   # its cap
+        _rt_until(lambda: any(sql.startswith("SELECT min(until)") for sql in reads))  # cap
         mark = len(reads)
-        for i in range(3):                          # wake-ups with nothing to take
-            seen = len(looks())
-            database.dict("d")[str(i)] = i
-            _rt_until(lambda: len(looks()) > seen)
-        woken = [sql for sql in reads[mark:] if "beaver_queue" in sql or sql in records()]
-        assert woken == looks()[-len(woken):]       # each wake-up: one look, nothing else
-        assert len(records()) == 1
-        database.queue("q").put("job")
-        getter.join(MP_DEADLINE)
+        try:
+            for i in range(3):                      # wake-ups with nothing to take
+                seen = len(looks())
+                database.dict("d")[str(i)] = i
+                _rt_until(lambda: len(looks()) > seen)
+            woken = [sql for sql in reads[mark:] if "beaver_queue" in sql or sql in records()]
+            assert woken == looks()[-len(woken):]   # each wake-up: one look, nothing else
+            assert len(records()) == 1
+        finally:
+            database.queue("q").put("job")
+            getter.join(MP_DEADLINE)
         assert answers[0].status_code == 200 and answers[0].json()["data"] == "job"
         assert len(records()) == 2                  # the take, under the write lock
         database.queue("q").put("other")
