@@ -1047,7 +1047,12 @@ class _Core:
 
     engine = "sqlite"
     SNAPSHOT_BEGIN = "BEGIN"        # a read-only transaction that sees one snapshot
-    EMPTY_WRITES_LOCK = True        # a write that changes nothing still takes the write lock
+    # On an engine where a take that finds nothing locks nothing, the statement a woken queue
+    # get sends alone: parameters (name, now, events origin); one row (priority, timestamp,
+    # data, queued, first lease end), data NULL when it took nothing because the queue is
+    # empty, a lease is due or another BeaverDB listens to the queue's events. Here (SQLite:
+    # an empty write still takes the write lock) None: a woken get looks first.
+    TAKE_OR_LOOK = None
 
     def compile_filter(self, where, column) -> "_Filter":
         """The filter ``where`` compiled for this engine over the JSON column ``column``."""
@@ -1076,6 +1081,13 @@ class _Core:
         """Bytes the database takes on disk (the file and its WAL)."""
         return sum(os.path.getsize(self.path + s) for s in ("", "-wal")
                    if os.path.exists(self.path + s))
+
+    def identity(self) -> str:
+        """What tells this database from any other, however it is named: the machine, and
+        the device and inode of the file (a link or another spelling of the path is it too)."""
+        import socket
+        stat = os.stat(self.path)
+        return f"sqlite:{socket.gethostname()}:{stat.st_dev}:{stat.st_ino}"
 
     def __init__(self, path, timeout=DEFAULT_TIMEOUT, durability="normal"):
         if sqlite3.sqlite_version_info < MIN_SQLITE:
@@ -3542,13 +3554,18 @@ class QueueManager(_Manager):
         the writers' lock; ``looked`` is handed to ``_takeable``."""
         core = self._core
         # a take wakes no waiter: only event listeners keep it off the one-statement path
-        fast = lease is None and _HAS_RETURNING and self._codec is _JSON and not self._heard()
+        fast = lease is None and _HAS_RETURNING and self._codec is _JSON
         look_first = woken and not core.in_transaction
-        if fast and not core.EMPTY_WRITES_LOCK and not core.in_transaction:
-            item = self._take_fast()        # as cheap as the probe below, when nothing is there
-            if item is not _MISSING:
-                return item
-            fast, look_first = False, True  # empty, or a lease is due: look before locking
+        events = self._db._events
+        if fast and core.TAKE_OR_LOOK is not None and not core.in_transaction and \
+                not events.listening(self._topic):
+            row = core.one(core.TAKE_OR_LOOK, (self._name, _now(), events.origin))
+            if row[2] is not None:
+                return QueueItem(row[0], row[1], self._codec.decode(row[2]))
+            if not self._seen(row[3], row[4], looked):
+                return None
+            fast = look_first = False   # a lease is due, or a listener: under the write lock
+        fast = fast and not self._heard()
         if look_first and not self._takeable(looked):
             return None         # a waiter woken by some other write: no write lock for nothing
         if fast:
@@ -3596,6 +3613,13 @@ class QueueManager(_Manager):
             "SELECT EXISTS (SELECT 1 FROM beaver_queues WHERE name = ?), "
             "(SELECT min(until) FROM beaver_queue_leases WHERE name = ?)",
             (self._name, self._name))
+        return self._seen(queued, until, looked)
+
+    @staticmethod
+    def _seen(queued, until, looked) -> bool:
+        """Whether a look that found items ``queued`` and the first lease ending at ``until``
+        (None: no lease) leaves something to take; appends the wait for that lease to the
+        list ``looked`` (for ``_lease_due``)."""
         now = _now()
         if looked is not None:
             looked.append(None if until is None else max(0.0, until - now) + 0.0005)
@@ -5635,17 +5659,23 @@ class _TextIndex:
             self._delete_rows(base)
         rows, words = self.batch() if batch is None else batch
         for i, (path, text) in enumerate(texts):
-            rows.append((base + i, text, self._name, path))
-            words.update(_terms(text))
+            terms = _terms(text)
+            rows.append(self._row(base + i, text, path, terms))
+            words.update(terms)
         if batch is None:
             self.flush((rows, words))
+
+    _INSERT = "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)"
+
+    def _row(self, rowid, text, path, terms) -> tuple:
+        """The ``_INSERT`` parameters of one field's row (``terms``: its words, split once
+        for the row and the vocabulary)."""
+        return rowid, text, self._name, path
 
     def flush(self, batch):
         rows, words = batch
         if rows:
-            self._core.executemany(
-                "INSERT INTO beaver_fts (rowid, text, collection, path) VALUES (?, ?, ?, ?)",
-                rows)
+            self._core.executemany(self._INSERT, rows)
             self._words.add(words)
 
     def remove(self, doc_rowid):
@@ -7594,14 +7624,36 @@ def _copy_database(source, target, mode="new", progress=None) -> int:
         if _same_place(source.path, os.fspath(target)):
             raise ValueError("cannot copy a database onto itself")
         with BeaverDB(target) as opened:
+            if _same_database(source, opened):      # a link, or another URL of it
+                raise ValueError("cannot copy a database onto itself")
             return _copy_into(source, opened, mode, progress)
     if not isinstance(target, BeaverDB):
         raise TypeError(f"copy_to needs a BeaverDB, a BeaverClient or a path, not "
                         f"{type(target).__name__}")
     target._check_open()
-    if target is source or _same_place(source.path, target.path):
+    if _same_database(source, target):
         raise ValueError("cannot copy a database onto itself")
     return _copy_into(source, target, mode, progress)
+
+
+def _same_database(a, b) -> bool:
+    """Whether two ends of a copy (``BeaverDB`` or ``BeaverClient``) reach one database, by
+    the identity each reports (by URL for a server too old to report one)."""
+    if a is b:
+        return True
+    ids = _database_id(a), _database_id(b)
+    if None in ids:
+        return getattr(a, "url", None) == getattr(b, "url", False)
+    return ids[0] == ids[1]
+
+
+def _database_id(end):
+    """The identity of the database of ``end`` (a ``BeaverDB``, or a ``BeaverClient``: its
+    server's answer at ``/``, None if it gives none), hashed: it says nothing of paths."""
+    if isinstance(end, BeaverClient):
+        return json.loads(end._request("GET", "/")).get("database")
+    import hashlib
+    return hashlib.blake2b(end._core.identity().encode("utf-8"), digest_size=16).hexdigest()
 
 
 def _copy_through_dump(source, target, mode, progress) -> int:
@@ -7613,7 +7665,7 @@ def _copy_through_dump(source, target, mode, progress) -> int:
     if not isinstance(target, (BeaverDB, BeaverClient)):
         raise TypeError(f"copy_to needs a BeaverDB, a BeaverClient or a path, not "
                         f"{type(target).__name__}")
-    if target is source or getattr(target, "url", None) == getattr(source, "url", False):
+    if _same_database(source, target):
         raise ValueError("cannot copy a database onto itself")
     with tempfile.SpooledTemporaryFile(_SPOOL_BYTES, "w+", encoding="utf-8") as spool:
         source.dump(spool)
@@ -7658,10 +7710,11 @@ def _refuse_held(target, plan):
 
 class _MeteredDump:
     """A spooled dump read by ``load``: line by line, counting its items and edges in
-    ``meter`` (or whole, by a client that sends it in one request, counted once sent)."""
+    ``meter`` (or in pieces, by a client that sends it, counted as they are read)."""
 
     def __init__(self, spool, framing, meter):
         self._spool, self._framing, self._meter = spool, framing, meter
+        self._lines = None
 
     def __iter__(self):
         number = 0
@@ -7671,8 +7724,17 @@ class _MeteredDump:
                 number += 1
                 yield line
 
-    def read(self):
-        return "".join(self)
+    def read(self, size=-1):
+        """The next whole lines, about ``size`` characters of them (all without a size)."""
+        if self._lines is None:
+            self._lines = iter(self)
+        pieces, got = [], 0
+        for line in self._lines:
+            pieces.append(line)
+            got += len(line)
+            if size is not None and 0 <= size <= got:
+                break
+        return "".join(pieces)
 
 
 def _same_place(a, b) -> bool:
@@ -8433,6 +8495,61 @@ class _Dropped(OSError):
     """The connection ended before a whole response arrived."""
 
 
+_PIECE = 1 << 16                # bytes of a file read (and sent) at a time
+
+
+class _FileBody:
+    """A request body read from a file in pieces: ``length`` bytes from ``start``, sent again
+    from ``start`` when a request is retried."""
+
+    def __init__(self, fp, start, length):
+        self.fp, self.start, self.length = fp, start, length
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        self.fp.seek(self.start)
+        left = self.length
+        while left > 0:
+            piece = self.fp.read(min(_PIECE, left))
+            if not piece:
+                raise ValueError("the file being sent got shorter")
+            left -= len(piece)
+            yield piece
+
+
+@contextlib.contextmanager
+def _upload(fp):
+    """What ``fp`` reads (bytes or text, sent as UTF-8) as a ``_FileBody``: a binary regular
+    file as it is, anything else through a spool (memory up to ``_SPOOL_BYTES``, then a
+    temporary file), so its length is known and nothing holds it whole."""
+    left = _bytes_left(fp)
+    if left is not None:
+        yield _FileBody(fp, fp.tell(), left)
+        return
+    with tempfile.SpooledTemporaryFile(_SPOOL_BYTES, "w+b") as spool:
+        while True:
+            piece = fp.read(_PIECE)
+            if not piece:
+                break
+            spool.write(piece.encode("utf-8") if isinstance(piece, str) else piece)
+        yield _FileBody(spool, 0, spool.tell())
+
+
+def _bytes_left(fp):
+    """Bytes from the position of a binary regular file to its end; None for anything else
+    (a text file, a pipe, a file-like object)."""
+    import stat as _stat
+    if "b" not in getattr(fp, "mode", ""):
+        return None
+    try:
+        stat = os.fstat(fp.fileno())
+        return stat.st_size - fp.tell() if _stat.S_ISREG(stat.st_mode) else None
+    except (OSError, ValueError, AttributeError):   # no descriptor, or not seekable
+        return None
+
+
 class _Connection:
     """One keep-alive HTTP/1.1 connection: a request out, a response in (read with one
     ``recv`` when it fits, which it mostly does)."""
@@ -8476,9 +8593,14 @@ class _Connection:
         if timeout != self.timeout:
             self.set_timeout(timeout)
         try:
-            self.sock.sendall(head + body if len(body) < 65536 else head)
-            if len(body) >= 65536:
-                self.sock.sendall(body)
+            if isinstance(body, _FileBody):
+                self.sock.sendall(head)
+                for piece in body:
+                    self.sock.sendall(piece)
+            else:
+                self.sock.sendall(head + body if len(body) < 65536 else head)
+                if len(body) >= 65536:
+                    self.sock.sendall(body)
         except BlockingIOError:     # the kernel's send timeout
             raise TimeoutError("timed out") from None
         status, headers = self.read_head()
@@ -9341,12 +9463,15 @@ class BeaverClient:
         return int(headers.get("beaver-structures", 0))
 
     def load(self, fp, mode="append") -> int:
-        """Send a JSON-lines dump to the server, loaded there in one transaction."""
+        """Send a JSON-lines dump to the server, loaded there in one transaction.
+
+        It is sent in pieces: a binary file as it is, anything else (a text file, a pipe)
+        through a spool (memory up to 1 MB, then a temporary file).
+        """
         from urllib.parse import quote
-        text = fp.read()
-        body = text.encode("utf-8") if isinstance(text, str) else text
-        data = self._request("POST", f"/load?mode={quote(str(mode), safe='')}", body,
-                             "Content-Type: application/x-ndjson\r\n", writes=True)
+        with _upload(fp) as body:
+            data = self._request("POST", f"/load?mode={quote(str(mode), safe='')}", body,
+                                 "Content-Type: application/x-ndjson\r\n", writes=True)
         return json.loads(data)["structures"]
 
     def copy_to(self, other, mode="new", progress=None) -> int:

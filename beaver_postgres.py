@@ -23,8 +23,9 @@ engines differ:
 - wake-ups: triggers on the tables waiters care about ``NOTIFY`` the schema's channel (the
   payload is the table name: bounded); one listening connection per ``BeaverDB`` wakes the
   same ``_Watcher`` waiters as SQLite's data_version poller does. A woken queue ``get``
-  takes with its one ``SKIP LOCKED`` statement (an empty take locks nothing, so it is the
-  probe too): one round trip from the wake-up to the item.
+  sends one ``SKIP LOCKED`` statement (``_TAKE_OR_LOOK``: an empty take locks nothing, so it
+  is the probe too, and it checks for event listeners itself): one round trip from the
+  wake-up to the item, and one per wake-up that finds nothing.
 - filters: compiled to ``jsonb`` expressions (``PgFilter``), field indexes are expression
   indexes over the structure's rows (``PgFieldIndexes``).
 - collections: the same tables and managers; the text index (``PgTextIndex``) stores beaver's
@@ -171,8 +172,23 @@ _NOTIFIED = {"beaver_queues": "INSERT", "beaver_queue_leases": "UPDATE",
              "beaver_channels": "INSERT", "beaver_events": "INSERT",
              "beaver_locks": "UPDATE OR DELETE"}
 
+# A woken queue get's one statement (see beaver._Core.TAKE_OR_LOOK): the take of _TAKE, unless
+# another BeaverDB listens to the queue's events (the take is then recorded, in a transaction);
+# and what a look would have found, read in the snapshot before the take.
+_TAKE_OR_LOOK = (
+    "WITH taken AS (DELETE FROM beaver_queues WHERE seq = (SELECT seq FROM beaver_queues "
+    "WHERE name = ?1 ORDER BY priority, seq LIMIT 1 FOR UPDATE SKIP LOCKED) AND NOT EXISTS "
+    "(SELECT 1 FROM beaver_queue_leases WHERE name = ?1 AND until <= ?2) AND NOT EXISTS "
+    "(SELECT 1 FROM beaver_listeners WHERE kind = 'queue' AND name = ?1 AND owner != ?3 AND "
+    "expires_at > ?2) RETURNING priority, timestamp, data) "
+    "SELECT taken.priority, taken.timestamp, taken.data, "
+    "EXISTS (SELECT 1 FROM beaver_queues WHERE name = ?1), "
+    "(SELECT min(until) FROM beaver_queue_leases WHERE name = ?1) "
+    "FROM (SELECT 1) AS one LEFT JOIN taken ON true")
+
 # Statements that are atomic on their own under concurrency: run without the writers' lock.
 _LOCK_FREE = {
+    _TAKE_OR_LOOK,
     beaver.DictManager._SET, beaver.DictManager._DEL, beaver.QueueManager._PUT,
     beaver.QueueManager._TAKE,
     "INSERT INTO beaver_blobs (name, key, data, metadata) VALUES (?, ?, ?, ?) "
@@ -600,15 +616,15 @@ def _lexeme(term) -> str:
     return "'" + term[:_LEXEME_MAX].replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def _tsvector(text) -> str:
-    """The words of ``text`` as tsvector text: beaver's tokens (``_terms``, as FTS5's
-    unicode61 splits them) with their positions, so phrases and prefixes match as on SQLite.
+def _tsvector(terms) -> str:
+    """A text's words (beaver's tokens: ``_terms``, as FTS5's unicode61 splits them) as
+    tsvector text, with their positions, so phrases and prefixes match as on SQLite.
 
-        >>> _tsvector("The cat saw the CAT")
+        >>> _tsvector(beaver._terms("The cat saw the CAT"))
         "'the':1,4 'cat':2,5 'saw':3"
     """
     positions: dict = {}
-    for at, term in enumerate(beaver._terms(text), 1):
+    for at, term in enumerate(terms, 1):
         kept = positions.setdefault(term[:_LEXEME_MAX], [])
         if len(kept) < _POSITIONS_MAX:
             kept.append(min(at, 16383))
@@ -648,15 +664,12 @@ class PgTextIndex(beaver._TextIndex):
 
     expression = staticmethod(_tsquery)
 
-    def flush(self, batch):
-        rows, words = batch
-        if rows:
-            self._core.executemany(
-                "INSERT INTO beaver_fts (rowid, text, collection, path, words) "
-                "VALUES (?, ?, ?, ?, ?::tsvector)",
-                [(rowid, beaver._UNSEARCHABLE.sub(" ", text), name, path, _tsvector(text))
-                 for rowid, text, name, path in rows])     # text holds no NUL here
-            self._words.add(words)
+    _INSERT = ("INSERT INTO beaver_fts (rowid, text, collection, path, words) "
+               "VALUES (?, ?, ?, ?, ?::tsvector)")
+
+    def _row(self, rowid, text, path, terms) -> tuple:
+        return (rowid, beaver._UNSEARCHABLE.sub(" ", text), self._name, path,  # no NUL here
+                _tsvector(terms))
 
     # the collection's rows, checked on the rows the GIN index finds (as a rowid range, a
     # planner with stale statistics would intersect the index with the whole collection's)
@@ -1091,7 +1104,7 @@ class PostgresCore(beaver._Core):
 
     engine = "postgresql"
     SNAPSHOT_BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
-    EMPTY_WRITES_LOCK = False       # a take that finds nothing (SKIP LOCKED) locks nothing
+    TAKE_OR_LOOK = _TAKE_OR_LOOK    # a take that finds nothing (SKIP LOCKED) locks nothing
 
     def __init__(self, url, timeout=beaver.DEFAULT_TIMEOUT, durability="normal"):
         self._settings(timeout, durability)
@@ -1176,6 +1189,14 @@ class PostgresCore(beaver._Core):
             "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c "
             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema() "
             "AND c.relkind = 'r' AND c.relname LIKE 'beaver%'")[0]
+
+    def identity(self) -> str:
+        """The server (its system identifier and start), the database and the schema: the
+        same for every URL that reaches them (another host name, port forward or user)."""
+        return "postgresql:" + ":".join(map(str, self.one(
+            "SELECT (SELECT system_identifier FROM pg_control_system()), "
+            "pg_postmaster_start_time(), (SELECT oid FROM pg_database WHERE datname = "
+            "current_database()), current_schema()")))
 
     # -- connections ------------------------------------------------------------------
 

@@ -91,6 +91,7 @@ MAX_TEXT_QUERY = 4096                 # characters of a full-text query
 MAX_TOP_K = 10_000                    # results of one search
 MIN_PERIOD = 0.05                     # seconds between two updates of a live view
 HEADER_TIMEOUT = 10.0                 # seconds a client has to send a request's headers
+SPOOL_BYTES = beaver._SPOOL_BYTES     # a spooled request body (/load) past this goes to disk
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 _SIMPLE_TYPES = {"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"}
 _STATUS = [   # most specific first: the first class an exception is an instance of decides
@@ -146,21 +147,38 @@ class _Request:
 
     async def body(self) -> bytes:
         if self._body is None:
-            chunks, size = [], 0
-            while True:
-                message = await self.receive()
-                if message["type"] == "http.disconnect":
-                    raise HTTPError(400, "Disconnected", "the client went away")
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self.limit:
-                    raise HTTPError(413, "TooLarge", f"the request body exceeds {self.limit} "
-                                                     "bytes", {"connection": "close"})
-                chunks.append(chunk)
-                if not message.get("more_body"):
-                    break
-            self._body = b"".join(chunks)
+            self._body = b"".join([chunk async for chunk in self._chunks()])
         return self._body
+
+    async def spool(self):
+        """The body in a ``tempfile.SpooledTemporaryFile`` (memory up to ``SPOOL_BYTES``,
+        then a file on disk), at its start; the caller closes it."""
+        spool = tempfile.SpooledTemporaryFile(SPOOL_BYTES)
+        try:
+            async for chunk in self._chunks():
+                spool.write(chunk)
+        except BaseException:
+            spool.close()
+            raise
+        self._body = b""            # read: a later look at the body finds it ended
+        spool.seek(0)
+        return spool
+
+    async def _chunks(self):
+        """The pieces of the body as they arrive, within the limit (413 beyond it)."""
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise HTTPError(400, "Disconnected", "the client went away")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                raise HTTPError(413, "TooLarge", f"the request body exceeds {self.limit} "
+                                                 "bytes", {"connection": "close"})
+            yield chunk
+            if not message.get("more_body"):
+                break
 
     def gone(self) -> asyncio.Future:
         """A future done once the client has disconnected (read after the body)."""
@@ -608,18 +626,20 @@ class _Server:
         wait = self.limits["wait"] if timeout is None else min(timeout, self.limits["wait"])
         queue = await self.run(self.manager, op.kind, name, options)
         attempt_args = {**kwargs, "block": False}
+        looked, woken, due = [], [False], [None]
 
         def attempt():
-            if key is not None:
-                stored = beaver._remembered(self.db, key)
-                if stored is not None:
-                    return stored
-            if queue._takeable():
-                with contextlib.suppress(beaver.QueueEmpty):
-                    return self.execute(op, name, options, attempt_args, key)
-            due[0] = queue._lease_due()     # a lease running out makes an item takeable
+            """A take (keyed: ``_once`` answers a retry with the stored reply, reading the
+            record under the write lock); once woken, a look before it. ``due``: the wait
+            for the next lease to run out (from the look, else a read)."""
+            if woken[0] and not queue._takeable(looked):
+                due[0] = queue._lease_due(looked)
+                return None
+            woken[0] = True
+            with contextlib.suppress(beaver.QueueEmpty):
+                return self.execute(op, name, options, attempt_args, key)
+            due[0] = queue._lease_due(looked)
             return None
-        due = [None]
         gone = request.gone()
         with self.waiting():
             reply = await self.db._core.watcher.wait_for_async(
@@ -635,8 +655,10 @@ class _Server:
     async def root(self, request, route, params):
         if _wants_html(request.headers):
             return await request.reply(_TO_DASHBOARD)
+        database = await self.run(beaver._database_id, self.db)
         await request.reply(beaver._reply({"beaver": beaver.__version__, "docs": "/docs",
-                                           "pid": os.getpid(), "waits": self.open_waits}))
+                                           "pid": os.getpid(), "waits": self.open_waits,
+                                           "database": database}))
 
     async def list_structures(self, request, route, params):
         kind = "dict" if params == {} and route.parts[0] == "dict" else \
@@ -708,13 +730,12 @@ class _Server:
         return call() if key is None else beaver._once(self.db, key, call)
 
     async def load(self, request, route, params):
-        raw = await request.body()
         mode = request.query().get("mode", "append")
-
-        def load():
-            import io
-            return beaver._reply({"structures": self.db.load(io.BytesIO(raw), mode)})
-        await request.reply(await self.run(self.keyed, request, load))
+        with await request.spool() as spool:
+            def load():
+                return beaver._reply({"structures": self.db.load(spool, mode)})
+            reply = await self.run(self.keyed, request, load)
+        await request.reply(reply)
 
     async def dump(self, request, route, params):
         names = request.query().get("names")
