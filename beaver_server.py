@@ -1365,8 +1365,11 @@ _FOREVER = float("inf")
 _TURN_SHARE = 64                # pipelined requests of one connection served per turn
 _PLAIN_METHODS = frozenset((b"GET", b"HEAD", b"PUT", b"POST", b"PATCH", b"DELETE"))
 _HEAD_TARGET = re.compile(rb"/[\x21\x22\x24-\x7e]*\Z")       # visible ASCII, no '#'
-_HEAD_FIELD = re.compile(   # a whole "name: value" line (of a head decoded as latin-1)
-    r"\r\n([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([\t\x20-\x7e\x80-\xff]*)(?=\r\n|\Z)")
+_HEAD_FIELD = re.compile(   # a "name: value" line (of a head decoded as latin-1)
+    r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):([\t\x20-\x7e\x80-\xff]*)\Z")
+_FIELDS_SEEN: dict = {}     # field line -> (lower-case name, value): clients repeat their lines
+_FIELDS_SEEN_MAX = 1024     # lines remembered (of at most _FIELD_SEEN_LENGTH characters)
+_FIELD_SEEN_LENGTH = 256
 # chunked bodies, 100-continue, WebSockets; and browsers' requests (CORS answers them there)
 _LEFT_TO_THE_LOOP = frozenset(("transfer-encoding", "expect", "upgrade", "origin"))
 _SINGLE = frozenset(("content-length", "host", "authorization", "idempotency-key",
@@ -1419,16 +1422,10 @@ def _plain_head(head: bytes):
     if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in _PLAIN_METHODS or \
             not _HEAD_TARGET.match(parts[1]):
         return None
-    text = head.decode("latin-1")
-    fields = _HEAD_FIELD.findall(text, len(line))
-    if len(fields) != text.count("\r\n"):
-        return None             # a line that is not a field
-    length, close = None, False
-    headers = {name.lower(): value.strip(" \t") for name, value in fields}
-    if len(headers) < len(fields) and _repeats_a_single(fields):
-        return None             # two Content-Lengths (or Hosts...): left to uvicorn
-    if not headers.keys().isdisjoint(_LEFT_TO_THE_LOOP):
+    headers = _head_fields(head[end + 2:].decode("latin-1")) if end >= 0 else {}
+    if headers is None or not headers.keys().isdisjoint(_LEFT_TO_THE_LOOP):
         return None
+    length, close = None, False
     if "content-length" in headers:
         length = headers["content-length"]
         if not length.isdigit() or len(length) > 18:
@@ -1442,10 +1439,31 @@ def _plain_head(head: bytes):
     return _Plain(parts[0].decode("ascii"), path, query, headers, int(length or 0), close)
 
 
-def _repeats_a_single(fields) -> bool:
-    """Whether a field that may come once comes twice among ``fields`` (name, value)."""
-    names = [name.lower() for name, _ in fields]
-    return any(names.count(name) > 1 for name in _SINGLE)
+def _head_fields(text):
+    """``{lower-case name: value}`` of the field lines of a head (``text``, decoded as
+    latin-1, after its request line); None if a line is not a field, or a field that may
+    come once comes twice (two Content-Lengths, two Hosts...: left to uvicorn).
+
+    A client sends the same lines request after request (its Host, its Content-Type...):
+    the lines seen are remembered with their parse, so most lines cost one lookup.
+    """
+    headers = {}
+    for line in text.split("\r\n"):
+        field = _FIELDS_SEEN.get(line)
+        if field is None:
+            match = _HEAD_FIELD.match(line)
+            if match is None:
+                return None
+            field = match[1].lower(), match[2].strip(" \t")
+            if len(line) <= _FIELD_SEEN_LENGTH and field[0] != "idempotency-key":
+                if len(_FIELDS_SEEN) >= _FIELDS_SEEN_MAX:
+                    _FIELDS_SEEN.clear()
+                _FIELDS_SEEN[line] = field
+        name = field[0]
+        if name in headers and name in _SINGLE:
+            return None
+        headers[name] = field[1]
+    return headers
 
 
 def _answer_bytes(plain, reply) -> bytes:

@@ -9425,6 +9425,23 @@ def test_reactor_serves_only_plain_heads():
         assert beaver_server._plain_head(head) is None, head
 
 
+def test_reactor_remembers_a_bounded_number_of_head_lines_and_parses_them_alike():
+    pytest.importorskip("fastapi")
+    import beaver_server
+    head = b"PUT /d HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nIdempotency-Key: k1"
+    first, again = beaver_server._plain_head(head), beaver_server._plain_head(head)
+    assert first == again and first.headers == {"host": "x", "content-length": "3",
+                                                "idempotency-key": "k1"}
+    assert "Idempotency-Key: k1" not in beaver_server._FIELDS_SEEN     # never seen twice
+    assert beaver_server._plain_head(head + b"\r\nContent-Length: 3") is None  # both known
+    for i in range(3 * beaver_server._FIELDS_SEEN_MAX):      # a client making up lines
+        beaver_server._plain_head(b"GET /d HTTP/1.1\r\nX-Made-Up: %d" % i)
+    assert len(beaver_server._FIELDS_SEEN) <= beaver_server._FIELDS_SEEN_MAX
+    long = b"GET /d HTTP/1.1\r\nX-Long: " + b"a" * 10_000
+    assert beaver_server._plain_head(long).headers["x-long"] == "a" * 10_000
+    assert not any(len(line) > 10_000 for line in beaver_server._FIELDS_SEEN)
+
+
 # ---- the reactor, in this process: order, many connections, group commit, deadlines ----
 
 @pytest.fixture
