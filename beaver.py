@@ -982,6 +982,7 @@ class _Transaction:
             conn = core._enter_write(gate, self.wait)
             local = core._local
             local.pending, local.undo, local.token = [], [], object()
+            local.doomed = None         # the error at which the engine rolled it all back
         else:
             conn = core.conn()
             local = core._local
@@ -993,9 +994,15 @@ class _Transaction:
 
     def __exit__(self, kind, error, traceback):
         if kind is not None:
-            self.roll_back()
+            self.roll_back(error)
             return False
         core, local, depth = self.core, self.local, self.depth
+        if local.doomed is not None:    # its writes are gone: it fails with that error
+            if depth > 0:
+                local.depth = depth
+                return False
+            self.roll_back(local.doomed)
+            raise local.doomed
         local.depth = depth
         if depth > 0:
             core._run(self.conn, f"RELEASE beaver_{depth}")
@@ -1014,10 +1021,16 @@ class _Transaction:
             callback()
         return False
 
-    def roll_back(self):
-        """Undo this level: its callbacks dropped, its rollback callbacks run, then
-        ``ROLLBACK`` (the outermost level, which lets the next writer in) or ``ROLLBACK TO``
-        its savepoint (unless the engine rolled back the whole transaction: SQLITE_FULL...)."""
+    def roll_back(self, error):
+        """Undo this level at ``error``: its callbacks dropped, its rollback callbacks run,
+        then ``ROLLBACK`` (the outermost level, which lets the next writer in) or ``ROLLBACK
+        TO`` its savepoint.
+
+        When the engine has rolled back the whole transaction at ``error`` (SQLITE_FULL...),
+        there is no savepoint to go back to: the transaction is doomed. What the caller
+        writes after catching the error runs in a new transaction (not one statement at a
+        time), and the outermost level rolls it back and raises ``error`` again.
+        """
         core, local, depth, conn = self.core, self.local, self.depth, self.conn
         local.depth = depth
         del local.pending[self.mark:]
@@ -1025,9 +1038,14 @@ class _Transaction:
             core._undo(self.undo_mark)  # before ROLLBACK: no other writer can commit meanwhile
             if depth == 0:
                 core._rollback(conn)
+            elif local.doomed is not None:
+                pass                    # its savepoint went with the first transaction
             elif core.connection_in_transaction():
                 core._run(conn, f"ROLLBACK TO beaver_{depth}")
                 core._run(conn, f"RELEASE beaver_{depth}")
+            else:
+                local.doomed = error
+                core._run(conn, "BEGIN")
         finally:
             if depth == 0:
                 core._leave_write(self.gate)
@@ -1082,12 +1100,18 @@ class _Core:
         return sum(os.path.getsize(self.path + s) for s in ("", "-wal")
                    if os.path.exists(self.path + s))
 
-    def identity(self) -> str:
+    def identity(self):
         """What tells this database from any other, however it is named: the machine, and
-        the device and inode of the file (a link or another spelling of the path is it too)."""
-        import socket
-        stat = os.stat(self.path)
-        return f"sqlite:{socket.gethostname()}:{stat.st_dev}:{stat.st_ino}"
+        the device and inode of the file (a link or another spelling of the path is it too);
+        found once, None while the file cannot be looked at."""
+        if self._identity is None:
+            import socket
+            try:
+                stat = os.stat(self.path)
+            except OSError:
+                return None
+            self._identity = f"sqlite:{socket.gethostname()}:{stat.st_dev}:{stat.st_ino}"
+        return self._identity
 
     def __init__(self, path, timeout=DEFAULT_TIMEOUT, durability="normal"):
         if sqlite3.sqlite_version_info < MIN_SQLITE:
@@ -1100,6 +1124,7 @@ class _Core:
         self.path = _memory_path() if self.memory else os.path.abspath(os.fspath(path))
         self.synchronous = "OFF" if self.memory else durability.upper()
         self.wal_gate = _WalGate(self.path + "-wal")
+        self._identity = None
         self._start()
 
     def _settings(self, timeout, durability):
@@ -1362,7 +1387,8 @@ class _Core:
     def _begin_unless_held(self, conn):
         """``BEGIN IMMEDIATE`` on ``conn`` unless another process is at the writers' gate:
         ``_WritersBusy`` then, at once; the connection. SQLite's lock itself (taken by a
-        writer that is not beaver's, as the gate was free) is waited for as usual."""
+        writer that passes no gate: another program, a single-statement write) is waited
+        for as usual."""
         wal_gate = self.wal_gate
         if wal_gate is not None and not wal_gate.take():
             wal_gate.release()
@@ -7653,7 +7679,10 @@ def _database_id(end):
     if isinstance(end, BeaverClient):
         return json.loads(end._request("GET", "/")).get("database")
     import hashlib
-    return hashlib.blake2b(end._core.identity().encode("utf-8"), digest_size=16).hexdigest()
+    identity = end._core.identity()
+    if identity is None:
+        return None
+    return hashlib.blake2b(identity.encode("utf-8"), digest_size=16).hexdigest()
 
 
 def _copy_through_dump(source, target, mode, progress) -> int:
@@ -7726,6 +7755,8 @@ class _MeteredDump:
 
     def read(self, size=-1):
         """The next whole lines, about ``size`` characters of them (all without a size)."""
+        if size == 0:
+            return ""
         if self._lines is None:
             self._lines = iter(self)
         pieces, got = [], 0
@@ -8540,9 +8571,12 @@ def _upload(fp):
 def _bytes_left(fp):
     """Bytes from the position of a binary regular file to its end; None for anything else
     (a text file, a pipe, a file-like object)."""
+    import io
     import stat as _stat
-    if "b" not in getattr(fp, "mode", ""):
-        return None
+    mode = getattr(fp, "mode", "")
+    if not isinstance(mode, str) or "b" not in mode or \
+            not isinstance(getattr(fp, "raw", fp), io.FileIO):
+        return None             # gzip, bz2...: the descriptor's size is not what it reads
     try:
         stat = os.fstat(fp.fileno())
         return stat.st_size - fp.tell() if _stat.S_ISREG(stat.st_mode) else None
@@ -8769,6 +8803,10 @@ class _Http:
                 if not safe or delay is None or time.monotonic() - first > _RETRY_WINDOW:
                     raise RemoteError(f"{method} {self.url}{target[:200]} failed: {e}") from None
                 time.sleep(delay)
+            except BaseException:   # a body that failed to read, a sink that failed to write:
+                if conn is not None:    # the connection is mid-request, of no further use
+                    self.drop(conn)
+                raise
         raise AssertionError("unreachable")
 
     def stream(self, target):

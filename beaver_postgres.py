@@ -1195,8 +1195,9 @@ class PostgresCore(beaver._Core):
         same for every URL that reaches them (another host name, port forward or user)."""
         return "postgresql:" + ":".join(map(str, self.one(
             "SELECT (SELECT system_identifier FROM pg_control_system()), "
-            "pg_postmaster_start_time(), (SELECT oid FROM pg_database WHERE datname = "
-            "current_database()), current_schema()")))
+            "extract(epoch FROM pg_postmaster_start_time()), "   # not a text: no TimeZone
+            "(SELECT oid FROM pg_database WHERE datname = current_database()), "
+            "current_schema()")))
 
     # -- connections ------------------------------------------------------------------
 

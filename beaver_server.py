@@ -592,7 +592,10 @@ class _Server:
 
     def execute(self, op, name, options, kwargs, key=None, wait=True):
         """Run one declared operation (on the reactor's thread or a worker thread); its
-        answer."""
+        answer. With an idempotency ``key`` the operation runs once for that key
+        (``beaver._once``); with ``wait`` False a write refuses to wait for another writer
+        (``beaver._WritersBusy``), so a write without a key then runs in a transaction of its
+        own (``BEGIN IMMEDIATE``) instead of as one statement."""
         manager = self.manager(op.kind, name, options)     # before any transaction opens
         stored = beaver._STORED_TEXT.get((op.kind, op.method))
         if stored and key is None and getattr(manager, "_codec", None) is beaver._JSON:
@@ -1353,9 +1356,10 @@ class _RedactTokens(logging.Filter):
 # requests too. Every connection has one deadline at a time (its request's head and body, the
 # keep-alive time between requests, the sending of its answers): a slow or silent client, or
 # one that never reads, holds nothing. A round's writes take the writers' gates without
-# waiting (``transaction(wait=False)`` of the core): while a pool thread or
-# another beaver process writes, they wait for it in the pool, not here; SQLite's lock held by
-# a writer that is not beaver's is waited for here, at most the database timeout.
+# waiting (``transaction(wait=False)`` of the core): while a pool thread or another beaver
+# process is in a write transaction, they wait for it in the pool, not here; SQLite's lock
+# taken by a writer that passes no gate (another program, a single-statement write) is waited
+# for here, in SQLite's busy handler, at most the database timeout.
 
 DIRECT_BODY = 64 * 1024         # larger request bodies are read by the event loop
 SEND_TIMEOUT = 30.0             # seconds to send an answer (plus one per MB of it)
@@ -1370,6 +1374,7 @@ _HEAD_FIELD = re.compile(   # a "name: value" line (of a head decoded as latin-1
 _FIELDS_SEEN: dict = {}     # field line -> (lower-case name, value): clients repeat their lines
 _FIELDS_SEEN_MAX = 1024     # lines remembered (of at most _FIELD_SEEN_LENGTH characters)
 _FIELD_SEEN_LENGTH = 256
+_FIELDS_NOT_KEPT = frozenset(("idempotency-key", "authorization", "cookie"))  # new or secret
 # chunked bodies, 100-continue, WebSockets; and browsers' requests (CORS answers them there)
 _LEFT_TO_THE_LOOP = frozenset(("transfer-encoding", "expect", "upgrade", "origin"))
 _SINGLE = frozenset(("content-length", "host", "authorization", "idempotency-key",
@@ -1428,7 +1433,7 @@ def _plain_head(head: bytes):
     length, close = None, False
     if "content-length" in headers:
         length = headers["content-length"]
-        if not length.isdigit() or len(length) > 18:
+        if not (length.isascii() and length.isdigit()) or len(length) > 18:
             return None
     if "connection" in headers:
         token = headers["connection"].lower()
@@ -1455,7 +1460,7 @@ def _head_fields(text):
             if match is None:
                 return None
             field = match[1].lower(), match[2].strip(" \t")
-            if len(line) <= _FIELD_SEEN_LENGTH and field[0] != "idempotency-key":
+            if len(line) <= _FIELD_SEEN_LENGTH and field[0] not in _FIELDS_NOT_KEPT:
                 if len(_FIELDS_SEEN) >= _FIELDS_SEEN_MAX:
                     _FIELDS_SEEN.clear()
                 _FIELDS_SEEN[line] = field
@@ -1838,8 +1843,13 @@ class _Reactor:
             self.finish(conn, plain, reply)
 
     def committed_in_pool(self, batch, future):
-        """Hand the answers to ``batch``, written in the pool, back to the reactor."""
-        for (conn, plain, _), reply in zip(batch, future.result()):
+        """Hand the answers to ``batch``, written in the pool, back to the reactor (each an
+        error answer if the pool failed them: every request is answered)."""
+        try:
+            replies = future.result()
+        except Exception as e:
+            replies = [_error_reply(e)] * len(batch)
+        for (conn, plain, _), reply in zip(batch, replies):
             self.finished.put((conn, plain, reply))
         self.wake()
 
@@ -1863,9 +1873,9 @@ class _Reactor:
                     replies.append(self.in_savepoint(core, call))
                     if not core.connection_in_transaction():    # the engine rolled it back
                         raise beaver.BeaverError("the transaction was rolled back by SQLite")
-        except beaver._WritersBusy:
-            raise
         except Exception as e:
+            if not wait and isinstance(e, beaver._WritersBusy):
+                raise
             return [_error_reply(e)] * len(calls)
         return replies
 
