@@ -3354,30 +3354,13 @@ def test_transaction_nested_savepoints(db):
     assert "x" not in d and "y" not in d
 
 
-def test_a_savepoint_whose_transaction_the_engine_rolled_back_raises_the_error(db):
+@pytest.mark.parametrize("caught", [False, True])
+def test_a_transaction_the_engine_rolled_back_keeps_nothing(db, caught):
     """SQLite rolls back the whole transaction on SQLITE_FULL: every level raises the
     DiskFull that caused it (not "no such savepoint" from rolling back to a savepoint gone
-    with it), and nothing of the transaction is kept."""
-    d = db.dict("d")
-    d["before"] = 1
-    _cap_the_file(db._core.conn())
-    with pytest.raises(beaver.DiskFull):
-        with db.transaction():
-            d["a"] = 1
-            with db.transaction():
-                with db.transaction():
-                    d["big"] = "x" * 40_000
-    assert dict(d) == {"before": 1} and not db._core.connection_in_transaction()
-    db._core.conn().execute("PRAGMA max_page_count = 1073741823")
-    with db.transaction():
-        d["after"] = 1
-    assert dict(d) == {"before": 1, "after": 1}
-
-
-def test_writes_after_a_caught_error_the_engine_rolled_back_for_are_not_kept(db):
-    """Catching the DiskFull of an inner level and writing on does not write one statement
-    at a time outside any transaction: the transaction is doomed, the outermost level raises
-    the error again, and nothing of it is kept."""
+    with it). A caller that catches it and writes on does not write one statement at a time
+    outside any transaction: the transaction is doomed, the outermost level raises the error
+    again, and nothing of it is kept."""
     d = db.dict("d")
     d["before"] = 1
     _cap_the_file(db._core.conn())
@@ -3386,9 +3369,11 @@ def test_writes_after_a_caught_error_the_engine_rolled_back_for_are_not_kept(db)
             d["a"] = 1
             try:
                 with db.transaction():
-                    d["big"] = "x" * 40_000
+                    with db.transaction():
+                        d["big"] = "x" * 40_000
             except beaver.DiskFull:
-                pass
+                if not caught:
+                    raise
             d["after_caught"] = 2               # in a transaction that cannot commit
             with db.transaction():
                 d["nested_after"] = 3
