@@ -8134,6 +8134,8 @@ REQUEST_RETENTION = 300.0       # seconds the server remembers the answer to a k
 REQUEST_CLOCK_SKEW = 60.0       # seconds a client's clock may run ahead, its keys still fresh
 PRUNE_EVERY = 512               # keyed writes between two prunes (or one PURGE_INTERVAL)
 PRUNE_BUDGET = 4 * PRUNE_EVERY  # records one step of a prune reads at most
+_RECORD = ("INSERT INTO beaver_requests (key, created, status, body) VALUES (?, ?, ?, ?) "
+           "ON CONFLICT DO NOTHING")   # a row counted only if the key is new
 
 
 def _once(db, key, call, answer=None, wait=True):
@@ -8154,20 +8156,14 @@ def _once(db, key, call, answer=None, wait=True):
     core = db._core
     with core.transaction(wait):    # BEGIN IMMEDIATE: a repeat waits here for the first
         now = _now()
-        if answer is None:
+        if answer is None or not core.execute(
+                _RECORD, (key, now, answer[0], answer[1] or None)).rowcount:
             stored = core.one("SELECT status, body FROM beaver_requests WHERE key = ?", (key,))
-        elif core.execute("INSERT INTO beaver_requests (key, created, status, body) VALUES "
-                          "(?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                          (key, now, answer[0], answer[1] or None)).rowcount:
-            stored = None
-        else:
-            stored = core.one("SELECT status, body FROM beaver_requests WHERE key = ?", (key,))
-        if stored is not None:
-            return stored[0], stored[1] or b"", None
+            if stored is not None:
+                return stored[0], stored[1] or b"", None
         status, body, headers = call()
         if answer is None:
-            core.execute("INSERT INTO beaver_requests (key, created, status, body) "
-                         "VALUES (?, ?, ?, ?)", (key, now, status, body or None))
+            core.execute(_RECORD, (key, now, status, body or None))
         pruner = _request_pruner(core)
         pruner.writes += 1
         if pruner.writes >= PRUNE_EVERY or now >= pruner.pruned + PURGE_INTERVAL:

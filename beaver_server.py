@@ -498,16 +498,12 @@ class _Server:
         segments = _segments(raw_path)
         first = segments[0] if segments else ""
         verbs = ("HEAD", "GET") if method == "HEAD" else (method,)
-        routes = self.routes
         for verb in verbs:
-            for route in routes.get((verb, first, len(segments)), ()):
-                params = route.match(segments, query)
-                if params is not None:
-                    return route, params
-            for route in routes.get((verb, first, "*"), ()):
-                params = route.match(segments, query)
-                if params is not None:
-                    return route, params
+            for count in (len(segments), "*"):
+                for route in self.routes.get((verb, first, count), ()):
+                    params = route.match(segments, query)
+                    if params is not None:
+                        return route, params
         if any(route.match(segments, query) is not None
                for (verb, head, _), routes in self.routes.items()
                if head == first and verb not in verbs for route in routes):
@@ -629,24 +625,25 @@ class _Server:
         wait = self.limits["wait"] if timeout is None else min(timeout, self.limits["wait"])
         queue = await self.run(self.manager, op.kind, name, options)
         attempt_args = {**kwargs, "block": False}
-        looked, woken, due = [], [False], [None]
+        looked, woken, due = [], False, None
 
         def attempt():
             """A take (keyed: ``_once`` answers a retry with the stored reply, reading the
             record under the write lock); once woken, a look before it. ``due``: the wait
             for the next lease to run out (from the look, else a read)."""
-            if woken[0] and not queue._takeable(looked):
-                due[0] = queue._lease_due(looked)
+            nonlocal woken, due
+            if woken and not queue._takeable(looked):
+                due = queue._lease_due(looked)
                 return None
-            woken[0] = True
+            woken = True
             with contextlib.suppress(beaver.QueueEmpty):
                 return self.execute(op, name, options, attempt_args, key)
-            due[0] = queue._lease_due(looked)
+            due = queue._lease_due(looked)
             return None
         gone = request.gone()
         with self.waiting():
             reply = await self.db._core.watcher.wait_for_async(
-                attempt, wait, cap=lambda: due[0], run=self.run, stop=gone)
+                attempt, wait, cap=lambda: due, run=self.run, stop=gone)
         if reply is None:
             raise beaver.Timeout(f"no item arrived in queue {name!r} within {wait}s")
         if gone.done() and key is None:     # nobody will read it: give it back
